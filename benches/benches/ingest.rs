@@ -1,0 +1,141 @@
+//! Gateway hot paths without the network: decode + validate a batch, and the dedup cache.
+//!
+//! Each group measures a raw component in the same run (plain `serde_json` parsing of the same
+//! bytes; a bare `DashMap`), so results read as ratios, not absolute numbers from one machine.
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use neruba_benches::typical_batch;
+use neruba_ingest_gateway::body::{self, Framing};
+use neruba_ingest_gateway::dedup::DedupCache;
+use neruba_schemas::event::{self, Limits};
+use neruba_schemas::{Catalog, codec};
+use std::hint::black_box;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const BATCH: usize = 1000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+fn catalog() -> Catalog {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../catalog/sample.toml"
+    ))
+    .expect("sample catalog readable");
+    Catalog::from_toml_str(&text, "sample.toml").expect("sample catalog valid")
+}
+
+fn decode_validate(c: &mut Criterion) {
+    let now = now_ms();
+    let body = typical_batch(BATCH, now);
+    let catalog = catalog();
+    let tenant = catalog.tenant("acme").expect("acme");
+    let limits = Limits::default();
+    let mut group = c.benchmark_group("ingest_decode_validate");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("raw_serde_json_parse", |b| {
+        b.iter(|| {
+            let v: serde_json::Value = serde_json::from_str(black_box(&body)).expect("json");
+            black_box(v)
+        })
+    });
+    group.bench_function("split_validate_check_values", |b| {
+        b.iter(|| {
+            let framed =
+                body::split(Framing::Batch, black_box(body.as_bytes()), 10_000).expect("frames");
+            let mut accepted = 0usize;
+            for item in framed {
+                let Ok(value) = item.value else { continue };
+                if let Ok(e) = event::validate(value, item.len, "acme", now, &limits)
+                    && tenant.check_values(&e).is_ok()
+                {
+                    accepted += 1;
+                }
+            }
+            assert_eq!(accepted, BATCH);
+        })
+    });
+    group.bench_function("split_validate_encode", |b| {
+        b.iter(|| {
+            let framed =
+                body::split(Framing::Batch, black_box(body.as_bytes()), 10_000).expect("frames");
+            let mut bytes = 0usize;
+            for item in framed {
+                let Ok(value) = item.value else { continue };
+                if let Ok(e) = event::validate(value, item.len, "acme", now, &limits) {
+                    bytes += codec::encode(&e).len();
+                }
+            }
+            black_box(bytes)
+        })
+    });
+    let encoded: Vec<Vec<u8>> = {
+        let framed = body::split(Framing::Batch, body.as_bytes(), 10_000).expect("frames");
+        framed
+            .into_iter()
+            .filter_map(|f| f.value.ok())
+            .filter_map(|v| event::validate(v, 200, "acme", now, &limits).ok())
+            .map(|e| codec::encode(&e))
+            .collect()
+    };
+    group.bench_function("events_topic_decode_simd", |b| {
+        b.iter_batched(
+            || encoded.clone(),
+            |mut messages| {
+                for m in &mut messages {
+                    black_box(codec::decode(m).expect("decode"));
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+fn dedup(c: &mut Criterion) {
+    const KEYS: usize = 100_000;
+    let ids: Vec<String> = (0..KEYS).map(|i| format!("evt-{i:012}")).collect();
+    let mut group = c.benchmark_group("dedup_cache");
+    group.throughput(Throughput::Elements(KEYS as u64));
+    group.bench_function("raw_dashmap_insert", |b| {
+        b.iter(|| {
+            let map: dashmap::DashMap<String, (), ahash::RandomState> = Default::default();
+            for id in &ids {
+                map.insert(format!("acme\0{id}"), ());
+            }
+            black_box(map.len())
+        })
+    });
+    group.bench_function("insert", |b| {
+        b.iter(|| {
+            let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
+            for id in &ids {
+                cache.insert("acme", id);
+            }
+            black_box(cache.len())
+        })
+    });
+    let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
+    for id in &ids {
+        cache.insert("acme", id);
+    }
+    group.bench_function("lookup_hit", |b| {
+        b.iter(|| ids.iter().filter(|id| cache.contains("acme", id)).count())
+    });
+    group.bench_function("lookup_miss", |b| {
+        b.iter(|| ids.iter().filter(|id| cache.contains("beta", id)).count())
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = decode_validate, dedup
+}
+criterion_main!(benches);

@@ -1,0 +1,172 @@
+//! Splitting a request body into events, by content type.
+//!
+//! Invariants:
+//! - the order of events is the order in the body, and every event gets exactly one outcome;
+//! - a batch whose framing is broken (not a JSON array) is refused whole (400), because no event
+//!   boundary can be trusted; in NDJSON each line is its own frame, so one bad line is one
+//!   `invalid_json` rejection and the other lines still count;
+//! - each event's size is measured on its own bytes, so the per-event limit means the same in
+//!   every framing.
+
+use neruba_schemas::{RejectCode, Rejection};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// How the events of a request are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One event (`application/cloudevents+json`, or `application/json` holding an object).
+    Single,
+    /// A JSON array (`application/cloudevents-batch+json`, or `application/json` holding an array).
+    Batch,
+    /// One event per line (`application/x-ndjson`).
+    Ndjson,
+}
+
+/// Framings by content type; `None` for a type the endpoint does not take (415).
+pub fn framing_of(content_type: &str, body: &[u8]) -> Option<Framing> {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match media.as_str() {
+        "application/cloudevents+json" => Some(Framing::Single),
+        "application/cloudevents-batch+json" => Some(Framing::Batch),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+            Some(Framing::Ndjson)
+        }
+        "application/json" => {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            Some(if first == Some(&b'[') {
+                Framing::Batch
+            } else {
+                Framing::Single
+            })
+        }
+        _ => None,
+    }
+}
+
+/// One framed event: its JSON, or why it is not JSON, and the size of its bytes.
+#[derive(Debug)]
+pub struct Framed {
+    pub value: Result<Value, Rejection>,
+    pub len: usize,
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The body is not the framing its content type promised (400).
+    Unparseable(String),
+    /// More events than one request may carry (413).
+    TooManyEvents { limit: usize },
+}
+
+/// Splits `body` into events. At most `max_events` are allowed.
+pub fn split(framing: Framing, body: &[u8], max_events: usize) -> Result<Vec<Framed>, FrameError> {
+    match framing {
+        Framing::Single => {
+            let value: Value = serde_json::from_slice(body)
+                .map_err(|e| FrameError::Unparseable(format!("body is not JSON: {e}")))?;
+            Ok(vec![Framed {
+                value: Ok(value),
+                len: body.len(),
+            }])
+        }
+        Framing::Batch => {
+            let raws: Vec<&RawValue> = serde_json::from_slice(body)
+                .map_err(|e| FrameError::Unparseable(format!("body is not a JSON array: {e}")))?;
+            if raws.len() > max_events {
+                return Err(FrameError::TooManyEvents { limit: max_events });
+            }
+            Ok(raws
+                .into_iter()
+                .map(|raw| Framed {
+                    len: raw.get().len(),
+                    value: serde_json::from_str(raw.get()).map_err(|e| {
+                        Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
+                    }),
+                })
+                .collect())
+        }
+        Framing::Ndjson => {
+            let lines: Vec<&[u8]> = body
+                .split(|b| *b == b'\n')
+                .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+                .collect();
+            if lines.len() > max_events {
+                return Err(FrameError::TooManyEvents { limit: max_events });
+            }
+            if lines.is_empty() {
+                return Err(FrameError::Unparseable("body holds no events".into()));
+            }
+            Ok(lines
+                .into_iter()
+                .map(|line| Framed {
+                    len: line.len(),
+                    value: serde_json::from_slice(line).map_err(|e| {
+                        Rejection::new(RejectCode::InvalidJson, format!("line is not JSON: {e}"))
+                    }),
+                })
+                .collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_choose_framing() {
+        assert_eq!(
+            framing_of("application/cloudevents+json", b"{}"),
+            Some(Framing::Single)
+        );
+        assert_eq!(
+            framing_of("application/json; charset=utf-8", b" [ ]"),
+            Some(Framing::Batch)
+        );
+        assert_eq!(framing_of("application/json", b"{}"), Some(Framing::Single));
+        assert_eq!(
+            framing_of("Application/X-NDJSON", b""),
+            Some(Framing::Ndjson)
+        );
+        assert_eq!(framing_of("text/plain", b"{}"), None);
+    }
+
+    #[test]
+    fn ndjson_bad_line_is_one_rejection() {
+        let body = b"{\"id\":\"a\"}\n\nnot json\n{\"id\":\"b\"}\n";
+        let framed = split(Framing::Ndjson, body, 10).expect("frames");
+        assert_eq!(framed.len(), 3);
+        assert!(framed[0].value.is_ok());
+        assert_eq!(
+            framed[1].value.as_ref().err().map(|r| r.code),
+            Some(RejectCode::InvalidJson)
+        );
+        assert!(framed[2].value.is_ok());
+        assert_eq!(framed[0].len, 10);
+    }
+
+    #[test]
+    fn batch_limits_and_broken_framing() {
+        assert_eq!(
+            split(Framing::Batch, b"[{},{},{}]", 2).err(),
+            Some(FrameError::TooManyEvents { limit: 2 })
+        );
+        assert!(matches!(
+            split(Framing::Batch, b"[{},", 10),
+            Err(FrameError::Unparseable(_))
+        ));
+        let framed = split(Framing::Batch, br#"[{"id":"x"}, 5]"#, 10).expect("frames");
+        assert_eq!(framed[0].len, 10);
+        assert!(
+            framed[1].value.is_ok(),
+            "a non-object is framed; validation rejects it"
+        );
+    }
+}

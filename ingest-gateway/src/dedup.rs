@@ -1,0 +1,156 @@
+//! The gateway's recent-repeat filter: a fast, bounded, best-effort first layer.
+//!
+//! Invariants:
+//! - memory is bounded: at most `capacity` keys are held, none older than `max_age`;
+//! - a key is remembered only after the broker acknowledged its event, so a failed produce
+//!   never turns the client's retry into a false `duplicate`;
+//! - keys are compared exactly (tenant and id, not a hash of them): a collision would drop a
+//!   valid event, which a billing pipeline must never do.
+//!
+//! This layer is not authoritative. Replicas do not share it and it forgets after a restart;
+//! the aggregator's dedup set in RocksDB is what guarantees "counted once". Here we only spare
+//! the broker and the client obvious repeats.
+//!
+//! Mechanism: two generations of a concurrent map. Inserts go to the current one; when it holds
+//! half the capacity or is half `max_age` old, it becomes the previous one and the old previous
+//! is dropped whole (no per-key expiry scan). A generation that began more than `max_age` ago
+//! is ignored by lookups, so no key is trusted past `max_age`.
+
+use ahash::RandomState;
+use dashmap::DashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+type Generation = DashMap<Box<str>, (), RandomState>;
+
+/// Bounded, generational set of recently accepted `(tenant, id)` pairs.
+#[derive(Debug)]
+pub struct DedupCache {
+    generations: RwLock<Generations>,
+    half_capacity: usize,
+    max_age: Duration,
+}
+
+#[derive(Debug)]
+struct Generations {
+    current: Generation,
+    previous: Generation,
+    /// When `current` began; none of its keys is older.
+    started: Instant,
+    /// When `previous` began; none of its keys is older.
+    previous_started: Instant,
+}
+
+impl DedupCache {
+    /// A cache holding at most `capacity` keys for at most `max_age`.
+    pub fn new(capacity: usize, max_age: Duration) -> Self {
+        Self {
+            generations: RwLock::new(Generations {
+                current: Generation::default(),
+                previous: Generation::default(),
+                started: Instant::now(),
+                previous_started: Instant::now(),
+            }),
+            half_capacity: (capacity / 2).max(1),
+            max_age,
+        }
+    }
+
+    fn key(tenant: &str, id: &str) -> Box<str> {
+        // Tenant ids never contain NUL (the catalog allows [a-z0-9_-]), so this is injective.
+        let mut key = String::with_capacity(tenant.len() + 1 + id.len());
+        key.push_str(tenant);
+        key.push('\0');
+        key.push_str(id);
+        key.into_boxed_str()
+    }
+
+    /// Whether `(tenant, id)` was accepted recently.
+    pub fn contains(&self, tenant: &str, id: &str) -> bool {
+        let key = Self::key(tenant, id);
+        let Ok(g) = self.generations.read() else {
+            return false;
+        };
+        // A generation that began more than max_age ago may hold stale keys; it is ignored
+        // whole. Forgetting early is always safe here: the aggregator is authoritative.
+        let fresh = |started: Instant| started.elapsed() < self.max_age;
+        (fresh(g.started) && g.current.contains_key(&key))
+            || (fresh(g.previous_started) && g.previous.contains_key(&key))
+    }
+
+    /// Remembers `(tenant, id)` as accepted.
+    pub fn insert(&self, tenant: &str, id: &str) {
+        self.rotate_if_due();
+        if let Ok(g) = self.generations.read() {
+            g.current.insert(Self::key(tenant, id), ());
+        }
+    }
+
+    /// Keys currently held (both generations).
+    pub fn len(&self) -> usize {
+        self.generations
+            .read()
+            .map(|g| g.current.len() + g.previous.len())
+            .unwrap_or(0)
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn rotate_if_due(&self) {
+        let due = |g: &Generations| {
+            g.current.len() >= self.half_capacity || g.started.elapsed() >= self.max_age / 2
+        };
+        let needs = self.generations.read().map(|g| due(&g)).unwrap_or(false);
+        if !needs {
+            return;
+        }
+        if let Ok(mut g) = self.generations.write() {
+            // Checked again: another thread may have rotated while we waited for the lock.
+            if due(&g) {
+                g.previous = std::mem::take(&mut g.current);
+                g.previous_started = g.started;
+                g.started = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_scoped_by_tenant() {
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        cache.insert("acme", "e-1");
+        assert!(cache.contains("acme", "e-1"));
+        assert!(!cache.contains("beta", "e-1"));
+        assert!(!cache.contains("acme", "e-2"));
+    }
+
+    #[test]
+    fn entries_stay_bounded_by_capacity() {
+        let cache = DedupCache::new(10, Duration::from_secs(3600));
+        for i in 0..1000 {
+            cache.insert("acme", &i.to_string());
+            assert!(cache.len() <= 10, "held {} keys", cache.len());
+        }
+        // The most recent keys are still known, the oldest are forgotten.
+        assert!(cache.contains("acme", "999"));
+        assert!(!cache.contains("acme", "0"));
+    }
+
+    #[test]
+    fn entries_expire_by_age() {
+        let cache = DedupCache::new(1000, Duration::from_millis(40));
+        cache.insert("acme", "old");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!cache.contains("acme", "old"));
+        cache.insert("acme", "new");
+        assert!(cache.contains("acme", "new"));
+        assert!(!cache.contains("acme", "old"));
+    }
+}

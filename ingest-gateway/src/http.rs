@@ -1,0 +1,361 @@
+//! The HTTP surface: `POST /v1/events`, `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Invariants:
+//! - the tenant is the one the API key proves; nothing in the body can change it;
+//! - every event of an accepted-for-processing request gets one outcome, in request order;
+//! - `accepted` is only ever said after the broker acknowledged the event; if any valid event of
+//!   a request could not be delivered, the whole request is answered 503 with `Retry-After`
+//!   (the events that did land are remembered, so the retry reports them as `duplicate`);
+//! - a repeat is answered `duplicate` with a 2xx, never an error.
+
+use crate::body::{self, FrameError, Framing};
+use crate::dedup::DedupCache;
+use crate::kafka::EventSink;
+use crate::metrics::{Metrics, Tally};
+use crate::ratelimit::RateLimiter;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use neruba_schemas::catalog::Scope;
+use neruba_schemas::event::{self, Limits};
+use neruba_schemas::{Catalog, Event};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Request-independent state shared by all handlers.
+#[derive(Debug)]
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub dedup: DedupCache,
+    pub sink: EventSink,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+    pub rate_limiter: RateLimiter,
+    pub metrics: Metrics,
+    pub registry: prometheus::Registry,
+    pub broker_ready: AtomicBool,
+}
+
+/// The gateway's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(ingest))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Outcome of one event, in request order.
+#[derive(Debug, Serialize)]
+struct EventResult {
+    /// The event's `id` when it could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Status {
+    Accepted,
+    Duplicate,
+    Rejected,
+    /// Valid, but the broker did not take it: only inside a 503 answer.
+    NotDelivered,
+}
+
+#[derive(Debug, Serialize)]
+struct IngestResponse {
+    accepted: usize,
+    duplicate: usize,
+    rejected: usize,
+    results: Vec<EventResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorResponse {
+    error: ErrorBody,
+}
+
+fn error_response(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    let body = ErrorResponse {
+        error: ErrorBody {
+            code,
+            message: message.into(),
+        },
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn with_retry_after(mut response: Response, wait: Duration) -> Response {
+    let secs = wait.as_secs().max(1).to_string();
+    if let Ok(value) = HeaderValue::from_str(&secs) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let response = handle_ingest(&state, &headers, body).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
+    // 1. Who is calling: the tenant comes from the key, and only from the key.
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(key) = key else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send `Authorization: Bearer <api key>`",
+        );
+    };
+    let Some((tenant, api_key)) = state.catalog.authenticate(key) else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown API key",
+        );
+    };
+    if !api_key.scopes.contains(&Scope::Ingest) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("API key `{}` lacks the `ingest` scope", api_key.name),
+        );
+    }
+
+    // 2. Size, then framing.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes) {
+        return too_large(state.max_body_bytes);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        // The only way to fail with a declared length within the limit is a body longer than it
+        // declared or a chunked body over the limit; both are "too large".
+        Err(_) => return too_large(state.max_body_bytes),
+    };
+    let Some(framing) = body::framing_of(&content_type, &bytes) else {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type `{content_type}` is not accepted; use application/cloudevents+json, \
+                 application/cloudevents-batch+json, application/json or application/x-ndjson"
+            ),
+        );
+    };
+    let framed = match body::split(framing, &bytes, state.max_batch_events) {
+        Ok(framed) => framed,
+        Err(FrameError::Unparseable(message)) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
+        }
+        Err(FrameError::TooManyEvents { limit }) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_events",
+                format!("a request may carry at most {limit} events"),
+            );
+        }
+    };
+
+    // 3. Rate limit, before anything has a side effect.
+    if let Some(limit) = tenant.rate_limit {
+        let count = u64::try_from(framed.len()).unwrap_or(u64::MAX);
+        if let Err(wait) = state.rate_limiter.take(&tenant.id, limit, count) {
+            return with_retry_after(
+                error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "tenant is over its limit of {} events/s",
+                        limit.events_per_second
+                    ),
+                ),
+                wait,
+            );
+        }
+    }
+
+    // 4. Validate each event and drop repeats (within the request, then recent ones).
+    let now = now_ms();
+    let mut tally = Tally::default();
+    let mut results = Vec::with_capacity(framed.len());
+    let mut to_send: Vec<(usize, Event)> = Vec::new();
+    let mut seen_in_request: HashSet<String> = HashSet::new();
+    for item in framed {
+        let id_hint = item
+            .value
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("id"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        let checked = item.value.and_then(|value| {
+            let event = event::validate(value, item.len, &tenant.id, now, &state.limits)?;
+            tenant.check_values(&event)?;
+            Ok(event)
+        });
+        match checked {
+            Err(rejection) => {
+                tally.reject(rejection.code);
+                results.push(EventResult {
+                    id: id_hint,
+                    status: Status::Rejected,
+                    code: Some(rejection.code.as_str()),
+                    message: Some(rejection.message),
+                });
+            }
+            Ok(event) => {
+                let repeat = seen_in_request.contains(&event.id)
+                    || state.dedup.contains(&event.tenant, &event.id);
+                if repeat {
+                    tally.duplicate += 1;
+                    results.push(EventResult {
+                        id: Some(event.id),
+                        status: Status::Duplicate,
+                        code: None,
+                        message: None,
+                    });
+                } else {
+                    seen_in_request.insert(event.id.clone());
+                    results.push(EventResult {
+                        id: Some(event.id.clone()),
+                        status: Status::Accepted,
+                        code: None,
+                        message: None,
+                    });
+                    to_send.push((results.len() - 1, event));
+                }
+            }
+        }
+    }
+
+    // 5. Produce them together; answer only once the broker has them.
+    let events: Vec<&Event> = to_send.iter().map(|(_, e)| e).collect();
+    let deliveries = state.sink.send_all(&events).await;
+    let mut undelivered = None;
+    for ((index, event), delivery) in to_send.iter().zip(deliveries) {
+        match delivery {
+            Ok(()) => {
+                state.dedup.insert(&event.tenant, &event.id);
+                tally.accepted += 1;
+            }
+            Err(e) => {
+                if let Some(result) = results.get_mut(*index) {
+                    result.status = Status::NotDelivered;
+                    result.code = Some("broker_unavailable");
+                }
+                undelivered = Some(e.to_string());
+            }
+        }
+    }
+    state
+        .metrics
+        .dedup_entries
+        .set(i64::try_from(state.dedup.len()).unwrap_or(i64::MAX));
+    tally.publish(&state.metrics);
+
+    let count = |s: Status| results.iter().filter(|r| r.status == s).count();
+    let mut response = IngestResponse {
+        accepted: count(Status::Accepted),
+        duplicate: count(Status::Duplicate),
+        rejected: count(Status::Rejected),
+        results,
+        error: None,
+    };
+    if let Some(reason) = undelivered {
+        state.broker_ready.store(false, Ordering::Relaxed);
+        tracing::warn!(%reason, "Events not acknowledged by the broker; answering 503.");
+        response.error = Some(ErrorBody {
+            code: "broker_unavailable",
+            message: format!(
+                "the broker did not acknowledge every event; retry the request: {reason}"
+            ),
+        });
+        return with_retry_after(
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(response)).into_response(),
+            Duration::from_secs(5),
+        );
+    }
+    let status = if framing == Framing::Single && response.rejected > 0 {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, axum::Json(response)).into_response()
+}
+
+fn too_large(limit: usize) -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("request body exceeds {limit} bytes"),
+    )
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.broker_ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let families = state.registry.gather();
+    match prometheus::TextEncoder::new().encode_to_string(&families) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()),
+    }
+}

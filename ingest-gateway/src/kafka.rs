@@ -1,0 +1,166 @@
+//! Producing validated events to the events topic.
+//!
+//! Invariants:
+//! - an event is reported delivered only after the broker acknowledged it with `acks=all`
+//!   (librdkafka's delivery report), never when it was merely queued;
+//! - the idempotent producer keeps retries from writing an event twice within a session, and
+//!   keeps one partition's messages in order;
+//! - a request's events are enqueued together and their delivery reports awaited together, so
+//!   no hot path awaits one produce future per event.
+
+use crate::metrics::Metrics;
+use futures::future::join_all;
+use neruba_schemas::Event;
+use neruba_schemas::codec;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Kafka header naming the tenant of an events-topic message.
+pub const TENANT_HEADER: &str = "neruba-tenant";
+/// Kafka header naming the payload encoding.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// Builds the gateway's producer. Every librdkafka setting the gateway relies on is here.
+///
+/// `extra` are operator pass-through settings (SASL, TLS, tuning); they are applied last but
+/// may not weaken durability: `acks` and `enable.idempotence` are refused.
+pub fn build_producer(
+    brokers: &str,
+    delivery_timeout: Duration,
+    extra: &[(String, String)],
+) -> Result<FutureProducer, KafkaError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "neruba-ingest-gateway")
+        // Durability: `accepted` means every in-sync replica has the event.
+        .set("acks", "all")
+        // No duplicates or reordering from internal retries.
+        .set("enable.idempotence", "true")
+        .set("max.in.flight.requests.per.connection", "5")
+        // A produce that cannot be acknowledged in time fails, and the client gets a 503.
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        )
+        // Throughput: let librdkafka batch the events of concurrent requests.
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        // Backpressure: a full local queue fails the enqueue instead of growing memory.
+        .set("queue.buffering.max.messages", "200000")
+        .set("queue.buffering.max.kbytes", "262144")
+        .set("partitioner", "murmur2_random");
+    for (key, value) in extra {
+        if matches!(key.as_str(), "acks" | "enable.idempotence") {
+            return Err(KafkaError::ClientCreation(format!(
+                "kafka option `{key}` cannot be overridden: the gateway's durability depends on it"
+            )));
+        }
+        config.set(key, value);
+    }
+    config.create()
+}
+
+/// Why an event did not reach the broker.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    /// The broker did not acknowledge (down, timed out, refused): retry later.
+    #[error("broker did not acknowledge: {0}")]
+    Unavailable(String),
+}
+
+/// Sends events to the events topic and reports each one's delivery.
+#[derive(Clone)]
+pub struct EventSink {
+    producer: FutureProducer,
+    topic: Arc<str>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl EventSink {
+    pub fn new(producer: FutureProducer, topic: &str, metrics: Metrics) -> Self {
+        Self {
+            producer,
+            topic: topic.into(),
+            metrics,
+        }
+    }
+
+    /// Enqueues every event, then awaits all delivery reports; results in the input order.
+    pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<(), DeliveryError>> {
+        let started = Instant::now();
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = codec::encode(event);
+            let key = event.partition_key();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: TENANT_HEADER,
+                    value: Some(event.tenant.as_bytes()),
+                })
+                .insert(Header {
+                    key: CONTENT_TYPE_HEADER,
+                    value: Some(codec::CONTENT_TYPE.as_bytes()),
+                });
+            let record = FutureRecord::to(&self.topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers)
+                .timestamp(event.time_ms);
+            pending.push(self.producer.send_result(record).map_err(|(e, _)| e));
+        }
+        self.metrics
+            .produce_queue_depth
+            .set(i64::from(self.producer.in_flight_count()));
+        let deliveries = join_all(pending.into_iter().map(|enqueued| async move {
+            match enqueued {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => Err(
+                    DeliveryError::Unavailable("local produce queue is full".into()),
+                ),
+                Err(e) => Err(DeliveryError::Unavailable(e.to_string())),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(DeliveryError::Unavailable(e.to_string())),
+                    Err(_) => Err(DeliveryError::Unavailable("producer shut down".into())),
+                },
+            }
+        }))
+        .await;
+        self.metrics
+            .produce_duration
+            .observe(started.elapsed().as_secs_f64());
+        deliveries
+    }
+
+    /// Whether the broker answers a metadata request for the events topic within `timeout`.
+    /// Blocking; call from a blocking thread.
+    pub fn probe(&self, timeout: Duration) -> bool {
+        self.producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.error().is_none() && !t.partitions().is_empty())
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits for queued events to be delivered, up to `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+}

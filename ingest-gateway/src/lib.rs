@@ -1,0 +1,193 @@
+//! The ingest gateway: authenticates, validates, drops recent repeats and produces to Kafka.
+//!
+//! Invariants:
+//! - stateless: any replica can die and be replaced; the only state is a best-effort cache;
+//! - `accepted` means the broker acknowledged with `acks=all` (see [`kafka`]);
+//! - valid events of a request are never lost because other events of it were invalid.
+//!
+//! [`start`] binds and serves; tests call it on `127.0.0.1:0` and read the bound address.
+
+pub mod body;
+pub mod dedup;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod ratelimit;
+
+use neruba_schemas::Catalog;
+use neruba_schemas::event::Limits;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http server: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("gateway task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Result with the gateway's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the gateway needs besides the catalog.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to serve HTTP on.
+    pub listen: SocketAddr,
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Topic validated events go to.
+    pub events_topic: String,
+    /// Per-event limits (size, clock skew, correction horizon).
+    pub limits: Limits,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one request.
+    pub max_batch_events: usize,
+    /// Most event ids the recent-repeat cache holds.
+    pub dedup_capacity: usize,
+    /// Longest an id stays in the recent-repeat cache.
+    pub dedup_max_age: Duration,
+    /// How long the broker has to acknowledge an event before the request gets a 503.
+    pub delivery_timeout: Duration,
+    /// Extra librdkafka settings (`key=value`) for SASL, TLS or tuning.
+    pub kafka_options: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Defaults from the SPEC for everything but where to listen and which brokers to use.
+    pub fn new(listen: SocketAddr, brokers: impl Into<String>) -> Self {
+        Self {
+            listen,
+            brokers: brokers.into(),
+            events_topic: neruba_schemas::topics::EVENTS.to_owned(),
+            limits: Limits::default(),
+            max_body_bytes: 5 * 1024 * 1024,
+            max_batch_events: 10_000,
+            dedup_capacity: 1_000_000,
+            dedup_max_age: Duration::from_secs(3600),
+            delivery_timeout: Duration::from_secs(15),
+            kafka_options: Vec::new(),
+        }
+    }
+}
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// The address actually bound (useful with port 0).
+    pub local_addr: SocketAddr,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Waits until the gateway has shut down and flushed.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await?
+    }
+}
+
+/// Binds, starts serving, and returns once the listener is up.
+pub async fn start(
+    config: Config,
+    catalog: Arc<Catalog>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let metrics = metrics::Metrics::register(&registry)?;
+    let producer = kafka::build_producer(
+        &config.brokers,
+        config.delivery_timeout,
+        &config.kafka_options,
+    )?;
+    let sink = kafka::EventSink::new(producer, &config.events_topic, metrics.clone());
+    let state = Arc::new(http::AppState {
+        catalog,
+        dedup: dedup::DedupCache::new(config.dedup_capacity, config.dedup_max_age),
+        sink,
+        limits: config.limits,
+        max_body_bytes: config.max_body_bytes,
+        max_batch_events: config.max_batch_events,
+        rate_limiter: ratelimit::RateLimiter::default(),
+        metrics,
+        registry,
+        broker_ready: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(Error::Serve)?;
+    tracing::info!(%local_addr, topic = %config.events_topic, "Gateway listening.");
+
+    let probe = tokio::spawn(probe_broker(state.clone(), shutdown.clone()));
+    let app = http::router(state.clone());
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(Error::Serve);
+        shutdown.cancel();
+        let _ = probe.await;
+        // In-flight requests have been answered; anything still queued is flushed before exit.
+        let sink = state.sink.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || sink.flush(Duration::from_secs(30))).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "Producer flush at shutdown did not complete.");
+        }
+        tracing::info!("Gateway stopped.");
+        served
+    });
+    Ok(Running { local_addr, task })
+}
+
+/// Starts the gateway and waits for it to stop.
+pub async fn run(
+    config: Config,
+    catalog: Arc<Catalog>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    start(config, catalog, registry, shutdown)
+        .await?
+        .wait()
+        .await
+}
+
+/// Keeps `/readyz` true only while the broker answers metadata requests for the events topic.
+async fn probe_broker(state: Arc<http::AppState>, shutdown: CancellationToken) {
+    loop {
+        let sink = state.sink.clone();
+        let up = tokio::task::spawn_blocking(move || sink.probe(Duration::from_secs(2)))
+            .await
+            .unwrap_or(false);
+        let was = state.broker_ready.swap(up, Ordering::Relaxed);
+        state.metrics.broker_reachable.set(i64::from(up));
+        if was != up {
+            tracing::info!(reachable = up, "Broker reachability changed.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `neruba demo`: the embedded pipeline, a small realistic workload over HTTP, and a report.
+//!
+//! It shows what a new user should see first: events accepted, a repeat answered `duplicate`,
+//! bad events rejected with their stable codes, and exactly the accepted events in Kafka.
+
+use crate::embedded::{self, EmbeddedKafka};
+use crate::sample;
+use anyhow::{Context, Result, bail};
+use neruba_ingest_gateway as gateway;
+use neruba_schemas::{codec, event, topics};
+use rdkafka::Message;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// What the demo saw, for its own test.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub accepted: usize,
+    pub duplicate: usize,
+    pub rejected: Vec<String>,
+    pub on_topic: usize,
+}
+
+struct Request {
+    title: &'static str,
+    tenant: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+fn workload(now_ms: i64) -> Vec<Request> {
+    let at = |offset_ms: i64| event::format_time_ms(now_ms + offset_ms);
+    let batch = json!([
+        {"specversion": "1.0", "id": "req-1001", "type": "llm.completion", "subject": "customer-7",
+         "source": "demo", "time": at(-120_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
+        {"specversion": "1.0", "id": "req-1002", "type": "llm.completion", "subject": "customer-7",
+         "time": at(-90_000), "data": {"model": "small", "tokens": "850.5", "status": "ok"}},
+        {"specversion": "1.0", "id": "req-1003", "type": "api.request", "subject": "customer-9",
+         "time": at(-60_000), "data": {"path": "/v1/search"}},
+        {"specversion": "1.0", "id": "req-1001", "type": "llm.completion", "subject": "customer-7",
+         "time": at(-120_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
+        {"specversion": "1.0", "id": "req-1004", "type": "api.request",
+         "time": at(-30_000), "data": {}},
+        {"specversion": "1.0", "id": "req-1005", "type": "llm.completion", "subject": "customer-9",
+         "time": at(-30_000), "data": {"model": "large", "tokens": "lots", "status": "ok"}}
+    ]);
+    let ndjson = [
+        json!({"id": "req-1003", "type": "api.request", "subject": "customer-9", "time": at(-60_000)}),
+        json!({"id": "req-1006", "type": "api.request", "subject": "customer-9", "time": at(-10_000)}),
+        json!({"id": "req-1007", "type": "api.request", "subject": "customer-9", "time": at(3_600_000)}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect::<Vec<_>>()
+    .join("\n");
+    let single = json!({"specversion": "1.0", "id": "vol-77", "type": "storage.usage",
+        "subject": "customer-1", "time": at(-5_000), "data": {"region": "eu-west", "gb_hours": "12.75"}});
+    vec![
+        Request {
+            title: "acme: a batch of 6 (one repeat, two bad events)",
+            tenant: "acme",
+            content_type: "application/cloudevents-batch+json",
+            body: batch.to_string(),
+        },
+        Request {
+            title: "acme: NDJSON, 3 lines (a repeat of req-1003, one from the future)",
+            tenant: "acme",
+            content_type: "application/x-ndjson",
+            body: ndjson,
+        },
+        Request {
+            title: "globex: one structured CloudEvent",
+            tenant: "globex",
+            content_type: "application/cloudevents+json",
+            body: single.to_string(),
+        },
+    ]
+}
+
+/// Runs the demo, printing as it goes.
+pub async fn run() -> Result<Summary> {
+    let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 4)]).context("start embedded Kafka")?;
+    let catalog = Arc::new(sample::catalog()?);
+    let shutdown = CancellationToken::new();
+    let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let config = gateway::Config::new(listen, kafka.bootstrap_servers());
+    let running = gateway::start(
+        config,
+        catalog,
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    )
+    .await
+    .context("start gateway")?;
+    let base = format!("http://{}", running.local_addr);
+    println!(
+        "Embedded Kafka at {}; gateway at {base}\n",
+        kafka.bootstrap_servers()
+    );
+
+    let now_ms = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?;
+    let client = reqwest::Client::new();
+    let mut summary = Summary {
+        accepted: 0,
+        duplicate: 0,
+        rejected: Vec::new(),
+        on_topic: 0,
+    };
+    for request in workload(now_ms) {
+        let key = sample::ingest_key(request.tenant).context("dev key")?;
+        let response = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(key)
+            .header("content-type", request.content_type)
+            .body(request.body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        println!("POST /v1/events  {}  -> HTTP {status}", request.title);
+        for result in body["results"].as_array().into_iter().flatten() {
+            let id = result["id"].as_str().unwrap_or("-");
+            let outcome = result["status"].as_str().unwrap_or("?");
+            match outcome {
+                "accepted" => summary.accepted += 1,
+                "duplicate" => summary.duplicate += 1,
+                "rejected" => summary
+                    .rejected
+                    .push(result["code"].as_str().unwrap_or("?").to_owned()),
+                _ => {}
+            }
+            match result["code"].as_str() {
+                Some(code) => println!(
+                    "    {id:<10} {outcome:<9} {code}: {}",
+                    result["message"].as_str().unwrap_or_default()
+                ),
+                None => println!("    {id:<10} {outcome}"),
+            }
+        }
+        println!();
+    }
+
+    let expected = summary.accepted;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::EVENTS,
+            expected,
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+        )
+    })
+    .await??;
+    println!(
+        "On the events topic `{}`: {} messages",
+        topics::EVENTS,
+        messages.len()
+    );
+    for m in &messages {
+        let mut payload = m.payload().unwrap_or_default().to_vec();
+        let e = codec::decode(&mut payload)?;
+        println!(
+            "    partition {} offset {:<3} {:<18} {:<9} {:<15} {}",
+            m.partition(),
+            m.offset(),
+            format!("{}/{}", e.tenant, e.subject),
+            e.id,
+            e.event_type,
+            Value::Object(e.data)
+        );
+    }
+    summary.on_topic = messages.len();
+    shutdown.cancel();
+    running.wait().await?;
+    if summary.on_topic != summary.accepted {
+        bail!(
+            "{} events were accepted but {} are on the topic",
+            summary.accepted,
+            summary.on_topic
+        );
+    }
+    println!(
+        "\n{} accepted, {} duplicate, {} rejected ({}). Pricing of these events into line items \
+         arrives with the aggregator and rater stages.",
+        summary.accepted,
+        summary.duplicate,
+        summary.rejected.len(),
+        summary.rejected.join(", ")
+    );
+    Ok(summary)
+}

@@ -1,0 +1,276 @@
+//! `neruba`: run a pipeline component against Kafka, or the whole pipeline embedded.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use neruba::embedded::EmbeddedKafka;
+use neruba::sample;
+use neruba_ingest_gateway as gateway;
+use neruba_schemas::event::Limits;
+use neruba_schemas::{Catalog, topics};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Usage metering and rating: events in, priced line items out.
+#[derive(Debug, Parser)]
+#[command(name = "neruba", version)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `neruba_ingest_gateway=debug`.
+    #[arg(long, env = "NERUBA_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the ingest gateway against a Kafka cluster.
+    Gateway(GatewayArgs),
+    /// Run the pipeline against an in-process Kafka broker, until interrupted.
+    Dev(DevArgs),
+    /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
+    Demo,
+    /// Catalog tools.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    brokers: String,
+    /// Catalog file (`.toml`, `.yaml` or `.yml`).
+    #[arg(long, env = "NERUBA_CATALOG")]
+    catalog: PathBuf,
+    /// Address the HTTP API, health and metrics listen on.
+    #[arg(long, env = "NERUBA_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    ingest: IngestArgs,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Address the gateway listens on.
+    #[arg(long, env = "NERUBA_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Catalog file; the built-in sample catalog when absent.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Partitions of each topic on the embedded broker.
+    #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
+    partitions: i32,
+    #[command(flatten)]
+    ingest: IngestArgs,
+}
+
+/// Gateway settings shared by `gateway` and `dev`.
+#[derive(Debug, Args)]
+struct IngestArgs {
+    /// Topic validated events are produced to.
+    #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    events_topic: String,
+    /// Largest request body, bytes.
+    #[arg(long, env = "NERUBA_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Most events in one request.
+    #[arg(long, env = "NERUBA_MAX_BATCH_EVENTS", default_value_t = 10_000)]
+    max_batch_events: usize,
+    /// Largest single event, bytes.
+    #[arg(long, env = "NERUBA_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    max_event_bytes: usize,
+    /// How far in the future an event's `time` may be.
+    #[arg(long, env = "NERUBA_MAX_FUTURE", default_value = "5m", value_parser = humantime::parse_duration)]
+    max_future: Duration,
+    /// How far in the past an event's `time` may be (the correction horizon).
+    #[arg(long, env = "NERUBA_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    correction_horizon: Duration,
+    /// Most event ids the gateway's recent-repeat cache holds.
+    #[arg(long, env = "NERUBA_DEDUP_CAPACITY", default_value_t = 1_000_000)]
+    dedup_capacity: usize,
+    /// Longest an id stays in the gateway's recent-repeat cache.
+    #[arg(long, env = "NERUBA_DEDUP_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    dedup_max_age: Duration,
+    /// How long the broker has to acknowledge events before the request is answered 503.
+    #[arg(long, env = "NERUBA_DELIVERY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    delivery_timeout: Duration,
+    /// Extra librdkafka setting `key=value` (SASL, TLS, tuning); repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_opts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogCommand {
+    /// Load a catalog file and report the first problem, or a summary.
+    Check {
+        /// Catalog file (`.toml`, `.yaml` or `.yml`).
+        file: PathBuf,
+    },
+    /// Print the SHA-256 digest of an API key, as the catalog stores it.
+    HashKey {
+        /// The plaintext key.
+        key: String,
+    },
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
+}
+
+impl IngestArgs {
+    fn config(&self, listen: SocketAddr, brokers: &str) -> Result<gateway::Config> {
+        let millis = |d: Duration| i64::try_from(d.as_millis()).context("duration too long");
+        if self.max_event_bytes > self.max_body_bytes {
+            bail!(
+                "--max-event-bytes ({}) cannot exceed --max-body-bytes ({})",
+                self.max_event_bytes,
+                self.max_body_bytes
+            );
+        }
+        if self.max_batch_events == 0 || self.dedup_capacity == 0 {
+            bail!("--max-batch-events and --dedup-capacity must be positive");
+        }
+        let mut config = gateway::Config::new(listen, brokers);
+        config.events_topic = self.events_topic.clone();
+        config.max_body_bytes = self.max_body_bytes;
+        config.max_batch_events = self.max_batch_events;
+        config.limits = Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_future_ms: millis(self.max_future)?,
+            correction_horizon_ms: millis(self.correction_horizon)?,
+        };
+        config.dedup_capacity = self.dedup_capacity;
+        config.dedup_max_age = self.dedup_max_age;
+        config.delivery_timeout = self.delivery_timeout;
+        config.kafka_options = self.kafka_opts.clone();
+        Ok(config)
+    }
+}
+
+fn load_catalog(path: &Path) -> Result<Catalog> {
+    Ok(Catalog::load(path)?)
+}
+
+/// Cancels the token on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("Shutting down.");
+        cancel.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Gateway(args) => {
+            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            let config = args.ingest.config(args.listen, &args.brokers)?;
+            gateway::run(
+                config,
+                catalog,
+                prometheus::Registry::new(),
+                shutdown_on_signal(),
+            )
+            .await?;
+        }
+        Command::Dev(args) => run_dev(args).await?,
+        Command::Demo => {
+            neruba::demo::run().await?;
+        }
+        Command::Catalog(CatalogCommand::Check { file }) => {
+            let catalog = load_catalog(&file)?;
+            for tenant in catalog.tenants() {
+                println!(
+                    "tenant {}: {} keys, {} meters, {} price plans",
+                    tenant.id,
+                    tenant.api_keys.len(),
+                    tenant.meters.len(),
+                    tenant.price_plans.len()
+                );
+            }
+            println!("{}: ok", file.display());
+        }
+        Command::Catalog(CatalogCommand::HashKey { key }) => {
+            println!("{}", neruba_schemas::catalog::hash_key(&key));
+        }
+    }
+    Ok(())
+}
+
+async fn run_dev(args: DevArgs) -> Result<()> {
+    if args.partitions < 1 {
+        bail!("--partitions must be at least 1");
+    }
+    let catalog = match &args.catalog {
+        Some(path) => load_catalog(path)?,
+        None => sample::catalog()?,
+    };
+    let kafka = EmbeddedKafka::start(&[
+        (args.ingest.events_topic.as_str(), args.partitions),
+        (topics::DEAD_LETTER, args.partitions),
+    ])
+    .context("start the embedded Kafka broker")?;
+    let config = args.ingest.config(args.listen, kafka.bootstrap_servers())?;
+    let shutdown = shutdown_on_signal();
+    let running = gateway::start(
+        config,
+        Arc::new(catalog),
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    )
+    .await?;
+    println!("Neruba dev pipeline is running.");
+    println!("  HTTP API:   http://{}", running.local_addr);
+    println!(
+        "  Kafka:      {}  (bootstrap.servers)",
+        kafka.bootstrap_servers()
+    );
+    println!(
+        "  Topics:     {} ({} partitions)",
+        args.ingest.events_topic, args.partitions
+    );
+    if args.catalog.is_none() {
+        println!("  Catalog:    {}", sample::CATALOG_ORIGIN);
+        for (tenant, scope, key) in sample::DEV_KEYS {
+            println!("  Dev key:    {key}  (tenant {tenant}, scope {scope})");
+        }
+    }
+    println!("Press Ctrl-C to stop.");
+    running.wait().await?;
+    drop(kafka);
+    Ok(())
+}

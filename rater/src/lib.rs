@@ -1,0 +1,1 @@
+//! The rater: prices closed windows into line items on the ledger topic. Not built yet.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks to build and test Neruba, and exports the shared
+# build cache. Sourced by the other scripts; safe to run again (it only installs what is missing).
+set -euo pipefail
+
+# One target directory outside the checkout, shared by tests, demo and benchmarks, so RocksDB
+# and librdkafka (minutes of C++ each) are built once per machine, not once per clone.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neruba-target}"
+
+need_apt=()
+command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+# bindgen (librocksdb-sys) loads libclang at build time.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if ((${#need_apt[@]})); then
+    echo "prereqs: installing ${need_apt[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "prereqs: cargo is required (Rust 1.95 or newer)" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "prereqs: installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+fi

@@ -1,0 +1,187 @@
+//! Harness for the end-to-end scenarios: an embedded broker, a gateway started in-process on
+//! `127.0.0.1:0`, an HTTP client, and a reader for what really landed on the topics.
+
+use anyhow::{Context, Result};
+use neruba::embedded::{self, EmbeddedKafka};
+use neruba_ingest_gateway as gateway;
+use neruba_schemas::{Catalog, Event, codec, topics};
+use rdkafka::Message;
+use rdkafka::message::{Headers, OwnedMessage};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use neruba::sample;
+
+/// A gateway on an embedded broker.
+#[derive(Debug)]
+pub struct GatewayHarness {
+    pub kafka: EmbeddedKafka,
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<gateway::Running>,
+}
+
+impl GatewayHarness {
+    /// Sample catalog, default limits.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(sample::catalog()?, |_| {}).await
+    }
+
+    /// A custom catalog and config changes.
+    pub async fn start_with(
+        catalog: Catalog,
+        tweak: impl FnOnce(&mut gateway::Config),
+    ) -> Result<Self> {
+        let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 3)])?;
+        let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut config = gateway::Config::new(listen, kafka.bootstrap_servers());
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let running = gateway::start(
+            config,
+            Arc::new(catalog),
+            prometheus::Registry::new(),
+            shutdown.clone(),
+        )
+        .await?;
+        Ok(Self {
+            base: format!("http://{}", running.local_addr),
+            kafka,
+            client: reqwest::Client::new(),
+            shutdown,
+            running: Some(running),
+        })
+    }
+
+    /// POSTs `body` to `/v1/events`; returns the status, the `Retry-After` header and the JSON.
+    pub async fn post(
+        &self,
+        key: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Answer> {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = response.text().await?;
+        let json = serde_json::from_str(&text).with_context(|| format!("response body: {text}"))?;
+        Ok(Answer {
+            status,
+            retry_after,
+            json,
+        })
+    }
+
+    /// GETs a path and returns the status and body text.
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        Ok((response.status().as_u16(), response.text().await?))
+    }
+
+    /// Every message on the events topic, decoded, once at least `expected` are there and no
+    /// more arrived for half a second (so an extra message would be seen).
+    pub async fn events_on_topic(&self, expected: usize) -> Result<Vec<Landed>> {
+        let bootstrap = self.kafka.bootstrap_servers().to_owned();
+        let messages = tokio::task::spawn_blocking(move || {
+            embedded::read_topic(
+                &bootstrap,
+                topics::EVENTS,
+                expected,
+                Duration::from_millis(500),
+                Duration::from_secs(15),
+            )
+        })
+        .await??;
+        messages.into_iter().map(Landed::from_message).collect()
+    }
+
+    /// Cancels and waits for a clean shutdown.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP answer from the gateway.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub json: Value,
+}
+
+impl Answer {
+    /// `(id, status, code)` per event, in order.
+    pub fn outcomes(&self) -> Vec<(String, String, String)> {
+        self.json["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                (text("id"), text("status"), text("code"))
+            })
+            .collect()
+    }
+}
+
+/// A message read back from the events topic.
+#[derive(Debug)]
+pub struct Landed {
+    pub key: String,
+    pub tenant_header: String,
+    pub event: Event,
+}
+
+impl Landed {
+    fn from_message(m: OwnedMessage) -> Result<Self> {
+        let key = String::from_utf8(m.key().unwrap_or_default().to_vec())?;
+        let tenant_header = m
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == gateway::kafka::TENANT_HEADER)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .unwrap_or_default();
+        let mut payload = m.payload().unwrap_or_default().to_vec();
+        let event = codec::decode(&mut payload)?;
+        Ok(Self {
+            key,
+            tenant_header,
+            event,
+        })
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}

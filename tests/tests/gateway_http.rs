@@ -1,0 +1,475 @@
+//! HTTP ingest against the embedded broker: every test reads back what really landed on the
+//! events topic, so "accepted" is checked against Kafka, not against the gateway's word.
+
+use anyhow::Result;
+use neruba_schemas::catalog::hash_key;
+use neruba_schemas::{Catalog, event::format_time_ms};
+use neruba_tests::{GatewayHarness, now_ms, sample};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const BATCH: &str = "application/cloudevents-batch+json";
+const SINGLE: &str = "application/cloudevents+json";
+const NDJSON: &str = "application/x-ndjson";
+
+fn acme() -> Option<&'static str> {
+    sample::ingest_key("acme")
+}
+
+fn call(id: &str, subject: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "type": "api.request", "subject": subject,
+           "time": format_time_ms(now_ms() - 1_000)})
+}
+
+fn triples(items: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    items
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn single_event_lands_on_topic_keyed_by_tenant_and_customer() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let sent = json!({"specversion": "1.0", "id": "evt-1", "type": "llm.completion",
+        "subject": "cust-42", "source": "test", "time": "2026-11-24T10:00:00.123+01:00",
+        "data": {"model": "large", "tokens": 1200, "status": "ok"}});
+    // The event time must be inside the accepted range whatever day the test runs.
+    let mut sent = sent;
+    sent["time"] = json!(format_time_ms(now_ms() - 60_000));
+    let answer = h.post(acme(), SINGLE, sent.to_string()).await?;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(answer.outcomes(), triples(&[("evt-1", "accepted", "")]));
+
+    let landed = h.events_on_topic(1).await?;
+    assert_eq!(landed.len(), 1);
+    let e = &landed[0];
+    assert_eq!(e.key, "acme/cust-42");
+    assert_eq!(e.tenant_header, "acme");
+    assert_eq!(e.event.tenant, "acme");
+    assert_eq!(e.event.id, "evt-1");
+    assert_eq!(e.event.event_type, "llm.completion");
+    assert_eq!(e.event.source.as_deref(), Some("test"));
+    assert_eq!(e.event.data.get("tokens"), Some(&json!("1200")));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn batch_lands_valid_events_and_rejects_each_invalid_one_with_its_code() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let batch = json!([
+        call("ok-1", "c1"),
+        {"id": "no-subject", "type": "api.request"},
+        "not an object",
+        {"id": "bad-spec", "type": "api.request", "subject": "c1", "specversion": "2.0"},
+        call("ok-2", "c2"),
+        {"id": "bad-tokens", "type": "llm.completion", "subject": "c1",
+         "data": {"status": "ok", "model": "m", "tokens": "a dozen"}},
+        {"id": "bad-time", "type": "api.request", "subject": "c1", "time": "24/11/2026"},
+    ]);
+    let answer = h.post(acme(), BATCH, batch.to_string()).await?;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("ok-1", "accepted", ""),
+            ("no-subject", "rejected", "missing_field"),
+            ("", "rejected", "invalid_json"),
+            ("bad-spec", "rejected", "invalid_field"),
+            ("ok-2", "accepted", ""),
+            ("bad-tokens", "rejected", "invalid_value"),
+            ("bad-time", "rejected", "invalid_field"),
+        ])
+    );
+    assert_eq!(
+        (
+            answer.json["accepted"].as_u64(),
+            answer.json["rejected"].as_u64()
+        ),
+        (Some(2), Some(5))
+    );
+
+    let mut ids: Vec<String> = h
+        .events_on_topic(2)
+        .await?
+        .into_iter()
+        .map(|l| l.event.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["ok-1", "ok-2"]);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn json_array_with_plain_json_content_type_is_a_batch() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let answer = h
+        .post(
+            acme(),
+            "application/json",
+            json!([call("a", "c"), call("b", "c")]).to_string(),
+        )
+        .await?;
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[("a", "accepted", ""), ("b", "accepted", "")])
+    );
+    assert_eq!(h.events_on_topic(2).await?.len(), 2);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn ndjson_gives_each_line_an_outcome_and_a_broken_line_does_not_block_others() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let body = format!(
+        "{}\n{{\"id\": broken\n\n{}\n",
+        call("n-1", "c"),
+        call("n-2", "c")
+    );
+    let answer = h.post(acme(), NDJSON, body).await?;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("n-1", "accepted", ""),
+            ("", "rejected", "invalid_json"),
+            ("n-2", "accepted", "")
+        ])
+    );
+    assert_eq!(h.events_on_topic(2).await?.len(), 2);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn repeat_in_same_and_later_batch_is_duplicate_with_one_message_on_topic() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let first = json!([call("dup-1", "c"), call("dup-1", "c"), call("other", "c")]);
+    let answer = h.post(acme(), BATCH, first.to_string()).await?;
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("dup-1", "accepted", ""),
+            ("dup-1", "duplicate", ""),
+            ("other", "accepted", "")
+        ])
+    );
+    let again = h
+        .post(acme(), BATCH, json!([call("dup-1", "c")]).to_string())
+        .await?;
+    assert_eq!(again.status, 200, "a repeat is never an error");
+    assert_eq!(again.outcomes(), triples(&[("dup-1", "duplicate", "")]));
+    assert_eq!(again.json["duplicate"].as_u64(), Some(1));
+
+    let landed = h.events_on_topic(2).await?;
+    let dup_copies = landed.iter().filter(|l| l.event.id == "dup-1").count();
+    assert_eq!((landed.len(), dup_copies), (2, 1));
+
+    let (_, metrics) = h.get("/metrics").await?;
+    assert!(
+        metrics.contains("neruba_dedup_hits_total{layer=\"gateway\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("neruba_ingest_events_total{code=\"\",outcome=\"accepted\"} 2"),
+        "{metrics}"
+    );
+    h.stop().await
+}
+
+#[tokio::test]
+async fn same_id_in_two_tenants_counts_for_each() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let storage = json!({"id": "shared-id", "type": "storage.usage", "subject": "c",
+        "data": {"gb_hours": "1.5", "region": "eu"}});
+    let a = h
+        .post(acme(), SINGLE, call("shared-id", "c").to_string())
+        .await?;
+    let g = h
+        .post(sample::ingest_key("globex"), SINGLE, storage.to_string())
+        .await?;
+    assert_eq!(a.outcomes(), triples(&[("shared-id", "accepted", "")]));
+    assert_eq!(g.outcomes(), triples(&[("shared-id", "accepted", "")]));
+    let mut tenants: Vec<String> = h
+        .events_on_topic(2)
+        .await?
+        .into_iter()
+        .map(|l| l.event.tenant)
+        .collect();
+    tenants.sort();
+    assert_eq!(tenants, ["acme", "globex"]);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn unknown_key_is_401_and_key_without_ingest_scope_is_403() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let body = call("x", "c").to_string();
+    let none = h.post(None, SINGLE, body.clone()).await?;
+    assert_eq!(
+        (none.status, none.json["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let unknown = h.post(Some("nrb_not_a_key"), SINGLE, body.clone()).await?;
+    assert_eq!(unknown.status, 401);
+    let read_only = sample::DEV_KEYS
+        .iter()
+        .find(|(t, s, _)| *t == "acme" && *s == "read")
+        .map(|(_, _, k)| *k);
+    let forbidden = h.post(read_only, SINGLE, body).await?;
+    assert_eq!(
+        (forbidden.status, forbidden.json["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    assert!(h.events_on_topic(0).await?.is_empty());
+    h.stop().await
+}
+
+#[tokio::test]
+async fn oversized_body_event_and_batch_are_413_or_event_too_large() -> Result<()> {
+    let h = GatewayHarness::start_with(sample::catalog()?, |c| {
+        c.max_body_bytes = 4096;
+        c.max_batch_events = 3;
+        c.limits.max_event_bytes = 512;
+    })
+    .await?;
+    let padding = "x".repeat(5000);
+    let huge = json!({"id": "big", "type": "api.request", "subject": "c", "data": {"p": padding}});
+    let body_too_large = h.post(acme(), SINGLE, huge.to_string()).await?;
+    assert_eq!(
+        (
+            body_too_large.status,
+            body_too_large.json["error"]["code"].as_str()
+        ),
+        (413, Some("body_too_large"))
+    );
+
+    let batch = json!([
+        call("1", "c"),
+        call("2", "c"),
+        call("3", "c"),
+        call("4", "c")
+    ]);
+    let too_many = h.post(acme(), BATCH, batch.to_string()).await?;
+    assert_eq!(
+        (too_many.status, too_many.json["error"]["code"].as_str()),
+        (413, Some("too_many_events"))
+    );
+
+    let fat =
+        json!({"id": "fat", "type": "api.request", "subject": "c", "data": {"p": "y".repeat(600)}});
+    let mixed = h
+        .post(acme(), BATCH, json!([fat, call("slim", "c")]).to_string())
+        .await?;
+    assert_eq!(
+        mixed.outcomes(),
+        triples(&[
+            ("fat", "rejected", "event_too_large"),
+            ("slim", "accepted", "")
+        ])
+    );
+    let ids: Vec<String> = h
+        .events_on_topic(1)
+        .await?
+        .into_iter()
+        .map(|l| l.event.id)
+        .collect();
+    assert_eq!(ids, ["slim"]);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn future_and_too_old_timestamps_are_rejected_with_their_codes() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let at = |id: &str, ms: i64| json!({"id": id, "type": "api.request", "subject": "c", "time": format_time_ms(ms)});
+    let day = 86_400_000;
+    let batch = json!([
+        at("future", now_ms() + 10 * 60_000),
+        at("near-future", now_ms() + 60_000),
+        at("ancient", now_ms() - 36 * day),
+        at("late-but-fine", now_ms() - 34 * day),
+    ]);
+    let answer = h.post(acme(), BATCH, batch.to_string()).await?;
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("future", "rejected", "timestamp_in_future"),
+            ("near-future", "accepted", ""),
+            ("ancient", "rejected", "timestamp_too_far_in_past"),
+            ("late-but-fine", "accepted", ""),
+        ])
+    );
+    assert_eq!(h.events_on_topic(2).await?.len(), 2);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn numeric_values_keep_every_digit_as_numbers_and_as_strings() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    // Written by hand: a JSON library in the test could itself round the number.
+    let body = format!(
+        r#"[{{"id":"num","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":0.000000000123456789}}}},
+            {{"id":"str","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":"0.000000000123456789"}}}},
+            {{"id":"wide","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":12345678901234567890.123456789}}}}]"#,
+        t = format_time_ms(now_ms())
+    );
+    let answer = h.post(acme(), BATCH, body).await?;
+    assert_eq!(answer.json["accepted"].as_u64(), Some(3), "{}", answer.json);
+    let landed = h.events_on_topic(3).await?;
+    let tokens = |id: &str| {
+        landed
+            .iter()
+            .find(|l| l.event.id == id)
+            .and_then(|l| l.event.data.get("tokens").cloned())
+    };
+    assert_eq!(tokens("num"), Some(json!("0.000000000123456789")));
+    assert_eq!(tokens("str"), Some(json!("0.000000000123456789")));
+    assert_eq!(
+        tokens("wide"),
+        Some(json!("12345678901234567890.123456789"))
+    );
+    h.stop().await
+}
+
+#[tokio::test]
+async fn unsupported_type_is_415_and_unparseable_body_is_400() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let wrong_type = h
+        .post(acme(), "text/plain", call("a", "c").to_string())
+        .await?;
+    assert_eq!(
+        (wrong_type.status, wrong_type.json["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let broken = h.post(acme(), BATCH, "[{\"id\": 1},").await?;
+    assert_eq!(
+        (broken.status, broken.json["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let broken_single = h.post(acme(), SINGLE, "{nope").await?;
+    assert_eq!(broken_single.status, 400);
+    let rejected_single = h
+        .post(acme(), SINGLE, json!({"id": "x"}).to_string())
+        .await?;
+    assert_eq!(
+        (rejected_single.status, rejected_single.outcomes()),
+        (422, triples(&[("x", "rejected", "missing_field")]))
+    );
+    assert!(h.events_on_topic(0).await?.is_empty());
+    h.stop().await
+}
+
+#[tokio::test]
+async fn tenant_over_rate_limit_gets_429_with_retry_after_and_nothing_produced() -> Result<()> {
+    let key = "limited-key";
+    let toml = format!(
+        r#"
+[[tenants]]
+id = "small"
+rate_limit = {{ events_per_second = 2, burst = 3 }}
+[[tenants.api_keys]]
+name = "k"
+sha256 = "{}"
+scopes = ["ingest"]
+"#,
+        hash_key(key)
+    );
+    let h = GatewayHarness::start_with(Catalog::from_toml_str(&toml, "test")?, |_| {}).await?;
+    let first = h
+        .post(
+            Some(key),
+            BATCH,
+            json!([call("1", "c"), call("2", "c"), call("3", "c")]).to_string(),
+        )
+        .await?;
+    assert_eq!(first.json["accepted"].as_u64(), Some(3));
+    let second = h
+        .post(
+            Some(key),
+            BATCH,
+            json!([call("4", "c"), call("5", "c")]).to_string(),
+        )
+        .await?;
+    assert_eq!(
+        (second.status, second.json["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert_eq!(second.retry_after.as_deref(), Some("1"));
+    assert_eq!(h.events_on_topic(3).await?.len(), 3);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Result<()> {
+    let h = GatewayHarness::start_with(sample::catalog()?, |c| {
+        c.delivery_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    // 1. Healthy: ready.
+    let mut ready = (0, String::new());
+    for _ in 0..50 {
+        ready = h.get("/readyz").await?;
+        if ready.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready.0, 200, "gateway never became ready: {}", ready.1);
+
+    // 2. Outage: the events are not acknowledged, so nothing may be called accepted.
+    h.kafka.set_broker_up(false)?;
+    let answer = h
+        .post(
+            acme(),
+            BATCH,
+            json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
+        )
+        .await?;
+    assert_eq!(answer.status, 503, "{}", answer.json);
+    assert_eq!(answer.retry_after.as_deref(), Some("5"));
+    assert_eq!(answer.json["accepted"].as_u64(), Some(0));
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("o-1", "not_delivered", "broker_unavailable"),
+            ("o-2", "not_delivered", "broker_unavailable")
+        ])
+    );
+    let (not_ready, _) = h.get("/readyz").await?;
+    assert_eq!(not_ready, 503);
+
+    // 3. Recovery: nothing from the outage is on the topic, and the retry is accepted (not
+    //    `duplicate`: the failed attempt was never remembered).
+    h.kafka.set_broker_up(true)?;
+    assert!(h.events_on_topic(0).await?.is_empty());
+    let retry = h
+        .post(
+            acme(),
+            BATCH,
+            json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
+        )
+        .await?;
+    assert_eq!(
+        retry.outcomes(),
+        triples(&[("o-1", "accepted", ""), ("o-2", "accepted", "")])
+    );
+    assert_eq!(h.events_on_topic(2).await?.len(), 2);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn health_and_metrics_endpoints_answer() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    assert_eq!(h.get("/healthz").await?.0, 200);
+    let (status, metrics) = h.get("/metrics").await?;
+    assert_eq!(status, 200);
+    for name in [
+        "neruba_ingest_events_total",
+        "neruba_dedup_hits_total",
+        "neruba_dedup_cache_entries",
+        "neruba_produce_queue_depth",
+        "neruba_broker_reachable",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    h.stop().await
+}
