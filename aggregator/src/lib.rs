@@ -1,2 +1,167 @@
-//! The aggregator: windowed per-meter rollups in RocksDB, keyed by tenant, with the
-//! authoritative dedup set and the consumed offsets in the same atomic write. Not built yet.
+//! The aggregator: a Kafka consumer group that folds events into windowed rollups.
+//!
+//! Invariants:
+//! - per assigned partition, the dedup set, the aggregates and the next offset live in one
+//!   RocksDB database and change in one atomic write (see [`state`]); on assignment the consumer
+//!   seeks to the offset stored there, not to the group's committed offset (which is committed
+//!   too, for lag monitoring only);
+//! - a batch's rollups and dead letters are acknowledged by the broker before the batch is
+//!   written, so a crash can repeat an emission but never lose one;
+//! - state is per partition, so a partition can move to another instance with its directory
+//!   (or be rebuilt by replaying the events topic, which yields the same rollups).
+
+pub mod consumer;
+pub mod keys;
+pub mod measure;
+pub mod metrics;
+pub mod state;
+
+use neruba_schemas::Catalog;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What stops the aggregator. Bad events never do: they are dead-lettered (see [`state`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker failed in a way retries inside librdkafka did not cover.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// RocksDB failed: the disk is full or broken. Restarting replays from the stored offsets.
+    #[error("state store: {0}")]
+    Storage(#[from] rocksdb::Error),
+    /// A stored record could not be read back.
+    #[error("state store: corrupt {0}")]
+    Corrupt(String),
+    /// A sum left the exact decimal range; an operator must look at the meter.
+    #[error("overflow: {0}")]
+    Overflow(String),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("aggregator task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Result with the aggregator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Aggregator settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub group_id: String,
+    /// Static group membership (`group.instance.id`), so a restarted pod gets its partitions back.
+    pub instance_id: Option<String>,
+    pub events_topic: String,
+    pub rollups_topic: String,
+    pub dead_letter_topic: String,
+    /// One RocksDB directory per assigned partition is created under this.
+    pub state_dir: PathBuf,
+    pub timing: state::Timing,
+    /// A partition with no message for this long advances its watermark by processing time.
+    pub idle_timeout: Duration,
+    /// Most messages applied before a batch is written.
+    pub max_batch: usize,
+    /// Shared RocksDB block cache, bytes.
+    pub block_cache_bytes: usize,
+    pub kafka_options: Vec<(String, String)>,
+    /// Fault injection for crash tests: stop abruptly, as `kill -9` would, at this point.
+    pub crash: Option<CrashPoint>,
+}
+
+/// Where an injected crash stops the aggregator (tests only; never set in production).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after applying this many messages, mid-batch: nothing of the batch is delivered
+    /// or written.
+    AfterMessages(u64),
+    /// After the batch that reaches this many messages delivered its rollups, before its state
+    /// is written: the restart must re-emit identical rollups, not different ones.
+    BeforeWrite(u64),
+}
+
+impl Config {
+    /// Defaults from the SPEC for everything but where the brokers and the state are.
+    pub fn new(brokers: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: "neruba-aggregator".to_owned(),
+            instance_id: None,
+            events_topic: neruba_schemas::topics::EVENTS.to_owned(),
+            rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
+            dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),
+            state_dir: state_dir.into(),
+            timing: state::Timing {
+                grace_ms: 10_000,
+                correction_horizon_ms: 35 * 86_400_000,
+                dedup_horizon_ms: 35 * 86_400_000,
+            },
+            idle_timeout: Duration::from_secs(30),
+            max_batch: 5_000,
+            block_cache_bytes: 64 * 1024 * 1024,
+            kafka_options: Vec::new(),
+            crash: None,
+        }
+    }
+}
+
+/// A started aggregator.
+#[derive(Debug)]
+pub struct Running {
+    task: JoinHandle<Result<()>>,
+    kill: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Waits until the aggregator stopped.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await?
+    }
+
+    /// Stops at once without writing the pending batch, as a crash would (for tests): the
+    /// next start must replay from the stored offsets.
+    pub async fn kill(self) -> Result<()> {
+        self.kill.store(true, Ordering::SeqCst);
+        match self.task.await? {
+            Ok(()) | Err(Error::Kafka(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Starts consuming; returns at once.
+pub fn start(
+    config: Config,
+    catalog: Arc<Catalog>,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let metrics = metrics::Metrics::register(registry)?;
+    let kill = Arc::new(AtomicBool::new(false));
+    let worker = consumer::Worker::new(config, catalog, metrics, shutdown, kill.clone())?;
+    let task = tokio::task::spawn_blocking(move || worker.run());
+    Ok(Running { task, kill })
+}
+
+/// Starts and waits.
+pub async fn run(
+    config: Config,
+    catalog: Arc<Catalog>,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    start(config, catalog, registry, shutdown)?.wait().await
+}

@@ -39,7 +39,9 @@ pub struct AppState {
     pub max_batch_events: usize,
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
-    pub registry: prometheus::Registry,
+    /// Registries exposed on `/metrics`: the gateway's, and those of components sharing the
+    /// process (`neruba dev`).
+    pub registries: Vec<prometheus::Registry>,
     pub broker_ready: AtomicBool,
 }
 
@@ -353,7 +355,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let families = state.registry.gather();
+    let families = crate::metrics::gather(&state.registries);
     match prometheus::TextEncoder::new().encode_to_string(&families) {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()),

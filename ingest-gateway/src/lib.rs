@@ -68,6 +68,8 @@ pub struct Config {
     pub delivery_timeout: Duration,
     /// Extra librdkafka settings (`key=value`) for SASL, TLS or tuning.
     pub kafka_options: Vec<(String, String)>,
+    /// Registries of other components in this process, also exposed on `/metrics`.
+    pub extra_metrics: Vec<prometheus::Registry>,
 }
 
 impl Config {
@@ -84,6 +86,7 @@ impl Config {
             dedup_max_age: Duration::from_secs(3600),
             delivery_timeout: Duration::from_secs(15),
             kafka_options: Vec::new(),
+            extra_metrics: Vec::new(),
         }
     }
 }
@@ -126,7 +129,9 @@ pub async fn start(
         max_batch_events: config.max_batch_events,
         rate_limiter: ratelimit::RateLimiter::default(),
         metrics,
-        registry,
+        registries: std::iter::once(registry)
+            .chain(config.extra_metrics.iter().cloned())
+            .collect(),
         broker_ready: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -95,6 +95,21 @@ impl Metrics {
     }
 }
 
+/// Gathers several registries into one exposition, merging families of the same name (one
+/// process running several components exposes e.g. `neruba_dedup_hits_total` for each layer).
+pub fn gather(registries: &[Registry]) -> Vec<prometheus::proto::MetricFamily> {
+    let mut merged: Vec<prometheus::proto::MetricFamily> = Vec::new();
+    for registry in registries {
+        for mut family in registry.gather() {
+            match merged.iter_mut().find(|f| f.name() == family.name()) {
+                Some(existing) => existing.mut_metric().extend(family.take_metric()),
+                None => merged.push(family),
+            }
+        }
+    }
+    merged
+}
+
 /// Per-request tallies, published once per request rather than once per event.
 #[derive(Debug, Default)]
 pub struct Tally {

@@ -7,6 +7,7 @@ use crate::embedded::{self, EmbeddedKafka};
 use crate::sample;
 use anyhow::{Context, Result, bail};
 use neruba_ingest_gateway as gateway;
+use neruba_schemas::rollup::Rollup;
 use neruba_schemas::{codec, event, topics};
 use rdkafka::Message;
 use serde_json::{Value, json};
@@ -22,6 +23,8 @@ pub struct Summary {
     pub duplicate: usize,
     pub rejected: Vec<String>,
     pub on_topic: usize,
+    /// `(tenant/customer, meter, group, window quantity, period-to-date quantity)`, sorted.
+    pub rollups: Vec<(String, String, String, String, String)>,
 }
 
 struct Request {
@@ -31,33 +34,36 @@ struct Request {
     body: String,
 }
 
+/// The demo's events are 7 to 12 minutes old, so every window they fall in has ended and
+/// closes as soon as the partitions go idle.
 fn workload(now_ms: i64) -> Vec<Request> {
-    let at = |offset_ms: i64| event::format_time_ms(now_ms + offset_ms);
+    let base = neruba_schemas::window::window_start(now_ms - 12 * 60_000, 5 * 60_000);
+    let at = |offset_ms: i64| event::format_time_ms(base + 120_000 + offset_ms);
     let batch = json!([
         {"specversion": "1.0", "id": "req-1001", "type": "llm.completion", "subject": "customer-7",
-         "source": "demo", "time": at(-120_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
+         "source": "demo", "time": at(10_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
         {"specversion": "1.0", "id": "req-1002", "type": "llm.completion", "subject": "customer-7",
-         "time": at(-90_000), "data": {"model": "small", "tokens": "850.5", "status": "ok"}},
+         "time": at(20_000), "data": {"model": "small", "tokens": "850.5", "status": "ok"}},
         {"specversion": "1.0", "id": "req-1003", "type": "api.request", "subject": "customer-9",
-         "time": at(-60_000), "data": {"path": "/v1/search"}},
+         "time": at(30_000), "data": {"path": "/v1/search"}},
         {"specversion": "1.0", "id": "req-1001", "type": "llm.completion", "subject": "customer-7",
-         "time": at(-120_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
+         "time": at(10_000), "data": {"model": "large", "tokens": 1200, "status": "ok"}},
         {"specversion": "1.0", "id": "req-1004", "type": "api.request",
-         "time": at(-30_000), "data": {}},
+         "time": at(35_000), "data": {}},
         {"specversion": "1.0", "id": "req-1005", "type": "llm.completion", "subject": "customer-9",
-         "time": at(-30_000), "data": {"model": "large", "tokens": "lots", "status": "ok"}}
+         "time": at(40_000), "data": {"model": "large", "tokens": "lots", "status": "ok"}}
     ]);
     let ndjson = [
-        json!({"id": "req-1003", "type": "api.request", "subject": "customer-9", "time": at(-60_000)}),
-        json!({"id": "req-1006", "type": "api.request", "subject": "customer-9", "time": at(-10_000)}),
-        json!({"id": "req-1007", "type": "api.request", "subject": "customer-9", "time": at(3_600_000)}),
+        json!({"id": "req-1003", "type": "api.request", "subject": "customer-9", "time": at(30_000)}),
+        json!({"id": "req-1006", "type": "api.request", "subject": "customer-9", "time": at(70_000)}),
+        json!({"id": "req-1007", "type": "api.request", "subject": "customer-9", "time": event::format_time_ms(now_ms + 3_600_000)}),
     ]
     .iter()
     .map(Value::to_string)
     .collect::<Vec<_>>()
     .join("\n");
     let single = json!({"specversion": "1.0", "id": "vol-77", "type": "storage.usage",
-        "subject": "customer-1", "time": at(-5_000), "data": {"region": "eu-west", "gb_hours": "12.75"}});
+        "subject": "customer-1", "time": at(45_000), "data": {"region": "eu-west", "gb_hours": "12.75"}});
     vec![
         Request {
             title: "acme: a batch of 6 (one repeat, two bad events)",
@@ -82,9 +88,25 @@ fn workload(now_ms: i64) -> Vec<Request> {
 
 /// Runs the demo, printing as it goes.
 pub async fn run() -> Result<Summary> {
-    let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 4)]).context("start embedded Kafka")?;
+    let kafka = EmbeddedKafka::start(&[
+        (topics::EVENTS, 4),
+        (topics::ROLLUPS, 4),
+        (topics::DEAD_LETTER, 1),
+    ])
+    .context("start embedded Kafka")?;
     let catalog = Arc::new(sample::catalog()?);
     let shutdown = CancellationToken::new();
+    let state = tempfile::tempdir()?;
+    let mut aggregation = neruba_aggregator::Config::new(kafka.bootstrap_servers(), state.path());
+    // The demo's events are minutes old: a second of quiet closes their windows.
+    aggregation.timing.grace_ms = 0;
+    aggregation.idle_timeout = Duration::from_secs(1);
+    let aggregator = neruba_aggregator::start(
+        aggregation,
+        catalog.clone(),
+        &prometheus::Registry::new(),
+        shutdown.clone(),
+    )?;
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let config = gateway::Config::new(listen, kafka.bootstrap_servers());
     let running = gateway::start(
@@ -108,6 +130,7 @@ pub async fn run() -> Result<Summary> {
         duplicate: 0,
         rejected: Vec::new(),
         on_topic: 0,
+        rollups: Vec::new(),
     };
     for request in workload(now_ms) {
         let key = sample::ingest_key(request.tenant).context("dev key")?;
@@ -174,8 +197,45 @@ pub async fn run() -> Result<Summary> {
         );
     }
     summary.on_topic = messages.len();
+
+    // Five windows hold these events (two token models, two minutes of API calls, one storage
+    // window); they close once the partitions have been quiet for a second.
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let rollups = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::ROLLUPS,
+            5,
+            Duration::from_millis(500),
+            Duration::from_secs(20),
+        )
+    })
+    .await??;
+    println!(
+        "\nOn the rollups topic `{}`: {} closed windows",
+        topics::ROLLUPS,
+        rollups.len()
+    );
+    for m in &rollups {
+        let r = Rollup::decode(m.payload().unwrap_or_default())?;
+        let group: Vec<String> = r.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        summary.rollups.push((
+            format!("{}/{}", r.tenant, r.customer),
+            r.meter.clone(),
+            group.join(","),
+            r.window_quantity.to_string(),
+            r.period_quantity.to_string(),
+        ));
+    }
+    summary.rollups.sort();
+    for (who, meter, group, window, period) in &summary.rollups {
+        println!(
+            "    {who:<18} {meter:<17} {group:<12} window {window:>7}   period to date {period:>7}"
+        );
+    }
     shutdown.cancel();
     running.wait().await?;
+    aggregator.wait().await?;
     if summary.on_topic != summary.accepted {
         bail!(
             "{} events were accepted but {} are on the topic",
@@ -184,12 +244,13 @@ pub async fn run() -> Result<Summary> {
         );
     }
     println!(
-        "\n{} accepted, {} duplicate, {} rejected ({}). Pricing of these events into line items \
-         arrives with the aggregator and rater stages.",
+        "\n{} accepted, {} duplicate, {} rejected ({}); {} windows rolled up. Pricing rollups into \
+         line items arrives with the rater stage.",
         summary.accepted,
         summary.duplicate,
         summary.rejected.len(),
-        summary.rejected.join(", ")
+        summary.rejected.join(", "),
+        summary.rollups.len()
     );
     Ok(summary)
 }

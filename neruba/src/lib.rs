@@ -5,4 +5,5 @@
 
 pub mod demo;
 pub mod embedded;
+pub mod ops;
 pub mod sample;

@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run the ingest gateway against a Kafka cluster.
     Gateway(GatewayArgs),
+    /// Run an aggregator (a member of the aggregator consumer group) against a Kafka cluster.
+    Aggregator(AggregatorCommandArgs),
     /// Run the pipeline against an in-process Kafka broker, until interrupted.
     Dev(DevArgs),
     /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
@@ -53,6 +55,96 @@ struct GatewayArgs {
 }
 
 #[derive(Debug, Args)]
+struct AggregatorCommandArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    brokers: String,
+    /// Catalog file (`.toml`, `.yaml` or `.yml`).
+    #[arg(long, env = "NERUBA_CATALOG")]
+    catalog: PathBuf,
+    /// Address `/metrics`, `/healthz` and `/readyz` listen on.
+    #[arg(long, env = "NERUBA_OPS_LISTEN", default_value = "0.0.0.0:9090")]
+    ops_listen: SocketAddr,
+    /// Directory holding one RocksDB database per assigned partition.
+    #[arg(long, env = "NERUBA_STATE_DIR")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    aggregation: AggregatorArgs,
+    /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_opts: Vec<(String, String)>,
+}
+
+/// Aggregator settings shared by `aggregator` and `dev`.
+#[derive(Debug, Args)]
+struct AggregatorArgs {
+    /// Consumer group of the aggregators.
+    #[arg(long, env = "NERUBA_GROUP_ID", default_value = "neruba-aggregator")]
+    group_id: String,
+    /// Static group membership id (e.g. the pod name), so a restart gets its partitions back.
+    #[arg(long, env = "NERUBA_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Topic closed windows are produced to.
+    #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
+    rollups_topic: String,
+    /// Topic events that cannot be metered are produced to, with their rejection code.
+    #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
+    dead_letter_topic: String,
+    /// Watermark = highest event time seen on a partition minus this.
+    #[arg(long, env = "NERUBA_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// A partition without messages for this long advances its watermark by processing time.
+    #[arg(long, env = "NERUBA_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Events older than the watermark minus this are dead-lettered.
+    #[arg(long = "aggregator-correction-horizon", env = "NERUBA_AGGREGATOR_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    correction_horizon: Duration,
+    /// How long the aggregator remembers an event id.
+    #[arg(long, env = "NERUBA_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    dedup_horizon: Duration,
+    /// Most messages applied before state is written.
+    #[arg(long, env = "NERUBA_MAX_BATCH", default_value_t = 5_000)]
+    max_batch: usize,
+    /// RocksDB block cache shared by all partitions, bytes.
+    #[arg(long, env = "NERUBA_BLOCK_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    block_cache_bytes: usize,
+}
+
+impl AggregatorArgs {
+    fn config(
+        &self,
+        brokers: &str,
+        events_topic: &str,
+        state_dir: &Path,
+    ) -> Result<neruba_aggregator::Config> {
+        let millis = |d: Duration| i64::try_from(d.as_millis()).context("duration too long");
+        if self.max_batch == 0 {
+            bail!("--max-batch must be positive");
+        }
+        if self.dedup_horizon < self.correction_horizon {
+            bail!(
+                "--dedup-horizon must be at least the correction horizon, or a late repeat would count twice"
+            );
+        }
+        let mut config = neruba_aggregator::Config::new(brokers, state_dir);
+        config.group_id = self.group_id.clone();
+        config.instance_id = self.instance_id.clone();
+        config.events_topic = events_topic.to_owned();
+        config.rollups_topic = self.rollups_topic.clone();
+        config.dead_letter_topic = self.dead_letter_topic.clone();
+        config.timing = neruba_aggregator::state::Timing {
+            grace_ms: millis(self.grace)?,
+            correction_horizon_ms: millis(self.correction_horizon)?,
+            dedup_horizon_ms: millis(self.dedup_horizon)?,
+        };
+        config.idle_timeout = self.idle_timeout;
+        config.max_batch = self.max_batch;
+        config.block_cache_bytes = self.block_cache_bytes;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
 struct DevArgs {
     /// Address the gateway listens on.
     #[arg(long, env = "NERUBA_LISTEN", default_value = "127.0.0.1:8080")]
@@ -63,8 +155,13 @@ struct DevArgs {
     /// Partitions of each topic on the embedded broker.
     #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
     partitions: i32,
+    /// Aggregator state directory; a temporary one, removed at exit, when absent.
+    #[arg(long, env = "NERUBA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     #[command(flatten)]
     ingest: IngestArgs,
+    #[command(flatten)]
+    aggregation: AggregatorArgs,
 }
 
 /// Gateway settings shared by `gateway` and `dev`.
@@ -207,6 +304,19 @@ async fn main() -> Result<()> {
             )
             .await?;
         }
+        Command::Aggregator(args) => {
+            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            let mut config =
+                args.aggregation
+                    .config(&args.brokers, topics::EVENTS, &args.state_dir)?;
+            config.kafka_options = args.kafka_opts.clone();
+            let registry = prometheus::Registry::new();
+            let shutdown = shutdown_on_signal();
+            let ops = neruba::ops::serve(args.ops_listen, vec![registry.clone()], shutdown.clone())
+                .await?;
+            tracing::info!(%ops, "Aggregator operations endpoints listening.");
+            neruba_aggregator::run(config, catalog, &registry, shutdown).await?;
+        }
         Command::Dev(args) => run_dev(args).await?,
         Command::Demo => {
             neruba::demo::run().await?;
@@ -241,14 +351,37 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     };
     let kafka = EmbeddedKafka::start(&[
         (args.ingest.events_topic.as_str(), args.partitions),
-        (topics::DEAD_LETTER, args.partitions),
+        (args.aggregation.rollups_topic.as_str(), args.partitions),
+        (args.aggregation.dead_letter_topic.as_str(), args.partitions),
     ])
     .context("start the embedded Kafka broker")?;
-    let config = args.ingest.config(args.listen, kafka.bootstrap_servers())?;
+    let catalog = Arc::new(catalog);
+    let temp_state;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp_state = tempfile::tempdir()?;
+            temp_state.path().to_path_buf()
+        }
+    };
     let shutdown = shutdown_on_signal();
+    let aggregator_metrics = prometheus::Registry::new();
+    let aggregator_config = args.aggregation.config(
+        kafka.bootstrap_servers(),
+        &args.ingest.events_topic,
+        &state_dir,
+    )?;
+    let aggregator = neruba_aggregator::start(
+        aggregator_config,
+        catalog.clone(),
+        &aggregator_metrics,
+        shutdown.clone(),
+    )?;
+    let mut config = args.ingest.config(args.listen, kafka.bootstrap_servers())?;
+    config.extra_metrics = vec![aggregator_metrics];
     let running = gateway::start(
         config,
-        Arc::new(catalog),
+        catalog,
         prometheus::Registry::new(),
         shutdown.clone(),
     )
@@ -271,6 +404,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     running.wait().await?;
+    aggregator.wait().await?;
     drop(kafka);
     Ok(())
 }

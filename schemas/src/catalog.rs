@@ -461,6 +461,16 @@ impl Tenant {
 }
 
 impl Meter {
+    /// Window size in milliseconds (validated: whole seconds dividing a day).
+    pub fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis()).unwrap_or(86_400_000)
+    }
+
+    /// The billing time zone's offset east of UTC in seconds (validated at load).
+    pub fn offset_secs(&self) -> i32 {
+        parse_fixed_offset(&self.billing_period.time_zone).unwrap_or(0)
+    }
+
     /// Whether `data` passes every filter of this meter.
     pub fn matches(&self, data: &serde_json::Value) -> bool {
         self.filters.iter().all(|f| {
@@ -528,9 +538,18 @@ fn validate_meter(meter: &Meter) -> std::result::Result<(), String> {
     if !(1..=28).contains(&period.anchor_day) {
         return Err("field `billing_period.anchor_day` must be 1 to 28".into());
     }
-    if parse_fixed_offset(&period.time_zone).is_none() {
+    let Some(offset) = parse_fixed_offset(&period.time_zone) else {
         return Err(format!(
             "field `billing_period.time_zone`: `{}` is not `UTC` or an offset like `+02:00`",
+            period.time_zone
+        ));
+    };
+    // Period edges (local midnight) must be window edges, so no window spans two periods.
+    if (i128::from(offset) * 1000).rem_euclid(i128::try_from(window_ms).unwrap_or(1)) != 0 {
+        return Err(format!(
+            "field `window`: {} windows would straddle the billing period edges of `{}`; \
+             use a window that divides the offset",
+            humantime::format_duration(meter.window),
             period.time_zone
         ));
     }

@@ -81,6 +81,25 @@ impl JsonPath {
         Some(current)
     }
 
+    /// The value this path names inside an object's fields (an event's `data`).
+    pub fn lookup_in<'a>(
+        &self,
+        fields: &'a serde_json::Map<String, serde_json::Value>,
+    ) -> Option<&'a serde_json::Value> {
+        let (first, rest) = self.steps.split_first()?;
+        let mut current = match first {
+            Step::Key(k) => fields.get(k)?,
+            Step::Index(_) => return None,
+        };
+        for step in rest {
+            current = match step {
+                Step::Key(k) => current.as_object()?.get(k)?,
+                Step::Index(i) => current.as_array()?.get(*i)?,
+            };
+        }
+        Some(current)
+    }
+
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.text

@@ -15,7 +15,9 @@ pub mod decimal;
 pub mod event;
 pub mod json_path;
 pub mod reject;
+pub mod rollup;
 pub mod topics;
+pub mod window;
 
 pub use catalog::Catalog;
 pub use event::Event;

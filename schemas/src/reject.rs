@@ -24,11 +24,16 @@ pub enum RejectCode {
     TimestampTooFarInPast,
     /// A property a meter reads is not an exact decimal number.
     InvalidValue,
+    /// Kafka path only: the event's tenant is not in the catalog (any more).
+    UnknownTenant,
+    /// Kafka path only: no meter of the tenant reads this event `type`; kept on the dead-letter
+    /// topic so it can be replayed once a meter exists.
+    NoMatchingMeter,
 }
 
 impl RejectCode {
     /// Every code, for metrics pre-registration and documentation.
-    pub const ALL: [RejectCode; 7] = [
+    pub const ALL: [RejectCode; 9] = [
         RejectCode::InvalidJson,
         RejectCode::MissingField,
         RejectCode::InvalidField,
@@ -36,6 +41,8 @@ impl RejectCode {
         RejectCode::TimestampInFuture,
         RejectCode::TimestampTooFarInPast,
         RejectCode::InvalidValue,
+        RejectCode::UnknownTenant,
+        RejectCode::NoMatchingMeter,
     ];
 
     /// The stable wire spelling.
@@ -48,6 +55,8 @@ impl RejectCode {
             RejectCode::TimestampInFuture => "timestamp_in_future",
             RejectCode::TimestampTooFarInPast => "timestamp_too_far_in_past",
             RejectCode::InvalidValue => "invalid_value",
+            RejectCode::UnknownTenant => "unknown_tenant",
+            RejectCode::NoMatchingMeter => "no_matching_meter",
         }
     }
 }

@@ -185,3 +185,163 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// Writes encoded events straight to the events topic (as the gateway would), so aggregator
+/// scenarios control event times, partitions and order exactly.
+pub struct EventWriter {
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl std::fmt::Debug for EventWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventWriter").finish_non_exhaustive()
+    }
+}
+
+impl EventWriter {
+    pub fn new(bootstrap: &str) -> Result<Self> {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .create()?;
+        Ok(Self { producer })
+    }
+
+    /// Sends events in order to `partition` and waits for every acknowledgement.
+    pub async fn send(&self, partition: i32, events: &[Event]) -> Result<()> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = codec::encode(event);
+            let key = event.partition_key();
+            let record = rdkafka::producer::FutureRecord::to(topics::EVENTS)
+                .key(&key)
+                .payload(&payload)
+                .partition(partition);
+            pending.push(
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
+            );
+        }
+        for delivery in futures::future::join_all(pending).await {
+            delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends raw bytes (not an encoded event) to `partition`.
+    pub async fn send_raw(&self, partition: i32, payload: &[u8]) -> Result<()> {
+        let record = rdkafka::producer::FutureRecord::<(), [u8]>::to(topics::EVENTS)
+            .payload(payload)
+            .partition(partition);
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        Ok(())
+    }
+}
+
+/// An event as the gateway would have validated it.
+pub fn event(
+    tenant: &str,
+    id: &str,
+    event_type: &str,
+    subject: &str,
+    time_ms: i64,
+    data: Value,
+) -> Event {
+    Event {
+        tenant: tenant.to_owned(),
+        id: id.to_owned(),
+        event_type: event_type.to_owned(),
+        subject: subject.to_owned(),
+        time_ms,
+        received_ms: time_ms,
+        source: None,
+        data: data.as_object().cloned().unwrap_or_default(),
+    }
+}
+
+/// Every rollup on the rollups topic, once at least `expected` are there and nothing more
+/// arrived for `settle`.
+pub async fn rollups_on_topic(
+    bootstrap: &str,
+    expected: usize,
+    settle: Duration,
+) -> Result<Vec<neruba_schemas::rollup::Rollup>> {
+    let bootstrap = bootstrap.to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::ROLLUPS,
+            expected,
+            settle,
+            Duration::from_secs(30),
+        )
+    })
+    .await??;
+    messages
+        .iter()
+        .map(|m| {
+            Ok(neruba_schemas::rollup::Rollup::decode(
+                m.payload().unwrap_or_default(),
+            )?)
+        })
+        .collect()
+}
+
+/// Dead letters on the dead-letter topic: `(rejection code header, payload)`.
+pub async fn dead_letters(bootstrap: &str, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
+    let bootstrap = bootstrap.to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::DEAD_LETTER,
+            expected,
+            Duration::from_millis(500),
+            Duration::from_secs(20),
+        )
+    })
+    .await??;
+    Ok(messages
+        .iter()
+        .map(|m| {
+            let code = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == neruba_aggregator::consumer::REJECT_CODE_HEADER)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+                .unwrap_or_default();
+            (code, m.payload().unwrap_or_default().to_vec())
+        })
+        .collect())
+}
+
+/// Collapses re-deliveries: one rollup per (key, revision). A repeat must be identical, which
+/// this checks; then only the highest revision per key is kept.
+pub fn latest_rollups(
+    rollups: Vec<neruba_schemas::rollup::Rollup>,
+) -> Result<std::collections::BTreeMap<String, neruba_schemas::rollup::Rollup>> {
+    let mut by_revision = std::collections::BTreeMap::new();
+    for r in rollups {
+        let id = (r.key(), r.revision);
+        if let Some(previous) = by_revision.get(&id) {
+            anyhow::ensure!(
+                previous == &r,
+                "rollup {id:?} re-emitted with different content"
+            );
+        }
+        by_revision.insert(id, r);
+    }
+    let mut latest = std::collections::BTreeMap::new();
+    for ((key, _), r) in by_revision {
+        latest.insert(key, r);
+    }
+    Ok(latest)
+}

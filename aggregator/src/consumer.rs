@@ -1,0 +1,585 @@
+//! The consumer loop: poll a batch, apply it to the partitions' state, deliver the outputs,
+//! write the state. Runs on one blocking thread.
+//!
+//! Invariants:
+//! - on assignment each partition resumes at the offset stored with its state in RocksDB;
+//! - on revocation (and on shutdown) the pending batch is delivered and written before the
+//!   partition is let go, so the next owner resumes exactly there;
+//! - nothing of a batch is written before its outputs were acknowledged (`acks=all`).
+
+use crate::metrics::Metrics;
+use crate::state::{Output, PartitionState};
+use crate::{Config, Error, Result};
+use futures::future::join_all;
+use neruba_schemas::Catalog;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rocksdb::Cache;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Header carrying the rejection code of a dead letter.
+pub const REJECT_CODE_HEADER: &str = "neruba-reject-code";
+/// Header carrying the human message of a dead letter.
+pub const REJECT_MESSAGE_HEADER: &str = "neruba-reject-message";
+
+/// Builds the consumer. Every librdkafka setting the aggregator relies on is here.
+fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "neruba-aggregator")
+        // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set("fetch.wait.max.ms", "50")
+        .set("queued.max.messages.kbytes", "65536")
+        // Statistics feed the consumer-lag gauge (partition high watermarks).
+        .set("statistics.interval.ms", "1000");
+    if let Some(instance) = &config.instance_id {
+        client.set("group.instance.id", instance);
+    }
+    for (key, value) in &config.kafka_options {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
+
+/// Builds the producer for rollups and dead letters.
+fn build_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("client.id", "neruba-aggregator")
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000");
+    for (key, value) in &config.kafka_options {
+        if !matches!(key.as_str(), "acks" | "enable.idempotence") {
+            client.set(key, value);
+        }
+    }
+    client.create()
+}
+
+struct Shared {
+    partitions: HashMap<i32, PartitionState>,
+    config: Config,
+    cache: Cache,
+    producer: FutureProducer,
+    rollup_partitions: i32,
+    catalog: Arc<Catalog>,
+    metrics: Metrics,
+    /// A failure inside a rebalance callback, surfaced by the loop.
+    fatal: Option<Error>,
+}
+
+impl Shared {
+    fn open_partition(&mut self, partition: i32) -> Result<&mut PartitionState> {
+        if !self.partitions.contains_key(&partition) {
+            let dir = crate::state::partition_dir(
+                &self.config.state_dir,
+                &self.config.events_topic,
+                partition,
+            );
+            // The previous owner may still be closing this partition's database (same volume,
+            // another instance): wait briefly for its lock rather than replaying from scratch.
+            let mut attempt = 0;
+            let state = loop {
+                match PartitionState::open(&dir, partition, self.config.timing, &self.cache) {
+                    Ok(state) => break state,
+                    Err(Error::Storage(e)) if attempt < 50 && e.to_string().contains("lock") => {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            tracing::info!(partition, next_offset = ?state.next_offset(), open_windows = state.open_windows(), "Partition state opened.");
+            self.partitions.insert(partition, state);
+        }
+        self.partitions
+            .get_mut(&partition)
+            .ok_or_else(|| Error::Corrupt("partition vanished".into()))
+    }
+
+    /// Delivers every pending output, then writes each dirty partition's batch.
+    /// Returns `false` when an injected crash stopped it between the two.
+    fn finish_batch(&mut self, consumer: &BaseConsumer<Context>) -> Result<bool> {
+        self.finish_batch_crashing(consumer, false)
+    }
+
+    fn finish_batch_crashing(
+        &mut self,
+        consumer: &BaseConsumer<Context>,
+        crash_before_write: bool,
+    ) -> Result<bool> {
+        let mut outputs = Vec::new();
+        for state in self.partitions.values_mut() {
+            outputs.extend(state.take_outputs());
+            let counts = state.take_counts();
+            self.metrics.events.inc_by(counts.applied);
+            self.metrics
+                .dedup_hits
+                .with_label_values(&["aggregator"])
+                .inc_by(counts.duplicates);
+            self.metrics.late_events.inc_by(counts.late);
+            self.metrics.rollups.inc_by(counts.rollups);
+            for (code, n) in counts.dead_letters {
+                self.metrics
+                    .dead_letters
+                    .with_label_values(&[code])
+                    .inc_by(n);
+            }
+        }
+        deliver(
+            &self.producer,
+            &self.config,
+            self.rollup_partitions,
+            outputs,
+        )?;
+        if crash_before_write {
+            return Ok(false);
+        }
+        let mut committed = TopicPartitionList::new();
+        for state in self.partitions.values_mut() {
+            if !state.is_dirty() && state.next_offset().is_none() {
+                continue;
+            }
+            state.commit()?;
+            if let Some(next) = state.next_offset() {
+                committed.add_partition_offset(
+                    &self.config.events_topic,
+                    state.partition,
+                    Offset::Offset(next),
+                )?;
+            }
+        }
+        if committed.count() > 0 {
+            // For lag monitoring only; correctness rests on the offsets in RocksDB.
+            if let Err(e) = consumer.commit(&committed, CommitMode::Async) {
+                tracing::debug!(error = %e, "Group offset commit failed; lag graphs may lag.");
+            }
+        }
+        Ok(true)
+    }
+
+    fn publish_gauges(&self, high_offsets: &HashMap<i32, i64>) {
+        let now = wall_ms();
+        for state in self.partitions.values() {
+            let p = state.partition.to_string();
+            let labels = [p.as_str()];
+            let high = high_offsets.get(&state.partition).copied();
+            if let Some(high) = high {
+                let lag = high - state.next_offset().unwrap_or(0);
+                self.metrics
+                    .lag_messages
+                    .with_label_values(&labels)
+                    .set(lag.max(0));
+            }
+            if state.watermark() > i64::MIN {
+                self.metrics
+                    .watermark_lag
+                    .with_label_values(&labels)
+                    .set((now - state.watermark()) / 1000);
+            }
+            self.metrics
+                .open_windows
+                .with_label_values(&labels)
+                .set(i64::try_from(state.open_windows()).unwrap_or(i64::MAX));
+            let (size, pending) = state.disk_usage();
+            self.metrics
+                .rocksdb_size
+                .with_label_values(&labels)
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+            self.metrics
+                .rocksdb_pending_compaction
+                .with_label_values(&labels)
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Sends outputs and waits for every acknowledgement.
+fn deliver(
+    producer: &FutureProducer,
+    config: &Config,
+    rollup_partitions: i32,
+    outputs: Vec<Output>,
+) -> Result<()> {
+    if outputs.is_empty() {
+        return Ok(());
+    }
+    let mut pending = Vec::with_capacity(outputs.len());
+    for output in &outputs {
+        let sent = match output {
+            Output::Rollup(rollup) => {
+                let key = rollup.key();
+                let payload = rollup.encode();
+                let partition = stable_partition(&rollup.partition_key(), rollup_partitions);
+                producer
+                    .send_result(
+                        FutureRecord::to(&config.rollups_topic)
+                            .key(key.as_bytes())
+                            .payload(payload.as_slice())
+                            .partition(partition),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            Output::DeadLetter {
+                key,
+                payload,
+                rejection,
+                offset,
+            } => {
+                let offset_text = offset.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: REJECT_CODE_HEADER,
+                        value: Some(rejection.code.as_str()),
+                    })
+                    .insert(Header {
+                        key: REJECT_MESSAGE_HEADER,
+                        value: Some(rejection.message.as_str()),
+                    })
+                    .insert(Header {
+                        key: "neruba-source-topic",
+                        value: Some(config.events_topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: "neruba-source-offset",
+                        value: Some(offset_text.as_str()),
+                    });
+                let mut record = FutureRecord::to(&config.dead_letter_topic)
+                    .payload(payload.as_slice())
+                    .headers(headers);
+                if let Some(key) = key {
+                    record = record.key(key.as_slice());
+                }
+                producer.send_result(record).map_err(|(e, _)| e)
+            }
+        };
+        pending.push(sent);
+    }
+    let results =
+        futures::executor::block_on(join_all(pending.into_iter().map(|enqueued| async move {
+            match enqueued {
+                Err(e) => Err(e),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+            }
+        })));
+    for result in results {
+        result?;
+    }
+    Ok(())
+}
+
+/// FNV-1a: a partitioner that is the same in every build, so a customer's rollups always go
+/// to the same partition of the rollups topic (and stay in order).
+fn stable_partition(key: &str, partitions: i32) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let count = u32::try_from(partitions.max(1)).unwrap_or(1);
+    i32::try_from(hash % count).unwrap_or(0)
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The consumer context: opens and closes partition state on rebalance.
+pub struct Context {
+    shared: Arc<Mutex<Shared>>,
+    topic: String,
+    kill: Arc<AtomicBool>,
+    /// Partition high watermarks from librdkafka's statistics, for the lag gauge.
+    high_offsets: Arc<Mutex<HashMap<i32, i64>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        if let Ok(mut highs) = self.high_offsets.lock() {
+            for (partition, stats) in &topic.partitions {
+                if *partition >= 0 && stats.hi_offset >= 0 {
+                    highs.insert(*partition, stats.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                for partition in partitions {
+                    let resume = match shared.open_partition(partition) {
+                        Ok(state) => state
+                            .next_offset()
+                            .map_or(Offset::Beginning, Offset::Offset),
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "Cannot open partition state.");
+                            shared.fatal = Some(e);
+                            Offset::Beginning
+                        }
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, resume) {
+                        shared.fatal = Some(e.into());
+                    }
+                }
+                tracing::info!(assigned = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "Partitions assigned.");
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                if let Err(e) = consumer.assign(tpl) {
+                    shared.fatal = Some(e.into());
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if !self.kill.load(Ordering::SeqCst)
+                    && let Err(e) = shared.finish_batch(consumer).map(|_| ())
+                {
+                    tracing::error!(error = %e, "Could not write state of revoked partitions.");
+                    shared.fatal = Some(e);
+                }
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                for partition in &revoked {
+                    shared.partitions.remove(partition);
+                }
+                tracing::info!(?revoked, "Partitions revoked.");
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "Unassign failed.");
+                }
+            }
+            other => tracing::error!(error = ?other, "Rebalance error."),
+        }
+    }
+}
+
+/// The consumer loop and what it owns.
+pub struct Worker {
+    consumer: BaseConsumer<Context>,
+    high_offsets: Arc<Mutex<HashMap<i32, i64>>>,
+    shared: Arc<Mutex<Shared>>,
+    shutdown: CancellationToken,
+    kill: Arc<AtomicBool>,
+    idle_timeout: Duration,
+    grace_ms: i64,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub fn new(
+        config: Config,
+        catalog: Arc<Catalog>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+        kill: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let producer = build_producer(&config)?;
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(&config.rollups_topic), Duration::from_secs(10))?;
+        let rollup_partitions = metadata
+            .topics()
+            .first()
+            .map(|t| i32::try_from(t.partitions().len()).unwrap_or(1))
+            .unwrap_or(1)
+            .max(1);
+        let shared = Arc::new(Mutex::new(Shared {
+            partitions: HashMap::new(),
+            cache: Cache::new_lru_cache(config.block_cache_bytes),
+            producer,
+            rollup_partitions,
+            catalog,
+            metrics,
+            fatal: None,
+            config: config.clone(),
+        }));
+        let high_offsets = Arc::new(Mutex::new(HashMap::new()));
+        let context = Context {
+            shared: shared.clone(),
+            topic: config.events_topic.clone(),
+            kill: kill.clone(),
+            high_offsets: high_offsets.clone(),
+        };
+        let consumer = build_consumer(&config, context)?;
+        consumer.subscribe(&[&config.events_topic])?;
+        Ok(Self {
+            consumer,
+            high_offsets,
+            shared,
+            shutdown,
+            kill,
+            idle_timeout: config.idle_timeout,
+            grace_ms: config.timing.grace_ms,
+            max_batch: config.max_batch,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Shared>> {
+        self.shared
+            .lock()
+            .map_err(|_| Error::Corrupt("aggregator state lock poisoned".into()))
+    }
+
+    /// Runs until shutdown (writing everything) or kill (writing nothing).
+    pub fn run(self) -> Result<()> {
+        let mut last_gauges = Instant::now();
+        let crash = self.lock()?.config.crash;
+        let mut applied_total: u64 = 0;
+        loop {
+            if self.kill.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if self.shutdown.is_cancelled() {
+                let mut shared = self.lock()?;
+                shared.finish_batch(&self.consumer)?;
+                tracing::info!("Aggregator stopped; state written.");
+                return Ok(());
+            }
+            let mut applied = 0;
+            while applied < self.max_batch {
+                let wait = if applied == 0 {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                let message = match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "Consumer error.");
+                        break;
+                    }
+                    Some(Ok(message)) => message,
+                };
+                if self.kill.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let mut shared = self.lock()?;
+                let catalog = shared.catalog.clone();
+                if let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                    state.apply(
+                        message.offset(),
+                        message.key(),
+                        message.payload().unwrap_or_default(),
+                        &catalog,
+                    )?;
+                }
+                applied += 1;
+                applied_total += 1;
+                if crash == Some(crate::CrashPoint::AfterMessages(applied_total)) {
+                    self.kill.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
+            let mut shared = self.lock()?;
+            if let Some(e) = shared.fatal.take() {
+                return Err(e);
+            }
+            let now = wall_ms();
+            for state in shared.partitions.values_mut() {
+                let idle = state.last_message_at.elapsed();
+                if idle >= self.idle_timeout {
+                    state.advance_idle(idle, self.grace_ms, now)?;
+                }
+            }
+            if self.kill.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let crash_now =
+                matches!(crash, Some(crate::CrashPoint::BeforeWrite(n)) if applied_total >= n);
+            if !shared.finish_batch_crashing(&self.consumer, crash_now)? {
+                self.kill.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(1) {
+                let highs = self
+                    .high_offsets
+                    .lock()
+                    .map(|h| h.clone())
+                    .unwrap_or_default();
+                shared.publish_gauges(&highs);
+                last_gauges = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stable_partition;
+
+    #[test]
+    fn partitioning_is_stable_and_in_range() {
+        assert_eq!(
+            stable_partition("acme/customer-7", 8),
+            stable_partition("acme/customer-7", 8)
+        );
+        for i in 0..100 {
+            let p = stable_partition(&format!("t/c{i}"), 3);
+            assert!((0..3).contains(&p));
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The aggregator's Prometheus metrics, on a registry the caller passes in.
+//! Labels are bounded: partition, code, layer.
+
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Handles to every aggregator metric; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// `neruba_aggregator_events_total`: events folded into state.
+    pub events: IntCounter,
+    /// `neruba_dedup_hits_total{layer="aggregator"}`.
+    pub dedup_hits: IntCounterVec,
+    /// `neruba_late_events_total`: events that revised a closed window.
+    pub late_events: IntCounter,
+    /// `neruba_dead_letters_total{code}`.
+    pub dead_letters: IntCounterVec,
+    /// `neruba_rollups_emitted_total`.
+    pub rollups: IntCounter,
+    /// `neruba_consumer_lag_messages{partition}`: high watermark − next offset.
+    pub lag_messages: IntGaugeVec,
+    /// `neruba_watermark_lag_seconds{partition}`: now − watermark.
+    pub watermark_lag: IntGaugeVec,
+    /// `neruba_open_windows{partition}`.
+    pub open_windows: IntGaugeVec,
+    /// `neruba_rocksdb_size_bytes{partition}`.
+    pub rocksdb_size: IntGaugeVec,
+    /// `neruba_rocksdb_pending_compaction_bytes{partition}`.
+    pub rocksdb_pending_compaction: IntGaugeVec,
+    /// `neruba_assigned_partitions`: partitions this instance owns now.
+    pub assigned_partitions: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["partition"]);
+        let m = Self {
+            events: IntCounter::new(
+                "neruba_aggregator_events_total",
+                "Events folded into aggregation state.",
+            )?,
+            dedup_hits: IntCounterVec::new(
+                Opts::new(
+                    "neruba_dedup_hits_total",
+                    "Repeated event ids dropped, by dedup layer.",
+                ),
+                &["layer"],
+            )?,
+            late_events: IntCounter::new(
+                "neruba_late_events_total",
+                "Events that revised an already closed window.",
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "neruba_dead_letters_total",
+                    "Events sent to the dead-letter topic, by rejection code.",
+                ),
+                &["code"],
+            )?,
+            rollups: IntCounter::new(
+                "neruba_rollups_emitted_total",
+                "Rollups produced (first closes and revisions).",
+            )?,
+            lag_messages: gauge(
+                "neruba_consumer_lag_messages",
+                "Messages between the partition's high watermark and the next offset to apply.",
+            )?,
+            watermark_lag: gauge(
+                "neruba_watermark_lag_seconds",
+                "Wall clock minus the partition's event-time watermark, seconds.",
+            )?,
+            open_windows: gauge("neruba_open_windows", "Windows not yet closed.")?,
+            rocksdb_size: gauge(
+                "neruba_rocksdb_size_bytes",
+                "SST files plus memtables of the partition's state, bytes.",
+            )?,
+            rocksdb_pending_compaction: gauge(
+                "neruba_rocksdb_pending_compaction_bytes",
+                "RocksDB's estimate of bytes awaiting compaction.",
+            )?,
+            assigned_partitions: prometheus::IntGauge::new(
+                "neruba_assigned_partitions",
+                "Events-topic partitions this instance owns.",
+            )?,
+        };
+        registry.register(Box::new(m.assigned_partitions.clone()))?;
+        registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.dedup_hits.clone()))?;
+        registry.register(Box::new(m.late_events.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.rollups.clone()))?;
+        registry.register(Box::new(m.lag_messages.clone()))?;
+        registry.register(Box::new(m.watermark_lag.clone()))?;
+        registry.register(Box::new(m.open_windows.clone()))?;
+        registry.register(Box::new(m.rocksdb_size.clone()))?;
+        registry.register(Box::new(m.rocksdb_pending_compaction.clone()))?;
+        m.dedup_hits.with_label_values(&["aggregator"]);
+        Ok(m)
+    }
+}

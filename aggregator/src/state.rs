@@ -1,0 +1,567 @@
+//! One partition's aggregation state in RocksDB.
+//!
+//! Invariants (what must hold after any crash, at any moment):
+//! - the dedup set, the window and period aggregates and the next offset to consume are written
+//!   in one `WriteBatch`, so on restart the partition resumes exactly after the last applied
+//!   event: nothing lost, nothing counted twice;
+//! - outputs (rollups, dead letters) of a batch are handed to the caller *before* the batch is
+//!   written, and the caller writes only once the broker acknowledged them. A crash in between
+//!   replays the batch, which re-emits identical rollups (processing is deterministic), never
+//!   fewer;
+//! - a window closes when the partition's watermark (highest event time − grace, or processing
+//!   time after an idle timeout) passes its end; windows close in order of end time;
+//! - the period-to-date aggregate in a rollup covers the closed windows of the period, so it is
+//!   a function of the events of those windows, not of how far later windows had got.
+//!
+//! Mechanism: reads go through an in-memory overlay of the batch's pending writes, so a batch
+//! reads its own writes; open windows are indexed under a metadata prefix so a restart finds
+//! them without scanning the data.
+
+use crate::keys;
+use crate::measure::{Measure, measure};
+use crate::{Error, Result};
+use neruba_schemas::catalog::Aggregation;
+use neruba_schemas::rollup::{Aggregate, Rollup};
+use neruba_schemas::window::{period_bounds, window_start};
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec};
+use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Prefix of the open-window index (metadata: empty tenant).
+const OPEN_PREFIX: &[u8] = b"\0\0\0\0O";
+const DAY_MS: i64 = 86_400_000;
+
+/// Timing rules of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Watermark = highest event time − grace.
+    pub grace_ms: i64,
+    /// Events older than watermark − this are dead-lettered (`timestamp_too_far_in_past`).
+    pub correction_horizon_ms: i64,
+    /// How long an event id is remembered.
+    pub dedup_horizon_ms: i64,
+}
+
+/// What a batch produced, to be delivered before the batch is written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Rollup(Rollup),
+    DeadLetter {
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        rejection: Rejection,
+        offset: i64,
+    },
+}
+
+/// Per-batch counts, published by the caller once per batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub dead_letters: BTreeMap<&'static str, u64>,
+    pub rollups: u64,
+}
+
+/// A window's stored record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub tenant: String,
+    pub meter: String,
+    pub customer: String,
+    pub group: BTreeMap<String, String>,
+    pub aggregation: Aggregation,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+    pub agg: Aggregate,
+    /// 0 until first emitted.
+    pub revision: u32,
+    pub closed: bool,
+    /// Distinct values whose first window in the period is this one (for `unique_count`).
+    pub period_new: u64,
+}
+
+/// The state of one partition.
+pub struct PartitionState {
+    pub partition: i32,
+    db: DB,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    timing: Timing,
+    next_offset: Option<i64>,
+    max_event_time: i64,
+    watermark: i64,
+    open: BTreeSet<(i64, Vec<u8>)>,
+    outputs: Vec<Output>,
+    counts: Counts,
+    /// When this partition last received a message (or was assigned).
+    pub last_message_at: Instant,
+}
+
+impl std::fmt::Debug for PartitionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionState")
+            .field("partition", &self.partition)
+            .field("next_offset", &self.next_offset)
+            .field("watermark", &self.watermark)
+            .field("open_windows", &self.open.len())
+            .finish()
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// RocksDB options for partition state: bounded caches, lz4, and a compaction filter that
+/// drops dedup entries and window records past the horizons (expiry without a scan).
+fn db_options(timing: Timing, cache: &Cache) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_write_buffer_size(16 * 1024 * 1024);
+    opts.set_max_write_buffer_number(2);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
+    let dedup_keep = timing.dedup_horizon_ms.saturating_add(DAY_MS);
+    let window_keep = timing.correction_horizon_ms.saturating_add(2 * DAY_MS);
+    opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
+        let now = wall_ms();
+        let expired = match keys::kind_of(key) {
+            Some(b'D') => keys::time_from(value).is_some_and(|t| t < now - dedup_keep),
+            Some(b'W') => key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| keys::time_from(&key[at..]))
+                .is_some_and(|start| start < now - window_keep),
+            _ => false,
+        };
+        if expired {
+            rocksdb::compaction_filter::Decision::Remove
+        } else {
+            rocksdb::compaction_filter::Decision::Keep
+        }
+    });
+    opts
+}
+
+impl PartitionState {
+    /// Opens (or creates) the state of `partition` under `dir`.
+    pub fn open(dir: &Path, partition: i32, timing: Timing, cache: &Cache) -> Result<Self> {
+        let db = DB::open(&db_options(timing, cache), dir)?;
+        let read_i64 = |key: &[u8]| -> Result<Option<i64>> {
+            Ok(db.get(key)?.and_then(|v| keys::time_from(&v)))
+        };
+        let next_offset = read_i64(keys::META_OFFSET)?;
+        let watermark = read_i64(keys::META_WATERMARK)?.unwrap_or(i64::MIN);
+        let max_event_time = read_i64(keys::META_MAX_EVENT_TIME)?.unwrap_or(i64::MIN);
+        let mut open = BTreeSet::new();
+        for item in db.prefix_iterator(OPEN_PREFIX) {
+            let (key, _) = item?;
+            if !key.starts_with(OPEN_PREFIX) {
+                break;
+            }
+            let rest = &key[OPEN_PREFIX.len()..];
+            if let Some(end) = keys::time_from(rest) {
+                open.insert((end, rest[8..].to_vec()));
+            }
+        }
+        Ok(Self {
+            partition,
+            db,
+            overlay: HashMap::new(),
+            timing,
+            next_offset,
+            max_event_time,
+            watermark,
+            open,
+            outputs: Vec::new(),
+            counts: Counts::default(),
+            last_message_at: Instant::now(),
+        })
+    }
+
+    /// The next offset to consume, if any event was ever applied.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next_offset
+    }
+
+    /// The partition's watermark (`i64::MIN` before any event).
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Windows not yet closed.
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether the batch has anything to write.
+    pub fn is_dirty(&self) -> bool {
+        !self.overlay.is_empty() || !self.outputs.is_empty()
+    }
+
+    /// Outputs of the batch so far, in order; the caller delivers them before [`Self::commit`].
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Counts of the batch so far.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.overlay.get(key) {
+            Some(pending) => Ok(pending.clone()),
+            None => Ok(self.db.get(key)?),
+        }
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Corrupt(format!("partition {}: record: {e}", self.partition))
+            })?)),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn put_json<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.put(key, bytes);
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.overlay.insert(key, None);
+    }
+
+    fn dead_letter(
+        &mut self,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        rejection: Rejection,
+        offset: i64,
+    ) {
+        *self
+            .counts
+            .dead_letters
+            .entry(rejection.code.as_str())
+            .or_default() += 1;
+        self.outputs.push(Output::DeadLetter {
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            rejection,
+            offset,
+        });
+    }
+
+    /// Applies the message at `offset`. Bad events become dead letters; only storage problems
+    /// are errors.
+    pub fn apply(
+        &mut self,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        catalog: &Catalog,
+    ) -> Result<()> {
+        self.last_message_at = Instant::now();
+        self.next_offset = Some(offset + 1);
+        let mut scratch = payload.to_vec();
+        let event = match codec::decode(&mut scratch) {
+            Ok(event) => event,
+            Err(e) => {
+                let rejection = Rejection::new(RejectCode::InvalidJson, e.to_string());
+                self.dead_letter(key, payload, rejection, offset);
+                return Ok(());
+            }
+        };
+        let Some(tenant) = catalog.tenant(&event.tenant) else {
+            let rejection = Rejection::new(
+                RejectCode::UnknownTenant,
+                format!("tenant `{}` is not in the catalog", event.tenant),
+            );
+            self.dead_letter(key, payload, rejection, offset);
+            return Ok(());
+        };
+        if event.time_ms
+            < self
+                .watermark
+                .saturating_sub(self.timing.correction_horizon_ms)
+        {
+            let rejection = Rejection::new(
+                RejectCode::TimestampTooFarInPast,
+                "event is older than the watermark minus the correction horizon",
+            );
+            self.dead_letter(key, payload, rejection, offset);
+            return Ok(());
+        }
+        let dedup_key = keys::dedup(&event.tenant, &event.id);
+        if let Some(seen) = self.get(&dedup_key)? {
+            let seen_at = keys::time_from(&seen).unwrap_or(i64::MIN);
+            if event.received_ms.saturating_sub(seen_at) <= self.timing.dedup_horizon_ms {
+                self.counts.duplicates += 1;
+                return Ok(());
+            }
+        }
+        let measures = match measure(tenant, &event) {
+            Ok(measures) => measures,
+            Err(rejection) => {
+                self.dead_letter(key, payload, rejection, offset);
+                return Ok(());
+            }
+        };
+        self.put(dedup_key, keys::time_bytes(event.time_ms).to_vec());
+        for m in &measures {
+            self.fold(&event, m)?;
+        }
+        self.counts.applied += 1;
+        if event.time_ms > self.max_event_time {
+            self.max_event_time = event.time_ms;
+            self.advance_to(event.time_ms.saturating_sub(self.timing.grace_ms))?;
+        }
+        Ok(())
+    }
+
+    fn fold(&mut self, event: &Event, m: &Measure<'_>) -> Result<()> {
+        let meter = m.meter;
+        let size = meter.window_ms();
+        let start = window_start(event.time_ms, size);
+        let (period_start, period_end) = period_bounds(
+            event.time_ms,
+            meter.billing_period.anchor_day,
+            meter.offset_secs(),
+        )
+        .ok_or_else(|| Error::Corrupt(format!("event time {} has no period", event.time_ms)))?;
+        let group_text = serde_json::to_string(&m.group).unwrap_or_default();
+        let series = keys::series(&meter.key, &event.subject, &group_text);
+        let tenant = event.tenant.as_str();
+        let window_key = keys::window(tenant, &series, start);
+        let existing: Option<WindowRecord> = self.get_json(&window_key)?;
+        let is_new = existing.is_none();
+        let mut record = existing.unwrap_or_else(|| WindowRecord {
+            tenant: tenant.to_owned(),
+            meter: meter.key.clone(),
+            customer: event.subject.clone(),
+            group: m.group.clone(),
+            aggregation: meter.aggregation,
+            window_start_ms: start,
+            window_end_ms: start + size,
+            period_start_ms: period_start,
+            period_end_ms: period_end,
+            agg: Aggregate::default(),
+            revision: 0,
+            // A window whose end the watermark already passed is closed, even if empty so far.
+            closed: start + size <= self.watermark,
+            period_new: 0,
+        });
+
+        // Distinct values: per window, and "first window of the period" per value.
+        let mut new_in_window = false;
+        let mut new_in_closed_period = false;
+        if let Some(value) = &m.distinct {
+            let value_key = keys::window_value(tenant, &series, start, value);
+            if self.get(&value_key)?.is_none() {
+                new_in_window = true;
+                self.put(value_key, Vec::new());
+            }
+            let first_key = keys::period_value(tenant, &series, period_start, value);
+            let first = self.get(&first_key)?.and_then(|v| keys::time_from(&v));
+            match first {
+                None => {
+                    self.put(first_key, keys::time_bytes(start).to_vec());
+                    record.period_new += 1;
+                    new_in_closed_period = record.closed;
+                }
+                Some(first) if first > start => {
+                    self.put(first_key, keys::time_bytes(start).to_vec());
+                    record.period_new += 1;
+                    let later_key = keys::window(tenant, &series, first);
+                    if let Some(mut later) = self.get_json::<WindowRecord>(&later_key)? {
+                        later.period_new = later.period_new.saturating_sub(1);
+                        // Counted by the closed period now, through this window; the later
+                        // window must not count it again when it closes.
+                        new_in_closed_period = record.closed && !later.closed;
+                        self.put_json(later_key, &later);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        record
+            .agg
+            .add(m.value, event.time_ms, &event.id, new_in_window)
+            .map_err(|_| overflow(&record))?;
+
+        if record.closed {
+            // A late event: the closed period absorbs it and the window is re-emitted.
+            self.counts.late += 1;
+            record.revision += 1;
+            let period_key = keys::period(tenant, &series, period_start);
+            let mut period: Aggregate = self.get_json(&period_key)?.unwrap_or_default();
+            period
+                .add(m.value, event.time_ms, &event.id, new_in_closed_period)
+                .map_err(|_| overflow(&record))?;
+            self.emit(&record, &period);
+            self.put_json(period_key, &period);
+            self.put_json(window_key, &record);
+        } else {
+            if is_new {
+                self.put(open_key(record.window_end_ms, &window_key), Vec::new());
+                self.open.insert((record.window_end_ms, window_key.clone()));
+            }
+            self.put_json(window_key, &record);
+        }
+        Ok(())
+    }
+
+    /// A partition without messages for `idle` lets event time run on with processing time:
+    /// the watermark becomes the later of (highest event time + idle) and the wall clock, minus
+    /// grace. Nothing moves before the partition's first event. An event that arrives after
+    /// such an advance, for a window already closed, is a late event and revises it.
+    pub fn advance_idle(
+        &mut self,
+        idle: std::time::Duration,
+        grace_ms: i64,
+        wall_ms: i64,
+    ) -> Result<()> {
+        if self.max_event_time == i64::MIN {
+            return Ok(());
+        }
+        let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+        let event_clock = self.max_event_time.saturating_add(idle_ms).max(wall_ms);
+        self.advance_to(event_clock.saturating_sub(grace_ms))
+    }
+
+    /// Raises the watermark to `watermark` (never lowers it) and closes every window it passed.
+    pub fn advance_to(&mut self, watermark: i64) -> Result<()> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = watermark;
+        while let Some((end, _)) = self.open.first() {
+            if *end > watermark {
+                break;
+            }
+            let Some((end, window_key)) = self.open.pop_first() else {
+                break;
+            };
+            self.close(end, window_key)?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, end: i64, window_key: Vec<u8>) -> Result<()> {
+        self.delete(open_key(end, &window_key));
+        let Some(mut record) = self.get_json::<WindowRecord>(&window_key)? else {
+            return Ok(());
+        };
+        record.closed = true;
+        record.revision += 1;
+        let group_text = serde_json::to_string(&record.group).unwrap_or_default();
+        let series = keys::series(&record.meter, &record.customer, &group_text);
+        let period_key = keys::period(&record.tenant, &series, record.period_start_ms);
+        let mut period: Aggregate = self.get_json(&period_key)?.unwrap_or_default();
+        period.merge(&record.agg).map_err(|_| overflow(&record))?;
+        period.distinct += record.period_new;
+        self.emit(&record, &period);
+        self.put_json(period_key, &period);
+        self.put_json(window_key, &record);
+        Ok(())
+    }
+
+    fn emit(&mut self, record: &WindowRecord, period: &Aggregate) {
+        self.counts.rollups += 1;
+        self.outputs.push(Output::Rollup(Rollup {
+            v: 1,
+            tenant: record.tenant.clone(),
+            meter: record.meter.clone(),
+            customer: record.customer.clone(),
+            group: record.group.clone(),
+            aggregation: record.aggregation,
+            window_start_ms: record.window_start_ms,
+            window_end_ms: record.window_end_ms,
+            period_start_ms: record.period_start_ms,
+            period_end_ms: record.period_end_ms,
+            window_quantity: record.agg.quantity(record.aggregation),
+            window_events: record.agg.count,
+            period_quantity: period.quantity(record.aggregation),
+            period_events: period.count,
+            revision: record.revision,
+        }));
+    }
+
+    /// Writes the batch: pending state, next offset and watermark, atomically.
+    /// Call only after every output of the batch was acknowledged by the broker.
+    pub fn commit(&mut self) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in self.overlay.drain() {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        if let Some(next) = self.next_offset {
+            batch.put(keys::META_OFFSET, keys::time_bytes(next));
+        }
+        batch.put(keys::META_WATERMARK, keys::time_bytes(self.watermark));
+        batch.put(
+            keys::META_MAX_EVENT_TIME,
+            keys::time_bytes(self.max_event_time),
+        );
+        // The WAL is written (not fsynced): a killed process loses nothing, since the OS holds
+        // the pages; only a power loss could, and then the batch is replayed from Kafka.
+        self.db.write_opt(batch, &WriteOptions::default())?;
+        Ok(())
+    }
+
+    /// Approximate on-disk size and pending compaction bytes, for metrics.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (
+            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
+            prop("rocksdb.estimate-pending-compaction-bytes"),
+        )
+    }
+}
+
+/// The next offset stored in the partition state at `dir`, read without taking the lock
+/// (for operators and tests; the owner may be running).
+pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
+    let db = DB::open_for_read_only(&Options::default(), dir, false)?;
+    Ok(db.get(keys::META_OFFSET)?.and_then(|v| keys::time_from(&v)))
+}
+
+/// The directory of one partition's state under the aggregator's state root.
+pub fn partition_dir(state_root: &Path, topic: &str, partition: i32) -> std::path::PathBuf {
+    state_root.join(format!("{topic}-{partition}"))
+}
+
+fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
+    let mut key = OPEN_PREFIX.to_vec();
+    key.extend_from_slice(&keys::time_bytes(end));
+    key.extend_from_slice(window_key);
+    key
+}
+
+fn overflow(record: &WindowRecord) -> Error {
+    Error::Overflow(format!(
+        "tenant {} meter {} window {}: the sum exceeds the exact decimal range",
+        record.tenant, record.meter, record.window_start_ms
+    ))
+}

@@ -1,0 +1,631 @@
+//! The aggregator on the embedded broker: events written to the events topic, rollups read
+//! back from the rollups topic, compared with aggregates computed independently here.
+
+use anyhow::Result;
+use neruba::embedded::EmbeddedKafka;
+use neruba_aggregator as aggregator;
+use neruba_schemas::rollup::Rollup;
+use neruba_schemas::{Catalog, Event, event::parse_time_ms, topics};
+use neruba_tests::{EventWriter, dead_letters, event, latest_rollups, rollups_on_topic};
+use rust_decimal::Decimal;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+const CATALOG: &str = r#"
+[[tenants]]
+id = "t1"
+
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+group_by = { model = "$.model" }
+filters = { "$.status" = "ok" }
+window = "1m"
+
+[[tenants.meters]]
+key = "calls"
+event_type = "api"
+aggregation = "count"
+window = "1m"
+
+[[tenants.meters]]
+key = "latency_min"
+event_type = "api"
+aggregation = "min"
+value = "$.ms"
+window = "1m"
+
+[[tenants.meters]]
+key = "latency_max"
+event_type = "api"
+aggregation = "max"
+value = "$.ms"
+window = "1m"
+
+[[tenants.meters]]
+key = "latency_avg"
+event_type = "api"
+aggregation = "avg"
+value = "$.ms"
+window = "1m"
+
+[[tenants.meters]]
+key = "users"
+event_type = "api"
+aggregation = "unique_count"
+value = "$.user"
+window = "1m"
+
+[[tenants.meters]]
+key = "seats"
+event_type = "seat"
+aggregation = "latest"
+value = "$.seats"
+window = "1m"
+"#;
+
+/// 2026-11-10 12:00:00 UTC: fixed, so no test depends on the day it runs.
+fn t0() -> i64 {
+    parse_time_ms("2026-11-10T12:00:00Z").unwrap_or_default()
+}
+
+fn d(text: &str) -> Decimal {
+    neruba_schemas::decimal::parse_exact(text).unwrap_or_default()
+}
+
+struct Setup {
+    kafka: EmbeddedKafka,
+    writer: EventWriter,
+    catalog: Arc<Catalog>,
+    state: tempfile::TempDir,
+}
+
+fn setup(partitions: i32) -> Result<Setup> {
+    // Logs are shown by the test runner only for failing tests.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("neruba_aggregator=info,rdkafka=info")
+        .with_test_writer()
+        .try_init();
+    let kafka = EmbeddedKafka::start(&[
+        (topics::EVENTS, partitions),
+        (topics::ROLLUPS, 2),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let writer = EventWriter::new(kafka.bootstrap_servers())?;
+    Ok(Setup {
+        writer,
+        catalog: Arc::new(Catalog::from_toml_str(CATALOG, "aggregator test")?),
+        state: tempfile::tempdir()?,
+        kafka,
+    })
+}
+
+/// Starts an aggregator; dropping the returned guard (also on a failed assertion) stops it, so
+/// a failing test ends instead of waiting on the consumer thread.
+fn start(
+    s: &Setup,
+    state_dir: &Path,
+    tweak: impl FnOnce(&mut aggregator::Config),
+) -> Result<(aggregator::Running, DropGuard)> {
+    start_with_registry(s, state_dir, &prometheus::Registry::new(), tweak)
+}
+
+fn start_with_registry(
+    s: &Setup,
+    state_dir: &Path,
+    registry: &prometheus::Registry,
+    tweak: impl FnOnce(&mut aggregator::Config),
+) -> Result<(aggregator::Running, DropGuard)> {
+    let mut config = aggregator::Config::new(s.kafka.bootstrap_servers(), state_dir);
+    config.timing.grace_ms = 1_000;
+    config.idle_timeout = Duration::from_secs(3600);
+    tweak(&mut config);
+    let shutdown = CancellationToken::new();
+    let running = aggregator::start(config, s.catalog.clone(), registry, shutdown.clone())?;
+    Ok((running, shutdown.drop_guard()))
+}
+
+/// Partitions an instance owns, from its metrics.
+fn assigned(registry: &prometheus::Registry) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == "neruba_assigned_partitions")
+        .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+        .map(|v| {
+            if v >= 2.0 {
+                2
+            } else if v >= 1.0 {
+                1
+            } else {
+                0
+            }
+        })
+        .unwrap_or(-1)
+}
+
+/// Waits until the state of `partition` says every one of its `total` messages was applied.
+async fn wait_applied(s: &Setup, partition: i32, total: usize) -> Result<()> {
+    let dir = aggregator::state::partition_dir(s.state.path(), topics::EVENTS, partition);
+    let total = i64::try_from(total)?;
+    for _ in 0..300 {
+        if dir.exists() && aggregator::state::stored_offset(&dir)? == Some(total) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("partition {partition} did not apply {total} messages in 30 s")
+}
+
+/// `(meter, group, window offset from t0 in minutes, window qty, window events, period qty, period events, revision)`.
+type Row = (String, String, i64, Decimal, u64, Decimal, u64, u32);
+
+fn rows(rollups: &BTreeMap<String, Rollup>, customer: &str) -> Vec<Row> {
+    let mut rows: Vec<Row> = rollups
+        .values()
+        .filter(|r| r.customer == customer)
+        .map(|r| {
+            let group = r
+                .group
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            (
+                r.meter.clone(),
+                group,
+                (r.window_start_ms - t0()) / 60_000,
+                r.window_quantity,
+                r.window_events,
+                r.period_quantity,
+                r.period_events,
+                r.revision,
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Expected rollup: window and period-to-date as `(quantity, events)`.
+fn row(
+    meter: &str,
+    group: &str,
+    minute: i64,
+    window: (&str, u64),
+    period: (&str, u64),
+    revision: u32,
+) -> Row {
+    (
+        meter.into(),
+        group.into(),
+        minute,
+        d(window.0),
+        window.1,
+        d(period.0),
+        period.1,
+        revision,
+    )
+}
+
+fn api(id: &str, customer: &str, at_s: i64, ms: &str, user: &str) -> Event {
+    event(
+        "t1",
+        id,
+        "api",
+        customer,
+        t0() + at_s * 1000,
+        json!({"ms": ms, "user": user}),
+    )
+}
+
+#[tokio::test]
+async fn every_aggregation_with_group_by_and_filters_matches_hand_computed_rollups() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    let llm = |id: &str, at_s: i64, tokens: &str, model: &str, status: &str| {
+        event(
+            "t1",
+            id,
+            "llm",
+            "c1",
+            t0() + at_s * 1000,
+            json!({"tokens": tokens, "model": model, "status": status}),
+        )
+    };
+    let seat = |id: &str, at_s: i64, seats: &str| {
+        event(
+            "t1",
+            id,
+            "seat",
+            "c1",
+            t0() + at_s * 1000,
+            json!({"seats": seats}),
+        )
+    };
+    s.writer
+        .send(
+            0,
+            &[
+                llm("l1", 1, "10.5", "a", "ok"),
+                llm("l2", 2, "4", "b", "ok"),
+                llm("l3", 3, "100", "a", "error"),
+                api("a1", "c1", 5, "12.5", "u1"),
+                api("a2", "c1", 6, "3", "u2"),
+                api("a3", "c1", 7, "7", "u1"),
+                seat("s1", 10, "5"),
+                seat("s2", 20, "3"),
+                seat("s3", 15, "9"),
+                llm("l4", 61, "0.25", "a", "ok"),
+                api("a4", "c1", 65, "20", "u3"),
+                // Closes both minutes for c1: watermark = t0 + 10 min - 1 s.
+                api("closer", "other", 600, "1", "x"),
+            ],
+        )
+        .await?;
+    let got = latest_rollups(
+        rollups_on_topic(s.kafka.bootstrap_servers(), 14, Duration::from_millis(800)).await?,
+    )?;
+    let mut expected = vec![
+        row("calls", "", 0, ("3", 3), ("3", 3), 1),
+        row("calls", "", 1, ("1", 1), ("4", 4), 1),
+        row("latency_avg", "", 0, ("7.5", 3), ("7.5", 3), 1),
+        row("latency_avg", "", 1, ("20", 1), ("10.625", 4), 1),
+        row("latency_max", "", 0, ("12.5", 3), ("12.5", 3), 1),
+        row("latency_max", "", 1, ("20", 1), ("20", 4), 1),
+        row("latency_min", "", 0, ("3", 3), ("3", 3), 1),
+        row("latency_min", "", 1, ("20", 1), ("3", 4), 1),
+        row("seats", "", 0, ("3", 3), ("3", 3), 1),
+        row("tokens", "model=a", 0, ("10.5", 1), ("10.5", 1), 1),
+        row("tokens", "model=a", 1, ("0.25", 1), ("10.75", 2), 1),
+        row("tokens", "model=b", 0, ("4", 1), ("4", 1), 1),
+        row("users", "", 0, ("2", 3), ("2", 3), 1),
+        row("users", "", 1, ("1", 1), ("3", 4), 1),
+    ];
+    expected.sort();
+    assert_eq!(rows(&got, "c1"), expected);
+    // The closer's own windows are still open: nothing emitted for it.
+    assert!(rows(&got, "other").is_empty());
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_partition_closes_its_windows_by_processing_time() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| {
+        c.idle_timeout = Duration::from_millis(200);
+        c.timing.grace_ms = 0;
+    })?;
+    // Event time far behind the wall clock: once idle, the partition's clock catches up and
+    // the window closes without any later event.
+    s.writer.send(0, &[api("a1", "c1", 59, "1", "u1")]).await?;
+    let got = latest_rollups(
+        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(300)).await?,
+    )?;
+    let calls: Vec<Row> = rows(&got, "c1")
+        .into_iter()
+        .filter(|r| r.0 == "calls")
+        .collect();
+    assert_eq!(calls, vec![row("calls", "", 0, ("1", 1), ("1", 1), 1)]);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn repeat_after_restart_is_counted_once() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer.send(0, &[api("a1", "c1", 1, "1", "u1")]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(shutdown);
+    running.wait().await?;
+
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer
+        .send(
+            0,
+            &[
+                api("a1", "c1", 1, "1", "u1"),
+                api("a2", "c1", 2, "1", "u2"),
+                api("closer", "other", 600, "1", "x"),
+            ],
+        )
+        .await?;
+    let got = latest_rollups(
+        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(800)).await?,
+    )?;
+    let calls: Vec<Row> = rows(&got, "c1")
+        .into_iter()
+        .filter(|r| r.0 == "calls")
+        .collect();
+    assert_eq!(calls, vec![row("calls", "", 0, ("2", 2), ("2", 2), 1)]);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| {
+        c.timing.correction_horizon_ms = 3_600_000;
+    })?;
+    s.writer
+        .send(
+            0,
+            &[
+                api("a1", "c1", 1, "5", "u1"),
+                api("a2", "c1", 2, "7", "u2"),
+                api("closer", "c1", 600, "1", "u9"),
+            ],
+        )
+        .await?;
+    let first = latest_rollups(
+        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(500)).await?,
+    )?;
+    let calls = |rollups: &BTreeMap<String, Rollup>| -> Vec<Row> {
+        rows(rollups, "c1")
+            .into_iter()
+            .filter(|r| r.0 == "calls" || r.0 == "latency_max")
+            .collect()
+    };
+    assert_eq!(
+        calls(&first),
+        vec![
+            row("calls", "", 0, ("2", 2), ("2", 2), 1),
+            row("latency_max", "", 0, ("7", 2), ("7", 2), 1)
+        ]
+    );
+
+    // Within the horizon: minute 0 gains an event and is re-emitted as revision 2.
+    // Beyond it (watermark − 1 h): dead-lettered with its code.
+    s.writer
+        .send(
+            0,
+            &[
+                api("late", "c1", 30, "9", "u3"),
+                api("ancient", "c1", -7200, "1", "u1"),
+            ],
+        )
+        .await?;
+    let second = latest_rollups(
+        rollups_on_topic(s.kafka.bootstrap_servers(), 10, Duration::from_millis(800)).await?,
+    )?;
+    assert_eq!(
+        calls(&second),
+        vec![
+            row("calls", "", 0, ("3", 3), ("3", 3), 2),
+            row("latency_max", "", 0, ("9", 3), ("9", 3), 2)
+        ]
+    );
+    let letters = dead_letters(s.kafka.bootstrap_servers(), 1).await?;
+    let codes: Vec<&str> = letters.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, ["timestamp_too_far_in_past"]);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_message_and_unmetered_type_are_dead_lettered_not_dropped() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer.send_raw(0, b"\x00not an event").await?;
+    s.writer
+        .send(
+            0,
+            &[event("t1", "x1", "unknown.type", "c1", t0(), json!({}))],
+        )
+        .await?;
+    s.writer
+        .send(0, &[event("nobody", "x2", "api", "c1", t0(), json!({}))])
+        .await?;
+    let letters = dead_letters(s.kafka.bootstrap_servers(), 3).await?;
+    let codes: Vec<&str> = letters.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["invalid_json", "no_matching_meter", "unknown_tenant"]
+    );
+    assert_eq!(letters[0].1, b"\x00not an event");
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+/// A stream of `api` events over `minutes` minutes for `customers`, with repeats of earlier ids.
+fn stream(customers: &[&str], per_customer: usize, minutes: i64) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (c, customer) in customers.iter().enumerate() {
+        for i in 0..per_customer {
+            let at_ms = (i64::try_from(i).unwrap_or(0) * minutes * 60_000)
+                / i64::try_from(per_customer).unwrap_or(1);
+            let ms = format!("{}.{}", (i * 7 + c) % 100, i % 10);
+            let mut e = api(
+                &format!("{customer}-{i}"),
+                customer,
+                0,
+                &ms,
+                &format!("u{}", i % 13),
+            );
+            e.time_ms = t0() + at_ms;
+            events.push(e.clone());
+            if i % 10 == 3 {
+                // A repeat of an earlier id, with the same content, a little later in the stream.
+                events.push(e);
+            }
+        }
+    }
+    events
+}
+
+/// Ground truth for `calls` and `latency_max` per (customer, minute): window and period values.
+fn truth(events: &[Event]) -> BTreeMap<(String, String, i64), (Decimal, Decimal)> {
+    let mut distinct: BTreeMap<(String, String), &Event> = BTreeMap::new();
+    for e in events {
+        distinct
+            .entry((e.subject.clone(), e.id.clone()))
+            .or_insert(e);
+    }
+    let mut per_window: BTreeMap<(String, i64), (u64, Decimal)> = BTreeMap::new();
+    for e in distinct.values() {
+        let minute = (e.time_ms - t0()).div_euclid(60_000);
+        let ms = e
+            .data
+            .get("ms")
+            .and_then(|v| v.as_str())
+            .map(d)
+            .unwrap_or_default();
+        let entry = per_window
+            .entry((e.subject.clone(), minute))
+            .or_insert((0, Decimal::MIN));
+        entry.0 += 1;
+        entry.1 = entry.1.max(ms);
+    }
+    let mut out = BTreeMap::new();
+    let mut running: BTreeMap<String, (u64, Decimal)> = BTreeMap::new();
+    for ((customer, minute), (count, max)) in per_window {
+        let r = running.entry(customer.clone()).or_insert((0, Decimal::MIN));
+        r.0 += count;
+        r.1 = r.1.max(max);
+        out.insert(
+            (customer.clone(), "calls".to_owned(), minute),
+            (Decimal::from(count), Decimal::from(r.0)),
+        );
+        out.insert((customer, "latency_max".to_owned(), minute), (max, r.1));
+    }
+    out
+}
+
+fn observed(
+    rollups: &BTreeMap<String, Rollup>,
+) -> BTreeMap<(String, String, i64), (Decimal, Decimal)> {
+    rollups
+        .values()
+        .filter(|r| r.meter == "calls" || r.meter == "latency_max")
+        .filter(|r| !r.customer.starts_with("closer"))
+        .map(|r| {
+            (
+                (
+                    r.customer.clone(),
+                    r.meter.clone(),
+                    (r.window_start_ms - t0()) / 60_000,
+                ),
+                (r.window_quantity, r.period_quantity),
+            )
+        })
+        .collect()
+}
+
+async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
+    let s = setup(1)?;
+    let events = stream(&["c1", "c2", "c3"], 400, 8);
+    s.writer.send(0, &events).await?;
+    s.writer
+        .send(0, &[api("closer", "closer", 3600, "1", "x")])
+        .await?;
+    let total = i64::try_from(events.len() + 1)?;
+
+    // 1. Small batches; the injected crash stops the process abruptly part-way.
+    let (running, _shutdown) = start(&s, s.state.path(), |c| {
+        c.max_batch = 25;
+        c.crash = Some(crash);
+    })?;
+    running.wait().await?;
+    // 2. What survived the crash: an offset part-way through the stream.
+    let dir = aggregator::state::partition_dir(s.state.path(), topics::EVENTS, 0);
+    let stored = aggregator::state::stored_offset(&dir)?.unwrap_or(0);
+    assert!(
+        stored > 0 && stored < total,
+        "crashed at offset {stored} of {total}"
+    );
+    // 3. Restart on the same state: it resumes from the offset stored with the state.
+    let (running, shutdown) = start(&s, s.state.path(), |c| c.max_batch = 25)?;
+    wait_applied(&s, 0, events.len() + 1).await?;
+    let expected = truth(&events);
+    let all = rollups_on_topic(
+        s.kafka.bootstrap_servers(),
+        expected.len(),
+        Duration::from_millis(500),
+    )
+    .await?;
+    let got = latest_rollups(all)?;
+    assert_eq!(observed(&got), expected);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn crash_mid_batch_then_restart_gives_exact_rollups() -> Result<()> {
+    crash_then_restart(aggregator::CrashPoint::AfterMessages(707)).await
+}
+
+#[tokio::test]
+async fn crash_after_emitting_before_writing_reemits_identical_rollups() -> Result<()> {
+    // The closer at the end closes every window in one batch; crash after emitting them.
+    crash_then_restart(aggregator::CrashPoint::BeforeWrite(1321)).await
+}
+
+#[tokio::test]
+async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result<()> {
+    let s = setup(2)?;
+    let events_p0 = stream(&["c1", "c2"], 300, 6);
+    let events_p1 = stream(&["c3", "c4"], 300, 6);
+    let (half0, rest0) = events_p0.split_at(events_p0.len() / 2);
+    let (half1, rest1) = events_p1.split_at(events_p1.len() / 2);
+
+    // 1. One instance owns both partitions and applies the first half.
+    let (registry_a, registry_b) = (prometheus::Registry::new(), prometheus::Registry::new());
+    let (a, stop_a) = start_with_registry(&s, s.state.path(), &registry_a, |c| c.max_batch = 50)?;
+    s.writer.send(0, half0).await?;
+    s.writer.send(1, half1).await?;
+    wait_applied(&s, 0, half0.len()).await?;
+    wait_applied(&s, 1, half1.len()).await?;
+    assert_eq!(assigned(&registry_a), 2);
+    // 2. A second instance joins the group (same state volume): the rebalance hands it one
+    //    partition with its state, mid-stream.
+    let (b, stop_b) = start_with_registry(&s, s.state.path(), &registry_b, |c| c.max_batch = 50)?;
+    for _ in 0..200 {
+        if assigned(&registry_b) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((assigned(&registry_a), assigned(&registry_b)), (1, 1));
+    // 3. The rest of the stream, then events that close every window.
+    s.writer.send(0, rest0).await?;
+    s.writer.send(1, rest1).await?;
+    s.writer
+        .send(0, &[api("closer-0", "closer-0", 3600, "1", "x")])
+        .await?;
+    s.writer
+        .send(1, &[api("closer-1", "closer-1", 3600, "1", "x")])
+        .await?;
+    wait_applied(&s, 0, events_p0.len() + 1).await?;
+    wait_applied(&s, 1, events_p1.len() + 1).await?;
+    let mut all_events = events_p0.clone();
+    all_events.extend(events_p1.iter().cloned());
+    let expected = truth(&all_events);
+    let all = rollups_on_topic(
+        s.kafka.bootstrap_servers(),
+        expected.len(),
+        Duration::from_millis(500),
+    )
+    .await?;
+    let got = latest_rollups(all)?;
+    assert_eq!(observed(&got), expected);
+    drop(stop_a);
+    drop(stop_b);
+    a.wait().await?;
+    b.wait().await?;
+    Ok(())
+}
