@@ -193,6 +193,27 @@ fn rows(rollups: &BTreeMap<String, Rollup>, customer: &str) -> Vec<Row> {
     rows
 }
 
+/// The latest rollups of `customer` for `meters`, once `expected` rollups were read.
+async fn closed(
+    s: &Setup,
+    expected: usize,
+    settle_ms: u64,
+    customer: &str,
+    meters: &[&str],
+) -> Result<Vec<Row>> {
+    let all = rollups_on_topic(
+        s.kafka.bootstrap_servers(),
+        expected,
+        Duration::from_millis(settle_ms),
+    )
+    .await?;
+    let latest = latest_rollups(all)?;
+    Ok(rows(&latest, customer)
+        .into_iter()
+        .filter(|r| meters.contains(&r.0.as_str()))
+        .collect())
+}
+
 /// Expected rollup: window and period-to-date as `(quantity, events)`.
 fn row(
     meter: &str,
@@ -307,13 +328,7 @@ async fn idle_partition_closes_its_windows_by_processing_time() -> Result<()> {
     // Event time far behind the wall clock: once idle, the partition's clock catches up and
     // the window closes without any later event.
     s.writer.send(0, &[api("a1", "c1", 59, "1", "u1")]).await?;
-    let got = latest_rollups(
-        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(300)).await?,
-    )?;
-    let calls: Vec<Row> = rows(&got, "c1")
-        .into_iter()
-        .filter(|r| r.0 == "calls")
-        .collect();
+    let calls = closed(&s, 5, 300, "c1", &["calls"]).await?;
     assert_eq!(calls, vec![row("calls", "", 0, ("1", 1), ("1", 1), 1)]);
     drop(shutdown);
     running.wait().await?;
@@ -325,7 +340,7 @@ async fn repeat_after_restart_is_counted_once() -> Result<()> {
     let s = setup(1)?;
     let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
     s.writer.send(0, &[api("a1", "c1", 1, "1", "u1")]).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_applied(&s, 0, 1).await?;
     drop(shutdown);
     running.wait().await?;
 
@@ -340,13 +355,7 @@ async fn repeat_after_restart_is_counted_once() -> Result<()> {
             ],
         )
         .await?;
-    let got = latest_rollups(
-        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(800)).await?,
-    )?;
-    let calls: Vec<Row> = rows(&got, "c1")
-        .into_iter()
-        .filter(|r| r.0 == "calls")
-        .collect();
+    let calls = closed(&s, 5, 800, "c1", &["calls"]).await?;
     assert_eq!(calls, vec![row("calls", "", 0, ("2", 2), ("2", 2), 1)]);
     drop(shutdown);
     running.wait().await?;
@@ -369,17 +378,9 @@ async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered(
             ],
         )
         .await?;
-    let first = latest_rollups(
-        rollups_on_topic(s.kafka.bootstrap_servers(), 5, Duration::from_millis(500)).await?,
-    )?;
-    let calls = |rollups: &BTreeMap<String, Rollup>| -> Vec<Row> {
-        rows(rollups, "c1")
-            .into_iter()
-            .filter(|r| r.0 == "calls" || r.0 == "latency_max")
-            .collect()
-    };
+    let first = closed(&s, 5, 500, "c1", &["calls", "latency_max"]).await?;
     assert_eq!(
-        calls(&first),
+        first,
         vec![
             row("calls", "", 0, ("2", 2), ("2", 2), 1),
             row("latency_max", "", 0, ("7", 2), ("7", 2), 1)
@@ -397,11 +398,9 @@ async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered(
             ],
         )
         .await?;
-    let second = latest_rollups(
-        rollups_on_topic(s.kafka.bootstrap_servers(), 10, Duration::from_millis(800)).await?,
-    )?;
+    let second = closed(&s, 10, 800, "c1", &["calls", "latency_max"]).await?;
     assert_eq!(
-        calls(&second),
+        second,
         vec![
             row("calls", "", 0, ("3", 3), ("3", 3), 2),
             row("latency_max", "", 0, ("9", 3), ("9", 3), 2)

@@ -1,0 +1,250 @@
+//! End-to-end aggregator throughput against the raw component it is built on.
+//!
+//! One run, one broker (the embedded mock cluster), one topic's worth of identical data:
+//! 1. a raw rdkafka consumer drains the topic with a no-op handler;
+//! 2. the aggregator (RocksDB state, dedup, windows, rollups) drains the same topic in a
+//!    fresh consumer group.
+//!
+//! Reports events/s of each, their ratio (SPEC target: aggregator ≥ 0.8 × raw), and the
+//! process's peak RSS. `NERUBA_BENCH_EVENTS` sets the event count (default 100,000).
+
+// Rates and ratios in the report are floating point; no quantity or amount is.
+#![allow(clippy::float_arithmetic)]
+
+use anyhow::{Context, Result};
+use neruba::embedded::EmbeddedKafka;
+use neruba_schemas::{Catalog, Event, codec, topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The embedded broker keeps at most 5 MiB per partition (librdkafka's mock log limit), so the
+/// data set is spread over enough partitions, compressed, to stay whole.
+const PARTITIONS: i32 = 8;
+
+const CATALOG: &str = r#"
+[[tenants]]
+id = "acme"
+
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm.completion"
+aggregation = "sum"
+value = "$.tokens"
+group_by = { model = "$.model" }
+window = "1m"
+
+[[tenants.meters]]
+key = "calls"
+event_type = "llm.completion"
+aggregation = "count"
+window = "1m"
+"#;
+
+/// ~200-byte events: 200 customers, two models, times over one hour, 5 % repeated ids.
+fn workload(n: usize) -> Vec<Event> {
+    let start = 1_790_000_000_000_i64;
+    (0..n)
+        .map(|i| {
+            let id = if i % 20 == 7 { i - 1 } else { i };
+            let data = serde_json::json!({
+                "model": if i % 3 == 0 { "large" } else { "small" },
+                "tokens": format!("{}", 100 + (i * 37) % 4000),
+                "status": "ok"
+            });
+            Event {
+                tenant: "acme".into(),
+                id: format!("evt-{id:012}"),
+                event_type: "llm.completion".into(),
+                subject: format!("customer-{:05}", i % 200),
+                time_ms: start
+                    + i64::try_from(i).unwrap_or(0) * 3_600_000 / i64::try_from(n).unwrap_or(1),
+                received_ms: start,
+                source: Some("bench".into()),
+                data: data.as_object().cloned().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+async fn produce(bootstrap: &str, events: &[Event]) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    for chunk in events.chunks(20_000) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            let payload = codec::encode(e);
+            let key = e.partition_key();
+            pending.push(
+                producer
+                    .send_result(FutureRecord::to(topics::EVENTS).key(&key).payload(&payload))
+                    .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
+            );
+        }
+        for delivery in futures_join(pending).await {
+            delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(futures.len());
+    for f in futures {
+        out.push(f.await);
+    }
+    out
+}
+
+/// Drains the topic with a no-op handler; returns the elapsed time.
+fn raw_consumer(bootstrap: &str, expected: usize) -> Result<Duration> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("queued.max.messages.kbytes", "65536")
+        .create()?;
+    // Explicit assignment: the group protocol's join time is not what this measures.
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topics::EVENTS, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut seen = 0usize;
+    let mut bytes = 0usize;
+    let mut started = None;
+    let mut last_report = Instant::now();
+    while seen < expected {
+        if last_report.elapsed() > Duration::from_secs(5) {
+            println!("  raw consumer progress: {seen} of {expected}");
+            last_report = Instant::now();
+        }
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            started.get_or_insert_with(Instant::now);
+            bytes += message.payload().map_or(0, <[u8]>::len);
+            seen += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok(started.map(|s| s.elapsed()).unwrap_or_default())
+}
+
+fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .map(|v| {
+            if v.is_finite() && v > 0.0 {
+                v as u64
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rate(events: usize, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; this harness takes no other arguments.
+    let n: usize = std::env::var("NERUBA_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let kafka = EmbeddedKafka::start(&[
+        (topics::EVENTS, PARTITIONS),
+        (topics::ROLLUPS, PARTITIONS),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let events = workload(n);
+    let started = Instant::now();
+    produce(&bootstrap, &events).await?;
+    println!("produced {n} events in {:.2?}", started.elapsed());
+
+    let raw = {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || raw_consumer(&bootstrap, n)).await??
+    };
+    println!("raw consumer drained the topic in {raw:.2?}");
+
+    let catalog = Arc::new(Catalog::from_toml_str(CATALOG, "bench")?);
+    let state = tempfile::tempdir()?;
+    let mut config = neruba_aggregator::Config::new(&bootstrap, state.path());
+    config.group_id = "bench-aggregator".into();
+    config.idle_timeout = Duration::from_secs(3600);
+    let registry = prometheus::Registry::new();
+    let shutdown = CancellationToken::new();
+    let running = neruba_aggregator::start(config, catalog, &registry, shutdown.clone())?;
+    let mut first = None;
+    let mut last_report = Instant::now();
+    let handled = loop {
+        let handled = counter(&registry, "neruba_aggregator_events_total")
+            + counter(&registry, "neruba_dedup_hits_total")
+            + counter(&registry, "neruba_dead_letters_total");
+        if handled > 0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        if handled >= u64::try_from(n)? {
+            break handled;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            println!("  aggregator progress: {handled} of {n}");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Started timing at the first published batch: one batch of head start is within noise.
+    let aggregated = first
+        .map(|f| f.elapsed())
+        .context("aggregator never started")?;
+    shutdown.cancel();
+    running.wait().await?;
+
+    let (raw_rate, agg_rate) = (rate(n, raw), rate(n, aggregated));
+    println!("raw consumer (no-op handler): {n} events in {raw:.2?} = {raw_rate:.0} events/s");
+    println!(
+        "aggregator:                   {handled} events in {aggregated:.2?} = {agg_rate:.0} events/s"
+    );
+    println!(
+        "ratio aggregator / raw:       {:.2} (target >= 0.80)",
+        agg_rate / raw_rate
+    );
+    println!(
+        "rollups emitted:              {}",
+        counter(&registry, "neruba_rollups_emitted_total")
+    );
+    println!(
+        "peak RSS of the process:      {} MiB",
+        peak_rss_kib() / 1024
+    );
+    Ok(())
+}
