@@ -20,6 +20,7 @@
 use crate::keys;
 use crate::measure::{Measure, measure};
 use crate::{Error, Result};
+use ahash::AHashMap as HashMap;
 use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::window::{period_bounds, window_start};
@@ -27,7 +28,7 @@ use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec};
 use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,6 +94,10 @@ pub struct PartitionState {
     pub partition: i32,
     db: DB,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Window records touched by the batch, decoded once and encoded once at commit.
+    windows: HashMap<Vec<u8>, WindowRecord>,
+    /// Period aggregates touched by the batch, likewise.
+    periods: HashMap<Vec<u8>, Aggregate>,
     timing: Timing,
     next_offset: Option<i64>,
     max_event_time: i64,
@@ -134,26 +139,32 @@ fn db_options(timing: Timing, cache: &Cache) -> Options {
     table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&table);
-    let dedup_keep = timing.dedup_horizon_ms.saturating_add(DAY_MS);
-    let window_keep = timing.correction_horizon_ms.saturating_add(2 * DAY_MS);
     opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
-        let now = wall_ms();
-        let expired = match keys::kind_of(key) {
-            Some(b'D') => keys::time_from(value).is_some_and(|t| t < now - dedup_keep),
-            Some(b'W') => key
-                .len()
-                .checked_sub(8)
-                .and_then(|at| keys::time_from(&key[at..]))
-                .is_some_and(|start| start < now - window_keep),
-            _ => false,
-        };
-        if expired {
+        if expired(key, value, wall_ms(), timing) {
             rocksdb::compaction_filter::Decision::Remove
         } else {
             rocksdb::compaction_filter::Decision::Keep
         }
     });
     opts
+}
+
+/// Whether compaction may drop this entry at wall time `now_ms`: a dedup entry a day past the
+/// dedup horizon, or a window record two days past the correction horizon (no event can reach
+/// it any more: it would be dead-lettered as too old). Everything else is kept.
+pub fn expired(key: &[u8], value: &[u8], now_ms: i64, timing: Timing) -> bool {
+    match keys::kind_of(key) {
+        Some(b'D') => keys::time_from(value)
+            .is_some_and(|t| t < now_ms - timing.dedup_horizon_ms.saturating_add(DAY_MS)),
+        Some(b'W') => key
+            .len()
+            .checked_sub(8)
+            .and_then(|at| keys::time_from(&key[at..]))
+            .is_some_and(|start| {
+                start < now_ms - timing.correction_horizon_ms.saturating_add(2 * DAY_MS)
+            }),
+        _ => false,
+    }
 }
 
 impl PartitionState {
@@ -181,6 +192,8 @@ impl PartitionState {
             partition,
             db,
             overlay: HashMap::new(),
+            windows: HashMap::new(),
+            periods: HashMap::new(),
             timing,
             next_offset,
             max_event_time,
@@ -209,7 +222,10 @@ impl PartitionState {
 
     /// Whether the batch has anything to write.
     pub fn is_dirty(&self) -> bool {
-        !self.overlay.is_empty() || !self.outputs.is_empty()
+        !self.overlay.is_empty()
+            || !self.windows.is_empty()
+            || !self.periods.is_empty()
+            || !self.outputs.is_empty()
     }
 
     /// Outputs of the batch so far, in order; the caller delivers them before [`Self::commit`].
@@ -238,13 +254,32 @@ impl PartitionState {
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.overlay.insert(key, Some(value));
+    /// Takes a window record out of the batch cache (or the store); put it back with
+    /// [`Self::store_window`].
+    fn load_window(&mut self, key: &[u8]) -> Result<Option<WindowRecord>> {
+        match self.windows.remove(key) {
+            Some(record) => Ok(Some(record)),
+            None => self.get_json(key),
+        }
     }
 
-    fn put_json<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        let bytes = serde_json::to_vec(value).unwrap_or_default();
-        self.put(key, bytes);
+    fn store_window(&mut self, key: Vec<u8>, record: WindowRecord) {
+        self.windows.insert(key, record);
+    }
+
+    fn load_period(&mut self, key: &[u8]) -> Result<Aggregate> {
+        match self.periods.remove(key) {
+            Some(period) => Ok(period),
+            None => Ok(self.get_json(key)?.unwrap_or_default()),
+        }
+    }
+
+    fn store_period(&mut self, key: Vec<u8>, period: Aggregate) {
+        self.periods.insert(key, period);
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.overlay.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
@@ -352,7 +387,7 @@ impl PartitionState {
         let series = keys::series(&meter.key, &event.subject, &group_text);
         let tenant = event.tenant.as_str();
         let window_key = keys::window(tenant, &series, start);
-        let existing: Option<WindowRecord> = self.get_json(&window_key)?;
+        let existing = self.load_window(&window_key)?;
         let is_new = existing.is_none();
         let mut record = existing.unwrap_or_else(|| WindowRecord {
             tenant: tenant.to_owned(),
@@ -392,12 +427,12 @@ impl PartitionState {
                     self.put(first_key, keys::time_bytes(start).to_vec());
                     record.period_new += 1;
                     let later_key = keys::window(tenant, &series, first);
-                    if let Some(mut later) = self.get_json::<WindowRecord>(&later_key)? {
+                    if let Some(mut later) = self.load_window(&later_key)? {
                         later.period_new = later.period_new.saturating_sub(1);
                         // Counted by the closed period now, through this window; the later
                         // window must not count it again when it closes.
                         new_in_closed_period = record.closed && !later.closed;
-                        self.put_json(later_key, &later);
+                        self.store_window(later_key, later);
                     }
                 }
                 Some(_) => {}
@@ -413,19 +448,19 @@ impl PartitionState {
             self.counts.late += 1;
             record.revision += 1;
             let period_key = keys::period(tenant, &series, period_start);
-            let mut period: Aggregate = self.get_json(&period_key)?.unwrap_or_default();
+            let mut period = self.load_period(&period_key)?;
             period
                 .add(m.value, event.time_ms, &event.id, new_in_closed_period)
                 .map_err(|_| overflow(&record))?;
             self.emit(&record, &period);
-            self.put_json(period_key, &period);
-            self.put_json(window_key, &record);
+            self.store_period(period_key, period);
+            self.store_window(window_key, record);
         } else {
             if is_new {
                 self.put(open_key(record.window_end_ms, &window_key), Vec::new());
                 self.open.insert((record.window_end_ms, window_key.clone()));
             }
-            self.put_json(window_key, &record);
+            self.store_window(window_key, record);
         }
         Ok(())
     }
@@ -468,7 +503,7 @@ impl PartitionState {
 
     fn close(&mut self, end: i64, window_key: Vec<u8>) -> Result<()> {
         self.delete(open_key(end, &window_key));
-        let Some(mut record) = self.get_json::<WindowRecord>(&window_key)? else {
+        let Some(mut record) = self.load_window(&window_key)? else {
             return Ok(());
         };
         record.closed = true;
@@ -476,12 +511,12 @@ impl PartitionState {
         let group_text = serde_json::to_string(&record.group).unwrap_or_default();
         let series = keys::series(&record.meter, &record.customer, &group_text);
         let period_key = keys::period(&record.tenant, &series, record.period_start_ms);
-        let mut period: Aggregate = self.get_json(&period_key)?.unwrap_or_default();
+        let mut period = self.load_period(&period_key)?;
         period.merge(&record.agg).map_err(|_| overflow(&record))?;
         period.distinct += record.period_new;
         self.emit(&record, &period);
-        self.put_json(period_key, &period);
-        self.put_json(window_key, &record);
+        self.store_period(period_key, period);
+        self.store_window(window_key, record);
         Ok(())
     }
 
@@ -510,6 +545,12 @@ impl PartitionState {
     /// Call only after every output of the batch was acknowledged by the broker.
     pub fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
+        for (key, record) in self.windows.drain() {
+            batch.put(key, serde_json::to_vec(&record).unwrap_or_default());
+        }
+        for (key, period) in self.periods.drain() {
+            batch.put(key, serde_json::to_vec(&period).unwrap_or_default());
+        }
         for (key, value) in self.overlay.drain() {
             match value {
                 Some(value) => batch.put(key, value),
@@ -564,4 +605,41 @@ fn overflow(record: &WindowRecord) -> Error {
         "tenant {} meter {} window {}: the sum exceeds the exact decimal range",
         record.tenant, record.meter, record.window_start_ms
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMING: Timing = Timing {
+        grace_ms: 0,
+        correction_horizon_ms: 35 * DAY_MS,
+        dedup_horizon_ms: 35 * DAY_MS,
+    };
+
+    #[test]
+    fn compaction_drops_only_entries_past_their_horizon() {
+        let now = 100 * DAY_MS;
+        let dedup = keys::dedup("acme", "e-1");
+        let fresh = keys::time_bytes(now - 35 * DAY_MS);
+        let stale = keys::time_bytes(now - 36 * DAY_MS - 1);
+        assert!(!expired(&dedup, &fresh, now, TIMING));
+        assert!(expired(&dedup, &stale, now, TIMING));
+
+        let series = keys::series("calls", "c1", "{}");
+        let recent_window = keys::window("acme", &series, now - 36 * DAY_MS);
+        let old_window = keys::window("acme", &series, now - 37 * DAY_MS - 1);
+        assert!(!expired(&recent_window, b"{}", now, TIMING));
+        assert!(expired(&old_window, b"{}", now, TIMING));
+
+        // Periods, distinct values and metadata are never dropped by age.
+        let period = keys::period("acme", &series, 0);
+        assert!(!expired(&period, b"{}", now, TIMING));
+        assert!(!expired(
+            keys::META_OFFSET,
+            &keys::time_bytes(0),
+            now,
+            TIMING
+        ));
+    }
 }
