@@ -37,6 +37,30 @@ enum Command {
     /// Catalog tools.
     #[command(subcommand)]
     Catalog(CatalogCommand),
+    /// Price a quantity under a meter's plan and explain every step of the amount.
+    Price(PriceArgs),
+}
+
+#[derive(Debug, Args)]
+struct PriceArgs {
+    /// Catalog file; the built-in sample catalog when absent.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Tenant id.
+    #[arg(long)]
+    tenant: String,
+    /// Meter key.
+    #[arg(long)]
+    meter: String,
+    /// Period-to-date quantity, an exact decimal.
+    #[arg(long)]
+    quantity: String,
+    /// Day whose plan version applies, `YYYY-MM-DD`; today (UTC) when absent.
+    #[arg(long)]
+    date: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -334,6 +358,7 @@ async fn main() -> Result<()> {
             }
             println!("{}: ok", file.display());
         }
+        Command::Price(args) => run_price(&args)?,
         Command::Catalog(CatalogCommand::HashKey { key }) => {
             println!("{}", neruba_schemas::catalog::hash_key(&key));
         }
@@ -406,5 +431,46 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     running.wait().await?;
     aggregator.wait().await?;
     drop(kafka);
+    Ok(())
+}
+
+fn run_price(args: &PriceArgs) -> Result<()> {
+    let catalog = match &args.catalog {
+        Some(path) => load_catalog(path)?,
+        None => sample::catalog()?,
+    };
+    let tenant = catalog
+        .tenant(&args.tenant)
+        .with_context(|| format!("no tenant `{}` in the catalog", args.tenant))?;
+    let quantity = neruba_schemas::decimal::parse_exact(&args.quantity)
+        .with_context(|| format!("`{}` is not an exact decimal quantity", args.quantity))?;
+    let date = match &args.date {
+        Some(text) => {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            time::Date::parse(text, &format)
+                .with_context(|| format!("`{text}` is not YYYY-MM-DD"))?
+        }
+        None => time::OffsetDateTime::now_utc().date(),
+    };
+    let plan = neruba_rater::price::plan_in_force(&tenant.price_plans, &args.meter, date)
+        .with_context(|| {
+            format!(
+                "meter `{}` of tenant `{}` has no plan in force on {date}",
+                args.meter, tenant.id
+            )
+        })?;
+    let precision = catalog
+        .precision(&plan.currency)
+        .with_context(|| format!("unknown currency `{}`", plan.currency))?;
+    let priced = neruba_rater::price::price(plan, quantity, precision)?;
+    if args.json {
+        let out = serde_json::json!({
+            "tenant": tenant.id, "meter": args.meter, "plan": plan.id, "plan_version": plan.version,
+            "currency": plan.currency, "effective_from": plan.effective_from.to_string(), "price": priced,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", priced.explain(plan));
+    }
     Ok(())
 }
