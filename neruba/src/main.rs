@@ -47,19 +47,19 @@ struct PriceArgs {
     #[arg(long, env = "NERUBA_CATALOG")]
     catalog: Option<PathBuf>,
     /// Tenant id.
-    #[arg(long)]
+    #[arg(long, env = "NERUBA_TENANT")]
     tenant: String,
     /// Meter key.
-    #[arg(long)]
+    #[arg(long, env = "NERUBA_METER")]
     meter: String,
     /// Period-to-date quantity, an exact decimal.
-    #[arg(long)]
+    #[arg(long, env = "NERUBA_QUANTITY")]
     quantity: String,
     /// Day whose plan version applies, `YYYY-MM-DD`; today (UTC) when absent.
-    #[arg(long)]
+    #[arg(long, env = "NERUBA_DATE")]
     date: Option<String>,
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, env = "NERUBA_JSON")]
     json: bool,
 }
 
@@ -122,7 +122,7 @@ struct AggregatorArgs {
     idle_timeout: Duration,
     /// Events older than the watermark minus this are dead-lettered.
     #[arg(long = "aggregator-correction-horizon", env = "NERUBA_AGGREGATOR_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
-    correction_horizon: Duration,
+    aggregator_correction_horizon: Duration,
     /// How long the aggregator remembers an event id.
     #[arg(long, env = "NERUBA_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     dedup_horizon: Duration,
@@ -145,7 +145,7 @@ impl AggregatorArgs {
         if self.max_batch == 0 {
             bail!("--max-batch must be positive");
         }
-        if self.dedup_horizon < self.correction_horizon {
+        if self.dedup_horizon < self.aggregator_correction_horizon {
             bail!(
                 "--dedup-horizon must be at least the correction horizon, or a late repeat would count twice"
             );
@@ -158,7 +158,7 @@ impl AggregatorArgs {
         config.dead_letter_topic = self.dead_letter_topic.clone();
         config.timing = neruba_aggregator::state::Timing {
             grace_ms: millis(self.grace)?,
-            correction_horizon_ms: millis(self.correction_horizon)?,
+            correction_horizon_ms: millis(self.aggregator_correction_horizon)?,
             dedup_horizon_ms: millis(self.dedup_horizon)?,
         };
         config.idle_timeout = self.idle_timeout;
@@ -418,9 +418,13 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         kafka.bootstrap_servers()
     );
     println!(
-        "  Topics:     {} ({} partitions)",
-        args.ingest.events_topic, args.partitions
+        "  Topics:     {}, {}, {} ({} partitions each)",
+        args.ingest.events_topic,
+        args.aggregation.rollups_topic,
+        args.aggregation.dead_letter_topic,
+        args.partitions
     );
+    println!("  State:      {}", state_dir.display());
     if args.catalog.is_none() {
         println!("  Catalog:    {}", sample::CATALOG_ORIGIN);
         for (tenant, scope, key) in sample::DEV_KEYS {
@@ -473,4 +477,53 @@ fn run_price(args: &PriceArgs) -> Result<()> {
         print!("{}", priced.explain(plan));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent_and_each_has_an_env_twin() {
+        Cli::command().debug_assert();
+        fn walk(command: &clap::Command) {
+            for arg in command.get_arguments() {
+                let positional = arg.get_long().is_none();
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !positional && !builtin {
+                    assert!(
+                        arg.get_env().is_some(),
+                        "--{} of `{}` has no env twin",
+                        arg.get_id(),
+                        command.get_name()
+                    );
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub);
+            }
+        }
+        walk(&Cli::command());
+    }
+
+    #[test]
+    fn every_subcommand_with_defaults_parses_without_flags() {
+        for args in [vec!["neruba", "dev"], vec!["neruba", "demo"]] {
+            if let Err(e) = Cli::try_parse_from(&args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+        let aggregator = Cli::try_parse_from([
+            "neruba",
+            "aggregator",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+        ]);
+        assert!(aggregator.is_ok(), "{aggregator:?}");
+    }
 }
