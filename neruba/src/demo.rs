@@ -23,8 +23,9 @@ pub struct Summary {
     pub duplicate: usize,
     pub rejected: Vec<String>,
     pub on_topic: usize,
-    /// `(tenant/customer, meter, group, window quantity, period-to-date quantity)`, sorted.
-    pub rollups: Vec<(String, String, String, String, String)>,
+    /// `(tenant/customer, meter, group, window quantity, period-to-date quantity,
+    /// price of the period to date with its currency)`, sorted.
+    pub rollups: Vec<(String, String, String, String, String, String)>,
 }
 
 struct Request {
@@ -86,6 +87,26 @@ fn workload(now_ms: i64) -> Vec<Request> {
     ]
 }
 
+/// The price of a rollup's period-to-date quantity under the plan in force on its window's day.
+fn price_to_date(catalog: &neruba_schemas::Catalog, rollup: &Rollup) -> Result<String> {
+    let tenant = catalog
+        .tenant(&rollup.tenant)
+        .context("rollup tenant is in the catalog")?;
+    let day = time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(rollup.window_start_ms) * 1_000_000,
+    )?
+    .date();
+    let Some(plan) = neruba_rater::price::plan_in_force(&tenant.price_plans, &rollup.meter, day)
+    else {
+        return Ok("(no plan)".to_owned());
+    };
+    let precision = catalog
+        .precision(&plan.currency)
+        .context("plan currency is known")?;
+    let priced = neruba_rater::price::price(plan, rollup.period_quantity, precision)?;
+    Ok(format!("{} {}", priced.amount, plan.currency))
+}
+
 /// Runs the demo, printing as it goes.
 pub async fn run() -> Result<Summary> {
     let kafka = EmbeddedKafka::start(&[
@@ -111,7 +132,7 @@ pub async fn run() -> Result<Summary> {
     let config = gateway::Config::new(listen, kafka.bootstrap_servers());
     let running = gateway::start(
         config,
-        catalog,
+        catalog.clone(),
         prometheus::Registry::new(),
         shutdown.clone(),
     )
@@ -225,14 +246,19 @@ pub async fn run() -> Result<Summary> {
             group.join(","),
             r.window_quantity.to_string(),
             r.period_quantity.to_string(),
+            price_to_date(&catalog, &r)?,
         ));
     }
     summary.rollups.sort();
-    for (who, meter, group, window, period) in &summary.rollups {
+    for (who, meter, group, window, period, price) in &summary.rollups {
         println!(
-            "    {who:<18} {meter:<17} {group:<12} window {window:>7}   period to date {period:>7}"
+            "    {who:<18} {meter:<17} {group:<15} window {window:>7}   period to date {period:>7}   priced {price}"
         );
     }
+    println!(
+        "  (priced with the pricing engine; `neruba price --tenant acme --meter api_calls --quantity 2` \
+         explains an amount step by step)"
+    );
     shutdown.cancel();
     running.wait().await?;
     aggregator.wait().await?;
@@ -244,8 +270,8 @@ pub async fn run() -> Result<Summary> {
         );
     }
     println!(
-        "\n{} accepted, {} duplicate, {} rejected ({}); {} windows rolled up. Pricing rollups into \
-         line items arrives with the rater stage.",
+        "\n{} accepted, {} duplicate, {} rejected ({}); {} windows rolled up. Line items on a \
+         ledger topic arrive with the rater stage.",
         summary.accepted,
         summary.duplicate,
         summary.rejected.len(),

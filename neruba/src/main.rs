@@ -312,8 +312,15 @@ fn shutdown_on_signal() -> CancellationToken {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The demo talks to a person on stdout; its component logs stay quiet unless asked for.
+    let filter = if matches!(cli.command, Command::Demo) && std::env::var_os("NERUBA_LOG").is_none()
+    {
+        "warn"
+    } else {
+        cli.log.as_str()
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter)?)
         .with_writer(std::io::stderr)
         .init();
     match cli.command {

@@ -174,8 +174,10 @@ pub fn price(plan: &PricePlan, quantity: Decimal, precision: u32) -> Result<Pric
         unrounded = maximum;
         maximum_applied = Some(maximum);
     }
-    let amount =
+    let mut amount =
         unrounded.round_dp_with_strategy(precision, RoundingStrategy::MidpointAwayFromZero);
+    // Always written with the currency's digits: 0.00 USD, 5 JPY, 0.130 KWD.
+    amount.rescale(precision);
     Ok(Priced {
         quantity,
         included_units: plan.included_units.min(quantity),
@@ -545,6 +547,7 @@ model = {model}
             prop_assert_eq!(sum_of_deltas, total);
             // Every amount is already rounded to the currency.
             prop_assert_eq!(total, total.round_dp(precision));
+            prop_assert_eq!(total.scale(), precision);
         }
     }
 }

@@ -365,7 +365,7 @@ async fn tenant_over_rate_limit_gets_429_with_retry_after_and_nothing_produced()
         r#"
 [[tenants]]
 id = "small"
-rate_limit = {{ events_per_second = 2, burst = 3 }}
+rate_limit = {{ events_per_second = 1, burst = 3 }}
 [[tenants.api_keys]]
 name = "k"
 sha256 = "{}"
@@ -437,22 +437,53 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     let (not_ready, _) = h.get("/readyz").await?;
     assert_eq!(not_ready, 503);
 
-    // 3. Recovery: nothing from the outage is on the topic, and the retry is accepted (not
-    //    `duplicate`: the failed attempt was never remembered).
+    // 3. Recovery: nothing from the outage is on the topic. The client retries, honouring
+    //    503s while the producer reconnects; each id is accepted exactly once over the
+    //    attempts (never `duplicate` before it was accepted: failed attempts are not
+    //    remembered), and the last attempt is a 200.
     h.kafka.set_broker_up(true)?;
     assert!(h.events_on_topic(0).await?.is_empty());
-    let retry = h
-        .post(
-            acme(),
-            BATCH,
-            json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
-        )
-        .await?;
+    let mut accepted: Vec<String> = Vec::new();
+    let mut final_status = 0;
+    for _ in 0..20 {
+        let retry = h
+            .post(
+                acme(),
+                BATCH,
+                json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
+            )
+            .await?;
+        for (id, status, _) in retry.outcomes() {
+            match status.as_str() {
+                "accepted" => accepted.push(id),
+                "duplicate" => assert!(accepted.contains(&id), "{id} duplicate before accepted"),
+                "not_delivered" => assert_eq!(retry.status, 503),
+                other => panic!("unexpected outcome {other}"),
+            }
+        }
+        final_status = retry.status;
+        if retry.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    accepted.sort();
     assert_eq!(
-        retry.outcomes(),
-        triples(&[("o-1", "accepted", ""), ("o-2", "accepted", "")])
+        (final_status, accepted),
+        (200, vec!["o-1".to_owned(), "o-2".to_owned()])
     );
-    assert_eq!(h.events_on_topic(2).await?.len(), 2);
+    // An attempt that timed out may still have reached the broker (an ambiguous timeout is
+    // answered 503 all the same); the aggregator's dedup absorbs such a copy. What must hold
+    // here: both ids are on the topic, and nothing else is.
+    let mut ids: Vec<String> = h
+        .events_on_topic(2)
+        .await?
+        .into_iter()
+        .map(|l| l.event.id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids, ["o-1", "o-2"]);
     h.stop().await
 }
 
