@@ -8,13 +8,11 @@ set -euo pipefail
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/neruba-target}"
 
 need_apt=()
-command -v clang >/dev/null 2>&1 || need_apt+=(clang)
-# bindgen (librocksdb-sys) loads libclang at build time.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
-command -v make >/dev/null 2>&1 || need_apt+=(make)
-command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
-command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# Ask dpkg, not the file system: a fresh image ships libclang-cpp, which is not the libclang
+# that bindgen (librocksdb-sys) loads at build time.
+for pkg in clang libclang-dev make g++ cmake curl; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
 if ((${#need_apt[@]})); then
     echo "prereqs: installing ${need_apt[*]}" >&2
     SUDO=""

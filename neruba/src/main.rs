@@ -439,8 +439,19 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         }
     }
     println!("Press Ctrl-C to stop.");
+    // One process, one fate: if the aggregator stops on an error, the whole pipeline stops
+    // rather than accept events nobody aggregates.
+    let stop_all = shutdown.clone();
+    let aggregated = tokio::spawn(async move {
+        let result = aggregator.wait().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Aggregator failed; stopping the dev pipeline.");
+        }
+        stop_all.cancel();
+        result
+    });
     running.wait().await?;
-    aggregator.wait().await?;
+    aggregated.await??;
     drop(kafka);
     Ok(())
 }
