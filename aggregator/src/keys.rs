@@ -8,8 +8,8 @@
 //! | kind | key after the tenant | value |
 //! |---|---|---|
 //! | `D` dedup | id | event time (8 bytes) |
-//! | `W` window | series, window start | [`crate::state::WindowRecord`] JSON |
-//! | `P` period | series, period start | closed-windows period aggregate JSON |
+//! | `W` window | series, window start | [`crate::state::WindowRecord`] (postcard) |
+//! | `P` period | series, period start | closed-windows period aggregate (postcard) |
 //! | `V` window distinct value | series, window start, value | empty |
 //! | `Q` period distinct value | series, period start, value | first window start (8 bytes) |
 //!

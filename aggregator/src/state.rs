@@ -245,10 +245,10 @@ impl PartitionState {
         }
     }
 
-    fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+    fn get_record<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
         match self.get(key)? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+            Some(bytes) => Ok(Some(postcard::from_bytes(&bytes).map_err(|e| {
                 Error::Corrupt(format!("partition {}: record: {e}", self.partition))
             })?)),
         }
@@ -259,7 +259,7 @@ impl PartitionState {
     fn load_window(&mut self, key: &[u8]) -> Result<Option<WindowRecord>> {
         match self.windows.remove(key) {
             Some(record) => Ok(Some(record)),
-            None => self.get_json(key),
+            None => self.get_record(key),
         }
     }
 
@@ -270,7 +270,7 @@ impl PartitionState {
     fn load_period(&mut self, key: &[u8]) -> Result<Aggregate> {
         match self.periods.remove(key) {
             Some(period) => Ok(period),
-            None => Ok(self.get_json(key)?.unwrap_or_default()),
+            None => Ok(self.get_record(key)?.unwrap_or_default()),
         }
     }
 
@@ -545,11 +545,13 @@ impl PartitionState {
     /// Call only after every output of the batch was acknowledged by the broker.
     pub fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
+        // Records are stored in postcard (compact binary serde): encoding them was a large
+        // share of the write cost as JSON.
         for (key, record) in self.windows.drain() {
-            batch.put(key, serde_json::to_vec(&record).unwrap_or_default());
+            batch.put(key, encode_record(&record)?);
         }
         for (key, period) in self.periods.drain() {
-            batch.put(key, serde_json::to_vec(&period).unwrap_or_default());
+            batch.put(key, encode_record(&period)?);
         }
         for (key, value) in self.overlay.drain() {
             match value {
@@ -591,6 +593,10 @@ pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
 /// The directory of one partition's state under the aggregator's state root.
 pub fn partition_dir(state_root: &Path, topic: &str, partition: i32) -> std::path::PathBuf {
     state_root.join(format!("{topic}-{partition}"))
+}
+
+fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(record).map_err(|e| Error::Corrupt(format!("record encoding: {e}")))
 }
 
 fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
