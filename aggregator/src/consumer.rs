@@ -22,7 +22,7 @@ use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Header carrying the rejection code of a dead letter.
@@ -181,7 +181,7 @@ impl Shared {
     }
 
     fn publish_gauges(&self, high_offsets: &HashMap<i32, i64>) {
-        let now = wall_ms();
+        let now = neruba_schemas::event::now_ms();
         for state in self.partitions.values() {
             let p = state.partition.to_string();
             let labels = [p.as_str()];
@@ -304,13 +304,6 @@ fn stable_partition(key: &str, partitions: i32) -> i32 {
     }
     let count = u32::try_from(partitions.max(1)).unwrap_or(1);
     i32::try_from(hash % count).unwrap_or(0)
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The consumer context: opens and closes partition state on rebalance.
@@ -500,6 +493,7 @@ impl Worker {
                 return Ok(());
             }
             let mut applied = 0;
+            let mut touched: Vec<i32> = Vec::new();
             while applied < self.max_batch {
                 let wait = if applied == 0 {
                     Duration::from_millis(100)
@@ -519,6 +513,9 @@ impl Worker {
                 }
                 let mut shared = self.lock()?;
                 let catalog = shared.catalog.clone();
+                if !touched.contains(&message.partition()) {
+                    touched.push(message.partition());
+                }
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     state.apply(
                         message.offset(),
@@ -538,7 +535,13 @@ impl Worker {
             if let Some(e) = shared.fatal.take() {
                 return Err(e);
             }
-            let now = wall_ms();
+            let batch_end = Instant::now();
+            for partition in &touched {
+                if let Some(state) = shared.partitions.get_mut(partition) {
+                    state.last_message_at = batch_end;
+                }
+            }
+            let now = neruba_schemas::event::now_ms();
             for state in shared.partitions.values_mut() {
                 let idle = state.last_message_at.elapsed();
                 if idle >= self.idle_timeout {

@@ -85,6 +85,21 @@ pub fn period(tenant: &str, series: &[u8], start: i64) -> Vec<u8> {
     timed(tenant, b'P', series, start)
 }
 
+/// The period key of the same tenant and series as `window_key`, for the period starting at
+/// `period_start`: the window key with its kind byte and trailing time replaced.
+pub fn period_of_window(window_key: &[u8], period_start: i64) -> Option<Vec<u8>> {
+    let len = usize::try_from(u32::from_be_bytes(window_key.get(..4)?.try_into().ok()?)).ok()?;
+    let kind_at = 4 + len;
+    let time_at = window_key.len().checked_sub(8)?;
+    if window_key.get(kind_at) != Some(&b'W') || time_at <= kind_at {
+        return None;
+    }
+    let mut key = window_key[..time_at].to_vec();
+    key[kind_at] = b'P';
+    key.extend_from_slice(&time_bytes(period_start));
+    Some(key)
+}
+
 /// A distinct value seen in a window.
 pub fn window_value(tenant: &str, series: &[u8], start: i64, value: &str) -> Vec<u8> {
     let mut key = timed(tenant, b'V', series, start);
@@ -118,5 +133,15 @@ mod tests {
         assert_ne!(dedup("acme", "x"), dedup("acm", "ex"));
         assert_eq!(kind_of(&dedup("acme", "x")), Some(b'D'));
         assert_eq!(kind_of(&window("t", &series("m", "c", ""), 0)), Some(b'W'));
+    }
+
+    #[test]
+    fn period_key_derives_from_the_window_key() {
+        let s = series("calls", "customer-7", r#"{"model":"a"}"#);
+        assert_eq!(
+            period_of_window(&window("acme", &s, 60_000), 7),
+            Some(period("acme", &s, 7))
+        );
+        assert_eq!(period_of_window(&dedup("acme", "x"), 7), None);
     }
 }

@@ -12,7 +12,6 @@
 
 pub mod consumer;
 pub mod keys;
-pub mod measure;
 pub mod metrics;
 pub mod state;
 

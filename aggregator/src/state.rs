@@ -18,10 +18,10 @@
 //! them without scanning the data.
 
 use crate::keys;
-use crate::measure::{Measure, measure};
 use crate::{Error, Result};
 use ahash::AHashMap as HashMap;
 use neruba_schemas::catalog::Aggregation;
+use neruba_schemas::measure::{Measure, measure};
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::window::{period_bounds, window_start};
 use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec};
@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Prefix of the open-window index (metadata: empty tenant).
 const OPEN_PREFIX: &[u8] = b"\0\0\0\0O";
@@ -105,7 +105,8 @@ pub struct PartitionState {
     open: BTreeSet<(i64, Vec<u8>)>,
     outputs: Vec<Output>,
     counts: Counts,
-    /// When this partition last received a message (or was assigned).
+    /// When this partition last received a message (or was assigned); the consumer stamps it
+    /// once per batch.
     pub last_message_at: Instant,
 }
 
@@ -118,13 +119,6 @@ impl std::fmt::Debug for PartitionState {
             .field("open_windows", &self.open.len())
             .finish()
     }
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// RocksDB options for partition state: bounded caches, lz4, and a compaction filter that
@@ -140,7 +134,7 @@ fn db_options(timing: Timing, cache: &Cache) -> Options {
     table.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&table);
     opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
-        if expired(key, value, wall_ms(), timing) {
+        if expired(key, value, neruba_schemas::event::now_ms(), timing) {
             rocksdb::compaction_filter::Decision::Remove
         } else {
             rocksdb::compaction_filter::Decision::Keep
@@ -315,7 +309,6 @@ impl PartitionState {
         payload: &[u8],
         catalog: &Catalog,
     ) -> Result<()> {
-        self.last_message_at = Instant::now();
         self.next_offset = Some(offset + 1);
         let mut scratch = payload.to_vec();
         let event = match codec::decode(&mut scratch) {
@@ -508,9 +501,8 @@ impl PartitionState {
         };
         record.closed = true;
         record.revision += 1;
-        let group_text = serde_json::to_string(&record.group).unwrap_or_default();
-        let series = keys::series(&record.meter, &record.customer, &group_text);
-        let period_key = keys::period(&record.tenant, &series, record.period_start_ms);
+        let period_key = keys::period_of_window(&window_key, record.period_start_ms)
+            .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
         let mut period = self.load_period(&period_key)?;
         period.merge(&record.agg).map_err(|_| overflow(&record))?;
         period.distinct += record.period_new;

@@ -10,16 +10,9 @@ use neruba_ingest_gateway::dedup::DedupCache;
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::{Catalog, codec};
 use std::hint::black_box;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const BATCH: usize = 1000;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(0))
-        .unwrap_or(0)
-}
 
 fn catalog() -> Catalog {
     let text = std::fs::read_to_string(concat!(
@@ -31,7 +24,7 @@ fn catalog() -> Catalog {
 }
 
 fn decode_validate(c: &mut Criterion) {
-    let now = now_ms();
+    let now = event::now_ms();
     let body = typical_batch(BATCH, now);
     let catalog = catalog();
     let tenant = catalog.tenant("acme").expect("acme");

@@ -26,7 +26,7 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Request-independent state shared by all handlers.
 #[derive(Debug)]
@@ -115,13 +115,6 @@ fn with_retry_after(mut response: Response, wait: Duration) -> Response {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -230,7 +223,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     }
 
     // 4. Validate each event and drop repeats (within the request, then recent ones).
-    let now = now_ms();
+    let now = event::now_ms();
     let mut tally = Tally::default();
     let mut results = Vec::with_capacity(framed.len());
     let mut to_send: Vec<(usize, Event)> = Vec::new();

@@ -13,7 +13,7 @@ use rdkafka::Message;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// What the demo saw, for its own test.
@@ -144,7 +144,7 @@ pub async fn run() -> Result<Summary> {
         kafka.bootstrap_servers()
     );
 
-    let now_ms = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?;
+    let now_ms = event::now_ms();
     let client = reqwest::Client::new();
     let mut summary = Summary {
         accepted: 0,

@@ -414,49 +414,25 @@ impl Catalog {
 
 impl Tenant {
     /// Meters that read events of this type.
-    pub fn meters_for<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a Meter> + 'a {
+    pub fn meters_for<'a, 'b>(
+        &'a self,
+        event_type: &'b str,
+    ) -> impl Iterator<Item = &'a Meter> + use<'a, 'b> {
         self.meters
             .iter()
             .filter(move |m| m.event_type == event_type)
     }
 
     /// Checks that every meter that would count `event` can read the value it needs, so a bad
-    /// value is refused at the door (`invalid_value`) rather than discovered downstream.
+    /// value is refused at the door (`invalid_value`) rather than discovered downstream. An
+    /// event no meter reads is fine here: the gateway accepts it and the aggregator keeps it on
+    /// the dead-letter topic for replay.
     pub fn check_values(&self, event: &Event) -> Result<(), Rejection> {
-        let data = serde_json::Value::Object(event.data.clone());
-        for meter in self.meters_for(&event.event_type) {
-            if !meter.matches(&data) {
-                continue;
-            }
-            let Some(path) = &meter.value else { continue };
-            let present = path.lookup(&data);
-            let ok = match (meter.aggregation, present) {
-                (_, None) => false,
-                // `unique_count` and `latest` may count strings; they only need a scalar.
-                (Aggregation::UniqueCount, Some(v)) => scalar_text(v).is_some(),
-                (_, Some(v)) => crate::decimal::from_json(v).is_some(),
-            };
-            if !ok {
-                return Err(Rejection::new(
-                    RejectCode::InvalidValue,
-                    format!(
-                        "meter `{}` reads {} as {}; it is {}",
-                        meter.key,
-                        path,
-                        if meter.aggregation == Aggregation::UniqueCount {
-                            "a scalar"
-                        } else {
-                            "an exact decimal number"
-                        },
-                        match present {
-                            None => "absent".to_owned(),
-                            Some(v) => format!("`{v}`"),
-                        }
-                    ),
-                ));
-            }
+        match crate::measure::measure(self, event) {
+            Ok(_) => Ok(()),
+            Err(r) if r.code == RejectCode::NoMatchingMeter => Ok(()),
+            Err(r) => Err(r),
         }
-        Ok(())
     }
 }
 
@@ -471,11 +447,11 @@ impl Meter {
         parse_fixed_offset(&self.billing_period.time_zone).unwrap_or(0)
     }
 
-    /// Whether `data` passes every filter of this meter.
-    pub fn matches(&self, data: &serde_json::Value) -> bool {
+    /// Whether an event's `data` passes every filter of this meter.
+    pub fn passes(&self, data: &serde_json::Map<String, serde_json::Value>) -> bool {
         self.filters.iter().all(|f| {
             f.path
-                .lookup(data)
+                .lookup_in(data)
                 .and_then(scalar_text)
                 .is_some_and(|text| text == f.equals)
         })

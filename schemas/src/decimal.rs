@@ -5,7 +5,6 @@
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer};
-use std::str::FromStr;
 
 /// Parses a decimal number written as JSON or as a plain string: `12`, `-0.5`, `1.25e3`.
 ///
@@ -70,11 +69,6 @@ where
     #[derive(Deserialize)]
     struct Wrap(#[serde(deserialize_with = "deserialize_exact")] Decimal);
     Ok(Option::<Wrap>::deserialize(deserializer)?.map(|Wrap(d)| d))
-}
-
-/// Parses a decimal from a trusted string such as a constant; `None` on any error.
-pub fn from_str(text: &str) -> Option<Decimal> {
-    Decimal::from_str(text).ok()
 }
 
 #[cfg(test)]

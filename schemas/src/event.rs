@@ -209,6 +209,15 @@ pub fn parse_time_ms(text: &str) -> Result<i64, Rejection> {
         .map_err(|_| Rejection::new(RejectCode::InvalidField, "`time` is out of range"))
 }
 
+/// The wall clock in Unix milliseconds: the one clock read every component uses (receive
+/// times, idle watermarks, expiry).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision.
 pub fn format_time_ms(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;

@@ -178,13 +178,7 @@ impl Landed {
     }
 }
 
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-}
+pub use neruba_schemas::event::now_ms;
 
 /// Writes encoded events straight to the events topic (as the gateway would), so aggregator
 /// scenarios control event times, partitions and order exactly.

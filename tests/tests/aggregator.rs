@@ -138,16 +138,8 @@ fn assigned(registry: &prometheus::Registry) -> i64 {
         .iter()
         .find(|f| f.name() == "neruba_assigned_partitions")
         .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
-        .map(|v| {
-            if v >= 2.0 {
-                2
-            } else if v >= 1.0 {
-                1
-            } else {
-                0
-            }
-        })
-        .unwrap_or(-1)
+        // An integer gauge: the conversion is exact.
+        .map_or(-1, |v| v as i64)
 }
 
 /// Waits until the state of `partition` says every one of its `total` messages was applied.

@@ -416,14 +416,10 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     assert_eq!(ready.0, 200, "gateway never became ready: {}", ready.1);
 
     // 2. Outage: the events are not acknowledged, so nothing may be called accepted.
+    //    The client keeps this exact request and retries it as is.
+    let request = json!([call("o-1", "c"), call("o-2", "d")]).to_string();
     h.kafka.set_broker_up(false)?;
-    let answer = h
-        .post(
-            acme(),
-            BATCH,
-            json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
-        )
-        .await?;
+    let answer = h.post(acme(), BATCH, request.clone()).await?;
     assert_eq!(answer.status, 503, "{}", answer.json);
     assert_eq!(answer.retry_after.as_deref(), Some("5"));
     assert_eq!(answer.json["accepted"].as_u64(), Some(0));
@@ -446,13 +442,7 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     let mut accepted: Vec<String> = Vec::new();
     let mut final_status = 0;
     for _ in 0..20 {
-        let retry = h
-            .post(
-                acme(),
-                BATCH,
-                json!([call("o-1", "c"), call("o-2", "d")]).to_string(),
-            )
-            .await?;
+        let retry = h.post(acme(), BATCH, request.clone()).await?;
         for (id, status, _) in retry.outcomes() {
             match status.as_str() {
                 "accepted" => accepted.push(id),

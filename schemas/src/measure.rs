@@ -1,11 +1,12 @@
 //! Metering one event: which meters count it, with what value, in which group.
 //!
 //! Invariant: an event is measured all-or-nothing. If any meter that should count it cannot
-//! read its value, the whole event is refused (`invalid_value`), exactly as the gateway does,
-//! so a partly counted event never exists.
+//! read its value, the whole event is refused (`invalid_value`), so a partly counted event never
+//! exists. The gateway refuses such events at the door with this same function
+//! ([`crate::catalog::Tenant::check_values`]) and the aggregator meters with it.
 
-use neruba_schemas::catalog::{Aggregation, Meter, Tenant, scalar_text};
-use neruba_schemas::{Event, RejectCode, Rejection, decimal};
+use crate::catalog::{Aggregation, Meter, Tenant, scalar_text};
+use crate::{Event, RejectCode, Rejection, decimal};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
@@ -25,19 +26,13 @@ pub struct Measure<'a> {
 ///
 /// An empty list means meters read this type but their filters excluded the event: counted by
 /// no meter, which is not an error.
-pub fn measure<'a>(tenant: &'a Tenant, event: &'a Event) -> Result<Vec<Measure<'a>>, Rejection> {
+pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>, Rejection> {
     let mut any_meter = false;
     let mut measures = Vec::new();
     let data = &event.data;
     for meter in tenant.meters_for(&event.event_type) {
         any_meter = true;
-        let passes = meter.filters.iter().all(|f| {
-            f.path
-                .lookup_in(data)
-                .and_then(scalar_text)
-                .is_some_and(|text| text == f.equals)
-        });
-        if !passes {
+        if !meter.passes(data) {
             continue;
         }
         let raw = meter
@@ -49,13 +44,13 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &'a Event) -> Result<Vec<Measure<'
             (Aggregation::UniqueCount, Some((path, found))) => {
                 let text = found
                     .and_then(scalar_text)
-                    .ok_or_else(|| unreadable(meter, path.as_str(), "a scalar"))?;
+                    .ok_or_else(|| unreadable(meter, path.as_str(), "a scalar", found))?;
                 (None, Some(text.into_owned()))
             }
             (_, Some((path, found))) => {
-                let value = found
-                    .and_then(decimal::from_json)
-                    .ok_or_else(|| unreadable(meter, path.as_str(), "an exact decimal number"))?;
+                let value = found.and_then(decimal::from_json).ok_or_else(|| {
+                    unreadable(meter, path.as_str(), "an exact decimal number", found)
+                })?;
                 (Some(value), None)
             }
         };
@@ -90,12 +85,15 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &'a Event) -> Result<Vec<Measure<'
     Ok(measures)
 }
 
-fn unreadable(meter: &Meter, path: &str, what: &str) -> Rejection {
+fn unreadable(
+    meter: &Meter,
+    path: &str,
+    what: &str,
+    found: Option<&serde_json::Value>,
+) -> Rejection {
+    let is = found.map_or_else(|| "absent".to_owned(), |v| format!("`{v}`"));
     Rejection::new(
         RejectCode::InvalidValue,
-        format!(
-            "meter `{}` reads {path} as {what}; it is absent or not one",
-            meter.key
-        ),
+        format!("meter `{}` reads {path} as {what}; it is {is}", meter.key),
     )
 }
