@@ -25,10 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Header carrying the rejection code of a dead letter.
-pub const REJECT_CODE_HEADER: &str = "neruba-reject-code";
-/// Header carrying the human message of a dead letter.
-pub const REJECT_MESSAGE_HEADER: &str = "neruba-reject-message";
+use neruba_schemas::topics::{
+    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
+};
 
 /// Builds the consumer. Every librdkafka setting the aggregator relies on is here.
 fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
@@ -232,7 +231,10 @@ fn deliver(
             Output::Rollup(rollup) => {
                 let key = rollup.key();
                 let payload = rollup.encode();
-                let partition = stable_partition(&rollup.partition_key(), rollup_partitions);
+                let partition = neruba_schemas::topics::stable_partition(
+                    &rollup.partition_key(),
+                    rollup_partitions,
+                );
                 producer
                     .send_result(
                         FutureRecord::to(&config.rollups_topic)
@@ -259,11 +261,11 @@ fn deliver(
                         value: Some(rejection.message.as_str()),
                     })
                     .insert(Header {
-                        key: "neruba-source-topic",
+                        key: SOURCE_TOPIC_HEADER,
                         value: Some(config.events_topic.as_str()),
                     })
                     .insert(Header {
-                        key: "neruba-source-offset",
+                        key: SOURCE_OFFSET_HEADER,
                         value: Some(offset_text.as_str()),
                     });
                 let mut record = FutureRecord::to(&config.dead_letter_topic)
@@ -292,18 +294,6 @@ fn deliver(
         result?;
     }
     Ok(())
-}
-
-/// FNV-1a: a partitioner that is the same in every build, so a customer's rollups always go
-/// to the same partition of the rollups topic (and stay in order).
-fn stable_partition(key: &str, partitions: i32) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in key.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    let count = u32::try_from(partitions.max(1)).unwrap_or(1);
-    i32::try_from(hash % count).unwrap_or(0)
 }
 
 /// The consumer context: opens and closes partition state on rebalance.
@@ -566,23 +556,6 @@ impl Worker {
                 shared.publish_gauges(&highs);
                 last_gauges = Instant::now();
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stable_partition;
-
-    #[test]
-    fn partitioning_is_stable_and_in_range() {
-        assert_eq!(
-            stable_partition("acme/customer-7", 8),
-            stable_partition("acme/customer-7", 8)
-        );
-        for i in 0..100 {
-            let p = stable_partition(&format!("t/c{i}"), 3);
-            assert!((0..3).contains(&p));
         }
     }
 }

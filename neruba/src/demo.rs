@@ -1,16 +1,20 @@
 //! `neruba demo`: the embedded pipeline, a small realistic workload over HTTP, and a report.
 //!
 //! It shows what a new user should see first: events accepted, a repeat answered `duplicate`,
-//! bad events rejected with their stable codes, and exactly the accepted events in Kafka.
+//! bad events rejected with their stable codes, exactly the accepted events in Kafka, the closed
+//! windows priced into line items on the ledger topic, a late event turned into an adjustment,
+//! and a per-customer total a reader can check by hand against `catalog/sample.toml`.
 
 use crate::embedded::{self, EmbeddedKafka};
 use crate::sample;
 use anyhow::{Context, Result, bail};
 use neruba_ingest_gateway as gateway;
-use neruba_schemas::rollup::Rollup;
+use neruba_schemas::ledger::LineItem;
 use neruba_schemas::{codec, event, topics};
 use rdkafka::Message;
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +27,43 @@ pub struct Summary {
     pub duplicate: usize,
     pub rejected: Vec<String>,
     pub on_topic: usize,
-    /// `(tenant/customer, meter, group, window quantity, period-to-date quantity,
-    /// price of the period to date with its currency)`, sorted.
-    pub rollups: Vec<(String, String, String, String, String, String)>,
+    /// Every line item, in the order of [`Row`]'s fields.
+    pub items: Vec<Row>,
+    /// `(tenant/customer, total with its currency)`, one per customer and currency.
+    pub totals: Vec<(String, String)>,
+}
+
+/// One line item as the demo prints it; amounts carry their currency.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Row {
+    pub who: String,
+    pub meter: String,
+    pub group: String,
+    pub window_start: String,
+    pub revision: u32,
+    pub kind: String,
+    pub window_quantity: String,
+    pub period_quantity: String,
+    pub amount: String,
+    pub period_amount: String,
+}
+
+impl Row {
+    fn of(item: &LineItem) -> Self {
+        let group: Vec<String> = item.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Self {
+            who: format!("{}/{}", item.tenant, item.customer),
+            meter: item.meter.clone(),
+            group: group.join(","),
+            window_start: item.window_start.clone(),
+            revision: item.revision,
+            kind: format!("{:?}", item.kind).to_lowercase(),
+            window_quantity: item.window_quantity.to_string(),
+            period_quantity: item.period_quantity.to_string(),
+            amount: format!("{} {}", item.amount, item.currency),
+            period_amount: format!("{} {}", item.period_amount, item.currency),
+        }
+    }
 }
 
 struct Request {
@@ -38,7 +76,7 @@ struct Request {
 /// The demo's events are 7 to 12 minutes old, so every window they fall in has ended and
 /// closes as soon as the partitions go idle.
 fn workload(now_ms: i64) -> Vec<Request> {
-    let base = neruba_schemas::window::window_start(now_ms - 12 * 60_000, 5 * 60_000);
+    let base = workload_base(now_ms);
     let at = |offset_ms: i64| event::format_time_ms(base + 120_000 + offset_ms);
     let batch = json!([
         {"specversion": "1.0", "id": "req-1001", "type": "llm.completion", "subject": "customer-7",
@@ -52,7 +90,9 @@ fn workload(now_ms: i64) -> Vec<Request> {
         {"specversion": "1.0", "id": "req-1004", "type": "api.request",
          "time": at(35_000), "data": {}},
         {"specversion": "1.0", "id": "req-1005", "type": "llm.completion", "subject": "customer-9",
-         "time": at(40_000), "data": {"model": "large", "tokens": "lots", "status": "ok"}}
+         "time": at(40_000), "data": {"model": "large", "tokens": "lots", "status": "ok"}},
+        {"specversion": "1.0", "id": "req-1008", "type": "llm.completion", "subject": "customer-7",
+         "time": at(75_000), "data": {"model": "large", "tokens": 23800, "status": "ok"}}
     ]);
     let ndjson = [
         json!({"id": "req-1003", "type": "api.request", "subject": "customer-9", "time": at(30_000)}),
@@ -63,11 +103,15 @@ fn workload(now_ms: i64) -> Vec<Request> {
     .map(Value::to_string)
     .collect::<Vec<_>>()
     .join("\n");
-    let single = json!({"specversion": "1.0", "id": "vol-77", "type": "storage.usage",
-        "subject": "customer-1", "time": at(45_000), "data": {"region": "eu-west", "gb_hours": "12.75"}});
+    let storage = json!([
+        {"specversion": "1.0", "id": "vol-77", "type": "storage.usage", "subject": "customer-1",
+         "time": at(45_000), "data": {"region": "eu-west", "gb_hours": "12.75"}},
+        {"specversion": "1.0", "id": "vol-78", "type": "storage.usage", "subject": "customer-2",
+         "time": at(46_000), "data": {"region": "us-east", "gb_hours": 400}}
+    ]);
     vec![
         Request {
-            title: "acme: a batch of 6 (one repeat, two bad events)",
+            title: "acme: a batch of 7 (one repeat, two bad events)",
             tenant: "acme",
             content_type: "application/cloudevents-batch+json",
             body: batch.to_string(),
@@ -79,32 +123,30 @@ fn workload(now_ms: i64) -> Vec<Request> {
             body: ndjson,
         },
         Request {
-            title: "globex: one structured CloudEvent",
+            title: "globex: a JSON array of 2",
             tenant: "globex",
-            content_type: "application/cloudevents+json",
-            body: single.to_string(),
+            content_type: "application/json",
+            body: storage.to_string(),
         },
     ]
 }
 
-/// The price of a rollup's period-to-date quantity under the plan in force on its window's day.
-fn price_to_date(catalog: &neruba_schemas::Catalog, rollup: &Rollup) -> Result<String> {
-    let tenant = catalog
-        .tenant(&rollup.tenant)
-        .context("rollup tenant is in the catalog")?;
-    let day = time::OffsetDateTime::from_unix_timestamp_nanos(
-        i128::from(rollup.window_start_ms) * 1_000_000,
-    )?
-    .date();
-    let Some(plan) = neruba_rater::price::plan_in_force(&tenant.price_plans, &rollup.meter, day)
-    else {
-        return Ok("(no plan)".to_owned());
-    };
-    let precision = catalog
-        .precision(&plan.currency)
-        .context("plan currency is known")?;
-    let priced = neruba_rater::price::price(plan, rollup.period_quantity, precision)?;
-    Ok(format!("{} {}", priced.amount, plan.currency))
+/// Sent once the first line items are out: 1,000 GB-hours for a window that already closed.
+fn late_event(base_ms: i64) -> Request {
+    let event = json!({"specversion": "1.0", "id": "vol-79", "type": "storage.usage",
+        "subject": "customer-1", "time": event::format_time_ms(base_ms + 170_000),
+        "data": {"region": "eu-west", "gb_hours": "1000"}});
+    Request {
+        title: "globex: a late event for customer-1's closed window",
+        tenant: "globex",
+        content_type: "application/cloudevents+json",
+        body: event.to_string(),
+    }
+}
+
+/// The start of the 5-minute span the workload's times are built from.
+fn workload_base(now_ms: i64) -> i64 {
+    neruba_schemas::window::window_start(now_ms - 12 * 60_000, 5 * 60_000)
 }
 
 /// Runs the demo, printing as it goes.
@@ -113,17 +155,25 @@ pub async fn run() -> Result<Summary> {
         (topics::EVENTS, 4),
         (topics::ROLLUPS, 4),
         (topics::DEAD_LETTER, 1),
+        (topics::LEDGER, 4),
     ])
     .context("start embedded Kafka")?;
     let catalog = Arc::new(sample::catalog()?);
     let shutdown = CancellationToken::new();
     let state = tempfile::tempdir()?;
-    let mut aggregation = neruba_aggregator::Config::new(kafka.bootstrap_servers(), state.path());
+    let mut aggregation =
+        neruba_aggregator::Config::new(kafka.bootstrap_servers(), state.path().join("aggregator"));
     // The demo's events are minutes old: a second of quiet closes their windows.
     aggregation.timing.grace_ms = 0;
     aggregation.idle_timeout = Duration::from_secs(1);
     let aggregator = neruba_aggregator::start(
         aggregation,
+        catalog.clone(),
+        &prometheus::Registry::new(),
+        shutdown.clone(),
+    )?;
+    let rater = neruba_rater::start(
+        neruba_rater::Config::new(kafka.bootstrap_servers(), state.path().join("rater")),
         catalog.clone(),
         &prometheus::Registry::new(),
         shutdown.clone(),
@@ -151,40 +201,11 @@ pub async fn run() -> Result<Summary> {
         duplicate: 0,
         rejected: Vec::new(),
         on_topic: 0,
-        rollups: Vec::new(),
+        items: Vec::new(),
+        totals: Vec::new(),
     };
     for request in workload(now_ms) {
-        let key = sample::ingest_key(request.tenant).context("dev key")?;
-        let response = client
-            .post(format!("{base}/v1/events"))
-            .bearer_auth(key)
-            .header("content-type", request.content_type)
-            .body(request.body)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        println!("POST /v1/events  {}  -> HTTP {status}", request.title);
-        for result in body["results"].as_array().into_iter().flatten() {
-            let id = result["id"].as_str().unwrap_or("-");
-            let outcome = result["status"].as_str().unwrap_or("?");
-            match outcome {
-                "accepted" => summary.accepted += 1,
-                "duplicate" => summary.duplicate += 1,
-                "rejected" => summary
-                    .rejected
-                    .push(result["code"].as_str().unwrap_or("?").to_owned()),
-                _ => {}
-            }
-            match result["code"].as_str() {
-                Some(code) => println!(
-                    "    {id:<10} {outcome:<9} {code}: {}",
-                    result["message"].as_str().unwrap_or_default()
-                ),
-                None => println!("    {id:<10} {outcome}"),
-            }
-        }
-        println!();
+        post(&client, &base, &request, &mut summary).await?;
     }
 
     let expected = summary.accepted;
@@ -219,64 +240,190 @@ pub async fn run() -> Result<Summary> {
     }
     summary.on_topic = messages.len();
 
-    // Five windows hold these events (two token models, two minutes of API calls, one storage
-    // window); they close once the partitions have been quiet for a second.
-    let bootstrap = kafka.bootstrap_servers().to_owned();
-    let rollups = tokio::task::spawn_blocking(move || {
-        embedded::read_topic(
-            &bootstrap,
-            topics::ROLLUPS,
-            5,
-            Duration::from_millis(500),
-            Duration::from_secs(20),
-        )
-    })
-    .await??;
+    // Seven windows hold these events; they close once the partitions have been quiet for a
+    // second, and the rater prices each into one line item.
+    let first = read_ledger(kafka.bootstrap_servers(), 7).await?;
     println!(
-        "\nOn the rollups topic `{}`: {} closed windows",
-        topics::ROLLUPS,
-        rollups.len()
+        "\nThe windows closed; {} line items are on the ledger topic `{}`.\n",
+        first.len(),
+        topics::LEDGER
     );
-    for m in &rollups {
-        let r = Rollup::decode(m.payload().unwrap_or_default())?;
-        let group: Vec<String> = r.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        summary.rollups.push((
-            format!("{}/{}", r.tenant, r.customer),
-            r.meter.clone(),
-            group.join(","),
-            r.window_quantity.to_string(),
-            r.period_quantity.to_string(),
-            price_to_date(&catalog, &r)?,
-        ));
-    }
-    summary.rollups.sort();
-    for (who, meter, group, window, period, price) in &summary.rollups {
-        println!(
-            "    {who:<18} {meter:<17} {group:<15} window {window:>7}   period to date {period:>7}   priced {price}"
-        );
+    post(
+        &client,
+        &base,
+        &late_event(workload_base(now_ms)),
+        &mut summary,
+    )
+    .await?;
+    let items = read_ledger(kafka.bootstrap_servers(), 8).await?;
+    print_items(&items);
+    summary.items = items.iter().map(Row::of).collect();
+    summary.items.sort();
+    summary.totals = totals(&items)?;
+    println!("\nPer customer (the sum of its line items):");
+    for (who, total) in &summary.totals {
+        println!("    {who:<18} {total:>10}");
     }
     println!(
-        "  (priced with the pricing engine; `neruba price --tenant acme --meter api_calls --quantity 2` \
-         explains an amount step by step)"
+        "\n`neruba price --tenant globex --meter storage_gb_hours --quantity 1012.75` explains an \
+         amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON."
     );
     shutdown.cancel();
     running.wait().await?;
     aggregator.wait().await?;
-    if summary.on_topic != summary.accepted {
+    rater.wait().await?;
+    if summary.on_topic + 1 != summary.accepted {
         bail!(
-            "{} events were accepted but {} are on the topic",
+            "{} events were accepted but {} are on the topic before the late one",
             summary.accepted,
             summary.on_topic
         );
     }
     println!(
-        "\n{} accepted, {} duplicate, {} rejected ({}); {} windows rolled up. Line items on a \
-         ledger topic arrive with the rater stage.",
+        "\n{} accepted, {} duplicate, {} rejected ({}); {} line items.",
         summary.accepted,
         summary.duplicate,
         summary.rejected.len(),
         summary.rejected.join(", "),
-        summary.rollups.len()
+        summary.items.len()
     );
     Ok(summary)
+}
+
+/// Posts one request and prints each event's outcome.
+async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    request: &Request,
+    summary: &mut Summary,
+) -> Result<()> {
+    let key = sample::ingest_key(request.tenant).context("dev key")?;
+    let response = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(key)
+        .header("content-type", request.content_type)
+        .body(request.body.clone())
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    println!("POST /v1/events  {}  -> HTTP {status}", request.title);
+    for result in body["results"].as_array().into_iter().flatten() {
+        let id = result["id"].as_str().unwrap_or("-");
+        let outcome = result["status"].as_str().unwrap_or("?");
+        match outcome {
+            "accepted" => summary.accepted += 1,
+            "duplicate" => summary.duplicate += 1,
+            "rejected" => summary
+                .rejected
+                .push(result["code"].as_str().unwrap_or("?").to_owned()),
+            _ => {}
+        }
+        match result["code"].as_str() {
+            Some(code) => println!(
+                "    {id:<10} {outcome:<9} {code}: {}",
+                result["message"].as_str().unwrap_or_default()
+            ),
+            None => println!("    {id:<10} {outcome}"),
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// Reads the ledger until `expected` distinct items arrived (repeats of an id dropped).
+async fn read_ledger(bootstrap: &str, expected: usize) -> Result<Vec<LineItem>> {
+    let bootstrap = bootstrap.to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::LEDGER,
+            expected,
+            Duration::from_millis(300),
+            Duration::from_secs(20),
+        )
+    })
+    .await??;
+    let mut items: Vec<LineItem> = Vec::new();
+    for m in &messages {
+        let item = LineItem::decode(m.payload().unwrap_or_default())?;
+        if !items.iter().any(|i| i.id == item.id) {
+            items.push(item);
+        }
+    }
+    if items.len() < expected {
+        bail!(
+            "expected {expected} line items on the ledger, found {}",
+            items.len()
+        );
+    }
+    Ok(items)
+}
+
+fn print_items(items: &[LineItem]) {
+    println!(
+        "\nOn the ledger topic `{}`: {} line items",
+        topics::LEDGER,
+        items.len()
+    );
+    let mut sorted: Vec<&LineItem> = items.iter().collect();
+    sorted.sort_by(|a, b| {
+        (
+            &a.tenant,
+            &a.customer,
+            &a.meter,
+            &a.group,
+            &a.window_start,
+            a.revision,
+        )
+            .cmp(&(
+                &b.tenant,
+                &b.customer,
+                &b.meter,
+                &b.group,
+                &b.window_start,
+                b.revision,
+            ))
+    });
+    for item in sorted {
+        let row = Row::of(item);
+        let window = item.window_start.get(11..16).unwrap_or_default();
+        println!(
+            "    {} {:<18} {:<17} {:<15} {window} r{} {:<10} window {:>8}  period {:>8}  amount {:>10}  period total {:>10}",
+            item.id.get(..11).unwrap_or_default(),
+            row.who,
+            row.meter,
+            row.group,
+            row.revision,
+            row.kind,
+            row.window_quantity,
+            row.period_quantity,
+            row.amount,
+            row.period_amount,
+        );
+        if let Some(earlier) = &item.supersedes {
+            println!(
+                "        supersedes {}: a late event changed this window; the amount is the difference",
+                earlier.get(..11).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Sum of item amounts per customer and currency.
+fn totals(items: &[LineItem]) -> Result<Vec<(String, String)>> {
+    let mut sums: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+    for item in items {
+        let sum = sums
+            .entry((
+                format!("{}/{}", item.tenant, item.customer),
+                item.currency.clone(),
+            ))
+            .or_default();
+        *sum = sum.checked_add(item.amount).context("total overflows")?;
+    }
+    Ok(sums
+        .into_iter()
+        .map(|((who, currency), sum)| (who, format!("{sum} {currency}")))
+        .collect())
 }

@@ -30,6 +30,8 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run an aggregator (a member of the aggregator consumer group) against a Kafka cluster.
     Aggregator(AggregatorCommandArgs),
+    /// Run a rater (a member of the rater consumer group) against a Kafka cluster.
+    Rater(RaterCommandArgs),
     /// Run the pipeline against an in-process Kafka broker, until interrupted.
     Dev(DevArgs),
     /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
@@ -39,6 +41,86 @@ enum Command {
     Catalog(CatalogCommand),
     /// Price a quantity under a meter's plan and explain every step of the amount.
     Price(PriceArgs),
+    /// Ledger tools.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Print the line items of the ledger topic as NDJSON, each id once.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    brokers: String,
+    /// Topic line items are read from.
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    ledger_topic: String,
+    /// Only items of this tenant.
+    #[arg(long, env = "NERUBA_TENANT")]
+    tenant: Option<String>,
+    /// Stop once no item arrived for this long (default: follow until interrupted).
+    #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
+    exit_when_idle: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct RaterCommandArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    brokers: String,
+    /// Catalog file (`.toml`, `.yaml` or `.yml`).
+    #[arg(long, env = "NERUBA_CATALOG")]
+    catalog: PathBuf,
+    /// Address `/metrics`, `/healthz` and `/readyz` listen on.
+    #[arg(long, env = "NERUBA_OPS_LISTEN", default_value = "0.0.0.0:9091")]
+    ops_listen: SocketAddr,
+    /// Directory holding one RocksDB database per assigned rollups partition.
+    #[arg(long, env = "NERUBA_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Topic closed windows are read from.
+    #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
+    rollups_topic: String,
+    /// Topic rollups that cannot be priced are produced to, with their refusal code.
+    #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
+    dead_letter_topic: String,
+    #[command(flatten)]
+    rating: RaterArgs,
+    /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_opts: Vec<(String, String)>,
+}
+
+/// Rater settings shared by `rater` and `dev`.
+#[derive(Debug, Args)]
+struct RaterArgs {
+    /// Consumer group of the raters.
+    #[arg(long, env = "NERUBA_RATER_GROUP_ID", default_value = "neruba-rater")]
+    rater_group_id: String,
+    /// Topic line items are produced to.
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    ledger_topic: String,
+}
+
+impl RaterArgs {
+    fn config(
+        &self,
+        brokers: &str,
+        rollups_topic: &str,
+        dead_letter_topic: &str,
+        state_dir: &Path,
+    ) -> neruba_rater::Config {
+        let mut config = neruba_rater::Config::new(brokers, state_dir);
+        config.group_id = self.rater_group_id.clone();
+        config.rollups_topic = rollups_topic.to_owned();
+        config.ledger_topic = self.ledger_topic.clone();
+        config.dead_letter_topic = dead_letter_topic.to_owned();
+        config
+    }
 }
 
 #[derive(Debug, Args)]
@@ -179,13 +261,16 @@ struct DevArgs {
     /// Partitions of each topic on the embedded broker.
     #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
     partitions: i32,
-    /// Aggregator state directory; a temporary one, removed at exit, when absent.
+    /// State directory (`aggregator/` and `rater/` beneath it); a temporary one, removed at
+    /// exit, when absent.
     #[arg(long, env = "NERUBA_STATE_DIR")]
     state_dir: Option<PathBuf>,
     #[command(flatten)]
     ingest: IngestArgs,
     #[command(flatten)]
     aggregation: AggregatorArgs,
+    #[command(flatten)]
+    rating: RaterArgs,
 }
 
 /// Gateway settings shared by `gateway` and `dev`.
@@ -348,6 +433,38 @@ async fn main() -> Result<()> {
             tracing::info!(%ops, "Aggregator operations endpoints listening.");
             neruba_aggregator::run(config, catalog, &registry, shutdown).await?;
         }
+        Command::Rater(args) => {
+            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            let mut config = args.rating.config(
+                &args.brokers,
+                &args.rollups_topic,
+                &args.dead_letter_topic,
+                &args.state_dir,
+            );
+            config.kafka_options = args.kafka_opts.clone();
+            let registry = prometheus::Registry::new();
+            let shutdown = shutdown_on_signal();
+            let ops = neruba::ops::serve(args.ops_listen, vec![registry.clone()], shutdown.clone())
+                .await?;
+            tracing::info!(%ops, "Rater operations endpoints listening.");
+            neruba_rater::start(config, catalog, &registry, shutdown)?
+                .wait()
+                .await?;
+        }
+        Command::Ledger(LedgerCommand::Tail(args)) => {
+            let shutdown = shutdown_on_signal();
+            tokio::task::spawn_blocking(move || {
+                neruba::ledger::tail(
+                    &args.brokers,
+                    &args.ledger_topic,
+                    args.tenant.as_deref(),
+                    args.exit_when_idle,
+                    &shutdown,
+                    &mut std::io::stdout().lock(),
+                )
+            })
+            .await??;
+        }
         Command::Dev(args) => run_dev(args).await?,
         Command::Demo => {
             neruba::demo::run().await?;
@@ -385,6 +502,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         (args.ingest.events_topic.as_str(), args.partitions),
         (args.aggregation.rollups_topic.as_str(), args.partitions),
         (args.aggregation.dead_letter_topic.as_str(), args.partitions),
+        (args.rating.ledger_topic.as_str(), args.partitions),
     ])
     .context("start the embedded Kafka broker")?;
     let catalog = Arc::new(catalog);
@@ -401,7 +519,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     let aggregator_config = args.aggregation.config(
         kafka.bootstrap_servers(),
         &args.ingest.events_topic,
-        &state_dir,
+        &state_dir.join("aggregator"),
     )?;
     let aggregator = neruba_aggregator::start(
         aggregator_config,
@@ -409,8 +527,20 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         &aggregator_metrics,
         shutdown.clone(),
     )?;
+    let rater_metrics = prometheus::Registry::new();
+    let rater = neruba_rater::start(
+        args.rating.config(
+            kafka.bootstrap_servers(),
+            &args.aggregation.rollups_topic,
+            &args.aggregation.dead_letter_topic,
+            &state_dir.join("rater"),
+        ),
+        catalog.clone(),
+        &rater_metrics,
+        shutdown.clone(),
+    )?;
     let mut config = args.ingest.config(args.listen, kafka.bootstrap_servers())?;
-    config.extra_metrics = vec![aggregator_metrics];
+    config.extra_metrics = vec![aggregator_metrics, rater_metrics];
     let running = gateway::start(
         config,
         catalog,
@@ -425,11 +555,16 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         kafka.bootstrap_servers()
     );
     println!(
-        "  Topics:     {}, {}, {} ({} partitions each)",
+        "  Topics:     {}, {}, {}, {} ({} partitions each)",
         args.ingest.events_topic,
         args.aggregation.rollups_topic,
+        args.rating.ledger_topic,
         args.aggregation.dead_letter_topic,
         args.partitions
+    );
+    println!(
+        "  Ledger:     neruba ledger tail --brokers {}",
+        kafka.bootstrap_servers()
     );
     println!("  State:      {}", state_dir.display());
     if args.catalog.is_none() {
@@ -439,8 +574,8 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         }
     }
     println!("Press Ctrl-C to stop.");
-    // One process, one fate: if the aggregator stops on an error, the whole pipeline stops
-    // rather than accept events nobody aggregates.
+    // One process, one fate: if the aggregator or the rater stops on an error, the whole
+    // pipeline stops rather than accept events nobody aggregates or prices.
     let stop_all = shutdown.clone();
     let aggregated = tokio::spawn(async move {
         let result = aggregator.wait().await;
@@ -450,8 +585,18 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         stop_all.cancel();
         result
     });
+    let stop_all = shutdown.clone();
+    let rated = tokio::spawn(async move {
+        let result = rater.wait().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Rater failed; stopping the dev pipeline.");
+        }
+        stop_all.cancel();
+        result
+    });
     running.wait().await?;
     aggregated.await??;
+    rated.await??;
     drop(kafka);
     Ok(())
 }
@@ -543,5 +688,18 @@ mod tests {
             "/tmp/s",
         ]);
         assert!(aggregator.is_ok(), "{aggregator:?}");
+        let rater = Cli::try_parse_from([
+            "neruba",
+            "rater",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+        ]);
+        assert!(rater.is_ok(), "{rater:?}");
+        let tail = Cli::try_parse_from(["neruba", "ledger", "tail", "--brokers", "k:9092"]);
+        assert!(tail.is_ok(), "{tail:?}");
     }
 }

@@ -1,7 +1,124 @@
-//! The rater: turns closed windows into priced line items.
+//! The rater: turns closed windows (rollups) into priced line items on the ledger topic.
 //!
-//! So far this crate holds the pricing engine ([`price`]), pure functions from a plan and a
-//! period-to-date quantity to an exact amount and its explanation. Consuming rollups and
-//! producing line items to the ledger topic is not built yet.
+//! Invariants:
+//! - per assigned rollups partition, the amount already emitted for each billing period, the
+//!   latest revision rated for each window and the next offset live in one RocksDB database and
+//!   change in one atomic write ([`state`]); on assignment the consumer seeks to the offset
+//!   stored there;
+//! - a batch's line items are acknowledged by the broker before the batch is written, so a crash
+//!   can repeat an item (identical id and content) but never lose one;
+//! - rating ([`rate`]) is a pure function of the rollup, the catalog and the stored records, and
+//!   pricing ([`price`]) a pure function of a plan and a quantity: replaying gives identical items.
 
+pub mod consumer;
+pub mod metrics;
 pub mod price;
+pub mod rate;
+pub mod state;
+
+use neruba_schemas::Catalog;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What stops the rater. Rollups it cannot price never do: they are dead-lettered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// RocksDB failed. Restarting replays from the stored offsets.
+    #[error("state store: {0}")]
+    Storage(#[from] rocksdb::Error),
+    #[error("state store: corrupt {0}")]
+    Corrupt(String),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rater task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Result with the rater's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Rater settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub group_id: String,
+    pub rollups_topic: String,
+    pub ledger_topic: String,
+    pub dead_letter_topic: String,
+    /// One RocksDB directory per assigned rollups partition is created under this.
+    pub state_dir: PathBuf,
+    /// Most rollups rated before a batch is delivered and written.
+    pub max_batch: usize,
+    /// Shared RocksDB block cache, bytes.
+    pub block_cache_bytes: usize,
+    pub kafka_options: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Defaults for everything but where the brokers and the state are.
+    pub fn new(brokers: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: "neruba-rater".to_owned(),
+            rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
+            ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
+            dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),
+            state_dir: state_dir.into(),
+            max_batch: 2_000,
+            block_cache_bytes: 32 * 1024 * 1024,
+            kafka_options: Vec::new(),
+        }
+    }
+}
+
+/// A started rater.
+#[derive(Debug)]
+pub struct Running {
+    task: JoinHandle<Result<()>>,
+    kill: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Waits until the rater stopped.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await?
+    }
+
+    /// Stops at once without writing the pending batch, as a crash would (for tests).
+    pub async fn kill(self) -> Result<()> {
+        self.kill.store(true, Ordering::SeqCst);
+        match self.task.await? {
+            Ok(()) | Err(Error::Kafka(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Starts consuming rollups; returns at once.
+pub fn start(
+    config: Config,
+    catalog: Arc<Catalog>,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let metrics = metrics::Metrics::register(registry)?;
+    let kill = Arc::new(AtomicBool::new(false));
+    let worker = consumer::Worker::new(config, catalog, metrics, shutdown, kill.clone())?;
+    let task = tokio::task::spawn_blocking(move || worker.run());
+    Ok(Running { task, kill })
+}

@@ -14,6 +14,7 @@ pub mod currency;
 pub mod decimal;
 pub mod event;
 pub mod json_path;
+pub mod ledger;
 pub mod measure;
 pub mod reject;
 pub mod rollup;

@@ -307,7 +307,7 @@ pub async fn dead_letters(bootstrap: &str, expected: usize) -> Result<Vec<(Strin
                 .headers()
                 .and_then(|h| {
                     h.iter()
-                        .find(|h| h.key == neruba_aggregator::consumer::REJECT_CODE_HEADER)
+                        .find(|h| h.key == neruba_schemas::topics::REJECT_CODE_HEADER)
                         .and_then(|h| h.value)
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 })

@@ -1,67 +1,142 @@
-//! The README's first command runs `neruba demo`; this keeps what it shows true.
+//! The README's first command runs `neruba demo`; this keeps what it shows true, to the cent.
 
 use anyhow::Result;
 
-fn row(
-    who: &str,
-    meter: &str,
-    group: &str,
-    window: &str,
-    period: &str,
-    price: &str,
-) -> (String, String, String, String, String, String) {
-    (
-        who.into(),
-        meter.into(),
-        group.into(),
-        window.into(),
-        period.into(),
-        price.into(),
-    )
-}
-
 #[tokio::test]
-async fn demo_accepts_rejects_rolls_up_and_prices_as_documented() -> Result<()> {
+async fn demo_turns_events_into_line_items_that_add_up_by_hand() -> Result<()> {
     let summary = neruba::demo::run().await?;
-    assert_eq!(summary.accepted, 5);
+    assert_eq!(summary.accepted, 8);
     assert_eq!(summary.duplicate, 2);
     assert_eq!(
         summary.rejected,
         ["missing_field", "invalid_value", "timestamp_in_future"]
     );
-    assert_eq!(summary.on_topic, 5);
-    assert_eq!(
-        summary.rollups,
+    assert_eq!(summary.on_topic, 7, "before the late event");
+    // (who, meter, group, revision, kind, window quantity, period quantity, amount, period total),
+    // sorted by who, meter, group, window, revision. Window times depend on the clock.
+    let rows: Vec<[String; 9]> = summary
+        .items
+        .iter()
+        .map(|r| {
+            [
+                r.who.clone(),
+                r.meter.clone(),
+                r.group.clone(),
+                r.revision.to_string(),
+                r.kind.clone(),
+                r.window_quantity.clone(),
+                r.period_quantity.clone(),
+                r.amount.clone(),
+                r.period_amount.clone(),
+            ]
+        })
+        .collect();
+    let expected = [
+        // 10,000 tokens a month per model are free: 1,200 cost nothing...
         [
-            // 10,000 tokens a month are free.
-            row(
-                "acme/customer-7",
-                "llm_tokens",
-                "model=large",
-                "1200",
-                "1200",
-                "0.00 USD"
-            ),
-            row(
-                "acme/customer-7",
-                "llm_tokens",
-                "model=small",
-                "850.5",
-                "850.5",
-                "0.00 USD"
-            ),
-            // One package of 1,000 calls costs 0.50; the monthly minimum of 1.00 applies.
-            row("acme/customer-9", "api_calls", "", "1", "1", "1.00 USD"),
-            row("acme/customer-9", "api_calls", "", "1", "2", "1.00 USD"),
-            // Volume tier 1: 12.75 × 0.023 = 0.29325, rounded half-up to 0.29.
-            row(
-                "globex/customer-1",
-                "storage_gb_hours",
-                "region=eu-west",
-                "12.75",
-                "12.75",
-                "0.29 EUR"
-            ),
+            "acme/customer-7",
+            "llm_tokens",
+            "model=large",
+            "1",
+            "usage",
+            "1200",
+            "1200",
+            "0.00 USD",
+            "0.00 USD",
+        ],
+        // ...25,000 leave 15,000 billable in tier 1: 15,000 × 0.00002 = 0.30.
+        [
+            "acme/customer-7",
+            "llm_tokens",
+            "model=large",
+            "1",
+            "usage",
+            "23800",
+            "25000",
+            "0.30 USD",
+            "0.30 USD",
+        ],
+        [
+            "acme/customer-7",
+            "llm_tokens",
+            "model=small",
+            "1",
+            "usage",
+            "850.5",
+            "850.5",
+            "0.00 USD",
+            "0.00 USD",
+        ],
+        // One package of 1,000 calls is 0.50; the monthly minimum of 1.00 applies once.
+        [
+            "acme/customer-9",
+            "api_calls",
+            "",
+            "1",
+            "usage",
+            "1",
+            "1",
+            "1.00 USD",
+            "1.00 USD",
+        ],
+        [
+            "acme/customer-9",
+            "api_calls",
+            "",
+            "1",
+            "usage",
+            "1",
+            "2",
+            "0.00 USD",
+            "1.00 USD",
+        ],
+        // Volume tier 1: 12.75 × 0.023 = 0.29325 → 0.29.
+        [
+            "globex/customer-1",
+            "storage_gb_hours",
+            "region=eu-west",
+            "1",
+            "usage",
+            "12.75",
+            "12.75",
+            "0.29 EUR",
+            "0.29 EUR",
+        ],
+        // The late 1,000 GB-hours move the whole period to tier 2:
+        // 1,012.75 × 0.021 + 5.00 = 26.26775 → 26.27, of which 0.29 was billed.
+        [
+            "globex/customer-1",
+            "storage_gb_hours",
+            "region=eu-west",
+            "2",
+            "adjustment",
+            "1012.75",
+            "1012.75",
+            "25.98 EUR",
+            "26.27 EUR",
+        ],
+        // 400 × 0.023 = 9.20.
+        [
+            "globex/customer-2",
+            "storage_gb_hours",
+            "region=us-east",
+            "1",
+            "usage",
+            "400",
+            "400",
+            "9.20 EUR",
+            "9.20 EUR",
+        ],
+    ]
+    .map(|row| row.map(str::to_owned));
+    assert_eq!(rows, expected);
+    assert_eq!(
+        summary.totals,
+        [
+            ("acme/customer-7".to_owned(), "0.30 USD".to_owned()),
+            ("acme/customer-9".to_owned(), "1.00 USD".to_owned()),
+            ("globex/customer-1".to_owned(), "26.27 EUR".to_owned()),
+            ("globex/customer-2".to_owned(), "9.20 EUR".to_owned()),
         ]
     );
     Ok(())

@@ -1,0 +1,104 @@
+//! `neruba ledger tail`: the ledger topic as NDJSON, each line item id once.
+//!
+//! The ledger may carry an item twice (a rater crash between producing and writing its state
+//! re-sends it), always with the identical id and content; a ledger consumer dedupes by id, and
+//! so does this one. A repeated id with different content would break that contract: it is
+//! reported on stderr, never printed.
+
+use ahash::AHashMap as HashMap;
+use neruba_schemas::ledger::LineItem;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What a tail saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TailCounts {
+    pub printed: u64,
+    pub repeats: u64,
+    pub conflicting: u64,
+    pub undecodable: u64,
+}
+
+/// Reads `topic` from the beginning and writes each new line item as one JSON line to `out`,
+/// until `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
+pub fn tail(
+    brokers: &str,
+    topic: &str,
+    tenant: Option<&str>,
+    exit_when_idle: Option<Duration>,
+    shutdown: &CancellationToken,
+    out: &mut dyn Write,
+) -> anyhow::Result<TailCounts> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "neruba-ledger-tail")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        if let Some(e) = t.error() {
+            anyhow::bail!("topic `{topic}`: {e:?}");
+        }
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    // Each printed item by id, to tell a faithful repeat from a conflicting one.
+    let mut seen: HashMap<String, LineItem> = HashMap::default();
+    let mut counts = TailCounts::default();
+    let mut last = Instant::now();
+    while !shutdown.is_cancelled() {
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle) {
+                    break;
+                }
+                continue;
+            }
+            Some(message) => message?,
+        };
+        last = Instant::now();
+        let payload = message.payload().unwrap_or_default();
+        let item = match LineItem::decode(payload) {
+            Ok(item) => item,
+            Err(e) => {
+                counts.undecodable += 1;
+                eprintln!(
+                    "partition {} offset {}: not a line item: {e}",
+                    message.partition(),
+                    message.offset()
+                );
+                continue;
+            }
+        };
+        if tenant.is_some_and(|t| t != item.tenant) {
+            continue;
+        }
+        match seen.get(&item.id) {
+            Some(earlier) if *earlier == item => counts.repeats += 1,
+            Some(_) => {
+                counts.conflicting += 1;
+                eprintln!(
+                    "line item {} appears again with different content (partition {} offset {})",
+                    item.id,
+                    message.partition(),
+                    message.offset()
+                );
+            }
+            None => {
+                out.write_all(payload)?;
+                out.write_all(b"\n")?;
+                out.flush()?;
+                counts.printed += 1;
+                seen.insert(item.id.clone(), item);
+            }
+        }
+    }
+    Ok(counts)
+}

@@ -1,0 +1,439 @@
+//! The rater's consumer loop: poll rollups, rate them against the partition's state, deliver
+//! the line items, write the state. Runs on one blocking thread.
+//!
+//! Invariants:
+//! - on assignment each partition resumes at the offset stored with its state in RocksDB;
+//! - on revocation and on shutdown the pending batch is delivered and written first;
+//! - nothing of a batch is written before its items were acknowledged (`acks=all`).
+
+use crate::metrics::Metrics;
+use crate::state::{Output, PartitionState, partition_dir};
+use crate::{Config, Error, Result};
+use futures::future::join_all;
+use neruba_schemas::Catalog;
+use neruba_schemas::topics::{
+    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
+    stable_partition,
+};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rocksdb::Cache;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "neruba-rater")
+        // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "20");
+    for (key, value) in &config.kafka_options {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
+
+fn build_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("client.id", "neruba-rater")
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "60000");
+    for (key, value) in &config.kafka_options {
+        if !matches!(key.as_str(), "acks" | "enable.idempotence") {
+            client.set(key, value);
+        }
+    }
+    client.create()
+}
+
+fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(1))
+        .unwrap_or(1)
+        .max(1))
+}
+
+struct Shared {
+    partitions: HashMap<i32, PartitionState>,
+    config: Config,
+    cache: Cache,
+    producer: FutureProducer,
+    ledger_partitions: i32,
+    metrics: Metrics,
+    /// A failure inside a rebalance callback, surfaced by the loop.
+    fatal: Option<Error>,
+}
+
+impl Shared {
+    fn open_partition(&mut self, partition: i32) -> Result<&mut PartitionState> {
+        if !self.partitions.contains_key(&partition) {
+            let dir = partition_dir(
+                &self.config.state_dir,
+                &self.config.rollups_topic,
+                partition,
+            );
+            // The previous owner may still be closing this partition's database.
+            let mut attempt = 0;
+            let state = loop {
+                match PartitionState::open(&dir, partition, &self.cache) {
+                    Ok(state) => break state,
+                    Err(Error::Storage(e)) if attempt < 50 && e.to_string().contains("lock") => {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            tracing::info!(partition, next_offset = ?state.next_offset(), "Rater partition state opened.");
+            self.partitions.insert(partition, state);
+        }
+        self.partitions
+            .get_mut(&partition)
+            .ok_or_else(|| Error::Corrupt("partition vanished".into()))
+    }
+
+    /// Delivers the batch's items and refusals, then writes each partition's state.
+    /// `produced_at` are the rollups' Kafka timestamps, for the close-to-item histogram.
+    fn finish_batch(
+        &mut self,
+        consumer: &BaseConsumer<Context>,
+        produced_at: &[i64],
+    ) -> Result<()> {
+        let mut outputs = Vec::new();
+        for state in self.partitions.values_mut() {
+            outputs.extend(state.take_outputs());
+            let counts = state.take_counts();
+            self.metrics.rollups.inc_by(counts.rollups);
+            self.metrics.repeats.inc_by(counts.repeats);
+            for (kind, n) in counts.items {
+                self.metrics.items.with_label_values(&[kind]).inc_by(n);
+            }
+            for (code, n) in counts.refused {
+                self.metrics.refused.with_label_values(&[code]).inc_by(n);
+            }
+        }
+        let delivered = !outputs.is_empty();
+        deliver(
+            &self.producer,
+            &self.config,
+            self.ledger_partitions,
+            outputs,
+        )?;
+        if delivered {
+            let now = neruba_schemas::event::now_ms();
+            for at in produced_at {
+                let millis = u32::try_from((now - at).max(0)).unwrap_or(u32::MAX);
+                self.metrics
+                    .close_to_item
+                    .observe(Duration::from_millis(u64::from(millis)).as_secs_f64());
+            }
+        }
+        let mut committed = TopicPartitionList::new();
+        for state in self.partitions.values_mut() {
+            if !state.is_dirty() {
+                continue;
+            }
+            state.commit()?;
+            if let Some(next) = state.next_offset() {
+                committed.add_partition_offset(
+                    &self.config.rollups_topic,
+                    state.partition,
+                    Offset::Offset(next),
+                )?;
+            }
+        }
+        if committed.count() > 0
+            && let Err(e) = consumer.commit(&committed, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "Group offset commit failed; lag graphs may lag.");
+        }
+        Ok(())
+    }
+}
+
+/// Sends the outputs and waits for every acknowledgement.
+fn deliver(
+    producer: &FutureProducer,
+    config: &Config,
+    ledger_partitions: i32,
+    outputs: Vec<Output>,
+) -> Result<()> {
+    let mut pending = Vec::with_capacity(outputs.len());
+    for output in &outputs {
+        let sent = match output {
+            Output::Item(item) => {
+                let key = item.partition_key();
+                let payload = item.encode();
+                producer
+                    .send_result(
+                        FutureRecord::to(&config.ledger_topic)
+                            .key(key.as_bytes())
+                            .payload(payload.as_slice())
+                            .partition(stable_partition(&key, ledger_partitions)),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            Output::Refused {
+                key,
+                payload,
+                refusal,
+                offset,
+            } => {
+                let offset_text = offset.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: REJECT_CODE_HEADER,
+                        value: Some(refusal.code),
+                    })
+                    .insert(Header {
+                        key: REJECT_MESSAGE_HEADER,
+                        value: Some(refusal.message.as_str()),
+                    })
+                    .insert(Header {
+                        key: SOURCE_TOPIC_HEADER,
+                        value: Some(config.rollups_topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: SOURCE_OFFSET_HEADER,
+                        value: Some(offset_text.as_str()),
+                    });
+                let mut record = FutureRecord::to(&config.dead_letter_topic)
+                    .payload(payload.as_slice())
+                    .headers(headers);
+                if let Some(key) = key {
+                    record = record.key(key.as_slice());
+                }
+                producer.send_result(record).map_err(|(e, _)| e)
+            }
+        };
+        pending.push(sent);
+    }
+    let results =
+        futures::executor::block_on(join_all(pending.into_iter().map(|enqueued| async move {
+            match enqueued {
+                Err(e) => Err(e),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+            }
+        })));
+    for result in results {
+        result?;
+    }
+    Ok(())
+}
+
+/// The consumer context: opens partition state on assignment, writes it on revocation.
+pub struct Context {
+    shared: Arc<Mutex<Shared>>,
+    topic: String,
+    kill: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                for partition in partitions {
+                    let resume = match shared.open_partition(partition) {
+                        Ok(state) => state
+                            .next_offset()
+                            .map_or(Offset::Beginning, Offset::Offset),
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "Cannot open rater state.");
+                            shared.fatal = Some(e);
+                            Offset::Beginning
+                        }
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, resume) {
+                        shared.fatal = Some(e.into());
+                    }
+                }
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                if let Err(e) = consumer.assign(tpl) {
+                    shared.fatal = Some(e.into());
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if !self.kill.load(Ordering::SeqCst)
+                    && let Err(e) = shared.finish_batch(consumer, &[])
+                {
+                    tracing::error!(error = %e, "Could not write state of revoked partitions.");
+                    shared.fatal = Some(e);
+                }
+                for element in tpl.elements() {
+                    shared.partitions.remove(&element.partition());
+                }
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "Unassign failed.");
+                }
+            }
+            other => tracing::error!(error = ?other, "Rebalance error."),
+        }
+    }
+}
+
+/// The consumer loop and what it owns.
+pub struct Worker {
+    consumer: BaseConsumer<Context>,
+    shared: Arc<Mutex<Shared>>,
+    catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+    kill: Arc<AtomicBool>,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub fn new(
+        config: Config,
+        catalog: Arc<Catalog>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+        kill: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let producer = build_producer(&config)?;
+        let ledger_partitions = partition_count(&producer, &config.ledger_topic)?;
+        let shared = Arc::new(Mutex::new(Shared {
+            partitions: HashMap::new(),
+            cache: Cache::new_lru_cache(config.block_cache_bytes),
+            producer,
+            ledger_partitions,
+            metrics,
+            fatal: None,
+            config: config.clone(),
+        }));
+        let context = Context {
+            shared: shared.clone(),
+            topic: config.rollups_topic.clone(),
+            kill: kill.clone(),
+        };
+        let consumer = build_consumer(&config, context)?;
+        consumer.subscribe(&[&config.rollups_topic])?;
+        Ok(Self {
+            consumer,
+            shared,
+            catalog,
+            shutdown,
+            kill,
+            max_batch: config.max_batch,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Shared>> {
+        self.shared
+            .lock()
+            .map_err(|_| Error::Corrupt("rater state lock poisoned".into()))
+    }
+
+    /// Runs until shutdown (writing everything) or kill (writing nothing).
+    pub fn run(self) -> Result<()> {
+        let mut produced_at = Vec::with_capacity(self.max_batch);
+        loop {
+            if self.kill.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if self.shutdown.is_cancelled() {
+                self.lock()?.finish_batch(&self.consumer, &[])?;
+                tracing::info!("Rater stopped; state written.");
+                return Ok(());
+            }
+            produced_at.clear();
+            while produced_at.len() < self.max_batch {
+                let wait = if produced_at.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                let message = match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "Consumer error.");
+                        break;
+                    }
+                    Some(Ok(message)) => message,
+                };
+                let mut shared = self.lock()?;
+                if let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                    state.apply(
+                        message.offset(),
+                        message.key(),
+                        message.payload().unwrap_or_default(),
+                        &self.catalog,
+                    )?;
+                }
+                produced_at.push(message.timestamp().to_millis().unwrap_or_default());
+            }
+            if self.kill.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut shared = self.lock()?;
+            if let Some(e) = shared.fatal.take() {
+                return Err(e);
+            }
+            shared.finish_batch(&self.consumer, &produced_at)?;
+        }
+    }
+}

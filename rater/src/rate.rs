@@ -1,0 +1,410 @@
+//! Rating one rollup: the pure step between a closed window and its line item. No IO.
+//!
+//! Invariants:
+//! - the period's plan is the version in force on the period's first day (in the meter's
+//!   billing time zone), so one period is priced by one plan and its items sum to that plan's
+//!   price of the period total;
+//! - `amount = price(period-to-date quantity) − amount already emitted for the period`, so the
+//!   items of a period telescope to the price of its latest total, whatever the split into
+//!   windows, the lateness or a change of plan version;
+//! - a rollup whose revision was already rated for its window is a re-delivery: it yields no
+//!   item (the first one stands, with its id);
+//! - the result depends only on the rollup, the catalog and the two stored records, never on
+//!   the clock, so replaying rollups into fresh state yields identical items.
+
+use crate::price::{self, plan_in_force};
+use neruba_schemas::Catalog;
+use neruba_schemas::event::format_time_ms;
+use neruba_schemas::ledger::{IdParts, Kind, LineItem, line_item_id};
+use neruba_schemas::rollup::Rollup;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// What the rater remembers of a billing period (per tenant, customer, meter and group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodRecord {
+    /// Sum of the amounts emitted so far.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub quantity: Decimal,
+    pub currency: String,
+}
+
+/// What the rater remembers of a window: the latest revision rated and its item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub revision: u32,
+    pub item_id: String,
+}
+
+/// A rollup the rater cannot price. The code is stable: it is the dead-letter header value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Every refusal code, for metrics and documentation.
+pub const REFUSAL_CODES: [&str; 6] = [
+    "invalid_rollup",
+    "unknown_tenant",
+    "no_matching_meter",
+    "no_price_plan",
+    "unknown_currency",
+    "unpriceable_quantity",
+];
+
+/// The outcome of rating one rollup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rated {
+    /// A new line item, with the records to store beside it.
+    Item {
+        item: Box<LineItem>,
+        period: PeriodRecord,
+        window: WindowRecord,
+    },
+    /// This revision of the window was rated before; nothing to emit.
+    Repeat,
+}
+
+/// Rates `rollup` given what was stored for its period and window.
+pub fn rate(
+    rollup: &Rollup,
+    catalog: &Catalog,
+    period: Option<&PeriodRecord>,
+    window: Option<&WindowRecord>,
+) -> Result<Rated, Refusal> {
+    if let Some(window) = window
+        && window.revision >= rollup.revision
+    {
+        return Ok(Rated::Repeat);
+    }
+    let tenant = catalog.tenant(&rollup.tenant).ok_or_else(|| {
+        Refusal::new(
+            "unknown_tenant",
+            format!("tenant `{}` is not in the catalog", rollup.tenant),
+        )
+    })?;
+    let meter = tenant
+        .meters
+        .iter()
+        .find(|m| m.key == rollup.meter)
+        .ok_or_else(|| {
+            Refusal::new(
+                "no_matching_meter",
+                format!("tenant `{}` has no meter `{}`", rollup.tenant, rollup.meter),
+            )
+        })?;
+    let period_date = local_date(rollup.period_start_ms, meter.offset_secs()).ok_or_else(|| {
+        Refusal::new(
+            "invalid_rollup",
+            "period start is out of the calendar's range",
+        )
+    })?;
+    let plan = plan_in_force(&tenant.price_plans, &rollup.meter, period_date).ok_or_else(|| {
+        Refusal::new(
+            "no_price_plan",
+            format!(
+                "tenant `{}` has no plan for meter `{}` in force on {period_date}",
+                rollup.tenant, rollup.meter
+            ),
+        )
+    })?;
+    let precision = catalog.precision(&plan.currency).ok_or_else(|| {
+        Refusal::new(
+            "unknown_currency",
+            format!("currency `{}` has no known precision", plan.currency),
+        )
+    })?;
+    let priced = price::price(plan, rollup.period_quantity, precision)
+        .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
+    let emitted = match period {
+        Some(p) if p.currency != plan.currency => {
+            return Err(Refusal::new(
+                "unknown_currency",
+                format!(
+                    "the period was billed in {} but plan `{}` v{} is in {}",
+                    p.currency, plan.id, plan.version, plan.currency
+                ),
+            ));
+        }
+        Some(p) => p.amount,
+        None => Decimal::ZERO,
+    };
+    let mut amount = priced
+        .amount
+        .checked_sub(emitted)
+        .ok_or_else(|| Refusal::new("unpriceable_quantity", "amount overflows"))?;
+    amount.rescale(precision);
+    let id = line_item_id(&IdParts {
+        tenant: &rollup.tenant,
+        customer: &rollup.customer,
+        meter: &rollup.meter,
+        group: &rollup.group,
+        period_start_ms: rollup.period_start_ms,
+        window_start_ms: rollup.window_start_ms,
+        revision: rollup.revision,
+        price_plan: &plan.id,
+        price_version: plan.version,
+    });
+    let kind = if rollup.revision > 1 {
+        Kind::Adjustment
+    } else if matches!(plan.model, neruba_schemas::catalog::PriceModel::Flat { .. }) {
+        Kind::Flat
+    } else {
+        Kind::Usage
+    };
+    let item = LineItem {
+        v: 1,
+        id: id.clone(),
+        kind,
+        tenant: rollup.tenant.clone(),
+        customer: rollup.customer.clone(),
+        meter: rollup.meter.clone(),
+        group: rollup.group.clone(),
+        period_start: format_time_ms(rollup.period_start_ms),
+        period_end: format_time_ms(rollup.period_end_ms),
+        window_start: format_time_ms(rollup.window_start_ms),
+        window_end: format_time_ms(rollup.window_end_ms),
+        window_quantity: rollup.window_quantity,
+        window_events: rollup.window_events,
+        period_quantity: rollup.period_quantity,
+        amount,
+        period_amount: priced.amount,
+        currency: plan.currency.clone(),
+        price_plan: plan.id.clone(),
+        price_version: plan.version,
+        revision: rollup.revision,
+        supersedes: window.map(|w| w.item_id.clone()),
+    };
+    Ok(Rated::Item {
+        item: Box::new(item),
+        period: PeriodRecord {
+            amount: priced.amount,
+            quantity: rollup.period_quantity,
+            currency: plan.currency.clone(),
+        },
+        window: WindowRecord {
+            revision: rollup.revision,
+            item_id: id,
+        },
+    })
+}
+
+/// The calendar date of `ms` at `offset_secs` east of UTC.
+fn local_date(ms: i64, offset_secs: i32) -> Option<time::Date> {
+    let local = ms.checked_add(i64::from(offset_secs) * 1000)?;
+    let t = time::OffsetDateTime::from_unix_timestamp(local.div_euclid(1000)).ok()?;
+    Some(t.date())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_schemas::catalog::Aggregation;
+    use std::collections::BTreeMap;
+
+    const CATALOG: &str = r#"
+[[tenants]]
+id = "acme"
+
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm.tokens"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+
+[[tenants.meters]]
+key = "seats"
+event_type = "seat.active"
+aggregation = "max"
+value = "$.seats"
+window = "1h"
+
+[[tenants.price_plans]]
+id = "tokens-usd"
+meter = "tokens"
+version = 1
+effective_from = "2026-01-01"
+currency = "USD"
+included_units = "1000"
+model = { type = "graduated", tiers = [
+  { up_to = "10000", unit_price = "0.001" },
+  { unit_price = "0.0005" },
+] }
+
+[[tenants.price_plans]]
+id = "tokens-usd"
+meter = "tokens"
+version = 2
+effective_from = "2026-12-01"
+currency = "USD"
+model = { type = "unit", unit_price = "0.01" }
+
+[[tenants.price_plans]]
+id = "seats-flat"
+meter = "seats"
+version = 1
+effective_from = "2026-01-01"
+currency = "EUR"
+model = { type = "flat", fee = "49.00" }
+"#;
+
+    fn catalog() -> Catalog {
+        Catalog::from_toml_str(CATALOG, "test.toml").expect("catalog")
+    }
+
+    fn d(text: &str) -> Decimal {
+        neruba_schemas::decimal::parse_exact(text).expect("decimal")
+    }
+
+    /// November 2026 (UTC), window starting at `minute` past midnight on the 24th.
+    fn rollup(meter: &str, minute: i64, revision: u32, window: &str, period: &str) -> Rollup {
+        let period_start_ms = 1_793_491_200_000; // 2026-11-01T00:00:00Z
+        let window_start_ms = 1_795_478_400_000 + minute * 60_000; // 2026-11-24T00:00Z + minute
+        Rollup {
+            v: 1,
+            tenant: "acme".into(),
+            meter: meter.into(),
+            customer: "c1".into(),
+            group: BTreeMap::new(),
+            aggregation: Aggregation::Sum,
+            window_start_ms,
+            window_end_ms: window_start_ms + 60_000,
+            period_start_ms,
+            period_end_ms: 1_796_083_200_000, // 2026-12-01T00:00:00Z
+            window_quantity: d(window),
+            window_events: 1,
+            period_quantity: d(period),
+            period_events: 1,
+            revision,
+        }
+    }
+
+    fn item(rated: Rated) -> (LineItem, PeriodRecord, WindowRecord) {
+        match rated {
+            Rated::Item {
+                item,
+                period,
+                window,
+            } => (*item, period, window),
+            Rated::Repeat => panic!("expected an item"),
+        }
+    }
+
+    #[test]
+    fn windows_emit_deltas_and_a_revision_supersedes_its_window() {
+        let catalog = catalog();
+        // 1,500 tokens: 500 billable at 0.001 = 0.50.
+        let (first, period, w1) = item(
+            rate(
+                &rollup("tokens", 0, 1, "1500", "1500"),
+                &catalog,
+                None,
+                None,
+            )
+            .expect("rates"),
+        );
+        assert_eq!(first.kind, Kind::Usage);
+        assert_eq!(first.amount, d("0.50"));
+        assert_eq!(first.period_amount, d("0.50"));
+        assert_eq!(first.price_version, 1, "the plan in force on 2026-11-01");
+        assert_eq!(first.window_start, "2026-11-24T00:00:00.000Z");
+        assert_eq!(first.period_start, "2026-11-01T00:00:00.000Z");
+        assert_eq!(first.supersedes, None);
+        // Second window: 12,000 total, 11,000 billable → 10,000 × 0.001 in tier 1 (10.00)
+        // + 1,000 × 0.0005 in tier 2 (0.50) = 10.50, of which 0.50 was emitted.
+        let (second, period, _) = item(
+            rate(
+                &rollup("tokens", 1, 1, "10500", "12000"),
+                &catalog,
+                Some(&period),
+                None,
+            )
+            .expect("rates"),
+        );
+        assert_eq!(second.amount, d("10.00"));
+        assert_eq!(second.period_amount, d("10.50"));
+        // A late event adds 2 tokens to the first window: 1,002 in tier 2 → 10.501 → 10.50;
+        // the adjustment's delta is 0.00.
+        let (late, _, _) = item(
+            rate(
+                &rollup("tokens", 0, 2, "1502", "12002"),
+                &catalog,
+                Some(&period),
+                Some(&w1),
+            )
+            .expect("rates"),
+        );
+        assert_eq!(late.kind, Kind::Adjustment);
+        assert_eq!(late.amount.to_string(), "0.00");
+        assert_eq!(late.supersedes.as_deref(), Some(first.id.as_str()));
+        assert_ne!(late.id, first.id);
+        // The same revision again is a re-delivery.
+        assert_eq!(
+            rate(
+                &rollup("tokens", 0, 1, "1500", "1500"),
+                &catalog,
+                Some(&period),
+                Some(&w1)
+            ),
+            Ok(Rated::Repeat)
+        );
+    }
+
+    #[test]
+    fn flat_plans_charge_the_fee_on_the_first_window_of_the_period() {
+        let catalog = catalog();
+        let (first, period, _) =
+            item(rate(&rollup("seats", 0, 1, "3", "3"), &catalog, None, None).expect("rates"));
+        assert_eq!(first.kind, Kind::Flat);
+        assert_eq!((first.amount, first.currency.as_str()), (d("49.00"), "EUR"));
+        let (next, _, _) = item(
+            rate(
+                &rollup("seats", 60, 1, "5", "5"),
+                &catalog,
+                Some(&period),
+                None,
+            )
+            .expect("rates"),
+        );
+        assert_eq!(next.amount.to_string(), "0.00");
+        assert_eq!(next.period_amount, d("49.00"));
+    }
+
+    #[test]
+    fn refusals_carry_stable_codes() {
+        let catalog = catalog();
+        let mut unknown = rollup("tokens", 0, 1, "1", "1");
+        unknown.tenant = "nobody".into();
+        let code = |r: &Rollup| {
+            rate(r, &catalog, None, None)
+                .map(|_| ())
+                .map_err(|e| e.code)
+        };
+        assert_eq!(code(&unknown), Err("unknown_tenant"));
+        assert_eq!(
+            code(&rollup("gone", 0, 1, "1", "1")),
+            Err("no_matching_meter")
+        );
+        assert_eq!(
+            code(&rollup("tokens", 0, 1, "-1", "-1")),
+            Err("unpriceable_quantity")
+        );
+        let mut early = rollup("tokens", 0, 1, "1", "1");
+        early.period_start_ms = 1_735_689_600_000 - 86_400_000; // 2024-12-31: before any plan
+        assert_eq!(code(&early), Err("no_price_plan"));
+    }
+}
