@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
+    WATERMARK_HEADER,
 };
+use rdkafka::message::Headers;
 
 /// Builds the consumer. Every librdkafka setting the aggregator relies on is here.
 fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
@@ -244,6 +246,26 @@ fn deliver(
                     )
                     .map_err(|(e, _)| e)
             }
+            Output::Tick {
+                partition,
+                watermark,
+            } => {
+                let text = watermark.to_string();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: WATERMARK_HEADER,
+                    value: Some(text.as_str()),
+                });
+                let payload = format!(r#"{{"watermark_ms":{watermark}}}"#);
+                producer
+                    .send_result(
+                        FutureRecord::to(&config.events_topic)
+                            .key(WATERMARK_HEADER.as_bytes())
+                            .payload(payload.as_bytes())
+                            .partition(*partition)
+                            .headers(headers),
+                    )
+                    .map_err(|(e, _)| e)
+            }
             Output::DeadLetter {
                 key,
                 payload,
@@ -294,6 +316,18 @@ fn deliver(
         result?;
     }
     Ok(())
+}
+
+/// How long an idle tick may take to come back before another is sent.
+const TICK_RETRY: Duration = Duration::from_secs(5);
+
+/// The watermark a tick message carries, if it is one. A tick whose value does not parse is
+/// read as the far past, which moves nothing.
+fn watermark_tick(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+    let headers = message.headers()?;
+    let header = headers.iter().find(|h| h.key == WATERMARK_HEADER)?;
+    let text = std::str::from_utf8(header.value.unwrap_or_default()).unwrap_or_default();
+    Some(text.parse().unwrap_or(i64::MIN))
 }
 
 /// The consumer context: opens and closes partition state on rebalance.
@@ -507,12 +541,15 @@ impl Worker {
                     touched.push(message.partition());
                 }
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
-                    state.apply(
-                        message.offset(),
-                        message.key(),
-                        message.payload().unwrap_or_default(),
-                        &catalog,
-                    )?;
+                    match watermark_tick(&message) {
+                        Some(watermark) => state.apply_tick(message.offset(), watermark)?,
+                        None => state.apply(
+                            message.offset(),
+                            message.key(),
+                            message.payload().unwrap_or_default(),
+                            &catalog,
+                        )?,
+                    }
                 }
                 applied += 1;
                 applied_total += 1;
@@ -535,7 +572,8 @@ impl Worker {
             for state in shared.partitions.values_mut() {
                 let idle = state.last_message_at.elapsed();
                 if idle >= self.idle_timeout {
-                    state.advance_idle(idle, self.grace_ms, now)?;
+                    // Queued as a tick on the partition itself, applied when read back.
+                    state.idle_tick(idle, self.grace_ms, now, self.idle_timeout.max(TICK_RETRY));
                 }
             }
             if self.kill.load(Ordering::SeqCst) {

@@ -51,6 +51,12 @@ pub struct Timing {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Rollup(Rollup),
+    /// A watermark advance for an idle partition, to be written to that partition of the
+    /// events topic (see [`PartitionState::idle_tick`]).
+    Tick {
+        partition: i32,
+        watermark: i64,
+    },
     DeadLetter {
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
@@ -108,6 +114,8 @@ pub struct PartitionState {
     /// When this partition last received a message (or was assigned); the consumer stamps it
     /// once per batch.
     pub last_message_at: Instant,
+    /// When the last idle tick was produced and not yet read back.
+    tick_sent_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -196,6 +204,7 @@ impl PartitionState {
             outputs: Vec::new(),
             counts: Counts::default(),
             last_message_at: Instant::now(),
+            tick_sent_at: None,
         })
     }
 
@@ -459,21 +468,48 @@ impl PartitionState {
     }
 
     /// A partition without messages for `idle` lets event time run on with processing time:
-    /// the watermark becomes the later of (highest event time + idle) and the wall clock, minus
-    /// grace. Nothing moves before the partition's first event. An event that arrives after
-    /// such an advance, for a window already closed, is a late event and revises it.
-    pub fn advance_idle(
+    /// the watermark may become the later of (highest event time + idle) and the wall clock,
+    /// minus grace. That advance is not applied here: it is returned, and queued as an
+    /// [`Output::Tick`], to be written to the partition itself and applied when read back
+    /// ([`Self::apply_tick`]). The partition's state is thereby a function of its messages
+    /// alone, and replaying it closes every window at the same point.
+    ///
+    /// Nothing is queued before the partition's first event, while an earlier tick is still in
+    /// flight (for up to `retry_after`), or when the advance would close no window.
+    pub fn idle_tick(
         &mut self,
         idle: std::time::Duration,
         grace_ms: i64,
         wall_ms: i64,
-    ) -> Result<()> {
-        if self.max_event_time == i64::MIN {
-            return Ok(());
+        retry_after: std::time::Duration,
+    ) -> Option<i64> {
+        if self.max_event_time == i64::MIN
+            || self
+                .tick_sent_at
+                .is_some_and(|sent| sent.elapsed() < retry_after)
+        {
+            return None;
         }
         let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
         let event_clock = self.max_event_time.saturating_add(idle_ms).max(wall_ms);
-        self.advance_to(event_clock.saturating_sub(grace_ms))
+        let watermark = event_clock.saturating_sub(grace_ms);
+        let closes_a_window = self.open.first().is_some_and(|(end, _)| *end <= watermark);
+        if watermark <= self.watermark || !closes_a_window {
+            return None;
+        }
+        self.tick_sent_at = Some(Instant::now());
+        self.outputs.push(Output::Tick {
+            partition: self.partition,
+            watermark,
+        });
+        Some(watermark)
+    }
+
+    /// Applies a watermark tick read at `offset` (see [`Self::idle_tick`]).
+    pub fn apply_tick(&mut self, offset: i64, watermark: i64) -> Result<()> {
+        self.next_offset = Some(offset + 1);
+        self.tick_sent_at = None;
+        self.advance_to(watermark)
     }
 
     /// Raises the watermark to `watermark` (never lowers it) and closes every window it passed.

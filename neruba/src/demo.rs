@@ -12,6 +12,7 @@ use neruba_ingest_gateway as gateway;
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::{codec, event, topics};
 use rdkafka::Message;
+use rdkafka::message::Headers;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -220,6 +221,14 @@ pub async fn run() -> Result<Summary> {
         )
     })
     .await??;
+    // The aggregator writes watermark ticks to idle partitions; they are not events.
+    let messages: Vec<_> = messages
+        .into_iter()
+        .filter(|m| {
+            !m.headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER))
+        })
+        .collect();
     println!(
         "On the events topic `{}`: {} messages",
         topics::EVENTS,

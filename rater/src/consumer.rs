@@ -119,10 +119,12 @@ impl Shared {
 
     /// Delivers the batch's items and refusals, then writes each partition's state.
     /// `produced_at` are the rollups' Kafka timestamps, for the close-to-item histogram.
+    /// With `crash`, stops after delivering, before writing (fault injection).
     fn finish_batch(
         &mut self,
         consumer: &BaseConsumer<Context>,
         produced_at: &[i64],
+        crash: bool,
     ) -> Result<()> {
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
@@ -152,6 +154,9 @@ impl Shared {
                     .close_to_item
                     .observe(Duration::from_millis(u64::from(millis)).as_secs_f64());
             }
+        }
+        if crash {
+            return Ok(());
         }
         let mut committed = TopicPartitionList::new();
         for state in self.partitions.values_mut() {
@@ -309,7 +314,7 @@ impl ConsumerContext for Context {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if !self.kill.load(Ordering::SeqCst)
-                    && let Err(e) = shared.finish_batch(consumer, &[])
+                    && let Err(e) = shared.finish_batch(consumer, &[], false)
                 {
                     tracing::error!(error = %e, "Could not write state of revoked partitions.");
                     shared.fatal = Some(e);
@@ -338,6 +343,7 @@ pub struct Worker {
     shutdown: CancellationToken,
     kill: Arc<AtomicBool>,
     max_batch: usize,
+    crash_before_write: Option<u64>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -379,6 +385,7 @@ impl Worker {
             shutdown,
             kill,
             max_batch: config.max_batch,
+            crash_before_write: config.crash_before_write,
         })
     }
 
@@ -391,12 +398,13 @@ impl Worker {
     /// Runs until shutdown (writing everything) or kill (writing nothing).
     pub fn run(self) -> Result<()> {
         let mut produced_at = Vec::with_capacity(self.max_batch);
+        let mut read: u64 = 0;
         loop {
             if self.kill.load(Ordering::SeqCst) {
                 return Ok(());
             }
             if self.shutdown.is_cancelled() {
-                self.lock()?.finish_batch(&self.consumer, &[])?;
+                self.lock()?.finish_batch(&self.consumer, &[], false)?;
                 tracing::info!("Rater stopped; state written.");
                 return Ok(());
             }
@@ -425,6 +433,7 @@ impl Worker {
                     )?;
                 }
                 produced_at.push(message.timestamp().to_millis().unwrap_or_default());
+                read += 1;
             }
             if self.kill.load(Ordering::SeqCst) {
                 return Ok(());
@@ -433,7 +442,12 @@ impl Worker {
             if let Some(e) = shared.fatal.take() {
                 return Err(e);
             }
-            shared.finish_batch(&self.consumer, &produced_at)?;
+            let crash = self.crash_before_write.is_some_and(|n| read >= n);
+            shared.finish_batch(&self.consumer, &produced_at, crash)?;
+            if crash {
+                self.kill.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
         }
     }
 }

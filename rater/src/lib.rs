@@ -63,6 +63,9 @@ pub struct Config {
     /// Shared RocksDB block cache, bytes.
     pub block_cache_bytes: usize,
     pub kafka_options: Vec<(String, String)>,
+    /// Fault injection for crash tests: once this many rollups were read, deliver the batch's
+    /// items and stop without writing the state, as `kill -9` between the two would.
+    pub crash_before_write: Option<u64>,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             max_batch: 2_000,
             block_cache_bytes: 32 * 1024 * 1024,
             kafka_options: Vec::new(),
+            crash_before_write: None,
         }
     }
 }

@@ -18,6 +18,12 @@ pub const SOURCE_TOPIC_HEADER: &str = "neruba-source-topic";
 /// Dead-letter header: its offset there.
 pub const SOURCE_OFFSET_HEADER: &str = "neruba-source-offset";
 
+/// Events-topic header of a watermark tick: the aggregator writes one to an idle partition
+/// (value: the new watermark, Unix milliseconds as text) and applies it when it reads it
+/// back, so replaying a partition closes windows exactly where the live run did. Consumers
+/// of the events topic skip messages that carry it.
+pub const WATERMARK_HEADER: &str = "neruba-watermark";
+
 /// FNV-1a partitioner: the same in every build and every component, so one customer's rollups
 /// and line items always go to the same partition (and stay in order).
 pub fn stable_partition(key: &str, partitions: i32) -> i32 {
