@@ -13,6 +13,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
+use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::{Catalog, Event, codec, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -89,19 +90,11 @@ async fn produce(bootstrap: &str, events: &[Event]) -> Result<()> {
                     .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
             );
         }
-        for delivery in futures_join(pending).await {
+        for delivery in join_in_order(pending).await {
             delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
         }
     }
     Ok(())
-}
-
-async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::with_capacity(futures.len());
-    for f in futures {
-        out.push(f.await);
-    }
-    out
 }
 
 /// Drains the topic with a no-op handler; returns the elapsed time.
@@ -138,38 +131,6 @@ fn raw_consumer(bootstrap: &str, expected: usize) -> Result<Duration> {
     }
     std::hint::black_box(bytes);
     Ok(started.map(|s| s.elapsed()).unwrap_or_default())
-}
-
-fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
-        .map(|v| {
-            if v.is_finite() && v > 0.0 {
-                v as u64
-            } else {
-                0
-            }
-        })
-        .sum()
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rate(events: usize, elapsed: Duration) -> f64 {
-    events as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
 #[tokio::main]

@@ -415,6 +415,8 @@ model = {model}
         assert_eq!(amount(&p, "99", 2), d("9.90"));
         assert_eq!(amount(&p, "100", 2), d("10.00"));
         assert_eq!(amount(&p, "101", 2), d("7.05"));
+        // 999 × 0.05 + 2.
+        assert_eq!(amount(&p, "999", 2), d("51.95"));
         assert_eq!(amount(&p, "1000", 2), d("52.00"));
         assert_eq!(amount(&p, "1001", 2), d("10.01"));
     }

@@ -384,6 +384,149 @@ model = { type = "flat", fee = "49.00" }
         assert_eq!(next.period_amount, d("49.00"));
     }
 
+    const MODELS: &str = r#"
+[[tenants]]
+id = "t"
+
+[[tenants.meters]]
+key = "graduated"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "volume"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "package"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "unit"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "flat"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.price_plans]]
+id = "g"
+meter = "graduated"
+version = 1
+effective_from = "2026-01-01"
+currency = "USD"
+included_units = "50"
+model = { type = "graduated", tiers = [
+  { up_to = "100", unit_price = "0.1" },
+  { up_to = "1000", unit_price = "0.05", flat_fee = "2" },
+  { unit_price = "0.0133" },
+] }
+
+[[tenants.price_plans]]
+id = "v"
+meter = "volume"
+version = 1
+effective_from = "2026-01-01"
+currency = "KWD"
+model = { type = "volume", tiers = [
+  { up_to = "100", unit_price = "0.1234" },
+  { unit_price = "0.0567", flat_fee = "3" },
+] }
+
+[[tenants.price_plans]]
+id = "p"
+meter = "package"
+version = 1
+effective_from = "2026-01-01"
+currency = "JPY"
+minimum = "100"
+model = { type = "package", size = "250", price = "30" }
+
+[[tenants.price_plans]]
+id = "u"
+meter = "unit"
+version = 1
+effective_from = "2026-01-01"
+currency = "USD"
+maximum = "40"
+model = { type = "unit", unit_price = "0.0125" }
+
+[[tenants.price_plans]]
+id = "f"
+meter = "flat"
+version = 1
+effective_from = "2026-01-01"
+currency = "EUR"
+model = { type = "flat", fee = "9.99" }
+"#;
+
+    proptest::proptest! {
+        /// Invariant 1 at the rater: whatever the split of a period into windows, and whatever
+        /// late revisions follow, the items sum to the price of the final period total.
+        #[test]
+        fn items_of_a_period_sum_to_the_price_of_its_total_for_every_model(
+            windows in proptest::collection::vec(0u32..5_000_000, 1..12),
+            late in proptest::collection::vec((0usize..12, 1u32..200_000), 0..4),
+        ) {
+            let catalog = Catalog::from_toml_str(MODELS, "models.toml").expect("catalog");
+            for meter in ["graduated", "volume", "package", "unit", "flat"] {
+                let mut period: Option<PeriodRecord> = None;
+                let mut seen: std::collections::HashMap<i64, WindowRecord> = Default::default();
+                let mut window_qty: Vec<Decimal> = Vec::new();
+                let mut total = Decimal::ZERO;
+                let mut sum = Decimal::ZERO;
+                let mut steps: Vec<(usize, Decimal)> = windows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| (i, Decimal::new(i64::from(*q), 3)))
+                    .collect();
+                steps.extend(
+                    late.iter()
+                        .map(|(i, q)| (*i % windows.len(), Decimal::new(i64::from(*q), 2))),
+                );
+                for (i, qty) in steps {
+                    if window_qty.len() <= i {
+                        window_qty.resize(i + 1, Decimal::ZERO);
+                    }
+                    window_qty[i] += qty;
+                    total += qty;
+                    let minute = i64::try_from(i).expect("small");
+                    let mut r = rollup(meter, minute, 1, "0", "0");
+                    r.tenant = "t".into();
+                    r.window_quantity = window_qty[i];
+                    r.period_quantity = total;
+                    let start = r.window_start_ms;
+                    r.revision = seen.get(&start).map_or(1, |w| w.revision + 1);
+                    let rated = rate(&r, &catalog, period.as_ref(), seen.get(&start))
+                        .expect("rates");
+                    let (item, p, w) = item(rated);
+                    sum += item.amount;
+                    period = Some(p);
+                    seen.insert(start, w);
+                }
+                let tenant = catalog.tenant("t").expect("tenant");
+                let plan = tenant.price_plans.iter().find(|p| p.meter == meter).expect("plan");
+                let precision = catalog.precision(&plan.currency).expect("currency");
+                let expected = price::price(plan, total, precision).expect("priced").amount;
+                proptest::prop_assert_eq!(sum, expected, "meter {}", meter);
+            }
+        }
+    }
+
     #[test]
     fn refusals_carry_stable_codes() {
         let catalog = catalog();
