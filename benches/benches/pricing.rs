@@ -90,9 +90,7 @@ fn rating(c: &mut Criterion) {
     let second = &rollups[1];
     let items = rating::items(&rollups, &catalog);
     let earlier = PeriodRecord {
-        amount: items[0].period_amount,
-        quantity: items[0].period_quantity,
-        currency: "USD".into(),
+        last: items[0].clone(),
     };
     let mut group = c.benchmark_group("rate");
     group.throughput(Throughput::Elements(1));

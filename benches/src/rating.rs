@@ -97,13 +97,13 @@ pub fn items(rollups: &[Rollup], catalog: &Catalog) -> Vec<LineItem> {
             periods.get(&r.customer),
             windows.get(&window_key),
         );
-        if let Ok(Rated::Item {
-            item,
-            period,
-            window,
-        }) = rated
-        {
-            periods.insert(r.customer.clone(), period);
+        if let Ok(Rated::Item { item, window }) = rated {
+            periods.insert(
+                r.customer.clone(),
+                PeriodRecord {
+                    last: (*item).clone(),
+                },
+            );
             windows.insert(window_key, window);
             out.push(*item);
         }

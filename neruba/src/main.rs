@@ -69,7 +69,16 @@ struct TailArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct RaterCommandArgs {
+    #[command(subcommand)]
+    action: Option<RaterAction>,
+    #[command(flatten)]
+    run: Option<RaterRunArgs>,
+}
+
+#[derive(Debug, Args)]
+struct RaterRunArgs {
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
     #[arg(long, env = "NERUBA_BROKERS")]
     brokers: String,
@@ -90,6 +99,35 @@ struct RaterCommandArgs {
     dead_letter_topic: String,
     #[command(flatten)]
     rating: RaterArgs,
+    /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_opts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RaterAction {
+    /// Re-price a tenant's billing periods under the plan versions now in force (restart the
+    /// raters with the corrected catalog first); only differences become adjustments.
+    Rerun(RerunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RerunArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    brokers: String,
+    /// Tenant whose periods are re-priced.
+    #[arg(long, env = "NERUBA_TENANT")]
+    tenant: String,
+    /// First day (UTC, `YYYY-MM-DD`): periods that end after its start are included.
+    #[arg(long, env = "NERUBA_FROM")]
+    from: String,
+    /// Last day (UTC, `YYYY-MM-DD`, inclusive): periods that start before its end are included.
+    #[arg(long, env = "NERUBA_TO")]
+    to: String,
+    /// Topic the raters read.
+    #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
+    rollups_topic: String,
     /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
     #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
     kafka_opts: Vec<(String, String)>,
@@ -433,7 +471,17 @@ async fn main() -> Result<()> {
             tracing::info!(%ops, "Aggregator operations endpoints listening.");
             neruba_aggregator::run(config, catalog, &registry, shutdown).await?;
         }
-        Command::Rater(args) => {
+        Command::Rater(RaterCommandArgs {
+            action: Some(RaterAction::Rerun(rerun)),
+            ..
+        }) => run_rerun(&rerun).await?,
+        Command::Rater(RaterCommandArgs {
+            run: None,
+            action: None,
+        }) => bail!("`neruba rater` needs --brokers, --catalog and --state-dir (or `rerun`)"),
+        Command::Rater(RaterCommandArgs {
+            run: Some(args), ..
+        }) => {
             let catalog = Arc::new(load_catalog(&args.catalog)?);
             let mut config = args.rating.config(
                 &args.brokers,
@@ -601,6 +649,41 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_day(text: &str) -> Result<time::Date> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(text, &format).with_context(|| format!("`{text}` is not YYYY-MM-DD"))
+}
+
+async fn run_rerun(args: &RerunArgs) -> Result<()> {
+    let day_ms = |date: time::Date| -> i64 { date.midnight().assume_utc().unix_timestamp() * 1000 };
+    let from = parse_day(&args.from)?;
+    let to = parse_day(&args.to)?;
+    if to < from {
+        bail!("--to {to} is before --from {from}");
+    }
+    let request = neruba_schemas::ledger::Rerun {
+        v: 1,
+        tenant: args.tenant.clone(),
+        from_ms: day_ms(from),
+        to_ms: day_ms(to) + 86_400_000,
+        requested_ms: neruba_schemas::event::now_ms(),
+    };
+    let partitions = neruba_rater::request_rerun(
+        &args.brokers,
+        &args.rollups_topic,
+        &args.kafka_opts,
+        &request,
+    )
+    .await?;
+    println!(
+        "Rerun {} sent to {partitions} partitions of {}: tenant {}, periods overlapping {from} to {to} (UTC).",
+        request.key(),
+        args.rollups_topic,
+        args.tenant
+    );
+    Ok(())
+}
+
 fn run_price(args: &PriceArgs) -> Result<()> {
     let catalog = match &args.catalog {
         Some(path) => load_catalog(path)?,
@@ -612,11 +695,7 @@ fn run_price(args: &PriceArgs) -> Result<()> {
     let quantity = neruba_schemas::decimal::parse_exact(&args.quantity)
         .with_context(|| format!("`{}` is not an exact decimal quantity", args.quantity))?;
     let date = match &args.date {
-        Some(text) => {
-            let format = time::macros::format_description!("[year]-[month]-[day]");
-            time::Date::parse(text, &format)
-                .with_context(|| format!("`{text}` is not YYYY-MM-DD"))?
-        }
+        Some(text) => parse_day(text)?,
         None => time::OffsetDateTime::now_utc().date(),
     };
     let plan = neruba_rater::price::plan_in_force(&tenant.price_plans, &args.meter, date)
@@ -699,6 +778,32 @@ mod tests {
             "/tmp/s",
         ]);
         assert!(rater.is_ok(), "{rater:?}");
+        let rerun = Cli::try_parse_from([
+            "neruba",
+            "rater",
+            "rerun",
+            "--brokers",
+            "k:9092",
+            "--tenant",
+            "acme",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-30",
+        ]);
+        assert!(
+            matches!(
+                rerun,
+                Ok(Cli {
+                    command: Command::Rater(RaterCommandArgs {
+                        action: Some(RaterAction::Rerun(_)),
+                        ..
+                    }),
+                    ..
+                })
+            ),
+            "{rerun:?}"
+        );
         let tail = Cli::try_parse_from(["neruba", "ledger", "tail", "--brokers", "k:9092"]);
         assert!(tail.is_ok(), "{tail:?}");
     }

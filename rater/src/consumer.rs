@@ -12,12 +12,12 @@ use crate::{Config, Error, Result};
 use futures::future::join_all;
 use neruba_schemas::Catalog;
 use neruba_schemas::topics::{
-    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
-    stable_partition,
+    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, RERUN_HEADER, SOURCE_OFFSET_HEADER,
+    SOURCE_TOPIC_HEADER, stable_partition,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -132,6 +132,7 @@ impl Shared {
             let counts = state.take_counts();
             self.metrics.rollups.inc_by(counts.rollups);
             self.metrics.repeats.inc_by(counts.repeats);
+            self.metrics.reruns.inc_by(counts.reruns);
             for (kind, n) in counts.items {
                 self.metrics.items.with_label_values(&[kind]).inc_by(n);
             }
@@ -425,12 +426,15 @@ impl Worker {
                 };
                 let mut shared = self.lock()?;
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
-                    state.apply(
-                        message.offset(),
-                        message.key(),
-                        message.payload().unwrap_or_default(),
-                        &self.catalog,
-                    )?;
+                    let payload = message.payload().unwrap_or_default();
+                    let rerun = message
+                        .headers()
+                        .is_some_and(|h| h.iter().any(|h| h.key == RERUN_HEADER));
+                    if rerun {
+                        state.apply_rerun(message.offset(), payload, &self.catalog)?;
+                    } else {
+                        state.apply(message.offset(), message.key(), payload, &self.catalog)?;
+                    }
                 }
                 produced_at.push(message.timestamp().to_millis().unwrap_or_default());
                 read += 1;

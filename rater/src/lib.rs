@@ -126,3 +126,54 @@ pub fn start(
     let task = tokio::task::spawn_blocking(move || worker.run());
     Ok(Running { task, kill })
 }
+
+/// Sends a rerun request for `tenant` over `[from_ms, to_ms)` to every partition of the
+/// rollups topic, and waits for the broker's acknowledgements. Each rater re-prices the
+/// periods it owns when it reads the request (see [`state::PartitionState::apply_rerun`]).
+pub async fn request_rerun(
+    brokers: &str,
+    rollups_topic: &str,
+    kafka_options: &[(String, String)],
+    request: &neruba_schemas::ledger::Rerun,
+) -> Result<i32> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let mut client = rdkafka::ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "neruba-rerun")
+        .set("acks", "all")
+        .set("enable.idempotence", "true");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    let producer: FutureProducer = client.create()?;
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(rollups_topic), std::time::Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let key = request.key();
+    let payload = request.encode();
+    for partition in &partitions {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: neruba_schemas::topics::RERUN_HEADER,
+            value: Some(key.as_str()),
+        });
+        producer
+            .send(
+                FutureRecord::to(rollups_topic)
+                    .key(key.as_bytes())
+                    .payload(payload.as_slice())
+                    .partition(*partition)
+                    .headers(headers),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| Error::Kafka(e))?;
+    }
+    Ok(i32::try_from(partitions.len()).unwrap_or(i32::MAX))
+}

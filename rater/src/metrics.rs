@@ -14,6 +14,8 @@ pub struct Metrics {
     pub repeats: IntCounter,
     /// `neruba_rater_refused_rollups_total{code}`: sent to the dead-letter topic.
     pub refused: IntCounterVec,
+    /// `neruba_rater_reruns_total`: rerun requests handled (one per partition per request).
+    pub reruns: IntCounter,
     /// `neruba_rater_assigned_partitions`.
     pub assigned_partitions: IntGauge,
     /// `neruba_window_close_to_line_item_seconds`: rollup produced → its item acknowledged.
@@ -42,6 +44,10 @@ impl Metrics {
                 ),
                 &["code"],
             )?,
+            reruns: IntCounter::new(
+                "neruba_rater_reruns_total",
+                "Rerun requests handled, one per rollups partition per request.",
+            )?,
             assigned_partitions: IntGauge::new(
                 "neruba_rater_assigned_partitions",
                 "Rollups-topic partitions this instance owns.",
@@ -58,6 +64,7 @@ impl Metrics {
         registry.register(Box::new(m.items.clone()))?;
         registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.reruns.clone()))?;
         registry.register(Box::new(m.assigned_partitions.clone()))?;
         registry.register(Box::new(m.close_to_item.clone()))?;
         for kind in ["usage", "adjustment", "flat"] {

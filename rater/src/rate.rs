@@ -20,15 +20,11 @@ use neruba_schemas::rollup::Rollup;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-/// What the rater remembers of a billing period (per tenant, customer, meter and group).
+/// What the rater remembers of a billing period (per tenant, customer, meter and group): the
+/// latest item it emitted for it. Its `period_amount` is the sum of the period's items so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeriodRecord {
-    /// Sum of the amounts emitted so far.
-    #[serde(with = "rust_decimal::serde::str")]
-    pub amount: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
-    pub quantity: Decimal,
-    pub currency: String,
+    pub last: LineItem,
 }
 
 /// What the rater remembers of a window: the latest revision rated and its item.
@@ -71,7 +67,6 @@ pub enum Rated {
     /// A new line item, with the records to store beside it.
     Item {
         item: Box<LineItem>,
-        period: PeriodRecord,
         window: WindowRecord,
     },
     /// This revision of the window was rated before; nothing to emit.
@@ -90,58 +85,15 @@ pub fn rate(
     {
         return Ok(Rated::Repeat);
     }
-    let tenant = catalog.tenant(&rollup.tenant).ok_or_else(|| {
-        Refusal::new(
-            "unknown_tenant",
-            format!("tenant `{}` is not in the catalog", rollup.tenant),
-        )
-    })?;
-    let meter = tenant
-        .meters
-        .iter()
-        .find(|m| m.key == rollup.meter)
-        .ok_or_else(|| {
-            Refusal::new(
-                "no_matching_meter",
-                format!("tenant `{}` has no meter `{}`", rollup.tenant, rollup.meter),
-            )
-        })?;
-    let period_date = local_date(rollup.period_start_ms, meter.offset_secs()).ok_or_else(|| {
-        Refusal::new(
-            "invalid_rollup",
-            "period start is out of the calendar's range",
-        )
-    })?;
-    let plan = plan_in_force(&tenant.price_plans, &rollup.meter, period_date).ok_or_else(|| {
-        Refusal::new(
-            "no_price_plan",
-            format!(
-                "tenant `{}` has no plan for meter `{}` in force on {period_date}",
-                rollup.tenant, rollup.meter
-            ),
-        )
-    })?;
-    let precision = catalog.precision(&plan.currency).ok_or_else(|| {
-        Refusal::new(
-            "unknown_currency",
-            format!("currency `{}` has no known precision", plan.currency),
-        )
-    })?;
+    let (plan, precision) = plan_for(
+        catalog,
+        &rollup.tenant,
+        &rollup.meter,
+        rollup.period_start_ms,
+    )?;
     let priced = price::price(plan, rollup.period_quantity, precision)
         .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
-    let emitted = match period {
-        Some(p) if p.currency != plan.currency => {
-            return Err(Refusal::new(
-                "unknown_currency",
-                format!(
-                    "the period was billed in {} but plan `{}` v{} is in {}",
-                    p.currency, plan.id, plan.version, plan.currency
-                ),
-            ));
-        }
-        Some(p) => p.amount,
-        None => Decimal::ZERO,
-    };
+    let emitted = emitted_so_far(period, plan)?;
     let mut amount = priced
         .amount
         .checked_sub(emitted)
@@ -157,6 +109,7 @@ pub fn rate(
         revision: rollup.revision,
         price_plan: &plan.id,
         price_version: plan.version,
+        rerun: None,
     });
     let kind = if rollup.revision > 1 {
         Kind::Adjustment
@@ -190,16 +143,132 @@ pub fn rate(
     };
     Ok(Rated::Item {
         item: Box::new(item),
-        period: PeriodRecord {
-            amount: priced.amount,
-            quantity: rollup.period_quantity,
-            currency: plan.currency.clone(),
-        },
         window: WindowRecord {
             revision: rollup.revision,
             item_id: id,
         },
     })
+}
+
+/// The plan in force on the first day of the period starting at `period_start_ms` (in the
+/// meter's billing time zone), and the digits of its currency.
+fn plan_for<'c>(
+    catalog: &'c Catalog,
+    tenant_id: &str,
+    meter_key: &str,
+    period_start_ms: i64,
+) -> Result<(&'c neruba_schemas::catalog::PricePlan, u32), Refusal> {
+    let tenant = catalog.tenant(tenant_id).ok_or_else(|| {
+        Refusal::new(
+            "unknown_tenant",
+            format!("tenant `{tenant_id}` is not in the catalog"),
+        )
+    })?;
+    let meter = tenant
+        .meters
+        .iter()
+        .find(|m| m.key == meter_key)
+        .ok_or_else(|| {
+            Refusal::new(
+                "no_matching_meter",
+                format!("tenant `{tenant_id}` has no meter `{meter_key}`"),
+            )
+        })?;
+    let period_date = local_date(period_start_ms, meter.offset_secs()).ok_or_else(|| {
+        Refusal::new(
+            "invalid_rollup",
+            "period start is out of the calendar's range",
+        )
+    })?;
+    let plan = plan_in_force(&tenant.price_plans, meter_key, period_date).ok_or_else(|| {
+        Refusal::new(
+            "no_price_plan",
+            format!(
+                "tenant `{tenant_id}` has no plan for meter `{meter_key}` in force on {period_date}"
+            ),
+        )
+    })?;
+    let precision = catalog.precision(&plan.currency).ok_or_else(|| {
+        Refusal::new(
+            "unknown_currency",
+            format!("currency `{}` has no known precision", plan.currency),
+        )
+    })?;
+    Ok((plan, precision))
+}
+
+/// Re-prices a period's latest total under the plan now in force (a rerun). Returns the
+/// adjustment for the difference, or `None` when the amount is unchanged, so a rerun that
+/// changes nothing (or runs twice) emits nothing.
+///
+/// The adjustment covers the whole period: its window is the period, its revision 0, and it
+/// supersedes the period's latest item. Its id includes the request's key.
+pub fn reprice(
+    last: &LineItem,
+    catalog: &Catalog,
+    rerun_key: &str,
+) -> Result<Option<LineItem>, Refusal> {
+    let period_start_ms = neruba_schemas::event::parse_time_ms(&last.period_start)
+        .map_err(|r| Refusal::new("invalid_rollup", r.message))?;
+    let (plan, precision) = plan_for(catalog, &last.tenant, &last.meter, period_start_ms)?;
+    let emitted = emitted_so_far(Some(&PeriodRecord { last: last.clone() }), plan)?;
+    let priced = price::price(plan, last.period_quantity, precision)
+        .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
+    if priced.amount == emitted {
+        return Ok(None);
+    }
+    let mut amount = priced
+        .amount
+        .checked_sub(emitted)
+        .ok_or_else(|| Refusal::new("unpriceable_quantity", "amount overflows"))?;
+    amount.rescale(precision);
+    let id = line_item_id(&IdParts {
+        tenant: &last.tenant,
+        customer: &last.customer,
+        meter: &last.meter,
+        group: &last.group,
+        period_start_ms,
+        window_start_ms: period_start_ms,
+        revision: 0,
+        price_plan: &plan.id,
+        price_version: plan.version,
+        rerun: Some(rerun_key),
+    });
+    Ok(Some(LineItem {
+        v: 1,
+        id,
+        kind: Kind::Adjustment,
+        window_start: last.period_start.clone(),
+        window_end: last.period_end.clone(),
+        window_quantity: last.period_quantity,
+        window_events: 0,
+        amount,
+        period_amount: priced.amount,
+        currency: plan.currency.clone(),
+        price_plan: plan.id.clone(),
+        price_version: plan.version,
+        revision: 0,
+        supersedes: Some(last.id.clone()),
+        ..last.clone()
+    }))
+}
+
+/// The amount already emitted for the period, which must have been billed in the plan's currency.
+fn emitted_so_far(
+    period: Option<&PeriodRecord>,
+    plan: &neruba_schemas::catalog::PricePlan,
+) -> Result<Decimal, Refusal> {
+    match period {
+        Some(p) if p.last.currency != plan.currency => Err(Refusal::new(
+            "unknown_currency",
+            format!(
+                "the period was billed in {} but plan `{}` v{} is in {}",
+                p.last.currency, plan.id, plan.version, plan.currency
+            ),
+        )),
+        Some(p) => Ok(p.last.period_amount),
+        None => Ok(Decimal::ZERO),
+    }
 }
 
 /// The calendar date of `ms` at `offset_secs` east of UTC.
@@ -295,11 +364,12 @@ model = { type = "flat", fee = "49.00" }
 
     fn item(rated: Rated) -> (LineItem, PeriodRecord, WindowRecord) {
         match rated {
-            Rated::Item {
-                item,
-                period,
-                window,
-            } => (*item, period, window),
+            Rated::Item { item, window } => {
+                let period = PeriodRecord {
+                    last: (*item).clone(),
+                };
+                (*item, period, window)
+            }
             Rated::Repeat => panic!("expected an item"),
         }
     }

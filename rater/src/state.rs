@@ -16,11 +16,11 @@
 //! | tenant, `P`, customer, meter, group, period start | [`PeriodRecord`] (postcard) |
 //! | tenant, `W`, customer, meter, group, period start, window start | [`WindowRecord`] (postcard) |
 
-use crate::rate::{PeriodRecord, Rated, Refusal, WindowRecord, rate};
+use crate::rate::{PeriodRecord, Rated, Refusal, WindowRecord, rate, reprice};
 use crate::{Error, Result};
 use ahash::AHashMap as HashMap;
 use neruba_schemas::Catalog;
-use neruba_schemas::ledger::LineItem;
+use neruba_schemas::ledger::{LineItem, Rerun};
 use neruba_schemas::rollup::Rollup;
 use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
 use serde::Serialize;
@@ -49,6 +49,7 @@ pub struct Counts {
     pub rollups: u64,
     pub items: BTreeMap<&'static str, u64>,
     pub repeats: u64,
+    pub reruns: u64,
     pub refused: BTreeMap<&'static str, u64>,
 }
 
@@ -212,17 +213,81 @@ impl PartitionState {
         let window: Option<WindowRecord> = self.get(&window_key)?;
         match rate(&rollup, catalog, period.as_ref(), window.as_ref()) {
             Ok(Rated::Repeat) => self.counts.repeats += 1,
-            Ok(Rated::Item {
-                item,
-                period,
-                window,
-            }) => {
-                self.put(period_key, &period)?;
+            Ok(Rated::Item { item, window }) => {
+                self.put(
+                    period_key,
+                    &PeriodRecord {
+                        last: (*item).clone(),
+                    },
+                )?;
                 self.put(window_key, &window)?;
                 *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
                 self.outputs.push(Output::Item(item));
             }
             Err(refusal) => self.refuse(refused(refusal)),
+        }
+        Ok(())
+    }
+
+    /// Handles a rerun request read at `offset`: every period of the tenant that overlaps the
+    /// requested range is re-priced under the plan now in force, and an adjustment is emitted
+    /// where the amount changed.
+    pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
+        self.next_offset = Some(offset + 1);
+        self.dirty = true;
+        self.counts.reruns += 1;
+        let request = match Rerun::decode(payload) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(partition = self.partition, offset, error = %e, "Unreadable rerun request skipped.");
+                return Ok(());
+            }
+        };
+        let mut prefix = Vec::with_capacity(request.tenant.len() + 5);
+        push(&mut prefix, request.tenant.as_bytes());
+        prefix.push(b'P');
+        let mut keys: Vec<Vec<u8>> = self
+            .overlay
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for entry in self.db.iterator(rocksdb::IteratorMode::From(
+            &prefix,
+            rocksdb::Direction::Forward,
+        )) {
+            let (key, _) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            keys.push(key.to_vec());
+        }
+        keys.sort();
+        keys.dedup();
+        let rerun_key = request.key();
+        for key in keys {
+            let Some(record) = self.get::<PeriodRecord>(&key)? else {
+                continue;
+            };
+            let start = neruba_schemas::event::parse_time_ms(&record.last.period_start);
+            let end = neruba_schemas::event::parse_time_ms(&record.last.period_end);
+            let overlaps =
+                matches!((start, end), (Ok(s), Ok(e)) if s < request.to_ms && e > request.from_ms);
+            if !overlaps {
+                continue;
+            }
+            match reprice(&record.last, catalog, &rerun_key) {
+                Ok(None) => {}
+                Ok(Some(item)) => {
+                    self.put(key, &PeriodRecord { last: item.clone() })?;
+                    *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
+                    self.outputs.push(Output::Item(Box::new(item)));
+                }
+                Err(refusal) => {
+                    *self.counts.refused.entry(refusal.code).or_default() += 1;
+                    tracing::warn!(partition = self.partition, code = refusal.code, message = %refusal.message, customer = %record.last.customer, "Period not re-priced.");
+                }
+            }
         }
         Ok(())
     }

@@ -74,6 +74,8 @@ pub struct IdParts<'a> {
     pub revision: u32,
     pub price_plan: &'a str,
     pub price_version: u32,
+    /// The rerun request an adjustment answers ([`Rerun::key`]); `None` for window items.
+    pub rerun: Option<&'a str>,
 }
 
 /// The deterministic id: `li_` and 32 hex digits of SHA-256 over the length-prefixed parts
@@ -102,8 +104,46 @@ pub fn line_item_id(parts: &IdParts<'_>) -> String {
     field(&parts.revision.to_be_bytes());
     field(parts.price_plan.as_bytes());
     field(&parts.price_version.to_be_bytes());
+    if let Some(rerun) = parts.rerun {
+        field(b"rerun");
+        field(rerun.as_bytes());
+    }
     let digest = hasher.finalize();
     format!("li_{}", hex::encode(digest.get(..16).unwrap_or_default()))
+}
+
+/// A request to re-price a tenant's billing periods under the plan versions now in force
+/// (`neruba rater rerun`). It travels on the rollups topic, one copy per partition, with the
+/// header [`crate::topics::RERUN_HEADER`], so each rater handles it in order with its rollups
+/// and a replay handles it at the same point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rerun {
+    pub v: u8,
+    pub tenant: String,
+    /// Periods that overlap `[from_ms, to_ms)` are re-priced.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// When it was requested (Unix ms): makes each request's key, and so its items' ids,
+    /// distinct from an earlier request's.
+    pub requested_ms: i64,
+}
+
+impl Rerun {
+    /// The message key, unique per request (the rollups topic is compacted on keys).
+    pub fn key(&self) -> String {
+        format!(
+            "neruba-rerun/{}/{}/{}/{}",
+            self.tenant, self.from_ms, self.to_ms, self.requested_ms
+        )
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> crate::Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| crate::Error::Decode(e.to_string()))
+    }
 }
 
 impl LineItem {
@@ -146,6 +186,7 @@ mod tests {
             revision: 1,
             price_plan: "tokens-usd",
             price_version: 1,
+            rerun: None,
         }
     }
 
@@ -170,6 +211,10 @@ mod tests {
                 ..parts(&group)
             }),
             line_item_id(&parts(&other_group)),
+            line_item_id(&IdParts {
+                rerun: Some("neruba-rerun/acme/1"),
+                ..parts(&group)
+            }),
             // Moving a character between customer and meter must not collide.
             line_item_id(&IdParts {
                 customer: "c1t",

@@ -24,6 +24,10 @@ pub const SOURCE_OFFSET_HEADER: &str = "neruba-source-offset";
 /// of the events topic skip messages that carry it.
 pub const WATERMARK_HEADER: &str = "neruba-watermark";
 
+/// Rollups-topic header of a rerun request ([`crate::ledger::Rerun`]); consumers of the
+/// rollups topic other than the rater skip messages that carry it.
+pub const RERUN_HEADER: &str = "neruba-rerun";
+
 /// FNV-1a partitioner: the same in every build and every component, so one customer's rollups
 /// and line items always go to the same partition (and stay in order).
 pub fn stable_partition(key: &str, partitions: i32) -> i32 {

@@ -550,3 +550,152 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     restarted.kill().await?;
     Ok(())
 }
+
+fn counter(registry: &prometheus::Registry, name: &str) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == name)
+        .and_then(|f| f.get_metric().first().map(|m| m.get_counter().get_value()))
+        // Integer counters: the conversion is exact.
+        .map_or(-1, |v| v as i64)
+}
+
+#[tokio::test]
+async fn rerun_emits_only_the_differences_and_nothing_when_nothing_changed() -> Result<()> {
+    let kafka = EmbeddedKafka::start(&[
+        (topics::ROLLUPS, 1),
+        (topics::LEDGER, 1),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let state = tempfile::tempdir()?;
+    let stop_all = CancellationToken::new();
+    let _stop_on_drop = stop_all.clone().drop_guard();
+    let start = |catalog: neruba_schemas::Catalog, registry: &prometheus::Registry| {
+        let config = neruba_rater::Config::new(kafka.bootstrap_servers(), state.path());
+        let stop = stop_all.child_token();
+        neruba_rater::start(config, Arc::new(catalog), registry, stop.clone()).map(|r| (r, stop))
+    };
+    let read_ledger = |expected: usize| {
+        let bootstrap = kafka.bootstrap_servers().to_owned();
+        tokio::task::spawn_blocking(move || -> Result<Vec<LineItem>> {
+            let messages = embedded::read_topic(
+                &bootstrap,
+                topics::LEDGER,
+                expected,
+                Duration::from_millis(700),
+                Duration::from_secs(30),
+            )?;
+            Ok(messages
+                .iter()
+                .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
+                .collect::<Result<_, _>>()?)
+        })
+    };
+    let rerun = |requested_ms: i64| neruba_schemas::ledger::Rerun {
+        v: 1,
+        tenant: "globex".into(),
+        from_ms: 1_793_491_200_000, // 2026-11-01
+        to_ms: 1_796_083_200_000,   // 2026-12-01
+        requested_ms,
+    };
+    let wait_reruns = |registry: prometheus::Registry, n: i64| async move {
+        for _ in 0..300 {
+            if counter(&registry, "neruba_rater_reruns_total") >= n {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the rater did not handle {n} rerun requests in 30 s")
+    };
+    // Volume tier 1 at 0.023: 500 → 11.50; tier 2: 1,200 × 0.021 + 5.00 = 30.20.
+    send_rollups(
+        kafka.bootstrap_servers(),
+        &[
+            rollup("c-1", 0, 1, "500", "500"),
+            rollup("c-2", 0, 1, "1200", "1200"),
+        ],
+    )
+    .await?;
+    let registry = prometheus::Registry::new();
+    let (first, stop) = start(sample::catalog()?, &registry)?;
+    assert_eq!(read_ledger(2).await??.len(), 2);
+    // Nothing changed: the rerun emits nothing.
+    neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(1)).await?;
+    wait_reruns(registry.clone(), 1).await?;
+    assert_eq!(read_ledger(2).await??.len(), 2);
+    stop.cancel();
+    first.wait().await?;
+
+    // A price correction for November: version 2 of the plan, in force from the period's
+    // first day, tier 1 at 0.025.
+    let corrected = sample::CATALOG_TOML.replace(
+        r#"[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 1"#,
+        r#"[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 2
+effective_from = "2026-11-01"
+currency = "EUR"
+model = { type = "volume", tiers = [
+  { up_to = "1000", unit_price = "0.025" },
+  { up_to = "50000", unit_price = "0.021", flat_fee = "5.00" },
+  { unit_price = "0.019", flat_fee = "25.00" },
+] }
+
+[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 1"#,
+    );
+    let corrected = neruba_schemas::Catalog::from_toml_str(&corrected, "corrected.toml")?;
+    let registry = prometheus::Registry::new();
+    let (second, stop) = start(corrected, &registry)?;
+    neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(2)).await?;
+    wait_reruns(registry.clone(), 1).await?;
+    let items = read_ledger(3).await??;
+    assert_eq!(items.len(), 3, "only c-1's price changed: {items:#?}");
+    let adjustment = &items[2];
+    assert_eq!(
+        (
+            adjustment.customer.as_str(),
+            adjustment.kind,
+            adjustment.amount,
+            adjustment.period_amount,
+            adjustment.price_version,
+            adjustment.revision,
+        ),
+        ("c-1", Kind::Adjustment, d("1.00"), d("12.50"), 2, 0)
+    );
+    assert_eq!(adjustment.supersedes.as_deref(), Some(items[0].id.as_str()));
+    assert_eq!(
+        (
+            adjustment.window_start.as_str(),
+            adjustment.window_end.as_str()
+        ),
+        ("2026-11-01T00:00:00.000Z", "2026-12-01T00:00:00.000Z"),
+        "a rerun adjusts the whole period"
+    );
+    // The same rerun again: the amounts already match, nothing more.
+    neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(3)).await?;
+    wait_reruns(registry.clone(), 2).await?;
+    assert_eq!(read_ledger(3).await??.len(), 3);
+    // A later window of c-1 is priced under version 2, against what was emitted (12.50):
+    // 800 → 20.00.
+    send_rollups(
+        kafka.bootstrap_servers(),
+        &[rollup("c-1", 5, 1, "300", "800")],
+    )
+    .await?;
+    let items = read_ledger(4).await??;
+    assert_eq!(
+        (items[3].amount, items[3].period_amount),
+        (d("7.50"), d("20.00"))
+    );
+    stop.cancel();
+    second.wait().await?;
+    Ok(())
+}
