@@ -482,7 +482,35 @@ impl Worker {
             high_offsets: high_offsets.clone(),
         };
         let consumer = build_consumer(&config, context)?;
-        consumer.subscribe(&[&config.events_topic])?;
+        match &config.assignment {
+            None => consumer.subscribe(&[&config.events_topic])?,
+            Some(assignment) => {
+                // Static assignment: no group coordination, resume from the stored offsets.
+                let metadata =
+                    consumer.fetch_metadata(Some(&config.events_topic), Duration::from_secs(10))?;
+                let count = metadata
+                    .topics()
+                    .first()
+                    .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0));
+                let mut tpl = TopicPartitionList::new();
+                let mut guard = shared
+                    .lock()
+                    .map_err(|_| Error::Corrupt("aggregator state lock poisoned".into()))?;
+                for partition in assignment.resolve(count) {
+                    let resume = guard
+                        .open_partition(partition)?
+                        .next_offset()
+                        .map_or(Offset::Beginning, Offset::Offset);
+                    tpl.add_partition_offset(&config.events_topic, partition, resume)?;
+                }
+                guard
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(guard.partitions.len()).unwrap_or(0));
+                drop(guard);
+                consumer.assign(&tpl)?;
+            }
+        }
         Ok(Self {
             consumer,
             high_offsets,

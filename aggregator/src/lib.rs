@@ -60,6 +60,9 @@ pub struct Config {
     pub group_id: String,
     /// Static group membership (`group.instance.id`), so a restarted pod gets its partitions back.
     pub instance_id: Option<String>,
+    /// Static partition assignment instead of the consumer group's (see
+    /// [`neruba_schemas::topics::Assignment`]).
+    pub assignment: Option<neruba_schemas::topics::Assignment>,
     pub events_topic: String,
     pub rollups_topic: String,
     pub dead_letter_topic: String,
@@ -95,6 +98,7 @@ impl Config {
             brokers: brokers.into(),
             group_id: "neruba-aggregator".to_owned(),
             instance_id: None,
+            assignment: None,
             events_topic: neruba_schemas::topics::EVENTS.to_owned(),
             rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
             dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),

@@ -74,23 +74,24 @@ struct RaterCommandArgs {
     #[command(subcommand)]
     action: Option<RaterAction>,
     #[command(flatten)]
-    run: Option<RaterRunArgs>,
+    run: RaterRunArgs,
 }
 
 #[derive(Debug, Args)]
 struct RaterRunArgs {
-    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    /// Kafka bootstrap servers, `host:port[,host:port...]` (required to run a rater).
     #[arg(long, env = "NERUBA_BROKERS")]
-    brokers: String,
-    /// Catalog file (`.toml`, `.yaml` or `.yml`).
+    brokers: Option<String>,
+    /// Catalog file, `.toml`, `.yaml` or `.yml` (required to run a rater).
     #[arg(long, env = "NERUBA_CATALOG")]
-    catalog: PathBuf,
+    catalog: Option<PathBuf>,
     /// Address `/metrics`, `/healthz` and `/readyz` listen on.
     #[arg(long, env = "NERUBA_OPS_LISTEN", default_value = "0.0.0.0:9091")]
     ops_listen: SocketAddr,
-    /// Directory holding one RocksDB database per assigned rollups partition.
+    /// Directory holding one RocksDB database per assigned rollups partition (required to run
+    /// a rater).
     #[arg(long, env = "NERUBA_STATE_DIR")]
-    state_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     /// Topic closed windows are read from.
     #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
     rollups_topic: String,
@@ -139,6 +140,14 @@ struct RaterArgs {
     /// Consumer group of the raters.
     #[arg(long, env = "NERUBA_RATER_GROUP_ID", default_value = "neruba-rater")]
     rater_group_id: String,
+    /// Static group membership id of this rater (e.g. the pod name), so a restart gets its
+    /// partitions back at once.
+    #[arg(long, env = "NERUBA_RATER_INSTANCE_ID")]
+    rater_instance_id: Option<String>,
+    /// Take these rollups-topic partitions (`all`, or `0,1,4`) statically instead of through
+    /// the rater group.
+    #[arg(long, env = "NERUBA_RATER_ASSIGN")]
+    rater_assign: Option<topics::Assignment>,
     /// Topic line items are produced to.
     #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
     ledger_topic: String,
@@ -154,6 +163,8 @@ impl RaterArgs {
     ) -> neruba_rater::Config {
         let mut config = neruba_rater::Config::new(brokers, state_dir);
         config.group_id = self.rater_group_id.clone();
+        config.instance_id = self.rater_instance_id.clone();
+        config.assignment = self.rater_assign.clone();
         config.rollups_topic = rollups_topic.to_owned();
         config.ledger_topic = self.ledger_topic.clone();
         config.dead_letter_topic = dead_letter_topic.to_owned();
@@ -228,6 +239,11 @@ struct AggregatorArgs {
     /// Static group membership id (e.g. the pod name), so a restart gets its partitions back.
     #[arg(long, env = "NERUBA_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Take these events-topic partitions (`all`, or `0,1,4`) statically instead of through
+    /// the consumer group: no rebalancing; every partition must be named by exactly one
+    /// aggregator.
+    #[arg(long, env = "NERUBA_ASSIGN")]
+    assign: Option<topics::Assignment>,
     /// Topic closed windows are produced to.
     #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
     rollups_topic: String,
@@ -273,6 +289,7 @@ impl AggregatorArgs {
         let mut config = neruba_aggregator::Config::new(brokers, state_dir);
         config.group_id = self.group_id.clone();
         config.instance_id = self.instance_id.clone();
+        config.assignment = self.assign.clone();
         config.events_topic = events_topic.to_owned();
         config.rollups_topic = self.rollups_topic.clone();
         config.dead_letter_topic = self.dead_letter_topic.clone();
@@ -476,18 +493,21 @@ async fn main() -> Result<()> {
             ..
         }) => run_rerun(&rerun).await?,
         Command::Rater(RaterCommandArgs {
-            run: None,
+            run: args,
             action: None,
-        }) => bail!("`neruba rater` needs --brokers, --catalog and --state-dir (or `rerun`)"),
-        Command::Rater(RaterCommandArgs {
-            run: Some(args), ..
         }) => {
-            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            // Required here rather than by clap, which would require them for `rerun` too.
+            let (Some(brokers), Some(catalog), Some(state_dir)) =
+                (&args.brokers, &args.catalog, &args.state_dir)
+            else {
+                bail!("`neruba rater` needs --brokers, --catalog and --state-dir");
+            };
+            let catalog = Arc::new(load_catalog(catalog)?);
             let mut config = args.rating.config(
-                &args.brokers,
+                brokers,
                 &args.rollups_topic,
                 &args.dead_letter_topic,
-                &args.state_dir,
+                state_dir,
             );
             config.kafka_options = args.kafka_opts.clone();
             let registry = prometheus::Registry::new();
@@ -777,7 +797,19 @@ mod tests {
             "--state-dir",
             "/tmp/s",
         ]);
-        assert!(rater.is_ok(), "{rater:?}");
+        assert!(
+            matches!(
+                &rater,
+                Ok(Cli {
+                    command: Command::Rater(RaterCommandArgs {
+                        action: None,
+                        run: RaterRunArgs { brokers: Some(b), .. },
+                    }),
+                    ..
+                }) if b == "k:9092"
+            ),
+            "{rater:?}"
+        );
         let rerun = Cli::try_parse_from([
             "neruba",
             "rater",

@@ -42,6 +42,9 @@ fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Cont
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "20");
+    if let Some(instance) = &config.instance_id {
+        client.set("group.instance.id", instance);
+    }
     for (key, value) in &config.kafka_options {
         client.set(key, value);
     }
@@ -378,7 +381,35 @@ impl Worker {
             kill: kill.clone(),
         };
         let consumer = build_consumer(&config, context)?;
-        consumer.subscribe(&[&config.rollups_topic])?;
+        match &config.assignment {
+            None => consumer.subscribe(&[&config.rollups_topic])?,
+            Some(assignment) => {
+                // Static assignment: no group coordination, resume from the stored offsets.
+                let metadata = consumer
+                    .fetch_metadata(Some(&config.rollups_topic), Duration::from_secs(10))?;
+                let count = metadata
+                    .topics()
+                    .first()
+                    .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0));
+                let mut tpl = TopicPartitionList::new();
+                let mut guard = shared
+                    .lock()
+                    .map_err(|_| Error::Corrupt("rater state lock poisoned".into()))?;
+                for partition in assignment.resolve(count) {
+                    let resume = guard
+                        .open_partition(partition)?
+                        .next_offset()
+                        .map_or(Offset::Beginning, Offset::Offset);
+                    tpl.add_partition_offset(&config.rollups_topic, partition, resume)?;
+                }
+                guard
+                    .metrics
+                    .assigned_partitions
+                    .set(i64::try_from(guard.partitions.len()).unwrap_or(0));
+                drop(guard);
+                consumer.assign(&tpl)?;
+            }
+        }
         Ok(Self {
             consumer,
             shared,

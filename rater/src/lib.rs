@@ -53,6 +53,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     pub brokers: String,
     pub group_id: String,
+    /// Static group membership (`group.instance.id`), so a restarted rater takes its
+    /// partitions back at once instead of waiting for the broker to expire its old session.
+    pub instance_id: Option<String>,
+    /// Static partition assignment instead of the consumer group's (see
+    /// [`neruba_schemas::topics::Assignment`]).
+    pub assignment: Option<neruba_schemas::topics::Assignment>,
     pub rollups_topic: String,
     pub ledger_topic: String,
     pub dead_letter_topic: String,
@@ -74,6 +80,8 @@ impl Config {
         Self {
             brokers: brokers.into(),
             group_id: "neruba-rater".to_owned(),
+            instance_id: None,
+            assignment: None,
             rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
             ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
             dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),

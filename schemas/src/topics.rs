@@ -28,6 +28,45 @@ pub const WATERMARK_HEADER: &str = "neruba-watermark";
 /// rollups topic other than the rater skip messages that carry it.
 pub const RERUN_HEADER: &str = "neruba-rerun";
 
+/// Which partitions a consumer takes: through its consumer group (`None` where this is an
+/// option), or statically, which needs no group coordination (a StatefulSet ordinal can name
+/// its partitions; every replica restarting with the same list gets the same partitions back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Every partition of the topic.
+    All,
+    /// These partitions.
+    Partitions(Vec<i32>),
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+
+    /// `all`, or a comma-separated list of partition numbers such as `0,1,4`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim() == "all" {
+            return Ok(Self::All);
+        }
+        let partitions = text
+            .split(',')
+            .map(|p| p.trim().parse::<i32>().ok().filter(|p| *p >= 0))
+            .collect::<Option<Vec<i32>>>()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| format!("`{text}` is neither `all` nor a list of partition numbers"))?;
+        Ok(Self::Partitions(partitions))
+    }
+}
+
+impl Assignment {
+    /// The partitions, given the topic's partition count.
+    pub fn resolve(&self, topic_partitions: i32) -> Vec<i32> {
+        match self {
+            Self::All => (0..topic_partitions).collect(),
+            Self::Partitions(list) => list.clone(),
+        }
+    }
+}
+
 /// FNV-1a partitioner: the same in every build and every component, so one customer's rollups
 /// and line items always go to the same partition (and stay in order).
 pub fn stable_partition(key: &str, partitions: i32) -> i32 {
@@ -42,7 +81,16 @@ pub fn stable_partition(key: &str, partitions: i32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::stable_partition;
+    use super::{Assignment, stable_partition};
+
+    #[test]
+    fn assignments_parse_all_or_a_list() {
+        assert_eq!("all".parse(), Ok(Assignment::All));
+        assert_eq!(" 0, 2,5".parse(), Ok(Assignment::Partitions(vec![0, 2, 5])));
+        assert!("".parse::<Assignment>().is_err());
+        assert!("1,-2".parse::<Assignment>().is_err());
+        assert_eq!(Assignment::All.resolve(3), vec![0, 1, 2]);
+    }
 
     #[test]
     fn partitioning_is_stable_and_in_range() {

@@ -1,0 +1,198 @@
+//! A real Kafka-protocol broker (tansu) and the pipeline's components as separate OS processes,
+//! for the end-to-end fault tests. Everything listens on 127.0.0.1 ports chosen here, and is
+//! stopped when its handle drops.
+
+#![allow(dead_code)]
+
+use anyhow::{Context, Result, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Where the tansu binary is: `NERUBA_TANSU`, else the cache `scripts/prereqs.sh` fills.
+pub fn tansu_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("NERUBA_TANSU") {
+        return Ok(PathBuf::from(path));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let path = PathBuf::from(home).join(".cache/neruba-tools/bin/tansu");
+    if !path.exists() {
+        bail!(
+            "no tansu broker at {} (run ./scripts/prereqs.sh, or set NERUBA_TANSU)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Proc {
+    pub fn new(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
+        Self {
+            name: name.to_owned(),
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("NERUBA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.name))?;
+        self.child = Some(child);
+        self.starts += 1;
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits up to `patience` for a clean exit; returns its success.
+    pub fn terminate(&mut self, patience: Duration) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.name);
+        }
+        let started = Instant::now();
+        while started.elapsed() < patience {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill()?;
+        child.wait()?;
+        bail!("{} did not exit within {patience:?} of SIGTERM", self.name)
+    }
+
+    /// Whether it is still running (a component that exits on its own is a finding).
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A tansu broker process with in-memory storage.
+pub struct Broker {
+    pub bootstrap: String,
+    pub process: Proc,
+}
+
+impl Broker {
+    pub fn start(log_dir: &Path) -> Result<Self> {
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let args = vec![
+            "broker".to_owned(),
+            "--listener-url".to_owned(),
+            url.clone(),
+            "--advertised-listener-url".to_owned(),
+            url,
+            "--storage-engine".to_owned(),
+            "memory://tansu/".to_owned(),
+        ];
+        let mut process = Proc::new("tansu", &tansu_binary()?, &args, log_dir);
+        process.start()?;
+        let broker = Self {
+            bootstrap: format!("127.0.0.1:{port}"),
+            process,
+        };
+        broker.wait_ready(Duration::from_secs(20))?;
+        Ok(broker)
+    }
+
+    fn wait_ready(&self, patience: Duration) -> Result<()> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()?;
+        let started = Instant::now();
+        loop {
+            if consumer
+                .fetch_metadata(None, Duration::from_secs(1))
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if started.elapsed() > patience {
+                bail!(
+                    "tansu did not answer within {patience:?}: {}",
+                    self.process.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Creates `(name, partitions)` topics.
+    pub async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+            if let Err((topic, code)) = result {
+                bail!("create topic {topic}: {code:?}");
+            }
+        }
+        Ok(())
+    }
+}

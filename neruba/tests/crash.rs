@@ -1,0 +1,525 @@
+//! Nothing lost, nothing counted twice, on a real broker, with every component killed at random.
+//!
+//! A tansu broker process; the gateway, an aggregator and a rater as separate `neruba`
+//! processes. A generated workload (two tenants, several customers and meters, ~10 % repeated
+//! ids, events arriving minutes out of order so windows are revised, batches of 1 to 60) is
+//! posted over HTTP while a killer SIGKILLs a random component every second or two and
+//! restarts it. Clients retry a request until it is answered, as a real SDK does. At the end,
+//! the ledger (deduplicated by id; a repeated id must carry identical content) must equal,
+//! per tenant, customer, meter, group and billing period and to the cent, the price of the
+//! aggregate of the distinct events the gateway answered `accepted`.
+//!
+//! `NERUBA_CRASH_EVENTS` (default 4,000) sizes the run; a soak is `NERUBA_CRASH_EVENTS=40000`;
+//! `NERUBA_CRASH_SEED` picks another workload.
+
+mod common;
+
+use anyhow::{Context, Result, bail};
+use common::{Broker, Proc, free_port};
+use neruba_rater::price::{plan_in_force, price};
+use neruba_schemas::Catalog;
+use neruba_schemas::ledger::LineItem;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// (tenant, customer, meter, group as `k=v,...`, period start) → amount.
+type Ledger = BTreeMap<(String, String, String, String, String), Decimal>;
+
+/// A small deterministic generator (xorshift), so a failing run can be repeated by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One generated event with its tenant.
+#[derive(Clone)]
+struct Generated {
+    tenant: &'static str,
+    body: Value,
+}
+
+fn generate(rng: &mut Rng, i: usize, now_ms: i64, earlier: &[Generated]) -> Generated {
+    if i > 20 && rng.below(10) == 0 {
+        // A repeat of an earlier id, same content (a retry from another SDK path).
+        return earlier[usize::try_from(rng.below(earlier.len() as u64)).unwrap_or(0)].clone();
+    }
+    // Times over the 30 to 5 minutes before the run, in random order: windows close while
+    // older events still arrive, so revisions and adjustments happen throughout.
+    let time = neruba_schemas::event::format_time_ms(
+        now_ms - 5 * 60_000 - i64::try_from(rng.below(25 * 60_000)).unwrap_or(0),
+    );
+    let customer = format!("c-{}", rng.below(5));
+    match rng.below(3) {
+        0 => Generated {
+            tenant: "acme",
+            body: json!({"specversion": "1.0", "id": format!("t-{i}"), "type": "llm.completion",
+                "subject": customer, "time": time,
+                "data": {"model": if rng.below(2) == 0 { "large" } else { "small" },
+                         "tokens": format!("{}.{}", rng.below(400_000), rng.below(10)),
+                         "status": if rng.below(8) == 0 { "error" } else { "ok" }}}),
+        },
+        1 => Generated {
+            tenant: "acme",
+            body: json!({"specversion": "1.0", "id": format!("a-{i}"), "type": "api.request",
+                "subject": customer, "time": time, "data": {}}),
+        },
+        _ => Generated {
+            tenant: "globex",
+            body: json!({"specversion": "1.0", "id": format!("s-{i}"), "type": "storage.usage",
+                "subject": customer, "time": time,
+                "data": {"region": if rng.below(2) == 0 { "eu-west" } else { "us-east" },
+                         "gb_hours": format!("{}.{:02}", rng.below(700), rng.below(100))}}),
+        },
+    }
+}
+
+/// What the sample catalog's meters make of the accepted events, priced: the ground truth.
+fn truth(accepted: &HashMap<(String, String), Generated>, catalog: &Catalog) -> Result<Ledger> {
+    let mut quantities: BTreeMap<(String, String, String, String, String), Decimal> =
+        BTreeMap::new();
+    for event in accepted.values() {
+        let data = &event.body["data"];
+        let time_ms =
+            neruba_schemas::event::parse_time_ms(event.body["time"].as_str().context("time")?)
+                .map_err(|r| anyhow::anyhow!(r.message))?;
+        let (period_start, _) =
+            neruba_schemas::window::period_bounds(time_ms, 1, 0).context("period of the event")?;
+        let period = neruba_schemas::event::format_time_ms(period_start);
+        let customer = event.body["subject"]
+            .as_str()
+            .context("subject")?
+            .to_owned();
+        let decimal = |v: &Value| -> Result<Decimal> {
+            neruba_schemas::decimal::parse_exact(v.as_str().context("value")?)
+                .context("exact decimal")
+        };
+        let (meter, group, quantity) = match event.body["type"].as_str() {
+            Some("llm.completion") if data["status"] == "ok" => (
+                "llm_tokens",
+                format!("model={}", data["model"].as_str().unwrap_or_default()),
+                decimal(&data["tokens"])?,
+            ),
+            Some("api.request") => ("api_calls", String::new(), Decimal::ONE),
+            Some("storage.usage") => (
+                "storage_gb_hours",
+                format!("region={}", data["region"].as_str().unwrap_or_default()),
+                decimal(&data["gb_hours"])?,
+            ),
+            _ => continue,
+        };
+        *quantities
+            .entry((
+                event.tenant.to_owned(),
+                customer,
+                meter.to_owned(),
+                group,
+                period,
+            ))
+            .or_default() += quantity;
+    }
+    let mut priced = Ledger::new();
+    for (key, quantity) in quantities {
+        let tenant = catalog.tenant(&key.0).context("tenant")?;
+        let day = time::Date::parse(
+            key.4.get(..10).context("period")?,
+            &time::macros::format_description!("[year]-[month]-[day]"),
+        )?;
+        let plan = plan_in_force(&tenant.price_plans, &key.2, day).context("plan")?;
+        let precision = catalog.precision(&plan.currency).context("currency")?;
+        priced.insert(key, price(plan, quantity, precision)?.amount);
+    }
+    Ok(priced)
+}
+
+/// The ledger topic read from the beginning until quiet, deduplicated by id, summed per period.
+fn read_ledger(bootstrap: &str) -> Result<(Ledger, usize, usize)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "crash-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some("neruba.ledger"), Duration::from_secs(5))?;
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment.add_partition_offset("neruba.ledger", p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut items: HashMap<String, LineItem> = HashMap::new();
+    let mut messages = 0;
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(2) {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            last = Instant::now();
+            messages += 1;
+            let item = LineItem::decode(message.payload().unwrap_or_default())?;
+            if let Some(earlier) = items.get(&item.id) {
+                if *earlier != item {
+                    bail!("line item {} repeated with different content", item.id);
+                }
+            } else {
+                items.insert(item.id.clone(), item);
+            }
+        }
+    }
+    let mut ledger = Ledger::new();
+    for item in items.values() {
+        let group: Vec<String> = item.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        *ledger
+            .entry((
+                item.tenant.clone(),
+                item.customer.clone(),
+                item.meter.clone(),
+                group.join(","),
+                item.period_start.clone(),
+            ))
+            .or_default() += item.amount;
+    }
+    Ok((ledger, items.len(), messages))
+}
+
+struct Pipeline {
+    gateway: Proc,
+    aggregator: Proc,
+    rater: Proc,
+    base: String,
+}
+
+fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
+    let binary = Path::new(env!("CARGO_BIN_EXE_neruba"));
+    let catalog = work.join("catalog.toml");
+    std::fs::write(&catalog, neruba::sample::CATALOG_TOML)?;
+    let catalog = catalog.display().to_string();
+    let port = free_port()?;
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--brokers".to_owned(),
+            bootstrap.to_owned(),
+            "--catalog".to_owned(),
+            catalog.clone(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let state = work.join("state");
+    let mut gateway_args = vec!["gateway".to_owned()];
+    gateway_args.extend(common(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--delivery-timeout",
+        "5s",
+    ]));
+    let mut aggregator_args = vec!["aggregator".to_owned()];
+    aggregator_args.extend(common(&[
+        "--state-dir",
+        &state.join("aggregator").display().to_string(),
+        "--ops-listen",
+        "127.0.0.1:0",
+        "--grace",
+        "0s",
+        "--idle-timeout",
+        "1s",
+        "--max-batch",
+        "300",
+        // Static assignment: a restarted instance takes its partitions back at once, without
+        // the group protocol (tansu does not expire a killed member's session).
+        "--assign",
+        "all",
+    ]));
+    let mut rater_args = vec!["rater".to_owned()];
+    rater_args.extend(common(&[
+        "--state-dir",
+        &state.join("rater").display().to_string(),
+        "--ops-listen",
+        "127.0.0.1:0",
+        "--rater-assign",
+        "all",
+    ]));
+    Ok(Pipeline {
+        gateway: Proc::new("gateway", binary, &gateway_args, work),
+        aggregator: Proc::new("aggregator", binary, &aggregator_args, work),
+        rater: Proc::new("rater", binary, &rater_args, work),
+        base: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+impl Pipeline {
+    fn procs(&mut self) -> [&mut Proc; 3] {
+        [&mut self.gateway, &mut self.aggregator, &mut self.rater]
+    }
+}
+
+/// Posts one batch until the gateway answers it; returns each event's status.
+async fn post_until_answered(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    batch: &[Value],
+) -> Result<Vec<String>> {
+    let key = neruba::sample::ingest_key(tenant).context("dev key")?;
+    let started = Instant::now();
+    loop {
+        let sent = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(key)
+            .timeout(Duration::from_secs(10))
+            .json(&Value::Array(batch.to_vec()))
+            .send()
+            .await;
+        if let Ok(response) = sent
+            && response.status().is_success()
+            && let Ok(body) = response.json::<Value>().await
+        {
+            return Ok(body["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| r["status"].as_str().unwrap_or("?").to_owned())
+                .collect());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("a batch went unanswered for two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> Result<()> {
+    let events: usize = std::env::var("NERUBA_CRASH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4_000);
+    let seed: u64 = std::env::var("NERUBA_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd_0001);
+    let work = tempfile::tempdir()?;
+    let broker = Broker::start(work.path())?;
+    broker
+        .create_topics(&[
+            ("neruba.events", 4),
+            ("neruba.rollups", 4),
+            ("neruba.ledger", 4),
+            ("neruba.dead-letter", 1),
+        ])
+        .await?;
+    let mut pipeline = pipeline(&broker.bootstrap, work.path())?;
+    for process in pipeline.procs() {
+        process.start()?;
+    }
+    let client = reqwest::Client::new();
+    // The gateway answers /healthz once it listens.
+    for _ in 0..100 {
+        if client
+            .get(format!("{}/healthz", pipeline.base))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut rng = Rng(seed);
+    let now_ms = neruba_schemas::event::now_ms();
+    let mut generated: Vec<Generated> = Vec::with_capacity(events);
+    for i in 0..events {
+        let event = generate(&mut rng, i, now_ms, &generated);
+        generated.push(event);
+    }
+    let mut accepted: HashMap<(String, String), Generated> = HashMap::new();
+    // The killer runs beside the clients: a component dies at any moment, mid-request too.
+    let base = pipeline.base.clone();
+    let pipeline = std::sync::Arc::new(tokio::sync::Mutex::new(pipeline));
+    let posting_done = tokio_util::sync::CancellationToken::new();
+    let killer = {
+        let pipeline = pipeline.clone();
+        let done = posting_done.clone();
+        let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+        tokio::spawn(async move {
+            let mut kills = 0u32;
+            loop {
+                let pause = Duration::from_millis(500 + rng.below(1500));
+                tokio::select! {
+                    () = done.cancelled() => return Ok::<u32, anyhow::Error>(kills),
+                    () = tokio::time::sleep(pause) => {}
+                }
+                let victim = usize::try_from(rng.below(3)).unwrap_or(0);
+                let mut pipeline = pipeline.lock().await;
+                let process = &mut pipeline.procs()[victim];
+                process.kill()?;
+                tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
+                process.start()?;
+                kills += 1;
+            }
+        })
+    };
+    let mut cursor = 0;
+    while cursor < generated.len() {
+        // Batches of one tenant, 1 to 60 events.
+        let tenant = generated[cursor].tenant;
+        let size = usize::try_from(1 + rng.below(60)).unwrap_or(1);
+        let batch: Vec<Generated> = generated[cursor..]
+            .iter()
+            .take(size)
+            .take_while(|g| g.tenant == tenant)
+            .cloned()
+            .collect();
+        cursor += batch.len();
+        let bodies: Vec<Value> = batch.iter().map(|g| g.body.clone()).collect();
+        let statuses = post_until_answered(&client, &base, tenant, &bodies).await?;
+        for (event, status) in batch.iter().zip(&statuses) {
+            if status == "accepted" {
+                let id = event.body["id"].as_str().unwrap_or_default().to_owned();
+                accepted.insert((tenant.to_owned(), id), event.clone());
+            }
+        }
+    }
+    posting_done.cancel();
+    let kills = killer.await??;
+    let mut pipeline = pipeline.lock().await;
+    for process in pipeline.procs() {
+        if !process.running() {
+            bail!(
+                "{} exited on its own:\n{}",
+                process.name,
+                process.log_tail(30)
+            );
+        }
+    }
+
+    let catalog = neruba::sample::catalog()?;
+    let expected = truth(&accepted, &catalog)?;
+    let (got, distinct, messages) = settle_ledger(&broker.bootstrap, &expected).await?;
+    println!(
+        "{} events posted, {} distinct accepted, {kills} kills survived ({} gateway, {} aggregator, {} rater starts); \
+         ledger: {messages} messages, {distinct} distinct items, {} periods",
+        generated.len(),
+        accepted.len(),
+        pipeline.gateway.starts,
+        pipeline.aggregator.starts,
+        pipeline.rater.starts,
+        expected.len()
+    );
+    if got != expected {
+        let mut differences = Vec::new();
+        for (key, amount) in &expected {
+            if got.get(key) != Some(amount) {
+                differences.push(format!(
+                    "{key:?}: expected {amount}, ledger {:?}",
+                    got.get(key)
+                ));
+            }
+        }
+        for key in got.keys().filter(|k| !expected.contains_key(*k)) {
+            differences.push(format!("{key:?}: not expected, ledger {:?}", got.get(key)));
+        }
+        for process in pipeline.procs() {
+            process.kill()?;
+        }
+        let kept = work.keep();
+        bail!(
+            "{} differences (logs kept in {}):\n{}",
+            differences.len(),
+            kept.display(),
+            differences.join("\n"),
+        );
+    }
+    assert!(
+        kills >= 3,
+        "the run was too short to kill anything much: {kills}"
+    );
+    Ok(())
+}
+
+/// Waits until the ledger equals `expected` (or two minutes passed); returns what it holds.
+async fn settle_ledger(bootstrap: &str, expected: &Ledger) -> Result<(Ledger, usize, usize)> {
+    let started = Instant::now();
+    loop {
+        let bootstrap = bootstrap.to_owned();
+        let read = tokio::task::spawn_blocking(move || read_ledger(&bootstrap)).await??;
+        if read.0 == *expected || started.elapsed() > Duration::from_secs(120) {
+            return Ok(read);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_each_component_finish_its_work_and_exit_cleanly() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let broker = Broker::start(work.path())?;
+    broker
+        .create_topics(&[
+            ("neruba.events", 2),
+            ("neruba.rollups", 2),
+            ("neruba.ledger", 2),
+            ("neruba.dead-letter", 1),
+        ])
+        .await?;
+    let mut pipeline = pipeline(&broker.bootstrap, work.path())?;
+    for process in pipeline.procs() {
+        process.start()?;
+    }
+    let client = reqwest::Client::new();
+    let mut rng = Rng(42);
+    let now_ms = neruba_schemas::event::now_ms();
+    let mut generated: Vec<Generated> = Vec::new();
+    for i in 0..900 {
+        let event = generate(&mut rng, i, now_ms, &generated);
+        generated.push(event);
+    }
+    let mut accepted: HashMap<(String, String), Generated> = HashMap::new();
+    let mut clean_exits = Vec::new();
+    for (round, chunk) in generated.chunks(300).enumerate() {
+        for batch in chunk.chunk_by(|a, b| a.tenant == b.tenant) {
+            for part in batch.chunks(40) {
+                let bodies: Vec<Value> = part.iter().map(|g| g.body.clone()).collect();
+                let statuses =
+                    post_until_answered(&client, &pipeline.base, part[0].tenant, &bodies).await?;
+                for (event, status) in part.iter().zip(&statuses) {
+                    if status == "accepted" {
+                        let id = event.body["id"].as_str().unwrap_or_default().to_owned();
+                        accepted.insert((part[0].tenant.to_owned(), id), event.clone());
+                    }
+                }
+            }
+        }
+        // SIGTERM one component while the others (and its own backlog) are busy.
+        let process = &mut pipeline.procs()[round % 3];
+        let clean = process.terminate(Duration::from_secs(30))?;
+        clean_exits.push((process.name.clone(), clean));
+        process.start()?;
+    }
+    assert_eq!(
+        clean_exits,
+        [
+            ("gateway".to_owned(), true),
+            ("aggregator".to_owned(), true),
+            ("rater".to_owned(), true)
+        ]
+    );
+    let expected = truth(&accepted, &neruba::sample::catalog()?)?;
+    let (got, distinct, messages) = settle_ledger(&broker.bootstrap, &expected).await?;
+    assert_eq!(got, expected, "{distinct} items in {messages} messages");
+    Ok(())
+}
