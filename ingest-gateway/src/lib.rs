@@ -13,6 +13,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod ratelimit;
+pub mod raw;
 
 use neruba_schemas::Catalog;
 use neruba_schemas::event::Limits;
@@ -70,6 +71,8 @@ pub struct Config {
     pub kafka_options: Vec<(String, String)>,
     /// Registries of other components in this process, also exposed on `/metrics`.
     pub extra_metrics: Vec<prometheus::Registry>,
+    /// Also ingest from a raw Kafka topic (see [`raw`]).
+    pub raw: Option<raw::RawConfig>,
 }
 
 impl Config {
@@ -87,6 +90,7 @@ impl Config {
             delivery_timeout: Duration::from_secs(15),
             kafka_options: Vec::new(),
             extra_metrics: Vec::new(),
+            raw: None,
         }
     }
 }
@@ -144,6 +148,24 @@ pub async fn start(
     tracing::info!(%local_addr, topic = %config.events_topic, "Gateway listening.");
 
     let probe = tokio::spawn(probe_broker(state.clone(), shutdown.clone()));
+    let raw_ingest = match config.raw.clone() {
+        None => None,
+        Some(raw) => {
+            let dead_letters = kafka::build_producer(
+                &config.brokers,
+                config.delivery_timeout,
+                &config.kafka_options,
+            )?;
+            Some(tokio::spawn(raw::run(
+                state.clone(),
+                raw,
+                config.brokers.clone(),
+                config.kafka_options.clone(),
+                dead_letters,
+                shutdown.clone(),
+            )))
+        }
+    };
     let app = http::router(state.clone());
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -152,6 +174,10 @@ pub async fn start(
             .map_err(Error::Serve);
         shutdown.cancel();
         let _ = probe.await;
+        if let Some(raw_ingest) = raw_ingest {
+            // Finishes its batch (delivered and committed) before it returns.
+            let _ = raw_ingest.await;
+        }
         // In-flight requests have been answered; anything still queued is flushed before exit.
         let sink = state.sink.clone();
         let flushed =

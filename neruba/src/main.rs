@@ -205,6 +205,9 @@ struct GatewayArgs {
     /// Address the HTTP API, health and metrics listen on.
     #[arg(long, env = "NERUBA_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// Topic raw-topic events that fail validation go to, with their rejection code.
+    #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
+    dead_letter_topic: String,
     #[command(flatten)]
     ingest: IngestArgs,
 }
@@ -358,6 +361,17 @@ struct IngestArgs {
     /// How long the broker has to acknowledge events before the request is answered 503.
     #[arg(long, env = "NERUBA_DELIVERY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     delivery_timeout: Duration,
+    /// Also ingest from this Kafka topic: one CloudEvent per message, API key in the
+    /// `neruba-api-key` header.
+    #[arg(long, env = "NERUBA_RAW_TOPIC")]
+    raw_topic: Option<String>,
+    /// Consumer group of the gateways reading the raw topic.
+    #[arg(
+        long,
+        env = "NERUBA_RAW_GROUP_ID",
+        default_value = "neruba-gateway-raw"
+    )]
+    raw_group_id: String,
     /// Extra librdkafka setting `key=value` (SASL, TLS, tuning); repeatable, comma-separated in env.
     #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
     kafka_opts: Vec<(String, String)>,
@@ -385,7 +399,12 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 }
 
 impl IngestArgs {
-    fn config(&self, listen: SocketAddr, brokers: &str) -> Result<gateway::Config> {
+    fn config(
+        &self,
+        listen: SocketAddr,
+        brokers: &str,
+        dead_letter_topic: &str,
+    ) -> Result<gateway::Config> {
         let millis = |d: Duration| i64::try_from(d.as_millis()).context("duration too long");
         if self.max_event_bytes > self.max_body_bytes {
             bail!(
@@ -410,6 +429,15 @@ impl IngestArgs {
         config.dedup_max_age = self.dedup_max_age;
         config.delivery_timeout = self.delivery_timeout;
         config.kafka_options = self.kafka_opts.clone();
+        config.raw = self
+            .raw_topic
+            .as_ref()
+            .map(|topic| gateway::raw::RawConfig {
+                topic: topic.clone(),
+                group_id: self.raw_group_id.clone(),
+                dead_letter_topic: dead_letter_topic.to_owned(),
+                max_batch: 1_000,
+            });
         Ok(config)
     }
 }
@@ -466,7 +494,9 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Gateway(args) => {
             let catalog = Arc::new(load_catalog(&args.catalog)?);
-            let config = args.ingest.config(args.listen, &args.brokers)?;
+            let config = args
+                .ingest
+                .config(args.listen, &args.brokers, &args.dead_letter_topic)?;
             gateway::run(
                 config,
                 catalog,
@@ -566,13 +596,16 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         Some(path) => load_catalog(path)?,
         None => sample::catalog()?,
     };
-    let kafka = EmbeddedKafka::start(&[
+    let mut topics = vec![
         (args.ingest.events_topic.as_str(), args.partitions),
         (args.aggregation.rollups_topic.as_str(), args.partitions),
         (args.aggregation.dead_letter_topic.as_str(), args.partitions),
         (args.rating.ledger_topic.as_str(), args.partitions),
-    ])
-    .context("start the embedded Kafka broker")?;
+    ];
+    if let Some(raw) = &args.ingest.raw_topic {
+        topics.push((raw.as_str(), args.partitions));
+    }
+    let kafka = EmbeddedKafka::start(&topics).context("start the embedded Kafka broker")?;
     let catalog = Arc::new(catalog);
     let temp_state;
     let state_dir = match &args.state_dir {
@@ -607,7 +640,11 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         &rater_metrics,
         shutdown.clone(),
     )?;
-    let mut config = args.ingest.config(args.listen, kafka.bootstrap_servers())?;
+    let mut config = args.ingest.config(
+        args.listen,
+        kafka.bootstrap_servers(),
+        &args.aggregation.dead_letter_topic,
+    )?;
     config.extra_metrics = vec![aggregator_metrics, rater_metrics];
     let running = gateway::start(
         config,

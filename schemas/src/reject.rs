@@ -29,11 +29,15 @@ pub enum RejectCode {
     /// Kafka path only: no meter of the tenant reads this event `type`; kept on the dead-letter
     /// topic so it can be replayed once a meter exists.
     NoMatchingMeter,
+    /// Raw-topic path only: the message carries no known API key (header `neruba-api-key`).
+    Unauthenticated,
+    /// Raw-topic path only: the message's API key lacks the `ingest` scope.
+    Forbidden,
 }
 
 impl RejectCode {
     /// Every code, for metrics pre-registration and documentation.
-    pub const ALL: [RejectCode; 9] = [
+    pub const ALL: [RejectCode; 11] = [
         RejectCode::InvalidJson,
         RejectCode::MissingField,
         RejectCode::InvalidField,
@@ -43,6 +47,8 @@ impl RejectCode {
         RejectCode::InvalidValue,
         RejectCode::UnknownTenant,
         RejectCode::NoMatchingMeter,
+        RejectCode::Unauthenticated,
+        RejectCode::Forbidden,
     ];
 
     /// The stable wire spelling.
@@ -57,6 +63,8 @@ impl RejectCode {
             RejectCode::InvalidValue => "invalid_value",
             RejectCode::UnknownTenant => "unknown_tenant",
             RejectCode::NoMatchingMeter => "no_matching_meter",
+            RejectCode::Unauthenticated => "unauthenticated",
+            RejectCode::Forbidden => "forbidden",
         }
     }
 }

@@ -6,6 +6,12 @@ pub const EVENTS: &str = "neruba.events";
 pub const DEAD_LETTER: &str = "neruba.dead-letter";
 /// Closed windows, compacted on (tenant, meter, customer, group, window).
 pub const ROLLUPS: &str = "neruba.rollups";
+/// Events from customers' own Kafka producers, one CloudEvent (structured JSON) per message,
+/// each with its API key in the [`API_KEY_HEADER`] header; the gateway validates and routes them.
+pub const RAW: &str = "neruba.raw";
+/// Raw-topic header carrying the producer's API key (the same key as for HTTP).
+pub const API_KEY_HEADER: &str = "neruba-api-key";
+
 /// Priced line items, keyed by `tenant/customer`.
 pub const LEDGER: &str = "neruba.ledger";
 

@@ -1,0 +1,225 @@
+//! Kafka-mode ingest: customers' producers write events to a raw topic; the gateway validates
+//! and routes them exactly as it does HTTP requests.
+//!
+//! Invariants:
+//! - each message is one structured CloudEvent, authenticated by the API key in its
+//!   `neruba-api-key` header (the same key, digest and `ingest` scope as HTTP); the tenant
+//!   comes from the key and only from the key;
+//! - a message ends either on the events topic or on the dead-letter topic with the same
+//!   rejection codes as HTTP (plus `unauthenticated` and `forbidden`); nothing is dropped;
+//! - raw offsets are committed only after every message of the batch was acknowledged where it
+//!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat).
+
+use crate::body::{self, Framing};
+use crate::http::AppState;
+use crate::metrics::Tally;
+use futures::future::join_all;
+use neruba_schemas::catalog::Scope;
+use neruba_schemas::topics::{
+    API_KEY_HEADER, REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER,
+    SOURCE_TOPIC_HEADER,
+};
+use neruba_schemas::{Event, RejectCode, Rejection, event};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Where raw events come from and where refused ones go.
+#[derive(Debug, Clone)]
+pub struct RawConfig {
+    pub topic: String,
+    pub group_id: String,
+    pub dead_letter_topic: String,
+    /// Most messages handled per batch.
+    pub max_batch: usize,
+}
+
+/// What one raw message became.
+enum Routed {
+    Event(Event),
+    Repeat,
+    Refused(Rejection),
+}
+
+fn route(state: &AppState, message: &BorrowedMessage<'_>, now: i64) -> Routed {
+    let key = message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == API_KEY_HEADER))
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim);
+    let Some(key) = key else {
+        return Routed::Refused(Rejection::new(
+            RejectCode::Unauthenticated,
+            format!("the message has no `{API_KEY_HEADER}` header"),
+        ));
+    };
+    let Some((tenant, api_key)) = state.catalog.authenticate(key) else {
+        return Routed::Refused(Rejection::new(
+            RejectCode::Unauthenticated,
+            "unknown API key",
+        ));
+    };
+    if !api_key.scopes.contains(&Scope::Ingest) {
+        return Routed::Refused(Rejection::new(
+            RejectCode::Forbidden,
+            format!("API key `{}` lacks the `ingest` scope", api_key.name),
+        ));
+    }
+    let payload = message.payload().unwrap_or_default();
+    let framed = match body::split(Framing::Single, payload, 1) {
+        Ok(mut framed) if framed.len() == 1 => framed.remove(0),
+        _ => {
+            return Routed::Refused(Rejection::new(
+                RejectCode::InvalidJson,
+                "the message is not one JSON object",
+            ));
+        }
+    };
+    let checked = framed.value.and_then(|value| {
+        let event = event::validate(value, framed.len, &tenant.id, now, &state.limits)?;
+        tenant.check_values(&event)?;
+        Ok(event)
+    });
+    match checked {
+        Err(rejection) => Routed::Refused(rejection),
+        Ok(event) if state.dedup.contains(&event.tenant, &event.id) => Routed::Repeat,
+        Ok(event) => Routed::Event(event),
+    }
+}
+
+/// Consumes the raw topic until `shutdown`; a broker failure restarts the consumer, which
+/// resumes from the last committed batch.
+pub async fn run(
+    state: Arc<AppState>,
+    config: RawConfig,
+    brokers: String,
+    kafka_options: Vec<(String, String)>,
+    dead_letters: FutureProducer,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        if let Err(e) = consume(
+            &state,
+            &config,
+            &brokers,
+            &kafka_options,
+            &dead_letters,
+            &shutdown,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, topic = %config.topic, "Raw-topic ingest failed; restarting from the committed offsets.");
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+async fn consume(
+    state: &AppState,
+    config: &RawConfig,
+    brokers: &str,
+    kafka_options: &[(String, String)],
+    dead_letters: &FutureProducer,
+    shutdown: &CancellationToken,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "neruba-ingest-gateway-raw")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    let consumer: StreamConsumer = client.create()?;
+    consumer.subscribe(&[&config.topic])?;
+    tracing::info!(topic = %config.topic, "Raw-topic ingest consuming.");
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            message = consumer.recv() => message?,
+        };
+        let mut batch = vec![first];
+        while batch.len() < config.max_batch {
+            match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                Ok(message) => batch.push(message?),
+                Err(_) => break,
+            }
+        }
+        let now = event::now_ms();
+        let mut tally = Tally::default();
+        let mut events = Vec::new();
+        let mut refused = Vec::new();
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for message in &batch {
+            next.insert(message.partition(), message.offset() + 1);
+            match route(state, message, now) {
+                Routed::Event(event) => events.push(event),
+                Routed::Repeat => tally.duplicate += 1,
+                Routed::Refused(rejection) => {
+                    tally.reject(rejection.code);
+                    refused.push((message, rejection));
+                }
+            }
+        }
+        let to_send: Vec<&Event> = events.iter().collect();
+        let delivered = state.sink.send_all(&to_send).await;
+        let dead = join_all(refused.iter().map(|(message, rejection)| {
+            let offset = message.offset().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: REJECT_CODE_HEADER,
+                    value: Some(rejection.code.as_str()),
+                })
+                .insert(Header {
+                    key: REJECT_MESSAGE_HEADER,
+                    value: Some(rejection.message.as_str()),
+                })
+                .insert(Header {
+                    key: SOURCE_TOPIC_HEADER,
+                    value: Some(config.topic.as_str()),
+                })
+                .insert(Header {
+                    key: SOURCE_OFFSET_HEADER,
+                    value: Some(offset.as_str()),
+                });
+            let mut record = FutureRecord::to(&config.dead_letter_topic)
+                .payload(message.payload().unwrap_or_default())
+                .headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            dead_letters.send(record, Duration::from_secs(30))
+        }))
+        .await;
+        // Nothing of the batch is committed unless every message landed somewhere.
+        for (event, result) in events.iter().zip(&delivered) {
+            if let Err(e) = result {
+                return Err(rdkafka::error::KafkaError::Canceled).inspect_err(|_| {
+                    tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
+                });
+            }
+            state.dedup.insert(&event.tenant, &event.id);
+            tally.accepted += 1;
+        }
+        for result in dead {
+            result.map_err(|(e, _)| e)?;
+        }
+        tally.publish(&state.metrics);
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in next {
+            offsets.add_partition_offset(&config.topic, partition, Offset::Offset(offset))?;
+        }
+        consumer.commit(&offsets, CommitMode::Sync)?;
+    }
+}

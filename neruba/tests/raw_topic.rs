@@ -1,0 +1,254 @@
+//! Customers' own Kafka producers: events written to the raw topic (API key in a header) are
+//! validated and routed like HTTP ones, bad ones dead-lettered with the same codes, and an id
+//! sent over HTTP and again over Kafka counts once. Real broker (tansu), components as
+//! processes, a producer on the bundled librdkafka.
+
+mod common;
+
+use anyhow::{Context, Result};
+use common::{Broker, Proc, free_port};
+use neruba_schemas::ledger::LineItem;
+use neruba_schemas::topics::{API_KEY_HEADER, REJECT_CODE_HEADER};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rust_decimal::Decimal;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Every message of `topic` once at least `expected` arrived and it was quiet for a second.
+fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+) -> Result<Vec<rdkafka::message::OwnedMessage>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "raw-test-reader")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let (started, mut last) = (Instant::now(), Instant::now());
+    let mut out = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(m) => {
+                out.push(m?.detach());
+                last = Instant::now();
+            }
+            None if out.len() >= expected && last.elapsed() > Duration::from_secs(1) => break,
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let broker = Broker::start(work.path())?;
+    broker
+        .create_topics(&[
+            ("neruba.raw", 2),
+            ("neruba.events", 2),
+            ("neruba.rollups", 2),
+            ("neruba.ledger", 2),
+            ("neruba.dead-letter", 1),
+        ])
+        .await?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_neruba"));
+    let catalog = work.path().join("catalog.toml");
+    std::fs::write(&catalog, neruba::sample::CATALOG_TOML)?;
+    let (catalog, state) = (catalog.display().to_string(), work.path().join("state"));
+    let port = free_port()?;
+    let args = |extra: &[&str]| -> Vec<String> { extra.iter().map(|s| (*s).to_owned()).collect() };
+    let b = broker.bootstrap.as_str();
+    let listen = format!("127.0.0.1:{port}");
+    let mut gateway = Proc::new(
+        "gateway",
+        binary,
+        &args(&[
+            "gateway",
+            "--brokers",
+            b,
+            "--catalog",
+            &catalog,
+            "--listen",
+            &listen,
+            "--raw-topic",
+            "neruba.raw",
+        ]),
+        work.path(),
+    );
+    let aggregator_state = state.join("aggregator").display().to_string();
+    let mut aggregator = Proc::new(
+        "aggregator",
+        binary,
+        &args(&[
+            "aggregator",
+            "--brokers",
+            b,
+            "--catalog",
+            &catalog,
+            "--state-dir",
+            &aggregator_state,
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--grace",
+            "0s",
+            "--idle-timeout",
+            "1s",
+            "--assign",
+            "all",
+        ]),
+        work.path(),
+    );
+    let rater_state = state.join("rater").display().to_string();
+    let mut rater = Proc::new(
+        "rater",
+        binary,
+        &args(&[
+            "rater",
+            "--brokers",
+            b,
+            "--catalog",
+            &catalog,
+            "--state-dir",
+            &rater_state,
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--rater-assign",
+            "all",
+        ]),
+        work.path(),
+    );
+    for process in [&mut gateway, &mut aggregator, &mut rater] {
+        process.start()?;
+    }
+    let client = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let time = neruba_schemas::event::format_time_ms(neruba_schemas::event::now_ms() - 10 * 60_000);
+    let call = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "type": "api.request", "subject": "c-1", "time": time})
+            .to_string()
+    };
+    // h-1 over HTTP first.
+    let answer: serde_json::Value = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(neruba::sample::ingest_key("acme").context("key")?)
+        .header("content-type", "application/cloudevents+json")
+        .body(call("h-1"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(answer["accepted"], 1);
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .set("acks", "all")
+        .create()?;
+    let ingest = neruba::sample::ingest_key("acme").context("key")?;
+    let read_only = "nrb_dev_acme_read_2b81d4";
+    let tokens_lots = json!({"specversion": "1.0", "id": "r-bad", "type": "llm.completion",
+        "subject": "c-1", "time": time, "data": {"model": "large", "tokens": "lots", "status": "ok"}})
+        .to_string();
+    let messages: Vec<(Option<&str>, Vec<u8>)> = vec![
+        (Some(ingest), call("h-1").into_bytes()), // the HTTP event again
+        (Some(ingest), call("r-1").into_bytes()),
+        (Some(ingest), call("r-2").into_bytes()),
+        (Some(ingest), b"\x00\x9f not json".to_vec()),
+        (None, call("r-3").into_bytes()),
+        (Some(read_only), call("r-4").into_bytes()),
+        (Some(ingest), tokens_lots.into_bytes()),
+    ];
+    for (key, payload) in &messages {
+        let mut headers = OwnedHeaders::new();
+        if let Some(key) = key {
+            headers = headers.insert(Header {
+                key: API_KEY_HEADER,
+                value: Some(*key),
+            });
+        }
+        producer
+            .send(
+                FutureRecord::<(), [u8]>::to("neruba.raw")
+                    .payload(payload)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+    }
+
+    let dead = tokio::task::spawn_blocking({
+        let b = b.to_owned();
+        move || read_all(&b, "neruba.dead-letter", 4)
+    })
+    .await??;
+    let mut codes: Vec<String> = dead
+        .iter()
+        .filter_map(|m| {
+            m.headers()?
+                .iter()
+                .find(|h| h.key == REJECT_CODE_HEADER)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            "forbidden",
+            "invalid_json",
+            "invalid_value",
+            "unauthenticated"
+        ]
+    );
+
+    // h-1, r-1 and r-2 are three calls, h-1 counted once: the period's quantity reaches 3 (and
+    // stays there), billed 1.00 (one package of 1,000 at 0.50, raised to the 1.00 minimum).
+    let started = Instant::now();
+    let (quantity, total) = loop {
+        let ledger = tokio::task::spawn_blocking({
+            let b = b.to_owned();
+            move || read_all(&b, "neruba.ledger", 1)
+        })
+        .await??;
+        let items: Vec<LineItem> = ledger
+            .iter()
+            .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
+            .collect::<Result<_, _>>()?;
+        let quantity = items
+            .iter()
+            .map(|i| i.period_quantity)
+            .max()
+            .unwrap_or_default();
+        let mut distinct: Vec<&LineItem> = items.iter().collect();
+        distinct.sort_by(|a, b| a.id.cmp(&b.id));
+        distinct.dedup_by(|a, b| a.id == b.id);
+        let total: Decimal = distinct.iter().map(|i| i.amount).sum();
+        if quantity >= Decimal::from(3) || started.elapsed() > Duration::from_secs(60) {
+            break (quantity, total);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!((quantity, total), (Decimal::from(3), Decimal::new(100, 2)));
+    gateway.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
