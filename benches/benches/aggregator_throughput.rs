@@ -6,7 +6,8 @@
 //!    fresh consumer group.
 //!
 //! Reports events/s of each, their ratio (SPEC target: aggregator ≥ 0.8 × raw), and the
-//! process's peak RSS. `NERUBA_BENCH_EVENTS` sets the event count (default 100,000).
+//! process's peak RSS. `NERUBA_BENCH_EVENTS` sets the event count (default 100,000);
+//! `NERUBA_BENCH_BROKER=tansu` runs against a tansu broker process instead of the embedded one.
 
 // Rates and ratios in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -140,12 +141,24 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let kafka = EmbeddedKafka::start(&[
+    let topics = [
         (topics::EVENTS, PARTITIONS),
         (topics::ROLLUPS, PARTITIONS),
         (topics::DEAD_LETTER, 1),
-    ])?;
-    let bootstrap = kafka.bootstrap_servers().to_owned();
+    ];
+    // The embedded mock broker by default; a tansu process with NERUBA_BENCH_BROKER=tansu.
+    let (_embedded, _tansu, bootstrap) =
+        if std::env::var("NERUBA_BENCH_BROKER").as_deref() == Ok("tansu") {
+            let tansu = neruba_benches::TansuProcess::start(&topics).await?;
+            let bootstrap = tansu.bootstrap.clone();
+            println!("broker: tansu process at {bootstrap}");
+            (None, Some(tansu), bootstrap)
+        } else {
+            let kafka = EmbeddedKafka::start(&topics)?;
+            let bootstrap = kafka.bootstrap_servers().to_owned();
+            println!("broker: embedded mock cluster at {bootstrap}");
+            (Some(kafka), None, bootstrap)
+        };
     let events = workload(n);
     let started = Instant::now();
     produce(&bootstrap, &events).await?;

@@ -68,3 +68,72 @@ pub async fn join_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Ou
 }
 
 pub mod rating;
+
+/// A tansu broker process for the load generators (`NERUBA_BENCH_BROKER=tansu`): the SPEC's
+/// "broker on the same machine", where the embedded mock broker is an in-process stand-in.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct TansuProcess {
+    child: std::process::Child,
+    pub bootstrap: String,
+}
+
+impl TansuProcess {
+    /// Starts `NERUBA_TANSU` (default `$HOME/.cache/neruba-tools/bin/tansu`) on a free port
+    /// with in-memory storage and creates `topics` as `(name, partitions)`.
+    pub async fn start(topics: &[(&str, i32)]) -> anyhow::Result<Self> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let binary = std::env::var_os("NERUBA_TANSU")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(".cache/neruba-tools/bin/tansu"))
+            })
+            .ok_or_else(|| anyhow::anyhow!("set NERUBA_TANSU"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let broker = Self {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        };
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &broker.bootstrap)
+                .create()?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let started = std::time::Instant::now();
+        loop {
+            match admin.create_topics(&new, &AdminOptions::new()).await {
+                Ok(results) if results.iter().all(Result::is_ok) => return Ok(broker),
+                _ if started.elapsed() > std::time::Duration::from_secs(20) => {
+                    anyhow::bail!("tansu did not create the topics")
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+impl Drop for TansuProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
