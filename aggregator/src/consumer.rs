@@ -10,12 +10,11 @@
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState};
 use crate::{Config, Error, Result};
-use futures::future::join_all;
 use neruba_schemas::Catalog;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
@@ -25,10 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use neruba_schemas::topics::{
-    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
-    WATERMARK_HEADER,
-};
+use neruba_schemas::topics::WATERMARK_HEADER;
 use rdkafka::message::Headers;
 
 /// Builds the consumer. Every librdkafka setting the aggregator relies on is here.
@@ -58,25 +54,6 @@ fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Cont
         client.set(key, value);
     }
     client.create_with_context(context)
-}
-
-/// Builds the producer for rollups and dead letters.
-fn build_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("client.id", "neruba-aggregator")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "60000");
-    for (key, value) in &config.kafka_options {
-        if !matches!(key.as_str(), "acks" | "enable.idempotence") {
-            client.set(key, value);
-        }
-    }
-    client.create()
 }
 
 struct Shared {
@@ -272,24 +249,12 @@ fn deliver(
                 rejection,
                 offset,
             } => {
-                let offset_text = offset.to_string();
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: REJECT_CODE_HEADER,
-                        value: Some(rejection.code.as_str()),
-                    })
-                    .insert(Header {
-                        key: REJECT_MESSAGE_HEADER,
-                        value: Some(rejection.message.as_str()),
-                    })
-                    .insert(Header {
-                        key: SOURCE_TOPIC_HEADER,
-                        value: Some(config.events_topic.as_str()),
-                    })
-                    .insert(Header {
-                        key: SOURCE_OFFSET_HEADER,
-                        value: Some(offset_text.as_str()),
-                    });
+                let headers = neruba_kafka::dead_letter_headers(
+                    rejection.code.as_str(),
+                    &rejection.message,
+                    &config.events_topic,
+                    *offset,
+                );
                 let mut record = FutureRecord::to(&config.dead_letter_topic)
                     .payload(payload.as_slice())
                     .headers(headers);
@@ -301,21 +266,9 @@ fn deliver(
         };
         pending.push(sent);
     }
-    let results =
-        futures::executor::block_on(join_all(pending.into_iter().map(|enqueued| async move {
-            match enqueued {
-                Err(e) => Err(e),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
-            }
-        })));
-    for result in results {
-        result?;
-    }
-    Ok(())
+    Ok(futures::executor::block_on(neruba_kafka::await_all(
+        pending,
+    ))?)
 }
 
 /// How long an idle tick may take to come back before another is sent.
@@ -454,16 +407,13 @@ impl Worker {
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let producer = build_producer(&config)?;
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(&config.rollups_topic), Duration::from_secs(10))?;
-        let rollup_partitions = metadata
-            .topics()
-            .first()
-            .map(|t| i32::try_from(t.partitions().len()).unwrap_or(1))
-            .unwrap_or(1)
-            .max(1);
+        let producer = neruba_kafka::output_producer(
+            &config.brokers,
+            "neruba-aggregator",
+            5,
+            &config.kafka_options,
+        )?;
+        let rollup_partitions = neruba_kafka::partition_count(&producer, &config.rollups_topic)?;
         let shared = Arc::new(Mutex::new(Shared {
             partitions: HashMap::new(),
             cache: Cache::new_lru_cache(config.block_cache_bytes),

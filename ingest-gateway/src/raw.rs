@@ -15,13 +15,10 @@ use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
 use neruba_schemas::catalog::Scope;
-use neruba_schemas::topics::{
-    API_KEY_HEADER, REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER,
-    SOURCE_TOPIC_HEADER,
-};
+use neruba_schemas::topics::API_KEY_HEADER;
 use neruba_schemas::{Event, RejectCode, Rejection, event};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -175,24 +172,12 @@ async fn consume(
         let to_send: Vec<&Event> = events.iter().collect();
         let delivered = state.sink.send_all(&to_send).await;
         let dead = join_all(refused.iter().map(|(message, rejection)| {
-            let offset = message.offset().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: REJECT_CODE_HEADER,
-                    value: Some(rejection.code.as_str()),
-                })
-                .insert(Header {
-                    key: REJECT_MESSAGE_HEADER,
-                    value: Some(rejection.message.as_str()),
-                })
-                .insert(Header {
-                    key: SOURCE_TOPIC_HEADER,
-                    value: Some(config.topic.as_str()),
-                })
-                .insert(Header {
-                    key: SOURCE_OFFSET_HEADER,
-                    value: Some(offset.as_str()),
-                });
+            let headers = neruba_kafka::dead_letter_headers(
+                rejection.code.as_str(),
+                &rejection.message,
+                &config.topic,
+                message.offset(),
+            );
             let mut record = FutureRecord::to(&config.dead_letter_topic)
                 .payload(message.payload().unwrap_or_default())
                 .headers(headers);

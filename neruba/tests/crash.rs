@@ -19,8 +19,7 @@ use common::{Broker, Proc, free_port};
 use neruba_rater::price::{plan_in_force, price};
 use neruba_schemas::Catalog;
 use neruba_schemas::ledger::LineItem;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -88,8 +87,21 @@ fn generate(rng: &mut Rng, i: usize, now_ms: i64, earlier: &[Generated]) -> Gene
     }
 }
 
+/// `n` generated events, repeats included.
+fn generate_all(rng: &mut Rng, n: usize, now_ms: i64) -> Vec<Generated> {
+    let mut generated: Vec<Generated> = Vec::with_capacity(n);
+    for i in 0..n {
+        let event = generate(rng, i, now_ms, &generated);
+        generated.push(event);
+    }
+    generated
+}
+
+/// Distinct `(tenant, id)` the gateway answered `accepted`, with the event.
+type Accepted = HashMap<(String, String), Generated>;
+
 /// What the sample catalog's meters make of the accepted events, priced: the ground truth.
-fn truth(accepted: &HashMap<(String, String), Generated>, catalog: &Catalog) -> Result<Ledger> {
+fn truth(accepted: &Accepted, catalog: &Catalog) -> Result<Ledger> {
     let mut quantities: BTreeMap<(String, String, String, String, String), Decimal> =
         BTreeMap::new();
     for event in accepted.values() {
@@ -148,35 +160,23 @@ fn truth(accepted: &HashMap<(String, String), Generated>, catalog: &Catalog) -> 
 
 /// The ledger topic read from the beginning until quiet, deduplicated by id, summed per period.
 fn read_ledger(bootstrap: &str) -> Result<(Ledger, usize, usize)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some("neruba.ledger"), Duration::from_secs(5))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment.add_partition_offset("neruba.ledger", p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
+    // Everything there is: read until nothing arrived for two seconds.
+    let messages = neruba::embedded::read_topic(
+        bootstrap,
+        "neruba.ledger",
+        0,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )?;
     let mut items: HashMap<String, LineItem> = HashMap::new();
-    let mut messages = 0;
-    let mut last = Instant::now();
-    while last.elapsed() < Duration::from_secs(2) {
-        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            let message = message?;
-            last = Instant::now();
-            messages += 1;
-            let item = LineItem::decode(message.payload().unwrap_or_default())?;
-            if let Some(earlier) = items.get(&item.id) {
-                if *earlier != item {
-                    bail!("line item {} repeated with different content", item.id);
-                }
-            } else {
-                items.insert(item.id.clone(), item);
+    for message in &messages {
+        let item = LineItem::decode(message.payload().unwrap_or_default())?;
+        if let Some(earlier) = items.get(&item.id) {
+            if *earlier != item {
+                bail!("line item {} repeated with different content", item.id);
             }
+        } else {
+            items.insert(item.id.clone(), item);
         }
     }
     let mut ledger = Ledger::new();
@@ -192,7 +192,7 @@ fn read_ledger(bootstrap: &str) -> Result<(Ledger, usize, usize)> {
             ))
             .or_default() += item.amount;
     }
-    Ok((ledger, items.len(), messages))
+    Ok((ledger, items.len(), messages.len()))
 }
 
 struct Pipeline {
@@ -266,13 +266,66 @@ impl Pipeline {
     }
 }
 
-/// Posts one batch until the gateway answers it; returns each event's status.
+/// A tansu broker with the pipeline's topics (`partitions` each), and the three components
+/// started, once the gateway listens.
+async fn start_all(work: &Path, partitions: i32) -> Result<(Broker, Pipeline)> {
+    let broker = Broker::start(work)?;
+    broker
+        .create_topics(&[
+            ("neruba.events", partitions),
+            ("neruba.rollups", partitions),
+            ("neruba.ledger", partitions),
+            ("neruba.dead-letter", 1),
+        ])
+        .await?;
+    let mut pipeline = pipeline(&broker.bootstrap, work)?;
+    for process in pipeline.procs() {
+        process.start()?;
+    }
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client
+            .get(format!("{}/healthz", pipeline.base))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((broker, pipeline))
+}
+
+/// Posts a batch of one tenant's events until the gateway answers it, and records the ones it
+/// answered `accepted`.
 async fn post_until_answered(
     client: &reqwest::Client,
     base: &str,
+    batch: &[Generated],
+    accepted: &mut Accepted,
+) -> Result<()> {
+    let Some(tenant) = batch.first().map(|g| g.tenant) else {
+        return Ok(());
+    };
+    let statuses = post_batch(client, base, tenant, batch).await?;
+    for (event, status) in batch.iter().zip(&statuses) {
+        if status == "accepted" {
+            let id = event.body["id"].as_str().unwrap_or_default().to_owned();
+            accepted.insert((tenant.to_owned(), id), event.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Each event's status, once the gateway answered (retrying while it is down or restarting).
+async fn post_batch(
+    client: &reqwest::Client,
+    base: &str,
     tenant: &str,
-    batch: &[Value],
+    batch: &[Generated],
 ) -> Result<Vec<String>> {
+    let batch: Vec<Value> = batch.iter().map(|g| g.body.clone()).collect();
     let key = neruba::sample::ingest_key(tenant).context("dev key")?;
     let started = Instant::now();
     loop {
@@ -280,7 +333,7 @@ async fn post_until_answered(
             .post(format!("{base}/v1/events"))
             .bearer_auth(key)
             .timeout(Duration::from_secs(10))
-            .json(&Value::Array(batch.to_vec()))
+            .json(&batch)
             .send()
             .await;
         if let Ok(response) = sent
@@ -312,41 +365,12 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_1234_abcd_0001);
     let work = tempfile::tempdir()?;
-    let broker = Broker::start(work.path())?;
-    broker
-        .create_topics(&[
-            ("neruba.events", 4),
-            ("neruba.rollups", 4),
-            ("neruba.ledger", 4),
-            ("neruba.dead-letter", 1),
-        ])
-        .await?;
-    let mut pipeline = pipeline(&broker.bootstrap, work.path())?;
-    for process in pipeline.procs() {
-        process.start()?;
-    }
+    let (broker, pipeline) = start_all(work.path(), 4).await?;
     let client = reqwest::Client::new();
-    // The gateway answers /healthz once it listens.
-    for _ in 0..100 {
-        if client
-            .get(format!("{}/healthz", pipeline.base))
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let mut rng = Rng(seed);
-    let now_ms = neruba_schemas::event::now_ms();
-    let mut generated: Vec<Generated> = Vec::with_capacity(events);
-    for i in 0..events {
-        let event = generate(&mut rng, i, now_ms, &generated);
-        generated.push(event);
-    }
-    let mut accepted: HashMap<(String, String), Generated> = HashMap::new();
+    let generated = generate_all(&mut rng, events, neruba_schemas::event::now_ms());
+    let mut accepted = Accepted::new();
     // The killer runs beside the clients: a component dies at any moment, mid-request too.
     let base = pipeline.base.clone();
     let pipeline = std::sync::Arc::new(tokio::sync::Mutex::new(pipeline));
@@ -385,14 +409,7 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
             .cloned()
             .collect();
         cursor += batch.len();
-        let bodies: Vec<Value> = batch.iter().map(|g| g.body.clone()).collect();
-        let statuses = post_until_answered(&client, &base, tenant, &bodies).await?;
-        for (event, status) in batch.iter().zip(&statuses) {
-            if status == "accepted" {
-                let id = event.body["id"].as_str().unwrap_or_default().to_owned();
-                accepted.insert((tenant.to_owned(), id), event.clone());
-            }
-        }
+        post_until_answered(&client, &base, &batch, &mut accepted).await?;
     }
     posting_done.cancel();
     let kills = killer.await??;
@@ -467,41 +484,15 @@ async fn settle_ledger(bootstrap: &str, expected: &Ledger) -> Result<(Ledger, us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_each_component_finish_its_work_and_exit_cleanly() -> Result<()> {
     let work = tempfile::tempdir()?;
-    let broker = Broker::start(work.path())?;
-    broker
-        .create_topics(&[
-            ("neruba.events", 2),
-            ("neruba.rollups", 2),
-            ("neruba.ledger", 2),
-            ("neruba.dead-letter", 1),
-        ])
-        .await?;
-    let mut pipeline = pipeline(&broker.bootstrap, work.path())?;
-    for process in pipeline.procs() {
-        process.start()?;
-    }
+    let (broker, mut pipeline) = start_all(work.path(), 2).await?;
     let client = reqwest::Client::new();
-    let mut rng = Rng(42);
-    let now_ms = neruba_schemas::event::now_ms();
-    let mut generated: Vec<Generated> = Vec::new();
-    for i in 0..900 {
-        let event = generate(&mut rng, i, now_ms, &generated);
-        generated.push(event);
-    }
-    let mut accepted: HashMap<(String, String), Generated> = HashMap::new();
+    let generated = generate_all(&mut Rng(42), 900, neruba_schemas::event::now_ms());
+    let mut accepted = Accepted::new();
     let mut clean_exits = Vec::new();
     for (round, chunk) in generated.chunks(300).enumerate() {
         for batch in chunk.chunk_by(|a, b| a.tenant == b.tenant) {
             for part in batch.chunks(40) {
-                let bodies: Vec<Value> = part.iter().map(|g| g.body.clone()).collect();
-                let statuses =
-                    post_until_answered(&client, &pipeline.base, part[0].tenant, &bodies).await?;
-                for (event, status) in part.iter().zip(&statuses) {
-                    if status == "accepted" {
-                        let id = event.body["id"].as_str().unwrap_or_default().to_owned();
-                        accepted.insert((part[0].tenant.to_owned(), id), event.clone());
-                    }
-                }
+                post_until_answered(&client, &pipeline.base, part, &mut accepted).await?;
             }
         }
         // SIGTERM one component while the others (and its own backlog) are busy.

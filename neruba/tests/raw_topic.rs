@@ -9,46 +9,23 @@ use anyhow::{Context, Result};
 use common::{Broker, Proc, free_port};
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::{API_KEY_HEADER, REJECT_CODE_HEADER};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use rust_decimal::Decimal;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Every message of `topic` once at least `expected` arrived and it was quiet for a second.
-fn read_all(
-    bootstrap: &str,
-    topic: &str,
-    expected: usize,
-) -> Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "raw-test-reader")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
-    let (started, mut last) = (Instant::now(), Instant::now());
-    let mut out = Vec::new();
-    while started.elapsed() < Duration::from_secs(60) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(m) => {
-                out.push(m?.detach());
-                last = Instant::now();
-            }
-            None if out.len() >= expected && last.elapsed() > Duration::from_secs(1) => break,
-            None => {}
-        }
-    }
-    Ok(out)
+fn read_all(bootstrap: &str, topic: &str, expected: usize) -> Result<Vec<OwnedMessage>> {
+    Ok(neruba::embedded::read_topic(
+        bootstrap,
+        topic,
+        expected,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,16 +9,12 @@
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState, partition_dir};
 use crate::{Config, Error, Result};
-use futures::future::join_all;
 use neruba_schemas::Catalog;
-use neruba_schemas::topics::{
-    REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, RERUN_HEADER, SOURCE_OFFSET_HEADER,
-    SOURCE_TOPIC_HEADER, stable_partition,
-};
+use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
@@ -49,36 +45,6 @@ fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Cont
         client.set(key, value);
     }
     client.create_with_context(context)
-}
-
-fn build_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("client.id", "neruba-rater")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "2")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "60000");
-    for (key, value) in &config.kafka_options {
-        if !matches!(key.as_str(), "acks" | "enable.idempotence") {
-            client.set(key, value);
-        }
-    }
-    client.create()
-}
-
-fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32> {
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata
-        .topics()
-        .first()
-        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(1))
-        .unwrap_or(1)
-        .max(1))
 }
 
 struct Shared {
@@ -213,24 +179,12 @@ fn deliver(
                 refusal,
                 offset,
             } => {
-                let offset_text = offset.to_string();
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: REJECT_CODE_HEADER,
-                        value: Some(refusal.code),
-                    })
-                    .insert(Header {
-                        key: REJECT_MESSAGE_HEADER,
-                        value: Some(refusal.message.as_str()),
-                    })
-                    .insert(Header {
-                        key: SOURCE_TOPIC_HEADER,
-                        value: Some(config.rollups_topic.as_str()),
-                    })
-                    .insert(Header {
-                        key: SOURCE_OFFSET_HEADER,
-                        value: Some(offset_text.as_str()),
-                    });
+                let headers = neruba_kafka::dead_letter_headers(
+                    refusal.code,
+                    &refusal.message,
+                    &config.rollups_topic,
+                    *offset,
+                );
                 let mut record = FutureRecord::to(&config.dead_letter_topic)
                     .payload(payload.as_slice())
                     .headers(headers);
@@ -242,21 +196,9 @@ fn deliver(
         };
         pending.push(sent);
     }
-    let results =
-        futures::executor::block_on(join_all(pending.into_iter().map(|enqueued| async move {
-            match enqueued {
-                Err(e) => Err(e),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                },
-            }
-        })));
-    for result in results {
-        result?;
-    }
-    Ok(())
+    Ok(futures::executor::block_on(neruba_kafka::await_all(
+        pending,
+    ))?)
 }
 
 /// The consumer context: opens partition state on assignment, writes it on revocation.
@@ -364,8 +306,13 @@ impl Worker {
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let producer = build_producer(&config)?;
-        let ledger_partitions = partition_count(&producer, &config.ledger_topic)?;
+        let producer = neruba_kafka::output_producer(
+            &config.brokers,
+            "neruba-rater",
+            2,
+            &config.kafka_options,
+        )?;
+        let ledger_partitions = neruba_kafka::partition_count(&producer, &config.ledger_topic)?;
         let shared = Arc::new(Mutex::new(Shared {
             partitions: HashMap::new(),
             cache: Cache::new_lru_cache(config.block_cache_bytes),

@@ -93,7 +93,7 @@ pub fn rate(
     )?;
     let priced = price::price(plan, rollup.period_quantity, precision)
         .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
-    let emitted = emitted_so_far(period, plan)?;
+    let emitted = emitted_so_far(period.map(|p| &p.last), plan)?;
     let mut amount = priced
         .amount
         .checked_sub(emitted)
@@ -211,7 +211,7 @@ pub fn reprice(
     let period_start_ms = neruba_schemas::event::parse_time_ms(&last.period_start)
         .map_err(|r| Refusal::new("invalid_rollup", r.message))?;
     let (plan, precision) = plan_for(catalog, &last.tenant, &last.meter, period_start_ms)?;
-    let emitted = emitted_so_far(Some(&PeriodRecord { last: last.clone() }), plan)?;
+    let emitted = emitted_so_far(Some(last), plan)?;
     let priced = price::price(plan, last.period_quantity, precision)
         .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
     if priced.amount == emitted {
@@ -255,18 +255,18 @@ pub fn reprice(
 
 /// The amount already emitted for the period, which must have been billed in the plan's currency.
 fn emitted_so_far(
-    period: Option<&PeriodRecord>,
+    last: Option<&LineItem>,
     plan: &neruba_schemas::catalog::PricePlan,
 ) -> Result<Decimal, Refusal> {
-    match period {
-        Some(p) if p.last.currency != plan.currency => Err(Refusal::new(
+    match last {
+        Some(last) if last.currency != plan.currency => Err(Refusal::new(
             "unknown_currency",
             format!(
                 "the period was billed in {} but plan `{}` v{} is in {}",
-                p.last.currency, plan.id, plan.version, plan.currency
+                last.currency, plan.id, plan.version, plan.currency
             ),
         )),
-        Some(p) => Ok(p.last.period_amount),
+        Some(last) => Ok(last.period_amount),
         None => Ok(Decimal::ZERO),
     }
 }

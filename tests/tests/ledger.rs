@@ -88,21 +88,8 @@ impl Stages {
 /// Distinct items of a ledger topic (by id), once at least `expected` arrived; fails if an id
 /// repeats with different content.
 async fn ledger(kafka: &EmbeddedKafka, topic: &str, expected: usize) -> Result<Vec<LineItem>> {
-    let bootstrap = kafka.bootstrap_servers().to_owned();
-    let topic = topic.to_owned();
-    let messages = tokio::task::spawn_blocking(move || {
-        embedded::read_topic(
-            &bootstrap,
-            &topic,
-            expected,
-            Duration::from_millis(700),
-            Duration::from_secs(30),
-        )
-    })
-    .await??;
     let mut items: BTreeMap<String, LineItem> = BTreeMap::new();
-    for m in &messages {
-        let item = LineItem::decode(m.payload().unwrap_or_default())?;
+    for item in raw_ledger(kafka, topic, expected).await? {
         if let Some(earlier) = items.get(&item.id) {
             if *earlier != item {
                 bail!("id {} repeated with different content", item.id);
@@ -437,6 +424,27 @@ fn rollup(customer: &str, minute: i64, revision: u32, window: &str, period: &str
     }
 }
 
+/// Every message of a ledger topic, in order, repeats included, once at least `expected`
+/// arrived and nothing more came for 0.7 s.
+async fn raw_ledger(kafka: &EmbeddedKafka, topic: &str, expected: usize) -> Result<Vec<LineItem>> {
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let topic = topic.to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            &topic,
+            expected,
+            Duration::from_millis(700),
+            Duration::from_secs(30),
+        )
+    })
+    .await??;
+    Ok(messages
+        .iter()
+        .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
+        .collect::<Result<_, _>>()?)
+}
+
 async fn send_rollups(bootstrap: &str, rollups: &[Rollup]) -> Result<()> {
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -476,22 +484,6 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
         let stop = stop_all.child_token();
         neruba_rater::start(config, catalog.clone(), registry, stop.clone()).map(|r| (r, stop))
     };
-    let read_ledger = |expected: usize| {
-        let bootstrap = kafka.bootstrap_servers().to_owned();
-        tokio::task::spawn_blocking(move || -> Result<Vec<LineItem>> {
-            let messages = embedded::read_topic(
-                &bootstrap,
-                topics::LEDGER,
-                expected,
-                Duration::from_millis(700),
-                Duration::from_secs(30),
-            )?;
-            Ok(messages
-                .iter()
-                .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
-                .collect::<Result<_, _>>()?)
-        })
-    };
     // Volume pricing: 500 → 11.50; 1,200 → 1,200 × 0.021 + 5.00 = 30.20; a revision of the
     // first window to 600 more → 1,800 → 42.80.
     let stream = [
@@ -503,7 +495,7 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     // 1. Three windows rated and written.
     send_rollups(kafka.bootstrap_servers(), &stream[..3]).await?;
     let (first, stop) = start(None, &prometheus::Registry::new())?;
-    assert_eq!(read_ledger(3).await??.len(), 3);
+    assert_eq!(raw_ledger(&kafka, topics::LEDGER, 3).await?.len(), 3);
     stop.cancel();
     first.wait().await?;
     // 2. A revision: its adjustment goes out, then the rater dies before writing its state.
@@ -515,7 +507,7 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     send_rollups(kafka.bootstrap_servers(), &stream[1..2]).await?;
     let registry = prometheus::Registry::new();
     let (restarted, _) = start(None, &registry)?;
-    let raw = read_ledger(5).await??;
+    let raw = raw_ledger(&kafka, topics::LEDGER, 5).await?;
     assert_eq!(
         raw.len(),
         5,
@@ -539,14 +531,7 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
         ]
     );
     assert_eq!(raw[3].supersedes.as_deref(), Some(raw[0].id.as_str()));
-    let repeats = registry
-        .gather()
-        .iter()
-        .find(|f| f.name() == "neruba_rater_repeated_rollups_total")
-        .and_then(|f| f.get_metric().first().map(|m| m.get_counter().get_value()))
-        // An integer counter: the conversion is exact.
-        .map_or(-1, |v| v as i64);
-    assert_eq!(repeats, 1);
+    assert_eq!(counter(&registry, "neruba_rater_repeated_rollups_total"), 1);
     restarted.kill().await?;
     Ok(())
 }
@@ -576,22 +561,6 @@ async fn rerun_emits_only_the_differences_and_nothing_when_nothing_changed() -> 
         let stop = stop_all.child_token();
         neruba_rater::start(config, Arc::new(catalog), registry, stop.clone()).map(|r| (r, stop))
     };
-    let read_ledger = |expected: usize| {
-        let bootstrap = kafka.bootstrap_servers().to_owned();
-        tokio::task::spawn_blocking(move || -> Result<Vec<LineItem>> {
-            let messages = embedded::read_topic(
-                &bootstrap,
-                topics::LEDGER,
-                expected,
-                Duration::from_millis(700),
-                Duration::from_secs(30),
-            )?;
-            Ok(messages
-                .iter()
-                .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
-                .collect::<Result<_, _>>()?)
-        })
-    };
     let rerun = |requested_ms: i64| neruba_schemas::ledger::Rerun {
         v: 1,
         tenant: "globex".into(),
@@ -619,11 +588,11 @@ async fn rerun_emits_only_the_differences_and_nothing_when_nothing_changed() -> 
     .await?;
     let registry = prometheus::Registry::new();
     let (first, stop) = start(sample::catalog()?, &registry)?;
-    assert_eq!(read_ledger(2).await??.len(), 2);
+    assert_eq!(raw_ledger(&kafka, topics::LEDGER, 2).await?.len(), 2);
     // Nothing changed: the rerun emits nothing.
     neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(1)).await?;
     wait_reruns(registry.clone(), 1).await?;
-    assert_eq!(read_ledger(2).await??.len(), 2);
+    assert_eq!(raw_ledger(&kafka, topics::LEDGER, 2).await?.len(), 2);
     stop.cancel();
     first.wait().await?;
 
@@ -656,7 +625,7 @@ version = 1"#,
     let (second, stop) = start(corrected, &registry)?;
     neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(2)).await?;
     wait_reruns(registry.clone(), 1).await?;
-    let items = read_ledger(3).await??;
+    let items = raw_ledger(&kafka, topics::LEDGER, 3).await?;
     assert_eq!(items.len(), 3, "only c-1's price changed: {items:#?}");
     let adjustment = &items[2];
     assert_eq!(
@@ -682,7 +651,7 @@ version = 1"#,
     // The same rerun again: the amounts already match, nothing more.
     neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(3)).await?;
     wait_reruns(registry.clone(), 2).await?;
-    assert_eq!(read_ledger(3).await??.len(), 3);
+    assert_eq!(raw_ledger(&kafka, topics::LEDGER, 3).await?.len(), 3);
     // A later window of c-1 is priced under version 2, against what was emitted (12.50):
     // 800 → 20.00.
     send_rollups(
@@ -690,7 +659,7 @@ version = 1"#,
         &[rollup("c-1", 5, 1, "300", "800")],
     )
     .await?;
-    let items = read_ledger(4).await??;
+    let items = raw_ledger(&kafka, topics::LEDGER, 4).await?;
     assert_eq!(
         (items[3].amount, items[3].period_amount),
         (d("7.50"), d("20.00"))
