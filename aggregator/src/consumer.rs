@@ -14,7 +14,7 @@ use neruba_schemas::Catalog;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
@@ -60,7 +60,9 @@ struct Shared {
     partitions: HashMap<i32, PartitionState>,
     config: Config,
     cache: Cache,
-    producer: FutureProducer,
+    producer: neruba_kafka::Recoverable,
+    /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
+    stop: CancellationToken,
     rollup_partitions: i32,
     catalog: Arc<Catalog>,
     metrics: Metrics,
@@ -126,12 +128,14 @@ impl Shared {
                     .inc_by(n);
             }
         }
-        deliver(
-            &self.producer,
-            &self.config,
-            self.rollup_partitions,
-            outputs,
-        )?;
+        if !outputs.is_empty() {
+            let stop = self.stop.clone();
+            neruba_kafka::deliver_until_acked(
+                &self.producer,
+                |producer| send(producer, &self.config, self.rollup_partitions, &outputs),
+                &|| stop.is_cancelled(),
+            )?;
+        }
         if crash_before_write {
             return Ok(false);
         }
@@ -194,18 +198,15 @@ impl Shared {
     }
 }
 
-/// Sends outputs and waits for every acknowledgement.
-fn deliver(
+/// Enqueues every output; the caller awaits the acknowledgements.
+fn send(
     producer: &FutureProducer,
     config: &Config,
     rollup_partitions: i32,
-    outputs: Vec<Output>,
-) -> Result<()> {
-    if outputs.is_empty() {
-        return Ok(());
-    }
+    outputs: &[Output],
+) -> Vec<Result<DeliveryFuture, KafkaError>> {
     let mut pending = Vec::with_capacity(outputs.len());
-    for output in &outputs {
+    for output in outputs {
         let sent = match output {
             Output::Rollup(rollup) => {
                 let key = rollup.key();
@@ -266,9 +267,7 @@ fn deliver(
         };
         pending.push(sent);
     }
-    Ok(futures::executor::block_on(neruba_kafka::await_all(
-        pending,
-    ))?)
+    pending
 }
 
 /// How long an idle tick may take to come back before another is sent.
@@ -407,17 +406,19 @@ impl Worker {
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let producer = neruba_kafka::output_producer(
+        let producer = neruba_kafka::recoverable_output_producer(
             &config.brokers,
             "neruba-aggregator",
             5,
             &config.kafka_options,
         )?;
-        let rollup_partitions = neruba_kafka::partition_count(&producer, &config.rollups_topic)?;
+        let rollup_partitions =
+            neruba_kafka::partition_count(&producer.get(), &config.rollups_topic)?;
         let shared = Arc::new(Mutex::new(Shared {
             partitions: HashMap::new(),
             cache: Cache::new_lru_cache(config.block_cache_bytes),
             producer,
+            stop: shutdown.clone(),
             rollup_partitions,
             catalog,
             metrics,

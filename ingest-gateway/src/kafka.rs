@@ -77,7 +77,7 @@ pub enum DeliveryError {
 /// Sends events to the events topic and reports each one's delivery.
 #[derive(Clone)]
 pub struct EventSink {
-    producer: FutureProducer,
+    producer: neruba_kafka::Recoverable,
     topic: Arc<str>,
     metrics: Metrics,
 }
@@ -91,7 +91,7 @@ impl std::fmt::Debug for EventSink {
 }
 
 impl EventSink {
-    pub fn new(producer: FutureProducer, topic: &str, metrics: Metrics) -> Self {
+    pub fn new(producer: neruba_kafka::Recoverable, topic: &str, metrics: Metrics) -> Self {
         Self {
             producer,
             topic: topic.into(),
@@ -102,6 +102,7 @@ impl EventSink {
     /// Enqueues every event, then awaits all delivery reports; results in the input order.
     pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<(), DeliveryError>> {
         let started = Instant::now();
+        let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
             let payload = codec::encode(event);
@@ -120,35 +121,50 @@ impl EventSink {
                 .payload(&payload)
                 .headers(headers)
                 .timestamp(event.time_ms);
-            pending.push(self.producer.send_result(record).map_err(|(e, _)| e));
+            pending.push(producer.send_result(record).map_err(|(e, _)| e));
         }
         self.metrics
             .produce_queue_depth
-            .set(i64::from(self.producer.in_flight_count()));
-        let deliveries = join_all(pending.into_iter().map(|enqueued| async move {
-            match enqueued {
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => Err(
-                    DeliveryError::Unavailable("local produce queue is full".into()),
-                ),
-                Err(e) => Err(DeliveryError::Unavailable(e.to_string())),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(DeliveryError::Unavailable(e.to_string())),
-                    Err(_) => Err(DeliveryError::Unavailable("producer shut down".into())),
-                },
-            }
-        }))
-        .await;
+            .set(i64::from(producer.in_flight_count()));
+        let deliveries: Vec<Result<(), KafkaError>> =
+            join_all(pending.into_iter().map(|enqueued| async move {
+                match enqueued {
+                    Err(e) => Err(e),
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(KafkaError::Canceled),
+                    },
+                }
+            }))
+            .await;
         self.metrics
             .produce_duration
             .observe(started.elapsed().as_secs_f64());
+        if let Some(Err(error)) = deliveries.iter().find(|d| d.is_err())
+            && let Err(e) = self.producer.recover(&producer, error)
+        {
+            tracing::error!(error = %e, "Could not replace the failed producer.");
+        }
         deliveries
+            .into_iter()
+            .map(|delivery| {
+                delivery.map_err(|e| match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        DeliveryError::Unavailable("local produce queue is full".into())
+                    }
+                    KafkaError::Canceled => DeliveryError::Unavailable("producer shut down".into()),
+                    e => DeliveryError::Unavailable(e.to_string()),
+                })
+            })
+            .collect()
     }
 
     /// Whether the broker answers a metadata request for the events topic within `timeout`.
     /// Blocking; call from a blocking thread.
     pub fn probe(&self, timeout: Duration) -> bool {
         self.producer
+            .get()
             .client()
             .fetch_metadata(Some(&self.topic), timeout)
             .map(|m| {
@@ -161,6 +177,6 @@ impl EventSink {
 
     /// Waits for queued events to be delivered, up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer.get().flush(timeout)
     }
 }

@@ -118,11 +118,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let metrics = metrics::Metrics::register(&registry)?;
-    let producer = kafka::build_producer(
-        &config.brokers,
-        config.delivery_timeout,
-        &config.kafka_options,
-    )?;
+    let producer = recoverable_producer(&config)?;
     let sink = kafka::EventSink::new(producer, &config.events_topic, metrics.clone());
     let state = Arc::new(http::AppState {
         catalog,
@@ -151,11 +147,7 @@ pub async fn start(
     let raw_ingest = match config.raw.clone() {
         None => None,
         Some(raw) => {
-            let dead_letters = kafka::build_producer(
-                &config.brokers,
-                config.delivery_timeout,
-                &config.kafka_options,
-            )?;
+            let dead_letters = recoverable_producer(&config)?;
             Some(tokio::spawn(raw::run(
                 state.clone(),
                 raw,
@@ -202,6 +194,18 @@ pub async fn run(
         .await?
         .wait()
         .await
+}
+
+/// The gateway's producer, replaced if librdkafka declares it fatally failed.
+fn recoverable_producer(config: &Config) -> Result<neruba_kafka::Recoverable> {
+    let (brokers, timeout, options) = (
+        config.brokers.clone(),
+        config.delivery_timeout,
+        config.kafka_options.clone(),
+    );
+    Ok(neruba_kafka::Recoverable::new(move || {
+        kafka::build_producer(&brokers, timeout, &options)
+    })?)
 }
 
 /// Keeps `/readyz` true only while the broker answers metadata requests for the events topic.

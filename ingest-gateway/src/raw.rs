@@ -19,7 +19,7 @@ use neruba_schemas::topics::API_KEY_HEADER;
 use neruba_schemas::{Event, RejectCode, Rejection, event};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,7 +97,7 @@ pub async fn run(
     config: RawConfig,
     brokers: String,
     kafka_options: Vec<(String, String)>,
-    dead_letters: FutureProducer,
+    dead_letters: neruba_kafka::Recoverable,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
@@ -125,7 +125,7 @@ async fn consume(
     config: &RawConfig,
     brokers: &str,
     kafka_options: &[(String, String)],
-    dead_letters: &FutureProducer,
+    dead_letters: &neruba_kafka::Recoverable,
     shutdown: &CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let mut client = ClientConfig::new();
@@ -171,6 +171,7 @@ async fn consume(
         }
         let to_send: Vec<&Event> = events.iter().collect();
         let delivered = state.sink.send_all(&to_send).await;
+        let dead_letter_producer = dead_letters.get();
         let dead = join_all(refused.iter().map(|(message, rejection)| {
             let headers = neruba_kafka::dead_letter_headers(
                 rejection.code.as_str(),
@@ -184,7 +185,7 @@ async fn consume(
             if let Some(key) = message.key() {
                 record = record.key(key);
             }
-            dead_letters.send(record, Duration::from_secs(30))
+            dead_letter_producer.send(record, Duration::from_secs(30))
         }))
         .await;
         // Nothing of the batch is committed unless every message landed somewhere.
@@ -198,7 +199,12 @@ async fn consume(
             tally.accepted += 1;
         }
         for result in dead {
-            result.map_err(|(e, _)| e)?;
+            if let Err((e, _)) = result {
+                if let Err(rebuild) = dead_letters.recover(&dead_letter_producer, &e) {
+                    tracing::error!(error = %rebuild, "Could not replace the dead-letter producer.");
+                }
+                return Err(e);
+            }
         }
         tally.publish(&state.metrics);
         let mut offsets = TopicPartitionList::new();

@@ -5,16 +5,19 @@
 //! - an output producer is idempotent with `acks=all`, and no pass-through option can turn
 //!   either off: a stage writes its state only after [`await_all`] saw every acknowledgement;
 //! - a dead letter carries its stable code, message, source topic and offset in the same
-//!   headers whatever stage refused it.
+//!   headers whatever stage refused it;
+//! - a producer librdkafka declared fatally failed (fenced by the broker after an outage, for
+//!   one) is replaced rather than left failing every later send: see [`Recoverable`].
 
 use futures::future::join_all;
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
 };
 use rdkafka::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// The producer a stage writes its outputs (rollups, line items, dead letters) with.
@@ -95,4 +98,122 @@ pub async fn await_all(pending: Vec<Result<DeliveryFuture, KafkaError>>) -> Resu
     }))
     .await;
     results.into_iter().collect()
+}
+
+type Build = dyn Fn() -> Result<FutureProducer, KafkaError> + Send + Sync;
+
+/// A producer that can be replaced when librdkafka reports it fatally failed.
+///
+/// An idempotent producer whose requests timed out during a broker outage may be fenced when
+/// the broker comes back; from then on librdkafka fails every send. A new producer (new
+/// producer id) works again, so a stage asks for [`Recoverable::recover`] after a failure.
+#[derive(Clone)]
+pub struct Recoverable {
+    current: Arc<RwLock<FutureProducer>>,
+    build: Arc<Build>,
+}
+
+impl std::fmt::Debug for Recoverable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recoverable").finish_non_exhaustive()
+    }
+}
+
+impl Recoverable {
+    /// Builds the first producer with `build`, which also builds its replacements.
+    pub fn new(
+        build: impl Fn() -> Result<FutureProducer, KafkaError> + Send + Sync + 'static,
+    ) -> Result<Self, KafkaError> {
+        let first = build()?;
+        Ok(Self {
+            current: Arc::new(RwLock::new(first)),
+            build: Arc::new(build),
+        })
+    }
+
+    /// The producer to send with now (a cheap handle).
+    pub fn get(&self) -> FutureProducer {
+        match self.current.read() {
+            Ok(producer) => producer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After `used` failed with `error`: replaces the current producer if it is `used` and
+    /// either librdkafka declared it fatally failed or the broker no longer accepts its
+    /// producer identity; whether it did. Concurrent callers replace it once.
+    pub fn recover(&self, used: &FutureProducer, error: &KafkaError) -> Result<bool, KafkaError> {
+        let mut current = match self.current.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.client().native_ptr() != used.client().native_ptr() {
+            return Ok(false);
+        }
+        let fatal = current.client().fatal_error();
+        let identity_refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        );
+        if fatal.is_none() && !identity_refused {
+            return Ok(false);
+        }
+        *current = (self.build)()?;
+        drop(current);
+        tracing::warn!(%error, ?fatal, "Producer no longer usable; replaced it with a new one.");
+        Ok(true)
+    }
+}
+
+/// The output producer of [`output_producer`], replaceable.
+pub fn recoverable_output_producer(
+    brokers: &str,
+    client_id: &str,
+    linger_ms: u32,
+    kafka_options: &[(String, String)],
+) -> Result<Recoverable, KafkaError> {
+    let (brokers, client_id, options) = (
+        brokers.to_owned(),
+        client_id.to_owned(),
+        kafka_options.to_vec(),
+    );
+    Recoverable::new(move || output_producer(&brokers, &client_id, linger_ms, &options))
+}
+
+/// Sends a batch with `send` and waits for every acknowledgement; if any is missing, recovers
+/// the producer and sends the whole batch again, with backoff (up to 5 s), until all are
+/// acknowledged. Gives up with the last error only when `stop()` says so, in which case the
+/// caller must not record the batch as done. Blocking. Returns how many attempts failed.
+///
+/// Sending the batch again may write some outputs twice; every output of the pipeline is
+/// identified (rollup revision, line item id, dead letter source offset), so readers deduplicate.
+pub fn deliver_until_acked(
+    producer: &Recoverable,
+    mut send: impl FnMut(&FutureProducer) -> Vec<Result<DeliveryFuture, KafkaError>>,
+    stop: &dyn Fn() -> bool,
+) -> Result<u32, KafkaError> {
+    let mut failures = 0u32;
+    loop {
+        let used = producer.get();
+        let pending = send(&used);
+        let Err(e) = futures::executor::block_on(await_all(pending)) else {
+            return Ok(failures);
+        };
+        failures += 1;
+        if stop() {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, attempt = failures, "Outputs not acknowledged; sending the batch again.");
+        if let Err(rebuild) = producer.recover(&used, &e) {
+            tracing::error!(error = %rebuild, "Could not replace the failed producer.");
+        }
+        let backoff = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+        std::thread::sleep(backoff);
+    }
 }

@@ -514,3 +514,112 @@ async fn sigterm_lets_each_component_finish_its_work_and_exit_cleanly() -> Resul
     assert_eq!(got, expected, "{distinct} items in {messages} messages");
     Ok(())
 }
+
+/// One attempt at posting `batch`: the HTTP status and the body.
+async fn post_once(
+    client: &reqwest::Client,
+    base: &str,
+    batch: &[Generated],
+) -> Result<(u16, Value)> {
+    let tenant = batch.first().map(|g| g.tenant).context("empty batch")?;
+    let key = neruba::sample::ingest_key(tenant).context("dev key")?;
+    let bodies: Vec<Value> = batch.iter().map(|g| g.body.clone()).collect();
+    let response = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(key)
+        .timeout(Duration::from_secs(60))
+        .json(&bodies)
+        .send()
+        .await?;
+    Ok((response.status().as_u16(), response.json().await?))
+}
+
+/// Polls the gateway's `/readyz` until it answers `status`; how long that took.
+async fn await_readiness(client: &reqwest::Client, base: &str, status: u16) -> Result<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(90) {
+        if let Ok(response) = client.get(format!("{base}/readyz")).send().await
+            && response.status().as_u16() == status
+        {
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("/readyz did not answer {status} within 90 s")
+}
+
+/// The broker process is stopped (SIGSTOP: it holds its data but answers nothing) mid-stream,
+/// then continued. While it is stopped the gateway answers 503 and accepts nothing, and
+/// `/readyz` is false; afterwards it recovers by itself, the client's retry is accepted, and
+/// the ledger equals the price of what was accepted. (A broker restart cannot be shown on
+/// tansu: its sqlite storage fails every request after a restart, and memory storage starts
+/// empty.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let (broker, mut pipeline) = start_all(work.path(), 2).await?;
+    let client = reqwest::Client::new();
+    let generated = generate_all(&mut Rng(7), 1_200, neruba_schemas::event::now_ms());
+    let batches: Vec<&[Generated]> = generated
+        .chunk_by(|a, b| a.tenant == b.tenant)
+        .flat_map(|run| run.chunks(40))
+        .collect();
+    let (before, rest) = batches.split_at(batches.len() / 3);
+    let mut accepted = Accepted::new();
+    for batch in before {
+        post_until_answered(&client, &pipeline.base, batch, &mut accepted).await?;
+    }
+    await_readiness(&client, &pipeline.base, 200).await?;
+
+    broker.process.signal("STOP")?;
+    let noticed = await_readiness(&client, &pipeline.base, 503).await?;
+    let (during, after) = rest.split_at(1);
+    let (status, body) = post_once(&client, &pipeline.base, during[0]).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["accepted"], 0, "{body}");
+    assert_eq!(body["error"]["code"], "broker_unavailable", "{body}");
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["status"].as_str())
+        .collect();
+    assert_eq!(statuses.len(), during[0].len(), "{body}");
+    assert!(
+        statuses.iter().all(|s| *s != "accepted"),
+        "accepted while the broker was stopped: {body}"
+    );
+    // Long enough for every component's requests to time out and its connections to fail.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.process.signal("CONT")?;
+    let recovered = await_readiness(&client, &pipeline.base, 200).await?;
+
+    // The client retries what was refused, then goes on.
+    for batch in during.iter().chain(after) {
+        if let Err(e) = post_until_answered(&client, &pipeline.base, batch, &mut accepted).await {
+            bail!(
+                "{e}\ngateway:\n{}\ntansu:\n{}",
+                pipeline.gateway.log_tail(40),
+                broker.process.log_tail(20)
+            );
+        }
+    }
+    for process in pipeline.procs() {
+        if !process.running() {
+            bail!(
+                "{} exited during the outage:\n{}",
+                process.name,
+                process.log_tail(30)
+            );
+        }
+    }
+    let expected = truth(&accepted, &neruba::sample::catalog()?)?;
+    let (got, distinct, messages) = settle_ledger(&broker.bootstrap, &expected).await?;
+    println!(
+        "outage: not ready after {noticed:?}, ready again {recovered:?} after the broker continued; \
+         {} distinct accepted, {distinct} items in {messages} messages",
+        accepted.len()
+    );
+    assert_eq!(got, expected, "{distinct} items in {messages} messages");
+    Ok(())
+}

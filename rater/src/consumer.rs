@@ -14,7 +14,7 @@ use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
@@ -51,7 +51,9 @@ struct Shared {
     partitions: HashMap<i32, PartitionState>,
     config: Config,
     cache: Cache,
-    producer: FutureProducer,
+    producer: neruba_kafka::Recoverable,
+    /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
+    stop: CancellationToken,
     ledger_partitions: i32,
     metrics: Metrics,
     /// A failure inside a rebalance callback, surfaced by the loop.
@@ -110,12 +112,14 @@ impl Shared {
             }
         }
         let delivered = !outputs.is_empty();
-        deliver(
-            &self.producer,
-            &self.config,
-            self.ledger_partitions,
-            outputs,
-        )?;
+        if !outputs.is_empty() {
+            let stop = self.stop.clone();
+            neruba_kafka::deliver_until_acked(
+                &self.producer,
+                |producer| send(producer, &self.config, self.ledger_partitions, &outputs),
+                &|| stop.is_cancelled(),
+            )?;
+        }
         if delivered {
             let now = neruba_schemas::event::now_ms();
             for at in produced_at {
@@ -151,15 +155,15 @@ impl Shared {
     }
 }
 
-/// Sends the outputs and waits for every acknowledgement.
-fn deliver(
+/// Enqueues every output; the caller awaits the acknowledgements.
+fn send(
     producer: &FutureProducer,
     config: &Config,
     ledger_partitions: i32,
-    outputs: Vec<Output>,
-) -> Result<()> {
+    outputs: &[Output],
+) -> Vec<Result<DeliveryFuture, KafkaError>> {
     let mut pending = Vec::with_capacity(outputs.len());
-    for output in &outputs {
+    for output in outputs {
         let sent = match output {
             Output::Item(item) => {
                 let key = item.partition_key();
@@ -196,9 +200,7 @@ fn deliver(
         };
         pending.push(sent);
     }
-    Ok(futures::executor::block_on(neruba_kafka::await_all(
-        pending,
-    ))?)
+    pending
 }
 
 /// The consumer context: opens partition state on assignment, writes it on revocation.
@@ -306,17 +308,19 @@ impl Worker {
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let producer = neruba_kafka::output_producer(
+        let producer = neruba_kafka::recoverable_output_producer(
             &config.brokers,
             "neruba-rater",
             2,
             &config.kafka_options,
         )?;
-        let ledger_partitions = neruba_kafka::partition_count(&producer, &config.ledger_topic)?;
+        let ledger_partitions =
+            neruba_kafka::partition_count(&producer.get(), &config.ledger_topic)?;
         let shared = Arc::new(Mutex::new(Shared {
             partitions: HashMap::new(),
             cache: Cache::new_lru_cache(config.block_cache_bytes),
             producer,
+            stop: shutdown.clone(),
             ledger_partitions,
             metrics,
             fatal: None,

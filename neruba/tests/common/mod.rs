@@ -86,15 +86,13 @@ impl Proc {
 
     /// SIGTERM, then waits up to `patience` for a clean exit; returns its success.
     pub fn terminate(&mut self, patience: Duration) -> Result<bool> {
+        if self.child.is_none() {
+            return Ok(true);
+        }
+        self.signal("TERM")?;
         let Some(mut child) = self.child.take() else {
             return Ok(true);
         };
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {} failed", self.name);
-        }
         let started = Instant::now();
         while started.elapsed() < patience {
             if let Some(status) = child.try_wait()? {
@@ -105,6 +103,20 @@ impl Proc {
         child.kill()?;
         child.wait()?;
         bail!("{} did not exit within {patience:?} of SIGTERM", self.name)
+    }
+
+    /// Sends `signal` (a `kill` name such as `STOP` or `CONT`) to the running process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let Some(child) = &self.child else {
+            bail!("{} is not running", self.name);
+        };
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", self.name);
+        }
+        Ok(())
     }
 
     /// Whether it is still running (a component that exits on its own is a finding).
