@@ -10,6 +10,7 @@
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState};
 use crate::{Config, Error, Result};
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::Catalog;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -68,6 +69,9 @@ struct Shared {
     metrics: Metrics,
     /// A failure inside a rebalance callback, surfaced by the loop.
     fatal: Option<Error>,
+    health: Arc<ConsumerHealth>,
+    /// Kafka timestamp of the last message applied, per partition (for lag in seconds).
+    last_timestamp_ms: HashMap<i32, i64>,
 }
 
 impl Shared {
@@ -121,6 +125,13 @@ impl Shared {
                 .inc_by(counts.duplicates);
             self.metrics.late_events.inc_by(counts.late);
             self.metrics.rollups.inc_by(counts.rollups);
+            let now = neruba_schemas::event::now_ms();
+            for end in counts.closed_window_ends {
+                let late = u64::try_from((now - end).max(0)).unwrap_or(0);
+                self.metrics
+                    .close_delay
+                    .observe(Duration::from_millis(late).as_secs_f64());
+            }
             for (code, n) in counts.dead_letters {
                 self.metrics
                     .dead_letters
@@ -144,7 +155,10 @@ impl Shared {
             if !state.is_dirty() && state.next_offset().is_none() {
                 continue;
             }
-            state.commit()?;
+            if let Err(e) = state.commit() {
+                self.health.store_failed(&e.to_string());
+                return Err(e);
+            }
             if let Some(next) = state.next_offset() {
                 committed.add_partition_offset(
                     &self.config.events_topic,
@@ -162,19 +176,16 @@ impl Shared {
         Ok(true)
     }
 
-    fn publish_gauges(&self, high_offsets: &HashMap<i32, i64>) {
+    fn publish_gauges(&self) {
         let now = neruba_schemas::event::now_ms();
         for state in self.partitions.values() {
             let p = state.partition.to_string();
             let labels = [p.as_str()];
-            let high = high_offsets.get(&state.partition).copied();
-            if let Some(high) = high {
-                let lag = high - state.next_offset().unwrap_or(0);
-                self.metrics
-                    .lag_messages
-                    .with_label_values(&labels)
-                    .set(lag.max(0));
-            }
+            self.health.observe(
+                state.partition,
+                state.next_offset().unwrap_or(0),
+                self.last_timestamp_ms.get(&state.partition).copied(),
+            );
             if state.watermark() > i64::MIN {
                 self.metrics
                     .watermark_lag
@@ -287,8 +298,8 @@ pub struct Context {
     shared: Arc<Mutex<Shared>>,
     topic: String,
     kill: Arc<AtomicBool>,
-    /// Partition high watermarks from librdkafka's statistics, for the lag gauge.
-    high_offsets: Arc<Mutex<HashMap<i32, i64>>>,
+    /// Takes the partitions' high watermarks from librdkafka's statistics.
+    health: Arc<ConsumerHealth>,
 }
 
 impl std::fmt::Debug for Context {
@@ -301,16 +312,7 @@ impl std::fmt::Debug for Context {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let Some(topic) = statistics.topics.get(&self.topic) else {
-            return;
-        };
-        if let Ok(mut highs) = self.high_offsets.lock() {
-            for (partition, stats) in &topic.partitions {
-                if *partition >= 0 && stats.hi_offset >= 0 {
-                    highs.insert(*partition, stats.hi_offset);
-                }
-            }
-        }
+        self.health.record_statistics(&statistics);
     }
 }
 
@@ -365,6 +367,8 @@ impl ConsumerContext for Context {
                 let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for partition in &revoked {
                     shared.partitions.remove(partition);
+                    shared.last_timestamp_ms.remove(partition);
+                    shared.health.forget(*partition);
                 }
                 tracing::info!(?revoked, "Partitions revoked.");
                 shared
@@ -383,7 +387,6 @@ impl ConsumerContext for Context {
 /// The consumer loop and what it owns.
 pub struct Worker {
     consumer: BaseConsumer<Context>,
-    high_offsets: Arc<Mutex<HashMap<i32, i64>>>,
     shared: Arc<Mutex<Shared>>,
     shutdown: CancellationToken,
     kill: Arc<AtomicBool>,
@@ -403,6 +406,7 @@ impl Worker {
         config: Config,
         catalog: Arc<Catalog>,
         metrics: Metrics,
+        health: Arc<ConsumerHealth>,
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
@@ -423,14 +427,15 @@ impl Worker {
             catalog,
             metrics,
             fatal: None,
+            health: health.clone(),
+            last_timestamp_ms: HashMap::new(),
             config: config.clone(),
         }));
-        let high_offsets = Arc::new(Mutex::new(HashMap::new()));
         let context = Context {
             shared: shared.clone(),
             topic: config.events_topic.clone(),
             kill: kill.clone(),
-            high_offsets: high_offsets.clone(),
+            health,
         };
         let consumer = build_consumer(&config, context)?;
         match &config.assignment {
@@ -464,7 +469,6 @@ impl Worker {
         }
         Ok(Self {
             consumer,
-            high_offsets,
             shared,
             shutdown,
             kill,
@@ -519,6 +523,9 @@ impl Worker {
                 if !touched.contains(&message.partition()) {
                     touched.push(message.partition());
                 }
+                if let Some(at) = message.timestamp().to_millis() {
+                    shared.last_timestamp_ms.insert(message.partition(), at);
+                }
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     match watermark_tick(&message) {
                         Some(watermark) => state.apply_tick(message.offset(), watermark)?,
@@ -565,12 +572,7 @@ impl Worker {
                 return Ok(());
             }
             if last_gauges.elapsed() >= Duration::from_secs(1) {
-                let highs = self
-                    .high_offsets
-                    .lock()
-                    .map(|h| h.clone())
-                    .unwrap_or_default();
-                shared.publish_gauges(&highs);
+                shared.publish_gauges();
                 last_gauges = Instant::now();
             }
         }

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod metrics;
 pub mod state;
 
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::Catalog;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,6 +77,9 @@ pub struct Config {
     /// Shared RocksDB block cache, bytes.
     pub block_cache_bytes: usize,
     pub kafka_options: Vec<(String, String)>,
+    /// `/readyz` turns false when a partition is behind and its position has not moved for
+    /// this long.
+    pub stuck_after: Duration,
     /// Fault injection for crash tests: stop abruptly, as `kill -9` would, at this point.
     pub crash: Option<CrashPoint>,
 }
@@ -112,6 +116,7 @@ impl Config {
             max_batch: 5_000,
             block_cache_bytes: 64 * 1024 * 1024,
             kafka_options: Vec::new(),
+            stuck_after: Duration::from_secs(60),
             crash: None,
         }
     }
@@ -122,9 +127,15 @@ impl Config {
 pub struct Running {
     task: JoinHandle<Result<()>>,
     kill: Arc<AtomicBool>,
+    health: Arc<ConsumerHealth>,
 }
 
 impl Running {
+    /// Lag and readiness, for `/readyz`.
+    pub fn health(&self) -> Arc<ConsumerHealth> {
+        self.health.clone()
+    }
+
     /// Waits until the aggregator stopped.
     pub async fn wait(self) -> Result<()> {
         self.task.await?
@@ -153,10 +164,24 @@ pub fn start(
         source,
     })?;
     let metrics = metrics::Metrics::register(registry)?;
+    let health = ConsumerHealth::new(
+        "aggregator",
+        &config.events_topic,
+        config.stuck_after,
+        registry,
+    )?;
+    health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
     let kill = Arc::new(AtomicBool::new(false));
-    let worker = consumer::Worker::new(config, catalog, metrics, shutdown, kill.clone())?;
+    let worker = consumer::Worker::new(
+        config,
+        catalog,
+        metrics,
+        health.clone(),
+        shutdown,
+        kill.clone(),
+    )?;
     let task = tokio::task::spawn_blocking(move || worker.run());
-    Ok(Running { task, kill })
+    Ok(Running { task, kill, health })
 }
 
 /// Starts and waits.

@@ -16,8 +16,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// `neruba_rollups_emitted_total`.
     pub rollups: IntCounter,
-    /// `neruba_consumer_lag_messages{partition}`: high watermark − next offset.
-    pub lag_messages: IntGaugeVec,
+    /// `neruba_window_close_delay_seconds`: wall clock at close − window end.
+    pub close_delay: prometheus::Histogram,
     /// `neruba_watermark_lag_seconds{partition}`: now − watermark.
     pub watermark_lag: IntGaugeVec,
     /// `neruba_open_windows{partition}`.
@@ -61,9 +61,14 @@ impl Metrics {
                 "neruba_rollups_emitted_total",
                 "Rollups produced (first closes and revisions).",
             )?,
-            lag_messages: gauge(
-                "neruba_consumer_lag_messages",
-                "Messages between the partition's high watermark and the next offset to apply.",
+            close_delay: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "neruba_window_close_delay_seconds",
+                    "Wall clock when a window closed minus the window's end, seconds.",
+                )
+                .buckets(vec![
+                    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
+                ]),
             )?,
             watermark_lag: gauge(
                 "neruba_watermark_lag_seconds",
@@ -89,12 +94,15 @@ impl Metrics {
         registry.register(Box::new(m.late_events.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.rollups.clone()))?;
-        registry.register(Box::new(m.lag_messages.clone()))?;
+        registry.register(Box::new(m.close_delay.clone()))?;
         registry.register(Box::new(m.watermark_lag.clone()))?;
         registry.register(Box::new(m.open_windows.clone()))?;
         registry.register(Box::new(m.rocksdb_size.clone()))?;
         registry.register(Box::new(m.rocksdb_pending_compaction.clone()))?;
         m.dedup_hits.with_label_values(&["aggregator"]);
+        for code in neruba_schemas::RejectCode::ALL {
+            m.dead_letters.with_label_values(&[code.as_str()]);
+        }
         Ok(m)
     }
 }

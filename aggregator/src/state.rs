@@ -73,6 +73,8 @@ pub struct Counts {
     pub late: u64,
     pub dead_letters: BTreeMap<&'static str, u64>,
     pub rollups: u64,
+    /// End (event time, ms) of each window closed, for the close-delay histogram.
+    pub closed_window_ends: Vec<i64>,
 }
 
 /// A window's stored record.
@@ -537,6 +539,7 @@ impl PartitionState {
         };
         record.closed = true;
         record.revision += 1;
+        self.counts.closed_window_ends.push(record.window_end_ms);
         let period_key = keys::period_of_window(&window_key, record.period_start_ms)
             .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
         let mut period = self.load_period(&period_key)?;

@@ -9,6 +9,8 @@
 //! - a producer librdkafka declared fatally failed (fenced by the broker after an outage, for
 //!   one) is replaced rather than left failing every later send: see [`Recoverable`].
 
+pub mod health;
+
 use futures::future::join_all;
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,

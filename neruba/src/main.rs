@@ -151,6 +151,9 @@ struct RaterArgs {
     /// Topic line items are produced to.
     #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
     ledger_topic: String,
+    /// `/readyz` turns false when a rollups partition is behind and has not moved for this long.
+    #[arg(long, env = "NERUBA_RATER_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    rater_stuck_after: Duration,
 }
 
 impl RaterArgs {
@@ -168,6 +171,7 @@ impl RaterArgs {
         config.rollups_topic = rollups_topic.to_owned();
         config.ledger_topic = self.ledger_topic.clone();
         config.dead_letter_topic = dead_letter_topic.to_owned();
+        config.stuck_after = self.rater_stuck_after;
         config
     }
 }
@@ -271,6 +275,9 @@ struct AggregatorArgs {
     /// RocksDB block cache shared by all partitions, bytes.
     #[arg(long, env = "NERUBA_BLOCK_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     block_cache_bytes: usize,
+    /// `/readyz` turns false when an events partition is behind and has not moved for this long.
+    #[arg(long, env = "NERUBA_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    stuck_after: Duration,
 }
 
 impl AggregatorArgs {
@@ -304,6 +311,7 @@ impl AggregatorArgs {
         config.idle_timeout = self.idle_timeout;
         config.max_batch = self.max_batch;
         config.block_cache_bytes = self.block_cache_bytes;
+        config.stuck_after = self.stuck_after;
         Ok(config)
     }
 }
@@ -513,10 +521,17 @@ async fn main() -> Result<()> {
             config.kafka_options = args.kafka_opts.clone();
             let registry = prometheus::Registry::new();
             let shutdown = shutdown_on_signal();
-            let ops = neruba::ops::serve(args.ops_listen, vec![registry.clone()], shutdown.clone())
-                .await?;
+            let running = neruba_aggregator::start(config, catalog, &registry, shutdown.clone())?;
+            let health = running.health();
+            let ops = neruba::ops::serve(
+                args.ops_listen,
+                vec![registry.clone()],
+                move || health.check(),
+                shutdown,
+            )
+            .await?;
             tracing::info!(%ops, "Aggregator operations endpoints listening.");
-            neruba_aggregator::run(config, catalog, &registry, shutdown).await?;
+            running.wait().await?;
         }
         Command::Rater(RaterCommandArgs {
             action: Some(RaterAction::Rerun(rerun)),
@@ -542,12 +557,17 @@ async fn main() -> Result<()> {
             config.kafka_options = args.kafka_opts.clone();
             let registry = prometheus::Registry::new();
             let shutdown = shutdown_on_signal();
-            let ops = neruba::ops::serve(args.ops_listen, vec![registry.clone()], shutdown.clone())
-                .await?;
+            let running = neruba_rater::start(config, catalog, &registry, shutdown.clone())?;
+            let health = running.health();
+            let ops = neruba::ops::serve(
+                args.ops_listen,
+                vec![registry.clone()],
+                move || health.check(),
+                shutdown,
+            )
+            .await?;
             tracing::info!(%ops, "Rater operations endpoints listening.");
-            neruba_rater::start(config, catalog, &registry, shutdown)?
-                .wait()
-                .await?;
+            running.wait().await?;
         }
         Command::Ledger(LedgerCommand::Tail(args)) => {
             let shutdown = shutdown_on_signal();

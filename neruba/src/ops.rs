@@ -1,5 +1,5 @@
-//! The operations listener of components without an HTTP API of their own (the aggregator):
-//! `/metrics`, `/healthz`, `/readyz`.
+//! The operations listener of components without an HTTP API of their own (the aggregator,
+//! the rater): `/metrics`, `/healthz` (the process serves), `/readyz` (what `ready` says).
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -12,11 +12,22 @@ use tokio_util::sync::CancellationToken;
 pub async fn serve(
     listen: SocketAddr,
     registries: Vec<prometheus::Registry>,
+    ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
+    let ready = std::sync::Arc::new(ready);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let answer = match ready() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                };
+                async move { answer }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

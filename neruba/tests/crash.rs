@@ -200,6 +200,9 @@ struct Pipeline {
     aggregator: Proc,
     rater: Proc,
     base: String,
+    /// The aggregator's and the rater's operations endpoints (`/readyz`, `/metrics`).
+    aggregator_ops: String,
+    rater_ops: String,
 }
 
 fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
@@ -219,6 +222,10 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         args
     };
     let state = work.join("state");
+    let (aggregator_ops, rater_ops) = (
+        format!("127.0.0.1:{}", free_port()?),
+        format!("127.0.0.1:{}", free_port()?),
+    );
     let mut gateway_args = vec!["gateway".to_owned()];
     gateway_args.extend(common(&[
         "--listen",
@@ -231,7 +238,7 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         "--state-dir",
         &state.join("aggregator").display().to_string(),
         "--ops-listen",
-        "127.0.0.1:0",
+        &aggregator_ops,
         "--grace",
         "0s",
         "--idle-timeout",
@@ -248,7 +255,7 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         "--state-dir",
         &state.join("rater").display().to_string(),
         "--ops-listen",
-        "127.0.0.1:0",
+        &rater_ops,
         "--rater-assign",
         "all",
     ]));
@@ -257,6 +264,8 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         aggregator: Proc::new("aggregator", binary, &aggregator_args, work),
         rater: Proc::new("rater", binary, &rater_args, work),
         base: format!("http://127.0.0.1:{port}"),
+        aggregator_ops: format!("http://{aggregator_ops}"),
+        rater_ops: format!("http://{rater_ops}"),
     })
 }
 
@@ -534,7 +543,7 @@ async fn post_once(
     Ok((response.status().as_u16(), response.json().await?))
 }
 
-/// Polls the gateway's `/readyz` until it answers `status`; how long that took.
+/// Polls `{base}/readyz` until it answers `status`; how long that took.
 async fn await_readiness(client: &reqwest::Client, base: &str, status: u16) -> Result<Duration> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(90) {
@@ -545,7 +554,7 @@ async fn await_readiness(client: &reqwest::Client, base: &str, status: u16) -> R
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("/readyz did not answer {status} within 90 s")
+    bail!("{base}/readyz did not answer {status} within 90 s")
 }
 
 /// The broker process is stopped (SIGSTOP: it holds its data but answers nothing) mid-stream,
@@ -569,10 +578,21 @@ async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<(
     for batch in before {
         post_until_answered(&client, &pipeline.base, batch, &mut accepted).await?;
     }
-    await_readiness(&client, &pipeline.base, 200).await?;
+    let components = [
+        pipeline.base.clone(),
+        pipeline.aggregator_ops.clone(),
+        pipeline.rater_ops.clone(),
+    ];
+    for base in &components {
+        await_readiness(&client, base, 200).await?;
+    }
 
     broker.process.signal("STOP")?;
     let noticed = await_readiness(&client, &pipeline.base, 503).await?;
+    // The aggregator and the rater notice too (their broker probe times out).
+    for base in &components[1..] {
+        await_readiness(&client, base, 503).await?;
+    }
     let (during, after) = rest.split_at(1);
     let (status, body) = post_once(&client, &pipeline.base, during[0]).await?;
     assert_eq!(status, 503, "{body}");
@@ -593,6 +613,9 @@ async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<(
     tokio::time::sleep(Duration::from_secs(10)).await;
     broker.process.signal("CONT")?;
     let recovered = await_readiness(&client, &pipeline.base, 200).await?;
+    for base in &components[1..] {
+        await_readiness(&client, base, 200).await?;
+    }
 
     // The client retries what was refused, then goes on.
     for batch in during.iter().chain(after) {

@@ -9,6 +9,7 @@
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState, partition_dir};
 use crate::{Config, Error, Result};
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::Catalog;
 use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -21,7 +22,7 @@ use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
@@ -37,7 +38,9 @@ fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Cont
         .set("partition.assignment.strategy", "range")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "20");
+        .set("fetch.wait.max.ms", "20")
+        // High watermarks for the lag gauges and the stuck check.
+        .set("statistics.interval.ms", "1000");
     if let Some(instance) = &config.instance_id {
         client.set("group.instance.id", instance);
     }
@@ -58,6 +61,9 @@ struct Shared {
     metrics: Metrics,
     /// A failure inside a rebalance callback, surfaced by the loop.
     fatal: Option<Error>,
+    health: Arc<ConsumerHealth>,
+    /// Kafka timestamp of the last rollup read, per partition (for lag in seconds).
+    last_timestamp_ms: HashMap<i32, i64>,
 }
 
 impl Shared {
@@ -137,7 +143,10 @@ impl Shared {
             if !state.is_dirty() {
                 continue;
             }
-            state.commit()?;
+            if let Err(e) = state.commit() {
+                self.health.store_failed(&e.to_string());
+                return Err(e);
+            }
             if let Some(next) = state.next_offset() {
                 committed.add_partition_offset(
                     &self.config.rollups_topic,
@@ -208,6 +217,8 @@ pub struct Context {
     shared: Arc<Mutex<Shared>>,
     topic: String,
     kill: Arc<AtomicBool>,
+    /// Takes the partitions' high watermarks from librdkafka's statistics.
+    health: Arc<ConsumerHealth>,
 }
 
 impl std::fmt::Debug for Context {
@@ -218,7 +229,11 @@ impl std::fmt::Debug for Context {
     }
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health.record_statistics(&statistics);
+    }
+}
 
 impl ConsumerContext for Context {
     fn rebalance(
@@ -269,6 +284,8 @@ impl ConsumerContext for Context {
                 }
                 for element in tpl.elements() {
                     shared.partitions.remove(&element.partition());
+                    shared.last_timestamp_ms.remove(&element.partition());
+                    shared.health.forget(element.partition());
                 }
                 shared
                     .metrics
@@ -305,6 +322,7 @@ impl Worker {
         config: Config,
         catalog: Arc<Catalog>,
         metrics: Metrics,
+        health: Arc<ConsumerHealth>,
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
@@ -324,12 +342,15 @@ impl Worker {
             ledger_partitions,
             metrics,
             fatal: None,
+            health: health.clone(),
+            last_timestamp_ms: HashMap::new(),
             config: config.clone(),
         }));
         let context = Context {
             shared: shared.clone(),
             topic: config.rollups_topic.clone(),
             kill: kill.clone(),
+            health,
         };
         let consumer = build_consumer(&config, context)?;
         match &config.assignment {
@@ -380,6 +401,7 @@ impl Worker {
 
     /// Runs until shutdown (writing everything) or kill (writing nothing).
     pub fn run(self) -> Result<()> {
+        let mut last_gauges = Instant::now();
         let mut produced_at = Vec::with_capacity(self.max_batch);
         let mut read: u64 = 0;
         loop {
@@ -418,7 +440,11 @@ impl Worker {
                         state.apply(message.offset(), message.key(), payload, &self.catalog)?;
                     }
                 }
-                produced_at.push(message.timestamp().to_millis().unwrap_or_default());
+                let at = message.timestamp().to_millis();
+                if let Some(at) = at {
+                    shared.last_timestamp_ms.insert(message.partition(), at);
+                }
+                produced_at.push(at.unwrap_or_default());
                 read += 1;
             }
             if self.kill.load(Ordering::SeqCst) {
@@ -433,6 +459,16 @@ impl Worker {
             if crash {
                 self.kill.store(true, Ordering::SeqCst);
                 return Ok(());
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(1) {
+                for state in shared.partitions.values() {
+                    shared.health.observe(
+                        state.partition,
+                        state.next_offset().unwrap_or(0),
+                        shared.last_timestamp_ms.get(&state.partition).copied(),
+                    );
+                }
+                last_gauges = Instant::now();
             }
         }
     }

@@ -16,10 +16,12 @@ pub mod price;
 pub mod rate;
 pub mod state;
 
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::Catalog;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +71,9 @@ pub struct Config {
     /// Shared RocksDB block cache, bytes.
     pub block_cache_bytes: usize,
     pub kafka_options: Vec<(String, String)>,
+    /// `/readyz` turns false when a partition is behind and its position has not moved for
+    /// this long.
+    pub stuck_after: Duration,
     /// Fault injection for crash tests: once this many rollups were read, deliver the batch's
     /// items and stop without writing the state, as `kill -9` between the two would.
     pub crash_before_write: Option<u64>,
@@ -89,6 +94,7 @@ impl Config {
             max_batch: 2_000,
             block_cache_bytes: 32 * 1024 * 1024,
             kafka_options: Vec::new(),
+            stuck_after: Duration::from_secs(60),
             crash_before_write: None,
         }
     }
@@ -99,9 +105,15 @@ impl Config {
 pub struct Running {
     task: JoinHandle<Result<()>>,
     kill: Arc<AtomicBool>,
+    health: Arc<ConsumerHealth>,
 }
 
 impl Running {
+    /// Lag and readiness, for `/readyz`.
+    pub fn health(&self) -> Arc<ConsumerHealth> {
+        self.health.clone()
+    }
+
     /// Waits until the rater stopped.
     pub async fn wait(self) -> Result<()> {
         self.task.await?
@@ -129,10 +141,19 @@ pub fn start(
         source,
     })?;
     let metrics = metrics::Metrics::register(registry)?;
+    let health = ConsumerHealth::new("rater", &config.rollups_topic, config.stuck_after, registry)?;
+    health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
     let kill = Arc::new(AtomicBool::new(false));
-    let worker = consumer::Worker::new(config, catalog, metrics, shutdown, kill.clone())?;
+    let worker = consumer::Worker::new(
+        config,
+        catalog,
+        metrics,
+        health.clone(),
+        shutdown,
+        kill.clone(),
+    )?;
     let task = tokio::task::spawn_blocking(move || worker.run());
-    Ok(Running { task, kill })
+    Ok(Running { task, kill, health })
 }
 
 /// Sends a rerun request for `tenant` over `[from_ms, to_ms)` to every partition of the

@@ -1,0 +1,315 @@
+//! A consuming stage's progress: consumer lag per partition (messages and seconds) for
+//! Prometheus, and what its `/readyz` answers.
+//!
+//! Ready means: the broker answers metadata requests, the state store has not failed, and no
+//! partition is stuck — behind its high watermark while its position has not moved for
+//! `stuck_after`.
+
+use prometheus::{IntGaugeVec, Opts, Registry};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// Next offset to process.
+    position: i64,
+    moved_at: Instant,
+    /// Kafka timestamp of the last message processed.
+    last_timestamp_ms: Option<i64>,
+}
+
+/// Lag gauges and readiness of one consuming stage (`consumer` labels its series).
+#[derive(Debug)]
+pub struct ConsumerHealth {
+    consumer: &'static str,
+    topic: String,
+    stuck_after: Duration,
+    broker_reachable: AtomicBool,
+    store_failure: Mutex<Option<String>>,
+    high_offsets: Mutex<HashMap<i32, i64>>,
+    partitions: Mutex<HashMap<i32, Progress>>,
+    lag_messages: IntGaugeVec,
+    lag_seconds: IntGaugeVec,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl ConsumerHealth {
+    /// Registers `neruba_consumer_lag_messages` and `neruba_consumer_lag_seconds`, labelled
+    /// `consumer` (this stage) and `partition` (of `topic`).
+    pub fn new(
+        consumer: &'static str,
+        topic: &str,
+        stuck_after: Duration,
+        registry: &Registry,
+    ) -> prometheus::Result<Arc<Self>> {
+        let lag_messages = IntGaugeVec::new(
+            Opts::new(
+                "neruba_consumer_lag_messages",
+                "Messages behind the partition's high watermark.",
+            ),
+            &["consumer", "partition"],
+        )?;
+        let lag_seconds = IntGaugeVec::new(
+            Opts::new(
+                "neruba_consumer_lag_seconds",
+                "While behind: age of the last processed message (0 when caught up).",
+            ),
+            &["consumer", "partition"],
+        )?;
+        registry.register(Box::new(lag_messages.clone()))?;
+        registry.register(Box::new(lag_seconds.clone()))?;
+        Ok(Arc::new(Self {
+            consumer,
+            topic: topic.to_owned(),
+            stuck_after,
+            broker_reachable: AtomicBool::new(true),
+            store_failure: Mutex::new(None),
+            high_offsets: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+            lag_messages,
+            lag_seconds,
+        }))
+    }
+
+    /// Takes the high watermarks of the topic's partitions from librdkafka's statistics
+    /// (call from the consumer context's `stats`).
+    pub fn record_statistics(&self, statistics: &rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        for (partition, stats) in &topic.partitions {
+            if *partition >= 0 && stats.hi_offset >= 0 {
+                self.record_high_offset(*partition, stats.hi_offset);
+            }
+        }
+    }
+
+    /// The partition's high watermark (offset of the next message the broker will append).
+    pub fn record_high_offset(&self, partition: i32, high: i64) {
+        lock(&self.high_offsets).insert(partition, high);
+    }
+
+    /// The partition's position (next offset to process) and the Kafka timestamp of the last
+    /// message processed; updates the gauges and the stuck detection.
+    pub fn observe(&self, partition: i32, position: i64, last_timestamp_ms: Option<i64>) {
+        let now = Instant::now();
+        let mut partitions = lock(&self.partitions);
+        let progress = partitions.entry(partition).or_insert(Progress {
+            position,
+            moved_at: now,
+            last_timestamp_ms,
+        });
+        if progress.position != position {
+            progress.position = position;
+            progress.moved_at = now;
+        }
+        if last_timestamp_ms.is_some() {
+            progress.last_timestamp_ms = last_timestamp_ms;
+        }
+        let progress = *progress;
+        drop(partitions);
+        let Some(lag) = self.lag(partition, position) else {
+            return;
+        };
+        let label = partition.to_string();
+        let labels = [self.consumer, label.as_str()];
+        self.lag_messages.with_label_values(&labels).set(lag);
+        let seconds = match progress.last_timestamp_ms {
+            Some(at) if lag > 0 => (neruba_schemas::event::now_ms() - at).max(0) / 1000,
+            _ => 0,
+        };
+        self.lag_seconds.with_label_values(&labels).set(seconds);
+    }
+
+    fn lag(&self, partition: i32, position: i64) -> Option<i64> {
+        lock(&self.high_offsets)
+            .get(&partition)
+            .map(|high| (high - position).max(0))
+    }
+
+    /// The partition moved to another instance.
+    pub fn forget(&self, partition: i32) {
+        lock(&self.partitions).remove(&partition);
+        let label = partition.to_string();
+        let _ = self
+            .lag_messages
+            .remove_label_values(&[self.consumer, label.as_str()]);
+        let _ = self
+            .lag_seconds
+            .remove_label_values(&[self.consumer, label.as_str()]);
+    }
+
+    /// The state store failed; the stage is not ready until it restarts.
+    pub fn store_failed(&self, reason: &str) {
+        *lock(&self.store_failure) = Some(reason.to_owned());
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        let was = self.broker_reachable.swap(reachable, Ordering::Relaxed);
+        if was != reachable {
+            tracing::info!(
+                consumer = self.consumer,
+                reachable,
+                "Broker reachability changed."
+            );
+        }
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.broker_reachable.load(Ordering::Relaxed) {
+            return Err("broker unreachable".to_owned());
+        }
+        if let Some(reason) = lock(&self.store_failure).as_ref() {
+            return Err(format!("state store failed: {reason}"));
+        }
+        let partitions: Vec<(i32, Progress)> = lock(&self.partitions)
+            .iter()
+            .map(|(p, progress)| (*p, *progress))
+            .collect();
+        for (partition, progress) in partitions {
+            let behind = self.lag(partition, progress.position).unwrap_or(0);
+            let still = progress.moved_at.elapsed();
+            if behind > 0 && still >= self.stuck_after {
+                return Err(format!(
+                    "partition {partition} is {behind} messages behind and has not moved for {}s",
+                    still.as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes the broker (a metadata request for the topic, every second) until `shutdown`.
+    pub fn spawn_broker_probe(
+        self: &Arc<Self>,
+        brokers: &str,
+        kafka_options: &[(String, String)],
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>, rdkafka::error::KafkaError> {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", brokers);
+        for (key, value) in kafka_options {
+            client.set(key, value);
+        }
+        let probe: Arc<BaseConsumer> = Arc::new(client.create()?);
+        let health = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                let (probe, topic) = (probe.clone(), health.topic.clone());
+                let up = tokio::task::spawn_blocking(move || {
+                    probe
+                        .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                        .is_ok_and(|m| {
+                            m.topics()
+                                .iter()
+                                .any(|t| t.error().is_none() && !t.partitions().is_empty())
+                        })
+                })
+                .await
+                .unwrap_or(false);
+                health.set_broker_reachable(up);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge(registry: &Registry, name: &str, partition: &str) -> Option<i64> {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == name)?
+            .get_metric()
+            .iter()
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "partition" && l.value() == partition)
+            })
+            .map(|m| m.get_gauge().get_value() as i64)
+    }
+
+    #[test]
+    fn a_partition_behind_whose_position_does_not_move_makes_it_unready() {
+        let registry = Registry::new();
+        let health = ConsumerHealth::new("aggregator", "t", Duration::from_millis(200), &registry)
+            .expect("register");
+        health.record_high_offset(0, 100);
+        health.record_high_offset(1, 50);
+        health.observe(0, 40, Some(neruba_schemas::event::now_ms() - 7_000));
+        health.observe(1, 50, None);
+        assert_eq!(
+            gauge(&registry, "neruba_consumer_lag_messages", "0"),
+            Some(60)
+        );
+        assert_eq!(
+            gauge(&registry, "neruba_consumer_lag_messages", "1"),
+            Some(0)
+        );
+        assert_eq!(
+            gauge(&registry, "neruba_consumer_lag_seconds", "0"),
+            Some(7)
+        );
+        assert_eq!(
+            gauge(&registry, "neruba_consumer_lag_seconds", "1"),
+            Some(0)
+        );
+        // Behind, but it just moved: ready.
+        assert_eq!(health.check(), Ok(()));
+        std::thread::sleep(Duration::from_millis(250));
+        health.observe(0, 40, None);
+        let reason = health.check().expect_err("stuck");
+        assert!(
+            reason.starts_with("partition 0 is 60 messages behind"),
+            "{reason}"
+        );
+        // It moves again: ready again.
+        health.observe(0, 41, None);
+        assert_eq!(health.check(), Ok(()));
+        // Caught up and still: not stuck.
+        health.observe(0, 100, None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(health.check(), Ok(()));
+        // A partition that moved away is forgotten, gauges included.
+        health.record_high_offset(1, 90);
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(health.check().is_err());
+        health.forget(1);
+        assert_eq!(health.check(), Ok(()));
+        assert_eq!(gauge(&registry, "neruba_consumer_lag_messages", "1"), None);
+    }
+
+    #[test]
+    fn an_unreachable_broker_or_a_failed_store_makes_it_unready() {
+        let health = ConsumerHealth::new("rater", "t", Duration::from_secs(60), &Registry::new())
+            .expect("register");
+        assert_eq!(health.check(), Ok(()));
+        health.set_broker_reachable(false);
+        assert_eq!(health.check(), Err("broker unreachable".to_owned()));
+        health.set_broker_reachable(true);
+        health.store_failed("IO error: No space left on device");
+        assert_eq!(
+            health.check(),
+            Err("state store failed: IO error: No space left on device".to_owned())
+        );
+    }
+}
