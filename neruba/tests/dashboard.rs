@@ -1,0 +1,183 @@
+//! The Grafana dashboard cannot drift from the code: a real Prometheus server scrapes a
+//! running pipeline, and every query of every panel in `k8s/dashboards/neruba.json` must
+//! return data.
+//!
+//! Prometheus is Debian's `prometheus` package (`./scripts/prereqs.sh` installs it), or the
+//! binary `NERUBA_PROMETHEUS` names. Everything listens on 127.0.0.1 ports chosen here.
+
+mod common;
+
+use anyhow::{Context, Result, bail};
+use common::{Proc, free_port};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const DASHBOARD: &str = include_str!("../../k8s/dashboards/neruba.json");
+
+fn prometheus_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("NERUBA_PROMETHEUS") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = PathBuf::from("/usr/bin/prometheus");
+    if !path.exists() {
+        bail!(
+            "no Prometheus at /usr/bin/prometheus (run ./scripts/prereqs.sh, or set NERUBA_PROMETHEUS)"
+        );
+    }
+    Ok(path)
+}
+
+/// Every `(panel title, expr)` of the dashboard.
+fn dashboard_queries() -> Result<Vec<(String, String)>> {
+    let dashboard: Value = serde_json::from_str(DASHBOARD)?;
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        let title = panel["title"].as_str().context("panel title")?;
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "panel {title} must use the dashboard's datasource variable"
+        );
+        for target in panel["targets"].as_array().context("targets")? {
+            let expr = target["expr"].as_str().context("expr")?;
+            queries.push((title.to_owned(), expr.to_owned()));
+        }
+    }
+    Ok(queries)
+}
+
+/// A batch of acme events around `time_ms`: valid ones, a repeat and an invalid one, so every
+/// outcome has a series.
+fn batch(round: u32, time_ms: i64) -> Value {
+    let time = neruba_schemas::event::format_time_ms(time_ms);
+    let mut events: Vec<Value> = (0..20)
+        .map(|i| {
+            json!({"specversion": "1.0", "id": format!("d-{round}-{i}"), "type": "llm.completion",
+                "subject": format!("c-{}", i % 3), "time": time,
+                "data": {"model": "large", "tokens": "1200", "status": "ok"}})
+        })
+        .collect();
+    events.push(events[0].clone());
+    events.push(
+        json!({"specversion": "1.0", "id": format!("d-{round}-bad"), "type": "api.request",
+        "subject": "c-0", "time": "yesterday", "data": {}}),
+    );
+    Value::Array(events)
+}
+
+async fn query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result<Vec<Value>> {
+    let body: Value = client
+        .get(format!("{prometheus}/api/v1/query"))
+        .query(&[("query", expr)])
+        .send()
+        .await?
+        .json()
+        .await?;
+    if body["status"] != "success" {
+        bail!("query `{expr}` failed: {body}");
+    }
+    Ok(body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn start_prometheus(work: &Path, target: &str) -> Result<(Proc, String)> {
+    let port = free_port()?;
+    let config = work.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: neruba\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )?;
+    let args = vec![
+        format!("--config.file={}", config.display()),
+        format!("--storage.tsdb.path={}", work.join("tsdb").display()),
+        format!("--web.listen-address=127.0.0.1:{port}"),
+    ];
+    let mut process = Proc::new("prometheus", &prometheus_binary()?, &args, work);
+    process.start()?;
+    Ok((process, format!("http://127.0.0.1:{port}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<()> {
+    let queries = dashboard_queries()?;
+    assert!(
+        queries.len() >= 14,
+        "the dashboard lost panels: {queries:?}"
+    );
+    let work = tempfile::tempdir()?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let binary = Path::new(env!("CARGO_BIN_EXE_neruba"));
+    let args: Vec<String> = [
+        "dev",
+        "--listen",
+        &listen,
+        "--grace",
+        "0s",
+        "--idle-timeout",
+        "1s",
+        "--state-dir",
+        &work.path().join("state").display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut pipeline = Proc::new("pipeline", binary, &args, work.path());
+    pipeline.start()?;
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while client.get(format!("{base}/readyz")).send().await.is_err() {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the pipeline did not start:\n{}", pipeline.log_tail(30));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut prometheus, prometheus_url) = start_prometheus(work.path(), &listen)?;
+    let key = neruba::sample::ingest_key("acme").context("dev key")?;
+
+    // Traffic keeps flowing while Prometheus scrapes, so rates and quantiles have samples.
+    let mut missing: Vec<(String, String)> = queries.clone();
+    let mut round = 0;
+    let started = Instant::now();
+    while !missing.is_empty() && started.elapsed() < Duration::from_secs(90) {
+        round += 1;
+        // Two minutes in the past: each round's windows close at the next idle tick.
+        let time_ms = neruba_schemas::event::now_ms() - 120_000;
+        let response = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth(key)
+            .json(&batch(round, time_ms))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200, "{}", response.text().await?);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut still = Vec::new();
+        for (title, expr) in missing {
+            let empty = query(&client, &prometheus_url, &expr)
+                .await
+                .map_or(true, |r| r.is_empty());
+            if empty {
+                still.push((title, expr));
+            }
+        }
+        missing = still;
+    }
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|(title, expr)| format!("{title}: {expr}"))
+        .collect();
+    let prometheus_log = prometheus.log_tail(10);
+    prometheus.kill()?;
+    pipeline.kill()?;
+    assert!(
+        missing.is_empty(),
+        "dashboard queries without data after {round} rounds:\n{}\nprometheus:\n{prometheus_log}",
+        lines.join("\n")
+    );
+    Ok(())
+}
