@@ -49,7 +49,11 @@ fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Cont
         // Statistics feed the consumer-lag gauge (partition high watermarks).
         .set("statistics.interval.ms", "1000");
     if let Some(instance) = &config.instance_id {
-        client.set("group.instance.id", instance);
+        // Static membership: a restarted pod that is back within the session timeout gets its
+        // partitions again without a rebalance, so the timeout covers a pod restart.
+        client
+            .set("group.instance.id", instance)
+            .set("session.timeout.ms", "45000");
     }
     for (key, value) in &config.kafka_options {
         client.set(key, value);
