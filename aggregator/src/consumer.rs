@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState};
 use crate::{Config, Error, Result};
 use neruba_kafka::health::ConsumerHealth;
-use neruba_schemas::Catalog;
+use neruba_schemas::LiveCatalog;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -69,7 +69,7 @@ struct Shared {
     /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
     stop: CancellationToken,
     rollup_partitions: i32,
-    catalog: Arc<Catalog>,
+    catalog: LiveCatalog,
     metrics: Metrics,
     /// A failure inside a rebalance callback, surfaced by the loop.
     fatal: Option<Error>,
@@ -408,7 +408,7 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     pub fn new(
         config: Config,
-        catalog: Arc<Catalog>,
+        catalog: LiveCatalog,
         metrics: Metrics,
         health: Arc<ConsumerHealth>,
         shutdown: CancellationToken,
@@ -523,7 +523,7 @@ impl Worker {
                     return Ok(());
                 }
                 let mut shared = self.lock()?;
-                let catalog = shared.catalog.clone();
+                let catalog = shared.catalog.current();
                 if !touched.contains(&message.partition()) {
                     touched.push(message.partition());
                 }

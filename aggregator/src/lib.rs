@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod state;
 
 use neruba_kafka::health::ConsumerHealth;
-use neruba_schemas::Catalog;
+use neruba_schemas::LiveCatalog;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,7 +155,7 @@ impl Running {
 /// Starts consuming; returns at once.
 pub fn start(
     config: Config,
-    catalog: Arc<Catalog>,
+    catalog: impl Into<LiveCatalog>,
     registry: &prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<Running> {
@@ -174,7 +174,7 @@ pub fn start(
     let kill = Arc::new(AtomicBool::new(false));
     let worker = consumer::Worker::new(
         config,
-        catalog,
+        catalog.into(),
         metrics,
         health.clone(),
         shutdown,
@@ -187,7 +187,7 @@ pub fn start(
 /// Starts and waits.
 pub async fn run(
     config: Config,
-    catalog: Arc<Catalog>,
+    catalog: impl Into<LiveCatalog>,
     registry: &prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<()> {

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use neruba_schemas::catalog::Scope;
 use neruba_schemas::event::{self, Limits};
-use neruba_schemas::{Catalog, Event};
+use neruba_schemas::{Event, LiveCatalog};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 /// Request-independent state shared by all handlers.
 #[derive(Debug)]
 pub struct AppState {
-    pub catalog: Arc<Catalog>,
+    pub catalog: LiveCatalog,
     pub dedup: DedupCache,
     pub sink: EventSink,
     pub limits: Limits,
@@ -146,7 +146,8 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             "send `Authorization: Bearer <api key>`",
         );
     };
-    let Some((tenant, api_key)) = state.catalog.authenticate(key) else {
+    let catalog = state.catalog.current();
+    let Some((tenant, api_key)) = catalog.authenticate(key) else {
         return error_response(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",

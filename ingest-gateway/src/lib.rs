@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
 
-use neruba_schemas::Catalog;
+use neruba_schemas::LiveCatalog;
 use neruba_schemas::event::Limits;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,7 +113,7 @@ impl Running {
 /// Binds, starts serving, and returns once the listener is up.
 pub async fn start(
     config: Config,
-    catalog: Arc<Catalog>,
+    catalog: impl Into<LiveCatalog>,
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<Running> {
@@ -121,7 +121,7 @@ pub async fn start(
     let producer = recoverable_producer(&config)?;
     let sink = kafka::EventSink::new(producer, &config.events_topic, metrics.clone());
     let state = Arc::new(http::AppState {
-        catalog,
+        catalog: catalog.into(),
         dedup: dedup::DedupCache::new(config.dedup_capacity, config.dedup_max_age),
         sink,
         limits: config.limits,
@@ -186,7 +186,7 @@ pub async fn start(
 /// Starts the gateway and waits for it to stop.
 pub async fn run(
     config: Config,
-    catalog: Arc<Catalog>,
+    catalog: impl Into<LiveCatalog>,
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<()> {

@@ -56,7 +56,8 @@ fn route(state: &AppState, message: &BorrowedMessage<'_>, now: i64) -> Routed {
             format!("the message has no `{API_KEY_HEADER}` header"),
         ));
     };
-    let Some((tenant, api_key)) = state.catalog.authenticate(key) else {
+    let catalog = state.catalog.current();
+    let Some((tenant, api_key)) = catalog.authenticate(key) else {
         return Routed::Refused(Rejection::new(
             RejectCode::Unauthenticated,
             "unknown API key",

@@ -6,10 +6,9 @@ use neruba::embedded::EmbeddedKafka;
 use neruba::sample;
 use neruba_ingest_gateway as gateway;
 use neruba_schemas::event::Limits;
-use neruba_schemas::{Catalog, topics};
+use neruba_schemas::{Catalog, LiveCatalog, topics};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -501,26 +500,34 @@ async fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Gateway(args) => {
-            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            let catalog = LiveCatalog::new(load_catalog(&args.catalog)?);
             let config = args
                 .ingest
                 .config(args.listen, &args.brokers, &args.dead_letter_topic)?;
-            gateway::run(
-                config,
-                catalog,
-                prometheus::Registry::new(),
-                shutdown_on_signal(),
-            )
-            .await?;
+            let registry = prometheus::Registry::new();
+            let shutdown = shutdown_on_signal();
+            neruba::ops::reload_catalog_on_sighup(
+                args.catalog.clone(),
+                catalog.clone(),
+                &registry,
+                shutdown.clone(),
+            )?;
+            gateway::run(config, catalog, registry, shutdown).await?;
         }
         Command::Aggregator(args) => {
-            let catalog = Arc::new(load_catalog(&args.catalog)?);
+            let catalog = LiveCatalog::new(load_catalog(&args.catalog)?);
             let mut config =
                 args.aggregation
                     .config(&args.brokers, topics::EVENTS, &args.state_dir)?;
             config.kafka_options = args.kafka_opts.clone();
             let registry = prometheus::Registry::new();
             let shutdown = shutdown_on_signal();
+            neruba::ops::reload_catalog_on_sighup(
+                args.catalog.clone(),
+                catalog.clone(),
+                &registry,
+                shutdown.clone(),
+            )?;
             let running = neruba_aggregator::start(config, catalog, &registry, shutdown.clone())?;
             let health = running.health();
             let ops = neruba::ops::serve(
@@ -547,7 +554,8 @@ async fn main() -> Result<()> {
             else {
                 bail!("`neruba rater` needs --brokers, --catalog and --state-dir");
             };
-            let catalog = Arc::new(load_catalog(catalog)?);
+            let catalog_path = catalog.clone();
+            let catalog = LiveCatalog::new(load_catalog(catalog)?);
             let mut config = args.rating.config(
                 brokers,
                 &args.rollups_topic,
@@ -557,6 +565,12 @@ async fn main() -> Result<()> {
             config.kafka_options = args.kafka_opts.clone();
             let registry = prometheus::Registry::new();
             let shutdown = shutdown_on_signal();
+            neruba::ops::reload_catalog_on_sighup(
+                catalog_path,
+                catalog.clone(),
+                &registry,
+                shutdown.clone(),
+            )?;
             let running = neruba_rater::start(config, catalog, &registry, shutdown.clone())?;
             let health = running.health();
             let ops = neruba::ops::serve(
@@ -626,7 +640,8 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         topics.push((raw.as_str(), args.partitions));
     }
     let kafka = EmbeddedKafka::start(&topics).context("start the embedded Kafka broker")?;
-    let catalog = Arc::new(catalog);
+    // One live catalog for the three stages, so a reload reaches them together.
+    let catalog = LiveCatalog::new(catalog);
     let temp_state;
     let state_dir = match &args.state_dir {
         Some(dir) => dir.clone(),
@@ -636,6 +651,15 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         }
     };
     let shutdown = shutdown_on_signal();
+    let gateway_metrics = prometheus::Registry::new();
+    if let Some(path) = &args.catalog {
+        neruba::ops::reload_catalog_on_sighup(
+            path.clone(),
+            catalog.clone(),
+            &gateway_metrics,
+            shutdown.clone(),
+        )?;
+    }
     let aggregator_metrics = prometheus::Registry::new();
     let aggregator_config = args.aggregation.config(
         kafka.bootstrap_servers(),
@@ -666,13 +690,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         &args.aggregation.dead_letter_topic,
     )?;
     config.extra_metrics = vec![aggregator_metrics, rater_metrics];
-    let running = gateway::start(
-        config,
-        catalog,
-        prometheus::Registry::new(),
-        shutdown.clone(),
-    )
-    .await?;
+    let running = gateway::start(config, catalog, gateway_metrics, shutdown.clone()).await?;
     println!("Neruba dev pipeline is running.");
     println!("  HTTP API:   http://{}", running.local_addr);
     println!(

@@ -55,3 +55,49 @@ pub async fn serve(
     });
     Ok(local)
 }
+
+/// Reloads the catalog from `path` on every SIGHUP until `shutdown`. A file that does not load,
+/// or that is not a compatible successor of the catalog in force (see
+/// [`neruba_schemas::Catalog::compatible_successor`]), is refused and the current catalog kept.
+/// Counts `neruba_catalog_reloads_total{result="applied"|"refused"}` in `registry`.
+pub fn reload_catalog_on_sighup(
+    path: std::path::PathBuf,
+    catalog: neruba_schemas::LiveCatalog,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let reloads = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "neruba_catalog_reloads_total",
+            "Catalog reloads (SIGHUP), by result.",
+        ),
+        &["result"],
+    )?;
+    registry.register(Box::new(reloads.clone()))?;
+    for result in ["applied", "refused"] {
+        reloads.with_label_values(&[result]);
+    }
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = hangups.recv() => if received.is_none() { return },
+            }
+            let loaded = neruba_schemas::Catalog::load(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|next| catalog.replace(next));
+            match loaded {
+                Ok(()) => {
+                    reloads.with_label_values(&["applied"]).inc();
+                    tracing::info!(path = %path.display(), "Catalog reloaded.");
+                }
+                Err(reason) => {
+                    reloads.with_label_values(&["refused"]).inc();
+                    tracing::error!(path = %path.display(), %reason, "Catalog reload refused; the current catalog stays in force.");
+                }
+            }
+        }
+    });
+    Ok(())
+}

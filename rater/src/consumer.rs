@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState, partition_dir};
 use crate::{Config, Error, Result};
 use neruba_kafka::health::ConsumerHealth;
-use neruba_schemas::Catalog;
+use neruba_schemas::LiveCatalog;
 use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -308,7 +308,7 @@ impl ConsumerContext for Context {
 pub struct Worker {
     consumer: BaseConsumer<Context>,
     shared: Arc<Mutex<Shared>>,
-    catalog: Arc<Catalog>,
+    catalog: LiveCatalog,
     shutdown: CancellationToken,
     kill: Arc<AtomicBool>,
     max_batch: usize,
@@ -324,7 +324,7 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     pub fn new(
         config: Config,
-        catalog: Arc<Catalog>,
+        catalog: LiveCatalog,
         metrics: Metrics,
         health: Arc<ConsumerHealth>,
         shutdown: CancellationToken,
@@ -418,6 +418,8 @@ impl Worker {
                 return Ok(());
             }
             produced_at.clear();
+            // One catalog version for the whole batch.
+            let catalog = self.catalog.current();
             while produced_at.len() < self.max_batch {
                 let wait = if produced_at.is_empty() {
                     Duration::from_millis(100)
@@ -439,9 +441,9 @@ impl Worker {
                         .headers()
                         .is_some_and(|h| h.iter().any(|h| h.key == RERUN_HEADER));
                     if rerun {
-                        state.apply_rerun(message.offset(), payload, &self.catalog)?;
+                        state.apply_rerun(message.offset(), payload, &catalog)?;
                     } else {
-                        state.apply(message.offset(), message.key(), payload, &self.catalog)?;
+                        state.apply(message.offset(), message.key(), payload, &catalog)?;
                     }
                 }
                 let at = message.timestamp().to_millis();

@@ -17,7 +17,7 @@ pub mod rate;
 pub mod state;
 
 use neruba_kafka::health::ConsumerHealth;
-use neruba_schemas::Catalog;
+use neruba_schemas::LiveCatalog;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,7 +132,7 @@ impl Running {
 /// Starts consuming rollups; returns at once.
 pub fn start(
     config: Config,
-    catalog: Arc<Catalog>,
+    catalog: impl Into<LiveCatalog>,
     registry: &prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<Running> {
@@ -146,7 +146,7 @@ pub fn start(
     let kill = Arc::new(AtomicBool::new(false));
     let worker = consumer::Worker::new(
         config,
-        catalog,
+        catalog.into(),
         metrics,
         health.clone(),
         shutdown,

@@ -21,7 +21,7 @@ pub mod rollup;
 pub mod topics;
 pub mod window;
 
-pub use catalog::Catalog;
+pub use catalog::{Catalog, LiveCatalog};
 pub use event::Event;
 pub use reject::{RejectCode, Rejection};
 
