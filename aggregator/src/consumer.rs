@@ -76,6 +76,8 @@ struct Shared {
     health: Arc<ConsumerHealth>,
     /// Kafka timestamp of the last message applied, per partition (for lag in seconds).
     last_timestamp_ms: HashMap<i32, i64>,
+    /// This worker's share of `neruba_assigned_partitions` (workers of a process add up).
+    published_assigned: i64,
 }
 
 impl Shared {
@@ -178,6 +180,15 @@ impl Shared {
             }
         }
         Ok(true)
+    }
+
+    /// Adds this worker's change in owned partitions to the process-wide gauge.
+    fn publish_assigned(&mut self) {
+        let owned = i64::try_from(self.partitions.len()).unwrap_or(0);
+        self.metrics
+            .assigned_partitions
+            .add(owned - self.published_assigned);
+        self.published_assigned = owned;
     }
 
     fn publish_gauges(&self) {
@@ -353,10 +364,7 @@ impl ConsumerContext for Context {
                     }
                 }
                 tracing::info!(assigned = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "Partitions assigned.");
-                shared
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                shared.publish_assigned();
                 if let Err(e) = consumer.assign(tpl) {
                     shared.fatal = Some(e.into());
                 }
@@ -375,16 +383,32 @@ impl ConsumerContext for Context {
                     shared.health.forget(*partition);
                 }
                 tracing::info!(?revoked, "Partitions revoked.");
-                shared
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
+                shared.publish_assigned();
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "Unassign failed.");
                 }
             }
             other => tracing::error!(error = ?other, "Rebalance error."),
         }
+    }
+}
+
+/// Which of a process's workers this is: with static assignment, worker `index` of `count`
+/// takes the `index`-th of `count` contiguous ranges of the assignment, as the group's range
+/// assignor would.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSlice {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl WorkerSlice {
+    fn of(self, partitions: Vec<i32>) -> Vec<i32> {
+        let count = self.count.max(1);
+        let (base, extra) = (partitions.len() / count, partitions.len() % count);
+        let start = self.index * base + self.index.min(extra);
+        let len = base + usize::from(self.index < extra);
+        partitions.into_iter().skip(start).take(len).collect()
     }
 }
 
@@ -413,6 +437,7 @@ impl Worker {
         health: Arc<ConsumerHealth>,
         shutdown: CancellationToken,
         kill: Arc<AtomicBool>,
+        slice: WorkerSlice,
     ) -> Result<Self> {
         let producer = neruba_kafka::recoverable_output_producer(
             &config.brokers,
@@ -433,6 +458,7 @@ impl Worker {
             fatal: None,
             health: health.clone(),
             last_timestamp_ms: HashMap::new(),
+            published_assigned: 0,
             config: config.clone(),
         }));
         let context = Context {
@@ -456,17 +482,14 @@ impl Worker {
                 let mut guard = shared
                     .lock()
                     .map_err(|_| Error::Corrupt("aggregator state lock poisoned".into()))?;
-                for partition in assignment.resolve(count) {
+                for partition in slice.of(assignment.resolve(count)) {
                     let resume = guard
                         .open_partition(partition)?
                         .next_offset()
                         .map_or(Offset::Beginning, Offset::Offset);
                     tpl.add_partition_offset(&config.events_topic, partition, resume)?;
                 }
-                guard
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(guard.partitions.len()).unwrap_or(0));
+                guard.publish_assigned();
                 drop(guard);
                 consumer.assign(&tpl)?;
             }
@@ -580,5 +603,29 @@ impl Worker {
                 last_gauges = Instant::now();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkerSlice;
+
+    #[test]
+    fn workers_split_a_static_assignment_into_contiguous_ranges_covering_it_once() {
+        let slices = |count: usize, partitions: Vec<i32>| -> Vec<Vec<i32>> {
+            (0..count)
+                .map(|index| WorkerSlice { index, count }.of(partitions.clone()))
+                .collect()
+        };
+        assert_eq!(
+            slices(2, (0..8).collect()),
+            [vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+        assert_eq!(
+            slices(3, (0..8).collect()),
+            [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7]]
+        );
+        assert_eq!(slices(3, vec![5]), [vec![5], vec![], vec![]]);
+        assert_eq!(slices(1, vec![2, 9]), [vec![2, 9]]);
     }
 }

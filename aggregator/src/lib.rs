@@ -80,6 +80,9 @@ pub struct Config {
     /// `/readyz` turns false when a partition is behind and its position has not moved for
     /// this long.
     pub stuck_after: Duration,
+    /// Consumer threads in this process, each owning its own partitions (as separate
+    /// instances would): use the cores of a pod.
+    pub workers: usize,
     /// Fault injection for crash tests: stop abruptly, as `kill -9` would, at this point.
     pub crash: Option<CrashPoint>,
 }
@@ -117,6 +120,7 @@ impl Config {
             block_cache_bytes: 64 * 1024 * 1024,
             kafka_options: Vec::new(),
             stuck_after: Duration::from_secs(60),
+            workers: 1,
             crash: None,
         }
     }
@@ -125,7 +129,7 @@ impl Config {
 /// A started aggregator.
 #[derive(Debug)]
 pub struct Running {
-    task: JoinHandle<Result<()>>,
+    tasks: Vec<JoinHandle<Result<()>>>,
     kill: Arc<AtomicBool>,
     health: Arc<ConsumerHealth>,
 }
@@ -136,19 +140,29 @@ impl Running {
         self.health.clone()
     }
 
-    /// Waits until the aggregator stopped.
+    /// Waits until every worker stopped; the first error, if any.
     pub async fn wait(self) -> Result<()> {
-        self.task.await?
+        let mut result = Ok(());
+        for task in self.tasks {
+            let stopped = task.await?;
+            if result.is_ok() {
+                result = stopped;
+            }
+        }
+        result
     }
 
     /// Stops at once without writing the pending batch, as a crash would (for tests): the
     /// next start must replay from the stored offsets.
     pub async fn kill(self) -> Result<()> {
         self.kill.store(true, Ordering::SeqCst);
-        match self.task.await? {
-            Ok(()) | Err(Error::Kafka(_)) => Ok(()),
-            Err(e) => Err(e),
+        for task in self.tasks {
+            match task.await? {
+                Ok(()) | Err(Error::Kafka(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 }
 
@@ -172,16 +186,43 @@ pub fn start(
     )?;
     health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
     let kill = Arc::new(AtomicBool::new(false));
-    let worker = consumer::Worker::new(
-        config,
-        catalog.into(),
-        metrics,
-        health.clone(),
-        shutdown,
-        kill.clone(),
-    )?;
-    let task = tokio::task::spawn_blocking(move || worker.run());
-    Ok(Running { task, kill, health })
+    let catalog = catalog.into();
+    let count = config.workers.max(1);
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let mut worker_config = config.clone();
+        if count > 1 {
+            worker_config.instance_id = config
+                .instance_id
+                .as_ref()
+                .map(|id| format!("{id}-w{index}"));
+            worker_config.block_cache_bytes = config.block_cache_bytes / count;
+        }
+        let worker = consumer::Worker::new(
+            worker_config,
+            catalog.clone(),
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+            kill.clone(),
+            consumer::WorkerSlice { index, count },
+        )?;
+        // One process, one fate: a worker that fails stops the others (they write their
+        // state), and `wait` reports the failure.
+        let stop = shutdown.clone();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let result = worker.run();
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
+        }));
+    }
+    Ok(Running {
+        tasks,
+        kill,
+        health,
+    })
 }
 
 /// Starts and waits.

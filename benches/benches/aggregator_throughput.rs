@@ -5,6 +5,7 @@
 //! 2. the aggregator (RocksDB state, dedup, windows, rollups) drains the same topic in a
 //!    fresh consumer group.
 //!
+//! The aggregator runs twice, with one worker thread and with two (`--aggregator-workers`).
 //! Reports events/s of each, their ratio (SPEC target: aggregator ≥ 0.8 × raw), and the
 //! process's peak RSS. `NERUBA_BENCH_EVENTS` sets the event count (default 100,000);
 //! `NERUBA_BENCH_BROKER=tansu` runs against a tansu broker process instead of the embedded one.
@@ -170,10 +171,36 @@ async fn main() -> Result<()> {
     };
     println!("raw consumer drained the topic in {raw:.2?}");
 
+    let raw_rate = rate(n, raw);
+    println!("raw consumer (no-op handler): {n} events in {raw:.2?} = {raw_rate:.0} events/s");
+    for workers in [1, 2] {
+        let (handled, aggregated, rollups) = aggregate(&bootstrap, n, workers).await?;
+        let agg_rate = rate(n, aggregated);
+        println!(
+            "aggregator, {workers} worker(s):       {handled} events in {aggregated:.2?} = {agg_rate:.0} events/s, {rollups} rollups"
+        );
+        println!(
+            "ratio aggregator / raw:       {:.2} (target >= 0.80)",
+            agg_rate / raw_rate
+        );
+    }
+    println!(
+        "peak RSS of the process:      {} MiB",
+        peak_rss_kib() / 1024
+    );
+    Ok(())
+}
+
+/// Runs the aggregator with `workers` threads on fresh state until it handled `n` events;
+/// returns the events handled, the time from its first batch, and the rollups it emitted.
+async fn aggregate(bootstrap: &str, n: usize, workers: usize) -> Result<(u64, Duration, u64)> {
     let catalog = Arc::new(Catalog::from_toml_str(CATALOG, "bench")?);
     let state = tempfile::tempdir()?;
-    let mut config = neruba_aggregator::Config::new(&bootstrap, state.path());
-    config.group_id = "bench-aggregator".into();
+    let mut config = neruba_aggregator::Config::new(bootstrap, state.path());
+    config.group_id = format!("bench-aggregator-{workers}");
+    // Explicit assignment, as for the raw consumer: group joins are not what this measures.
+    config.assignment = Some(topics::Assignment::All);
+    config.workers = workers;
     config.idle_timeout = Duration::from_secs(3600);
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
@@ -203,22 +230,9 @@ async fn main() -> Result<()> {
     shutdown.cancel();
     running.wait().await?;
 
-    let (raw_rate, agg_rate) = (rate(n, raw), rate(n, aggregated));
-    println!("raw consumer (no-op handler): {n} events in {raw:.2?} = {raw_rate:.0} events/s");
-    println!(
-        "aggregator:                   {handled} events in {aggregated:.2?} = {agg_rate:.0} events/s"
-    );
-    println!(
-        "ratio aggregator / raw:       {:.2} (target >= 0.80)",
-        agg_rate / raw_rate
-    );
-    println!(
-        "rollups emitted:              {}",
-        counter(&registry, "neruba_rollups_emitted_total")
-    );
-    println!(
-        "peak RSS of the process:      {} MiB",
-        peak_rss_kib() / 1024
-    );
-    Ok(())
+    Ok((
+        handled,
+        aggregated,
+        counter(&registry, "neruba_rollups_emitted_total"),
+    ))
 }

@@ -274,6 +274,10 @@ struct AggregatorArgs {
     /// RocksDB block cache shared by all partitions, bytes.
     #[arg(long, env = "NERUBA_BLOCK_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     block_cache_bytes: usize,
+    /// Consumer threads, each owning a share of the partitions as separate instances would
+    /// (with `--instance-id ID`, worker i joins as `ID-wi`). Up to the pod's cores.
+    #[arg(long, env = "NERUBA_AGGREGATOR_WORKERS", default_value_t = 1)]
+    aggregator_workers: usize,
     /// `/readyz` turns false when an events partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     stuck_after: Duration,
@@ -311,6 +315,10 @@ impl AggregatorArgs {
         config.max_batch = self.max_batch;
         config.block_cache_bytes = self.block_cache_bytes;
         config.stuck_after = self.stuck_after;
+        if self.aggregator_workers == 0 {
+            bail!("--aggregator-workers must be at least 1");
+        }
+        config.workers = self.aggregator_workers;
         Ok(config)
     }
 }

@@ -620,3 +620,42 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
     b.wait().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn two_workers_in_one_process_split_the_partitions_and_keep_totals_exact() -> Result<()> {
+    let s = setup(4)?;
+    let customers = [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["c7", "c8"]];
+    let mut all_events = Vec::new();
+    for (partition, names) in (0..).zip(&customers) {
+        let events = stream(names, 150, 6);
+        s.writer.send(partition, &events).await?;
+        let closer = format!("closer-{partition}");
+        s.writer
+            .send(partition, &[api(&closer, &closer, 3600, "1", "x")])
+            .await?;
+        all_events.push(events);
+    }
+    let registry = prometheus::Registry::new();
+    let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |c| {
+        c.max_batch = 40;
+        c.workers = 2;
+        c.assignment = Some(topics::Assignment::All);
+    })?;
+    for (partition, events) in (0..).zip(&all_events) {
+        wait_applied(&s, partition, events.len() + 1).await?;
+    }
+    // Both workers' shares add up to the process's partitions.
+    assert_eq!(assigned(&registry), 4);
+    let all_events: Vec<Event> = all_events.into_iter().flatten().collect();
+    let expected = truth(&all_events);
+    let all = rollups_on_topic(
+        s.kafka.bootstrap_servers(),
+        expected.len(),
+        Duration::from_millis(500),
+    )
+    .await?;
+    assert_eq!(observed(&latest_rollups(all)?), expected);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
