@@ -212,14 +212,7 @@ impl Shared {
                 .with_label_values(&labels)
                 .set(i64::try_from(state.open_windows()).unwrap_or(i64::MAX));
             let (size, pending) = state.disk_usage();
-            self.metrics
-                .rocksdb_size
-                .with_label_values(&labels)
-                .set(i64::try_from(size).unwrap_or(i64::MAX));
-            self.metrics
-                .rocksdb_pending_compaction
-                .with_label_values(&labels)
-                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            self.health.observe_store(state.partition, size, pending);
         }
     }
 }

@@ -22,10 +22,6 @@ pub struct Metrics {
     pub watermark_lag: IntGaugeVec,
     /// `neruba_open_windows{partition}`.
     pub open_windows: IntGaugeVec,
-    /// `neruba_rocksdb_size_bytes{partition}`.
-    pub rocksdb_size: IntGaugeVec,
-    /// `neruba_rocksdb_pending_compaction_bytes{partition}`.
-    pub rocksdb_pending_compaction: IntGaugeVec,
     /// `neruba_assigned_partitions`: partitions this instance owns now.
     pub assigned_partitions: prometheus::IntGauge,
 }
@@ -75,14 +71,6 @@ impl Metrics {
                 "Wall clock minus the partition's event-time watermark, seconds.",
             )?,
             open_windows: gauge("neruba_open_windows", "Windows not yet closed.")?,
-            rocksdb_size: gauge(
-                "neruba_rocksdb_size_bytes",
-                "SST files plus memtables of the partition's state, bytes.",
-            )?,
-            rocksdb_pending_compaction: gauge(
-                "neruba_rocksdb_pending_compaction_bytes",
-                "RocksDB's estimate of bytes awaiting compaction.",
-            )?,
             assigned_partitions: prometheus::IntGauge::new(
                 "neruba_assigned_partitions",
                 "Events-topic partitions this instance owns.",
@@ -97,8 +85,6 @@ impl Metrics {
         registry.register(Box::new(m.close_delay.clone()))?;
         registry.register(Box::new(m.watermark_lag.clone()))?;
         registry.register(Box::new(m.open_windows.clone()))?;
-        registry.register(Box::new(m.rocksdb_size.clone()))?;
-        registry.register(Box::new(m.rocksdb_pending_compaction.clone()))?;
         m.dedup_hits.with_label_values(&["aggregator"]);
         for code in neruba_schemas::RejectCode::ALL {
             m.dead_letters.with_label_values(&[code.as_str()]);

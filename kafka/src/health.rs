@@ -1,5 +1,5 @@
-//! A consuming stage's progress: consumer lag per partition (messages and seconds) for
-//! Prometheus, and what its `/readyz` answers.
+//! A consuming stage's progress: consumer lag per partition (messages and seconds) and the
+//! size of its per-partition state store for Prometheus, and what its `/readyz` answers.
 //!
 //! Ready means: the broker answers metadata requests, the state store has not failed, and no
 //! partition is stuck — behind its high watermark while its position has not moved for
@@ -35,6 +35,8 @@ pub struct ConsumerHealth {
     partitions: Mutex<HashMap<i32, Progress>>,
     lag_messages: IntGaugeVec,
     lag_seconds: IntGaugeVec,
+    store_size: IntGaugeVec,
+    store_pending_compaction: IntGaugeVec,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,8 +69,24 @@ impl ConsumerHealth {
             ),
             &["consumer", "partition"],
         )?;
+        let store_size = IntGaugeVec::new(
+            Opts::new(
+                "neruba_rocksdb_size_bytes",
+                "SST files plus memtables of the partition's state, bytes.",
+            ),
+            &["consumer", "partition"],
+        )?;
+        let store_pending_compaction = IntGaugeVec::new(
+            Opts::new(
+                "neruba_rocksdb_pending_compaction_bytes",
+                "RocksDB's estimate of bytes awaiting compaction in the partition's state.",
+            ),
+            &["consumer", "partition"],
+        )?;
         registry.register(Box::new(lag_messages.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
+        registry.register(Box::new(store_size.clone()))?;
+        registry.register(Box::new(store_pending_compaction.clone()))?;
         Ok(Arc::new(Self {
             consumer,
             topic: topic.to_owned(),
@@ -79,6 +97,8 @@ impl ConsumerHealth {
             partitions: Mutex::new(HashMap::new()),
             lag_messages,
             lag_seconds,
+            store_size,
+            store_pending_compaction,
         }))
     }
 
@@ -138,16 +158,29 @@ impl ConsumerHealth {
             .map(|high| (high - position).max(0))
     }
 
+    /// The partition's state store: bytes on disk and in memtables, bytes awaiting compaction.
+    pub fn observe_store(&self, partition: i32, size: u64, pending_compaction: u64) {
+        let label = partition.to_string();
+        let labels = [self.consumer, label.as_str()];
+        let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.store_size.with_label_values(&labels).set(gauge(size));
+        self.store_pending_compaction
+            .with_label_values(&labels)
+            .set(gauge(pending_compaction));
+    }
+
     /// The partition moved to another instance.
     pub fn forget(&self, partition: i32) {
         lock(&self.partitions).remove(&partition);
         let label = partition.to_string();
-        let _ = self
-            .lag_messages
-            .remove_label_values(&[self.consumer, label.as_str()]);
-        let _ = self
-            .lag_seconds
-            .remove_label_values(&[self.consumer, label.as_str()]);
+        for gauge in [
+            &self.lag_messages,
+            &self.lag_seconds,
+            &self.store_size,
+            &self.store_pending_compaction,
+        ] {
+            let _ = gauge.remove_label_values(&[self.consumer, label.as_str()]);
+        }
     }
 
     /// The state store failed; the stage is not ready until it restarts.
@@ -289,6 +322,15 @@ mod tests {
         health.observe(0, 100, None);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(health.check(), Ok(()));
+        health.observe_store(1, 4096, 512);
+        assert_eq!(
+            gauge(&registry, "neruba_rocksdb_size_bytes", "1"),
+            Some(4096)
+        );
+        assert_eq!(
+            gauge(&registry, "neruba_rocksdb_pending_compaction_bytes", "1"),
+            Some(512)
+        );
         // A partition that moved away is forgotten, gauges included.
         health.record_high_offset(1, 90);
         std::thread::sleep(Duration::from_millis(250));
@@ -296,6 +338,7 @@ mod tests {
         health.forget(1);
         assert_eq!(health.check(), Ok(()));
         assert_eq!(gauge(&registry, "neruba_consumer_lag_messages", "1"), None);
+        assert_eq!(gauge(&registry, "neruba_rocksdb_size_bytes", "1"), None);
     }
 
     #[test]

@@ -473,6 +473,8 @@ impl Worker {
                         state.next_offset().unwrap_or(0),
                         shared.last_timestamp_ms.get(&state.partition).copied(),
                     );
+                    let (size, pending) = state.disk_usage();
+                    shared.health.observe_store(state.partition, size, pending);
                 }
                 last_gauges = Instant::now();
             }

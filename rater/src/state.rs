@@ -151,6 +151,15 @@ impl PartitionState {
         self.next_offset
     }
 
+    /// Approximate on-disk size and pending compaction bytes, for metrics.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (
+            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
+            prop("rocksdb.estimate-pending-compaction-bytes"),
+        )
+    }
+
     /// Whether the batch has anything to write.
     pub fn is_dirty(&self) -> bool {
         self.dirty
