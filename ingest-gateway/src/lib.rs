@@ -129,7 +129,7 @@ pub async fn start(
         max_batch_events: config.max_batch_events,
         rate_limiter: ratelimit::RateLimiter::default(),
         metrics,
-        registries: std::iter::once(registry)
+        registries: std::iter::once(registry.clone())
             .chain(config.extra_metrics.iter().cloned())
             .collect(),
         broker_ready: Default::default(),
@@ -148,12 +148,20 @@ pub async fn start(
         None => None,
         Some(raw) => {
             let dead_letters = recoverable_producer(&config)?;
+            // Lag only: a stuck raw consumer does not make the HTTP path unready.
+            let health = neruba_kafka::health::ConsumerHealth::new(
+                "gateway-raw",
+                &raw.topic,
+                Duration::from_secs(60),
+                &registry,
+            )?;
             Some(tokio::spawn(raw::run(
                 state.clone(),
                 raw,
                 config.brokers.clone(),
                 config.kafka_options.clone(),
                 dead_letters,
+                health,
                 shutdown.clone(),
             )))
         }

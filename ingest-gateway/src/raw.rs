@@ -8,16 +8,20 @@
 //! - a message ends either on the events topic or on the dead-letter topic with the same
 //!   rejection codes as HTTP (plus `unauthenticated` and `forbidden`); nothing is dropped;
 //! - raw offsets are committed only after every message of the batch was acknowledged where it
-//!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat).
+//!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat);
+//! - its lag is exported like the other consumers' (`consumer="gateway-raw"`): for Kafka-mode
+//!   producers this is the ingest lag.
 
 use crate::body::{self, Framing};
 use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::catalog::Scope;
 use neruba_schemas::topics::API_KEY_HEADER;
 use neruba_schemas::{Event, RejectCode, Rejection, event};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -35,6 +39,19 @@ pub struct RawConfig {
     /// Most messages handled per batch.
     pub max_batch: usize,
 }
+
+/// Feeds librdkafka's statistics (partition high watermarks) to the lag gauges.
+struct RawContext {
+    health: Arc<ConsumerHealth>,
+}
+
+impl ClientContext for RawContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health.record_statistics(&statistics);
+    }
+}
+
+impl ConsumerContext for RawContext {}
 
 /// What one raw message became.
 enum Routed {
@@ -99,6 +116,7 @@ pub async fn run(
     brokers: String,
     kafka_options: Vec<(String, String)>,
     dead_letters: neruba_kafka::Recoverable,
+    health: Arc<ConsumerHealth>,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
@@ -108,6 +126,7 @@ pub async fn run(
             &brokers,
             &kafka_options,
             &dead_letters,
+            &health,
             &shutdown,
         )
         .await
@@ -127,6 +146,7 @@ async fn consume(
     brokers: &str,
     kafka_options: &[(String, String)],
     dead_letters: &neruba_kafka::Recoverable,
+    health: &Arc<ConsumerHealth>,
     shutdown: &CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let mut client = ClientConfig::new();
@@ -135,16 +155,28 @@ async fn consume(
         .set("group.id", &config.group_id)
         .set("client.id", "neruba-ingest-gateway-raw")
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000");
     for (key, value) in kafka_options {
         client.set(key, value);
     }
-    let consumer: StreamConsumer = client.create()?;
+    let consumer: StreamConsumer<RawContext> = client.create_with_context(RawContext {
+        health: health.clone(),
+    })?;
     consumer.subscribe(&[&config.topic])?;
     tracing::info!(topic = %config.topic, "Raw-topic ingest consuming.");
+    // Per partition: the next offset to handle and the timestamp of the last message handled.
+    let mut positions: HashMap<i32, (i64, Option<i64>)> = HashMap::new();
+    let mut gauges = tokio::time::interval(Duration::from_secs(1));
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
+            _ = gauges.tick() => {
+                for (partition, (position, at)) in &positions {
+                    health.observe(*partition, *position, *at);
+                }
+                continue;
+            }
             message = consumer.recv() => message?,
         };
         let mut batch = vec![first];
@@ -213,5 +245,11 @@ async fn consume(
             offsets.add_partition_offset(&config.topic, partition, Offset::Offset(offset))?;
         }
         consumer.commit(&offsets, CommitMode::Sync)?;
+        for message in &batch {
+            positions.insert(
+                message.partition(),
+                (message.offset() + 1, message.timestamp().to_millis()),
+            );
+        }
     }
 }

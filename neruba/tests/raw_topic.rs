@@ -226,6 +226,38 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!((quantity, total), (Decimal::from(3), Decimal::new(100, 2)));
+
+    // The raw consumer's lag (the ingest lag of Kafka-mode producers) is exported per partition
+    // it read, and is 0 once everything was handled.
+    let started = Instant::now();
+    let lags = loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let lags: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| l.starts_with("neruba_consumer_lag_"))
+            .filter(|l| l.contains("consumer=\"gateway-raw\""))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(series, value)| (series.to_owned(), value.to_owned()))
+            .collect();
+        let caught_up = !lags.is_empty() && lags.iter().all(|(_, v)| v == "0");
+        if caught_up || started.elapsed() > Duration::from_secs(15) {
+            break lags;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!lags.is_empty(), "no raw-topic lag series");
+    assert!(lags.iter().all(|(_, v)| v == "0"), "{lags:?}");
+    let messages_series = lags
+        .iter()
+        .filter(|(s, _)| s.starts_with("neruba_consumer_lag_messages"))
+        .count();
+    let seconds_series = lags.len() - messages_series;
+    assert_eq!(messages_series, seconds_series, "{lags:?}");
     gateway.terminate(Duration::from_secs(30))?;
     Ok(())
 }
