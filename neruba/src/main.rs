@@ -5,10 +5,12 @@ use clap::{Args, Parser, Subcommand};
 use neruba::embedded::EmbeddedKafka;
 use neruba::sample;
 use neruba_ingest_gateway as gateway;
+use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::event::Limits;
 use neruba_schemas::{Catalog, LiveCatalog, topics};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -528,25 +530,17 @@ async fn main() -> Result<()> {
                 args.aggregation
                     .config(&args.brokers, topics::EVENTS, &args.state_dir)?;
             config.kafka_options = args.kafka_opts.clone();
-            let registry = prometheus::Registry::new();
-            let shutdown = shutdown_on_signal();
-            neruba::ops::reload_catalog_on_sighup(
-                args.catalog.clone(),
-                catalog.clone(),
-                &registry,
-                shutdown.clone(),
-            )?;
-            let running = neruba_aggregator::start(config, catalog, &registry, shutdown.clone())?;
-            let health = running.health();
-            let ops = neruba::ops::serve(
+            run_stage(
+                "aggregator",
                 args.ops_listen,
-                vec![registry.clone()],
-                move || health.check(),
-                shutdown,
+                args.catalog.clone(),
+                catalog,
+                |catalog, registry, shutdown| {
+                    let running = neruba_aggregator::start(config, catalog, registry, shutdown)?;
+                    Ok((running.health(), async move { Ok(running.wait().await?) }))
+                },
             )
             .await?;
-            tracing::info!(%ops, "Aggregator operations endpoints listening.");
-            running.wait().await?;
         }
         Command::Rater(RaterCommandArgs {
             action: Some(RaterAction::Rerun(rerun)),
@@ -571,25 +565,17 @@ async fn main() -> Result<()> {
                 state_dir,
             );
             config.kafka_options = args.kafka_opts.clone();
-            let registry = prometheus::Registry::new();
-            let shutdown = shutdown_on_signal();
-            neruba::ops::reload_catalog_on_sighup(
-                catalog_path,
-                catalog.clone(),
-                &registry,
-                shutdown.clone(),
-            )?;
-            let running = neruba_rater::start(config, catalog, &registry, shutdown.clone())?;
-            let health = running.health();
-            let ops = neruba::ops::serve(
+            run_stage(
+                "rater",
                 args.ops_listen,
-                vec![registry.clone()],
-                move || health.check(),
-                shutdown,
+                catalog_path,
+                catalog,
+                |catalog, registry, shutdown| {
+                    let running = neruba_rater::start(config, catalog, registry, shutdown)?;
+                    Ok((running.health(), async move { Ok(running.wait().await?) }))
+                },
             )
             .await?;
-            tracing::info!(%ops, "Rater operations endpoints listening.");
-            running.wait().await?;
         }
         Command::Ledger(LedgerCommand::Tail(args)) => {
             let shutdown = shutdown_on_signal();
@@ -628,6 +614,44 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a consuming stage (the aggregator, the rater) until it stops: `start` starts it with
+/// the live catalog, a metrics registry and the shutdown token, and returns its health and
+/// what to await. Serves `/metrics`, `/healthz` and `/readyz` on `ops_listen`, and reloads the
+/// catalog from `catalog_path` on SIGHUP.
+async fn run_stage<Stopped>(
+    name: &str,
+    ops_listen: SocketAddr,
+    catalog_path: PathBuf,
+    catalog: LiveCatalog,
+    start: impl FnOnce(
+        LiveCatalog,
+        &prometheus::Registry,
+        CancellationToken,
+    ) -> Result<(Arc<ConsumerHealth>, Stopped)>,
+) -> Result<()>
+where
+    Stopped: std::future::Future<Output = Result<()>>,
+{
+    let registry = prometheus::Registry::new();
+    let shutdown = shutdown_on_signal();
+    neruba::ops::reload_catalog_on_sighup(
+        catalog_path,
+        catalog.clone(),
+        &registry,
+        shutdown.clone(),
+    )?;
+    let (health, stopped) = start(catalog, &registry, shutdown.clone())?;
+    let ops = neruba::ops::serve(
+        ops_listen,
+        vec![registry.clone()],
+        move || health.check(),
+        shutdown,
+    )
+    .await?;
+    tracing::info!(%ops, stage = name, "Operations endpoints listening.");
+    stopped.await
 }
 
 async fn run_dev(args: DevArgs) -> Result<()> {
