@@ -155,6 +155,13 @@ struct RaterArgs {
     /// `/readyz` turns false when a rollups partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_RATER_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     rater_stuck_after: Duration,
+    /// How long the rater remembers the revision it rated per window. Keep it above the
+    /// aggregator's correction horizon, and the events topic's retention below it.
+    #[arg(long, env = "NERUBA_RATER_WINDOW_RETENTION", default_value = "37days", value_parser = humantime::parse_duration)]
+    rater_window_retention: Duration,
+    /// How long the rater remembers what it billed per period (reruns reach back this far).
+    #[arg(long, env = "NERUBA_RATER_PERIOD_RETENTION", default_value = "400days", value_parser = humantime::parse_duration)]
+    rater_period_retention: Duration,
 }
 
 impl RaterArgs {
@@ -173,6 +180,11 @@ impl RaterArgs {
         config.ledger_topic = self.ledger_topic.clone();
         config.dead_letter_topic = dead_letter_topic.to_owned();
         config.stuck_after = self.rater_stuck_after;
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        config.retention = neruba_rater::state::Retention {
+            window_ms: millis(self.rater_window_retention),
+            period_ms: millis(self.rater_period_retention),
+        };
         config
     }
 }

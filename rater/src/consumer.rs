@@ -81,7 +81,7 @@ impl Shared {
             // The previous owner may still be closing this partition's database.
             let mut attempt = 0;
             let state = loop {
-                match PartitionState::open(&dir, partition, &self.cache) {
+                match PartitionState::open(&dir, partition, &self.cache, self.config.retention) {
                     Ok(state) => break state,
                     Err(Error::Storage(e)) if attempt < 50 && e.to_string().contains("lock") => {
                         attempt += 1;

@@ -74,6 +74,8 @@ pub struct Config {
     /// `/readyz` turns false when a partition is behind and its position has not moved for
     /// this long.
     pub stuck_after: Duration,
+    /// How long window and period records are kept (compaction drops older ones).
+    pub retention: state::Retention,
     /// Fault injection for crash tests: once this many rollups were read, deliver the batch's
     /// items and stop without writing the state, as `kill -9` between the two would.
     pub crash_before_write: Option<u64>,
@@ -95,6 +97,7 @@ impl Config {
             block_cache_bytes: 32 * 1024 * 1024,
             kafka_options: Vec::new(),
             stuck_after: Duration::from_secs(60),
+            retention: state::Retention::default(),
             crash_before_write: None,
         }
     }

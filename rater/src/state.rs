@@ -114,9 +114,58 @@ fn window_key(period_key: &[u8], tenant_len: usize, window_start_ms: i64) -> Vec
     key
 }
 
+/// How long the rater keeps what it rated, by wall-clock age of the window or period start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// A window record (latest revision rated) is kept this long: past the aggregator's
+    /// correction horizon no new revision can come (default 37 days = 35 + 2).
+    pub window_ms: i64,
+    /// A period record (what was billed for the period) is kept this long, for reruns and
+    /// late revisions (default 400 days).
+    pub period_ms: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY_MS: i64 = 86_400_000;
+        Self {
+            window_ms: 37 * DAY_MS,
+            period_ms: 400 * DAY_MS,
+        }
+    }
+}
+
+/// Whether compaction may drop the record under `key` at wall time `now_ms`: a window record
+/// whose window started more than `retention.window_ms` ago, or a period record whose period
+/// started more than `retention.period_ms` ago. The stored offset is always kept.
+fn expired(key: &[u8], now_ms: i64, retention: Retention) -> bool {
+    let Some(tenant_len) = key
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+    else {
+        return false;
+    };
+    let Some(start) = key
+        .len()
+        .checked_sub(8)
+        .and_then(|at| key.get(at..))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(i64::from_be_bytes)
+    else {
+        return false;
+    };
+    match key.get(4 + tenant_len) {
+        Some(b'W') => start < now_ms.saturating_sub(retention.window_ms),
+        Some(b'P') => start < now_ms.saturating_sub(retention.period_ms),
+        _ => false,
+    }
+}
+
 impl PartitionState {
     /// Opens (or creates) the partition's database.
-    pub fn open(dir: &Path, partition: i32, cache: &Cache) -> Result<Self> {
+    pub fn open(dir: &Path, partition: i32, cache: &Cache, retention: Retention) -> Result<Self> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -125,6 +174,17 @@ impl PartitionState {
         table.set_block_cache(cache);
         table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
+        // Expiry without a scan: compaction drops what is past retention.
+        opts.set_compaction_filter(
+            "neruba-rater-expiry",
+            move |_level, key: &[u8], _value: &[u8]| {
+                if expired(key, neruba_schemas::event::now_ms(), retention) {
+                    rocksdb::compaction_filter::Decision::Remove
+                } else {
+                    rocksdb::compaction_filter::Decision::Keep
+                }
+            },
+        );
         let db = DB::open(&opts, dir)?;
         let next_offset = match db.get(META_OFFSET)? {
             None => None,
@@ -342,6 +402,75 @@ pub fn kind_label(kind: neruba_schemas::ledger::Kind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compaction_drops_windows_and_periods_past_retention_and_keeps_the_offset() {
+        const DAY: i64 = 86_400_000;
+        let now = 1_000 * DAY;
+        let rollup = |period_start: i64, window_start: i64| Rollup {
+            v: 1,
+            tenant: "acme".into(),
+            meter: "m".into(),
+            customer: "c".into(),
+            group: BTreeMap::new(),
+            aggregation: neruba_schemas::catalog::Aggregation::Sum,
+            window_start_ms: window_start,
+            window_end_ms: window_start + 60_000,
+            period_start_ms: period_start,
+            period_end_ms: period_start + 30 * DAY,
+            window_quantity: rust_decimal::Decimal::ONE,
+            window_events: 1,
+            period_quantity: rust_decimal::Decimal::ONE,
+            period_events: 1,
+            revision: 1,
+        };
+        let retention = Retention::default();
+        let window = |start: i64| {
+            let r = rollup(start - start % (30 * DAY), start);
+            window_key(&period_key(&r), r.tenant.len(), start)
+        };
+        let period = |start: i64| period_key(&rollup(start, start));
+        assert!(!expired(&window(now - 37 * DAY), now, retention));
+        assert!(expired(&window(now - 37 * DAY - 1), now, retention));
+        assert!(!expired(&period(now - 37 * DAY - 1), now, retention));
+        assert!(!expired(&period(now - 400 * DAY), now, retention));
+        assert!(expired(&period(now - 400 * DAY - 1), now, retention));
+        assert!(!expired(META_OFFSET, now, retention));
+        assert!(!expired(b"", now, retention));
+
+        // On a real database: a compaction removes what is past retention, nothing else.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let wall = neruba_schemas::event::now_ms();
+        let mut state = PartitionState::open(dir.path(), 0, &cache, retention).expect("open state");
+        let (old, recent) = (window(wall - 40 * DAY), window(wall - DAY));
+        let (old_period, recent_period) = (period(wall - 401 * DAY), period(wall - 40 * DAY));
+        for key in [&old, &recent, &old_period, &recent_period] {
+            state.put(key.clone(), &1u32).expect("put");
+        }
+        state.dirty = true;
+        state.commit().expect("commit");
+        let kept = |key: &[u8]| state.db.get(key).expect("get").is_some();
+        assert_eq!(
+            [
+                kept(&old),
+                kept(&recent),
+                kept(&old_period),
+                kept(&recent_period)
+            ],
+            [true; 4]
+        );
+        state.db.compact_range(None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(
+            [
+                kept(&old),
+                kept(&recent),
+                kept(&old_period),
+                kept(&recent_period)
+            ],
+            [false, true, false, true]
+        );
+    }
 
     #[test]
     fn window_keys_extend_their_period_key_and_stay_injective() {
