@@ -520,7 +520,10 @@ impl Worker {
                 return Ok(());
             }
             let mut applied = 0;
-            let mut touched: Vec<i32> = Vec::new();
+            // Partitions the batch read, with the Kafka timestamp of the last message of each.
+            let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
+            // One catalog version for the whole batch.
+            let catalog = self.lock()?.catalog.current();
             while applied < self.max_batch {
                 let wait = if applied == 0 {
                     Duration::from_millis(100)
@@ -538,14 +541,12 @@ impl Worker {
                 if self.kill.load(Ordering::SeqCst) {
                     return Ok(());
                 }
+                let at = message.timestamp().to_millis();
+                match touched.iter_mut().find(|(p, _)| *p == message.partition()) {
+                    Some(last) => last.1 = at.or(last.1),
+                    None => touched.push((message.partition(), at)),
+                }
                 let mut shared = self.lock()?;
-                let catalog = shared.catalog.current();
-                if !touched.contains(&message.partition()) {
-                    touched.push(message.partition());
-                }
-                if let Some(at) = message.timestamp().to_millis() {
-                    shared.last_timestamp_ms.insert(message.partition(), at);
-                }
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     match watermark_tick(&message) {
                         Some(watermark) => state.apply_tick(message.offset(), watermark)?,
@@ -569,9 +570,12 @@ impl Worker {
                 return Err(e);
             }
             let batch_end = Instant::now();
-            for partition in &touched {
-                if let Some(state) = shared.partitions.get_mut(partition) {
+            for (partition, at) in touched {
+                if let Some(state) = shared.partitions.get_mut(&partition) {
                     state.last_message_at = batch_end;
+                }
+                if let Some(at) = at {
+                    shared.last_timestamp_ms.insert(partition, at);
                 }
             }
             let now = neruba_schemas::event::now_ms();

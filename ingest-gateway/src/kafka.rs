@@ -9,7 +9,6 @@
 //!   no hot path awaits one produce future per event.
 
 use crate::metrics::Metrics;
-use futures::future::join_all;
 use neruba_schemas::Event;
 use neruba_schemas::codec;
 use rdkafka::ClientConfig;
@@ -126,18 +125,7 @@ impl EventSink {
         self.metrics
             .produce_queue_depth
             .set(i64::from(producer.in_flight_count()));
-        let deliveries: Vec<Result<(), KafkaError>> =
-            join_all(pending.into_iter().map(|enqueued| async move {
-                match enqueued {
-                    Err(e) => Err(e),
-                    Ok(delivery) => match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e),
-                        Err(_) => Err(KafkaError::Canceled),
-                    },
-                }
-            }))
-            .await;
+        let deliveries = neruba_kafka::await_each(pending).await;
         self.metrics
             .produce_duration
             .observe(started.elapsed().as_secs_f64());
@@ -163,16 +151,7 @@ impl EventSink {
     /// Whether the broker answers a metadata request for the events topic within `timeout`.
     /// Blocking; call from a blocking thread.
     pub fn probe(&self, timeout: Duration) -> bool {
-        self.producer
-            .get()
-            .client()
-            .fetch_metadata(Some(&self.topic), timeout)
-            .map(|m| {
-                m.topics()
-                    .iter()
-                    .any(|t| t.error().is_none() && !t.partitions().is_empty())
-            })
-            .unwrap_or(false)
+        neruba_kafka::topic_answers(self.producer.get().client(), &self.topic, timeout)
     }
 
     /// Waits for queued events to be delivered, up to `timeout`.

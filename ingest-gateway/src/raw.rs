@@ -19,7 +19,7 @@ use futures::future::join_all;
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::catalog::Scope;
 use neruba_schemas::topics::API_KEY_HEADER;
-use neruba_schemas::{Event, RejectCode, Rejection, event};
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection, event};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -60,7 +60,7 @@ enum Routed {
     Refused(Rejection),
 }
 
-fn route(state: &AppState, message: &BorrowedMessage<'_>, now: i64) -> Routed {
+fn route(state: &AppState, catalog: &Catalog, message: &BorrowedMessage<'_>, now: i64) -> Routed {
     let key = message
         .headers()
         .and_then(|h| h.iter().find(|h| h.key == API_KEY_HEADER))
@@ -73,7 +73,6 @@ fn route(state: &AppState, message: &BorrowedMessage<'_>, now: i64) -> Routed {
             format!("the message has no `{API_KEY_HEADER}` header"),
         ));
     };
-    let catalog = state.catalog.current();
     let Some((tenant, api_key)) = catalog.authenticate(key) else {
         return Routed::Refused(Rejection::new(
             RejectCode::Unauthenticated,
@@ -187,13 +186,15 @@ async fn consume(
             }
         }
         let now = event::now_ms();
+        // One catalog version for the whole batch.
+        let catalog = state.catalog.current();
         let mut tally = Tally::default();
         let mut events = Vec::new();
         let mut refused = Vec::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
         for message in &batch {
             next.insert(message.partition(), message.offset() + 1);
-            match route(state, message, now) {
+            match route(state, &catalog, message, now) {
                 Routed::Event(event) => events.push(event),
                 Routed::Repeat => tally.duplicate += 1,
                 Routed::Refused(rejection) => {

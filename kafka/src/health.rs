@@ -242,13 +242,7 @@ impl ConsumerHealth {
             loop {
                 let (probe, topic) = (probe.clone(), health.topic.clone());
                 let up = tokio::task::spawn_blocking(move || {
-                    probe
-                        .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                        .is_ok_and(|m| {
-                            m.topics()
-                                .iter()
-                                .any(|t| t.error().is_none() && !t.partitions().is_empty())
-                        })
+                    crate::topic_answers(probe.client(), &topic, Duration::from_secs(2))
                 })
                 .await
                 .unwrap_or(false);

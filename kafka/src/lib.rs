@@ -88,7 +88,15 @@ pub fn dead_letter_headers(
 
 /// Awaits every enqueued send; the first failure (to enqueue or to be acknowledged) wins.
 pub async fn await_all(pending: Vec<Result<DeliveryFuture, KafkaError>>) -> Result<(), KafkaError> {
-    let results = join_all(pending.into_iter().map(|enqueued| async move {
+    await_each(pending).await.into_iter().collect()
+}
+
+/// Awaits every enqueued send; each one's outcome, in order (a producer dropped before
+/// acknowledging counts as [`KafkaError::Canceled`]).
+pub async fn await_each(
+    pending: Vec<Result<DeliveryFuture, KafkaError>>,
+) -> Vec<Result<(), KafkaError>> {
+    join_all(pending.into_iter().map(|enqueued| async move {
         match enqueued {
             Err(e) => Err(e),
             Ok(delivery) => match delivery.await {
@@ -98,8 +106,21 @@ pub async fn await_all(pending: Vec<Result<DeliveryFuture, KafkaError>>) -> Resu
             },
         }
     }))
-    .await;
-    results.into_iter().collect()
+    .await
+}
+
+/// Whether the broker answers a metadata request for `topic` within `timeout` with the topic
+/// and its partitions. Blocking; call from a blocking thread.
+pub fn topic_answers<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> bool {
+    client.fetch_metadata(Some(topic), timeout).is_ok_and(|m| {
+        m.topics()
+            .iter()
+            .any(|t| t.error().is_none() && !t.partitions().is_empty())
+    })
 }
 
 type Build = dyn Fn() -> Result<FutureProducer, KafkaError> + Send + Sync;

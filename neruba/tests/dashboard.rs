@@ -8,7 +8,7 @@
 mod common;
 
 use anyhow::{Context, Result, bail};
-use common::{Proc, free_port};
+use common::{Proc, free_port, start_dev};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -110,33 +110,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
         "the dashboard lost panels: {queries:?}"
     );
     let work = tempfile::tempdir()?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let binary = Path::new(env!("CARGO_BIN_EXE_neruba"));
-    let args: Vec<String> = [
-        "dev",
-        "--listen",
-        &listen,
-        "--grace",
-        "0s",
-        "--idle-timeout",
-        "1s",
-        "--state-dir",
-        &work.path().join("state").display().to_string(),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut pipeline = Proc::new("pipeline", binary, &args, work.path());
-    pipeline.start()?;
-    let base = format!("http://{listen}");
+    let state = work.path().join("state").display().to_string();
+    let (mut pipeline, base) = start_dev(work.path(), &["--state-dir", &state]).await?;
+    let listen = base.trim_start_matches("http://").to_owned();
     let client = reqwest::Client::new();
-    let started = Instant::now();
-    while client.get(format!("{base}/readyz")).send().await.is_err() {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the pipeline did not start:\n{}", pipeline.log_tail(30));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let (mut prometheus, prometheus_url) = start_prometheus(work.path(), &listen)?;
     let key = neruba::sample::ingest_key("acme").context("dev key")?;
 

@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use common::{Broker, Proc, free_port};
+use common::{Broker, Proc, free_port, scrape};
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::{API_KEY_HEADER, REJECT_CODE_HEADER};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -231,12 +231,7 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
     // it read, and is 0 once everything was handled.
     let started = Instant::now();
     let lags = loop {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = scrape(&client, &base).await?;
         let lags: Vec<(String, String)> = text
             .lines()
             .filter(|l| l.starts_with("neruba_consumer_lag_"))

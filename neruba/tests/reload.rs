@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{Context, Result, bail};
-use common::{Proc, free_port};
+use common::{Proc, scrape, start_dev};
 use neruba_schemas::ledger::LineItem;
 use rdkafka::Message;
 use rust_decimal::Decimal;
@@ -41,12 +41,7 @@ async fn post(client: &reqwest::Client, base: &str, key: &str, events: &Value) -
 
 /// The value of `neruba_catalog_reloads_total{result}`.
 async fn reloads(client: &reqwest::Client, base: &str, result: &str) -> Result<u64> {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = scrape(client, base).await?;
     let prefix = format!("neruba_catalog_reloads_total{{result=\"{result}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
@@ -84,39 +79,10 @@ async fn sighup_applies_a_good_catalog_everywhere_and_refuses_a_bad_one() -> Res
     let work = tempfile::tempdir()?;
     let path = work.path().join("catalog.toml");
     std::fs::write(&path, neruba::sample::CATALOG_TOML)?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let args: Vec<String> = [
-        "dev",
-        "--listen",
-        &listen,
-        "--catalog",
-        &path.display().to_string(),
-        "--grace",
-        "0s",
-        "--idle-timeout",
-        "1s",
-        "--partitions",
-        "1",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let mut pipeline = Proc::new(
-        "pipeline",
-        Path::new(env!("CARGO_BIN_EXE_neruba")),
-        &args,
-        work.path(),
-    );
-    pipeline.start()?;
-    let base = format!("http://{listen}");
+    let catalog = path.display().to_string();
+    let (mut pipeline, base) =
+        start_dev(work.path(), &["--catalog", &catalog, "--partitions", "1"]).await?;
     let client = reqwest::Client::new();
-    let started = Instant::now();
-    while client.get(format!("{base}/readyz")).send().await.is_err() {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the pipeline did not start:\n{}", pipeline.log_tail(30));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let acme = neruba::sample::ingest_key("acme").context("dev key")?;
     let time = neruba_schemas::event::format_time_ms(neruba_schemas::event::now_ms() - 120_000);
     let api_call = |id: &str| {

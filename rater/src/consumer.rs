@@ -418,6 +418,8 @@ impl Worker {
                 return Ok(());
             }
             produced_at.clear();
+            // Kafka timestamp of the last message of each partition the batch read.
+            let mut last_at: Vec<(i32, i64)> = Vec::new();
             // One catalog version for the whole batch.
             let catalog = self.catalog.current();
             while produced_at.len() < self.max_batch {
@@ -448,7 +450,10 @@ impl Worker {
                 }
                 let at = message.timestamp().to_millis();
                 if let Some(at) = at {
-                    shared.last_timestamp_ms.insert(message.partition(), at);
+                    match last_at.iter_mut().find(|(p, _)| *p == message.partition()) {
+                        Some(last) => last.1 = at,
+                        None => last_at.push((message.partition(), at)),
+                    }
                 }
                 produced_at.push(at.unwrap_or_default());
                 read += 1;
@@ -460,6 +465,7 @@ impl Worker {
             if let Some(e) = shared.fatal.take() {
                 return Err(e);
             }
+            shared.last_timestamp_ms.extend(last_at);
             let crash = self.crash_before_write.is_some_and(|n| read >= n);
             shared.finish_batch(&self.consumer, &produced_at, crash)?;
             if crash {

@@ -516,6 +516,20 @@ fn observed(
         .collect()
 }
 
+/// The latest rollup of every `calls` and `latency_max` window on the rollups topic equals the
+/// ground truth of `events` (each id once), window and period values alike.
+async fn assert_rollups_match_truth(s: &Setup, events: &[Event]) -> Result<()> {
+    let expected = truth(events);
+    let all = rollups_on_topic(
+        s.kafka.bootstrap_servers(),
+        expected.len(),
+        Duration::from_millis(500),
+    )
+    .await?;
+    assert_eq!(observed(&latest_rollups(all)?), expected);
+    Ok(())
+}
+
 async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
     let s = setup(1)?;
     let events = stream(&["c1", "c2", "c3"], 400, 8);
@@ -541,15 +555,7 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
     // 3. Restart on the same state: it resumes from the offset stored with the state.
     let (running, shutdown) = start(&s, s.state.path(), |c| c.max_batch = 25)?;
     wait_applied(&s, 0, events.len() + 1).await?;
-    let expected = truth(&events);
-    let all = rollups_on_topic(
-        s.kafka.bootstrap_servers(),
-        expected.len(),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let got = latest_rollups(all)?;
-    assert_eq!(observed(&got), expected);
+    assert_rollups_match_truth(&s, &events).await?;
     drop(shutdown);
     running.wait().await?;
     Ok(())
@@ -605,15 +611,7 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
     wait_applied(&s, 1, events_p1.len() + 1).await?;
     let mut all_events = events_p0.clone();
     all_events.extend(events_p1.iter().cloned());
-    let expected = truth(&all_events);
-    let all = rollups_on_topic(
-        s.kafka.bootstrap_servers(),
-        expected.len(),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let got = latest_rollups(all)?;
-    assert_eq!(observed(&got), expected);
+    assert_rollups_match_truth(&s, &all_events).await?;
     drop(stop_a);
     drop(stop_b);
     a.wait().await?;
@@ -647,14 +645,7 @@ async fn two_workers_in_one_process_split_the_partitions_and_keep_totals_exact()
     // Both workers' shares add up to the process's partitions.
     assert_eq!(assigned(&registry), 4);
     let all_events: Vec<Event> = all_events.into_iter().flatten().collect();
-    let expected = truth(&all_events);
-    let all = rollups_on_topic(
-        s.kafka.bootstrap_servers(),
-        expected.len(),
-        Duration::from_millis(500),
-    )
-    .await?;
-    assert_eq!(observed(&latest_rollups(all)?), expected);
+    assert_rollups_match_truth(&s, &all_events).await?;
     drop(shutdown);
     running.wait().await?;
     Ok(())

@@ -208,3 +208,50 @@ impl Broker {
         Ok(())
     }
 }
+
+/// `neruba dev` (the whole pipeline on its embedded broker) as a process on a free loopback
+/// port, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
+/// its HTTP listener answers, with its base URL.
+pub async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String)> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut args: Vec<String> = [
+        "dev",
+        "--listen",
+        &listen,
+        "--grace",
+        "0s",
+        "--idle-timeout",
+        "1s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let mut pipeline = Proc::new(
+        "pipeline",
+        Path::new(env!("CARGO_BIN_EXE_neruba")),
+        &args,
+        work,
+    );
+    pipeline.start()?;
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while client.get(format!("{base}/readyz")).send().await.is_err() {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the pipeline did not start:\n{}", pipeline.log_tail(30));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((pipeline, base))
+}
+
+/// The text of `{base}/metrics`.
+pub async fn scrape(client: &reqwest::Client, base: &str) -> Result<String> {
+    Ok(client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
