@@ -14,8 +14,10 @@
 //!   a function of the events of those windows, not of how far later windows had got.
 //!
 //! Mechanism: reads go through an in-memory overlay of the batch's pending writes, so a batch
-//! reads its own writes; open windows are indexed under a metadata prefix so a restart finds
-//! them without scanning the data.
+//! reads its own writes; the records of open windows stay in memory between batches (they are
+//! what the next events touch), always equal to what is stored once a batch is written; open
+//! windows are indexed under a metadata prefix so a restart finds them without scanning the
+//! data.
 
 use crate::keys;
 use crate::{Error, Result};
@@ -97,13 +99,23 @@ pub struct WindowRecord {
     pub period_new: u64,
 }
 
+/// One write of a batch: the value to put, or `None` to delete the key.
+type Write<'a> = (&'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
+
+/// A window record in memory, and whether the batch changed it.
+struct CachedWindow {
+    record: WindowRecord,
+    dirty: bool,
+}
+
 /// The state of one partition.
 pub struct PartitionState {
     pub partition: i32,
     db: DB,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Window records touched by the batch, decoded once and encoded once at commit.
-    windows: HashMap<Vec<u8>, WindowRecord>,
+    /// Window records touched by the batch (dirty, encoded once at commit) and the records of
+    /// open windows (kept across batches; as many as `open` holds).
+    windows: HashMap<Vec<u8>, CachedWindow>,
     /// Period aggregates touched by the batch, likewise.
     periods: HashMap<Vec<u8>, Aggregate>,
     timing: Timing,
@@ -118,6 +130,7 @@ pub struct PartitionState {
     pub last_message_at: Instant,
     /// When the last idle tick was produced and not yet read back.
     tick_sent_at: Option<Instant>,
+    decoder: codec::Decoder,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -139,6 +152,10 @@ fn db_options(timing: Timing, cache: &Cache) -> Options {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_write_buffer_size(16 * 1024 * 1024);
     opts.set_max_write_buffer_number(2);
+    // Most lookups are dedup checks of new ids: a whole-key bloom filter on the memtable
+    // answers those misses without a skiplist search.
+    opts.set_memtable_prefix_bloom_ratio(0.1);
+    opts.set_memtable_whole_key_filtering(true);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
@@ -207,6 +224,7 @@ impl PartitionState {
             counts: Counts::default(),
             last_message_at: Instant::now(),
             tick_sent_at: None,
+            decoder: codec::Decoder::default(),
         })
     }
 
@@ -228,7 +246,7 @@ impl PartitionState {
     /// Whether the batch has anything to write.
     pub fn is_dirty(&self) -> bool {
         !self.overlay.is_empty()
-            || !self.windows.is_empty()
+            || self.windows.values().any(|w| w.dirty)
             || !self.periods.is_empty()
             || !self.outputs.is_empty()
     }
@@ -263,13 +281,19 @@ impl PartitionState {
     /// [`Self::store_window`].
     fn load_window(&mut self, key: &[u8]) -> Result<Option<WindowRecord>> {
         match self.windows.remove(key) {
-            Some(record) => Ok(Some(record)),
+            Some(cached) => Ok(Some(cached.record)),
             None => self.get_record(key),
         }
     }
 
     fn store_window(&mut self, key: Vec<u8>, record: WindowRecord) {
-        self.windows.insert(key, record);
+        self.windows.insert(
+            key,
+            CachedWindow {
+                record,
+                dirty: true,
+            },
+        );
     }
 
     fn load_period(&mut self, key: &[u8]) -> Result<Aggregate> {
@@ -321,8 +345,7 @@ impl PartitionState {
         catalog: &Catalog,
     ) -> Result<()> {
         self.next_offset = Some(offset + 1);
-        let mut scratch = payload.to_vec();
-        let event = match codec::decode(&mut scratch) {
+        let event = match self.decoder.decode(payload) {
             Ok(event) => event,
             Err(e) => {
                 let rejection = Rejection::new(RejectCode::InvalidJson, e.to_string());
@@ -575,16 +598,25 @@ impl PartitionState {
     /// Writes the batch: pending state, next offset and watermark, atomically.
     /// Call only after every output of the batch was acknowledged by the broker.
     pub fn commit(&mut self) -> Result<()> {
-        let mut batch = WriteBatch::default();
         // Records are stored in postcard (compact binary serde): encoding them was a large
         // share of the write cost as JSON.
-        for (key, record) in self.windows.drain() {
-            batch.put(key, encode_record(&record)?);
+        let mut writes: Vec<Write<'_>> =
+            Vec::with_capacity(self.windows.len() + self.periods.len() + self.overlay.len());
+        for (key, cached) in &self.windows {
+            if cached.dirty {
+                writes.push((key, Some(encode_record(&cached.record)?.into())));
+            }
         }
-        for (key, period) in self.periods.drain() {
-            batch.put(key, encode_record(&period)?);
+        for (key, period) in &self.periods {
+            writes.push((key, Some(encode_record(period)?.into())));
         }
-        for (key, value) in self.overlay.drain() {
+        for (key, value) in &self.overlay {
+            writes.push((key, value.as_deref().map(Into::into)));
+        }
+        // In key order: each memtable insert then starts from where the previous one ended.
+        writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut batch = WriteBatch::default();
+        for (key, value) in writes {
             match value {
                 Some(value) => batch.put(key, value),
                 None => batch.delete(key),
@@ -601,6 +633,14 @@ impl PartitionState {
         // The WAL is written (not fsynced): a killed process loses nothing, since the OS holds
         // the pages; only a power loss could, and then the batch is replayed from Kafka.
         self.db.write_opt(batch, &WriteOptions::default())?;
+        self.periods.clear();
+        self.overlay.clear();
+        // Written: the cache now equals the store. Closed windows leave it (only a late event
+        // reads one again).
+        self.windows.retain(|_, cached| {
+            cached.dirty = false;
+            !cached.record.closed
+        });
         Ok(())
     }
 

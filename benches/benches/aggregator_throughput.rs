@@ -15,6 +15,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
+use neruba_benches::aggregation::{CATALOG, workload};
 use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::{Catalog, Event, codec, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,51 +28,6 @@ use tokio_util::sync::CancellationToken;
 /// The embedded broker keeps at most 5 MiB per partition (librdkafka's mock log limit), so the
 /// data set is spread over enough partitions, compressed, to stay whole.
 const PARTITIONS: i32 = 8;
-
-const CATALOG: &str = r#"
-[[tenants]]
-id = "acme"
-
-[[tenants.meters]]
-key = "tokens"
-event_type = "llm.completion"
-aggregation = "sum"
-value = "$.tokens"
-group_by = { model = "$.model" }
-window = "1m"
-
-[[tenants.meters]]
-key = "calls"
-event_type = "llm.completion"
-aggregation = "count"
-window = "1m"
-"#;
-
-/// ~200-byte events: 200 customers, two models, times over one hour, 5 % repeated ids.
-fn workload(n: usize) -> Vec<Event> {
-    let start = 1_790_000_000_000_i64;
-    (0..n)
-        .map(|i| {
-            let id = if i % 20 == 7 { i - 1 } else { i };
-            let data = serde_json::json!({
-                "model": if i % 3 == 0 { "large" } else { "small" },
-                "tokens": format!("{}", 100 + (i * 37) % 4000),
-                "status": "ok"
-            });
-            Event {
-                tenant: "acme".into(),
-                id: format!("evt-{id:012}"),
-                event_type: "llm.completion".into(),
-                subject: format!("customer-{:05}", i % 200),
-                time_ms: start
-                    + i64::try_from(i).unwrap_or(0) * 3_600_000 / i64::try_from(n).unwrap_or(1),
-                received_ms: start,
-                source: Some("bench".into()),
-                data: data.as_object().cloned().unwrap_or_default(),
-            }
-        })
-        .collect()
-}
 
 async fn produce(bootstrap: &str, events: &[Event]) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
