@@ -12,12 +12,11 @@ use crate::state::{Output, PartitionState};
 use crate::{Config, Error, Result};
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::LiveCatalog;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,88 +300,31 @@ fn watermark_tick(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64
     Some(text.parse().unwrap_or(i64::MIN))
 }
 
-/// The consumer context: opens and closes partition state on rebalance.
-pub struct Context {
-    shared: Arc<Mutex<Shared>>,
-    topic: String,
-    kill: Arc<AtomicBool>,
-    /// Takes the partitions' high watermarks from librdkafka's statistics.
-    health: Arc<ConsumerHealth>,
-}
+/// The consumer's context: partition state opened on assignment, written on revocation.
+type Context = neruba_kafka::rebalance::Rebalance<Shared>;
 
-impl std::fmt::Debug for Context {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
+impl neruba_kafka::rebalance::PartitionStates for Shared {
+    type Error = Error;
+
+    fn open(&mut self, partition: i32) -> Result<Option<i64>> {
+        Ok(self.open_partition(partition)?.next_offset())
     }
-}
 
-impl ClientContext for Context {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        self.health.record_statistics(&statistics);
+    fn finish(&mut self, consumer: &BaseConsumer<Context>) -> Result<()> {
+        self.finish_batch(consumer).map(|_| ())
     }
-}
 
-impl ConsumerContext for Context {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let Ok(mut shared) = self.shared.lock() else {
-            return;
-        };
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions: Vec<i32> = tpl
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
-                for partition in partitions {
-                    let resume = match shared.open_partition(partition) {
-                        Ok(state) => state
-                            .next_offset()
-                            .map_or(Offset::Beginning, Offset::Offset),
-                        Err(e) => {
-                            tracing::error!(partition, error = %e, "Cannot open partition state.");
-                            shared.fatal = Some(e);
-                            Offset::Beginning
-                        }
-                    };
-                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, resume) {
-                        shared.fatal = Some(e.into());
-                    }
-                }
-                tracing::info!(assigned = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "Partitions assigned.");
-                shared.publish_assigned();
-                if let Err(e) = consumer.assign(tpl) {
-                    shared.fatal = Some(e.into());
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if !self.kill.load(Ordering::SeqCst)
-                    && let Err(e) = shared.finish_batch(consumer).map(|_| ())
-                {
-                    tracing::error!(error = %e, "Could not write state of revoked partitions.");
-                    shared.fatal = Some(e);
-                }
-                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                for partition in &revoked {
-                    shared.partitions.remove(partition);
-                    shared.last_timestamp_ms.remove(partition);
-                    shared.health.forget(*partition);
-                }
-                tracing::info!(?revoked, "Partitions revoked.");
-                shared.publish_assigned();
-                if let Err(e) = consumer.unassign() {
-                    tracing::warn!(error = %e, "Unassign failed.");
-                }
-            }
-            other => tracing::error!(error = ?other, "Rebalance error."),
-        }
+    fn release(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.last_timestamp_ms.remove(&partition);
+    }
+
+    fn owned_changed(&mut self) {
+        self.publish_assigned();
+    }
+
+    fn fail(&mut self, error: Error) {
+        self.fatal = Some(error);
     }
 }
 
@@ -454,37 +396,12 @@ impl Worker {
             published_assigned: 0,
             config: config.clone(),
         }));
-        let context = Context {
-            shared: shared.clone(),
-            topic: config.events_topic.clone(),
-            kill: kill.clone(),
-            health,
-        };
+        let context = Context::new(shared.clone(), &config.events_topic, kill.clone(), health);
         let consumer = build_consumer(&config, context)?;
         match &config.assignment {
             None => consumer.subscribe(&[&config.events_topic])?,
             Some(assignment) => {
-                // Static assignment: no group coordination, resume from the stored offsets.
-                let metadata =
-                    consumer.fetch_metadata(Some(&config.events_topic), Duration::from_secs(10))?;
-                let count = metadata
-                    .topics()
-                    .first()
-                    .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0));
-                let mut tpl = TopicPartitionList::new();
-                let mut guard = shared
-                    .lock()
-                    .map_err(|_| Error::Corrupt("aggregator state lock poisoned".into()))?;
-                for partition in slice.of(assignment.resolve(count)) {
-                    let resume = guard
-                        .open_partition(partition)?
-                        .next_offset()
-                        .map_or(Offset::Beginning, Offset::Offset);
-                    tpl.add_partition_offset(&config.events_topic, partition, resume)?;
-                }
-                guard.publish_assigned();
-                drop(guard);
-                consumer.assign(&tpl)?;
+                Context::assign_static(&consumer, |count| slice.of(assignment.resolve(count)))?;
             }
         }
         Ok(Self {

@@ -10,6 +10,7 @@
 //!   one) is replaced rather than left failing every later send: see [`Recoverable`].
 
 pub mod health;
+pub mod rebalance;
 
 use futures::future::join_all;
 use neruba_schemas::topics::{

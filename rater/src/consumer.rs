@@ -12,12 +12,11 @@ use crate::{Config, Error, Result};
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::LiveCatalog;
 use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,91 +215,33 @@ fn send(
     pending
 }
 
-/// The consumer context: opens partition state on assignment, writes it on revocation.
-pub struct Context {
-    shared: Arc<Mutex<Shared>>,
-    topic: String,
-    kill: Arc<AtomicBool>,
-    /// Takes the partitions' high watermarks from librdkafka's statistics.
-    health: Arc<ConsumerHealth>,
-}
+/// The consumer's context: partition state opened on assignment, written on revocation.
+type Context = neruba_kafka::rebalance::Rebalance<Shared>;
 
-impl std::fmt::Debug for Context {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
+impl neruba_kafka::rebalance::PartitionStates for Shared {
+    type Error = Error;
+
+    fn open(&mut self, partition: i32) -> Result<Option<i64>> {
+        Ok(self.open_partition(partition)?.next_offset())
     }
-}
 
-impl ClientContext for Context {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        self.health.record_statistics(&statistics);
+    fn finish(&mut self, consumer: &BaseConsumer<Context>) -> Result<()> {
+        self.finish_batch(consumer, &[], false)
     }
-}
 
-impl ConsumerContext for Context {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let Ok(mut shared) = self.shared.lock() else {
-            return;
-        };
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions: Vec<i32> = tpl
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
-                for partition in partitions {
-                    let resume = match shared.open_partition(partition) {
-                        Ok(state) => state
-                            .next_offset()
-                            .map_or(Offset::Beginning, Offset::Offset),
-                        Err(e) => {
-                            tracing::error!(partition, error = %e, "Cannot open rater state.");
-                            shared.fatal = Some(e);
-                            Offset::Beginning
-                        }
-                    };
-                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, resume) {
-                        shared.fatal = Some(e.into());
-                    }
-                }
-                shared
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
-                if let Err(e) = consumer.assign(tpl) {
-                    shared.fatal = Some(e.into());
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if !self.kill.load(Ordering::SeqCst)
-                    && let Err(e) = shared.finish_batch(consumer, &[], false)
-                {
-                    tracing::error!(error = %e, "Could not write state of revoked partitions.");
-                    shared.fatal = Some(e);
-                }
-                for element in tpl.elements() {
-                    shared.partitions.remove(&element.partition());
-                    shared.last_timestamp_ms.remove(&element.partition());
-                    shared.health.forget(element.partition());
-                }
-                shared
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(shared.partitions.len()).unwrap_or(0));
-                if let Err(e) = consumer.unassign() {
-                    tracing::warn!(error = %e, "Unassign failed.");
-                }
-            }
-            other => tracing::error!(error = ?other, "Rebalance error."),
-        }
+    fn release(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.last_timestamp_ms.remove(&partition);
+    }
+
+    fn owned_changed(&mut self) {
+        self.metrics
+            .assigned_partitions
+            .set(i64::try_from(self.partitions.len()).unwrap_or(0));
+    }
+
+    fn fail(&mut self, error: Error) {
+        self.fatal = Some(error);
     }
 }
 
@@ -350,40 +291,12 @@ impl Worker {
             last_timestamp_ms: HashMap::new(),
             config: config.clone(),
         }));
-        let context = Context {
-            shared: shared.clone(),
-            topic: config.rollups_topic.clone(),
-            kill: kill.clone(),
-            health,
-        };
+        let context = Context::new(shared.clone(), &config.rollups_topic, kill.clone(), health);
         let consumer = build_consumer(&config, context)?;
         match &config.assignment {
             None => consumer.subscribe(&[&config.rollups_topic])?,
             Some(assignment) => {
-                // Static assignment: no group coordination, resume from the stored offsets.
-                let metadata = consumer
-                    .fetch_metadata(Some(&config.rollups_topic), Duration::from_secs(10))?;
-                let count = metadata
-                    .topics()
-                    .first()
-                    .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0));
-                let mut tpl = TopicPartitionList::new();
-                let mut guard = shared
-                    .lock()
-                    .map_err(|_| Error::Corrupt("rater state lock poisoned".into()))?;
-                for partition in assignment.resolve(count) {
-                    let resume = guard
-                        .open_partition(partition)?
-                        .next_offset()
-                        .map_or(Offset::Beginning, Offset::Offset);
-                    tpl.add_partition_offset(&config.rollups_topic, partition, resume)?;
-                }
-                guard
-                    .metrics
-                    .assigned_partitions
-                    .set(i64::try_from(guard.partitions.len()).unwrap_or(0));
-                drop(guard);
-                consumer.assign(&tpl)?;
+                Context::assign_static(&consumer, |count| assignment.resolve(count))?;
             }
         }
         Ok(Self {
