@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,37 +27,24 @@ use tokio_util::sync::CancellationToken;
 use neruba_schemas::topics::WATERMARK_HEADER;
 use rdkafka::message::Headers;
 
-/// Builds the consumer. Every librdkafka setting the aggregator relies on is here.
+/// Builds the consumer: the settings of every stateful stage, tuned for the aggregator.
 fn build_consumer(config: &Config, context: Context) -> Result<BaseConsumer<Context>, KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group_id)
-        .set("client.id", "neruba-aggregator")
-        // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
-        .set("partition.assignment.strategy", "range")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "300000")
-        .set("fetch.wait.max.ms", "50")
-        .set("queued.max.messages.kbytes", "65536")
-        // Statistics feed the consumer-lag gauge (partition high watermarks).
-        .set("statistics.interval.ms", "1000");
-    if let Some(instance) = &config.instance_id {
-        // Static membership: a restarted pod that is back within the session timeout gets its
-        // partitions again without a rebalance, so the timeout covers a pod restart.
-        client
-            .set("group.instance.id", instance)
-            .set("session.timeout.ms", "45000");
-    }
-    for (key, value) in &config.kafka_options {
-        client.set(key, value);
-    }
-    client.create_with_context(context)
+    let member = neruba_kafka::rebalance::Member {
+        brokers: &config.brokers,
+        group_id: &config.group_id,
+        client_id: "neruba-aggregator",
+        instance_id: config.instance_id.as_deref(),
+    };
+    neruba_kafka::rebalance::consumer(
+        member,
+        &[
+            ("max.poll.interval.ms", "300000"),
+            ("fetch.wait.max.ms", "50"),
+            ("queued.max.messages.kbytes", "65536"),
+        ],
+        &config.kafka_options,
+        context,
+    )
 }
 
 struct Shared {

@@ -13,10 +13,60 @@ use crate::health::ConsumerHealth;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// Who a stateful stage's consumer is.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    pub brokers: &'a str,
+    pub group_id: &'a str,
+    pub client_id: &'a str,
+    /// Static membership (`group.instance.id`).
+    pub instance_id: Option<&'a str>,
+}
+
+/// Creates the consumer of a stage that keeps its state per partition. Every librdkafka
+/// setting such a stage relies on is here; `tuning` adds the stage's own, and the operator's
+/// pass-through `kafka_options` come last.
+pub fn consumer<S: PartitionStates>(
+    member: Member<'_>,
+    tuning: &[(&str, &str)],
+    kafka_options: &[(String, String)],
+    context: Rebalance<S>,
+) -> Result<BaseConsumer<Rebalance<S>>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", member.brokers)
+        .set("group.id", member.group_id)
+        .set("client.id", member.client_id)
+        // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Statistics feed the lag gauges and the stuck check (partition high watermarks).
+        .set("statistics.interval.ms", "1000");
+    if let Some(instance) = member.instance_id {
+        // Static membership: a restarted pod that is back within the session timeout gets its
+        // partitions again without a rebalance, so the timeout covers a pod restart.
+        client
+            .set("group.instance.id", instance)
+            .set("session.timeout.ms", "45000");
+    }
+    for (key, value) in tuning {
+        client.set(*key, *value);
+    }
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
 
 /// A stage's per-partition state, as the rebalance callback sees it.
 pub trait PartitionStates: Send + Sized + 'static {
