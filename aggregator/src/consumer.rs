@@ -364,7 +364,9 @@ impl Worker {
         let producer = neruba_kafka::recoverable_output_producer(
             &config.brokers,
             "neruba-aggregator",
-            5,
+            // No linger: a batch's outputs are sent together and then awaited, so waiting for
+            // more only delays the acknowledgements the batch's write waits for.
+            0,
             &config.kafka_options,
         )?;
         let rollup_partitions =

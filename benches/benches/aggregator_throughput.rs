@@ -2,7 +2,10 @@
 //!
 //! One run, one broker (the embedded mock cluster), one topic's worth of identical data:
 //! 1. a raw rdkafka consumer drains the topic with a no-op handler;
-//! 2. the aggregator (RocksDB state, dedup, windows, rollups) drains the same topic in a
+//! 2. the same consumer drains it again, decoding each event, then again decoding each event
+//!    and writing its id to RocksDB as the aggregator writes (WAL on, a write batch per 5,000):
+//!    the floor under any aggregator with a durable dedup set, as ratios to the raw consumer;
+//! 3. the aggregator (RocksDB state, dedup, windows, rollups) drains the same topic in a
 //!    fresh consumer group.
 //!
 //! The aggregator runs twice, with one worker thread and with two (`--aggregator-workers`).
@@ -55,15 +58,30 @@ async fn produce(bootstrap: &str, events: &[Event]) -> Result<()> {
     Ok(())
 }
 
-/// Drains the topic with a no-op handler; returns the elapsed time.
-fn raw_consumer(bootstrap: &str, expected: usize) -> Result<Duration> {
+/// What a drain does with each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handler {
+    /// Nothing: the raw consumer the SPEC target is a ratio to.
+    NoOp,
+    /// Decodes the event: what any aggregator must do first.
+    Decode,
+    /// Decodes it and writes its (tenant, id) to RocksDB, one write batch per 5,000 messages
+    /// with the WAL on, as the aggregator writes: the least a durable dedup set costs.
+    DecodeAndWriteId,
+}
+
+/// Drains the topic, handling each message as `handler` says; returns the elapsed time.
+fn drain(bootstrap: &str, expected: usize, handler: Handler) -> Result<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-raw")
+        .set("group.id", format!("bench-raw-{handler:?}"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
         .set("queued.max.messages.kbytes", "65536")
+        // As the stages set it: a full queue must not stall the next fetch for librdkafka's
+        // default 1 s (the no-op drain never fills it; the others would run dry).
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     // Explicit assignment: the group protocol's join time is not what this measures.
     let mut assignment = rdkafka::TopicPartitionList::new();
@@ -71,20 +89,38 @@ fn raw_consumer(bootstrap: &str, expected: usize) -> Result<Duration> {
         assignment.add_partition_offset(topics::EVENTS, partition, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
+    let ids_dir = tempfile::tempdir()?;
+    let ids = rocksdb::DB::open_default(ids_dir.path())?;
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut decoder = codec::Decoder::default();
     let mut seen = 0usize;
     let mut bytes = 0usize;
     let mut started = None;
     let mut last_report = Instant::now();
     while seen < expected {
         if last_report.elapsed() > Duration::from_secs(5) {
-            println!("  raw consumer progress: {seen} of {expected}");
+            println!("  {handler:?} drain progress: {seen} of {expected}");
             last_report = Instant::now();
         }
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message?;
             started.get_or_insert_with(Instant::now);
-            bytes += message.payload().map_or(0, <[u8]>::len);
+            let payload = message.payload().unwrap_or_default();
+            bytes += payload.len();
             seen += 1;
+            if handler == Handler::NoOp {
+                continue;
+            }
+            let event = decoder.decode(payload)?;
+            if handler == Handler::DecodeAndWriteId {
+                let mut key = event.tenant.into_bytes();
+                key.push(0);
+                key.extend_from_slice(event.id.as_bytes());
+                batch.put(key, event.time_ms.to_be_bytes());
+                if batch.len() == 5_000 || seen == expected {
+                    ids.write(std::mem::take(&mut batch))?;
+                }
+            }
         }
     }
     std::hint::black_box(bytes);
@@ -121,14 +157,23 @@ async fn main() -> Result<()> {
     produce(&bootstrap, &events).await?;
     println!("produced {n} events in {:.2?}", started.elapsed());
 
-    let raw = {
+    let mut raw_rate = 0.0;
+    for handler in [Handler::NoOp, Handler::Decode, Handler::DecodeAndWriteId] {
         let bootstrap = bootstrap.clone();
-        tokio::task::spawn_blocking(move || raw_consumer(&bootstrap, n)).await??
-    };
-    println!("raw consumer drained the topic in {raw:.2?}");
-
-    let raw_rate = rate(n, raw);
-    println!("raw consumer (no-op handler): {n} events in {raw:.2?} = {raw_rate:.0} events/s");
+        let elapsed = tokio::task::spawn_blocking(move || drain(&bootstrap, n, handler)).await??;
+        let drained = rate(n, elapsed);
+        if handler == Handler::NoOp {
+            raw_rate = drained;
+            println!(
+                "raw consumer (no-op handler): {n} events in {elapsed:.2?} = {drained:.0} events/s"
+            );
+        } else {
+            println!(
+                "raw consumer, {handler:?}: {n} events in {elapsed:.2?} = {drained:.0} events/s, ratio {:.2}",
+                drained / raw_rate
+            );
+        }
+    }
     for workers in [1, 2] {
         let (handled, aggregated, rollups) = aggregate(&bootstrap, n, workers).await?;
         let agg_rate = rate(n, aggregated);

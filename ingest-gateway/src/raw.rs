@@ -155,6 +155,9 @@ async fn consume(
         .set("client.id", "neruba-ingest-gateway-raw")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // A full local queue postpones the next fetch by this much (librdkafka's default of
+        // 1 s lets the queue run dry under load).
+        .set("fetch.queue.backoff.ms", "10")
         .set("statistics.interval.ms", "1000");
     for (key, value) in kafka_options {
         client.set(key, value);
