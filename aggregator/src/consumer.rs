@@ -74,19 +74,10 @@ impl Shared {
                 &self.config.events_topic,
                 partition,
             );
-            // The previous owner may still be closing this partition's database (same volume,
-            // another instance): wait briefly for its lock rather than replaying from scratch.
-            let mut attempt = 0;
-            let state = loop {
-                match PartitionState::open(&dir, partition, self.config.timing, &self.cache) {
-                    Ok(state) => break state,
-                    Err(Error::Storage(e)) if attempt < 50 && e.to_string().contains("lock") => {
-                        attempt += 1;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
+            let state = neruba_kafka::rebalance::open_when_released(
+                || PartitionState::open(&dir, partition, self.config.timing, &self.cache),
+                |e| matches!(e, Error::Storage(e) if e.to_string().contains("lock")),
+            )?;
             tracing::info!(partition, next_offset = ?state.next_offset(), open_windows = state.open_windows(), "Partition state opened.");
             self.partitions.insert(partition, state);
         }

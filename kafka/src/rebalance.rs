@@ -72,6 +72,25 @@ pub fn consumer<S: PartitionStates>(
     client.create_with_context(context)
 }
 
+/// Opens a partition's state with `open`, retrying for up to 5 s while `locked` says the
+/// previous owner (another instance on the same volume) still holds its database: waiting
+/// briefly beats replaying the partition from scratch.
+pub fn open_when_released<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let mut attempt = 0;
+    loop {
+        match open() {
+            Err(e) if attempt < 50 && locked(&e) => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// A stage's per-partition state, as the rebalance callback sees it.
 pub trait PartitionStates: Send + Sized + 'static {
     type Error: From<KafkaError> + std::fmt::Display;
@@ -221,5 +240,37 @@ impl<S: PartitionStates> ConsumerContext for Rebalance<S> {
             }
             other => tracing::error!(error = ?other, "Rebalance error."),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_when_released;
+
+    #[test]
+    fn opening_waits_out_a_held_lock_but_not_other_errors() {
+        let mut calls = 0;
+        let opened = open_when_released(
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err("lock held")
+                } else {
+                    Ok(calls)
+                }
+            },
+            |e| *e == "lock held",
+        );
+        assert_eq!(opened, Ok(3));
+
+        let mut calls = 0;
+        let failed: Result<(), &str> = open_when_released(
+            || {
+                calls += 1;
+                Err("corrupt")
+            },
+            |e| *e == "lock held",
+        );
+        assert_eq!((failed, calls), (Err("corrupt"), 1));
     }
 }

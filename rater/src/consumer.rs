@@ -64,18 +64,10 @@ impl Shared {
                 &self.config.rollups_topic,
                 partition,
             );
-            // The previous owner may still be closing this partition's database.
-            let mut attempt = 0;
-            let state = loop {
-                match PartitionState::open(&dir, partition, &self.cache, self.config.retention) {
-                    Ok(state) => break state,
-                    Err(Error::Storage(e)) if attempt < 50 && e.to_string().contains("lock") => {
-                        attempt += 1;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
+            let state = neruba_kafka::rebalance::open_when_released(
+                || PartitionState::open(&dir, partition, &self.cache, self.config.retention),
+                |e| matches!(e, Error::Storage(e) if e.to_string().contains("lock")),
+            )?;
             tracing::info!(partition, next_offset = ?state.next_offset(), "Rater partition state opened.");
             self.partitions.insert(partition, state);
         }
