@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use neruba_schemas::topics::WATERMARK_HEADER;
+use neruba_schemas::topics::{WATERMARK_HEADER, WATERMARK_TENANT_HEADER};
 use rdkafka::message::Headers;
 
 /// Builds the consumer: the settings of every stateful stage, tuned for the aggregator.
@@ -222,14 +222,21 @@ fn send(
             }
             Output::Tick {
                 partition,
+                tenant,
                 watermark,
             } => {
                 let text = watermark.to_string();
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: WATERMARK_HEADER,
-                    value: Some(text.as_str()),
-                });
-                let payload = format!(r#"{{"watermark_ms":{watermark}}}"#);
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: WATERMARK_HEADER,
+                        value: Some(text.as_str()),
+                    })
+                    .insert(Header {
+                        key: WATERMARK_TENANT_HEADER,
+                        value: Some(tenant.as_str()),
+                    });
+                let payload =
+                    serde_json::json!({"watermark_ms": watermark, "tenant": tenant}).to_string();
                 producer
                     .send_result(
                         FutureRecord::to(&config.events_topic)
@@ -269,13 +276,21 @@ fn send(
 /// How long an idle tick may take to come back before another is sent.
 const TICK_RETRY: Duration = Duration::from_secs(5);
 
-/// The watermark a tick message carries, if it is one. A tick whose value does not parse is
-/// read as the far past, which moves nothing.
-fn watermark_tick(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+/// The tenant and watermark a tick message carries, if it is one. A tick whose value does not
+/// parse is read as the far past, which moves nothing; one without a tenant (written before
+/// clocks were per tenant) applies to every tenant of the partition.
+fn watermark_tick<'a>(
+    message: &'a rdkafka::message::BorrowedMessage<'_>,
+) -> Option<(Option<&'a str>, i64)> {
     let headers = message.headers()?;
-    let header = headers.iter().find(|h| h.key == WATERMARK_HEADER)?;
-    let text = std::str::from_utf8(header.value.unwrap_or_default()).unwrap_or_default();
-    Some(text.parse().unwrap_or(i64::MIN))
+    let value = |key: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| std::str::from_utf8(h.value.unwrap_or_default()).unwrap_or_default())
+    };
+    let watermark = value(WATERMARK_HEADER)?.parse().unwrap_or(i64::MIN);
+    Some((value(WATERMARK_TENANT_HEADER), watermark))
 }
 
 /// The consumer's context: partition state opened on assignment, written on revocation.
@@ -446,7 +461,9 @@ impl Worker {
                 let mut shared = self.lock()?;
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     match watermark_tick(&message) {
-                        Some(watermark) => state.apply_tick(message.offset(), watermark)?,
+                        Some((tenant, watermark)) => {
+                            state.apply_tick(message.offset(), tenant, watermark)?;
+                        }
                         None => state.apply(
                             message.offset(),
                             message.key(),
@@ -466,22 +483,20 @@ impl Worker {
             if let Some(e) = shared.fatal.take() {
                 return Err(e);
             }
-            let batch_end = Instant::now();
             for (partition, at) in touched {
-                if let Some(state) = shared.partitions.get_mut(&partition) {
-                    state.last_message_at = batch_end;
-                }
                 if let Some(at) = at {
                     shared.last_timestamp_ms.insert(partition, at);
                 }
             }
             let now = neruba_schemas::event::now_ms();
             for state in shared.partitions.values_mut() {
-                let idle = state.last_message_at.elapsed();
-                if idle >= self.idle_timeout {
-                    // Queued as a tick on the partition itself, applied when read back.
-                    state.idle_tick(idle, self.grace_ms, now, self.idle_timeout.max(TICK_RETRY));
-                }
+                // Queued as ticks on the partition itself, applied when read back.
+                state.idle_ticks(
+                    self.idle_timeout,
+                    self.grace_ms,
+                    now,
+                    self.idle_timeout.max(TICK_RETRY),
+                );
             }
             if self.kill.load(Ordering::SeqCst) {
                 return Ok(());

@@ -14,12 +14,16 @@
 //! | `Q` period distinct value | series, period start, value | first window start (8 bytes) |
 //!
 //! A series is (meter, customer, group).
+//!
+//! Metadata (empty tenant): `M…` the stored offset, `O` + end + window key the open-window
+//! index, `C` + tenant the tenant's clock (highest event time, watermark).
 
 /// Metadata keys: an empty tenant (catalog tenant ids are never empty).
 pub const META_OFFSET: &[u8] = b"\0\0\0\0Moffset";
-/// Highest watermark reached, persisted with the offsets.
+/// The partition-wide watermark of state written before clocks were per tenant: read once,
+/// as every tenant's starting clock (no longer written).
 pub const META_WATERMARK: &[u8] = b"\0\0\0\0Mwatermark";
-/// Highest event time seen.
+/// The partition-wide highest event time of such state, likewise.
 pub const META_MAX_EVENT_TIME: &[u8] = b"\0\0\0\0Mmax_event_time";
 
 fn push(buf: &mut Vec<u8>, part: &[u8]) {
@@ -50,6 +54,12 @@ fn tenant_kind(tenant: &str, kind: u8) -> Vec<u8> {
 pub fn kind_of(key: &[u8]) -> Option<u8> {
     let len = usize::try_from(u32::from_be_bytes(key.get(..4)?.try_into().ok()?)).ok()?;
     key.get(4 + len).copied()
+}
+
+/// The tenant a tenant-prefixed key belongs to.
+pub fn tenant_of(key: &[u8]) -> Option<&str> {
+    let len = usize::try_from(u32::from_be_bytes(key.get(..4)?.try_into().ok()?)).ok()?;
+    std::str::from_utf8(key.get(4..4 + len)?).ok()
 }
 
 /// Dedup entry of `(tenant, id)`.
@@ -133,6 +143,10 @@ mod tests {
         assert_ne!(dedup("acme", "x"), dedup("acm", "ex"));
         assert_eq!(kind_of(&dedup("acme", "x")), Some(b'D'));
         assert_eq!(kind_of(&window("t", &series("m", "c", ""), 0)), Some(b'W'));
+        assert_eq!(
+            tenant_of(&window("acme", &series("m", "c", ""), 0)),
+            Some("acme")
+        );
     }
 
     #[test]

@@ -8,8 +8,16 @@
 //!   written, and the caller writes only once the broker acknowledged them. A crash in between
 //!   replays the batch, which re-emits identical rollups (processing is deterministic), never
 //!   fewer;
-//! - a window closes when the partition's watermark (highest event time − grace, or processing
-//!   time after an idle timeout) passes its end; windows close in order of end time;
+//! - event time is kept per tenant: a window closes when its tenant's watermark (the tenant's
+//!   highest event time in the partition − grace, or processing time after the tenant was idle)
+//!   passes its end, in order of end time; one tenant's future-dated events, backfills or
+//!   silence never move another tenant's windows, though they share the partition;
+//! - an event is too old (`timestamp_too_far_in_past`) when its time is before its *receive*
+//!   time minus the correction horizon: the rule the gateway applied, on a time the events
+//!   topic carries, so what the gateway accepted is counted and a replay decides the same;
+//! - an event is folded whole or not at all: if any of its meters' sums would leave the exact
+//!   decimal range, it is dead-lettered (`value_out_of_range`) before anything changes, and
+//!   the partition goes on; no input stops the stage;
 //! - the period-to-date aggregate in a rollup covers the closed windows of the period, so it is
 //!   a function of the events of those windows, not of how far later windows had got.
 //!
@@ -17,7 +25,7 @@
 //! reads its own writes; the records of open windows stay in memory between batches (they are
 //! what the next events touch), always equal to what is stored once a batch is written; open
 //! windows are indexed under a metadata prefix so a restart finds them without scanning the
-//! data.
+//! data; each tenant's clock is stored under a metadata prefix too, with the offsets.
 
 use crate::keys;
 use crate::{Error, Result};
@@ -26,8 +34,9 @@ use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::measure::{Measure, measure};
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::window::{period_bounds, window_start};
-use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec};
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec, decimal};
 use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +45,8 @@ use std::time::Instant;
 
 /// Prefix of the open-window index (metadata: empty tenant).
 const OPEN_PREFIX: &[u8] = b"\0\0\0\0O";
+/// Prefix of the per-tenant clocks (metadata): tenant → highest event time, watermark.
+const CLOCK_PREFIX: &[u8] = b"\0\0\0\0C";
 const DAY_MS: i64 = 86_400_000;
 
 /// Timing rules of the state machine.
@@ -43,7 +54,8 @@ const DAY_MS: i64 = 86_400_000;
 pub struct Timing {
     /// Watermark = highest event time − grace.
     pub grace_ms: i64,
-    /// Events older than watermark − this are dead-lettered (`timestamp_too_far_in_past`).
+    /// Events whose time is before their receive time − this are dead-lettered
+    /// (`timestamp_too_far_in_past`), as the gateway refuses them.
     pub correction_horizon_ms: i64,
     /// How long an event id is remembered.
     pub dedup_horizon_ms: i64,
@@ -53,10 +65,11 @@ pub struct Timing {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Rollup(Rollup),
-    /// A watermark advance for an idle partition, to be written to that partition of the
-    /// events topic (see [`PartitionState::idle_tick`]).
+    /// A watermark advance for a tenant idle on a partition, to be written to that partition
+    /// of the events topic (see [`PartitionState::idle_ticks`]).
     Tick {
         partition: i32,
+        tenant: String,
         watermark: i64,
     },
     DeadLetter {
@@ -108,28 +121,69 @@ struct CachedWindow {
     dirty: bool,
 }
 
+/// One tenant's event clock within the partition.
+#[derive(Debug)]
+struct Clock {
+    /// Highest event time of the tenant's events applied here.
+    max_event_time: i64,
+    /// Windows of the tenant ending at or before this are closed.
+    watermark: i64,
+    /// The tenant's windows not yet closed, by end time.
+    open: BTreeSet<(i64, Vec<u8>)>,
+    /// Changed by the batch: written at commit.
+    dirty: bool,
+    /// The batch applied an event of this tenant (idle time restarts at the batch's end).
+    touched: bool,
+    /// When the tenant's last event was applied (or the state opened): processing time,
+    /// only for deciding when to send an idle tick, never for what a tick does.
+    last_event_at: Instant,
+    /// When the last idle tick was produced and not yet read back.
+    tick_sent_at: Option<Instant>,
+}
+
+impl Clock {
+    fn new((max_event_time, watermark): (i64, i64)) -> Self {
+        Self {
+            max_event_time,
+            watermark,
+            open: BTreeSet::new(),
+            dirty: false,
+            touched: false,
+            last_event_at: Instant::now(),
+            tick_sent_at: None,
+        }
+    }
+}
+
+/// Where one measure of an event is folded.
+struct Target {
+    series: Vec<u8>,
+    window_key: Vec<u8>,
+    start: i64,
+    size: i64,
+    period_start: i64,
+    period_end: i64,
+}
+
 /// The state of one partition.
 pub struct PartitionState {
     pub partition: i32,
     db: DB,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Window records touched by the batch (dirty, encoded once at commit) and the records of
-    /// open windows (kept across batches; as many as `open` holds).
+    /// open windows (kept across batches; as many as the clocks' `open` hold).
     windows: HashMap<Vec<u8>, CachedWindow>,
     /// Period aggregates touched by the batch, likewise.
     periods: HashMap<Vec<u8>, Aggregate>,
     timing: Timing,
     next_offset: Option<i64>,
-    max_event_time: i64,
-    watermark: i64,
-    open: BTreeSet<(i64, Vec<u8>)>,
+    /// Per tenant: event time and open windows.
+    clocks: HashMap<String, Clock>,
+    /// The clock a tenant starts with: the partition-wide clock of state written before
+    /// clocks were per tenant (a one-time migration), else the far past.
+    initial_clock: (i64, i64),
     outputs: Vec<Output>,
     counts: Counts,
-    /// When this partition last received a message (or was assigned); the consumer stamps it
-    /// once per batch.
-    pub last_message_at: Instant,
-    /// When the last idle tick was produced and not yet read back.
-    tick_sent_at: Option<Instant>,
     decoder: codec::Decoder,
 }
 
@@ -138,8 +192,8 @@ impl std::fmt::Debug for PartitionState {
         f.debug_struct("PartitionState")
             .field("partition", &self.partition)
             .field("next_offset", &self.next_offset)
-            .field("watermark", &self.watermark)
-            .field("open_windows", &self.open.len())
+            .field("tenants", &self.clocks.len())
+            .field("open_windows", &self.open_windows())
             .finish()
     }
 }
@@ -196,17 +250,41 @@ impl PartitionState {
             Ok(db.get(key)?.and_then(|v| keys::time_from(&v)))
         };
         let next_offset = read_i64(keys::META_OFFSET)?;
-        let watermark = read_i64(keys::META_WATERMARK)?.unwrap_or(i64::MIN);
-        let max_event_time = read_i64(keys::META_MAX_EVENT_TIME)?.unwrap_or(i64::MIN);
-        let mut open = BTreeSet::new();
+        // State written before clocks were per tenant has one partition-wide clock: every
+        // tenant starts from it (a one-time migration; fresh state starts in the far past).
+        let initial_clock = (
+            read_i64(keys::META_MAX_EVENT_TIME)?.unwrap_or(i64::MIN),
+            read_i64(keys::META_WATERMARK)?.unwrap_or(i64::MIN),
+        );
+        let mut clocks: HashMap<String, Clock> = HashMap::new();
+        for item in db.prefix_iterator(CLOCK_PREFIX) {
+            let (key, value) = item?;
+            if !key.starts_with(CLOCK_PREFIX) {
+                break;
+            }
+            let tenant = String::from_utf8(key[CLOCK_PREFIX.len()..].to_vec())
+                .map_err(|_| Error::Corrupt("tenant clock key".into()))?;
+            let max = keys::time_from(&value);
+            let watermark = value.get(8..).and_then(keys::time_from);
+            let (Some(max), Some(watermark)) = (max, watermark) else {
+                return Err(Error::Corrupt(format!("clock of tenant {tenant}")));
+            };
+            clocks.insert(tenant, Clock::new((max, watermark)));
+        }
         for item in db.prefix_iterator(OPEN_PREFIX) {
             let (key, _) = item?;
             if !key.starts_with(OPEN_PREFIX) {
                 break;
             }
             let rest = &key[OPEN_PREFIX.len()..];
-            if let Some(end) = keys::time_from(rest) {
-                open.insert((end, rest[8..].to_vec()));
+            let window_key = rest.get(8..).unwrap_or_default();
+            if let (Some(end), Some(tenant)) = (keys::time_from(rest), keys::tenant_of(window_key))
+            {
+                clocks
+                    .entry(tenant.to_owned())
+                    .or_insert_with(|| Clock::new(initial_clock))
+                    .open
+                    .insert((end, window_key.to_vec()));
             }
         }
         Ok(Self {
@@ -217,13 +295,10 @@ impl PartitionState {
             periods: HashMap::new(),
             timing,
             next_offset,
-            max_event_time,
-            watermark,
-            open,
+            clocks,
+            initial_clock,
             outputs: Vec::new(),
             counts: Counts::default(),
-            last_message_at: Instant::now(),
-            tick_sent_at: None,
             decoder: codec::Decoder::default(),
         })
     }
@@ -233,14 +308,37 @@ impl PartitionState {
         self.next_offset
     }
 
-    /// The partition's watermark (`i64::MIN` before any event).
+    /// The most advanced tenant watermark of the partition (`i64::MIN` before any event): how
+    /// far event time got here, for the watermark-lag gauge.
     pub fn watermark(&self) -> i64 {
-        self.watermark
+        self.clocks
+            .values()
+            .map(|c| c.watermark)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
+    /// The watermark of one tenant (`i64::MIN` before its first event).
+    pub fn tenant_watermark(&self, tenant: &str) -> i64 {
+        self.clocks
+            .get(tenant)
+            .map_or(self.initial_clock.1, |c| c.watermark)
     }
 
     /// Windows not yet closed.
     pub fn open_windows(&self) -> usize {
-        self.open.len()
+        self.clocks.values().map(|c| c.open.len()).sum()
+    }
+
+    /// The tenant's clock, started (from the initial clock) at its first event here.
+    fn clock_mut(&mut self, tenant: &str) -> Result<&mut Clock> {
+        if !self.clocks.contains_key(tenant) {
+            self.clocks
+                .insert(tenant.to_owned(), Clock::new(self.initial_clock));
+        }
+        self.clocks
+            .get_mut(tenant)
+            .ok_or_else(|| Error::Corrupt(format!("clock of tenant {tenant} vanished")))
     }
 
     /// Whether the batch has anything to write.
@@ -361,14 +459,15 @@ impl PartitionState {
             self.dead_letter(key, payload, rejection, offset);
             return Ok(());
         };
+        // The gateway's rule, on the receive time the topic carries: what it accepted counts.
         if event.time_ms
-            < self
-                .watermark
+            < event
+                .received_ms
                 .saturating_sub(self.timing.correction_horizon_ms)
         {
             let rejection = Rejection::new(
                 RejectCode::TimestampTooFarInPast,
-                "event is older than the watermark minus the correction horizon",
+                "event time is before its receive time minus the correction horizon",
             );
             self.dead_letter(key, payload, rejection, offset);
             return Ok(());
@@ -388,19 +487,42 @@ impl PartitionState {
                 return Ok(());
             }
         };
-        self.put(dedup_key, keys::time_bytes(event.time_ms).to_vec());
+        // Every meter's fold is checked before any is made: an event counts whole or not at all.
+        let mut targets = Vec::with_capacity(measures.len());
         for m in &measures {
-            self.fold(&event, m)?;
+            let target = self.target(&event, m)?;
+            if !self.fits(&event.tenant, m, &target)? {
+                let rejection = Rejection::new(
+                    RejectCode::ValueOutOfRange,
+                    format!(
+                        "meter `{}`: adding this value to its window or period would leave the \
+                         exact decimal range",
+                        m.meter.key
+                    ),
+                );
+                self.dead_letter(key, payload, rejection, offset);
+                return Ok(());
+            }
+            targets.push(target);
+        }
+        self.put(dedup_key, keys::time_bytes(event.time_ms).to_vec());
+        for (m, target) in measures.iter().zip(targets) {
+            self.fold(&event, m, target)?;
         }
         self.counts.applied += 1;
-        if event.time_ms > self.max_event_time {
-            self.max_event_time = event.time_ms;
-            self.advance_to(event.time_ms.saturating_sub(self.timing.grace_ms))?;
+        let clock = self.clock_mut(&event.tenant)?;
+        clock.touched = true;
+        if event.time_ms > clock.max_event_time {
+            clock.max_event_time = event.time_ms;
+            clock.dirty = true;
+            let watermark = event.time_ms.saturating_sub(self.timing.grace_ms);
+            self.advance_to(&event.tenant, watermark)?;
         }
         Ok(())
     }
 
-    fn fold(&mut self, event: &Event, m: &Measure<'_>) -> Result<()> {
+    /// The window, series and period one measure of `event` folds into.
+    fn target(&self, event: &Event, m: &Measure<'_>) -> Result<Target> {
         let meter = m.meter;
         let size = meter.window_ms();
         let start = window_start(event.time_ms, size);
@@ -417,8 +539,70 @@ impl PartitionState {
             std::borrow::Cow::Owned(serde_json::to_string(&m.group).unwrap_or_default())
         };
         let series = keys::series(&meter.key, &event.subject, &group_text);
+        let window_key = keys::window(&event.tenant, &series, start);
+        Ok(Target {
+            series,
+            window_key,
+            start,
+            size,
+            period_start,
+            period_end,
+        })
+    }
+
+    /// Whether folding `m` into `target` keeps every sum exact: the window's, and the
+    /// period's when the window is already closed (a late event goes into both).
+    fn fits(&mut self, tenant: &str, m: &Measure<'_>, target: &Target) -> Result<bool> {
+        let Some(value) = m.value.filter(|_| m.meter.aggregation.sums()) else {
+            return Ok(true);
+        };
+        let watermark = self.tenant_watermark(tenant);
+        let (window_sum, closed) = match self.peek_window(&target.window_key)? {
+            Some(record) => (record.agg.sum, record.closed),
+            None => (Decimal::ZERO, target.start + target.size <= watermark),
+        };
+        if decimal::exact_add(window_sum, value).is_none() {
+            return Ok(false);
+        }
+        if closed {
+            let period_key = keys::period(tenant, &target.series, target.period_start);
+            let period = self.load_period(&period_key)?;
+            let fits = decimal::exact_add(period.sum, value).is_some();
+            self.store_period(period_key, period);
+            return Ok(fits);
+        }
+        Ok(true)
+    }
+
+    /// The window record at `key`, read into the batch cache (unchanged) if it was not there.
+    fn peek_window(&mut self, key: &[u8]) -> Result<Option<&WindowRecord>> {
+        if !self.windows.contains_key(key) {
+            let Some(record) = self.get_record::<WindowRecord>(key)? else {
+                return Ok(None);
+            };
+            self.windows.insert(
+                key.to_vec(),
+                CachedWindow {
+                    record,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.windows.get(key).map(|cached| &cached.record))
+    }
+
+    fn fold(&mut self, event: &Event, m: &Measure<'_>, target: Target) -> Result<()> {
+        let meter = m.meter;
+        let Target {
+            series,
+            window_key,
+            start,
+            size,
+            period_start,
+            period_end,
+        } = target;
         let tenant = event.tenant.as_str();
-        let window_key = keys::window(tenant, &series, start);
+        let watermark = self.tenant_watermark(tenant);
         let existing = self.load_window(&window_key)?;
         let is_new = existing.is_none();
         let mut record = existing.unwrap_or_else(|| WindowRecord {
@@ -433,8 +617,9 @@ impl PartitionState {
             period_end_ms: period_end,
             agg: Aggregate::default(),
             revision: 0,
-            // A window whose end the watermark already passed is closed, even if empty so far.
-            closed: start + size <= self.watermark,
+            // A window whose end the tenant's watermark already passed is closed, even if
+            // empty so far.
+            closed: start + size <= watermark,
             period_new: 0,
         });
 
@@ -470,9 +655,17 @@ impl PartitionState {
                 Some(_) => {}
             }
         }
+        let aggregation = record.aggregation;
+        // `fits` checked the sums; a failure here would be a broken invariant.
         record
             .agg
-            .add(m.value, event.time_ms, &event.id, new_in_window)
+            .add(
+                aggregation,
+                m.value,
+                event.time_ms,
+                &event.id,
+                new_in_window,
+            )
             .map_err(|_| overflow(&record))?;
 
         if record.closed {
@@ -482,7 +675,13 @@ impl PartitionState {
             let period_key = keys::period(tenant, &series, period_start);
             let mut period = self.load_period(&period_key)?;
             period
-                .add(m.value, event.time_ms, &event.id, new_in_closed_period)
+                .add(
+                    aggregation,
+                    m.value,
+                    event.time_ms,
+                    &event.id,
+                    new_in_closed_period,
+                )
                 .map_err(|_| overflow(&record))?;
             self.emit(&record, &period);
             self.store_period(period_key, period);
@@ -490,71 +689,98 @@ impl PartitionState {
         } else {
             if is_new {
                 self.put(open_key(record.window_end_ms, &window_key), Vec::new());
-                self.open.insert((record.window_end_ms, window_key.clone()));
+                self.clock_mut(tenant)?
+                    .open
+                    .insert((record.window_end_ms, window_key.clone()));
             }
             self.store_window(window_key, record);
         }
         Ok(())
     }
 
-    /// A partition without messages for `idle` lets event time run on with processing time:
-    /// the watermark may become the later of (highest event time + idle) and the wall clock,
-    /// minus grace. That advance is not applied here: it is returned, and queued as an
-    /// [`Output::Tick`], to be written to the partition itself and applied when read back
-    /// ([`Self::apply_tick`]). The partition's state is thereby a function of its messages
-    /// alone, and replaying it closes every window at the same point.
+    /// For each tenant of the partition without events for `idle`, lets its event time run on
+    /// with processing time: its watermark may become the later of (highest event time +
+    /// idle time) and the wall clock, minus grace. That advance is not applied here: it is
+    /// queued as an [`Output::Tick`], to be written to the partition itself and applied when
+    /// read back ([`Self::apply_tick`]). The partition's state is thereby a function of its
+    /// messages alone, and replaying it closes every window at the same point.
     ///
-    /// Nothing is queued before the partition's first event, while an earlier tick is still in
-    /// flight (for up to `retry_after`), or when the advance would close no window.
-    pub fn idle_tick(
+    /// Call once per batch. Nothing is queued for a tenant before its first event, while an
+    /// earlier tick of it is still in flight (for up to `retry_after`), or when the advance
+    /// would close none of its windows. Returns how many ticks were queued.
+    pub fn idle_ticks(
         &mut self,
         idle: std::time::Duration,
         grace_ms: i64,
         wall_ms: i64,
         retry_after: std::time::Duration,
-    ) -> Option<i64> {
-        if self.max_event_time == i64::MIN
-            || self
+    ) -> usize {
+        let now = Instant::now();
+        let mut queued = 0;
+        for (tenant, clock) in &mut self.clocks {
+            if std::mem::take(&mut clock.touched) {
+                clock.last_event_at = now;
+                continue;
+            }
+            let idle_for = now.saturating_duration_since(clock.last_event_at);
+            let in_flight = clock
                 .tick_sent_at
-                .is_some_and(|sent| sent.elapsed() < retry_after)
-        {
-            return None;
+                .is_some_and(|sent| now.saturating_duration_since(sent) < retry_after);
+            if clock.max_event_time == i64::MIN || idle_for < idle || in_flight {
+                continue;
+            }
+            let idle_ms = i64::try_from(idle_for.as_millis()).unwrap_or(i64::MAX);
+            let event_clock = clock.max_event_time.saturating_add(idle_ms).max(wall_ms);
+            let watermark = event_clock.saturating_sub(grace_ms);
+            let closes_a_window = clock.open.first().is_some_and(|(end, _)| *end <= watermark);
+            if watermark <= clock.watermark || !closes_a_window {
+                continue;
+            }
+            clock.tick_sent_at = Some(now);
+            self.outputs.push(Output::Tick {
+                partition: self.partition,
+                tenant: tenant.clone(),
+                watermark,
+            });
+            queued += 1;
         }
-        let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
-        let event_clock = self.max_event_time.saturating_add(idle_ms).max(wall_ms);
-        let watermark = event_clock.saturating_sub(grace_ms);
-        let closes_a_window = self.open.first().is_some_and(|(end, _)| *end <= watermark);
-        if watermark <= self.watermark || !closes_a_window {
-            return None;
-        }
-        self.tick_sent_at = Some(Instant::now());
-        self.outputs.push(Output::Tick {
-            partition: self.partition,
-            watermark,
-        });
-        Some(watermark)
+        queued
     }
 
-    /// Applies a watermark tick read at `offset` (see [`Self::idle_tick`]).
-    pub fn apply_tick(&mut self, offset: i64, watermark: i64) -> Result<()> {
+    /// Applies a watermark tick read at `offset` (see [`Self::idle_ticks`]): to its tenant, or
+    /// to every tenant for a tick written before clocks were per tenant (no tenant named).
+    pub fn apply_tick(&mut self, offset: i64, tenant: Option<&str>, watermark: i64) -> Result<()> {
         self.next_offset = Some(offset + 1);
-        self.tick_sent_at = None;
-        self.advance_to(watermark)
+        match tenant {
+            Some(tenant) => {
+                self.clock_mut(tenant)?.tick_sent_at = None;
+                self.advance_to(tenant, watermark)
+            }
+            None => {
+                let mut tenants: Vec<String> = self.clocks.keys().cloned().collect();
+                tenants.sort_unstable();
+                for tenant in tenants {
+                    self.advance_to(&tenant, watermark)?;
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Raises the watermark to `watermark` (never lowers it) and closes every window it passed.
-    pub fn advance_to(&mut self, watermark: i64) -> Result<()> {
-        if watermark <= self.watermark {
+    /// Raises `tenant`'s watermark to `watermark` (never lowers it) and closes every window of
+    /// the tenant it passed, in order of end time.
+    pub fn advance_to(&mut self, tenant: &str, watermark: i64) -> Result<()> {
+        let clock = self.clock_mut(tenant)?;
+        if watermark <= clock.watermark {
             return Ok(());
         }
-        self.watermark = watermark;
-        while let Some((end, _)) = self.open.first() {
-            if *end > watermark {
-                break;
-            }
-            let Some((end, window_key)) = self.open.pop_first() else {
-                break;
-            };
+        clock.watermark = watermark;
+        clock.dirty = true;
+        let mut closing = Vec::new();
+        while clock.open.first().is_some_and(|(end, _)| *end <= watermark) {
+            closing.extend(clock.open.pop_first());
+        }
+        for (end, window_key) in closing {
             self.close(end, window_key)?;
         }
         Ok(())
@@ -571,33 +797,38 @@ impl PartitionState {
         let period_key = keys::period_of_window(&window_key, record.period_start_ms)
             .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
         let mut period = self.load_period(&period_key)?;
-        period.merge(&record.agg).map_err(|_| overflow(&record))?;
-        period.distinct += record.period_new;
-        self.emit(&record, &period);
-        self.store_period(period_key, period);
+        let before = period.clone();
+        match period.merge(record.aggregation, &record.agg) {
+            Ok(()) => {
+                period.distinct += record.period_new;
+                self.emit(&record, &period);
+                self.store_period(period_key, period);
+            }
+            Err(_) => {
+                // Each event fitted its window, but the window does not fit its period: the
+                // window's rollup is dead-lettered with the reason, the period stays as it
+                // was, and the partition goes on.
+                let rollup = rollup_of(&record, &before);
+                let rejection = Rejection::new(
+                    RejectCode::ValueOutOfRange,
+                    format!(
+                        "meter `{}`: the window's sum does not fit its period's exact decimal range",
+                        record.meter
+                    ),
+                );
+                let offset = self.next_offset.map_or(-1, |next| next - 1);
+                let (key, payload) = (rollup.key(), rollup.encode());
+                self.dead_letter(Some(key.as_bytes()), &payload, rejection, offset);
+                self.store_period(period_key, before);
+            }
+        }
         self.store_window(window_key, record);
         Ok(())
     }
 
     fn emit(&mut self, record: &WindowRecord, period: &Aggregate) {
         self.counts.rollups += 1;
-        self.outputs.push(Output::Rollup(Rollup {
-            v: 1,
-            tenant: record.tenant.clone(),
-            meter: record.meter.clone(),
-            customer: record.customer.clone(),
-            group: record.group.clone(),
-            aggregation: record.aggregation,
-            window_start_ms: record.window_start_ms,
-            window_end_ms: record.window_end_ms,
-            period_start_ms: record.period_start_ms,
-            period_end_ms: record.period_end_ms,
-            window_quantity: record.agg.quantity(record.aggregation),
-            window_events: record.agg.count,
-            period_quantity: period.quantity(record.aggregation),
-            period_events: period.count,
-            revision: record.revision,
-        }));
+        self.outputs.push(Output::Rollup(rollup_of(record, period)));
     }
 
     /// Writes the batch: pending state, next offset and watermark, atomically.
@@ -630,11 +861,15 @@ impl PartitionState {
         if let Some(next) = self.next_offset {
             batch.put(keys::META_OFFSET, keys::time_bytes(next));
         }
-        batch.put(keys::META_WATERMARK, keys::time_bytes(self.watermark));
-        batch.put(
-            keys::META_MAX_EVENT_TIME,
-            keys::time_bytes(self.max_event_time),
-        );
+        for (tenant, clock) in &mut self.clocks {
+            if std::mem::take(&mut clock.dirty) {
+                let mut key = CLOCK_PREFIX.to_vec();
+                key.extend_from_slice(tenant.as_bytes());
+                let mut value = keys::time_bytes(clock.max_event_time).to_vec();
+                value.extend_from_slice(&keys::time_bytes(clock.watermark));
+                batch.put(key, value);
+            }
+        }
         // The WAL is written (not fsynced): a killed process loses nothing, since the OS holds
         // the pages; only a power loss could, and then the batch is replayed from Kafka.
         self.db.write_opt(batch, &WriteOptions::default())?;
@@ -680,6 +915,27 @@ fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
     key.extend_from_slice(&keys::time_bytes(end));
     key.extend_from_slice(window_key);
     key
+}
+
+/// The rollup of a window record with its period-to-date aggregate.
+fn rollup_of(record: &WindowRecord, period: &Aggregate) -> Rollup {
+    Rollup {
+        v: 1,
+        tenant: record.tenant.clone(),
+        meter: record.meter.clone(),
+        customer: record.customer.clone(),
+        group: record.group.clone(),
+        aggregation: record.aggregation,
+        window_start_ms: record.window_start_ms,
+        window_end_ms: record.window_end_ms,
+        period_start_ms: record.period_start_ms,
+        period_end_ms: record.period_end_ms,
+        window_quantity: record.agg.quantity(record.aggregation),
+        window_events: record.agg.count,
+        period_quantity: period.quantity(record.aggregation),
+        period_events: period.count,
+        revision: record.revision,
+    }
 }
 
 fn overflow(record: &WindowRecord) -> Error {

@@ -10,6 +10,9 @@
 //!   minimum/maximum, rounding), in the order they were applied.
 //!
 //! Rules, in order:
+//! 0. A negative period total (corrections outweighing usage, on a meter with
+//!    `allow_negative`) is priced as a total of zero, with a line saying so: a period never
+//!    pays money back through its price; later usage in the period is priced from there.
 //! 1. `billable = max(0, quantity − included_units)`.
 //! 2. The model prices `billable`:
 //!    - `unit`: `billable × unit_price`;
@@ -33,9 +36,6 @@ use serde::Serialize;
 /// Why a quantity could not be priced.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// A quantity below zero has no price.
-    #[error("quantity {0} is negative")]
-    NegativeQuantity(Decimal),
     /// The amount left the exact decimal range.
     #[error("amount overflows the exact decimal range")]
     Overflow,
@@ -126,6 +126,11 @@ pub enum Line {
         #[serde(with = "rust_decimal::serde::str")]
         fee: Decimal,
     },
+    /// The period total was negative and is priced as zero (rule 0); charges nothing.
+    NegativeTotal {
+        #[serde(with = "rust_decimal::serde::str")]
+        quantity: Decimal,
+    },
 }
 
 impl Line {
@@ -135,6 +140,7 @@ impl Line {
             | Line::Tier { subtotal, .. }
             | Line::Packages { subtotal, .. } => *subtotal,
             Line::Flat { fee } => *fee,
+            Line::NegativeTotal { .. } => Decimal::ZERO,
         }
     }
 }
@@ -149,11 +155,13 @@ fn add(a: Decimal, b: Decimal) -> Result<Decimal> {
 
 /// Prices a period-to-date `quantity` under `plan`, rounding to `precision` digits.
 pub fn price(plan: &PricePlan, quantity: Decimal, precision: u32) -> Result<Priced> {
+    let counted = quantity.max(Decimal::ZERO);
+    let billable = (counted - plan.included_units).max(Decimal::ZERO);
+    let mut lines = Vec::new();
     if quantity < Decimal::ZERO {
-        return Err(Error::NegativeQuantity(quantity));
+        lines.push(Line::NegativeTotal { quantity });
     }
-    let billable = (quantity - plan.included_units).max(Decimal::ZERO);
-    let lines = model_lines(&plan.model, billable)?;
+    lines.extend(model_lines(&plan.model, billable)?);
     let mut model_amount = Decimal::ZERO;
     for line in &lines {
         model_amount = add(model_amount, line.subtotal())?;
@@ -180,7 +188,7 @@ pub fn price(plan: &PricePlan, quantity: Decimal, precision: u32) -> Result<Pric
     amount.rescale(precision);
     Ok(Priced {
         quantity,
-        included_units: plan.included_units.min(quantity),
+        included_units: plan.included_units.min(counted),
         billable,
         lines,
         model_amount,
@@ -250,6 +258,9 @@ impl Priced {
                     )
                 }
                 Line::Flat { fee } => format!("  flat fee per period = {fee}"),
+                Line::NegativeTotal { quantity } => {
+                    format!("  the period total {quantity} is negative: priced as a total of zero")
+                }
             };
             out.push_str(&text);
             out.push('\n');
@@ -392,6 +403,31 @@ model = {model}
 
     const GRADUATED: &str = r#"{ type = "graduated", tiers = [ { up_to = "100", unit_price = "0.10" }, { up_to = "1000", unit_price = "0.05", flat_fee = "2" }, { unit_price = "0.01" } ] }"#;
     const VOLUME: &str = r#"{ type = "volume", tiers = [ { up_to = "100", unit_price = "0.10" }, { up_to = "1000", unit_price = "0.05", flat_fee = "2" }, { unit_price = "0.01" } ] }"#;
+
+    #[test]
+    fn a_negative_period_total_is_priced_as_zero_and_says_so() {
+        // Before: refused (`unpriceable_quantity`), so the period was never billed.
+        let p = plan(GRADUATED, "minimum = \"5\"", "USD");
+        let priced = price(&p, d("-3.5"), 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(priced.amount, d("0.00"));
+        assert_eq!(priced.billable, d("0"));
+        assert_eq!(priced.included_units, d("0"));
+        assert_eq!(priced.minimum_applied, None);
+        assert_eq!(
+            priced.lines,
+            vec![Line::NegativeTotal {
+                quantity: d("-3.5")
+            }]
+        );
+        assert!(
+            priced
+                .explain(&p)
+                .contains("the period total -3.5 is negative: priced as a total of zero")
+        );
+        // A flat fee is charged as for a period with no usage.
+        let flat = plan(r#"{ type = "flat", fee = "9.99" }"#, "", "USD");
+        assert_eq!(amount(&flat, "-1", 2), d("9.99"));
+    }
 
     #[test]
     fn graduated_prices_each_tier_on_its_own_units_at_under_and_over_each_boundary() {

@@ -612,10 +612,10 @@ model = { type = "flat", fee = "9.99" }
             code(&rollup("gone", 0, 1, "1", "1")),
             Err("no_matching_meter")
         );
-        assert_eq!(
-            code(&rollup("tokens", 0, 1, "-1", "-1")),
-            Err("unpriceable_quantity")
-        );
+        // A negative period total is priced as zero (it was refused, and so never billed).
+        let negative = rate(&rollup("tokens", 0, 1, "-1", "-1"), &catalog, None, None)
+            .map(|rated| item(rated).0.amount);
+        assert_eq!(negative, Ok(d("0.00")));
         let mut early = rollup("tokens", 0, 1, "1", "1");
         early.period_start_ms = 1_735_689_600_000 - 86_400_000; // 2024-12-31: before any plan
         assert_eq!(code(&early), Err("no_price_plan"));

@@ -112,6 +112,13 @@ pub enum Aggregation {
     Latest,
 }
 
+impl Aggregation {
+    /// Whether the quantity reads the sum of values (`sum`, `avg`).
+    pub fn sums(self) -> bool {
+        matches!(self, Aggregation::Sum | Aggregation::Avg)
+    }
+}
+
 /// A meter: which events count and how.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +142,11 @@ pub struct Meter {
     pub window: Duration,
     #[serde(default)]
     pub billing_period: BillingPeriod,
+    /// Whether a negative value counts (a correction an event sends, such as a refund of
+    /// usage). Off by default: a negative value is then refused at the door
+    /// (`invalid_value`), rather than accepted and later unpriceable.
+    #[serde(default)]
+    pub allow_negative: bool,
 }
 
 /// One equality filter of a meter.

@@ -4,6 +4,11 @@
 //! read its value, the whole event is refused (`invalid_value`), so a partly counted event never
 //! exists. The gateway refuses such events at the door with this same function
 //! ([`crate::catalog::Tenant::check_values`]) and the aggregator meters with it.
+//!
+//! A value is refused (`invalid_value`) unless it is an exact decimal with at most 18 integer
+//! digits ([`decimal::max_abs_value`]: what no single usage event needs more than, and what
+//! keeps sums of many events far inside the exact range) and, unless the meter sets
+//! `allow_negative`, at least zero.
 
 use crate::catalog::{Aggregation, Meter, Tenant, scalar_text};
 use crate::{Event, RejectCode, Rejection, decimal};
@@ -51,6 +56,22 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>
                 let value = found.and_then(decimal::from_json).ok_or_else(|| {
                     unreadable(meter, path.as_str(), "an exact decimal number", found)
                 })?;
+                if value.abs() >= decimal::max_abs_value() {
+                    return Err(unreadable(
+                        meter,
+                        path.as_str(),
+                        "a number of at most 18 integer digits",
+                        found,
+                    ));
+                }
+                if value.is_sign_negative() && !value.is_zero() && !meter.allow_negative {
+                    return Err(unreadable(
+                        meter,
+                        path.as_str(),
+                        "a number of at least zero (the meter does not set `allow_negative`)",
+                        found,
+                    ));
+                }
                 (Some(value), None)
             }
         };
@@ -96,4 +117,84 @@ fn unreadable(
         RejectCode::InvalidValue,
         format!("meter `{}` reads {path} as {what}; it is {is}", meter.key),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Catalog;
+    use serde_json::json;
+
+    const CATALOG: &str = r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+[[tenants.meters]]
+key = "credits_back"
+event_type = "refund"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+allow_negative = true
+"#;
+
+    fn outcome(event_type: &str, tokens: serde_json::Value) -> Result<Option<Decimal>, RejectCode> {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let event = Event {
+            tenant: "acme".into(),
+            id: "e".into(),
+            event_type: event_type.into(),
+            subject: "c".into(),
+            time_ms: 0,
+            received_ms: 0,
+            source: None,
+            data: json!({ "tokens": tokens })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        measure(tenant, &event)
+            .map(|m| m.first().and_then(|m| m.value))
+            .map_err(|r| r.code)
+    }
+
+    fn d(text: &str) -> Option<Decimal> {
+        decimal::parse_exact(text)
+    }
+
+    #[test]
+    fn values_past_the_bound_are_refused_at_any_notation() {
+        // The value that stopped the aggregator: refused at the door now.
+        assert_eq!(
+            outcome("llm", json!("79228162514264337593543950335")),
+            Err(RejectCode::InvalidValue)
+        );
+        assert_eq!(outcome("llm", json!("1e18")), Err(RejectCode::InvalidValue));
+        assert_eq!(
+            outcome("llm", json!("999999999999999999.9999999999")),
+            Ok(d("999999999999999999.9999999999"))
+        );
+        assert_eq!(
+            outcome("llm", json!("12345.555555555555555555555555555555e0")),
+            Err(RejectCode::InvalidValue)
+        );
+    }
+
+    #[test]
+    fn negative_values_count_only_where_the_meter_allows_them() {
+        assert_eq!(outcome("llm", json!(-5)), Err(RejectCode::InvalidValue));
+        assert_eq!(outcome("llm", json!("-0.5")), Err(RejectCode::InvalidValue));
+        assert_eq!(outcome("llm", json!("-0")), Ok(d("0")));
+        assert_eq!(outcome("refund", json!(-5)), Ok(d("-5")));
+        assert_eq!(
+            outcome("refund", json!("-1e18")),
+            Err(RejectCode::InvalidValue)
+        );
+    }
 }

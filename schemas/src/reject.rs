@@ -33,11 +33,15 @@ pub enum RejectCode {
     Unauthenticated,
     /// Raw-topic path only: the message's API key lacks the `ingest` scope.
     Forbidden,
+    /// Aggregator only: the value is valid alone, but adding it to its window's or period's
+    /// sum would leave the exact decimal range; the event is dead-lettered whole (no meter
+    /// counts it) and the partition goes on.
+    ValueOutOfRange,
 }
 
 impl RejectCode {
     /// Every code, for metrics pre-registration and documentation.
-    pub const ALL: [RejectCode; 11] = [
+    pub const ALL: [RejectCode; 12] = [
         RejectCode::InvalidJson,
         RejectCode::MissingField,
         RejectCode::InvalidField,
@@ -49,6 +53,7 @@ impl RejectCode {
         RejectCode::NoMatchingMeter,
         RejectCode::Unauthenticated,
         RejectCode::Forbidden,
+        RejectCode::ValueOutOfRange,
     ];
 
     /// The stable wire spelling.
@@ -65,6 +70,7 @@ impl RejectCode {
             RejectCode::NoMatchingMeter => "no_matching_meter",
             RejectCode::Unauthenticated => "unauthenticated",
             RejectCode::Forbidden => "forbidden",
+            RejectCode::ValueOutOfRange => "value_out_of_range",
         }
     }
 }

@@ -40,26 +40,35 @@ pub struct Latest {
     pub value: Decimal,
 }
 
-/// Folding failed: the sum left the range a `Decimal` holds exactly.
+/// Folding failed: the sum would leave the range a `Decimal` holds exactly (or keep fewer
+/// digits than its terms: see [`crate::decimal::exact_add`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
 
 impl Aggregate {
     /// Folds in one event's value (`None` for `count`), its time and id.
     /// `new_distinct` says whether the value was not yet in this aggregate's distinct set.
+    /// The sum is kept only for the aggregations that read it ([`Aggregation::sums`]), so a
+    /// `max` meter never fails on a sum nobody bills.
     pub fn add(
         &mut self,
+        aggregation: Aggregation,
         value: Option<Decimal>,
         time_ms: i64,
         id: &str,
         new_distinct: bool,
     ) -> Result<(), Overflow> {
+        // The one step that can fail goes first: a refused value leaves the aggregate as it was.
+        if let Some(value) = value
+            && aggregation.sums()
+        {
+            self.sum = crate::decimal::exact_add(self.sum, value).ok_or(Overflow)?;
+        }
         self.count += 1;
         if new_distinct {
             self.distinct += 1;
         }
         let Some(value) = value else { return Ok(()) };
-        self.sum = self.sum.checked_add(value).ok_or(Overflow)?;
         self.min = Some(self.min.map_or(value, |m| m.min(value)));
         self.max = Some(self.max.map_or(value, |m| m.max(value)));
         let newer = self
@@ -78,9 +87,11 @@ impl Aggregate {
 
     /// Merges another aggregate of disjoint events into this one (distinct counts must have
     /// been reconciled by the caller, who owns the sets).
-    pub fn merge(&mut self, other: &Aggregate) -> Result<(), Overflow> {
+    pub fn merge(&mut self, aggregation: Aggregation, other: &Aggregate) -> Result<(), Overflow> {
+        if aggregation.sums() {
+            self.sum = crate::decimal::exact_add(self.sum, other.sum).ok_or(Overflow)?;
+        }
         self.count += other.count;
-        self.sum = self.sum.checked_add(other.sum).ok_or(Overflow)?;
         self.min = match (self.min, other.min) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -159,17 +170,23 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    /// The compaction key: one per (tenant, meter, customer, group, window).
+    /// The compaction key: one per (tenant, customer, meter, group, window), written as a JSON
+    /// array such as `["acme","customer-7","llm_tokens",{"model":"b"},1795851720000]`.
+    ///
+    /// The topic is compacted on it, so two series must never share a key: JSON escapes every
+    /// quote, backslash and control character inside a string, so no customer id or group
+    /// value can end its field early (the earlier `a/b/c=d` form let `/`, `,` and `=` in
+    /// values make two series one key, and compaction would have kept only one of them).
     pub fn key(&self) -> String {
-        let group: Vec<String> = self.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!(
-            "{}/{}/{}/{}/{}",
-            self.tenant,
-            self.customer,
-            self.meter,
-            group.join(","),
-            self.window_start_ms
-        )
+        let fields = (
+            &self.tenant,
+            &self.customer,
+            &self.meter,
+            &self.group,
+            self.window_start_ms,
+        );
+        // A tuple of strings, a map of strings and an integer always serializes.
+        serde_json::to_string(&fields).unwrap_or_default()
     }
 
     /// The partitioning key: `tenant/customer`.
@@ -208,9 +225,10 @@ mod tests {
     #[test]
     fn every_aggregation_reads_its_quantity() {
         let mut a = Aggregate::default();
-        a.add(Some(d("2.5")), 10, "a", true).expect("fits");
-        a.add(Some(d("7")), 5, "b", true).expect("fits");
-        a.add(Some(d("1.25")), 10, "c", false).expect("fits");
+        let sum = Aggregation::Sum;
+        a.add(sum, Some(d("2.5")), 10, "a", true).expect("fits");
+        a.add(sum, Some(d("7")), 5, "b", true).expect("fits");
+        a.add(sum, Some(d("1.25")), 10, "c", false).expect("fits");
         assert_eq!(a.quantity(Aggregation::Sum), d("10.75"));
         assert_eq!(a.quantity(Aggregation::Count), d("3"));
         assert_eq!(a.quantity(Aggregation::Min), d("1.25"));
@@ -219,6 +237,116 @@ mod tests {
         assert_eq!(a.quantity(Aggregation::UniqueCount), d("2"));
         // Same time 10: the greater id wins, whatever the order of arrival.
         assert_eq!(a.quantity(Aggregation::Latest), d("1.25"));
+    }
+
+    #[test]
+    fn a_sum_that_would_round_is_refused_and_leaves_the_aggregate_as_it_was() {
+        let mut a = Aggregate::default();
+        let big = d("79228162514264337593543950335");
+        a.add(Aggregation::Sum, Some(big), 1, "a", false)
+            .expect("fits");
+        let before = a.clone();
+        assert_eq!(
+            a.add(Aggregation::Sum, Some(d("1")), 2, "b", false),
+            Err(Overflow)
+        );
+        assert_eq!(a, before);
+        // Digits a sum would drop are refused too (rust_decimal alone would round).
+        let mut fine = Aggregate::default();
+        fine.add(
+            Aggregation::Sum,
+            Some(d("7922816251426433759354395033.5")),
+            1,
+            "a",
+            false,
+        )
+        .expect("fits");
+        assert_eq!(
+            fine.add(Aggregation::Sum, Some(d("0.1")), 2, "b", false),
+            Err(Overflow)
+        );
+        // A `max` meter keeps no sum, so the same values fold.
+        let mut max = Aggregate::default();
+        max.add(Aggregation::Max, Some(big), 1, "a", false)
+            .expect("fits");
+        max.add(Aggregation::Max, Some(big), 2, "b", false)
+            .expect("fits");
+        assert_eq!(max.quantity(Aggregation::Max), big);
+        assert_eq!(max.count, 2);
+    }
+
+    fn rollup(
+        tenant: &str,
+        customer: &str,
+        meter: &str,
+        group: BTreeMap<String, String>,
+        window_start_ms: i64,
+    ) -> Rollup {
+        Rollup {
+            v: 1,
+            tenant: tenant.into(),
+            meter: meter.into(),
+            customer: customer.into(),
+            group,
+            aggregation: Aggregation::Sum,
+            window_start_ms,
+            window_end_ms: window_start_ms + 60_000,
+            period_start_ms: 0,
+            period_end_ms: 1,
+            window_quantity: Decimal::ZERO,
+            window_events: 0,
+            period_quantity: Decimal::ZERO,
+            period_events: 0,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn series_that_collided_under_the_old_key_have_different_keys() {
+        // Both were `acme/p0734-y1/llm_tokens/model=b/api_calls//1795851720000`.
+        let one = rollup(
+            "acme",
+            "p0734-y1/llm_tokens/model=b",
+            "api_calls",
+            BTreeMap::new(),
+            1_795_851_720_000,
+        );
+        let other = rollup(
+            "acme",
+            "p0734-y1",
+            "llm_tokens",
+            BTreeMap::from([("model".to_owned(), "b/api_calls/".to_owned())]),
+            1_795_851_720_000,
+        );
+        assert_ne!(one.key(), other.key());
+        assert_eq!(
+            other.key(),
+            r#"["acme","p0734-y1","llm_tokens",{"model":"b/api_calls/"},1795851720000]"#
+        );
+    }
+
+    /// Fields drawn from the characters that separated the old key's parts, so collisions
+    /// are likely if the encoding allowed any.
+    fn field() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec!["", "/", ",", "=", "\0", "\"", "a", "\\"]),
+            0..4,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn distinct_series_have_distinct_rollup_keys(
+            a in (field(), field(), field(), prop::collection::btree_map(field(), field(), 0..3), -2i64..2),
+            b in (field(), field(), field(), prop::collection::btree_map(field(), field(), 0..3), -2i64..2),
+        ) {
+            let (ra, rb) = (
+                rollup(&a.0, &a.1, &a.2, a.3.clone(), a.4),
+                rollup(&b.0, &b.1, &b.2, b.3.clone(), b.4),
+            );
+            prop_assert_eq!(ra.key() == rb.key(), a == b);
+        }
     }
 
     proptest! {
@@ -236,7 +364,7 @@ mod tests {
                 let mut a = Aggregate::default();
                 for &i in order {
                     let (v, t, id) = &events[i];
-                    a.add(Some(*v), *t, id, false).expect("fits");
+                    a.add(Aggregation::Sum, Some(*v), *t, id, false).expect("fits");
                 }
                 a
             };
@@ -253,7 +381,7 @@ mod tests {
             // Splitting into two merged halves gives the same as one fold.
             let (left, right) = forward.split_at(events.len() / 2);
             let mut merged = fold(left);
-            merged.merge(&fold(right)).expect("fits");
+            merged.merge(Aggregation::Sum, &fold(right)).expect("fits");
             prop_assert_eq!(merged, fold(&forward));
         }
     }

@@ -30,6 +30,10 @@ pub const SOURCE_OFFSET_HEADER: &str = "neruba-source-offset";
 /// of the events topic skip messages that carry it.
 pub const WATERMARK_HEADER: &str = "neruba-watermark";
 
+/// Events-topic header of a watermark tick: the tenant whose clock it advances (event time is
+/// kept per tenant within a partition). A tick without it applies to every tenant.
+pub const WATERMARK_TENANT_HEADER: &str = "neruba-watermark-tenant";
+
 /// Rollups-topic header of a rerun request ([`crate::ledger::Rerun`]); consumers of the
 /// rollups topic other than the rater skip messages that carry it.
 pub const RERUN_HEADER: &str = "neruba-rerun";

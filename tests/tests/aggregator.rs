@@ -68,6 +68,15 @@ event_type = "seat"
 aggregation = "latest"
 value = "$.seats"
 window = "1m"
+
+[[tenants]]
+id = "t2"
+
+[[tenants.meters]]
+key = "calls"
+event_type = "api"
+aggregation = "count"
+window = "1m"
 "#;
 
 /// 2026-11-10 12:00:00 UTC: fixed, so no test depends on the day it runs.
@@ -380,15 +389,11 @@ async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered(
     );
 
     // Within the horizon: minute 0 gains an event and is re-emitted as revision 2.
-    // Beyond it (watermark − 1 h): dead-lettered with its code.
+    // Beyond it (received 2 h after its time, the horizon is 1 h): dead-lettered with its code.
+    let mut ancient = api("ancient", "c1", -7200, "1", "u1");
+    ancient.received_ms = ancient.time_ms + 7_200_000;
     s.writer
-        .send(
-            0,
-            &[
-                api("late", "c1", 30, "9", "u3"),
-                api("ancient", "c1", -7200, "1", "u1"),
-            ],
-        )
+        .send(0, &[api("late", "c1", 30, "9", "u3"), ancient])
         .await?;
     let second = closed(&s, 10, 800, "c1", &["calls", "latency_max"]).await?;
     assert_eq!(
@@ -401,6 +406,150 @@ async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered(
     let letters = dead_letters(s.kafka.bootstrap_servers(), 1).await?;
     let codes: Vec<&str> = letters.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(codes, ["timestamp_too_far_in_past"]);
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_event_the_gateway_accepted_is_counted_whatever_the_clock_did_before_it() -> Result<()> {
+    // Found by a hostile client: an event 290 s in the future moved the watermark, and an
+    // event 35 days − 120 s old, accepted by the gateway at the same moment, was then
+    // dead-lettered as too old. The rule is now the gateway's, on the receive time.
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| {
+        c.timing.correction_horizon_ms = 3_600_000;
+    })?;
+    let received = t0() + 3_600_000;
+    let mut future = api("future", "c1", 3600 + 290, "1", "u1");
+    future.received_ms = received;
+    let mut old = api("old", "c2", 120, "1", "u1");
+    old.received_ms = received;
+    s.writer.send(0, &[future, old]).await?;
+    // The old event's window is behind the clock already: it closes (and is emitted) at once.
+    let calls = closed(&s, 5, 500, "c2", &["calls"]).await?;
+    assert_eq!(calls, vec![row("calls", "", 2, ("1", 1), ("1", 1), 1)]);
+    let letters = dead_letters(s.kafka.bootstrap_servers(), 0).await?;
+    assert_eq!(letters, Vec::<(String, Vec<u8>)>::new());
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_tenants_clock_never_makes_another_tenants_events_late() -> Result<()> {
+    // Two tenants on one partition. t1 sends an event ten minutes ahead of t2's traffic; t2's
+    // windows must close on t2's own clock, once, not as late revisions of windows t1 closed.
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    let other = |id: &str, at_s: i64| event("t2", id, "api", "c1", t0() + at_s * 1000, json!({}));
+    s.writer
+        .send(
+            0,
+            &[
+                api("ahead", "c1", 600, "1", "u1"),
+                other("b1", 1),
+                other("b2", 2),
+                other("b-closer", 120),
+            ],
+        )
+        .await?;
+    let all = rollups_on_topic(s.kafka.bootstrap_servers(), 1, Duration::from_millis(800)).await?;
+    let t2: Vec<(String, i64, Decimal, u32)> = all
+        .iter()
+        .filter(|r| r.tenant == "t2")
+        .map(|r| {
+            (
+                r.meter.clone(),
+                (r.window_start_ms - t0()) / 60_000,
+                r.window_quantity,
+                r.revision,
+            )
+        })
+        .collect();
+    // One rollup for minute 0, revision 1, both events in it: nothing was late.
+    assert_eq!(t2, vec![("calls".to_owned(), 0, d("2"), 1)]);
+    // t1's windows are all still open: t2's clock (at minute 2) closed none of them.
+    assert!(all.iter().all(|r| r.tenant == "t2"));
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_value_that_cannot_be_folded_is_dead_lettered_and_the_partition_goes_on() -> Result<()> {
+    // Found by a hostile client: a sum past the exact decimal range stopped the aggregator,
+    // and every restart replayed the same events into the same failure.
+    let s = setup(1)?;
+    let llm = |id: &str, at_s: i64, tokens: &str| {
+        event(
+            "t1",
+            id,
+            "llm",
+            "c1",
+            t0() + at_s * 1000,
+            json!({"tokens": tokens, "model": "a", "status": "ok"}),
+        )
+    };
+    // Each value fits alone; the eighth would make the window's sum round (28 significant
+    // digits at scale 10 no longer fit), so it is refused whole.
+    let big = "999999999999999999.9999999999";
+    let mut events = vec![
+        llm("huge", 1, "79228162514264337593543950335"),
+        llm("negative", 1, "-5"),
+        llm("one", 1, "1"),
+    ];
+    for i in 0..8 {
+        events.push(llm(&format!("big-{i}"), 2 + i, big));
+    }
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer.send(0, &events).await?;
+    wait_applied(&s, 0, events.len()).await?;
+    let letters = dead_letters(s.kafka.bootstrap_servers(), 3).await?;
+    let codes: Vec<&str> = letters.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["invalid_value", "invalid_value", "value_out_of_range"]
+    );
+    let refused: neruba_schemas::Event = neruba_schemas::codec::decode(&mut letters[2].1.clone())?;
+    assert_eq!(refused.id, "big-7");
+    drop(shutdown);
+    running.wait().await?;
+
+    // A restart proceeds: later events are counted, and the window holds exactly the
+    // events that fitted.
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer
+        .send(
+            0,
+            &[
+                llm("after", 660, "2"),
+                api("closer", "other", 1200, "1", "x"),
+            ],
+        )
+        .await?;
+    let tokens = closed(&s, 2, 800, "c1", &["tokens"]).await?;
+    assert_eq!(
+        tokens,
+        vec![
+            row(
+                "tokens",
+                "model=a",
+                0,
+                ("7000000000000000000.9999999993", 8),
+                ("7000000000000000000.9999999993", 8),
+                1
+            ),
+            row(
+                "tokens",
+                "model=a",
+                11,
+                ("2", 1),
+                ("7000000000000000002.9999999993", 9),
+                1
+            ),
+        ]
+    );
     drop(shutdown);
     running.wait().await?;
     Ok(())
