@@ -5,9 +5,9 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use neruba_benches::typical_batch;
-use neruba_ingest_gateway::body::{self, Framing};
 use neruba_ingest_gateway::dedup::DedupCache;
 use neruba_schemas::event::{self, Limits};
+use neruba_schemas::framing::{self as body, Framing};
 use neruba_schemas::{Catalog, codec};
 use std::hint::black_box;
 use std::time::Duration;

@@ -6,21 +6,27 @@
 //! - `accepted` is only ever said after the broker acknowledged the event; if any valid event of
 //!   a request could not be delivered, the whole request is answered 503 with `Retry-After`
 //!   (the events that did land are remembered, so the retry reports them as `duplicate`);
-//! - a repeat is answered `duplicate` with a 2xx, never an error.
+//! - a repeat is answered `duplicate` with a 2xx, never an error;
+//! - the caller is authenticated before a byte of the body is read, and the body is read within
+//!   a deadline and a size limit counted on its decoded bytes (see [`crate::encoding`]), so
+//!   neither a stranger nor a slow or inflating body can hold a handler or its memory;
+//! - every tenant is rate limited: by its catalog `rate_limit`, else by the gateway's default.
 
-use crate::body::{self, FrameError, Framing};
+use crate::binary::{self, Binding};
 use crate::dedup::DedupCache;
+use crate::encoding::{self, BodyError, Encoding};
 use crate::kafka::EventSink;
 use crate::metrics::{Metrics, Tally};
 use crate::ratelimit::RateLimiter;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use neruba_schemas::catalog::Scope;
+use neruba_schemas::catalog::{RateLimit, Scope};
 use neruba_schemas::event::{self, Limits};
+use neruba_schemas::framing::{self as body, FrameError, Framing};
 use neruba_schemas::{Event, LiveCatalog};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -37,7 +43,12 @@ pub struct AppState {
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
+    /// The whole body must arrive within this; a stalled upload must not hold a handler (and
+    /// its memory) for ever.
+    pub body_read_timeout: Duration,
     pub rate_limiter: RateLimiter,
+    /// The limit of tenants whose catalog entry sets none.
+    pub default_rate_limit: RateLimit,
     pub metrics: Metrics,
     /// Registries exposed on `/metrics`: the gateway's, and those of components sharing the
     /// process (`neruba dev`).
@@ -133,13 +144,9 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 }
 
 async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
-    // 1. Who is calling: the tenant comes from the key, and only from the key.
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(key) = key else {
+    // 1. Who is calling, before a byte of the body is read: an unknown caller costs one header
+    //    lookup. The tenant comes from the key, and only from the key.
+    let Some(key) = bearer_token(headers) else {
         return error_response(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
@@ -162,7 +169,26 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         );
     }
 
-    // 2. Size, then framing.
+    // 2. What the body will be: encoding, size, mode, framing; then the body itself, within
+    //    its deadline.
+    let content_encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let content_encoding = match Encoding::from_header(content_encoding) {
+        Ok(content_encoding) => content_encoding,
+        Err(e) => {
+            let mut response = error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                e.to_string(),
+            );
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(Encoding::ACCEPTED),
+            );
+            return response;
+        }
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -172,55 +198,102 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
-        Ok(bytes) => bytes,
-        // The only way to fail with a declared length within the limit is a body longer than it
-        // declared or a chunked body over the limit; both are "too large".
-        Err(_) => return too_large(state.max_body_bytes),
-    };
-    let Some(framing) = body::framing_of(&content_type, &bytes) else {
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    let binary = Binding::Http.is_binary(
+        headers.keys().map(HeaderName::as_str),
+        content_type.as_deref(),
+    );
+    if binary && !binary::is_json(content_type.as_deref()) {
         return error_response(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!(
-                "content type `{content_type}` is not accepted; use application/cloudevents+json, \
-                 application/cloudevents-batch+json, application/json or application/x-ndjson"
+                "in CloudEvents binary mode the body is the event's `data`, which must be JSON; \
+                 content type `{}` is not",
+                content_type.as_deref().unwrap_or_default()
             ),
         );
-    };
-    let framed = match body::split(framing, &bytes, state.max_batch_events) {
-        Ok(framed) => framed,
-        Err(FrameError::Unparseable(message)) => {
-            return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
+    }
+    let read = tokio::time::timeout(
+        state.body_read_timeout,
+        encoding::read(body, content_encoding, state.max_body_bytes),
+    );
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyError::TooLarge { .. })) => return too_large(state.max_body_bytes),
+        Ok(Err(e @ BodyError::Incomplete(_))) => {
+            return error_response(StatusCode::BAD_REQUEST, "incomplete_body", e.to_string());
         }
-        Err(FrameError::TooManyEvents { limit }) => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_many_events",
-                format!("a request may carry at most {limit} events"),
+        Ok(Err(e @ BodyError::Corrupt { .. })) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_body", e.to_string());
+        }
+        Err(_) => {
+            // The connection's framing is unknown mid-body, so it cannot carry another request.
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(state.body_read_timeout)
+                ),
             );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    let (framing, framed) = if binary {
+        match binary_event(headers, &bytes) {
+            Ok(framed) => (Framing::Single, framed),
+            Err(message) => {
+                return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
+            }
+        }
+    } else {
+        let content_type = content_type.unwrap_or_default();
+        let Some(framing) = body::framing_of(&content_type, &bytes) else {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "content type `{content_type}` is not accepted; use application/cloudevents+json, \
+                     application/cloudevents-batch+json, application/json or application/x-ndjson \
+                     (or CloudEvents binary mode: `ce-*` headers and a JSON body)"
+                ),
+            );
+        };
+        match body::split(framing, &bytes, state.max_batch_events) {
+            Ok(framed) => (framing, framed),
+            Err(FrameError::Unparseable(message)) => {
+                return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
+            }
+            Err(FrameError::TooManyEvents { limit }) => {
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_events",
+                    format!("a request may carry at most {limit} events"),
+                );
+            }
         }
     };
 
-    // 3. Rate limit, before anything has a side effect.
-    if let Some(limit) = tenant.rate_limit {
-        let count = u64::try_from(framed.len()).unwrap_or(u64::MAX);
-        if let Err(wait) = state.rate_limiter.take(&tenant.id, limit, count) {
-            return with_retry_after(
-                error_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
-                        "tenant is over its limit of {} events/s",
-                        limit.events_per_second
-                    ),
+    // 3. Rate limit, before anything has a side effect. Tenants the catalog gives no limit get
+    //    the gateway's default, so no tenant can take the whole gateway.
+    let limit = tenant.rate_limit.unwrap_or(state.default_rate_limit);
+    let count = u64::try_from(framed.len()).unwrap_or(u64::MAX);
+    if let Err(wait) = state.rate_limiter.take(&tenant.id, limit, count) {
+        return with_retry_after(
+            error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "tenant is over its limit of {} events/s",
+                    limit.events_per_second
                 ),
-                wait,
-            );
-        }
+            ),
+            wait,
+        );
     }
 
     // 4. Validate each event and drop repeats (within the request, then recent ones).
@@ -330,6 +403,41 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         StatusCode::OK
     };
     (status, axum::Json(response)).into_response()
+}
+
+/// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110 11.1).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The one event of a binary-mode request: attributes from `ce-*` headers, `data` the body.
+/// A body that is not JSON is refused whole (400 `invalid_body`, with the returned message), as
+/// a structured single event would be.
+fn binary_event(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<body::Framed>, String> {
+    let data = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(bytes)
+                .map_err(|e| format!("body (the event's data) is not JSON: {e}"))?,
+        )
+    };
+    let attributes = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_bytes()));
+    let len = bytes.len()
+        + headers
+            .iter()
+            .filter(|(name, _)| Binding::Http.attribute(name.as_str()).is_some())
+            .map(|(_, value)| value.len())
+            .sum::<usize>();
+    Ok(vec![body::Framed {
+        value: binary::event_object(Binding::Http, attributes, data),
+        len,
+    }])
 }
 
 fn too_large(limit: usize) -> Response {

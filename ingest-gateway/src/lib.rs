@@ -6,16 +6,21 @@
 //! - valid events of a request are never lost because other events of it were invalid.
 //!
 //! [`start`] binds and serves; tests call it on `127.0.0.1:0` and read the bound address.
+//! [`bind`] then [`start_on`] let a caller claim the address before it starts anything else,
+//! so a taken port fails at once.
 
-pub mod body;
+pub mod binary;
 pub mod dedup;
+pub mod encoding;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
+pub mod server;
 
 use neruba_schemas::LiveCatalog;
+use neruba_schemas::catalog::RateLimit;
 use neruba_schemas::event::Limits;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +51,16 @@ pub enum Error {
 /// Result with the gateway's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Rate limit of tenants the catalog gives none: 50,000 events/s, bursts of 100,000 (two
+/// seconds' worth, so a client sending 10,000-event batches is not refused for bunching them).
+pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
+    events_per_second: 50_000,
+    burst: Some(DEFAULT_RATE_BURST),
+};
+
+/// The burst of [`DEFAULT_RATE_LIMIT`].
+pub const DEFAULT_RATE_BURST: u32 = 100_000;
+
 /// Everything the gateway needs besides the catalog.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -57,8 +72,15 @@ pub struct Config {
     pub events_topic: String,
     /// Per-event limits (size, clock skew, correction horizon).
     pub limits: Limits,
-    /// Largest request body, bytes.
+    /// Largest request body, bytes, after `Content-Encoding` is decoded.
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive, whole (408 `body_timeout` after it).
+    pub body_read_timeout: Duration,
+    /// Header, idle and connection-count limits of the HTTP listener.
+    pub connections: server::ConnectionLimits,
+    /// Rate limit of tenants whose catalog entry sets none: without it one tenant (or a leaked
+    /// key) could take the gateway and the events topic from every other tenant.
+    pub default_rate_limit: RateLimit,
     /// Most events in one request.
     pub max_batch_events: usize,
     /// Most event ids the recent-repeat cache holds.
@@ -84,6 +106,9 @@ impl Config {
             events_topic: neruba_schemas::topics::EVENTS.to_owned(),
             limits: Limits::default(),
             max_body_bytes: 5 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            connections: server::ConnectionLimits::default(),
+            default_rate_limit: DEFAULT_RATE_LIMIT,
             max_batch_events: 10_000,
             dedup_capacity: 1_000_000,
             dedup_max_age: Duration::from_secs(3600),
@@ -110,8 +135,27 @@ impl Running {
     }
 }
 
+/// Claims `addr` for the gateway, with the error [`start_on`] would give.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
 /// Binds, starts serving, and returns once the listener is up.
 pub async fn start(
+    config: Config,
+    catalog: impl Into<LiveCatalog>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let listener = bind(config.listen).await?;
+    start_on(listener, config, catalog, registry, shutdown).await
+}
+
+/// Starts serving on a listener already bound (see [`bind`]); `config.listen` is not used.
+pub async fn start_on(
+    listener: tokio::net::TcpListener,
     config: Config,
     catalog: impl Into<LiveCatalog>,
     registry: prometheus::Registry,
@@ -127,19 +171,15 @@ pub async fn start(
         limits: config.limits,
         max_body_bytes: config.max_body_bytes,
         max_batch_events: config.max_batch_events,
+        body_read_timeout: config.body_read_timeout,
         rate_limiter: ratelimit::RateLimiter::default(),
+        default_rate_limit: config.default_rate_limit,
         metrics,
         registries: std::iter::once(registry.clone())
             .chain(config.extra_metrics.iter().cloned())
             .collect(),
         broker_ready: Default::default(),
     });
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
     let local_addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%local_addr, topic = %config.events_topic, "Gateway listening.");
 
@@ -167,11 +207,17 @@ pub async fn start(
         }
     };
     let app = http::router(state.clone());
+    let connections = config.connections;
+    let open_connections = state.metrics.http_connections.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .map_err(Error::Serve);
+        server::serve(
+            listener,
+            app,
+            connections,
+            open_connections,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         let _ = probe.await;
         if let Some(raw_ingest) = raw_ingest {
@@ -186,7 +232,7 @@ pub async fn start(
             tracing::warn!(error = %e, "Producer flush at shutdown did not complete.");
         }
         tracing::info!("Gateway stopped.");
-        served
+        Ok(())
     });
     Ok(Running { local_addr, task })
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub dedup_entries: IntGauge,
     /// `neruba_broker_reachable`: 1 when the last metadata probe succeeded.
     pub broker_reachable: IntGauge,
+    /// `neruba_http_connections`: open HTTP connections (at the cap, new ones wait).
+    pub http_connections: IntGauge,
 }
 
 impl Metrics {
@@ -72,12 +74,17 @@ impl Metrics {
                 "neruba_broker_reachable",
                 "1 when the last broker metadata probe succeeded, else 0.",
             )?,
+            http_connections: IntGauge::new(
+                "neruba_http_connections",
+                "HTTP connections open on the gateway.",
+            )?,
         };
         registry.register(Box::new(metrics.events.clone()))?;
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.request_duration.clone()))?;
         registry.register(Box::new(metrics.produce_duration.clone()))?;
         registry.register(Box::new(metrics.produce_queue_depth.clone()))?;
+        registry.register(Box::new(metrics.http_connections.clone()))?;
         registry.register(Box::new(metrics.dedup_hits.clone()))?;
         registry.register(Box::new(metrics.dedup_entries.clone()))?;
         registry.register(Box::new(metrics.broker_reachable.clone()))?;

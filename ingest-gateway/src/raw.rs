@@ -2,30 +2,34 @@
 //! and routes them exactly as it does HTTP requests.
 //!
 //! Invariants:
-//! - each message is one structured CloudEvent, authenticated by the API key in its
-//!   `neruba-api-key` header (the same key, digest and `ingest` scope as HTTP); the tenant
-//!   comes from the key and only from the key;
+//! - each message is one CloudEvent, structured (the payload is the event) or in binary mode
+//!   (Kafka protocol binding: attributes in `ce_id`, `ce_type`, ... headers, the payload is
+//!   `data`; see [`crate::binary`]), authenticated by the API key in its `neruba-api-key`
+//!   header (the same key, digest and `ingest` scope as HTTP); the tenant comes from the key
+//!   and only from the key;
 //! - a message ends either on the events topic or on the dead-letter topic with the same
-//!   rejection codes as HTTP (plus `unauthenticated` and `forbidden`); nothing is dropped;
+//!   rejection codes as HTTP (plus `unauthenticated` and `forbidden`), its binary-mode
+//!   attribute headers kept so it can be replayed; nothing is dropped;
 //! - raw offsets are committed only after every message of the batch was acknowledged where it
 //!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat);
 //! - its lag is exported like the other consumers' (`consumer="gateway-raw"`): for Kafka-mode
 //!   producers this is the ingest lag.
 
-use crate::body::{self, Framing};
+use crate::binary::{self, Binding};
 use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::catalog::Scope;
+use neruba_schemas::framing::{self as body, Framed, Framing};
 use neruba_schemas::topics::API_KEY_HEADER;
 use neruba_schemas::{Catalog, Event, RejectCode, Rejection, event};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::{BorrowedMessage, Header, Headers};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -86,14 +90,20 @@ fn route(state: &AppState, catalog: &Catalog, message: &BorrowedMessage<'_>, now
         ));
     }
     let payload = message.payload().unwrap_or_default();
-    let framed = match body::split(Framing::Single, payload, 1) {
-        Ok(mut framed) if framed.len() == 1 => framed.remove(0),
-        _ => {
-            return Routed::Refused(Rejection::new(
-                RejectCode::InvalidJson,
-                "the message is not one JSON object",
-            ));
-        }
+    let framed = match binary_attributes(message) {
+        Some(attributes) => match binary_event(&attributes, payload) {
+            Ok(framed) => framed,
+            Err(rejection) => return Routed::Refused(rejection),
+        },
+        None => match body::split(Framing::Single, payload, 1) {
+            Ok(mut framed) if framed.len() == 1 => framed.remove(0),
+            _ => {
+                return Routed::Refused(Rejection::new(
+                    RejectCode::InvalidJson,
+                    "the message is not one JSON object",
+                ));
+            }
+        },
     };
     let checked = framed.value.and_then(|value| {
         let event = event::validate(value, framed.len, &tenant.id, now, &state.limits)?;
@@ -105,6 +115,59 @@ fn route(state: &AppState, catalog: &Catalog, message: &BorrowedMessage<'_>, now
         Ok(event) if state.dedup.contains(&event.tenant, &event.id) => Routed::Repeat,
         Ok(event) => Routed::Event(event),
     }
+}
+
+/// The headers of a binary-mode message (`None` for a structured one).
+fn binary_attributes<'m>(message: &'m BorrowedMessage<'_>) -> Option<Vec<(&'m str, &'m [u8])>> {
+    let headers: Vec<(&str, &[u8])> = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key, h.value.unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let content_type = content_type(&headers);
+    Binding::Kafka
+        .is_binary(headers.iter().map(|(name, _)| *name), content_type)
+        .then_some(headers)
+}
+
+fn content_type<'h>(headers: &[(&str, &'h [u8])]) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
+}
+
+/// A binary-mode message as the structured event it stands for; its `data` must be JSON.
+fn binary_event(headers: &[(&str, &[u8])], payload: &[u8]) -> Result<Framed, Rejection> {
+    if !binary::is_json(content_type(headers)) {
+        return Err(Rejection::new(
+            RejectCode::InvalidJson,
+            "in binary mode the payload is the event's data, which must be JSON",
+        ));
+    }
+    let data = if payload.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(serde_json::from_slice(payload).map_err(|e| {
+            Rejection::new(
+                RejectCode::InvalidJson,
+                format!("the payload (the event's data) is not JSON: {e}"),
+            )
+        })?)
+    };
+    let len = payload.len()
+        + headers
+            .iter()
+            .filter(|(name, _)| Binding::Kafka.attribute(name).is_some())
+            .map(|(_, value)| value.len())
+            .sum::<usize>();
+    Ok(Framed {
+        value: binary::event_object(Binding::Kafka, headers.iter().copied(), data),
+        len,
+    })
 }
 
 /// Consumes the raw topic until `shutdown`; a broker failure restarts the consumer, which
@@ -195,10 +258,19 @@ async fn consume(
         let mut events = Vec::new();
         let mut refused = Vec::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
+        // Repeats within the batch, as an HTTP request drops repeats within itself (the cache
+        // only learns an id once the broker acknowledged it).
+        let mut in_batch: HashSet<(String, String)> = HashSet::new();
         for message in &batch {
             next.insert(message.partition(), message.offset() + 1);
             match route(state, &catalog, message, now) {
-                Routed::Event(event) => events.push(event),
+                Routed::Event(event) => {
+                    if in_batch.insert((event.tenant.clone(), event.id.clone())) {
+                        events.push(event);
+                    } else {
+                        tally.duplicate += 1;
+                    }
+                }
                 Routed::Repeat => tally.duplicate += 1,
                 Routed::Refused(rejection) => {
                     tally.reject(rejection.code);
@@ -210,12 +282,22 @@ async fn consume(
         let delivered = state.sink.send_all(&to_send).await;
         let dead_letter_producer = dead_letters.get();
         let dead = join_all(refused.iter().map(|(message, rejection)| {
-            let headers = neruba_kafka::dead_letter_headers(
+            let mut headers = neruba_kafka::dead_letter_headers(
                 rejection.code.as_str(),
                 &rejection.message,
                 &config.topic,
                 message.offset(),
             );
+            // A binary-mode event is its headers as much as its payload: keep them, so the
+            // dead letter can be replayed as it was sent.
+            for (key, value) in binary_attributes(message).unwrap_or_default() {
+                if key.starts_with("ce_") || key.eq_ignore_ascii_case("content-type") {
+                    headers = headers.insert(Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+            }
             let mut record = FutureRecord::to(&config.dead_letter_topic)
                 .payload(message.payload().unwrap_or_default())
                 .headers(headers);

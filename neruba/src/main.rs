@@ -1,6 +1,6 @@
 //! `neruba`: run a pipeline component against Kafka, or the whole pipeline embedded.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use neruba::embedded::EmbeddedKafka;
 use neruba::sample;
@@ -21,11 +21,20 @@ struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `neruba_ingest_gateway=debug`.
     #[arg(long, env = "NERUBA_LOG", default_value = "info", global = true)]
     log: String,
+    /// Longest a component may take to stop once SIGTERM (or a failure) began its shutdown;
+    /// past it the process exits anyway. Keep it below Kubernetes'
+    /// `terminationGracePeriodSeconds`, so the exit is ours and not a SIGKILL.
+    #[arg(long, env = "NERUBA_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration, global = true)]
+    drain_timeout: Duration,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up: the size of the variants costs nothing"
+)]
 enum Command {
     /// Run the ingest gateway against a Kafka cluster.
     Gateway(GatewayArgs),
@@ -366,9 +375,29 @@ struct IngestArgs {
     /// Topic validated events are produced to.
     #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
     events_topic: String,
-    /// Largest request body, bytes.
+    /// Largest request body, bytes, after `Content-Encoding` (gzip, zstd) is decoded.
     #[arg(long, env = "NERUBA_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Longest from the first byte of a request to the end of its headers; a slower client is
+    /// disconnected.
+    #[arg(long, env = "NERUBA_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// Longest a request body may take to arrive, whole; a slower one is answered 408
+    /// `body_timeout`.
+    #[arg(long, env = "NERUBA_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    http_body_timeout: Duration,
+    /// Longest a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "NERUBA_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    http_idle_timeout: Duration,
+    /// Most HTTP connections open at once; further ones wait to be accepted.
+    #[arg(long, env = "NERUBA_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Events per second of a tenant whose catalog entry sets no `rate_limit`.
+    #[arg(long, env = "NERUBA_DEFAULT_RATE_LIMIT", default_value_t = gateway::DEFAULT_RATE_LIMIT.events_per_second)]
+    default_rate_limit: u32,
+    /// Burst (events) of a tenant whose catalog entry sets no `rate_limit`.
+    #[arg(long, env = "NERUBA_DEFAULT_RATE_BURST", default_value_t = gateway::DEFAULT_RATE_BURST)]
+    default_rate_burst: u32,
     /// Most events in one request.
     #[arg(long, env = "NERUBA_MAX_BATCH_EVENTS", default_value_t = 10_000)]
     max_batch_events: usize,
@@ -445,10 +474,35 @@ impl IngestArgs {
         if self.max_batch_events == 0 || self.dedup_capacity == 0 {
             bail!("--max-batch-events and --dedup-capacity must be positive");
         }
+        if self.max_connections == 0 || self.default_rate_limit == 0 {
+            bail!("--max-connections and --default-rate-limit must be positive");
+        }
+        let zero = Duration::ZERO;
+        if [
+            self.http_header_timeout,
+            self.http_body_timeout,
+            self.http_idle_timeout,
+        ]
+        .contains(&zero)
+        {
+            bail!(
+                "--http-header-timeout, --http-body-timeout and --http-idle-timeout must be positive"
+            );
+        }
         let mut config = gateway::Config::new(listen, brokers);
         config.events_topic = self.events_topic.clone();
         config.max_body_bytes = self.max_body_bytes;
         config.max_batch_events = self.max_batch_events;
+        config.body_read_timeout = self.http_body_timeout;
+        config.connections = gateway::server::ConnectionLimits {
+            header_read_timeout: self.http_header_timeout,
+            idle_timeout: self.http_idle_timeout,
+            max_connections: self.max_connections,
+        };
+        config.default_rate_limit = neruba_schemas::catalog::RateLimit {
+            events_per_second: self.default_rate_limit,
+            burst: Some(self.default_rate_burst.max(1)),
+        };
         config.limits = Limits {
             max_event_bytes: self.max_event_bytes,
             max_future_ms: millis(self.max_future)?,
@@ -475,9 +529,9 @@ fn load_catalog(path: &Path) -> Result<Catalog> {
     Ok(Catalog::load(path)?)
 }
 
-/// Cancels the token on SIGTERM or Ctrl-C.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
+/// Cancels `token` on SIGTERM or Ctrl-C, and returns it. Only the long-running commands
+/// listen: a one-shot command keeps the default action, which ends it at once.
+fn shutdown_on_signal(token: &CancellationToken) -> CancellationToken {
     let cancel = token.clone();
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
@@ -503,11 +557,22 @@ fn shutdown_on_signal() -> CancellationToken {
         tracing::info!("Shutting down.");
         cancel.cancel();
     });
-    token
+    token.clone()
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// How long past the drain timeout the process may take to exit when the orderly path (the
+/// command returning, then the runtime's bounded shutdown) cannot run.
+const HARD_EXIT_AFTER_DRAIN: Duration = Duration::from_secs(1);
+
+/// Runs the command; bounds how long it may take to stop.
+///
+/// Once shutdown began (a signal, or a component that failed), the command has
+/// `--drain-timeout` to finish; then the process exits whatever it is waiting for (a broker
+/// that does not answer, a flush). Exiting there is safe by design: every stage writes its
+/// offsets with its state, so an exit at any moment replays rather than loses, as a SIGKILL
+/// would. The runtime is shut down with the same bound, because a blocking worker thread
+/// would otherwise keep the process alive after `main` returned.
+fn main() -> Result<()> {
     let cli = Cli::parse();
     // The demo talks to a person on stdout; its component logs stay quiet unless asked for.
     let filter = if matches!(cli.command, Command::Demo) && std::env::var_os("NERUBA_LOG").is_none()
@@ -520,14 +585,65 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter)?)
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    let (drain, command) = (cli.drain_timeout, cli.command);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let watchdog = shutdown.clone();
+    runtime.spawn(async move {
+        watchdog.cancelled().await;
+        // The last resort, on a thread of its own: a command blocked in a synchronous call (a
+        // client library waiting for a broker that is not there) never lets the drain timeout
+        // below fire.
+        std::thread::spawn(move || {
+            std::thread::sleep(drain + HARD_EXIT_AFTER_DRAIN);
+            eprintln!(
+                "Error: still running {} after shutdown began (--drain-timeout {}); exiting",
+                humantime::format_duration(drain + HARD_EXIT_AFTER_DRAIN),
+                humantime::format_duration(drain)
+            );
+            std::process::exit(1);
+        });
+    });
+    let stopping = shutdown.clone();
+    let finished = runtime.block_on(async {
+        let overdue = async move {
+            stopping.cancelled().await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            result = run(command, shutdown.clone()) => Some(result),
+            () = overdue => None,
+        }
+    });
+    // Whatever ended the command, stages still running stop on the token.
+    shutdown.cancel();
+    match finished {
+        Some(result) => {
+            // Stages the command did not wait for (it failed early) get to write their state.
+            runtime.shutdown_timeout(drain);
+            result
+        }
+        None => {
+            runtime.shutdown_timeout(Duration::ZERO);
+            Err(anyhow!(
+                "did not stop within the drain timeout of {} after shutdown began; exiting without waiting further",
+                humantime::format_duration(drain)
+            ))
+        }
+    }
+}
+
+async fn run(command: Command, shutdown: CancellationToken) -> Result<()> {
+    match command {
         Command::Gateway(args) => {
             let catalog = LiveCatalog::new(load_catalog(&args.catalog)?);
             let config = args
                 .ingest
                 .config(args.listen, &args.brokers, &args.dead_letter_topic)?;
             let registry = prometheus::Registry::new();
-            let shutdown = shutdown_on_signal();
+            let shutdown = shutdown_on_signal(&shutdown);
             neruba::ops::reload_catalog_on_sighup(
                 args.catalog.clone(),
                 catalog.clone(),
@@ -544,6 +660,7 @@ async fn main() -> Result<()> {
             config.kafka_options = args.kafka_opts.clone();
             run_stage(
                 "aggregator",
+                &shutdown,
                 args.ops_listen,
                 args.catalog.clone(),
                 catalog,
@@ -579,6 +696,7 @@ async fn main() -> Result<()> {
             config.kafka_options = args.kafka_opts.clone();
             run_stage(
                 "rater",
+                &shutdown,
                 args.ops_listen,
                 catalog_path,
                 catalog,
@@ -590,7 +708,7 @@ async fn main() -> Result<()> {
             .await?;
         }
         Command::Ledger(LedgerCommand::Tail(args)) => {
-            let shutdown = shutdown_on_signal();
+            let shutdown = shutdown_on_signal(&shutdown);
             tokio::task::spawn_blocking(move || {
                 neruba::ledger::tail(
                     &args.brokers,
@@ -603,7 +721,7 @@ async fn main() -> Result<()> {
             })
             .await??;
         }
-        Command::Dev(args) => run_dev(args).await?,
+        Command::Dev(args) => run_dev(args, &shutdown).await?,
         Command::Demo => {
             neruba::demo::run().await?;
         }
@@ -634,6 +752,7 @@ async fn main() -> Result<()> {
 /// catalog from `catalog_path` on SIGHUP.
 async fn run_stage<Stopped>(
     name: &str,
+    shutdown: &CancellationToken,
     ops_listen: SocketAddr,
     catalog_path: PathBuf,
     catalog: LiveCatalog,
@@ -641,32 +760,40 @@ async fn run_stage<Stopped>(
         LiveCatalog,
         &prometheus::Registry,
         CancellationToken,
-    ) -> Result<(Arc<ConsumerHealth>, Stopped)>,
+    ) -> Result<(Arc<ConsumerHealth>, Stopped)>
+    + Send
+    + 'static,
 ) -> Result<()>
 where
-    Stopped: std::future::Future<Output = Result<()>>,
+    Stopped: std::future::Future<Output = Result<()>> + Send + 'static,
 {
+    // The address first: a taken port is a start-up error, before any consumer joins a group.
+    let listener = neruba::ops::bind(ops_listen).await?;
     let registry = prometheus::Registry::new();
-    let shutdown = shutdown_on_signal();
+    let shutdown = shutdown_on_signal(shutdown);
     neruba::ops::reload_catalog_on_sighup(
         catalog_path,
         catalog.clone(),
         &registry,
         shutdown.clone(),
     )?;
-    let (health, stopped) = start(catalog, &registry, shutdown.clone())?;
+    // On a blocking thread: a stage's start waits on broker metadata, and must not hold the
+    // task that enforces the drain timeout.
+    let (health, stopped) = {
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tokio::task::spawn_blocking(move || start(catalog, &registry, shutdown)).await??
+    };
     let ops = neruba::ops::serve(
-        ops_listen,
+        listener,
         vec![registry.clone()],
         move || health.check(),
         shutdown,
-    )
-    .await?;
+    )?;
     tracing::info!(%ops, stage = name, "Operations endpoints listening.");
     stopped.await
 }
 
-async fn run_dev(args: DevArgs) -> Result<()> {
+async fn run_dev(args: DevArgs, shutdown: &CancellationToken) -> Result<()> {
     if args.partitions < 1 {
         bail!("--partitions must be at least 1");
     }
@@ -674,6 +801,9 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         Some(path) => load_catalog(path)?,
         None => sample::catalog()?,
     };
+    // The address first: with the port taken, exit now, before a broker and stages exist
+    // that would have to be stopped.
+    let listener = gateway::bind(args.listen).await?;
     let mut topics = vec![
         (args.ingest.events_topic.as_str(), args.partitions),
         (args.aggregation.rollups_topic.as_str(), args.partitions),
@@ -694,7 +824,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
             temp_state.path().to_path_buf()
         }
     };
-    let shutdown = shutdown_on_signal();
+    let shutdown = shutdown_on_signal(shutdown);
     let gateway_metrics = prometheus::Registry::new();
     if let Some(path) = &args.catalog {
         neruba::ops::reload_catalog_on_sighup(
@@ -734,7 +864,8 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         &args.aggregation.dead_letter_topic,
     )?;
     config.extra_metrics = vec![aggregator_metrics, rater_metrics];
-    let running = gateway::start(config, catalog, gateway_metrics, shutdown.clone()).await?;
+    let running =
+        gateway::start_on(listener, config, catalog, gateway_metrics, shutdown.clone()).await?;
     println!("Neruba dev pipeline is running.");
     println!("  HTTP API:   http://{}", running.local_addr);
     println!(

@@ -1,6 +1,7 @@
 //! The operations listener of components without an HTTP API of their own (the aggregator,
 //! the rater): `/metrics`, `/healthz` (the process serves), `/readyz` (what `ready` says).
 
+use anyhow::Context;
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -8,9 +9,16 @@ use axum::routing::get;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
-/// Serves the endpoints on `listen` until `shutdown`; returns the bound address.
-pub async fn serve(
-    listen: SocketAddr,
+/// Claims the operations address; the error names it, so a taken port is plain at start-up.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen} (operations endpoints)"))
+}
+
+/// Serves the endpoints on `listener` until `shutdown`; returns the bound address.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     registries: Vec<prometheus::Registry>,
     ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
     shutdown: CancellationToken,
@@ -43,7 +51,6 @@ pub async fn serve(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         let served = axum::serve(listener, app)

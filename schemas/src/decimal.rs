@@ -187,7 +187,10 @@ mod tests {
         // Zeros past the 28th place carry no value: exact, so accepted in every notation.
         let one_and_zeros = format!("1.{}", "0".repeat(31));
         assert_eq!(parse_exact(&one_and_zeros), Some(Decimal::ONE));
-        assert_eq!(parse_exact("100000000000000000000000000000e-29"), Some(Decimal::ONE));
+        assert_eq!(
+            parse_exact("100000000000000000000000000000e-29"),
+            Some(Decimal::ONE)
+        );
         assert_eq!(parse_exact(&format!("1.{}1", "0".repeat(30))), None);
         assert_eq!(
             parse_exact("-1.50E+1").map(|d| d.to_string()),

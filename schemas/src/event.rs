@@ -184,6 +184,13 @@ fn required_string(
                     RejectCode::InvalidField,
                     format!("`{field}` must be 1 to {max_chars} characters"),
                 ))
+            } else if s.chars().any(char::is_control) {
+                // Ids, types and subjects end up in keys, logs, CSV exports and invoices, where
+                // a NUL or a newline splits or hides what follows it.
+                Err(Rejection::new(
+                    RejectCode::InvalidField,
+                    format!("`{field}` must not contain control characters"),
+                ))
             } else {
                 Ok(s)
             }
@@ -304,6 +311,18 @@ mod tests {
             code(json!({"id": "a", "type": "t", "subject": "s", "data": [1, 2]})),
             RejectCode::InvalidField
         );
+    }
+
+    #[test]
+    fn control_characters_in_id_type_or_subject_are_invalid_field() {
+        for bad in ["a\0b", "line\nbreak", "tab\there", "\u{7f}", "c1\u{85}"] {
+            for field in ["id", "type", "subject"] {
+                let mut event = json!({"id": "a", "type": "t", "subject": "s"});
+                event[field] = json!(bad);
+                assert_eq!(code(event), RejectCode::InvalidField, "{field} = {bad:?}");
+            }
+        }
+        assert!(check(json!({"id": "ünïcode €", "type": "t", "subject": "s p a c e"})).is_ok());
     }
 
     #[test]

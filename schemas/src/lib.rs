@@ -13,6 +13,7 @@ pub mod codec;
 pub mod currency;
 pub mod decimal;
 pub mod event;
+pub mod framing;
 pub mod json_path;
 pub mod ledger;
 pub mod measure;

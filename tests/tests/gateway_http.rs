@@ -309,7 +309,7 @@ async fn numeric_values_keep_every_digit_as_numbers_and_as_strings() -> Result<(
     let body = format!(
         r#"[{{"id":"num","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":0.000000000123456789}}}},
             {{"id":"str","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":"0.000000000123456789"}}}},
-            {{"id":"wide","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":12345678901234567890.123456789}}}}]"#,
+            {{"id":"wide","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":123456789012345678.1234567891}}}}]"#,
         t = format_time_ms(now_ms())
     );
     let answer = h.post(acme(), BATCH, body).await?;
@@ -323,10 +323,49 @@ async fn numeric_values_keep_every_digit_as_numbers_and_as_strings() -> Result<(
     };
     assert_eq!(tokens("num"), Some(json!("0.000000000123456789")));
     assert_eq!(tokens("str"), Some(json!("0.000000000123456789")));
-    assert_eq!(
-        tokens("wide"),
-        Some(json!("12345678901234567890.123456789"))
+    assert_eq!(tokens("wide"), Some(json!("123456789012345678.1234567891")));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn values_that_would_round_overflow_or_go_unbilled_are_refused_at_the_door() -> Result<()> {
+    // Found by a hostile client: each was answered `accepted`, then stopped the aggregator
+    // (too large to sum), was billed rounded (exponent notation), or was never billed
+    // (negative, refused later by the rater).
+    let h = GatewayHarness::start().await?;
+    let event = |id: &str, tokens: &str| {
+        format!(
+            r#"{{"id":"{id}","type":"llm.completion","subject":"c","time":"{t}","data":{{"status":"ok","model":"m","tokens":{tokens}}}}}"#,
+            t = format_time_ms(now_ms())
+        )
+    };
+    let body = format!(
+        "[{}]",
+        [
+            event("too-large", r#""79228162514264337593543950335""#),
+            event("bound", "1e18"),
+            event("rounded", r#""12345.555555555555555555555555555555e0""#),
+            event("rounded-number", "1234567890123456789012345678.99e0"),
+            event("negative", "-5"),
+            event("fits", "999999999999999999.9999999999"),
+        ]
+        .join(",")
     );
+    let answer = h.post(acme(), BATCH, body).await?;
+    assert_eq!(
+        answer.outcomes(),
+        triples(&[
+            ("too-large", "rejected", "invalid_value"),
+            ("bound", "rejected", "invalid_value"),
+            ("rounded", "rejected", "invalid_value"),
+            ("rounded-number", "rejected", "invalid_value"),
+            ("negative", "rejected", "invalid_value"),
+            ("fits", "accepted", ""),
+        ])
+    );
+    let landed = h.events_on_topic(1).await?;
+    let ids: Vec<&str> = landed.iter().map(|l| l.event.id.as_str()).collect();
+    assert_eq!(ids, ["fits"]);
     h.stop().await
 }
 

@@ -1,4 +1,6 @@
-//! Splitting a request body into events, by content type.
+//! Splitting a request body into events, by content type (the gateway's HTTP bodies and its
+//! raw-topic messages). Pure parsing, no IO: untrusted bytes enter here, so it is fuzzed
+//! (`fuzz/`).
 //!
 //! Invariants:
 //! - the order of events is the order in the body, and every event gets exactly one outcome;
@@ -8,7 +10,7 @@
 //! - each event's size is measured on its own bytes, so the per-event limit means the same in
 //!   every framing.
 
-use neruba_schemas::{RejectCode, Rejection};
+use crate::{RejectCode, Rejection};
 use serde_json::Value;
 use serde_json::value::RawValue;
 

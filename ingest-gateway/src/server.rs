@@ -1,0 +1,325 @@
+//! Serving HTTP connections: how many may be open, and how long each may take to speak.
+//!
+//! Invariants:
+//! - at most [`ConnectionLimits::max_connections`] connections are open at once; at the cap the
+//!   gateway stops accepting (new connections wait in the kernel's backlog) rather than cutting
+//!   connections whose requests are in progress;
+//! - no client holds a connection without speaking: a request head must be complete within
+//!   [`ConnectionLimits::header_read_timeout`] of its first byte, and a connection with no
+//!   request in progress is closed after [`ConnectionLimits::idle_timeout`] (the body deadline
+//!   is the handler's, so it can answer 408 instead of dropping the socket);
+//! - on shutdown nothing new is accepted, idle connections close at once, and requests in
+//!   progress are answered before their connection closes.
+//!
+//! Mechanism: hyper's own header timeout also runs while a keep-alive connection waits for its
+//! next request, so it cannot give header and idle limits different values. Instead each
+//! connection has a [`Clock`]: its socket marks the first byte of a request head, the service
+//! marks the start and end of each request, and a supervisor beside the connection closes it
+//! when the deadline of its current state passes.
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Bounds on connections; see the module invariants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Longest from the first byte of a request to the end of its headers. Slow-header clients
+    /// (slowloris) are what it is for; a real client sends its headers in one packet.
+    pub header_read_timeout: Duration,
+    /// Longest a keep-alive connection may wait for its next request. Longer than the header
+    /// timeout, so batching clients keep their connections between batches.
+    pub idle_timeout: Duration,
+    /// Most connections open at once: every open socket costs a file descriptor and buffers,
+    /// and a flood of idle ones must not exhaust them for the clients that send events.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Marker for "no request head has started".
+const NONE: u64 = u64::MAX;
+
+/// One connection's timing state, shared by its socket, its service and its supervisor.
+#[derive(Debug)]
+struct Clock {
+    origin: Instant,
+    /// Milliseconds since `origin` when the connection last became idle (accepted, or a
+    /// response produced).
+    idle_since: AtomicU64,
+    /// Milliseconds since `origin` of the first byte read while idle ([`NONE`] when none).
+    head_started: AtomicU64,
+    /// Requests whose response has not been produced yet.
+    in_flight: AtomicUsize,
+    /// Wakes the supervisor when the state changes (its deadline may be earlier now).
+    changed: Notify,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NONE),
+            in_flight: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    /// Bytes arrived: with no request in progress they start a request head.
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == NONE
+        {
+            self.head_started.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A request's head is complete and its handler runs until the guard drops.
+    fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(NONE, Ordering::Release);
+        self.changed.notify_one();
+        RequestGuard(self.clone())
+    }
+
+    /// Resolves with the name of the limit once the connection overstayed it.
+    async fn expired(&self, limits: &ConnectionLimits) -> &'static str {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
+        loop {
+            let notified = self.changed.notified();
+            let now = self.now_ms();
+            let head = self.head_started.load(Ordering::Acquire);
+            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
+                // The handler bounds its own work (body deadline, delivery timeout).
+                None
+            } else if head != NONE {
+                Some((
+                    head.saturating_add(millis(limits.header_read_timeout)),
+                    "header_read_timeout",
+                ))
+            } else {
+                let idle = self.idle_since.load(Ordering::Acquire);
+                Some((
+                    idle.saturating_add(millis(limits.idle_timeout)),
+                    "idle_timeout",
+                ))
+            };
+            match deadline {
+                Some((at, limit)) if now >= at => return limit,
+                Some((at, _)) => {
+                    let wake = self.origin + Duration::from_millis(at);
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until(wake) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+/// Marks its request finished (the connection idle again) when dropped, however the handler
+/// ended.
+#[derive(Debug)]
+struct RequestGuard(Arc<Clock>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let clock = &self.0;
+        clock.idle_since.store(clock.now_ms(), Ordering::Release);
+        clock.in_flight.fetch_sub(1, Ordering::AcqRel);
+        clock.changed.notify_one();
+    }
+}
+
+/// A socket that tells its [`Clock`] when bytes arrive.
+#[derive(Debug)]
+struct Watched {
+    stream: TcpStream,
+    clock: Arc<Clock>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts and serves connections on `listener` until `shutdown`, then waits until every
+/// connection has closed (each within its limits).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    open_connections: prometheus::IntGauge,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let mut at_cap = false;
+    loop {
+        // A slot first: at the cap, new connections wait in the backlog, unaccepted.
+        if slots.available_permits() == 0 && !at_cap {
+            at_cap = true;
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "Connection cap reached; new connections wait until one closes."
+            );
+        }
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        if at_cap && slots.available_permits() >= limits.max_connections / 2 {
+            at_cap = false;
+        }
+        let (stream, _) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors or a peer gone before accept: keep serving the
+                    // connections we have, and try again shortly.
+                    tracing::warn!(error = %e, "Accepting a connection failed.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        let open = open_connections.clone();
+        connections.spawn(async move {
+            open.inc();
+            connection(stream, app, limits, shutdown).await;
+            open.dec();
+            drop(slot);
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection until the client closes it, a limit expires, or shutdown.
+async fn connection(
+    stream: TcpStream,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let clock = Arc::new(Clock::new());
+    let io = TokioIo::new(Watched {
+        stream,
+        clock: clock.clone(),
+    });
+    let requests = clock.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let guard = requests.begin_request();
+        let mut app = app.clone();
+        async move {
+            let response = tower_service::Service::call(&mut app, request).await;
+            drop(guard);
+            response
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Replaced by the clock above, which tells header and idle time apart.
+        .header_read_timeout(None::<Duration>)
+        .keep_alive(true);
+    let mut conn = pin!(builder.serve_connection(io, service));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "Connection ended with an error.");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            limit = clock.expired(&limits) => {
+                // Dropping the connection closes the socket; nothing is in progress on it.
+                tracing::debug!(limit, "Connection closed by its time limit.");
+                return;
+            }
+        }
+    }
+}
