@@ -1,0 +1,185 @@
+//! `neruba dev`: the whole pipeline against an in-process Kafka broker, with the flags of
+//! every component it runs.
+
+use super::aggregator::AggregatorArgs;
+use super::gateway::IngestArgs;
+use super::rater::RaterArgs;
+use super::{load_catalog, show, shutdown_on_signal};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use neruba::embedded::EmbeddedKafka;
+use neruba::sample;
+use neruba_ingest_gateway as gateway;
+use neruba_schemas::LiveCatalog;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// Address the gateway listens on.
+    #[arg(long, env = "NERUBA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub(crate) listen: SocketAddr,
+    /// Catalog file; the built-in sample catalog when absent.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    pub(crate) catalog: Option<PathBuf>,
+    /// Partitions of each topic on the embedded broker.
+    #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
+    pub(crate) partitions: i32,
+    /// State directory (`aggregator/` and `rater/` beneath it); a temporary one, removed at
+    /// exit, when absent.
+    #[arg(long, env = "NERUBA_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) ingest: IngestArgs,
+    #[command(flatten)]
+    pub(crate) aggregation: AggregatorArgs,
+    #[command(flatten)]
+    pub(crate) rating: RaterArgs,
+}
+
+impl DevArgs {
+    /// Refuses combinations of the components' flags that cannot work together.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.partitions < 1 {
+            bail!("--partitions must be at least 1");
+        }
+        // With the receive-time rule both apply, an event the gateway accepts is counted only if
+        // the aggregator's horizon reaches at least as far back.
+        if self.ingest.correction_horizon > self.aggregation.aggregator_correction_horizon {
+            bail!(
+                "--correction-horizon ({}) exceeds --aggregator-correction-horizon ({}): the gateway \
+                 would accept events the aggregator dead-letters as too old",
+                show(self.ingest.correction_horizon),
+                show(self.aggregation.aggregator_correction_horizon)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs the pipeline on an embedded broker until `shutdown` (or SIGTERM) stops it.
+pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<()> {
+    args.check()?;
+    let catalog = match &args.catalog {
+        Some(path) => load_catalog(path)?,
+        None => sample::catalog()?,
+    };
+    // The address first: with the port taken, exit now, before a broker and stages exist
+    // that would have to be stopped.
+    let listener = gateway::bind(args.listen).await?;
+    let mut topics = vec![
+        (args.ingest.events_topic.as_str(), args.partitions),
+        (args.aggregation.rollups_topic.as_str(), args.partitions),
+        (args.aggregation.dead_letter_topic.as_str(), args.partitions),
+        (args.rating.ledger_topic.as_str(), args.partitions),
+    ];
+    if let Some(raw) = &args.ingest.raw_topic {
+        topics.push((raw.as_str(), args.partitions));
+    }
+    let kafka = EmbeddedKafka::start(&topics).context("start the embedded Kafka broker")?;
+    // One live catalog for the three stages, so a reload reaches them together.
+    let catalog = LiveCatalog::new(catalog);
+    let temp_state;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp_state = tempfile::tempdir()?;
+            temp_state.path().to_path_buf()
+        }
+    };
+    let shutdown = shutdown_on_signal(shutdown);
+    let gateway_metrics = prometheus::Registry::new();
+    if let Some(path) = &args.catalog {
+        neruba::ops::reload_catalog_on_sighup(
+            path.clone(),
+            catalog.clone(),
+            &gateway_metrics,
+            shutdown.clone(),
+        )?;
+    }
+    let aggregator_metrics = prometheus::Registry::new();
+    let aggregator_config = args.aggregation.config(
+        kafka.bootstrap_servers(),
+        &args.ingest.events_topic,
+        &state_dir.join("aggregator"),
+    )?;
+    let aggregator = neruba_aggregator::start(
+        aggregator_config,
+        catalog.clone(),
+        &aggregator_metrics,
+        shutdown.clone(),
+    )?;
+    let rater_metrics = prometheus::Registry::new();
+    let rater = neruba_rater::start(
+        args.rating.config(
+            kafka.bootstrap_servers(),
+            &args.aggregation.rollups_topic,
+            &args.aggregation.dead_letter_topic,
+            &state_dir.join("rater"),
+            args.aggregation.aggregator_correction_horizon,
+        )?,
+        catalog.clone(),
+        &rater_metrics,
+        shutdown.clone(),
+    )?;
+    let mut config = args.ingest.config(
+        args.listen,
+        kafka.bootstrap_servers(),
+        &args.aggregation.dead_letter_topic,
+    )?;
+    config.extra_metrics = vec![aggregator_metrics, rater_metrics];
+    let running =
+        gateway::start_on(listener, config, catalog, gateway_metrics, shutdown.clone()).await?;
+    println!("Neruba dev pipeline is running.");
+    println!("  HTTP API:   http://{}", running.local_addr);
+    println!(
+        "  Kafka:      {}  (bootstrap.servers)",
+        kafka.bootstrap_servers()
+    );
+    println!(
+        "  Topics:     {}, {}, {}, {} ({} partitions each)",
+        args.ingest.events_topic,
+        args.aggregation.rollups_topic,
+        args.rating.ledger_topic,
+        args.aggregation.dead_letter_topic,
+        args.partitions
+    );
+    println!(
+        "  Ledger:     neruba ledger tail --brokers {}",
+        kafka.bootstrap_servers()
+    );
+    println!("  State:      {}", state_dir.display());
+    if args.catalog.is_none() {
+        println!("  Catalog:    {}", sample::CATALOG_ORIGIN);
+        for (tenant, scope, key) in sample::DEV_KEYS {
+            println!("  Dev key:    {key}  (tenant {tenant}, scope {scope})");
+        }
+    }
+    println!("Press Ctrl-C to stop.");
+    // One process, one fate: if the aggregator or the rater stops on an error, the whole
+    // pipeline stops rather than accept events nobody aggregates or prices.
+    let stop_all = shutdown.clone();
+    let aggregated = tokio::spawn(async move {
+        let result = aggregator.wait().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Aggregator failed; stopping the dev pipeline.");
+        }
+        stop_all.cancel();
+        result
+    });
+    let stop_all = shutdown.clone();
+    let rated = tokio::spawn(async move {
+        let result = rater.wait().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Rater failed; stopping the dev pipeline.");
+        }
+        stop_all.cancel();
+        result
+    });
+    running.wait().await?;
+    aggregated.await??;
+    rated.await??;
+    drop(kafka);
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! `neruba ledger tail`: the line items of the ledger topic as NDJSON.
+
+use super::shutdown_on_signal;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use neruba_schemas::topics;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LedgerCommand {
+    /// Print the line items of the ledger topic as NDJSON, each id once.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    pub(crate) brokers: String,
+    /// Topic line items are read from.
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    pub(crate) ledger_topic: String,
+    /// Only items of this tenant.
+    #[arg(long, env = "NERUBA_TENANT")]
+    pub(crate) tenant: Option<String>,
+    /// Stop once no item arrived for this long (default: follow until interrupted).
+    #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
+    pub(crate) exit_when_idle: Option<Duration>,
+}
+
+/// Runs a ledger command.
+pub(crate) async fn run(command: LedgerCommand, shutdown: CancellationToken) -> Result<()> {
+    let LedgerCommand::Tail(args) = command;
+    let shutdown = shutdown_on_signal(&shutdown);
+    tokio::task::spawn_blocking(move || {
+        neruba::ledger::tail(
+            &args.brokers,
+            &args.ledger_topic,
+            args.tenant.as_deref(),
+            args.exit_when_idle,
+            &shutdown,
+            &mut std::io::stdout().lock(),
+        )
+    })
+    .await??;
+    Ok(())
+}

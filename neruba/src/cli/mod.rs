@@ -1,0 +1,331 @@
+//! The `neruba` subcommands: one module each, its flags next to its `run`. Flags shared by
+//! `dev` and a component (`IngestArgs`, `AggregatorArgs`, `RaterArgs`) live with the
+//! component; every `config()` returns `Result` and refuses impossible combinations at start-up.
+
+mod aggregator;
+mod catalog;
+mod dev;
+mod gateway;
+mod ledger;
+mod price;
+mod rater;
+mod stage;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use neruba_schemas::Catalog;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Usage metering and rating: events in, priced line items out.
+#[derive(Debug, Parser)]
+#[command(name = "neruba", version)]
+pub(crate) struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `neruba_ingest_gateway=debug`.
+    #[arg(long, env = "NERUBA_LOG", default_value = "info", global = true)]
+    pub(crate) log: String,
+    /// Longest a component may take to stop once SIGTERM (or a failure) began its shutdown;
+    /// past it the process exits anyway. Keep it below Kubernetes'
+    /// `terminationGracePeriodSeconds`, so the exit is ours and not a SIGKILL.
+    #[arg(long, env = "NERUBA_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration, global = true)]
+    pub(crate) drain_timeout: Duration,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up: the size of the variants costs nothing"
+)]
+pub(crate) enum Command {
+    /// Run the ingest gateway against a Kafka cluster.
+    Gateway(gateway::GatewayArgs),
+    /// Run an aggregator (a member of the aggregator consumer group) against a Kafka cluster.
+    Aggregator(aggregator::AggregatorCommandArgs),
+    /// Run a rater (a member of the rater consumer group) against a Kafka cluster.
+    Rater(rater::RaterCommandArgs),
+    /// Run the pipeline against an in-process Kafka broker, until interrupted.
+    Dev(dev::DevArgs),
+    /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
+    Demo,
+    /// Catalog tools.
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCommand),
+    /// Price a quantity under a meter's plan and explain every step of the amount.
+    Price(price::PriceArgs),
+    /// Ledger tools.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
+}
+
+/// Runs `command` until it is done or `shutdown` stops it.
+pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result<()> {
+    match command {
+        Command::Gateway(args) => gateway::run(args, shutdown).await,
+        Command::Aggregator(args) => aggregator::run(args, shutdown).await,
+        Command::Rater(args) => rater::run(args, shutdown).await,
+        Command::Dev(args) => dev::run(args, &shutdown).await,
+        Command::Demo => {
+            neruba::demo::run().await?;
+            Ok(())
+        }
+        Command::Catalog(command) => catalog::run(command),
+        Command::Price(args) => price::run(&args),
+        Command::Ledger(command) => ledger::run(command, shutdown).await,
+    }
+}
+
+pub(crate) fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
+}
+
+pub(crate) fn load_catalog(path: &Path) -> Result<Catalog> {
+    Ok(Catalog::load(path)?)
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C, and returns it. Only the long-running commands
+/// listen: a one-shot command keeps the default action, which ends it at once.
+pub(crate) fn shutdown_on_signal(token: &CancellationToken) -> CancellationToken {
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("Shutting down.");
+        cancel.cancel();
+    });
+    token.clone()
+}
+
+pub(crate) fn parse_day(text: &str) -> Result<time::Date> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(text, &format).with_context(|| format!("`{text}` is not YYYY-MM-DD"))
+}
+
+/// A duration as a flag would be written: whole days as `35days` (humantime would say
+/// `1month 4days 13h 26m 24s`, its months being 30.44 days), anything else as humantime does.
+pub(crate) fn show(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    if secs > 0 && secs.is_multiple_of(86_400) && duration.subsec_nanos() == 0 {
+        format!("{}days", secs / 86_400)
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}
+
+/// A duration in whole milliseconds, for the components' configs.
+pub(crate) fn millis(duration: Duration) -> Result<i64> {
+    i64::try_from(duration.as_millis()).context("duration too long")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rater::{RaterAction, RaterCommandArgs, RaterRunArgs};
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent_and_each_has_an_env_twin() {
+        Cli::command().debug_assert();
+        fn walk(command: &clap::Command) {
+            for arg in command.get_arguments() {
+                let positional = arg.get_long().is_none();
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !positional && !builtin {
+                    assert!(
+                        arg.get_env().is_some(),
+                        "--{} of `{}` has no env twin",
+                        arg.get_id(),
+                        command.get_name()
+                    );
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub);
+            }
+        }
+        walk(&Cli::command());
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused_at_start_up_with_the_reason() {
+        // Dev: a gateway horizon longer than the aggregator's would accept events the
+        // aggregator then dead-letters.
+        let Command::Dev(dev) = parse(&["neruba", "dev", "--correction-horizon", "40days"]).command
+        else {
+            panic!("dev");
+        };
+        let refused = dev.check().map_err(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Err(
+                "--correction-horizon (40days) exceeds --aggregator-correction-horizon (35days): \
+                 the gateway would accept events the aggregator dead-letters as too old"
+                    .to_owned()
+            )
+        );
+        let Command::Dev(dev) = parse(&["neruba", "dev"]).command else {
+            panic!("dev");
+        };
+        assert!(dev.check().is_ok());
+
+        // Rater: a window retention within the correction horizon forgets windows that a late
+        // event can still revise.
+        let short = parse(&[
+            "neruba",
+            "rater",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+            "--rater-window-retention",
+            "30days",
+        ]);
+        let Command::Rater(RaterCommandArgs { run, .. }) = short.command else {
+            panic!("rater");
+        };
+        let refused = run
+            .rating
+            .config(
+                "k:9092",
+                "r",
+                "d",
+                Path::new("/tmp/s"),
+                run.correction_horizon,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Err(
+                "--rater-window-retention (30days) must exceed the correction horizon (35days): \
+                 a late revision of a window the rater forgot would be rated as new"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn the_aggregator_reads_the_events_topic_it_is_given() {
+        let Command::Aggregator(args) = parse(&[
+            "neruba",
+            "aggregator",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+            "--events-topic",
+            "acme.events",
+        ])
+        .command
+        else {
+            panic!("aggregator");
+        };
+        let config = args
+            .aggregation
+            .config(&args.brokers, &args.events_topic, &args.state_dir)
+            .map(|c| c.events_topic);
+        assert_eq!(config.ok().as_deref(), Some("acme.events"));
+    }
+
+    #[test]
+    fn every_subcommand_with_defaults_parses_without_flags() {
+        for args in [vec!["neruba", "dev"], vec!["neruba", "demo"]] {
+            if let Err(e) = Cli::try_parse_from(&args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+        let aggregator = Cli::try_parse_from([
+            "neruba",
+            "aggregator",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+        ]);
+        assert!(aggregator.is_ok(), "{aggregator:?}");
+        let rater = Cli::try_parse_from([
+            "neruba",
+            "rater",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+        ]);
+        assert!(
+            matches!(
+                &rater,
+                Ok(Cli {
+                    command: Command::Rater(RaterCommandArgs {
+                        action: None,
+                        run: RaterRunArgs { brokers: Some(b), .. },
+                    }),
+                    ..
+                }) if b == "k:9092"
+            ),
+            "{rater:?}"
+        );
+        let rerun = Cli::try_parse_from([
+            "neruba",
+            "rater",
+            "rerun",
+            "--brokers",
+            "k:9092",
+            "--tenant",
+            "acme",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-30",
+        ]);
+        assert!(
+            matches!(
+                rerun,
+                Ok(Cli {
+                    command: Command::Rater(RaterCommandArgs {
+                        action: Some(RaterAction::Rerun(_)),
+                        ..
+                    }),
+                    ..
+                })
+            ),
+            "{rerun:?}"
+        );
+        let tail = Cli::try_parse_from(["neruba", "ledger", "tail", "--brokers", "k:9092"]);
+        assert!(tail.is_ok(), "{tail:?}");
+    }
+}
