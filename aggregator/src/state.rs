@@ -180,8 +180,11 @@ pub struct PartitionState {
     /// Per tenant: event time and open windows.
     clocks: HashMap<String, Clock>,
     /// The clock a tenant starts with: the partition-wide clock of state written before
-    /// clocks were per tenant (a one-time migration), else the far past.
+    /// clocks were per tenant (a one-time migration), else the far past. A tick without a
+    /// tenant (written before clocks were per tenant) raises it too.
     initial_clock: (i64, i64),
+    /// `initial_clock` changed: written at commit.
+    initial_dirty: bool,
     outputs: Vec<Output>,
     counts: Counts,
     decoder: codec::Decoder,
@@ -297,6 +300,7 @@ impl PartitionState {
             next_offset,
             clocks,
             initial_clock,
+            initial_dirty: false,
             outputs: Vec::new(),
             counts: Counts::default(),
             decoder: codec::Decoder::default(),
@@ -757,6 +761,12 @@ impl PartitionState {
                 self.advance_to(tenant, watermark)
             }
             None => {
+                // As the partition-wide watermark did: tenants not seen here yet start from
+                // it too, and it is stored, so a replay after a restart applies it the same.
+                if watermark > self.initial_clock.1 {
+                    self.initial_clock.1 = watermark;
+                    self.initial_dirty = true;
+                }
                 let mut tenants: Vec<String> = self.clocks.keys().cloned().collect();
                 tenants.sort_unstable();
                 for tenant in tenants {
@@ -860,6 +870,11 @@ impl PartitionState {
         }
         if let Some(next) = self.next_offset {
             batch.put(keys::META_OFFSET, keys::time_bytes(next));
+        }
+        if std::mem::take(&mut self.initial_dirty) {
+            let (max_event_time, watermark) = self.initial_clock;
+            batch.put(keys::META_MAX_EVENT_TIME, keys::time_bytes(max_event_time));
+            batch.put(keys::META_WATERMARK, keys::time_bytes(watermark));
         }
         for (tenant, clock) in &mut self.clocks {
             if std::mem::take(&mut clock.dirty) {
@@ -979,6 +994,79 @@ mod tests {
             now,
             TIMING
         ));
+    }
+
+    /// State as the aggregator wrote it before clocks were per tenant: one partition-wide
+    /// watermark and max event time, and one open window of `acme` ending at `end`.
+    fn legacy_state(dir: &Path, watermark: i64, end: i64) -> Vec<u8> {
+        let db = DB::open_default(dir).expect("open");
+        let series = keys::series("calls", "c1", "{}");
+        let window_key = keys::window("acme", &series, end - 60_000);
+        let record = WindowRecord {
+            tenant: "acme".into(),
+            meter: "calls".into(),
+            customer: "c1".into(),
+            group: BTreeMap::new(),
+            aggregation: Aggregation::Count,
+            window_start_ms: end - 60_000,
+            window_end_ms: end,
+            period_start_ms: 0,
+            period_end_ms: 100 * DAY_MS,
+            agg: Aggregate {
+                count: 2,
+                ..Aggregate::default()
+            },
+            revision: 0,
+            closed: false,
+            period_new: 0,
+        };
+        let put = |key: &[u8], value: &[u8]| db.put(key, value).expect("put");
+        put(keys::META_OFFSET, &keys::time_bytes(7));
+        put(keys::META_WATERMARK, &keys::time_bytes(watermark));
+        put(keys::META_MAX_EVENT_TIME, &keys::time_bytes(watermark));
+        put(&window_key, &encode_record(&record).expect("encode"));
+        put(&open_key(end, &window_key), b"");
+        window_key
+    }
+
+    #[test]
+    fn state_from_before_per_tenant_clocks_opens_with_its_partition_clock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let (watermark, end) = (10 * DAY_MS, 10 * DAY_MS + 60_000);
+        legacy_state(dir.path(), watermark, end);
+
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        assert_eq!(state.next_offset(), Some(7));
+        assert_eq!(state.open_windows(), 1);
+        // The tenant with the open window, and one never seen, start from the legacy clock.
+        assert_eq!(state.tenant_watermark("acme"), watermark);
+        assert_eq!(state.tenant_watermark("globex"), watermark);
+
+        // A tick without a tenant (also written before the change) advances every tenant,
+        // those not seen yet included, and survives a restart.
+        state.apply_tick(7, None, end).expect("tick");
+        let outputs = state.take_outputs();
+        let closed: Vec<(String, i64, Decimal, u32)> = outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Rollup(r) => Some((
+                    r.tenant.clone(),
+                    r.window_end_ms,
+                    r.window_quantity,
+                    r.revision,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, vec![("acme".to_owned(), end, Decimal::from(2), 1)]);
+        state.commit().expect("commit");
+        drop(state);
+        let state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("reopen");
+        assert_eq!(state.next_offset(), Some(8));
+        assert_eq!(state.open_windows(), 0);
+        assert_eq!(state.tenant_watermark("acme"), end);
+        assert_eq!(state.tenant_watermark("globex"), end);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! The HTTP binding percent-encodes header values (CloudEvents HTTP binding 1.0.2, 3.1.3.2);
 //! the Kafka binding carries them as plain UTF-8 bytes.
 
+use neruba_schemas::framing::Framed;
 use neruba_schemas::{RejectCode, Rejection};
 use serde_json::{Map, Value};
 
@@ -82,6 +83,36 @@ pub fn is_json(content_type: Option<&str>) -> bool {
         .trim()
         .to_ascii_lowercase();
     media.is_empty() || media == "application/json" || media.ends_with("+json")
+}
+
+/// Frames a binary-mode event as a structured one would be framed: `data` parsed from the
+/// body (absent when the body is blank), the size the body plus the attribute headers, the
+/// value the structured form ([`event_object`]). `Err` says why the body is not JSON; the
+/// caller answers that as its framing does (400 over HTTP, a dead letter on Kafka).
+pub fn frame<'h>(
+    binding: Binding,
+    headers: impl IntoIterator<Item = (&'h str, &'h [u8])> + Clone,
+    body: &[u8],
+) -> Result<Framed, String> {
+    let data =
+        if body.iter().all(u8::is_ascii_whitespace) {
+            None
+        } else {
+            Some(serde_json::from_slice(body).map_err(|e| {
+                format!("the event's data (the body in binary mode) is not JSON: {e}")
+            })?)
+        };
+    let len = body.len()
+        + headers
+            .clone()
+            .into_iter()
+            .filter(|(name, _)| binding.attribute(name).is_some())
+            .map(|(_, value)| value.len())
+            .sum::<usize>();
+    Ok(Framed {
+        value: event_object(binding, headers, data),
+        len,
+    })
 }
 
 /// Builds the structured form of a binary-mode event from its attribute headers and its

@@ -244,8 +244,12 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         }
     };
     let (framing, framed) = if binary {
-        match binary_event(headers, &bytes) {
-            Ok(framed) => (Framing::Single, framed),
+        let attributes: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
+        match binary::frame(Binding::Http, attributes.iter().copied(), &bytes) {
+            Ok(framed) => (Framing::Single, vec![framed]),
             Err(message) => {
                 return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
             }
@@ -411,33 +415,6 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once([' ', '\t'])?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// The one event of a binary-mode request: attributes from `ce-*` headers, `data` the body.
-/// A body that is not JSON is refused whole (400 `invalid_body`, with the returned message), as
-/// a structured single event would be.
-fn binary_event(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<body::Framed>, String> {
-    let data = if bytes.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        Some(
-            serde_json::from_slice(bytes)
-                .map_err(|e| format!("body (the event's data) is not JSON: {e}"))?,
-        )
-    };
-    let attributes = headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_bytes()));
-    let len = bytes.len()
-        + headers
-            .iter()
-            .filter(|(name, _)| Binding::Http.attribute(name.as_str()).is_some())
-            .map(|(_, value)| value.len())
-            .sum::<usize>();
-    Ok(vec![body::Framed {
-        value: binary::event_object(Binding::Http, attributes, data),
-        len,
-    }])
 }
 
 fn too_large(limit: usize) -> Response {

@@ -148,26 +148,8 @@ fn binary_event(headers: &[(&str, &[u8])], payload: &[u8]) -> Result<Framed, Rej
             "in binary mode the payload is the event's data, which must be JSON",
         ));
     }
-    let data = if payload.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        Some(serde_json::from_slice(payload).map_err(|e| {
-            Rejection::new(
-                RejectCode::InvalidJson,
-                format!("the payload (the event's data) is not JSON: {e}"),
-            )
-        })?)
-    };
-    let len = payload.len()
-        + headers
-            .iter()
-            .filter(|(name, _)| Binding::Kafka.attribute(name).is_some())
-            .map(|(_, value)| value.len())
-            .sum::<usize>();
-    Ok(Framed {
-        value: binary::event_object(Binding::Kafka, headers.iter().copied(), data),
-        len,
-    })
+    binary::frame(Binding::Kafka, headers.iter().copied(), payload)
+        .map_err(|message| Rejection::new(RejectCode::InvalidJson, message))
 }
 
 /// Consumes the raw topic until `shutdown`; a broker failure restarts the consumer, which

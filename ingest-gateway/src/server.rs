@@ -79,7 +79,10 @@ impl Clock {
         Self {
             origin: Instant::now(),
             idle_since: AtomicU64::new(0),
-            head_started: AtomicU64::new(NONE),
+            // A new connection owes its first request head from the moment it is accepted:
+            // one that never sends a byte is closed at the header deadline, not held for the
+            // (longer) keep-alive idle time.
+            head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             changed: Notify::new(),
         }

@@ -93,9 +93,17 @@ pub fn max_abs_value() -> Decimal {
 /// `a + b` if the sum keeps every digit of both. `rust_decimal` answers a sum whose digits
 /// exceed its 96-bit mantissa by lowering the scale (rounding); that is refused here, as is
 /// leaving the range.
+///
+/// The terms are normalized first (trailing zeros dropped: `5.000` is `5`, `0.0` is `0`), so
+/// how a value was written never narrows the range of the sums it joins, and a zero term
+/// (which `rust_decimal` answers with the other term at that term's own scale) is never
+/// mistaken for a rounding. A normalized sum then keeps the scale of its finer term unless
+/// digits were dropped.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let (a, b) = (a.normalize(), b.normalize());
     let sum = a.checked_add(b)?;
-    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+    // Rounding happens only to sums too large for the mantissa, never to zero.
+    (sum.is_zero() || sum.scale() >= a.scale().max(b.scale())).then_some(sum)
 }
 
 /// Reads a decimal from a JSON value: a number (by its exact text) or a string.
@@ -209,6 +217,18 @@ mod tests {
         assert_eq!(exact_add(d("79228162514264337593543950335"), d("1")), None);
         assert_eq!(exact_add(d("1.5"), d("-1.25")), Some(d("0.25")));
         assert_eq!(exact_add(d("1.5"), d("-1.5")), Some(d("0.0")));
+        // Found in review: a zero term, or trailing zeros, are no rounding. rust_decimal
+        // answers 0.0 + 3 with 3 at scale 0, which a scale comparison took for one.
+        assert_eq!(exact_add(d("0.0"), d("3")), Some(d("3")));
+        assert_eq!(exact_add(d("5"), d("0.000")), Some(d("5")));
+        let five = d("5.0000000000000000000000000000");
+        assert_eq!(exact_add(five, five), Some(d("10")));
+        // Written precision no longer narrows the range: 28 written decimals of zeros leave
+        // the sum as much room as the integer.
+        assert_eq!(
+            exact_add(d("70000000000000000000000000000"), d("1.0000000000")),
+            Some(d("70000000000000000000000000001"))
+        );
     }
 
     proptest::proptest! {

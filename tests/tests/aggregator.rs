@@ -477,6 +477,55 @@ async fn one_tenants_clock_never_makes_another_tenants_events_late() -> Result<(
 }
 
 #[tokio::test]
+async fn a_quiet_tenant_closes_its_windows_while_another_keeps_the_partition_busy() -> Result<()> {
+    // Idle time is per tenant: t1 backfills an hour-old stretch without pause, so the
+    // partition is never idle and its event time never reaches t2's window; t2 went quiet
+    // after one event, and its window closes by processing time all the same.
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| {
+        c.idle_timeout = Duration::from_millis(300);
+        c.timing.grace_ms = 0;
+    })?;
+    let quiet = event("t2", "q1", "api", "c1", t0() + 1_000, json!({}));
+    s.writer.send(0, &[quiet]).await?;
+    let busy = tokio::spawn({
+        let brokers = s.kafka.bootstrap_servers().to_owned();
+        async move {
+            let writer = EventWriter::new(&brokers)?;
+            for i in 0..60 {
+                let at_s = -3600 + i;
+                writer
+                    .send(0, &[api(&format!("b{i}"), "c1", at_s, "1", "u")])
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let all = rollups_on_topic(s.kafka.bootstrap_servers(), 1, Duration::from_millis(200)).await?;
+    assert!(
+        !busy.is_finished(),
+        "t2's window closed only once the partition went quiet"
+    );
+    let t2: Vec<(String, i64, Decimal)> = all
+        .iter()
+        .filter(|r| r.tenant == "t2")
+        .map(|r| {
+            (
+                r.meter.clone(),
+                (r.window_start_ms - t0()) / 60_000,
+                r.window_quantity,
+            )
+        })
+        .collect();
+    assert_eq!(t2, vec![("calls".to_owned(), 0, d("1"))]);
+    busy.await??;
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_value_that_cannot_be_folded_is_dead_lettered_and_the_partition_goes_on() -> Result<()> {
     // Found by a hostile client: a sum past the exact decimal range stopped the aggregator,
     // and every restart replayed the same events into the same failure.

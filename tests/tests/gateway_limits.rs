@@ -139,6 +139,16 @@ async fn half_a_request_line_is_disconnected_after_the_header_timeout() -> Resul
     }
     assert!(started.elapsed() < Duration::from_secs(3));
 
+    // A client that never sends a byte is closed at the header deadline too (found in
+    // review: it was held for the keep-alive idle time, 30 s here), so silent sockets cannot
+    // fill the connection cap.
+    let mut silent = TcpStream::connect(addr(&h)).await?;
+    let took = closed_within(&mut silent, Duration::from_secs(5)).await?;
+    assert!(
+        took >= Duration::from_millis(400),
+        "closed too early: {took:?}"
+    );
+
     // A client that speaks normally is served meanwhile.
     assert_eq!(h.get("/healthz").await?.0, 200);
     h.stop().await

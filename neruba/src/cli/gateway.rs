@@ -116,6 +116,14 @@ impl IngestArgs {
         if self.max_connections == 0 || self.default_rate_limit == 0 {
             bail!("--max-connections and --default-rate-limit must be positive");
         }
+        if usize::try_from(self.default_rate_burst).unwrap_or(usize::MAX) < self.max_batch_events {
+            bail!(
+                "--default-rate-burst ({}) is below --max-batch-events ({}): a full batch of a \
+                 tenant without its own rate limit could never be admitted",
+                self.default_rate_burst,
+                self.max_batch_events
+            );
+        }
         let zero = Duration::ZERO;
         if [
             self.http_header_timeout,

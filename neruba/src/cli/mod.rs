@@ -234,6 +234,27 @@ mod tests {
     }
 
     #[test]
+    fn a_default_burst_below_a_full_batch_is_refused() {
+        let Command::Dev(dev) = parse(&["neruba", "dev", "--default-rate-burst", "500"]).command
+        else {
+            panic!("dev");
+        };
+        let refused = dev
+            .ingest
+            .config("127.0.0.1:0".parse().expect("addr"), "k:9092", "d")
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Err(
+                "--default-rate-burst (500) is below --max-batch-events (10000): a full batch \
+                 of a tenant without its own rate limit could never be admitted"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
     fn the_aggregator_reads_the_events_topic_it_is_given() {
         let Command::Aggregator(args) = parse(&[
             "neruba",
