@@ -54,14 +54,7 @@ pub fn build_producer(
         .set("queue.buffering.max.messages", "200000")
         .set("queue.buffering.max.kbytes", "262144")
         .set("partitioner", "murmur2_random");
-    for (key, value) in extra {
-        if matches!(key.as_str(), "acks" | "enable.idempotence") {
-            return Err(KafkaError::ClientCreation(format!(
-                "kafka option `{key}` cannot be overridden: the gateway's durability depends on it"
-            )));
-        }
-        config.set(key, value);
-    }
+    neruba_kafka::apply_producer_options(&mut config, extra)?;
     config.create()
 }
 
@@ -157,5 +150,24 @@ impl EventSink {
     /// Waits for queued events to be delivered, up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.get().flush(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_gateway_refuses_a_durability_override_with_every_producers_message() {
+        let refused = super::build_producer(
+            "127.0.0.1:1",
+            std::time::Duration::from_secs(1),
+            &[("acks".to_owned(), "0".to_owned())],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        assert!(
+            refused.as_ref().is_err_and(|m| m
+                .contains("kafka option `acks=0` is refused: Neruba's producers rely on acks=all")),
+            "{refused:?}"
+        );
     }
 }

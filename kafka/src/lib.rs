@@ -23,6 +23,30 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+/// Settings every Neruba producer relies on for durability: what it answers or writes after
+/// an acknowledgement is in every in-sync replica (`acks=all`), once and in order
+/// (`enable.idempotence`). An operator may not override them.
+const DURABILITY: [&str; 2] = ["acks", "enable.idempotence"];
+
+/// Applies an operator's pass-through librdkafka settings (SASL, TLS, tuning) to a producer's
+/// config, last; refuses, with the same message for every producer, one that would weaken
+/// durability.
+pub fn apply_producer_options(
+    client: &mut ClientConfig,
+    kafka_options: &[(String, String)],
+) -> Result<(), KafkaError> {
+    for (key, value) in kafka_options {
+        if DURABILITY.contains(&key.as_str()) {
+            return Err(KafkaError::ClientCreation(format!(
+                "kafka option `{key}={value}` is refused: Neruba's producers rely on acks=all and \
+                 enable.idempotence=true for what they acknowledge"
+            )));
+        }
+        client.set(key, value);
+    }
+    Ok(())
+}
+
 /// The producer a stage writes its outputs (rollups, line items, dead letters) with.
 pub fn output_producer(
     brokers: &str,
@@ -39,11 +63,7 @@ pub fn output_producer(
         .set("linger.ms", linger_ms.to_string())
         .set("compression.type", "lz4")
         .set("message.timeout.ms", "60000");
-    for (key, value) in kafka_options {
-        if !matches!(key.as_str(), "acks" | "enable.idempotence") {
-            client.set(key, value);
-        }
-    }
+    apply_producer_options(&mut client, kafka_options)?;
     client.create()
 }
 
@@ -239,5 +259,42 @@ pub fn deliver_until_acked(
         }
         let backoff = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
         std::thread::sleep(backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(options: &[(&str, &str)]) -> Option<String> {
+        let options: Vec<(String, String)> = options
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        match output_producer("127.0.0.1:1", "test", 0, &options) {
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn durability_overrides_are_refused_and_other_options_pass_through() {
+        // Was: silently dropped here, refused by the gateway, applied by the rerun producer.
+        let acks = refusal(&[("linger.ms", "7"), ("acks", "1")]);
+        assert!(
+            acks.as_deref().is_some_and(|m| m.contains(
+                "kafka option `acks=1` is refused: Neruba's producers rely on acks=all and \
+                 enable.idempotence=true"
+            )),
+            "{acks:?}"
+        );
+        let idempotence = refusal(&[("enable.idempotence", "false")]);
+        assert!(
+            idempotence
+                .as_deref()
+                .is_some_and(|m| m.contains("kafka option `enable.idempotence=false` is refused")),
+            "{idempotence:?}"
+        );
+        assert_eq!(refusal(&[("linger.ms", "7"), ("client.rack", "a")]), None);
     }
 }

@@ -176,9 +176,7 @@ pub async fn request_rerun(
         .set("client.id", "neruba-rerun")
         .set("acks", "all")
         .set("enable.idempotence", "true");
-    for (key, value) in kafka_options {
-        client.set(key, value);
-    }
+    neruba_kafka::apply_producer_options(&mut client, kafka_options)?;
     let producer: FutureProducer = client.create()?;
     let metadata = producer
         .client()
