@@ -26,22 +26,28 @@
 //! what the next events touch), always equal to what is stored once a batch is written; open
 //! windows are indexed under a metadata prefix so a restart finds them without scanning the
 //! data; each tenant's clock is stored under a metadata prefix too, with the offsets.
+//!
+//! Where things happen: this file is the store and the door ([`PartitionState::apply`]:
+//! decode, too-old rule, dedup, metering, then the fold); [`window`] folds measures into
+//! windows and periods and closes windows into rollups; [`watermark`] keeps each tenant's
+//! event time, sends idle ticks and advances the watermark that closes windows.
+
+mod watermark;
+mod window;
 
 use crate::keys;
 use crate::{Error, Result};
 use ahash::AHashMap as HashMap;
 use neruba_schemas::catalog::Aggregation;
-use neruba_schemas::measure::{Measure, measure};
+use neruba_schemas::measure::measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
-use neruba_schemas::window::{period_bounds, window_start};
-use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec, decimal};
+use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
 use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
-use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
+use watermark::Clock;
 
 /// Prefix of the open-window index (metadata: empty tenant).
 const OPEN_PREFIX: &[u8] = b"\0\0\0\0O";
@@ -119,50 +125,6 @@ type Write<'a> = (&'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
 struct CachedWindow {
     record: WindowRecord,
     dirty: bool,
-}
-
-/// One tenant's event clock within the partition.
-#[derive(Debug)]
-struct Clock {
-    /// Highest event time of the tenant's events applied here.
-    max_event_time: i64,
-    /// Windows of the tenant ending at or before this are closed.
-    watermark: i64,
-    /// The tenant's windows not yet closed, by end time.
-    open: BTreeSet<(i64, Vec<u8>)>,
-    /// Changed by the batch: written at commit.
-    dirty: bool,
-    /// The batch applied an event of this tenant (idle time restarts at the batch's end).
-    touched: bool,
-    /// When the tenant's last event was applied (or the state opened): processing time,
-    /// only for deciding when to send an idle tick, never for what a tick does.
-    last_event_at: Instant,
-    /// When the last idle tick was produced and not yet read back.
-    tick_sent_at: Option<Instant>,
-}
-
-impl Clock {
-    fn new((max_event_time, watermark): (i64, i64)) -> Self {
-        Self {
-            max_event_time,
-            watermark,
-            open: BTreeSet::new(),
-            dirty: false,
-            touched: false,
-            last_event_at: Instant::now(),
-            tick_sent_at: None,
-        }
-    }
-}
-
-/// Where one measure of an event is folded.
-struct Target {
-    series: Vec<u8>,
-    window_key: Vec<u8>,
-    start: i64,
-    size: i64,
-    period_start: i64,
-    period_end: i64,
 }
 
 /// The state of one partition.
@@ -312,37 +274,9 @@ impl PartitionState {
         self.next_offset
     }
 
-    /// The most advanced tenant watermark of the partition (`i64::MIN` before any event): how
-    /// far event time got here, for the watermark-lag gauge.
-    pub fn watermark(&self) -> i64 {
-        self.clocks
-            .values()
-            .map(|c| c.watermark)
-            .max()
-            .unwrap_or(i64::MIN)
-    }
-
-    /// The watermark of one tenant (`i64::MIN` before its first event).
-    pub fn tenant_watermark(&self, tenant: &str) -> i64 {
-        self.clocks
-            .get(tenant)
-            .map_or(self.initial_clock.1, |c| c.watermark)
-    }
-
     /// Windows not yet closed.
     pub fn open_windows(&self) -> usize {
         self.clocks.values().map(|c| c.open.len()).sum()
-    }
-
-    /// The tenant's clock, started (from the initial clock) at its first event here.
-    fn clock_mut(&mut self, tenant: &str) -> Result<&mut Clock> {
-        if !self.clocks.contains_key(tenant) {
-            self.clocks
-                .insert(tenant.to_owned(), Clock::new(self.initial_clock));
-        }
-        self.clocks
-            .get_mut(tenant)
-            .ok_or_else(|| Error::Corrupt(format!("clock of tenant {tenant} vanished")))
     }
 
     /// Whether the batch has anything to write.
@@ -525,322 +459,6 @@ impl PartitionState {
         Ok(())
     }
 
-    /// The window, series and period one measure of `event` folds into.
-    fn target(&self, event: &Event, m: &Measure<'_>) -> Result<Target> {
-        let meter = m.meter;
-        let size = meter.window_ms();
-        let start = window_start(event.time_ms, size);
-        let (period_start, period_end) = period_bounds(
-            event.time_ms,
-            meter.billing_period.anchor_day,
-            meter.offset_secs(),
-        )
-        .ok_or_else(|| Error::Corrupt(format!("event time {} has no period", event.time_ms)))?;
-        // Canonical JSON of the group (a sorted map); most meters have none.
-        let group_text = if m.group.is_empty() {
-            std::borrow::Cow::Borrowed("{}")
-        } else {
-            std::borrow::Cow::Owned(serde_json::to_string(&m.group).unwrap_or_default())
-        };
-        let series = keys::series(&meter.key, &event.subject, &group_text);
-        let window_key = keys::window(&event.tenant, &series, start);
-        Ok(Target {
-            series,
-            window_key,
-            start,
-            size,
-            period_start,
-            period_end,
-        })
-    }
-
-    /// Whether folding `m` into `target` keeps every sum exact: the window's, and the
-    /// period's when the window is already closed (a late event goes into both).
-    fn fits(&mut self, tenant: &str, m: &Measure<'_>, target: &Target) -> Result<bool> {
-        let Some(value) = m.value.filter(|_| m.meter.aggregation.sums()) else {
-            return Ok(true);
-        };
-        let watermark = self.tenant_watermark(tenant);
-        let (window_sum, closed) = match self.peek_window(&target.window_key)? {
-            Some(record) => (record.agg.sum, record.closed),
-            None => (Decimal::ZERO, target.start + target.size <= watermark),
-        };
-        if decimal::exact_add(window_sum, value).is_none() {
-            return Ok(false);
-        }
-        if closed {
-            let period_key = keys::period(tenant, &target.series, target.period_start);
-            let period = self.load_period(&period_key)?;
-            let fits = decimal::exact_add(period.sum, value).is_some();
-            self.store_period(period_key, period);
-            return Ok(fits);
-        }
-        Ok(true)
-    }
-
-    /// The window record at `key`, read into the batch cache (unchanged) if it was not there.
-    fn peek_window(&mut self, key: &[u8]) -> Result<Option<&WindowRecord>> {
-        if !self.windows.contains_key(key) {
-            let Some(record) = self.get_record::<WindowRecord>(key)? else {
-                return Ok(None);
-            };
-            self.windows.insert(
-                key.to_vec(),
-                CachedWindow {
-                    record,
-                    dirty: false,
-                },
-            );
-        }
-        Ok(self.windows.get(key).map(|cached| &cached.record))
-    }
-
-    fn fold(&mut self, event: &Event, m: &Measure<'_>, target: Target) -> Result<()> {
-        let meter = m.meter;
-        let Target {
-            series,
-            window_key,
-            start,
-            size,
-            period_start,
-            period_end,
-        } = target;
-        let tenant = event.tenant.as_str();
-        let watermark = self.tenant_watermark(tenant);
-        let existing = self.load_window(&window_key)?;
-        let is_new = existing.is_none();
-        let mut record = existing.unwrap_or_else(|| WindowRecord {
-            tenant: tenant.to_owned(),
-            meter: meter.key.clone(),
-            customer: event.subject.clone(),
-            group: m.group.clone(),
-            aggregation: meter.aggregation,
-            window_start_ms: start,
-            window_end_ms: start + size,
-            period_start_ms: period_start,
-            period_end_ms: period_end,
-            agg: Aggregate::default(),
-            revision: 0,
-            // A window whose end the tenant's watermark already passed is closed, even if
-            // empty so far.
-            closed: start + size <= watermark,
-            period_new: 0,
-        });
-
-        // Distinct values: per window, and "first window of the period" per value.
-        let mut new_in_window = false;
-        let mut new_in_closed_period = false;
-        if let Some(value) = &m.distinct {
-            let value_key = keys::window_value(tenant, &series, start, value);
-            if self.get(&value_key)?.is_none() {
-                new_in_window = true;
-                self.put(value_key, Vec::new());
-            }
-            let first_key = keys::period_value(tenant, &series, period_start, value);
-            let first = self.get(&first_key)?.and_then(|v| keys::time_from(&v));
-            match first {
-                None => {
-                    self.put(first_key, keys::time_bytes(start).to_vec());
-                    record.period_new += 1;
-                    new_in_closed_period = record.closed;
-                }
-                Some(first) if first > start => {
-                    self.put(first_key, keys::time_bytes(start).to_vec());
-                    record.period_new += 1;
-                    let later_key = keys::window(tenant, &series, first);
-                    if let Some(mut later) = self.load_window(&later_key)? {
-                        later.period_new = later.period_new.saturating_sub(1);
-                        // Counted by the closed period now, through this window; the later
-                        // window must not count it again when it closes.
-                        new_in_closed_period = record.closed && !later.closed;
-                        self.store_window(later_key, later);
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        let aggregation = record.aggregation;
-        // `fits` checked the sums; a failure here would be a broken invariant.
-        record
-            .agg
-            .add(
-                aggregation,
-                m.value,
-                event.time_ms,
-                &event.id,
-                new_in_window,
-            )
-            .map_err(|_| overflow(&record))?;
-
-        if record.closed {
-            // A late event: the closed period absorbs it and the window is re-emitted.
-            self.counts.late += 1;
-            record.revision += 1;
-            let period_key = keys::period(tenant, &series, period_start);
-            let mut period = self.load_period(&period_key)?;
-            period
-                .add(
-                    aggregation,
-                    m.value,
-                    event.time_ms,
-                    &event.id,
-                    new_in_closed_period,
-                )
-                .map_err(|_| overflow(&record))?;
-            self.emit(&record, &period);
-            self.store_period(period_key, period);
-            self.store_window(window_key, record);
-        } else {
-            if is_new {
-                self.put(open_key(record.window_end_ms, &window_key), Vec::new());
-                self.clock_mut(tenant)?
-                    .open
-                    .insert((record.window_end_ms, window_key.clone()));
-            }
-            self.store_window(window_key, record);
-        }
-        Ok(())
-    }
-
-    /// For each tenant of the partition without events for `idle`, lets its event time run on
-    /// with processing time: its watermark may become the later of (highest event time +
-    /// idle time) and the wall clock, minus grace. That advance is not applied here: it is
-    /// queued as an [`Output::Tick`], to be written to the partition itself and applied when
-    /// read back ([`Self::apply_tick`]). The partition's state is thereby a function of its
-    /// messages alone, and replaying it closes every window at the same point.
-    ///
-    /// Call once per batch. Nothing is queued for a tenant before its first event, while an
-    /// earlier tick of it is still in flight (for up to `retry_after`), or when the advance
-    /// would close none of its windows. Returns how many ticks were queued.
-    pub fn idle_ticks(
-        &mut self,
-        idle: std::time::Duration,
-        grace_ms: i64,
-        wall_ms: i64,
-        retry_after: std::time::Duration,
-    ) -> usize {
-        let now = Instant::now();
-        let mut queued = 0;
-        for (tenant, clock) in &mut self.clocks {
-            if std::mem::take(&mut clock.touched) {
-                clock.last_event_at = now;
-                continue;
-            }
-            let idle_for = now.saturating_duration_since(clock.last_event_at);
-            let in_flight = clock
-                .tick_sent_at
-                .is_some_and(|sent| now.saturating_duration_since(sent) < retry_after);
-            if clock.max_event_time == i64::MIN || idle_for < idle || in_flight {
-                continue;
-            }
-            let idle_ms = i64::try_from(idle_for.as_millis()).unwrap_or(i64::MAX);
-            let event_clock = clock.max_event_time.saturating_add(idle_ms).max(wall_ms);
-            let watermark = event_clock.saturating_sub(grace_ms);
-            let closes_a_window = clock.open.first().is_some_and(|(end, _)| *end <= watermark);
-            if watermark <= clock.watermark || !closes_a_window {
-                continue;
-            }
-            clock.tick_sent_at = Some(now);
-            self.outputs.push(Output::Tick {
-                partition: self.partition,
-                tenant: tenant.clone(),
-                watermark,
-            });
-            queued += 1;
-        }
-        queued
-    }
-
-    /// Applies a watermark tick read at `offset` (see [`Self::idle_ticks`]): to its tenant, or
-    /// to every tenant for a tick written before clocks were per tenant (no tenant named).
-    pub fn apply_tick(&mut self, offset: i64, tenant: Option<&str>, watermark: i64) -> Result<()> {
-        self.next_offset = Some(offset + 1);
-        match tenant {
-            Some(tenant) => {
-                self.clock_mut(tenant)?.tick_sent_at = None;
-                self.advance_to(tenant, watermark)
-            }
-            None => {
-                // As the partition-wide watermark did: tenants not seen here yet start from
-                // it too, and it is stored, so a replay after a restart applies it the same.
-                if watermark > self.initial_clock.1 {
-                    self.initial_clock.1 = watermark;
-                    self.initial_dirty = true;
-                }
-                let mut tenants: Vec<String> = self.clocks.keys().cloned().collect();
-                tenants.sort_unstable();
-                for tenant in tenants {
-                    self.advance_to(&tenant, watermark)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Raises `tenant`'s watermark to `watermark` (never lowers it) and closes every window of
-    /// the tenant it passed, in order of end time.
-    pub fn advance_to(&mut self, tenant: &str, watermark: i64) -> Result<()> {
-        let clock = self.clock_mut(tenant)?;
-        if watermark <= clock.watermark {
-            return Ok(());
-        }
-        clock.watermark = watermark;
-        clock.dirty = true;
-        let mut closing = Vec::new();
-        while clock.open.first().is_some_and(|(end, _)| *end <= watermark) {
-            closing.extend(clock.open.pop_first());
-        }
-        for (end, window_key) in closing {
-            self.close(end, window_key)?;
-        }
-        Ok(())
-    }
-
-    fn close(&mut self, end: i64, window_key: Vec<u8>) -> Result<()> {
-        self.delete(open_key(end, &window_key));
-        let Some(mut record) = self.load_window(&window_key)? else {
-            return Ok(());
-        };
-        record.closed = true;
-        record.revision += 1;
-        self.counts.closed_window_ends.push(record.window_end_ms);
-        let period_key = keys::period_of_window(&window_key, record.period_start_ms)
-            .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
-        let mut period = self.load_period(&period_key)?;
-        let before = period.clone();
-        match period.merge(record.aggregation, &record.agg) {
-            Ok(()) => {
-                period.distinct += record.period_new;
-                self.emit(&record, &period);
-                self.store_period(period_key, period);
-            }
-            Err(_) => {
-                // Each event fitted its window, but the window does not fit its period: the
-                // window's rollup is dead-lettered with the reason, the period stays as it
-                // was, and the partition goes on.
-                let rollup = rollup_of(&record, &before);
-                let rejection = Rejection::new(
-                    RejectCode::ValueOutOfRange,
-                    format!(
-                        "meter `{}`: the window's sum does not fit its period's exact decimal range",
-                        record.meter
-                    ),
-                );
-                let offset = self.next_offset.map_or(-1, |next| next - 1);
-                let (key, payload) = (rollup.key(), rollup.encode());
-                self.dead_letter(Some(key.as_bytes()), &payload, rejection, offset);
-                self.store_period(period_key, before);
-            }
-        }
-        self.store_window(window_key, record);
-        Ok(())
-    }
-
-    fn emit(&mut self, record: &WindowRecord, period: &Aggregate) {
-        self.counts.rollups += 1;
-        self.outputs.push(Output::Rollup(rollup_of(record, period)));
-    }
-
     /// Writes the batch: pending state, next offset and watermark, atomically.
     /// Call only after every output of the batch was acknowledged by the broker.
     pub fn commit(&mut self) -> Result<()> {
@@ -932,37 +550,10 @@ fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
     key
 }
 
-/// The rollup of a window record with its period-to-date aggregate.
-fn rollup_of(record: &WindowRecord, period: &Aggregate) -> Rollup {
-    Rollup {
-        v: 1,
-        tenant: record.tenant.clone(),
-        meter: record.meter.clone(),
-        customer: record.customer.clone(),
-        group: record.group.clone(),
-        aggregation: record.aggregation,
-        window_start_ms: record.window_start_ms,
-        window_end_ms: record.window_end_ms,
-        period_start_ms: record.period_start_ms,
-        period_end_ms: record.period_end_ms,
-        window_quantity: record.agg.quantity(record.aggregation),
-        window_events: record.agg.count,
-        period_quantity: period.quantity(record.aggregation),
-        period_events: period.count,
-        revision: record.revision,
-    }
-}
-
-fn overflow(record: &WindowRecord) -> Error {
-    Error::Overflow(format!(
-        "tenant {} meter {} window {}: the sum exceeds the exact decimal range",
-        record.tenant, record.meter, record.window_start_ms
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rust_decimal::Decimal;
 
     const TIMING: Timing = Timing {
         grace_ms: 0,

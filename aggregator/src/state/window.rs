@@ -1,0 +1,279 @@
+//! Folding measures into windows and periods, and closing windows into rollups.
+//!
+//! Invariants:
+//! - an event is folded whole or not at all: every meter's window (and, for a closed window,
+//!   period) sum is checked ([`PartitionState::fits`]) before any is changed;
+//! - a window closes once, when its tenant's watermark passes its end ([`super::watermark`]);
+//!   its rollup carries the period-to-date aggregate of the closed windows;
+//! - a late event (its window already closed) updates window and period and re-emits the
+//!   window with `revision + 1`.
+
+use super::{CachedWindow, Output, PartitionState, WindowRecord, open_key};
+use crate::{Error, Result, keys};
+use neruba_schemas::measure::Measure;
+use neruba_schemas::rollup::{Aggregate, Rollup};
+use neruba_schemas::window::{period_bounds, window_start};
+use neruba_schemas::{Event, RejectCode, Rejection, decimal};
+use rust_decimal::Decimal;
+
+/// Where one measure of an event is folded.
+pub(super) struct Target {
+    pub(super) series: Vec<u8>,
+    pub(super) window_key: Vec<u8>,
+    pub(super) start: i64,
+    pub(super) size: i64,
+    pub(super) period_start: i64,
+    pub(super) period_end: i64,
+}
+
+impl PartitionState {
+    /// The window, series and period one measure of `event` folds into.
+    pub(super) fn target(&self, event: &Event, m: &Measure<'_>) -> Result<Target> {
+        let meter = m.meter;
+        let size = meter.window_ms();
+        let start = window_start(event.time_ms, size);
+        let (period_start, period_end) = period_bounds(
+            event.time_ms,
+            meter.billing_period.anchor_day,
+            meter.offset_secs(),
+        )
+        .ok_or_else(|| Error::Corrupt(format!("event time {} has no period", event.time_ms)))?;
+        // Canonical JSON of the group (a sorted map); most meters have none.
+        let group_text = if m.group.is_empty() {
+            std::borrow::Cow::Borrowed("{}")
+        } else {
+            std::borrow::Cow::Owned(serde_json::to_string(&m.group).unwrap_or_default())
+        };
+        let series = keys::series(&meter.key, &event.subject, &group_text);
+        let window_key = keys::window(&event.tenant, &series, start);
+        Ok(Target {
+            series,
+            window_key,
+            start,
+            size,
+            period_start,
+            period_end,
+        })
+    }
+
+    /// Whether folding `m` into `target` keeps every sum exact: the window's, and the
+    /// period's when the window is already closed (a late event goes into both).
+    pub(super) fn fits(&mut self, tenant: &str, m: &Measure<'_>, target: &Target) -> Result<bool> {
+        let Some(value) = m.value.filter(|_| m.meter.aggregation.sums()) else {
+            return Ok(true);
+        };
+        let watermark = self.tenant_watermark(tenant);
+        let (window_sum, closed) = match self.peek_window(&target.window_key)? {
+            Some(record) => (record.agg.sum, record.closed),
+            None => (Decimal::ZERO, target.start + target.size <= watermark),
+        };
+        if decimal::exact_add(window_sum, value).is_none() {
+            return Ok(false);
+        }
+        if closed {
+            let period_key = keys::period(tenant, &target.series, target.period_start);
+            let period = self.load_period(&period_key)?;
+            let fits = decimal::exact_add(period.sum, value).is_some();
+            self.store_period(period_key, period);
+            return Ok(fits);
+        }
+        Ok(true)
+    }
+
+    /// The window record at `key`, read into the batch cache (unchanged) if it was not there.
+    pub(super) fn peek_window(&mut self, key: &[u8]) -> Result<Option<&WindowRecord>> {
+        if !self.windows.contains_key(key) {
+            let Some(record) = self.get_record::<WindowRecord>(key)? else {
+                return Ok(None);
+            };
+            self.windows.insert(
+                key.to_vec(),
+                CachedWindow {
+                    record,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.windows.get(key).map(|cached| &cached.record))
+    }
+
+    pub(super) fn fold(&mut self, event: &Event, m: &Measure<'_>, target: Target) -> Result<()> {
+        let meter = m.meter;
+        let Target {
+            series,
+            window_key,
+            start,
+            size,
+            period_start,
+            period_end,
+        } = target;
+        let tenant = event.tenant.as_str();
+        let watermark = self.tenant_watermark(tenant);
+        let existing = self.load_window(&window_key)?;
+        let is_new = existing.is_none();
+        let mut record = existing.unwrap_or_else(|| WindowRecord {
+            tenant: tenant.to_owned(),
+            meter: meter.key.clone(),
+            customer: event.subject.clone(),
+            group: m.group.clone(),
+            aggregation: meter.aggregation,
+            window_start_ms: start,
+            window_end_ms: start + size,
+            period_start_ms: period_start,
+            period_end_ms: period_end,
+            agg: Aggregate::default(),
+            revision: 0,
+            // A window whose end the tenant's watermark already passed is closed, even if
+            // empty so far.
+            closed: start + size <= watermark,
+            period_new: 0,
+        });
+
+        // Distinct values: per window, and "first window of the period" per value.
+        let mut new_in_window = false;
+        let mut new_in_closed_period = false;
+        if let Some(value) = &m.distinct {
+            let value_key = keys::window_value(tenant, &series, start, value);
+            if self.get(&value_key)?.is_none() {
+                new_in_window = true;
+                self.put(value_key, Vec::new());
+            }
+            let first_key = keys::period_value(tenant, &series, period_start, value);
+            let first = self.get(&first_key)?.and_then(|v| keys::time_from(&v));
+            match first {
+                None => {
+                    self.put(first_key, keys::time_bytes(start).to_vec());
+                    record.period_new += 1;
+                    new_in_closed_period = record.closed;
+                }
+                Some(first) if first > start => {
+                    self.put(first_key, keys::time_bytes(start).to_vec());
+                    record.period_new += 1;
+                    let later_key = keys::window(tenant, &series, first);
+                    if let Some(mut later) = self.load_window(&later_key)? {
+                        later.period_new = later.period_new.saturating_sub(1);
+                        // Counted by the closed period now, through this window; the later
+                        // window must not count it again when it closes.
+                        new_in_closed_period = record.closed && !later.closed;
+                        self.store_window(later_key, later);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let aggregation = record.aggregation;
+        // `fits` checked the sums; a failure here would be a broken invariant.
+        record
+            .agg
+            .add(
+                aggregation,
+                m.value,
+                event.time_ms,
+                &event.id,
+                new_in_window,
+            )
+            .map_err(|_| overflow(&record))?;
+
+        if record.closed {
+            // A late event: the closed period absorbs it and the window is re-emitted.
+            self.counts.late += 1;
+            record.revision += 1;
+            let period_key = keys::period(tenant, &series, period_start);
+            let mut period = self.load_period(&period_key)?;
+            period
+                .add(
+                    aggregation,
+                    m.value,
+                    event.time_ms,
+                    &event.id,
+                    new_in_closed_period,
+                )
+                .map_err(|_| overflow(&record))?;
+            self.emit(&record, &period);
+            self.store_period(period_key, period);
+            self.store_window(window_key, record);
+        } else {
+            if is_new {
+                self.put(open_key(record.window_end_ms, &window_key), Vec::new());
+                self.clock_mut(tenant)?
+                    .open
+                    .insert((record.window_end_ms, window_key.clone()));
+            }
+            self.store_window(window_key, record);
+        }
+        Ok(())
+    }
+
+    pub(super) fn close(&mut self, end: i64, window_key: Vec<u8>) -> Result<()> {
+        self.delete(open_key(end, &window_key));
+        let Some(mut record) = self.load_window(&window_key)? else {
+            return Ok(());
+        };
+        record.closed = true;
+        record.revision += 1;
+        self.counts.closed_window_ends.push(record.window_end_ms);
+        let period_key = keys::period_of_window(&window_key, record.period_start_ms)
+            .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
+        let mut period = self.load_period(&period_key)?;
+        let before = period.clone();
+        match period.merge(record.aggregation, &record.agg) {
+            Ok(()) => {
+                period.distinct += record.period_new;
+                self.emit(&record, &period);
+                self.store_period(period_key, period);
+            }
+            Err(_) => {
+                // Each event fitted its window, but the window does not fit its period: the
+                // window's rollup is dead-lettered with the reason, the period stays as it
+                // was, and the partition goes on.
+                let rollup = rollup_of(&record, &before);
+                let rejection = Rejection::new(
+                    RejectCode::ValueOutOfRange,
+                    format!(
+                        "meter `{}`: the window's sum does not fit its period's exact decimal range",
+                        record.meter
+                    ),
+                );
+                let offset = self.next_offset.map_or(-1, |next| next - 1);
+                let (key, payload) = (rollup.key(), rollup.encode());
+                self.dead_letter(Some(key.as_bytes()), &payload, rejection, offset);
+                self.store_period(period_key, before);
+            }
+        }
+        self.store_window(window_key, record);
+        Ok(())
+    }
+
+    pub(super) fn emit(&mut self, record: &WindowRecord, period: &Aggregate) {
+        self.counts.rollups += 1;
+        self.outputs.push(Output::Rollup(rollup_of(record, period)));
+    }
+}
+
+/// The rollup of a window record with its period-to-date aggregate.
+pub(super) fn rollup_of(record: &WindowRecord, period: &Aggregate) -> Rollup {
+    Rollup {
+        v: 1,
+        tenant: record.tenant.clone(),
+        meter: record.meter.clone(),
+        customer: record.customer.clone(),
+        group: record.group.clone(),
+        aggregation: record.aggregation,
+        window_start_ms: record.window_start_ms,
+        window_end_ms: record.window_end_ms,
+        period_start_ms: record.period_start_ms,
+        period_end_ms: record.period_end_ms,
+        window_quantity: record.agg.quantity(record.aggregation),
+        window_events: record.agg.count,
+        period_quantity: period.quantity(record.aggregation),
+        period_events: period.count,
+        revision: record.revision,
+    }
+}
+
+pub(super) fn overflow(record: &WindowRecord) -> Error {
+    Error::Overflow(format!(
+        "tenant {} meter {} window {}: the sum exceeds the exact decimal range",
+        record.tenant, record.meter, record.window_start_ms
+    ))
+}
