@@ -15,11 +15,12 @@
 //!
 //! A series is (meter, customer, group).
 //!
-//! Metadata (empty tenant): `M…` the stored offset, `O` + end + window key the open-window
+//! Metadata (empty tenant): `Moffset` the stored offset (the runtime's encoding), `O` + end + window key the open-window
 //! index, `C` + tenant the tenant's clock (highest event time, watermark).
 
-/// Metadata keys: an empty tenant (catalog tenant ids are never empty).
-pub const META_OFFSET: &[u8] = b"\0\0\0\0Moffset";
+/// Metadata keys: an empty tenant (catalog tenant ids are never empty). The stored offset is
+/// the stage runtime's (see [`neruba_stage::store`]).
+pub const META_OFFSET: &[u8] = neruba_stage::store::OFFSET_KEY;
 /// The partition-wide watermark of state written before clocks were per tenant: read once,
 /// as every tenant's starting clock (no longer written).
 pub const META_WATERMARK: &[u8] = b"\0\0\0\0Mwatermark";

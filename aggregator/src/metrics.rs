@@ -22,8 +22,6 @@ pub struct Metrics {
     pub watermark_lag: IntGaugeVec,
     /// `neruba_open_windows{partition}`.
     pub open_windows: IntGaugeVec,
-    /// `neruba_assigned_partitions`: partitions this instance owns now.
-    pub assigned_partitions: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -71,12 +69,7 @@ impl Metrics {
                 "Wall clock minus the partition's event-time watermark, seconds.",
             )?,
             open_windows: gauge("neruba_open_windows", "Windows not yet closed.")?,
-            assigned_partitions: prometheus::IntGauge::new(
-                "neruba_assigned_partitions",
-                "Events-topic partitions this instance owns.",
-            )?,
         };
-        registry.register(Box::new(m.assigned_partitions.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.dedup_hits.clone()))?;
         registry.register(Box::new(m.late_events.clone()))?;

@@ -42,7 +42,8 @@ use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::measure::measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
-use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use neruba_stage::{DeadLetter, Store, StoreOptions};
+use rocksdb::{Cache, WriteBatch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -78,12 +79,16 @@ pub enum Output {
         tenant: String,
         watermark: i64,
     },
-    DeadLetter {
-        key: Option<Vec<u8>>,
-        payload: Vec<u8>,
-        rejection: Rejection,
-        offset: i64,
-    },
+    DeadLetter(DeadLetter),
+}
+
+impl neruba_stage::AsDeadLetter for Output {
+    fn dead_letter(&self) -> Option<&DeadLetter> {
+        match self {
+            Self::DeadLetter(letter) => Some(letter),
+            Self::Rollup(_) | Self::Tick { .. } => None,
+        }
+    }
 }
 
 /// Per-batch counts, published by the caller once per batch.
@@ -130,7 +135,7 @@ struct CachedWindow {
 /// The state of one partition.
 pub struct PartitionState {
     pub partition: i32,
-    db: DB,
+    store: Store,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Window records touched by the batch (dirty, encoded once at commit) and the records of
     /// open windows (kept across batches; as many as the clocks' `open` hold).
@@ -138,7 +143,6 @@ pub struct PartitionState {
     /// Period aggregates touched by the batch, likewise.
     periods: HashMap<Vec<u8>, Aggregate>,
     timing: Timing,
-    next_offset: Option<i64>,
     /// Per tenant: event time and open windows.
     clocks: HashMap<String, Clock>,
     /// The clock a tenant starts with: the partition-wide clock of state written before
@@ -156,37 +160,26 @@ impl std::fmt::Debug for PartitionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionState")
             .field("partition", &self.partition)
-            .field("next_offset", &self.next_offset)
+            .field("next_offset", &self.store.next_offset())
             .field("tenants", &self.clocks.len())
             .field("open_windows", &self.open_windows())
             .finish()
     }
 }
 
-/// RocksDB options for partition state: bounded caches, lz4, and a compaction filter that
-/// drops dedup entries and window records past the horizons (expiry without a scan).
-fn db_options(timing: Timing, cache: &Cache) -> Options {
-    let mut opts = Options::default();
-    opts.create_if_missing(true);
-    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    opts.set_write_buffer_size(16 * 1024 * 1024);
-    opts.set_max_write_buffer_number(2);
-    // Most lookups are dedup checks of new ids: a whole-key bloom filter on the memtable
-    // answers those misses without a skiplist search.
-    opts.set_memtable_prefix_bloom_ratio(0.1);
-    opts.set_memtable_whole_key_filtering(true);
-    let mut table = BlockBasedOptions::default();
-    table.set_block_cache(cache);
-    table.set_bloom_filter(10.0, false);
-    opts.set_block_based_table_factory(&table);
-    opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
-        if expired(key, value, neruba_schemas::event::now_ms(), timing) {
-            rocksdb::compaction_filter::Decision::Remove
-        } else {
-            rocksdb::compaction_filter::Decision::Keep
-        }
-    });
-    opts
+/// How partition stores are tuned: memtables sized for the event rate, a whole-key bloom
+/// filter on the memtable (most lookups are dedup checks of new ids, and it answers those
+/// misses without a skiplist search), and compaction dropping dedup entries and window
+/// records past the horizons (expiry without a scan).
+pub fn store_options(timing: Timing) -> StoreOptions {
+    StoreOptions {
+        write_buffer_bytes: 16 * 1024 * 1024,
+        max_write_buffers: Some(2),
+        memtable_bloom: true,
+        expiry: Some(std::sync::Arc::new(
+            move |key: &[u8], value: &[u8], now_ms: i64| expired(key, value, now_ms, timing),
+        )),
+    }
 }
 
 /// Whether compaction may drop this entry at wall time `now_ms`: a dedup entry a day past the
@@ -210,11 +203,18 @@ pub fn expired(key: &[u8], value: &[u8], now_ms: i64, timing: Timing) -> bool {
 impl PartitionState {
     /// Opens (or creates) the state of `partition` under `dir`.
     pub fn open(dir: &Path, partition: i32, timing: Timing, cache: &Cache) -> Result<Self> {
-        let db = DB::open(&db_options(timing, cache), dir)?;
+        Self::from_store(
+            Store::open(dir, partition, &store_options(timing), cache)?,
+            timing,
+        )
+    }
+
+    /// The state kept in `store` (opened with [`store_options`]).
+    pub fn from_store(store: Store, timing: Timing) -> Result<Self> {
+        let db = store.db();
         let read_i64 = |key: &[u8]| -> Result<Option<i64>> {
             Ok(db.get(key)?.and_then(|v| keys::time_from(&v)))
         };
-        let next_offset = read_i64(keys::META_OFFSET)?;
         // State written before clocks were per tenant has one partition-wide clock: every
         // tenant starts from it (a one-time migration; fresh state starts in the far past).
         let initial_clock = (
@@ -228,11 +228,14 @@ impl PartitionState {
                 break;
             }
             let tenant = String::from_utf8(key[CLOCK_PREFIX.len()..].to_vec())
-                .map_err(|_| Error::Corrupt("tenant clock key".into()))?;
+                .map_err(|e| Error::corrupt("tenant clock key", e))?;
             let max = keys::time_from(&value);
             let watermark = value.get(8..).and_then(keys::time_from);
             let (Some(max), Some(watermark)) = (max, watermark) else {
-                return Err(Error::Corrupt(format!("clock of tenant {tenant}")));
+                return Err(Error::corrupt(
+                    format!("clock of tenant {tenant}"),
+                    "not 16 bytes",
+                ));
             };
             clocks.insert(tenant, Clock::new((max, watermark)));
         }
@@ -253,13 +256,12 @@ impl PartitionState {
             }
         }
         Ok(Self {
-            partition,
-            db,
+            partition: store.partition(),
+            store,
             overlay: HashMap::new(),
             windows: HashMap::new(),
             periods: HashMap::new(),
             timing,
-            next_offset,
             clocks,
             initial_clock,
             initial_dirty: false,
@@ -271,7 +273,12 @@ impl PartitionState {
 
     /// The next offset to consume, if any event was ever applied.
     pub fn next_offset(&self) -> Option<i64> {
-        self.next_offset
+        self.store.next_offset()
+    }
+
+    /// The partition's store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Windows not yet closed.
@@ -300,7 +307,7 @@ impl PartitionState {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match self.overlay.get(key) {
             Some(pending) => Ok(pending.clone()),
-            None => Ok(self.db.get(key)?),
+            None => Ok(self.store.db().get(key)?),
         }
     }
 
@@ -308,7 +315,7 @@ impl PartitionState {
         match self.get(key)? {
             None => Ok(None),
             Some(bytes) => Ok(Some(postcard::from_bytes(&bytes).map_err(|e| {
-                Error::Corrupt(format!("partition {}: record: {e}", self.partition))
+                Error::corrupt(format!("partition {} record", self.partition), e)
             })?)),
         }
     }
@@ -363,12 +370,13 @@ impl PartitionState {
             .dead_letters
             .entry(rejection.code.as_str())
             .or_default() += 1;
-        self.outputs.push(Output::DeadLetter {
+        self.outputs.push(Output::DeadLetter(DeadLetter {
             key: key.map(<[u8]>::to_vec),
             payload: payload.to_vec(),
-            rejection,
+            code: rejection.code.as_str(),
+            message: rejection.message,
             offset,
-        });
+        }));
     }
 
     /// Applies the message at `offset`. Bad events become dead letters; only storage problems
@@ -380,7 +388,7 @@ impl PartitionState {
         payload: &[u8],
         catalog: &Catalog,
     ) -> Result<()> {
-        self.next_offset = Some(offset + 1);
+        self.store.consumed(offset);
         let event = match self.decoder.decode(payload) {
             Ok(event) => event,
             Err(e) => {
@@ -486,9 +494,6 @@ impl PartitionState {
                 None => batch.delete(key),
             }
         }
-        if let Some(next) = self.next_offset {
-            batch.put(keys::META_OFFSET, keys::time_bytes(next));
-        }
         if std::mem::take(&mut self.initial_dirty) {
             let (max_event_time, watermark) = self.initial_clock;
             batch.put(keys::META_MAX_EVENT_TIME, keys::time_bytes(max_event_time));
@@ -503,9 +508,7 @@ impl PartitionState {
                 batch.put(key, value);
             }
         }
-        // The WAL is written (not fsynced): a killed process loses nothing, since the OS holds
-        // the pages; only a power loss could, and then the batch is replayed from Kafka.
-        self.db.write_opt(batch, &WriteOptions::default())?;
+        self.store.write(batch)?;
         self.periods.clear();
         self.overlay.clear();
         // Written: the cache now equals the store. Closed windows leave it (only a late event
@@ -516,31 +519,12 @@ impl PartitionState {
         });
         Ok(())
     }
-
-    /// Approximate on-disk size and pending compaction bytes, for metrics.
-    pub fn disk_usage(&self) -> (u64, u64) {
-        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        (
-            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
-            prop("rocksdb.estimate-pending-compaction-bytes"),
-        )
-    }
 }
 
-/// The next offset stored in the partition state at `dir`, read without taking the lock
-/// (for operators and tests; the owner may be running).
-pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
-    let db = DB::open_for_read_only(&Options::default(), dir, false)?;
-    Ok(db.get(keys::META_OFFSET)?.and_then(|v| keys::time_from(&v)))
-}
-
-/// The directory of one partition's state under the aggregator's state root.
-pub fn partition_dir(state_root: &Path, topic: &str, partition: i32) -> std::path::PathBuf {
-    state_root.join(format!("{topic}-{partition}"))
-}
+pub use neruba_stage::{partition_dir, stored_offset};
 
 fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>> {
-    postcard::to_allocvec(record).map_err(|e| Error::Corrupt(format!("record encoding: {e}")))
+    postcard::to_allocvec(record).map_err(|e| Error::Bug(format!("record encoding: {e}")))
 }
 
 fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
@@ -590,7 +574,7 @@ mod tests {
     /// State as the aggregator wrote it before clocks were per tenant: one partition-wide
     /// watermark and max event time, and one open window of `acme` ending at `end`.
     fn legacy_state(dir: &Path, watermark: i64, end: i64) -> Vec<u8> {
-        let db = DB::open_default(dir).expect("open");
+        let db = rocksdb::DB::open_default(dir).expect("open");
         let series = keys::series("calls", "c1", "{}");
         let window_key = keys::window("acme", &series, end - 60_000);
         let record = WindowRecord {

@@ -198,10 +198,10 @@ async fn aggregate(bootstrap: &str, n: usize, workers: usize) -> Result<(u64, Du
     let catalog = Arc::new(Catalog::from_toml_str(CATALOG, "bench")?);
     let state = tempfile::tempdir()?;
     let mut config = neruba_aggregator::Config::new(bootstrap, state.path());
-    config.group_id = format!("bench-aggregator-{workers}");
+    config.stage.group_id = format!("bench-aggregator-{workers}");
     // Explicit assignment, as for the raw consumer: group joins are not what this measures.
-    config.assignment = Some(topics::Assignment::All);
-    config.workers = workers;
+    config.stage.assignment = Some(topics::Assignment::All);
+    config.stage.workers = workers;
     config.idle_timeout = Duration::from_secs(3600);
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();

@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
 
     let state = tempfile::tempdir()?;
     let mut config = neruba_rater::Config::new(&bootstrap, state.path());
-    config.group_id = "bench-rater".into();
+    config.stage.group_id = "bench-rater".into();
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
     let running = neruba_rater::start(config, Arc::new(catalog), &registry, shutdown.clone())?;

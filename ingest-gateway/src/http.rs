@@ -11,7 +11,11 @@
 //!   a deadline and a size limit counted on its decoded bytes (see [`crate::encoding`]), so
 //!   neither a stranger nor a slow or inflating body can hold a handler or its memory;
 //! - every tenant is rate limited: by its catalog `rate_limit`, else by the gateway's default.
+//!
+//! Who may send and which events are let in is decided in [`crate::admit`], which the raw-topic
+//! path shares; this module is the HTTP around it.
 
+use crate::admit::{self, Repeats};
 use crate::binary::{self, Binding};
 use crate::dedup::DedupCache;
 use crate::encoding::{self, BodyError, Encoding};
@@ -24,12 +28,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use neruba_schemas::catalog::{RateLimit, Scope};
+use neruba_schemas::catalog::{RateLimit, Tenant};
 use neruba_schemas::event::{self, Limits};
-use neruba_schemas::framing::{self as body, FrameError, Framing};
-use neruba_schemas::{Event, LiveCatalog};
+use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
+use neruba_schemas::{Catalog, Event, LiveCatalog, RejectCode, Rejection};
 use serde::Serialize;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -68,13 +71,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Outcome of one event, in request order.
 #[derive(Debug, Serialize)]
-struct EventResult {
+pub(crate) struct EventResult {
     /// The event's `id` when it could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<&'static str>,
+    pub(crate) code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
 }
@@ -146,28 +149,17 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     // 1. Who is calling, before a byte of the body is read: an unknown caller costs one header
     //    lookup. The tenant comes from the key, and only from the key.
-    let Some(key) = bearer_token(headers) else {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send `Authorization: Bearer <api key>`",
-        );
-    };
     let catalog = state.catalog.current();
-    let Some((tenant, api_key)) = catalog.authenticate(key) else {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "unknown API key",
-        );
+    let tenant = match caller(&catalog, headers) {
+        Ok(tenant) => tenant,
+        Err(refused) => {
+            let status = match refused.code {
+                RejectCode::Forbidden => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return error_response(status, refused.code.as_str(), refused.message);
+        }
     };
-    if !api_key.scopes.contains(&Scope::Ingest) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("API key `{}` lacks the `ingest` scope", api_key.name),
-        );
-    }
 
     // 2. What the body will be: encoding, size, mode, framing; then the body itself, within
     //    its deadline.
@@ -301,58 +293,11 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     }
 
     // 4. Validate each event and drop repeats (within the request, then recent ones).
-    let now = event::now_ms();
-    let mut tally = Tally::default();
-    let mut results = Vec::with_capacity(framed.len());
-    let mut to_send: Vec<(usize, Event)> = Vec::new();
-    let mut seen_in_request: HashSet<String> = HashSet::new();
-    for item in framed {
-        let id_hint = item
-            .value
-            .as_ref()
-            .ok()
-            .and_then(|v| v.get("id"))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        let checked = item.value.and_then(|value| {
-            let event = event::validate(value, item.len, &tenant.id, now, &state.limits)?;
-            tenant.check_values(&event)?;
-            Ok(event)
-        });
-        match checked {
-            Err(rejection) => {
-                tally.reject(rejection.code);
-                results.push(EventResult {
-                    id: id_hint,
-                    status: Status::Rejected,
-                    code: Some(rejection.code.as_str()),
-                    message: Some(rejection.message),
-                });
-            }
-            Ok(event) => {
-                let repeat = seen_in_request.contains(&event.id)
-                    || state.dedup.contains(&event.tenant, &event.id);
-                if repeat {
-                    tally.duplicate += 1;
-                    results.push(EventResult {
-                        id: Some(event.id),
-                        status: Status::Duplicate,
-                        code: None,
-                        message: None,
-                    });
-                } else {
-                    seen_in_request.insert(event.id.clone());
-                    results.push(EventResult {
-                        id: Some(event.id.clone()),
-                        status: Status::Accepted,
-                        code: None,
-                        message: None,
-                    });
-                    to_send.push((results.len() - 1, event));
-                }
-            }
-        }
-    }
+    let Admitted {
+        mut results,
+        to_send,
+        mut tally,
+    } = admit_all(tenant, framed, event::now_ms(), &state.limits, &state.dedup);
 
     // 5. Produce them together; answer only once the broker has them.
     let events: Vec<&Event> = to_send.iter().map(|(_, e)| e).collect();
@@ -407,6 +352,88 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         StatusCode::OK
     };
     (status, axum::Json(response)).into_response()
+}
+
+/// The tenant the request's API key proves and lets ingest ([`admit::authenticate`]).
+pub(crate) fn caller<'c>(
+    catalog: &'c Catalog,
+    headers: &HeaderMap,
+) -> Result<&'c Tenant, Rejection> {
+    let Some(key) = bearer_token(headers) else {
+        return Err(Rejection::new(
+            RejectCode::Unauthenticated,
+            "send `Authorization: Bearer <api key>`",
+        ));
+    };
+    admit::authenticate(catalog, key)
+}
+
+/// What step 4 made of a request's events.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// One per event, in request order.
+    pub(crate) results: Vec<EventResult>,
+    /// The events to produce, each with the index of its result.
+    pub(crate) to_send: Vec<(usize, Event)>,
+    pub(crate) tally: Tally,
+}
+
+/// Judges each event of a request by [`admit::event`] and drops repeats (in the request, then
+/// recently accepted ones).
+pub(crate) fn admit_all(
+    tenant: &Tenant,
+    framed: Vec<Framed>,
+    now_ms: i64,
+    limits: &Limits,
+    dedup: &DedupCache,
+) -> Admitted {
+    let mut tally = Tally::default();
+    let mut results = Vec::with_capacity(framed.len());
+    let mut to_send: Vec<(usize, Event)> = Vec::new();
+    let mut repeats = Repeats::new(dedup);
+    for item in framed {
+        let id_hint = item
+            .value
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("id"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        match admit::event(tenant, item, now_ms, limits) {
+            Err(rejection) => {
+                tally.reject(rejection.code);
+                results.push(EventResult {
+                    id: id_hint,
+                    status: Status::Rejected,
+                    code: Some(rejection.code.as_str()),
+                    message: Some(rejection.message),
+                });
+            }
+            Ok(event) if !repeats.first_sighting(&event) => {
+                tally.duplicate += 1;
+                results.push(EventResult {
+                    id: Some(event.id),
+                    status: Status::Duplicate,
+                    code: None,
+                    message: None,
+                });
+            }
+            Ok(event) => {
+                results.push(EventResult {
+                    id: Some(event.id.clone()),
+                    status: Status::Accepted,
+                    code: None,
+                    message: None,
+                });
+                to_send.push((results.len() - 1, event));
+            }
+        }
+    }
+    Admitted {
+        results,
+        to_send,
+        tally,
+    }
 }
 
 /// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110 11.1).

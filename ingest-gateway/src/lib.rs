@@ -9,6 +9,7 @@
 //! [`bind`] then [`start_on`] let a caller claim the address before it starts anything else,
 //! so a taken port fails at once.
 
+pub mod admit;
 pub mod binary;
 pub mod dedup;
 pub mod encoding;

@@ -14,22 +14,26 @@
 //!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat);
 //! - its lag is exported like the other consumers' (`consumer="gateway-raw"`): for Kafka-mode
 //!   producers this is the ingest lag.
+//!
+//! Who may send and which events are let in is decided in [`crate::admit`], which HTTP shares;
+//! this module finds the key and the event in a message and routes what admission decided.
 
+use crate::admit::{self, Repeats};
 use crate::binary::{self, Binding};
 use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
 use neruba_kafka::health::ConsumerHealth;
-use neruba_schemas::catalog::Scope;
+use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, Framed, Framing};
 use neruba_schemas::topics::API_KEY_HEADER;
-use neruba_schemas::{Catalog, Event, RejectCode, Rejection, event};
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -57,76 +61,62 @@ impl ClientContext for RawContext {
 
 impl ConsumerContext for RawContext {}
 
-/// What one raw message became.
-enum Routed {
-    Event(Event),
-    Repeat,
-    Refused(Rejection),
+/// A message's headers in order, each name with its value (`None` for a null value).
+type MessageHeaders<'m> = Vec<(&'m str, Option<&'m [u8]>)>;
+
+fn headers_of<'m>(message: &'m BorrowedMessage<'_>) -> MessageHeaders<'m> {
+    message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default()
 }
 
-fn route(state: &AppState, catalog: &Catalog, message: &BorrowedMessage<'_>, now: i64) -> Routed {
-    let key = message
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == API_KEY_HEADER))
-        .and_then(|h| h.value)
+/// One raw message, by its headers and payload, as the [`Event`] to send, or why not: the key
+/// in its `neruba-api-key` header, then the one event it carries (binary mode if its headers
+/// say so), both judged by [`crate::admit`] as HTTP's are. Repeats are the caller's.
+pub(crate) fn admit_message(
+    catalog: &Catalog,
+    limits: &Limits,
+    headers: &[(&str, Option<&[u8]>)],
+    payload: &[u8],
+    now_ms: i64,
+) -> Result<Event, Rejection> {
+    let key = headers
+        .iter()
+        .find(|(name, _)| *name == API_KEY_HEADER)
+        .and_then(|(_, value)| *value)
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::trim);
     let Some(key) = key else {
-        return Routed::Refused(Rejection::new(
+        return Err(Rejection::new(
             RejectCode::Unauthenticated,
             format!("the message has no `{API_KEY_HEADER}` header"),
         ));
     };
-    let Some((tenant, api_key)) = catalog.authenticate(key) else {
-        return Routed::Refused(Rejection::new(
-            RejectCode::Unauthenticated,
-            "unknown API key",
-        ));
-    };
-    if !api_key.scopes.contains(&Scope::Ingest) {
-        return Routed::Refused(Rejection::new(
-            RejectCode::Forbidden,
-            format!("API key `{}` lacks the `ingest` scope", api_key.name),
-        ));
-    }
-    let payload = message.payload().unwrap_or_default();
-    let framed = match binary_attributes(message) {
-        Some(attributes) => match binary_event(&attributes, payload) {
-            Ok(framed) => framed,
-            Err(rejection) => return Routed::Refused(rejection),
-        },
+    let tenant = admit::authenticate(catalog, key)?;
+    let framed = match binary_attributes(headers) {
+        Some(attributes) => binary_event(&attributes, payload)?,
         None => match body::split(Framing::Single, payload, 1) {
             Ok(mut framed) if framed.len() == 1 => framed.remove(0),
             _ => {
-                return Routed::Refused(Rejection::new(
+                return Err(Rejection::new(
                     RejectCode::InvalidJson,
                     "the message is not one JSON object",
                 ));
             }
         },
     };
-    let checked = framed.value.and_then(|value| {
-        let event = event::validate(value, framed.len, &tenant.id, now, &state.limits)?;
-        tenant.check_values(&event)?;
-        Ok(event)
-    });
-    match checked {
-        Err(rejection) => Routed::Refused(rejection),
-        Ok(event) if state.dedup.contains(&event.tenant, &event.id) => Routed::Repeat,
-        Ok(event) => Routed::Event(event),
-    }
+    admit::event(tenant, framed, now_ms, limits)
 }
 
 /// The headers of a binary-mode message (`None` for a structured one).
-fn binary_attributes<'m>(message: &'m BorrowedMessage<'_>) -> Option<Vec<(&'m str, &'m [u8])>> {
-    let headers: Vec<(&str, &[u8])> = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key, h.value.unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
+fn binary_attributes<'m>(
+    headers: &[(&'m str, Option<&'m [u8]>)],
+) -> Option<Vec<(&'m str, &'m [u8])>> {
+    let headers: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (*name, value.unwrap_or_default()))
+        .collect();
     let content_type = content_type(&headers);
     Binding::Kafka
         .is_binary(headers.iter().map(|(name, _)| *name), content_type)
@@ -240,21 +230,16 @@ async fn consume(
         let mut events = Vec::new();
         let mut refused = Vec::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
-        // Repeats within the batch, as an HTTP request drops repeats within itself (the cache
-        // only learns an id once the broker acknowledged it).
-        let mut in_batch: HashSet<(String, String)> = HashSet::new();
+        // Repeats within the batch too, as an HTTP request drops repeats within itself.
+        let mut repeats = Repeats::new(&state.dedup);
         for message in &batch {
             next.insert(message.partition(), message.offset() + 1);
-            match route(state, &catalog, message, now) {
-                Routed::Event(event) => {
-                    if in_batch.insert((event.tenant.clone(), event.id.clone())) {
-                        events.push(event);
-                    } else {
-                        tally.duplicate += 1;
-                    }
-                }
-                Routed::Repeat => tally.duplicate += 1,
-                Routed::Refused(rejection) => {
+            let headers = headers_of(message);
+            let payload = message.payload().unwrap_or_default();
+            match admit_message(&catalog, &state.limits, &headers, payload, now) {
+                Ok(event) if repeats.first_sighting(&event) => events.push(event),
+                Ok(_) => tally.duplicate += 1,
+                Err(rejection) => {
                     tally.reject(rejection.code);
                     refused.push((message, rejection));
                 }
@@ -272,7 +257,7 @@ async fn consume(
             );
             // A binary-mode event is its headers as much as its payload: keep them, so the
             // dead letter can be replayed as it was sent.
-            for (key, value) in binary_attributes(message).unwrap_or_default() {
+            for (key, value) in binary_attributes(&headers_of(message)).unwrap_or_default() {
                 if key.starts_with("ce_") || key.eq_ignore_ascii_case("content-type") {
                     headers = headers.insert(Header {
                         key,

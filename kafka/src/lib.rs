@@ -9,63 +9,20 @@
 //! - a producer librdkafka declared fatally failed (fenced by the broker after an outage, for
 //!   one) is replaced rather than left failing every later send: see [`Recoverable`].
 
+pub mod clients;
 pub mod health;
-pub mod rebalance;
+
+pub use clients::{apply_producer_options, output_producer, recoverable_output_producer};
 
 use futures::future::join_all;
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
 };
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-
-/// Settings every Neruba producer relies on for durability: what it answers or writes after
-/// an acknowledgement is in every in-sync replica (`acks=all`), once and in order
-/// (`enable.idempotence`). An operator may not override them.
-const DURABILITY: [&str; 2] = ["acks", "enable.idempotence"];
-
-/// Applies an operator's pass-through librdkafka settings (SASL, TLS, tuning) to a producer's
-/// config, last; refuses, with the same message for every producer, one that would weaken
-/// durability.
-pub fn apply_producer_options(
-    client: &mut ClientConfig,
-    kafka_options: &[(String, String)],
-) -> Result<(), KafkaError> {
-    for (key, value) in kafka_options {
-        if DURABILITY.contains(&key.as_str()) {
-            return Err(KafkaError::ClientCreation(format!(
-                "kafka option `{key}={value}` is refused: Neruba's producers rely on acks=all and \
-                 enable.idempotence=true for what they acknowledge"
-            )));
-        }
-        client.set(key, value);
-    }
-    Ok(())
-}
-
-/// The producer a stage writes its outputs (rollups, line items, dead letters) with.
-pub fn output_producer(
-    brokers: &str,
-    client_id: &str,
-    linger_ms: u32,
-    kafka_options: &[(String, String)],
-) -> Result<FutureProducer, KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", brokers)
-        .set("client.id", client_id)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", linger_ms.to_string())
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "60000");
-    apply_producer_options(&mut client, kafka_options)?;
-    client.create()
-}
 
 /// Partitions of `topic` (at least 1), from the broker's metadata. Blocking.
 pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, KafkaError> {
@@ -215,21 +172,6 @@ impl Recoverable {
     }
 }
 
-/// The output producer of [`output_producer`], replaceable.
-pub fn recoverable_output_producer(
-    brokers: &str,
-    client_id: &str,
-    linger_ms: u32,
-    kafka_options: &[(String, String)],
-) -> Result<Recoverable, KafkaError> {
-    let (brokers, client_id, options) = (
-        brokers.to_owned(),
-        client_id.to_owned(),
-        kafka_options.to_vec(),
-    );
-    Recoverable::new(move || output_producer(&brokers, &client_id, linger_ms, &options))
-}
-
 /// Sends a batch with `send` and waits for every acknowledgement; if any is missing, recovers
 /// the producer and sends the whole batch again, with backoff (up to 5 s), until all are
 /// acknowledged. Gives up with the last error only when `stop()` says so, in which case the
@@ -259,42 +201,5 @@ pub fn deliver_until_acked(
         }
         let backoff = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
         std::thread::sleep(backoff);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn refusal(options: &[(&str, &str)]) -> Option<String> {
-        let options: Vec<(String, String)> = options
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        match output_producer("127.0.0.1:1", "test", 0, &options) {
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
-        }
-    }
-
-    #[test]
-    fn durability_overrides_are_refused_and_other_options_pass_through() {
-        // Was: silently dropped here, refused by the gateway, applied by the rerun producer.
-        let acks = refusal(&[("linger.ms", "7"), ("acks", "1")]);
-        assert!(
-            acks.as_deref().is_some_and(|m| m.contains(
-                "kafka option `acks=1` is refused: Neruba's producers rely on acks=all and \
-                 enable.idempotence=true"
-            )),
-            "{acks:?}"
-        );
-        let idempotence = refusal(&[("enable.idempotence", "false")]);
-        assert!(
-            idempotence
-                .as_deref()
-                .is_some_and(|m| m.contains("kafka option `enable.idempotence=false` is refused")),
-            "{idempotence:?}"
-        );
-        assert_eq!(refusal(&[("linger.ms", "7"), ("client.rack", "a")]), None);
     }
 }

@@ -1,5 +1,7 @@
 //! The Kubernetes deployment in `k8s/` agrees with the binary: its catalog loads, kustomize
-//! applies every manifest, and every `NERUBA_*` variable it sets is one a component reads.
+//! applies every manifest, every `NERUBA_*` variable it sets is one a component reads, and
+//! each is set where its readers get it (a stage's own in its manifest, the shared ones in the
+//! ConfigMap every component loads).
 //! (Schema validation and lint are `scripts/k8s-check`.)
 
 use anyhow::{Context, Result};
@@ -35,42 +37,87 @@ fn kustomize_lists_every_manifest() -> Result<()> {
     Ok(())
 }
 
+/// The `NERUBA_*` names in a manifest (a word ending in `_`, such as `NERUBA_RATER_` in a
+/// comment, is a prefix, not a variable).
+fn variables(path: &Path) -> Result<BTreeSet<String>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("NERUBA_") && !word.ends_with('_'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `neruba <command> --help`, which lists every variable the command reads as `env: NAME=`.
+fn help(command: &[&str]) -> Result<String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_neruba"))
+        .args(command)
+        .arg("--help")
+        .output()
+        .with_context(|| format!("neruba {command:?} --help"))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 #[test]
 fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
     let mut set = BTreeSet::new();
     for entry in std::fs::read_dir(k8s_dir())? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let text = std::fs::read_to_string(&path)?;
-            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("NERUBA_") && word.len() > "NERUBA_".len() {
-                    set.insert(word.to_owned());
-                }
-            }
+            set.extend(variables(&path)?);
         }
     }
     assert!(set.contains("NERUBA_BROKERS"), "{set:?}");
-    let binary = env!("CARGO_BIN_EXE_neruba");
-    let mut help = String::new();
-    for command in [
-        &["--help"][..],
-        &["gateway", "--help"],
-        &["aggregator", "--help"],
-        &["rater", "--help"],
-    ] {
-        let output = Command::new(binary)
-            .args(command)
-            .output()
-            .with_context(|| format!("neruba {command:?}"))?;
-        help.push_str(&String::from_utf8_lossy(&output.stdout));
+    let mut help_text = String::new();
+    for command in [&[][..], &["gateway"], &["aggregator"], &["rater"]] {
+        help_text.push_str(&help(command)?);
     }
     let unknown: Vec<&String> = set
         .iter()
-        .filter(|v| !help.contains(&format!("env: {v}=")))
+        .filter(|v| !help_text.contains(&format!("env: {v}=")))
         .collect();
     assert!(
         unknown.is_empty(),
         "set by k8s/ but read by no component: {unknown:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stage_manifest_sets_only_what_it_reads_and_the_config_map_no_stage_setting() -> Result<()> {
+    let stages = ["gateway", "aggregator", "rater"];
+    let helps: Vec<String> = stages
+        .iter()
+        .map(|stage| help(&[stage]))
+        .collect::<Result<_>>()?;
+    // 1. A stage's manifest sets only variables that stage reads.
+    for (stage, help) in stages.iter().zip(&helps) {
+        let set = variables(&k8s_dir().join(format!("{stage}.yaml")))?;
+        let foreign: Vec<&String> = set
+            .iter()
+            .filter(|v| !help.contains(&format!("env: {v}=")))
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "k8s/{stage}.yaml sets what `neruba {stage}` does not read: {foreign:?}"
+        );
+    }
+    // 2. The ConfigMap and Secret every stage loads hold only shared settings: no variable
+    //    that names a stage (`neruba/src/cli/mod.rs` keeps the plain names for what is shared).
+    let shared = variables(&k8s_dir().join("config.yaml"))?;
+    assert!(shared.contains("NERUBA_BROKERS"), "{shared:?}");
+    let owned: Vec<&String> = shared
+        .iter()
+        .filter(|v| {
+            stages
+                .iter()
+                .any(|stage| v.starts_with(&format!("NERUBA_{}_", stage.to_uppercase())))
+        })
+        .collect();
+    assert!(
+        owned.is_empty(),
+        "k8s/config.yaml is loaded by every stage but sets a stage's own {owned:?}: \
+         it goes in that stage's manifest"
     );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The rater's Prometheus metrics, on a registry the caller passes in.
 //! Labels are bounded: kind, code.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 /// Handles to every rater metric; cheap to clone.
 #[derive(Clone, Debug)]
@@ -16,8 +16,6 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// `neruba_rater_reruns_total`: rerun requests handled (one per partition per request).
     pub reruns: IntCounter,
-    /// `neruba_rater_assigned_partitions`.
-    pub assigned_partitions: IntGauge,
     /// `neruba_window_close_to_line_item_seconds`: rollup produced → its item acknowledged.
     pub close_to_item: Histogram,
 }
@@ -48,10 +46,6 @@ impl Metrics {
                 "neruba_rater_reruns_total",
                 "Rerun requests handled, one per rollups partition per request.",
             )?,
-            assigned_partitions: IntGauge::new(
-                "neruba_rater_assigned_partitions",
-                "Rollups-topic partitions this instance owns.",
-            )?,
             close_to_item: Histogram::with_opts(
                 HistogramOpts::new(
                     "neruba_window_close_to_line_item_seconds",
@@ -65,13 +59,12 @@ impl Metrics {
         registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.reruns.clone()))?;
-        registry.register(Box::new(m.assigned_partitions.clone()))?;
         registry.register(Box::new(m.close_to_item.clone()))?;
         for kind in ["usage", "adjustment", "flat"] {
             m.items.with_label_values(&[kind]);
         }
-        for code in crate::rate::REFUSAL_CODES {
-            m.refused.with_label_values(&[code]);
+        for code in neruba_schemas::RefusalCode::ALL {
+            m.refused.with_label_values(&[code.as_str()]);
         }
         Ok(m)
     }

@@ -13,10 +13,10 @@
 //!   the clock, so replaying rollups into fresh state yields identical items.
 
 use crate::price::{self, plan_in_force};
-use neruba_schemas::Catalog;
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::{IdParts, Kind, LineItem, line_item_id};
 use neruba_schemas::rollup::Rollup;
+use neruba_schemas::{Catalog, RefusalCode};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -34,32 +34,23 @@ pub struct WindowRecord {
     pub item_id: String,
 }
 
-/// A rollup the rater cannot price. The code is stable: it is the dead-letter header value.
+/// A rollup the rater cannot price: a stable code for programs (the dead-letter header value
+/// and the metric label are `code.as_str()`) and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Refusal {
-    pub code: &'static str,
+    pub code: RefusalCode,
     pub message: String,
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
         }
     }
 }
-
-/// Every refusal code, for metrics and documentation.
-pub const REFUSAL_CODES: [&str; 6] = [
-    "invalid_rollup",
-    "unknown_tenant",
-    "no_matching_meter",
-    "no_price_plan",
-    "unknown_currency",
-    "unpriceable_quantity",
-];
 
 /// The outcome of rating one rollup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +83,12 @@ pub fn rate(
         rollup.period_start_ms,
     )?;
     let priced = price::price(plan, rollup.period_quantity, precision)
-        .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
+        .map_err(|e| Refusal::new(RefusalCode::UnpriceableQuantity, e.to_string()))?;
     let emitted = emitted_so_far(period.map(|p| &p.last), plan)?;
     let mut amount = priced
         .amount
         .checked_sub(emitted)
-        .ok_or_else(|| Refusal::new("unpriceable_quantity", "amount overflows"))?;
+        .ok_or_else(|| Refusal::new(RefusalCode::UnpriceableQuantity, "amount overflows"))?;
     amount.rescale(precision);
     let id = line_item_id(&IdParts {
         tenant: &rollup.tenant,
@@ -160,7 +151,7 @@ fn plan_for<'c>(
 ) -> Result<(&'c neruba_schemas::catalog::PricePlan, u32), Refusal> {
     let tenant = catalog.tenant(tenant_id).ok_or_else(|| {
         Refusal::new(
-            "unknown_tenant",
+            RefusalCode::UnknownTenant,
             format!("tenant `{tenant_id}` is not in the catalog"),
         )
     })?;
@@ -170,19 +161,19 @@ fn plan_for<'c>(
         .find(|m| m.key == meter_key)
         .ok_or_else(|| {
             Refusal::new(
-                "no_matching_meter",
+                RefusalCode::NoMatchingMeter,
                 format!("tenant `{tenant_id}` has no meter `{meter_key}`"),
             )
         })?;
     let period_date = local_date(period_start_ms, meter.offset_secs()).ok_or_else(|| {
         Refusal::new(
-            "invalid_rollup",
+            RefusalCode::InvalidRollup,
             "period start is out of the calendar's range",
         )
     })?;
     let plan = plan_in_force(&tenant.price_plans, meter_key, period_date).ok_or_else(|| {
         Refusal::new(
-            "no_price_plan",
+            RefusalCode::NoPricePlan,
             format!(
                 "tenant `{tenant_id}` has no plan for meter `{meter_key}` in force on {period_date}"
             ),
@@ -190,7 +181,7 @@ fn plan_for<'c>(
     })?;
     let precision = catalog.precision(&plan.currency).ok_or_else(|| {
         Refusal::new(
-            "unknown_currency",
+            RefusalCode::UnknownCurrency,
             format!("currency `{}` has no known precision", plan.currency),
         )
     })?;
@@ -209,18 +200,18 @@ pub fn reprice(
     rerun_key: &str,
 ) -> Result<Option<LineItem>, Refusal> {
     let period_start_ms = neruba_schemas::event::parse_time_ms(&last.period_start)
-        .map_err(|r| Refusal::new("invalid_rollup", r.message))?;
+        .map_err(|r| Refusal::new(RefusalCode::InvalidRollup, r.message))?;
     let (plan, precision) = plan_for(catalog, &last.tenant, &last.meter, period_start_ms)?;
     let emitted = emitted_so_far(Some(last), plan)?;
     let priced = price::price(plan, last.period_quantity, precision)
-        .map_err(|e| Refusal::new("unpriceable_quantity", e.to_string()))?;
+        .map_err(|e| Refusal::new(RefusalCode::UnpriceableQuantity, e.to_string()))?;
     if priced.amount == emitted {
         return Ok(None);
     }
     let mut amount = priced
         .amount
         .checked_sub(emitted)
-        .ok_or_else(|| Refusal::new("unpriceable_quantity", "amount overflows"))?;
+        .ok_or_else(|| Refusal::new(RefusalCode::UnpriceableQuantity, "amount overflows"))?;
     amount.rescale(precision);
     let id = line_item_id(&IdParts {
         tenant: &last.tenant,
@@ -260,7 +251,7 @@ fn emitted_so_far(
 ) -> Result<Decimal, Refusal> {
     match last {
         Some(last) if last.currency != plan.currency => Err(Refusal::new(
-            "unknown_currency",
+            RefusalCode::UnknownCurrency,
             format!(
                 "the period was billed in {} but plan `{}` v{} is in {}",
                 last.currency, plan.id, plan.version, plan.currency
@@ -605,7 +596,7 @@ model = { type = "flat", fee = "9.99" }
         let code = |r: &Rollup| {
             rate(r, &catalog, None, None)
                 .map(|_| ())
-                .map_err(|e| e.code)
+                .map_err(|e| e.code.as_str())
         };
         assert_eq!(code(&unknown), Err("unknown_tenant"));
         assert_eq!(

@@ -12,7 +12,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `\0\0\0\0Moffset` | next offset (8 bytes) |
+//! | `\0\0\0\0Moffset` | next offset (the stage runtime's, see [`neruba_stage::store`]) |
 //! | tenant, `P`, customer, meter, group, period start | [`PeriodRecord`] (postcard) |
 //! | tenant, `W`, customer, meter, group, period start, window start | [`WindowRecord`] (postcard) |
 
@@ -22,25 +22,28 @@ use ahash::AHashMap as HashMap;
 use neruba_schemas::Catalog;
 use neruba_schemas::ledger::{LineItem, Rerun};
 use neruba_schemas::rollup::Rollup;
-use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use neruba_stage::{DeadLetter, Store, StoreOptions};
+use rocksdb::{Cache, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-const META_OFFSET: &[u8] = b"\0\0\0\0Moffset";
+use std::path::Path;
 
 /// What a batch produced, to be delivered before the batch is written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Item(Box<LineItem>),
     /// A rollup that could not be priced, for the dead-letter topic.
-    Refused {
-        key: Option<Vec<u8>>,
-        payload: Vec<u8>,
-        refusal: Refusal,
-        offset: i64,
-    },
+    Refused(DeadLetter),
+}
+
+impl neruba_stage::AsDeadLetter for Output {
+    fn dead_letter(&self) -> Option<&DeadLetter> {
+        match self {
+            Self::Refused(letter) => Some(letter),
+            Self::Item(_) => None,
+        }
+    }
 }
 
 /// Per-batch counts, published by the caller.
@@ -56,11 +59,9 @@ pub struct Counts {
 /// The rating state of one rollups partition.
 pub struct PartitionState {
     pub partition: i32,
-    db: DB,
+    store: Store,
     /// The batch's pending writes, read before the database.
     overlay: HashMap<Vec<u8>, Vec<u8>>,
-    next_offset: Option<i64>,
-    dirty: bool,
     outputs: Vec<Output>,
     counts: Counts,
 }
@@ -69,15 +70,12 @@ impl std::fmt::Debug for PartitionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionState")
             .field("partition", &self.partition)
-            .field("next_offset", &self.next_offset)
+            .field("next_offset", &self.store.next_offset())
             .finish_non_exhaustive()
     }
 }
 
-/// Where the state of `partition` of `topic` lives under `root`.
-pub fn partition_dir(root: &Path, topic: &str, partition: i32) -> PathBuf {
-    root.join(format!("{topic}-{partition}"))
-}
+pub use neruba_stage::partition_dir;
 
 fn push(buf: &mut Vec<u8>, part: &[u8]) {
     let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
@@ -163,66 +161,49 @@ fn expired(key: &[u8], now_ms: i64, retention: Retention) -> bool {
     }
 }
 
+/// How partition stores are tuned: small memtables (rollups are few), and compaction dropping
+/// window and period records past retention (expiry without a scan).
+pub fn store_options(retention: Retention) -> StoreOptions {
+    StoreOptions {
+        write_buffer_bytes: 8 * 1024 * 1024,
+        max_write_buffers: None,
+        memtable_bloom: false,
+        expiry: Some(std::sync::Arc::new(
+            move |key: &[u8], _value: &[u8], now_ms: i64| expired(key, now_ms, retention),
+        )),
+    }
+}
+
 impl PartitionState {
     /// Opens (or creates) the partition's database.
     pub fn open(dir: &Path, partition: i32, cache: &Cache, retention: Retention) -> Result<Self> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_write_buffer_size(8 * 1024 * 1024);
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(cache);
-        table.set_bloom_filter(10.0, false);
-        opts.set_block_based_table_factory(&table);
-        // Expiry without a scan: compaction drops what is past retention.
-        opts.set_compaction_filter(
-            "neruba-rater-expiry",
-            move |_level, key: &[u8], _value: &[u8]| {
-                if expired(key, neruba_schemas::event::now_ms(), retention) {
-                    rocksdb::compaction_filter::Decision::Remove
-                } else {
-                    rocksdb::compaction_filter::Decision::Keep
-                }
-            },
-        );
-        let db = DB::open(&opts, dir)?;
-        let next_offset = match db.get(META_OFFSET)? {
-            None => None,
-            Some(bytes) => Some(i64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| Error::Corrupt("stored offset".into()))?,
-            )),
-        };
-        Ok(Self {
+        Ok(Self::from_store(Store::open(
+            dir,
             partition,
-            db,
+            &store_options(retention),
+            cache,
+        )?))
+    }
+
+    /// The state kept in `store` (opened with [`store_options`]).
+    pub fn from_store(store: Store) -> Self {
+        Self {
+            partition: store.partition(),
+            store,
             overlay: HashMap::default(),
-            next_offset,
-            dirty: false,
             outputs: Vec::new(),
             counts: Counts::default(),
-        })
+        }
     }
 
     /// The next offset to consume, if any message was ever applied.
     pub fn next_offset(&self) -> Option<i64> {
-        self.next_offset
+        self.store.next_offset()
     }
 
-    /// Approximate on-disk size and pending compaction bytes, for metrics.
-    pub fn disk_usage(&self) -> (u64, u64) {
-        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        (
-            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
-            prop("rocksdb.estimate-pending-compaction-bytes"),
-        )
-    }
-
-    /// Whether the batch has anything to write.
-    pub fn is_dirty(&self) -> bool {
-        self.dirty
+    /// The partition's store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
@@ -236,15 +217,16 @@ impl PartitionState {
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
         let bytes = match self.overlay.get(key) {
             Some(bytes) => Some(bytes.clone()),
-            None => self.db.get(key)?,
+            None => self.store.db().get(key)?,
         };
         bytes
-            .map(|b| postcard::from_bytes(&b).map_err(|e| Error::Corrupt(e.to_string())))
+            .map(|b| postcard::from_bytes(&b).map_err(|e| Error::corrupt("rater record", e)))
             .transpose()
     }
 
     fn put<T: Serialize>(&mut self, key: Vec<u8>, record: &T) -> Result<()> {
-        let bytes = postcard::to_stdvec(record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let bytes =
+            postcard::to_stdvec(record).map_err(|e| Error::Bug(format!("record encoding: {e}")))?;
         self.overlay.insert(key, bytes);
         Ok(())
     }
@@ -257,20 +239,22 @@ impl PartitionState {
         payload: &[u8],
         catalog: &Catalog,
     ) -> Result<()> {
-        self.next_offset = Some(offset + 1);
-        self.dirty = true;
+        self.store.consumed(offset);
         self.counts.rollups += 1;
-        let refused = |refusal: Refusal| Output::Refused {
-            key: key.map(<[u8]>::to_vec),
-            payload: payload.to_vec(),
-            refusal,
-            offset,
+        let refused = |refusal: Refusal| {
+            Output::Refused(DeadLetter {
+                key: key.map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                code: refusal.code.as_str(),
+                message: refusal.message,
+                offset,
+            })
         };
         let rollup = match Rollup::decode(payload) {
             Ok(rollup) => rollup,
             Err(e) => {
                 self.refuse(refused(Refusal {
-                    code: "invalid_rollup",
+                    code: neruba_schemas::RefusalCode::InvalidRollup,
                     message: e.to_string(),
                 }));
                 return Ok(());
@@ -302,8 +286,7 @@ impl PartitionState {
     /// requested range is re-priced under the plan now in force, and an adjustment is emitted
     /// where the amount changed.
     pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
-        self.next_offset = Some(offset + 1);
-        self.dirty = true;
+        self.store.consumed(offset);
         self.counts.reruns += 1;
         let request = match Rerun::decode(payload) {
             Ok(request) => request,
@@ -321,7 +304,7 @@ impl PartitionState {
             .filter(|k| k.starts_with(&prefix))
             .cloned()
             .collect();
-        for entry in self.db.iterator(rocksdb::IteratorMode::From(
+        for entry in self.store.db().iterator(rocksdb::IteratorMode::From(
             &prefix,
             rocksdb::Direction::Forward,
         )) {
@@ -353,8 +336,12 @@ impl PartitionState {
                     self.outputs.push(Output::Item(Box::new(item)));
                 }
                 Err(refusal) => {
-                    *self.counts.refused.entry(refusal.code).or_default() += 1;
-                    tracing::warn!(partition = self.partition, code = refusal.code, message = %refusal.message, customer = %record.last.customer, "Period not re-priced.");
+                    *self
+                        .counts
+                        .refused
+                        .entry(refusal.code.as_str())
+                        .or_default() += 1;
+                    tracing::warn!(partition = self.partition, code = refusal.code.as_str(), message = %refusal.message, customer = %record.last.customer, "Period not re-priced.");
                 }
             }
         }
@@ -362,31 +349,20 @@ impl PartitionState {
     }
 
     fn refuse(&mut self, output: Output) {
-        if let Output::Refused { refusal, .. } = &output {
-            *self.counts.refused.entry(refusal.code).or_default() += 1;
-            tracing::warn!(partition = self.partition, code = refusal.code, message = %refusal.message, "Rollup refused; sent to the dead-letter topic.");
+        if let Output::Refused(letter) = &output {
+            *self.counts.refused.entry(letter.code).or_default() += 1;
+            tracing::warn!(partition = self.partition, code = letter.code, message = %letter.message, "Rollup refused; sent to the dead-letter topic.");
         }
         self.outputs.push(output);
     }
 
     /// Writes the batch: records and the next offset, atomically.
     pub fn commit(&mut self) -> Result<()> {
-        if !self.dirty {
-            return Ok(());
-        }
         let mut batch = WriteBatch::default();
         for (key, value) in self.overlay.drain() {
             batch.put(key, value);
         }
-        if let Some(next) = self.next_offset {
-            batch.put(META_OFFSET, next.to_be_bytes());
-        }
-        let mut write = WriteOptions::default();
-        // The WAL is synced by RocksDB's own group commit; a lost tail replays from Kafka.
-        write.set_sync(false);
-        self.db.write_opt(batch, &write)?;
-        self.dirty = false;
-        Ok(())
+        self.store.write(batch)
     }
 }
 
@@ -435,7 +411,7 @@ mod tests {
         assert!(!expired(&period(now - 37 * DAY - 1), now, retention));
         assert!(!expired(&period(now - 400 * DAY), now, retention));
         assert!(expired(&period(now - 400 * DAY - 1), now, retention));
-        assert!(!expired(META_OFFSET, now, retention));
+        assert!(!expired(neruba_stage::store::OFFSET_KEY, now, retention));
         assert!(!expired(b"", now, retention));
 
         // On a real database: a compaction removes what is past retention, nothing else.
@@ -448,9 +424,8 @@ mod tests {
         for key in [&old, &recent, &old_period, &recent_period] {
             state.put(key.clone(), &1u32).expect("put");
         }
-        state.dirty = true;
         state.commit().expect("commit");
-        let kept = |key: &[u8]| state.db.get(key).expect("get").is_some();
+        let kept = |key: &[u8]| state.store.db().get(key).expect("get").is_some();
         assert_eq!(
             [
                 kept(&old),
@@ -460,7 +435,7 @@ mod tests {
             ],
             [true; 4]
         );
-        state.db.compact_range(None::<&[u8]>, None::<&[u8]>);
+        state.store.db().compact_range(None::<&[u8]>, None::<&[u8]>);
         assert_eq!(
             [
                 kept(&old),

@@ -1,4 +1,9 @@
-//! Wire types shared by every Neruba component. No IO happens here.
+//! Wire types shared by every Neruba component.
+//!
+//! No IO, with one exception: [`Catalog::load`] reads a catalog file (`catalog/file.rs`, the only
+//! module here that touches the file system). Parsing and validating catalog text, validating
+//! and encoding events, decimal and window maths are functions of their arguments; the one clock
+//! read is [`event::now_ms`], which callers pass in as `now`, so tests fix time.
 //!
 //! Invariants this crate guards for everyone else:
 //! - a quantity or amount is a [`rust_decimal::Decimal`] from the moment it is read; no value is
@@ -24,7 +29,7 @@ pub mod window;
 
 pub use catalog::{Catalog, LiveCatalog};
 pub use event::Event;
-pub use reject::{RejectCode, Rejection};
+pub use reject::{RefusalCode, RejectCode, Rejection};
 
 /// Errors of this crate that are not about a single event (those are [`Rejection`]s).
 #[derive(Debug, thiserror::Error)]

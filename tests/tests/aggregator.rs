@@ -739,8 +739,8 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
 
     // 1. Small batches; the injected crash stops the process abruptly part-way.
     let (running, _shutdown) = start(&s, s.state.path(), |c| {
-        c.max_batch = 25;
-        c.crash = Some(crash);
+        c.stage.max_batch = 25;
+        c.stage.crash = Some(crash);
     })?;
     running.wait().await?;
     // 2. What survived the crash: an offset part-way through the stream.
@@ -751,7 +751,7 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
         "crashed at offset {stored} of {total}"
     );
     // 3. Restart on the same state: it resumes from the offset stored with the state.
-    let (running, shutdown) = start(&s, s.state.path(), |c| c.max_batch = 25)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| c.stage.max_batch = 25)?;
     wait_applied(&s, 0, events.len() + 1).await?;
     assert_rollups_match_truth(&s, &events).await?;
     drop(shutdown);
@@ -780,7 +780,8 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
 
     // 1. One instance owns both partitions and applies the first half.
     let (registry_a, registry_b) = (prometheus::Registry::new(), prometheus::Registry::new());
-    let (a, stop_a) = start_with_registry(&s, s.state.path(), &registry_a, |c| c.max_batch = 50)?;
+    let (a, stop_a) =
+        start_with_registry(&s, s.state.path(), &registry_a, |c| c.stage.max_batch = 50)?;
     s.writer.send(0, half0).await?;
     s.writer.send(1, half1).await?;
     wait_applied(&s, 0, half0.len()).await?;
@@ -788,7 +789,8 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
     assert_eq!(assigned(&registry_a), 2);
     // 2. A second instance joins the group (same state volume): the rebalance hands it one
     //    partition with its state, mid-stream.
-    let (b, stop_b) = start_with_registry(&s, s.state.path(), &registry_b, |c| c.max_batch = 50)?;
+    let (b, stop_b) =
+        start_with_registry(&s, s.state.path(), &registry_b, |c| c.stage.max_batch = 50)?;
     for _ in 0..200 {
         if assigned(&registry_b) == 1 {
             break;
@@ -833,9 +835,9 @@ async fn two_workers_in_one_process_split_the_partitions_and_keep_totals_exact()
     }
     let registry = prometheus::Registry::new();
     let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |c| {
-        c.max_batch = 40;
-        c.workers = 2;
-        c.assignment = Some(topics::Assignment::All);
+        c.stage.max_batch = 40;
+        c.stage.workers = 2;
+        c.stage.assignment = Some(topics::Assignment::All);
     })?;
     for (partition, events) in (0..).zip(&all_events) {
         wait_applied(&s, partition, events.len() + 1).await?;

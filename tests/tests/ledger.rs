@@ -46,7 +46,7 @@ fn start_stages(
     let rollups = format!("rollups-{name}");
     let mut aggregation =
         neruba_aggregator::Config::new(kafka.bootstrap_servers(), state.join("aggregator"));
-    aggregation.group_id = format!("aggregator-{name}");
+    aggregation.stage.group_id = format!("aggregator-{name}");
     aggregation.rollups_topic.clone_from(&rollups);
     // More than the disorder of the test's events (which arrive minutes out of order across
     // customers sharing a partition): their windows close by the idle tick, all at once.
@@ -59,8 +59,8 @@ fn start_stages(
         shutdown.clone(),
     )?;
     let mut rating = neruba_rater::Config::new(kafka.bootstrap_servers(), state.join("rater"));
-    rating.group_id = format!("rater-{name}");
-    rating.rollups_topic = rollups;
+    rating.stage.group_id = format!("rater-{name}");
+    rating.stage.input_topic = rollups;
     rating.ledger_topic = format!("ledger-{name}");
     let rater = neruba_rater::start(
         rating,
@@ -480,7 +480,7 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     let _stop_on_drop = stop_all.clone().drop_guard();
     let start = |crash: Option<u64>, registry: &prometheus::Registry| {
         let mut config = neruba_rater::Config::new(kafka.bootstrap_servers(), state.path());
-        config.crash_before_write = crash;
+        config.stage.crash = crash.map(neruba_rater::CrashPoint::BeforeWrite);
         let stop = stop_all.child_token();
         neruba_rater::start(config, catalog.clone(), registry, stop.clone()).map(|r| (r, stop))
     };

@@ -75,7 +75,7 @@ impl PartitionState {
         }
         self.clocks
             .get_mut(tenant)
-            .ok_or_else(|| Error::Corrupt(format!("clock of tenant {tenant} vanished")))
+            .ok_or_else(|| Error::Bug(format!("clock of tenant {tenant} vanished")))
     }
 
     /// For each tenant of the partition without events for `idle`, lets its event time run on
@@ -130,7 +130,7 @@ impl PartitionState {
     /// Applies a watermark tick read at `offset` (see [`Self::idle_ticks`]): to its tenant, or
     /// to every tenant for a tick written before clocks were per tenant (no tenant named).
     pub fn apply_tick(&mut self, offset: i64, tenant: Option<&str>, watermark: i64) -> Result<()> {
-        self.next_offset = Some(offset + 1);
+        self.store.consumed(offset);
         match tenant {
             Some(tenant) => {
                 self.clock_mut(tenant)?.tick_sent_at = None;

@@ -37,7 +37,7 @@ impl PartitionState {
             meter.billing_period.anchor_day,
             meter.offset_secs(),
         )
-        .ok_or_else(|| Error::Corrupt(format!("event time {} has no period", event.time_ms)))?;
+        .ok_or_else(|| Error::Bug(format!("event time {} has no period", event.time_ms)))?;
         // Canonical JSON of the group (a sorted map); most meters have none.
         let group_text = if m.group.is_empty() {
             std::borrow::Cow::Borrowed("{}")
@@ -213,7 +213,7 @@ impl PartitionState {
         record.revision += 1;
         self.counts.closed_window_ends.push(record.window_end_ms);
         let period_key = keys::period_of_window(&window_key, record.period_start_ms)
-            .ok_or_else(|| Error::Corrupt("malformed window key".into()))?;
+            .ok_or_else(|| Error::corrupt("window key", "malformed"))?;
         let mut period = self.load_period(&period_key)?;
         let before = period.clone();
         match period.merge(record.aggregation, &record.agg) {
@@ -234,7 +234,7 @@ impl PartitionState {
                         record.meter
                     ),
                 );
-                let offset = self.next_offset.map_or(-1, |next| next - 1);
+                let offset = self.store.next_offset().map_or(-1, |next| next - 1);
                 let (key, payload) = (rollup.key(), rollup.encode());
                 self.dead_letter(Some(key.as_bytes()), &payload, rejection, offset);
                 self.store_period(period_key, before);
@@ -272,7 +272,7 @@ pub(super) fn rollup_of(record: &WindowRecord, period: &Aggregate) -> Rollup {
 }
 
 pub(super) fn overflow(record: &WindowRecord) -> Error {
-    Error::Overflow(format!(
+    Error::Bug(format!(
         "tenant {} meter {} window {}: the sum exceeds the exact decimal range",
         record.tenant, record.meter, record.window_start_ms
     ))

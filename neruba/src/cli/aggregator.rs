@@ -19,10 +19,14 @@ pub(crate) struct AggregatorCommandArgs {
     #[arg(long, env = "NERUBA_CATALOG")]
     pub(crate) catalog: PathBuf,
     /// Address `/metrics`, `/healthz` and `/readyz` listen on.
-    #[arg(long, env = "NERUBA_OPS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "NERUBA_AGGREGATOR_OPS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     pub(crate) ops_listen: SocketAddr,
     /// Directory holding one RocksDB database per assigned partition.
-    #[arg(long, env = "NERUBA_STATE_DIR")]
+    #[arg(long, env = "NERUBA_AGGREGATOR_STATE_DIR")]
     pub(crate) state_dir: PathBuf,
     /// Topic validated events are read from (the gateways' `--events-topic`).
     #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
@@ -38,15 +42,19 @@ pub(crate) struct AggregatorCommandArgs {
 #[derive(Debug, Args)]
 pub(crate) struct AggregatorArgs {
     /// Consumer group of the aggregators.
-    #[arg(long, env = "NERUBA_GROUP_ID", default_value = "neruba-aggregator")]
+    #[arg(
+        long,
+        env = "NERUBA_AGGREGATOR_GROUP_ID",
+        default_value = "neruba-aggregator"
+    )]
     pub(crate) group_id: String,
     /// Static group membership id (e.g. the pod name), so a restart gets its partitions back.
-    #[arg(long, env = "NERUBA_INSTANCE_ID")]
+    #[arg(long, env = "NERUBA_AGGREGATOR_INSTANCE_ID")]
     pub(crate) instance_id: Option<String>,
     /// Take these events-topic partitions (`all`, or `0,1,4`) statically instead of through
     /// the consumer group: no rebalancing; every partition must be named by exactly one
     /// aggregator.
-    #[arg(long, env = "NERUBA_ASSIGN")]
+    #[arg(long, env = "NERUBA_AGGREGATOR_ASSIGN")]
     pub(crate) assign: Option<topics::Assignment>,
     /// Topic closed windows are produced to.
     #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
@@ -55,31 +63,31 @@ pub(crate) struct AggregatorArgs {
     #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
     pub(crate) dead_letter_topic: String,
     /// A tenant's watermark on a partition = its highest event time there minus this.
-    #[arg(long, env = "NERUBA_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) grace: Duration,
     /// A tenant without events on a partition for this long advances its watermark there by
     /// processing time.
-    #[arg(long, env = "NERUBA_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) idle_timeout: Duration,
     /// Events whose time is before their receive time minus this are dead-lettered (the
     /// gateways' `--correction-horizon` must not exceed it).
     #[arg(long = "aggregator-correction-horizon", env = "NERUBA_AGGREGATOR_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) aggregator_correction_horizon: Duration,
     /// How long the aggregator remembers an event id.
-    #[arg(long, env = "NERUBA_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) dedup_horizon: Duration,
     /// Most messages applied before state is written.
-    #[arg(long, env = "NERUBA_MAX_BATCH", default_value_t = 5_000)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_MAX_BATCH", default_value_t = 5_000)]
     pub(crate) max_batch: usize,
     /// RocksDB block cache shared by all partitions, bytes.
-    #[arg(long, env = "NERUBA_BLOCK_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_BLOCK_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub(crate) block_cache_bytes: usize,
     /// Consumer threads, each owning a share of the partitions as separate instances would
     /// (with `--instance-id ID`, worker i joins as `ID-wi`). Up to the pod's cores.
     #[arg(long, env = "NERUBA_AGGREGATOR_WORKERS", default_value_t = 1)]
     pub(crate) aggregator_workers: usize,
     /// `/readyz` turns false when an events partition is behind and has not moved for this long.
-    #[arg(long, env = "NERUBA_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_AGGREGATOR_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) stuck_after: Duration,
 }
 
@@ -99,25 +107,25 @@ impl AggregatorArgs {
             );
         }
         let mut config = neruba_aggregator::Config::new(brokers, state_dir);
-        config.group_id = self.group_id.clone();
-        config.instance_id = self.instance_id.clone();
-        config.assignment = self.assign.clone();
-        config.events_topic = events_topic.to_owned();
+        config.stage.group_id = self.group_id.clone();
+        config.stage.instance_id = self.instance_id.clone();
+        config.stage.assignment = self.assign.clone();
+        config.stage.input_topic = events_topic.to_owned();
         config.rollups_topic = self.rollups_topic.clone();
-        config.dead_letter_topic = self.dead_letter_topic.clone();
+        config.stage.dead_letter_topic = self.dead_letter_topic.clone();
         config.timing = neruba_aggregator::state::Timing {
             grace_ms: millis(self.grace)?,
             correction_horizon_ms: millis(self.aggregator_correction_horizon)?,
             dedup_horizon_ms: millis(self.dedup_horizon)?,
         };
         config.idle_timeout = self.idle_timeout;
-        config.max_batch = self.max_batch;
-        config.block_cache_bytes = self.block_cache_bytes;
-        config.stuck_after = self.stuck_after;
+        config.stage.max_batch = self.max_batch;
+        config.stage.block_cache_bytes = self.block_cache_bytes;
+        config.stage.stuck_after = self.stuck_after;
         if self.aggregator_workers == 0 {
             bail!("--aggregator-workers must be at least 1");
         }
-        config.workers = self.aggregator_workers;
+        config.stage.workers = self.aggregator_workers;
         Ok(config)
     }
 }
@@ -128,7 +136,7 @@ pub(crate) async fn run(args: AggregatorCommandArgs, shutdown: CancellationToken
     let mut config = args
         .aggregation
         .config(&args.brokers, &args.events_topic, &args.state_dir)?;
-    config.kafka_options = args.kafka_opts.clone();
+    config.stage.kafka_options = args.kafka_opts.clone();
     super::stage::run(
         "aggregator",
         &shutdown,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
     /// Address the gateway listens on.
-    #[arg(long, env = "NERUBA_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "NERUBA_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
     /// Catalog file; the built-in sample catalog when absent.
     #[arg(long, env = "NERUBA_CATALOG")]

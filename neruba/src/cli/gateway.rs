@@ -21,7 +21,7 @@ pub(crate) struct GatewayArgs {
     #[arg(long, env = "NERUBA_CATALOG")]
     pub(crate) catalog: PathBuf,
     /// Address the HTTP API, health and metrics listen on.
-    #[arg(long, env = "NERUBA_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "NERUBA_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub(crate) listen: SocketAddr,
     /// Topic raw-topic events that fail validation go to, with their rejection code.
     #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
@@ -37,57 +37,65 @@ pub(crate) struct IngestArgs {
     #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
     pub(crate) events_topic: String,
     /// Largest request body, bytes, after `Content-Encoding` (gzip, zstd) is decoded.
-    #[arg(long, env = "NERUBA_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
+    #[arg(long, env = "NERUBA_GATEWAY_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
     /// Longest from the first byte of a request to the end of its headers; a slower client is
     /// disconnected.
-    #[arg(long, env = "NERUBA_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) http_header_timeout: Duration,
     /// Longest a request body may take to arrive, whole; a slower one is answered 408
     /// `body_timeout`.
-    #[arg(long, env = "NERUBA_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) http_body_timeout: Duration,
     /// Longest a keep-alive connection may wait for its next request before it is closed.
-    #[arg(long, env = "NERUBA_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) http_idle_timeout: Duration,
     /// Most HTTP connections open at once; further ones wait to be accepted.
-    #[arg(long, env = "NERUBA_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "NERUBA_GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub(crate) max_connections: usize,
     /// Events per second of a tenant whose catalog entry sets no `rate_limit`.
-    #[arg(long, env = "NERUBA_DEFAULT_RATE_LIMIT", default_value_t = gateway::DEFAULT_RATE_LIMIT.events_per_second)]
+    #[arg(long, env = "NERUBA_GATEWAY_DEFAULT_RATE_LIMIT", default_value_t = gateway::DEFAULT_RATE_LIMIT.events_per_second)]
     pub(crate) default_rate_limit: u32,
     /// Burst (events) of a tenant whose catalog entry sets no `rate_limit`.
-    #[arg(long, env = "NERUBA_DEFAULT_RATE_BURST", default_value_t = gateway::DEFAULT_RATE_BURST)]
+    #[arg(long, env = "NERUBA_GATEWAY_DEFAULT_RATE_BURST", default_value_t = gateway::DEFAULT_RATE_BURST)]
     pub(crate) default_rate_burst: u32,
     /// Most events in one request.
-    #[arg(long, env = "NERUBA_MAX_BATCH_EVENTS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "NERUBA_GATEWAY_MAX_BATCH_EVENTS",
+        default_value_t = 10_000
+    )]
     pub(crate) max_batch_events: usize,
     /// Largest single event, bytes.
-    #[arg(long, env = "NERUBA_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "NERUBA_GATEWAY_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub(crate) max_event_bytes: usize,
     /// How far in the future an event's `time` may be.
-    #[arg(long, env = "NERUBA_MAX_FUTURE", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_MAX_FUTURE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub(crate) max_future: Duration,
     /// How far in the past an event's `time` may be (the correction horizon).
-    #[arg(long, env = "NERUBA_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) correction_horizon: Duration,
     /// Most event ids the gateway's recent-repeat cache holds.
-    #[arg(long, env = "NERUBA_DEDUP_CAPACITY", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        env = "NERUBA_GATEWAY_DEDUP_CAPACITY",
+        default_value_t = 1_000_000
+    )]
     pub(crate) dedup_capacity: usize,
     /// Longest an id stays in the gateway's recent-repeat cache.
-    #[arg(long, env = "NERUBA_DEDUP_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_DEDUP_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub(crate) dedup_max_age: Duration,
     /// How long the broker has to acknowledge events before the request is answered 503.
-    #[arg(long, env = "NERUBA_DELIVERY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_GATEWAY_DELIVERY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub(crate) delivery_timeout: Duration,
     /// Also ingest from this Kafka topic: one CloudEvent per message, API key in the
     /// `neruba-api-key` header.
-    #[arg(long, env = "NERUBA_RAW_TOPIC")]
+    #[arg(long, env = "NERUBA_GATEWAY_RAW_TOPIC")]
     pub(crate) raw_topic: Option<String>,
     /// Consumer group of the gateways reading the raw topic.
     #[arg(
         long,
-        env = "NERUBA_RAW_GROUP_ID",
+        env = "NERUBA_GATEWAY_RAW_GROUP_ID",
         default_value = "neruba-gateway-raw"
     )]
     pub(crate) raw_group_id: String,

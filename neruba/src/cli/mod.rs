@@ -1,6 +1,34 @@
 //! The `neruba` subcommands: one module each, its flags next to its `run`. Flags shared by
 //! `dev` and a component (`IngestArgs`, `AggregatorArgs`, `RaterArgs`) live with the
 //! component; every `config()` returns `Result` and refuses impossible combinations at start-up.
+//!
+//! # Environment names
+//!
+//! Every flag has an environment twin: `NERUBA_`, then the name of the one stage that reads it
+//! if only one does, then the flag's name, in upper snake case. So one deployment can give all
+//! its components the same environment (Kubernetes: `k8s/config.yaml`), and each name says
+//! who reads it:
+//!
+//! - **A stage's own setting** carries the stage: `NERUBA_GATEWAY_…` (`--listen`,
+//!   `--max-body-bytes`, `--raw-topic`, ...), `NERUBA_AGGREGATOR_…` (`--group-id`,
+//!   `--instance-id`, `--grace`, ...), `NERUBA_RATER_…` (`--rater-group-id`, ...). A flag
+//!   already named after its stage does not repeat it: `--rater-group-id` is
+//!   `NERUBA_RATER_GROUP_ID`, `--aggregator-workers` `NERUBA_AGGREGATOR_WORKERS`.
+//! - **What the components share** keeps the plain prefix: the Kafka cluster
+//!   (`NERUBA_BROKERS`, `NERUBA_KAFKA_OPTS`), the catalog, the topics two commands meet on
+//!   (`NERUBA_EVENTS_TOPIC`, `NERUBA_ROLLUPS_TOPIC`, `NERUBA_LEDGER_TOPIC`,
+//!   `NERUBA_DEAD_LETTER_TOPIC`), `NERUBA_LOG`, `NERUBA_DRAIN_TIMEOUT`, and the inputs of the
+//!   one-shot tools (`--tenant`, `--from`, `--quantity`, ...).
+//! - **A flag that several stages have but each sets for itself** is each stage's own:
+//!   `--ops-listen` and `--state-dir` (an aggregator and a rater on one host must not share
+//!   them) are `NERUBA_AGGREGATOR_OPS_LISTEN` and `NERUBA_RATER_OPS_LISTEN`, and so on; the
+//!   gateway's `--correction-horizon` (what it accepts) is `NERUBA_GATEWAY_CORRECTION_HORIZON`,
+//!   the rater's (what it must remember past) `NERUBA_RATER_CORRECTION_HORIZON`.
+//! - **`neruba dev`** runs the three stages with their flags, so it reads their names
+//!   (`NERUBA_GATEWAY_LISTEN`, `NERUBA_AGGREGATOR_GRACE`, ...); its own flags (`--partitions`,
+//!   the `--state-dir` that holds `aggregator/` and `rater/`) are plain.
+//!
+//! `flags_are_consistent_and_each_has_an_env_twin` (below) holds every flag to this rule.
 
 mod aggregator;
 mod catalog;
@@ -146,10 +174,32 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    /// The stages of a deployment, by subcommand.
+    const STAGES: [&str; 3] = ["gateway", "aggregator", "rater"];
+
+    /// A flag and where it is: `command` is the subcommand path (`rater rerun`), `top` its first
+    /// subcommand, `stage` the stage whose own flag it is (`None` under `dev`, a tool, or
+    /// `rater rerun`).
+    struct Flag {
+        command: String,
+        long: String,
+        top: String,
+        stage: Option<&'static str>,
+        id: String,
+        env: String,
+    }
+
+    /// The stage an environment name is prefixed with, if any.
+    fn stage_of(env: &str) -> Option<&'static str> {
+        STAGES
+            .into_iter()
+            .find(|stage| env.starts_with(&format!("NERUBA_{}_", stage.to_uppercase())))
+    }
+
     #[test]
     fn flags_are_consistent_and_each_has_an_env_twin() {
         Cli::command().debug_assert();
-        fn walk(command: &clap::Command) {
+        fn walk(command: &clap::Command, path: &mut Vec<String>, flags: &mut Vec<Flag>) {
             for arg in command.get_arguments() {
                 let positional = arg.get_long().is_none();
                 let builtin = matches!(arg.get_id().as_str(), "help" | "version");
@@ -160,13 +210,96 @@ mod tests {
                         arg.get_id(),
                         command.get_name()
                     );
+                    let stage = match path.as_slice() {
+                        [only] => STAGES.into_iter().find(|s| s == only),
+                        _ => None,
+                    };
+                    flags.push(Flag {
+                        command: path.join(" "),
+                        long: arg.get_long().unwrap_or_default().to_owned(),
+                        top: path.first().cloned().unwrap_or_default(),
+                        stage,
+                        id: arg.get_id().to_string(),
+                        env: arg
+                            .get_env()
+                            .map(|e| e.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                    });
                 }
             }
             for sub in command.get_subcommands() {
-                walk(sub);
+                path.push(sub.get_name().to_owned());
+                walk(sub, path, flags);
+                path.pop();
             }
         }
-        walk(&Cli::command());
+        let mut flags = Vec::new();
+        walk(&Cli::command(), &mut Vec::new(), &mut flags);
+
+        for flag in &flags {
+            let Flag {
+                command,
+                long,
+                id,
+                env,
+                ..
+            } = flag;
+            // 1. The twin is the flag's name: NERUBA_[STAGE_]FLAG_NAME.
+            let name = id.to_uppercase();
+            let names_its_stage = stage_of(&format!("NERUBA_{name}")).is_some();
+            let twin = *env == format!("NERUBA_{name}")
+                || (!names_its_stage
+                    && STAGES
+                        .iter()
+                        .any(|s| *env == format!("NERUBA_{}_{name}", s.to_uppercase())));
+            assert!(
+                twin,
+                "--{long} of `{command}`: its env twin {env} is not NERUBA_[STAGE_]{name}"
+            );
+            // 2. A stage's prefix means that stage reads the variable, as its own flag.
+            if let Some(named) = stage_of(env) {
+                assert!(
+                    flags
+                        .iter()
+                        .any(|f| f.stage == Some(named) && f.env == *env),
+                    "{env} (--{long} of `{command}`) names the {named} stage, which does not read it"
+                );
+                if let Some(stage) = flag.stage {
+                    assert_eq!(
+                        named, stage,
+                        "--{long} of `{command}` carries another stage's prefix: {env}"
+                    );
+                }
+            }
+            // 3. A stage's flag that no other command reads is that stage's alone, and says so.
+            if let (Some(stage), None) = (flag.stage, stage_of(env)) {
+                let shared = flags
+                    .iter()
+                    .any(|f| f.env == *env && f.top != flag.top && f.top != "dev");
+                assert!(
+                    shared,
+                    "--{long} of `{stage}` is read by the {stage} alone: its env twin must be \
+                     NERUBA_{}_{}, not {env}",
+                    stage.to_uppercase(),
+                    env.trim_start_matches("NERUBA_")
+                );
+            }
+            // 4. One variable sets one flag: the same one in every command, once per command.
+            for other in &flags {
+                if other.env == *env {
+                    assert_eq!(
+                        other.id, *id,
+                        "{env} is the twin of --{long} of `{command}` and of --{} of `{}`",
+                        other.long, other.command
+                    );
+                }
+            }
+            let in_command = flags
+                .iter()
+                .filter(|f| f.command == *command && f.env == *env)
+                .count();
+            assert_eq!(in_command, 1, "{env} is read twice by `{command}`");
+        }
     }
 
     fn parse(args: &[&str]) -> Cli {
@@ -275,7 +408,7 @@ mod tests {
         let config = args
             .aggregation
             .config(&args.brokers, &args.events_topic, &args.state_dir)
-            .map(|c| c.events_topic);
+            .map(|c| c.stage.input_topic);
         assert_eq!(config.ok().as_deref(), Some("acme.events"));
     }
 

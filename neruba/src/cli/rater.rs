@@ -28,11 +28,11 @@ pub(crate) struct RaterRunArgs {
     #[arg(long, env = "NERUBA_CATALOG")]
     pub(crate) catalog: Option<PathBuf>,
     /// Address `/metrics`, `/healthz` and `/readyz` listen on.
-    #[arg(long, env = "NERUBA_OPS_LISTEN", default_value = "0.0.0.0:9091")]
+    #[arg(long, env = "NERUBA_RATER_OPS_LISTEN", default_value = "0.0.0.0:9091")]
     pub(crate) ops_listen: SocketAddr,
     /// Directory holding one RocksDB database per assigned rollups partition (required to run
     /// a rater).
-    #[arg(long, env = "NERUBA_STATE_DIR")]
+    #[arg(long, env = "NERUBA_RATER_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     /// Topic closed windows are read from.
     #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
@@ -42,7 +42,7 @@ pub(crate) struct RaterRunArgs {
     pub(crate) dead_letter_topic: String,
     /// The pipeline's correction horizon (the aggregators' `--aggregator-correction-horizon`):
     /// the rater's window retention must exceed it.
-    #[arg(long, env = "NERUBA_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "NERUBA_RATER_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) correction_horizon: Duration,
     #[command(flatten)]
     pub(crate) rating: RaterArgs,
@@ -137,13 +137,13 @@ impl RaterArgs {
             );
         }
         let mut config = neruba_rater::Config::new(brokers, state_dir);
-        config.group_id = self.rater_group_id.clone();
-        config.instance_id = self.rater_instance_id.clone();
-        config.assignment = self.rater_assign.clone();
-        config.rollups_topic = rollups_topic.to_owned();
+        config.stage.group_id = self.rater_group_id.clone();
+        config.stage.instance_id = self.rater_instance_id.clone();
+        config.stage.assignment = self.rater_assign.clone();
+        config.stage.input_topic = rollups_topic.to_owned();
         config.ledger_topic = self.ledger_topic.clone();
-        config.dead_letter_topic = dead_letter_topic.to_owned();
-        config.stuck_after = self.rater_stuck_after;
+        config.stage.dead_letter_topic = dead_letter_topic.to_owned();
+        config.stage.stuck_after = self.rater_stuck_after;
         config.retention = neruba_rater::state::Retention {
             window_ms: millis(self.rater_window_retention)?,
             period_ms: millis(self.rater_period_retention)?,
@@ -176,7 +176,7 @@ pub(crate) async fn run(args: RaterCommandArgs, shutdown: CancellationToken) -> 
         state_dir,
         args.correction_horizon,
     )?;
-    config.kafka_options = args.kafka_opts.clone();
+    config.stage.kafka_options = args.kafka_opts.clone();
     super::stage::run(
         "rater",
         &shutdown,

@@ -1,0 +1,234 @@
+//! The aggregator on the stage runtime: what one events-topic message does (an event is
+//! folded, a watermark tick advances its tenant's clock), how rollups and ticks are written,
+//! and the metrics of a batch. Polling, delivery before write, dead letters and offsets are
+//! the runtime's ([`neruba_stage`]).
+
+use crate::metrics::Metrics;
+use crate::state::{Output, PartitionState, Timing};
+use crate::{Config, Result};
+use neruba_schemas::topics::{WATERMARK_HEADER, WATERMARK_TENANT_HEADER, stable_partition};
+use neruba_schemas::{Catalog, LiveCatalog};
+use neruba_stage::{Store, StoreOptions};
+use rdkafka::Message;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an idle tick may take to come back before another is sent.
+const TICK_RETRY: Duration = Duration::from_secs(5);
+
+/// The aggregator's domain logic, one per worker.
+pub(crate) struct Aggregator {
+    pub(crate) catalog: LiveCatalog,
+    pub(crate) metrics: Metrics,
+    pub(crate) timing: Timing,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) events_topic: String,
+    pub(crate) rollups_topic: String,
+    pub(crate) rollup_partitions: i32,
+}
+
+impl neruba_stage::Partition for PartitionState {
+    fn store(&self) -> &Store {
+        self.store()
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.commit()
+    }
+}
+
+impl neruba_stage::Stage for Aggregator {
+    const NAME: &'static str = "aggregator";
+    const ASSIGNED_PARTITIONS_METRIC: &'static str = "neruba_assigned_partitions";
+    const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[
+        ("max.poll.interval.ms", "300000"),
+        ("fetch.wait.max.ms", "50"),
+        ("queued.max.messages.kbytes", "65536"),
+    ];
+    // A batch's outputs are sent together and then awaited: lingering would only delay the
+    // acknowledgements the batch's write waits for.
+    const LINGER_MS: u32 = 0;
+
+    type Partition = PartitionState;
+    type Output = Output;
+    type Batch = Arc<Catalog>;
+
+    fn store_options(&self) -> StoreOptions {
+        crate::state::store_options(self.timing)
+    }
+
+    fn connected(&mut self, producer: &FutureProducer) -> Result<()> {
+        self.rollup_partitions = neruba_kafka::partition_count(producer, &self.rollups_topic)?;
+        Ok(())
+    }
+
+    fn open(&mut self, store: Store) -> Result<PartitionState> {
+        let state = PartitionState::from_store(store, self.timing)?;
+        tracing::info!(
+            partition = state.partition,
+            open_windows = state.open_windows(),
+            "Open windows loaded."
+        );
+        Ok(state)
+    }
+
+    fn begin_batch(&mut self) -> Arc<Catalog> {
+        self.catalog.current()
+    }
+
+    fn apply(
+        &mut self,
+        catalog: &Arc<Catalog>,
+        state: &mut PartitionState,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<()> {
+        match watermark_tick(message) {
+            Some((tenant, watermark)) => state.apply_tick(message.offset(), tenant, watermark),
+            None => state.apply(
+                message.offset(),
+                message.key(),
+                message.payload().unwrap_or_default(),
+                catalog,
+            ),
+        }
+    }
+
+    fn after_poll(&mut self, state: &mut PartitionState, _now_ms: i64) {
+        // Queued as ticks on the partition itself, applied when read back.
+        state.idle_ticks(
+            self.idle_timeout,
+            self.timing.grace_ms,
+            neruba_schemas::event::now_ms(),
+            self.idle_timeout.max(TICK_RETRY),
+        );
+    }
+
+    fn take_outputs(&mut self, state: &mut PartitionState) -> Vec<Output> {
+        self.publish_counts(state);
+        state.take_outputs()
+    }
+
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        output: &Output,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        match output {
+            Output::Rollup(rollup) => {
+                let key = rollup.key();
+                let payload = rollup.encode();
+                let partition = stable_partition(&rollup.partition_key(), self.rollup_partitions);
+                producer
+                    .send_result(
+                        FutureRecord::to(&self.rollups_topic)
+                            .key(key.as_bytes())
+                            .payload(payload.as_slice())
+                            .partition(partition),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            Output::Tick {
+                partition,
+                tenant,
+                watermark,
+            } => {
+                let text = watermark.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: WATERMARK_HEADER,
+                        value: Some(text.as_str()),
+                    })
+                    .insert(Header {
+                        key: WATERMARK_TENANT_HEADER,
+                        value: Some(tenant.as_str()),
+                    });
+                let payload =
+                    serde_json::json!({"watermark_ms": watermark, "tenant": tenant}).to_string();
+                producer
+                    .send_result(
+                        FutureRecord::to(&self.events_topic)
+                            .key(WATERMARK_HEADER.as_bytes())
+                            .payload(payload.as_bytes())
+                            .partition(*partition)
+                            .headers(headers),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            // The runtime writes dead letters.
+            Output::DeadLetter(_) => Err(KafkaError::Canceled),
+        }
+    }
+
+    fn gauges(&self, state: &PartitionState, now_ms: i64) {
+        let partition = state.partition.to_string();
+        let labels = [partition.as_str()];
+        if state.watermark() > i64::MIN {
+            self.metrics
+                .watermark_lag
+                .with_label_values(&labels)
+                .set((now_ms - state.watermark()) / 1000);
+        }
+        self.metrics
+            .open_windows
+            .with_label_values(&labels)
+            .set(i64::try_from(state.open_windows()).unwrap_or(i64::MAX));
+    }
+}
+
+impl Aggregator {
+    pub(crate) fn new(config: &Config, catalog: LiveCatalog, metrics: Metrics) -> Self {
+        Self {
+            catalog,
+            metrics,
+            timing: config.timing,
+            idle_timeout: config.idle_timeout,
+            events_topic: config.stage.input_topic.clone(),
+            rollups_topic: config.rollups_topic.clone(),
+            // Read from the broker once connected.
+            rollup_partitions: 1,
+        }
+    }
+
+    /// Publishes what the partition counted since the last call.
+    fn publish_counts(&self, state: &mut PartitionState) {
+        let counts = state.take_counts();
+        self.metrics.events.inc_by(counts.applied);
+        self.metrics
+            .dedup_hits
+            .with_label_values(&["aggregator"])
+            .inc_by(counts.duplicates);
+        self.metrics.late_events.inc_by(counts.late);
+        self.metrics.rollups.inc_by(counts.rollups);
+        let now = neruba_schemas::event::now_ms();
+        for end in counts.closed_window_ends {
+            let late = u64::try_from((now - end).max(0)).unwrap_or(0);
+            self.metrics
+                .close_delay
+                .observe(Duration::from_millis(late).as_secs_f64());
+        }
+        for (code, n) in counts.dead_letters {
+            self.metrics
+                .dead_letters
+                .with_label_values(&[code])
+                .inc_by(n);
+        }
+    }
+}
+
+/// The tenant and watermark a tick message carries, if it is one. A tick whose value does not
+/// parse is read as the far past, which moves nothing; one without a tenant (written before
+/// clocks were per tenant) applies to every tenant of the partition.
+fn watermark_tick<'a>(message: &'a BorrowedMessage<'_>) -> Option<(Option<&'a str>, i64)> {
+    let headers = message.headers()?;
+    let value = |key: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| std::str::from_utf8(h.value.unwrap_or_default()).unwrap_or_default())
+    };
+    let watermark = value(WATERMARK_HEADER)?.parse().unwrap_or(i64::MIN);
+    Some((value(WATERMARK_TENANT_HEADER), watermark))
+}

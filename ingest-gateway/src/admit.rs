@@ -1,0 +1,234 @@
+//! Admission: who may send events, and which of their events are let in. Both doors of the
+//! gateway, HTTP requests ([`crate::http`]) and raw-topic messages ([`crate::raw`]), decide it
+//! here, so a rule added here holds for both and cannot be forgotten in one of them.
+//!
+//! Invariants:
+//! - the tenant is the one the API key proves (its SHA-256 digest in the catalog), and only
+//!   that: nothing in a body or a message can name another;
+//! - a key without the `ingest` scope sends nothing (`forbidden`), an unknown one is
+//!   `unauthenticated`;
+//! - every event is judged by the same checks in the same order, so the same bad event gets the
+//!   same [`RejectCode`] through either door: its size, its CloudEvents attributes and its time
+//!   against the receive clock ([`event::validate`]), then the values the tenant's meters read
+//!   ([`Tenant::check_values`]);
+//! - an event is a repeat if the recent-repeat cache holds its (tenant, id), or an earlier event
+//!   of the same request or batch had it: either door counts it `duplicate` and sends it once.
+//!
+//! What stays with each door is transport: where the key travels (`Authorization: Bearer` or
+//! the `neruba-api-key` header) and what its absence is called, how bytes become framed events
+//! (and so what a broken frame is: a whole-request 400 over HTTP, an `invalid_json` dead
+//! letter on the raw topic), and how a refusal is told (a status and a JSON answer, or a dead
+//! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
+//! `429` to, only a consumer that could slow down.
+
+use crate::dedup::DedupCache;
+use neruba_schemas::catalog::{Scope, Tenant};
+use neruba_schemas::event::{self, Limits};
+use neruba_schemas::framing::Framed;
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection};
+use std::collections::HashSet;
+
+/// The tenant a plaintext API key proves, if the key may ingest.
+pub fn authenticate<'c>(catalog: &'c Catalog, key: &str) -> Result<&'c Tenant, Rejection> {
+    let Some((tenant, api_key)) = catalog.authenticate(key) else {
+        return Err(Rejection::new(
+            RejectCode::Unauthenticated,
+            "unknown API key",
+        ));
+    };
+    if !api_key.scopes.contains(&Scope::Ingest) {
+        return Err(Rejection::new(
+            RejectCode::Forbidden,
+            format!("API key `{}` lacks the `ingest` scope", api_key.name),
+        ));
+    }
+    Ok(tenant)
+}
+
+/// One framed event of `tenant`, received at `now_ms`, as the [`Event`] to send, or why not.
+pub fn event(
+    tenant: &Tenant,
+    framed: Framed,
+    now_ms: i64,
+    limits: &Limits,
+) -> Result<Event, Rejection> {
+    let event = event::validate(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
+    tenant.check_values(&event)?;
+    Ok(event)
+}
+
+/// The repeats of one request or batch: against the recent-repeat cache, and among its own
+/// events (the cache only learns an id once the broker acknowledged it, so two copies in one
+/// request would otherwise both be sent).
+#[derive(Debug)]
+pub struct Repeats<'d> {
+    cache: &'d DedupCache,
+    seen: HashSet<(String, String)>,
+}
+
+impl<'d> Repeats<'d> {
+    pub fn new(cache: &'d DedupCache) -> Self {
+        Self {
+            cache,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Whether `event` is the first of its (tenant, id) here and not recently accepted; a
+    /// `false` is a `duplicate`.
+    pub fn first_sighting(&mut self, event: &Event) -> bool {
+        !self.cache.contains(&event.tenant, &event.id)
+            && self.seen.insert((event.tenant.clone(), event.id.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue, header};
+    use neruba_schemas::catalog::hash_key;
+    use neruba_schemas::framing::{self as body, Framing};
+    use neruba_schemas::topics::API_KEY_HEADER;
+    use std::time::Duration;
+
+    const NOW: i64 = 1_780_000_000_000;
+
+    fn catalog() -> Catalog {
+        let text = format!(
+            r#"
+[[tenants]]
+id = "acme"
+api_keys = [
+  {{ name = "ingest", sha256 = "{}", scopes = ["ingest"] }},
+  {{ name = "reader", sha256 = "{}", scopes = ["read"] }},
+]
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm.completion"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+"#,
+            hash_key("ingest-key"),
+            hash_key("read-key"),
+        );
+        Catalog::from_toml_str(&text, "test.toml").expect("catalog")
+    }
+
+    /// What the HTTP door makes of one structured event sent with `key`: the code of its
+    /// whole-request refusal or of its per-event result (`None` when accepted).
+    fn via_http(catalog: &Catalog, key: &str, bytes: &[u8], limits: &Limits) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        let bearer = HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+        headers.insert(header::AUTHORIZATION, bearer);
+        let tenant = match crate::http::caller(catalog, &headers) {
+            Ok(tenant) => tenant,
+            Err(refused) => return Some(refused.code.to_string()),
+        };
+        let framed = body::split(Framing::Single, bytes, 1).expect("one JSON value");
+        let cache = DedupCache::new(10, Duration::from_secs(60));
+        let admitted = crate::http::admit_all(tenant, framed, NOW, limits, &cache);
+        admitted.results[0].code.map(str::to_owned)
+    }
+
+    /// What the raw-topic door makes of the same event, sent as one message with `key`.
+    fn via_raw(catalog: &Catalog, key: &str, bytes: &[u8], limits: &Limits) -> Option<String> {
+        let headers = [(API_KEY_HEADER, Some(key.as_bytes()))];
+        crate::raw::admit_message(catalog, limits, &headers, bytes, NOW)
+            .err()
+            .map(|refused| refused.code.to_string())
+    }
+
+    #[test]
+    fn a_bad_event_gets_the_same_code_over_http_and_from_the_raw_topic() {
+        let catalog = catalog();
+        let limits = Limits {
+            max_event_bytes: 1024,
+            ..Limits::default()
+        };
+        let at = |ms: i64| event::format_time_ms(ms);
+        let good = serde_json::json!({"specversion": "1.0", "id": "e-1", "type": "llm.completion",
+            "subject": "cust-1", "time": at(NOW - 1_000), "data": {"tokens": "12"}});
+        let with = |field: &str, value: serde_json::Value| {
+            let mut event = good.clone();
+            event[field] = value;
+            event.to_string()
+        };
+        let without = |field: &str| {
+            let mut event = good.clone();
+            event.as_object_mut().map(|o| o.remove(field));
+            event.to_string()
+        };
+        let cases: Vec<(&str, String, Option<RejectCode>)> = vec![
+            ("ingest-key", good.to_string(), None),
+            (
+                "nobody",
+                good.to_string(),
+                Some(RejectCode::Unauthenticated),
+            ),
+            ("read-key", good.to_string(), Some(RejectCode::Forbidden)),
+            (
+                "ingest-key",
+                "\"text\"".to_owned(),
+                Some(RejectCode::InvalidJson),
+            ),
+            (
+                "ingest-key",
+                without("subject"),
+                Some(RejectCode::MissingField),
+            ),
+            (
+                "ingest-key",
+                with("id", "".into()),
+                Some(RejectCode::InvalidField),
+            ),
+            (
+                "ingest-key",
+                with("source", "x".repeat(2000).into()),
+                Some(RejectCode::EventTooLarge),
+            ),
+            (
+                "ingest-key",
+                with("time", at(NOW + 10 * 60_000).into()),
+                Some(RejectCode::TimestampInFuture),
+            ),
+            (
+                "ingest-key",
+                with("time", at(NOW - 40 * 86_400_000).into()),
+                Some(RejectCode::TimestampTooFarInPast),
+            ),
+            (
+                "ingest-key",
+                with("data", serde_json::json!({"tokens": "lots"})),
+                Some(RejectCode::InvalidValue),
+            ),
+        ];
+        for (key, text, expected) in cases {
+            let expected = expected.map(|code| code.to_string());
+            let http = via_http(&catalog, key, text.as_bytes(), &limits);
+            let raw = via_raw(&catalog, key, text.as_bytes(), &limits);
+            assert_eq!((&http, &raw), (&expected, &expected), "{key}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_repeat_is_one_sighting_per_tenant_and_id() {
+        let cache = DedupCache::new(10, Duration::from_secs(60));
+        cache.insert("acme", "sent-before");
+        let event = |tenant: &str, id: &str| Event {
+            tenant: tenant.into(),
+            id: id.into(),
+            event_type: "t".into(),
+            subject: "s".into(),
+            time_ms: NOW,
+            received_ms: NOW,
+            source: None,
+            data: Default::default(),
+        };
+        let mut repeats = Repeats::new(&cache);
+        assert!(!repeats.first_sighting(&event("acme", "sent-before")));
+        assert!(repeats.first_sighting(&event("acme", "e-1")));
+        assert!(!repeats.first_sighting(&event("acme", "e-1")));
+        assert!(repeats.first_sighting(&event("beta", "e-1")));
+    }
+}

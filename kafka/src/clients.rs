@@ -1,0 +1,222 @@
+//! Every Kafka client Neruba builds, with each setting it relies on spelled out here, so a
+//! durability setting cannot differ between two producers or two consumers.
+//!
+//! The operator's pass-through options (`--kafka-opt`: SASL, TLS, tuning) are applied last,
+//! except `acks` and `enable.idempotence`, which every producer refuses with the same message
+//! ([`apply_producer_options`]).
+
+use crate::Recoverable;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+
+/// Settings every Neruba producer relies on for durability: what it answers or writes after
+/// an acknowledgement is in every in-sync replica (`acks=all`), once and in order
+/// (`enable.idempotence`). An operator may not override them.
+const DURABILITY: [&str; 2] = ["acks", "enable.idempotence"];
+
+/// Applies an operator's pass-through librdkafka settings (SASL, TLS, tuning) to a producer's
+/// config, last; refuses, with the same message for every producer, one that would weaken
+/// durability.
+pub fn apply_producer_options(
+    client: &mut ClientConfig,
+    kafka_options: &[(String, String)],
+) -> Result<(), KafkaError> {
+    for (key, value) in kafka_options {
+        if DURABILITY.contains(&key.as_str()) {
+            return Err(KafkaError::ClientCreation(format!(
+                "kafka option `{key}={value}` is refused: Neruba's producers rely on acks=all and \
+                 enable.idempotence=true for what they acknowledge"
+            )));
+        }
+        client.set(key, value);
+    }
+    Ok(())
+}
+
+/// Creates a producer: the durability every Neruba producer relies on, then `tuning` (the
+/// producer's own settings), then the operator's `kafka_options` ([`apply_producer_options`]).
+fn durable_producer(
+    brokers: &str,
+    client_id: &str,
+    tuning: &[(&str, String)],
+    kafka_options: &[(String, String)],
+) -> Result<FutureProducer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        // What a producer answers or writes after is in every in-sync replica.
+        .set("acks", "all")
+        // No duplicates or reordering from librdkafka's internal retries.
+        .set("enable.idempotence", "true");
+    for (key, value) in tuning {
+        client.set(*key, value);
+    }
+    apply_producer_options(&mut client, kafka_options)?;
+    client.create()
+}
+
+/// The producer a stage writes its outputs (rollups, line items, dead letters) with.
+pub fn output_producer(
+    brokers: &str,
+    client_id: &str,
+    linger_ms: u32,
+    kafka_options: &[(String, String)],
+) -> Result<FutureProducer, KafkaError> {
+    durable_producer(
+        brokers,
+        client_id,
+        &[
+            ("linger.ms", linger_ms.to_string()),
+            ("compression.type", "lz4".into()),
+            ("message.timeout.ms", "60000".into()),
+        ],
+        kafka_options,
+    )
+}
+
+/// The producer of one-off requests an operator sends (a rerun): sent at once and awaited.
+pub fn request_producer(
+    brokers: &str,
+    client_id: &str,
+    kafka_options: &[(String, String)],
+) -> Result<FutureProducer, KafkaError> {
+    durable_producer(brokers, client_id, &[], kafka_options)
+}
+
+/// The gateway's producer of accepted events: an event is answered `accepted` only after its
+/// acknowledgement, so a produce that cannot be acknowledged within `delivery_timeout` fails
+/// (the client gets a 503); events of concurrent requests are batched; a full local queue
+/// fails the enqueue instead of growing memory.
+pub fn gateway_producer(
+    brokers: &str,
+    delivery_timeout: std::time::Duration,
+    kafka_options: &[(String, String)],
+) -> Result<FutureProducer, KafkaError> {
+    durable_producer(
+        brokers,
+        "neruba-ingest-gateway",
+        &[
+            ("max.in.flight.requests.per.connection", "5".into()),
+            (
+                "message.timeout.ms",
+                delivery_timeout.as_millis().to_string(),
+            ),
+            ("linger.ms", "5".into()),
+            ("batch.num.messages", "10000".into()),
+            ("compression.type", "lz4".into()),
+            ("queue.buffering.max.messages", "200000".into()),
+            ("queue.buffering.max.kbytes", "262144".into()),
+            ("partitioner", "murmur2_random".into()),
+        ],
+        kafka_options,
+    )
+}
+
+/// The output producer of [`output_producer`], replaceable.
+pub fn recoverable_output_producer(
+    brokers: &str,
+    client_id: &str,
+    linger_ms: u32,
+    kafka_options: &[(String, String)],
+) -> Result<Recoverable, KafkaError> {
+    let (brokers, client_id, options) = (
+        brokers.to_owned(),
+        client_id.to_owned(),
+        kafka_options.to_vec(),
+    );
+    Recoverable::new(move || output_producer(&brokers, &client_id, linger_ms, &options))
+}
+
+/// Who a stateful stage's consumer is.
+#[derive(Debug, Clone, Copy)]
+pub struct StageMember<'a> {
+    pub brokers: &'a str,
+    pub group_id: &'a str,
+    pub client_id: &'a str,
+    /// Static membership (`group.instance.id`).
+    pub instance_id: Option<&'a str>,
+}
+
+/// Creates the consumer of a stage that keeps its state per partition. Every librdkafka
+/// setting such a stage relies on is here; `tuning` adds the stage's own, and the operator's
+/// pass-through `kafka_options` come last.
+pub fn stage_consumer<C: ConsumerContext>(
+    member: StageMember<'_>,
+    tuning: &[(&str, &str)],
+    kafka_options: &[(String, String)],
+    context: C,
+) -> Result<BaseConsumer<C>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", member.brokers)
+        .set("group.id", member.group_id)
+        .set("client.id", member.client_id)
+        // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // When the local queue is full (the stage is the slower side, as it is under load),
+        // librdkafka postpones the next fetch by this much: at its default of 1 s the queue
+        // then runs dry and the stage waits (it halved the aggregator's throughput).
+        .set("fetch.queue.backoff.ms", "10")
+        // Statistics feed the lag gauges and the stuck check (partition high watermarks).
+        .set("statistics.interval.ms", "1000");
+    if let Some(instance) = member.instance_id {
+        // Static membership: a restarted pod that is back within the session timeout gets its
+        // partitions again without a rebalance, so the timeout covers a pod restart.
+        client
+            .set("group.instance.id", instance)
+            .set("session.timeout.ms", "45000");
+    }
+    for (key, value) in tuning {
+        client.set(*key, *value);
+    }
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(options: &[(&str, &str)]) -> Option<String> {
+        let options: Vec<(String, String)> = options
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        match output_producer("127.0.0.1:1", "test", 0, &options) {
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn durability_overrides_are_refused_and_other_options_pass_through() {
+        // Was: silently dropped here, refused by the gateway, applied by the rerun producer.
+        let acks = refusal(&[("linger.ms", "7"), ("acks", "1")]);
+        assert!(
+            acks.as_deref().is_some_and(|m| m.contains(
+                "kafka option `acks=1` is refused: Neruba's producers rely on acks=all and \
+                 enable.idempotence=true"
+            )),
+            "{acks:?}"
+        );
+        let idempotence = refusal(&[("enable.idempotence", "false")]);
+        assert!(
+            idempotence
+                .as_deref()
+                .is_some_and(|m| m.contains("kafka option `enable.idempotence=false` is refused")),
+            "{idempotence:?}"
+        );
+        assert_eq!(refusal(&[("linger.ms", "7"), ("client.rack", "a")]), None);
+    }
+}

@@ -1,0 +1,133 @@
+//! The rater on the stage runtime: what one rollups-topic message does (a rollup is rated, a
+//! rerun request re-prices its tenant's periods), how line items are written, and the metrics
+//! of a batch. Polling, delivery before write, dead letters and offsets are the runtime's
+//! ([`neruba_stage`]).
+
+use crate::Result;
+use crate::metrics::Metrics;
+use crate::state::{Output, PartitionState, Retention};
+use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
+use neruba_schemas::{Catalog, LiveCatalog};
+use neruba_stage::{Store, StoreOptions};
+use rdkafka::Message;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The rater's domain logic, one per worker.
+pub(crate) struct Rater {
+    pub(crate) catalog: LiveCatalog,
+    pub(crate) metrics: Metrics,
+    pub(crate) retention: Retention,
+    pub(crate) ledger_topic: String,
+    pub(crate) ledger_partitions: i32,
+    /// Kafka timestamps of the batch's rollups, for the close-to-item histogram.
+    pub(crate) produced_at: Vec<i64>,
+}
+
+impl neruba_stage::Partition for PartitionState {
+    fn store(&self) -> &Store {
+        self.store()
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.commit()
+    }
+}
+
+impl neruba_stage::Stage for Rater {
+    const NAME: &'static str = "rater";
+    const ASSIGNED_PARTITIONS_METRIC: &'static str = "neruba_rater_assigned_partitions";
+    const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[("fetch.wait.max.ms", "20")];
+    const LINGER_MS: u32 = 2;
+
+    type Partition = PartitionState;
+    type Output = Output;
+    type Batch = Arc<Catalog>;
+
+    fn store_options(&self) -> StoreOptions {
+        crate::state::store_options(self.retention)
+    }
+
+    fn connected(&mut self, producer: &FutureProducer) -> Result<()> {
+        self.ledger_partitions = neruba_kafka::partition_count(producer, &self.ledger_topic)?;
+        Ok(())
+    }
+
+    fn open(&mut self, store: Store) -> Result<PartitionState> {
+        Ok(PartitionState::from_store(store))
+    }
+
+    fn begin_batch(&mut self) -> Arc<Catalog> {
+        self.produced_at.clear();
+        self.catalog.current()
+    }
+
+    fn apply(
+        &mut self,
+        catalog: &Arc<Catalog>,
+        state: &mut PartitionState,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<()> {
+        self.produced_at
+            .push(message.timestamp().to_millis().unwrap_or_default());
+        let payload = message.payload().unwrap_or_default();
+        let rerun = message
+            .headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == RERUN_HEADER));
+        if rerun {
+            state.apply_rerun(message.offset(), payload, catalog)
+        } else {
+            state.apply(message.offset(), message.key(), payload, catalog)
+        }
+    }
+
+    fn take_outputs(&mut self, state: &mut PartitionState) -> Vec<Output> {
+        let counts = state.take_counts();
+        self.metrics.rollups.inc_by(counts.rollups);
+        self.metrics.repeats.inc_by(counts.repeats);
+        self.metrics.reruns.inc_by(counts.reruns);
+        for (kind, n) in counts.items {
+            self.metrics.items.with_label_values(&[kind]).inc_by(n);
+        }
+        for (code, n) in counts.refused {
+            self.metrics.refused.with_label_values(&[code]).inc_by(n);
+        }
+        state.take_outputs()
+    }
+
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        output: &Output,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        match output {
+            Output::Item(item) => {
+                let key = item.partition_key();
+                let payload = item.encode();
+                producer
+                    .send_result(
+                        FutureRecord::to(&self.ledger_topic)
+                            .key(key.as_bytes())
+                            .payload(payload.as_slice())
+                            .partition(stable_partition(&key, self.ledger_partitions)),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            // The runtime writes dead letters.
+            Output::Refused(_) => Err(KafkaError::Canceled),
+        }
+    }
+
+    fn delivered(&mut self) {
+        let now = neruba_schemas::event::now_ms();
+        for at in self.produced_at.drain(..) {
+            let millis = u64::try_from((now - at).max(0)).unwrap_or(0);
+            self.metrics
+                .close_to_item
+                .observe(Duration::from_millis(millis).as_secs_f64());
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The catalog: tenants, their hashed API keys, meters and price plans, from a TOML or YAML file.
+//!
+//! Invariants:
+//! - API keys exist only as SHA-256 digests; a plaintext key is hashed on arrival and compared
+//!   by digest, so the catalog file can be shared with operators without leaking credentials;
+//! - a catalog that loads is internally consistent: every price plan names a meter of its own
+//!   tenant, tiers ascend, currencies are known, amounts are exact decimals (never floats);
+//! - every error names the file, and where it can the tenant and the field, so the person who
+//!   edits the file can fix it from the message alone.
+//!
+//! This file holds the model and its lookups. Beside it:
+//! - `parse.rs`: catalog text (TOML or YAML) to a validated [`Catalog`], and every rule a
+//!   catalog must satisfy to load;
+//! - `file.rs`: [`Catalog::load`], reading a catalog file: the only IO in this crate;
+//! - `live.rs`: [`LiveCatalog`], the catalog a running component swaps on reload, and the rule
+//!   for which successor it accepts ([`Catalog::compatible_successor`]).
+
+mod file;
+mod live;
+mod parse;
+
+pub use live::LiveCatalog;
+
+use crate::currency;
+use crate::decimal::{deserialize_exact, deserialize_exact_opt};
+use crate::event::Event;
+use crate::json_path::JsonPath;
+use crate::reject::{RejectCode, Rejection};
+use ahash::AHashMap;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// A loaded, validated catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    units: BTreeMap<String, CustomUnit>,
+    tenants: Vec<Tenant>,
+    by_key_digest: AHashMap<[u8; 32], (usize, usize)>,
+}
+
+/// A unit of account that is not an ISO 4217 currency, e.g. prepaid `credits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomUnit {
+    /// Decimal digits kept when rounding amounts in this unit.
+    pub precision: u32,
+}
+
+/// One tenant: the isolation boundary for keys, meters, prices and data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    /// Stable identifier: lower-case letters, digits, `-` and `_`.
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Ingest rate limit; absent means unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+    #[serde(default)]
+    pub meters: Vec<Meter>,
+    #[serde(default)]
+    pub price_plans: Vec<PricePlan>,
+}
+
+/// Token-bucket limit on accepted-or-checked events per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub events_per_second: u32,
+    /// Largest burst; defaults to one second's worth.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Send usage events.
+    Ingest,
+    /// Read line items and explanations.
+    Read,
+}
+
+/// An API key, stored as the hex SHA-256 digest of the secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Label for operators (shown in logs instead of the key).
+    pub name: String,
+    /// Lower-case hex SHA-256 of the key; see [`hash_key`].
+    pub sha256: String,
+    pub scopes: BTreeSet<Scope>,
+}
+
+/// How a meter folds the values of matching events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    Sum,
+    Count,
+    Min,
+    Max,
+    Avg,
+    UniqueCount,
+    Latest,
+}
+
+impl Aggregation {
+    /// Whether the quantity reads the sum of values (`sum`, `avg`).
+    pub fn sums(self) -> bool {
+        matches!(self, Aggregation::Sum | Aggregation::Avg)
+    }
+}
+
+/// A meter: which events count and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meter {
+    /// Identifier, unique within the tenant.
+    pub key: String,
+    /// The CloudEvents `type` this meter reads.
+    pub event_type: String,
+    pub aggregation: Aggregation,
+    /// Where the value is in `data`; required for every aggregation but `count`.
+    #[serde(default)]
+    pub value: Option<JsonPath>,
+    /// Named dimensions, each a path into `data`; the line items are split by them.
+    #[serde(default)]
+    pub group_by: BTreeMap<String, JsonPath>,
+    /// Equality filters: every path must hold exactly this scalar.
+    #[serde(default, deserialize_with = "parse::deserialize_filters")]
+    pub filters: Vec<Filter>,
+    /// Tumbling window size, e.g. `1m`, `5m`, `1h`, `1d`.
+    #[serde(deserialize_with = "parse::deserialize_duration")]
+    pub window: Duration,
+    #[serde(default)]
+    pub billing_period: BillingPeriod,
+    /// Whether a negative value counts (a correction an event sends, such as a refund of
+    /// usage). Off by default: a negative value is then refused at the door
+    /// (`invalid_value`), rather than accepted and later unpriceable.
+    #[serde(default)]
+    pub allow_negative: bool,
+}
+
+/// One equality filter of a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub path: JsonPath,
+    /// The scalar's text: strings as written, numbers by their exact text, `true`/`false`.
+    pub equals: String,
+}
+
+/// The billing period: a calendar month starting on `anchor_day` in `time_zone`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingPeriod {
+    /// Day of the month the period starts on (1–28).
+    #[serde(default = "default_anchor_day")]
+    pub anchor_day: u8,
+    /// `UTC` or a fixed offset such as `+02:00`.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+fn default_anchor_day() -> u8 {
+    1
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_owned()
+}
+
+impl Default for BillingPeriod {
+    fn default() -> Self {
+        Self {
+            anchor_day: default_anchor_day(),
+            time_zone: default_time_zone(),
+        }
+    }
+}
+
+/// A versioned, effective-dated price for one meter, in one currency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricePlan {
+    /// Identifier shown on line items.
+    pub id: String,
+    /// The meter this plan prices.
+    pub meter: String,
+    /// Increases with each change of this plan.
+    pub version: u32,
+    /// First day (in the meter's billing time zone) this version is in force, `YYYY-MM-DD`.
+    #[serde(deserialize_with = "parse::deserialize_date")]
+    pub effective_from: time::Date,
+    /// ISO 4217 code or a custom unit from `[units]`.
+    pub currency: String,
+    pub model: PriceModel,
+    /// Free units per period, subtracted before the model prices the rest.
+    #[serde(default, deserialize_with = "deserialize_exact")]
+    pub included_units: Decimal,
+    /// Smallest amount charged for a period with usage.
+    #[serde(default, deserialize_with = "deserialize_exact_opt")]
+    pub minimum: Option<Decimal>,
+    /// Largest amount charged for a period.
+    #[serde(default, deserialize_with = "deserialize_exact_opt")]
+    pub maximum: Option<Decimal>,
+}
+
+/// How a period's quantity becomes an amount.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PriceModel {
+    /// Every unit at one price.
+    Unit {
+        #[serde(deserialize_with = "deserialize_exact")]
+        unit_price: Decimal,
+    },
+    /// Each tier prices the units inside it.
+    Graduated { tiers: Vec<Tier> },
+    /// All units at the tier the total falls in.
+    Volume { tiers: Vec<Tier> },
+    /// Units sold in packages of `size`, partial packages rounded up or down.
+    Package {
+        #[serde(deserialize_with = "deserialize_exact")]
+        size: Decimal,
+        #[serde(deserialize_with = "deserialize_exact")]
+        price: Decimal,
+        #[serde(default)]
+        rounding: PackageRounding,
+    },
+    /// A fee per billing period, whatever the usage.
+    Flat {
+        #[serde(deserialize_with = "deserialize_exact")]
+        fee: Decimal,
+    },
+}
+
+/// One tier; `up_to` is inclusive and absent on the last, unbounded tier.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    #[serde(default, deserialize_with = "deserialize_exact_opt")]
+    pub up_to: Option<Decimal>,
+    #[serde(default, deserialize_with = "deserialize_exact")]
+    pub unit_price: Decimal,
+    #[serde(default, deserialize_with = "deserialize_exact")]
+    pub flat_fee: Decimal,
+}
+
+/// Whether a partial package is charged as a whole one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageRounding {
+    #[default]
+    Up,
+    Down,
+}
+
+/// Hex SHA-256 of an API key, the form the catalog stores.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Catalog {
+    /// The tenant and key a plaintext API key belongs to.
+    pub fn authenticate(&self, key: &str) -> Option<(&Tenant, &ApiKey)> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let (t, k) = *self.by_key_digest.get(&digest)?;
+        let tenant = self.tenants.get(t)?;
+        Some((tenant, tenant.api_keys.get(k)?))
+    }
+
+    /// A tenant by id.
+    pub fn tenant(&self, id: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.id == id)
+    }
+
+    /// All tenants, in file order.
+    pub fn tenants(&self) -> &[Tenant] {
+        &self.tenants
+    }
+
+    /// Decimal digits amounts in `currency` are rounded to, if the unit is known.
+    pub fn precision(&self, currency: &str) -> Option<u32> {
+        currency::iso_minor_units(currency)
+            .or_else(|| self.units.get(currency).map(|u| u.precision))
+    }
+}
+
+impl Tenant {
+    /// Meters that read events of this type.
+    pub fn meters_for<'a, 'b>(
+        &'a self,
+        event_type: &'b str,
+    ) -> impl Iterator<Item = &'a Meter> + use<'a, 'b> {
+        self.meters
+            .iter()
+            .filter(move |m| m.event_type == event_type)
+    }
+
+    /// Checks that every meter that would count `event` can read the value it needs, so a bad
+    /// value is refused at the door (`invalid_value`) rather than discovered downstream. An
+    /// event no meter reads is fine here: the gateway accepts it and the aggregator keeps it on
+    /// the dead-letter topic for replay.
+    pub fn check_values(&self, event: &Event) -> Result<(), Rejection> {
+        match crate::measure::measure(self, event) {
+            Ok(_) => Ok(()),
+            Err(r) if r.code == RejectCode::NoMatchingMeter => Ok(()),
+            Err(r) => Err(r),
+        }
+    }
+}
+
+impl Meter {
+    /// Window size in milliseconds (validated: whole seconds dividing a day).
+    pub fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis()).unwrap_or(86_400_000)
+    }
+
+    /// The billing time zone's offset east of UTC in seconds (validated at load).
+    pub fn offset_secs(&self) -> i32 {
+        parse_fixed_offset(&self.billing_period.time_zone).unwrap_or(0)
+    }
+
+    /// Whether an event's `data` passes every filter of this meter.
+    pub fn passes(&self, data: &serde_json::Map<String, serde_json::Value>) -> bool {
+        self.filters.iter().all(|f| {
+            f.path
+                .lookup_in(data)
+                .and_then(scalar_text)
+                .is_some_and(|text| text == f.equals)
+        })
+    }
+}
+
+/// The text of a scalar JSON value, as filters and group keys compare it.
+pub fn scalar_text(value: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    match value {
+        serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
+        serde_json::Value::Number(n) => Some(Cow::Borrowed(n.as_str())),
+        serde_json::Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        _ => None,
+    }
+}
+/// `UTC` or `±HH:MM` as seconds east of UTC.
+pub fn parse_fixed_offset(text: &str) -> Option<i32> {
+    if text == "UTC" || text == "Z" {
+        return Some(0);
+    }
+    let (sign, rest) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if h > 14 || m > 59 {
+        return None;
+    }
+    Some(sign * (h * 3600 + m * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+[units.credits]
+precision = 4
+
+[[tenants]]
+id = "acme"
+
+[[tenants.api_keys]]
+name = "ingest"
+sha256 = "HASH"
+scopes = ["ingest"]
+
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm.completion"
+aggregation = "sum"
+value = "$.tokens"
+group_by = { model = "$.model" }
+filters = { "$.status" = "ok" }
+window = "1m"
+
+[[tenants.price_plans]]
+id = "tokens-std"
+meter = "tokens"
+version = 1
+effective_from = "2026-01-01"
+currency = "USD"
+included_units = "1000"
+model = { type = "graduated", tiers = [ { up_to = "10000", unit_price = "0.002" }, { unit_price = "0.001" } ] }
+"#;
+
+    pub(super) fn valid_text() -> String {
+        VALID.replace("HASH", &hash_key("secret-1"))
+    }
+
+    #[test]
+    fn keys_authenticate_by_digest_only() {
+        let catalog = Catalog::from_toml_str(&valid_text(), "test.toml").expect("catalog");
+        let (tenant, key) = catalog.authenticate("secret-1").expect("known key");
+        assert_eq!(tenant.id, "acme");
+        assert!(key.scopes.contains(&Scope::Ingest));
+        assert!(catalog.authenticate("secret-2").is_none());
+        assert_eq!(catalog.precision("credits"), Some(4));
+        assert_eq!(catalog.precision("JPY"), Some(0));
+    }
+
+    #[test]
+    fn filters_and_values_decide_invalid_value() {
+        let catalog = Catalog::from_toml_str(&valid_text(), "test.toml").expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let event = |data: serde_json::Value| Event {
+            tenant: "acme".into(),
+            id: "1".into(),
+            event_type: "llm.completion".into(),
+            subject: "c".into(),
+            time_ms: 0,
+            received_ms: 0,
+            source: None,
+            data: data.as_object().cloned().unwrap_or_default(),
+        };
+        let good = event(serde_json::json!({"status": "ok", "tokens": "12.5"}));
+        assert!(tenant.check_values(&good).is_ok());
+        let bad = event(serde_json::json!({"status": "ok", "tokens": "lots"}));
+        assert_eq!(
+            tenant.check_values(&bad).map_err(|r| r.code),
+            Err(RejectCode::InvalidValue)
+        );
+        // Filtered out: the meter does not read it, so its value does not matter.
+        let other = event(serde_json::json!({"status": "error", "tokens": "lots"}));
+        assert!(tenant.check_values(&other).is_ok());
+    }
+}

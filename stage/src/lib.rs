@@ -1,0 +1,301 @@
+//! The runtime every stateful stage (the aggregator, the rater) runs on, so that a stage is
+//! only its domain logic: what one message does to one partition's state ([`Stage`]).
+//!
+//! The runtime owns the rest:
+//! - the consumer ([`worker`]): static or group assignment, each partition resumed at the
+//!   offset stored with its state, batches of up to `max_batch` messages, one stage-chosen
+//!   context per batch (the catalog version), shutdown and kill;
+//! - the order of a batch's effects: outputs delivered until the broker acknowledged every
+//!   one (`acks=all`), then the state written with the next offset in one atomic write
+//!   ([`Store::write`]), then the group offset committed for lag graphs only. A crash in
+//!   between replays the batch, which re-emits the same outputs, never fewer;
+//! - partition stores ([`store`]): directory, RocksDB tuning, owner lock, offset encoding,
+//!   compaction expiry, disk usage;
+//! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
+//!   headers for every stage;
+//! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge, and
+//!   crash points for tests ([`CrashPoint`]).
+
+pub mod error;
+mod rebalance;
+pub mod store;
+mod worker;
+
+pub use error::{Error, Result};
+pub use neruba_kafka::health::ConsumerHealth;
+pub use store::{Store, StoreOptions, partition_dir, stored_offset};
+pub use worker::WorkerSlice;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use rocksdb::Cache;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A stage's domain logic. The runtime calls it from one worker thread at a time.
+pub trait Stage: Send + 'static {
+    /// Names the stage's Kafka clients (`neruba-{NAME}`), its health series and its logs.
+    const NAME: &'static str;
+    /// The gauge of partitions this process owns.
+    const ASSIGNED_PARTITIONS_METRIC: &'static str;
+    /// librdkafka settings the stage's consumer adds to the runtime's.
+    const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[];
+    /// How long the output producer waits to fill a batch. 0 suits a stage that awaits every
+    /// batch's acknowledgements before going on.
+    const LINGER_MS: u32 = 0;
+
+    /// One input partition's state; it owns the partition's [`Store`].
+    type Partition: Partition;
+    /// What a stage emits.
+    type Output: AsDeadLetter + Send + 'static;
+    /// What one batch reads once (e.g. the catalog version it is applied under).
+    type Batch;
+
+    /// How the stage's partition stores are tuned.
+    fn store_options(&self) -> StoreOptions;
+
+    /// Called once with the worker's output producer before anything is consumed (to read
+    /// the output topics' metadata, say).
+    fn connected(&mut self, _producer: &FutureProducer) -> Result<()> {
+        Ok(())
+    }
+
+    /// The state of a partition from its freshly opened store.
+    fn open(&mut self, store: Store) -> Result<Self::Partition>;
+
+    /// What the next batch is applied under.
+    fn begin_batch(&mut self) -> Self::Batch;
+
+    /// Applies one message of the partition. Bad input becomes a dead letter; only failures
+    /// of what the stage runs on are errors. Must record the offset ([`Store::consumed`]).
+    fn apply(
+        &mut self,
+        batch: &Self::Batch,
+        partition: &mut Self::Partition,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<()>;
+
+    /// Called for every owned partition after each poll, before delivery (idle work such as
+    /// watermark ticks).
+    fn after_poll(&mut self, _partition: &mut Self::Partition, _now_ms: i64) {}
+
+    /// The partition's outputs since the last call, in order, to be delivered before
+    /// [`Partition::commit`]; the stage publishes the batch's counts here.
+    fn take_outputs(&mut self, partition: &mut Self::Partition) -> Vec<Self::Output>;
+
+    /// Enqueues one output that is not a dead letter (the runtime writes those).
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        output: &Self::Output,
+    ) -> Result<DeliveryFuture, KafkaError>;
+
+    /// Called once every output of a batch was acknowledged.
+    fn delivered(&mut self) {}
+
+    /// Publishes per-partition gauges, about once a second.
+    fn gauges(&self, _partition: &Self::Partition, _now_ms: i64) {}
+}
+
+/// What the runtime needs of a partition's state.
+pub trait Partition: Send + 'static {
+    /// The partition's store.
+    fn store(&self) -> &Store;
+
+    /// Writes what the batch changed, with the next offset, in one [`Store::write`].
+    fn commit(&mut self) -> Result<()>;
+}
+
+/// An output that is a refused input, for the dead-letter topic.
+pub trait AsDeadLetter {
+    /// The dead letter, if this output is one.
+    fn dead_letter(&self) -> Option<&DeadLetter>;
+}
+
+/// A message a stage refused: written to the dead-letter topic with its stable code, message,
+/// and the topic and offset it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub code: &'static str,
+    pub message: String,
+    pub offset: i64,
+}
+
+/// Where an injected crash stops a stage (tests only; never set in production).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after applying this many messages, mid-batch: nothing of the batch is delivered
+    /// or written.
+    AfterMessages(u64),
+    /// After the batch that reaches this many messages delivered its outputs, before its
+    /// state is written: the restart must re-emit identical outputs, not different ones.
+    BeforeWrite(u64),
+}
+
+/// What every stateful stage is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub group_id: String,
+    /// Static group membership (`group.instance.id`), so a restarted pod takes its partitions
+    /// back at once instead of waiting for the broker to expire its old session.
+    pub instance_id: Option<String>,
+    /// Static partition assignment instead of the consumer group's (see
+    /// [`neruba_schemas::topics::Assignment`]).
+    pub assignment: Option<neruba_schemas::topics::Assignment>,
+    /// The topic the stage consumes.
+    pub input_topic: String,
+    pub dead_letter_topic: String,
+    /// One RocksDB directory per assigned input partition is created under this.
+    pub state_dir: PathBuf,
+    /// Most messages applied before a batch is delivered and written.
+    pub max_batch: usize,
+    /// RocksDB block cache of the process, bytes (workers share it out).
+    pub block_cache_bytes: usize,
+    /// librdkafka pass-through settings (SASL, TLS, tuning).
+    pub kafka_options: Vec<(String, String)>,
+    /// `/readyz` turns false when a partition is behind and its position has not moved for
+    /// this long.
+    pub stuck_after: Duration,
+    /// Consumer threads in this process, each owning its own partitions (as separate
+    /// instances would): use the cores of a pod.
+    pub workers: usize,
+    /// Fault injection for crash tests.
+    pub crash: Option<CrashPoint>,
+}
+
+impl Config {
+    /// Defaults for everything but where the brokers, the input and the state are.
+    pub fn new(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        input_topic: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            instance_id: None,
+            assignment: None,
+            input_topic: input_topic.into(),
+            dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),
+            state_dir: state_dir.into(),
+            max_batch: 5_000,
+            block_cache_bytes: 64 * 1024 * 1024,
+            kafka_options: Vec::new(),
+            stuck_after: Duration::from_secs(60),
+            workers: 1,
+            crash: None,
+        }
+    }
+}
+
+/// A started stage.
+#[derive(Debug)]
+pub struct Running {
+    tasks: Vec<JoinHandle<Result<()>>>,
+    kill: Arc<AtomicBool>,
+    health: Arc<ConsumerHealth>,
+}
+
+impl Running {
+    /// Lag and readiness, for `/readyz`.
+    pub fn health(&self) -> Arc<ConsumerHealth> {
+        self.health.clone()
+    }
+
+    /// Waits until every worker stopped; the first error, if any.
+    pub async fn wait(self) -> Result<()> {
+        let mut result = Ok(());
+        for task in self.tasks {
+            let stopped = task.await?;
+            if result.is_ok() {
+                result = stopped;
+            }
+        }
+        result
+    }
+
+    /// Stops at once without writing the pending batch, as a crash would (for tests): the
+    /// next start must replay from the stored offsets.
+    pub async fn kill(self) -> Result<()> {
+        self.kill.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            match task.await? {
+                Ok(()) | Err(Error::Kafka(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts `config.workers` workers, each with the stage `make` builds for its slice of the
+/// partitions; returns at once. Blocking (it waits for broker metadata).
+pub fn start<S: Stage>(
+    config: Config,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+    mut make: impl FnMut(WorkerSlice) -> Result<S>,
+) -> Result<Running> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let health = ConsumerHealth::new(S::NAME, &config.input_topic, config.stuck_after, registry)?;
+    health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
+    let assigned = prometheus::IntGauge::new(
+        S::ASSIGNED_PARTITIONS_METRIC,
+        "Partitions this instance owns now.",
+    )?;
+    registry.register(Box::new(assigned.clone()))?;
+    let kill = Arc::new(AtomicBool::new(false));
+    let count = config.workers.max(1);
+    // One cache for the process: workers whose partitions are busier use more of it.
+    let cache = Cache::new_lru_cache(config.block_cache_bytes);
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let slice = WorkerSlice { index, count };
+        let mut worker_config = config.clone();
+        if count > 1 {
+            worker_config.instance_id = config
+                .instance_id
+                .as_ref()
+                .map(|id| format!("{id}-w{index}"));
+        }
+        let worker = worker::Worker::new(
+            make(slice)?,
+            worker::Parts {
+                config: worker_config,
+                slice,
+                cache: cache.clone(),
+                health: health.clone(),
+                assigned: assigned.clone(),
+                shutdown: shutdown.clone(),
+                kill: kill.clone(),
+            },
+        )?;
+        // One process, one fate: a worker that fails stops the others (they write their
+        // state), and `wait` reports the failure.
+        let stop = shutdown.clone();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let result = worker.run();
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
+        }));
+    }
+    Ok(Running {
+        tasks,
+        kill,
+        health,
+    })
+}

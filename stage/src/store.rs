@@ -1,0 +1,320 @@
+//! The partition store shell: one RocksDB database per input partition, which a stage fills
+//! with its own records and which keeps the next offset to consume beside them.
+//!
+//! Invariants:
+//! - the next offset is written in the same `WriteBatch` as the records of the batch that
+//!   reached it ([`Store::write`]), so a restart resumes exactly after the last applied
+//!   message;
+//! - one owner at a time: opening takes an advisory lock on the directory
+//!   (`NERUBA-OWNER`, held until the store is dropped, after the database is closed) and
+//!   waits up to [`OWNER_WAIT`] for a previous owner to let go, so a partition moving between
+//!   workers or processes on one volume is never opened twice;
+//! - the offset has one encoding, big-endian `i64`, under [`OFFSET_KEY`]. State written by
+//!   aggregators before the runtime was shared holds it sign-flipped (as its times are); the
+//!   two cannot be confused because an offset is never negative, so the top bit says which,
+//!   and the next write stores the plain form (a one-time migration, see
+//!   [`decode_offset`]).
+//!
+//! The WAL is written on every batch and not fsynced: a killed process loses nothing (the OS
+//! holds the pages); only a power loss can lose a tail, which is then replayed from Kafka.
+
+use crate::{Error, Result};
+use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The key of the next offset to consume. Its first four bytes are a zero length, an empty
+/// tenant, which no stage's record key starts with.
+pub const OFFSET_KEY: &[u8] = b"\0\0\0\0Moffset";
+
+/// How long opening waits for a previous owner to release a partition's state: waiting
+/// briefly beats replaying the partition from scratch elsewhere.
+pub const OWNER_WAIT: Duration = Duration::from_secs(5);
+
+/// The file whose advisory lock marks the owner of a partition's state.
+const OWNER_FILE: &str = "NERUBA-OWNER";
+
+/// Whether compaction may drop the entry `(key, value)` at wall time `now_ms`.
+pub type Expiry = dyn Fn(&[u8], &[u8], i64) -> bool + Send + Sync;
+
+/// How a stage's partition stores are tuned.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Size of one memtable.
+    pub write_buffer_bytes: usize,
+    /// Memtables kept before writes stall (RocksDB's default when `None`).
+    pub max_write_buffers: Option<i32>,
+    /// A whole-key bloom filter on the memtable, for stages whose reads mostly miss (dedup).
+    pub memtable_bloom: bool,
+    /// Expiry without a scan: compaction drops what this says is past retention. The stored
+    /// offset is never offered to it.
+    pub expiry: Option<Arc<Expiry>>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("write_buffer_bytes", &self.write_buffer_bytes)
+            .field("max_write_buffers", &self.max_write_buffers)
+            .field("memtable_bloom", &self.memtable_bloom)
+            .field("expiry", &self.expiry.is_some())
+            .finish()
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            write_buffer_bytes: 8 * 1024 * 1024,
+            max_write_buffers: None,
+            memtable_bloom: false,
+            expiry: None,
+        }
+    }
+}
+
+impl StoreOptions {
+    fn rocksdb(&self, cache: &Cache) -> Options {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_write_buffer_size(self.write_buffer_bytes);
+        if let Some(n) = self.max_write_buffers {
+            opts.set_max_write_buffer_number(n);
+        }
+        if self.memtable_bloom {
+            opts.set_memtable_prefix_bloom_ratio(0.1);
+            opts.set_memtable_whole_key_filtering(true);
+        }
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(cache);
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        if let Some(expiry) = self.expiry.clone() {
+            opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
+                if key != OFFSET_KEY && expiry(key, value, neruba_schemas::event::now_ms()) {
+                    rocksdb::compaction_filter::Decision::Remove
+                } else {
+                    rocksdb::compaction_filter::Decision::Keep
+                }
+            });
+        }
+        opts
+    }
+}
+
+/// The directory of one partition's state under a stage's state root.
+pub fn partition_dir(root: &Path, topic: &str, partition: i32) -> PathBuf {
+    root.join(format!("{topic}-{partition}"))
+}
+
+/// Reads a stored offset: big-endian, or sign-flipped as aggregators stored it before the
+/// runtime was shared (top bit set; a real offset never has it).
+pub fn decode_offset(bytes: &[u8]) -> Option<i64> {
+    let raw = u64::from_be_bytes(bytes.try_into().ok()?);
+    let plain = if raw >> 63 == 1 { raw ^ (1 << 63) } else { raw };
+    i64::try_from(plain).ok()
+}
+
+/// One partition's state: the database, its owner lock and the next offset.
+pub struct Store {
+    partition: i32,
+    // Dropped before `_owner`: the database is closed before another owner may open it.
+    db: DB,
+    _owner: File,
+    next_offset: Option<i64>,
+    /// The next offset changed since the last write.
+    advanced: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("partition", &self.partition)
+            .field("next_offset", &self.next_offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the state of `partition` in `dir`, waiting up to [`OWNER_WAIT`] for
+    /// a previous owner to release it.
+    pub fn open(dir: &Path, partition: i32, options: &StoreOptions, cache: &Cache) -> Result<Self> {
+        let state_dir = |source| Error::StateDir {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(state_dir)?;
+        let owner = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(OWNER_FILE))
+            .map_err(state_dir)?;
+        let mut waited = Duration::ZERO;
+        loop {
+            match owner.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if waited < OWNER_WAIT => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    waited += Duration::from_millis(100);
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::Busy {
+                        dir: dir.to_owned(),
+                        waited,
+                    });
+                }
+                Err(TryLockError::Error(e)) => return Err(state_dir(e)),
+            }
+        }
+        let db = DB::open(&options.rocksdb(cache), dir)?;
+        let next_offset = match db.get(OFFSET_KEY)? {
+            None => None,
+            Some(bytes) => Some(
+                decode_offset(&bytes)
+                    .ok_or_else(|| Error::corrupt("stored offset", "not 8 bytes"))?,
+            ),
+        };
+        Ok(Self {
+            partition,
+            db,
+            _owner: owner,
+            next_offset,
+            advanced: false,
+        })
+    }
+
+    /// The input partition this state belongs to.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The next offset to consume, if any message was ever applied.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next_offset
+    }
+
+    /// Records that the message at `offset` was applied: the next write stores `offset + 1`.
+    pub fn consumed(&mut self, offset: i64) {
+        self.next_offset = Some(offset.saturating_add(1));
+        self.advanced = true;
+    }
+
+    /// The database, for reads. Writes go through [`Self::write`].
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Writes `batch` with the next offset, atomically; nothing when neither changed.
+    pub fn write(&mut self, mut batch: WriteBatch) -> Result<()> {
+        if batch.is_empty() && !self.advanced {
+            return Ok(());
+        }
+        if let Some(next) = self.next_offset {
+            batch.put(OFFSET_KEY, next.to_be_bytes());
+        }
+        self.db.write_opt(batch, &WriteOptions::default())?;
+        self.advanced = false;
+        Ok(())
+    }
+
+    /// Approximate on-disk size and pending compaction bytes, for metrics.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (
+            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
+            prop("rocksdb.estimate-pending-compaction-bytes"),
+        )
+    }
+}
+
+/// The next offset stored in the partition state at `dir`, read without taking the lock
+/// (for operators and tests; the owner may be running).
+pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
+    let db = DB::open_for_read_only(&Options::default(), dir, false)?;
+    match db.get(OFFSET_KEY)? {
+        None => Ok(None),
+        Some(bytes) => decode_offset(&bytes)
+            .map(Some)
+            .ok_or_else(|| Error::corrupt("stored offset", "not 8 bytes")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Cache {
+        Cache::new_lru_cache(1 << 20)
+    }
+
+    #[test]
+    fn offsets_stored_sign_flipped_by_older_aggregators_read_the_same_and_are_rewritten_plain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for offset in [0_i64, 1, 4_242, i64::MAX - 1] {
+            let legacy = (offset.cast_unsigned() ^ (1 << 63)).to_be_bytes();
+            assert_eq!(decode_offset(&legacy), Some(offset));
+            assert_eq!(decode_offset(&offset.to_be_bytes()), Some(offset));
+        }
+        {
+            let db = DB::open_default(dir.path()).expect("open");
+            let legacy = (41_i64.cast_unsigned() ^ (1 << 63)).to_be_bytes();
+            db.put(OFFSET_KEY, legacy).expect("put");
+        }
+        let mut store =
+            Store::open(dir.path(), 3, &StoreOptions::default(), &cache()).expect("open");
+        assert_eq!(store.next_offset(), Some(41));
+        store.consumed(41);
+        store.write(WriteBatch::default()).expect("write");
+        let stored = store.db().get(OFFSET_KEY).expect("get");
+        assert_eq!(stored.as_deref(), Some(&42_i64.to_be_bytes()[..]));
+        drop(store);
+        assert_eq!(stored_offset(dir.path()).expect("read"), Some(42));
+    }
+
+    #[test]
+    fn a_second_owner_waits_for_the_first_and_then_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path(), 0, &StoreOptions::default(), &cache()).expect("open");
+        let path = dir.path().to_owned();
+        let second = std::thread::spawn(move || {
+            Store::open(&path, 0, &StoreOptions::default(), &cache()).map(|s| s.partition())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        drop(first);
+        assert_eq!(second.join().ok().and_then(Result::ok), Some(0));
+    }
+
+    #[test]
+    fn an_owner_that_never_lets_go_is_a_retryable_busy_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Store::open(dir.path(), 0, &StoreOptions::default(), &cache()).expect("open");
+        let Err(second) = Store::open(dir.path(), 0, &StoreOptions::default(), &cache()) else {
+            panic!("opened a store another owner holds");
+        };
+        assert!(matches!(second, Error::Busy { .. }), "{second}");
+        assert!(second.is_retryable());
+    }
+
+    #[test]
+    fn the_stored_offset_is_never_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            expiry: Some(Arc::new(|_key: &[u8], _value: &[u8], _now: i64| true)),
+            ..StoreOptions::default()
+        };
+        let mut store = Store::open(dir.path(), 0, &options, &cache()).expect("open");
+        let mut batch = WriteBatch::default();
+        batch.put(b"\0\0\0\x01ar", b"x");
+        store.consumed(9);
+        store.write(batch).expect("write");
+        store.db().compact_range::<&[u8], &[u8]>(None, None);
+        assert_eq!(store.db().get(b"\0\0\0\x01ar").expect("get"), None);
+        assert_eq!(store.next_offset(), Some(10));
+        drop(store);
+        assert_eq!(stored_offset(dir.path()).expect("read"), Some(10));
+    }
+}

@@ -1,0 +1,404 @@
+//! The consumer loop of a stage: poll a batch, apply it to the partitions' state, deliver the
+//! outputs, write the state. Runs on one blocking thread per worker.
+//!
+//! Invariants:
+//! - on assignment each partition resumes at the offset stored with its state;
+//! - on revocation and on shutdown the pending batch is delivered and written before the
+//!   partition is let go, so the next owner resumes exactly there;
+//! - nothing of a batch is written before its outputs were acknowledged (`acks=all`);
+//! - a killed worker (a crash, in tests) writes nothing more.
+
+use crate::rebalance::{PartitionStates, Rebalance};
+use crate::{
+    AsDeadLetter, Config, ConsumerHealth, CrashPoint, DeadLetter, Error, Partition, Result, Stage,
+    Store,
+};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use rocksdb::Cache;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Which of a process's workers this is: with static assignment, worker `index` of `count`
+/// takes the `index`-th of `count` contiguous ranges of the assignment, as the group's range
+/// assignor would.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSlice {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl WorkerSlice {
+    fn of(self, partitions: Vec<i32>) -> Vec<i32> {
+        let count = self.count.max(1);
+        let (base, extra) = (partitions.len() / count, partitions.len() % count);
+        let start = self.index * base + self.index.min(extra);
+        let len = base + usize::from(self.index < extra);
+        partitions.into_iter().skip(start).take(len).collect()
+    }
+}
+
+/// What a worker is built from besides its stage.
+pub(crate) struct Parts {
+    pub(crate) config: Config,
+    pub(crate) slice: WorkerSlice,
+    pub(crate) cache: Cache,
+    pub(crate) health: Arc<ConsumerHealth>,
+    pub(crate) assigned: prometheus::IntGauge,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) kill: Arc<AtomicBool>,
+}
+
+/// What the loop and the rebalance callback share.
+struct Shared<S: Stage> {
+    stage: S,
+    partitions: HashMap<i32, S::Partition>,
+    config: Config,
+    cache: Cache,
+    producer: neruba_kafka::Recoverable,
+    /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
+    stop: CancellationToken,
+    /// A failure inside a rebalance callback, surfaced by the loop.
+    fatal: Option<Error>,
+    health: Arc<ConsumerHealth>,
+    /// Kafka timestamp of the last message applied, per partition (for lag in seconds).
+    last_timestamp_ms: HashMap<i32, i64>,
+    assigned: prometheus::IntGauge,
+    /// This worker's share of the assigned gauge (workers of a process add up).
+    published_assigned: i64,
+}
+
+type Context<S> = Rebalance<Shared<S>>;
+
+impl<S: Stage> Shared<S> {
+    fn open_partition(&mut self, partition: i32) -> Result<Option<i64>> {
+        if let Some(state) = self.partitions.get(&partition) {
+            return Ok(state.store().next_offset());
+        }
+        let dir = crate::partition_dir(&self.config.state_dir, &self.config.input_topic, partition);
+        let store = Store::open(&dir, partition, &self.stage.store_options(), &self.cache)?;
+        let state = self.stage.open(store)?;
+        let next = state.store().next_offset();
+        tracing::info!(stage = S::NAME, partition, next_offset = ?next, "Partition state opened.");
+        self.partitions.insert(partition, state);
+        Ok(next)
+    }
+
+    /// Delivers every pending output, then writes each partition's batch. With
+    /// `crash_before_write`, stops after delivering, as `kill -9` between the two would.
+    fn finish_batch(
+        &mut self,
+        consumer: &BaseConsumer<Context<S>>,
+        crash_before_write: bool,
+    ) -> Result<()> {
+        let mut outputs = Vec::new();
+        for state in self.partitions.values_mut() {
+            outputs.extend(self.stage.take_outputs(state));
+        }
+        if !outputs.is_empty() {
+            let stop = self.stop.clone();
+            neruba_kafka::deliver_until_acked(
+                &self.producer,
+                |producer| self.send(producer, &outputs),
+                &|| stop.is_cancelled(),
+            )?;
+            self.stage.delivered();
+        }
+        if crash_before_write {
+            return Ok(());
+        }
+        let mut committed = TopicPartitionList::new();
+        for state in self.partitions.values_mut() {
+            if let Err(e) = state.commit() {
+                self.health.store_failed(&e.to_string());
+                return Err(e);
+            }
+            if let Some(next) = state.store().next_offset() {
+                committed.add_partition_offset(
+                    &self.config.input_topic,
+                    state.store().partition(),
+                    Offset::Offset(next),
+                )?;
+            }
+        }
+        if committed.count() > 0
+            && let Err(e) = consumer.commit(&committed, CommitMode::Async)
+        {
+            // For lag graphs only; correctness rests on the offsets in the stores.
+            tracing::debug!(error = %e, "Group offset commit failed; lag graphs may lag.");
+        }
+        Ok(())
+    }
+
+    /// Enqueues every output; the caller awaits the acknowledgements.
+    fn send(
+        &self,
+        producer: &FutureProducer,
+        outputs: &[S::Output],
+    ) -> Vec<Result<DeliveryFuture, KafkaError>> {
+        outputs
+            .iter()
+            .map(|output| match output.dead_letter() {
+                Some(letter) => self.send_dead_letter(producer, letter),
+                None => self.stage.send(producer, output),
+            })
+            .collect()
+    }
+
+    fn send_dead_letter(
+        &self,
+        producer: &FutureProducer,
+        letter: &DeadLetter,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let headers = neruba_kafka::dead_letter_headers(
+            letter.code,
+            &letter.message,
+            &self.config.input_topic,
+            letter.offset,
+        );
+        let mut record = FutureRecord::to(&self.config.dead_letter_topic)
+            .payload(letter.payload.as_slice())
+            .headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    fn publish_gauges(&self) {
+        let now = neruba_schemas::event::now_ms();
+        for (partition, state) in &self.partitions {
+            let store = state.store();
+            self.health.observe(
+                *partition,
+                store.next_offset().unwrap_or(0),
+                self.last_timestamp_ms.get(partition).copied(),
+            );
+            let (size, pending) = store.disk_usage();
+            self.health.observe_store(*partition, size, pending);
+            self.stage.gauges(state, now);
+        }
+    }
+}
+
+impl<S: Stage> PartitionStates for Shared<S> {
+    type Error = Error;
+
+    fn open(&mut self, partition: i32) -> Result<Option<i64>> {
+        self.open_partition(partition)
+    }
+
+    fn finish(&mut self, consumer: &BaseConsumer<Context<S>>) -> Result<()> {
+        self.finish_batch(consumer, false)
+    }
+
+    fn release(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.last_timestamp_ms.remove(&partition);
+    }
+
+    fn owned_changed(&mut self) {
+        let owned = i64::try_from(self.partitions.len()).unwrap_or(0);
+        self.assigned.add(owned - self.published_assigned);
+        self.published_assigned = owned;
+    }
+
+    fn fail(&mut self, error: Error) {
+        self.fatal = Some(error);
+    }
+}
+
+/// The consumer loop and what it owns.
+pub(crate) struct Worker<S: Stage> {
+    consumer: BaseConsumer<Context<S>>,
+    shared: Arc<Mutex<Shared<S>>>,
+    shutdown: CancellationToken,
+    kill: Arc<AtomicBool>,
+    max_batch: usize,
+    crash: Option<CrashPoint>,
+}
+
+impl<S: Stage> Worker<S> {
+    pub(crate) fn new(stage: S, parts: Parts) -> Result<Self> {
+        let Parts {
+            config,
+            slice,
+            cache,
+            health,
+            assigned,
+            shutdown,
+            kill,
+        } = parts;
+        let client_id = format!("neruba-{}", S::NAME);
+        let producer = neruba_kafka::recoverable_output_producer(
+            &config.brokers,
+            &client_id,
+            S::LINGER_MS,
+            &config.kafka_options,
+        )?;
+        let mut stage = stage;
+        stage.connected(&producer.get())?;
+        let shared = Arc::new(Mutex::new(Shared {
+            stage,
+            partitions: HashMap::new(),
+            config: config.clone(),
+            cache,
+            producer,
+            stop: shutdown.clone(),
+            fatal: None,
+            health: health.clone(),
+            last_timestamp_ms: HashMap::new(),
+            assigned,
+            published_assigned: 0,
+        }));
+        let context = Rebalance::new(shared.clone(), &config.input_topic, kill.clone(), health);
+        let member = neruba_kafka::clients::StageMember {
+            brokers: &config.brokers,
+            group_id: &config.group_id,
+            client_id: &client_id,
+            instance_id: config.instance_id.as_deref(),
+        };
+        let consumer = neruba_kafka::clients::stage_consumer(
+            member,
+            S::CONSUMER_TUNING,
+            &config.kafka_options,
+            context,
+        )?;
+        match &config.assignment {
+            None => consumer.subscribe(&[&config.input_topic])?,
+            Some(assignment) => {
+                Context::<S>::assign_static(&consumer, |count| {
+                    slice.of(assignment.resolve(count))
+                })?;
+            }
+        }
+        Ok(Self {
+            consumer,
+            shared,
+            shutdown,
+            kill,
+            max_batch: config.max_batch,
+            crash: config.crash,
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Shared<S>>> {
+        self.shared.lock().map_err(|_| Error::Poisoned(S::NAME))
+    }
+
+    fn killed(&self) -> bool {
+        self.kill.load(Ordering::SeqCst)
+    }
+
+    /// Runs until shutdown (writing everything) or kill (writing nothing).
+    pub(crate) fn run(self) -> Result<()> {
+        let mut last_gauges = Instant::now();
+        let mut applied_total: u64 = 0;
+        loop {
+            if self.killed() {
+                return Ok(());
+            }
+            if self.shutdown.is_cancelled() {
+                self.lock()?.finish_batch(&self.consumer, false)?;
+                tracing::info!(stage = S::NAME, "Stopped; state written.");
+                return Ok(());
+            }
+            let batch = self.lock()?.stage.begin_batch();
+            let mut applied = 0;
+            // Partitions the batch read, with the Kafka timestamp of the last message of each.
+            let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
+            while applied < self.max_batch {
+                let wait = if applied == 0 {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                let message = match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(stage = S::NAME, error = %e, "Consumer error.");
+                        break;
+                    }
+                    Some(Ok(message)) => message,
+                };
+                if self.killed() {
+                    return Ok(());
+                }
+                let at = message.timestamp().to_millis();
+                match touched.iter_mut().find(|(p, _)| *p == message.partition()) {
+                    Some(last) => last.1 = at.or(last.1),
+                    None => touched.push((message.partition(), at)),
+                }
+                let mut guard = self.lock()?;
+                let shared = &mut *guard;
+                if let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                    shared.stage.apply(&batch, state, &message)?;
+                }
+                drop(guard);
+                applied += 1;
+                applied_total += 1;
+                if self.crash == Some(CrashPoint::AfterMessages(applied_total)) {
+                    self.kill.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
+            let mut guard = self.lock()?;
+            let shared = &mut *guard;
+            if let Some(e) = shared.fatal.take() {
+                return Err(e);
+            }
+            for (partition, at) in touched {
+                if let Some(at) = at {
+                    shared.last_timestamp_ms.insert(partition, at);
+                }
+            }
+            let now = neruba_schemas::event::now_ms();
+            for state in shared.partitions.values_mut() {
+                shared.stage.after_poll(state, now);
+            }
+            if self.killed() {
+                return Ok(());
+            }
+            let crash_now =
+                matches!(self.crash, Some(CrashPoint::BeforeWrite(n)) if applied_total >= n);
+            shared.finish_batch(&self.consumer, crash_now)?;
+            if crash_now {
+                self.kill.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(1) {
+                shared.publish_gauges();
+                last_gauges = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkerSlice;
+
+    #[test]
+    fn workers_split_a_static_assignment_into_contiguous_ranges_covering_it_once() {
+        let slices = |count: usize, partitions: Vec<i32>| -> Vec<Vec<i32>> {
+            (0..count)
+                .map(|index| WorkerSlice { index, count }.of(partitions.clone()))
+                .collect()
+        };
+        assert_eq!(
+            slices(2, (0..8).collect()),
+            [vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+        assert_eq!(
+            slices(3, (0..8).collect()),
+            [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7]]
+        );
+        assert_eq!(slices(3, vec![5]), [vec![5], vec![], vec![]]);
+        assert_eq!(slices(1, vec![2, 9]), [vec![2, 9]]);
+    }
+}
