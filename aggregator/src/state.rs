@@ -28,8 +28,8 @@
 //! data; each tenant's clock is stored under a metadata prefix too, with the offsets.
 //!
 //! Where things happen: this file is the store and the door ([`PartitionState::apply`]:
-//! decode, too-old rule, dedup, metering, then the fold); [`window`] folds measures into
-//! windows and periods and closes windows into rollups; [`watermark`] keeps each tenant's
+//! decode, too-old rule, dedup, metering, then the fold); `window` folds measures into
+//! windows and periods and closes windows into rollups; `watermark` keeps each tenant's
 //! event time, sends idle ticks and advances the watermark that closes windows.
 
 mod watermark;

@@ -11,7 +11,6 @@
 use crate::metrics::Metrics;
 use neruba_schemas::Event;
 use neruba_schemas::codec;
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -23,39 +22,16 @@ pub const TENANT_HEADER: &str = "neruba-tenant";
 /// Kafka header naming the payload encoding.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";
 
-/// Builds the gateway's producer. Every librdkafka setting the gateway relies on is here.
-///
-/// `extra` are operator pass-through settings (SASL, TLS, tuning); they are applied last but
-/// may not weaken durability: `acks` and `enable.idempotence` are refused.
+/// Builds the gateway's producer (every setting it relies on is in
+/// [`neruba_kafka::clients::gateway_producer`]). `extra` are operator pass-through settings
+/// (SASL, TLS, tuning); they may not weaken durability: `acks` and `enable.idempotence` are
+/// refused.
 pub fn build_producer(
     brokers: &str,
     delivery_timeout: Duration,
     extra: &[(String, String)],
 ) -> Result<FutureProducer, KafkaError> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("client.id", "neruba-ingest-gateway")
-        // Durability: `accepted` means every in-sync replica has the event.
-        .set("acks", "all")
-        // No duplicates or reordering from internal retries.
-        .set("enable.idempotence", "true")
-        .set("max.in.flight.requests.per.connection", "5")
-        // A produce that cannot be acknowledged in time fails, and the client gets a 503.
-        .set(
-            "message.timeout.ms",
-            delivery_timeout.as_millis().to_string(),
-        )
-        // Throughput: let librdkafka batch the events of concurrent requests.
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("compression.type", "lz4")
-        // Backpressure: a full local queue fails the enqueue instead of growing memory.
-        .set("queue.buffering.max.messages", "200000")
-        .set("queue.buffering.max.kbytes", "262144")
-        .set("partitioner", "murmur2_random");
-    neruba_kafka::apply_producer_options(&mut config, extra)?;
-    config.create()
+    neruba_kafka::clients::gateway_producer(brokers, delivery_timeout, extra)
 }
 
 /// Why an event did not reach the broker.

@@ -32,7 +32,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,23 +183,14 @@ async fn consume(
     health: &Arc<ConsumerHealth>,
     shutdown: &CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", brokers)
-        .set("group.id", &config.group_id)
-        .set("client.id", "neruba-ingest-gateway-raw")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        // A full local queue postpones the next fetch by this much (librdkafka's default of
-        // 1 s lets the queue run dry under load).
-        .set("fetch.queue.backoff.ms", "10")
-        .set("statistics.interval.ms", "1000");
-    for (key, value) in kafka_options {
-        client.set(key, value);
-    }
-    let consumer: StreamConsumer<RawContext> = client.create_with_context(RawContext {
-        health: health.clone(),
-    })?;
+    let consumer: StreamConsumer<RawContext> = neruba_kafka::clients::raw_consumer(
+        brokers,
+        &config.group_id,
+        kafka_options,
+        RawContext {
+            health: health.clone(),
+        },
+    )?;
     consumer.subscribe(&[&config.topic])?;
     tracing::info!(topic = %config.topic, "Raw-topic ingest consuming.");
     // Per partition: the next offset to handle and the timestamp of the last message handled.

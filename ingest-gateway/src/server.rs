@@ -13,7 +13,7 @@
 //!
 //! Mechanism: hyper's own header timeout also runs while a keep-alive connection waits for its
 //! next request, so it cannot give header and idle limits different values. Instead each
-//! connection has a [`Clock`]: its socket marks the first byte of a request head, the service
+//! connection has a `Clock`: its socket marks the first byte of a request head, the service
 //! marks the start and end of each request, and a supervisor beside the connection closes it
 //! when the deadline of its current state passes.
 

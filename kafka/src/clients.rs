@@ -6,10 +6,11 @@
 //! ([`apply_producer_options`]).
 
 use crate::Recoverable;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::time::Duration;
 
 /// Settings every Neruba producer relies on for durability: what it answers or writes after
 /// an acknowledgement is in every in-sync replica (`acks=all`), once and in order
@@ -182,6 +183,83 @@ pub fn stage_consumer<C: ConsumerContext>(
         client.set(key, value);
     }
     client.create_with_context(context)
+}
+
+/// The consumer of the gateway's raw-topic ingest: a consumer group that commits each batch
+/// only once its events were acknowledged on the events topic (no auto-commit).
+pub fn raw_consumer<C: ConsumerContext + 'static>(
+    brokers: &str,
+    group_id: &str,
+    kafka_options: &[(String, String)],
+    context: C,
+) -> Result<StreamConsumer<C>, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("client.id", "neruba-ingest-gateway-raw")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // A full local queue postpones the next fetch by this much (librdkafka's default of
+        // 1 s lets the queue run dry under load).
+        .set("fetch.queue.backoff.ms", "10")
+        // Statistics feed the lag gauges (partition high watermarks).
+        .set("statistics.interval.ms", "1000");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    client.create_with_context(context)
+}
+
+/// A client that only asks the broker for metadata (readiness probes).
+pub fn metadata_probe(
+    brokers: &str,
+    kafka_options: &[(String, String)],
+) -> Result<BaseConsumer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "neruba-probe");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    client.create()
+}
+
+/// A reader of a whole topic from its beginning, outside any consumer group's work (a tail
+/// for operators, a check in the demo): every partition assigned at its first offset, nothing
+/// committed. Blocking: it waits up to `timeout` for the topic's metadata.
+pub fn topic_reader(
+    brokers: &str,
+    client_id: &str,
+    topic: &str,
+    kafka_options: &[(String, String)],
+    timeout: Duration,
+) -> Result<BaseConsumer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        // Required by librdkafka for a consumer; no offset is ever committed under it.
+        .set("group.id", client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        if let Some(e) = t.error() {
+            return Err(KafkaError::MetadataFetch(e.into()));
+        }
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 #[cfg(test)]

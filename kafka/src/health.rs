@@ -6,7 +6,6 @@
 //! `stuck_after`.
 
 use prometheus::{IntGaugeVec, Opts, Registry};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,12 +230,8 @@ impl ConsumerHealth {
         kafka_options: &[(String, String)],
         shutdown: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, rdkafka::error::KafkaError> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", brokers);
-        for (key, value) in kafka_options {
-            client.set(key, value);
-        }
-        let probe: Arc<BaseConsumer> = Arc::new(client.create()?);
+        let probe: Arc<BaseConsumer> =
+            Arc::new(crate::clients::metadata_probe(brokers, kafka_options)?);
         let health = self.clone();
         Ok(tokio::spawn(async move {
             loop {

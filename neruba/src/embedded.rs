@@ -5,13 +5,11 @@
 //! The cluster lives as long as [`EmbeddedKafka`]; it is not `Send`, so keep it on the task
 //! that created it.
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
 /// A running mock cluster and its bootstrap address.
@@ -65,20 +63,13 @@ pub fn read_topic(
     settle: Duration,
     deadline: Duration,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "neruba-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
+    let consumer = neruba_kafka::clients::topic_reader(
+        bootstrap,
+        "neruba-reader",
+        topic,
+        &[],
+        Duration::from_secs(5),
+    )?;
     let started = Instant::now();
     let mut last_message = Instant::now();
     let mut messages = Vec::new();

@@ -7,8 +7,8 @@
 
 use ahash::AHashMap as HashMap;
 use neruba_schemas::ledger::LineItem;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use rdkafka::Message;
 use std::io::Write;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -26,29 +26,20 @@ pub struct TailCounts {
 /// until `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
 pub fn tail(
     brokers: &str,
+    kafka_options: &[(String, String)],
     topic: &str,
     tenant: Option<&str>,
     exit_when_idle: Option<Duration>,
     shutdown: &CancellationToken,
     out: &mut dyn Write,
 ) -> anyhow::Result<TailCounts> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "neruba-ledger-tail")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        if let Some(e) = t.error() {
-            anyhow::bail!("topic `{topic}`: {e:?}");
-        }
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
+    let consumer = neruba_kafka::clients::topic_reader(
+        brokers,
+        "neruba-ledger-tail",
+        topic,
+        kafka_options,
+        Duration::from_secs(10),
+    )?;
     // Each printed item by id, to tell a faithful repeat from a conflicting one.
     let mut seen: HashMap<String, LineItem> = HashMap::default();
     let mut counts = TailCounts::default();

@@ -2,7 +2,7 @@
 //! only its domain logic: what one message does to one partition's state ([`Stage`]).
 //!
 //! The runtime owns the rest:
-//! - the consumer ([`worker`]): static or group assignment, each partition resumed at the
+//! - the consumer (`worker`): static or group assignment, each partition resumed at the
 //!   offset stored with its state, batches of up to `max_batch` messages, one stage-chosen
 //!   context per batch (the catalog version), shutdown and kill;
 //! - the order of a batch's effects: outputs delivered until the broker acknowledged every

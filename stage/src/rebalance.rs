@@ -49,7 +49,7 @@ pub(crate) struct Rebalance<S> {
 
 impl<S> Rebalance<S> {
     /// `kill` set means the stage is dying as a crash would: revoked batches are not written.
-    pub fn new(
+    pub(crate) fn new(
         states: Arc<Mutex<S>>,
         topic: impl Into<String>,
         kill: Arc<AtomicBool>,
@@ -68,7 +68,7 @@ impl<S: PartitionStates> Rebalance<S> {
     /// Static assignment, without group coordination: opens the state of the partitions
     /// `choose` picks out of the topic's partition count, and assigns each at its stored
     /// offset.
-    pub fn assign_static(
+    pub(crate) fn assign_static(
         consumer: &BaseConsumer<Self>,
         choose: impl FnOnce(i32) -> Vec<i32>,
     ) -> Result<(), S::Error> {

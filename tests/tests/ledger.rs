@@ -360,6 +360,7 @@ async fn http_to_ledger_is_exact_with_duplicates_and_a_late_adjustment_and_repla
         let mut out = Vec::new();
         let counts = neruba::ledger::tail(
             &bootstrap,
+            &[],
             "ledger-live",
             Some("acme"),
             Some(Duration::from_millis(700)),

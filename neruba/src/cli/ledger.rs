@@ -27,6 +27,9 @@ pub(crate) struct TailArgs {
     /// Stop once no item arrived for this long (default: follow until interrupted).
     #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     pub(crate) exit_when_idle: Option<Duration>,
+    /// Extra librdkafka setting `key=value` (SASL, TLS); repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = super::parse_key_value)]
+    pub(crate) kafka_opts: Vec<(String, String)>,
 }
 
 /// Runs a ledger command.
@@ -36,6 +39,7 @@ pub(crate) async fn run(command: LedgerCommand, shutdown: CancellationToken) -> 
     tokio::task::spawn_blocking(move || {
         neruba::ledger::tail(
             &args.brokers,
+            &args.kafka_opts,
             &args.ledger_topic,
             args.tenant.as_deref(),
             args.exit_when_idle,

@@ -14,13 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound, then released for the child to take).
-pub fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
 /// Where the tansu binary is: `NERUBA_TANSU`, else the cache `scripts/prereqs.sh` fills.
-pub fn tansu_binary() -> Result<PathBuf> {
+pub(crate) fn tansu_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("NERUBA_TANSU") {
         return Ok(PathBuf::from(path));
     }
@@ -36,7 +36,7 @@ pub fn tansu_binary() -> Result<PathBuf> {
 }
 
 /// A child process that is killed when dropped.
-pub struct Proc {
+pub(crate) struct Proc {
     pub name: String,
     program: PathBuf,
     args: Vec<String>,
@@ -46,7 +46,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn new(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
+    pub(crate) fn new(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
         Self {
             name: name.to_owned(),
             program: program.to_path_buf(),
@@ -57,7 +57,7 @@ impl Proc {
         }
     }
 
-    pub fn start(&mut self) -> Result<()> {
+    pub(crate) fn start(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -76,7 +76,7 @@ impl Proc {
     }
 
     /// SIGKILL: no chance to clean up.
-    pub fn kill(&mut self) -> Result<()> {
+    pub(crate) fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;
@@ -85,7 +85,7 @@ impl Proc {
     }
 
     /// SIGTERM, then waits up to `patience` for a clean exit; returns its success.
-    pub fn terminate(&mut self, patience: Duration) -> Result<bool> {
+    pub(crate) fn terminate(&mut self, patience: Duration) -> Result<bool> {
         if self.child.is_none() {
             return Ok(true);
         }
@@ -106,7 +106,7 @@ impl Proc {
     }
 
     /// Sends `signal` (a `kill` name such as `STOP` or `CONT`) to the running process.
-    pub fn signal(&self, signal: &str) -> Result<()> {
+    pub(crate) fn signal(&self, signal: &str) -> Result<()> {
         let Some(child) = &self.child else {
             bail!("{} is not running", self.name);
         };
@@ -120,14 +120,14 @@ impl Proc {
     }
 
     /// Whether it is still running (a component that exits on its own is a finding).
-    pub fn running(&mut self) -> bool {
+    pub(crate) fn running(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
     }
 
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
@@ -141,13 +141,13 @@ impl Drop for Proc {
 }
 
 /// A tansu broker process with in-memory storage.
-pub struct Broker {
+pub(crate) struct Broker {
     pub bootstrap: String,
     pub process: Proc,
 }
 
 impl Broker {
-    pub fn start(log_dir: &Path) -> Result<Self> {
+    pub(crate) fn start(log_dir: &Path) -> Result<Self> {
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
         let args = vec![
@@ -192,7 +192,7 @@ impl Broker {
     }
 
     /// Creates `(name, partitions)` topics.
-    pub async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
+    pub(crate) async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()?;
@@ -212,7 +212,7 @@ impl Broker {
 /// `neruba dev` (the whole pipeline on its embedded broker) as a process on a free loopback
 /// port, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
 /// its HTTP listener answers, with its base URL.
-pub async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String)> {
+pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String)> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let mut args: Vec<String> = [
         "dev",
@@ -247,7 +247,7 @@ pub async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String)> {
 }
 
 /// The text of `{base}/metrics`.
-pub async fn scrape(client: &reqwest::Client, base: &str) -> Result<String> {
+pub(crate) async fn scrape(client: &reqwest::Client, base: &str) -> Result<String> {
     Ok(client
         .get(format!("{base}/metrics"))
         .send()
