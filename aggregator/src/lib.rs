@@ -39,16 +39,10 @@ pub struct Config {
 impl Config {
     /// Defaults from the SPEC for everything but where the brokers and the state are.
     pub fn new(brokers: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
-        let mut stage = neruba_stage::Config::new(
-            brokers,
-            "neruba-aggregator",
-            neruba_schemas::topics::EVENTS,
-            state_dir,
-        );
-        stage.max_batch = 5_000;
-        stage.block_cache_bytes = 64 * 1024 * 1024;
+        let input = neruba_schemas::topics::EVENTS;
         Self {
-            stage,
+            stage: neruba_stage::Config::new(brokers, "neruba-aggregator", input, state_dir)
+                .sized(5_000, 64 * 1024 * 1024),
             rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
             timing: state::Timing {
                 grace_ms: 10_000,

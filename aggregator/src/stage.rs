@@ -6,13 +6,13 @@
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState, Timing};
 use crate::{Config, Result};
-use neruba_schemas::topics::{WATERMARK_HEADER, WATERMARK_TENANT_HEADER, stable_partition};
+use neruba_schemas::topics::{WATERMARK_HEADER, WATERMARK_TENANT_HEADER};
 use neruba_schemas::{Catalog, LiveCatalog};
-use neruba_stage::{Store, StoreOptions};
+use neruba_stage::{Input, Sink, Store, StoreOptions};
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,17 +27,6 @@ pub(crate) struct Aggregator {
     pub(crate) idle_timeout: Duration,
     pub(crate) events_topic: String,
     pub(crate) rollups_topic: String,
-    pub(crate) rollup_partitions: i32,
-}
-
-impl neruba_stage::Partition for PartitionState {
-    fn store(&self) -> &Store {
-        self.store()
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        self.commit()
-    }
 }
 
 impl neruba_stage::Stage for Aggregator {
@@ -60,9 +49,8 @@ impl neruba_stage::Stage for Aggregator {
         crate::state::store_options(self.timing)
     }
 
-    fn connected(&mut self, producer: &FutureProducer) -> Result<()> {
-        self.rollup_partitions = neruba_kafka::partition_count(producer, &self.rollups_topic)?;
-        Ok(())
+    fn output_topic(&self) -> &str {
+        &self.rollups_topic
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
@@ -87,12 +75,7 @@ impl neruba_stage::Stage for Aggregator {
     ) -> Result<()> {
         match watermark_tick(message) {
             Some((tenant, watermark)) => state.apply_tick(message.offset(), tenant, watermark),
-            None => state.apply(
-                message.offset(),
-                message.key(),
-                message.payload().unwrap_or_default(),
-                catalog,
-            ),
+            None => state.apply(Input::of(message), catalog),
         }
     }
 
@@ -111,25 +94,13 @@ impl neruba_stage::Stage for Aggregator {
         state.take_outputs()
     }
 
-    fn send(
-        &self,
-        producer: &FutureProducer,
-        output: &Output,
-    ) -> Result<DeliveryFuture, KafkaError> {
+    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
         match output {
-            Output::Rollup(rollup) => {
-                let key = rollup.key();
-                let payload = rollup.encode();
-                let partition = stable_partition(&rollup.partition_key(), self.rollup_partitions);
-                producer
-                    .send_result(
-                        FutureRecord::to(&self.rollups_topic)
-                            .key(key.as_bytes())
-                            .payload(payload.as_slice())
-                            .partition(partition),
-                    )
-                    .map_err(|(e, _)| e)
-            }
+            Output::Rollup(rollup) => sink.keyed(
+                rollup.key().as_bytes(),
+                &rollup.encode(),
+                &rollup.partition_key(),
+            ),
             Output::Tick {
                 partition,
                 tenant,
@@ -147,7 +118,7 @@ impl neruba_stage::Stage for Aggregator {
                     });
                 let payload =
                     serde_json::json!({"watermark_ms": watermark, "tenant": tenant}).to_string();
-                producer
+                sink.producer()
                     .send_result(
                         FutureRecord::to(&self.events_topic)
                             .key(WATERMARK_HEADER.as_bytes())
@@ -187,8 +158,6 @@ impl Aggregator {
             idle_timeout: config.idle_timeout,
             events_topic: config.stage.input_topic.clone(),
             rollups_topic: config.rollups_topic.clone(),
-            // Read from the broker once connected.
-            rollup_partitions: 1,
         }
     }
 

@@ -42,7 +42,7 @@ use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::measure::measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
-use neruba_stage::{DeadLetter, Store, StoreOptions};
+use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -276,11 +276,6 @@ impl PartitionState {
         self.store.next_offset()
     }
 
-    /// The partition's store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// Windows not yet closed.
     pub fn open_windows(&self) -> usize {
         self.clocks.values().map(|c| c.open.len()).sum()
@@ -358,42 +353,23 @@ impl PartitionState {
         self.overlay.insert(key, None);
     }
 
-    fn dead_letter(
-        &mut self,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        rejection: Rejection,
-        offset: i64,
-    ) {
-        *self
-            .counts
-            .dead_letters
-            .entry(rejection.code.as_str())
-            .or_default() += 1;
-        self.outputs.push(Output::DeadLetter(DeadLetter {
-            key: key.map(<[u8]>::to_vec),
-            payload: payload.to_vec(),
-            code: rejection.code.as_str(),
-            message: rejection.message,
-            offset,
-        }));
+    /// Dead-letters `input` with the rejection's code and message.
+    fn refuse(&mut self, input: Input<'_>, rejection: Rejection) {
+        let code = rejection.code.as_str();
+        *self.counts.dead_letters.entry(code).or_default() += 1;
+        let letter = DeadLetter::refusing(input, code, rejection.message);
+        self.outputs.push(Output::DeadLetter(letter));
     }
 
     /// Applies the message at `offset`. Bad events become dead letters; only storage problems
     /// are errors.
-    pub fn apply(
-        &mut self,
-        offset: i64,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        catalog: &Catalog,
-    ) -> Result<()> {
-        self.store.consumed(offset);
-        let event = match self.decoder.decode(payload) {
+    pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
+        self.store.consumed(input.offset);
+        let event = match self.decoder.decode(input.payload) {
             Ok(event) => event,
             Err(e) => {
                 let rejection = Rejection::new(RejectCode::InvalidJson, e.to_string());
-                self.dead_letter(key, payload, rejection, offset);
+                self.refuse(input, rejection);
                 return Ok(());
             }
         };
@@ -402,7 +378,7 @@ impl PartitionState {
                 RejectCode::UnknownTenant,
                 format!("tenant `{}` is not in the catalog", event.tenant),
             );
-            self.dead_letter(key, payload, rejection, offset);
+            self.refuse(input, rejection);
             return Ok(());
         };
         // The gateway's rule, on the receive time the topic carries: what it accepted counts.
@@ -415,7 +391,7 @@ impl PartitionState {
                 RejectCode::TimestampTooFarInPast,
                 "event time is before its receive time minus the correction horizon",
             );
-            self.dead_letter(key, payload, rejection, offset);
+            self.refuse(input, rejection);
             return Ok(());
         }
         let dedup_key = keys::dedup(&event.tenant, &event.id);
@@ -429,7 +405,7 @@ impl PartitionState {
         let measures = match measure(tenant, &event) {
             Ok(measures) => measures,
             Err(rejection) => {
-                self.dead_letter(key, payload, rejection, offset);
+                self.refuse(input, rejection);
                 return Ok(());
             }
         };
@@ -446,7 +422,7 @@ impl PartitionState {
                         m.meter.key
                     ),
                 );
-                self.dead_letter(key, payload, rejection, offset);
+                self.refuse(input, rejection);
                 return Ok(());
             }
             targets.push(target);
@@ -466,10 +442,16 @@ impl PartitionState {
         }
         Ok(())
     }
+}
+
+impl neruba_stage::Partition for PartitionState {
+    fn store(&self) -> &Store {
+        &self.store
+    }
 
     /// Writes the batch: pending state, next offset and watermark, atomically.
     /// Call only after every output of the batch was acknowledged by the broker.
-    pub fn commit(&mut self) -> Result<()> {
+    fn commit(&mut self) -> Result<()> {
         // Records are stored in postcard (compact binary serde): encoding them was a large
         // share of the write cost as JSON.
         let mut writes: Vec<Write<'_>> =
@@ -537,6 +519,7 @@ fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neruba_stage::Partition as _;
     use rust_decimal::Decimal;
 
     const TIMING: Timing = Timing {

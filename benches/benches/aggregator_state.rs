@@ -14,6 +14,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use neruba_aggregator::state::{PartitionState, Timing};
 use neruba_benches::aggregation::{CATALOG, event};
 use neruba_schemas::{Catalog, codec};
+use neruba_stage::Partition as _;
 use std::hint::black_box;
 
 const BATCH: usize = 5_000;
@@ -49,7 +50,16 @@ fn bench(c: &mut Criterion) {
             || next_batch(&mut next),
             |payloads| {
                 for payload in &payloads {
-                    state.apply(offset, None, payload, &catalog).expect("apply");
+                    state
+                        .apply(
+                            neruba_stage::Input {
+                                offset,
+                                key: None,
+                                payload,
+                            },
+                            &catalog,
+                        )
+                        .expect("apply");
                     offset += 1;
                 }
                 black_box(state.take_outputs());

@@ -34,16 +34,10 @@ pub struct Config {
 impl Config {
     /// Defaults for everything but where the brokers and the state are.
     pub fn new(brokers: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
-        let mut stage = neruba_stage::Config::new(
-            brokers,
-            "neruba-rater",
-            neruba_schemas::topics::ROLLUPS,
-            state_dir,
-        );
-        stage.max_batch = 2_000;
-        stage.block_cache_bytes = 32 * 1024 * 1024;
+        let input = neruba_schemas::topics::ROLLUPS;
         Self {
-            stage,
+            stage: neruba_stage::Config::new(brokers, "neruba-rater", input, state_dir)
+                .sized(2_000, 32 * 1024 * 1024),
             ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
             retention: state::Retention::default(),
         }
@@ -65,8 +59,6 @@ pub fn start(
             metrics: metrics.clone(),
             retention: config.retention,
             ledger_topic: config.ledger_topic.clone(),
-            // Read from the broker once connected.
-            ledger_partitions: 1,
             produced_at: Vec::new(),
         })
     })

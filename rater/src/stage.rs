@@ -6,13 +6,13 @@
 use crate::Result;
 use crate::metrics::Metrics;
 use crate::state::{Output, PartitionState, Retention};
-use neruba_schemas::topics::{RERUN_HEADER, stable_partition};
+use neruba_schemas::topics::RERUN_HEADER;
 use neruba_schemas::{Catalog, LiveCatalog};
-use neruba_stage::{Store, StoreOptions};
+use neruba_stage::{Input, Sink, Store, StoreOptions};
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::DeliveryFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,19 +22,8 @@ pub(crate) struct Rater {
     pub(crate) metrics: Metrics,
     pub(crate) retention: Retention,
     pub(crate) ledger_topic: String,
-    pub(crate) ledger_partitions: i32,
     /// Kafka timestamps of the batch's rollups, for the close-to-item histogram.
     pub(crate) produced_at: Vec<i64>,
-}
-
-impl neruba_stage::Partition for PartitionState {
-    fn store(&self) -> &Store {
-        self.store()
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        self.commit()
-    }
 }
 
 impl neruba_stage::Stage for Rater {
@@ -51,9 +40,8 @@ impl neruba_stage::Stage for Rater {
         crate::state::store_options(self.retention)
     }
 
-    fn connected(&mut self, producer: &FutureProducer) -> Result<()> {
-        self.ledger_partitions = neruba_kafka::partition_count(producer, &self.ledger_topic)?;
-        Ok(())
+    fn output_topic(&self) -> &str {
+        &self.ledger_topic
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
@@ -80,7 +68,7 @@ impl neruba_stage::Stage for Rater {
         if rerun {
             state.apply_rerun(message.offset(), payload, catalog)
         } else {
-            state.apply(message.offset(), message.key(), payload, catalog)
+            state.apply(Input::of(message), catalog)
         }
     }
 
@@ -98,23 +86,11 @@ impl neruba_stage::Stage for Rater {
         state.take_outputs()
     }
 
-    fn send(
-        &self,
-        producer: &FutureProducer,
-        output: &Output,
-    ) -> Result<DeliveryFuture, KafkaError> {
+    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
         match output {
             Output::Item(item) => {
                 let key = item.partition_key();
-                let payload = item.encode();
-                producer
-                    .send_result(
-                        FutureRecord::to(&self.ledger_topic)
-                            .key(key.as_bytes())
-                            .payload(payload.as_slice())
-                            .partition(stable_partition(&key, self.ledger_partitions)),
-                    )
-                    .map_err(|(e, _)| e)
+                sink.keyed(key.as_bytes(), &item.encode(), &key)
             }
             // The runtime writes dead letters.
             Output::Refused(_) => Err(KafkaError::Canceled),

@@ -22,7 +22,7 @@ use ahash::AHashMap as HashMap;
 use neruba_schemas::Catalog;
 use neruba_schemas::ledger::{LineItem, Rerun};
 use neruba_schemas::rollup::Rollup;
-use neruba_stage::{DeadLetter, Store, StoreOptions};
+use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -201,11 +201,6 @@ impl PartitionState {
         self.store.next_offset()
     }
 
-    /// The partition's store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.outputs)
     }
@@ -232,25 +227,17 @@ impl PartitionState {
     }
 
     /// Rates one rollups-topic message at `offset`.
-    pub fn apply(
-        &mut self,
-        offset: i64,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        catalog: &Catalog,
-    ) -> Result<()> {
-        self.store.consumed(offset);
+    pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
+        self.store.consumed(input.offset);
         self.counts.rollups += 1;
         let refused = |refusal: Refusal| {
-            Output::Refused(DeadLetter {
-                key: key.map(<[u8]>::to_vec),
-                payload: payload.to_vec(),
-                code: refusal.code.as_str(),
-                message: refusal.message,
-                offset,
-            })
+            Output::Refused(DeadLetter::refusing(
+                input,
+                refusal.code.as_str(),
+                refusal.message,
+            ))
         };
-        let rollup = match Rollup::decode(payload) {
+        let rollup = match Rollup::decode(input.payload) {
             Ok(rollup) => rollup,
             Err(e) => {
                 self.refuse(refused(Refusal {
@@ -355,9 +342,15 @@ impl PartitionState {
         }
         self.outputs.push(output);
     }
+}
+
+impl neruba_stage::Partition for PartitionState {
+    fn store(&self) -> &Store {
+        &self.store
+    }
 
     /// Writes the batch: records and the next offset, atomically.
-    pub fn commit(&mut self) -> Result<()> {
+    fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
         for (key, value) in self.overlay.drain() {
             batch.put(key, value);
@@ -378,6 +371,7 @@ pub fn kind_label(kind: neruba_schemas::ledger::Kind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neruba_stage::Partition as _;
 
     #[test]
     fn compaction_drops_windows_and_periods_past_retention_and_keeps_the_offset() {

@@ -59,11 +59,9 @@ pub trait Stage: Send + 'static {
     /// How the stage's partition stores are tuned.
     fn store_options(&self) -> StoreOptions;
 
-    /// Called once with the worker's output producer before anything is consumed (to read
-    /// the output topics' metadata, say).
-    fn connected(&mut self, _producer: &FutureProducer) -> Result<()> {
-        Ok(())
-    }
+    /// The topic the stage's outputs go to (dead letters aside); the runtime reads its
+    /// partition count once, for [`Sink::keyed`].
+    fn output_topic(&self) -> &str;
 
     /// The state of a partition from its freshly opened store.
     fn open(&mut self, store: Store) -> Result<Self::Partition>;
@@ -89,11 +87,7 @@ pub trait Stage: Send + 'static {
     fn take_outputs(&mut self, partition: &mut Self::Partition) -> Vec<Self::Output>;
 
     /// Enqueues one output that is not a dead letter (the runtime writes those).
-    fn send(
-        &self,
-        producer: &FutureProducer,
-        output: &Self::Output,
-    ) -> Result<DeliveryFuture, KafkaError>;
+    fn send(&self, sink: &Sink<'_>, output: &Self::Output) -> Result<DeliveryFuture, KafkaError>;
 
     /// Called once every output of a batch was acknowledged.
     fn delivered(&mut self) {}
@@ -111,6 +105,71 @@ pub trait Partition: Send + 'static {
     fn commit(&mut self) -> Result<()>;
 }
 
+/// One message of the input topic, as a stage's domain logic sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    /// The offset, key and payload of a consumed message (an absent payload reads as empty).
+    pub fn of(message: &'a BorrowedMessage<'_>) -> Self {
+        use rdkafka::Message;
+        Self {
+            offset: message.offset(),
+            key: message.key(),
+            payload: message.payload().unwrap_or_default(),
+        }
+    }
+}
+
+/// Where a stage's outputs go: the worker's producer, and the output topic with its partition
+/// count.
+#[derive(Clone, Copy)]
+pub struct Sink<'a> {
+    producer: &'a FutureProducer,
+    topic: &'a str,
+    partitions: i32,
+}
+
+impl std::fmt::Debug for Sink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sink<'_> {
+    /// Enqueues `payload` under `key` on the output topic, in the partition `partition_key`
+    /// maps to ([`neruba_schemas::topics::stable_partition`]): the same whatever client wrote
+    /// it, so one series or customer stays in one partition's order.
+    pub fn keyed(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        partition_key: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let partition = neruba_schemas::topics::stable_partition(partition_key, self.partitions);
+        self.producer
+            .send_result(
+                rdkafka::producer::FutureRecord::to(self.topic)
+                    .key(key)
+                    .payload(payload)
+                    .partition(partition),
+            )
+            .map_err(|(e, _)| e)
+    }
+
+    /// The producer, for a record that goes elsewhere (a tick back to the input topic).
+    pub fn producer(&self) -> &FutureProducer {
+        self.producer
+    }
+}
+
 /// An output that is a refused input, for the dead-letter topic.
 pub trait AsDeadLetter {
     /// The dead letter, if this output is one.
@@ -126,6 +185,19 @@ pub struct DeadLetter {
     pub code: &'static str,
     pub message: String,
     pub offset: i64,
+}
+
+impl DeadLetter {
+    /// `input` refused with the stable `code` and a `message` for people.
+    pub fn refusing(input: Input<'_>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key: input.key.map(<[u8]>::to_vec),
+            payload: input.payload.to_vec(),
+            code,
+            message: message.into(),
+            offset: input.offset,
+        }
+    }
 }
 
 /// Where an injected crash stops a stage (tests only; never set in production).
@@ -172,6 +244,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// A stage's batch size and block cache (bytes), instead of the defaults.
+    pub fn sized(mut self, max_batch: usize, block_cache_bytes: usize) -> Self {
+        self.max_batch = max_batch;
+        self.block_cache_bytes = block_cache_bytes;
+        self
+    }
+
     /// Defaults for everything but where the brokers, the input and the state are.
     pub fn new(
         brokers: impl Into<String>,

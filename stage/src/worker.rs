@@ -61,6 +61,9 @@ struct Shared<S: Stage> {
     config: Config,
     cache: Cache,
     producer: neruba_kafka::Recoverable,
+    /// The output topic (the stage's) and its partition count.
+    output_topic: String,
+    output_partitions: i32,
     /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
     stop: CancellationToken,
     /// A failure inside a rebalance callback, surfaced by the loop.
@@ -145,7 +148,14 @@ impl<S: Stage> Shared<S> {
             .iter()
             .map(|output| match output.dead_letter() {
                 Some(letter) => self.send_dead_letter(producer, letter),
-                None => self.stage.send(producer, output),
+                None => self.stage.send(
+                    &crate::Sink {
+                        producer,
+                        topic: &self.output_topic,
+                        partitions: self.output_partitions,
+                    },
+                    output,
+                ),
             })
             .collect()
     }
@@ -241,10 +251,12 @@ impl<S: Stage> Worker<S> {
             S::LINGER_MS,
             &config.kafka_options,
         )?;
-        let mut stage = stage;
-        stage.connected(&producer.get())?;
+        let output_topic = stage.output_topic().to_owned();
+        let output_partitions = neruba_kafka::partition_count(&producer.get(), &output_topic)?;
         let shared = Arc::new(Mutex::new(Shared {
             stage,
+            output_topic,
+            output_partitions,
             partitions: HashMap::new(),
             config: config.clone(),
             cache,

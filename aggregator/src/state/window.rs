@@ -14,6 +14,7 @@ use neruba_schemas::measure::Measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
 use neruba_schemas::window::{period_bounds, window_start};
 use neruba_schemas::{Event, RejectCode, Rejection, decimal};
+use neruba_stage::Input;
 use rust_decimal::Decimal;
 
 /// Where one measure of an event is folded.
@@ -234,9 +235,14 @@ impl PartitionState {
                         record.meter
                     ),
                 );
-                let offset = self.store.next_offset().map_or(-1, |next| next - 1);
                 let (key, payload) = (rollup.key(), rollup.encode());
-                self.dead_letter(Some(key.as_bytes()), &payload, rejection, offset);
+                let input = Input {
+                    // The message being applied: the one whose watermark closed the window.
+                    offset: self.store.next_offset().map_or(-1, |next| next - 1),
+                    key: Some(key.as_bytes()),
+                    payload: &payload,
+                };
+                self.refuse(input, rejection);
                 self.store_period(period_key, before);
             }
         }
