@@ -6,7 +6,8 @@
 //! - the tenant is the one the API key proves (its SHA-256 digest in the catalog), and only
 //!   that: nothing in a body or a message can name another;
 //! - a key without the `ingest` scope sends nothing (`forbidden`), an unknown one is
-//!   `unauthenticated`;
+//!   `unauthenticated`; the credit routes ask the same question of the `credits` scope
+//!   ([`authorize`]);
 //! - every event is judged by the same checks in the same order, so the same bad event gets the
 //!   same [`RejectCode`] through either door: its size, its CloudEvents attributes and its time
 //!   against the receive clock ([`event::validate`]), then the values the tenant's meters read
@@ -30,16 +31,32 @@ use std::collections::HashSet;
 
 /// The tenant a plaintext API key proves, if the key may ingest.
 pub fn authenticate<'c>(catalog: &'c Catalog, key: &str) -> Result<&'c Tenant, Rejection> {
+    authorize(catalog, key, Scope::Ingest)
+}
+
+/// The tenant a plaintext API key proves, if the key has `scope` (`ingest` for events,
+/// `credits` for grants and voids): `unauthenticated` for an unknown key, `forbidden` for one
+/// without the scope.
+pub fn authorize<'c>(
+    catalog: &'c Catalog,
+    key: &str,
+    scope: Scope,
+) -> Result<&'c Tenant, Rejection> {
     let Some((tenant, api_key)) = catalog.authenticate(key) else {
         return Err(Rejection::new(
             RejectCode::Unauthenticated,
             "unknown API key",
         ));
     };
-    if !api_key.scopes.contains(&Scope::Ingest) {
+    if !api_key.scopes.contains(&scope) {
+        let scope = match scope {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Credits => "credits",
+        };
         return Err(Rejection::new(
             RejectCode::Forbidden,
-            format!("API key `{}` lacks the `ingest` scope", api_key.name),
+            format!("API key `{}` lacks the `{scope}` scope", api_key.name),
         ));
     }
     Ok(tenant)

@@ -1,4 +1,5 @@
-//! The HTTP surface: `POST /v1/events`, `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP surface: `POST /v1/events`, `/healthz`, `/readyz`, `/metrics`, and the credit
+//! routes `POST /v1/customers/{customer}/grants` and `…/grants/{id}/void` ([`crate::credits`]).
 //!
 //! Invariants:
 //! - the tenant is the one the API key proves; nothing in the body can change it;
@@ -17,6 +18,7 @@
 
 use crate::admit::{self, Repeats};
 use crate::binary::{self, Binding};
+use crate::credits::{self, LedgerWriter};
 use crate::dedup::DedupCache;
 use crate::encoding::{self, BodyError, Encoding};
 use crate::kafka::EventSink;
@@ -28,7 +30,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use neruba_schemas::catalog::{RateLimit, Tenant};
+use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
 use neruba_schemas::{Catalog, Event, LiveCatalog, RejectCode, Rejection};
@@ -43,6 +45,8 @@ pub struct AppState {
     pub catalog: LiveCatalog,
     pub dedup: DedupCache,
     pub sink: EventSink,
+    /// Writes credit grants and voids to the ledger topic (see [`crate::credits`]).
+    pub ledger: LedgerWriter,
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub max_batch_events: usize,
@@ -63,6 +67,11 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/events", post(ingest))
+        .route("/v1/customers/{customer}/grants", post(credits::grant))
+        .route(
+            "/v1/customers/{customer}/grants/{id}/void",
+            post(credits::void),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -113,7 +122,11 @@ struct ErrorResponse {
     error: ErrorBody,
 }
 
-fn error_response(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+) -> Response {
     let body = ErrorResponse {
         error: ErrorBody {
             code,
@@ -123,7 +136,7 @@ fn error_response(status: StatusCode, code: &'static str, message: impl Into<Str
     (status, axum::Json(body)).into_response()
 }
 
-fn with_retry_after(mut response: Response, wait: Duration) -> Response {
+pub(crate) fn with_retry_after(mut response: Response, wait: Duration) -> Response {
     let secs = wait.as_secs().max(1).to_string();
     if let Ok(value) = HeaderValue::from_str(&secs) {
         response.headers_mut().insert(header::RETRY_AFTER, value);
@@ -152,42 +165,15 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let catalog = state.catalog.current();
     let tenant = match caller(&catalog, headers) {
         Ok(tenant) => tenant,
-        Err(refused) => {
-            let status = match refused.code {
-                RejectCode::Forbidden => StatusCode::FORBIDDEN,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            return error_response(status, refused.code.as_str(), refused.message);
-        }
+        Err(refused) => return refusal_response(refused),
     };
 
     // 2. What the body will be: encoding, size, mode, framing; then the body itself, within
     //    its deadline.
-    let content_encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    let content_encoding = match Encoding::from_header(content_encoding) {
+    let content_encoding = match body_encoding(headers, state.max_body_bytes) {
         Ok(content_encoding) => content_encoding,
-        Err(e) => {
-            let mut response = error_response(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_encoding",
-                e.to_string(),
-            );
-            response.headers_mut().insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static(Encoding::ACCEPTED),
-            );
-            return response;
-        }
+        Err(refused) => return *refused,
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > state.max_body_bytes) {
-        return too_large(state.max_body_bytes);
-    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
@@ -206,34 +192,9 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             ),
         );
     }
-    let read = tokio::time::timeout(
-        state.body_read_timeout,
-        encoding::read(body, content_encoding, state.max_body_bytes),
-    );
-    let bytes = match read.await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(BodyError::TooLarge { .. })) => return too_large(state.max_body_bytes),
-        Ok(Err(e @ BodyError::Incomplete(_))) => {
-            return error_response(StatusCode::BAD_REQUEST, "incomplete_body", e.to_string());
-        }
-        Ok(Err(e @ BodyError::Corrupt { .. })) => {
-            return error_response(StatusCode::BAD_REQUEST, "invalid_body", e.to_string());
-        }
-        Err(_) => {
-            // The connection's framing is unknown mid-body, so it cannot carry another request.
-            let mut response = error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!(
-                    "the request body did not arrive within {}",
-                    humantime::format_duration(state.body_read_timeout)
-                ),
-            );
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
-        }
+    let bytes = match read_body(state, body, content_encoding, state.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return *refused,
     };
     let (framing, framed) = if binary {
         let attributes: Vec<(&str, &[u8])> = headers
@@ -359,13 +320,106 @@ pub(crate) fn caller<'c>(
     catalog: &'c Catalog,
     headers: &HeaderMap,
 ) -> Result<&'c Tenant, Rejection> {
+    caller_with(catalog, headers, Scope::Ingest)
+}
+
+/// The tenant the request's API key proves, if the key has `scope` ([`admit::authorize`]).
+pub(crate) fn caller_with<'c>(
+    catalog: &'c Catalog,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<&'c Tenant, Rejection> {
     let Some(key) = bearer_token(headers) else {
         return Err(Rejection::new(
             RejectCode::Unauthenticated,
             "send `Authorization: Bearer <api key>`",
         ));
     };
-    admit::authenticate(catalog, key)
+    admit::authorize(catalog, key, scope)
+}
+
+/// A refused caller's answer: 403 `forbidden` for a key without the scope, else 401.
+pub(crate) fn refusal_response(refused: Rejection) -> Response {
+    let status = match refused.code {
+        RejectCode::Forbidden => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    error_response(status, refused.code.as_str(), refused.message)
+}
+
+/// A request refused before its handler finished: the answer to send (boxed: a `Response` is
+/// large, and most calls succeed).
+pub(crate) type Refusal = Box<Response>;
+
+/// The body's `Content-Encoding`, or the answer refusing it: an encoding the gateway does not
+/// decode (415), or a declared length already over `limit` (413, before a byte is read).
+pub(crate) fn body_encoding(headers: &HeaderMap, limit: usize) -> Result<Encoding, Refusal> {
+    let content_encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let content_encoding = match Encoding::from_header(content_encoding) {
+        Ok(content_encoding) => content_encoding,
+        Err(e) => {
+            let mut response = error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_encoding",
+                e.to_string(),
+            );
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(Encoding::ACCEPTED),
+            );
+            return Err(Box::new(response));
+        }
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Box::new(too_large(limit)));
+    }
+    Ok(content_encoding)
+}
+
+/// The whole decoded body, at most `limit` bytes, within the body deadline; or the answer
+/// saying why not (413, 400 `incomplete_body` / `invalid_body`, 408 `body_timeout`).
+pub(crate) async fn read_body(
+    state: &AppState,
+    body: Body,
+    content_encoding: Encoding,
+    limit: usize,
+) -> Result<bytes::Bytes, Refusal> {
+    let read = tokio::time::timeout(
+        state.body_read_timeout,
+        encoding::read(body, content_encoding, limit),
+    );
+    let refused = match read.await {
+        Ok(Ok(bytes)) => return Ok(bytes),
+        Ok(Err(BodyError::TooLarge { .. })) => too_large(limit),
+        Ok(Err(e @ BodyError::Incomplete(_))) => {
+            error_response(StatusCode::BAD_REQUEST, "incomplete_body", e.to_string())
+        }
+        Ok(Err(e @ BodyError::Corrupt { .. })) => {
+            error_response(StatusCode::BAD_REQUEST, "invalid_body", e.to_string())
+        }
+        Err(_) => {
+            // The connection's framing is unknown mid-body, so it cannot carry another request.
+            let mut response = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(state.body_read_timeout)
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    };
+    Err(Box::new(refused))
 }
 
 /// What step 4 made of a request's events.
@@ -444,7 +498,7 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-fn too_large(limit: usize) -> Response {
+pub(crate) fn too_large(limit: usize) -> Response {
     error_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",

@@ -42,6 +42,18 @@ pub enum DeliveryError {
     Unavailable(String),
 }
 
+impl From<KafkaError> for DeliveryError {
+    fn from(e: KafkaError) -> Self {
+        match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                Self::Unavailable("local produce queue is full".into())
+            }
+            KafkaError::Canceled => Self::Unavailable("producer shut down".into()),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
 /// Sends events to the events topic and reports each one's delivery.
 #[derive(Clone)]
 pub struct EventSink {
@@ -105,15 +117,7 @@ impl EventSink {
         }
         deliveries
             .into_iter()
-            .map(|delivery| {
-                delivery.map_err(|e| match e {
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                        DeliveryError::Unavailable("local produce queue is full".into())
-                    }
-                    KafkaError::Canceled => DeliveryError::Unavailable("producer shut down".into()),
-                    e => DeliveryError::Unavailable(e.to_string()),
-                })
-            })
+            .map(|delivery| delivery.map_err(DeliveryError::from))
             .collect()
     }
 

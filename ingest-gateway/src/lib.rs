@@ -1,4 +1,5 @@
-//! The ingest gateway: authenticates, validates, drops recent repeats and produces to Kafka.
+//! The ingest gateway: authenticates, validates, drops recent repeats and produces to Kafka;
+//! also the door for prepaid credit grants and voids ([`credits`]).
 //!
 //! Invariants:
 //! - stateless: any replica can die and be replaced; the only state is a best-effort cache;
@@ -11,6 +12,7 @@
 
 pub mod admit;
 pub mod binary;
+pub mod credits;
 pub mod dedup;
 pub mod encoding;
 pub mod http;
@@ -71,6 +73,9 @@ pub struct Config {
     pub brokers: String,
     /// Topic validated events go to.
     pub events_topic: String,
+    /// Topic credit grants and voids go to: the ledger topic the raters write line items to,
+    /// so a customer's items and grants share one partition and one order.
+    pub ledger_topic: String,
     /// Per-event limits (size, clock skew, correction horizon).
     pub limits: Limits,
     /// Largest request body, bytes, after `Content-Encoding` is decoded.
@@ -105,6 +110,7 @@ impl Config {
             listen,
             brokers: brokers.into(),
             events_topic: neruba_schemas::topics::EVENTS.to_owned(),
+            ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
             limits: Limits::default(),
             max_body_bytes: 5 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
@@ -164,11 +170,15 @@ pub async fn start_on(
 ) -> Result<Running> {
     let metrics = metrics::Metrics::register(&registry)?;
     let producer = recoverable_producer(&config)?;
+    // One producer for events and credit records: one set of broker connections, and the
+    // flush at shutdown covers both.
+    let ledger = credits::LedgerWriter::new(producer.clone(), &config.ledger_topic);
     let sink = kafka::EventSink::new(producer, &config.events_topic, metrics.clone());
     let state = Arc::new(http::AppState {
         catalog: catalog.into(),
         dedup: dedup::DedupCache::new(config.dedup_capacity, config.dedup_max_age),
         sink,
+        ledger,
         limits: config.limits,
         max_body_bytes: config.max_body_bytes,
         max_batch_events: config.max_batch_events,

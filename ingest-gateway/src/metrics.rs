@@ -1,6 +1,6 @@
 //! The gateway's Prometheus metrics, registered on a registry the caller passes in.
 //!
-//! Labels are bounded: outcome, code (the fixed rejection codes), status class, layer.
+//! Labels are bounded: outcome, code (the fixed rejection codes), status class, layer, route.
 //! Never a tenant, customer or event id.
 
 use neruba_schemas::RejectCode;
@@ -29,6 +29,8 @@ pub struct Metrics {
     pub broker_reachable: IntGauge,
     /// `neruba_http_connections`: open HTTP connections (at the cap, new ones wait).
     pub http_connections: IntGauge,
+    /// `neruba_credit_requests_total{route, status}`: grant and void requests, by HTTP status.
+    pub credit_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,6 +80,13 @@ impl Metrics {
                 "neruba_http_connections",
                 "HTTP connections open on the gateway.",
             )?,
+            credit_requests: IntCounterVec::new(
+                Opts::new(
+                    "neruba_credit_requests_total",
+                    "Credit grant and void requests, by route and HTTP status.",
+                ),
+                &["route", "status"],
+            )?,
         };
         registry.register(Box::new(metrics.events.clone()))?;
         registry.register(Box::new(metrics.requests.clone()))?;
@@ -88,6 +97,7 @@ impl Metrics {
         registry.register(Box::new(metrics.dedup_hits.clone()))?;
         registry.register(Box::new(metrics.dedup_entries.clone()))?;
         registry.register(Box::new(metrics.broker_reachable.clone()))?;
+        registry.register(Box::new(metrics.credit_requests.clone()))?;
         // Pre-create every bounded series so dashboards see zeros, not gaps.
         for outcome in ["accepted", "duplicate"] {
             metrics.events.with_label_values(&[outcome, ""]);
@@ -98,6 +108,9 @@ impl Metrics {
                 .with_label_values(&["rejected", code.as_str()]);
         }
         metrics.dedup_hits.with_label_values(&["gateway"]);
+        for route in ["grant", "void"] {
+            metrics.credit_requests.with_label_values(&[route, "202"]);
+        }
         Ok(metrics)
     }
 }

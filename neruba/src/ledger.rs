@@ -3,10 +3,13 @@
 //! The ledger may carry an item twice (a rater crash between producing and writing its state
 //! re-sends it), always with the identical id and content; a ledger consumer dedupes by id, and
 //! so does this one. A repeated id with different content would break that contract: it is
-//! reported on stderr, never printed.
+//! reported on stderr, never printed. Grants, voids and ticks on the ledger topic (they carry
+//! [`topics::RECORD_HEADER`]) are not line items and are skipped.
 
 use ahash::AHashMap as HashMap;
 use neruba_schemas::ledger::LineItem;
+use neruba_schemas::topics;
+use rdkafka::message::Headers;
 
 use rdkafka::Message;
 use std::io::Write;
@@ -20,6 +23,8 @@ pub struct TailCounts {
     pub repeats: u64,
     pub conflicting: u64,
     pub undecodable: u64,
+    /// Ledger records that are not line items (grants, voids, ticks: [`topics::RECORD_HEADER`]).
+    pub other_records: u64,
 }
 
 /// Reads `topic` from the beginning and writes each new line item as one JSON line to `out`,
@@ -55,6 +60,15 @@ pub fn tail(
             Some(message) => message?,
         };
         last = Instant::now();
+        // Grants, voids and clock ticks share the ledger (one order per customer); they carry
+        // a record header, line items none.
+        let other = message
+            .headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == topics::RECORD_HEADER));
+        if other {
+            counts.other_records += 1;
+            continue;
+        }
         let payload = message.payload().unwrap_or_default();
         let item = match LineItem::decode(payload) {
             Ok(item) => item,

@@ -24,6 +24,7 @@ const HARD_EXIT_AFTER_DRAIN: Duration = Duration::from_secs(1);
 /// would. The runtime is shut down with the same bound, because a blocking worker thread
 /// would otherwise keep the process alive after `main` returned.
 fn main() -> Result<()> {
+    cli::refuse_retired_env(|name| std::env::var_os(name).is_some())?;
     let cli = Cli::parse();
     // The demo talks to a person on stdout; its component logs stay quiet unless asked for.
     let filter = if matches!(cli.command, Command::Demo) && std::env::var_os("NERUBA_LOG").is_none()

@@ -12,6 +12,7 @@ pub const CATALOG_ORIGIN: &str = "catalog/sample.toml (built in)";
 pub const DEV_KEYS: &[(&str, &str, &str)] = &[
     ("acme", "ingest", "nrb_dev_acme_ingest_7f3a9c"),
     ("acme", "read", "nrb_dev_acme_read_2b81d4"),
+    ("acme", "credits", "nrb_dev_acme_credits_5c1e07"),
     ("globex", "ingest", "nrb_dev_globex_ingest_c05e11"),
 ];
 

@@ -15,6 +15,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod credit;
 pub mod currency;
 pub mod decimal;
 pub mod event;

@@ -38,6 +38,13 @@ pub const WATERMARK_TENANT_HEADER: &str = "neruba-watermark-tenant";
 /// rollups topic other than the rater skip messages that carry it.
 pub const RERUN_HEADER: &str = "neruba-rerun";
 
+/// Ledger-topic header naming what a message is besides a line item (which carries none):
+/// `grant`, `void` or `tick` (see [`crate::credit`]).
+pub const RECORD_HEADER: &str = "neruba-record";
+
+/// Balance entries, keyed `tenant/customer` (see [`crate::credit::BalanceEntry`]).
+pub const BALANCE_ENTRIES: &str = "neruba.balance-entries";
+
 /// Which partitions a consumer takes: through its consumer group (`None` where this is an
 /// option), or statically, which needs no group coordination (a StatefulSet ordinal can name
 /// its partitions; every replica restarting with the same list gets the same partitions back).

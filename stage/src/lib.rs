@@ -349,18 +349,29 @@ pub fn start<S: Stage>(
                 .as_ref()
                 .map(|id| format!("{id}-w{index}"));
         }
-        let worker = worker::Worker::new(
-            make(slice)?,
-            worker::Parts {
-                config: worker_config,
-                slice,
-                cache: cache.clone(),
-                health: health.clone(),
-                assigned: assigned.clone(),
-                shutdown: shutdown.clone(),
-                kill: kill.clone(),
-            },
-        )?;
+        let worker = make(slice).and_then(|stage| {
+            worker::Worker::new(
+                stage,
+                worker::Parts {
+                    config: worker_config,
+                    slice,
+                    cache: cache.clone(),
+                    health: health.clone(),
+                    assigned: assigned.clone(),
+                    shutdown: shutdown.clone(),
+                    kill: kill.clone(),
+                },
+            )
+        });
+        let worker = match worker {
+            Ok(worker) => worker,
+            Err(e) => {
+                // The workers already started stop as a crash would: nothing half-started
+                // keeps consuming or holding partitions after `start` failed.
+                kill.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         // One process, one fate: a worker that fails stops the others (they write their
         // state), and `wait` reports the failure.
         let stop = shutdown.clone();

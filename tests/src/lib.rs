@@ -36,7 +36,8 @@ impl GatewayHarness {
         catalog: Catalog,
         tweak: impl FnOnce(&mut gateway::Config),
     ) -> Result<Self> {
-        let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 3)])?;
+        let kafka =
+            EmbeddedKafka::start(&[(topics::EVENTS, 3), (topics::LEDGER, LEDGER_PARTITIONS)])?;
         let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut config = gateway::Config::new(listen, kafka.bootstrap_servers());
         tweak(&mut config);
@@ -86,6 +87,58 @@ impl GatewayHarness {
             retry_after,
             json,
         })
+    }
+
+    /// POSTs `body` to `path` (e.g. `/v1/customers/c/grants`), with `content_type` when
+    /// given; returns the status, the `Retry-After` header and the JSON answer.
+    pub async fn post_to(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Answer> {
+        let mut request = self.client.post(format!("{}{path}", self.base)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = response.text().await?;
+        let json = serde_json::from_str(&text).with_context(|| format!("response body: {text}"))?;
+        Ok(Answer {
+            status,
+            retry_after,
+            json,
+        })
+    }
+
+    /// Every message on the ledger topic (grants and voids, with their record header), once at
+    /// least `expected` are there and no more arrived for half a second.
+    pub async fn ledger_records(&self, expected: usize) -> Result<Vec<LedgerRecord>> {
+        let bootstrap = self.kafka.bootstrap_servers().to_owned();
+        let messages = tokio::task::spawn_blocking(move || {
+            embedded::read_topic(
+                &bootstrap,
+                topics::LEDGER,
+                expected,
+                Duration::from_millis(500),
+                Duration::from_secs(15),
+            )
+        })
+        .await??;
+        messages
+            .into_iter()
+            .map(LedgerRecord::from_message)
+            .collect()
     }
 
     /// GETs a path and returns the status and body text.
@@ -174,6 +227,38 @@ impl Landed {
             key,
             tenant_header,
             event,
+        })
+    }
+}
+
+/// Partitions of the ledger topic the gateway harness creates.
+pub const LEDGER_PARTITIONS: i32 = 4;
+
+/// A message read back from the ledger topic.
+#[derive(Debug)]
+pub struct LedgerRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    /// The `neruba-record` header (`grant`, `void`), absent on a line item.
+    pub record: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+impl LedgerRecord {
+    fn from_message(m: OwnedMessage) -> Result<Self> {
+        let record = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == topics::RECORD_HEADER)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        Ok(Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: String::from_utf8(m.key().unwrap_or_default().to_vec())?,
+            record,
+            payload: m.payload().unwrap_or_default().to_vec(),
         })
     }
 }

@@ -141,9 +141,8 @@ pub(crate) async fn run(args: AggregatorCommandArgs, shutdown: CancellationToken
         "aggregator",
         &shutdown,
         args.ops_listen,
-        args.catalog.clone(),
-        catalog,
-        |catalog, registry, shutdown| {
+        Some((args.catalog.clone(), catalog.clone())),
+        move |registry, shutdown| {
             let running = neruba_aggregator::start(config, catalog, registry, shutdown)?;
             Ok((running.health(), async move { Ok(running.wait().await?) }))
         },

@@ -2,6 +2,7 @@
 //! every component it runs.
 
 use super::aggregator::AggregatorArgs;
+use super::balances::BalancesArgs;
 use super::gateway::IngestArgs;
 use super::rater::RaterArgs;
 use super::{load_catalog, show, shutdown_on_signal};
@@ -26,8 +27,8 @@ pub(crate) struct DevArgs {
     /// Partitions of each topic on the embedded broker.
     #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
     pub(crate) partitions: i32,
-    /// State directory (`aggregator/` and `rater/` beneath it); a temporary one, removed at
-    /// exit, when absent.
+    /// State directory (`aggregator/`, `rater/` and `balances/` beneath it); a temporary one,
+    /// removed at exit, when absent.
     #[arg(long, env = "NERUBA_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -36,6 +37,8 @@ pub(crate) struct DevArgs {
     pub(crate) aggregation: AggregatorArgs,
     #[command(flatten)]
     pub(crate) rating: RaterArgs,
+    #[command(flatten)]
+    pub(crate) balancing: BalancesArgs,
 }
 
 impl DevArgs {
@@ -73,6 +76,10 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         (args.aggregation.rollups_topic.as_str(), args.partitions),
         (args.aggregation.dead_letter_topic.as_str(), args.partitions),
         (args.rating.ledger_topic.as_str(), args.partitions),
+        (
+            args.balancing.balance_entries_topic.as_str(),
+            args.partitions,
+        ),
     ];
     if let Some(raw) = &args.ingest.raw_topic {
         topics.push((raw.as_str(), args.partitions));
@@ -123,12 +130,24 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         &rater_metrics,
         shutdown.clone(),
     )?;
+    let balances_metrics = prometheus::Registry::new();
+    let balances = neruba_balances::start(
+        args.balancing.config(
+            kafka.bootstrap_servers(),
+            &args.rating.ledger_topic,
+            &args.aggregation.dead_letter_topic,
+            &state_dir.join("balances"),
+        )?,
+        &balances_metrics,
+        shutdown.clone(),
+    )?;
     let mut config = args.ingest.config(
         args.listen,
         kafka.bootstrap_servers(),
         &args.aggregation.dead_letter_topic,
     )?;
-    config.extra_metrics = vec![aggregator_metrics, rater_metrics];
+    config.ledger_topic = args.rating.ledger_topic.clone();
+    config.extra_metrics = vec![aggregator_metrics, rater_metrics, balances_metrics];
     let running =
         gateway::start_on(listener, config, catalog, gateway_metrics, shutdown.clone()).await?;
     println!("Neruba dev pipeline is running.");
@@ -138,15 +157,20 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         kafka.bootstrap_servers()
     );
     println!(
-        "  Topics:     {}, {}, {}, {} ({} partitions each)",
+        "  Topics:     {}, {}, {}, {}, {} ({} partitions each)",
         args.ingest.events_topic,
         args.aggregation.rollups_topic,
         args.rating.ledger_topic,
+        args.balancing.balance_entries_topic,
         args.aggregation.dead_letter_topic,
         args.partitions
     );
     println!(
         "  Ledger:     neruba ledger tail --brokers {}",
+        kafka.bootstrap_servers()
+    );
+    println!(
+        "  Balances:   neruba credits show --brokers {} --tenant <t> --customer <c>",
         kafka.bootstrap_servers()
     );
     println!("  State:      {}", state_dir.display());
@@ -177,9 +201,19 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         stop_all.cancel();
         result
     });
+    let stop_all = shutdown.clone();
+    let balanced = tokio::spawn(async move {
+        let result = balances.wait().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Balances stage failed; stopping the dev pipeline.");
+        }
+        stop_all.cancel();
+        result
+    });
     running.wait().await?;
     aggregated.await??;
     rated.await??;
+    balanced.await??;
     drop(kafka);
     Ok(())
 }

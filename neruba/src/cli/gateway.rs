@@ -26,6 +26,10 @@ pub(crate) struct GatewayArgs {
     /// Topic raw-topic events that fail validation go to, with their rejection code.
     #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
     pub(crate) dead_letter_topic: String,
+    /// Topic credit grants and voids are written to: the raters' ledger topic, so a
+    /// customer's grants and line items share one partition and one order.
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    pub(crate) ledger_topic: String,
     #[command(flatten)]
     pub(crate) ingest: IngestArgs,
 }
@@ -183,9 +187,10 @@ impl IngestArgs {
 /// Runs a gateway until `shutdown` (or SIGTERM) stops it.
 pub(crate) async fn run(args: GatewayArgs, shutdown: CancellationToken) -> Result<()> {
     let catalog = LiveCatalog::new(load_catalog(&args.catalog)?);
-    let config = args
+    let mut config = args
         .ingest
         .config(args.listen, &args.brokers, &args.dead_letter_topic)?;
+    config.ledger_topic = args.ledger_topic.clone();
     let registry = prometheus::Registry::new();
     let shutdown = shutdown_on_signal(&shutdown);
     neruba::ops::reload_catalog_on_sighup(

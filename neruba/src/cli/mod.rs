@@ -30,8 +30,84 @@
 //!
 //! `flags_are_consistent_and_each_has_an_env_twin` (below) holds every flag to this rule.
 
+/// Environment names no stage reads any more, with what replaced them. A deployment that
+/// still sets one would silently fall back to a default (a static assignment becoming a group
+/// membership, an ops port moving), so the command refuses to start instead.
+const RETIRED_ENV: &[(&str, &str)] = &[
+    ("NERUBA_LISTEN", "NERUBA_GATEWAY_LISTEN"),
+    ("NERUBA_MAX_BODY_BYTES", "NERUBA_GATEWAY_MAX_BODY_BYTES"),
+    (
+        "NERUBA_HTTP_HEADER_TIMEOUT",
+        "NERUBA_GATEWAY_HTTP_HEADER_TIMEOUT",
+    ),
+    (
+        "NERUBA_HTTP_BODY_TIMEOUT",
+        "NERUBA_GATEWAY_HTTP_BODY_TIMEOUT",
+    ),
+    (
+        "NERUBA_HTTP_IDLE_TIMEOUT",
+        "NERUBA_GATEWAY_HTTP_IDLE_TIMEOUT",
+    ),
+    ("NERUBA_MAX_CONNECTIONS", "NERUBA_GATEWAY_MAX_CONNECTIONS"),
+    (
+        "NERUBA_DEFAULT_RATE_LIMIT",
+        "NERUBA_GATEWAY_DEFAULT_RATE_LIMIT",
+    ),
+    (
+        "NERUBA_DEFAULT_RATE_BURST",
+        "NERUBA_GATEWAY_DEFAULT_RATE_BURST",
+    ),
+    ("NERUBA_MAX_BATCH_EVENTS", "NERUBA_GATEWAY_MAX_BATCH_EVENTS"),
+    ("NERUBA_MAX_EVENT_BYTES", "NERUBA_GATEWAY_MAX_EVENT_BYTES"),
+    ("NERUBA_MAX_FUTURE", "NERUBA_GATEWAY_MAX_FUTURE"),
+    ("NERUBA_DEDUP_CAPACITY", "NERUBA_GATEWAY_DEDUP_CAPACITY"),
+    ("NERUBA_DEDUP_MAX_AGE", "NERUBA_GATEWAY_DEDUP_MAX_AGE"),
+    ("NERUBA_DELIVERY_TIMEOUT", "NERUBA_GATEWAY_DELIVERY_TIMEOUT"),
+    ("NERUBA_RAW_TOPIC", "NERUBA_GATEWAY_RAW_TOPIC"),
+    ("NERUBA_RAW_GROUP_ID", "NERUBA_GATEWAY_RAW_GROUP_ID"),
+    (
+        "NERUBA_CORRECTION_HORIZON",
+        "NERUBA_GATEWAY_CORRECTION_HORIZON and NERUBA_RATER_CORRECTION_HORIZON",
+    ),
+    (
+        "NERUBA_OPS_LISTEN",
+        "NERUBA_AGGREGATOR_OPS_LISTEN or NERUBA_RATER_OPS_LISTEN",
+    ),
+    ("NERUBA_GROUP_ID", "NERUBA_AGGREGATOR_GROUP_ID"),
+    ("NERUBA_INSTANCE_ID", "NERUBA_AGGREGATOR_INSTANCE_ID"),
+    ("NERUBA_ASSIGN", "NERUBA_AGGREGATOR_ASSIGN"),
+    ("NERUBA_GRACE", "NERUBA_AGGREGATOR_GRACE"),
+    ("NERUBA_IDLE_TIMEOUT", "NERUBA_AGGREGATOR_IDLE_TIMEOUT"),
+    ("NERUBA_DEDUP_HORIZON", "NERUBA_AGGREGATOR_DEDUP_HORIZON"),
+    ("NERUBA_MAX_BATCH", "NERUBA_AGGREGATOR_MAX_BATCH"),
+    (
+        "NERUBA_BLOCK_CACHE_BYTES",
+        "NERUBA_AGGREGATOR_BLOCK_CACHE_BYTES",
+    ),
+    ("NERUBA_STUCK_AFTER", "NERUBA_AGGREGATOR_STUCK_AFTER"),
+];
+
+/// Refuses to start when `set` (is this variable set?) names a retired variable.
+pub(crate) fn refuse_retired_env(set: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let found: Vec<String> = RETIRED_ENV
+        .iter()
+        .filter(|(old, _)| set(old))
+        .map(|(old, new)| format!("{old} (now {new})"))
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "environment variables no longer read are set: {}; rename them (see README, \
+         Configuration) or unset them",
+        found.join(", ")
+    )
+}
+
 mod aggregator;
+mod balances;
 mod catalog;
+mod credits;
 mod dev;
 mod gateway;
 mod ledger;
@@ -74,6 +150,9 @@ pub(crate) enum Command {
     Aggregator(aggregator::AggregatorCommandArgs),
     /// Run a rater (a member of the rater consumer group) against a Kafka cluster.
     Rater(rater::RaterCommandArgs),
+    /// Run a balances stage (line items applied to prepaid credit; a member of the balances
+    /// consumer group) against a Kafka cluster.
+    Balances(balances::BalancesCommandArgs),
     /// Run the pipeline against an in-process Kafka broker, until interrupted.
     Dev(dev::DevArgs),
     /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
@@ -86,6 +165,9 @@ pub(crate) enum Command {
     /// Ledger tools.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// Prepaid credit: grant, void, and show a customer's grants and balance entries.
+    #[command(subcommand)]
+    Credits(credits::CreditsCommand),
 }
 
 /// Runs `command` until it is done or `shutdown` stops it.
@@ -94,6 +176,7 @@ pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result
         Command::Gateway(args) => gateway::run(args, shutdown).await,
         Command::Aggregator(args) => aggregator::run(args, shutdown).await,
         Command::Rater(args) => rater::run(args, shutdown).await,
+        Command::Balances(args) => balances::run(args, shutdown).await,
         Command::Dev(args) => dev::run(args, &shutdown).await,
         Command::Demo => {
             neruba::demo::run().await?;
@@ -102,6 +185,7 @@ pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result
         Command::Catalog(command) => catalog::run(command),
         Command::Price(args) => price::run(&args),
         Command::Ledger(command) => ledger::run(command, shutdown).await,
+        Command::Credits(command) => credits::run(command, shutdown).await,
     }
 }
 
@@ -175,7 +259,7 @@ mod tests {
     use clap::CommandFactory;
 
     /// The stages of a deployment, by subcommand.
-    const STAGES: [&str; 3] = ["gateway", "aggregator", "rater"];
+    const STAGES: [&str; 4] = ["gateway", "aggregator", "rater", "balances"];
 
     /// A flag and where it is: `command` is the subcommand path (`rater rerun`), `top` its first
     /// subcommand, `stage` the stage whose own flag it is (`None` under `dev`, a tool, or
@@ -194,6 +278,35 @@ mod tests {
         STAGES
             .into_iter()
             .find(|stage| env.starts_with(&format!("NERUBA_{}_", stage.to_uppercase())))
+    }
+
+    #[test]
+    fn a_retired_env_name_stops_the_start_and_no_flag_reads_one() {
+        fn envs(command: &clap::Command, out: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    out.push(env.to_string_lossy().into_owned());
+                }
+            }
+            for sub in command.get_subcommands() {
+                envs(sub, out);
+            }
+        }
+        let mut names = Vec::new();
+        envs(&Cli::command(), &mut names);
+        for (old, _) in RETIRED_ENV {
+            assert!(!names.iter().any(|n| n == old), "{old} is retired but read");
+        }
+        let refused = refuse_retired_env(|name| name == "NERUBA_ASSIGN").map_err(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Err(
+                "environment variables no longer read are set: NERUBA_ASSIGN (now \
+                 NERUBA_AGGREGATOR_ASSIGN); rename them (see README, Configuration) or unset them"
+                    .to_owned()
+            )
+        );
+        assert!(refuse_retired_env(|name| name == "NERUBA_BROKERS").is_ok());
     }
 
     #[test]

@@ -181,9 +181,8 @@ pub(crate) async fn run(args: RaterCommandArgs, shutdown: CancellationToken) -> 
         "rater",
         &shutdown,
         args.ops_listen,
-        catalog_path,
-        catalog,
-        |catalog, registry, shutdown| {
+        Some((catalog_path, catalog.clone())),
+        move |registry, shutdown| {
             let running = neruba_rater::start(config, catalog, registry, shutdown)?;
             Ok((running.health(), async move { Ok(running.wait().await?) }))
         },

@@ -1,5 +1,5 @@
-//! What `neruba aggregator` and `neruba rater` share: a consuming stage with its operations
-//! endpoints and catalog reload.
+//! What `neruba aggregator`, `neruba rater` and `neruba balances` share: a consuming stage
+//! with its operations endpoints and, for a stage that prices, catalog reload.
 
 use super::shutdown_on_signal;
 use anyhow::Result;
@@ -10,18 +10,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Runs a consuming stage (the aggregator, the rater) until it stops: `start` starts it with
-/// the live catalog, a metrics registry and the shutdown token, and returns its health and
-/// what to await. Serves `/metrics`, `/healthz` and `/readyz` on `ops_listen`, and reloads the
-/// catalog from `catalog_path` on SIGHUP.
+/// Runs a consuming stage until it stops: `start` starts it with a metrics registry and the
+/// shutdown token, and returns its health and what to await. Serves `/metrics`, `/healthz`
+/// and `/readyz` on `ops_listen`; with `reload` (the catalog file and the live catalog the
+/// stage was given), reloads the catalog on SIGHUP.
 pub(crate) async fn run<Stopped>(
     name: &str,
     shutdown: &CancellationToken,
     ops_listen: SocketAddr,
-    catalog_path: PathBuf,
-    catalog: LiveCatalog,
+    reload: Option<(PathBuf, LiveCatalog)>,
     start: impl FnOnce(
-        LiveCatalog,
         &prometheus::Registry,
         CancellationToken,
     ) -> Result<(Arc<ConsumerHealth>, Stopped)>
@@ -35,17 +33,14 @@ where
     let listener = neruba::ops::bind(ops_listen).await?;
     let registry = prometheus::Registry::new();
     let shutdown = shutdown_on_signal(shutdown);
-    neruba::ops::reload_catalog_on_sighup(
-        catalog_path,
-        catalog.clone(),
-        &registry,
-        shutdown.clone(),
-    )?;
+    if let Some((path, catalog)) = reload {
+        neruba::ops::reload_catalog_on_sighup(path, catalog, &registry, shutdown.clone())?;
+    }
     // On a blocking thread: a stage's start waits on broker metadata, and must not hold the
     // task that enforces the drain timeout.
     let (health, stopped) = {
         let (registry, shutdown) = (registry.clone(), shutdown.clone());
-        tokio::task::spawn_blocking(move || start(catalog, &registry, shutdown)).await??
+        tokio::task::spawn_blocking(move || start(&registry, shutdown)).await??
     };
     let ops = neruba::ops::serve(
         listener,

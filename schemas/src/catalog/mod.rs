@@ -87,6 +87,8 @@ pub enum Scope {
     Ingest,
     /// Read line items and explanations.
     Read,
+    /// Grant and void prepaid credit.
+    Credits,
 }
 
 /// An API key, stored as the hex SHA-256 digest of the secret.

@@ -1,0 +1,437 @@
+//! One customer's credit book: the grants, the balance per currency, and what each usage
+//! series drew from where. A pure fold: each record of the customer's ledger (line item,
+//! grant, void, tick) changes the book and yields balance entries, and nothing else does.
+//!
+//! Rules (SPEC "Money state"):
+//! - a positive line-item amount consumes the eligible grants in burn-down order ([`burn_order`]):
+//!   priority ascending, then expiry ascending (never-expiring last), then effective time,
+//!   then grant id; eligible means same currency, active, and `effective_at ≤ window start <
+//!   expires_at`. Whatever no grant covers is `uncovered` (the amount due);
+//! - a negative amount unwinds its series' allocations (same meter, group, billing period and
+//!   currency) in reverse: `uncovered` first, then the grants drawn on, last drawn first.
+//!   Credit given back to a grant that has since expired or been voided expires (or is voided)
+//!   again at once. What is left after all allocations is a negative `uncovered` (owed back);
+//! - a grant repeated with the same terms changes nothing; with other terms it is refused
+//!   (`key_conflict`); a void voids what is left; a tick expires every grant whose
+//!   `expires_at` + grace it passed;
+//! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
+//!   each entry's `balance_before` is the previous one's `balance_after` in its currency.
+
+use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, Series};
+use neruba_schemas::ledger::LineItem;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What became of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Active,
+    Expired,
+    Voided,
+}
+
+/// A grant and what happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantState {
+    pub grant: Grant,
+    pub status: Status,
+    pub remaining: Decimal,
+    pub consumed: Decimal,
+    pub restored: Decimal,
+    pub expired: Decimal,
+    pub voided: Decimal,
+}
+
+/// Where part of a line item's amount went: a grant, or `None` for uncovered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub grant: Option<String>,
+    pub amount: Decimal,
+}
+
+/// One customer's book.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Book {
+    /// The last entry's sequence number (per customer, across currencies).
+    pub seq: u64,
+    pub grants: BTreeMap<String, GrantState>,
+    /// Credit balance per currency.
+    pub balances: BTreeMap<String, Decimal>,
+    /// Allocations per series, in the order they were made; adjacent ones from the same
+    /// source are merged (unwinding takes from the newest, so merging keeps the order).
+    pub series: BTreeMap<String, Vec<Allocation>>,
+}
+
+/// The burn-down order's sort key of a grant.
+pub fn burn_order(grant: &Grant) -> (u16, i64, i64, String) {
+    (
+        grant.terms.priority,
+        grant.terms.expires_ms().unwrap_or(i64::MAX),
+        grant.terms.effective_ms(),
+        grant.id.clone(),
+    )
+}
+
+/// A series' key: currency, meter, group and billing period, unambiguously (a JSON array).
+fn series_key(currency: &str, series: &Series) -> String {
+    serde_json::to_string(&(currency, &series.meter, &series.group, &series.period_start))
+        .unwrap_or_default()
+}
+
+/// Builds the entries of one cause, numbering them.
+struct Entries<'a> {
+    book: &'a mut Book,
+    tenant: &'a str,
+    customer: &'a str,
+    cause: String,
+    out: Vec<BalanceEntry>,
+}
+
+impl Entries<'_> {
+    /// Appends an entry; `amount` moves the balance unless the kind is `uncovered` or
+    /// `grant_refused`.
+    fn push(
+        &mut self,
+        kind: EntryKind,
+        currency: &str,
+        grant: Option<&str>,
+        series: Option<&Series>,
+        amount: Decimal,
+        code: Option<&str>,
+    ) {
+        let balance = self.book.balances.entry(currency.to_owned()).or_default();
+        let before = *balance;
+        if !matches!(kind, EntryKind::Uncovered | EntryKind::GrantRefused) {
+            *balance += amount;
+        }
+        let after = *balance;
+        self.book.seq += 1;
+        let ordinal = self.book.seq;
+        self.out.push(BalanceEntry {
+            v: 1,
+            id: credit::entry_id(
+                self.tenant,
+                self.customer,
+                &self.cause,
+                grant,
+                kind,
+                ordinal,
+            ),
+            tenant: self.tenant.to_owned(),
+            customer: self.customer.to_owned(),
+            seq: self.book.seq,
+            kind,
+            currency: currency.to_owned(),
+            cause: self.cause.clone(),
+            grant: grant.map(str::to_owned),
+            series: series.cloned(),
+            amount,
+            balance_before: before,
+            balance_after: after,
+            code: code.map(str::to_owned),
+        });
+    }
+}
+
+fn allocate(stack: &mut Vec<Allocation>, grant: Option<&str>, amount: Decimal) {
+    match stack.last_mut() {
+        Some(last) if last.grant.as_deref() == grant => last.amount += amount,
+        _ => stack.push(Allocation {
+            grant: grant.map(str::to_owned),
+            amount,
+        }),
+    }
+}
+
+impl Book {
+    fn entries<'a>(&'a mut self, tenant: &'a str, customer: &'a str, cause: String) -> Entries<'a> {
+        Entries {
+            book: self,
+            tenant,
+            customer,
+            cause,
+            out: Vec::new(),
+        }
+    }
+
+    /// The credit balance in `currency`.
+    pub fn balance(&self, currency: &str) -> Decimal {
+        self.balances.get(currency).copied().unwrap_or_default()
+    }
+
+    /// Applies a line item (the caller has checked it was not applied before).
+    pub fn apply_item(&mut self, item: &LineItem) -> Vec<BalanceEntry> {
+        let series = Series {
+            meter: item.meter.clone(),
+            group: item.group.clone(),
+            period_start: item.period_start.clone(),
+        };
+        let key = series_key(&item.currency, &series);
+        let window_start =
+            neruba_schemas::event::parse_time_ms(&item.window_start).unwrap_or(i64::MIN);
+        let currency = item.currency.clone();
+        let mut stack = self.series.remove(&key).unwrap_or_default();
+        let mut e = self.entries(&item.tenant, &item.customer, item.id.clone());
+        if item.amount.is_sign_positive() {
+            let mut left = item.amount;
+            let mut eligible: Vec<(u16, i64, i64, String)> = e
+                .book
+                .grants
+                .values()
+                .filter(|g| {
+                    g.status == Status::Active
+                        && g.remaining > Decimal::ZERO
+                        && g.grant.terms.currency == currency
+                        && g.grant.terms.effective_ms() <= window_start
+                        && g.grant
+                            .terms
+                            .expires_ms()
+                            .is_none_or(|end| window_start < end)
+                })
+                .map(|g| burn_order(&g.grant))
+                .collect();
+            eligible.sort();
+            for (_, _, _, id) in eligible {
+                if left.is_zero() {
+                    break;
+                }
+                let Some(state) = e.book.grants.get_mut(&id) else {
+                    continue;
+                };
+                let take = left.min(state.remaining);
+                state.remaining -= take;
+                state.consumed += take;
+                left -= take;
+                allocate(&mut stack, Some(&id), take);
+                e.push(
+                    EntryKind::Consume,
+                    &currency,
+                    Some(&id),
+                    Some(&series),
+                    -take,
+                    None,
+                );
+            }
+            if !left.is_zero() {
+                allocate(&mut stack, None, left);
+                e.push(
+                    EntryKind::Uncovered,
+                    &currency,
+                    None,
+                    Some(&series),
+                    left,
+                    None,
+                );
+            }
+        } else {
+            let mut left = -item.amount;
+            // Uncovered first, newest first; then the grants, last drawn first.
+            for uncovered_pass in [true, false] {
+                let mut index = stack.len();
+                while index > 0 && !left.is_zero() {
+                    index -= 1;
+                    let Some(allocation) = stack.get_mut(index) else {
+                        break;
+                    };
+                    if allocation.grant.is_none() != uncovered_pass
+                        || allocation.amount <= Decimal::ZERO
+                    {
+                        continue;
+                    }
+                    let give = left.min(allocation.amount);
+                    allocation.amount -= give;
+                    left -= give;
+                    let grant = allocation.grant.clone();
+                    match grant {
+                        None => e.push(
+                            EntryKind::Uncovered,
+                            &currency,
+                            None,
+                            Some(&series),
+                            -give,
+                            None,
+                        ),
+                        Some(id) => restore(&mut e, &id, &currency, &series, give),
+                    }
+                }
+            }
+            stack.retain(|a| !a.amount.is_zero());
+            if !left.is_zero() {
+                allocate(&mut stack, None, -left);
+                e.push(
+                    EntryKind::Uncovered,
+                    &currency,
+                    None,
+                    Some(&series),
+                    -left,
+                    None,
+                );
+            }
+        }
+        let out = std::mem::take(&mut e.out);
+        if !stack.is_empty() {
+            self.series.insert(key, stack);
+        }
+        out
+    }
+
+    /// Applies a grant read when the partition's clock stood at `clock_ms` (after `grace_ms`
+    /// past its expiry, a grant arriving late expires at once).
+    pub fn apply_grant(
+        &mut self,
+        grant: &Grant,
+        clock_ms: i64,
+        grace_ms: i64,
+    ) -> Vec<BalanceEntry> {
+        let currency = grant.terms.currency.clone();
+        let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.clone());
+        if let Some(existing) = e.book.grants.get(&grant.id) {
+            if existing.grant.terms != grant.terms || existing.grant.key != grant.key {
+                e.push(
+                    EntryKind::GrantRefused,
+                    &currency,
+                    Some(&grant.id),
+                    None,
+                    grant.terms.amount,
+                    Some("key_conflict"),
+                );
+            }
+            return e.out;
+        }
+        let amount = grant.terms.amount;
+        e.book.grants.insert(
+            grant.id.clone(),
+            GrantState {
+                grant: grant.clone(),
+                status: Status::Active,
+                remaining: amount,
+                consumed: Decimal::ZERO,
+                restored: Decimal::ZERO,
+                expired: Decimal::ZERO,
+                voided: Decimal::ZERO,
+            },
+        );
+        e.push(
+            EntryKind::Grant,
+            &currency,
+            Some(&grant.id),
+            None,
+            amount,
+            None,
+        );
+        if grant
+            .terms
+            .expires_ms()
+            .is_some_and(|end| end.saturating_add(grace_ms) <= clock_ms)
+        {
+            end_grant(&mut e, &grant.id, Status::Expired);
+        }
+        e.out
+    }
+
+    /// Voids what is left of a grant; a void of an unknown grant is refused
+    /// (`unknown_grant`), of an ended one changes nothing.
+    pub fn apply_void(&mut self, tenant: &str, customer: &str, grant: &str) -> Vec<BalanceEntry> {
+        let mut e = self.entries(tenant, customer, format!("void/{grant}"));
+        match e.book.grants.get(grant).map(|g| g.status) {
+            None => e.push(
+                EntryKind::GrantRefused,
+                "",
+                Some(grant),
+                None,
+                Decimal::ZERO,
+                Some("unknown_grant"),
+            ),
+            Some(Status::Active) => end_grant(&mut e, grant, Status::Voided),
+            Some(Status::Expired | Status::Voided) => {}
+        }
+        e.out
+    }
+
+    /// Expires every active grant whose expiry plus `grace_ms` is at or before `at_ms`, in
+    /// grant-id order.
+    pub fn apply_tick(
+        &mut self,
+        tenant: &str,
+        customer: &str,
+        at_ms: i64,
+        grace_ms: i64,
+    ) -> Vec<BalanceEntry> {
+        let due: Vec<String> = self
+            .grants
+            .values()
+            .filter(|g| {
+                g.status == Status::Active
+                    && g.grant
+                        .terms
+                        .expires_ms()
+                        .is_some_and(|end| end.saturating_add(grace_ms) <= at_ms)
+            })
+            .map(|g| g.grant.id.clone())
+            .collect();
+        let mut e = self.entries(tenant, customer, format!("tick/{at_ms}"));
+        for id in due {
+            end_grant(&mut e, &id, Status::Expired);
+        }
+        e.out
+    }
+
+    /// The earliest expiry (plus nothing) among active grants, for scheduling ticks.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.grants
+            .values()
+            .filter(|g| g.status == Status::Active)
+            .filter_map(|g| g.grant.terms.expires_ms())
+            .min()
+    }
+}
+
+/// Ends a grant: what is left becomes an `expire` or `void` entry.
+fn end_grant(e: &mut Entries<'_>, id: &str, status: Status) {
+    let Some(state) = e.book.grants.get_mut(id) else {
+        return;
+    };
+    let left = state.remaining;
+    state.status = status;
+    state.remaining = Decimal::ZERO;
+    let kind = match status {
+        Status::Voided => {
+            state.voided += left;
+            EntryKind::Void
+        }
+        Status::Expired | Status::Active => {
+            state.expired += left;
+            EntryKind::Expire
+        }
+    };
+    let currency = state.grant.terms.currency.clone();
+    // A grant drawn down to nothing ends without an entry: it changes no balance.
+    if !left.is_zero() {
+        e.push(kind, &currency, Some(id), None, -left, None);
+    }
+}
+
+/// Gives `amount` back to grant `id`; if the grant has ended, it ends again at once.
+fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amount: Decimal) {
+    let Some(state) = e.book.grants.get_mut(id) else {
+        return;
+    };
+    state.remaining += amount;
+    state.restored += amount;
+    let status = state.status;
+    e.push(
+        EntryKind::Restore,
+        currency,
+        Some(id),
+        Some(series),
+        amount,
+        None,
+    );
+    if status != Status::Active {
+        end_grant(e, id, status);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,564 @@
+//! The SPEC's invariants over random interleavings of grants, voids, ticks and items, and the
+//! named cases.
+
+use super::*;
+use neruba_schemas::credit::{GrantTerms, grant_id};
+use neruba_schemas::event::format_time_ms;
+use neruba_schemas::ledger::Kind;
+use proptest::prelude::*;
+use std::cmp::Ordering;
+
+const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
+const MIN: i64 = 60_000;
+
+fn d(text: &str) -> Decimal {
+    text.parse().expect("decimal")
+}
+
+fn grant(
+    key: &str,
+    amount: Decimal,
+    currency: &str,
+    priority: u16,
+    effective: Option<i64>,
+    expires: Option<i64>,
+) -> Grant {
+    Grant {
+        v: 1,
+        id: grant_id("acme", "c1", key),
+        tenant: "acme".into(),
+        customer: "c1".into(),
+        key: key.into(),
+        terms: GrantTerms {
+            amount,
+            currency: currency.into(),
+            priority,
+            effective_at: effective.map(format_time_ms),
+            expires_at: expires.map(format_time_ms),
+            paid: None,
+            metadata: BTreeMap::new(),
+        },
+        received_at: format_time_ms(T0),
+    }
+}
+
+fn item(
+    id: &str,
+    meter: &str,
+    period: i64,
+    window: i64,
+    amount: Decimal,
+    currency: &str,
+) -> LineItem {
+    LineItem {
+        v: 1,
+        id: id.into(),
+        kind: if amount.is_sign_negative() {
+            Kind::Adjustment
+        } else {
+            Kind::Usage
+        },
+        tenant: "acme".into(),
+        customer: "c1".into(),
+        meter: meter.into(),
+        group: BTreeMap::new(),
+        period_start: format_time_ms(period),
+        period_end: format_time_ms(period + 30 * 86_400_000),
+        window_start: format_time_ms(window),
+        window_end: format_time_ms(window + MIN),
+        window_quantity: Decimal::ONE,
+        window_events: 1,
+        period_quantity: Decimal::ONE,
+        amount,
+        period_amount: amount,
+        currency: currency.into(),
+        price_plan: "p".into(),
+        price_version: 1,
+        revision: 1,
+        supersedes: None,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Grant {
+        key: u8,
+        cents: i64,
+        currency: bool,
+        priority: u16,
+        effective: Option<i64>,
+        expires: Option<i64>,
+    },
+    Void {
+        key: u8,
+    },
+    Tick {
+        at: i64,
+    },
+    Item {
+        n: u16,
+        meter: bool,
+        period: bool,
+        window: i64,
+        cents: i64,
+        currency: bool,
+    },
+}
+
+fn currency(usd: bool) -> &'static str {
+    if usd { "USD" } else { "EUR" }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let minute = 0_i64..120;
+    prop_oneof![
+        (
+            0_u8..6,
+            1_i64..10_000,
+            any::<bool>(),
+            0_u16..3,
+            proptest::option::of(0_i64..60),
+            proptest::option::of(30_i64..150)
+        )
+            .prop_map(
+                |(key, cents, currency, priority, effective, expires)| Op::Grant {
+                    key,
+                    cents,
+                    currency,
+                    priority,
+                    effective: effective.map(|m| T0 + m * MIN),
+                    expires: expires.map(|m| T0 + m * MIN),
+                }
+            ),
+        (0_u8..7).prop_map(|key| Op::Void { key }),
+        minute.clone().prop_map(|m| Op::Tick { at: T0 + m * MIN }),
+        (
+            0_u16..40,
+            any::<bool>(),
+            any::<bool>(),
+            minute,
+            -3_000_i64..6_000,
+            any::<bool>()
+        )
+            .prop_map(|(n, meter, period, m, cents, currency)| Op::Item {
+                n,
+                meter,
+                period,
+                window: T0 + m * MIN,
+                cents,
+                currency,
+            }),
+    ]
+}
+
+/// Everything one run produced, to check against.
+struct Run {
+    book: Book,
+    entries: Vec<BalanceEntry>,
+    /// Per series key: the sum of its distinct items' amounts.
+    item_sums: BTreeMap<String, Decimal>,
+}
+
+const GRACE: i64 = 0;
+
+fn run(ops: &[Op], check_burn_order: bool) -> Run {
+    let mut book = Book::default();
+    let mut entries = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut item_sums: BTreeMap<String, Decimal> = BTreeMap::new();
+    let mut clock = i64::MIN;
+    for op in ops {
+        let produced = match op {
+            Op::Grant {
+                key,
+                cents,
+                currency: usd,
+                priority,
+                effective,
+                expires,
+            } => {
+                let expires = match (effective, expires) {
+                    (Some(from), Some(to)) if to <= from => None,
+                    _ => *expires,
+                };
+                book.apply_grant(
+                    &grant(
+                        &format!("k{key}"),
+                        Decimal::new(*cents, 2),
+                        currency(*usd),
+                        *priority,
+                        *effective,
+                        expires,
+                    ),
+                    clock,
+                    GRACE,
+                )
+            }
+            Op::Void { key } => {
+                book.apply_void("acme", "c1", &grant_id("acme", "c1", &format!("k{key}")))
+            }
+            Op::Tick { at } => {
+                clock = clock.max(*at);
+                book.apply_tick("acme", "c1", clock, GRACE)
+            }
+            Op::Item {
+                n,
+                meter,
+                period,
+                window,
+                cents,
+                currency: usd,
+            } => {
+                let period_start = if *period { T0 } else { T0 - 30 * 86_400_000 };
+                let li = item(
+                    &format!("li_{n}_{meter}_{period}_{cents}"),
+                    if *meter { "m1" } else { "m2" },
+                    period_start,
+                    *window,
+                    Decimal::new(*cents, 2),
+                    currency(*usd),
+                );
+                if !seen.insert(li.id.clone()) {
+                    continue;
+                }
+                let series = Series {
+                    meter: li.meter.clone(),
+                    group: li.group.clone(),
+                    period_start: li.period_start.clone(),
+                };
+                *item_sums
+                    .entry(series_key(&li.currency, &series))
+                    .or_default() += li.amount;
+                let before = book.clone();
+                let produced = book.apply_item(&li);
+                if check_burn_order && li.amount > Decimal::ZERO {
+                    assert_eq!(
+                        consumption(&produced),
+                        reference_consumption(&before, &li),
+                        "burn-down order for {li:?}"
+                    );
+                }
+                produced
+            }
+        };
+        entries.extend(produced);
+    }
+    Run {
+        book,
+        entries,
+        item_sums,
+    }
+}
+
+fn consumption(entries: &[BalanceEntry]) -> Vec<(Option<String>, Decimal)> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Consume | EntryKind::Uncovered))
+        .map(|e| {
+            (
+                e.grant.clone(),
+                if e.kind == EntryKind::Consume {
+                    -e.amount
+                } else {
+                    e.amount
+                },
+            )
+        })
+        .collect()
+}
+
+/// The burn-down order written independently of [`burn_order`]: a comparator over the SPEC's
+/// four keys, then a greedy draw.
+fn reference_consumption(book: &Book, li: &LineItem) -> Vec<(Option<String>, Decimal)> {
+    let start = neruba_schemas::event::parse_time_ms(&li.window_start).expect("time");
+    let mut eligible: Vec<&GrantState> = book
+        .grants
+        .values()
+        .filter(|g| {
+            g.status == Status::Active
+                && g.remaining > Decimal::ZERO
+                && g.grant.terms.currency == li.currency
+        })
+        .filter(|g| g.grant.terms.effective_ms() <= start)
+        .filter(|g| match g.grant.terms.expires_ms() {
+            Some(end) => start < end,
+            None => true,
+        })
+        .collect();
+    eligible.sort_by(|a, b| {
+        let (a, b) = (&a.grant, &b.grant);
+        a.terms
+            .priority
+            .cmp(&b.terms.priority)
+            .then_with(|| match (a.terms.expires_ms(), b.terms.expires_ms()) {
+                (None, None) => Ordering::Equal,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(_), None) => Ordering::Less,
+                (Some(x), Some(y)) => x.cmp(&y),
+            })
+            .then_with(|| a.terms.effective_ms().cmp(&b.terms.effective_ms()))
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let mut left = li.amount;
+    let mut out = Vec::new();
+    for g in eligible {
+        if left <= Decimal::ZERO {
+            break;
+        }
+        let take = if g.remaining < left {
+            g.remaining
+        } else {
+            left
+        };
+        out.push((Some(g.grant.id.clone()), take));
+        left -= take;
+    }
+    if left > Decimal::ZERO {
+        out.push((None, left));
+    }
+    out
+}
+
+fn check_invariants(r: &Run) {
+    // Sequence numbers 1..n without gaps.
+    for (i, e) in r.entries.iter().enumerate() {
+        assert_eq!(e.seq, u64::try_from(i + 1).expect("seq"), "{e:?}");
+    }
+    // Per currency: before(n) = after(n−1); the balance moves only by the balance kinds, and
+    // their sum is the balance.
+    let mut last: BTreeMap<&str, Decimal> = BTreeMap::new();
+    let mut sums: BTreeMap<&str, Decimal> = BTreeMap::new();
+    for e in &r.entries {
+        if e.currency.is_empty() {
+            assert_eq!(e.kind, EntryKind::GrantRefused);
+            continue;
+        }
+        let previous = last.get(e.currency.as_str()).copied().unwrap_or_default();
+        assert_eq!(e.balance_before, previous, "{e:?}");
+        let moves = !matches!(e.kind, EntryKind::Uncovered | EntryKind::GrantRefused);
+        let expected_after = if moves {
+            e.balance_before + e.amount
+        } else {
+            e.balance_before
+        };
+        assert_eq!(e.balance_after, expected_after, "{e:?}");
+        if moves {
+            *sums.entry(&e.currency).or_default() += e.amount;
+        }
+        last.insert(&e.currency, e.balance_after);
+    }
+    for (currency, sum) in &sums {
+        assert_eq!(*sum, r.book.balance(currency), "{currency}");
+    }
+    // Each grant: remaining = amount − consumed + restored − expired − voided ≥ 0.
+    for g in r.book.grants.values() {
+        assert_eq!(
+            g.remaining,
+            g.grant.terms.amount - g.consumed + g.restored - g.expired - g.voided,
+            "{g:?}"
+        );
+        assert!(g.remaining >= Decimal::ZERO, "{g:?}");
+        if g.status != Status::Active {
+            assert_eq!(g.remaining, Decimal::ZERO, "{g:?}");
+        }
+    }
+    // Per series: Σ consume − Σ restore + Σ uncovered = Σ line-item amounts.
+    let mut by_series: BTreeMap<String, Decimal> = BTreeMap::new();
+    for e in &r.entries {
+        let Some(series) = &e.series else { continue };
+        let part = match e.kind {
+            EntryKind::Consume => -e.amount,
+            EntryKind::Restore => -e.amount,
+            EntryKind::Uncovered => e.amount,
+            _ => continue,
+        };
+        *by_series
+            .entry(series_key(&e.currency, series))
+            .or_default() += part;
+    }
+    for (key, sum) in &r.item_sums {
+        assert_eq!(
+            by_series.get(key).copied().unwrap_or_default(),
+            *sum,
+            "{key}"
+        );
+    }
+    // Ids are unique.
+    let ids: std::collections::BTreeSet<&str> = r.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), r.entries.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_interleaving_keeps_the_money_invariants(ops in proptest::collection::vec(op(), 0..60)) {
+        let first = run(&ops, true);
+        check_invariants(&first);
+        // A replay into a fresh book gives byte-identical entries.
+        let again = run(&ops, false);
+        let bytes = |r: &Run| r.entries.iter().map(|e| serde_json::to_string(e).expect("json")).collect::<Vec<_>>();
+        prop_assert_eq!(bytes(&first), bytes(&again));
+        // Repeating every grant (same terms) changes nothing more.
+        let mut book = first.book.clone();
+        for g in first.book.grants.values() {
+            prop_assert!(book.apply_grant(&g.grant, i64::MIN, GRACE).is_empty());
+        }
+        prop_assert_eq!(book, first.book);
+    }
+}
+
+#[test]
+fn usage_burns_by_priority_then_expiry_and_the_rest_is_uncovered() {
+    let mut book = Book::default();
+    let late = grant("late", d("10"), "USD", 10, None, Some(T0 + 100 * MIN));
+    let soon = grant("soon", d("5"), "USD", 10, None, Some(T0 + 50 * MIN));
+    let first = grant("first", d("3"), "USD", 1, None, None);
+    for g in [&late, &soon, &first] {
+        book.apply_grant(g, T0, GRACE);
+    }
+    let entries = book.apply_item(&item("li_1", "m1", T0, T0, d("20.50"), "USD"));
+    let drawn: Vec<(EntryKind, Option<&str>, Decimal, Decimal)> = entries
+        .iter()
+        .map(|e| (e.kind, e.grant.as_deref(), e.amount, e.balance_after))
+        .collect();
+    assert_eq!(
+        drawn,
+        vec![
+            (
+                EntryKind::Consume,
+                Some(first.id.as_str()),
+                d("-3"),
+                d("15")
+            ),
+            (EntryKind::Consume, Some(soon.id.as_str()), d("-5"), d("10")),
+            (EntryKind::Consume, Some(late.id.as_str()), d("-10"), d("0")),
+            (EntryKind::Uncovered, None, d("2.50"), d("0")),
+        ]
+    );
+}
+
+#[test]
+fn a_correction_unwinds_uncovered_first_then_the_last_grant_drawn() {
+    let mut book = Book::default();
+    let a = grant("a", d("4"), "USD", 1, None, None);
+    let b = grant("b", d("4"), "USD", 2, None, None);
+    book.apply_grant(&a, T0, GRACE);
+    book.apply_grant(&b, T0, GRACE);
+    book.apply_item(&item("li_1", "m1", T0, T0, d("10"), "USD"));
+    let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-3.5"), "USD"));
+    let unwound: Vec<(EntryKind, Option<&str>, Decimal)> = entries
+        .iter()
+        .map(|e| (e.kind, e.grant.as_deref(), e.amount))
+        .collect();
+    assert_eq!(
+        unwound,
+        vec![
+            (EntryKind::Uncovered, None, d("-2")),
+            (EntryKind::Restore, Some(b.id.as_str()), d("1.5"))
+        ]
+    );
+    assert_eq!(book.balance("USD"), d("1.5"));
+    // More than was ever allocated: the rest is owed back.
+    let entries = book.apply_item(&item("li_3", "m1", T0, T0 + 2 * MIN, d("-10"), "USD"));
+    let unwound: Vec<(EntryKind, Option<&str>, Decimal)> = entries
+        .iter()
+        .map(|e| (e.kind, e.grant.as_deref(), e.amount))
+        .collect();
+    assert_eq!(
+        unwound,
+        vec![
+            (EntryKind::Restore, Some(b.id.as_str()), d("2.5")),
+            (EntryKind::Restore, Some(a.id.as_str()), d("4")),
+            (EntryKind::Uncovered, None, d("-3.5")),
+        ]
+    );
+    assert_eq!(book.balance("USD"), d("8"));
+}
+
+#[test]
+fn credit_restored_to_an_expired_or_voided_grant_ends_again_at_once() {
+    let mut book = Book::default();
+    let expiring = grant("x", d("5"), "USD", 1, None, Some(T0 + 10 * MIN));
+    let voided = grant("v", d("5"), "USD", 2, None, None);
+    book.apply_grant(&expiring, T0, GRACE);
+    book.apply_grant(&voided, T0, GRACE);
+    book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
+    // Expiry exactly at the tick's time.
+    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE);
+    assert!(expired.is_empty(), "nothing left to expire: {expired:?}");
+    book.apply_void("acme", "c1", &voided.id);
+    let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-8"), "USD"));
+    let kinds: Vec<(EntryKind, Option<&str>, Decimal, Decimal)> = entries
+        .iter()
+        .map(|e| (e.kind, e.grant.as_deref(), e.amount, e.balance_after))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EntryKind::Restore, Some(voided.id.as_str()), d("3"), d("3")),
+            (EntryKind::Void, Some(voided.id.as_str()), d("-3"), d("0")),
+            (
+                EntryKind::Restore,
+                Some(expiring.id.as_str()),
+                d("5"),
+                d("5")
+            ),
+            (
+                EntryKind::Expire,
+                Some(expiring.id.as_str()),
+                d("-5"),
+                d("0")
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_window_starting_exactly_at_expiry_is_not_covered_and_expiry_is_exclusive() {
+    let mut book = Book::default();
+    let g = grant("g", d("5"), "USD", 1, Some(T0), Some(T0 + 10 * MIN));
+    book.apply_grant(&g, T0, GRACE);
+    let at_end = book.apply_item(&item("li_1", "m1", T0, T0 + 10 * MIN, d("1"), "USD"));
+    assert_eq!(consumption(&at_end), vec![(None, d("1"))]);
+    let before_start = book.apply_item(&item("li_2", "m1", T0, T0 - MIN, d("1"), "USD"));
+    assert_eq!(consumption(&before_start), vec![(None, d("1"))]);
+    let inside = book.apply_item(&item("li_3", "m1", T0, T0 + 9 * MIN, d("1"), "USD"));
+    assert_eq!(consumption(&inside), vec![(Some(g.id.clone()), d("1"))]);
+    // The tick exactly at expiry (+ no grace) expires the rest.
+    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE);
+    assert_eq!(consumption(&expired), vec![]);
+    assert_eq!(
+        expired
+            .iter()
+            .map(|e| (e.kind, e.amount))
+            .collect::<Vec<_>>(),
+        vec![(EntryKind::Expire, d("-4"))]
+    );
+}
+
+#[test]
+fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
+    let mut book = Book::default();
+    let g = grant("k", d("5"), "USD", 1, None, None);
+    book.apply_grant(&g, T0, GRACE);
+    assert!(book.apply_grant(&g, T0, GRACE).is_empty());
+    let other = grant("k", d("6"), "USD", 1, None, None);
+    let refused = book.apply_grant(&other, T0, GRACE);
+    assert_eq!(
+        refused
+            .iter()
+            .map(|e| (e.kind, e.code.as_deref(), e.balance_before, e.balance_after))
+            .collect::<Vec<_>>(),
+        vec![(
+            EntryKind::GrantRefused,
+            Some("key_conflict"),
+            d("5"),
+            d("5")
+        )]
+    );
+    let eur = book.apply_item(&item("li_1", "m1", T0, T0, d("2"), "EUR"));
+    assert_eq!(consumption(&eur), vec![(None, d("2"))]);
+    assert_eq!(book.balance("USD"), d("5"));
+    assert_eq!(book.balance("EUR"), d("0"));
+}

@@ -1,0 +1,62 @@
+//! The balances stage: applies the ledger topic's line items to prepaid credit grants and
+//! writes balance entries (SPEC "Money state").
+//!
+//! Invariants:
+//! - per ledger partition, every customer's book, the line items applied, the partition's
+//!   clock and the next offset live in one RocksDB database and change in one atomic write
+//!   ([`state`]), on the shared stage runtime ([`neruba_stage`]);
+//! - the ledger topic is one journal per customer: line items (from the rater), grants and
+//!   voids (from the gateway) and clock ticks (from this stage) share the customer's
+//!   partition, so the entries are a function of that partition's records alone, and a replay
+//!   gives them byte for byte ([`book`] is the pure fold);
+//! - a batch's entries are acknowledged by the broker before the batch is written: a crash can
+//!   repeat an entry (same id and content) but never lose one.
+
+pub mod book;
+pub mod metrics;
+mod stage;
+pub mod state;
+
+pub use neruba_stage::{CrashPoint, Error, Result, Running};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Balances settings: the stage runtime's, and the stage's own.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Brokers, group, the ledger topic (input), state directory, batch size, workers.
+    pub stage: neruba_stage::Config,
+    pub entries_topic: String,
+    /// A grant expires once the partition's clock passes its `expires_at` plus this.
+    pub expiry_grace_ms: i64,
+}
+
+impl Config {
+    /// Defaults for everything but where the brokers and the state are.
+    pub fn new(brokers: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        let input = neruba_schemas::topics::LEDGER;
+        Self {
+            stage: neruba_stage::Config::new(brokers, "neruba-balances", input, state_dir)
+                .sized(2_000, 32 * 1024 * 1024),
+            entries_topic: neruba_schemas::topics::BALANCE_ENTRIES.to_owned(),
+            expiry_grace_ms: 0,
+        }
+    }
+}
+
+/// Starts consuming the ledger; returns at once. Blocking (it waits for broker metadata).
+pub fn start(
+    config: Config,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let metrics = metrics::Metrics::register(registry)?;
+    neruba_stage::start(config.stage.clone(), registry, shutdown, |_slice| {
+        Ok(stage::Balances {
+            metrics: metrics.clone(),
+            grace_ms: config.expiry_grace_ms,
+            ledger_topic: config.stage.input_topic.clone(),
+            entries_topic: config.entries_topic.clone(),
+        })
+    })
+}

@@ -1,0 +1,460 @@
+//! Prepaid credit in: `POST /v1/customers/{customer}/grants` and
+//! `POST /v1/customers/{customer}/grants/{id}/void`, and the one ledger write they and
+//! `neruba credits grant|void` share ([`LedgerWriter::write`]).
+//!
+//! Invariants:
+//! - a grant or void goes to the ledger topic under key `tenant/customer`, in the partition
+//!   [`stable_partition`] gives that key: the partition, and so the order, of the customer's
+//!   line items (the rater partitions them the same way), which is what lets the balances
+//!   stage fold items, grants and voids as one log;
+//! - `accepted` is said only after the broker acknowledged the record with `acks=all` (the
+//!   gateway's idempotent producer), and the answer carries the record's position;
+//! - every refusal (caller, customer, body, terms, rate) is decided before anything is
+//!   written: a refused request writes nothing, so a client can fix it and send it again;
+//! - the tenant is the one the API key proves (scope `credits`); the path names a customer of
+//!   that tenant only, so no request can touch another tenant's customer;
+//! - the gateway does not deduplicate grants: a retry carries the same key, gets the same
+//!   deterministic id ([`credit::grant_id`]) and may be written twice; the balances stage
+//!   applies a key once and refuses one reused with other terms.
+//!
+//! The ledger topic's partition count is learned from the broker at the first write and kept,
+//! as the rater learns its output's at start: partitions added to the ledger topic later
+//! would move customers (and split their order), so they need both restarted anyway.
+
+use crate::binary;
+use crate::http::{
+    AppState, Refusal, body_encoding, caller_with, error_response, read_body, refusal_response,
+    with_retry_after,
+};
+use crate::kafka::DeliveryError;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use neruba_schemas::catalog::Scope;
+use neruba_schemas::credit::{self, Grant, GrantRejectCode, GrantRejection, GrantRequest, Void};
+use neruba_schemas::event;
+use neruba_schemas::topics::{RECORD_HEADER, stable_partition};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Largest grant or void body, bytes (after `Content-Encoding`); a grant is a few hundred.
+pub const MAX_CREDIT_BODY_BYTES: usize = 64 * 1024;
+
+/// [`RECORD_HEADER`] value of a grant on the ledger topic.
+pub const GRANT_RECORD: &str = "grant";
+/// [`RECORD_HEADER`] value of a void on the ledger topic.
+pub const VOID_RECORD: &str = "void";
+
+/// How long the broker has to name the ledger topic's partitions.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A record for the ledger topic.
+#[derive(Debug, Clone, Copy)]
+pub enum CreditRecord<'a> {
+    Grant(&'a Grant),
+    Void(&'a Void),
+}
+
+impl CreditRecord<'_> {
+    /// The Kafka key, `tenant/customer`: the line items' key.
+    pub fn partition_key(&self) -> String {
+        let (tenant, customer) = match self {
+            Self::Grant(g) => (&g.tenant, &g.customer),
+            Self::Void(v) => (&v.tenant, &v.customer),
+        };
+        format!("{tenant}/{customer}")
+    }
+
+    /// Its [`RECORD_HEADER`] value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Grant(_) => GRANT_RECORD,
+            Self::Void(_) => VOID_RECORD,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Grant(g) => credit::encode(g),
+            Self::Void(v) => credit::encode(v),
+        }
+    }
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The answer to an accepted grant (HTTP 202, and what `neruba credits grant` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantAccepted {
+    pub id: String,
+    pub status: String,
+    pub position: Position,
+}
+
+/// The answer to an accepted void (HTTP 202, and what `neruba credits void` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoidAccepted {
+    pub grant: String,
+    pub status: String,
+    pub position: Position,
+}
+
+/// Writes grants and voids to the ledger topic, each acknowledged before it returns.
+#[derive(Clone)]
+pub struct LedgerWriter {
+    producer: neruba_kafka::Recoverable,
+    topic: Arc<str>,
+    /// The topic's partition count, once the broker named it.
+    partitions: Arc<OnceLock<i32>>,
+}
+
+impl std::fmt::Debug for LedgerWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerWriter")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LedgerWriter {
+    /// A writer to `topic` through `producer` (an idempotent `acks=all` producer: the
+    /// gateway's, [`crate::kafka::build_producer`]).
+    pub fn new(producer: neruba_kafka::Recoverable, topic: &str) -> Self {
+        Self {
+            producer,
+            topic: topic.into(),
+            partitions: Arc::default(),
+        }
+    }
+
+    /// The topic written to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Writes `record` to its customer's partition and waits for the broker's acknowledgement;
+    /// its position, or why the broker did not take it (retry later).
+    pub async fn write(&self, record: CreditRecord<'_>) -> Result<Position, DeliveryError> {
+        let partitions = self.partitions().await?;
+        let key = record.partition_key();
+        let partition = stable_partition(&key, partitions);
+        let payload = record.encode();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: RECORD_HEADER,
+            value: Some(record.kind()),
+        });
+        let producer = self.producer.get();
+        let enqueued = producer
+            .send_result(
+                FutureRecord::to(&self.topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers)
+                    .partition(partition),
+            )
+            .map_err(|(e, _)| e);
+        let delivered = match enqueued {
+            Err(e) => Err(e),
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(delivery)) => Ok(delivery),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+        };
+        match delivered {
+            Ok(delivery) => Ok(Position {
+                topic: self.topic.to_string(),
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err(e) => {
+                if let Err(rebuild) = self.producer.recover(&producer, &e) {
+                    tracing::error!(error = %rebuild, "Could not replace the failed producer.");
+                }
+                Err(DeliveryError::from(e))
+            }
+        }
+    }
+
+    /// The ledger topic's partition count: from the broker the first time, then remembered.
+    async fn partitions(&self) -> Result<i32, DeliveryError> {
+        if let Some(count) = self.partitions.get() {
+            return Ok(*count);
+        }
+        let producer = self.producer.get();
+        let topic = self.topic.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+                .map_err(DeliveryError::from)?;
+            let count = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == &*topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            match i32::try_from(count) {
+                Ok(count) if count > 0 => Ok(count),
+                _ => Err(DeliveryError::Unavailable(format!(
+                    "the broker names no partitions of the ledger topic `{topic}`"
+                ))),
+            }
+        })
+        .await
+        .map_err(|e| DeliveryError::Unavailable(format!("metadata task: {e}")))??;
+        Ok(*self.partitions.get_or_init(|| fetched))
+    }
+}
+
+/// What a handler made of a request: the answer, and the status for the request counter.
+fn finish(state: &AppState, route: &str, response: Response) -> Response {
+    state
+        .metrics
+        .credit_requests
+        .with_label_values(&[route, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// `POST /v1/customers/{customer}/grants`.
+pub(crate) async fn grant(
+    State(state): State<Arc<AppState>>,
+    customer: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = handle_grant(&state, customer.map(|Path(c)| c), &headers, body).await;
+    finish(&state, "grant", response)
+}
+
+/// `POST /v1/customers/{customer}/grants/{id}/void`.
+pub(crate) async fn void(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = handle_void(&state, path.map(|Path(p)| p), &headers, body).await;
+    finish(&state, "void", response)
+}
+
+async fn handle_grant(
+    state: &AppState,
+    customer: Result<String, PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    // 1. Who is calling, and for which of its customers, before a byte of the body is read.
+    let catalog = state.catalog.current();
+    let tenant = match caller_with(&catalog, headers, Scope::Credits) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refusal_response(refused),
+    };
+    let customer = match path_customer(customer) {
+        Ok(customer) => customer,
+        Err(refused) => return *refused,
+    };
+
+    // 2. The body: JSON, within the size limit and the body deadline, then the grant's fields.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if !binary::is_json(content_type) {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "a grant is JSON (`application/json`); content type `{}` is not",
+                content_type.unwrap_or_default()
+            ),
+        );
+    }
+    let bytes = match read_credit_body(state, headers, body).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return *refused,
+    };
+    let request: GrantRequest = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                GrantRejectCode::InvalidBody.as_str(),
+                format!("the body is not a grant: {e}"),
+            );
+        }
+    };
+
+    // 3. Rate limit (one event's worth), before anything has a side effect.
+    if let Err(refused) = rate_limit(state, tenant) {
+        return *refused;
+    }
+
+    // 4. The terms, then the write; answered once the broker has it.
+    let grant = match request.validate(&catalog, &tenant.id, &customer, event::now_ms()) {
+        Ok(grant) => grant,
+        Err(refused) => return grant_refusal(refused),
+    };
+    match state.ledger.write(CreditRecord::Grant(&grant)).await {
+        Ok(position) => accepted(&GrantAccepted {
+            id: grant.id,
+            status: "accepted".to_owned(),
+            position,
+        }),
+        Err(e) => broker_unavailable(state, &e),
+    }
+}
+
+async fn handle_void(
+    state: &AppState,
+    path: Result<(String, String), PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    // 1. Who is calling, for which customer and which grant, before the body is read.
+    let catalog = state.catalog.current();
+    let tenant = match caller_with(&catalog, headers, Scope::Credits) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refusal_response(refused),
+    };
+    let (customer, grant) = match path {
+        Ok((customer, grant)) => (Ok(customer), grant),
+        Err(e) => (Err(e), String::new()),
+    };
+    let customer = match path_customer(customer) {
+        Ok(customer) => customer,
+        Err(refused) => return *refused,
+    };
+    if !credit::is_grant_id(&grant) {
+        return grant_refusal(GrantRejection {
+            code: GrantRejectCode::InvalidGrantId,
+            message: "a grant id is `gr_` and 32 lower-case hex digits".to_owned(),
+        });
+    }
+
+    // 2. The body says nothing: empty, or `{}`.
+    let bytes = match read_credit_body(state, headers, body).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return *refused,
+    };
+    if !bytes.trim_ascii().is_empty() {
+        /// A void has no fields.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct VoidRequest {}
+        if let Err(e) = serde_json::from_slice::<VoidRequest>(&bytes) {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                GrantRejectCode::InvalidBody.as_str(),
+                format!("a void's body is empty or `{{}}`: {e}"),
+            );
+        }
+    }
+
+    // 3. Rate limit, then the write.
+    if let Err(refused) = rate_limit(state, tenant) {
+        return *refused;
+    }
+    let void = Void {
+        v: 1,
+        tenant: tenant.id.clone(),
+        customer,
+        grant,
+        received_at: event::format_time_ms(event::now_ms()),
+    };
+    match state.ledger.write(CreditRecord::Void(&void)).await {
+        Ok(position) => accepted(&VoidAccepted {
+            grant: void.grant,
+            status: "accepted".to_owned(),
+            position,
+        }),
+        Err(e) => broker_unavailable(state, &e),
+    }
+}
+
+/// The path's customer (percent-decoded by the router), or the 422 `invalid_customer` answer.
+fn path_customer(customer: Result<String, PathRejection>) -> Result<String, Refusal> {
+    let customer = customer.map_err(|e| {
+        Box::new(grant_refusal(GrantRejection {
+            code: GrantRejectCode::InvalidCustomer,
+            message: format!("the customer in the path is not readable: {e}"),
+        }))
+    })?;
+    credit::check_customer(&customer).map_err(|refused| Box::new(grant_refusal(refused)))?;
+    Ok(customer)
+}
+
+/// The body of a grant or void, at most [`MAX_CREDIT_BODY_BYTES`] (or the gateway's body limit,
+/// if lower), decoded and read within the body deadline as an event request's is.
+async fn read_credit_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, Refusal> {
+    let limit = MAX_CREDIT_BODY_BYTES.min(state.max_body_bytes);
+    let content_encoding = body_encoding(headers, limit)?;
+    read_body(state, body, content_encoding, limit).await
+}
+
+/// Takes one token from the tenant's bucket (the events' limit: a grant costs what one event
+/// does), or the 429 answer.
+fn rate_limit(state: &AppState, tenant: &neruba_schemas::catalog::Tenant) -> Result<(), Refusal> {
+    let limit = tenant.rate_limit.unwrap_or(state.default_rate_limit);
+    state
+        .rate_limiter
+        .take(&tenant.id, limit, 1)
+        .map_err(|wait| {
+            Box::new(with_retry_after(
+                error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "tenant is over its limit of {} events/s",
+                        limit.events_per_second
+                    ),
+                ),
+                wait,
+            ))
+        })
+}
+
+/// A refused grant or void: 400 for a body that is not one, 422 for the rest.
+fn grant_refusal(refused: GrantRejection) -> Response {
+    let status = match refused.code {
+        GrantRejectCode::InvalidBody => StatusCode::BAD_REQUEST,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    error_response(status, refused.code.as_str(), refused.message)
+}
+
+fn accepted(answer: &impl Serialize) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(answer)).into_response()
+}
+
+fn broker_unavailable(state: &AppState, e: &DeliveryError) -> Response {
+    state
+        .broker_ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(reason = %e, "Credit record not acknowledged by the broker; answering 503.");
+    with_retry_after(
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            format!("the broker did not acknowledge the record; retry the request: {e}"),
+        ),
+        Duration::from_secs(5),
+    )
+}

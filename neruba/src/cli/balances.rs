@@ -1,0 +1,110 @@
+//! `neruba balances` (a member of the balances consumer group). Its stage flags
+//! ([`BalancesArgs`]) are shared with `dev`.
+
+use super::{millis, parse_key_value};
+use anyhow::Result;
+use clap::Args;
+use neruba_schemas::topics;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub(crate) struct BalancesCommandArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    pub(crate) brokers: String,
+    /// Address `/metrics`, `/healthz` and `/readyz` listen on.
+    #[arg(
+        long,
+        env = "NERUBA_BALANCES_OPS_LISTEN",
+        default_value = "0.0.0.0:9093"
+    )]
+    pub(crate) ops_listen: SocketAddr,
+    /// Directory holding one RocksDB database per assigned ledger partition.
+    #[arg(long, env = "NERUBA_BALANCES_STATE_DIR")]
+    pub(crate) state_dir: PathBuf,
+    /// Topic line items, grants and voids are read from.
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    pub(crate) ledger_topic: String,
+    /// Topic ledger records that cannot be read are produced to, with their code.
+    #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
+    pub(crate) dead_letter_topic: String,
+    #[command(flatten)]
+    pub(crate) balances: BalancesArgs,
+    /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub(crate) kafka_opts: Vec<(String, String)>,
+}
+
+/// Balances settings shared by `balances` and `dev`.
+#[derive(Debug, Args)]
+pub(crate) struct BalancesArgs {
+    /// Consumer group of the balances stage.
+    #[arg(
+        long,
+        env = "NERUBA_BALANCES_GROUP_ID",
+        default_value = "neruba-balances"
+    )]
+    pub(crate) balances_group_id: String,
+    /// Static group membership id (e.g. the pod name), so a restart gets its partitions back
+    /// at once.
+    #[arg(long, env = "NERUBA_BALANCES_INSTANCE_ID")]
+    pub(crate) balances_instance_id: Option<String>,
+    /// Take these ledger partitions (`all`, or `0,1,4`) statically instead of through the group.
+    #[arg(long, env = "NERUBA_BALANCES_ASSIGN")]
+    pub(crate) balances_assign: Option<topics::Assignment>,
+    /// Topic balance entries are produced to (keyed `tenant/customer`).
+    #[arg(long, env = "NERUBA_BALANCE_ENTRIES_TOPIC", default_value = topics::BALANCE_ENTRIES)]
+    pub(crate) balance_entries_topic: String,
+    /// A grant expires once the ledger partition's clock passes its `expires_at` plus this.
+    #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub(crate) balances_expiry_grace: Duration,
+    /// `/readyz` turns false when a ledger partition is behind and has not moved for this long.
+    #[arg(long, env = "NERUBA_BALANCES_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) balances_stuck_after: Duration,
+}
+
+impl BalancesArgs {
+    pub(crate) fn config(
+        &self,
+        brokers: &str,
+        ledger_topic: &str,
+        dead_letter_topic: &str,
+        state_dir: &Path,
+    ) -> Result<neruba_balances::Config> {
+        let mut config = neruba_balances::Config::new(brokers, state_dir);
+        config.stage.group_id = self.balances_group_id.clone();
+        config.stage.instance_id = self.balances_instance_id.clone();
+        config.stage.assignment = self.balances_assign.clone();
+        config.stage.input_topic = ledger_topic.to_owned();
+        config.stage.dead_letter_topic = dead_letter_topic.to_owned();
+        config.stage.stuck_after = self.balances_stuck_after;
+        config.entries_topic = self.balance_entries_topic.clone();
+        config.expiry_grace_ms = millis(self.balances_expiry_grace)?;
+        Ok(config)
+    }
+}
+
+/// Runs a balances stage until `shutdown` (or SIGTERM) stops it.
+pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) -> Result<()> {
+    let mut config = args.balances.config(
+        &args.brokers,
+        &args.ledger_topic,
+        &args.dead_letter_topic,
+        &args.state_dir,
+    )?;
+    config.stage.kafka_options = args.kafka_opts.clone();
+    super::stage::run(
+        "balances",
+        &shutdown,
+        args.ops_listen,
+        None,
+        |registry, shutdown| {
+            let running = neruba_balances::start(config, registry, shutdown)?;
+            Ok((running.health(), async move { Ok(running.wait().await?) }))
+        },
+    )
+    .await
+}

@@ -1,0 +1,302 @@
+//! `neruba credits grant|void|show`: prepaid credit for operators. `grant` and `void` go
+//! through the gateway's own door: the same validation ([`GrantRequest::validate`]) and the
+//! same ledger write ([`LedgerWriter::write`]), so a grant made here is the record the HTTP
+//! route would have written. `show` reads a customer's grants, voids and balance entries back.
+
+use super::{load_catalog, parse_key_value, shutdown_on_signal};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use neruba::sample;
+use neruba_ingest_gateway::credits::{
+    CreditRecord, GRANT_RECORD, GrantAccepted, LedgerWriter, VOID_RECORD, VoidAccepted,
+};
+use neruba_schemas::credit::{self, GrantRequest, Void};
+use neruba_schemas::{event, topics};
+use rdkafka::Message;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::Headers;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How long the broker has to acknowledge a grant or void.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CreditsCommand {
+    /// Grant prepaid credit to a customer (written to the ledger topic, acks=all); prints the
+    /// grant's id and position as JSON.
+    Grant(GrantArgs),
+    /// Void what is left of a grant; prints the void's position as JSON.
+    Void(VoidArgs),
+    /// Print a customer's grants and voids (ledger topic) and balance entries as NDJSON.
+    Show(ShowArgs),
+}
+
+/// Where the ledger is.
+#[derive(Debug, Args)]
+pub(crate) struct LedgerArgs {
+    /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    pub(crate) brokers: String,
+    /// Topic grants and voids are written to (the raters' ledger topic).
+    #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
+    pub(crate) ledger_topic: String,
+    /// Extra librdkafka setting `key=value` (SASL, TLS); repeatable, comma-separated in env.
+    #[arg(long = "kafka-opt", env = "NERUBA_KAFKA_OPTS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub(crate) kafka_opts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GrantArgs {
+    #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    /// Tenant of the customer (must be in the catalog).
+    #[arg(long, env = "NERUBA_TENANT")]
+    pub(crate) tenant: String,
+    /// Customer to grant to.
+    #[arg(long, env = "NERUBA_CUSTOMER")]
+    pub(crate) customer: String,
+    /// Idempotency key, unique per tenant and customer: the grant's id derives from it.
+    #[arg(long, env = "NERUBA_KEY")]
+    pub(crate) key: String,
+    /// Amount, a positive exact decimal.
+    #[arg(long, env = "NERUBA_AMOUNT")]
+    pub(crate) amount: String,
+    /// ISO 4217 currency or a unit of the catalog (e.g. `credits`).
+    #[arg(long, env = "NERUBA_CURRENCY")]
+    pub(crate) currency: String,
+    /// 0–1000, lower burns first (default 10).
+    #[arg(long, env = "NERUBA_PRIORITY")]
+    pub(crate) priority: Option<i64>,
+    /// RFC 3339 time: usage in windows starting from it may draw on the grant (default: any).
+    #[arg(long, env = "NERUBA_EFFECTIVE_AT")]
+    pub(crate) effective_at: Option<String>,
+    /// RFC 3339 time, exclusive: windows starting from it may not (default: never expires).
+    #[arg(long, env = "NERUBA_EXPIRES_AT")]
+    pub(crate) expires_at: Option<String>,
+    /// Catalog file (its tenants and units); the built-in sample catalog when absent.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    pub(crate) catalog: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VoidArgs {
+    #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    /// Tenant of the customer.
+    #[arg(long, env = "NERUBA_TENANT")]
+    pub(crate) tenant: String,
+    /// Customer whose grant is voided.
+    #[arg(long, env = "NERUBA_CUSTOMER")]
+    pub(crate) customer: String,
+    /// The grant's id (`gr_…`, as `grant` printed it).
+    #[arg(long, env = "NERUBA_GRANT")]
+    pub(crate) grant: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ShowArgs {
+    #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    /// Topic balance entries are read from.
+    #[arg(long, env = "NERUBA_BALANCE_ENTRIES_TOPIC", default_value = topics::BALANCE_ENTRIES)]
+    pub(crate) balance_entries_topic: String,
+    /// Tenant of the customer.
+    #[arg(long, env = "NERUBA_TENANT")]
+    pub(crate) tenant: String,
+    /// Customer to show.
+    #[arg(long, env = "NERUBA_CUSTOMER")]
+    pub(crate) customer: String,
+    /// Stop once nothing arrived for this long (default: follow until interrupted).
+    #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
+    pub(crate) exit_when_idle: Option<Duration>,
+}
+
+/// Runs a credits command.
+pub(crate) async fn run(command: CreditsCommand, shutdown: CancellationToken) -> Result<()> {
+    match command {
+        CreditsCommand::Grant(args) => grant(args).await,
+        CreditsCommand::Void(args) => void(args).await,
+        CreditsCommand::Show(args) => {
+            let shutdown = shutdown_on_signal(&shutdown);
+            tokio::task::spawn_blocking(move || {
+                show(&args, &shutdown, &mut std::io::stdout().lock())
+            })
+            .await?
+        }
+    }
+}
+
+/// The gateway's writer (its producer, `acks=all` and idempotent) to the ledger topic.
+fn writer(args: &LedgerArgs) -> Result<LedgerWriter> {
+    let (brokers, options) = (args.brokers.clone(), args.kafka_opts.clone());
+    let producer = neruba_kafka::Recoverable::new(move || {
+        neruba_ingest_gateway::kafka::build_producer(&brokers, DELIVERY_TIMEOUT, &options)
+    })?;
+    Ok(LedgerWriter::new(producer, &args.ledger_topic))
+}
+
+async fn grant(args: GrantArgs) -> Result<()> {
+    let catalog = match &args.catalog {
+        Some(path) => load_catalog(path)?,
+        None => sample::catalog()?,
+    };
+    if catalog.tenant(&args.tenant).is_none() {
+        bail!("no tenant `{}` in the catalog", args.tenant);
+    }
+    let request = GrantRequest {
+        key: Some(args.key),
+        amount: Some(serde_json::Value::String(args.amount)),
+        currency: Some(args.currency),
+        priority: args.priority,
+        effective_at: args.effective_at,
+        expires_at: args.expires_at,
+        paid: None,
+        metadata: None,
+    };
+    let grant = request
+        .validate(&catalog, &args.tenant, &args.customer, event::now_ms())
+        .map_err(|refused| anyhow::anyhow!("grant refused: {refused}"))?;
+    let position = writer(&args.ledger)?
+        .write(CreditRecord::Grant(&grant))
+        .await
+        .context("write the grant")?;
+    print_line(&serde_json::to_string(&GrantAccepted {
+        id: grant.id,
+        status: "accepted".to_owned(),
+        position,
+    })?)
+}
+
+async fn void(args: VoidArgs) -> Result<()> {
+    credit::check_customer(&args.customer).map_err(|r| anyhow::anyhow!("void refused: {r}"))?;
+    if !credit::is_grant_id(&args.grant) {
+        bail!(
+            "void refused: invalid_grant_id: `{}` is not a grant id (`gr_` and 32 lower-case hex digits)",
+            args.grant
+        );
+    }
+    let void = Void {
+        v: 1,
+        tenant: args.tenant,
+        customer: args.customer,
+        grant: args.grant,
+        received_at: event::format_time_ms(event::now_ms()),
+    };
+    let position = writer(&args.ledger)?
+        .write(CreditRecord::Void(&void))
+        .await
+        .context("write the void")?;
+    print_line(&serde_json::to_string(&VoidAccepted {
+        grant: void.grant,
+        status: "accepted".to_owned(),
+        position,
+    })?)
+}
+
+fn print_line(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    Ok(())
+}
+
+/// Reads the ledger and balance-entries topics from the beginning and writes each of the
+/// customer's records as one line, `{"topic", "partition", "offset", "record", "value"}`
+/// (`record`: `grant`, `void` or `balance_entry`), until `shutdown` or `exit_when_idle`.
+/// Blocking.
+fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> Result<()> {
+    let key = format!("{}/{}", args.tenant, args.customer);
+    let reader = |topic: &str| {
+        neruba_kafka::clients::topic_reader(
+            &args.ledger.brokers,
+            "neruba-credits-show",
+            topic,
+            &args.ledger.kafka_opts,
+            Duration::from_secs(10),
+        )
+    };
+    let ledger = reader(&args.ledger.ledger_topic)
+        .with_context(|| format!("read the ledger topic `{}`", args.ledger.ledger_topic))?;
+    // Before the balances stage has run the entries topic may not exist yet; the grants and
+    // voids are still worth showing.
+    let entries = match reader(&args.balance_entries_topic) {
+        Ok(consumer) => Some(consumer),
+        Err(e) => {
+            eprintln!(
+                "balance entries topic `{}` not readable ({e}); showing the ledger only",
+                args.balance_entries_topic
+            );
+            None
+        }
+    };
+    let mut last = Instant::now();
+    while !shutdown.is_cancelled() {
+        let mut got = poll_one(&ledger, &key, true, out)?;
+        if let Some(entries) = &entries {
+            got |= poll_one(entries, &key, false, out)?;
+        }
+        if got {
+            last = Instant::now();
+        } else if args
+            .exit_when_idle
+            .is_some_and(|idle| last.elapsed() >= idle)
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Polls `consumer` once and prints its message if it is the customer's; whether a message
+/// arrived.
+fn poll_one(consumer: &BaseConsumer, key: &str, ledger: bool, out: &mut dyn Write) -> Result<bool> {
+    let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+        return Ok(false);
+    };
+    let message = message?;
+    if message.key() != Some(key.as_bytes()) {
+        return Ok(true);
+    }
+    let record = if ledger {
+        // A line item carries no record header; ticks have their own.
+        let kind = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == topics::RECORD_HEADER)
+                .and_then(|h| h.value)
+        });
+        match kind {
+            Some(kind) if kind == GRANT_RECORD.as_bytes() => GRANT_RECORD,
+            Some(kind) if kind == VOID_RECORD.as_bytes() => VOID_RECORD,
+            _ => return Ok(true),
+        }
+    } else {
+        "balance_entry"
+    };
+    let value: serde_json::Value =
+        match serde_json::from_slice(message.payload().unwrap_or_default()) {
+            Ok(value) => value,
+            Err(e) => {
+                eprintln!(
+                    "{} partition {} offset {}: not JSON: {e}",
+                    message.topic(),
+                    message.partition(),
+                    message.offset()
+                );
+                return Ok(true);
+            }
+        };
+    let line = serde_json::json!({
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "record": record,
+        "value": value,
+    });
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(true)
+}
