@@ -289,7 +289,7 @@ impl PartitionState {
             || !self.outputs.is_empty()
     }
 
-    /// Outputs of the batch so far, in order; the caller delivers them before [`Self::commit`].
+    /// Outputs of the batch so far, in order; the caller delivers them before [`neruba_stage::Partition::commit`].
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.outputs)
     }

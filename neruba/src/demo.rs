@@ -3,12 +3,15 @@
 //! It shows what a new user should see first: events accepted, a repeat answered `duplicate`,
 //! bad events rejected with their stable codes, exactly the accepted events in Kafka, the closed
 //! windows priced into line items on the ledger topic, a late event turned into an adjustment,
-//! and a per-customer total a reader can check by hand against `catalog/sample.toml`.
+//! a per-customer total a reader can check by hand against `catalog/sample.toml`, and prepaid
+//! credit granted before the usage drawn down by it: balance entries, the credit left and the
+//! amount due per customer.
 
 use crate::embedded::{self, EmbeddedKafka};
 use crate::sample;
 use anyhow::{Context, Result, bail};
 use neruba_ingest_gateway as gateway;
+use neruba_schemas::credit::BalanceEntry;
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::{codec, event, topics};
 use rdkafka::Message;
@@ -32,7 +35,19 @@ pub struct Summary {
     pub items: Vec<Row>,
     /// `(tenant/customer, total with its currency)`, one per customer and currency.
     pub totals: Vec<(String, String)>,
+    /// Balance entries: `(tenant/customer, seq, kind, amount, balance after)`, amounts with
+    /// their currency.
+    pub entries: Vec<(String, u64, String, String, String)>,
+    /// `(tenant/customer, credit left, amount due)` per customer and currency.
+    pub balances: Vec<(String, String, String)>,
 }
+
+/// The prepaid credit the demo grants before any usage: `(tenant, customer, key, amount,
+/// currency)`.
+const GRANTS: [(&str, &str, &str, &str, &str); 2] = [
+    ("acme", "customer-7", "demo-prepaid-7", "0.20", "USD"),
+    ("globex", "customer-1", "demo-prepaid-1", "10", "EUR"),
+];
 
 /// One line item as the demo prints it; amounts carry their currency.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -157,6 +172,7 @@ pub async fn run() -> Result<Summary> {
         (topics::ROLLUPS, 4),
         (topics::DEAD_LETTER, 1),
         (topics::LEDGER, 4),
+        (topics::BALANCE_ENTRIES, 4),
     ])
     .context("start embedded Kafka")?;
     let catalog = Arc::new(sample::catalog()?);
@@ -176,6 +192,11 @@ pub async fn run() -> Result<Summary> {
     let rater = neruba_rater::start(
         neruba_rater::Config::new(kafka.bootstrap_servers(), state.path().join("rater")),
         catalog.clone(),
+        &prometheus::Registry::new(),
+        shutdown.clone(),
+    )?;
+    let balances_stage = neruba_balances::start(
+        neruba_balances::Config::new(kafka.bootstrap_servers(), state.path().join("balances")),
         &prometheus::Registry::new(),
         shutdown.clone(),
     )?;
@@ -204,7 +225,13 @@ pub async fn run() -> Result<Summary> {
         on_topic: 0,
         items: Vec::new(),
         totals: Vec::new(),
+        entries: Vec::new(),
+        balances: Vec::new(),
     };
+    for (tenant, customer, key, amount, currency) in GRANTS {
+        grant(&client, &base, tenant, customer, key, amount, currency).await?;
+    }
+    println!();
     for request in workload(now_ms) {
         post(&client, &base, &request, &mut summary).await?;
     }
@@ -273,14 +300,42 @@ pub async fn run() -> Result<Summary> {
     for (who, total) in &summary.totals {
         println!("    {who:<18} {total:>10}");
     }
+    // Per customer: 3 entries for acme/customer-7 (grant, consume, uncovered), 1 for
+    // acme/customer-9, 4 for globex/customer-1 (grant, consume, and the adjustment's consume
+    // and uncovered), 1 for globex/customer-2.
+    let entries = read_entries(kafka.bootstrap_servers(), 9).await?;
+    let money = |amount: Decimal, currency: &str| {
+        let places = usize::try_from(catalog.precision(currency).unwrap_or(2)).unwrap_or(2);
+        format!("{amount:.places$} {currency}")
+    };
+    print_entries(&entries, &money);
+    summary.entries = entries
+        .iter()
+        .map(|e| {
+            (
+                format!("{}/{}", e.tenant, e.customer),
+                e.seq,
+                e.kind.as_str().to_owned(),
+                money(e.amount, &e.currency),
+                money(e.balance_after, &e.currency),
+            )
+        })
+        .collect();
+    summary.balances = balances(&entries, &money);
+    println!("\nPer customer (credit left; amount due = what no credit covered):");
+    for (who, left, due) in &summary.balances {
+        println!("    {who:<18} credit left {left:>10}   amount due {due:>10}");
+    }
     println!(
         "\n`neruba price --tenant globex --meter storage_gb_hours --quantity 1012.75` explains an \
-         amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON."
+         amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON; \
+         `neruba credits show` a customer's grants and balance entries."
     );
     shutdown.cancel();
     running.wait().await?;
     aggregator.wait().await?;
     rater.wait().await?;
+    balances_stage_wait(balances_stage).await?;
     if summary.on_topic + 1 != summary.accepted {
         bail!(
             "{} events were accepted but {} are on the topic before the late one",
@@ -340,21 +395,129 @@ async fn post(
     Ok(())
 }
 
-/// Reads the ledger until `expected` distinct items arrived (repeats of an id dropped).
-async fn read_ledger(bootstrap: &str, expected: usize) -> Result<Vec<LineItem>> {
+/// Grants prepaid credit over HTTP with the tenant's dev `credits` key.
+async fn grant(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    customer: &str,
+    key: &str,
+    amount: &str,
+    currency: &str,
+) -> Result<()> {
+    let credits_key = sample::dev_key(tenant, "credits").context("dev credits key")?;
+    let response = client
+        .post(format!("{base}/v1/customers/{customer}/grants"))
+        .bearer_auth(credits_key)
+        .json(&json!({"key": key, "amount": amount, "currency": currency}))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    println!(
+        "POST /v1/customers/{customer}/grants  {amount} {currency} prepaid for {tenant}/{customer}  -> HTTP {status}  {}",
+        body["id"].as_str().unwrap_or_default()
+    );
+    if !status.is_success() {
+        bail!("grant refused: {body}");
+    }
+    Ok(())
+}
+
+async fn balances_stage_wait(running: neruba_balances::Running) -> Result<()> {
+    Ok(running.wait().await?)
+}
+
+/// Reads the balance entries until `expected` distinct ones arrived, in per-customer order.
+async fn read_entries(bootstrap: &str, expected: usize) -> Result<Vec<BalanceEntry>> {
     let bootstrap = bootstrap.to_owned();
     let messages = tokio::task::spawn_blocking(move || {
         embedded::read_topic(
             &bootstrap,
-            topics::LEDGER,
+            topics::BALANCE_ENTRIES,
             expected,
             Duration::from_millis(300),
             Duration::from_secs(20),
         )
     })
     .await??;
-    let mut items: Vec<LineItem> = Vec::new();
+    let mut entries: BTreeMap<String, BalanceEntry> = BTreeMap::new();
     for m in &messages {
+        let entry: BalanceEntry = neruba_schemas::credit::decode(m.payload().unwrap_or_default())?;
+        entries.insert(entry.id.clone(), entry);
+    }
+    let mut entries: Vec<BalanceEntry> = entries.into_values().collect();
+    entries.sort_by(|a, b| (&a.tenant, &a.customer, a.seq).cmp(&(&b.tenant, &b.customer, b.seq)));
+    if entries.len() < expected {
+        bail!(
+            "expected {expected} balance entries, found {}",
+            entries.len()
+        );
+    }
+    Ok(entries)
+}
+
+fn print_entries(entries: &[BalanceEntry], money: &dyn Fn(Decimal, &str) -> String) {
+    println!(
+        "\nOn the balance-entries topic `{}`: {} entries",
+        topics::BALANCE_ENTRIES,
+        entries.len()
+    );
+    for e in entries {
+        let cause = e.cause.get(..11).unwrap_or(&e.cause);
+        println!(
+            "    {:<18} #{} {:<10} {:>11}  balance {:>10} -> {:>10}  ({cause})",
+            format!("{}/{}", e.tenant, e.customer),
+            e.seq,
+            e.kind.as_str(),
+            money(e.amount, &e.currency),
+            money(e.balance_before, &e.currency),
+            money(e.balance_after, &e.currency),
+        );
+    }
+}
+
+/// Per customer and currency: the credit left (the last entry's balance) and the amount due
+/// (the sum of `uncovered`).
+fn balances(
+    entries: &[BalanceEntry],
+    money: &dyn Fn(Decimal, &str) -> String,
+) -> Vec<(String, String, String)> {
+    let mut by: BTreeMap<(String, String), (Decimal, Decimal)> = BTreeMap::new();
+    for e in entries {
+        let slot = by
+            .entry((format!("{}/{}", e.tenant, e.customer), e.currency.clone()))
+            .or_default();
+        slot.0 = e.balance_after;
+        if e.kind == neruba_schemas::credit::EntryKind::Uncovered {
+            slot.1 += e.amount;
+        }
+    }
+    by.into_iter()
+        .map(|((who, currency), (left, due))| (who, money(left, &currency), money(due, &currency)))
+        .collect()
+}
+
+/// Reads the ledger until `expected` distinct items arrived (repeats of an id dropped; grants
+/// and voids, which share the topic, are not items).
+async fn read_ledger(bootstrap: &str, expected: usize) -> Result<Vec<LineItem>> {
+    let bootstrap = bootstrap.to_owned();
+    let records = expected + GRANTS.len();
+    let messages = tokio::task::spawn_blocking(move || {
+        embedded::read_topic(
+            &bootstrap,
+            topics::LEDGER,
+            records,
+            Duration::from_millis(300),
+            Duration::from_secs(20),
+        )
+    })
+    .await??;
+    let mut items: Vec<LineItem> = Vec::new();
+    for m in messages.iter().filter(|m| {
+        !m.headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == topics::RECORD_HEADER))
+    }) {
         let item = LineItem::decode(m.payload().unwrap_or_default())?;
         if !items.iter().any(|i| i.id == item.id) {
             items.push(item);

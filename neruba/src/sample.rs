@@ -14,6 +14,7 @@ pub const DEV_KEYS: &[(&str, &str, &str)] = &[
     ("acme", "read", "nrb_dev_acme_read_2b81d4"),
     ("acme", "credits", "nrb_dev_acme_credits_5c1e07"),
     ("globex", "ingest", "nrb_dev_globex_ingest_c05e11"),
+    ("globex", "credits", "nrb_dev_globex_credits_9d2b44"),
 ];
 
 /// Parses the built-in catalog.
@@ -23,9 +24,14 @@ pub fn catalog() -> neruba_schemas::Result<Catalog> {
 
 /// The dev ingest key of `tenant`.
 pub fn ingest_key(tenant: &str) -> Option<&'static str> {
+    dev_key(tenant, "ingest")
+}
+
+/// The dev key of `tenant` with `scope`.
+pub fn dev_key(tenant: &str, scope: &str) -> Option<&'static str> {
     DEV_KEYS
         .iter()
-        .find(|(t, scope, _)| *t == tenant && *scope == "ingest")
+        .find(|(t, s, _)| *t == tenant && *s == scope)
         .map(|(_, _, key)| *key)
 }
 

@@ -237,7 +237,6 @@ fn exact_amount(value: &serde_json::Value) -> Option<Decimal> {
     };
     decimal::parse_exact(&text)
         .filter(|d| d.is_sign_positive() && !d.is_zero() && *d < decimal::max_abs_value())
-        .map(|d| d.normalize())
 }
 
 fn time(field: &str, text: Option<&str>) -> Result<Option<(i64, String)>, GrantRejection> {

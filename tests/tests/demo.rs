@@ -139,5 +139,41 @@ async fn demo_turns_events_into_line_items_that_add_up_by_hand() -> Result<()> {
             ("globex/customer-2".to_owned(), "9.20 EUR".to_owned()),
         ]
     );
+    // Prepaid credit granted before the usage (0.20 USD to acme/customer-7, 10 EUR to
+    // globex/customer-1), drawn down by it: by hand from the items above, 0.30 − 0.20 = 0.10 USD
+    // due; 0.29 + 9.71 of the late event's 25.98 adjustment from the grant, 16.27 EUR due.
+    let entry = |who: &str, seq: u64, kind: &str, amount: &str, after: &str| {
+        (
+            who.to_owned(),
+            seq,
+            kind.to_owned(),
+            amount.to_owned(),
+            after.to_owned(),
+        )
+    };
+    assert_eq!(
+        summary.entries,
+        [
+            entry("acme/customer-7", 1, "grant", "0.20 USD", "0.20 USD"),
+            entry("acme/customer-7", 2, "consume", "-0.20 USD", "0.00 USD"),
+            entry("acme/customer-7", 3, "uncovered", "0.10 USD", "0.00 USD"),
+            entry("acme/customer-9", 1, "uncovered", "1.00 USD", "0.00 USD"),
+            entry("globex/customer-1", 1, "grant", "10.00 EUR", "10.00 EUR"),
+            entry("globex/customer-1", 2, "consume", "-0.29 EUR", "9.71 EUR"),
+            entry("globex/customer-1", 3, "consume", "-9.71 EUR", "0.00 EUR"),
+            entry("globex/customer-1", 4, "uncovered", "16.27 EUR", "0.00 EUR"),
+            entry("globex/customer-2", 1, "uncovered", "9.20 EUR", "0.00 EUR"),
+        ]
+    );
+    let due = |who: &str, left: &str, due: &str| (who.to_owned(), left.to_owned(), due.to_owned());
+    assert_eq!(
+        summary.balances,
+        [
+            due("acme/customer-7", "0.00 USD", "0.10 USD"),
+            due("acme/customer-9", "0.00 USD", "1.00 USD"),
+            due("globex/customer-1", "0.00 EUR", "16.27 EUR"),
+            due("globex/customer-2", "0.00 EUR", "9.20 EUR"),
+        ]
+    );
     Ok(())
 }
