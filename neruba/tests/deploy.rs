@@ -69,7 +69,13 @@ fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
     }
     assert!(set.contains("NERUBA_BROKERS"), "{set:?}");
     let mut help_text = String::new();
-    for command in [&[][..], &["gateway"], &["aggregator"], &["rater"]] {
+    for command in [
+        &[][..],
+        &["gateway"],
+        &["aggregator"],
+        &["rater"],
+        &["balances"],
+    ] {
         help_text.push_str(&help(command)?);
     }
     let unknown: Vec<&String> = set
@@ -85,7 +91,7 @@ fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
 
 #[test]
 fn a_stage_manifest_sets_only_what_it_reads_and_the_config_map_no_stage_setting() -> Result<()> {
-    let stages = ["gateway", "aggregator", "rater"];
+    let stages = ["gateway", "aggregator", "rater", "balances"];
     let helps: Vec<String> = stages
         .iter()
         .map(|stage| help(&[stage]))
