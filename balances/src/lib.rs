@@ -37,7 +37,7 @@ impl Config {
         let input = neruba_schemas::topics::LEDGER;
         Self {
             stage: neruba_stage::Config::new(brokers, "neruba-balances", input, state_dir)
-                .sized(2_000, 32 * 1024 * 1024),
+                .sized(5_000, 32 * 1024 * 1024),
             entries_topic: neruba_schemas::topics::BALANCE_ENTRIES.to_owned(),
             expiry_grace_ms: 0,
         }

@@ -135,10 +135,18 @@ fn read_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((part, bytes.get(4 + len..)?))
 }
 
-/// How partition stores are tuned: the defaults (books are few and small next to events).
+/// How partition stores are tuned: most reads are applied-item checks of new items, so a
+/// whole-key bloom filter on the memtable answers those misses without a search.
 pub fn store_options() -> StoreOptions {
-    StoreOptions::default()
+    StoreOptions {
+        memtable_bloom: true,
+        ..StoreOptions::default()
+    }
 }
+
+/// Books kept in memory between batches (each written, so equal to what is stored); beyond
+/// this many the cache is emptied after a batch and books are read again as they are needed.
+const BOOK_CACHE: usize = 50_000;
 
 /// The balances state of one ledger partition.
 pub struct PartitionState {
@@ -465,8 +473,11 @@ impl neruba_stage::Partition for PartitionState {
             batch.put(CLOCK_KEY, time_bytes(self.clock_ms));
         }
         self.store.write(batch)?;
-        // Written: books not needed by the next batch leave memory.
-        self.books.clear();
+        // Written: the cached books equal the stored ones; a customer's next records usually
+        // follow soon, so they stay, within a bound.
+        if self.books.len() > BOOK_CACHE {
+            self.books.clear();
+        }
         Ok(())
     }
 }

@@ -1,0 +1,280 @@
+//! End-to-end throughput of the balances stage against the raw pair it is built on.
+//!
+//! One run, one broker (the embedded mock cluster), one ledger topic's worth of records:
+//! `NERUBA_BENCH_CUSTOMERS` (default 2,000) customers, each with two grants (a small
+//! promotional one that burns first and a purchased pack) and 10 usage items plus one
+//! adjustment, so the stage consumes, restores and leaves some usage uncovered.
+//! 1. the raw pair: an rdkafka consumer drains the ledger records (no-op handler), then an
+//!    idempotent `acks=all` producer sends the balance entries the stage must produce
+//!    (computed in memory beforehand by the same fold): the least any balances stage does;
+//! 2. the balances stage (RocksDB state, the fold, entries acknowledged before the state write)
+//!    drains the same records and produces those entries.
+//!
+//! Reports entries/s of each, their ratio (issue target: ≥ 0.5 × the raw pair) and the
+//! process's peak RSS.
+
+// Rates and ratios in the report are floating point; no quantity or amount is.
+#![allow(clippy::float_arithmetic)]
+
+use anyhow::{Context, Result};
+use neruba::embedded::EmbeddedKafka;
+use neruba_balances::book::Book;
+use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
+use neruba_schemas::credit::{self, Grant, GrantTerms};
+use neruba_schemas::event::format_time_ms;
+use neruba_schemas::ledger::{Kind, LineItem};
+use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 8;
+const RAW_ENTRIES: &str = "bench.raw-entries";
+const HOUR: i64 = 3_600_000;
+
+/// A ledger record: key, payload, and its `neruba-record` header (none for a line item).
+struct Record {
+    key: String,
+    payload: Vec<u8>,
+    header: Option<&'static str>,
+}
+
+fn producer(bootstrap: &str, idempotent: bool) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set(
+            "enable.idempotence",
+            if idempotent { "true" } else { "false" },
+        )
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+async fn send_all(producer: &FutureProducer, topic: &str, records: &[Record]) -> Result<()> {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut message = FutureRecord::to(topic)
+            .key(r.key.as_bytes())
+            .payload(r.payload.as_slice())
+            .partition(stable_partition(&r.key, PARTITIONS));
+        if let Some(value) = r.header {
+            message = message.headers(OwnedHeaders::new().insert(Header {
+                key: RECORD_HEADER,
+                value: Some(value),
+            }));
+        }
+        pending.push(
+            producer
+                .send_result(message)
+                .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
+        );
+    }
+    for delivery in join_in_order(pending).await {
+        delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The workload, in ledger order per customer, and the entries the fold makes of it.
+fn workload(customers: usize) -> (Vec<Record>, Vec<Record>) {
+    let now = neruba_schemas::event::now_ms();
+    let period = now - now % (30 * 24 * HOUR);
+    let (mut records, mut entries) = (Vec::new(), Vec::new());
+    for c in 0..customers {
+        let customer = format!("customer-{c}");
+        let key = format!("acme/{customer}");
+        let mut book = Book::default();
+        let push = |book_entries: Vec<credit::BalanceEntry>, entries: &mut Vec<Record>| {
+            for e in book_entries {
+                entries.push(Record {
+                    key: key.clone(),
+                    payload: credit::encode(&e),
+                    header: None,
+                });
+            }
+        };
+        for (k, amount, priority) in [("promo", "2.50", 1_u16), ("pack", "20", 10)] {
+            let grant = Grant {
+                v: 1,
+                id: credit::grant_id("acme", &customer, k),
+                tenant: "acme".into(),
+                customer: customer.clone(),
+                key: k.into(),
+                terms: GrantTerms {
+                    amount: amount.parse().unwrap_or_default(),
+                    currency: "USD".into(),
+                    priority,
+                    effective_at: None,
+                    expires_at: None,
+                    paid: None,
+                    metadata: BTreeMap::new(),
+                },
+                received_at: format_time_ms(now),
+            };
+            push(book.apply_grant(&grant, i64::MIN, 0), &mut entries);
+            records.push(Record {
+                key: key.clone(),
+                payload: credit::encode(&grant),
+                header: Some("grant"),
+            });
+        }
+        for w in 0..11_i64 {
+            let adjustment = w == 10;
+            let amount = if adjustment {
+                Decimal::new(-150, 2)
+            } else {
+                Decimal::new(275, 2)
+            };
+            let window = period + w * 60_000;
+            let item = LineItem {
+                v: 1,
+                id: format!("li_{c}_{w}"),
+                kind: if adjustment {
+                    Kind::Adjustment
+                } else {
+                    Kind::Usage
+                },
+                tenant: "acme".into(),
+                customer: customer.clone(),
+                meter: "api_calls".into(),
+                group: BTreeMap::new(),
+                period_start: format_time_ms(period),
+                period_end: format_time_ms(period + 30 * 24 * HOUR),
+                window_start: format_time_ms(window),
+                window_end: format_time_ms(window + 60_000),
+                window_quantity: Decimal::ONE,
+                window_events: 1,
+                period_quantity: Decimal::from(w + 1),
+                amount,
+                period_amount: amount,
+                currency: "USD".into(),
+                price_plan: "api-calls".into(),
+                price_version: 1,
+                revision: 1,
+                supersedes: None,
+            };
+            push(book.apply_item(&item), &mut entries);
+            records.push(Record {
+                key: key.clone(),
+                payload: item.encode(),
+                header: None,
+            });
+        }
+    }
+    (records, entries)
+}
+
+/// Drains `expected` records of the ledger with a no-op handler; the elapsed time from the
+/// first message.
+fn drain(bootstrap: &str, expected: usize) -> Result<Duration> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-raw-ledger")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topics::LEDGER, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let (mut seen, mut started) = (0usize, None);
+    while seen < expected {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            message?;
+            started.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+    }
+    started.map(|s| s.elapsed()).context("nothing drained")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let customers: usize = std::env::var("NERUBA_BENCH_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let kafka = EmbeddedKafka::start(&[
+        (topics::LEDGER, PARTITIONS),
+        (topics::BALANCE_ENTRIES, PARTITIONS),
+        (RAW_ENTRIES, PARTITIONS),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let (records, entries) = workload(customers);
+    let (r, n) = (records.len(), entries.len());
+    let setup = producer(&bootstrap, false)?;
+    send_all(&setup, topics::LEDGER, &records).await?;
+    println!(
+        "produced {r} ledger records ({customers} customers); the fold makes {n} entries of them"
+    );
+
+    let drained = {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || drain(&bootstrap, r)).await??
+    };
+    let raw_producer = producer(&bootstrap, true)?;
+    send_all(&raw_producer, RAW_ENTRIES, &entries[..1]).await?;
+    let started = Instant::now();
+    send_all(&raw_producer, RAW_ENTRIES, &entries).await?;
+    let produced = started.elapsed();
+    let raw = drained + produced;
+    println!(
+        "raw pair: drained {r} records in {drained:.2?}, produced {n} entries in {produced:.2?}"
+    );
+
+    let state = tempfile::tempdir()?;
+    let mut config = neruba_balances::Config::new(&bootstrap, state.path());
+    config.stage.group_id = "bench-balances".into();
+    let registry = prometheus::Registry::new();
+    let shutdown = CancellationToken::new();
+    let running = neruba_balances::start(config, &registry, shutdown.clone())?;
+    let mut first = None;
+    let mut last_report = Instant::now();
+    loop {
+        let emitted = counter(&registry, "neruba_balance_entries_total");
+        if emitted > 0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        if emitted >= u64::try_from(n)? {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            println!("  balances progress: {emitted} of {n}");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let balanced = first
+        .map(|f| f.elapsed())
+        .context("the stage never started")?;
+    shutdown.cancel();
+    running.wait().await?;
+
+    let (raw_rate, stage_rate) = (rate(n, raw), rate(n, balanced));
+    println!(
+        "raw pair (drain + acks=all produce): {n} entries in {raw:.2?} = {raw_rate:.0} entries/s"
+    );
+    println!(
+        "balances stage end to end:          {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s"
+    );
+    println!(
+        "ratio stage / raw pair:             {:.2} (target >= 0.50)",
+        stage_rate / raw_rate
+    );
+    println!(
+        "peak RSS of the process:            {} MiB",
+        peak_rss_kib() / 1024
+    );
+    Ok(())
+}
