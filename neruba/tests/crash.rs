@@ -1,13 +1,16 @@
 //! Nothing lost, nothing counted twice, on a real broker, with every component killed at random.
 //!
-//! A tansu broker process; the gateway, an aggregator and a rater as separate `neruba`
-//! processes. A generated workload (two tenants, several customers and meters, ~10 % repeated
+//! A tansu broker process; the gateway, an aggregator, a rater and a balances stage as
+//! separate `neruba` processes. A generated workload (two tenants, several customers and meters, ~10 % repeated
 //! ids, events arriving minutes out of order so windows are revised, batches of 1 to 60) is
 //! posted over HTTP while a killer SIGKILLs a random component every second or two and
 //! restarts it. Clients retry a request until it is answered, as a real SDK does. At the end,
 //! the ledger (deduplicated by id; a repeated id must carry identical content) must equal,
 //! per tenant, customer, meter, group and billing period and to the cent, the price of the
-//! aggregate of the distinct events the gateway answered `accepted`.
+//! aggregate of the distinct events the gateway answered `accepted`. Prepaid credit is granted
+//! to some customers before and during the run (repeated by retries), and every customer's
+//! balance entries (deduplicated by id; a repeat must be identical) must equal, entry for
+//! entry, the fold the test computes itself from the ledger's records in partition order.
 //!
 //! `NERUBA_CRASH_EVENTS` (default 4,000) sizes the run; a soak is `NERUBA_CRASH_EVENTS=40000`;
 //! `NERUBA_CRASH_SEED` picks another workload.
@@ -16,15 +19,32 @@ mod common;
 
 use anyhow::{Context, Result, bail};
 use common::{Broker, Proc, free_port};
+use neruba_balances::book::Book;
 use neruba_rater::price::{plan_in_force, price};
 use neruba_schemas::Catalog;
+use neruba_schemas::credit::{self, BalanceEntry, Grant};
 use neruba_schemas::ledger::LineItem;
+use neruba_schemas::topics::RECORD_HEADER;
 use rdkafka::Message;
+use rdkafka::message::Headers;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Per (tenant, customer), its balance entries in sequence order.
+type Entries = BTreeMap<(String, String), Vec<BalanceEntry>>;
+
+/// A grant the run makes: tenant, customer, key, amount, currency, priority.
+type GrantSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    u16,
+);
 
 /// (tenant, customer, meter, group as `k=v,...`, period start) → amount.
 type Ledger = BTreeMap<(String, String, String, String, String), Decimal>;
@@ -169,7 +189,8 @@ fn read_ledger(bootstrap: &str) -> Result<(Ledger, usize, usize)> {
         Duration::from_secs(120),
     )?;
     let mut items: HashMap<String, LineItem> = HashMap::new();
-    for message in &messages {
+    // Grants share the topic (they carry a record header); they are not items.
+    for message in messages.iter().filter(|m| record_header(m).is_none()) {
         let item = LineItem::decode(message.payload().unwrap_or_default())?;
         if let Some(earlier) = items.get(&item.id) {
             if *earlier != item {
@@ -195,10 +216,129 @@ fn read_ledger(bootstrap: &str) -> Result<(Ledger, usize, usize)> {
     Ok((ledger, items.len(), messages.len()))
 }
 
+/// The `neruba-record` header of a ledger message (`None`: a line item).
+fn record_header(message: &rdkafka::message::OwnedMessage) -> Option<Vec<u8>> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == RECORD_HEADER)
+            .map(|h| h.value.unwrap_or_default().to_vec())
+    })
+}
+
+/// Per customer, the balance entries a fresh fold of the ledger's records gives, in the order
+/// of each partition (line items deduplicated by id, as the stage does).
+fn fold_ledger(bootstrap: &str) -> Result<Entries> {
+    let mut messages = neruba::embedded::read_topic(
+        bootstrap,
+        "neruba.ledger",
+        0,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )?;
+    messages.sort_by_key(|m| (m.partition(), m.offset()));
+    let mut books: HashMap<(String, String), Book> = HashMap::new();
+    let mut applied = std::collections::HashSet::new();
+    let mut entries = Entries::new();
+    for message in &messages {
+        let payload = message.payload().unwrap_or_default();
+        let (who, produced) = match record_header(message).as_deref() {
+            None => {
+                let item = LineItem::decode(payload)?;
+                let who = (item.tenant.clone(), item.customer.clone());
+                if !applied.insert((who.clone(), item.id.clone())) {
+                    continue;
+                }
+                let produced = books.entry(who.clone()).or_default().apply_item(&item);
+                (who, produced)
+            }
+            Some(b"grant") => {
+                let grant: Grant = credit::decode(payload)?;
+                let who = (grant.tenant.clone(), grant.customer.clone());
+                let produced =
+                    books
+                        .entry(who.clone())
+                        .or_default()
+                        .apply_grant(&grant, i64::MIN, 0);
+                (who, produced)
+            }
+            Some(other) => bail!(
+                "unexpected ledger record {:?}",
+                String::from_utf8_lossy(other)
+            ),
+        };
+        entries.entry(who).or_default().extend(produced);
+    }
+    Ok(entries)
+}
+
+/// Per customer, the balance entries on the topic, each id once (a repeat must be identical),
+/// in sequence order.
+fn read_entries(bootstrap: &str) -> Result<(Entries, usize)> {
+    let messages = neruba::embedded::read_topic(
+        bootstrap,
+        "neruba.balance-entries",
+        0,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )?;
+    let mut by_id: HashMap<String, BalanceEntry> = HashMap::new();
+    for message in &messages {
+        let entry: BalanceEntry = credit::decode(message.payload().unwrap_or_default())?;
+        if let Some(earlier) = by_id.get(&entry.id) {
+            if *earlier != entry {
+                bail!("balance entry {} repeated with different content", entry.id);
+            }
+        } else {
+            by_id.insert(entry.id.clone(), entry);
+        }
+    }
+    let mut entries: BTreeMap<(String, String), Vec<BalanceEntry>> = BTreeMap::new();
+    for entry in by_id.into_values() {
+        entries
+            .entry((entry.tenant.clone(), entry.customer.clone()))
+            .or_default()
+            .push(entry);
+    }
+    for list in entries.values_mut() {
+        list.sort_by_key(|e| e.seq);
+    }
+    Ok((entries, messages.len()))
+}
+
+/// Grants `amount` of `currency` to `customer` of `tenant` with idempotency key `key`,
+/// retrying until the gateway answers 202 (a retry of the same key is the same grant).
+async fn grant_until_answered(
+    client: &reqwest::Client,
+    base: &str,
+    (tenant, customer, key, amount, currency, priority): GrantSpec,
+) -> Result<()> {
+    let credits_key = neruba::sample::dev_key(tenant, "credits").context("credits key")?;
+    let started = Instant::now();
+    loop {
+        let answered = client
+            .post(format!("{base}/v1/customers/{customer}/grants"))
+            .bearer_auth(credits_key)
+            .timeout(Duration::from_secs(10))
+            .json(
+                &json!({"key": key, "amount": amount, "currency": currency, "priority": priority}),
+            )
+            .send()
+            .await;
+        if answered.is_ok_and(|r| r.status().as_u16() == 202) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("a grant went unanswered for two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 struct Pipeline {
     gateway: Proc,
     aggregator: Proc,
     rater: Proc,
+    balances: Proc,
     base: String,
     /// The aggregator's and the rater's operations endpoints (`/readyz`, `/metrics`).
     aggregator_ops: String,
@@ -222,7 +362,8 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         args
     };
     let state = work.join("state");
-    let (aggregator_ops, rater_ops) = (
+    let (aggregator_ops, rater_ops, balances_ops) = (
+        format!("127.0.0.1:{}", free_port()?),
         format!("127.0.0.1:{}", free_port()?),
         format!("127.0.0.1:{}", free_port()?),
     );
@@ -259,10 +400,25 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
         "--rater-assign",
         "all",
     ]));
+    let balances_args: Vec<String> = [
+        "balances",
+        "--brokers",
+        bootstrap,
+        "--state-dir",
+        &state.join("balances").display().to_string(),
+        "--ops-listen",
+        &balances_ops,
+        "--balances-assign",
+        "all",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     Ok(Pipeline {
         gateway: Proc::new("gateway", binary, &gateway_args, work),
         aggregator: Proc::new("aggregator", binary, &aggregator_args, work),
         rater: Proc::new("rater", binary, &rater_args, work),
+        balances: Proc::new("balances", binary, &balances_args, work),
         base: format!("http://127.0.0.1:{port}"),
         aggregator_ops: format!("http://{aggregator_ops}"),
         rater_ops: format!("http://{rater_ops}"),
@@ -270,8 +426,13 @@ fn pipeline(bootstrap: &str, work: &Path) -> Result<Pipeline> {
 }
 
 impl Pipeline {
-    fn procs(&mut self) -> [&mut Proc; 3] {
-        [&mut self.gateway, &mut self.aggregator, &mut self.rater]
+    fn procs(&mut self) -> [&mut Proc; 4] {
+        [
+            &mut self.gateway,
+            &mut self.aggregator,
+            &mut self.rater,
+            &mut self.balances,
+        ]
     }
 }
 
@@ -284,6 +445,7 @@ async fn start_all(work: &Path, partitions: i32) -> Result<(Broker, Pipeline)> {
             ("neruba.events", partitions),
             ("neruba.rollups", partitions),
             ("neruba.ledger", partitions),
+            ("neruba.balance-entries", partitions),
             ("neruba.dead-letter", 1),
         ])
         .await?;
@@ -387,7 +549,7 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
                     () = done.cancelled() => return Ok::<u32, anyhow::Error>(kills),
                     () = tokio::time::sleep(pause) => {}
                 }
-                let victim = usize::try_from(rng.below(3)).unwrap_or(0);
+                let victim = usize::try_from(rng.below(4)).unwrap_or(0);
                 let mut pipeline = pipeline.lock().await;
                 let process = &mut pipeline.procs()[victim];
                 process.kill()?;
@@ -397,8 +559,23 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
             }
         })
     };
+    // Prepaid credit for some customers: granted up front, and a second grant mid-run (while
+    // components die), each retried until answered.
+    let grants: [GrantSpec; 3] = [
+        ("acme", "c-0", "pack-1", "3.50", "USD", 10),
+        ("acme", "c-1", "promo", "0.75", "USD", 1),
+        ("globex", "c-2", "pack-1", "40", "EUR", 10),
+    ];
+    for grant in grants {
+        grant_until_answered(&client, &base, grant).await?;
+    }
     let mut cursor = 0;
+    let mut granted_mid_run = false;
     while cursor < generated.len() {
+        if !granted_mid_run && cursor > generated.len() / 2 {
+            grant_until_answered(&client, &base, ("acme", "c-0", "pack-2", "5", "USD", 5)).await?;
+            granted_mid_run = true;
+        }
         // Batches of one tenant, 1 to 60 events.
         let tenant = generated[cursor].tenant;
         let size = usize::try_from(1 + rng.below(60)).unwrap_or(1);
@@ -428,13 +605,14 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
     let expected = truth(&accepted, &catalog)?;
     let (got, distinct, messages) = settle_ledger(&broker.bootstrap, &expected).await?;
     println!(
-        "{} events posted, {} distinct accepted, {kills} kills survived ({} gateway, {} aggregator, {} rater starts); \
+        "{} events posted, {} distinct accepted, {kills} kills survived ({} gateway, {} aggregator, {} rater, {} balances starts); \
          ledger: {messages} messages, {distinct} distinct items, {} periods",
         generated.len(),
         accepted.len(),
         pipeline.gateway.starts,
         pipeline.aggregator.starts,
         pipeline.rater.starts,
+        pipeline.balances.starts,
         expected.len()
     );
     if got != expected {
@@ -464,6 +642,48 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
     assert!(
         kills >= 3,
         "the run was too short to kill anything much: {kills}"
+    );
+
+    // The balance entries: what a fresh fold of the ledger gives, entry for entry.
+    let bootstrap = broker.bootstrap.clone();
+    let folded = tokio::task::spawn_blocking(move || fold_ledger(&bootstrap)).await??;
+    let want: usize = folded.values().map(Vec::len).sum();
+    let started = Instant::now();
+    let (entries, messages) = loop {
+        let bootstrap = broker.bootstrap.clone();
+        let read = tokio::task::spawn_blocking(move || read_entries(&bootstrap)).await??;
+        if read.0 == folded || started.elapsed() > Duration::from_secs(120) {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let consumed: Decimal = entries
+        .values()
+        .flatten()
+        .filter(|e| e.kind == credit::EntryKind::Consume)
+        .map(|e| -e.amount)
+        .sum();
+    println!(
+        "balance entries: {messages} messages, {} distinct, {want} from the fold, {} customers, \
+         {consumed} of credit consumed",
+        entries.values().map(Vec::len).sum::<usize>(),
+        folded.len()
+    );
+    if entries != folded {
+        let kept = work.keep();
+        for process in pipeline.procs() {
+            process.kill()?;
+        }
+        bail!(
+            "balance entries differ from the fold of the ledger (logs kept in {}):\n got {:#?}\n want {:#?}",
+            kept.display(),
+            entries,
+            folded
+        );
+    }
+    assert!(
+        consumed > Decimal::ZERO,
+        "no credit was consumed: the check saw no grant used"
     );
     Ok(())
 }
