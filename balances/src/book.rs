@@ -100,12 +100,16 @@ impl Entries<'_> {
         amount: Decimal,
         code: Option<&str>,
     ) {
-        let balance = self.book.balances.entry(currency.to_owned()).or_default();
-        let before = *balance;
-        if !matches!(kind, EntryKind::Uncovered | EntryKind::GrantRefused) {
-            *balance += amount;
-        }
-        let after = *balance;
+        let before = self.book.balance(currency);
+        // A refused grant or void neither moves the balance nor opens one in its currency.
+        let after = match kind {
+            EntryKind::Uncovered | EntryKind::GrantRefused => before,
+            _ => {
+                let after = before + amount;
+                self.book.balances.insert(currency.to_owned(), after);
+                after
+            }
+        };
         self.book.seq += 1;
         let ordinal = self.book.seq;
         self.out.push(BalanceEntry {
@@ -293,7 +297,7 @@ impl Book {
                     &currency,
                     Some(&grant.id),
                     None,
-                    grant.terms.amount,
+                    Decimal::ZERO,
                     Some("key_conflict"),
                 );
             }
@@ -415,6 +419,16 @@ fn end_grant(e: &mut Entries<'_>, id: &str, status: Status) {
 /// Gives `amount` back to grant `id`; if the grant has ended, it ends again at once.
 fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amount: Decimal) {
     let Some(state) = e.book.grants.get_mut(id) else {
+        // Grants are never removed from a book, so this cannot happen; were it to, the amount
+        // is owed back rather than lost, and the series still adds up.
+        e.push(
+            EntryKind::Uncovered,
+            currency,
+            None,
+            Some(series),
+            -amount,
+            None,
+        );
         return;
     };
     state.remaining += amount;

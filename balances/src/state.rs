@@ -164,7 +164,9 @@ pub struct PartitionState {
     expiries: BTreeSet<(i64, String, String)>,
     /// Customers whose index entry the batch changed, with the entry as stored before.
     index_stored: HashMap<CustomerKey, Option<i64>>,
-    /// Expiry grace: a grant expires once the clock passes `expires_at` + this.
+    /// Expiry grace: a tick is written for `now − grace`, so a grant expires once the wall
+    /// clock passes `expires_at` + this. Applying records never reads it: what a tick says is
+    /// the partition's clock, and a replay under another grace expires at the same points.
     grace_ms: i64,
     /// When the last tick was queued (wall ms), so one is in flight at a time.
     tick_sent_ms: Option<i64>,
@@ -314,6 +316,19 @@ impl PartitionState {
         self.store.consumed(input.offset);
         match record {
             Record::LineItem => match credit::decode::<LineItem>(input.payload) {
+                Ok(item)
+                    if item.amount.abs() >= neruba_schemas::decimal::max_abs_value()
+                        || item.currency.is_empty()
+                        || item.tenant.is_empty()
+                        || item.customer.is_empty() =>
+                {
+                    self.refuse(
+                        input,
+                        "invalid_line_item",
+                        "an amount outside ±10^18, or no currency, tenant or customer".into(),
+                    );
+                    Ok(())
+                }
                 Ok(item) => self.apply_item(&item),
                 Err(e) => {
                     self.refuse(input, "invalid_line_item", e.to_string());
@@ -324,7 +339,7 @@ impl PartitionState {
                 Ok(grant)
                     if grant.id == credit::grant_id(&grant.tenant, &grant.customer, &grant.key) =>
                 {
-                    let (clock, grace) = (self.clock_ms, self.grace_ms);
+                    let (clock, grace) = (self.clock_ms, 0);
                     let entries = self
                         .book(&grant.tenant, &grant.customer)?
                         .apply_grant(&grant, clock, grace);
@@ -399,11 +414,11 @@ impl PartitionState {
         let due: Vec<(String, String)> = self
             .expiries
             .iter()
-            .take_while(|(at, _, _)| at.saturating_add(self.grace_ms) <= at_ms)
+            .take_while(|(at, _, _)| *at <= at_ms)
             .map(|(_, tenant, customer)| (tenant.clone(), customer.clone()))
             .collect();
         for (tenant, customer) in due {
-            let grace = self.grace_ms;
+            let grace = 0;
             let entries = self
                 .book(&tenant, &customer)?
                 .apply_tick(&tenant, &customer, at_ms, grace);
@@ -413,11 +428,14 @@ impl PartitionState {
     }
 
     /// Whether a tick should be written now (wall clock `now_ms`): a grant's expiry plus grace
-    /// has passed and no tick was queued within `retry_ms`. Queues it as an output.
+    /// has passed and no tick was queued within `retry_ms`. Queues it as an output, stamped
+    /// `now − grace`: the clock the partition then reads.
     pub fn tick_due(&mut self, now_ms: i64, retry_ms: i64) -> bool {
-        let due = self.expiries.first().is_some_and(|(at, _, _)| {
-            at.saturating_add(self.grace_ms) <= now_ms && now_ms > self.clock_ms
-        });
+        let at_ms = now_ms.saturating_sub(self.grace_ms);
+        let due = self
+            .expiries
+            .first()
+            .is_some_and(|(at, _, _)| *at <= at_ms && at_ms > self.clock_ms);
         let in_flight = self
             .tick_sent_ms
             .is_some_and(|sent| now_ms.saturating_sub(sent) < retry_ms);
@@ -427,7 +445,7 @@ impl PartitionState {
         self.tick_sent_ms = Some(now_ms);
         self.outputs.push(Output::Tick {
             partition: self.partition,
-            at_ms: now_ms,
+            at_ms,
         });
         true
     }
@@ -565,6 +583,71 @@ mod tests {
                 (credit::EntryKind::Grant, "7".to_owned()),
                 (credit::EntryKind::Expire, "-7".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn a_tick_carries_the_grace_and_an_impossible_item_is_dead_lettered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 60_000).expect("open");
+        state.expiry_of.insert(("acme".into(), "c1".into()), 1_000);
+        state.expiries.insert((1_000, "acme".into(), "c1".into()));
+        // Within the grace: no tick; past it: a tick stamped now − grace, which is all a
+        // replay reads (whatever grace it runs with).
+        assert!(!state.tick_due(30_000, 5_000));
+        assert!(state.tick_due(61_000, 5_000));
+        assert_eq!(
+            state.take_outputs(),
+            vec![Output::Tick {
+                partition: 0,
+                at_ms: 1_000
+            }]
+        );
+        let mut item = serde_json::json!({
+            "v": 1, "id": "li_x", "kind": "usage", "tenant": "acme", "customer": "c1",
+            "meter": "m", "group": {}, "period_start": "2026-11-01T00:00:00Z",
+            "period_end": "2026-12-01T00:00:00Z", "window_start": "2026-11-02T00:00:00Z",
+            "window_end": "2026-11-02T00:01:00Z", "window_quantity": "1", "window_events": 1,
+            "period_quantity": "1", "amount": "1000000000000000000", "period_amount": "1",
+            "currency": "USD", "price_plan": "p", "price_version": 1, "revision": 1,
+            "supersedes": null
+        });
+        let bytes = serde_json::to_vec(&item).expect("json");
+        let input = Input {
+            offset: 0,
+            key: None,
+            payload: &bytes,
+        };
+        state.apply(input, Record::LineItem).expect("apply");
+        let codes: Vec<&str> = state
+            .take_outputs()
+            .iter()
+            .filter_map(|o| match o {
+                Output::DeadLetter(letter) => Some(letter.code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes, vec!["invalid_line_item"]);
+        item["amount"] = serde_json::json!("12.50");
+        let bytes = serde_json::to_vec(&item).expect("json");
+        let input = Input {
+            offset: 1,
+            key: None,
+            payload: &bytes,
+        };
+        state.apply(input, Record::LineItem).expect("apply");
+        let kinds: Vec<(credit::EntryKind, String)> = state
+            .take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => Some((e.kind, e.amount.to_string())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(credit::EntryKind::Uncovered, "12.50".to_owned())]
         );
     }
 }

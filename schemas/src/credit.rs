@@ -278,12 +278,19 @@ impl GrantRequest {
             )
         })?;
         let currency = self.currency.unwrap_or_default();
-        if catalog.precision(&currency).is_none() {
+        let Some(precision) = catalog.precision(&currency) else {
             return Err(reject(
                 GrantRejectCode::UnknownCurrency,
                 format!(
                     "currency `{currency}` is neither a known ISO 4217 code nor a unit of the catalog"
                 ),
+            ));
+        };
+        // Finer than the currency's minor unit, a grant would draw fractions of a cent.
+        if amount.scale() > precision {
+            return Err(reject(
+                GrantRejectCode::InvalidAmount,
+                format!("`amount` has more decimal places than {currency} has ({precision})"),
             ));
         }
         let priority = match self.priority {
@@ -312,8 +319,9 @@ impl GrantRequest {
             None => None,
             Some(paid) => {
                 let amount = exact_amount(&paid.amount);
+                let precision = catalog.precision(&paid.currency);
                 match amount {
-                    Some(amount) if catalog.precision(&paid.currency).is_some() => Some(Money {
+                    Some(amount) if precision.is_some_and(|p| amount.scale() <= p) => Some(Money {
                         amount,
                         currency: paid.currency,
                     }),
@@ -548,6 +556,10 @@ mod tests {
             ),
             (
                 json!({"key": "k", "amount": "ten", "currency": "USD"}),
+                GrantRejectCode::InvalidAmount,
+            ),
+            (
+                json!({"key": "k", "amount": "0.001", "currency": "USD"}),
                 GrantRejectCode::InvalidAmount,
             ),
             (

@@ -243,7 +243,7 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
                 "c1",
                 EntryKind::GrantRefused,
                 Some(k),
-                d("25"),
+                d("0"),
                 d("15.50"),
                 Some("key_conflict")
             ),
