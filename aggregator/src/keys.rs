@@ -27,22 +27,8 @@ pub const META_WATERMARK: &[u8] = b"\0\0\0\0Mwatermark";
 /// The partition-wide highest event time of such state, likewise.
 pub const META_MAX_EVENT_TIME: &[u8] = b"\0\0\0\0Mmax_event_time";
 
-fn push(buf: &mut Vec<u8>, part: &[u8]) {
-    let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(part);
-}
-
-/// An `i64` as 8 bytes that sort like the number.
-pub fn time_bytes(t: i64) -> [u8; 8] {
-    (t.cast_unsigned() ^ (1 << 63)).to_be_bytes()
-}
-
-/// Reads [`time_bytes`] back.
-pub fn time_from(bytes: &[u8]) -> Option<i64> {
-    let array: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
-    Some((u64::from_be_bytes(array) ^ (1 << 63)).cast_signed())
-}
+use neruba_stage::keys::push_part as push;
+pub use neruba_stage::keys::{time_bytes, time_from};
 
 fn tenant_kind(tenant: &str, kind: u8) -> Vec<u8> {
     let mut key = Vec::with_capacity(64);

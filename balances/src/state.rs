@@ -91,11 +91,7 @@ pub struct Counts {
 
 type CustomerKey = (String, String);
 
-fn push(buf: &mut Vec<u8>, part: &[u8]) {
-    let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(part);
-}
+use neruba_stage::keys::{push_part as push, read_part, time_bytes, time_from};
 
 fn customer_key(kind: u8, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(tenant.len() + customer.len() + 9);
@@ -111,28 +107,12 @@ fn item_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
     key
 }
 
-/// Times as 8 bytes that sort like the number.
-fn time_bytes(t: i64) -> [u8; 8] {
-    (t.cast_unsigned() ^ (1 << 63)).to_be_bytes()
-}
-
-fn time_from(bytes: &[u8]) -> Option<i64> {
-    let array: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
-    Some((u64::from_be_bytes(array) ^ (1 << 63)).cast_signed())
-}
-
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = EXPIRY_PREFIX.to_vec();
     key.extend_from_slice(&time_bytes(at));
     push(&mut key, tenant.as_bytes());
     push(&mut key, customer.as_bytes());
     key
-}
-
-fn read_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let len = usize::try_from(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?)).ok()?;
-    let part = bytes.get(4..4 + len)?;
-    Some((part, bytes.get(4 + len..)?))
 }
 
 /// How partition stores are tuned: most reads are applied-item checks of new items, so a

@@ -77,11 +77,7 @@ impl std::fmt::Debug for PartitionState {
 
 pub use neruba_stage::partition_dir;
 
-fn push(buf: &mut Vec<u8>, part: &[u8]) {
-    let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(part);
-}
+use neruba_stage::keys::push_part as push;
 
 /// The period key of a rollup; the window key extends it with the window start.
 fn period_key(rollup: &Rollup) -> Vec<u8> {

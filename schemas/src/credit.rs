@@ -14,9 +14,9 @@
 
 use crate::catalog::Catalog;
 use crate::decimal;
+use crate::ledger::digest;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 /// Lowest priority a grant may have (burns last).
@@ -207,15 +207,6 @@ pub fn is_grant_id(text: &str) -> bool {
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     })
-}
-
-fn digest(parts: &[&[u8]]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
-        hasher.update(part);
-    }
-    hex::encode(hasher.finalize().get(..16).unwrap_or_default())
 }
 
 /// A customer id as the path carries it: 1–256 bytes, no control characters.

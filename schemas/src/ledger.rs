@@ -78,38 +78,54 @@ pub struct IdParts<'a> {
     pub rerun: Option<&'a str>,
 }
 
-/// The deterministic id: `li_` and 32 hex digits of SHA-256 over the length-prefixed parts
-/// (length prefixes make the encoding injective whatever bytes a customer id holds).
-pub fn line_item_id(parts: &IdParts<'_>) -> String {
+/// 32 hex digits of SHA-256 over `parts`, each length-prefixed (8 bytes big-endian), so
+/// the encoding is injective whatever bytes a part holds: the digest of every deterministic
+/// id (line items, grants, balance entries).
+pub fn digest(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        hasher.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
-        hasher.update(bytes);
-    };
-    field(b"neruba.line_item.v1");
-    field(parts.tenant.as_bytes());
-    field(parts.customer.as_bytes());
-    field(parts.meter.as_bytes());
-    field(
-        &u64::try_from(parts.group.len())
-            .unwrap_or(u64::MAX)
-            .to_be_bytes(),
+    for part in parts {
+        hasher.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize().get(..16).unwrap_or_default())
+}
+
+/// The deterministic id: `li_` and the [`digest`] of its parts.
+pub fn line_item_id(parts: &IdParts<'_>) -> String {
+    let group_len = u64::try_from(parts.group.len())
+        .unwrap_or(u64::MAX)
+        .to_be_bytes();
+    let (period, window) = (
+        parts.period_start_ms.to_be_bytes(),
+        parts.window_start_ms.to_be_bytes(),
     );
+    let (revision, version) = (
+        parts.revision.to_be_bytes(),
+        parts.price_version.to_be_bytes(),
+    );
+    let mut fields: Vec<&[u8]> = vec![
+        b"neruba.line_item.v1",
+        parts.tenant.as_bytes(),
+        parts.customer.as_bytes(),
+        parts.meter.as_bytes(),
+        &group_len,
+    ];
     for (name, value) in parts.group {
-        field(name.as_bytes());
-        field(value.as_bytes());
+        fields.push(name.as_bytes());
+        fields.push(value.as_bytes());
     }
-    field(&parts.period_start_ms.to_be_bytes());
-    field(&parts.window_start_ms.to_be_bytes());
-    field(&parts.revision.to_be_bytes());
-    field(parts.price_plan.as_bytes());
-    field(&parts.price_version.to_be_bytes());
+    fields.extend([
+        &period[..],
+        &window[..],
+        &revision[..],
+        parts.price_plan.as_bytes(),
+        &version[..],
+    ]);
     if let Some(rerun) = parts.rerun {
-        field(b"rerun");
-        field(rerun.as_bytes());
+        fields.push(b"rerun");
+        fields.push(rerun.as_bytes());
     }
-    let digest = hasher.finalize();
-    format!("li_{}", hex::encode(digest.get(..16).unwrap_or_default()))
+    format!("li_{}", digest(&fields))
 }
 
 /// A request to re-price a tenant's billing periods under the plan versions now in force
@@ -174,6 +190,52 @@ impl LineItem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids already on ledgers must never change: the scheme as first written (one hasher fed
+    /// length-prefixed fields), against [`line_item_id`].
+    #[test]
+    fn line_item_ids_keep_their_original_scheme() {
+        let group = BTreeMap::from([("model".to_owned(), "large".to_owned())]);
+        let rerun = Some("neruba-rerun/acme/0/1/2");
+        for rerun in [None, rerun] {
+            let parts = IdParts {
+                tenant: "acme",
+                customer: "c/7",
+                meter: "llm_tokens",
+                group: &group,
+                period_start_ms: 1_793_491_200_000,
+                window_start_ms: 1_793_491_260_000,
+                revision: 2,
+                price_plan: "llm-tokens-standard",
+                price_version: 3,
+                rerun,
+            };
+            let mut hasher = Sha256::new();
+            let mut field = |bytes: &[u8]| {
+                hasher.update((bytes.len() as u64).to_be_bytes());
+                hasher.update(bytes);
+            };
+            field(b"neruba.line_item.v1");
+            field(b"acme");
+            field(b"c/7");
+            field(b"llm_tokens");
+            field(&1u64.to_be_bytes());
+            field(b"model");
+            field(b"large");
+            field(&1_793_491_200_000i64.to_be_bytes());
+            field(&1_793_491_260_000i64.to_be_bytes());
+            field(&2u32.to_be_bytes());
+            field(b"llm-tokens-standard");
+            field(&3u32.to_be_bytes());
+            if let Some(rerun) = rerun {
+                field(b"rerun");
+                field(rerun.as_bytes());
+            }
+            let digest = hasher.finalize();
+            let expected = format!("li_{}", hex::encode(&digest[..16]));
+            assert_eq!(line_item_id(&parts), expected);
+        }
+    }
 
     fn parts<'a>(group: &'a BTreeMap<String, String>) -> IdParts<'a> {
         IdParts {

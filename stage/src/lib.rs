@@ -17,6 +17,7 @@
 //!   crash points for tests ([`CrashPoint`]).
 
 pub mod error;
+pub mod keys;
 mod rebalance;
 pub mod store;
 mod worker;

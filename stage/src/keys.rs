@@ -1,0 +1,44 @@
+//! The pieces every stage's RocksDB keys are built from, so each key is encoded
+//! unambiguously and sorts as intended.
+
+/// Appends `part` length-prefixed (4 bytes big-endian): a sequence of parts is then injective,
+/// whatever bytes a part holds.
+pub fn push_part(buf: &mut Vec<u8>, part: &[u8]) {
+    let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(part);
+}
+
+/// Reads one part written by [`push_part`]: the part and what follows it.
+pub fn read_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::try_from(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?)).ok()?;
+    let end = 4usize.checked_add(len)?;
+    Some((bytes.get(4..end)?, bytes.get(end..)?))
+}
+
+/// An `i64` (a time) as 8 bytes that sort like the number: big-endian, sign bit flipped.
+pub fn time_bytes(t: i64) -> [u8; 8] {
+    (t.cast_unsigned() ^ (1 << 63)).to_be_bytes()
+}
+
+/// Reads [`time_bytes`] back from the first 8 bytes.
+pub fn time_from(bytes: &[u8]) -> Option<i64> {
+    let array: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(array) ^ (1 << 63)).cast_signed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_read_back_and_a_truncated_one_does_not() {
+        let mut key = Vec::new();
+        push_part(&mut key, b"a/b");
+        push_part(&mut key, b"");
+        let (first, rest) = read_part(&key).expect("first");
+        let (second, rest) = read_part(rest).expect("second");
+        assert_eq!((first, second, rest), (&b"a/b"[..], &b""[..], &b""[..]));
+        assert_eq!(read_part(&[0, 0, 0, 9, 1]), None);
+    }
+}
