@@ -234,6 +234,11 @@ impl Store {
 /// The next offset stored in the partition state at `dir`, read without taking the lock
 /// (for operators and tests; the owner may be running).
 pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
+    // The directory exists (with its owner file) before the database in it: an owner may be
+    // opening it right now. No database yet is no offset yet.
+    if !dir.join("CURRENT").exists() {
+        return Ok(None);
+    }
     let db = DB::open_for_read_only(&Options::default(), dir, false)?;
     match db.get(OFFSET_KEY)? {
         None => Ok(None),
@@ -273,6 +278,14 @@ mod tests {
         assert_eq!(stored.as_deref(), Some(&42_i64.to_be_bytes()[..]));
         drop(store);
         assert_eq!(stored_offset(dir.path()).expect("read"), Some(42));
+    }
+
+    #[test]
+    fn a_directory_whose_database_is_not_created_yet_has_no_stored_offset() {
+        // Was: an error, when a reader looked while an owner was still opening the partition.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(OWNER_FILE), b"").expect("owner file");
+        assert_eq!(stored_offset(dir.path()).expect("read"), None);
     }
 
     #[test]
