@@ -15,9 +15,14 @@
 //!   (`key_conflict`); a void voids what is left; a tick expires every grant whose
 //!   `expires_at` + grace it passed;
 //! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
-//!   each entry's `balance_before` is the previous one's `balance_after` in its currency.
+//!   each entry's `balance_before` is the previous one's `balance_after` in its currency;
+//! - after every record, each of the customer's balance rules is checked ([`rules`]): one
+//!   `low_balance` per crossing below the threshold, at most one `topup_requested` outstanding;
+//! - every line item lands on one statement ([`statements`]): its period's while that is not
+//!   final, else the next one as a prior-period adjustment; ticks turn statements `draft` and
+//!   then `final`, one entry each.
 
-use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, Series};
+use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, Series};
 use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -61,6 +66,19 @@ pub struct Book {
     /// Allocations per series, in the order they were made; adjacent ones from the same
     /// source are merged (unwinding takes from the newest, so merging keeps the order).
     pub series: BTreeMap<String, Vec<Allocation>>,
+    /// Balance rules per currency.
+    #[serde(default)]
+    pub rules: BTreeMap<String, rules::RuleState>,
+    /// Statements not yet final, by currency and period ([`statements::key`]).
+    #[serde(default)]
+    pub statements: BTreeMap<String, statements::StatementState>,
+    /// Per currency, the end of the latest final statement's period: items of periods ending
+    /// at or before it are carried to a later statement.
+    #[serde(default)]
+    pub final_through: BTreeMap<String, i64>,
+    /// Per currency, prior-period adjustments waiting for a later statement to open.
+    #[serde(default)]
+    pub carried: BTreeMap<String, statements::Carried>,
 }
 
 /// The burn-down order's sort key of a grant.
@@ -89,8 +107,13 @@ struct Entries<'a> {
 }
 
 impl Entries<'_> {
-    /// Appends an entry; `amount` moves the balance unless the kind is `uncovered` or
-    /// `grant_refused`.
+    /// The entry pushed last.
+    fn last(&mut self) -> Option<&mut BalanceEntry> {
+        self.out.last_mut()
+    }
+
+    /// Appends an entry; `amount` moves the balance if the kind does
+    /// ([`EntryKind::moves_balance`]).
     fn push(
         &mut self,
         kind: EntryKind,
@@ -102,13 +125,12 @@ impl Entries<'_> {
     ) {
         let before = self.book.balance(currency);
         // A refused grant or void neither moves the balance nor opens one in its currency.
-        let after = match kind {
-            EntryKind::Uncovered | EntryKind::GrantRefused => before,
-            _ => {
-                let after = before + amount;
-                self.book.balances.insert(currency.to_owned(), after);
-                after
-            }
+        let after = if kind.moves_balance() {
+            let after = before + amount;
+            self.book.balances.insert(currency.to_owned(), after);
+            after
+        } else {
+            before
         };
         self.book.seq += 1;
         let ordinal = self.book.seq;
@@ -134,6 +156,8 @@ impl Entries<'_> {
             balance_before: before,
             balance_after: after,
             code: code.map(str::to_owned),
+            rule: None,
+            statement: None,
         });
     }
 }
@@ -273,11 +297,36 @@ impl Book {
                 );
             }
         }
-        let out = std::mem::take(&mut e.out);
+        let mut out = std::mem::take(&mut e.out);
         if !stack.is_empty() {
             self.series.insert(key, stack);
         }
+        self.note_on_statement(item, &out);
+        let mut e = self.entries(&item.tenant, &item.customer, item.id.clone());
+        rules::check_all(&mut e);
+        out.append(&mut e.out);
         out
+    }
+
+    /// Sets or removes the customer's balance rule in a currency, and checks it at once (a
+    /// balance already below a new threshold is a crossing).
+    pub fn apply_rule(&mut self, record: &RuleRecord) -> Vec<BalanceEntry> {
+        let cause = format!("rule/{}", record.currency);
+        let mut e = self.entries(&record.tenant, &record.customer, cause);
+        match &record.rule {
+            None => {
+                e.book.rules.remove(&record.currency);
+            }
+            Some(rule) => {
+                e.book
+                    .rules
+                    .entry(record.currency.clone())
+                    .and_modify(|state| state.rule = rule.clone())
+                    .or_insert_with(|| rules::RuleState::new(rule.clone()));
+                rules::check_all(&mut e);
+            }
+        }
+        e.out
     }
 
     /// Applies a grant read when the partition's clock stood at `clock_ms` (after `grace_ms`
@@ -303,6 +352,7 @@ impl Book {
             }
             return e.out;
         }
+        rules::resolve(e.book, &grant.key);
         let amount = grant.terms.amount;
         e.book.grants.insert(
             grant.id.clone(),
@@ -331,6 +381,7 @@ impl Book {
         {
             end_grant(&mut e, &grant.id, Status::Expired);
         }
+        rules::check_all(&mut e);
         e.out
     }
 
@@ -350,17 +401,20 @@ impl Book {
             Some(Status::Active) => end_grant(&mut e, grant, Status::Voided),
             Some(Status::Expired | Status::Voided) => {}
         }
+        rules::check_all(&mut e);
         e.out
     }
 
     /// Expires every active grant whose expiry plus `grace_ms` is at or before `at_ms`, in
-    /// grant-id order.
+    /// grant-id order; then turns statements whose period ended `draft` (final
+    /// `finalize_after_ms` later) and drafts whose delay has passed `final`.
     pub fn apply_tick(
         &mut self,
         tenant: &str,
         customer: &str,
         at_ms: i64,
         grace_ms: i64,
+        finalize_after_ms: i64,
     ) -> Vec<BalanceEntry> {
         let due: Vec<String> = self
             .grants
@@ -378,16 +432,26 @@ impl Book {
         for id in due {
             end_grant(&mut e, &id, Status::Expired);
         }
+        statements::advance(&mut e, at_ms, finalize_after_ms);
+        rules::check_all(&mut e);
         e.out
     }
 
-    /// The earliest expiry (plus nothing) among active grants, for scheduling ticks.
-    pub fn next_expiry(&self) -> Option<i64> {
-        self.grants
+    /// The earliest time a tick would change this book: an active grant's expiry, an open
+    /// statement's period end, a draft's finalisation.
+    pub fn next_deadline(&self) -> Option<i64> {
+        let expiry = self
+            .grants
             .values()
             .filter(|g| g.status == Status::Active)
             .filter_map(|g| g.grant.terms.expires_ms())
-            .min()
+            .min();
+        let statement = self
+            .statements
+            .values()
+            .map(statements::StatementState::deadline)
+            .min();
+        expiry.into_iter().chain(statement).min()
     }
 }
 
@@ -447,5 +511,7 @@ fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amoun
     }
 }
 
+pub mod rules;
+pub mod statements;
 #[cfg(test)]
 mod tests;

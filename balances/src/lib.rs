@@ -29,6 +29,8 @@ pub struct Config {
     pub entries_topic: String,
     /// A grant expires once the partition's clock passes its `expires_at` plus this.
     pub expiry_grace_ms: i64,
+    /// A statement is final this long after its period ends (written into the ticks).
+    pub finalize_after_ms: i64,
 }
 
 impl Config {
@@ -40,6 +42,7 @@ impl Config {
                 .sized(5_000, 32 * 1024 * 1024),
             entries_topic: neruba_schemas::topics::BALANCE_ENTRIES.to_owned(),
             expiry_grace_ms: 0,
+            finalize_after_ms: neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS,
         }
     }
 }
@@ -55,6 +58,7 @@ pub fn start(
         Ok(stage::Balances {
             metrics: metrics.clone(),
             grace_ms: config.expiry_grace_ms,
+            finalize_after_ms: config.finalize_after_ms,
             ledger_topic: config.stage.input_topic.clone(),
             entries_topic: config.entries_topic.clone(),
         })

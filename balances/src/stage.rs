@@ -20,6 +20,7 @@ const TICK_RETRY_MS: i64 = 5_000;
 pub(crate) struct Balances {
     pub(crate) metrics: Metrics,
     pub(crate) grace_ms: i64,
+    pub(crate) finalize_after_ms: i64,
     pub(crate) ledger_topic: String,
     pub(crate) entries_topic: String,
 }
@@ -43,7 +44,7 @@ impl neruba_stage::Stage for Balances {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        PartitionState::from_store(store, self.grace_ms)
+        PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)
     }
 
     fn begin_batch(&mut self) {}
@@ -89,7 +90,11 @@ impl neruba_stage::Stage for Balances {
                 let key = entry.partition_key();
                 sink.keyed(key.as_bytes(), &credit::encode(entry.as_ref()), &key)
             }
-            Output::Tick { partition, at_ms } => {
+            Output::Tick {
+                partition,
+                at_ms,
+                finalize_after_ms,
+            } => {
                 let headers = OwnedHeaders::new().insert(Header {
                     key: RECORD_HEADER,
                     value: Some("tick"),
@@ -97,6 +102,7 @@ impl neruba_stage::Stage for Balances {
                 let payload = credit::encode(&Tick {
                     v: 1,
                     at_ms: *at_ms,
+                    finalize_after_ms: Some(*finalize_after_ms),
                 });
                 sink.producer()
                     .send_result(

@@ -1,8 +1,9 @@
 //! One ledger partition's balances state in RocksDB: every customer's [`Book`], the line items
-//! already applied, the partition's clock and an index of upcoming expiries.
+//! already applied, the partition's clock and an index of upcoming deadlines (grant expiries,
+//! statement transitions: [`Book::next_deadline`]).
 //!
 //! Invariants (after any crash, at any moment):
-//! - the books, the applied-item marks, the clock, the expiry index and the next offset change
+//! - the books, the applied-item marks, the clock, the deadline index and the next offset change
 //!   in one `WriteBatch` ([`neruba_stage::Store::write`]);
 //! - a batch's entries are handed to the runtime before the batch is written, and it writes
 //!   only once the broker acknowledged them: a crash re-emits identical entries (same ids and
@@ -16,7 +17,7 @@
 //! |---|---|
 //! | `\0\0\0\0Moffset` | next offset (the runtime's) |
 //! | `\0\0\0\0Mclock` | the partition's clock: the latest tick, ms (8 bytes) |
-//! | `\0\0\0\0X`, expiry ms, tenant, customer | empty: the customer's earliest active expiry |
+//! | `\0\0\0\0X`, deadline ms, tenant, customer | empty: the customer's next deadline |
 //! | tenant, `B`, customer | [`Book`] (JSON: its decimals are strings, which postcard's
 //! | | non-self-describing format cannot read back) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
@@ -24,7 +25,7 @@
 use crate::book::Book;
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
-use neruba_schemas::credit::{self, BalanceEntry, Grant, Tick, Void};
+use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, Tick, Void};
 use neruba_schemas::ledger::LineItem;
 use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
@@ -42,6 +43,7 @@ pub enum Record {
     Grant,
     Void,
     Tick,
+    Rule,
     /// A record header this version does not know: dead-lettered.
     Unknown,
 }
@@ -54,6 +56,7 @@ impl Record {
             Some(b"grant") => Self::Grant,
             Some(b"void") => Self::Void,
             Some(b"tick") => Self::Tick,
+            Some(b"rule") => Self::Rule,
             Some(_) => Self::Unknown,
         }
     }
@@ -67,6 +70,7 @@ pub enum Output {
     Tick {
         partition: i32,
         at_ms: i64,
+        finalize_after_ms: i64,
     },
     DeadLetter(DeadLetter),
 }
@@ -139,7 +143,7 @@ pub struct PartitionState {
     new_items: HashSet<Vec<u8>>,
     clock_ms: i64,
     clock_dirty: bool,
-    /// Each customer's earliest active expiry, as stored in the index, and the index itself.
+    /// Each customer's next deadline, as stored in the index, and the index itself.
     expiry_of: HashMap<CustomerKey, i64>,
     expiries: BTreeSet<(i64, String, String)>,
     /// Customers whose index entry the batch changed, with the entry as stored before.
@@ -148,6 +152,8 @@ pub struct PartitionState {
     /// clock passes `expires_at` + this. Applying records never reads it: what a tick says is
     /// the partition's clock, and a replay under another grace expires at the same points.
     grace_ms: i64,
+    /// How long statements stay draft, written into the ticks (a replay reads the ticks').
+    finalize_after_ms: i64,
     /// When the last tick was queued (wall ms), so one is in flight at a time.
     tick_sent_ms: Option<i64>,
     outputs: Vec<Output>,
@@ -170,11 +176,12 @@ impl PartitionState {
         Self::from_store(
             Store::open(dir, partition, &store_options(), cache)?,
             grace_ms,
+            credit::DEFAULT_FINALIZE_AFTER_MS,
         )
     }
 
-    /// The state kept in `store`.
-    pub fn from_store(store: Store, grace_ms: i64) -> Result<Self> {
+    /// The state kept in `store`; ticks it writes carry `grace_ms` and `finalize_after_ms`.
+    pub fn from_store(store: Store, grace_ms: i64, finalize_after_ms: i64) -> Result<Self> {
         let db = store.db();
         let clock_ms = db
             .get(CLOCK_KEY)?
@@ -198,7 +205,7 @@ impl PartitionState {
                 ))
             });
             let Some((at, tenant, customer)) = parsed else {
-                return Err(Error::corrupt("expiry index key", "malformed"));
+                return Err(Error::corrupt("deadline index key", "malformed"));
             };
             expiry_of.insert((tenant.clone(), customer.clone()), at);
             expiries.insert((at, tenant, customer));
@@ -215,6 +222,7 @@ impl PartitionState {
             expiries,
             index_stored: HashMap::default(),
             grace_ms,
+            finalize_after_ms,
             tick_sent_ms: None,
             outputs: Vec::new(),
             counts: Counts::default(),
@@ -255,12 +263,12 @@ impl PartitionState {
             .ok_or_else(|| Error::Bug("book vanished".into()))
     }
 
-    /// Records a customer's entries, and keeps the expiry index equal to its book at once: a
-    /// tick later in the same batch must see a grant applied before it, whatever the batch
-    /// boundaries (they differ between a run and its replay).
+    /// Records a customer's entries, and keeps the deadline index equal to its book at once: a
+    /// tick later in the same batch must see a grant or statement opened before it, whatever
+    /// the batch boundaries (they differ between a run and its replay).
     fn emit(&mut self, tenant: &str, customer: &str, entries: Vec<BalanceEntry>) {
         let key = (tenant.to_owned(), customer.to_owned());
-        let next = self.books.get(&key).and_then(Book::next_expiry);
+        let next = self.books.get(&key).and_then(Book::next_deadline);
         let old = self.expiry_of.get(&key).copied();
         if old != next {
             self.index_stored.entry(key.clone()).or_insert(old);
@@ -355,9 +363,53 @@ impl PartitionState {
                 }
             },
             Record::Tick => match credit::decode::<Tick>(input.payload) {
-                Ok(tick) => self.apply_tick(tick.at_ms),
+                Ok(tick) if tick.finalize_after_ms.is_some_and(|d| d < 0) => {
+                    self.refuse(
+                        input,
+                        "invalid_tick",
+                        "a negative finalisation delay".into(),
+                    );
+                    Ok(())
+                }
+                Ok(tick) => self.apply_tick(
+                    tick.at_ms,
+                    tick.finalize_after_ms
+                        .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS),
+                ),
                 Err(e) => {
                     self.refuse(input, "invalid_tick", e.to_string());
+                    Ok(())
+                }
+            },
+            Record::Rule => match credit::decode::<RuleRecord>(input.payload) {
+                Ok(record)
+                    if record.tenant.is_empty()
+                        || record.customer.is_empty()
+                        || record.currency.is_empty()
+                        || record.rule.as_ref().is_some_and(|r| {
+                            r.low_balance_threshold.is_sign_negative()
+                                || r.recharge_to
+                                    .is_some_and(|to| to <= r.low_balance_threshold)
+                        }) =>
+                {
+                    self.refuse(
+                        input,
+                        "invalid_rule",
+                        "no tenant, customer or currency, a negative threshold, or a recharge \
+                         target not above it"
+                            .into(),
+                    );
+                    Ok(())
+                }
+                Ok(record) => {
+                    let entries = self
+                        .book(&record.tenant, &record.customer)?
+                        .apply_rule(&record);
+                    self.emit(&record.tenant, &record.customer, entries);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.refuse(input, "invalid_rule", e.to_string());
                     Ok(())
                 }
             },
@@ -384,8 +436,8 @@ impl PartitionState {
         Ok(())
     }
 
-    /// Moves the clock to `at_ms` (never back) and expires what it passed.
-    fn apply_tick(&mut self, at_ms: i64) -> Result<()> {
+    /// Moves the clock to `at_ms` (never back), expires what it passed and moves statements on.
+    fn apply_tick(&mut self, at_ms: i64, finalize_after_ms: i64) -> Result<()> {
         if at_ms <= self.clock_ms {
             return Ok(());
         }
@@ -399,17 +451,21 @@ impl PartitionState {
             .collect();
         for (tenant, customer) in due {
             let grace = 0;
-            let entries = self
-                .book(&tenant, &customer)?
-                .apply_tick(&tenant, &customer, at_ms, grace);
+            let entries = self.book(&tenant, &customer)?.apply_tick(
+                &tenant,
+                &customer,
+                at_ms,
+                grace,
+                finalize_after_ms,
+            );
             self.emit(&tenant, &customer, entries);
         }
         Ok(())
     }
 
-    /// Whether a tick should be written now (wall clock `now_ms`): a grant's expiry plus grace
-    /// has passed and no tick was queued within `retry_ms`. Queues it as an output, stamped
-    /// `now − grace`: the clock the partition then reads.
+    /// Whether a tick should be written now (wall clock `now_ms`): a deadline plus grace has
+    /// passed and no tick was queued within `retry_ms`. Queues it as an output, stamped
+    /// `now − grace` and the finalisation delay: what the partition then reads.
     pub fn tick_due(&mut self, now_ms: i64, retry_ms: i64) -> bool {
         let at_ms = now_ms.saturating_sub(self.grace_ms);
         let due = self
@@ -426,9 +482,47 @@ impl PartitionState {
         self.outputs.push(Output::Tick {
             partition: self.partition,
             at_ms,
+            finalize_after_ms: self.finalize_after_ms,
         });
         true
     }
+}
+
+/// Every customer's book in the state of ledger partition `partition` under the stage's state
+/// root, as `(tenant, customer, book)` in key order; `None` if the partition has no state. The
+/// partition's owner lock is taken, so no stage may be running on it (for tools and the demo,
+/// after the stage stopped).
+pub fn read_books(
+    root: &Path,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<Vec<(String, String, Book)>>> {
+    let dir = neruba_stage::partition_dir(root, topic, partition);
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let cache = Cache::new_lru_cache(8 << 20);
+    let store = Store::open(&dir, partition, &store_options(), &cache)?;
+    let mut books = Vec::new();
+    for item in store.db().iterator(rocksdb::IteratorMode::Start) {
+        let (key, value) = item?;
+        let parsed = read_part(&key).and_then(|(tenant, rest)| {
+            let (kind, rest) = rest.split_first()?;
+            let (customer, rest) = read_part(rest)?;
+            (*kind == b'B' && rest.is_empty()).then_some((tenant, customer))
+        });
+        let Some((tenant, customer)) = parsed else {
+            continue;
+        };
+        let (tenant, customer) = (
+            String::from_utf8_lossy(tenant).into_owned(),
+            String::from_utf8_lossy(customer).into_owned(),
+        );
+        let book: Book = serde_json::from_slice(&value)
+            .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
+        books.push((tenant, customer, book));
+    }
+    Ok(Some(books))
 }
 
 impl neruba_stage::Partition for PartitionState {
@@ -436,7 +530,7 @@ impl neruba_stage::Partition for PartitionState {
         &self.store
     }
 
-    /// Writes the batch: changed books, applied-item marks, clock, expiry index and the next
+    /// Writes the batch: changed books, applied-item marks, clock, deadline index and the next
     /// offset, atomically.
     fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
@@ -537,7 +631,11 @@ mod tests {
             received_at: neruba_schemas::event::format_time_ms(0),
         };
         let grant_bytes = credit::encode(&grant);
-        let tick_bytes = credit::encode(&Tick { v: 1, at_ms: 1_000 });
+        let tick_bytes = credit::encode(&Tick {
+            v: 1,
+            at_ms: 1_000,
+            finalize_after_ms: None,
+        });
         let input = |offset, payload| Input {
             offset,
             key: None,
@@ -581,7 +679,8 @@ mod tests {
             state.take_outputs(),
             vec![Output::Tick {
                 partition: 0,
-                at_ms: 1_000
+                at_ms: 1_000,
+                finalize_after_ms: credit::DEFAULT_FINALIZE_AFTER_MS,
             }]
         );
         let mut item = serde_json::json!({

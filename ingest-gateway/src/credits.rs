@@ -1,12 +1,13 @@
-//! Prepaid credit in: `POST /v1/customers/{customer}/grants` and
-//! `POST /v1/customers/{customer}/grants/{id}/void`, and the one ledger write they and
-//! `neruba credits grant|void` share ([`LedgerWriter::write`]).
+//! Prepaid credit in: `POST /v1/customers/{customer}/grants`,
+//! `POST /v1/customers/{customer}/grants/{id}/void`, and a customer's balance rule in one
+//! currency, `PUT` and `DELETE /v1/customers/{customer}/balance-rules/{currency}`; and the one
+//! ledger write they and `neruba credits grant|void|rule` share ([`LedgerWriter::write`]).
 //!
 //! Invariants:
-//! - a grant or void goes to the ledger topic under key `tenant/customer`, in the partition
+//! - a grant, void or rule goes to the ledger topic under key `tenant/customer`, in the partition
 //!   [`stable_partition`] gives that key: the partition, and so the order, of the customer's
 //!   line items (the rater partitions them the same way), which is what lets the balances
-//!   stage fold items, grants and voids as one log;
+//!   stage fold items, grants, voids and rules as one log;
 //! - `accepted` is said only after the broker acknowledged the record with `acks=all` (the
 //!   gateway's idempotent producer), and the answer carries the record's position;
 //! - every refusal (caller, customer, body, terms, rate) is decided before anything is
@@ -32,8 +33,11 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use neruba_schemas::Catalog;
 use neruba_schemas::catalog::Scope;
-use neruba_schemas::credit::{self, Grant, GrantRejectCode, GrantRejection, GrantRequest, Void};
+use neruba_schemas::credit::{
+    self, Grant, GrantRejectCode, GrantRejection, GrantRequest, RuleRecord, RuleRequest, Void,
+};
 use neruba_schemas::event;
 use neruba_schemas::topics::{RECORD_HEADER, stable_partition};
 use rdkafka::error::KafkaError;
@@ -43,13 +47,16 @@ use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Largest grant or void body, bytes (after `Content-Encoding`); a grant is a few hundred.
+/// Largest grant, void or rule body, bytes (after `Content-Encoding`); a grant is a few
+/// hundred.
 pub const MAX_CREDIT_BODY_BYTES: usize = 64 * 1024;
 
 /// [`RECORD_HEADER`] value of a grant on the ledger topic.
 pub const GRANT_RECORD: &str = "grant";
 /// [`RECORD_HEADER`] value of a void on the ledger topic.
 pub const VOID_RECORD: &str = "void";
+/// [`RECORD_HEADER`] value of a balance rule (set or removed) on the ledger topic.
+pub const RULE_RECORD: &str = "rule";
 
 /// How long the broker has to name the ledger topic's partitions.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +66,7 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum CreditRecord<'a> {
     Grant(&'a Grant),
     Void(&'a Void),
+    Rule(&'a RuleRecord),
 }
 
 impl CreditRecord<'_> {
@@ -67,6 +75,7 @@ impl CreditRecord<'_> {
         let (tenant, customer) = match self {
             Self::Grant(g) => (&g.tenant, &g.customer),
             Self::Void(v) => (&v.tenant, &v.customer),
+            Self::Rule(r) => (&r.tenant, &r.customer),
         };
         format!("{tenant}/{customer}")
     }
@@ -76,6 +85,7 @@ impl CreditRecord<'_> {
         match self {
             Self::Grant(_) => GRANT_RECORD,
             Self::Void(_) => VOID_RECORD,
+            Self::Rule(_) => RULE_RECORD,
         }
     }
 
@@ -83,6 +93,7 @@ impl CreditRecord<'_> {
         match self {
             Self::Grant(g) => credit::encode(g),
             Self::Void(v) => credit::encode(v),
+            Self::Rule(r) => credit::encode(r),
         }
     }
 }
@@ -111,7 +122,58 @@ pub struct VoidAccepted {
     pub position: Position,
 }
 
-/// Writes grants and voids to the ledger topic, each acknowledged before it returns.
+/// The answer to an accepted rule, set or removed (HTTP 202, and what `neruba credits rule`
+/// prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleAccepted {
+    pub customer: String,
+    pub currency: String,
+    pub status: String,
+    pub position: Position,
+}
+
+impl RuleAccepted {
+    /// The answer for `rule`, written at `position`.
+    pub fn new(rule: RuleRecord, position: Position) -> Self {
+        Self {
+            customer: rule.customer,
+            currency: rule.currency,
+            status: "accepted".to_owned(),
+            position,
+        }
+    }
+}
+
+/// The record that removes `customer`'s balance rule in `currency` (`rule: null`), or why it
+/// is refused: the customer must be well formed and the currency one the catalog knows, as
+/// for setting a rule.
+pub fn rule_removal(
+    catalog: &Catalog,
+    tenant: &str,
+    customer: &str,
+    currency: &str,
+    now_ms: i64,
+) -> Result<RuleRecord, GrantRejection> {
+    credit::check_customer(customer)?;
+    if catalog.precision(currency).is_none() {
+        return Err(GrantRejection {
+            code: GrantRejectCode::UnknownCurrency,
+            message: format!(
+                "currency `{currency}` is neither a known ISO 4217 code nor a unit of the catalog"
+            ),
+        });
+    }
+    Ok(RuleRecord {
+        v: 1,
+        tenant: tenant.to_owned(),
+        customer: customer.to_owned(),
+        currency: currency.to_owned(),
+        rule: None,
+        received_at: event::format_time_ms(now_ms),
+    })
+}
+
+/// Writes grants, voids and rules to the ledger topic, each acknowledged before it returns.
 #[derive(Clone)]
 pub struct LedgerWriter {
     producer: neruba_kafka::Recoverable,
@@ -252,6 +314,28 @@ pub(crate) async fn void(
     finish(&state, "void", response)
 }
 
+/// `PUT /v1/customers/{customer}/balance-rules/{currency}`.
+pub(crate) async fn put_rule(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = handle_put_rule(&state, path.map(|Path(p)| p), &headers, body).await;
+    finish(&state, "rule_put", response)
+}
+
+/// `DELETE /v1/customers/{customer}/balance-rules/{currency}`.
+pub(crate) async fn delete_rule(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = handle_delete_rule(&state, path.map(|Path(p)| p), &headers, body).await;
+    finish(&state, "rule_delete", response)
+}
+
 async fn handle_grant(
     state: &AppState,
     customer: Result<String, PathRejection>,
@@ -385,6 +469,131 @@ async fn handle_void(
     }
 }
 
+async fn handle_put_rule(
+    state: &AppState,
+    path: Result<(String, String), PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    // 1. Who is calling, and for which of its customers, before a byte of the body is read.
+    let catalog = state.catalog.current();
+    let tenant = match caller_with(&catalog, headers, Scope::Credits) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refusal_response(refused),
+    };
+    let (customer, currency) = split_rule_path(path);
+    let customer = match path_customer(customer) {
+        Ok(customer) => customer,
+        Err(refused) => return *refused,
+    };
+
+    // 2. The body: JSON, within the size limit and the body deadline, then the rule's fields.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if !binary::is_json(content_type) {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "a balance rule is JSON (`application/json`); content type `{}` is not",
+                content_type.unwrap_or_default()
+            ),
+        );
+    }
+    let bytes = match read_credit_body(state, headers, body).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return *refused,
+    };
+    let request: RuleRequest = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                GrantRejectCode::InvalidBody.as_str(),
+                format!("the body is not a balance rule: {e}"),
+            );
+        }
+    };
+
+    // 3. Rate limit, before anything has a side effect.
+    if let Err(refused) = rate_limit(state, tenant) {
+        return *refused;
+    }
+
+    // 4. The currency and amounts, then the write; answered once the broker has it.
+    let rule = match request.validate(&catalog, &tenant.id, &customer, &currency, event::now_ms()) {
+        Ok(rule) => rule,
+        Err(refused) => return grant_refusal(refused),
+    };
+    write_rule(state, rule).await
+}
+
+async fn handle_delete_rule(
+    state: &AppState,
+    path: Result<(String, String), PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    // 1. Who is calling, and for which of its customers, before the body is read.
+    let catalog = state.catalog.current();
+    let tenant = match caller_with(&catalog, headers, Scope::Credits) {
+        Ok(tenant) => tenant,
+        Err(refused) => return refusal_response(refused),
+    };
+    let (customer, currency) = split_rule_path(path);
+    let customer = match path_customer(customer) {
+        Ok(customer) => customer,
+        Err(refused) => return *refused,
+    };
+
+    // 2. The body says nothing: empty, or `{}`.
+    let bytes = match read_credit_body(state, headers, body).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return *refused,
+    };
+    if !bytes.trim_ascii().is_empty() {
+        /// Removing a rule has no fields.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RemoveRequest {}
+        if let Err(e) = serde_json::from_slice::<RemoveRequest>(&bytes) {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                GrantRejectCode::InvalidBody.as_str(),
+                format!("removing a rule takes a body that is empty or `{{}}`: {e}"),
+            );
+        }
+    }
+
+    // 3. Rate limit, then the currency, then the write.
+    if let Err(refused) = rate_limit(state, tenant) {
+        return *refused;
+    }
+    let rule = match rule_removal(&catalog, &tenant.id, &customer, &currency, event::now_ms()) {
+        Ok(rule) => rule,
+        Err(refused) => return grant_refusal(refused),
+    };
+    write_rule(state, rule).await
+}
+
+/// A rule path's customer (or why it could not be read) and currency.
+fn split_rule_path(
+    path: Result<(String, String), PathRejection>,
+) -> (Result<String, PathRejection>, String) {
+    match path {
+        Ok((customer, currency)) => (Ok(customer), currency),
+        Err(e) => (Err(e), String::new()),
+    }
+}
+
+async fn write_rule(state: &AppState, rule: RuleRecord) -> Response {
+    match state.ledger.write(CreditRecord::Rule(&rule)).await {
+        Ok(position) => accepted(&RuleAccepted::new(rule, position)),
+        Err(e) => broker_unavailable(state, &e),
+    }
+}
+
 /// The path's customer (percent-decoded by the router), or the 422 `invalid_customer` answer.
 fn path_customer(customer: Result<String, PathRejection>) -> Result<String, Refusal> {
     let customer = customer.map_err(|e| {
@@ -397,7 +606,7 @@ fn path_customer(customer: Result<String, PathRejection>) -> Result<String, Refu
     Ok(customer)
 }
 
-/// The body of a grant or void, at most [`MAX_CREDIT_BODY_BYTES`] (or the gateway's body limit,
+/// The body of a grant, void or rule, at most [`MAX_CREDIT_BODY_BYTES`] (or the gateway's body limit,
 /// if lower), decoded and read within the body deadline as an event request's is.
 async fn read_credit_body(
     state: &AppState,
@@ -431,7 +640,7 @@ fn rate_limit(state: &AppState, tenant: &neruba_schemas::catalog::Tenant) -> Res
         })
 }
 
-/// A refused grant or void: 400 for a body that is not one, 422 for the rest.
+/// A refused grant, void or rule: 400 for a body that is not one, 422 for the rest.
 fn grant_refusal(refused: GrantRejection) -> Response {
     let status = match refused.code {
         GrantRejectCode::InvalidBody => StatusCode::BAD_REQUEST,

@@ -1,5 +1,6 @@
 //! The HTTP surface: `POST /v1/events`, `/healthz`, `/readyz`, `/metrics`, and the credit
-//! routes `POST /v1/customers/{customer}/grants` and `…/grants/{id}/void` ([`crate::credits`]).
+//! routes `POST /v1/customers/{customer}/grants`, `…/grants/{id}/void` and `PUT`/`DELETE`
+//! `…/balance-rules/{currency}` ([`crate::credits`]).
 //!
 //! Invariants:
 //! - the tenant is the one the API key proves; nothing in the body can change it;
@@ -29,7 +30,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
@@ -45,7 +46,8 @@ pub struct AppState {
     pub catalog: LiveCatalog,
     pub dedup: DedupCache,
     pub sink: EventSink,
-    /// Writes credit grants and voids to the ledger topic (see [`crate::credits`]).
+    /// Writes credit grants, voids and balance rules to the ledger topic (see
+    /// [`crate::credits`]).
     pub ledger: LedgerWriter,
     pub limits: Limits,
     pub max_body_bytes: usize,
@@ -71,6 +73,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/customers/{customer}/grants/{id}/void",
             post(credits::void),
+        )
+        .route(
+            "/v1/customers/{customer}/balance-rules/{currency}",
+            put(credits::put_rule).delete(credits::delete_rule),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

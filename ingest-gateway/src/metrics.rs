@@ -29,7 +29,8 @@ pub struct Metrics {
     pub broker_reachable: IntGauge,
     /// `neruba_http_connections`: open HTTP connections (at the cap, new ones wait).
     pub http_connections: IntGauge,
-    /// `neruba_credit_requests_total{route, status}`: grant and void requests, by HTTP status.
+    /// `neruba_credit_requests_total{route, status}`: grant, void and balance-rule requests, by
+    /// HTTP status.
     pub credit_requests: IntCounterVec,
 }
 
@@ -83,7 +84,7 @@ impl Metrics {
             credit_requests: IntCounterVec::new(
                 Opts::new(
                     "neruba_credit_requests_total",
-                    "Credit grant and void requests, by route and HTTP status.",
+                    "Credit grant, void and balance-rule requests, by route and HTTP status.",
                 ),
                 &["route", "status"],
             )?,
@@ -108,7 +109,7 @@ impl Metrics {
                 .with_label_values(&["rejected", code.as_str()]);
         }
         metrics.dedup_hits.with_label_values(&["gateway"]);
-        for route in ["grant", "void"] {
+        for route in ["grant", "void", "rule_put", "rule_delete"] {
             metrics.credit_requests.with_label_values(&[route, "202"]);
         }
         Ok(metrics)

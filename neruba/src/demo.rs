@@ -5,7 +5,7 @@
 //! windows priced into line items on the ledger topic, a late event turned into an adjustment,
 //! a per-customer total a reader can check by hand against `catalog/sample.toml`, and prepaid
 //! credit granted before the usage drawn down by it: balance entries, the credit left and the
-//! amount due per customer.
+//! amount due per customer, and each customer's statement for the period.
 
 use crate::embedded::{self, EmbeddedKafka};
 use crate::sample;
@@ -40,6 +40,8 @@ pub struct Summary {
     pub entries: Vec<(String, u64, String, String, String)>,
     /// `(tenant/customer, credit left, amount due)` per customer and currency.
     pub balances: Vec<(String, String, String)>,
+    /// Statements.
+    pub statements: Vec<StatementRow>,
 }
 
 /// The prepaid credit the demo grants before any usage: `(tenant, customer, key, amount,
@@ -227,10 +229,12 @@ pub async fn run() -> Result<Summary> {
         totals: Vec::new(),
         entries: Vec::new(),
         balances: Vec::new(),
+        statements: Vec::new(),
     };
     for (tenant, customer, key, amount, currency) in GRANTS {
         grant(&client, &base, tenant, customer, key, amount, currency).await?;
     }
+    balance_rule(&client, &base).await?;
     println!();
     for request in workload(now_ms) {
         post(&client, &base, &request, &mut summary).await?;
@@ -300,10 +304,10 @@ pub async fn run() -> Result<Summary> {
     for (who, total) in &summary.totals {
         println!("    {who:<18} {total:>10}");
     }
-    // Per customer: 3 entries for acme/customer-7 (grant, consume, uncovered), 1 for
-    // acme/customer-9, 4 for globex/customer-1 (grant, consume, and the adjustment's consume
-    // and uncovered), 1 for globex/customer-2.
-    let entries = read_entries(kafka.bootstrap_servers(), 9).await?;
+    // Per customer: 5 entries for acme/customer-7 (grant, consume, uncovered, and its rule's
+    // low_balance and topup_requested), 1 for acme/customer-9, 4 for globex/customer-1 (grant,
+    // consume, and the adjustment's consume and uncovered), 1 for globex/customer-2.
+    let entries = read_entries(kafka.bootstrap_servers(), 11).await?;
     let money = |amount: Decimal, currency: &str| {
         let places = usize::try_from(catalog.precision(currency).unwrap_or(2)).unwrap_or(2);
         format!("{amount:.places$} {currency}")
@@ -326,16 +330,17 @@ pub async fn run() -> Result<Summary> {
     for (who, left, due) in &summary.balances {
         println!("    {who:<18} credit left {left:>10}   amount due {due:>10}");
     }
-    println!(
-        "\n`neruba price --tenant globex --meter storage_gb_hours --quantity 1012.75` explains an \
-         amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON; \
-         `neruba credits show` a customer's grants and balance entries."
-    );
     shutdown.cancel();
     running.wait().await?;
     aggregator.wait().await?;
     rater.wait().await?;
     balances_stage_wait(balances_stage).await?;
+    summary.statements = statements(&state.path().join("balances"), &money)?;
+    println!(
+        "\n`neruba price --tenant globex --meter storage_gb_hours --quantity 1012.75` explains an \
+         amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON; \
+         `neruba credits show` a customer's grants and balance entries."
+    );
     if summary.on_topic + 1 != summary.accepted {
         bail!(
             "{} events were accepted but {} are on the topic before the late one",
@@ -392,6 +397,25 @@ async fn post(
         }
     }
     println!();
+    Ok(())
+}
+
+/// Sets acme/customer-7's USD rule: alert below 0.10 and ask for a top-up to 1.00.
+async fn balance_rule(client: &reqwest::Client, base: &str) -> Result<()> {
+    let credits_key = sample::dev_key("acme", "credits").context("dev credits key")?;
+    let response = client
+        .put(format!("{base}/v1/customers/customer-7/balance-rules/USD"))
+        .bearer_auth(credits_key)
+        .json(&json!({"low_balance_threshold": "0.10", "recharge_to": "1.00"}))
+        .send()
+        .await?;
+    let status = response.status();
+    println!(
+        "PUT /v1/customers/customer-7/balance-rules/USD  below 0.10 USD alert, top up to 1.00 USD  -> HTTP {status}"
+    );
+    if !status.is_success() {
+        bail!("rule refused: {}", response.text().await?);
+    }
     Ok(())
 }
 
@@ -466,7 +490,7 @@ fn print_entries(entries: &[BalanceEntry], money: &dyn Fn(Decimal, &str) -> Stri
     for e in entries {
         let cause = e.cause.get(..11).unwrap_or(&e.cause);
         println!(
-            "    {:<18} #{} {:<10} {:>11}  balance {:>10} -> {:>10}  ({cause})",
+            "    {:<18} #{} {:<15} {:>11}  balance {:>10} -> {:>10}  ({cause})",
             format!("{}/{}", e.tenant, e.customer),
             e.seq,
             e.kind.as_str(),
@@ -498,11 +522,12 @@ fn balances(
         .collect()
 }
 
-/// Reads the ledger until `expected` distinct items arrived (repeats of an id dropped; grants
-/// and voids, which share the topic, are not items).
+/// Reads the ledger until `expected` distinct items arrived (repeats of an id dropped; grants,
+/// voids and rules, which share the topic, are not items).
 async fn read_ledger(bootstrap: &str, expected: usize) -> Result<Vec<LineItem>> {
     let bootstrap = bootstrap.to_owned();
-    let records = expected + GRANTS.len();
+    // The grants and the balance rule share the topic.
+    let records = expected + GRANTS.len() + 1;
     let messages = tokio::task::spawn_blocking(move || {
         embedded::read_topic(
             &bootstrap,
@@ -598,4 +623,61 @@ fn totals(items: &[LineItem]) -> Result<Vec<(String, String)>> {
         .into_iter()
         .map(|((who, currency), sum)| (who, format!("{sum} {currency}")))
         .collect())
+}
+
+/// A statement as the demo reports it: `(tenant/customer, status, usage, credit applied,
+/// amount due)`.
+pub type StatementRow = (String, String, String, String, String);
+
+/// Prints every customer's statements as the balances stage left them (read from its state
+/// once it stopped) and returns them.
+fn statements(
+    root: &std::path::Path,
+    money: &dyn Fn(Decimal, &str) -> String,
+) -> Result<Vec<StatementRow>> {
+    let mut out = Vec::new();
+    println!(
+        "\nStatements (open while the period runs; draft after it; final 3 days later, when an \
+         invoicing system takes them):"
+    );
+    for partition in 0..4 {
+        let books = neruba_balances::state::read_books(root, topics::LEDGER, partition)?;
+        for (tenant, customer, book) in books.unwrap_or_default() {
+            for state in book.statements.values() {
+                let s = &state.statement;
+                let who = format!("{tenant}/{customer}");
+                let status = serde_json::to_value(s.status)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                println!(
+                    "    {who:<18} {} {:<5} period from {}: usage {}, credit applied {}, amount due {}",
+                    s.id,
+                    status,
+                    s.period_start,
+                    money(s.usage, &s.currency),
+                    money(s.credit_applied, &s.currency),
+                    money(s.amount_due, &s.currency),
+                );
+                for line in &s.lines {
+                    let group = serde_json::to_string(&line.group)?;
+                    println!(
+                        "        {:<17} {group:<22} quantity {:>8}  amount {:>11}",
+                        line.meter,
+                        line.quantity,
+                        money(line.amount, &s.currency)
+                    );
+                }
+                out.push((
+                    who,
+                    status,
+                    money(s.usage, &s.currency),
+                    money(s.credit_applied, &s.currency),
+                    money(s.amount_due, &s.currency),
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }

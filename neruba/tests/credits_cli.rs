@@ -1,9 +1,10 @@
-//! `neruba credits grant|void|show` against an embedded broker: grant and void write the
-//! records the HTTP routes write (same validation, same partition), a refused grant writes
-//! nothing, and `show` prints exactly one customer's grants, voids and balance entries.
+//! `neruba credits grant|void|rule|show` against an embedded broker: grant, void and rule
+//! write the records the HTTP routes write (same validation, same partition), a refused grant
+//! or rule writes nothing, and `show` prints exactly one customer's grants, voids, rules and
+//! balance entries.
 
 use neruba::embedded::EmbeddedKafka;
-use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant};
+use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord};
 use neruba_schemas::topics::{self, stable_partition};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -44,6 +45,8 @@ fn entry(customer: &str, seq: u64, amount: i64) -> BalanceEntry {
         balance_before: Decimal::ZERO,
         balance_after: Decimal::new(amount, 0),
         code: None,
+        rule: None,
+        statement: None,
     }
 }
 
@@ -253,5 +256,125 @@ fn grant_void_and_show_through_the_command_line() -> anyhow::Result<()> {
             .unwrap_or_default(),
     )?;
     assert_eq!(shown, entry("customer-7", 1, 12));
+    Ok(())
+}
+
+#[test]
+fn rule_set_refused_and_removed_through_the_command_line() -> anyhow::Result<()> {
+    let kafka = EmbeddedKafka::start(&[
+        (topics::LEDGER, PARTITIONS),
+        (topics::BALANCE_ENTRIES, PARTITIONS),
+    ])?;
+    let brokers = kafka.bootstrap_servers().to_owned();
+    let rule = |extra: &[&str]| {
+        let mut args = vec![
+            "credits",
+            "rule",
+            "--brokers",
+            brokers.as_str(),
+            "--tenant",
+            "acme",
+            "--customer",
+            "customer-7",
+            "--currency",
+            "USD",
+        ];
+        args.extend_from_slice(extra);
+        neruba(&args)
+    };
+    let partition = stable_partition("acme/customer-7", PARTITIONS);
+    let answer = |offset: i64| {
+        json!({"customer": "customer-7", "currency": "USD", "status": "accepted",
+               "position": {"topic": topics::LEDGER, "partition": partition, "offset": offset}})
+    };
+
+    // 1. Refusals say their code and write nothing; clap refuses impossible combinations.
+    let refusals: [(&[&str], &str); 6] = [
+        (&["--threshold=-1"], "rule refused: invalid_threshold"),
+        (&["--threshold", "0.001"], "rule refused: invalid_threshold"),
+        (&["--threshold", "ten"], "rule refused: invalid_threshold"),
+        (
+            &["--threshold", "10", "--recharge-to", "10"],
+            "rule refused: invalid_recharge",
+        ),
+        (&[], "--threshold"),
+        (&["--threshold", "10", "--remove"], "--remove"),
+    ];
+    for (extra, expected) in refusals {
+        let (ok, _, stderr) = rule(extra);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    let (ok, _, stderr) = neruba(&[
+        "credits",
+        "rule",
+        "--brokers",
+        &brokers,
+        "--tenant",
+        "acme",
+        "--customer",
+        "customer-7",
+        "--currency",
+        "XYZ",
+        "--remove",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("rule refused: unknown_currency"),
+        "{stderr}"
+    );
+
+    // 2. Set, then remove: the gateway's answer, in the customer's partition.
+    let (ok, stdout, stderr) = rule(&["--threshold", "10.00", "--recharge-to", "50"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout)?, answer(0));
+    let (ok, stdout, stderr) = rule(&["--remove"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout)?, answer(1));
+
+    // 3. `show` prints both rule records, exactly as written.
+    let (ok, stdout, stderr) = neruba(&[
+        "credits",
+        "show",
+        "--brokers",
+        &brokers,
+        "--tenant",
+        "acme",
+        "--customer",
+        "customer-7",
+        "--exit-when-idle",
+        "1s",
+    ]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let shape: Vec<(&str, i64, i64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["record"].as_str().unwrap_or_default(),
+                l["partition"].as_i64().unwrap_or(-1),
+                l["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let p = i64::from(partition);
+    assert_eq!(shape, [("rule", p, 0), ("rule", p, 1)], "{stdout}");
+    assert_eq!(
+        lines[0]["value"]["rule"],
+        json!({"low_balance_threshold": "10.00", "recharge_to": "50"})
+    );
+    let removed: RuleRecord = serde_json::from_value(lines[1]["value"].clone())?;
+    assert_eq!(
+        (
+            removed.tenant.as_str(),
+            removed.customer.as_str(),
+            removed.currency.as_str(),
+            removed.rule
+        ),
+        ("acme", "customer-7", "USD", None)
+    );
     Ok(())
 }

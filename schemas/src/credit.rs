@@ -55,11 +55,16 @@ pub enum GrantRejectCode {
     InvalidCustomer,
     /// A void names no grant of this customer (`gr_` and 32 hex digits).
     InvalidGrantId,
+    /// A balance rule's `low_balance_threshold` is not a non-negative exact decimal in the
+    /// currency's precision.
+    InvalidThreshold,
+    /// A balance rule's `recharge_to` is not above its threshold, or finer than the currency.
+    InvalidRecharge,
 }
 
 impl GrantRejectCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::InvalidBody,
         Self::MissingKey,
         Self::InvalidAmount,
@@ -71,6 +76,8 @@ impl GrantRejectCode {
         Self::InvalidMetadata,
         Self::InvalidCustomer,
         Self::InvalidGrantId,
+        Self::InvalidThreshold,
+        Self::InvalidRecharge,
     ];
 
     /// The stable wire spelling.
@@ -87,6 +94,8 @@ impl GrantRejectCode {
             Self::InvalidMetadata => "invalid_metadata",
             Self::InvalidCustomer => "invalid_customer",
             Self::InvalidGrantId => "invalid_grant_id",
+            Self::InvalidThreshold => "invalid_threshold",
+            Self::InvalidRecharge => "invalid_recharge",
         }
     }
 }
@@ -183,6 +192,187 @@ pub struct Void {
 pub struct Tick {
     pub v: u8,
     pub at_ms: i64,
+    /// How long a statement stays `draft` after its period ends before it is `final`, as the
+    /// stage that wrote the tick was configured (absent: [`DEFAULT_FINALIZE_AFTER_MS`]). A
+    /// statement turning draft records the delay of that tick, so a replay under another
+    /// configuration finalises at the same points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalize_after_ms: Option<i64>,
+}
+
+/// The finalisation delay of a statement: 3 days.
+pub const DEFAULT_FINALIZE_AFTER_MS: i64 = 3 * 86_400_000;
+
+/// A customer's low-balance rule in one currency (SPEC "Threshold alerts and auto top-up").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceRule {
+    /// Crossing below this emits one `low_balance` entry.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub low_balance_threshold: Decimal,
+    /// With it, the crossing also emits a `topup_requested` entry for `recharge_to − balance`,
+    /// at most one outstanding at a time.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub recharge_to: Option<Decimal>,
+}
+
+/// A balance rule on the ledger topic (header `rule`): sets the customer's rule in
+/// `currency`, or with `rule: null` removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    pub v: u8,
+    pub tenant: String,
+    pub customer: String,
+    pub currency: String,
+    pub rule: Option<BalanceRule>,
+    pub received_at: String,
+}
+
+/// A balance rule as a client sends it (`PUT /v1/customers/{customer}/balance-rules/{currency}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleRequest {
+    pub low_balance_threshold: Option<serde_json::Value>,
+    pub recharge_to: Option<serde_json::Value>,
+}
+
+/// An exact decimal ≥ 0 below 10^18 in `precision` decimal places at most.
+fn exact_non_negative(value: &serde_json::Value, precision: u32) -> Option<Decimal> {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    decimal::parse_exact(&text).filter(|d| {
+        !d.is_sign_negative() && *d < decimal::max_abs_value() && d.scale() <= precision
+    })
+}
+
+impl RuleRequest {
+    /// The rule record this request writes for `customer` of `tenant` in `currency`, or why
+    /// it is refused.
+    pub fn validate(
+        self,
+        catalog: &Catalog,
+        tenant: &str,
+        customer: &str,
+        currency: &str,
+        now_ms: i64,
+    ) -> Result<RuleRecord, GrantRejection> {
+        check_customer(customer)?;
+        let Some(precision) = catalog.precision(currency) else {
+            return Err(reject(
+                GrantRejectCode::UnknownCurrency,
+                format!(
+                    "currency `{currency}` is neither a known ISO 4217 code nor a unit of the catalog"
+                ),
+            ));
+        };
+        let threshold = self
+            .low_balance_threshold
+            .as_ref()
+            .and_then(|v| exact_non_negative(v, precision))
+            .ok_or_else(|| {
+                reject(
+                    GrantRejectCode::InvalidThreshold,
+                    format!(
+                        "`low_balance_threshold` must be a decimal ≥ 0 below 10^18 with at most {precision} decimal places"
+                    ),
+                )
+            })?;
+        let recharge_to = match self.recharge_to {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => Some(
+                exact_non_negative(&value, precision)
+                    .filter(|to| *to > threshold)
+                    .ok_or_else(|| {
+                        reject(
+                            GrantRejectCode::InvalidRecharge,
+                            format!(
+                                "`recharge_to` must be above the threshold, below 10^18, with at most {precision} decimal places"
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        Ok(RuleRecord {
+            v: 1,
+            tenant: tenant.to_owned(),
+            customer: customer.to_owned(),
+            currency: currency.to_owned(),
+            rule: Some(BalanceRule {
+                low_balance_threshold: threshold,
+                recharge_to,
+            }),
+            received_at: crate::event::format_time_ms(now_ms),
+        })
+    }
+}
+
+/// Where a statement stands: `open` during its period, `draft` after it until the
+/// finalisation delay has passed, then `final` (and never changes again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementStatus {
+    Open,
+    Draft,
+    Final,
+}
+
+/// One meter and group on a statement: the period-to-date quantity of the latest line item
+/// and the sum of the line items' amounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementLine {
+    pub meter: String,
+    pub group: BTreeMap<String, String>,
+    /// The billing period the usage belongs to (for a prior-period adjustment, an earlier one).
+    pub period_start: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub quantity: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+/// A customer's statement for one billing period and currency.
+///
+/// `usage + prior_period = credit_applied + amount_due`: every line-item amount on it was
+/// either drawn from credit or is due.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    /// [`statement_id`]: from tenant, customer, currency and period.
+    pub id: String,
+    pub currency: String,
+    pub period_start: String,
+    pub period_end: String,
+    pub status: StatementStatus,
+    /// This period's usage, per meter and group, in the order first seen.
+    pub lines: Vec<StatementLine>,
+    /// Line items of periods already final, carried here as prior-period adjustments.
+    pub prior_period: Vec<StatementLine>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub usage: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub prior_period_amount: Decimal,
+    /// Net credit drawn by the statement's items (consumed − restored).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credit_applied: Decimal,
+    /// Σ uncovered of the statement's items: what to invoice (negative: owed back).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount_due: Decimal,
+}
+
+/// A statement's deterministic id: `st_` and 32 hex digits over (tenant, customer, currency,
+/// period start).
+pub fn statement_id(tenant: &str, customer: &str, currency: &str, period_start: &str) -> String {
+    format!(
+        "st_{}",
+        digest(&[
+            b"neruba.statement.v1",
+            tenant.as_bytes(),
+            customer.as_bytes(),
+            currency.as_bytes(),
+            period_start.as_bytes(),
+        ])
+    )
 }
 
 /// A grant's deterministic id: `gr_` and 32 hex digits of SHA-256 over (tenant, customer,
@@ -403,6 +593,15 @@ pub enum EntryKind {
     Uncovered,
     /// A grant or void that changed nothing because it was refused (`code` says why).
     GrantRefused,
+    /// The balance crossed below the rule's threshold (`rule`). Once per crossing.
+    LowBalance,
+    /// A top-up of `amount` is asked for; the entry's id is the request's id, and a grant
+    /// with that id as its `key` resolves it. At most one outstanding per rule.
+    TopupRequested,
+    /// A statement's period ended (`statement`, `amount` = its amount due so far).
+    StatementDraft,
+    /// A statement is final (`statement`, `amount` = its amount due); it never changes again.
+    StatementFinal,
 }
 
 impl EntryKind {
@@ -416,11 +615,23 @@ impl EntryKind {
             Self::Void => "void",
             Self::Uncovered => "uncovered",
             Self::GrantRefused => "grant_refused",
+            Self::LowBalance => "low_balance",
+            Self::TopupRequested => "topup_requested",
+            Self::StatementDraft => "statement_draft",
+            Self::StatementFinal => "statement_final",
         }
     }
 
+    /// Whether an entry of this kind moves the credit balance (its amount is added to it).
+    pub fn moves_balance(self) -> bool {
+        matches!(
+            self,
+            Self::Grant | Self::Consume | Self::Restore | Self::Expire | Self::Void
+        )
+    }
+
     /// Every kind, for metrics.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 11] = [
         Self::Grant,
         Self::Consume,
         Self::Restore,
@@ -428,6 +639,10 @@ impl EntryKind {
         Self::Void,
         Self::Uncovered,
         Self::GrantRefused,
+        Self::LowBalance,
+        Self::TopupRequested,
+        Self::StatementDraft,
+        Self::StatementFinal,
     ];
 }
 
@@ -450,7 +665,8 @@ pub struct BalanceEntry {
     pub seq: u64,
     pub kind: EntryKind,
     pub currency: String,
-    /// What caused it: a line item id, a grant id, or `tick/<ms>`.
+    /// What caused it: a line item id, a grant id, `void/<grant>`, `rule/<currency>` or
+    /// `tick/<ms>`.
     pub cause: String,
     /// The grant it touches, if any.
     pub grant: Option<String>,
@@ -464,6 +680,12 @@ pub struct BalanceEntry {
     pub balance_after: Decimal,
     /// For `grant_refused`: the stable code.
     pub code: Option<String>,
+    /// For `low_balance` and `topup_requested`: the rule that fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<BalanceRule>,
+    /// For `statement_draft` and `statement_final`: the statement as it then stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<Box<Statement>>,
 }
 
 impl BalanceEntry {
@@ -605,6 +827,91 @@ mod tests {
         assert_ne!(
             entry_id("a", "b", "c", None, EntryKind::Consume, 1),
             entry_id("a", "b", "c", Some(""), EntryKind::Consume, 1)
+        );
+    }
+
+    #[test]
+    fn a_rule_request_is_validated_with_stable_codes() {
+        use serde_json::json;
+        let rule = |customer: &str, currency: &str, body: serde_json::Value| {
+            serde_json::from_value::<RuleRequest>(body)
+                .map_err(|_| GrantRejectCode::InvalidBody)?
+                .validate(&catalog(), "acme", customer, currency, 1_795_000_000_000)
+                .map_err(|e| e.code)
+        };
+        let ok = rule(
+            "customer-7",
+            "USD",
+            json!({"low_balance_threshold": "10.00", "recharge_to": 50.5}),
+        );
+        assert_eq!(
+            ok,
+            Ok(RuleRecord {
+                v: 1,
+                tenant: "acme".to_owned(),
+                customer: "customer-7".to_owned(),
+                currency: "USD".to_owned(),
+                rule: Some(BalanceRule {
+                    low_balance_threshold: Decimal::new(1000, 2),
+                    recharge_to: Some(Decimal::new(505, 1)),
+                }),
+                received_at: crate::event::format_time_ms(1_795_000_000_000),
+            })
+        );
+        let no_recharge = |body: serde_json::Value| {
+            rule("c", "credits", body)
+                .map(|r| r.rule.map(|r| (r.low_balance_threshold, r.recharge_to)))
+        };
+        assert_eq!(
+            no_recharge(json!({"low_balance_threshold": 0})),
+            Ok(Some((Decimal::ZERO, None)))
+        );
+        assert_eq!(
+            no_recharge(json!({"low_balance_threshold": "0.0001", "recharge_to": null})),
+            Ok(Some((Decimal::new(1, 4), None)))
+        );
+        let refused = |customer: &str, currency: &str, body: serde_json::Value| {
+            rule(customer, currency, body).map(|_| ())
+        };
+        let threshold = |t: serde_json::Value| json!({"low_balance_threshold": t});
+        let recharge =
+            |r: serde_json::Value| json!({"low_balance_threshold": "10", "recharge_to": r});
+        for body in [
+            json!({}),
+            threshold(json!("-1")),
+            threshold(json!(-1)),
+            threshold(json!("0.001")),
+            threshold(json!("ten")),
+            threshold(json!(true)),
+            threshold(json!("1e18")),
+        ] {
+            let code = Err(GrantRejectCode::InvalidThreshold);
+            assert_eq!(refused("c", "USD", body.clone()), code, "{body}");
+        }
+        let yen = refused("c", "JPY", threshold(json!("10.5")));
+        assert_eq!(yen, Err(GrantRejectCode::InvalidThreshold));
+        for body in [
+            recharge(json!("10.00")),
+            recharge(json!(5)),
+            recharge(json!("50.001")),
+            recharge(json!("fifty")),
+        ] {
+            let code = Err(GrantRejectCode::InvalidRecharge);
+            assert_eq!(refused("c", "USD", body.clone()), code, "{body}");
+        }
+        let ten = threshold(json!("10"));
+        assert_eq!(
+            refused("c", "XYZ", ten.clone()),
+            Err(GrantRejectCode::UnknownCurrency)
+        );
+        for customer in ["", "c\u{1}"] {
+            let code = Err(GrantRejectCode::InvalidCustomer);
+            assert_eq!(refused(customer, "USD", ten.clone()), code, "{customer:?}");
+        }
+        let unknown_field = json!({"low_balance_threshold": "10", "notify": "me"});
+        assert_eq!(
+            refused("c", "USD", unknown_field),
+            Err(GrantRejectCode::InvalidBody)
         );
     }
 }

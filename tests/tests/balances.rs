@@ -4,7 +4,10 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::{self, EmbeddedKafka};
-use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, GrantTerms, Void};
+use neruba_schemas::credit::{
+    self, BalanceEntry, BalanceRule, EntryKind, Grant, GrantTerms, RuleRecord, StatementStatus,
+    Void,
+};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::{Kind, LineItem};
 use neruba_schemas::topics::{RECORD_HEADER, stable_partition};
@@ -31,6 +34,7 @@ type View<'a> = (
     Option<&'a str>,
 );
 const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
 
 fn d(text: &str) -> Decimal {
     Decimal::from_str(text).expect("decimal literal")
@@ -56,8 +60,8 @@ fn grant(customer: &str, key: &str, amount: &str, priority: u16, expires: Option
     }
 }
 
-fn item(customer: &str, id: &str, window_ms: i64, amount: &str) -> LineItem {
-    let period = window_ms - window_ms % (30 * 24 * HOUR);
+/// A line item of the 30-day billing period starting at `period`.
+fn item_in(customer: &str, id: &str, period: i64, window_ms: i64, amount: &str) -> LineItem {
     LineItem {
         v: 1,
         id: id.into(),
@@ -91,6 +95,7 @@ enum Record {
     Item(LineItem),
     Grant(Grant),
     Void(Void),
+    Rule(RuleRecord),
 }
 
 async fn write(producer: &FutureProducer, topic: &str, record: &Record) -> Result<()> {
@@ -98,6 +103,7 @@ async fn write(producer: &FutureProducer, topic: &str, record: &Record) -> Resul
         Record::Item(i) => (&i.customer, credit::encode(i), None),
         Record::Grant(g) => (&g.customer, credit::encode(g), Some("grant")),
         Record::Void(v) => (&v.customer, credit::encode(v), Some("void")),
+        Record::Rule(r) => (&r.customer, credit::encode(r), Some("rule")),
     };
     let key = format!("acme/{customer}");
     let mut message = FutureRecord::to(topic)
@@ -123,9 +129,20 @@ fn start(
     group: &str,
     entries: &str,
 ) -> Result<(neruba_balances::Running, CancellationToken)> {
+    start_on(kafka, "ledger", state, group, entries)
+}
+
+fn start_on(
+    kafka: &EmbeddedKafka,
+    ledger: &str,
+    state: &Path,
+    group: &str,
+    entries: &str,
+) -> Result<(neruba_balances::Running, CancellationToken)> {
     let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state);
     config.stage.group_id = group.into();
-    config.stage.input_topic = "ledger".into();
+    config.stage.input_topic = ledger.into();
+    config.finalize_after_ms = 10 * DAY;
     config.stage.max_batch = 3;
     config.entries_topic = entries.into();
     let shutdown = CancellationToken::new();
@@ -185,9 +202,9 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
     let records = vec![
         Record::Grant(promo.clone()),
         Record::Grant(pack.clone()),
-        Record::Item(item("c1", "li_a", window, "12.50")),
-        Record::Item(item("c1", "li_a", window, "12.50")),
-        Record::Item(item("c1", "li_b", window + 60_000, "-3")),
+        Record::Item(item_in("c1", "li_a", now - DAY, window, "12.50")),
+        Record::Item(item_in("c1", "li_a", now - DAY, window, "12.50")),
+        Record::Item(item_in("c1", "li_b", now - DAY, window + 60_000, "-3")),
         Record::Grant(grant("c1", "pack-1", "25", 10, None)),
         Record::Void(Void {
             v: 1,
@@ -197,7 +214,7 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
             received_at: format_time_ms(now),
         }),
         Record::Grant(expired.clone()),
-        Record::Item(item("c2", "li_c", now - 30 * 60_000, "2.25")),
+        Record::Item(item_in("c2", "li_c", now - DAY, now - 30 * 60_000, "2.25")),
     ];
     for record in &records {
         write(&producer, "ledger", record).await?;
@@ -272,5 +289,174 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
             .collect::<Result<Vec<_>, _>>()
     };
     assert_eq!(bytes(&replayed)?, bytes(&got)?);
+    Ok(())
+}
+
+/// Customer, kind, amount, balance after: how the statements-and-rules test compares entries.
+fn brief(entries: &[BalanceEntry]) -> Vec<(EntryKind, Decimal, Decimal)> {
+    entries
+        .iter()
+        .map(|e| (e.kind, e.amount, e.balance_after))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Result<()> {
+    let kafka = EmbeddedKafka::start(&[
+        ("ledger-s", PARTITIONS),
+        ("entries-s", PARTITIONS),
+        ("entries-s-replay", PARTITIONS),
+        (neruba_schemas::topics::DEAD_LETTER, 1),
+    ])?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .create()?;
+    let now = neruba_schemas::event::now_ms();
+    // Three 30-day periods: one that ended 40 days ago (final by now, with a 10-day delay),
+    // one that ended 5 days ago (draft), the current one (open).
+    let (p1, p2, p3) = (now - 70 * DAY, now - 35 * DAY, now - DAY);
+    let pack = grant("c3", "pack", "10", 10, None);
+    let rule = RuleRecord {
+        v: 1,
+        tenant: "acme".into(),
+        customer: "c3".into(),
+        currency: "USD".into(),
+        rule: Some(BalanceRule {
+            low_balance_threshold: d("5"),
+            recharge_to: Some(d("20")),
+        }),
+        received_at: format_time_ms(now),
+    };
+    let first = [
+        Record::Grant(pack.clone()),
+        Record::Rule(rule),
+        Record::Item(item_in("c3", "li_p1", p1, p1 + HOUR, "4")),
+        Record::Item(item_in("c3", "li_p2", p2, p2 + HOUR, "3")),
+    ];
+    for record in &first {
+        write(&producer, "ledger-s", record).await?;
+    }
+    let state = tempfile::tempdir()?;
+    let (running, shutdown) = start_on(&kafka, "ledger-s", state.path(), "s", "entries-s")?;
+    // 10 → 6 → 3: the crossing below 5 alerts once and asks for 20 − 3; the stage's tick turns
+    // the first period's statement draft and (its delay long past) final, the second draft.
+    let got = entries(&kafka, "entries-s", 8).await?;
+    assert_eq!(
+        brief(&got),
+        vec![
+            (EntryKind::Grant, d("10"), d("10")),
+            (EntryKind::Consume, d("-4"), d("6")),
+            (EntryKind::Consume, d("-3"), d("3")),
+            (EntryKind::LowBalance, d("0"), d("3")),
+            (EntryKind::TopupRequested, d("17"), d("3")),
+            (EntryKind::StatementDraft, d("0"), d("3")),
+            (EntryKind::StatementFinal, d("0"), d("3")),
+            (EntryKind::StatementDraft, d("0"), d("3")),
+        ]
+    );
+    let statement = |i: usize| got[i].statement.as_deref().expect("a statement");
+    assert_eq!(statement(5).id, statement(6).id);
+    assert_eq!(
+        statement(6).id,
+        credit::statement_id("acme", "c3", "USD", &format_time_ms(p1))
+    );
+    assert_eq!(
+        (
+            statement(6).status,
+            statement(6).usage,
+            statement(6).credit_applied
+        ),
+        (StatementStatus::Final, d("4"), d("4"))
+    );
+    assert_eq!(statement(7).status, StatementStatus::Draft);
+    // The payment side answers the request: a grant keyed by its id (burning after the pack).
+    let request = got[4].id.clone();
+    let mut topup = grant("c3", &request, "17", 20, None);
+    topup.id = credit::grant_id("acme", "c3", &request);
+    let second = [
+        Record::Grant(topup),
+        // A correction for the final period: carried to the next statement not yet final.
+        Record::Item(item_in("c3", "li_p1_fix", p1, p1 + 2 * HOUR, "-1")),
+        Record::Item(item_in("c3", "li_p3", p3, p3 + HOUR, "2")),
+    ];
+    for record in &second {
+        write(&producer, "ledger-s", record).await?;
+    }
+    let got = entries(&kafka, "entries-s", 11).await?;
+    shutdown.cancel();
+    running.wait().await?;
+    assert_eq!(
+        brief(got.get(8..).unwrap_or_default()),
+        vec![
+            (EntryKind::Grant, d("17"), d("20")),
+            (EntryKind::Restore, d("1"), d("21")),
+            (EntryKind::Consume, d("-2"), d("19")),
+        ]
+    );
+    // The books as the stage left them: the second period's draft holds the carried
+    // correction as a prior-period line; the current period is open.
+    let mut statements = Vec::new();
+    for partition in 0..PARTITIONS {
+        let books = neruba_balances::state::read_books(state.path(), "ledger-s", partition)?;
+        for (_, customer, book) in books.unwrap_or_default() {
+            for s in book.statements.into_values() {
+                statements.push((customer.clone(), s.statement));
+            }
+        }
+    }
+    let view: Vec<_> = statements
+        .iter()
+        .map(|(c, s)| {
+            (
+                c.as_str(),
+                s.status,
+                s.usage,
+                s.prior_period_amount,
+                s.credit_applied,
+                s.amount_due,
+                s.prior_period
+                    .iter()
+                    .map(|l| l.period_start.clone())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            (
+                "c3",
+                StatementStatus::Draft,
+                d("3"),
+                d("-1"),
+                d("2"),
+                d("0"),
+                vec![format_time_ms(p1)]
+            ),
+            (
+                "c3",
+                StatementStatus::Open,
+                d("2"),
+                d("0"),
+                d("2"),
+                d("0"),
+                vec![]
+            ),
+        ]
+    );
+    // A replay into fresh state (ticks read from the ledger): the same entries, byte for byte.
+    let fresh = tempfile::tempdir()?;
+    let (running, shutdown) = start_on(
+        &kafka,
+        "ledger-s",
+        fresh.path(),
+        "s-replay",
+        "entries-s-replay",
+    )?;
+    let replayed = entries(&kafka, "entries-s-replay", got.len()).await?;
+    shutdown.cancel();
+    running.wait().await?;
+    let bytes = |all: &[BalanceEntry]| all.iter().map(credit::encode).collect::<Vec<_>>();
+    assert_eq!(bytes(&replayed), bytes(&got));
     Ok(())
 }

@@ -157,6 +157,16 @@ async fn demo_turns_events_into_line_items_that_add_up_by_hand() -> Result<()> {
             entry("acme/customer-7", 1, "grant", "0.20 USD", "0.20 USD"),
             entry("acme/customer-7", 2, "consume", "-0.20 USD", "0.00 USD"),
             entry("acme/customer-7", 3, "uncovered", "0.10 USD", "0.00 USD"),
+            // Its rule (alert below 0.10, top up to 1.00): the crossing, and one request for
+            // 1.00 − 0.00.
+            entry("acme/customer-7", 4, "low_balance", "0.00 USD", "0.00 USD"),
+            entry(
+                "acme/customer-7",
+                5,
+                "topup_requested",
+                "1.00 USD",
+                "0.00 USD"
+            ),
             entry("acme/customer-9", 1, "uncovered", "1.00 USD", "0.00 USD"),
             entry("globex/customer-1", 1, "grant", "10.00 EUR", "10.00 EUR"),
             entry("globex/customer-1", 2, "consume", "-0.29 EUR", "9.71 EUR"),
@@ -173,6 +183,26 @@ async fn demo_turns_events_into_line_items_that_add_up_by_hand() -> Result<()> {
             due("acme/customer-9", "0.00 USD", "1.00 USD"),
             due("globex/customer-1", "0.00 EUR", "16.27 EUR"),
             due("globex/customer-2", "0.00 EUR", "9.20 EUR"),
+        ]
+    );
+    // This period's statements (open: the period runs): usage = credit applied + amount due,
+    // the late event's adjustment included in globex/customer-1's.
+    let statement = |who: &str, usage: &str, credit: &str, due: &str| {
+        (
+            who.to_owned(),
+            "open".to_owned(),
+            usage.to_owned(),
+            credit.to_owned(),
+            due.to_owned(),
+        )
+    };
+    assert_eq!(
+        summary.statements,
+        [
+            statement("acme/customer-7", "0.30 USD", "0.20 USD", "0.10 USD"),
+            statement("acme/customer-9", "1.00 USD", "0.00 USD", "1.00 USD"),
+            statement("globex/customer-1", "26.27 EUR", "10.00 EUR", "16.27 EUR"),
+            statement("globex/customer-2", "9.20 EUR", "0.00 EUR", "9.20 EUR"),
         ]
     );
     Ok(())

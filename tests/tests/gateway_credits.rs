@@ -1,11 +1,12 @@
-//! Credit grants and voids over HTTP against the embedded broker: every test reads back what
-//! really landed on the ledger topic (or that nothing did), so "accepted" and "refused" are
-//! checked against Kafka, not against the gateway's word.
+//! Credit grants, voids and balance rules over HTTP against the embedded broker: every test
+//! reads back what really landed on the ledger topic (or that nothing did), so "accepted" and
+//! "refused" are checked against Kafka, not against the gateway's word.
 
 use anyhow::Result;
-use neruba_schemas::credit::{self, Grant, GrantRejectCode, Void};
+use neruba_schemas::credit::{self, Grant, GrantRejectCode, RuleRecord, Void};
 use neruba_schemas::topics::{self, stable_partition};
-use neruba_tests::{GatewayHarness, LEDGER_PARTITIONS, sample};
+use neruba_tests::{Answer, GatewayHarness, LEDGER_PARTITIONS, sample};
+use reqwest::Method;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -28,8 +29,47 @@ fn grants(customer: &str) -> String {
     format!("/v1/customers/{customer}/grants")
 }
 
+fn rules(customer: &str, currency: &str) -> String {
+    format!("/v1/customers/{customer}/balance-rules/{currency}")
+}
+
 fn code(answer: &neruba_tests::Answer) -> (u16, Option<&str>) {
     (answer.status, answer.json["error"]["code"].as_str())
+}
+
+/// Sends `body` to `path` with `method` (the harness only POSTs), as `post_to` does.
+async fn send(
+    h: &GatewayHarness,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> Result<Answer> {
+    let mut request = h
+        .client
+        .request(method, format!("{}{path}", h.base))
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = response.text().await?;
+    let json = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}: {text}"))?;
+    Ok(Answer {
+        status,
+        retry_after,
+        json,
+    })
 }
 
 #[tokio::test]
@@ -94,6 +134,7 @@ async fn a_grant_is_accepted_with_its_id_and_lands_in_the_customers_ledger_parti
 
 /// One request that must be refused: where it goes, as whom, with what, and its answer.
 struct Refused {
+    method: Method,
     path: String,
     key: Option<&'static str>,
     content_type: Option<&'static str>,
@@ -105,6 +146,7 @@ struct Refused {
 /// A grant for customer `c1` with the credits key, refused `status` `code`.
 fn refused(body: impl Into<String>, status: u16, code: &'static str) -> Refused {
     Refused {
+        method: Method::POST,
         path: grants("c1"),
         key: credits(),
         content_type: JSON,
@@ -112,6 +154,56 @@ fn refused(body: impl Into<String>, status: u16, code: &'static str) -> Refused 
         status,
         code,
     }
+}
+
+/// A `PUT` of customer `c1`'s USD rule with the credits key, refused `status` `code`.
+fn rule_refused(body: impl Into<String>, status: u16, code: &'static str) -> Refused {
+    Refused {
+        method: Method::PUT,
+        path: rules("c1", "USD"),
+        ..refused(body, status, code)
+    }
+}
+
+/// A `DELETE` of customer `c1`'s rule in `currency` with the credits key and no body.
+fn removal_refused(currency: &str, status: u16, code: &'static str) -> Refused {
+    Refused {
+        method: Method::DELETE,
+        path: rules("c1", currency),
+        content_type: None,
+        ..refused("", status, code)
+    }
+}
+
+/// Sends each case and checks its answer; the codes seen.
+async fn expect_refusals(
+    h: &GatewayHarness,
+    cases: Vec<Refused>,
+) -> Result<BTreeSet<&'static str>> {
+    let mut seen = BTreeSet::new();
+    for case in cases {
+        let answer = send(
+            h,
+            case.method.clone(),
+            &case.path,
+            case.key,
+            case.content_type,
+            case.body.clone(),
+        )
+        .await?;
+        let shown: String = case.body.chars().take(80).collect();
+        assert_eq!(
+            code(&answer),
+            (case.status, Some(case.code)),
+            "{} {} {:?} {shown}: {}",
+            case.method,
+            case.path,
+            case.key,
+            answer.json
+        );
+        seen.insert(case.code);
+    }
+    Ok(seen)
 }
 
 #[tokio::test]
@@ -234,25 +326,18 @@ async fn every_refusal_answers_its_status_and_code_and_writes_nothing() -> Resul
             ..refused(json!({"reason": "x"}).to_string(), 400, "invalid_body")
         },
     ];
-    let mut seen = BTreeSet::new();
-    for case in cases {
-        let answer = h
-            .post_to(&case.path, case.key, case.content_type, case.body.clone())
-            .await?;
-        let shown: String = case.body.chars().take(80).collect();
-        assert_eq!(
-            code(&answer),
-            (case.status, Some(case.code)),
-            "{} {:?} {shown}: {}",
-            case.path,
-            case.key,
-            answer.json
-        );
-        seen.insert(case.code);
-    }
-    // Every stable refusal code of a grant or void was shown above.
+    let seen = expect_refusals(&h, cases).await?;
+    // Every stable refusal code of a grant or void was shown above (a rule's own two are
+    // shown in `every_rule_refusal_answers_its_status_and_code_and_writes_nothing`).
     for code in GrantRejectCode::ALL {
-        assert!(seen.contains(code.as_str()), "{code:?} not exercised");
+        let rule_only = matches!(
+            code,
+            GrantRejectCode::InvalidThreshold | GrantRejectCode::InvalidRecharge
+        );
+        assert!(
+            rule_only || seen.contains(code.as_str()),
+            "{code:?} not exercised"
+        );
     }
 
     // Nothing of the above was written; a valid grant then is, and is alone on the topic.
@@ -398,6 +483,9 @@ async fn a_tenant_over_its_rate_limit_is_refused_429_and_nothing_is_written() ->
     let second = h.post_to(&grants("c1"), credits(), JSON, body("b")).await?;
     assert_eq!(code(&second), (429, Some("rate_limited")));
     assert_eq!(second.retry_after.as_deref(), Some("1"));
+    let rule = json!({"low_balance_threshold": "1"}).to_string();
+    let third = send(&h, Method::PUT, &rules("c1", "USD"), credits(), JSON, rule).await?;
+    assert_eq!(code(&third), (429, Some("rate_limited")));
     let records = h.ledger_records(1).await?;
     assert_eq!(records.len(), 1);
     let grant: Grant = credit::decode(&records[0].payload)?;
@@ -454,5 +542,226 @@ async fn broker_down_means_503_with_retry_after_and_a_retry_lands_the_grant() ->
     let before = credit::grant_id("acme", "c3", "before");
     assert_eq!(ids, BTreeSet::from([before, during]));
     assert!(records.iter().all(|r| r.record.as_deref() == Some("grant")));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_rule_is_set_and_removed_in_the_partition_of_the_customers_grants() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let partition = stable_partition("acme/customer-5", LEDGER_PARTITIONS);
+    let position =
+        |offset: i64| json!({"topic": topics::LEDGER, "partition": partition, "offset": offset});
+    // 1. A grant, so the rule's partition can be compared with it.
+    let grant = h
+        .post_to(
+            &grants("customer-5"),
+            credits(),
+            JSON,
+            json!({"key": "k", "amount": "100", "currency": "USD"}).to_string(),
+        )
+        .await?;
+    assert_eq!(grant.status, 202, "{}", grant.json);
+
+    // 2. Set: amounts as strings, kept as written.
+    let set = send(
+        &h,
+        Method::PUT,
+        &rules("customer-5", "USD"),
+        credits(),
+        JSON,
+        json!({"low_balance_threshold": "10.00", "recharge_to": "50.00"}).to_string(),
+    )
+    .await?;
+    assert_eq!(set.status, 202, "{}", set.json);
+    assert_eq!(
+        set.json,
+        json!({"customer": "customer-5", "currency": "USD", "status": "accepted",
+               "position": position(1)})
+    );
+
+    // 3. Another currency, a JSON number, no recharge.
+    let credits_rule = send(
+        &h,
+        Method::PUT,
+        &rules("customer-5", "credits"),
+        credits(),
+        JSON,
+        r#"{"low_balance_threshold": 2.5}"#,
+    )
+    .await?;
+    assert_eq!(credits_rule.status, 202, "{}", credits_rule.json);
+    assert_eq!(credits_rule.json["position"], position(2));
+
+    // 4. Remove the USD rule: no body, no content type.
+    let removed = send(
+        &h,
+        Method::DELETE,
+        &rules("customer-5", "USD"),
+        credits(),
+        None,
+        "",
+    )
+    .await?;
+    assert_eq!(removed.status, 202, "{}", removed.json);
+    assert_eq!(
+        removed.json,
+        json!({"customer": "customer-5", "currency": "USD", "status": "accepted",
+               "position": position(3)})
+    );
+
+    // 5. On the topic: the grant, then three rule records, one partition, one key.
+    let records = h.ledger_records(4).await?;
+    let shape: Vec<(Option<&str>, &str, i32, i64)> = records
+        .iter()
+        .map(|r| (r.record.as_deref(), r.key.as_str(), r.partition, r.offset))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (Some("grant"), "acme/customer-5", partition, 0),
+            (Some("rule"), "acme/customer-5", partition, 1),
+            (Some("rule"), "acme/customer-5", partition, 2),
+            (Some("rule"), "acme/customer-5", partition, 3),
+        ]
+    );
+    let wire = |i: usize| serde_json::from_slice::<Value>(&records[i].payload);
+    assert_eq!(
+        wire(1)?["rule"],
+        json!({"low_balance_threshold": "10.00", "recharge_to": "50.00"})
+    );
+    assert_eq!(
+        wire(2)?["rule"],
+        json!({"low_balance_threshold": "2.5", "recharge_to": null})
+    );
+    assert_eq!(wire(3)?["rule"], Value::Null);
+    let decoded: Vec<RuleRecord> = records[1..]
+        .iter()
+        .map(|r| credit::decode(&r.payload))
+        .collect::<Result<_, _>>()?;
+    let heads: Vec<(u8, &str, &str, &str)> = decoded
+        .iter()
+        .map(|r| {
+            (
+                r.v,
+                r.tenant.as_str(),
+                r.customer.as_str(),
+                r.currency.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        heads,
+        [
+            (1, "acme", "customer-5", "USD"),
+            (1, "acme", "customer-5", "credits"),
+            (1, "acme", "customer-5", "USD"),
+        ]
+    );
+    let usd = decoded[0]
+        .rule
+        .as_ref()
+        .map(|r| (r.low_balance_threshold, r.recharge_to));
+    assert_eq!(
+        usd,
+        Some((Decimal::new(1000, 2), Some(Decimal::new(5000, 2))))
+    );
+    assert_eq!(decoded[2].rule, None);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn every_rule_refusal_answers_its_status_and_code_and_writes_nothing() -> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let good = json!({"low_balance_threshold": "10", "recharge_to": "50"}).to_string();
+    let threshold = |t: Value| json!({"low_balance_threshold": t}).to_string();
+    let recharge = |r: Value| json!({"low_balance_threshold": "10", "recharge_to": r}).to_string();
+    let padded = format!(
+        r#"{{"low_balance_threshold": "10", "pad": "{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let cases = vec![
+        // 1. The caller: no key, an unknown one, one without the `credits` scope.
+        Refused {
+            key: None,
+            ..rule_refused(good.clone(), 401, "unauthenticated")
+        },
+        Refused {
+            key: Some("nrb_unknown"),
+            ..rule_refused(good.clone(), 401, "unauthenticated")
+        },
+        Refused {
+            key: key("ingest"),
+            ..rule_refused(good.clone(), 403, "forbidden")
+        },
+        Refused {
+            key: key("read"),
+            ..rule_refused(good.clone(), 403, "forbidden")
+        },
+        Refused {
+            key: key("ingest"),
+            ..removal_refused("USD", 403, "forbidden")
+        },
+        // 2. The body: not JSON, an unknown field, not JSON by its type, too large; a removal
+        //    that says something.
+        rule_refused("{not json", 400, "invalid_body"),
+        rule_refused(
+            json!({"low_balance_threshold": "10", "notify": "ops"}).to_string(),
+            400,
+            "invalid_body",
+        ),
+        Refused {
+            content_type: Some("text/plain"),
+            ..rule_refused(good.clone(), 415, "unsupported_media_type")
+        },
+        rule_refused(padded, 413, "body_too_large"),
+        Refused {
+            body: json!({"reason": "x"}).to_string(),
+            ..removal_refused("USD", 400, "invalid_body")
+        },
+        // 3. The threshold: absent, negative, finer than USD, not a number.
+        rule_refused("{}", 422, "invalid_threshold"),
+        rule_refused(threshold(json!("-1")), 422, "invalid_threshold"),
+        rule_refused(threshold(json!(-1)), 422, "invalid_threshold"),
+        rule_refused(threshold(json!("0.001")), 422, "invalid_threshold"),
+        rule_refused(threshold(json!("ten")), 422, "invalid_threshold"),
+        rule_refused(threshold(json!(true)), 422, "invalid_threshold"),
+        // 4. The recharge: not above the threshold, finer than USD, not a number.
+        rule_refused(recharge(json!("10.00")), 422, "invalid_recharge"),
+        rule_refused(recharge(json!(5)), 422, "invalid_recharge"),
+        rule_refused(recharge(json!("50.001")), 422, "invalid_recharge"),
+        rule_refused(recharge(json!("fifty")), 422, "invalid_recharge"),
+        // 5. The path: a currency nobody knows; a customer with a control character.
+        Refused {
+            path: rules("c1", "XYZ"),
+            ..rule_refused(good.clone(), 422, "unknown_currency")
+        },
+        removal_refused("XYZ", 422, "unknown_currency"),
+        Refused {
+            path: rules("c%01", "USD"),
+            ..rule_refused(good.clone(), 422, "invalid_customer")
+        },
+        Refused {
+            path: rules("c%01", "USD"),
+            ..removal_refused("USD", 422, "invalid_customer")
+        },
+    ];
+    let seen = expect_refusals(&h, cases).await?;
+    for code in [
+        GrantRejectCode::InvalidBody,
+        GrantRejectCode::UnknownCurrency,
+        GrantRejectCode::InvalidCustomer,
+        GrantRejectCode::InvalidThreshold,
+        GrantRejectCode::InvalidRecharge,
+    ] {
+        assert!(seen.contains(code.as_str()), "{code:?} not exercised");
+    }
+
+    // Nothing of the above was written; a valid rule then is, and is alone on the topic.
+    assert!(h.ledger_records(0).await?.is_empty());
+    let answer = send(&h, Method::PUT, &rules("c1", "USD"), credits(), JSON, good).await?;
+    assert_eq!(answer.status, 202, "{}", answer.json);
+    let records = h.ledger_records(1).await?;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].record.as_deref(), Some("rule"));
     h.stop().await
 }

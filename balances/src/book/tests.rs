@@ -2,7 +2,7 @@
 //! named cases.
 
 use super::*;
-use neruba_schemas::credit::{GrantTerms, grant_id};
+use neruba_schemas::credit::{BalanceRule, GrantTerms, StatementStatus, grant_id};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::Kind;
 use proptest::prelude::*;
@@ -103,6 +103,14 @@ enum Op {
         cents: i64,
         currency: bool,
     },
+    /// Sets (or with `None`, removes) the USD rule.
+    Rule {
+        rule: Option<(i64, Option<i64>)>,
+    },
+    /// The payment side answers the outstanding USD top-up request, if any, with a grant.
+    Topup {
+        cents: i64,
+    },
 }
 
 fn currency(usd: bool) -> &'static str {
@@ -131,6 +139,9 @@ fn op() -> impl Strategy<Value = Op> {
                 }
             ),
         (0_u8..7).prop_map(|key| Op::Void { key }),
+        proptest::option::of((0_i64..5_000, proptest::option::of(1_i64..10_000)))
+            .prop_map(|rule| Op::Rule { rule }),
+        (1_i64..10_000).prop_map(|cents| Op::Topup { cents }),
         minute.clone().prop_map(|m| Op::Tick { at: T0 + m * MIN }),
         (
             0_u16..40,
@@ -160,6 +171,8 @@ struct Run {
 }
 
 const GRACE: i64 = 0;
+/// The statements' finalisation delay in these tests: half an hour, so runs reach `final`.
+const FINAL: i64 = 30 * MIN;
 
 fn run(ops: &[Op], check_burn_order: bool) -> Run {
     let mut book = Book::default();
@@ -167,7 +180,21 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
     let mut seen = std::collections::BTreeSet::new();
     let mut item_sums: BTreeMap<String, Decimal> = BTreeMap::new();
     let mut clock = i64::MIN;
+    // The rule model, written apart from `rules.rs`: the rule, whether the balance is known to
+    // be below it, and the outstanding request.
+    let mut rule: Option<BalanceRule> = None;
+    let mut below = false;
+    let mut outstanding: Option<String> = None;
     for op in ops {
+        match op {
+            Op::Rule { rule: None } => {
+                rule = None;
+                below = false;
+                outstanding = None;
+            }
+            Op::Rule { rule: Some(_) } if rule.is_none() => below = false,
+            _ => {}
+        }
         let produced = match op {
             Op::Grant {
                 key,
@@ -199,7 +226,32 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
             }
             Op::Tick { at } => {
                 clock = clock.max(*at);
-                book.apply_tick("acme", "c1", clock, GRACE)
+                book.apply_tick("acme", "c1", clock, GRACE, FINAL)
+            }
+            Op::Rule { rule: new } => {
+                let new = new.map(|(threshold, recharge)| BalanceRule {
+                    low_balance_threshold: Decimal::new(threshold, 2),
+                    recharge_to: recharge.map(|r| Decimal::new(threshold + r, 2)),
+                });
+                rule.clone_from(&new);
+                book.apply_rule(&RuleRecord {
+                    v: 1,
+                    tenant: "acme".into(),
+                    customer: "c1".into(),
+                    currency: "USD".into(),
+                    rule: new,
+                    received_at: format_time_ms(T0),
+                })
+            }
+            Op::Topup { cents } => {
+                let Some(request) = outstanding.take() else {
+                    continue;
+                };
+                book.apply_grant(
+                    &grant(&request, Decimal::new(*cents, 2), "USD", 10, None, None),
+                    clock,
+                    GRACE,
+                )
             }
             Op::Item {
                 n,
@@ -241,6 +293,40 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
                 produced
             }
         };
+        // What the rule model expects of this record: a crossing below gives one
+        // `low_balance`, and a top-up unless one is outstanding.
+        let balance = book.balance("USD");
+        let alerts: Vec<&BalanceEntry> = produced
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::LowBalance | EntryKind::TopupRequested))
+            .collect();
+        let mut expected = Vec::new();
+        if let Some(rule) = &rule {
+            if balance >= rule.low_balance_threshold {
+                below = false;
+            } else if !below {
+                below = true;
+                expected.push((EntryKind::LowBalance, Decimal::ZERO));
+                if let (Some(to), None) = (rule.recharge_to, &outstanding) {
+                    expected.push((EntryKind::TopupRequested, to - balance));
+                }
+            }
+        }
+        assert_eq!(
+            alerts
+                .iter()
+                .map(|e| (e.kind, e.amount))
+                .collect::<Vec<_>>(),
+            expected,
+            "{op:?} at balance {balance}"
+        );
+        for alert in alerts {
+            assert_eq!(alert.rule.as_ref(), rule.as_ref());
+            assert_eq!(alert.balance_after, balance);
+            if alert.kind == EntryKind::TopupRequested {
+                outstanding = Some(alert.id.clone());
+            }
+        }
         entries.extend(produced);
     }
     Run {
@@ -335,7 +421,7 @@ fn check_invariants(r: &Run) {
         }
         let previous = last.get(e.currency.as_str()).copied().unwrap_or_default();
         assert_eq!(e.balance_before, previous, "{e:?}");
-        let moves = !matches!(e.kind, EntryKind::Uncovered | EntryKind::GrantRefused);
+        let moves = e.kind.moves_balance();
         let expected_after = if moves {
             e.balance_before + e.amount
         } else {
@@ -386,6 +472,59 @@ fn check_invariants(r: &Run) {
     // Ids are unique.
     let ids: std::collections::BTreeSet<&str> = r.entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), r.entries.len());
+    check_statements(r);
+}
+
+/// Every statement adds up; every item amount is on exactly one statement (final ones from
+/// the entries, the others and the carried ones from the book); each is final at most once.
+fn check_statements(r: &Run) {
+    let mut finals = std::collections::BTreeSet::new();
+    let (mut listed, mut due) = (Decimal::ZERO, Decimal::ZERO);
+    let adds_up = |s: &neruba_schemas::credit::Statement| {
+        assert_eq!(
+            s.usage + s.prior_period_amount,
+            s.credit_applied + s.amount_due,
+            "{s:?}"
+        );
+        assert_eq!(
+            s.usage,
+            s.lines.iter().map(|l| l.amount).sum::<Decimal>(),
+            "{s:?}"
+        );
+        assert_eq!(
+            s.prior_period_amount,
+            s.prior_period.iter().map(|l| l.amount).sum::<Decimal>(),
+            "{s:?}"
+        );
+    };
+    for e in &r.entries {
+        let Some(s) = &e.statement else { continue };
+        adds_up(s);
+        assert_eq!(e.amount, s.amount_due);
+        assert!(!finals.contains(&s.id), "changed after final: {e:?}");
+        if e.kind == EntryKind::StatementFinal {
+            finals.insert(s.id.clone());
+            listed += s.usage + s.prior_period_amount;
+            due += s.amount_due;
+        }
+    }
+    for state in r.book.statements.values() {
+        adds_up(&state.statement);
+        listed += state.statement.usage + state.statement.prior_period_amount;
+        due += state.statement.amount_due;
+    }
+    for carried in r.book.carried.values() {
+        listed += carried.amount;
+        due += carried.amount_due;
+    }
+    assert_eq!(listed, r.item_sums.values().copied().sum::<Decimal>());
+    let uncovered: Decimal = r
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Uncovered)
+        .map(|e| e.amount)
+        .sum();
+    assert_eq!(due, uncovered);
 }
 
 proptest! {
@@ -485,7 +624,7 @@ fn credit_restored_to_an_expired_or_voided_grant_ends_again_at_once() {
     book.apply_grant(&voided, T0, GRACE);
     book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
     // Expiry exactly at the tick's time.
-    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE);
+    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE, FINAL);
     assert!(expired.is_empty(), "nothing left to expire: {expired:?}");
     book.apply_void("acme", "c1", &voided.id);
     let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-8"), "USD"));
@@ -526,7 +665,7 @@ fn a_window_starting_exactly_at_expiry_is_not_covered_and_expiry_is_exclusive() 
     let inside = book.apply_item(&item("li_3", "m1", T0, T0 + 9 * MIN, d("1"), "USD"));
     assert_eq!(consumption(&inside), vec![(Some(g.id.clone()), d("1"))]);
     // The tick exactly at expiry (+ no grace) expires the rest.
-    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE);
+    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE, FINAL);
     assert_eq!(consumption(&expired), vec![]);
     assert_eq!(
         expired
@@ -561,4 +700,176 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
     assert_eq!(consumption(&eur), vec![(None, d("2"))]);
     assert_eq!(book.balance("USD"), d("5"));
     assert_eq!(book.balance("EUR"), d("0"));
+}
+
+fn rule(threshold: &str, recharge_to: Option<&str>) -> RuleRecord {
+    RuleRecord {
+        v: 1,
+        tenant: "acme".into(),
+        customer: "c1".into(),
+        currency: "USD".into(),
+        rule: Some(BalanceRule {
+            low_balance_threshold: d(threshold),
+            recharge_to: recharge_to.map(d),
+        }),
+        received_at: format_time_ms(T0),
+    }
+}
+
+fn kinds(entries: &[BalanceEntry]) -> Vec<(EntryKind, Decimal, Decimal)> {
+    entries
+        .iter()
+        .map(|e| (e.kind, e.amount, e.balance_after))
+        .collect()
+}
+
+#[test]
+fn a_low_balance_fires_once_per_crossing_and_one_top_up_is_outstanding() {
+    let mut book = Book::default();
+    book.apply_grant(&grant("pack", d("20"), "USD", 10, None, None), T0, GRACE);
+    assert!(book.apply_rule(&rule("5", Some("25"))).is_empty());
+    // 20 → 12: above the threshold, nothing.
+    let e = book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
+    assert_eq!(kinds(&e), vec![(EntryKind::Consume, d("-8"), d("12"))]);
+    // 12 → 4: the crossing, and a top-up to 25.
+    let e = book.apply_item(&item("li_2", "m1", T0, T0, d("8"), "USD"));
+    assert_eq!(
+        kinds(&e),
+        vec![
+            (EntryKind::Consume, d("-8"), d("4")),
+            (EntryKind::LowBalance, d("0"), d("4")),
+            (EntryKind::TopupRequested, d("21"), d("4")),
+        ]
+    );
+    let request = e[2].id.clone();
+    // Still below: nothing more, however much usage follows (no runaway).
+    let e = book.apply_item(&item("li_3", "m1", T0, T0, d("3"), "USD"));
+    assert_eq!(kinds(&e), vec![(EntryKind::Consume, d("-3"), d("1"))]);
+    // A restore back above re-arms; the next crossing alerts again, but the first request is
+    // still outstanding, so no second top-up.
+    let e = book.apply_item(&item("li_4", "m1", T0, T0, d("-10"), "USD"));
+    assert_eq!(kinds(&e), vec![(EntryKind::Restore, d("10"), d("11"))]);
+    let e = book.apply_item(&item("li_5", "m1", T0, T0, d("7"), "USD"));
+    assert_eq!(
+        kinds(&e),
+        vec![
+            (EntryKind::Consume, d("-7"), d("4")),
+            (EntryKind::LowBalance, d("0"), d("4")),
+        ]
+    );
+    // The payment side answers the request: a grant keyed by its id resolves it.
+    let e = book.apply_grant(&grant(&request, d("21"), "USD", 10, None, None), T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("21"), d("25"))]);
+    assert_eq!(book.rules["USD"].outstanding, None);
+    // The next crossing asks again. (Equal priority and no expiry: the top-up's grant id
+    // sorts first.)
+    assert!(grant_id("acme", "c1", &request) < grant_id("acme", "c1", "pack"));
+    let e = book.apply_item(&item("li_6", "m1", T0, T0, d("22"), "USD"));
+    assert_eq!(
+        kinds(&e),
+        vec![
+            (EntryKind::Consume, d("-21"), d("4")),
+            (EntryKind::Consume, d("-1"), d("3")),
+            (EntryKind::LowBalance, d("0"), d("3")),
+            (EntryKind::TopupRequested, d("22"), d("3")),
+        ]
+    );
+}
+
+#[test]
+fn a_rule_set_below_its_threshold_alerts_at_once_and_a_removed_one_never() {
+    let mut book = Book::default();
+    let e = book.apply_rule(&rule("10", None));
+    assert_eq!(kinds(&e), vec![(EntryKind::LowBalance, d("0"), d("0"))]);
+    assert_eq!(e[0].cause, "rule/USD");
+    let mut removal = rule("10", None);
+    removal.rule = None;
+    assert!(book.apply_rule(&removal).is_empty());
+    book.apply_grant(&grant("pack", d("20"), "USD", 10, None, None), T0, GRACE);
+    let e = book.apply_item(&item("li_1", "m1", T0, T0, d("15"), "USD"));
+    assert_eq!(kinds(&e), vec![(EntryKind::Consume, d("-15"), d("5"))]);
+}
+
+#[test]
+fn a_statement_turns_draft_then_final_and_a_late_item_is_carried_to_the_next() {
+    let day = 86_400_000;
+    let november = T0 - 30 * day; // 2026-11-01
+    let mut book = Book::default();
+    book.apply_grant(
+        &grant("pack", d("5"), "USD", 10, None, None),
+        november,
+        GRACE,
+    );
+    book.apply_item(&item("li_1", "m1", november, november, d("3.25"), "USD"));
+    book.apply_item(&item("li_2", "m1", november, november + MIN, d("4"), "USD"));
+    let open = &book.statements[&statements::key("USD", &format_time_ms(november))];
+    assert_eq!(open.statement.status, StatementStatus::Open);
+    assert_eq!(book.next_deadline(), Some(T0));
+    // Before the period ends nothing changes; at its end, draft (amount due 2.25).
+    assert!(
+        book.apply_tick("acme", "c1", T0 - 1, GRACE, 3 * day)
+            .is_empty()
+    );
+    let e = book.apply_tick("acme", "c1", T0, GRACE, 3 * day);
+    assert_eq!(
+        kinds(&e),
+        vec![(EntryKind::StatementDraft, d("2.25"), d("0"))]
+    );
+    let draft = e[0].statement.as_deref().expect("statement");
+    assert_eq!(draft.status, StatementStatus::Draft);
+    assert_eq!(
+        (draft.usage, draft.credit_applied, draft.amount_due),
+        (d("7.25"), d("5"), d("2.25"))
+    );
+    assert_eq!(draft.lines.len(), 1);
+    assert_eq!(draft.lines[0].amount, d("7.25"));
+    // A draft still takes its period's items; final three days after the period's end.
+    book.apply_item(&item(
+        "li_3",
+        "m1",
+        november,
+        november + 2 * MIN,
+        d("1"),
+        "USD",
+    ));
+    assert_eq!(book.next_deadline(), Some(T0 + 3 * day));
+    let e = book.apply_tick("acme", "c1", T0 + 3 * day, GRACE, day);
+    assert_eq!(
+        kinds(&e),
+        vec![(EntryKind::StatementFinal, d("3.25"), d("0"))]
+    );
+    let fin = e[0].statement.as_deref().expect("statement");
+    assert_eq!(fin.status, StatementStatus::Final);
+    assert_eq!(
+        fin.id,
+        credit::statement_id("acme", "c1", "USD", &format_time_ms(november))
+    );
+    assert!(book.statements.is_empty());
+    // A correction for November now waits, then joins December's statement as a prior-period
+    // adjustment; December's own usage is its usage.
+    book.apply_item(&item(
+        "li_4",
+        "m1",
+        november,
+        november + 3 * MIN,
+        d("-0.50"),
+        "USD",
+    ));
+    assert_eq!(book.carried["USD"].amount, d("-0.50"));
+    book.apply_item(&item("li_5", "m1", T0, T0 + 4 * day, d("2"), "USD"));
+    let december = &book.statements[&statements::key("USD", &format_time_ms(T0))].statement;
+    assert_eq!(
+        (
+            december.usage,
+            december.prior_period_amount,
+            december.amount_due,
+            december.prior_period[0].period_start.clone()
+        ),
+        (d("2"), d("-0.50"), d("1.50"), format_time_ms(november))
+    );
+    // Nothing after a final statement changes it: a repeated tick finalises nothing again.
+    assert!(
+        book.apply_tick("acme", "c1", T0 + 3 * day + 1, GRACE, day)
+            .is_empty()
+    );
 }

@@ -31,6 +31,10 @@ pub(crate) struct BalancesCommandArgs {
     /// Topic ledger records that cannot be read are produced to, with their code.
     #[arg(long, env = "NERUBA_DEAD_LETTER_TOPIC", default_value = topics::DEAD_LETTER)]
     pub(crate) dead_letter_topic: String,
+    /// The aggregators' correction horizon (their `--aggregator-correction-horizon`): how late
+    /// a line item for a period can still come; `--finalize-after` may not exceed it.
+    #[arg(long, env = "NERUBA_BALANCES_CORRECTION_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
+    pub(crate) correction_horizon: Duration,
     #[command(flatten)]
     pub(crate) balances: BalancesArgs,
     /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
@@ -61,19 +65,34 @@ pub(crate) struct BalancesArgs {
     /// A grant expires once the ledger partition's clock passes its `expires_at` plus this.
     #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub(crate) balances_expiry_grace: Duration,
+    /// A statement is `draft` from its period's end until this much later, then `final`
+    /// (items for it after that go to the next statement). At most the correction horizon.
+    #[arg(long, env = "NERUBA_BALANCES_FINALIZE_AFTER", default_value = "3days", value_parser = humantime::parse_duration)]
+    pub(crate) finalize_after: Duration,
     /// `/readyz` turns false when a ledger partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_BALANCES_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) balances_stuck_after: Duration,
 }
 
 impl BalancesArgs {
+    /// The stage's config; `correction_horizon` is the aggregators' (how late an item for a
+    /// period can come), which the finalisation delay may not exceed.
     pub(crate) fn config(
         &self,
         brokers: &str,
         ledger_topic: &str,
         dead_letter_topic: &str,
         state_dir: &Path,
+        correction_horizon: Duration,
     ) -> Result<neruba_balances::Config> {
+        if self.finalize_after > correction_horizon {
+            anyhow::bail!(
+                "--finalize-after ({}) exceeds the correction horizon ({}): statements must be \
+                 final by the time no correction can come any more",
+                humantime::format_duration(self.finalize_after),
+                humantime::format_duration(correction_horizon)
+            );
+        }
         let mut config = neruba_balances::Config::new(brokers, state_dir);
         config.stage.group_id = self.balances_group_id.clone();
         config.stage.instance_id = self.balances_instance_id.clone();
@@ -83,6 +102,7 @@ impl BalancesArgs {
         config.stage.stuck_after = self.balances_stuck_after;
         config.entries_topic = self.balance_entries_topic.clone();
         config.expiry_grace_ms = millis(self.balances_expiry_grace)?;
+        config.finalize_after_ms = millis(self.finalize_after)?;
         Ok(config)
     }
 }
@@ -94,6 +114,7 @@ pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) 
         &args.ledger_topic,
         &args.dead_letter_topic,
         &args.state_dir,
+        args.correction_horizon,
     )?;
     config.stage.kafka_options = args.kafka_opts.clone();
     super::stage::run(

@@ -1,16 +1,19 @@
-//! `neruba credits grant|void|show`: prepaid credit for operators. `grant` and `void` go
-//! through the gateway's own door: the same validation ([`GrantRequest::validate`]) and the
-//! same ledger write ([`LedgerWriter::write`]), so a grant made here is the record the HTTP
-//! route would have written. `show` reads a customer's grants, voids and balance entries back.
+//! `neruba credits grant|void|rule|show`: prepaid credit for operators. `grant`, `void` and
+//! `rule` go through the gateway's own door: the same validation ([`GrantRequest::validate`],
+//! [`RuleRequest::validate`], [`credits::rule_removal`]) and the same ledger write
+//! ([`LedgerWriter::write`]), so a grant or rule made here is the record the HTTP route would
+//! have written. `show` reads a customer's grants, voids, rules and balance entries back.
 
 use super::{load_catalog, parse_key_value, shutdown_on_signal};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use neruba::sample;
 use neruba_ingest_gateway::credits::{
-    CreditRecord, GRANT_RECORD, GrantAccepted, LedgerWriter, VOID_RECORD, VoidAccepted,
+    self, CreditRecord, GRANT_RECORD, GrantAccepted, LedgerWriter, RULE_RECORD, RuleAccepted,
+    VOID_RECORD, VoidAccepted,
 };
-use neruba_schemas::credit::{self, GrantRequest, Void};
+use neruba_schemas::Catalog;
+use neruba_schemas::credit::{self, GrantRequest, RuleRequest, Void};
 use neruba_schemas::{event, topics};
 use rdkafka::Message;
 use rdkafka::consumer::BaseConsumer;
@@ -20,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// How long the broker has to acknowledge a grant or void.
+/// How long the broker has to acknowledge a grant, void or rule.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Subcommand)]
@@ -30,7 +33,10 @@ pub(crate) enum CreditsCommand {
     Grant(GrantArgs),
     /// Void what is left of a grant; prints the void's position as JSON.
     Void(VoidArgs),
-    /// Print a customer's grants and voids (ledger topic) and balance entries as NDJSON.
+    /// Set (or with `--remove` remove) a customer's low-balance rule in one currency; prints
+    /// its position as JSON.
+    Rule(RuleArgs),
+    /// Print a customer's grants, voids and rules (ledger topic) and balance entries as NDJSON.
     Show(ShowArgs),
 }
 
@@ -40,7 +46,7 @@ pub(crate) struct LedgerArgs {
     /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
     #[arg(long, env = "NERUBA_BROKERS")]
     pub(crate) brokers: String,
-    /// Topic grants and voids are written to (the raters' ledger topic).
+    /// Topic grants, voids and rules are written to (the raters' ledger topic).
     #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
     pub(crate) ledger_topic: String,
     /// Extra librdkafka setting `key=value` (SASL, TLS); repeatable, comma-separated in env.
@@ -97,6 +103,33 @@ pub(crate) struct VoidArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct RuleArgs {
+    #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    /// Tenant of the customer (must be in the catalog).
+    #[arg(long, env = "NERUBA_TENANT")]
+    pub(crate) tenant: String,
+    /// Customer whose rule it is.
+    #[arg(long, env = "NERUBA_CUSTOMER")]
+    pub(crate) customer: String,
+    /// ISO 4217 currency or a unit of the catalog the rule watches the balance in.
+    #[arg(long, env = "NERUBA_CURRENCY")]
+    pub(crate) currency: String,
+    /// Low-balance threshold, an exact decimal ≥ 0: crossing below it emits `low_balance`.
+    #[arg(long, env = "NERUBA_THRESHOLD", required_unless_present = "remove")]
+    pub(crate) threshold: Option<String>,
+    /// Recharge target above the threshold: the crossing also asks for a top-up to it.
+    #[arg(long, env = "NERUBA_RECHARGE_TO", requires = "threshold")]
+    pub(crate) recharge_to: Option<String>,
+    /// Remove the customer's rule in the currency instead of setting one.
+    #[arg(long, env = "NERUBA_REMOVE", conflicts_with_all = ["threshold", "recharge_to"])]
+    pub(crate) remove: bool,
+    /// Catalog file (its tenants and units); the built-in sample catalog when absent.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    pub(crate) catalog: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct ShowArgs {
     #[command(flatten)]
     pub(crate) ledger: LedgerArgs,
@@ -119,6 +152,7 @@ pub(crate) async fn run(command: CreditsCommand, shutdown: CancellationToken) ->
     match command {
         CreditsCommand::Grant(args) => grant(args).await,
         CreditsCommand::Void(args) => void(args).await,
+        CreditsCommand::Rule(args) => rule(args).await,
         CreditsCommand::Show(args) => {
             let shutdown = shutdown_on_signal(&shutdown);
             tokio::task::spawn_blocking(move || {
@@ -138,14 +172,20 @@ fn writer(args: &LedgerArgs) -> Result<LedgerWriter> {
     Ok(LedgerWriter::new(producer, &args.ledger_topic))
 }
 
-async fn grant(args: GrantArgs) -> Result<()> {
-    let catalog = match &args.catalog {
+/// `--catalog` (the built-in sample when absent), which must hold `tenant`.
+fn catalog_with(path: Option<&PathBuf>, tenant: &str) -> Result<Catalog> {
+    let catalog = match path {
         Some(path) => load_catalog(path)?,
         None => sample::catalog()?,
     };
-    if catalog.tenant(&args.tenant).is_none() {
-        bail!("no tenant `{}` in the catalog", args.tenant);
+    if catalog.tenant(tenant).is_none() {
+        bail!("no tenant `{tenant}` in the catalog");
     }
+    Ok(catalog)
+}
+
+async fn grant(args: GrantArgs) -> Result<()> {
+    let catalog = catalog_with(args.catalog.as_ref(), &args.tenant)?;
     let request = GrantRequest {
         key: Some(args.key),
         amount: Some(serde_json::Value::String(args.amount)),
@@ -196,6 +236,27 @@ async fn void(args: VoidArgs) -> Result<()> {
     })?)
 }
 
+async fn rule(args: RuleArgs) -> Result<()> {
+    let catalog = catalog_with(args.catalog.as_ref(), &args.tenant)?;
+    let now = event::now_ms();
+    // clap requires `--threshold` unless `--remove`, and refuses the two together.
+    let validated = if args.remove {
+        credits::rule_removal(&catalog, &args.tenant, &args.customer, &args.currency, now)
+    } else {
+        RuleRequest {
+            low_balance_threshold: args.threshold.map(serde_json::Value::String),
+            recharge_to: args.recharge_to.map(serde_json::Value::String),
+        }
+        .validate(&catalog, &args.tenant, &args.customer, &args.currency, now)
+    };
+    let rule = validated.map_err(|refused| anyhow::anyhow!("rule refused: {refused}"))?;
+    let position = writer(&args.ledger)?
+        .write(CreditRecord::Rule(&rule))
+        .await
+        .context("write the rule")?;
+    print_line(&serde_json::to_string(&RuleAccepted::new(rule, position))?)
+}
+
 fn print_line(line: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -204,7 +265,7 @@ fn print_line(line: &str) -> Result<()> {
 
 /// Reads the ledger and balance-entries topics from the beginning and writes each of the
 /// customer's records as one line, `{"topic", "partition", "offset", "record", "value"}`
-/// (`record`: `grant`, `void` or `balance_entry`), until `shutdown` or `exit_when_idle`.
+/// (`record`: `grant`, `void`, `rule` or `balance_entry`), until `shutdown` or `exit_when_idle`.
 /// Blocking.
 fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> Result<()> {
     let key = format!("{}/{}", args.tenant, args.customer);
@@ -219,8 +280,8 @@ fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> R
     };
     let ledger = reader(&args.ledger.ledger_topic)
         .with_context(|| format!("read the ledger topic `{}`", args.ledger.ledger_topic))?;
-    // Before the balances stage has run the entries topic may not exist yet; the grants and
-    // voids are still worth showing.
+    // Before the balances stage has run the entries topic may not exist yet; the grants,
+    // voids and rules are still worth showing.
     let entries = match reader(&args.balance_entries_topic) {
         Ok(consumer) => Some(consumer),
         Err(e) => {
@@ -270,6 +331,7 @@ fn poll_one(consumer: &BaseConsumer, key: &str, ledger: bool, out: &mut dyn Writ
         match kind {
             Some(kind) if kind == GRANT_RECORD.as_bytes() => GRANT_RECORD,
             Some(kind) if kind == VOID_RECORD.as_bytes() => VOID_RECORD,
+            Some(kind) if kind == RULE_RECORD.as_bytes() => RULE_RECORD,
             _ => return Ok(true),
         }
     } else {

@@ -57,6 +57,14 @@ impl DevArgs {
                 show(self.aggregation.aggregator_correction_horizon)
             );
         }
+        if self.balancing.finalize_after > self.aggregation.aggregator_correction_horizon {
+            bail!(
+                "--finalize-after ({}) exceeds --aggregator-correction-horizon ({}): statements \
+                 must be final by the time no correction can come any more",
+                show(self.balancing.finalize_after),
+                show(self.aggregation.aggregator_correction_horizon)
+            );
+        }
         Ok(())
     }
 }
@@ -137,6 +145,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
             &args.rating.ledger_topic,
             &args.aggregation.dead_letter_topic,
             &state_dir.join("balances"),
+            args.aggregation.aggregator_correction_horizon,
         )?,
         &balances_metrics,
         shutdown.clone(),

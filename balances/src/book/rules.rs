@@ -1,0 +1,103 @@
+//! Balance rules: a low-balance threshold per customer and currency, and optionally an
+//! automatic top-up request (SPEC "Threshold alerts and auto top-up").
+//!
+//! Rules:
+//! - a rule is checked after every record of the customer (and when it is set): the balance
+//!   going from at or above the threshold to below it is a crossing, and emits one
+//!   `low_balance` entry; staying below emits nothing; rising to or above it re-arms the rule;
+//! - with `recharge_to`, a crossing also emits a `topup_requested` entry for
+//!   `recharge_to − balance`, unless a request of the rule is still outstanding (at most one
+//!   outstanding: a runaway of top-ups cannot happen); the entry's id is the request's id;
+//! - a grant whose `key` is an outstanding request's id resolves it (whatever its amount: the
+//!   payment side decides), and is applied like any grant;
+//! - the compared balance is the credit balance of the currency (grants not yet effective
+//!   included: they are paid for).
+
+use super::Entries;
+use neruba_schemas::credit::{BalanceRule, EntryKind};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// A rule and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleState {
+    pub rule: BalanceRule,
+    /// The balance is below the threshold (the crossing was reported).
+    pub below: bool,
+    /// The id of the top-up request not yet resolved by a grant.
+    pub outstanding: Option<String>,
+}
+
+impl RuleState {
+    pub fn new(rule: BalanceRule) -> Self {
+        Self {
+            rule,
+            below: false,
+            outstanding: None,
+        }
+    }
+}
+
+/// Checks every rule of the book, in currency order.
+pub(super) fn check_all(e: &mut Entries<'_>) {
+    let currencies: Vec<String> = e.book.rules.keys().cloned().collect();
+    for currency in currencies {
+        check(e, &currency);
+    }
+}
+
+fn check(e: &mut Entries<'_>, currency: &str) {
+    let balance = e.book.balance(currency);
+    let Some(state) = e.book.rules.get_mut(currency) else {
+        return;
+    };
+    if balance >= state.rule.low_balance_threshold {
+        state.below = false;
+        return;
+    }
+    if state.below {
+        return;
+    }
+    state.below = true;
+    let rule = state.rule.clone();
+    let topup = match (rule.recharge_to, &state.outstanding) {
+        (Some(to), None) => Some(to - balance),
+        _ => None,
+    };
+    e.push(
+        EntryKind::LowBalance,
+        currency,
+        None,
+        None,
+        Decimal::ZERO,
+        None,
+    );
+    if let Some(last) = e.last() {
+        last.rule = Some(rule.clone());
+    }
+    let Some(amount) = topup else { return };
+    e.push(
+        EntryKind::TopupRequested,
+        currency,
+        None,
+        None,
+        amount,
+        None,
+    );
+    let request = e.last().map(|last| {
+        last.rule = Some(rule);
+        last.id.clone()
+    });
+    if let Some(state) = e.book.rules.get_mut(currency) {
+        state.outstanding = request;
+    }
+}
+
+/// A grant keyed `key` arrived: the request of that id, if one is outstanding, is resolved.
+pub(super) fn resolve(book: &mut super::Book, key: &str) {
+    for state in book.rules.values_mut() {
+        if state.outstanding.as_deref() == Some(key) {
+            state.outstanding = None;
+        }
+    }
+}
