@@ -21,6 +21,9 @@
 //! | tenant, `B`, customer | [`Book`] (JSON: its decimals are strings, which postcard's
 //! | | non-self-describing format cannot read back) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
+//!
+//! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
+//! `neruba-api`): entries, line items and final statements.
 
 use crate::book::Book;
 use crate::{Error, Result};
@@ -97,7 +100,8 @@ type CustomerKey = (String, String);
 
 use neruba_stage::keys::{push_part as push, read_part, time_bytes, time_from};
 
-fn customer_key(kind: u8, tenant: &str, customer: &str) -> Vec<u8> {
+/// The key of one customer's record of `kind`: tenant, kind, customer (parts length-prefixed).
+pub fn customer_key(kind: u8, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(tenant.len() + customer.len() + 9);
     push(&mut key, tenant.as_bytes());
     key.push(kind);
@@ -488,6 +492,65 @@ impl PartitionState {
     }
 }
 
+/// A customer's book as stored in `db` (`None`: no record of the customer was applied).
+pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Option<Book>> {
+    match db.get(customer_key(b'B', tenant, customer))? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e)),
+    }
+}
+
+/// Up to `limit` customers of `tenant` with a book in `db`, after `after`, in key order: shorter
+/// ids first, then bytewise ([`customer_order`]).
+pub fn customers(
+    db: &rocksdb::DB,
+    tenant: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let mut prefix = Vec::new();
+    push(&mut prefix, tenant.as_bytes());
+    prefix.push(b'B');
+    let start = match after {
+        // The smallest key after `after`'s: its key with a zero byte appended.
+        Some(after) => {
+            let mut key = customer_key(b'B', tenant, after);
+            key.push(0);
+            key
+        }
+        None => prefix.clone(),
+    };
+    let mut out = Vec::new();
+    let iter = db.iterator(rocksdb::IteratorMode::From(
+        &start,
+        rocksdb::Direction::Forward,
+    ));
+    for item in iter {
+        let (key, _) = item?;
+        let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+            break;
+        };
+        let Some((customer, tail)) = read_part(rest) else {
+            continue;
+        };
+        if !tail.is_empty() {
+            continue;
+        }
+        out.push(String::from_utf8_lossy(customer).into_owned());
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The order [`customers`] lists customer ids in (their keys' order), to merge partitions.
+pub fn customer_order(id: &str) -> (usize, &[u8]) {
+    (id.len(), id.as_bytes())
+}
+
 /// Every customer's book in the state of ledger partition `partition` under the stage's state
 /// root, as `(tenant, customer, book)` in key order; `None` if the partition has no state. The
 /// partition's owner lock is taken, so no stage may be running on it (for tools and the demo,
@@ -533,7 +596,14 @@ impl neruba_stage::Partition for PartitionState {
     /// Writes the batch: changed books, applied-item marks, clock, deadline index and the next
     /// offset, atomically.
     fn commit(&mut self) -> Result<()> {
-        let mut batch = WriteBatch::default();
+        self.commit_with(WriteBatch::default())
+    }
+}
+
+impl PartitionState {
+    /// Writes the batch, as [`neruba_stage::Partition::commit`] does, with `batch`'s writes in
+    /// the same atomic write (a read model's own keys).
+    pub fn commit_with(&mut self, mut batch: WriteBatch) -> Result<()> {
         for key in std::mem::take(&mut self.new_items) {
             batch.put(key, []);
         }

@@ -198,6 +198,19 @@ impl ConsumerHealth {
         }
     }
 
+    /// Whether every partition observed is at its high watermark (and one was observed): the
+    /// stage has read everything the broker had.
+    pub fn caught_up(&self) -> bool {
+        let partitions: Vec<(i32, i64)> = lock(&self.partitions)
+            .iter()
+            .map(|(p, progress)| (*p, progress.position))
+            .collect();
+        !partitions.is_empty()
+            && partitions
+                .into_iter()
+                .all(|(partition, position)| self.lag(partition, position) == Some(0))
+    }
+
     /// `Ok` when ready, else why not.
     pub fn check(&self) -> Result<(), String> {
         if !self.broker_reachable.load(Ordering::Relaxed) {

@@ -15,6 +15,7 @@ pub const DEV_KEYS: &[(&str, &str, &str)] = &[
     ("acme", "credits", "nrb_dev_acme_credits_5c1e07"),
     ("globex", "ingest", "nrb_dev_globex_ingest_c05e11"),
     ("globex", "credits", "nrb_dev_globex_credits_9d2b44"),
+    ("globex", "read", "nrb_dev_globex_read_6e0f3a"),
 ];
 
 /// Parses the built-in catalog.

@@ -111,7 +111,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
     );
     let work = tempfile::tempdir()?;
     let state = work.path().join("state").display().to_string();
-    let (mut pipeline, base) = start_dev(work.path(), &["--state-dir", &state]).await?;
+    let (mut pipeline, base, _) = start_dev(work.path(), &["--state-dir", &state]).await?;
     let listen = base.trim_start_matches("http://").to_owned();
     let client = reqwest::Client::new();
     let (mut prometheus, prometheus_url) = start_prometheus(work.path(), &listen)?;

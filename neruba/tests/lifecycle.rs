@@ -192,7 +192,7 @@ async fn every_component_stops_on_sigterm_within_its_drain_timeout_even_without_
     }
 
     // The whole embedded pipeline, running normally, stops cleanly.
-    let (mut pipeline, _) = start_dev(work.path(), &["--drain-timeout", "3s"]).await?;
+    let (mut pipeline, _, _) = start_dev(work.path(), &["--drain-timeout", "3s"]).await?;
     let started = Instant::now();
     let clean = pipeline.terminate(patience)?;
     assert!(

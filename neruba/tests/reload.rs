@@ -80,7 +80,7 @@ async fn sighup_applies_a_good_catalog_everywhere_and_refuses_a_bad_one() -> Res
     let path = work.path().join("catalog.toml");
     std::fs::write(&path, neruba::sample::CATALOG_TOML)?;
     let catalog = path.display().to_string();
-    let (mut pipeline, base) =
+    let (mut pipeline, base, _) =
         start_dev(work.path(), &["--catalog", &catalog, "--partitions", "1"]).await?;
     let client = reqwest::Client::new();
     let acme = neruba::sample::ingest_key("acme").context("dev key")?;

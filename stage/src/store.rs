@@ -122,7 +122,7 @@ pub fn decode_offset(bytes: &[u8]) -> Option<i64> {
 pub struct Store {
     partition: i32,
     // Dropped before `_owner`: the database is closed before another owner may open it.
-    db: DB,
+    db: Arc<DB>,
     _owner: File,
     next_offset: Option<i64>,
     /// The next offset changed since the last write.
@@ -170,7 +170,7 @@ impl Store {
                 Err(TryLockError::Error(e)) => return Err(state_dir(e)),
             }
         }
-        let db = DB::open(&options.rocksdb(cache), dir)?;
+        let db = Arc::new(DB::open(&options.rocksdb(cache), dir)?);
         let next_offset = match db.get(OFFSET_KEY)? {
             None => None,
             Some(bytes) => Some(
@@ -206,6 +206,13 @@ impl Store {
     /// The database, for reads. Writes go through [`Self::write`].
     pub fn db(&self) -> &DB {
         &self.db
+    }
+
+    /// The database handle, for readers on other threads (a read model serving queries while
+    /// its stage writes). A handle kept after the store is dropped keeps the database open:
+    /// only a stage that never gives its partitions up (a static assignment) should share it.
+    pub fn shared_db(&self) -> Arc<DB> {
+        self.db.clone()
     }
 
     /// Writes `batch` with the next offset, atomically; nothing when neither changed.

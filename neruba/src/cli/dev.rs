@@ -2,6 +2,7 @@
 //! every component it runs.
 
 use super::aggregator::AggregatorArgs;
+use super::api::ApiArgs;
 use super::balances::BalancesArgs;
 use super::gateway::IngestArgs;
 use super::rater::RaterArgs;
@@ -27,7 +28,7 @@ pub(crate) struct DevArgs {
     /// Partitions of each topic on the embedded broker.
     #[arg(long, env = "NERUBA_PARTITIONS", default_value_t = 4)]
     pub(crate) partitions: i32,
-    /// State directory (`aggregator/`, `rater/` and `balances/` beneath it); a temporary one,
+    /// State directory (`aggregator/`, `rater/`, `balances/` and `api/` beneath it); a temporary one,
     /// removed at exit, when absent.
     #[arg(long, env = "NERUBA_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
@@ -39,6 +40,8 @@ pub(crate) struct DevArgs {
     pub(crate) rating: RaterArgs,
     #[command(flatten)]
     pub(crate) balancing: BalancesArgs,
+    #[command(flatten)]
+    pub(crate) reads: ApiArgs,
 }
 
 impl DevArgs {
@@ -156,11 +159,40 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         &args.aggregation.dead_letter_topic,
     )?;
     config.ledger_topic = args.rating.ledger_topic.clone();
-    config.extra_metrics = vec![aggregator_metrics, rater_metrics, balances_metrics];
-    let running =
-        gateway::start_on(listener, config, catalog, gateway_metrics, shutdown.clone()).await?;
+    // The api registers into its registry once it starts, below; the gateway's `/metrics`
+    // gathers it on each scrape.
+    let api_metrics = prometheus::Registry::new();
+    config.extra_metrics = vec![
+        aggregator_metrics,
+        rater_metrics,
+        balances_metrics,
+        api_metrics.clone(),
+    ];
+    let running = gateway::start_on(
+        listener,
+        config,
+        catalog.clone(),
+        gateway_metrics,
+        shutdown.clone(),
+    )
+    .await?;
+    let reads = neruba_api::start(
+        args.reads.config(
+            kafka.bootstrap_servers(),
+            &args.rating.ledger_topic,
+            &state_dir.join("api"),
+        ),
+        catalog,
+        &api_metrics,
+        shutdown.clone(),
+    )
+    .await?;
     println!("Neruba dev pipeline is running.");
     println!("  HTTP API:   http://{}", running.local_addr);
+    println!(
+        "  Reads API:  http://{}  (GET /v1/customers/..., scope read)",
+        reads.local_addr
+    );
     println!(
         "  Kafka:      {}  (bootstrap.servers)",
         kafka.bootstrap_servers()
@@ -220,6 +252,7 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         result
     });
     running.wait().await?;
+    reads.wait().await?;
     aggregated.await??;
     rated.await??;
     balanced.await??;

@@ -105,6 +105,7 @@ pub(crate) fn refuse_retired_env(set: impl Fn(&str) -> bool) -> anyhow::Result<(
 }
 
 mod aggregator;
+mod api;
 mod balances;
 mod catalog;
 mod credits;
@@ -153,6 +154,9 @@ pub(crate) enum Command {
     /// Run a balances stage (line items applied to prepaid credit; a member of the balances
     /// consumer group) against a Kafka cluster.
     Balances(balances::BalancesCommandArgs),
+    /// Run the billing reads (`/v1/customers/...`) from a local read model of the ledger
+    /// topic; replicas are independent.
+    Api(api::ApiCommandArgs),
     /// Run the pipeline against an in-process Kafka broker, until interrupted.
     Dev(dev::DevArgs),
     /// Run the embedded pipeline, send a sample workload, print what happened, and exit.
@@ -177,6 +181,7 @@ pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result
         Command::Aggregator(args) => aggregator::run(args, shutdown).await,
         Command::Rater(args) => rater::run(args, shutdown).await,
         Command::Balances(args) => balances::run(args, shutdown).await,
+        Command::Api(args) => api::run(args, shutdown).await,
         Command::Dev(args) => dev::run(args, &shutdown).await,
         Command::Demo => {
             neruba::demo::run().await?;
@@ -259,7 +264,7 @@ mod tests {
     use clap::CommandFactory;
 
     /// The stages of a deployment, by subcommand.
-    const STAGES: [&str; 4] = ["gateway", "aggregator", "rater", "balances"];
+    const STAGES: [&str; 5] = ["gateway", "aggregator", "rater", "balances", "api"];
 
     /// A flag and where it is: `command` is the subcommand path (`rater rerun`), `top` its first
     /// subcommand, `stage` the stage whose own flag it is (`None` under `dev`, a tool, or

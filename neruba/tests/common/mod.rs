@@ -209,15 +209,18 @@ impl Broker {
     }
 }
 
-/// `neruba dev` (the whole pipeline on its embedded broker) as a process on a free loopback
-/// port, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
-/// its HTTP listener answers, with its base URL.
-pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String)> {
+/// `neruba dev` (the whole pipeline on its embedded broker) as a process on free loopback
+/// ports, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
+/// its HTTP listener answers, with the gateway's base URL and the api's.
+pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String, String)> {
     let listen = format!("127.0.0.1:{}", free_port()?);
+    let api_listen = format!("127.0.0.1:{}", free_port()?);
     let mut args: Vec<String> = [
         "dev",
         "--listen",
         &listen,
+        "--api-listen",
+        &api_listen,
         "--grace",
         "0s",
         "--idle-timeout",
@@ -243,7 +246,7 @@ pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, Stri
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok((pipeline, base))
+    Ok((pipeline, base, format!("http://{api_listen}")))
 }
 
 /// The text of `{base}/metrics`.

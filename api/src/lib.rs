@@ -1,0 +1,182 @@
+//! `neruba api`, the read side: a local read model of the ledger topic and the billing reads
+//! over HTTP (SPEC "Billing reads").
+//!
+//! Invariants:
+//! - every replica reads every ledger partition (a static assignment, its own position per
+//!   partition in its own RocksDB, no shared consumer group): replicas are independent, and
+//!   each answers for any customer;
+//! - the read model is the balances fold of the ledger ([`ledger`]), so a statement, a
+//!   balance or a grant read here is what the balances stage derives from the same records;
+//! - the position a read is answered at is in the answer (`as_of`), and a read can wait for a
+//!   position a write answered ([`http`]).
+
+mod http;
+mod ledger;
+mod metrics;
+pub mod model;
+
+use neruba_schemas::LiveCatalog;
+use rdkafka::consumer::Consumer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use http::{DEFAULT_LIMIT, MAX_LIMIT};
+pub use neruba_stage::{Error, Result};
+
+/// The api's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Brokers, the ledger topic (input), the state directory; the assignment is always
+    /// every partition, and the group id only names this replica's position (no group work).
+    pub stage: neruba_stage::Config,
+    pub listen: SocketAddr,
+    /// Longest a read waits for its `min_position`.
+    pub read_wait: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but where the brokers and the state are; `replica` names this
+    /// replica (its group id, under which nothing is shared).
+    pub fn new(
+        brokers: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        listen: SocketAddr,
+        replica: &str,
+    ) -> Self {
+        let mut stage = neruba_stage::Config::new(
+            brokers,
+            format!("neruba-api-{replica}"),
+            neruba_schemas::topics::LEDGER,
+            state_dir,
+        )
+        .sized(5_000, 64 * 1024 * 1024);
+        stage.assignment = Some(neruba_schemas::topics::Assignment::All);
+        Self {
+            stage,
+            listen,
+            read_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A started api.
+pub struct Running {
+    /// The address the reads are served on (useful with port 0).
+    pub local_addr: SocketAddr,
+    pub model: Arc<model::Model>,
+    stage: neruba_stage::Running,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// What `/readyz` answers: ready once the read model's stage is healthy and has read
+    /// everything the broker had at least once (before that, its answers would be old).
+    pub fn readiness(
+        &self,
+    ) -> impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static {
+        let (health, model) = (self.stage.health(), self.model.clone());
+        move || {
+            health.check()?;
+            if !model.caught_up_once() {
+                if health.caught_up() {
+                    model.mark_caught_up();
+                } else {
+                    return Err("the read model has not caught up with the ledger yet".to_owned());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The stage's health (lag gauges, stuck detection).
+    pub fn health(&self) -> Arc<neruba_kafka::health::ConsumerHealth> {
+        self.stage.health()
+    }
+
+    /// Waits until the server and the stage have stopped (after the shutdown token fired).
+    pub async fn wait(self) -> Result<()> {
+        let served = self.server.await;
+        let stopped = self.stage.wait().await;
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "The api server failed."),
+            Err(e) => tracing::error!(error = %e, "The api server task failed."),
+        }
+        stopped
+    }
+}
+
+/// The ledger topic's partition count, from the broker. Blocking.
+fn ledger_partitions(config: &neruba_stage::Config) -> Result<i32> {
+    let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
+    let metadata = probe.fetch_metadata(Some(&config.input_topic), Duration::from_secs(10))?;
+    let count = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len());
+    i32::try_from(count)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::Bug(format!("topic `{}` has no partitions", config.input_topic)))
+}
+
+/// Starts the read model and the HTTP server; returns once both are up. The stage's start
+/// blocks on broker metadata, so it runs on a blocking thread.
+pub async fn start(
+    config: Config,
+    catalog: impl Into<LiveCatalog>,
+    registry: &prometheus::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let catalog = catalog.into();
+    let metrics = metrics::Metrics::register(registry)?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let stage_config = config.stage.clone();
+    let (model, stage) = {
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let partitions = ledger_partitions(&stage_config)?;
+            let model = Arc::new(model::Model::new(&stage_config.input_topic, partitions));
+            let stage = neruba_stage::start(stage_config, &registry, shutdown, |_slice| {
+                Ok(ledger::LedgerModel {
+                    model: model.clone(),
+                })
+            })?;
+            Ok((model, stage))
+        })
+        .await??
+    };
+    let state = http::AppState {
+        catalog,
+        model: model.clone(),
+        read_wait: config.read_wait,
+        metrics,
+    };
+    let app = http::router(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    tracing::info!(%local_addr, "Billing reads listening.");
+    Ok(Running {
+        local_addr,
+        model,
+        stage,
+        server,
+    })
+}

@@ -1,0 +1,48 @@
+//! The api's metrics (the read model's lag is the shared consumer gauges, `consumer="api"`).
+
+use prometheus::{HistogramOpts, HistogramVec, Registry};
+use std::time::Instant;
+
+/// Read latency by route.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    /// `neruba_api_read_seconds{route}`: answered reads, from the request to the answer.
+    read_seconds: HistogramVec,
+}
+
+/// Every route label, so each series exists from the start.
+pub(crate) const ROUTES: [&str; 7] = [
+    "customers",
+    "balances",
+    "grants",
+    "grant",
+    "balance_entries",
+    "statement",
+    "line_items",
+];
+
+impl Metrics {
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let read_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "neruba_api_read_seconds",
+                "Billing reads answered, by route: seconds from the request to the answer.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(read_seconds.clone()))?;
+        for route in ROUTES {
+            read_seconds.with_label_values(&[route]);
+        }
+        Ok(Self { read_seconds })
+    }
+
+    pub(crate) fn observe(&self, route: &'static str, started: Instant) {
+        self.read_seconds
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}

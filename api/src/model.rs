@@ -1,0 +1,318 @@
+//! The read model: one RocksDB database per ledger partition, written by the ledger stage
+//! ([`crate::ledger`]) and read by the HTTP handlers ([`crate::http`]).
+//!
+//! Invariants:
+//! - a partition's database holds the balances fold of that partition (the same
+//!   [`neruba_balances::state`] the balances stage keeps: books, applied items, clock) plus
+//!   the read model's own keys, written in the same atomic write as the offset, so a read sees
+//!   every record before the partition's `next_offset` and nothing after it;
+//! - a customer lives in one ledger partition ([`stable_partition`] of `tenant/customer`), so
+//!   every read about one customer is answered from one database at one position (`as_of`);
+//! - keys are the tenant's first: a read builds its keys from the tenant its API key proves,
+//!   so no parameter or cursor can reach another tenant's records.
+//!
+//! Read-model keys (beside [`neruba_balances::state`]'s; components length-prefixed):
+//!
+//! | key | value |
+//! |---|---|
+//! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
+//! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
+//! | tenant, `S`, customer, period start, currency | a final statement (JSON) |
+
+use neruba_balances::book::Book;
+use neruba_schemas::credit::{BalanceEntry, Statement};
+use neruba_schemas::ledger::LineItem;
+use neruba_schemas::topics::stable_partition;
+use neruba_stage::keys::push_part as push;
+use rocksdb::{DB, Direction, IteratorMode};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One ledger partition of the read model.
+#[derive(Debug)]
+pub struct PartitionView {
+    db: Arc<DB>,
+    /// The next ledger offset to apply: everything before it is in the database.
+    next_offset: AtomicI64,
+}
+
+/// A read model position: the ledger partition and the next offset it will apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// Why a read could not be answered from the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The partition is not open yet (the model is starting).
+    #[error("ledger partition {0} is not loaded yet")]
+    NotLoaded(i32),
+    #[error("read model storage: {0}")]
+    Storage(String),
+}
+
+impl From<rocksdb::Error> for ReadError {
+    fn from(e: rocksdb::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+impl From<neruba_stage::Error> for ReadError {
+    fn from(e: neruba_stage::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+/// The read model the ledger stage fills and the HTTP handlers read.
+#[derive(Debug)]
+pub struct Model {
+    topic: String,
+    partitions: i32,
+    views: RwLock<BTreeMap<i32, Arc<PartitionView>>>,
+    caught_up_once: AtomicBool,
+}
+
+/// The key of a customer's record of `kind` followed by more parts.
+fn key(kind: u8, tenant: &str, customer: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = neruba_balances::state::customer_key(kind, tenant, customer);
+    for part in parts {
+        push(&mut key, part);
+    }
+    key
+}
+
+/// The key of a balance entry.
+pub(crate) fn entry_key(entry: &BalanceEntry) -> Vec<u8> {
+    let mut key = neruba_balances::state::customer_key(b'E', &entry.tenant, &entry.customer);
+    key.extend_from_slice(&entry.seq.to_be_bytes());
+    key
+}
+
+/// The key of a line item.
+pub(crate) fn item_key(item: &LineItem) -> Vec<u8> {
+    key(
+        b'L',
+        &item.tenant,
+        &item.customer,
+        &[
+            item.period_start.as_bytes(),
+            item.window_start.as_bytes(),
+            item.id.as_bytes(),
+        ],
+    )
+}
+
+/// The key of a final statement.
+pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement) -> Vec<u8> {
+    key(
+        b'S',
+        tenant,
+        customer,
+        &[
+            statement.period_start.as_bytes(),
+            statement.currency.as_bytes(),
+        ],
+    )
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, ReadError> {
+    serde_json::from_slice(bytes).map_err(|e| ReadError::Storage(format!("{what}: {e}")))
+}
+
+impl Model {
+    /// An empty model of a ledger topic with `partitions` partitions.
+    pub fn new(topic: &str, partitions: i32) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            partitions,
+            views: RwLock::new(BTreeMap::new()),
+            caught_up_once: AtomicBool::new(false),
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The ledger partition of a customer.
+    pub fn partition_of(&self, tenant: &str, customer: &str) -> i32 {
+        stable_partition(&format!("{tenant}/{customer}"), self.partitions)
+    }
+
+    /// The ledger stage opened `partition` (its database, and where it stands).
+    pub(crate) fn opened(&self, partition: i32, db: Arc<DB>, next_offset: Option<i64>) {
+        let view = Arc::new(PartitionView {
+            db,
+            next_offset: AtomicI64::new(next_offset.unwrap_or(0)),
+        });
+        let mut views = match self.views.write() {
+            Ok(views) => views,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        views.insert(partition, view);
+    }
+
+    /// The ledger stage wrote `partition` up to `next_offset`.
+    pub(crate) fn advanced(&self, partition: i32, next_offset: i64) {
+        if let Some(view) = self.view(partition) {
+            view.next_offset.fetch_max(next_offset, Ordering::SeqCst);
+        }
+    }
+
+    fn view(&self, partition: i32) -> Option<Arc<PartitionView>> {
+        let views = match self.views.read() {
+            Ok(views) => views,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        views.get(&partition).cloned()
+    }
+
+    fn loaded(&self, partition: i32) -> Result<Arc<PartitionView>, ReadError> {
+        self.view(partition).ok_or(ReadError::NotLoaded(partition))
+    }
+
+    /// Where `partition` stands (`None`: not loaded).
+    pub fn position(&self, partition: i32) -> Option<Position> {
+        self.view(partition).map(|view| Position {
+            topic: self.topic.clone(),
+            partition,
+            next_offset: view.next_offset.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Every loaded partition's position.
+    pub fn positions(&self) -> Vec<Position> {
+        (0..self.partitions)
+            .filter_map(|p| self.position(p))
+            .collect()
+    }
+
+    /// Whether the model has ever read everything the broker had (latched).
+    pub fn caught_up_once(&self) -> bool {
+        self.caught_up_once.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_caught_up(&self) {
+        self.caught_up_once.store(true, Ordering::SeqCst);
+    }
+
+    /// A customer's book, from the partition that holds it, and the position it is as of.
+    pub fn book(
+        &self,
+        tenant: &str,
+        customer: &str,
+    ) -> Result<(Option<Book>, Position), ReadError> {
+        let partition = self.partition_of(tenant, customer);
+        let view = self.loaded(partition)?;
+        // The position first: the book read after it is at least as new.
+        let position = Position {
+            topic: self.topic.clone(),
+            partition,
+            next_offset: view.next_offset.load(Ordering::SeqCst),
+        };
+        let book = neruba_balances::state::read_book(&view.db, tenant, customer)?;
+        Ok((book, position))
+    }
+
+    /// Up to `limit` balance entries of a customer with a sequence number above `after`.
+    pub fn entries(
+        &self,
+        tenant: &str,
+        customer: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BalanceEntry>, ReadError> {
+        let view = self.loaded(self.partition_of(tenant, customer))?;
+        let prefix = neruba_balances::state::customer_key(b'E', tenant, customer);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&after.saturating_add(1).to_be_bytes());
+        let mut out = Vec::new();
+        for item in view
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(decode("balance entry", &value)?);
+        }
+        Ok(out)
+    }
+
+    /// A customer's line items of the billing periods starting in `month` (`YYYY-MM`), in
+    /// period, window and id order, optionally of one meter.
+    pub fn line_items(
+        &self,
+        tenant: &str,
+        customer: &str,
+        month: &str,
+        meter: Option<&str>,
+    ) -> Result<Vec<LineItem>, ReadError> {
+        let view = self.loaded(self.partition_of(tenant, customer))?;
+        let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
+        let mut out = Vec::new();
+        for item in view.db.prefix_iterator(&prefix) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let item: LineItem = decode("line item", &value)?;
+            if item.period_start.starts_with(month) && meter.is_none_or(|m| item.meter == m) {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A customer's final statements of periods starting in `month`.
+    pub fn final_statements(
+        &self,
+        tenant: &str,
+        customer: &str,
+        month: &str,
+    ) -> Result<Vec<Statement>, ReadError> {
+        let view = self.loaded(self.partition_of(tenant, customer))?;
+        let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
+        let mut out = Vec::new();
+        for item in view.db.prefix_iterator(&prefix) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let statement: Statement = decode("statement", &value)?;
+            if statement.period_start.starts_with(month) {
+                out.push(statement);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` customers of `tenant` after `after` (in [`neruba_balances::state::customer_order`]),
+    /// across partitions.
+    pub fn customers(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ReadError> {
+        let mut all = Vec::new();
+        for partition in 0..self.partitions {
+            let view = self.loaded(partition)?;
+            all.extend(neruba_balances::state::customers(
+                &view.db, tenant, after, limit,
+            )?);
+        }
+        all.sort_by(|a, b| {
+            neruba_balances::state::customer_order(a)
+                .cmp(&neruba_balances::state::customer_order(b))
+        });
+        all.truncate(limit);
+        Ok(all)
+    }
+}

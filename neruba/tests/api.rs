@@ -1,0 +1,327 @@
+//! The billing reads end to end through `neruba dev`: a grant and events in over the gateway,
+//! then every read of the api, with exact decimals; read-your-writes with `min_position`;
+//! another tenant's key sees nothing; malformed parameters get their stable codes.
+
+mod common;
+
+use anyhow::{Context, Result, bail};
+use common::start_dev;
+use neruba::sample;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+fn d(text: &str) -> Decimal {
+    text.parse().expect("decimal literal")
+}
+
+/// A decimal field of a JSON answer.
+fn dec(value: &Value) -> Decimal {
+    value
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a decimal string: {value}"))
+}
+
+async fn get(client: &reqwest::Client, url: &str, key: &str) -> Result<(u16, Value)> {
+    let response = client.get(url).bearer_auth(key).send().await?;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.context("a JSON answer")?;
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let (mut pipeline, gateway, api) = start_dev(work.path(), &[]).await?;
+    let client = reqwest::Client::new();
+    let read = sample::dev_key("acme", "read").context("acme read key")?;
+    let other = sample::dev_key("globex", "read").context("globex read key")?;
+    let credits = sample::dev_key("acme", "credits").context("acme credits key")?;
+    let ingest = sample::dev_key("acme", "ingest").context("acme ingest key")?;
+
+    // A grant, then its read at the position the write answered: there at once.
+    let answer: Value = client
+        .post(format!("{gateway}/v1/customers/customer-7/grants"))
+        .bearer_auth(credits)
+        .json(&json!({"key": "api-test-pack", "amount": "5", "currency": "USD"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let grant_id = answer["id"].as_str().context("grant id")?.to_owned();
+    let position = &answer["position"];
+    let min_position = format!(
+        "{}:{}:{}",
+        position["topic"].as_str().context("topic")?,
+        position["partition"],
+        position["offset"]
+    );
+    let (status, grants) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/grants?min_position={min_position}"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200, "{grants}");
+    assert_eq!(grants["grants"][0]["id"], grant_id.as_str());
+    assert_eq!(dec(&grants["grants"][0]["amount"]), d("5"));
+    assert_eq!(dec(&grants["grants"][0]["remaining"]), d("5"));
+    assert_eq!(grants["grants"][0]["status"], "active");
+    let offset = position["offset"].as_i64().context("offset")?;
+    assert!(
+        grants["as_of"][0]["next_offset"]
+            .as_i64()
+            .context("as_of")?
+            > offset
+    );
+
+    // 25,000 large-model tokens: 0.30 USD under the sample catalog, drawn from the grant.
+    let now = neruba_schemas::event::now_ms();
+    let time = neruba_schemas::event::format_time_ms(now - 3 * 60_000);
+    let period = time.get(..7).context("month")?.to_owned();
+    let events = json!([
+        {"id": "api-1", "type": "llm.completion", "subject": "customer-7", "source": "test",
+         "time": time, "data": {"model": "large", "tokens": 1200, "status": "ok"}},
+        {"id": "api-2", "type": "llm.completion", "subject": "customer-7", "source": "test",
+         "time": time, "data": {"model": "large", "tokens": 23800, "status": "ok"}}
+    ]);
+    let sent = client
+        .post(format!("{gateway}/v1/events"))
+        .bearer_auth(ingest)
+        .json(&events)
+        .send()
+        .await?;
+    assert_eq!(sent.status().as_u16(), 200);
+
+    let items_url = format!("{api}/v1/customers/customer-7/line-items?period={period}");
+    let started = Instant::now();
+    let items = loop {
+        let (status, items) = get(&client, &items_url, read).await?;
+        assert_eq!(status, 200, "{items}");
+        let total: Decimal = items["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .map(|i| dec(&i["amount"]))
+            .sum();
+        if total == d("0.30") {
+            break items;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            bail!("line items never added up to 0.30: {items}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for item in items["items"].as_array().context("items")? {
+        assert_eq!(item["meter"], "llm_tokens");
+        assert_eq!(item["superseded"], false);
+    }
+
+    // The statement: usage = Σ line items, all of it from credit.
+    let (status, statements) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/statements/{period}"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200, "{statements}");
+    let statement = &statements["statements"][0];
+    assert_eq!(statement["status"], "open");
+    assert_eq!(statement["currency"], "USD");
+    assert_eq!(dec(&statement["usage"]), d("0.30"));
+    assert_eq!(dec(&statement["credit_applied"]), d("0.30"));
+    assert_eq!(dec(&statement["amount_due"]), d("0"));
+
+    // The balance: 5 − 0.30, and the entries fold to it.
+    let (status, balances) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/balances"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200, "{balances}");
+    assert_eq!(balances["balances"][0]["currency"], "USD");
+    assert_eq!(dec(&balances["balances"][0]["balance"]), d("4.70"));
+    assert_eq!(dec(&balances["balances"][0]["available"]), d("4.70"));
+    let (status, entries) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/balance-entries"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200, "{entries}");
+    let entries = entries["entries"].as_array().context("entries")?.clone();
+    let moves = ["grant", "consume", "restore", "expire", "void"];
+    let folded: Decimal = entries
+        .iter()
+        .filter(|e| moves.contains(&e["kind"].as_str().unwrap_or_default()))
+        .map(|e| dec(&e["amount"]))
+        .sum();
+    assert_eq!(folded, d("4.70"));
+    assert_eq!(entries[0]["kind"], "grant");
+    // Paged one at a time, the same entries.
+    let mut after = 0;
+    let mut paged = Vec::new();
+    loop {
+        let (status, page) = get(
+            &client,
+            &format!("{api}/v1/customers/customer-7/balance-entries?after={after}&limit=1"),
+            read,
+        )
+        .await?;
+        assert_eq!(status, 200, "{page}");
+        paged.extend(
+            page["entries"]
+                .as_array()
+                .context("entries")?
+                .iter()
+                .cloned(),
+        );
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(paged, entries);
+
+    let (status, one) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/grants/{grant_id}"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(dec(&one["grant"]["remaining"]), d("4.70"));
+    let (_, customers) = get(&client, &format!("{api}/v1/customers"), read).await?;
+    let ids: Vec<&str> = customers["customers"]
+        .as_array()
+        .context("customers")?
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert!(ids.contains(&"customer-7"), "{customers}");
+
+    // Another tenant's key: every read of acme's customer is a 404, the list has none of it.
+    for path in [
+        "balances".to_owned(),
+        "grants".to_owned(),
+        format!("grants/{grant_id}"),
+        "balance-entries".to_owned(),
+        format!("statements/{period}"),
+        format!("line-items?period={period}"),
+    ] {
+        let (status, body) = get(
+            &client,
+            &format!("{api}/v1/customers/customer-7/{path}"),
+            other,
+        )
+        .await?;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "customer_not_found", "{path}");
+    }
+    let (_, theirs) = get(&client, &format!("{api}/v1/customers"), other).await?;
+    assert_eq!(theirs["customers"], json!([]), "{theirs}");
+
+    // Refusals with their stable codes.
+    let cases = [
+        (
+            "/v1/customers/customer-7/balances",
+            ingest,
+            403,
+            "forbidden",
+        ),
+        (
+            "/v1/customers/customer-7/balances",
+            "nope",
+            401,
+            "unauthenticated",
+        ),
+        (
+            "/v1/customers/customer-7/statements/2026-13",
+            read,
+            400,
+            "invalid_period",
+        ),
+        (
+            "/v1/customers/customer-7/line-items?period=last",
+            read,
+            400,
+            "invalid_period",
+        ),
+        (
+            "/v1/customers/customer-7/balance-entries?limit=0",
+            read,
+            400,
+            "invalid_limit",
+        ),
+        (
+            "/v1/customers/customer-7/balance-entries?limit=100000",
+            read,
+            400,
+            "invalid_limit",
+        ),
+        (
+            "/v1/customers/customer-7/balance-entries?after=-1",
+            read,
+            400,
+            "invalid_after",
+        ),
+        ("/v1/customers?cursor=zz", read, 400, "invalid_cursor"),
+        (
+            "/v1/customers/customer-7/balances?colour=red",
+            read,
+            400,
+            "unknown_parameter",
+        ),
+        (
+            "/v1/customers/customer-7/balances?min_position=x",
+            read,
+            400,
+            "invalid_position",
+        ),
+        (
+            "/v1/customers/customer-7/balances?min_position=neruba.events:0:1",
+            read,
+            422,
+            "unsupported_position",
+        ),
+        (
+            "/v1/customers/nobody/balances",
+            read,
+            404,
+            "customer_not_found",
+        ),
+    ];
+    for (path, key, status, code) in cases {
+        let (got, body) = get(&client, &format!("{api}{path}"), key).await?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {body}"
+        );
+    }
+    // A position the model has not reached: 503 after the bounded wait, with Retry-After.
+    let far = format!(
+        "{}:{}:999999",
+        position["topic"].as_str().unwrap_or_default(),
+        position["partition"]
+    );
+    let response = client
+        .get(format!(
+            "{api}/v1/customers/customer-7/balances?min_position={far}"
+        ))
+        .bearer_auth(read)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    pipeline.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
