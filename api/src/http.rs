@@ -39,6 +39,8 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub(crate) struct AppState {
     pub(crate) catalog: LiveCatalog,
     pub(crate) model: Arc<Model>,
+    /// The rollups read model (usage).
+    pub(crate) rollups: Arc<Model>,
     /// Longest wait for `min_position`.
     pub(crate) read_wait: Duration,
     pub(crate) metrics: crate::metrics::Metrics,
@@ -57,6 +59,7 @@ pub(crate) fn router(state: AppState) -> Router {
             get(statements),
         )
         .route("/v1/customers/{customer}/line-items", get(line_items))
+        .route("/v1/usage", get(usage))
         .with_state(state)
 }
 
@@ -240,19 +243,24 @@ async fn caught_up(state: &AppState, params: &Params) -> Result<(), Refused> {
     let offset: i64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
     let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let topic = parts.next().ok_or_else(bad)?;
-    if topic != state.model.topic() {
-        return Err(refused(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_position",
-            format!(
-                "the read model follows `{}`; a position on `{topic}` cannot be waited for",
-                state.model.topic()
-            ),
-        ));
-    }
+    let model = [&state.model, &state.rollups]
+        .into_iter()
+        .find(|m| m.topic() == topic)
+        .ok_or_else(|| {
+            refused(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unsupported_position",
+                format!(
+                    "the read model follows `{}` and `{}`; a position on `{topic}` cannot be \
+                     waited for",
+                    state.model.topic(),
+                    state.rollups.topic()
+                ),
+            )
+        })?;
     let deadline = Instant::now() + state.read_wait;
     loop {
-        let position = state.model.position(partition);
+        let position = model.position(partition);
         if position.as_ref().is_some_and(|p| p.next_offset > offset) {
             return Ok(());
         }
@@ -672,4 +680,196 @@ async fn line_items(
         items,
     };
     Ok(json(&state.metrics, "line_items", started, &body))
+}
+
+#[derive(Serialize)]
+struct Usage {
+    customer: String,
+    meter: String,
+    aggregation: neruba_schemas::catalog::Aggregation,
+    window: String,
+    from: String,
+    to: String,
+    as_of: Vec<Position>,
+    data: Vec<crate::usage::Row>,
+}
+
+/// Longest range a usage query may span.
+const MAX_USAGE_RANGE_MS: i64 = 400 * 86_400_000;
+/// Most buckets a usage query may ask for (per group).
+const MAX_USAGE_BUCKETS: i64 = 50_000;
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(raw): Query<Vec<(String, String)>>,
+) -> Answer {
+    use crate::usage::{Bucket, Unanswerable};
+    let started = Instant::now();
+    let tenant = tenant(&state, &headers)?;
+    // `filter[<group>]=<value>`, then the fixed parameters.
+    let mut filters = std::collections::BTreeMap::new();
+    let mut rest = Vec::new();
+    for (name, value) in raw {
+        match name
+            .strip_prefix("filter[")
+            .and_then(|n| n.strip_suffix(']'))
+        {
+            Some(key) if !key.is_empty() => {
+                if filters.insert(key.to_owned(), value).is_some() {
+                    return Err(refused(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_filter",
+                        format!("`filter[{key}]` is given twice"),
+                    ));
+                }
+            }
+            Some(_) => {
+                return Err(refused(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_filter",
+                    "a filter is `filter[<group>]=<value>`",
+                ));
+            }
+            None => rest.push((name, value)),
+        }
+    }
+    let params = Params::of(
+        rest,
+        &["customer", "meter", "from", "to", "window", "group_by"],
+    )?;
+    let required = |name: &str| {
+        params.get(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "missing_parameter",
+                format!("`{name}` is required"),
+            )
+        })
+    };
+    let customer = required("customer")?.to_owned();
+    let meter_key = required("meter")?.to_owned();
+    let time = |name: &str| -> Result<i64, Refused> {
+        neruba_schemas::event::parse_time_ms(required(name)?).map_err(|_| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_time",
+                format!("`{name}` must be an RFC 3339 time"),
+            )
+        })
+    };
+    let (from_ms, to_ms) = (time("from")?, time("to")?);
+    if to_ms <= from_ms || to_ms - from_ms > MAX_USAGE_RANGE_MS {
+        return Err(refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_range",
+            "`to` must be after `from`, at most 400 days later",
+        ));
+    }
+    let bucket = Bucket::parse(params.get("window")).ok_or_else(|| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_window",
+            "`window` is `hour`, `day`, `month`, `none`, or absent for the meter's own window",
+        )
+    })?;
+    let group_by = params.get("group_by").map(|text| {
+        text.split(',')
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    });
+    let catalog = state.catalog.current();
+    let meter = catalog
+        .tenant(&tenant)
+        .and_then(|t| t.meters.iter().find(|m| m.key == meter_key))
+        .ok_or_else(|| {
+            refused(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_meter",
+                format!("no meter `{meter_key}`"),
+            )
+        })?;
+    if bucket == Bucket::Meter && (to_ms - from_ms) / meter.window_ms().max(1) > MAX_USAGE_BUCKETS {
+        return Err(refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_range",
+            format!("more than {MAX_USAGE_BUCKETS} windows: ask for a coarser `window`"),
+        ));
+    }
+    let query = crate::usage::Query {
+        tenant: &tenant,
+        customer: &customer,
+        meter,
+        from_ms,
+        to_ms,
+        bucket,
+        group_by,
+        filters,
+    };
+    query.check().map_err(|why| match why {
+        Unanswerable::WindowNotAMultiple(m) => {
+            refused(StatusCode::UNPROCESSABLE_ENTITY, "window_not_a_multiple", m)
+        }
+        Unanswerable::NotCombinable(m) => {
+            refused(StatusCode::UNPROCESSABLE_ENTITY, "not_combinable", m)
+        }
+        Unanswerable::UnknownGroup(m) => {
+            refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_group", m)
+        }
+    })?;
+    caught_up(&state, &params).await?;
+    let partition = state.rollups.partition_of(&tenant, &customer);
+    let as_of = state.rollups.position(partition);
+    if !crate::usage::known(&state.rollups, &tenant, &customer)? {
+        return Err(not_found(&customer));
+    }
+    let rows = query.run(&state.rollups)?;
+    let wants_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    if wants_csv {
+        let keys: Vec<String> = match &query.group_by {
+            Some(keys) => keys.clone(),
+            None => meter.group_by.keys().cloned().collect(),
+        };
+        let mut text = String::from("window_start,window_end");
+        for key in &keys {
+            text.push(',');
+            text.push_str(&csv_field(key));
+        }
+        text.push_str(",quantity,events\n");
+        for row in &rows {
+            text.push_str(&row.window_start);
+            text.push(',');
+            text.push_str(&row.window_end);
+            for key in &keys {
+                text.push(',');
+                text.push_str(&csv_field(row.group.get(key).map_or("", String::as_str)));
+            }
+            text.push_str(&format!(",{},{}\n", row.quantity, row.events));
+        }
+        state.metrics.observe("usage", started);
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
+    }
+    let body = Usage {
+        window: bucket.name(meter),
+        aggregation: meter.aggregation,
+        customer,
+        meter: meter_key,
+        from: neruba_schemas::event::format_time_ms(from_ms),
+        to: neruba_schemas::event::format_time_ms(to_ms),
+        as_of: as_of.into_iter().collect(),
+        data: rows,
+    };
+    Ok(json(&state.metrics, "usage", started, &body))
 }

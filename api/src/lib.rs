@@ -14,6 +14,7 @@ mod http;
 mod ledger;
 mod metrics;
 pub mod model;
+pub mod usage;
 
 use neruba_schemas::LiveCatalog;
 use rdkafka::consumer::Consumer;
@@ -33,6 +34,8 @@ pub struct Config {
     /// Brokers, the ledger topic (input), the state directory; the assignment is always
     /// every partition, and the group id only names this replica's position (no group work).
     pub stage: neruba_stage::Config,
+    /// The rollups topic, read the same way into the usage model.
+    pub rollups_topic: String,
     pub listen: SocketAddr,
     /// Longest a read waits for its `min_position`.
     pub read_wait: Duration,
@@ -57,6 +60,7 @@ impl Config {
         stage.assignment = Some(neruba_schemas::topics::Assignment::All);
         Self {
             stage,
+            rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
             listen,
             read_wait: Duration::from_secs(5),
         }
@@ -68,7 +72,10 @@ pub struct Running {
     /// The address the reads are served on (useful with port 0).
     pub local_addr: SocketAddr,
     pub model: Arc<model::Model>,
+    pub rollups: Arc<model::Model>,
     stage: neruba_stage::Running,
+    usage: neruba_stage::Running,
+    usage_registry: prometheus::Registry,
     server: JoinHandle<std::io::Result<()>>,
 }
 
@@ -86,18 +93,32 @@ impl Running {
     pub fn readiness(
         &self,
     ) -> impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static {
-        let (health, model) = (self.stage.health(), self.model.clone());
+        let stages = [
+            (self.stage.health(), self.model.clone()),
+            (self.usage.health(), self.rollups.clone()),
+        ];
         move || {
-            health.check()?;
-            if !model.caught_up_once() {
-                if health.caught_up() {
-                    model.mark_caught_up();
-                } else {
-                    return Err("the read model has not caught up with the ledger yet".to_owned());
+            for (health, model) in &stages {
+                health.check()?;
+                if !model.caught_up_once() {
+                    if health.caught_up() {
+                        model.mark_caught_up();
+                    } else {
+                        return Err(format!(
+                            "the read model has not caught up with `{}` yet",
+                            model.topic()
+                        ));
+                    }
                 }
             }
             Ok(())
         }
+    }
+
+    /// The registry of the usage stage's own gauges (its consumer lag), beside the one
+    /// [`start`] was given: serve both.
+    pub fn usage_registry(&self) -> prometheus::Registry {
+        self.usage_registry.clone()
     }
 
     /// The stage's health (lag gauges, stuck detection).
@@ -109,17 +130,18 @@ impl Running {
     pub async fn wait(self) -> Result<()> {
         let served = self.server.await;
         let stopped = self.stage.wait().await;
+        let usage_stopped = self.usage.wait().await;
         match served {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "The api server failed."),
             Err(e) => tracing::error!(error = %e, "The api server task failed."),
         }
-        stopped
+        stopped.and(usage_stopped)
     }
 }
 
-/// The ledger topic's partition count, from the broker. Blocking.
-fn ledger_partitions(config: &neruba_stage::Config) -> Result<i32> {
+/// A topic's partition count, from the broker. Blocking.
+fn partitions_of(config: &neruba_stage::Config) -> Result<i32> {
     let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
     let metadata = probe.fetch_metadata(Some(&config.input_topic), Duration::from_secs(10))?;
     let count = metadata
@@ -145,24 +167,38 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let stage_config = config.stage.clone();
-    let (model, stage) = {
-        let registry = registry.clone();
+    let mut usage_config = config.stage.clone();
+    usage_config.input_topic.clone_from(&config.rollups_topic);
+    let usage_registry = prometheus::Registry::new();
+    let (model, stage, rollups, usage) = {
+        let (registry, usage_registry) = (registry.clone(), usage_registry.clone());
         let shutdown = shutdown.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
-            let partitions = ledger_partitions(&stage_config)?;
+            let partitions = partitions_of(&stage_config)?;
             let model = Arc::new(model::Model::new(&stage_config.input_topic, partitions));
-            let stage = neruba_stage::start(stage_config, &registry, shutdown, |_slice| {
+            let rollup_partitions = partitions_of(&usage_config)?;
+            let rollups = Arc::new(model::Model::new(
+                &usage_config.input_topic,
+                rollup_partitions,
+            ));
+            let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |_| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),
                 })
             })?;
-            Ok((model, stage))
+            let usage = neruba_stage::start(usage_config, &usage_registry, shutdown, |_| {
+                Ok(usage::UsageModel {
+                    model: rollups.clone(),
+                })
+            })?;
+            Ok((model, stage, rollups, usage))
         })
         .await??
     };
     let state = http::AppState {
         catalog,
         model: model.clone(),
+        rollups: rollups.clone(),
         read_wait: config.read_wait,
         metrics,
     };
@@ -176,7 +212,10 @@ pub async fn start(
     Ok(Running {
         local_addr,
         model,
+        rollups,
         stage,
+        usage,
+        usage_registry,
         server,
     })
 }

@@ -176,6 +176,11 @@ impl Model {
         self.view(partition).ok_or(ReadError::NotLoaded(partition))
     }
 
+    /// The database of the partition holding a customer.
+    pub(crate) fn db_of(&self, tenant: &str, customer: &str) -> Result<Arc<DB>, ReadError> {
+        Ok(self.loaded(self.partition_of(tenant, customer))?.db.clone())
+    }
+
     /// Where `partition` stands (`None`: not loaded).
     pub fn position(&self, partition: i32) -> Option<Position> {
         self.view(partition).map(|view| Position {

@@ -118,6 +118,108 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
         assert_eq!(item["superseded"], false);
     }
 
+    // Usage from the rollups: the month's tokens equal the line items' period quantity,
+    // whichever way they are bucketed; CSV says the same.
+    let last = items["items"]
+        .as_array()
+        .and_then(|i| i.last())
+        .context("an item")?;
+    let (from, to) = (
+        last["period_start"].as_str().context("period start")?,
+        last["period_end"].as_str().context("period end")?,
+    );
+    assert_eq!(dec(&last["period_quantity"]), d("25000"));
+    let usage = |query: String| {
+        format!("{api}/v1/usage?customer=customer-7&meter=llm_tokens&from={from}&to={to}{query}")
+    };
+    let (status, total) = get(&client, &usage("&window=none".into()), read).await?;
+    assert_eq!(status, 200, "{total}");
+    assert_eq!(total["aggregation"], "sum");
+    assert_eq!(total["data"].as_array().map(Vec::len), Some(1), "{total}");
+    assert_eq!(total["data"][0]["group"], json!({"model": "large"}));
+    assert_eq!(dec(&total["data"][0]["quantity"]), d("25000"));
+    assert_eq!(total["data"][0]["events"], 2);
+    let (status, windows) = get(&client, &usage(String::new()), read).await?;
+    assert_eq!(status, 200, "{windows}");
+    assert_eq!(windows["window"], "1m");
+    let by_window: Decimal = windows["data"]
+        .as_array()
+        .context("data")?
+        .iter()
+        .map(|r| dec(&r["quantity"]))
+        .sum();
+    assert_eq!(by_window, d("25000"));
+    let (status, merged) = get(&client, &usage("&window=day&group_by=".into()), read).await?;
+    assert_eq!(status, 200, "{merged}");
+    assert_eq!(merged["data"][0]["group"], json!({}));
+    assert_eq!(dec(&merged["data"][0]["quantity"]), d("25000"));
+    let csv = client
+        .get(usage("&window=none".into()))
+        .bearer_auth(read)
+        .header("accept", "text/csv")
+        .send()
+        .await?
+        .text()
+        .await?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"window_start,window_end,model,quantity,events")
+    );
+    assert_eq!(lines.len(), 2, "{csv}");
+    assert!(lines[1].ends_with(",large,25000,2"), "{csv}");
+    // Another tenant asking for this customer (under its own meter): no such customer.
+    let theirs_url =
+        format!("{api}/v1/usage?customer=customer-7&meter=storage_gb_hours&from={from}&to={to}");
+    let (status, theirs) = get(&client, &theirs_url, other).await?;
+    assert_eq!(
+        (status, theirs["error"]["code"].as_str()),
+        (404, Some("customer_not_found"))
+    );
+    let usage_cases = [
+        ("&window=week", 400, "invalid_window"),
+        ("&group_by=colour", 422, "unknown_group"),
+        ("&filter[colour]=red", 422, "unknown_group"),
+        ("&colour=red", 400, "unknown_parameter"),
+    ];
+    for (query, status, code) in usage_cases {
+        let (got, body) = get(&client, &usage(query.into()), read).await?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{query}: {body}"
+        );
+    }
+    for (url, status, code) in [
+        (
+            format!("{api}/v1/usage?customer=customer-7&meter=nope&from={from}&to={to}"),
+            422,
+            "unknown_meter",
+        ),
+        (
+            format!("{api}/v1/usage?customer=customer-7&meter=llm_tokens&from={to}&to={from}"),
+            400,
+            "invalid_range",
+        ),
+        (
+            format!("{api}/v1/usage?customer=customer-7&meter=llm_tokens&from=yesterday&to={to}"),
+            400,
+            "invalid_time",
+        ),
+        (
+            format!("{api}/v1/usage?meter=llm_tokens&from={from}&to={to}"),
+            400,
+            "missing_parameter",
+        ),
+    ] {
+        let (got, body) = get(&client, &url, read).await?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{url}: {body}"
+        );
+    }
+
     // The statement: usage = Σ line items, all of it from credit.
     let (status, statements) = get(
         &client,

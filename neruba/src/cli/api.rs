@@ -28,6 +28,9 @@ pub(crate) struct ApiCommandArgs {
     /// Topic line items, grants, voids, rules and ticks are read from.
     #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
     pub(crate) ledger_topic: String,
+    /// Topic closed windows (usage) are read from.
+    #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
+    pub(crate) rollups_topic: String,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
     /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
@@ -55,11 +58,13 @@ impl ApiArgs {
         &self,
         brokers: &str,
         ledger_topic: &str,
+        rollups_topic: &str,
         state_dir: &std::path::Path,
     ) -> neruba_api::Config {
         let mut config =
             neruba_api::Config::new(brokers, state_dir, self.api_listen, &self.api_replica);
         config.stage.input_topic = ledger_topic.to_owned();
+        config.rollups_topic = rollups_topic.to_owned();
         config.read_wait = self.api_read_wait;
         config
     }
@@ -74,9 +79,12 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
     let listener = neruba::ops::bind(args.ops_listen).await?;
     let shutdown = shutdown_on_signal(&shutdown);
     let registry = prometheus::Registry::new();
-    let mut config = args
-        .api
-        .config(&args.brokers, &args.ledger_topic, &args.state_dir);
+    let mut config = args.api.config(
+        &args.brokers,
+        &args.ledger_topic,
+        &args.rollups_topic,
+        &args.state_dir,
+    );
     config.stage.kafka_options = args.kafka_opts.clone();
     let catalog = LiveCatalog::new(catalog);
     if let Some(path) = &args.catalog {
@@ -88,7 +96,12 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
         )?;
     }
     let running = neruba_api::start(config, catalog, &registry, shutdown.clone()).await?;
-    let ops = neruba::ops::serve(listener, vec![registry], running.readiness(), shutdown)?;
+    let ops = neruba::ops::serve(
+        listener,
+        vec![registry, running.usage_registry()],
+        running.readiness(),
+        shutdown,
+    )?;
     tracing::info!(%ops, reads = %running.local_addr, "Api listening.");
     Ok(running.wait().await?)
 }

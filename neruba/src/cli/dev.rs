@@ -153,40 +153,34 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         &balances_metrics,
         shutdown.clone(),
     )?;
+    let api_metrics = prometheus::Registry::new();
+    let reads = neruba_api::start(
+        args.reads.config(
+            kafka.bootstrap_servers(),
+            &args.rating.ledger_topic,
+            &args.aggregation.rollups_topic,
+            &state_dir.join("api"),
+        ),
+        catalog.clone(),
+        &api_metrics,
+        shutdown.clone(),
+    )
+    .await?;
     let mut config = args.ingest.config(
         args.listen,
         kafka.bootstrap_servers(),
         &args.aggregation.dead_letter_topic,
     )?;
     config.ledger_topic = args.rating.ledger_topic.clone();
-    // The api registers into its registry once it starts, below; the gateway's `/metrics`
-    // gathers it on each scrape.
-    let api_metrics = prometheus::Registry::new();
     config.extra_metrics = vec![
         aggregator_metrics,
         rater_metrics,
         balances_metrics,
-        api_metrics.clone(),
+        api_metrics,
+        reads.usage_registry(),
     ];
-    let running = gateway::start_on(
-        listener,
-        config,
-        catalog.clone(),
-        gateway_metrics,
-        shutdown.clone(),
-    )
-    .await?;
-    let reads = neruba_api::start(
-        args.reads.config(
-            kafka.bootstrap_servers(),
-            &args.rating.ledger_topic,
-            &state_dir.join("api"),
-        ),
-        catalog,
-        &api_metrics,
-        shutdown.clone(),
-    )
-    .await?;
+    let running =
+        gateway::start_on(listener, config, catalog, gateway_metrics, shutdown.clone()).await?;
     println!("Neruba dev pipeline is running.");
     println!("  HTTP API:   http://{}", running.local_addr);
     println!(

@@ -1,0 +1,430 @@
+//! Usage reads (`GET /v1/usage`) from the rollups topic: a second stage of the read model
+//! keeps every closed window's rollup (the latest revision), and a query combines the
+//! windows it asks for, so its cost grows with the windows read, never with the events.
+//!
+//! Rules:
+//! - `sum` and `count` add across windows and groups; `min` and `max` take the least and the
+//!   greatest; `latest` takes the latest window's value, and only within one group (which of
+//!   two groups' events came last is not known);
+//! - `avg` and `unique_count` are answered only at the meter's own window with every group
+//!   kept, or with `window=none` over exactly one billing period (the period quantity the
+//!   aggregator computed); otherwise `422 not_combinable`;
+//! - `day` and `month` buckets are days and calendar months in the meter's billing time zone;
+//!   every bucket size must be a whole number of the meter's windows (`window_not_a_multiple`).
+//!
+//! Key (beside the ledger model's, in the rollups partitions' own databases):
+//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → the rollup.
+
+use crate::model::{Model, ReadError};
+use neruba_schemas::catalog::{Aggregation, Meter};
+use neruba_schemas::rollup::Rollup;
+use neruba_stage::keys::{push_part as push, time_bytes};
+use neruba_stage::{Input, Result, Sink, Store, StoreOptions};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::DeliveryFuture;
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+fn series_prefix(tenant: &str, customer: &str, meter: &str) -> Vec<u8> {
+    let mut key = neruba_balances::state::customer_key(b'U', tenant, customer);
+    push(&mut key, meter.as_bytes());
+    key
+}
+
+fn rollup_key(rollup: &Rollup) -> Vec<u8> {
+    let mut key = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
+    key.extend_from_slice(&time_bytes(rollup.window_start_ms));
+    key.extend_from_slice(
+        serde_json::to_string(&rollup.group)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    key
+}
+
+/// One rollups partition of the read model.
+pub(crate) struct RollupPartition {
+    store: Store,
+    /// The batch's rollups by key (the latest revision of each).
+    pending: HashMap<Vec<u8>, (u32, Vec<u8>)>,
+    model: Arc<Model>,
+}
+
+impl neruba_stage::Partition for RollupPartition {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (key, (_, value)) in self.pending.drain() {
+            batch.put(key, value);
+        }
+        self.store.write(batch)?;
+        if let Some(next) = self.store.next_offset() {
+            self.model.advanced(self.store.partition(), next);
+        }
+        Ok(())
+    }
+}
+
+impl RollupPartition {
+    /// The revision stored (or pending) under `key`.
+    fn revision(&self, key: &[u8]) -> Result<Option<u32>> {
+        if let Some((revision, _)) = self.pending.get(key) {
+            return Ok(Some(*revision));
+        }
+        Ok(self
+            .store
+            .db()
+            .get(key)?
+            .and_then(|bytes| Rollup::decode(&bytes).ok())
+            .map(|r| r.revision))
+    }
+}
+
+/// The usage stage: what the runtime calls. Nothing is produced.
+pub(crate) struct UsageModel {
+    pub(crate) model: Arc<Model>,
+}
+
+impl neruba_stage::Stage for UsageModel {
+    const NAME: &'static str = "api-usage";
+    const ASSIGNED_PARTITIONS_METRIC: &'static str = "neruba_api_usage_assigned_partitions";
+    const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[("fetch.wait.max.ms", "20")];
+    const LINGER_MS: u32 = 0;
+
+    type Partition = RollupPartition;
+    type Output = crate::ledger::Nothing;
+    type Batch = ();
+
+    fn store_options(&self) -> StoreOptions {
+        StoreOptions::default()
+    }
+
+    fn output_topic(&self) -> &str {
+        self.model.topic()
+    }
+
+    fn open(&mut self, store: Store) -> Result<RollupPartition> {
+        self.model
+            .opened(store.partition(), store.shared_db(), store.next_offset());
+        Ok(RollupPartition {
+            store,
+            pending: HashMap::new(),
+            model: self.model.clone(),
+        })
+    }
+
+    fn begin_batch(&mut self) {}
+
+    fn apply(
+        &mut self,
+        _batch: &(),
+        state: &mut RollupPartition,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<()> {
+        let input = Input::of(message);
+        state.store.consumed(input.offset);
+        // Anything else on the topic (a rerun request) is not usage.
+        let Ok(rollup) = Rollup::decode(input.payload) else {
+            return Ok(());
+        };
+        let key = rollup_key(&rollup);
+        if state.revision(&key)?.is_some_and(|r| r > rollup.revision) {
+            return Ok(());
+        }
+        state
+            .pending
+            .insert(key, (rollup.revision, input.payload.to_vec()));
+        Ok(())
+    }
+
+    fn take_outputs(&mut self, _state: &mut RollupPartition) -> Vec<crate::ledger::Nothing> {
+        Vec::new()
+    }
+
+    fn send(
+        &self,
+        _sink: &Sink<'_>,
+        output: &crate::ledger::Nothing,
+    ) -> std::result::Result<DeliveryFuture, KafkaError> {
+        match *output {}
+    }
+}
+
+/// How windows are bucketed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// The meter's own windows.
+    Meter,
+    Hour,
+    Day,
+    Month,
+    /// One total over the range.
+    None,
+}
+
+impl Bucket {
+    pub fn parse(text: Option<&str>) -> Option<Self> {
+        match text {
+            None => Some(Self::Meter),
+            Some("hour") => Some(Self::Hour),
+            Some("day") => Some(Self::Day),
+            Some("month") => Some(Self::Month),
+            Some("none") => Some(Self::None),
+            Some(_) => None,
+        }
+    }
+
+    pub fn name(self, meter: &Meter) -> String {
+        match self {
+            Self::Meter => humanize(meter.window_ms()),
+            Self::Hour => "hour".into(),
+            Self::Day => "day".into(),
+            Self::Month => "month".into(),
+            Self::None => "none".into(),
+        }
+    }
+}
+
+fn humanize(ms: i64) -> String {
+    match ms {
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// Why a usage query cannot be answered as asked (422).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unanswerable {
+    WindowNotAMultiple(String),
+    NotCombinable(String),
+    UnknownGroup(String),
+}
+
+/// A usage query, checked.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    pub tenant: &'a str,
+    pub customer: &'a str,
+    pub meter: &'a Meter,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub bucket: Bucket,
+    /// Group keys kept (`None`: all of the meter's).
+    pub group_by: Option<Vec<String>>,
+    pub filters: BTreeMap<String, String>,
+}
+
+/// One row of a usage answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub window_start: String,
+    pub window_end: String,
+    pub group: BTreeMap<String, String>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub quantity: Decimal,
+    pub events: u64,
+}
+
+struct Acc {
+    quantity: Decimal,
+    latest_at: i64,
+    events: u64,
+}
+
+impl Query<'_> {
+    /// The bucket `[start, end)` holding a window starting at `at`.
+    fn bucket_of(&self, at: i64) -> (i64, i64) {
+        let offset = i64::from(self.meter.offset_secs()) * 1000;
+        let fixed = |size: i64| {
+            let start = (at + offset).div_euclid(size) * size - offset;
+            (start, start + size)
+        };
+        match self.bucket {
+            Bucket::Meter => (at, at + self.meter.window_ms()),
+            Bucket::Hour => fixed(3_600_000),
+            Bucket::Day => fixed(86_400_000),
+            Bucket::Month => neruba_schemas::window::period_bounds(at, 1, self.meter.offset_secs())
+                .unwrap_or((at, at + self.meter.window_ms())),
+            Bucket::None => (self.from_ms, self.to_ms),
+        }
+    }
+
+    /// Checks what the meter's aggregation allows.
+    pub fn check(&self) -> std::result::Result<(), Unanswerable> {
+        let window = self.meter.window_ms();
+        let size = match self.bucket {
+            Bucket::Hour => Some(3_600_000),
+            Bucket::Day | Bucket::Month => Some(86_400_000),
+            Bucket::Meter | Bucket::None => None,
+        };
+        if let Some(size) = size
+            && size % window != 0
+        {
+            return Err(Unanswerable::WindowNotAMultiple(format!(
+                "the meter's window is {}; a {} is not a whole number of them",
+                humanize(window),
+                self.bucket.name(self.meter)
+            )));
+        }
+        if let Some(keys) = &self.group_by
+            && let Some(unknown) = keys.iter().find(|k| !self.meter.group_by.contains_key(*k))
+        {
+            return Err(Unanswerable::UnknownGroup(format!(
+                "meter `{}` has no group `{unknown}`",
+                self.meter.key
+            )));
+        }
+        if let Some(unknown) = self
+            .filters
+            .keys()
+            .find(|k| !self.meter.group_by.contains_key(*k))
+        {
+            return Err(Unanswerable::UnknownGroup(format!(
+                "meter `{}` has no group `{unknown}` to filter on",
+                self.meter.key
+            )));
+        }
+        let merges_groups = self
+            .group_by
+            .as_ref()
+            .is_some_and(|keys| keys.len() < self.meter.group_by.len());
+        match self.meter.aggregation {
+            Aggregation::Avg | Aggregation::UniqueCount => {
+                let whole_period = self.bucket == Bucket::None
+                    && neruba_schemas::window::period_bounds(
+                        self.from_ms,
+                        self.meter.billing_period.anchor_day,
+                        self.meter.offset_secs(),
+                    ) == Some((self.from_ms, self.to_ms));
+                if merges_groups || !(self.bucket == Bucket::Meter || whole_period) {
+                    return Err(Unanswerable::NotCombinable(
+                        "an average or a distinct count does not combine: ask for the meter's \
+                         own window with every group, or `window=none` over one billing period"
+                            .into(),
+                    ));
+                }
+            }
+            Aggregation::Latest if merges_groups => {
+                return Err(Unanswerable::NotCombinable(
+                    "`latest` does not combine across groups: keep every group".into(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The rows, from the rollups of the customer's partition.
+    pub fn run(&self, model: &Model) -> std::result::Result<Vec<Row>, ReadError> {
+        let db = model.db_of(self.tenant, self.customer)?;
+        let prefix = series_prefix(self.tenant, self.customer, &self.meter.key);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&time_bytes(self.from_ms));
+        let period_mode = self.bucket == Bucket::None
+            && matches!(
+                self.meter.aggregation,
+                Aggregation::Avg | Aggregation::UniqueCount
+            );
+        let mut buckets: BTreeMap<(i64, BTreeMap<String, String>), Acc> = BTreeMap::new();
+        for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let rollup =
+                Rollup::decode(&value).map_err(|e| ReadError::Storage(format!("rollup: {e}")))?;
+            if rollup.window_start_ms >= self.to_ms {
+                break;
+            }
+            if self
+                .filters
+                .iter()
+                .any(|(k, v)| rollup.group.get(k) != Some(v))
+            {
+                continue;
+            }
+            let group: BTreeMap<String, String> = match &self.group_by {
+                None => rollup.group.clone(),
+                Some(keys) => rollup
+                    .group
+                    .iter()
+                    .filter(|(k, _)| keys.contains(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            };
+            let (bucket_start, _) = self.bucket_of(rollup.window_start_ms);
+            let value = if period_mode {
+                rollup.period_quantity
+            } else {
+                rollup.window_quantity
+            };
+            let at = rollup.window_start_ms;
+            match buckets.entry((bucket_start, group)) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(Acc {
+                        quantity: value,
+                        latest_at: at,
+                        events: rollup.window_events,
+                    });
+                }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    let acc = slot.get_mut();
+                    acc.events += rollup.window_events;
+                    acc.quantity = match self.meter.aggregation {
+                        Aggregation::Sum | Aggregation::Count => acc.quantity + value,
+                        Aggregation::Min => acc.quantity.min(value),
+                        Aggregation::Max => acc.quantity.max(value),
+                        // Latest, and avg / distinct count over a whole period: the latest
+                        // window's (its period quantity covers every earlier one).
+                        Aggregation::Latest | Aggregation::Avg | Aggregation::UniqueCount => {
+                            if at >= acc.latest_at {
+                                acc.latest_at = at;
+                                value
+                            } else {
+                                acc.quantity
+                            }
+                        }
+                    };
+                }
+            }
+        }
+        let time = neruba_schemas::event::format_time_ms;
+        Ok(buckets
+            .into_iter()
+            .map(|((start, group), acc)| {
+                let (start, end) = match self.bucket {
+                    Bucket::None => (self.from_ms, self.to_ms),
+                    _ => self.bucket_of(start),
+                };
+                Row {
+                    window_start: time(start),
+                    window_end: time(end),
+                    group,
+                    quantity: acc.quantity,
+                    events: acc.events,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Whether the customer has any rollup of `tenant` at all (else the read is a 404).
+pub fn known(model: &Model, tenant: &str, customer: &str) -> std::result::Result<bool, ReadError> {
+    let db = model.db_of(tenant, customer)?;
+    let prefix = neruba_balances::state::customer_key(b'U', tenant, customer);
+    let mut iter = db.iterator(IteratorMode::From(&prefix, Direction::Forward));
+    match iter.next() {
+        Some(item) => Ok(item?.0.starts_with(&prefix)),
+        None => Ok(false),
+    }
+}
