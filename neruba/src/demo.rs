@@ -203,6 +203,19 @@ pub async fn run() -> Result<Summary> {
         shutdown.clone(),
     )?;
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let api = neruba_api::start(
+        neruba_api::Config::new(
+            kafka.bootstrap_servers(),
+            state.path().join("api"),
+            listen,
+            "demo",
+        ),
+        catalog.clone(),
+        &prometheus::Registry::new(),
+        shutdown.clone(),
+    )
+    .await
+    .context("start the api")?;
     let config = gateway::Config::new(listen, kafka.bootstrap_servers());
     let running = gateway::start(
         config,
@@ -330,12 +343,21 @@ pub async fn run() -> Result<Summary> {
     for (who, left, due) in &summary.balances {
         println!("    {who:<18} credit left {left:>10}   amount due {due:>10}");
     }
+    summary.statements = read_through_api(
+        &client,
+        &format!("http://{}", api.local_addr),
+        kafka.bootstrap_servers(),
+        &items,
+        &summary.balances,
+        &money,
+    )
+    .await?;
     shutdown.cancel();
     running.wait().await?;
     aggregator.wait().await?;
     rater.wait().await?;
     balances_stage_wait(balances_stage).await?;
-    summary.statements = statements(&state.path().join("balances"), &money)?;
+    api.wait().await?;
     println!(
         "\n`neruba price --tenant globex --meter storage_gb_hours --quantity 1012.75` explains an \
          amount step by step;\n`neruba ledger tail --brokers <address>` prints a ledger as NDJSON; \
@@ -629,55 +651,96 @@ fn totals(items: &[LineItem]) -> Result<Vec<(String, String)>> {
 /// amount due)`.
 pub type StatementRow = (String, String, String, String, String);
 
-/// Prints every customer's statements as the balances stage left them (read from its state
-/// once it stopped) and returns them.
-fn statements(
-    root: &std::path::Path,
+/// Reads each customer's statement and balance through the api, at least as new as
+/// everything on the ledger now (`min_position`: the api waits until it has applied it),
+/// prints them, and checks the balance against the one the entries gave.
+async fn read_through_api(
+    client: &reqwest::Client,
+    api: &str,
+    bootstrap: &str,
+    items: &[LineItem],
+    ledger_balances: &[(String, String, String)],
     money: &dyn Fn(Decimal, &str) -> String,
 ) -> Result<Vec<StatementRow>> {
+    let customers: std::collections::BTreeSet<(String, String, String)> = items
+        .iter()
+        .map(|i| {
+            (
+                i.tenant.clone(),
+                i.customer.clone(),
+                i.period_start.get(..7).unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let probe = neruba_kafka::clients::metadata_probe(bootstrap, &[])?;
+    println!("\nRead back through the api (scope `read`):");
     let mut out = Vec::new();
-    println!(
-        "\nStatements (open while the period runs; draft after it; final 3 days later, when an \
-         invoicing system takes them):"
-    );
-    for partition in 0..4 {
-        let books = neruba_balances::state::read_books(root, topics::LEDGER, partition)?;
-        for (tenant, customer, book) in books.unwrap_or_default() {
-            for state in book.statements.values() {
-                let s = &state.statement;
-                let who = format!("{tenant}/{customer}");
-                let status = serde_json::to_value(s.status)?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                println!(
-                    "    {who:<18} {} {:<5} period from {}: usage {}, credit applied {}, amount due {}",
-                    s.id,
-                    status,
-                    s.period_start,
-                    money(s.usage, &s.currency),
-                    money(s.credit_applied, &s.currency),
-                    money(s.amount_due, &s.currency),
-                );
-                for line in &s.lines {
-                    let group = serde_json::to_string(&line.group)?;
-                    println!(
-                        "        {:<17} {group:<22} quantity {:>8}  amount {:>11}",
-                        line.meter,
-                        line.quantity,
-                        money(line.amount, &s.currency)
-                    );
-                }
-                out.push((
-                    who,
-                    status,
-                    money(s.usage, &s.currency),
-                    money(s.credit_applied, &s.currency),
-                    money(s.amount_due, &s.currency),
-                ));
+    for (tenant, customer, period) in customers {
+        let partition = topics::stable_partition(&format!("{tenant}/{customer}"), 4);
+        let (_, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+            &probe,
+            topics::LEDGER,
+            partition,
+            Duration::from_secs(5),
+        )?;
+        let at = format!("{}:{partition}:{}", topics::LEDGER, high - 1);
+        let key = sample::dev_key(&tenant, "read").context("dev read key")?;
+        let read = |path: String| {
+            client
+                .get(format!("{api}/v1/customers/{customer}/{path}"))
+                .query(&[("min_position", at.as_str())])
+                .bearer_auth(key)
+                .send()
+        };
+        let statements: Value = read(format!("statements/{period}")).await?.json().await?;
+        let balances: Value = read("balances".to_owned()).await?.json().await?;
+        let s = &statements["statements"][0];
+        let amount = |field: &str| -> Result<String> {
+            let value: Decimal = s[field]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("statement {field}: {statements}"))?;
+            Ok(money(value, s["currency"].as_str().unwrap_or_default()))
+        };
+        let who = format!("{tenant}/{customer}");
+        let status = s["status"].as_str().unwrap_or_default().to_owned();
+        let row = (
+            who.clone(),
+            status,
+            amount("usage")?,
+            amount("credit_applied")?,
+            amount("amount_due")?,
+        );
+        let left = balances["balances"][0]["balance"]
+            .as_str()
+            .and_then(|v| v.parse::<Decimal>().ok())
+            .map(|b| money(b, balances["balances"][0]["currency"].as_str().unwrap_or_default()));
+        println!(
+            "    GET /v1/customers/{customer}/statements/{period}  {who:<18} {} {:<5} usage {}, credit applied {}, amount due {}",
+            s["id"].as_str().unwrap_or_default(),
+            row.1,
+            row.2,
+            row.3,
+            row.4
+        );
+        for line in s["lines"].as_array().into_iter().flatten() {
+            println!(
+                "        {:<17} {:<22} quantity {:>8}  amount {:>11}",
+                line["meter"].as_str().unwrap_or_default(),
+                line["group"].to_string(),
+                line["quantity"].as_str().unwrap_or_default(),
+                line["amount"].as_str().unwrap_or_default(),
+            );
+        }
+        // A customer never granted credit has no balance; its credit left is zero.
+        if let Some(left) = &left {
+            println!("    GET /v1/customers/{customer}/balances  {who:<18} credit left {left}");
+            let printed = ledger_balances.iter().find(|(w, _, _)| *w == who);
+            if printed.is_some_and(|(_, ledger_left, _)| ledger_left != left) {
+                bail!("the api says {who} has {left} left; the entries said {printed:?}");
             }
         }
+        out.push(row);
     }
-    out.sort();
     Ok(out)
 }
