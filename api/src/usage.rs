@@ -13,12 +13,14 @@
 //!   every bucket size must be a whole number of the meter's windows (`window_not_a_multiple`).
 //!
 //! Key (beside the ledger model's, in the rollups partitions' own databases):
-//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → the rollup.
+//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → [`Stored`]:
+//! revision, events, window and period quantities in 44 fixed bytes, so a month of 1-minute
+//! windows reads without parsing JSON.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
 use neruba_schemas::rollup::Rollup;
-use neruba_stage::keys::{push_part as push, time_bytes};
+use neruba_stage::keys::{push_part as push, time_bytes, time_from};
 use neruba_stage::{Input, Result, Sink, Store, StoreOptions};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
@@ -33,6 +35,50 @@ fn series_prefix(tenant: &str, customer: &str, meter: &str) -> Vec<u8> {
     let mut key = neruba_balances::state::customer_key(b'U', tenant, customer);
     push(&mut key, meter.as_bytes());
     key
+}
+
+/// What a query needs of a rollup, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stored {
+    revision: u32,
+    events: u64,
+    window_quantity: Decimal,
+    period_quantity: Decimal,
+}
+
+impl Stored {
+    const LEN: usize = 44;
+
+    fn of(rollup: &Rollup) -> Self {
+        Self {
+            revision: rollup.revision,
+            events: rollup.window_events,
+            window_quantity: rollup.window_quantity,
+            period_quantity: rollup.period_quantity,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.revision.to_be_bytes());
+        out.extend_from_slice(&self.events.to_be_bytes());
+        out.extend_from_slice(&self.window_quantity.serialize());
+        out.extend_from_slice(&self.period_quantity.serialize());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let revision = u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let events = u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
+        let window_quantity = Decimal::deserialize(bytes.get(12..28)?.try_into().ok()?);
+        let period_quantity = Decimal::deserialize(bytes.get(28..44)?.try_into().ok()?);
+        Some(Self {
+            revision,
+            events,
+            window_quantity,
+            period_quantity,
+        })
+    }
 }
 
 fn rollup_key(rollup: &Rollup) -> Vec<u8> {
@@ -50,7 +96,7 @@ fn rollup_key(rollup: &Rollup) -> Vec<u8> {
 pub(crate) struct RollupPartition {
     store: Store,
     /// The batch's rollups by key (the latest revision of each).
-    pending: HashMap<Vec<u8>, (u32, Vec<u8>)>,
+    pending: HashMap<Vec<u8>, Stored>,
     model: Arc<Model>,
 }
 
@@ -61,8 +107,8 @@ impl neruba_stage::Partition for RollupPartition {
 
     fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for (key, (_, value)) in self.pending.drain() {
-            batch.put(key, value);
+        for (key, stored) in self.pending.drain() {
+            batch.put(key, stored.encode());
         }
         self.store.write(batch)?;
         if let Some(next) = self.store.next_offset() {
@@ -75,15 +121,15 @@ impl neruba_stage::Partition for RollupPartition {
 impl RollupPartition {
     /// The revision stored (or pending) under `key`.
     fn revision(&self, key: &[u8]) -> Result<Option<u32>> {
-        if let Some((revision, _)) = self.pending.get(key) {
-            return Ok(Some(*revision));
+        if let Some(stored) = self.pending.get(key) {
+            return Ok(Some(stored.revision));
         }
         Ok(self
             .store
             .db()
             .get(key)?
-            .and_then(|bytes| Rollup::decode(&bytes).ok())
-            .map(|r| r.revision))
+            .and_then(|bytes| Stored::decode(&bytes))
+            .map(|s| s.revision))
     }
 }
 
@@ -138,9 +184,7 @@ impl neruba_stage::Stage for UsageModel {
         if state.revision(&key)?.is_some_and(|r| r > rollup.revision) {
             return Ok(());
         }
-        state
-            .pending
-            .insert(key, (rollup.revision, input.payload.to_vec()));
+        state.pending.insert(key, Stored::of(&rollup));
         Ok(())
     }
 
@@ -335,51 +379,73 @@ impl Query<'_> {
                 self.meter.aggregation,
                 Aggregation::Avg | Aggregation::UniqueCount
             );
-        let mut buckets: BTreeMap<(i64, BTreeMap<String, String>), Acc> = BTreeMap::new();
+        // Each distinct group (as stored) parsed and projected once: its index among `groups`
+        // (`None`: filtered out).
+        let mut seen: HashMap<Vec<u8>, Option<usize>> = HashMap::new();
+        let mut groups: Vec<BTreeMap<String, String>> = Vec::new();
+        let mut projected: HashMap<BTreeMap<String, String>, usize> = HashMap::new();
+        let mut buckets: BTreeMap<(i64, usize), Acc> = BTreeMap::new();
         for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
             let (key, value) = item?;
-            if !key.starts_with(&prefix) {
+            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;
-            }
-            let rollup =
-                Rollup::decode(&value).map_err(|e| ReadError::Storage(format!("rollup: {e}")))?;
-            if rollup.window_start_ms >= self.to_ms {
-                break;
-            }
-            if self
-                .filters
-                .iter()
-                .any(|(k, v)| rollup.group.get(k) != Some(v))
-            {
-                continue;
-            }
-            let group: BTreeMap<String, String> = match &self.group_by {
-                None => rollup.group.clone(),
-                Some(keys) => rollup
-                    .group
-                    .iter()
-                    .filter(|(k, _)| keys.contains(k))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
             };
-            let (bucket_start, _) = self.bucket_of(rollup.window_start_ms);
+            let (Some(at), Some(group_bytes)) = (time_from(rest), rest.get(8..)) else {
+                return Err(ReadError::Storage("malformed usage key".into()));
+            };
+            if at >= self.to_ms {
+                break;
+            }
+            let index = match seen.get(group_bytes) {
+                Some(index) => *index,
+                None => {
+                    let group: BTreeMap<String, String> = serde_json::from_slice(group_bytes)
+                        .map_err(|e| ReadError::Storage(format!("usage group: {e}")))?;
+                    let index = if self
+                        .filters
+                        .iter()
+                        .any(|(k, v)| group.get(k) != Some(v))
+                    {
+                        None
+                    } else {
+                        let kept: BTreeMap<String, String> = match &self.group_by {
+                            None => group,
+                            Some(keys) => group
+                                .into_iter()
+                                .filter(|(k, _)| keys.contains(k))
+                                .collect(),
+                        };
+                        let next = groups.len();
+                        let index = *projected.entry(kept.clone()).or_insert(next);
+                        if index == next {
+                            groups.push(kept);
+                        }
+                        Some(index)
+                    };
+                    seen.insert(group_bytes.to_vec(), index);
+                    index
+                }
+            };
+            let Some(index) = index else { continue };
+            let stored = Stored::decode(&value)
+                .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
+            let (bucket_start, _) = self.bucket_of(at);
             let value = if period_mode {
-                rollup.period_quantity
+                stored.period_quantity
             } else {
-                rollup.window_quantity
+                stored.window_quantity
             };
-            let at = rollup.window_start_ms;
-            match buckets.entry((bucket_start, group)) {
+            match buckets.entry((bucket_start, index)) {
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     slot.insert(Acc {
                         quantity: value,
                         latest_at: at,
-                        events: rollup.window_events,
+                        events: stored.events,
                     });
                 }
                 std::collections::btree_map::Entry::Occupied(mut slot) => {
                     let acc = slot.get_mut();
-                    acc.events += rollup.window_events;
+                    acc.events += stored.events;
                     acc.quantity = match self.meter.aggregation {
                         Aggregation::Sum | Aggregation::Count => acc.quantity + value,
                         Aggregation::Min => acc.quantity.min(value),
@@ -399,9 +465,9 @@ impl Query<'_> {
             }
         }
         let time = neruba_schemas::event::format_time_ms;
-        Ok(buckets
+        let mut rows: Vec<Row> = buckets
             .into_iter()
-            .map(|((start, group), acc)| {
+            .map(|((start, index), acc)| {
                 let (start, end) = match self.bucket {
                     Bucket::None => (self.from_ms, self.to_ms),
                     _ => self.bucket_of(start),
@@ -409,12 +475,15 @@ impl Query<'_> {
                 Row {
                     window_start: time(start),
                     window_end: time(end),
-                    group,
+                    group: groups.get(index).cloned().unwrap_or_default(),
                     quantity: acc.quantity,
                     events: acc.events,
                 }
             })
-            .collect())
+            .collect();
+        // Within a bucket, groups in their own order (not first-seen).
+        rows.sort_by(|a, b| (&a.window_start, &a.group).cmp(&(&b.window_start, &b.group)));
+        Ok(rows)
     }
 }
 

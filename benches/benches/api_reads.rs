@@ -1,0 +1,384 @@
+//! The billing reads under load: how fast a fresh api replica catches up with the ledger and
+//! rollups topics (against a raw consumer of the same records, in the same run), then the
+//! latency of statement, balance and usage reads, and the process's peak RSS.
+//!
+//! One run, one broker (the embedded mock cluster):
+//! 1. `NERUBA_BENCH_CUSTOMERS` (default 100,000) customers of tenant acme, each with a grant
+//!    and a line item on the ledger and one rollup on the rollups topic;
+//! 2. a raw consumer drains both topics (no-op handler): the least any replica does;
+//! 3. the api starts with empty state and catches up; catch-up records/s vs the raw drain;
+//! 4. one more customer gets a month of 1-minute windows on 3 series (129,600 rollups), in
+//!    chunks the mock broker keeps (it retains about 100,000 messages and 5 MiB per
+//!    partition, and one customer's rollups share one partition);
+//! 5. reads over HTTP on one keep-alive connection: statements and balances of random
+//!    customers (SPEC target p99 ≤ 10 ms), and that customer's month of usage at its 1-minute
+//!    windows, by hour and by day (target ≤ 50 ms).
+
+// Latencies and rates in the report are floating point; no quantity or amount is.
+#![allow(clippy::float_arithmetic)]
+
+use anyhow::{Context, Result, bail};
+use neruba::embedded::EmbeddedKafka;
+use neruba_benches::{peak_rss_kib, rate};
+use neruba_schemas::credit::{self, Grant, GrantTerms};
+use neruba_schemas::event::format_time_ms;
+use neruba_schemas::ledger::{Kind, LineItem};
+use neruba_schemas::rollup::Rollup;
+use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 32;
+const MINUTE: i64 = 60_000;
+
+struct Record {
+    topic: &'static str,
+    key: String,
+    payload: Vec<u8>,
+    header: Option<&'static str>,
+}
+
+fn producer(bootstrap: &str) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()?)
+}
+
+async fn send_all(producer: &FutureProducer, records: &[Record]) -> Result<()> {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut message = FutureRecord::to(r.topic)
+            .key(r.key.as_bytes())
+            .payload(r.payload.as_slice())
+            .partition(stable_partition(&r.key, PARTITIONS));
+        if let Some(value) = r.header {
+            message = message.headers(OwnedHeaders::new().insert(Header {
+                key: RECORD_HEADER,
+                value: Some(value),
+            }));
+        }
+        pending.push(
+            producer
+                .send_result(message)
+                .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
+        );
+    }
+    for delivery in neruba_benches::join_in_order(pending).await {
+        delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    }
+    Ok(())
+}
+
+fn rollup(customer: &str, group: &str, window: i64, period: (i64, i64)) -> Rollup {
+    let (meter, group) = match group {
+        "api" => ("api_calls", BTreeMap::new()),
+        model => (
+            "llm_tokens",
+            BTreeMap::from([("model".to_owned(), model.to_owned())]),
+        ),
+    };
+    Rollup {
+        v: 1,
+        tenant: "acme".into(),
+        meter: meter.into(),
+        customer: customer.into(),
+        group,
+        aggregation: if meter == "api_calls" {
+            neruba_schemas::catalog::Aggregation::Count
+        } else {
+            neruba_schemas::catalog::Aggregation::Sum
+        },
+        window_start_ms: window,
+        window_end_ms: window + MINUTE,
+        period_start_ms: period.0,
+        period_end_ms: period.1,
+        window_quantity: Decimal::from(7),
+        window_events: 1,
+        period_quantity: Decimal::from(7),
+        period_events: 1,
+        revision: 1,
+    }
+}
+
+/// The workload: per customer a grant and a line item on the ledger, a rollup on the rollups
+/// topic.
+fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
+    let mut records = Vec::with_capacity(customers * 3);
+    for c in 0..customers {
+        let customer = format!("customer-{c}");
+        let key = format!("acme/{customer}");
+        let grant = Grant {
+            v: 1,
+            id: credit::grant_id("acme", &customer, "pack"),
+            tenant: "acme".into(),
+            customer: customer.clone(),
+            key: "pack".into(),
+            terms: GrantTerms {
+                amount: Decimal::from(20),
+                currency: "USD".into(),
+                priority: 10,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: BTreeMap::new(),
+            },
+            received_at: format_time_ms(period.0),
+        };
+        records.push(Record {
+            topic: topics::LEDGER,
+            key: key.clone(),
+            payload: credit::encode(&grant),
+            header: Some("grant"),
+        });
+        let item = LineItem {
+            v: 1,
+            id: format!("li_{c}"),
+            kind: Kind::Usage,
+            tenant: "acme".into(),
+            customer: customer.clone(),
+            meter: "llm_tokens".into(),
+            group: BTreeMap::from([("model".to_owned(), "large".to_owned())]),
+            period_start: format_time_ms(period.0),
+            period_end: format_time_ms(period.1),
+            window_start: format_time_ms(period.0),
+            window_end: format_time_ms(period.0 + MINUTE),
+            window_quantity: Decimal::from(7),
+            window_events: 1,
+            period_quantity: Decimal::from(7),
+            amount: Decimal::new(275, 2),
+            period_amount: Decimal::new(275, 2),
+            currency: "USD".into(),
+            price_plan: "llm-tokens-standard".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        };
+        records.push(Record {
+            topic: topics::LEDGER,
+            key: key.clone(),
+            payload: item.encode(),
+            header: None,
+        });
+        records.push(Record {
+            topic: topics::ROLLUPS,
+            key,
+            payload: rollup(&customer, "large", period.0, period).encode(),
+            header: None,
+        });
+    }
+    records
+}
+
+/// High watermarks of both topics, per (topic, partition).
+fn highs(consumer: &BaseConsumer) -> Result<Vec<(&'static str, i32, i64)>> {
+    let mut out = Vec::new();
+    for topic in [topics::LEDGER, topics::ROLLUPS] {
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
+            out.push((topic, p, high));
+        }
+    }
+    Ok(out)
+}
+
+/// Drains `expected` records of both topics with a no-op handler; the time from the first.
+fn drain(bootstrap: &str, expected: usize) -> Result<Duration> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-raw-reads")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for topic in [topics::LEDGER, topics::ROLLUPS] {
+        for p in 0..PARTITIONS {
+            assignment.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let (mut seen, mut started) = (0usize, None);
+    while seen < expected {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            message?;
+            started.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+    }
+    started.map(|s| s.elapsed()).context("nothing drained")
+}
+
+/// Waits until the api's models reached every high watermark.
+async fn caught_up(api: &neruba_api::Running, want: &[(&'static str, i32, i64)]) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let done = want.iter().all(|(topic, p, high)| {
+            let model = if *topic == topics::LEDGER {
+                &api.model
+            } else {
+                &api.rollups
+            };
+            model.position(*p).is_some_and(|at| at.next_offset >= *high)
+        });
+        if done {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the api did not catch up in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// p50, p99 and max of `samples`, in ms.
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    (at(0.5), at(0.99), at(1.0))
+}
+
+async fn timed_get(client: &reqwest::Client, url: &str, key: &str) -> Result<(Duration, usize)> {
+    let started = Instant::now();
+    let response = client.get(url).bearer_auth(key).send().await?;
+    let status = response.status();
+    let body = response.bytes().await?;
+    let elapsed = started.elapsed();
+    if !status.is_success() {
+        bail!("{url}: {status} {}", String::from_utf8_lossy(&body));
+    }
+    Ok((elapsed, body.len()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let customers: usize = std::env::var("NERUBA_BENCH_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let kafka = EmbeddedKafka::start(&[
+        (topics::LEDGER, PARTITIONS),
+        (topics::ROLLUPS, PARTITIONS),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let now = neruba_schemas::event::now_ms();
+    let period = neruba_schemas::window::period_bounds(now, 1, 0).context("period")?;
+    let records = workload(customers, period);
+    let n = records.len();
+    let setup = producer(&bootstrap)?;
+    send_all(&setup, &records).await?;
+    drop(records);
+    println!("produced {n} records ({customers} customers: a grant and a line item on the ledger, a rollup)");
+
+    let drained = {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || drain(&bootstrap, n)).await??
+    };
+    let probe = neruba_kafka::clients::metadata_probe(&bootstrap, &[])?;
+    let want = highs(&probe)?;
+
+    let state = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let registry = prometheus::Registry::new();
+    let api = neruba_api::start(
+        neruba_api::Config::new(&bootstrap, state.path(), ([127, 0, 0, 1], 0).into(), "bench"),
+        neruba::sample::catalog()?,
+        &registry,
+        shutdown.clone(),
+    )
+    .await?;
+    let started = Instant::now();
+    caught_up(&api, &want).await?;
+    let caught = started.elapsed();
+    let (raw_rate, api_rate) = (rate(n, drained), rate(n, caught));
+    println!("raw consumer of both topics:   {n} records in {drained:.2?} = {raw_rate:.0} records/s");
+    println!(
+        "api catch-up from empty state: {n} records in {caught:.2?} = {api_rate:.0} records/s ({:.2} x the raw consumer; includes the api's start)",
+        api_rate / raw_rate
+    );
+
+    // One customer's month of 1-minute windows on three series, in chunks the broker keeps.
+    let heavy = "customer-heavy";
+    let windows = (period.1 - period.0) / MINUTE;
+    let mut chunk = Vec::new();
+    let mut sent = 0usize;
+    for w in 0..windows {
+        for group in ["large", "small", "api"] {
+            chunk.push(Record {
+                topic: topics::ROLLUPS,
+                key: format!("acme/{heavy}"),
+                payload: rollup(heavy, group, period.0 + w * MINUTE, period).encode(),
+                header: None,
+            });
+        }
+        if chunk.len() >= 30_000 || w + 1 == windows {
+            send_all(&setup, &chunk).await?;
+            sent += chunk.len();
+            chunk.clear();
+            caught_up(&api, &highs(&probe)?).await?;
+        }
+    }
+    println!("{heavy}: {sent} rollups ({windows} one-minute windows x 3 series) in the read model");
+
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", api.local_addr);
+    let key = neruba::sample::dev_key("acme", "read").context("read key")?;
+    let month = format_time_ms(period.0).get(..7).context("month")?.to_owned();
+    let reads: usize = std::env::var("NERUBA_BENCH_READS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let (mut statements, mut balances) = (Vec::new(), Vec::new());
+    for i in 0..reads {
+        // A spread of customers (a fixed stride through them, no RNG needed).
+        let c = (i * 7919) % customers;
+        let url = format!("{base}/v1/customers/customer-{c}/statements/{month}");
+        statements.push(timed_get(&client, &url, key).await?.0);
+        let url = format!("{base}/v1/customers/customer-{c}/balances");
+        balances.push(timed_get(&client, &url, key).await?.0);
+    }
+    let report = |name: &str, samples: Vec<Duration>, target: &str| {
+        let count = samples.len();
+        let (p50, p99, max) = percentiles(samples);
+        println!("{name:<44} {count:>5} reads  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms  ({target})");
+    };
+    report("statement (GET …/statements/{month})", statements, "target p99 <= 10 ms");
+    report("balance (GET …/balances)", balances, "target p99 <= 10 ms");
+    let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
+    for (name, window) in [
+        ("usage, one month at 1-minute windows", ""),
+        ("usage, one month by hour", "&window=hour"),
+        ("usage, one month by day", "&window=day"),
+    ] {
+        let url = format!(
+            "{base}/v1/usage?customer={heavy}&meter=llm_tokens&from={from}&to={to}&group_by=model{window}"
+        );
+        let mut samples = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..20 {
+            let (elapsed, size) = timed_get(&client, &url, key).await?;
+            samples.push(elapsed);
+            bytes = size;
+        }
+        report(
+            &format!("{name} ({} KiB)", bytes / 1024),
+            samples,
+            "target <= 50 ms",
+        );
+    }
+    println!("peak RSS of the process:       {} MiB", peak_rss_kib() / 1024);
+    shutdown.cancel();
+    api.wait().await?;
+    Ok(())
+}
