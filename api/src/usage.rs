@@ -497,3 +497,192 @@ pub fn known(model: &Model, tenant: &str, customer: &str) -> std::result::Result
         None => Ok(false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_schemas::Catalog;
+
+    const CATALOG: &str = r#"
+[[tenants]]
+id = "t"
+name = "T"
+
+[[tenants.meters]]
+key = "peak"
+event_type = "e"
+aggregation = "max"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1m"
+
+[[tenants.meters]]
+key = "least"
+event_type = "e"
+aggregation = "min"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1m"
+
+[[tenants.meters]]
+key = "gauge"
+event_type = "e"
+aggregation = "latest"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1m"
+
+[[tenants.meters]]
+key = "mean"
+event_type = "e"
+aggregation = "avg"
+value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "daily"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1d"
+"#;
+
+    const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
+    const MIN: i64 = 60_000;
+
+    fn d(text: &str) -> Decimal {
+        text.parse().expect("decimal")
+    }
+
+    /// A model with one partition holding `windows` of `meter`: (minute, region, quantity).
+    fn model(meter: &str, windows: &[(i64, &str, &str)]) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(rocksdb::DB::open_default(dir.path()).expect("db"));
+        for (minute, region, quantity) in windows {
+            let rollup = Rollup {
+                v: 1,
+                tenant: "t".into(),
+                meter: meter.into(),
+                customer: "c".into(),
+                group: BTreeMap::from([("region".to_owned(), (*region).to_owned())]),
+                aggregation: Aggregation::Sum,
+                window_start_ms: T0 + minute * MIN,
+                window_end_ms: T0 + (minute + 1) * MIN,
+                period_start_ms: T0,
+                period_end_ms: T0 + 31 * 86_400_000,
+                window_quantity: d(quantity),
+                window_events: 1,
+                period_quantity: d(quantity),
+                period_events: 1,
+                revision: 1,
+            };
+            db.put(rollup_key(&rollup), Stored::of(&rollup).encode())
+                .expect("put");
+        }
+        let model = Model::new("rollups", 1);
+        model.opened(0, db, Some(0));
+        (dir, model)
+    }
+
+    fn query<'a>(meter: &'a Meter, bucket: Bucket, group_by: Option<Vec<String>>) -> Query<'a> {
+        Query {
+            tenant: "t",
+            customer: "c",
+            meter,
+            from_ms: T0,
+            to_ms: T0 + 86_400_000,
+            bucket,
+            group_by,
+            filters: BTreeMap::new(),
+        }
+    }
+
+    fn quantities(rows: &[Row]) -> Vec<(String, Decimal)> {
+        rows.iter()
+            .map(|r| {
+                (
+                    r.group.get("region").cloned().unwrap_or_default(),
+                    r.quantity,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn min_max_and_latest_combine_exactly_and_what_cannot_is_refused() {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let meter = |key: &str| {
+            catalog
+                .tenant("t")
+                .and_then(|t| t.meters.iter().find(|m| m.key == key))
+                .expect("meter")
+        };
+        let windows = [
+            (0, "eu", "5"),
+            (1, "eu", "9.5"),
+            (2, "eu", "-2"),
+            (0, "us", "3"),
+            (70, "us", "4.25"),
+        ];
+        // Per hour, per region: the greatest and the least; across regions, of all.
+        let (_dir, m) = model("peak", &windows);
+        let peak = meter("peak");
+        let rows = query(peak, Bucket::Hour, None).run(&m).expect("run");
+        assert_eq!(
+            quantities(&rows),
+            vec![
+                ("eu".into(), d("9.5")),
+                ("us".into(), d("3")),
+                ("us".into(), d("4.25"))
+            ]
+        );
+        let rows = query(peak, Bucket::None, Some(vec![])).run(&m).expect("run");
+        assert_eq!(quantities(&rows), vec![(String::new(), d("9.5"))]);
+        assert_eq!(rows[0].events, 5);
+        let (_dir, m) = model("least", &windows);
+        let rows = query(meter("least"), Bucket::Day, Some(vec![]))
+            .run(&m)
+            .expect("run");
+        assert_eq!(quantities(&rows), vec![(String::new(), d("-2"))]);
+        // Latest: the latest window's value within each region; across regions, refused.
+        let (_dir, m) = model("gauge", &windows);
+        let gauge = meter("gauge");
+        let rows = query(gauge, Bucket::Day, None).run(&m).expect("run");
+        assert_eq!(
+            quantities(&rows),
+            vec![("eu".into(), d("-2")), ("us".into(), d("4.25"))]
+        );
+        assert!(matches!(
+            query(gauge, Bucket::Day, Some(vec![])).check(),
+            Err(Unanswerable::NotCombinable(_))
+        ));
+        // An average only at its own window or over a whole billing period.
+        let mean = meter("mean");
+        assert_eq!(query(mean, Bucket::Meter, None).check(), Ok(()));
+        assert!(matches!(
+            query(mean, Bucket::Hour, None).check(),
+            Err(Unanswerable::NotCombinable(_))
+        ));
+        let mut whole = query(mean, Bucket::None, None);
+        whole.to_ms = T0 + 31 * 86_400_000;
+        assert_eq!(whole.check(), Ok(()));
+        // A bucket must be whole windows; a group must be the meter's.
+        assert!(matches!(
+            query(meter("daily"), Bucket::Hour, None).check(),
+            Err(Unanswerable::WindowNotAMultiple(_))
+        ));
+        assert_eq!(query(meter("daily"), Bucket::Month, None).check(), Ok(()));
+        assert!(matches!(
+            query(peak, Bucket::Hour, Some(vec!["zone".into()])).check(),
+            Err(Unanswerable::UnknownGroup(_))
+        ));
+        // A filter keeps only its group.
+        let (_dir, m) = model("peak", &windows);
+        let mut only_us = query(peak, Bucket::None, None);
+        only_us.filters.insert("region".into(), "us".into());
+        assert_eq!(
+            quantities(&only_us.run(&m).expect("run")),
+            vec![("us".into(), d("4.25"))]
+        );
+    }
+}
