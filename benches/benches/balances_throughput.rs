@@ -10,7 +10,12 @@
 //! 2. the balances stage (RocksDB state, the fold, entries acknowledged before the state write)
 //!    drains the same records and produces those entries.
 //!
-//! Reports entries/s of each, their ratio (issue target: ≥ 0.5 × the raw pair) and the
+//! 3. the *durable floor*, as the aggregator's bench measures one: the same drain decoding each
+//!    record (a line item or a grant, JSON) and writing its id to RocksDB (WAL on, one write
+//!    batch per 5,000), then the same produce: the least a balances stage that dedups line
+//!    items durably and answers only once the broker has its entries can cost.
+//!
+//! Reports entries/s of each, their ratios (issue target: ≥ 0.5 × the raw pair) and the
 //! process's peak RSS.
 
 // Rates and ratios in the report are floating point; no quantity or amount is.
@@ -172,12 +177,12 @@ fn workload(customers: usize) -> (Vec<Record>, Vec<Record>) {
     (records, entries)
 }
 
-/// Drains `expected` records of the ledger with a no-op handler; the elapsed time from the
-/// first message.
-fn drain(bootstrap: &str, expected: usize) -> Result<Duration> {
+/// Drains `expected` records of the ledger with a no-op handler, or (`durable`) decoding each
+/// and writing its id to RocksDB; the elapsed time from the first message.
+fn drain(bootstrap: &str, expected: usize, durable: bool) -> Result<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-raw-ledger")
+        .set("group.id", format!("bench-raw-ledger-{durable}"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.queue.backoff.ms", "10")
@@ -187,12 +192,40 @@ fn drain(bootstrap: &str, expected: usize) -> Result<Duration> {
         assignment.add_partition_offset(topics::LEDGER, partition, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
+    let ids_dir = tempfile::tempdir()?;
+    let ids = rocksdb::DB::open_default(ids_dir.path())?;
+    let mut batch = rocksdb::WriteBatch::default();
     let (mut seen, mut started) = (0usize, None);
     while seen < expected {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            message?;
+            let message = message?;
             started.get_or_insert_with(Instant::now);
             seen += 1;
+            if !durable {
+                continue;
+            }
+            use rdkafka::Message as _;
+            use rdkafka::message::Headers as _;
+            let payload = message.payload().unwrap_or_default();
+            let is_grant = message
+                .headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == RECORD_HEADER));
+            let (tenant, customer, id) = if is_grant {
+                let grant: Grant = credit::decode(payload)?;
+                (grant.tenant, grant.customer, grant.id)
+            } else {
+                let item: LineItem = credit::decode(payload)?;
+                (item.tenant, item.customer, item.id)
+            };
+            let mut key = tenant.into_bytes();
+            key.push(0);
+            key.extend_from_slice(customer.as_bytes());
+            key.push(0);
+            key.extend_from_slice(id.as_bytes());
+            batch.put(key, []);
+            if batch.len() == 5_000 || seen == expected {
+                ids.write(std::mem::take(&mut batch))?;
+            }
         }
     }
     started.map(|s| s.elapsed()).context("nothing drained")
@@ -221,7 +254,11 @@ async fn main() -> Result<()> {
 
     let drained = {
         let bootstrap = bootstrap.clone();
-        tokio::task::spawn_blocking(move || drain(&bootstrap, r)).await??
+        tokio::task::spawn_blocking(move || drain(&bootstrap, r, false)).await??
+    };
+    let drained_durably = {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || drain(&bootstrap, r, true)).await??
     };
     let raw_producer = producer(&bootstrap, true)?;
     send_all(&raw_producer, RAW_ENTRIES, &entries[..1]).await?;
@@ -229,6 +266,7 @@ async fn main() -> Result<()> {
     send_all(&raw_producer, RAW_ENTRIES, &entries).await?;
     let produced = started.elapsed();
     let raw = drained + produced;
+    let floor = drained_durably + produced;
     println!(
         "raw pair: drained {r} records in {drained:.2?}, produced {n} entries in {produced:.2?}"
     );
@@ -261,7 +299,7 @@ async fn main() -> Result<()> {
     shutdown.cancel();
     running.wait().await?;
 
-    let (raw_rate, stage_rate) = (rate(n, raw), rate(n, balanced));
+    let (raw_rate, stage_rate, floor_rate) = (rate(n, raw), rate(n, balanced), rate(n, floor));
     println!(
         "raw pair (drain + acks=all produce): {n} entries in {raw:.2?} = {raw_rate:.0} entries/s"
     );
@@ -269,8 +307,15 @@ async fn main() -> Result<()> {
         "balances stage end to end:          {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s"
     );
     println!(
+        "durable floor (decode + id to RocksDB, then the produce): {n} entries in {floor:.2?} = {floor_rate:.0} entries/s"
+    );
+    println!(
         "ratio stage / raw pair:             {:.2} (target >= 0.50)",
         stage_rate / raw_rate
+    );
+    println!(
+        "ratio stage / durable floor:        {:.2}",
+        stage_rate / floor_rate
     );
     println!(
         "peak RSS of the process:            {} MiB",
