@@ -29,3 +29,25 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "prereqs: installing cargo-nextest" >&2
     cargo install --locked cargo-nextest
 fi
+
+# openapi-spec-validator (PyPI), which neruba/tests/openapi.rs runs on schemas/openapi.json, in a
+# virtualenv cached outside the checkout (as scripts/k8s-check keeps kubernetes-validate).
+openapi_venv="$HOME/.cache/neruba-tools/venv-openapi"
+openapi_validator_version="0.9.0"
+if [ "$("$openapi_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("openapi-spec-validator"))' 2>/dev/null)" != "$openapi_validator_version" ]; then
+    rm -rf "$openapi_venv"
+    mkdir -p "$(dirname "$openapi_venv")"
+    # Debian's python3 creates no virtualenv without python3-venv (ensurepip).
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv "$openapi_venv" >/dev/null 2>&1; then
+        echo "prereqs: installing python3-venv" >&2
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
+        rm -rf "$openapi_venv"
+        python3 -m venv "$openapi_venv"
+    fi
+    echo "prereqs: installing openapi-spec-validator==$openapi_validator_version into $openapi_venv" >&2
+    "$openapi_venv/bin/pip" install --quiet --disable-pip-version-check \
+        "openapi-spec-validator==$openapi_validator_version" >&2
+fi

@@ -60,7 +60,17 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/customers/{customer}/line-items", get(line_items))
         .route("/v1/usage", get(usage))
+        .route("/v1/openapi.json", get(openapi))
         .with_state(state)
+}
+
+/// `GET /v1/openapi.json`: the OpenAPI document of the whole HTTP surface, no key needed.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        neruba_schemas::OPENAPI,
+    )
+        .into_response()
 }
 
 /// A refused read: a status, a stable code and a message.

@@ -401,11 +401,7 @@ impl Query<'_> {
                 None => {
                     let group: BTreeMap<String, String> = serde_json::from_slice(group_bytes)
                         .map_err(|e| ReadError::Storage(format!("usage group: {e}")))?;
-                    let index = if self
-                        .filters
-                        .iter()
-                        .any(|(k, v)| group.get(k) != Some(v))
-                    {
+                    let index = if self.filters.iter().any(|(k, v)| group.get(k) != Some(v)) {
                         None
                     } else {
                         let kept: BTreeMap<String, String> = match &self.group_by {
@@ -636,7 +632,9 @@ window = "1d"
                 ("us".into(), d("4.25"))
             ]
         );
-        let rows = query(peak, Bucket::None, Some(vec![])).run(&m).expect("run");
+        let rows = query(peak, Bucket::None, Some(vec![]))
+            .run(&m)
+            .expect("run");
         assert_eq!(quantities(&rows), vec![(String::new(), d("9.5"))]);
         assert_eq!(rows[0].events, 5);
         let (_dir, m) = model("least", &windows);

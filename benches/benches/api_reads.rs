@@ -279,7 +279,9 @@ async fn main() -> Result<()> {
     let setup = producer(&bootstrap)?;
     send_all(&setup, &records).await?;
     drop(records);
-    println!("produced {n} records ({customers} customers: a grant and a line item on the ledger, a rollup)");
+    println!(
+        "produced {n} records ({customers} customers: a grant and a line item on the ledger, a rollup)"
+    );
 
     let drained = {
         let bootstrap = bootstrap.clone();
@@ -292,7 +294,12 @@ async fn main() -> Result<()> {
     let shutdown = CancellationToken::new();
     let registry = prometheus::Registry::new();
     let api = neruba_api::start(
-        neruba_api::Config::new(&bootstrap, state.path(), ([127, 0, 0, 1], 0).into(), "bench"),
+        neruba_api::Config::new(
+            &bootstrap,
+            state.path(),
+            ([127, 0, 0, 1], 0).into(),
+            "bench",
+        ),
         neruba::sample::catalog()?,
         &registry,
         shutdown.clone(),
@@ -302,7 +309,9 @@ async fn main() -> Result<()> {
     caught_up(&api, &want).await?;
     let caught = started.elapsed();
     let (raw_rate, api_rate) = (rate(n, drained), rate(n, caught));
-    println!("raw consumer of both topics:   {n} records in {drained:.2?} = {raw_rate:.0} records/s");
+    println!(
+        "raw consumer of both topics:   {n} records in {drained:.2?} = {raw_rate:.0} records/s"
+    );
     println!(
         "api catch-up from empty state: {n} records in {caught:.2?} = {api_rate:.0} records/s ({:.2} x the raw consumer; includes the api's start)",
         api_rate / raw_rate
@@ -334,7 +343,10 @@ async fn main() -> Result<()> {
     let client = reqwest::Client::new();
     let base = format!("http://{}", api.local_addr);
     let key = neruba::sample::dev_key("acme", "read").context("read key")?;
-    let month = format_time_ms(period.0).get(..7).context("month")?.to_owned();
+    let month = format_time_ms(period.0)
+        .get(..7)
+        .context("month")?
+        .to_owned();
     let reads: usize = std::env::var("NERUBA_BENCH_READS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -351,9 +363,15 @@ async fn main() -> Result<()> {
     let report = |name: &str, samples: Vec<Duration>, target: &str| {
         let count = samples.len();
         let (p50, p99, max) = percentiles(samples);
-        println!("{name:<44} {count:>5} reads  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms  ({target})");
+        println!(
+            "{name:<44} {count:>5} reads  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms  ({target})"
+        );
     };
-    report("statement (GET …/statements/{month})", statements, "target p99 <= 10 ms");
+    report(
+        "statement (GET …/statements/{month})",
+        statements,
+        "target p99 <= 10 ms",
+    );
     report("balance (GET …/balances)", balances, "target p99 <= 10 ms");
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     for (name, window) in [
@@ -377,7 +395,10 @@ async fn main() -> Result<()> {
             "target <= 50 ms",
         );
     }
-    println!("peak RSS of the process:       {} MiB", peak_rss_kib() / 1024);
+    println!(
+        "peak RSS of the process:       {} MiB",
+        peak_rss_kib() / 1024
+    );
     shutdown.cancel();
     api.wait().await?;
     Ok(())

@@ -78,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/customers/{customer}/balance-rules/{currency}",
             put(credits::put_rule).delete(credits::delete_rule),
         )
+        .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -510,6 +511,15 @@ pub(crate) fn too_large(limit: usize) -> Response {
         "body_too_large",
         format!("request body exceeds {limit} bytes"),
     )
+}
+
+/// `GET /v1/openapi.json`: the OpenAPI document of the whole HTTP surface, no key needed.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        neruba_schemas::OPENAPI,
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

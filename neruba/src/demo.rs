@@ -714,7 +714,14 @@ async fn read_through_api(
         let left = balances["balances"][0]["balance"]
             .as_str()
             .and_then(|v| v.parse::<Decimal>().ok())
-            .map(|b| money(b, balances["balances"][0]["currency"].as_str().unwrap_or_default()));
+            .map(|b| {
+                money(
+                    b,
+                    balances["balances"][0]["currency"]
+                        .as_str()
+                        .unwrap_or_default(),
+                )
+            });
         println!(
             "    GET /v1/customers/{customer}/statements/{period}  {who:<18} {} {:<5} usage {}, credit applied {}, amount due {}",
             s["id"].as_str().unwrap_or_default(),

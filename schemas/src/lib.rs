@@ -28,6 +28,11 @@ pub mod rollup;
 pub mod topics;
 pub mod window;
 
+/// The OpenAPI 3.1 document of the whole HTTP surface (gateway and api), served by both at
+/// `GET /v1/openapi.json` and checked against the routers and their answers by
+/// `neruba/tests/openapi.rs`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 pub use catalog::{Catalog, LiveCatalog};
 pub use event::Event;
 pub use reject::{RefusalCode, RejectCode, Rejection};
