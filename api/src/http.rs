@@ -652,6 +652,13 @@ struct LineItems {
     as_of: Vec<Position>,
     period: String,
     items: Vec<ItemView>,
+    /// The `cursor` of the next page (`null`: this is the last).
+    next_cursor: Option<String>,
+}
+
+/// A line item's place in the list (its key's order): period, window, id.
+fn item_place(item: &LineItem) -> String {
+    format!("{}\n{}\n{}", item.period_start, item.window_start, item.id)
 }
 
 #[derive(Serialize)]
@@ -669,25 +676,40 @@ async fn line_items(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (tenant, _, position, params) =
-        customer_book(&state, &headers, &customer, raw, &["period", "meter"]).await?;
+    let (tenant, _, position, params) = customer_book(
+        &state,
+        &headers,
+        &customer,
+        raw,
+        &["period", "meter", "limit", "cursor"],
+    )
+    .await?;
     let period = params.period(params.get("period"))?;
+    let limit = params.limit()?;
+    let after = params.get("cursor").map(decode_cursor).transpose()?;
     let items = state
         .model
         .line_items(&tenant, &customer, &period, params.get("meter"))?;
+    // Superseded by any item of the period, not only of this page.
     let superseded: BTreeSet<String> = items.iter().filter_map(|i| i.supersedes.clone()).collect();
-    let items = items
+    let page: Vec<ItemView> = items
         .into_iter()
+        .filter(|item| after.as_ref().is_none_or(|after| item_place(item) > *after))
+        .take(limit)
         .map(|item| ItemView {
             superseded: superseded.contains(&item.id),
             item,
         })
         .collect();
+    let next_cursor = (page.len() == limit)
+        .then(|| page.last().map(|v| encode_cursor(&item_place(&v.item))))
+        .flatten();
     let body = LineItems {
         customer,
         as_of: vec![position],
         period,
-        items,
+        items: page,
+        next_cursor,
     };
     Ok(json(&state.metrics, "line_items", started, &body))
 }

@@ -476,6 +476,10 @@ pub struct LineItems {
     pub period: String,
     /// In period, window and id order.
     pub items: Vec<LineItem>,
+    /// The `cursor` of the next page (`None`: the last page; [`Reader::line_items`] reads
+    /// every page, so it is always `None` there).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// A priced line item, as the rater wrote it.
@@ -866,23 +870,48 @@ impl Reader {
     }
 
     /// `customer`'s line items of the billing period starting in `period` (`YYYY-MM`),
-    /// optionally of one meter.
+    /// optionally of one meter: every page, read 1,000 items at a time.
     pub async fn line_items(
         &self,
         customer: &str,
         period: &str,
         meter: Option<&str>,
     ) -> Result<LineItems> {
-        let mut query = vec![("period".to_owned(), period.to_owned())];
-        if let Some(meter) = meter {
-            query.push(("meter".to_owned(), meter.to_owned()));
+        let mut all: Option<LineItems> = None;
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![
+                ("period".to_owned(), period.to_owned()),
+                ("limit".to_owned(), "1000".to_owned()),
+            ];
+            if let Some(meter) = meter {
+                query.push(("meter".to_owned(), meter.to_owned()));
+            }
+            if let Some(cursor) = &cursor {
+                query.push(("cursor".to_owned(), cursor.clone()));
+            }
+            let page: LineItems = self
+                .get(
+                    &["v1", "customers", customer, "line-items"],
+                    query,
+                    "line items",
+                )
+                .await?;
+            cursor = page.next_cursor.clone();
+            match &mut all {
+                None => all = Some(page),
+                Some(all) => all.items.extend(page.items),
+            }
+            if cursor.is_none() {
+                break;
+            }
         }
-        self.get(
-            &["v1", "customers", customer, "line-items"],
-            query,
-            "line items",
-        )
-        .await
+        let mut all = all.ok_or_else(|| Error::Protocol {
+            status: 200,
+            message: "no line-items page".into(),
+        })?;
+        all.next_cursor = None;
+        Ok(all)
     }
 
     /// Usage as `query` asks, from the closed windows' rollups. A customer with no usage at

@@ -117,6 +117,19 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
         assert_eq!(item["meter"], "llm_tokens");
         assert_eq!(item["superseded"], false);
     }
+    // One item a page: the same items, in the same order.
+    let mut paged = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = get(&client, &format!("{items_url}&limit=1{cursor}"), read).await?;
+        assert_eq!(status, 200, "{page}");
+        paged.extend(page["items"].as_array().context("items")?.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(Some(&paged), items["items"].as_array());
 
     // Usage from the rollups: the month's tokens equal the line items' period quantity,
     // whichever way they are bucketed; CSV says the same.

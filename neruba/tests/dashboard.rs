@@ -1,6 +1,8 @@
 //! The Grafana dashboard cannot drift from the code: a real Prometheus server scrapes a
 //! running pipeline, and every query of every panel in `k8s/dashboards/neruba.json` must
-//! return data.
+//! return data: at least one sample that is a number (a quantile of histograms that observed
+//! nothing is NaN, which Grafana draws as nothing). The traffic is events through the gateway and
+//! reads from the api.
 //!
 //! Prometheus is Debian's `prometheus` package (`./scripts/prereqs.sh` installs it), or the
 //! binary `NERUBA_PROMETHEUS` names. Everything listens on 127.0.0.1 ports chosen here.
@@ -65,6 +67,16 @@ fn batch(round: u32, time_ms: i64) -> Value {
     Value::Array(events)
 }
 
+/// Whether a query result holds a sample that is a number (not NaN).
+fn has_data(result: &[Value]) -> bool {
+    result.iter().any(|series| {
+        series["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| !v.is_nan())
+    })
+}
+
 async fn query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result<Vec<Value>> {
     let body: Value = client
         .get(format!("{prometheus}/api/v1/query"))
@@ -109,13 +121,36 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
         queries.len() >= 14,
         "the dashboard lost panels: {queries:?}"
     );
+    for metric in ["neruba_api_read_seconds", "consumer=\"api\""] {
+        assert!(
+            queries.iter().any(|(_, expr)| expr.contains(metric)),
+            "the dashboard lost the api's {metric}: {queries:?}"
+        );
+    }
     let work = tempfile::tempdir()?;
     let state = work.path().join("state").display().to_string();
-    let (mut pipeline, base, _) = start_dev(work.path(), &["--state-dir", &state]).await?;
+    let (mut pipeline, base, api) = start_dev(work.path(), &["--state-dir", &state]).await?;
     let listen = base.trim_start_matches("http://").to_owned();
     let client = reqwest::Client::new();
     let (mut prometheus, prometheus_url) = start_prometheus(work.path(), &listen)?;
     let key = neruba::sample::ingest_key("acme").context("dev key")?;
+    let read_key = neruba::sample::dev_key("acme", "read").context("dev read key")?;
+
+    // Prometheus scrapes the series at zero before any traffic: what happens only at the start
+    // (the first windows closing) is then an increase that `rate` sees.
+    let scraping = Instant::now();
+    while query(&client, &prometheus_url, "up == 1")
+        .await
+        .map_or(true, |r| r.is_empty())
+    {
+        if scraping.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "Prometheus did not scrape the pipeline:\n{}",
+                prometheus.log_tail(10)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Traffic keeps flowing while Prometheus scrapes, so rates and quantiles have samples.
     let mut missing: Vec<(String, String)> = queries.clone();
@@ -123,7 +158,8 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
     let started = Instant::now();
     while !missing.is_empty() && started.elapsed() < Duration::from_secs(90) {
         round += 1;
-        // Two minutes in the past: each round's windows close at the next idle tick.
+        // Two minutes in the past: the first round's windows close at the first idle tick; the
+        // watermark then follows the wall clock, and later rounds revise closed windows.
         let time_ms = neruba_schemas::event::now_ms() - 120_000;
         let response = client
             .post(format!("{base}/v1/events"))
@@ -132,12 +168,30 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
             .send()
             .await?;
         assert_eq!(response.status(), 200, "{}", response.text().await?);
+        // A few reads, so the api's read latency has observations: 503 (with the api not
+        // listening yet) only until its read model has caught up.
+        for _ in 0..3 {
+            let Ok(response) = client
+                .get(format!("{api}/v1/customers"))
+                .bearer_auth(read_key)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let status = response.status();
+            assert!(
+                status == 200 || status == 503,
+                "GET {api}/v1/customers: {status} {}",
+                response.text().await?
+            );
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut still = Vec::new();
         for (title, expr) in missing {
             let empty = query(&client, &prometheus_url, &expr)
                 .await
-                .map_or(true, |r| r.is_empty());
+                .map_or(true, |r| !has_data(&r));
             if empty {
                 still.push((title, expr));
             }

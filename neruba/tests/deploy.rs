@@ -1,7 +1,8 @@
 //! The Kubernetes deployment in `k8s/` agrees with the binary: its catalog loads, kustomize
-//! applies every manifest, every `NERUBA_*` variable it sets is one a component reads, and
-//! each is set where its readers get it (a stage's own in its manifest, the shared ones in the
-//! ConfigMap every component loads).
+//! applies every manifest, every container's `args` are a command and flags the binary
+//! accepts, every `NERUBA_*` variable it sets is one a component reads, and each is set where
+//! its readers get it (a component's own in its manifest, the shared ones in the ConfigMap
+//! every component loads).
 //! (Schema validation and lint are `scripts/k8s-check`.)
 
 use anyhow::{Context, Result};
@@ -58,6 +59,55 @@ fn help(command: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Every container's `args` in `path`: the flow sequences after `args:` (which may span lines),
+/// each a JSON array of strings.
+fn container_args(path: &Path) -> Result<Vec<Vec<String>>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut all = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("args: [") {
+        let from = at + "args: ".len();
+        let to = from + rest[from..].find(']').context("unterminated args")? + 1;
+        let args: Vec<String> = serde_json::from_str(&rest[from..to])
+            .with_context(|| format!("args in {}: {}", path.display(), &rest[from..to]))?;
+        all.push(args);
+        rest = &rest[to..];
+    }
+    Ok(all)
+}
+
+#[test]
+fn every_container_runs_a_command_with_flags_the_binary_accepts() -> Result<()> {
+    let mut commands = BTreeSet::new();
+    for entry in std::fs::read_dir(k8s_dir())? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for args in container_args(&path)? {
+            // clap reports an unknown flag or a value that does not parse before `--help`.
+            let output = Command::new(env!("CARGO_BIN_EXE_neruba"))
+                .args(&args)
+                .arg("--help")
+                .output()
+                .with_context(|| format!("neruba {args:?} --help"))?;
+            assert!(
+                output.status.success(),
+                "{}: `neruba {}` is refused: {}",
+                path.display(),
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            commands.insert(args[0].clone());
+        }
+    }
+    let expected: BTreeSet<String> = ["gateway", "aggregator", "rater", "balances", "api"]
+        .map(str::to_owned)
+        .into();
+    assert_eq!(commands, expected, "the commands k8s/ runs");
+    Ok(())
+}
+
 #[test]
 fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
     let mut set = BTreeSet::new();
@@ -75,6 +125,7 @@ fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
         &["aggregator"],
         &["rater"],
         &["balances"],
+        &["api"],
     ] {
         help_text.push_str(&help(command)?);
     }
@@ -91,7 +142,7 @@ fn every_variable_the_manifests_set_is_read_by_a_component() -> Result<()> {
 
 #[test]
 fn a_stage_manifest_sets_only_what_it_reads_and_the_config_map_no_stage_setting() -> Result<()> {
-    let stages = ["gateway", "aggregator", "rater", "balances"];
+    let stages = ["gateway", "aggregator", "rater", "balances", "api"];
     let helps: Vec<String> = stages
         .iter()
         .map(|stage| help(&[stage]))

@@ -1369,7 +1369,7 @@ async fn read_parameters_are_encoded_and_an_answer_of_another_shape_is_a_protoco
             "/api/v1/usage?customer=c+1%26x&meter=llm_tokens&from=2026-11-01T10%3A00%3A00Z\
              &to=2026-11-01T11%3A00%3A00%2B01%3A00&window=day&group_by=&filter%5Bmodel%5D=a%2Fb%3Dc",
             "/api/v1/customers/c%2F1/statements/2026-11",
-            "/api/v1/customers/c/line-items?period=2026-11&meter=m%26x",
+            "/api/v1/customers/c/line-items?period=2026-11&limit=1000&meter=m%26x",
             "/api/v1/customers/c/balance-entries?after=7&limit=50",
             "/api/v1/customers?limit=10&cursor=6331",
         ]
