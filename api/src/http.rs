@@ -268,6 +268,13 @@ async fn caught_up(state: &AppState, params: &Params) -> Result<(), Refused> {
                 ),
             )
         })?;
+    if !(0..model.partitions()).contains(&partition) {
+        return Err(refused(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unsupported_position",
+            format!("`{topic}` has no partition {partition}"),
+        ));
+    }
     let deadline = Instant::now() + state.read_wait;
     loop {
         let position = model.position(partition);
@@ -310,19 +317,23 @@ fn json(
 }
 
 /// The customer's book and its position, or 404.
-async fn customer_book(
+/// The caller's tenant, the read's own parameters (checked by `check` before anything is
+/// waited for or read), then the customer's book at the position asked for, or 404.
+async fn customer_book<T>(
     state: &AppState,
     headers: &HeaderMap,
     customer: &str,
     raw: Vec<(String, String)>,
     allowed: &[&str],
-) -> Result<(String, Book, Position, Params), Refused> {
+    check: impl FnOnce(&Params) -> Result<T, Refused>,
+) -> Result<(String, Book, Position, T), Refused> {
     let tenant = tenant(state, headers)?;
     let params = Params::of(raw, allowed)?;
+    let checked = check(&params)?;
     caught_up(state, &params).await?;
     let (book, position) = state.model.book(&tenant, customer)?;
     let book = book.ok_or_else(|| not_found(customer))?;
-    Ok((tenant, book, position, params))
+    Ok((tenant, book, position, checked))
 }
 
 #[derive(Serialize)]
@@ -434,7 +445,8 @@ async fn balances(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, _) = customer_book(&state, &headers, &customer, raw, &[]).await?;
+    let (_, book, position, _) =
+        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
     let now = neruba_schemas::event::now_ms();
     let mut currencies: BTreeSet<&str> = book.balances.keys().map(String::as_str).collect();
     currencies.extend(book.rules.keys().map(String::as_str));
@@ -523,7 +535,8 @@ async fn grants(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, _) = customer_book(&state, &headers, &customer, raw, &[]).await?;
+    let (_, book, position, _) =
+        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
     // In burn-down order: the order usage draws on them.
     let mut grants: Vec<&GrantState> = book.grants.values().collect();
     grants.sort_by_key(|g| neruba_balances::book::burn_order(&g.grant));
@@ -549,7 +562,8 @@ async fn grant(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, _) = customer_book(&state, &headers, &customer, raw, &[]).await?;
+    let (_, book, position, _) =
+        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
     let grant = book.grants.get(&id).ok_or_else(|| {
         refused(
             StatusCode::NOT_FOUND,
@@ -581,19 +595,27 @@ async fn entries(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (tenant, _, position, params) =
-        customer_book(&state, &headers, &customer, raw, &["after", "limit"]).await?;
-    let limit = params.limit()?;
-    let after = match params.get("after") {
-        None => 0,
-        Some(text) => text.parse::<u64>().map_err(|_| {
-            refused(
-                StatusCode::BAD_REQUEST,
-                "invalid_after",
-                "`after` must be an entry's sequence number (0 for the first page)",
-            )
-        })?,
-    };
+    let (tenant, _, position, (limit, after)) = customer_book(
+        &state,
+        &headers,
+        &customer,
+        raw,
+        &["after", "limit"],
+        |params| {
+            let after = match params.get("after") {
+                None => 0,
+                Some(text) => text.parse::<u64>().map_err(|_| {
+                    refused(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_after",
+                        "`after` must be an entry's sequence number (0 for the first page)",
+                    )
+                })?,
+            };
+            Ok((params.limit()?, after))
+        },
+    )
+    .await?;
     let entries = state.model.entries(&tenant, &customer, after, limit)?;
     let next_after = (entries.len() == limit)
         .then(|| entries.last().map(|e| e.seq))
@@ -627,16 +649,8 @@ async fn statements(
     let params = Params::of(raw, &[])?;
     let period = params.period(Some(&period))?;
     caught_up(&state, &params).await?;
-    let (book, position) = state.model.book(&tenant, &customer)?;
-    let book = book.ok_or_else(|| not_found(&customer))?;
-    let mut statements = state.model.final_statements(&tenant, &customer, &period)?;
-    statements.extend(
-        book.statements
-            .values()
-            .filter(|s| s.statement.period_start.starts_with(&period))
-            .map(|s| s.statement.clone()),
-    );
-    statements.sort_by(|a, b| a.currency.cmp(&b.currency));
+    let (statements, position) = state.model.statements(&tenant, &customer, &period)?;
+    let statements = statements.ok_or_else(|| not_found(&customer))?;
     let body = Statements {
         customer,
         as_of: vec![position],
@@ -658,7 +672,12 @@ struct LineItems {
 
 /// A line item's place in the list (its key's order): period, window, id.
 fn item_place(item: &LineItem) -> String {
-    format!("{}\n{}\n{}", item.period_start, item.window_start, item.id)
+    format!(
+        "{}\n{}\n{}",
+        crate::model::key_time(&item.period_start),
+        crate::model::key_time(&item.window_start),
+        item.id
+    )
 }
 
 #[derive(Serialize)]
@@ -676,20 +695,25 @@ async fn line_items(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (tenant, _, position, params) = customer_book(
+    let (tenant, _, position, (period, limit, after, meter)) = customer_book(
         &state,
         &headers,
         &customer,
         raw,
         &["period", "meter", "limit", "cursor"],
+        |params| {
+            Ok((
+                params.period(params.get("period"))?,
+                params.limit()?,
+                params.get("cursor").map(decode_cursor).transpose()?,
+                params.get("meter").map(str::to_owned),
+            ))
+        },
     )
     .await?;
-    let period = params.period(params.get("period"))?;
-    let limit = params.limit()?;
-    let after = params.get("cursor").map(decode_cursor).transpose()?;
     let items = state
         .model
-        .line_items(&tenant, &customer, &period, params.get("meter"))?;
+        .line_items(&tenant, &customer, &period, meter.as_deref())?;
     // Superseded by any item of the period, not only of this page.
     let superseded: BTreeSet<String> = items.iter().filter_map(|i| i.supersedes.clone()).collect();
     let page: Vec<ItemView> = items

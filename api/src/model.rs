@@ -93,15 +93,23 @@ pub(crate) fn entry_key(entry: &BalanceEntry) -> Vec<u8> {
     key
 }
 
-/// The key of a line item.
+/// An RFC 3339 time in the one 24-byte form keys use (as given when it does not parse).
+pub(crate) fn key_time(text: &str) -> String {
+    neruba_schemas::event::parse_time_ms(text)
+        .map(neruba_schemas::event::format_time_ms)
+        .unwrap_or_else(|_| text.to_owned())
+}
+
+/// The key of a line item (times in one form, so keys sort by time and a period's items can
+/// be sought).
 pub(crate) fn item_key(item: &LineItem) -> Vec<u8> {
     key(
         b'L',
         &item.tenant,
         &item.customer,
         &[
-            item.period_start.as_bytes(),
-            item.window_start.as_bytes(),
+            key_time(&item.period_start).as_bytes(),
+            key_time(&item.window_start).as_bytes(),
             item.id.as_bytes(),
         ],
     )
@@ -118,6 +126,28 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
             statement.currency.as_bytes(),
         ],
     )
+}
+
+/// The month a billing period is labelled by (`YYYY-MM`): the month it starts in, in its own
+/// time zone. Its start is stored in UTC; a zone is at most 14 h from UTC and a period starts
+/// on day 1–28 at local midnight, so the UTC instant 14 h after the start is on the local
+/// start date or the day after, always in the same month.
+pub fn period_label(period_start: &str) -> String {
+    match neruba_schemas::event::parse_time_ms(period_start) {
+        Ok(ms) => neruba_schemas::event::format_time_ms(ms.saturating_add(14 * 3_600_000))
+            .get(..7)
+            .unwrap_or_default()
+            .to_owned(),
+        Err(_) => period_start.get(..7).unwrap_or_default().to_owned(),
+    }
+}
+
+/// The earliest UTC date (`YYYY-MM-DD`) a period labelled `month` can start on: the last day
+/// of the month before.
+fn earliest_start(month: &str) -> Option<String> {
+    let first = neruba_schemas::event::parse_time_ms(&format!("{month}-01T00:00:00Z")).ok()?;
+    let text = neruba_schemas::event::format_time_ms(first - 86_400_000);
+    text.get(..10).map(str::to_owned)
 }
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, ReadError> {
@@ -137,6 +167,11 @@ impl Model {
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
     }
 
     /// The ledger partition of a customer.
@@ -250,8 +285,9 @@ impl Model {
         Ok(out)
     }
 
-    /// A customer's line items of the billing periods starting in `month` (`YYYY-MM`), in
-    /// period, window and id order, optionally of one meter.
+    /// A customer's line items of the billing period labelled `month` ([`period_label`]), in
+    /// period, window and id order, optionally of one meter. Reads from that period's keys
+    /// on, not the customer's whole history.
     pub fn line_items(
         &self,
         tenant: &str,
@@ -261,41 +297,79 @@ impl Model {
     ) -> Result<Vec<LineItem>, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
         let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
+        // A period labelled `month` starts, in UTC, on the previous month's last day at the
+        // earliest (a zone east of UTC). Every period start is 24 bytes of RFC 3339, so the
+        // seek key is its length prefix and that date.
+        let mut start = prefix.clone();
+        if let Some(earliest) = earliest_start(month) {
+            start.extend_from_slice(&24u32.to_be_bytes());
+            start.extend_from_slice(earliest.as_bytes());
+        }
         let mut out = Vec::new();
-        for item in view.db.prefix_iterator(&prefix) {
+        for item in view
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
                 break;
             }
             let item: LineItem = decode("line item", &value)?;
-            if item.period_start.starts_with(month) && meter.is_none_or(|m| item.meter == m) {
+            let label = period_label(&item.period_start);
+            if label.as_str() > month {
+                break;
+            }
+            if label == month && meter.is_none_or(|m| item.meter == m) {
                 out.push(item);
             }
         }
         Ok(out)
     }
 
-    /// A customer's final statements of periods starting in `month`.
-    pub fn final_statements(
+    /// A customer's statements of the billing period labelled `month`, one per currency:
+    /// open and draft ones from the book, final ones as finalised, read from one snapshot
+    /// (a statement finalised between two reads would otherwise appear twice); `None` when
+    /// the customer has no record.
+    pub fn statements(
         &self,
         tenant: &str,
         customer: &str,
         month: &str,
-    ) -> Result<Vec<Statement>, ReadError> {
-        let view = self.loaded(self.partition_of(tenant, customer))?;
+    ) -> Result<(Option<Vec<Statement>>, Position), ReadError> {
+        let partition = self.partition_of(tenant, customer);
+        let view = self.loaded(partition)?;
+        let position = Position {
+            topic: self.topic.clone(),
+            partition,
+            next_offset: view.next_offset.load(Ordering::SeqCst),
+        };
+        let snapshot = view.db.snapshot();
+        let Some(bytes) =
+            snapshot.get(neruba_balances::state::customer_key(b'B', tenant, customer))?
+        else {
+            return Ok((None, position));
+        };
+        let book: Book = decode("book", &bytes)?;
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let mut out = Vec::new();
-        for item in view.db.prefix_iterator(&prefix) {
+        for item in snapshot.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
                 break;
             }
             let statement: Statement = decode("statement", &value)?;
-            if statement.period_start.starts_with(month) {
+            if period_label(&statement.period_start) == month {
                 out.push(statement);
             }
         }
-        Ok(out)
+        out.extend(
+            book.statements
+                .values()
+                .filter(|s| period_label(&s.statement.period_start) == month)
+                .map(|s| s.statement.clone()),
+        );
+        out.sort_by(|a, b| a.currency.cmp(&b.currency));
+        Ok((Some(out), position))
     }
 
     /// Up to `limit` customers of `tenant` after `after` (in [`neruba_balances::state::customer_order`]),
@@ -319,5 +393,72 @@ impl Model {
         });
         all.truncate(limit);
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_schemas::ledger::Kind;
+
+    fn item(id: &str, period_start: &str) -> LineItem {
+        LineItem {
+            v: 1,
+            id: id.into(),
+            kind: Kind::Usage,
+            tenant: "t".into(),
+            customer: "c".into(),
+            meter: "m".into(),
+            group: BTreeMap::new(),
+            period_start: period_start.into(),
+            period_end: period_start.into(),
+            window_start: period_start.into(),
+            window_end: period_start.into(),
+            window_quantity: rust_decimal::Decimal::ONE,
+            window_events: 1,
+            period_quantity: rust_decimal::Decimal::ONE,
+            amount: rust_decimal::Decimal::ONE,
+            period_amount: rust_decimal::Decimal::ONE,
+            currency: "USD".into(),
+            price_plan: "p".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        }
+    }
+
+    #[test]
+    fn a_period_is_labelled_by_its_local_month_and_read_by_it() {
+        // November in +01:00 starts on October 31 in UTC; in −05:00, on November 1 at 05:00.
+        assert_eq!(period_label("2026-10-31T23:00:00.000Z"), "2026-11");
+        assert_eq!(period_label("2026-11-01T05:00:00.000Z"), "2026-11");
+        assert_eq!(period_label("2026-11-28T00:00:00Z"), "2026-11");
+        assert_eq!(period_label("2026-12-31T10:00:00.000Z"), "2027-01");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(DB::open_default(dir.path()).expect("db"));
+        for (id, start) in [
+            ("li_oct", "2026-09-30T23:00:00.000Z"),
+            ("li_nov_a", "2026-10-31T23:00:00.000Z"),
+            ("li_nov_b", "2026-10-31T23:00:00Z"),
+            ("li_dec", "2026-11-30T23:00:00.000Z"),
+        ] {
+            let item = item(id, start);
+            db.put(item_key(&item), serde_json::to_vec(&item).expect("json"))
+                .expect("put");
+        }
+        let model = Model::new("ledger", 1);
+        model.opened(0, db, Some(4));
+        let ids = |month: &str| -> Vec<String> {
+            model
+                .line_items("t", "c", month, None)
+                .expect("read")
+                .into_iter()
+                .map(|i| i.id)
+                .collect()
+        };
+        assert_eq!(ids("2026-11"), vec!["li_nov_a", "li_nov_b"]);
+        assert_eq!(ids("2026-10"), vec!["li_oct"]);
+        assert_eq!(ids("2026-12"), vec!["li_dec"]);
+        assert!(ids("2026-08").is_empty());
     }
 }

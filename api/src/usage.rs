@@ -14,8 +14,8 @@
 //!
 //! Key (beside the ledger model's, in the rollups partitions' own databases):
 //! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → [`Stored`]:
-//! revision, events, window and period quantities in 44 fixed bytes, so a month of 1-minute
-//! windows reads without parsing JSON.
+//! revision, events, window and period quantities and the rollup's offset in 52 fixed bytes,
+//! so a month of 1-minute windows reads without parsing JSON.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -44,17 +44,21 @@ pub(crate) struct Stored {
     events: u64,
     window_quantity: Decimal,
     period_quantity: Decimal,
+    /// Where the rollup was on the topic: the latest one written carries the period's
+    /// current quantity (a late event re-issues an earlier window with it).
+    offset: i64,
 }
 
 impl Stored {
-    const LEN: usize = 44;
+    const LEN: usize = 52;
 
-    fn of(rollup: &Rollup) -> Self {
+    fn of(rollup: &Rollup, offset: i64) -> Self {
         Self {
             revision: rollup.revision,
             events: rollup.window_events,
             window_quantity: rollup.window_quantity,
             period_quantity: rollup.period_quantity,
+            offset,
         }
     }
 
@@ -64,6 +68,7 @@ impl Stored {
         out.extend_from_slice(&self.events.to_be_bytes());
         out.extend_from_slice(&self.window_quantity.serialize());
         out.extend_from_slice(&self.period_quantity.serialize());
+        out.extend_from_slice(&self.offset.to_be_bytes());
         out
     }
 
@@ -72,11 +77,13 @@ impl Stored {
         let events = u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
         let window_quantity = Decimal::deserialize(bytes.get(12..28)?.try_into().ok()?);
         let period_quantity = Decimal::deserialize(bytes.get(28..44)?.try_into().ok()?);
+        let offset = i64::from_be_bytes(bytes.get(44..52)?.try_into().ok()?);
         Some(Self {
             revision,
             events,
             window_quantity,
             period_quantity,
+            offset,
         })
     }
 }
@@ -184,7 +191,7 @@ impl neruba_stage::Stage for UsageModel {
         if state.revision(&key)?.is_some_and(|r| r > rollup.revision) {
             return Ok(());
         }
-        state.pending.insert(key, Stored::of(&rollup));
+        state.pending.insert(key, Stored::of(&rollup, input.offset));
         Ok(())
     }
 
@@ -426,16 +433,18 @@ impl Query<'_> {
             let stored = Stored::decode(&value)
                 .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
             let (bucket_start, _) = self.bucket_of(at);
-            let value = if period_mode {
-                stored.period_quantity
+            // Over a whole period, the quantity of the rollup written last (the period's
+            // current one); otherwise each window's own, `latest` by window start.
+            let (value, rank) = if period_mode {
+                (stored.period_quantity, stored.offset)
             } else {
-                stored.window_quantity
+                (stored.window_quantity, at)
             };
             match buckets.entry((bucket_start, index)) {
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     slot.insert(Acc {
                         quantity: value,
-                        latest_at: at,
+                        latest_at: rank,
                         events: stored.events,
                     });
                 }
@@ -449,8 +458,8 @@ impl Query<'_> {
                         // Latest, and avg / distinct count over a whole period: the latest
                         // window's (its period quantity covers every earlier one).
                         Aggregation::Latest | Aggregation::Avg | Aggregation::UniqueCount => {
-                            if at >= acc.latest_at {
-                                acc.latest_at = at;
+                            if rank >= acc.latest_at {
+                                acc.latest_at = rank;
                                 value
                             } else {
                                 acc.quantity
@@ -554,7 +563,7 @@ window = "1d"
     fn model(meter: &str, windows: &[(i64, &str, &str)]) -> (tempfile::TempDir, Model) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Arc::new(rocksdb::DB::open_default(dir.path()).expect("db"));
-        for (minute, region, quantity) in windows {
+        for (offset, (minute, region, quantity)) in (0_i64..).zip(windows) {
             let rollup = Rollup {
                 v: 1,
                 tenant: "t".into(),
@@ -572,7 +581,7 @@ window = "1d"
                 period_events: 1,
                 revision: 1,
             };
-            db.put(rollup_key(&rollup), Stored::of(&rollup).encode())
+            db.put(rollup_key(&rollup), Stored::of(&rollup, offset).encode())
                 .expect("put");
         }
         let model = Model::new("rollups", 1);
@@ -674,6 +683,11 @@ window = "1d"
             query(peak, Bucket::Hour, Some(vec!["zone".into()])).check(),
             Err(Unanswerable::UnknownGroup(_))
         ));
+        // Over a whole period, an average is the period quantity of the rollup written last,
+        // even when that is an earlier window re-issued by a late event.
+        let (_dir, m) = model("mean", &[(0, "eu", "5"), (30, "eu", "6"), (0, "eu", "7")]);
+        let rows = whole.run(&m).expect("run");
+        assert_eq!(quantities(&rows), vec![("eu".into(), d("7"))]);
         // A filter keeps only its group.
         let (_dir, m) = model("peak", &windows);
         let mut only_us = query(peak, Bucket::None, None);

@@ -31,6 +31,9 @@ pub struct ConsumerHealth {
     broker_reachable: AtomicBool,
     store_failure: Mutex<Option<String>>,
     high_offsets: Mutex<HashMap<i32, i64>>,
+    /// The partitions' log start offsets: a position below it (nothing applied, the older
+    /// messages gone to retention) is at it.
+    low_offsets: Mutex<HashMap<i32, i64>>,
     partitions: Mutex<HashMap<i32, Progress>>,
     lag_messages: IntGaugeVec,
     lag_seconds: IntGaugeVec,
@@ -93,6 +96,7 @@ impl ConsumerHealth {
             broker_reachable: AtomicBool::new(true),
             store_failure: Mutex::new(None),
             high_offsets: Mutex::new(HashMap::new()),
+            low_offsets: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             lag_messages,
             lag_seconds,
@@ -110,6 +114,9 @@ impl ConsumerHealth {
         for (partition, stats) in &topic.partitions {
             if *partition >= 0 && stats.hi_offset >= 0 {
                 self.record_high_offset(*partition, stats.hi_offset);
+            }
+            if *partition >= 0 && stats.lo_offset >= 0 {
+                lock(&self.low_offsets).insert(*partition, stats.lo_offset);
             }
         }
     }
@@ -152,9 +159,13 @@ impl ConsumerHealth {
     }
 
     fn lag(&self, partition: i32, position: i64) -> Option<i64> {
+        let low = lock(&self.low_offsets)
+            .get(&partition)
+            .copied()
+            .unwrap_or(0);
         lock(&self.high_offsets)
             .get(&partition)
-            .map(|high| (high - position).max(0))
+            .map(|high| (high - position.max(low)).max(0))
     }
 
     /// The partition's state store: bytes on disk and in memtables, bytes awaiting compaction.

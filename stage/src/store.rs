@@ -121,7 +121,9 @@ pub fn decode_offset(bytes: &[u8]) -> Option<i64> {
 /// One partition's state: the database, its owner lock and the next offset.
 pub struct Store {
     partition: i32,
-    // Dropped before `_owner`: the database is closed before another owner may open it.
+    // Dropped before `_owner`: the database is closed before another owner may open it, unless
+    // a reader holds it ([`Store::shared_db`]); RocksDB's own lock then still refuses a
+    // second open, so a new owner waits or fails rather than share it.
     db: Arc<DB>,
     _owner: File,
     next_offset: Option<i64>,
