@@ -1,5 +1,5 @@
 //! The billing reads over HTTP (SPEC "Billing reads"), scope `read`, answered from the read
-//! model ([`crate::model`]).
+//! model (`model.rs`).
 //!
 //! Invariants:
 //! - the tenant is the one the API key proves; a customer of another tenant is answered as
@@ -636,6 +636,21 @@ struct Statements {
     period: String,
     /// One per currency the customer was billed in that period.
     statements: Vec<Statement>,
+    /// Corrections of periods already final that no later statement holds yet (they join the
+    /// customer's next statement in their currency), so no cent is out of sight meanwhile.
+    pending_prior_period: Vec<Pending>,
+}
+
+#[derive(Serialize)]
+struct Pending {
+    currency: String,
+    lines: Vec<neruba_schemas::credit::StatementLine>,
+    #[serde(with = "rust_decimal::serde::str")]
+    amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    credit_applied: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    amount_due: Decimal,
 }
 
 async fn statements(
@@ -649,13 +664,25 @@ async fn statements(
     let params = Params::of(raw, &[])?;
     let period = params.period(Some(&period))?;
     caught_up(&state, &params).await?;
-    let (statements, position) = state.model.statements(&tenant, &customer, &period)?;
-    let statements = statements.ok_or_else(|| not_found(&customer))?;
+    let (read, position) = state.model.statements(&tenant, &customer, &period)?;
+    let (statements, book) = read.ok_or_else(|| not_found(&customer))?;
+    let pending_prior_period = book
+        .carried
+        .into_iter()
+        .map(|(currency, carried)| Pending {
+            currency,
+            lines: carried.lines,
+            amount: carried.amount,
+            credit_applied: carried.credit_applied,
+            amount_due: carried.amount_due,
+        })
+        .collect();
     let body = Statements {
         customer,
         as_of: vec![position],
         period,
         statements,
+        pending_prior_period,
     };
     Ok(json(&state.metrics, "statement", started, &body))
 }

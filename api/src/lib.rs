@@ -5,10 +5,10 @@
 //! - every replica reads every ledger partition (a static assignment, its own position per
 //!   partition in its own RocksDB, no shared consumer group): replicas are independent, and
 //!   each answers for any customer;
-//! - the read model is the balances fold of the ledger ([`ledger`]), so a statement, a
+//! - the read model is the balances fold of the ledger (`ledger.rs`), so a statement, a
 //!   balance or a grant read here is what the balances stage derives from the same records;
 //! - the position a read is answered at is in the answer (`as_of`), and a read can wait for a
-//!   position a write answered ([`http`]).
+//!   position a write answered (`http.rs`).
 
 mod http;
 mod ledger;

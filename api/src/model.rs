@@ -1,5 +1,5 @@
 //! The read model: one RocksDB database per ledger partition, written by the ledger stage
-//! ([`crate::ledger`]) and read by the HTTP handlers ([`crate::http`]).
+//! (`ledger.rs`) and read by the HTTP handlers (`http.rs`).
 //!
 //! Invariants:
 //! - a partition's database holds the balances fold of that partition (the same
@@ -127,6 +127,9 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
         ],
     )
 }
+
+/// A customer's statements of one period, and the book they were read with.
+pub type StatementsRead = (Vec<Statement>, Book);
 
 /// The month a billing period is labelled by (`YYYY-MM`): the month it starts in, in its own
 /// time zone. Its start is stored in UTC; a zone is at most 14 h from UTC and a period starts
@@ -328,14 +331,14 @@ impl Model {
 
     /// A customer's statements of the billing period labelled `month`, one per currency:
     /// open and draft ones from the book, final ones as finalised, read from one snapshot
-    /// (a statement finalised between two reads would otherwise appear twice); `None` when
-    /// the customer has no record.
+    /// (a statement finalised between two reads would otherwise appear twice), with the book
+    /// they were read with; `None` when the customer has no record.
     pub fn statements(
         &self,
         tenant: &str,
         customer: &str,
         month: &str,
-    ) -> Result<(Option<Vec<Statement>>, Position), ReadError> {
+    ) -> Result<(Option<StatementsRead>, Position), ReadError> {
         let partition = self.partition_of(tenant, customer);
         let view = self.loaded(partition)?;
         let position = Position {
@@ -369,7 +372,7 @@ impl Model {
                 .map(|s| s.statement.clone()),
         );
         out.sort_by(|a, b| a.currency.cmp(&b.currency));
-        Ok((Some(out), position))
+        Ok((Some((out, book)), position))
     }
 
     /// Up to `limit` customers of `tenant` after `after` (in [`neruba_balances::state::customer_order`]),

@@ -13,7 +13,7 @@
 //!   every bucket size must be a whole number of the meter's windows (`window_not_a_multiple`).
 //!
 //! Key (beside the ledger model's, in the rollups partitions' own databases):
-//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → [`Stored`]:
+//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → `Stored`:
 //! revision, events, window and period quantities and the rollup's offset in 52 fixed bytes,
 //! so a month of 1-minute windows reads without parsing JSON.
 

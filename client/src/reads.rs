@@ -411,6 +411,29 @@ pub struct Statements {
     pub period: String,
     /// By currency.
     pub statements: Vec<Statement>,
+    /// Corrections of periods already final that no later statement holds yet, per currency;
+    /// they join the customer's next statement.
+    #[serde(default)]
+    pub pending_prior_period: Vec<PendingPriorPeriod>,
+}
+
+/// Prior-period corrections waiting for the customer's next statement in their currency.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct PendingPriorPeriod {
+    /// The currency.
+    pub currency: String,
+    /// Per meter, group and (final) period.
+    pub lines: Vec<StatementLine>,
+    /// Σ of the lines.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    /// Net credit they drew (consumed − restored).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credit_applied: Decimal,
+    /// What they add to the amount due (negative: owed back).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount_due: Decimal,
 }
 
 /// A statement for one billing period and currency:

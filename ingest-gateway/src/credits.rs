@@ -354,32 +354,9 @@ async fn handle_grant(
     };
 
     // 2. The body: JSON, within the size limit and the body deadline, then the grant's fields.
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    if !binary::is_json(content_type) {
-        return error_response(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "a grant is JSON (`application/json`); content type `{}` is not",
-                content_type.unwrap_or_default()
-            ),
-        );
-    }
-    let bytes = match read_credit_body(state, headers, body).await {
-        Ok(bytes) => bytes,
-        Err(refused) => return *refused,
-    };
-    let request: GrantRequest = match serde_json::from_slice(&bytes) {
+    let request: GrantRequest = match json_body(state, headers, body, "a grant").await {
         Ok(request) => request,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                GrantRejectCode::InvalidBody.as_str(),
-                format!("the body is not a grant: {e}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
 
     // 3. Rate limit (one event's worth), before anything has a side effect.
@@ -430,22 +407,8 @@ async fn handle_void(
     }
 
     // 2. The body says nothing: empty, or `{}`.
-    let bytes = match read_credit_body(state, headers, body).await {
-        Ok(bytes) => bytes,
-        Err(refused) => return *refused,
-    };
-    if !bytes.trim_ascii().is_empty() {
-        /// A void has no fields.
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct VoidRequest {}
-        if let Err(e) = serde_json::from_slice::<VoidRequest>(&bytes) {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                GrantRejectCode::InvalidBody.as_str(),
-                format!("a void's body is empty or `{{}}`: {e}"),
-            );
-        }
+    if let Err(refused) = empty_body(state, headers, body, "a void").await {
+        return *refused;
     }
 
     // 3. Rate limit, then the write.
@@ -488,32 +451,9 @@ async fn handle_put_rule(
     };
 
     // 2. The body: JSON, within the size limit and the body deadline, then the rule's fields.
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    if !binary::is_json(content_type) {
-        return error_response(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "a balance rule is JSON (`application/json`); content type `{}` is not",
-                content_type.unwrap_or_default()
-            ),
-        );
-    }
-    let bytes = match read_credit_body(state, headers, body).await {
-        Ok(bytes) => bytes,
-        Err(refused) => return *refused,
-    };
-    let request: RuleRequest = match serde_json::from_slice(&bytes) {
+    let request: RuleRequest = match json_body(state, headers, body, "a balance rule").await {
         Ok(request) => request,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                GrantRejectCode::InvalidBody.as_str(),
-                format!("the body is not a balance rule: {e}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
 
     // 3. Rate limit, before anything has a side effect.
@@ -548,22 +488,8 @@ async fn handle_delete_rule(
     };
 
     // 2. The body says nothing: empty, or `{}`.
-    let bytes = match read_credit_body(state, headers, body).await {
-        Ok(bytes) => bytes,
-        Err(refused) => return *refused,
-    };
-    if !bytes.trim_ascii().is_empty() {
-        /// Removing a rule has no fields.
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct RemoveRequest {}
-        if let Err(e) = serde_json::from_slice::<RemoveRequest>(&bytes) {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                GrantRejectCode::InvalidBody.as_str(),
-                format!("removing a rule takes a body that is empty or `{{}}`: {e}"),
-            );
-        }
+    if let Err(refused) = empty_body(state, headers, body, "removing a rule").await {
+        return *refused;
     }
 
     // 3. Rate limit, then the currency, then the write.
@@ -616,6 +542,64 @@ async fn read_credit_body(
     let limit = MAX_CREDIT_BODY_BYTES.min(state.max_body_bytes);
     let content_encoding = body_encoding(headers, limit)?;
     read_body(state, body, content_encoding, limit).await
+}
+
+/// A JSON body of `T` (`what` names it in the refusals): `415` unless the content type is
+/// JSON, the size and deadline refusals of [`read_credit_body`], `400 invalid_body` when it is
+/// not a `T`.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> Result<T, Refusal> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if !binary::is_json(content_type) {
+        return Err(Box::new(error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "{what} is JSON (`application/json`); content type `{}` is not",
+                content_type.unwrap_or_default()
+            ),
+        )));
+    }
+    let bytes = read_credit_body(state, headers, body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            GrantRejectCode::InvalidBody.as_str(),
+            format!("the body is not {what}: {e}"),
+        ))
+    })
+}
+
+/// The body of a request that has no fields: empty, or `{}` (`400 invalid_body` otherwise).
+async fn empty_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> Result<(), Refusal> {
+    /// No fields.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nothing {}
+    let bytes = read_credit_body(state, headers, body).await?;
+    if bytes.trim_ascii().is_empty() {
+        return Ok(());
+    }
+    serde_json::from_slice::<Nothing>(&bytes)
+        .map(|_| ())
+        .map_err(|e| {
+            Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                GrantRejectCode::InvalidBody.as_str(),
+                format!("{what} takes a body that is empty or `{{}}`: {e}"),
+            ))
+        })
 }
 
 /// Takes one token from the tenant's bucket (the events' limit: a grant costs what one event

@@ -243,6 +243,7 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     assert_eq!(status, 200, "{statements}");
     let statement = &statements["statements"][0];
     assert_eq!(statement["status"], "open");
+    assert_eq!(statements["pending_prior_period"], json!([]));
     assert_eq!(statement["currency"], "USD");
     assert_eq!(dec(&statement["usage"]), d("0.30"));
     assert_eq!(dec(&statement["credit_applied"]), d("0.30"));
