@@ -48,6 +48,32 @@ pub(crate) struct IngestConfig {
     pub(crate) linger: Duration,
     pub(crate) max_in_flight: usize,
     pub(crate) queue_capacity: usize,
+    pub(crate) observer: Option<AttemptObserver>,
+}
+
+/// One ingest request attempt, as [`ClientBuilder::on_ingest_attempt`] sees it.
+///
+/// [`ClientBuilder::on_ingest_attempt`]: crate::ClientBuilder::on_ingest_attempt
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IngestAttempt {
+    /// From sending the request to having read the whole answer (or the transport failing).
+    pub elapsed: Duration,
+    /// The answer's HTTP status; `None` when no answer came (connect, reset, timeout).
+    pub status: Option<u16>,
+    /// Events in the request (a retry after a partial 503 carries only the undelivered ones).
+    pub events: usize,
+}
+
+/// The callback behind [`IngestAttempt`]s; called on the ingestor's background tasks, so it
+/// must be quick (count, record a latency) and never block.
+#[derive(Clone)]
+pub(crate) struct AttemptObserver(pub(crate) Arc<dyn Fn(&IngestAttempt) + Send + Sync>);
+
+impl std::fmt::Debug for AttemptObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttemptObserver")
+    }
 }
 
 /// The gateway's verdict on one event.
@@ -388,9 +414,11 @@ impl Batcher {
                 return;
             };
             let (first_seq, count) = (batch.first_seq, batch.events.len());
-            let task = self
-                .in_flight
-                .spawn(deliver(self.transport.clone(), batch.events));
+            let task = self.in_flight.spawn(deliver(
+                self.transport.clone(),
+                self.config.observer.clone(),
+                batch.events,
+            ));
             self.flying.insert(task.id(), (first_seq, count));
             self.flying_seqs.insert(first_seq);
         }
@@ -486,9 +514,13 @@ struct EventResult {
 
 /// Sends one batch until every event has an outcome or the batch failed, then resolves the
 /// receipts.
-async fn deliver(transport: Arc<Transport>, events: Vec<Queued>) -> Settled {
+async fn deliver(
+    transport: Arc<Transport>,
+    observer: Option<AttemptObserver>,
+    events: Vec<Queued>,
+) -> Settled {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
-    let result = send_until_settled(&transport, &events, &mut outcomes).await;
+    let result = send_until_settled(&transport, observer.as_ref(), &events, &mut outcomes).await;
     let mut totals = Totals::default();
     for (queued, outcome) in events.into_iter().zip(outcomes) {
         let answer = match (outcome, &result) {
@@ -521,6 +553,7 @@ async fn deliver(transport: Arc<Transport>, events: Vec<Queued>) -> Settled {
 /// The attempts of one batch: each sends the events still without an outcome.
 async fn send_until_settled(
     transport: &Transport,
+    observer: Option<&AttemptObserver>,
     events: &[Queued],
     outcomes: &mut [Option<Outcome>],
 ) -> Result<()> {
@@ -535,7 +568,16 @@ async fn send_until_settled(
         }
         attempts += 1;
         let body = array_of(events, &pending);
-        let failure = match transport.send(Method::POST, url.clone(), Some(body)).await {
+        let started = Instant::now();
+        let sent = transport.send(Method::POST, url.clone(), Some(body)).await;
+        if let Some(AttemptObserver(observe)) = observer {
+            observe(&IngestAttempt {
+                elapsed: started.elapsed(),
+                status: sent.as_ref().ok().map(|answer| answer.status),
+                events: pending.len(),
+            });
+        }
+        let failure = match sent {
             Err(e) => Failure::transport(&e),
             Ok(answer) if answer.status == 200 => {
                 let results = read_results(&answer, events, &pending)?;

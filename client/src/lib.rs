@@ -155,7 +155,7 @@ mod retry;
 pub use credits::{GrantAccepted, GrantRequest, Paid, Position, RuleAccepted, VoidAccepted};
 pub use error::{Error, Result};
 pub use event::{Event, format_time};
-pub use ingest::{Ingestor, Outcome, Receipt, Totals};
+pub use ingest::{IngestAttempt, Ingestor, Outcome, Receipt, Totals};
 pub use reads::{
     Aggregation, BalanceEntries, BalanceEntry, BalanceRule, BalanceRuleView, Balances,
     CurrencyBalance, CustomerRef, CustomersPage, EntryKind, Grant, GrantStatus, Grants, LineItem,
@@ -165,7 +165,7 @@ pub use reads::{
 pub use retry::RetryPolicy;
 
 use http::Transport;
-use ingest::IngestConfig;
+use ingest::{AttemptObserver, IngestConfig};
 use reqwest::Url;
 use reqwest::header::HeaderValue;
 use std::sync::Arc;
@@ -203,6 +203,7 @@ impl Client {
                 linger: Duration::from_millis(50),
                 max_in_flight: 4,
                 queue_capacity: 1000,
+                observer: None,
             },
             retry: RetryPolicy::default(),
         }
@@ -293,6 +294,18 @@ impl ClientBuilder {
     /// Events queued ahead of batching before [`Ingestor::send`] waits. Default 1000.
     pub fn queue_capacity(mut self, events: usize) -> Self {
         self.ingest.queue_capacity = events;
+        self
+    }
+
+    /// Calls `observe` after every ingest request attempt (retries included) with its
+    /// latency, its status and its size: what a load generator or a metrics exporter needs
+    /// that the per-event outcomes do not say. It runs on the ingestor's background tasks, so
+    /// it must be quick and must not block. Default: none.
+    pub fn on_ingest_attempt(
+        mut self,
+        observe: impl Fn(&IngestAttempt) + Send + Sync + 'static,
+    ) -> Self {
+        self.ingest.observer = Some(AttemptObserver(Arc::new(observe)));
         self
     }
 

@@ -289,6 +289,47 @@ async fn a_503_with_retry_after_is_retried_once_no_sooner_with_the_same_ids() ->
 }
 
 #[tokio::test]
+async fn the_attempt_observer_sees_every_attempt_with_its_status_size_and_latency() -> Result<()> {
+    // A 429, then a 503, then the answer, each held back 50 ms.
+    let stub = Stub::start(|n, seen| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match n {
+            0 => Reply::error(429, "rate_limited", None),
+            1 => Reply::error(503, "broker_unavailable", None),
+            _ => all_accepted(&seen),
+        }
+    })
+    .await?;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let recorded = attempts.clone();
+    let ingestor = Client::builder(&stub.base, "k")
+        .retry_policy(RetryPolicy::default().with_initial_backoff(Duration::from_millis(10)))
+        .on_ingest_attempt(move |attempt| {
+            if let Ok(mut attempts) = recorded.lock() {
+                attempts.push(attempt.clone());
+            }
+        })
+        .build()?
+        .ingestor();
+    for n in 0..5 {
+        let event = Event::new("api.request", "c1").with_id(format!("e-{n}"));
+        // The receipt is not awaited: `close` counts every outcome.
+        drop(ingestor.send(event).await?);
+    }
+    assert_eq!(counts(ingestor.close().await?), (5, 0, 0, 0));
+    let attempts = attempts.lock().map(|a| a.clone()).unwrap_or_default();
+    let seen: Vec<(Option<u16>, usize)> = attempts.iter().map(|a| (a.status, a.events)).collect();
+    assert_eq!(seen, [(Some(429), 5), (Some(503), 5), (Some(200), 5)]);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.elapsed >= Duration::from_millis(50)),
+        "{attempts:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn after_a_partial_503_only_the_undelivered_events_are_sent_again() -> Result<()> {
     // The gateway's 503: the first event landed, the others were not delivered.
     let stub = Stub::start(|n, seen| async move {

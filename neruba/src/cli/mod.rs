@@ -112,6 +112,7 @@ mod credits;
 mod dev;
 mod gateway;
 mod ledger;
+mod loadgen;
 mod price;
 mod rater;
 mod stage;
@@ -172,6 +173,9 @@ pub(crate) enum Command {
     /// Prepaid credit: grant, void, and show a customer's grants and balance entries.
     #[command(subcommand)]
     Credits(credits::CreditsCommand),
+    /// Send realistic events to a gateway and report throughput, latency, outcomes and (with
+    /// `--brokers`) how long the ledger took to catch up.
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 /// Runs `command` until it is done or `shutdown` stops it.
@@ -191,6 +195,7 @@ pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result
         Command::Price(args) => price::run(&args),
         Command::Ledger(command) => ledger::run(command, shutdown).await,
         Command::Credits(command) => credits::run(command, shutdown).await,
+        Command::Loadgen(args) => loadgen::run(args, shutdown).await,
     }
 }
 

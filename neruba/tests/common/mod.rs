@@ -258,3 +258,25 @@ pub(crate) async fn scrape(client: &reqwest::Client, base: &str) -> Result<Strin
         .text()
         .await?)
 }
+
+/// The Kafka bootstrap address a `neruba dev` process printed in its banner
+/// (`  Kafka:      127.0.0.1:39145  (bootstrap.servers)`); the banner may follow the HTTP
+/// listener's readiness by a moment, so this waits up to 30 s for it.
+pub(crate) fn dev_bootstrap(pipeline: &Proc) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(&pipeline.log)?;
+        let found = log
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Kafka:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned);
+        if let Some(bootstrap) = found {
+            return Ok(bootstrap);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no Kafka address in the banner:\n{}", pipeline.log_tail(30));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
