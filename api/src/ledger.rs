@@ -124,14 +124,17 @@ impl neruba_stage::Stage for LedgerModel {
             .map(|h| h.value.unwrap_or_default());
         let record = Record::of(header);
         let input = Input::of(message);
-        if record == Record::LineItem
-            && let Ok(item) = LineItem::decode(input.payload)
-        {
+        if record != Record::LineItem {
+            return state.fold.apply(input, record);
+        }
+        // Decoded once, for the fold and the index; indexed only if the fold took it.
+        let decoded = credit::decode::<LineItem>(input.payload);
+        if let Some(item) = state.fold.apply_line_item(input, decoded)? {
             state
                 .items
                 .push((model::item_key(&item), input.payload.to_vec()));
         }
-        state.fold.apply(input, record)
+        Ok(())
     }
 
     fn take_outputs(&mut self, _state: &mut LedgerPartition) -> Vec<Nothing> {

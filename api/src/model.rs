@@ -221,11 +221,16 @@ impl Model {
 
     /// Where `partition` stands (`None`: not loaded).
     pub fn position(&self, partition: i32) -> Option<Position> {
-        self.view(partition).map(|view| Position {
+        self.view(partition)
+            .map(|view| self.position_of(partition, &view))
+    }
+
+    fn position_of(&self, partition: i32, view: &PartitionView) -> Position {
+        Position {
             topic: self.topic.clone(),
             partition,
             next_offset: view.next_offset.load(Ordering::SeqCst),
-        })
+        }
     }
 
     /// Every loaded partition's position.
@@ -253,11 +258,7 @@ impl Model {
         let partition = self.partition_of(tenant, customer);
         let view = self.loaded(partition)?;
         // The position first: the book read after it is at least as new.
-        let position = Position {
-            topic: self.topic.clone(),
-            partition,
-            next_offset: view.next_offset.load(Ordering::SeqCst),
-        };
+        let position = self.position_of(partition, &view);
         let book = neruba_balances::state::read_book(&view.db, tenant, customer)?;
         Ok((book, position))
     }
@@ -341,11 +342,7 @@ impl Model {
     ) -> Result<(Option<StatementsRead>, Position), ReadError> {
         let partition = self.partition_of(tenant, customer);
         let view = self.loaded(partition)?;
-        let position = Position {
-            topic: self.topic.clone(),
-            partition,
-            next_offset: view.next_offset.load(Ordering::SeqCst),
-        };
+        let position = self.position_of(partition, &view);
         let snapshot = view.db.snapshot();
         let Some(bytes) =
             snapshot.get(neruba_balances::state::customer_key(b'B', tenant, customer))?

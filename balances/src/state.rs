@@ -305,28 +305,14 @@ impl PartitionState {
     /// Applies one ledger-topic record. Records it cannot read are dead-lettered; only
     /// storage problems are errors.
     pub fn apply(&mut self, input: Input<'_>, record: Record) -> Result<()> {
+        if record == Record::LineItem {
+            let decoded = credit::decode::<LineItem>(input.payload);
+            return self.apply_line_item(input, decoded).map(|_| ());
+        }
         self.store.consumed(input.offset);
         match record {
-            Record::LineItem => match credit::decode::<LineItem>(input.payload) {
-                Ok(item)
-                    if item.amount.abs() >= neruba_schemas::decimal::max_abs_value()
-                        || item.currency.is_empty()
-                        || item.tenant.is_empty()
-                        || item.customer.is_empty() =>
-                {
-                    self.refuse(
-                        input,
-                        "invalid_line_item",
-                        "an amount outside ±10^18, or no currency, tenant or customer".into(),
-                    );
-                    Ok(())
-                }
-                Ok(item) => self.apply_item(&item),
-                Err(e) => {
-                    self.refuse(input, "invalid_line_item", e.to_string());
-                    Ok(())
-                }
-            },
+            // Handled above.
+            Record::LineItem => Ok(()),
             Record::Grant => match credit::decode::<Grant>(input.payload) {
                 Ok(grant)
                     if grant.id == credit::grant_id(&grant.tenant, &grant.customer, &grant.key) =>
@@ -424,6 +410,40 @@ impl PartitionState {
                     "unknown `neruba-record` header".into(),
                 );
                 Ok(())
+            }
+        }
+    }
+
+    /// Applies a line-item record already decoded (a reader that needs the item too decodes
+    /// it once). Returns the item if the fold took it (applied now or before), `None` if it
+    /// was dead-lettered.
+    pub fn apply_line_item(
+        &mut self,
+        input: Input<'_>,
+        decoded: neruba_schemas::Result<LineItem>,
+    ) -> Result<Option<LineItem>> {
+        self.store.consumed(input.offset);
+        match decoded {
+            Ok(item)
+                if item.amount.abs() >= neruba_schemas::decimal::max_abs_value()
+                    || item.currency.is_empty()
+                    || item.tenant.is_empty()
+                    || item.customer.is_empty() =>
+            {
+                self.refuse(
+                    input,
+                    "invalid_line_item",
+                    "an amount outside ±10^18, or no currency, tenant or customer".into(),
+                );
+                Ok(None)
+            }
+            Ok(item) => {
+                self.apply_item(&item)?;
+                Ok(Some(item))
+            }
+            Err(e) => {
+                self.refuse(input, "invalid_line_item", e.to_string());
+                Ok(None)
             }
         }
     }
