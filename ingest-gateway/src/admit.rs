@@ -80,22 +80,27 @@ pub fn event(
 #[derive(Debug)]
 pub struct Repeats<'d> {
     cache: &'d DedupCache,
-    seen: HashSet<(String, String)>,
+    /// The (tenant, id) keys seen here, in the cache's encoding.
+    seen: HashSet<String, ahash::RandomState>,
 }
 
 impl<'d> Repeats<'d> {
     pub fn new(cache: &'d DedupCache) -> Self {
         Self {
             cache,
-            seen: HashSet::new(),
+            seen: HashSet::default(),
         }
     }
 
     /// Whether `event` is the first of its (tenant, id) here and not recently accepted; a
     /// `false` is a `duplicate`.
     pub fn first_sighting(&mut self, event: &Event) -> bool {
-        !self.cache.contains(&event.tenant, &event.id)
-            && self.seen.insert((event.tenant.clone(), event.id.clone()))
+        if self.cache.contains(&event.tenant, &event.id) {
+            return false;
+        }
+        let mut key = String::new();
+        DedupCache::write_key(&mut key, &event.tenant, &event.id);
+        self.seen.insert(key)
     }
 }
 

@@ -18,7 +18,9 @@
 
 use ahash::RandomState;
 use dashmap::DashMap;
+use std::cell::RefCell;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 type Generation = DashMap<Box<str>, (), RandomState>;
@@ -35,6 +37,11 @@ pub struct DedupCache {
 struct Generations {
     current: Generation,
     previous: Generation,
+    /// Keys in `current` (counted on insert: `DashMap::len` locks every shard, and the cache
+    /// is asked on every insert whether it is due to rotate).
+    current_len: AtomicUsize,
+    /// Keys in `previous`.
+    previous_len: usize,
     /// When `current` began; none of its keys is older.
     started: Instant,
     /// When `previous` began; none of its keys is older.
@@ -48,6 +55,8 @@ impl DedupCache {
             generations: RwLock::new(Generations {
                 current: Generation::default(),
                 previous: Generation::default(),
+                current_len: AtomicUsize::new(0),
+                previous_len: 0,
                 started: Instant::now(),
                 previous_started: Instant::now(),
             }),
@@ -56,33 +65,49 @@ impl DedupCache {
         }
     }
 
-    fn key(tenant: &str, id: &str) -> Box<str> {
-        // Tenant ids never contain NUL (the catalog allows [a-z0-9_-]), so this is injective.
-        let mut key = String::with_capacity(tenant.len() + 1 + id.len());
+    /// Writes the key of `(tenant, id)` into `key`. Tenant ids never contain NUL (the catalog
+    /// allows [a-z0-9_-]), so this is injective.
+    pub(crate) fn write_key(key: &mut String, tenant: &str, id: &str) {
+        key.clear();
+        key.reserve(tenant.len() + 1 + id.len());
         key.push_str(tenant);
         key.push('\0');
         key.push_str(id);
+    }
+
+    fn key(tenant: &str, id: &str) -> Box<str> {
+        let mut key = String::new();
+        Self::write_key(&mut key, tenant, id);
         key.into_boxed_str()
     }
 
     /// Whether `(tenant, id)` was accepted recently.
     pub fn contains(&self, tenant: &str, id: &str) -> bool {
-        let key = Self::key(tenant, id);
+        thread_local! {
+            /// The lookup key, reused: a lookup allocates nothing.
+            static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+        }
         let Ok(g) = self.generations.read() else {
             return false;
         };
         // A generation that began more than max_age ago may hold stale keys; it is ignored
         // whole. Forgetting early is always safe here: the aggregator is authoritative.
         let fresh = |started: Instant| started.elapsed() < self.max_age;
-        (fresh(g.started) && g.current.contains_key(&key))
-            || (fresh(g.previous_started) && g.previous.contains_key(&key))
+        KEY.with_borrow_mut(|key| {
+            Self::write_key(key, tenant, id);
+            let key = key.as_str();
+            (fresh(g.started) && g.current.contains_key(key))
+                || (fresh(g.previous_started) && g.previous.contains_key(key))
+        })
     }
 
     /// Remembers `(tenant, id)` as accepted.
     pub fn insert(&self, tenant: &str, id: &str) {
         self.rotate_if_due();
-        if let Ok(g) = self.generations.read() {
-            g.current.insert(Self::key(tenant, id), ());
+        if let Ok(g) = self.generations.read()
+            && g.current.insert(Self::key(tenant, id), ()).is_none()
+        {
+            g.current_len.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -90,7 +115,7 @@ impl DedupCache {
     pub fn len(&self) -> usize {
         self.generations
             .read()
-            .map(|g| g.current.len() + g.previous.len())
+            .map(|g| g.current_len.load(Ordering::Relaxed) + g.previous_len)
             .unwrap_or(0)
     }
 
@@ -101,7 +126,8 @@ impl DedupCache {
 
     fn rotate_if_due(&self) {
         let due = |g: &Generations| {
-            g.current.len() >= self.half_capacity || g.started.elapsed() >= self.max_age / 2
+            g.current_len.load(Ordering::Relaxed) >= self.half_capacity
+                || g.started.elapsed() >= self.max_age / 2
         };
         let needs = self.generations.read().map(|g| due(&g)).unwrap_or(false);
         if !needs {
@@ -111,6 +137,7 @@ impl DedupCache {
             // Checked again: another thread may have rotated while we waited for the lock.
             if due(&g) {
                 g.previous = std::mem::take(&mut g.current);
+                g.previous_len = std::mem::take(g.current_len.get_mut());
                 g.previous_started = g.started;
                 g.started = Instant::now();
             }
@@ -129,6 +156,17 @@ mod tests {
         assert!(cache.contains("acme", "e-1"));
         assert!(!cache.contains("beta", "e-1"));
         assert!(!cache.contains("acme", "e-2"));
+    }
+
+    #[test]
+    fn a_key_inserted_again_is_held_once() {
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        cache.insert("acme", "e-1");
+        cache.insert("acme", "e-1");
+        cache.insert("acme", "e-2");
+        assert_eq!(cache.len(), 2);
+        // The key encoding keeps tenant and id apart: ("ac", "me\0x") is not ("acme", "x").
+        assert!(!cache.contains("ac", "me\0e-1"));
     }
 
     #[test]
