@@ -59,6 +59,10 @@ pub(crate) fn router(state: AppState) -> Router {
             get(statements),
         )
         .route("/v1/customers/{customer}/line-items", get(line_items))
+        .route(
+            "/v1/customers/{customer}/line-items/{item}/explanation",
+            get(explanation),
+        )
         .route("/v1/usage", get(usage))
         .route("/v1/openapi.json", get(openapi))
         .with_state(state)
@@ -763,6 +767,115 @@ async fn line_items(
         next_cursor,
     };
     Ok(json(&state.metrics, "line_items", started, &body))
+}
+
+#[derive(Serialize)]
+struct Explanation {
+    customer: String,
+    as_of: Vec<Position>,
+    period: String,
+    /// The item explained, as the line-items read lists it.
+    item: ItemView,
+    plan: PlanView,
+    /// The item's period quantity priced under the plan the item names, step by step.
+    price: neruba_rater::price::Priced,
+    /// What the period had been charged before this item: `period_amount − amount`. The item
+    /// adds `price.amount − previously_charged`.
+    #[serde(with = "rust_decimal::serde::str")]
+    previously_charged: Decimal,
+    /// `price.amount` equals the item's `period_amount`: the catalog prices it as the rater did.
+    matches_ledger: bool,
+    /// The same, as `neruba price` prints it, and the item's share of the period total.
+    text: String,
+}
+
+#[derive(Serialize)]
+struct PlanView {
+    id: String,
+    version: u32,
+    currency: String,
+    effective_from: String,
+}
+
+/// `GET /v1/customers/{customer}/line-items/{item}/explanation?period=`: how the item's
+/// amount was reached, from the pricing engine the rater uses (`neruba_rater::quote`) under
+/// the plan version the item names.
+async fn explanation(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((customer, item_id)): Path<(String, String)>,
+    Query(raw): Query<Vec<(String, String)>>,
+) -> Answer {
+    use neruba_rater::quote::{PlanChoice, QuoteError, quote};
+    let started = Instant::now();
+    let (tenant, _, position, period) =
+        customer_book(&state, &headers, &customer, raw, &["period"], |params| {
+            params.period(params.get("period"))
+        })
+        .await?;
+    let items = state.model.line_items(&tenant, &customer, &period, None)?;
+    let superseded = items
+        .iter()
+        .any(|i| i.supersedes.as_deref() == Some(&item_id));
+    let item = items.into_iter().find(|i| i.id == item_id).ok_or_else(|| {
+        refused(
+            StatusCode::NOT_FOUND,
+            "line_item_not_found",
+            format!("customer `{customer}` has no line item `{item_id}` in {period}"),
+        )
+    })?;
+    let catalog = state.catalog.current();
+    let choice = PlanChoice::Named {
+        id: &item.price_plan,
+        version: item.price_version,
+    };
+    let quoted = quote(&catalog, &tenant, choice, item.period_quantity).map_err(|e| match e {
+        QuoteError::Price(_) => refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the item's quantity cannot be priced: {e}"),
+        ),
+        QuoteError::UnknownTenant(_) | QuoteError::NoPlan(_) | QuoteError::UnknownCurrency(_) => {
+            refused(StatusCode::CONFLICT, "plan_unavailable", e.to_string())
+        }
+    })?;
+    let previously_charged = item.period_amount.checked_sub(item.amount).ok_or_else(|| {
+        refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the item's amounts overflow",
+        )
+    })?;
+    let matches_ledger = quoted.priced.amount == item.period_amount;
+    let mut text = quoted.priced.explain(quoted.plan);
+    text.push_str(&format!(
+        "this item: period amount {} - charged before {} = {} {}\n",
+        item.period_amount, previously_charged, item.amount, item.currency
+    ));
+    if !matches_ledger {
+        text.push_str(&format!(
+            "note: the catalog now prices this quantity at {}, the ledger says {}\n",
+            quoted.priced.amount, item.period_amount
+        ));
+    }
+    let plan = PlanView {
+        id: quoted.plan.id.clone(),
+        version: quoted.plan.version,
+        currency: quoted.plan.currency.clone(),
+        effective_from: quoted.plan.effective_from.to_string(),
+    };
+    let body = Explanation {
+        customer,
+        as_of: vec![position],
+        period,
+        item: ItemView { item, superseded },
+        plan,
+        price: quoted.priced,
+        previously_charged,
+        matches_ledger,
+        text,
+    };
+    Ok(json(&state.metrics, "explanation", started, &body))
 }
 
 #[derive(Serialize)]

@@ -8,8 +8,10 @@
 //! - the read model is the balances fold of the ledger (`ledger.rs`), so a statement, a
 //!   balance or a grant read here is what the balances stage derives from the same records;
 //! - the position a read is answered at is in the answer (`as_of`), and a read can wait for a
-//!   position a write answered (`http.rs`).
+//!   position a write answered (`http.rs`);
+//! - the support console (`/console`, `console.rs`) shows only what those reads answer.
 
+mod console;
 mod http;
 mod ledger;
 mod metrics;
@@ -39,6 +41,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Longest a read waits for its `min_position`.
     pub read_wait: Duration,
+    /// The gateway the console's credit writes are forwarded to (`http://host:port`); `None`:
+    /// the console at `/console` only reads.
+    pub console_gateway: Option<String>,
 }
 
 impl Config {
@@ -63,6 +68,7 @@ impl Config {
             rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
             listen,
             read_wait: Duration::from_secs(5),
+            console_gateway: None,
         }
     }
 }
@@ -163,6 +169,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let catalog = catalog.into();
+    let console = console::ConsoleState::new(catalog.clone(), config.console_gateway.as_deref())?;
     let metrics = metrics::Metrics::register(registry)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
@@ -202,7 +209,8 @@ pub async fn start(
         read_wait: config.read_wait,
         metrics,
     };
-    let app = http::router(state);
+    // The documented reads, and the console (`console.rs`) that reads through them.
+    let app = http::router(state).merge(console::router(console));
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

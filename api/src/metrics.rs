@@ -11,7 +11,7 @@ pub(crate) struct Metrics {
 }
 
 /// Every route label, so each series exists from the start.
-pub(crate) const ROUTES: [&str; 8] = [
+pub(crate) const ROUTES: [&str; 9] = [
     "customers",
     "balances",
     "grants",
@@ -19,6 +19,7 @@ pub(crate) const ROUTES: [&str; 8] = [
     "balance_entries",
     "statement",
     "line_items",
+    "explanation",
     "usage",
 ];
 

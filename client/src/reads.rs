@@ -485,6 +485,12 @@ pub struct StatementLine {
     /// Σ of the line items' amounts.
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    /// Net credit the line items drew; `amount = credit_applied + amount_due`.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credit_applied: Decimal,
+    /// What is due of the line items (Σ uncovered).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount_due: Decimal,
 }
 
 /// `GET /v1/customers/{c}/line-items`: a period's line items.
@@ -979,7 +985,7 @@ mod tests {
     fn entries_and_statements_read_as_the_api_writes_them() -> Result<()> {
         let statement = r#"{"id":"st_0","currency":"USD","period_start":"2026-11-01T00:00:00Z",
             "period_end":"2026-12-01T00:00:00Z","status":"draft",
-            "lines":[{"meter":"m","group":{},"period_start":"2026-11-01T00:00:00Z","quantity":"3","amount":"1.50"}],
+            "lines":[{"meter":"m","group":{},"period_start":"2026-11-01T00:00:00Z","quantity":"3","amount":"1.50","credit_applied":"1.00","amount_due":"0.50"}],
             "prior_period":[],"usage":"1.50","prior_period_amount":"0","credit_applied":"1","amount_due":"0.50"}"#;
         let body = format!(
             r#"{{"customer":"c","as_of":[],"next_after":null,"entries":[
@@ -1016,6 +1022,12 @@ mod tests {
             statement.usage + statement.prior_period_amount,
             statement.credit_applied + statement.amount_due
         );
+        let lines: Vec<(Decimal, Decimal, Decimal)> = statement
+            .lines
+            .iter()
+            .map(|l| (l.amount, l.credit_applied, l.amount_due))
+            .collect();
+        assert_eq!(lines, vec![(d("1.50"), d("1.00"), d("0.50"))]);
         Ok(())
     }
 

@@ -689,6 +689,7 @@ const BALANCES: &str = "/v1/customers/{customer}/balances";
 const ENTRIES: &str = "/v1/customers/{customer}/balance-entries";
 const STATEMENTS: &str = "/v1/customers/{customer}/statements/{period}";
 const LINE_ITEMS: &str = "/v1/customers/{customer}/line-items";
+const EXPLANATION: &str = "/v1/customers/{customer}/line-items/{item}/explanation";
 const USAGE: &str = "/v1/usage";
 const OPENAPI: &str = "/v1/openapi.json";
 
@@ -1008,7 +1009,7 @@ async fn every_operation_answers_as_documented() -> Result<()> {
     h.judge("POST", EVENTS, &answer)?;
 
     // 8. The reads, once the events are priced and their windows' usage is kept.
-    let path_values: BTreeMap<&str, String> = [
+    let mut path_values: BTreeMap<&str, String> = [
         ("customer", "customer-7".to_owned()),
         ("id", grant_id.clone()),
         ("period", period.clone()),
@@ -1104,6 +1105,26 @@ async fn every_operation_answers_as_documented() -> Result<()> {
         .expect(Call::new("GET", LINE_ITEMS, &items).key(read), 200, None)
         .await?;
     non_empty(&body, "items")?;
+    let item_id = body["items"][0]["id"]
+        .as_str()
+        .context("a line item id")?
+        .to_owned();
+    path_values.insert("item", item_id.clone());
+    let explained = h
+        .expect(
+            Call::new(
+                "GET",
+                EXPLANATION,
+                customer(&format!(
+                    "/line-items/{item_id}/explanation?period={period}"
+                )),
+            )
+            .key(read),
+            200,
+            None,
+        )
+        .await?;
+    non_empty(&explained["price"], "lines")?;
     let body = h
         .expect(Call::new("GET", USAGE, &usage).key(read), 200, None)
         .await?;
@@ -1191,6 +1212,20 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             "invalid_period",
         ),
         (LINE_ITEMS, customer("/line-items"), 400, "invalid_period"),
+        (
+            EXPLANATION,
+            customer(&format!(
+                "/line-items/li_00000000000000000000000000000000/explanation?period={period}"
+            )),
+            404,
+            "line_item_not_found",
+        ),
+        (
+            EXPLANATION,
+            customer(&format!("/line-items/{item_id}/explanation")),
+            400,
+            "invalid_period",
+        ),
         (
             USAGE,
             usage_with(&[("meter", "")]),

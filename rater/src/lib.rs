@@ -12,6 +12,7 @@
 
 pub mod metrics;
 pub mod price;
+pub mod quote;
 pub mod rate;
 mod stage;
 pub mod state;

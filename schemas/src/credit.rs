@@ -330,6 +330,13 @@ pub struct StatementLine {
     pub quantity: Decimal,
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    /// Net credit this line's items drew (consumed − restored). `amount = credit_applied +
+    /// amount_due`, line by line. (Absent from statements written before it existed: zero.)
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub credit_applied: Decimal,
+    /// Σ uncovered of this line's items.
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub amount_due: Decimal,
 }
 
 /// A customer's statement for one billing period and currency.

@@ -55,9 +55,9 @@ pub fn key(currency: &str, period_start: &str) -> String {
     serde_json::to_string(&(currency, period_start)).unwrap_or_default()
 }
 
-/// Adds `item` to `lines`: its amount to the line of its meter, group and period, the quantity
-/// replaced by the item's period-to-date one.
-fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem) {
+/// Adds `item` to `lines`: its amount, the credit it drew and what is due of it to the line of
+/// its meter, group and period, the quantity replaced by the item's period-to-date one.
+fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem, credit: Decimal, due: Decimal) {
     let line = lines.iter_mut().find(|l| {
         l.meter == item.meter && l.group == item.group && l.period_start == item.period_start
     });
@@ -65,6 +65,8 @@ fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem) {
         Some(line) => {
             line.quantity = item.period_quantity;
             line.amount += item.amount;
+            line.credit_applied += credit;
+            line.amount_due += due;
         }
         None => lines.push(StatementLine {
             meter: item.meter.clone(),
@@ -72,6 +74,8 @@ fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem) {
             period_start: item.period_start.clone(),
             quantity: item.period_quantity,
             amount: item.amount,
+            credit_applied: credit,
+            amount_due: due,
         }),
     }
 }
@@ -98,7 +102,7 @@ impl Book {
         let own = key(&item.currency, &item.period_start);
         if let Some(state) = self.statements.get_mut(&own) {
             let s = &mut state.statement;
-            add_line(&mut s.lines, item);
+            add_line(&mut s.lines, item, credit, due);
             s.usage += item.amount;
             s.credit_applied += credit;
             s.amount_due += due;
@@ -117,14 +121,14 @@ impl Book {
             match later {
                 Some(state) => {
                     let s = &mut state.statement;
-                    add_line(&mut s.prior_period, item);
+                    add_line(&mut s.prior_period, item, credit, due);
                     s.prior_period_amount += item.amount;
                     s.credit_applied += credit;
                     s.amount_due += due;
                 }
                 None => {
                     let carried = self.carried.entry(item.currency.clone()).or_default();
-                    add_line(&mut carried.lines, item);
+                    add_line(&mut carried.lines, item, credit, due);
                     carried.amount += item.amount;
                     carried.credit_applied += credit;
                     carried.amount_due += due;
@@ -134,7 +138,7 @@ impl Book {
         }
         let carried = self.carried.remove(&item.currency).unwrap_or_default();
         let mut lines = Vec::new();
-        add_line(&mut lines, item);
+        add_line(&mut lines, item, credit, due);
         let statement = Statement {
             id: credit::statement_id(
                 &item.tenant,

@@ -496,6 +496,22 @@ fn check_statements(r: &Run) {
             s.prior_period.iter().map(|l| l.amount).sum::<Decimal>(),
             "{s:?}"
         );
+        // Line by line too: each line's amount was drawn from credit or is due, and the lines
+        // share out the statement's credit and due exactly.
+        let lines = || s.lines.iter().chain(&s.prior_period);
+        for line in lines() {
+            assert_eq!(line.amount, line.credit_applied + line.amount_due, "{s:?}");
+        }
+        assert_eq!(
+            s.credit_applied,
+            lines().map(|l| l.credit_applied).sum::<Decimal>(),
+            "{s:?}"
+        );
+        assert_eq!(
+            s.amount_due,
+            lines().map(|l| l.amount_due).sum::<Decimal>(),
+            "{s:?}"
+        );
     };
     for e in &r.entries {
         let Some(s) = &e.statement else { continue };

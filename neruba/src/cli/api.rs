@@ -51,6 +51,10 @@ pub(crate) struct ApiArgs {
     /// Longest a read with `min_position` waits for the read model to apply that record.
     #[arg(long, env = "NERUBA_API_READ_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) api_read_wait: Duration,
+    /// Gateway the console's grant and void forms are forwarded to, `http://host:port`;
+    /// without it the console (`/console`) only reads. `neruba dev` uses its own gateway.
+    #[arg(long, env = "NERUBA_API_CONSOLE_GATEWAY_URL")]
+    pub(crate) console_gateway_url: Option<String>,
 }
 
 impl ApiArgs {
@@ -66,6 +70,7 @@ impl ApiArgs {
         config.stage.input_topic = ledger_topic.to_owned();
         config.rollups_topic = rollups_topic.to_owned();
         config.read_wait = self.api_read_wait;
+        config.console_gateway.clone_from(&self.console_gateway_url);
         config
     }
 }

@@ -154,13 +154,22 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         shutdown.clone(),
     )?;
     let api_metrics = prometheus::Registry::new();
+    let mut reads_config = args.reads.config(
+        kafka.bootstrap_servers(),
+        &args.rating.ledger_topic,
+        &args.aggregation.rollups_topic,
+        &state_dir.join("api"),
+    );
+    if reads_config.console_gateway.is_none() {
+        // The console's credit forms go to this process's own gateway.
+        let mut gateway_addr = listener.local_addr()?;
+        if gateway_addr.ip().is_unspecified() {
+            gateway_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        reads_config.console_gateway = Some(format!("http://{gateway_addr}"));
+    }
     let reads = neruba_api::start(
-        args.reads.config(
-            kafka.bootstrap_servers(),
-            &args.rating.ledger_topic,
-            &args.aggregation.rollups_topic,
-            &state_dir.join("api"),
-        ),
+        reads_config,
         catalog.clone(),
         &api_metrics,
         shutdown.clone(),
@@ -185,6 +194,10 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
     println!("  HTTP API:   http://{}", running.local_addr);
     println!(
         "  Reads API:  http://{}  (GET /v1/customers/..., scope read)",
+        reads.local_addr
+    );
+    println!(
+        "  Console:    http://{}/console  (a read key; a credits key to grant)",
         reads.local_addr
     );
     println!(

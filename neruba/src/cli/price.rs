@@ -4,6 +4,7 @@ use super::{load_catalog, parse_day};
 use anyhow::{Context, Result};
 use clap::Args;
 use neruba::sample;
+use neruba_rater::quote::{PlanChoice, Quote, quote};
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -34,29 +35,20 @@ pub(crate) fn run(args: &PriceArgs) -> Result<()> {
         Some(path) => load_catalog(path)?,
         None => sample::catalog()?,
     };
-    let tenant = catalog
-        .tenant(&args.tenant)
-        .with_context(|| format!("no tenant `{}` in the catalog", args.tenant))?;
     let quantity = neruba_schemas::decimal::parse_exact(&args.quantity)
         .with_context(|| format!("`{}` is not an exact decimal quantity", args.quantity))?;
     let date = match &args.date {
         Some(text) => parse_day(text)?,
         None => time::OffsetDateTime::now_utc().date(),
     };
-    let plan = neruba_rater::price::plan_in_force(&tenant.price_plans, &args.meter, date)
-        .with_context(|| {
-            format!(
-                "meter `{}` of tenant `{}` has no plan in force on {date}",
-                args.meter, tenant.id
-            )
-        })?;
-    let precision = catalog
-        .precision(&plan.currency)
-        .with_context(|| format!("unknown currency `{}`", plan.currency))?;
-    let priced = neruba_rater::price::price(plan, quantity, precision)?;
+    let choice = PlanChoice::InForce {
+        meter: &args.meter,
+        date,
+    };
+    let Quote { plan, priced } = quote(&catalog, &args.tenant, choice, quantity)?;
     if args.json {
         let out = serde_json::json!({
-            "tenant": tenant.id, "meter": args.meter, "plan": plan.id, "plan_version": plan.version,
+            "tenant": args.tenant, "meter": args.meter, "plan": plan.id, "plan_version": plan.version,
             "currency": plan.currency, "effective_from": plan.effective_from.to_string(), "price": priced,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);

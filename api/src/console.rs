@@ -1,0 +1,288 @@
+//! The support console, `/console`: one page where finance and support read a customer's
+//! statement, usage, balances, grants and line items, ask why a charge is what it is, and
+//! grant or void credit.
+//!
+//! Invariants:
+//! - the page is a client of the documented reads (`http.rs`), nothing else: every number it
+//!   shows is an answer of `/v1/...` read with the key the person entered, so the console is
+//!   no second source of truth and sees exactly what that key may see;
+//! - the key is never stored here: the page keeps it in the browser's `sessionStorage` and
+//!   sends it as `Authorization: Bearer` on each request; no route of this module reads a key
+//!   from a URL or sets a cookie (so there is no ambient credential to forge requests with);
+//! - the assets are compiled into the binary (`include_str!` of `api/console/`): no build step,
+//!   no CDN, and a Content-Security-Policy that lets the page load and call only its own origin;
+//! - credit writes are the gateway's (`POST /v1/customers/{c}/grants`, `.../void`). The page
+//!   sends them to `/console/gateway/...`, which forwards them, with the caller's key and body
+//!   untouched, to the gateway `--console-gateway-url` names and answers with the gateway's
+//!   answer. Forwarding keeps the page on one origin: the key goes to no second origin and
+//!   the gateway needs no CORS policy. Without that URL the routes answer
+//!   `503 console_writes_unavailable` and the page offers no credit forms.
+//!
+//! These routes are the console's own (HTML, assets, and a forwarder to documented gateway
+//! routes), not part of the documented API, so they live outside the documented router.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use neruba_schemas::LiveCatalog;
+use std::time::Duration;
+
+const INDEX_HTML: &str = include_str!("../console/index.html");
+const APP_JS: &str = include_str!("../console/app.js");
+const STYLE_CSS: &str = include_str!("../console/style.css");
+
+/// Largest credit request body forwarded; the gateway's own limit is the same.
+const MAX_FORWARD_BYTES: usize = 64 * 1024;
+/// Longest the gateway has to answer a forwarded write.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the console's routes share.
+#[derive(Clone)]
+pub(crate) struct ConsoleState {
+    /// Who a key belongs to (`/console/session`).
+    pub(crate) catalog: LiveCatalog,
+    /// Where credit writes go; `None`: the console only reads.
+    pub(crate) gateway: Option<reqwest::Url>,
+    pub(crate) client: reqwest::Client,
+}
+
+impl ConsoleState {
+    /// The state for a gateway base URL (`http://host:port`), checked here so a wrong one
+    /// stops the start, not the first grant.
+    pub(crate) fn new(catalog: LiveCatalog, gateway: Option<&str>) -> anyhow::Result<Self> {
+        let gateway = gateway.map(gateway_url).transpose()?;
+        let client = reqwest::Client::builder()
+            .timeout(FORWARD_TIMEOUT)
+            .build()?;
+        Ok(Self {
+            catalog,
+            gateway,
+            client,
+        })
+    }
+}
+
+/// A gateway base URL, `http(s)://host:port[/prefix]`.
+fn gateway_url(text: &str) -> anyhow::Result<reqwest::Url> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| anyhow::anyhow!("console gateway url `{text}`: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+        anyhow::bail!("console gateway url `{text}`: not an http(s) base URL");
+    }
+    Ok(url)
+}
+
+/// The console's routes.
+pub(crate) fn router(state: ConsoleState) -> Router {
+    Router::new()
+        .route("/console", get(index))
+        .route("/console/", get(index))
+        .route("/console/app.js", get(app_js))
+        .route("/console/style.css", get(style_css))
+        .route("/console/session", get(session))
+        .route(
+            "/console/gateway/v1/customers/{customer}/grants",
+            post(forward_grant),
+        )
+        .route(
+            "/console/gateway/v1/customers/{customer}/grants/{id}/void",
+            post(forward_void),
+        )
+        .layer(DefaultBodyLimit::max(MAX_FORWARD_BYTES))
+        .with_state(state)
+}
+
+/// Headers of every console page and asset: load and call this origin only, never be framed,
+/// send no referrer (the customer id is in the page's fragment only, but be sure).
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, content_type),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    (headers, body).into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn style_css() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// `GET /console/session`: whose key this is and what it may do, so the page shows the
+/// tenant and offers only what the key allows. Any scope: a credits key is checked here too.
+async fn session(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(key) = key else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send `Authorization: Bearer <api key>`",
+        );
+    };
+    let catalog = state.catalog.current();
+    let Some((tenant, api_key)) = catalog.authenticate(key) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown API key",
+        );
+    };
+    let body = serde_json::json!({
+        "tenant": tenant.id,
+        "key_name": api_key.name,
+        "scopes": api_key.scopes,
+        "writes": state.gateway.is_some(),
+    });
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn forward_grant(
+    State(state): State<ConsoleState>,
+    Path(customer): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    forward(
+        &state,
+        &["v1", "customers", &customer, "grants"],
+        &headers,
+        body,
+    )
+    .await
+}
+
+async fn forward_void(
+    State(state): State<ConsoleState>,
+    Path((customer, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    forward(
+        &state,
+        &["v1", "customers", &customer, "grants", &id, "void"],
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Sends the write to the gateway (path segments re-encoded, so a decoded `/` in a customer
+/// id stays inside its segment) with the caller's key, content type and body, and answers
+/// what the gateway answered.
+async fn forward(
+    state: &ConsoleState,
+    segments: &[&str],
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(base) = &state.gateway else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "console_writes_unavailable",
+            "this api was started without --console-gateway-url: the console only reads",
+        );
+    };
+    let mut url = base.clone();
+    match url.path_segments_mut() {
+        Ok(mut path) => {
+            path.pop_if_empty().extend(segments);
+        }
+        Err(()) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the console gateway url cannot take a path",
+            );
+        }
+    }
+    let mut request = state.client.post(url).body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value.clone());
+        }
+    }
+    let answer = match request.send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(error = %e, "The console could not reach the gateway.");
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "gateway_unreachable",
+                "the gateway did not answer; nothing is known to be written, send it again",
+            );
+        }
+    };
+    let status = answer.status();
+    let kept: Vec<(HeaderName, HeaderValue)> = [header::CONTENT_TYPE, header::RETRY_AFTER]
+        .into_iter()
+        .filter_map(|name| answer.headers().get(&name).cloned().map(|v| (name, v)))
+        .collect();
+    match answer.bytes().await {
+        Ok(bytes) => {
+            let mut response = (status, bytes).into_response();
+            response.headers_mut().extend(kept);
+            response
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "The gateway's answer to a console write broke off.");
+            error(
+                StatusCode::BAD_GATEWAY,
+                "gateway_unreachable",
+                "the gateway's answer broke off: the write may have been taken; send it again \
+                 with the same key",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_url_must_be_an_http_base() {
+        assert!(gateway_url("http://127.0.0.1:8080").is_ok());
+        assert!(gateway_url("https://gw.example/prefix/").is_ok());
+        assert!(gateway_url("mailto:x@y").is_err());
+        assert!(gateway_url("127.0.0.1:8080").is_err());
+    }
+
+    #[test]
+    fn the_assets_name_each_other() {
+        assert!(INDEX_HTML.contains("/console/app.js"));
+        assert!(INDEX_HTML.contains("/console/style.css"));
+        assert!(APP_JS.contains("sessionStorage"));
+        assert!(!APP_JS.contains("localStorage."));
+        assert!(!APP_JS.contains("document.cookie"));
+        assert!(!APP_JS.contains("innerHTML"));
+    }
+}
