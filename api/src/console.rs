@@ -56,6 +56,8 @@ impl ConsoleState {
         let gateway = gateway.map(gateway_url).transpose()?;
         let client = reqwest::Client::builder()
             .timeout(FORWARD_TIMEOUT)
+            // A redirect would resend the key and body somewhere the operator did not name.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             catalog,
@@ -165,12 +167,31 @@ async fn session(State(state): State<ConsoleState>, headers: HeaderMap) -> Respo
     response
 }
 
+/// Refuses a customer the gateway would refuse, or one the upstream URL could not carry as
+/// given: the URL library drops `.` and `..` segments and strips tabs and newlines, which
+/// would send the write to another path or another customer (`acme<TAB>corp` → `acmecorp`).
+fn unforwardable_customer(customer: &str) -> Option<Response> {
+    let refused = neruba_schemas::credit::check_customer(customer).is_err()
+        || customer == "."
+        || customer == "..";
+    refused.then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_customer",
+            "the customer id must be 1–256 bytes without control characters, and not `.` or `..`",
+        )
+    })
+}
+
 async fn forward_grant(
     State(state): State<ConsoleState>,
     Path(customer): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = unforwardable_customer(&customer) {
+        return refused;
+    }
     forward(
         &state,
         &["v1", "customers", &customer, "grants"],
@@ -186,6 +207,16 @@ async fn forward_void(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = unforwardable_customer(&customer) {
+        return refused;
+    }
+    if !neruba_schemas::credit::is_grant_id(&id) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant_id",
+            "a grant id is `gr_` and 32 lowercase hex digits",
+        );
+    }
     forward(
         &state,
         &["v1", "customers", &customer, "grants", &id, "void"],
@@ -196,8 +227,9 @@ async fn forward_void(
 }
 
 /// Sends the write to the gateway (path segments re-encoded, so a decoded `/` in a customer
-/// id stays inside its segment) with the caller's key, content type and body, and answers
-/// what the gateway answered.
+/// id stays inside its segment; the callers refuse the segments the URL library would alter)
+/// with the caller's key, content type and body, and answers what the gateway answered, as
+/// data (`nosniff`, no active content) whatever type the gateway named.
 async fn forward(
     state: &ConsoleState,
     segments: &[&str],
@@ -250,6 +282,14 @@ async fn forward(
         Ok(bytes) => {
             let mut response = (status, bytes).into_response();
             response.headers_mut().extend(kept);
+            response.headers_mut().insert(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            );
+            response.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'"),
+            );
             response
         }
         Err(e) => {
@@ -274,6 +314,22 @@ mod tests {
         assert!(gateway_url("https://gw.example/prefix/").is_ok());
         assert!(gateway_url("mailto:x@y").is_err());
         assert!(gateway_url("127.0.0.1:8080").is_err());
+    }
+
+    #[test]
+    fn segments_the_upstream_url_would_alter_are_refused() {
+        for customer in ["acme\tcorp", ".", "..", "a\nb", ""] {
+            assert!(
+                unforwardable_customer(customer).is_some(),
+                "{customer:?} must be refused"
+            );
+        }
+        for customer in ["customer-7", "a/b", "a%2Fb", "...", "ü"] {
+            assert!(
+                unforwardable_customer(customer).is_none(),
+                "{customer:?} is forwarded"
+            );
+        }
     }
 
     #[test]
