@@ -5,13 +5,17 @@
 //! - the tenant is the one the API key proves; a customer of another tenant is answered as
 //!   one that does not exist (`404 customer_not_found`), never `403`, so nothing confirms it;
 //! - every answer carries `as_of`, the read-model position it was read at; a read with
-//!   `min_position=<topic>:<partition>:<offset>` (what a write answered) waits, bounded, until
-//!   the model has applied that record, and is otherwise `503 not_caught_up` with
-//!   `Retry-After`: a client reads its own writes;
+//!   `min_position=<topic>:<partition>:<offset>[,…]` (what writes answered) waits, bounded by
+//!   `read_wait` for the whole list, until every one is caught up, and is otherwise
+//!   `503 not_caught_up` with `Retry-After`: a client reads its own writes. A ledger or rollups
+//!   position is caught up once its model applied that record; an events position (usage reads
+//!   only) once the aggregators folded that event and the usage model holds every rollup they
+//!   produced from it (`events.rs`): usage answers closed windows, so an event whose window is
+//!   still open is not in it yet, though the wait is over;
 //! - every parameter is checked before anything is read, with a stable code: `400` for a
 //!   malformed one (`invalid_period`, `invalid_limit`, `invalid_cursor`, `invalid_after`,
-//!   `invalid_position`, `unknown_parameter`), `422` for a position of a topic the model does not
-//!   read (`unsupported_position`).
+//!   `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
+//!   not follow or of a partition the topic does not have (`unsupported_position`).
 
 use crate::model::{Model, Position, ReadError};
 use axum::Router;
@@ -26,7 +30,7 @@ use neruba_schemas::credit::{BalanceEntry, BalanceRule, Statement};
 use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +45,9 @@ pub(crate) struct AppState {
     pub(crate) model: Arc<Model>,
     /// The rollups read model (usage).
     pub(crate) rollups: Arc<Model>,
+    /// How far the aggregators have folded the events topic (usage reads of one's own
+    /// events).
+    pub(crate) events: Arc<crate::events::EventsProgress>,
     /// Longest wait for `min_position`.
     pub(crate) read_wait: Duration,
     pub(crate) metrics: crate::metrics::Metrics,
@@ -241,65 +248,231 @@ impl Params {
     }
 }
 
-/// Waits until the model applied the record at `min_position`, if one is asked for.
-async fn caught_up(state: &AppState, params: &Params) -> Result<(), Refused> {
+/// Most positions one `min_position` may list (a client that wrote to every partition of a
+/// large topic passes one per partition).
+const MAX_POSITIONS: usize = 256;
+/// How often a wait on the aggregators asks the broker again.
+const EVENTS_POLL: Duration = Duration::from_millis(50);
+/// How often a wait on a model looks at its position again.
+const MODEL_POLL: Duration = Duration::from_millis(20);
+
+/// Which reads a position on the events topic can be waited for by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Events {
+    /// Usage: the rollups model is what the aggregators' work on the events feeds.
+    Waitable,
+    /// The ledger reads: no wait on the events topic would say anything about them.
+    Refused,
+}
+
+/// What a `min_position` list asks for, checked against what the api follows.
+#[derive(Default)]
+struct Wanted<'m> {
+    /// Records of topics a model reads: applied once the model's position is past them.
+    records: Vec<(&'m Model, i32, i64)>,
+    /// Per events-topic partition, the highest offset asked for: caught up once the
+    /// aggregators folded it and the rollups model holds what they produced (`events.rs`).
+    events: BTreeMap<i32, i64>,
+}
+
+fn not_caught_up(message: String) -> Refused {
+    Refused {
+        retry_after: Some(1),
+        ..refused(StatusCode::SERVICE_UNAVAILABLE, "not_caught_up", message)
+    }
+}
+
+fn unsupported_position(message: String) -> Refused {
+    refused(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unsupported_position",
+        message,
+    )
+}
+
+/// One `<topic>:<partition>:<offset>`; the topic may itself hold `:`.
+fn parse_position(text: &str) -> Option<(&str, i32, i64)> {
+    let mut parts = text.rsplitn(3, ':');
+    let offset: i64 = parts.next()?.parse().ok().filter(|o| *o >= 0)?;
+    let partition: i32 = parts.next()?.parse().ok().filter(|p| *p >= 0)?;
+    let topic = parts.next().filter(|t| !t.is_empty())?;
+    Some((topic, partition, offset))
+}
+
+/// Waits until the read model has caught up with every position of `min_position` (a
+/// comma-separated list), if one is asked for: each record of a topic a model reads applied,
+/// and, for usage, each event folded by the aggregators with its rollups read. One bound,
+/// `read_wait`, for the whole list; every item is checked before anything is waited for.
+async fn caught_up(state: &AppState, params: &Params, events: Events) -> Result<(), Refused> {
     let Some(text) = params.get("min_position") else {
         return Ok(());
     };
+    let deadline = Instant::now() + state.read_wait;
+    let wanted = wanted(state, text, events)?;
+    if let Some(partition) = wanted.events.keys().next_back().copied() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let partitions = state
+            .events
+            .partitions(remaining)
+            .await
+            .map_err(|e| not_caught_up(format!("the aggregators' progress is unknown: {e}")))?;
+        if partition >= partitions {
+            return Err(unsupported_position(format!(
+                "`{}` has no partition {partition}",
+                state.events.topic()
+            )));
+        }
+    }
+    for (model, partition, offset) in wanted.records {
+        applied(model, partition, offset, deadline).await?;
+    }
+    if !wanted.events.is_empty() {
+        folded(state, wanted.events, deadline).await?;
+    }
+    Ok(())
+}
+
+/// The positions of a `min_position` list, or why it is refused: `400 invalid_position` for a
+/// malformed item, `422 unsupported_position` for a topic the read does not follow (or a
+/// partition a model's topic does not have).
+fn wanted<'s>(state: &'s AppState, text: &str, events: Events) -> Result<Wanted<'s>, Refused> {
     let bad = || {
         refused(
             StatusCode::BAD_REQUEST,
             "invalid_position",
-            "`min_position` must be `<topic>:<partition>:<offset>`, as a write answered",
+            format!(
+                "`min_position` must be `<topic>:<partition>:<offset>`, as a write answered, or \
+                 up to {MAX_POSITIONS} of them separated by `,`"
+            ),
         )
     };
-    let mut parts = text.rsplitn(3, ':');
-    let offset: i64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
-    let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let topic = parts.next().ok_or_else(bad)?;
-    let model = [&state.model, &state.rollups]
-        .into_iter()
-        .find(|m| m.topic() == topic)
-        .ok_or_else(|| {
-            refused(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unsupported_position",
-                format!(
-                    "the read model follows `{}` and `{}`; a position on `{topic}` cannot be \
-                     waited for",
-                    state.model.topic(),
-                    state.rollups.topic()
-                ),
-            )
-        })?;
-    if !(0..model.partitions()).contains(&partition) {
-        return Err(refused(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_position",
-            format!("`{topic}` has no partition {partition}"),
-        ));
+    if text.split(',').count() > MAX_POSITIONS {
+        return Err(bad());
     }
-    let deadline = Instant::now() + state.read_wait;
+    let mut wanted = Wanted::default();
+    for item in text.split(',') {
+        let (topic, partition, offset) = parse_position(item).ok_or_else(bad)?;
+        if let Some(model) = [&state.model, &state.rollups]
+            .into_iter()
+            .find(|m| m.topic() == topic)
+        {
+            if partition >= model.partitions() {
+                return Err(unsupported_position(format!(
+                    "`{topic}` has no partition {partition}"
+                )));
+            }
+            wanted.records.push((model, partition, offset));
+        } else if topic == state.events.topic() && events == Events::Waitable {
+            let highest = wanted.events.entry(partition).or_insert(offset);
+            *highest = (*highest).max(offset);
+        } else if topic == state.events.topic() {
+            return Err(unsupported_position(format!(
+                "a position on `{topic}` can be waited for by usage reads only: events reach \
+                 the ledger through the rater and the balances stage, whose progress no events \
+                 position tells"
+            )));
+        } else {
+            return Err(unsupported_position(format!(
+                "the read model follows `{}` and `{}`{}; a position on `{topic}` cannot be \
+                 waited for",
+                state.model.topic(),
+                state.rollups.topic(),
+                match events {
+                    Events::Waitable => format!(" (and `{}` for usage)", state.events.topic()),
+                    Events::Refused => String::new(),
+                }
+            )));
+        }
+    }
+    Ok(wanted)
+}
+
+/// Waits until `model` has applied the record at `offset` of `partition`.
+async fn applied(
+    model: &Model,
+    partition: i32,
+    offset: i64,
+    deadline: Instant,
+) -> Result<(), Refused> {
     loop {
         let position = model.position(partition);
         if position.as_ref().is_some_and(|p| p.next_offset > offset) {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Refused {
-                retry_after: Some(1),
-                ..refused(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not_caught_up",
-                    format!(
-                        "the read model has not applied {text} yet (at {})",
-                        position.map_or(-1, |p| p.next_offset)
-                    ),
-                )
-            });
+            return Err(not_caught_up(format!(
+                "the read model has not applied {}:{partition}:{offset} yet (at {})",
+                model.topic(),
+                position.map_or(-1, |p| p.next_offset)
+            )));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(MODEL_POLL).await;
     }
+}
+
+/// Waits until the aggregators have folded the events topic up to `wanted` (per partition,
+/// an offset) and the usage model holds every rollup they produced from it.
+async fn folded(
+    state: &AppState,
+    mut wanted: BTreeMap<i32, i64>,
+    deadline: Instant,
+) -> Result<(), Refused> {
+    // 1. Folded once the aggregators' group committed past them: they commit a batch only
+    //    after its rollups were acknowledged and its state written ...
+    let topic = state.events.topic();
+    let mut last_error = None;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let partitions = wanted.keys().copied().collect();
+        match state.events.committed(partitions, remaining).await {
+            Ok(committed) => wanted.retain(|partition, offset| {
+                committed
+                    .get(partition)
+                    .is_none_or(|committed| committed <= offset)
+            }),
+            Err(e) => last_error = Some(e),
+        }
+        if wanted.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let behind: Vec<String> = wanted
+                .iter()
+                .map(|(partition, offset)| format!("{topic}:{partition}:{offset}"))
+                .collect();
+            let why = last_error.map_or(String::new(), |e| format!(" (last error: {e})"));
+            return Err(not_caught_up(format!(
+                "the aggregators have not folded {} yet{why}",
+                behind.join(",")
+            )));
+        }
+        tokio::time::sleep(EVENTS_POLL).await;
+    }
+    // 2. ... so whatever rollups the events caused lie below each rollups partition's end as
+    //    it is now: caught up once the usage model has read that far everywhere.
+    let ends = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match state
+            .events
+            .rollups_ends(state.rollups.partitions(), remaining)
+            .await
+        {
+            Ok(ends) => break ends,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(not_caught_up(format!(
+                    "the end of `{}` is unknown: {e}",
+                    state.rollups.topic()
+                )));
+            }
+            Err(_) => tokio::time::sleep(EVENTS_POLL).await,
+        }
+    };
+    for (partition, end) in ends {
+        if end > 0 {
+            applied(&state.rollups, partition, end - 1, deadline).await?;
+        }
+    }
+    Ok(())
 }
 
 fn not_found(customer: &str) -> Refused {
@@ -334,7 +507,7 @@ async fn customer_book<T>(
     let tenant = tenant(state, headers)?;
     let params = Params::of(raw, allowed)?;
     let checked = check(&params)?;
-    caught_up(state, &params).await?;
+    caught_up(state, &params, Events::Refused).await?;
     let (book, position) = state.model.book(&tenant, customer)?;
     let book = book.ok_or_else(|| not_found(customer))?;
     Ok((tenant, book, position, checked))
@@ -389,7 +562,7 @@ async fn customers(
     let params = Params::of(raw, &["limit", "cursor"])?;
     let limit = params.limit()?;
     let after = params.get("cursor").map(decode_cursor).transpose()?;
-    caught_up(&state, &params).await?;
+    caught_up(&state, &params, Events::Refused).await?;
     let as_of = state.model.positions();
     let ids = state.model.customers(&tenant, after.as_deref(), limit)?;
     let next_cursor = (ids.len() == limit)
@@ -667,7 +840,7 @@ async fn statements(
     let tenant = tenant(&state, &headers)?;
     let params = Params::of(raw, &[])?;
     let period = params.period(Some(&period))?;
-    caught_up(&state, &params).await?;
+    caught_up(&state, &params, Events::Refused).await?;
     let (read, position) = state.model.statements(&tenant, &customer, &period)?;
     let (statements, book) = read.ok_or_else(|| not_found(&customer))?;
     let pending_prior_period = book
@@ -1022,7 +1195,7 @@ async fn usage(
             refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_group", m)
         }
     })?;
-    caught_up(&state, &params).await?;
+    caught_up(&state, &params, Events::Waitable).await?;
     let partition = state.rollups.partition_of(&tenant, &customer);
     let as_of = state.rollups.position(partition);
     if !crate::usage::known(&state.rollups, &tenant, &customer)? {

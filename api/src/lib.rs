@@ -7,11 +7,17 @@
 //!   each answers for any customer;
 //! - the read model is the balances fold of the ledger (`ledger.rs`), so a statement, a
 //!   balance or a grant read here is what the balances stage derives from the same records;
-//! - the position a read is answered at is in the answer (`as_of`), and a read can wait for a
-//!   position a write answered (`http.rs`);
+//! - the position a read is answered at is in the answer (`as_of`), and a read can wait for
+//!   positions a write answered (`http.rs`): a credit write's on the ledger, and, for usage, an
+//!   events write's on the events topic, which is caught up once the aggregators have folded
+//!   those events and this model holds every rollup they produced from them (`events.rs`);
+//! - usage answers closed windows only: an event in a window still open appears once that
+//!   window closes, so waiting for an event's position shows the event if its window had
+//!   closed (a late event's revision), not while its window is open;
 //! - the support console (`/console`, `console.rs`) shows only what those reads answer.
 
 mod console;
+mod events;
 mod http;
 mod ledger;
 mod metrics;
@@ -28,6 +34,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use http::{DEFAULT_LIMIT, MAX_LIMIT};
+
+/// The aggregators' consumer group unless told otherwise: `neruba aggregator`'s default
+/// `--group-id`.
+pub const DEFAULT_AGGREGATOR_GROUP_ID: &str = "neruba-aggregator";
 pub use neruba_stage::{Error, Result};
 
 /// The api's settings.
@@ -38,6 +48,12 @@ pub struct Config {
     pub stage: neruba_stage::Config,
     /// The rollups topic, read the same way into the usage model.
     pub rollups_topic: String,
+    /// The events topic: a usage read may wait for a position on it (what `POST /v1/events`
+    /// answered), which is caught up once the aggregators have folded it.
+    pub events_topic: String,
+    /// The aggregators' consumer group, whose committed events-topic offsets say what they
+    /// have folded (read only: this replica never joins it).
+    pub aggregator_group_id: String,
     pub listen: SocketAddr,
     /// Longest a read waits for its `min_position`.
     pub read_wait: Duration,
@@ -66,6 +82,8 @@ impl Config {
         Self {
             stage,
             rollups_topic: neruba_schemas::topics::ROLLUPS.to_owned(),
+            events_topic: neruba_schemas::topics::EVENTS.to_owned(),
+            aggregator_group_id: DEFAULT_AGGREGATOR_GROUP_ID.to_owned(),
             listen,
             read_wait: Duration::from_secs(5),
             console_gateway: None,
@@ -202,10 +220,18 @@ pub async fn start(
         })
         .await??
     };
+    let events = Arc::new(events::EventsProgress::new(
+        &config.events_topic,
+        &config.aggregator_group_id,
+        &config.rollups_topic,
+        &config.stage.brokers,
+        &config.stage.kafka_options,
+    ));
     let state = http::AppState {
         catalog,
         model: model.clone(),
         rollups: rollups.clone(),
+        events,
         read_wait: config.read_wait,
         metrics,
     };

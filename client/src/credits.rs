@@ -116,7 +116,8 @@ impl GrantRequest {
     }
 }
 
-/// Where a record landed on the ledger topic. A read at it
+/// Where a record landed: a grant, void or rule on the ledger topic, or events on the events
+/// topic ([`Ingestor::positions`](crate::Ingestor::positions)). A read at it
 /// ([`Reader::at`](crate::Reader::at)) sees the record.
 ///
 /// It prints, and parses from, the `min_position` form `<topic>:<partition>:<offset>`:
@@ -132,9 +133,9 @@ impl GrantRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[non_exhaustive]
 pub struct Position {
-    /// The ledger topic.
+    /// The topic: the ledger for credit writes, the events topic for events.
     pub topic: String,
-    /// The customer's partition.
+    /// The partition (for a credit write, the customer's).
     pub partition: i32,
     /// The record's offset.
     pub offset: i64,

@@ -15,7 +15,10 @@
 //!   results, the events it did accept keep that outcome and only those it could not deliver
 //!   are sent again, so the gateway's deduplication is a safety net, not the mechanism;
 //! - **flush covers everything sent before it**: [`Ingestor::flush`] returns once every event
-//!   queued before the call has its outcome.
+//!   queued before the call has its outcome, and [`Ingestor::positions`] then covers every one
+//!   of them accepted: the gateway's `positions`, the highest offset written per events-topic
+//!   partition, merged over every answer, so a [`Reader::at_all`](crate::Reader::at_all) of
+//!   them reads those events back once the aggregators have folded them.
 //!
 //! The mechanism: one channel carries events, flushes and closes in the order they were sent,
 //! which is what lets a flush know which events it covers (their sequence numbers are below
@@ -23,17 +26,18 @@
 //! would take it past `max_batch_bytes`, when `linger` has passed since its first event, or
 //! when a flush or close asks for it.
 
+use crate::credits::Position;
 use crate::error::{Error, Result};
 use crate::event::{Event, Wire};
 use crate::http::{Answer, Failure, Transport};
 use crate::retry;
 use reqwest::Method;
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -107,13 +111,17 @@ pub struct Totals {
     pub failed: u64,
 }
 
-/// The counters behind [`Totals`], shared by the handles and the background task.
+/// The counters behind [`Totals`] and [`Ingestor::positions`], shared by the handles and the
+/// background task.
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
     duplicate: AtomicU64,
     rejected: AtomicU64,
     failed: AtomicU64,
+    /// The highest offset written per (topic, partition), as the gateway answered: one entry
+    /// per events-topic partition at most, so bounded by the topic's partition count.
+    landed: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl Counters {
@@ -123,6 +131,33 @@ impl Counters {
             .fetch_add(totals.duplicate, Ordering::Relaxed);
         self.rejected.fetch_add(totals.rejected, Ordering::Relaxed);
         self.failed.fetch_add(totals.failed, Ordering::Relaxed);
+    }
+
+    fn land(&self, positions: Vec<Position>) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut landed = match self.landed.lock() {
+            Ok(landed) => landed,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for position in positions {
+            let highest = landed
+                .entry((position.topic, position.partition))
+                .or_insert(position.offset);
+            *highest = (*highest).max(position.offset);
+        }
+    }
+
+    fn landed(&self) -> Vec<Position> {
+        let landed = match self.landed.lock() {
+            Ok(landed) => landed,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        landed
+            .iter()
+            .map(|((topic, partition), offset)| Position::new(topic.clone(), *partition, *offset))
+            .collect()
     }
 
     fn snapshot(&self) -> Totals {
@@ -285,6 +320,16 @@ impl Ingestor {
     pub fn totals(&self) -> Totals {
         self.counters.snapshot()
     }
+
+    /// Where the events accepted so far landed: per events-topic partition, the highest
+    /// offset written, from every answer read so far (after a [`flush`](Self::flush), every
+    /// event queued before it). A [`Reader::at_all`](crate::Reader::at_all) of them reads the
+    /// events' usage back once the aggregators have folded them (usage shows closed windows:
+    /// an event of a window still open appears when its window closes). Duplicates add none:
+    /// the request that wrote them answered their position.
+    pub fn positions(&self) -> Vec<Position> {
+        self.counters.landed()
+    }
 }
 
 /// Events packed together, in sequence order.
@@ -302,6 +347,8 @@ struct Batch {
 struct Settled {
     totals: Totals,
     error: Option<Error>,
+    /// Where its accepted events landed, as the answers said.
+    positions: Vec<Position>,
 }
 
 /// The background task: takes commands, seals and sends batches, answers flushes.
@@ -444,6 +491,7 @@ impl Batcher {
                         ..Totals::default()
                     },
                     error: Some(Error::Interrupted),
+                    positions: Vec::new(),
                 };
                 (e.id(), settled)
             }
@@ -452,6 +500,7 @@ impl Batcher {
             self.flying_seqs.remove(&first_seq);
         }
         self.counters.add(settled.totals);
+        self.counters.land(settled.positions);
         if self.failure.is_none() {
             self.failure = settled.error;
         }
@@ -498,10 +547,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The answer to `POST /v1/events`: one result per event, in request order.
+/// The answer to `POST /v1/events`: one result per event, in request order, and where the
+/// accepted ones landed.
 #[derive(Debug, Deserialize)]
 struct IngestAnswer {
     results: Vec<EventResult>,
+    /// `<topic>:<partition>:<offset>` per events-topic partition written to (absent from a
+    /// gateway older than positions).
+    #[serde(default)]
+    positions: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -520,7 +574,15 @@ async fn deliver(
     events: Vec<Queued>,
 ) -> Settled {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
-    let result = send_until_settled(&transport, observer.as_ref(), &events, &mut outcomes).await;
+    let mut positions = Vec::new();
+    let result = send_until_settled(
+        &transport,
+        observer.as_ref(),
+        &events,
+        &mut outcomes,
+        &mut positions,
+    )
+    .await;
     let mut totals = Totals::default();
     for (queued, outcome) in events.into_iter().zip(outcomes) {
         let answer = match (outcome, &result) {
@@ -547,15 +609,18 @@ async fn deliver(
     Settled {
         totals,
         error: result.err(),
+        positions,
     }
 }
 
-/// The attempts of one batch: each sends the events still without an outcome.
+/// The attempts of one batch: each sends the events still without an outcome; the positions
+/// every answer gave are added to `positions`.
 async fn send_until_settled(
     transport: &Transport,
     observer: Option<&AttemptObserver>,
     events: &[Queued],
     outcomes: &mut [Option<Outcome>],
+    positions: &mut Vec<Position>,
 ) -> Result<()> {
     let url = transport.url(&["v1", "events"])?;
     let mut attempts = 0;
@@ -580,7 +645,8 @@ async fn send_until_settled(
         let failure = match sent {
             Err(e) => Failure::transport(&e),
             Ok(answer) if answer.status == 200 => {
-                let results = read_results(&answer, events, &pending)?;
+                let (results, landed) = read_results(&answer, events, &pending)?;
+                positions.extend(landed);
                 record(outcomes, &pending, results, &answer)?;
                 if pending
                     .iter()
@@ -597,8 +663,9 @@ async fn send_until_settled(
                 // A 503 from the gateway says which events did land: they keep their outcome
                 // and are not sent again.
                 if answer.status == 503
-                    && let Ok(results) = read_results(&answer, events, &pending)
+                    && let Ok((results, landed)) = read_results(&answer, events, &pending)
                 {
+                    positions.extend(landed);
                     record(outcomes, &pending, results, &answer)?;
                 }
                 Failure::answer(&answer)
@@ -625,9 +692,23 @@ fn array_of(events: &[Queued], indexes: &[usize]) -> Vec<u8> {
     body
 }
 
-/// The answer's results, checked against what was sent: one per event, same ids.
-fn read_results(answer: &Answer, events: &[Queued], pending: &[usize]) -> Result<Vec<EventResult>> {
-    let IngestAnswer { results } = answer.decode("ingest answer")?;
+/// The answer's results, checked against what was sent (one per event, same ids), and its
+/// positions.
+fn read_results(
+    answer: &Answer,
+    events: &[Queued],
+    pending: &[usize],
+) -> Result<(Vec<EventResult>, Vec<Position>)> {
+    let IngestAnswer { results, positions } = answer.decode("ingest answer")?;
+    let positions = positions
+        .iter()
+        .map(|text| {
+            text.parse::<Position>().map_err(|_| Error::Protocol {
+                status: answer.status,
+                message: format!("`{text}` is not a position"),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     if results.len() != pending.len() {
         return Err(Error::Protocol {
             status: answer.status,
@@ -649,7 +730,7 @@ fn read_results(answer: &Answer, events: &[Queued], pending: &[usize]) -> Result
             });
         }
     }
-    Ok(results)
+    Ok((results, positions))
 }
 
 /// Records the settled results; `not_delivered` ones stay without an outcome.

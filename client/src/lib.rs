@@ -19,7 +19,8 @@
 //!   as [`Error::Refused`] with the server's stable `code`.
 //! - **Exact reads.** Every amount and quantity read is a [`Decimal`](rust_decimal::Decimal)
 //!   parsed from the api's decimal string, and every answer says the read-model position it
-//!   was read at (`as_of`); [`Reader::at`] reads one's own writes.
+//!   was read at (`as_of`); [`Reader::at`] reads one's own credit writes, and
+//!   [`Reader::at_all`] of [`Ingestor::positions`] one's own events' usage.
 //!
 //! An API key has scopes: ingest needs `ingest`, credit writes need `credits`, reads need
 //! `read`. The gateway and the api (`neruba api`, or `neruba dev --api-listen`) have their own

@@ -6,9 +6,10 @@
 //!   [`Decimal`]s read from their decimal strings, never through `f64`; a status or kind this
 //!   version does not know is kept as `Other(text)`, not an error;
 //! - every answer says which read-model position it was read at (`as_of`); a [`Reader`] made
-//!   with [`Reader::at`] sends `min_position`, so the api answers only once it has applied that
-//!   record (read-your-writes), waiting a bounded time and otherwise answering
-//!   `503 not_caught_up`, which is retried like any `503`, never sooner than its `Retry-After`;
+//!   with [`Reader::at`] (or [`Reader::at_all`]) sends `min_position`, so the api answers only
+//!   once it has caught up with those writes (read-your-writes), waiting a bounded time and
+//!   otherwise answering `503 not_caught_up`, which is retried like any `503`, never sooner
+//!   than its `Retry-After`;
 //! - customers, grant ids and periods are single path segments (percent-encoded), and query
 //!   values are form-encoded, so no argument can change which read is made.
 
@@ -742,7 +743,7 @@ pub struct UsageRow {
 #[derive(Debug, Clone)]
 pub struct Reader {
     transport: Arc<Transport>,
-    /// `<topic>:<partition>:<offset>`, sent as `min_position`.
+    /// `<topic>:<partition>:<offset>[,…]`, sent as `min_position`.
     min_position: Option<String>,
 }
 
@@ -759,17 +760,40 @@ impl Reader {
     /// position): read-your-writes. The api waits a bounded time for it, then answers
     /// `503 not_caught_up`, which is retried per the [`RetryPolicy`](crate::RetryPolicy).
     ///
-    /// One position per read: for writes to several customers, read each at its own.
+    /// For several writes, [`at_all`](Self::at_all).
     pub fn at(&self, position: &Position) -> Self {
+        self.at_all([position])
+    }
+
+    /// This reader, answering only once the api has caught up with every one of `positions`
+    /// (at most 256; none: no wait). Events' positions ([`Ingestor::positions`]) can be waited
+    /// for by [`usage`](Self::usage) only: the api waits until the aggregators have folded
+    /// those events and it holds every rollup they produced, so a late event's revision of a
+    /// closed window is in the answer; an event of a window still open is not, until its
+    /// window closes.
+    ///
+    /// [`Ingestor::positions`]: crate::Ingestor::positions
+    pub fn at_all<'p>(&self, positions: impl IntoIterator<Item = &'p Position>) -> Self {
+        let joined: Vec<String> = positions.into_iter().map(Position::to_string).collect();
         Self {
             transport: self.transport.clone(),
-            min_position: Some(position.to_string()),
+            min_position: (!joined.is_empty()).then(|| joined.join(",")),
         }
     }
 
-    /// The position reads wait for, if any.
+    /// The position reads wait for, if any (the first, if several).
     pub fn position(&self) -> Option<Position> {
-        self.min_position.as_deref().and_then(|p| p.parse().ok())
+        self.positions().into_iter().next()
+    }
+
+    /// Every position reads wait for.
+    pub fn positions(&self) -> Vec<Position> {
+        self.min_position
+            .as_deref()
+            .into_iter()
+            .flat_map(|list| list.split(','))
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     async fn get<T: serde::de::DeserializeOwned>(

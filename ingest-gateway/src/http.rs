@@ -9,6 +9,10 @@
 //!   a request could not be delivered, the whole request is answered 503 with `Retry-After`
 //!   (the events that did land are remembered, so the retry reports them as `duplicate`);
 //! - a repeat is answered `duplicate` with a 2xx, never an error;
+//! - the answer's `positions` name, for each events-topic partition this request's events
+//!   landed in, the highest offset they landed at (`<topic>:<partition>:<offset>`, by
+//!   partition; empty when nothing was written), from the delivery reports `accepted` waits
+//!   for: what a read passes as `min_position` to see its own events;
 //! - the caller is authenticated before a byte of the body is read, and the body is read within
 //!   a deadline and a size limit counted on its decoded bytes (see [`crate::encoding`]), so
 //!   neither a stranger nor a slow or inflating body can hold a handler or its memory;
@@ -31,6 +35,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use neruba_kafka::Landed;
 use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
@@ -113,6 +118,8 @@ struct IngestResponse {
     accepted: usize,
     duplicate: usize,
     rejected: usize,
+    /// Per events-topic partition written to, the highest offset written, by partition.
+    positions: Vec<String>,
     results: Vec<EventResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorBody>,
@@ -271,10 +278,12 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let events: Vec<&Event> = to_send.iter().map(|(_, e)| e).collect();
     let deliveries = state.sink.send_all(&events).await;
     let mut undelivered = None;
+    let mut highest = Highest::default();
     for ((index, event), delivery) in to_send.iter().zip(deliveries) {
         match delivery {
-            Ok(()) => {
+            Ok(landed) => {
                 state.dedup.insert(&event.tenant, &event.id);
+                highest.note(landed);
                 tally.accepted += 1;
             }
             Err(e) => {
@@ -297,6 +306,9 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         accepted: count(Status::Accepted),
         duplicate: count(Status::Duplicate),
         rejected: count(Status::Rejected),
+        // In a 503 too: the events that did land are written, and their retry will be
+        // answered `duplicate`, without a position.
+        positions: highest.positions(state.sink.topic()),
         results,
         error: None,
     };
@@ -320,6 +332,37 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         StatusCode::OK
     };
     (status, axum::Json(response)).into_response()
+}
+
+/// The highest offset a request's events landed at, per events-topic partition. Indexed by
+/// partition (a topic's partitions are `0..n`, n small), so noting an event costs an index and
+/// a comparison, and a position's text is made once per partition, not per event.
+#[derive(Debug, Default)]
+struct Highest(Vec<Option<i64>>);
+
+impl Highest {
+    fn note(&mut self, landed: Landed) {
+        let Ok(partition) = usize::try_from(landed.partition) else {
+            return;
+        };
+        if partition >= self.0.len() {
+            self.0.resize(partition + 1, None);
+        }
+        if let Some(highest) = self.0.get_mut(partition) {
+            *highest = (*highest).max(Some(landed.offset));
+        }
+    }
+
+    /// `<topic>:<partition>:<offset>` per partition written to, by partition.
+    fn positions(&self, topic: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(partition, offset)| {
+                offset.map(|offset| format!("{topic}:{partition}:{offset}"))
+            })
+            .collect()
+    }
 }
 
 /// The tenant the request's API key proves and lets ingest ([`admit::authenticate`]).
@@ -535,5 +578,28 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match prometheus::TextEncoder::new().encode_to_string(&families) {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Highest;
+    use neruba_kafka::Landed;
+
+    #[test]
+    fn positions_are_the_highest_offset_per_partition_in_partition_order() {
+        let mut highest = Highest::default();
+        assert_eq!(highest.positions("neruba.events"), Vec::<String>::new());
+        for (partition, offset) in [(2, 7), (0, 3), (2, 9), (2, 8), (0, 1), (5, 0)] {
+            highest.note(Landed { partition, offset });
+        }
+        assert_eq!(
+            highest.positions("neruba.events"),
+            [
+                "neruba.events:0:3",
+                "neruba.events:2:9",
+                "neruba.events:5:0"
+            ]
+        );
     }
 }

@@ -9,6 +9,7 @@
 //!   no hot path awaits one produce future per event.
 
 use crate::metrics::Metrics;
+use neruba_kafka::Landed;
 use neruba_schemas::Event;
 use neruba_schemas::codec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -79,8 +80,14 @@ impl EventSink {
         }
     }
 
-    /// Enqueues every event, then awaits all delivery reports; results in the input order.
-    pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<(), DeliveryError>> {
+    /// The topic events are sent to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Enqueues every event, then awaits all delivery reports; results in the input order,
+    /// each where its event landed or why it did not.
+    pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<Landed, DeliveryError>> {
         let started = Instant::now();
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());

@@ -226,6 +226,32 @@ pub fn metadata_probe(
     client.create()
 }
 
+/// A client that reads another consumer group's committed offsets, and topics' high
+/// watermarks, without taking part in the group: the api asks it how far the aggregators
+/// have folded the events topic. It carries the group's id only because committed offsets
+/// are asked of the group's coordinator under it; it never subscribes and is never assigned
+/// a partition, so it never joins the group (its members are not rebalanced) and has nothing
+/// to commit.
+pub fn group_offsets_reader(
+    brokers: &str,
+    group_id: &str,
+    kafka_options: &[(String, String)],
+) -> Result<BaseConsumer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "neruba-group-offsets")
+        .set("group.id", group_id)
+        // It consumes nothing; should anything ever be assigned, it must still never move
+        // the group's committed offsets, which are the aggregators' word on what they folded.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    for (key, value) in kafka_options {
+        client.set(key, value);
+    }
+    client.create()
+}
+
 /// A reader of a whole topic from its beginning, outside any consumer group's work (a tail
 /// for operators, a check in the demo): every partition assigned at its first offset, nothing
 /// committed. Blocking: it waits up to `timeout` for the topic's metadata.

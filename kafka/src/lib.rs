@@ -66,19 +66,32 @@ pub fn dead_letter_headers(
 
 /// Awaits every enqueued send; the first failure (to enqueue or to be acknowledged) wins.
 pub async fn await_all(pending: Vec<Result<DeliveryFuture, KafkaError>>) -> Result<(), KafkaError> {
-    await_each(pending).await.into_iter().collect()
+    await_each(pending)
+        .await
+        .into_iter()
+        .try_for_each(|landed| landed.map(drop))
 }
 
-/// Awaits every enqueued send; each one's outcome, in order (a producer dropped before
-/// acknowledging counts as [`KafkaError::Canceled`]).
+/// Where an acknowledged record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Awaits every enqueued send; each one's outcome, in order: where it landed, or why not (a
+/// producer dropped before acknowledging counts as [`KafkaError::Canceled`]).
 pub async fn await_each(
     pending: Vec<Result<DeliveryFuture, KafkaError>>,
-) -> Vec<Result<(), KafkaError>> {
+) -> Vec<Result<Landed, KafkaError>> {
     join_all(pending.into_iter().map(|enqueued| async move {
         match enqueued {
             Err(e) => Err(e),
             Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(delivery)) => Ok(Landed {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
                 Ok(Err((e, _))) => Err(e),
                 Err(_) => Err(KafkaError::Canceled),
             },

@@ -441,3 +441,201 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     pipeline.terminate(Duration::from_secs(10))?;
     Ok(())
 }
+
+/// A `GET` of `url`: the status, the `Retry-After` header, the JSON answer, and how long it
+/// took.
+async fn timed_get(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> Result<(u16, Option<String>, Value, Duration)> {
+    let started = Instant::now();
+    let response = client.get(url).bearer_auth(key).send().await?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = response.json().await.context("a JSON answer")?;
+    Ok((status, retry_after, body, started.elapsed()))
+}
+
+/// The `positions` of an ingest answer.
+fn positions_of(answer: &Value) -> Result<Vec<String>> {
+    answer["positions"]
+        .as_array()
+        .context("positions")?
+        .iter()
+        .map(|p| p.as_str().map(str::to_owned).context("a position string"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_read_at_the_events_positions_includes_late_events_with_their_exact_quantity()
+-> Result<()> {
+    const READ_WAIT: Duration = Duration::from_secs(3);
+    let work = tempfile::tempdir()?;
+    let (mut pipeline, gateway, api) = start_dev(work.path(), &["--api-read-wait", "3s"]).await?;
+    let client = reqwest::Client::new();
+    let read = sample::dev_key("acme", "read").context("acme read key")?;
+    let ingest = sample::dev_key("acme", "ingest").context("acme ingest key")?;
+    let send = |events: Value| {
+        let client = client.clone();
+        let url = format!("{gateway}/v1/events");
+        async move {
+            let response = client
+                .post(url)
+                .bearer_auth(ingest)
+                .json(&events)
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await?;
+            anyhow::ensure!(status == 200, "ingest answered {status}: {body}");
+            Ok::<Value, anyhow::Error>(body)
+        }
+    };
+    // One 1-minute window ten minutes ago (the sample's `llm_tokens`: sum of tokens, by model).
+    let now = neruba_schemas::event::now_ms();
+    let window_start = (now - 10 * 60_000) / 60_000 * 60_000;
+    let at = |second: i64| neruba_schemas::event::format_time_ms(window_start + second * 1000);
+    let (from, to) = (at(0), at(60));
+    let event = |id: &str, customer: &str, second: i64, tokens: u32| {
+        json!({"id": id, "type": "llm.completion", "subject": customer, "source": "test",
+               "time": at(second), "data": {"model": "large", "tokens": tokens, "status": "ok"}})
+    };
+    let customers = ["ryw-a", "ryw-b", "ryw-c", "ryw-d"];
+    let usage = |customer: &str, min_position: &str| {
+        format!(
+            "{api}/v1/usage?customer={customer}&meter=llm_tokens&from={from}&to={to}\
+             &window=none{min_position}"
+        )
+    };
+
+    // 1. A first event per customer; the window closes once the partitions are idle (1 s).
+    let first: Vec<Value> = customers
+        .iter()
+        .map(|c| event(&format!("{c}-1"), c, 10, 100))
+        .collect();
+    let answer = send(Value::Array(first)).await?;
+    assert_eq!(answer["accepted"], 4, "{answer}");
+    let started = Instant::now();
+    for customer in customers {
+        loop {
+            let (status, body) = get(&client, &usage(customer, ""), read).await?;
+            if status == 200 && body["data"][0]["quantity"] == "100" {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(40) {
+                bail!("{customer}'s window never closed: {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // 2. A late event per customer into that closed window (each a revision), then usage at
+    //    the answered positions: there at once, exactly, with no polling.
+    let late: Vec<Value> = customers
+        .iter()
+        .map(|c| event(&format!("{c}-2"), c, 40, 250))
+        .collect();
+    let answer = send(Value::Array(late)).await?;
+    assert_eq!(answer["accepted"], 4, "{answer}");
+    let positions = positions_of(&answer)?;
+    assert!(
+        !positions.is_empty() && positions.iter().all(|p| p.starts_with("neruba.events:")),
+        "{answer}"
+    );
+    let min_position = format!("&min_position={}", positions.join(","));
+    for customer in customers {
+        let (status, _, body, _) =
+            timed_get(&client, &usage(customer, &min_position), read).await?;
+        assert_eq!(status, 200, "{customer}: {body}");
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(1), "{body}");
+        assert_eq!(body["data"][0]["group"], json!({"model": "large"}));
+        assert_eq!(
+            dec(&body["data"][0]["quantity"]),
+            d("350"),
+            "{customer}: {body}"
+        );
+        assert_eq!(body["data"][0]["events"], 2, "{customer}: {body}");
+    }
+
+    // 3. A position past anything written: 503 `not_caught_up` once the wait (3 s) is over,
+    //    alone or beside positions that are caught up.
+    let far = "neruba.events:0:999999";
+    for list in [far.to_owned(), format!("{},{far}", positions.join(","))] {
+        let url = usage("ryw-a", &format!("&min_position={list}"));
+        let (status, retry_after, body, took) = timed_get(&client, &url, read).await?;
+        assert_eq!(
+            (
+                status,
+                body["error"]["code"].as_str(),
+                retry_after.as_deref()
+            ),
+            (503, Some("not_caught_up"), Some("1")),
+            "{list}: {body}"
+        );
+        assert!(
+            took >= READ_WAIT && took < READ_WAIT + Duration::from_secs(3),
+            "{list}: answered after {took:?}"
+        );
+    }
+
+    // 4. A malformed item anywhere in the list: 400 `invalid_position`; a partition the
+    //    events topic does not have (it has 4) or a topic the api does not follow: 422.
+    let good = positions[0].as_str();
+    let too_many = vec![good; 257].join(",");
+    let cases = [
+        (format!("{good},"), 400, "invalid_position"),
+        (format!(",{good}"), 400, "invalid_position"),
+        (format!("{good},,{good}"), 400, "invalid_position"),
+        (format!("{good},neruba.events:0:x"), 400, "invalid_position"),
+        (
+            format!("{good},neruba.events:0:-1"),
+            400,
+            "invalid_position",
+        ),
+        (
+            format!("{good},neruba.events:-1:0"),
+            400,
+            "invalid_position",
+        ),
+        (format!("{good},:0:1"), 400, "invalid_position"),
+        (too_many, 400, "invalid_position"),
+        (
+            format!("{good},neruba.events:4:0"),
+            422,
+            "unsupported_position",
+        ),
+        (
+            format!("{good},neruba.dead-letter:0:0"),
+            422,
+            "unsupported_position",
+        ),
+    ];
+    for (list, status, code) in cases {
+        let url = usage("ryw-a", &format!("&min_position={list}"));
+        let (got, _, body, _) = timed_get(&client, &url, read).await?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{list}: {body}"
+        );
+    }
+    // An events position says nothing about the ledger: the ledger reads refuse it.
+    let (got, _, body, _) = timed_get(
+        &client,
+        &format!("{api}/v1/customers/ryw-a/balances?min_position={good}"),
+        read,
+    )
+    .await?;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (422, Some("unsupported_position")),
+        "{body}"
+    );
+    pipeline.terminate(Duration::from_secs(10))?;
+    Ok(())
+}

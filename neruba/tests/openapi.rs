@@ -1371,7 +1371,7 @@ async fn every_operation_answers_as_documented() -> Result<()> {
                     .await?;
                 }
                 for (min_position, status, code) in [
-                    ("neruba.events:0:1", 422, "unsupported_position"),
+                    ("neruba.dead-letter:0:1", 422, "unsupported_position"),
                     (far.as_str(), 503, "not_caught_up"),
                 ] {
                     let mut pairs = pairs.clone();

@@ -90,6 +90,99 @@ async fn events_sent_in_batches_smaller_than_the_total_land_once_each_and_are_co
 }
 
 #[tokio::test]
+async fn an_ingestors_positions_are_where_its_events_landed_and_a_reader_waits_for_them_all()
+-> Result<()> {
+    let h = GatewayHarness::start().await?;
+    let client = Client::builder(&h.base, key("ingest")?)
+        .batch_size(8)
+        .build()?;
+    let ingestor = client.ingestor();
+    assert_eq!(ingestor.positions(), []);
+
+    // 1. 40 events for 10 customers in batches of 8, then 2 repeats: after the flush, the
+    //    positions are the highest offset per events-topic partition, as read back from it.
+    let mut receipts = Vec::new();
+    for n in 0..40 {
+        let event = Event::new("api.request", format!("customer-{}", n % 10))
+            .with_id(format!("positions-{n}"));
+        receipts.push(ingestor.send(event).await?);
+    }
+    for n in [3, 17] {
+        let event = Event::new("api.request", "customer-0").with_id(format!("positions-{n}"));
+        receipts.push(ingestor.send(event).await?);
+    }
+    assert_eq!(counts(ingestor.flush().await?), (40, 2, 0, 0));
+    let mut outcomes = Vec::new();
+    for receipt in receipts {
+        outcomes.push(receipt.await?);
+    }
+    assert_eq!(
+        outcomes,
+        [vec![Outcome::Accepted; 40], vec![Outcome::Duplicate; 2]].concat()
+    );
+    let bootstrap = h.kafka.bootstrap_servers().to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        neruba::embedded::read_topic(
+            &bootstrap,
+            topics::EVENTS,
+            40,
+            Duration::from_millis(500),
+            Duration::from_secs(15),
+        )
+    })
+    .await??;
+    assert_eq!(messages.len(), 40);
+    let mut highest: BTreeMap<i32, i64> = BTreeMap::new();
+    for message in &messages {
+        let at = highest
+            .entry(rdkafka::Message::partition(message))
+            .or_insert(0);
+        *at = (*at).max(rdkafka::Message::offset(message));
+    }
+    let expected: Vec<Position> = highest
+        .into_iter()
+        .map(|(partition, offset)| Position::new(topics::EVENTS, partition, offset))
+        .collect();
+    let positions = ingestor.positions();
+    assert_eq!(positions, expected);
+    ingestor.close().await?;
+
+    // 2. A reader at all of them sends them as one `min_position`, joined by `,`.
+    let answer = json!({"customer": "c", "as_of": [], "grants": []});
+    let stub = Stub::start(move |_, _| {
+        let body = answer.to_string();
+        async move {
+            Reply {
+                status: 200,
+                retry_after: None,
+                body,
+            }
+        }
+    })
+    .await?;
+    let reader = Client::new(&stub.base, "k")?.reader().at_all(&positions);
+    assert_eq!(reader.positions(), positions);
+    assert_eq!(reader.position().as_ref(), positions.first());
+    reader.grants("c").await?;
+    let joined: Vec<String> = positions
+        .iter()
+        .map(|p| format!("{}%3A{}%3A{}", p.topic, p.partition, p.offset))
+        .collect();
+    let seen = stub.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+        [format!(
+            "/v1/customers/c/grants?min_position={}",
+            joined.join("%2C")
+        )]
+    );
+    // None: no wait at all.
+    let unbound = Client::new(&stub.base, "k")?.reader().at_all(&[]);
+    assert_eq!((unbound.position(), unbound.positions()), (None, vec![]));
+    h.stop().await
+}
+
+#[tokio::test]
 async fn a_rejected_events_code_reaches_its_receipt_and_its_batch_mates_are_accepted() -> Result<()>
 {
     let h = GatewayHarness::start().await?;

@@ -5,7 +5,9 @@ use anyhow::Result;
 use neruba_schemas::catalog::hash_key;
 use neruba_schemas::{Catalog, event::format_time_ms};
 use neruba_tests::{GatewayHarness, now_ms, sample};
+use rdkafka::Message;
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 const BATCH: &str = "application/cloudevents-batch+json";
@@ -172,6 +174,150 @@ async fn repeat_in_same_and_later_batch_is_duplicate_with_one_message_on_topic()
     assert!(
         metrics.contains("neruba_ingest_events_total{code=\"\",outcome=\"accepted\"} 2"),
         "{metrics}"
+    );
+    h.stop().await
+}
+
+/// Every message on the events topic as `(partition, offset, event id)`, once at least
+/// `expected` are there and no more arrived for half a second.
+async fn landed_at(h: &GatewayHarness, expected: usize) -> Result<Vec<(i32, i64, String)>> {
+    let bootstrap = h.kafka.bootstrap_servers().to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        neruba::embedded::read_topic(
+            &bootstrap,
+            neruba_schemas::topics::EVENTS,
+            expected,
+            Duration::from_millis(500),
+            Duration::from_secs(15),
+        )
+    })
+    .await??;
+    messages
+        .into_iter()
+        .map(|m| {
+            let mut payload = m.payload().unwrap_or_default().to_vec();
+            let event = neruba_schemas::codec::decode(&mut payload)?;
+            Ok((m.partition(), m.offset(), event.id))
+        })
+        .collect()
+}
+
+/// The answer's `positions`, as strings.
+fn positions(answer: &neruba_tests::Answer) -> Vec<String> {
+    answer.json["positions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_str().unwrap_or("(not a string)").to_owned())
+        .collect()
+}
+
+/// `<topic>:<partition>:<offset>` of the highest offset per partition among the messages of
+/// `ids`, by partition: what an answer that wrote exactly `ids` must say.
+fn highest_of(landed: &[(i32, i64, String)], ids: &[&str]) -> Vec<String> {
+    let mut highest: BTreeMap<i32, i64> = BTreeMap::new();
+    for (partition, offset, id) in landed {
+        if ids.contains(&id.as_str()) {
+            let at = highest.entry(*partition).or_insert(*offset);
+            *at = (*at).max(*offset);
+        }
+    }
+    highest
+        .into_iter()
+        .map(|(partition, offset)| format!("neruba.events:{partition}:{offset}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_partition()
+-> Result<()> {
+    let h = GatewayHarness::start().await?;
+    // 1. Twelve events for twelve customers (spread over the topic's 3 partitions by key) and
+    //    one rejected: the positions are the highest offsets the twelve landed at.
+    let first: Vec<String> = (0..12).map(|n| format!("pos-{n}")).collect();
+    let mut batch: Vec<Value> = first
+        .iter()
+        .enumerate()
+        .map(|(n, id)| call(id, &format!("pos-customer-{n}")))
+        .collect();
+    batch.push(json!({"id": "pos-bad", "type": "api.request"}));
+    let answer = h
+        .post(acme(), BATCH, Value::Array(batch).to_string())
+        .await?;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(answer.json["accepted"], 12, "{}", answer.json);
+    let landed = landed_at(&h, 12).await?;
+    assert_eq!(landed.len(), 12);
+    let first_ids: Vec<&str> = first.iter().map(String::as_str).collect();
+    let expected = highest_of(&landed, &first_ids);
+    assert_eq!(positions(&answer), expected);
+    assert_eq!(
+        expected.len(),
+        landed
+            .iter()
+            .map(|(p, _, _)| *p)
+            .collect::<BTreeSet<_>>()
+            .len()
+    );
+    // Each position's offset holds one of the batch's events.
+    for position in positions(&answer) {
+        let mut parts = position.rsplitn(3, ':');
+        let offset: i64 = parts.next().unwrap_or_default().parse()?;
+        let partition: i32 = parts.next().unwrap_or_default().parse()?;
+        let at = landed
+            .iter()
+            .find(|(p, o, _)| (*p, *o) == (partition, offset))
+            .map(|(_, _, id)| id.as_str());
+        assert!(
+            at.is_some_and(|id| first_ids.contains(&id)),
+            "{position}: {at:?}"
+        );
+    }
+
+    // 2. Two new events beside two repeats: only the new ones' partitions and offsets.
+    let again = json!([
+        call("pos-0", "pos-customer-0"),
+        call("pos-new-a", "pos-customer-3"),
+        call("pos-5", "pos-customer-5"),
+        call("pos-new-b", "pos-customer-8"),
+    ]);
+    let answer = h.post(acme(), BATCH, again.to_string()).await?;
+    assert_eq!(
+        (
+            answer.json["accepted"].as_u64(),
+            answer.json["duplicate"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{}",
+        answer.json
+    );
+    let landed = landed_at(&h, 14).await?;
+    assert_eq!(landed.len(), 14);
+    assert_eq!(
+        positions(&answer),
+        highest_of(&landed, &["pos-new-a", "pos-new-b"])
+    );
+
+    // 3. Nothing written, nothing named: repeats only, and a single rejected event (422).
+    let repeats = h
+        .post(
+            acme(),
+            BATCH,
+            json!([call("pos-1", "pos-customer-1")]).to_string(),
+        )
+        .await?;
+    assert_eq!((repeats.status, positions(&repeats)), (200, vec![]));
+    assert_eq!(repeats.json["positions"], json!([]));
+    let rejected = h
+        .post(
+            acme(),
+            SINGLE,
+            json!({"id": "pos-bad", "type": "api.request"}).to_string(),
+        )
+        .await?;
+    assert_eq!(
+        (rejected.status, rejected.json["positions"].clone()),
+        (422, json!([]))
     );
     h.stop().await
 }

@@ -31,6 +31,17 @@ pub(crate) struct ApiCommandArgs {
     /// Topic closed windows (usage) are read from.
     #[arg(long, env = "NERUBA_ROLLUPS_TOPIC", default_value = topics::ROLLUPS)]
     pub(crate) rollups_topic: String,
+    /// Topic the gateways write events to: a usage read may wait for a position on it.
+    #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    pub(crate) events_topic: String,
+    /// The aggregators' consumer group (their `--group-id`): its committed events-topic
+    /// offsets say which events a usage read with an events `min_position` waits for are folded.
+    #[arg(
+        long,
+        env = "NERUBA_API_AGGREGATOR_GROUP_ID",
+        default_value = neruba_api::DEFAULT_AGGREGATOR_GROUP_ID
+    )]
+    pub(crate) api_aggregator_group_id: String,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
     /// Extra librdkafka setting `key=value`; repeatable, comma-separated in env.
@@ -57,18 +68,30 @@ pub(crate) struct ApiArgs {
     pub(crate) console_gateway_url: Option<String>,
 }
 
+/// The topics the api reads (ledger, rollups) or waits on (events).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApiTopics<'a> {
+    pub(crate) ledger: &'a str,
+    pub(crate) rollups: &'a str,
+    pub(crate) events: &'a str,
+}
+
 impl ApiArgs {
+    /// The api's settings; `events_topic` and `aggregator_group_id` are where the aggregators
+    /// read events and under which group they commit (`neruba dev`: its own aggregator's).
     pub(crate) fn config(
         &self,
         brokers: &str,
-        ledger_topic: &str,
-        rollups_topic: &str,
+        topics: ApiTopics<'_>,
+        aggregator_group_id: &str,
         state_dir: &std::path::Path,
     ) -> neruba_api::Config {
         let mut config =
             neruba_api::Config::new(brokers, state_dir, self.api_listen, &self.api_replica);
-        config.stage.input_topic = ledger_topic.to_owned();
-        config.rollups_topic = rollups_topic.to_owned();
+        config.stage.input_topic = topics.ledger.to_owned();
+        config.rollups_topic = topics.rollups.to_owned();
+        config.events_topic = topics.events.to_owned();
+        config.aggregator_group_id = aggregator_group_id.to_owned();
         config.read_wait = self.api_read_wait;
         config.console_gateway.clone_from(&self.console_gateway_url);
         config
@@ -86,8 +109,12 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
     let registry = prometheus::Registry::new();
     let mut config = args.api.config(
         &args.brokers,
-        &args.ledger_topic,
-        &args.rollups_topic,
+        ApiTopics {
+            ledger: &args.ledger_topic,
+            rollups: &args.rollups_topic,
+            events: &args.events_topic,
+        },
+        &args.api_aggregator_group_id,
         &args.state_dir,
     );
     config.stage.kafka_options = args.kafka_opts.clone();
@@ -109,4 +136,71 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
     )?;
     tracing::info!(%ops, reads = %running.local_addr, "Api listening.");
     Ok(running.wait().await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiTopics;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn the_api_waits_on_the_aggregators_group_and_events_topic_by_default_or_as_told() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.command);
+        let Ok(Command::Aggregator(aggregator)) = parse(&[
+            "neruba",
+            "aggregator",
+            "--brokers",
+            "k:9092",
+            "--catalog",
+            "c.toml",
+            "--state-dir",
+            "/tmp/s",
+        ]) else {
+            panic!("aggregator");
+        };
+        let base = [
+            "neruba",
+            "api",
+            "--brokers",
+            "k:9092",
+            "--state-dir",
+            "/tmp/s",
+        ];
+        let told = [
+            "--events-topic",
+            "acme.events",
+            "--api-aggregator-group-id",
+            "acme-aggregators",
+        ];
+        for (extra, topic, group) in [
+            (
+                &[][..],
+                "neruba.events",
+                aggregator.aggregation.group_id.as_str(),
+            ),
+            (&told[..], "acme.events", "acme-aggregators"),
+        ] {
+            let Ok(Command::Api(args)) = parse(&[&base[..], extra].concat()) else {
+                panic!("api {extra:?}");
+            };
+            let config = args.api.config(
+                &args.brokers,
+                ApiTopics {
+                    ledger: &args.ledger_topic,
+                    rollups: &args.rollups_topic,
+                    events: &args.events_topic,
+                },
+                &args.api_aggregator_group_id,
+                &args.state_dir,
+            );
+            assert_eq!(
+                (
+                    config.events_topic.as_str(),
+                    config.aggregator_group_id.as_str()
+                ),
+                (topic, group)
+            );
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! every component it runs.
 
 use super::aggregator::AggregatorArgs;
-use super::api::ApiArgs;
+use super::api::{ApiArgs, ApiTopics};
 use super::balances::BalancesArgs;
 use super::gateway::IngestArgs;
 use super::rater::RaterArgs;
@@ -154,10 +154,15 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         shutdown.clone(),
     )?;
     let api_metrics = prometheus::Registry::new();
+    // The api waits on this process's aggregator for events positions.
     let mut reads_config = args.reads.config(
         kafka.bootstrap_servers(),
-        &args.rating.ledger_topic,
-        &args.aggregation.rollups_topic,
+        ApiTopics {
+            ledger: &args.rating.ledger_topic,
+            rollups: &args.aggregation.rollups_topic,
+            events: &args.ingest.events_topic,
+        },
+        &args.aggregation.group_id,
         &state_dir.join("api"),
     );
     if reads_config.console_gateway.is_none() {
