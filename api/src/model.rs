@@ -349,7 +349,7 @@ impl Model {
         else {
             return Ok((None, position));
         };
-        let book: Book = decode("book", &bytes)?;
+        let book = Book::decode(&bytes).map_err(|e| ReadError::Storage(format!("book: {e}")))?;
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let mut out = Vec::new();
         for item in snapshot.iterator(IteratorMode::From(&prefix, Direction::Forward)) {

@@ -18,8 +18,7 @@
 //! | `\0\0\0\0Moffset` | next offset (the runtime's) |
 //! | `\0\0\0\0Mclock` | the partition's clock: the latest tick, ms (8 bytes) |
 //! | `\0\0\0\0X`, deadline ms, tenant, customer | empty: the customer's next deadline |
-//! | tenant, `B`, customer | [`Book`] (JSON: its decimals are strings, which postcard's
-//! | | non-self-describing format cannot read back) |
+//! | tenant, `B`, customer | [`Book`] ([`Book::encode`]: a tag byte and postcard) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
 //!
 //! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
@@ -257,7 +256,7 @@ impl PartitionState {
         if !self.books.contains_key(&key) {
             let book = match self.store.db().get(customer_key(b'B', tenant, customer))? {
                 None => Book::default(),
-                Some(bytes) => serde_json::from_slice(&bytes)
+                Some(bytes) => Book::decode(&bytes)
                     .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?,
             };
             self.books.insert(key.clone(), book);
@@ -516,7 +515,7 @@ impl PartitionState {
 pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Option<Book>> {
     match db.get(customer_key(b'B', tenant, customer))? {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
+        Some(bytes) => Book::decode(&bytes)
             .map(Some)
             .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e)),
     }
@@ -601,7 +600,7 @@ pub fn read_books(
             String::from_utf8_lossy(tenant).into_owned(),
             String::from_utf8_lossy(customer).into_owned(),
         );
-        let book: Book = serde_json::from_slice(&value)
+        let book = Book::decode(&value)
             .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
         books.push((tenant, customer, book));
     }
@@ -633,8 +632,9 @@ impl PartitionState {
             let Some(book) = self.books.get(&(tenant.clone(), customer.clone())) else {
                 continue;
             };
-            let bytes =
-                serde_json::to_vec(book).map_err(|e| Error::Bug(format!("book encoding: {e}")))?;
+            let bytes = book
+                .encode()
+                .map_err(|e| Error::Bug(format!("book encoding: {e}")))?;
             batch.put(customer_key(b'B', &tenant, &customer), bytes);
         }
         for ((tenant, customer), stored) in std::mem::take(&mut self.index_stored) {

@@ -3,7 +3,8 @@
 //! One run, one broker (the embedded mock cluster), one ledger topic's worth of records:
 //! `NERUBA_BENCH_CUSTOMERS` (default 2,000) customers, each with two grants (a small
 //! promotional one that burns first and a purchased pack) and 10 usage items plus one
-//! adjustment, so the stage consumes, restores and leaves some usage uncovered.
+//! adjustment, so the stage consumes, restores and leaves some usage uncovered. Records are in
+//! ledger order: every customer's first record, then every customer's second, and so on.
 //! 1. the raw pair: an rdkafka consumer drains the ledger records (no-op handler), then an
 //!    idempotent `acks=all` producer sends the balance entries the stage must produce
 //!    (computed in memory beforehand by the same fold): the least any balances stage does;
@@ -23,31 +24,20 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_balances::book::Book;
+use neruba_benches::balances::{Record, workload};
 use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
-use neruba_schemas::credit::{self, Grant, GrantTerms};
-use neruba_schemas::event::format_time_ms;
-use neruba_schemas::ledger::{Kind, LineItem};
+use neruba_schemas::credit::{self, Grant};
+use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rust_decimal::Decimal;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 8;
 const RAW_ENTRIES: &str = "bench.raw-entries";
-const HOUR: i64 = 3_600_000;
-
-/// A ledger record: key, payload, and its `neruba-record` header (none for a line item).
-struct Record {
-    key: String,
-    payload: Vec<u8>,
-    header: Option<&'static str>,
-}
 
 fn producer(bootstrap: &str, idempotent: bool) -> Result<FutureProducer> {
     Ok(ClientConfig::new()
@@ -86,95 +76,6 @@ async fn send_all(producer: &FutureProducer, topic: &str, records: &[Record]) ->
         delivery?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
     }
     Ok(())
-}
-
-/// The workload, in ledger order per customer, and the entries the fold makes of it.
-fn workload(customers: usize) -> (Vec<Record>, Vec<Record>) {
-    let now = neruba_schemas::event::now_ms();
-    let period = now - now % (30 * 24 * HOUR);
-    let (mut records, mut entries) = (Vec::new(), Vec::new());
-    for c in 0..customers {
-        let customer = format!("customer-{c}");
-        let key = format!("acme/{customer}");
-        let mut book = Book::default();
-        let push = |book_entries: Vec<credit::BalanceEntry>, entries: &mut Vec<Record>| {
-            for e in book_entries {
-                entries.push(Record {
-                    key: key.clone(),
-                    payload: credit::encode(&e),
-                    header: None,
-                });
-            }
-        };
-        for (k, amount, priority) in [("promo", "2.50", 1_u16), ("pack", "20", 10)] {
-            let grant = Grant {
-                v: 1,
-                id: credit::grant_id("acme", &customer, k),
-                tenant: "acme".into(),
-                customer: customer.clone(),
-                key: k.into(),
-                terms: GrantTerms {
-                    amount: amount.parse().unwrap_or_default(),
-                    currency: "USD".into(),
-                    priority,
-                    effective_at: None,
-                    expires_at: None,
-                    paid: None,
-                    metadata: BTreeMap::new(),
-                },
-                received_at: format_time_ms(now),
-            };
-            push(book.apply_grant(&grant, i64::MIN, 0), &mut entries);
-            records.push(Record {
-                key: key.clone(),
-                payload: credit::encode(&grant),
-                header: Some("grant"),
-            });
-        }
-        for w in 0..11_i64 {
-            let adjustment = w == 10;
-            let amount = if adjustment {
-                Decimal::new(-150, 2)
-            } else {
-                Decimal::new(275, 2)
-            };
-            let window = period + w * 60_000;
-            let item = LineItem {
-                v: 1,
-                id: format!("li_{c}_{w}"),
-                kind: if adjustment {
-                    Kind::Adjustment
-                } else {
-                    Kind::Usage
-                },
-                tenant: "acme".into(),
-                customer: customer.clone(),
-                meter: "api_calls".into(),
-                group: BTreeMap::new(),
-                period_start: format_time_ms(period),
-                period_end: format_time_ms(period + 30 * 24 * HOUR),
-                window_start: format_time_ms(window),
-                window_end: format_time_ms(window + 60_000),
-                window_quantity: Decimal::ONE,
-                window_events: 1,
-                period_quantity: Decimal::from(w + 1),
-                amount,
-                period_amount: amount,
-                currency: "USD".into(),
-                price_plan: "api-calls".into(),
-                price_version: 1,
-                revision: 1,
-                supersedes: None,
-            };
-            push(book.apply_item(&item), &mut entries);
-            records.push(Record {
-                key: key.clone(),
-                payload: item.encode(),
-                header: None,
-            });
-        }
-    }
-    (records, entries)
 }
 
 /// Drains `expected` records of the ledger with a no-op handler, or (`durable`) decoding each

@@ -68,6 +68,7 @@ pub async fn join_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Ou
 }
 
 pub mod aggregation;
+pub mod balances;
 pub mod rating;
 
 /// A tansu broker process for the load generators (`NERUBA_BENCH_BROKER=tansu`): the SPEC's

@@ -10,6 +10,8 @@
 //!   outstanding: a runaway of top-ups cannot happen); the entry's id is the request's id;
 //! - a grant whose `key` is an outstanding request's id resolves it (whatever its amount: the
 //!   payment side decides), and is applied like any grant;
+//! - removing a rule keeps its outstanding request (the payment may be under way): a rule set
+//!   again in that currency finds it outstanding and asks for no other until it is resolved;
 //! - the compared balance is the credit balance of the currency (grants not yet effective
 //!   included: they are paid for).
 
@@ -93,11 +95,13 @@ fn check(e: &mut Entries<'_>, currency: &str) {
     }
 }
 
-/// A grant keyed `key` arrived: the request of that id, if one is outstanding, is resolved.
+/// A grant keyed `key` arrived: the request of that id, if one is outstanding (of a rule, or
+/// of a rule since removed), is resolved.
 pub(super) fn resolve(book: &mut super::Book, key: &str) {
     for state in book.rules.values_mut() {
         if state.outstanding.as_deref() == Some(key) {
             state.outstanding = None;
         }
     }
+    book.unresolved_requests.retain(|_, request| request != key);
 }

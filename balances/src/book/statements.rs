@@ -44,8 +44,11 @@ impl StatementState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carried {
     pub lines: Vec<StatementLine>,
+    #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
     pub credit_applied: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
     pub amount_due: Decimal,
 }
 

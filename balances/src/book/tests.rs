@@ -187,10 +187,10 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
     let mut outstanding: Option<String> = None;
     for op in ops {
         match op {
+            // A removed rule's request stays outstanding until a grant resolves it.
             Op::Rule { rule: None } => {
                 rule = None;
                 below = false;
-                outstanding = None;
             }
             Op::Rule { rule: Some(_) } if rule.is_none() => below = false,
             _ => {}
@@ -559,7 +559,14 @@ proptest! {
         for g in first.book.grants.values() {
             prop_assert!(book.apply_grant(&g.grant, i64::MIN, GRACE).is_empty());
         }
-        prop_assert_eq!(book, first.book);
+        prop_assert_eq!(&book, &first.book);
+        // The stored form reads back as the same book, and so does one stored as JSON (the
+        // form books were written in before).
+        let stored = book.encode().expect("encode");
+        prop_assert_eq!(&Book::decode(&stored).expect("decode"), &book);
+        let legacy = serde_json::to_vec(&book).expect("json");
+        prop_assert_eq!(&Book::decode(&legacy).expect("decode JSON"), &book);
+        prop_assert!(stored.len() < legacy.len() || book == Book::default());
     }
 }
 
@@ -790,6 +797,46 @@ fn a_low_balance_fires_once_per_crossing_and_one_top_up_is_outstanding() {
             (EntryKind::TopupRequested, d("22"), d("3")),
         ]
     );
+}
+
+#[test]
+fn removing_a_rule_keeps_its_top_up_request_outstanding_so_a_new_rule_does_not_ask_twice() {
+    let mut book = Book::default();
+    book.apply_grant(&grant("pack", d("20"), "USD", 10, None, None), T0, GRACE);
+    book.apply_rule(&rule("5", Some("25")));
+    let e = book.apply_item(&item("li_1", "m1", T0, T0, d("16"), "USD"));
+    let request = e
+        .iter()
+        .find(|e| e.kind == EntryKind::TopupRequested)
+        .map(|e| e.id.clone())
+        .expect("a top-up request");
+    let mut removal = rule("5", None);
+    removal.rule = None;
+    assert!(book.apply_rule(&removal).is_empty());
+    // Set again while the payment is under way: below the threshold, so an alert, but the
+    // request is still outstanding and no second one is made.
+    let e = book.apply_rule(&rule("5", Some("25")));
+    assert_eq!(kinds(&e), vec![(EntryKind::LowBalance, d("0"), d("4"))]);
+    assert_eq!(
+        book.rules["USD"].outstanding.as_deref(),
+        Some(request.as_str())
+    );
+    // The payment lands: resolved, and the balance is above the threshold again.
+    let e = book.apply_grant(&grant(&request, d("21"), "USD", 10, None, None), T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("21"), d("25"))]);
+    assert_eq!(book.rules["USD"].outstanding, None);
+    // Resolved while no rule was set: a rule set later starts with none outstanding.
+    let e = book.apply_item(&item("li_2", "m1", T0, T0, d("22"), "USD"));
+    let second = e
+        .iter()
+        .find(|e| e.kind == EntryKind::TopupRequested)
+        .map(|e| e.id.clone())
+        .expect("a second request once the first was resolved");
+    book.apply_rule(&removal);
+    book.apply_grant(&grant(&second, d("10"), "USD", 10, None, None), T0, GRACE);
+    assert!(book.unresolved_requests.is_empty());
+    book.apply_rule(&rule("5", Some("25")));
+    assert_eq!(book.rules["USD"].outstanding, None);
 }
 
 #[test]
