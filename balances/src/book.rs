@@ -71,7 +71,9 @@ pub struct Book {
     #[serde(with = "decimal_map")]
     pub balances: BTreeMap<String, Decimal>,
     /// Allocations per series, in the order they were made; adjacent ones from the same
-    /// source are merged (unwinding takes from the newest, so merging keeps the order).
+    /// source are merged (unwinding takes from the newest, so merging keeps the order). The
+    /// partition store keeps only the newest series here and the older ones apart
+    /// ([`Book::take_oldest_series`]), putting one back before an item of it is applied.
     pub series: BTreeMap<String, Vec<Allocation>>,
     /// Balance rules per currency.
     #[serde(default)]
@@ -146,9 +148,18 @@ pub fn burn_order(grant: &Grant) -> (u16, i64, i64, String) {
     )
 }
 
-/// A series' key: currency, meter, group and billing period, unambiguously (a JSON array).
+/// A series' key: currency, meter, group and billing period, unambiguously (a JSON array):
+/// the key [`Book::series_key_of`] gives the series' items.
+#[cfg(test)]
 fn series_key(currency: &str, series: &Series) -> String {
     serde_json::to_string(&(currency, &series.meter, &series.group, &series.period_start))
+        .unwrap_or_default()
+}
+
+/// The billing period start in a series key, to tell old series from new.
+fn series_period(key: &str) -> String {
+    serde_json::from_str::<(String, String, serde_json::Value, String)>(key)
+        .map(|(_, _, _, period)| period)
         .unwrap_or_default()
 }
 
@@ -238,6 +249,35 @@ impl Book {
         }
     }
 
+    /// The key of the series `item` belongs to ([`Book::series`]).
+    pub fn series_key_of(item: &LineItem) -> String {
+        serde_json::to_string(&(&item.currency, &item.meter, &item.group, &item.period_start))
+            .unwrap_or_default()
+    }
+
+    /// If the book holds more than `keep` series, takes the ones of the oldest billing periods
+    /// out of it until `keep` are left, and returns them. The fold never needs a series it
+    /// does not hold an item of, so its store can keep these apart and put one back
+    /// ([`Book::series`]) before an item of it is applied: a customer's book then stays the
+    /// same size however long its history grows.
+    pub fn take_oldest_series(&mut self, keep: usize) -> Vec<(String, Vec<Allocation>)> {
+        if self.series.len() <= keep {
+            return Vec::new();
+        }
+        let mut by_age: Vec<(String, String)> = self
+            .series
+            .keys()
+            .map(|key| (series_period(key), key.clone()))
+            .collect();
+        by_age.sort();
+        let excess = self.series.len() - keep;
+        by_age
+            .into_iter()
+            .take(excess)
+            .filter_map(|(_, key)| self.series.remove(&key).map(|stack| (key, stack)))
+            .collect()
+    }
+
     /// The credit balance in `currency`.
     pub fn balance(&self, currency: &str) -> Decimal {
         self.balances.get(currency).copied().unwrap_or_default()
@@ -250,7 +290,7 @@ impl Book {
             group: item.group.clone(),
             period_start: item.period_start.clone(),
         };
-        let key = series_key(&item.currency, &series);
+        let key = Self::series_key_of(item);
         let window_start =
             neruba_schemas::event::parse_time_ms(&item.window_start).unwrap_or(i64::MIN);
         let currency = item.currency.clone();
@@ -371,7 +411,13 @@ impl Book {
         match &record.rule {
             None => {
                 let removed = e.book.rules.remove(&record.currency);
-                if let Some(request) = removed.and_then(|state| state.outstanding) {
+                // A version 1 removal dropped the request with the rule; replaying one must
+                // give what it gave when it was written.
+                let keeps_request = record.v >= credit::RULE_RECORD_V;
+                if let Some(request) = removed
+                    .and_then(|state| state.outstanding)
+                    .filter(|_| keeps_request)
+                {
                     e.book
                         .unresolved_requests
                         .insert(record.currency.clone(), request);

@@ -20,11 +20,13 @@
 //! | `\0\0\0\0X`, deadline ms, tenant, customer | empty: the customer's next deadline |
 //! | tenant, `B`, customer | [`Book`] ([`Book::encode`]: a tag byte and postcard) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
+//! | tenant, `A`, customer, series key | the allocations of a series the book no longer holds
+//! | | ([`Book::take_oldest_series`]; postcard) |
 //!
 //! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
 //! `neruba-api`): entries, line items and final statements.
 
-use crate::book::Book;
+use crate::book::{Allocation, Book};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, Tick, Void};
@@ -114,6 +116,12 @@ fn item_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
     key
 }
 
+fn spilled_key(tenant: &str, customer: &str, series: &str) -> Vec<u8> {
+    let mut key = customer_key(b'A', tenant, customer);
+    push(&mut key, series.as_bytes());
+    key
+}
+
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = EXPIRY_PREFIX.to_vec();
     key.extend_from_slice(&time_bytes(at));
@@ -135,6 +143,10 @@ pub fn store_options() -> StoreOptions {
 /// this many the cache is emptied after a batch and books are read again as they are needed.
 const BOOK_CACHE: usize = 50_000;
 
+/// Series a stored book holds at most; older ones are kept under their own keys, so writing a
+/// customer's book after each line item costs the same in its first month and its fifth year.
+pub const BOOK_SERIES: usize = 24;
+
 /// The balances state of one ledger partition.
 pub struct PartitionState {
     pub partition: i32,
@@ -144,6 +156,9 @@ pub struct PartitionState {
     dirty: HashSet<CustomerKey>,
     /// Applied-item marks written by the batch (read before the store).
     new_items: HashSet<Vec<u8>>,
+    /// Series taken out of books (`Some`) or put back into one (`None`) by the batch, by their
+    /// key: written (or deleted) at commit, and read before the store.
+    spilled: HashMap<Vec<u8>, Option<Vec<Allocation>>>,
     clock_ms: i64,
     clock_dirty: bool,
     /// Each customer's next deadline, as stored in the index, and the index itself.
@@ -219,6 +234,7 @@ impl PartitionState {
             books: HashMap::default(),
             dirty: HashSet::default(),
             new_items: HashSet::default(),
+            spilled: HashMap::default(),
             clock_ms,
             clock_dirty: false,
             expiry_of,
@@ -454,8 +470,46 @@ impl PartitionState {
             return Ok(());
         }
         self.new_items.insert(key);
-        let entries = self.book(&item.tenant, &item.customer)?.apply_item(item);
+        self.unspill(item)?;
+        let book = self.book(&item.tenant, &item.customer)?;
+        let entries = book.apply_item(item);
+        let spilled = book.take_oldest_series(BOOK_SERIES);
+        for (series, stack) in spilled {
+            self.spilled.insert(
+                spilled_key(&item.tenant, &item.customer, &series),
+                Some(stack),
+            );
+        }
         self.emit(&item.tenant, &item.customer, entries);
+        Ok(())
+    }
+
+    /// Puts the series of `item` back into its customer's book if it was taken out.
+    fn unspill(&mut self, item: &LineItem) -> Result<()> {
+        let series = Book::series_key_of(item);
+        if self
+            .book(&item.tenant, &item.customer)?
+            .series
+            .contains_key(&series)
+        {
+            return Ok(());
+        }
+        let key = spilled_key(&item.tenant, &item.customer, &series);
+        let stack = match self.spilled.get(&key) {
+            Some(pending) => pending.clone(),
+            None => match self.store.db().get(&key)? {
+                None => None,
+                Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(|e| {
+                    Error::corrupt(format!("series of {}/{}", item.tenant, item.customer), e)
+                })?),
+            },
+        };
+        if let Some(stack) = stack {
+            self.spilled.insert(key, None);
+            self.book(&item.tenant, &item.customer)?
+                .series
+                .insert(series, stack);
+        }
         Ok(())
     }
 
@@ -626,6 +680,16 @@ impl PartitionState {
         for key in std::mem::take(&mut self.new_items) {
             batch.put(key, []);
         }
+        for (key, stack) in std::mem::take(&mut self.spilled) {
+            match stack {
+                Some(stack) => batch.put(
+                    key,
+                    postcard::to_allocvec(&stack)
+                        .map_err(|e| Error::Bug(format!("series encoding: {e}")))?,
+                ),
+                None => batch.delete(key),
+            }
+        }
         let mut dirty: Vec<CustomerKey> = self.dirty.drain().collect();
         dirty.sort();
         for (tenant, customer) in dirty {
@@ -694,6 +758,132 @@ mod tests {
             state.expiries.iter().cloned().collect::<Vec<_>>(),
             vec![(9, "globex".to_owned(), "x".to_owned())]
         );
+    }
+
+    fn line_item(id: &str, period: usize, amount: rust_decimal::Decimal) -> LineItem {
+        const DAY: i64 = 86_400_000;
+        let start = 1_700_000_000_000 + i64::try_from(period).expect("small") * 30 * DAY;
+        let at = neruba_schemas::event::format_time_ms;
+        LineItem {
+            v: 1,
+            id: id.into(),
+            kind: neruba_schemas::ledger::Kind::Usage,
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            meter: "m".into(),
+            group: BTreeMap::new(),
+            period_start: at(start),
+            period_end: at(start + 30 * DAY),
+            window_start: at(start + DAY),
+            window_end: at(start + DAY + 60_000),
+            window_quantity: rust_decimal::Decimal::ONE,
+            window_events: 1,
+            period_quantity: rust_decimal::Decimal::ONE,
+            amount,
+            period_amount: amount,
+            currency: "USD".into(),
+            price_plan: "p".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        }
+    }
+
+    #[test]
+    fn old_series_live_apart_from_the_book_and_come_back_for_a_correction() {
+        // Was: every series a customer ever had stayed in its book, so the book written after
+        // each line item grew with the customer's whole history.
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let grant = |key: &str, amount: &str, priority: u16| Grant {
+            v: 1,
+            id: credit::grant_id("acme", "c1", key),
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            key: key.into(),
+            terms: credit::GrantTerms {
+                amount: d(amount),
+                currency: "USD".into(),
+                priority,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: BTreeMap::new(),
+            },
+            received_at: neruba_schemas::event::format_time_ms(0),
+        };
+        let periods = BOOK_SERIES + 6;
+        let mut items: Vec<LineItem> = (0..periods)
+            .map(|p| line_item(&format!("li_{p}"), p, d("10")))
+            .collect();
+        // Corrections of the oldest period (long out of the book) and of the newest.
+        items.push(line_item("li_fix_old", 0, d("-4")));
+        items.push(line_item("li_fix_new", periods - 1, d("-25")));
+        let grants = [grant("promo", "15", 1), grant("pack", "1000", 10)];
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
+        let mut offset = 0;
+        let mut entries = Vec::new();
+        let mut records: Vec<(Vec<u8>, Record)> = grants
+            .iter()
+            .map(|g| (credit::encode(g), Record::Grant))
+            .collect();
+        records.extend(items.iter().map(|i| (i.encode(), Record::LineItem)));
+        for (n, (bytes, record)) in records.iter().enumerate() {
+            let input = Input {
+                offset,
+                key: None,
+                payload: bytes,
+            };
+            state.apply(input, *record).expect("apply");
+            offset += 1;
+            if n % 5 == 4 {
+                entries.extend(state.take_outputs());
+                state.commit().expect("commit");
+            }
+            // Halfway, start again from the store alone.
+            if n == records.len() / 2 {
+                entries.extend(state.take_outputs());
+                state.commit().expect("commit");
+                drop(state);
+                state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
+            }
+        }
+        entries.extend(state.take_outputs());
+        state.commit().expect("commit");
+        let entries: Vec<credit::BalanceEntry> = entries
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => Some(*e),
+                _ => None,
+            })
+            .collect();
+
+        // The same records folded into one book that keeps every series.
+        let mut book = Book::default();
+        let mut expected = Vec::new();
+        for g in &grants {
+            expected.extend(book.apply_grant(g, i64::MIN, 0));
+        }
+        for item in &items {
+            expected.extend(book.apply_item(item));
+        }
+        assert_eq!(entries, expected);
+        // The oldest period's correction gave its credit back to the grant that period drew on.
+        let old_fix: Vec<(credit::EntryKind, String)> = entries
+            .iter()
+            .filter(|e| e.cause == "li_fix_old")
+            .map(|e| (e.kind, e.amount.to_string()))
+            .collect();
+        assert_eq!(old_fix, vec![(credit::EntryKind::Restore, "4".to_owned())]);
+        let stored = read_book(state.store.db(), "acme", "c1")
+            .expect("read")
+            .expect("book");
+        assert_eq!(stored.series.len(), BOOK_SERIES);
+        assert_eq!(book.series.len(), periods);
+        assert_eq!(stored.balances, book.balances);
+        assert_eq!(stored.grants, book.grants);
     }
 
     #[test]

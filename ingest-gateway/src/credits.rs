@@ -164,7 +164,7 @@ pub fn rule_removal(
         });
     }
     Ok(RuleRecord {
-        v: 1,
+        v: credit::RULE_RECORD_V,
         tenant: tenant.to_owned(),
         customer: customer.to_owned(),
         currency: currency.to_owned(),

@@ -215,8 +215,14 @@ pub struct BalanceRule {
     pub recharge_to: Option<Decimal>,
 }
 
+/// The version the gateway writes balance-rule records in. Version 2: removing a rule keeps
+/// its outstanding top-up request (until a grant resolves it), so a rule set again does not
+/// ask twice. A version 1 record, written before, removes the request with the rule, as it did
+/// then: a replay of an old ledger gives the entries it gave.
+pub const RULE_RECORD_V: u8 = 2;
+
 /// A balance rule on the ledger topic (header `rule`): sets the customer's rule in
-/// `currency`, or with `rule: null` removes it.
+/// `currency`, or with `rule: null` removes it ([`RULE_RECORD_V`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleRecord {
     pub v: u8,
@@ -295,7 +301,7 @@ impl RuleRequest {
             ),
         };
         Ok(RuleRecord {
-            v: 1,
+            v: RULE_RECORD_V,
             tenant: tenant.to_owned(),
             customer: customer.to_owned(),
             currency: currency.to_owned(),
@@ -854,7 +860,7 @@ mod tests {
         assert_eq!(
             ok,
             Ok(RuleRecord {
-                v: 1,
+                v: RULE_RECORD_V,
                 tenant: "acme".to_owned(),
                 customer: "customer-7".to_owned(),
                 currency: "USD".to_owned(),

@@ -11,7 +11,9 @@
 //! - a grant whose `key` is an outstanding request's id resolves it (whatever its amount: the
 //!   payment side decides), and is applied like any grant;
 //! - removing a rule keeps its outstanding request (the payment may be under way): a rule set
-//!   again in that currency finds it outstanding and asks for no other until it is resolved;
+//!   again in that currency finds it outstanding and asks for no other until it is resolved
+//!   (rule records of version 2 on, [`neruba_schemas::credit::RULE_RECORD_V`]; a version 1
+//!   removal drops it, as it did when it was written);
 //! - the compared balance is the credit balance of the currency (grants not yet effective
 //!   included: they are paid for).
 

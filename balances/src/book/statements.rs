@@ -83,19 +83,30 @@ fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem, credit: Decimal, du
     }
 }
 
+/// `value`, with the sign of a zero dropped (its scale kept).
+fn unsigned_zero(value: Decimal) -> Decimal {
+    if value.is_zero() { value.abs() } else { value }
+}
+
 impl Book {
     /// Puts a line item, and what its entries did, on its statement.
     pub(super) fn note_on_statement(&mut self, item: &LineItem, entries: &[BalanceEntry]) {
-        let credit: Decimal = -entries
-            .iter()
-            .filter(|e| matches!(e.kind, EntryKind::Consume | EntryKind::Restore))
-            .map(|e| e.amount)
-            .sum::<Decimal>();
-        let due: Decimal = entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Uncovered)
-            .map(|e| e.amount)
-            .sum();
+        // Zero is written `0`, never `-0` (the negation of no credit): `-0` reads back as `0`,
+        // so a statement would print differently after a restart than in one run.
+        let credit: Decimal = unsigned_zero(
+            -entries
+                .iter()
+                .filter(|e| matches!(e.kind, EntryKind::Consume | EntryKind::Restore))
+                .map(|e| e.amount)
+                .sum::<Decimal>(),
+        );
+        let due: Decimal = unsigned_zero(
+            entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Uncovered)
+                .map(|e| e.amount)
+                .sum(),
+        );
         let (Ok(start_ms), Ok(end_ms)) = (
             parse_time_ms(&item.period_start),
             parse_time_ms(&item.period_end),
