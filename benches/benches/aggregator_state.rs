@@ -10,6 +10,8 @@
 //! The stream runs on across iterations (ids and event times keep increasing), so the state
 //! grows and windows close as in a long run.
 
+// The allocator the `neruba` binary runs with.
+use neruba as _;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use neruba_aggregator::state::{PartitionState, Timing};
 use neruba_benches::aggregation::{CATALOG, event};
