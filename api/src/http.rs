@@ -5,8 +5,9 @@
 //! - the tenant is the one the API key proves; a customer of another tenant is answered as
 //!   one that does not exist (`404 customer_not_found`), never `403`, so nothing confirms it;
 //! - every answer carries `as_of`, the read-model position it was read at; a read with
-//!   `min_position=<topic>:<partition>:<offset>[,…]` (what writes answered) waits, bounded by
-//!   `read_wait` for the whole list, until every one is caught up, and is otherwise
+//!   `min_position=<topic>:<partition>:<offset>[,…]` (what writes answered, at most
+//!   [`MAX_POSITIONS`]) waits, bounded by `read_wait` for the whole list (no await on its path
+//!   outlasts it), until every one is caught up, and is otherwise
 //!   `503 not_caught_up` with `Retry-After`: a client reads its own writes. A ledger or rollups
 //!   position is caught up once its model applied that record; an events position (usage reads
 //!   only) once the aggregators folded that event and the usage model holds every rollup they
@@ -248,11 +249,11 @@ impl Params {
     }
 }
 
-/// Most positions one `min_position` may list (a client that wrote to every partition of a
-/// large topic passes one per partition).
-const MAX_POSITIONS: usize = 256;
-/// How often a wait on the aggregators asks the broker again.
-const EVENTS_POLL: Duration = Duration::from_millis(50);
+/// Most positions one `min_position` may list: one per partition of a topic of up to 1,024
+/// partitions (a client that wrote to every one passes them all). More is `400
+/// invalid_position`; more could not be sent anyway, as a request line over 64 KiB is refused
+/// before it reaches a handler (`414`).
+pub const MAX_POSITIONS: usize = 1024;
 /// How often a wait on a model looks at its position again.
 const MODEL_POLL: Duration = Duration::from_millis(20);
 
@@ -302,32 +303,21 @@ fn parse_position(text: &str) -> Option<(&str, i32, i64)> {
 /// Waits until the read model has caught up with every position of `min_position` (a
 /// comma-separated list), if one is asked for: each record of a topic a model reads applied,
 /// and, for usage, each event folded by the aggregators with its rollups read. One bound,
-/// `read_wait`, for the whole list; every item is checked before anything is waited for.
+/// `read_wait`, for the whole list, which no wait here outlasts; every item is checked before
+/// anything is waited for, and positions already caught up are answered at once (even with
+/// no wait at all).
 async fn caught_up(state: &AppState, params: &Params, events: Events) -> Result<(), Refused> {
     let Some(text) = params.get("min_position") else {
         return Ok(());
     };
-    let deadline = Instant::now() + state.read_wait;
+    let arrived = Instant::now();
+    let deadline = arrived + state.read_wait;
     let wanted = wanted(state, text, events)?;
-    if let Some(partition) = wanted.events.keys().next_back().copied() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let partitions = state
-            .events
-            .partitions(remaining)
-            .await
-            .map_err(|e| not_caught_up(format!("the aggregators' progress is unknown: {e}")))?;
-        if partition >= partitions {
-            return Err(unsupported_position(format!(
-                "`{}` has no partition {partition}",
-                state.events.topic()
-            )));
-        }
-    }
     for (model, partition, offset) in wanted.records {
         applied(model, partition, offset, deadline).await?;
     }
     if !wanted.events.is_empty() {
-        folded(state, wanted.events, deadline).await?;
+        folded(state, &wanted.events, arrived, deadline).await?;
     }
     Ok(())
 }
@@ -411,63 +401,59 @@ async fn applied(
 }
 
 /// Waits until the aggregators have folded the events topic up to `wanted` (per partition,
-/// an offset) and the usage model holds every rollup they produced from it.
+/// an offset) and the usage model holds every rollup they produced from it: on the snapshots
+/// the events poller publishes (`events.rs`), never asking the broker, never past `deadline`.
 async fn folded(
     state: &AppState,
-    mut wanted: BTreeMap<i32, i64>,
+    wanted: &BTreeMap<i32, i64>,
+    arrived: Instant,
     deadline: Instant,
 ) -> Result<(), Refused> {
-    // 1. Folded once the aggregators' group committed past them: they commit a batch only
-    //    after its rollups were acknowledged and its state written ...
-    let topic = state.events.topic();
-    let mut last_error = None;
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let partitions = wanted.keys().copied().collect();
-        match state.events.committed(partitions, remaining).await {
-            Ok(committed) => wanted.retain(|partition, offset| {
-                committed
-                    .get(partition)
-                    .is_none_or(|committed| committed <= offset)
-            }),
-            Err(e) => last_error = Some(e),
-        }
-        if wanted.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let behind: Vec<String> = wanted
-                .iter()
-                .map(|(partition, offset)| format!("{topic}:{partition}:{offset}"))
-                .collect();
-            let why = last_error.map_or(String::new(), |e| format!(" (last error: {e})"));
-            return Err(not_caught_up(format!(
-                "the aggregators have not folded {} yet{why}",
-                behind.join(",")
-            )));
-        }
-        tokio::time::sleep(EVENTS_POLL).await;
-    }
-    // 2. ... so whatever rollups the events caused lie below each rollups partition's end as
-    //    it is now: caught up once the usage model has read that far everywhere.
+    use crate::events::Verdict;
+    let progress = &state.events;
+    // 1. Folded once a snapshot shows the aggregators' group committed past them: they commit
+    //    a batch only after its rollups were acknowledged and its state written ... The latest
+    //    snapshot may already say so; otherwise wait for the poller's next ones.
+    let mut verdict = progress.judge(wanted, arrived);
+    let mut snapshots: Option<tokio::sync::watch::Receiver<crate::events::Snapshot>> = None;
     let ends = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match state
-            .events
-            .rollups_ends(state.rollups.partitions(), remaining)
-            .await
-        {
-            Ok(ends) => break ends,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(not_caught_up(format!(
-                    "the end of `{}` is unknown: {e}",
-                    state.rollups.topic()
+        match verdict {
+            Verdict::Folded(ends) => break ends,
+            Verdict::NoPartition(partition) => {
+                return Err(unsupported_position(format!(
+                    "`{}` has no partition {partition}",
+                    progress.topic()
                 )));
             }
-            Err(_) => tokio::time::sleep(EVENTS_POLL).await,
+            Verdict::Wait { refresh } => {
+                if refresh {
+                    progress.refresh_partitions();
+                }
+            }
+        }
+        match &mut snapshots {
+            None => {
+                // Waiting from now on (which wakes the poller); what the receiver holds may be
+                // newer than what was judged.
+                let receiver = progress.watch();
+                verdict = receiver.borrow().judge(wanted, arrived);
+                snapshots = Some(receiver);
+            }
+            Some(receiver) => {
+                let changed = tokio::time::timeout_at(deadline.into(), receiver.changed()).await;
+                if !matches!(changed, Ok(Ok(()))) {
+                    return Err(not_caught_up(
+                        receiver.borrow().behind(progress.topic(), wanted),
+                    ));
+                }
+                verdict = receiver.borrow_and_update().judge(wanted, arrived);
+            }
         }
     };
-    for (partition, end) in ends {
+    drop(snapshots);
+    // 2. ... so whatever rollups the events caused lie below each rollups partition's end as
+    //    read after those commits: caught up once the usage model has read that far everywhere.
+    for (partition, end) in (0..).zip(ends) {
         if end > 0 {
             applied(&state.rollups, partition, end - 1, deadline).await?;
         }

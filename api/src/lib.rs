@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use http::{DEFAULT_LIMIT, MAX_LIMIT};
+pub use http::{DEFAULT_LIMIT, MAX_LIMIT, MAX_POSITIONS};
 
 /// The aggregators' consumer group unless told otherwise: `neruba aggregator`'s default
 /// `--group-id`.
@@ -55,7 +55,8 @@ pub struct Config {
     /// have folded (read only: this replica never joins it).
     pub aggregator_group_id: String,
     pub listen: SocketAddr,
-    /// Longest a read waits for its `min_position`.
+    /// Longest a read waits for its `min_position`; positions already caught up are answered
+    /// at once, even with zero.
     pub read_wait: Duration,
     /// The gateway the console's credit writes are forwarded to (`http://host:port`); `None`:
     /// the console at `/console` only reads.
@@ -101,6 +102,8 @@ pub struct Running {
     usage: neruba_stage::Running,
     usage_registry: prometheus::Registry,
     server: JoinHandle<std::io::Result<()>>,
+    /// The events poller (`events.rs`): stops at shutdown, after its round in flight.
+    events_poller: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Running {
@@ -155,6 +158,9 @@ impl Running {
         let served = self.server.await;
         let stopped = self.stage.wait().await;
         let usage_stopped = self.usage.wait().await;
+        if let Err(e) = self.events_poller.await {
+            tracing::error!(error = %e, "The events poller failed.");
+        }
         match served {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "The api server failed."),
@@ -220,13 +226,17 @@ pub async fn start(
         })
         .await??
     };
-    let events = Arc::new(events::EventsProgress::new(
-        &config.events_topic,
-        &config.aggregator_group_id,
-        &config.rollups_topic,
-        &config.stage.brokers,
-        &config.stage.kafka_options,
-    ));
+    let (events, events_poller) = events::EventsProgress::start(
+        events::Settings {
+            topic: config.events_topic.clone(),
+            group_id: config.aggregator_group_id.clone(),
+            rollups_topic: config.rollups_topic.clone(),
+            rollup_partitions: rollups.partitions(),
+            brokers: config.stage.brokers.clone(),
+            kafka_options: config.stage.kafka_options.clone(),
+        },
+        shutdown.clone(),
+    );
     let state = http::AppState {
         catalog,
         model: model.clone(),
@@ -251,5 +261,6 @@ pub async fn start(
         usage,
         usage_registry,
         server,
+        events_poller,
     })
 }

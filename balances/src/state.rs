@@ -823,7 +823,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
         let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
-        let mut offset = 0;
         let mut entries = Vec::new();
         let mut records: Vec<(Vec<u8>, Record)> = grants
             .iter()
@@ -832,12 +831,11 @@ mod tests {
         records.extend(items.iter().map(|i| (i.encode(), Record::LineItem)));
         for (n, (bytes, record)) in records.iter().enumerate() {
             let input = Input {
-                offset,
+                offset: i64::try_from(n).expect("small"),
                 key: None,
                 payload: bytes,
             };
             state.apply(input, *record).expect("apply");
-            offset += 1;
             if n % 5 == 4 {
                 entries.extend(state.take_outputs());
                 state.commit().expect("commit");

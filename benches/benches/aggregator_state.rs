@@ -11,8 +11,8 @@
 //! grows and windows close as in a long run.
 
 // The allocator the `neruba` binary runs with.
-use neruba as _;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use neruba as _;
 use neruba_aggregator::state::{PartitionState, Timing};
 use neruba_benches::aggregation::{CATALOG, event};
 use neruba_schemas::{Catalog, codec};

@@ -16,8 +16,9 @@
 //!   are sent again, so the gateway's deduplication is a safety net, not the mechanism;
 //! - **flush covers everything sent before it**: [`Ingestor::flush`] returns once every event
 //!   queued before the call has its outcome, and [`Ingestor::positions`] then covers every one
-//!   of them accepted: the gateway's `positions`, the highest offset written per events-topic
-//!   partition, merged over every answer, so a [`Reader::at_all`](crate::Reader::at_all) of
+//!   of them accepted (and every duplicate whose first write the answering gateway remembers,
+//!   such as a retry's after a lost answer): the gateway's `positions`, the highest offset per
+//!   events-topic partition, merged over every answer, so a [`Reader::at_all`](crate::Reader::at_all) of
 //!   them reads those events back once the aggregators have folded them.
 //!
 //! The mechanism: one channel carries events, flushes and closes in the order they were sent,
@@ -325,8 +326,11 @@ impl Ingestor {
     /// offset written, from every answer read so far (after a [`flush`](Self::flush), every
     /// event queued before it). A [`Reader::at_all`](crate::Reader::at_all) of them reads the
     /// events' usage back once the aggregators have folded them (usage shows closed windows:
-    /// an event of a window still open appears when its window closes). Duplicates add none:
-    /// the request that wrote them answered their position.
+    /// an event of a window still open appears when its window closes). A duplicate adds
+    /// where its first write landed when the gateway that answered remembers it (the same
+    /// gateway, within its repeat window): so an event whose first answer was lost and whose
+    /// retry is answered `duplicate` is still covered. A duplicate the gateway holds without a
+    /// position (first sent through the raw topic) adds none.
     pub fn positions(&self) -> Vec<Position> {
         self.counters.landed()
     }

@@ -160,8 +160,9 @@ pub use ingest::{IngestAttempt, Ingestor, Outcome, Receipt, Totals};
 pub use reads::{
     Aggregation, BalanceEntries, BalanceEntry, BalanceRule, BalanceRuleView, Balances,
     CurrencyBalance, CustomerRef, CustomersPage, EntryKind, Grant, GrantStatus, Grants, LineItem,
-    LineItemKind, LineItems, MAX_PAGE, OneGrant, PendingPriorPeriod, ReadPosition, Reader, Series,
-    Statement, StatementLine, StatementStatus, Statements, Usage, UsageQuery, UsageRow, Window,
+    LineItemKind, LineItems, MAX_PAGE, MAX_POSITIONS, OneGrant, PendingPriorPeriod, ReadPosition,
+    Reader, Series, Statement, StatementLine, StatementStatus, Statements, Usage, UsageQuery,
+    UsageRow, Window,
 };
 pub use retry::RetryPolicy;
 

@@ -18,11 +18,18 @@ use crate::error::{Error, Result};
 use crate::http::Transport;
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Most items the api puts on one page (`limit`).
 pub const MAX_PAGE: usize = 1000;
+
+/// Most positions one read may wait for (the api's limit on `min_position`): one per
+/// partition of topics of up to 1,024 partitions in all. A [`Reader::at_all`] of more is
+/// refused by every read with [`Error::InvalidArgument`], before anything is sent: splitting
+/// them over several reads would not be the same wait, as each read may reach another api
+/// replica.
+pub const MAX_POSITIONS: usize = 1024;
 
 /// A string-valued enum of the api, with a fallback keeping values a newer api may send.
 macro_rules! wire_enum {
@@ -745,6 +752,8 @@ pub struct Reader {
     transport: Arc<Transport>,
     /// `<topic>:<partition>:<offset>[,…]`, sent as `min_position`.
     min_position: Option<String>,
+    /// How many positions `min_position` lists (more than [`MAX_POSITIONS`] is refused).
+    count: usize,
 }
 
 impl Reader {
@@ -752,6 +761,7 @@ impl Reader {
         Self {
             transport,
             min_position: None,
+            count: 0,
         }
     }
 
@@ -766,18 +776,41 @@ impl Reader {
     }
 
     /// This reader, answering only once the api has caught up with every one of `positions`
-    /// (at most 256; none: no wait). Events' positions ([`Ingestor::positions`]) can be waited
-    /// for by [`usage`](Self::usage) only: the api waits until the aggregators have folded
-    /// those events and it holds every rollup they produced, so a late event's revision of a
-    /// closed window is in the answer; an event of a window still open is not, until its
-    /// window closes.
+    /// (none: no wait). Positions of one topic and partition are kept as the highest of them,
+    /// which says the same (a position caught up is caught up with every earlier one), in the
+    /// order they first came. At most [`MAX_POSITIONS`] remain, or every read of this reader
+    /// is refused with [`Error::InvalidArgument`] before anything is sent. Events' positions
+    /// ([`Ingestor::positions`]) can be waited for by [`usage`](Self::usage) only: the api
+    /// waits until the aggregators have folded those events and it holds every rollup they
+    /// produced, so a late event's revision of a closed window is in the answer; an event of a
+    /// window still open is not, until its window closes.
     ///
     /// [`Ingestor::positions`]: crate::Ingestor::positions
     pub fn at_all<'p>(&self, positions: impl IntoIterator<Item = &'p Position>) -> Self {
-        let joined: Vec<String> = positions.into_iter().map(Position::to_string).collect();
+        let mut kept: Vec<(&str, i32, i64)> = Vec::new();
+        let mut index: HashMap<(&str, i32), usize> = HashMap::new();
+        for position in positions {
+            let key = (position.topic.as_str(), position.partition);
+            match index.get(&key) {
+                Some(&at) => {
+                    if let Some(kept) = kept.get_mut(at) {
+                        kept.2 = kept.2.max(position.offset);
+                    }
+                }
+                None => {
+                    index.insert(key, kept.len());
+                    kept.push((key.0, key.1, position.offset));
+                }
+            }
+        }
+        let joined: Vec<String> = kept
+            .iter()
+            .map(|(topic, partition, offset)| format!("{topic}:{partition}:{offset}"))
+            .collect();
         Self {
             transport: self.transport.clone(),
             min_position: (!joined.is_empty()).then(|| joined.join(",")),
+            count: joined.len(),
         }
     }
 
@@ -802,6 +835,13 @@ impl Reader {
         mut query: Vec<(String, String)>,
         what: &str,
     ) -> Result<T> {
+        if self.count > MAX_POSITIONS {
+            return Err(Error::InvalidArgument(format!(
+                "a read may wait for at most {MAX_POSITIONS} positions (one per topic and \
+                 partition); this reader has {}",
+                self.count
+            )));
+        }
         if let Some(position) = &self.min_position {
             query.push(("min_position".to_owned(), position.clone()));
         }

@@ -14,6 +14,9 @@
 //!   ([`Tenant::check_values`]);
 //! - an event is a repeat if the recent-repeat cache holds its (tenant, id), or an earlier event
 //!   of the same request or batch had it: either door counts it `duplicate` and sends it once.
+//!   A repeat the cache knows comes with where its first write landed, if the cache was told
+//!   ([`Sighting::Repeat`]); one of an earlier event of the same request comes with none (that
+//!   event's own write, or its own repeat, names the position).
 //!
 //! What stays with each door is transport: where the key travels (`Authorization: Bearer` or
 //! the `neruba-api-key` header) and what its absence is called, how bytes become framed events
@@ -23,6 +26,7 @@
 //! `429` to, only a consumer that could slow down.
 
 use crate::dedup::DedupCache;
+use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::Framed;
@@ -95,13 +99,33 @@ impl<'d> Repeats<'d> {
     /// Whether `event` is the first of its (tenant, id) here and not recently accepted; a
     /// `false` is a `duplicate`.
     pub fn first_sighting(&mut self, event: &Event) -> bool {
-        if self.cache.contains(&event.tenant, &event.id) {
-            return false;
+        self.sighting(event) == Sighting::First
+    }
+
+    /// Whether `event` is the first of its (tenant, id) here and not recently accepted, or a
+    /// repeat, with where its first write landed if the cache knows.
+    pub fn sighting(&mut self, event: &Event) -> Sighting {
+        if let Some(landed) = self.cache.get(&event.tenant, &event.id) {
+            return Sighting::Repeat(landed);
         }
         let mut key = String::new();
         DedupCache::write_key(&mut key, &event.tenant, &event.id);
-        self.seen.insert(key)
+        if self.seen.insert(key) {
+            Sighting::First
+        } else {
+            Sighting::Repeat(None)
+        }
     }
+}
+
+/// What [`Repeats::sighting`] made of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighting {
+    /// Send it.
+    First,
+    /// A `duplicate`: where its first write landed, when the recent-repeat cache knows; `None`
+    /// for a repeat within the request or batch, or one the cache holds without a position.
+    Repeat(Option<Landed>),
 }
 
 #[cfg(test)]
@@ -237,6 +261,11 @@ window = "1m"
     fn a_repeat_is_one_sighting_per_tenant_and_id() {
         let cache = DedupCache::new(10, Duration::from_secs(60));
         cache.insert("acme", "sent-before");
+        let landed = Landed {
+            partition: 1,
+            offset: 57,
+        };
+        cache.insert_landed("acme", "written-before", landed);
         let event = |tenant: &str, id: &str| Event {
             tenant: tenant.into(),
             id: id.into(),
@@ -252,5 +281,20 @@ window = "1m"
         assert!(repeats.first_sighting(&event("acme", "e-1")));
         assert!(!repeats.first_sighting(&event("acme", "e-1")));
         assert!(repeats.first_sighting(&event("beta", "e-1")));
+        // A repeat the cache knows names its first write's position; one within the request,
+        // or one the cache holds without a position, names none.
+        assert_eq!(
+            repeats.sighting(&event("acme", "written-before")),
+            Sighting::Repeat(Some(landed))
+        );
+        assert_eq!(
+            repeats.sighting(&event("acme", "sent-before")),
+            Sighting::Repeat(None)
+        );
+        assert_eq!(
+            repeats.sighting(&event("beta", "e-1")),
+            Sighting::Repeat(None)
+        );
+        assert_eq!(repeats.sighting(&event("beta", "e-2")), Sighting::First);
     }
 }

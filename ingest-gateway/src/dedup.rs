@@ -5,7 +5,13 @@
 //! - a key is remembered only after the broker acknowledged its event, so a failed produce
 //!   never turns the client's retry into a false `duplicate`;
 //! - keys are compared exactly (tenant and id, not a hash of them): a collision would drop a
-//!   valid event, which a billing pipeline must never do.
+//!   valid event, which a billing pipeline must never do;
+//! - beside a key, where its event landed (events-topic partition and offset) when the door
+//!   that wrote it said so ([`DedupCache::insert_landed`]; HTTP does, the raw-topic path does
+//!   not): a repeat answered from here can name the first write's position, so a client whose
+//!   answer was lost still learns where its events are. Packed into 8 bytes (a partition below
+//!   65,535 and an offset below 2^48; anything else is kept as "position unknown"), so the
+//!   cache costs 8 bytes more per key than a set would.
 //!
 //! This layer is not authoritative. Replicas do not share it and it forgets after a restart;
 //! the aggregator's dedup set in RocksDB is what guarantees "counted once". Here we only spare
@@ -18,14 +24,46 @@
 
 use ahash::RandomState;
 use dashmap::DashMap;
+use neruba_kafka::Landed;
 use std::cell::RefCell;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-type Generation = DashMap<Box<str>, (), RandomState>;
+type Generation = DashMap<Box<str>, Packed, RandomState>;
 
-/// Bounded, generational set of recently accepted `(tenant, id)` pairs.
+/// Where an accepted event landed, in 8 bytes: the partition in the top 16 bits, the offset
+/// in the low 48; [`Packed::UNKNOWN`] when the door did not say (or it does not fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed(u64);
+
+impl Packed {
+    const UNKNOWN: Self = Self(u64::MAX);
+    const OFFSET_BITS: u32 = 48;
+
+    fn new(landed: Option<Landed>) -> Self {
+        landed
+            .and_then(|landed| {
+                let partition = u16::try_from(landed.partition)
+                    .ok()
+                    .filter(|p| *p < u16::MAX)?;
+                let offset = u64::try_from(landed.offset)
+                    .ok()
+                    .filter(|o| *o < 1 << Self::OFFSET_BITS)?;
+                Some(Self((u64::from(partition) << Self::OFFSET_BITS) | offset))
+            })
+            .unwrap_or(Self::UNKNOWN)
+    }
+
+    fn landed(self) -> Option<Landed> {
+        (self != Self::UNKNOWN).then(|| Landed {
+            partition: i32::try_from(self.0 >> Self::OFFSET_BITS).unwrap_or_default(),
+            offset: i64::try_from(self.0 & ((1 << Self::OFFSET_BITS) - 1)).unwrap_or_default(),
+        })
+    }
+}
+
+/// Bounded, generational map of recently accepted `(tenant, id)` pairs to where they landed.
 #[derive(Debug)]
 pub struct DedupCache {
     generations: RwLock<Generations>,
@@ -83,12 +121,18 @@ impl DedupCache {
 
     /// Whether `(tenant, id)` was accepted recently.
     pub fn contains(&self, tenant: &str, id: &str) -> bool {
+        self.get(tenant, id).is_some()
+    }
+
+    /// `Some` if `(tenant, id)` was accepted recently: where it landed, if the door that wrote
+    /// it said so (`Some(None)`: a repeat whose position is not known here).
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Option<Landed>> {
         thread_local! {
             /// The lookup key, reused: a lookup allocates nothing.
             static KEY: RefCell<String> = const { RefCell::new(String::new()) };
         }
         let Ok(g) = self.generations.read() else {
-            return false;
+            return None;
         };
         // A generation that began more than max_age ago may hold stale keys; it is ignored
         // whole. Forgetting early is always safe here: the aggregator is authoritative.
@@ -96,16 +140,33 @@ impl DedupCache {
         KEY.with_borrow_mut(|key| {
             Self::write_key(key, tenant, id);
             let key = key.as_str();
-            (fresh(g.started) && g.current.contains_key(key))
-                || (fresh(g.previous_started) && g.previous.contains_key(key))
+            let packed = fresh(g.started)
+                .then(|| g.current.get(key).map(|v| *v))
+                .flatten()
+                .or_else(|| {
+                    fresh(g.previous_started)
+                        .then(|| g.previous.get(key).map(|v| *v))
+                        .flatten()
+                })?;
+            Some(packed.landed())
         })
     }
 
-    /// Remembers `(tenant, id)` as accepted.
+    /// Remembers `(tenant, id)` as accepted, without saying where it landed (its repeats then
+    /// name no position).
     pub fn insert(&self, tenant: &str, id: &str) {
+        self.remember(tenant, id, Packed::UNKNOWN);
+    }
+
+    /// Remembers `(tenant, id)` as accepted, and where it landed: its repeats name it.
+    pub fn insert_landed(&self, tenant: &str, id: &str, landed: Landed) {
+        self.remember(tenant, id, Packed::new(Some(landed)));
+    }
+
+    fn remember(&self, tenant: &str, id: &str, packed: Packed) {
         self.rotate_if_due();
         if let Ok(g) = self.generations.read()
-            && g.current.insert(Self::key(tenant, id), ()).is_none()
+            && g.current.insert(Self::key(tenant, id), packed).is_none()
         {
             g.current_len.fetch_add(1, Ordering::Relaxed);
         }
@@ -179,6 +240,30 @@ mod tests {
         // The most recent keys are still known, the oldest are forgotten.
         assert!(cache.contains("acme", "999"));
         assert!(!cache.contains("acme", "0"));
+    }
+
+    #[test]
+    fn a_key_remembers_where_its_event_landed_if_told() {
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        let at = |partition, offset| Landed { partition, offset };
+        cache.insert_landed("acme", "e-1", at(2, 41));
+        cache.insert_landed("acme", "e-2", at(0, 0));
+        cache.insert_landed("acme", "e-3", at(65_534, (1 << 48) - 1));
+        cache.insert("acme", "raw");
+        // Beyond what 8 bytes hold: remembered, its position not.
+        cache.insert_landed("acme", "big-partition", at(65_535, 1));
+        cache.insert_landed("acme", "big-offset", at(1, 1 << 48));
+        assert_eq!(cache.get("acme", "e-1"), Some(Some(at(2, 41))));
+        assert_eq!(cache.get("acme", "e-2"), Some(Some(at(0, 0))));
+        assert_eq!(
+            cache.get("acme", "e-3"),
+            Some(Some(at(65_534, (1 << 48) - 1)))
+        );
+        assert_eq!(cache.get("acme", "raw"), Some(None));
+        assert_eq!(cache.get("acme", "big-partition"), Some(None));
+        assert_eq!(cache.get("acme", "big-offset"), Some(None));
+        assert_eq!(cache.get("acme", "never"), None);
+        assert_eq!(std::mem::size_of::<Packed>(), 8);
     }
 
     #[test]

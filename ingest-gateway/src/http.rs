@@ -9,10 +9,15 @@
 //!   a request could not be delivered, the whole request is answered 503 with `Retry-After`
 //!   (the events that did land are remembered, so the retry reports them as `duplicate`);
 //! - a repeat is answered `duplicate` with a 2xx, never an error;
-//! - the answer's `positions` name, for each events-topic partition this request's events
-//!   landed in, the highest offset they landed at (`<topic>:<partition>:<offset>`, by
-//!   partition; empty when nothing was written), from the delivery reports `accepted` waits
-//!   for: what a read passes as `min_position` to see its own events;
+//! - the answer's `positions` name, for each events-topic partition, the highest offset among
+//!   the events this request accepted (from the delivery reports `accepted` waits for) and the
+//!   repeats whose first write this gateway remembers (the recent-repeat cache keeps where an
+//!   event it accepted landed): `<topic>:<partition>:<offset>`, by partition; empty when
+//!   nothing was written or remembered. So a retry of a request whose answer was lost names
+//!   the positions the lost answer would have. A repeat of an event earlier in the same
+//!   request adds that event's position (already named), and a repeat the cache holds without
+//!   a position (one the raw-topic path accepted) adds none. What a read passes as
+//!   `min_position` to see its own events;
 //! - the caller is authenticated before a byte of the body is read, and the body is read within
 //!   a deadline and a size limit counted on its decoded bytes (see [`crate::encoding`]), so
 //!   neither a stranger nor a slow or inflating body can hold a handler or its memory;
@@ -21,7 +26,7 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which the raw-topic
 //! path shares; this module is the HTTP around it.
 
-use crate::admit::{self, Repeats};
+use crate::admit::{self, Repeats, Sighting};
 use crate::binary::{self, Binding};
 use crate::credits::{self, LedgerWriter};
 use crate::dedup::DedupCache;
@@ -118,7 +123,8 @@ struct IngestResponse {
     accepted: usize,
     duplicate: usize,
     rejected: usize,
-    /// Per events-topic partition written to, the highest offset written, by partition.
+    /// Per events-topic partition, the highest offset among the events accepted and the
+    /// repeats whose first write is remembered, by partition.
     positions: Vec<String>,
     results: Vec<EventResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -272,6 +278,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         mut results,
         to_send,
         mut tally,
+        remembered,
     } = admit_all(tenant, framed, event::now_ms(), &state.limits, &state.dedup);
 
     // 5. Produce them together; answer only once the broker has them.
@@ -279,10 +286,13 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let deliveries = state.sink.send_all(&events).await;
     let mut undelivered = None;
     let mut highest = Highest::default();
+    for landed in remembered {
+        highest.note(landed);
+    }
     for ((index, event), delivery) in to_send.iter().zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                state.dedup.insert(&event.tenant, &event.id);
+                state.dedup.insert_landed(&event.tenant, &event.id, landed);
                 highest.note(landed);
                 tally.accepted += 1;
             }
@@ -307,7 +317,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         duplicate: count(Status::Duplicate),
         rejected: count(Status::Rejected),
         // In a 503 too: the events that did land are written, and their retry will be
-        // answered `duplicate`, without a position.
+        // answered `duplicate` with the same positions (the cache keeps them).
         positions: highest.positions(state.sink.topic()),
         results,
         error: None,
@@ -480,10 +490,12 @@ pub(crate) struct Admitted {
     /// The events to produce, each with the index of its result.
     pub(crate) to_send: Vec<(usize, Event)>,
     pub(crate) tally: Tally,
+    /// Where the repeats' first writes landed, for those the recent-repeat cache knows.
+    pub(crate) remembered: Vec<Landed>,
 }
 
 /// Judges each event of a request by [`admit::event`] and drops repeats (in the request, then
-/// recently accepted ones).
+/// recently accepted ones), keeping where the remembered ones landed.
 pub(crate) fn admit_all(
     tenant: &Tenant,
     framed: Vec<Framed>,
@@ -494,6 +506,7 @@ pub(crate) fn admit_all(
     let mut tally = Tally::default();
     let mut results = Vec::with_capacity(framed.len());
     let mut to_send: Vec<(usize, Event)> = Vec::new();
+    let mut remembered = Vec::new();
     let mut repeats = Repeats::new(dedup);
     for item in framed {
         let id_hint = item
@@ -513,30 +526,34 @@ pub(crate) fn admit_all(
                     message: Some(rejection.message),
                 });
             }
-            Ok(event) if !repeats.first_sighting(&event) => {
-                tally.duplicate += 1;
-                results.push(EventResult {
-                    id: Some(event.id),
-                    status: Status::Duplicate,
-                    code: None,
-                    message: None,
-                });
-            }
-            Ok(event) => {
-                results.push(EventResult {
-                    id: Some(event.id.clone()),
-                    status: Status::Accepted,
-                    code: None,
-                    message: None,
-                });
-                to_send.push((results.len() - 1, event));
-            }
+            Ok(event) => match repeats.sighting(&event) {
+                Sighting::Repeat(landed) => {
+                    tally.duplicate += 1;
+                    remembered.extend(landed);
+                    results.push(EventResult {
+                        id: Some(event.id),
+                        status: Status::Duplicate,
+                        code: None,
+                        message: None,
+                    });
+                }
+                Sighting::First => {
+                    results.push(EventResult {
+                        id: Some(event.id.clone()),
+                        status: Status::Accepted,
+                        code: None,
+                        message: None,
+                    });
+                    to_send.push((results.len() - 1, event));
+                }
+            },
         }
     }
     Admitted {
         results,
         to_send,
         tally,
+        remembered,
     }
 }
 

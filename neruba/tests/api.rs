@@ -586,7 +586,7 @@ async fn a_usage_read_at_the_events_positions_includes_late_events_with_their_ex
     // 4. A malformed item anywhere in the list: 400 `invalid_position`; a partition the
     //    events topic does not have (it has 4) or a topic the api does not follow: 422.
     let good = positions[0].as_str();
-    let too_many = vec![good; 257].join(",");
+    let too_many = vec![good; neruba_api::MAX_POSITIONS + 1].join(",");
     let cases = [
         (format!("{good},"), 400, "invalid_position"),
         (format!(",{good}"), 400, "invalid_position"),

@@ -183,6 +183,69 @@ async fn an_ingestors_positions_are_where_its_events_landed_and_a_reader_waits_f
 }
 
 #[tokio::test]
+async fn a_reader_keeps_the_highest_position_per_partition_and_refuses_more_than_the_api_takes()
+-> Result<()> {
+    let answer = json!({"customer": "c", "as_of": [], "grants": []});
+    let stub = Stub::start(move |_, _| {
+        let body = answer.to_string();
+        async move {
+            Reply {
+                status: 200,
+                retry_after: None,
+                body,
+            }
+        }
+    })
+    .await?;
+    let reader = Client::new(&stub.base, "k")?.reader();
+
+    // 1. Positions of one topic and partition say the same as their highest: one is sent.
+    let given = [
+        Position::new(topics::EVENTS, 2, 5),
+        Position::new(topics::EVENTS, 0, 7),
+        Position::new(topics::EVENTS, 2, 9),
+        Position::new(topics::LEDGER, 2, 1),
+        Position::new(topics::EVENTS, 2, 3),
+    ];
+    let merged = reader.at_all(&given);
+    assert_eq!(
+        merged.positions(),
+        [
+            Position::new(topics::EVENTS, 2, 9),
+            Position::new(topics::EVENTS, 0, 7),
+            Position::new(topics::LEDGER, 2, 1),
+        ]
+    );
+    merged.grants("c").await?;
+    assert_eq!(
+        stub.seen()
+            .iter()
+            .map(|s| s.path.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "/v1/customers/c/grants?min_position=neruba.events%3A2%3A9%2Cneruba.events%3A0%3A7%2C\
+          neruba.ledger%3A2%3A1"
+        ]
+    );
+
+    // 2. One per partition of a 1,024-partition topic is taken; one more is refused by every
+    //    read before anything is sent.
+    let all: Vec<Position> = (0..1025)
+        .map(|partition| Position::new(topics::EVENTS, partition, 0))
+        .collect();
+    assert_eq!(neruba_client::MAX_POSITIONS, 1024);
+    reader.at_all(&all[..1024]).grants("c").await?;
+    assert_eq!(stub.seen().len(), 2);
+    let refused = reader.at_all(&all).grants("c").await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidArgument(m)) if m.contains("at most 1024 positions")),
+        "{refused:?}"
+    );
+    assert_eq!(stub.seen().len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_rejected_events_code_reaches_its_receipt_and_its_batch_mates_are_accepted() -> Result<()>
 {
     let h = GatewayHarness::start().await?;

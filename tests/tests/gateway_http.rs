@@ -274,7 +274,8 @@ async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_par
         );
     }
 
-    // 2. Two new events beside two repeats: only the new ones' partitions and offsets.
+    // 2. Two new events beside two repeats: the new ones' offsets, and the offsets the
+    //    repeats' first writes landed at (this gateway remembers them), highest per partition.
     let again = json!([
         call("pos-0", "pos-customer-0"),
         call("pos-new-a", "pos-customer-3"),
@@ -295,10 +296,11 @@ async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_par
     assert_eq!(landed.len(), 14);
     assert_eq!(
         positions(&answer),
-        highest_of(&landed, &["pos-new-a", "pos-new-b"])
+        highest_of(&landed, &["pos-new-a", "pos-new-b", "pos-0", "pos-5"])
     );
 
-    // 3. Nothing written, nothing named: repeats only, and a single rejected event (422).
+    // 3. Repeats only: nothing written, each named where its first write landed; a single
+    //    rejected event (422) names nothing.
     let repeats = h
         .post(
             acme(),
@@ -306,8 +308,11 @@ async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_par
             json!([call("pos-1", "pos-customer-1")]).to_string(),
         )
         .await?;
-    assert_eq!((repeats.status, positions(&repeats)), (200, vec![]));
-    assert_eq!(repeats.json["positions"], json!([]));
+    assert_eq!(
+        (repeats.status, positions(&repeats)),
+        (200, highest_of(&landed, &["pos-1"]))
+    );
+    assert_eq!(positions(&repeats).len(), 1);
     let rejected = h
         .post(
             acme(),
@@ -319,6 +324,62 @@ async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_par
         (rejected.status, rejected.json["positions"].clone()),
         (422, json!([]))
     );
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_batch_sent_again_after_its_answer_was_lost_is_all_duplicate_with_the_same_positions()
+-> Result<()> {
+    let h = GatewayHarness::start().await?;
+    // 1. Nine events for nine customers (over the topic's 3 partitions) and a repeat of the
+    //    first within the batch: nine written, the repeat answered `duplicate`.
+    let mut batch: Vec<Value> = (0..9)
+        .map(|n| call(&format!("lost-{n}"), &format!("lost-customer-{n}")))
+        .collect();
+    batch.push(call("lost-0", "lost-customer-0"));
+    let body = Value::Array(batch).to_string();
+    let first = h.post(acme(), BATCH, body.clone()).await?;
+    assert_eq!(first.status, 200, "{}", first.json);
+    assert_eq!(
+        (
+            first.json["accepted"].as_u64(),
+            first.json["duplicate"].as_u64()
+        ),
+        (Some(9), Some(1)),
+        "{}",
+        first.json
+    );
+    let landed = landed_at(&h, 9).await?;
+    let ids: Vec<String> = (0..9).map(|n| format!("lost-{n}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let expected = highest_of(&landed, &ids);
+    assert_eq!(positions(&first), expected);
+    assert!(expected.len() > 1, "{expected:?}");
+
+    // 2. The client never read that answer and sends the identical batch again: every event a
+    //    duplicate, nothing written, and the same positions, to the string.
+    let again = h.post(acme(), BATCH, body).await?;
+    assert_eq!(again.status, 200, "{}", again.json);
+    assert_eq!(
+        (
+            again.json["accepted"].as_u64(),
+            again.json["duplicate"].as_u64(),
+            again.json["rejected"].as_u64()
+        ),
+        (Some(0), Some(10), Some(0)),
+        "{}",
+        again.json
+    );
+    let statuses: Vec<&str> = again.json["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["status"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(statuses, vec!["duplicate"; 10]);
+    assert_eq!(again.json["positions"], first.json["positions"]);
+    assert_eq!(positions(&again), expected);
+    assert_eq!(landed_at(&h, 9).await?.len(), 9);
     h.stop().await
 }
 

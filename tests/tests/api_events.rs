@@ -1,0 +1,296 @@
+//! The api's wait on events positions (`min_position=<events topic>:<partition>:<offset>` on
+//! `GET /v1/usage`) against the embedded broker, with the aggregators' group played by a test
+//! client that commits offsets: every waiting read answers within its own wait however many
+//! wait and whether the broker answers, readiness stays prompt meanwhile, positions already
+//! folded are answered at once (even with no wait at all), and a partition the events topic
+//! does not have is refused once the topic's metadata was asked again.
+
+use anyhow::{Context, Result};
+use neruba::embedded::EmbeddedKafka;
+use neruba_schemas::topics;
+use neruba_tests::{LEDGER_PARTITIONS, sample};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// An api (and its operations listener) on an embedded broker with the events (3
+/// partitions), ledger and rollups topics.
+struct Api {
+    kafka: EmbeddedKafka,
+    base: String,
+    ops: String,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<neruba_api::Running>,
+    _state: tempfile::TempDir,
+}
+
+/// What a read answered, and how long it took.
+#[derive(Debug)]
+struct Read {
+    status: u16,
+    code: Option<String>,
+    retry_after: Option<String>,
+    took: Duration,
+}
+
+impl Api {
+    async fn start(read_wait: Duration) -> Result<Self> {
+        let kafka = EmbeddedKafka::start(&[
+            (topics::EVENTS, 3),
+            (topics::LEDGER, LEDGER_PARTITIONS),
+            (topics::ROLLUPS, 2),
+        ])?;
+        let state = tempfile::tempdir()?;
+        let mut config = neruba_api::Config::new(
+            kafka.bootstrap_servers(),
+            state.path(),
+            "127.0.0.1:0".parse()?,
+            "test",
+        );
+        config.read_wait = read_wait;
+        let shutdown = CancellationToken::new();
+        let running = neruba_api::start(
+            config,
+            Arc::new(sample::catalog()?),
+            &prometheus::Registry::new(),
+            shutdown.clone(),
+        )
+        .await?;
+        let ops = neruba::ops::serve(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            vec![],
+            running.readiness(),
+            shutdown.clone(),
+        )?;
+        Ok(Self {
+            base: format!("http://{}", running.local_addr),
+            ops: format!("http://{ops}"),
+            kafka,
+            client: reqwest::Client::new(),
+            shutdown,
+            running: Some(running),
+            _state: state,
+        })
+    }
+
+    /// A usage read of a customer nobody wrote for, at `min_position`: `404
+    /// customer_not_found` once the wait is over, `503 not_caught_up` if it is not.
+    async fn usage_at(&self, min_position: &str) -> Result<Read> {
+        let key = sample::dev_key("acme", "read").context("acme read key")?;
+        let url = format!(
+            "{}/v1/usage?customer=nobody&meter=llm_tokens&from=2026-01-01T00:00:00Z\
+             &to=2026-01-01T01:00:00Z&window=none&min_position={min_position}",
+            self.base
+        );
+        let started = Instant::now();
+        let response = self.client.get(url).bearer_auth(key).send().await?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body: Value = response.json().await.context("a JSON answer")?;
+        Ok(Read {
+            status,
+            code: body["error"]["code"].as_str().map(str::to_owned),
+            retry_after,
+            took: started.elapsed(),
+        })
+    }
+
+    /// How long `/readyz` took to answer (whatever it said).
+    async fn readyz_took(&self) -> Result<Duration> {
+        let started = Instant::now();
+        self.client
+            .get(format!("{}/readyz", self.ops))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Commits `offsets` (events partition, next offset) under the aggregators' group, as an
+    /// aggregator does once it has folded the events below them.
+    async fn commit_as_the_aggregators(&self, offsets: &[(i32, i64)]) -> Result<()> {
+        let bootstrap = self.kafka.bootstrap_servers().to_owned();
+        let offsets = offsets.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", neruba_api::DEFAULT_AGGREGATOR_GROUP_ID)
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let mut list = TopicPartitionList::new();
+            for (partition, offset) in offsets {
+                list.add_partition_offset(topics::EVENTS, partition, Offset::Offset(offset))?;
+            }
+            consumer.commit(&list, CommitMode::Sync)?;
+            Ok(())
+        })
+        .await?
+    }
+
+    /// `count` reads at `min_position` at once, while `/readyz` is asked every 100 ms: every
+    /// read's answer, and the slowest `/readyz`.
+    async fn many_at(&self, count: usize, min_position: &str) -> Result<(Vec<Read>, Duration)> {
+        let reads = futures::future::join_all((0..count).map(|_| self.usage_at(min_position)));
+        let probes = async {
+            let mut slowest = Duration::ZERO;
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                slowest = slowest.max(self.readyz_took().await?);
+            }
+            Ok::<_, anyhow::Error>(slowest)
+        };
+        let (reads, slowest) = tokio::join!(reads, probes);
+        Ok((reads.into_iter().collect::<Result<_>>()?, slowest?))
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Every read a `503 not_caught_up` with `Retry-After: 1`, after the whole wait and not much
+/// later.
+fn all_answered_at_their_wait(reads: &[Read], wait: Duration, margin: Duration) {
+    for read in reads {
+        assert_eq!(
+            (
+                read.status,
+                read.code.as_deref(),
+                read.retry_after.as_deref()
+            ),
+            (503, Some("not_caught_up"), Some("1")),
+            "{read:?}"
+        );
+    }
+    let fastest = reads.iter().map(|r| r.took).min().unwrap_or_default();
+    let slowest = reads.iter().map(|r| r.took).max().unwrap_or_default();
+    assert!(
+        fastest >= wait && slowest < wait + margin,
+        "answered between {fastest:?} and {slowest:?} with a wait of {wait:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_reads_waiting_on_an_events_position_answer_at_their_wait_even_with_the_broker_down()
+-> Result<()> {
+    const WAIT: Duration = Duration::from_secs(1);
+    const MARGIN: Duration = Duration::from_millis(750);
+    const UNREACHED: &str = "neruba.events:0:999999999";
+    let api = Api::start(WAIT).await?;
+
+    // 1. The broker goes down before any read waited on events (so before the api ever
+    //    asked the aggregators' progress): 64 reads at once each answer 503 at their wait,
+    //    and `/readyz` answers promptly meanwhile.
+    api.kafka.set_broker_up(false)?;
+    let (reads, readyz) = api.many_at(64, UNREACHED).await?;
+    all_answered_at_their_wait(&reads, WAIT, MARGIN);
+    assert!(
+        readyz < Duration::from_millis(500),
+        "/readyz took {readyz:?}"
+    );
+
+    // 2. Back up: the same, now with the broker answering that the position is not folded.
+    api.kafka.set_broker_up(true)?;
+    let (reads, readyz) = api.many_at(64, UNREACHED).await?;
+    all_answered_at_their_wait(&reads, WAIT, MARGIN);
+    assert!(
+        readyz < Duration::from_millis(500),
+        "/readyz took {readyz:?}"
+    );
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_positions_already_folded_are_answered_at_once_even_with_no_wait() -> Result<()> {
+    let api = Api::start(Duration::ZERO).await?;
+    // 1. The aggregators have folded partition 0 below 5 and partition 1 below 2.
+    api.commit_as_the_aggregators(&[(0, 5), (1, 2)]).await?;
+    let folded = "neruba.events:0:4,neruba.events:1:1";
+
+    // 2. With no wait, the first read may come before the api has heard (503, which wakes
+    //    its poller); once it has, every read at those positions is answered at once.
+    let started = Instant::now();
+    loop {
+        let read = api.usage_at(folded).await?;
+        if read.status == 404 {
+            break;
+        }
+        assert_eq!(
+            (read.status, read.code.as_deref()),
+            (503, Some("not_caught_up"))
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{read:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        let read = api.usage_at(folded).await?;
+        assert_eq!(
+            (read.status, read.code.as_deref()),
+            (404, Some("customer_not_found")),
+            "{read:?}"
+        );
+        assert!(read.took < Duration::from_millis(250), "{read:?}");
+    }
+    // Still so once the poller has stopped (no read waited for longer than its linger): what
+    // it learned stays true.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let read = api.usage_at(folded).await?;
+    assert_eq!(
+        (read.status, read.code.as_deref()),
+        (404, Some("customer_not_found"))
+    );
+    assert!(read.took < Duration::from_millis(250), "{read:?}");
+
+    // 3. An offset not folded yet: 503 at once.
+    let read = api.usage_at("neruba.events:0:5").await?;
+    assert_eq!(
+        (
+            read.status,
+            read.code.as_deref(),
+            read.retry_after.as_deref()
+        ),
+        (503, Some("not_caught_up"), Some("1")),
+        "{read:?}"
+    );
+    assert!(read.took < Duration::from_millis(250), "{read:?}");
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_partition_the_topic_lacks_is_refused_once_its_metadata_was_asked_again()
+-> Result<()> {
+    let api = Api::start(Duration::from_secs(3)).await?;
+    // The events topic has partitions 0–2. Each read names partition 3; each is refused only
+    // by metadata fetched after it arrived (the first read's, then a refresh per read), well
+    // within the wait.
+    for min_position in [
+        "neruba.events:3:0",
+        "neruba.events:3:0",
+        "neruba.events:0:0,neruba.events:3:7",
+    ] {
+        let read = api.usage_at(min_position).await?;
+        assert_eq!(
+            (read.status, read.code.as_deref()),
+            (422, Some("unsupported_position")),
+            "{min_position}: {read:?}"
+        );
+        assert!(
+            read.took < Duration::from_secs(2),
+            "{min_position}: {read:?}"
+        );
+    }
+    api.stop().await
+}
