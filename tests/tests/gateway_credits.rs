@@ -649,12 +649,15 @@ async fn a_rule_is_set_and_removed_in_the_partition_of_the_customers_grants() ->
             )
         })
         .collect();
+    // Version 2: a removal keeps the rule's outstanding top-up request.
+    let v = credit::RULE_RECORD_V;
+    assert_eq!(v, 2);
     assert_eq!(
         heads,
         [
-            (1, "acme", "customer-5", "USD"),
-            (1, "acme", "customer-5", "credits"),
-            (1, "acme", "customer-5", "USD"),
+            (v, "acme", "customer-5", "USD"),
+            (v, "acme", "customer-5", "credits"),
+            (v, "acme", "customer-5", "USD"),
         ]
     );
     let usd = decoded[0]
