@@ -23,7 +23,7 @@ use anyhow::Result;
 // The allocator the `neruba` binary runs with.
 use neruba as _;
 use neruba_balances::state::{Output, PartitionState, Record as Kind, store_options};
-use neruba_benches::balances::{Record, workload};
+use neruba_benches::balances::{Record, record_keys, workload};
 use neruba_benches::{peak_rss_kib, rate};
 use neruba_schemas::credit::{self, Grant};
 use neruba_schemas::ledger::LineItem;
@@ -105,18 +105,7 @@ fn decode_and_put_ids(records: &[&Record]) -> Result<Duration> {
     for batch in records.chunks(BATCH) {
         let mut write = rocksdb::WriteBatch::default();
         for record in batch {
-            let (tenant, customer, id) = if record.header.is_some() {
-                let grant: Grant = credit::decode(&record.payload)?;
-                (grant.tenant, grant.customer, grant.id)
-            } else {
-                let item: LineItem = credit::decode(&record.payload)?;
-                (item.tenant, item.customer, item.id)
-            };
-            let mut key = tenant.into_bytes();
-            key.push(0);
-            key.extend_from_slice(customer.as_bytes());
-            key.push(0);
-            key.extend_from_slice(id.as_bytes());
+            let (_, key) = record_keys(&record.payload, record.header.is_some())?;
             write.put(key, []);
         }
         db.write(write)?;
@@ -151,16 +140,7 @@ fn decode_and_rewrite_state(records: &[&Record], state_bytes: usize) -> Result<D
         let mut write = rocksdb::WriteBatch::default();
         let mut touched = std::collections::BTreeSet::new();
         for record in batch {
-            let (tenant, customer, id) = if record.header.is_some() {
-                let grant: Grant = credit::decode(&record.payload)?;
-                (grant.tenant, grant.customer, grant.id)
-            } else {
-                let item: LineItem = credit::decode(&record.payload)?;
-                (item.tenant, item.customer, item.id)
-            };
-            let mut key = tenant.into_bytes();
-            key.push(0);
-            key.extend_from_slice(customer.as_bytes());
+            let (key, mark) = record_keys(&record.payload, record.header.is_some())?;
             if !values.contains_key(&key) {
                 let stored = db.get(&key)?.unwrap_or_else(|| vec![0; state_bytes]);
                 values.insert(key.clone(), stored);
@@ -168,9 +148,6 @@ fn decode_and_rewrite_state(records: &[&Record], state_bytes: usize) -> Result<D
             if let Some(first) = values.get_mut(&key).and_then(|v| v.first_mut()) {
                 *first = first.wrapping_add(1);
             }
-            let mut mark = key.clone();
-            mark.push(0);
-            mark.extend_from_slice(id.as_bytes());
             write.put(mark, []);
             touched.insert(key);
         }

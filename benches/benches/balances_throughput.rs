@@ -24,10 +24,8 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_benches::balances::{Record, workload};
+use neruba_benches::balances::{Record, record_keys, workload};
 use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
-use neruba_schemas::credit::{self, Grant};
-use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -111,18 +109,7 @@ fn drain(bootstrap: &str, expected: usize, durable: bool) -> Result<Duration> {
             let is_grant = message
                 .headers()
                 .is_some_and(|h| h.iter().any(|h| h.key == RECORD_HEADER));
-            let (tenant, customer, id) = if is_grant {
-                let grant: Grant = credit::decode(payload)?;
-                (grant.tenant, grant.customer, grant.id)
-            } else {
-                let item: LineItem = credit::decode(payload)?;
-                (item.tenant, item.customer, item.id)
-            };
-            let mut key = tenant.into_bytes();
-            key.push(0);
-            key.extend_from_slice(customer.as_bytes());
-            key.push(0);
-            key.extend_from_slice(id.as_bytes());
+            let (_, key) = record_keys(payload, is_grant)?;
             batch.put(key, []);
             if batch.len() == 5_000 || seen == expected {
                 ids.write(std::mem::take(&mut batch))?;

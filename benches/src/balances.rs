@@ -12,6 +12,26 @@ use std::collections::BTreeMap;
 
 const HOUR: i64 = 3_600_000;
 
+/// The customer key (`tenant \0 customer`) and the record key (that, `\0`, the record's id) of
+/// a ledger record, decoding it as a grant (`is_grant`) or a line item: what the benchmarks'
+/// floors store per record.
+pub fn record_keys(payload: &[u8], is_grant: bool) -> neruba_schemas::Result<(Vec<u8>, Vec<u8>)> {
+    let (tenant, customer, id) = if is_grant {
+        let grant: Grant = credit::decode(payload)?;
+        (grant.tenant, grant.customer, grant.id)
+    } else {
+        let item: LineItem = credit::decode(payload)?;
+        (item.tenant, item.customer, item.id)
+    };
+    let mut customer_key = tenant.into_bytes();
+    customer_key.push(0);
+    customer_key.extend_from_slice(customer.as_bytes());
+    let mut record_key = customer_key.clone();
+    record_key.push(0);
+    record_key.extend_from_slice(id.as_bytes());
+    Ok((customer_key, record_key))
+}
+
 /// A ledger record: key, payload, and its `neruba-record` header (none for a line item).
 #[derive(Debug, Clone)]
 pub struct Record {

@@ -98,6 +98,22 @@ impl ApiArgs {
     }
 }
 
+impl ApiCommandArgs {
+    /// The api's configuration from its flags.
+    fn config(&self) -> neruba_api::Config {
+        self.api.config(
+            &self.brokers,
+            ApiTopics {
+                ledger: &self.ledger_topic,
+                rollups: &self.rollups_topic,
+                events: &self.events_topic,
+            },
+            &self.api_aggregator_group_id,
+            &self.state_dir,
+        )
+    }
+}
+
 /// Runs the api until `shutdown` (or SIGTERM) stops it.
 pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Result<()> {
     let catalog = match &args.catalog {
@@ -107,16 +123,7 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
     let listener = neruba::ops::bind(args.ops_listen).await?;
     let shutdown = shutdown_on_signal(&shutdown);
     let registry = prometheus::Registry::new();
-    let mut config = args.api.config(
-        &args.brokers,
-        ApiTopics {
-            ledger: &args.ledger_topic,
-            rollups: &args.rollups_topic,
-            events: &args.events_topic,
-        },
-        &args.api_aggregator_group_id,
-        &args.state_dir,
-    );
+    let mut config = args.config();
     config.stage.kafka_options = args.kafka_opts.clone();
     let catalog = LiveCatalog::new(catalog);
     if let Some(path) = &args.catalog {
@@ -140,7 +147,6 @@ pub(crate) async fn run(args: ApiCommandArgs, shutdown: CancellationToken) -> Re
 
 #[cfg(test)]
 mod tests {
-    use super::ApiTopics;
     use crate::cli::{Cli, Command};
     use clap::Parser;
 
@@ -184,16 +190,7 @@ mod tests {
             let Ok(Command::Api(args)) = parse(&[&base[..], extra].concat()) else {
                 panic!("api {extra:?}");
             };
-            let config = args.api.config(
-                &args.brokers,
-                ApiTopics {
-                    ledger: &args.ledger_topic,
-                    rollups: &args.rollups_topic,
-                    events: &args.events_topic,
-                },
-                &args.api_aggregator_group_id,
-                &args.state_dir,
-            );
+            let config = args.config();
             assert_eq!(
                 (
                     config.events_topic.as_str(),
