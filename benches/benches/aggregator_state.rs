@@ -3,9 +3,12 @@
 //!
 //! - `state/apply_commit`: decode, dedup check, fold into windows and periods, close windows
 //!   (rollups taken, not sent), then the atomic RocksDB write of the batch;
+//! - `state/apply_commit_v1_json` and `raw/decode_v1_json`: the same on events in version 1
+//!   of the events-topic encoding (JSON), which the gateway wrote before version 2;
 //! - raw components in the same run, on the same payloads: `raw/decode` (decoding each
-//!   event, what any consumer must do) and `raw/put_ids` (one RocksDB put per event id in one
-//!   write batch, the least a durable dedup set costs).
+//!   event, what any consumer must do), `raw/put_ids` (one RocksDB put per event id in one
+//!   write batch) and `raw/decode_get_put_ids` (decoding each event, looking its id up and
+//!   putting it: the dedup floor, the least any aggregator with a durable dedup set pays).
 //!
 //! The stream runs on across iterations (ids and event times keep increasing), so the state
 //! grows and windows close as in a long run.
@@ -23,10 +26,10 @@ const BATCH: usize = 5_000;
 const PER_HOUR: usize = 300_000;
 const DAY_MS: i64 = 86_400_000;
 
-/// The next `BATCH` encoded events of the stream, from event `*next` on.
-fn next_batch(next: &mut usize) -> Vec<Vec<u8>> {
+/// The next `BATCH` events of the stream, from event `*next` on, in `encoding`.
+fn next_batch(next: &mut usize, encoding: codec::Encoding) -> Vec<Vec<u8>> {
     let batch = (*next..*next + BATCH)
-        .map(|i| codec::encode(&event(i, PER_HOUR)))
+        .map(|i| encoding.encode(&event(i, PER_HOUR)))
         .collect();
     *next += BATCH;
     batch
@@ -42,48 +45,56 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("aggregator");
     group.throughput(Throughput::Elements(BATCH as u64));
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
-    let mut state = PartitionState::open(dir.path(), 0, timing, &cache).expect("open state");
-    let mut next = 0usize;
-    let mut offset = 0i64;
-    group.bench_function("state/apply_commit", |b| {
-        b.iter_batched(
-            || next_batch(&mut next),
-            |payloads| {
-                for payload in &payloads {
-                    state
-                        .apply(
-                            neruba_stage::Input {
-                                offset,
-                                key: None,
-                                payload,
-                            },
-                            &catalog,
-                        )
-                        .expect("apply");
-                    offset += 1;
-                }
-                black_box(state.take_outputs());
-                black_box(state.take_counts());
-                state.commit().expect("commit");
-            },
-            BatchSize::PerIteration,
-        );
-    });
+    // Events as the gateway writes them (version 2, binary), and in version 1 (JSON): the
+    // same stream, each into a state of its own.
+    for (suffix, encoding) in [
+        ("", codec::Encoding::Binary),
+        ("_v1_json", codec::Encoding::Json),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, timing, &cache).expect("open state");
+        let mut next = 0usize;
+        let mut offset = 0i64;
+        group.bench_function(format!("state/apply_commit{suffix}"), |b| {
+            b.iter_batched(
+                || next_batch(&mut next, encoding),
+                |payloads| {
+                    for payload in &payloads {
+                        state
+                            .apply(
+                                neruba_stage::Input {
+                                    offset,
+                                    key: None,
+                                    payload,
+                                },
+                                &catalog,
+                            )
+                            .expect("apply");
+                        offset += 1;
+                    }
+                    black_box(state.take_outputs());
+                    black_box(state.take_counts());
+                    state.commit().expect("commit");
+                },
+                BatchSize::PerIteration,
+            );
+        });
 
-    let mut next = 0usize;
-    group.bench_function("raw/decode", |b| {
-        b.iter_batched(
-            || next_batch(&mut next),
-            |mut payloads| {
-                for payload in &mut payloads {
-                    black_box(codec::decode(payload).expect("decode"));
-                }
-            },
-            BatchSize::PerIteration,
-        );
-    });
+        let mut next = 0usize;
+        let mut decoder = codec::Decoder::default();
+        group.bench_function(format!("raw/decode{suffix}"), |b| {
+            b.iter_batched(
+                || next_batch(&mut next, encoding),
+                |payloads| {
+                    for payload in &payloads {
+                        black_box(decoder.decode(payload).expect("decode"));
+                    }
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
 
     let raw_dir = tempfile::tempdir().expect("temp dir");
     let db = rocksdb::DB::open_default(raw_dir.path()).expect("open raw db");
@@ -103,6 +114,38 @@ fn bench(c: &mut Criterion) {
                     batch.put(id.as_bytes(), 0i64.to_be_bytes());
                 }
                 db.write(batch).expect("write");
+            },
+            BatchSize::PerIteration,
+        );
+    });
+
+    // The dedup floor: decode each event, look its id up in RocksDB (a miss, as for every new
+    // event) and put it, in one write batch per 5,000, into a store tuned as the aggregator's
+    // is. The least any aggregator that keeps the durable dedup set pays per event.
+    let floor_dir = tempfile::tempdir().expect("temp dir");
+    let floor_cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let floor = neruba_stage::Store::open(
+        floor_dir.path(),
+        0,
+        &neruba_aggregator::state::store_options(timing),
+        &floor_cache,
+    )
+    .expect("open floor store");
+    let mut next = 0usize;
+    let mut decoder = codec::Decoder::default();
+    group.bench_function("raw/decode_get_put_ids", |b| {
+        b.iter_batched(
+            || next_batch(&mut next, codec::Encoding::Binary),
+            |payloads| {
+                let mut batch = rocksdb::WriteBatch::default();
+                for payload in &payloads {
+                    let event = decoder.decode(payload).expect("decode");
+                    let key = neruba_aggregator::keys::dedup(&event.tenant, &event.id);
+                    if floor.db().get(&key).expect("get").is_none() {
+                        batch.put(&key, event.time_ms.to_be_bytes());
+                    }
+                }
+                floor.db().write(batch).expect("write");
             },
             BatchSize::PerIteration,
         );

@@ -3,7 +3,7 @@
 //! Each group measures a raw component in the same run (plain `serde_json` parsing of the same
 //! bytes; a bare `DashMap`), so results read as ratios, not absolute numbers from one machine.
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use neruba_benches::typical_batch;
 use neruba_ingest_gateway::dedup::DedupCache;
 use neruba_schemas::event::{self, Limits};
@@ -53,40 +53,44 @@ fn decode_validate(c: &mut Criterion) {
             assert_eq!(accepted, BATCH);
         })
     });
-    group.bench_function("split_validate_encode", |b| {
-        b.iter(|| {
-            let framed =
-                body::split(Framing::Batch, black_box(body.as_bytes()), 10_000).expect("frames");
-            let mut bytes = 0usize;
-            for item in framed {
-                let Ok(value) = item.value else { continue };
-                if let Ok(e) = event::validate(value, item.len, "acme", now, &limits) {
-                    bytes += codec::encode(&e).len();
+    // The events-topic encodings, version 2 (binary, what the gateway writes) and version 1
+    // (JSON), written and read in the same run.
+    for (name, encoding) in [
+        ("v2_binary", codec::Encoding::Binary),
+        ("v1_json", codec::Encoding::Json),
+    ] {
+        group.bench_function(format!("split_validate_encode_{name}"), |b| {
+            b.iter(|| {
+                let framed = body::split(Framing::Batch, black_box(body.as_bytes()), 10_000)
+                    .expect("frames");
+                let mut bytes = 0usize;
+                for item in framed {
+                    let Ok(value) = item.value else { continue };
+                    if let Ok(e) = event::validate(value, item.len, "acme", now, &limits) {
+                        bytes += encoding.encode(&e).len();
+                    }
                 }
-            }
-            black_box(bytes)
-        })
-    });
-    let encoded: Vec<Vec<u8>> = {
-        let framed = body::split(Framing::Batch, body.as_bytes(), 10_000).expect("frames");
-        framed
-            .into_iter()
-            .filter_map(|f| f.value.ok())
-            .filter_map(|v| event::validate(v, 200, "acme", now, &limits).ok())
-            .map(|e| codec::encode(&e))
-            .collect()
-    };
-    group.bench_function("events_topic_decode_simd", |b| {
-        b.iter_batched(
-            || encoded.clone(),
-            |mut messages| {
-                for m in &mut messages {
-                    black_box(codec::decode(m).expect("decode"));
+                black_box(bytes)
+            })
+        });
+        let encoded: Vec<Vec<u8>> = {
+            let framed = body::split(Framing::Batch, body.as_bytes(), 10_000).expect("frames");
+            framed
+                .into_iter()
+                .filter_map(|f| f.value.ok())
+                .filter_map(|v| event::validate(v, 200, "acme", now, &limits).ok())
+                .map(|e| encoding.encode(&e))
+                .collect()
+        };
+        let mut decoder = codec::Decoder::default();
+        group.bench_function(format!("events_topic_decode_{name}"), |b| {
+            b.iter(|| {
+                for m in &encoded {
+                    black_box(decoder.decode(m).expect("decode"));
                 }
-            },
-            BatchSize::LargeInput,
-        )
-    });
+            })
+        });
+    }
     group.finish();
 }
 

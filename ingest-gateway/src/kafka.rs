@@ -60,6 +60,7 @@ impl From<KafkaError> for DeliveryError {
 pub struct EventSink {
     producer: neruba_kafka::Recoverable,
     topic: Arc<str>,
+    encoding: codec::Encoding,
     metrics: Metrics,
 }
 
@@ -67,15 +68,22 @@ impl std::fmt::Debug for EventSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventSink")
             .field("topic", &self.topic)
+            .field("encoding", &self.encoding)
             .finish()
     }
 }
 
 impl EventSink {
-    pub fn new(producer: neruba_kafka::Recoverable, topic: &str, metrics: Metrics) -> Self {
+    pub fn new(
+        producer: neruba_kafka::Recoverable,
+        topic: &str,
+        encoding: codec::Encoding,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             producer,
             topic: topic.into(),
+            encoding,
             metrics,
         }
     }
@@ -92,7 +100,7 @@ impl EventSink {
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
-            let payload = codec::encode(event);
+            let payload = self.encoding.encode(event);
             let key = event.partition_key();
             let headers = OwnedHeaders::new()
                 .insert(Header {
@@ -101,7 +109,7 @@ impl EventSink {
                 })
                 .insert(Header {
                     key: CONTENT_TYPE_HEADER,
-                    value: Some(codec::CONTENT_TYPE.as_bytes()),
+                    value: Some(self.encoding.content_type().as_bytes()),
                 });
             let record = FutureRecord::to(&self.topic)
                 .key(&key)

@@ -73,6 +73,9 @@ pub struct Config {
     pub brokers: String,
     /// Topic validated events go to.
     pub events_topic: String,
+    /// How events are written to it (version 2, binary, unless a rolling upgrade still runs
+    /// aggregators that read only version 1).
+    pub events_encoding: neruba_schemas::codec::Encoding,
     /// Topic credit grants and voids go to: the ledger topic the raters write line items to,
     /// so a customer's items and grants share one partition and one order.
     pub ledger_topic: String,
@@ -110,6 +113,7 @@ impl Config {
             listen,
             brokers: brokers.into(),
             events_topic: neruba_schemas::topics::EVENTS.to_owned(),
+            events_encoding: neruba_schemas::codec::Encoding::default(),
             ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
             limits: Limits::default(),
             max_body_bytes: 5 * 1024 * 1024,
@@ -173,7 +177,12 @@ pub async fn start_on(
     // One producer for events and credit records: one set of broker connections, and the
     // flush at shutdown covers both.
     let ledger = credits::LedgerWriter::new(producer.clone(), &config.ledger_topic);
-    let sink = kafka::EventSink::new(producer, &config.events_topic, metrics.clone());
+    let sink = kafka::EventSink::new(
+        producer,
+        &config.events_topic,
+        config.events_encoding,
+        metrics.clone(),
+    );
     let state = Arc::new(http::AppState {
         catalog: catalog.into(),
         dedup: dedup::DedupCache::new(config.dedup_capacity, config.dedup_max_age),

@@ -2,7 +2,7 @@
 //!
 //! [`embedded`] runs the pipeline against an in-process Kafka broker (librdkafka's mock
 //! cluster); [`sample`] holds the built-in catalog and its public dev keys; [`ledger`] reads
-//! line items back.
+//! line items back, [`events`] the events topic.
 
 /// The allocator of every process built on this crate (the `neruba` binary, its tests and the
 /// benchmarks): every component allocates per request or per message (events, rollups, line
@@ -13,6 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod demo;
 pub mod embedded;
+pub mod events;
 pub mod ledger;
 pub mod ops;
 pub mod sample;

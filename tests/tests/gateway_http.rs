@@ -740,3 +740,102 @@ async fn health_and_metrics_endpoints_answer() -> Result<()> {
     }
     h.stop().await
 }
+
+/// The payload and content type of every message on the events topic.
+async fn raw_events(h: &GatewayHarness, expected: usize) -> Result<Vec<(Vec<u8>, String)>> {
+    let bootstrap = h.kafka.bootstrap_servers().to_owned();
+    let messages = tokio::task::spawn_blocking(move || {
+        neruba::embedded::read_topic(
+            &bootstrap,
+            neruba_schemas::topics::EVENTS,
+            expected,
+            Duration::from_millis(300),
+            Duration::from_secs(15),
+        )
+    })
+    .await??;
+    Ok(messages
+        .iter()
+        .map(|m| {
+            use rdkafka::message::Headers;
+            let content_type = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "content-type"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            (m.payload().unwrap_or_default().to_vec(), content_type)
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn events_are_written_in_version_2_unless_json_is_asked_and_tail_prints_both_as_sent()
+-> Result<()> {
+    let time = format_time_ms(now_ms() - 1_000);
+    // Written as text: the number's digits are what is checked.
+    let sent = |id: &str| {
+        format!(
+            r#"{{"specversion": "1.0", "id": "{id}", "type": "llm.completion", "subject": "cust-1",
+                "time": "{time}", "data": {{"model": "large", "tokens": 1200.50, "tags": ["a", 7]}}}}"#
+        )
+    };
+    let mut payloads = Vec::new();
+    for (encoding, id) in [
+        (neruba_schemas::codec::Encoding::Binary, "evt-binary"),
+        (neruba_schemas::codec::Encoding::Json, "evt-json"),
+    ] {
+        let h = GatewayHarness::start_with(sample::catalog()?, |c| c.events_encoding = encoding)
+            .await?;
+        let answer = h.post(acme(), SINGLE, sent(id)).await?;
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        let landed = raw_events(&h, 1).await?;
+        assert_eq!(landed.len(), 1);
+        let (payload, content_type) = landed[0].clone();
+        assert_eq!(content_type, encoding.content_type());
+        // Both forms decode to the same event: numbers as their exact text.
+        let event = neruba_schemas::codec::decode(&mut payload.clone())?;
+        assert_eq!(event.id, id);
+        assert_eq!(event.data.get("tokens"), Some(&json!("1200.50")));
+
+        // `neruba events tail` prints it with its position and encoding; a version 2 event's
+        // numbers as the client sent them (version 1 carries them as text).
+        let bootstrap = h.kafka.bootstrap_servers().to_owned();
+        let (counts, printed) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut out = Vec::new();
+            let counts = neruba::events::tail(
+                &bootstrap,
+                &[],
+                neruba_schemas::topics::EVENTS,
+                Some("acme"),
+                Some(Duration::from_secs(2)),
+                &tokio_util::sync::CancellationToken::new(),
+                &mut out,
+            )?;
+            Ok((counts, String::from_utf8(out)?))
+        })
+        .await??;
+        assert_eq!((counts.printed, counts.undecodable), (1, 0));
+        let line: Value = serde_json::from_str(printed.trim_end())?;
+        let binary = encoding == neruba_schemas::codec::Encoding::Binary;
+        assert_eq!(line["encoding"], json!(if binary { 2 } else { 1 }));
+        assert_eq!(line["id"], json!(id));
+        assert_eq!(line["tenant"], json!("acme"));
+        assert_eq!(line["time"], json!(event.time_ms));
+        let tokens = serde_json::to_string(&line["data"]["tokens"])?;
+        assert_eq!(tokens, if binary { "1200.50" } else { "\"1200.50\"" });
+        assert_eq!(
+            line["data"]["tags"],
+            if binary {
+                json!(["a", 7])
+            } else {
+                json!(["a", "7"])
+            }
+        );
+        payloads.push(payload);
+        h.stop().await?;
+    }
+    assert_eq!(payloads[0].first(), Some(&2));
+    assert_eq!(payloads[1].first(), Some(&b'{'));
+    Ok(())
+}

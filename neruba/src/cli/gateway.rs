@@ -40,6 +40,11 @@ pub(crate) struct IngestArgs {
     /// Topic validated events are produced to.
     #[arg(long, env = "NERUBA_EVENTS_TOPIC", default_value = topics::EVENTS)]
     pub(crate) events_topic: String,
+    /// How events are written to the events topic: `binary` (version 2) or `json` (version 1,
+    /// for a rolling upgrade while aggregators that read only version 1 still run; aggregators
+    /// read both).
+    #[arg(long, env = "NERUBA_GATEWAY_EVENTS_ENCODING", default_value = "binary")]
+    pub(crate) events_encoding: neruba_schemas::codec::Encoding,
     /// Largest request body, bytes, after `Content-Encoding` (gzip, zstd) is decoded.
     #[arg(long, env = "NERUBA_GATEWAY_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
@@ -150,6 +155,7 @@ impl IngestArgs {
         }
         let mut config = gateway::Config::new(listen, brokers);
         config.events_topic = self.events_topic.clone();
+        config.events_encoding = self.events_encoding;
         config.max_body_bytes = self.max_body_bytes;
         config.max_batch_events = self.max_batch_events;
         config.body_read_timeout = self.http_body_timeout;

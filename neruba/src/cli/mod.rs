@@ -110,6 +110,7 @@ mod balances;
 mod catalog;
 mod credits;
 mod dev;
+mod events;
 mod gateway;
 mod ledger;
 mod loadgen;
@@ -170,6 +171,9 @@ pub(crate) enum Command {
     /// Ledger tools.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// Events-topic tools.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
     /// Prepaid credit: grant, void, and show a customer's grants and balance entries.
     #[command(subcommand)]
     Credits(credits::CreditsCommand),
@@ -194,6 +198,7 @@ pub(crate) async fn run(command: Command, shutdown: CancellationToken) -> Result
         Command::Catalog(command) => catalog::run(command),
         Command::Price(args) => price::run(&args),
         Command::Ledger(command) => ledger::run(command, shutdown).await,
+        Command::Events(command) => events::run(command, shutdown).await,
         Command::Credits(command) => credits::run(command, shutdown).await,
         Command::Loadgen(args) => loadgen::run(args, shutdown).await,
     }

@@ -1,0 +1,129 @@
+//! `neruba events tail`: the events topic as NDJSON, for people.
+//!
+//! The gateway writes events in version 2 of the events-topic encoding (binary, see
+//! `neruba_schemas::codec`), which no Kafka tool prints readably; this prints each event as one
+//! JSON object with where it is (`partition`, `offset`), its `encoding` version, its envelope and
+//! its `data` with numbers as the client sent them. Version 1 messages (JSON) print the same
+//! way. The aggregator's watermark ticks on the topic (they carry
+//! [`topics::WATERMARK_HEADER`]) are not events: they are counted, not printed. A message that
+//! is not an event is reported on stderr with its position and the tail goes on.
+
+use neruba_schemas::{Event, codec, topics};
+use rdkafka::Message;
+use rdkafka::message::Headers;
+use serde::Serialize;
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What a tail saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TailCounts {
+    pub printed: u64,
+    /// Watermark ticks the aggregators wrote to the topic.
+    pub ticks: u64,
+    pub undecodable: u64,
+}
+
+/// One printed line.
+#[derive(Serialize)]
+struct Line<'a> {
+    partition: i32,
+    offset: i64,
+    encoding: u8,
+    tenant: &'a str,
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    /// Event time, Unix milliseconds.
+    time: i64,
+    /// When the gateway received it, Unix milliseconds.
+    received: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
+    data: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reads `topic` from the beginning and writes each event as one JSON line to `out`, until
+/// `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
+pub fn tail(
+    brokers: &str,
+    kafka_options: &[(String, String)],
+    topic: &str,
+    tenant: Option<&str>,
+    exit_when_idle: Option<Duration>,
+    shutdown: &CancellationToken,
+    out: &mut dyn Write,
+) -> anyhow::Result<TailCounts> {
+    let consumer = neruba_kafka::clients::topic_reader(
+        brokers,
+        "neruba-events-tail",
+        topic,
+        kafka_options,
+        Duration::from_secs(10),
+    )?;
+    let mut counts = TailCounts::default();
+    let mut last = Instant::now();
+    while !shutdown.is_cancelled() {
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle) {
+                    break;
+                }
+                continue;
+            }
+            Some(message) => message?,
+        };
+        last = Instant::now();
+        let tick = message
+            .headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER));
+        if tick {
+            counts.ticks += 1;
+            continue;
+        }
+        let payload = message.payload().unwrap_or_default();
+        let event = match codec::decode_readable(payload) {
+            Ok(event) => event,
+            Err(e) => {
+                counts.undecodable += 1;
+                eprintln!(
+                    "partition {} offset {}: not an event: {e}",
+                    message.partition(),
+                    message.offset()
+                );
+                continue;
+            }
+        };
+        if tenant.is_some_and(|t| t != event.tenant) {
+            continue;
+        }
+        let line = line(message.partition(), message.offset(), payload, &event);
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        counts.printed += 1;
+    }
+    Ok(counts)
+}
+
+fn line<'a>(partition: i32, offset: i64, payload: &[u8], event: &'a Event) -> Line<'a> {
+    Line {
+        partition,
+        offset,
+        encoding: if payload.first() == Some(&codec::VERSION) {
+            codec::VERSION
+        } else {
+            codec::JSON_VERSION
+        },
+        tenant: &event.tenant,
+        id: &event.id,
+        event_type: &event.event_type,
+        subject: &event.subject,
+        time: event.time_ms,
+        received: event.received_ms,
+        source: event.source.as_deref(),
+        data: &event.data,
+    }
+}

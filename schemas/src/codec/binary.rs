@@ -1,0 +1,371 @@
+//! The events-topic encoding, version 2: compact binary.
+//!
+//! Layout (every integer a LEB128 varint; `text` is a varint byte length, then UTF-8):
+//!
+//! ```text
+//! 0x02                                  version (a version 1 message starts with `{`)
+//! tenant text, id text, type text, subject text
+//! time, received                        Unix ms, zigzag varints
+//! source                                0x00 absent | 0x01 text
+//! data                                  a value that is an object
+//!
+//! value := 0x00 null | 0x01 false | 0x02 true
+//!        | 0x03 text                    a JSON string
+//!        | 0x04 text                    a JSON number, as its exact decimal text
+//!        | 0x05 count, value*           an array
+//!        | 0x06 count, (text, value)*   an object, its keys in the order the event's map
+//!                                       holds them (sorted)
+//! ```
+//!
+//! Invariants:
+//! - a message decodes to the same [`Event`] as its version 1 form: numbers come back as their
+//!   exact decimal text, as version 1 carries them, so no consumer can read a quantity through
+//!   `f64`; the number tag only lets a reader print the event as the client sent it;
+//! - nothing in a message can stop its reader: lengths and counts are checked against the bytes
+//!   left before anything is allocated, nesting is at most [`MAX_DEPTH`] deep, and bytes left
+//!   over after the event are refused;
+//! - the layout is fixed: a new field needs a new version byte (the golden bytes in the tests
+//!   hold it).
+
+use crate::event::Event;
+use crate::{Error, Result};
+use serde_json::{Map, Value};
+
+/// The version byte every version 2 message starts with.
+pub const VERSION: u8 = 2;
+/// Deepest nesting of arrays and objects read (as deep as `serde_json` parses by default, so
+/// every event the gateway accepted fits).
+pub const MAX_DEPTH: usize = 128;
+
+const NULL: u8 = 0;
+const FALSE: u8 = 1;
+const TRUE: u8 = 2;
+const TEXT: u8 = 3;
+const NUMBER: u8 = 4;
+const ARRAY: u8 = 5;
+const OBJECT: u8 = 6;
+
+/// Encodes `event` in version 2.
+pub fn encode(event: &Event) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + event.id.len() + event.subject.len());
+    out.push(VERSION);
+    for text in [&event.tenant, &event.id, &event.event_type, &event.subject] {
+        put_text(&mut out, text);
+    }
+    put_varint(&mut out, zigzag(event.time_ms));
+    put_varint(&mut out, zigzag(event.received_ms));
+    match &event.source {
+        None => out.push(0),
+        Some(source) => {
+            out.push(1);
+            put_text(&mut out, source);
+        }
+    }
+    put_object(&mut out, &event.data);
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        // The low seven bits, with the continuation bit: the cast keeps exactly those.
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_len(out: &mut Vec<u8>, len: usize) {
+    put_varint(out, u64::try_from(len).unwrap_or(u64::MAX));
+}
+
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    put_len(out, text.len());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    ((n >> 1) as i64) ^ -((n & 1) as i64)
+}
+
+fn put_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
+    out.push(OBJECT);
+    put_len(out, map.len());
+    for (key, value) in map {
+        put_text(out, key);
+        put_value(out, value);
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.push(NULL),
+        Value::Bool(false) => out.push(FALSE),
+        Value::Bool(true) => out.push(TRUE),
+        Value::String(text) => {
+            out.push(TEXT);
+            put_text(out, text);
+        }
+        Value::Number(n) => {
+            out.push(NUMBER);
+            put_text(out, n.as_str());
+        }
+        Value::Array(items) => {
+            out.push(ARRAY);
+            put_len(out, items.len());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        Value::Object(map) => put_object(out, map),
+    }
+}
+
+/// Decodes a version 2 message (its first byte is [`VERSION`]).
+pub fn decode(bytes: &[u8]) -> Result<Event> {
+    decode_as(bytes, Numbers::AsText)
+}
+
+/// Decodes a version 2 message with its numbers as JSON numbers again, as the client sent
+/// them: for people reading the topic (`neruba events tail`), never for metering.
+pub fn decode_readable(bytes: &[u8]) -> Result<Event> {
+    decode_as(bytes, Numbers::AsJson)
+}
+
+/// How numbers of `data` are decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Numbers {
+    /// As their exact text (what consumers meter, as version 1 carries them).
+    AsText,
+    /// As JSON numbers (for printing).
+    AsJson,
+}
+
+fn decode_as(bytes: &[u8], numbers: Numbers) -> Result<Event> {
+    let mut reader = Reader {
+        bytes,
+        at: 0,
+        numbers,
+    };
+    let version = reader.byte()?;
+    if version != VERSION {
+        return Err(Error::Decode(format!(
+            "encoding version {version} is not supported here (expected {VERSION})"
+        )));
+    }
+    let tenant = reader.text()?.to_owned();
+    let id = reader.text()?.to_owned();
+    let event_type = reader.text()?.to_owned();
+    let subject = reader.text()?.to_owned();
+    let time_ms = unzigzag(reader.varint()?);
+    let received_ms = unzigzag(reader.varint()?);
+    let source = match reader.byte()? {
+        0 => None,
+        1 => Some(reader.text()?.to_owned()),
+        other => return Err(malformed(format!("source marker {other}"))),
+    };
+    let Value::Object(data) = reader.value(0)? else {
+        return Err(Error::Decode("`data` is not an object".into()));
+    };
+    if reader.at != bytes.len() {
+        return Err(malformed(format!(
+            "{} bytes after the event",
+            bytes.len() - reader.at
+        )));
+    }
+    Ok(Event {
+        tenant,
+        id,
+        event_type,
+        subject,
+        time_ms,
+        received_ms,
+        source,
+        data,
+    })
+}
+
+fn malformed(what: impl std::fmt::Display) -> Error {
+    Error::Decode(format!("malformed version 2 event: {what}"))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    numbers: Numbers,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn byte(&mut self) -> Result<u8> {
+        let byte = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| malformed("ends early"))?;
+        self.at += 1;
+        Ok(byte)
+    }
+
+    fn varint(&mut self) -> Result<u64> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(malformed("a number over 64 bits"));
+            }
+            n |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(malformed("a number over 64 bits"))
+    }
+
+    /// A length or count, at most the bytes left (each item takes at least one byte).
+    fn len(&mut self) -> Result<usize> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.left())
+            .ok_or_else(|| malformed(format!("a length of {n} with {} bytes left", self.left())))
+    }
+
+    fn text(&mut self) -> Result<&'a str> {
+        let len = self.len()?;
+        let bytes = &self.bytes[self.at..self.at + len];
+        self.at += len;
+        std::str::from_utf8(bytes).map_err(|_| malformed("text that is not UTF-8"))
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value> {
+        match self.byte()? {
+            NULL => Ok(Value::Null),
+            FALSE => Ok(Value::Bool(false)),
+            TRUE => Ok(Value::Bool(true)),
+            TEXT => Ok(Value::String(self.text()?.to_owned())),
+            NUMBER => {
+                let text = self.text()?;
+                match self.numbers {
+                    Numbers::AsText => Ok(Value::String(text.to_owned())),
+                    Numbers::AsJson => serde_json::from_str(text)
+                        .map(Value::Number)
+                        .map_err(|_| malformed(format!("number `{text}`"))),
+                }
+            }
+            ARRAY => {
+                let depth = Self::deeper(depth)?;
+                let count = self.len()?;
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(self.value(depth)?);
+                }
+                Ok(Value::Array(items))
+            }
+            OBJECT => {
+                let depth = Self::deeper(depth)?;
+                let count = self.len()?;
+                let mut map = Map::new();
+                for _ in 0..count {
+                    let key = self.text()?.to_owned();
+                    let value = self.value(depth)?;
+                    map.insert(key, value);
+                }
+                Ok(Value::Object(map))
+            }
+            tag => Err(malformed(format!("value tag {tag}"))),
+        }
+    }
+
+    fn deeper(depth: usize) -> Result<usize> {
+        if depth >= MAX_DEPTH {
+            return Err(malformed(format!("nested deeper than {MAX_DEPTH}")));
+        }
+        Ok(depth + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Event {
+        let data =
+            serde_json::from_str::<Value>(r#"{"tokens": 12.5, "model": "m", "ok": [true, null]}"#)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default();
+        Event {
+            tenant: "acme".into(),
+            id: "e1".into(),
+            event_type: "t".into(),
+            subject: "c1".into(),
+            time_ms: 1_000,
+            received_ms: -1,
+            source: None,
+            data,
+        }
+    }
+
+    #[test]
+    fn the_layout_of_version_2_is_fixed() {
+        let mut expected = vec![2u8];
+        for text in ["acme", "e1", "t", "c1"] {
+            expected.push(u8::try_from(text.len()).unwrap_or(0));
+            expected.extend_from_slice(text.as_bytes());
+        }
+        // 1000 zigzagged = 2000 = 0xd0 0x0f; -1 zigzagged = 1; no source.
+        expected.extend_from_slice(&[0xd0, 0x0f, 0x01, 0x00]);
+        // The object, its keys sorted.
+        expected.extend_from_slice(&[OBJECT, 3]);
+        expected.extend_from_slice(b"\x05model\x03\x01m");
+        expected.extend_from_slice(&[2, b'o', b'k', ARRAY, 2, TRUE, NULL]);
+        expected.extend_from_slice(b"\x06tokens\x04\x0412.5");
+        assert_eq!(encode(&small()), expected);
+    }
+
+    #[test]
+    fn hostile_messages_are_refused_without_allocating_or_recursing_far() {
+        let refused = |bytes: &[u8]| decode(bytes).err().map(|e| e.to_string());
+        // A length far beyond the message.
+        let huge = [2u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(refused(&huge).is_some_and(|e| e.contains("length")));
+        // A varint longer than 64 bits.
+        let mut long = vec![2u8, 0];
+        long.extend_from_slice(&[0xff; 11]);
+        assert!(refused(&long).is_some());
+        // Nesting deeper than MAX_DEPTH: 0x05 0x01 (an array of one) repeated.
+        // Everything before `data`: an event without data ends with an empty object.
+        let header = {
+            let mut event = small();
+            event.data = Map::new();
+            let mut bytes = encode(&event);
+            bytes.truncate(bytes.len() - 2);
+            bytes
+        };
+        let mut deep = header.clone();
+        deep.extend_from_slice(&[OBJECT, 1, 1, b'x']);
+        for _ in 0..MAX_DEPTH + 1 {
+            deep.extend_from_slice(&[ARRAY, 1]);
+        }
+        deep.push(NULL);
+        assert!(refused(&deep).is_some_and(|e| e.contains("nested deeper")));
+        // Bytes after the event, an unknown tag, a non-object data.
+        let mut trailing = encode(&small());
+        trailing.push(0);
+        assert!(refused(&trailing).is_some_and(|e| e.contains("after the event")));
+        let mut tag = header.clone();
+        tag.extend_from_slice(&[OBJECT, 1, 1, b'x', 9]);
+        assert!(refused(&tag).is_some_and(|e| e.contains("tag 9")));
+        let mut not_object = header;
+        not_object.push(NULL);
+        assert!(refused(&not_object).is_some_and(|e| e.contains("not an object")));
+        assert!(refused(&[1u8]).is_some_and(|e| e.contains("version 1")));
+    }
+}
