@@ -61,19 +61,38 @@ pub fn body_framing(bytes: &[u8]) {
             continue;
         };
         if framing != Framing::Single {
-            assert!(framed.len() <= limit, "{} events over a limit of {limit}", framed.len());
+            assert!(
+                framed.len() <= limit,
+                "{} events over a limit of {limit}",
+                framed.len()
+            );
         }
         let total: usize = framed.iter().map(|f| f.len).sum();
-        assert!(total <= body.len(), "framed {total} bytes of a {}-byte body", body.len());
+        assert!(
+            total <= body.len(),
+            "framed {total} bytes of a {}-byte body",
+            body.len()
+        );
     }
 }
 
-/// Decodes events-topic bytes; what decodes must round-trip.
+/// Decodes events-topic bytes (either version); what decodes must round-trip through both
+/// encodings, and the readable decode must not fail where the metering one succeeds.
 pub fn event_decoder(bytes: &[u8]) {
     let mut decoder = codec::Decoder::default();
     if let Ok(event) = decoder.decode(bytes) {
-        let again = decoder.decode(&codec::encode(&event));
-        assert_eq!(again.ok().as_ref(), Some(&event), "re-encoded event differs");
+        for encoding in [codec::Encoding::Binary, codec::Encoding::Json] {
+            let again = decoder.decode(&encoding.encode(&event));
+            assert_eq!(
+                again.ok().as_ref(),
+                Some(&event),
+                "re-encoded event differs ({encoding:?})"
+            );
+        }
+        assert!(
+            codec::decode_readable(bytes).is_ok(),
+            "readable decode refused it"
+        );
     }
 }
 
@@ -84,12 +103,17 @@ pub fn event_validation(bytes: &[u8], catalog: &Catalog) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return;
     };
-    let Ok(event) = event::validate(value, bytes.len(), "acme", NOW_MS, &Limits::default())
-    else {
+    let Ok(event) = event::validate(value, bytes.len(), "acme", NOW_MS, &Limits::default()) else {
         return;
     };
     let decoded = codec::Decoder::default().decode(&codec::encode(&event));
     let decoded = decoded.unwrap_or_else(|e| panic!("a valid event does not decode: {e}"));
+    let from_json = codec::Decoder::default().decode(&codec::encode_json(&event));
+    assert_eq!(
+        from_json.ok().as_ref(),
+        Some(&decoded),
+        "the two encodings differ"
+    );
     let attributes = |e: &neruba_schemas::Event| {
         (
             e.tenant.clone(),
@@ -101,13 +125,24 @@ pub fn event_validation(bytes: &[u8], catalog: &Catalog) {
             e.source.clone(),
         )
     };
-    assert_eq!(attributes(&decoded), attributes(&event), "attributes changed");
+    assert_eq!(
+        attributes(&decoded),
+        attributes(&event),
+        "attributes changed"
+    );
     if let Some(tenant) = catalog.tenant("acme") {
         let measured = |e: &neruba_schemas::Event| {
             measure::measure(tenant, e)
                 .map(|all| {
                     all.iter()
-                        .map(|m| (m.meter.key.clone(), m.value, m.distinct.clone(), m.group.clone()))
+                        .map(|m| {
+                            (
+                                m.meter.key.clone(),
+                                m.value,
+                                m.distinct.clone(),
+                                m.group.clone(),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
                 .map_err(|r| r.code)

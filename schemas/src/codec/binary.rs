@@ -22,8 +22,9 @@
 //!   exact decimal text, as version 1 carries them, so no consumer can read a quantity through
 //!   `f64`; the number tag only lets a reader print the event as the client sent it;
 //! - nothing in a message can stop its reader: lengths and counts are checked against the bytes
-//!   left before anything is allocated, nesting is at most [`MAX_DEPTH`] deep, and bytes left
-//!   over after the event are refused;
+//!   left, an array reserves room for at most [`RESERVE`] items ahead of reading them (so nested
+//!   arrays claiming the whole message each cannot reserve it many times over), nesting is at
+//!   most [`MAX_DEPTH`] deep, and bytes left over after the event are refused;
 //! - the layout is fixed: a new field needs a new version byte (the golden bytes in the tests
 //!   hold it).
 
@@ -36,6 +37,8 @@ pub const VERSION: u8 = 2;
 /// Deepest nesting of arrays and objects read (as deep as `serde_json` parses by default, so
 /// every event the gateway accepted fits).
 pub const MAX_DEPTH: usize = 128;
+/// Most items an array reserves room for before they are read (it grows past that as they are).
+pub const RESERVE: usize = 64;
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;
@@ -254,15 +257,15 @@ impl<'a> Reader<'a> {
                 let text = self.text()?;
                 match self.numbers {
                     Numbers::AsText => Ok(Value::String(text.to_owned())),
-                    Numbers::AsJson => serde_json::from_str(text)
-                        .map(Value::Number)
-                        .map_err(|_| malformed(format!("number `{text}`"))),
+                    // Text a gateway would not have written is shown as the string it is.
+                    Numbers::AsJson => Ok(serde_json::from_str(text)
+                        .map_or_else(|_| Value::String(text.to_owned()), Value::Number)),
                 }
             }
             ARRAY => {
                 let depth = Self::deeper(depth)?;
                 let count = self.len()?;
-                let mut items = Vec::with_capacity(count);
+                let mut items = Vec::with_capacity(count.min(RESERVE));
                 for _ in 0..count {
                     items.push(self.value(depth)?);
                 }
@@ -363,9 +366,18 @@ mod tests {
         let mut tag = header.clone();
         tag.extend_from_slice(&[OBJECT, 1, 1, b'x', 9]);
         assert!(refused(&tag).is_some_and(|e| e.contains("tag 9")));
-        let mut not_object = header;
+        let mut not_object = header.clone();
         not_object.push(NULL);
         assert!(refused(&not_object).is_some_and(|e| e.contains("not an object")));
         assert!(refused(&[1u8]).is_some_and(|e| e.contains("version 1")));
+        // Arrays nested MAX_DEPTH deep, each claiming every byte left as its count: refused
+        // as ending early, each level having reserved at most RESERVE items.
+        let mut greedy = header.clone();
+        greedy.extend_from_slice(&[OBJECT, 1, 1, b'x']);
+        for _ in 0..MAX_DEPTH - 1 {
+            greedy.extend_from_slice(&[ARRAY, 0xff, 0xff, 0x3c]);
+        }
+        greedy.resize(greedy.len() + 1_000_000, NULL);
+        assert!(refused(&greedy).is_some_and(|e| e.contains("ends early")));
     }
 }
