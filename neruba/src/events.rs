@@ -13,7 +13,7 @@ use rdkafka::Message;
 use rdkafka::message::Headers;
 use serde::Serialize;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// What a tail saw.
@@ -56,55 +56,46 @@ pub fn tail(
     shutdown: &CancellationToken,
     out: &mut dyn Write,
 ) -> anyhow::Result<TailCounts> {
-    let consumer = neruba_kafka::clients::topic_reader(
+    let mut counts = TailCounts::default();
+    crate::follow::follow(
         brokers,
+        kafka_options,
         "neruba-events-tail",
         topic,
-        kafka_options,
-        Duration::from_secs(10),
-    )?;
-    let mut counts = TailCounts::default();
-    let mut last = Instant::now();
-    while !shutdown.is_cancelled() {
-        let message = match consumer.poll(Duration::from_millis(100)) {
-            None => {
-                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle) {
-                    break;
+        exit_when_idle,
+        shutdown,
+        |message| {
+            let tick = message
+                .headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER));
+            if tick {
+                counts.ticks += 1;
+                return Ok(());
+            }
+            let payload = message.payload().unwrap_or_default();
+            let event = match codec::decode_readable(payload) {
+                Ok(event) => event,
+                Err(e) => {
+                    counts.undecodable += 1;
+                    eprintln!(
+                        "partition {} offset {}: not an event: {e}",
+                        message.partition(),
+                        message.offset()
+                    );
+                    return Ok(());
                 }
-                continue;
+            };
+            if tenant.is_some_and(|t| t != event.tenant) {
+                return Ok(());
             }
-            Some(message) => message?,
-        };
-        last = Instant::now();
-        let tick = message
-            .headers()
-            .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER));
-        if tick {
-            counts.ticks += 1;
-            continue;
-        }
-        let payload = message.payload().unwrap_or_default();
-        let event = match codec::decode_readable(payload) {
-            Ok(event) => event,
-            Err(e) => {
-                counts.undecodable += 1;
-                eprintln!(
-                    "partition {} offset {}: not an event: {e}",
-                    message.partition(),
-                    message.offset()
-                );
-                continue;
-            }
-        };
-        if tenant.is_some_and(|t| t != event.tenant) {
-            continue;
-        }
-        let line = line(message.partition(), message.offset(), payload, &event);
-        serde_json::to_writer(&mut *out, &line)?;
-        out.write_all(b"\n")?;
-        out.flush()?;
-        counts.printed += 1;
-    }
+            let line = line(message.partition(), message.offset(), payload, &event);
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+            counts.printed += 1;
+            Ok(())
+        },
+    )?;
     Ok(counts)
 }
 

@@ -13,7 +13,7 @@ use rdkafka::message::Headers;
 
 use rdkafka::Message;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// What a tail saw.
@@ -38,72 +38,63 @@ pub fn tail(
     shutdown: &CancellationToken,
     out: &mut dyn Write,
 ) -> anyhow::Result<TailCounts> {
-    let consumer = neruba_kafka::clients::topic_reader(
-        brokers,
-        "neruba-ledger-tail",
-        topic,
-        kafka_options,
-        Duration::from_secs(10),
-    )?;
     // Each printed item by id, to tell a faithful repeat from a conflicting one.
     let mut seen: HashMap<String, LineItem> = HashMap::default();
     let mut counts = TailCounts::default();
-    let mut last = Instant::now();
-    while !shutdown.is_cancelled() {
-        let message = match consumer.poll(Duration::from_millis(100)) {
-            None => {
-                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle) {
-                    break;
+    crate::follow::follow(
+        brokers,
+        kafka_options,
+        "neruba-ledger-tail",
+        topic,
+        exit_when_idle,
+        shutdown,
+        |message| {
+            // Grants, voids and clock ticks share the ledger (one order per customer); they
+            // carry a record header, line items none.
+            let other = message
+                .headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == topics::RECORD_HEADER));
+            if other {
+                counts.other_records += 1;
+                return Ok(());
+            }
+            let payload = message.payload().unwrap_or_default();
+            let item = match LineItem::decode(payload) {
+                Ok(item) => item,
+                Err(e) => {
+                    counts.undecodable += 1;
+                    eprintln!(
+                        "partition {} offset {}: not a line item: {e}",
+                        message.partition(),
+                        message.offset()
+                    );
+                    return Ok(());
                 }
-                continue;
+            };
+            if tenant.is_some_and(|t| t != item.tenant) {
+                return Ok(());
             }
-            Some(message) => message?,
-        };
-        last = Instant::now();
-        // Grants, voids and clock ticks share the ledger (one order per customer); they carry
-        // a record header, line items none.
-        let other = message
-            .headers()
-            .is_some_and(|h| h.iter().any(|h| h.key == topics::RECORD_HEADER));
-        if other {
-            counts.other_records += 1;
-            continue;
-        }
-        let payload = message.payload().unwrap_or_default();
-        let item = match LineItem::decode(payload) {
-            Ok(item) => item,
-            Err(e) => {
-                counts.undecodable += 1;
-                eprintln!(
-                    "partition {} offset {}: not a line item: {e}",
-                    message.partition(),
-                    message.offset()
-                );
-                continue;
+            match seen.get(&item.id) {
+                Some(earlier) if *earlier == item => counts.repeats += 1,
+                Some(_) => {
+                    counts.conflicting += 1;
+                    eprintln!(
+                        "line item {} appears again with different content (partition {} offset {})",
+                        item.id,
+                        message.partition(),
+                        message.offset()
+                    );
+                }
+                None => {
+                    out.write_all(payload)?;
+                    out.write_all(b"\n")?;
+                    out.flush()?;
+                    counts.printed += 1;
+                    seen.insert(item.id.clone(), item);
+                }
             }
-        };
-        if tenant.is_some_and(|t| t != item.tenant) {
-            continue;
-        }
-        match seen.get(&item.id) {
-            Some(earlier) if *earlier == item => counts.repeats += 1,
-            Some(_) => {
-                counts.conflicting += 1;
-                eprintln!(
-                    "line item {} appears again with different content (partition {} offset {})",
-                    item.id,
-                    message.partition(),
-                    message.offset()
-                );
-            }
-            None => {
-                out.write_all(payload)?;
-                out.write_all(b"\n")?;
-                out.flush()?;
-                counts.printed += 1;
-                seen.insert(item.id.clone(), item);
-            }
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(counts)
 }

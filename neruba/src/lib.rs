@@ -14,6 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod demo;
 pub mod embedded;
 pub mod events;
+mod follow;
 pub mod ledger;
 pub mod ops;
 pub mod sample;

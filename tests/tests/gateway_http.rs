@@ -178,11 +178,14 @@ async fn repeat_in_same_and_later_batch_is_duplicate_with_one_message_on_topic()
     h.stop().await
 }
 
-/// Every message on the events topic as `(partition, offset, event id)`, once at least
-/// `expected` are there and no more arrived for half a second.
-async fn landed_at(h: &GatewayHarness, expected: usize) -> Result<Vec<(i32, i64, String)>> {
+/// Every message on the events topic, once at least `expected` are there and no more arrived
+/// for half a second.
+async fn events_topic(
+    h: &GatewayHarness,
+    expected: usize,
+) -> Result<Vec<rdkafka::message::OwnedMessage>> {
     let bootstrap = h.kafka.bootstrap_servers().to_owned();
-    let messages = tokio::task::spawn_blocking(move || {
+    Ok(tokio::task::spawn_blocking(move || {
         neruba::embedded::read_topic(
             &bootstrap,
             neruba_schemas::topics::EVENTS,
@@ -191,8 +194,13 @@ async fn landed_at(h: &GatewayHarness, expected: usize) -> Result<Vec<(i32, i64,
             Duration::from_secs(15),
         )
     })
-    .await??;
-    messages
+    .await??)
+}
+
+/// Every message on the events topic as `(partition, offset, event id)`.
+async fn landed_at(h: &GatewayHarness, expected: usize) -> Result<Vec<(i32, i64, String)>> {
+    events_topic(h, expected)
+        .await?
         .into_iter()
         .map(|m| {
             let mut payload = m.payload().unwrap_or_default().to_vec();
@@ -743,21 +751,11 @@ async fn health_and_metrics_endpoints_answer() -> Result<()> {
 
 /// The payload and content type of every message on the events topic.
 async fn raw_events(h: &GatewayHarness, expected: usize) -> Result<Vec<(Vec<u8>, String)>> {
-    let bootstrap = h.kafka.bootstrap_servers().to_owned();
-    let messages = tokio::task::spawn_blocking(move || {
-        neruba::embedded::read_topic(
-            &bootstrap,
-            neruba_schemas::topics::EVENTS,
-            expected,
-            Duration::from_millis(300),
-            Duration::from_secs(15),
-        )
-    })
-    .await??;
-    Ok(messages
+    use rdkafka::message::Headers;
+    Ok(events_topic(h, expected)
+        .await?
         .iter()
         .map(|m| {
-            use rdkafka::message::Headers;
             let content_type = m
                 .headers()
                 .and_then(|h| h.iter().find(|h| h.key == "content-type"))

@@ -15,16 +15,23 @@ pub(crate) enum LedgerCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct TailArgs {
-    /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
-    #[arg(long, env = "NERUBA_BROKERS")]
-    pub(crate) brokers: String,
     /// Topic line items are read from.
     #[arg(long, env = "NERUBA_LEDGER_TOPIC", default_value = topics::LEDGER)]
     pub(crate) ledger_topic: String,
-    /// Only items of this tenant.
+    #[command(flatten)]
+    pub(crate) follow: FollowArgs,
+}
+
+/// What every tail of a topic takes (`ledger tail`, `events tail`).
+#[derive(Debug, Args)]
+pub(crate) struct FollowArgs {
+    /// Kafka bootstrap servers, e.g. the address `neruba dev` prints.
+    #[arg(long, env = "NERUBA_BROKERS")]
+    pub(crate) brokers: String,
+    /// Only this tenant's records.
     #[arg(long, env = "NERUBA_TENANT")]
     pub(crate) tenant: Option<String>,
-    /// Stop once no item arrived for this long (default: follow until interrupted).
+    /// Stop once nothing arrived for this long (default: follow until interrupted).
     #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     pub(crate) exit_when_idle: Option<Duration>,
     /// Extra librdkafka setting `key=value` (SASL, TLS); repeatable, comma-separated in env.
@@ -37,12 +44,13 @@ pub(crate) async fn run(command: LedgerCommand, shutdown: CancellationToken) -> 
     let LedgerCommand::Tail(args) = command;
     let shutdown = shutdown_on_signal(&shutdown);
     tokio::task::spawn_blocking(move || {
+        let follow = &args.follow;
         neruba::ledger::tail(
-            &args.brokers,
-            &args.kafka_opts,
+            &follow.brokers,
+            &follow.kafka_opts,
             &args.ledger_topic,
-            args.tenant.as_deref(),
-            args.exit_when_idle,
+            follow.tenant.as_deref(),
+            follow.exit_when_idle,
             &shutdown,
             &mut std::io::stdout().lock(),
         )
