@@ -103,11 +103,7 @@ fn line<'a>(partition: i32, offset: i64, payload: &[u8], event: &'a Event) -> Li
     Line {
         partition,
         offset,
-        encoding: if payload.first() == Some(&codec::VERSION) {
-            codec::VERSION
-        } else {
-            codec::JSON_VERSION
-        },
+        encoding: codec::version_of(payload),
         tenant: &event.tenant,
         id: &event.id,
         event_type: &event.event_type,

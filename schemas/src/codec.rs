@@ -131,10 +131,19 @@ pub fn encode_json(event: &Event) -> Vec<u8> {
     serde_json::to_vec(&wire).unwrap_or_default()
 }
 
+/// The version a message is in, by its first byte: version 2 starts with its version byte,
+/// anything else is read as version 1 (JSON, which starts with `{`).
+pub fn version_of(bytes: &[u8]) -> u8 {
+    match bytes.first() {
+        Some(&binary::VERSION) => binary::VERSION,
+        _ => JSON_VERSION,
+    }
+}
+
 /// Decodes an events-topic message of either version. `bytes` is used as scratch space by the
 /// SIMD parser.
 pub fn decode(bytes: &mut [u8]) -> Result<Event> {
-    if bytes.first() == Some(&binary::VERSION) {
+    if version_of(bytes) == binary::VERSION {
         return binary::decode(bytes);
     }
     let wire = simd_json::serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
@@ -144,7 +153,7 @@ pub fn decode(bytes: &mut [u8]) -> Result<Event> {
 /// Decodes a message for people to read: a version 2 message's numbers come back as JSON
 /// numbers, as the client sent them (version 1 carries them as text). Never for metering.
 pub fn decode_readable(bytes: &[u8]) -> Result<Event> {
-    if bytes.first() == Some(&binary::VERSION) {
+    if version_of(bytes) == binary::VERSION {
         return binary::decode_readable(bytes);
     }
     Decoder::default().decode(bytes)
@@ -167,7 +176,7 @@ impl fmt::Debug for Decoder {
 impl Decoder {
     /// Decodes one message, as [`decode`] does; `payload` is left untouched.
     pub fn decode(&mut self, payload: &[u8]) -> Result<Event> {
-        if payload.first() == Some(&binary::VERSION) {
+        if version_of(payload) == binary::VERSION {
             return binary::decode(payload);
         }
         self.scratch.clear();
@@ -366,6 +375,13 @@ mod tests {
         }
         assert_eq!(encode_json(&event).first(), Some(&b'{'));
         assert_eq!(encode(&event).first(), Some(&VERSION));
+        assert_eq!(
+            (
+                version_of(&encode(&event)),
+                version_of(&encode_json(&event))
+            ),
+            (2, 1)
+        );
     }
 
     #[test]

@@ -161,19 +161,24 @@ impl Api {
     }
 }
 
+/// The read was answered `503 not_caught_up` with `Retry-After: 1`.
+fn assert_not_caught_up(read: &Read) {
+    assert_eq!(
+        (
+            read.status,
+            read.code.as_deref(),
+            read.retry_after.as_deref()
+        ),
+        (503, Some("not_caught_up"), Some("1")),
+        "{read:?}"
+    );
+}
+
 /// Every read a `503 not_caught_up` with `Retry-After: 1`, after the whole wait and not much
 /// later.
 fn all_answered_at_their_wait(reads: &[Read], wait: Duration, margin: Duration) {
     for read in reads {
-        assert_eq!(
-            (
-                read.status,
-                read.code.as_deref(),
-                read.retry_after.as_deref()
-            ),
-            (503, Some("not_caught_up"), Some("1")),
-            "{read:?}"
-        );
+        assert_not_caught_up(read);
     }
     let fastest = reads.iter().map(|r| r.took).min().unwrap_or_default();
     let slowest = reads.iter().map(|r| r.took).max().unwrap_or_default();
@@ -256,15 +261,7 @@ async fn events_positions_already_folded_are_answered_at_once_even_with_no_wait(
 
     // 3. An offset not folded yet: 503 at once.
     let read = api.usage_at("neruba.events:0:5").await?;
-    assert_eq!(
-        (
-            read.status,
-            read.code.as_deref(),
-            read.retry_after.as_deref()
-        ),
-        (503, Some("not_caught_up"), Some("1")),
-        "{read:?}"
-    );
+    assert_not_caught_up(&read);
     assert!(read.took < Duration::from_millis(250), "{read:?}");
     api.stop().await
 }

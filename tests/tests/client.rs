@@ -148,18 +148,7 @@ async fn an_ingestors_positions_are_where_its_events_landed_and_a_reader_waits_f
     ingestor.close().await?;
 
     // 2. A reader at all of them sends them as one `min_position`, joined by `,`.
-    let answer = json!({"customer": "c", "as_of": [], "grants": []});
-    let stub = Stub::start(move |_, _| {
-        let body = answer.to_string();
-        async move {
-            Reply {
-                status: 200,
-                retry_after: None,
-                body,
-            }
-        }
-    })
-    .await?;
+    let stub = Stub::answering(json!({"customer": "c", "as_of": [], "grants": []})).await?;
     let reader = Client::new(&stub.base, "k")?.reader().at_all(&positions);
     assert_eq!(reader.positions(), positions);
     assert_eq!(reader.position().as_ref(), positions.first());
@@ -185,18 +174,7 @@ async fn an_ingestors_positions_are_where_its_events_landed_and_a_reader_waits_f
 #[tokio::test]
 async fn a_reader_keeps_the_highest_position_per_partition_and_refuses_more_than_the_api_takes()
 -> Result<()> {
-    let answer = json!({"customer": "c", "as_of": [], "grants": []});
-    let stub = Stub::start(move |_, _| {
-        let body = answer.to_string();
-        async move {
-            Reply {
-                status: 200,
-                retry_after: None,
-                body,
-            }
-        }
-    })
-    .await?;
+    let stub = Stub::answering(json!({"customer": "c", "as_of": [], "grants": []})).await?;
     let reader = Client::new(&stub.base, "k")?.reader();
 
     // 1. Positions of one topic and partition say the same as their highest: one is sent.
@@ -1642,6 +1620,22 @@ impl Drop for Stub {
 }
 
 impl Stub {
+    /// Answers every request 200 with `answer`.
+    async fn answering(answer: Value) -> Result<Self> {
+        let body = answer.to_string();
+        Self::start(move |_, _| {
+            let body = body.clone();
+            async move {
+                Reply {
+                    status: 200,
+                    retry_after: None,
+                    body,
+                }
+            }
+        })
+        .await
+    }
+
     /// Listens on `127.0.0.1:0`; `respond(n, request)` answers the `n`th request (from 0).
     async fn start<F, Fut>(respond: F) -> Result<Self>
     where
