@@ -41,15 +41,15 @@ pub enum Status {
 pub struct GrantState {
     pub grant: Grant,
     pub status: Status,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub remaining: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub consumed: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub restored: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub expired: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub voided: Decimal,
 }
 
@@ -57,7 +57,7 @@ pub struct GrantState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
     pub grant: Option<String>,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub amount: Decimal,
 }
 
@@ -68,7 +68,7 @@ pub struct Book {
     pub seq: u64,
     pub grants: BTreeMap<String, GrantState>,
     /// Credit balance per currency.
-    #[serde(with = "decimal_map")]
+    #[serde(with = "neruba_schemas::decimal::stored::map")]
     pub balances: BTreeMap<String, Decimal>,
     /// Allocations per series, in the order they were made; adjacent ones from the same
     /// source are merged (unwinding takes from the newest, so merging keeps the order). The
@@ -92,30 +92,6 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
-}
-
-/// Decimal values as strings, as the book's other decimals (every field of the book is written
-/// and read back by name-less binary serde too, which cannot ask a value what type it is).
-mod decimal_map {
-    use rust_decimal::Decimal;
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-    use std::collections::BTreeMap;
-
-    pub(super) fn serialize<S: Serializer>(
-        map: &BTreeMap<String, Decimal>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(map.iter().map(|(k, v)| (k, v.to_string())))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<BTreeMap<String, Decimal>, D::Error> {
-        BTreeMap::<String, String>::deserialize(deserializer)?
-            .into_iter()
-            .map(|(k, v)| v.parse().map(|v| (k, v)).map_err(D::Error::custom))
-            .collect()
-    }
 }
 
 /// A book's stored form's first byte: [`postcard`] (compact binary serde) follows. Books

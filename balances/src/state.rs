@@ -97,7 +97,9 @@ pub struct Counts {
     pub dead_letters: BTreeMap<&'static str, u64>,
 }
 
-type CustomerKey = (String, String);
+/// A customer's book key ([`customer_key`] of kind `B`): what the batch's maps are keyed by,
+/// so a record looks its customer up without building owned names.
+type CustomerKey = Vec<u8>;
 
 use neruba_stage::keys::{push_part as push, read_part, time_bytes, time_from};
 
@@ -165,7 +167,7 @@ pub struct PartitionState {
     expiry_of: HashMap<CustomerKey, i64>,
     expiries: BTreeSet<(i64, String, String)>,
     /// Customers whose index entry the batch changed, with the entry as stored before.
-    index_stored: HashMap<CustomerKey, Option<i64>>,
+    index_stored: HashMap<CustomerKey, (String, String, Option<i64>)>,
     /// Expiry grace: a tick is written for `now − grace`, so a grant expires once the wall
     /// clock passes `expires_at` + this. Applying records never reads it: what a tick says is
     /// the partition's clock, and a replay under another grace expires at the same points.
@@ -225,7 +227,7 @@ impl PartitionState {
             let Some((at, tenant, customer)) = parsed else {
                 return Err(Error::corrupt("deadline index key", "malformed"));
             };
-            expiry_of.insert((tenant.clone(), customer.clone()), at);
+            expiry_of.insert(customer_key(b'B', &tenant, &customer), at);
             expiries.insert((at, tenant, customer));
         }
         Ok(Self {
@@ -268,17 +270,21 @@ impl PartitionState {
 
     /// A customer's book as of the batch so far.
     pub fn book(&mut self, tenant: &str, customer: &str) -> Result<&mut Book> {
-        let key = (tenant.to_owned(), customer.to_owned());
-        if !self.books.contains_key(&key) {
-            let book = match self.store.db().get(customer_key(b'B', tenant, customer))? {
+        self.book_at(&customer_key(b'B', tenant, customer), tenant, customer)
+    }
+
+    /// [`PartitionState::book`] by its key, built once per record.
+    fn book_at(&mut self, key: &[u8], tenant: &str, customer: &str) -> Result<&mut Book> {
+        if !self.books.contains_key(key) {
+            let book = match self.store.db().get(key)? {
                 None => Book::default(),
                 Some(bytes) => Book::decode(&bytes)
                     .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?,
             };
-            self.books.insert(key.clone(), book);
+            self.books.insert(key.to_vec(), book);
         }
         self.books
-            .get_mut(&key)
+            .get_mut(key)
             .ok_or_else(|| Error::Bug("book vanished".into()))
     }
 
@@ -286,21 +292,41 @@ impl PartitionState {
     /// tick later in the same batch must see a grant or statement opened before it, whatever
     /// the batch boundaries (they differ between a run and its replay).
     fn emit(&mut self, tenant: &str, customer: &str, entries: Vec<BalanceEntry>) {
-        let key = (tenant.to_owned(), customer.to_owned());
+        self.emit_at(
+            customer_key(b'B', tenant, customer),
+            tenant,
+            customer,
+            entries,
+        );
+    }
+
+    /// [`PartitionState::emit`] by the customer's book key.
+    fn emit_at(
+        &mut self,
+        key: CustomerKey,
+        tenant: &str,
+        customer: &str,
+        entries: Vec<BalanceEntry>,
+    ) {
         let next = self.books.get(&key).and_then(Book::next_deadline);
         let old = self.expiry_of.get(&key).copied();
         if old != next {
-            self.index_stored.entry(key.clone()).or_insert(old);
+            self.index_stored
+                .entry(key.clone())
+                .or_insert_with(|| (tenant.to_owned(), customer.to_owned(), old));
             if let Some(at) = old {
-                self.expiries.remove(&(at, key.0.clone(), key.1.clone()));
+                self.expiries
+                    .remove(&(at, tenant.to_owned(), customer.to_owned()));
                 self.expiry_of.remove(&key);
             }
             if let Some(at) = next {
-                self.expiries.insert((at, key.0.clone(), key.1.clone()));
+                self.expiries
+                    .insert((at, tenant.to_owned(), customer.to_owned()));
                 self.expiry_of.insert(key.clone(), at);
             }
         }
         self.dirty.insert(key);
+        self.outputs.reserve(entries.len());
         for entry in entries {
             *self.counts.entries.entry(entry.kind.as_str()).or_default() += 1;
             if let Some(code) = &entry.code {
@@ -470,8 +496,9 @@ impl PartitionState {
             return Ok(());
         }
         self.new_items.insert(key);
-        self.unspill(item)?;
-        let book = self.book(&item.tenant, &item.customer)?;
+        let book_key = customer_key(b'B', &item.tenant, &item.customer);
+        self.unspill(&book_key, item)?;
+        let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
         let entries = book.apply_item(item);
         let spilled = book.take_oldest_series(BOOK_SERIES);
         for (series, stack) in spilled {
@@ -480,15 +507,16 @@ impl PartitionState {
                 Some(stack),
             );
         }
-        self.emit(&item.tenant, &item.customer, entries);
+        self.emit_at(book_key, &item.tenant, &item.customer, entries);
         Ok(())
     }
 
-    /// Puts the series of `item` back into its customer's book if it was taken out.
-    fn unspill(&mut self, item: &LineItem) -> Result<()> {
+    /// Puts the series of `item` back into its customer's book (at `book_key`) if it was taken
+    /// out.
+    fn unspill(&mut self, book_key: &[u8], item: &LineItem) -> Result<()> {
         let series = Book::series_key_of(item);
         if self
-            .book(&item.tenant, &item.customer)?
+            .book_at(book_key, &item.tenant, &item.customer)?
             .series
             .contains_key(&series)
         {
@@ -506,7 +534,7 @@ impl PartitionState {
         };
         if let Some(stack) = stack {
             self.spilled.insert(key, None);
-            self.book(&item.tenant, &item.customer)?
+            self.book_at(book_key, &item.tenant, &item.customer)?
                 .series
                 .insert(series, stack);
         }
@@ -692,20 +720,17 @@ impl PartitionState {
         }
         let mut dirty: Vec<CustomerKey> = self.dirty.drain().collect();
         dirty.sort();
-        for (tenant, customer) in dirty {
-            let Some(book) = self.books.get(&(tenant.clone(), customer.clone())) else {
+        for key in dirty {
+            let Some(book) = self.books.get(&key) else {
                 continue;
             };
             let bytes = book
                 .encode()
                 .map_err(|e| Error::Bug(format!("book encoding: {e}")))?;
-            batch.put(customer_key(b'B', &tenant, &customer), bytes);
+            batch.put(key, bytes);
         }
-        for ((tenant, customer), stored) in std::mem::take(&mut self.index_stored) {
-            let now = self
-                .expiry_of
-                .get(&(tenant.clone(), customer.clone()))
-                .copied();
+        for (key, (tenant, customer, stored)) in std::mem::take(&mut self.index_stored) {
+            let now = self.expiry_of.get(&key).copied();
             if stored != now {
                 if let Some(at) = stored {
                     batch.delete(expiry_key(at, &tenant, &customer));
@@ -743,8 +768,8 @@ mod tests {
             let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
             state
                 .books
-                .insert(("acme".into(), "c/1".into()), Book::default());
-            state.expiry_of.insert(("acme".into(), "c/1".into()), 5);
+                .insert(customer_key(b'B', "acme", "c/1"), Book::default());
+            state.expiry_of.insert(customer_key(b'B', "acme", "c/1"), 5);
             state.emit("acme", "c/1", Vec::new());
             // A stored index entry for a book with no expiry any more is removed at commit.
             let mut batch = WriteBatch::default();
@@ -947,7 +972,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
         let mut state = PartitionState::open(dir.path(), 0, &cache, 60_000).expect("open");
-        state.expiry_of.insert(("acme".into(), "c1".into()), 1_000);
+        state
+            .expiry_of
+            .insert(customer_key(b'B', "acme", "c1"), 1_000);
         state.expiries.insert((1_000, "acme".into(), "c1".into()));
         // Within the grace: no tick; past it: a tick stamped now − grace, which is all a
         // replay reads (whatever grace it runs with).

@@ -14,7 +14,7 @@
 
 use crate::catalog::Catalog;
 use crate::decimal;
-use crate::ledger::digest;
+use crate::ledger::digest_id;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -118,7 +118,7 @@ fn reject(code: GrantRejectCode, message: impl Into<String>) -> GrantRejection {
 /// An amount and its currency (what was paid for a purchased pack).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Money {
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount: Decimal,
     pub currency: String,
 }
@@ -149,7 +149,7 @@ pub struct PaidRequest {
 /// The terms of a grant: everything a repeated key is compared on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantTerms {
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount: Decimal,
     pub currency: String,
     pub priority: u16,
@@ -207,11 +207,11 @@ pub const DEFAULT_FINALIZE_AFTER_MS: i64 = 3 * 86_400_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalanceRule {
     /// Crossing below this emits one `low_balance` entry.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub low_balance_threshold: Decimal,
     /// With it, the crossing also emits a `topup_requested` entry for `recharge_to − balance`,
     /// at most one outstanding at a time.
-    #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[serde(default, with = "crate::decimal::stored::option")]
     pub recharge_to: Option<Decimal>,
 }
 
@@ -332,16 +332,16 @@ pub struct StatementLine {
     pub group: BTreeMap<String, String>,
     /// The billing period the usage belongs to (for a prior-period adjustment, an earlier one).
     pub period_start: String,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub quantity: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount: Decimal,
     /// Net credit this line's items drew (consumed − restored). `amount = credit_applied +
     /// amount_due`, line by line. (Absent from statements written before it existed: zero.)
-    #[serde(default, with = "rust_decimal::serde::str")]
+    #[serde(default, with = "crate::decimal::stored")]
     pub credit_applied: Decimal,
     /// Σ uncovered of this line's items.
-    #[serde(default, with = "rust_decimal::serde::str")]
+    #[serde(default, with = "crate::decimal::stored")]
     pub amount_due: Decimal,
 }
 
@@ -361,44 +361,44 @@ pub struct Statement {
     pub lines: Vec<StatementLine>,
     /// Line items of periods already final, carried here as prior-period adjustments.
     pub prior_period: Vec<StatementLine>,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub usage: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub prior_period_amount: Decimal,
     /// Net credit drawn by the statement's items (consumed − restored).
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub credit_applied: Decimal,
     /// Σ uncovered of the statement's items: what to invoice (negative: owed back).
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount_due: Decimal,
 }
 
 /// A statement's deterministic id: `st_` and 32 hex digits over (tenant, customer, currency,
 /// period start).
 pub fn statement_id(tenant: &str, customer: &str, currency: &str, period_start: &str) -> String {
-    format!(
-        "st_{}",
-        digest(&[
+    digest_id(
+        "st_",
+        &[
             b"neruba.statement.v1",
             tenant.as_bytes(),
             customer.as_bytes(),
             currency.as_bytes(),
             period_start.as_bytes(),
-        ])
+        ],
     )
 }
 
 /// A grant's deterministic id: `gr_` and 32 hex digits of SHA-256 over (tenant, customer,
 /// key), length-prefixed.
 pub fn grant_id(tenant: &str, customer: &str, key: &str) -> String {
-    format!(
-        "gr_{}",
-        digest(&[
+    digest_id(
+        "gr_",
+        &[
             b"neruba.grant.v1",
             tenant.as_bytes(),
             customer.as_bytes(),
-            key.as_bytes()
-        ])
+            key.as_bytes(),
+        ],
     )
 }
 
@@ -685,11 +685,11 @@ pub struct BalanceEntry {
     pub grant: Option<String>,
     pub series: Option<Series>,
     /// Signed: what the entry adds to the balance (uncovered: to the amount due).
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub balance_before: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub balance_after: Decimal,
     /// For `grant_refused`: the stable code.
     pub code: Option<String>,
@@ -719,9 +719,9 @@ pub fn entry_id(
     kind: EntryKind,
     ordinal: u64,
 ) -> String {
-    format!(
-        "be_{}",
-        digest(&[
+    digest_id(
+        "be_",
+        &[
             b"neruba.balance_entry.v1",
             tenant.as_bytes(),
             customer.as_bytes(),
@@ -730,7 +730,7 @@ pub fn entry_id(
             grant.unwrap_or_default().as_bytes(),
             kind.as_str().as_bytes(),
             &ordinal.to_be_bytes(),
-        ])
+        ],
     )
 }
 
@@ -748,6 +748,27 @@ mod tests {
             .map_err(|_| GrantRejectCode::InvalidBody)?
             .validate(&catalog(), "acme", "customer-7", 1_795_000_000_000)
             .map_err(|e| e.code)
+    }
+
+    /// Ids are what downstream readers deduplicate by: they never change between versions.
+    /// The expected digits were computed apart (SHA-256 over the length-prefixed parts).
+    #[test]
+    fn deterministic_ids_are_stable() {
+        assert_eq!(
+            grant_id("acme", "customer-7", "pack"),
+            "gr_144451eddacd1c5741ea54e85d24b21f"
+        );
+        assert_eq!(
+            entry_id(
+                "acme",
+                "customer-7",
+                "li_x",
+                Some("gr_y"),
+                EntryKind::Consume,
+                3
+            ),
+            "be_b519ea778bd9f1c20ed9780e82eb0182"
+        );
     }
 
     #[test]

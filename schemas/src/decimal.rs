@@ -148,6 +148,182 @@ where
     Ok(Option::<Wrap>::deserialize(deserializer)?.map(|Wrap(d)| d))
 }
 
+/// Serde for decimals in records and in stored state (`#[serde(with = "decimal::stored")]`).
+///
+/// - Human-readable formats (JSON on the topics and the API) get the text `"12.50"`, exactly
+///   as `rust_decimal::serde::str` writes and reads it.
+/// - Binary formats (postcard: the stages' RocksDB state) get a compact form instead of the
+///   text: one byte `0x80 | sign << 5 | scale`, then the mantissa's magnitude as an LEB128
+///   varint (at most 14 bytes). `20.00` takes 3 bytes, and writing it formats nothing.
+///   It is framed as postcard frames a string (a length, then the bytes), and no decimal's
+///   text begins with a byte ≥ `0x80`, so state written as text before still reads.
+/// - The value reads back as it was written, scale and sign included (`-0`, `2.50`).
+pub mod stored {
+    use rust_decimal::Decimal;
+    use serde::de::Visitor;
+    use serde::{Deserializer, Serializer};
+    use std::str::FromStr;
+
+    const COMPACT: u8 = 0x80;
+    const NEGATIVE: u8 = 0x20;
+    const SCALE: u8 = 0x1F;
+    /// The compact form's longest: the tag and a 96-bit mantissa in 7-bit groups.
+    const MAX_LEN: usize = 1 + 14;
+
+    pub fn serialize<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            return rust_decimal::serde::str::serialize(value, serializer);
+        }
+        let (bytes, len) = compact(value);
+        serializer.serialize_bytes(bytes.get(..len).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+        if deserializer.is_human_readable() {
+            return rust_decimal::serde::str::deserialize(deserializer);
+        }
+        deserializer.deserialize_bytes(StoredVisitor)
+    }
+
+    /// The compact form of `value` and its length.
+    pub fn compact(value: &Decimal) -> ([u8; MAX_LEN], usize) {
+        let mut out = [0_u8; MAX_LEN];
+        // A `Decimal`'s scale is at most 28, within the tag's five bits.
+        let scale = u8::try_from(value.scale()).unwrap_or(SCALE) & SCALE;
+        let sign = if value.is_sign_negative() {
+            NEGATIVE
+        } else {
+            0
+        };
+        out[0] = COMPACT | sign | scale;
+        let mut magnitude = value.mantissa().unsigned_abs();
+        let mut len = 1;
+        loop {
+            let low = (magnitude & 0x7F) as u8;
+            magnitude >>= 7;
+            let more = magnitude != 0;
+            if let Some(byte) = out.get_mut(len) {
+                *byte = low | if more { 0x80 } else { 0 };
+            }
+            len += 1;
+            if !more {
+                return (out, len.min(MAX_LEN));
+            }
+        }
+    }
+
+    /// A decimal from its compact form, or from its text as written before.
+    pub fn from_stored(bytes: &[u8]) -> Result<Decimal, String> {
+        match bytes.split_first() {
+            None => Err("an empty decimal".into()),
+            Some((&tag, rest)) if tag & COMPACT != 0 => {
+                let scale = u32::from(tag & SCALE);
+                if tag & !(COMPACT | NEGATIVE | SCALE) != 0 || scale > 28 {
+                    return Err(format!("a decimal tag {tag:#04x}"));
+                }
+                let mut magnitude = 0_u128;
+                for (i, byte) in rest.iter().enumerate() {
+                    let last = i + 1 == rest.len();
+                    if (byte & 0x80 == 0) != last || i >= MAX_LEN - 1 {
+                        return Err("a decimal's digits are cut short or run on".into());
+                    }
+                    magnitude |= u128::from(byte & 0x7F) << (7 * i);
+                }
+                if rest.is_empty() || magnitude >> 96 != 0 {
+                    return Err("a decimal's mantissa is missing or over 96 bits".into());
+                }
+                // The three 32-bit words of the 96-bit mantissa.
+                let word = |shift: u32| ((magnitude >> shift) & 0xFFFF_FFFF) as u32;
+                Ok(Decimal::from_parts(
+                    word(0),
+                    word(32),
+                    word(64),
+                    tag & NEGATIVE != 0,
+                    scale,
+                ))
+            }
+            Some(_) => {
+                let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+                Decimal::from_str(text)
+                    .or_else(|_| Decimal::from_scientific(text))
+                    .map_err(|e| format!("`{text}`: {e}"))
+            }
+        }
+    }
+
+    struct StoredVisitor;
+
+    impl Visitor<'_> for StoredVisitor {
+        type Value = Decimal;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a stored decimal")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Decimal, E> {
+            from_stored(bytes).map_err(E::custom)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Decimal, E> {
+            from_stored(text.as_bytes()).map_err(E::custom)
+        }
+    }
+
+    /// [`stored`](self) for optional decimals.
+    pub mod option {
+        use rust_decimal::Decimal;
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        #[derive(Serialize, Deserialize)]
+        struct Stored(#[serde(with = "super")] Decimal);
+
+        pub fn serialize<S: Serializer>(
+            value: &Option<Decimal>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            if serializer.is_human_readable() {
+                return rust_decimal::serde::str_option::serialize(value, serializer);
+            }
+            value.map(Stored).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Decimal>, D::Error> {
+            if deserializer.is_human_readable() {
+                return rust_decimal::serde::str_option::deserialize(deserializer);
+            }
+            Ok(Option::<Stored>::deserialize(deserializer)?.map(|Stored(d)| d))
+        }
+    }
+
+    /// [`stored`](self) for maps of decimals.
+    pub mod map {
+        use rust_decimal::Decimal;
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+        use std::collections::BTreeMap;
+
+        #[derive(Serialize, Deserialize)]
+        struct Stored(#[serde(with = "super")] Decimal);
+
+        pub fn serialize<S: Serializer>(
+            map: &BTreeMap<String, Decimal>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(map.iter().map(|(k, v)| (k, Stored(*v))))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<BTreeMap<String, Decimal>, D::Error> {
+            Ok(BTreeMap::<String, Stored>::deserialize(deserializer)?
+                .into_iter()
+                .map(|(k, Stored(v))| (k, v))
+                .collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +443,120 @@ mod tests {
                 let moved = expand_exponent(&longer, 3).unwrap_or_default();
                 proptest::prop_assert_eq!(parse_exact(&format!("{moved}e-3")), None);
             }
+        }
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Held {
+        #[serde(with = "stored")]
+        amount: Decimal,
+        #[serde(with = "stored::option")]
+        cap: Option<Decimal>,
+    }
+
+    /// As state was written before the compact form: decimals as text.
+    #[derive(serde::Serialize)]
+    struct HeldAsText {
+        #[serde(with = "rust_decimal::serde::str")]
+        amount: Decimal,
+        #[serde(with = "rust_decimal::serde::str_option")]
+        cap: Option<Decimal>,
+    }
+
+    fn d(text: &str) -> Decimal {
+        parse_exact(text).unwrap_or_else(|| panic!("`{text}` is a decimal"))
+    }
+
+    fn stored_bytes(value: Decimal) -> Vec<u8> {
+        let (bytes, len) = stored::compact(&value);
+        bytes.get(..len).unwrap_or_default().to_vec()
+    }
+
+    #[test]
+    fn the_stored_form_is_fixed_and_json_stays_text() {
+        assert_eq!(stored_bytes(d("20.00")), [0x82, 0xD0, 0x0F]);
+        assert_eq!(stored_bytes(d("-0.5")), [0xA1, 0x05]);
+        assert_eq!(stored_bytes(d("0")), [0x80, 0x00]);
+        let held = Held {
+            amount: d("2.50"),
+            cap: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&held).expect("json"),
+            r#"{"amount":"2.50","cap":null}"#
+        );
+        let bytes = postcard::to_allocvec(&held).expect("postcard");
+        assert_eq!(bytes, [0x03, 0x82, 0xFA, 0x01, 0x00]);
+        assert_eq!(postcard::from_bytes::<Held>(&bytes).expect("read"), held);
+    }
+
+    #[test]
+    fn state_written_as_text_still_reads() {
+        for (amount, cap) in [
+            ("12.50", Some("-3")),
+            ("0", None),
+            ("-0.000001", Some("1e3")),
+        ] {
+            let old = HeldAsText {
+                amount: d(amount),
+                cap: cap.map(|c| Decimal::from_scientific(c).unwrap_or_else(|_| d(c))),
+            };
+            let bytes = postcard::to_allocvec(&old).expect("postcard");
+            let read: Held = postcard::from_bytes(&bytes).expect("read");
+            assert_eq!(read.amount.to_string(), old.amount.to_string());
+            assert_eq!(
+                read.cap.map(|c| c.to_string()),
+                old.cap.map(|c| c.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_stored_decimal_is_an_error() {
+        let refused: [&[u8]; 8] = [
+            &[],
+            &[0x80],
+            // A tag bit that means nothing, and a scale over 28.
+            &[0xC0, 0x01],
+            &[0x9D, 0x01],
+            // A varint that never ends, one that ends early, one past 96 bits.
+            &[0x80, 0x81],
+            &[0x80, 0x01, 0x01],
+            &[
+                0x80, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                0x7F,
+            ],
+            b"12x",
+        ];
+        for bytes in refused {
+            assert!(stored::from_stored(bytes).is_err(), "{bytes:?}");
+        }
+        // The largest mantissa, 2^96 - 1, reads.
+        assert_eq!(
+            stored::from_stored(&stored_bytes(Decimal::MAX)).expect("max"),
+            Decimal::MAX
+        );
+    }
+
+    proptest::proptest! {
+        /// Every decimal reads back from its stored form as it was: value, scale and sign.
+        #[test]
+        fn every_decimal_reads_back_from_its_stored_form(
+            lo in proptest::num::u32::ANY,
+            mid in proptest::num::u32::ANY,
+            hi in proptest::num::u32::ANY,
+            negative in proptest::bool::ANY,
+            scale in 0u32..=28,
+            cap in proptest::option::of(proptest::num::i64::ANY),
+        ) {
+            let amount = Decimal::from_parts(lo, mid, hi, negative, scale);
+            let held = Held { amount, cap: cap.map(|c| Decimal::new(c, scale)) };
+            let bytes = postcard::to_allocvec(&held).expect("postcard");
+            let read: Held = postcard::from_bytes(&bytes).expect("read");
+            proptest::prop_assert_eq!(read.amount.serialize(), amount.serialize());
+            proptest::prop_assert_eq!(read.cap.map(|c| c.serialize()), held.cap.map(|c| c.serialize()));
+            let json: Held = serde_json::from_str(&serde_json::to_string(&held).expect("json")).expect("json");
+            proptest::prop_assert_eq!(json, held);
         }
     }
 }

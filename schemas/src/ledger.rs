@@ -42,16 +42,16 @@ pub struct LineItem {
     pub period_end: String,
     pub window_start: String,
     pub window_end: String,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub window_quantity: Decimal,
     pub window_events: u64,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub period_quantity: Decimal,
     /// The delta this item adds to the period's total.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub amount: Decimal,
     /// The price of `period_quantity`: the period's total once this item is counted.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub period_amount: Decimal,
     pub currency: String,
     pub price_plan: String,
@@ -78,16 +78,27 @@ pub struct IdParts<'a> {
     pub rerun: Option<&'a str>,
 }
 
-/// 32 hex digits of SHA-256 over `parts`, each length-prefixed (8 bytes big-endian), so
-/// the encoding is injective whatever bytes a part holds: the digest of every deterministic
-/// id (line items, grants, balance entries).
-pub fn digest(parts: &[&[u8]]) -> String {
+/// `prefix` and 32 hex digits of SHA-256 over `parts`, each length-prefixed (8 bytes
+/// big-endian), so the encoding is injective whatever bytes a part holds: every deterministic
+/// id (line items, grants, statements, balance entries). One allocation: the stages derive an
+/// id for every entry they write.
+pub fn digest_id(prefix: &str, parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
         hasher.update(part);
     }
-    hex::encode(hasher.finalize().get(..16).unwrap_or_default())
+    let hash = hasher.finalize();
+    let mut digits = [0_u8; 32];
+    // 16 bytes always fit 32 digits, and hex digits are ASCII.
+    let text = match hex::encode_to_slice(hash.get(..16).unwrap_or_default(), &mut digits) {
+        Ok(()) => std::str::from_utf8(&digits).unwrap_or_default(),
+        Err(_) => "",
+    };
+    let mut id = String::with_capacity(prefix.len() + text.len());
+    id.push_str(prefix);
+    id.push_str(text);
+    id
 }
 
 /// The deterministic id: `li_` and the [`digest`] of its parts.
@@ -125,7 +136,7 @@ pub fn line_item_id(parts: &IdParts<'_>) -> String {
         fields.push(b"rerun");
         fields.push(rerun.as_bytes());
     }
-    format!("li_{}", digest(&fields))
+    digest_id("li_", &fields)
 }
 
 /// A request to re-price a tenant's billing periods under the plan versions now in force

@@ -17,11 +17,11 @@ pub struct Aggregate {
     /// Events folded in.
     pub count: u64,
     /// Sum of values (for `sum` and `avg`).
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub sum: Decimal,
-    #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[serde(default, with = "crate::decimal::stored::option")]
     pub min: Option<Decimal>,
-    #[serde(default, with = "rust_decimal::serde::str_option")]
+    #[serde(default, with = "crate::decimal::stored::option")]
     pub max: Option<Decimal>,
     /// The value of the event with the greatest `(time, id)`.
     #[serde(default)]
@@ -36,7 +36,7 @@ pub struct Aggregate {
 pub struct Latest {
     pub time_ms: i64,
     pub id: String,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub value: Decimal,
 }
 
@@ -157,12 +157,12 @@ pub struct Rollup {
     pub period_start_ms: i64,
     pub period_end_ms: i64,
     /// The window's quantity under the meter's aggregation.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub window_quantity: Decimal,
     pub window_events: u64,
     /// Quantity over every closed window of the period up to and including this one (and any
     /// earlier window revised since).
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::decimal::stored")]
     pub period_quantity: Decimal,
     pub period_events: u64,
     /// 1 at first close; +1 each time a late event changes the window.

@@ -44,11 +44,11 @@ impl StatementState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Carried {
     pub lines: Vec<StatementLine>,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub amount: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub credit_applied: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "neruba_schemas::decimal::stored")]
     pub amount_due: Decimal,
 }
 
