@@ -254,6 +254,54 @@ impl Book {
             .collect()
     }
 
+    /// Takes out of the book the ended grants (expired or voided) beyond the newest `keep`, so
+    /// a customer who buys credit every month does not write every pack ever bought after
+    /// each line item. An ended grant changes again only by a record naming it (a repeated
+    /// grant or a void of it) or by a correction restoring credit to it: the partition store
+    /// puts it back first ([`crate::state`]). Oldest first: by expiry, then effective time,
+    /// then id.
+    pub fn take_ended_grants(&mut self, keep: usize) -> Vec<(String, GrantState)> {
+        let ended = self
+            .grants
+            .values()
+            .filter(|g| g.status != Status::Active)
+            .count();
+        if ended <= keep {
+            return Vec::new();
+        }
+        let mut by_age: Vec<(i64, i64, &str)> = self
+            .grants
+            .values()
+            .filter(|g| g.status != Status::Active)
+            .map(|g| {
+                (
+                    g.grant.terms.expires_ms().unwrap_or(i64::MAX),
+                    g.grant.terms.effective_ms(),
+                    g.grant.id.as_str(),
+                )
+            })
+            .collect();
+        by_age.sort_unstable();
+        let oldest: Vec<String> = by_age
+            .into_iter()
+            .take(ended - keep)
+            .map(|(_, _, id)| id.to_owned())
+            .collect();
+        oldest
+            .into_iter()
+            .filter_map(|id| self.grants.remove(&id).map(|state| (id, state)))
+            .collect()
+    }
+
+    /// The grants a negative line item of series `key` may give credit back to.
+    pub fn grants_drawn_by(&self, key: &str) -> impl Iterator<Item = &str> {
+        self.series
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.grant.as_deref())
+    }
+
     /// The credit balance in `currency`.
     pub fn balance(&self, currency: &str) -> Decimal {
         self.balances.get(currency).copied().unwrap_or_default()
@@ -568,8 +616,9 @@ fn end_grant(e: &mut Entries<'_>, id: &str, status: Status) {
 /// Gives `amount` back to grant `id`; if the grant has ended, it ends again at once.
 fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amount: Decimal) {
     let Some(state) = e.book.grants.get_mut(id) else {
-        // Grants are never removed from a book, so this cannot happen; were it to, the amount
-        // is owed back rather than lost, and the series still adds up.
+        // The partition store puts a grant taken out of the book back before a correction
+        // that may give credit to it, so this cannot happen; were it to, the amount is owed
+        // back rather than lost, and the series still adds up.
         e.push(
             EntryKind::Uncovered,
             currency,

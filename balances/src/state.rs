@@ -22,11 +22,13 @@
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
 //! | tenant, `A`, customer, series key | the allocations of a series the book no longer holds
 //! | | ([`Book::take_oldest_series`]; postcard) |
+//! | tenant, `G`, customer, grant id | an ended grant the book no longer holds |
+//! | | ([`Book::take_ended_grants`]; postcard) |
 //!
 //! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
 //! `neruba-api`): entries, line items and final statements.
 
-use crate::book::{Allocation, Book};
+use crate::book::{Allocation, Book, GrantState};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, Tick, Void};
@@ -124,6 +126,12 @@ fn spilled_key(tenant: &str, customer: &str, series: &str) -> Vec<u8> {
     key
 }
 
+fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
+    let mut key = customer_key(b'G', tenant, customer);
+    push(&mut key, grant.as_bytes());
+    key
+}
+
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = EXPIRY_PREFIX.to_vec();
     key.extend_from_slice(&time_bytes(at));
@@ -149,6 +157,10 @@ const BOOK_CACHE: usize = 50_000;
 /// customer's book after each line item costs the same in its first month and its fifth year.
 pub const BOOK_SERIES: usize = 24;
 
+/// Ended grants a stored book holds at most; older ones are kept under their own keys, so a
+/// customer's book stays the same size however many packs it bought over the years.
+pub const BOOK_ENDED_GRANTS: usize = 8;
+
 /// The balances state of one ledger partition.
 pub struct PartitionState {
     pub partition: i32,
@@ -161,6 +173,8 @@ pub struct PartitionState {
     /// Series taken out of books (`Some`) or put back into one (`None`) by the batch, by their
     /// key: written (or deleted) at commit, and read before the store.
     spilled: HashMap<Vec<u8>, Option<Vec<Allocation>>>,
+    /// Ended grants taken out of books (`Some`) or put back (`None`), the same way.
+    spilled_grants: HashMap<Vec<u8>, Option<GrantState>>,
     clock_ms: i64,
     clock_dirty: bool,
     /// Each customer's next deadline, as stored in the index, and the index itself.
@@ -237,6 +251,7 @@ impl PartitionState {
             dirty: HashSet::default(),
             new_items: HashSet::default(),
             spilled: HashMap::default(),
+            spilled_grants: HashMap::default(),
             clock_ms,
             clock_dirty: false,
             expiry_of,
@@ -308,6 +323,12 @@ impl PartitionState {
         customer: &str,
         entries: Vec<BalanceEntry>,
     ) {
+        if let Some(book) = self.books.get_mut(&key) {
+            for (id, state) in book.take_ended_grants(BOOK_ENDED_GRANTS) {
+                self.spilled_grants
+                    .insert(spilled_grant_key(tenant, customer, &id), Some(state));
+            }
+        }
         let next = self.books.get(&key).and_then(Book::next_deadline);
         let old = self.expiry_of.get(&key).copied();
         if old != next {
@@ -359,6 +380,8 @@ impl PartitionState {
                     if grant.id == credit::grant_id(&grant.tenant, &grant.customer, &grant.key) =>
                 {
                     let (clock, grace) = (self.clock_ms, 0);
+                    // A repeat of an ended grant is compared with it, not taken as new.
+                    self.unspill_grant(&grant.tenant, &grant.customer, &grant.id)?;
                     let entries = self
                         .book(&grant.tenant, &grant.customer)?
                         .apply_grant(&grant, clock, grace);
@@ -380,6 +403,7 @@ impl PartitionState {
             },
             Record::Void => match credit::decode::<Void>(input.payload) {
                 Ok(void) => {
+                    self.unspill_grant(&void.tenant, &void.customer, &void.grant)?;
                     let entries = self.book(&void.tenant, &void.customer)?.apply_void(
                         &void.tenant,
                         &void.customer,
@@ -498,6 +522,19 @@ impl PartitionState {
         self.new_items.insert(key);
         let book_key = customer_key(b'B', &item.tenant, &item.customer);
         self.unspill(&book_key, item)?;
+        if item.amount.is_sign_negative() {
+            // A correction gives credit back to the grants its series drew on.
+            let series = Book::series_key_of(item);
+            let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
+            let missing: Vec<String> = book
+                .grants_drawn_by(&series)
+                .filter(|id| !book.grants.contains_key(*id))
+                .map(str::to_owned)
+                .collect();
+            for id in missing {
+                self.unspill_grant(&item.tenant, &item.customer, &id)?;
+            }
+        }
         let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
         let entries = book.apply_item(item);
         let spilled = book.take_oldest_series(BOOK_SERIES);
@@ -537,6 +574,30 @@ impl PartitionState {
             self.book_at(book_key, &item.tenant, &item.customer)?
                 .series
                 .insert(series, stack);
+        }
+        Ok(())
+    }
+
+    /// Puts grant `id` back into its customer's book if it was taken out.
+    fn unspill_grant(&mut self, tenant: &str, customer: &str, id: &str) -> Result<()> {
+        if self.book(tenant, customer)?.grants.contains_key(id) {
+            return Ok(());
+        }
+        let key = spilled_grant_key(tenant, customer, id);
+        let state = match self.spilled_grants.get(&key) {
+            Some(pending) => pending.clone(),
+            None => match self.store.db().get(&key)? {
+                None => None,
+                Some(bytes) => Some(postcard::from_bytes::<GrantState>(&bytes).map_err(|e| {
+                    Error::corrupt(format!("grant {id} of {tenant}/{customer}"), e)
+                })?),
+            },
+        };
+        if let Some(state) = state {
+            self.spilled_grants.insert(key, None);
+            self.book(tenant, customer)?
+                .grants
+                .insert(id.to_owned(), state);
         }
         Ok(())
     }
@@ -595,12 +656,30 @@ impl PartitionState {
 
 /// A customer's book as stored in `db` (`None`: no record of the customer was applied).
 pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Option<Book>> {
-    match db.get(customer_key(b'B', tenant, customer))? {
-        None => Ok(None),
-        Some(bytes) => Book::decode(&bytes)
-            .map(Some)
-            .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e)),
+    let Some(bytes) = db.get(customer_key(b'B', tenant, customer))? else {
+        return Ok(None);
+    };
+    let mut book = Book::decode(&bytes)
+        .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
+    let prefix = customer_key(b'G', tenant, customer);
+    for item in db.prefix_iterator(&prefix) {
+        let (key, value) = item?;
+        let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+            break;
+        };
+        let (id, state) = spilled_grant(rest, &value)
+            .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
+        book.grants.insert(id, state);
     }
+    Ok(Some(book))
+}
+
+/// A grant kept apart from its book: the rest of its key after the customer, and its value.
+fn spilled_grant(rest: &[u8], value: &[u8]) -> std::result::Result<(String, GrantState), String> {
+    let (id, _) = read_part(rest).ok_or("a malformed key")?;
+    let id = String::from_utf8(id.to_vec()).map_err(|e| e.to_string())?;
+    let state = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+    Ok((id, state))
 }
 
 /// Up to `limit` customers of `tenant` with a book in `db`, after `after`, in key order: shorter
@@ -667,24 +746,41 @@ pub fn read_books(
     }
     let cache = Cache::new_lru_cache(8 << 20);
     let store = Store::open(&dir, partition, &store_options(), &cache)?;
-    let mut books = Vec::new();
+    // In key order, with where each customer's book is.
+    let mut books: Vec<(String, String, Book)> = Vec::new();
+    let mut at: HashMap<(String, String), usize> = HashMap::default();
     for item in store.db().iterator(rocksdb::IteratorMode::Start) {
         let (key, value) = item?;
         let parsed = read_part(&key).and_then(|(tenant, rest)| {
             let (kind, rest) = rest.split_first()?;
             let (customer, rest) = read_part(rest)?;
-            (*kind == b'B' && rest.is_empty()).then_some((tenant, customer))
+            matches!(kind, b'B' | b'G').then_some((tenant, *kind, customer, rest))
         });
-        let Some((tenant, customer)) = parsed else {
+        let Some((tenant, kind, customer, rest)) = parsed else {
             continue;
         };
         let (tenant, customer) = (
             String::from_utf8_lossy(tenant).into_owned(),
             String::from_utf8_lossy(customer).into_owned(),
         );
-        let book = Book::decode(&value)
-            .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
-        books.push((tenant, customer, book));
+        match kind {
+            b'B' if rest.is_empty() => {
+                let book = Book::decode(&value)
+                    .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
+                at.insert((tenant.clone(), customer.clone()), books.len());
+                books.push((tenant, customer, book));
+            }
+            b'G' => {
+                let (id, state) = spilled_grant(rest, &value)
+                    .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
+                // A tenant's books come before its grants in key order.
+                let book = at.get(&(tenant, customer)).and_then(|i| books.get_mut(*i));
+                if let Some((_, _, book)) = book {
+                    book.grants.insert(id, state);
+                }
+            }
+            _ => {}
+        }
     }
     Ok(Some(books))
 }
@@ -714,6 +810,16 @@ impl PartitionState {
                     key,
                     postcard::to_allocvec(&stack)
                         .map_err(|e| Error::Bug(format!("series encoding: {e}")))?,
+                ),
+                None => batch.delete(key),
+            }
+        }
+        for (key, state) in std::mem::take(&mut self.spilled_grants) {
+            match state {
+                Some(state) => batch.put(
+                    key,
+                    postcard::to_allocvec(&state)
+                        .map_err(|e| Error::Bug(format!("grant encoding: {e}")))?,
                 ),
                 None => batch.delete(key),
             }
@@ -907,6 +1013,157 @@ mod tests {
         assert_eq!(book.series.len(), periods);
         assert_eq!(stored.balances, book.balances);
         assert_eq!(stored.grants, book.grants);
+    }
+
+    #[test]
+    fn ended_grants_live_apart_from_the_book_and_come_back_when_named() {
+        // Was: every grant a customer ever had stayed in its book, so a customer buying a pack
+        // every month wrote every pack it ever bought after each line item.
+        const DAY: i64 = 86_400_000;
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let at = neruba_schemas::event::format_time_ms;
+        let start = |p: usize| 1_700_000_000_000 + i64::try_from(p).expect("small") * 30 * DAY;
+        // A monthly pack, usable in its month only.
+        let pack = |p: usize, amount: &str| {
+            let key = format!("pack-{p}");
+            Grant {
+                v: 1,
+                id: credit::grant_id("acme", "c1", &key),
+                tenant: "acme".into(),
+                customer: "c1".into(),
+                key,
+                terms: credit::GrantTerms {
+                    amount: d(amount),
+                    currency: "USD".into(),
+                    priority: 1,
+                    effective_at: Some(at(start(p))),
+                    expires_at: Some(at(start(p + 1))),
+                    paid: None,
+                    metadata: BTreeMap::new(),
+                },
+                received_at: at(start(p)),
+            }
+        };
+        let tick = |p: usize| Tick {
+            v: 1,
+            at_ms: start(p),
+            finalize_after_ms: None,
+        };
+        let months = BOOK_ENDED_GRANTS + 4;
+        #[derive(Clone)]
+        enum Op {
+            Grant(Grant),
+            Item(LineItem),
+            Tick(Tick),
+            Void(Void),
+        }
+        let mut ops = Vec::new();
+        for p in 0..months {
+            ops.push(Op::Grant(pack(p, "10")));
+            ops.push(Op::Item(line_item(&format!("li_{p}"), p, d("8"))));
+            ops.push(Op::Tick(tick(p + 1)));
+        }
+        // A correction of the first month gives credit back to its pack, long expired and
+        // out of the book: it expires again at once.
+        ops.push(Op::Item(line_item("li_fix_0", 0, d("-3"))));
+        // A void of an expired pack, a repeat of one, and another pack under an old key.
+        ops.push(Op::Void(Void {
+            v: 1,
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            grant: credit::grant_id("acme", "c1", "pack-1"),
+            received_at: at(start(months)),
+        }));
+        ops.push(Op::Grant(pack(2, "10")));
+        ops.push(Op::Grant(pack(3, "11")));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
+        let mut outputs = Vec::new();
+        for (n, op) in ops.iter().enumerate() {
+            let (bytes, record) = match op {
+                Op::Grant(g) => (credit::encode(g), Record::Grant),
+                Op::Item(i) => (i.encode(), Record::LineItem),
+                Op::Tick(t) => (credit::encode(t), Record::Tick),
+                Op::Void(v) => (credit::encode(v), Record::Void),
+            };
+            let input = Input {
+                offset: i64::try_from(n).expect("small"),
+                key: None,
+                payload: &bytes,
+            };
+            state.apply(input, record).expect("apply");
+            if n % 4 == 3 {
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+            }
+            if n == ops.len() * 2 / 3 {
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+                drop(state);
+                state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
+            }
+        }
+        outputs.extend(state.take_outputs());
+        state.commit().expect("commit");
+        let entries: Vec<credit::BalanceEntry> = outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => Some(*e),
+                _ => None,
+            })
+            .collect();
+
+        // The same records folded into one book that keeps every grant.
+        let mut book = Book::default();
+        let mut expected = Vec::new();
+        for op in &ops {
+            expected.extend(match op {
+                Op::Grant(g) => book.apply_grant(g, i64::MIN, 0),
+                Op::Item(i) => book.apply_item(i),
+                Op::Tick(t) => {
+                    book.apply_tick("acme", "c1", t.at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
+                }
+                Op::Void(v) => book.apply_void(&v.tenant, &v.customer, &v.grant),
+            });
+        }
+        assert_eq!(entries, expected);
+        let fix: Vec<(credit::EntryKind, String)> = entries
+            .iter()
+            .filter(|e| e.cause == "li_fix_0")
+            .map(|e| (e.kind, e.amount.to_string()))
+            .collect();
+        assert_eq!(
+            fix,
+            vec![
+                (credit::EntryKind::Restore, "3".to_owned()),
+                (credit::EntryKind::Expire, "-3".to_owned()),
+            ]
+        );
+        let refused: Vec<Option<String>> = entries
+            .iter()
+            .filter(|e| e.kind == credit::EntryKind::GrantRefused)
+            .map(|e| e.code.clone())
+            .collect();
+        assert_eq!(refused, vec![Some("key_conflict".to_owned())]);
+        // The stored book holds the newest ended grants only; a read gets them all back.
+        let stored = Book::decode(
+            &state
+                .store
+                .db()
+                .get(customer_key(b'B', "acme", "c1"))
+                .expect("get")
+                .expect("book"),
+        )
+        .expect("decode");
+        assert_eq!(stored.grants.len(), BOOK_ENDED_GRANTS);
+        assert_eq!(book.grants.len(), months);
+        let read = read_book(state.store.db(), "acme", "c1")
+            .expect("read")
+            .expect("book");
+        assert_eq!(read.grants, book.grants);
+        assert_eq!(read.balances, book.balances);
     }
 
     #[test]

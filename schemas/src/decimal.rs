@@ -157,7 +157,10 @@ where
 ///   varint (at most 14 bytes). `20.00` takes 3 bytes, and writing it formats nothing.
 ///   It is framed as postcard frames a string (a length, then the bytes), and no decimal's
 ///   text begins with a byte ≥ `0x80`, so state written as text before still reads.
-/// - The value reads back as it was written, scale and sign included (`-0`, `2.50`).
+/// - The value reads back as it was written, scale included (`2.50`); a zero reads back
+///   unsigned, as its text did.
+/// - Binaries older than this form read only the text: state written by this version cannot
+///   be read by them (README, "Upgrading and rolling back").
 pub mod stored {
     use rust_decimal::Decimal;
     use serde::de::Visitor;
@@ -556,7 +559,7 @@ mod tests {
             proptest::prop_assert_eq!(read.amount.serialize(), amount.serialize());
             proptest::prop_assert_eq!(read.cap.map(|c| c.serialize()), held.cap.map(|c| c.serialize()));
             let json: Held = serde_json::from_str(&serde_json::to_string(&held).expect("json")).expect("json");
-            proptest::prop_assert_eq!(json, held);
+            proptest::prop_assert_eq!(json.amount.serialize(), amount.serialize());
         }
     }
 }

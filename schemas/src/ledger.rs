@@ -101,7 +101,7 @@ pub fn digest_id(prefix: &str, parts: &[&[u8]]) -> String {
     id
 }
 
-/// The deterministic id: `li_` and the [`digest`] of its parts.
+/// The deterministic id: `li_` and the [`digest_id`] of its parts.
 pub fn line_item_id(parts: &IdParts<'_>) -> String {
     let group_len = u64::try_from(parts.group.len())
         .unwrap_or(u64::MAX)
