@@ -656,13 +656,17 @@ impl PartitionState {
 
 /// A customer's book as stored in `db` (`None`: no record of the customer was applied).
 pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Option<Book>> {
-    let Some(bytes) = db.get(customer_key(b'B', tenant, customer))? else {
+    // One snapshot: the book and its grants kept apart as of the same batch, while the stage
+    // writes on.
+    let snapshot = db.snapshot();
+    let Some(bytes) = snapshot.get(customer_key(b'B', tenant, customer))? else {
         return Ok(None);
     };
     let mut book = Book::decode(&bytes)
         .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
     let prefix = customer_key(b'G', tenant, customer);
-    for item in db.prefix_iterator(&prefix) {
+    let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+    for item in snapshot.iterator(from) {
         let (key, value) = item?;
         let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
             break;
@@ -1049,7 +1053,9 @@ mod tests {
             at_ms: start(p),
             finalize_after_ms: None,
         };
-        let months = BOOK_ENDED_GRANTS + 4;
+        // More months than a book keeps series of: the first month's correction finds both
+        // its series and its pack kept apart.
+        let months = BOOK_SERIES + 2;
         #[derive(Clone)]
         enum Op {
             Grant(Grant),
