@@ -580,6 +580,10 @@ struct CurrencyBalance {
     available: Decimal,
     active_grants: usize,
     rule: Option<RuleView>,
+    /// The top-up request in this currency not yet answered by a grant keyed with its id: the
+    /// rule's, or one a rule since removed left (the payment may be under way; a rule set
+    /// again asks for no other until it is answered).
+    outstanding_request: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -601,6 +605,42 @@ fn eligible_now(grant: &GrantState, now_ms: i64) -> bool {
             .is_none_or(|end| now_ms < end)
 }
 
+/// A book's balance read per currency (with a balance, a rule or a request a removed rule
+/// left), as of wall time `now_ms`.
+fn currency_balances(book: &Book, now_ms: i64) -> Vec<CurrencyBalance> {
+    let mut currencies: BTreeSet<&str> = book.balances.keys().map(String::as_str).collect();
+    currencies.extend(book.rules.keys().map(String::as_str));
+    currencies.extend(book.unresolved_requests.keys().map(String::as_str));
+    currencies
+        .into_iter()
+        .map(|currency| {
+            let in_currency = || {
+                book.grants
+                    .values()
+                    .filter(move |g| g.grant.terms.currency == currency)
+            };
+            let rule = book.rules.get(currency);
+            CurrencyBalance {
+                currency: currency.to_owned(),
+                balance: book.balance(currency),
+                available: in_currency()
+                    .filter(|g| eligible_now(g, now_ms))
+                    .map(|g| g.remaining)
+                    .sum(),
+                active_grants: in_currency().filter(|g| g.status == Status::Active).count(),
+                rule: rule.map(|r| RuleView {
+                    rule: r.rule.clone(),
+                    below_threshold: r.below,
+                    outstanding_request: r.outstanding.clone(),
+                }),
+                outstanding_request: rule
+                    .and_then(|r| r.outstanding.clone())
+                    .or_else(|| book.unresolved_requests.get(currency).cloned()),
+            }
+        })
+        .collect()
+}
+
 async fn balances(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -610,33 +650,7 @@ async fn balances(
     let started = Instant::now();
     let (_, book, position, _) =
         customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
-    let now = neruba_schemas::event::now_ms();
-    let mut currencies: BTreeSet<&str> = book.balances.keys().map(String::as_str).collect();
-    currencies.extend(book.rules.keys().map(String::as_str));
-    let balances = currencies
-        .into_iter()
-        .map(|currency| {
-            let in_currency = || {
-                book.grants
-                    .values()
-                    .filter(move |g| g.grant.terms.currency == currency)
-            };
-            CurrencyBalance {
-                currency: currency.to_owned(),
-                balance: book.balance(currency),
-                available: in_currency()
-                    .filter(|g| eligible_now(g, now))
-                    .map(|g| g.remaining)
-                    .sum(),
-                active_grants: in_currency().filter(|g| g.status == Status::Active).count(),
-                rule: book.rules.get(currency).map(|r| RuleView {
-                    rule: r.rule.clone(),
-                    below_threshold: r.below,
-                    outstanding_request: r.outstanding.clone(),
-                }),
-            }
-        })
-        .collect();
+    let balances = currency_balances(&book, neruba_schemas::event::now_ms());
     let body = Balances {
         customer,
         as_of: vec![position],
@@ -1227,4 +1241,121 @@ async fn usage(
         data: rows,
     };
     Ok(json(&state.metrics, "usage", started, &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_schemas::credit::{self, BalanceRule, EntryKind, Grant, GrantTerms, RuleRecord};
+    use neruba_schemas::event::format_time_ms;
+    use neruba_schemas::ledger::{Kind, LineItem};
+    use std::collections::BTreeMap;
+
+    const T0: i64 = 1_798_761_600_000;
+
+    fn grant(key: &str, amount: Decimal) -> Grant {
+        Grant {
+            v: 1,
+            id: credit::grant_id("acme", "c1", key),
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            key: key.into(),
+            terms: GrantTerms {
+                amount,
+                currency: "USD".into(),
+                priority: 1,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: BTreeMap::new(),
+            },
+            received_at: format_time_ms(T0),
+        }
+    }
+
+    fn rule(rule: Option<BalanceRule>) -> RuleRecord {
+        RuleRecord {
+            v: credit::RULE_RECORD_V,
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            currency: "USD".into(),
+            rule,
+            received_at: format_time_ms(T0),
+        }
+    }
+
+    fn usage(amount: Decimal) -> LineItem {
+        LineItem {
+            v: 1,
+            id: "li_1".into(),
+            kind: Kind::Usage,
+            tenant: "acme".into(),
+            customer: "c1".into(),
+            meter: "m".into(),
+            group: BTreeMap::new(),
+            period_start: format_time_ms(T0),
+            period_end: format_time_ms(T0 + 30 * 86_400_000),
+            window_start: format_time_ms(T0),
+            window_end: format_time_ms(T0 + 60_000),
+            window_quantity: Decimal::ONE,
+            window_events: 1,
+            period_quantity: Decimal::ONE,
+            amount,
+            period_amount: amount,
+            currency: "USD".into(),
+            price_plan: "p".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        }
+    }
+
+    /// What the balances read says of the currency: balance, rule present, request outstanding.
+    fn read(book: &Book) -> Vec<(String, String, bool, Option<String>)> {
+        currency_balances(book, T0)
+            .into_iter()
+            .map(|b| {
+                (
+                    b.currency,
+                    b.balance.to_string(),
+                    b.rule.is_some(),
+                    b.outstanding_request,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_top_up_request_a_removed_rule_left_is_shown_until_a_grant_answers_it() {
+        // Was: the read showed a request only on its rule, so once the rule was removed a
+        // support person could not see that a top-up was still being asked for.
+        let mut book = Book::default();
+        book.apply_grant(&grant("pack", Decimal::new(10, 0)), i64::MIN, 0);
+        book.apply_rule(&rule(Some(BalanceRule {
+            low_balance_threshold: Decimal::new(5, 0),
+            recharge_to: Some(Decimal::new(20, 0)),
+        })));
+        let entries = book.apply_item(&usage(Decimal::new(6, 0)));
+        let requests: Vec<(String, String)> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::TopupRequested)
+            .map(|e| (e.id.clone(), e.amount.to_string()))
+            .collect();
+        let [(request, amount)] = requests.as_slice() else {
+            panic!("one top-up request: {entries:?}");
+        };
+        assert_eq!(amount, "16");
+        let usd = |rule: bool, request: Option<&String>| {
+            vec![("USD".to_owned(), "4".to_owned(), rule, request.cloned())]
+        };
+        assert_eq!(read(&book), usd(true, Some(request)));
+        book.apply_rule(&rule(None));
+        assert_eq!(read(&book), usd(false, Some(request)));
+        // A grant keyed with the request's id answers it.
+        book.apply_grant(&grant(request, Decimal::new(16, 0)), i64::MIN, 0);
+        assert_eq!(
+            read(&book),
+            vec![("USD".to_owned(), "20".to_owned(), false, None)]
+        );
+    }
 }

@@ -238,6 +238,10 @@ pub struct CurrencyBalance {
     pub active_grants: u64,
     /// The low-balance rule, if one is set.
     pub rule: Option<BalanceRuleView>,
+    /// The top-up request in this currency not yet answered by a grant keyed with its id:
+    /// the rule's, or one a rule since removed left (absent from api versions before it).
+    #[serde(default)]
+    pub outstanding_request: Option<String>,
 }
 
 /// A balance rule and where it stands.

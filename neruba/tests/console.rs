@@ -422,6 +422,17 @@ async fn the_console_shows_exactly_what_the_api_answers() -> Result<()> {
         "grant: {}",
         answer.status()
     );
+    // A low-balance rule: the usage below takes the balance under 4.80, which asks for a
+    // top-up to 10.
+    let rule = client
+        .put(format!(
+            "{gateway}/v1/customers/customer-7/balance-rules/USD"
+        ))
+        .bearer_auth(credits)
+        .json(&json!({"low_balance_threshold": "4.80", "recharge_to": "10"}))
+        .send()
+        .await?;
+    ensure!(rule.status().as_u16() == 202, "rule: {}", rule.status());
 
     // 2. 25,000 large-model tokens in two one-minute windows (0.30 USD under the sample plan:
     //    10,000 free, then 0.00002 a token), and one event of customer-9 so the list has two customers.
@@ -498,6 +509,8 @@ async fn the_console_shows_exactly_what_the_api_answers() -> Result<()> {
         dec(&balances["balances"][0]["balance"])? == d("4.68"),
         "{balances}"
     );
+    let request = text(&balances["balances"][0]["outstanding_request"])?;
+    ensure!(request.starts_with("be_"), "{balances}");
     read_until(
         &client,
         &format!("{api}/v1/customers"),
@@ -511,6 +524,7 @@ async fn the_console_shows_exactly_what_the_api_answers() -> Result<()> {
     let browser = driver.browser().await?;
     let result = drive(
         &browser, &client, &api, read, credits, globex, &period, &statement, &items, &usage,
+        &request,
     )
     .await;
     let closed = browser.close().await;
@@ -532,6 +546,7 @@ async fn drive(
     statement: &Value,
     items: &Value,
     usage: &Value,
+    request: &str,
 ) -> Result<()> {
     // The page and its assets: this origin only, never framed, no referrer.
     for (path, media) in [
@@ -747,6 +762,15 @@ async fn drive(
     assert_eq!(
         texts(browser, &one("balance-USD")).await?,
         vec!["4.68".to_owned()]
+    );
+    // The top-up the rule asked for, shortened, with its whole id on hover.
+    assert_eq!(
+        attrs(browser, &one("topup-USD"), "title").await?,
+        vec![request.to_owned()]
+    );
+    assert_eq!(
+        texts(browser, &one("topup-USD")).await?,
+        vec![format!("{}…", request.get(..11).unwrap_or(request))]
     );
     assert_eq!(
         attrs(browser, &one("grant-row"), "data-grant-key").await?,
