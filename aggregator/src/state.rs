@@ -176,6 +176,7 @@ pub fn store_options(timing: Timing) -> StoreOptions {
         write_buffer_bytes: 16 * 1024 * 1024,
         max_write_buffers: Some(2),
         memtable_bloom: true,
+        index_in_cache: false,
         expiry: Some(std::sync::Arc::new(
             move |key: &[u8], value: &[u8], now_ms: i64| expired(key, value, now_ms, timing),
         )),

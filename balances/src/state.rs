@@ -145,6 +145,7 @@ fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
 pub fn store_options() -> StoreOptions {
     StoreOptions {
         memtable_bloom: true,
+        index_in_cache: false,
         ..StoreOptions::default()
     }
 }

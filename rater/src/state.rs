@@ -164,6 +164,7 @@ pub fn store_options(retention: Retention) -> StoreOptions {
         write_buffer_bytes: 8 * 1024 * 1024,
         max_write_buffers: None,
         memtable_bloom: false,
+        index_in_cache: false,
         expiry: Some(std::sync::Arc::new(
             move |key: &[u8], _value: &[u8], now_ms: i64| expired(key, now_ms, retention),
         )),

@@ -232,6 +232,9 @@ pub struct Config {
     pub max_batch: usize,
     /// RocksDB block cache of the process, bytes (workers share it out).
     pub block_cache_bytes: usize,
+    /// Index and filter blocks of the partition stores in that cache, so the process's memory
+    /// stays bounded however many keys its stores hold ([`StoreOptions::index_in_cache`]).
+    pub index_in_cache: bool,
     /// librdkafka pass-through settings (SASL, TLS, tuning).
     pub kafka_options: Vec<(String, String)>,
     /// `/readyz` turns false when a partition is behind and its position has not moved for
@@ -269,6 +272,7 @@ impl Config {
             state_dir: state_dir.into(),
             max_batch: 5_000,
             block_cache_bytes: 64 * 1024 * 1024,
+            index_in_cache: false,
             kafka_options: Vec::new(),
             stuck_after: Duration::from_secs(60),
             workers: 1,

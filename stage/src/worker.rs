@@ -84,7 +84,9 @@ impl<S: Stage> Shared<S> {
             return Ok(state.store().next_offset());
         }
         let dir = crate::partition_dir(&self.config.state_dir, &self.config.input_topic, partition);
-        let store = Store::open(&dir, partition, &self.stage.store_options(), &self.cache)?;
+        let mut options = self.stage.store_options();
+        options.index_in_cache |= self.config.index_in_cache;
+        let store = Store::open(&dir, partition, &options, &self.cache)?;
         let state = self.stage.open(store)?;
         let next = state.store().next_offset();
         tracing::info!(stage = S::NAME, partition, next_offset = ?next, "Partition state opened.");
