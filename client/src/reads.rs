@@ -218,7 +218,8 @@ pub struct Balances {
     pub customer: String,
     /// The position of the customer's ledger partition.
     pub as_of: Vec<ReadPosition>,
-    /// Per currency (with grants or a rule), by currency.
+    /// Per currency (with a balance, a rule or a top-up request a removed rule left), by
+    /// currency.
     pub balances: Vec<CurrencyBalance>,
 }
 

@@ -84,9 +84,9 @@ pub(crate) struct AggregatorArgs {
     pub(crate) block_cache_bytes: usize,
     /// Keep the stores' index and filter blocks in the block cache: memory stays bounded by
     /// it however many ids the dedup set holds (without, about 1.5 MiB per million ids within
-    /// the dedup horizon), at the cost of slower dedup lookups (0.56 × with a 64 MiB cache,
-    /// 0.66 × with 256 MiB, in `benches/dedup_memory.rs`). For pods with a memory limit:
-    /// size `--block-cache-bytes` to the limit.
+    /// the dedup horizon), at the cost of slower dedup lookups: 0.56 × with a 64 MiB cache,
+    /// 0.66 × with 256 MiB in `benches/dedup_memory.rs` while the blocks fit the cache; slower
+    /// (reads from disk) once they do not. Size `--block-cache-bytes` with it.
     #[arg(long, env = "NERUBA_AGGREGATOR_INDEX_IN_CACHE")]
     pub(crate) index_in_cache: bool,
     /// Consumer threads, each owning a share of the partitions as separate instances would
