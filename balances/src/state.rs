@@ -925,6 +925,48 @@ mod tests {
         }
     }
 
+    /// Applies `records` to a fresh partition state, writing every `commit_every` records and
+    /// starting again from the store alone after record `reopen_at`; the entries, the state
+    /// and its directory.
+    fn fold_through_store(
+        records: &[(Vec<u8>, Record)],
+        commit_every: usize,
+        reopen_at: usize,
+    ) -> (Vec<credit::BalanceEntry>, PartitionState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
+        let mut outputs = Vec::new();
+        for (n, (bytes, record)) in records.iter().enumerate() {
+            let input = Input {
+                offset: i64::try_from(n).expect("small"),
+                key: None,
+                payload: bytes,
+            };
+            state.apply(input, *record).expect("apply");
+            if n % commit_every == commit_every - 1 {
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+            }
+            if n == reopen_at {
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+                drop(state);
+                state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
+            }
+        }
+        outputs.extend(state.take_outputs());
+        state.commit().expect("commit");
+        let entries = outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => Some(*e),
+                _ => None,
+            })
+            .collect();
+        (entries, state, dir)
+    }
+
     #[test]
     fn old_series_live_apart_from_the_book_and_come_back_for_a_correction() {
         // Was: every series a customer ever had stayed in its book, so the book written after
@@ -956,43 +998,12 @@ mod tests {
         items.push(line_item("li_fix_new", periods - 1, d("-25")));
         let grants = [grant("promo", "15", 1), grant("pack", "1000", 10)];
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = Cache::new_lru_cache(1 << 20);
-        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
-        let mut entries = Vec::new();
         let mut records: Vec<(Vec<u8>, Record)> = grants
             .iter()
             .map(|g| (credit::encode(g), Record::Grant))
             .collect();
         records.extend(items.iter().map(|i| (i.encode(), Record::LineItem)));
-        for (n, (bytes, record)) in records.iter().enumerate() {
-            let input = Input {
-                offset: i64::try_from(n).expect("small"),
-                key: None,
-                payload: bytes,
-            };
-            state.apply(input, *record).expect("apply");
-            if n % 5 == 4 {
-                entries.extend(state.take_outputs());
-                state.commit().expect("commit");
-            }
-            // Halfway, start again from the store alone.
-            if n == records.len() / 2 {
-                entries.extend(state.take_outputs());
-                state.commit().expect("commit");
-                drop(state);
-                state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
-            }
-        }
-        entries.extend(state.take_outputs());
-        state.commit().expect("commit");
-        let entries: Vec<credit::BalanceEntry> = entries
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::Entry(e) => Some(*e),
-                _ => None,
-            })
-            .collect();
+        let (entries, state, _dir) = fold_through_store(&records, 5, records.len() / 2);
 
         // The same records folded into one book that keeps every series.
         let mut book = Book::default();
@@ -1084,43 +1095,16 @@ mod tests {
         ops.push(Op::Grant(pack(2, "10")));
         ops.push(Op::Grant(pack(3, "11")));
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = Cache::new_lru_cache(1 << 20);
-        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("open");
-        let mut outputs = Vec::new();
-        for (n, op) in ops.iter().enumerate() {
-            let (bytes, record) = match op {
+        let records: Vec<(Vec<u8>, Record)> = ops
+            .iter()
+            .map(|op| match op {
                 Op::Grant(g) => (credit::encode(g), Record::Grant),
                 Op::Item(i) => (i.encode(), Record::LineItem),
                 Op::Tick(t) => (credit::encode(t), Record::Tick),
                 Op::Void(v) => (credit::encode(v), Record::Void),
-            };
-            let input = Input {
-                offset: i64::try_from(n).expect("small"),
-                key: None,
-                payload: &bytes,
-            };
-            state.apply(input, record).expect("apply");
-            if n % 4 == 3 {
-                outputs.extend(state.take_outputs());
-                state.commit().expect("commit");
-            }
-            if n == ops.len() * 2 / 3 {
-                outputs.extend(state.take_outputs());
-                state.commit().expect("commit");
-                drop(state);
-                state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
-            }
-        }
-        outputs.extend(state.take_outputs());
-        state.commit().expect("commit");
-        let entries: Vec<credit::BalanceEntry> = outputs
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::Entry(e) => Some(*e),
-                _ => None,
             })
             .collect();
+        let (entries, state, _dir) = fold_through_store(&records, 4, records.len() * 2 / 3);
 
         // The same records folded into one book that keeps every grant.
         let mut book = Book::default();
