@@ -1351,6 +1351,22 @@ mod tests {
         assert_eq!(read(&book), usd(true, Some(request)));
         book.apply_rule(&rule(None));
         assert_eq!(read(&book), usd(false, Some(request)));
+        // Set again, the rule finds the request outstanding (and asks for no other).
+        let again = book.apply_rule(&rule(Some(BalanceRule {
+            low_balance_threshold: Decimal::new(5, 0),
+            recharge_to: Some(Decimal::new(20, 0)),
+        })));
+        assert!(
+            again.iter().all(|e| e.kind != EntryKind::TopupRequested),
+            "{again:?}"
+        );
+        assert_eq!(read(&book), usd(true, Some(request)));
+        // A removal written by a gateway before version 2 of rule records drops it.
+        let mut older = book.clone();
+        older.apply_rule(&RuleRecord { v: 1, ..rule(None) });
+        assert_eq!(read(&older), usd(false, None));
+        book.apply_rule(&rule(None));
+        assert_eq!(read(&book), usd(false, Some(request)));
         // A grant keyed with the request's id answers it.
         book.apply_grant(&grant(request, Decimal::new(16, 0)), i64::MIN, 0);
         assert_eq!(
