@@ -162,6 +162,60 @@ pub const BOOK_SERIES: usize = 24;
 /// customer's book stays the same size however many packs it bought over the years.
 pub const BOOK_ENDED_GRANTS: usize = 8;
 
+/// Values a batch took out of books to keep under their own keys (`Some`: written at commit)
+/// or put back into one (`None`: deleted at commit); read before the store.
+struct Apart<T> {
+    pending: HashMap<Vec<u8>, Option<T>>,
+}
+
+impl<T> Default for Apart<T> {
+    fn default() -> Self {
+        Self {
+            pending: HashMap::default(),
+        }
+    }
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
+    fn keep(&mut self, key: Vec<u8>, value: T) {
+        self.pending.insert(key, Some(value));
+    }
+
+    /// The value kept apart under `key`, if any, handed back to its book (`what` names it in
+    /// an error).
+    fn take_back(
+        &mut self,
+        db: &rocksdb::DB,
+        key: Vec<u8>,
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>> {
+        if let Some(slot) = self.pending.get_mut(&key) {
+            return Ok(slot.take());
+        }
+        let Some(bytes) = db.get(&key)? else {
+            return Ok(None);
+        };
+        let value = postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(what(), e))?;
+        self.pending.insert(key, None);
+        Ok(Some(value))
+    }
+
+    /// The batch's changes into `batch`.
+    fn write(&mut self, batch: &mut WriteBatch) -> Result<()> {
+        for (key, value) in self.pending.drain() {
+            match value {
+                Some(value) => batch.put(
+                    key,
+                    postcard::to_allocvec(&value)
+                        .map_err(|e| Error::Bug(format!("kept-apart encoding: {e}")))?,
+                ),
+                None => batch.delete(key),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The balances state of one ledger partition.
 pub struct PartitionState {
     pub partition: i32,
@@ -171,11 +225,9 @@ pub struct PartitionState {
     dirty: HashSet<CustomerKey>,
     /// Applied-item marks written by the batch (read before the store).
     new_items: HashSet<Vec<u8>>,
-    /// Series taken out of books (`Some`) or put back into one (`None`) by the batch, by their
-    /// key: written (or deleted) at commit, and read before the store.
-    spilled: HashMap<Vec<u8>, Option<Vec<Allocation>>>,
-    /// Ended grants taken out of books (`Some`) or put back (`None`), the same way.
-    spilled_grants: HashMap<Vec<u8>, Option<GrantState>>,
+    /// Old series and ended grants kept apart from their books.
+    spilled: Apart<Vec<Allocation>>,
+    spilled_grants: Apart<GrantState>,
     clock_ms: i64,
     clock_dirty: bool,
     /// Each customer's next deadline, as stored in the index, and the index itself.
@@ -251,8 +303,8 @@ impl PartitionState {
             books: HashMap::default(),
             dirty: HashSet::default(),
             new_items: HashSet::default(),
-            spilled: HashMap::default(),
-            spilled_grants: HashMap::default(),
+            spilled: Apart::default(),
+            spilled_grants: Apart::default(),
             clock_ms,
             clock_dirty: false,
             expiry_of,
@@ -327,7 +379,7 @@ impl PartitionState {
         if let Some(book) = self.books.get_mut(&key) {
             for (id, state) in book.take_ended_grants(BOOK_ENDED_GRANTS) {
                 self.spilled_grants
-                    .insert(spilled_grant_key(tenant, customer, &id), Some(state));
+                    .keep(spilled_grant_key(tenant, customer, &id), state);
             }
         }
         let next = self.books.get(&key).and_then(Book::next_deadline);
@@ -540,10 +592,8 @@ impl PartitionState {
         let entries = book.apply_item(item);
         let spilled = book.take_oldest_series(BOOK_SERIES);
         for (series, stack) in spilled {
-            self.spilled.insert(
-                spilled_key(&item.tenant, &item.customer, &series),
-                Some(stack),
-            );
+            self.spilled
+                .keep(spilled_key(&item.tenant, &item.customer, &series), stack);
         }
         self.emit_at(book_key, &item.tenant, &item.customer, entries);
         Ok(())
@@ -561,17 +611,10 @@ impl PartitionState {
             return Ok(());
         }
         let key = spilled_key(&item.tenant, &item.customer, &series);
-        let stack = match self.spilled.get(&key) {
-            Some(pending) => pending.clone(),
-            None => match self.store.db().get(&key)? {
-                None => None,
-                Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(|e| {
-                    Error::corrupt(format!("series of {}/{}", item.tenant, item.customer), e)
-                })?),
-            },
-        };
+        let stack = self.spilled.take_back(self.store.db(), key, || {
+            format!("series of {}/{}", item.tenant, item.customer)
+        })?;
         if let Some(stack) = stack {
-            self.spilled.insert(key, None);
             self.book_at(book_key, &item.tenant, &item.customer)?
                 .series
                 .insert(series, stack);
@@ -585,17 +628,10 @@ impl PartitionState {
             return Ok(());
         }
         let key = spilled_grant_key(tenant, customer, id);
-        let state = match self.spilled_grants.get(&key) {
-            Some(pending) => pending.clone(),
-            None => match self.store.db().get(&key)? {
-                None => None,
-                Some(bytes) => Some(postcard::from_bytes::<GrantState>(&bytes).map_err(|e| {
-                    Error::corrupt(format!("grant {id} of {tenant}/{customer}"), e)
-                })?),
-            },
-        };
+        let state = self.spilled_grants.take_back(self.store.db(), key, || {
+            format!("grant {id} of {tenant}/{customer}")
+        })?;
         if let Some(state) = state {
-            self.spilled_grants.insert(key, None);
             self.book(tenant, customer)?
                 .grants
                 .insert(id.to_owned(), state);
@@ -809,26 +845,8 @@ impl PartitionState {
         for key in std::mem::take(&mut self.new_items) {
             batch.put(key, []);
         }
-        for (key, stack) in std::mem::take(&mut self.spilled) {
-            match stack {
-                Some(stack) => batch.put(
-                    key,
-                    postcard::to_allocvec(&stack)
-                        .map_err(|e| Error::Bug(format!("series encoding: {e}")))?,
-                ),
-                None => batch.delete(key),
-            }
-        }
-        for (key, state) in std::mem::take(&mut self.spilled_grants) {
-            match state {
-                Some(state) => batch.put(
-                    key,
-                    postcard::to_allocvec(&state)
-                        .map_err(|e| Error::Bug(format!("grant encoding: {e}")))?,
-                ),
-                None => batch.delete(key),
-            }
-        }
+        self.spilled.write(&mut batch)?;
+        self.spilled_grants.write(&mut batch)?;
         let mut dirty: Vec<CustomerKey> = self.dirty.drain().collect();
         dirty.sort();
         for key in dirty {

@@ -16,24 +16,12 @@ use anyhow::Result;
 use neruba as _;
 use neruba_aggregator::keys;
 use neruba_aggregator::state::{Timing, store_options};
+use neruba_benches::rss_kib;
 use neruba_stage::Store;
 use std::time::Instant;
 
 const BATCH: u64 = 5_000;
 const CHUNK: u64 = 2_000_000;
-
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
 
 /// Event ids as a client makes them: random, 33 characters.
 struct Ids(u64);
@@ -89,7 +77,7 @@ fn run(index_in_cache: bool, ids: u64, cache_mib: usize) -> Result<f64> {
                 "  {:>5.1} M ids {:>6.0} k/s  RSS {:>4} MiB  table readers {:>4} MiB  memtables {:>3} MiB  block cache {:>3} MiB  files {:>4} MiB",
                 done as f64 / 1e6,
                 CHUNK as f64 / chunk.elapsed().as_secs_f64() / 1e3,
-                rss_mib(),
+                rss_kib() / 1024,
                 mib("rocksdb.estimate-table-readers-mem"),
                 mib("rocksdb.cur-size-all-mem-tables"),
                 mib("rocksdb.block-cache-usage"),

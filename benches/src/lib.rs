@@ -41,11 +41,21 @@ pub fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
 
 /// The process's peak resident set size, KiB (Linux `VmHWM`).
 pub fn peak_rss_kib() -> u64 {
+    status_kib("VmHWM:")
+}
+
+/// The process's resident set size now, KiB (Linux `VmRSS`).
+pub fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// A KiB figure of `/proc/self/status` (0 where there is none).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
