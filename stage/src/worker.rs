@@ -6,7 +6,8 @@
 //! - on revocation and on shutdown the pending batch is delivered and written before the
 //!   partition is let go, so the next owner resumes exactly there;
 //! - nothing of a batch is written before its outputs were acknowledged (`acks=all`);
-//! - a killed worker (a crash, in tests) writes nothing more.
+//! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
+//!   failed: its batch may be half applied, so the next start resumes from the last write.
 
 use crate::rebalance::{PartitionStates, Rebalance};
 use crate::{
@@ -20,7 +21,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +69,9 @@ struct Shared<S: Stage> {
     stop: CancellationToken,
     /// A failure inside a rebalance callback, surfaced by the loop.
     fatal: Option<Error>,
+    /// The loop failed: nothing more is written, not even by the revocation the consumer's
+    /// close runs as the worker is dropped.
+    abandoned: bool,
     health: Arc<ConsumerHealth>,
     /// Kafka timestamp of the last message applied, per partition (for lag in seconds).
     last_timestamp_ms: HashMap<i32, i64>,
@@ -101,6 +105,9 @@ impl<S: Stage> Shared<S> {
         consumer: &BaseConsumer<Context<S>>,
         crash_before_write: bool,
     ) -> Result<()> {
+        if self.abandoned {
+            return Ok(());
+        }
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
             outputs.extend(self.stage.take_outputs(state));
@@ -265,6 +272,7 @@ impl<S: Stage> Worker<S> {
             producer,
             stop: shutdown.clone(),
             fatal: None,
+            abandoned: false,
             health: health.clone(),
             last_timestamp_ms: HashMap::new(),
             assigned,
@@ -309,8 +317,20 @@ impl<S: Stage> Worker<S> {
         self.kill.load(Ordering::SeqCst)
     }
 
-    /// Runs until shutdown (writing everything) or kill (writing nothing).
+    /// Runs until shutdown (writing everything), kill or a failure (writing nothing more).
     pub(crate) fn run(self) -> Result<()> {
+        let result = self.run_batches();
+        if result.is_err() {
+            // Set before `self` (its consumer first) is dropped.
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .abandoned = true;
+        }
+        result
+    }
+
+    fn run_batches(&self) -> Result<()> {
         let mut last_gauges = Instant::now();
         let mut applied_total: u64 = 0;
         loop {

@@ -363,6 +363,52 @@ async fn repeat_after_restart_is_counted_once() -> Result<()> {
     Ok(())
 }
 
+/// A storage failure (here a damaged record) stops the aggregator, and what its batch had
+/// half applied is never written, not even when the consumer's close revokes the partition:
+/// the stored offset stays where the last good batch left it, so the failing event is read
+/// again at the next start instead of being skipped.
+#[tokio::test]
+async fn a_storage_failure_stops_the_stage_without_writing_its_half_applied_batch() -> Result<()> {
+    let s = setup(1)?;
+    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer
+        .send(
+            0,
+            &[
+                api("a1", "c1", 1, "1", "u1"),
+                api("closer", "other", 600, "1", "x"),
+            ],
+        )
+        .await?;
+    wait_applied(&s, 0, 2).await?;
+    drop(shutdown);
+    running.wait().await?;
+
+    // Damage the record of c1's closed `calls` window, which a late event reads back.
+    let dir = aggregator::state::partition_dir(s.state.path(), topics::EVENTS, 0);
+    {
+        let db = rocksdb::DB::open_default(&dir)?;
+        let series = aggregator::keys::series("calls", "c1", "{}");
+        let key = aggregator::keys::window("t1", &series, t0());
+        anyhow::ensure!(
+            db.get(&key)?.is_some(),
+            "the window record is where expected"
+        );
+        db.put(&key, b"\xff\xff\xff")?;
+    }
+
+    let (running, _shutdown) = start(&s, s.state.path(), |_| {})?;
+    s.writer.send(0, &[api("a2", "c1", 2, "1", "u2")]).await?;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), running.wait()).await?;
+    let error = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        error.contains("corrupt"),
+        "the stage stopped on the damage: {error}"
+    );
+    assert_eq!(aggregator::state::stored_offset(&dir)?, Some(2));
+    Ok(())
+}
+
 #[tokio::test]
 async fn late_event_reemits_window_as_revision_two_and_too_old_is_dead_lettered() -> Result<()> {
     let s = setup(1)?;
