@@ -23,8 +23,10 @@
 //!
 //! Mechanism: reads go through an in-memory overlay of the batch's pending writes, so a batch
 //! reads its own writes; the records of open windows stay in memory between batches (they are
-//! what the next events touch), always equal to what is stored once a batch is written; open
-//! windows are indexed under a metadata prefix so a restart finds them without scanning the
+//! what the next events touch), always equal to what is stored once a batch is written, and are
+//! loaded when the state opens, so the store is never read for a window that ends after its
+//! tenant's watermark (it would be open, hence in memory, if it existed); open windows are
+//! indexed under a metadata prefix so a restart finds them without scanning the
 //! data; each tenant's clock is stored under a metadata prefix too, with the offsets.
 //!
 //! Where things happen: this file is the store and the door ([`PartitionState::apply`]:
@@ -137,8 +139,8 @@ pub struct PartitionState {
     pub partition: i32,
     store: Store,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Window records touched by the batch (dirty, encoded once at commit) and the records of
-    /// open windows (kept across batches; as many as the clocks' `open` hold).
+    /// Window records touched by the batch (dirty, encoded once at commit; closed ones leave
+    /// at commit) and the record of every open window (loaded at open, kept across batches).
     windows: HashMap<Vec<u8>, CachedWindow>,
     /// Period aggregates touched by the batch, likewise.
     periods: HashMap<Vec<u8>, Aggregate>,
@@ -256,11 +258,28 @@ impl PartitionState {
                     .insert((end, window_key.to_vec()));
             }
         }
+        // Every open window's record is kept in memory (see `load_window`).
+        let mut windows = HashMap::new();
+        for (_, key) in clocks.values().flat_map(|clock| &clock.open) {
+            if let Some(bytes) = store.get(key)? {
+                let record = postcard::from_bytes(&bytes).map_err(|e| {
+                    Error::corrupt(
+                        format!("partition {} open window record", store.partition()),
+                        e,
+                    )
+                })?;
+                let cached = CachedWindow {
+                    record,
+                    dirty: false,
+                };
+                windows.insert(key.clone(), cached);
+            }
+        }
         Ok(Self {
             partition: store.partition(),
             store,
             overlay: HashMap::new(),
-            windows: HashMap::new(),
+            windows,
             periods: HashMap::new(),
             timing,
             clocks,
@@ -300,28 +319,30 @@ impl PartitionState {
         std::mem::take(&mut self.counts)
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    /// What `f` makes of the value under `key`: the batch's pending write, else the stored one.
+    fn read<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
         match self.overlay.get(key) {
-            Some(pending) => Ok(pending.clone()),
-            None => Ok(self.store.db().get(key)?),
+            Some(pending) => Ok(pending.as_deref().map(f)),
+            None => Ok(self.store.get(key)?.as_deref().map(f)),
         }
     }
 
     fn get_record<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
-        match self.get(key)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(postcard::from_bytes(&bytes).map_err(|e| {
-                Error::corrupt(format!("partition {} record", self.partition), e)
-            })?)),
-        }
+        self.read(key, |bytes| postcard::from_bytes::<T>(bytes))?
+            .transpose()
+            .map_err(|e| Error::corrupt(format!("partition {} record", self.partition), e))
     }
 
     /// Takes a window record out of the batch cache (or the store); put it back with
-    /// [`Self::store_window`].
-    fn load_window(&mut self, key: &[u8]) -> Result<Option<WindowRecord>> {
+    /// [`Self::store_window`]. `may_be_stored` is whether the window ends at or before its
+    /// tenant's watermark: one ending after it would be open, and every open window's record
+    /// is in the cache (loaded at open, kept across batches), so a miss then means none
+    /// exists and the store is not read.
+    fn load_window(&mut self, key: &[u8], may_be_stored: bool) -> Result<Option<WindowRecord>> {
         match self.windows.remove(key) {
             Some(cached) => Ok(Some(cached.record)),
-            None => self.get_record(key),
+            None if may_be_stored => self.get_record(key),
+            None => Ok(None),
         }
     }
 
@@ -363,7 +384,8 @@ impl PartitionState {
     }
 
     /// Applies the message at `offset`. Bad events become dead letters; only storage problems
-    /// are errors.
+    /// are errors, after which this state must be dropped unwritten (the stage runtime does:
+    /// the worker stops and writes nothing more), since the batch may be half applied.
     pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
         self.store.consumed(input.offset);
         let event = match self.decoder.decode(input.payload) {
@@ -396,12 +418,12 @@ impl PartitionState {
             return Ok(());
         }
         let dedup_key = keys::dedup(&event.tenant, &event.id);
-        if let Some(seen) = self.get(&dedup_key)? {
-            let seen_at = keys::time_from(&seen).unwrap_or(i64::MIN);
-            if event.received_ms.saturating_sub(seen_at) <= self.timing.dedup_horizon_ms {
-                self.counts.duplicates += 1;
-                return Ok(());
-            }
+        let seen_at = self.read(&dedup_key, |seen| keys::time_from(seen).unwrap_or(i64::MIN))?;
+        if seen_at.is_some_and(|seen_at| {
+            event.received_ms.saturating_sub(seen_at) <= self.timing.dedup_horizon_ms
+        }) {
+            self.counts.duplicates += 1;
+            return Ok(());
         }
         let measures = match measure(tenant, &event) {
             Ok(measures) => measures,
@@ -626,6 +648,94 @@ mod tests {
         assert_eq!(state.open_windows(), 0);
         assert_eq!(state.tenant_watermark("acme"), end);
         assert_eq!(state.tenant_watermark("globex"), end);
+    }
+
+    /// An event of tenant `acme` with `tokens` at `time_ms`.
+    fn tokens(id: &str, time_ms: i64, tokens: &str) -> Vec<u8> {
+        let data = serde_json::json!({ "tokens": tokens });
+        codec::encode(&neruba_schemas::Event {
+            tenant: "acme".into(),
+            id: id.into(),
+            event_type: "llm".into(),
+            subject: "c1".into(),
+            time_ms,
+            received_ms: time_ms,
+            source: None,
+            data: data.as_object().cloned().unwrap_or_default(),
+        })
+    }
+
+    #[test]
+    fn a_window_open_across_a_restart_keeps_what_it_counted_before() {
+        // Open windows are not read from the store while they are open (their records stay
+        // in memory): a reopened state must bring them back, or the next event of the
+        // window would start it again from nothing.
+        let catalog = Catalog::from_toml_str(
+            r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+"#,
+            "test",
+        )
+        .expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let start = 10 * DAY_MS;
+        let mut offset = 0;
+        let mut apply = |state: &mut PartitionState, payload: &[u8]| {
+            let input = Input {
+                offset,
+                key: None,
+                payload,
+            };
+            offset += 1;
+            state.apply(input, &catalog).expect("apply");
+        };
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        apply(&mut state, &tokens("e1", start + 1_000, "1.5"));
+        apply(&mut state, &tokens("e2", start + 2_000, "2"));
+        state.commit().expect("commit");
+        drop(state);
+
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("reopen");
+        assert_eq!(state.open_windows(), 1);
+        apply(&mut state, &tokens("e3", start + 3_000, "0.25"));
+        // The next minute's event closes the first window.
+        apply(&mut state, &tokens("e4", start + 60_000, "7"));
+        let closed: Vec<(i64, Decimal, u64)> = state
+            .take_outputs()
+            .iter()
+            .filter_map(|o| match o {
+                Output::Rollup(r) => Some((r.window_start_ms, r.window_quantity, r.window_events)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, vec![(start, Decimal::new(375, 2), 3)]);
+        state.commit().expect("commit");
+
+        // A late event for that window, closed, written and gone from memory: read back from
+        // the store and re-emitted as revision 2 with everything it had.
+        apply(&mut state, &tokens("e5", start + 4_000, "1"));
+        let late: Vec<(i64, Decimal, u64, u32)> = state
+            .take_outputs()
+            .iter()
+            .filter_map(|o| match o {
+                Output::Rollup(r) => Some((
+                    r.window_start_ms,
+                    r.window_quantity,
+                    r.window_events,
+                    r.revision,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(late, vec![(start, Decimal::new(475, 2), 4, 2)]);
     }
 
     #[test]

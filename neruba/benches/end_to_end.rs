@@ -21,7 +21,8 @@
 //!    window close → line item latency (the line item's broker timestamp − its window's end −
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
 //!    revisions of windows that end after the first minute), and each process's RSS every
-//!    5 s (SPEC: flat within ±10 %, compared after the first minute).
+//!    5 s (SPEC: flat within ±10 %, compared after the first minute; each minute's reading is
+//!    printed too, so warm-up can be told from growth).
 //!
 //! At the end the ledger must hold, to the token, the usage of the distinct events each
 //! loadgen run had accepted, or the benchmark fails.
@@ -955,6 +956,25 @@ async fn main() -> Result<()> {
             (max - min) as f64 * 100.0 / (*first).max(1) as f64,
             mib(peak),
         );
+    }
+    // The shape over the whole run, a column per minute: whether a rise is warm-up (stores
+    // filling to their bounds) or growth. Each column is the last reading at or before its
+    // minute ("-" when there is none).
+    let minutes = settings.steady.as_secs() / 60;
+    if minutes > 0 {
+        println!("RSS at the end of each minute of the steady run (MiB), minutes 1 to {minutes}");
+    }
+    for (index, (name, _)) in pids.iter().enumerate().filter(|_| minutes > 0) {
+        let row: Vec<String> = (1..=minutes)
+            .map(|minute| {
+                samples
+                    .iter()
+                    .rfind(|(at, _)| at.as_secs() <= minute * 60)
+                    .and_then(|(_, values)| values.get(index).copied().flatten())
+                    .map_or_else(|| format!("{:>5}", "-"), |kib| format!("{:>5.0}", mib(kib)))
+            })
+            .collect();
+        println!("  {name:<10} {}", row.join(" "));
     }
     println!(
         "ledger: {} line items; usage of the full-speed run {have_e2e} tokens (accepted: {expected_e2e}), of the steady run {have_steady} (accepted: {expected_steady})",

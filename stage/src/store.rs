@@ -19,7 +19,9 @@
 //! holds the pages); only a power loss can lose a tail, which is then replayed from Kafka.
 
 use crate::{Error, Result};
-use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, Cache, DB, DBPinnableSlice, Options, ReadOptions, WriteBatch, WriteOptions,
+};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,6 +144,8 @@ pub struct Store {
     // a reader holds it ([`Store::shared_db`]); RocksDB's own lock then still refuses a
     // second open, so a new owner waits or fails rather than share it.
     db: Arc<DB>,
+    /// Made once: [`DB::get`] makes (and frees) default read options on every call.
+    read_options: ReadOptions,
     _owner: File,
     next_offset: Option<i64>,
     /// The next offset changed since the last write.
@@ -200,6 +204,7 @@ impl Store {
         Ok(Self {
             partition,
             db,
+            read_options: ReadOptions::default(),
             _owner: owner,
             next_offset,
             advanced: false,
@@ -225,6 +230,11 @@ impl Store {
     /// The database, for reads. Writes go through [`Self::write`].
     pub fn db(&self) -> &DB {
         &self.db
+    }
+
+    /// The value stored under `key`, pinned where RocksDB holds it (not copied).
+    pub fn get(&self, key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>> {
+        Ok(self.db.get_pinned_opt(key, &self.read_options)?)
     }
 
     /// The database handle, for readers on other threads (a read model serving queries while

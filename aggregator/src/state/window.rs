@@ -64,9 +64,10 @@ impl PartitionState {
             return Ok(true);
         };
         let watermark = self.tenant_watermark(tenant);
-        let (window_sum, closed) = match self.peek_window(&target.window_key)? {
+        let end = target.start + target.size;
+        let (window_sum, closed) = match self.peek_window(&target.window_key, end <= watermark)? {
             Some(record) => (record.agg.sum, record.closed),
-            None => (Decimal::ZERO, target.start + target.size <= watermark),
+            None => (Decimal::ZERO, end <= watermark),
         };
         if decimal::exact_add(window_sum, value).is_none() {
             return Ok(false);
@@ -81,9 +82,17 @@ impl PartitionState {
         Ok(true)
     }
 
-    /// The window record at `key`, read into the batch cache (unchanged) if it was not there.
-    pub(super) fn peek_window(&mut self, key: &[u8]) -> Result<Option<&WindowRecord>> {
+    /// The window record at `key`, read into the batch cache (unchanged) if it was not there
+    /// (`may_be_stored` as for [`Self::load_window`]).
+    pub(super) fn peek_window(
+        &mut self,
+        key: &[u8],
+        may_be_stored: bool,
+    ) -> Result<Option<&WindowRecord>> {
         if !self.windows.contains_key(key) {
+            if !may_be_stored {
+                return Ok(None);
+            }
             let Some(record) = self.get_record::<WindowRecord>(key)? else {
                 return Ok(None);
             };
@@ -110,7 +119,7 @@ impl PartitionState {
         } = target;
         let tenant = event.tenant.as_str();
         let watermark = self.tenant_watermark(tenant);
-        let existing = self.load_window(&window_key)?;
+        let existing = self.load_window(&window_key, start + size <= watermark)?;
         let is_new = existing.is_none();
         let mut record = existing.unwrap_or_else(|| WindowRecord {
             tenant: tenant.to_owned(),
@@ -135,12 +144,12 @@ impl PartitionState {
         let mut new_in_closed_period = false;
         if let Some(value) = &m.distinct {
             let value_key = keys::window_value(tenant, &series, start, value);
-            if self.get(&value_key)?.is_none() {
+            if self.read(&value_key, |_| ())?.is_none() {
                 new_in_window = true;
                 self.put(value_key, Vec::new());
             }
             let first_key = keys::period_value(tenant, &series, period_start, value);
-            let first = self.get(&first_key)?.and_then(|v| keys::time_from(&v));
+            let first = self.read(&first_key, keys::time_from)?.flatten();
             match first {
                 None => {
                     self.put(first_key, keys::time_bytes(start).to_vec());
@@ -151,7 +160,9 @@ impl PartitionState {
                     self.put(first_key, keys::time_bytes(start).to_vec());
                     record.period_new += 1;
                     let later_key = keys::window(tenant, &series, first);
-                    if let Some(mut later) = self.load_window(&later_key)? {
+                    if let Some(mut later) =
+                        self.load_window(&later_key, first + size <= watermark)?
+                    {
                         later.period_new = later.period_new.saturating_sub(1);
                         // Counted by the closed period now, through this window; the later
                         // window must not count it again when it closes.
@@ -207,7 +218,9 @@ impl PartitionState {
 
     pub(super) fn close(&mut self, end: i64, window_key: Vec<u8>) -> Result<()> {
         self.delete(open_key(end, &window_key));
-        let Some(mut record) = self.load_window(&window_key)? else {
+        // Open until now, so in the cache; `true` still reads the store for an open-index
+        // entry whose record was never written (none is then emitted).
+        let Some(mut record) = self.load_window(&window_key, true)? else {
             return Ok(());
         };
         record.closed = true;
