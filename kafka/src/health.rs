@@ -34,11 +34,16 @@ pub struct ConsumerHealth {
     /// The partitions' log start offsets: a position below it (nothing applied, the older
     /// messages gone to retention) is at it.
     low_offsets: Mutex<HashMap<i32, i64>>,
+    /// Per partition this process fetches: bytes fetched ahead (librdkafka's statistics).
+    fetched_ahead: Mutex<HashMap<i32, u64>>,
     partitions: Mutex<HashMap<i32, Progress>>,
     lag_messages: IntGaugeVec,
     lag_seconds: IntGaugeVec,
     store_size: IntGaugeVec,
     store_pending_compaction: IntGaugeVec,
+    store_memory: IntGaugeVec,
+    block_cache: IntGaugeVec,
+    fetch_queue: IntGaugeVec,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,10 +90,39 @@ impl ConsumerHealth {
             ),
             &["consumer", "partition"],
         )?;
+        let store_memory = IntGaugeVec::new(
+            Opts::new(
+                "neruba_rocksdb_memory_bytes",
+                "Memory of the partition's state outside the block cache, by kind: `memtables` \
+                 (written, not yet flushed; bounded by the write buffers) and `table_readers` \
+                 (index and filter blocks held beside the cache; 0 with --index-in-cache).",
+            ),
+            &["consumer", "partition", "kind"],
+        )?;
+        let block_cache = IntGaugeVec::new(
+            Opts::new(
+                "neruba_rocksdb_block_cache_bytes",
+                "The stage's block cache (one per process, shared by its partitions): `used`, \
+                 and of it `pinned` (blocks in use that cannot be evicted).",
+            ),
+            &["consumer", "kind"],
+        )?;
+        let fetch_queue = IntGaugeVec::new(
+            Opts::new(
+                "neruba_consumer_fetch_queue_bytes",
+                "Messages fetched ahead and not yet consumed, bytes (librdkafka's prefetch \
+                 queue, up to the stage's `queued.max.messages.kbytes`; it fills while the \
+                 stage is behind).",
+            ),
+            &["consumer"],
+        )?;
         registry.register(Box::new(lag_messages.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
         registry.register(Box::new(store_size.clone()))?;
         registry.register(Box::new(store_pending_compaction.clone()))?;
+        registry.register(Box::new(store_memory.clone()))?;
+        registry.register(Box::new(block_cache.clone()))?;
+        registry.register(Box::new(fetch_queue.clone()))?;
         Ok(Arc::new(Self {
             consumer,
             topic: topic.to_owned(),
@@ -97,11 +131,15 @@ impl ConsumerHealth {
             store_failure: Mutex::new(None),
             high_offsets: Mutex::new(HashMap::new()),
             low_offsets: Mutex::new(HashMap::new()),
+            fetched_ahead: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             lag_messages,
             lag_seconds,
             store_size,
             store_pending_compaction,
+            store_memory,
+            block_cache,
+            fetch_queue,
         }))
     }
 
@@ -118,7 +156,16 @@ impl ConsumerHealth {
             if *partition >= 0 && stats.lo_offset >= 0 {
                 lock(&self.low_offsets).insert(*partition, stats.lo_offset);
             }
+            // Only the partitions this client fetches: a process's workers share these
+            // gauges, and each one's statistics list the others' partitions as idle.
+            if *partition >= 0 && stats.fetch_state != "none" {
+                lock(&self.fetched_ahead).insert(*partition, stats.fetchq_size);
+            }
         }
+        let ahead: u64 = lock(&self.fetched_ahead).values().sum();
+        self.fetch_queue
+            .with_label_values(&[self.consumer])
+            .set(i64::try_from(ahead).unwrap_or(i64::MAX));
     }
 
     /// The partition's high watermark (offset of the next message the broker will append).
@@ -179,9 +226,30 @@ impl ConsumerHealth {
             .set(gauge(pending_compaction));
     }
 
+    /// Memory of the partition's state outside the block cache: its memtables and its table
+    /// readers (index and filter blocks), bytes.
+    pub fn observe_store_memory(&self, partition: i32, memtables: u64, table_readers: u64) {
+        let label = partition.to_string();
+        for (kind, bytes) in [("memtables", memtables), ("table_readers", table_readers)] {
+            self.store_memory
+                .with_label_values(&[self.consumer, label.as_str(), kind])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The block cache's usage and, of it, what is pinned, bytes.
+    pub fn observe_block_cache(&self, used: usize, pinned: usize) {
+        for (kind, bytes) in [("used", used), ("pinned", pinned)] {
+            self.block_cache
+                .with_label_values(&[self.consumer, kind])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The partition moved to another instance.
     pub fn forget(&self, partition: i32) {
         lock(&self.partitions).remove(&partition);
+        lock(&self.fetched_ahead).remove(&partition);
         let label = partition.to_string();
         for gauge in [
             &self.lag_messages,
@@ -190,6 +258,11 @@ impl ConsumerHealth {
             &self.store_pending_compaction,
         ] {
             let _ = gauge.remove_label_values(&[self.consumer, label.as_str()]);
+        }
+        for kind in ["memtables", "table_readers"] {
+            let _ = self
+                .store_memory
+                .remove_label_values(&[self.consumer, label.as_str(), kind]);
         }
     }
 
@@ -280,6 +353,11 @@ mod tests {
     use super::*;
 
     fn gauge(registry: &Registry, name: &str, partition: &str) -> Option<i64> {
+        labelled(registry, name, &[("partition", partition)])
+    }
+
+    /// The value of the gauge `name` whose labels include every one of `labels`.
+    fn labelled(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
         registry
             .gather()
             .iter()
@@ -287,9 +365,11 @@ mod tests {
             .get_metric()
             .iter()
             .find(|m| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == "partition" && l.value() == partition)
+                labels.iter().all(|(name, value)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *name && l.value() == *value)
+                })
             })
             .map(|m| m.get_gauge().get_value() as i64)
     }
@@ -344,6 +424,27 @@ mod tests {
             gauge(&registry, "neruba_rocksdb_pending_compaction_bytes", "1"),
             Some(512)
         );
+        health.observe_store_memory(1, 8192, 1024);
+        health.observe_block_cache(65_536, 4096);
+        let memory = |kind| {
+            labelled(
+                &registry,
+                "neruba_rocksdb_memory_bytes",
+                &[("partition", "1"), ("kind", kind)],
+            )
+        };
+        assert_eq!(
+            (memory("memtables"), memory("table_readers")),
+            (Some(8192), Some(1024))
+        );
+        let cache = |kind| {
+            labelled(
+                &registry,
+                "neruba_rocksdb_block_cache_bytes",
+                &[("kind", kind)],
+            )
+        };
+        assert_eq!((cache("used"), cache("pinned")), (Some(65_536), Some(4096)));
         // A partition that moved away is forgotten, gauges included.
         health.record_high_offset(1, 90);
         std::thread::sleep(Duration::from_millis(250));
@@ -352,6 +453,7 @@ mod tests {
         assert_eq!(health.check(), Ok(()));
         assert_eq!(gauge(&registry, "neruba_consumer_lag_messages", "1"), None);
         assert_eq!(gauge(&registry, "neruba_rocksdb_size_bytes", "1"), None);
+        assert_eq!((memory("memtables"), memory("table_readers")), (None, None));
     }
 
     #[test]

@@ -47,7 +47,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -543,6 +543,40 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     })
 }
 
+/// The memory gauges a stage exports on `ops` (`neruba_rocksdb_memory_bytes` summed over
+/// partitions by kind, the block cache's, and the consumer's prefetch queue), as (kind,
+/// bytes); empty if unreadable.
+async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64)> {
+    let Ok(answer) = client.get(format!("{ops}/metrics")).send().await else {
+        return Vec::new();
+    };
+    let text = answer.text().await.unwrap_or_default();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for line in text.lines() {
+        let prefix = if line.starts_with("neruba_rocksdb_memory_bytes{") {
+            ""
+        } else if line.starts_with("neruba_rocksdb_block_cache_bytes{") {
+            "cache "
+        } else if line.starts_with("neruba_consumer_fetch_queue_bytes{") {
+            "fetched ahead"
+        } else {
+            continue;
+        };
+        let kind = line
+            .split("kind=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default();
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        *kinds.entry(format!("{prefix}{kind}")).or_default() += value;
+    }
+    kinds.into_iter().collect()
+}
+
 async fn wait_for(url: &str, patience: Duration) -> Result<()> {
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -854,12 +888,22 @@ async fn main() -> Result<()> {
         tokio::task::spawn_blocking(move || loadgen(&args))
     };
     let mut samples: Vec<(Duration, Vec<Option<u64>>)> = Vec::new();
+    // The aggregator's memory by kind, once a minute: what its RSS is made of.
+    let mut memory: Vec<(u64, Vec<(String, u64)>)> = Vec::new();
+    let client = reqwest::Client::new();
     let steady_started = Instant::now();
     while !steady.is_finished() {
+        let at = steady_started.elapsed();
         samples.push((
-            steady_started.elapsed(),
+            at,
             pids.iter().map(|(_, pid)| rss_kib(pid, "VmRSS:")).collect(),
         ));
+        let minute = at.as_secs() / 60;
+        if minute > memory.last().map_or(0, |(m, _)| *m)
+            && let Some(ops) = pipeline.ops.first()
+        {
+            memory.push((minute, rocksdb_memory(&client, ops).await));
+        }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     let report = steady.await??;
@@ -975,6 +1019,16 @@ async fn main() -> Result<()> {
             })
             .collect();
         println!("  {name:<10} {}", row.join(" "));
+    }
+    println!(
+        "aggregator memory by kind at the end of each minute (MiB; RocksDB's, all partitions summed, and the consumer's prefetch)"
+    );
+    for (minute, kinds) in &memory {
+        let kinds: Vec<String> = kinds
+            .iter()
+            .map(|(kind, bytes)| format!("{kind} {:.0}", mib(bytes / 1024)))
+            .collect();
+        println!("  minute {minute:>3}: {}", kinds.join(", "));
     }
     println!(
         "ledger: {} line items; usage of the full-speed run {have_e2e} tokens (accepted: {expected_e2e}), of the steady run {have_steady} (accepted: {expected_steady})",

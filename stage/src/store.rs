@@ -257,6 +257,16 @@ impl Store {
         Ok(())
     }
 
+    /// Memory outside the block cache, bytes: the memtables, and the table readers (index and
+    /// filter blocks held beside the cache), for metrics.
+    pub fn memory_usage(&self) -> (u64, u64) {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (
+            prop("rocksdb.cur-size-all-mem-tables"),
+            prop("rocksdb.estimate-table-readers-mem"),
+        )
+    }
+
     /// Approximate on-disk size and pending compaction bytes, for metrics.
     pub fn disk_usage(&self) -> (u64, u64) {
         let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);

@@ -200,8 +200,13 @@ impl<S: Stage> Shared<S> {
             );
             let (size, pending) = store.disk_usage();
             self.health.observe_store(*partition, size, pending);
+            let (memtables, table_readers) = store.memory_usage();
+            self.health
+                .observe_store_memory(*partition, memtables, table_readers);
             self.stage.gauges(state, now);
         }
+        self.health
+            .observe_block_cache(self.cache.get_usage(), self.cache.get_pinned_usage());
     }
 }
 
