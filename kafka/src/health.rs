@@ -34,8 +34,8 @@ pub struct ConsumerHealth {
     /// The partitions' log start offsets: a position below it (nothing applied, the older
     /// messages gone to retention) is at it.
     low_offsets: Mutex<HashMap<i32, i64>>,
-    /// Per partition this process fetches: bytes fetched ahead (librdkafka's statistics).
-    fetched_ahead: Mutex<HashMap<i32, u64>>,
+    /// Per client (a worker's consumer): bytes fetched ahead (librdkafka's statistics).
+    fetched_ahead: Mutex<HashMap<String, u64>>,
     partitions: Mutex<HashMap<i32, Progress>>,
     lag_messages: IntGaugeVec,
     lag_seconds: IntGaugeVec,
@@ -156,13 +156,20 @@ impl ConsumerHealth {
             if *partition >= 0 && stats.lo_offset >= 0 {
                 lock(&self.low_offsets).insert(*partition, stats.lo_offset);
             }
-            // Only the partitions this client fetches: a process's workers share these
-            // gauges, and each one's statistics list the others' partitions as idle.
-            if *partition >= 0 && stats.fetch_state != "none" {
-                lock(&self.fetched_ahead).insert(*partition, stats.fetchq_size);
-            }
         }
-        let ahead: u64 = lock(&self.fetched_ahead).values().sum();
+        // Every partition a client fetches forwards to the client's one queue, so each reports
+        // that whole queue: one reading per client (a process's workers share these gauges).
+        let queue = topic
+            .partitions
+            .iter()
+            .filter(|(partition, stats)| **partition >= 0 && stats.fetch_state == "active")
+            .map(|(_, stats)| stats.fetchq_size)
+            .max()
+            .unwrap_or(0);
+        let mut fetched_ahead = lock(&self.fetched_ahead);
+        fetched_ahead.insert(statistics.name.clone(), queue);
+        let ahead: u64 = fetched_ahead.values().sum();
+        drop(fetched_ahead);
         self.fetch_queue
             .with_label_values(&[self.consumer])
             .set(i64::try_from(ahead).unwrap_or(i64::MAX));
@@ -249,7 +256,6 @@ impl ConsumerHealth {
     /// The partition moved to another instance.
     pub fn forget(&self, partition: i32) {
         lock(&self.partitions).remove(&partition);
-        lock(&self.fetched_ahead).remove(&partition);
         let label = partition.to_string();
         for gauge in [
             &self.lag_messages,

@@ -363,9 +363,9 @@ struct LedgerTail {
     /// (customer, meter, group, window start) → (revision, window quantity): the latest
     /// revision of each window.
     windows: HashMap<(String, String, String, String), (u32, Decimal)>,
-    /// Window close → line item, milliseconds, for first revisions of the steady run's
-    /// windows that end after `latency_from_ms`.
-    latencies_ms: Vec<i64>,
+    /// (window end, window close → line item), milliseconds, for first revisions of the
+    /// steady run's windows that end after `latency_from_ms`.
+    latencies_ms: Vec<(i64, i64)>,
     items: u64,
 }
 
@@ -416,7 +416,7 @@ fn tail_ledger(
             && let (Some(written), Some(end), Some(from)) = (written_ms, window_end_ms, from)
             && end >= from
         {
-            tail.latencies_ms.push(written - end - grace_ms);
+            tail.latencies_ms.push((end, written - end - grace_ms));
         }
         let group = item
             .group
@@ -890,15 +890,19 @@ async fn main() -> Result<()> {
     let mut samples: Vec<(Duration, Vec<Option<u64>>)> = Vec::new();
     // The aggregator's memory by kind, once a minute: what its RSS is made of.
     let mut memory: Vec<(u64, Vec<(String, u64)>)> = Vec::new();
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     let steady_started = Instant::now();
+    let steady_start_ms = now_ms();
     while !steady.is_finished() {
         let at = steady_started.elapsed();
         samples.push((
             at,
             pids.iter().map(|(_, pid)| rss_kib(pid, "VmRSS:")).collect(),
         ));
-        let minute = at.as_secs() / 60;
+        // The last reading before each minute's end (readings are 5 s apart), as for RSS.
+        let minute = (at + Duration::from_secs(5)).as_secs() / 60;
         if minute > memory.last().map_or(0, |(m, _)| *m)
             && let Some(ops) = pipeline.ops.first()
         {
@@ -966,7 +970,7 @@ async fn main() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("tail panicked"))??;
     let tail = tail.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let mut latencies = tail.latencies_ms.clone();
+    let mut latencies: Vec<i64> = tail.latencies_ms.iter().map(|(_, ms)| *ms).collect();
     latencies.sort_unstable();
     println!(
         "window close → line item ({} first-revision items of windows ending after the first {:.0} s): p50 {:?} ms, p99 {:?} ms, max {:?} ms (target p99 ≤ 1000 ms)",
@@ -976,6 +980,24 @@ async fn main() -> Result<()> {
         percentile(&latencies, 99, 100),
         latencies.last(),
     );
+    // By the minute of the steady run its windows ended in: where a slow tail came from (a
+    // stall; the last windows, closed once the load stopped).
+    let mut by_minute: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (end, ms) in &tail.latencies_ms {
+        let minute = (end - steady_start_ms).div_euclid(60_000) + 1;
+        by_minute.entry(minute).or_default().push(*ms);
+    }
+    println!("  by the minute of the steady run the windows ended in: items, p50, p99, max (ms)");
+    for (minute, latencies) in &mut by_minute {
+        latencies.sort_unstable();
+        println!(
+            "    {minute:>3}: {:>6} {:>7} {:>7} {:>7}",
+            latencies.len(),
+            percentile(latencies, 1, 2).unwrap_or_default(),
+            percentile(latencies, 99, 100).unwrap_or_default(),
+            latencies.last().copied().unwrap_or_default(),
+        );
+    }
     println!(
         "RSS over the steady run (MiB), after the first minute: first, min, max, last, (max − min) / first"
     );

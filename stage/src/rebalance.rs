@@ -4,7 +4,8 @@
 //! - an assigned partition resumes at the offset stored with its state, not at the group's
 //!   committed offset;
 //! - a revoked partition's pending batch is delivered and written before it is let go (unless
-//!   the stage is being killed, as a crash would), so the next owner resumes exactly there;
+//!   the stage is being killed, as a crash would, or its worker failed or ended, which writes
+//!   nothing more), so the next owner resumes exactly there, or from the last write;
 //! - a failure inside the callback is handed to the stage ([`PartitionStates::fail`]) for its
 //!   loop to raise: librdkafka's callback cannot return one.
 
@@ -25,10 +26,12 @@ pub(crate) trait PartitionStates: Send + Sized + 'static {
     /// ever applied.
     fn open(&mut self, partition: i32) -> Result<Option<i64>, Self::Error>;
 
-    /// Delivers the pending batch's outputs and writes its state.
+    /// Delivers the pending batch's outputs and writes its state (nothing once the worker
+    /// failed or ended).
     fn finish(&mut self, consumer: &BaseConsumer<Rebalance<Self>>) -> Result<(), Self::Error>;
 
-    /// Drops the state of a revoked partition (already written).
+    /// Drops the state of a revoked partition (written by [`Self::finish`], unless its worker
+    /// failed or ended: the next owner then resumes from the last write).
     fn release(&mut self, partition: i32);
 
     /// Called after the owned partitions changed (for metrics).

@@ -4,7 +4,8 @@
 //! Invariants:
 //! - on assignment each partition resumes at the offset stored with its state;
 //! - on revocation and on shutdown the pending batch is delivered and written before the
-//!   partition is let go, so the next owner resumes exactly there;
+//!   partition is let go, so the next owner resumes exactly there (a worker that failed writes
+//!   nothing more: see below);
 //! - nothing of a batch is written before its outputs were acknowledged (`acks=all`);
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
@@ -69,8 +70,8 @@ struct Shared<S: Stage> {
     stop: CancellationToken,
     /// A failure inside a rebalance callback, surfaced by the loop.
     fatal: Option<Error>,
-    /// The loop failed: nothing more is written, not even by the revocation the consumer's
-    /// close runs as the worker is dropped.
+    /// The loop failed or ended, or a rebalance callback failed: nothing more is written, not
+    /// even by the revocation the consumer's close runs as the worker is dropped.
     abandoned: bool,
     health: Arc<ConsumerHealth>,
     /// Kafka timestamp of the last message applied, per partition (for lag in seconds).
@@ -234,6 +235,7 @@ impl<S: Stage> PartitionStates for Shared<S> {
 
     fn fail(&mut self, error: Error) {
         self.fatal = Some(error);
+        self.abandoned = true;
     }
 }
 
@@ -324,18 +326,6 @@ impl<S: Stage> Worker<S> {
 
     /// Runs until shutdown (writing everything), kill or a failure (writing nothing more).
     pub(crate) fn run(self) -> Result<()> {
-        let result = self.run_batches();
-        if result.is_err() {
-            // Set before `self` (its consumer first) is dropped.
-            self.shared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .abandoned = true;
-        }
-        result
-    }
-
-    fn run_batches(&self) -> Result<()> {
         let mut last_gauges = Instant::now();
         let mut applied_total: u64 = 0;
         loop {
@@ -415,6 +405,18 @@ impl<S: Stage> Worker<S> {
                 last_gauges = Instant::now();
             }
         }
+    }
+}
+
+impl<S: Stage> Drop for Worker<S> {
+    /// Whatever ended the loop (shutdown, which wrote everything; kill; a failure, whose batch
+    /// may be half applied; a panic), nothing more is written: set before the fields drop, the
+    /// consumer first, whose close runs the revocation.
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abandoned = true;
     }
 }
 

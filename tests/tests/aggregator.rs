@@ -402,8 +402,8 @@ async fn a_storage_failure_stops_the_stage_without_writing_its_half_applied_batc
     let outcome = tokio::time::timeout(Duration::from_secs(30), running.wait()).await?;
     let error = outcome.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(
-        error.contains("corrupt"),
-        "the stage stopped on the damage: {error}"
+        error.contains("corrupt partition 0 record"),
+        "the stage stopped on applying the late event: {error}"
     );
     assert_eq!(aggregator::state::stored_offset(&dir)?, Some(2));
     Ok(())
