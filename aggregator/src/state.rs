@@ -665,6 +665,23 @@ mod tests {
         })
     }
 
+    /// The rollups the batch so far emitted: (window start, quantity, events, revision).
+    fn emitted(state: &mut PartitionState) -> Vec<(i64, Decimal, u64, u32)> {
+        state
+            .take_outputs()
+            .iter()
+            .filter_map(|o| match o {
+                Output::Rollup(r) => Some((
+                    r.window_start_ms,
+                    r.window_quantity,
+                    r.window_events,
+                    r.revision,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_window_open_across_a_restart_keeps_what_it_counted_before() {
         // Open windows are not read from the store while they are open (their records stay
@@ -708,34 +725,19 @@ window = "1m"
         apply(&mut state, &tokens("e3", start + 3_000, "0.25"));
         // The next minute's event closes the first window.
         apply(&mut state, &tokens("e4", start + 60_000, "7"));
-        let closed: Vec<(i64, Decimal, u64)> = state
-            .take_outputs()
-            .iter()
-            .filter_map(|o| match o {
-                Output::Rollup(r) => Some((r.window_start_ms, r.window_quantity, r.window_events)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(closed, vec![(start, Decimal::new(375, 2), 3)]);
+        assert_eq!(
+            emitted(&mut state),
+            vec![(start, Decimal::new(375, 2), 3, 1)]
+        );
         state.commit().expect("commit");
 
         // A late event for that window, closed, written and gone from memory: read back from
         // the store and re-emitted as revision 2 with everything it had.
         apply(&mut state, &tokens("e5", start + 4_000, "1"));
-        let late: Vec<(i64, Decimal, u64, u32)> = state
-            .take_outputs()
-            .iter()
-            .filter_map(|o| match o {
-                Output::Rollup(r) => Some((
-                    r.window_start_ms,
-                    r.window_quantity,
-                    r.window_events,
-                    r.revision,
-                )),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(late, vec![(start, Decimal::new(475, 2), 4, 2)]);
+        assert_eq!(
+            emitted(&mut state),
+            vec![(start, Decimal::new(475, 2), 4, 2)]
+        );
     }
 
     #[test]

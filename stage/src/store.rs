@@ -260,20 +260,24 @@ impl Store {
     /// Memory outside the block cache, bytes: the memtables, and the table readers (index and
     /// filter blocks held beside the cache), for metrics.
     pub fn memory_usage(&self) -> (u64, u64) {
-        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         (
-            prop("rocksdb.cur-size-all-mem-tables"),
-            prop("rocksdb.estimate-table-readers-mem"),
+            self.property("rocksdb.cur-size-all-mem-tables"),
+            self.property("rocksdb.estimate-table-readers-mem"),
         )
     }
 
     /// Approximate on-disk size and pending compaction bytes, for metrics.
     pub fn disk_usage(&self) -> (u64, u64) {
-        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         (
-            prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
-            prop("rocksdb.estimate-pending-compaction-bytes"),
+            self.property("rocksdb.total-sst-files-size")
+                + self.property("rocksdb.size-all-mem-tables"),
+            self.property("rocksdb.estimate-pending-compaction-bytes"),
         )
+    }
+
+    /// An integer property of the database (0 when RocksDB does not give it).
+    fn property(&self, name: &str) -> u64 {
+        self.db.property_int_value(name).ok().flatten().unwrap_or(0)
     }
 }
 
