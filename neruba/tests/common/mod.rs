@@ -216,7 +216,9 @@ impl Broker {
 
 /// `neruba dev` (the whole pipeline on its embedded broker) as a process on free loopback
 /// ports, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
-/// its HTTP listener answers, with the gateway's base URL and the api's.
+/// its HTTP listener answers, with the gateway's base URL and the api's. Its state is under
+/// `work` unless `extra` names a `--state-dir`: a killed process cannot remove a temporary
+/// directory of its own, and each left behind about 300 MB.
 pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String, String)> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let api_listen = format!("127.0.0.1:{}", free_port()?);
@@ -235,6 +237,10 @@ pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, Stri
     .map(|s| (*s).to_owned())
     .collect();
     args.extend(extra.iter().map(|s| (*s).to_owned()));
+    if !extra.contains(&"--state-dir") {
+        args.push("--state-dir".to_owned());
+        args.push(work.join("dev-state").display().to_string());
+    }
     let mut pipeline = Proc::new(
         "pipeline",
         Path::new(env!("CARGO_BIN_EXE_neruba")),
