@@ -30,6 +30,13 @@
 //! `cargo bench -p neruba --bench end_to_end`; `NERUBA_E2E_EVENTS` (default 1,000,000),
 //! `NERUBA_E2E_STEADY` (default `10m`), `NERUBA_E2E_STEADY_RATE` (default 80 % of (4)), `NERUBA_E2E_PARTITIONS` (default 4),
 //! `NERUBA_E2E_CONNECTIONS` (default 8), `NERUBA_E2E_CUSTOMERS` (default 1,000).
+//!
+//! `NERUBA_E2E_UNTIL=gateway`: stop after (3). `NERUBA_E2E_BIN=<path>`: run that `neruba`
+//! binary's processes (loadgen included) instead of this build's, to compare two builds A B A B
+//! (the raw baselines and the floor are this build's code either way).
+//! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record -g` into `<file>`
+//! and stop after (3) (perf slows what it samples, so that run's gateway figures are not the
+//! gateway's; read the profile with `perf report -i <file>`).
 
 // Rates, ratios and percentiles in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -95,8 +102,12 @@ impl Settings {
     }
 }
 
-fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_neruba"))
+/// The `neruba` the processes run: `NERUBA_E2E_BIN`, else this build's.
+fn binary() -> PathBuf {
+    std::env::var_os("NERUBA_E2E_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_neruba")),
+        PathBuf::from,
+    )
 }
 
 fn now_ms() -> i64 {
@@ -455,7 +466,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     let args = |list: &[&str]| -> Vec<String> { list.iter().map(|s| (*s).to_owned()).collect() };
     let gateway = Proc::new(
         "gateway",
-        binary(),
+        &binary(),
         &args(&[
             "gateway",
             "--brokers",
@@ -480,7 +491,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     let stages = vec![
         Proc::new(
             "aggregator",
-            binary(),
+            &binary(),
             &args(&[
                 "aggregator",
                 "--brokers",
@@ -502,7 +513,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         ),
         Proc::new(
             "rater",
-            binary(),
+            &binary(),
             &args(&[
                 "rater",
                 "--brokers",
@@ -520,7 +531,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         ),
         Proc::new(
             "balances",
-            binary(),
+            &binary(),
             &args(&[
                 "balances",
                 "--brokers",
@@ -736,6 +747,19 @@ async fn main() -> Result<()> {
         .pid()
         .map(|p| p.to_string())
         .unwrap_or_default();
+    let profile = std::env::var_os("NERUBA_E2E_PROFILE").map(PathBuf::from);
+    let mut perf = match &profile {
+        Some(file) => Some(
+            Command::new("perf")
+                .args(["record", "-g", "-F", "999", "-p", &gateway_pid, "-o"])
+                .arg(file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("NERUBA_E2E_PROFILE needs `perf` on the PATH")?,
+        ),
+        None => None,
+    };
     let cpu_before = (cpu(&gateway_pid), cpu(&broker_pid));
     let report = loadgen(&loadgen_args(
         &settings,
@@ -744,6 +768,13 @@ async fn main() -> Result<()> {
         &["--events", &n_text],
         "0",
     ))?;
+    if let Some(perf) = &mut perf {
+        // perf writes its file on SIGINT.
+        Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status()?;
+        perf.wait()?;
+    }
     let gateway_rate = u(&report, "/accepted_per_s");
     ensure!(
         u(&report, "/accepted") == n,
@@ -765,6 +796,17 @@ async fn main() -> Result<()> {
         u(&report, "/requests/latency_us/p99"),
         mib(gateway_peak),
     );
+    if let Some(file) = profile {
+        println!(
+            "profile of the gateway (under perf) written to {}; later phases skipped",
+            file.display()
+        );
+        return Ok(());
+    }
+    if std::env::var("NERUBA_E2E_UNTIL").as_deref() == Ok("gateway") {
+        println!("NERUBA_E2E_UNTIL=gateway: later phases skipped");
+        return Ok(());
+    }
 
     // 4. The whole pipeline at full speed.
     let mut pipeline = pipeline(&bootstrap, work, &catalog_path, topics::EVENTS)?;
