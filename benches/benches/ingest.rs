@@ -43,8 +43,28 @@ fn decode_validate(c: &mut Criterion) {
                 body::split(Framing::Batch, black_box(body.as_bytes()), 10_000).expect("frames");
             let mut accepted = 0usize;
             for item in framed {
-                let Ok(value) = item.value else { continue };
-                if let Ok(e) = event::validate(value, item.len, "acme", now, &limits)
+                let Ok(envelope) = item.value else { continue };
+                if let Ok(e) = event::validate_envelope(envelope, item.len, "acme", now, &limits)
+                    && tenant.check_values(&e).is_ok()
+                {
+                    accepted += 1;
+                }
+            }
+            assert_eq!(accepted, BATCH);
+        })
+    });
+    // The same, each event parsed whole into a `Value` first (how the gateway read events
+    // until November 29, 2026), in the same run.
+    group.bench_function("split_whole_value_validate_check_values", |b| {
+        b.iter(|| {
+            let raws: Vec<&serde_json::value::RawValue> =
+                serde_json::from_str(black_box(&body)).expect("frames");
+            let mut accepted = 0usize;
+            for raw in raws {
+                let Ok(value) = serde_json::from_str(raw.get()) else {
+                    continue;
+                };
+                if let Ok(e) = event::validate(value, raw.get().len(), "acme", now, &limits)
                     && tenant.check_values(&e).is_ok()
                 {
                     accepted += 1;
@@ -65,8 +85,10 @@ fn decode_validate(c: &mut Criterion) {
                     .expect("frames");
                 let mut bytes = 0usize;
                 for item in framed {
-                    let Ok(value) = item.value else { continue };
-                    if let Ok(e) = event::validate(value, item.len, "acme", now, &limits) {
+                    let Ok(envelope) = item.value else { continue };
+                    if let Ok(e) =
+                        event::validate_envelope(envelope, item.len, "acme", now, &limits)
+                    {
                         bytes += encoding.encode(&e).len();
                     }
                 }
@@ -78,7 +100,7 @@ fn decode_validate(c: &mut Criterion) {
             framed
                 .into_iter()
                 .filter_map(|f| f.value.ok())
-                .filter_map(|v| event::validate(v, 200, "acme", now, &limits).ok())
+                .filter_map(|v| event::validate_envelope(v, 200, "acme", now, &limits).ok())
                 .map(|e| encoding.encode(&e))
                 .collect()
         };

@@ -103,7 +103,24 @@ pub fn event_validation(bytes: &[u8], catalog: &Catalog) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return;
     };
-    let Ok(event) = event::validate(value, bytes.len(), "acme", NOW_MS, &Limits::default()) else {
+    let whole = event::validate(value, bytes.len(), "acme", NOW_MS, &Limits::default());
+    // The gateway reads an event's envelope in one pass; it must judge as the whole value does.
+    let one_pass = event::Envelope::parse(bytes)
+        .map(|e| event::validate_envelope(e, bytes.len(), "acme", NOW_MS, &Limits::default()));
+    let judged = |r: &Result<neruba_schemas::Event, neruba_schemas::Rejection>| {
+        r.as_ref()
+            .map(Clone::clone)
+            .map_err(|r| (r.code, r.message.clone()))
+    };
+    match &one_pass {
+        Ok(one_pass) => assert_eq!(
+            judged(one_pass),
+            judged(&whole),
+            "the one-pass read judged differently"
+        ),
+        Err(e) => panic!("the one-pass read refused JSON that parses whole: {e}"),
+    }
+    let Ok(event) = whole else {
         return;
     };
     let decoded = codec::Decoder::default().decode(&codec::encode(&event));

@@ -25,7 +25,7 @@
 //! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
 //! `429` to, only a consumer that could slow down.
 
-use crate::dedup::DedupCache;
+use crate::dedup::{DedupCache, Reader};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
 use neruba_schemas::event::{self, Limits};
@@ -69,11 +69,11 @@ pub fn authorize<'c>(
 /// One framed event of `tenant`, received at `now_ms`, as the [`Event`] to send, or why not.
 pub fn event(
     tenant: &Tenant,
-    framed: Framed,
+    framed: Framed<'_>,
     now_ms: i64,
     limits: &Limits,
 ) -> Result<Event, Rejection> {
-    let event = event::validate(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
+    let event = event::validate_envelope(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
     tenant.check_values(&event)?;
     Ok(event)
 }
@@ -81,9 +81,12 @@ pub fn event(
 /// The repeats of one request or batch: against the recent-repeat cache, and among its own
 /// events (the cache only learns an id once the broker acknowledged it, so two copies in one
 /// request would otherwise both be sent).
+///
+/// It reads the cache under one lock ([`DedupCache::reader`]): drop it before anything is
+/// remembered in the cache or awaited.
 #[derive(Debug)]
 pub struct Repeats<'d> {
-    cache: &'d DedupCache,
+    cache: Option<Reader<'d>>,
     /// The (tenant, id) keys seen here, in the cache's encoding.
     seen: HashSet<String, ahash::RandomState>,
 }
@@ -91,7 +94,7 @@ pub struct Repeats<'d> {
 impl<'d> Repeats<'d> {
     pub fn new(cache: &'d DedupCache) -> Self {
         Self {
-            cache,
+            cache: cache.reader(),
             seen: HashSet::default(),
         }
     }
@@ -105,7 +108,11 @@ impl<'d> Repeats<'d> {
     /// Whether `event` is the first of its (tenant, id) here and not recently accepted, or a
     /// repeat, with where its first write landed if the cache knows.
     pub fn sighting(&mut self, event: &Event) -> Sighting {
-        if let Some(landed) = self.cache.get(&event.tenant, &event.id) {
+        if let Some(landed) = self
+            .cache
+            .as_mut()
+            .and_then(|cache| cache.get(&event.tenant, &event.id))
+        {
             return Sighting::Repeat(landed);
         }
         let mut key = String::new();

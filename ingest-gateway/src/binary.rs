@@ -14,6 +14,7 @@
 //! The HTTP binding percent-encodes header values (CloudEvents HTTP binding 1.0.2, 3.1.3.2);
 //! the Kafka binding carries them as plain UTF-8 bytes.
 
+use neruba_schemas::event::Envelope;
 use neruba_schemas::framing::Framed;
 use neruba_schemas::{RejectCode, Rejection};
 use serde_json::{Map, Value};
@@ -93,7 +94,7 @@ pub fn frame<'h>(
     binding: Binding,
     headers: impl IntoIterator<Item = (&'h str, &'h [u8])> + Clone,
     body: &[u8],
-) -> Result<Framed, String> {
+) -> Result<Framed<'static>, String> {
     let data =
         if body.iter().all(u8::is_ascii_whitespace) {
             None
@@ -110,7 +111,7 @@ pub fn frame<'h>(
             .map(|(_, value)| value.len())
             .sum::<usize>();
     Ok(Framed {
-        value: event_object(binding, headers, data),
+        value: event_object(binding, headers, data).map(Envelope::from_value),
         len,
     })
 }

@@ -25,9 +25,8 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use neruba_kafka::Landed;
-use std::cell::RefCell;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 type Generation = DashMap<Box<str>, Packed, RandomState>;
@@ -69,6 +68,34 @@ pub struct DedupCache {
     generations: RwLock<Generations>,
     half_capacity: usize,
     max_age: Duration,
+}
+
+/// [`DedupCache::reader`]: lookups under one read lock and one reading of the clock.
+#[derive(Debug)]
+pub struct Reader<'c> {
+    generations: RwLockReadGuard<'c, Generations>,
+    current_fresh: bool,
+    previous_fresh: bool,
+    key: String,
+}
+
+impl Reader<'_> {
+    /// [`DedupCache::get`], under this reader's lock.
+    pub fn get(&mut self, tenant: &str, id: &str) -> Option<Option<Landed>> {
+        DedupCache::write_key(&mut self.key, tenant, id);
+        let key = self.key.as_str();
+        let g = &self.generations;
+        let packed = self
+            .current_fresh
+            .then(|| g.current.get(key).map(|v| *v))
+            .flatten()
+            .or_else(|| {
+                self.previous_fresh
+                    .then(|| g.previous.get(key).map(|v| *v))
+                    .flatten()
+            })?;
+        Some(packed.landed())
+    }
 }
 
 #[derive(Debug)]
@@ -127,49 +154,57 @@ impl DedupCache {
     /// `Some` if `(tenant, id)` was accepted recently: where it landed, if the door that wrote
     /// it said so (`Some(None)`: a repeat whose position is not known here).
     pub fn get(&self, tenant: &str, id: &str) -> Option<Option<Landed>> {
-        thread_local! {
-            /// The lookup key, reused: a lookup allocates nothing.
-            static KEY: RefCell<String> = const { RefCell::new(String::new()) };
-        }
-        let Ok(g) = self.generations.read() else {
-            return None;
-        };
+        self.reader()?.get(tenant, id)
+    }
+
+    /// The cache as one request or batch reads it: the lock taken and the clock read once, and
+    /// the lookup key's buffer reused. `None` if a writer panicked (then nothing is known:
+    /// forgetting is always safe here). Drop it before awaiting anything: a rotation waits
+    /// for it.
+    pub fn reader(&self) -> Option<Reader<'_>> {
+        let generations = self.generations.read().ok()?;
         // A generation that began more than max_age ago may hold stale keys; it is ignored
         // whole. Forgetting early is always safe here: the aggregator is authoritative.
         let fresh = |started: Instant| started.elapsed() < self.max_age;
-        KEY.with_borrow_mut(|key| {
-            Self::write_key(key, tenant, id);
-            let key = key.as_str();
-            let packed = fresh(g.started)
-                .then(|| g.current.get(key).map(|v| *v))
-                .flatten()
-                .or_else(|| {
-                    fresh(g.previous_started)
-                        .then(|| g.previous.get(key).map(|v| *v))
-                        .flatten()
-                })?;
-            Some(packed.landed())
+        Some(Reader {
+            current_fresh: fresh(generations.started),
+            previous_fresh: fresh(generations.previous_started),
+            generations,
+            key: String::new(),
         })
     }
 
     /// Remembers `(tenant, id)` as accepted, without saying where it landed (its repeats then
     /// name no position).
     pub fn insert(&self, tenant: &str, id: &str) {
-        self.remember(tenant, id, Packed::UNKNOWN);
+        self.remember_all([(tenant, id, None)]);
     }
 
     /// Remembers `(tenant, id)` as accepted, and where it landed: its repeats name it.
     pub fn insert_landed(&self, tenant: &str, id: &str, landed: Landed) {
-        self.remember(tenant, id, Packed::new(Some(landed)));
+        self.remember_all([(tenant, id, Some(landed))]);
     }
 
-    fn remember(&self, tenant: &str, id: &str, packed: Packed) {
+    /// Remembers each `(tenant, id)` as accepted, with where it landed when known: a request's
+    /// or batch's keys under one lock, after one check whether the cache is due to rotate.
+    pub fn remember_all<'k>(
+        &self,
+        accepted: impl IntoIterator<Item = (&'k str, &'k str, Option<Landed>)>,
+    ) {
         self.rotate_if_due();
-        if let Ok(g) = self.generations.read()
-            && g.current.insert(Self::key(tenant, id), packed).is_none()
-        {
-            g.current_len.fetch_add(1, Ordering::Relaxed);
+        let Ok(g) = self.generations.read() else {
+            return;
+        };
+        let mut added = 0;
+        for (tenant, id, landed) in accepted {
+            if g.current
+                .insert(Self::key(tenant, id), Packed::new(landed))
+                .is_none()
+            {
+                added += 1;
+            }
         }
+        g.current_len.fetch_add(added, Ordering::Relaxed);
     }
 
     /// Keys currently held (both generations).
@@ -194,15 +229,20 @@ impl DedupCache {
         if !needs {
             return;
         }
-        if let Ok(mut g) = self.generations.write() {
+        let forgotten = match self.generations.write() {
             // Checked again: another thread may have rotated while we waited for the lock.
-            if due(&g) {
-                g.previous = std::mem::take(&mut g.current);
+            Ok(mut g) if due(&g) => {
+                let current = std::mem::take(&mut g.current);
                 g.previous_len = std::mem::take(g.current_len.get_mut());
                 g.previous_started = g.started;
                 g.started = Instant::now();
+                Some(std::mem::replace(&mut g.previous, current))
             }
-        }
+            _ => None,
+        };
+        // Freed once the lock is released: dropping half the cache's keys takes milliseconds,
+        // and every request waits for the lock.
+        drop(forgotten);
     }
 }
 

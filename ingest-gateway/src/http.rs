@@ -42,10 +42,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
-use neruba_schemas::event::{self, Limits};
+use neruba_schemas::event::{self, Envelope, Limits};
 use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
 use neruba_schemas::{Catalog, Event, LiveCatalog, RejectCode, Rejection};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -97,10 +98,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Outcome of one event, in request order.
 #[derive(Debug, Serialize)]
-pub(crate) struct EventResult {
-    /// The event's `id` when it could be read.
+pub(crate) struct EventResult<'a> {
+    /// The event's `id` when it could be read (borrowed from the body when it was there
+    /// without escapes).
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
+    id: Option<Cow<'a, str>>,
     status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) code: Option<&'static str>,
@@ -119,14 +121,14 @@ enum Status {
 }
 
 #[derive(Debug, Serialize)]
-struct IngestResponse {
+struct IngestResponse<'a> {
     accepted: usize,
     duplicate: usize,
     rejected: usize,
     /// Per events-topic partition, the highest offset among the events accepted and the
     /// repeats whose first write is remembered, by partition.
     positions: Vec<String>,
-    results: Vec<EventResult>,
+    results: Vec<EventResult<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorBody>,
 }
@@ -289,10 +291,11 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     for landed in remembered {
         highest.note(landed);
     }
+    let mut landed_now = Vec::with_capacity(to_send.len());
     for ((index, event), delivery) in to_send.iter().zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                state.dedup.insert_landed(&event.tenant, &event.id, landed);
+                landed_now.push((event.tenant.as_str(), event.id.as_str(), Some(landed)));
                 highest.note(landed);
                 tally.accepted += 1;
             }
@@ -305,6 +308,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             }
         }
     }
+    state.dedup.remember_all(landed_now);
     state
         .metrics
         .dedup_entries
@@ -484,9 +488,9 @@ pub(crate) async fn read_body(
 
 /// What step 4 made of a request's events.
 #[derive(Debug)]
-pub(crate) struct Admitted {
+pub(crate) struct Admitted<'a> {
     /// One per event, in request order.
-    pub(crate) results: Vec<EventResult>,
+    pub(crate) results: Vec<EventResult<'a>>,
     /// The events to produce, each with the index of its result.
     pub(crate) to_send: Vec<(usize, Event)>,
     pub(crate) tally: Tally,
@@ -496,26 +500,20 @@ pub(crate) struct Admitted {
 
 /// Judges each event of a request by [`admit::event`] and drops repeats (in the request, then
 /// recently accepted ones), keeping where the remembered ones landed.
-pub(crate) fn admit_all(
+pub(crate) fn admit_all<'a>(
     tenant: &Tenant,
-    framed: Vec<Framed>,
+    framed: Vec<Framed<'a>>,
     now_ms: i64,
     limits: &Limits,
     dedup: &DedupCache,
-) -> Admitted {
+) -> Admitted<'a> {
     let mut tally = Tally::default();
     let mut results = Vec::with_capacity(framed.len());
     let mut to_send: Vec<(usize, Event)> = Vec::new();
     let mut remembered = Vec::new();
     let mut repeats = Repeats::new(dedup);
     for item in framed {
-        let id_hint = item
-            .value
-            .as_ref()
-            .ok()
-            .and_then(|v| v.get("id"))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
+        let id_hint = item.value.as_ref().ok().and_then(Envelope::id_cow);
         match admit::event(tenant, item, now_ms, limits) {
             Err(rejection) => {
                 tally.reject(rejection.code);
@@ -531,7 +529,7 @@ pub(crate) fn admit_all(
                     tally.duplicate += 1;
                     remembered.extend(landed);
                     results.push(EventResult {
-                        id: Some(event.id),
+                        id: id_hint,
                         status: Status::Duplicate,
                         code: None,
                         message: None,
@@ -539,7 +537,8 @@ pub(crate) fn admit_all(
                 }
                 Sighting::First => {
                     results.push(EventResult {
-                        id: Some(event.id.clone()),
+                        // The id as the body had it: a valid id is the id itself.
+                        id: id_hint,
                         status: Status::Accepted,
                         code: None,
                         message: None,

@@ -131,7 +131,7 @@ fn content_type<'h>(headers: &[(&str, &'h [u8])]) -> Option<&'h str> {
 }
 
 /// A binary-mode message as the structured event it stands for; its `data` must be JSON.
-fn binary_event(headers: &[(&str, &[u8])], payload: &[u8]) -> Result<Framed, Rejection> {
+fn binary_event(headers: &[(&str, &[u8])], payload: &[u8]) -> Result<Framed<'static>, Rejection> {
     if !binary::is_json(content_type(headers)) {
         return Err(Rejection::new(
             RejectCode::InvalidJson,
@@ -222,17 +222,20 @@ async fn consume(
         let mut refused = Vec::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
         // Repeats within the batch too, as an HTTP request drops repeats within itself.
-        let mut repeats = Repeats::new(&state.dedup);
-        for message in &batch {
-            next.insert(message.partition(), message.offset() + 1);
-            let headers = headers_of(message);
-            let payload = message.payload().unwrap_or_default();
-            match admit_message(&catalog, &state.limits, &headers, payload, now) {
-                Ok(event) if repeats.first_sighting(&event) => events.push(event),
-                Ok(_) => tally.duplicate += 1,
-                Err(rejection) => {
-                    tally.reject(rejection.code);
-                    refused.push((message, rejection));
+        {
+            // Read under the cache's lock, released before the send is awaited.
+            let mut repeats = Repeats::new(&state.dedup);
+            for message in &batch {
+                next.insert(message.partition(), message.offset() + 1);
+                let headers = headers_of(message);
+                let payload = message.payload().unwrap_or_default();
+                match admit_message(&catalog, &state.limits, &headers, payload, now) {
+                    Ok(event) if repeats.first_sighting(&event) => events.push(event),
+                    Ok(_) => tally.duplicate += 1,
+                    Err(rejection) => {
+                        tally.reject(rejection.code);
+                        refused.push((message, rejection));
+                    }
                 }
             }
         }
@@ -272,9 +275,13 @@ async fn consume(
                     tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
                 });
             }
-            state.dedup.insert(&event.tenant, &event.id);
             tally.accepted += 1;
         }
+        state.dedup.remember_all(
+            events
+                .iter()
+                .map(|event| (event.tenant.as_str(), event.id.as_str(), None)),
+        );
         for result in dead {
             if let Err((e, _)) = result {
                 if let Err(rebuild) = dead_letters.recover(&dead_letter_producer, &e) {

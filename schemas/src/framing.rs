@@ -10,8 +10,8 @@
 //! - each event's size is measured on its own bytes, so the per-event limit means the same in
 //!   every framing.
 
+use crate::event::Envelope;
 use crate::{RejectCode, Rejection};
-use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// How the events of a request are framed.
@@ -51,10 +51,11 @@ pub fn framing_of(content_type: &str, body: &[u8]) -> Option<Framing> {
     }
 }
 
-/// One framed event: its JSON, or why it is not JSON, and the size of its bytes.
+/// One framed event: its envelope (read from the body's bytes, borrowing from them), or why it
+/// is not JSON, and the size of its bytes.
 #[derive(Debug)]
-pub struct Framed {
-    pub value: Result<Value, Rejection>,
+pub struct Framed<'a> {
+    pub value: Result<Envelope<'a>, Rejection>,
     pub len: usize,
 }
 
@@ -68,10 +69,14 @@ pub enum FrameError {
 }
 
 /// Splits `body` into events. At most `max_events` are allowed.
-pub fn split(framing: Framing, body: &[u8], max_events: usize) -> Result<Vec<Framed>, FrameError> {
+pub fn split(
+    framing: Framing,
+    body: &[u8],
+    max_events: usize,
+) -> Result<Vec<Framed<'_>>, FrameError> {
     match framing {
         Framing::Single => {
-            let value: Value = serde_json::from_slice(body)
+            let value = Envelope::parse(body)
                 .map_err(|e| FrameError::Unparseable(format!("body is not JSON: {e}")))?;
             Ok(vec![Framed {
                 value: Ok(value),
@@ -88,7 +93,7 @@ pub fn split(framing: Framing, body: &[u8], max_events: usize) -> Result<Vec<Fra
                 .into_iter()
                 .map(|raw| Framed {
                     len: raw.get().len(),
-                    value: serde_json::from_str(raw.get()).map_err(|e| {
+                    value: Envelope::parse(raw.get().as_bytes()).map_err(|e| {
                         Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
                     }),
                 })
@@ -109,7 +114,7 @@ pub fn split(framing: Framing, body: &[u8], max_events: usize) -> Result<Vec<Fra
                 .into_iter()
                 .map(|line| Framed {
                     len: line.len(),
-                    value: serde_json::from_slice(line).map_err(|e| {
+                    value: Envelope::parse(line).map_err(|e| {
                         Rejection::new(RejectCode::InvalidJson, format!("line is not JSON: {e}"))
                     }),
                 })
