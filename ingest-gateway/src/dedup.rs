@@ -25,6 +25,7 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use neruba_kafka::Landed;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -76,25 +77,30 @@ pub struct Reader<'c> {
     generations: RwLockReadGuard<'c, Generations>,
     current_fresh: bool,
     previous_fresh: bool,
-    key: String,
 }
 
 impl Reader<'_> {
     /// [`DedupCache::get`], under this reader's lock.
     pub fn get(&mut self, tenant: &str, id: &str) -> Option<Option<Landed>> {
-        DedupCache::write_key(&mut self.key, tenant, id);
-        let key = self.key.as_str();
+        thread_local! {
+            /// The lookup key, reused: a lookup allocates nothing.
+            static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+        }
         let g = &self.generations;
-        let packed = self
-            .current_fresh
-            .then(|| g.current.get(key).map(|v| *v))
-            .flatten()
-            .or_else(|| {
-                self.previous_fresh
-                    .then(|| g.previous.get(key).map(|v| *v))
-                    .flatten()
-            })?;
-        Some(packed.landed())
+        KEY.with_borrow_mut(|key| {
+            DedupCache::write_key(key, tenant, id);
+            let key = key.as_str();
+            let packed = self
+                .current_fresh
+                .then(|| g.current.get(key).map(|v| *v))
+                .flatten()
+                .or_else(|| {
+                    self.previous_fresh
+                        .then(|| g.previous.get(key).map(|v| *v))
+                        .flatten()
+                })?;
+            Some(packed.landed())
+        })
     }
 }
 
@@ -157,20 +163,22 @@ impl DedupCache {
         self.reader()?.get(tenant, id)
     }
 
-    /// The cache as one request or batch reads it: the lock taken and the clock read once, and
-    /// the lookup key's buffer reused. `None` if a writer panicked (then nothing is known:
-    /// forgetting is always safe here). Drop it before awaiting anything: a rotation waits
-    /// for it.
+    /// The cache as one request or batch reads it: the lock taken and the clock read once.
+    /// `None` if a writer panicked (then nothing is known: forgetting is always safe here).
+    ///
+    /// Drop it before anything is remembered or awaited. While it is held a rotation waits,
+    /// and, the lock preferring writers, so do other readers behind that rotation: at most one
+    /// request's admission (a rotation comes once per half the capacity or half `max_age`).
     pub fn reader(&self) -> Option<Reader<'_>> {
         let generations = self.generations.read().ok()?;
         // A generation that began more than max_age ago may hold stale keys; it is ignored
         // whole. Forgetting early is always safe here: the aggregator is authoritative.
-        let fresh = |started: Instant| started.elapsed() < self.max_age;
+        let now = Instant::now();
+        let fresh = |started: Instant| now.saturating_duration_since(started) < self.max_age;
         Some(Reader {
             current_fresh: fresh(generations.started),
             previous_fresh: fresh(generations.previous_started),
             generations,
-            key: String::new(),
         })
     }
 
@@ -186,25 +194,35 @@ impl DedupCache {
     }
 
     /// Remembers each `(tenant, id)` as accepted, with where it landed when known: a request's
-    /// or batch's keys under one lock, after one check whether the cache is due to rotate.
+    /// or batch's keys under one lock, after one check whether the cache is due to rotate, and
+    /// again each time the current generation fills (so the capacity bound holds as with one
+    /// insert at a time, whatever the batch's size).
     pub fn remember_all<'k>(
         &self,
         accepted: impl IntoIterator<Item = (&'k str, &'k str, Option<Landed>)>,
     ) {
-        self.rotate_if_due();
-        let Ok(g) = self.generations.read() else {
-            return;
-        };
-        let mut added = 0;
-        for (tenant, id, landed) in accepted {
-            if g.current
-                .insert(Self::key(tenant, id), Packed::new(landed))
-                .is_none()
-            {
-                added += 1;
+        let mut accepted = accepted.into_iter();
+        loop {
+            self.rotate_if_due();
+            let Ok(g) = self.generations.read() else {
+                return;
+            };
+            // At least one key per pass, so a rotation that could not happen (a poisoned lock)
+            // cannot stop the loop.
+            let mut inserted = false;
+            while !inserted || g.current_len.load(Ordering::Relaxed) < self.half_capacity {
+                let Some((tenant, id, landed)) = accepted.next() else {
+                    return;
+                };
+                if g.current
+                    .insert(Self::key(tenant, id), Packed::new(landed))
+                    .is_none()
+                {
+                    g.current_len.fetch_add(1, Ordering::Relaxed);
+                }
+                inserted = true;
             }
         }
-        g.current_len.fetch_add(added, Ordering::Relaxed);
     }
 
     /// Keys currently held (both generations).
@@ -278,6 +296,16 @@ mod tests {
             assert!(cache.len() <= 10, "held {} keys", cache.len());
         }
         // The most recent keys are still known, the oldest are forgotten.
+        assert!(cache.contains("acme", "999"));
+        assert!(!cache.contains("acme", "0"));
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_capacity_stays_within_it() {
+        let cache = DedupCache::new(10, Duration::from_secs(3600));
+        let ids: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+        cache.remember_all(ids.iter().map(|id| ("acme", id.as_str(), None)));
+        assert!(cache.len() <= 10, "held {} keys", cache.len());
         assert!(cache.contains("acme", "999"));
         assert!(!cache.contains("acme", "0"));
     }

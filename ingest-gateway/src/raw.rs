@@ -269,19 +269,19 @@ async fn consume(
         }))
         .await;
         // Nothing of the batch is committed unless every message landed somewhere.
-        for (event, result) in events.iter().zip(&delivered) {
-            if let Err(e) = result {
-                return Err(rdkafka::error::KafkaError::Canceled).inspect_err(|_| {
-                    tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
-                });
-            }
-            tally.accepted += 1;
-        }
+        // The events delivered before the first that was not are remembered either way.
+        let landed = delivered.iter().take_while(|result| result.is_ok()).count();
         state.dedup.remember_all(
             events
                 .iter()
+                .take(landed)
                 .map(|event| (event.tenant.as_str(), event.id.as_str(), None)),
         );
+        if let (Some(event), Some(Err(e))) = (events.get(landed), delivered.get(landed)) {
+            tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
+            return Err(rdkafka::error::KafkaError::Canceled);
+        }
+        tally.accepted += u64::try_from(landed).unwrap_or(u64::MAX);
         for result in dead {
             if let Err((e, _)) = result {
                 if let Err(rebuild) = dead_letters.recover(&dead_letter_producer, &e) {

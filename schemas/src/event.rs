@@ -127,8 +127,8 @@ impl Data {
 /// [`Envelope::parse`] reads them straight from the event's bytes, the attributes borrowed
 /// where they have no escapes, other members skipped unread; it means exactly what parsing the
 /// whole value and [`Envelope::from_value`] mean (of a member given twice, the last counts; a
-/// value that is not an object is remembered as such), so both paths give every event the same
-/// outcome and code.
+/// value that is not an object is remembered as such; bytes a skip could read differently are
+/// parsed whole), so both paths give every event the same outcome, code and message.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Envelope<'a> {
     /// Whether the JSON was an object (an event must be).
@@ -146,21 +146,29 @@ impl<'a> Envelope<'a> {
     /// Reads an event's envelope from its JSON bytes; `Err` if they are not JSON (the error
     /// [`serde_json`] gives for the whole value).
     pub fn parse(json: &'a [u8]) -> serde_json::Result<Self> {
-        // serde_json gives meaning to its private keys wherever they are in a value parsed
-        // whole, also inside members skipped here; such a key can only be written literally
-        // or with a `\u` escape, and both are rare in events.
+        let whole = || serde_json::from_slice(json).map(Self::from_value);
+        // What is skipped here is not read as a whole parse reads it: serde_json checks
+        // neither its UTF-8 nor its nesting depth, and a whole parse gives serde_json's private
+        // keys meaning wherever they are. So bytes that could tell the two apart are parsed
+        // whole (all rare in events): not UTF-8; more brackets and braces than nesting could
+        // reach serde_json's depth limit with; a `\u` escape or the private key prefix (the
+        // only two ways to write a private key).
+        let Ok(text) = std::str::from_utf8(json) else {
+            return whole();
+        };
         let found = |needle| memchr::memmem::find(json, needle).is_some();
-        if memchr::memchr2(b'\\', b'$', json).is_some()
-            && (found(b"\\u") || found(PRIVATE_KEY_PREFIX.as_bytes()))
+        if json.iter().filter(|b| matches!(b, b'{' | b'[')).count() > MAX_ONE_PASS_NESTING
+            || (memchr::memchr2(b'\\', b'$', json).is_some()
+                && (found(b"\\u") || found(PRIVATE_KEY_PREFIX.as_bytes())))
         {
-            return serde_json::from_slice(json).map(Self::from_value);
+            return whole();
         }
-        match serde_json::from_slice::<Parsed<'a>>(json) {
+        match serde_json::from_str::<Parsed<'a>>(text) {
             Ok(Parsed::Envelope(envelope)) => Ok(envelope),
-            // A number (which `arbitrary_precision` hands over as a map with a private key),
-            // a private key of serde_json's own, or a syntax error: parsed whole, as before,
-            // so the outcome and the error's text are serde_json's.
-            Ok(Parsed::Unsure) | Err(_) => serde_json::from_slice(json).map(Self::from_value),
+            // A top-level number (`arbitrary_precision` hands it over as a map with a private
+            // key), or a syntax error: parsed whole, so the outcome and the error's text are
+            // serde_json's.
+            Ok(Parsed::Unsure) | Err(_) => whole(),
         }
     }
 
@@ -205,6 +213,10 @@ enum Parsed<'a> {
 
 /// serde_json's private map keys: numbers under `arbitrary_precision`, raw values.
 const PRIVATE_KEY_PREFIX: &str = "$serde_json::private::";
+
+/// Bytes with more `{` and `[` than this are parsed whole: nesting within it stays well below
+/// serde_json's depth limit (128), which the one-pass read does not apply to what it skips.
+const MAX_ONE_PASS_NESTING: usize = 64;
 
 /// The members validation reads.
 enum Member {
@@ -318,7 +330,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Parsed<'a> {
                         Member::Data => {
                             envelope.data = Data::from_value(Some(map.next_value()?));
                         }
+                        // Only a top-level number gets here (the bytes hold no private
+                        // key): its text is the value.
                         Member::Private => {
+                            map.next_value::<IgnoredAny>()?;
                             while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                             return Ok(Parsed::Unsure);
                         }
@@ -652,9 +667,9 @@ mod tests {
         assert_eq!(r.map_err(|r| r.code).err(), Some(RejectCode::EventTooLarge));
     }
 
-    /// A JSON member value: of every type, with the strings validation treats specially.
-    fn member_value() -> impl Strategy<Value = String> {
-        let leaf = prop_oneof![
+    /// A JSON scalar, with the strings validation treats specially.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
             Just("null".to_owned()),
             Just("true".to_owned()),
             Just("5".to_owned()),
@@ -665,14 +680,21 @@ mod tests {
             Just("\"e-1\"".to_owned()),
             Just("\"e\\u002d1\"".to_owned()),
             Just("\"a\\nb\"".to_owned()),
-            Just("\"\\u00fcn\u{ef}code \u{20ac}\"".to_owned()),
+            Just("\"q\\\"uote\"".to_owned()),
+            Just("\"$5.00\"".to_owned()),
+            Just("\"\u{fc}n\u{ef}code \u{20ac}\"".to_owned()),
             Just("\"2026-09-21T12:00:00.123456+02:00\"".to_owned()),
             Just("\"2026-09-21T14:13:20.007Z\"".to_owned()),
             Just("\"yesterday\"".to_owned()),
             Just("\"$serde_json::private::Number\"".to_owned()),
             "[a-z0-9 ]{0,6}".prop_map(|s| format!("\"{s}\"")),
-        ];
-        leaf.prop_recursive(3, 16, 4, |inner| {
+        ]
+    }
+
+    /// A JSON value: mostly scalars (so that attributes are often valid), sometimes arrays and
+    /// objects, now and then nested past serde_json's depth limit.
+    fn member_value() -> impl Strategy<Value = String> {
+        let composite = scalar().prop_recursive(3, 12, 3, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..3)
                     .prop_map(|v| format!("[{}]", v.join(","))),
@@ -684,57 +706,93 @@ mod tests {
                     format!("{{{}}}", members.join(","))
                 }),
             ]
-        })
+        });
+        prop_oneof![
+            8 => scalar(),
+            3 => composite,
+            1 => (60..140usize).prop_map(|depth| format!("{}1{}", "[".repeat(depth), "]".repeat(depth))),
+            1 => Just("{\"data\":{\"tokens\":7,\"model\":\"large\"}}".to_owned()),
+        ]
     }
 
     /// A member name: the attributes (one of them escaped), others, and serde_json's private
-    /// keys.
+    /// keys (one of them escaped).
     fn member_name() -> impl Strategy<Value = String> {
         prop_oneof![
-            Just("\"specversion\""),
-            Just("\"id\""),
-            Just("\"i\\u0064\""),
-            Just("\"type\""),
-            Just("\"subject\""),
-            Just("\"source\""),
-            Just("\"time\""),
-            Just("\"data\""),
-            Just("\"tokens\""),
-            Just("\"$serde_json::private::Number\""),
-            Just("\"$serde_json::private::RawValue\""),
-            Just("\"\\u0024serde_json::private::Number\""),
+            3 => Just("\"specversion\""),
+            3 => Just("\"id\""),
+            3 => Just("\"type\""),
+            3 => Just("\"subject\""),
+            3 => Just("\"source\""),
+            3 => Just("\"time\""),
+            3 => Just("\"data\""),
+            2 => Just("\"tokens\""),
+            1 => Just("\"i\\u0064\""),
+            1 => Just("\"$serde_json::private::Number\""),
+            1 => Just("\"$serde_json::private::RawValue\""),
+            1 => Just("\"\\u0024serde_json::private::Number\""),
         ]
         .prop_map(str::to_owned)
     }
 
-    /// An event's JSON: mostly objects whose members repeat and vary in type, sometimes not
-    /// an object, sometimes not JSON.
-    fn event_json() -> impl Strategy<Value = String> {
-        let members = || prop::collection::vec((member_name(), member_value()), 0..10);
-        let complete = (prop::sample::subsequence(vec![0, 1, 2], 0..=3), members()).prop_map(
-            |(present, extra)| {
-                let mut members: Vec<String> = vec![
-                    "\"id\":\"e-1\"".into(),
-                    "\"type\":\"t\"".into(),
-                    "\"subject\":\"c\"".into(),
-                ]
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| present.contains(i))
-                .map(|(_, m)| m)
-                .collect();
-                members.extend(extra.into_iter().map(|(k, v)| format!("{k}:{v}")));
-                format!("{{{}}}", members.join(","))
-            },
-        );
+    /// A member an event could validly have.
+    fn valid_member() -> impl Strategy<Value = String> {
         prop_oneof![
-            6 => complete,
-            2 => member_value(),
-            1 => members().prop_map(|m| {
-                let m: Vec<String> = m.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
-                format!("{{{}", m.join(","))
-            }),
+            Just("\"specversion\":\"1.0\"".to_owned()),
+            "[a-z0-9-]{1,8}".prop_map(|id| format!("\"id\":\"{id}\"")),
+            Just("\"type\":\"llm.completion\"".to_owned()),
+            "[a-z0-9 ]{1,8}".prop_map(|s| format!("\"subject\":\"{s}\"")),
+            Just("\"source\":\"sdk\"".to_owned()),
+            Just("\"source\":null".to_owned()),
+            Just("\"time\":\"2026-09-21T12:00:00.123456+02:00\"".to_owned()),
+            Just("\"time\":\"2026-09-21T14:13:20.007Z\"".to_owned()),
+            Just("\"data\":{\"tokens\":12,\"model\":\"large\",\"tokens\":3.50}".to_owned()),
+            Just("\"data\":null".to_owned()),
+            member_value().prop_map(|v| format!("\"extension\":{v}")),
         ]
+    }
+
+    /// An event's bytes: mostly objects holding the required attributes, whose members repeat
+    /// and vary in type; sometimes not an object, not JSON, or not UTF-8.
+    fn event_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let any_member = || {
+            prop_oneof![
+                3 => valid_member(),
+                2 => (member_name(), member_value()).prop_map(|(k, v)| format!("{k}:{v}")),
+            ]
+        };
+        let object = (
+            prop::option::weighted(0.8, Just(())),
+            prop::sample::subsequence(vec![0, 1, 2], 0..=3),
+            prop::collection::vec(any_member(), 0..6),
+            prop::bool::ANY,
+        )
+            .prop_map(|(all, present, extra, spaced)| {
+                let mut members: Vec<String> =
+                    ["\"id\":\"e-1\"", "\"type\":\"t\"", "\"subject\":\"c\""]
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| all.is_some() || present.contains(i))
+                        .map(|(_, m)| m.to_owned())
+                        .collect();
+                members.extend(extra);
+                let separator = if spaced { " ,\n " } else { "," };
+                format!("{{{}}}", members.join(separator))
+            });
+        let text = prop_oneof![
+            8 => object,
+            2 => member_value(),
+            1 => prop::collection::vec(any_member(), 0..6).prop_map(|m| format!("{{{}", m.join(","))),
+        ];
+        // Now and then a byte that is not UTF-8, somewhere.
+        (text, prop::option::weighted(0.1, prop::num::usize::ANY)).prop_map(|(text, at)| {
+            let mut bytes = text.into_bytes();
+            if let Some(at) = at {
+                let at = at % (bytes.len() + 1);
+                bytes.insert(at, 0xff);
+            }
+            bytes
+        })
     }
 
     fn outcome(
@@ -745,17 +803,86 @@ mod tests {
             .map_err(|e| e.to_string())
     }
 
+    /// Both reads of `bytes`, judged.
+    fn judged_both_ways(bytes: &[u8]) -> (OneOutcome, OneOutcome) {
+        let limits = Limits::default();
+        let whole = serde_json::from_slice::<Value>(bytes)
+            .map(|v| validate(v, bytes.len(), "acme", NOW, &limits));
+        let one_pass =
+            Envelope::parse(bytes).map(|e| validate_envelope(e, bytes.len(), "acme", NOW, &limits));
+        (outcome(one_pass), outcome(whole))
+    }
+
+    type OneOutcome = Result<Result<Event, (RejectCode, String)>, String>;
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
         /// Reading the envelope in one pass judges every event as parsing it whole did: the
-        /// same event or the same code and message (or the same JSON error).
+        /// same event, or the same code and message, or the same JSON error.
         #[test]
-        fn the_envelope_read_in_one_pass_judges_as_the_whole_value(text in event_json()) {
-            let limits = Limits::default();
-            let whole = serde_json::from_str::<Value>(&text)
-                .map(|v| validate(v, text.len(), "acme", NOW, &limits));
-            let one_pass = Envelope::parse(text.as_bytes())
-                .map(|e| validate_envelope(e, text.len(), "acme", NOW, &limits));
-            prop_assert_eq!(outcome(one_pass), outcome(whole), "{}", text);
+        fn the_envelope_read_in_one_pass_judges_as_the_whole_value(bytes in event_bytes()) {
+            let (one_pass, whole) = judged_both_ways(&bytes);
+            prop_assert_eq!(one_pass, whole, "{}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    /// The property above is only worth what its inputs reach: valid events read in one pass
+    /// (no escape, no `$`, UTF-8), with each optional attribute among them.
+    #[test]
+    fn the_generator_reaches_valid_events_read_in_one_pass() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = event_bytes();
+        let mut valid = 0;
+        let mut with = std::collections::BTreeMap::<&str, usize>::new();
+        for _ in 0..2000 {
+            let bytes = strategy.new_tree(&mut runner).expect("a sample").current();
+            let plain = !bytes.iter().any(|b| matches!(b, b'\\' | b'$' | 0xff));
+            if plain && matches!(judged_both_ways(&bytes).0, Ok(Ok(_))) {
+                valid += 1;
+                let text = String::from_utf8_lossy(&bytes);
+                for attribute in ["\"specversion\"", "\"source\"", "\"time\"", "\"data\""] {
+                    if text.contains(attribute) {
+                        *with.entry(attribute).or_default() += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            valid >= 200,
+            "{valid} of 2000 samples are valid events read in one pass"
+        );
+        for attribute in ["\"specversion\"", "\"source\"", "\"time\"", "\"data\""] {
+            let n = with.get(attribute).copied().unwrap_or(0);
+            assert!(n >= 20, "{n} valid one-pass events with {attribute}");
+        }
+    }
+
+    /// The inputs the review found the one-pass read judging differently, and events with
+    /// every attribute, valid and not, read both ways.
+    #[test]
+    fn chosen_events_are_judged_alike_both_ways() {
+        let nested = format!("{}1{}", "[".repeat(130), "]".repeat(130));
+        let cases: Vec<Vec<u8>> = vec![
+            b"{\"id\":\"a\",\"type\":\"t\",\"subject\":\"s\",\"x\":\"\xff\"}".to_vec(),
+            b"{\"id\":[\"\xff\"],\"type\":\"t\",\"subject\":\"s\"}".to_vec(),
+            b"[\"\xff\"]".to_vec(),
+            format!("{{\"id\":\"a\",\"type\":\"t\",\"subject\":\"s\",\"x\":{nested}}}").into_bytes(),
+            format!("{{\"id\":{nested},\"type\":\"t\",\"subject\":\"s\"}}").into_bytes(),
+            nested.into_bytes(),
+            br#"{"id":"a","type":"t","subject":"s","x":{"$serde_json::private::Number":"x"}}"#.to_vec(),
+            br#"{"specversion":null,"id":"a","type":"t","subject":"s"}"#.to_vec(),
+            br#"{"specversion":"1.0","id":"a","type":"t","subject":"s","source":"sdk","time":"2026-09-21T14:13:20.007Z","data":{"tokens":12,"model":"m"}}"#.to_vec(),
+            br#"{"id":"a","type":"t","subject":"s","source":5}"#.to_vec(),
+            br#"{"id":"a","type":"t","subject":"s","time":null,"data":null,"source":null}"#.to_vec(),
+            br#"{"id":"a","type":"t","subject":"s","data":"x"}"#.to_vec(),
+            b"123456789012345678901234567890".to_vec(),
+            b"\"text\"".to_vec(),
+            b"{\"id\":\"a\"".to_vec(),
+        ];
+        for bytes in cases {
+            let (one_pass, whole) = judged_both_ways(&bytes);
+            assert_eq!(one_pass, whole, "{}", String::from_utf8_lossy(&bytes));
         }
     }
 
