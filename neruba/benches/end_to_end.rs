@@ -641,6 +641,11 @@ fn mib(kib: u64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let settings = Settings::from_env()?;
+    let until_gateway = match std::env::var("NERUBA_E2E_UNTIL") {
+        Ok(until) if until == "gateway" => true,
+        Ok(until) => bail!("NERUBA_E2E_UNTIL={until}: the only phase to stop after is `gateway`"),
+        Err(_) => false,
+    };
     let n = settings.events;
     let partitions = settings.partitions;
     let work = tempfile::tempdir()?;
@@ -767,7 +772,7 @@ async fn main() -> Result<()> {
         "gw",
         &["--events", &n_text],
         "0",
-    ))?;
+    ));
     if let Some(perf) = &mut perf {
         // perf writes its file on SIGINT.
         Command::new("kill")
@@ -775,6 +780,7 @@ async fn main() -> Result<()> {
             .status()?;
         perf.wait()?;
     }
+    let report = report?;
     let gateway_rate = u(&report, "/accepted_per_s");
     ensure!(
         u(&report, "/accepted") == n,
@@ -803,7 +809,7 @@ async fn main() -> Result<()> {
         );
         return Ok(());
     }
-    if std::env::var("NERUBA_E2E_UNTIL").as_deref() == Ok("gateway") {
+    if until_gateway {
         println!("NERUBA_E2E_UNTIL=gateway: later phases skipped");
         return Ok(());
     }

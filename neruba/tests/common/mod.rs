@@ -237,7 +237,10 @@ pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, Stri
     .map(|s| (*s).to_owned())
     .collect();
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    if !extra.contains(&"--state-dir") {
+    if !extra
+        .iter()
+        .any(|a| *a == "--state-dir" || a.starts_with("--state-dir="))
+    {
         args.push("--state-dir".to_owned());
         args.push(work.join("dev-state").display().to_string());
     }
