@@ -207,8 +207,8 @@ impl DedupCache {
             let Ok(g) = self.generations.read() else {
                 return;
             };
-            // At least one key per pass, so a rotation that could not happen (a poisoned lock)
-            // cannot stop the loop.
+            // At least one key per pass: another request may fill the generation between the
+            // rotation and this lock, and the loop must still move on.
             let mut inserted = false;
             while !inserted || g.current_len.load(Ordering::Relaxed) < self.half_capacity {
                 let Some((tenant, id, landed)) = accepted.next() else {

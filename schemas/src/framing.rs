@@ -93,7 +93,7 @@ pub fn split(
                 .into_iter()
                 .map(|raw| Framed {
                     len: raw.get().len(),
-                    value: Envelope::parse(raw.get().as_bytes()).map_err(|e| {
+                    value: Envelope::parse_text(raw.get()).map_err(|e| {
                         Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
                     }),
                 })
