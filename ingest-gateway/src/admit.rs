@@ -110,7 +110,7 @@ impl<'d> Repeats<'d> {
     pub fn sighting(&mut self, event: &Event) -> Sighting {
         if let Some(landed) = self
             .cache
-            .as_mut()
+            .as_ref()
             .and_then(|cache| cache.get(&event.tenant, &event.id))
         {
             return Sighting::Repeat(landed);

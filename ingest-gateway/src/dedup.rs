@@ -81,7 +81,7 @@ pub struct Reader<'c> {
 
 impl Reader<'_> {
     /// [`DedupCache::get`], under this reader's lock.
-    pub fn get(&mut self, tenant: &str, id: &str) -> Option<Option<Landed>> {
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Option<Landed>> {
         thread_local! {
             /// The lookup key, reused: a lookup allocates nothing.
             static KEY: RefCell<String> = const { RefCell::new(String::new()) };

@@ -513,7 +513,7 @@ pub(crate) fn admit_all<'a>(
     let mut remembered = Vec::new();
     let mut repeats = Repeats::new(dedup);
     for item in framed {
-        let id_hint = item.value.as_ref().ok().and_then(Envelope::id_cow);
+        let id_hint = item.value.as_ref().ok().and_then(Envelope::id);
         match admit::event(tenant, item, now_ms, limits) {
             Err(rejection) => {
                 tally.reject(rejection.code);
