@@ -98,11 +98,18 @@ pub struct Book {
 /// written before were JSON, whose first byte is `{`; both read back ([`Book::decode`]).
 const STORED_POSTCARD: u8 = 0xB1;
 
+/// Bytes reserved for a book's stored form: a typical book fits without growing the buffer.
+const ENCODE_CAPACITY: usize = 1024;
+
 impl Book {
     /// The stored form: a tag byte and the book in postcard. Written for every book a batch
     /// changed, so it is kept small and cheap (JSON was half of the stage's CPU per line item).
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
-        postcard::to_extend(self, vec![STORED_POSTCARD])
+        // Through `io::Write`, which copies each field's bytes at once (`to_extend` pushes
+        // them one by one: a fifth of the state machine's time went there).
+        let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+        out.push(STORED_POSTCARD);
+        postcard::to_io(self, out)
     }
 
     /// A book from its stored form ([`Book::encode`], or JSON as written before).
@@ -309,12 +316,17 @@ impl Book {
 
     /// Applies a line item (the caller has checked it was not applied before).
     pub fn apply_item(&mut self, item: &LineItem) -> Vec<BalanceEntry> {
+        self.apply_item_of(item, Self::series_key_of(item))
+    }
+
+    /// [`Book::apply_item`] with the item's series key ([`Book::series_key_of`]), which the
+    /// caller has built already.
+    pub fn apply_item_of(&mut self, item: &LineItem, key: String) -> Vec<BalanceEntry> {
         let series = Series {
             meter: item.meter.clone(),
             group: item.group.clone(),
             period_start: item.period_start.clone(),
         };
-        let key = Self::series_key_of(item);
         let window_start =
             neruba_schemas::event::parse_time_ms(&item.window_start).unwrap_or(i64::MIN);
         let currency = item.currency.clone();

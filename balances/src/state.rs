@@ -574,10 +574,10 @@ impl PartitionState {
         }
         self.new_items.insert(key);
         let book_key = customer_key(b'B', &item.tenant, &item.customer);
-        self.unspill(&book_key, item)?;
+        let series = Book::series_key_of(item);
+        self.unspill(&book_key, item, &series)?;
         if item.amount.is_sign_negative() {
             // A correction gives credit back to the grants its series drew on.
-            let series = Book::series_key_of(item);
             let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
             let missing: Vec<String> = book
                 .grants_drawn_by(&series)
@@ -589,7 +589,7 @@ impl PartitionState {
             }
         }
         let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
-        let entries = book.apply_item(item);
+        let entries = book.apply_item_of(item, series);
         let spilled = book.take_oldest_series(BOOK_SERIES);
         for (series, stack) in spilled {
             self.spilled
@@ -599,25 +599,24 @@ impl PartitionState {
         Ok(())
     }
 
-    /// Puts the series of `item` back into its customer's book (at `book_key`) if it was taken
-    /// out.
-    fn unspill(&mut self, book_key: &[u8], item: &LineItem) -> Result<()> {
-        let series = Book::series_key_of(item);
+    /// Puts `series` (the series key of `item`) back into its customer's book (at `book_key`)
+    /// if it was taken out.
+    fn unspill(&mut self, book_key: &[u8], item: &LineItem, series: &str) -> Result<()> {
         if self
             .book_at(book_key, &item.tenant, &item.customer)?
             .series
-            .contains_key(&series)
+            .contains_key(series)
         {
             return Ok(());
         }
-        let key = spilled_key(&item.tenant, &item.customer, &series);
+        let key = spilled_key(&item.tenant, &item.customer, series);
         let stack = self.spilled.take_back(self.store.db(), key, || {
             format!("series of {}/{}", item.tenant, item.customer)
         })?;
         if let Some(stack) = stack {
             self.book_at(book_key, &item.tenant, &item.customer)?
                 .series
-                .insert(series, stack);
+                .insert(series.to_owned(), stack);
         }
         Ok(())
     }

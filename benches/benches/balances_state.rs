@@ -23,7 +23,7 @@ use anyhow::Result;
 // The allocator the `neruba` binary runs with.
 use neruba as _;
 use neruba_balances::state::{Output, PartitionState, Record as Kind, store_options};
-use neruba_benches::balances::{Record, record_keys, workload};
+use neruba_benches::balances::{Record, StateFloor, first_book, record_keys, workload};
 use neruba_benches::{peak_rss_kib, rate};
 use neruba_schemas::credit::{self, Grant};
 use neruba_schemas::ledger::LineItem;
@@ -113,50 +113,15 @@ fn decode_and_put_ids(records: &[&Record]) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// The first customer's book after its records.
-fn first_book(records: &[Record], customers: usize) -> Result<neruba_balances::book::Book> {
-    let mut book = neruba_balances::book::Book::default();
-    for record in records.iter().step_by(customers.max(1)) {
-        if record.header.is_some() {
-            book.apply_grant(&credit::decode::<Grant>(&record.payload)?, i64::MIN, 0);
-        } else {
-            book.apply_item(&credit::decode::<LineItem>(&record.payload)?);
-        }
-    }
-    Ok(book)
-}
-
-/// Decoding each record, then reading its customer's state (a value of `state_bytes`, as
-/// large as a stored book) and writing it back changed, with the record's id mark, a write
-/// batch per `BATCH`: what any stage that keeps per-customer state durably pays, whatever its
-/// fold.
+/// The per-customer state floor ([`StateFloor`]) over every record, a write per `BATCH`.
 fn decode_and_rewrite_state(records: &[&Record], state_bytes: usize) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
-    let db = rocksdb::DB::open_default(dir.path())?;
+    let mut floor = StateFloor::new(state_bytes)?;
     let started = Instant::now();
-    // Values stay in memory between batches, as the stage keeps its books.
-    let mut values: std::collections::HashMap<Vec<u8>, Vec<u8>> = Default::default();
     for batch in records.chunks(BATCH) {
-        let mut write = rocksdb::WriteBatch::default();
-        let mut touched = std::collections::BTreeSet::new();
         for record in batch {
-            let (key, mark) = record_keys(&record.payload, record.header.is_some())?;
-            if !values.contains_key(&key) {
-                let stored = db.get(&key)?.unwrap_or_else(|| vec![0; state_bytes]);
-                values.insert(key.clone(), stored);
-            }
-            if let Some(first) = values.get_mut(&key).and_then(|v| v.first_mut()) {
-                *first = first.wrapping_add(1);
-            }
-            write.put(mark, []);
-            touched.insert(key);
+            floor.record(&record.payload, record.header.is_some())?;
         }
-        for key in touched {
-            if let Some(value) = values.get(&key) {
-                write.put(&key, value);
-            }
-        }
-        db.write(write)?;
+        floor.write()?;
     }
     Ok(started.elapsed())
 }

@@ -9,14 +9,21 @@
 //!    idempotent `acks=all` producer sends the balance entries the stage must produce
 //!    (computed in memory beforehand by the same fold): the least any balances stage does;
 //! 2. the balances stage (RocksDB state, the fold, entries acknowledged before the state write)
-//!    drains the same records and produces those entries.
+//!    drains the same records and produces those entries, with `NERUBA_BENCH_WORKERS` (default
+//!    1) workers, each owning its share of the 8 partitions (the floors below use one thread).
 //!
 //! 3. the *durable floor*, as the aggregator's bench measures one: the same drain decoding each
 //!    record (a line item or a grant, JSON) and writing its id to RocksDB (WAL on, one write
 //!    batch per 5,000), then the same produce: the least a balances stage that dedups line
 //!    items durably and answers only once the broker has its entries can cost.
 //!
-//! Reports entries/s of each, their ratios (issue target: ≥ 0.5 × the raw pair) and the
+//! 4. the *state floor*: the same drain through the per-customer state floor (each record
+//!    decoded, its customer's value, as large as a stored book, rewritten, and its id marked, a
+//!    write per 5,000 records), then the same produce: the least any stage that keeps each
+//!    customer's state durably can cost, whatever its fold.
+//!
+//! Reports entries/s of each, their ratios (issue target: ≥ 0.5 × the raw pair; proposed, since
+//! the state floor alone is far below half the raw pair: ≥ 0.5 × the state floor) and the
 //! process's peak RSS.
 
 // Rates and ratios in the report are floating point; no quantity or amount is.
@@ -24,7 +31,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_benches::balances::{Record, record_keys, workload};
+use neruba_benches::balances::{Record, StateFloor, first_book, record_keys, workload};
 use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
 use rdkafka::ClientConfig;
@@ -76,12 +83,24 @@ async fn send_all(producer: &FutureProducer, topic: &str, records: &[Record]) ->
     Ok(())
 }
 
-/// Drains `expected` records of the ledger with a no-op handler, or (`durable`) decoding each
-/// and writing its id to RocksDB; the elapsed time from the first message.
-fn drain(bootstrap: &str, expected: usize, durable: bool) -> Result<Duration> {
+/// What a drain does with each record.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    /// Nothing: the raw consumer.
+    Raw,
+    /// Decodes it and writes its id to RocksDB, a write batch per 5,000.
+    Ids,
+    /// The per-customer state floor ([`StateFloor`]) with values of this many bytes, a write
+    /// per 5,000 records.
+    State(usize),
+}
+
+/// Drains `expected` records of the ledger as `how` says; the elapsed time from the first
+/// message.
+fn drain(bootstrap: &str, expected: usize, how: Drain) -> Result<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("bench-raw-ledger-{durable}"))
+        .set("group.id", format!("bench-raw-ledger-{how:?}"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.queue.backoff.ms", "10")
@@ -94,13 +113,17 @@ fn drain(bootstrap: &str, expected: usize, durable: bool) -> Result<Duration> {
     let ids_dir = tempfile::tempdir()?;
     let ids = rocksdb::DB::open_default(ids_dir.path())?;
     let mut batch = rocksdb::WriteBatch::default();
+    let mut state = match how {
+        Drain::State(bytes) => Some(StateFloor::new(bytes)?),
+        Drain::Raw | Drain::Ids => None,
+    };
     let (mut seen, mut started) = (0usize, None);
     while seen < expected {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message?;
             started.get_or_insert_with(Instant::now);
             seen += 1;
-            if !durable {
+            if matches!(how, Drain::Raw) {
                 continue;
             }
             use rdkafka::Message as _;
@@ -109,10 +132,21 @@ fn drain(bootstrap: &str, expected: usize, durable: bool) -> Result<Duration> {
             let is_grant = message
                 .headers()
                 .is_some_and(|h| h.iter().any(|h| h.key == RECORD_HEADER));
-            let (_, key) = record_keys(payload, is_grant)?;
-            batch.put(key, []);
-            if batch.len() == 5_000 || seen == expected {
-                ids.write(std::mem::take(&mut batch))?;
+            let full = seen % 5_000 == 0 || seen == expected;
+            match &mut state {
+                Some(state) => {
+                    state.record(payload, is_grant)?;
+                    if full {
+                        state.write()?;
+                    }
+                }
+                None => {
+                    let (_, key) = record_keys(payload, is_grant)?;
+                    batch.put(key, []);
+                    if full {
+                        ids.write(std::mem::take(&mut batch))?;
+                    }
+                }
             }
         }
     }
@@ -125,6 +159,10 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
+    let workers: usize = std::env::var("NERUBA_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let kafka = EmbeddedKafka::start(&[
         (topics::LEDGER, PARTITIONS),
         (topics::BALANCE_ENTRIES, PARTITIONS),
@@ -140,14 +178,14 @@ async fn main() -> Result<()> {
         "produced {r} ledger records ({customers} customers); the fold makes {n} entries of them"
     );
 
-    let drained = {
+    let state_bytes = first_book(&records, customers)?.encode()?.len();
+    let drain_by = async |how: Drain| {
         let bootstrap = bootstrap.clone();
-        tokio::task::spawn_blocking(move || drain(&bootstrap, r, false)).await??
+        tokio::task::spawn_blocking(move || drain(&bootstrap, r, how)).await?
     };
-    let drained_durably = {
-        let bootstrap = bootstrap.clone();
-        tokio::task::spawn_blocking(move || drain(&bootstrap, r, true)).await??
-    };
+    let drained = drain_by(Drain::Raw).await?;
+    let drained_durably = drain_by(Drain::Ids).await?;
+    let drained_with_state = drain_by(Drain::State(state_bytes)).await?;
     let raw_producer = producer(&bootstrap, true)?;
     send_all(&raw_producer, RAW_ENTRIES, &entries[..1]).await?;
     let started = Instant::now();
@@ -155,6 +193,7 @@ async fn main() -> Result<()> {
     let produced = started.elapsed();
     let raw = drained + produced;
     let floor = drained_durably + produced;
+    let state_floor = drained_with_state + produced;
     println!(
         "raw pair: drained {r} records in {drained:.2?}, produced {n} entries in {produced:.2?}"
     );
@@ -162,6 +201,7 @@ async fn main() -> Result<()> {
     let state = tempfile::tempdir()?;
     let mut config = neruba_balances::Config::new(&bootstrap, state.path());
     config.stage.group_id = "bench-balances".into();
+    config.stage.workers = workers;
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
     let running = neruba_balances::start(config, &registry, shutdown.clone())?;
@@ -188,22 +228,30 @@ async fn main() -> Result<()> {
     running.wait().await?;
 
     let (raw_rate, stage_rate, floor_rate) = (rate(n, raw), rate(n, balanced), rate(n, floor));
+    let state_floor_rate = rate(n, state_floor);
     println!(
         "raw pair (drain + acks=all produce): {n} entries in {raw:.2?} = {raw_rate:.0} entries/s"
     );
     println!(
-        "balances stage end to end:          {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s"
+        "balances stage end to end ({workers} worker(s)): {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s"
     );
     println!(
         "durable floor (decode + id to RocksDB, then the produce): {n} entries in {floor:.2?} = {floor_rate:.0} entries/s"
     );
     println!(
-        "ratio stage / raw pair:             {:.2} (target >= 0.50)",
+        "state floor (decode + a {state_bytes}-byte value per customer and the id to RocksDB, then the produce): {n} entries in {state_floor:.2?} = {state_floor_rate:.0} entries/s"
+    );
+    println!(
+        "ratio stage / raw pair:             {:.2} (issue target >= 0.50)",
         stage_rate / raw_rate
     );
     println!(
         "ratio stage / durable floor:        {:.2}",
         stage_rate / floor_rate
+    );
+    println!(
+        "ratio stage / state floor:          {:.2} (proposed target >= 0.50)",
+        stage_rate / state_floor_rate
     );
     println!(
         "peak RSS of the process:            {} MiB",

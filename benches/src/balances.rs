@@ -8,7 +8,7 @@ use neruba_schemas::credit::{self, Grant, GrantTerms};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::{Kind, LineItem};
 use rust_decimal::Decimal;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 const HOUR: i64 = 3_600_000;
 
@@ -30,6 +30,93 @@ pub fn record_keys(payload: &[u8], is_grant: bool) -> neruba_schemas::Result<(Ve
     record_key.push(0);
     record_key.extend_from_slice(id.as_bytes());
     Ok((customer_key, record_key))
+}
+
+/// The per-customer state floor: what any stage that keeps each customer's state durably pays
+/// per ledger record, whatever its fold. Each record is decoded; its customer's value (as large
+/// as a stored book, kept in memory between batches as the stage keeps its books, read from
+/// RocksDB the first time) is changed; at each [`StateFloor::write`] every value the batch
+/// touched is written back with the batch's record-id marks, in one atomic RocksDB write (WAL
+/// on).
+pub struct StateFloor {
+    db: rocksdb::DB,
+    state_bytes: usize,
+    values: HashMap<Vec<u8>, Vec<u8>>,
+    marks: Vec<Vec<u8>>,
+    touched: BTreeSet<Vec<u8>>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for StateFloor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateFloor")
+            .field("state_bytes", &self.state_bytes)
+            .field("customers", &self.values.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateFloor {
+    /// A floor on fresh state whose per-customer values are `state_bytes` long.
+    pub fn new(state_bytes: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Ok(Self {
+            db: rocksdb::DB::open_default(dir.path())?,
+            state_bytes,
+            values: HashMap::new(),
+            marks: Vec::new(),
+            touched: BTreeSet::new(),
+            _dir: dir,
+        })
+    }
+
+    /// Decodes a record (a grant if `is_grant`, else a line item) and changes its customer's
+    /// value.
+    pub fn record(&mut self, payload: &[u8], is_grant: bool) -> anyhow::Result<()> {
+        let (key, mark) = record_keys(payload, is_grant)?;
+        if !self.values.contains_key(&key) {
+            let stored = self
+                .db
+                .get(&key)?
+                .unwrap_or_else(|| vec![0; self.state_bytes]);
+            self.values.insert(key.clone(), stored);
+        }
+        if let Some(first) = self.values.get_mut(&key).and_then(|v| v.first_mut()) {
+            *first = first.wrapping_add(1);
+        }
+        self.marks.push(mark);
+        self.touched.insert(key);
+        Ok(())
+    }
+
+    /// Writes the batch: the touched values and the record marks, atomically.
+    pub fn write(&mut self) -> anyhow::Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for mark in self.marks.drain(..) {
+            batch.put(mark, []);
+        }
+        for key in std::mem::take(&mut self.touched) {
+            if let Some(value) = self.values.get(&key) {
+                batch.put(&key, value);
+            }
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+}
+
+/// The first customer's book after all its records, from [`workload`]'s records for
+/// `customers` customers: how large a stored book is.
+pub fn first_book(records: &[Record], customers: usize) -> neruba_schemas::Result<Book> {
+    let mut book = Book::default();
+    for record in records.iter().step_by(customers.max(1)) {
+        if record.header.is_some() {
+            book.apply_grant(&credit::decode::<Grant>(&record.payload)?, i64::MIN, 0);
+        } else {
+            book.apply_item(&credit::decode::<LineItem>(&record.payload)?);
+        }
+    }
+    Ok(book)
 }
 
 /// A ledger record: key, payload, and its `neruba-record` header (none for a line item).
