@@ -337,7 +337,7 @@ impl PartitionState {
     }
 
     /// A customer's book as of the batch so far.
-    pub fn book(&mut self, tenant: &str, customer: &str) -> Result<&mut Book> {
+    fn book(&mut self, tenant: &str, customer: &str) -> Result<&mut Book> {
         self.book_at(&customer_key(b'B', tenant, customer), tenant, customer)
     }
 
@@ -982,6 +982,77 @@ mod tests {
             })
             .collect();
         (entries, state, dir)
+    }
+
+    #[test]
+    fn a_book_changed_again_later_in_its_batch_is_stored_as_the_batch_leaves_it() {
+        // Every book a batch changed is written as the batch leaves it, whether its customer's
+        // records interleave with others' (c1, c2) or follow one another (c3).
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let grant = |customer: &str, amount: &str| Grant {
+            v: 1,
+            id: credit::grant_id("acme", customer, "pack"),
+            tenant: "acme".into(),
+            customer: customer.into(),
+            key: "pack".into(),
+            terms: credit::GrantTerms {
+                amount: d(amount),
+                currency: "USD".into(),
+                priority: 1,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: BTreeMap::new(),
+            },
+            received_at: neruba_schemas::event::format_time_ms(0),
+        };
+        let item = |customer: &str, id: &str, amount: &str| LineItem {
+            customer: customer.into(),
+            ..line_item(id, 0, d(amount))
+        };
+        let grants = [grant("c1", "10"), grant("c2", "5"), grant("c3", "7")];
+        let items = [
+            item("c1", "li_1", "4"),
+            item("c2", "li_2", "1"),
+            item("c3", "li_3", "1"),
+            item("c3", "li_4", "2"),
+            item("c1", "li_5", "2.5"),
+            item("c1", "li_6", "1"),
+            item("c2", "li_7", "0.5"),
+        ];
+        let mut records: Vec<(Vec<u8>, Record)> = grants
+            .iter()
+            .map(|g| (credit::encode(g), Record::Grant))
+            .collect();
+        records.extend(items.iter().map(|i| (i.encode(), Record::LineItem)));
+        // One batch, committed after the last record, then read back from the store alone.
+        let (_, state, _dir) = fold_through_store(&records, 100, records.len() - 1);
+        let mut books: BTreeMap<&str, Book> = BTreeMap::new();
+        for g in &grants {
+            books
+                .entry(g.customer.as_str())
+                .or_default()
+                .apply_grant(g, i64::MIN, 0);
+        }
+        for i in &items {
+            books.entry(i.customer.as_str()).or_default().apply_item(i);
+        }
+        for (customer, book) in books {
+            let stored = read_book(state.store.db(), "acme", customer)
+                .expect("read")
+                .expect("book");
+            assert_eq!(stored, book, "{customer}");
+        }
+        let balance = |customer: &str| {
+            read_book(state.store.db(), "acme", customer)
+                .expect("read")
+                .expect("book")
+                .balance("USD")
+        };
+        assert_eq!(
+            [balance("c1"), balance("c2"), balance("c3")],
+            [d("2.5"), d("3.5"), d("4")]
+        );
     }
 
     #[test]

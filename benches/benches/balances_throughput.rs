@@ -9,14 +9,13 @@
 //!    idempotent `acks=all` producer sends the balance entries the stage must produce
 //!    (computed in memory beforehand by the same fold): the least any balances stage does;
 //! 2. the balances stage (RocksDB state, the fold, entries acknowledged before the state write)
-//!    drains the same records and produces those entries, with `NERUBA_BENCH_WORKERS` (default
-//!    1) workers, each owning its share of the 8 partitions (the floors below use one thread).
-//!
+//!    drains the same records and produces those entries, with as many workers as
+//!    `NERUBA_BENCH_WORKERS` says (default one), each owning its share of the 8 partitions (the
+//!    raw pair and the floors use one draining thread);
 //! 3. the *durable floor*, as the aggregator's bench measures one: the same drain decoding each
 //!    record (a line item or a grant, JSON) and writing its id to RocksDB (WAL on, one write
 //!    batch per 5,000), then the same produce: the least a balances stage that dedups line
-//!    items durably and answers only once the broker has its entries can cost.
-//!
+//!    items durably and answers only once the broker has its entries can cost;
 //! 4. the *state floor*: the same drain through the per-customer state floor (each record
 //!    decoded, its customer's value, as large as a stored book, rewritten, and its id marked, a
 //!    write per 5,000 records), then the same produce: the least any stage that keeps each
@@ -111,7 +110,10 @@ fn drain(bootstrap: &str, expected: usize, how: Drain) -> Result<Duration> {
     }
     consumer.assign(&assignment)?;
     let ids_dir = tempfile::tempdir()?;
-    let ids = rocksdb::DB::open_default(ids_dir.path())?;
+    let ids = match how {
+        Drain::Ids => Some(rocksdb::DB::open_default(ids_dir.path())?),
+        Drain::Raw | Drain::State(_) => None,
+    };
     let mut batch = rocksdb::WriteBatch::default();
     let mut state = match how {
         Drain::State(bytes) => Some(StateFloor::new(bytes)?),
@@ -133,20 +135,21 @@ fn drain(bootstrap: &str, expected: usize, how: Drain) -> Result<Duration> {
                 .headers()
                 .is_some_and(|h| h.iter().any(|h| h.key == RECORD_HEADER));
             let full = seen % 5_000 == 0 || seen == expected;
-            match &mut state {
-                Some(state) => {
+            match (&mut state, &ids) {
+                (Some(state), _) => {
                     state.record(payload, is_grant)?;
                     if full {
                         state.write()?;
                     }
                 }
-                None => {
+                (None, Some(ids)) => {
                     let (_, key) = record_keys(payload, is_grant)?;
                     batch.put(key, []);
                     if full {
                         ids.write(std::mem::take(&mut batch))?;
                     }
                 }
+                (None, None) => {}
             }
         }
     }
@@ -162,7 +165,8 @@ async fn main() -> Result<()> {
     let workers: usize = std::env::var("NERUBA_BENCH_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(1)
+        .max(1);
     let kafka = EmbeddedKafka::start(&[
         (topics::LEDGER, PARTITIONS),
         (topics::BALANCE_ENTRIES, PARTITIONS),
@@ -233,7 +237,7 @@ async fn main() -> Result<()> {
         "raw pair (drain + acks=all produce): {n} entries in {raw:.2?} = {raw_rate:.0} entries/s"
     );
     println!(
-        "balances stage end to end ({workers} worker(s)): {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s"
+        "balances stage end to end:          {n} entries in {balanced:.2?} = {stage_rate:.0} entries/s ({workers} workers)"
     );
     println!(
         "durable floor (decode + id to RocksDB, then the produce): {n} entries in {floor:.2?} = {floor_rate:.0} entries/s"

@@ -42,7 +42,7 @@ pub struct StateFloor {
     db: rocksdb::DB,
     state_bytes: usize,
     values: HashMap<Vec<u8>, Vec<u8>>,
-    marks: Vec<Vec<u8>>,
+    batch: rocksdb::WriteBatch,
     touched: BTreeSet<Vec<u8>>,
     _dir: tempfile::TempDir,
 }
@@ -64,7 +64,7 @@ impl StateFloor {
             db: rocksdb::DB::open_default(dir.path())?,
             state_bytes,
             values: HashMap::new(),
-            marks: Vec::new(),
+            batch: rocksdb::WriteBatch::default(),
             touched: BTreeSet::new(),
             _dir: dir,
         })
@@ -84,17 +84,14 @@ impl StateFloor {
         if let Some(first) = self.values.get_mut(&key).and_then(|v| v.first_mut()) {
             *first = first.wrapping_add(1);
         }
-        self.marks.push(mark);
+        self.batch.put(mark, []);
         self.touched.insert(key);
         Ok(())
     }
 
     /// Writes the batch: the touched values and the record marks, atomically.
     pub fn write(&mut self) -> anyhow::Result<()> {
-        let mut batch = rocksdb::WriteBatch::default();
-        for mark in self.marks.drain(..) {
-            batch.put(mark, []);
-        }
+        let mut batch = std::mem::take(&mut self.batch);
         for key in std::mem::take(&mut self.touched) {
             if let Some(value) = self.values.get(&key) {
                 batch.put(&key, value);
