@@ -942,6 +942,27 @@ mod tests {
         }
     }
 
+    /// A grant of `amount` USD to `customer` of tenant `acme`, keyed `key`, never expiring.
+    fn usd_grant(customer: &str, key: &str, amount: &str, priority: u16) -> Grant {
+        Grant {
+            v: 1,
+            id: credit::grant_id("acme", customer, key),
+            tenant: "acme".into(),
+            customer: customer.into(),
+            key: key.into(),
+            terms: credit::GrantTerms {
+                amount: amount.parse().expect("decimal"),
+                currency: "USD".into(),
+                priority,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: BTreeMap::new(),
+            },
+            received_at: neruba_schemas::event::format_time_ms(0),
+        }
+    }
+
     /// Applies `records` to a fresh partition state, writing every `commit_every` records and
     /// starting again from the store alone after record `reopen_at`; the entries, the state
     /// and its directory.
@@ -989,23 +1010,7 @@ mod tests {
         // Every book a batch changed is written as the batch leaves it, whether its customer's
         // records interleave with others' (c1, c2) or follow one another (c3).
         let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
-        let grant = |customer: &str, amount: &str| Grant {
-            v: 1,
-            id: credit::grant_id("acme", customer, "pack"),
-            tenant: "acme".into(),
-            customer: customer.into(),
-            key: "pack".into(),
-            terms: credit::GrantTerms {
-                amount: d(amount),
-                currency: "USD".into(),
-                priority: 1,
-                effective_at: None,
-                expires_at: None,
-                paid: None,
-                metadata: BTreeMap::new(),
-            },
-            received_at: neruba_schemas::event::format_time_ms(0),
-        };
+        let grant = |customer: &str, amount: &str| usd_grant(customer, "pack", amount, 1);
         let item = |customer: &str, id: &str, amount: &str| LineItem {
             customer: customer.into(),
             ..line_item(id, 0, d(amount))
@@ -1060,23 +1065,7 @@ mod tests {
         // Was: every series a customer ever had stayed in its book, so the book written after
         // each line item grew with the customer's whole history.
         let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
-        let grant = |key: &str, amount: &str, priority: u16| Grant {
-            v: 1,
-            id: credit::grant_id("acme", "c1", key),
-            tenant: "acme".into(),
-            customer: "c1".into(),
-            key: key.into(),
-            terms: credit::GrantTerms {
-                amount: d(amount),
-                currency: "USD".into(),
-                priority,
-                effective_at: None,
-                expires_at: None,
-                paid: None,
-                metadata: BTreeMap::new(),
-            },
-            received_at: neruba_schemas::event::format_time_ms(0),
-        };
+        let grant = |key: &str, amount: &str, priority: u16| usd_grant("c1", key, amount, priority);
         let periods = BOOK_SERIES + 6;
         let mut items: Vec<LineItem> = (0..periods)
             .map(|p| line_item(&format!("li_{p}"), p, d("10")))

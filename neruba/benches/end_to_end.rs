@@ -22,7 +22,8 @@
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
 //!    revisions of windows that end after the first minute), and each process's RSS every
 //!    5 s (SPEC: flat within ±10 %, compared after the first minute; each minute's reading is
-//!    printed too, so warm-up can be told from growth).
+//!    printed too, so warm-up can be told from growth), and each stage's consumer lag at its
+//!    worst in each minute, so a wait can be placed in a stage.
 //!
 //! At the end the ledger must hold, to the token, the usage of the distinct events each
 //! loadgen run had accepted, or the benchmark fails.
@@ -588,6 +589,23 @@ async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64
     kinds.into_iter().collect()
 }
 
+/// A stage's consumer lag from its ops endpoint's metrics: messages behind, summed over its
+/// partitions, and the oldest partition's lag in seconds; `None` if unreadable.
+async fn consumer_lag(client: &reqwest::Client, ops: &str) -> Option<(i64, i64)> {
+    let answer = client.get(format!("{ops}/metrics")).send().await.ok()?;
+    let text = answer.text().await.ok()?;
+    let (mut messages, mut seconds) = (0_i64, 0_i64);
+    for line in text.lines() {
+        let value = || line.rsplit(' ').next().and_then(|v| v.parse::<i64>().ok());
+        if line.starts_with("neruba_consumer_lag_messages{") {
+            messages += value().unwrap_or(0);
+        } else if line.starts_with("neruba_consumer_lag_seconds{") {
+            seconds = seconds.max(value().unwrap_or(0));
+        }
+    }
+    Some((messages, seconds))
+}
+
 async fn wait_for(url: &str, patience: Duration) -> Result<()> {
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -938,6 +956,9 @@ async fn main() -> Result<()> {
     let mut samples: Vec<(Duration, Vec<Option<u64>>)> = Vec::new();
     // The aggregator's memory by kind, once a minute: what its RSS is made of.
     let mut memory: Vec<(u64, Vec<(String, u64)>)> = Vec::new();
+    // Each stage's consumer lag at its worst in each minute (by the minute a reading fell
+    // in): which stage windows wait in, when they wait.
+    let mut lag: BTreeMap<u64, Vec<Option<(i64, i64)>>> = BTreeMap::new();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
@@ -955,6 +976,15 @@ async fn main() -> Result<()> {
             && let Some(ops) = pipeline.ops.first()
         {
             memory.push((minute, rocksdb_memory(&client, ops).await));
+        }
+        let worst = lag
+            .entry(at.as_secs() / 60 + 1)
+            .or_insert_with(|| vec![None; pipeline.ops.len()]);
+        for (slot, ops) in worst.iter_mut().zip(&pipeline.ops) {
+            if let Some((messages, seconds)) = consumer_lag(&client, ops).await {
+                let (m, s) = slot.unwrap_or_default();
+                *slot = Some((m.max(messages), s.max(seconds)));
+            }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
@@ -1086,6 +1116,19 @@ async fn main() -> Result<()> {
                     .rfind(|(at, _)| at.as_secs() <= minute * 60)
                     .and_then(|(_, values)| values.get(index).copied().flatten())
                     .map_or_else(|| format!("{:>5}", "-"), |kib| format!("{:>5.0}", mib(kib)))
+            })
+            .collect();
+        println!("  {name:<10} {}", row.join(" "));
+    }
+    println!(
+        "consumer lag at its worst in each minute of the steady run (messages behind, summed over partitions / the oldest partition's seconds; readings 5 s apart)"
+    );
+    for (index, name) in ["aggregator", "rater", "balances"].iter().enumerate() {
+        let row: Vec<String> = lag
+            .values()
+            .map(|stages| match stages.get(index).copied().flatten() {
+                Some((messages, seconds)) => format!("{messages}/{seconds}"),
+                None => "-".to_owned(),
             })
             .collect();
         println!("  {name:<10} {}", row.join(" "));
