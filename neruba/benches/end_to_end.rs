@@ -590,20 +590,22 @@ async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64
 }
 
 /// A stage's consumer lag from its ops endpoint's metrics: messages behind, summed over its
-/// partitions, and the oldest partition's lag in seconds; `None` if unreadable.
+/// partitions, and the oldest partition's lag in seconds; `None` if unreadable or if the
+/// stage reports no lag yet (no partition assigned), so a missing reading never shows as 0.
 async fn consumer_lag(client: &reqwest::Client, ops: &str) -> Option<(i64, i64)> {
     let answer = client.get(format!("{ops}/metrics")).send().await.ok()?;
     let text = answer.text().await.ok()?;
-    let (mut messages, mut seconds) = (0_i64, 0_i64);
+    let (mut messages, mut seconds, mut read) = (0_i64, 0_i64, false);
     for line in text.lines() {
         let value = || line.rsplit(' ').next().and_then(|v| v.parse::<i64>().ok());
         if line.starts_with("neruba_consumer_lag_messages{") {
-            messages += value().unwrap_or(0);
+            messages += value()?;
+            read = true;
         } else if line.starts_with("neruba_consumer_lag_seconds{") {
-            seconds = seconds.max(value().unwrap_or(0));
+            seconds = seconds.max(value()?);
         }
     }
-    Some((messages, seconds))
+    read.then_some((messages, seconds))
 }
 
 async fn wait_for(url: &str, patience: Duration) -> Result<()> {
