@@ -1122,18 +1122,26 @@ async fn main() -> Result<()> {
             .collect();
         println!("  {name:<10} {}", row.join(" "));
     }
-    println!(
-        "consumer lag at its worst in each minute of the steady run (messages behind, summed over partitions / the oldest partition's seconds; readings 5 s apart)"
-    );
+    if minutes > 0 {
+        println!(
+            "consumer lag at its worst in each minute of the steady run, minutes 1 to {minutes} (messages behind, summed over partitions / the oldest partition's whole seconds; readings 5 s apart of gauges published at most once a second)"
+        );
+    }
     for (index, name) in ["aggregator", "rater", "balances"].iter().enumerate() {
-        let row: Vec<String> = lag
-            .values()
-            .map(|stages| match stages.get(index).copied().flatten() {
-                Some((messages, seconds)) => format!("{messages}/{seconds}"),
-                None => "-".to_owned(),
+        let row: Vec<String> = (1..=minutes)
+            .map(|minute| {
+                match lag
+                    .get(&minute)
+                    .and_then(|s| s.get(index).copied().flatten())
+                {
+                    Some((messages, seconds)) => format!("{messages}/{seconds}"),
+                    None => "-".to_owned(),
+                }
             })
             .collect();
-        println!("  {name:<10} {}", row.join(" "));
+        if !row.is_empty() {
+            println!("  {name:<10} {}", row.join(" "));
+        }
     }
     println!(
         "aggregator memory by kind at the end of each minute (MiB; RocksDB's, all partitions summed, and the consumer's prefetch)"
