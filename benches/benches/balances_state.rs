@@ -23,7 +23,7 @@ use anyhow::Result;
 // The allocator the `neruba` binary runs with.
 use neruba as _;
 use neruba_balances::state::{Output, PartitionState, Record as Kind, store_options};
-use neruba_benches::balances::{Record, StateFloor, first_book, record_keys, workload};
+use neruba_benches::balances::{Floor, Record, first_book, workload};
 use neruba_benches::{peak_rss_kib, rate};
 use neruba_schemas::credit::{self, Grant};
 use neruba_schemas::ledger::LineItem;
@@ -97,25 +97,8 @@ fn decode_only(records: &[&Record]) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Decoding each record and putting its id into RocksDB, a write batch per `BATCH`.
-fn decode_and_put_ids(records: &[&Record]) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
-    let db = rocksdb::DB::open_default(dir.path())?;
-    let started = Instant::now();
-    for batch in records.chunks(BATCH) {
-        let mut write = rocksdb::WriteBatch::default();
-        for record in batch {
-            let (_, key) = record_keys(&record.payload, record.header.is_some())?;
-            write.put(key, []);
-        }
-        db.write(write)?;
-    }
-    Ok(started.elapsed())
-}
-
-/// The per-customer state floor ([`StateFloor`]) over every record, a write per `BATCH`.
-fn decode_and_rewrite_state(records: &[&Record], state_bytes: usize) -> Result<Duration> {
-    let mut floor = StateFloor::new(state_bytes)?;
+/// Every record through `floor`, a write per `BATCH`.
+fn through(records: &[&Record], mut floor: Floor) -> Result<Duration> {
     let started = Instant::now();
     for batch in records.chunks(BATCH) {
         for record in batch {
@@ -158,8 +141,8 @@ fn main() -> Result<()> {
     let (mut decode, mut put, mut rewrite) = (Duration::MAX, Duration::MAX, Duration::MAX);
     for _ in 0..rounds {
         decode = decode.min(decode_only(&records)?);
-        put = put.min(decode_and_put_ids(&records)?);
-        rewrite = rewrite.min(decode_and_rewrite_state(&records, state_bytes)?);
+        put = put.min(through(&records, Floor::ids()?)?);
+        rewrite = rewrite.min(through(&records, Floor::state(state_bytes)?)?);
         let phases = round(&records)?;
         if best.is_none_or(|b| phases.total() < b.total()) {
             best = Some(phases);

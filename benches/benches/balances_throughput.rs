@@ -30,7 +30,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_benches::balances::{Record, StateFloor, first_book, record_keys, workload};
+use neruba_benches::balances::{Floor, Record, first_book, workload};
 use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
 use rdkafka::ClientConfig;
@@ -87,9 +87,9 @@ async fn send_all(producer: &FutureProducer, topic: &str, records: &[Record]) ->
 enum Drain {
     /// Nothing: the raw consumer.
     Raw,
-    /// Decodes it and writes its id to RocksDB, a write batch per 5,000.
+    /// The durable floor ([`Floor::ids`]): decodes it and marks its id, a write per 5,000.
     Ids,
-    /// The per-customer state floor ([`StateFloor`]) with values of this many bytes, a write
+    /// The per-customer state floor ([`Floor::state`]) with values of this many bytes, a write
     /// per 5,000 records.
     State(usize),
 }
@@ -109,15 +109,10 @@ fn drain(bootstrap: &str, expected: usize, how: Drain) -> Result<Duration> {
         assignment.add_partition_offset(topics::LEDGER, partition, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
-    let ids_dir = tempfile::tempdir()?;
-    let ids = match how {
-        Drain::Ids => Some(rocksdb::DB::open_default(ids_dir.path())?),
-        Drain::Raw | Drain::State(_) => None,
-    };
-    let mut batch = rocksdb::WriteBatch::default();
-    let mut state = match how {
-        Drain::State(bytes) => Some(StateFloor::new(bytes)?),
-        Drain::Raw | Drain::Ids => None,
+    let mut floor = match how {
+        Drain::Raw => None,
+        Drain::Ids => Some(Floor::ids()?),
+        Drain::State(bytes) => Some(Floor::state(bytes)?),
     };
     let (mut seen, mut started) = (0usize, None);
     while seen < expected {
@@ -125,31 +120,18 @@ fn drain(bootstrap: &str, expected: usize, how: Drain) -> Result<Duration> {
             let message = message?;
             started.get_or_insert_with(Instant::now);
             seen += 1;
-            if matches!(how, Drain::Raw) {
+            let Some(floor) = &mut floor else {
                 continue;
-            }
+            };
             use rdkafka::Message as _;
             use rdkafka::message::Headers as _;
             let payload = message.payload().unwrap_or_default();
             let is_grant = message
                 .headers()
                 .is_some_and(|h| h.iter().any(|h| h.key == RECORD_HEADER));
-            let full = seen % 5_000 == 0 || seen == expected;
-            match (&mut state, &ids) {
-                (Some(state), _) => {
-                    state.record(payload, is_grant)?;
-                    if full {
-                        state.write()?;
-                    }
-                }
-                (None, Some(ids)) => {
-                    let (_, key) = record_keys(payload, is_grant)?;
-                    batch.put(key, []);
-                    if full {
-                        ids.write(std::mem::take(&mut batch))?;
-                    }
-                }
-                (None, None) => {}
+            floor.record(payload, is_grant)?;
+            if seen % 5_000 == 0 || seen == expected {
+                floor.write()?;
             }
         }
     }

@@ -15,7 +15,7 @@ const HOUR: i64 = 3_600_000;
 /// The customer key (`tenant \0 customer`) and the record key (that, `\0`, the record's id) of
 /// a ledger record, decoding it as a grant (`is_grant`) or a line item: what the benchmarks'
 /// floors store per record.
-pub fn record_keys(payload: &[u8], is_grant: bool) -> neruba_schemas::Result<(Vec<u8>, Vec<u8>)> {
+fn record_keys(payload: &[u8], is_grant: bool) -> neruba_schemas::Result<(Vec<u8>, Vec<u8>)> {
     let (tenant, customer, id) = if is_grant {
         let grant: Grant = credit::decode(payload)?;
         (grant.tenant, grant.customer, grant.id)
@@ -32,33 +32,44 @@ pub fn record_keys(payload: &[u8], is_grant: bool) -> neruba_schemas::Result<(Ve
     Ok((customer_key, record_key))
 }
 
-/// The per-customer state floor: what any stage that keeps each customer's state durably pays
-/// per ledger record, whatever its fold. Each record is decoded; its customer's value (as large
-/// as a stored book, kept in memory between batches as the stage keeps its books, read from
-/// RocksDB the first time) is changed; at each [`StateFloor::write`] every value the batch
-/// touched is written back with the batch's record-id marks, in one atomic RocksDB write (WAL
-/// on).
-pub struct StateFloor {
+/// A floor a balances stage is measured against: what any stage that dedups line items
+/// durably ([`Floor::ids`]), or that also keeps each customer's state durably
+/// ([`Floor::state`]), pays per ledger record, whatever its fold. Each record is decoded and its
+/// id marked; with state, its customer's value (as large as a stored book, kept in memory
+/// between batches as the stage keeps its books, read from RocksDB the first time) is changed
+/// too. Each [`Floor::write`] writes the batch's marks and every value it touched in one atomic
+/// RocksDB write (WAL on).
+pub struct Floor {
     db: rocksdb::DB,
-    state_bytes: usize,
+    /// The size of a customer's value; `None`: ids only.
+    state_bytes: Option<usize>,
     values: HashMap<Vec<u8>, Vec<u8>>,
     batch: rocksdb::WriteBatch,
     touched: BTreeSet<Vec<u8>>,
     _dir: tempfile::TempDir,
 }
 
-impl std::fmt::Debug for StateFloor {
+impl std::fmt::Debug for Floor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateFloor")
+        f.debug_struct("Floor")
             .field("state_bytes", &self.state_bytes)
             .field("customers", &self.values.len())
             .finish_non_exhaustive()
     }
 }
 
-impl StateFloor {
-    /// A floor on fresh state whose per-customer values are `state_bytes` long.
-    pub fn new(state_bytes: usize) -> anyhow::Result<Self> {
+impl Floor {
+    /// The durable floor: each record's id marked, no per-customer state.
+    pub fn ids() -> anyhow::Result<Self> {
+        Self::open(None)
+    }
+
+    /// The per-customer state floor, with values `state_bytes` long.
+    pub fn state(state_bytes: usize) -> anyhow::Result<Self> {
+        Self::open(Some(state_bytes))
+    }
+
+    fn open(state_bytes: Option<usize>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         Ok(Self {
             db: rocksdb::DB::open_default(dir.path())?,
@@ -70,26 +81,26 @@ impl StateFloor {
         })
     }
 
-    /// Decodes a record (a grant if `is_grant`, else a line item) and changes its customer's
-    /// value.
+    /// Decodes a record (a grant if `is_grant`, else a line item), marks its id and, with
+    /// state, changes its customer's value.
     pub fn record(&mut self, payload: &[u8], is_grant: bool) -> anyhow::Result<()> {
         let (key, mark) = record_keys(payload, is_grant)?;
+        self.batch.put(mark, []);
+        let Some(state_bytes) = self.state_bytes else {
+            return Ok(());
+        };
         if !self.values.contains_key(&key) {
-            let stored = self
-                .db
-                .get(&key)?
-                .unwrap_or_else(|| vec![0; self.state_bytes]);
+            let stored = self.db.get(&key)?.unwrap_or_else(|| vec![0; state_bytes]);
             self.values.insert(key.clone(), stored);
         }
         if let Some(first) = self.values.get_mut(&key).and_then(|v| v.first_mut()) {
             *first = first.wrapping_add(1);
         }
-        self.batch.put(mark, []);
         self.touched.insert(key);
         Ok(())
     }
 
-    /// Writes the batch: the touched values and the record marks, atomically.
+    /// Writes the batch: the record marks and the touched values, atomically.
     pub fn write(&mut self) -> anyhow::Result<()> {
         let mut batch = std::mem::take(&mut self.batch);
         for key in std::mem::take(&mut self.touched) {

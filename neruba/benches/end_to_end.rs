@@ -559,10 +559,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
 /// partitions by kind, the block cache's, and the consumer's prefetch queue), as (kind,
 /// bytes); empty if unreadable.
 async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64)> {
-    let Ok(answer) = client.get(format!("{ops}/metrics")).send().await else {
-        return Vec::new();
-    };
-    let text = answer.text().await.unwrap_or_default();
+    let text = metrics(client, ops).await.unwrap_or_default();
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for line in text.lines() {
         let prefix = if line.starts_with("neruba_rocksdb_memory_bytes{") {
@@ -579,12 +576,7 @@ async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64
             .nth(1)
             .and_then(|rest| rest.split('"').next())
             .unwrap_or_default();
-        let value = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        *kinds.entry(format!("{prefix}{kind}")).or_default() += value;
+        *kinds.entry(format!("{prefix}{kind}")).or_default() += sample(line).unwrap_or(0);
     }
     kinds.into_iter().collect()
 }
@@ -593,19 +585,28 @@ async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64
 /// partitions, and the oldest partition's lag in seconds; `None` if unreadable or if the
 /// stage reports no lag yet (no partition assigned), so a missing reading never shows as 0.
 async fn consumer_lag(client: &reqwest::Client, ops: &str) -> Option<(i64, i64)> {
-    let answer = client.get(format!("{ops}/metrics")).send().await.ok()?;
-    let text = answer.text().await.ok()?;
+    let text = metrics(client, ops).await?;
     let (mut messages, mut seconds, mut read) = (0_i64, 0_i64, false);
     for line in text.lines() {
-        let value = || line.rsplit(' ').next().and_then(|v| v.parse::<i64>().ok());
         if line.starts_with("neruba_consumer_lag_messages{") {
-            messages += value()?;
+            messages += sample::<i64>(line)?;
             read = true;
         } else if line.starts_with("neruba_consumer_lag_seconds{") {
-            seconds = seconds.max(value()?);
+            seconds = seconds.max(sample(line)?);
         }
     }
     read.then_some((messages, seconds))
+}
+
+/// A stage's metrics page from its ops endpoint (Prometheus text); `None` if unreadable.
+async fn metrics(client: &reqwest::Client, ops: &str) -> Option<String> {
+    let answer = client.get(format!("{ops}/metrics")).send().await.ok()?;
+    answer.text().await.ok()
+}
+
+/// The value of one sample line of a metrics page.
+fn sample<T: std::str::FromStr>(line: &str) -> Option<T> {
+    line.rsplit(' ').next()?.parse().ok()
 }
 
 async fn wait_for(url: &str, patience: Duration) -> Result<()> {
