@@ -22,8 +22,10 @@
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
 //!    revisions of windows that end after the first minute), and each process's RSS every
 //!    5 s (SPEC: flat within ±10 %, compared after the first minute; each minute's reading is
-//!    printed too, so warm-up can be told from growth), and each stage's consumer lag at its
-//!    worst in each minute, so a wait can be placed in a stage.
+//!    printed too, so warm-up can be told from growth), each stage's consumer lag at its worst
+//!    in each minute, and, for each minute, where each stage's batches spent the time (its
+//!    `neruba_stage_batch_*` histograms: apply, deliver, write) and each process's CPU, so a
+//!    wait can be placed in a stage, a phase, or the broker.
 //!
 //! At the end the ledger must hold, to the token, the usage of the distinct events each
 //! loadgen run had accepted, or the benchmark fails.
@@ -356,6 +358,27 @@ fn cpu(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time the whole machine has been busy (every process, loadgen's too): all but idle and
+/// I/O wait in `/proc/stat`.
+fn machine_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(index, _)| *index != 3 && *index != 4)
+        .map(|(_, ticks)| ticks)
+        .sum();
+    Some(Duration::from_millis(busy * 10))
+}
+
 /// CPU time a process has used since `before` (zero when either reading failed).
 fn cpu_since(pid: &str, before: Option<Duration>) -> Duration {
     cpu(pid)
@@ -607,6 +630,94 @@ async fn metrics(client: &reqwest::Client, ops: &str) -> Option<String> {
 /// The value of one sample line of a metrics page.
 fn sample<T: std::str::FromStr>(line: &str) -> Option<T> {
     line.rsplit(' ').next()?.parse().ok()
+}
+
+/// A stage's batch histograms at one reading (`neruba_stage_batch_*`): each phase's, and
+/// Σ messages of its batches.
+#[derive(Debug, Clone, Default)]
+struct Batches {
+    phases: BTreeMap<String, Phase>,
+    messages: f64,
+}
+
+/// One phase's histogram: Σ seconds, batches, and batches at or under each bucket bound.
+#[derive(Debug, Clone, Default)]
+struct Phase {
+    seconds: f64,
+    batches: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+/// The value of label `name` in a sample line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split(&format!("{name}=\"")).nth(1)?.split('"').next()
+}
+
+/// A stage's batch histograms from its metrics page; `None` if unreadable.
+async fn batches(client: &reqwest::Client, ops: &str) -> Option<Batches> {
+    let text = metrics(client, ops).await?;
+    let mut read = Batches::default();
+    for line in text.lines() {
+        if line.starts_with("neruba_stage_batch_messages_sum{") {
+            read.messages = sample(line)?;
+            continue;
+        }
+        let (Some(rest), Some(phase)) = (
+            line.strip_prefix("neruba_stage_batch_seconds_"),
+            label(line, "phase"),
+        ) else {
+            continue;
+        };
+        let phase = read.phases.entry(phase.to_owned()).or_default();
+        if rest.starts_with("sum{") {
+            phase.seconds = sample(line)?;
+        } else if rest.starts_with("count{") {
+            phase.batches = sample(line)?;
+        } else if rest.starts_with("bucket{") {
+            let bound = match label(line, "le")? {
+                "+Inf" => f64::INFINITY,
+                bound => bound.parse().ok()?,
+            };
+            phase.buckets.push((bound, sample(line)?));
+        }
+    }
+    Some(read)
+}
+
+/// One stage between two readings `wall` apart: each phase's share of the wall time and the
+/// bucket bound its slowest batch was under, the batches and their mean size.
+fn batches_row(before: &Batches, after: &Batches, wall: Duration) -> String {
+    let mut row = Vec::new();
+    let mut batches = 0;
+    for phase in ["apply", "deliver", "write"] {
+        let (Some(after), empty) = (after.phases.get(phase), Phase::default()) else {
+            row.push(format!("{phase} -"));
+            continue;
+        };
+        let before = before.phases.get(phase).unwrap_or(&empty);
+        let count = after.batches.saturating_sub(before.batches);
+        if phase == "write" {
+            batches = count;
+        }
+        let earlier = |bound: f64| {
+            before
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0, |(_, n)| *n)
+        };
+        let slowest = after
+            .buckets
+            .iter()
+            .find(|(bound, n)| count > 0 && n.saturating_sub(earlier(*bound)) == count)
+            .map_or_else(|| "-".to_owned(), |(bound, _)| format!("{bound}"));
+        row.push(format!(
+            "{phase} {:>3.0} % (≤ {slowest} s)",
+            (after.seconds - before.seconds) * 100.0 / wall.as_secs_f64().max(1e-9)
+        ));
+    }
+    let messages = (after.messages - before.messages) / batches.max(1) as f64;
+    format!("{}; {batches} batches of {messages:.0}", row.join(", "))
 }
 
 async fn wait_for(url: &str, patience: Duration) -> Result<()> {
@@ -962,6 +1073,10 @@ async fn main() -> Result<()> {
     // Each stage's consumer lag at its worst in each minute (by the minute a reading fell
     // in): which stage windows wait in, when they wait.
     let mut lag: BTreeMap<u64, Vec<Option<(i64, i64)>>> = BTreeMap::new();
+    // At the start and at the end of each minute: each stage's batch histograms and each
+    // process's CPU, so a minute's time can be split by stage and phase.
+    type Mark = (u64, Duration, Vec<Option<Batches>>, Vec<Option<Duration>>);
+    let mut marks: Vec<Mark> = Vec::new();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
@@ -979,6 +1094,18 @@ async fn main() -> Result<()> {
             && let Some(ops) = pipeline.ops.first()
         {
             memory.push((minute, rocksdb_memory(&client, ops).await));
+        }
+        if marks.last().is_none_or(|(m, ..)| minute > *m) {
+            let mut read = Vec::new();
+            for ops in &pipeline.ops {
+                read.push(batches(&client, ops).await);
+            }
+            let used = pids
+                .iter()
+                .map(|(_, pid)| cpu(pid))
+                .chain(std::iter::once(machine_cpu()))
+                .collect();
+            marks.push((minute, at, read, used));
         }
         let worst = lag
             .entry(at.as_secs() / 60 + 1)
@@ -1143,6 +1270,55 @@ async fn main() -> Result<()> {
         if !row.is_empty() {
             println!("  {name:<10} {}", row.join(" "));
         }
+    }
+    if marks.len() > 1 {
+        println!(
+            "where each stage's batches spent each minute: share of the wall time in each phase (the bucket bound its slowest batch was under), batches, mean input messages per batch"
+        );
+    }
+    for (index, name) in ["aggregator", "rater", "balances"].iter().enumerate() {
+        for pair in marks.windows(2) {
+            let [(_, from, before, _), (minute, to, after, _)] = pair else {
+                continue;
+            };
+            let row = match (before.get(index), after.get(index)) {
+                (Some(Some(before)), Some(Some(after))) => {
+                    batches_row(before, after, to.saturating_sub(*from))
+                }
+                _ => "-".to_owned(),
+            };
+            println!("  {name:<10} {minute:>3}: {row}");
+        }
+    }
+    if marks.len() > 1 {
+        println!(
+            "CPU in each minute of the steady run (% of one core; `machine` is every process, loadgen's too, of {} cores)",
+            std::thread::available_parallelism().map_or(0, usize::from)
+        );
+    }
+    let names = pids.iter().map(|(name, _)| name.as_str());
+    let names = names.chain(std::iter::once("machine"));
+    for (index, name) in names.enumerate().filter(|_| marks.len() > 1) {
+        let row: Vec<String> = marks
+            .windows(2)
+            .map(|pair| {
+                let [(_, from, _, before), (_, to, _, after)] = pair else {
+                    return "-".to_owned();
+                };
+                match (
+                    before.get(index).copied().flatten(),
+                    after.get(index).copied().flatten(),
+                ) {
+                    (Some(before), Some(after)) => format!(
+                        "{:>4.0}",
+                        after.saturating_sub(before).as_secs_f64() * 100.0
+                            / to.saturating_sub(*from).as_secs_f64().max(1e-9)
+                    ),
+                    _ => format!("{:>4}", "-"),
+                }
+            })
+            .collect();
+        println!("  {name:<10} {}", row.join(" "));
     }
     println!(
         "aggregator memory by kind at the end of each minute (MiB; RocksDB's, all partitions summed, and the consumer's prefetch)"

@@ -13,9 +13,10 @@
 //!   compaction expiry, disk usage;
 //! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
 //!   headers for every stage;
-//! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge, and
-//!   crash points for tests ([`CrashPoint`]).
+//! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge, the
+//!   time of each batch's phases (`batch_times`), and crash points for tests ([`CrashPoint`]).
 
+mod batch_times;
 pub mod error;
 pub mod keys;
 mod rebalance;
@@ -340,6 +341,7 @@ pub fn start<S: Stage>(
         "Partitions this instance owns now.",
     )?;
     registry.register(Box::new(assigned.clone()))?;
+    let times = batch_times::BatchTimes::register(S::NAME, registry)?;
     let kill = Arc::new(AtomicBool::new(false));
     let count = config.workers.max(1);
     // One cache for the process: workers whose partitions are busier use more of it.
@@ -363,6 +365,7 @@ pub fn start<S: Stage>(
                     cache: cache.clone(),
                     health: health.clone(),
                     assigned: assigned.clone(),
+                    times: times.clone(),
                     shutdown: shutdown.clone(),
                     kill: kill.clone(),
                 },

@@ -10,6 +10,7 @@
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
 
+use crate::batch_times::BatchTimes;
 use crate::rebalance::{PartitionStates, Rebalance};
 use crate::{
     AsDeadLetter, Config, ConsumerHealth, CrashPoint, DeadLetter, Error, Partition, Result, Stage,
@@ -52,6 +53,7 @@ pub(crate) struct Parts {
     pub(crate) cache: Cache,
     pub(crate) health: Arc<ConsumerHealth>,
     pub(crate) assigned: prometheus::IntGauge,
+    pub(crate) times: BatchTimes,
     pub(crate) shutdown: CancellationToken,
     pub(crate) kill: Arc<AtomicBool>,
 }
@@ -79,6 +81,9 @@ struct Shared<S: Stage> {
     assigned: prometheus::IntGauge,
     /// This worker's share of the assigned gauge (workers of a process add up).
     published_assigned: i64,
+    times: BatchTimes,
+    /// Input messages applied since the last write.
+    unwritten: usize,
 }
 
 type Context<S> = Rebalance<Shared<S>>;
@@ -109,6 +114,7 @@ impl<S: Stage> Shared<S> {
         if self.abandoned {
             return Ok(());
         }
+        let started = Instant::now();
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
             outputs.extend(self.stage.take_outputs(state));
@@ -121,10 +127,12 @@ impl<S: Stage> Shared<S> {
                 &|| stop.is_cancelled(),
             )?;
             self.stage.delivered();
+            self.times.delivered(started.elapsed());
         }
         if crash_before_write {
             return Ok(());
         }
+        let started = Instant::now();
         let mut committed = TopicPartitionList::new();
         for state in self.partitions.values_mut() {
             if let Err(e) = state.commit() {
@@ -144,6 +152,10 @@ impl<S: Stage> Shared<S> {
         {
             // For lag graphs only; correctness rests on the offsets in the stores.
             tracing::debug!(error = %e, "Group offset commit failed; lag graphs may lag.");
+        }
+        if self.unwritten > 0 || !outputs.is_empty() {
+            self.times
+                .written(started.elapsed(), std::mem::take(&mut self.unwritten));
         }
         Ok(())
     }
@@ -257,6 +269,7 @@ impl<S: Stage> Worker<S> {
             cache,
             health,
             assigned,
+            times,
             shutdown,
             kill,
         } = parts;
@@ -284,6 +297,8 @@ impl<S: Stage> Worker<S> {
             last_timestamp_ms: HashMap::new(),
             assigned,
             published_assigned: 0,
+            times,
+            unwritten: 0,
         }));
         let context = Rebalance::new(shared.clone(), &config.input_topic, kill.clone(), health);
         let member = neruba_kafka::clients::StageMember {
@@ -339,6 +354,8 @@ impl<S: Stage> Worker<S> {
             }
             let batch = self.lock()?.stage.begin_batch();
             let mut applied = 0;
+            // From the batch's first message: the wait for one is idle time.
+            let mut first_at = None;
             // Partitions the batch read, with the Kafka timestamp of the last message of each.
             let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
             while applied < self.max_batch {
@@ -358,6 +375,7 @@ impl<S: Stage> Worker<S> {
                 if self.killed() {
                     return Ok(());
                 }
+                first_at.get_or_insert_with(Instant::now);
                 let at = message.timestamp().to_millis();
                 match touched.iter_mut().find(|(p, _)| *p == message.partition()) {
                     Some(last) => last.1 = at.or(last.1),
@@ -368,6 +386,7 @@ impl<S: Stage> Worker<S> {
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;
                 }
+                shared.unwritten += 1;
                 drop(guard);
                 applied += 1;
                 applied_total += 1;
@@ -389,6 +408,9 @@ impl<S: Stage> Worker<S> {
             let now = neruba_schemas::event::now_ms();
             for state in shared.partitions.values_mut() {
                 shared.stage.after_poll(state, now);
+            }
+            if let Some(first) = first_at {
+                shared.times.applied(first.elapsed());
             }
             if self.killed() {
                 return Ok(());

@@ -151,6 +151,33 @@ fn assigned(registry: &prometheus::Registry) -> i64 {
         .map_or(-1, |v| v as i64)
 }
 
+/// From a stage's metrics: Σ input messages over the batches it wrote, the batches counted in
+/// that histogram, and the batches timed in each phase (apply, deliver, write).
+fn batches(registry: &prometheus::Registry) -> (u64, u64, [u64; 3]) {
+    let families = registry.gather();
+    let family = |name: &str| families.iter().find(|f| f.name() == name);
+    let messages = family("neruba_stage_batch_messages")
+        .and_then(|f| f.get_metric().first())
+        .map(|m| m.get_histogram());
+    let timed = |phase: &str| {
+        family("neruba_stage_batch_seconds")
+            .and_then(|f| {
+                f.get_metric().iter().find(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "phase" && l.value() == phase)
+                })
+            })
+            .map_or(0, |m| m.get_histogram().get_sample_count())
+    };
+    (
+        // Counts of whole messages: the conversion is exact.
+        messages.map_or(0, |h| h.get_sample_sum() as u64),
+        messages.map_or(0, |h| h.get_sample_count()),
+        [timed("apply"), timed("deliver"), timed("write")],
+    )
+}
+
 /// Waits until the state of `partition` says every one of its `total` messages was applied.
 async fn wait_applied(s: &Setup, partition: i32, total: usize) -> Result<()> {
     let dir = aggregator::state::partition_dir(s.state.path(), topics::EVENTS, partition);
@@ -250,7 +277,8 @@ fn api(id: &str, customer: &str, at_s: i64, ms: &str, user: &str) -> Event {
 #[tokio::test]
 async fn every_aggregation_with_group_by_and_filters_matches_hand_computed_rollups() -> Result<()> {
     let s = setup(1)?;
-    let (running, shutdown) = start(&s, s.state.path(), |_| {})?;
+    let registry = prometheus::Registry::new();
+    let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |_| {})?;
     let llm = |id: &str, at_s: i64, tokens: &str, model: &str, status: &str| {
         event(
             "t1",
@@ -316,6 +344,16 @@ async fn every_aggregation_with_group_by_and_filters_matches_hand_computed_rollu
     assert!(rows(&got, "other").is_empty());
     drop(shutdown);
     running.wait().await?;
+    // Every message is in exactly one written batch, each write timed; the rollups were
+    // delivered, so some batch was timed delivering; every batch that applied or delivered
+    // was written.
+    let (messages, written, [applied, delivered, writes]) = batches(&registry);
+    assert_eq!(messages, 12);
+    assert_eq!(writes, written);
+    assert!(
+        (1..=written).contains(&delivered) && (1..=written).contains(&applied),
+        "applied {applied}, delivered {delivered}, written {written}"
+    );
     Ok(())
 }
 
