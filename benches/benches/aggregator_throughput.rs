@@ -19,7 +19,7 @@
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
 use neruba_benches::aggregation::{CATALOG, workload};
-use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
+use neruba_benches::{batch_phases, counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::{Catalog, Event, codec, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -230,6 +230,10 @@ async fn aggregate(bootstrap: &str, n: usize, workers: usize) -> Result<(u64, Du
         .context("aggregator never started")?;
     shutdown.cancel();
     running.wait().await?;
+    println!(
+        "  the aggregator's batches by phase: {}",
+        batch_phases(&registry)
+    );
 
     Ok((
         handled,

@@ -31,7 +31,7 @@
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
 use neruba_benches::balances::{Floor, Record, first_book, workload};
-use neruba_benches::{counter, join_in_order, peak_rss_kib, rate};
+use neruba_benches::{batch_phases, counter, join_in_order, peak_rss_kib, rate};
 use neruba_schemas::topics::{self, RECORD_HEADER, stable_partition};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -238,6 +238,10 @@ async fn main() -> Result<()> {
     println!(
         "ratio stage / state floor:          {:.2} (proposed target >= 0.50)",
         stage_rate / state_floor_rate
+    );
+    println!(
+        "the stage's batches by phase:       {}",
+        batch_phases(&registry)
     );
     println!(
         "peak RSS of the process:            {} MiB",

@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_benches::{counter, join_in_order, peak_rss_kib, rate, rating};
+use neruba_benches::{batch_phases, counter, join_in_order, peak_rss_kib, rate, rating};
 use neruba_schemas::topics::{self, stable_partition};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -136,6 +136,7 @@ async fn main() -> Result<()> {
         "refused rollups:          {}",
         counter(&registry, "neruba_rater_refused_rollups_total")
     );
+    println!("batches by phase:         {}", batch_phases(&registry));
     println!("peak RSS of the process:  {} MiB", peak_rss_kib() / 1024);
     Ok(())
 }

@@ -39,6 +39,45 @@ pub fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
         .sum()
 }
 
+/// Where a stage's batches spent their time, from its `neruba_stage_batch_*` histograms in
+/// `registry`: each phase's total seconds and batches, and the mean input messages per batch.
+#[allow(clippy::float_arithmetic)]
+pub fn batch_phases(registry: &prometheus::Registry) -> String {
+    let families = registry.gather();
+    let histograms = |name: &str| {
+        families
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .collect::<Vec<_>>()
+    };
+    let mut phases = Vec::new();
+    for metric in histograms("neruba_stage_batch_seconds") {
+        let phase = metric
+            .get_label()
+            .iter()
+            .find(|l| l.name() == "phase")
+            .map_or("?", |l| l.value());
+        let h = metric.get_histogram();
+        phases.push(format!(
+            "{phase} {:.2} s ({} batches)",
+            h.get_sample_sum(),
+            h.get_sample_count()
+        ));
+    }
+    let (messages, batches) = histograms("neruba_stage_batch_messages")
+        .iter()
+        .map(|m| m.get_histogram())
+        .fold((0.0, 0), |(sum, count), h| {
+            (sum + h.get_sample_sum(), count + h.get_sample_count())
+        });
+    format!(
+        "{}; {:.0} input messages per written batch",
+        phases.join(", "),
+        messages / batches.max(1) as f64
+    )
+}
+
 /// The process's peak resident set size, KiB (Linux `VmHWM`).
 pub fn peak_rss_kib() -> u64 {
     status_kib("VmHWM:")
