@@ -74,6 +74,8 @@ const GRACE: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const WINDOW: Duration = Duration::from_secs(60);
 const TOKENS_METER: &str = "llm_tokens";
+/// The stages the pipeline runs, in the order of its ops endpoints.
+const STAGES: [&str; 3] = ["aggregator", "rater", "balances"];
 
 struct Settings {
     events: u64,
@@ -358,8 +360,9 @@ fn cpu(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// CPU time the whole machine has been busy (every process, loadgen's too): all but idle and
-/// I/O wait in `/proc/stat`.
+/// CPU time the whole machine has been busy (every process, loadgen's too): user, nice,
+/// system, irq and softirq in `/proc/stat` (not idle, I/O wait, or time stolen by the host;
+/// guest time is inside user and nice).
 fn machine_cpu() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
@@ -371,7 +374,7 @@ fn machine_cpu() -> Option<Duration> {
         .collect::<Option<_>>()?;
     let busy: u64 = fields
         .iter()
-        .take(8)
+        .take(7)
         .enumerate()
         .filter(|(index, _)| *index != 3 && *index != 4)
         .map(|(_, ticks)| ticks)
@@ -504,7 +507,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         ]),
         work,
     );
-    let ops: Vec<String> = (0..3)
+    let ops: Vec<String> = (0..STAGES.len())
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
     let grace = format!("{}s", GRACE.as_secs());
@@ -648,9 +651,13 @@ struct Phase {
     buckets: Vec<(f64, u64)>,
 }
 
-/// The value of label `name` in a sample line.
+/// The value of label `name` in a sample line (a whole label name: `le` is not `scale`'s).
 fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split(&format!("{name}=\"")).nth(1)?.split('"').next()
+    let labels = line.split_once('{')?.1.split_once('}')?.0;
+    labels
+        .split(',')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix("=\""))?
+        .strip_suffix('"')
 }
 
 /// A stage's batch histograms from its metrics page; `None` if unreadable.
@@ -684,17 +691,38 @@ async fn batches(client: &reqwest::Client, ops: &str) -> Option<Batches> {
     Some(read)
 }
 
+/// What the steady run reads at the end of each minute: each stage's batch histograms (from
+/// its ops endpoint in `ops`) and the CPU used so far by each process of `pids`, then by the
+/// whole machine.
+async fn mark(
+    client: &reqwest::Client,
+    ops: &[String],
+    pids: &[(String, String)],
+) -> (Vec<Option<Batches>>, Vec<Option<Duration>>) {
+    let mut read = Vec::new();
+    for ops in ops {
+        read.push(batches(client, ops).await);
+    }
+    let used = pids
+        .iter()
+        .map(|(_, pid)| cpu(pid))
+        .chain(std::iter::once(machine_cpu()))
+        .collect();
+    (read, used)
+}
+
 /// One stage between two readings `wall` apart: each phase's share of the wall time and the
 /// bucket bound its slowest batch was under, the batches and their mean size.
 fn batches_row(before: &Batches, after: &Batches, wall: Duration) -> String {
     let mut row = Vec::new();
     let mut batches = 0;
+    let none = Phase::default();
     for phase in ["apply", "deliver", "write"] {
-        let (Some(after), empty) = (after.phases.get(phase), Phase::default()) else {
+        let Some(after) = after.phases.get(phase) else {
             row.push(format!("{phase} -"));
             continue;
         };
-        let before = before.phases.get(phase).unwrap_or(&empty);
+        let before = before.phases.get(phase).unwrap_or(&none);
         let count = after.batches.saturating_sub(before.batches);
         if phase == "write" {
             batches = count;
@@ -710,9 +738,15 @@ fn batches_row(before: &Batches, after: &Batches, wall: Duration) -> String {
             .buckets
             .iter()
             .find(|(bound, n)| count > 0 && n.saturating_sub(earlier(*bound)) == count)
-            .map_or_else(|| "-".to_owned(), |(bound, _)| format!("{bound}"));
+            .map_or_else(
+                || "-".to_owned(),
+                |(bound, _)| match bound.is_finite() {
+                    true => format!("≤ {bound} s"),
+                    false => "over the last bound".to_owned(),
+                },
+            );
         row.push(format!(
-            "{phase} {:>3.0} % (≤ {slowest} s)",
+            "{phase} {:>3.0} % ({slowest})",
             (after.seconds - before.seconds) * 100.0 / wall.as_secs_f64().max(1e-9)
         ));
     }
@@ -1096,15 +1130,7 @@ async fn main() -> Result<()> {
             memory.push((minute, rocksdb_memory(&client, ops).await));
         }
         if marks.last().is_none_or(|(m, ..)| minute > *m) {
-            let mut read = Vec::new();
-            for ops in &pipeline.ops {
-                read.push(batches(&client, ops).await);
-            }
-            let used = pids
-                .iter()
-                .map(|(_, pid)| cpu(pid))
-                .chain(std::iter::once(machine_cpu()))
-                .collect();
+            let (read, used) = mark(&client, &pipeline.ops, &pids).await;
             marks.push((minute, at, read, used));
         }
         let worst = lag
@@ -1117,6 +1143,15 @@ async fn main() -> Result<()> {
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    // The tail of a run that is not whole minutes, as its own last row.
+    let at = steady_started.elapsed();
+    if marks
+        .last()
+        .is_some_and(|(_, last, ..)| at > *last + Duration::from_secs(10))
+    {
+        let (read, used) = mark(&client, &pipeline.ops, &pids).await;
+        marks.push((at.as_secs().div_ceil(60), at, read, used));
     }
     let report = steady.await??;
     let steady_accepted = u(&report, "/accepted");
@@ -1255,7 +1290,7 @@ async fn main() -> Result<()> {
             "consumer lag at its worst in each minute of the steady run, minutes 1 to {minutes} (messages behind, summed over partitions / the oldest partition's whole seconds; readings 5 s apart of gauges published at most once a second)"
         );
     }
-    for (index, name) in ["aggregator", "rater", "balances"].iter().enumerate() {
+    for (index, name) in STAGES.iter().enumerate() {
         let row: Vec<String> = (1..=minutes)
             .map(|minute| {
                 match lag
@@ -1276,7 +1311,7 @@ async fn main() -> Result<()> {
             "where each stage's batches spent each minute: share of the wall time in each phase (the bucket bound its slowest batch was under), batches, mean input messages per batch"
         );
     }
-    for (index, name) in ["aggregator", "rater", "balances"].iter().enumerate() {
+    for (index, name) in STAGES.iter().enumerate() {
         for pair in marks.windows(2) {
             let [(_, from, before, _), (minute, to, after, _)] = pair else {
                 continue;

@@ -13,12 +13,12 @@
 //!   compaction expiry, disk usage;
 //! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
 //!   headers for every stage;
-//! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge, the
-//!   time of each batch's phases (`batch_times`), and crash points for tests ([`CrashPoint`]).
+//! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge and the
+//!   time of each batch's phases (`metrics`), and crash points for tests ([`CrashPoint`]).
 
-mod batch_times;
 pub mod error;
 pub mod keys;
+mod metrics;
 mod rebalance;
 pub mod store;
 mod worker;
@@ -336,12 +336,8 @@ pub fn start<S: Stage>(
     })?;
     let health = ConsumerHealth::new(S::NAME, &config.input_topic, config.stuck_after, registry)?;
     health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
-    let assigned = prometheus::IntGauge::new(
-        S::ASSIGNED_PARTITIONS_METRIC,
-        "Partitions this instance owns now.",
-    )?;
-    registry.register(Box::new(assigned.clone()))?;
-    let times = batch_times::BatchTimes::register(S::NAME, registry)?;
+    let assigned = metrics::assigned_partitions(S::ASSIGNED_PARTITIONS_METRIC, registry)?;
+    let times = metrics::BatchTimes::register(S::NAME, registry)?;
     let kill = Arc::new(AtomicBool::new(false));
     let count = config.workers.max(1);
     // One cache for the process: workers whose partitions are busier use more of it.

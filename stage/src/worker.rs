@@ -10,7 +10,7 @@
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
 
-use crate::batch_times::BatchTimes;
+use crate::metrics::BatchTimes;
 use crate::rebalance::{PartitionStates, Rebalance};
 use crate::{
     AsDeadLetter, Config, ConsumerHealth, CrashPoint, DeadLetter, Error, Partition, Result, Stage,
@@ -84,6 +84,9 @@ struct Shared<S: Stage> {
     times: BatchTimes,
     /// Input messages applied since the last write.
     unwritten: usize,
+    /// Time spent finishing batches since the worker started: the part of a loop pass a
+    /// rebalance callback took, which is not the batch's apply.
+    finishing: Duration,
 }
 
 type Context<S> = Rebalance<Shared<S>>;
@@ -114,6 +117,18 @@ impl<S: Stage> Shared<S> {
         if self.abandoned {
             return Ok(());
         }
+        let started = Instant::now();
+        let finished = self.deliver_and_write(consumer, crash_before_write);
+        self.finishing += started.elapsed();
+        finished
+    }
+
+    /// What [`Self::finish_batch`] does, timed by it.
+    fn deliver_and_write(
+        &mut self,
+        consumer: &BaseConsumer<Context<S>>,
+        crash_before_write: bool,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
@@ -299,6 +314,7 @@ impl<S: Stage> Worker<S> {
             published_assigned: 0,
             times,
             unwritten: 0,
+            finishing: Duration::ZERO,
         }));
         let context = Rebalance::new(shared.clone(), &config.input_topic, kill.clone(), health);
         let member = neruba_kafka::clients::StageMember {
@@ -354,8 +370,9 @@ impl<S: Stage> Worker<S> {
             }
             let batch = self.lock()?.stage.begin_batch();
             let mut applied = 0;
-            // From the batch's first message: the wait for one is idle time.
-            let mut first_at = None;
+            // From the batch's first message (the wait for one is idle time), with the time
+            // spent finishing batches by then, to leave out a rebalance's.
+            let mut first_at: Option<(Instant, Duration)> = None;
             // Partitions the batch read, with the Kafka timestamp of the last message of each.
             let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
             while applied < self.max_batch {
@@ -375,7 +392,6 @@ impl<S: Stage> Worker<S> {
                 if self.killed() {
                     return Ok(());
                 }
-                first_at.get_or_insert_with(Instant::now);
                 let at = message.timestamp().to_millis();
                 match touched.iter_mut().find(|(p, _)| *p == message.partition()) {
                     Some(last) => last.1 = at.or(last.1),
@@ -383,10 +399,11 @@ impl<S: Stage> Worker<S> {
                 }
                 let mut guard = self.lock()?;
                 let shared = &mut *guard;
+                first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;
+                    shared.unwritten += 1;
                 }
-                shared.unwritten += 1;
                 drop(guard);
                 applied += 1;
                 applied_total += 1;
@@ -409,11 +426,14 @@ impl<S: Stage> Worker<S> {
             for state in shared.partitions.values_mut() {
                 shared.stage.after_poll(state, now);
             }
-            if let Some(first) = first_at {
-                shared.times.applied(first.elapsed());
-            }
             if self.killed() {
                 return Ok(());
+            }
+            if let Some((first, finishing)) = first_at {
+                let rebalanced = shared.finishing.saturating_sub(finishing);
+                shared
+                    .times
+                    .applied(first.elapsed().saturating_sub(rebalanced));
             }
             let crash_now =
                 matches!(self.crash, Some(CrashPoint::BeforeWrite(n)) if applied_total >= n);

@@ -1,16 +1,34 @@
-//! Where a stage's batches spend their time, so a wait can be placed in a stage and a phase:
-//! `neruba_stage_batch_seconds{consumer,phase}` and `neruba_stage_batch_messages{consumer}`.
+//! The runtime's own metrics, on the registry the stage is started with: the partitions an
+//! instance owns, and where its batches spend their time, so a wait can be placed in a stage
+//! and a phase: `neruba_stage_batch_seconds{consumer,phase}` and
+//! `neruba_stage_batch_messages{consumer}`. Lag and store gauges are [`crate::ConsumerHealth`]'s.
 //!
 //! The phases of a batch, in order:
 //! - `apply`: from its first message to its last applied, polls included (the wait for a first
-//!   message is idle time, not counted), and the idle work after the poll;
-//! - `deliver`: its outputs sent until the broker acknowledged every one (`acks=all`);
-//! - `write`: its state written, one atomic write per partition, and the group offset commit.
+//!   message is idle time, not counted; of a rebalance the polls ran, its delivery and write
+//!   are counted as theirs, the opening of new partitions' stores here), and the idle work
+//!   after the poll;
+//! - `deliver`: its outputs taken from the stage, sent, and acknowledged (`acks=all`);
+//! - `write`: each partition's state and offset in one atomic write, then the group offset
+//!   commit (asynchronous).
 //!
-//! A batch that read nothing and emitted nothing is not counted.
+//! A batch is timed in a phase only if it did something there: one that read nothing but had
+//! outputs (idle work: watermark ticks, expiries) is timed delivering and writing, not
+//! applying. Every write of a batch that read or emitted something is counted, with the input
+//! messages it made durable (0 for idle work).
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use std::time::Duration;
+
+/// The gauge of partitions this instance owns, named by the stage.
+pub(crate) fn assigned_partitions(
+    name: &str,
+    registry: &Registry,
+) -> prometheus::Result<prometheus::IntGauge> {
+    let assigned = prometheus::IntGauge::new(name, "Partitions this instance owns now.")?;
+    registry.register(Box::new(assigned.clone()))?;
+    Ok(assigned)
+}
 
 /// One stage's batch histograms; cheap to clone.
 #[derive(Debug, Clone)]
@@ -27,8 +45,9 @@ impl BatchTimes {
         let seconds = HistogramVec::new(
             HistogramOpts::new(
                 "neruba_stage_batch_seconds",
-                "Time of a stage's batch by phase: apply (its messages polled and applied), \
-                 deliver (outputs until acknowledged), write (state and offset, atomically).",
+                "Time of a stage's batches by phase, summed over its workers: apply (messages \
+                 polled and applied), deliver (outputs until acknowledged), write (state and \
+                 offset, atomically per partition). Idle work is timed delivering and writing only.",
             )
             .buckets(vec![
                 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -39,8 +58,8 @@ impl BatchTimes {
         let messages = HistogramVec::new(
             HistogramOpts::new(
                 "neruba_stage_batch_messages",
-                "Input messages of a stage's batch (a batch at the stage's --max-batch means it \
-                 is behind).",
+                "Input messages each write of a stage made durable (0 for idle work; a batch at \
+                 the stage's --max-batch means it is behind).",
             )
             .buckets(vec![
                 1.0, 10.0, 100.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0,
