@@ -693,12 +693,13 @@ async fn batches(client: &reqwest::Client, ops: &str) -> Option<Batches> {
 
 /// What the steady run reads at the end of each minute: each stage's batch histograms (from
 /// its ops endpoint in `ops`) and the CPU used so far by each process of `pids`, then by the
-/// whole machine.
+/// whole machine, with when since `started` the CPU was read.
 async fn mark(
     client: &reqwest::Client,
     ops: &[String],
     pids: &[(String, String)],
-) -> (Vec<Option<Batches>>, Vec<Option<Duration>>) {
+    started: Instant,
+) -> (Duration, Vec<Option<Batches>>, Vec<Option<Duration>>) {
     let mut read = Vec::new();
     for ops in ops {
         read.push(batches(client, ops).await);
@@ -708,7 +709,7 @@ async fn mark(
         .map(|(_, pid)| cpu(pid))
         .chain(std::iter::once(machine_cpu()))
         .collect();
-    (read, used)
+    (started.elapsed(), read, used)
 }
 
 /// One stage between two readings `wall` apart: each phase's share of the wall time and the
@@ -1130,7 +1131,7 @@ async fn main() -> Result<()> {
             memory.push((minute, rocksdb_memory(&client, ops).await));
         }
         if marks.last().is_none_or(|(m, ..)| minute > *m) {
-            let (read, used) = mark(&client, &pipeline.ops, &pids).await;
+            let (at, read, used) = mark(&client, &pipeline.ops, &pids, steady_started).await;
             marks.push((minute, at, read, used));
         }
         let worst = lag
@@ -1150,7 +1151,7 @@ async fn main() -> Result<()> {
         .last()
         .is_some_and(|(_, last, ..)| at > *last + Duration::from_secs(10))
     {
-        let (read, used) = mark(&client, &pipeline.ops, &pids).await;
+        let (at, read, used) = mark(&client, &pipeline.ops, &pids, steady_started).await;
         marks.push((at.as_secs().div_ceil(60), at, read, used));
     }
     let report = steady.await??;
@@ -1322,7 +1323,12 @@ async fn main() -> Result<()> {
                 }
                 _ => "-".to_owned(),
             };
-            println!("  {name:<10} {minute:>3}: {row}");
+            // Past the run's whole minutes: its tail, the load mostly stopped.
+            let minute = match *minute > settings.steady.as_secs() / 60 {
+                true => "tail".to_owned(),
+                false => minute.to_string(),
+            };
+            println!("  {name:<10} {minute:>4}: {row}");
         }
     }
     if marks.len() > 1 {

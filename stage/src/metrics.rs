@@ -4,18 +4,19 @@
 //! `neruba_stage_batch_messages{consumer}`. Lag and store gauges are [`crate::ConsumerHealth`]'s.
 //!
 //! The phases of a batch, in order:
-//! - `apply`: from its first message to its last applied, polls included (the wait for a first
-//!   message is idle time, not counted; of a rebalance the polls ran, its delivery and write
-//!   are counted as theirs, the opening of new partitions' stores here), and the idle work
-//!   after the poll;
+//! - `apply`: from its first message applied to its last, polls included (the wait for a
+//!   first message is idle time, not counted; of a rebalance the polls ran, its delivery and
+//!   write are counted as theirs, the rest here: closing the stores of partitions it took
+//!   away, opening those of partitions it added), and the idle work after the poll;
 //! - `deliver`: its outputs taken from the stage, sent, and acknowledged (`acks=all`);
 //! - `write`: each partition's state and offset in one atomic write, then the group offset
 //!   commit (asynchronous).
 //!
 //! A batch is timed in a phase only if it did something there: one that read nothing but had
-//! outputs (idle work: watermark ticks, expiries) is timed delivering and writing, not
-//! applying. Every write of a batch that read or emitted something is counted, with the input
-//! messages it made durable (0 for idle work).
+//! outputs (idle work: watermark ticks, expiries) is timed delivering and writing, its idle
+//! work itself nowhere. Every write of a batch that read or emitted something is counted,
+//! with the input messages it made durable (0 for idle work); a rebalance in the middle of a
+//! batch writes it in two.
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use std::time::Duration;
@@ -47,7 +48,8 @@ impl BatchTimes {
                 "neruba_stage_batch_seconds",
                 "Time of a stage's batches by phase, summed over its workers: apply (messages \
                  polled and applied), deliver (outputs until acknowledged), write (state and \
-                 offset, atomically per partition). Idle work is timed delivering and writing only.",
+                 offset, atomically per partition). A batch that read nothing is timed delivering and \
+                 writing only.",
             )
             .buckets(vec![
                 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

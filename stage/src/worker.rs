@@ -399,8 +399,8 @@ impl<S: Stage> Worker<S> {
                 }
                 let mut guard = self.lock()?;
                 let shared = &mut *guard;
-                first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                    first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
                     shared.stage.apply(&batch, state, &message)?;
                     shared.unwritten += 1;
                 }
