@@ -581,13 +581,12 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     })
 }
 
-/// The memory gauges a stage exports on `ops` (`neruba_rocksdb_memory_bytes` summed over
+/// The memory gauges on a stage's metrics `page` (`neruba_rocksdb_memory_bytes` summed over
 /// partitions by kind, the block cache's, and the consumer's prefetch queue), as (kind,
-/// bytes); empty if unreadable.
-async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64)> {
-    let text = metrics(client, ops).await.unwrap_or_default();
+/// bytes).
+fn rocksdb_memory(page: &str) -> Vec<(String, u64)> {
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for line in text.lines() {
+    for line in page.lines() {
         let prefix = if line.starts_with("neruba_rocksdb_memory_bytes{") {
             ""
         } else if line.starts_with("neruba_rocksdb_block_cache_bytes{") {
@@ -597,23 +596,18 @@ async fn rocksdb_memory(client: &reqwest::Client, ops: &str) -> Vec<(String, u64
         } else {
             continue;
         };
-        let kind = line
-            .split("kind=\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_default();
+        let kind = label(line, "kind").unwrap_or_default();
         *kinds.entry(format!("{prefix}{kind}")).or_default() += sample(line).unwrap_or(0);
     }
     kinds.into_iter().collect()
 }
 
-/// A stage's consumer lag from its ops endpoint's metrics: messages behind, summed over its
+/// A stage's consumer lag from its metrics `page`: messages behind, summed over its
 /// partitions, and the oldest partition's lag in seconds; `None` if unreadable or if the
 /// stage reports no lag yet (no partition assigned), so a missing reading never shows as 0.
-async fn consumer_lag(client: &reqwest::Client, ops: &str) -> Option<(i64, i64)> {
-    let text = metrics(client, ops).await?;
+fn consumer_lag(page: &str) -> Option<(i64, i64)> {
     let (mut messages, mut seconds, mut read) = (0_i64, 0_i64, false);
-    for line in text.lines() {
+    for line in page.lines() {
         if line.starts_with("neruba_consumer_lag_messages{") {
             messages += sample::<i64>(line)?;
             read = true;
@@ -628,6 +622,15 @@ async fn consumer_lag(client: &reqwest::Client, ops: &str) -> Option<(i64, i64)>
 async fn metrics(client: &reqwest::Client, ops: &str) -> Option<String> {
     let answer = client.get(format!("{ops}/metrics")).send().await.ok()?;
     answer.text().await.ok()
+}
+
+/// Each stage's metrics page, read once per reading for everything taken from it.
+async fn pages(client: &reqwest::Client, ops: &[String]) -> Vec<Option<String>> {
+    let mut pages = Vec::with_capacity(ops.len());
+    for ops in ops {
+        pages.push(metrics(client, ops).await);
+    }
+    pages
 }
 
 /// The value of one sample line of a metrics page.
@@ -660,11 +663,10 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .strip_suffix('"')
 }
 
-/// A stage's batch histograms from its metrics page; `None` if unreadable.
-async fn batches(client: &reqwest::Client, ops: &str) -> Option<Batches> {
-    let text = metrics(client, ops).await?;
+/// A stage's batch histograms from its metrics `page`; `None` if unreadable.
+fn batches(page: &str) -> Option<Batches> {
     let mut read = Batches::default();
-    for line in text.lines() {
+    for line in page.lines() {
         if line.starts_with("neruba_stage_batch_messages_sum{") {
             read.messages = sample(line)?;
             continue;
@@ -691,19 +693,18 @@ async fn batches(client: &reqwest::Client, ops: &str) -> Option<Batches> {
     Some(read)
 }
 
-/// What the steady run reads at the end of each minute: each stage's batch histograms (from
-/// its ops endpoint in `ops`) and the CPU used so far by each process of `pids`, then by the
-/// whole machine, with when since `started` the CPU was read.
-async fn mark(
-    client: &reqwest::Client,
-    ops: &[String],
+/// What the steady run keeps at the end of each minute: each stage's batch histograms (from
+/// its metrics page in `pages`) and the CPU used so far by each process of `pids`, then by
+/// the whole machine, with when since `started` the CPU was read.
+fn mark(
+    pages: &[Option<String>],
     pids: &[(String, String)],
     started: Instant,
 ) -> (Duration, Vec<Option<Batches>>, Vec<Option<Duration>>) {
-    let mut read = Vec::new();
-    for ops in ops {
-        read.push(batches(client, ops).await);
-    }
+    let read = pages
+        .iter()
+        .map(|page| page.as_deref().and_then(batches))
+        .collect();
     let used = pids
         .iter()
         .map(|(_, pid)| cpu(pid))
@@ -1123,22 +1124,22 @@ async fn main() -> Result<()> {
             at,
             pids.iter().map(|(_, pid)| rss_kib(pid, "VmRSS:")).collect(),
         ));
+        let pages = pages(&client, &pipeline.ops).await;
         // The last reading before each minute's end (readings are 5 s apart), as for RSS.
         let minute = (at + Duration::from_secs(5)).as_secs() / 60;
-        if minute > memory.last().map_or(0, |(m, _)| *m)
-            && let Some(ops) = pipeline.ops.first()
-        {
-            memory.push((minute, rocksdb_memory(&client, ops).await));
+        if minute > memory.last().map_or(0, |(m, _)| *m) {
+            let aggregator = pages.first().cloned().flatten().unwrap_or_default();
+            memory.push((minute, rocksdb_memory(&aggregator)));
         }
         if marks.last().is_none_or(|(m, ..)| minute > *m) {
-            let (at, read, used) = mark(&client, &pipeline.ops, &pids, steady_started).await;
+            let (at, read, used) = mark(&pages, &pids, steady_started);
             marks.push((minute, at, read, used));
         }
         let worst = lag
             .entry(at.as_secs() / 60 + 1)
             .or_insert_with(|| vec![None; pipeline.ops.len()]);
-        for (slot, ops) in worst.iter_mut().zip(&pipeline.ops) {
-            if let Some((messages, seconds)) = consumer_lag(&client, ops).await {
+        for (slot, page) in worst.iter_mut().zip(&pages) {
+            if let Some((messages, seconds)) = page.as_deref().and_then(consumer_lag) {
                 let (m, s) = slot.unwrap_or_default();
                 *slot = Some((m.max(messages), s.max(seconds)));
             }
@@ -1151,7 +1152,8 @@ async fn main() -> Result<()> {
         .last()
         .is_some_and(|(_, last, ..)| at > *last + Duration::from_secs(10))
     {
-        let (at, read, used) = mark(&client, &pipeline.ops, &pids, steady_started).await;
+        let pages = pages(&client, &pipeline.ops).await;
+        let (at, read, used) = mark(&pages, &pids, steady_started);
         marks.push((at.as_secs().div_ceil(60), at, read, used));
     }
     let report = steady.await??;

@@ -48,8 +48,8 @@ impl BatchTimes {
                 "neruba_stage_batch_seconds",
                 "Time of a stage's batches by phase, summed over its workers: apply (messages \
                  polled and applied), deliver (outputs until acknowledged), write (state and \
-                 offset, atomically per partition). A batch that read nothing is timed delivering and \
-                 writing only.",
+                 offset, atomically per partition). A batch that read nothing is timed \
+                 delivering and writing only.",
             )
             .buckets(vec![
                 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
