@@ -30,8 +30,10 @@ pub const META_MAX_EVENT_TIME: &[u8] = b"\0\0\0\0Mmax_event_time";
 use neruba_stage::keys::push_part as push;
 pub use neruba_stage::keys::{time_bytes, time_from};
 
-fn tenant_kind(tenant: &str, kind: u8) -> Vec<u8> {
-    let mut key = Vec::with_capacity(64);
+/// The tenant part and kind byte, in a key with room for `rest` more bytes (keys are built
+/// once per event and meter: sized exactly, each is one allocation).
+fn tenant_kind(tenant: &str, kind: u8, rest: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + tenant.len() + 1 + rest);
     push(&mut key, tenant.as_bytes());
     key.push(kind);
     key
@@ -51,22 +53,40 @@ pub fn tenant_of(key: &[u8]) -> Option<&str> {
 
 /// Dedup entry of `(tenant, id)`.
 pub fn dedup(tenant: &str, id: &str) -> Vec<u8> {
-    let mut key = tenant_kind(tenant, b'D');
+    let mut key = tenant_kind(tenant, b'D', 4 + id.len());
     push(&mut key, id.as_bytes());
     key
 }
 
 /// The series part: meter, customer, canonical group text.
 pub fn series(meter: &str, customer: &str, group: &str) -> Vec<u8> {
-    let mut s = Vec::with_capacity(64);
+    series_with(meter, customer, group.len(), |s| {
+        s.extend_from_slice(group.as_bytes())
+    })
+}
+
+/// The series part, its group text appended by `write_group` (with room reserved for
+/// `group_len` bytes): the same bytes as [`series`] of that text, without building the text
+/// apart first.
+pub fn series_with(
+    meter: &str,
+    customer: &str,
+    group_len: usize,
+    write_group: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut s = Vec::with_capacity(12 + meter.len() + customer.len() + group_len);
     push(&mut s, meter.as_bytes());
     push(&mut s, customer.as_bytes());
-    push(&mut s, group.as_bytes());
+    let at = s.len();
+    s.extend_from_slice(&[0; 4]);
+    write_group(&mut s);
+    let len = u32::try_from(s.len() - at - 4).unwrap_or(u32::MAX);
+    s[at..at + 4].copy_from_slice(&len.to_be_bytes());
     s
 }
 
-fn timed(tenant: &str, kind: u8, series: &[u8], t: i64) -> Vec<u8> {
-    let mut key = tenant_kind(tenant, kind);
+fn timed(tenant: &str, kind: u8, series: &[u8], t: i64, rest: usize) -> Vec<u8> {
+    let mut key = tenant_kind(tenant, kind, series.len() + 8 + rest);
     key.extend_from_slice(series);
     key.extend_from_slice(&time_bytes(t));
     key
@@ -74,12 +94,12 @@ fn timed(tenant: &str, kind: u8, series: &[u8], t: i64) -> Vec<u8> {
 
 /// A window's record.
 pub fn window(tenant: &str, series: &[u8], start: i64) -> Vec<u8> {
-    timed(tenant, b'W', series, start)
+    timed(tenant, b'W', series, start, 0)
 }
 
 /// A period's closed-windows aggregate.
 pub fn period(tenant: &str, series: &[u8], start: i64) -> Vec<u8> {
-    timed(tenant, b'P', series, start)
+    timed(tenant, b'P', series, start, 0)
 }
 
 /// The period key of the same tenant and series as `window_key`, for the period starting at
@@ -91,7 +111,8 @@ pub fn period_of_window(window_key: &[u8], period_start: i64) -> Option<Vec<u8>>
     if window_key.get(kind_at) != Some(&b'W') || time_at <= kind_at {
         return None;
     }
-    let mut key = window_key[..time_at].to_vec();
+    let mut key = Vec::with_capacity(window_key.len());
+    key.extend_from_slice(&window_key[..time_at]);
     key[kind_at] = b'P';
     key.extend_from_slice(&time_bytes(period_start));
     Some(key)
@@ -99,14 +120,14 @@ pub fn period_of_window(window_key: &[u8], period_start: i64) -> Option<Vec<u8>>
 
 /// A distinct value seen in a window.
 pub fn window_value(tenant: &str, series: &[u8], start: i64, value: &str) -> Vec<u8> {
-    let mut key = timed(tenant, b'V', series, start);
+    let mut key = timed(tenant, b'V', series, start, 4 + value.len());
     push(&mut key, value.as_bytes());
     key
 }
 
 /// A distinct value seen in a period.
 pub fn period_value(tenant: &str, series: &[u8], start: i64, value: &str) -> Vec<u8> {
-    let mut key = timed(tenant, b'Q', series, start);
+    let mut key = timed(tenant, b'Q', series, start, 4 + value.len());
     push(&mut key, value.as_bytes());
     key
 }
@@ -134,6 +155,17 @@ mod tests {
             tenant_of(&window("acme", &series("m", "c", ""), 0)),
             Some("acme")
         );
+    }
+
+    #[test]
+    fn a_series_written_in_place_equals_one_of_its_text() {
+        let group = r#"{"model":"a"}"#;
+        for room in [0, group.len(), 100] {
+            let written = series_with("calls", "c-1", room, |s| {
+                s.extend_from_slice(group.as_bytes());
+            });
+            assert_eq!(written, series("calls", "c-1", group));
+        }
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! reads its own writes; the records of open windows stay in memory between batches (they are
 //! what the next events touch), always equal to what is stored once a batch is written, and are
 //! loaded when the state opens, so the store is never read for a window that ends after its
-//! tenant's watermark (it would be open, hence in memory, if it existed); open windows are
+//! tenant's watermark (it would be open, hence in memory, if it existed); period aggregates
+//! stay in memory between batches too, up to a bound, likewise equal to the store once
+//! written (a series' period is read at each of its windows' closes); open windows are
 //! indexed under a metadata prefix so a restart finds them without scanning the
 //! data; each tenant's clock is stored under a metadata prefix too, with the offsets.
 //!
@@ -43,7 +45,7 @@ use ahash::AHashMap as HashMap;
 use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::measure::measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
-use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
+use neruba_schemas::{Catalog, Event, RejectCode, Rejection, codec};
 use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
 use serde::de::DeserializeOwned;
@@ -128,6 +130,16 @@ pub struct WindowRecord {
 /// One write of a batch: the value to put, or `None` to delete the key.
 type Write<'a> = (&'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
 
+/// Most period aggregates kept in memory across batches, per partition (about 250 bytes each).
+/// A batch that leaves more drops them all once written, and the next reads from the store.
+const PERIODS_KEPT: usize = 16_384;
+
+/// A period aggregate in memory, and whether the batch changed it.
+struct CachedPeriod {
+    period: Aggregate,
+    dirty: bool,
+}
+
 /// A window record in memory, and whether the batch changed it.
 struct CachedWindow {
     record: WindowRecord,
@@ -142,8 +154,10 @@ pub struct PartitionState {
     /// Window records touched by the batch (dirty, encoded once at commit; closed ones leave
     /// at commit) and the record of every open window (loaded at open, kept across batches).
     windows: HashMap<Vec<u8>, CachedWindow>,
-    /// Period aggregates touched by the batch, likewise.
-    periods: HashMap<Vec<u8>, Aggregate>,
+    /// Period aggregates: those the batch touched (dirty, encoded once at commit), and those
+    /// of earlier batches while there are at most [`PERIODS_KEPT`] (each series' period is
+    /// read again when its next window closes).
+    periods: HashMap<Vec<u8>, CachedPeriod>,
     timing: Timing,
     /// Per tenant: event time and open windows.
     clocks: HashMap<String, Clock>,
@@ -156,6 +170,10 @@ pub struct PartitionState {
     outputs: Vec<Output>,
     counts: Counts,
     decoder: codec::Decoder,
+    /// The event being applied, its allocations reused by the next.
+    event: Event,
+    /// [`PERIODS_KEPT`], lowered by tests.
+    periods_kept: usize,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -288,6 +306,8 @@ impl PartitionState {
             outputs: Vec::new(),
             counts: Counts::default(),
             decoder: codec::Decoder::default(),
+            event: Event::default(),
+            periods_kept: PERIODS_KEPT,
         })
     }
 
@@ -305,7 +325,7 @@ impl PartitionState {
     pub fn is_dirty(&self) -> bool {
         !self.overlay.is_empty()
             || self.windows.values().any(|w| w.dirty)
-            || !self.periods.is_empty()
+            || self.periods.values().any(|p| p.dirty)
             || !self.outputs.is_empty()
     }
 
@@ -356,15 +376,23 @@ impl PartitionState {
         );
     }
 
+    /// Takes a period aggregate out of the cache (or the store; a new one is empty); put it
+    /// back with [`Self::store_period`].
     fn load_period(&mut self, key: &[u8]) -> Result<Aggregate> {
         match self.periods.remove(key) {
-            Some(period) => Ok(period),
+            Some(cached) => Ok(cached.period),
             None => Ok(self.get_record(key)?.unwrap_or_default()),
         }
     }
 
     fn store_period(&mut self, key: Vec<u8>, period: Aggregate) {
-        self.periods.insert(key, period);
+        self.periods.insert(
+            key,
+            CachedPeriod {
+                period,
+                dirty: true,
+            },
+        );
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -388,14 +416,22 @@ impl PartitionState {
     /// the worker stops and writes nothing more), since the batch may be half applied.
     pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
         self.store.consumed(input.offset);
-        let event = match self.decoder.decode(input.payload) {
-            Ok(event) => event,
+        // Decoded into the last event's allocations, lent out while it is applied.
+        let mut event = std::mem::take(&mut self.event);
+        let applied = match self.decoder.decode_into(input.payload, &mut event) {
+            Ok(()) => self.apply_event(input, &event, catalog),
             Err(e) => {
                 let rejection = Rejection::new(RejectCode::InvalidJson, e.to_string());
                 self.refuse(input, rejection);
-                return Ok(());
+                Ok(())
             }
         };
+        self.event = event;
+        applied
+    }
+
+    /// Applies a decoded event: the too-old rule, dedup, metering, then the fold.
+    fn apply_event(&mut self, input: Input<'_>, event: &Event, catalog: &Catalog) -> Result<()> {
         let Some(tenant) = catalog.tenant(&event.tenant) else {
             let rejection = Rejection::new(
                 RejectCode::UnknownTenant,
@@ -425,7 +461,7 @@ impl PartitionState {
             self.counts.duplicates += 1;
             return Ok(());
         }
-        let measures = match measure(tenant, &event) {
+        let measures = match measure(tenant, event) {
             Ok(measures) => measures,
             Err(rejection) => {
                 self.refuse(input, rejection);
@@ -435,7 +471,7 @@ impl PartitionState {
         // Every meter's fold is checked before any is made: an event counts whole or not at all.
         let mut targets = Vec::with_capacity(measures.len());
         for m in &measures {
-            let target = self.target(&event, m)?;
+            let target = self.target(event, m)?;
             if !self.fits(&event.tenant, m, &target)? {
                 let rejection = Rejection::new(
                     RejectCode::ValueOutOfRange,
@@ -452,7 +488,7 @@ impl PartitionState {
         }
         self.put(dedup_key, keys::time_bytes(event.time_ms).to_vec());
         for (m, target) in measures.iter().zip(targets) {
-            self.fold(&event, m, target)?;
+            self.fold(event, m, target)?;
         }
         self.counts.applied += 1;
         let clock = self.clock_mut(&event.tenant)?;
@@ -484,8 +520,10 @@ impl neruba_stage::Partition for PartitionState {
                 writes.push((key, Some(encode_record(&cached.record)?.into())));
             }
         }
-        for (key, period) in &self.periods {
-            writes.push((key, Some(encode_record(period)?.into())));
+        for (key, cached) in &self.periods {
+            if cached.dirty {
+                writes.push((key, Some(encode_record(&cached.period)?.into())));
+            }
         }
         for (key, value) in &self.overlay {
             writes.push((key, value.as_deref().map(Into::into)));
@@ -514,10 +552,16 @@ impl neruba_stage::Partition for PartitionState {
             }
         }
         self.store.write(batch)?;
-        self.periods.clear();
+        // Written: the caches now equal the store.
+        if self.periods.len() > self.periods_kept {
+            self.periods.clear();
+        } else {
+            for cached in self.periods.values_mut() {
+                cached.dirty = false;
+            }
+        }
         self.overlay.clear();
-        // Written: the cache now equals the store. Closed windows leave it (only a late event
-        // reads one again).
+        // Closed windows leave their cache (only a late event reads one again).
         self.windows.retain(|_, cached| {
             cached.dirty = false;
             !cached.record.closed
@@ -533,7 +577,8 @@ fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>> {
 }
 
 fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
-    let mut key = OPEN_PREFIX.to_vec();
+    let mut key = Vec::with_capacity(OPEN_PREFIX.len() + 8 + window_key.len());
+    key.extend_from_slice(OPEN_PREFIX);
     key.extend_from_slice(&keys::time_bytes(end));
     key.extend_from_slice(window_key);
     key
@@ -652,12 +697,16 @@ mod tests {
 
     /// An event of tenant `acme` with `tokens` at `time_ms`.
     fn tokens(id: &str, time_ms: i64, tokens: &str) -> Vec<u8> {
+        tokens_of("c1", id, time_ms, tokens)
+    }
+
+    fn tokens_of(customer: &str, id: &str, time_ms: i64, tokens: &str) -> Vec<u8> {
         let data = serde_json::json!({ "tokens": tokens });
         codec::encode(&neruba_schemas::Event {
             tenant: "acme".into(),
             id: id.into(),
             event_type: "llm".into(),
-            subject: "c1".into(),
+            subject: customer.into(),
             time_ms,
             received_ms: time_ms,
             source: None,
@@ -738,6 +787,119 @@ window = "1m"
             emitted(&mut state),
             vec![(start, Decimal::new(475, 2), 4, 2)]
         );
+    }
+
+    #[test]
+    fn periods_kept_between_batches_or_read_back_give_the_same_rollups() {
+        // Five minutes of three customers, a batch a minute, and a late event for minute 1:
+        // with no period kept across batches (each read back from the store) and with every
+        // one kept, the same rollups, period-to-date included.
+        let catalog = Catalog::from_toml_str(
+            r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+"#,
+            "test",
+        )
+        .expect("catalog");
+        let start = 10 * DAY_MS;
+        let run = |kept: usize| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cache = Cache::new_lru_cache(1 << 20);
+            let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+            state.periods_kept = kept;
+            let mut outputs = Vec::new();
+            let mut offset = 0;
+            for minute in 0..5_i64 {
+                let mut events = vec![];
+                for customer in ["c1", "c2", "c3"] {
+                    let id = format!("{customer}-{minute}");
+                    let at = start + minute * 60_000 + 1_000;
+                    events.push(tokens_of(customer, &id, at, &format!("{}", minute + 1)));
+                }
+                if minute == 3 {
+                    events.push(tokens_of("c2", "late", start + 61_000, "0.5"));
+                }
+                for payload in &events {
+                    let input = Input {
+                        offset,
+                        key: None,
+                        payload,
+                    };
+                    offset += 1;
+                    state.apply(input, &catalog).expect("apply");
+                }
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+            }
+            outputs
+        };
+        let read_back = run(0);
+        assert_eq!(read_back, run(PERIODS_KEPT));
+        let to_date = |customer: &str, window: i64, revision: u32| {
+            read_back.iter().find_map(|output| match output {
+                Output::Rollup(r)
+                    if r.customer == customer
+                        && r.window_start_ms == start + window * 60_000
+                        && r.revision == revision =>
+                {
+                    Some(r.period_quantity)
+                }
+                _ => None,
+            })
+        };
+        // Minutes 0..=3 closed: 1 + 2 + 3 + 4. For c2, the late 0.5 in minute 1 comes when
+        // minutes 0..=2 are closed (its revision 2: 1 + 2.5 + 3), and minute 3's close in
+        // the next batch includes it.
+        assert_eq!(to_date("c1", 3, 1), Some(Decimal::new(10, 0)));
+        assert_eq!(to_date("c2", 1, 2), Some(Decimal::new(65, 1)));
+        assert_eq!(to_date("c2", 3, 1), Some(Decimal::new(105, 1)));
+    }
+
+    #[test]
+    fn a_grouped_series_key_is_that_of_its_canonical_group_text() {
+        // The key is written in place; state stored when it was built from the group's JSON
+        // text must be found under the same keys.
+        let catalog = Catalog::from_toml_str(
+            r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+group_by = { model = "$.model", region = "$.region" }
+window = "1m"
+"#,
+            "test",
+        )
+        .expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        for model in ["gpt", "quote \" back\\slash", "ünï\u{7}"] {
+            let data = serde_json::json!({ "tokens": "1", "model": model, "region": "eu" });
+            let event = Event {
+                tenant: "acme".into(),
+                id: "e1".into(),
+                event_type: "llm".into(),
+                subject: "c1".into(),
+                data: data.as_object().cloned().unwrap_or_default(),
+                ..Event::default()
+            };
+            let measures = measure(tenant, &event).expect("measures");
+            let target = state.target(&event, &measures[0]).expect("target");
+            let text = serde_json::to_string(&measures[0].group).expect("group text");
+            assert_eq!(target.series, keys::series("tokens", "c1", &text));
+        }
     }
 
     #[test]

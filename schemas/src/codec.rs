@@ -185,6 +185,17 @@ impl Decoder {
             .map_err(|e| Error::Decode(e.to_string()))?;
         from_wire(wire)
     }
+
+    /// Decodes one message into `event`, as [`Self::decode`] does, reusing `event`'s
+    /// allocations where the message is in version 2 (see [`binary::decode_into`]). On an
+    /// error `event` holds no meaningful value.
+    pub fn decode_into(&mut self, payload: &[u8], event: &mut Event) -> Result<()> {
+        if version_of(payload) == binary::VERSION {
+            return binary::decode_into(payload, event);
+        }
+        *event = self.decode(payload)?;
+        Ok(())
+    }
 }
 
 fn from_wire(wire: WireOwned) -> Result<Event> {

@@ -21,7 +21,7 @@ pub const MAX_ID_CHARS: usize = 256;
 pub const MAX_ATTRIBUTE_CHARS: usize = 1024;
 
 /// A validated event, ready for the events topic.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Event {
     /// Tenant proved by the API key (or the raw-topic credentials), never read from the body.
     pub tenant: String,

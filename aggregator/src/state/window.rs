@@ -39,13 +39,26 @@ impl PartitionState {
             meter.offset_secs(),
         )
         .ok_or_else(|| Error::Bug(format!("event time {} has no period", event.time_ms)))?;
-        // Canonical JSON of the group (a sorted map); most meters have none.
-        let group_text = if m.group.is_empty() {
-            std::borrow::Cow::Borrowed("{}")
+        // Canonical JSON of the group (a sorted map), written into the key; most meters have
+        // none.
+        let series = if m.group.is_empty() {
+            keys::series(&meter.key, &event.subject, "{}")
         } else {
-            std::borrow::Cow::Owned(serde_json::to_string(&m.group).unwrap_or_default())
+            let room = m
+                .group
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 6)
+                .sum::<usize>()
+                + 2;
+            keys::series_with(&meter.key, &event.subject, room, |key| {
+                let at = key.len();
+                // A map of strings always serializes; were it not to, the text is empty, as
+                // it was when built apart.
+                if serde_json::to_writer(&mut *key, &m.group).is_err() {
+                    key.truncate(at);
+                }
+            })
         };
-        let series = keys::series(&meter.key, &event.subject, &group_text);
         let window_key = keys::window(&event.tenant, &series, start);
         Ok(Target {
             series,
@@ -65,10 +78,9 @@ impl PartitionState {
         };
         let watermark = self.tenant_watermark(tenant);
         let end = target.start + target.size;
-        let (window_sum, closed) = match self.peek_window(&target.window_key, end <= watermark)? {
-            Some(record) => (record.agg.sum, record.closed),
-            None => (Decimal::ZERO, end <= watermark),
-        };
+        let (window_sum, closed) = self
+            .peek_window(&target.window_key, end <= watermark)?
+            .unwrap_or((Decimal::ZERO, end <= watermark));
         if decimal::exact_add(window_sum, value).is_none() {
             return Ok(false);
         }
@@ -82,29 +94,25 @@ impl PartitionState {
         Ok(true)
     }
 
-    /// The window record at `key`, read into the batch cache (unchanged) if it was not there
-    /// (`may_be_stored` as for [`Self::load_window`]).
-    pub(super) fn peek_window(
-        &mut self,
-        key: &[u8],
-        may_be_stored: bool,
-    ) -> Result<Option<&WindowRecord>> {
-        if !self.windows.contains_key(key) {
-            if !may_be_stored {
-                return Ok(None);
-            }
-            let Some(record) = self.get_record::<WindowRecord>(key)? else {
-                return Ok(None);
-            };
-            self.windows.insert(
-                key.to_vec(),
-                CachedWindow {
-                    record,
-                    dirty: false,
-                },
-            );
+    /// The sum and closedness of the window record at `key`, read into the batch cache
+    /// (unchanged) if it was not there (`may_be_stored` as for [`Self::load_window`]).
+    fn peek_window(&mut self, key: &[u8], may_be_stored: bool) -> Result<Option<(Decimal, bool)>> {
+        if let Some(cached) = self.windows.get(key) {
+            return Ok(Some((cached.record.agg.sum, cached.record.closed)));
         }
-        Ok(self.windows.get(key).map(|cached| &cached.record))
+        if !may_be_stored {
+            return Ok(None);
+        }
+        let Some(record) = self.get_record::<WindowRecord>(key)? else {
+            return Ok(None);
+        };
+        let peeked = (record.agg.sum, record.closed);
+        let cached = CachedWindow {
+            record,
+            dirty: false,
+        };
+        self.windows.insert(key.to_vec(), cached);
+        Ok(Some(peeked))
     }
 
     pub(super) fn fold(&mut self, event: &Event, m: &Measure<'_>, target: Target) -> Result<()> {
@@ -117,6 +125,19 @@ impl PartitionState {
             period_start,
             period_end,
         } = target;
+        // Most events add to a window open in memory: folded in place.
+        if m.distinct.is_none()
+            && let Some(cached) = self.windows.get_mut(&window_key)
+            && !cached.record.closed
+        {
+            let record = &mut cached.record;
+            record
+                .agg
+                .add(record.aggregation, m.value, event.time_ms, &event.id, false)
+                .map_err(|_| overflow(record))?;
+            cached.dirty = true;
+            return Ok(());
+        }
         let tenant = event.tenant.as_str();
         let watermark = self.tenant_watermark(tenant);
         let existing = self.load_window(&window_key, start + size <= watermark)?;

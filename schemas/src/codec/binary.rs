@@ -148,6 +148,21 @@ enum Numbers {
 }
 
 fn decode_as(bytes: &[u8], numbers: Numbers) -> Result<Event> {
+    let mut event = Event::default();
+    decode_into_as(bytes, &mut event, numbers)?;
+    Ok(event)
+}
+
+/// Decodes a version 2 message into `event`, reusing its strings and, when the message's data
+/// has the same keys as `event`'s (one event type after another), its data map and string
+/// values: a consumer decoding millions of events of a few shapes allocates almost nothing.
+/// The result equals [`decode`]'s whatever `event` held before. On an error `event` holds no
+/// meaningful value.
+pub fn decode_into(bytes: &[u8], event: &mut Event) -> Result<()> {
+    decode_into_as(bytes, event, Numbers::AsText)
+}
+
+fn decode_into_as(bytes: &[u8], event: &mut Event, numbers: Numbers) -> Result<()> {
     let mut reader = Reader {
         bytes,
         at: 0,
@@ -159,36 +174,47 @@ fn decode_as(bytes: &[u8], numbers: Numbers) -> Result<Event> {
             "encoding version {version} is not supported here (expected {VERSION})"
         )));
     }
-    let tenant = reader.text()?.to_owned();
-    let id = reader.text()?.to_owned();
-    let event_type = reader.text()?.to_owned();
-    let subject = reader.text()?.to_owned();
-    let time_ms = unzigzag(reader.varint()?);
-    let received_ms = unzigzag(reader.varint()?);
-    let source = match reader.byte()? {
-        0 => None,
-        1 => Some(reader.text()?.to_owned()),
+    for field in [
+        &mut event.tenant,
+        &mut event.id,
+        &mut event.event_type,
+        &mut event.subject,
+    ] {
+        set_text(field, reader.text()?);
+    }
+    event.time_ms = unzigzag(reader.varint()?);
+    event.received_ms = unzigzag(reader.varint()?);
+    match reader.byte()? {
+        0 => event.source = None,
+        1 => {
+            let text = reader.text()?;
+            match &mut event.source {
+                Some(source) => set_text(source, text),
+                None => event.source = Some(text.to_owned()),
+            }
+        }
         other => return Err(malformed(format!("source marker {other}"))),
-    };
-    let Value::Object(data) = reader.value(0)? else {
+    }
+    if reader.bytes.get(reader.at) == Some(&OBJECT) {
+        reader.at += 1;
+        reader.object_into(&mut event.data)?;
+    } else {
+        // Read whatever it is, for the same refusal a malformed value gets.
+        reader.value(0)?;
         return Err(Error::Decode("`data` is not an object".into()));
-    };
+    }
     if reader.at != bytes.len() {
         return Err(malformed(format!(
             "{} bytes after the event",
             bytes.len() - reader.at
         )));
     }
-    Ok(Event {
-        tenant,
-        id,
-        event_type,
-        subject,
-        time_ms,
-        received_ms,
-        source,
-        data,
-    })
+    Ok(())
+}
+
+fn set_text(field: &mut String, text: &str) {
+    field.clear();
+    field.push_str(text);
 }
 
 fn malformed(what: impl std::fmt::Display) -> Error {
@@ -271,19 +297,67 @@ impl<'a> Reader<'a> {
                 }
                 Ok(Value::Array(items))
             }
-            OBJECT => {
-                let depth = Self::deeper(depth)?;
-                let count = self.len()?;
-                let mut map = Map::new();
-                for _ in 0..count {
-                    let key = self.text()?.to_owned();
-                    let value = self.value(depth)?;
-                    map.insert(key, value);
-                }
-                Ok(Value::Object(map))
-            }
+            OBJECT => Ok(Value::Object(self.object(Self::deeper(depth)?)?)),
             tag => Err(malformed(format!("value tag {tag}"))),
         }
+    }
+
+    /// An object's count and entries (its tag already read), nested `depth` deep.
+    fn object(&mut self, depth: usize) -> Result<Map<String, Value>> {
+        let count = self.len()?;
+        let mut map = Map::new();
+        for _ in 0..count {
+            let key = self.text()?.to_owned();
+            let value = self.value(depth)?;
+            map.insert(key, value);
+        }
+        Ok(map)
+    }
+
+    /// Reads the top-level object (its tag already read) into `map`. When the object's keys
+    /// are exactly `map`'s, in order (the encoder writes them sorted), each value is
+    /// overwritten in place, a string reusing its buffer; otherwise the object is read again
+    /// from its start into an emptied map. So the result is what [`Self::value`] would read,
+    /// and no message costs more than reading it twice.
+    fn object_into(&mut self, map: &mut Map<String, Value>) -> Result<()> {
+        let depth = Self::deeper(0)?;
+        let start = self.at;
+        let count = self.len()?;
+        if count == map.len() && self.overwrite(map, count, depth)? {
+            return Ok(());
+        }
+        self.at = start;
+        *map = self.object(depth)?;
+        Ok(())
+    }
+
+    /// Overwrites `map`'s `count` values in place, if the next `count` keys are its keys in
+    /// order; `false` (the reader then somewhere inside the object) if they are not.
+    fn overwrite(
+        &mut self,
+        map: &mut Map<String, Value>,
+        count: usize,
+        depth: usize,
+    ) -> Result<bool> {
+        for slot in map.iter_mut() {
+            let key = self.text()?;
+            if key != slot.0 {
+                return Ok(false);
+            }
+            let value = slot.1;
+            match (self.byte()?, &mut *value) {
+                (TEXT, Value::String(text)) => set_text(text, self.text()?),
+                (NUMBER, Value::String(text)) if self.numbers == Numbers::AsText => {
+                    set_text(text, self.text()?);
+                }
+                _ => {
+                    self.at -= 1;
+                    *value = self.value(depth)?;
+                }
+            }
+        }
+        debug_assert_eq!(map.len(), count);
+        Ok(true)
     }
 
     fn deeper(depth: usize) -> Result<usize> {
@@ -379,5 +453,66 @@ mod tests {
         }
         greedy.resize(greedy.len() + 1_000_000, NULL);
         assert!(refused(&greedy).is_some_and(|e| e.contains("ends early")));
+    }
+
+    /// Events of a few shapes, drawn one after another: the data's keys the same as the
+    /// last event's, a subset, a superset or others; values text, numbers, nested or null.
+    fn shaped_event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            "[a-z0-9.]{0,6}".prop_map(Value::String),
+            (0u32..1000).prop_map(|n| Value::String(format!("{n}.5"))),
+            Just(Value::Null),
+            Just(Value::Bool(true)),
+            "[a-z]{0,3}".prop_map(|s| serde_json::json!({ "inner": s, "list": [1, s] })),
+        ];
+        let keys = prop::sample::subsequence(vec!["model", "ok", "region", "tokens"], 0..=4);
+        (
+            keys,
+            prop::collection::vec(value, 4),
+            prop::option::of("[a-z]{1,4}"),
+            "[a-z]{1,8}",
+        )
+            .prop_map(|(keys, values, source, id)| {
+                let mut event = small();
+                event.id = id;
+                event.source = source;
+                event.data = keys
+                    .into_iter()
+                    .zip(values)
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                event
+            })
+    }
+
+    proptest::proptest! {
+        /// Decoding into a reused event gives what a fresh decode gives, whatever it held
+        /// (a malformed message between them included).
+        #[test]
+        fn decoding_into_a_reused_event_equals_a_fresh_decode(
+            events in proptest::collection::vec((shaped_event(), proptest::bool::ANY), 1..12)
+        ) {
+            let mut reused = Event::default();
+            for (event, break_it) in events {
+                let mut bytes = encode(&event);
+                if break_it {
+                    // Cut inside the data: refused both ways, leaving `reused` half written.
+                    bytes.truncate(bytes.len() - 1);
+                    proptest::prop_assert!(decode_into(&bytes, &mut reused).is_err());
+                    proptest::prop_assert!(decode(&bytes).is_err());
+                    continue;
+                }
+                proptest::prop_assert!(decode_into(&bytes, &mut reused).is_ok());
+                let fresh = decode(&bytes).ok();
+                proptest::prop_assert_eq!(Some(&reused), fresh.as_ref());
+                let readable = decode_readable(&bytes).ok();
+                let mut reused_readable = reused.clone();
+                proptest::prop_assert!(
+                    decode_into_as(&bytes, &mut reused_readable, Numbers::AsJson).is_ok()
+                );
+                proptest::prop_assert_eq!(Some(reused_readable), readable);
+            }
+        }
     }
 }
