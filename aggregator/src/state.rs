@@ -530,7 +530,13 @@ impl neruba_stage::Partition for PartitionState {
         }
         // In key order: each memtable insert then starts from where the previous one ended.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut batch = WriteBatch::default();
+        // Sized up front (RocksDB's record of a put: a tag, two lengths, key and value), so it
+        // is not copied as it grows.
+        let bytes = writes
+            .iter()
+            .map(|(key, value)| 12 + key.len() + value.as_ref().map_or(0, |v| v.len()))
+            .sum();
+        let mut batch = WriteBatch::with_capacity_bytes(bytes);
         for (key, value) in writes {
             match value {
                 Some(value) => batch.put(key, value),

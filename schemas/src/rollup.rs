@@ -76,11 +76,22 @@ impl Aggregate {
             .as_ref()
             .is_none_or(|l| (time_ms, id) > (l.time_ms, l.id.as_str()));
         if newer {
-            self.latest = Some(Latest {
-                time_ms,
-                id: id.to_owned(),
-                value,
-            });
+            match &mut self.latest {
+                // The id's buffer reused: in a stream most events are the newest so far.
+                Some(latest) => {
+                    latest.time_ms = time_ms;
+                    latest.id.clear();
+                    latest.id.push_str(id);
+                    latest.value = value;
+                }
+                None => {
+                    self.latest = Some(Latest {
+                        time_ms,
+                        id: id.to_owned(),
+                        value,
+                    });
+                }
+            }
         }
         Ok(())
     }
