@@ -11,7 +11,9 @@
 //!   putting it: the dedup floor, the least any aggregator with a durable dedup set pays).
 //!
 //! The stream runs on across iterations (ids and event times keep increasing), so the state
-//! grows and windows close as in a long run.
+//! grows and windows close as in a long run. `NERUBA_BENCH_IDS=random` gives each event id
+//! as 32 hex digits of a hash of it instead (as the client library makes ids: no order), so
+//! a lookup cannot skip a stored file by its key range.
 
 // The allocator the `neruba` binary runs with.
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -26,10 +28,39 @@ const BATCH: usize = 5_000;
 const PER_HOUR: usize = 300_000;
 const DAY_MS: i64 = 86_400_000;
 
+/// Whether ids are unordered (`NERUBA_BENCH_IDS=random`).
+fn random_ids() -> bool {
+    std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random")
+}
+
+/// `id` as 32 hex digits of two 64-bit FNV-1a hashes of it: the same id (a repeat) gives the
+/// same digits, and consecutive ids scatter.
+fn scattered(id: &str) -> String {
+    let fnv = |seed: u64| {
+        id.bytes().fold(seed, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    format!(
+        "{:016x}{:016x}",
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x8422_2325_cbf2_9ce4)
+    )
+}
+
+/// The event `i` of the stream, its id scattered when ids are random.
+fn stream_event(i: usize) -> neruba_schemas::Event {
+    let mut event = event(i, PER_HOUR);
+    if random_ids() {
+        event.id = scattered(&event.id);
+    }
+    event
+}
+
 /// The next `BATCH` events of the stream, from event `*next` on, in `encoding`.
 fn next_batch(next: &mut usize, encoding: codec::Encoding) -> Vec<Vec<u8>> {
     let batch = (*next..*next + BATCH)
-        .map(|i| encoding.encode(&event(i, PER_HOUR)))
+        .map(|i| encoding.encode(&stream_event(i)))
         .collect();
     *next += BATCH;
     batch
@@ -102,9 +133,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("raw/put_ids", |b| {
         b.iter_batched(
             || {
-                let ids: Vec<String> = (next..next + BATCH)
-                    .map(|i| event(i, PER_HOUR).id)
-                    .collect();
+                let ids: Vec<String> = (next..next + BATCH).map(|i| stream_event(i).id).collect();
                 next += BATCH;
                 ids
             },
