@@ -130,15 +130,25 @@ pub struct WindowRecord {
 /// One write of a batch: the value to put, or `None` to delete the key.
 type Write<'a> = (&'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
 
-/// Most period aggregates kept in memory across batches, per partition (about 280 bytes each,
-/// by the sizes of their parts: 4.5 MiB at most).
-/// A batch that leaves more drops them all once written, and the next reads from the store.
-const PERIODS_KEPT: usize = 16_384;
+/// Most bytes of period aggregates kept in memory between batches, per partition, each
+/// counted as [`CachedPeriod::bytes`]. A batch that leaves more drops them all (their table
+/// too) once written, and the next reads them from the store. Within a batch, the periods it
+/// touches are held until its write, as they always were.
+const PERIOD_BYTES_KEPT: usize = 4 << 20;
 
-/// A period aggregate in memory, and whether the batch changed it.
+/// A period aggregate in memory, and whether the batch changed it (so it must be written).
 struct CachedPeriod {
     period: Aggregate,
     dirty: bool,
+}
+
+impl CachedPeriod {
+    /// What an entry holds, counted generously: its key, its latest event's id, and 256 bytes
+    /// for the aggregate, the key's and id's headers and the table's slot.
+    fn bytes(key: &[u8], cached: &Self) -> usize {
+        let id = cached.period.latest.as_ref().map_or(0, |l| l.id.len());
+        key.len() + id + 256
+    }
 }
 
 /// A window record in memory, and whether the batch changed it.
@@ -155,9 +165,9 @@ pub struct PartitionState {
     /// Window records touched by the batch (dirty, encoded once at commit; closed ones leave
     /// at commit) and the record of every open window (loaded at open, kept across batches).
     windows: HashMap<Vec<u8>, CachedWindow>,
-    /// Period aggregates: those the batch touched (dirty, encoded once at commit), and those
-    /// of earlier batches while there are at most [`PERIODS_KEPT`] (each series' period is
-    /// read again when its next window closes).
+    /// Period aggregates: those the batch touched (changed ones encoded once at commit), and
+    /// those of earlier batches up to [`PERIOD_BYTES_KEPT`] (each series' period is read again
+    /// when its next window closes).
     periods: HashMap<Vec<u8>, CachedPeriod>,
     timing: Timing,
     /// Per tenant: event time and open windows.
@@ -173,8 +183,8 @@ pub struct PartitionState {
     decoder: codec::Decoder,
     /// The event being applied, its allocations reused by the next.
     event: Event,
-    /// [`PERIODS_KEPT`], lowered by tests.
-    periods_kept: usize,
+    /// [`PERIOD_BYTES_KEPT`], lowered by tests.
+    period_bytes_kept: usize,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -308,7 +318,7 @@ impl PartitionState {
             counts: Counts::default(),
             decoder: codec::Decoder::default(),
             event: Event::default(),
-            periods_kept: PERIODS_KEPT,
+            period_bytes_kept: PERIOD_BYTES_KEPT,
         })
     }
 
@@ -394,6 +404,22 @@ impl PartitionState {
                 dirty: true,
             },
         );
+    }
+
+    /// The sum of the period aggregate at `key`, read into the cache (unchanged) if it was
+    /// not there.
+    fn peek_period_sum(&mut self, key: Vec<u8>) -> Result<rust_decimal::Decimal> {
+        if let Some(cached) = self.periods.get(&key) {
+            return Ok(cached.period.sum);
+        }
+        let period: Aggregate = self.get_record(&key)?.unwrap_or_default();
+        let sum = period.sum;
+        let cached = CachedPeriod {
+            period,
+            dirty: false,
+        };
+        self.periods.insert(key, cached);
+        Ok(sum)
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -560,12 +586,13 @@ impl neruba_stage::Partition for PartitionState {
         }
         self.store.write(batch)?;
         // Written: the caches now equal the store.
-        if self.periods.len() > self.periods_kept {
-            self.periods.clear();
-        } else {
-            for cached in self.periods.values_mut() {
-                cached.dirty = false;
-            }
+        let mut kept = 0;
+        for (key, cached) in &mut self.periods {
+            cached.dirty = false;
+            kept += CachedPeriod::bytes(key, cached);
+        }
+        if kept > self.period_bytes_kept {
+            self.periods = HashMap::default();
         }
         self.overlay.clear();
         // Closed windows leave their cache (only a late event reads one again).
@@ -596,6 +623,18 @@ mod tests {
     use super::*;
     use neruba_stage::Partition as _;
     use rust_decimal::Decimal;
+
+    /// One tenant, one summing meter of `llm` events' tokens, 1-minute windows.
+    const TOKENS: &str = r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+window = "1m"
+"#;
 
     const TIMING: Timing = Timing {
         grace_ms: 0,
@@ -743,20 +782,7 @@ mod tests {
         // Open windows are not read from the store while they are open (their records stay
         // in memory): a reopened state must bring them back, or the next event of the
         // window would start it again from nothing.
-        let catalog = Catalog::from_toml_str(
-            r#"
-[[tenants]]
-id = "acme"
-[[tenants.meters]]
-key = "tokens"
-event_type = "llm"
-aggregation = "sum"
-value = "$.tokens"
-window = "1m"
-"#,
-            "test",
-        )
-        .expect("catalog");
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
         let start = 10 * DAY_MS;
@@ -801,26 +827,13 @@ window = "1m"
         // Five minutes of three customers, a batch a minute, and a late event for minute 1:
         // with no period kept across batches (each read back from the store) and with every
         // one kept, the same rollups, period-to-date included.
-        let catalog = Catalog::from_toml_str(
-            r#"
-[[tenants]]
-id = "acme"
-[[tenants.meters]]
-key = "tokens"
-event_type = "llm"
-aggregation = "sum"
-value = "$.tokens"
-window = "1m"
-"#,
-            "test",
-        )
-        .expect("catalog");
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
         let start = 10 * DAY_MS;
         let run = |kept: usize| {
             let dir = tempfile::tempdir().expect("tempdir");
             let cache = Cache::new_lru_cache(1 << 20);
             let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
-            state.periods_kept = kept;
+            state.period_bytes_kept = kept;
             let mut outputs = Vec::new();
             let mut offset = 0;
             for minute in 0..5_i64 {
@@ -845,10 +858,13 @@ window = "1m"
                 outputs.extend(state.take_outputs());
                 state.commit().expect("commit");
             }
-            outputs
+            (outputs, state.periods.len())
         };
-        let read_back = run(0);
-        assert_eq!(read_back, run(PERIODS_KEPT));
+        let (read_back, none_kept) = run(0);
+        let (kept_back, kept) = run(PERIOD_BYTES_KEPT);
+        assert_eq!(read_back, kept_back);
+        // Each customer's one period, kept after the last batch; none with no room for it.
+        assert_eq!((none_kept, kept), (0, 3));
         let to_date = |customer: &str, window: i64, revision: u32| {
             read_back.iter().find_map(|output| match output {
                 Output::Rollup(r)

@@ -6,7 +6,8 @@
 //! - `state/apply_commit_v1_json` and `raw/decode_v1_json`: the same on events in version 1
 //!   of the events-topic encoding (JSON), which the gateway wrote before version 2;
 //! - raw components in the same run, on the same payloads: `raw/decode` (decoding each
-//!   event, what any consumer must do), `raw/put_ids` (one RocksDB put per event id in one
+//!   event into one reused event, as the aggregator does: what any consumer must do),
+//!   `raw/put_ids` (one RocksDB put per event id in one
 //!   write batch) and `raw/decode_get_put_ids` (decoding each event, looking its id up and
 //!   putting it: the dedup floor, the least any aggregator with a durable dedup set pays).
 //!
@@ -30,7 +31,8 @@ const DAY_MS: i64 = 86_400_000;
 
 /// Whether ids are unordered (`NERUBA_BENCH_IDS=random`).
 fn random_ids() -> bool {
-    std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random")
+    static RANDOM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RANDOM.get_or_init(|| std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random"))
 }
 
 /// `id` as 32 hex digits of two 64-bit FNV-1a hashes of it: the same id (a repeat) gives the
@@ -114,12 +116,15 @@ fn bench(c: &mut Criterion) {
 
         let mut next = 0usize;
         let mut decoder = codec::Decoder::default();
+        // Into one reused event, as the aggregator decodes.
+        let mut event = neruba_schemas::Event::default();
         group.bench_function(format!("raw/decode{suffix}"), |b| {
             b.iter_batched(
                 || next_batch(&mut next, encoding),
                 |payloads| {
                     for payload in &payloads {
-                        black_box(decoder.decode(payload).expect("decode"));
+                        decoder.decode_into(payload, &mut event).expect("decode");
+                        black_box(&event);
                     }
                 },
                 BatchSize::PerIteration,
@@ -162,13 +167,14 @@ fn bench(c: &mut Criterion) {
     .expect("open floor store");
     let mut next = 0usize;
     let mut decoder = codec::Decoder::default();
+    let mut event = neruba_schemas::Event::default();
     group.bench_function("raw/decode_get_put_ids", |b| {
         b.iter_batched(
             || next_batch(&mut next, codec::Encoding::Binary),
             |payloads| {
                 let mut batch = rocksdb::WriteBatch::default();
                 for payload in &payloads {
-                    let event = decoder.decode(payload).expect("decode");
+                    decoder.decode_into(payload, &mut event).expect("decode");
                     let key = neruba_aggregator::keys::dedup(&event.tenant, &event.id);
                     if floor.db().get(&key).expect("get").is_none() {
                         batch.put(&key, event.time_ms.to_be_bytes());

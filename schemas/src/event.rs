@@ -20,7 +20,8 @@ pub const MAX_ID_CHARS: usize = 256;
 /// Longest accepted `type`, `subject` or `source`, in characters.
 pub const MAX_ATTRIBUTE_CHARS: usize = 1024;
 
-/// A validated event, ready for the events topic.
+/// A validated event, ready for the events topic. (`Default` is an empty event, not a valid
+/// one: a buffer for [`crate::codec::Decoder::decode_into`] to decode into.)
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Event {
     /// Tenant proved by the API key (or the raw-topic credentials), never read from the body.

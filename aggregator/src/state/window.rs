@@ -86,10 +86,8 @@ impl PartitionState {
         }
         if closed {
             let period_key = keys::period(tenant, &target.series, target.period_start);
-            let period = self.load_period(&period_key)?;
-            let fits = decimal::exact_add(period.sum, value).is_some();
-            self.store_period(period_key, period);
-            return Ok(fits);
+            let period_sum = self.peek_period_sum(period_key)?;
+            return Ok(decimal::exact_add(period_sum, value).is_some());
         }
         Ok(true)
     }

@@ -456,11 +456,14 @@ mod tests {
     }
 
     /// Events of a few shapes, drawn one after another: the data's keys the same as the
-    /// last event's, a subset, a superset or others; values text, numbers, nested or null.
+    /// last event's, a subset, a superset or others; values text, numbers (written with the
+    /// number tag), nested or null.
     fn shaped_event() -> impl proptest::strategy::Strategy<Value = Event> {
         use proptest::prelude::*;
+        let number = |text: String| serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
         let value = prop_oneof![
             "[a-z0-9.]{0,6}".prop_map(Value::String),
+            (0u32..1000).prop_map(move |n| number(format!("{n}.5"))),
             (0u32..1000).prop_map(|n| Value::String(format!("{n}.5"))),
             Just(Value::Null),
             Just(Value::Bool(true)),
@@ -488,31 +491,68 @@ mod tests {
 
     proptest::proptest! {
         /// Decoding into a reused event gives what a fresh decode gives, whatever it held
-        /// (a malformed message between them included).
+        /// (a message cut short between them included), for metering and for reading.
         #[test]
         fn decoding_into_a_reused_event_equals_a_fresh_decode(
-            events in proptest::collection::vec((shaped_event(), proptest::bool::ANY), 1..12)
+            events in proptest::collection::vec(
+                (shaped_event(), proptest::option::of(proptest::prelude::any::<proptest::sample::Index>())),
+                1..12,
+            )
         ) {
             let mut reused = Event::default();
-            for (event, break_it) in events {
+            let mut reused_readable = Event::default();
+            for (event, cut) in events {
                 let mut bytes = encode(&event);
-                if break_it {
-                    // Cut inside the data: refused both ways, leaving `reused` half written.
-                    bytes.truncate(bytes.len() - 1);
-                    proptest::prop_assert!(decode_into(&bytes, &mut reused).is_err());
-                    proptest::prop_assert!(decode(&bytes).is_err());
+                if let Some(cut) = cut {
+                    // Cut anywhere: refused both ways, alike, leaving the reused events half
+                    // written.
+                    bytes.truncate(cut.index(bytes.len()));
+                    let refused = |e: Error| e.to_string();
+                    let fresh = decode(&bytes).err().map(refused);
+                    proptest::prop_assert!(fresh.is_some());
+                    proptest::prop_assert_eq!(decode_into(&bytes, &mut reused).err().map(refused), fresh);
+                    let readable = decode_readable(&bytes).err().map(refused);
+                    let into = decode_into_as(&bytes, &mut reused_readable, Numbers::AsJson);
+                    proptest::prop_assert_eq!(into.err().map(refused), readable);
                     continue;
                 }
                 proptest::prop_assert!(decode_into(&bytes, &mut reused).is_ok());
                 let fresh = decode(&bytes).ok();
                 proptest::prop_assert_eq!(Some(&reused), fresh.as_ref());
                 let readable = decode_readable(&bytes).ok();
-                let mut reused_readable = reused.clone();
                 proptest::prop_assert!(
                     decode_into_as(&bytes, &mut reused_readable, Numbers::AsJson).is_ok()
                 );
-                proptest::prop_assert_eq!(Some(reused_readable), readable);
+                proptest::prop_assert_eq!(Some(&reused_readable), readable.as_ref());
             }
+        }
+    }
+
+    #[test]
+    fn a_message_with_repeated_or_unsorted_keys_decodes_the_same_into_a_reused_event() {
+        // The encoder writes each key once, sorted; another writer's message may not.
+        let mut previous = small();
+        previous.data = [("a", "1"), ("b", "2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v.into())))
+            .collect();
+        let header = {
+            let mut event = small();
+            event.data = Map::new();
+            let mut bytes = encode(&event);
+            bytes.truncate(bytes.len() - 2);
+            bytes
+        };
+        for entries in [b"aa", b"ba", b"ac"] {
+            let mut bytes = header.clone();
+            bytes.extend_from_slice(&[OBJECT, 2]);
+            for (n, key) in entries.iter().enumerate() {
+                let digit = b'5' + u8::try_from(n).unwrap_or(0);
+                bytes.extend_from_slice(&[1, *key, TEXT, 1, digit]);
+            }
+            let mut reused = previous.clone();
+            assert!(decode_into(&bytes, &mut reused).is_ok());
+            assert_eq!(Some(reused), decode(&bytes).ok());
         }
     }
 }
