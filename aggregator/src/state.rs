@@ -889,21 +889,9 @@ window = "1m"
     fn a_grouped_series_key_is_that_of_its_canonical_group_text() {
         // The key is written in place; state stored when it was built from the group's JSON
         // text must be found under the same keys.
-        let catalog = Catalog::from_toml_str(
-            r#"
-[[tenants]]
-id = "acme"
-[[tenants.meters]]
-key = "tokens"
-event_type = "llm"
-aggregation = "sum"
-value = "$.tokens"
-group_by = { model = "$.model", region = "$.region" }
-window = "1m"
-"#,
-            "test",
-        )
-        .expect("catalog");
+        // The tokens meter, grouped.
+        let toml = format!("{TOKENS}group_by = {{ model = \"$.model\", region = \"$.region\" }}\n");
+        let catalog = Catalog::from_toml_str(&toml, "test").expect("catalog");
         let tenant = catalog.tenant("acme").expect("tenant");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
