@@ -742,6 +742,17 @@ window = "1m"
     }
 
     /// An event of tenant `acme` with `tokens` at `time_ms`.
+    /// Applies `payload` as the message at `*offset`, and moves the offset on.
+    fn feed(state: &mut PartitionState, catalog: &Catalog, offset: &mut i64, payload: &[u8]) {
+        let input = Input {
+            offset: *offset,
+            key: None,
+            payload,
+        };
+        *offset += 1;
+        state.apply(input, catalog).expect("apply");
+    }
+
     fn tokens(id: &str, time_ms: i64, tokens: &str) -> Vec<u8> {
         tokens_of("c1", id, time_ms, tokens)
     }
@@ -788,13 +799,7 @@ window = "1m"
         let start = 10 * DAY_MS;
         let mut offset = 0;
         let mut apply = |state: &mut PartitionState, payload: &[u8]| {
-            let input = Input {
-                offset,
-                key: None,
-                payload,
-            };
-            offset += 1;
-            state.apply(input, &catalog).expect("apply");
+            feed(state, &catalog, &mut offset, payload);
         };
         let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
         apply(&mut state, &tokens("e1", start + 1_000, "1.5"));
@@ -847,13 +852,7 @@ window = "1m"
                     events.push(tokens_of("c2", "late", start + 61_000, "0.5"));
                 }
                 for payload in &events {
-                    let input = Input {
-                        offset,
-                        key: None,
-                        payload,
-                    };
-                    offset += 1;
-                    state.apply(input, &catalog).expect("apply");
+                    feed(&mut state, &catalog, &mut offset, payload);
                 }
                 outputs.extend(state.take_outputs());
                 state.commit().expect("commit");

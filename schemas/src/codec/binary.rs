@@ -390,6 +390,16 @@ mod tests {
         }
     }
 
+    /// Everything of [`small`] before its `data`: an event without data ends with an empty
+    /// object (two bytes).
+    fn header() -> Vec<u8> {
+        let mut event = small();
+        event.data = Map::new();
+        let mut bytes = encode(&event);
+        bytes.truncate(bytes.len() - 2);
+        bytes
+    }
+
     #[test]
     fn the_layout_of_version_2_is_fixed() {
         let mut expected = vec![2u8];
@@ -418,14 +428,7 @@ mod tests {
         long.extend_from_slice(&[0xff; 11]);
         assert!(refused(&long).is_some());
         // Nesting deeper than MAX_DEPTH: 0x05 0x01 (an array of one) repeated.
-        // Everything before `data`: an event without data ends with an empty object.
-        let header = {
-            let mut event = small();
-            event.data = Map::new();
-            let mut bytes = encode(&event);
-            bytes.truncate(bytes.len() - 2);
-            bytes
-        };
+        let header = header();
         let mut deep = header.clone();
         deep.extend_from_slice(&[OBJECT, 1, 1, b'x']);
         for _ in 0..MAX_DEPTH + 1 {
@@ -536,13 +539,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), Value::String(v.into())))
             .collect();
-        let header = {
-            let mut event = small();
-            event.data = Map::new();
-            let mut bytes = encode(&event);
-            bytes.truncate(bytes.len() - 2);
-            bytes
-        };
+        let header = header();
         for entries in [b"aa", b"ba", b"ac"] {
             let mut bytes = header.clone();
             bytes.extend_from_slice(&[OBJECT, 2]);
