@@ -29,6 +29,7 @@ pub const META_MAX_EVENT_TIME: &[u8] = b"\0\0\0\0Mmax_event_time";
 
 use neruba_stage::keys::push_part as push;
 pub use neruba_stage::keys::{time_bytes, time_from};
+use std::ops::Range;
 
 /// The tenant part and kind byte, in a key with room for `rest` more bytes (keys are built
 /// once per event and meter: sized exactly, each is one allocation).
@@ -75,14 +76,45 @@ pub fn series_with(
     write_group: impl FnOnce(&mut Vec<u8>),
 ) -> Vec<u8> {
     let mut s = Vec::with_capacity(12 + meter.len() + customer.len() + group_len);
-    push(&mut s, meter.as_bytes());
-    push(&mut s, customer.as_bytes());
-    let at = s.len();
-    s.extend_from_slice(&[0; 4]);
-    write_group(&mut s);
-    let len = u32::try_from(s.len() - at - 4).unwrap_or(u32::MAX);
-    s[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    push_series(&mut s, meter, customer, write_group);
     s
+}
+
+/// A window's key with its series written in place, in one allocation (room reserved for
+/// `group_len` bytes of group text): the same bytes as [`window`] of [`series_with`]'s
+/// series, and where that series lies in the key.
+pub fn window_with(
+    tenant: &str,
+    meter: &str,
+    customer: &str,
+    group_len: usize,
+    write_group: impl FnOnce(&mut Vec<u8>),
+    start: i64,
+) -> (Vec<u8>, Range<usize>) {
+    let rest = 12 + meter.len() + customer.len() + group_len + 8;
+    let mut key = tenant_kind(tenant, b'W', rest);
+    let from = key.len();
+    push_series(&mut key, meter, customer, write_group);
+    let series = from..key.len();
+    key.extend_from_slice(&time_bytes(start));
+    (key, series)
+}
+
+/// Appends the series part to `key`: meter, customer, and the group text `write_group` writes,
+/// each length-prefixed.
+fn push_series(
+    key: &mut Vec<u8>,
+    meter: &str,
+    customer: &str,
+    write_group: impl FnOnce(&mut Vec<u8>),
+) {
+    push(key, meter.as_bytes());
+    push(key, customer.as_bytes());
+    let at = key.len();
+    key.extend_from_slice(&[0; 4]);
+    write_group(key);
+    let len = u32::try_from(key.len() - at - 4).unwrap_or(u32::MAX);
+    key[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 fn timed(tenant: &str, kind: u8, series: &[u8], t: i64, rest: usize) -> Vec<u8> {
@@ -167,6 +199,17 @@ mod tests {
         for room in [0, 9, 100] {
             let written = series_with("m", "c", room, |s| s.extend_from_slice(br#"{"a":"b"}"#));
             assert_eq!(written, b"\0\0\0\x01m\0\0\0\x01c\0\0\0\x09{\"a\":\"b\"}");
+        }
+    }
+
+    #[test]
+    fn a_window_key_written_in_place_is_that_of_its_series() {
+        let group = br#"{"a":"b"}"#;
+        for room in [0, 9, 100] {
+            let (key, at) = window_with("acme", "m", "c", room, |k| k.extend_from_slice(group), 7);
+            let series = series_with("m", "c", room, |s| s.extend_from_slice(group));
+            assert_eq!(key, window("acme", &series, 7));
+            assert_eq!(&key[at], series.as_slice());
         }
     }
 

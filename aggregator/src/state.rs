@@ -185,6 +185,8 @@ pub struct PartitionState {
     event: Event,
     /// [`PERIOD_BYTES_KEPT`], lowered by tests.
     period_bytes_kept: usize,
+    /// The billing period found last (see [`window::LastPeriod`]).
+    last_period: Option<window::LastPeriod>,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -319,6 +321,7 @@ impl PartitionState {
             decoder: codec::Decoder::default(),
             event: Event::default(),
             period_bytes_kept: PERIOD_BYTES_KEPT,
+            last_period: None,
         })
     }
 
@@ -342,7 +345,9 @@ impl PartitionState {
 
     /// Outputs of the batch so far, in order; the caller delivers them before [`neruba_stage::Partition::commit`].
     pub fn take_outputs(&mut self) -> Vec<Output> {
-        std::mem::take(&mut self.outputs)
+        // The next batch's sized like this one's, so it is not grown (and copied) as it fills.
+        let capacity = self.outputs.len();
+        std::mem::replace(&mut self.outputs, Vec::with_capacity(capacity))
     }
 
     /// Counts of the batch so far.
@@ -621,6 +626,7 @@ fn open_key(end: i64, window_key: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neruba_schemas::window::period_bounds;
     use neruba_stage::Partition as _;
     use rust_decimal::Decimal;
 
@@ -894,7 +900,7 @@ window = "1m"
         let tenant = catalog.tenant("acme").expect("tenant");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
-        let state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
         for model in ["gpt", "quote \" back\\slash", "ünï\u{7}"] {
             let data = serde_json::json!({ "tokens": "1", "model": model, "region": "eu" });
             let event = Event {
@@ -908,7 +914,37 @@ window = "1m"
             let measures = measure(tenant, &event).expect("measures");
             let target = state.target(&event, &measures[0]).expect("target");
             let text = serde_json::to_string(&measures[0].group).expect("group text");
-            assert_eq!(target.series, keys::series("tokens", "c1", &text));
+            assert_eq!(target.series(), keys::series("tokens", "c1", &text));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_last_period_kept_gives_the_period_of_every_time(
+            steps in proptest::collection::vec(
+                (-40 * DAY_MS..40 * DAY_MS, 0..4usize, 0..4usize, 0..3usize),
+                1..60,
+            ),
+        ) {
+            // Times walk back and forth across period ends, anchors and offsets change, and
+            // the times at a period's very start and end are asked too.
+            const ANCHORS: [u8; 4] = [1, 2, 15, 28];
+            const OFFSETS: [i32; 4] = [0, 3_600, -18_000, 50_400];
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cache = Cache::new_lru_cache(1 << 20);
+            let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+            let mut time = 1_790_000_000_000_i64;
+            for (jump, anchor, offset, edge) in steps {
+                time += jump;
+                let (anchor, offset) = (ANCHORS[anchor], OFFSETS[offset]);
+                let (start, end) = period_bounds(time, anchor, offset).expect("a period");
+                let asked = [time, start, end - 1, end][edge.min(3)];
+                let expected = period_bounds(asked, anchor, offset).expect("a period");
+                proptest::prop_assert_eq!(
+                    state.period_of(asked, anchor, offset).expect("a period"),
+                    expected
+                );
+            }
         }
     }
 

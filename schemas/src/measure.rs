@@ -23,8 +23,8 @@ pub struct Measure<'a> {
     pub value: Option<Decimal>,
     /// The value whose distinct occurrences `unique_count` counts.
     pub distinct: Option<String>,
-    /// `group_by` name → the event's value as text (`""` when absent).
-    pub group: BTreeMap<String, String>,
+    /// `group_by` name (the meter's) → the event's value as text (`""` when absent).
+    pub group: BTreeMap<&'a str, String>,
 }
 
 /// Every meter measurement of `event`, or why the event cannot be metered.
@@ -75,18 +75,18 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>
                 (Some(value), None)
             }
         };
-        let group = meter
-            .group_by
-            .iter()
-            .map(|(name, path)| {
-                let text = path
-                    .lookup_in(data)
-                    .and_then(scalar_text)
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
-                (name.clone(), text)
-            })
-            .collect();
+        // Inserted one by one: collecting a map sorts a vector built first, which costs more
+        // than the one or two names a meter groups by (this runs for every event, in the
+        // gateway and the aggregator).
+        let mut group = BTreeMap::new();
+        for (name, path) in &meter.group_by {
+            let text = path
+                .lookup_in(data)
+                .and_then(scalar_text)
+                .map(|t| t.into_owned())
+                .unwrap_or_default();
+            group.insert(name.as_str(), text);
+        }
         measures.push(Measure {
             meter,
             value,

@@ -16,58 +16,111 @@ use neruba_schemas::window::{period_bounds, window_start};
 use neruba_schemas::{Event, RejectCode, Rejection, decimal};
 use neruba_stage::Input;
 use rust_decimal::Decimal;
+use std::ops::Range;
 
 /// Where one measure of an event is folded.
 pub(super) struct Target {
-    pub(super) series: Vec<u8>,
+    /// The window's key; its series (meter, customer, group) is `window_key[series]`.
     pub(super) window_key: Vec<u8>,
+    pub(super) series: Range<usize>,
     pub(super) start: i64,
     pub(super) size: i64,
     pub(super) period_start: i64,
     pub(super) period_end: i64,
 }
 
+impl Target {
+    pub(super) fn series(&self) -> &[u8] {
+        &self.window_key[self.series.clone()]
+    }
+}
+
+/// The last billing period found, for its anchor day and time zone offset. Periods of one
+/// anchor and offset tile time, so an event inside it is in it: events come nearly in time
+/// order, so most skip the calendar arithmetic.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LastPeriod {
+    anchor_day: u8,
+    offset_secs: i32,
+    start: i64,
+    end: i64,
+}
+
 impl PartitionState {
     /// The window, series and period one measure of `event` folds into.
-    pub(super) fn target(&self, event: &Event, m: &Measure<'_>) -> Result<Target> {
+    pub(super) fn target(&mut self, event: &Event, m: &Measure<'_>) -> Result<Target> {
         let meter = m.meter;
         let size = meter.window_ms();
         let start = window_start(event.time_ms, size);
-        let (period_start, period_end) = period_bounds(
+        let (period_start, period_end) = self.period_of(
             event.time_ms,
             meter.billing_period.anchor_day,
             meter.offset_secs(),
-        )
-        .ok_or_else(|| Error::Bug(format!("event time {} has no period", event.time_ms)))?;
-        // Canonical JSON of the group (a sorted map), written into the key; most meters have
-        // none.
-        let series = if m.group.is_empty() {
-            keys::series(&meter.key, &event.subject, "{}")
+        )?;
+        // Canonical JSON of the group (a sorted map), written into the key with the series;
+        // most meters have none.
+        let room = if m.group.is_empty() {
+            2
         } else {
-            let room = m
-                .group
+            m.group
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 6)
                 .sum::<usize>()
-                + 2;
-            keys::series_with(&meter.key, &event.subject, room, |key| {
-                let at = key.len();
-                // A map of strings always serializes; were it not to, the text is empty, as
-                // it was when built apart.
-                if serde_json::to_writer(&mut *key, &m.group).is_err() {
-                    key.truncate(at);
-                }
-            })
+                + 2
         };
-        let window_key = keys::window(&event.tenant, &series, start);
+        let write_group = |key: &mut Vec<u8>| {
+            if m.group.is_empty() {
+                key.extend_from_slice(b"{}");
+                return;
+            }
+            let at = key.len();
+            // A map of strings always serializes; were it not to, the text is empty, as it
+            // was when built apart.
+            if serde_json::to_writer(&mut *key, &m.group).is_err() {
+                key.truncate(at);
+            }
+        };
+        let (window_key, series) = keys::window_with(
+            &event.tenant,
+            &meter.key,
+            &event.subject,
+            room,
+            write_group,
+            start,
+        );
         Ok(Target {
-            series,
             window_key,
+            series,
             start,
             size,
             period_start,
             period_end,
         })
+    }
+
+    /// The billing period (start, end) of `time_ms` for a meter's anchor day and offset.
+    pub(super) fn period_of(
+        &mut self,
+        time_ms: i64,
+        anchor_day: u8,
+        offset_secs: i32,
+    ) -> Result<(i64, i64)> {
+        if let Some(last) = self.last_period
+            && last.anchor_day == anchor_day
+            && last.offset_secs == offset_secs
+            && (last.start..last.end).contains(&time_ms)
+        {
+            return Ok((last.start, last.end));
+        }
+        let (start, end) = period_bounds(time_ms, anchor_day, offset_secs)
+            .ok_or_else(|| Error::Bug(format!("event time {time_ms} has no period")))?;
+        self.last_period = Some(LastPeriod {
+            anchor_day,
+            offset_secs,
+            start,
+            end,
+        });
+        Ok((start, end))
     }
 
     /// Whether folding `m` into `target` keeps every sum exact: the window's, and the
@@ -85,7 +138,7 @@ impl PartitionState {
             return Ok(false);
         }
         if closed {
-            let period_key = keys::period(tenant, &target.series, target.period_start);
+            let period_key = keys::period(tenant, target.series(), target.period_start);
             let period_sum = self.peek_period_sum(period_key)?;
             return Ok(decimal::exact_add(period_sum, value).is_some());
         }
@@ -116,13 +169,14 @@ impl PartitionState {
     pub(super) fn fold(&mut self, event: &Event, m: &Measure<'_>, target: Target) -> Result<()> {
         let meter = m.meter;
         let Target {
-            series,
             window_key,
+            series,
             start,
             size,
             period_start,
             period_end,
         } = target;
+        let series = &window_key[series];
         // Most events add to a window open in memory: folded in place.
         if m.distinct.is_none()
             && let Some(cached) = self.windows.get_mut(&window_key)
@@ -144,7 +198,11 @@ impl PartitionState {
             tenant: tenant.to_owned(),
             meter: meter.key.clone(),
             customer: event.subject.clone(),
-            group: m.group.clone(),
+            group: m
+                .group
+                .iter()
+                .map(|(name, text)| ((*name).to_owned(), text.clone()))
+                .collect(),
             aggregation: meter.aggregation,
             window_start_ms: start,
             window_end_ms: start + size,
@@ -162,12 +220,12 @@ impl PartitionState {
         let mut new_in_window = false;
         let mut new_in_closed_period = false;
         if let Some(value) = &m.distinct {
-            let value_key = keys::window_value(tenant, &series, start, value);
+            let value_key = keys::window_value(tenant, series, start, value);
             if self.read(&value_key, |_| ())?.is_none() {
                 new_in_window = true;
                 self.put(value_key, Vec::new());
             }
-            let first_key = keys::period_value(tenant, &series, period_start, value);
+            let first_key = keys::period_value(tenant, series, period_start, value);
             let first = self.read(&first_key, keys::time_from)?.flatten();
             match first {
                 None => {
@@ -178,7 +236,7 @@ impl PartitionState {
                 Some(first) if first > start => {
                     self.put(first_key, keys::time_bytes(start).to_vec());
                     record.period_new += 1;
-                    let later_key = keys::window(tenant, &series, first);
+                    let later_key = keys::window(tenant, series, first);
                     if let Some(mut later) =
                         self.load_window(&later_key, first + size <= watermark)?
                     {
@@ -209,7 +267,7 @@ impl PartitionState {
             // A late event: the closed period absorbs it and the window is re-emitted.
             self.counts.late += 1;
             record.revision += 1;
-            let period_key = keys::period(tenant, &series, period_start);
+            let period_key = keys::period(tenant, series, period_start);
             let mut period = self.load_period(&period_key)?;
             period
                 .add(
