@@ -69,7 +69,7 @@ pub fn series(meter: &str, customer: &str, group: &str) -> Vec<u8> {
 /// The series part, its group text appended by `write_group` (with room reserved for
 /// `group_len` bytes): the same bytes as [`series`] of that text, without building the text
 /// apart first.
-pub fn series_with(
+fn series_with(
     meter: &str,
     customer: &str,
     group_len: usize,
@@ -81,8 +81,8 @@ pub fn series_with(
 }
 
 /// A window's key with its series written in place, in one allocation (room reserved for
-/// `group_len` bytes of group text): the same bytes as [`window`] of [`series_with`]'s
-/// series, and where that series lies in the key.
+/// `group_len` bytes of group text): the same bytes as [`window`] of the [`series`] of that
+/// text, and where that series lies in the key.
 pub fn window_with(
     tenant: &str,
     meter: &str,
@@ -205,12 +205,10 @@ mod tests {
     #[test]
     fn a_window_key_written_in_place_is_that_of_its_series() {
         let group = br#"{"a":"b"}"#;
-        for room in [0, 9, 100] {
-            let (key, at) = window_with("acme", "m", "c", room, |k| k.extend_from_slice(group), 7);
-            let series = series_with("m", "c", room, |s| s.extend_from_slice(group));
-            assert_eq!(key, window("acme", &series, 7));
-            assert_eq!(&key[at], series.as_slice());
-        }
+        let (key, at) = window_with("acme", "m", "c", 9, |k| k.extend_from_slice(group), 7);
+        let series = series_with("m", "c", 9, |s| s.extend_from_slice(group));
+        assert_eq!(key, window("acme", &series, 7));
+        assert_eq!(&key[at], series.as_slice());
     }
 
     #[test]

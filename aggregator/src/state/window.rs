@@ -20,9 +20,9 @@ use std::ops::Range;
 
 /// Where one measure of an event is folded.
 pub(super) struct Target {
-    /// The window's key; its series (meter, customer, group) is `window_key[series]`.
+    /// The window's key; its series (meter, customer, group) is `window_key[series_at]`.
     pub(super) window_key: Vec<u8>,
-    pub(super) series: Range<usize>,
+    pub(super) series_at: Range<usize>,
     pub(super) start: i64,
     pub(super) size: i64,
     pub(super) period_start: i64,
@@ -31,7 +31,7 @@ pub(super) struct Target {
 
 impl Target {
     pub(super) fn series(&self) -> &[u8] {
-        &self.window_key[self.series.clone()]
+        &self.window_key[self.series_at.clone()]
     }
 }
 
@@ -58,29 +58,25 @@ impl PartitionState {
             meter.offset_secs(),
         )?;
         // Canonical JSON of the group (a sorted map), written into the key with the series;
-        // most meters have none.
-        let room = if m.group.is_empty() {
-            2
-        } else {
-            m.group
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 6)
-                .sum::<usize>()
-                + 2
-        };
+        // most meters have none, and their `{}` is written without the serializer.
+        let room = m
+            .group
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>()
+            + 2;
         let write_group = |key: &mut Vec<u8>| {
             if m.group.is_empty() {
                 key.extend_from_slice(b"{}");
                 return;
             }
             let at = key.len();
-            // A map of strings always serializes; were it not to, the text is empty, as it
-            // was when built apart.
+            // A map of strings always serializes; were it not to, the group text is empty.
             if serde_json::to_writer(&mut *key, &m.group).is_err() {
                 key.truncate(at);
             }
         };
-        let (window_key, series) = keys::window_with(
+        let (window_key, series_at) = keys::window_with(
             &event.tenant,
             &meter.key,
             &event.subject,
@@ -90,7 +86,7 @@ impl PartitionState {
         );
         Ok(Target {
             window_key,
-            series,
+            series_at,
             start,
             size,
             period_start,
@@ -170,13 +166,13 @@ impl PartitionState {
         let meter = m.meter;
         let Target {
             window_key,
-            series,
+            series_at,
             start,
             size,
             period_start,
             period_end,
         } = target;
-        let series = &window_key[series];
+        let series = &window_key[series_at];
         // Most events add to a window open in memory: folded in place.
         if m.distinct.is_none()
             && let Some(cached) = self.windows.get_mut(&window_key)
