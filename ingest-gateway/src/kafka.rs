@@ -99,10 +99,11 @@ impl EventSink {
         let started = Instant::now();
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
+        let mut key = String::new();
         for event in events {
             let payload = self.encoding.encode(event);
-            let key = event.partition_key();
-            let headers = OwnedHeaders::new()
+            event.write_partition_key(&mut key);
+            let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
                     key: TENANT_HEADER,
                     value: Some(event.tenant.as_bytes()),

@@ -47,7 +47,19 @@ impl Event {
     ///
     /// Tenant ids cannot contain `/` (the catalog refuses them), so the split is unambiguous.
     pub fn partition_key(&self) -> String {
-        format!("{}/{}", self.tenant, self.subject)
+        let mut key = String::new();
+        self.write_partition_key(&mut key);
+        key
+    }
+
+    /// [`Event::partition_key`], written into `key` (cleared first), so a sender can reuse
+    /// one buffer for a whole batch.
+    pub fn write_partition_key(&self, key: &mut String) {
+        key.clear();
+        key.reserve(self.tenant.len() + 1 + self.subject.len());
+        key.push_str(&self.tenant);
+        key.push('/');
+        key.push_str(&self.subject);
     }
 }
 
