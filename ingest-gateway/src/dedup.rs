@@ -258,9 +258,9 @@ impl DedupCache {
             return;
         };
         // The next generation is sized like the one it follows, so it fills without growing (a
-        // map grown from empty moves each key once more on the way, which was a third of the
-        // cache's insert time by the gateway's profile); made before the lock, which every
-        // request waits for.
+        // map grown from empty moves its keys again at each doubling: half of the cache's
+        // insert time in the gateway's profile); made before the lock, which every request
+        // waits for.
         let next = Generation::with_capacity_and_hasher(len, RandomState::default());
         let forgotten = match self.generations.write() {
             // Checked again: another thread may have rotated while we waited for the lock.
