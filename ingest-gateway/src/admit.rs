@@ -93,10 +93,11 @@ pub struct Repeats<'d> {
 }
 
 impl<'d> Repeats<'d> {
-    pub fn new(cache: &'d DedupCache) -> Self {
+    /// The repeats of a request or batch of `events` events (room is made for that many).
+    pub fn new(cache: &'d DedupCache, events: usize) -> Self {
         Self {
             cache: cache.reader(),
-            seen: Seen::default(),
+            seen: Seen::with_capacity(events),
         }
     }
 
@@ -136,6 +137,17 @@ struct Seen {
 }
 
 impl Seen {
+    /// Room for `keys` keys of a typical length without growing.
+    fn with_capacity(keys: usize) -> Self {
+        /// A tenant, its separator and a 36-character UUID.
+        const TYPICAL_KEY_BYTES: usize = 48;
+        Self {
+            keys: String::with_capacity(keys.saturating_mul(TYPICAL_KEY_BYTES)),
+            spans: HashTable::with_capacity(keys),
+            hasher: ahash::RandomState::default(),
+        }
+    }
+
     /// Inserts `(tenant, id)`; `false` if it was already here.
     fn insert(&mut self, tenant: &str, id: &str) -> bool {
         let start = self.keys.len();
@@ -322,7 +334,7 @@ window = "1m"
             source: None,
             data: Default::default(),
         };
-        let mut repeats = Repeats::new(&cache);
+        let mut repeats = Repeats::new(&cache, 8);
         assert!(!repeats.first_sighting(&event("acme", "sent-before")));
         assert!(repeats.first_sighting(&event("acme", "e-1")));
         assert!(!repeats.first_sighting(&event("acme", "e-1")));

@@ -511,7 +511,7 @@ pub(crate) fn admit_all<'a>(
     let mut results = Vec::with_capacity(framed.len());
     let mut to_send: Vec<(usize, Event)> = Vec::new();
     let mut remembered = Vec::new();
-    let mut repeats = Repeats::new(dedup);
+    let mut repeats = Repeats::new(dedup, framed.len());
     for item in framed {
         let id_hint = item.value.as_ref().ok().and_then(Envelope::id);
         match admit::event(tenant, item, now_ms, limits) {

@@ -224,7 +224,7 @@ async fn consume(
         // Repeats within the batch too, as an HTTP request drops repeats within itself.
         {
             // Read under the cache's lock, released before the send is awaited.
-            let mut repeats = Repeats::new(&state.dedup);
+            let mut repeats = Repeats::new(&state.dedup, batch.len());
             for message in &batch {
                 next.insert(message.partition(), message.offset() + 1);
                 let headers = headers_of(message);
