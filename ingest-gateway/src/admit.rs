@@ -95,9 +95,11 @@ pub struct Repeats<'d> {
 impl<'d> Repeats<'d> {
     /// The repeats of a request or batch of `events` events (room is made for that many).
     pub fn new(cache: &'d DedupCache, events: usize) -> Self {
+        // Allocated before the cache's lock is taken.
+        let seen = Seen::with_capacity(events);
         Self {
             cache: cache.reader(),
-            seen: Seen::with_capacity(events),
+            seen,
         }
     }
 
@@ -133,6 +135,7 @@ struct Seen {
     keys: String,
     /// Where each key lies in `keys`.
     spans: HashTable<Range<usize>>,
+    /// Hashes a key's bytes: `spans` stores no hashes, so growing it hashes its keys again.
     hasher: ahash::RandomState,
 }
 
@@ -361,13 +364,20 @@ window = "1m"
         // Ids that are prefixes of one another, the same id under two tenants, an empty id
         // and one with a NUL, each inserted several times in a scattered order; against a set
         // of owned pairs.
+        // Tenants one of which is a prefix of another, whose keys would run together without
+        // the separator ("ac" + "mee-1" and "acme" + "e-1").
         let mut seen = Seen::default();
         let mut reference = std::collections::HashSet::new();
         for i in 0..3_000u32 {
-            let tenant = if i % 3 == 0 { "beta" } else { "acme" };
-            let id = match (i * 7_919) % 1_003 {
+            let tenant = match i % 3 {
+                0 => "acme",
+                1 => "beta",
+                _ => "ac",
+            };
+            let id = match (i * 7_919) % 1_004 {
                 1_000 => String::new(),
                 1_001 => "e-1\0beta".to_owned(),
+                1_002 => "mee-1".to_owned(),
                 n => format!("e-{}", n / 2),
             };
             assert_eq!(
@@ -376,6 +386,11 @@ window = "1m"
                 "{tenant} {id:?}"
             );
         }
+        assert!(reference.contains(&("ac", "mee-1".to_owned())));
+        assert!(reference.contains(&("acme", "e-1".to_owned())));
         assert_eq!(seen.spans.len(), reference.len());
+        // A repeat leaves nothing behind: the buffer holds each distinct key once.
+        let distinct: usize = reference.iter().map(|(t, id)| t.len() + 1 + id.len()).sum();
+        assert_eq!(seen.keys.len(), distinct);
     }
 }

@@ -257,10 +257,11 @@ impl DedupCache {
         else {
             return;
         };
-        // The next generation is sized like the one it follows, so it fills without growing (a
-        // map grown from empty moves its keys again at each doubling: half of the cache's
-        // insert time in the gateway's profile); made before the lock, which every request
-        // waits for.
+        // The next generation is sized like the one it follows, so it mostly fills without
+        // growing: a map grown from empty moves its keys again at each doubling, which was half
+        // of the cache's insert time in the gateway's profile (of the first generation, which
+        // still grows from empty). Made before the lock, which every request waits for; a
+        // thread that loses a race to rotate drops its map unused.
         let next = Generation::with_capacity_and_hasher(len, RandomState::default());
         let forgotten = match self.generations.write() {
             // Checked again: another thread may have rotated while we waited for the lock.

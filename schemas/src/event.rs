@@ -534,6 +534,22 @@ mod tests {
     }
 
     #[test]
+    fn the_partition_key_is_tenant_slash_subject_however_it_is_written() {
+        let event = |subject: &str| Event {
+            tenant: "acme".into(),
+            subject: subject.into(),
+            ..Event::default()
+        };
+        assert_eq!(event("cust-9").partition_key(), "acme/cust-9");
+        // Into a buffer that held a longer key: cleared first.
+        let mut key = "beta/a-much-longer-customer".to_owned();
+        event("c/1").write_partition_key(&mut key);
+        assert_eq!(key, "acme/c/1");
+        event("").write_partition_key(&mut key);
+        assert_eq!(key, "acme/");
+    }
+
+    #[test]
     fn complete_event_is_accepted_with_tenant_from_caller() {
         let event = check(json!({
             "specversion": "1.0", "id": "e-1", "type": "api.request", "subject": "cust-9",
