@@ -5,9 +5,9 @@
 //!   (librdkafka's delivery report), never when it was merely queued;
 //! - the idempotent producer keeps retries from writing an event twice within a session, and
 //!   keeps one partition's messages in order;
-//! - a request's events are all enqueued before any delivery report is awaited, and the reports
-//!   are awaited as one future ([`neruba_kafka::await_each`]), so a request waits for its
-//!   slowest acknowledgement, never for the sum of them.
+//! - a request's events are all enqueued before any delivery report is awaited
+//!   ([`neruba_kafka::await_each`]), so a request waits for its slowest acknowledgement, never
+//!   for the sum of them.
 
 use crate::metrics::Metrics;
 use neruba_kafka::Landed;

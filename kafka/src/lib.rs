@@ -14,16 +14,13 @@ pub mod health;
 
 pub use clients::{apply_producer_options, output_producer, recoverable_output_producer};
 
-use futures::FutureExt;
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
-use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
-use std::task::Poll;
 use std::time::Duration;
 
 /// Partitions of `topic` (at least 1), from the broker's metadata. Blocking.
@@ -84,36 +81,29 @@ pub struct Landed {
 /// Awaits every enqueued send; each one's outcome, in order: where it landed, or why not (a
 /// producer dropped before acknowledging counts as [`KafkaError::Canceled`]).
 ///
-/// Every send is enqueued before this is awaited, so the wait is the slowest acknowledgement's.
-/// The sends are awaited as one future that asks them in order and sleeps on the first not yet
-/// acknowledged: librdkafka reports a produce request's messages together, so the waiting task
-/// wakes about once per produce request. Joined instead (`join_all`), each send cost a task, a
-/// wake and a queue entry: 8 % of the gateway's CPU in its profile.
+/// Every send is enqueued before this is called, so the wait is the slowest acknowledgement's,
+/// never the sum of them (no send waits for another's acknowledgement to be made). The sends
+/// are then awaited in order, each `.await` sleeping only until the first one not yet
+/// acknowledged is: librdkafka reports a produce request's messages together, so the waiting
+/// task wakes about once per produce request. Joined instead (`join_all`), each send cost a
+/// task, a wake and a queue entry: 8 % of the gateway's CPU in its profile.
 pub async fn await_each(
     pending: Vec<Result<DeliveryFuture, KafkaError>>,
 ) -> Vec<Result<Landed, KafkaError>> {
     let mut landed = Vec::with_capacity(pending.len());
-    let mut pending = VecDeque::from(pending);
-    std::future::poll_fn(|cx| {
-        while let Some(next) = pending.front_mut() {
-            let outcome = match next {
-                Err(e) => Err(e.clone()),
-                Ok(delivery) => match delivery.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(Ok(delivery))) => Ok(Landed {
-                        partition: delivery.partition,
-                        offset: delivery.offset,
-                    }),
-                    Poll::Ready(Ok(Err((e, _)))) => Err(e),
-                    Poll::Ready(Err(_)) => Err(KafkaError::Canceled),
-                },
-            };
-            pending.pop_front();
-            landed.push(outcome);
-        }
-        Poll::Ready(())
-    })
-    .await;
+    for enqueued in pending {
+        landed.push(match enqueued {
+            Err(e) => Err(e),
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(delivery)) => Ok(Landed {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+        });
+    }
     landed
 }
 
