@@ -361,11 +361,10 @@ window = "1m"
 
     #[test]
     fn the_keys_seen_in_a_request_are_a_set_of_tenant_and_id() {
-        // Ids that are prefixes of one another, the same id under two tenants, an empty id
-        // and one with a NUL, each inserted several times in a scattered order; against a set
-        // of owned pairs.
-        // Tenants one of which is a prefix of another, whose keys would run together without
-        // the separator ("ac" + "mee-1" and "acme" + "e-1").
+        // Against a set of owned pairs, each key inserted several times in a scattered order:
+        // ids that are prefixes of one another, the same id under several tenants, an empty id,
+        // one with a NUL, and tenants one of which is a prefix of another, whose keys would run
+        // together without the separator ("ac" + "mee-1" and "acme" + "e-1").
         let mut seen = Seen::default();
         let mut reference = std::collections::HashSet::new();
         for i in 0..3_000u32 {
