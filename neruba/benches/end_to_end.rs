@@ -10,13 +10,19 @@
 //!    The same events again from the JSON bodies loadgen sends, each parsed, validated and
 //!    encoded first (the *gateway floor*: what any gateway must do before the produce);
 //! 2. **raw round trip**: the same producer sends another `N` to a second topic while a plain
-//!    consumer drains it: first send to last message consumed;
+//!    consumer drains it: first send to last message consumed; and its CPU per event (this
+//!    process's, producer and consumer, and the broker's);
 //! 3. **gateway**: the gateway alone (no stage running) takes `N` events from loadgen; accepted
 //!    events/s as a ratio to (1) (SPEC target ≥ 0.75) and to the gateway floor;
 //! 4. **end to end at full speed**: all stages running, loadgen sends `N` events as fast as the
 //!    gateway takes them; the time from the first request until the aggregator has folded every
 //!    one of them and committed its position (the stages commit their group offsets after each
-//!    durable batch); events/s as a ratio to (2) (SPEC target ≥ 0.5);
+//!    durable batch); events/s as a ratio to (2) (SPEC target ≥ 0.5). Loadgen takes a share
+//!    of the same cores that the raw round trip's producer does not (it generates, serializes
+//!    and sends the events over HTTP), so (3) and (4) also give each process's CPU per event,
+//!    loadgen's own (its report's `own_cpu`), and the ratio by CPU: the raw round trip's CPU
+//!    per event over the pipeline's processes' together (gateway, stages, broker), which the
+//!    load generator and the sharing of cores do not move;
 //! 5. **steady**: loadgen at 80 % of (4)'s rate for `NERUBA_E2E_STEADY` (default 10 minutes):
 //!    window close → line item latency (the line item's broker timestamp − its window's end −
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
@@ -333,6 +339,11 @@ fn loadgen(args: &[String]) -> Result<Value> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(output.status.success(), "loadgen failed: {stderr}");
     serde_json::from_slice(&output.stdout).with_context(|| format!("loadgen report: {stderr}"))
+}
+
+/// Loadgen's own CPU per event it sent, µs (its report's `own_cpu`; 0 without one).
+fn loadgen_us(report: &Value) -> f64 {
+    u(report, "/own_cpu/ns_per_event") as f64 / 1000.0
 }
 
 fn u(report: &Value, path: &str) -> u64 {
@@ -897,6 +908,7 @@ async fn main() -> Result<()> {
         let bootstrap = bootstrap.clone();
         std::thread::spawn(move || drain(&bootstrap, RAW_ROUND_TRIP_TOPIC, partitions, n))
     };
+    let cpu_before = (cpu("self"), cpu(&broker_pid));
     let started = Instant::now();
     produce(&bootstrap, RAW_ROUND_TRIP_TOPIC, &events).await?;
     drop(events);
@@ -904,10 +916,17 @@ async fn main() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("drain panicked"))??;
     let raw_round_trip = last.duration_since(started);
+    let round_trip_cpu = (
+        cpu_since("self", cpu_before.0),
+        cpu_since(&broker_pid, cpu_before.1),
+    );
+    let round_trip_us = per_event_us(round_trip_cpu.0 + round_trip_cpu.1, n);
     println!(
-        "raw round trip (produce while a consumer drains): {:>9.0} events/s ({:.2} s)",
+        "raw round trip (produce while a consumer drains): {:>9.0} events/s ({:.2} s); CPU per event {round_trip_us:.2} µs (producer and consumer {:.2}, broker {:.2})",
         rate(n, raw_round_trip),
-        raw_round_trip.as_secs_f64()
+        raw_round_trip.as_secs_f64(),
+        per_event_us(round_trip_cpu.0, n),
+        per_event_us(round_trip_cpu.1, n),
     );
 
     // 3. The gateway alone, writing to a topic of its own.
@@ -960,12 +979,14 @@ async fn main() -> Result<()> {
     let gateway_broker_cpu = cpu_since(&broker_pid, cpu_before.1);
     alone.gateway.terminate(Duration::from_secs(30))?;
     println!(
-        "gateway alone over HTTP: {gateway_rate:>9} events/s = {:.2} × raw producer (target ≥ 0.75) = {:.2} × the gateway floor; CPU per event: gateway {:.2} µs = {:.2} × the raw producer's, broker {:.2} µs; request p50 {} µs, p99 {} µs; peak RSS {:.0} MiB",
+        "gateway alone over HTTP: {gateway_rate:>9} events/s = {:.2} × raw producer (target ≥ 0.75) = {:.2} × the gateway floor; CPU per event: gateway {:.2} µs = {:.2} × the raw producer's ({:.2} × by CPU: the floor's over the gateway's), broker {:.2} µs, loadgen {:.2} µs (on the same cores); request p50 {} µs, p99 {} µs; peak RSS {:.0} MiB",
         gateway_rate as f64 / rate(n, raw_produce),
         gateway_rate as f64 / rate(n, floor),
         per_event_us(gateway_cpu, n),
         per_event_us(gateway_cpu, n) / per_event_us(raw_cpu, n).max(1e-9),
+        per_event_us(floor_cpu, n) / per_event_us(gateway_cpu, n).max(1e-9),
         per_event_us(gateway_broker_cpu, n),
+        loadgen_us(&report),
         u(&report, "/requests/latency_us/p50"),
         u(&report, "/requests/latency_us/p99"),
         mib(gateway_peak),
@@ -1071,15 +1092,22 @@ async fn main() -> Result<()> {
         caught_up.as_secs_f64(),
         e2e_rate / rate(n, raw_round_trip),
     );
-    let used: Vec<String> = pids
+    let used: Vec<(String, f64)> = pids
         .iter()
         .zip(&cpu_before)
-        .map(|((name, pid), before)| {
-            let used = cpu_since(pid, *before);
-            format!("{name} {:.2}", per_event_us(used, n))
-        })
+        .map(|((name, pid), before)| (name.clone(), per_event_us(cpu_since(pid, *before), n)))
         .collect();
-    println!("  CPU µs per event: {}", used.join(", "));
+    let pipeline_us: f64 = used.iter().map(|(_, us)| us).sum();
+    let used: Vec<String> = used
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.2}"))
+        .collect();
+    println!(
+        "  CPU µs per event: {}; the pipeline's processes together {pipeline_us:.2} = {:.2} × the raw round trip by CPU ({round_trip_us:.2} µs); loadgen {:.2} on the same cores",
+        used.join(", "),
+        round_trip_us / pipeline_us.max(1e-9),
+        loadgen_us(&report),
+    );
 
     // 5. Steady at 80 % of that rate (or `NERUBA_E2E_STEADY_RATE`).
     let steady_rate = match std::env::var("NERUBA_E2E_STEADY_RATE") {

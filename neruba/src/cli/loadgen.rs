@@ -526,6 +526,21 @@ fn failure_kind(error: &ClientError) -> String {
     }
 }
 
+/// CPU time this process has used, user and system, all threads (the ledger tail's too;
+/// Linux: `/proc/self/stat`, in clock ticks of 10 ms; `None` elsewhere). A load generator
+/// shares its machine's cores with what it loads when both run on one machine, so the report
+/// says what it took itself.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses; the fields after its last `)` are fixed.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        user.checked_add(system)?.checked_mul(10)?,
+    ))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -575,6 +590,7 @@ pub(crate) async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Resul
 
     let mut generator = Generator::new(config.generator.clone());
     let started = Instant::now();
+    let cpu_at_start = process_cpu();
     let sent = Arc::new(AtomicU64::new(0));
     let progress = {
         let (ingestor, sent, stop) = (ingestor.clone(), sent.clone(), CancellationToken::new());
@@ -639,6 +655,9 @@ pub(crate) async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Resul
     let closed = ingestor.close().await;
     let verdicts = collector.await?;
     let sending = started.elapsed();
+    let own_cpu = process_cpu()
+        .zip(cpu_at_start)
+        .map(|(now, before)| now.saturating_sub(before));
     progress.0.cancel();
     progress.1.await?;
 
@@ -671,6 +690,7 @@ pub(crate) async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Resul
         count,
         &verdicts,
         sending,
+        own_cpu,
         &requests,
         ledger.as_ref(),
     );
@@ -948,6 +968,7 @@ fn report(
     sent: u64,
     verdicts: &Verdicts,
     elapsed: Duration,
+    own_cpu: Option<Duration>,
     requests: &Requests,
     ledger: Option<&LedgerReport>,
 ) -> Value {
@@ -1001,6 +1022,10 @@ fn report(
         "failed_by_reason": verdicts.failed,
         "elapsed_ms": ms(elapsed),
         "accepted_per_s": u64::try_from(per_second).unwrap_or(u64::MAX),
+        "own_cpu": own_cpu.map(|used| json!({
+            "ms": ms(used),
+            "ns_per_event": u64::try_from(used.as_nanos() / u128::from(sent.max(1))).unwrap_or(u64::MAX),
+        })),
         "requests": {
             "attempts": latencies.total,
             "latency_us": {
@@ -1065,6 +1090,14 @@ fn render(report: &Value) -> String {
         n("/requests/answered_503"),
         n("/requests/transport_errors"),
     );
+    if report.get("own_cpu").is_some_and(|c| !c.is_null()) {
+        out.push_str(&format!(
+            "own CPU     {} s while sending = {} µs per event sent (on a machine it shares with \
+             the gateway, this is taken from it)\n",
+            thousandths("/own_cpu/ms"),
+            thousandths("/own_cpu/ns_per_event"),
+        ));
+    }
     if report.get("ledger").is_some_and(|l| !l.is_null()) {
         out.push_str(&format!(
             "ledger      {} line items ({} adjustments, {} series); caught up: {}; last line \
