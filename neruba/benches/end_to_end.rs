@@ -21,8 +21,9 @@
 //!    of the same cores that the raw round trip's producer does not (it generates, serializes
 //!    and sends the events over HTTP), so (3) and (4) also give each process's CPU per event,
 //!    loadgen's own (its report's `own_cpu`), and the ratio by CPU: the raw round trip's CPU
-//!    per event over the pipeline's processes' together (gateway, stages, broker), which the
-//!    load generator and the sharing of cores do not move;
+//!    per event over the pipeline's processes' together (gateway, stages, broker; the broker's
+//!    includes this bench's ledger tail and offset polls). That ratio leaves out loadgen's
+//!    share of the cores, though not the contention for them;
 //! 5. **steady**: loadgen at 80 % of (4)'s rate for `NERUBA_E2E_STEADY` (default 10 minutes):
 //!    window close → line item latency (the line item's broker timestamp − its window's end −
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
@@ -55,6 +56,7 @@ mod common;
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{Broker, Proc, free_port};
+use neruba::process::cpu;
 use neruba_schemas::ledger::{Kind, LineItem};
 use neruba_schemas::{Event, codec, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -341,9 +343,16 @@ fn loadgen(args: &[String]) -> Result<Value> {
     serde_json::from_slice(&output.stdout).with_context(|| format!("loadgen report: {stderr}"))
 }
 
-/// Loadgen's own CPU per event it sent, µs (its report's `own_cpu`; 0 without one).
-fn loadgen_us(report: &Value) -> f64 {
-    u(report, "/own_cpu/ns_per_event") as f64 / 1000.0
+/// Loadgen's own CPU per event it sent (its report's `own_cpu`, which a build from before it
+/// does not give).
+fn loadgen_cpu(report: &Value) -> String {
+    match report
+        .pointer("/own_cpu/ns_per_event")
+        .and_then(Value::as_u64)
+    {
+        Some(ns) => format!("{:.2} µs", ns as f64 / 1000.0),
+        None => "not reported".to_owned(),
+    }
 }
 
 fn u(report: &Value, path: &str) -> u64 {
@@ -360,15 +369,6 @@ fn rss_kib(pid: &str, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-/// CPU time a process has used, user + system (`/proc/<pid>/stat`, in clock ticks of 10 ms).
-fn cpu(pid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
 }
 
 /// CPU time the whole machine has been busy (every process, loadgen's too): user, nice,
@@ -979,14 +979,14 @@ async fn main() -> Result<()> {
     let gateway_broker_cpu = cpu_since(&broker_pid, cpu_before.1);
     alone.gateway.terminate(Duration::from_secs(30))?;
     println!(
-        "gateway alone over HTTP: {gateway_rate:>9} events/s = {:.2} × raw producer (target ≥ 0.75) = {:.2} × the gateway floor; CPU per event: gateway {:.2} µs = {:.2} × the raw producer's ({:.2} × by CPU: the floor's over the gateway's), broker {:.2} µs, loadgen {:.2} µs (on the same cores); request p50 {} µs, p99 {} µs; peak RSS {:.0} MiB",
+        "gateway alone over HTTP: {gateway_rate:>9} events/s = {:.2} × raw producer (target ≥ 0.75) = {:.2} × the gateway floor; CPU per event: gateway {:.2} µs = {:.2} × the raw producer's ({:.2} × by CPU: the floor's over the gateway's), broker {:.2} µs, loadgen {} (on the same cores); request p50 {} µs, p99 {} µs; peak RSS {:.0} MiB",
         gateway_rate as f64 / rate(n, raw_produce),
         gateway_rate as f64 / rate(n, floor),
         per_event_us(gateway_cpu, n),
         per_event_us(gateway_cpu, n) / per_event_us(raw_cpu, n).max(1e-9),
         per_event_us(floor_cpu, n) / per_event_us(gateway_cpu, n).max(1e-9),
         per_event_us(gateway_broker_cpu, n),
-        loadgen_us(&report),
+        loadgen_cpu(&report),
         u(&report, "/requests/latency_us/p50"),
         u(&report, "/requests/latency_us/p99"),
         mib(gateway_peak),
@@ -1103,10 +1103,10 @@ async fn main() -> Result<()> {
         .map(|(name, us)| format!("{name} {us:.2}"))
         .collect();
     println!(
-        "  CPU µs per event: {}; the pipeline's processes together {pipeline_us:.2} = {:.2} × the raw round trip by CPU ({round_trip_us:.2} µs); loadgen {:.2} on the same cores",
+        "  CPU µs per event: {}; the pipeline's processes together {pipeline_us:.2} = {:.2} × the raw round trip by CPU ({round_trip_us:.2} µs; the broker's share includes this bench's ledger tail and offset polls); loadgen {} on the same cores",
         used.join(", "),
         round_trip_us / pipeline_us.max(1e-9),
-        loadgen_us(&report),
+        loadgen_cpu(&report),
     );
 
     // 5. Steady at 80 % of that rate (or `NERUBA_E2E_STEADY_RATE`).

@@ -24,4 +24,5 @@ pub mod events;
 mod follow;
 pub mod ledger;
 pub mod ops;
+pub mod process;
 pub mod sample;

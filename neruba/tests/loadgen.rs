@@ -105,19 +105,17 @@ async fn a_seeded_run_reports_exact_outcomes_and_the_ledger_holds_its_distinct_u
     assert_eq!(u(&report, "/generated/late"), 134, "{report}");
     assert_eq!(u(&report, "/requests/answered_429"), 0);
     assert_eq!(u(&report, "/requests/answered_503"), 0);
-    // Its own CPU while sending: whole clock ticks, per event the same figure divided, and no
-    // more than every core of the machine for the whole time.
-    let cpu_ms = u(&report, "/own_cpu/ms");
-    assert!(report["own_cpu"].is_object(), "{report}");
-    assert_eq!(cpu_ms % 10, 0, "{report}");
-    assert_eq!(
-        u(&report, "/own_cpu/ns_per_event"),
-        cpu_ms * 1_000_000 / 3000,
-        "{report}"
-    );
+    // Its own CPU while sending (the reading itself: `neruba::process`'s tests), at most every
+    // core of the machine for the whole time, and per event that figure over the events sent.
+    let cpu_ms = report["own_cpu"]["ms"].as_u64().context("no own_cpu")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     assert!(
         cpu_ms <= (u(&report, "/elapsed_ms") + 20) * cores,
+        "{report}"
+    );
+    assert_eq!(
+        u(&report, "/own_cpu/ns_per_event"),
+        cpu_ms * 1_000_000 / 3000,
         "{report}"
     );
 

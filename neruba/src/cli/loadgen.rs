@@ -526,21 +526,6 @@ fn failure_kind(error: &ClientError) -> String {
     }
 }
 
-/// CPU time this process has used, user and system, all threads (the ledger tail's too;
-/// Linux: `/proc/self/stat`, in clock ticks of 10 ms; `None` elsewhere). A load generator
-/// shares its machine's cores with what it loads when both run on one machine, so the report
-/// says what it took itself.
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may hold spaces and parentheses; the fields after its last `)` are fixed.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis(
-        user.checked_add(system)?.checked_mul(10)?,
-    ))
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -590,7 +575,9 @@ pub(crate) async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Resul
 
     let mut generator = Generator::new(config.generator.clone());
     let started = Instant::now();
-    let cpu_at_start = process_cpu();
+    // Everything this process does while sending: the progress line and, with `--brokers`, the
+    // ledger tail too.
+    let cpu_at_start = neruba::process::cpu("self");
     let sent = Arc::new(AtomicU64::new(0));
     let progress = {
         let (ingestor, sent, stop) = (ingestor.clone(), sent.clone(), CancellationToken::new());
@@ -655,7 +642,7 @@ pub(crate) async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Resul
     let closed = ingestor.close().await;
     let verdicts = collector.await?;
     let sending = started.elapsed();
-    let own_cpu = process_cpu()
+    let own_cpu = neruba::process::cpu("self")
         .zip(cpu_at_start)
         .map(|(now, before)| now.saturating_sub(before));
     progress.0.cancel();
