@@ -501,16 +501,46 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision.
+/// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision
+/// (`2026-11-24T10:00:00.123Z`); a time outside the calendar's years ±9999 as its number.
+///
+/// Line items, balance entries and reads carry several times each, so the digits are written
+/// directly: `format!` with its seven padded fields cost more than the calendar arithmetic.
 pub fn format_time_ms(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
-    match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
-        Ok(t) => {
-            let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
-            let (h, mi, s, milli) = (t.hour(), t.minute(), t.second(), t.millisecond());
-            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
-        }
-        Err(_) => ms.to_string(),
+    let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+        return ms.to_string();
+    };
+    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+    let (h, mi, s, milli) = (t.hour(), t.minute(), t.second(), t.millisecond());
+    let year = match u16::try_from(y) {
+        Ok(year) if year <= 9999 => year,
+        // Years before 0 keep their sign as before (`-001`).
+        _ => return format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z"),
+    };
+    let mut out = String::with_capacity(24);
+    push_digits(&mut out, year, 4);
+    out.push('-');
+    push_digits(&mut out, u16::from(mo), 2);
+    out.push('-');
+    push_digits(&mut out, u16::from(d), 2);
+    out.push('T');
+    push_digits(&mut out, u16::from(h), 2);
+    out.push(':');
+    push_digits(&mut out, u16::from(mi), 2);
+    out.push(':');
+    push_digits(&mut out, u16::from(s), 2);
+    out.push('.');
+    push_digits(&mut out, milli, 3);
+    out.push('Z');
+    out
+}
+
+/// The last `width` decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u16, width: u32) {
+    for place in (0..width).rev() {
+        let digit = value / 10_u16.pow(place) % 10;
+        out.push(char::from(b'0' + digit as u8));
     }
 }
 
@@ -521,6 +551,63 @@ mod tests {
     use serde_json::json;
 
     const NOW: i64 = 1_790_000_000_000;
+
+    /// The formatting before the digits were written directly.
+    fn formatted_as_before(ms: i64) -> String {
+        let nanos = i128::from(ms) * 1_000_000;
+        match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+            Ok(t) => {
+                let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+                let (h, mi, s, milli) = (t.hour(), t.minute(), t.second(), t.millisecond());
+                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+            }
+            Err(_) => ms.to_string(),
+        }
+    }
+
+    proptest! {
+        /// Every time within the calendar's years (and around it, and outside it) is written
+        /// as it was, and reads back.
+        #[test]
+        fn times_are_formatted_as_before_and_read_back(
+            ms in prop_oneof![
+                -62_167_219_200_000_i64..253_402_300_800_000,
+                -400_000_000_000_000_i64..-62_000_000_000_000,
+                253_000_000_000_000_i64..400_000_000_000_000,
+                any::<i64>(),
+            ]
+        ) {
+            let text = format_time_ms(ms);
+            prop_assert_eq!(&text, &formatted_as_before(ms));
+            if (0..253_402_300_800_000).contains(&ms) {
+                prop_assert_eq!(parse_time_ms(&text).ok(), Some(ms));
+            }
+        }
+    }
+
+    #[test]
+    fn times_at_the_calendars_edges() {
+        assert_eq!(format_time_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time_ms(1_764_000_000_123),
+            "2025-11-24T16:00:00.123Z"
+        );
+        assert_eq!(format_time_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_time_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            format_time_ms(-62_167_219_200_000),
+            "0000-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_time_ms(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            format_time_ms(-62_167_219_200_001),
+            "-001-12-31T23:59:59.999Z"
+        );
+        assert_eq!(format_time_ms(253_402_300_800_000), "253402300800000");
+    }
 
     fn check(value: Value) -> Result<Event, Rejection> {
         validate(value, 100, "acme", NOW, &Limits::default())
