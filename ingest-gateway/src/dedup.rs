@@ -352,9 +352,10 @@ mod tests {
 
     #[test]
     fn entries_expire_by_age() {
-        let cache = DedupCache::new(1000, Duration::from_millis(40));
+        // Entries live 1 s: far longer than a loaded machine stalls between two statements.
+        let cache = DedupCache::new(1000, Duration::from_secs(1));
         cache.insert("acme", "old");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(1100));
         assert!(!cache.contains("acme", "old"));
         cache.insert("acme", "new");
         assert!(cache.contains("acme", "new"));

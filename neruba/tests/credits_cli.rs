@@ -209,7 +209,7 @@ fn grant_void_and_show_through_the_command_line() -> anyhow::Result<()> {
         "--customer",
         "customer-7",
         "--exit-when-idle",
-        "1s",
+        "3s",
     ]);
     assert!(ok, "{stderr}");
     let lines: Vec<Value> = stdout
@@ -343,7 +343,7 @@ fn rule_set_refused_and_removed_through_the_command_line() -> anyhow::Result<()>
         "--customer",
         "customer-7",
         "--exit-when-idle",
-        "1s",
+        "3s",
     ]);
     assert!(ok, "{stderr}");
     let lines: Vec<Value> = stdout

@@ -138,13 +138,7 @@ async fn sighup_applies_a_good_catalog_everywhere_and_refuses_a_bad_one() -> Res
     assert_eq!(post(&client, &base, NEW_KEY, &reports).await?, 200);
     assert_eq!(post(&client, &base, acme, &api_call("a-2")).await?, 200);
 
-    let log = pipeline.log_tail(40);
-    let bootstrap = log
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Kafka:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .context("the pipeline's bootstrap servers")?
-        .to_owned();
+    let bootstrap = common::dev_bootstrap(&pipeline)?;
     let started = Instant::now();
     let amount = loop {
         let bootstrap = bootstrap.clone();

@@ -563,18 +563,35 @@ async fn a_quiet_tenant_closes_its_windows_while_another_keeps_the_partition_bus
     // partition is never idle and its event time never reaches t2's window; t2 went quiet
     // after one event, and its window closes by processing time all the same.
     let s = setup(1)?;
-    let (running, shutdown) = start(&s, s.state.path(), |c| {
+    let registry = prometheus::Registry::new();
+    let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |c| {
         c.idle_timeout = Duration::from_millis(300);
         c.timing.grace_ms = 0;
     })?;
+    // The group forms first (the embedded broker holds a first join 3 s), so the busy
+    // stretch below is not spent before the aggregator reads anything.
+    for _ in 0..600 {
+        if assigned(&registry) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(assigned(&registry), 1);
     let quiet = event("t2", "q1", "api", "c1", t0() + 1_000, json!({}));
     s.writer.send(0, &[quiet]).await?;
+    // Busy until told to stop (at most 60 s, an event every 100 ms), all in one hour-old
+    // minute, so t1's own event time closes none of its windows.
+    let stop_busy = CancellationToken::new();
     let busy = tokio::spawn({
         let brokers = s.kafka.bootstrap_servers().to_owned();
+        let stop = stop_busy.clone();
         async move {
             let writer = EventWriter::new(&brokers)?;
-            for i in 0..60 {
-                let at_s = -3600 + i;
+            for i in 0..600 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let at_s = -3600 + i % 60;
                 writer
                     .send(0, &[api(&format!("b{i}"), "c1", at_s, "1", "u")])
                     .await?;
@@ -588,6 +605,7 @@ async fn a_quiet_tenant_closes_its_windows_while_another_keeps_the_partition_bus
         !busy.is_finished(),
         "t2's window closed only once the partition went quiet"
     );
+    stop_busy.cancel();
     let t2: Vec<(String, i64, Decimal)> = all
         .iter()
         .filter(|r| r.tenant == "t2")

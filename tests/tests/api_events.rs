@@ -192,7 +192,9 @@ fn all_answered_at_their_wait(reads: &[Read], wait: Duration, margin: Duration) 
 async fn many_reads_waiting_on_an_events_position_answer_at_their_wait_even_with_the_broker_down()
 -> Result<()> {
     const WAIT: Duration = Duration::from_secs(1);
-    const MARGIN: Duration = Duration::from_millis(750);
+    // Generous for a loaded machine, yet far below what reads answered one after another
+    // (64 × the wait) or blocked on the broker would take.
+    const MARGIN: Duration = Duration::from_secs(2);
     const UNREACHED: &str = "neruba.events:0:999999999";
     let api = Api::start(WAIT).await?;
 
@@ -202,19 +204,13 @@ async fn many_reads_waiting_on_an_events_position_answer_at_their_wait_even_with
     api.kafka.set_broker_up(false)?;
     let (reads, readyz) = api.many_at(64, UNREACHED).await?;
     all_answered_at_their_wait(&reads, WAIT, MARGIN);
-    assert!(
-        readyz < Duration::from_millis(500),
-        "/readyz took {readyz:?}"
-    );
+    assert!(readyz < Duration::from_secs(2), "/readyz took {readyz:?}");
 
     // 2. Back up: the same, now with the broker answering that the position is not folded.
     api.kafka.set_broker_up(true)?;
     let (reads, readyz) = api.many_at(64, UNREACHED).await?;
     all_answered_at_their_wait(&reads, WAIT, MARGIN);
-    assert!(
-        readyz < Duration::from_millis(500),
-        "/readyz took {readyz:?}"
-    );
+    assert!(readyz < Duration::from_secs(2), "/readyz took {readyz:?}");
     api.stop().await
 }
 
@@ -247,7 +243,7 @@ async fn events_positions_already_folded_are_answered_at_once_even_with_no_wait(
             (404, Some("customer_not_found")),
             "{read:?}"
         );
-        assert!(read.took < Duration::from_millis(250), "{read:?}");
+        assert!(read.took < Duration::from_secs(1), "{read:?}");
     }
     // Still so once the poller has stopped (no read waited for longer than its linger): what
     // it learned stays true.
@@ -257,19 +253,19 @@ async fn events_positions_already_folded_are_answered_at_once_even_with_no_wait(
         (read.status, read.code.as_deref()),
         (404, Some("customer_not_found"))
     );
-    assert!(read.took < Duration::from_millis(250), "{read:?}");
+    assert!(read.took < Duration::from_secs(1), "{read:?}");
 
     // 3. An offset not folded yet: 503 at once.
     let read = api.usage_at("neruba.events:0:5").await?;
     assert_not_caught_up(&read);
-    assert!(read.took < Duration::from_millis(250), "{read:?}");
+    assert!(read.took < Duration::from_secs(1), "{read:?}");
     api.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_partition_the_topic_lacks_is_refused_once_its_metadata_was_asked_again()
 -> Result<()> {
-    let api = Api::start(Duration::from_secs(3)).await?;
+    let api = Api::start(Duration::from_secs(10)).await?;
     // The events topic has partitions 0–2. Each read names partition 3; each is refused only
     // by metadata fetched after it arrived (the first read's, then a refresh per read), well
     // within the wait.
@@ -285,7 +281,7 @@ async fn an_events_partition_the_topic_lacks_is_refused_once_its_metadata_was_as
             "{min_position}: {read:?}"
         );
         assert!(
-            read.took < Duration::from_secs(2),
+            read.took < Duration::from_secs(5),
             "{min_position}: {read:?}"
         );
     }

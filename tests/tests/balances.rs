@@ -139,6 +139,24 @@ fn start_on(
     group: &str,
     entries: &str,
 ) -> Result<(neruba_balances::Running, CancellationToken)> {
+    start_with(
+        kafka,
+        ledger,
+        state,
+        group,
+        entries,
+        &prometheus::Registry::new(),
+    )
+}
+
+fn start_with(
+    kafka: &EmbeddedKafka,
+    ledger: &str,
+    state: &Path,
+    group: &str,
+    entries: &str,
+    registry: &prometheus::Registry,
+) -> Result<(neruba_balances::Running, CancellationToken)> {
     let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state);
     config.stage.group_id = group.into();
     config.stage.input_topic = ledger.into();
@@ -146,8 +164,25 @@ fn start_on(
     config.stage.max_batch = 3;
     config.entries_topic = entries.into();
     let shutdown = CancellationToken::new();
-    let running = neruba_balances::start(config, &prometheus::Registry::new(), shutdown.clone())?;
+    let running = neruba_balances::start(config, registry, shutdown.clone())?;
     Ok((running, shutdown))
+}
+
+/// Waits until the instance publishing to `registry` owns a partition: its consumer group
+/// formed (the embedded broker holds a group's first join 3 s, and each later round up to 9 s).
+async fn wait_assigned(registry: &prometheus::Registry) -> Result<()> {
+    for _ in 0..600 {
+        let owned = registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "neruba_balances_assigned_partitions")
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()));
+        if owned.is_some_and(|n| n >= 1.0) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the balances stage owned no partition after 60 s")
 }
 
 /// The entries on `topic`, each id once (a crash may repeat an entry, never change it), in
@@ -161,7 +196,7 @@ async fn entries(kafka: &EmbeddedKafka, topic: &str, expected: usize) -> Result<
             &topic,
             expected,
             Duration::from_millis(800),
-            Duration::from_secs(30),
+            Duration::from_secs(60),
         )
     })
     .await??;
@@ -271,15 +306,24 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
         ]
     );
 
-    // A replay of the same ledger (its ticks included) into fresh state, killed twice on the
-    // way: the same entries, byte for byte.
+    // A replay of the same ledger (its ticks included) into fresh state, killed twice once it
+    // owns its partitions: the same entries, byte for byte. Each start is a group of its own
+    // (the offsets are in the state), so none waits on a killed member's session to expire.
     let fresh = tempfile::tempdir()?;
-    for _ in 0..2 {
-        let (running, _shutdown) = start(&kafka, fresh.path(), "replay", "entries-replay")?;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    for attempt in 0..2 {
+        let registry = prometheus::Registry::new();
+        let (running, _shutdown) = start_with(
+            &kafka,
+            "ledger",
+            fresh.path(),
+            &format!("replay-{attempt}"),
+            "entries-replay",
+            &registry,
+        )?;
+        wait_assigned(&registry).await?;
         running.kill().await?;
     }
-    let (running, shutdown) = start(&kafka, fresh.path(), "replay", "entries-replay")?;
+    let (running, shutdown) = start(&kafka, fresh.path(), "replay-2", "entries-replay")?;
     let replayed = entries(&kafka, "entries-replay", got.len()).await?;
     shutdown.cancel();
     running.wait().await?;

@@ -363,7 +363,8 @@ async fn http_to_ledger_is_exact_with_duplicates_and_a_late_adjustment_and_repla
             &[],
             "ledger-live",
             Some("acme"),
-            Some(Duration::from_millis(700)),
+            // Idle from the start: long enough for a loaded machine's first fetch.
+            Some(Duration::from_secs(3)),
             &CancellationToken::new(),
             &mut out,
         )?;
