@@ -22,6 +22,12 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 /// Balances settings: the stage runtime's, and the stage's own.
+/// How long after its `expires_at` a grant expires by default: the line items of the windows
+/// that end at its expiry reach the ledger first. The aggregator closes a window up to its
+/// grace plus its idle timeout after the window ends (40 s by default), and a stage a little
+/// behind adds to that; without it, their usage went uncovered though credit was left for it.
+pub const DEFAULT_EXPIRY_GRACE_MS: i64 = 5 * 60 * 1000;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Brokers, group, the ledger topic (input), state directory, batch size, workers.
@@ -41,7 +47,7 @@ impl Config {
             stage: neruba_stage::Config::new(brokers, "neruba-balances", input, state_dir)
                 .sized(5_000, 32 * 1024 * 1024),
             entries_topic: neruba_schemas::topics::BALANCE_ENTRIES.to_owned(),
-            expiry_grace_ms: 0,
+            expiry_grace_ms: DEFAULT_EXPIRY_GRACE_MS,
             finalize_after_ms: neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS,
         }
     }

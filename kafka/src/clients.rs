@@ -288,6 +288,59 @@ pub fn topic_reader(
     Ok(consumer)
 }
 
+/// Where each partition of a topic ended when a reader from the beginning started: what it
+/// must read before it has seen everything the topic held then. A tail that stops once idle
+/// counts idle time only from there, so a slow first fetch cannot end it before it printed
+/// what was already written.
+#[derive(Debug, Clone)]
+pub struct TopicEnds {
+    topic: String,
+    /// `(partition, high watermark)` of the partitions not yet read to their end.
+    pending: Vec<(i32, i64)>,
+}
+
+impl TopicEnds {
+    /// The high watermarks of the partitions of `topic` that `consumer` is assigned, fetched
+    /// now. Blocking.
+    pub fn fetch(
+        consumer: &BaseConsumer,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let assignment = consumer.assignment()?;
+        let mut pending = Vec::new();
+        for element in assignment.elements_for_topic(topic) {
+            let (low, high) = consumer.fetch_watermarks(topic, element.partition(), timeout)?;
+            if high > low {
+                pending.push((element.partition(), high));
+            }
+        }
+        Ok(Self {
+            topic: topic.to_owned(),
+            pending,
+        })
+    }
+
+    /// Whether `consumer` has read every partition up to its end as fetched (its positions
+    /// tell; an unreadable position counts as not there yet).
+    pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let Ok(positions) = consumer.position() else {
+            return false;
+        };
+        let topic = &self.topic;
+        self.pending.retain(|(partition, end)| {
+            !matches!(
+                positions.find_partition(topic, *partition).map(|e| e.offset()),
+                Some(Offset::Offset(at)) if at >= *end
+            )
+        });
+        self.pending.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,23 +17,51 @@ pub use clients::{apply_producer_options, output_producer, recoverable_output_pr
 use neruba_schemas::topics::{
     REJECT_CODE_HEADER, REJECT_MESSAGE_HEADER, SOURCE_OFFSET_HEADER, SOURCE_TOPIC_HEADER,
 };
+use rdkafka::ClientContext;
+use rdkafka::client::Client;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Partitions of `topic` (at least 1), from the broker's metadata. Blocking.
+/// Partitions of `topic`, from the broker's metadata, waiting up to 30 s for a topic the
+/// broker is still creating. Blocking.
 pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, KafkaError> {
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata
-        .topics()
-        .first()
-        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(1))
-        .unwrap_or(1)
-        .max(1))
+    topic_partitions(producer.client(), topic, Duration::from_secs(30))
+}
+
+/// Partitions of `topic`, from the broker's metadata, asked again every half second until
+/// `patience` is over while the broker reports an error for the topic (not created yet, no
+/// leader yet) or no partitions; then that error. Never a guess: a stage that routed by a
+/// wrong count would put customers' records on partitions their other records are not on.
+/// Blocking.
+pub fn topic_partitions<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    patience: Duration,
+) -> Result<i32, KafkaError> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let found = match metadata.topics().first() {
+            None => Err(RDKafkaErrorCode::UnknownTopicOrPartition),
+            Some(t) => match t.error() {
+                Some(e) => Err(RDKafkaErrorCode::from(e)),
+                None => i32::try_from(t.partitions().len())
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(RDKafkaErrorCode::UnknownTopicOrPartition),
+            },
+        };
+        match found {
+            Ok(count) => return Ok(count),
+            Err(code) if Instant::now() >= deadline => {
+                return Err(KafkaError::MetadataFetch(code));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 /// The headers of a dead letter read from `source_topic` at `offset`.
@@ -221,5 +249,54 @@ pub fn deliver_until_acked(
         }
         let backoff = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
         std::thread::sleep(backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+
+    #[test]
+    fn a_topic_without_partitions_or_with_an_error_has_no_count() -> Result<(), KafkaError> {
+        // Found in review: a missing topic, or one the broker was still creating, counted as
+        // one partition, so a stage would have put every output on partition 0.
+        let cluster = MockCluster::new(1)?;
+        cluster.create_topic("ledger", 3, 1)?;
+        // A consumer does not ask the broker to create the topics it asks about.
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "partition-count-test")
+            .create()?;
+        let patience = Duration::from_millis(600);
+        assert_eq!(topic_partitions(client.client(), "ledger", patience)?, 3);
+        let missing = topic_partitions(client.client(), "no-such-topic", patience);
+        assert!(
+            matches!(
+                missing,
+                Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::UnknownTopicOrPartition
+                ))
+            ),
+            "{missing:?}"
+        );
+        cluster.topic_error(
+            "ledger",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+        )?;
+        let failing = topic_partitions(client.client(), "ledger", patience);
+        assert!(
+            matches!(
+                failing,
+                Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::LeaderNotAvailable
+                ))
+            ),
+            "{failing:?}"
+        );
+        Ok(())
     }
 }

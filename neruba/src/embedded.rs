@@ -42,6 +42,11 @@ impl EmbeddedKafka {
         &self.bootstrap
     }
 
+    /// Delays every answer of the broker by `delay` (a slow or distant cluster); zero undoes it.
+    pub fn set_round_trip_time(&self, delay: Duration) -> Result<(), KafkaError> {
+        self.cluster.broker_round_trip_time(1, delay)
+    }
+
     /// Makes the broker refuse connections (an outage), or accept them again.
     pub fn set_broker_up(&self, up: bool) -> Result<(), KafkaError> {
         if up {

@@ -1,12 +1,14 @@
 //! Reading a topic from its beginning, until interrupted or idle: what `neruba ledger tail` and
 //! `neruba events tail` share.
 
+use neruba_kafka::clients::TopicEnds;
 use rdkafka::message::BorrowedMessage;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Reads `topic` from the beginning (as `group`, committing nothing) and hands each message to
-/// `each`, until `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
+/// `each`, until `shutdown`, or until it has read everything the topic held when it started
+/// and nothing more arrived for `exit_when_idle`. Blocking.
 pub(crate) fn follow(
     brokers: &str,
     kafka_options: &[(String, String)],
@@ -23,11 +25,18 @@ pub(crate) fn follow(
         kafka_options,
         Duration::from_secs(10),
     )?;
+    // Only a tail that stops once idle needs to know where the topic ended.
+    let mut ends = match exit_when_idle {
+        Some(_) => Some(TopicEnds::fetch(&consumer, topic, Duration::from_secs(10))?),
+        None => None,
+    };
     let mut last = Instant::now();
     while !shutdown.is_cancelled() {
         let message = match consumer.poll(Duration::from_millis(100)) {
             None => {
-                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle) {
+                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle)
+                    && ends.as_mut().is_none_or(|ends| ends.reached(&consumer))
+                {
                     break;
                 }
                 continue;

@@ -76,11 +76,13 @@ impl<S: PartitionStates> Rebalance<S> {
         choose: impl FnOnce(i32) -> Vec<i32>,
     ) -> Result<(), S::Error> {
         let context = consumer.context();
-        let metadata = consumer.fetch_metadata(Some(&context.topic), Duration::from_secs(10))?;
-        let count = metadata
-            .topics()
-            .first()
-            .map_or(0, |t| i32::try_from(t.partitions().len()).unwrap_or(0));
+        // A topic the broker reports an error for is an error here, not zero partitions: a
+        // stage assigned none would idle and still answer ready.
+        let count = neruba_kafka::topic_partitions(
+            consumer.client(),
+            &context.topic,
+            Duration::from_secs(30),
+        )?;
         let mut tpl = TopicPartitionList::new();
         // Nothing else runs yet, so nothing can have poisoned the lock.
         let mut states = context

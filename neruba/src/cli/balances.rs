@@ -62,8 +62,10 @@ pub(crate) struct BalancesArgs {
     /// Topic balance entries are produced to (keyed `tenant/customer`).
     #[arg(long, env = "NERUBA_BALANCE_ENTRIES_TOPIC", default_value = topics::BALANCE_ENTRIES)]
     pub(crate) balance_entries_topic: String,
-    /// A grant expires once the ledger partition's clock passes its `expires_at` plus this.
-    #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    /// A grant expires once the ledger partition's clock passes its `expires_at` plus this:
+    /// long enough for the line items of the windows ending at its expiry to arrive first
+    /// (the aggregator closes a window up to its grace plus its idle timeout after it ends).
+    #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub(crate) balances_expiry_grace: Duration,
     /// A statement is `draft` from its period's end until this much later, then `final`
     /// (items for it after that go to the next statement). At most the correction horizon.
@@ -128,4 +130,48 @@ pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) 
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The settings `neruba dev` takes for both stages.
+    #[derive(Debug, Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        aggregator: super::super::aggregator::AggregatorArgs,
+        #[command(flatten)]
+        balances: BalancesArgs,
+    }
+
+    #[test]
+    fn by_default_a_grant_outlasts_the_pricing_of_the_windows_before_its_expiry() {
+        // Found in review: with no grace the expiry tick, written when the wall clock passed
+        // `expires_at`, reached the ledger before the line items of the windows just before
+        // it, which the aggregator closes up to its grace plus its idle timeout later: their
+        // usage went uncovered though credit was left for it.
+        let defaults = Defaults::try_parse_from(["neruba"]).expect("the defaults parse");
+        let (aggregator, balances) = (&defaults.aggregator, &defaults.balances);
+        let window_closed = aggregator.grace + aggregator.idle_timeout;
+        // Room too for a stage as far behind as it may be before it is reported stuck.
+        assert!(
+            balances.balances_expiry_grace >= window_closed + aggregator.stuck_after,
+            "{balances:?} against {aggregator:?}"
+        );
+        let config = balances
+            .config(
+                "127.0.0.1:9092",
+                "neruba.ledger",
+                "neruba.dead-letter",
+                Path::new("state"),
+                Duration::from_secs(35 * 86_400),
+            )
+            .expect("config");
+        assert_eq!(
+            config.expiry_grace_ms,
+            neruba_balances::DEFAULT_EXPIRY_GRACE_MS
+        );
+    }
 }

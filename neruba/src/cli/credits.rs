@@ -12,11 +12,13 @@ use neruba_ingest_gateway::credits::{
     self, CreditRecord, GRANT_RECORD, GrantAccepted, LedgerWriter, RULE_RECORD, RuleAccepted,
     VOID_RECORD, VoidAccepted,
 };
+use neruba_kafka::clients::TopicEnds;
 use neruba_schemas::Catalog;
 use neruba_schemas::credit::{self, GrantRequest, RuleRequest, Void};
 use neruba_schemas::{event, topics};
 use rdkafka::Message;
 use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use std::io::Write;
 use std::path::PathBuf;
@@ -142,7 +144,8 @@ pub(crate) struct ShowArgs {
     /// Customer to show.
     #[arg(long, env = "NERUBA_CUSTOMER")]
     pub(crate) customer: String,
-    /// Stop once nothing arrived for this long (default: follow until interrupted).
+    /// Stop once everything already written was read and nothing more arrived for this long
+    /// (default: follow until interrupted).
     #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     pub(crate) exit_when_idle: Option<Duration>,
 }
@@ -265,8 +268,9 @@ fn print_line(line: &str) -> Result<()> {
 
 /// Reads the ledger and balance-entries topics from the beginning and writes each of the
 /// customer's records as one line, `{"topic", "partition", "offset", "record", "value"}`
-/// (`record`: `grant`, `void`, `rule` or `balance_entry`), until `shutdown` or `exit_when_idle`.
-/// Blocking.
+/// (`record`: `grant`, `void`, `rule` or `balance_entry`), until `shutdown`, or until it has
+/// read everything both topics held when it started and nothing more arrived for
+/// `exit_when_idle`. Blocking.
 fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> Result<()> {
     let key = format!("{}/{}", args.tenant, args.customer);
     let reader = |topic: &str| {
@@ -281,16 +285,39 @@ fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> R
     let ledger = reader(&args.ledger.ledger_topic)
         .with_context(|| format!("read the ledger topic `{}`", args.ledger.ledger_topic))?;
     // Before the balances stage has run the entries topic may not exist yet; the grants,
-    // voids and rules are still worth showing.
+    // voids and rules are still worth showing. Any other failure (a broker too slow to
+    // answer) is an error: a show without its entries would read as a customer without any.
     let entries = match reader(&args.balance_entries_topic) {
         Ok(consumer) => Some(consumer),
-        Err(e) => {
+        Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
             eprintln!(
-                "balance entries topic `{}` not readable ({e}); showing the ledger only",
+                "balance entries topic `{}` does not exist yet; showing the ledger only",
                 args.balance_entries_topic
             );
             None
         }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "read the balance entries topic `{}`",
+                    args.balance_entries_topic
+                )
+            });
+        }
+    };
+    // Where each topic ended, for a show that stops once idle: a slow first fetch must not
+    // end it before it printed what was already written.
+    let ends = |consumer: &BaseConsumer, topic: &str| {
+        TopicEnds::fetch(consumer, topic, Duration::from_secs(10))
+            .with_context(|| format!("read where topic `{topic}` ends"))
+    };
+    let mut ledger_ends = match args.exit_when_idle {
+        Some(_) => Some(ends(&ledger, &args.ledger.ledger_topic)?),
+        None => None,
+    };
+    let mut entries_ends = match (args.exit_when_idle, &entries) {
+        (Some(_), Some(entries)) => Some(ends(entries, &args.balance_entries_topic)?),
+        _ => None,
     };
     let mut last = Instant::now();
     while !shutdown.is_cancelled() {
@@ -303,6 +330,11 @@ fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> R
         } else if args
             .exit_when_idle
             .is_some_and(|idle| last.elapsed() >= idle)
+            && ledger_ends.as_mut().is_none_or(|e| e.reached(&ledger))
+            && entries
+                .as_ref()
+                .zip(entries_ends.as_mut())
+                .is_none_or(|(consumer, e)| e.reached(consumer))
         {
             break;
         }
@@ -361,4 +393,75 @@ fn poll_one(consumer: &BaseConsumer, key: &str, ledger: bool, out: &mut dyn Writ
     out.write_all(b"\n")?;
     out.flush()?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba::embedded::EmbeddedKafka;
+
+    #[tokio::test]
+    async fn show_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker()
+    -> Result<()> {
+        // Found in review: the idle clock started before the first fetch, so on a broker
+        // slower to answer than `--exit-when-idle` a support person was shown no grants at all.
+        let kafka = EmbeddedKafka::start(&[(topics::LEDGER, 2), (topics::BALANCE_ENTRIES, 2)])?;
+        let ledger = LedgerArgs {
+            brokers: kafka.bootstrap_servers().to_owned(),
+            ledger_topic: topics::LEDGER.to_owned(),
+            kafka_opts: Vec::new(),
+        };
+        let catalog = sample::catalog()?;
+        let mut written = Vec::new();
+        for key in ["first", "second"] {
+            let grant = GrantRequest {
+                key: Some(key.to_owned()),
+                amount: Some(serde_json::Value::String("5".to_owned())),
+                currency: Some("USD".to_owned()),
+                priority: None,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: None,
+            }
+            .validate(&catalog, "acme", "customer-7", event::now_ms())
+            .map_err(|refused| anyhow::anyhow!("grant refused: {refused}"))?;
+            writer(&ledger)?
+                .write(CreditRecord::Grant(&grant))
+                .await
+                .context("write the grant")?;
+            written.push(grant.id);
+        }
+        // Every answer of the broker now takes three times the idle time.
+        kafka.set_round_trip_time(Duration::from_millis(1500))?;
+        let args = ShowArgs {
+            ledger,
+            balance_entries_topic: topics::BALANCE_ENTRIES.to_owned(),
+            tenant: "acme".to_owned(),
+            customer: "customer-7".to_owned(),
+            exit_when_idle: Some(Duration::from_millis(500)),
+        };
+        let printed = tokio::task::spawn_blocking(move || -> Result<String> {
+            let mut out = Vec::new();
+            show(&args, &CancellationToken::new(), &mut out)?;
+            Ok(String::from_utf8(out)?)
+        })
+        .await??;
+        let shown = printed
+            .lines()
+            .map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line)?;
+                Ok((
+                    line["record"].as_str().unwrap_or_default().to_owned(),
+                    line["value"]["id"].as_str().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let expected: Vec<(String, String)> = written
+            .into_iter()
+            .map(|id| ("grant".to_owned(), id))
+            .collect();
+        assert_eq!(shown, expected);
+        Ok(())
+    }
 }

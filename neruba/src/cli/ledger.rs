@@ -31,7 +31,8 @@ pub(crate) struct FollowArgs {
     /// Only this tenant's records.
     #[arg(long, env = "NERUBA_TENANT")]
     pub(crate) tenant: Option<String>,
-    /// Stop once nothing arrived for this long (default: follow until interrupted).
+    /// Stop once everything already written was read and nothing more arrived for this long
+    /// (default: follow until interrupted).
     #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     pub(crate) exit_when_idle: Option<Duration>,
     /// Extra librdkafka setting `key=value` (SASL, TLS); repeatable, comma-separated in env.

@@ -124,8 +124,8 @@ pub(crate) struct LoadgenArgs {
     /// clock only once this has passed.
     #[arg(long, env = "NERUBA_AGGREGATOR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) idle_timeout: Duration,
-    /// Once the windows should have closed, the ledger has caught up when no line item of
-    /// the run arrived for this long.
+    /// Once the windows should have closed, the ledger has caught up when it holds line items
+    /// of the run and no more arrived for this long.
     #[arg(long, env = "NERUBA_SETTLE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) settle: Duration,
     /// Stop waiting for the ledger this long after the last accept, caught up or not.
@@ -880,7 +880,9 @@ impl LedgerTail {
                 if count != last_count {
                     (last_count, last_change) = (count, now);
                 }
-                if now >= closed + plan.settle && now >= last_change + plan.settle {
+                // None yet is not caught up: a rater still joining its group, or a slow
+                // first fetch of the ledger, must not read as a run whose ledger is complete.
+                if count > 0 && now >= closed + plan.settle && now >= last_change + plan.settle {
                     caught_up = true;
                     break;
                 }
@@ -1088,13 +1090,23 @@ fn render(report: &Value) -> String {
     if report.get("ledger").is_some_and(|l| !l.is_null()) {
         out.push_str(&format!(
             "ledger      {} line items ({} adjustments, {} series); caught up: {}; last line \
-             item {} s after the last accept (waited {} s)\n\
+             item {} after the last accept (waited {} s)\n\
              quantity    {} (new events' tokens: {})\n",
             n("/ledger/line_items"),
             n("/ledger/adjustments"),
             n("/ledger/series"),
             n("/ledger/caught_up"),
-            thousandths("/ledger/last_item_after_last_accept_ms"),
+            if report
+                .pointer("/ledger/last_item_after_last_accept_ms")
+                .is_some_and(Value::is_u64)
+            {
+                format!(
+                    "{} s",
+                    thousandths("/ledger/last_item_after_last_accept_ms")
+                )
+            } else {
+                "none".to_owned()
+            },
             thousandths("/ledger/waited_ms"),
             n("/ledger/quantity"),
             n("/generated/tokens"),

@@ -1,0 +1,62 @@
+//! Tails that stop once idle (`neruba events tail`, `neruba ledger tail`, `--exit-when-idle`):
+//! they print everything the topic held when they started, however slow the broker.
+
+use anyhow::Result;
+use neruba::embedded::EmbeddedKafka;
+use neruba_schemas::{Event, topics};
+use neruba_tests::{EventWriter, event};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker() -> Result<()>
+{
+    // Found in review: the idle clock started before the first fetch, so a broker slower to
+    // answer than the idle time ended the tail before it printed anything.
+    let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 2)])?;
+    let writer = EventWriter::new(kafka.bootstrap_servers())?;
+    let at = neruba_schemas::event::parse_time_ms("2026-11-10T12:00:00Z")?;
+    let events: Vec<Event> = (0..5)
+        .map(|i| {
+            event(
+                "acme",
+                &format!("e-{i}"),
+                "api_call",
+                "c1",
+                at + i,
+                json!({}),
+            )
+        })
+        .collect();
+    writer.send(0, &events[..3]).await?;
+    writer.send(1, &events[3..]).await?;
+    // Every answer of the broker now takes three times the idle time.
+    kafka.set_round_trip_time(Duration::from_millis(1500))?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let (counts, printed) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut out = Vec::new();
+        let counts = neruba::events::tail(
+            &bootstrap,
+            &[],
+            topics::EVENTS,
+            None,
+            Some(Duration::from_millis(500)),
+            &CancellationToken::new(),
+            &mut out,
+        )?;
+        Ok((counts, String::from_utf8(out)?))
+    })
+    .await??;
+    assert_eq!((counts.printed, counts.undecodable), (5, 0));
+    let mut ids = printed
+        .lines()
+        .map(|line| {
+            let line: Value = serde_json::from_str(line)?;
+            Ok(line["id"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ids.sort_unstable();
+    assert_eq!(ids, ["e-0", "e-1", "e-2", "e-3", "e-4"]);
+    Ok(())
+}
