@@ -170,18 +170,15 @@ impl Running {
     }
 }
 
-/// A topic's partition count, from the broker. Blocking.
+/// A topic's partition count, from the broker (an error for a topic it reports an error
+/// for, or none). Blocking.
 fn partitions_of(config: &neruba_stage::Config) -> Result<i32> {
     let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
-    let metadata = probe.fetch_metadata(Some(&config.input_topic), Duration::from_secs(10))?;
-    let count = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len());
-    i32::try_from(count)
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| Error::Bug(format!("topic `{}` has no partitions", config.input_topic)))
+    Ok(neruba_kafka::topic_partitions(
+        probe.client(),
+        &config.input_topic,
+        Duration::from_secs(10),
+    )?)
 }
 
 /// Starts the read model and the HTTP server; returns once both are up. The stage's start

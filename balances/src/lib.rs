@@ -21,12 +21,14 @@ pub use neruba_stage::{CrashPoint, Error, Result, Running};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
-/// Balances settings: the stage runtime's, and the stage's own.
 /// How long after its `expires_at` a grant expires by default: the line items of the windows
 /// that end at its expiry reach the ledger first. The aggregator closes a window up to its
 /// grace plus its idle timeout after the window ends (40 s by default), and a stage a little
-/// behind adds to that; without it, their usage went uncovered though credit was left for it.
+/// behind adds to that; with no grace their usage went uncovered though credit was left for
+/// it. (A window longer than the grace that straddles `expires_at` still arrives after it.)
 pub const DEFAULT_EXPIRY_GRACE_MS: i64 = 5 * 60 * 1000;
+
+/// Balances settings: the stage runtime's, and the stage's own.
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -66,11 +66,22 @@ mod tests {
             burst: Some(20),
         };
         assert!(limiter.take("acme", limit, 20).is_ok());
-        let wait = limiter.take("acme", limit, 10).err();
-        // 10 events short at 10/s: a second, less what refilled between the two takes (the
-        // bound leaves a loaded machine half a second for that), and never below a second.
+        // 10 events short at 10/s: a second, less what refilled meanwhile, and never below a
+        // second (Retry-After's resolution).
+        assert_eq!(
+            limiter.take("acme", limit, 10).err(),
+            Some(Duration::from_secs(1))
+        );
+        // 30 short of a larger bucket: three seconds, less what refilled between the takes
+        // (the bound leaves a loaded machine half a second for that).
+        let larger = RateLimit {
+            events_per_second: 10,
+            burst: Some(40),
+        };
+        assert!(limiter.take("gamma", larger, 40).is_ok());
+        let wait = limiter.take("gamma", larger, 30).err();
         assert!(
-            matches!(wait, Some(d) if d >= Duration::from_millis(500)),
+            matches!(wait, Some(d) if d > Duration::from_millis(2_500) && d <= Duration::from_secs(3)),
             "{wait:?}"
         );
         // Another tenant has its own bucket.

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer}
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Settings every Neruba producer relies on for durability: what it answers or writes after
 /// an acknowledgement is in every in-sync replica (`acks=all`), once and in order
@@ -269,7 +269,10 @@ pub fn topic_reader(
         // Required by librdkafka for a consumer; no offset is ever committed under it.
         .set("group.id", client_id)
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Records deleted under the reader (retention) move it to the oldest left, never
+        // past what it has not read.
+        .set("auto.offset.reset", "earliest");
     for (key, value) in kafka_options {
         client.set(key, value);
     }
@@ -297,9 +300,15 @@ pub struct TopicEnds {
     topic: String,
     /// `(partition, high watermark)` of the partitions not yet read to their end.
     pending: Vec<(i32, i64)>,
+    /// When the pending partitions' oldest offsets were last asked for.
+    refreshed: Option<Instant>,
 }
 
 impl TopicEnds {
+    /// How long past its idle time a tail waits for partitions that do not reach their end
+    /// (their broker unreachable) before it gives up with an error.
+    pub const PATIENCE: Duration = Duration::from_secs(30);
+
     /// The high watermarks of the partitions of `topic` that `consumer` is assigned, fetched
     /// now. Blocking.
     pub fn fetch(
@@ -318,11 +327,14 @@ impl TopicEnds {
         Ok(Self {
             topic: topic.to_owned(),
             pending,
+            refreshed: None,
         })
     }
 
     /// Whether `consumer` has read every partition up to its end as fetched (its positions
-    /// tell; an unreadable position counts as not there yet).
+    /// tell; an unreadable position counts as not there yet). A partition whose records up to
+    /// that end were all deleted meanwhile (retention) counts as read: every 2 s its oldest
+    /// offset is asked for again. Blocking.
     pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
         if self.pending.is_empty() {
             return true;
@@ -337,13 +349,118 @@ impl TopicEnds {
                 Some(Offset::Offset(at)) if at >= *end
             )
         });
+        if !self.pending.is_empty()
+            && self
+                .refreshed
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
+        {
+            self.refreshed = Some(Instant::now());
+            self.pending.retain(|(partition, end)| {
+                !consumer
+                    .fetch_watermarks(topic, *partition, Duration::from_secs(1))
+                    .is_ok_and(|(low, _)| low >= *end)
+            });
+        }
         self.pending.is_empty()
+    }
+
+    /// For a reader that stops once idle: `Ok(true)` once nothing arrived since `last` for
+    /// `idle` and each consumer has read its topic to where it ended at the start; `Ok(false)`
+    /// while not; an error naming the partitions still short `patience` after that (tails
+    /// give [`Self::PATIENCE`]). Blocking.
+    pub fn idle_done(
+        idle: Duration,
+        patience: Duration,
+        last: Instant,
+        readers: &mut [(&BaseConsumer, &mut TopicEnds)],
+    ) -> Result<bool, String> {
+        if last.elapsed() < idle {
+            return Ok(false);
+        }
+        let mut done = true;
+        for (consumer, ends) in readers.iter_mut() {
+            done &= ends.reached(consumer);
+        }
+        if done {
+            return Ok(true);
+        }
+        if last.elapsed() < idle + patience {
+            return Ok(false);
+        }
+        let short: Vec<String> = readers
+            .iter()
+            .flat_map(|(_, ends)| {
+                ends.pending.iter().map(|(partition, end)| {
+                    format!(
+                        "`{}` partition {partition} (up to offset {end})",
+                        ends.topic
+                    )
+                })
+            })
+            .collect();
+        Err(format!(
+            "nothing arrived for {:?}, yet {} not read to where it ended when reading started",
+            last.elapsed(),
+            short.join(", ")
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    #[test]
+    fn a_reader_is_done_once_it_read_what_was_there_and_fails_on_what_it_cannot_read()
+    -> Result<(), KafkaError> {
+        let cluster = MockCluster::new(1)?;
+        cluster.create_topic("ends", 2, 1)?;
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        producer
+            .send(BaseRecord::to("ends").partition(0).key("k").payload("x"))
+            .map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(5))?;
+        let timeout = Duration::from_secs(5);
+        let (idle, patience) = (Duration::from_millis(100), Duration::from_secs(60));
+        let idle_since = || Instant::now().checked_sub(Duration::from_secs(1));
+        let last = idle_since().expect("a second after the clock's start");
+
+        // Idle, but partition 0's record not read yet: not done, and within the patience.
+        let reader = topic_reader(&bootstrap, "ends-test", "ends", &[], timeout)?;
+        let mut ends = TopicEnds::fetch(&reader, "ends", timeout)?;
+        assert_eq!(
+            TopicEnds::idle_done(idle, patience, last, &mut [(&reader, &mut ends)]),
+            Ok(false)
+        );
+        // Read: done (partition 1 was empty when reading started).
+        let deadline = Instant::now() + timeout;
+        while reader.poll(Duration::from_millis(100)).is_none() {
+            assert!(Instant::now() < deadline, "the record never came");
+        }
+        assert_eq!(
+            TopicEnds::idle_done(idle, patience, last, &mut [(&reader, &mut ends)]),
+            Ok(true)
+        );
+
+        // A partition its reader cannot reach (the broker went down): an error naming it once
+        // the patience is over, not a tail that ends as if it had read everything.
+        let cut_off = topic_reader(&bootstrap, "ends-test", "ends", &[], timeout)?;
+        let mut ends = TopicEnds::fetch(&cut_off, "ends", timeout)?;
+        cluster.broker_down(1)?;
+        let failed = TopicEnds::idle_done(idle, Duration::ZERO, last, &mut [(&cut_off, &mut ends)]);
+        assert!(
+            failed
+                .as_ref()
+                .is_err_and(|e| e.contains("`ends` partition 0 (up to offset 1)")),
+            "{failed:?}"
+        );
+        Ok(())
+    }
 
     fn refusal(options: &[(&str, &str)]) -> Option<String> {
         let options: Vec<(String, String)> = options

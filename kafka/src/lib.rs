@@ -261,9 +261,9 @@ mod tests {
     use rdkafka::types::RDKafkaRespErr;
 
     #[test]
-    fn a_topic_without_partitions_or_with_an_error_has_no_count() -> Result<(), KafkaError> {
-        // Found in review: a missing topic, or one the broker was still creating, counted as
-        // one partition, so a stage would have put every output on partition 0.
+    fn a_missing_topic_or_one_with_an_error_has_no_count() -> Result<(), KafkaError> {
+        // Was: a missing topic, or one the broker was still creating, counted as one
+        // partition, so a stage would have put every output on partition 0.
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("ledger", 3, 1)?;
         // A consumer does not ask the broker to create the topics it asks about.

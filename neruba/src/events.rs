@@ -46,7 +46,8 @@ struct Line<'a> {
 }
 
 /// Reads `topic` from the beginning and writes each event as one JSON line to `out`, until
-/// `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
+/// `shutdown`, or until it has read what the topic held when it started and nothing more
+/// arrived for `exit_when_idle` (see `follow`). Blocking.
 pub fn tail(
     brokers: &str,
     kafka_options: &[(String, String)],

@@ -34,8 +34,14 @@ pub(crate) fn follow(
     while !shutdown.is_cancelled() {
         let message = match consumer.poll(Duration::from_millis(100)) {
             None => {
-                if exit_when_idle.is_some_and(|idle| last.elapsed() >= idle)
-                    && ends.as_mut().is_none_or(|ends| ends.reached(&consumer))
+                if let (Some(idle), Some(ends)) = (exit_when_idle, ends.as_mut())
+                    && TopicEnds::idle_done(
+                        idle,
+                        TopicEnds::PATIENCE,
+                        last,
+                        &mut [(&consumer, ends)],
+                    )
+                    .map_err(anyhow::Error::msg)?
                 {
                     break;
                 }

@@ -28,7 +28,8 @@ pub struct TailCounts {
 }
 
 /// Reads `topic` from the beginning and writes each new line item as one JSON line to `out`,
-/// until `shutdown`, or until nothing arrived for `exit_when_idle`. Blocking.
+/// until `shutdown`, or until it has read what the topic held when it started and nothing
+/// more arrived for `exit_when_idle` (see `follow`). Blocking.
 pub fn tail(
     brokers: &str,
     kafka_options: &[(String, String)],

@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(exact_add(d("79228162514264337593543950335"), d("1")), None);
         assert_eq!(exact_add(d("1.5"), d("-1.25")), Some(d("0.25")));
         assert_eq!(exact_add(d("1.5"), d("-1.5")), Some(d("0.0")));
-        // Found in review: a zero term, or trailing zeros, are no rounding. rust_decimal
+        // A zero term, or trailing zeros, are no rounding. rust_decimal
         // answers 0.0 + 3 with 3 at scale 0, which a scale comparison took for one.
         assert_eq!(exact_add(d("0.0"), d("3")), Some(d("3")));
         assert_eq!(exact_add(d("5"), d("0.000")), Some(d("5")));

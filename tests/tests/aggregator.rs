@@ -151,6 +151,19 @@ fn assigned(registry: &prometheus::Registry) -> i64 {
         .map_or(-1, |v| v as i64)
 }
 
+/// The partitions each instance owns once they are `wanted`, or as they are after a minute
+/// (the embedded broker holds a group's first join 3 s, and each later round up to 9 s).
+async fn owned_within_a_minute(registries: &[&prometheus::Registry], wanted: &[i64]) -> Vec<i64> {
+    let owned = || registries.iter().map(|r| assigned(r)).collect::<Vec<_>>();
+    for _ in 0..600 {
+        if owned() == wanted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    owned()
+}
+
 /// From a stage's metrics: Σ input messages over the batches it wrote, and the batches timed
 /// in each phase (apply, deliver, write).
 fn batches(registry: &prometheus::Registry) -> (u64, [u64; 3]) {
@@ -570,24 +583,19 @@ async fn a_quiet_tenant_closes_its_windows_while_another_keeps_the_partition_bus
     })?;
     // The group forms first (the embedded broker holds a first join 3 s), so the busy
     // stretch below is not spent before the aggregator reads anything.
-    for _ in 0..600 {
-        if assigned(&registry) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(assigned(&registry), 1);
+    assert_eq!(owned_within_a_minute(&[&registry], &[1]).await, [1]);
     let quiet = event("t2", "q1", "api", "c1", t0() + 1_000, json!({}));
     s.writer.send(0, &[quiet]).await?;
-    // Busy until told to stop (at most 60 s, an event every 100 ms), all in one hour-old
-    // minute, so t1's own event time closes none of its windows.
+    // Busy until told to stop or for 20 s (an event every 100 ms; the rollup read below gives
+    // up at 30 s, so a window that closed only once the stream ended is told apart), all in
+    // one hour-old minute, so t1's own event time closes none of its windows.
     let stop_busy = CancellationToken::new();
     let busy = tokio::spawn({
         let brokers = s.kafka.bootstrap_servers().to_owned();
         let stop = stop_busy.clone();
         async move {
             let writer = EventWriter::new(&brokers)?;
-            for i in 0..600 {
+            for i in 0..200 {
                 if stop.is_cancelled() {
                     break;
                 }
@@ -892,17 +900,11 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
         start_with_registry(&s, s.state.path(), &registry_b, |c| c.stage.max_batch = 50)?;
     //    The embedded broker's coordinator waits the session timeout less a second (9 s) for
     //    members to rejoin each round, and on a loaded machine one member may miss a round and
-    //    get nothing until the next (seen in CI: two rounds took more than 20 s), so this
-    //    waits up to 60 s for the split.
-    let mut owned = (assigned(&registry_a), assigned(&registry_b));
-    for _ in 0..600 {
-        if owned == (1, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        owned = (assigned(&registry_a), assigned(&registry_b));
-    }
-    assert_eq!(owned, (1, 1));
+    //    get nothing until the next (seen in CI: two rounds took more than 20 s).
+    assert_eq!(
+        owned_within_a_minute(&[&registry_a, &registry_b], &[1, 1]).await,
+        [1, 1]
+    );
     // 3. The rest of the stream, then events that close every window.
     s.writer.send(0, rest0).await?;
     s.writer.send(1, rest1).await?;

@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::{self, EmbeddedKafka};
+use neruba_balances::CrashPoint;
 use neruba_schemas::credit::{
     self, BalanceEntry, BalanceRule, EntryKind, Grant, GrantTerms, RuleRecord, StatementStatus,
     Void,
@@ -139,14 +140,7 @@ fn start_on(
     group: &str,
     entries: &str,
 ) -> Result<(neruba_balances::Running, CancellationToken)> {
-    start_with(
-        kafka,
-        ledger,
-        state,
-        group,
-        entries,
-        &prometheus::Registry::new(),
-    )
+    start_with(kafka, ledger, state, group, entries, None)
 }
 
 fn start_with(
@@ -155,7 +149,7 @@ fn start_with(
     state: &Path,
     group: &str,
     entries: &str,
-    registry: &prometheus::Registry,
+    crash: Option<neruba_balances::CrashPoint>,
 ) -> Result<(neruba_balances::Running, CancellationToken)> {
     let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state);
     config.stage.group_id = group.into();
@@ -164,27 +158,11 @@ fn start_with(
     // Grants expire as the clock passes `expires_at`: the ledgers here are written whole.
     config.expiry_grace_ms = 0;
     config.stage.max_batch = 3;
+    config.stage.crash = crash;
     config.entries_topic = entries.into();
     let shutdown = CancellationToken::new();
-    let running = neruba_balances::start(config, registry, shutdown.clone())?;
+    let running = neruba_balances::start(config, &prometheus::Registry::new(), shutdown.clone())?;
     Ok((running, shutdown))
-}
-
-/// Waits until the instance publishing to `registry` owns a partition: its consumer group
-/// formed (the embedded broker holds a group's first join 3 s, and each later round up to 9 s).
-async fn wait_assigned(registry: &prometheus::Registry) -> Result<()> {
-    for _ in 0..600 {
-        let owned = registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "neruba_balances_assigned_partitions")
-            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()));
-        if owned.is_some_and(|n| n >= 1.0) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("the balances stage owned no partition after 60 s")
 }
 
 /// The entries on `topic`, each id once (a crash may repeat an entry, never change it), in
@@ -308,22 +286,24 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
         ]
     );
 
-    // A replay of the same ledger (its ticks included) into fresh state, killed twice once it
-    // owns its partitions: the same entries, byte for byte. Each start is a group of its own
-    // (the offsets are in the state), so none waits on a killed member's session to expire.
+    // A replay of the same ledger (its ticks included) into fresh state, crashing twice on the
+    // way (mid-batch after 4 of its 10 records, then after delivering a batch but before
+    // writing it): the same entries, byte for byte. Each start is a group of its own (the
+    // offsets are in the state), so none waits on a crashed member's session to expire.
     let fresh = tempfile::tempdir()?;
-    for attempt in 0..2 {
-        let registry = prometheus::Registry::new();
+    let crashes = [CrashPoint::AfterMessages(4), CrashPoint::BeforeWrite(3)];
+    for (attempt, crash) in crashes.into_iter().enumerate() {
         let (running, _shutdown) = start_with(
             &kafka,
             "ledger",
             fresh.path(),
             &format!("replay-{attempt}"),
             "entries-replay",
-            &registry,
+            Some(crash),
         )?;
-        wait_assigned(&registry).await?;
-        running.kill().await?;
+        tokio::time::timeout(Duration::from_secs(60), running.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("the replay never reached {crash:?}"))??;
     }
     let (running, shutdown) = start(&kafka, fresh.path(), "replay-2", "entries-replay")?;
     let replayed = entries(&kafka, "entries-replay", got.len()).await?;

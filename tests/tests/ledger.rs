@@ -363,7 +363,6 @@ async fn http_to_ledger_is_exact_with_duplicates_and_a_late_adjustment_and_repla
             &[],
             "ledger-live",
             Some("acme"),
-            // Idle from the start: long enough for a loaded machine's first fetch.
             Some(Duration::from_secs(3)),
             &CancellationToken::new(),
             &mut out,

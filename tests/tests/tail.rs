@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test]
 async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker() -> Result<()>
 {
-    // Found in review: the idle clock started before the first fetch, so a broker slower to
-    // answer than the idle time ended the tail before it printed anything.
+    // Was: the idle clock started before the first fetch, so a broker slower to answer than
+    // the idle time ended the tail before it printed anything.
     let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 2)])?;
     let writer = EventWriter::new(kafka.bootstrap_servers())?;
     let at = neruba_schemas::event::parse_time_ms("2026-11-10T12:00:00Z")?;

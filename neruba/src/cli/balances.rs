@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn by_default_a_grant_outlasts_the_pricing_of_the_windows_before_its_expiry() {
-        // Found in review: with no grace the expiry tick, written when the wall clock passed
+        // Was: with no grace the expiry tick, written when the wall clock passed
         // `expires_at`, reached the ledger before the line items of the windows just before
         // it, which the aggregator closes up to its grace plus its idle timeout later: their
         // usage went uncovered though credit was left for it.

@@ -327,16 +327,17 @@ fn show(args: &ShowArgs, shutdown: &CancellationToken, out: &mut dyn Write) -> R
         }
         if got {
             last = Instant::now();
-        } else if args
-            .exit_when_idle
-            .is_some_and(|idle| last.elapsed() >= idle)
-            && ledger_ends.as_mut().is_none_or(|e| e.reached(&ledger))
-            && entries
-                .as_ref()
-                .zip(entries_ends.as_mut())
-                .is_none_or(|(consumer, e)| e.reached(consumer))
+        } else if let (Some(idle), Some(ledger_ends)) = (args.exit_when_idle, ledger_ends.as_mut())
         {
-            break;
+            let mut readers = vec![(&ledger, ledger_ends)];
+            if let (Some(entries), Some(entries_ends)) = (&entries, entries_ends.as_mut()) {
+                readers.push((entries, entries_ends));
+            }
+            if TopicEnds::idle_done(idle, TopicEnds::PATIENCE, last, &mut readers)
+                .map_err(anyhow::Error::msg)?
+            {
+                break;
+            }
         }
     }
     Ok(())
@@ -403,8 +404,8 @@ mod tests {
     #[tokio::test]
     async fn show_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker()
     -> Result<()> {
-        // Found in review: the idle clock started before the first fetch, so on a broker
-        // slower to answer than `--exit-when-idle` a support person was shown no grants at all.
+        // Was: the idle clock started before the first fetch, so on a broker slower to answer
+        // than `--exit-when-idle` a support person was shown no grants at all.
         let kafka = EmbeddedKafka::start(&[(topics::LEDGER, 2), (topics::BALANCE_ENTRIES, 2)])?;
         let ledger = LedgerArgs {
             brokers: kafka.bootstrap_servers().to_owned(),
