@@ -171,14 +171,14 @@ impl Running {
 }
 
 /// A topic's partition count, from the broker (an error for a topic it reports an error
-/// for, or none). Blocking.
+/// for, or none, logged with the topic's name). Blocking.
 fn partitions_of(config: &neruba_stage::Config) -> Result<i32> {
     let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
-    Ok(neruba_kafka::topic_partitions(
-        probe.client(),
-        &config.input_topic,
-        Duration::from_secs(10),
-    )?)
+    let topic = &config.input_topic;
+    neruba_kafka::topic_partitions(probe.client(), topic, Duration::from_secs(10)).map_err(|e| {
+        tracing::error!(topic, error = %e, "Cannot read the topic's partitions.");
+        e.into()
+    })
 }
 
 /// Starts the read model and the HTTP server; returns once both are up. The stage's start

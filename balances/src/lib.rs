@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_EXPIRY_GRACE_MS: i64 = 5 * 60 * 1000;
 
 /// Balances settings: the stage runtime's, and the stage's own.
-
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Brokers, group, the ledger topic (input), state directory, batch size, workers.

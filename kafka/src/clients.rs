@@ -269,13 +269,14 @@ pub fn topic_reader(
         // Required by librdkafka for a consumer; no offset is ever committed under it.
         .set("group.id", client_id)
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        // Records deleted under the reader (retention) move it to the oldest left, never
-        // past what it has not read.
-        .set("auto.offset.reset", "earliest");
+        .set("enable.partition.eof", "false");
     for (key, value) in kafka_options {
         client.set(key, value);
     }
+    // Records deleted under the reader (retention) move it to the oldest left (those are not
+    // read), never past what it has not read; set after the pass-through options, so that
+    // none changes it.
+    client.set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = client.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let mut assignment = TopicPartitionList::new();
@@ -354,12 +355,22 @@ impl TopicEnds {
                 .refreshed
                 .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
         {
-            self.refreshed = Some(Instant::now());
+            // A round ends at the first partition whose broker does not answer, so an
+            // unreachable broker costs a second every 2 s, not one per partition.
+            let mut unreachable = false;
             self.pending.retain(|(partition, end)| {
-                !consumer
-                    .fetch_watermarks(topic, *partition, Duration::from_secs(1))
-                    .is_ok_and(|(low, _)| low >= *end)
+                if unreachable {
+                    return true;
+                }
+                match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1)) {
+                    Ok((low, _)) => low < *end,
+                    Err(_) => {
+                        unreachable = true;
+                        true
+                    }
+                }
             });
+            self.refreshed = Some(Instant::now());
         }
         self.pending.is_empty()
     }
@@ -392,15 +403,15 @@ impl TopicEnds {
             .flat_map(|(_, ends)| {
                 ends.pending.iter().map(|(partition, end)| {
                     format!(
-                        "`{}` partition {partition} (up to offset {end})",
+                        "`{}` partition {partition} (offsets below {end})",
                         ends.topic
                     )
                 })
             })
             .collect();
         Err(format!(
-            "nothing arrived for {:?}, yet {} not read to where it ended when reading started",
-            last.elapsed(),
+            "nothing arrived for {} s, yet {} not read to where it ended when reading started",
+            last.elapsed().as_secs(),
             short.join(", ")
         ))
     }
@@ -456,7 +467,7 @@ mod tests {
         assert!(
             failed
                 .as_ref()
-                .is_err_and(|e| e.contains("`ends` partition 0 (up to offset 1)")),
+                .is_err_and(|e| e.contains("`ends` partition 0 (offsets below 1)")),
             "{failed:?}"
         );
         Ok(())

@@ -287,8 +287,8 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
     );
 
     // A replay of the same ledger (its ticks included) into fresh state, crashing twice on the
-    // way (mid-batch after 4 of its 10 records, then after delivering a batch but before
-    // writing it): the same entries, byte for byte. Each start is a group of its own (the
+    // way (mid-batch after 4 of its 10 or more records, then after delivering a batch but
+    // before writing it): the same entries, byte for byte. Each start is a group of its own (the
     // offsets are in the state), so none waits on a crashed member's session to expire.
     let fresh = tempfile::tempdir()?;
     let crashes = [CrashPoint::AfterMessages(4), CrashPoint::BeforeWrite(3)];

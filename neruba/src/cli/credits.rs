@@ -145,7 +145,8 @@ pub(crate) struct ShowArgs {
     #[arg(long, env = "NERUBA_CUSTOMER")]
     pub(crate) customer: String,
     /// Stop once everything already written was read and nothing more arrived for this long
-    /// (default: follow until interrupted).
+    /// (default: follow until interrupted); fail, naming the partition, if one cannot be read
+    /// that far within 30 s more.
     #[arg(long, env = "NERUBA_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     pub(crate) exit_when_idle: Option<Duration>,
 }
