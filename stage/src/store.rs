@@ -284,6 +284,30 @@ impl Store {
 /// The next offset stored in the partition state at `dir`, read without taking the lock
 /// (for operators and tests; the owner may be running).
 pub fn stored_offset(dir: &Path) -> Result<Option<i64>> {
+    // A running owner may delete a file between this open listing it and reading it (a
+    // write-ahead log it flushed, a table it compacted away): an I/O error, or RocksDB's
+    // corruption error naming the missing file, and the next attempt sees the files as they
+    // are after that. (Seen in CI: `while stat a file for size: …/000004.log`.)
+    let mut attempt = 1;
+    loop {
+        match read_stored_offset(dir) {
+            Err(Error::Storage(e))
+                if attempt < 8
+                    && matches!(
+                        e.kind(),
+                        rocksdb::ErrorKind::IOError | rocksdb::ErrorKind::Corruption
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(20 * attempt));
+                attempt += 1;
+            }
+            read => return read,
+        }
+    }
+}
+
+/// [`stored_offset`], one attempt.
+fn read_stored_offset(dir: &Path) -> Result<Option<i64>> {
     // The directory exists (with its owner file) before the database in it: an owner may be
     // opening it right now. No database yet is no offset yet.
     if !dir.join("CURRENT").exists() {
@@ -399,6 +423,46 @@ mod tests {
             beside.saturating_sub(in_cache) >= 20_000,
             "{in_cache} bytes beside the cache, against {beside}"
         );
+    }
+
+    #[test]
+    fn the_stored_offset_reads_while_its_owner_writes_and_flushes() {
+        // Was: a read-only open could list a write-ahead log the owner deleted as it flushed,
+        // and fail with an I/O error (a CI run of the aggregator's crash test).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store =
+            Store::open(dir.path(), 0, &StoreOptions::default(), &cache()).expect("open");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (dir, done) = (dir.path().to_owned(), done.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    seen.push(stored_offset(&dir).map_err(|e| e.to_string())?);
+                }
+                Ok::<_, String>(seen)
+            })
+        };
+        for offset in 0..200 {
+            let mut batch = WriteBatch::default();
+            batch.put(b"\0\0\0\x01ar", offset.to_string());
+            store.consumed(offset);
+            store.write(batch).expect("write");
+            store.db().flush().expect("flush");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = reader
+            .join()
+            .expect("the reader ran")
+            .expect("every read succeeded");
+        // Each read saw a state the owner wrote (not necessarily the latest: a read-only open
+        // replays only the logs it found).
+        assert!(
+            seen.iter()
+                .all(|offset| offset.is_none_or(|o| (1..=200).contains(&o))),
+            "{seen:?}"
+        );
+        assert_eq!(stored_offset(dir.path()).expect("read"), Some(200));
     }
 
     #[test]
