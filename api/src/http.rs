@@ -4,6 +4,10 @@
 //! Invariants:
 //! - the tenant is the one the API key proves; a customer of another tenant is answered as
 //!   one that does not exist (`404 customer_not_found`), never `403`, so nothing confirms it;
+//! - no read is answered from a model that has not yet read its topic to the end since the
+//!   api started (a customer it has not read yet would look like one that does not exist):
+//!   until it has, a read waits, bounded by `read_wait`, and is otherwise `503 not_caught_up`
+//!   with `Retry-After`;
 //! - every answer carries `as_of`, the read-model position it was read at; a read with
 //!   `min_position=<topic>:<partition>:<offset>[,…]` (what writes answered, at most
 //!   [`MAX_POSITIONS`]) waits, bounded by `read_wait` for the whole list (no await on its path
@@ -257,13 +261,15 @@ pub const MAX_POSITIONS: usize = 1024;
 /// How often a wait on a model looks at its position again.
 const MODEL_POLL: Duration = Duration::from_millis(20);
 
-/// Which reads a position on the events topic can be waited for by.
+/// Which model a read is answered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Events {
-    /// Usage: the rollups model is what the aggregators' work on the events feeds.
-    Waitable,
-    /// The ledger reads: no wait on the events topic would say anything about them.
-    Refused,
+enum Reads {
+    /// Balances, grants, entries, statements, line items: the ledger model. No wait on the
+    /// events topic would say anything about them.
+    Ledger,
+    /// Usage: the rollups model, which the aggregators' work on the events feeds, so a
+    /// position on the events topic can be waited for.
+    Usage,
 }
 
 /// What a `min_position` list asks for, checked against what the api follows.
@@ -300,19 +306,29 @@ fn parse_position(text: &str) -> Option<(&str, i32, i64)> {
     Some((topic, partition, offset))
 }
 
-/// Waits until the read model has caught up with every position of `min_position` (a
-/// comma-separated list), if one is asked for: each record of a topic a model reads applied,
-/// and, for usage, each event folded by the aggregators with its rollups read. One bound,
-/// `read_wait`, for the whole list, which no wait here outlasts; every item is checked before
-/// anything is waited for, and positions already caught up are answered at once (even with
-/// no wait at all).
-async fn caught_up(state: &AppState, params: &Params, events: Events) -> Result<(), Refused> {
-    let Some(text) = params.get("min_position") else {
-        return Ok(());
-    };
+/// Waits until the model `reads` is answered from has read its topic to the end once since
+/// the api started (before that, a customer whose records it has not read yet would be
+/// answered as one that does not exist), and until it has caught up with every position of
+/// `min_position` (a comma-separated list), if one is asked for: each record of a topic a
+/// model reads applied, and, for usage, each event folded by the aggregators with its rollups
+/// read. One bound, `read_wait`, for it all, which no wait here outlasts; every item is
+/// checked before anything is waited for, and what is already caught up is answered at once
+/// (even with no wait at all).
+async fn caught_up(state: &AppState, params: &Params, reads: Reads) -> Result<(), Refused> {
     let arrived = Instant::now();
     let deadline = arrived + state.read_wait;
-    let wanted = wanted(state, text, events)?;
+    let wanted = params
+        .get("min_position")
+        .map(|text| wanted(state, text, reads))
+        .transpose()?;
+    let model = match reads {
+        Reads::Ledger => &state.model,
+        Reads::Usage => &state.rollups,
+    };
+    read_up(model, deadline).await?;
+    let Some(wanted) = wanted else {
+        return Ok(());
+    };
     for (model, partition, offset) in wanted.records {
         applied(model, partition, offset, deadline).await?;
     }
@@ -325,7 +341,7 @@ async fn caught_up(state: &AppState, params: &Params, events: Events) -> Result<
 /// The positions of a `min_position` list, or why it is refused: `400 invalid_position` for a
 /// malformed item, `422 unsupported_position` for a topic the read does not follow (or a
 /// partition a model's topic does not have).
-fn wanted<'s>(state: &'s AppState, text: &str, events: Events) -> Result<Wanted<'s>, Refused> {
+fn wanted<'s>(state: &'s AppState, text: &str, reads: Reads) -> Result<Wanted<'s>, Refused> {
     let bad = || {
         refused(
             StatusCode::BAD_REQUEST,
@@ -352,7 +368,7 @@ fn wanted<'s>(state: &'s AppState, text: &str, events: Events) -> Result<Wanted<
                 )));
             }
             wanted.records.push((model, partition, offset));
-        } else if topic == state.events.topic() && events == Events::Waitable {
+        } else if topic == state.events.topic() && reads == Reads::Usage {
             let highest = wanted.events.entry(partition).or_insert(offset);
             *highest = (*highest).max(offset);
         } else if topic == state.events.topic() {
@@ -367,14 +383,28 @@ fn wanted<'s>(state: &'s AppState, text: &str, events: Events) -> Result<Wanted<
                  waited for",
                 state.model.topic(),
                 state.rollups.topic(),
-                match events {
-                    Events::Waitable => format!(" (and `{}` for usage)", state.events.topic()),
-                    Events::Refused => String::new(),
+                match reads {
+                    Reads::Usage => format!(" (and `{}` for usage)", state.events.topic()),
+                    Reads::Ledger => String::new(),
                 }
             )));
         }
     }
     Ok(wanted)
+}
+
+/// Waits until `model` has read its topic to the end once since the api started.
+async fn read_up(model: &Model, deadline: Instant) -> Result<(), Refused> {
+    while !model.caught_up_once() {
+        if Instant::now() >= deadline {
+            return Err(not_caught_up(format!(
+                "the read model has not read `{}` to its end since it started",
+                model.topic()
+            )));
+        }
+        tokio::time::sleep(MODEL_POLL).await;
+    }
+    Ok(())
 }
 
 /// Waits until `model` has applied the record at `offset` of `partition`.
@@ -493,7 +523,7 @@ async fn customer_book<T>(
     let tenant = tenant(state, headers)?;
     let params = Params::of(raw, allowed)?;
     let checked = check(&params)?;
-    caught_up(state, &params, Events::Refused).await?;
+    caught_up(state, &params, Reads::Ledger).await?;
     let (book, position) = state.model.book(&tenant, customer)?;
     let book = book.ok_or_else(|| not_found(customer))?;
     Ok((tenant, book, position, checked))
@@ -548,7 +578,7 @@ async fn customers(
     let params = Params::of(raw, &["limit", "cursor"])?;
     let limit = params.limit()?;
     let after = params.get("cursor").map(decode_cursor).transpose()?;
-    caught_up(&state, &params, Events::Refused).await?;
+    caught_up(&state, &params, Reads::Ledger).await?;
     let as_of = state.model.positions();
     let ids = state.model.customers(&tenant, after.as_deref(), limit)?;
     let next_cursor = (ids.len() == limit)
@@ -840,7 +870,7 @@ async fn statements(
     let tenant = tenant(&state, &headers)?;
     let params = Params::of(raw, &[])?;
     let period = params.period(Some(&period))?;
-    caught_up(&state, &params, Events::Refused).await?;
+    caught_up(&state, &params, Reads::Ledger).await?;
     let (read, position) = state.model.statements(&tenant, &customer, &period)?;
     let (statements, book) = read.ok_or_else(|| not_found(&customer))?;
     let pending_prior_period = book
@@ -1195,7 +1225,7 @@ async fn usage(
             refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_group", m)
         }
     })?;
-    caught_up(&state, &params, Events::Waitable).await?;
+    caught_up(&state, &params, Reads::Usage).await?;
     let partition = state.rollups.partition_of(&tenant, &customer);
     let as_of = state.rollups.position(partition);
     if !crate::usage::known(&state.rollups, &tenant, &customer)? {

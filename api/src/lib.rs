@@ -128,14 +128,10 @@ impl Running {
             for (health, model) in &stages {
                 health.check()?;
                 if !model.caught_up_once() {
-                    if health.caught_up() {
-                        model.mark_caught_up();
-                    } else {
-                        return Err(format!(
-                            "the read model has not caught up with `{}` yet",
-                            model.topic()
-                        ));
-                    }
+                    return Err(format!(
+                        "the read model has not caught up with `{}` yet",
+                        model.topic()
+                    ));
                 }
             }
             Ok(())
@@ -219,6 +215,8 @@ pub async fn start(
                     model: rollups.clone(),
                 })
             })?;
+            model.follow(stage.health());
+            rollups.follow(usage.health());
             Ok((model, stage, rollups, usage))
         })
         .await??

@@ -28,7 +28,7 @@ use rocksdb::{DB, Direction, IteratorMode};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// One ledger partition of the read model.
 #[derive(Debug)]
@@ -74,6 +74,8 @@ pub struct Model {
     topic: String,
     partitions: i32,
     views: RwLock<BTreeMap<i32, Arc<PartitionView>>>,
+    /// The progress of the stage that fills the model, once it started.
+    health: OnceLock<Arc<neruba_kafka::health::ConsumerHealth>>,
     caught_up_once: AtomicBool,
 }
 
@@ -164,6 +166,7 @@ impl Model {
             topic: topic.to_owned(),
             partitions,
             views: RwLock::new(BTreeMap::new()),
+            health: OnceLock::new(),
             caught_up_once: AtomicBool::new(false),
         }
     }
@@ -240,13 +243,27 @@ impl Model {
             .collect()
     }
 
-    /// Whether the model has ever read everything the broker had (latched).
+    /// Whether the model has read everything the broker had since it started, with every
+    /// partition loaded (latched: once true, it stays so). Before that, a customer whose
+    /// records it has not read yet would be answered as one that does not exist.
     pub fn caught_up_once(&self) -> bool {
-        self.caught_up_once.load(Ordering::SeqCst)
+        if self.caught_up_once.load(Ordering::SeqCst) {
+            return true;
+        }
+        let all_loaded = usize::try_from(self.partitions)
+            .is_ok_and(|count| self.views.read().map_or(0, |views| views.len()) == count);
+        let caught_up = all_loaded && self.health.get().is_some_and(|h| h.caught_up());
+        if caught_up {
+            self.caught_up_once.store(true, Ordering::SeqCst);
+        }
+        caught_up
     }
 
-    pub(crate) fn mark_caught_up(&self) {
-        self.caught_up_once.store(true, Ordering::SeqCst);
+    /// Follows the progress of the stage that fills the model (what [`Self::caught_up_once`]
+    /// asks); a second call changes nothing.
+    pub(crate) fn follow(&self, health: Arc<neruba_kafka::health::ConsumerHealth>) {
+        // Only the first stage's progress counts; the model is filled by one.
+        let _ = self.health.set(health);
     }
 
     /// A customer's book, from the partition that holds it, and the position it is as of.

@@ -3,15 +3,23 @@
 //! client that commits offsets: every waiting read answers within its own wait however many
 //! wait and whether the broker answers, readiness stays prompt meanwhile, positions already
 //! folded are answered at once (even with no wait at all), and a partition the events topic
-//! does not have is refused once the topic's metadata was asked again.
+//! does not have is refused once the topic's metadata was asked again. And a replica just
+//! started answers no read before it has read its topic to the end once.
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
+use neruba_schemas::credit::{self, Grant, GrantTerms};
+use neruba_schemas::event::format_time_ms;
 use neruba_schemas::topics;
 use neruba_tests::{LEDGER_PARTITIONS, sample};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rust_decimal::Decimal;
 use serde_json::Value;
+use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -39,11 +47,10 @@ struct Read {
 
 impl Api {
     async fn start(read_wait: Duration) -> Result<Self> {
-        let kafka = EmbeddedKafka::start(&[
-            (topics::EVENTS, 3),
-            (topics::LEDGER, LEDGER_PARTITIONS),
-            (topics::ROLLUPS, 2),
-        ])?;
+        Self::start_on(broker()?, read_wait).await
+    }
+
+    async fn start_on(kafka: EmbeddedKafka, read_wait: Duration) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let mut config = neruba_api::Config::new(
             kafka.bootstrap_servers(),
@@ -159,6 +166,15 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// An embedded broker with the events (3 partitions), ledger and rollups topics.
+fn broker() -> Result<EmbeddedKafka> {
+    Ok(EmbeddedKafka::start(&[
+        (topics::EVENTS, 3),
+        (topics::LEDGER, LEDGER_PARTITIONS),
+        (topics::ROLLUPS, 2),
+    ])?)
 }
 
 /// The read was answered `503 not_caught_up` with `Retry-After: 1`.
@@ -294,5 +310,90 @@ async fn an_events_partition_the_topic_lacks_is_refused_once_its_metadata_was_as
             "{min_position}: {read:?}"
         );
     }
+    api.stop().await
+}
+
+/// A grant of 25.00 USD to `customer` under the key `pack-1`.
+fn grant_of(customer: &str) -> Grant {
+    Grant {
+        v: 1,
+        id: credit::grant_id("acme", customer, "pack-1"),
+        tenant: "acme".into(),
+        customer: customer.into(),
+        key: "pack-1".into(),
+        terms: GrantTerms {
+            amount: Decimal::new(2_500, 2),
+            currency: "USD".into(),
+            priority: 10,
+            effective_at: None,
+            expires_at: None,
+            paid: None,
+            metadata: BTreeMap::new(),
+        },
+        received_at: format_time_ms(0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_just_started_answers_a_customer_on_the_ledger_once_it_has_read_it() -> Result<()>
+{
+    // Was: a replica answered from its model before it had read the ledger once, so right
+    // after a start a customer with a grant on the ledger was `404 customer_not_found` (or
+    // `503` while its partition opened), with nothing to tell a support person the answer
+    // was not true.
+    const FILLERS: usize = 100_000;
+    let kafka = broker()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    // Before it, grants of other customers of its partition: a replica takes a while to
+    // read them.
+    let partition = topics::stable_partition("acme/c1", LEDGER_PARTITIONS);
+    let others = (0..)
+        .map(|i| format!("filler-{i}"))
+        .filter(|c| topics::stable_partition(&format!("acme/{c}"), LEDGER_PARTITIONS) == partition)
+        .take(FILLERS);
+    let mut sent = Vec::with_capacity(FILLERS + 1);
+    for customer in others.chain(std::iter::once("c1".to_owned())) {
+        let grant = grant_of(&customer);
+        let key = format!("acme/{customer}");
+        let payload = credit::encode(&grant);
+        let record = FutureRecord::to(topics::LEDGER)
+            .key(&key)
+            .payload(payload.as_slice())
+            .partition(partition)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: topics::RECORD_HEADER,
+                value: Some("grant"),
+            }));
+        sent.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    for delivery in sent {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    let api = Api::start_on(kafka, Duration::from_secs(30)).await?;
+
+    let read = sample::dev_key("acme", "read").context("acme read key")?;
+    let started = Instant::now();
+    let response = api
+        .client
+        .get(format!("{}/v1/customers/c1/balances", api.base))
+        .bearer_auth(read)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.context("a JSON answer")?;
+    assert_eq!(status, 200, "{body} after {:?}", started.elapsed());
+    assert_eq!(body["balances"][0]["currency"], "USD", "{body}");
+    let balance = body["balances"][0]["balance"]
+        .as_str()
+        .context("balance as text")?;
+    assert_eq!(
+        Decimal::from_str(balance)?,
+        Decimal::new(2_500, 2),
+        "{body}"
+    );
     api.stop().await
 }
