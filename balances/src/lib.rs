@@ -21,11 +21,12 @@ pub use neruba_stage::{CrashPoint, Error, Result, Running};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
-/// How long after its `expires_at` a grant expires by default: the line items of the windows
-/// that end at its expiry reach the ledger first. The aggregator closes a window up to its
-/// grace plus its idle timeout after the window ends (40 s by default), and a stage a little
-/// behind adds to that; with no grace their usage went uncovered though credit was left for
-/// it. (A window longer than the grace that straddles `expires_at` still arrives after it.)
+/// How long after its `expires_at` (plus the longest window the partition has priced: see
+/// [`state::PartitionState::tick_due`]) a grant expires by default: the line items of the
+/// windows that began before its expiry reach the ledger first. The aggregator closes a window
+/// up to its grace plus its idle timeout after the window ends (40 s by default), and a stage
+/// a little behind adds to that; with no grace their usage went uncovered though credit was
+/// left for it.
 pub const DEFAULT_EXPIRY_GRACE_MS: i64 = 5 * 60 * 1000;
 
 /// Balances settings: the stage runtime's, and the stage's own.

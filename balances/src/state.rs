@@ -17,6 +17,7 @@
 //! |---|---|
 //! | `\0\0\0\0Moffset` | next offset (the runtime's) |
 //! | `\0\0\0\0Mclock` | the partition's clock: the latest tick, ms (8 bytes) |
+//! | `\0\0\0\0Mwindow` | the longest window of a `usage` line item applied, ms (8 bytes) |
 //! | `\0\0\0\0X`, deadline ms, tenant, customer | empty: the customer's next deadline |
 //! | tenant, `B`, customer | [`Book`] ([`Book::encode`]: a tag byte and postcard) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
@@ -39,6 +40,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 const CLOCK_KEY: &[u8] = b"\0\0\0\0Mclock";
+/// The longest window of a first-priced line item the partition has applied (ms, 8 bytes BE).
+const WINDOW_KEY: &[u8] = b"\0\0\0\0Mwindow";
+/// The longest window [`WINDOW_KEY`] holds: a catalog's meter windows divide a day.
+const MAX_WINDOW_MS: i64 = 86_400_000;
 const EXPIRY_PREFIX: &[u8] = b"\0\0\0\0X";
 
 /// What a ledger-topic message is.
@@ -230,13 +235,19 @@ pub struct PartitionState {
     spilled_grants: Apart<GrantState>,
     clock_ms: i64,
     clock_dirty: bool,
+    /// The longest window of a first-priced (`usage`) line item applied so far, at most
+    /// [`MAX_WINDOW_MS`]: a tick is stamped that much earlier, so the items of a window that
+    /// began before a grant's expiry arrive before the grant expires (each ends up to this
+    /// long after its start).
+    longest_window_ms: i64,
+    longest_window_dirty: bool,
     /// Each customer's next deadline, as stored in the index, and the index itself.
     expiry_of: HashMap<CustomerKey, i64>,
     expiries: BTreeSet<(i64, String, String)>,
     /// Customers whose index entry the batch changed, with the entry as stored before.
     index_stored: HashMap<CustomerKey, (String, String, Option<i64>)>,
-    /// Expiry grace: a tick is written for `now − grace`, so a grant expires once the wall
-    /// clock passes `expires_at` + this. Applying records never reads it: what a tick says is
+    /// Expiry grace: a tick is written for `now − grace − longest window`, so a grant expires
+    /// once the wall clock passes `expires_at` + this + the longest window. Applying records never reads it: what a tick says is
     /// the partition's clock, and a replay under another grace expires at the same points.
     grace_ms: i64,
     /// How long statements stay draft, written into the ticks (a replay reads the ticks').
@@ -274,6 +285,7 @@ impl PartitionState {
             .get(CLOCK_KEY)?
             .and_then(|v| time_from(&v))
             .unwrap_or(i64::MIN);
+        let longest_window_ms = db.get(WINDOW_KEY)?.and_then(|v| time_from(&v)).unwrap_or(0);
         let mut expiry_of = HashMap::default();
         let mut expiries = BTreeSet::new();
         for item in db.prefix_iterator(EXPIRY_PREFIX) {
@@ -307,6 +319,8 @@ impl PartitionState {
             spilled_grants: Apart::default(),
             clock_ms,
             clock_dirty: false,
+            longest_window_ms,
+            longest_window_dirty: false,
             expiry_of,
             expiries,
             index_stored: HashMap::default(),
@@ -573,6 +587,7 @@ impl PartitionState {
             return Ok(());
         }
         self.new_items.insert(key);
+        self.note_window(item);
         let book_key = customer_key(b'B', &item.tenant, &item.customer);
         let series = Book::series_key_of(item);
         self.unspill(&book_key, item, &series)?;
@@ -597,6 +612,25 @@ impl PartitionState {
         }
         self.emit_at(book_key, &item.tenant, &item.customer, entries);
         Ok(())
+    }
+
+    /// Keeps the longest window of a first-priced item (a meter's own window; an adjustment
+    /// or a period fee may span more), at most [`MAX_WINDOW_MS`].
+    fn note_window(&mut self, item: &LineItem) {
+        if item.kind != neruba_schemas::ledger::Kind::Usage {
+            return;
+        }
+        let (Ok(start), Ok(end)) = (
+            neruba_schemas::event::parse_time_ms(&item.window_start),
+            neruba_schemas::event::parse_time_ms(&item.window_end),
+        ) else {
+            return;
+        };
+        let window = end.saturating_sub(start).clamp(0, MAX_WINDOW_MS);
+        if window > self.longest_window_ms {
+            self.longest_window_ms = window;
+            self.longest_window_dirty = true;
+        }
     }
 
     /// Puts `series` (the series key of `item`) back into its customer's book (at `book_key`)
@@ -665,11 +699,14 @@ impl PartitionState {
         Ok(())
     }
 
-    /// Whether a tick should be written now (wall clock `now_ms`): a deadline plus grace has
-    /// passed and no tick was queued within `retry_ms`. Queues it as an output, stamped
-    /// `now − grace` and the finalisation delay: what the partition then reads.
+    /// Whether a tick should be written now (wall clock `now_ms`): a deadline plus grace plus
+    /// the longest window has passed and no tick was queued within `retry_ms`. Queues it as
+    /// an output, stamped `now − grace − longest window` and the finalisation delay: what the
+    /// partition then reads.
     pub fn tick_due(&mut self, now_ms: i64, retry_ms: i64) -> bool {
-        let at_ms = now_ms.saturating_sub(self.grace_ms);
+        let at_ms = now_ms
+            .saturating_sub(self.grace_ms)
+            .saturating_sub(self.longest_window_ms);
         let due = self
             .expiries
             .first()
@@ -870,6 +907,9 @@ impl PartitionState {
         }
         if std::mem::take(&mut self.clock_dirty) {
             batch.put(CLOCK_KEY, time_bytes(self.clock_ms));
+        }
+        if std::mem::take(&mut self.longest_window_dirty) {
+            batch.put(WINDOW_KEY, time_bytes(self.longest_window_ms));
         }
         self.store.write(batch)?;
         // Written: the cached books equal the stored ones; a customer's next records usually
@@ -1353,6 +1393,98 @@ mod tests {
         assert_eq!(
             kinds,
             vec![(credit::EntryKind::Uncovered, "12.50".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_grant_outlasts_the_longest_window_so_a_window_begun_before_its_expiry_draws_on_it() {
+        // Was: a tick was stamped `now − grace` alone, so with hourly windows a grant expired
+        // 5 minutes past `expires_at`, before the line item of the hour it expired in arrived
+        // (when that hour ended): that usage went uncovered, though its window began before
+        // `expires_at` and the grant was eligible for it.
+        const MINUTE: i64 = 60_000;
+        const HOUR: i64 = 60 * MINUTE;
+        const DAY: i64 = 24 * HOUR;
+        const GRACE: i64 = 5 * MINUTE;
+        let at = neruba_schemas::event::format_time_ms;
+        let t0: i64 = 1_800_000_000_000 / DAY * DAY;
+        let expires = t0 + 90 * MINUTE;
+        let hourly = |id: &str, start: i64, amount: &str| {
+            let mut item = line_item(id, 0, amount.parse().expect("decimal"));
+            item.period_start = at(t0);
+            item.period_end = at(t0 + 30 * DAY);
+            item.window_start = at(start);
+            item.window_end = at(start + HOUR);
+            item
+        };
+        let mut grant = usd_grant("c1", "pack", "10", 10);
+        grant.terms.expires_at = Some(at(expires));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, GRACE).expect("open");
+        let mut entries = Vec::new();
+        let mut apply = |state: &mut PartitionState, offset: i64, bytes: &[u8], record| {
+            let input = Input {
+                offset,
+                key: None,
+                payload: bytes,
+            };
+            state.apply(input, record).expect("apply");
+            for output in state.take_outputs() {
+                if let Output::Entry(e) = output {
+                    entries.push((e.kind, e.amount.to_string()));
+                }
+            }
+            state.commit().expect("commit");
+        };
+        apply(&mut state, 0, &credit::encode(&grant), Record::Grant);
+        apply(
+            &mut state,
+            1,
+            &hourly("h1", t0, "2").encode(),
+            Record::LineItem,
+        );
+
+        // Past `expires_at` + grace, the hour the grant expires in has not ended: no tick yet.
+        assert!(!state.tick_due(expires + GRACE + MINUTE, 5_000));
+        // Its item arrives and draws on the grant.
+        apply(
+            &mut state,
+            2,
+            &hourly("h2", t0 + HOUR, "3").encode(),
+            Record::LineItem,
+        );
+        // Reopened from its store, the partition still waits the hour.
+        drop(state);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, GRACE).expect("reopen");
+        assert!(!state.tick_due(expires + GRACE + HOUR - 1, 5_000));
+        // An hour past that: a tick stamped `expires_at`, and the rest expires.
+        assert!(state.tick_due(expires + GRACE + HOUR, 5_000));
+        let ticks: Vec<Output> = state.take_outputs();
+        assert_eq!(
+            ticks,
+            vec![Output::Tick {
+                partition: 0,
+                at_ms: expires,
+                finalize_after_ms: credit::DEFAULT_FINALIZE_AFTER_MS,
+            }]
+        );
+        let tick = credit::encode(&Tick {
+            v: 1,
+            at_ms: expires,
+            finalize_after_ms: None,
+        });
+        apply(&mut state, 3, &tick, Record::Tick);
+        let amounts: Vec<(credit::EntryKind, &str)> =
+            entries.iter().map(|(k, a)| (*k, a.as_str())).collect();
+        assert_eq!(
+            amounts,
+            vec![
+                (credit::EntryKind::Grant, "10"),
+                (credit::EntryKind::Consume, "-2"),
+                (credit::EntryKind::Consume, "-3"),
+                (credit::EntryKind::Expire, "-5"),
+            ]
         );
     }
 }

@@ -62,9 +62,10 @@ pub(crate) struct BalancesArgs {
     /// Topic balance entries are produced to (keyed `tenant/customer`).
     #[arg(long, env = "NERUBA_BALANCE_ENTRIES_TOPIC", default_value = topics::BALANCE_ENTRIES)]
     pub(crate) balance_entries_topic: String,
-    /// A grant expires once the ledger partition's clock passes its `expires_at` plus this:
-    /// long enough for the line items of the windows ending at its expiry to arrive first
-    /// (the aggregator closes a window up to its grace plus its idle timeout after it ends).
+    /// A grant expires once the wall clock passes its `expires_at` plus this plus the longest
+    /// window the ledger partition has priced (at most a day): long enough for the line items
+    /// of the windows that began before its expiry to arrive first (the aggregator closes a
+    /// window up to its grace plus its idle timeout after it ends).
     #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub(crate) balances_expiry_grace: Duration,
     /// A statement is `draft` from its period's end until this much later, then `final`
