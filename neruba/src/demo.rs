@@ -686,14 +686,23 @@ async fn read_through_api(
         let at = format!("{}:{partition}:{}", topics::LEDGER, high - 1);
         let key = sample::dev_key(&tenant, "read").context("dev read key")?;
         let read = |path: String| {
-            client
-                .get(format!("{api}/v1/customers/{customer}/{path}"))
+            let url = format!("{api}/v1/customers/{customer}/{path}");
+            let request = client
+                .get(&url)
                 .query(&[("min_position", at.as_str())])
-                .bearer_auth(key)
-                .send()
+                .bearer_auth(key);
+            async move {
+                let response = request.send().await?;
+                let status = response.status();
+                let body: Value = response.json().await?;
+                if !status.is_success() {
+                    bail!("GET {url} answered HTTP {status}: {body}");
+                }
+                Ok::<_, anyhow::Error>(body)
+            }
         };
-        let statements: Value = read(format!("statements/{period}")).await?.json().await?;
-        let balances: Value = read("balances".to_owned()).await?.json().await?;
+        let statements = read(format!("statements/{period}")).await?;
+        let balances = read("balances".to_owned()).await?;
         let s = &statements["statements"][0];
         let amount = |field: &str| -> Result<String> {
             let value: Decimal = s[field]
