@@ -37,6 +37,10 @@ pub struct Config {
     pub entries_topic: String,
     /// A grant expires once the partition's clock passes its `expires_at` plus this.
     pub expiry_grace_ms: i64,
+    /// The catalog's longest meter window, if known: how far a tick waits past a deadline
+    /// beside the grace from the start, before the partition has priced a window that long
+    /// itself ([`state::PartitionState::with_window_floor`]). 0: what the partition priced.
+    pub window_floor_ms: i64,
     /// A statement is final this long after its period ends (written into the ticks).
     pub finalize_after_ms: i64,
 }
@@ -50,6 +54,7 @@ impl Config {
                 .sized(5_000, 32 * 1024 * 1024),
             entries_topic: neruba_schemas::topics::BALANCE_ENTRIES.to_owned(),
             expiry_grace_ms: DEFAULT_EXPIRY_GRACE_MS,
+            window_floor_ms: 0,
             finalize_after_ms: neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS,
         }
     }
@@ -66,6 +71,7 @@ pub fn start(
         Ok(stage::Balances {
             metrics: metrics.clone(),
             grace_ms: config.expiry_grace_ms,
+            window_floor_ms: config.window_floor_ms,
             finalize_after_ms: config.finalize_after_ms,
             ledger_topic: config.stage.input_topic.clone(),
             entries_topic: config.entries_topic.clone(),

@@ -20,6 +20,7 @@ const TICK_RETRY_MS: i64 = 5_000;
 pub(crate) struct Balances {
     pub(crate) metrics: Metrics,
     pub(crate) grace_ms: i64,
+    pub(crate) window_floor_ms: i64,
     pub(crate) finalize_after_ms: i64,
     pub(crate) ledger_topic: String,
     pub(crate) entries_topic: String,
@@ -44,7 +45,10 @@ impl neruba_stage::Stage for Balances {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)
+        Ok(
+            PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)?
+                .with_window_floor(self.window_floor_ms),
+        )
     }
 
     fn begin_batch(&mut self) {}

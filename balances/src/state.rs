@@ -332,6 +332,15 @@ impl PartitionState {
         })
     }
 
+    /// Waits at least `floor_ms` (at most [`MAX_WINDOW_MS`]) past a deadline beside the grace
+    /// before a tick, as if the partition had priced a window that long: the catalog's
+    /// longest meter window, so the first such window on the partition is covered too.
+    #[must_use]
+    pub fn with_window_floor(mut self, floor_ms: i64) -> Self {
+        self.longest_window_ms = self.longest_window_ms.max(floor_ms.clamp(0, MAX_WINDOW_MS));
+        self
+    }
+
     /// The next offset to consume, if any record was ever applied.
     pub fn next_offset(&self) -> Option<i64> {
         self.store.next_offset()
@@ -1486,5 +1495,32 @@ mod tests {
                 (credit::EntryKind::Expire, "-5"),
             ]
         );
+    }
+
+    #[test]
+    fn a_window_floor_covers_a_long_window_before_the_partition_priced_one() {
+        const HOUR: i64 = 3_600_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 60_000)
+            .expect("open")
+            .with_window_floor(HOUR);
+        state
+            .expiry_of
+            .insert(customer_key(b'B', "acme", "c1"), 1_000);
+        state.expiries.insert((1_000, "acme".into(), "c1".into()));
+        assert!(!state.tick_due(1_000 + 60_000 + HOUR - 1, 5_000));
+        assert!(state.tick_due(1_000 + 60_000 + HOUR, 5_000));
+        assert_eq!(
+            state.take_outputs(),
+            vec![Output::Tick {
+                partition: 0,
+                at_ms: 1_000,
+                finalize_after_ms: credit::DEFAULT_FINALIZE_AFTER_MS,
+            }]
+        );
+        // No floor past a day: a meter's windows divide one.
+        let state = state.with_window_floor(i64::MAX);
+        assert_eq!(state.longest_window_ms, MAX_WINDOW_MS);
     }
 }

@@ -197,11 +197,11 @@ pub async fn run() -> Result<Summary> {
         &prometheus::Registry::new(),
         shutdown.clone(),
     )?;
-    let balances_stage = neruba_balances::start(
-        neruba_balances::Config::new(kafka.bootstrap_servers(), state.path().join("balances")),
-        &prometheus::Registry::new(),
-        shutdown.clone(),
-    )?;
+    let mut balancing =
+        neruba_balances::Config::new(kafka.bootstrap_servers(), state.path().join("balances"));
+    balancing.window_floor_ms = catalog.longest_window_ms();
+    let balances_stage =
+        neruba_balances::start(balancing, &prometheus::Registry::new(), shutdown.clone())?;
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let api = neruba_api::start(
         neruba_api::Config::new(

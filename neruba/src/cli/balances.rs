@@ -1,7 +1,7 @@
 //! `neruba balances` (a member of the balances consumer group). Its stage flags
 //! ([`BalancesArgs`]) are shared with `dev`.
 
-use super::{millis, parse_key_value};
+use super::{load_catalog, millis, parse_key_value};
 use anyhow::Result;
 use clap::Args;
 use neruba_schemas::topics;
@@ -15,6 +15,11 @@ pub(crate) struct BalancesCommandArgs {
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
     #[arg(long, env = "NERUBA_BROKERS")]
     pub(crate) brokers: String,
+    /// Catalog file (`.toml`, `.yaml` or `.yml`): its longest meter window is how long past a
+    /// grant's expiry (beside `--balances-expiry-grace`) the stage waits from the start.
+    /// Without it, the longest window a ledger partition has priced so far.
+    #[arg(long, env = "NERUBA_CATALOG")]
+    pub(crate) catalog: Option<PathBuf>,
     /// Address `/metrics`, `/healthz` and `/readyz` listen on.
     #[arg(
         long,
@@ -110,8 +115,8 @@ impl BalancesArgs {
     }
 }
 
-/// Runs a balances stage until `shutdown` (or SIGTERM) stops it.
-pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) -> Result<()> {
+/// The stage's config from the command's arguments (reads the catalog if one is given).
+fn stage_config(args: &BalancesCommandArgs) -> Result<neruba_balances::Config> {
     let mut config = args.balances.config(
         &args.brokers,
         &args.ledger_topic,
@@ -119,7 +124,16 @@ pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) 
         &args.state_dir,
         args.correction_horizon,
     )?;
+    if let Some(path) = &args.catalog {
+        config.window_floor_ms = load_catalog(path)?.longest_window_ms();
+    }
     config.stage.kafka_options = args.kafka_opts.clone();
+    Ok(config)
+}
+
+/// Runs a balances stage until `shutdown` (or SIGTERM) stops it.
+pub(crate) async fn run(args: BalancesCommandArgs, shutdown: CancellationToken) -> Result<()> {
+    let config = stage_config(&args)?;
     super::stage::run(
         "balances",
         &shutdown,
@@ -145,6 +159,40 @@ mod tests {
         aggregator: super::super::aggregator::AggregatorArgs,
         #[command(flatten)]
         balances: BalancesArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Command {
+        #[command(flatten)]
+        balances: BalancesCommandArgs,
+    }
+
+    #[test]
+    fn a_catalog_sets_how_long_past_an_expiry_the_stage_waits_from_the_start() {
+        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../catalog/sample.toml");
+        let args = [
+            "neruba",
+            "--brokers",
+            "127.0.0.1:9092",
+            "--state-dir",
+            "state",
+        ];
+        let without = Command::try_parse_from(args).expect("arguments");
+        assert_eq!(
+            stage_config(&without.balances)
+                .expect("config")
+                .window_floor_ms,
+            0
+        );
+        let with = Command::try_parse_from(args.into_iter().chain(["--catalog", sample]))
+            .expect("arguments");
+        // The sample's storage meter: 5-minute windows.
+        assert_eq!(
+            stage_config(&with.balances)
+                .expect("config")
+                .window_floor_ms,
+            5 * 60_000
+        );
     }
 
     #[test]

@@ -142,17 +142,16 @@ pub(crate) async fn run(args: DevArgs, shutdown: &CancellationToken) -> Result<(
         shutdown.clone(),
     )?;
     let balances_metrics = prometheus::Registry::new();
-    let balances = neruba_balances::start(
-        args.balancing.config(
-            kafka.bootstrap_servers(),
-            &args.rating.ledger_topic,
-            &args.aggregation.dead_letter_topic,
-            &state_dir.join("balances"),
-            args.aggregation.aggregator_correction_horizon,
-        )?,
-        &balances_metrics,
-        shutdown.clone(),
+    let mut balances_config = args.balancing.config(
+        kafka.bootstrap_servers(),
+        &args.rating.ledger_topic,
+        &args.aggregation.dead_letter_topic,
+        &state_dir.join("balances"),
+        args.aggregation.aggregator_correction_horizon,
     )?;
+    // The catalog as started: a reload that lengthens a window is covered once priced.
+    balances_config.window_floor_ms = catalog.current().longest_window_ms();
+    let balances = neruba_balances::start(balances_config, &balances_metrics, shutdown.clone())?;
     let api_metrics = prometheus::Registry::new();
     // The api waits on this process's aggregator for events positions.
     let mut reads_config = args.reads.config(

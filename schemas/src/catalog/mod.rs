@@ -290,6 +290,16 @@ impl Catalog {
         &self.tenants
     }
 
+    /// The longest window of any meter, ms (0 with no meter).
+    pub fn longest_window_ms(&self) -> i64 {
+        self.tenants
+            .iter()
+            .flat_map(|t| &t.meters)
+            .map(Meter::window_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Decimal digits amounts in `currency` are rounded to, if the unit is known.
     pub fn precision(&self, currency: &str) -> Option<u32> {
         currency::iso_minor_units(currency)
