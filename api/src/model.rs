@@ -134,16 +134,30 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
 pub type StatementsRead = (Vec<Statement>, Book);
 
 /// The month a billing period is labelled by (`YYYY-MM`): the month it starts in, in its own
-/// time zone. Its start is stored in UTC; a zone is at most 14 h from UTC and a period starts
-/// on day 1–28 at local midnight, so the UTC instant 14 h after the start is on the local
-/// start date or the day after, always in the same month.
-pub fn period_label(period_start: &str) -> String {
-    match neruba_schemas::event::parse_time_ms(period_start) {
-        Ok(ms) => neruba_schemas::event::format_time_ms(ms.saturating_add(14 * 3_600_000))
-            .get(..7)
-            .unwrap_or_default()
-            .to_owned(),
-        Err(_) => period_start.get(..7).unwrap_or_default().to_owned(),
+/// time zone, from its bounds as stored (UTC).
+///
+/// A period starts at local midnight of day 1–28, in a zone less than 15 h from UTC, so the UTC
+/// instant 15 h after its start falls on the local start date or the day after: in the same
+/// month, unless the start is February 28 of a common year, whose next day is in March. That
+/// period alone lasts exactly 28 days (from the 28th of February to the 28th of March; every
+/// other month is longer), which tells it apart. (14 h, as this was, called a February period
+/// anchored on the 28th at −10:00 or further west March, and every period at more than +14:00
+/// the month before.)
+pub fn period_label(period_start: &str, period_end: &str) -> String {
+    const HOUR: i64 = 3_600_000;
+    use neruba_schemas::event::{format_time_ms, parse_time_ms};
+    let Ok(start) = parse_time_ms(period_start) else {
+        return period_start.get(..7).unwrap_or_default().to_owned();
+    };
+    let label = format_time_ms(start.saturating_add(15 * HOUR));
+    let (Some(year), Some(month)) = (label.get(..4), label.get(5..7)) else {
+        return String::new();
+    };
+    let february = parse_time_ms(period_end).is_ok_and(|end| end - start == 28 * 24 * HOUR);
+    if february && month == "03" {
+        format!("{year}-02")
+    } else {
+        format!("{year}-{month}")
     }
 }
 
@@ -336,7 +350,7 @@ impl Model {
                 break;
             }
             let item: LineItem = decode("line item", &value)?;
-            let label = period_label(&item.period_start);
+            let label = period_label(&item.period_start, &item.period_end);
             if label.as_str() > month {
                 break;
             }
@@ -375,14 +389,16 @@ impl Model {
                 break;
             }
             let statement: Statement = decode("statement", &value)?;
-            if period_label(&statement.period_start) == month {
+            if period_label(&statement.period_start, &statement.period_end) == month {
                 out.push(statement);
             }
         }
         out.extend(
             book.statements
                 .values()
-                .filter(|s| period_label(&s.statement.period_start) == month)
+                .filter(|s| {
+                    period_label(&s.statement.period_start, &s.statement.period_end) == month
+                })
                 .map(|s| s.statement.clone()),
         );
         out.sort_by(|a, b| a.currency.cmp(&b.currency));
@@ -447,10 +463,54 @@ mod tests {
     #[test]
     fn a_period_is_labelled_by_its_local_month_and_read_by_it() {
         // November in +01:00 starts on October 31 in UTC; in −05:00, on November 1 at 05:00.
-        assert_eq!(period_label("2026-10-31T23:00:00.000Z"), "2026-11");
-        assert_eq!(period_label("2026-11-01T05:00:00.000Z"), "2026-11");
-        assert_eq!(period_label("2026-11-28T00:00:00Z"), "2026-11");
-        assert_eq!(period_label("2026-12-31T10:00:00.000Z"), "2027-01");
+        let label = |start: &str, end: &str| period_label(start, end);
+        assert_eq!(
+            label("2026-10-31T23:00:00.000Z", "2026-11-30T23:00:00.000Z"),
+            "2026-11"
+        );
+        assert_eq!(
+            label("2026-11-01T05:00:00.000Z", "2026-12-01T05:00:00.000Z"),
+            "2026-11"
+        );
+        assert_eq!(
+            label("2026-11-28T00:00:00Z", "2026-12-28T00:00:00Z"),
+            "2026-11"
+        );
+        assert_eq!(
+            label("2026-12-31T10:00:00.000Z", "2027-01-31T10:00:00.000Z"),
+            "2027-01"
+        );
+        // Was: anchored on the 28th at −10:00 (Hawaii), a common year's February period was
+        // labelled March (its start 14 h on is March 1), so `2027-02` read no statement and
+        // `2027-03` read two. Its March period stays March.
+        assert_eq!(
+            label("2027-02-28T10:00:00.000Z", "2027-03-28T10:00:00.000Z"),
+            "2027-02"
+        );
+        assert_eq!(
+            label("2027-02-28T14:59:00.000Z", "2027-03-28T14:59:00.000Z"),
+            "2027-02"
+        );
+        assert_eq!(
+            label("2027-03-28T10:00:00.000Z", "2027-04-28T10:00:00.000Z"),
+            "2027-03"
+        );
+        // A leap year's February period anchored on the 28th lasts 29 days, and the day
+        // after its start is still February; a March period starting on February 28 in UTC
+        // (March 1 at +14:00) lasts 31.
+        assert_eq!(
+            label("2028-02-28T14:00:00.000Z", "2028-03-28T14:00:00.000Z"),
+            "2028-02"
+        );
+        assert_eq!(
+            label("2027-02-28T10:00:00.000Z", "2027-03-31T10:00:00.000Z"),
+            "2027-03"
+        );
+        // Was: at more than +14:00, every period the month before.
+        assert_eq!(
+            label("2026-11-30T09:30:00.000Z", "2026-12-31T09:30:00.000Z"),
+            "2026-12"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Arc::new(DB::open_default(dir.path()).expect("db"));
         for (id, start) in [
