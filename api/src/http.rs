@@ -1180,11 +1180,15 @@ async fn usage(
             "`window` is `hour`, `day`, `month`, `none`, or absent for the meter's own window",
         )
     })?;
+    // Each key once, in the order first asked (a CSV's columns).
     let group_by = params.get("group_by").map(|text| {
-        text.split(',')
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
+        let mut keys: Vec<String> = Vec::new();
+        for key in text.split(',').filter(|k| !k.is_empty()) {
+            if !keys.iter().any(|k| k == key) {
+                keys.push(key.to_owned());
+            }
+        }
+        keys
     });
     let catalog = state.catalog.current();
     let meter = catalog
@@ -1258,7 +1262,18 @@ async fn usage(
             text.push_str(&format!(",{},{}\n", row.quantity, row.events));
         }
         state.metrics.observe("usage", started);
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
+        // `as_of`, which JSON has in its body: the read model's position.
+        let as_of = as_of.map_or_else(String::new, |p| {
+            format!("{}:{}:{}", p.topic, p.partition, p.next_offset)
+        });
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+                (header::HeaderName::from_static("neruba-as-of"), as_of),
+            ],
+            text,
+        )
+            .into_response());
     }
     let body = Usage {
         window: bucket.name(meter),

@@ -345,10 +345,11 @@ impl Query<'_> {
                 self.meter.key
             )));
         }
-        let merges_groups = self
-            .group_by
-            .as_ref()
-            .is_some_and(|keys| keys.len() < self.meter.group_by.len());
+        // Keys asked for twice count once (they were counted twice, so `region,region` passed
+        // for a meter grouped by two keys, and merged its groups).
+        let merges_groups = self.group_by.as_ref().is_some_and(|keys| {
+            keys.iter().collect::<std::collections::BTreeSet<_>>().len() < self.meter.group_by.len()
+        });
         match self.meter.aggregation {
             Aggregation::Avg | Aggregation::UniqueCount => {
                 let whole_period = self.bucket == Bucket::None
@@ -470,12 +471,22 @@ impl Query<'_> {
             }
         }
         let time = neruba_schemas::event::format_time_ms;
+        // What the rows hold: the meter's windows starting in `[from, to)`, which span
+        // `[from, to)` rounded up to whole windows. A row says so rather than claim a whole
+        // bucket (or exactly `[from, to)`) that the range covers only in part.
+        let window = self.meter.window_ms().max(1);
+        let round_up =
+            |at: i64| neruba_schemas::window::window_start(at.saturating_add(window - 1), window);
+        let (first, last) = (round_up(self.from_ms), round_up(self.to_ms));
         let mut rows: Vec<Row> = buckets
             .into_iter()
             .map(|((start, index), acc)| {
                 let (start, end) = match self.bucket {
-                    Bucket::None => (self.from_ms, self.to_ms),
-                    _ => self.bucket_of(start),
+                    Bucket::None => (first, last),
+                    _ => {
+                        let (start, end) = self.bucket_of(start);
+                        (start.max(first), end.min(last))
+                    }
                 };
                 Row {
                     window_start: time(start),
@@ -542,6 +553,14 @@ key = "mean"
 event_type = "e"
 aggregation = "avg"
 value = "$.v"
+window = "1m"
+
+[[tenants.meters]]
+key = "pair"
+event_type = "e"
+aggregation = "latest"
+value = "$.v"
+group_by = { region = "$.region", zone = "$.zone" }
 window = "1m"
 
 [[tenants.meters]]
@@ -696,5 +715,67 @@ window = "1d"
             quantities(&only_us.run(&m).expect("run")),
             vec![("us".into(), d("4.25"))]
         );
+    }
+
+    #[test]
+    fn a_row_says_which_part_of_its_bucket_the_range_covers_and_a_key_twice_counts_once() {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let meter = |key: &str| {
+            catalog
+                .tenant("t")
+                .and_then(|t| t.meters.iter().find(|m| m.key == key))
+                .expect("meter")
+        };
+        let time = neruba_schemas::event::format_time_ms;
+        let bounds = |rows: &[Row]| -> Vec<(String, String, Decimal)> {
+            rows.iter()
+                .map(|r| (r.window_start.clone(), r.window_end.clone(), r.quantity))
+                .collect()
+        };
+        // Was: each row was labelled its whole hour (or, with `window=none`, exactly
+        // `[from, to)`), though it holds the 1-minute windows starting in `[from, to)`: from
+        // 00:00:30 to 01:10:30, minutes 1 to 70.
+        let (_dir, m) = model("peak", &[(0, "eu", "5"), (1, "eu", "9.5"), (70, "eu", "4")]);
+        let peak = meter("peak");
+        let mut hours = query(peak, Bucket::Hour, None);
+        hours.from_ms = T0 + 30_000;
+        hours.to_ms = T0 + 70 * MIN + 30_000;
+        assert_eq!(
+            bounds(&hours.run(&m).expect("run")),
+            vec![
+                (time(T0 + MIN), time(T0 + 60 * MIN), d("9.5")),
+                (time(T0 + 60 * MIN), time(T0 + 71 * MIN), d("4")),
+            ]
+        );
+        let mut whole = hours;
+        whole.bucket = Bucket::None;
+        assert_eq!(
+            bounds(&whole.run(&m).expect("run")),
+            vec![(time(T0 + MIN), time(T0 + 71 * MIN), d("9.5"))]
+        );
+        // A range of whole windows: the rows are its buckets, as before.
+        let aligned = query(peak, Bucket::Hour, None);
+        assert_eq!(
+            bounds(&aligned.run(&m).expect("run")),
+            vec![
+                (time(T0), time(T0 + 60 * MIN), d("9.5")),
+                (time(T0 + 60 * MIN), time(T0 + 120 * MIN), d("4")),
+            ]
+        );
+        // Was: `region,region` counted as two keys of a meter grouped by two, so `latest`
+        // merged its zones.
+        let pair = meter("pair");
+        let twice = query(
+            pair,
+            Bucket::Day,
+            Some(vec!["region".into(), "region".into()]),
+        );
+        assert!(matches!(twice.check(), Err(Unanswerable::NotCombinable(_))));
+        let both = query(
+            pair,
+            Bucket::Day,
+            Some(vec!["zone".into(), "region".into()]),
+        );
+        assert_eq!(both.check(), Ok(()));
     }
 }

@@ -177,14 +177,35 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     assert_eq!(status, 200, "{merged}");
     assert_eq!(merged["data"][0]["group"], json!({}));
     assert_eq!(dec(&merged["data"][0]["quantity"]), d("25000"));
-    let csv = client
+    let response = client
         .get(usage("&window=none".into()))
         .bearer_auth(read)
         .header("accept", "text/csv")
         .send()
-        .await?
-        .text()
         .await?;
+    // Its `as_of` in a header (was: none), at least as new as the JSON read's before it.
+    let as_of = response
+        .headers()
+        .get("neruba-as-of")
+        .and_then(|v| v.to_str().ok())
+        .context("a Neruba-As-Of header")?
+        .to_owned();
+    let before = &merged["as_of"][0];
+    let (at, offset) = as_of.rsplit_once(':').context("topic:partition:offset")?;
+    assert_eq!(
+        at,
+        format!(
+            "{}:{}",
+            before["topic"].as_str().unwrap_or_default(),
+            before["partition"]
+        ),
+        "{as_of} against {before}"
+    );
+    assert!(
+        offset.parse::<i64>()? >= before["next_offset"].as_i64().context("next_offset")?,
+        "{as_of} against {before}"
+    );
+    let csv = response.text().await?;
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines.first(),
