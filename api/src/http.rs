@@ -1098,14 +1098,6 @@ const MAX_USAGE_RANGE_MS: i64 = 400 * 86_400_000;
 /// Most buckets a usage query may ask for (per group).
 const MAX_USAGE_BUCKETS: i64 = 50_000;
 
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
-    }
-}
-
 async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -1241,26 +1233,7 @@ async fn usage(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/csv"));
     if wants_csv {
-        let keys: Vec<String> = match &query.group_by {
-            Some(keys) => keys.clone(),
-            None => meter.group_by.keys().cloned().collect(),
-        };
-        let mut text = String::from("window_start,window_end");
-        for key in &keys {
-            text.push(',');
-            text.push_str(&csv_field(key));
-        }
-        text.push_str(",quantity,events\n");
-        for row in &rows {
-            text.push_str(&row.window_start);
-            text.push(',');
-            text.push_str(&row.window_end);
-            for key in &keys {
-                text.push(',');
-                text.push_str(&csv_field(row.group.get(key).map_or("", String::as_str)));
-            }
-            text.push_str(&format!(",{},{}\n", row.quantity, row.events));
-        }
+        let text = query.csv(&rows);
         state.metrics.observe("usage", started);
         // `as_of`, which JSON has in its body: the read model's position.
         let as_of = as_of.map_or_else(String::new, |p| {

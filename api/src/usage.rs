@@ -503,6 +503,52 @@ impl Query<'_> {
     }
 }
 
+impl Query<'_> {
+    /// `rows` as CSV: a header line `window_start,window_end,<group keys>,quantity,events`,
+    /// then a line per row. The keys are `group_by`'s, or the meter's and any other a stored
+    /// group has (written before the meter's grouping changed: without its column, two rows
+    /// differing by it would look alike).
+    pub fn csv(&self, rows: &[Row]) -> String {
+        let keys: Vec<&String> = match &self.group_by {
+            Some(keys) => keys.iter().collect(),
+            None => self
+                .meter
+                .group_by
+                .keys()
+                .chain(rows.iter().flat_map(|r| r.group.keys()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
+        let mut text = String::from("window_start,window_end");
+        for key in &keys {
+            text.push(',');
+            text.push_str(&csv_field(key));
+        }
+        text.push_str(",quantity,events\n");
+        for row in rows {
+            text.push_str(&row.window_start);
+            text.push(',');
+            text.push_str(&row.window_end);
+            for key in &keys {
+                text.push(',');
+                text.push_str(&csv_field(row.group.get(*key).map_or("", String::as_str)));
+            }
+            text.push_str(&format!(",{},{}\n", row.quantity, row.events));
+        }
+        text
+    }
+}
+
+/// A CSV field, quoted if it holds a separator or a quote.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
 /// Whether the customer has any rollup of `tenant` at all (else the read is a 404).
 pub fn known(model: &Model, tenant: &str, customer: &str) -> std::result::Result<bool, ReadError> {
     let db = model.db_of(tenant, customer)?;
@@ -777,5 +823,37 @@ window = "1d"
             Some(vec!["zone".into(), "region".into()]),
         );
         assert_eq!(both.check(), Ok(()));
+    }
+
+    #[test]
+    fn a_csv_has_a_column_for_every_key_a_stored_group_has() {
+        // Was: the columns were the meter's keys alone, so groups stored before its grouping
+        // changed (here by `zone`, no longer a key) made rows that looked alike.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let peak = catalog
+            .tenant("t")
+            .and_then(|t| t.meters.iter().find(|m| m.key == "peak"))
+            .expect("meter");
+        let row = |zone: &str, quantity: &str| Row {
+            window_start: "s".into(),
+            window_end: "e".into(),
+            group: BTreeMap::from([
+                ("region".to_owned(), "eu".to_owned()),
+                ("zone".to_owned(), zone.to_owned()),
+            ]),
+            quantity: d(quantity),
+            events: 1,
+        };
+        let rows = [row("a", "1"), row("b,c", "2")];
+        assert_eq!(
+            query(peak, Bucket::Day, None).csv(&rows),
+            "window_start,window_end,region,zone,quantity,events\n\
+             s,e,eu,a,1,1\n\
+             s,e,eu,\"b,c\",2,1\n"
+        );
+        assert_eq!(
+            query(peak, Bucket::Day, Some(vec!["region".into()])).csv(&rows[..1]),
+            "window_start,window_end,region,quantity,events\ns,e,eu,1,1\n"
+        );
     }
 }
