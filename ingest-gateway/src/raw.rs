@@ -9,7 +9,10 @@
 //!   and only from the key;
 //! - a message ends either on the events topic or on the dead-letter topic with the same
 //!   rejection codes as HTTP (plus `unauthenticated` and `forbidden`), its binary-mode
-//!   attribute headers kept so it can be replayed; nothing is dropped;
+//!   attribute headers kept so it can be replayed; nothing is dropped, and no message stops
+//!   the consumer: one whose header names are not UTF-8 is refused (`invalid_field`), and a
+//!   dead letter keeps at most [`DEAD_LETTER_PAYLOAD_MAX`] bytes of a payload (the rest's
+//!   length in `neruba-truncated-from`), so it can always be produced;
 //! - raw offsets are committed only after every message of the batch was acknowledged where it
 //!   went, so a crash re-sends rather than loses (the aggregator's dedup absorbs the repeat);
 //! - its lag is exported like the other consumers' (`consumer="gateway-raw"`): for Kafka-mode
@@ -26,7 +29,7 @@ use futures::future::join_all;
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, Framed, Framing};
-use neruba_schemas::topics::API_KEY_HEADER;
+use neruba_schemas::topics::{API_KEY_HEADER, TRUNCATED_FROM_HEADER};
 use neruba_schemas::{Catalog, Event, RejectCode, Rejection};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -64,11 +67,26 @@ impl ConsumerContext for RawContext {}
 /// A message's headers in order, each name with its value (`None` for a null value).
 type MessageHeaders<'m> = Vec<(&'m str, Option<&'m [u8]>)>;
 
-fn headers_of<'m>(message: &'m BorrowedMessage<'_>) -> MessageHeaders<'m> {
-    message
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default()
+/// Most payload bytes a dead letter keeps: a refused message can be as large as the broker
+/// takes, past what a producer sends (1,000,000 bytes by default), and a dead letter that
+/// cannot be produced would hold the partition at that message for good.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 256 * 1024;
+/// Most bytes of a message's key, and of the binary-mode headers (names and values), a dead
+/// letter keeps, for the same reason: more key is cut, more headers are left out.
+pub const DEAD_LETTER_KEY_MAX: usize = 4 * 1024;
+pub const DEAD_LETTER_HEADERS_MAX: usize = 64 * 1024;
+
+/// A message's headers, or `None` when a header's name is not UTF-8: rdkafka's reader panics
+/// on one (it unwraps the name as text), which ended the raw consumer's task, and a restart
+/// met the same message again. Caught here, so the message is refused instead.
+fn headers_of<'m>(message: &'m BorrowedMessage<'_>) -> Option<MessageHeaders<'m>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default()
+    }))
+    .ok()
 }
 
 /// One raw message, by its headers and payload, as the [`Event`] to send, or why not: the key
@@ -227,7 +245,12 @@ async fn consume(
             let mut repeats = Repeats::new(&state.dedup, batch.len());
             for message in &batch {
                 next.insert(message.partition(), message.offset() + 1);
-                let headers = headers_of(message);
+                let Some(headers) = headers_of(message) else {
+                    tally.reject(RejectCode::InvalidField);
+                    let why = "a header's name is not UTF-8";
+                    refused.push((message, Rejection::new(RejectCode::InvalidField, why)));
+                    continue;
+                };
                 let payload = message.payload().unwrap_or_default();
                 match admit_message(&catalog, &state.limits, &headers, payload, now) {
                     Ok(event) if repeats.first_sighting(&event) => events.push(event),
@@ -251,19 +274,36 @@ async fn consume(
             );
             // A binary-mode event is its headers as much as its payload: keep them, so the
             // dead letter can be replayed as it was sent.
-            for (key, value) in binary_attributes(&headers_of(message)).unwrap_or_default() {
-                if key.starts_with("ce_") || key.eq_ignore_ascii_case("content-type") {
+            let attributes = headers_of(message).unwrap_or_default();
+            let kept_headers: Vec<(&str, &[u8])> = binary_attributes(&attributes)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(key, _)| {
+                    key.starts_with("ce_") || key.eq_ignore_ascii_case("content-type")
+                })
+                .collect();
+            let size: usize = kept_headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if size <= DEAD_LETTER_HEADERS_MAX {
+                for (key, value) in kept_headers {
                     headers = headers.insert(Header {
                         key,
                         value: Some(value),
                     });
                 }
             }
+            let payload = message.payload().unwrap_or_default();
+            let kept = payload.get(..DEAD_LETTER_PAYLOAD_MAX).unwrap_or(payload);
+            if kept.len() < payload.len() {
+                headers = headers.insert(Header {
+                    key: TRUNCATED_FROM_HEADER,
+                    value: Some(payload.len().to_string().as_bytes()),
+                });
+            }
             let mut record = FutureRecord::to(&config.dead_letter_topic)
-                .payload(message.payload().unwrap_or_default())
+                .payload(kept)
                 .headers(headers);
             if let Some(key) = message.key() {
-                record = record.key(key);
+                record = record.key(key.get(..DEAD_LETTER_KEY_MAX).unwrap_or(key));
             }
             dead_letter_producer.send(record, Duration::from_secs(30))
         }))

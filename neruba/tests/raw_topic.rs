@@ -138,13 +138,21 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", b)
         .set("acks", "all")
+        .set("message.max.bytes", "2000000")
         .create()?;
     let ingest = neruba::sample::ingest_key("acme").context("key")?;
     let read_only = "nrb_dev_acme_read_2b81d4";
     let tokens_lots = json!({"specversion": "1.0", "id": "r-bad", "type": "llm.completion",
         "subject": "c-1", "time": time, "data": {"model": "large", "tokens": "lots", "status": "ok"}})
         .to_string();
+    // An event larger than a producer sends by default: was, its dead letter (the whole
+    // payload again) could not be produced, so the consumer never committed past it.
+    let big = json!({"specversion": "1.0", "id": "r-big", "type": "api.request",
+        "subject": "c-1", "time": time, "data": {"pad": "x".repeat(1_100_000)}})
+    .to_string();
+    let big_len = big.len();
     let messages: Vec<(Option<&str>, Vec<u8>)> = vec![
+        (Some(ingest), big.into_bytes()),
         (Some(ingest), call("h-1").into_bytes()), // the HTTP event again
         (Some(ingest), call("r-1").into_bytes()),
         (Some(ingest), call("r-2").into_bytes()),
@@ -172,11 +180,44 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
             .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
     }
 
-    let dead = tokio::task::spawn_blocking({
-        let b = b.to_owned();
-        move || read_all(&b, "neruba.dead-letter", 4)
+    // A message with a header name that is not UTF-8, from a client that can write one: was,
+    // rdkafka's header reader panicked on it and the raw consumer's task ended, for good (a
+    // restart met the same message). Refused as `invalid_field` now.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-bad-header");
+    let output = tokio::task::spawn_blocking({
+        let (b, event) = (b.to_owned(), call("r-5"));
+        move || {
+            std::process::Command::new(script)
+                .args([b.as_str(), "neruba.raw", ingest, event.as_str()])
+                .output()
+        }
     })
     .await??;
+    anyhow::ensure!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let dead = tokio::task::spawn_blocking({
+        let b = b.to_owned();
+        move || read_all(&b, "neruba.dead-letter", 6)
+    })
+    .await??;
+    // The large one's first 256 KiB, and its length.
+    let kept: Vec<(usize, Option<String>)> = dead
+        .iter()
+        .filter(|m| m.payload().is_some_and(|p| p.len() > 100_000))
+        .map(|m| {
+            let from = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "neruba-truncated-from")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            (m.payload().map_or(0, <[u8]>::len), from)
+        })
+        .collect();
+    assert_eq!(kept, vec![(256 * 1024, Some(big_len.to_string()))]);
     let mut codes: Vec<String> = dead
         .iter()
         .filter_map(|m| {
@@ -191,7 +232,9 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
     assert_eq!(
         codes,
         [
+            "event_too_large",
             "forbidden",
+            "invalid_field",
             "invalid_json",
             "invalid_value",
             "unauthenticated"

@@ -23,6 +23,9 @@ pub const REJECT_MESSAGE_HEADER: &str = "neruba-reject-message";
 pub const SOURCE_TOPIC_HEADER: &str = "neruba-source-topic";
 /// Dead-letter header: its offset there.
 pub const SOURCE_OFFSET_HEADER: &str = "neruba-source-offset";
+/// Dead-letter header of a message kept in part: the length of its payload, whose first
+/// bytes the dead letter holds (a payload too large to be produced again as it is).
+pub const TRUNCATED_FROM_HEADER: &str = "neruba-truncated-from";
 
 /// Events-topic header of a watermark tick: the aggregator writes one to an idle partition
 /// (value: the new watermark, Unix milliseconds as text) and applies it when it reads it
