@@ -221,9 +221,24 @@ pub(super) fn advance(e: &mut Entries<'_>, at_ms: i64, finalize_after_ms: i64) {
     }
 }
 
-fn transition(e: &mut Entries<'_>, kind: EntryKind, statement: Statement) {
+/// Most bytes of a statement's JSON its entry carries whole. A statement of more (a customer
+/// with thousands of groups, or long group values) made an entry larger than a producer sends
+/// (1,000,000 bytes by default): never acknowledged, it held every partition of the stage's
+/// worker for good, and a replay met it again. Such a statement goes on its entry with its
+/// totals and without its lines, the entry's `code` [`LINES_OMITTED`]; the api reads it whole.
+pub const STATEMENT_ENTRY_MAX: usize = 512 * 1024;
+/// The `code` of a statement entry whose statement's lines were left out.
+pub const LINES_OMITTED: &str = "statement_lines_omitted";
+
+fn transition(e: &mut Entries<'_>, kind: EntryKind, mut statement: Statement) {
     let currency = statement.currency.clone();
-    e.push(kind, &currency, None, None, statement.amount_due, None);
+    let whole = serde_json::to_vec(&statement).is_ok_and(|json| json.len() <= STATEMENT_ENTRY_MAX);
+    let code = (!whole).then_some(LINES_OMITTED);
+    e.push(kind, &currency, None, None, statement.amount_due, code);
+    if !whole {
+        statement.lines = Vec::new();
+        statement.prior_period = Vec::new();
+    }
     if let Some(last) = e.last() {
         last.statement = Some(Box::new(statement));
     }

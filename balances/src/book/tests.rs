@@ -1091,3 +1091,59 @@ const GOLDEN_BOOK_HEX: &str = concat!(
     "80f0d490ed6800010355534480e0ab96d968010355534401026d310018323032362d31322d30315430303a3030",
     "3a30302e3030305a02800102a24b02a24b02800002a24b02a24b028000",
 );
+
+#[test]
+fn a_statement_too_large_for_its_entry_goes_on_it_without_its_lines() {
+    // Was: the draft entry carried the whole statement, here 3,000 groups of 300-byte values
+    // (about 1.2 MB of JSON): more than a producer sends, so it was never acknowledged and
+    // the stage's partitions stopped for good.
+    let day = 86_400_000;
+    let november = T0 - 30 * day;
+    let mut book = Book::default();
+    for n in 0..3_000 {
+        let mut usage = item(
+            &format!("li_{n}"),
+            "m1",
+            november,
+            november,
+            d("0.01"),
+            "USD",
+        );
+        usage.group = BTreeMap::from([("model".to_owned(), format!("{n:0>300}"))]);
+        book.apply_item(&usage);
+    }
+    let small = item("li_x", "m1", november, november, d("1"), "EUR");
+    book.apply_item(&small);
+    let e = book.apply_tick("acme", "c1", T0, GRACE, 3 * day);
+    let drafts: Vec<(&str, Option<&str>, usize, Decimal, Decimal)> = e
+        .iter()
+        .filter_map(|entry| {
+            let s = entry.statement.as_deref()?;
+            Some((
+                entry.currency.as_str(),
+                entry.code.as_deref(),
+                s.lines.len(),
+                s.usage,
+                s.amount_due,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        drafts,
+        vec![
+            ("EUR", None, 1, d("1"), d("1")),
+            ("USD", Some(statements::LINES_OMITTED), 0, d("30"), d("30")),
+        ]
+    );
+    for entry in &e {
+        let json = serde_json::to_vec(entry).expect("json");
+        assert!(
+            json.len() < statements::STATEMENT_ENTRY_MAX + 4_096,
+            "{}",
+            json.len()
+        );
+    }
+    // The book keeps the statement whole (what the api reads).
+    let kept = &book.statements[&statements::key("USD", &format_time_ms(november))];
+    assert_eq!(kept.statement.lines.len(), 3_000);
+}
