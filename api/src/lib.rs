@@ -61,6 +61,9 @@ pub struct Config {
     /// The gateway the console's credit writes are forwarded to (`http://host:port`); `None`:
     /// the console at `/console` only reads.
     pub console_gateway: Option<String>,
+    /// How many connections may be open, and how long each may take to speak: the gateway's
+    /// server (a request head within 10 s of its first byte, 60 s idle, 10,000 open).
+    pub connections: neruba_ingest_gateway::server::ConnectionLimits,
 }
 
 impl Config {
@@ -88,6 +91,7 @@ impl Config {
             listen,
             read_wait: Duration::from_secs(5),
             console_gateway: None,
+            connections: neruba_ingest_gateway::server::ConnectionLimits::default(),
         }
     }
 }
@@ -232,6 +236,7 @@ pub async fn start(
         },
         shutdown.clone(),
     );
+    let open_connections = metrics.connections.clone();
     let state = http::AppState {
         catalog,
         model: model.clone(),
@@ -242,10 +247,15 @@ pub async fn start(
     };
     // The documented reads, and the console (`console.rs`) that reads through them.
     let app = http::router(state).merge(console::router(console));
+    // The gateway's server, so a client that holds a connection without speaking (slow
+    // headers, an idle keep-alive) is cut off and connections are capped: with `axum::serve`
+    // nothing bounded either, and every socket held costs a file descriptor the read model's
+    // RocksDB needs too.
+    let limits = config.connections;
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        neruba_ingest_gateway::server::serve(listener, app, limits, open_connections, shutdown)
+            .await;
+        Ok(())
     });
     tracing::info!(%local_addr, "Billing reads listening.");
     Ok(Running {

@@ -1,6 +1,6 @@
 //! The api's metrics (the read model's lag is the shared consumer gauges, `consumer="api"`).
 
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntGauge, Registry};
 use std::time::Instant;
 
 /// Read latency by route.
@@ -8,6 +8,8 @@ use std::time::Instant;
 pub(crate) struct Metrics {
     /// `neruba_api_read_seconds{route}`: answered reads, from the request to the answer.
     read_seconds: HistogramVec,
+    /// `neruba_api_http_connections`: open HTTP connections (at the cap, new ones wait).
+    pub(crate) connections: IntGauge,
 }
 
 /// Every route label, so each series exists from the start.
@@ -39,7 +41,15 @@ impl Metrics {
         for route in ROUTES {
             read_seconds.with_label_values(&[route]);
         }
-        Ok(Self { read_seconds })
+        let connections = IntGauge::new(
+            "neruba_api_http_connections",
+            "HTTP connections open on the api.",
+        )?;
+        registry.register(Box::new(connections.clone()))?;
+        Ok(Self {
+            read_seconds,
+            connections,
+        })
     }
 
     pub(crate) fn observe(&self, route: &'static str, started: Instant) {

@@ -8,6 +8,7 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
+use neruba_ingest_gateway::server::ConnectionLimits;
 use neruba_schemas::credit::{self, Grant, GrantTerms};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::topics;
@@ -47,10 +48,14 @@ struct Read {
 
 impl Api {
     async fn start(read_wait: Duration) -> Result<Self> {
-        Self::start_on(broker()?, read_wait).await
+        Self::start_on(broker()?, read_wait, ConnectionLimits::default()).await
     }
 
-    async fn start_on(kafka: EmbeddedKafka, read_wait: Duration) -> Result<Self> {
+    async fn start_on(
+        kafka: EmbeddedKafka,
+        read_wait: Duration,
+        connections: ConnectionLimits,
+    ) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let mut config = neruba_api::Config::new(
             kafka.bootstrap_servers(),
@@ -59,6 +64,7 @@ impl Api {
             "test",
         );
         config.read_wait = read_wait;
+        config.connections = connections;
         let shutdown = CancellationToken::new();
         let running = neruba_api::start(
             config,
@@ -373,7 +379,7 @@ async fn a_replica_just_started_answers_a_customer_on_the_ledger_once_it_has_rea
     for delivery in sent {
         delivery.await?.map_err(|(e, _)| e)?;
     }
-    let api = Api::start_on(kafka, Duration::from_secs(30)).await?;
+    let api = Api::start_on(kafka, Duration::from_secs(30), ConnectionLimits::default()).await?;
 
     let read = sample::dev_key("acme", "read").context("acme read key")?;
     let started = Instant::now();
@@ -395,5 +401,45 @@ async fn a_replica_just_started_answers_a_customer_on_the_ledger_once_it_has_rea
         Decimal::new(2_500, 2),
         "{body}"
     );
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_finish_its_request_head_is_cut_off() -> Result<()> {
+    // Was: the api served with axum's defaults, which bound neither a request head's time nor
+    // a connection's idleness nor how many are open: a client sending a header byte now and
+    // then held its connection (and a file descriptor) for good.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = ConnectionLimits {
+        header_read_timeout: Duration::from_secs(1),
+        ..ConnectionLimits::default()
+    };
+    let api = Api::start_on(broker()?, Duration::from_secs(1), limits).await?;
+    let address = api.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream
+        .write_all(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n")
+        .await?;
+    let started = Instant::now();
+    let mut buffer = [0_u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(8), stream.read(&mut buffer)).await;
+    // Closed (end of stream, or reset) once the head was due, well before the test's wait.
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "{read:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // A request that speaks is answered as before.
+    let answer = api
+        .client
+        .get(format!("{}/v1/openapi.json", api.base))
+        .send()
+        .await?;
+    assert_eq!(answer.status().as_u16(), 200);
     api.stop().await
 }
