@@ -181,6 +181,23 @@ fn partitions_of(config: &neruba_stage::Config) -> Result<i32> {
     })
 }
 
+/// Each partition's oldest and next offset of a topic of `partitions` partitions, from the
+/// broker (an error if one cannot be read within 10 s). Blocking.
+fn ends_of(config: &neruba_stage::Config, partitions: i32) -> Result<Vec<(i64, i64)>> {
+    let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
+    let topic = &config.input_topic;
+    (0..partitions)
+        .map(|partition| {
+            probe
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .map_err(|e| {
+                    tracing::error!(topic, partition, error = %e, "Cannot read the partition's end.");
+                    e.into()
+                })
+        })
+        .collect()
+}
+
 /// Starts the read model and the HTTP server; returns once both are up. The stage's start
 /// blocks on broker metadata, so it runs on a blocking thread.
 pub async fn start(
@@ -204,11 +221,13 @@ pub async fn start(
         tokio::task::spawn_blocking(move || -> Result<_> {
             let partitions = partitions_of(&stage_config)?;
             let model = Arc::new(model::Model::new(&stage_config.input_topic, partitions));
+            model.expect_ends(ends_of(&stage_config, partitions)?);
             let rollup_partitions = partitions_of(&usage_config)?;
             let rollups = Arc::new(model::Model::new(
                 &usage_config.input_topic,
                 rollup_partitions,
             ));
+            rollups.expect_ends(ends_of(&usage_config, rollup_partitions)?);
             let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |_| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),
@@ -219,8 +238,6 @@ pub async fn start(
                     model: rollups.clone(),
                 })
             })?;
-            model.follow(stage.health());
-            rollups.follow(usage.health());
             Ok((model, stage, rollups, usage))
         })
         .await??

@@ -74,8 +74,8 @@ pub struct Model {
     topic: String,
     partitions: i32,
     views: RwLock<BTreeMap<i32, Arc<PartitionView>>>,
-    /// The progress of the stage that fills the model, once it started.
-    health: OnceLock<Arc<neruba_kafka::health::ConsumerHealth>>,
+    /// Each partition's (oldest, next) offset on the broker when the api started.
+    ends: OnceLock<Vec<(i64, i64)>>,
     caught_up_once: AtomicBool,
 }
 
@@ -161,6 +161,16 @@ pub fn period_label(period_start: &str, period_end: &str) -> String {
     }
 }
 
+/// A UTC date (`YYYY-MM-DD`) no period labelled `month` starts on or after: the 2nd of the
+/// month after (one starts at most 15 h after local midnight of its day 1–28, or, for
+/// February's 28th, on March 1).
+fn start_bound(month: &str) -> Option<String> {
+    let first = neruba_schemas::event::parse_time_ms(&format!("{month}-01T00:00:00Z")).ok()?;
+    // Day 1 plus 32 days is in the month after, whatever the month.
+    let next = neruba_schemas::event::format_time_ms(first + 32 * 86_400_000);
+    Some(format!("{}-02", next.get(..7)?))
+}
+
 /// The earliest UTC date (`YYYY-MM-DD`) a period labelled `month` can start on: the last day
 /// of the month before.
 fn earliest_start(month: &str) -> Option<String> {
@@ -180,7 +190,7 @@ impl Model {
             topic: topic.to_owned(),
             partitions,
             views: RwLock::new(BTreeMap::new()),
-            health: OnceLock::new(),
+            ends: OnceLock::new(),
             caught_up_once: AtomicBool::new(false),
         }
     }
@@ -257,27 +267,36 @@ impl Model {
             .collect()
     }
 
-    /// Whether the model has read everything the broker had since it started, with every
-    /// partition loaded (latched: once true, it stays so). Before that, a customer whose
-    /// records it has not read yet would be answered as one that does not exist.
+    /// Whether the model has read every partition up to where it ended when the api started
+    /// ([`Self::expect_ends`]; latched: once true, it stays so). Before that, a customer whose
+    /// records it has not read yet would be answered as one that does not exist. (Ends fixed
+    /// at the start, not the broker's latest: on a busy topic no moment may come when every
+    /// partition is at its latest end.)
     pub fn caught_up_once(&self) -> bool {
         if self.caught_up_once.load(Ordering::SeqCst) {
             return true;
         }
-        let all_loaded = usize::try_from(self.partitions)
-            .is_ok_and(|count| self.views.read().map_or(0, |views| views.len()) == count);
-        let caught_up = all_loaded && self.health.get().is_some_and(|h| h.caught_up());
+        let Some(ends) = self.ends.get() else {
+            return false;
+        };
+        let caught_up = (0..self.partitions)
+            .zip(ends)
+            .all(|(partition, &(oldest, end))| {
+                oldest >= end
+                    || self
+                        .position(partition)
+                        .is_some_and(|p| p.next_offset >= end)
+            });
         if caught_up {
             self.caught_up_once.store(true, Ordering::SeqCst);
         }
         caught_up
     }
 
-    /// Follows the progress of the stage that fills the model (what [`Self::caught_up_once`]
-    /// asks); a second call changes nothing.
-    pub(crate) fn follow(&self, health: Arc<neruba_kafka::health::ConsumerHealth>) {
-        // Only the first stage's progress counts; the model is filled by one.
-        let _ = self.health.set(health);
+    /// Each partition's oldest and next offset on the broker as the api starts: what
+    /// [`Self::caught_up_once`] waits for. A second call changes nothing.
+    pub(crate) fn expect_ends(&self, ends: Vec<(i64, i64)>) {
+        let _ = self.ends.set(ends);
     }
 
     /// A customer's book, from the partition that holds it, and the position it is as of.
@@ -340,6 +359,7 @@ impl Model {
             start.extend_from_slice(&24u32.to_be_bytes());
             start.extend_from_slice(earliest.as_bytes());
         }
+        let latest = start_bound(month);
         let mut out = Vec::new();
         for item in view
             .db
@@ -350,10 +370,16 @@ impl Model {
                 break;
             }
             let item: LineItem = decode("line item", &value)?;
-            let label = period_label(&item.period_start, &item.period_end);
-            if label.as_str() > month {
+            // Labels do not rise with the start everywhere (a February period anchored on the
+            // 28th far west of UTC starts after a March one far east), so the read ends only
+            // where no period labelled `month` can start: the 2nd of the month after.
+            if latest
+                .as_deref()
+                .is_some_and(|bound| item.period_start.as_str() >= bound)
+            {
                 break;
             }
+            let label = period_label(&item.period_start, &item.period_end);
             if label == month && meter.is_none_or(|m| item.meter == m) {
                 out.push(item);
             }
@@ -513,13 +539,28 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Arc::new(DB::open_default(dir.path()).expect("db"));
-        for (id, start) in [
-            ("li_oct", "2026-09-30T23:00:00.000Z"),
-            ("li_nov_a", "2026-10-31T23:00:00.000Z"),
-            ("li_nov_b", "2026-10-31T23:00:00Z"),
-            ("li_dec", "2026-11-30T23:00:00.000Z"),
+        for (id, start, end) in [
+            ("li_oct", "2026-09-30T23:00:00.000Z", ""),
+            ("li_nov_a", "2026-10-31T23:00:00.000Z", ""),
+            ("li_nov_b", "2026-10-31T23:00:00Z", ""),
+            ("li_dec", "2026-11-30T23:00:00.000Z", ""),
+            // March at +14:00, then February anchored on the 28th at −12:00: a later start,
+            // an earlier label (a read of February stopped at the first, and missed it).
+            (
+                "li_mar_east",
+                "2027-02-28T10:00:00.000Z",
+                "2027-03-31T10:00:00.000Z",
+            ),
+            (
+                "li_feb_west",
+                "2027-02-28T12:00:00.000Z",
+                "2027-03-28T12:00:00.000Z",
+            ),
         ] {
-            let item = item(id, start);
+            let mut item = item(id, start);
+            if !end.is_empty() {
+                item.period_end = end.into();
+            }
             db.put(item_key(&item), serde_json::to_vec(&item).expect("json"))
                 .expect("put");
         }
@@ -537,5 +578,7 @@ mod tests {
         assert_eq!(ids("2026-10"), vec!["li_oct"]);
         assert_eq!(ids("2026-12"), vec!["li_dec"]);
         assert!(ids("2026-08").is_empty());
+        assert_eq!(ids("2027-02"), vec!["li_feb_west"]);
+        assert_eq!(ids("2027-03"), vec!["li_mar_east"]);
     }
 }

@@ -92,6 +92,7 @@ impl neruba_stage::Stage for Balances {
         match output {
             Output::Entry(entry) => {
                 let key = entry.partition_key();
+                let entry = crate::book::statements::on_the_topic(entry);
                 sink.keyed(key.as_bytes(), &credit::encode(entry.as_ref()), &key)
             }
             Output::Tick {

@@ -248,7 +248,8 @@ async fn consume(
                 let Some(headers) = headers_of(message) else {
                     tally.reject(RejectCode::InvalidField);
                     let why = "a header's name is not UTF-8";
-                    refused.push((message, Rejection::new(RejectCode::InvalidField, why)));
+                    let rejection = Rejection::new(RejectCode::InvalidField, why);
+                    refused.push((message, rejection, Vec::new()));
                     continue;
                 };
                 let payload = message.payload().unwrap_or_default();
@@ -257,7 +258,7 @@ async fn consume(
                     Ok(_) => tally.duplicate += 1,
                     Err(rejection) => {
                         tally.reject(rejection.code);
-                        refused.push((message, rejection));
+                        refused.push((message, rejection, headers));
                     }
                 }
             }
@@ -265,7 +266,8 @@ async fn consume(
         let to_send: Vec<&Event> = events.iter().collect();
         let delivered = state.sink.send_all(&to_send).await;
         let dead_letter_producer = dead_letters.get();
-        let dead = join_all(refused.iter().map(|(message, rejection)| {
+        // Each with the headers read above (none when they could not be read).
+        let dead = join_all(refused.iter().map(|(message, rejection, attributes)| {
             let mut headers = neruba_kafka::dead_letter_headers(
                 rejection.code.as_str(),
                 &rejection.message,
@@ -274,8 +276,7 @@ async fn consume(
             );
             // A binary-mode event is its headers as much as its payload: keep them, so the
             // dead letter can be replayed as it was sent.
-            let attributes = headers_of(message).unwrap_or_default();
-            let kept_headers: Vec<(&str, &[u8])> = binary_attributes(&attributes)
+            let kept_headers: Vec<(&str, &[u8])> = binary_attributes(attributes)
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|(key, _)| {

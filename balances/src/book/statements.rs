@@ -221,25 +221,39 @@ pub(super) fn advance(e: &mut Entries<'_>, at_ms: i64, finalize_after_ms: i64) {
     }
 }
 
-/// Most bytes of a statement's JSON its entry carries whole. A statement of more (a customer
-/// with thousands of groups, or long group values) made an entry larger than a producer sends
-/// (1,000,000 bytes by default): never acknowledged, it held every partition of the stage's
-/// worker for good, and a replay met it again. Such a statement goes on its entry with its
-/// totals and without its lines, the entry's `code` [`LINES_OMITTED`]; the api reads it whole.
+/// Most bytes of a statement's JSON its entry carries whole on the topic. A statement of more
+/// (a customer with thousands of groups, or long group values) made an entry larger than a
+/// producer sends (1,000,000 bytes by default): never acknowledged, it held every partition of
+/// the stage's worker for good, and a replay met it again. Such a statement's entry has `code`
+/// [`LINES_OMITTED`] and goes on the topic with the totals and without the lines
+/// ([`on_the_topic`]); the fold (and so the api's read model) keeps it whole.
 pub const STATEMENT_ENTRY_MAX: usize = 512 * 1024;
-/// The `code` of a statement entry whose statement's lines were left out.
+/// The `code` of a statement entry whose statement's lines are left out on the topic.
 pub const LINES_OMITTED: &str = "statement_lines_omitted";
 
-fn transition(e: &mut Entries<'_>, kind: EntryKind, mut statement: Statement) {
+fn transition(e: &mut Entries<'_>, kind: EntryKind, statement: Statement) {
     let currency = statement.currency.clone();
     let whole = serde_json::to_vec(&statement).is_ok_and(|json| json.len() <= STATEMENT_ENTRY_MAX);
     let code = (!whole).then_some(LINES_OMITTED);
     e.push(kind, &currency, None, None, statement.amount_due, code);
-    if !whole {
-        statement.lines = Vec::new();
-        statement.prior_period = Vec::new();
-    }
     if let Some(last) = e.last() {
         last.statement = Some(Box::new(statement));
+    }
+}
+
+/// `entry` as the stage writes it to the topic: a statement entry coded [`LINES_OMITTED`]
+/// without its statement's lines, any other as it is.
+pub fn on_the_topic(entry: &BalanceEntry) -> std::borrow::Cow<'_, BalanceEntry> {
+    match &entry.statement {
+        Some(statement) if entry.code.as_deref() == Some(LINES_OMITTED) => {
+            let mut entry = entry.clone();
+            entry.statement = Some(Box::new(Statement {
+                lines: Vec::new(),
+                prior_period: Vec::new(),
+                ..statement.as_ref().clone()
+            }));
+            std::borrow::Cow::Owned(entry)
+        }
+        _ => std::borrow::Cow::Borrowed(entry),
     }
 }

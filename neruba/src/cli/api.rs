@@ -59,7 +59,8 @@ pub(crate) struct ApiArgs {
     /// under, `neruba-api-<name>`. Replicas share nothing.
     #[arg(long, env = "NERUBA_API_REPLICA", default_value = "0")]
     pub(crate) api_replica: String,
-    /// Longest a read with `min_position` waits for the read model to apply that record.
+    /// Longest a read waits: for the read model to apply the records of its `min_position`,
+    /// and, on a replica just started, to read its topics to where they ended at its start.
     #[arg(long, env = "NERUBA_API_READ_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) api_read_wait: Duration,
     /// Gateway the console's grant and void forms are forwarded to, `http://host:port`;
