@@ -63,7 +63,7 @@ pub struct Config {
     pub console_gateway: Option<String>,
     /// How many connections may be open, and how long each may take to speak: the gateway's
     /// server (a request head within 10 s of its first byte, 60 s idle, 10,000 open).
-    pub connections: neruba_ingest_gateway::server::ConnectionLimits,
+    pub connections: neruba_stage::server::ConnectionLimits,
 }
 
 impl Config {
@@ -91,7 +91,7 @@ impl Config {
             listen,
             read_wait: Duration::from_secs(5),
             console_gateway: None,
-            connections: neruba_ingest_gateway::server::ConnectionLimits::default(),
+            connections: neruba_stage::server::ConnectionLimits::default(),
         }
     }
 }
@@ -270,8 +270,7 @@ pub async fn start(
     // RocksDB needs too.
     let limits = config.connections;
     let server = tokio::spawn(async move {
-        neruba_ingest_gateway::server::serve(listener, app, limits, open_connections, shutdown)
-            .await;
+        neruba_stage::server::serve(listener, app, limits, open_connections, shutdown).await;
         Ok(())
     });
     tracing::info!(%local_addr, "Billing reads listening.");

@@ -20,7 +20,8 @@ pub mod kafka;
 pub mod metrics;
 pub mod ratelimit;
 pub mod raw;
-pub mod server;
+/// The HTTP connection server, shared with the api (`neruba_stage::server`).
+pub use neruba_stage::server;
 
 use neruba_schemas::LiveCatalog;
 use neruba_schemas::catalog::RateLimit;

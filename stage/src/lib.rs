@@ -20,6 +20,7 @@ pub mod error;
 pub mod keys;
 mod metrics;
 mod rebalance;
+pub mod server;
 pub mod store;
 mod worker;
 

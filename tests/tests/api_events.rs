@@ -8,10 +8,10 @@
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
-use neruba_ingest_gateway::server::ConnectionLimits;
 use neruba_schemas::credit::{self, Grant, GrantTerms};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::topics;
+use neruba_stage::server::ConnectionLimits;
 use neruba_tests::{LEDGER_PARTITIONS, sample};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};

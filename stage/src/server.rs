@@ -1,4 +1,5 @@
-//! Serving HTTP connections: how many may be open, and how long each may take to speak.
+//! Serving HTTP connections (the gateway's ingest, the api's reads): how many may be open, and
+//! how long each may take to speak.
 //!
 //! Invariants:
 //! - at most [`ConnectionLimits::max_connections`] connections are open at once; at the cap the
