@@ -268,7 +268,7 @@ impl Model {
     }
 
     /// Whether the model has read every partition up to where it ended when the api started
-    /// ([`Self::expect_ends`]; latched: once true, it stays so). Before that, a customer whose
+    /// (the ends it was given at the start; latched: once true, it stays so). Before that, a customer whose
     /// records it has not read yet would be answered as one that does not exist. (Ends fixed
     /// at the start, not the broker's latest: on a busy topic no moment may come when every
     /// partition is at its latest end.)

@@ -332,7 +332,7 @@ impl PartitionState {
         })
     }
 
-    /// Waits at least `floor_ms` (at most [`MAX_WINDOW_MS`]) past a deadline beside the grace
+    /// Waits at least `floor_ms` (at most a day) past a deadline beside the grace
     /// before a tick, as if the partition had priced a window that long: the catalog's
     /// longest meter window, so the first such window on the partition is covered too.
     #[must_use]
