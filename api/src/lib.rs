@@ -170,22 +170,17 @@ impl Running {
     }
 }
 
-/// A topic's partition count, from the broker (an error for a topic it reports an error
-/// for, or none, logged with the topic's name). Blocking.
-fn partitions_of(config: &neruba_stage::Config) -> Result<i32> {
+/// The input topic's partitions, each as its oldest and next offset, from the broker (an
+/// error for a topic it reports an error for, or none, or a partition whose ends cannot be
+/// read within 10 s; logged with the topic's name). Blocking.
+fn ends_of(config: &neruba_stage::Config) -> Result<Vec<(i64, i64)>> {
     let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
     let topic = &config.input_topic;
-    neruba_kafka::topic_partitions(probe.client(), topic, Duration::from_secs(10)).map_err(|e| {
-        tracing::error!(topic, error = %e, "Cannot read the topic's partitions.");
-        e.into()
-    })
-}
-
-/// Each partition's oldest and next offset of a topic of `partitions` partitions, from the
-/// broker (an error if one cannot be read within 10 s). Blocking.
-fn ends_of(config: &neruba_stage::Config, partitions: i32) -> Result<Vec<(i64, i64)>> {
-    let probe = neruba_kafka::clients::metadata_probe(&config.brokers, &config.kafka_options)?;
-    let topic = &config.input_topic;
+    let partitions = neruba_kafka::topic_partitions(probe.client(), topic, Duration::from_secs(10))
+        .map_err(|e| {
+            tracing::error!(topic, error = %e, "Cannot read the topic's partitions.");
+            e
+        })?;
     (0..partitions)
         .map(|partition| {
             probe
@@ -219,15 +214,14 @@ pub async fn start(
         let (registry, usage_registry) = (registry.clone(), usage_registry.clone());
         let shutdown = shutdown.clone();
         tokio::task::spawn_blocking(move || -> Result<_> {
-            let partitions = partitions_of(&stage_config)?;
-            let model = Arc::new(model::Model::new(&stage_config.input_topic, partitions));
-            model.expect_ends(ends_of(&stage_config, partitions)?);
-            let rollup_partitions = partitions_of(&usage_config)?;
-            let rollups = Arc::new(model::Model::new(
-                &usage_config.input_topic,
-                rollup_partitions,
+            let model = Arc::new(model::Model::reading_to(
+                &stage_config.input_topic,
+                ends_of(&stage_config)?,
             ));
-            rollups.expect_ends(ends_of(&usage_config, rollup_partitions)?);
+            let rollups = Arc::new(model::Model::reading_to(
+                &usage_config.input_topic,
+                ends_of(&usage_config)?,
+            ));
             let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |_| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),

@@ -28,7 +28,7 @@ use rocksdb::{DB, Direction, IteratorMode};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 /// One ledger partition of the read model.
 #[derive(Debug)]
@@ -74,8 +74,9 @@ pub struct Model {
     topic: String,
     partitions: i32,
     views: RwLock<BTreeMap<i32, Arc<PartitionView>>>,
-    /// Each partition's (oldest, next) offset on the broker when the api started.
-    ends: OnceLock<Vec<(i64, i64)>>,
+    /// Each partition's (oldest, next) offset on the broker when the api started (`None`: a
+    /// model never caught up, as in tests of its reads alone).
+    ends: Option<Vec<(i64, i64)>>,
     caught_up_once: AtomicBool,
 }
 
@@ -190,7 +191,7 @@ impl Model {
             topic: topic.to_owned(),
             partitions,
             views: RwLock::new(BTreeMap::new()),
-            ends: OnceLock::new(),
+            ends: None,
             caught_up_once: AtomicBool::new(false),
         }
     }
@@ -276,7 +277,7 @@ impl Model {
         if self.caught_up_once.load(Ordering::SeqCst) {
             return true;
         }
-        let Some(ends) = self.ends.get() else {
+        let Some(ends) = &self.ends else {
             return false;
         };
         let caught_up = (0..self.partitions)
@@ -293,10 +294,14 @@ impl Model {
         caught_up
     }
 
-    /// Each partition's oldest and next offset on the broker as the api starts: what
-    /// [`Self::caught_up_once`] waits for. A second call changes nothing.
-    pub(crate) fn expect_ends(&self, ends: Vec<(i64, i64)>) {
-        let _ = self.ends.set(ends);
+    /// A model of a topic whose partitions' oldest and next offsets on the broker, as the api
+    /// starts, are `ends` (one per partition): what [`Self::caught_up_once`] waits for.
+    pub(crate) fn reading_to(topic: &str, ends: Vec<(i64, i64)>) -> Self {
+        let partitions = i32::try_from(ends.len()).unwrap_or(i32::MAX);
+        Self {
+            ends: Some(ends),
+            ..Self::new(topic, partitions)
+        }
     }
 
     /// A customer's book, from the partition that holds it, and the position it is as of.

@@ -667,6 +667,14 @@ window = "1d"
         }
     }
 
+    /// Meter `key` of tenant `t`.
+    fn meter_of<'c>(catalog: &'c Catalog, key: &str) -> &'c Meter {
+        catalog
+            .tenant("t")
+            .and_then(|t| t.meters.iter().find(|m| m.key == key))
+            .expect("meter")
+    }
+
     fn quantities(rows: &[Row]) -> Vec<(String, Decimal)> {
         rows.iter()
             .map(|r| {
@@ -681,12 +689,7 @@ window = "1d"
     #[test]
     fn min_max_and_latest_combine_exactly_and_what_cannot_is_refused() {
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
-        let meter = |key: &str| {
-            catalog
-                .tenant("t")
-                .and_then(|t| t.meters.iter().find(|m| m.key == key))
-                .expect("meter")
-        };
+        let meter = |key: &str| meter_of(&catalog, key);
         let windows = [
             (0, "eu", "5"),
             (1, "eu", "9.5"),
@@ -766,12 +769,7 @@ window = "1d"
     #[test]
     fn a_row_says_which_part_of_its_bucket_the_range_covers_and_a_key_twice_counts_once() {
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
-        let meter = |key: &str| {
-            catalog
-                .tenant("t")
-                .and_then(|t| t.meters.iter().find(|m| m.key == key))
-                .expect("meter")
-        };
+        let meter = |key: &str| meter_of(&catalog, key);
         let time = neruba_schemas::event::format_time_ms;
         let bounds = |rows: &[Row]| -> Vec<(String, String, Decimal)> {
             rows.iter()
@@ -830,10 +828,7 @@ window = "1d"
         // Was: the columns were the meter's keys alone, so groups stored before its grouping
         // changed (here by `zone`, no longer a key) made rows that looked alike.
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
-        let peak = catalog
-            .tenant("t")
-            .and_then(|t| t.meters.iter().find(|m| m.key == "peak"))
-            .expect("meter");
+        let peak = meter_of(&catalog, "peak");
         let row = |zone: &str, quantity: &str| Row {
             window_start: "s".into(),
             window_end: "e".into(),
