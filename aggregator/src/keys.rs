@@ -7,7 +7,7 @@
 //!
 //! | kind | key after the tenant | value |
 //! |---|---|---|
-//! | `D` dedup | id | event time (8 bytes) |
+//! | `D` dedup | id | receive time of its first copy (8 bytes; state written before this was the event time, which is never later than receive + 5 min) |
 //! | `W` window | series, window start | [`crate::state::WindowRecord`] (postcard) |
 //! | `P` period | series, period start | closed-windows period aggregate (postcard) |
 //! | `V` window distinct value | series, window start, value | empty |
@@ -52,7 +52,7 @@ pub fn tenant_of(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key.get(4..4 + len)?).ok()
 }
 
-/// Dedup entry of `(tenant, id)`.
+/// Dedup entry of `(tenant, id)`, in the state of the customer's events partition.
 pub fn dedup(tenant: &str, id: &str) -> Vec<u8> {
     let mut key = tenant_kind(tenant, b'D', 4 + id.len());
     push(&mut key, id.as_bytes());

@@ -524,7 +524,9 @@ impl PartitionState {
             }
             targets.push(target);
         }
-        self.put(dedup_key, keys::time_bytes(event.time_ms).to_vec());
+        // The horizon runs from the first copy's arrival: a repeat carrying another time (one
+        // sent without `time` is stamped on arrival) is still the same event.
+        self.put(dedup_key, keys::time_bytes(event.received_ms).to_vec());
         for (m, target) in measures.iter().zip(targets) {
             self.fold(event, m, target)?;
         }
@@ -770,6 +772,16 @@ window = "1m"
     }
 
     fn tokens_of(customer: &str, id: &str, time_ms: i64, tokens: &str) -> Vec<u8> {
+        tokens_received(customer, id, time_ms, time_ms, tokens)
+    }
+
+    fn tokens_received(
+        customer: &str,
+        id: &str,
+        time_ms: i64,
+        received_ms: i64,
+        tokens: &str,
+    ) -> Vec<u8> {
         let data = serde_json::json!({ "tokens": tokens });
         codec::encode(&neruba_schemas::Event {
             tenant: "acme".into(),
@@ -777,7 +789,7 @@ window = "1m"
             event_type: "llm".into(),
             subject: customer.into(),
             time_ms,
-            received_ms: time_ms,
+            received_ms,
             source: None,
             data: data.as_object().cloned().unwrap_or_default(),
         })
@@ -798,6 +810,41 @@ window = "1m"
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_dedup_horizon_runs_from_when_the_first_copy_was_received() {
+        // A first copy 34 days old when it arrived, and its repeat two days later carrying
+        // another time (sent without one, the gateway stamps the receive time): the repeat
+        // is well within the horizon of the first copy's arrival, so it counts nothing.
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let received = 100 * DAY_MS;
+        let mut offset = 0;
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        let first = tokens_received("c1", "e1", received - 34 * DAY_MS, received, "5");
+        feed(&mut state, &catalog, &mut offset, &first);
+        state.commit().expect("commit");
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (1, 0));
+
+        let later = received + 2 * DAY_MS;
+        let repeat = tokens_received("c1", "e1", later, later, "5");
+        feed(&mut state, &catalog, &mut offset, &repeat);
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (0, 1));
+
+        // Past the horizon of the first arrival, the id counts again.
+        let past = received + 35 * DAY_MS + 1;
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens_received("c1", "e1", past, past, "5"),
+        );
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (1, 0));
     }
 
     #[test]

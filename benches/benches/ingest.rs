@@ -5,7 +5,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use neruba_benches::typical_batch;
-use neruba_ingest_gateway::dedup::DedupCache;
+use neruba_ingest_gateway::dedup::{DedupCache, Key};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, Framing};
 use neruba_schemas::{Catalog, codec};
@@ -118,6 +118,11 @@ fn decode_validate(c: &mut Criterion) {
 }
 
 fn dedup(c: &mut Criterion) {
+    let key = |tenant, id| Key {
+        tenant,
+        subject: "c1",
+        id,
+    };
     const KEYS: usize = 100_000;
     let ids: Vec<String> = (0..KEYS).map(|i| format!("evt-{i:012}")).collect();
     let mut group = c.benchmark_group("dedup_cache");
@@ -126,7 +131,7 @@ fn dedup(c: &mut Criterion) {
         b.iter(|| {
             let map: dashmap::DashMap<String, (), ahash::RandomState> = Default::default();
             for id in &ids {
-                map.insert(format!("acme\0{id}"), ());
+                map.insert(format!("acme\0c1\0{id}"), ());
             }
             black_box(map.len())
         })
@@ -135,20 +140,28 @@ fn dedup(c: &mut Criterion) {
         b.iter(|| {
             let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
             for id in &ids {
-                cache.insert("acme", id);
+                cache.insert(key("acme", id));
             }
             black_box(cache.len())
         })
     });
     let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
     for id in &ids {
-        cache.insert("acme", id);
+        cache.insert(key("acme", id));
     }
     group.bench_function("lookup_hit", |b| {
-        b.iter(|| ids.iter().filter(|id| cache.contains("acme", id)).count())
+        b.iter(|| {
+            ids.iter()
+                .filter(|id| cache.contains(key("acme", id)))
+                .count()
+        })
     });
     group.bench_function("lookup_miss", |b| {
-        b.iter(|| ids.iter().filter(|id| cache.contains("beta", id)).count())
+        b.iter(|| {
+            ids.iter()
+                .filter(|id| cache.contains(key("beta", id)))
+                .count()
+        })
     });
     group.finish();
 }

@@ -12,8 +12,9 @@
 //!   same [`RejectCode`] through either door: its size, its CloudEvents attributes and its time
 //!   against the receive clock ([`event::validate`]), then the values the tenant's meters read
 //!   ([`Tenant::check_values`]);
-//! - an event is a repeat if the recent-repeat cache holds its (tenant, id), or an earlier event
-//!   of the same request or batch had it: either door counts it `duplicate` and sends it once.
+//! - an event is a repeat if the recent-repeat cache holds its (tenant, customer, id), or an
+//!   earlier event of the same request or batch had it: either door counts it `duplicate` and
+//!   sends it once.
 //!   A repeat the cache knows comes with where its first write landed, if the cache was told
 //!   ([`Sighting::Repeat`]); one of an earlier event of the same request comes with none (that
 //!   event's own write, or its own repeat, names the position).
@@ -25,7 +26,7 @@
 //! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
 //! `429` to, only a consumer that could slow down.
 
-use crate::dedup::{DedupCache, Reader};
+use crate::dedup::{DedupCache, Key, Reader};
 use hashbrown::hash_table::{Entry, HashTable};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
@@ -88,7 +89,7 @@ pub fn event(
 #[derive(Debug)]
 pub struct Repeats<'d> {
     cache: Option<Reader<'d>>,
-    /// The (tenant, id) keys seen here.
+    /// The keys seen here.
     seen: Seen,
 }
 
@@ -103,23 +104,23 @@ impl<'d> Repeats<'d> {
         }
     }
 
-    /// Whether `event` is the first of its (tenant, id) here and not recently accepted; a
-    /// `false` is a `duplicate`.
+    /// Whether `event` is the first of its key (tenant, customer, id) here and not recently
+    /// accepted; a `false` is a `duplicate`.
     pub fn first_sighting(&mut self, event: &Event) -> bool {
         self.sighting(event) == Sighting::First
     }
 
-    /// Whether `event` is the first of its (tenant, id) here and not recently accepted, or a
-    /// repeat, with where its first write landed if the cache knows.
+    /// Whether `event` is the first of its key here and not recently accepted, or a repeat,
+    /// with where its first write landed if the cache knows.
     pub fn sighting(&mut self, event: &Event) -> Sighting {
         if let Some(landed) = self
             .cache
             .as_ref()
-            .and_then(|cache| cache.get(&event.tenant, &event.id))
+            .and_then(|cache| cache.get(Key::of(event)))
         {
             return Sighting::Repeat(landed);
         }
-        if self.seen.insert(&event.tenant, &event.id) {
+        if self.seen.insert(Key::of(event)) {
             Sighting::First
         } else {
             Sighting::Repeat(None)
@@ -127,7 +128,7 @@ impl<'d> Repeats<'d> {
     }
 }
 
-/// A set of (tenant, id) keys, in the cache's encoding, held in one buffer: a request's
+/// A set of keys, in the cache's encoding, held in one buffer: a request's
 /// hundreds of keys cost a few allocations rather than one each.
 #[derive(Debug, Default)]
 struct Seen {
@@ -142,8 +143,8 @@ struct Seen {
 impl Seen {
     /// Room for `keys` keys of a typical length without growing.
     fn with_capacity(keys: usize) -> Self {
-        /// A tenant, its separator and a 36-character UUID.
-        const TYPICAL_KEY_BYTES: usize = 48;
+        /// A tenant, a customer, their separators and a 36-character UUID.
+        const TYPICAL_KEY_BYTES: usize = 64;
         Self {
             keys: String::with_capacity(keys.saturating_mul(TYPICAL_KEY_BYTES)),
             spans: HashTable::with_capacity(keys),
@@ -151,10 +152,10 @@ impl Seen {
         }
     }
 
-    /// Inserts `(tenant, id)`; `false` if it was already here.
-    fn insert(&mut self, tenant: &str, id: &str) -> bool {
+    /// Inserts `key`; `false` if it was already here.
+    fn insert(&mut self, key: Key<'_>) -> bool {
         let start = self.keys.len();
-        DedupCache::push_key(&mut self.keys, tenant, id);
+        DedupCache::push_key(&mut self.keys, key);
         let Self {
             keys,
             spans,
@@ -319,14 +320,19 @@ window = "1m"
     }
 
     #[test]
-    fn a_repeat_is_one_sighting_per_tenant_and_id() {
+    fn a_repeat_is_one_sighting_per_tenant_customer_and_id() {
         let cache = DedupCache::new(10, Duration::from_secs(60));
-        cache.insert("acme", "sent-before");
+        let key = |tenant, id| Key {
+            tenant,
+            subject: "s",
+            id,
+        };
+        cache.insert(key("acme", "sent-before"));
         let landed = Landed {
             partition: 1,
             offset: 57,
         };
-        cache.insert_landed("acme", "written-before", landed);
+        cache.insert_landed(key("acme", "written-before"), landed);
         let event = |tenant: &str, id: &str| Event {
             tenant: tenant.into(),
             id: id.into(),
@@ -357,6 +363,12 @@ window = "1m"
             Sighting::Repeat(None)
         );
         assert_eq!(repeats.sighting(&event("beta", "e-2")), Sighting::First);
+        // The same id for another customer is another event, here as in the aggregator.
+        let other_customer = Event {
+            subject: "t".into(),
+            ..event("acme", "written-before")
+        };
+        assert_eq!(repeats.sighting(&other_customer), Sighting::First);
     }
 
     #[test]
@@ -379,8 +391,13 @@ window = "1m"
                 1_002 => "mee-1".to_owned(),
                 n => format!("e-{}", n / 2),
             };
+            let key = Key {
+                tenant,
+                subject: "s",
+                id: &id,
+            };
             assert_eq!(
-                seen.insert(tenant, &id),
+                seen.insert(key),
                 reference.insert((tenant, id.clone())),
                 "{tenant} {id:?}"
             );
@@ -389,7 +406,10 @@ window = "1m"
         assert!(reference.contains(&("acme", "e-1".to_owned())));
         assert_eq!(seen.spans.len(), reference.len());
         // A repeat leaves nothing behind: the buffer holds each distinct key once.
-        let distinct: usize = reference.iter().map(|(t, id)| t.len() + 1 + id.len()).sum();
+        let distinct: usize = reference
+            .iter()
+            .map(|(t, id)| t.len() + "\0s\0".len() + id.len())
+            .sum();
         assert_eq!(seen.keys.len(), distinct);
     }
 }

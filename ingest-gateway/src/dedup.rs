@@ -4,8 +4,11 @@
 //! - memory is bounded: at most `capacity` keys are held, none older than `max_age`;
 //! - a key is remembered only after the broker acknowledged its event, so a failed produce
 //!   never turns the client's retry into a false `duplicate`;
-//! - keys are compared exactly (tenant and id, not a hash of them): a collision would drop a
-//!   valid event, which a billing pipeline must never do;
+//! - keys are compared exactly (tenant, customer and id, not a hash of them): a collision
+//!   would drop a valid event, which a billing pipeline must never do;
+//! - a key is what the aggregator's authoritative set is keyed by in effect (its set lives with
+//!   the customer's events partition): an id sent for another customer is not a repeat here
+//!   either, so which layer sees a copy first never changes what counts;
 //! - beside a key, where its event landed (events-topic partition and offset) when the door
 //!   that wrote it said so ([`DedupCache::insert_landed`]; HTTP does, the raw-topic path does
 //!   not): a repeat answered from here can name the first write's position, so a client whose
@@ -25,6 +28,7 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use neruba_kafka::Landed;
+use neruba_schemas::Event;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -63,7 +67,26 @@ impl Packed {
     }
 }
 
-/// Bounded, generational map of recently accepted `(tenant, id)` pairs to where they landed.
+/// What a repeat is recognised by: the tenant, the customer (`subject`) and the event id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<'a> {
+    pub tenant: &'a str,
+    pub subject: &'a str,
+    pub id: &'a str,
+}
+
+impl<'a> Key<'a> {
+    /// The key of `event`.
+    pub fn of(event: &'a Event) -> Self {
+        Self {
+            tenant: &event.tenant,
+            subject: &event.subject,
+            id: &event.id,
+        }
+    }
+}
+
+/// Bounded, generational map of recently accepted keys to where their events landed.
 #[derive(Debug)]
 pub struct DedupCache {
     generations: RwLock<Generations>,
@@ -81,15 +104,15 @@ pub struct Reader<'c> {
 
 impl Reader<'_> {
     /// [`DedupCache::get`], under this reader's lock.
-    pub fn get(&self, tenant: &str, id: &str) -> Option<Option<Landed>> {
+    pub fn get(&self, key: Key<'_>) -> Option<Option<Landed>> {
         thread_local! {
             /// The lookup key, reused: a lookup allocates nothing.
             static KEY: RefCell<String> = const { RefCell::new(String::new()) };
         }
         let g = &self.generations;
-        KEY.with_borrow_mut(|key| {
-            DedupCache::write_key(key, tenant, id);
-            let key = key.as_str();
+        KEY.with_borrow_mut(|buffer| {
+            DedupCache::write_key(buffer, key);
+            let key = buffer.as_str();
             let packed = self
                 .current_fresh
                 .then(|| g.current.get(key).map(|v| *v))
@@ -136,36 +159,39 @@ impl DedupCache {
         }
     }
 
-    /// Writes the key of `(tenant, id)` into `key`. Tenant ids never contain NUL (the catalog
-    /// allows [a-z0-9_-]), so this is injective.
-    pub(crate) fn write_key(key: &mut String, tenant: &str, id: &str) {
-        key.clear();
-        Self::push_key(key, tenant, id);
+    /// Writes `key` into `buffer`. Tenant ids never contain NUL (the catalog allows
+    /// [a-z0-9_-]) and neither do a valid event's subject and id (no control characters), so
+    /// this is injective.
+    pub(crate) fn write_key(buffer: &mut String, key: Key<'_>) {
+        buffer.clear();
+        Self::push_key(buffer, key);
     }
 
-    /// [`DedupCache::write_key`], appended to what `keys` holds.
-    pub(crate) fn push_key(keys: &mut String, tenant: &str, id: &str) {
-        keys.reserve(tenant.len() + 1 + id.len());
-        keys.push_str(tenant);
-        keys.push('\0');
-        keys.push_str(id);
+    /// [`DedupCache::write_key`], appended to what `buffer` holds.
+    pub(crate) fn push_key(buffer: &mut String, key: Key<'_>) {
+        buffer.reserve(key.tenant.len() + 1 + key.subject.len() + 1 + key.id.len());
+        buffer.push_str(key.tenant);
+        buffer.push('\0');
+        buffer.push_str(key.subject);
+        buffer.push('\0');
+        buffer.push_str(key.id);
     }
 
-    fn key(tenant: &str, id: &str) -> Box<str> {
-        let mut key = String::new();
-        Self::write_key(&mut key, tenant, id);
-        key.into_boxed_str()
+    fn owned_key(key: Key<'_>) -> Box<str> {
+        let mut buffer = String::new();
+        Self::write_key(&mut buffer, key);
+        buffer.into_boxed_str()
     }
 
-    /// Whether `(tenant, id)` was accepted recently.
-    pub fn contains(&self, tenant: &str, id: &str) -> bool {
-        self.get(tenant, id).is_some()
+    /// Whether `key` was accepted recently.
+    pub fn contains(&self, key: Key<'_>) -> bool {
+        self.get(key).is_some()
     }
 
-    /// `Some` if `(tenant, id)` was accepted recently: where it landed, if the door that wrote
+    /// `Some` if `key` was accepted recently: where its event landed, if the door that wrote
     /// it said so (`Some(None)`: a repeat whose position is not known here).
-    pub fn get(&self, tenant: &str, id: &str) -> Option<Option<Landed>> {
-        self.reader()?.get(tenant, id)
+    pub fn get(&self, key: Key<'_>) -> Option<Option<Landed>> {
+        self.reader()?.get(key)
     }
 
     /// The cache as one request or batch reads it: the lock taken and the clock read once.
@@ -187,25 +213,22 @@ impl DedupCache {
         })
     }
 
-    /// Remembers `(tenant, id)` as accepted, without saying where it landed (its repeats then
+    /// Remembers `key` as accepted, without saying where its event landed (its repeats then
     /// name no position).
-    pub fn insert(&self, tenant: &str, id: &str) {
-        self.remember_all([(tenant, id, None)]);
+    pub fn insert(&self, key: Key<'_>) {
+        self.remember_all([(key, None)]);
     }
 
-    /// Remembers `(tenant, id)` as accepted, and where it landed: its repeats name it.
-    pub fn insert_landed(&self, tenant: &str, id: &str, landed: Landed) {
-        self.remember_all([(tenant, id, Some(landed))]);
+    /// Remembers `key` as accepted, and where its event landed: its repeats name it.
+    pub fn insert_landed(&self, key: Key<'_>, landed: Landed) {
+        self.remember_all([(key, Some(landed))]);
     }
 
-    /// Remembers each `(tenant, id)` as accepted, with where it landed when known: a request's
+    /// Remembers each key as accepted, with where it landed when known: a request's
     /// or batch's keys under one lock, after one check whether the cache is due to rotate, and
     /// again each time the current generation fills (so the capacity bound holds as with one
     /// insert at a time, whatever the batch's size).
-    pub fn remember_all<'k>(
-        &self,
-        accepted: impl IntoIterator<Item = (&'k str, &'k str, Option<Landed>)>,
-    ) {
+    pub fn remember_all<'k>(&self, accepted: impl IntoIterator<Item = (Key<'k>, Option<Landed>)>) {
         let mut accepted = accepted.into_iter();
         loop {
             self.rotate_if_due();
@@ -216,11 +239,11 @@ impl DedupCache {
             // rotation and this lock, and the loop must still move on.
             let mut inserted = false;
             while !inserted || g.current_len.load(Ordering::Relaxed) < self.half_capacity {
-                let Some((tenant, id, landed)) = accepted.next() else {
+                let Some((key, landed)) = accepted.next() else {
                     return;
                 };
                 if g.current
-                    .insert(Self::key(tenant, id), Packed::new(landed))
+                    .insert(Self::owned_key(key), Packed::new(landed))
                     .is_none()
                 {
                     g.current_len.fetch_add(1, Ordering::Relaxed);
@@ -284,69 +307,83 @@ impl DedupCache {
 mod tests {
     use super::*;
 
+    fn key<'a>(tenant: &'a str, id: &'a str) -> Key<'a> {
+        Key {
+            tenant,
+            subject: "c1",
+            id,
+        }
+    }
+
     #[test]
     fn keys_are_scoped_by_tenant() {
         let cache = DedupCache::new(100, Duration::from_secs(60));
-        cache.insert("acme", "e-1");
-        assert!(cache.contains("acme", "e-1"));
-        assert!(!cache.contains("beta", "e-1"));
-        assert!(!cache.contains("acme", "e-2"));
+        cache.insert(key("acme", "e-1"));
+        assert!(cache.contains(key("acme", "e-1")));
+        assert!(!cache.contains(key("beta", "e-1")));
+        assert!(!cache.contains(key("acme", "e-2")));
     }
 
     #[test]
     fn a_key_inserted_again_is_held_once() {
         let cache = DedupCache::new(100, Duration::from_secs(60));
-        cache.insert("acme", "e-1");
-        cache.insert("acme", "e-1");
-        cache.insert("acme", "e-2");
+        cache.insert(key("acme", "e-1"));
+        cache.insert(key("acme", "e-1"));
+        cache.insert(key("acme", "e-2"));
         assert_eq!(cache.len(), 2);
         // The key encoding keeps tenant and id apart: ("ac", "me\0x") is not ("acme", "x").
-        assert!(!cache.contains("ac", "me\0e-1"));
+        assert!(!cache.contains(key("ac", "me\0e-1")));
+        // An id is a repeat for the customer it was sent for only (as in the aggregator).
+        let other_customer = Key {
+            subject: "c2",
+            ..key("acme", "e-1")
+        };
+        assert!(!cache.contains(other_customer));
     }
 
     #[test]
     fn entries_stay_bounded_by_capacity() {
         let cache = DedupCache::new(10, Duration::from_secs(3600));
         for i in 0..1000 {
-            cache.insert("acme", &i.to_string());
+            cache.insert(key("acme", &i.to_string()));
             assert!(cache.len() <= 10, "held {} keys", cache.len());
         }
         // The most recent keys are still known, the oldest are forgotten.
-        assert!(cache.contains("acme", "999"));
-        assert!(!cache.contains("acme", "0"));
+        assert!(cache.contains(key("acme", "999")));
+        assert!(!cache.contains(key("acme", "0")));
     }
 
     #[test]
     fn a_batch_larger_than_the_capacity_stays_within_it() {
         let cache = DedupCache::new(10, Duration::from_secs(3600));
         let ids: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
-        cache.remember_all(ids.iter().map(|id| ("acme", id.as_str(), None)));
+        cache.remember_all(ids.iter().map(|id| (key("acme", id), None)));
         assert!(cache.len() <= 10, "held {} keys", cache.len());
-        assert!(cache.contains("acme", "999"));
-        assert!(!cache.contains("acme", "0"));
+        assert!(cache.contains(key("acme", "999")));
+        assert!(!cache.contains(key("acme", "0")));
     }
 
     #[test]
     fn a_key_remembers_where_its_event_landed_if_told() {
         let cache = DedupCache::new(100, Duration::from_secs(60));
         let at = |partition, offset| Landed { partition, offset };
-        cache.insert_landed("acme", "e-1", at(2, 41));
-        cache.insert_landed("acme", "e-2", at(0, 0));
-        cache.insert_landed("acme", "e-3", at(65_534, (1 << 48) - 1));
-        cache.insert("acme", "raw");
+        cache.insert_landed(key("acme", "e-1"), at(2, 41));
+        cache.insert_landed(key("acme", "e-2"), at(0, 0));
+        cache.insert_landed(key("acme", "e-3"), at(65_534, (1 << 48) - 1));
+        cache.insert(key("acme", "raw"));
         // Beyond what 8 bytes hold: remembered, its position not.
-        cache.insert_landed("acme", "big-partition", at(65_535, 1));
-        cache.insert_landed("acme", "big-offset", at(1, 1 << 48));
-        assert_eq!(cache.get("acme", "e-1"), Some(Some(at(2, 41))));
-        assert_eq!(cache.get("acme", "e-2"), Some(Some(at(0, 0))));
+        cache.insert_landed(key("acme", "big-partition"), at(65_535, 1));
+        cache.insert_landed(key("acme", "big-offset"), at(1, 1 << 48));
+        assert_eq!(cache.get(key("acme", "e-1")), Some(Some(at(2, 41))));
+        assert_eq!(cache.get(key("acme", "e-2")), Some(Some(at(0, 0))));
         assert_eq!(
-            cache.get("acme", "e-3"),
+            cache.get(key("acme", "e-3")),
             Some(Some(at(65_534, (1 << 48) - 1)))
         );
-        assert_eq!(cache.get("acme", "raw"), Some(None));
-        assert_eq!(cache.get("acme", "big-partition"), Some(None));
-        assert_eq!(cache.get("acme", "big-offset"), Some(None));
-        assert_eq!(cache.get("acme", "never"), None);
+        assert_eq!(cache.get(key("acme", "raw")), Some(None));
+        assert_eq!(cache.get(key("acme", "big-partition")), Some(None));
+        assert_eq!(cache.get(key("acme", "big-offset")), Some(None));
+        assert_eq!(cache.get(key("acme", "never")), None);
         assert_eq!(std::mem::size_of::<Packed>(), 8);
     }
 
@@ -354,11 +391,11 @@ mod tests {
     fn entries_expire_by_age() {
         // Entries live 1 s: far longer than a loaded machine stalls between two statements.
         let cache = DedupCache::new(1000, Duration::from_secs(1));
-        cache.insert("acme", "old");
+        cache.insert(key("acme", "old"));
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(!cache.contains("acme", "old"));
-        cache.insert("acme", "new");
-        assert!(cache.contains("acme", "new"));
-        assert!(!cache.contains("acme", "old"));
+        assert!(!cache.contains(key("acme", "old")));
+        cache.insert(key("acme", "new"));
+        assert!(cache.contains(key("acme", "new")));
+        assert!(!cache.contains(key("acme", "old")));
     }
 }

@@ -29,7 +29,7 @@
 use crate::admit::{self, Repeats, Sighting};
 use crate::binary::{self, Binding};
 use crate::credits::{self, LedgerWriter};
-use crate::dedup::DedupCache;
+use crate::dedup::{DedupCache, Key};
 use crate::encoding::{self, BodyError, Encoding};
 use crate::kafka::EventSink;
 use crate::metrics::{Metrics, Tally};
@@ -295,7 +295,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     for ((index, event), delivery) in to_send.iter().zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                landed_now.push((event.tenant.as_str(), event.id.as_str(), Some(landed)));
+                landed_now.push((Key::of(event), Some(landed)));
                 highest.note(landed);
                 tally.accepted += 1;
             }

@@ -23,6 +23,7 @@
 
 use crate::admit::{self, Repeats};
 use crate::binary::{self, Binding};
+use crate::dedup::Key;
 use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
@@ -316,7 +317,7 @@ async fn consume(
             events
                 .iter()
                 .take(landed)
-                .map(|event| (event.tenant.as_str(), event.id.as_str(), None)),
+                .map(|event| (Key::of(event), None)),
         );
         if let (Some(event), Some(Err(e))) = (events.get(landed), delivered.get(landed)) {
             tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
