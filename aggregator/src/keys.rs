@@ -7,7 +7,8 @@
 //!
 //! | kind | key after the tenant | value |
 //! |---|---|---|
-//! | `D` dedup | id | receive time of its first copy (8 bytes; state written before this was the event time, which is never later than receive + 5 min) |
+//! | `E` event id | customer, id | receive time of its first copy (8 bytes) |
+//! | `D` legacy event id | id | event time of its first copy (8 bytes): written before ids were kept per customer; read only as [`META_LEGACY_DEDUP_UNTIL`] says, dropped by compaction past the horizon |
 //! | `W` window | series, window start | [`crate::state::WindowRecord`] (postcard) |
 //! | `P` period | series, period start | closed-windows period aggregate (postcard) |
 //! | `V` window distinct value | series, window start, value | empty |
@@ -21,6 +22,11 @@
 /// Metadata keys: an empty tenant (catalog tenant ids are never empty). The stored offset is
 /// the stage runtime's (see [`neruba_stage::store`]).
 pub const META_OFFSET: &[u8] = neruba_stage::store::OFFSET_KEY;
+/// Up to which receive time a repeat is also looked up under its [`legacy_dedup`] key: state
+/// that held an offset when it was first opened with per-customer ids gets its opening time
+/// plus the horizon and a day (its legacy entries are then all past the horizon); fresh state
+/// gets the far past (it has none).
+pub const META_LEGACY_DEDUP_UNTIL: &[u8] = b"\0\0\0\0Mlegacy_dedup_until";
 /// The partition-wide watermark of state written before clocks were per tenant: read once,
 /// as every tenant's starting clock (no longer written).
 pub const META_WATERMARK: &[u8] = b"\0\0\0\0Mwatermark";
@@ -52,8 +58,17 @@ pub fn tenant_of(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key.get(4..4 + len)?).ok()
 }
 
-/// Dedup entry of `(tenant, id)`, in the state of the customer's events partition.
-pub fn dedup(tenant: &str, id: &str) -> Vec<u8> {
+/// Dedup entry of `(tenant, customer, id)`: an id counts once per customer, whatever the
+/// partition count (customers sharing a partition do not share ids).
+pub fn dedup(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
+    let mut key = tenant_kind(tenant, b'E', 8 + customer.len() + id.len());
+    push(&mut key, customer.as_bytes());
+    push(&mut key, id.as_bytes());
+    key
+}
+
+/// Dedup entry of `(tenant, id)` as state written before ids were kept per customer has it.
+pub fn legacy_dedup(tenant: &str, id: &str) -> Vec<u8> {
     let mut key = tenant_kind(tenant, b'D', 4 + id.len());
     push(&mut key, id.as_bytes());
     key
@@ -168,8 +183,11 @@ mod tests {
     #[test]
     fn components_cannot_run_into_each_other() {
         assert_ne!(series("ab", "c", ""), series("a", "bc", ""));
-        assert_ne!(dedup("acme", "x"), dedup("acm", "ex"));
-        assert_eq!(kind_of(&dedup("acme", "x")), Some(b'D'));
+        assert_ne!(dedup("acme", "c", "x"), dedup("acm", "ec", "x"));
+        assert_ne!(dedup("acme", "cx", ""), dedup("acme", "c", "x"));
+        assert_eq!(kind_of(&dedup("acme", "c", "x")), Some(b'E'));
+        assert_ne!(legacy_dedup("acme", "x"), legacy_dedup("acm", "ex"));
+        assert_eq!(kind_of(&legacy_dedup("acme", "x")), Some(b'D'));
         assert_eq!(kind_of(&window("t", &series("m", "c", ""), 0)), Some(b'W'));
         assert_eq!(
             tenant_of(&window("acme", &series("m", "c", ""), 0)),
@@ -216,6 +234,6 @@ mod tests {
             period_of_window(&window("acme", &s, 60_000), 7),
             Some(period("acme", &s, 7))
         );
-        assert_eq!(period_of_window(&dedup("acme", "x"), 7), None);
+        assert_eq!(period_of_window(&dedup("acme", "c", "x"), 7), None);
     }
 }

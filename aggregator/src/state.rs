@@ -182,6 +182,11 @@ pub struct PartitionState {
     initial_clock: (i64, i64),
     /// `initial_clock` changed: written at commit.
     initial_dirty: bool,
+    /// [`keys::META_LEGACY_DEDUP_UNTIL`]: a repeat received up to then is also looked up
+    /// under its legacy key.
+    legacy_dedup_until: i64,
+    /// `legacy_dedup_until` is not stored yet: written at commit.
+    legacy_dedup_dirty: bool,
     outputs: Vec<Output>,
     counts: Counts,
     decoder: codec::Decoder,
@@ -225,7 +230,7 @@ pub fn store_options(timing: Timing) -> StoreOptions {
 /// it any more: it would be dead-lettered as too old). Everything else is kept.
 pub fn expired(key: &[u8], value: &[u8], now_ms: i64, timing: Timing) -> bool {
     match keys::kind_of(key) {
-        Some(b'D') => keys::time_from(value)
+        Some(b'D' | b'E') => keys::time_from(value)
             .is_some_and(|t| t < now_ms - timing.dedup_horizon_ms.saturating_add(DAY_MS)),
         Some(b'W') => key
             .len()
@@ -259,6 +264,19 @@ impl PartitionState {
             read_i64(keys::META_MAX_EVENT_TIME)?.unwrap_or(i64::MIN),
             read_i64(keys::META_WATERMARK)?.unwrap_or(i64::MIN),
         );
+        // State that applied events before ids were kept per customer holds legacy dedup
+        // entries, each at most the horizon old by now (a one-time decision, kept).
+        let (legacy_dedup_until, legacy_dedup_dirty) =
+            match read_i64(keys::META_LEGACY_DEDUP_UNTIL)? {
+                Some(until) => (until, false),
+                None if store.next_offset().is_some() => (
+                    neruba_schemas::event::now_ms()
+                        .saturating_add(timing.dedup_horizon_ms)
+                        .saturating_add(DAY_MS),
+                    true,
+                ),
+                None => (i64::MIN, true),
+            };
         let mut clocks: HashMap<String, Clock> = HashMap::new();
         for item in db.prefix_iterator(CLOCK_PREFIX) {
             let (key, value) = item?;
@@ -320,6 +338,8 @@ impl PartitionState {
             clocks,
             initial_clock,
             initial_dirty: false,
+            legacy_dedup_until,
+            legacy_dedup_dirty,
             outputs: Vec::new(),
             counts: Counts::default(),
             decoder: codec::Decoder::default(),
@@ -491,9 +511,15 @@ impl PartitionState {
             self.refuse(input, rejection);
             return Ok(());
         }
-        let dedup_key = keys::dedup(&event.tenant, &event.id);
-        let seen_at = self.read(&dedup_key, |seen| keys::time_from(seen).unwrap_or(i64::MIN))?;
-        if seen_at.is_some_and(|seen_at| {
+        let dedup_key = keys::dedup(&event.tenant, &event.subject, &event.id);
+        let seen_at = |state: &Self, key: &[u8]| {
+            state.read(key, |seen| keys::time_from(seen).unwrap_or(i64::MIN))
+        };
+        let mut first_seen = seen_at(self, &dedup_key)?;
+        if first_seen.is_none() && event.received_ms <= self.legacy_dedup_until {
+            first_seen = seen_at(self, &keys::legacy_dedup(&event.tenant, &event.id))?;
+        }
+        if first_seen.is_some_and(|seen_at| {
             event.received_ms.saturating_sub(seen_at) <= self.timing.dedup_horizon_ms
         }) {
             self.counts.duplicates += 1;
@@ -583,6 +609,12 @@ impl neruba_stage::Partition for PartitionState {
                 None => batch.delete(key),
             }
         }
+        if std::mem::take(&mut self.legacy_dedup_dirty) {
+            batch.put(
+                keys::META_LEGACY_DEDUP_UNTIL,
+                keys::time_bytes(self.legacy_dedup_until),
+            );
+        }
         if std::mem::take(&mut self.initial_dirty) {
             let (max_event_time, watermark) = self.initial_clock;
             batch.put(keys::META_MAX_EVENT_TIME, keys::time_bytes(max_event_time));
@@ -659,11 +691,15 @@ window = "1m"
     #[test]
     fn compaction_drops_only_entries_past_their_horizon() {
         let now = 100 * DAY_MS;
-        let dedup = keys::dedup("acme", "e-1");
         let fresh = keys::time_bytes(now - 35 * DAY_MS);
         let stale = keys::time_bytes(now - 36 * DAY_MS - 1);
-        assert!(!expired(&dedup, &fresh, now, TIMING));
-        assert!(expired(&dedup, &stale, now, TIMING));
+        for dedup in [
+            keys::dedup("acme", "c1", "e-1"),
+            keys::legacy_dedup("acme", "e-1"),
+        ] {
+            assert!(!expired(&dedup, &fresh, now, TIMING));
+            assert!(expired(&dedup, &stale, now, TIMING));
+        }
 
         let series = keys::series("calls", "c1", "{}");
         let recent_window = keys::window("acme", &series, now - 36 * DAY_MS);
@@ -845,6 +881,78 @@ window = "1m"
         );
         let counts = state.take_counts();
         assert_eq!((counts.applied, counts.duplicates), (1, 0));
+    }
+
+    #[test]
+    fn an_id_counts_once_per_customer_whichever_partition_they_share() {
+        // Two customers in one partition: the same id counts for each (as it would with a
+        // partition each), and a repeat for either counts nothing.
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let now = 100 * DAY_MS;
+        let mut offset = 0;
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        for customer in ["c1", "c2", "c1", "c2"] {
+            feed(
+                &mut state,
+                &catalog,
+                &mut offset,
+                &tokens_of(customer, "e1", now, "1"),
+            );
+        }
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (2, 2));
+    }
+
+    #[test]
+    fn state_from_before_per_customer_ids_still_finds_its_repeats() {
+        // State written before ids were kept per customer: an offset and a legacy entry of
+        // `e1` (its first copy's event time). A repeat within the horizon counts nothing,
+        // the same id of another customer is found under the legacy key too (as it was
+        // then), and a new id is kept per customer.
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = neruba_schemas::event::now_ms();
+        {
+            let db = rocksdb::DB::open_default(dir.path()).expect("open");
+            db.put(keys::META_OFFSET, keys::time_bytes(6)).expect("put");
+            db.put(
+                keys::legacy_dedup("acme", "e1"),
+                keys::time_bytes(now - DAY_MS),
+            )
+            .expect("put");
+        }
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut offset = 6;
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        for (customer, id) in [("c1", "e1"), ("c2", "e1"), ("c1", "e2"), ("c2", "e2")] {
+            feed(
+                &mut state,
+                &catalog,
+                &mut offset,
+                &tokens_of(customer, id, now, "1"),
+            );
+        }
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (2, 2));
+        // The decision is kept: reopened, the legacy entry is still read.
+        state.commit().expect("commit");
+        drop(state);
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("reopen");
+        assert!(state.legacy_dedup_until >= now + 35 * DAY_MS);
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens_of("c3", "e1", now, "1"),
+        );
+        assert_eq!(state.take_counts().duplicates, 1);
+
+        // Fresh state has no legacy entries and never looks for one.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let state = PartitionState::open(fresh.path(), 0, TIMING, &cache).expect("open");
+        assert_eq!(state.legacy_dedup_until, i64::MIN);
     }
 
     #[test]

@@ -175,7 +175,8 @@ fn bench(c: &mut Criterion) {
                 let mut batch = rocksdb::WriteBatch::default();
                 for payload in &payloads {
                     decoder.decode_into(payload, &mut event).expect("decode");
-                    let key = neruba_aggregator::keys::dedup(&event.tenant, &event.id);
+                    let key =
+                        neruba_aggregator::keys::dedup(&event.tenant, &event.subject, &event.id);
                     if floor.db().get(&key).expect("get").is_none() {
                         batch.put(&key, event.time_ms.to_be_bytes());
                     }

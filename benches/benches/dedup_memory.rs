@@ -63,7 +63,7 @@ fn run(index_in_cache: bool, ids: u64, cache_mib: usize) -> Result<f64> {
     for done in (BATCH..=ids).step_by(usize::try_from(BATCH)?) {
         let mut batch = rocksdb::WriteBatch::default();
         for _ in 0..BATCH {
-            let key = keys::dedup("acme", &source.next_id());
+            let key = keys::dedup("acme", "customer-1", &source.next_id());
             if store.db().get_pinned(&key)?.is_some() {
                 repeats += 1;
             }

@@ -13,6 +13,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 const BATCH: usize = 1000;
+/// The gateway's default per-event limit.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 fn catalog() -> Catalog {
     let text = std::fs::read_to_string(concat!(
@@ -39,8 +41,13 @@ fn decode_validate(c: &mut Criterion) {
     });
     group.bench_function("split_validate_check_values", |b| {
         b.iter(|| {
-            let framed =
-                body::split(Framing::Batch, black_box(body.as_bytes()), 10_000).expect("frames");
+            let framed = body::split(
+                Framing::Batch,
+                black_box(body.as_bytes()),
+                10_000,
+                MAX_EVENT_BYTES,
+            )
+            .expect("frames");
             let mut accepted = 0usize;
             for item in framed {
                 let Ok(envelope) = item.value else { continue };
@@ -82,8 +89,13 @@ fn decode_validate(c: &mut Criterion) {
     ] {
         group.bench_function(format!("split_validate_encode_{name}"), |b| {
             b.iter(|| {
-                let framed = body::split(Framing::Batch, black_box(body.as_bytes()), 10_000)
-                    .expect("frames");
+                let framed = body::split(
+                    Framing::Batch,
+                    black_box(body.as_bytes()),
+                    10_000,
+                    MAX_EVENT_BYTES,
+                )
+                .expect("frames");
                 let mut bytes = 0usize;
                 for item in framed {
                     let Ok(envelope) = item.value else { continue };
@@ -97,7 +109,8 @@ fn decode_validate(c: &mut Criterion) {
             })
         });
         let encoded: Vec<Vec<u8>> = {
-            let framed = body::split(Framing::Batch, body.as_bytes(), 10_000).expect("frames");
+            let framed = body::split(Framing::Batch, body.as_bytes(), 10_000, MAX_EVENT_BYTES)
+                .expect("frames");
             framed
                 .into_iter()
                 .filter_map(|f| f.value.ok())

@@ -233,7 +233,8 @@ window = "1m"
             Ok(tenant) => tenant,
             Err(refused) => return Some(refused.code.to_string()),
         };
-        let framed = body::split(Framing::Single, bytes, 1).expect("one JSON value");
+        let framed =
+            body::split(Framing::Single, bytes, 1, limits.max_event_bytes).expect("one JSON value");
         let cache = DedupCache::new(10, Duration::from_secs(60));
         let admitted = crate::http::admit_all(tenant, framed, NOW, limits, &cache);
         admitted.results[0].code.map(str::to_owned)

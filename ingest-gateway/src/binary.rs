@@ -17,6 +17,7 @@
 use neruba_schemas::event::Envelope;
 use neruba_schemas::framing::Framed;
 use neruba_schemas::{RejectCode, Rejection};
+use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
 /// The attributes read from headers; the rest of the event is `data`.
@@ -88,21 +89,16 @@ pub fn is_json(content_type: Option<&str>) -> bool {
 
 /// Frames a binary-mode event as a structured one would be framed: `data` parsed from the
 /// body (absent when the body is blank), the size the body plus the attribute headers, the
-/// value the structured form ([`event_object`]). `Err` says why the body is not JSON; the
-/// caller answers that as its framing does (400 over HTTP, a dead letter on Kafka).
+/// value the structured form ([`event_object`]). An event over `max_event_bytes` is refused
+/// `event_too_large` whatever its `data` holds, so its body is checked as JSON but never
+/// built (as the structured framings read an oversized event). `Err` says why the body is not
+/// JSON; the caller answers that as its framing does (400 over HTTP, a dead letter on Kafka).
 pub fn frame<'h>(
     binding: Binding,
     headers: impl IntoIterator<Item = (&'h str, &'h [u8])> + Clone,
     body: &[u8],
+    max_event_bytes: usize,
 ) -> Result<Framed<'static>, String> {
-    let data =
-        if body.iter().all(u8::is_ascii_whitespace) {
-            None
-        } else {
-            Some(serde_json::from_slice(body).map_err(|e| {
-                format!("the event's data (the body in binary mode) is not JSON: {e}")
-            })?)
-        };
     let len = body.len()
         + headers
             .clone()
@@ -110,6 +106,18 @@ pub fn frame<'h>(
             .filter(|(name, _)| binding.attribute(name).is_some())
             .map(|(_, value)| value.len())
             .sum::<usize>();
+    let not_json = |e: &dyn std::fmt::Display| {
+        format!("the event's data (the body in binary mode) is not JSON: {e}")
+    };
+    let data = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else if len > max_event_bytes {
+        let text = std::str::from_utf8(body).map_err(|e| not_json(&e))?;
+        serde_json::from_str::<IgnoredAny>(text).map_err(|e| not_json(&e))?;
+        None
+    } else {
+        Some(serde_json::from_slice(body).map_err(|e| not_json(&e))?)
+    };
     Ok(Framed {
         value: event_object(binding, headers, data).map(Envelope::from_value),
         len,

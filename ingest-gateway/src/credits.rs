@@ -540,8 +540,10 @@ async fn read_credit_body(
     body: Body,
 ) -> Result<bytes::Bytes, Refusal> {
     let limit = MAX_CREDIT_BODY_BYTES.min(state.max_body_bytes);
-    let content_encoding = body_encoding(headers, limit)?;
-    read_body(state, body, content_encoding, limit).await
+    let head = body_encoding(headers, limit)?;
+    let (bytes, _share) = read_body(state, body, head, limit).await?;
+    // A credit body is parsed before its answer is awaited, and is at most 64 KiB.
+    Ok(bytes)
 }
 
 /// A JSON body of `T` (`what` names it in the refusals): `415` unless the content type is

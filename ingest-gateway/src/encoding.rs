@@ -83,9 +83,16 @@ pub enum BodyError {
 }
 
 /// Reads `body` to its end and decodes it; at most `limit` bytes, received and decoded.
-pub async fn read(body: Body, encoding: Encoding, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read(
+    body: Body,
+    encoding: Encoding,
+    declared: Option<usize>,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     let mut body = body;
-    let mut received = BytesMut::new();
+    // Room for the declared length at once: grown by doubling, the buffer could hold up to
+    // twice the body.
+    let mut received = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Incomplete(e.to_string()))?;
         if let Ok(data) = frame.into_data() {

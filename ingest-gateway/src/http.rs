@@ -28,6 +28,7 @@
 
 use crate::admit::{self, Repeats, Sighting};
 use crate::binary::{self, Binding};
+use crate::budget::{BodyBudget, Share};
 use crate::credits::{self, LedgerWriter};
 use crate::dedup::{DedupCache, Key};
 use crate::encoding::{self, BodyError, Encoding};
@@ -62,6 +63,8 @@ pub struct AppState {
     pub ledger: LedgerWriter,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held at once, across requests (see [`crate::budget`]).
+    pub body_budget: BodyBudget,
     pub max_batch_events: usize,
     /// The whole body must arrive within this; a stalled upload must not hold a handler (and
     /// its memory) for ever.
@@ -192,8 +195,8 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
     // 2. What the body will be: encoding, size, mode, framing; then the body itself, within
     //    its deadline.
-    let content_encoding = match body_encoding(headers, state.max_body_bytes) {
-        Ok(content_encoding) => content_encoding,
+    let body_head = match body_encoding(headers, state.max_body_bytes) {
+        Ok(body_head) => body_head,
         Err(refused) => return *refused,
     };
     let content_type = headers
@@ -214,8 +217,9 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             ),
         );
     }
-    let bytes = match read_body(state, body, content_encoding, state.max_body_bytes).await {
-        Ok(bytes) => bytes,
+    // The share is held until the answer: the events borrow from the body.
+    let (bytes, _share) = match read_body(state, body, body_head, state.max_body_bytes).await {
+        Ok(read) => read,
         Err(refused) => return *refused,
     };
     let (framing, framed) = if binary {
@@ -223,7 +227,12 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_bytes()))
             .collect();
-        match binary::frame(Binding::Http, attributes.iter().copied(), &bytes) {
+        match binary::frame(
+            Binding::Http,
+            attributes.iter().copied(),
+            &bytes,
+            state.limits.max_event_bytes,
+        ) {
             Ok(framed) => (Framing::Single, vec![framed]),
             Err(message) => {
                 return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
@@ -242,7 +251,12 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
                 ),
             );
         };
-        match body::split(framing, &bytes, state.max_batch_events) {
+        match body::split(
+            framing,
+            &bytes,
+            state.max_batch_events,
+            state.limits.max_event_bytes,
+        ) {
             Ok(framed) => (framing, framed),
             Err(FrameError::Unparseable(message)) => {
                 return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
@@ -415,9 +429,17 @@ pub(crate) fn refusal_response(refused: Rejection) -> Response {
 /// large, and most calls succeed).
 pub(crate) type Refusal = Box<Response>;
 
-/// The body's `Content-Encoding`, or the answer refusing it: an encoding the gateway does not
-/// decode (415), or a declared length already over `limit` (413, before a byte is read).
-pub(crate) fn body_encoding(headers: &HeaderMap, limit: usize) -> Result<Encoding, Refusal> {
+/// The body's `Content-Encoding` and declared length, or the answer refusing it: an encoding
+/// the gateway does not decode (415), or a declared length already over `limit` (413, before a
+/// byte is read).
+/// What a request's headers say of its body: how it is encoded, and its length if declared.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyHead {
+    encoding: Encoding,
+    declared: Option<usize>,
+}
+
+pub(crate) fn body_encoding(headers: &HeaderMap, limit: usize) -> Result<BodyHead, Refusal> {
     let content_encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("(not text)"));
@@ -443,23 +465,47 @@ pub(crate) fn body_encoding(headers: &HeaderMap, limit: usize) -> Result<Encodin
     if declared.is_some_and(|n| n > limit) {
         return Err(Box::new(too_large(limit)));
     }
-    Ok(content_encoding)
+    Ok(BodyHead {
+        encoding: content_encoding,
+        declared,
+    })
 }
 
-/// The whole decoded body, at most `limit` bytes, within the body deadline; or the answer
-/// saying why not (413, 400 `incomplete_body` / `invalid_body`, 408 `body_timeout`).
+/// The whole decoded body, at most `limit` bytes, within the body deadline, with its share of
+/// the body budget (hold it until the answer); or the answer saying why not (503 `overloaded`
+/// when the budget had no room within the deadline, 413, 400 `incomplete_body` /
+/// `invalid_body`, 408 `body_timeout`).
 pub(crate) async fn read_body(
     state: &AppState,
     body: Body,
-    content_encoding: Encoding,
+    head: BodyHead,
     limit: usize,
-) -> Result<bytes::Bytes, Refusal> {
+) -> Result<(bytes::Bytes, Share), Refusal> {
+    let share = state
+        .body_budget
+        .share_of(head.encoding, head.declared, limit);
+    let Some(share) = state
+        .body_budget
+        .reserve(share, state.body_read_timeout)
+        .await
+    else {
+        // The body is unread, so the connection cannot carry another request.
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the gateway holds as many request bodies as its memory budget allows; retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(Box::new(with_retry_after(response, Duration::from_secs(1))));
+    };
     let read = tokio::time::timeout(
         state.body_read_timeout,
-        encoding::read(body, content_encoding, limit),
+        encoding::read(body, head.encoding, head.declared, limit),
     );
     let refused = match read.await {
-        Ok(Ok(bytes)) => return Ok(bytes),
+        Ok(Ok(bytes)) => return Ok((bytes, share)),
         Ok(Err(BodyError::TooLarge { .. })) => too_large(limit),
         Ok(Err(e @ BodyError::Incomplete(_))) => {
             error_response(StatusCode::BAD_REQUEST, "incomplete_body", e.to_string())

@@ -12,6 +12,7 @@
 
 pub mod admit;
 pub mod binary;
+pub mod budget;
 pub mod credits;
 pub mod dedup;
 pub mod encoding;
@@ -62,6 +63,11 @@ pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
     burst: Some(DEFAULT_RATE_BURST),
 };
 
+/// Bytes of request bodies held at once by default: 128 MiB, 25 bodies of the largest size
+/// or some 800 batches of 500 typical events, well within the 1 GiB the Kubernetes manifest
+/// gives a replica.
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+
 /// The burst of [`DEFAULT_RATE_LIMIT`].
 pub const DEFAULT_RATE_BURST: u32 = 100_000;
 
@@ -84,6 +90,8 @@ pub struct Config {
     pub limits: Limits,
     /// Largest request body, bytes, after `Content-Encoding` is decoded.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies the gateway holds at once, across requests (see [`budget`]).
+    pub max_body_bytes_in_flight: usize,
     /// Longest a request body may take to arrive, whole (408 `body_timeout` after it).
     pub body_read_timeout: Duration,
     /// Header, idle and connection-count limits of the HTTP listener.
@@ -118,6 +126,7 @@ impl Config {
             ledger_topic: neruba_schemas::topics::LEDGER.to_owned(),
             limits: Limits::default(),
             max_body_bytes: 5 * 1024 * 1024,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             body_read_timeout: Duration::from_secs(30),
             connections: server::ConnectionLimits::default(),
             default_rate_limit: DEFAULT_RATE_LIMIT,
@@ -191,6 +200,10 @@ pub async fn start_on(
         ledger,
         limits: config.limits,
         max_body_bytes: config.max_body_bytes,
+        body_budget: budget::BodyBudget::new(
+            config.max_body_bytes_in_flight,
+            metrics.body_bytes_in_flight.clone(),
+        ),
         max_batch_events: config.max_batch_events,
         body_read_timeout: config.body_read_timeout,
         rate_limiter: ratelimit::RateLimiter::default(),

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub broker_reachable: IntGauge,
     /// `neruba_http_connections`: open HTTP connections (at the cap, new ones wait).
     pub http_connections: IntGauge,
+    /// `neruba_ingest_body_bytes_in_flight`: bytes of request bodies reserved (see
+    /// [`crate::budget`]).
+    pub body_bytes_in_flight: IntGauge,
     /// `neruba_credit_requests_total{route, status}`: grant, void and balance-rule requests, by
     /// HTTP status.
     pub credit_requests: IntCounterVec,
@@ -81,6 +84,10 @@ impl Metrics {
                 "neruba_http_connections",
                 "HTTP connections open on the gateway.",
             )?,
+            body_bytes_in_flight: IntGauge::new(
+                "neruba_ingest_body_bytes_in_flight",
+                "Bytes of request bodies held (reserved from the gateway's body budget).",
+            )?,
             credit_requests: IntCounterVec::new(
                 Opts::new(
                     "neruba_credit_requests_total",
@@ -95,6 +102,7 @@ impl Metrics {
         registry.register(Box::new(metrics.produce_duration.clone()))?;
         registry.register(Box::new(metrics.produce_queue_depth.clone()))?;
         registry.register(Box::new(metrics.http_connections.clone()))?;
+        registry.register(Box::new(metrics.body_bytes_in_flight.clone()))?;
         registry.register(Box::new(metrics.dedup_hits.clone()))?;
         registry.register(Box::new(metrics.dedup_entries.clone()))?;
         registry.register(Box::new(metrics.broker_reachable.clone()))?;

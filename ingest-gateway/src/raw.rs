@@ -114,8 +114,8 @@ pub(crate) fn admit_message(
     };
     let tenant = admit::authenticate(catalog, key)?;
     let framed = match binary_attributes(headers) {
-        Some(attributes) => binary_event(&attributes, payload)?,
-        None => match body::split(Framing::Single, payload, 1) {
+        Some(attributes) => binary_event(&attributes, payload, limits.max_event_bytes)?,
+        None => match body::split(Framing::Single, payload, 1, limits.max_event_bytes) {
             Ok(mut framed) if framed.len() == 1 => framed.remove(0),
             _ => {
                 return Err(Rejection::new(
@@ -150,15 +150,24 @@ fn content_type<'h>(headers: &[(&str, &'h [u8])]) -> Option<&'h str> {
 }
 
 /// A binary-mode message as the structured event it stands for; its `data` must be JSON.
-fn binary_event(headers: &[(&str, &[u8])], payload: &[u8]) -> Result<Framed<'static>, Rejection> {
+fn binary_event(
+    headers: &[(&str, &[u8])],
+    payload: &[u8],
+    max_event_bytes: usize,
+) -> Result<Framed<'static>, Rejection> {
     if !binary::is_json(content_type(headers)) {
         return Err(Rejection::new(
             RejectCode::InvalidJson,
             "in binary mode the payload is the event's data, which must be JSON",
         ));
     }
-    binary::frame(Binding::Kafka, headers.iter().copied(), payload)
-        .map_err(|message| Rejection::new(RejectCode::InvalidJson, message))
+    binary::frame(
+        Binding::Kafka,
+        headers.iter().copied(),
+        payload,
+        max_event_bytes,
+    )
+    .map_err(|message| Rejection::new(RejectCode::InvalidJson, message))
 }
 
 /// Consumes the raw topic until `shutdown`; a broker failure restarts the consumer, which

@@ -231,7 +231,7 @@ async fn produce_from_bodies(
         let mut pending = Vec::new();
         for body in group {
             let now = now_ms();
-            for framed in framing::split(Framing::Batch, body, 10_000)
+            for framed in framing::split(Framing::Batch, body, 10_000, limits.max_event_bytes)
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?
             {
                 let event = neruba_ingest_gateway::admit::event(tenant, framed, now, &limits)

@@ -9,6 +9,7 @@
 
 use crate::reject::{RejectCode, Rejection};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -190,6 +191,22 @@ impl<'a> Envelope<'a> {
         serde_json::from_str::<Envelope<'a>>(text).or_else(|_| whole())
     }
 
+    /// The envelope of an event over the size limit, which [`validate_envelope`] refuses
+    /// whatever it holds: only whether it is an object and its `id` (to name the event in the
+    /// answer) are read, everything else is skipped unread, so an oversized event costs no
+    /// memory beyond its bytes however many values it packs (read whole, a 5 MiB array of
+    /// small numbers takes some 90 MiB). `Err` if the bytes are not JSON.
+    pub fn oversized(json: &'a [u8]) -> serde_json::Result<Self> {
+        let text = std::str::from_utf8(json).map_err(|e| {
+            <serde_json::Error as de::Error>::custom(format!("the event is not UTF-8: {e}"))
+        })?;
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str::<Oversized<'a>>(text).map(|oversized| oversized.0)
+        } else {
+            serde_json::from_str::<IgnoredAny>(text).map(|_| Envelope::default())
+        }
+    }
+
     /// The envelope of an event already parsed whole.
     pub fn from_value(value: Value) -> Envelope<'static> {
         let Value::Object(mut object) = value else {
@@ -215,6 +232,47 @@ impl<'a> Envelope<'a> {
             Attribute::Text(text) => Some(text.clone()),
             _ => None,
         }
+    }
+}
+
+/// [`Envelope::oversized`]: an object's `id`, every other member skipped.
+struct Oversized<'a>(Envelope<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Oversized<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OversizedVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for OversizedVisitor<'a> {
+            type Value = Envelope<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut envelope = Envelope {
+                    object: true,
+                    ..Envelope::default()
+                };
+                while let Some(member) = map.next_key::<Member>()? {
+                    if let Member::Id = member {
+                        // The value's text, borrowed: a string is read as an attribute (the
+                        // last given counts, as in a whole parse), anything else is not one.
+                        let raw: &'de RawValue = map.next_value()?;
+                        envelope.id = match raw.get().as_bytes().first() {
+                            Some(b'"') => serde_json::from_str(raw.get())
+                                .map(Attribute::Text)
+                                .map_err(de::Error::custom)?,
+                            Some(b'n') => Attribute::Null,
+                            _ => Attribute::Other,
+                        };
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer
+            .deserialize_map(OversizedVisitor(PhantomData))
+            .map(Oversized)
     }
 }
 
@@ -887,6 +945,54 @@ mod tests {
             let (one_pass, whole) = judged_both_ways(&bytes);
             prop_assert_eq!(one_pass, whole, "{}", String::from_utf8_lossy(&bytes));
         }
+
+        /// An event over the size limit is read for its `id` only; whatever the whole parse
+        /// reads, that read names the same id, and takes as JSON what the whole parse takes.
+        #[test]
+        fn an_oversized_read_names_the_id_a_whole_read_names(bytes in event_bytes()) {
+            let oversized = Envelope::oversized(&bytes);
+            if let Ok(whole) = serde_json::from_slice::<Value>(&bytes) {
+                let whole = Envelope::from_value(whole);
+                let oversized = oversized.map_err(|e| e.to_string());
+                prop_assert_eq!(
+                    oversized.map(|e| e.id().map(Cow::into_owned)),
+                    Ok(whole.id().map(Cow::into_owned)),
+                    "{}", String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_event_keeps_nothing_but_its_id() {
+        let limits = Limits::default();
+        let data = vec!["1"; 40_000].join(",");
+        let text = format!(
+            r#"{{"id":"big-1","type":"t","subject":"s","data":{{"x":[{data}]}},"id":"big-2"}}"#
+        );
+        let envelope = Envelope::oversized(text.as_bytes()).expect("JSON");
+        assert_eq!(envelope.id().as_deref(), Some("big-2"));
+        assert_eq!(envelope.data, Data::Absent);
+        let refused = validate_envelope(envelope, text.len(), "acme", NOW, &limits);
+        assert_eq!(
+            refused.map_err(|r| r.code).err(),
+            Some(RejectCode::EventTooLarge)
+        );
+        // Not JSON, not an object, an id of another type.
+        assert!(Envelope::oversized(b"{\"id\":\"x\",").is_err());
+        assert!(Envelope::oversized(b"\xff").is_err());
+        assert_eq!(
+            Envelope::oversized(b" [1, 2]").map(|e| e.object).ok(),
+            Some(false)
+        );
+        assert_eq!(
+            Envelope::oversized(br#"{"id":7}"#).map(|e| e.id).ok(),
+            Some(Attribute::Other)
+        );
+        assert_eq!(
+            Envelope::oversized(br#"{"id":null}"#).map(|e| e.id).ok(),
+            Some(Attribute::Null)
+        );
     }
 
     /// The property above is only worth what its inputs reach: valid events read in one pass

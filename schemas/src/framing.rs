@@ -8,7 +8,10 @@
 //!   boundary can be trusted; in NDJSON each line is its own frame, so one bad line is one
 //!   `invalid_json` rejection and the other lines still count;
 //! - each event's size is measured on its own bytes, so the per-event limit means the same in
-//!   every framing.
+//!   every framing;
+//! - an event over that limit is not read beyond its `id` ([`Envelope::oversized`]): it is
+//!   refused `event_too_large` whatever it holds, and building its values could take many
+//!   times its size in memory, before the rate limit, from a body that is itself within limits.
 
 use crate::event::Envelope;
 use crate::{RejectCode, Rejection};
@@ -68,15 +71,17 @@ pub enum FrameError {
     TooManyEvents { limit: usize },
 }
 
-/// Splits `body` into events. At most `max_events` are allowed.
+/// Splits `body` into events. At most `max_events` are allowed; an event over
+/// `max_event_bytes` has only its `id` read.
 pub fn split(
     framing: Framing,
     body: &[u8],
     max_events: usize,
+    max_event_bytes: usize,
 ) -> Result<Vec<Framed<'_>>, FrameError> {
     match framing {
         Framing::Single => {
-            let value = Envelope::parse(body)
+            let value = envelope(body, max_event_bytes)
                 .map_err(|e| FrameError::Unparseable(format!("body is not JSON: {e}")))?;
             Ok(vec![Framed {
                 value: Ok(value),
@@ -93,7 +98,12 @@ pub fn split(
                 .into_iter()
                 .map(|raw| Framed {
                     len: raw.get().len(),
-                    value: Envelope::parse_text(raw.get()).map_err(|e| {
+                    value: if raw.get().len() > max_event_bytes {
+                        Envelope::oversized(raw.get().as_bytes())
+                    } else {
+                        Envelope::parse_text(raw.get())
+                    }
+                    .map_err(|e| {
                         Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
                     }),
                 })
@@ -114,12 +124,21 @@ pub fn split(
                 .into_iter()
                 .map(|line| Framed {
                     len: line.len(),
-                    value: Envelope::parse(line).map_err(|e| {
+                    value: envelope(line, max_event_bytes).map_err(|e| {
                         Rejection::new(RejectCode::InvalidJson, format!("line is not JSON: {e}"))
                     }),
                 })
                 .collect())
         }
+    }
+}
+
+/// The envelope of one event's bytes: read for its `id` alone when over `max_event_bytes`.
+fn envelope(json: &[u8], max_event_bytes: usize) -> serde_json::Result<Envelope<'_>> {
+    if json.len() > max_event_bytes {
+        Envelope::oversized(json)
+    } else {
+        Envelope::parse(json)
     }
 }
 
@@ -148,7 +167,7 @@ mod tests {
     #[test]
     fn ndjson_bad_line_is_one_rejection() {
         let body = b"{\"id\":\"a\"}\n\nnot json\n{\"id\":\"b\"}\n";
-        let framed = split(Framing::Ndjson, body, 10).expect("frames");
+        let framed = split(Framing::Ndjson, body, 10, 1 << 16).expect("frames");
         assert_eq!(framed.len(), 3);
         assert!(framed[0].value.is_ok());
         assert_eq!(
@@ -162,18 +181,56 @@ mod tests {
     #[test]
     fn batch_limits_and_broken_framing() {
         assert_eq!(
-            split(Framing::Batch, b"[{},{},{}]", 2).err(),
+            split(Framing::Batch, b"[{},{},{}]", 2, 1 << 16).err(),
             Some(FrameError::TooManyEvents { limit: 2 })
         );
         assert!(matches!(
-            split(Framing::Batch, b"[{},", 10),
+            split(Framing::Batch, b"[{},", 10, 1 << 16),
             Err(FrameError::Unparseable(_))
         ));
-        let framed = split(Framing::Batch, br#"[{"id":"x"}, 5]"#, 10).expect("frames");
+        let framed = split(Framing::Batch, br#"[{"id":"x"}, 5]"#, 10, 1 << 16).expect("frames");
         assert_eq!(framed[0].len, 10);
         assert!(
             framed[1].value.is_ok(),
             "a non-object is framed; validation rejects it"
         );
+    }
+
+    #[test]
+    fn an_event_over_the_limit_is_read_for_its_id_alone_in_every_framing() {
+        let big = format!(
+            r#"{{"id":"big","type":"t","subject":"s","data":{{"x":"{}"}}}}"#,
+            "y".repeat(100)
+        );
+        let small = r#"{"id":"small","type":"t","subject":"s"}"#;
+        let limit = small.len();
+        let batch = format!("[{small},{big}]");
+        let ndjson = format!("{small}\n{big}\n");
+        for (framing, body) in [
+            (Framing::Batch, batch.as_bytes()),
+            (Framing::Ndjson, ndjson.as_bytes()),
+            (Framing::Single, big.as_bytes()),
+        ] {
+            let framed = split(framing, body, 10, limit).expect("frames");
+            let last = framed.last().expect("an event");
+            assert_eq!(last.len, big.len());
+            let envelope = last.value.as_ref().expect("JSON");
+            assert_eq!(envelope.id().as_deref(), Some("big"), "{framing:?}");
+            assert_eq!(
+                *envelope,
+                Envelope::oversized(big.as_bytes()).expect("JSON"),
+                "{framing:?}"
+            );
+            // An event within the limit is read whole as before.
+            if framing != Framing::Single {
+                let first = framed[0].value.as_ref().expect("JSON");
+                assert_eq!(*first, Envelope::parse(small.as_bytes()).expect("JSON"));
+            }
+        }
+        // Still JSON or not: a broken oversized single body is refused whole.
+        assert!(matches!(
+            split(Framing::Single, &big.as_bytes()[..big.len() - 1], 1, limit),
+            Err(FrameError::Unparseable(_))
+        ));
     }
 }

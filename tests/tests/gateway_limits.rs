@@ -1,5 +1,5 @@
 //! The gateway against slow, careless and hostile clients: connection time limits and cap,
-//! authentication before the body, default rate limit, truncated and encoded bodies, the
+//! the budget of body bytes held at once, authentication before the body, default rate limit, truncated and encoded bodies, the
 //! `Bearer` scheme, control characters. Clients that misbehave at the socket level are written
 //! by hand on a raw TCP stream, since an HTTP library would not send what they send.
 
@@ -211,6 +211,87 @@ async fn stalled_body_is_answered_408_body_timeout() -> Result<()> {
             .contains("connection: close")
     );
     assert!(h.events_on_topic(0).await?.is_empty());
+    h.stop().await
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_memory_budget_wait_their_turn_then_get_503_overloaded() -> Result<()> {
+    // A budget of one largest body, and 2 s for a body to arrive or to get its share.
+    let h = GatewayHarness::start_with(sample::catalog()?, |c| {
+        c.max_body_bytes = 64 * 1024;
+        c.max_body_bytes_in_flight = 64 * 1024;
+        c.body_read_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    let started = Instant::now();
+    let gateway = addr(&h);
+    let gateway = gateway.as_str();
+    let stalled_upload = |delay: u64| async move {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let mut client = TcpStream::connect(gateway).await?;
+        let head = post_head(acme(), SINGLE, "Content-Length: 65536\r\n");
+        client.write_all(head.as_bytes()).await?;
+        client.write_all(b"{\"id\": \"stalled\"").await?;
+        let answer = read_response(&mut client, Duration::from_secs(10)).await?;
+        anyhow::Ok((answer, started.elapsed()))
+    };
+    let event = serde_json::to_vec(&call("within-budget", "c1"))?;
+    let event = event.as_slice();
+    let small = |delay: u64| async move {
+        {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let mut client = TcpStream::connect(gateway).await?;
+            let length = format!("Content-Length: {}\r\n", event.len());
+            client
+                .write_all(post_head(acme(), SINGLE, &length).as_bytes())
+                .await?;
+            client.write_all(event).await?;
+            let answer = read_response(&mut client, Duration::from_secs(10)).await?;
+            anyhow::Ok((answer, started.elapsed()))
+        }
+    };
+    let in_flight = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_, metrics) = h.get("/metrics").await?;
+        anyhow::Ok(metrics.contains("neruba_ingest_body_bytes_in_flight 65536"))
+    };
+    // At 0 s the first upload takes the whole budget and stalls (408 at 2 s). At 0.5 s a
+    // second waits for it, gets it at 2 s and stalls too (408 at 4 s). At 1 s a small valid
+    // event waits behind the second, and at 3 s, its deadline, is answered 503.
+    let (first, second, refused, full) = tokio::join!(
+        stalled_upload(0),
+        stalled_upload(500),
+        small(1_000),
+        in_flight
+    );
+    let ((first, first_at), (second, second_at), (refused, refused_at)) =
+        (first?, second?, refused?);
+    assert!(full?, "the gauge did not show the whole budget held");
+    assert_eq!(first.status, 408, "{first:?}");
+    assert_eq!(second.status, 408, "{second:?}");
+    assert!(
+        second_at >= Duration::from_millis(3_500),
+        "{second_at:?}: it did not wait"
+    );
+    assert!(first_at < second_at, "{first_at:?} {second_at:?}");
+    assert_eq!(
+        (refused.status, refused.json["error"]["code"].as_str()),
+        (503, Some("overloaded")),
+        "{refused:?}"
+    );
+    let head = refused.head.to_ascii_lowercase();
+    assert!(
+        head.contains("retry-after: 1") && head.contains("connection: close"),
+        "{head}"
+    );
+    assert!(
+        (Duration::from_millis(2_500)..second_at).contains(&refused_at),
+        "{refused_at:?}: refused before its deadline or after room came back"
+    );
+    // Once the budget is free again the same event is accepted at once, and only it is written.
+    let (accepted, _) = small(0).await?;
+    assert_eq!(accepted.json["accepted"], 1, "{accepted:?}");
+    assert_eq!(h.events_on_topic(1).await?.len(), 1);
     h.stop().await
 }
 

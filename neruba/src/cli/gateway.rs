@@ -48,6 +48,12 @@ pub(crate) struct IngestArgs {
     /// Largest request body, bytes, after `Content-Encoding` (gzip, zstd) is decoded.
     #[arg(long, env = "NERUBA_GATEWAY_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
+    /// Bytes of request bodies held at once, across all requests: a request whose body does
+    /// not fit waits (its bytes left unread, so TCP slows its sender) and past
+    /// `--http-body-timeout` is answered 503 `overloaded`. A compressed body counts its
+    /// length plus `--max-body-bytes` for its decoded copy.
+    #[arg(long, env = "NERUBA_GATEWAY_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = gateway::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)]
+    pub(crate) max_body_bytes_in_flight: usize,
     /// Longest from the first byte of a request to the end of its headers; a slower client is
     /// disconnected.
     #[arg(long, env = "NERUBA_GATEWAY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -127,6 +133,14 @@ impl IngestArgs {
                 self.max_body_bytes
             );
         }
+        if self.max_body_bytes_in_flight < self.max_body_bytes {
+            bail!(
+                "--max-body-bytes-in-flight ({}) is below --max-body-bytes ({}): the largest \
+                 body would take more than the whole budget",
+                self.max_body_bytes_in_flight,
+                self.max_body_bytes
+            );
+        }
         if self.max_batch_events == 0 || self.dedup_capacity == 0 {
             bail!("--max-batch-events and --dedup-capacity must be positive");
         }
@@ -157,6 +171,7 @@ impl IngestArgs {
         config.events_topic = self.events_topic.clone();
         config.events_encoding = self.events_encoding;
         config.max_body_bytes = self.max_body_bytes;
+        config.max_body_bytes_in_flight = self.max_body_bytes_in_flight;
         config.max_batch_events = self.max_batch_events;
         config.body_read_timeout = self.http_body_timeout;
         config.connections = gateway::server::ConnectionLimits {

@@ -1,0 +1,143 @@
+//! The gateway's budget of request-body bytes held at once, across all requests.
+//!
+//! Invariants:
+//! - a body is read only once its share is reserved, whole, before its first byte: what the
+//!   gateway holds in bodies never exceeds the budget, however many connections send at once
+//!   (10,000 connections of 5 MiB bodies would otherwise be 50 GiB);
+//! - a share is reserved in one piece, never grown while reading, so requests holding part of
+//!   what they need can never wait on one another for the rest;
+//! - a share is held until the request is answered (its events borrow from the body), and
+//!   given back when the request ends however it ends (a dropped connection included);
+//! - a request that cannot get its share within the body deadline is answered `503
+//!   overloaded` with `Retry-After`, its body unread: nothing of it was accepted, and a retry
+//!   is safe. While it waits, its bytes stay in the kernel's socket buffers, so the sender is
+//!   slowed by TCP rather than refused at the first busy moment.
+//!
+//! A share is the body's declared `Content-Length` (the size limit when it declares none), and
+//! when the body is compressed the limit again, for its decoded copy. Parsing a body takes more
+//! memory than its bytes (its events' values); that is bounded per request by the body and
+//! event limits, not here.
+
+use crate::encoding::Encoding;
+use prometheus::IntGauge;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The budget (see the module).
+#[derive(Debug)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    /// `neruba_ingest_body_bytes_in_flight`.
+    in_flight: IntGauge,
+}
+
+/// A request's share of the budget, given back when dropped.
+#[derive(Debug)]
+pub struct Share {
+    _permit: Option<OwnedSemaphorePermit>,
+    budget_bytes: Arc<Semaphore>,
+    total: usize,
+    in_flight: IntGauge,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        drop(self._permit.take());
+        self.in_flight.set(held(&self.budget_bytes, self.total));
+    }
+}
+
+/// Bytes held: the budget less what is available.
+fn held(bytes: &Semaphore, total: usize) -> i64 {
+    i64::try_from(total.saturating_sub(bytes.available_permits())).unwrap_or(i64::MAX)
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes (at most what a semaphore counts), reported on `in_flight`.
+    pub fn new(total: usize, in_flight: IntGauge) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            in_flight,
+        }
+    }
+
+    /// The share a body needs: `declared` (its `Content-Length`) or `limit` when undeclared,
+    /// plus `limit` for the decoded copy of a compressed one; never more than the whole
+    /// budget, so the largest body the gateway takes can always be admitted alone.
+    pub fn share_of(&self, encoding: Encoding, declared: Option<usize>, limit: usize) -> usize {
+        let received = declared.unwrap_or(limit).min(limit);
+        let decoded = if encoding == Encoding::Identity {
+            0
+        } else {
+            limit
+        };
+        received.saturating_add(decoded).clamp(1, self.total)
+    }
+
+    /// Reserves `bytes` in one piece, waiting at most `wait`; `None` if the budget did not
+    /// have them in time.
+    pub async fn reserve(&self, bytes: usize, wait: Duration) -> Option<Share> {
+        let bytes = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
+        let permit = match self.bytes.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout(wait, self.bytes.clone().acquire_many_owned(bytes))
+                .await
+                .ok()?
+                .ok()?,
+        };
+        self.in_flight.set(held(&self.bytes, self.total));
+        Some(Share {
+            _permit: Some(permit),
+            budget_bytes: self.bytes.clone(),
+            total: self.total,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(total: usize) -> BodyBudget {
+        BodyBudget::new(total, IntGauge::new("in_flight", "test").expect("gauge"))
+    }
+
+    #[test]
+    fn a_share_is_the_declared_length_and_a_decoded_copy_when_compressed() {
+        let budget = budget(100);
+        assert_eq!(budget.share_of(Encoding::Identity, Some(7), 50), 7);
+        assert_eq!(budget.share_of(Encoding::Identity, None, 50), 50);
+        assert_eq!(budget.share_of(Encoding::Gzip, Some(7), 50), 57);
+        // Never more than the budget (the largest body must fit alone), never nothing.
+        assert_eq!(budget.share_of(Encoding::Zstd, None, 80), 100);
+        assert_eq!(budget.share_of(Encoding::Identity, Some(0), 50), 1);
+    }
+
+    #[tokio::test]
+    async fn shares_wait_for_one_another_and_are_given_back_when_dropped() {
+        let budget = budget(100);
+        let wait = Duration::from_millis(50);
+        let first = budget.reserve(60, wait).await.expect("room");
+        assert_eq!(budget.in_flight.get(), 60);
+        // 60 + 60 > 100: the second waits, and gives up at its deadline.
+        assert!(budget.reserve(60, wait).await.is_none());
+        assert_eq!(budget.in_flight.get(), 60);
+        let second = budget.reserve(40, wait).await.expect("room");
+        assert_eq!(budget.in_flight.get(), 100);
+        drop(first);
+        assert_eq!(budget.in_flight.get(), 40);
+        let third = budget.reserve(60, wait).await.expect("room given back");
+        // A waiting share is admitted as soon as room is given back.
+        let waiting = budget.reserve(60, Duration::from_secs(60));
+        let (admitted, ()) = tokio::join!(waiting, async { drop(third) });
+        assert!(admitted.is_some());
+        assert_eq!(budget.in_flight.get(), 100);
+        drop((second, admitted));
+        assert_eq!(budget.in_flight.get(), 0);
+    }
+}
