@@ -7,7 +7,7 @@
 //!
 //! | kind | key after the tenant | value |
 //! |---|---|---|
-//! | `E` event id | customer, id | receive time of its first copy (8 bytes) |
+//! | `E` event id | customer, id | receive time of its first copy, or its event time if later (8 bytes) |
 //! | `D` legacy event id | id | event time of its first copy (8 bytes): written before ids were kept per customer; read only as [`META_LEGACY_DEDUP_UNTIL`] says, dropped by compaction past the horizon |
 //! | `W` window | series, window start | [`crate::state::WindowRecord`] (postcard) |
 //! | `P` period | series, period start | closed-windows period aggregate (postcard) |

@@ -551,8 +551,11 @@ impl PartitionState {
             targets.push(target);
         }
         // The horizon runs from the first copy's arrival: a repeat carrying another time (one
-        // sent without `time` is stamped on arrival) is still the same event.
-        self.put(dedup_key, keys::time_bytes(event.received_ms).to_vec());
+        // sent without `time` is stamped on arrival) is still the same event. From its event
+        // time when that is later (future-dated within the clock-skew allowance): a copy is
+        // accepted until its time is a correction horizon old, and must still be found then.
+        let anchor = event.received_ms.max(event.time_ms);
+        self.put(dedup_key, keys::time_bytes(anchor).to_vec());
         for (m, target) in measures.iter().zip(targets) {
             self.fold(event, m, target)?;
         }
@@ -881,6 +884,17 @@ window = "1m"
         );
         let counts = state.take_counts();
         assert_eq!((counts.applied, counts.duplicates), (1, 0));
+
+        // A first copy dated 4 minutes ahead of its arrival, sent again just past the horizon
+        // of that arrival but with its time still within the correction horizon: found.
+        let ahead = received + 4 * 60_000;
+        let first = tokens_received("c1", "e2", ahead, received, "5");
+        feed(&mut state, &catalog, &mut offset, &first);
+        let again = received + 35 * DAY_MS + 2 * 60_000;
+        let repeat = tokens_received("c1", "e2", ahead, again, "5");
+        feed(&mut state, &catalog, &mut offset, &repeat);
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (1, 1));
     }
 
     #[test]

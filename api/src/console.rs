@@ -134,12 +134,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 /// `GET /console/session`: whose key this is and what it may do, so the page shows the
 /// tenant and offers only what the key allows. Any scope: a credits key is checked here too.
 async fn session(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(key) = key else {
+    let Some(key) = neruba_stage::server::bearer_token(&headers) else {
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",

@@ -24,7 +24,7 @@
 
 use crate::model::{Model, Position, ReadError};
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -120,6 +120,32 @@ impl IntoResponse for Refused {
     }
 }
 
+/// A route's path parameters, or `400 invalid_path` in the api's JSON when a segment is not
+/// UTF-8 once percent-decoded (`%FF`): axum's own refusal is plain text.
+pub(crate) struct PathParams<T>(T);
+
+impl<S, T> FromRequestParts<S> for PathParams<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Refused;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Refused> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(params)) => Ok(Self(params)),
+            Err(e) => Err(refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
 impl From<ReadError> for Refused {
     fn from(e: ReadError) -> Self {
         match e {
@@ -147,12 +173,7 @@ type Answer = Result<Response, Refused>;
 
 /// The tenant the request's key proves, if it may read.
 fn tenant(state: &AppState, headers: &HeaderMap) -> Result<String, Refused> {
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(key) = key else {
+    let Some(key) = neruba_stage::server::bearer_token(headers) else {
         return Err(refused(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
@@ -674,7 +695,7 @@ fn currency_balances(book: &Book, now_ms: i64) -> Vec<CurrencyBalance> {
 async fn balances(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(customer): Path<String>,
+    PathParams(customer): PathParams<String>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -738,7 +759,7 @@ fn grant_view(g: &GrantState) -> GrantView {
 async fn grants(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(customer): Path<String>,
+    PathParams(customer): PathParams<String>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -765,7 +786,7 @@ struct OneGrant {
 async fn grant(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path((customer, id)): Path<(String, String)>,
+    PathParams((customer, id)): PathParams<(String, String)>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -798,7 +819,7 @@ struct Entries {
 async fn entries(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(customer): Path<String>,
+    PathParams(customer): PathParams<String>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -863,7 +884,7 @@ struct Pending {
 async fn statements(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path((customer, period)): Path<(String, String)>,
+    PathParams((customer, period)): PathParams<(String, String)>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -925,7 +946,7 @@ struct ItemView {
 async fn line_items(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(customer): Path<String>,
+    PathParams(customer): PathParams<String>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
@@ -1006,7 +1027,7 @@ struct PlanView {
 async fn explanation(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path((customer, item_id)): Path<(String, String)>,
+    PathParams((customer, item_id)): PathParams<(String, String)>,
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     use neruba_rater::quote::{PlanChoice, QuoteError, quote};

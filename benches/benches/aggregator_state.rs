@@ -178,7 +178,7 @@ fn bench(c: &mut Criterion) {
                     let key =
                         neruba_aggregator::keys::dedup(&event.tenant, &event.subject, &event.id);
                     if floor.db().get(&key).expect("get").is_none() {
-                        batch.put(&key, event.time_ms.to_be_bytes());
+                        batch.put(&key, event.received_ms.max(event.time_ms).to_be_bytes());
                     }
                 }
                 floor.db().write(batch).expect("write");

@@ -65,7 +65,8 @@ enum Handler {
     NoOp,
     /// Decodes the event: what any aggregator must do first.
     Decode,
-    /// Decodes it and writes its (tenant, id) to RocksDB, one write batch per 5,000 messages
+    /// Decodes it and writes its dedup key (tenant, customer, id, as the aggregator keys it) to
+    /// RocksDB, one write batch per 5,000 messages
     /// with the WAL on, as the aggregator writes: the least a durable dedup set costs.
     DecodeAndWriteId,
 }
@@ -113,10 +114,8 @@ fn drain(bootstrap: &str, expected: usize, handler: Handler) -> Result<Duration>
             }
             let event = decoder.decode(payload)?;
             if handler == Handler::DecodeAndWriteId {
-                let mut key = event.tenant.into_bytes();
-                key.push(0);
-                key.extend_from_slice(event.id.as_bytes());
-                batch.put(key, event.time_ms.to_be_bytes());
+                let key = neruba_aggregator::keys::dedup(&event.tenant, &event.subject, &event.id);
+                batch.put(key, event.received_ms.max(event.time_ms).to_be_bytes());
                 if batch.len() == 5_000 || seen == expected {
                     ids.write(std::mem::take(&mut batch))?;
                 }

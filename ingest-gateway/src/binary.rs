@@ -17,7 +17,6 @@
 use neruba_schemas::event::Envelope;
 use neruba_schemas::framing::Framed;
 use neruba_schemas::{RejectCode, Rejection};
-use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
 /// The attributes read from headers; the rest of the event is `data`.
@@ -112,8 +111,7 @@ pub fn frame<'h>(
     let data = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else if len > max_event_bytes {
-        let text = std::str::from_utf8(body).map_err(|e| not_json(&e))?;
-        serde_json::from_str::<IgnoredAny>(text).map_err(|e| not_json(&e))?;
+        neruba_schemas::event::check_json(body).map_err(|e| not_json(&e))?;
         None
     } else {
         Some(serde_json::from_slice(body).map_err(|e| not_json(&e))?)

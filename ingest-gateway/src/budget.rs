@@ -14,11 +14,12 @@
 //!   slowed by TCP rather than refused at the first busy moment.
 //!
 //! A share is the body's declared `Content-Length` (the size limit when it declares none), and
-//! when the body is compressed the limit again, for its decoded copy. Parsing a body takes more
-//! memory than its bytes (its events' values); that is bounded per request by the body and
-//! event limits, not here.
+//! when the body is compressed the limit again, for its decoded copy (and zstd's window).
+//! Parsing a body takes more memory than its bytes (its events' values); those live only while
+//! its handler runs without awaiting (see `http::handle_ingest`), so they are bounded by the
+//! runtime's worker threads rather than here.
 
-use crate::encoding::Encoding;
+use crate::encoding::{Encoding, MAX_ZSTD_WINDOW};
 use prometheus::IntGauge;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,14 +67,16 @@ impl BodyBudget {
     }
 
     /// The share a body needs: `declared` (its `Content-Length`) or `limit` when undeclared,
-    /// plus `limit` for the decoded copy of a compressed one; never more than the whole
-    /// budget, so the largest body the gateway takes can always be admitted alone.
+    /// plus `limit` for the decoded copy of a compressed one (and zstd's largest window);
+    /// never more than the whole budget, so the largest body the gateway takes can always be
+    /// admitted alone.
     pub fn share_of(&self, encoding: Encoding, declared: Option<usize>, limit: usize) -> usize {
         let received = declared.unwrap_or(limit).min(limit);
-        let decoded = if encoding == Encoding::Identity {
-            0
-        } else {
-            limit
+        let window = usize::try_from(MAX_ZSTD_WINDOW).unwrap_or(usize::MAX);
+        let decoded = match encoding {
+            Encoding::Identity => 0,
+            Encoding::Gzip => limit,
+            Encoding::Zstd => limit.saturating_add(window),
         };
         received.saturating_add(decoded).clamp(1, self.total)
     }
@@ -113,8 +116,13 @@ mod tests {
         assert_eq!(budget.share_of(Encoding::Identity, Some(7), 50), 7);
         assert_eq!(budget.share_of(Encoding::Identity, None, 50), 50);
         assert_eq!(budget.share_of(Encoding::Gzip, Some(7), 50), 57);
+        let large = self::budget(1 << 30);
+        assert_eq!(
+            large.share_of(Encoding::Zstd, Some(7), 50),
+            57 + 8 * 1024 * 1024
+        );
         // Never more than the budget (the largest body must fit alone), never nothing.
-        assert_eq!(budget.share_of(Encoding::Zstd, None, 80), 100);
+        assert_eq!(budget.share_of(Encoding::Gzip, None, 80), 100);
         assert_eq!(budget.share_of(Encoding::Identity, Some(0), 50), 1);
     }
 

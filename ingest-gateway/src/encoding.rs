@@ -142,7 +142,7 @@ pub fn decode(received: Bytes, encoding: Encoding, limit: usize) -> Result<Bytes
 /// Largest zstd window accepted: the decoder allocates the window a frame declares, so an
 /// attacker's frame could otherwise ask for 128 MiB (ruzstd's default) per request. 8 MiB is
 /// what `zstd -19` uses; only `--long` modes need more.
-const MAX_ZSTD_WINDOW: u64 = 8 * 1024 * 1024;
+pub(crate) const MAX_ZSTD_WINDOW: u64 = 8 * 1024 * 1024;
 
 /// Appends at most `limit + 1` bytes of `reader` to `out` (one more than allowed is how the
 /// caller learns the limit was passed, without reading the rest).

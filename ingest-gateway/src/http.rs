@@ -292,14 +292,22 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     // 4. Validate each event and drop repeats (within the request, then recent ones).
     let Admitted {
         mut results,
-        to_send,
+        mut to_send,
         mut tally,
         remembered,
     } = admit_all(tenant, framed, event::now_ms(), &state.limits, &state.dedup);
 
     // 5. Produce them together; answer only once the broker has them.
     let events: Vec<&Event> = to_send.iter().map(|(_, e)| e).collect();
-    let deliveries = state.sink.send_all(&events).await;
+    let enqueued = state.sink.enqueue(&events);
+    // The producer has its own copy of each event now. Their values (`data`, built from the
+    // body, many times its size for some bodies) are dropped before the broker is waited on:
+    // they exist only from parsing to here, with no await between, so at most as many
+    // requests hold them at once as the runtime has worker threads, however many wait.
+    for (_, event) in &mut to_send {
+        event.data = serde_json::Map::new();
+    }
+    let deliveries = state.sink.delivered(enqueued).await;
     let mut undelivered = None;
     let mut highest = Highest::default();
     for landed in remembered {
@@ -407,7 +415,7 @@ pub(crate) fn caller_with<'c>(
     headers: &HeaderMap,
     scope: Scope,
 ) -> Result<&'c Tenant, Rejection> {
-    let Some(key) = bearer_token(headers) else {
+    let Some(key) = crate::server::bearer_token(headers) else {
         return Err(Rejection::new(
             RejectCode::Unauthenticated,
             "send `Authorization: Bearer <api key>`",
@@ -600,14 +608,6 @@ pub(crate) fn admit_all<'a>(
         tally,
         remembered,
     }
-}
-
-/// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110 11.1).
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once([' ', '\t'])?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 pub(crate) fn too_large(limit: usize) -> Response {

@@ -74,6 +74,22 @@ impl std::fmt::Debug for EventSink {
     }
 }
 
+/// Events in the producer's queue, their delivery reports to come ([`EventSink::delivered`]).
+#[must_use = "the delivery reports say whether the events landed"]
+pub struct Enqueued {
+    pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>>,
+    producer: rdkafka::producer::FutureProducer,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Enqueued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enqueued")
+            .field("events", &self.pending.len())
+            .finish()
+    }
+}
+
 impl EventSink {
     pub fn new(
         producer: neruba_kafka::Recoverable,
@@ -97,6 +113,13 @@ impl EventSink {
     /// Enqueues every event, then awaits all delivery reports; results in the input order,
     /// each where its event landed or why it did not.
     pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<Landed, DeliveryError>> {
+        let enqueued = self.enqueue(events);
+        self.delivered(enqueued).await
+    }
+
+    /// Enqueues every event: the producer holds its own copy of each from here on, so the
+    /// caller may drop the events' values before [`EventSink::delivered`].
+    pub fn enqueue(&self, events: &[&Event]) -> Enqueued {
         let started = Instant::now();
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
@@ -123,6 +146,21 @@ impl EventSink {
         self.metrics
             .produce_queue_depth
             .set(i64::from(producer.in_flight_count()));
+        Enqueued {
+            pending,
+            producer,
+            started,
+        }
+    }
+
+    /// The delivery reports of what [`EventSink::enqueue`] queued, in its order: where each
+    /// event landed or why it did not.
+    pub async fn delivered(&self, enqueued: Enqueued) -> Vec<Result<Landed, DeliveryError>> {
+        let Enqueued {
+            pending,
+            producer,
+            started,
+        } = enqueued;
         let deliveries = neruba_kafka::await_each(pending).await;
         self.metrics
             .produce_duration

@@ -416,6 +416,7 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
             "invalid_after",
         ),
         ("/v1/customers?cursor=zz", read, 400, "invalid_cursor"),
+        ("/v1/customers/%FF/balances", read, 400, "invalid_path"),
         (
             "/v1/customers/customer-7/balances?colour=red",
             read,
@@ -448,6 +449,15 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
             (status, Some(code)),
             "{path}: {body}"
         );
+    }
+    // The scheme is case-insensitive, as at the gateway (RFC 9110 11.1).
+    for scheme in ["bearer", "BEARER"] {
+        let response = client
+            .get(format!("{api}/v1/customers/customer-7/balances"))
+            .header("authorization", format!("{scheme}  {read}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 200, "{scheme}");
     }
     // A position the model has not reached: 503 after the bounded wait, with Retry-After.
     let far = format!(

@@ -117,7 +117,8 @@ fn generate_all(rng: &mut Rng, n: usize, now_ms: i64) -> Vec<Generated> {
     generated
 }
 
-/// Distinct `(tenant, id)` the gateway answered `accepted`, with the event.
+/// Distinct `(tenant, id)` the gateway answered `accepted`, with the event (the generator never
+/// gives two customers one id, so this is also per customer, as dedup counts).
 type Accepted = HashMap<(String, String), Generated>;
 
 /// What the sample catalog's meters make of the accepted events, priced: the ground truth.

@@ -327,3 +327,16 @@ async fn connection(
         }
     }
 }
+
+/// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110 11.1),
+/// so `bearer` and `BEARER` are read as every server of Neruba reads them.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
