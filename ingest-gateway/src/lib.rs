@@ -64,8 +64,10 @@ pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
 };
 
 /// Bytes of request bodies held at once by default: 128 MiB, 25 bodies of the largest size
-/// or some 800 batches of 500 typical events, well within the 1 GiB the Kubernetes manifest
-/// gives a replica.
+/// or some 800 batches of 500 typical events. With the producer's queue (at most 256 MiB) and
+/// the values of the requests being parsed (one per worker thread; measured up to some 150 MiB
+/// for a 5 MiB body of small numbers in arrays) a replica stays within the 1 GiB the
+/// Kubernetes manifest gives it.
 pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
 
 /// The burst of [`DEFAULT_RATE_LIMIT`].
