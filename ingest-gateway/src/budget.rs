@@ -6,6 +6,10 @@
 //!   (10,000 connections of 5 MiB bodies would otherwise be 50 GiB);
 //! - a share is reserved in one piece, never grown while reading, so requests holding part of
 //!   what they need can never wait on one another for the rest;
+//! - no tenant holds more than half the budget: slow uploads under one key (a leaked one, or a
+//!   hostile client's) leave the other half to every other tenant. A request takes its
+//!   tenant's part first, then the budget's, always in that order, so no two wait on each
+//!   other;
 //! - a share is held until the request is answered (its events borrow from the body), and
 //!   given back when the request ends however it ends (a dropped connection included);
 //! - a request that cannot get its share within the body deadline is answered `503
@@ -20,16 +24,21 @@
 //! runtime's worker threads rather than here.
 
 use crate::encoding::{Encoding, MAX_ZSTD_WINDOW};
+use dashmap::DashMap;
 use prometheus::IntGauge;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// The budget (see the module).
 #[derive(Debug)]
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    /// Each tenant's part, half the budget, made at its first request (tenants are the
+    /// catalog's, so there are few).
+    tenants: DashMap<String, Arc<Semaphore>, ahash::RandomState>,
     /// `neruba_ingest_body_bytes_in_flight`.
     in_flight: IntGauge,
 }
@@ -37,7 +46,8 @@ pub struct BodyBudget {
 /// A request's share of the budget, given back when dropped.
 #[derive(Debug)]
 pub struct Share {
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
+    _tenant_permit: OwnedSemaphorePermit,
     budget_bytes: Arc<Semaphore>,
     total: usize,
     in_flight: IntGauge,
@@ -45,8 +55,23 @@ pub struct Share {
 
 impl Drop for Share {
     fn drop(&mut self) {
-        drop(self._permit.take());
+        drop(self.permit.take());
         self.in_flight.set(held(&self.budget_bytes, self.total));
+    }
+}
+
+/// `n` permits of `semaphore`, at once if free, else waiting (in turn) until `deadline`.
+async fn acquire(
+    semaphore: Arc<Semaphore>,
+    n: u32,
+    deadline: Instant,
+) -> Option<OwnedSemaphorePermit> {
+    match semaphore.clone().try_acquire_many_owned(n) {
+        Ok(permit) => Some(permit),
+        Err(_) => tokio::time::timeout_at(deadline, semaphore.acquire_many_owned(n))
+            .await
+            .ok()?
+            .ok(),
     }
 }
 
@@ -62,8 +87,14 @@ impl BodyBudget {
         Self {
             bytes: Arc::new(Semaphore::new(total)),
             total,
+            tenants: DashMap::default(),
             in_flight,
         }
+    }
+
+    /// The most one tenant holds at once.
+    fn per_tenant(&self) -> usize {
+        (self.total / 2).max(1)
     }
 
     /// The share a body needs: `declared` (its `Content-Length`) or `limit` when undeclared,
@@ -81,20 +112,26 @@ impl BodyBudget {
         received.saturating_add(decoded).clamp(1, self.total)
     }
 
-    /// Reserves `bytes` in one piece, waiting at most `wait`; `None` if the budget did not
-    /// have them in time.
-    pub async fn reserve(&self, bytes: usize, wait: Duration) -> Option<Share> {
-        let bytes = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
-        let permit = match self.bytes.clone().try_acquire_many_owned(bytes) {
-            Ok(permit) => permit,
-            Err(_) => tokio::time::timeout(wait, self.bytes.clone().acquire_many_owned(bytes))
-                .await
-                .ok()?
-                .ok()?,
+    /// Reserves `bytes` for a request of `tenant`, in one piece (the tenant's part, then the
+    /// budget's), waiting at most `wait` in all; `None` if they were not free in time.
+    pub async fn reserve(&self, tenant: &str, bytes: usize, wait: Duration) -> Option<Share> {
+        let deadline = Instant::now() + wait;
+        let part = match self.tenants.get(tenant) {
+            Some(part) => part.clone(),
+            None => self
+                .tenants
+                .entry(tenant.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant())))
+                .clone(),
         };
+        let of_part = u32::try_from(bytes.min(self.per_tenant())).unwrap_or(u32::MAX);
+        let tenant_permit = acquire(part, of_part, deadline).await?;
+        let of_total = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
+        let permit = acquire(self.bytes.clone(), of_total, deadline).await?;
         self.in_flight.set(held(&self.bytes, self.total));
         Some(Share {
-            _permit: Some(permit),
+            permit: Some(permit),
+            _tenant_permit: tenant_permit,
             budget_bytes: self.bytes.clone(),
             total: self.total,
             in_flight: self.in_flight.clone(),
@@ -130,22 +167,42 @@ mod tests {
     async fn shares_wait_for_one_another_and_are_given_back_when_dropped() {
         let budget = budget(100);
         let wait = Duration::from_millis(50);
-        let first = budget.reserve(60, wait).await.expect("room");
+        let first = budget.reserve("a", 60, wait).await.expect("room");
         assert_eq!(budget.in_flight.get(), 60);
         // 60 + 60 > 100: the second waits, and gives up at its deadline.
-        assert!(budget.reserve(60, wait).await.is_none());
+        assert!(budget.reserve("b", 60, wait).await.is_none());
         assert_eq!(budget.in_flight.get(), 60);
-        let second = budget.reserve(40, wait).await.expect("room");
+        let second = budget.reserve("c", 40, wait).await.expect("room");
         assert_eq!(budget.in_flight.get(), 100);
         drop(first);
         assert_eq!(budget.in_flight.get(), 40);
-        let third = budget.reserve(60, wait).await.expect("room given back");
+        let third = budget
+            .reserve("d", 60, wait)
+            .await
+            .expect("room given back");
         // A waiting share is admitted as soon as room is given back.
-        let waiting = budget.reserve(60, Duration::from_secs(60));
+        let waiting = budget.reserve("e", 60, Duration::from_secs(60));
         let (admitted, ()) = tokio::join!(waiting, async { drop(third) });
         assert!(admitted.is_some());
         assert_eq!(budget.in_flight.get(), 100);
         drop((second, admitted));
+        assert_eq!(budget.in_flight.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_tenant_holds_at_most_half_and_the_rest_is_the_others() {
+        let budget = budget(100);
+        let wait = Duration::from_millis(50);
+        let a = budget.reserve("a", 50, wait).await.expect("half");
+        assert!(budget.reserve("a", 10, wait).await.is_none());
+        // What a tenant waited for and did not get is given back whole.
+        assert_eq!(budget.in_flight.get(), 50);
+        let b = budget.reserve("b", 50, wait).await.expect("the other half");
+        assert_eq!(budget.in_flight.get(), 100);
+        drop(a);
+        let again = budget.reserve("a", 10, wait).await;
+        assert!(again.is_some());
+        drop((b, again));
         assert_eq!(budget.in_flight.get(), 0);
     }
 }

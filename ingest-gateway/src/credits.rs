@@ -354,7 +354,7 @@ async fn handle_grant(
     };
 
     // 2. The body: JSON, within the size limit and the body deadline, then the grant's fields.
-    let request: GrantRequest = match json_body(state, headers, body, "a grant").await {
+    let request: GrantRequest = match json_body(state, &tenant.id, headers, body, "a grant").await {
         Ok(request) => request,
         Err(refused) => return *refused,
     };
@@ -407,7 +407,7 @@ async fn handle_void(
     }
 
     // 2. The body says nothing: empty, or `{}`.
-    if let Err(refused) = empty_body(state, headers, body, "a void").await {
+    if let Err(refused) = empty_body(state, &tenant.id, headers, body, "a void").await {
         return *refused;
     }
 
@@ -451,10 +451,11 @@ async fn handle_put_rule(
     };
 
     // 2. The body: JSON, within the size limit and the body deadline, then the rule's fields.
-    let request: RuleRequest = match json_body(state, headers, body, "a balance rule").await {
-        Ok(request) => request,
-        Err(refused) => return *refused,
-    };
+    let request: RuleRequest =
+        match json_body(state, &tenant.id, headers, body, "a balance rule").await {
+            Ok(request) => request,
+            Err(refused) => return *refused,
+        };
 
     // 3. Rate limit, before anything has a side effect.
     if let Err(refused) = rate_limit(state, tenant) {
@@ -488,7 +489,7 @@ async fn handle_delete_rule(
     };
 
     // 2. The body says nothing: empty, or `{}`.
-    if let Err(refused) = empty_body(state, headers, body, "removing a rule").await {
+    if let Err(refused) = empty_body(state, &tenant.id, headers, body, "removing a rule").await {
         return *refused;
     }
 
@@ -536,12 +537,13 @@ fn path_customer(customer: Result<String, PathRejection>) -> Result<String, Refu
 /// if lower), decoded and read within the body deadline as an event request's is.
 async fn read_credit_body(
     state: &AppState,
+    tenant: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<bytes::Bytes, Refusal> {
     let limit = MAX_CREDIT_BODY_BYTES.min(state.max_body_bytes);
     let head = body_encoding(headers, limit)?;
-    let (bytes, _share) = read_body(state, body, head, limit).await?;
+    let (bytes, _share) = read_body(state, tenant, body, head, limit).await?;
     // A credit body is parsed before its answer is awaited, and is at most 64 KiB.
     Ok(bytes)
 }
@@ -551,6 +553,7 @@ async fn read_credit_body(
 /// not a `T`.
 async fn json_body<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    tenant: &str,
     headers: &HeaderMap,
     body: Body,
     what: &str,
@@ -568,7 +571,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
             ),
         )));
     }
-    let bytes = read_credit_body(state, headers, body).await?;
+    let bytes = read_credit_body(state, tenant, headers, body).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
@@ -581,6 +584,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 /// The body of a request that has no fields: empty, or `{}` (`400 invalid_body` otherwise).
 async fn empty_body(
     state: &AppState,
+    tenant: &str,
     headers: &HeaderMap,
     body: Body,
     what: &str,
@@ -589,7 +593,7 @@ async fn empty_body(
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Nothing {}
-    let bytes = read_credit_body(state, headers, body).await?;
+    let bytes = read_credit_body(state, tenant, headers, body).await?;
     if bytes.trim_ascii().is_empty() {
         return Ok(());
     }

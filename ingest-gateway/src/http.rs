@@ -218,10 +218,11 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         );
     }
     // The share is held until the answer: the events borrow from the body.
-    let (bytes, _share) = match read_body(state, body, body_head, state.max_body_bytes).await {
-        Ok(read) => read,
-        Err(refused) => return *refused,
-    };
+    let (bytes, _share) =
+        match read_body(state, &tenant.id, body, body_head, state.max_body_bytes).await {
+            Ok(read) => read,
+            Err(refused) => return *refused,
+        };
     let (framing, framed) = if binary {
         let attributes: Vec<(&str, &[u8])> = headers
             .iter()
@@ -485,6 +486,7 @@ pub(crate) fn body_encoding(headers: &HeaderMap, limit: usize) -> Result<BodyHea
 /// `invalid_body`, 408 `body_timeout`).
 pub(crate) async fn read_body(
     state: &AppState,
+    tenant: &str,
     body: Body,
     head: BodyHead,
     limit: usize,
@@ -494,14 +496,15 @@ pub(crate) async fn read_body(
         .share_of(head.encoding, head.declared, limit);
     let Some(share) = state
         .body_budget
-        .reserve(share, state.body_read_timeout)
+        .reserve(tenant, share, state.body_read_timeout)
         .await
     else {
         // The body is unread, so the connection cannot carry another request.
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
-            "the gateway holds as many request bodies as its memory budget allows; retry later",
+            "the gateway holds as many request bodies as its memory budget allows (or as much of \
+             it as one tenant may hold); retry later",
         );
         response
             .headers_mut()
