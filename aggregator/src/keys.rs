@@ -7,7 +7,7 @@
 //!
 //! | kind | key after the tenant | value |
 //! |---|---|---|
-//! | `E` event id | customer, id | receive time of its first copy, or its event time if later (8 bytes) |
+//! | `E` event id | id, customer | receive time of its first copy, or its event time if later (8 bytes) |
 //! | `D` legacy event id | id | event time of its first copy (8 bytes): written before ids were kept per customer; read only as [`META_LEGACY_DEDUP_UNTIL`] says, dropped by compaction past the horizon |
 //! | `W` window | series, window start | [`crate::state::WindowRecord`] (postcard) |
 //! | `P` period | series, period start | closed-windows period aggregate (postcard) |
@@ -59,11 +59,13 @@ pub fn tenant_of(key: &[u8]) -> Option<&str> {
 }
 
 /// Dedup entry of `(tenant, customer, id)`: an id counts once per customer, whatever the
-/// partition count (customers sharing a partition do not share ids).
+/// partition count (customers sharing a partition do not share ids). The id comes first, so
+/// ids sent in order stay in key order across customers (a lookup then skips every stored
+/// file by its key range).
 pub fn dedup(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
-    let mut key = tenant_kind(tenant, b'E', 8 + customer.len() + id.len());
-    push(&mut key, customer.as_bytes());
+    let mut key = tenant_kind(tenant, b'E', 8 + id.len() + customer.len());
     push(&mut key, id.as_bytes());
+    push(&mut key, customer.as_bytes());
     key
 }
 
