@@ -13,8 +13,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 const BATCH: usize = 1000;
-/// The gateway's default per-event limit.
-const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// A batch body's events, as the gateway frames them (its default limits).
+fn frames(body: &[u8]) -> Vec<body::Framed<'_>> {
+    body::split(Framing::Batch, body, 10_000, 64 * 1024).expect("frames")
+}
 
 fn catalog() -> Catalog {
     let text = std::fs::read_to_string(concat!(
@@ -41,13 +43,7 @@ fn decode_validate(c: &mut Criterion) {
     });
     group.bench_function("split_validate_check_values", |b| {
         b.iter(|| {
-            let framed = body::split(
-                Framing::Batch,
-                black_box(body.as_bytes()),
-                10_000,
-                MAX_EVENT_BYTES,
-            )
-            .expect("frames");
+            let framed = frames(black_box(body.as_bytes()));
             let mut accepted = 0usize;
             for item in framed {
                 let Ok(envelope) = item.value else { continue };
@@ -89,13 +85,7 @@ fn decode_validate(c: &mut Criterion) {
     ] {
         group.bench_function(format!("split_validate_encode_{name}"), |b| {
             b.iter(|| {
-                let framed = body::split(
-                    Framing::Batch,
-                    black_box(body.as_bytes()),
-                    10_000,
-                    MAX_EVENT_BYTES,
-                )
-                .expect("frames");
+                let framed = frames(black_box(body.as_bytes()));
                 let mut bytes = 0usize;
                 for item in framed {
                     let Ok(envelope) = item.value else { continue };
@@ -109,8 +99,7 @@ fn decode_validate(c: &mut Criterion) {
             })
         });
         let encoded: Vec<Vec<u8>> = {
-            let framed = body::split(Framing::Batch, body.as_bytes(), 10_000, MAX_EVENT_BYTES)
-                .expect("frames");
+            let framed = frames(body.as_bytes());
             framed
                 .into_iter()
                 .filter_map(|f| f.value.ok())
