@@ -196,7 +196,8 @@ impl<'a> Envelope<'a> {
     /// oversized event costs no memory beyond its bytes however many values it packs (read
     /// whole, a 5 MiB array of small numbers takes some 90 MiB). `Err` if the bytes are not
     /// JSON, as a whole parse would say (one exception: serde_json's private map keys, which a
-    /// whole parse reads as a number or raw value, are plain keys here).
+    /// whole parse reads as a number or raw value, are read as marking a value that is not an
+    /// object, whatever follows them; such an event is refused as too large either way).
     pub fn oversized(json: &'a [u8]) -> serde_json::Result<Self> {
         // From a slice, serde_json checks the UTF-8 of the strings it reads (all of them here).
         serde_json::from_slice::<Oversized<'a>>(json).map(|oversized| oversized.0)

@@ -50,8 +50,9 @@ pub(crate) struct IngestArgs {
     pub(crate) max_body_bytes: usize,
     /// Bytes of request bodies held at once, across all requests, at most half of it by one
     /// tenant: a request whose body does not fit waits (its bytes left unread, so TCP slows its
-    /// sender) and past `--http-body-timeout` is answered 503 `overloaded`. A compressed body counts its
-    /// length plus `--max-body-bytes` for its decoded copy.
+    /// sender) and past `--http-body-timeout` is answered 503 `overloaded`. A compressed body
+    /// counts its length plus `--max-body-bytes` for its decoded copy (zstd: and 8 MiB for its
+    /// window).
     #[arg(long, env = "NERUBA_GATEWAY_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = gateway::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)]
     pub(crate) max_body_bytes_in_flight: usize,
     /// Longest from the first byte of a request to the end of its headers; a slower client is
