@@ -299,15 +299,11 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     } = admit_all(tenant, framed, event::now_ms(), &state.limits, &state.dedup);
 
     // 5. Produce them together; answer only once the broker has them.
-    let events: Vec<&Event> = to_send.iter().map(|(_, e)| e).collect();
-    let enqueued = state.sink.enqueue(&events);
-    // The producer has its own copy of each event now. Their values (`data`, built from the
-    // body, many times its size for some bodies) are dropped before the broker is waited on:
-    // they exist only from parsing to here, with no await between, so at most as many
-    // requests hold them at once as the runtime has worker threads, however many wait.
-    for (_, event) in &mut to_send {
-        event.data = serde_json::Map::new();
-    }
+    //    No await from parsing to here: the events' values are held by one request per worker
+    //    thread at most, and dropped as they are enqueued.
+    let enqueued = state
+        .sink
+        .enqueue(to_send.iter_mut().map(|(_, event)| event));
     let deliveries = state.sink.delivered(enqueued).await;
     let mut undelivered = None;
     let mut highest = Highest::default();

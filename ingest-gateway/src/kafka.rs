@@ -110,16 +110,12 @@ impl EventSink {
         &self.topic
     }
 
-    /// Enqueues every event, then awaits all delivery reports; results in the input order,
-    /// each where its event landed or why it did not.
-    pub async fn send_all(&self, events: &[&Event]) -> Vec<Result<Landed, DeliveryError>> {
-        let enqueued = self.enqueue(events);
-        self.delivered(enqueued).await
-    }
-
-    /// Enqueues every event: the producer holds its own copy of each from here on, so the
-    /// caller may drop the events' values before [`EventSink::delivered`].
-    pub fn enqueue(&self, events: &[&Event]) -> Enqueued {
+    /// Enqueues every event, then drops its values (`data`): the producer holds its own copy
+    /// from here on, and only the events' keys are read after it. Values built from a body
+    /// take many times its size for some bodies; a caller that parses and enqueues with no
+    /// await between holds them only while its worker thread runs it, never while the broker
+    /// is waited on ([`EventSink::delivered`]).
+    pub fn enqueue<'e>(&self, events: impl ExactSizeIterator<Item = &'e mut Event>) -> Enqueued {
         let started = Instant::now();
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
@@ -142,6 +138,7 @@ impl EventSink {
                 .headers(headers)
                 .timestamp(event.time_ms);
             pending.push(producer.send_result(record).map_err(|(e, _)| e));
+            event.data = serde_json::Map::new();
         }
         self.metrics
             .produce_queue_depth

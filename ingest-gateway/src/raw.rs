@@ -273,13 +273,7 @@ async fn consume(
                 }
             }
         }
-        let to_send: Vec<&Event> = events.iter().collect();
-        let enqueued = state.sink.enqueue(&to_send);
-        // The producer has its copies: the values are not held while the broker is waited on
-        // (as over HTTP; only the keys are read after this).
-        for event in &mut events {
-            event.data = serde_json::Map::new();
-        }
+        let enqueued = state.sink.enqueue(events.iter_mut());
         let delivered = state.sink.delivered(enqueued).await;
         let dead_letter_producer = dead_letters.get();
         // Each with the headers read above (none when they could not be read).
