@@ -30,9 +30,11 @@ use crate::dedup::{DedupCache, Key, Reader};
 use hashbrown::hash_table::{Entry, HashTable};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
+use neruba_schemas::codec::{self, Encoding, binary};
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::Framed;
-use neruba_schemas::{Catalog, Event, RejectCode, Rejection};
+use neruba_schemas::{Catalog, RejectCode, Rejection};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The tenant a plaintext API key proves, if the key may ingest.
@@ -68,16 +70,71 @@ pub fn authorize<'c>(
     Ok(tenant)
 }
 
-/// One framed event of `tenant`, received at `now_ms`, as the [`Event`] to send, or why not.
-pub fn event(
-    tenant: &Tenant,
-    framed: Framed<'_>,
+/// One framed event of `tenant`, received at `now_ms`, as the message to send in `encoding`,
+/// or why not.
+///
+/// In version 2 the event's `data` is written straight from its JSON text, only the members
+/// the tenant's meters check being built ([`binary::encode_valid`]): the message and the
+/// outcome are those of the [`neruba_schemas::Event`] a whole parse makes ([`event::validate_envelope`], then
+/// [`Tenant::check_values`]), without building its values.
+pub fn event<'a>(
+    tenant: &'a Tenant,
+    framed: Framed<'a>,
     now_ms: i64,
     limits: &Limits,
-) -> Result<Event, Rejection> {
-    let event = event::validate_envelope(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
-    tenant.check_values(&event)?;
-    Ok(event)
+    encoding: Encoding,
+) -> Result<Outgoing<'a>, Rejection> {
+    let valid = event::validate_borrowed(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
+    let payload = match encoding {
+        Encoding::Binary => {
+            let (payload, fields) = binary::encode_valid(&valid, |key| tenant.checks_member(key))
+                .map_err(|e| {
+                Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
+            })?;
+            tenant.check_fields(&valid.event_type, &fields)?;
+            payload
+        }
+        Encoding::Json => {
+            let event = valid.clone().into_event()?;
+            tenant.check_values(&event)?;
+            codec::encode_json(&event)
+        }
+    };
+    Ok(Outgoing {
+        tenant: valid.tenant,
+        subject: valid.subject,
+        id: valid.id,
+        time_ms: valid.time_ms,
+        payload,
+    })
+}
+
+/// An event let in, as the events-topic message to send, with what the gateway reads of it
+/// after: its repeat key, its partition key and its time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing<'a> {
+    pub tenant: &'a str,
+    pub subject: Cow<'a, str>,
+    pub id: Cow<'a, str>,
+    pub time_ms: i64,
+    /// The message; emptied once the producer has its copy ([`crate::kafka::EventSink::enqueue`]).
+    pub payload: Vec<u8>,
+}
+
+impl Outgoing<'_> {
+    /// Its repeat key.
+    pub fn key(&self) -> Key<'_> {
+        Key {
+            tenant: self.tenant,
+            subject: &self.subject,
+            id: &self.id,
+        }
+    }
+
+    /// Its Kafka key ([`neruba_schemas::Event::partition_key`]), written into `key` (cleared first).
+    pub fn write_partition_key(&self, key: &mut String) {
+        event::write_partition_key(key, self.tenant, &self.subject);
+    }
 }
 
 /// The repeats of one request or batch: against the recent-repeat cache, and among its own
@@ -104,23 +161,19 @@ impl<'d> Repeats<'d> {
         }
     }
 
-    /// Whether `event` is the first of its key (tenant, customer, id) here and not recently
-    /// accepted; a `false` is a `duplicate`.
-    pub fn first_sighting(&mut self, event: &Event) -> bool {
-        self.sighting(event) == Sighting::First
+    /// Whether the event of `key` (tenant, customer, id) is the first of it here and not
+    /// recently accepted; a `false` is a `duplicate`.
+    pub fn first_sighting(&mut self, key: Key<'_>) -> bool {
+        self.sighting(key) == Sighting::First
     }
 
-    /// Whether `event` is the first of its key here and not recently accepted, or a repeat,
-    /// with where its first write landed if the cache knows.
-    pub fn sighting(&mut self, event: &Event) -> Sighting {
-        if let Some(landed) = self
-            .cache
-            .as_ref()
-            .and_then(|cache| cache.get(Key::of(event)))
-        {
+    /// Whether the event of `key` is the first of it here and not recently accepted, or a
+    /// repeat, with where its first write landed if the cache knows.
+    pub fn sighting(&mut self, key: Key<'_>) -> Sighting {
+        if let Some(landed) = self.cache.as_ref().and_then(|cache| cache.get(key)) {
             return Sighting::Repeat(landed);
         }
-        if self.seen.insert(Key::of(event)) {
+        if self.seen.insert(key) {
             Sighting::First
         } else {
             Sighting::Repeat(None)
@@ -236,14 +289,15 @@ window = "1m"
         let framed =
             body::split(Framing::Single, bytes, 1, limits.max_event_bytes).expect("one JSON value");
         let cache = DedupCache::new(10, Duration::from_secs(60));
-        let admitted = crate::http::admit_all(tenant, framed, NOW, limits, &cache);
+        let admitted =
+            crate::http::admit_all(tenant, framed, NOW, limits, &cache, Encoding::Binary);
         admitted.results[0].code.map(str::to_owned)
     }
 
     /// What the raw-topic door makes of the same event, sent as one message with `key`.
     fn via_raw(catalog: &Catalog, key: &str, bytes: &[u8], limits: &Limits) -> Option<String> {
         let headers = [(API_KEY_HEADER, Some(key.as_bytes()))];
-        crate::raw::admit_message(catalog, limits, &headers, bytes, NOW)
+        crate::raw::admit_message(catalog, limits, &headers, bytes, NOW, Encoding::Binary)
             .err()
             .map(|refused| refused.code.to_string())
     }
@@ -320,6 +374,111 @@ window = "1m"
         }
     }
 
+    /// What the gateway sent before November 30, 2026: the event built whole, its values
+    /// checked, then encoded.
+    fn built_whole(tenant: &Tenant, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, String> {
+        let framed = body::split(Framing::Single, bytes, 1, limits.max_event_bytes)
+            .map_err(|e| format!("{e:?}"))?
+            .remove(0);
+        let event = event::validate_envelope(
+            framed.value.map_err(|r| r.message)?,
+            framed.len,
+            &tenant.id,
+            NOW,
+            limits,
+        )
+        .map_err(|r| r.message)?;
+        tenant.check_values(&event).map_err(|r| r.message)?;
+        Ok(codec::encode(&event))
+    }
+
+    #[test]
+    fn an_event_is_sent_and_judged_as_when_it_was_built_whole() {
+        // Meters reading nested values, filtering, counting distinct values, of two types.
+        let catalog = Catalog::from_toml_str(
+            r#"
+[[tenants]]
+id = "acme"
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.usage.tokens"
+group_by = { model = "$.model" }
+filters = { "$.status" = "ok" }
+window = "1m"
+[[tenants.meters]]
+key = "users"
+event_type = "llm"
+aggregation = "unique_count"
+value = "$.user"
+window = "1m"
+[[tenants.meters]]
+key = "calls"
+event_type = "api"
+aggregation = "count"
+window = "1m"
+"#,
+            "test.toml",
+        )
+        .expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let limits = Limits::default();
+        let json = |event_type: &str, data: &str| {
+            format!(r#"{{"id":"e-1","type":"{event_type}","subject":"c","data":{data}}}"#)
+        };
+        let cases = [
+            json(
+                "llm",
+                r#"{"usage":{"tokens":12.50},"status":"ok","user":"u\"1","model":"m"}"#,
+            ),
+            // The last of a member given twice counts, for the value as for the message.
+            json(
+                "llm",
+                r#"{"user":"u","status":"ok","usage":{"tokens":-1},"usage":{"tokens":3}}"#,
+            ),
+            json("llm", r#"{"usage":{"tokens":-1},"status":"ok","user":"u"}"#),
+            json(
+                "llm",
+                r#"{"usage":{"tokens":"12"},"status":"ok","user":"u"}"#,
+            ),
+            json(
+                "llm",
+                r#"{"usage":{"tokens":1e30},"status":"ok","user":"u"}"#,
+            ),
+            // Filtered out: its value is not read.
+            json(
+                "llm",
+                r#"{"usage":{"tokens":"x"},"status":"failed","user":"u"}"#,
+            ),
+            json("llm", r#"{"usage":{"tokens":1},"status":"ok","user":[1]}"#),
+            json("llm", r#"{"usage":{"tokens":1},"status":"ok"}"#),
+            json(
+                "api",
+                r#"{"anything":[1,{"b":2,"a":null}],"z":true,"a":"\u00e9\n"}"#,
+            ),
+            json("api", "{}"),
+            json("api", "null"),
+            json("other", r#"{"tokens":"x"}"#),
+        ];
+        let mut accepted = 0;
+        for case in &cases {
+            let framed = body::split(Framing::Single, case.as_bytes(), 1, limits.max_event_bytes)
+                .expect("one JSON value")
+                .remove(0);
+            let sent = event(tenant, framed, NOW, &limits, Encoding::Binary);
+            let sent = sent.map(|out| out.payload).map_err(|r| r.message);
+            assert_eq!(
+                sent,
+                built_whole(tenant, case.as_bytes(), &limits),
+                "{case}"
+            );
+            accepted += usize::from(sent.is_ok());
+        }
+        // All but the negative, too large, not scalar and absent values.
+        assert_eq!(accepted, 8);
+    }
+
     #[test]
     fn a_repeat_is_one_sighting_per_tenant_customer_and_id() {
         let cache = DedupCache::new(10, Duration::from_secs(60));
@@ -334,42 +493,33 @@ window = "1m"
             offset: 57,
         };
         cache.insert_landed(key("acme", "written-before"), landed);
-        let event = |tenant: &str, id: &str| Event {
-            tenant: tenant.into(),
-            id: id.into(),
-            event_type: "t".into(),
-            subject: "s".into(),
-            time_ms: NOW,
-            received_ms: NOW,
-            source: None,
-            data: Default::default(),
-        };
+        let event = |tenant, id| key(tenant, id);
         let mut repeats = Repeats::new(&cache, 8);
-        assert!(!repeats.first_sighting(&event("acme", "sent-before")));
-        assert!(repeats.first_sighting(&event("acme", "e-1")));
-        assert!(!repeats.first_sighting(&event("acme", "e-1")));
-        assert!(repeats.first_sighting(&event("beta", "e-1")));
+        assert!(!repeats.first_sighting(event("acme", "sent-before")));
+        assert!(repeats.first_sighting(event("acme", "e-1")));
+        assert!(!repeats.first_sighting(event("acme", "e-1")));
+        assert!(repeats.first_sighting(event("beta", "e-1")));
         // A repeat the cache knows names its first write's position; one within the request,
         // or one the cache holds without a position, names none.
         assert_eq!(
-            repeats.sighting(&event("acme", "written-before")),
+            repeats.sighting(event("acme", "written-before")),
             Sighting::Repeat(Some(landed))
         );
         assert_eq!(
-            repeats.sighting(&event("acme", "sent-before")),
+            repeats.sighting(event("acme", "sent-before")),
             Sighting::Repeat(None)
         );
         assert_eq!(
-            repeats.sighting(&event("beta", "e-1")),
+            repeats.sighting(event("beta", "e-1")),
             Sighting::Repeat(None)
         );
-        assert_eq!(repeats.sighting(&event("beta", "e-2")), Sighting::First);
+        assert_eq!(repeats.sighting(event("beta", "e-2")), Sighting::First);
         // The same id for another customer is another event, here as in the aggregator.
-        let other_customer = Event {
-            subject: "t".into(),
+        let other_customer = Key {
+            subject: "t",
             ..event("acme", "written-before")
         };
-        assert_eq!(repeats.sighting(&other_customer), Sighting::First);
+        assert_eq!(repeats.sighting(other_customer), Sighting::First);
     }
 
     #[test]

@@ -28,7 +28,6 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use neruba_kafka::Landed;
-use neruba_schemas::Event;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -73,17 +72,6 @@ pub struct Key<'a> {
     pub tenant: &'a str,
     pub subject: &'a str,
     pub id: &'a str,
-}
-
-impl<'a> Key<'a> {
-    /// The key of `event`.
-    pub fn of(event: &'a Event) -> Self {
-        Self {
-            tenant: &event.tenant,
-            subject: &event.subject,
-            id: &event.id,
-        }
-    }
 }
 
 /// Bounded, generational map of recently accepted keys to where their events landed.

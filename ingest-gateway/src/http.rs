@@ -26,11 +26,11 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which the raw-topic
 //! path shares; this module is the HTTP around it.
 
-use crate::admit::{self, Repeats, Sighting};
+use crate::admit::{self, Outgoing, Repeats, Sighting};
 use crate::binary::{self, Binding};
 use crate::budget::{BodyBudget, Share};
 use crate::credits::{self, LedgerWriter};
-use crate::dedup::{DedupCache, Key};
+use crate::dedup::DedupCache;
 use crate::encoding::{self, BodyError, Encoding};
 use crate::kafka::EventSink;
 use crate::metrics::{Metrics, Tally};
@@ -45,7 +45,7 @@ use neruba_kafka::Landed;
 use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
 use neruba_schemas::event::{self, Envelope, Limits};
 use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
-use neruba_schemas::{Catalog, Event, LiveCatalog, RejectCode, Rejection};
+use neruba_schemas::{Catalog, LiveCatalog, RejectCode, Rejection, codec};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -296,11 +296,18 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         mut to_send,
         mut tally,
         remembered,
-    } = admit_all(tenant, framed, event::now_ms(), &state.limits, &state.dedup);
+    } = admit_all(
+        tenant,
+        framed,
+        event::now_ms(),
+        &state.limits,
+        &state.dedup,
+        state.sink.encoding(),
+    );
 
     // 5. Produce them together; answer only once the broker has them.
-    //    No await from parsing to here: the events' values are held by one request per worker
-    //    thread at most, and dropped as they are enqueued.
+    //    No await from parsing to here: the events' messages are held by one request per
+    //    worker thread at most, and dropped as they are enqueued.
     let enqueued = state
         .sink
         .enqueue(to_send.iter_mut().map(|(_, event)| event));
@@ -314,7 +321,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     for ((index, event), delivery) in to_send.iter().zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                landed_now.push((Key::of(event), Some(landed)));
+                landed_now.push((event.key(), Some(landed)));
                 highest.note(landed);
                 tally.accepted += 1;
             }
@@ -545,7 +552,7 @@ pub(crate) struct Admitted<'a> {
     /// One per event, in request order.
     pub(crate) results: Vec<EventResult<'a>>,
     /// The events to produce, each with the index of its result.
-    pub(crate) to_send: Vec<(usize, Event)>,
+    pub(crate) to_send: Vec<(usize, Outgoing<'a>)>,
     pub(crate) tally: Tally,
     /// Where the repeats' first writes landed, for those the recent-repeat cache knows.
     pub(crate) remembered: Vec<Landed>,
@@ -554,20 +561,21 @@ pub(crate) struct Admitted<'a> {
 /// Judges each event of a request by [`admit::event`] and drops repeats (in the request, then
 /// recently accepted ones), keeping where the remembered ones landed.
 pub(crate) fn admit_all<'a>(
-    tenant: &Tenant,
+    tenant: &'a Tenant,
     framed: Vec<Framed<'a>>,
     now_ms: i64,
     limits: &Limits,
     dedup: &DedupCache,
+    encoding: codec::Encoding,
 ) -> Admitted<'a> {
     let mut tally = Tally::default();
     let mut results = Vec::with_capacity(framed.len());
-    let mut to_send: Vec<(usize, Event)> = Vec::new();
+    let mut to_send: Vec<(usize, Outgoing<'a>)> = Vec::with_capacity(framed.len());
     let mut remembered = Vec::new();
     let mut repeats = Repeats::new(dedup, framed.len());
     for item in framed {
         let id_hint = item.value.as_ref().ok().and_then(Envelope::id);
-        match admit::event(tenant, item, now_ms, limits) {
+        match admit::event(tenant, item, now_ms, limits, encoding) {
             Err(rejection) => {
                 tally.reject(rejection.code);
                 results.push(EventResult {
@@ -577,7 +585,7 @@ pub(crate) fn admit_all<'a>(
                     message: Some(rejection.message),
                 });
             }
-            Ok(event) => match repeats.sighting(&event) {
+            Ok(event) => match repeats.sighting(event.key()) {
                 Sighting::Repeat(landed) => {
                     tally.duplicate += 1;
                     remembered.extend(landed);

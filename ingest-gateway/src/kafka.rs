@@ -9,9 +9,9 @@
 //!   ([`neruba_kafka::await_each`]), so a request waits for its slowest acknowledgement, never
 //!   for the sum of them.
 
+use crate::admit::Outgoing;
 use crate::metrics::Metrics;
 use neruba_kafka::Landed;
-use neruba_schemas::Event;
 use neruba_schemas::codec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -110,18 +110,24 @@ impl EventSink {
         &self.topic
     }
 
-    /// Enqueues every event, then drops its values (`data`): the producer holds its own copy
-    /// from here on, and only the events' keys are read after it. Values built from a body
-    /// take many times its size for some bodies; a caller that parses and enqueues with no
-    /// await between holds them only while its worker thread runs it, never while the broker
-    /// is waited on ([`EventSink::delivered`]).
-    pub fn enqueue<'e>(&self, events: impl ExactSizeIterator<Item = &'e mut Event>) -> Enqueued {
+    /// The encoding events are sent in ([`crate::admit::event`] encodes them).
+    pub fn encoding(&self) -> codec::Encoding {
+        self.encoding
+    }
+
+    /// Enqueues every event, then drops its message: the producer holds its own copy from
+    /// here on, and only the events' keys are read after it. A caller that parses and enqueues
+    /// with no await between holds the messages only while its worker thread runs it, never
+    /// while the broker is waited on ([`EventSink::delivered`]).
+    pub fn enqueue<'e, 'a: 'e>(
+        &self,
+        events: impl ExactSizeIterator<Item = &'e mut Outgoing<'a>>,
+    ) -> Enqueued {
         let started = Instant::now();
         let producer = self.producer.get();
         let mut pending = Vec::with_capacity(events.len());
         let mut key = String::new();
         for event in events {
-            let payload = self.encoding.encode(event);
             event.write_partition_key(&mut key);
             let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
@@ -134,11 +140,11 @@ impl EventSink {
                 });
             let record = FutureRecord::to(&self.topic)
                 .key(&key)
-                .payload(&payload)
+                .payload(&event.payload)
                 .headers(headers)
                 .timestamp(event.time_ms);
             pending.push(producer.send_result(record).map_err(|(e, _)| e));
-            event.data = serde_json::Map::new();
+            event.payload = Vec::new();
         }
         self.metrics
             .produce_queue_depth

@@ -21,9 +21,8 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which HTTP shares;
 //! this module finds the key and the event in a message and routes what admission decided.
 
-use crate::admit::{self, Repeats};
+use crate::admit::{self, Outgoing, Repeats};
 use crate::binary::{self, Binding};
-use crate::dedup::Key;
 use crate::http::AppState;
 use crate::metrics::Tally;
 use futures::future::join_all;
@@ -31,7 +30,7 @@ use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, Framed, Framing};
 use neruba_schemas::topics::{API_KEY_HEADER, TRUNCATED_FROM_HEADER};
-use neruba_schemas::{Catalog, Event, RejectCode, Rejection};
+use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers};
@@ -90,16 +89,18 @@ fn headers_of<'m>(message: &'m BorrowedMessage<'_>) -> Option<MessageHeaders<'m>
     .ok()
 }
 
-/// One raw message, by its headers and payload, as the [`Event`] to send, or why not: the key
-/// in its `neruba-api-key` header, then the one event it carries (binary mode if its headers
-/// say so), both judged by [`crate::admit`] as HTTP's are. Repeats are the caller's.
-pub(crate) fn admit_message(
-    catalog: &Catalog,
+/// One raw message, by its headers and payload, as the message to send in `encoding`, or why
+/// not: the key in its `neruba-api-key` header, then the one event it carries (binary mode if
+/// its headers say so), both judged by [`crate::admit`] as HTTP's are. Repeats are the
+/// caller's.
+pub(crate) fn admit_message<'a>(
+    catalog: &'a Catalog,
     limits: &Limits,
     headers: &[(&str, Option<&[u8]>)],
-    payload: &[u8],
+    payload: &'a [u8],
     now_ms: i64,
-) -> Result<Event, Rejection> {
+    encoding: codec::Encoding,
+) -> Result<Outgoing<'a>, Rejection> {
     let key = headers
         .iter()
         .find(|(name, _)| *name == API_KEY_HEADER)
@@ -125,7 +126,7 @@ pub(crate) fn admit_message(
             }
         },
     };
-    admit::event(tenant, framed, now_ms, limits)
+    admit::event(tenant, framed, now_ms, limits, encoding)
 }
 
 /// The headers of a binary-mode message (`None` for a structured one).
@@ -263,8 +264,9 @@ async fn consume(
                     continue;
                 };
                 let payload = message.payload().unwrap_or_default();
-                match admit_message(&catalog, &state.limits, &headers, payload, now) {
-                    Ok(event) if repeats.first_sighting(&event) => events.push(event),
+                let encoding = state.sink.encoding();
+                match admit_message(&catalog, &state.limits, &headers, payload, now, encoding) {
+                    Ok(event) if repeats.first_sighting(event.key()) => events.push(event),
                     Ok(_) => tally.duplicate += 1,
                     Err(rejection) => {
                         tally.reject(rejection.code);
@@ -322,12 +324,9 @@ async fn consume(
         // Nothing of the batch is committed unless every message landed somewhere.
         // The events delivered before the first that was not are remembered either way.
         let landed = delivered.iter().take_while(|result| result.is_ok()).count();
-        state.dedup.remember_all(
-            events
-                .iter()
-                .take(landed)
-                .map(|event| (Key::of(event), None)),
-        );
+        state
+            .dedup
+            .remember_all(events.iter().take(landed).map(|event| (event.key(), None)));
         if let (Some(event), Some(Err(e))) = (events.get(landed), delivered.get(landed)) {
             tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
             return Err(rdkafka::error::KafkaError::Canceled);

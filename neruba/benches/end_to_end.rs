@@ -234,11 +234,17 @@ async fn produce_from_bodies(
             for framed in framing::split(Framing::Batch, body, 10_000, limits.max_event_bytes)
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?
             {
-                let event = neruba_ingest_gateway::admit::event(tenant, framed, now, &limits)
-                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                let payload = codec::encode(&event);
-                let key = event.partition_key();
-                let record = FutureRecord::to(topic).key(&key).payload(&payload);
+                let event = neruba_ingest_gateway::admit::event(
+                    tenant,
+                    framed,
+                    now,
+                    &limits,
+                    codec::Encoding::Binary,
+                )
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                let mut key = String::new();
+                event.write_partition_key(&mut key);
+                let record = FutureRecord::to(topic).key(&key).payload(&event.payload);
                 pending.push(
                     producer
                         .send_result(record)

@@ -9,6 +9,7 @@
 
 use crate::reject::{RejectCode, Rejection};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -55,12 +56,18 @@ impl Event {
     /// [`Event::partition_key`], written into `key` (cleared first), so a sender can reuse
     /// one buffer for a whole batch.
     pub fn write_partition_key(&self, key: &mut String) {
-        key.clear();
-        key.reserve(self.tenant.len() + 1 + self.subject.len());
-        key.push_str(&self.tenant);
-        key.push('/');
-        key.push_str(&self.subject);
+        write_partition_key(key, &self.tenant, &self.subject);
     }
+}
+
+/// The Kafka key of an event of `tenant`'s customer `subject` ([`Event::partition_key`]),
+/// written into `key` (cleared first).
+pub fn write_partition_key(key: &mut String, tenant: &str, subject: &str) {
+    key.clear();
+    key.reserve(tenant.len() + 1 + subject.len());
+    key.push_str(tenant);
+    key.push('/');
+    key.push_str(subject);
 }
 
 /// Acceptance limits for one event; see the SPEC's "HTTP ingest" defaults.
@@ -116,21 +123,33 @@ impl<'a> Attribute<'a> {
 
 /// An event's `data` member as received.
 #[derive(Debug, Clone, PartialEq, Default)]
-enum Data {
+enum Data<'a> {
     /// Absent or `null`.
     #[default]
     Absent,
     Object(Map<String, Value>),
+    /// An object's JSON text, read by [`Envelope::parse`] as a whole parse reads it, not built.
+    Text(&'a str),
     /// Anything but an object.
     Other,
 }
 
-impl Data {
+impl<'a> Data<'a> {
     fn from_value(value: Option<Value>) -> Self {
         match value {
             None | Some(Value::Null) => Self::Absent,
             Some(Value::Object(map)) => Self::Object(map),
             Some(_) => Self::Other,
+        }
+    }
+
+    /// `data` as the one-pass read captured it: an object is kept as its text.
+    fn from_raw(raw: &'a RawValue) -> Self {
+        let text = raw.get();
+        match text.as_bytes().first() {
+            Some(b'{') => Self::Text(text),
+            _ if text == "null" => Self::Absent,
+            _ => Self::Other,
         }
     }
 }
@@ -152,7 +171,7 @@ pub struct Envelope<'a> {
     subject: Attribute<'a>,
     source: Attribute<'a>,
     time: Attribute<'a>,
-    data: Data,
+    data: Data<'a>,
 }
 
 impl<'a> Envelope<'a> {
@@ -474,9 +493,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
                         Member::Subject => envelope.subject = map.next_value()?,
                         Member::Source => envelope.source = map.next_value()?,
                         Member::Time => envelope.time = map.next_value()?,
-                        Member::Data => {
-                            envelope.data = Data::from_value(Some(map.next_value()?));
-                        }
+                        // Kept as its text: the gateway encodes it without building it
+                        // ([`Valid`]).
+                        Member::Data => envelope.data = Data::from_raw(map.next_value()?),
                         // Only a top-level number gets here (`arbitrary_precision` hands it
                         // over as a map with a private key; the bytes hold none).
                         Member::Private => return Err(de::Error::custom("not an object")),
@@ -520,6 +539,67 @@ pub fn validate_envelope(
     now_ms: i64,
     limits: &Limits,
 ) -> Result<Event, Rejection> {
+    validate_borrowed(envelope, encoded_len, tenant, now_ms, limits)?.into_event()
+}
+
+/// A validated event, its attributes borrowed from the bytes it was read from where they had
+/// no escapes and its `data` as those bytes had it: what the gateway encodes for the events
+/// topic ([`crate::codec::binary::encode_valid`]) without building the event's values. It
+/// stands for exactly the [`Event`] [`Valid::into_event`] makes of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Valid<'a> {
+    pub tenant: &'a str,
+    pub id: Cow<'a, str>,
+    pub event_type: Cow<'a, str>,
+    pub subject: Cow<'a, str>,
+    pub time_ms: i64,
+    pub received_ms: i64,
+    pub source: Option<Cow<'a, str>>,
+    pub data: ValidData<'a>,
+}
+
+/// A valid event's `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidData<'a> {
+    /// Built (an event parsed whole, or one without `data`: an empty map).
+    Built(Map<String, Value>),
+    /// The JSON text of an object, read as a whole parse reads it (so it parses), holding no
+    /// serde_json private key (events with one are parsed whole).
+    Text(&'a str),
+}
+
+impl Valid<'_> {
+    /// The event, every value built.
+    pub fn into_event(self) -> Result<Event, Rejection> {
+        let data = match self.data {
+            ValidData::Built(map) => map,
+            // Already read as a whole parse reads it, so this parses; were it not to, the
+            // event is refused as a whole parse would refuse it.
+            ValidData::Text(text) => serde_json::from_str(text).map_err(|e| {
+                Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
+            })?,
+        };
+        Ok(Event {
+            tenant: self.tenant.to_owned(),
+            id: self.id.into_owned(),
+            event_type: self.event_type.into_owned(),
+            subject: self.subject.into_owned(),
+            time_ms: self.time_ms,
+            received_ms: self.received_ms,
+            source: self.source.map(Cow::into_owned),
+            data,
+        })
+    }
+}
+
+/// [`validate_envelope`] without building anything: the same checks in the same order.
+pub fn validate_borrowed<'a>(
+    envelope: Envelope<'a>,
+    encoded_len: usize,
+    tenant: &'a str,
+    now_ms: i64,
+    limits: &Limits,
+) -> Result<Valid<'a>, Rejection> {
     if encoded_len > limits.max_event_bytes {
         return Err(Rejection::new(
             RejectCode::EventTooLarge,
@@ -546,7 +626,7 @@ pub fn validate_envelope(
     let subject = required_string(envelope.subject, "subject", MAX_ATTRIBUTE_CHARS)?;
     let source = match envelope.source {
         Attribute::Absent | Attribute::Null => None,
-        Attribute::Text(s) if s.chars().count() <= MAX_ATTRIBUTE_CHARS => Some(s.into_owned()),
+        Attribute::Text(s) if s.chars().count() <= MAX_ATTRIBUTE_CHARS => Some(s),
         _ => {
             return Err(Rejection::new(
                 RejectCode::InvalidField,
@@ -583,8 +663,9 @@ pub fn validate_envelope(
         ));
     }
     let data = match envelope.data {
-        Data::Absent => Map::new(),
-        Data::Object(map) => map,
+        Data::Absent => ValidData::Built(Map::new()),
+        Data::Object(map) => ValidData::Built(map),
+        Data::Text(text) => ValidData::Text(text),
         Data::Other => {
             return Err(Rejection::new(
                 RejectCode::InvalidField,
@@ -592,9 +673,8 @@ pub fn validate_envelope(
             ));
         }
     };
-
-    Ok(Event {
-        tenant: tenant.to_owned(),
+    Ok(Valid {
+        tenant,
         id,
         event_type,
         subject,
@@ -605,11 +685,11 @@ pub fn validate_envelope(
     })
 }
 
-fn required_string(
-    attribute: Attribute<'_>,
+fn required_string<'a>(
+    attribute: Attribute<'a>,
     field: &str,
     max_chars: usize,
-) -> Result<String, Rejection> {
+) -> Result<Cow<'a, str>, Rejection> {
     match attribute {
         Attribute::Absent | Attribute::Null => Err(Rejection::new(
             RejectCode::MissingField,
@@ -630,7 +710,7 @@ fn required_string(
                     format!("`{field}` must not contain control characters"),
                 ))
             } else {
-                Ok(s.into_owned())
+                Ok(s)
             }
         }
         Attribute::Other => Err(Rejection::new(
@@ -1040,6 +1120,85 @@ mod tests {
 
     type OneOutcome = Result<Result<Event, (RejectCode, String)>, String>;
 
+    /// A `data` object as clients could write it: keys from a small set (so they repeat, in any
+    /// order), one with an escape, one not ASCII; numbers in every notation; strings with
+    /// escapes; arrays and objects nested a few deep.
+    fn data_object() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("\"tokens\""),
+            Just("\"model\""),
+            Just("\"status\""),
+            Just("\"a\\nb\""),
+            Just("\"\u{e9}t\u{e9}\""),
+            Just("\"\""),
+            Just("\"tokens \""),
+        ];
+        let scalar = prop_oneof![
+            Just("null".to_owned()),
+            Just("false".to_owned()),
+            Just("true".to_owned()),
+            Just("-0".to_owned()),
+            Just("3.50".to_owned()),
+            Just("1E+5".to_owned()),
+            Just("-12.5e-3".to_owned()),
+            Just("123456789012345678901234567890.000000001".to_owned()),
+            "[0-9]{1,5}".prop_map(|n| n.trim_start_matches('0').to_owned() + "0"),
+            Just("\"q\\\"uote \\/ \\t\"".to_owned()),
+            Just("\"\u{fc}n\u{ef}code \u{20ac}\"".to_owned()),
+            "[a-z ]{0,6}".prop_map(|s| format!("\"{s}\"")),
+        ];
+        let value = scalar.prop_recursive(3, 16, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                prop::collection::vec((key.clone(), inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect();
+                    format!("{{{}}}", members.join(", "))
+                }),
+            ]
+        });
+        let key = prop_oneof![Just("tokens"), Just("model"), Just("status"), Just("a\\nb")];
+        prop::collection::vec((key, value), 0..6).prop_map(|members| {
+            let members: Vec<String> = members
+                .into_iter()
+                .map(|(k, v)| format!("\"{k}\" :{v}"))
+                .collect();
+            format!("{{ {} }}", members.join(","))
+        })
+    }
+
+    /// What [`crate::codec::binary::encode_valid`] makes of `bytes` (keeping `tokens` and
+    /// `model` built), against what the whole event makes: its message and its members.
+    fn encoded_both_ways(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let limits = Limits::default();
+        let Ok(envelope) = Envelope::parse(bytes) else {
+            return Ok(());
+        };
+        let Ok(valid) = validate_borrowed(envelope, bytes.len(), "acme", NOW, &limits) else {
+            return Ok(());
+        };
+        let keep = |key: &str| key == "tokens" || key == "model";
+        let (encoded, kept) = crate::codec::binary::encode_valid(&valid, keep)
+            .map_err(|e| TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
+        let event = valid
+            .clone()
+            .into_event()
+            .map_err(|r| TestCaseError::fail(r.message))?;
+        prop_assert_eq!(
+            &encoded,
+            &crate::codec::binary::encode(&event),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+        for key in ["tokens", "model"] {
+            prop_assert_eq!(kept.get(key), event.data.get(key));
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
         /// Reading the envelope in one pass judges every event as parsing it whole did: the
@@ -1048,6 +1207,20 @@ mod tests {
         fn the_envelope_read_in_one_pass_judges_as_the_whole_value(bytes in event_bytes()) {
             let (one_pass, whole) = judged_both_ways(&bytes);
             prop_assert_eq!(one_pass, whole, "{}", String::from_utf8_lossy(&bytes));
+        }
+
+        /// A valid event's message written from its JSON text is the one its whole parse
+        /// makes, byte for byte, and the members kept built are that parse's.
+        #[test]
+        fn an_event_encoded_from_its_text_is_the_whole_events_message(
+            data in data_object(),
+            other in event_bytes(),
+        ) {
+            let event = format!(
+                r#"{{"id":"e-1","data":{data},"type":"t","subject":"c","time":"2026-09-21T14:13:20.007Z"}}"#
+            );
+            encoded_both_ways(event.as_bytes())?;
+            encoded_both_ways(&other)?;
         }
 
         /// An event over the size limit is read for its `id` only. It takes as JSON exactly

@@ -13,6 +13,7 @@
 use crate::catalog::{Aggregation, Meter, Tenant, scalar_text};
 use crate::{Event, RejectCode, Rejection, decimal};
 use rust_decimal::Decimal;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// What one meter takes from one event.
@@ -40,44 +41,7 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>
         if !meter.passes(data) {
             continue;
         }
-        let raw = meter
-            .value
-            .as_ref()
-            .map(|path| (path, path.lookup_in(data)));
-        let (value, distinct) = match (meter.aggregation, raw) {
-            (Aggregation::Count, _) | (_, None) => (None, None),
-            (Aggregation::UniqueCount, Some((path, found))) => {
-                let text = found
-                    .and_then(scalar_text)
-                    .ok_or_else(|| unreadable(meter, path.as_str(), "a scalar", found))?;
-                (None, Some(text.into_owned()))
-            }
-            (_, Some((path, found))) => {
-                let value = found.and_then(decimal::from_json).ok_or_else(|| {
-                    unreadable(meter, path.as_str(), "an exact decimal number", found)
-                })?;
-                if value.abs() >= decimal::max_abs_value() {
-                    return Err(unreadable(
-                        meter,
-                        path.as_str(),
-                        "a number of at most 18 integer digits",
-                        found,
-                    ));
-                }
-                if value.is_sign_negative() && !value.is_zero() && !meter.allow_negative {
-                    return Err(unreadable(
-                        meter,
-                        path.as_str(),
-                        "a number of at least zero (the meter does not set `allow_negative`)",
-                        found,
-                    ));
-                }
-                (Some(value), None)
-            }
-        };
-        // Inserted one by one: collecting a map sorts a vector built first, which costs more
-        // than the one or two names a meter groups by (this runs for every event, in the
-        // gateway and the aggregator).
+        let (value, distinct) = read_value(meter, data)?;
         let mut group = BTreeMap::new();
         for (name, path) in &meter.group_by {
             let text = path
@@ -90,7 +54,7 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>
         measures.push(Measure {
             meter,
             value,
-            distinct,
+            distinct: distinct.map(Cow::into_owned),
             group,
         });
     }
@@ -104,6 +68,49 @@ pub fn measure<'a>(tenant: &'a Tenant, event: &Event) -> Result<Vec<Measure<'a>>
         ));
     }
     Ok(measures)
+}
+
+/// What `meter` reads of an event's `data` (which passes its filters): its value (`sum`, `max`,
+/// `min`, `latest`) or the scalar it counts once (`unique_count`), or why it cannot.
+pub fn read_value<'d>(
+    meter: &Meter,
+    data: &'d serde_json::Map<String, serde_json::Value>,
+) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
+    let raw = meter
+        .value
+        .as_ref()
+        .map(|path| (path, path.lookup_in(data)));
+    Ok(match (meter.aggregation, raw) {
+        (Aggregation::Count, _) | (_, None) => (None, None),
+        (Aggregation::UniqueCount, Some((path, found))) => {
+            let text = found
+                .and_then(scalar_text)
+                .ok_or_else(|| unreadable(meter, path.as_str(), "a scalar", found))?;
+            (None, Some(text))
+        }
+        (_, Some((path, found))) => {
+            let value = found.and_then(decimal::from_json).ok_or_else(|| {
+                unreadable(meter, path.as_str(), "an exact decimal number", found)
+            })?;
+            if value.abs() >= decimal::max_abs_value() {
+                return Err(unreadable(
+                    meter,
+                    path.as_str(),
+                    "a number of at most 18 integer digits",
+                    found,
+                ));
+            }
+            if value.is_sign_negative() && !value.is_zero() && !meter.allow_negative {
+                return Err(unreadable(
+                    meter,
+                    path.as_str(),
+                    "a number of at least zero (the meter does not set `allow_negative`)",
+                    found,
+                ));
+            }
+            (Some(value), None)
+        }
+    })
 }
 
 fn unreadable(

@@ -25,7 +25,7 @@ use crate::currency;
 use crate::decimal::{deserialize_exact, deserialize_exact_opt};
 use crate::event::Event;
 use crate::json_path::JsonPath;
-use crate::reject::{RejectCode, Rejection};
+use crate::reject::Rejection;
 use ahash::AHashMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -323,11 +323,35 @@ impl Tenant {
     /// event no meter reads is fine here: the gateway accepts it and the aggregator keeps it on
     /// the dead-letter topic for replay.
     pub fn check_values(&self, event: &Event) -> Result<(), Rejection> {
-        match crate::measure::measure(self, event) {
-            Ok(_) => Ok(()),
-            Err(r) if r.code == RejectCode::NoMatchingMeter => Ok(()),
-            Err(r) => Err(r),
+        self.check_fields(&event.event_type, &event.data)
+    }
+
+    /// [`Tenant::check_values`] of an event of `event_type` by the members of its `data` that
+    /// the meters reading that type look at ([`Tenant::checks_member`]): the others cannot
+    /// change the outcome.
+    pub fn check_fields(
+        &self,
+        event_type: &str,
+        data: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), Rejection> {
+        for meter in self.meters_for(event_type) {
+            if meter.passes(data) {
+                crate::measure::read_value(meter, data)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Whether [`Tenant::check_fields`] may look at the member `key` of an event's `data`
+    /// (some meter's value or filter path starts at it).
+    pub fn checks_member(&self, key: &str) -> bool {
+        self.meters.iter().any(|meter| {
+            meter
+                .value
+                .iter()
+                .chain(meter.filters.iter().map(|f| &f.path))
+                .any(|path| path.first_key() == Some(key))
+        })
     }
 }
 
@@ -387,6 +411,7 @@ pub fn parse_fixed_offset(text: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reject::RejectCode;
 
     const VALID: &str = r#"
 [units.credits]

@@ -28,9 +28,13 @@
 //! - the layout is fixed: a new field needs a new version byte (the golden bytes in the tests
 //!   hold it).
 
-use crate::event::Event;
+use crate::event::{Event, Valid, ValidData};
 use crate::{Error, Result};
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::ops::Range;
 
 /// The version byte every version 2 message starts with.
 pub const VERSION: u8 = 2;
@@ -50,22 +54,248 @@ const OBJECT: u8 = 6;
 
 /// Encodes `event` in version 2.
 pub fn encode(event: &Event) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + event.id.len() + event.subject.len());
+    let mut out = head(&Head {
+        tenant: &event.tenant,
+        id: &event.id,
+        event_type: &event.event_type,
+        subject: &event.subject,
+        time_ms: event.time_ms,
+        received_ms: event.received_ms,
+        source: event.source.as_deref(),
+    });
+    put_object(&mut out, &event.data);
+    out
+}
+
+/// Encodes a [`Valid`] event in version 2: the bytes [`encode`] writes for the event it stands
+/// for ([`Valid::into_event`]), with its `data` written straight from its JSON text when it
+/// has it, nothing built but the top-level members `keep` names (JSON paths into `data` start
+/// at one, so a caller that keeps every member its meters' paths start at can read them all).
+/// Also returns those members (all of them when `data` was built), to check as that event's
+/// `data` would be checked.
+pub fn encode_valid<'v>(
+    valid: &'v Valid<'_>,
+    keep: impl Fn(&str) -> bool,
+) -> serde_json::Result<(Vec<u8>, Members<'v>)> {
+    let mut out = head(&Head {
+        tenant: valid.tenant,
+        id: &valid.id,
+        event_type: &valid.event_type,
+        subject: &valid.subject,
+        time_ms: valid.time_ms,
+        received_ms: valid.received_ms,
+        source: valid.source.as_deref(),
+    });
+    match &valid.data {
+        ValidData::Built(map) => {
+            put_object(&mut out, map);
+            Ok((out, Cow::Borrowed(map)))
+        }
+        ValidData::Text(text) => {
+            let mut kept = Map::new();
+            let mut json = serde_json::Deserializer::from_str(text);
+            Deserializer::deserialize_map(
+                &mut json,
+                ObjectVisitor {
+                    out: &mut out,
+                    keep: Some((&keep, &mut kept)),
+                },
+            )?;
+            json.end()?;
+            Ok((out, Cow::Owned(kept)))
+        }
+    }
+}
+
+/// The members of an event's `data` [`encode_valid`] kept built.
+pub type Members<'v> = Cow<'v, Map<String, Value>>;
+
+/// What comes before `data`.
+struct Head<'a> {
+    tenant: &'a str,
+    id: &'a str,
+    event_type: &'a str,
+    subject: &'a str,
+    time_ms: i64,
+    received_ms: i64,
+    source: Option<&'a str>,
+}
+
+/// A message's bytes up to its `data`, with room for a typical `data` after them.
+fn head(head: &Head<'_>) -> Vec<u8> {
+    /// The version, four lengths, two times, the source marker and a typical `data`.
+    const TYPICAL_REST: usize = 96;
+    let texts = [head.tenant, head.id, head.event_type, head.subject];
+    let len: usize = texts.iter().map(|t| t.len()).sum::<usize>()
+        + head.source.map_or(0, str::len)
+        + TYPICAL_REST;
+    let mut out = Vec::with_capacity(len);
     out.push(VERSION);
-    for text in [&event.tenant, &event.id, &event.event_type, &event.subject] {
+    for text in texts {
         put_text(&mut out, text);
     }
-    put_varint(&mut out, zigzag(event.time_ms));
-    put_varint(&mut out, zigzag(event.received_ms));
-    match &event.source {
+    put_varint(&mut out, zigzag(head.time_ms));
+    put_varint(&mut out, zigzag(head.received_ms));
+    match head.source {
         None => out.push(0),
         Some(source) => {
             out.push(1);
             put_text(&mut out, source);
         }
     }
-    put_object(&mut out, &event.data);
     out
+}
+
+/// serde_json's name for a number it hands over as text (`arbitrary_precision`): a map of one
+/// member under this key, whose value is the number's text.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+/// The members of a top-level object to keep built, and where to put them.
+type Keep<'k, K> = Option<(&'k K, &'k mut Map<String, Value>)>;
+
+/// Writes one JSON value as a version 2 value, as [`put_value`] writes the [`Value`] a whole
+/// parse makes of it.
+struct ValueSeed<'o>(&'o mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(ValueVisitor(self.0))
+    }
+}
+
+struct ValueVisitor<'o>(&'o mut Vec<u8>);
+
+impl<'de> Visitor<'de> for ValueVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.0.push(NULL);
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<(), E> {
+        self.0.push(if value { TRUE } else { FALSE });
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
+        self.0.push(TEXT);
+        put_text(self.0, text);
+        Ok(())
+    }
+    // With `arbitrary_precision` serde_json hands every number over as a map (below); these
+    // are here for completeness, and write what a `Value` of the same number would hold.
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<(), E> {
+        self.0.push(NUMBER);
+        put_text(self.0, &n.to_string());
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<(), E> {
+        self.0.push(NUMBER);
+        put_text(self.0, &n.to_string());
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom("a binary floating-point number"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        // The count comes first, so the items are written aside, then after it.
+        let mut items = Vec::new();
+        let mut count = 0usize;
+        while seq.next_element_seed(ValueSeed(&mut items))?.is_some() {
+            count += 1;
+        }
+        self.0.push(ARRAY);
+        put_len(self.0, count);
+        self.0.extend_from_slice(&items);
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        ObjectVisitor::<fn(&str) -> bool> {
+            out: self.0,
+            keep: None,
+        }
+        .visit_map(map)
+    }
+}
+
+/// Writes an object as [`put_object`] writes the map a whole parse makes of it: keys sorted,
+/// of a key given twice the last value. A number (a map of one [`NUMBER_TOKEN`] member) is
+/// written as one.
+struct ObjectVisitor<'o, 'k, K> {
+    out: &'o mut Vec<u8>,
+    keep: Keep<'k, K>,
+}
+
+impl<'de, K: Fn(&str) -> bool> Visitor<'de> for ObjectVisitor<'_, '_, K> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Self { out, mut keep } = self;
+        // Each member's value is written aside, then the members in key order.
+        let mut values = Vec::new();
+        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::new();
+        while let Some(KeyText(key)) = map.next_key()? {
+            if members.is_empty() && key == NUMBER_TOKEN {
+                let KeyText(number) = map.next_value()?;
+                out.push(NUMBER);
+                put_text(out, &number);
+                return Ok(());
+            }
+            let start = values.len();
+            match &mut keep {
+                Some((keep, kept)) if keep(&key) => {
+                    let value: Value = map.next_value()?;
+                    put_value(&mut values, &value);
+                    kept.insert(key.clone().into_owned(), value);
+                }
+                _ => map.next_value_seed(ValueSeed(&mut values))?,
+            }
+            members.push((key, start..values.len()));
+        }
+        // Stable: of equal keys, the last given stays last.
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        let distinct = members
+            .iter()
+            .enumerate()
+            .filter(|(i, (key, _))| members.get(i + 1).is_none_or(|next| next.0 != *key))
+            .map(|(_, member)| member);
+        out.push(OBJECT);
+        put_len(out, distinct.clone().count());
+        for (key, range) in distinct {
+            put_text(out, key);
+            out.extend_from_slice(values.get(range.clone()).unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+/// A string, borrowed from the JSON text when it had no escapes.
+struct KeyText<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for KeyText<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = KeyText<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(KeyText(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(KeyText(Cow::Owned(text.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(KeyText(Cow::Owned(text)))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
