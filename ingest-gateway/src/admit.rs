@@ -374,20 +374,12 @@ window = "1m"
         }
     }
 
-    /// What the gateway sent before November 30, 2026: the event built whole, its values
-    /// checked, then encoded.
+    /// What the gateway sent before November 30, 2026: the event parsed whole into a
+    /// `Value`, validated, its values checked, then encoded.
     fn built_whole(tenant: &Tenant, bytes: &[u8], limits: &Limits) -> Result<Vec<u8>, String> {
-        let framed = body::split(Framing::Single, bytes, 1, limits.max_event_bytes)
-            .map_err(|e| format!("{e:?}"))?
-            .remove(0);
-        let event = event::validate_envelope(
-            framed.value.map_err(|r| r.message)?,
-            framed.len,
-            &tenant.id,
-            NOW,
-            limits,
-        )
-        .map_err(|r| r.message)?;
+        let value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let event =
+            event::validate(value, bytes.len(), &tenant.id, NOW, limits).map_err(|r| r.message)?;
         tenant.check_values(&event).map_err(|r| r.message)?;
         Ok(codec::encode(&event))
     }
@@ -454,6 +446,10 @@ window = "1m"
             json("llm", r#"{"usage":{"tokens":1},"status":"ok","user":[1]}"#),
             json("llm", r#"{"usage":{"tokens":1},"status":"ok"}"#),
             json(
+                "llm",
+                r#"{"usage":{"tokens":-0},"status":"ok","user":-9223372036854775809}"#,
+            ),
+            json(
                 "api",
                 r#"{"anything":[1,{"b":2,"a":null}],"z":true,"a":"\u00e9\n"}"#,
             ),
@@ -476,7 +472,7 @@ window = "1m"
             accepted += usize::from(sent.is_ok());
         }
         // All but the negative, too large, not scalar and absent values.
-        assert_eq!(accepted, 8);
+        assert_eq!(accepted, 9);
     }
 
     #[test]

@@ -1142,6 +1142,13 @@ mod tests {
             Just("1E+5".to_owned()),
             Just("-12.5e-3".to_owned()),
             Just("123456789012345678901234567890.000000001".to_owned()),
+            // Integers at and past the edges of 64 bits, which serde_json hands over
+            // differently.
+            Just("-12".to_owned()),
+            Just("-9223372036854775808".to_owned()),
+            Just("-9223372036854775809".to_owned()),
+            Just("18446744073709551615".to_owned()),
+            Just("18446744073709551616".to_owned()),
             "[0-9]{1,5}".prop_map(|n| n.trim_start_matches('0').to_owned() + "0"),
             Just("\"q\\\"uote \\/ \\t\"".to_owned()),
             Just("\"\u{fc}n\u{ef}code \u{20ac}\"".to_owned()),

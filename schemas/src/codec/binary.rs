@@ -184,18 +184,21 @@ impl<'de> Visitor<'de> for ValueVisitor<'_> {
         put_text(self.0, text);
         Ok(())
     }
-    // With `arbitrary_precision` serde_json hands every number over as a map (below); these
-    // are here for completeness, and write what a `Value` of the same number would hold.
+    // With `arbitrary_precision` serde_json hands an integer that fits 64 bits (but `-0`)
+    // over as one, and every other number as a map of its text (below). A `Value` holds such
+    // an integer as its decimal digits, which are its JSON text (JSON integers have one
+    // spelling: no `+`, no leading zeros).
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<(), E> {
         self.0.push(NUMBER);
-        put_text(self.0, &n.to_string());
+        put_text(self.0, itoa::Buffer::new().format(n));
         Ok(())
     }
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<(), E> {
         self.0.push(NUMBER);
-        put_text(self.0, &n.to_string());
+        put_text(self.0, itoa::Buffer::new().format(n));
         Ok(())
     }
+    // Never called with `arbitrary_precision`: refused rather than written through `f64`.
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
         Err(E::custom("a binary floating-point number"))
     }
