@@ -195,10 +195,8 @@ impl<'a> Envelope<'a> {
     pub fn parse_text(text: &'a str) -> serde_json::Result<Self> {
         let json = text.as_bytes();
         let whole = || serde_json::from_slice(json).map(Self::from_value);
-        let found = |needle| memchr::memmem::find(json, needle).is_some();
         if json.iter().filter(|b| matches!(b, b'{' | b'[')).count() > MAX_ONE_PASS_NESTING
-            || (memchr::memchr2(b'\\', b'$', json).is_some()
-                && (found(b"\\u") || found(PRIVATE_KEY_PREFIX.as_bytes())))
+            || (memchr::memchr2(b'\\', b'$', json).is_some() && read_whole(json))
         {
             return whole();
         }
@@ -401,6 +399,31 @@ impl<'de> Visitor<'de> for CheckedVisitor {
 
 /// serde_json's private map keys: numbers under `arbitrary_precision`, raw values.
 const PRIVATE_KEY_PREFIX: &str = "$serde_json::private::";
+
+/// Whether [`Envelope::parse_text`] must parse `json` whole, because a skip could read it
+/// otherwise than a whole parse: a `\u` escape of a surrogate (a skip does not check that they
+/// pair, a whole parse refuses one alone), or a way to write serde_json's private key prefix
+/// (which a whole parse gives meaning): a `$`, as itself or escaped, with the prefix written
+/// out or any `\u` escape (which could spell part of it). Other `\u` escapes, as some JSON
+/// writers use for every character that is not ASCII, are read in one pass. Errs toward `true`
+/// (an escaped backslash before a `u` counts as an escape).
+fn read_whole(json: &[u8]) -> bool {
+    let mut any_escape = false;
+    let mut escaped_dollar = false;
+    for at in memchr::memmem::find_iter(json, b"\\u") {
+        any_escape = true;
+        let hex = json.get(at + 2..at + 6).unwrap_or_default();
+        if let [first, second, ..] = hex
+            && first.eq_ignore_ascii_case(&b'd')
+            && matches!(second.to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f')
+        {
+            return true;
+        }
+        escaped_dollar |= hex.eq_ignore_ascii_case(b"0024");
+    }
+    (escaped_dollar || memchr::memchr(b'$', json).is_some())
+        && (any_escape || memchr::memmem::find(json, PRIVATE_KEY_PREFIX.as_bytes()).is_some())
+}
 
 /// Bytes with more `{` and `[` than this are parsed whole: nesting within it stays well below
 /// serde_json's depth limit (128), which the one-pass read does not apply to what it skips.
@@ -984,6 +1007,11 @@ mod tests {
             Just("\"\"".to_owned()),
             Just("\"e-1\"".to_owned()),
             Just("\"e\\u002d1\"".to_owned()),
+            Just("\"caf\\u00e9 \\u00E9\"".to_owned()),
+            Just("\"\\ud83d\\ude00\"".to_owned()),
+            Just("\"\\uD800\"".to_owned()),
+            Just("\"x\\udc00\"".to_owned()),
+            Just("\"\\\\ud800\"".to_owned()),
             Just("\"a\\nb\"".to_owned()),
             Just("\"q\\\"uote\"".to_owned()),
             Just("\"$5.00\"".to_owned()),
@@ -1130,6 +1158,7 @@ mod tests {
             Just("\"status\""),
             Just("\"a\\nb\""),
             Just("\"\u{e9}t\u{e9}\""),
+            Just("\"k\\u00e9y\""),
             Just("\"\""),
             Just("\"tokens \""),
         ];
@@ -1152,6 +1181,7 @@ mod tests {
             "[0-9]{1,5}".prop_map(|n| n.trim_start_matches('0').to_owned() + "0"),
             Just("\"q\\\"uote \\/ \\t\"".to_owned()),
             Just("\"\u{fc}n\u{ef}code \u{20ac}\"".to_owned()),
+            Just("\"caf\\u00e9 \\u0000\\u001F\"".to_owned()),
             "[a-z ]{0,6}".prop_map(|s| format!("\"{s}\"")),
         ];
         let value = scalar.prop_recursive(3, 16, 4, move |inner| {
