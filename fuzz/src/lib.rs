@@ -126,6 +126,27 @@ pub fn event_validation(bytes: &[u8], catalog: &Catalog) {
     let Ok(Ok(event)) = whole else {
         return;
     };
+    // The gateway writes a valid event's message from its text, building only the members its
+    // meters check: the same bytes as the event built whole, and the same members.
+    if let Ok(Ok(valid)) = event::Envelope::parse(bytes)
+        .map(|envelope| event::validate_borrowed(envelope, bytes.len(), "acme", NOW_MS, &limits))
+    {
+        let keep = |key: &str| key == "tokens" || key == "model";
+        let (message, kept) = codec::binary::encode_valid(&valid, keep)
+            .unwrap_or_else(|e| panic!("a valid event's data does not transcode: {e}"));
+        assert_eq!(
+            message,
+            codec::encode(&event),
+            "written from its text, it differs"
+        );
+        for key in ["tokens", "model"] {
+            assert_eq!(
+                kept.get(key),
+                event.data.get(key),
+                "kept member `{key}` differs"
+            );
+        }
+    }
     let decoded = codec::Decoder::default().decode(&codec::encode(&event));
     let decoded = decoded.unwrap_or_else(|e| panic!("a valid event does not decode: {e}"));
     let from_json = codec::Decoder::default().decode(&codec::encode_json(&event));
