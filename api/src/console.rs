@@ -22,8 +22,8 @@
 //! routes), not part of the documented API, so they live outside the documented router.
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,6 +38,8 @@ const STYLE_CSS: &str = include_str!("../console/style.css");
 const MAX_FORWARD_BYTES: usize = 64 * 1024;
 /// Longest the gateway has to answer a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a credit request's body may take to arrive once its headers have.
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the console's routes share.
 #[derive(Clone)]
@@ -47,6 +49,8 @@ pub(crate) struct ConsoleState {
     /// Where credit writes go; `None`: the console only reads.
     pub(crate) gateway: Option<reqwest::Url>,
     pub(crate) client: reqwest::Client,
+    /// [`BODY_DEADLINE`]; shorter in tests.
+    pub(crate) body_deadline: Duration,
 }
 
 impl ConsoleState {
@@ -63,6 +67,7 @@ impl ConsoleState {
             catalog,
             gateway,
             client,
+            body_deadline: BODY_DEADLINE,
         })
     }
 }
@@ -93,7 +98,6 @@ pub(crate) fn router(state: ConsoleState) -> Router {
             "/console/gateway/v1/customers/{customer}/grants/{id}/void",
             post(forward_void),
         )
-        .layer(DefaultBodyLimit::max(MAX_FORWARD_BYTES))
         .with_state(state)
 }
 
@@ -182,11 +186,15 @@ async fn forward_grant(
     State(state): State<ConsoleState>,
     Path(customer): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Some(refused) = unforwardable_customer(&customer) {
         return refused;
     }
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
     forward(
         &state,
         &["v1", "customers", &customer, "grants"],
@@ -200,7 +208,7 @@ async fn forward_void(
     State(state): State<ConsoleState>,
     Path((customer, id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Some(refused) = unforwardable_customer(&customer) {
         return refused;
@@ -212,6 +220,10 @@ async fn forward_void(
             "a grant id is `gr_` and 32 lowercase hex digits",
         );
     }
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
     forward(
         &state,
         &["v1", "customers", &customer, "grants", &id, "void"],
@@ -219,6 +231,53 @@ async fn forward_void(
         body,
     )
     .await
+}
+
+/// A credit request's body, read within the console's deadline and size limit: a client that
+/// trickled it would otherwise hold its connection, one of the server's limited number, for as
+/// long as it liked (the server's idle timeout does not run while a request is in progress).
+/// Past the deadline, `408 body_timeout` and the connection is closed, as the gateway does.
+async fn read_body(state: &ConsoleState, body: Body) -> Result<Bytes, Box<Response>> {
+    let read = axum::body::to_bytes(body, MAX_FORWARD_BYTES);
+    match tokio::time::timeout(state.body_deadline, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if is_too_large(&e) => Err(Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a credit request's body is at most {MAX_FORWARD_BYTES} bytes"),
+        ))),
+        Ok(Err(_)) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the request body could not be read",
+        ))),
+        Err(_) => {
+            let mut refused = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s of its headers",
+                    state.body_deadline.as_secs()
+                ),
+            );
+            refused
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(Box::new(refused))
+        }
+    }
+}
+
+/// Whether reading a body failed on its size limit.
+fn is_too_large(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Sends the write to the gateway (path segments re-encoded, so a decoded `/` in a customer
@@ -302,6 +361,66 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A credit request's body that trickles gets `408 body_timeout` at the deadline and one
+    /// over the limit `413 body_too_large`; a whole body within both is forwarded (here to a
+    /// gateway that is not there: `502 gateway_unreachable`).
+    #[tokio::test]
+    async fn a_credit_body_is_read_within_its_deadline_and_limit() -> anyhow::Result<()> {
+        use futures::StreamExt;
+        use tower_service::Service;
+        let catalog =
+            neruba_schemas::Catalog::from_toml_str("[[tenants]]\nid = \"acme\"\n", "test.toml")?;
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut state =
+            ConsoleState::new(LiveCatalog::new(catalog), Some(&format!("http://{closed}")))?;
+        state.body_deadline = Duration::from_millis(200);
+        let mut console = router(state);
+        let mut answer = async |body: Body| -> anyhow::Result<(StatusCode, String, bool)> {
+            let request = axum::http::Request::post("/console/gateway/v1/customers/c-7/grants")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body)?;
+            let response = console.call(request).await?;
+            let status = response.status();
+            let closes = response.headers().get(header::CONNECTION)
+                == Some(&HeaderValue::from_static("close"));
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20).await?;
+            let body: serde_json::Value = serde_json::from_slice(&body)?;
+            let code = body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            Ok((status, code, closes))
+        };
+        let first_byte = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))]);
+        let trickled = Body::from_stream(first_byte.chain(futures::stream::pending()));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            answer(trickled).await?,
+            (StatusCode::REQUEST_TIMEOUT, "body_timeout".to_owned(), true)
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let too_large = Body::from(vec![b' '; MAX_FORWARD_BYTES + 1]);
+        assert_eq!(
+            answer(too_large).await?,
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large".to_owned(),
+                false
+            )
+        );
+        let whole = Body::from(vec![b' '; MAX_FORWARD_BYTES]);
+        assert_eq!(
+            answer(whole).await?,
+            (
+                StatusCode::BAD_GATEWAY,
+                "gateway_unreachable".to_owned(),
+                false
+            )
+        );
+        Ok(())
+    }
 
     #[test]
     fn a_gateway_url_must_be_an_http_base() {
