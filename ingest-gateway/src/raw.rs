@@ -246,6 +246,7 @@ async fn consume(
         let now = event::now_ms();
         // One catalog version for the whole batch.
         let catalog = state.catalog.current();
+        let encoding = state.sink.encoding();
         let mut tally = Tally::default();
         let mut events = Vec::new();
         let mut refused = Vec::new();
@@ -264,7 +265,6 @@ async fn consume(
                     continue;
                 };
                 let payload = message.payload().unwrap_or_default();
-                let encoding = state.sink.encoding();
                 match admit_message(&catalog, &state.limits, &headers, payload, now, encoding) {
                     Ok(event) if repeats.first_sighting(event.key()) => events.push(event),
                     Ok(_) => tally.duplicate += 1,

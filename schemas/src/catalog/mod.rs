@@ -67,6 +67,10 @@ pub struct Tenant {
     pub meters: Vec<Meter>,
     #[serde(default)]
     pub price_plans: Vec<PricePlan>,
+    /// The members of an event's `data` the meters' value and filter paths start at, each
+    /// once ([`Tenant::checks_member`]): found when the catalog is read, not per event.
+    #[serde(skip)]
+    checked_members: Vec<String>,
 }
 
 /// Token-bucket limit on accepted-or-checked events per second.
@@ -345,13 +349,23 @@ impl Tenant {
     /// Whether [`Tenant::check_fields`] may look at the member `key` of an event's `data`
     /// (some meter's value or filter path starts at it).
     pub fn checks_member(&self, key: &str) -> bool {
-        self.meters.iter().any(|meter| {
-            meter
-                .value
-                .iter()
-                .chain(meter.filters.iter().map(|f| &f.path))
-                .any(|path| path.first_key() == Some(key))
-        })
+        self.checked_members.iter().any(|member| member == key)
+    }
+
+    /// Finds [`Tenant::checks_member`]'s members in the meters (when the catalog is read).
+    pub(crate) fn find_checked_members(&mut self) {
+        let members: std::collections::BTreeSet<&str> = self
+            .meters
+            .iter()
+            .flat_map(|meter| {
+                meter
+                    .value
+                    .iter()
+                    .chain(meter.filters.iter().map(|f| &f.path))
+            })
+            .filter_map(JsonPath::first_key)
+            .collect();
+        self.checked_members = members.into_iter().map(str::to_owned).collect();
     }
 }
 

@@ -139,9 +139,13 @@ impl Catalog {
                 validate_plan(plan).map_err(|m| invalid(format!("{here}: {m}")))?;
             }
         }
+        let mut tenants = file.tenants;
+        for tenant in &mut tenants {
+            tenant.find_checked_members();
+        }
         Ok(Self {
             units: file.units,
-            tenants: file.tenants,
+            tenants,
             by_key_digest,
         })
     }
