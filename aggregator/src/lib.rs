@@ -48,6 +48,7 @@ impl Config {
                 grace_ms: 10_000,
                 correction_horizon_ms: 35 * 86_400_000,
                 dedup_horizon_ms: 35 * 86_400_000,
+                max_open_window_bytes: state::MAX_OPEN_WINDOW_BYTES,
             },
             idle_timeout: Duration::from_secs(30),
         }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub watermark_lag: IntGaugeVec,
     /// `neruba_open_windows{partition}`.
     pub open_windows: IntGaugeVec,
+    /// `neruba_open_window_bytes{partition}`: what the open windows count against the bound.
+    pub open_window_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -69,6 +71,10 @@ impl Metrics {
                 "Wall clock minus the partition's event-time watermark, seconds.",
             )?,
             open_windows: gauge("neruba_open_windows", "Windows not yet closed.")?,
+            open_window_bytes: gauge(
+                "neruba_open_window_bytes",
+                "What the open windows count against --max-open-window-bytes, all tenants.",
+            )?,
         };
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.dedup_hits.clone()))?;
@@ -78,6 +84,7 @@ impl Metrics {
         registry.register(Box::new(m.close_delay.clone()))?;
         registry.register(Box::new(m.watermark_lag.clone()))?;
         registry.register(Box::new(m.open_windows.clone()))?;
+        registry.register(Box::new(m.open_window_bytes.clone()))?;
         m.dedup_hits.with_label_values(&["aggregator"]);
         for code in neruba_schemas::RejectCode::ALL {
             m.dead_letters.with_label_values(&[code.as_str()]);

@@ -146,6 +146,10 @@ impl neruba_stage::Stage for Aggregator {
             .open_windows
             .with_label_values(&labels)
             .set(i64::try_from(state.open_windows()).unwrap_or(i64::MAX));
+        self.metrics
+            .open_window_bytes
+            .with_label_values(&labels)
+            .set(i64::try_from(state.open_window_bytes()).unwrap_or(i64::MAX));
     }
 }
 

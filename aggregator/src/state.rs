@@ -70,6 +70,24 @@ pub struct Timing {
     pub correction_horizon_ms: i64,
     /// How long an event id is remembered.
     pub dedup_horizon_ms: i64,
+    /// Most bytes of open windows one tenant may hold in a partition, each counted as
+    /// [`open_cost`]: an event that would open windows past it is dead-lettered
+    /// (`too_many_open_windows`). Open windows are kept in memory, so without a bound a client
+    /// sending ever new customers or group values could grow the stage until it stopped.
+    pub max_open_window_bytes: usize,
+}
+
+/// The default of [`Timing::max_open_window_bytes`]: 256 MiB, about 200,000 open windows
+/// with keys of 60 bytes.
+pub const MAX_OPEN_WINDOW_BYTES: usize = 256 << 20;
+
+/// What an open window is counted as against [`Timing::max_open_window_bytes`], from its key
+/// alone (so a reopened state counts its open windows as they were counted when opened):
+/// the key three times (in the window cache, the open index and, as strings, the record)
+/// and 1 KiB for the record's other fields (the latest event's id among them), the strings'
+/// headers and the tables' slots; counted generously.
+pub fn open_cost(window_key: &[u8]) -> usize {
+    window_key.len().saturating_mul(3).saturating_add(1024)
 }
 
 /// What a batch produced, to be delivered before the batch is written.
@@ -304,11 +322,12 @@ impl PartitionState {
             let window_key = rest.get(8..).unwrap_or_default();
             if let (Some(end), Some(tenant)) = (keys::time_from(rest), keys::tenant_of(window_key))
             {
-                clocks
+                let clock = clocks
                     .entry(tenant.to_owned())
-                    .or_insert_with(|| Clock::new(initial_clock))
-                    .open
-                    .insert((end, window_key.to_vec()));
+                    .or_insert_with(|| Clock::new(initial_clock));
+                if clock.open.insert((end, window_key.to_vec())) {
+                    clock.open_bytes = clock.open_bytes.saturating_add(open_cost(window_key));
+                }
             }
         }
         // Every open window's record is kept in memory (see `load_window`).
@@ -357,6 +376,68 @@ impl PartitionState {
     /// Windows not yet closed.
     pub fn open_windows(&self) -> usize {
         self.clocks.values().map(|c| c.open.len()).sum()
+    }
+
+    /// What the open windows count against [`Timing::max_open_window_bytes`], all tenants.
+    pub fn open_window_bytes(&self) -> usize {
+        self.clocks.values().map(|c| c.open_bytes).sum()
+    }
+
+    /// Why `event` may not be folded into `targets`, if the windows it would open would take
+    /// its tenant past [`Timing::max_open_window_bytes`]. A window opens when it ends after
+    /// the tenant's watermark and is not open yet (every open window is in the cache).
+    fn opens_too_many(&self, event: &Event, targets: &[window::Target]) -> Option<Rejection> {
+        let limit = self.timing.max_open_window_bytes;
+        let clock = self.clocks.get(&event.tenant);
+        let held = clock.map_or(0, |c| c.open_bytes);
+        // Most events fit even if every target were new: nothing is looked up for them.
+        let at_most: usize = targets.iter().map(|t| open_cost(&t.window_key)).sum();
+        if held.saturating_add(at_most) <= limit {
+            return None;
+        }
+        let watermark = self.tenant_watermark(&event.tenant);
+        let opening: usize = targets
+            .iter()
+            .filter(|t| t.start.saturating_add(t.size) > watermark)
+            .filter(|t| !self.windows.contains_key(&t.window_key))
+            .map(|t| open_cost(&t.window_key))
+            .sum();
+        if held.saturating_add(opening) <= limit {
+            return None;
+        }
+        let Some(clock) = clock else {
+            return Some(self.too_many(event, held, opening));
+        };
+        // Folded, the event would raise the watermark (when it is the tenant's latest) and
+        // close the windows it passes, whose bytes are then free: a tenant at its bound opens
+        // the next windows as time moves on.
+        let after = if event.time_ms > clock.max_event_time {
+            watermark.max(event.time_ms.saturating_sub(self.timing.grace_ms))
+        } else {
+            watermark
+        };
+        let freed: usize = clock
+            .open
+            .iter()
+            .take_while(|(end, _)| *end <= after)
+            .map(|(_, key)| open_cost(key))
+            .sum();
+        let held = clock.open_bytes.saturating_sub(freed);
+        (held.saturating_add(opening) > limit).then(|| self.too_many(event, held, opening))
+    }
+
+    /// The refusal of an event whose new windows (`opening` bytes) do not fit beside the
+    /// `held` bytes of its tenant's open windows.
+    fn too_many(&self, event: &Event, held: usize, opening: usize) -> Rejection {
+        Rejection::new(
+            RejectCode::TooManyOpenWindows,
+            format!(
+                "tenant `{}` holds {held} bytes of open windows in partition {}: the {opening} \
+                 bytes of the windows this event would open pass the aggregator's \
+                 --max-open-window-bytes ({}); they are free again as the windows close",
+                event.tenant, self.partition, self.timing.max_open_window_bytes
+            ),
+        )
     }
 
     /// Whether the batch has anything to write.
@@ -550,6 +631,10 @@ impl PartitionState {
             }
             targets.push(target);
         }
+        if let Some(rejection) = self.opens_too_many(event, &targets) {
+            self.refuse(input, rejection);
+            return Ok(());
+        }
         // The horizon runs from the first copy's arrival: a repeat carrying another time (one
         // sent without `time` is stamped on arrival) is still the same event. From its event
         // time when that is later (future-dated within the clock-skew allowance): a copy is
@@ -689,6 +774,7 @@ window = "1m"
         grace_ms: 0,
         correction_horizon_ms: 35 * DAY_MS,
         dedup_horizon_ms: 35 * DAY_MS,
+        max_open_window_bytes: MAX_OPEN_WINDOW_BYTES,
     };
 
     #[test]
@@ -849,6 +935,115 @@ window = "1m"
                 _ => None,
             })
             .collect()
+    }
+
+    /// The batch's dead letters so far, (source offset, code), and its rollups, (customer,
+    /// window start).
+    type Refusals = (Vec<(i64, String)>, Vec<(String, i64)>);
+
+    /// Takes the batch's outputs so far, as [`Refusals`].
+    fn refusals(state: &mut PartitionState) -> Refusals {
+        let mut letters = Vec::new();
+        let mut rollups = Vec::new();
+        for output in state.take_outputs() {
+            match output {
+                Output::DeadLetter(letter) => {
+                    letters.push((letter.offset, letter.code.to_owned()));
+                }
+                Output::Rollup(r) => rollups.push((r.customer.clone(), r.window_start_ms)),
+                Output::Tick { .. } => {}
+            }
+        }
+        (letters, rollups)
+    }
+
+    #[test]
+    fn a_tenant_opens_windows_up_to_its_bound_and_again_as_time_closes_them() {
+        let catalog = Catalog::from_toml_str(
+            &format!("{TOKENS}{}", TOKENS.replace("\"acme\"", "\"beta\"")),
+            "test",
+        )
+        .expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let now = 100 * DAY_MS;
+        let window = |tenant: &str, customer: &str, start: i64| {
+            keys::window(tenant, &keys::series("tokens", customer, "{}"), start)
+        };
+        // Room for two windows of acme's customers c1..c9 (keys of one length).
+        let cost = open_cost(&window("acme", "c1", now));
+        let timing = Timing {
+            max_open_window_bytes: 2 * cost,
+            ..TIMING
+        };
+        let mut offset = 0;
+        let mut state = PartitionState::open(dir.path(), 0, timing, &cache).expect("open");
+        let mut feed_at = |state: &mut PartitionState, customer: &str, id: &str, at: i64| {
+            feed(
+                state,
+                &catalog,
+                &mut offset,
+                &tokens_of(customer, id, at, "5"),
+            );
+        };
+        feed_at(&mut state, "c1", "e0", now);
+        feed_at(&mut state, "c2", "e1", now + 1);
+        // A third customer would open a third window: refused, and nothing of it counts.
+        feed_at(&mut state, "c3", "e2", now + 2);
+        // Windows already open still take events.
+        feed_at(&mut state, "c1", "e3", now + 3);
+        assert_eq!(state.open_windows(), 2);
+        assert_eq!(state.open_window_bytes(), 2 * cost);
+        assert_eq!(
+            refusals(&mut state),
+            (vec![(2, "too_many_open_windows".to_owned())], vec![])
+        );
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.dead_letters.len()), (3, 1));
+        state.commit().expect("commit");
+        drop(state);
+
+        // Reopened, the open windows count the same, so the same event is refused again.
+        let mut state = PartitionState::open(dir.path(), 0, timing, &cache).expect("reopen");
+        assert_eq!(state.open_window_bytes(), 2 * cost);
+        feed_at(&mut state, "c3", "e4", now + 4);
+        assert_eq!(
+            refusals(&mut state),
+            (vec![(4, "too_many_open_windows".to_owned())], vec![])
+        );
+        // The first event of the next minute closes both windows as it is folded (grace 0),
+        // so it fits; so does a second customer's, but not a third's.
+        feed_at(&mut state, "c3", "e5", now + 60_000);
+        feed_at(&mut state, "c4", "e6", now + 60_001);
+        feed_at(&mut state, "c5", "e7", now + 60_002);
+        assert_eq!(
+            refusals(&mut state),
+            (
+                vec![(7, "too_many_open_windows".to_owned())],
+                vec![("c1".to_owned(), now), ("c2".to_owned(), now)]
+            )
+        );
+        assert_eq!(state.open_window_bytes(), 2 * cost);
+        // Another tenant's windows are bounded apart: beta opens its own two.
+        for (id, customer) in [("b0", "c1"), ("b1", "c2")] {
+            let event = neruba_schemas::Event {
+                tenant: "beta".into(),
+                id: id.into(),
+                event_type: "llm".into(),
+                subject: customer.into(),
+                time_ms: now + 60_000,
+                received_ms: now + 60_000,
+                source: None,
+                data: serde_json::json!({ "tokens": "1" })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            feed(&mut state, &catalog, &mut offset, &codec::encode(&event));
+        }
+        assert_eq!(refusals(&mut state), (vec![], vec![]));
+        assert_eq!(open_cost(&window("beta", "c1", now)), cost);
+        assert_eq!(state.open_window_bytes(), 4 * cost);
     }
 
     #[test]

@@ -74,6 +74,7 @@ fn bench(c: &mut Criterion) {
         grace_ms: 10_000,
         correction_horizon_ms: 35 * DAY_MS,
         dedup_horizon_ms: 35 * DAY_MS,
+        max_open_window_bytes: neruba_aggregator::state::MAX_OPEN_WINDOW_BYTES,
     };
     let mut group = c.benchmark_group("aggregator");
     group.throughput(Throughput::Elements(BATCH as u64));

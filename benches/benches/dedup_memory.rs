@@ -44,6 +44,7 @@ fn run(index_in_cache: bool, ids: u64, cache_mib: usize) -> Result<f64> {
         grace_ms: 10_000,
         correction_horizon_ms: 35 * 86_400_000,
         dedup_horizon_ms: 35 * 86_400_000,
+        max_open_window_bytes: neruba_aggregator::state::MAX_OPEN_WINDOW_BYTES,
     };
     let mut options = store_options(timing);
     options.index_in_cache = index_in_cache;

@@ -40,11 +40,16 @@ pub enum RejectCode {
     /// sum would leave the exact decimal range; the event is dead-lettered whole (no meter
     /// counts it) and the partition goes on.
     ValueOutOfRange,
+    /// Aggregator only: the event would open windows (new customers, meters or group values
+    /// in windows not yet closed) past the bytes its tenant may hold open in a partition; it
+    /// is dead-lettered whole and the partition goes on. The tenant's windows free their bytes
+    /// as they close, so a later event opens them again.
+    TooManyOpenWindows,
 }
 
 impl RejectCode {
     /// Every code, for metrics pre-registration and documentation.
-    pub const ALL: [RejectCode; 12] = [
+    pub const ALL: [RejectCode; 13] = [
         RejectCode::InvalidJson,
         RejectCode::MissingField,
         RejectCode::InvalidField,
@@ -57,6 +62,7 @@ impl RejectCode {
         RejectCode::Unauthenticated,
         RejectCode::Forbidden,
         RejectCode::ValueOutOfRange,
+        RejectCode::TooManyOpenWindows,
     ];
 
     /// The stable wire spelling.
@@ -74,6 +80,7 @@ impl RejectCode {
             RejectCode::Unauthenticated => "unauthenticated",
             RejectCode::Forbidden => "forbidden",
             RejectCode::ValueOutOfRange => "value_out_of_range",
+            RejectCode::TooManyOpenWindows => "too_many_open_windows",
         }
     }
 }

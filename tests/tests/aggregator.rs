@@ -712,6 +712,95 @@ async fn a_value_that_cannot_be_folded_is_dead_lettered_and_the_partition_goes_o
 }
 
 #[tokio::test]
+async fn a_client_opening_ever_new_windows_is_bounded_and_the_partition_goes_on() -> Result<()> {
+    // Open windows are held in memory: a client sending a new group value (or customer) with
+    // every event, or long ones, grew the aggregator without bound. Each tenant may hold
+    // `--max-open-window-bytes` of them in a partition; an event opening more is
+    // dead-lettered, and the windows free their bytes as they close.
+    let s = setup(1)?;
+    let llm = |id: &str, at_s: i64, model: &str| {
+        event(
+            "t1",
+            id,
+            "llm",
+            "c1",
+            t0() + at_s * 1000,
+            json!({"tokens": "1", "model": model, "status": "ok"}),
+        )
+    };
+    let window = |model: &str, minute: i64| {
+        let group = serde_json::to_string(&json!({ "model": model })).unwrap_or_default();
+        let series = aggregator::keys::series("tokens", "c1", &group);
+        aggregator::keys::window("t1", &series, t0() + minute * 60_000)
+    };
+    // Room for three windows of models m-0 .. m-9 (keys of one length).
+    let cost = aggregator::state::open_cost(&window("m-0", 0));
+    let long = "x".repeat(32 * 1024);
+    let mut events = vec![
+        llm("a0", 1, "m-0"),
+        llm("a1", 1, "m-1"),
+        llm("a2", 1, "m-2"),
+    ];
+    for i in 3..10 {
+        events.push(llm(&format!("hostile-{i}"), 2, &format!("m-{i}")));
+    }
+    events.push(llm("long", 3, &long));
+    // Open windows still take events, and another tenant opens its own.
+    events.push(llm("a3", 4, "m-0"));
+    events.push(event("t2", "b0", "api", "c9", t0() + 4_000, json!({})));
+    // The next minutes' first events close minute 0 and open again.
+    events.push(llm("a4", 62, "m-5"));
+    events.push(llm("a5", 125, "m-6"));
+    let registry = prometheus::Registry::new();
+    let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |c| {
+        c.timing.max_open_window_bytes = 3 * cost;
+    })?;
+    s.writer.send(0, &events).await?;
+    wait_applied(&s, 0, events.len()).await?;
+    let letters = dead_letters(s.kafka.bootstrap_servers(), 8).await?;
+    let refused: Vec<(String, String)> = letters
+        .iter()
+        .map(|(code, payload)| {
+            let event: Event = neruba_schemas::codec::decode(&mut payload.clone())?;
+            Ok((code.clone(), event.id))
+        })
+        .collect::<Result<_>>()?;
+    let mut expected: Vec<(String, String)> = (3..10)
+        .map(|i| ("too_many_open_windows".to_owned(), format!("hostile-{i}")))
+        .collect();
+    expected.push(("too_many_open_windows".to_owned(), "long".to_owned()));
+    assert_eq!(refused, expected);
+    // Minute 0 holds exactly the events that fitted; minute 1 (closed by the event at 125 s)
+    // the one of m-5.
+    let tokens = closed(&s, 4, 800, "c1", &["tokens"]).await?;
+    assert_eq!(
+        tokens,
+        vec![
+            row("tokens", "model=m-0", 0, ("2", 2), ("2", 2), 1),
+            row("tokens", "model=m-1", 0, ("1", 1), ("1", 1), 1),
+            row("tokens", "model=m-2", 0, ("1", 1), ("1", 1), 1),
+            row("tokens", "model=m-5", 1, ("1", 1), ("1", 1), 1),
+        ]
+    );
+    // Open now: t1's window of m-6 and t2's of c9.
+    let open_bytes = registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == "neruba_open_window_bytes")
+        .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+        .unwrap_or(-1.0);
+    let t2_cost = aggregator::state::open_cost(&aggregator::keys::window(
+        "t2",
+        &aggregator::keys::series("calls", "c9", "{}"),
+        t0(),
+    ));
+    assert_eq!(open_bytes, f64::from(u32::try_from(cost + t2_cost)?));
+    drop(shutdown);
+    running.wait().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_message_and_unmetered_type_are_dead_lettered_not_dropped() -> Result<()> {
     let s = setup(1)?;
     let (running, shutdown) = start(&s, s.state.path(), |_| {})?;

@@ -24,6 +24,8 @@ pub(super) struct Clock {
     pub(super) watermark: i64,
     /// The tenant's windows not yet closed, by end time.
     pub(super) open: BTreeSet<(i64, Vec<u8>)>,
+    /// What `open` counts against the bound (see [`super::open_cost`]).
+    pub(super) open_bytes: usize,
     /// Changed by the batch: written at commit.
     pub(super) dirty: bool,
     /// The batch applied an event of this tenant (idle time restarts at the batch's end).
@@ -41,6 +43,7 @@ impl Clock {
             max_event_time,
             watermark,
             open: BTreeSet::new(),
+            open_bytes: 0,
             dirty: false,
             touched: false,
             last_event_at: Instant::now(),
@@ -164,7 +167,10 @@ impl PartitionState {
         clock.dirty = true;
         let mut closing = Vec::new();
         while clock.open.first().is_some_and(|(end, _)| *end <= watermark) {
-            closing.extend(clock.open.pop_first());
+            if let Some(first) = clock.open.pop_first() {
+                clock.open_bytes = clock.open_bytes.saturating_sub(super::open_cost(&first.1));
+                closing.push(first);
+            }
         }
         for (end, window_key) in closing {
             self.close(end, window_key)?;

@@ -76,6 +76,13 @@ pub(crate) struct AggregatorArgs {
     /// How long the aggregator remembers an event id.
     #[arg(long, env = "NERUBA_AGGREGATOR_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) dedup_horizon: Duration,
+    /// Most bytes of open windows (kept in memory) one tenant may hold in a partition, each
+    /// window counted as three times its key plus 1 KiB: an event that would open windows past
+    /// it is dead-lettered `too_many_open_windows`. Bounds the memory a client sending ever
+    /// new customers or group values can take; which events it refuses is decided by the
+    /// partition's log, so a replay under the same bound refuses the same ones.
+    #[arg(long, env = "NERUBA_AGGREGATOR_MAX_OPEN_WINDOW_BYTES", default_value_t = neruba_aggregator::state::MAX_OPEN_WINDOW_BYTES)]
+    pub(crate) max_open_window_bytes: usize,
     /// Most messages applied before state is written.
     #[arg(long, env = "NERUBA_AGGREGATOR_MAX_BATCH", default_value_t = 5_000)]
     pub(crate) max_batch: usize,
@@ -124,6 +131,7 @@ impl AggregatorArgs {
             grace_ms: millis(self.grace)?,
             correction_horizon_ms: millis(self.aggregator_correction_horizon)?,
             dedup_horizon_ms: millis(self.dedup_horizon)?,
+            max_open_window_bytes: self.max_open_window_bytes,
         };
         config.idle_timeout = self.idle_timeout;
         config.stage.max_batch = self.max_batch;
