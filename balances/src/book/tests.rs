@@ -728,6 +728,86 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
     assert_eq!(book.balance("EUR"), d("0"));
 }
 
+#[test]
+fn a_customer_has_at_most_its_bound_of_active_grants_and_a_refused_key_applies_once_there_is_room()
+{
+    let mut book = Book::default();
+    for i in 0..MAX_ACTIVE_GRANTS {
+        let applied = book.apply_grant(
+            &grant(&format!("k{i}"), d("1"), "USD", 1, None, None),
+            T0,
+            GRACE,
+        );
+        assert_eq!(applied.len(), 1);
+    }
+    // Active grants count in every currency together.
+    let one_more = grant("k-eur", d("7"), "EUR", 1, None, None);
+    let refused = book.apply_grant(&one_more, T0, GRACE);
+    assert_eq!(
+        refused
+            .iter()
+            .map(|e| (e.kind, e.code.as_deref(), e.amount, e.balance_after))
+            .collect::<Vec<_>>(),
+        vec![(
+            EntryKind::GrantRefused,
+            Some("too_many_active_grants"),
+            d("0"),
+            d("0")
+        )]
+    );
+    assert_eq!(book.balance("EUR"), d("0"));
+    assert_eq!(book.balance("USD"), Decimal::from(MAX_ACTIVE_GRANTS));
+    // One ends: the refused key applies when sent again, once.
+    book.apply_void("acme", "c1", &grant_id("acme", "c1", "k0"));
+    let granted = book.apply_grant(&one_more, T0, GRACE);
+    assert_eq!(
+        granted
+            .iter()
+            .map(|e| (e.kind, e.amount, e.balance_after))
+            .collect::<Vec<_>>(),
+        vec![(EntryKind::Grant, d("7"), d("7"))]
+    );
+    assert!(book.apply_grant(&one_more, T0, GRACE).is_empty());
+    assert_eq!(book.balance("USD"), Decimal::from(MAX_ACTIVE_GRANTS - 1));
+
+    // The keys and metadata of the active grants are bounded too: 8 grants with 32 KiB of
+    // metadata each (the most a grant may carry) take the whole 256 KiB less their keys.
+    let mut book = Book::default();
+    let heavy = |key: &str| {
+        let mut g = grant(key, d("1"), "USD", 1, None, None);
+        for i in 0..32 {
+            g.terms
+                .metadata
+                .insert(format!("{i:0>512}"), "v".repeat(512));
+        }
+        g
+    };
+    let applied: Vec<Option<String>> = (0..8)
+        .flat_map(|i| book.apply_grant(&heavy(&format!("h{i}")), T0, GRACE))
+        .map(|e| e.code)
+        .collect();
+    assert_eq!(
+        applied,
+        vec![
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some("too_many_active_grants".to_owned())
+        ]
+    );
+    assert_eq!(book.balance("USD"), d("7"));
+    // A grant with no metadata still fits beside them.
+    let light = book.apply_grant(&grant("l", d("1"), "USD", 1, None, None), T0, GRACE);
+    assert_eq!(
+        light.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        vec![EntryKind::Grant]
+    );
+}
+
 fn rule(threshold: &str, recharge_to: Option<&str>) -> RuleRecord {
     RuleRecord {
         v: credit::RULE_RECORD_V,
