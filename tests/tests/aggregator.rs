@@ -782,19 +782,28 @@ async fn a_client_opening_ever_new_windows_is_bounded_and_the_partition_goes_on(
             row("tokens", "model=m-5", 1, ("1", 1), ("1", 1), 1),
         ]
     );
-    // Open now: t1's window of m-6 and t2's of c9.
-    let open_bytes = registry
-        .gather()
-        .iter()
-        .find(|f| f.name() == "neruba_open_window_bytes")
-        .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
-        .unwrap_or(-1.0);
+    // Open now: t1's window of m-6 and t2's of c9 (the gauge is published at most once a
+    // second, after a batch).
     let t2_cost = aggregator::state::open_cost(&aggregator::keys::window(
         "t2",
         &aggregator::keys::series("calls", "c9", "{}"),
         t0(),
     ));
-    assert_eq!(open_bytes, f64::from(u32::try_from(cost + t2_cost)?));
+    let expected = f64::from(u32::try_from(cost + t2_cost)?);
+    let mut open_bytes = -1.0;
+    for _ in 0..100 {
+        open_bytes = registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "neruba_open_window_bytes")
+            .and_then(|f| f.get_metric().first().map(|m| m.get_gauge().get_value()))
+            .unwrap_or(-1.0);
+        if open_bytes == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open_bytes, expected);
     drop(shutdown);
     running.wait().await?;
     Ok(())

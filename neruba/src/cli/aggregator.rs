@@ -77,7 +77,7 @@ pub(crate) struct AggregatorArgs {
     #[arg(long, env = "NERUBA_AGGREGATOR_DEDUP_HORIZON", default_value = "35days", value_parser = humantime::parse_duration)]
     pub(crate) dedup_horizon: Duration,
     /// Most bytes of open windows (kept in memory) one tenant may hold in a partition, each
-    /// window counted as three times its key plus 1 KiB: an event that would open windows past
+    /// window counted as four times its key plus 1.5 KiB: an event that would open windows past
     /// it is dead-lettered `too_many_open_windows`. Bounds the memory a client sending ever
     /// new customers or group values can take; which events it refuses is decided by the
     /// partition's log, so a replay under the same bound refuses the same ones.
