@@ -12,9 +12,8 @@
 //!   Credit given back to a grant that has since expired or been voided expires (or is voided)
 //!   again at once. What is left after all allocations is a negative `uncovered` (owed back);
 //! - a grant repeated with the same terms changes nothing; with other terms it is refused
-//!   (`key_conflict`), and so is a new one past the customer's bound of active grants
-//!   ([`MAX_ACTIVE_GRANTS`], [`MAX_ACTIVE_GRANT_BYTES`]: `too_many_active_grants`); a void
-//!   voids what is left; a tick expires every grant whose `expires_at` + grace it passed;
+//!   (`key_conflict`); a void voids what is left; a tick expires every grant whose
+//!   `expires_at` + grace it passed;
 //! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
 //!   each entry's `balance_before` is the previous one's `balance_after` in its currency;
 //! - after every record, each of the customer's balance rules is checked ([`rules`]): one
@@ -93,27 +92,6 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
-}
-
-/// Active grants a customer may have, all currencies together; one more is refused
-/// (`too_many_active_grants`) until one ends. Each line item draws on them in order and its
-/// book, which holds them, is written after every record: without a bound, a client granting
-/// without end would make each of the customer's items dearer until the stage stalled.
-pub const MAX_ACTIVE_GRANTS: usize = 1_000;
-
-/// Bytes of keys and metadata ([`held_bytes`]) a customer's active grants may hold together,
-/// bounded for the same reason (a grant's metadata alone may hold 32 KiB).
-pub const MAX_ACTIVE_GRANT_BYTES: usize = 256 << 10;
-
-/// What a grant counts against [`MAX_ACTIVE_GRANT_BYTES`]: its key and metadata.
-pub fn held_bytes(grant: &Grant) -> usize {
-    grant.key.len()
-        + grant
-            .terms
-            .metadata
-            .iter()
-            .map(|(name, value)| name.len() + value.len())
-            .sum::<usize>()
 }
 
 /// A book's stored form's first byte: [`postcard`] (compact binary serde) follows. Books
@@ -518,26 +496,6 @@ impl Book {
                     Some("key_conflict"),
                 );
             }
-            return e.out;
-        }
-        let (active, bytes) = e
-            .book
-            .grants
-            .values()
-            .filter(|g| g.status == Status::Active)
-            .fold((0, 0), |(n, bytes), g| {
-                (n + 1, bytes + held_bytes(&g.grant))
-            });
-        if active >= MAX_ACTIVE_GRANTS || bytes + held_bytes(grant) > MAX_ACTIVE_GRANT_BYTES {
-            // Not kept: the same key is applied once the customer has room again.
-            e.push(
-                EntryKind::GrantRefused,
-                &currency,
-                Some(&grant.id),
-                None,
-                Decimal::ZERO,
-                Some("too_many_active_grants"),
-            );
             return e.out;
         }
         rules::resolve(e.book, &grant.key);
