@@ -387,7 +387,9 @@ impl PartitionState {
 
     /// Why `event` may not be folded into `targets`, if the windows it would open would take
     /// its tenant past [`Timing::max_open_window_bytes`]. A window opens when it ends after
-    /// the tenant's watermark and is not open yet (every open window is in the cache).
+    /// the tenant's watermark and is not open yet (every open window is in the cache; an
+    /// open-index entry whose record was never written, which only older state can hold, is
+    /// not, and counts as opening: stricter, and still decided by the store alone).
     fn opens_too_many(&self, event: &Event, targets: &[window::Target]) -> Option<Rejection> {
         let limit = self.timing.max_open_window_bytes;
         let clock = self.clocks.get(&event.tenant);

@@ -157,6 +157,9 @@ impl From<ReadError> for Refused {
                     e.to_string(),
                 )
             },
+            ReadError::TooLarge(message) => {
+                refused(StatusCode::UNPROCESSABLE_ENTITY, "too_many_rows", message)
+            }
             ReadError::Storage(_) => {
                 tracing::error!(error = %e, "Read model storage failed.");
                 refused(
@@ -1230,6 +1233,7 @@ async fn usage(
         bucket,
         group_by,
         filters,
+        max_rows: crate::usage::MAX_USAGE_ROWS,
     };
     query.check().map_err(|why| match why {
         Unanswerable::WindowNotAMultiple(m) => {

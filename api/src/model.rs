@@ -54,6 +54,9 @@ pub enum ReadError {
     NotLoaded(i32),
     #[error("read model storage: {0}")]
     Storage(String),
+    /// The answer would pass a bound on its size (a usage answer's rows).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl From<rocksdb::Error> for ReadError {

@@ -273,7 +273,19 @@ pub struct Query<'a> {
     /// Group keys kept (`None`: all of the meter's).
     pub group_by: Option<Vec<String>>,
     pub filters: BTreeMap<String, String>,
+    /// Most rows the answer may hold ([`MAX_USAGE_ROWS`]); past it the query is refused
+    /// ([`ReadError::TooLarge`]) before more is gathered.
+    pub max_rows: usize,
 }
+
+/// Most rows a usage answer holds: buckets times the groups kept, which a tenant's data (a
+/// group value per event, say) could otherwise make as large as the read model's memory.
+pub const MAX_USAGE_ROWS: usize = 100_000;
+
+/// Most stored groups one query remembers how it projects (past it, a further group's text is
+/// parsed at each of its windows): its memory stays bounded however many groups it passes
+/// over, filtered out or not.
+const GROUPS_REMEMBERED: usize = 100_000;
 
 /// One row of a usage answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -426,7 +438,9 @@ impl Query<'_> {
                         }
                         Some(index)
                     };
-                    seen.insert(group_bytes.to_vec(), index);
+                    if seen.len() < GROUPS_REMEMBERED {
+                        seen.insert(group_bytes.to_vec(), index);
+                    }
                     index
                 }
             };
@@ -448,6 +462,14 @@ impl Query<'_> {
                         latest_at: rank,
                         events: stored.events,
                     });
+                    if buckets.len() > self.max_rows {
+                        return Err(ReadError::TooLarge(format!(
+                            "the answer would hold more than {} rows (buckets times groups): ask \
+                             for a shorter range, a coarser `window`, fewer `group_by` keys or a \
+                             `filter`",
+                            self.max_rows
+                        )));
+                    }
                 }
                 std::collections::btree_map::Entry::Occupied(mut slot) => {
                     let acc = slot.get_mut();
@@ -664,6 +686,7 @@ window = "1d"
             bucket,
             group_by,
             filters: BTreeMap::new(),
+            max_rows: MAX_USAGE_ROWS,
         }
     }
 
@@ -821,6 +844,53 @@ window = "1d"
             Some(vec!["zone".into(), "region".into()]),
         );
         assert_eq!(both.check(), Ok(()));
+    }
+
+    #[test]
+    fn an_answer_past_its_rows_is_refused_and_a_narrower_one_is_answered() {
+        // Was: rows were gathered without bound, so a customer with a group value per event
+        // made one usage read as large as the read model's memory.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let peak = meter_of(&catalog, "peak");
+        let windows = [
+            (0, "eu", "1"),
+            (0, "us", "2"),
+            (1, "ap", "3"),
+            (1, "eu", "4"),
+        ];
+        let (_dir, m) = model("peak", &windows);
+        let mut per_group = query(peak, Bucket::Hour, None);
+        per_group.max_rows = 2;
+        let refused = per_group.run(&m);
+        assert!(
+            matches!(&refused, Err(ReadError::TooLarge(message))
+                if message.starts_with("the answer would hold more than 2 rows")),
+            "{refused:?}"
+        );
+        // At the bound, answered.
+        per_group.max_rows = 3;
+        assert_eq!(
+            quantities(&per_group.run(&m).expect("run")),
+            vec![
+                ("ap".into(), d("3")),
+                ("eu".into(), d("4")),
+                ("us".into(), d("2"))
+            ]
+        );
+        // Fewer groups kept, or a filter: one row.
+        per_group.max_rows = 1;
+        let mut all = per_group.clone();
+        all.group_by = Some(vec![]);
+        assert_eq!(
+            quantities(&all.run(&m).expect("run")),
+            vec![(String::new(), d("4"))]
+        );
+        let mut only_eu = per_group;
+        only_eu.filters.insert("region".into(), "eu".into());
+        assert_eq!(
+            quantities(&only_eu.run(&m).expect("run")),
+            vec![("eu".into(), d("4"))]
+        );
     }
 
     #[test]

@@ -291,16 +291,7 @@ async fn every_aggregation_with_group_by_and_filters_matches_hand_computed_rollu
     let s = setup(1)?;
     let registry = prometheus::Registry::new();
     let (running, shutdown) = start_with_registry(&s, s.state.path(), &registry, |_| {})?;
-    let llm = |id: &str, at_s: i64, tokens: &str, model: &str, status: &str| {
-        event(
-            "t1",
-            id,
-            "llm",
-            "c1",
-            t0() + at_s * 1000,
-            json!({"tokens": tokens, "model": model, "status": status}),
-        )
-    };
+    let llm = llm_c1;
     let seat = |id: &str, at_s: i64, seats: &str| {
         event(
             "t1",
@@ -632,21 +623,25 @@ async fn a_quiet_tenant_closes_its_windows_while_another_keeps_the_partition_bus
     Ok(())
 }
 
+/// An `llm` event of `t1`'s customer `c1`, `at_s` seconds after [`t0`] (the `tokens` meter
+/// counts it when its status is `ok`).
+fn llm_c1(id: &str, at_s: i64, tokens: &str, model: &str, status: &str) -> Event {
+    event(
+        "t1",
+        id,
+        "llm",
+        "c1",
+        t0() + at_s * 1000,
+        json!({"tokens": tokens, "model": model, "status": status}),
+    )
+}
+
 #[tokio::test]
 async fn a_value_that_cannot_be_folded_is_dead_lettered_and_the_partition_goes_on() -> Result<()> {
     // Found by a hostile client: a sum past the exact decimal range stopped the aggregator,
     // and every restart replayed the same events into the same failure.
     let s = setup(1)?;
-    let llm = |id: &str, at_s: i64, tokens: &str| {
-        event(
-            "t1",
-            id,
-            "llm",
-            "c1",
-            t0() + at_s * 1000,
-            json!({"tokens": tokens, "model": "a", "status": "ok"}),
-        )
-    };
+    let llm = |id: &str, at_s: i64, tokens: &str| llm_c1(id, at_s, tokens, "a", "ok");
     // Each value fits alone; the eighth would make the window's sum round (28 significant
     // digits at scale 10 no longer fit), so it is refused whole.
     let big = "999999999999999999.9999999999";
@@ -718,16 +713,7 @@ async fn a_client_opening_ever_new_windows_is_bounded_and_the_partition_goes_on(
     // `--max-open-window-bytes` of them in a partition; an event opening more is
     // dead-lettered, and the windows free their bytes as they close.
     let s = setup(1)?;
-    let llm = |id: &str, at_s: i64, model: &str| {
-        event(
-            "t1",
-            id,
-            "llm",
-            "c1",
-            t0() + at_s * 1000,
-            json!({"tokens": "1", "model": model, "status": "ok"}),
-        )
-    };
+    let llm = |id: &str, at_s: i64, model: &str| llm_c1(id, at_s, "1", model, "ok");
     let window = |model: &str, minute: i64| {
         let group = serde_json::to_string(&json!({ "model": model })).unwrap_or_default();
         let series = aggregator::keys::series("tokens", "c1", &group);
