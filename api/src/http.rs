@@ -55,6 +55,8 @@ pub(crate) struct AppState {
     pub(crate) events: Arc<crate::events::EventsProgress>,
     /// Longest wait for `min_position`.
     pub(crate) read_wait: Duration,
+    /// Most rows a usage answer holds.
+    pub(crate) max_usage_rows: usize,
     pub(crate) metrics: crate::metrics::Metrics,
 }
 
@@ -157,7 +159,7 @@ impl From<ReadError> for Refused {
                     e.to_string(),
                 )
             },
-            ReadError::TooLarge(message) => {
+            ReadError::TooManyRows(message) => {
                 refused(StatusCode::UNPROCESSABLE_ENTITY, "too_many_rows", message)
             }
             ReadError::Storage(_) => {
@@ -1233,7 +1235,7 @@ async fn usage(
         bucket,
         group_by,
         filters,
-        max_rows: crate::usage::MAX_USAGE_ROWS,
+        max_rows: state.max_usage_rows,
     };
     query.check().map_err(|why| match why {
         Unanswerable::WindowNotAMultiple(m) => {
@@ -1295,6 +1297,19 @@ mod tests {
     use std::collections::BTreeMap;
 
     const T0: i64 = 1_798_761_600_000;
+
+    #[test]
+    fn a_usage_answer_past_its_rows_is_a_stable_422() {
+        let refused = Refused::from(ReadError::TooManyRows("past the bound".into()));
+        assert_eq!(
+            (refused.status, refused.code, refused.message.as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_many_rows",
+                "past the bound"
+            )
+        );
+    }
 
     fn grant(key: &str, amount: Decimal) -> Grant {
         Grant {

@@ -64,6 +64,8 @@ pub struct Config {
     /// How many connections may be open, and how long each may take to speak: the gateway's
     /// server (a request head within 10 s of its first byte, 60 s idle, 10,000 open).
     pub connections: neruba_stage::server::ConnectionLimits,
+    /// Most rows a usage answer holds ([`usage::MAX_USAGE_ROWS`]).
+    pub max_usage_rows: usize,
 }
 
 impl Config {
@@ -92,6 +94,7 @@ impl Config {
             read_wait: Duration::from_secs(5),
             console_gateway: None,
             connections: neruba_stage::server::ConnectionLimits::default(),
+            max_usage_rows: usage::MAX_USAGE_ROWS,
         }
     }
 }
@@ -254,6 +257,7 @@ pub async fn start(
         rollups: rollups.clone(),
         events,
         read_wait: config.read_wait,
+        max_usage_rows: config.max_usage_rows,
         metrics,
     };
     // The documented reads, and the console (`console.rs`) that reads through them.

@@ -54,9 +54,9 @@ pub enum ReadError {
     NotLoaded(i32),
     #[error("read model storage: {0}")]
     Storage(String),
-    /// The answer would pass a bound on its size (a usage answer's rows).
+    /// A usage answer would pass its bound on rows (or on their groups' bytes).
     #[error("{0}")]
-    TooLarge(String),
+    TooManyRows(String),
 }
 
 impl From<rocksdb::Error> for ReadError {

@@ -273,19 +273,26 @@ pub struct Query<'a> {
     /// Group keys kept (`None`: all of the meter's).
     pub group_by: Option<Vec<String>>,
     pub filters: BTreeMap<String, String>,
-    /// Most rows the answer may hold ([`MAX_USAGE_ROWS`]); past it the query is refused
-    /// ([`ReadError::TooLarge`]) before more is gathered.
+    /// Most rows the answer may hold ([`MAX_USAGE_ROWS`]); past it, or past
+    /// [`MAX_USAGE_GROUP_BYTES`], the query is refused ([`ReadError::TooManyRows`]) before
+    /// more is gathered.
     pub max_rows: usize,
 }
 
-/// Most rows a usage answer holds: buckets times the groups kept, which a tenant's data (a
-/// group value per event, say) could otherwise make as large as the read model's memory.
+/// Most rows a usage answer holds, one per bucket and group with usage, which a tenant's data
+/// (a group value per event, say) could otherwise make as large as the read model's memory.
 pub const MAX_USAGE_ROWS: usize = 100_000;
 
-/// Most stored groups one query remembers how it projects (past it, a further group's text is
-/// parsed at each of its windows): its memory stays bounded however many groups it passes
-/// over, filtered out or not.
+/// Most bytes of group text a usage answer's rows hold together (each row counted with its
+/// group's stored text): a group value may be as long as an event, so few rows could
+/// otherwise hold much.
+pub const MAX_USAGE_GROUP_BYTES: usize = 32 << 20;
+
+/// Most stored groups, and bytes of their text, one query remembers how it projects (past
+/// it, a further group's text is parsed at each of its windows): its memory stays bounded
+/// however many groups it passes over, filtered out or not.
 const GROUPS_REMEMBERED: usize = 100_000;
+const GROUP_BYTES_REMEMBERED: usize = 16 << 20;
 
 /// One row of a usage answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -403,6 +410,9 @@ impl Query<'_> {
         // (`None`: filtered out).
         let mut seen: HashMap<Vec<u8>, Option<usize>> = HashMap::new();
         let mut groups: Vec<BTreeMap<String, String>> = Vec::new();
+        // The stored text length of each of `groups` (its first), what a row of it counts.
+        let mut group_bytes_of: Vec<usize> = Vec::new();
+        let (mut seen_bytes, mut row_bytes) = (0_usize, 0_usize);
         let mut projected: HashMap<BTreeMap<String, String>, usize> = HashMap::new();
         let mut buckets: BTreeMap<(i64, usize), Acc> = BTreeMap::new();
         for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
@@ -435,10 +445,14 @@ impl Query<'_> {
                         let index = *projected.entry(kept.clone()).or_insert(next);
                         if index == next {
                             groups.push(kept);
+                            group_bytes_of.push(group_bytes.len());
                         }
                         Some(index)
                     };
-                    if seen.len() < GROUPS_REMEMBERED {
+                    if seen.len() < GROUPS_REMEMBERED
+                        && seen_bytes + group_bytes.len() <= GROUP_BYTES_REMEMBERED
+                    {
+                        seen_bytes += group_bytes.len();
                         seen.insert(group_bytes.to_vec(), index);
                     }
                     index
@@ -462,12 +476,14 @@ impl Query<'_> {
                         latest_at: rank,
                         events: stored.events,
                     });
-                    if buckets.len() > self.max_rows {
-                        return Err(ReadError::TooLarge(format!(
-                            "the answer would hold more than {} rows (buckets times groups): ask \
-                             for a shorter range, a coarser `window`, fewer `group_by` keys or a \
-                             `filter`",
-                            self.max_rows
+                    row_bytes += group_bytes_of.get(index).copied().unwrap_or(0);
+                    if buckets.len() > self.max_rows || row_bytes > MAX_USAGE_GROUP_BYTES {
+                        return Err(ReadError::TooManyRows(format!(
+                            "the answer would hold more than {} rows (one per bucket and group \
+                             with usage) or {} MiB of group values: ask for a shorter range, a \
+                             coarser `window`, fewer `group_by` keys or a `filter`",
+                            self.max_rows,
+                            MAX_USAGE_GROUP_BYTES >> 20
                         )));
                     }
                 }
@@ -863,7 +879,7 @@ window = "1d"
         per_group.max_rows = 2;
         let refused = per_group.run(&m);
         assert!(
-            matches!(&refused, Err(ReadError::TooLarge(message))
+            matches!(&refused, Err(ReadError::TooManyRows(message))
                 if message.starts_with("the answer would hold more than 2 rows")),
             "{refused:?}"
         );
@@ -891,6 +907,24 @@ window = "1d"
             quantities(&only_eu.run(&m).expect("run")),
             vec![("eu".into(), d("4"))]
         );
+
+        // Few rows of a long group value are bounded by their bytes: 900 windows of a
+        // 40,000-byte value pass 32 MiB; by day they are one row.
+        let long = "x".repeat(40_000);
+        let windows: Vec<(i64, &str, &str)> = (0..900)
+            .map(|minute| (minute, long.as_str(), "1"))
+            .collect();
+        let (_dir, m) = model("peak", &windows);
+        let per_window = query(peak, Bucket::Meter, None);
+        let refused = per_window.run(&m);
+        assert!(
+            matches!(&refused, Err(ReadError::TooManyRows(message)) if message.contains("32 MiB")),
+            "{:?}",
+            refused.map(|rows| rows.len())
+        );
+        let daily = query(peak, Bucket::Day, None).run(&m).expect("run");
+        assert_eq!(quantities(&daily), vec![(long.clone(), d("1"))]);
+        assert_eq!(daily[0].events, 900);
     }
 
     #[test]

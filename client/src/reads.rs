@@ -1014,7 +1014,9 @@ impl Reader {
 
     /// Usage as `query` asks, from the closed windows' rollups. A customer with no usage at
     /// all is `404 customer_not_found`; a combination the meter's aggregation cannot answer
-    /// exactly is `422 not_combinable`.
+    /// exactly is `422 not_combinable`; an answer of more than 100,000 rows (one per bucket and
+    /// group with usage) is `422 too_many_rows`: ask for a shorter range, a coarser window,
+    /// fewer groups or a filter.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
         self.get(&["v1", "usage"], query.pairs()?, "usage").await
     }

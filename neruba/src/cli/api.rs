@@ -67,6 +67,10 @@ pub(crate) struct ApiArgs {
     /// without it the console (`/console`) only reads. `neruba dev` uses its own gateway.
     #[arg(long, env = "NERUBA_API_CONSOLE_GATEWAY_URL")]
     pub(crate) console_gateway_url: Option<String>,
+    /// Most rows a usage answer holds (one per bucket and group with usage); a read past it is
+    /// refused `422 too_many_rows`, so one read's memory stays bounded.
+    #[arg(long, env = "NERUBA_API_MAX_USAGE_ROWS", default_value_t = neruba_api::usage::MAX_USAGE_ROWS)]
+    pub(crate) api_max_usage_rows: usize,
 }
 
 /// The topics the api reads (ledger, rollups) or waits on (events).
@@ -94,6 +98,7 @@ impl ApiArgs {
         config.events_topic = topics.events.to_owned();
         config.aggregator_group_id = aggregator_group_id.to_owned();
         config.read_wait = self.api_read_wait;
+        config.max_usage_rows = self.api_max_usage_rows;
         config.console_gateway.clone_from(&self.console_gateway_url);
         config
     }
