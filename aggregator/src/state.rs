@@ -324,12 +324,10 @@ impl PartitionState {
             let window_key = rest.get(8..).unwrap_or_default();
             if let (Some(end), Some(tenant)) = (keys::time_from(rest), keys::tenant_of(window_key))
             {
-                let clock = clocks
+                clocks
                     .entry(tenant.to_owned())
-                    .or_insert_with(|| Clock::new(initial_clock));
-                if clock.open.insert((end, window_key.to_vec())) {
-                    clock.open_bytes = clock.open_bytes.saturating_add(open_cost(window_key));
-                }
+                    .or_insert_with(|| Clock::new(initial_clock))
+                    .open_window(end, window_key);
             }
         }
         // Every open window's record is kept in memory (see `load_window`).
@@ -420,13 +418,7 @@ impl PartitionState {
         } else {
             watermark
         };
-        let freed: usize = clock
-            .open
-            .iter()
-            .take_while(|(end, _)| *end <= after)
-            .map(|(_, key)| open_cost(key))
-            .sum();
-        let held = clock.open_bytes.saturating_sub(freed);
+        let held = clock.open_bytes.saturating_sub(clock.closing_bytes(after));
         (held.saturating_add(opening) > limit).then(|| self.too_many(event, held, opening))
     }
 

@@ -283,9 +283,9 @@ pub struct Query<'a> {
 /// (a group value per event, say) could otherwise make as large as the read model's memory.
 pub const MAX_USAGE_ROWS: usize = 100_000;
 
-/// Most bytes of group text a usage answer's rows hold together (each row counted with its
-/// group's stored text): a group value may be as long as an event, so few rows could
-/// otherwise hold much.
+/// Most bytes of group names and values a usage answer's rows hold together (each row counted
+/// with its group's): a group value may be as long as an event, so few rows could otherwise
+/// hold much.
 pub const MAX_USAGE_GROUP_BYTES: usize = 32 << 20;
 
 /// Most stored groups, and bytes of their text, one query remembers how it projects (past
@@ -410,8 +410,6 @@ impl Query<'_> {
         // (`None`: filtered out).
         let mut seen: HashMap<Vec<u8>, Option<usize>> = HashMap::new();
         let mut groups: Vec<BTreeMap<String, String>> = Vec::new();
-        // The stored text length of each of `groups` (its first), what a row of it counts.
-        let mut group_bytes_of: Vec<usize> = Vec::new();
         let (mut seen_bytes, mut row_bytes) = (0_usize, 0_usize);
         let mut projected: HashMap<BTreeMap<String, String>, usize> = HashMap::new();
         let mut buckets: BTreeMap<(i64, usize), Acc> = BTreeMap::new();
@@ -445,7 +443,6 @@ impl Query<'_> {
                         let index = *projected.entry(kept.clone()).or_insert(next);
                         if index == next {
                             groups.push(kept);
-                            group_bytes_of.push(group_bytes.len());
                         }
                         Some(index)
                     };
@@ -476,7 +473,10 @@ impl Query<'_> {
                         latest_at: rank,
                         events: stored.events,
                     });
-                    row_bytes += group_bytes_of.get(index).copied().unwrap_or(0);
+                    // What the row holds of its group: the kept names and values.
+                    row_bytes += groups
+                        .get(index)
+                        .map_or(0, |g| g.iter().map(|(k, v)| k.len() + v.len()).sum());
                     if buckets.len() > self.max_rows || row_bytes > MAX_USAGE_GROUP_BYTES {
                         return Err(ReadError::TooManyRows(format!(
                             "the answer would hold more than {} rows (one per bucket and group \

@@ -22,7 +22,8 @@ pub(super) struct Clock {
     pub(super) max_event_time: i64,
     /// Windows of the tenant ending at or before this are closed.
     pub(super) watermark: i64,
-    /// The tenant's windows not yet closed, by end time.
+    /// The tenant's windows not yet closed, by end time; changed only through
+    /// [`Clock::open_window`] and [`Clock::take_closing`], which keep `open_bytes` equal to it.
     pub(super) open: BTreeSet<(i64, Vec<u8>)>,
     /// What `open` counts against the bound (see [`super::open_cost`]).
     pub(super) open_bytes: usize,
@@ -49,6 +50,36 @@ impl Clock {
             last_event_at: Instant::now(),
             tick_sent_at: None,
         }
+    }
+
+    /// Adds a window ending at `end` to the open ones (once), counting its bytes.
+    pub(super) fn open_window(&mut self, end: i64, window_key: &[u8]) {
+        if self.open.insert((end, window_key.to_vec())) {
+            self.open_bytes = self.open_bytes.saturating_add(super::open_cost(window_key));
+        }
+    }
+
+    /// What the open windows ending at or before `watermark` count: the bytes
+    /// [`Clock::take_closing`] would free.
+    pub(super) fn closing_bytes(&self, watermark: i64) -> usize {
+        self.open
+            .iter()
+            .take_while(|(end, _)| *end <= watermark)
+            .map(|(_, key)| super::open_cost(key))
+            .sum()
+    }
+
+    /// Takes the open windows ending at or before `watermark`, in order of end time, their
+    /// bytes no longer counted.
+    fn take_closing(&mut self, watermark: i64) -> Vec<(i64, Vec<u8>)> {
+        let mut closing = Vec::new();
+        while self.open.first().is_some_and(|(end, _)| *end <= watermark) {
+            if let Some(first) = self.open.pop_first() {
+                self.open_bytes = self.open_bytes.saturating_sub(super::open_cost(&first.1));
+                closing.push(first);
+            }
+        }
+        closing
     }
 }
 
@@ -165,14 +196,7 @@ impl PartitionState {
         }
         clock.watermark = watermark;
         clock.dirty = true;
-        let mut closing = Vec::new();
-        while clock.open.first().is_some_and(|(end, _)| *end <= watermark) {
-            if let Some(first) = clock.open.pop_first() {
-                clock.open_bytes = clock.open_bytes.saturating_sub(super::open_cost(&first.1));
-                closing.push(first);
-            }
-        }
-        for (end, window_key) in closing {
+        for (end, window_key) in clock.take_closing(watermark) {
             self.close(end, window_key)?;
         }
         Ok(())

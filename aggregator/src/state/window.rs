@@ -8,7 +8,7 @@
 //! - a late event (its window already closed) updates window and period and re-emits the
 //!   window with `revision + 1`.
 
-use super::{CachedWindow, Output, PartitionState, WindowRecord, open_cost, open_key};
+use super::{CachedWindow, Output, PartitionState, WindowRecord, open_key};
 use crate::{Error, Result, keys};
 use neruba_schemas::measure::Measure;
 use neruba_schemas::rollup::{Aggregate, Rollup};
@@ -280,13 +280,8 @@ impl PartitionState {
         } else {
             if is_new {
                 self.put(open_key(record.window_end_ms, &window_key), Vec::new());
-                let clock = self.clock_mut(tenant)?;
-                if clock
-                    .open
-                    .insert((record.window_end_ms, window_key.clone()))
-                {
-                    clock.open_bytes = clock.open_bytes.saturating_add(open_cost(&window_key));
-                }
+                self.clock_mut(tenant)?
+                    .open_window(record.window_end_ms, &window_key);
             }
             self.store_window(window_key, record);
         }
