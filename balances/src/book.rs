@@ -53,6 +53,34 @@ pub struct GrantState {
     pub voided: Decimal,
 }
 
+impl GrantState {
+    /// Holds no credit, and gets some only if a correction gives it back: ended (expired or
+    /// voided), or active and drawn down to nothing. Nothing draws on a spent grant, so the
+    /// partition store may keep it apart from its book ([`Book::take_spent_grants`]).
+    pub fn is_spent(&self) -> bool {
+        self.status != Status::Active || self.remaining.is_zero()
+    }
+
+    /// A spent grant read back from where it was kept apart, the partition's clock standing at
+    /// `clock_ms`: drawn down to nothing and past its expiry, it is expired, as the tick that
+    /// passed its expiry made it in its book (without an entry: it held nothing). A
+    /// correction giving it credit back then expires that credit again at once, and a void
+    /// changes nothing, exactly as in a book that kept it. (The partition applies ticks and
+    /// grants with no grace of its own: a tick is stamped that much earlier.)
+    pub fn settle(&mut self, clock_ms: i64) {
+        if self.status == Status::Active
+            && self.remaining.is_zero()
+            && self
+                .grant
+                .terms
+                .expires_ms()
+                .is_some_and(|end| end <= clock_ms)
+        {
+            self.status = Status::Expired;
+        }
+    }
+}
+
 /// Where part of a line item's amount went: a grant, or `None` for uncovered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
@@ -262,25 +290,23 @@ impl Book {
             .collect()
     }
 
-    /// Takes out of the book the ended grants (expired or voided) beyond the newest `keep`, so
-    /// a customer who buys credit every month does not write every pack ever bought after
-    /// each line item. An ended grant changes again only by a record naming it (a repeated
-    /// grant or a void of it) or by a correction restoring credit to it: the partition store
-    /// puts it back first ([`crate::state`]). Oldest first: by expiry, then effective time,
-    /// then id.
-    pub fn take_ended_grants(&mut self, keep: usize) -> Vec<(String, GrantState)> {
-        let ended = self
-            .grants
-            .values()
-            .filter(|g| g.status != Status::Active)
-            .count();
-        if ended <= keep {
+    /// Takes out of the book the spent grants ([`GrantState::is_spent`]: ended, or drawn down
+    /// to nothing) beyond the newest `keep`, so a customer who buys credit every month, or
+    /// tops up every hour, does not write every pack ever bought after each line item. A
+    /// spent grant changes again only by a record naming it (a repeated grant or a void of
+    /// it), by a correction restoring credit to it (the partition store puts it back first,
+    /// [`crate::state`]), or, if drawn down before its expiry, by a tick passing that expiry,
+    /// which changes no balance and is settled when it is read back
+    /// ([`GrantState::settle`]). Oldest first: by expiry, then effective time, then id.
+    pub fn take_spent_grants(&mut self, keep: usize) -> Vec<(String, GrantState)> {
+        let spent = self.grants.values().filter(|g| g.is_spent()).count();
+        if spent <= keep {
             return Vec::new();
         }
         let mut by_age: Vec<(i64, i64, &str)> = self
             .grants
             .values()
-            .filter(|g| g.status != Status::Active)
+            .filter(|g| g.is_spent())
             .map(|g| {
                 (
                     g.grant.terms.expires_ms().unwrap_or(i64::MAX),
@@ -292,7 +318,7 @@ impl Book {
         by_age.sort_unstable();
         let oldest: Vec<String> = by_age
             .into_iter()
-            .take(ended - keep)
+            .take(spent - keep)
             .map(|(_, _, id)| id.to_owned())
             .collect();
         oldest

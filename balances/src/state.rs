@@ -23,8 +23,8 @@
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
 //! | tenant, `A`, customer, series key | the allocations of a series the book no longer holds
 //! | | ([`Book::take_oldest_series`]; postcard) |
-//! | tenant, `G`, customer, grant id | an ended grant the book no longer holds |
-//! | | ([`Book::take_ended_grants`]; postcard) |
+//! | tenant, `G`, customer, grant id | a spent grant (ended, or drawn down to nothing) the |
+//! | | book no longer holds ([`Book::take_spent_grants`]; postcard) |
 //!
 //! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
 //! `neruba-api`): entries, line items and final statements.
@@ -163,9 +163,10 @@ const BOOK_CACHE: usize = 50_000;
 /// customer's book after each line item costs the same in its first month and its fifth year.
 pub const BOOK_SERIES: usize = 24;
 
-/// Ended grants a stored book holds at most; older ones are kept under their own keys, so a
-/// customer's book stays the same size however many packs it bought over the years.
-pub const BOOK_ENDED_GRANTS: usize = 8;
+/// Spent grants (ended, or drawn down to nothing) a stored book holds at most; older ones are
+/// kept under their own keys, so a customer's book stays the same size however many packs it
+/// bought over the years or top-ups it used up.
+pub const BOOK_SPENT_GRANTS: usize = 8;
 
 /// Values a batch took out of books to keep under their own keys (`Some`: written at commit)
 /// or put back into one (`None`: deleted at commit); read before the store.
@@ -230,7 +231,7 @@ pub struct PartitionState {
     dirty: HashSet<CustomerKey>,
     /// Applied-item marks written by the batch (read before the store).
     new_items: HashSet<Vec<u8>>,
-    /// Old series and ended grants kept apart from their books.
+    /// Old series and spent grants kept apart from their books.
     spilled: Apart<Vec<Allocation>>,
     spilled_grants: Apart<GrantState>,
     clock_ms: i64,
@@ -254,6 +255,10 @@ pub struct PartitionState {
     finalize_after_ms: i64,
     /// When the last tick was queued (wall ms), so one is in flight at a time.
     tick_sent_ms: Option<i64>,
+    /// Series and spent grants a stored book keeps ([`BOOK_SERIES`], [`BOOK_SPENT_GRANTS`];
+    /// tests keep none, so that every one is kept apart and must come back).
+    book_series: usize,
+    book_spent_grants: usize,
     outputs: Vec<Output>,
     counts: Counts,
 }
@@ -281,10 +286,7 @@ impl PartitionState {
     /// The state kept in `store`; ticks it writes carry `grace_ms` and `finalize_after_ms`.
     pub fn from_store(store: Store, grace_ms: i64, finalize_after_ms: i64) -> Result<Self> {
         let db = store.db();
-        let clock_ms = db
-            .get(CLOCK_KEY)?
-            .and_then(|v| time_from(&v))
-            .unwrap_or(i64::MIN);
+        let clock_ms = stored_clock(&db.get(CLOCK_KEY)?);
         let longest_window_ms = db.get(WINDOW_KEY)?.and_then(|v| time_from(&v)).unwrap_or(0);
         let mut expiry_of = HashMap::default();
         let mut expiries = BTreeSet::new();
@@ -327,9 +329,21 @@ impl PartitionState {
             grace_ms,
             finalize_after_ms,
             tick_sent_ms: None,
+            book_series: BOOK_SERIES,
+            book_spent_grants: BOOK_SPENT_GRANTS,
             outputs: Vec::new(),
             counts: Counts::default(),
         })
+    }
+
+    /// Keeps at most `series` series and `spent_grants` spent grants in a stored book, the rest
+    /// apart (tests: whatever is kept apart must come back unchanged).
+    #[cfg(test)]
+    #[must_use]
+    pub(crate) fn keeping(mut self, series: usize, spent_grants: usize) -> Self {
+        self.book_series = series;
+        self.book_spent_grants = spent_grants;
+        self
     }
 
     /// Waits at least `floor_ms` (at most a day) past a deadline beside the grace
@@ -400,7 +414,7 @@ impl PartitionState {
         entries: Vec<BalanceEntry>,
     ) {
         if let Some(book) = self.books.get_mut(&key) {
-            for (id, state) in book.take_ended_grants(BOOK_ENDED_GRANTS) {
+            for (id, state) in book.take_spent_grants(self.book_spent_grants) {
                 self.spilled_grants
                     .keep(spilled_grant_key(tenant, customer, &id), state);
             }
@@ -456,7 +470,7 @@ impl PartitionState {
                     if grant.id == credit::grant_id(&grant.tenant, &grant.customer, &grant.key) =>
                 {
                     let (clock, grace) = (self.clock_ms, 0);
-                    // A repeat of an ended grant is compared with it, not taken as new.
+                    // A repeat of a spent grant is compared with it, not taken as new.
                     self.unspill_grant(&grant.tenant, &grant.customer, &grant.id)?;
                     let entries = self
                         .book(&grant.tenant, &grant.customer)?
@@ -612,9 +626,10 @@ impl PartitionState {
                 self.unspill_grant(&item.tenant, &item.customer, &id)?;
             }
         }
+        let keep = self.book_series;
         let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
         let entries = book.apply_item_of(item, series);
-        let spilled = book.take_oldest_series(BOOK_SERIES);
+        let spilled = book.take_oldest_series(keep);
         for (series, stack) in spilled {
             self.spilled
                 .keep(spilled_key(&item.tenant, &item.customer, &series), stack);
@@ -673,7 +688,8 @@ impl PartitionState {
         let state = self.spilled_grants.take_back(self.store.db(), key, || {
             format!("grant {id} of {tenant}/{customer}")
         })?;
-        if let Some(state) = state {
+        if let Some(mut state) = state {
+            state.settle(self.clock_ms);
             self.book(tenant, customer)?
                 .grants
                 .insert(id.to_owned(), state);
@@ -746,6 +762,7 @@ pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Optio
     };
     let mut book = Book::decode(&bytes)
         .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
+    let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
     let prefix = customer_key(b'G', tenant, customer);
     let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
     for item in snapshot.iterator(from) {
@@ -753,18 +770,29 @@ pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Optio
         let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
             break;
         };
-        let (id, state) = spilled_grant(rest, &value)
+        let (id, state) = spilled_grant(rest, &value, clock_ms)
             .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
         book.grants.insert(id, state);
     }
     Ok(Some(book))
 }
 
-/// A grant kept apart from its book: the rest of its key after the customer, and its value.
-fn spilled_grant(rest: &[u8], value: &[u8]) -> std::result::Result<(String, GrantState), String> {
+/// The partition's clock as stored under [`CLOCK_KEY`] (`i64::MIN` before the first tick).
+fn stored_clock(value: &Option<Vec<u8>>) -> i64 {
+    value.as_deref().and_then(time_from).unwrap_or(i64::MIN)
+}
+
+/// A grant kept apart from its book: the rest of its key after the customer, and its value,
+/// settled at the partition's clock `clock_ms` ([`GrantState::settle`]).
+fn spilled_grant(
+    rest: &[u8],
+    value: &[u8],
+    clock_ms: i64,
+) -> std::result::Result<(String, GrantState), String> {
     let (id, _) = read_part(rest).ok_or("a malformed key")?;
     let id = String::from_utf8(id.to_vec()).map_err(|e| e.to_string())?;
-    let state = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+    let mut state: GrantState = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+    state.settle(clock_ms);
     Ok((id, state))
 }
 
@@ -832,6 +860,7 @@ pub fn read_books(
     }
     let cache = Cache::new_lru_cache(8 << 20);
     let store = Store::open(&dir, partition, &store_options(), &cache)?;
+    let clock_ms = stored_clock(&store.db().get(CLOCK_KEY)?);
     // In key order, with where each customer's book is.
     let mut books: Vec<(String, String, Book)> = Vec::new();
     let mut at: HashMap<(String, String), usize> = HashMap::default();
@@ -857,7 +886,7 @@ pub fn read_books(
                 books.push((tenant, customer, book));
             }
             b'G' => {
-                let (id, state) = spilled_grant(rest, &value)
+                let (id, state) = spilled_grant(rest, &value, clock_ms)
                     .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
                 // A tenant's books come before its grants in key order.
                 let book = at.get(&(tenant, customer)).and_then(|i| books.get_mut(*i));
@@ -1270,13 +1299,160 @@ mod tests {
                 .expect("book"),
         )
         .expect("decode");
-        assert_eq!(stored.grants.len(), BOOK_ENDED_GRANTS);
+        assert_eq!(stored.grants.len(), BOOK_SPENT_GRANTS);
         assert_eq!(book.grants.len(), months);
         let read = read_book(state.store.db(), "acme", "c1")
             .expect("read")
             .expect("book");
         assert_eq!(read.grants, book.grants);
         assert_eq!(read.balances, book.balances);
+    }
+
+    #[test]
+    fn grants_drawn_down_to_nothing_live_apart_from_the_book_and_come_back_settled() {
+        // Was: a grant drawn down to nothing stayed active in its book for good (or until its
+        // expiry), so a customer topping up every hour wrote every top-up it ever used up
+        // after each line item, and its book grew without end.
+        const DAY: i64 = 86_400_000;
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let at = neruba_schemas::event::format_time_ms;
+        let start = |p: usize| 1_700_000_000_000 + i64::try_from(p).expect("small") * 30 * DAY;
+        let topup = |n: usize| usd_grant("c1", &format!("topup-{n}"), "1", 1);
+        // Drawn down at once, expiring much later: kept apart while still active.
+        let yearly = Grant {
+            id: credit::grant_id("acme", "c1", "yearly"),
+            key: "yearly".into(),
+            terms: credit::GrantTerms {
+                expires_at: Some(at(start(60))),
+                ..usd_grant("c1", "yearly", "5", 1).terms
+            },
+            ..usd_grant("c1", "yearly", "5", 1)
+        };
+        #[derive(Clone)]
+        enum Op {
+            Grant(Grant),
+            Item(LineItem),
+            Tick(i64),
+            Void(String),
+        }
+        let void = |key: &str| Op::Void(credit::grant_id("acme", "c1", key));
+        let mut ops = vec![Op::Grant(yearly), Op::Item(line_item("li_y", 0, d("5")))];
+        let topups = 3 * BOOK_SPENT_GRANTS;
+        for n in 1..=topups {
+            ops.push(Op::Grant(topup(n)));
+            ops.push(Op::Item(line_item(&format!("li_{n}"), n, d("1"))));
+        }
+        ops.extend([
+            // The yearly grant's expiry passes while it is kept apart: it ends without an
+            // entry, and credit a correction gives back to it expires again at once.
+            Op::Tick(start(61)),
+            Op::Item(line_item("li_fix_y", 0, d("-2"))),
+            // A void of a used-up top-up changes no balance; credit given back to it after
+            // is voided at once.
+            void("topup-3"),
+            Op::Item(line_item("li_fix_3", 3, d("-1"))),
+            // Credit given back to a used-up top-up that has not ended is drawn on again.
+            Op::Item(line_item("li_fix_5", 5, d("-1"))),
+            Op::Item(line_item("li_more", topups + 1, d("1.5"))),
+        ]);
+        let records: Vec<(Vec<u8>, Record)> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Grant(g) => (credit::encode(g), Record::Grant),
+                Op::Item(i) => (i.encode(), Record::LineItem),
+                Op::Tick(at_ms) => (
+                    credit::encode(&Tick {
+                        v: 1,
+                        at_ms: *at_ms,
+                        finalize_after_ms: None,
+                    }),
+                    Record::Tick,
+                ),
+                Op::Void(grant) => (
+                    credit::encode(&Void {
+                        v: 1,
+                        tenant: "acme".into(),
+                        customer: "c1".into(),
+                        grant: grant.clone(),
+                        received_at: at(0),
+                    }),
+                    Record::Void,
+                ),
+            })
+            .collect();
+        let (entries, state, _dir) = fold_through_store(&records, 7, records.len() / 2);
+
+        // The same records folded into one book that keeps every grant.
+        let mut book = Book::default();
+        let mut expected = Vec::new();
+        let mut clock = i64::MIN;
+        for op in &ops {
+            expected.extend(match op {
+                Op::Grant(g) => book.apply_grant(g, clock, 0),
+                Op::Item(i) => book.apply_item(i),
+                Op::Tick(at_ms) => {
+                    clock = *at_ms;
+                    book.apply_tick("acme", "c1", *at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
+                }
+                Op::Void(id) => book.apply_void("acme", "c1", id),
+            });
+        }
+        assert_eq!(entries, expected);
+        let of = |cause: &str| -> Vec<(credit::EntryKind, String)> {
+            entries
+                .iter()
+                .filter(|e| e.cause == cause)
+                .map(|e| (e.kind, e.amount.to_string()))
+                .collect()
+        };
+        use credit::EntryKind::{Consume, Expire, Restore, Uncovered, Void as Voided};
+        assert_eq!(
+            of("li_fix_y"),
+            [(Restore, "2".to_owned()), (Expire, "-2".to_owned())]
+        );
+        assert!(
+            of(&format!(
+                "void/{}",
+                credit::grant_id("acme", "c1", "topup-3")
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            of("li_fix_3"),
+            [(Restore, "1".to_owned()), (Voided, "-1".to_owned())]
+        );
+        assert_eq!(of("li_fix_5"), [(Restore, "1".to_owned())]);
+        assert_eq!(
+            of("li_more"),
+            [(Consume, "-1".to_owned()), (Uncovered, "0.5".to_owned())]
+        );
+        // The stored book holds the newest spent grants only; a read gets them all back, as
+        // the book that kept them has them (the yearly grant expired, topup-3 voided).
+        let stored = Book::decode(
+            &state
+                .store
+                .db()
+                .get(customer_key(b'B', "acme", "c1"))
+                .expect("get")
+                .expect("book"),
+        )
+        .expect("decode");
+        assert_eq!(stored.grants.len(), BOOK_SPENT_GRANTS);
+        assert_eq!(book.grants.len(), topups + 1);
+        let read = read_book(state.store.db(), "acme", "c1")
+            .expect("read")
+            .expect("book");
+        assert_eq!(read.grants, book.grants);
+        assert_eq!(read.balances, book.balances);
+        let status = |key: &str| read.grants[&credit::grant_id("acme", "c1", key)].status;
+        assert_eq!(
+            [status("yearly"), status("topup-3"), status("topup-4")],
+            [
+                crate::book::Status::Expired,
+                crate::book::Status::Voided,
+                crate::book::Status::Active
+            ]
+        );
     }
 
     #[test]
