@@ -12,8 +12,10 @@
 //!   Credit given back to a grant that has since expired or been voided expires (or is voided)
 //!   again at once. What is left after all allocations is a negative `uncovered` (owed back);
 //! - a grant repeated with the same terms changes nothing; with other terms it is refused
-//!   (`key_conflict`); a void voids what is left; a tick expires every grant whose
-//!   `expires_at` + grace it passed;
+//!   (`key_conflict`), and so is a new one past the customer's bound of grants holding credit
+//!   ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]: `too_many_grants`) unless it answers
+//!   an outstanding top-up request; a void voids what is left; a tick expires every grant
+//!   whose `expires_at` + grace it passed;
 //! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
 //!   each entry's `balance_before` is the previous one's `balance_after` in its currency;
 //! - after every record, each of the customer's balance rules is checked ([`rules`]): one
@@ -120,6 +122,30 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
+}
+
+/// Grants holding credit ([`GrantState::is_spent`] not) a customer may have, all currencies
+/// together; a new one past it is refused (`too_many_grants`) until one is spent. The book
+/// holds every such grant (spent ones are kept apart), each line item looks through them and
+/// the book is written after every record: without a bound, a client granting without end
+/// would make each of the customer's items dearer until the stage stalled. Grants of record
+/// version [`credit::GRANT_RECORD_V`] on are bounded; a grant answering an outstanding top-up
+/// request never is (the customer has paid for it).
+pub const MAX_CREDIT_GRANTS: usize = 1_000;
+
+/// Bytes of keys and metadata ([`held_bytes`]) the grants holding credit may have together,
+/// bounded for the same reason (one grant's metadata may hold 32 KiB).
+pub const MAX_CREDIT_GRANT_BYTES: usize = 256 << 10;
+
+/// What a grant counts against [`MAX_CREDIT_GRANT_BYTES`]: its key and metadata.
+pub fn held_bytes(grant: &Grant) -> usize {
+    grant.key.len()
+        + grant
+            .terms
+            .metadata
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>()
 }
 
 /// A book's stored form's first byte: [`postcard`] (compact binary serde) follows. Books
@@ -327,6 +353,19 @@ impl Book {
             .collect()
     }
 
+    /// Whether the grants holding credit, with `grant` besides, would pass the customer's
+    /// bound ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]).
+    fn holds_too_many_with(&self, grant: &Grant) -> bool {
+        let (count, bytes) = self
+            .grants
+            .values()
+            .filter(|g| !g.is_spent())
+            .fold((1, held_bytes(grant)), |(count, bytes), g| {
+                (count + 1, bytes + held_bytes(&g.grant))
+            });
+        count > MAX_CREDIT_GRANTS || bytes > MAX_CREDIT_GRANT_BYTES
+    }
+
     /// The grants a negative line item of series `key` may give credit back to.
     pub fn grants_drawn_by(&self, key: &str) -> impl Iterator<Item = &str> {
         self.series
@@ -522,6 +561,21 @@ impl Book {
                     Some("key_conflict"),
                 );
             }
+            return e.out;
+        }
+        if grant.v >= credit::GRANT_RECORD_V
+            && !rules::is_outstanding(e.book, &grant.key)
+            && e.book.holds_too_many_with(grant)
+        {
+            // Not kept: the same request applies once a grant of the customer is spent.
+            e.push(
+                EntryKind::GrantRefused,
+                &currency,
+                Some(&grant.id),
+                None,
+                Decimal::ZERO,
+                Some("too_many_grants"),
+            );
             return e.out;
         }
         rules::resolve(e.book, &grant.key);

@@ -61,7 +61,7 @@ impl Metrics {
         for kind in neruba_schemas::credit::EntryKind::ALL {
             m.entries.with_label_values(&[kind.as_str()]);
         }
-        for code in ["key_conflict", "unknown_grant"] {
+        for code in ["key_conflict", "unknown_grant", "too_many_grants"] {
             m.refused.with_label_values(&[code]);
         }
         Ok(m)

@@ -15,6 +15,11 @@
 //! per-customer value as large as the workload's stored book (the least any stage that keeps
 //! per-customer state durably costs). Best of `NERUBA_BENCH_ROUNDS` (default 3) rounds, each on
 //! fresh state.
+//!
+//! Then what one customer's grants can cost: a customer holding 2 and one at the bound of
+//! grants holding credit (`MAX_CREDIT_GRANTS`), `NERUBA_BENCH_BOUND_ITEMS` (default 2,000) items
+//! each written alone; and the stored book of a customer after `NERUBA_BENCH_TOPUPS` (default
+//! 1,000) top-ups each used up, against a book that keeps every grant.
 
 // Rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -82,6 +87,120 @@ fn round(records: &[&Record]) -> Result<Phases> {
         phases.write += encoded.elapsed();
     }
     Ok(phases)
+}
+
+/// A grant of `customer` in the form the gateway writes (record version 2, bounded), with a
+/// key and metadata of a typical size.
+fn grant_of(customer: &str, key: &str, amount: &str) -> Result<Grant> {
+    Ok(Grant {
+        v: credit::GRANT_RECORD_V,
+        id: credit::grant_id("acme", customer, key),
+        tenant: "acme".into(),
+        customer: customer.into(),
+        key: key.into(),
+        terms: credit::GrantTerms {
+            amount: amount.parse()?,
+            currency: "USD".into(),
+            priority: 10,
+            effective_at: None,
+            expires_at: None,
+            paid: None,
+            metadata: [("order".to_owned(), format!("order-{key}"))].into(),
+        },
+        received_at: neruba_schemas::event::format_time_ms(0),
+    })
+}
+
+/// A usage item of 0.01 USD for `customer`, in the workload's form.
+fn cent_item(template: &LineItem, customer: &str, n: usize) -> LineItem {
+    LineItem {
+        id: format!("li_bound_{n}"),
+        customer: customer.into(),
+        amount: rust_decimal::Decimal::new(1, 2),
+        ..template.clone()
+    }
+}
+
+/// One customer holding `grants` grants with credit, then `items` line items of it, each
+/// applied and written as a batch of its own (its book written after every item, as when each
+/// batch holds one item of the customer): the time per item to apply it and to write the
+/// batch, and the stored book's size.
+fn customer_holding(template: &LineItem, grants: usize, items: usize) -> Result<(Phases, usize)> {
+    let dir = tempfile::tempdir()?;
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
+    let mut state = PartitionState::from_store(store, 0, 3 * 86_400_000)?;
+    let customer = "customer-at-bound";
+    let mut offset = 0_i64;
+    let mut apply = |state: &mut PartitionState, payload: &[u8], kind: Kind| -> Result<()> {
+        let input = Input {
+            offset,
+            key: None,
+            payload,
+        };
+        offset += 1;
+        state.apply(input, kind)?;
+        Ok(())
+    };
+    for g in 0..grants {
+        let grant = grant_of(customer, &format!("pack-{g:05}"), "1000")?;
+        apply(&mut state, &credit::encode(&grant), Kind::Grant)?;
+    }
+    state.take_outputs();
+    state.commit()?;
+    let mut phases = Phases::default();
+    for n in 0..items {
+        let payload = cent_item(template, customer, n).encode();
+        let started = Instant::now();
+        apply(&mut state, &payload, Kind::LineItem)?;
+        let applied = Instant::now();
+        phases.entries += state.take_outputs().len();
+        state.commit()?;
+        phases.apply += applied - started;
+        phases.write += applied.elapsed();
+    }
+    let book = neruba_balances::state::read_book(state.store().db(), "acme", customer)?
+        .map(|b| b.encode())
+        .transpose()?
+        .map_or(0, |b| b.len());
+    Ok((phases, book))
+}
+
+/// One customer topping up `topups` times, each top-up used up by the next item: the size of
+/// its stored book, and of a book that kept every grant (as the store did before spent grants
+/// were kept apart).
+fn topped_up(template: &LineItem, topups: usize) -> Result<(usize, usize)> {
+    let dir = tempfile::tempdir()?;
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
+    let mut state = PartitionState::from_store(store, 0, 3 * 86_400_000)?;
+    let customer = "customer-topping-up";
+    let mut whole = neruba_balances::book::Book::default();
+    for n in 0..topups {
+        let grant = grant_of(customer, &format!("topup-{n:05}"), "0.01")?;
+        let item = cent_item(template, customer, n);
+        whole.apply_grant(&grant, i64::MIN, 0);
+        whole.apply_item(&item);
+        for (offset, payload, kind) in [
+            (2 * n, credit::encode(&grant), Kind::Grant),
+            (2 * n + 1, item.encode(), Kind::LineItem),
+        ] {
+            let input = Input {
+                offset: i64::try_from(offset)?,
+                key: None,
+                payload: &payload,
+            };
+            state.apply(input, kind)?;
+        }
+        state.take_outputs();
+        state.commit()?;
+    }
+    let stored = state
+        .store()
+        .db()
+        .get(neruba_balances::state::customer_key(b'B', "acme", customer))?
+        .map_or(0, |b| b.len());
+    Ok((stored, whole.encode()?.len()))
 }
 
 /// Decoding each record alone.
@@ -181,6 +300,29 @@ fn main() -> Result<()> {
         "ratio state machine / decode + id put: {:.2}; / decode + state rewrite: {:.2}",
         put.as_secs_f64() / total.as_secs_f64(),
         rewrite.as_secs_f64() / total.as_secs_f64()
+    );
+
+    // What one customer's grants can cost: the bound of grants holding credit, and top-ups
+    // used up one after another (kept apart from the book once spent).
+    let template = records
+        .iter()
+        .find(|r| r.header.is_none())
+        .map(|r| credit::decode::<LineItem>(&r.payload))
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("no line item in the workload"))?;
+    let items = env("NERUBA_BENCH_BOUND_ITEMS", 2_000);
+    for grants in [2, neruba_balances::book::MAX_CREDIT_GRANTS] {
+        let (phases, book) = customer_holding(&template, grants, items)?;
+        println!(
+            "a customer holding {grants} grants with credit, {items} items each written alone: apply {:.2} µs, write {:.2} µs per item; stored book {book} bytes",
+            per_record(phases.apply, items),
+            per_record(phases.write, items),
+        );
+    }
+    let topups = env("NERUBA_BENCH_TOPUPS", 1_000);
+    let (stored, whole) = topped_up(&template, topups)?;
+    println!(
+        "a customer after {topups} top-ups each used up: stored book {stored} bytes; a book keeping every grant {whole} bytes"
     );
     println!("peak RSS of the process: {} MiB", peak_rss_kib() / 1024);
     Ok(())

@@ -230,7 +230,9 @@ impl Client {
     /// `unknown_currency`, …).
     ///
     /// Sending the same request again is safe and answers the same id. The same key with
-    /// other terms is accepted here too, and refused by the balances stage (`key_conflict`).
+    /// other terms is accepted here too, and refused by the balances stage (`key_conflict`), as
+    /// is a new grant past the customer's 1,000 grants holding credit or 256 KiB of their keys
+    /// and metadata (`too_many_grants`; the same request applies once one is used up or ended).
     pub async fn grant(&self, customer: &str, request: &GrantRequest) -> Result<GrantAccepted> {
         let body = to_json(request)?;
         self.transport

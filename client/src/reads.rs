@@ -389,7 +389,7 @@ pub struct BalanceEntry {
     /// The balance after it.
     #[serde(with = "rust_decimal::serde::str")]
     pub balance_after: Decimal,
-    /// For `grant_refused`: why (`key_conflict`, `unknown_grant`).
+    /// For `grant_refused`: why (`key_conflict`, `unknown_grant`, `too_many_grants`).
     pub code: Option<String>,
     /// On `low_balance` and `topup_requested`: the rule that fired.
     #[serde(default)]

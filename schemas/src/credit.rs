@@ -215,6 +215,12 @@ pub struct BalanceRule {
     pub recharge_to: Option<Decimal>,
 }
 
+/// The version the gateway writes grants in. Version 2: a new grant past the customer's bound
+/// of grants holding credit is refused by the balances stage (`too_many_grants`). A version 1
+/// grant, written before the bound, is not bounded: a replay of an old ledger applies what it
+/// applied then.
+pub const GRANT_RECORD_V: u8 = 2;
+
 /// The version the gateway writes balance-rule records in. Version 2: removing a rule keeps
 /// its outstanding top-up request (until a grant resolves it), so a rule set again does not
 /// ask twice. A version 1 record, written before, removes the request with the rule, as it did
@@ -542,7 +548,7 @@ impl GrantRequest {
             ));
         }
         Ok(Grant {
-            v: 1,
+            v: GRANT_RECORD_V,
             id: grant_id(tenant, customer, &key),
             tenant: tenant.to_owned(),
             customer: customer.to_owned(),

@@ -105,7 +105,7 @@ async fn a_grant_is_accepted_with_its_id_and_lands_in_the_customers_ledger_parti
     let grant: Grant = credit::decode(&r.payload)?;
     assert_eq!(
         (grant.v, grant.id.as_str(), grant.tenant.as_str()),
-        (1, id.as_str(), "acme")
+        (credit::GRANT_RECORD_V, id.as_str(), "acme")
     );
     assert_eq!(
         (grant.customer.as_str(), grant.key.as_str()),

@@ -9,7 +9,8 @@
 //!   `recharge_to − balance`, unless a request of the rule is still outstanding (at most one
 //!   outstanding: a runaway of top-ups cannot happen); the entry's id is the request's id;
 //! - a grant whose `key` is an outstanding request's id resolves it (whatever its amount: the
-//!   payment side decides), and is applied like any grant;
+//!   payment side decides), and is applied like any grant, past the customer's bound of grants
+//!   holding credit too (it has been paid for);
 //! - removing a rule keeps its outstanding request (the payment may be under way): a rule set
 //!   again in that currency finds it outstanding and asks for no other until it is resolved
 //!   (rule records of version 2 on, [`neruba_schemas::credit::RULE_RECORD_V`]; a version 1
@@ -95,6 +96,18 @@ fn check(e: &mut Entries<'_>, currency: &str) {
     if let Some(state) = e.book.rules.get_mut(currency) {
         state.outstanding = request;
     }
+}
+
+/// Whether `key` is the id of a top-up request outstanding (of a rule, or of a rule since
+/// removed): a grant with that key answers it.
+pub(super) fn is_outstanding(book: &super::Book, key: &str) -> bool {
+    book.rules
+        .values()
+        .any(|state| state.outstanding.as_deref() == Some(key))
+        || book
+            .unresolved_requests
+            .values()
+            .any(|request| request == key)
 }
 
 /// A grant keyed `key` arrived: the request of that id, if one is outstanding (of a rule, or

@@ -1233,3 +1233,83 @@ fn a_statement_too_large_for_its_entry_goes_on_it_without_its_lines() {
     let kept = &book.statements[&statements::key("USD", &format_time_ms(november))];
     assert_eq!(kept.statement.lines.len(), 3_000);
 }
+
+#[test]
+fn grants_past_a_customers_bound_of_grants_holding_credit_are_refused_until_one_is_spent() {
+    // Was: every grant a client sent was kept, and each line item of the customer looked
+    // through all of them while its book, holding them, was written after every record.
+    let bounded = |key: &str, amount: &str| Grant {
+        v: credit::GRANT_RECORD_V,
+        ..grant(key, d(amount), "USD", 10, None, None)
+    };
+    let codes = |e: &[BalanceEntry]| -> Vec<(EntryKind, Option<String>)> {
+        e.iter().map(|e| (e.kind, e.code.clone())).collect()
+    };
+    let refused = vec![(EntryKind::GrantRefused, Some("too_many_grants".to_owned()))];
+    let mut book = Book::default();
+    for n in 0..MAX_CREDIT_GRANTS {
+        let e = book.apply_grant(&bounded(&format!("g{n:04}"), "0.01"), T0, GRACE);
+        assert_eq!(codes(&e), [(EntryKind::Grant, None)], "grant {n}");
+    }
+    let full = book.clone();
+    // One more is refused, and nothing of it kept: the balance and the book are unchanged.
+    let extra = bounded("extra", "7");
+    let e = book.apply_grant(&extra, T0, GRACE);
+    assert_eq!(
+        kinds(&e),
+        vec![(EntryKind::GrantRefused, d("0"), d("10.00"))]
+    );
+    assert_eq!(codes(&e), refused);
+    assert_eq!(book.grants, full.grants);
+    // A grant written before the bound (record version 1) is applied, as it was then.
+    let mut replayed = full.clone();
+    let legacy = grant("legacy", d("0.01"), "USD", 10, None, None);
+    let e = replayed.apply_grant(&legacy, T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("0.01"), d("10.01"))]);
+    // Usage spends a grant (all draw down alike: the lowest id first), and the same request
+    // sent again is then applied; the next is refused.
+    let e = book.apply_item(&item("li_1", "m1", T0, T0, d("0.01"), "USD"));
+    assert_eq!(kinds(&e), vec![(EntryKind::Consume, d("-0.01"), d("9.99"))]);
+    let e = book.apply_grant(&extra, T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("7"), d("16.99"))]);
+    assert_eq!(
+        codes(&book.apply_grant(&bounded("next", "1"), T0, GRACE)),
+        refused
+    );
+    // At the bound, the customer's rule asks for a top-up; the grant answering it is applied
+    // (it has been paid for) and resolves the request.
+    let e = book.apply_rule(&rule("100", Some("150")));
+    let request = e
+        .iter()
+        .find(|e| e.kind == EntryKind::TopupRequested)
+        .map(|e| (e.id.clone(), e.amount))
+        .expect("a top-up request");
+    assert_eq!(request.1, d("133.01"));
+    let e = book.apply_grant(&bounded(&request.0, "133.01"), T0, GRACE);
+    assert_eq!(
+        kinds(&e),
+        vec![(EntryKind::Grant, d("133.01"), d("150.00"))]
+    );
+    assert_eq!(book.rules["USD"].outstanding, None);
+    let holding = book.grants.values().filter(|g| !g.is_spent()).count();
+    assert_eq!(holding, MAX_CREDIT_GRANTS + 1);
+
+    // Keys and metadata are bounded together: seven grants of 32 KiB of metadata fit in
+    // 256 KiB, an eighth does not.
+    let heavy = |n: usize| {
+        let mut g = bounded(&format!("heavy-{n}"), "1");
+        g.terms.metadata = (0..32)
+            .map(|i| (format!("{i:0>512}"), "v".repeat(512)))
+            .collect();
+        g
+    };
+    let mut book = Book::default();
+    for n in 0..7 {
+        assert_eq!(
+            codes(&book.apply_grant(&heavy(n), T0, GRACE)),
+            [(EntryKind::Grant, None)]
+        );
+    }
+    assert_eq!(codes(&book.apply_grant(&heavy(7), T0, GRACE)), refused);
+    assert!(held_bytes(&heavy(0)) * 8 > MAX_CREDIT_GRANT_BYTES);
+}
