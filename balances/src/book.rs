@@ -169,10 +169,15 @@ impl Book {
 
     /// A book from its stored form ([`Book::encode`], or JSON as written before).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        match bytes.split_first() {
-            Some((&STORED_POSTCARD, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
-            _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        }
+        let mut book: Self = match bytes.split_first() {
+            Some((&STORED_POSTCARD, body)) => {
+                postcard::from_bytes(body).map_err(|e| e.to_string())?
+            }
+            _ => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
+        };
+        // Books stored before kept statement lines in the order their items came in.
+        statements::sort_lines(&mut book);
+        Ok(book)
     }
 }
 

@@ -25,14 +25,18 @@
 //! | | ([`Book::take_oldest_series`]; postcard) |
 //! | tenant, `G`, customer, grant id | a spent grant (ended, or drawn down to nothing) the |
 //! | | book no longer holds ([`Book::take_spent_grants`]; postcard) |
+//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a |
+//! | statement key or currency, meter, group (JSON), period start | statement line the book |
+//! | | no longer holds ([`Book::take_statement_lines`]; postcard) |
 //!
 //! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
 //! `neruba-api`): entries, line items and final statements.
 
+use crate::book::statements::{LineList, Route};
 use crate::book::{Allocation, Book, GrantState};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
-use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, Tick, Void};
+use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, StatementLine, Tick, Void};
 use neruba_schemas::ledger::LineItem;
 use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
@@ -137,6 +141,42 @@ fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
     key
 }
 
+/// The key prefix of the lines of `list` kept apart.
+fn line_list_key(tenant: &str, customer: &str, list: &LineList) -> Vec<u8> {
+    let (kind, name) = list.parts();
+    let mut key = customer_key(b'T', tenant, customer);
+    push(&mut key, &[kind]);
+    push(&mut key, name.as_bytes());
+    key
+}
+
+/// The key of statement line `line` of `list` kept apart: the list's, then its meter, group
+/// and period start.
+fn line_key(
+    tenant: &str,
+    customer: &str,
+    list: &LineList,
+    line: (&str, &BTreeMap<String, String>, &str),
+) -> Vec<u8> {
+    let (meter, group, period_start) = line;
+    let mut key = line_list_key(tenant, customer, list);
+    push(&mut key, meter.as_bytes());
+    push(
+        &mut key,
+        serde_json::to_string(group).unwrap_or_default().as_bytes(),
+    );
+    push(&mut key, period_start.as_bytes());
+    key
+}
+
+/// The list of a statement line kept apart, from the rest of its key after the customer.
+fn line_list_of(rest: &[u8]) -> Option<LineList> {
+    let (kind, rest) = read_part(rest)?;
+    let (name, _) = read_part(rest)?;
+    let [kind] = kind else { return None };
+    LineList::from_parts(*kind, String::from_utf8(name.to_vec()).ok()?)
+}
+
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
     let mut key = EXPIRY_PREFIX.to_vec();
     key.extend_from_slice(&time_bytes(at));
@@ -168,16 +208,22 @@ pub const BOOK_SERIES: usize = 24;
 /// bought over the years or top-ups it used up.
 pub const BOOK_SPENT_GRANTS: usize = 8;
 
+/// Lines a list of a stored book's statements holds at most: one that grows past it is kept
+/// apart, line by line, so a customer with a new group value in every item writes a book of
+/// the same size after each.
+pub const BOOK_LINES: usize = 64;
+
 /// Values a batch took out of books to keep under their own keys (`Some`: written at commit)
 /// or put back into one (`None`: deleted at commit); read before the store.
 struct Apart<T> {
-    pending: HashMap<Vec<u8>, Option<T>>,
+    /// In key order, so that the values under a prefix are found without looking at all.
+    pending: BTreeMap<Vec<u8>, Option<T>>,
 }
 
 impl<T> Default for Apart<T> {
     fn default() -> Self {
         Self {
-            pending: HashMap::default(),
+            pending: BTreeMap::new(),
         }
     }
 }
@@ -206,9 +252,41 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         Ok(Some(value))
     }
 
+    /// Every value kept apart under `prefix`, handed back to its book, with its key.
+    fn take_all(
+        &mut self,
+        db: &rocksdb::DB,
+        prefix: &[u8],
+        what: impl Fn() -> String,
+    ) -> Result<Vec<(Vec<u8>, T)>> {
+        let mut out = Vec::new();
+        for (key, slot) in self.pending.range_mut(prefix.to_vec()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if let Some(value) = slot.take() {
+                out.push((key.clone(), value));
+            }
+        }
+        let from = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in db.iterator(from) {
+            let (key, bytes) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if self.pending.contains_key(key.as_ref()) {
+                continue;
+            }
+            let value = postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(what(), e))?;
+            self.pending.insert(key.to_vec(), None);
+            out.push((key.to_vec(), value));
+        }
+        Ok(out)
+    }
+
     /// The batch's changes into `batch`.
     fn write(&mut self, batch: &mut WriteBatch) -> Result<()> {
-        for (key, value) in self.pending.drain() {
+        for (key, value) in std::mem::take(&mut self.pending) {
             match value {
                 Some(value) => batch.put(
                     key,
@@ -231,9 +309,10 @@ pub struct PartitionState {
     dirty: HashSet<CustomerKey>,
     /// Applied-item marks written by the batch (read before the store).
     new_items: HashSet<Vec<u8>>,
-    /// Old series and spent grants kept apart from their books.
+    /// Old series, spent grants and statement lines kept apart from their books.
     spilled: Apart<Vec<Allocation>>,
     spilled_grants: Apart<GrantState>,
+    spilled_lines: Apart<StatementLine>,
     clock_ms: i64,
     clock_dirty: bool,
     /// The longest window of a first-priced (`usage`) line item applied so far, at most
@@ -255,10 +334,12 @@ pub struct PartitionState {
     finalize_after_ms: i64,
     /// When the last tick was queued (wall ms), so one is in flight at a time.
     tick_sent_ms: Option<i64>,
-    /// Series and spent grants a stored book keeps ([`BOOK_SERIES`], [`BOOK_SPENT_GRANTS`];
-    /// tests keep none, so that every one is kept apart and must come back).
+    /// Series, spent grants and statement lines a stored book keeps ([`BOOK_SERIES`],
+    /// [`BOOK_SPENT_GRANTS`], [`BOOK_LINES`]; tests keep none, so that every one is kept apart
+    /// and must come back).
     book_series: usize,
     book_spent_grants: usize,
+    book_lines: usize,
     outputs: Vec<Output>,
     counts: Counts,
 }
@@ -319,6 +400,7 @@ impl PartitionState {
             new_items: HashSet::default(),
             spilled: Apart::default(),
             spilled_grants: Apart::default(),
+            spilled_lines: Apart::default(),
             clock_ms,
             clock_dirty: false,
             longest_window_ms,
@@ -331,18 +413,20 @@ impl PartitionState {
             tick_sent_ms: None,
             book_series: BOOK_SERIES,
             book_spent_grants: BOOK_SPENT_GRANTS,
+            book_lines: BOOK_LINES,
             outputs: Vec::new(),
             counts: Counts::default(),
         })
     }
 
-    /// Keeps at most `series` series and `spent_grants` spent grants in a stored book, the rest
-    /// apart (tests: whatever is kept apart must come back unchanged).
+    /// Keeps at most `series` series, `spent_grants` spent grants and `lines` lines a list in
+    /// a stored book, the rest apart (tests: whatever is kept apart must come back unchanged).
     #[cfg(test)]
     #[must_use]
-    pub(crate) fn keeping(mut self, series: usize, spent_grants: usize) -> Self {
+    pub(crate) fn keeping(mut self, series: usize, spent_grants: usize, lines: usize) -> Self {
         self.book_series = series;
         self.book_spent_grants = spent_grants;
+        self.book_lines = lines;
         self
     }
 
@@ -417,6 +501,15 @@ impl PartitionState {
             for (id, state) in book.take_spent_grants(self.book_spent_grants) {
                 self.spilled_grants
                     .keep(spilled_grant_key(tenant, customer, &id), state);
+            }
+            for (list, line) in book.take_statement_lines(self.book_lines) {
+                let key = line_key(
+                    tenant,
+                    customer,
+                    &list,
+                    (&line.meter, &line.group, &line.period_start),
+                );
+                self.spilled_lines.keep(key, line);
             }
         }
         let next = self.books.get(&key).and_then(Book::next_deadline);
@@ -626,6 +719,7 @@ impl PartitionState {
                 self.unspill_grant(&item.tenant, &item.customer, &id)?;
             }
         }
+        self.unspill_line(&book_key, item)?;
         let keep = self.book_series;
         let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
         let entries = book.apply_item_of(item, series);
@@ -679,6 +773,54 @@ impl PartitionState {
         Ok(())
     }
 
+    /// Puts back, before `item` is applied, the statement line it adds to if that was taken
+    /// out of its customer's book (at `book_key`), or, if it opens a statement, the lines
+    /// carried in its currency that the statement takes.
+    fn unspill_line(&mut self, book_key: &[u8], item: &LineItem) -> Result<()> {
+        let (tenant, customer) = (&item.tenant, &item.customer);
+        let book = self.book_at(book_key, tenant, customer)?;
+        let what = || format!("statement line of {tenant}/{customer}");
+        match book.route_of(item) {
+            Some(Route::To(list)) if !book.holds_line_of(&list, item) => {
+                let key = line_key(
+                    tenant,
+                    customer,
+                    &list,
+                    (&item.meter, &item.group, &item.period_start),
+                );
+                if let Some(line) = self.spilled_lines.take_back(self.store.db(), key, what)? {
+                    self.book_at(book_key, tenant, customer)?
+                        .put_line(&list, line);
+                }
+            }
+            Some(Route::Opens) if book.carried.contains_key(&item.currency) => {
+                let list = LineList::Carried(item.currency.clone());
+                self.unspill_lines(book_key, tenant, customer, &list)?;
+            }
+            Some(Route::To(_) | Route::Opens) | None => {}
+        }
+        Ok(())
+    }
+
+    /// Puts every line of `list` taken out of the customer's book (at `book_key`) back.
+    fn unspill_lines(
+        &mut self,
+        book_key: &[u8],
+        tenant: &str,
+        customer: &str,
+        list: &LineList,
+    ) -> Result<()> {
+        let prefix = line_list_key(tenant, customer, list);
+        let lines = self.spilled_lines.take_all(self.store.db(), &prefix, || {
+            format!("statement line of {tenant}/{customer}")
+        })?;
+        let book = self.book_at(book_key, tenant, customer)?;
+        for (_, line) in lines {
+            book.put_line(list, line);
+        }
+        Ok(())
+    }
+
     /// Puts grant `id` back into its customer's book if it was taken out.
     fn unspill_grant(&mut self, tenant: &str, customer: &str, id: &str) -> Result<()> {
         if self.book(tenant, customer)?.grants.contains_key(id) {
@@ -711,6 +853,19 @@ impl PartitionState {
             .map(|(_, tenant, customer)| (tenant.clone(), customer.clone()))
             .collect();
         for (tenant, customer) in due {
+            // The statements the tick turns draft or final carry their lines whole.
+            let book_key = customer_key(b'B', &tenant, &customer);
+            let statements = self
+                .book_at(&book_key, &tenant, &customer)?
+                .statement_keys_due(at_ms);
+            for statement in statements {
+                for list in [
+                    LineList::Lines(statement.clone()),
+                    LineList::Prior(statement),
+                ] {
+                    self.unspill_lines(&book_key, &tenant, &customer, &list)?;
+                }
+            }
             let grace = 0;
             let entries = self.book(&tenant, &customer)?.apply_tick(
                 &tenant,
@@ -774,7 +929,26 @@ pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Optio
             .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
         book.grants.insert(id, state);
     }
+    let prefix = customer_key(b'T', tenant, customer);
+    let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+    for item in snapshot.iterator(from) {
+        let (key, value) = item?;
+        let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+            break;
+        };
+        put_spilled_line(&mut book, rest, &value)
+            .map_err(|e| Error::corrupt(format!("statement line of {tenant}/{customer}"), e))?;
+    }
     Ok(Some(book))
+}
+
+/// Puts a statement line kept apart (the rest of its key after the customer, and its value)
+/// back into `book`.
+fn put_spilled_line(book: &mut Book, rest: &[u8], value: &[u8]) -> std::result::Result<(), String> {
+    let list = line_list_of(rest).ok_or("a malformed key")?;
+    let line: StatementLine = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+    book.put_line(&list, line);
+    Ok(())
 }
 
 /// The partition's clock as stored under [`CLOCK_KEY`] (`i64::MIN` before the first tick).
@@ -869,7 +1043,7 @@ pub fn read_books(
         let parsed = read_part(&key).and_then(|(tenant, rest)| {
             let (kind, rest) = rest.split_first()?;
             let (customer, rest) = read_part(rest)?;
-            matches!(kind, b'B' | b'G').then_some((tenant, *kind, customer, rest))
+            matches!(kind, b'B' | b'G' | b'T').then_some((tenant, *kind, customer, rest))
         });
         let Some((tenant, kind, customer, rest)) = parsed else {
             continue;
@@ -892,6 +1066,16 @@ pub fn read_books(
                 let book = at.get(&(tenant, customer)).and_then(|i| books.get_mut(*i));
                 if let Some((_, _, book)) = book {
                     book.grants.insert(id, state);
+                }
+            }
+            b'T' => {
+                let book = at
+                    .get(&(tenant.clone(), customer.clone()))
+                    .and_then(|i| books.get_mut(*i));
+                if let Some((_, _, book)) = book {
+                    put_spilled_line(book, rest, &value).map_err(|e| {
+                        Error::corrupt(format!("statement line of {tenant}/{customer}"), e)
+                    })?;
                 }
             }
             _ => {}
@@ -921,6 +1105,7 @@ impl PartitionState {
         }
         self.spilled.write(&mut batch)?;
         self.spilled_grants.write(&mut batch)?;
+        self.spilled_lines.write(&mut batch)?;
         let mut dirty: Vec<CustomerKey> = self.dirty.drain().collect();
         dirty.sort();
         for key in dirty {
@@ -1453,6 +1638,95 @@ mod tests {
                 crate::book::Status::Active
             ]
         );
+    }
+
+    #[test]
+    fn statement_lines_live_apart_from_the_book_and_come_back_for_the_statement() {
+        // Was: every line of an open statement stayed in its book, and each item looked
+        // through them all, so a customer sending a new group value with every event made
+        // each of its items dearer than the last (quadratic) and its book ever larger.
+        const DAY: i64 = 86_400_000;
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let groups = 3 * BOOK_LINES + 5;
+        // In descending group order: the statement lists them ascending.
+        let item = |n: usize, amount: &str| LineItem {
+            group: [("project".to_owned(), format!("p-{n:04}"))].into(),
+            ..line_item(&format!("li_{n}_{amount}"), 0, d(amount))
+        };
+        let mut records: Vec<(Vec<u8>, Record)> = vec![(
+            credit::encode(&usd_grant("c1", "pack", "100", 1)),
+            Record::Grant,
+        )];
+        records.extend(
+            (0..groups)
+                .rev()
+                .map(|n| (item(n, "1").encode(), Record::LineItem)),
+        );
+        // A second item of an early group, long out of the book, and the period's end.
+        records.push((item(3, "0.5").encode(), Record::LineItem));
+        let period_end = 1_700_000_000_000 + 30 * DAY;
+        let tick = |at_ms: i64| {
+            (
+                credit::encode(&Tick {
+                    v: 1,
+                    at_ms,
+                    finalize_after_ms: None,
+                }),
+                Record::Tick,
+            )
+        };
+        records.push(tick(period_end));
+        let (entries, state, _dir) = fold_through_store(&records, 50, groups / 2);
+
+        let mut book = Book::default();
+        let mut expected = book.apply_grant(&usd_grant("c1", "pack", "100", 1), i64::MIN, 0);
+        for n in (0..groups).rev() {
+            expected.extend(book.apply_item(&item(n, "1")));
+        }
+        expected.extend(book.apply_item(&item(3, "0.5")));
+        expected.extend(book.apply_tick(
+            "acme",
+            "c1",
+            period_end,
+            0,
+            credit::DEFAULT_FINALIZE_AFTER_MS,
+        ));
+        assert_eq!(entries, expected);
+        let draft = entries
+            .iter()
+            .find(|e| e.kind == credit::EntryKind::StatementDraft)
+            .and_then(|e| e.statement.as_deref())
+            .expect("a draft statement");
+        let lines: Vec<(String, String)> = draft
+            .lines
+            .iter()
+            .map(|l| (l.group["project"].clone(), l.amount.to_string()))
+            .collect();
+        let mut want: Vec<(String, String)> = (0..groups)
+            .map(|n| (format!("p-{n:04}"), "1".to_owned()))
+            .collect();
+        want[3].1 = "1.5".to_owned();
+        assert_eq!(lines, want);
+        assert_eq!(
+            draft.usage,
+            d("1") * rust_decimal::Decimal::from(groups) + d("0.5")
+        );
+        // The stored book holds none of the draft's lines; a read gets them all back.
+        let stored = Book::decode(
+            &state
+                .store
+                .db()
+                .get(customer_key(b'B', "acme", "c1"))
+                .expect("get")
+                .expect("book"),
+        )
+        .expect("decode");
+        let statement = stored.statements.values().next().expect("the draft");
+        assert!(statement.statement.lines.is_empty());
+        let read = read_book(state.store.db(), "acme", "c1")
+            .expect("read")
+            .expect("book");
+        assert_eq!(read.statements, book.statements);
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!
 //! Then what one customer's grants can cost: a customer holding 2 and one at the bound of
 //! grants holding credit (`MAX_CREDIT_GRANTS`), `NERUBA_BENCH_BOUND_ITEMS` (default 2,000) items
-//! each written alone; and the stored book of a customer after `NERUBA_BENCH_TOPUPS` (default
-//! 1,000) top-ups each used up, against a book that keeps every grant.
+//! each written alone, and one holding as many bytes of keys and metadata as the bound lets
+//! it; the stored book of a customer after `NERUBA_BENCH_TOPUPS` (default 1,000) top-ups each
+//! used up, against a book that keeps every grant; and a customer with a new group value in
+//! every item, for each count of groups in `NERUBA_BENCH_GROUPS` (default `1000,10000`).
 
 // Rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -92,6 +94,30 @@ fn round(records: &[&Record]) -> Result<Phases> {
 /// A grant of `customer` in the form the gateway writes (record version 2, bounded), with a
 /// key and metadata of a typical size.
 fn grant_of(customer: &str, key: &str, amount: &str) -> Result<Grant> {
+    grant_with(customer, key, amount, 10, false)
+}
+
+/// [`grant_of`] with `priority`, and with `heavy`, the most metadata a grant may carry (32
+/// entries of 512-byte names and values: 32 KiB).
+fn grant_with(
+    customer: &str,
+    key: &str,
+    amount: &str,
+    priority: u16,
+    heavy: bool,
+) -> Result<Grant> {
+    let metadata = if heavy {
+        (0..credit::MAX_METADATA_ENTRIES)
+            .map(|i| {
+                (
+                    format!("{i:0>width$}", width = credit::MAX_METADATA_BYTES),
+                    "v".repeat(credit::MAX_METADATA_BYTES),
+                )
+            })
+            .collect()
+    } else {
+        [("order".to_owned(), format!("order-{key}"))].into()
+    };
     Ok(Grant {
         v: credit::GRANT_RECORD_V,
         id: credit::grant_id("acme", customer, key),
@@ -101,11 +127,11 @@ fn grant_of(customer: &str, key: &str, amount: &str) -> Result<Grant> {
         terms: credit::GrantTerms {
             amount: amount.parse()?,
             currency: "USD".into(),
-            priority: 10,
+            priority,
             effective_at: None,
             expires_at: None,
             paid: None,
-            metadata: [("order".to_owned(), format!("order-{key}"))].into(),
+            metadata,
         },
         received_at: neruba_schemas::event::format_time_ms(0),
     })
@@ -121,11 +147,25 @@ fn cent_item(template: &LineItem, customer: &str, n: usize) -> LineItem {
     }
 }
 
-/// One customer holding `grants` grants with credit, then `items` line items of it, each
-/// applied and written as a batch of its own (its book written after every item, as when each
-/// batch holds one item of the customer): the time per item to apply it and to write the
-/// batch, and the stored book's size.
-fn customer_holding(template: &LineItem, grants: usize, items: usize) -> Result<(Phases, usize)> {
+/// What one customer holds ([`customer_holding`]).
+#[derive(Clone, Copy)]
+enum Holding {
+    /// This many grants with credit, each with a 10-byte key and a 21-byte metadata entry.
+    Grants(usize),
+    /// As much as the bound lets one customer's book hold: grants of 32 KiB of metadata up to
+    /// the bound's bytes, and the 8 spent grants the book keeps, as heavy.
+    Heaviest,
+}
+
+/// One customer holding `holding`, then `items` line items of it, each applied and written as
+/// a batch of its own (its book written after every item, as when each batch holds one item
+/// of the customer): the time per item to apply it and to write the batch, and the stored
+/// book's size.
+fn customer_holding(
+    template: &LineItem,
+    holding: Holding,
+    items: usize,
+) -> Result<(Phases, usize)> {
     let dir = tempfile::tempdir()?;
     let cache = rocksdb::Cache::new_lru_cache(64 << 20);
     let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
@@ -142,9 +182,37 @@ fn customer_holding(template: &LineItem, grants: usize, items: usize) -> Result<
         state.apply(input, kind)?;
         Ok(())
     };
-    for g in 0..grants {
-        let grant = grant_of(customer, &format!("pack-{g:05}"), "1000")?;
-        apply(&mut state, &credit::encode(&grant), Kind::Grant)?;
+    let mut grants = Vec::new();
+    match holding {
+        Holding::Grants(n) => {
+            for g in 0..n {
+                grants.push(grant_of(customer, &format!("pack-{g:05}"), "1000")?);
+            }
+        }
+        Holding::Heaviest => {
+            // Each spent by an item before the next (spent grants do not count against the
+            // bound, and the book keeps the last 8).
+            for g in 0..neruba_balances::state::BOOK_SPENT_GRANTS {
+                let used = grant_with(customer, &format!("used-{g:02}"), "0.01", 1, true)?;
+                apply(&mut state, &credit::encode(&used), Kind::Grant)?;
+                let payload = cent_item(template, customer, items + g).encode();
+                apply(&mut state, &payload, Kind::LineItem)?;
+            }
+            let per =
+                neruba_balances::book::held_bytes(&grant_with(customer, "pack-00", "1", 1, true)?);
+            for g in 0..neruba_balances::book::MAX_CREDIT_GRANT_BYTES / per {
+                grants.push(grant_with(
+                    customer,
+                    &format!("pack-{g:02}"),
+                    "1000",
+                    10,
+                    true,
+                )?);
+            }
+        }
+    }
+    for grant in &grants {
+        apply(&mut state, &credit::encode(grant), Kind::Grant)?;
     }
     state.take_outputs();
     state.commit()?;
@@ -201,6 +269,52 @@ fn topped_up(template: &LineItem, topups: usize) -> Result<(usize, usize)> {
         .get(neruba_balances::state::customer_key(b'B', "acme", customer))?
         .map_or(0, |b| b.len());
     Ok((stored, whole.encode()?.len()))
+}
+
+/// One customer's `items` line items in one billing period, each of a group of its own (a
+/// client sending a new group value with every event), in batches of `batch` items: the time
+/// per item of the last batch (apply, write) and the stored book's size at the end.
+fn many_groups(template: &LineItem, items: usize, batch: usize) -> Result<(Phases, usize)> {
+    let dir = tempfile::tempdir()?;
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
+    let mut state = PartitionState::from_store(store, 0, 3 * 86_400_000)?;
+    let customer = "customer-of-many-groups";
+    let mut last = Phases::default();
+    for (b, chunk) in (0..items)
+        .collect::<Vec<_>>()
+        .chunks(batch.max(1))
+        .enumerate()
+    {
+        let started = Instant::now();
+        for &n in chunk {
+            let mut item = cent_item(template, customer, n);
+            item.group = [("project".to_owned(), format!("p-{n:07}"))].into();
+            let input = Input {
+                offset: i64::try_from(n)?,
+                key: None,
+                payload: &item.encode(),
+            };
+            state.apply(input, Kind::LineItem)?;
+        }
+        let applied = Instant::now();
+        state.take_outputs();
+        state.commit()?;
+        if (b + 1) * batch >= items {
+            last = Phases {
+                apply: applied - started,
+                encode: Duration::ZERO,
+                write: applied.elapsed(),
+                entries: chunk.len(),
+            };
+        }
+    }
+    let stored = state
+        .store()
+        .db()
+        .get(neruba_balances::state::customer_key(b'B', "acme", customer))?
+        .map_or(0, |b| b.len());
+    Ok((last, stored))
 }
 
 /// Decoding each record alone.
@@ -311,10 +425,24 @@ fn main() -> Result<()> {
         .transpose()?
         .ok_or_else(|| anyhow::anyhow!("no line item in the workload"))?;
     let items = env("NERUBA_BENCH_BOUND_ITEMS", 2_000);
-    for grants in [2, neruba_balances::book::MAX_CREDIT_GRANTS] {
-        let (phases, book) = customer_holding(&template, grants, items)?;
+    for (holding, name) in [
+        (Holding::Grants(2), "2 grants with credit".to_owned()),
+        (
+            Holding::Grants(neruba_balances::book::MAX_CREDIT_GRANTS),
+            format!(
+                "{} grants with credit",
+                neruba_balances::book::MAX_CREDIT_GRANTS
+            ),
+        ),
+        (
+            Holding::Heaviest,
+            "grants of 32 KiB of metadata up to the bound's bytes, and 8 as heavy spent ones"
+                .to_owned(),
+        ),
+    ] {
+        let (phases, book) = customer_holding(&template, holding, items)?;
         println!(
-            "a customer holding {grants} grants with credit, {items} items each written alone: apply {:.2} µs, write {:.2} µs per item; stored book {book} bytes",
+            "a customer holding {name}, {items} items each written alone: apply {:.2} µs, write {:.2} µs per item; stored book {book} bytes",
             per_record(phases.apply, items),
             per_record(phases.write, items),
         );
@@ -324,6 +452,18 @@ fn main() -> Result<()> {
     println!(
         "a customer after {topups} top-ups each used up: stored book {stored} bytes; a book keeping every grant {whole} bytes"
     );
+    for groups in std::env::var("NERUBA_BENCH_GROUPS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|g| g.trim().parse::<usize>().ok())
+    {
+        let (last, book) = many_groups(&template, groups, 100)?;
+        println!(
+            "a customer with {groups} groups in one period, batches of 100 items: the last batch apply {:.2} µs, write {:.2} µs per item; stored book {book} bytes",
+            per_record(last.apply, last.entries),
+            per_record(last.write, last.entries),
+        );
+    }
     println!("peak RSS of the process: {} MiB", peak_rss_kib() / 1024);
     Ok(())
 }

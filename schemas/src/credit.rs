@@ -218,7 +218,9 @@ pub struct BalanceRule {
 /// The version the gateway writes grants in. Version 2: a new grant past the customer's bound
 /// of grants holding credit is refused by the balances stage (`too_many_grants`). A version 1
 /// grant, written before the bound, is not bounded: a replay of an old ledger applies what it
-/// applied then.
+/// applied then. The bound's figures (`neruba_balances::book::MAX_CREDIT_GRANTS` and
+/// `MAX_CREDIT_GRANT_BYTES`) are part of what a replay must reproduce: changing them needs a
+/// new record version.
 pub const GRANT_RECORD_V: u8 = 2;
 
 /// The version the gateway writes balance-rule records in. Version 2: removing a rule keeps

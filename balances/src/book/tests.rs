@@ -611,7 +611,7 @@ proptest! {
         let open = || {
             PartitionState::open(dir.path(), 0, &cache, GRACE)
                 .expect("open")
-                .keeping(0, 0)
+                .keeping(0, 0, 0)
         };
         let mut state = open();
         let mut entries = Vec::new();
@@ -1261,6 +1261,16 @@ fn grants_past_a_customers_bound_of_grants_holding_credit_are_refused_until_one_
     );
     assert_eq!(codes(&e), refused);
     assert_eq!(book.grants, full.grants);
+    // A grant repeated at the bound (a client's retry) is compared with the one applied, as
+    // ever: the same terms change nothing, other terms are a key conflict.
+    assert!(
+        book.apply_grant(&bounded("g0005", "0.01"), T0, GRACE)
+            .is_empty()
+    );
+    assert_eq!(
+        codes(&book.apply_grant(&bounded("g0005", "0.02"), T0, GRACE)),
+        [(EntryKind::GrantRefused, Some("key_conflict".to_owned()))]
+    );
     // A grant written before the bound (record version 1) is applied, as it was then.
     let mut replayed = full.clone();
     let legacy = grant("legacy", d("0.01"), "USD", 10, None, None);
