@@ -317,7 +317,14 @@ impl Model {
         let view = self.loaded(partition)?;
         // The position first: the book read after it is at least as new.
         let position = self.position_of(partition, &view);
-        let book = neruba_balances::state::read_book(&view.db, tenant, customer)?;
+        // Balances, grants and entries show a book's grants, never its statements' lines (a
+        // customer may have thousands, kept apart from the book).
+        let parts = neruba_balances::state::Parts {
+            grants: true,
+            lines: false,
+        };
+        let book =
+            neruba_balances::state::read_book_in(&view.db.snapshot(), tenant, customer, parts)?;
         Ok((book, position))
     }
 
@@ -409,12 +416,15 @@ impl Model {
         let view = self.loaded(partition)?;
         let position = self.position_of(partition, &view);
         let snapshot = view.db.snapshot();
-        let Some(bytes) =
-            snapshot.get(neruba_balances::state::customer_key(b'B', tenant, customer))?
+        // With the statements' lines kept apart from the book (and none of its grants).
+        let parts = neruba_balances::state::Parts {
+            grants: false,
+            lines: true,
+        };
+        let Some(book) = neruba_balances::state::read_book_in(&snapshot, tenant, customer, parts)?
         else {
             return Ok((None, position));
         };
-        let book = Book::decode(&bytes).map_err(|e| ReadError::Storage(format!("book: {e}")))?;
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let mut out = Vec::new();
         for item in snapshot.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
@@ -588,5 +598,66 @@ mod tests {
         assert!(ids("2026-08").is_empty());
         assert_eq!(ids("2027-02"), vec!["li_feb_west"]);
         assert_eq!(ids("2027-03"), vec!["li_mar_east"]);
+    }
+
+    #[test]
+    fn a_statement_read_has_every_line_though_the_book_keeps_most_apart() {
+        // Was: the statements read decoded the book alone, so once a customer's statement had
+        // more lines than its book keeps, the read showed a statement without most of them.
+        use neruba_balances::state::{BOOK_LINES, PartitionState, Record};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = neruba_stage::Store::open(
+            dir.path(),
+            0,
+            &neruba_balances::state::store_options(),
+            &cache,
+        )
+        .expect("store");
+        let db = store.shared_db();
+        let mut fold =
+            PartitionState::from_store(store, 0, neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS)
+                .expect("fold");
+        // Group values of different lengths: stored keys and the lines' order differ.
+        let groups = 2 * BOOK_LINES + 3;
+        for n in 0..groups {
+            let mut item = item(&format!("li_{n}"), "2026-11-01T00:00:00.000Z");
+            item.period_end = "2026-12-01T00:00:00.000Z".into();
+            item.group = [("project".to_owned(), format!("p{}", n * 37))].into();
+            let payload = item.encode();
+            let input = neruba_stage::Input {
+                offset: i64::try_from(n).expect("small"),
+                key: None,
+                payload: &payload,
+            };
+            fold.apply(input, Record::LineItem).expect("apply");
+        }
+        fold.take_outputs();
+        fold.commit_with(rocksdb::WriteBatch::default())
+            .expect("commit");
+        let model = Model::new("ledger", 1);
+        model.opened(0, db, fold.next_offset());
+        let (read, _) = model.statements("t", "c", "2026-11").expect("read");
+        let (statements, _) = read.expect("the customer");
+        let [statement] = statements.as_slice() else {
+            panic!("one statement: {statements:?}");
+        };
+        let mut want: Vec<String> = (0..groups).map(|n| format!("p{}", n * 37)).collect();
+        want.sort();
+        let lines: Vec<&str> = statement
+            .lines
+            .iter()
+            .map(|l| l.group["project"].as_str())
+            .collect();
+        assert_eq!(lines, want);
+        assert_eq!(statement.usage, rust_decimal::Decimal::from(groups));
+        // A balance read does not read them.
+        let (book, _) = model.book("t", "c").expect("read");
+        let book = book.expect("the customer");
+        assert!(
+            book.statements
+                .values()
+                .all(|s| s.statement.lines.len() <= BOOK_LINES)
+        );
     }
 }

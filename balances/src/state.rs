@@ -814,10 +814,8 @@ impl PartitionState {
         let lines = self.spilled_lines.take_all(self.store.db(), &prefix, || {
             format!("statement line of {tenant}/{customer}")
         })?;
-        let book = self.book_at(book_key, tenant, customer)?;
-        for (_, line) in lines {
-            book.put_line(list, line);
-        }
+        self.book_at(book_key, tenant, customer)?
+            .put_lines(list, lines.into_iter().map(|(_, line)| line).collect());
         Ok(())
     }
 
@@ -907,48 +905,99 @@ impl PartitionState {
     }
 }
 
-/// A customer's book as stored in `db` (`None`: no record of the customer was applied).
+/// What a read of a book puts back of what the store keeps apart from it (old series never:
+/// no read shows them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// The spent grants.
+    pub grants: bool,
+    /// The lines of its statements and of what is carried to the next.
+    pub lines: bool,
+}
+
+impl Parts {
+    /// Everything a read shows.
+    pub const ALL: Self = Self {
+        grants: true,
+        lines: true,
+    };
+}
+
+/// A customer's book as stored in `db` (`None`: no record of the customer was applied), with
+/// everything kept apart that a read shows.
 pub fn read_book(db: &rocksdb::DB, tenant: &str, customer: &str) -> Result<Option<Book>> {
-    // One snapshot: the book and its grants kept apart as of the same batch, while the stage
+    // One snapshot: the book and what is kept apart as of the same batch, while the stage
     // writes on.
-    let snapshot = db.snapshot();
+    read_book_in(&db.snapshot(), tenant, customer, Parts::ALL)
+}
+
+/// A customer's book as of `snapshot`, with the `parts` kept apart that the reader needs.
+pub fn read_book_in(
+    snapshot: &rocksdb::Snapshot<'_>,
+    tenant: &str,
+    customer: &str,
+    parts: Parts,
+) -> Result<Option<Book>> {
     let Some(bytes) = snapshot.get(customer_key(b'B', tenant, customer))? else {
         return Ok(None);
     };
     let mut book = Book::decode(&bytes)
         .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
-    let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
-    let prefix = customer_key(b'G', tenant, customer);
-    let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-    for item in snapshot.iterator(from) {
-        let (key, value) = item?;
-        let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
-            break;
-        };
-        let (id, state) = spilled_grant(rest, &value, clock_ms)
-            .map_err(|e| Error::corrupt(format!("grant of {tenant}/{customer}"), e))?;
-        book.grants.insert(id, state);
+    // Every value under the customer's keys of `kind`: the rest of its key, and the value.
+    let under = |kind: u8, each: &mut ApartValue<'_>| -> Result<()> {
+        let prefix = customer_key(kind, tenant, customer);
+        let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in snapshot.iterator(from) {
+            let (key, value) = item?;
+            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            each(rest, &value).map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
+        }
+        Ok(())
+    };
+    if parts.grants {
+        let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
+        under(b'G', &mut |rest, value| {
+            let (id, state) = spilled_grant(rest, value, clock_ms)?;
+            book.grants.insert(id, state);
+            Ok(())
+        })?;
     }
-    let prefix = customer_key(b'T', tenant, customer);
-    let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-    for item in snapshot.iterator(from) {
-        let (key, value) = item?;
-        let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
-            break;
-        };
-        put_spilled_line(&mut book, rest, &value)
-            .map_err(|e| Error::corrupt(format!("statement line of {tenant}/{customer}"), e))?;
+    if parts.lines {
+        let mut lines = SpilledLines::default();
+        under(b'T', &mut |rest, value| lines.add(rest, value))?;
+        lines.put_into(&mut book);
     }
     Ok(Some(book))
 }
 
-/// Puts a statement line kept apart (the rest of its key after the customer, and its value)
-/// back into `book`.
-fn put_spilled_line(book: &mut Book, rest: &[u8], value: &[u8]) -> std::result::Result<(), String> {
-    let list = line_list_of(rest).ok_or("a malformed key")?;
-    let line: StatementLine = postcard::from_bytes(value).map_err(|e| e.to_string())?;
-    book.put_line(&list, line);
-    Ok(())
+/// What a read does with each value kept apart under a customer's keys of one kind: the rest
+/// of its key after the customer, and the value.
+type ApartValue<'a> = dyn FnMut(&[u8], &[u8]) -> std::result::Result<(), String> + 'a;
+
+/// Statement lines kept apart, gathered by list to be put back into their book at once (they
+/// come in key order, not in the lists' order: put back one at a time, each would shift the
+/// rest).
+#[derive(Default)]
+struct SpilledLines {
+    lists: BTreeMap<LineList, Vec<StatementLine>>,
+}
+
+impl SpilledLines {
+    /// A line kept apart: the rest of its key after the customer, and its value.
+    fn add(&mut self, rest: &[u8], value: &[u8]) -> std::result::Result<(), String> {
+        let list = line_list_of(rest).ok_or("a malformed statement line key")?;
+        let line: StatementLine = postcard::from_bytes(value).map_err(|e| e.to_string())?;
+        self.lists.entry(list).or_default().push(line);
+        Ok(())
+    }
+
+    fn put_into(self, book: &mut Book) {
+        for (list, lines) in self.lists {
+            book.put_lines(&list, lines);
+        }
+    }
 }
 
 /// The partition's clock as stored under [`CLOCK_KEY`] (`i64::MIN` before the first tick).
@@ -1038,6 +1087,8 @@ pub fn read_books(
     // In key order, with where each customer's book is.
     let mut books: Vec<(String, String, Book)> = Vec::new();
     let mut at: HashMap<(String, String), usize> = HashMap::default();
+    // Each book's statement lines kept apart, put back once all are read.
+    let mut lines: BTreeMap<usize, SpilledLines> = BTreeMap::new();
     for item in store.db().iterator(rocksdb::IteratorMode::Start) {
         let (key, value) = item?;
         let parsed = read_part(&key).and_then(|(tenant, rest)| {
@@ -1069,16 +1120,22 @@ pub fn read_books(
                 }
             }
             b'T' => {
-                let book = at
-                    .get(&(tenant.clone(), customer.clone()))
-                    .and_then(|i| books.get_mut(*i));
-                if let Some((_, _, book)) = book {
-                    put_spilled_line(book, rest, &value).map_err(|e| {
-                        Error::corrupt(format!("statement line of {tenant}/{customer}"), e)
-                    })?;
+                if let Some(i) = at.get(&(tenant.clone(), customer.clone())) {
+                    lines
+                        .entry(*i)
+                        .or_default()
+                        .add(rest, &value)
+                        .map_err(|e| {
+                            Error::corrupt(format!("statement line of {tenant}/{customer}"), e)
+                        })?;
                 }
             }
             _ => {}
+        }
+    }
+    for (i, lines) in lines {
+        if let Some((_, _, book)) = books.get_mut(i) {
+            lines.put_into(book);
         }
     }
     Ok(Some(books))
@@ -1727,6 +1784,44 @@ mod tests {
             .expect("read")
             .expect("book");
         assert_eq!(read.statements, book.statements);
+
+        // Final: the statement carries every line again, and none is left kept apart.
+        let at = period_end + credit::DEFAULT_FINALIZE_AFTER_MS;
+        let mut state = state;
+        let (payload, record) = tick(at);
+        let input = Input {
+            offset: i64::try_from(records.len()).expect("small"),
+            key: None,
+            payload: &payload,
+        };
+        state.apply(input, record).expect("apply");
+        let outputs = state.take_outputs();
+        state.commit().expect("commit");
+        let finals: Vec<credit::BalanceEntry> = outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => Some(*e),
+                _ => None,
+            })
+            .collect();
+        let want_final = book.apply_tick("acme", "c1", at, 0, credit::DEFAULT_FINALIZE_AFTER_MS);
+        assert_eq!(finals, want_final);
+        assert_eq!(
+            finals
+                .first()
+                .and_then(|e| e.statement.as_deref())
+                .map(|s| s.lines.len()),
+            Some(groups)
+        );
+        let prefix = customer_key(b'T', "acme", "c1");
+        let left = state
+            .store
+            .db()
+            .prefix_iterator(&prefix)
+            .filter_map(std::result::Result::ok)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .count();
+        assert_eq!(left, 0);
     }
 
     #[test]

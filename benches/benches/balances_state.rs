@@ -271,10 +271,22 @@ fn topped_up(template: &LineItem, topups: usize) -> Result<(usize, usize)> {
     Ok((stored, whole.encode()?.len()))
 }
 
+/// What [`many_groups`] measured.
+struct ManyGroups {
+    /// The last batch of items.
+    last: Phases,
+    /// The stored book's size at the end.
+    book: usize,
+    /// A read of the whole book (its statement's lines put back).
+    read: Duration,
+    /// The tick turning the statement draft, applied and written.
+    tick: Duration,
+}
+
 /// One customer's `items` line items in one billing period, each of a group of its own (a
-/// client sending a new group value with every event), in batches of `batch` items: the time
-/// per item of the last batch (apply, write) and the stored book's size at the end.
-fn many_groups(template: &LineItem, items: usize, batch: usize) -> Result<(Phases, usize)> {
+/// client sending a new group value with every event; values of different lengths), in
+/// batches of `batch` items; then a read of the book and the tick turning the statement draft.
+fn many_groups(template: &LineItem, items: usize, batch: usize) -> Result<ManyGroups> {
     let dir = tempfile::tempdir()?;
     let cache = rocksdb::Cache::new_lru_cache(64 << 20);
     let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
@@ -289,7 +301,7 @@ fn many_groups(template: &LineItem, items: usize, batch: usize) -> Result<(Phase
         let started = Instant::now();
         for &n in chunk {
             let mut item = cent_item(template, customer, n);
-            item.group = [("project".to_owned(), format!("p-{n:07}"))].into();
+            item.group = [("project".to_owned(), format!("p-{n}"))].into();
             let input = Input {
                 offset: i64::try_from(n)?,
                 key: None,
@@ -309,12 +321,44 @@ fn many_groups(template: &LineItem, items: usize, batch: usize) -> Result<(Phase
             };
         }
     }
-    let stored = state
+    let book = state
         .store()
         .db()
         .get(neruba_balances::state::customer_key(b'B', "acme", customer))?
         .map_or(0, |b| b.len());
-    Ok((last, stored))
+    let started = Instant::now();
+    let lines =
+        neruba_balances::state::read_book(state.store().db(), "acme", customer)?.map_or(0, |b| {
+            b.statements
+                .values()
+                .map(|s| s.statement.lines.len())
+                .sum::<usize>()
+        });
+    let read = started.elapsed();
+    anyhow::ensure!(lines == items, "read {lines} lines of {items}");
+    let tick = credit::Tick {
+        v: 1,
+        at_ms: neruba_schemas::event::parse_time_ms(&template.period_end)?,
+        finalize_after_ms: None,
+    };
+    let payload = credit::encode(&tick);
+    let started = Instant::now();
+    let input = Input {
+        offset: i64::try_from(items)?,
+        key: None,
+        payload: &payload,
+    };
+    state.apply(input, Kind::Tick)?;
+    let drafts = state.take_outputs().len();
+    state.commit()?;
+    let tick = started.elapsed();
+    anyhow::ensure!(drafts == 1, "{drafts} outputs of the tick");
+    Ok(ManyGroups {
+        last,
+        book,
+        read,
+        tick,
+    })
 }
 
 /// Decoding each record alone.
@@ -457,11 +501,14 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|g| g.trim().parse::<usize>().ok())
     {
-        let (last, book) = many_groups(&template, groups, 100)?;
+        let m = many_groups(&template, groups, 100)?;
         println!(
-            "a customer with {groups} groups in one period, batches of 100 items: the last batch apply {:.2} µs, write {:.2} µs per item; stored book {book} bytes",
-            per_record(last.apply, last.entries),
-            per_record(last.write, last.entries),
+            "a customer with {groups} groups in one period, batches of 100 items: the last batch apply {:.2} µs, write {:.2} µs per item; stored book {} bytes; a read of the whole book {:.2?}; the tick turning its statement draft {:.2?}",
+            per_record(m.last.apply, m.last.entries),
+            per_record(m.last.write, m.last.entries),
+            m.book,
+            m.read,
+            m.tick,
         );
     }
     println!("peak RSS of the process: {} MiB", peak_rss_kib() / 1024);

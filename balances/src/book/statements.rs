@@ -244,6 +244,22 @@ impl Book {
         }
     }
 
+    /// Puts lines kept apart back on `list` (sorting it once); `false` if the book has no such
+    /// list.
+    pub fn put_lines(&mut self, list: &LineList, mut lines: Vec<StatementLine>) -> bool {
+        if lines.is_empty() {
+            return true;
+        }
+        match self.lines_mut(list) {
+            Some(held) => {
+                held.append(&mut lines);
+                held.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Takes every line out of each list holding more than `keep`, and returns them with their
     /// list. The fold touches a line only for an item of its meter and group (and reads a
     /// statement's lines whole only when it turns draft or final), so the partition store can

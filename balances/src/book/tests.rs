@@ -12,6 +12,8 @@ use std::cmp::Ordering;
 
 const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
 const MIN: i64 = 60_000;
+/// The billing period of the items these tests make: 30 days.
+const PERIOD: i64 = 30 * 86_400_000;
 
 fn d(text: &str) -> Decimal {
     text.parse().expect("decimal")
@@ -100,7 +102,10 @@ enum Op {
     Item {
         n: u16,
         meter: bool,
-        period: bool,
+        /// The billing period: the one before T0's, T0's, the one after.
+        period: u8,
+        /// The group: none, or one of values of different lengths.
+        group: u8,
         window: i64,
         cents: i64,
         currency: bool,
@@ -145,18 +150,24 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|rule| Op::Rule { rule }),
         (1_i64..10_000).prop_map(|cents| Op::Topup { cents }),
         minute.clone().prop_map(|m| Op::Tick { at: T0 + m * MIN }),
+        // Past the end of T0's period: its statement turns draft, then final.
+        minute.clone().prop_map(|m| Op::Tick {
+            at: T0 + PERIOD + m * MIN
+        }),
         (
             0_u16..40,
             any::<bool>(),
-            any::<bool>(),
+            0_u8..3,
+            0_u8..4,
             minute,
             -3_000_i64..6_000,
             any::<bool>()
         )
-            .prop_map(|(n, meter, period, m, cents, currency)| Op::Item {
+            .prop_map(|(n, meter, period, group, m, cents, currency)| Op::Item {
                 n,
                 meter,
                 period,
+                group,
                 window: T0 + m * MIN,
                 cents,
                 currency,
@@ -278,19 +289,24 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
                 n,
                 meter,
                 period,
+                group,
                 window,
                 cents,
                 currency: usd,
             } => {
-                let period_start = if *period { T0 } else { T0 - 30 * 86_400_000 };
-                let li = item(
-                    &format!("li_{n}_{meter}_{period}_{cents}"),
+                let period_start = T0 + (i64::from(*period) - 1) * PERIOD;
+                let mut li = item(
+                    &format!("li_{n}_{meter}_{period}_{group}_{cents}"),
                     if *meter { "m1" } else { "m2" },
                     period_start,
                     *window,
                     Decimal::new(*cents, 2),
                     currency(*usd),
                 );
+                if *group > 0 {
+                    let value = ["a", "bb", "a-longer-one"][usize::from(*group - 1)];
+                    li.group = [("project".to_owned(), value.to_owned())].into();
+                }
                 if !seen.insert(li.id.clone()) {
                     continue;
                 }
