@@ -517,6 +517,25 @@ async fn folded(
     Ok(())
 }
 
+/// The answer for a grant the balances stage refused for the customer's bound of grants holding
+/// credit (`refusal`, its `grant_refused` entry): not found, saying why.
+fn grant_refused(id: &str, refusal: &BalanceEntry) -> Refused {
+    refused(
+        StatusCode::NOT_FOUND,
+        "grant_refused",
+        format!(
+            "grant `{id}` was refused by the balances stage ({}, balance entry #{}): the \
+             customer held as many grants with credit as it may ({} with at most {} KiB of keys \
+             and metadata); the same request applies once one of its grants is used up or \
+             has ended",
+            refusal.code.as_deref().unwrap_or_default(),
+            refusal.seq,
+            neruba_balances::book::MAX_CREDIT_GRANTS,
+            neruba_balances::book::MAX_CREDIT_GRANT_BYTES / 1024,
+        ),
+    )
+}
+
 fn not_found(customer: &str) -> Refused {
     refused(
         StatusCode::NOT_FOUND,
@@ -795,15 +814,18 @@ async fn grant(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, _) =
+    let (tenant, book, position, ()) =
         customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
-    let grant = book.grants.get(&id).ok_or_else(|| {
-        refused(
-            StatusCode::NOT_FOUND,
-            "grant_not_found",
-            format!("customer `{customer}` has no grant `{id}`"),
-        )
-    })?;
+    let Some(grant) = book.grants.get(&id) else {
+        return Err(match state.model.refusal(&tenant, &customer, &id)? {
+            Some(refusal) => grant_refused(&id, &refusal),
+            None => refused(
+                StatusCode::NOT_FOUND,
+                "grant_not_found",
+                format!("customer `{customer}` has no grant `{id}`"),
+            ),
+        });
+    };
     let body = OneGrant {
         customer,
         as_of: vec![position],
@@ -1308,6 +1330,32 @@ mod tests {
                 "too_many_rows",
                 "past the bound"
             )
+        );
+    }
+
+    #[test]
+    fn a_refused_grant_reads_as_not_found_saying_why() {
+        let refusal = BalanceEntry {
+            seq: 1001,
+            code: Some("too_many_grants".into()),
+            ..serde_json::from_value(serde_json::json!({
+                "v": 1, "id": "be_1", "tenant": "acme", "customer": "c1", "seq": 1001,
+                "kind": "grant_refused", "currency": "USD", "cause": "gr_x", "grant": "gr_x",
+                "amount": "0", "balance_before": "10", "balance_after": "10"
+            }))
+            .expect("an entry")
+        };
+        let answer = grant_refused("gr_x", &refusal);
+        assert_eq!(
+            (answer.status, answer.code),
+            (StatusCode::NOT_FOUND, "grant_refused")
+        );
+        assert!(
+            answer
+                .message
+                .starts_with("grant `gr_x` was refused by the balances stage (too_many_grants, balance entry #1001)"),
+            "{}",
+            answer.message
         );
     }
 

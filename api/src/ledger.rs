@@ -13,6 +13,7 @@
 //!   write as the fold and the offset; the model's position moves only after that write.
 
 use crate::model::{self, Model};
+use neruba_balances::book::TOO_MANY_GRANTS;
 use neruba_balances::state::{Output, PartitionState, Record};
 use neruba_schemas::credit::{self, EntryKind};
 use neruba_schemas::ledger::LineItem;
@@ -57,6 +58,17 @@ impl neruba_stage::Partition for LedgerPartition {
                 continue;
             };
             batch.put(model::entry_key(&entry), credit::encode(entry.as_ref()));
+            // A grant refused for the customer's bound is kept for its read until applied.
+            match (entry.kind, entry.grant.as_deref(), entry.code.as_deref()) {
+                (EntryKind::GrantRefused, Some(grant), Some(TOO_MANY_GRANTS)) => batch.put(
+                    model::refusal_key(&entry.tenant, &entry.customer, grant),
+                    credit::encode(entry.as_ref()),
+                ),
+                (EntryKind::Grant, Some(grant), _) => {
+                    batch.delete(model::refusal_key(&entry.tenant, &entry.customer, grant));
+                }
+                _ => {}
+            }
             if entry.kind == EntryKind::StatementFinal
                 && let Some(statement) = &entry.statement
             {
@@ -143,5 +155,128 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn send(&self, _sink: &Sink<'_>, output: &Nothing) -> Result<DeliveryFuture, KafkaError> {
         match *output {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_balances::book::MAX_CREDIT_GRANTS;
+    use neruba_schemas::credit::{Grant, GrantTerms};
+    use neruba_schemas::event::format_time_ms;
+    use rust_decimal::Decimal;
+
+    fn grant(key: &str, amount: i64) -> Grant {
+        Grant {
+            v: credit::GRANT_RECORD_V,
+            id: credit::grant_id("t", "c", key),
+            tenant: "t".into(),
+            customer: "c".into(),
+            key: key.into(),
+            terms: GrantTerms {
+                amount: Decimal::from(amount),
+                currency: "USD".into(),
+                priority: 10,
+                effective_at: None,
+                expires_at: None,
+                paid: None,
+                metadata: std::collections::BTreeMap::new(),
+            },
+            received_at: format_time_ms(0),
+        }
+    }
+
+    #[test]
+    fn a_grant_refused_for_the_bound_reads_as_refused_until_it_is_applied() {
+        // Was: a grant the balances stage refused after the gateway's 202 read as any unknown
+        // grant, so support could not tell a refused purchase from a mistyped id.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = Store::open(
+            dir.path(),
+            0,
+            &neruba_balances::state::store_options(),
+            &cache,
+        )
+        .expect("store");
+        let db = store.shared_db();
+        let fold =
+            PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS).expect("fold");
+        let model = Arc::new(Model::new("ledger", 1));
+        model.opened(0, db, None);
+        let mut part = LedgerPartition {
+            fold,
+            items: Vec::new(),
+            model: model.clone(),
+        };
+        let mut offset = 0;
+        let mut apply = |part: &mut LedgerPartition, payload: Vec<u8>, record: Record| {
+            let input = Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            offset += 1;
+            part.fold.apply(input, record).expect("apply");
+        };
+        for n in 0..MAX_CREDIT_GRANTS {
+            apply(
+                &mut part,
+                credit::encode(&grant(&format!("g{n:04}"), 1)),
+                Record::Grant,
+            );
+        }
+        let extra = grant("extra", 5);
+        apply(&mut part, credit::encode(&extra), Record::Grant);
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+        let refusal = model
+            .refusal("t", "c", &extra.id)
+            .expect("read")
+            .expect("a refusal");
+        assert_eq!(
+            (refusal.kind, refusal.code.as_deref(), refusal.seq),
+            (
+                EntryKind::GrantRefused,
+                Some(TOO_MANY_GRANTS),
+                u64::try_from(MAX_CREDIT_GRANTS + 1).expect("small")
+            )
+        );
+        let first = grant("g0000", 1);
+        assert_eq!(model.refusal("t", "c", &first.id).expect("read"), None);
+
+        // A grant used up makes room; the same request again is applied, and reads as a grant.
+        let item = LineItem {
+            v: 1,
+            id: "li_1".into(),
+            kind: neruba_schemas::ledger::Kind::Usage,
+            tenant: "t".into(),
+            customer: "c".into(),
+            meter: "m".into(),
+            group: std::collections::BTreeMap::new(),
+            period_start: "2026-11-01T00:00:00.000Z".into(),
+            period_end: "2026-12-01T00:00:00.000Z".into(),
+            window_start: "2026-11-02T00:00:00.000Z".into(),
+            window_end: "2026-11-02T00:01:00.000Z".into(),
+            window_quantity: Decimal::ONE,
+            window_events: 1,
+            period_quantity: Decimal::ONE,
+            amount: Decimal::ONE,
+            period_amount: Decimal::ONE,
+            currency: "USD".into(),
+            price_plan: "p".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        };
+        apply(&mut part, item.encode(), Record::LineItem);
+        apply(&mut part, credit::encode(&extra), Record::Grant);
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+        assert_eq!(model.refusal("t", "c", &extra.id).expect("read"), None);
+        let (book, _) = model.book("t", "c").expect("read");
+        let book = book.expect("the customer");
+        assert_eq!(
+            book.grants.get(&extra.id).map(|g| g.remaining),
+            Some(Decimal::from(5))
+        );
     }
 }

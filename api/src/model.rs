@@ -18,6 +18,8 @@
 //! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
 //! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
 //! | tenant, `S`, customer, period start, currency | a final statement (JSON) |
+//! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
+//! | | the customer's bound of grants holding credit, until that grant is applied |
 
 use neruba_balances::book::Book;
 use neruba_schemas::credit::{BalanceEntry, Statement};
@@ -96,6 +98,13 @@ fn key(kind: u8, tenant: &str, customer: &str, parts: &[&[u8]]) -> Vec<u8> {
 pub(crate) fn entry_key(entry: &BalanceEntry) -> Vec<u8> {
     let mut key = neruba_balances::state::customer_key(b'E', &entry.tenant, &entry.customer);
     key.extend_from_slice(&entry.seq.to_be_bytes());
+    key
+}
+
+/// The key of a grant refused for the customer's bound of grants holding credit.
+pub(crate) fn refusal_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
+    let mut key = neruba_balances::state::customer_key(b'R', tenant, customer);
+    push(&mut key, grant.as_bytes());
     key
 }
 
@@ -326,6 +335,21 @@ impl Model {
         let book =
             neruba_balances::state::read_book_in(&view.db.snapshot(), tenant, customer, parts)?;
         Ok((book, position))
+    }
+
+    /// The entry refusing grant `id` of a customer for its bound of grants holding credit
+    /// (`too_many_grants`), if that is where the grant stands: refused, and not applied since.
+    pub fn refusal(
+        &self,
+        tenant: &str,
+        customer: &str,
+        id: &str,
+    ) -> Result<Option<BalanceEntry>, ReadError> {
+        let view = self.loaded(self.partition_of(tenant, customer))?;
+        view.db
+            .get(refusal_key(tenant, customer, id))?
+            .map(|value| decode("grant refusal", &value))
+            .transpose()
     }
 
     /// Up to `limit` balance entries of a customer with a sequence number above `after`.

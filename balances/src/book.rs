@@ -137,6 +137,10 @@ pub const MAX_CREDIT_GRANTS: usize = 1_000;
 /// bounded for the same reason (one grant's metadata may hold 32 KiB).
 pub const MAX_CREDIT_GRANT_BYTES: usize = 256 << 10;
 
+/// The code of a grant refused for the customer's bound ([`MAX_CREDIT_GRANTS`],
+/// [`MAX_CREDIT_GRANT_BYTES`]).
+pub const TOO_MANY_GRANTS: &str = "too_many_grants";
+
 /// What a grant counts against [`MAX_CREDIT_GRANT_BYTES`]: its key and metadata.
 pub fn held_bytes(grant: &Grant) -> usize {
     grant.key.len()
@@ -579,7 +583,7 @@ impl Book {
                 Some(&grant.id),
                 None,
                 Decimal::ZERO,
-                Some("too_many_grants"),
+                Some(TOO_MANY_GRANTS),
             );
             return e.out;
         }

@@ -904,7 +904,9 @@ impl Reader {
         .await
     }
 
-    /// `customer`'s grant `id` (`gr_…`); `404 grant_not_found` if it has none such.
+    /// `customer`'s grant `id` (`gr_…`); `404 grant_not_found` if it has none such, `404
+    /// grant_refused` if the balances stage refused it for the customer's bound of grants
+    /// holding credit and has not applied it since.
     pub async fn grant(&self, customer: &str, id: &str) -> Result<OneGrant> {
         self.get(
             &["v1", "customers", customer, "grants", id],
