@@ -22,7 +22,7 @@
 //!   `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
-use crate::model::{Model, Position, ReadError};
+use crate::model::{GrantStanding, Model, Position, ReadError};
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -525,9 +525,9 @@ fn grant_refused(id: &str, refusal: &BalanceEntry) -> Refused {
         "grant_refused",
         format!(
             "grant `{id}` was refused by the balances stage ({}, balance entry #{}): the \
-             customer held as many grants with credit as it may ({} with at most {} KiB of keys \
-             and metadata); the same request applies once one of its grants is used up or \
-             has ended",
+             customer had reached its bound of grants holding credit ({} grants, or {} KiB of \
+             their keys and metadata); the same request applies if sent again once one of its \
+             grants is used up or has ended",
             refusal.code.as_deref().unwrap_or_default(),
             refusal.seq,
             neruba_balances::book::MAX_CREDIT_GRANTS,
@@ -816,20 +816,26 @@ async fn grant(
     let started = Instant::now();
     let (tenant, book, position, ()) =
         customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
-    let Some(grant) = book.grants.get(&id) else {
-        return Err(match state.model.refusal(&tenant, &customer, &id)? {
-            Some(refusal) => grant_refused(&id, &refusal),
-            None => refused(
-                StatusCode::NOT_FOUND,
-                "grant_not_found",
-                format!("customer `{customer}` has no grant `{id}`"),
-            ),
-        });
+    let grant = match book.grants.get(&id) {
+        Some(grant) => grant_view(grant),
+        // Read again, with its refusals, from one snapshot: the grant may have been applied
+        // since the book was read (and its refusal dropped).
+        None => match state.model.grant_standing(&tenant, &customer, &id)? {
+            GrantStanding::Held(grant) => grant_view(&grant),
+            GrantStanding::Refused(refusal) => return Err(grant_refused(&id, &refusal)),
+            GrantStanding::Unknown => {
+                return Err(refused(
+                    StatusCode::NOT_FOUND,
+                    "grant_not_found",
+                    format!("customer `{customer}` has no grant `{id}`"),
+                ));
+            }
+        },
     };
     let body = OneGrant {
         customer,
         as_of: vec![position],
-        grant: grant_view(grant),
+        grant,
     };
     Ok(json(&state.metrics, "grant", started, &body))
 }

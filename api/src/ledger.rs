@@ -229,10 +229,10 @@ mod tests {
         let extra = grant("extra", 5);
         apply(&mut part, credit::encode(&extra), Record::Grant);
         neruba_stage::Partition::commit(&mut part).expect("commit");
-        let refusal = model
-            .refusal("t", "c", &extra.id)
-            .expect("read")
-            .expect("a refusal");
+        let standing = |id: &str| model.grant_standing("t", "c", id).expect("read");
+        let crate::model::GrantStanding::Refused(refusal) = standing(&extra.id) else {
+            panic!("not refused: {:?}", standing(&extra.id));
+        };
         assert_eq!(
             (refusal.kind, refusal.code.as_deref(), refusal.seq),
             (
@@ -242,7 +242,14 @@ mod tests {
             )
         );
         let first = grant("g0000", 1);
-        assert_eq!(model.refusal("t", "c", &first.id).expect("read"), None);
+        assert!(matches!(
+            standing(&first.id),
+            crate::model::GrantStanding::Held(_)
+        ));
+        assert_eq!(
+            standing(&credit::grant_id("t", "c", "never-sent")),
+            crate::model::GrantStanding::Unknown
+        );
 
         // A grant used up makes room; the same request again is applied, and reads as a grant.
         let item = LineItem {
@@ -271,12 +278,9 @@ mod tests {
         apply(&mut part, item.encode(), Record::LineItem);
         apply(&mut part, credit::encode(&extra), Record::Grant);
         neruba_stage::Partition::commit(&mut part).expect("commit");
-        assert_eq!(model.refusal("t", "c", &extra.id).expect("read"), None);
-        let (book, _) = model.book("t", "c").expect("read");
-        let book = book.expect("the customer");
-        assert_eq!(
-            book.grants.get(&extra.id).map(|g| g.remaining),
-            Some(Decimal::from(5))
-        );
+        let crate::model::GrantStanding::Held(applied) = standing(&extra.id) else {
+            panic!("not applied: {:?}", standing(&extra.id));
+        };
+        assert_eq!(applied.remaining, Decimal::from(5));
     }
 }

@@ -101,6 +101,18 @@ pub(crate) fn entry_key(entry: &BalanceEntry) -> Vec<u8> {
     key
 }
 
+/// Where a grant stands ([`Model::grant_standing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrantStanding {
+    /// Its customer's book holds it (whatever became of it).
+    Held(Box<neruba_balances::book::GrantState>),
+    /// The balances stage refused it for the customer's bound of grants holding credit
+    /// (`too_many_grants`: its `grant_refused` entry), and has not applied it since.
+    Refused(Box<BalanceEntry>),
+    /// Neither.
+    Unknown,
+}
+
 /// The key of a grant refused for the customer's bound of grants holding credit.
 pub(crate) fn refusal_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
     let mut key = neruba_balances::state::customer_key(b'R', tenant, customer);
@@ -337,19 +349,28 @@ impl Model {
         Ok((book, position))
     }
 
-    /// The entry refusing grant `id` of a customer for its bound of grants holding credit
-    /// (`too_many_grants`), if that is where the grant stands: refused, and not applied since.
-    pub fn refusal(
+    /// Where grant `id` of a customer stands, its book and the refusals read from one
+    /// snapshot (so a grant applied meanwhile is found in one or the other).
+    pub fn grant_standing(
         &self,
         tenant: &str,
         customer: &str,
         id: &str,
-    ) -> Result<Option<BalanceEntry>, ReadError> {
+    ) -> Result<GrantStanding, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
-        view.db
-            .get(refusal_key(tenant, customer, id))?
-            .map(|value| decode("grant refusal", &value))
-            .transpose()
+        let snapshot = view.db.snapshot();
+        let parts = neruba_balances::state::Parts {
+            grants: true,
+            lines: false,
+        };
+        let book = neruba_balances::state::read_book_in(&snapshot, tenant, customer, parts)?;
+        if let Some(grant) = book.and_then(|mut book| book.grants.remove(id)) {
+            return Ok(GrantStanding::Held(Box::new(grant)));
+        }
+        Ok(match snapshot.get(refusal_key(tenant, customer, id))? {
+            Some(value) => GrantStanding::Refused(Box::new(decode("grant refusal", &value)?)),
+            None => GrantStanding::Unknown,
+        })
     }
 
     /// Up to `limit` balance entries of a customer with a sequence number above `after`.

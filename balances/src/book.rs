@@ -559,16 +559,20 @@ impl Book {
     ) -> Vec<BalanceEntry> {
         let currency = grant.terms.currency.clone();
         let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.clone());
+        let refused = |mut e: Entries<'_>, code: &str| {
+            e.push(
+                EntryKind::GrantRefused,
+                &currency,
+                Some(&grant.id),
+                None,
+                Decimal::ZERO,
+                Some(code),
+            );
+            e.out
+        };
         if let Some(existing) = e.book.grants.get(&grant.id) {
             if existing.grant.terms != grant.terms || existing.grant.key != grant.key {
-                e.push(
-                    EntryKind::GrantRefused,
-                    &currency,
-                    Some(&grant.id),
-                    None,
-                    Decimal::ZERO,
-                    Some("key_conflict"),
-                );
+                return refused(e, "key_conflict");
             }
             return e.out;
         }
@@ -577,15 +581,7 @@ impl Book {
             && e.book.holds_too_many_with(grant)
         {
             // Not kept: the same request applies once a grant of the customer is spent.
-            e.push(
-                EntryKind::GrantRefused,
-                &currency,
-                Some(&grant.id),
-                None,
-                Decimal::ZERO,
-                Some(TOO_MANY_GRANTS),
-            );
-            return e.out;
+            return refused(e, TOO_MANY_GRANTS);
         }
         rules::resolve(e.book, &grant.key);
         let amount = grant.terms.amount;

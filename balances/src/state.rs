@@ -29,8 +29,8 @@
 //! | statement key or currency, meter, group (JSON), period start | statement line the book |
 //! | | no longer holds ([`Book::take_statement_lines`]; postcard) |
 //!
-//! Kinds `E`, `L` and `S` are the api read model's, which keeps this state too (see
-//! `neruba-api`): entries, line items and final statements.
+//! Kinds `E`, `L`, `S` and `R` are the api read model's, which keeps this state too (see
+//! `neruba-api`): entries, line items, final statements and grants refused for the bound.
 
 use crate::book::statements::{LineList, Route};
 use crate::book::{Allocation, Book, GrantState};
@@ -1283,6 +1283,17 @@ mod tests {
         }
     }
 
+    /// The book of `customer` (tenant `acme`) as stored, without what is kept apart from it.
+    fn stored_book(state: &PartitionState, customer: &str) -> Book {
+        let bytes = state
+            .store
+            .db()
+            .get(customer_key(b'B', "acme", customer))
+            .expect("get")
+            .expect("book");
+        Book::decode(&bytes).expect("decode")
+    }
+
     /// Applies `records` to a fresh partition state, writing every `commit_every` records and
     /// starting again from the store alone after record `reopen_at`; the entries, the state
     /// and its directory.
@@ -1532,15 +1543,7 @@ mod tests {
             .collect();
         assert_eq!(refused, vec![Some("key_conflict".to_owned())]);
         // The stored book holds the newest ended grants only; a read gets them all back.
-        let stored = Book::decode(
-            &state
-                .store
-                .db()
-                .get(customer_key(b'B', "acme", "c1"))
-                .expect("get")
-                .expect("book"),
-        )
-        .expect("decode");
+        let stored = stored_book(&state, "c1");
         assert_eq!(stored.grants.len(), BOOK_SPENT_GRANTS);
         assert_eq!(book.grants.len(), months);
         let read = read_book(state.store.db(), "acme", "c1")
@@ -1670,15 +1673,7 @@ mod tests {
         );
         // The stored book holds the newest spent grants only; a read gets them all back, as
         // the book that kept them has them (the yearly grant expired, topup-3 voided).
-        let stored = Book::decode(
-            &state
-                .store
-                .db()
-                .get(customer_key(b'B', "acme", "c1"))
-                .expect("get")
-                .expect("book"),
-        )
-        .expect("decode");
+        let stored = stored_book(&state, "c1");
         assert_eq!(stored.grants.len(), BOOK_SPENT_GRANTS);
         assert_eq!(book.grants.len(), topups + 1);
         let read = read_book(state.store.db(), "acme", "c1")
@@ -1769,15 +1764,7 @@ mod tests {
             d("1") * rust_decimal::Decimal::from(groups) + d("0.5")
         );
         // The stored book holds none of the draft's lines; a read gets them all back.
-        let stored = Book::decode(
-            &state
-                .store
-                .db()
-                .get(customer_key(b'B', "acme", "c1"))
-                .expect("get")
-                .expect("book"),
-        )
-        .expect("decode");
+        let stored = stored_book(&state, "c1");
         let statement = stored.statements.values().next().expect("the draft");
         assert!(statement.statement.lines.is_empty());
         let read = read_book(state.store.db(), "acme", "c1")
