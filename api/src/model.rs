@@ -340,12 +340,12 @@ impl Model {
         let position = self.position_of(partition, &view);
         // Balances, grants and entries show a book's grants, never its statements' lines (a
         // customer may have thousands, kept apart from the book).
-        let parts = neruba_balances::state::Parts {
-            grants: true,
-            lines: false,
-        };
-        let book =
-            neruba_balances::state::read_book_in(&view.db.snapshot(), tenant, customer, parts)?;
+        let book = neruba_balances::state::read_book_in(
+            &view.db.snapshot(),
+            tenant,
+            customer,
+            neruba_balances::state::Parts::GRANTS,
+        )?;
         Ok((book, position))
     }
 
@@ -359,11 +359,12 @@ impl Model {
     ) -> Result<GrantStanding, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
         let snapshot = view.db.snapshot();
-        let parts = neruba_balances::state::Parts {
-            grants: true,
-            lines: false,
-        };
-        let book = neruba_balances::state::read_book_in(&snapshot, tenant, customer, parts)?;
+        let book = neruba_balances::state::read_book_in(
+            &snapshot,
+            tenant,
+            customer,
+            neruba_balances::state::Parts::GRANTS,
+        )?;
         if let Some(grant) = book.and_then(|mut book| book.grants.remove(id)) {
             return Ok(GrantStanding::Held(Box::new(grant)));
         }
@@ -462,11 +463,12 @@ impl Model {
         let position = self.position_of(partition, &view);
         let snapshot = view.db.snapshot();
         // With the statements' lines kept apart from the book (and none of its grants).
-        let parts = neruba_balances::state::Parts {
-            grants: false,
-            lines: true,
-        };
-        let Some(book) = neruba_balances::state::read_book_in(&snapshot, tenant, customer, parts)?
+        let Some(book) = neruba_balances::state::read_book_in(
+            &snapshot,
+            tenant,
+            customer,
+            neruba_balances::state::Parts::LINES,
+        )?
         else {
             return Ok((None, position));
         };

@@ -61,7 +61,11 @@ impl Metrics {
         for kind in neruba_schemas::credit::EntryKind::ALL {
             m.entries.with_label_values(&[kind.as_str()]);
         }
-        for code in ["key_conflict", "unknown_grant", "too_many_grants"] {
+        for code in [
+            "key_conflict",
+            "unknown_grant",
+            crate::book::TOO_MANY_GRANTS,
+        ] {
             m.refused.with_label_values(&[code]);
         }
         Ok(m)

@@ -252,21 +252,19 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         Ok(Some(value))
     }
 
-    /// Every value kept apart under `prefix`, handed back to its book, with its key.
+    /// Every value kept apart under `prefix`, handed back to its book.
     fn take_all(
         &mut self,
         db: &rocksdb::DB,
         prefix: &[u8],
         what: impl Fn() -> String,
-    ) -> Result<Vec<(Vec<u8>, T)>> {
+    ) -> Result<Vec<T>> {
         let mut out = Vec::new();
         for (key, slot) in self.pending.range_mut(prefix.to_vec()..) {
             if !key.starts_with(prefix) {
                 break;
             }
-            if let Some(value) = slot.take() {
-                out.push((key.clone(), value));
-            }
+            out.extend(slot.take());
         }
         let from = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
         for item in db.iterator(from) {
@@ -279,7 +277,7 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
             }
             let value = postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(what(), e))?;
             self.pending.insert(key.to_vec(), None);
-            out.push((key.to_vec(), value));
+            out.push(value);
         }
         Ok(out)
     }
@@ -815,7 +813,7 @@ impl PartitionState {
             format!("statement line of {tenant}/{customer}")
         })?;
         self.book_at(book_key, tenant, customer)?
-            .put_lines(list, lines.into_iter().map(|(_, line)| line).collect());
+            .put_lines(list, lines);
         Ok(())
     }
 
@@ -919,6 +917,16 @@ impl Parts {
     /// Everything a read shows.
     pub const ALL: Self = Self {
         grants: true,
+        lines: true,
+    };
+    /// The spent grants only (balance and grant reads).
+    pub const GRANTS: Self = Self {
+        grants: true,
+        lines: false,
+    };
+    /// The statement lines only (statement reads).
+    pub const LINES: Self = Self {
+        grants: false,
         lines: true,
     };
 }
@@ -1283,6 +1291,65 @@ mod tests {
         }
     }
 
+    /// A record of customer `c1` of tenant `acme`, as the state tests write them.
+    #[derive(Clone)]
+    enum Op {
+        Grant(Grant),
+        Item(LineItem),
+        /// A tick at this time.
+        Tick(i64),
+        /// A void of this grant id.
+        Void(String),
+    }
+
+    impl Op {
+        /// The record on the ledger topic.
+        fn record(&self) -> (Vec<u8>, Record) {
+            match self {
+                Self::Grant(g) => (credit::encode(g), Record::Grant),
+                Self::Item(i) => (i.encode(), Record::LineItem),
+                Self::Tick(at_ms) => (
+                    credit::encode(&Tick {
+                        v: 1,
+                        at_ms: *at_ms,
+                        finalize_after_ms: None,
+                    }),
+                    Record::Tick,
+                ),
+                Self::Void(grant) => (
+                    credit::encode(&Void {
+                        v: 1,
+                        tenant: "acme".into(),
+                        customer: "c1".into(),
+                        grant: grant.clone(),
+                        received_at: neruba_schemas::event::format_time_ms(0),
+                    }),
+                    Record::Void,
+                ),
+            }
+        }
+    }
+
+    /// `ops` folded into one book that keeps everything, as a partition would (grants read at
+    /// its clock, the latest tick): the book and its entries.
+    fn fold_in_one_book(ops: &[Op]) -> (Book, Vec<credit::BalanceEntry>) {
+        let mut book = Book::default();
+        let mut entries = Vec::new();
+        let mut clock = i64::MIN;
+        for op in ops {
+            entries.extend(match op {
+                Op::Grant(g) => book.apply_grant(g, clock, 0),
+                Op::Item(i) => book.apply_item(i),
+                Op::Tick(at_ms) => {
+                    clock = *at_ms;
+                    book.apply_tick("acme", "c1", *at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
+                }
+                Op::Void(id) => book.apply_void("acme", "c1", id),
+            });
+        }
+        (book, entries)
+    }
+
     /// The book of `customer` (tenant `acme`) as stored, without what is kept apart from it.
     fn stored_book(state: &PartitionState, customer: &str) -> Book {
         let bytes = state
@@ -1464,65 +1531,28 @@ mod tests {
                 received_at: at(start(p)),
             }
         };
-        let tick = |p: usize| Tick {
-            v: 1,
-            at_ms: start(p),
-            finalize_after_ms: None,
-        };
         // More months than a book keeps series of: the first month's correction finds both
         // its series and its pack kept apart.
         let months = BOOK_SERIES + 2;
-        #[derive(Clone)]
-        enum Op {
-            Grant(Grant),
-            Item(LineItem),
-            Tick(Tick),
-            Void(Void),
-        }
         let mut ops = Vec::new();
         for p in 0..months {
             ops.push(Op::Grant(pack(p, "10")));
             ops.push(Op::Item(line_item(&format!("li_{p}"), p, d("8"))));
-            ops.push(Op::Tick(tick(p + 1)));
+            ops.push(Op::Tick(start(p + 1)));
         }
         // A correction of the first month gives credit back to its pack, long expired and
         // out of the book: it expires again at once.
         ops.push(Op::Item(line_item("li_fix_0", 0, d("-3"))));
         // A void of an expired pack, a repeat of one, and another pack under an old key.
-        ops.push(Op::Void(Void {
-            v: 1,
-            tenant: "acme".into(),
-            customer: "c1".into(),
-            grant: credit::grant_id("acme", "c1", "pack-1"),
-            received_at: at(start(months)),
-        }));
+        ops.push(Op::Void(credit::grant_id("acme", "c1", "pack-1")));
         ops.push(Op::Grant(pack(2, "10")));
         ops.push(Op::Grant(pack(3, "11")));
 
-        let records: Vec<(Vec<u8>, Record)> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Grant(g) => (credit::encode(g), Record::Grant),
-                Op::Item(i) => (i.encode(), Record::LineItem),
-                Op::Tick(t) => (credit::encode(t), Record::Tick),
-                Op::Void(v) => (credit::encode(v), Record::Void),
-            })
-            .collect();
+        let records: Vec<(Vec<u8>, Record)> = ops.iter().map(Op::record).collect();
         let (entries, state, _dir) = fold_through_store(&records, 4, records.len() * 2 / 3);
 
         // The same records folded into one book that keeps every grant.
-        let mut book = Book::default();
-        let mut expected = Vec::new();
-        for op in &ops {
-            expected.extend(match op {
-                Op::Grant(g) => book.apply_grant(g, i64::MIN, 0),
-                Op::Item(i) => book.apply_item(i),
-                Op::Tick(t) => {
-                    book.apply_tick("acme", "c1", t.at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
-                }
-                Op::Void(v) => book.apply_void(&v.tenant, &v.customer, &v.grant),
-            });
-        }
+        let (book, expected) = fold_in_one_book(&ops);
         assert_eq!(entries, expected);
         let fix: Vec<(credit::EntryKind, String)> = entries
             .iter()
@@ -1573,13 +1603,6 @@ mod tests {
             },
             ..usd_grant("c1", "yearly", "5", 1)
         };
-        #[derive(Clone)]
-        enum Op {
-            Grant(Grant),
-            Item(LineItem),
-            Tick(i64),
-            Void(String),
-        }
         let void = |key: &str| Op::Void(credit::grant_id("acme", "c1", key));
         let mut ops = vec![Op::Grant(yearly), Op::Item(line_item("li_y", 0, d("5")))];
         let topups = 3 * BOOK_SPENT_GRANTS;
@@ -1600,48 +1623,11 @@ mod tests {
             Op::Item(line_item("li_fix_5", 5, d("-1"))),
             Op::Item(line_item("li_more", topups + 1, d("1.5"))),
         ]);
-        let records: Vec<(Vec<u8>, Record)> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Grant(g) => (credit::encode(g), Record::Grant),
-                Op::Item(i) => (i.encode(), Record::LineItem),
-                Op::Tick(at_ms) => (
-                    credit::encode(&Tick {
-                        v: 1,
-                        at_ms: *at_ms,
-                        finalize_after_ms: None,
-                    }),
-                    Record::Tick,
-                ),
-                Op::Void(grant) => (
-                    credit::encode(&Void {
-                        v: 1,
-                        tenant: "acme".into(),
-                        customer: "c1".into(),
-                        grant: grant.clone(),
-                        received_at: at(0),
-                    }),
-                    Record::Void,
-                ),
-            })
-            .collect();
+        let records: Vec<(Vec<u8>, Record)> = ops.iter().map(Op::record).collect();
         let (entries, state, _dir) = fold_through_store(&records, 7, records.len() / 2);
 
         // The same records folded into one book that keeps every grant.
-        let mut book = Book::default();
-        let mut expected = Vec::new();
-        let mut clock = i64::MIN;
-        for op in &ops {
-            expected.extend(match op {
-                Op::Grant(g) => book.apply_grant(g, clock, 0),
-                Op::Item(i) => book.apply_item(i),
-                Op::Tick(at_ms) => {
-                    clock = *at_ms;
-                    book.apply_tick("acme", "c1", *at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
-                }
-                Op::Void(id) => book.apply_void("acme", "c1", id),
-            });
-        }
+        let (book, expected) = fold_in_one_book(&ops);
         assert_eq!(entries, expected);
         let of = |cause: &str| -> Vec<(credit::EntryKind, String)> {
             entries
@@ -1705,44 +1691,15 @@ mod tests {
             group: [("project".to_owned(), format!("p-{n:04}"))].into(),
             ..line_item(&format!("li_{n}_{amount}"), 0, d(amount))
         };
-        let mut records: Vec<(Vec<u8>, Record)> = vec![(
-            credit::encode(&usd_grant("c1", "pack", "100", 1)),
-            Record::Grant,
-        )];
-        records.extend(
-            (0..groups)
-                .rev()
-                .map(|n| (item(n, "1").encode(), Record::LineItem)),
-        );
+        let mut ops = vec![Op::Grant(usd_grant("c1", "pack", "100", 1))];
+        ops.extend((0..groups).rev().map(|n| Op::Item(item(n, "1"))));
         // A second item of an early group, long out of the book, and the period's end.
-        records.push((item(3, "0.5").encode(), Record::LineItem));
         let period_end = 1_700_000_000_000 + 30 * DAY;
-        let tick = |at_ms: i64| {
-            (
-                credit::encode(&Tick {
-                    v: 1,
-                    at_ms,
-                    finalize_after_ms: None,
-                }),
-                Record::Tick,
-            )
-        };
-        records.push(tick(period_end));
+        ops.extend([Op::Item(item(3, "0.5")), Op::Tick(period_end)]);
+        let records: Vec<(Vec<u8>, Record)> = ops.iter().map(Op::record).collect();
         let (entries, state, _dir) = fold_through_store(&records, 50, groups / 2);
 
-        let mut book = Book::default();
-        let mut expected = book.apply_grant(&usd_grant("c1", "pack", "100", 1), i64::MIN, 0);
-        for n in (0..groups).rev() {
-            expected.extend(book.apply_item(&item(n, "1")));
-        }
-        expected.extend(book.apply_item(&item(3, "0.5")));
-        expected.extend(book.apply_tick(
-            "acme",
-            "c1",
-            period_end,
-            0,
-            credit::DEFAULT_FINALIZE_AFTER_MS,
-        ));
+        let (mut book, expected) = fold_in_one_book(&ops);
         assert_eq!(entries, expected);
         let draft = entries
             .iter()
@@ -1775,7 +1732,7 @@ mod tests {
         // Final: the statement carries every line again, and none is left kept apart.
         let at = period_end + credit::DEFAULT_FINALIZE_AFTER_MS;
         let mut state = state;
-        let (payload, record) = tick(at);
+        let (payload, record) = Op::Tick(at).record();
         let input = Input {
             offset: i64::try_from(records.len()).expect("small"),
             key: None,

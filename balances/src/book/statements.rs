@@ -155,12 +155,14 @@ fn add_line(lines: &mut Vec<StatementLine>, item: &LineItem, credit: Decimal, du
     }
 }
 
+/// Puts `lines` in [`line_order`].
+fn sort(lines: &mut [StatementLine]) {
+    lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
+}
+
 /// Puts every list of lines in `book` in [`line_order`]: books stored before kept them in the
 /// order their items came in.
 pub(super) fn sort_lines(book: &mut Book) {
-    let sort = |lines: &mut Vec<StatementLine>| {
-        lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
-    };
     for state in book.statements.values_mut() {
         sort(&mut state.statement.lines);
         sort(&mut state.statement.prior_period);
@@ -253,7 +255,7 @@ impl Book {
         match self.lines_mut(list) {
             Some(held) => {
                 held.append(&mut lines);
-                held.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
+                sort(held);
                 true
             }
             None => false,
