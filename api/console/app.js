@@ -587,7 +587,9 @@
         return;
       }
       button.disabled = true;
-      await write(`/console/gateway${customerPath(view.customer, `/grants/${enc(grant.id)}/void`)}`, undefined, `Void of ${grant.id}`);
+      const what = `Void of ${grant.id}`;
+      const written = await write(`/console/gateway${customerPath(view.customer, `/grants/${enc(grant.id)}/void`)}`, undefined, what);
+      if (written && written.readBack) say(`${what}: accepted at ${written.minPosition}, and read back.`);
     });
     return button;
   }
@@ -621,33 +623,103 @@
     if (expires) body.expires_at = expires;
     const note = $('grant-note').value.trim();
     if (note) body.metadata = { note };
+    const what = `Grant ${view.grantKey}`;
     $('grant-submit').disabled = true;
-    const done = await write(`/console/gateway${customerPath(view.customer, '/grants')}`, body, `Grant ${view.grantKey}`);
+    const written = await write(`/console/gateway${customerPath(view.customer, '/grants')}`, body, what);
+    const outcome = written && await grantOutcome(body, written.answer.data.id, written.minPosition);
     $('grant-submit').disabled = false;
-    if (done) {
+    if (!outcome) return;
+    showOutcome(outcome);
+    const at = `accepted at ${written.minPosition}`;
+    if (outcome.kind === 'applied') {
+      if (written.readBack) say(`${what}: ${at}, applied, and read back.`);
       $('grant-amount').value = '';
       $('grant-note').value = '';
       newGrantKey();
+    } else if (outcome.kind === 'refused') {
+      say(`${what}: ${at}, but the balances stage refused it (${outcome.code}).`);
+      alarm(`${what} was refused by the balances stage (${outcome.message}).`);
+      // A key that holds another grant can never apply these terms; a grant refused for the
+      // bound applies if the same request is sent again once the customer has room.
+      if (outcome.code === 'key_conflict') newGrantKey();
+    } else {
+      say(`${what}: ${at}; whether it applied is not known yet.`);
+      alarm(`${what} could not be read back (${outcome.message}); sending the form again is safe: it keeps the same key.`);
     }
   }
 
-  /** A credit write through the api to the gateway; then the page reads its own write. */
+  /**
+   * What the balances stage made of a grant the gateway accepted, read at the write's
+   * position: applied; refused past the customer's bound of grants holding credit (the api
+   * answers `grant_refused`); refused as `key_conflict` (the key already holds a grant with
+   * other terms, which is what reads back); or not known (the read failed).
+   */
+  async function grantOutcome(sent, id, minPosition) {
+    const answer = await read(customerPath(view.customer, `/grants/${enc(id)}${query([['min_position', minPosition]])}`));
+    const error = answer.data && answer.data.error;
+    if (answer.status === 404 && error && error.code === 'grant_refused') {
+      return { kind: 'refused', code: error.code, message: errorText(answer) };
+    }
+    if (!answer.ok) return { kind: 'unknown', message: errorText(answer) };
+    const held = answer.data.grant;
+    if (sameTerms(held, sent)) return { kind: 'applied' };
+    return {
+      kind: 'refused',
+      code: 'key_conflict',
+      message: `key_conflict: key ${sent.key} already holds grant ${id}, of ${held.amount} ${held.currency} and other terms than these; nothing changed, and the form has a new key`,
+    };
+  }
+
+  function showOutcome(outcome) {
+    const line = $('write-outcome');
+    line.setAttribute('data-outcome', outcome.kind);
+    line.setAttribute('data-code', outcome.code || '');
+    line.textContent = {
+      applied: 'Balances stage: applied.',
+      refused: `Balances stage: refused (${outcome.code}).`,
+      unknown: 'Balances stage: not known yet.',
+    }[outcome.kind];
+  }
+
+  /** Whether the grant read back has the terms sent, as the balances stage compares them. */
+  function sameTerms(held, sent) {
+    const decimal = (text) => {
+      const [whole, fraction = ''] = String(text).split('.');
+      const f = fraction.replace(/0+$/, '');
+      return `${whole.replace(/^0+(?=[0-9])/, '')}${f ? `.${f}` : ''}`;
+    };
+    const instant = (a, b) => (a || null) === (b || null) || (!!a && !!b && Date.parse(a) === Date.parse(b));
+    return held.key === sent.key
+      && decimal(held.amount) === decimal(sent.amount)
+      && held.currency === sent.currency
+      && held.priority === sent.priority
+      && !held.effective_at
+      && !held.paid
+      && instant(held.expires_at, sent.expires_at)
+      && JSON.stringify(held.metadata || {}) === JSON.stringify(sent.metadata || {});
+  }
+
+  /**
+   * A credit write through the api to the gateway; then the page reads its own write. The
+   * gateway's answer and the write's position, or null when the gateway refused it.
+   */
   async function write(path, body, what) {
     alarm('');
     say(`${what}: sending…`);
     const answer = await call(path, creditsKey(), { method: 'POST', body });
     $('write-answer').hidden = false;
     $('write-answer-body').textContent = `HTTP ${answer.status}\n${JSON.stringify(answer.data, null, 2)}`;
+    $('write-outcome').textContent = '';
+    $('write-outcome').removeAttribute('data-outcome');
     if (!answer.ok) {
       alarm(`${what} was refused (${errorText(answer)}).`);
       say('');
-      return false;
+      return null;
     }
     const p = answer.data.position;
     const minPosition = `${p.topic}:${p.partition}:${p.offset}`;
     say(`${what}: accepted at ${minPosition}; reading it back…`);
-    if (await reloadMoney(minPosition)) say(`${what}: accepted at ${minPosition}, and read back.`);
-    return true;
+    return { answer, minPosition, readBack: await reloadMoney(minPosition) };
   }
 
   // ---- balance entries -----------------------------------------------------------------

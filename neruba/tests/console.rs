@@ -371,6 +371,39 @@ async fn read_until(
     }
 }
 
+/// Grants of 1.00 USD (keys `fill-0`, `fill-1`, …) whose keys and metadata come to exactly
+/// `bytes`, as the balances stage counts them against a customer's bound; each within the
+/// gateway's limits on metadata.
+fn fill_grants(bytes: usize) -> Vec<Value> {
+    use neruba_schemas::credit::{MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
+    let entry = 2 * MAX_METADATA_BYTES;
+    let mut grants = Vec::new();
+    let mut left = bytes;
+    while left > 0 {
+        let key = format!("fill-{}", grants.len());
+        let mut room = left
+            .saturating_sub(key.len())
+            .min(MAX_METADATA_ENTRIES * entry);
+        left -= key.len() + room;
+        let mut metadata = serde_json::Map::new();
+        while room > 0 {
+            // An entry's name is at least its 3-byte index; the last takes what is left.
+            let size = if room <= entry || room - entry >= 3 {
+                room.min(entry)
+            } else {
+                entry - 3
+            };
+            let name = format!("{:03}", metadata.len());
+            let name_len = size.saturating_sub(MAX_METADATA_BYTES).max(name.len());
+            let name = format!("{name:-<name_len$}");
+            metadata.insert(name, Value::String("v".repeat(size - name_len)));
+            room -= size;
+        }
+        grants.push(json!({"key": key, "amount": "1.00", "currency": "USD", "metadata": metadata}));
+    }
+    grants
+}
+
 /// Signs in on the page with a read key and, optionally, a credits key.
 async fn sign_in(browser: &Browser, read: &str, credits: Option<&str>) -> Result<()> {
     until(
@@ -523,8 +556,8 @@ async fn the_console_shows_exactly_what_the_api_answers() -> Result<()> {
     // 5. The page: sign in with the read and the credits keys; the tenant's customers listed.
     let browser = driver.browser().await?;
     let result = drive(
-        &browser, &client, &api, read, credits, globex, &period, &statement, &items, &usage,
-        &request,
+        &browser, &client, &gateway, &api, read, credits, globex, &period, &statement, &items,
+        &usage, &request,
     )
     .await;
     let closed = browser.close().await;
@@ -538,6 +571,7 @@ async fn the_console_shows_exactly_what_the_api_answers() -> Result<()> {
 async fn drive(
     browser: &Browser,
     client: &reqwest::Client,
+    gateway: &str,
     api: &str,
     read: &str,
     credits: &str,
@@ -878,6 +912,10 @@ async fn drive(
             .is_some_and(|a| a.starts_with("HTTP 202") && a.contains("accepted")),
         "{answer:?}"
     );
+    assert_eq!(
+        attrs(browser, &one("write-outcome"), "data-outcome").await?,
+        vec!["applied"]
+    );
     let (_, grants) = get(
         client,
         &format!("{api}/v1/customers/customer-7/grants"),
@@ -966,7 +1004,219 @@ async fn drive(
         vec![text(&balances["balances"][0]["balance"])?]
     );
 
-    // 13. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
+    // 13. A key that already holds another grant: the test grants 1.00 USD under the key the
+    //     page shows, then the page sends 3.00 under it. The gateway accepts both (it keeps no
+    //     grants); the balances stage refuses the second (`key_conflict`), and the page says
+    //     so instead of "applied", shows the balance with the 1.00 only, and takes a new key.
+    let key = texts(browser, &one("grant-key")).await?;
+    let key = key.first().context("the page's grant key")?.clone();
+    let earlier = client
+        .post(format!("{gateway}/v1/customers/customer-7/grants"))
+        .bearer_auth(credits)
+        .json(&json!({"key": key, "amount": "1.00", "currency": "USD"}))
+        .send()
+        .await?;
+    ensure!(earlier.status().as_u16() == 202, "{}", earlier.status());
+    type_into(browser, "#grant-amount", "3.00").await?;
+    click(browser, "#grant-submit").await?;
+    let outcome = "const o = document.getElementById('write-outcome'); \
+                   return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');";
+    until(
+        browser,
+        "the conflicting grant's outcome",
+        outcome,
+        json!("refused key_conflict"),
+    )
+    .await?;
+    let alert = texts(browser, &one("alert")).await?;
+    ensure!(
+        alert
+            .first()
+            .is_some_and(|a| a.contains("key_conflict") && a.contains(&key)),
+        "{alert:?}"
+    );
+    let (_, balances) = get(
+        client,
+        &format!("{api}/v1/customers/customer-7/balances"),
+        read,
+    )
+    .await?;
+    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("5.68"));
+    assert_eq!(
+        texts(browser, &one("balance-USD")).await?,
+        vec![text(&balances["balances"][0]["balance"])?]
+    );
+    let (_, entries) = get(
+        client,
+        &format!("{api}/v1/customers/customer-7/balance-entries?limit=1000"),
+        read,
+    )
+    .await?;
+    let last = entries["entries"]
+        .as_array()
+        .and_then(|e| e.last())
+        .context("entries")?;
+    assert_eq!(
+        (&last["kind"], &last["code"]),
+        (&json!("grant_refused"), &json!("key_conflict")),
+        "{last}"
+    );
+    assert_eq!(
+        attrs(
+            browser,
+            &format!("[data-testid=entry][data-seq='{}']", last["seq"]),
+            "data-kind"
+        )
+        .await?,
+        vec!["grant_refused"]
+    );
+    let renewed = texts(browser, &one("grant-key")).await?;
+    ensure!(
+        renewed.first().is_some_and(|k| *k != key),
+        "{renewed:?} {key}"
+    );
+    assert_eq!(
+        js(
+            browser,
+            "return document.getElementById('grant-amount').value;"
+        )
+        .await?,
+        json!("3.00")
+    );
+
+    // 14. A customer at its bound of grants holding credit: grants whose keys and metadata
+    //     fill customer-9's 256 KiB to within fewer bytes than the page's key. The page's
+    //     grant is refused (`too_many_grants`: the api answers `grant_refused`); the page says
+    //     so and keeps the form and its key. Once a grant is voided, the same form sent again
+    //     applies.
+    let fill = fill_grants(neruba_balances::book::MAX_CREDIT_GRANT_BYTES - 40);
+    for grant in &fill {
+        let answer = client
+            .post(format!("{gateway}/v1/customers/customer-9/grants"))
+            .bearer_auth(credits)
+            .json(grant)
+            .send()
+            .await?;
+        ensure!(
+            answer.status().as_u16() == 202,
+            "fill grant: {}",
+            answer.status()
+        );
+    }
+    let filled = d(&format!("{}.00", fill.len()));
+    read_until(
+        client,
+        &format!("{api}/v1/customers/customer-9/balances"),
+        read,
+        "customer-9's fill grants applied",
+        |body| {
+            body["balances"][0]["balance"]
+                .as_str()
+                .and_then(|b| b.parse::<Decimal>().ok())
+                == Some(filled)
+        },
+    )
+    .await?;
+    js(
+        browser,
+        "location.hash = '#/customers/customer-9'; return true;",
+    )
+    .await?;
+    until(
+        browser,
+        "customer-9 loaded",
+        "return document.getElementById('customer-id').textContent + ' ' + \
+         document.getElementById('customer').getAttribute('data-loaded');",
+        json!("customer-9 true"),
+    )
+    .await?;
+    let key = texts(browser, &one("grant-key")).await?;
+    let key = key.first().context("the page's grant key")?.clone();
+    ensure!(
+        key.len() >= 40,
+        "the fill leaves fewer bytes than the key: {key}"
+    );
+    type_into(browser, "#grant-amount", "1.00").await?;
+    click(browser, "#grant-submit").await?;
+    until(
+        browser,
+        "the grant past the bound",
+        outcome,
+        json!("refused grant_refused"),
+    )
+    .await?;
+    let alert = texts(browser, &one("alert")).await?;
+    ensure!(
+        alert.first().is_some_and(|a| a.contains("too_many_grants")),
+        "{alert:?}"
+    );
+    assert_eq!(texts(browser, &one("grant-key")).await?, vec![key.clone()]);
+    let (_, balances) = get(
+        client,
+        &format!("{api}/v1/customers/customer-9/balances"),
+        read,
+    )
+    .await?;
+    assert_eq!(dec(&balances["balances"][0]["balance"])?, filled);
+    assert_eq!(
+        texts(browser, &one("balance-USD")).await?,
+        vec![text(&balances["balances"][0]["balance"])?]
+    );
+    let id = neruba_schemas::credit::grant_id("acme", "customer-9", &key);
+    let (status, refusal) = get(
+        client,
+        &format!("{api}/v1/customers/customer-9/grants/{id}"),
+        read,
+    )
+    .await?;
+    assert_eq!(
+        (status, &refusal["error"]["code"]),
+        (404, &json!("grant_refused")),
+        "{refusal}"
+    );
+    let void = "[data-grant-key='fill-0'] [data-testid=void-button]";
+    click(browser, void).await?;
+    click(browser, void).await?;
+    until(
+        browser,
+        "the fill grant's void read back",
+        "const s = document.getElementById('status').textContent; \
+         return s.startsWith('Void of') && s.includes('read back');",
+        json!(true),
+    )
+    .await?;
+    click(browser, "#grant-submit").await?;
+    until(
+        browser,
+        "the same grant sent again",
+        outcome,
+        json!("applied "),
+    )
+    .await?;
+    let (status, applied) = get(
+        client,
+        &format!("{api}/v1/customers/customer-9/grants/{id}"),
+        read,
+    )
+    .await?;
+    assert_eq!(
+        (status, &applied["grant"]["amount"]),
+        (200, &json!("1.00")),
+        "{applied}"
+    );
+    let (_, balances) = get(
+        client,
+        &format!("{api}/v1/customers/customer-9/balances"),
+        read,
+    )
+    .await?;
+    assert_eq!(dec(&balances["balances"][0]["balance"])?, filled);
+    assert_eq!(
+        texts(browser, &one("balance-USD")).await?,
+        vec![text(&balances["balances"][0]["balance"])?]
+    );
+
+    // 15. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
     //     such customer" (the api's 404).
     click(browser, "#sign-out").await?;
     sign_in(browser, globex, None).await?;
