@@ -13,6 +13,8 @@
   const READ_KEY = 'neruba.console.read-key';
   const CREDITS_KEY = 'neruba.console.credits-key';
   const MAX_PAGE = 1000;
+  // Most rows of usage one chart draws (a page of the usage read).
+  const USAGE_CHART_ROWS = 10000;
 
   const $ = (id) => document.getElementById(id);
 
@@ -446,7 +448,7 @@
 
   /** One meter's usage over `range`, bucketed by `window` ('' for the meter's own). */
   async function usageFigure(meter, range, window) {
-    const answer = await read(`/v1/usage${query([['customer', view.customer], ['meter', meter], ['from', range.from], ['to', range.to], ['window', window]])}`);
+    const answer = await read(`/v1/usage${query([['customer', view.customer], ['meter', meter], ['from', range.from], ['to', range.to], ['window', window], ['limit', USAGE_CHART_ROWS]])}`);
     const picker = el('select', { id: `usage-window-${meter}`, 'data-testid': `usage-window-${meter}` },
       [['', "the meter's window"], ['hour', 'hour'], ['day', 'day']].map(([value, label]) =>
         el('option', { value, selected: value === window, text: label })));
@@ -464,6 +466,11 @@
     const figure = chart(answer.data);
     figure.id = `usage-${meter}`;
     figure.querySelector('figcaption').after(controls);
+    if (answer.data.next_cursor) {
+      // More rows than a chart can show: the first page, and how to see the whole range.
+      controls.after(el('p', { class: 'alert-inline', 'data-testid': `usage-more-${meter}`,
+        text: `The chart shows the first ${answer.data.data.length} rows (windows and groups) of more: pick a longer window to see the whole range.` }));
+    }
     return figure;
   }
 

@@ -64,7 +64,8 @@ pub struct Config {
     /// How many connections may be open, and how long each may take to speak: the gateway's
     /// server (a request head within 10 s of its first byte, 60 s idle, 10,000 open).
     pub connections: neruba_stage::server::ConnectionLimits,
-    /// Most rows a usage answer holds ([`usage::MAX_USAGE_ROWS`]).
+    /// Most rows a usage page holds, and its `limit` when none is asked for
+    /// ([`usage::MAX_USAGE_ROWS`]).
     pub max_usage_rows: usize,
 }
 

@@ -56,9 +56,6 @@ pub enum ReadError {
     NotLoaded(i32),
     #[error("read model storage: {0}")]
     Storage(String),
-    /// A usage answer would pass its bound on rows (or on their groups' bytes).
-    #[error("{0}")]
-    TooManyRows(String),
 }
 
 impl From<rocksdb::Error> for ReadError {

@@ -10,7 +10,10 @@
 //!   kept, or with `window=none` over exactly one billing period (the period quantity the
 //!   aggregator computed); otherwise `422 not_combinable`;
 //! - `day` and `month` buckets are days and calendar months in the meter's billing time zone;
-//!   every bucket size must be a whole number of the meter's windows (`window_not_a_multiple`).
+//!   every bucket size must be a whole number of the meter's windows (`window_not_a_multiple`);
+//! - rows come by bucket start, then group, in pages of at most `limit` rows (and 32 MiB of
+//!   group values): a page holds the least groups of a bucket that fit, so what it keeps in
+//!   memory is the page, and the next page starts after its last row (`next_cursor`).
 //!
 //! Key (beside the ledger model's, in the rollups partitions' own databases):
 //! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → `Stored`:
@@ -273,17 +276,19 @@ pub struct Query<'a> {
     /// Group keys kept (`None`: all of the meter's).
     pub group_by: Option<Vec<String>>,
     pub filters: BTreeMap<String, String>,
-    /// Most rows the answer may hold ([`MAX_USAGE_ROWS`]); past it, or past
-    /// [`MAX_USAGE_GROUP_BYTES`], the query is refused ([`ReadError::TooManyRows`]) before
-    /// more is gathered.
-    pub max_rows: usize,
+    /// Most rows a page holds (the api's `--api-max-usage-rows` at most, [`MAX_USAGE_ROWS`]
+    /// by default); a page also ends before its rows' groups pass [`MAX_USAGE_GROUP_BYTES`].
+    pub limit: usize,
+    /// Where the page starts: after this row (a previous page's [`Page::next`]).
+    pub after: Option<After>,
 }
 
-/// Most rows a usage answer holds, one per bucket and group with usage, which a tenant's data
-/// (a group value per event, say) could otherwise make as large as the read model's memory.
+/// Most rows a usage page holds, one per bucket and group with usage: past it the answer
+/// goes on in a next page, so a tenant's data (a group value per event, say) cannot make one
+/// read as large as the read model's memory.
 pub const MAX_USAGE_ROWS: usize = 100_000;
 
-/// Most bytes of group names and values a usage answer's rows hold together (each row counted
+/// Most bytes of group names and values a usage page's rows hold together (each row counted
 /// with its group's): a group value may be as long as an event, so few rows could otherwise
 /// hold much.
 pub const MAX_USAGE_GROUP_BYTES: usize = 32 << 20;
@@ -305,10 +310,63 @@ pub struct Row {
     pub events: u64,
 }
 
+/// A row's place in the order of a usage answer (bucket start, then group): a page ends
+/// after one, and the next starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct After {
+    pub bucket_start_ms: i64,
+    pub group: BTreeMap<String, String>,
+}
+
+impl After {
+    /// As a `cursor`: the bucket start in decimal, `/`, the group as JSON (a number holds no
+    /// `/`), hex-encoded by the caller.
+    pub fn encode(&self) -> String {
+        let group = serde_json::to_string(&self.group).unwrap_or_default();
+        format!("{}/{group}", self.bucket_start_ms)
+    }
+
+    /// What [`Self::encode`] wrote; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Self> {
+        let (start, group) = text.split_once('/')?;
+        Some(Self {
+            bucket_start_ms: start.parse().ok()?,
+            group: serde_json::from_str(group).ok()?,
+        })
+    }
+}
+
+/// A page of a usage answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// By bucket start, then group.
+    pub rows: Vec<Row>,
+    /// After the last row, when the answer goes on.
+    pub next: Option<After>,
+}
+
 struct Acc {
     quantity: Decimal,
     latest_at: i64,
     events: u64,
+}
+
+type Group = Arc<BTreeMap<String, String>>;
+
+/// What a group's names and values take.
+fn group_bytes(group: &BTreeMap<String, String>) -> usize {
+    group.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// The rows of one bucket being gathered for a page: the least groups (after the page's
+/// start) that fit in what the page has left. Once one is left out, every group left out is
+/// greater than every group kept, so the kept ones are the bucket's next rows in order.
+struct Gathering {
+    start: i64,
+    rows: BTreeMap<Group, Acc>,
+    bytes: usize,
+    /// A group of this bucket was left out: the page ends with this bucket.
+    left_out: bool,
 }
 
 impl Query<'_> {
@@ -395,70 +453,88 @@ impl Query<'_> {
         Ok(())
     }
 
-    /// The rows, from the rollups of the customer's partition.
-    pub fn run(&self, model: &Model) -> std::result::Result<Vec<Row>, ReadError> {
+    /// A page of rows, from the rollups of the customer's partition: up to [`Self::limit`]
+    /// rows after [`Self::after`], and where the next page starts if the answer goes on.
+    pub fn run(&self, model: &Model) -> std::result::Result<Page, ReadError> {
         let db = model.db_of(self.tenant, self.customer)?;
         let prefix = series_prefix(self.tenant, self.customer, &self.meter.key);
         let mut start = prefix.clone();
-        start.extend_from_slice(&time_bytes(self.from_ms));
+        let resume = self.after.as_ref().map(|a| a.bucket_start_ms);
+        start.extend_from_slice(&time_bytes(self.from_ms.max(resume.unwrap_or(i64::MIN))));
         let period_mode = self.bucket == Bucket::None
             && matches!(
                 self.meter.aggregation,
                 Aggregation::Avg | Aggregation::UniqueCount
             );
-        // Each distinct group (as stored) parsed and projected once: its index among `groups`
-        // (`None`: filtered out).
-        let mut seen: HashMap<Vec<u8>, Option<usize>> = HashMap::new();
-        let mut groups: Vec<BTreeMap<String, String>> = Vec::new();
-        let (mut seen_bytes, mut row_bytes) = (0_usize, 0_usize);
-        let mut projected: HashMap<BTreeMap<String, String>, usize> = HashMap::new();
-        let mut buckets: BTreeMap<(i64, usize), Acc> = BTreeMap::new();
+        let limit = self.limit.max(1);
+        // Each distinct group (as stored) parsed and projected once (`None`: filtered out).
+        let mut seen: HashMap<Vec<u8>, Option<Group>> = HashMap::new();
+        let mut seen_bytes = 0_usize;
+        let mut page: Vec<(i64, Group, Acc)> = Vec::new();
+        let mut page_bytes = 0_usize;
+        let mut bucket: Option<Gathering> = None;
+        // Whether the answer goes on past the page.
+        let mut goes_on = false;
         for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
             let (key, value) = item?;
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;
             };
-            let (Some(at), Some(group_bytes)) = (time_from(rest), rest.get(8..)) else {
+            let (Some(at), Some(stored_group)) = (time_from(rest), rest.get(8..)) else {
                 return Err(ReadError::Storage("malformed usage key".into()));
             };
             if at >= self.to_ms {
                 break;
             }
-            let index = match seen.get(group_bytes) {
-                Some(index) => *index,
+            // Borrowed from what is remembered: a group is cloned only for a new row.
+            let projected;
+            let group: &Group = match seen.get(stored_group) {
+                Some(Some(group)) => group,
+                Some(None) => continue,
                 None => {
-                    let group: BTreeMap<String, String> = serde_json::from_slice(group_bytes)
-                        .map_err(|e| ReadError::Storage(format!("usage group: {e}")))?;
-                    let index = if self.filters.iter().any(|(k, v)| group.get(k) != Some(v)) {
-                        None
-                    } else {
-                        let kept: BTreeMap<String, String> = match &self.group_by {
-                            None => group,
-                            Some(keys) => group
-                                .into_iter()
-                                .filter(|(k, _)| keys.contains(k))
-                                .collect(),
-                        };
-                        let next = groups.len();
-                        let index = *projected.entry(kept.clone()).or_insert(next);
-                        if index == next {
-                            groups.push(kept);
-                        }
-                        Some(index)
-                    };
+                    projected = self.project(stored_group)?;
                     if seen.len() < GROUPS_REMEMBERED
-                        && seen_bytes + group_bytes.len() <= GROUP_BYTES_REMEMBERED
+                        && seen_bytes + stored_group.len() <= GROUP_BYTES_REMEMBERED
                     {
-                        seen_bytes += group_bytes.len();
-                        seen.insert(group_bytes.to_vec(), index);
+                        seen_bytes += stored_group.len();
+                        seen.insert(stored_group.to_vec(), projected.clone());
                     }
-                    index
+                    match &projected {
+                        Some(group) => group,
+                        None => continue,
+                    }
                 }
             };
-            let Some(index) = index else { continue };
+            let (bucket_start, _) = self.bucket_of(at);
+            if let Some(after) = &self.after
+                && bucket_start == after.bucket_start_ms
+                && **group <= after.group
+            {
+                continue;
+            }
+            if bucket.as_ref().is_some_and(|b| b.start != bucket_start) {
+                let done = bucket.take().map(|b| {
+                    page_bytes += b.bytes;
+                    page.extend(b.rows.into_iter().map(|(g, acc)| (b.start, g, acc)));
+                    b.left_out
+                });
+                if done == Some(true) {
+                    goes_on = true;
+                    break;
+                }
+                if page.len() >= limit || page_bytes >= MAX_USAGE_GROUP_BYTES {
+                    goes_on = true;
+                    break;
+                }
+            }
+            let gathering = bucket.get_or_insert_with(|| Gathering {
+                start: bucket_start,
+                rows: BTreeMap::new(),
+                bytes: 0,
+                left_out: false,
+            });
             let stored = Stored::decode(&value)
                 .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
-            let (bucket_start, _) = self.bucket_of(at);
             // Over a whole period, the quantity of the rollup written last (the period's
             // current one); otherwise each window's own, `latest` by window start.
             let (value, rank) = if period_mode {
@@ -466,59 +542,103 @@ impl Query<'_> {
             } else {
                 (stored.window_quantity, at)
             };
-            match buckets.entry((bucket_start, index)) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(Acc {
-                        quantity: value,
-                        latest_at: rank,
-                        events: stored.events,
-                    });
-                    // What the row holds of its group: the kept names and values.
-                    row_bytes += groups
-                        .get(index)
-                        .map_or(0, |g| g.iter().map(|(k, v)| k.len() + v.len()).sum());
-                    if buckets.len() > self.max_rows || row_bytes > MAX_USAGE_GROUP_BYTES {
-                        return Err(ReadError::TooManyRows(format!(
-                            "the answer would hold more than {} rows (one per bucket and group \
-                             with usage) or {} MiB of group values: ask for a shorter range, a \
-                             coarser `window`, fewer `group_by` keys or a `filter`",
-                            self.max_rows,
-                            MAX_USAGE_GROUP_BYTES >> 20
-                        )));
+            match gathering.rows.get_mut(group) {
+                Some(acc) => self.combine(acc, value, rank, stored.events),
+                None => {
+                    gathering.bytes += group_bytes(group);
+                    gathering.rows.insert(
+                        group.clone(),
+                        Acc {
+                            quantity: value,
+                            latest_at: rank,
+                            events: stored.events,
+                        },
+                    );
+                    // The page keeps at least one row, whatever its group's bytes.
+                    while page.len() + gathering.rows.len() > limit
+                        || (page_bytes + gathering.bytes > MAX_USAGE_GROUP_BYTES
+                            && page.len() + gathering.rows.len() > 1)
+                    {
+                        let Some((last, _)) = gathering.rows.pop_last() else {
+                            break;
+                        };
+                        gathering.bytes -= group_bytes(&last);
+                        gathering.left_out = true;
                     }
-                }
-                std::collections::btree_map::Entry::Occupied(mut slot) => {
-                    let acc = slot.get_mut();
-                    acc.events += stored.events;
-                    acc.quantity = match self.meter.aggregation {
-                        Aggregation::Sum | Aggregation::Count => acc.quantity + value,
-                        Aggregation::Min => acc.quantity.min(value),
-                        Aggregation::Max => acc.quantity.max(value),
-                        // Latest, and avg / distinct count over a whole period: the latest
-                        // window's (its period quantity covers every earlier one).
-                        Aggregation::Latest | Aggregation::Avg | Aggregation::UniqueCount => {
-                            if rank >= acc.latest_at {
-                                acc.latest_at = rank;
-                                value
-                            } else {
-                                acc.quantity
-                            }
-                        }
-                    };
+                    if gathering.rows.is_empty() {
+                        // Nothing of this bucket fits: the page ends before it.
+                        bucket = None;
+                        goes_on = true;
+                        break;
+                    }
                 }
             }
         }
+        if let Some(b) = bucket.take() {
+            goes_on |= b.left_out;
+            page.extend(b.rows.into_iter().map(|(g, acc)| (b.start, g, acc)));
+        }
+        let next = match page.last() {
+            Some((start, group, _)) if goes_on => Some(After {
+                bucket_start_ms: *start,
+                group: (**group).clone(),
+            }),
+            _ => None,
+        };
+        Ok(Page {
+            rows: self.rows(page),
+            next,
+        })
+    }
+
+    /// A stored group as the query keeps it (`None`: filtered out).
+    fn project(&self, stored: &[u8]) -> std::result::Result<Option<Group>, ReadError> {
+        let group: BTreeMap<String, String> = serde_json::from_slice(stored)
+            .map_err(|e| ReadError::Storage(format!("usage group: {e}")))?;
+        if self.filters.iter().any(|(k, v)| group.get(k) != Some(v)) {
+            return Ok(None);
+        }
+        let kept: BTreeMap<String, String> = match &self.group_by {
+            None => group,
+            Some(keys) => group
+                .into_iter()
+                .filter(|(k, _)| keys.contains(k))
+                .collect(),
+        };
+        Ok(Some(Arc::new(kept)))
+    }
+
+    /// One more window of a row, under the meter's aggregation.
+    fn combine(&self, acc: &mut Acc, value: Decimal, rank: i64, events: u64) {
+        acc.events += events;
+        acc.quantity = match self.meter.aggregation {
+            Aggregation::Sum | Aggregation::Count => acc.quantity + value,
+            Aggregation::Min => acc.quantity.min(value),
+            Aggregation::Max => acc.quantity.max(value),
+            // Latest, and avg / distinct count over a whole period: the latest window's (its
+            // period quantity covers every earlier one).
+            Aggregation::Latest | Aggregation::Avg | Aggregation::UniqueCount => {
+                if rank >= acc.latest_at {
+                    acc.latest_at = rank;
+                    value
+                } else {
+                    acc.quantity
+                }
+            }
+        };
+    }
+
+    /// The page's rows as answered. What a row holds: the meter's windows starting in
+    /// `[from, to)`, which span `[from, to)` rounded up to whole windows. A row says so rather
+    /// than claim a whole bucket (or exactly `[from, to)`) that the range covers only in part.
+    fn rows(&self, page: Vec<(i64, Group, Acc)>) -> Vec<Row> {
         let time = neruba_schemas::event::format_time_ms;
-        // What the rows hold: the meter's windows starting in `[from, to)`, which span
-        // `[from, to)` rounded up to whole windows. A row says so rather than claim a whole
-        // bucket (or exactly `[from, to)`) that the range covers only in part.
         let window = self.meter.window_ms().max(1);
         let round_up =
             |at: i64| neruba_schemas::window::window_start(at.saturating_add(window - 1), window);
         let (first, last) = (round_up(self.from_ms), round_up(self.to_ms));
-        let mut rows: Vec<Row> = buckets
-            .into_iter()
-            .map(|((start, index), acc)| {
+        page.into_iter()
+            .map(|(start, group, acc)| {
                 let (start, end) = match self.bucket {
                     Bucket::None => (first, last),
                     _ => {
@@ -529,15 +649,12 @@ impl Query<'_> {
                 Row {
                     window_start: time(start),
                     window_end: time(end),
-                    group: groups.get(index).cloned().unwrap_or_default(),
+                    group: Arc::unwrap_or_clone(group),
                     quantity: acc.quantity,
                     events: acc.events,
                 }
             })
-            .collect();
-        // Within a bucket, groups in their own order (not first-seen).
-        rows.sort_by(|a, b| (&a.window_start, &a.group).cmp(&(&b.window_start, &b.group)));
-        Ok(rows)
+            .collect()
     }
 }
 
@@ -612,6 +729,14 @@ name = "T"
 key = "peak"
 event_type = "e"
 aggregation = "max"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1m"
+
+[[tenants.meters]]
+key = "total"
+event_type = "e"
+aggregation = "sum"
 value = "$.v"
 group_by = { region = "$.region" }
 window = "1m"
@@ -702,7 +827,8 @@ window = "1d"
             bucket,
             group_by,
             filters: BTreeMap::new(),
-            max_rows: MAX_USAGE_ROWS,
+            limit: MAX_USAGE_ROWS,
+            after: None,
         }
     }
 
@@ -739,7 +865,7 @@ window = "1d"
         // Per hour, per region: the greatest and the least; across regions, of all.
         let (_dir, m) = model("peak", &windows);
         let peak = meter("peak");
-        let rows = query(peak, Bucket::Hour, None).run(&m).expect("run");
+        let rows = query(peak, Bucket::Hour, None).run(&m).expect("run").rows;
         assert_eq!(
             quantities(&rows),
             vec![
@@ -750,18 +876,20 @@ window = "1d"
         );
         let rows = query(peak, Bucket::None, Some(vec![]))
             .run(&m)
-            .expect("run");
+            .expect("run")
+            .rows;
         assert_eq!(quantities(&rows), vec![(String::new(), d("9.5"))]);
         assert_eq!(rows[0].events, 5);
         let (_dir, m) = model("least", &windows);
         let rows = query(meter("least"), Bucket::Day, Some(vec![]))
             .run(&m)
-            .expect("run");
+            .expect("run")
+            .rows;
         assert_eq!(quantities(&rows), vec![(String::new(), d("-2"))]);
         // Latest: the latest window's value within each region; across regions, refused.
         let (_dir, m) = model("gauge", &windows);
         let gauge = meter("gauge");
-        let rows = query(gauge, Bucket::Day, None).run(&m).expect("run");
+        let rows = query(gauge, Bucket::Day, None).run(&m).expect("run").rows;
         assert_eq!(
             quantities(&rows),
             vec![("eu".into(), d("-2")), ("us".into(), d("4.25"))]
@@ -793,14 +921,14 @@ window = "1d"
         // Over a whole period, an average is the period quantity of the rollup written last,
         // even when that is an earlier window re-issued by a late event.
         let (_dir, m) = model("mean", &[(0, "eu", "5"), (30, "eu", "6"), (0, "eu", "7")]);
-        let rows = whole.run(&m).expect("run");
+        let rows = whole.run(&m).expect("run").rows;
         assert_eq!(quantities(&rows), vec![("eu".into(), d("7"))]);
         // A filter keeps only its group.
         let (_dir, m) = model("peak", &windows);
         let mut only_us = query(peak, Bucket::None, None);
         only_us.filters.insert("region".into(), "us".into());
         assert_eq!(
-            quantities(&only_us.run(&m).expect("run")),
+            quantities(&only_us.run(&m).expect("run").rows),
             vec![("us".into(), d("4.25"))]
         );
     }
@@ -824,7 +952,7 @@ window = "1d"
         hours.from_ms = T0 + 30_000;
         hours.to_ms = T0 + 70 * MIN + 30_000;
         assert_eq!(
-            bounds(&hours.run(&m).expect("run")),
+            bounds(&hours.run(&m).expect("run").rows),
             vec![
                 (time(T0 + MIN), time(T0 + 60 * MIN), d("9.5")),
                 (time(T0 + 60 * MIN), time(T0 + 71 * MIN), d("4")),
@@ -833,13 +961,13 @@ window = "1d"
         let mut whole = hours;
         whole.bucket = Bucket::None;
         assert_eq!(
-            bounds(&whole.run(&m).expect("run")),
+            bounds(&whole.run(&m).expect("run").rows),
             vec![(time(T0 + MIN), time(T0 + 71 * MIN), d("9.5"))]
         );
         // A range of whole windows: the rows are its buckets, as before.
         let aligned = query(peak, Bucket::Hour, None);
         assert_eq!(
-            bounds(&aligned.run(&m).expect("run")),
+            bounds(&aligned.run(&m).expect("run").rows),
             vec![
                 (time(T0), time(T0 + 60 * MIN), d("9.5")),
                 (time(T0 + 60 * MIN), time(T0 + 120 * MIN), d("4")),
@@ -862,69 +990,141 @@ window = "1d"
         assert_eq!(both.check(), Ok(()));
     }
 
+    /// Every page of `q`, `limit` rows at most each, the next read from the previous one's
+    /// cursor as a client sends it back; each page checked to hold rows unless it is the only
+    /// one, and the last to say so.
+    fn pages(q: &Query<'_>, m: &Model, limit: usize) -> Vec<Vec<Row>> {
+        let mut q = q.clone();
+        q.limit = limit;
+        q.after = None;
+        let mut pages = Vec::new();
+        loop {
+            let page = q.run(m).expect("run");
+            assert!(
+                page.rows.len() <= limit,
+                "{} rows past {limit}",
+                page.rows.len()
+            );
+            assert!(
+                !page.rows.is_empty() || (pages.is_empty() && page.next.is_none()),
+                "an empty page at {q:?}"
+            );
+            pages.push(page.rows);
+            match page.next {
+                Some(next) => q.after = Some(After::decode(&next.encode()).expect("a cursor")),
+                None => return pages,
+            }
+            assert!(pages.len() <= 10_000, "pages never end");
+        }
+    }
+
     #[test]
-    fn an_answer_past_its_rows_is_refused_and_a_narrower_one_is_answered() {
-        // Was: rows were gathered without bound, so a customer with a group value per event
-        // made one usage read as large as the read model's memory.
+    fn an_answer_in_pages_is_the_whole_answer_in_order_at_every_limit() {
+        // Was: past 100,000 rows (or 32 MiB of group values) an answer was refused
+        // (`too_many_rows`), where the SPEC pages reads by cursor.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let regions = ["us", "ap", "eu", "ap-southeast-2", "a", "zz"];
+        // Groups in each window in a different order and subset, so a bucket's later windows
+        // bring groups less than ones already gathered (a page keeping the least must let a
+        // greater one go, and not take it back).
+        let mut windows: Vec<(i64, String, String)> = Vec::new();
+        for minute in 0..130_i64 {
+            for (i, region) in regions.iter().enumerate() {
+                let i = i as i64;
+                if (minute * 7 + i * 3) % 5 < 2 || (minute % 61 == 0 && i == 5) {
+                    windows.push((
+                        minute,
+                        (*region).to_owned(),
+                        format!("{}.5", (minute * 13 + i) % 17),
+                    ));
+                }
+            }
+        }
+        let windows: Vec<(i64, &str, &str)> = windows
+            .iter()
+            .map(|(m, r, q)| (*m, r.as_str(), q.as_str()))
+            .collect();
+        for meter_key in ["total", "peak", "gauge"] {
+            let (_dir, m) = model(meter_key, &windows);
+            let meter = meter_of(&catalog, meter_key);
+            let mut asked = Vec::new();
+            for bucket in [Bucket::Meter, Bucket::Hour, Bucket::Day, Bucket::None] {
+                let mut q = query(meter, bucket, None);
+                q.from_ms = T0 + 30_000;
+                q.to_ms = T0 + 125 * MIN;
+                asked.push(q.clone());
+                if meter_key != "gauge" {
+                    q.group_by = Some(vec![]);
+                    asked.push(q.clone());
+                }
+                q.group_by = None;
+                q.filters.insert("region".into(), "ap".into());
+                asked.push(q);
+            }
+            for q in asked {
+                let whole = q.run(&m).expect("run");
+                assert_eq!(whole.next, None);
+                let mut sorted = whole.rows.clone();
+                sorted
+                    .sort_by(|a, b| (&a.window_start, &a.group).cmp(&(&b.window_start, &b.group)));
+                assert_eq!(whole.rows, sorted, "rows by bucket, then group");
+                for limit in 1..=whole.rows.len() + 1 {
+                    let pages = pages(&q, &m, limit);
+                    let expected_pages = whole.rows.len().div_ceil(limit).max(1);
+                    assert_eq!(
+                        pages.len(),
+                        expected_pages,
+                        "{meter_key} {q:?} limit {limit}"
+                    );
+                    assert_eq!(
+                        pages.concat(),
+                        whole.rows,
+                        "{meter_key} {q:?} limit {limit}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_ends_before_its_groups_pass_their_bytes_and_the_next_goes_on() {
+        // Few rows of a long group value are bounded by their bytes: 900 windows of a
+        // 40,000-byte value pass 32 MiB, so the first page holds the 838 rows that fit and
+        // the second the other 62; by day they are one row.
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
         let peak = meter_of(&catalog, "peak");
-        let windows = [
-            (0, "eu", "1"),
-            (0, "us", "2"),
-            (1, "ap", "3"),
-            (1, "eu", "4"),
-        ];
-        let (_dir, m) = model("peak", &windows);
-        let mut per_group = query(peak, Bucket::Hour, None);
-        per_group.max_rows = 2;
-        let refused = per_group.run(&m);
-        assert!(
-            matches!(&refused, Err(ReadError::TooManyRows(message))
-                if message.starts_with("the answer would hold more than 2 rows")),
-            "{refused:?}"
-        );
-        // At the bound, answered.
-        per_group.max_rows = 3;
-        assert_eq!(
-            quantities(&per_group.run(&m).expect("run")),
-            vec![
-                ("ap".into(), d("3")),
-                ("eu".into(), d("4")),
-                ("us".into(), d("2"))
-            ]
-        );
-        // Fewer groups kept, or a filter: one row.
-        per_group.max_rows = 1;
-        let mut all = per_group.clone();
-        all.group_by = Some(vec![]);
-        assert_eq!(
-            quantities(&all.run(&m).expect("run")),
-            vec![(String::new(), d("4"))]
-        );
-        let mut only_eu = per_group;
-        only_eu.filters.insert("region".into(), "eu".into());
-        assert_eq!(
-            quantities(&only_eu.run(&m).expect("run")),
-            vec![("eu".into(), d("4"))]
-        );
-
-        // Few rows of a long group value are bounded by their bytes: 900 windows of a
-        // 40,000-byte value pass 32 MiB; by day they are one row.
         let long = "x".repeat(40_000);
         let windows: Vec<(i64, &str, &str)> = (0..900)
             .map(|minute| (minute, long.as_str(), "1"))
             .collect();
         let (_dir, m) = model("peak", &windows);
         let per_window = query(peak, Bucket::Meter, None);
-        let refused = per_window.run(&m);
-        assert!(
-            matches!(&refused, Err(ReadError::TooManyRows(message)) if message.contains("32 MiB")),
-            "{:?}",
-            refused.map(|rows| rows.len())
+        let sizes: Vec<usize> = pages(&per_window, &m, MAX_USAGE_ROWS)
+            .iter()
+            .map(Vec::len)
+            .collect();
+        let row = long.len() + "region".len();
+        assert_eq!(
+            sizes,
+            vec![
+                MAX_USAGE_GROUP_BYTES / row,
+                900 - MAX_USAGE_GROUP_BYTES / row
+            ]
         );
+        assert_eq!(sizes[0], 838);
         let daily = query(peak, Bucket::Day, None).run(&m).expect("run");
-        assert_eq!(quantities(&daily), vec![(long.clone(), d("1"))]);
-        assert_eq!(daily[0].events, 900);
+        assert_eq!(daily.next, None);
+        assert_eq!(quantities(&daily.rows), vec![(long.clone(), d("1"))]);
+        assert_eq!(daily.rows[0].events, 900);
+        // A cursor is the bucket and group in an unambiguous text, and nothing else reads as one.
+        let after = After {
+            bucket_start_ms: -5,
+            group: BTreeMap::from([("a/b".to_owned(), "1/2".to_owned())]),
+        };
+        assert_eq!(After::decode(&after.encode()), Some(after));
+        for bad in ["", "5", "x/{}", "5/[]", "5/{\"a\":1}"] {
+            assert_eq!(After::decode(bad), None, "{bad}");
+        }
     }
 
     #[test]

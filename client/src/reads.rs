@@ -725,8 +725,12 @@ pub struct Usage {
     pub to: String,
     /// The position of the customer's rollups partition.
     pub as_of: Vec<ReadPosition>,
-    /// One per bucket and group, by bucket start.
+    /// One per bucket and group, by bucket start, then group.
     pub data: Vec<UsageRow>,
+    /// The `cursor` of the next page (`None`: the last page; [`Reader::usage`] reads every
+    /// page, so it is always `None` there).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// One bucket (and group) of a usage answer.
@@ -1014,13 +1018,35 @@ impl Reader {
         Ok(all)
     }
 
-    /// Usage as `query` asks, from the closed windows' rollups. A customer with no usage at
-    /// all is `404 customer_not_found`; a combination the meter's aggregation cannot answer
-    /// exactly is `422 not_combinable`; an answer of more than 100,000 rows (one per bucket and
-    /// group with usage) is `422 too_many_rows`: ask for a shorter range, a coarser window,
-    /// fewer groups or a filter.
+    /// Usage as `query` asks, from the closed windows' rollups: every page (the api answers
+    /// at most 100,000 rows at a time by default), its `as_of` the first page's. A customer
+    /// with no usage at all is `404 customer_not_found`; a combination the meter's aggregation
+    /// cannot answer exactly is `422 not_combinable`.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
-        self.get(&["v1", "usage"], query.pairs()?, "usage").await
+        let pairs = query.pairs()?;
+        let mut all: Option<Usage> = None;
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut pairs = pairs.clone();
+            if let Some(cursor) = &cursor {
+                pairs.push(("cursor".to_owned(), cursor.clone()));
+            }
+            let page: Usage = self.get(&["v1", "usage"], pairs, "usage").await?;
+            cursor = page.next_cursor.clone();
+            match &mut all {
+                None => all = Some(page),
+                Some(all) => all.data.extend(page.data),
+            }
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let mut all = all.ok_or_else(|| Error::Protocol {
+            status: 200,
+            message: "no usage page".into(),
+        })?;
+        all.next_cursor = None;
+        Ok(all)
     }
 }
 

@@ -635,7 +635,9 @@ async fn stalled_upload(base: &str, method: &str, path: &str, key: &str) -> Resu
 fn sample_value(name: &str, context: &BTreeMap<&str, String>) -> Option<String> {
     let fixed = match name {
         "limit" => "10",
-        "cursor" => "61", // after the customer id `a`
+        // `0/{}`: after the customer id or line item place `0/{}`, or (usage) after the
+        // bucket starting at 0 ms with no group: from the first of each.
+        "cursor" => "302f7b7d",
         "after" => "0",
         "meter" => "llm_tokens",
         "window" => "hour",
@@ -1256,6 +1258,14 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             400,
             "invalid_filter",
         ),
+        (
+            USAGE,
+            // Hex of `12`: a cursor of another read, not of usage.
+            usage_with(&[("cursor", "3132")]),
+            400,
+            "invalid_cursor",
+        ),
+        (USAGE, usage_with(&[("limit", "0")]), 400, "invalid_limit"),
         (
             USAGE,
             usage_with(&[("customer", "nobody")]),

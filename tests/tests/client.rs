@@ -787,13 +787,16 @@ impl Pipeline {
         )
         .await?;
         let state = tempfile::tempdir()?;
+        let mut config = neruba_api::Config::new(
+            kafka.bootstrap_servers(),
+            state.path(),
+            "127.0.0.1:0".parse()?,
+            "test",
+        );
+        // A row per usage page: every usage read below goes through every page.
+        config.max_usage_rows = 1;
         let api = neruba_api::start(
-            neruba_api::Config::new(
-                kafka.bootstrap_servers(),
-                state.path(),
-                "127.0.0.1:0".parse()?,
-                "test",
-            ),
+            config,
             catalog,
             &prometheus::Registry::new(),
             shutdown.clone(),
@@ -1416,6 +1419,72 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
             ),
         ]
     );
+
+    // The pages as the api answers them: a row each, the next named by its cursor, in JSON
+    // and in CSV; a cursor or limit the api cannot take is refused.
+    let http = reqwest::Client::new();
+    let usage_url = format!(
+        "{}/v1/usage?customer=usage%20c%2F1&meter=llm_tokens&from={from}&to={to}&window=hour&group_by=model",
+        p.api
+    );
+    let read_key = sample::dev_key("acme", "read").context("no read key")?;
+    let first: serde_json::Value = http
+        .get(&usage_url)
+        .bearer_auth(read_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .context("a next page")?
+        .to_owned();
+    assert_eq!(first["data"].as_array().map(Vec::len), Some(1), "{first}");
+    let second: serde_json::Value = http
+        .get(format!("{usage_url}&cursor={cursor}"))
+        .bearer_auth(read_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(second["next_cursor"], serde_json::Value::Null, "{second}");
+    assert_eq!(
+        [
+            &first["data"][0]["group"]["model"],
+            &second["data"][0]["group"]["model"]
+        ],
+        [&serde_json::json!("large"), &serde_json::json!("small")]
+    );
+    let csv = http
+        .get(&usage_url)
+        .bearer_auth(read_key)
+        .header("accept", "text/csv")
+        .send()
+        .await?;
+    assert_eq!(
+        csv.headers()
+            .get("neruba-next-cursor")
+            .and_then(|v| v.to_str().ok()),
+        Some(cursor.as_str())
+    );
+    for (asked, code) in [
+        ("&cursor=zz", "invalid_cursor"),
+        ("&cursor=3132", "invalid_cursor"),
+        ("&limit=2", "invalid_limit"),
+    ] {
+        let answer = http
+            .get(format!("{usage_url}{asked}"))
+            .bearer_auth(read_key)
+            .send()
+            .await?;
+        let status = answer.status().as_u16();
+        let body: serde_json::Value = answer.json().await?;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &serde_json::json!(code)),
+            "{asked}"
+        );
+    }
 
     // Refusals: no usage at all, an unknown meter, a group the meter has not.
     let codes = [

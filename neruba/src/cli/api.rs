@@ -67,8 +67,9 @@ pub(crate) struct ApiArgs {
     /// without it the console (`/console`) only reads. `neruba dev` uses its own gateway.
     #[arg(long, env = "NERUBA_API_CONSOLE_GATEWAY_URL")]
     pub(crate) console_gateway_url: Option<String>,
-    /// Most rows a usage answer holds (one per bucket and group with usage); a read past it is
-    /// refused `422 too_many_rows`, so one read's memory stays bounded.
+    /// Most rows a usage page holds (one per bucket and group with usage), and its `limit`
+    /// when none is asked for; the answer goes on in further pages (`next_cursor`), so one
+    /// read's memory stays bounded.
     #[arg(long, env = "NERUBA_API_MAX_USAGE_ROWS", default_value_t = neruba_api::usage::MAX_USAGE_ROWS)]
     pub(crate) api_max_usage_rows: usize,
 }
