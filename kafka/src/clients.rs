@@ -303,6 +303,9 @@ pub struct TopicEnds {
     pending: Vec<(i32, i64)>,
     /// When the pending partitions' oldest offsets were last asked for.
     refreshed: Option<Instant>,
+    /// How long the broker has to answer for them: as long as for the high watermarks at
+    /// the start ([`Self::fetch`]'s `timeout`).
+    timeout: Duration,
 }
 
 impl TopicEnds {
@@ -329,13 +332,20 @@ impl TopicEnds {
             topic: topic.to_owned(),
             pending,
             refreshed: None,
+            timeout,
         })
     }
 
     /// Whether `consumer` has read every partition up to its end as fetched (its positions
     /// tell; an unreadable position counts as not there yet). A partition whose records up to
     /// that end were all deleted meanwhile (retention) counts as read: every 2 s its oldest
-    /// offset is asked for again. Blocking.
+    /// offset is asked for again, with the timeout the ends were fetched with. Blocking.
+    ///
+    /// Not a shorter one: the question goes over the consumer's own connection, and
+    /// librdkafka closes a connection on which a request timed out (`socket.max.fails`), with
+    /// the consumer's fetches in flight. Asked with 1 s, a broker slower than that to answer
+    /// lost the tail its connection every 2 s, and a partition could stay unread until the
+    /// tail gave up.
     pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
         if self.pending.is_empty() {
             return true;
@@ -356,13 +366,13 @@ impl TopicEnds {
                 .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
         {
             // A round ends at the first partition whose broker does not answer, so an
-            // unreachable broker costs a second every 2 s, not one per partition.
+            // unreachable broker costs one timeout a round, not one per partition.
             let mut unreachable = false;
             self.pending.retain(|(partition, end)| {
                 if unreachable {
                     return true;
                 }
-                match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(1)) {
+                match consumer.fetch_watermarks(topic, *partition, self.timeout) {
                     Ok((low, _)) => low < *end,
                     Err(_) => {
                         unreachable = true;

@@ -9,12 +9,11 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test]
-async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker() -> Result<()>
-{
-    // Was: the idle clock started before the first fetch, so a broker slower to answer than
-    // the idle time ended the tail before it printed anything.
-    let kafka = EmbeddedKafka::start(&[(topics::EVENTS, 2)])?;
+/// Five events written to the events topic of `partitions` partitions, then every answer of
+/// the broker slowed to `round_trip`, then a tail that stops after 500 ms idle: it must print
+/// all five.
+async fn a_slow_broker_tailed(partitions: i32, round_trip: Duration) -> Result<()> {
+    let kafka = EmbeddedKafka::start(&[(topics::EVENTS, partitions)])?;
     let writer = EventWriter::new(kafka.bootstrap_servers())?;
     let at = neruba_schemas::event::parse_time_ms("2026-11-10T12:00:00Z")?;
     let events: Vec<Event> = (0..5)
@@ -30,9 +29,8 @@ async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_br
         })
         .collect();
     writer.send(0, &events[..3]).await?;
-    writer.send(1, &events[3..]).await?;
-    // Every answer of the broker now takes three times the idle time.
-    kafka.set_round_trip_time(Duration::from_millis(1500))?;
+    writer.send(partitions - 1, &events[3..]).await?;
+    kafka.set_round_trip_time(round_trip)?;
     let bootstrap = kafka.bootstrap_servers().to_owned();
     let (counts, printed) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut out = Vec::new();
@@ -59,4 +57,26 @@ async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_br
     ids.sort_unstable();
     assert_eq!(ids, ["e-0", "e-1", "e-2", "e-3", "e-4"]);
     Ok(())
+}
+
+#[tokio::test]
+async fn a_tail_that_stops_once_idle_prints_what_was_written_even_from_a_slow_broker() -> Result<()>
+{
+    // Was: the idle clock started before the first fetch, so a broker slower to answer than
+    // the idle time ended the tail before it printed anything. Every answer now takes three
+    // times the idle time.
+    a_slow_broker_tailed(2, Duration::from_millis(1500)).await
+}
+
+#[tokio::test]
+async fn a_tail_keeps_its_connection_to_a_broker_slower_than_a_second() -> Result<()> {
+    // Was: once idle with a partition not read to its end, the tail asked for the partition's
+    // oldest offset every 2 s with a 1 s timeout, over its consumer's own connection, which
+    // librdkafka closes when a request times out (`socket.max.fails`). Against a broker taking
+    // 3 s to answer, the consumer lost its connection, and the fetch in flight on it, every
+    // 2 s, and the tail gave up with the partition unread. (With one partition the consumer's
+    // first fetch is still in flight when the tail first finds itself idle; with two, finding
+    // where each ended took long enough that the fetch was in and the test above passed but
+    // now and then.)
+    a_slow_broker_tailed(1, Duration::from_secs(3)).await
 }
