@@ -57,7 +57,14 @@ impl neruba_stage::Partition for LedgerPartition {
             let Output::Entry(entry) = output else {
                 continue;
             };
-            batch.put(model::entry_key(&entry), credit::encode(entry.as_ref()));
+            // As on the entries topic: a statement too large to carry its lines there is kept
+            // here without them too (the final statement below keeps them), so an entries
+            // page stays as small as the topic's records and reads the same.
+            let on_the_topic = neruba_balances::book::statements::on_the_topic(&entry);
+            batch.put(
+                model::entry_key(&entry),
+                credit::encode(on_the_topic.as_ref()),
+            );
             // A grant refused for the customer's bound is kept for its read until applied.
             match (entry.kind, entry.grant.as_deref(), entry.code.as_deref()) {
                 (EntryKind::GrantRefused, Some(grant), Some(TOO_MANY_GRANTS)) => batch.put(
@@ -282,5 +289,122 @@ mod tests {
             panic!("not applied: {:?}", standing(&extra.id));
         };
         assert_eq!(applied.remaining, Decimal::from(5));
+    }
+
+    #[test]
+    fn an_entry_too_large_for_the_topic_reads_as_on_the_topic_and_the_statement_keeps_its_lines() {
+        // Was: the api kept a statement entry whole though the balances stage wrote it without
+        // its lines (`statement_lines_omitted`), so the entries read answered what the topic
+        // does not hold, as large as the statement, under a code saying the lines were left out.
+        use neruba_balances::book::statements::{LINES_OMITTED, STATEMENT_ENTRY_MAX};
+        use neruba_schemas::credit::{DEFAULT_FINALIZE_AFTER_MS, StatementStatus, Tick};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = Store::open(
+            dir.path(),
+            0,
+            &neruba_balances::state::store_options(),
+            &cache,
+        )
+        .expect("store");
+        let db = store.shared_db();
+        let fold = PartitionState::from_store(store, 0, DEFAULT_FINALIZE_AFTER_MS).expect("fold");
+        let model = Arc::new(Model::new("ledger", 1));
+        model.opened(0, db, None);
+        let mut part = LedgerPartition {
+            fold,
+            items: Vec::new(),
+            model: model.clone(),
+        };
+        let mut offset = 0;
+        let mut apply = |part: &mut LedgerPartition, payload: Vec<u8>, record: Record| {
+            let input = Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            offset += 1;
+            part.fold.apply(input, record).expect("apply");
+        };
+        // 40 groups of 16 KiB values: a statement of more than 512 KiB of JSON.
+        let groups = 40;
+        let value = |n: usize| format!("{n:02}{}", "x".repeat(16 << 10));
+        for n in 0..groups {
+            let item = LineItem {
+                v: 1,
+                id: format!("li_{n}"),
+                kind: neruba_schemas::ledger::Kind::Usage,
+                tenant: "t".into(),
+                customer: "c".into(),
+                meter: "m".into(),
+                group: [("project".to_owned(), value(n))].into(),
+                period_start: "2026-11-01T00:00:00.000Z".into(),
+                period_end: "2026-12-01T00:00:00.000Z".into(),
+                window_start: "2026-11-02T00:00:00.000Z".into(),
+                window_end: "2026-11-02T00:01:00.000Z".into(),
+                window_quantity: Decimal::ONE,
+                window_events: 1,
+                period_quantity: Decimal::ONE,
+                amount: Decimal::ONE,
+                period_amount: Decimal::ONE,
+                currency: "USD".into(),
+                price_plan: "p".into(),
+                price_version: 1,
+                revision: 1,
+                supersedes: None,
+            };
+            apply(&mut part, item.encode(), Record::LineItem);
+        }
+        // The period ends, then its statement is final.
+        let period_end =
+            neruba_schemas::event::parse_time_ms("2026-12-01T00:00:00Z").expect("time");
+        for at_ms in [period_end + 1, period_end + DEFAULT_FINALIZE_AFTER_MS + 1] {
+            let tick = Tick {
+                v: 1,
+                at_ms,
+                finalize_after_ms: Some(DEFAULT_FINALIZE_AFTER_MS),
+            };
+            apply(&mut part, credit::encode(&tick), Record::Tick);
+        }
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+
+        let entries = model.entries("t", "c", 0, 1000).expect("entries");
+        let statements: Vec<_> = entries
+            .iter()
+            .filter_map(|e| e.statement.as_ref().map(|s| (e.kind, e.code.as_deref(), s)))
+            .collect();
+        assert_eq!(
+            statements.len(),
+            2,
+            "{:?}",
+            entries.iter().map(|e| e.kind).collect::<Vec<_>>()
+        );
+        for (kind, code, statement) in &statements {
+            assert_eq!(*code, Some(LINES_OMITTED), "{kind:?}");
+            assert!(statement.lines.is_empty(), "{kind:?}");
+            assert_eq!(statement.usage, Decimal::from(groups));
+        }
+        assert_eq!(
+            (statements[0].0, statements[1].0),
+            (EntryKind::StatementDraft, EntryKind::StatementFinal)
+        );
+        // Each entry as kept is within what the topic carries.
+        for entry in &entries {
+            assert!(credit::encode(entry).len() <= STATEMENT_ENTRY_MAX + 4096);
+        }
+        // The final statement keeps every line.
+        let (read, _) = model.statements("t", "c", "2026-11").expect("read");
+        let (statements, _) = read.expect("the customer");
+        let [statement] = statements.as_slice() else {
+            panic!("one statement: {statements:?}");
+        };
+        assert_eq!(statement.status, StatementStatus::Final);
+        let lines: Vec<&str> = statement
+            .lines
+            .iter()
+            .map(|l| l.group["project"].as_str())
+            .collect();
+        let want: Vec<String> = (0..groups).map(value).collect();
+        assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }
