@@ -556,7 +556,7 @@
       num(String(b.active_grants), `active-grants-${b.currency}`),
       el('td', { text: b.rule ? `below ${b.rule.low_balance_threshold}${b.rule.below_threshold ? ' (now below)' : ''}` : '—' }),
       el('td', {}, b.outstanding_request ? el('code', { title: b.outstanding_request, text: shortId(b.outstanding_request), 'data-testid': `topup-${b.currency}` }) : '—')));
-    $('balances').replaceChildren(table('Balance per currency', ['Currency', 'Balance', 'Available now', 'Active grants', 'Low-balance rule', 'Top-up requested'], rows));
+    $('balances').replaceChildren(table('Balance per currency', ['Currency', 'Balance', 'Available now', 'Grants with credit', 'Low-balance rule', 'Top-up requested'], rows));
   }
 
   function renderGrants(data) {

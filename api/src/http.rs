@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use neruba_balances::book::{Book, GrantState, Status};
+use neruba_balances::state::Parts;
 use neruba_schemas::LiveCatalog;
 use neruba_schemas::catalog::Scope;
 use neruba_schemas::credit::{BalanceEntry, BalanceRule, Statement};
@@ -558,6 +559,7 @@ async fn customer_book<T>(
     state: &AppState,
     headers: &HeaderMap,
     customer: &str,
+    parts: Parts,
     raw: Vec<(String, String)>,
     allowed: &[&str],
     check: impl FnOnce(&Params) -> Result<T, Refused>,
@@ -566,7 +568,7 @@ async fn customer_book<T>(
     let params = Params::of(raw, allowed)?;
     let checked = check(&params)?;
     caught_up(state, &params, Reads::Ledger).await?;
-    let (book, position) = state.model.book(&tenant, customer)?;
+    let (book, position) = state.model.book(&tenant, customer, parts)?;
     let book = book.ok_or_else(|| not_found(customer))?;
     Ok((tenant, book, position, checked))
 }
@@ -699,7 +701,10 @@ fn currency_balances(book: &Book, now_ms: i64) -> Vec<CurrencyBalance> {
                     .filter(|g| eligible_now(g, now_ms))
                     .map(|g| g.remaining)
                     .sum(),
-                active_grants: in_currency().filter(|g| g.status == Status::Active).count(),
+                // Grants holding credit: all are in the book (a spent one may be kept apart).
+                active_grants: in_currency()
+                    .filter(|g| g.status == Status::Active && g.remaining > Decimal::ZERO)
+                    .count(),
                 rule: rule.map(|r| RuleView {
                     rule: r.rule.clone(),
                     below_threshold: r.below,
@@ -720,8 +725,12 @@ async fn balances(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
+    // The book alone: every grant holding credit is in it.
     let (_, book, position, _) =
-        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
+        customer_book(&state, &headers, &customer, Parts::BOOK, raw, &[], |_| {
+            Ok(())
+        })
+        .await?;
     let balances = currency_balances(&book, neruba_schemas::event::now_ms());
     let body = Balances {
         customer,
@@ -785,7 +794,10 @@ async fn grants(
 ) -> Answer {
     let started = Instant::now();
     let (_, book, position, _) =
-        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
+        customer_book(&state, &headers, &customer, Parts::GRANTS, raw, &[], |_| {
+            Ok(())
+        })
+        .await?;
     // In burn-down order: the order usage draws on them.
     let mut grants: Vec<&GrantState> = book.grants.values().collect();
     grants.sort_by_key(|g| neruba_balances::book::burn_order(&g.grant));
@@ -812,11 +824,14 @@ async fn grant(
 ) -> Answer {
     let started = Instant::now();
     let (tenant, book, position, ()) =
-        customer_book(&state, &headers, &customer, raw, &[], |_| Ok(())).await?;
+        customer_book(&state, &headers, &customer, Parts::BOOK, raw, &[], |_| {
+            Ok(())
+        })
+        .await?;
     let grant = match book.grants.get(&id) {
         Some(grant) => grant_view(grant),
-        // Read again, with its refusals, from one snapshot: the grant may have been applied
-        // since the book was read (and its refusal dropped).
+        // Kept apart (spent), or applied since the book was read (and its refusal dropped):
+        // read again, the grant and the refusals from one snapshot.
         None => match state.model.grant_standing(&tenant, &customer, &id)? {
             GrantStanding::Held(grant) => grant_view(&grant),
             GrantStanding::Refused(refusal) => return Err(grant_refused(&id, &refusal)),
@@ -857,6 +872,7 @@ async fn entries(
         &state,
         &headers,
         &customer,
+        Parts::BOOK,
         raw,
         &["after", "limit"],
         |params| {
@@ -984,6 +1000,7 @@ async fn line_items(
         &state,
         &headers,
         &customer,
+        Parts::BOOK,
         raw,
         &["period", "meter", "limit", "cursor"],
         |params| {
@@ -1062,11 +1079,16 @@ async fn explanation(
 ) -> Answer {
     use neruba_rater::quote::{PlanChoice, QuoteError, quote};
     let started = Instant::now();
-    let (tenant, _, position, period) =
-        customer_book(&state, &headers, &customer, raw, &["period"], |params| {
-            params.period(params.get("period"))
-        })
-        .await?;
+    let (tenant, _, position, period) = customer_book(
+        &state,
+        &headers,
+        &customer,
+        Parts::BOOK,
+        raw,
+        &["period"],
+        |params| params.period(params.get("period")),
+    )
+    .await?;
     let items = state.model.line_items(&tenant, &customer, &period, None)?;
     let superseded = items
         .iter()
@@ -1468,6 +1490,92 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_balance_read_needs_the_book_alone_however_many_grants_were_used_up() {
+        // Was: a balance read (and every read that only asks whether the customer is known)
+        // put back every spent grant kept apart, so its cost grew with each top-up the
+        // customer ever used up; and `active_grants` counted used-up grants too, so it said 22
+        // for a customer with 2 grants holding credit, and would have said 10 from the book.
+        use neruba_balances::state::{BOOK_SPENT_GRANTS, PartitionState, Record};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = neruba_stage::Store::open(
+            dir.path(),
+            0,
+            &neruba_balances::state::store_options(),
+            &cache,
+        )
+        .expect("store");
+        let db = store.shared_db();
+        let mut fold =
+            PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS).expect("fold");
+        let mut offset = 0;
+        let mut apply = |fold: &mut PartitionState, payload: Vec<u8>, record: Record| {
+            let input = neruba_stage::Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            offset += 1;
+            fold.apply(input, record).expect("apply");
+        };
+        // 20 top-ups of 1 USD, each used up by the next item; then two packs holding credit.
+        let spent = 20;
+        for n in 0..spent {
+            apply(
+                &mut fold,
+                credit::encode(&grant(&format!("topup-{n:02}"), Decimal::ONE)),
+                Record::Grant,
+            );
+            let mut item = usage(Decimal::ONE);
+            item.id = format!("li_{n}");
+            item.window_start = format_time_ms(T0 + n * 60_000);
+            item.window_end = format_time_ms(T0 + (n + 1) * 60_000);
+            apply(&mut fold, item.encode(), Record::LineItem);
+        }
+        for (key, amount) in [("pack-a", 5), ("pack-b", 7)] {
+            apply(
+                &mut fold,
+                credit::encode(&grant(key, Decimal::from(amount))),
+                Record::Grant,
+            );
+        }
+        fold.take_outputs();
+        fold.commit_with(rocksdb::WriteBatch::default())
+            .expect("commit");
+        let model = Model::new("ledger", 1);
+        model.opened(0, db, fold.next_offset());
+        let read = |parts| {
+            model
+                .book("acme", "c1", parts)
+                .expect("read")
+                .0
+                .expect("the customer")
+        };
+        let (every, alone) = (read(Parts::GRANTS), read(Parts::BOOK));
+        assert_eq!(every.grants.len(), 22);
+        assert_eq!(alone.grants.len(), 2 + BOOK_SPENT_GRANTS);
+        let answer = |book: &Book| serde_json::to_value(currency_balances(book, T0)).expect("json");
+        assert_eq!(answer(&alone), answer(&every));
+        assert_eq!(
+            answer(&alone)[0],
+            serde_json::json!({"currency": "USD", "balance": "12", "available": "12",
+                               "active_grants": 2, "rule": null, "outstanding_request": null})
+        );
+        // A used-up grant kept apart is still read on its own, settled as the list shows it.
+        let first = credit::grant_id("acme", "c1", "topup-00");
+        assert!(!alone.grants.contains_key(&first));
+        let GrantStanding::Held(grant) = model.grant_standing("acme", "c1", &first).expect("read")
+        else {
+            panic!("the first top-up is not found");
+        };
+        assert_eq!(Some(grant.as_ref()), every.grants.get(&first));
+        assert_eq!(
+            (grant.remaining, grant.consumed),
+            (Decimal::ZERO, Decimal::ONE)
+        );
     }
 
     #[test]

@@ -330,19 +330,16 @@ impl Model {
         &self,
         tenant: &str,
         customer: &str,
+        parts: neruba_balances::state::Parts,
     ) -> Result<(Option<Book>, Position), ReadError> {
         let partition = self.partition_of(tenant, customer);
         let view = self.loaded(partition)?;
         // The position first: the book read after it is at least as new.
         let position = self.position_of(partition, &view);
-        // Balances, grants and entries show a book's grants, never its statements' lines (a
-        // customer may have thousands, kept apart from the book).
-        let book = neruba_balances::state::read_book_in(
-            &view.db.snapshot(),
-            tenant,
-            customer,
-            neruba_balances::state::Parts::GRANTS,
-        )?;
+        // With what kept apart the read needs: the grants list its spent grants, nothing its
+        // statements' lines (a customer may have thousands; the statements read has them).
+        let book =
+            neruba_balances::state::read_book_in(&view.db.snapshot(), tenant, customer, parts)?;
         Ok((book, position))
     }
 
@@ -356,13 +353,8 @@ impl Model {
     ) -> Result<GrantStanding, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
         let snapshot = view.db.snapshot();
-        let book = neruba_balances::state::read_book_in(
-            &snapshot,
-            tenant,
-            customer,
-            neruba_balances::state::Parts::GRANTS,
-        )?;
-        if let Some(grant) = book.and_then(|mut book| book.grants.remove(id)) {
+        if let Some(grant) = neruba_balances::state::read_grant_in(&snapshot, tenant, customer, id)?
+        {
             return Ok(GrantStanding::Held(Box::new(grant)));
         }
         Ok(match snapshot.get(refusal_key(tenant, customer, id))? {
@@ -696,7 +688,9 @@ mod tests {
         assert_eq!(lines, want);
         assert_eq!(statement.usage, rust_decimal::Decimal::from(groups));
         // A balance read does not read them.
-        let (book, _) = model.book("t", "c").expect("read");
+        let (book, _) = model
+            .book("t", "c", neruba_balances::state::Parts::GRANTS)
+            .expect("read");
         let book = book.expect("the customer");
         assert!(
             book.statements

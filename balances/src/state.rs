@@ -929,6 +929,13 @@ impl Parts {
         grants: false,
         lines: true,
     };
+    /// The book alone: its balances, rules, the grants holding credit (none of those is ever
+    /// kept apart) and the newest spent ones (balance reads, and reads that only ask whether
+    /// the customer is known).
+    pub const BOOK: Self = Self {
+        grants: false,
+        lines: false,
+    };
 }
 
 /// A customer's book as stored in `db` (`None`: no record of the customer was applied), with
@@ -978,6 +985,30 @@ pub fn read_book_in(
         lines.put_into(&mut book);
     }
     Ok(Some(book))
+}
+
+/// Grant `id` of a customer as of `snapshot`, from its book or kept apart (settled as a read
+/// of every grant would show it); `None` if the customer has no such grant. One grant costs
+/// a read or two, however many the customer has spent.
+pub fn read_grant_in(
+    snapshot: &rocksdb::Snapshot<'_>,
+    tenant: &str,
+    customer: &str,
+    id: &str,
+) -> Result<Option<GrantState>> {
+    let Some(mut book) = read_book_in(snapshot, tenant, customer, Parts::BOOK)? else {
+        return Ok(None);
+    };
+    if let Some(grant) = book.grants.remove(id) {
+        return Ok(Some(grant));
+    }
+    let Some(value) = snapshot.get(spilled_grant_key(tenant, customer, id))? else {
+        return Ok(None);
+    };
+    let mut state: GrantState = postcard::from_bytes(&value)
+        .map_err(|e| Error::corrupt(format!("grant {id} of {tenant}/{customer}"), e))?;
+    state.settle(stored_clock(&snapshot.get(CLOCK_KEY)?));
+    Ok(Some(state))
 }
 
 /// What a read does with each value kept apart under a customer's keys of one kind: the rest

@@ -20,7 +20,8 @@
 //! grants holding credit (`MAX_CREDIT_GRANTS`), `NERUBA_BENCH_BOUND_ITEMS` (default 2,000) items
 //! each written alone, and one holding as many bytes of keys and metadata as the bound lets
 //! it; the stored book of a customer after `NERUBA_BENCH_TOPUPS` (default 1,000) top-ups each
-//! used up, against a book that keeps every grant; and a customer with a new group value in
+//! used up, against a book that keeps every grant, and a read of it as a balance read and as
+//! the grants list take it; and a customer with a new group value in
 //! every item, for each count of groups in `NERUBA_BENCH_GROUPS` (default `1000,10000`).
 
 // Rates in the report are floating point; no quantity or amount is.
@@ -29,7 +30,7 @@
 use anyhow::Result;
 // The allocator the `neruba` binary runs with.
 use neruba as _;
-use neruba_balances::state::{Output, PartitionState, Record as Kind, store_options};
+use neruba_balances::state::{Output, PartitionState, Parts, Record as Kind, store_options};
 use neruba_benches::balances::{Floor, Record, first_book, workload};
 use neruba_benches::{peak_rss_kib, rate};
 use neruba_schemas::credit::{self, Grant};
@@ -237,7 +238,34 @@ fn customer_holding(
 /// One customer topping up `topups` times, each top-up used up by the next item: the size of
 /// its stored book, and of a book that kept every grant (as the store did before spent grants
 /// were kept apart).
-fn topped_up(template: &LineItem, topups: usize) -> Result<(usize, usize)> {
+/// What [`topped_up`] measured.
+struct ToppedUp {
+    /// The stored book's size.
+    stored: usize,
+    /// The size of a book keeping every grant.
+    whole: usize,
+    /// One read of the book alone (what a balance read takes), and one with every spent
+    /// grant put back (what the grants list takes), each the median of [`READS`].
+    book_alone: Duration,
+    every_grant: Duration,
+}
+
+/// How many times each read of [`topped_up`] is timed.
+const READS: usize = 101;
+
+/// The median time of `READS` calls of `read`.
+fn median_of(mut read: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut times = Vec::with_capacity(READS);
+    for _ in 0..READS {
+        let started = Instant::now();
+        read()?;
+        times.push(started.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times[READS / 2])
+}
+
+fn topped_up(template: &LineItem, topups: usize) -> Result<ToppedUp> {
     let dir = tempfile::tempdir()?;
     let cache = rocksdb::Cache::new_lru_cache(64 << 20);
     let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
@@ -263,12 +291,24 @@ fn topped_up(template: &LineItem, topups: usize) -> Result<(usize, usize)> {
         state.take_outputs();
         state.commit()?;
     }
-    let stored = state
-        .store()
-        .db()
+    let db = state.store().db();
+    let stored = db
         .get(neruba_balances::state::customer_key(b'B', "acme", customer))?
         .map_or(0, |b| b.len());
-    Ok((stored, whole.encode()?.len()))
+    let read = |parts| {
+        median_of(|| {
+            let book =
+                neruba_balances::state::read_book_in(&db.snapshot(), "acme", customer, parts)?;
+            anyhow::ensure!(book.is_some(), "no book");
+            Ok(())
+        })
+    };
+    Ok(ToppedUp {
+        stored,
+        whole: whole.encode()?.len(),
+        book_alone: read(Parts::BOOK)?,
+        every_grant: read(Parts::GRANTS)?,
+    })
 }
 
 /// What [`many_groups`] measured.
@@ -492,9 +532,10 @@ fn main() -> Result<()> {
         );
     }
     let topups = env("NERUBA_BENCH_TOPUPS", 1_000);
-    let (stored, whole) = topped_up(&template, topups)?;
+    let t = topped_up(&template, topups)?;
     println!(
-        "a customer after {topups} top-ups each used up: stored book {stored} bytes; a book keeping every grant {whole} bytes"
+        "a customer after {topups} top-ups each used up: stored book {} bytes; a book keeping every grant {} bytes; a read of the book alone (a balance read) {:.2?}, with every grant put back (the grants list) {:.2?}",
+        t.stored, t.whole, t.book_alone, t.every_grant
     );
     for groups in std::env::var("NERUBA_BENCH_GROUPS")
         .unwrap_or_else(|_| "1000,10000".into())

@@ -235,7 +235,7 @@ pub struct CurrencyBalance {
     /// The part usage in a window starting now could draw on (effective, not expired).
     #[serde(with = "rust_decimal::serde::str")]
     pub available: Decimal,
-    /// Active grants.
+    /// Grants holding credit: active, with some left (used-up grants are not counted).
     pub active_grants: u64,
     /// The low-balance rule, if one is set.
     pub rule: Option<BalanceRuleView>,
