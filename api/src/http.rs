@@ -160,6 +160,9 @@ impl From<ReadError> for Refused {
                     e.to_string(),
                 )
             },
+            ReadError::InvalidCursor(message) => {
+                refused(StatusCode::BAD_REQUEST, "invalid_cursor", message)
+            }
             ReadError::Storage(_) => {
                 tracing::error!(error = %e, "Read model storage failed.");
                 refused(
@@ -591,14 +594,16 @@ fn encode_cursor(id: &str) -> String {
     id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+fn invalid_cursor() -> Refused {
+    refused(
+        StatusCode::BAD_REQUEST,
+        "invalid_cursor",
+        "not a cursor of this read",
+    )
+}
+
 fn decode_cursor(text: &str) -> Result<String, Refused> {
-    let bad = || {
-        refused(
-            StatusCode::BAD_REQUEST,
-            "invalid_cursor",
-            "not a cursor of this read",
-        )
-    };
+    let bad = invalid_cursor;
     if !text.len().is_multiple_of(2) {
         return Err(bad());
     }
@@ -1168,19 +1173,21 @@ struct Usage {
     next_cursor: Option<String>,
 }
 
-/// A usage page's `limit`: 1 to `most` (`--api-max-usage-rows`), `most` when not given.
+/// A usage page's `limit`: a positive number, lowered to `most` (`--api-max-usage-rows`), or
+/// `most` when not given (a page may hold fewer rows than its limit anyway).
 fn usage_limit(params: &Params, most: usize) -> Result<usize, Refused> {
     match params.get("limit") {
         None => Ok(most),
         Some(text) => text
             .parse::<usize>()
             .ok()
-            .filter(|n| (1..=most).contains(n))
+            .filter(|n| *n >= 1)
+            .map(|n| n.min(most))
             .ok_or_else(|| {
                 refused(
                     StatusCode::BAD_REQUEST,
                     "invalid_limit",
-                    format!("`limit` must be 1–{most}"),
+                    "`limit` must be a positive number of rows",
                 )
             }),
     }
@@ -1305,22 +1312,15 @@ async fn usage(
         group_by,
         filters,
         limit: usage_limit(&params, state.max_usage_rows)?,
-        after: params
-            .get("cursor")
-            .map(|text| {
-                decode_cursor(text)
-                    .ok()
-                    .and_then(|text| crate::usage::After::decode(&text))
-                    .ok_or_else(|| {
-                        refused(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_cursor",
-                            "not a cursor of this read",
-                        )
-                    })
-            })
-            .transpose()?,
+        group_bytes: crate::usage::MAX_USAGE_GROUP_BYTES,
+        after: None,
     };
+    // A cursor resumes only the query it came from.
+    let after = params
+        .get("cursor")
+        .map(|text| decode_cursor(text).and_then(|t| query.after_of(&t).ok_or_else(invalid_cursor)))
+        .transpose()?;
+    let query = crate::usage::Query { after, ..query };
     query.check().map_err(|why| match why {
         Unanswerable::WindowNotAMultiple(m) => {
             refused(StatusCode::UNPROCESSABLE_ENTITY, "window_not_a_multiple", m)

@@ -56,6 +56,9 @@ pub enum ReadError {
     NotLoaded(i32),
     #[error("read model storage: {0}")]
     Storage(String),
+    /// A usage cursor whose row is not in the answer it claims to resume.
+    #[error("{0}")]
+    InvalidCursor(String),
 }
 
 impl From<rocksdb::Error> for ReadError {
@@ -689,7 +692,7 @@ mod tests {
         assert_eq!(statement.usage, rust_decimal::Decimal::from(groups));
         // A balance read does not read them.
         let (book, _) = model
-            .book("t", "c", neruba_balances::state::Parts::GRANTS)
+            .book("t", "c", neruba_balances::state::Parts::BOOK)
             .expect("read");
         let book = book.expect("the customer");
         assert!(

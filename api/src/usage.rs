@@ -277,9 +277,13 @@ pub struct Query<'a> {
     pub group_by: Option<Vec<String>>,
     pub filters: BTreeMap<String, String>,
     /// Most rows a page holds (the api's `--api-max-usage-rows` at most, [`MAX_USAGE_ROWS`]
-    /// by default); a page also ends before its rows' groups pass [`MAX_USAGE_GROUP_BYTES`].
+    /// by default).
     pub limit: usize,
-    /// Where the page starts: after this row (a previous page's [`Page::next`]).
+    /// Most bytes of group names and values a page's rows hold together
+    /// ([`MAX_USAGE_GROUP_BYTES`] in the api); a page past it holds one row.
+    pub group_bytes: usize,
+    /// Where the page starts: after this row (a previous page's [`Page::next`], read back by
+    /// [`Query::after_of`]).
     pub after: Option<After>,
 }
 
@@ -310,30 +314,43 @@ pub struct Row {
     pub events: u64,
 }
 
+/// Longest group JSON a cursor carries as it is; a longer one (a group value may be as long
+/// as an event) is named by its SHA-256, so that a cursor always fits in a request line.
+const CURSOR_GROUP_BYTES: usize = 1024;
+
 /// A row's place in the order of a usage answer (bucket start, then group): a page ends
-/// after one, and the next starts after it.
+/// after one, and the next starts after it. Like the other reads' cursors, it names a place,
+/// not a query: with other parameters it starts their answer after that place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct After {
-    pub bucket_start_ms: i64,
-    pub group: BTreeMap<String, String>,
+    bucket_start_ms: i64,
+    last: Last,
+}
+
+/// The last row's group in a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Last {
+    Group(BTreeMap<String, String>),
+    /// SHA-256 of the group's JSON (longer than [`CURSOR_GROUP_BYTES`]).
+    Digest([u8; 32]),
 }
 
 impl After {
-    /// As a `cursor`: the bucket start in decimal, `/`, the group as JSON (a number holds no
-    /// `/`), hex-encoded by the caller.
+    /// As a `cursor` (hex-encoded by the caller): the bucket start in decimal, `/`, then `g`
+    /// and the group's JSON, or `h` and its digest in hex (a number holds no `/`).
     pub fn encode(&self) -> String {
-        let group = serde_json::to_string(&self.group).unwrap_or_default();
-        format!("{}/{group}", self.bucket_start_ms)
+        let last = match &self.last {
+            Last::Group(group) => format!("g{}", serde_json::to_string(group).unwrap_or_default()),
+            Last::Digest(digest) => format!("h{}", hex::encode(digest)),
+        };
+        format!("{}/{last}", self.bucket_start_ms)
     }
+}
 
-    /// What [`Self::encode`] wrote; `None` for anything else.
-    pub fn decode(text: &str) -> Option<Self> {
-        let (start, group) = text.split_once('/')?;
-        Some(Self {
-            bucket_start_ms: start.parse().ok()?,
-            group: serde_json::from_str(group).ok()?,
-        })
-    }
+/// A group's JSON digest, as a cursor names a long group.
+fn digest_of(json: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(json.as_bytes()).into()
 }
 
 /// A page of a usage answer.
@@ -359,14 +376,26 @@ fn group_bytes(group: &BTreeMap<String, String>) -> usize {
 }
 
 /// The rows of one bucket being gathered for a page: the least groups (after the page's
-/// start) that fit in what the page has left. Once one is left out, every group left out is
-/// greater than every group kept, so the kept ones are the bucket's next rows in order.
+/// start) that fit in what the page has left. A group that does not fit is left out with
+/// every greater one, even if a later, smaller row would leave room for it, so the rows kept
+/// are always the bucket's next ones in order, each with every window of its bucket.
 struct Gathering {
     start: i64,
     rows: BTreeMap<Group, Acc>,
     bytes: usize,
-    /// A group of this bucket was left out: the page ends with this bucket.
-    left_out: bool,
+    /// The least group left out, if any: the page ends with this bucket, and no group from
+    /// it on is taken.
+    ceiling: Option<Group>,
+}
+
+impl Gathering {
+    /// Adds the bucket's rows to the page; whether a group of it was left out.
+    fn flush(self, page: &mut Vec<(i64, Group, Acc)>, page_bytes: &mut usize) -> bool {
+        *page_bytes += self.bytes;
+        let start = self.start;
+        page.extend(self.rows.into_iter().map(|(g, acc)| (start, g, acc)));
+        self.ceiling.is_some()
+    }
 }
 
 impl Query<'_> {
@@ -453,20 +482,105 @@ impl Query<'_> {
         Ok(())
     }
 
+    /// Where a page ends after the row of `group` in the bucket starting at `bucket_start_ms`.
+    fn after(&self, bucket_start_ms: i64, group: &BTreeMap<String, String>) -> After {
+        let json = serde_json::to_string(group).unwrap_or_default();
+        After {
+            bucket_start_ms,
+            last: if json.len() <= CURSOR_GROUP_BYTES {
+                Last::Group(group.clone())
+            } else {
+                Last::Digest(digest_of(&json))
+            },
+        }
+    }
+
+    /// What [`After::encode`] wrote; `None` for anything else, or for a place that is not the
+    /// start of one of this query's buckets (with `window=none`, its `from`) before its `to`.
+    pub fn after_of(&self, text: &str) -> Option<After> {
+        let (start, last) = text.split_once('/')?;
+        let bucket_start_ms: i64 = start.parse().ok()?;
+        let last = match last.split_at_checked(1)? {
+            ("g", json) => Last::Group(serde_json::from_str(json).ok()?),
+            ("h", digest) => Last::Digest(hex::decode(digest).ok()?.try_into().ok()?),
+            _ => return None,
+        };
+        let aligned = match self.bucket {
+            Bucket::None => bucket_start_ms == self.from_ms,
+            _ => self.bucket_of(bucket_start_ms).0 == bucket_start_ms,
+        };
+        (aligned && bucket_start_ms < self.to_ms).then_some(After {
+            bucket_start_ms,
+            last,
+        })
+    }
+
     /// A page of rows, from the rollups of the customer's partition: up to [`Self::limit`]
     /// rows after [`Self::after`], and where the next page starts if the answer goes on.
     pub fn run(&self, model: &Model) -> std::result::Result<Page, ReadError> {
         let db = model.db_of(self.tenant, self.customer)?;
         let prefix = series_prefix(self.tenant, self.customer, &self.meter.key);
-        let mut start = prefix.clone();
-        let resume = self.after.as_ref().map(|a| a.bucket_start_ms);
-        start.extend_from_slice(&time_bytes(self.from_ms.max(resume.unwrap_or(i64::MIN))));
+        let from_ms = |at: i64| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&time_bytes(at));
+            key
+        };
+        // Every key of the range from `at` on: its window start, the key (the stored group is
+        // what follows the window start, from `group_at`) and the value.
+        let scan = |at: i64| {
+            db.iterator(IteratorMode::From(&from_ms(at), Direction::Forward))
+                .map(|item| -> std::result::Result<_, ReadError> {
+                    let (key, value) = item?;
+                    let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
+                        return Ok(None);
+                    };
+                    match (time_from(rest), rest.get(8..)) {
+                        (Some(at), Some(_)) if at < self.to_ms => Ok(Some((at, key, value))),
+                        (Some(_), Some(_)) => Ok(None),
+                        _ => Err(ReadError::Storage("malformed usage key".into())),
+                    }
+                })
+                .map_while(|item| item.transpose())
+        };
+        let group_at = prefix.len() + 8;
+        // Where the page starts: after this bucket's row of this group.
+        let after: Option<(i64, Group)> = match &self.after {
+            None => None,
+            Some(After {
+                bucket_start_ms,
+                last: Last::Group(group),
+                ..
+            }) => Some((*bucket_start_ms, Arc::new(group.clone()))),
+            Some(After {
+                bucket_start_ms,
+                last: Last::Digest(digest),
+                ..
+            }) => {
+                let start = *bucket_start_ms;
+                let mut found = None;
+                for item in scan(self.from_ms.max(start)) {
+                    let (at, key, _) = item?;
+                    if self.bucket_of(at).0 != start {
+                        break;
+                    }
+                    if let Some(group) = self.project(key.get(group_at..).unwrap_or_default())?
+                        && digest_of(&serde_json::to_string(&*group).unwrap_or_default()) == *digest
+                    {
+                        found = Some((start, group));
+                        break;
+                    }
+                }
+                Some(found.ok_or_else(|| {
+                    ReadError::InvalidCursor("the cursor's row is not in this answer".into())
+                })?)
+            }
+        };
         let period_mode = self.bucket == Bucket::None
             && matches!(
                 self.meter.aggregation,
                 Aggregation::Avg | Aggregation::UniqueCount
             );
-        let limit = self.limit.max(1);
+        let (limit, most_bytes) = (self.limit.max(1), self.group_bytes);
         // Each distinct group (as stored) parsed and projected once (`None`: filtered out).
         let mut seen: HashMap<Vec<u8>, Option<Group>> = HashMap::new();
         let mut seen_bytes = 0_usize;
@@ -475,17 +589,12 @@ impl Query<'_> {
         let mut bucket: Option<Gathering> = None;
         // Whether the answer goes on past the page.
         let mut goes_on = false;
-        for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
-            let (key, value) = item?;
-            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
-                break;
-            };
-            let (Some(at), Some(stored_group)) = (time_from(rest), rest.get(8..)) else {
-                return Err(ReadError::Storage("malformed usage key".into()));
-            };
-            if at >= self.to_ms {
-                break;
-            }
+        let resume = after
+            .as_ref()
+            .map_or(self.from_ms, |(start, _)| self.from_ms.max(*start));
+        for item in scan(resume) {
+            let (at, key, value) = item?;
+            let stored_group = key.get(group_at..).unwrap_or_default();
             // Borrowed from what is remembered: a group is cloned only for a new row.
             let projected;
             let group: &Group = match seen.get(stored_group) {
@@ -506,23 +615,17 @@ impl Query<'_> {
                 }
             };
             let (bucket_start, _) = self.bucket_of(at);
-            if let Some(after) = &self.after
-                && bucket_start == after.bucket_start_ms
-                && **group <= after.group
+            if let Some((start, last)) = &after
+                && bucket_start == *start
+                && group <= last
             {
                 continue;
             }
             if bucket.as_ref().is_some_and(|b| b.start != bucket_start) {
-                let done = bucket.take().map(|b| {
-                    page_bytes += b.bytes;
-                    page.extend(b.rows.into_iter().map(|(g, acc)| (b.start, g, acc)));
-                    b.left_out
-                });
-                if done == Some(true) {
-                    goes_on = true;
-                    break;
-                }
-                if page.len() >= limit || page_bytes >= MAX_USAGE_GROUP_BYTES {
+                let left_out = bucket
+                    .take()
+                    .is_some_and(|b| b.flush(&mut page, &mut page_bytes));
+                if left_out || page.len() >= limit || page_bytes >= most_bytes {
                     goes_on = true;
                     break;
                 }
@@ -531,8 +634,11 @@ impl Query<'_> {
                 start: bucket_start,
                 rows: BTreeMap::new(),
                 bytes: 0,
-                left_out: false,
+                ceiling: None,
             });
+            if gathering.ceiling.as_ref().is_some_and(|c| group >= c) {
+                continue;
+            }
             let stored = Stored::decode(&value)
                 .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
             // Over a whole period, the quantity of the rollup written last (the period's
@@ -542,47 +648,44 @@ impl Query<'_> {
             } else {
                 (stored.window_quantity, at)
             };
-            match gathering.rows.get_mut(group) {
-                Some(acc) => self.combine(acc, value, rank, stored.events),
-                None => {
-                    gathering.bytes += group_bytes(group);
-                    gathering.rows.insert(
-                        group.clone(),
-                        Acc {
-                            quantity: value,
-                            latest_at: rank,
-                            events: stored.events,
-                        },
-                    );
-                    // The page keeps at least one row, whatever its group's bytes.
-                    while page.len() + gathering.rows.len() > limit
-                        || (page_bytes + gathering.bytes > MAX_USAGE_GROUP_BYTES
-                            && page.len() + gathering.rows.len() > 1)
-                    {
-                        let Some((last, _)) = gathering.rows.pop_last() else {
-                            break;
-                        };
-                        gathering.bytes -= group_bytes(&last);
-                        gathering.left_out = true;
-                    }
-                    if gathering.rows.is_empty() {
-                        // Nothing of this bucket fits: the page ends before it.
-                        bucket = None;
-                        goes_on = true;
-                        break;
-                    }
-                }
+            if let Some(acc) = gathering.rows.get_mut(group) {
+                self.combine(acc, value, rank, stored.events);
+                continue;
+            }
+            gathering.bytes += group_bytes(group);
+            gathering.rows.insert(
+                group.clone(),
+                Acc {
+                    quantity: value,
+                    latest_at: rank,
+                    events: stored.events,
+                },
+            );
+            // The page keeps at least one row, whatever its group's bytes.
+            while page.len() + gathering.rows.len() > limit
+                || (page_bytes + gathering.bytes > most_bytes
+                    && page.len() + gathering.rows.len() > 1)
+            {
+                let Some((last, _)) = gathering.rows.pop_last() else {
+                    break;
+                };
+                gathering.bytes -= group_bytes(&last);
+                gathering.ceiling = Some(last);
+            }
+            if gathering.rows.is_empty() {
+                // Nothing of this bucket fits: the page ends before it.
+                bucket = None;
+                goes_on = true;
+                break;
             }
         }
         if let Some(b) = bucket.take() {
-            goes_on |= b.left_out;
-            page.extend(b.rows.into_iter().map(|(g, acc)| (b.start, g, acc)));
+            goes_on |= b.flush(&mut page, &mut page_bytes);
         }
+        // The page's groups are now theirs alone: its rows take them without a copy.
+        drop(seen);
         let next = match page.last() {
-            Some((start, group, _)) if goes_on => Some(After {
-                bucket_start_ms: *start,
-                group: (**group).clone(),
-            }),
+            Some((start, group, _)) if goes_on => Some(self.after(*start, group)),
             _ => None,
         };
         Ok(Page {
@@ -828,6 +931,7 @@ window = "1d"
             group_by,
             filters: BTreeMap::new(),
             limit: MAX_USAGE_ROWS,
+            group_bytes: MAX_USAGE_GROUP_BYTES,
             after: None,
         }
     }
@@ -992,7 +1096,7 @@ window = "1d"
 
     /// Every page of `q`, `limit` rows at most each, the next read from the previous one's
     /// cursor as a client sends it back; each page checked to hold rows unless it is the only
-    /// one, and the last to say so.
+    /// one, to keep within the byte bound unless it holds one row, and the last to say so.
     fn pages(q: &Query<'_>, m: &Model, limit: usize) -> Vec<Vec<Row>> {
         let mut q = q.clone();
         q.limit = limit;
@@ -1009,9 +1113,14 @@ window = "1d"
                 !page.rows.is_empty() || (pages.is_empty() && page.next.is_none()),
                 "an empty page at {q:?}"
             );
+            let bytes: usize = page.rows.iter().map(|r| group_bytes(&r.group)).sum();
+            assert!(
+                bytes <= q.group_bytes || page.rows.len() == 1,
+                "{bytes} bytes"
+            );
             pages.push(page.rows);
             match page.next {
-                Some(next) => q.after = Some(After::decode(&next.encode()).expect("a cursor")),
+                Some(next) => q.after = Some(q.after_of(&next.encode()).expect("a cursor")),
                 None => return pages,
             }
             assert!(pages.len() <= 10_000, "pages never end");
@@ -1019,22 +1128,31 @@ window = "1d"
     }
 
     #[test]
-    fn an_answer_in_pages_is_the_whole_answer_in_order_at_every_limit() {
+    fn an_answer_in_pages_is_the_whole_answer_in_order_at_every_limit_and_byte_bound() {
         // Was: past 100,000 rows (or 32 MiB of group values) an answer was refused
-        // (`too_many_rows`), where the SPEC pages reads by cursor.
+        // (`too_many_rows`), where the SPEC pages reads by cursor. And, in review: a group
+        // left out for the byte bound was taken again when a later, smaller row left room, so
+        // its row lacked the windows before and the next page skipped a group.
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
-        let regions = ["us", "ap", "eu", "ap-southeast-2", "a", "zz"];
+        let regions = [
+            "us",
+            "ap",
+            "eu",
+            "ap-southeast-2",
+            "a",
+            "zz",
+            "m-of-a-longer-name-here",
+        ];
         // Groups in each window in a different order and subset, so a bucket's later windows
         // bring groups less than ones already gathered (a page keeping the least must let a
-        // greater one go, and not take it back).
+        // greater one go, and not take it back), of different lengths (for the byte bound).
         let mut windows: Vec<(i64, String, String)> = Vec::new();
         for minute in 0..130_i64 {
-            for (i, region) in regions.iter().enumerate() {
-                let i = i as i64;
+            for (i, region) in (0_i64..).zip(regions) {
                 if (minute * 7 + i * 3) % 5 < 2 || (minute % 61 == 0 && i == 5) {
                     windows.push((
                         minute,
-                        (*region).to_owned(),
+                        region.to_owned(),
                         format!("{}.5", (minute * 13 + i) % 17),
                     ));
                 }
@@ -1082,15 +1200,30 @@ window = "1d"
                         "{meter_key} {q:?} limit {limit}"
                     );
                 }
+                // The byte bound: between one row's group and many.
+                for group_bytes in [1, 8, 12, 20, 30, 45, 70, 120] {
+                    for limit in [1, 2, 3, 5, 1000] {
+                        let mut bounded = q.clone();
+                        bounded.group_bytes = group_bytes;
+                        let pages = pages(&bounded, &m, limit);
+                        assert_eq!(
+                            pages.concat(),
+                            whole.rows,
+                            "{meter_key} {q:?} limit {limit}, {group_bytes} bytes"
+                        );
+                    }
+                }
             }
         }
     }
 
     #[test]
-    fn a_page_ends_before_its_groups_pass_their_bytes_and_the_next_goes_on() {
+    fn a_page_ends_before_its_groups_pass_their_bytes_and_a_long_groups_cursor_is_its_digest() {
         // Few rows of a long group value are bounded by their bytes: 900 windows of a
         // 40,000-byte value pass 32 MiB, so the first page holds the 838 rows that fit and
-        // the second the other 62; by day they are one row.
+        // the second the other 62; by day they are one row. Was also (in review): a cursor
+        // carried the last row's group whole, so after a 40 KB group it was too long for a
+        // request line; it names a group longer than 1 KiB by its digest.
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
         let peak = meter_of(&catalog, "peak");
         let long = "x".repeat(40_000);
@@ -1099,6 +1232,9 @@ window = "1d"
             .collect();
         let (_dir, m) = model("peak", &windows);
         let per_window = query(peak, Bucket::Meter, None);
+        let first = per_window.run(&m).expect("run");
+        let cursor = first.next.as_ref().expect("a next page").encode();
+        assert!(cursor.len() < 100, "{cursor}");
         let sizes: Vec<usize> = pages(&per_window, &m, MAX_USAGE_ROWS)
             .iter()
             .map(Vec::len)
@@ -1111,20 +1247,54 @@ window = "1d"
                 900 - MAX_USAGE_GROUP_BYTES / row
             ]
         );
-        assert_eq!(sizes[0], 838);
         let daily = query(peak, Bucket::Day, None).run(&m).expect("run");
         assert_eq!(daily.next, None);
         assert_eq!(quantities(&daily.rows), vec![(long.clone(), d("1"))]);
         assert_eq!(daily.rows[0].events, 900);
-        // A cursor is the bucket and group in an unambiguous text, and nothing else reads as one.
-        let after = After {
-            bucket_start_ms: -5,
-            group: BTreeMap::from([("a/b".to_owned(), "1/2".to_owned())]),
-        };
-        assert_eq!(After::decode(&after.encode()), Some(after));
-        for bad in ["", "5", "x/{}", "5/[]", "5/{\"a\":1}"] {
-            assert_eq!(After::decode(bad), None, "{bad}");
+        // A row whose group alone passes the bound is a page of its own.
+        let mut tight = per_window.clone();
+        tight.group_bytes = 10;
+        assert_eq!(pages(&tight, &m, 3).len(), 900);
+    }
+
+    #[test]
+    fn a_cursor_names_a_buckets_start_and_a_group_and_nothing_else_reads_as_one() {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let peak = meter_of(&catalog, "peak");
+        let windows = [(0, "eu", "1"), (0, "us", "2"), (61, "eu", "3")];
+        let (_dir, m) = model("peak", &windows);
+        let mut hourly = query(peak, Bucket::Hour, None);
+        hourly.limit = 1;
+        let next = hourly.run(&m).expect("run").next.expect("a next page");
+        let cursor = next.encode();
+        assert_eq!(cursor, format!("{T0}/g{{\"region\":\"eu\"}}"));
+        assert_eq!(hourly.after_of(&cursor), Some(next));
+        // The place is a bucket of the query's: not one between buckets, nor at or past its
+        // end, nor, with `window=none`, other than its `from`.
+        for start in [T0 + 1, T0 + 86_400_000] {
+            assert_eq!(hourly.after_of(&format!("{start}/g{{}}")), None, "{start}");
         }
+        let whole = query(peak, Bucket::None, None);
+        assert_eq!(whole.after_of(&format!("{}/g{{}}", T0 + 3_600_000)), None);
+        assert!(whole.after_of(&format!("{T0}/g{{}}")).is_some());
+        // Before the first bucket: from the first row.
+        hourly.after = hourly.after_of("0/g{}");
+        hourly.limit = 10;
+        assert_eq!(
+            quantities(&hourly.run(&m).expect("run").rows),
+            vec![
+                ("eu".into(), d("1")),
+                ("us".into(), d("2")),
+                ("eu".into(), d("3"))
+            ]
+        );
+        for bad in ["", "5", "x/g{}", "5/g[]", "5/hzz", "5/h00", "5/x{}", "5/"] {
+            assert_eq!(hourly.after_of(bad), None, "{bad}");
+        }
+        // A digest naming no row of the bucket: refused when read.
+        hourly.after = hourly.after_of(&format!("{T0}/h{}", "00".repeat(32)));
+        assert!(hourly.after.is_some());
+        assert!(matches!(hourly.run(&m), Err(ReadError::InvalidCursor(_))));
     }
 
     #[test]

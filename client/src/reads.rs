@@ -1032,6 +1032,12 @@ impl Reader {
                 pairs.push(("cursor".to_owned(), cursor.clone()));
             }
             let page: Usage = self.get(&["v1", "usage"], pairs, "usage").await?;
+            if page.next_cursor.is_some() && page.next_cursor == cursor {
+                return Err(Error::Protocol {
+                    status: 200,
+                    message: "a usage page named itself as the next".into(),
+                });
+            }
             cursor = page.next_cursor.clone();
             match &mut all {
                 None => all = Some(page),

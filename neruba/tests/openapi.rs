@@ -635,9 +635,9 @@ async fn stalled_upload(base: &str, method: &str, path: &str, key: &str) -> Resu
 fn sample_value(name: &str, context: &BTreeMap<&str, String>) -> Option<String> {
     let fixed = match name {
         "limit" => "10",
-        // `0/{}`: after the customer id or line item place `0/{}`, or (usage) after the
-        // bucket starting at 0 ms with no group: from the first of each.
-        "cursor" => "302f7b7d",
+        // `0/g{}`: after the customer id or line item place `0/g{}`, or (usage) after the
+        // group `{}` of the bucket starting at 0 ms: from the first of each.
+        "cursor" => "302f677b7d",
         "after" => "0",
         "meter" => "llm_tokens",
         "window" => "hour",

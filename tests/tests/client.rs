@@ -1470,7 +1470,7 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
     for (asked, code) in [
         ("&cursor=zz", "invalid_cursor"),
         ("&cursor=3132", "invalid_cursor"),
-        ("&limit=2", "invalid_limit"),
+        ("&limit=0", "invalid_limit"),
     ] {
         let answer = http
             .get(format!("{usage_url}{asked}"))
@@ -1485,6 +1485,20 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
             "{asked}"
         );
     }
+
+    // A limit past the api's bound is lowered to it.
+    let lowered: serde_json::Value = http
+        .get(format!("{usage_url}&limit=50"))
+        .bearer_auth(read_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        lowered["data"].as_array().map(Vec::len),
+        Some(1),
+        "{lowered}"
+    );
 
     // Refusals: no usage at all, an unknown meter, a group the meter has not.
     let codes = [
