@@ -15,6 +15,8 @@
   const MAX_PAGE = 1000;
   // Most rows of usage one chart draws (a page of the usage read).
   const USAGE_CHART_ROWS = 10000;
+  // An RFC 3339 time with a `T` and seconds, which `Date.parse` reads as the gateway does.
+  const RFC3339 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$/i;
 
   const $ = (id) => document.getElementById(id);
 
@@ -469,7 +471,7 @@
     if (answer.data.next_cursor) {
       // More rows than a chart can show: the first page, and how to see the whole range.
       controls.after(el('p', { class: 'alert-inline', 'data-testid': `usage-more-${meter}`,
-        text: `The chart shows the first ${answer.data.data.length} rows (windows and groups) of more: pick a longer window to see the whole range.` }));
+        text: `The chart shows the first ${answer.data.data.length} rows (windows and groups) of more: pick a longer window, if there is one, or read the rest through the api (GET /v1/usage, next_cursor).` }));
     }
     return figure;
   }
@@ -627,7 +629,17 @@
       priority: Number.parseInt($('grant-priority').value || '0', 10),
     };
     const expires = $('grant-expires').value.trim();
-    if (expires) body.expires_at = expires;
+    if (expires) {
+      // Sent as the gateway keeps it (UTC with milliseconds), so the grant read back compares
+      // with what was sent; a time the browser cannot read the same way is refused here.
+      const ms = RFC3339.test(expires) ? Date.parse(expires) : Number.NaN;
+      if (Number.isNaN(ms)) {
+        alarm('Expires at must be an RFC 3339 time such as 2027-01-01T00:00:00Z.');
+        $('grant-expires').focus();
+        return;
+      }
+      body.expires_at = new Date(ms).toISOString();
+    }
     const note = $('grant-note').value.trim();
     if (note) body.metadata = { note };
     const what = `Grant ${view.grantKey}`;
@@ -695,14 +707,13 @@
       const f = fraction.replace(/0+$/, '');
       return `${whole.replace(/^0+(?=[0-9])/, '')}${f ? `.${f}` : ''}`;
     };
-    const instant = (a, b) => (a || null) === (b || null) || (!!a && !!b && Date.parse(a) === Date.parse(b));
     return held.key === sent.key
       && decimal(held.amount) === decimal(sent.amount)
       && held.currency === sent.currency
       && held.priority === sent.priority
       && !held.effective_at
       && !held.paid
-      && instant(held.expires_at, sent.expires_at)
+      && (held.expires_at || null) === (sent.expires_at || null)
       && JSON.stringify(held.metadata || {}) === JSON.stringify(sent.metadata || {});
   }
 

@@ -919,7 +919,7 @@ impl Parts {
         grants: true,
         lines: true,
     };
-    /// The spent grants only (balance and grant reads).
+    /// The spent grants only (the grants list).
     pub const GRANTS: Self = Self {
         grants: true,
         lines: false,
@@ -1005,10 +1005,10 @@ pub fn read_grant_in(
     let Some(value) = snapshot.get(spilled_grant_key(tenant, customer, id))? else {
         return Ok(None);
     };
-    let mut state: GrantState = postcard::from_bytes(&value)
-        .map_err(|e| Error::corrupt(format!("grant {id} of {tenant}/{customer}"), e))?;
-    state.settle(stored_clock(&snapshot.get(CLOCK_KEY)?));
-    Ok(Some(state))
+    let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
+    settled_grant(&value, clock_ms)
+        .map(Some)
+        .map_err(|e| Error::corrupt(format!("grant {id} of {tenant}/{customer}"), e))
 }
 
 /// What a read does with each value kept apart under a customer's keys of one kind: the rest
@@ -1053,9 +1053,14 @@ fn spilled_grant(
 ) -> std::result::Result<(String, GrantState), String> {
     let (id, _) = read_part(rest).ok_or("a malformed key")?;
     let id = String::from_utf8(id.to_vec()).map_err(|e| e.to_string())?;
+    Ok((id, settled_grant(value, clock_ms)?))
+}
+
+/// A spent grant's stored value, settled as of the partition's clock ([`GrantState::settle`]).
+fn settled_grant(value: &[u8], clock_ms: i64) -> std::result::Result<GrantState, String> {
     let mut state: GrantState = postcard::from_bytes(value).map_err(|e| e.to_string())?;
     state.settle(clock_ms);
-    Ok((id, state))
+    Ok(state)
 }
 
 /// Up to `limit` customers of `tenant` with a book in `db`, after `after`, in key order: shorter

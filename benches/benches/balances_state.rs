@@ -235,9 +235,6 @@ fn customer_holding(
     Ok((phases, book))
 }
 
-/// One customer topping up `topups` times, each top-up used up by the next item: the size of
-/// its stored book, and of a book that kept every grant (as the store did before spent grants
-/// were kept apart).
 /// What [`topped_up`] measured.
 struct ToppedUp {
     /// The stored book's size.
@@ -265,6 +262,9 @@ fn median_of(mut read: impl FnMut() -> Result<()>) -> Result<Duration> {
     Ok(times[READS / 2])
 }
 
+/// One customer topping up `topups` times, each top-up used up by the next item: the size of
+/// its stored book, and of a book that kept every grant (as the store did before spent grants
+/// were kept apart); and how long its book takes to read, alone and with every grant.
 fn topped_up(template: &LineItem, topups: usize) -> Result<ToppedUp> {
     let dir = tempfile::tempdir()?;
     let cache = rocksdb::Cache::new_lru_cache(64 << 20);

@@ -306,6 +306,9 @@ pub struct TopicEnds {
     /// How long the broker has to answer for them: as long as for the high watermarks at
     /// the start ([`Self::fetch`]'s `timeout`).
     timeout: Duration,
+    /// The last [`Self::reached`] asked the broker (and so may have blocked while records
+    /// arrived, not yet polled).
+    asked: bool,
 }
 
 impl TopicEnds {
@@ -333,20 +336,23 @@ impl TopicEnds {
             pending,
             refreshed: None,
             timeout,
+            asked: false,
         })
     }
 
     /// Whether `consumer` has read every partition up to its end as fetched (its positions
     /// tell; an unreadable position counts as not there yet). A partition whose records up to
-    /// that end were all deleted meanwhile (retention) counts as read: every 2 s its oldest
-    /// offset is asked for again, with the timeout the ends were fetched with. Blocking.
+    /// that end were all deleted meanwhile (retention) counts as read: every 2 s the pending
+    /// partitions' oldest offsets are asked for again, all in one question (one request per
+    /// broker), with the timeout the ends were fetched with. Blocking for that question.
     ///
-    /// Not a shorter one: the question goes over the consumer's own connection, and
+    /// Not a shorter timeout: the question goes over the consumer's own connection, and
     /// librdkafka closes a connection on which a request timed out (`socket.max.fails`), with
     /// the consumer's fetches in flight. Asked with 1 s, a broker slower than that to answer
     /// lost the tail its connection every 2 s, and a partition could stay unread until the
     /// tail gave up.
     pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
+        self.asked = false;
         if self.pending.is_empty() {
             return true;
         }
@@ -365,22 +371,27 @@ impl TopicEnds {
                 .refreshed
                 .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
         {
-            // A round ends at the first partition whose broker does not answer, so an
-            // unreachable broker costs one timeout a round, not one per partition.
-            let mut unreachable = false;
-            self.pending.retain(|(partition, end)| {
-                if unreachable {
-                    return true;
-                }
-                match consumer.fetch_watermarks(topic, *partition, self.timeout) {
-                    Ok((low, _)) => low < *end,
-                    Err(_) => {
-                        unreachable = true;
-                        true
-                    }
-                }
-            });
+            // Not a time: the earliest offset (`ListOffsets` with timestamp -2).
+            let asked_for = self.pending.iter().try_fold(
+                TopicPartitionList::new(),
+                |mut list, (partition, _)| {
+                    list.add_partition_offset(topic, *partition, Offset::Beginning)
+                        .map(|()| list)
+                },
+            );
+            // An unreachable broker leaves every partition pending until the patience is over.
+            if let Ok(oldest) =
+                asked_for.and_then(|list| consumer.offsets_for_times(list, self.timeout))
+            {
+                self.pending.retain(|(partition, end)| {
+                    !matches!(
+                        oldest.find_partition(topic, *partition).map(|e| e.offset()),
+                        Some(Offset::Offset(low)) if low >= *end
+                    )
+                });
+            }
             self.refreshed = Some(Instant::now());
+            self.asked = true;
         }
         self.pending.is_empty()
     }
@@ -398,14 +409,17 @@ impl TopicEnds {
         if last.elapsed() < idle {
             return Ok(false);
         }
-        let mut done = true;
+        let (mut done, mut asked) = (true, false);
         for (consumer, ends) in readers.iter_mut() {
             done &= ends.reached(consumer);
+            asked |= ends.asked;
         }
         if done {
             return Ok(true);
         }
-        if last.elapsed() < idle + patience {
+        // After asking the broker, which may have taken up to its timeout, the reader polls
+        // again before being judged: records may have arrived meanwhile.
+        if asked || last.elapsed() < idle + patience {
             return Ok(false);
         }
         let short: Vec<String> = readers
@@ -473,6 +487,11 @@ mod tests {
         let cut_off = topic_reader(&bootstrap, "ends-test", "ends", &[], timeout)?;
         let mut ends = TopicEnds::fetch(&cut_off, "ends", timeout)?;
         cluster.broker_down(1)?;
+        // The call that asks the broker is not the one that judges.
+        assert_eq!(
+            TopicEnds::idle_done(idle, Duration::ZERO, last, &mut [(&cut_off, &mut ends)]),
+            Ok(false)
+        );
         let failed = TopicEnds::idle_done(idle, Duration::ZERO, last, &mut [(&cut_off, &mut ends)]);
         assert!(
             failed

@@ -897,6 +897,8 @@ async fn drive(
     ensure!(key.starts_with("console-") && key.len() > 30, "{key}");
     type_into(browser, "#grant-amount", "2.50").await?;
     type_into(browser, "#grant-note", "goodwill").await?;
+    // An expiry with an offset: the page sends it as the gateway keeps it, in UTC.
+    type_into(browser, "#grant-expires", "2099-01-01T01:00:00+01:00").await?;
     click(browser, "#grant-submit").await?;
     until(
         browser,
@@ -930,6 +932,8 @@ async fn drive(
         .with_context(|| format!("no grant with the page's key {key}: {grants}"))?;
     assert_eq!(made["amount"], "2.50");
     assert_eq!(made["metadata"]["note"], "goodwill");
+    assert_eq!(made["expires_at"], "2099-01-01T00:00:00.000Z");
+    type_into(browser, "#grant-expires", "").await?;
     let (_, balances) = get(
         client,
         &format!("{api}/v1/customers/customer-7/balances"),
@@ -1004,7 +1008,56 @@ async fn drive(
         vec![text(&balances["balances"][0]["balance"])?]
     );
 
-    // 13. A key that already holds another grant: the test grants 1.00 USD under the key the
+    // 13. The same grant sent again at another scale: the test grants 2.5 USD under the key
+    //     the page shows, then the page sends 2.50 under it. The balances stage applies it
+    //     once, and the page, reading the grant back with equal terms, says applied.
+    let outcome = "const o = document.getElementById('write-outcome'); \
+                   return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');";
+    let key = texts(browser, &one("grant-key")).await?;
+    let key = key.first().context("the page's grant key")?.clone();
+    let first = client
+        .post(format!("{gateway}/v1/customers/customer-7/grants"))
+        .bearer_auth(credits)
+        .json(&json!({"key": key, "amount": "2.5", "currency": "USD", "priority": 0}))
+        .send()
+        .await?;
+    ensure!(first.status().as_u16() == 202, "{}", first.status());
+    type_into(browser, "#grant-amount", "2.50").await?;
+    click(browser, "#grant-submit").await?;
+    until(
+        browser,
+        "the repeated grant's outcome",
+        outcome,
+        json!("applied "),
+    )
+    .await?;
+    let (_, grants) = get(
+        client,
+        &format!("{api}/v1/customers/customer-7/grants"),
+        read,
+    )
+    .await?;
+    let under_key: Vec<&Value> = grants["grants"]
+        .as_array()
+        .context("grants")?
+        .iter()
+        .filter(|g| g["key"] == key.as_str())
+        .collect();
+    assert_eq!(under_key.len(), 1, "{grants}");
+    assert_eq!(under_key[0]["amount"], "2.5");
+    let (_, balances) = get(
+        client,
+        &format!("{api}/v1/customers/customer-7/balances"),
+        read,
+    )
+    .await?;
+    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("7.18"));
+    assert_eq!(
+        texts(browser, &one("balance-USD")).await?,
+        vec![text(&balances["balances"][0]["balance"])?]
+    );
+
+    // 14. A key that already holds another grant: the test grants 1.00 USD under the key the
     //     page shows, then the page sends 3.00 under it. The gateway accepts both (it keeps no
     //     grants); the balances stage refuses the second (`key_conflict`), and the page says
     //     so instead of "applied", shows the balance with the 1.00 only, and takes a new key.
@@ -1019,8 +1072,6 @@ async fn drive(
     ensure!(earlier.status().as_u16() == 202, "{}", earlier.status());
     type_into(browser, "#grant-amount", "3.00").await?;
     click(browser, "#grant-submit").await?;
-    let outcome = "const o = document.getElementById('write-outcome'); \
-                   return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');";
     until(
         browser,
         "the conflicting grant's outcome",
@@ -1041,7 +1092,7 @@ async fn drive(
         read,
     )
     .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("5.68"));
+    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("8.18"));
     assert_eq!(
         texts(browser, &one("balance-USD")).await?,
         vec![text(&balances["balances"][0]["balance"])?]
@@ -1084,7 +1135,7 @@ async fn drive(
         json!("3.00")
     );
 
-    // 14. A customer at its bound of grants holding credit: grants whose keys and metadata
+    // 15. A customer at its bound of grants holding credit: grants whose keys and metadata
     //     fill customer-9's 256 KiB to within fewer bytes than the page's key. The page's
     //     grant is refused (`too_many_grants`: the api answers `grant_refused`); the page says
     //     so and keeps the form and its key. Once a grant is voided, the same form sent again
@@ -1216,7 +1267,7 @@ async fn drive(
         vec![text(&balances["balances"][0]["balance"])?]
     );
 
-    // 15. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
+    // 16. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
     //     such customer" (the api's 404).
     click(browser, "#sign-out").await?;
     sign_in(browser, globex, None).await?;

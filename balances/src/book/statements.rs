@@ -430,7 +430,8 @@ pub(super) fn advance(e: &mut Entries<'_>, at_ms: i64, finalize_after_ms: i64) {
 /// producer sends (1,000,000 bytes by default): never acknowledged, it held every partition of
 /// the stage's worker for good, and a replay met it again. Such a statement's entry has `code`
 /// [`LINES_OMITTED`] and goes on the topic with the totals and without the lines
-/// ([`on_the_topic`]); the fold (and so the api's read model) keeps it whole.
+/// ([`on_the_topic`]); the fold keeps it whole, and so does the api's read model for its
+/// statements read (its entries read answers the entry as on the topic).
 pub const STATEMENT_ENTRY_MAX: usize = 512 * 1024;
 /// The `code` of a statement entry whose statement's lines are left out on the topic.
 pub const LINES_OMITTED: &str = "statement_lines_omitted";
