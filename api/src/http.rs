@@ -1498,55 +1498,25 @@ mod tests {
         // put back every spent grant kept apart, so its cost grew with each top-up the
         // customer ever used up; and `active_grants` counted used-up grants too, so it said 22
         // for a customer with 2 grants holding credit, and would have said 10 from the book.
-        use neruba_balances::state::{BOOK_SPENT_GRANTS, PartitionState, Record};
+        use neruba_balances::state::{BOOK_SPENT_GRANTS, Record};
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = neruba_stage::Store::open(
-            dir.path(),
-            0,
-            &neruba_balances::state::store_options(),
-            &cache,
-        )
-        .expect("store");
-        let db = store.shared_db();
-        let mut fold =
-            PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS).expect("fold");
-        let mut offset = 0;
-        let mut apply = |fold: &mut PartitionState, payload: Vec<u8>, record: Record| {
-            let input = neruba_stage::Input {
-                offset,
-                key: None,
-                payload: &payload,
-            };
-            offset += 1;
-            fold.apply(input, record).expect("apply");
-        };
+        let mut ledger = crate::model::TestFold::open(dir.path());
         // 20 top-ups of 1 USD, each used up by the next item; then two packs holding credit.
         let spent = 20;
         for n in 0..spent {
-            apply(
-                &mut fold,
-                credit::encode(&grant(&format!("topup-{n:02}"), Decimal::ONE)),
-                Record::Grant,
-            );
+            let topup = grant(&format!("topup-{n:02}"), Decimal::ONE);
+            ledger.apply(&credit::encode(&topup), Record::Grant);
             let mut item = usage(Decimal::ONE);
             item.id = format!("li_{n}");
             item.window_start = format_time_ms(T0 + n * 60_000);
             item.window_end = format_time_ms(T0 + (n + 1) * 60_000);
-            apply(&mut fold, item.encode(), Record::LineItem);
+            ledger.apply(&item.encode(), Record::LineItem);
         }
         for (key, amount) in [("pack-a", 5), ("pack-b", 7)] {
-            apply(
-                &mut fold,
-                credit::encode(&grant(key, Decimal::from(amount))),
-                Record::Grant,
-            );
+            let pack = grant(key, Decimal::from(amount));
+            ledger.apply(&credit::encode(&pack), Record::Grant);
         }
-        fold.take_outputs();
-        fold.commit_with(rocksdb::WriteBatch::default())
-            .expect("commit");
-        let model = Model::new("ledger", 1);
-        model.opened(0, db, fold.next_offset());
+        let model = ledger.commit_into_model();
         let read = |parts| {
             model
                 .book("acme", "c1", parts)

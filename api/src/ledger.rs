@@ -168,6 +168,7 @@ impl neruba_stage::Stage for LedgerModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::TestFold;
     use neruba_balances::book::MAX_CREDIT_GRANTS;
     use neruba_schemas::credit::{Grant, GrantTerms};
     use neruba_schemas::event::format_time_ms;
@@ -193,38 +194,28 @@ mod tests {
         }
     }
 
+    /// The read model's ledger stage over a fresh partition 0, and its model.
+    fn partition(dir: &std::path::Path) -> (LedgerPartition, Arc<Model>) {
+        let TestFold { fold, db, .. } = TestFold::open(dir);
+        let model = Arc::new(Model::new("ledger", 1));
+        model.opened(0, db, None);
+        let part = LedgerPartition {
+            fold,
+            items: Vec::new(),
+            model: model.clone(),
+        };
+        (part, model)
+    }
+
     #[test]
     fn a_grant_refused_for_the_bound_reads_as_refused_until_it_is_applied() {
         // Was: a grant the balances stage refused after the gateway's 202 read as any unknown
         // grant, so support could not tell a refused purchase from a mistyped id.
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = Store::open(
-            dir.path(),
-            0,
-            &neruba_balances::state::store_options(),
-            &cache,
-        )
-        .expect("store");
-        let db = store.shared_db();
-        let fold =
-            PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS).expect("fold");
-        let model = Arc::new(Model::new("ledger", 1));
-        model.opened(0, db, None);
-        let mut part = LedgerPartition {
-            fold,
-            items: Vec::new(),
-            model: model.clone(),
-        };
+        let (mut part, model) = partition(dir.path());
         let mut offset = 0;
         let mut apply = |part: &mut LedgerPartition, payload: Vec<u8>, record: Record| {
-            let input = Input {
-                offset,
-                key: None,
-                payload: &payload,
-            };
-            offset += 1;
-            part.fold.apply(input, record).expect("apply");
+            TestFold::apply_to(&mut part.fold, &mut offset, &payload, record);
         };
         for n in 0..MAX_CREDIT_GRANTS {
             apply(
@@ -299,32 +290,10 @@ mod tests {
         use neruba_balances::book::statements::{LINES_OMITTED, STATEMENT_ENTRY_MAX};
         use neruba_schemas::credit::{DEFAULT_FINALIZE_AFTER_MS, StatementStatus, Tick};
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = Store::open(
-            dir.path(),
-            0,
-            &neruba_balances::state::store_options(),
-            &cache,
-        )
-        .expect("store");
-        let db = store.shared_db();
-        let fold = PartitionState::from_store(store, 0, DEFAULT_FINALIZE_AFTER_MS).expect("fold");
-        let model = Arc::new(Model::new("ledger", 1));
-        model.opened(0, db, None);
-        let mut part = LedgerPartition {
-            fold,
-            items: Vec::new(),
-            model: model.clone(),
-        };
+        let (mut part, model) = partition(dir.path());
         let mut offset = 0;
         let mut apply = |part: &mut LedgerPartition, payload: Vec<u8>, record: Record| {
-            let input = Input {
-                offset,
-                key: None,
-                payload: &payload,
-            };
-            offset += 1;
-            part.fold.apply(input, record).expect("apply");
+            TestFold::apply_to(&mut part.fold, &mut offset, &payload, record);
         };
         // 40 groups of 16 KiB values: a statement of more than 512 KiB of JSON.
         let groups = 40;

@@ -512,6 +512,69 @@ impl Model {
     }
 }
 
+/// For tests: a fresh ledger fold of partition 0 stored in `dir`, as the api opens one, with
+/// its database (for a [`Model`]) and the next offset to apply a record at.
+#[cfg(test)]
+pub(crate) struct TestFold {
+    pub(crate) fold: neruba_balances::state::PartitionState,
+    pub(crate) db: Arc<rocksdb::DB>,
+    offset: i64,
+}
+
+#[cfg(test)]
+impl TestFold {
+    pub(crate) fn open(dir: &std::path::Path) -> Self {
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store =
+            neruba_stage::Store::open(dir, 0, &neruba_balances::state::store_options(), &cache)
+                .expect("store");
+        let db = store.shared_db();
+        let fold = neruba_balances::state::PartitionState::from_store(
+            store,
+            0,
+            neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS,
+        )
+        .expect("fold");
+        Self {
+            fold,
+            db,
+            offset: 0,
+        }
+    }
+
+    /// Applies `payload` as the next record of the partition.
+    pub(crate) fn apply(&mut self, payload: &[u8], record: neruba_balances::state::Record) {
+        Self::apply_to(&mut self.fold, &mut self.offset, payload, record);
+    }
+
+    /// [`Self::apply`] to `fold` (taken out of the test fold), at `offset`, then the next.
+    pub(crate) fn apply_to(
+        fold: &mut neruba_balances::state::PartitionState,
+        offset: &mut i64,
+        payload: &[u8],
+        record: neruba_balances::state::Record,
+    ) {
+        let input = neruba_stage::Input {
+            offset: *offset,
+            key: None,
+            payload,
+        };
+        *offset += 1;
+        fold.apply(input, record).expect("apply");
+    }
+
+    /// Commits what was applied (its outputs dropped) and opens a model of it.
+    pub(crate) fn commit_into_model(mut self) -> Model {
+        self.fold.take_outputs();
+        self.fold
+            .commit_with(rocksdb::WriteBatch::default())
+            .expect("commit");
+        let model = Model::new("ledger", 1);
+        model.opened(0, self.db, self.fold.next_offset());
+        model
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,39 +706,18 @@ mod tests {
     fn a_statement_read_has_every_line_though_the_book_keeps_most_apart() {
         // Was: the statements read decoded the book alone, so once a customer's statement had
         // more lines than its book keeps, the read showed a statement without most of them.
-        use neruba_balances::state::{BOOK_LINES, PartitionState, Record};
+        use neruba_balances::state::{BOOK_LINES, Record};
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = neruba_stage::Store::open(
-            dir.path(),
-            0,
-            &neruba_balances::state::store_options(),
-            &cache,
-        )
-        .expect("store");
-        let db = store.shared_db();
-        let mut fold =
-            PartitionState::from_store(store, 0, neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS)
-                .expect("fold");
+        let mut ledger = TestFold::open(dir.path());
         // Group values of different lengths: stored keys and the lines' order differ.
         let groups = 2 * BOOK_LINES + 3;
         for n in 0..groups {
             let mut item = item(&format!("li_{n}"), "2026-11-01T00:00:00.000Z");
             item.period_end = "2026-12-01T00:00:00.000Z".into();
             item.group = [("project".to_owned(), format!("p{}", n * 37))].into();
-            let payload = item.encode();
-            let input = neruba_stage::Input {
-                offset: i64::try_from(n).expect("small"),
-                key: None,
-                payload: &payload,
-            };
-            fold.apply(input, Record::LineItem).expect("apply");
+            ledger.apply(&item.encode(), Record::LineItem);
         }
-        fold.take_outputs();
-        fold.commit_with(rocksdb::WriteBatch::default())
-            .expect("commit");
-        let model = Model::new("ledger", 1);
-        model.opened(0, db, fold.next_offset());
+        let model = ledger.commit_into_model();
         let (read, _) = model.statements("t", "c", "2026-11").expect("read");
         let (statements, _) = read.expect("the customer");
         let [statement] = statements.as_slice() else {

@@ -483,7 +483,7 @@ impl Query<'_> {
     }
 
     /// Where a page ends after the row of `group` in the bucket starting at `bucket_start_ms`.
-    fn after(&self, bucket_start_ms: i64, group: &BTreeMap<String, String>) -> After {
+    fn place_after(&self, bucket_start_ms: i64, group: &BTreeMap<String, String>) -> After {
         let json = serde_json::to_string(group).unwrap_or_default();
         After {
             bucket_start_ms,
@@ -685,7 +685,7 @@ impl Query<'_> {
         // The page's groups are now theirs alone: its rows take them without a copy.
         drop(seen);
         let next = match page.last() {
-            Some((start, group, _)) if goes_on => Some(self.after(*start, group)),
+            Some((start, group, _)) if goes_on => Some(self.place_after(*start, group)),
             _ => None,
         };
         Ok(Page {

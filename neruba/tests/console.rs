@@ -404,6 +404,53 @@ fn fill_grants(bytes: usize) -> Vec<Value> {
     grants
 }
 
+/// The api's balance of `customer` in USD, which must be `expected`; the page must show it
+/// as the api answers it.
+async fn balance_shown(
+    browser: &Browser,
+    client: &reqwest::Client,
+    api: &str,
+    read: &str,
+    customer: &str,
+    expected: Decimal,
+) -> Result<()> {
+    let (_, balances) = get(
+        client,
+        &format!("{api}/v1/customers/{customer}/balances"),
+        read,
+    )
+    .await?;
+    let balance = &balances["balances"][0]["balance"];
+    assert_eq!(dec(balance)?, expected, "{balances}");
+    assert_eq!(
+        texts(browser, "[data-testid=balance-USD]").await?,
+        vec![text(balance)?]
+    );
+    Ok(())
+}
+
+/// Grants `body` to `customer` through the gateway with a `credits` key: it must be accepted.
+async fn grant_through_gateway(
+    client: &reqwest::Client,
+    gateway: &str,
+    credits: &str,
+    customer: &str,
+    body: Value,
+) -> Result<()> {
+    let answer = client
+        .post(format!("{gateway}/v1/customers/{customer}/grants"))
+        .bearer_auth(credits)
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(
+        answer.status().as_u16() == 202,
+        "grant: {}",
+        answer.status()
+    );
+    Ok(())
+}
+
 /// Signs in on the page with a read key and, optionally, a credits key.
 async fn sign_in(browser: &Browser, read: &str, credits: Option<&str>) -> Result<()> {
     until(
@@ -996,17 +1043,7 @@ async fn drive(
     assert_eq!(voided["status"], "voided", "{grants}");
     let status = format!("[data-grant-key='{key}'] [data-testid=grant-status]");
     assert_eq!(texts(browser, &status).await?, vec!["voided"]);
-    let (_, balances) = get(
-        client,
-        &format!("{api}/v1/customers/customer-7/balances"),
-        read,
-    )
-    .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("4.68"));
-    assert_eq!(
-        texts(browser, &one("balance-USD")).await?,
-        vec![text(&balances["balances"][0]["balance"])?]
-    );
+    balance_shown(browser, client, api, read, "customer-7", d("4.68")).await?;
 
     // 13. The same grant sent again at another scale: the test grants 2.5 USD under the key
     //     the page shows, then the page sends 2.50 under it. The balances stage applies it
@@ -1015,13 +1052,14 @@ async fn drive(
                    return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');";
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
-    let first = client
-        .post(format!("{gateway}/v1/customers/customer-7/grants"))
-        .bearer_auth(credits)
-        .json(&json!({"key": key, "amount": "2.5", "currency": "USD", "priority": 0}))
-        .send()
-        .await?;
-    ensure!(first.status().as_u16() == 202, "{}", first.status());
+    grant_through_gateway(
+        client,
+        gateway,
+        credits,
+        "customer-7",
+        json!({"key": key, "amount": "2.5", "currency": "USD", "priority": 0}),
+    )
+    .await?;
     type_into(browser, "#grant-amount", "2.50").await?;
     click(browser, "#grant-submit").await?;
     until(
@@ -1045,17 +1083,7 @@ async fn drive(
         .collect();
     assert_eq!(under_key.len(), 1, "{grants}");
     assert_eq!(under_key[0]["amount"], "2.5");
-    let (_, balances) = get(
-        client,
-        &format!("{api}/v1/customers/customer-7/balances"),
-        read,
-    )
-    .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("7.18"));
-    assert_eq!(
-        texts(browser, &one("balance-USD")).await?,
-        vec![text(&balances["balances"][0]["balance"])?]
-    );
+    balance_shown(browser, client, api, read, "customer-7", d("7.18")).await?;
 
     // 14. A key that already holds another grant: the test grants 1.00 USD under the key the
     //     page shows, then the page sends 3.00 under it. The gateway accepts both (it keeps no
@@ -1063,13 +1091,14 @@ async fn drive(
     //     so instead of "applied", shows the balance with the 1.00 only, and takes a new key.
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
-    let earlier = client
-        .post(format!("{gateway}/v1/customers/customer-7/grants"))
-        .bearer_auth(credits)
-        .json(&json!({"key": key, "amount": "1.00", "currency": "USD"}))
-        .send()
-        .await?;
-    ensure!(earlier.status().as_u16() == 202, "{}", earlier.status());
+    grant_through_gateway(
+        client,
+        gateway,
+        credits,
+        "customer-7",
+        json!({"key": key, "amount": "1.00", "currency": "USD"}),
+    )
+    .await?;
     type_into(browser, "#grant-amount", "3.00").await?;
     click(browser, "#grant-submit").await?;
     until(
@@ -1086,17 +1115,7 @@ async fn drive(
             .is_some_and(|a| a.contains("key_conflict") && a.contains(&key)),
         "{alert:?}"
     );
-    let (_, balances) = get(
-        client,
-        &format!("{api}/v1/customers/customer-7/balances"),
-        read,
-    )
-    .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, d("8.18"));
-    assert_eq!(
-        texts(browser, &one("balance-USD")).await?,
-        vec![text(&balances["balances"][0]["balance"])?]
-    );
+    balance_shown(browser, client, api, read, "customer-7", d("8.18")).await?;
     let (_, entries) = get(
         client,
         &format!("{api}/v1/customers/customer-7/balance-entries?limit=1000"),
@@ -1202,17 +1221,7 @@ async fn drive(
         "{alert:?}"
     );
     assert_eq!(texts(browser, &one("grant-key")).await?, vec![key.clone()]);
-    let (_, balances) = get(
-        client,
-        &format!("{api}/v1/customers/customer-9/balances"),
-        read,
-    )
-    .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, filled);
-    assert_eq!(
-        texts(browser, &one("balance-USD")).await?,
-        vec![text(&balances["balances"][0]["balance"])?]
-    );
+    balance_shown(browser, client, api, read, "customer-9", filled).await?;
     let id = neruba_schemas::credit::grant_id("acme", "customer-9", &key);
     let (status, refusal) = get(
         client,
@@ -1255,17 +1264,7 @@ async fn drive(
         (200, &json!("1.00")),
         "{applied}"
     );
-    let (_, balances) = get(
-        client,
-        &format!("{api}/v1/customers/customer-9/balances"),
-        read,
-    )
-    .await?;
-    assert_eq!(dec(&balances["balances"][0]["balance"])?, filled);
-    assert_eq!(
-        texts(browser, &one("balance-USD")).await?,
-        vec![text(&balances["balances"][0]["balance"])?]
-    );
+    balance_shown(browser, client, api, read, "customer-9", filled).await?;
 
     // 16. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
     //     such customer" (the api's 404).
