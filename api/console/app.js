@@ -15,8 +15,9 @@
   const MAX_PAGE = 1000;
   // Most rows of usage one chart draws (a page of the usage read).
   const USAGE_CHART_ROWS = 10000;
-  // An RFC 3339 time with a `T` and seconds, which `Date.parse` reads as the gateway does.
-  const RFC3339 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$/i;
+  // An RFC 3339 time with a `T` and seconds, which `Date.parse` reads as the gateway does once
+  // its fields are a real date and time (`realTime`).
+  const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$/i;
 
   const $ = (id) => document.getElementById(id);
 
@@ -632,7 +633,7 @@
     if (expires) {
       // Sent as the gateway keeps it (UTC with milliseconds), so the grant read back compares
       // with what was sent; a time the browser cannot read the same way is refused here.
-      const ms = RFC3339.test(expires) ? Date.parse(expires) : Number.NaN;
+      const ms = realTime(expires);
       if (Number.isNaN(ms)) {
         alarm('Expires at must be an RFC 3339 time such as 2027-01-01T00:00:00Z.');
         $('grant-expires').focus();
@@ -665,6 +666,22 @@
       say(`${what}: ${at}; whether it applied is not known yet.`);
       alarm(`${what} could not be read back (${outcome.message}); sending the form again is safe: it keeps the same key.`);
     }
+  }
+
+  /**
+   * `text` (RFC 3339) in milliseconds, or NaN: also when its fields are not a real date and
+   * time, which `Date.parse` would roll over (2027-02-30 to March 2, 24:00 to the next day)
+   * where the gateway refuses them.
+   */
+  function realTime(text) {
+    const m = RFC3339.exec(text);
+    if (!m) return Number.NaN;
+    const [y, mo, d, h, mi, sec] = m.slice(1, 7).map(Number);
+    const fields = new Date(Date.UTC(2000, mo - 1, d, h, mi, sec));
+    fields.setUTCFullYear(y);
+    const real = fields.getUTCFullYear() === y && fields.getUTCMonth() === mo - 1 && fields.getUTCDate() === d
+      && fields.getUTCHours() === h && fields.getUTCMinutes() === mi && fields.getUTCSeconds() === sec;
+    return real ? Date.parse(text) : Number.NaN;
   }
 
   /**

@@ -499,7 +499,11 @@ impl Query<'_> {
     /// start of one of this query's buckets (with `window=none`, its `from`) before its `to`.
     pub fn after_of(&self, text: &str) -> Option<After> {
         let (start, last) = text.split_once('/')?;
-        let bucket_start_ms: i64 = start.parse().ok()?;
+        // Within half of i64 either way: bucket arithmetic on it cannot overflow.
+        let bucket_start_ms: i64 = start
+            .parse()
+            .ok()
+            .filter(|at: &i64| at.unsigned_abs() < 1 << 62)?;
         let last = match last.split_at_checked(1)? {
             ("g", json) => Last::Group(serde_json::from_str(json).ok()?),
             ("h", digest) => Last::Digest(hex::decode(digest).ok()?.try_into().ok()?),
@@ -1288,7 +1292,10 @@ window = "1d"
                 ("eu".into(), d("3"))
             ]
         );
-        for bad in ["", "5", "x/g{}", "5/g[]", "5/hzz", "5/h00", "5/x{}", "5/"] {
+        let far = format!("{}/g{{}}", i64::MIN + 1);
+        for bad in [
+            "", "5", "x/g{}", "5/g[]", "5/hzz", "5/h00", "5/x{}", "5/", &far,
+        ] {
             assert_eq!(hourly.after_of(bad), None, "{bad}");
         }
         // A digest naming no row of the bucket: refused when read.

@@ -306,9 +306,6 @@ pub struct TopicEnds {
     /// How long the broker has to answer for them: as long as for the high watermarks at
     /// the start ([`Self::fetch`]'s `timeout`).
     timeout: Duration,
-    /// The last [`Self::reached`] asked the broker (and so may have blocked while records
-    /// arrived, not yet polled).
-    asked: bool,
 }
 
 impl TopicEnds {
@@ -336,7 +333,6 @@ impl TopicEnds {
             pending,
             refreshed: None,
             timeout,
-            asked: false,
         })
     }
 
@@ -344,15 +340,15 @@ impl TopicEnds {
     /// tell; an unreadable position counts as not there yet). A partition whose records up to
     /// that end were all deleted meanwhile (retention) counts as read: every 2 s the pending
     /// partitions' oldest offsets are asked for again, all in one question (one request per
-    /// broker), with the timeout the ends were fetched with. Blocking for that question.
+    /// broker), with the timeout the ends were fetched with, if `ask`. Blocking for that
+    /// question.
     ///
     /// Not a shorter timeout: the question goes over the consumer's own connection, and
     /// librdkafka closes a connection on which a request timed out (`socket.max.fails`), with
     /// the consumer's fetches in flight. Asked with 1 s, a broker slower than that to answer
     /// lost the tail its connection every 2 s, and a partition could stay unread until the
     /// tail gave up.
-    pub fn reached(&mut self, consumer: &BaseConsumer) -> bool {
-        self.asked = false;
+    pub fn reached(&mut self, consumer: &BaseConsumer, ask: bool) -> bool {
         if self.pending.is_empty() {
             return true;
         }
@@ -366,7 +362,8 @@ impl TopicEnds {
                 Some(Offset::Offset(at)) if at >= *end
             )
         });
-        if !self.pending.is_empty()
+        if ask
+            && !self.pending.is_empty()
             && self
                 .refreshed
                 .is_none_or(|at| at.elapsed() >= Duration::from_secs(2))
@@ -391,7 +388,6 @@ impl TopicEnds {
                 });
             }
             self.refreshed = Some(Instant::now());
-            self.asked = true;
         }
         self.pending.is_empty()
     }
@@ -409,17 +405,19 @@ impl TopicEnds {
         if last.elapsed() < idle {
             return Ok(false);
         }
-        let (mut done, mut asked) = (true, false);
+        // Once the patience is over, the readers are judged by their positions alone: a call
+        // that asked the broker, which may take up to its timeout while records arrive unpolled,
+        // never judges (and with more than one reader, each asking in turn, some call must not
+        // ask, or an unreachable broker would keep the tail waiting for good).
+        let judging = last.elapsed() >= idle + patience;
+        let mut done = true;
         for (consumer, ends) in readers.iter_mut() {
-            done &= ends.reached(consumer);
-            asked |= ends.asked;
+            done &= ends.reached(consumer, !judging);
         }
         if done {
             return Ok(true);
         }
-        // After asking the broker, which may have taken up to its timeout, the reader polls
-        // again before being judged: records may have arrived meanwhile.
-        if asked || last.elapsed() < idle + patience {
+        if !judging {
             return Ok(false);
         }
         let short: Vec<String> = readers
@@ -486,17 +484,36 @@ mod tests {
         // the patience is over, not a tail that ends as if it had read everything.
         let cut_off = topic_reader(&bootstrap, "ends-test", "ends", &[], timeout)?;
         let mut ends = TopicEnds::fetch(&cut_off, "ends", timeout)?;
+        let other = topic_reader(&bootstrap, "ends-test-2", "ends", &[], timeout)?;
+        let mut other_ends = TopicEnds::fetch(&other, "ends", timeout)?;
         cluster.broker_down(1)?;
-        // The call that asks the broker is not the one that judges.
-        assert_eq!(
-            TopicEnds::idle_done(idle, Duration::ZERO, last, &mut [(&cut_off, &mut ends)]),
-            Ok(false)
-        );
         let failed = TopicEnds::idle_done(idle, Duration::ZERO, last, &mut [(&cut_off, &mut ends)]);
         assert!(
             failed
                 .as_ref()
                 .is_err_and(|e| e.contains("`ends` partition 0 (offsets below 1)")),
+            "{failed:?}"
+        );
+        // Two readers of a broker that answers too slowly, each question taking its timeout:
+        // the tail still gives up once the patience is over. (Was, in review: a call that
+        // asked was never judged, and with two readers every call asked, so it waited for
+        // good.)
+        cluster.broker_up(1)?;
+        cluster.broker_round_trip_time(1, Duration::from_secs(10))?;
+        let (started, patience) = (Instant::now(), Duration::from_secs(1));
+        let failed = loop {
+            let last = started;
+            let readers = &mut [(&cut_off, &mut ends), (&other, &mut other_ends)];
+            match TopicEnds::idle_done(idle, patience, last, readers) {
+                Ok(false) => {
+                    assert!(started.elapsed() < Duration::from_secs(60), "never gave up");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                judged => break judged,
+            }
+        };
+        assert!(
+            failed.as_ref().is_err_and(|e| e.contains("partition 0")),
             "{failed:?}"
         );
         Ok(())

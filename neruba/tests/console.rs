@@ -944,6 +944,26 @@ async fn drive(
     ensure!(key.starts_with("console-") && key.len() > 30, "{key}");
     type_into(browser, "#grant-amount", "2.50").await?;
     type_into(browser, "#grant-note", "goodwill").await?;
+    // A day February does not have: refused on the page (the browser would roll it over to
+    // March 2, which the gateway would have taken), nothing sent.
+    type_into(browser, "#grant-expires", "2099-02-30T00:00:00Z").await?;
+    click(browser, "#grant-submit").await?;
+    let alert = texts(browser, &one("alert")).await?;
+    ensure!(
+        alert
+            .first()
+            .is_some_and(|a| a.starts_with("Expires at must be an RFC 3339 time")),
+        "{alert:?}"
+    );
+    assert_eq!(texts(browser, &one("grant-key")).await?, vec![key.clone()]);
+    assert_eq!(
+        js(
+            browser,
+            "return document.getElementById('write-answer').hidden;"
+        )
+        .await?,
+        json!(true)
+    );
     // An expiry with an offset: the page sends it as the gateway keeps it, in UTC.
     type_into(browser, "#grant-expires", "2099-01-01T01:00:00+01:00").await?;
     click(browser, "#grant-submit").await?;
