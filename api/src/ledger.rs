@@ -194,6 +194,36 @@ mod tests {
         }
     }
 
+    /// A line item of 1 USD of customer `c` in November 2026, for `group`.
+    fn usage_item(
+        id: impl Into<String>,
+        group: std::collections::BTreeMap<String, String>,
+    ) -> LineItem {
+        LineItem {
+            v: 1,
+            id: id.into(),
+            kind: neruba_schemas::ledger::Kind::Usage,
+            tenant: "t".into(),
+            customer: "c".into(),
+            meter: "m".into(),
+            group,
+            period_start: "2026-11-01T00:00:00.000Z".into(),
+            period_end: "2026-12-01T00:00:00.000Z".into(),
+            window_start: "2026-11-02T00:00:00.000Z".into(),
+            window_end: "2026-11-02T00:01:00.000Z".into(),
+            window_quantity: Decimal::ONE,
+            window_events: 1,
+            period_quantity: Decimal::ONE,
+            amount: Decimal::ONE,
+            period_amount: Decimal::ONE,
+            currency: "USD".into(),
+            price_plan: "p".into(),
+            price_version: 1,
+            revision: 1,
+            supersedes: None,
+        }
+    }
+
     /// The read model's ledger stage over a fresh partition 0, and its model.
     fn partition(dir: &std::path::Path) -> (LedgerPartition, Arc<Model>) {
         let TestFold { fold, db, .. } = TestFold::open(dir);
@@ -250,29 +280,7 @@ mod tests {
         );
 
         // A grant used up makes room; the same request again is applied, and reads as a grant.
-        let item = LineItem {
-            v: 1,
-            id: "li_1".into(),
-            kind: neruba_schemas::ledger::Kind::Usage,
-            tenant: "t".into(),
-            customer: "c".into(),
-            meter: "m".into(),
-            group: std::collections::BTreeMap::new(),
-            period_start: "2026-11-01T00:00:00.000Z".into(),
-            period_end: "2026-12-01T00:00:00.000Z".into(),
-            window_start: "2026-11-02T00:00:00.000Z".into(),
-            window_end: "2026-11-02T00:01:00.000Z".into(),
-            window_quantity: Decimal::ONE,
-            window_events: 1,
-            period_quantity: Decimal::ONE,
-            amount: Decimal::ONE,
-            period_amount: Decimal::ONE,
-            currency: "USD".into(),
-            price_plan: "p".into(),
-            price_version: 1,
-            revision: 1,
-            supersedes: None,
-        };
+        let item = usage_item("li_1", std::collections::BTreeMap::new());
         apply(&mut part, item.encode(), Record::LineItem);
         apply(&mut part, credit::encode(&extra), Record::Grant);
         neruba_stage::Partition::commit(&mut part).expect("commit");
@@ -299,29 +307,7 @@ mod tests {
         let groups = 40;
         let value = |n: usize| format!("{n:02}{}", "x".repeat(16 << 10));
         for n in 0..groups {
-            let item = LineItem {
-                v: 1,
-                id: format!("li_{n}"),
-                kind: neruba_schemas::ledger::Kind::Usage,
-                tenant: "t".into(),
-                customer: "c".into(),
-                meter: "m".into(),
-                group: [("project".to_owned(), value(n))].into(),
-                period_start: "2026-11-01T00:00:00.000Z".into(),
-                period_end: "2026-12-01T00:00:00.000Z".into(),
-                window_start: "2026-11-02T00:00:00.000Z".into(),
-                window_end: "2026-11-02T00:01:00.000Z".into(),
-                window_quantity: Decimal::ONE,
-                window_events: 1,
-                period_quantity: Decimal::ONE,
-                amount: Decimal::ONE,
-                period_amount: Decimal::ONE,
-                currency: "USD".into(),
-                price_plan: "p".into(),
-                price_version: 1,
-                revision: 1,
-                supersedes: None,
-            };
+            let item = usage_item(format!("li_{n}"), [("project".to_owned(), value(n))].into());
             apply(&mut part, item.encode(), Record::LineItem);
         }
         // The period ends, then its statement is final.

@@ -451,6 +451,29 @@ async fn grant_through_gateway(
     Ok(())
 }
 
+/// Sends the page's grant form (for `amount`, if given; else as it stands) and waits until
+/// the page says what the balances stage made of the grant: `expected` is its outcome and
+/// code, space-separated.
+async fn grant_on_page(
+    browser: &Browser,
+    amount: Option<&str>,
+    what: &str,
+    expected: &str,
+) -> Result<()> {
+    if let Some(amount) = amount {
+        type_into(browser, "#grant-amount", amount).await?;
+    }
+    click(browser, "#grant-submit").await?;
+    until(
+        browser,
+        what,
+        "const o = document.getElementById('write-outcome'); \
+         return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');",
+        json!(expected),
+    )
+    .await
+}
+
 /// Signs in on the page with a read key and, optionally, a credits key.
 async fn sign_in(browser: &Browser, read: &str, credits: Option<&str>) -> Result<()> {
     until(
@@ -1068,8 +1091,6 @@ async fn drive(
     // 13. The same grant sent again at another scale: the test grants 2.5 USD under the key
     //     the page shows, then the page sends 2.50 under it. The balances stage applies it
     //     once, and the page, reading the grant back with equal terms, says applied.
-    let outcome = "const o = document.getElementById('write-outcome'); \
-                   return (o.getAttribute('data-outcome') || '') + ' ' + (o.getAttribute('data-code') || '');";
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
     grant_through_gateway(
@@ -1080,13 +1101,11 @@ async fn drive(
         json!({"key": key, "amount": "2.5", "currency": "USD", "priority": 0}),
     )
     .await?;
-    type_into(browser, "#grant-amount", "2.50").await?;
-    click(browser, "#grant-submit").await?;
-    until(
+    grant_on_page(
         browser,
+        Some("2.50"),
         "the repeated grant's outcome",
-        outcome,
-        json!("applied "),
+        "applied ",
     )
     .await?;
     let (_, grants) = get(
@@ -1119,13 +1138,11 @@ async fn drive(
         json!({"key": key, "amount": "1.00", "currency": "USD"}),
     )
     .await?;
-    type_into(browser, "#grant-amount", "3.00").await?;
-    click(browser, "#grant-submit").await?;
-    until(
+    grant_on_page(
         browser,
+        Some("3.00"),
         "the conflicting grant's outcome",
-        outcome,
-        json!("refused key_conflict"),
+        "refused key_conflict",
     )
     .await?;
     let alert = texts(browser, &one("alert")).await?;
@@ -1226,13 +1243,11 @@ async fn drive(
         key.len() >= 40,
         "the fill leaves fewer bytes than the key: {key}"
     );
-    type_into(browser, "#grant-amount", "1.00").await?;
-    click(browser, "#grant-submit").await?;
-    until(
+    grant_on_page(
         browser,
+        Some("1.00"),
         "the grant past the bound",
-        outcome,
-        json!("refused grant_refused"),
+        "refused grant_refused",
     )
     .await?;
     let alert = texts(browser, &one("alert")).await?;
@@ -1265,14 +1280,7 @@ async fn drive(
         json!(true),
     )
     .await?;
-    click(browser, "#grant-submit").await?;
-    until(
-        browser,
-        "the same grant sent again",
-        outcome,
-        json!("applied "),
-    )
-    .await?;
+    grant_on_page(browser, None, "the same grant sent again", "applied ").await?;
     let (status, applied) = get(
         client,
         &format!("{api}/v1/customers/customer-9/grants/{id}"),
