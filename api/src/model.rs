@@ -465,11 +465,24 @@ impl Model {
             return Ok((None, position));
         };
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
+        let (earliest, latest) = (earliest_start(month), start_bound(month));
         let mut out = Vec::new();
         for item in snapshot.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
             let (key, value) = item?;
-            if !key.starts_with(&prefix) {
+            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;
+            };
+            // Final statements of every period the customer was billed in are kept: the
+            // period start in the key tells those that cannot be labelled `month` without
+            // decoding them, so a read costs what one month holds, not the customer's history.
+            let start = neruba_stage::keys::read_part(rest)
+                .and_then(|(start, _)| std::str::from_utf8(start).ok())
+                .and_then(|start| neruba_schemas::event::parse_time_ms(start).ok())
+                .map(neruba_schemas::event::format_time_ms);
+            if let (Some(start), Some(earliest), Some(latest)) = (&start, &earliest, &latest)
+                && (start.as_str() < earliest.as_str() || start.as_str() >= latest.as_str())
+            {
+                continue;
             }
             let statement: Statement = decode("statement", &value)?;
             if period_label(&statement.period_start, &statement.period_end) == month {
@@ -700,6 +713,100 @@ mod tests {
         assert!(ids("2026-08").is_empty());
         assert_eq!(ids("2027-02"), vec!["li_feb_west"]);
         assert_eq!(ids("2027-03"), vec!["li_mar_east"]);
+    }
+
+    #[test]
+    fn a_statement_read_decodes_the_final_statements_of_its_month_alone() {
+        use neruba_balances::state::Record;
+        use neruba_schemas::credit::{Statement, StatementStatus};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ledger = TestFold::open(dir.path());
+        let mut first = item("li_1", "2026-11-01T00:00:00.000Z");
+        first.period_end = "2026-12-01T00:00:00.000Z".into();
+        ledger.apply(&first.encode(), Record::LineItem);
+        let statement = |currency: &str, start: &str, end: &str| Statement {
+            id: format!("st_{currency}_{start}"),
+            currency: currency.into(),
+            period_start: start.into(),
+            period_end: end.into(),
+            status: StatementStatus::Final,
+            lines: Vec::new(),
+            prior_period: Vec::new(),
+            usage: rust_decimal::Decimal::ONE,
+            prior_period_amount: rust_decimal::Decimal::ZERO,
+            credit_applied: rust_decimal::Decimal::ZERO,
+            amount_due: rust_decimal::Decimal::ONE,
+        };
+        let finals = [
+            statement(
+                "USD",
+                "2026-09-01T00:00:00.000Z",
+                "2026-10-01T00:00:00.000Z",
+            ),
+            statement(
+                "EUR",
+                "2026-10-01T00:00:00.000Z",
+                "2026-11-01T00:00:00.000Z",
+            ),
+            statement(
+                "USD",
+                "2026-10-01T00:00:00.000Z",
+                "2026-11-01T00:00:00.000Z",
+            ),
+            // October at +01:00 starts on September 30 in UTC; a start written in another
+            // form of RFC 3339 is compared by its time.
+            statement("GBP", "2026-09-30T23:00:00Z", "2026-10-31T23:00:00Z"),
+            // A February anchored on the 28th far west of UTC, after a March far east.
+            statement(
+                "USD",
+                "2027-02-28T10:00:00.000Z",
+                "2027-03-31T10:00:00.000Z",
+            ),
+            statement(
+                "EUR",
+                "2027-02-28T12:00:00.000Z",
+                "2027-03-28T12:00:00.000Z",
+            ),
+        ];
+        for s in &finals {
+            ledger
+                .db
+                .put(
+                    statement_key("t", "c", s),
+                    neruba_schemas::credit::encode(s),
+                )
+                .expect("put");
+        }
+        // A month the key rules out is never decoded: a stored value that is not a statement
+        // under one (as no writer leaves) fails only the read of its own month.
+        let mut broken = statement(
+            "USD",
+            "2026-08-01T00:00:00.000Z",
+            "2026-09-01T00:00:00.000Z",
+        );
+        broken.currency = "JPY".into();
+        ledger
+            .db
+            .put(statement_key("t", "c", &broken), b"not a statement")
+            .expect("put");
+        let model = ledger.commit_into_model();
+        let read = |month: &str| -> Result<Vec<String>, ReadError> {
+            let (read, _) = model.statements("t", "c", month)?;
+            let (statements, _) = read.expect("the customer");
+            Ok(statements
+                .iter()
+                .map(|s| format!("{} {:?}", s.currency, s.status))
+                .collect())
+        };
+        assert_eq!(read("2026-09").expect("read"), vec!["USD Final"]);
+        assert_eq!(
+            read("2026-10").expect("read"),
+            vec!["EUR Final", "GBP Final", "USD Final"]
+        );
+        assert_eq!(read("2026-11").expect("read"), vec!["USD Open"]);
+        assert_eq!(read("2027-02").expect("read"), vec!["EUR Final"]);
+        assert_eq!(read("2027-03").expect("read"), vec!["USD Final"]);
+        assert!(matches!(read("2026-08"), Err(ReadError::Storage(_))));
     }
 
     #[test]

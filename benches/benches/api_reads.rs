@@ -10,9 +10,13 @@
 //! 4. one more customer gets a month of 1-minute windows on 3 series (129,600 rollups), in
 //!    chunks the mock broker keeps (it retains about 100,000 messages and 5 MiB per
 //!    partition, and one customer's rollups share one partition);
-//! 5. reads over HTTP on one keep-alive connection: statements and balances of random
-//!    customers (SPEC target p99 ≤ 10 ms), and that customer's month of usage at its 1-minute
-//!    windows, by hour and by day (target ≤ 50 ms).
+//! 5. one more customer billed for `NERUBA_BENCH_HISTORY_MONTHS` (default 24) months before
+//!    this one, `NERUBA_BENCH_HISTORY_LINES` (default 500) groups a month, each month's
+//!    statement final (ticks written into its partition, as the balances stage writes them);
+//! 6. reads over HTTP on one keep-alive connection: statements and balances of random
+//!    customers (SPEC target p99 ≤ 10 ms), the statement of one month of the customer with a
+//!    history (the same target), and the usage customer's month at its 1-minute windows, by
+//!    hour and by day (target ≤ 50 ms).
 
 // Latencies and rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -20,7 +24,7 @@
 use anyhow::{Context, Result, bail};
 use neruba::embedded::EmbeddedKafka;
 use neruba_benches::{peak_rss_kib, rate};
-use neruba_schemas::credit::{self, Grant, GrantTerms};
+use neruba_schemas::credit::{self, Grant, GrantTerms, Tick};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::{Kind, LineItem};
 use neruba_schemas::rollup::Rollup;
@@ -178,6 +182,40 @@ fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
     records
 }
 
+/// A usage item of month `m` of the history customer, its group `g` of the month's.
+fn history_item(customer: &str, m: usize, g: usize, period: (i64, i64)) -> LineItem {
+    LineItem {
+        v: 1,
+        id: format!("li_h{m}_{g}"),
+        kind: Kind::Usage,
+        tenant: "acme".into(),
+        customer: customer.into(),
+        meter: "llm_tokens".into(),
+        group: BTreeMap::from([("project".to_owned(), format!("project-{g}"))]),
+        period_start: format_time_ms(period.0),
+        period_end: format_time_ms(period.1),
+        window_start: format_time_ms(period.0),
+        window_end: format_time_ms(period.0 + MINUTE),
+        window_quantity: Decimal::from(7),
+        window_events: 1,
+        period_quantity: Decimal::from(7),
+        amount: Decimal::new(1, 2),
+        period_amount: Decimal::new(1, 2),
+        currency: "USD".into(),
+        price_plan: "llm-tokens-standard".into(),
+        price_version: 1,
+        revision: 1,
+        supersedes: None,
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// High watermarks of both topics, per (topic, partition).
 fn highs(consumer: &BaseConsumer) -> Result<Vec<(&'static str, i32, i64)>> {
     let mut out = Vec::new();
@@ -262,10 +300,7 @@ async fn timed_get(client: &reqwest::Client, url: &str, key: &str) -> Result<(Du
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let customers: usize = std::env::var("NERUBA_BENCH_CUSTOMERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let customers = env_usize("NERUBA_BENCH_CUSTOMERS", 100_000);
     let kafka = EmbeddedKafka::start(&[
         (topics::LEDGER, PARTITIONS),
         (topics::ROLLUPS, PARTITIONS),
@@ -340,6 +375,53 @@ async fn main() -> Result<()> {
     }
     println!("{heavy}: {sent} rollups ({windows} one-minute windows x 3 series) in the read model");
 
+    // One customer billed for months before this one, each month's items followed by ticks at
+    // its period's end and the default finalisation delay on (its statement draft, then
+    // final), a month at a time.
+    let history = "customer-history";
+    let (months, lines) = (
+        env_usize("NERUBA_BENCH_HISTORY_MONTHS", 24),
+        env_usize("NERUBA_BENCH_HISTORY_LINES", 500),
+    );
+    let mut periods = Vec::with_capacity(months);
+    let mut before = period.0;
+    for _ in 0..months {
+        let earlier = neruba_schemas::window::period_bounds(before - 1, 1, 0).context("period")?;
+        periods.push(earlier);
+        before = earlier.0;
+    }
+    periods.reverse();
+    for (m, month_period) in periods.iter().enumerate() {
+        let mut chunk: Vec<Record> = (0..lines)
+            .map(|g| Record {
+                topic: topics::LEDGER,
+                key: format!("acme/{history}"),
+                payload: history_item(history, m, g, *month_period).encode(),
+                header: None,
+            })
+            .collect();
+        for at_ms in [
+            month_period.1,
+            month_period.1 + credit::DEFAULT_FINALIZE_AFTER_MS,
+        ] {
+            chunk.push(Record {
+                topic: topics::LEDGER,
+                key: format!("acme/{history}"),
+                payload: credit::encode(&Tick {
+                    v: 1,
+                    at_ms,
+                    finalize_after_ms: None,
+                }),
+                header: Some("tick"),
+            });
+        }
+        send_all(&setup, &chunk).await?;
+        caught_up(&api, &highs(&probe)?).await?;
+    }
+    println!(
+        "{history}: {months} months of {lines} line items each, every month's statement final"
+    );
+
     let client = reqwest::Client::new();
     let base = format!("http://{}", api.local_addr);
     let key = neruba::sample::dev_key("acme", "read").context("read key")?;
@@ -347,10 +429,7 @@ async fn main() -> Result<()> {
         .get(..7)
         .context("month")?
         .to_owned();
-    let reads: usize = std::env::var("NERUBA_BENCH_READS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000);
+    let reads = env_usize("NERUBA_BENCH_READS", 2_000);
     let (mut statements, mut balances) = (Vec::new(), Vec::new());
     for i in 0..reads {
         // A spread of customers (a fixed stride through them, no RNG needed).
@@ -373,6 +452,36 @@ async fn main() -> Result<()> {
         "target p99 <= 10 ms",
     );
     report("balance (GET …/balances)", balances, "target p99 <= 10 ms");
+    if let Some(middle) = periods.get(months / 2) {
+        let month = format_time_ms(middle.0)
+            .get(..7)
+            .context("month")?
+            .to_owned();
+        let url = format!("{base}/v1/customers/{history}/statements/{month}");
+        let answer: serde_json::Value = client
+            .get(&url)
+            .bearer_auth(key)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let shown = answer["statements"][0]["lines"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if answer["statements"][0]["status"] != "final" || shown != lines {
+            bail!("{history}'s statement of {month} is not final with {lines} lines: {answer}");
+        }
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            samples.push(timed_get(&client, &url, key).await?.0);
+        }
+        report(
+            &format!("statement of one month of {months} final"),
+            samples,
+            "target p99 <= 10 ms",
+        );
+    }
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     for (name, window) in [
         ("usage, one month at 1-minute windows", ""),

@@ -594,11 +594,7 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
     let mut pipeline = pipeline.lock().await;
     for process in pipeline.procs() {
         if !process.running() {
-            bail!(
-                "{} exited on its own:\n{}",
-                process.name,
-                process.log_tail(30)
-            );
+            bail!("exited on its own: {}", process.exit_report(40));
         }
     }
 
@@ -851,9 +847,8 @@ async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<(
     for process in pipeline.procs() {
         if !process.running() {
             bail!(
-                "{} exited during the outage:\n{}",
-                process.name,
-                process.log_tail(30)
+                "exited after the broker continued: {}",
+                process.exit_report(40)
             );
         }
     }

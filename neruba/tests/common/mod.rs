@@ -42,6 +42,8 @@ pub(crate) struct Proc {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// How it last exited on its own, once [`Proc::running`] saw it.
+    exited: Option<std::process::ExitStatus>,
     pub starts: u32,
 }
 
@@ -53,6 +55,7 @@ impl Proc {
             args: args.to_vec(),
             log: log_dir.join(format!("{name}.log")),
             child: None,
+            exited: None,
             starts: 0,
         }
     }
@@ -65,6 +68,10 @@ impl Proc {
         let child = Command::new(&self.program)
             .args(&self.args)
             .env("NERUBA_LOG", "info")
+            // An error a component exits with is one line, not the backtrace of `main` where
+            // it was returned (which filled the log's tail and hid the error); panics keep
+            // theirs.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -119,12 +126,33 @@ impl Proc {
         Ok(())
     }
 
-    /// Whether it is still running (a component that exits on its own is a finding).
+    /// Whether it is still running (a component that exits on its own is a finding:
+    /// [`Proc::exit_report`] says how).
     pub(crate) fn running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
+        let Some(child) = &mut self.child else {
+            return false;
+        };
+        match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                self.exited = Some(status);
+                false
+            }
+            Err(_) => false,
         }
+    }
+
+    /// For a component that exited on its own: its exit status (a code, or the signal that
+    /// ended it) and the last `lines` of its log.
+    pub(crate) fn exit_report(&self, lines: usize) -> String {
+        let status = self
+            .exited
+            .map_or_else(|| "exit status not seen".to_owned(), |s| s.to_string());
+        format!(
+            "{} {status}; its log ends:\n{}",
+            self.name,
+            self.log_tail(lines)
+        )
     }
 
     /// Its process id while it runs.
