@@ -47,6 +47,16 @@ impl EmbeddedKafka {
         self.cluster.broker_round_trip_time(1, delay)
     }
 
+    /// Answers the next requests of kind `api` with `errors`, one each, in order (a broker
+    /// refusing, or a group coordinator fencing a member).
+    pub fn fail_requests(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) {
+        self.cluster.request_errors(api, errors);
+    }
+
     /// Makes the broker refuse connections (an outage), or accept them again.
     pub fn set_broker_up(&self, up: bool) -> Result<(), KafkaError> {
         if up {

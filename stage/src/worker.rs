@@ -383,6 +383,15 @@ impl<S: Stage> Worker<S> {
                 };
                 let message = match self.consumer.poll(wait) {
                     None => break,
+                    // librdkafka gave this consumer up for good (another member joined the
+                    // group under its instance id, and the broker fenced this one): it reads
+                    // nothing more, so the stage stops with the error, writing nothing of the
+                    // batch, instead of idling while it answers ready. Its supervisor starts
+                    // it again from the offsets stored with its state.
+                    Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                        tracing::error!(stage = S::NAME, error = %e, "Consumer failed for good.");
+                        return Err(e.into());
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(stage = S::NAME, error = %e, "Consumer error.");
                         break;

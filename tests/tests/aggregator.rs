@@ -1019,6 +1019,39 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
 }
 
 #[tokio::test]
+async fn a_member_fenced_under_its_instance_id_stops_the_stage_with_the_error() -> Result<()> {
+    // Was: librdkafka's fatal error (another member joined under the same `group.instance.id`
+    // and the coordinator fenced this one) was logged as any consumer error, and the stage
+    // went on polling a consumer that would read nothing more, answering ready.
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let s = setup(1)?;
+    let registry = prometheus::Registry::new();
+    let (running, _stop) = start_with_registry(&s, s.state.path(), &registry, |c| {
+        c.stage.instance_id = Some("aggregator-0".into());
+    })?;
+    assert_eq!(owned_within_a_minute(&[&registry], &[1]).await, [1]);
+    // The coordinator answers the member's next heartbeats: fenced.
+    s.kafka.fail_requests(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID; 3],
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(30), running.wait())
+        .await
+        .map_err(|_| anyhow::anyhow!("the fenced stage still runs 30 s later"))?;
+    assert!(
+        matches!(
+            stopped,
+            Err(neruba_stage::Error::Kafka(
+                KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::FencedInstanceId)
+            ))
+        ),
+        "{stopped:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn two_workers_in_one_process_split_the_partitions_and_keep_totals_exact() -> Result<()> {
     let s = setup(4)?;
     let customers = [["c1", "c2"], ["c3", "c4"], ["c5", "c6"], ["c7", "c8"]];
