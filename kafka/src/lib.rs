@@ -32,10 +32,10 @@ pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, Ka
 }
 
 /// Partitions of `topic`, from the broker's metadata, asked again every half second until
-/// `patience` is over while the broker reports an error for the topic (not created yet, no
-/// leader yet) or no partitions; then that error. Never a guess: a stage that routed by a
-/// wrong count would put customers' records on partitions their other records are not on.
-/// Blocking.
+/// `patience` is over while the broker does not answer, or reports an error for the topic (not
+/// created yet, no leader yet) or no partitions; then that error. Never a guess: a stage that
+/// routed by a wrong count would put customers' records on partitions their other records are
+/// not on. Blocking.
 pub fn topic_partitions<C: ClientContext>(
     client: &Client<C>,
     topic: &str,
@@ -43,22 +43,30 @@ pub fn topic_partitions<C: ClientContext>(
 ) -> Result<i32, KafkaError> {
     let deadline = Instant::now() + patience;
     loop {
-        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let found = match metadata.topics().first() {
-            None => Err(RDKafkaErrorCode::UnknownTopicOrPartition),
-            Some(t) => match t.error() {
-                Some(e) => Err(RDKafkaErrorCode::from(e)),
-                None => i32::try_from(t.partitions().len())
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(RDKafkaErrorCode::UnknownTopicOrPartition),
-            },
-        };
+        // Each question within what is left of the patience (at least a second); a broker
+        // that does not answer in time is asked again like one that reports an error.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let found = client
+            .fetch_metadata(
+                Some(topic),
+                left.clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            )
+            .and_then(|metadata| {
+                let count = match metadata.topics().first() {
+                    None => Err(RDKafkaErrorCode::UnknownTopicOrPartition),
+                    Some(t) => match t.error() {
+                        Some(e) => Err(RDKafkaErrorCode::from(e)),
+                        None => i32::try_from(t.partitions().len())
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or(RDKafkaErrorCode::UnknownTopicOrPartition),
+                    },
+                };
+                count.map_err(KafkaError::MetadataFetch)
+            });
         match found {
             Ok(count) => return Ok(count),
-            Err(code) if Instant::now() >= deadline => {
-                return Err(KafkaError::MetadataFetch(code));
-            }
+            Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
     }
@@ -259,6 +267,38 @@ mod tests {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::RDKafkaRespErr;
+
+    #[test]
+    fn a_broker_that_does_not_answer_is_asked_again_until_the_patience_is_over()
+    -> Result<(), KafkaError> {
+        // Was: a question the broker left unanswered for 10 s failed the call at once, so a
+        // stage starting while the broker was away for longer gave up before its 30 s.
+        let cluster = MockCluster::new(1)?;
+        cluster.create_topic("ledger", 3, 1)?;
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "partition-count-test")
+            .create()?;
+        cluster.broker_round_trip_time(1, Duration::from_secs(12))?;
+        let started = Instant::now();
+        let slow = topic_partitions(client.client(), "ledger", Duration::from_secs(3));
+        assert!(slow.is_err(), "{slow:?}");
+        // The patience bounds the wait (it was 10 s, one unanswered question).
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+        // The broker answers again after 11 s, within a patience of 40 s.
+        let asking = std::thread::spawn(move || {
+            topic_partitions(client.client(), "ledger", Duration::from_secs(40))
+        });
+        std::thread::sleep(Duration::from_secs(11));
+        cluster.broker_round_trip_time(1, Duration::ZERO)?;
+        let count = asking.join().expect("the asking thread");
+        assert_eq!(count?, 3);
+        Ok(())
+    }
 
     #[test]
     fn a_missing_topic_or_one_with_an_error_has_no_count() -> Result<(), KafkaError> {
