@@ -565,6 +565,8 @@ fn json_sized(
     body: &impl Serialize,
     size_hint: usize,
 ) -> Response {
+    // As [`json`] does: the time to the answer, not to its encoding.
+    metrics.observe(route, started);
     let mut bytes = Vec::with_capacity(size_hint.min(MAX_SIZE_HINT));
     if let Err(e) = serde_json::to_writer(&mut bytes, body) {
         tracing::error!(error = %e, route, "An answer could not be encoded.");
@@ -575,7 +577,6 @@ fn json_sized(
         )
         .into_response();
     }
-    metrics.observe(route, started);
     (
         [(
             header::CONTENT_TYPE,
@@ -1415,20 +1416,24 @@ async fn usage(
         data: page.rows,
         next_cursor,
     };
-    // About what a row takes: its times, counts and its group's JSON.
-    let row_bytes = body.data.first().map_or(0, |row| {
-        128 + row
-            .group
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 6)
-            .sum::<usize>()
-    });
+    // About what the rows take: their times and counts, and their groups' JSON unescaped.
+    let size_hint = body
+        .data
+        .iter()
+        .map(|row| {
+            128 + row
+                .group
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 6)
+                .sum::<usize>()
+        })
+        .fold(0_usize, usize::saturating_add);
     Ok(json_sized(
         &state.metrics,
         "usage",
         started,
         &body,
-        body.data.len().saturating_mul(row_bytes),
+        size_hint,
     ))
 }
 

@@ -474,7 +474,7 @@ impl Model {
             };
             // Final statements of every period the customer was billed in are kept: the
             // period start in the key tells those that cannot be labelled `month` without
-            // decoding them, so a read costs what one month holds, not the customer's history.
+            // decoding them, so a read decodes one month's, not the customer's history.
             let start = neruba_stage::keys::read_part(rest)
                 .and_then(|(start, _)| std::str::from_utf8(start).ok())
                 .and_then(|start| neruba_schemas::event::parse_time_ms(start).ok())
@@ -753,9 +753,18 @@ mod tests {
                 "2026-10-01T00:00:00.000Z",
                 "2026-11-01T00:00:00.000Z",
             ),
-            // October at +01:00 starts on September 30 in UTC; a start written in another
-            // form of RFC 3339 is compared by its time.
-            statement("GBP", "2026-09-30T23:00:00Z", "2026-10-31T23:00:00Z"),
+            // October at +01:00 starts on September 30 in UTC, and a start written with an
+            // offset is compared by its time (as text, this one's date is before that).
+            statement(
+                "GBP",
+                "2026-09-30T23:00:00.000Z",
+                "2026-10-31T23:00:00.000Z",
+            ),
+            statement(
+                "CHF",
+                "2026-09-29T23:00:00-11:00",
+                "2026-10-30T23:00:00-11:00",
+            ),
             // A February anchored on the 28th far west of UTC, after a March far east.
             statement(
                 "USD",
@@ -801,7 +810,7 @@ mod tests {
         assert_eq!(read("2026-09").expect("read"), vec!["USD Final"]);
         assert_eq!(
             read("2026-10").expect("read"),
-            vec!["EUR Final", "GBP Final", "USD Final"]
+            vec!["CHF Final", "EUR Final", "GBP Final", "USD Final"]
         );
         assert_eq!(read("2026-11").expect("read"), vec!["USD Open"]);
         assert_eq!(read("2027-02").expect("read"), vec!["EUR Final"]);

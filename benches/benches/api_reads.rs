@@ -143,29 +143,13 @@ fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
             payload: credit::encode(&grant),
             header: Some("grant"),
         });
-        let item = LineItem {
-            v: 1,
-            id: format!("li_{c}"),
-            kind: Kind::Usage,
-            tenant: "acme".into(),
-            customer: customer.clone(),
-            meter: "llm_tokens".into(),
-            group: BTreeMap::from([("model".to_owned(), "large".to_owned())]),
-            period_start: format_time_ms(period.0),
-            period_end: format_time_ms(period.1),
-            window_start: format_time_ms(period.0),
-            window_end: format_time_ms(period.0 + MINUTE),
-            window_quantity: Decimal::from(7),
-            window_events: 1,
-            period_quantity: Decimal::from(7),
-            amount: Decimal::new(275, 2),
-            period_amount: Decimal::new(275, 2),
-            currency: "USD".into(),
-            price_plan: "llm-tokens-standard".into(),
-            price_version: 1,
-            revision: 1,
-            supersedes: None,
-        };
+        let item = usage_item(
+            &customer,
+            format!("li_{c}"),
+            ("model", "large".into()),
+            period,
+            Decimal::new(275, 2),
+        );
         records.push(Record {
             topic: topics::LEDGER,
             key: key.clone(),
@@ -182,16 +166,22 @@ fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
     records
 }
 
-/// A usage item of month `m` of the history customer, its group `g` of the month's.
-fn history_item(customer: &str, m: usize, g: usize, period: (i64, i64)) -> LineItem {
+/// A usage item of `customer` for the first minute of `period`, 7 tokens in one group.
+fn usage_item(
+    customer: &str,
+    id: String,
+    (key, value): (&str, String),
+    period: (i64, i64),
+    amount: Decimal,
+) -> LineItem {
     LineItem {
         v: 1,
-        id: format!("li_h{m}_{g}"),
+        id,
         kind: Kind::Usage,
         tenant: "acme".into(),
         customer: customer.into(),
         meter: "llm_tokens".into(),
-        group: BTreeMap::from([("project".to_owned(), format!("project-{g}"))]),
+        group: BTreeMap::from([(key.to_owned(), value)]),
         period_start: format_time_ms(period.0),
         period_end: format_time_ms(period.1),
         window_start: format_time_ms(period.0),
@@ -199,8 +189,8 @@ fn history_item(customer: &str, m: usize, g: usize, period: (i64, i64)) -> LineI
         window_quantity: Decimal::from(7),
         window_events: 1,
         period_quantity: Decimal::from(7),
-        amount: Decimal::new(1, 2),
-        period_amount: Decimal::new(1, 2),
+        amount,
+        period_amount: amount,
         currency: "USD".into(),
         price_plan: "llm-tokens-standard".into(),
         price_version: 1,
@@ -396,7 +386,14 @@ async fn main() -> Result<()> {
             .map(|g| Record {
                 topic: topics::LEDGER,
                 key: format!("acme/{history}"),
-                payload: history_item(history, m, g, *month_period).encode(),
+                payload: usage_item(
+                    history,
+                    format!("li_h{m}_{g}"),
+                    ("project", format!("project-{g}")),
+                    *month_period,
+                    Decimal::new(1, 2),
+                )
+                .encode(),
                 header: None,
             })
             .collect();

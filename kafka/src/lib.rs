@@ -266,19 +266,28 @@ mod tests {
     use rdkafka::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
     use rdkafka::types::RDKafkaRespErr;
 
-    #[test]
-    fn a_broker_that_does_not_answer_is_asked_again_until_the_patience_is_over()
-    -> Result<(), KafkaError> {
-        // Was: a question the broker left unanswered for 10 s failed the call at once, so a
-        // stage starting while the broker was away for longer gave up before its 30 s.
+    /// A broker with a topic `ledger` of 3 partitions, and a consumer of it (a consumer does
+    /// not ask the broker to create the topics it asks about).
+    fn ledger_of_three()
+    -> Result<(MockCluster<'static, DefaultProducerContext>, BaseConsumer), KafkaError> {
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("ledger", 3, 1)?;
         let client: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", cluster.bootstrap_servers())
             .set("group.id", "partition-count-test")
             .create()?;
+        Ok((cluster, client))
+    }
+
+    #[test]
+    fn a_broker_that_does_not_answer_is_asked_again_until_the_patience_is_over()
+    -> Result<(), KafkaError> {
+        // Was: a question the broker left unanswered for 10 s failed the call at once, so a
+        // stage starting while the broker was away for longer gave up before its 30 s.
+        let (cluster, client) = ledger_of_three()?;
         cluster.broker_round_trip_time(1, Duration::from_secs(12))?;
         let started = Instant::now();
         let slow = topic_partitions(client.client(), "ledger", Duration::from_secs(3));
@@ -304,13 +313,7 @@ mod tests {
     fn a_missing_topic_or_one_with_an_error_has_no_count() -> Result<(), KafkaError> {
         // Was: a missing topic, or one the broker was still creating, counted as one
         // partition, so a stage would have put every output on partition 0.
-        let cluster = MockCluster::new(1)?;
-        cluster.create_topic("ledger", 3, 1)?;
-        // A consumer does not ask the broker to create the topics it asks about.
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("group.id", "partition-count-test")
-            .create()?;
+        let (cluster, client) = ledger_of_three()?;
         let patience = Duration::from_millis(600);
         assert_eq!(topic_partitions(client.client(), "ledger", patience)?, 3);
         let missing = topic_partitions(client.client(), "no-such-topic", patience);

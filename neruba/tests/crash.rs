@@ -847,7 +847,7 @@ async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<(
     for process in pipeline.procs() {
         if !process.running() {
             bail!(
-                "exited after the broker continued: {}",
+                "exited during the outage or after it: {}",
                 process.exit_report(40)
             );
         }

@@ -68,9 +68,9 @@ impl Proc {
         let child = Command::new(&self.program)
             .args(&self.args)
             .env("NERUBA_LOG", "info")
-            // An error a component exits with is one line, not the backtrace of `main` where
-            // it was returned (which filled the log's tail and hid the error); panics keep
-            // theirs.
+            // An error a component exits with is printed without the backtrace of `main`,
+            // where it was returned (which filled the log's tail and hid the error); panics
+            // keep theirs.
             .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -78,6 +78,7 @@ impl Proc {
             .spawn()
             .with_context(|| format!("start {}", self.name))?;
         self.child = Some(child);
+        self.exited = None;
         self.starts += 1;
         Ok(())
     }
