@@ -421,6 +421,10 @@
       parts.push(el('p', { class: 'help', 'data-testid': 'pending-prior' },
         `Corrections of earlier, final periods waiting for the next ${pending.currency} statement: ${pending.amount} ${pending.currency} (credit ${pending.credit_applied}, due ${pending.amount_due}).`));
     }
+    if (data.next_cursor) {
+      parts.push(el('p', { class: 'help', 'data-testid': 'statement-more-lines' },
+        'The statements have more lines than one page holds (10,000): the lines shown are the first; the totals are every line\'s.'));
+    }
     box.replaceChildren(...parts);
   }
 

@@ -23,6 +23,7 @@
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
 use crate::model::{GrantStanding, Model, Position, ReadError};
+use crate::statement_pages;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -234,17 +235,22 @@ impl Params {
     }
 
     fn limit(&self) -> Result<usize, Refused> {
+        self.limit_within(DEFAULT_LIMIT, MAX_LIMIT)
+    }
+
+    /// `limit`, 1 to `max`, or `default`.
+    fn limit_within(&self, default: usize, max: usize) -> Result<usize, Refused> {
         match self.get("limit") {
-            None => Ok(DEFAULT_LIMIT),
+            None => Ok(default),
             Some(text) => text
                 .parse::<usize>()
                 .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .filter(|n| (1..=max).contains(n))
                 .ok_or_else(|| {
                     refused(
                         StatusCode::BAD_REQUEST,
                         "invalid_limit",
-                        format!("`limit` must be 1–{MAX_LIMIT}"),
+                        format!("`limit` must be 1–{max}"),
                     )
                 }),
         }
@@ -953,7 +959,13 @@ struct Statements {
     /// Corrections of periods already final that no later statement holds yet (they join the
     /// customer's next statement in their currency), so no cent is out of sight meanwhile.
     pending_prior_period: Vec<Pending>,
+    /// The `cursor` of the next page of lines (`null`: this is the last).
+    next_cursor: Option<String>,
 }
+
+/// Most lines a statements page holds: its `limit`'s bound and default, so a statement of
+/// fewer lines reads whole in one page.
+const MAX_STATEMENT_LINES: usize = 10_000;
 
 #[derive(Serialize)]
 struct Pending {
@@ -975,12 +987,20 @@ async fn statements(
 ) -> Answer {
     let started = Instant::now();
     let tenant = tenant(&state, &headers)?;
-    let params = Params::of(raw, &[])?;
+    let params = Params::of(raw, &["limit", "cursor"])?;
     let period = params.period(Some(&period))?;
+    let limit = params.limit_within(MAX_STATEMENT_LINES, MAX_STATEMENT_LINES)?;
+    let after = params
+        .get("cursor")
+        .map(|text| {
+            decode_cursor(text)
+                .and_then(|t| statement_pages::After::decode(&t).ok_or_else(invalid_cursor))
+        })
+        .transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
     let (read, position) = state.model.statements(&tenant, &customer, &period)?;
-    let (statements, book) = read.ok_or_else(|| not_found(&customer))?;
-    let pending_prior_period = book
+    let (mut statements, book) = read.ok_or_else(|| not_found(&customer))?;
+    let mut pending_prior_period: Vec<Pending> = book
         .carried
         .into_iter()
         .map(|(currency, carried)| Pending {
@@ -991,12 +1011,33 @@ async fn statements(
             amount_due: carried.amount_due,
         })
         .collect();
+    let mut sections = Vec::new();
+    for statement in &mut statements {
+        let (currency, start) = (&statement.currency, &statement.period_start);
+        sections.push((
+            statement_pages::Section::lines(currency, start),
+            &mut statement.lines,
+        ));
+        sections.push((
+            statement_pages::Section::prior_period(currency, start),
+            &mut statement.prior_period,
+        ));
+    }
+    for pending in &mut pending_prior_period {
+        sections.push((
+            statement_pages::Section::pending(&pending.currency),
+            &mut pending.lines,
+        ));
+    }
+    let next = statement_pages::page(sections, limit, after.as_ref())
+        .map_err(|statement_pages::NotAPlace| invalid_cursor())?;
     let body = Statements {
         customer,
         as_of: vec![position],
         period,
         statements,
         pending_prior_period,
+        next_cursor: next.map(|after| encode_cursor(&after.encode())),
     };
     Ok(json(&state.metrics, "statement", started, &body))
 }

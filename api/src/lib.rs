@@ -22,6 +22,7 @@ mod http;
 mod ledger;
 mod metrics;
 pub mod model;
+mod statement_pages;
 pub mod usage;
 
 use neruba_schemas::LiveCatalog;

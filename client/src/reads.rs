@@ -428,6 +428,40 @@ pub struct Statements {
     /// they join the customer's next statement.
     #[serde(default)]
     pub pending_prior_period: Vec<PendingPriorPeriod>,
+    /// The cursor of the next page of lines (`None`: the last). [`Reader::statements`] reads
+    /// every page, so what it returns has none.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
+impl Statements {
+    /// Adds a later page's lines to the statements and corrections they belong to.
+    fn extend(&mut self, page: Self) -> Result<()> {
+        for statement in page.statements {
+            let Some(mine) = self.statements.iter_mut().find(|s| s.id == statement.id) else {
+                return Err(Error::Protocol {
+                    status: 200,
+                    message: format!(
+                        "a statements page has a statement the first had not: {}",
+                        statement.id
+                    ),
+                });
+            };
+            mine.lines.extend(statement.lines);
+            mine.prior_period.extend(statement.prior_period);
+        }
+        for pending in page.pending_prior_period {
+            match self
+                .pending_prior_period
+                .iter_mut()
+                .find(|p| p.currency == pending.currency)
+            {
+                Some(mine) => mine.lines.extend(pending.lines),
+                None => self.pending_prior_period.push(pending),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Prior-period corrections waiting for the customer's next statement in their currency.
@@ -963,14 +997,26 @@ impl Reader {
     }
 
     /// `customer`'s statements of the billing period starting in `period` (`YYYY-MM`), one
-    /// per currency.
+    /// per currency, with every line: every page (the api answers at most 10,000 lines at a
+    /// time), its `as_of` and totals the first page's.
     pub async fn statements(&self, customer: &str, period: &str) -> Result<Statements> {
-        self.get(
-            &["v1", "customers", customer, "statements", period],
-            Vec::new(),
-            "statements",
-        )
-        .await
+        let path = ["v1", "customers", customer, "statements", period];
+        let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
+        let mut cursor = all.next_cursor.take();
+        while let Some(at) = cursor {
+            let page: Statements = self
+                .get(&path, vec![("cursor".to_owned(), at.clone())], "statements")
+                .await?;
+            if page.next_cursor.as_ref() == Some(&at) {
+                return Err(Error::Protocol {
+                    status: 200,
+                    message: "a statements page named itself as the next".into(),
+                });
+            }
+            cursor = page.next_cursor.clone();
+            all.extend(page)?;
+        }
+        Ok(all)
     }
 
     /// `customer`'s line items of the billing period starting in `period` (`YYYY-MM`),
@@ -1083,6 +1129,51 @@ mod tests {
         assert!(answer.as_of[0].includes(&position));
         assert!(!answer.as_of[0].includes(&Position::new("neruba.ledger", 2, 42)));
         assert_eq!(answer.as_of[0].last_applied(), Some(position));
+        Ok(())
+    }
+
+    #[test]
+    fn a_statements_page_adds_its_lines_to_the_statements_of_the_first() -> Result<()> {
+        let page = |lines: &str, prior: &str, pending: &str| -> Result<Statements> {
+            let body = format!(
+                r#"{{"customer":"c","as_of":[],"period":"2026-11","next_cursor":"00",
+                "statements":[{{"id":"st_0","currency":"USD","period_start":"2026-11-01T00:00:00Z",
+                "period_end":"2026-12-01T00:00:00Z","status":"open","lines":[{lines}],"prior_period":[{prior}],
+                "usage":"3","prior_period_amount":"1","credit_applied":"0","amount_due":"4"}}],
+                "pending_prior_period":[{pending}]}}"#
+            );
+            serde_json::from_str(&body).map_err(|e| Error::InvalidArgument(e.to_string()))
+        };
+        let line = |meter: &str| {
+            format!(
+                r#"{{"meter":"{meter}","group":{{}},"period_start":"2026-11-01T00:00:00Z","quantity":"1","amount":"1","credit_applied":"0","amount_due":"1"}}"#
+            )
+        };
+        let pending = |lines: &str| {
+            format!(
+                r#"{{"currency":"EUR","lines":[{lines}],"amount":"2","credit_applied":"0","amount_due":"2"}}"#
+            )
+        };
+        let mut all = page(&[line("a"), line("b")].join(","), "", "")?;
+        all.extend(page(&line("c"), &line("p"), &pending(&line("x")))?)?;
+        all.extend(page("", "", &pending(&line("y")))?)?;
+        let meters = |lines: &[StatementLine]| -> Vec<String> {
+            lines.iter().map(|l| l.meter.clone()).collect()
+        };
+        let [statement] = all.statements.as_slice() else {
+            panic!("one statement: {all:?}");
+        };
+        assert_eq!(meters(&statement.lines), ["a", "b", "c"]);
+        assert_eq!(meters(&statement.prior_period), ["p"]);
+        assert_eq!(statement.amount_due, d("4"));
+        let [pending] = all.pending_prior_period.as_slice() else {
+            panic!("one pending: {all:?}");
+        };
+        assert_eq!(meters(&pending.lines), ["x", "y"]);
+        // A page with a statement the first had not is not the same answer.
+        let mut other = page("", "", "")?;
+        other.statements[0].id = "st_1".into();
+        assert!(all.extend(other).is_err());
         Ok(())
     }
 

@@ -280,6 +280,47 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     assert_eq!(dec(&statement["usage"]), d("0.30"));
     assert_eq!(dec(&statement["credit_applied"]), d("0.30"));
     assert_eq!(dec(&statement["amount_due"]), d("0"));
+    // In pages of one line: the same lines in the same order, every page with the
+    // statement's totals.
+    let lines_of = |answer: &Value| -> Vec<Value> {
+        answer["statements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| {
+                let lines = s["lines"].as_array().cloned().unwrap_or_default();
+                lines
+                    .into_iter()
+                    .chain(s["prior_period"].as_array().cloned().unwrap_or_default())
+            })
+            .collect()
+    };
+    let whole = lines_of(&statements);
+    assert!(!whole.is_empty(), "{statements}");
+    assert_eq!(statements["next_cursor"], Value::Null);
+    let (mut paged, mut cursor, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let (status, page) = get(
+            &client,
+            &format!("{api}/v1/customers/customer-7/statements/{period}?limit=1{cursor}"),
+            read,
+        )
+        .await?;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["statements"][0]["usage"], statement["usage"], "{page}");
+        let lines = lines_of(&page);
+        assert_eq!(lines.len(), 1, "{page}");
+        paged.extend(lines);
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(next) if pages < whole.len() => cursor = format!("&cursor={next}"),
+            next => {
+                assert_eq!(next, None, "a page past the last line: {page}");
+                break;
+            }
+        }
+    }
+    assert_eq!(paged, whole);
 
     // The balance: 5 − 0.30, and the entries fold to it.
     let (status, balances) = get(

@@ -633,6 +633,9 @@ async fn stalled_upload(base: &str, method: &str, path: &str, key: &str) -> Resu
 /// A valid value for each documented query parameter (a parameter without one fails the test:
 /// add it here).
 fn sample_value(name: &str, context: &BTreeMap<&str, String>) -> Option<String> {
+    if let Some(value) = context.get(name) {
+        return Some(value.clone());
+    }
     let fixed = match name {
         "limit" => "10",
         // `0/g{}`: after the customer id or line item place `0/g{}`, or (usage) after the
@@ -1213,6 +1216,18 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             400,
             "invalid_period",
         ),
+        (
+            STATEMENTS,
+            customer(&format!("/statements/{period}?cursor=302f677b7d")),
+            400,
+            "invalid_cursor",
+        ),
+        (
+            STATEMENTS,
+            customer(&format!("/statements/{period}?limit=10001")),
+            400,
+            "invalid_limit",
+        ),
         (LINE_ITEMS, customer("/line-items"), 400, "invalid_period"),
         (
             EXPLANATION,
@@ -1320,6 +1335,16 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             Some("unknown_parameter"),
         )
         .await?;
+        let mut values = values.clone();
+        if template == STATEMENTS {
+            // A statements cursor names a line's place: here, before every line of the USD
+            // statements.
+            let place = r#"{"s":{"pending":false,"currency":"USD","period_start":"","prior":false},"m":"","p":"","g":{}}"#;
+            values.insert(
+                "cursor",
+                place.bytes().map(|b| format!("{b:02x}")).collect(),
+            );
+        }
         let pairs = documented_query(&h, &op, &values)
             .with_context(|| format!("the parameters of {template}"))?;
         h.expect(

@@ -1,0 +1,311 @@
+//! Pages of a statements answer's lines.
+//!
+//! An answer's lines are in sections, in the answer's order: each statement's (by currency)
+//! `lines`, then its `prior_period`, then the pending prior-period corrections (by currency);
+//! within a section by meter, group and period start. A page holds up to its limit of them;
+//! every statement and pending correction is on every page with its totals (the whole
+//! statement's), its lines those of the page. A cursor names the page's last line by its
+//! section and place, not by a count, so a line added to an open statement between two pages
+//! is read on the page its place falls in, and none is read twice.
+
+use neruba_schemas::credit::StatementLine;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+/// Longest group JSON a cursor carries as it is; a longer one is named by its SHA-256, so a
+/// cursor always fits in a request line.
+const CURSOR_GROUP_BYTES: usize = 1024;
+
+/// Which list of the answer a line is in; sections sort in the answer's order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct Section {
+    /// A pending prior-period correction's (after every statement's).
+    pending: bool,
+    currency: String,
+    /// The statement's period start (empty for a pending correction): two statements of one
+    /// currency in an answer are two sections.
+    period_start: String,
+    /// A statement's `prior_period` (after its `lines`).
+    prior: bool,
+}
+
+impl Section {
+    pub(crate) fn lines(currency: &str, period_start: &str) -> Self {
+        Self {
+            pending: false,
+            currency: currency.to_owned(),
+            period_start: period_start.to_owned(),
+            prior: false,
+        }
+    }
+
+    pub(crate) fn prior_period(currency: &str, period_start: &str) -> Self {
+        Self {
+            prior: true,
+            ..Self::lines(currency, period_start)
+        }
+    }
+
+    pub(crate) fn pending(currency: &str) -> Self {
+        Self {
+            pending: true,
+            ..Self::lines(currency, "")
+        }
+    }
+}
+
+/// Where a page ended: its last line's section and place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct After {
+    #[serde(rename = "s")]
+    section: Section,
+    #[serde(rename = "m")]
+    meter: String,
+    #[serde(rename = "p")]
+    period_start: String,
+    /// The group as it is (`g`), or the SHA-256 of its JSON in hex (`h`) when that is longer
+    /// than [`CURSOR_GROUP_BYTES`].
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    group: Option<BTreeMap<String, String>>,
+    #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+}
+
+impl After {
+    fn of(section: &Section, line: &StatementLine) -> Self {
+        let json = serde_json::to_string(&line.group).unwrap_or_default();
+        let (group, digest) = if json.len() > CURSOR_GROUP_BYTES {
+            (None, Some(digest_of(&json)))
+        } else {
+            (Some(line.group.clone()), None)
+        };
+        Self {
+            section: section.clone(),
+            meter: line.meter.clone(),
+            period_start: line.period_start.clone(),
+            group,
+            digest,
+        }
+    }
+
+    /// As the text of a cursor (hex-encoded by the caller).
+    pub(crate) fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// From the text of a cursor; `None` if it is not one.
+    pub(crate) fn decode(text: &str) -> Option<Self> {
+        let after: Self = serde_json::from_str(text).ok()?;
+        (after.group.is_some() != after.digest.is_some()).then_some(after)
+    }
+
+    /// How many of `lines` (of its section, in line order) are at or before this place;
+    /// `None` for a digest no line of theirs has.
+    fn taken_of(&self, lines: &[StatementLine]) -> Option<usize> {
+        match (&self.group, &self.digest) {
+            (Some(group), _) => Some(lines.partition_point(|line| {
+                line_order(line, &self.meter, group, &self.period_start) != Ordering::Greater
+            })),
+            (None, Some(digest)) => lines
+                .iter()
+                .position(|line| {
+                    line.meter == self.meter
+                        && line.period_start == self.period_start
+                        && serde_json::to_string(&line.group)
+                            .is_ok_and(|json| digest_of(&json) == *digest)
+                })
+                .map(|at| at + 1),
+            (None, None) => None,
+        }
+    }
+}
+
+fn digest_of(json: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(json.as_bytes()))
+}
+
+/// A statement line's place: meter, group, period start (the order the balances stage keeps).
+fn line_order(
+    line: &StatementLine,
+    meter: &str,
+    group: &BTreeMap<String, String>,
+    period_start: &str,
+) -> Ordering {
+    (line.meter.as_str(), &line.group, line.period_start.as_str()).cmp(&(
+        meter,
+        group,
+        period_start,
+    ))
+}
+
+/// A cursor that names no place of this answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct NotAPlace;
+
+/// Keeps in `sections` (the answer's, in its order) the lines of the page of up to `limit`
+/// (at least one) lines after `after`; where the next page starts, if lines are left.
+pub(crate) fn page(
+    mut sections: Vec<(Section, &mut Vec<StatementLine>)>,
+    limit: usize,
+    after: Option<&After>,
+) -> Result<Option<After>, NotAPlace> {
+    sections.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut left = limit.max(1);
+    let (mut last, mut more) = (None, false);
+    for (section, lines) in sections {
+        // In line order, whatever order older stored statements kept them in.
+        lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
+        if let Some(after) = after {
+            match section.cmp(&after.section) {
+                Ordering::Less => {
+                    lines.clear();
+                    continue;
+                }
+                Ordering::Equal => {
+                    let taken = after.taken_of(lines).ok_or(NotAPlace)?;
+                    lines.drain(..taken);
+                }
+                Ordering::Greater => {}
+            }
+        }
+        if lines.len() > left {
+            lines.truncate(left);
+            more = true;
+        }
+        left -= lines.len();
+        if let Some(line) = lines.last() {
+            last = Some(After::of(&section, line));
+        }
+    }
+    Ok(if more { last } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal::Decimal;
+
+    const P: &str = "2026-11-01T00:00:00.000Z";
+
+    fn line(meter: &str, project: &str) -> StatementLine {
+        StatementLine {
+            meter: meter.into(),
+            group: BTreeMap::from([("project".to_owned(), project.to_owned())]),
+            period_start: "2026-11-01T00:00:00.000Z".into(),
+            quantity: Decimal::ONE,
+            amount: Decimal::ONE,
+            credit_applied: Decimal::ZERO,
+            amount_due: Decimal::ONE,
+        }
+    }
+
+    /// The answer's lists: USD lines, USD prior, EUR lines (out of order), EUR pending.
+    fn lists() -> Vec<(Section, Vec<StatementLine>)> {
+        vec![
+            (
+                Section::lines("USD", P),
+                vec![line("a", "p1"), line("a", "p2"), line("b", "p1")],
+            ),
+            (Section::prior_period("USD", P), vec![line("a", "p0")]),
+            (
+                Section::lines("EUR", P),
+                vec![line("b", "x"), line("a", &"y".repeat(2000))],
+            ),
+            (Section::pending("EUR"), vec![line("c", "z")]),
+        ]
+    }
+
+    /// Every page at `limit`, each as (section, meter, project) of its lines.
+    fn read_in_pages(limit: usize) -> Vec<Vec<(Section, String, String)>> {
+        let mut pages = Vec::new();
+        let mut after: Option<After> = None;
+        loop {
+            let mut lists = lists();
+            let sections = lists.iter_mut().map(|(s, l)| (s.clone(), l)).collect();
+            let cursor = after
+                .as_ref()
+                .map(|a| After::decode(&a.encode()).expect("decodes"));
+            let next = page(sections, limit, cursor.as_ref()).expect("a place");
+            // As a reader takes them: the answer's lists in the answer's order.
+            lists.sort_by(|a, b| a.0.cmp(&b.0));
+            pages.push(
+                lists
+                    .into_iter()
+                    .flat_map(|(s, lines)| {
+                        lines
+                            .into_iter()
+                            .map(move |l| (s.clone(), l.meter, l.group["project"].clone()))
+                    })
+                    .collect(),
+            );
+            match next {
+                Some(next) => after = Some(next),
+                None => return pages,
+            }
+        }
+    }
+
+    #[test]
+    fn pages_at_every_limit_hold_every_line_once_in_the_answers_order() {
+        let whole: Vec<(Section, String, String)> = read_in_pages(100).concat();
+        let long = "y".repeat(2000);
+        let want: Vec<(Section, String, String)> = [
+            (Section::lines("EUR", P), "a", long.as_str()),
+            (Section::lines("EUR", P), "b", "x"),
+            (Section::lines("USD", P), "a", "p1"),
+            (Section::lines("USD", P), "a", "p2"),
+            (Section::lines("USD", P), "b", "p1"),
+            (Section::prior_period("USD", P), "a", "p0"),
+            (Section::pending("EUR"), "c", "z"),
+        ]
+        .into_iter()
+        .map(|(s, m, p)| (s, m.to_owned(), p.to_owned()))
+        .collect();
+        // Each list in line order, though `lists` has some out of it.
+        assert_eq!(whole, want);
+        for limit in 1..=8 {
+            let pages = read_in_pages(limit);
+            assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= limit));
+            assert_eq!(pages.len(), want.len().div_ceil(limit), "limit {limit}");
+            assert_eq!(pages.concat(), want, "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_names_a_long_group_by_its_digest_and_nothing_else_reads_as_one() {
+        let mut eur = vec![line("b", "x"), line("a", &"y".repeat(2000))];
+        let next = page(vec![(Section::lines("EUR", P), &mut eur)], 1, None)
+            .expect("a place")
+            .expect("more");
+        let text = next.encode();
+        assert!(text.len() < 300, "{text}");
+        assert!(next.digest.is_some());
+        // A line added before the place between two pages is not read again.
+        let mut eur = vec![line("a", "a"), line("b", "x"), line("a", &"y".repeat(2000))];
+        let after = After::decode(&text).expect("decodes");
+        assert_eq!(
+            page(vec![(Section::lines("EUR", P), &mut eur)], 5, Some(&after)),
+            Ok(None)
+        );
+        assert_eq!(eur, vec![line("b", "x")]);
+        // A digest no line has, and text that is not a cursor.
+        let mut other = vec![line("b", "x")];
+        assert_eq!(
+            page(
+                vec![(Section::lines("EUR", P), &mut other)],
+                5,
+                Some(&after)
+            ),
+            Err(NotAPlace)
+        );
+        for text in [
+            "",
+            "{}",
+            r#"{"s":{"pending":false,"currency":"EUR","period_start":"","prior":false},"m":"a","p":"t"}"#,
+        ] {
+            assert_eq!(After::decode(text), None, "{text}");
+        }
+    }
+}
