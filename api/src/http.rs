@@ -990,11 +990,16 @@ async fn statements(
     let params = Params::of(raw, &["limit", "cursor"])?;
     let period = params.period(Some(&period))?;
     let limit = params.limit_within(MAX_STATEMENT_LINES, MAX_STATEMENT_LINES)?;
+    let pages_of = statement_pages::Read {
+        customer: &customer,
+        period: &period,
+    };
     let after = params
         .get("cursor")
         .map(|text| {
-            decode_cursor(text)
-                .and_then(|t| statement_pages::After::decode(&t).ok_or_else(invalid_cursor))
+            decode_cursor(text).and_then(|t| {
+                statement_pages::After::decode(&t, pages_of).ok_or_else(invalid_cursor)
+            })
         })
         .transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
@@ -1029,7 +1034,7 @@ async fn statements(
             &mut pending.lines,
         ));
     }
-    let next = statement_pages::page(sections, limit, after.as_ref())
+    let next = statement_pages::page(pages_of, sections, limit, after.as_ref())
         .map_err(|statement_pages::NotAPlace| invalid_cursor())?;
     let body = Statements {
         customer,

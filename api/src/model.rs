@@ -497,7 +497,9 @@ impl Model {
                 })
                 .map(|s| s.statement.clone()),
         );
-        out.sort_by(|a, b| a.currency.cmp(&b.currency));
+        // By currency, then period (two periods of one currency can share a label when a
+        // meter's anchor or time zone changed): the order a statements page walks them in.
+        out.sort_by_cached_key(|s| (s.currency.clone(), key_time(&s.period_start)));
         Ok((Some((out, book)), position))
     }
 

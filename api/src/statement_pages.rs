@@ -4,9 +4,12 @@
 //! `lines`, then its `prior_period`, then the pending prior-period corrections (by currency);
 //! within a section by meter, group and period start. A page holds up to its limit of them;
 //! every statement and pending correction is on every page with its totals (the whole
-//! statement's), its lines those of the page. A cursor names the page's last line by its
-//! section and place, not by a count, so a line added to an open statement between two pages
-//! is read on the page its place falls in, and none is read twice.
+//! statement's), its lines those of the page. A cursor names the read (customer and period)
+//! and the page's last line by its section and place, not by a count, so no line is read
+//! twice; a line added to an open statement between two pages is read if its place is after
+//! the cursor's. Pages are read at their own positions: a reader that sees the statements
+//! change between its pages (a statement opened, taking the pending corrections) starts
+//! again.
 
 use neruba_schemas::credit::StatementLine;
 use serde::{Deserialize, Serialize};
@@ -55,9 +58,14 @@ impl Section {
     }
 }
 
-/// Where a page ended: its last line's section and place.
+/// Where a page ended: the read's customer and period, and its last line's section and
+/// place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct After {
+    #[serde(rename = "c")]
+    customer: String,
+    #[serde(rename = "y")]
+    period: String,
     #[serde(rename = "s")]
     section: Section,
     #[serde(rename = "m")]
@@ -73,7 +81,7 @@ pub(crate) struct After {
 }
 
 impl After {
-    fn of(section: &Section, line: &StatementLine) -> Self {
+    fn of(read: Read<'_>, section: &Section, line: &StatementLine) -> Self {
         let json = serde_json::to_string(&line.group).unwrap_or_default();
         let (group, digest) = if json.len() > CURSOR_GROUP_BYTES {
             (None, Some(digest_of(&json)))
@@ -81,6 +89,8 @@ impl After {
             (Some(line.group.clone()), None)
         };
         Self {
+            customer: read.customer.to_owned(),
+            period: read.period.to_owned(),
             section: section.clone(),
             meter: line.meter.clone(),
             period_start: line.period_start.clone(),
@@ -94,10 +104,13 @@ impl After {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// From the text of a cursor; `None` if it is not one.
-    pub(crate) fn decode(text: &str) -> Option<Self> {
+    /// From the text of a cursor of `read`; `None` if it is not one.
+    pub(crate) fn decode(text: &str, read: Read<'_>) -> Option<Self> {
         let after: Self = serde_json::from_str(text).ok()?;
-        (after.group.is_some() != after.digest.is_some()).then_some(after)
+        (after.group.is_some() != after.digest.is_some()
+            && after.customer == read.customer
+            && after.period == read.period)
+            .then_some(after)
     }
 
     /// How many of `lines` (of its section, in line order) are at or before this place;
@@ -109,7 +122,7 @@ impl After {
             })),
             (None, Some(digest)) => lines
                 .iter()
-                .position(|line| {
+                .rposition(|line| {
                     line.meter == self.meter
                         && line.period_start == self.period_start
                         && serde_json::to_string(&line.group)
@@ -144,9 +157,17 @@ fn line_order(
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct NotAPlace;
 
+/// The read a cursor belongs to: a customer's statements of one period.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Read<'a> {
+    pub(crate) customer: &'a str,
+    pub(crate) period: &'a str,
+}
+
 /// Keeps in `sections` (the answer's, in its order) the lines of the page of up to `limit`
 /// (at least one) lines after `after`; where the next page starts, if lines are left.
 pub(crate) fn page(
+    read: Read<'_>,
     mut sections: Vec<(Section, &mut Vec<StatementLine>)>,
     limit: usize,
     after: Option<&After>,
@@ -176,7 +197,7 @@ pub(crate) fn page(
         }
         left -= lines.len();
         if let Some(line) = lines.last() {
-            last = Some(After::of(&section, line));
+            last = Some(After::of(read, &section, line));
         }
     }
     Ok(if more { last } else { None })
@@ -188,6 +209,10 @@ mod tests {
     use rust_decimal::Decimal;
 
     const P: &str = "2026-11-01T00:00:00.000Z";
+    const READ: Read<'static> = Read {
+        customer: "c-1",
+        period: "2026-11",
+    };
 
     fn line(meter: &str, project: &str) -> StatementLine {
         StatementLine {
@@ -226,8 +251,8 @@ mod tests {
             let sections = lists.iter_mut().map(|(s, l)| (s.clone(), l)).collect();
             let cursor = after
                 .as_ref()
-                .map(|a| After::decode(&a.encode()).expect("decodes"));
-            let next = page(sections, limit, cursor.as_ref()).expect("a place");
+                .map(|a| After::decode(&a.encode(), READ).expect("decodes"));
+            let next = page(READ, sections, limit, cursor.as_ref()).expect("a place");
             // As a reader takes them: the answer's lists in the answer's order.
             lists.sort_by(|a, b| a.0.cmp(&b.0));
             pages.push(
@@ -276,7 +301,7 @@ mod tests {
     #[test]
     fn a_cursor_names_a_long_group_by_its_digest_and_nothing_else_reads_as_one() {
         let mut eur = vec![line("b", "x"), line("a", &"y".repeat(2000))];
-        let next = page(vec![(Section::lines("EUR", P), &mut eur)], 1, None)
+        let next = page(READ, vec![(Section::lines("EUR", P), &mut eur)], 1, None)
             .expect("a place")
             .expect("more");
         let text = next.encode();
@@ -284,9 +309,14 @@ mod tests {
         assert!(next.digest.is_some());
         // A line added before the place between two pages is not read again.
         let mut eur = vec![line("a", "a"), line("b", "x"), line("a", &"y".repeat(2000))];
-        let after = After::decode(&text).expect("decodes");
+        let after = After::decode(&text, READ).expect("decodes");
         assert_eq!(
-            page(vec![(Section::lines("EUR", P), &mut eur)], 5, Some(&after)),
+            page(
+                READ,
+                vec![(Section::lines("EUR", P), &mut eur)],
+                5,
+                Some(&after)
+            ),
             Ok(None)
         );
         assert_eq!(eur, vec![line("b", "x")]);
@@ -294,6 +324,7 @@ mod tests {
         let mut other = vec![line("b", "x")];
         assert_eq!(
             page(
+                READ,
                 vec![(Section::lines("EUR", P), &mut other)],
                 5,
                 Some(&after)
@@ -303,9 +334,22 @@ mod tests {
         for text in [
             "",
             "{}",
-            r#"{"s":{"pending":false,"currency":"EUR","period_start":"","prior":false},"m":"a","p":"t"}"#,
+            r#"{"c":"c-1","y":"2026-11","s":{"pending":false,"currency":"EUR","period_start":"","prior":false},"m":"a","p":"t"}"#,
         ] {
-            assert_eq!(After::decode(text), None, "{text}");
+            assert_eq!(After::decode(text, READ), None, "{text}");
+        }
+        // Another customer's or period's cursor is not one of this read.
+        for read in [
+            Read {
+                customer: "c-2",
+                ..READ
+            },
+            Read {
+                period: "2026-12",
+                ..READ
+            },
+        ] {
+            assert_eq!(After::decode(&text, read), None, "{read:?}");
         }
     }
 }

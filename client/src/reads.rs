@@ -435,32 +435,39 @@ pub struct Statements {
 }
 
 impl Statements {
-    /// Adds a later page's lines to the statements and corrections they belong to.
-    fn extend(&mut self, page: Self) -> Result<()> {
-        for statement in page.statements {
-            let Some(mine) = self.statements.iter_mut().find(|s| s.id == statement.id) else {
-                return Err(Error::Protocol {
-                    status: 200,
-                    message: format!(
-                        "a statements page has a statement the first had not: {}",
-                        statement.id
-                    ),
-                });
-            };
+    /// The statements and pending corrections a page has (each page has them all).
+    fn parts(&self) -> Vec<(&str, &str)> {
+        self.statements
+            .iter()
+            .map(|s| ("statement", s.id.as_str()))
+            .chain(
+                self.pending_prior_period
+                    .iter()
+                    .map(|p| ("pending", p.currency.as_str())),
+            )
+            .collect()
+    }
+
+    /// Adds a later page's lines to the statements and corrections they belong to; `false`
+    /// (nothing added) if the page has other statements or corrections than these: they
+    /// changed between the pages (a statement opened, taking the pending corrections), and
+    /// the read must start again.
+    fn extend(&mut self, page: Self) -> bool {
+        if page.parts() != self.parts() {
+            return false;
+        }
+        for (mine, statement) in self.statements.iter_mut().zip(page.statements) {
             mine.lines.extend(statement.lines);
             mine.prior_period.extend(statement.prior_period);
         }
-        for pending in page.pending_prior_period {
-            match self
-                .pending_prior_period
-                .iter_mut()
-                .find(|p| p.currency == pending.currency)
-            {
-                Some(mine) => mine.lines.extend(pending.lines),
-                None => self.pending_prior_period.push(pending),
-            }
+        for (mine, pending) in self
+            .pending_prior_period
+            .iter_mut()
+            .zip(page.pending_prior_period)
+        {
+            mine.lines.extend(pending.lines);
         }
-        Ok(())
+        true
     }
 }
 
@@ -998,25 +1005,35 @@ impl Reader {
 
     /// `customer`'s statements of the billing period starting in `period` (`YYYY-MM`), one
     /// per currency, with every line: every page (the api answers at most 10,000 lines at a
-    /// time), its `as_of` and totals the first page's.
+    /// time), its `as_of` and totals the first page's. If the statements change between two
+    /// pages (a statement opened), it reads them again from the first, at most three times.
     pub async fn statements(&self, customer: &str, period: &str) -> Result<Statements> {
         let path = ["v1", "customers", customer, "statements", period];
-        let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
-        let mut cursor = all.next_cursor.take();
-        while let Some(at) = cursor {
-            let page: Statements = self
-                .get(&path, vec![("cursor".to_owned(), at.clone())], "statements")
-                .await?;
-            if page.next_cursor.as_ref() == Some(&at) {
-                return Err(Error::Protocol {
-                    status: 200,
-                    message: "a statements page named itself as the next".into(),
-                });
+        'read: for _ in 0..3 {
+            let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some(at) = all.next_cursor.take() {
+                if !seen.insert(at.clone()) {
+                    return Err(Error::Protocol {
+                        status: 200,
+                        message: "a statements page named an earlier page as the next".into(),
+                    });
+                }
+                let mut page: Statements = self
+                    .get(&path, vec![("cursor".to_owned(), at)], "statements")
+                    .await?;
+                let next = page.next_cursor.take();
+                if !all.extend(page) {
+                    continue 'read;
+                }
+                all.next_cursor = next;
             }
-            cursor = page.next_cursor.clone();
-            all.extend(page)?;
+            return Ok(all);
         }
-        Ok(all)
+        Err(Error::Protocol {
+            status: 200,
+            message: "the statements changed between their pages three times in a row".into(),
+        })
     }
 
     /// `customer`'s line items of the billing period starting in `period` (`YYYY-MM`),
@@ -1133,7 +1150,7 @@ mod tests {
     }
 
     #[test]
-    fn a_statements_page_adds_its_lines_to_the_statements_of_the_first() -> Result<()> {
+    fn a_statements_page_adds_its_lines_to_the_statements_of_the_first_or_nothing() -> Result<()> {
         let page = |lines: &str, prior: &str, pending: &str| -> Result<Statements> {
             let body = format!(
                 r#"{{"customer":"c","as_of":[],"period":"2026-11","next_cursor":"00",
@@ -1154,9 +1171,9 @@ mod tests {
                 r#"{{"currency":"EUR","lines":[{lines}],"amount":"2","credit_applied":"0","amount_due":"2"}}"#
             )
         };
-        let mut all = page(&[line("a"), line("b")].join(","), "", "")?;
-        all.extend(page(&line("c"), &line("p"), &pending(&line("x")))?)?;
-        all.extend(page("", "", &pending(&line("y")))?)?;
+        let mut all = page(&[line("a"), line("b")].join(","), "", &pending(""))?;
+        assert!(all.extend(page(&line("c"), &line("p"), &pending(&line("x")))?));
+        assert!(all.extend(page("", "", &pending(&line("y")))?));
         let meters = |lines: &[StatementLine]| -> Vec<String> {
             lines.iter().map(|l| l.meter.clone()).collect()
         };
@@ -1166,14 +1183,17 @@ mod tests {
         assert_eq!(meters(&statement.lines), ["a", "b", "c"]);
         assert_eq!(meters(&statement.prior_period), ["p"]);
         assert_eq!(statement.amount_due, d("4"));
-        let [pending] = all.pending_prior_period.as_slice() else {
+        let [waiting] = all.pending_prior_period.as_slice() else {
             panic!("one pending: {all:?}");
         };
-        assert_eq!(meters(&pending.lines), ["x", "y"]);
-        // A page with a statement the first had not is not the same answer.
-        let mut other = page("", "", "")?;
+        assert_eq!(meters(&waiting.lines), ["x", "y"]);
+        // A page whose statements or corrections are not the first's is not the same
+        // answer: nothing of it is added.
+        let mut other = page(&line("d"), "", &pending(""))?;
         other.statements[0].id = "st_1".into();
-        assert!(all.extend(other).is_err());
+        assert!(!all.extend(other));
+        assert!(!all.extend(page(&line("d"), "", "")?));
+        assert_eq!(meters(&all.statements[0].lines), ["a", "b", "c"]);
         Ok(())
     }
 

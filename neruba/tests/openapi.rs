@@ -1339,7 +1339,13 @@ async fn every_operation_answers_as_documented() -> Result<()> {
         if template == STATEMENTS {
             // A statements cursor names a line's place: here, before every line of the USD
             // statements.
-            let place = r#"{"s":{"pending":false,"currency":"USD","period_start":"","prior":false},"m":"","p":"","g":{}}"#;
+            let place = json!({
+                "c": values.get("customer").context("the customer")?,
+                "y": values.get("period").context("the period")?,
+                "s": {"pending": false, "currency": "USD", "period_start": "", "prior": false},
+                "m": "", "p": "", "g": {},
+            })
+            .to_string();
             values.insert(
                 "cursor",
                 place.bytes().map(|b| format!("{b:02x}")).collect(),

@@ -365,7 +365,7 @@ pub struct Statement {
     pub period_start: String,
     pub period_end: String,
     pub status: StatementStatus,
-    /// This period's usage, per meter and group, in the order first seen.
+    /// This period's usage, per meter and group, by meter, group and period start.
     pub lines: Vec<StatementLine>,
     /// Line items of periods already final, carried here as prior-period adjustments.
     pub prior_period: Vec<StatementLine>,
