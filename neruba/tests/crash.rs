@@ -240,9 +240,43 @@ fn fold_ledger(bootstrap: &str) -> Result<Entries> {
     let mut books: HashMap<(String, String), Book> = HashMap::new();
     let mut applied = std::collections::HashSet::new();
     let mut entries = Entries::new();
+    // Each partition's clock: its latest tick (the stage starts it at the earliest time).
+    let mut clocks: HashMap<i32, i64> = HashMap::new();
+    let mut partition_of: HashMap<(String, String), i32> = HashMap::new();
     for message in &messages {
         let payload = message.payload().unwrap_or_default();
+        let clock = clocks
+            .get(&message.partition())
+            .copied()
+            .unwrap_or(i64::MIN);
         let (who, produced) = match record_header(message).as_deref() {
+            // A tick (the stage writes one when a deadline passed: a period ended, say, as
+            // when a run spans the end of a month) acts on every customer of its partition
+            // whose book has a deadline by then, as the stage's deadline index does.
+            Some(b"tick") => {
+                let tick: credit::Tick = credit::decode(payload)?;
+                if tick.at_ms <= clock {
+                    continue;
+                }
+                clocks.insert(message.partition(), tick.at_ms);
+                let finalize_after = tick
+                    .finalize_after_ms
+                    .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS);
+                for ((tenant, customer), book) in &mut books {
+                    let here = partition_of.get(&(tenant.clone(), customer.clone()));
+                    if here == Some(&message.partition())
+                        && book.next_deadline().is_some_and(|at| at <= tick.at_ms)
+                    {
+                        let produced =
+                            book.apply_tick(tenant, customer, tick.at_ms, 0, finalize_after);
+                        entries
+                            .entry((tenant.clone(), customer.clone()))
+                            .or_default()
+                            .extend(produced);
+                    }
+                }
+                continue;
+            }
             None => {
                 let item = LineItem::decode(payload)?;
                 let who = (item.tenant.clone(), item.customer.clone());
@@ -255,11 +289,10 @@ fn fold_ledger(bootstrap: &str) -> Result<Entries> {
             Some(b"grant") => {
                 let grant: Grant = credit::decode(payload)?;
                 let who = (grant.tenant.clone(), grant.customer.clone());
-                let produced =
-                    books
-                        .entry(who.clone())
-                        .or_default()
-                        .apply_grant(&grant, i64::MIN, 0);
+                let produced = books
+                    .entry(who.clone())
+                    .or_default()
+                    .apply_grant(&grant, clock, 0);
                 (who, produced)
             }
             Some(other) => bail!(
@@ -267,6 +300,7 @@ fn fold_ledger(bootstrap: &str) -> Result<Entries> {
                 String::from_utf8_lossy(other)
             ),
         };
+        partition_of.insert(who.clone(), message.partition());
         entries.entry(who).or_default().extend(produced);
     }
     Ok(entries)
