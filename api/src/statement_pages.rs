@@ -11,14 +11,12 @@
 //! change between its pages (a statement opened, taking the pending corrections) starts
 //! again.
 
+use crate::usage::{CURSOR_GROUP_BYTES, digest_of};
+use neruba_balances::book::statements::line_order;
 use neruba_schemas::credit::StatementLine;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-
-/// Longest group JSON a cursor carries as it is; a longer one is named by its SHA-256, so a
-/// cursor always fits in a request line.
-const CURSOR_GROUP_BYTES: usize = 1024;
 
 /// Which list of the answer a line is in; sections sort in the answer's order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -84,7 +82,7 @@ impl After {
     fn of(read: Read<'_>, section: &Section, line: &StatementLine) -> Self {
         let json = serde_json::to_string(&line.group).unwrap_or_default();
         let (group, digest) = if json.len() > CURSOR_GROUP_BYTES {
-            (None, Some(digest_of(&json)))
+            (None, Some(hex::encode(digest_of(&json))))
         } else {
             (Some(line.group.clone()), None)
         };
@@ -126,31 +124,12 @@ impl After {
                     line.meter == self.meter
                         && line.period_start == self.period_start
                         && serde_json::to_string(&line.group)
-                            .is_ok_and(|json| digest_of(&json) == *digest)
+                            .is_ok_and(|json| hex::encode(digest_of(&json)) == *digest)
                 })
                 .map(|at| at + 1),
             (None, None) => None,
         }
     }
-}
-
-fn digest_of(json: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(json.as_bytes()))
-}
-
-/// A statement line's place: meter, group, period start (the order the balances stage keeps).
-fn line_order(
-    line: &StatementLine,
-    meter: &str,
-    group: &BTreeMap<String, String>,
-    period_start: &str,
-) -> Ordering {
-    (line.meter.as_str(), &line.group, line.period_start.as_str()).cmp(&(
-        meter,
-        group,
-        period_start,
-    ))
 }
 
 /// A cursor that names no place of this answer.

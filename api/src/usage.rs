@@ -318,7 +318,7 @@ pub struct Row {
 
 /// Longest group JSON a cursor carries as it is; a longer one (a group value may be as long
 /// as an event) is named by its SHA-256, so that a cursor always fits in a request line.
-const CURSOR_GROUP_BYTES: usize = 1024;
+pub(crate) const CURSOR_GROUP_BYTES: usize = 1024;
 
 /// A row's place in the order of a usage answer (bucket start, then group): a page ends
 /// after one, and the next starts after it. Like the other reads' cursors, it names a place,
@@ -350,7 +350,7 @@ impl After {
 }
 
 /// A group's JSON digest, as a cursor names a long group.
-fn digest_of(json: &str) -> [u8; 32] {
+pub(crate) fn digest_of(json: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(json.as_bytes()).into()
 }

@@ -103,7 +103,12 @@ pub enum Route {
 }
 
 /// The order of lines in a list: by meter, group and period start.
-fn line_order(line: &StatementLine, meter: &str, group: &GroupKey, period_start: &str) -> Ordering {
+pub fn line_order(
+    line: &StatementLine,
+    meter: &str,
+    group: &GroupKey,
+    period_start: &str,
+) -> Ordering {
     (line.meter.as_str(), &line.group, line.period_start.as_str()).cmp(&(
         meter,
         group,
