@@ -77,6 +77,10 @@ pub(crate) struct BalancesArgs {
     /// (items for it after that go to the next statement). At most the correction horizon.
     #[arg(long, env = "NERUBA_BALANCES_FINALIZE_AFTER", default_value = "3days", value_parser = humantime::parse_duration)]
     pub(crate) finalize_after: Duration,
+    /// Most ledger records applied before the batch's entries are delivered and its books
+    /// written (a batch ends sooner when nothing more is queued).
+    #[arg(long, env = "NERUBA_BALANCES_MAX_BATCH", default_value_t = neruba_balances::DEFAULT_MAX_BATCH)]
+    pub(crate) balances_max_batch: usize,
     /// `/readyz` turns false when a ledger partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_BALANCES_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) balances_stuck_after: Duration,
@@ -101,7 +105,11 @@ impl BalancesArgs {
                 humantime::format_duration(correction_horizon)
             );
         }
+        if self.balances_max_batch == 0 {
+            anyhow::bail!("--balances-max-batch must be positive");
+        }
         let mut config = neruba_balances::Config::new(brokers, state_dir);
+        config.stage.max_batch = self.balances_max_batch;
         config.stage.group_id = self.balances_group_id.clone();
         config.stage.instance_id = self.balances_instance_id.clone();
         config.stage.assignment = self.balances_assign.clone();
