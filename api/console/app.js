@@ -582,9 +582,14 @@
         el('td', {}, el('span', { class: `badge ${g.status}`, 'data-testid': 'grant-status', text: g.status })),
         actions);
     });
-    $('grants').replaceChildren(rows.length
+    const parts = [rows.length
       ? table('Grants, in the order usage draws on them', ['Grant', 'Key', 'Amount', 'Remaining', 'Currency', 'Priority', 'Expires', 'Status', 'Actions'], rows)
-      : el('p', { text: 'No grants.' }));
+      : el('p', { text: 'No grants.' })];
+    if (data.next_cursor) {
+      parts.push(el('p', { class: 'help', 'data-testid': 'grants-more' },
+        `The customer has more grants than one page holds: the first ${rows.length}, in the order usage draws on them, are shown; the balances above count every grant. The rest: GET /v1/customers/{c}/grants with next_cursor.`));
+    }
+    $('grants').replaceChildren(...parts);
   }
 
   function voidButton(grant) {

@@ -791,6 +791,69 @@ struct Grants {
     customer: String,
     as_of: Vec<Position>,
     grants: Vec<GrantView>,
+    /// The `cursor` of the next page (`null`: this is the last).
+    next_cursor: Option<String>,
+}
+
+/// Most grants a page of the grants read holds, and its default: as many as a customer may
+/// have holding credit, so those always fit one page, and only a customer with more used-up,
+/// expired or voided grants beside them has a second.
+pub const MAX_GRANTS_PAGE: usize = neruba_balances::book::MAX_CREDIT_GRANTS;
+
+/// A grant's place in the grants read: its customer (a cursor resumes only its own read) and
+/// its burn-down order ([`neruba_balances::book::burn_order`]), which its terms fix for good.
+type GrantPlace = (String, (u16, i64, i64, String));
+
+fn grant_place(customer: &str, grant: &GrantState) -> GrantPlace {
+    (
+        customer.to_owned(),
+        neruba_balances::book::burn_order(&grant.grant),
+    )
+}
+
+/// The grants read's cursor: the place of a page's last grant as JSON, hex-encoded.
+fn encode_grant_cursor(place: &GrantPlace) -> Option<String> {
+    serde_json::to_string(place)
+        .ok()
+        .map(|text| encode_cursor(&text))
+}
+
+/// A page of `customer`'s grants: at most `limit` after the place `after`, in burn-down order
+/// (the order usage draws on them), and the cursor of the next page if there are more. The
+/// whole book is read for it (its order is not the stored one), so a page bounds the answer,
+/// not the read.
+fn grants_page<'a>(
+    customer: &str,
+    book: &'a Book,
+    limit: usize,
+    after: Option<&GrantPlace>,
+) -> (Vec<&'a GrantState>, Option<String>) {
+    let mut grants: Vec<(GrantPlace, &GrantState)> = book
+        .grants
+        .values()
+        .map(|g| (grant_place(customer, g), g))
+        .filter(|(place, _)| after.is_none_or(|after| place > after))
+        .collect();
+    grants.sort_by(|a, b| a.0.cmp(&b.0));
+    let next_cursor = if grants.len() > limit {
+        grants.truncate(limit);
+        grants
+            .last()
+            .and_then(|(place, _)| encode_grant_cursor(place))
+    } else {
+        None
+    };
+    (grants.into_iter().map(|(_, g)| g).collect(), next_cursor)
+}
+
+/// The place a grants cursor names, if it is one of `customer`'s read.
+fn decode_grant_cursor(text: &str, customer: &str) -> Result<GrantPlace, Refused> {
+    let place: GrantPlace =
+        serde_json::from_str(&decode_cursor(text)?).map_err(|_| invalid_cursor())?;
+    if place.0 != customer {
+        return Err(invalid_cursor());
+    }
+    Ok(place)
 }
 
 #[derive(Serialize)]
@@ -839,18 +902,30 @@ async fn grants(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, _) =
-        customer_book(&state, &headers, &customer, Parts::GRANTS, raw, &[], |_| {
-            Ok(())
-        })
-        .await?;
-    // In burn-down order: the order usage draws on them.
-    let mut grants: Vec<&GrantState> = book.grants.values().collect();
-    grants.sort_by_key(|g| neruba_balances::book::burn_order(&g.grant));
+    let (_, book, position, (limit, after)) = customer_book(
+        &state,
+        &headers,
+        &customer,
+        Parts::GRANTS,
+        raw,
+        &["limit", "cursor"],
+        |params| {
+            Ok((
+                params.limit_within(MAX_GRANTS_PAGE, MAX_GRANTS_PAGE)?,
+                params
+                    .get("cursor")
+                    .map(|text| decode_grant_cursor(text, &customer))
+                    .transpose()?,
+            ))
+        },
+    )
+    .await?;
+    let (page, next_cursor) = grants_page(&customer, &book, limit, after.as_ref());
     let body = Grants {
         customer,
         as_of: vec![position],
-        grants: grants.into_iter().map(grant_view).collect(),
+        grants: page.into_iter().map(grant_view).collect(),
+        next_cursor,
     };
     Ok(json(&state.metrics, "grants", started, &body))
 }
@@ -1645,6 +1720,90 @@ mod tests {
             (grant.remaining, grant.consumed),
             (Decimal::ZERO, Decimal::ONE)
         );
+    }
+
+    #[test]
+    fn grant_pages_hold_every_grant_once_in_burn_down_order_and_resume_only_their_read() {
+        // Was: the grants read answered every grant the customer ever had, used up or not,
+        // in one answer, however many top-ups that was.
+        let mut book = Book::default();
+        let terms = [
+            // key, priority, effective, expires (minutes after T0)
+            ("late-expiry", 1, None, Some(90)),
+            ("no-expiry", 1, None, None),
+            ("early-expiry", 1, None, Some(30)),
+            ("low-priority", 5, None, Some(10)),
+            ("effective-later", 1, Some(20), Some(90)),
+            ("twin-a", 3, None, None),
+            ("twin-b", 3, None, None),
+        ];
+        let at = |minutes: i64| format_time_ms(T0 + minutes * 60_000);
+        for (key, priority, effective, expires) in terms {
+            let mut g = grant(key, Decimal::ONE);
+            g.terms.priority = priority;
+            g.terms.effective_at = effective.map(at);
+            g.terms.expires_at = expires.map(at);
+            book.apply_grant(&g, i64::MIN, 0);
+        }
+        // The order the page must have, written independently: priority, then the earliest
+        // expiry (none last), then the earliest effective time, then the id.
+        let mut expected: Vec<(u16, i64, i64, String)> = terms
+            .iter()
+            .map(|(key, priority, effective, expires)| {
+                (
+                    *priority,
+                    expires.map_or(i64::MAX, |m| T0 + m * 60_000),
+                    effective.map_or(T0, |m| T0 + m * 60_000),
+                    credit::grant_id("acme", "c1", key),
+                )
+            })
+            .collect();
+        expected.sort();
+        let expected: Vec<String> = expected.into_iter().map(|(.., id)| id).collect();
+        let (whole, none) = grants_page("c1", &book, MAX_GRANTS_PAGE, None);
+        assert_eq!(none, None);
+        let ids = |page: &[&GrantState]| -> Vec<String> {
+            page.iter().map(|g| g.grant.id.clone()).collect()
+        };
+        assert_eq!(ids(&whole), expected);
+        for limit in 1..=expected.len() + 1 {
+            let (mut read, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let (page, next) = grants_page("c1", &book, limit, after.as_ref());
+                assert!(!page.is_empty() && page.len() <= limit, "limit {limit}");
+                read.extend(ids(&page));
+                pages += 1;
+                let Some(next) = next else { break };
+                after = Some(decode_grant_cursor(&next, "c1").expect("its own cursor"));
+            }
+            assert_eq!(read, expected, "limit {limit}");
+            assert_eq!(pages, expected.len().div_ceil(limit), "limit {limit}");
+        }
+        // A grant made between two pages is read if its place is after the cursor's.
+        let (first, next) = grants_page("c1", &book, 2, None);
+        let after = decode_grant_cursor(&next.expect("more"), "c1").expect("a cursor");
+        let mut between = book.clone();
+        for (key, priority) in [("before-the-cursor", 0), ("after-the-cursor", 9)] {
+            let mut g = grant(key, Decimal::ONE);
+            g.terms.priority = priority;
+            between.apply_grant(&g, i64::MIN, 0);
+        }
+        let (rest, _) = grants_page("c1", &between, MAX_GRANTS_PAGE, Some(&after));
+        let mut read = ids(&first);
+        read.extend(ids(&rest));
+        let mut with_later = expected.clone();
+        with_later.push(credit::grant_id("acme", "c1", "after-the-cursor"));
+        assert_eq!(read, with_later);
+        // Another customer's cursor, and text that names no place, are refused.
+        let next = grants_page("c1", &book, 1, None).1.expect("more");
+        for (cursor, customer) in [
+            (next.as_str(), "c2"),
+            ("zz", "c1"),
+            (encode_cursor("[\"c1\", 1]").as_str(), "c1"),
+        ] {
+            let refused = decode_grant_cursor(cursor, customer).expect_err(cursor);
+            assert_eq!(refused.code, "invalid_cursor");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use http::{DEFAULT_LIMIT, MAX_LIMIT, MAX_POSITIONS};
+pub use http::{DEFAULT_LIMIT, MAX_GRANTS_PAGE, MAX_LIMIT, MAX_POSITIONS};
 
 /// The aggregators' consumer group unless told otherwise: `neruba aggregator`'s default
 /// `--group-id`.

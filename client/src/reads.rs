@@ -283,6 +283,9 @@ pub struct Grants {
     pub as_of: Vec<ReadPosition>,
     /// In the order usage draws on them.
     pub grants: Vec<Grant>,
+    /// The `cursor` of the next page (`None`: the last; [`Reader::grants`] reads every page).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/customers/{c}/grants/{id}`: one grant.
@@ -940,13 +943,28 @@ impl Reader {
     }
 
     /// `customer`'s grants, in burn-down order.
+    ///
+    /// Every page (a page holds up to 1,000, as many as a customer may have holding credit),
+    /// each read at its own position: `as_of` is the first page's, and a grant made between
+    /// two pages is in the answer if its place in the order is after the first page's.
     pub async fn grants(&self, customer: &str) -> Result<Grants> {
-        self.get(
-            &["v1", "customers", customer, "grants"],
-            Vec::new(),
-            "grants",
-        )
-        .await
+        let path = ["v1", "customers", customer, "grants"];
+        let mut all: Grants = self.get(&path, Vec::new(), "grants").await?;
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(at) = all.next_cursor.take() {
+            if !seen.insert(at.clone()) {
+                return Err(Error::Protocol {
+                    status: 200,
+                    message: "a grants page named an earlier page as the next".into(),
+                });
+            }
+            let page: Grants = self
+                .get(&path, vec![("cursor".to_owned(), at)], "grants")
+                .await?;
+            all.grants.extend(page.grants);
+            all.next_cursor = page.next_cursor;
+        }
+        Ok(all)
     }
 
     /// `customer`'s grant `id` (`gr_…`); `404 grant_not_found` if it has none such, `404

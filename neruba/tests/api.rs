@@ -457,6 +457,18 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
             "invalid_after",
         ),
         ("/v1/customers?cursor=zz", read, 400, "invalid_cursor"),
+        (
+            "/v1/customers/customer-7/grants?cursor=302f677b7d",
+            read,
+            400,
+            "invalid_cursor",
+        ),
+        (
+            "/v1/customers/customer-7/grants?limit=1001",
+            read,
+            400,
+            "invalid_limit",
+        ),
         ("/v1/customers/%FF/balances", read, 400, "invalid_path"),
         (
             "/v1/customers/customer-7/balances?colour=red",
@@ -520,6 +532,69 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
             .get("retry-after")
             .and_then(|v| v.to_str().ok()),
         Some("1")
+    );
+
+    // Two more grants, one burning first and one last: pages of one grant, in burn-down
+    // order, are the whole list.
+    let mut last = String::new();
+    for (key, priority) in [("api-test-last", 99), ("api-test-first", 0)] {
+        let answer: Value = client
+            .post(format!("{gateway}/v1/customers/customer-7/grants"))
+            .bearer_auth(credits)
+            .json(&json!({"key": key, "amount": "1", "currency": "USD", "priority": priority}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let at = &answer["position"];
+        last = format!(
+            "{}:{}:{}",
+            at["topic"].as_str().context("topic")?,
+            at["partition"],
+            at["offset"]
+        );
+    }
+    let grants_url = format!("{api}/v1/customers/customer-7/grants");
+    let (status, whole) = get(&client, &format!("{grants_url}?min_position={last}"), read).await?;
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["next_cursor"], Value::Null);
+    let keys = |answer: &Value| -> Vec<String> {
+        answer["grants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["key"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(
+        keys(&whole),
+        ["api-test-first", "api-test-pack", "api-test-last"]
+    );
+    let (mut paged, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let (status, page) = get(&client, &format!("{grants_url}?limit=1{cursor}"), read).await?;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(keys(&page).len(), 1, "{page}");
+        paged.extend(page["grants"].as_array().context("grants")?.iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(Value::Array(paged), whole["grants"]);
+    // A grants cursor is its customer's: another's is refused.
+    let (_, first) = get(&client, &format!("{grants_url}?limit=1"), read).await?;
+    let theirs = first["next_cursor"].as_str().context("a cursor")?;
+    let (status, refused) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-8/grants?cursor={theirs}"),
+        read,
+    )
+    .await?;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (400, Some("invalid_cursor")),
+        "{refused}"
     );
     pipeline.terminate(Duration::from_secs(10))?;
     Ok(())

@@ -1193,6 +1193,13 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             "customer_not_found",
         ),
         (
+            GRANTS,
+            customer("/grants?cursor=302f677b7d"),
+            400,
+            "invalid_cursor",
+        ),
+        (GRANTS, customer("/grants?limit=1001"), 400, "invalid_limit"),
+        (
             GRANT,
             customer("/grants/gr_00000000000000000000000000000000"),
             404,
@@ -1336,20 +1343,28 @@ async fn every_operation_answers_as_documented() -> Result<()> {
         )
         .await?;
         let mut values = values.clone();
-        if template == STATEMENTS {
-            // A statements cursor names a line's place: here, before every line of the USD
-            // statements.
-            let place = json!({
+        // A cursor names a place in its read: here, before every line of the USD statements,
+        // or before every grant.
+        let place = match template.as_str() {
+            STATEMENTS => Some(json!({
                 "c": values.get("customer").context("the customer")?,
                 "y": values.get("period").context("the period")?,
                 "s": {"pending": false, "currency": "USD", "period_start": "", "prior": false},
                 "m": "", "p": "", "g": {},
-            })
-            .to_string();
-            values.insert(
-                "cursor",
-                place.bytes().map(|b| format!("{b:02x}")).collect(),
-            );
+            })),
+            GRANTS => Some(json!([
+                values.get("customer").context("the customer")?,
+                [0, i64::MIN, i64::MIN, ""],
+            ])),
+            _ => None,
+        };
+        if let Some(place) = place {
+            let hex = place
+                .to_string()
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            values.insert("cursor", hex);
         }
         let pairs = documented_query(&h, &op, &values)
             .with_context(|| format!("the parameters of {template}"))?;

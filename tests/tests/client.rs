@@ -226,6 +226,89 @@ async fn a_reader_keeps_the_highest_position_per_partition_and_refuses_more_than
     Ok(())
 }
 
+/// A grant as the api answers it, with `key` and `amount`.
+fn grant_answer(key: &str, amount: &str) -> Value {
+    json!({
+        "id": format!("gr_{key}"), "key": key, "amount": amount, "currency": "USD",
+        "priority": 1, "effective_at": null, "expires_at": null, "paid": null, "metadata": {},
+        "received_at": "2026-11-01T00:00:00Z", "status": "active", "remaining": amount,
+        "consumed": "0", "restored": "0", "expired": "0", "voided": "0"
+    })
+}
+
+#[tokio::test]
+async fn the_grants_read_reads_every_page_and_refuses_one_that_names_an_earlier_page() -> Result<()>
+{
+    // Was: the client read one answer, which had every grant; the api now pages them.
+    let pages = Stub::start(|n, _| async move {
+        let (grants, next) = match n {
+            0 => (
+                vec![grant_answer("a", "1.5"), grant_answer("b", "2")],
+                json!("c1"),
+            ),
+            1 => (vec![grant_answer("c", "0.25")], json!("c2")),
+            _ => (vec![grant_answer("d", "7")], Value::Null),
+        };
+        let as_of = json!([{"topic": "neruba.ledger", "partition": 1, "next_offset": 10 + n}]);
+        Reply {
+            status: 200,
+            retry_after: None,
+            body: json!({"customer": "c", "as_of": as_of, "grants": grants, "next_cursor": next})
+                .to_string(),
+        }
+    })
+    .await?;
+    let grants = Client::new(&pages.base, "k")?.reader().grants("c").await?;
+    let read: Vec<(&str, Decimal)> = grants
+        .grants
+        .iter()
+        .map(|g| (g.key.as_str(), g.amount))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("a", Decimal::new(15, 1)),
+            ("b", Decimal::new(2, 0)),
+            ("c", Decimal::new(25, 2)),
+            ("d", Decimal::new(7, 0)),
+        ]
+    );
+    assert_eq!(grants.next_cursor, None);
+    assert_eq!(grants.as_of[0].next_offset, 10);
+    assert_eq!(
+        pages
+            .seen()
+            .iter()
+            .map(|s| s.path.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "/v1/customers/c/grants",
+            "/v1/customers/c/grants?cursor=c1",
+            "/v1/customers/c/grants?cursor=c2",
+        ]
+    );
+
+    // An answer naming a page already read would be read again for good: refused.
+    let looping = Stub::start(|n, _| async move {
+        Reply {
+            status: 200,
+            retry_after: None,
+            body:
+                json!({"customer": "c", "as_of": [], "grants": [grant_answer(&n.to_string(), "1")],
+                         "next_cursor": "again"})
+                .to_string(),
+        }
+    })
+    .await?;
+    let refused = Client::new(&looping.base, "k")?.reader().grants("c").await;
+    assert!(
+        matches!(&refused, Err(Error::Protocol { message, .. }) if message.contains("earlier page")),
+        "{refused:?}"
+    );
+    assert_eq!(looping.seen().len(), 2);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_rejected_events_code_reaches_its_receipt_and_its_batch_mates_are_accepted() -> Result<()>
 {
