@@ -952,12 +952,7 @@ impl Reader {
         let mut all: Grants = self.get(&path, Vec::new(), "grants").await?;
         let mut seen = std::collections::BTreeSet::new();
         while let Some(at) = all.next_cursor.take() {
-            if !seen.insert(at.clone()) {
-                return Err(Error::Protocol {
-                    status: 200,
-                    message: "a grants page named an earlier page as the next".into(),
-                });
-            }
+            first_visit(&mut seen, &at, "grants")?;
             let page: Grants = self
                 .get(&path, vec![("cursor".to_owned(), at)], "grants")
                 .await?;
@@ -1031,12 +1026,7 @@ impl Reader {
             let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
             let mut seen = std::collections::BTreeSet::new();
             while let Some(at) = all.next_cursor.take() {
-                if !seen.insert(at.clone()) {
-                    return Err(Error::Protocol {
-                        status: 200,
-                        message: "a statements page named an earlier page as the next".into(),
-                    });
-                }
+                first_visit(&mut seen, &at, "statements")?;
                 let mut page: Statements = self
                     .get(&path, vec![("cursor".to_owned(), at)], "statements")
                     .await?;
@@ -1135,6 +1125,22 @@ impl Reader {
         all.next_cursor = None;
         Ok(all)
     }
+}
+
+/// Refuses a cursor a read was given before: a page naming an earlier page as the next would
+/// be read again for good.
+fn first_visit(
+    seen: &mut std::collections::BTreeSet<String>,
+    cursor: &str,
+    what: &str,
+) -> Result<()> {
+    if seen.insert(cursor.to_owned()) {
+        return Ok(());
+    }
+    Err(Error::Protocol {
+        status: 200,
+        message: format!("a {what} page named an earlier page as the next"),
+    })
 }
 
 #[cfg(test)]
