@@ -33,8 +33,8 @@ pub const DEFAULT_EXPIRY_GRACE_MS: i64 = 5 * 60 * 1000;
 /// by default. A batch ends sooner when the consumer has nothing more queued, so this bounds
 /// only a stage catching up: there, the larger the batch, the more of a customer's records
 /// one book write absorbs and the fewer acknowledgement waits the records share (10,000
-/// customers' records in ledger order, `benches/balances_throughput.rs`: 1.5 × the entries/s
-/// of batches of 5,000 from the stage's start).
+/// customers' records in ledger order, `benches/balances_throughput.rs`: 1.4 × the entries/s
+/// of batches of 5,000 with one worker, 1.27 × with two).
 pub const DEFAULT_MAX_BATCH: usize = 50_000;
 
 /// Balances settings: the stage runtime's, and the stage's own.

@@ -39,6 +39,25 @@ pub fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
         .sum()
 }
 
+/// Input messages a stage in `registry` has written (its state and offsets made durable, after
+/// the broker acknowledged the batch's outputs), from its `neruba_stage_batch_messages`
+/// histogram: a stage is done with a message once this counts it.
+#[allow(clippy::float_arithmetic)]
+pub fn written(registry: &prometheus::Registry) -> u64 {
+    let sum: f64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "neruba_stage_batch_messages")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| m.get_histogram().get_sample_sum())
+        .sum();
+    if sum.is_finite() && sum > 0.0 {
+        sum as u64
+    } else {
+        0
+    }
+}
+
 /// Where a stage's batches spent their time, from its `neruba_stage_batch_*` histograms in
 /// `registry`: each phase's total seconds and batches, and the mean input messages per batch.
 #[allow(clippy::float_arithmetic)]

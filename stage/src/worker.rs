@@ -19,6 +19,7 @@ use crate::{
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::HashMap;
@@ -26,6 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// How long an output waits before it is offered again to a producer whose queue was full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
 
 /// Which of a process's workers this is: with static assignment, worker `index` of `count`
 /// takes the `index`-th of `count` contiguous ranges of the assignment, as the group's range
@@ -175,7 +179,10 @@ impl<S: Stage> Shared<S> {
         Ok(())
     }
 
-    /// Enqueues every output; the caller awaits the acknowledgements.
+    /// Enqueues every output; the caller awaits the acknowledgements. An output the producer's
+    /// queue has no room for waits until acknowledgements free some (a batch's outputs are not
+    /// bounded by its messages, so none may fail for it: a failed one sends the batch again,
+    /// which would overflow the same way), unless the stage is stopping.
     fn send(
         &self,
         producer: &FutureProducer,
@@ -183,16 +190,29 @@ impl<S: Stage> Shared<S> {
     ) -> Vec<Result<DeliveryFuture, KafkaError>> {
         outputs
             .iter()
-            .map(|output| match output.dead_letter() {
-                Some(letter) => self.send_dead_letter(producer, letter),
-                None => self.stage.send(
-                    &crate::Sink {
-                        producer,
-                        topic: &self.output_topic,
-                        partitions: self.output_partitions,
-                    },
-                    output,
-                ),
+            .map(|output| {
+                loop {
+                    let sent = match output.dead_letter() {
+                        Some(letter) => self.send_dead_letter(producer, letter),
+                        None => self.stage.send(
+                            &crate::Sink {
+                                producer,
+                                topic: &self.output_topic,
+                                partitions: self.output_partitions,
+                            },
+                            output,
+                        ),
+                    };
+                    match sent {
+                        Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+                            if !self.stop.is_cancelled() =>
+                        {
+                            // The producer's own thread serves the acknowledgements that free it.
+                            std::thread::sleep(QUEUE_FULL_WAIT);
+                        }
+                        sent => break sent,
+                    }
+                }
             })
             .collect()
     }

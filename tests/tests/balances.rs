@@ -318,6 +318,53 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_more_entries_than_the_producer_queue_holds_is_delivered_whole() -> Result<()> {
+    // Was: each output that did not fit the producer's queue failed the batch's delivery, which
+    // was sent again whole, failing the same way: the stage stalled, writing the same entries
+    // again every few seconds. A batch's entries are not bounded by its records (an item draws
+    // on every grant it needs), so no queue size rules this out.
+    let kafka = EmbeddedKafka::start(&[
+        ("ledger", PARTITIONS),
+        ("entries", PARTITIONS),
+        (neruba_schemas::topics::DEAD_LETTER, 1),
+    ])?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .create()?;
+    let now = neruba_schemas::event::now_ms();
+    // 40 grants of 0.25 and one item of 10 drawing on every one of them: 80 entries from 41
+    // records, which the stage applies as one batch.
+    let grants = 40;
+    for n in 0..grants {
+        let record = Record::Grant(grant("c1", &format!("bit-{n:02}"), "0.25", 10, None));
+        write(&producer, "ledger", &record).await?;
+    }
+    let item = item_in("c1", "li_all", now - DAY, now - 2 * HOUR, "10");
+    write(&producer, "ledger", &Record::Item(item)).await?;
+    let state = tempfile::tempdir()?;
+    let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state.path());
+    config.stage.group_id = "small-queue".into();
+    config.stage.input_topic = "ledger".into();
+    config.entries_topic = "entries".into();
+    config.stage.kafka_options = vec![("queue.buffering.max.messages".into(), "8".into())];
+    let shutdown = CancellationToken::new();
+    let running = neruba_balances::start(config, &prometheus::Registry::new(), shutdown.clone())?;
+    let got = entries(&kafka, "entries", 2 * grants).await;
+    shutdown.cancel();
+    running.wait().await?;
+    let got = got.context("read entries")?;
+    let consumed: Decimal = got
+        .iter()
+        .filter(|e| e.kind == EntryKind::Consume)
+        .map(|e| e.amount)
+        .sum();
+    assert_eq!(got.len(), 2 * grants);
+    assert_eq!(consumed, d("-10.00"));
+    assert_eq!(got.last().map(|e| e.balance_after), Some(d("0.00")));
+    Ok(())
+}
+
 /// Customer, kind, amount, balance after: how the statements-and-rules test compares entries.
 fn brief(entries: &[BalanceEntry]) -> Vec<(EntryKind, Decimal, Decimal)> {
     entries
