@@ -587,7 +587,7 @@
       : el('p', { text: 'No grants.' })];
     if (data.next_cursor) {
       parts.push(el('p', { class: 'help', 'data-testid': 'grants-more' },
-        `The customer has more grants than one page holds: the first ${rows.length}, in the order usage draws on them, are shown; the balances above count every grant. The rest: GET /v1/customers/{c}/grants with next_cursor.`));
+        `The customer has more grants than one page holds: the first ${rows.length}, in the order usage draws on them, are shown; the balances above count every grant. The api's grants read has the rest, page by page (next_cursor).`));
     }
     $('grants').replaceChildren(...parts);
   }

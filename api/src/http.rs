@@ -796,8 +796,9 @@ struct Grants {
 }
 
 /// Most grants a page of the grants read holds, and its default: as many as a customer may
-/// have holding credit, so those always fit one page, and only a customer with more used-up,
-/// expired or voided grants beside them has a second.
+/// have holding credit, so a customer usually has a second page only if it has more used-up,
+/// expired or voided grants beside them (a grant answering a top-up request, or one of a
+/// record version before the bound, is taken past it).
 pub const MAX_GRANTS_PAGE: usize = neruba_balances::book::MAX_CREDIT_GRANTS;
 
 /// A grant's place in the grants read: its customer (a cursor resumes only its own read) and
@@ -1736,6 +1737,9 @@ mod tests {
             ("effective-later", 1, Some(20), Some(90)),
             ("twin-a", 3, None, None),
             ("twin-b", 3, None, None),
+            // Effective before the others were received: it still comes after those with no
+            // effective time (from the start).
+            ("effective-earlier", 1, Some(-20), Some(90)),
         ];
         let at = |minutes: i64| format_time_ms(T0 + minutes * 60_000);
         for (key, priority, effective, expires) in terms {
@@ -1753,7 +1757,8 @@ mod tests {
                 (
                     *priority,
                     expires.map_or(i64::MAX, |m| T0 + m * 60_000),
-                    effective.map_or(T0, |m| T0 + m * 60_000),
+                    // No effective time: effective from the start, before any other.
+                    effective.map_or(i64::MIN, |m| T0 + m * 60_000),
                     credit::grant_id("acme", "c1", key),
                 )
             })

@@ -882,6 +882,20 @@ impl Reader {
             .collect()
     }
 
+    /// This reader, also waiting until the api has applied what a first page was read at
+    /// (`as_of`): the later pages of one read then come from a read model at least as new as
+    /// the first page's, though another replica of the api answer them.
+    fn after_page(&self, as_of: &[ReadPosition]) -> Self {
+        let mut positions = self.positions();
+        positions.extend(
+            as_of
+                .iter()
+                .filter(|p| p.next_offset > 0)
+                .map(|p| Position::new(p.topic.clone(), p.partition, p.next_offset - 1)),
+        );
+        self.at_all(&positions)
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
         segments: &[&str],
@@ -944,16 +958,19 @@ impl Reader {
 
     /// `customer`'s grants, in burn-down order.
     ///
-    /// Every page (a page holds up to 1,000, as many as a customer may have holding credit),
-    /// each read at its own position: `as_of` is the first page's, and a grant made between
-    /// two pages is in the answer if its place in the order is after the first page's.
+    /// Every page (a page holds up to 1,000, as many as a customer usually has holding
+    /// credit), each read at its own position, the later ones from a read model at least as
+    /// new as the first's: `as_of` is the first page's, and a grant made between two pages is
+    /// in the answer if its place in the order is after the last grant of the page read
+    /// before it was made.
     pub async fn grants(&self, customer: &str) -> Result<Grants> {
         let path = ["v1", "customers", customer, "grants"];
         let mut all: Grants = self.get(&path, Vec::new(), "grants").await?;
+        let later = self.after_page(&all.as_of);
         let mut seen = std::collections::BTreeSet::new();
         while let Some(at) = all.next_cursor.take() {
             first_visit(&mut seen, &at, "grants")?;
-            let page: Grants = self
+            let page: Grants = later
                 .get(&path, vec![("cursor".to_owned(), at)], "grants")
                 .await?;
             all.grants.extend(page.grants);
@@ -1024,10 +1041,11 @@ impl Reader {
         let path = ["v1", "customers", customer, "statements", period];
         'read: for _ in 0..3 {
             let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
+            let later = self.after_page(&all.as_of);
             let mut seen = std::collections::BTreeSet::new();
             while let Some(at) = all.next_cursor.take() {
                 first_visit(&mut seen, &at, "statements")?;
-                let mut page: Statements = self
+                let mut page: Statements = later
                     .get(&path, vec![("cursor".to_owned(), at)], "statements")
                     .await?;
                 let next = page.next_cursor.take();
