@@ -882,18 +882,16 @@ impl Reader {
             .collect()
     }
 
-    /// This reader, also waiting until the api has applied what a first page was read at
+    /// This reader, waiting instead until the api has applied what a page was read at
     /// (`as_of`): the later pages of one read then come from a read model at least as new as
-    /// the first page's, though another replica of the api answer them.
+    /// that page's, though another replica of the api answer them. A customer's read has the
+    /// position of its ledger partition, at least as new as any this reader waited for there.
     fn after_page(&self, as_of: &[ReadPosition]) -> Self {
-        let mut positions = self.positions();
-        positions.extend(
-            as_of
-                .iter()
-                .filter(|p| p.next_offset > 0)
-                .map(|p| Position::new(p.topic.clone(), p.partition, p.next_offset - 1)),
-        );
-        self.at_all(&positions)
+        let applied: Vec<Position> = as_of
+            .iter()
+            .filter_map(ReadPosition::last_applied)
+            .collect();
+        self.at_all(&applied)
     }
 
     async fn get<T: serde::de::DeserializeOwned>(
@@ -958,8 +956,8 @@ impl Reader {
 
     /// `customer`'s grants, in burn-down order.
     ///
-    /// Every page (a page holds up to 1,000, as many as a customer usually has holding
-    /// credit), each read at its own position, the later ones from a read model at least as
+    /// Every page (a page holds up to 1,000, the most a customer may have holding credit),
+    /// each read at its own position, the later ones from a read model at least as
     /// new as the first's: `as_of` is the first page's, and a grant made between two pages is
     /// in the answer if its place in the order is after the last grant of the page read
     /// before it was made.
@@ -1039,8 +1037,9 @@ impl Reader {
     /// pages (a statement opened), it reads them again from the first, at most three times.
     pub async fn statements(&self, customer: &str, period: &str) -> Result<Statements> {
         let path = ["v1", "customers", customer, "statements", period];
+        let mut first = self.clone();
         'read: for _ in 0..3 {
-            let mut all: Statements = self.get(&path, Vec::new(), "statements").await?;
+            let mut all: Statements = first.get(&path, Vec::new(), "statements").await?;
             let later = self.after_page(&all.as_of);
             let mut seen = std::collections::BTreeSet::new();
             while let Some(at) = all.next_cursor.take() {
@@ -1049,7 +1048,10 @@ impl Reader {
                     .get(&path, vec![("cursor".to_owned(), at)], "statements")
                     .await?;
                 let next = page.next_cursor.take();
+                // Read again from a read model at least as new as the page that differed.
+                let newer = self.after_page(&page.as_of);
                 if !all.extend(page) {
+                    first = newer;
                     continue 'read;
                 }
                 all.next_cursor = next;

@@ -18,8 +18,9 @@
 ///
 /// Its `no_thp` feature keeps it from asking for transparent huge pages (`MADV_HUGEPAGE`): each
 /// 2 MiB page was zeroed whole on first touch and counted whole in RSS however little of it was
-/// used, so peak RSS was 1.3–2.4 × what it is with 4 KiB pages (gateway 181–192 against
-/// 140–143 MiB, balances 127–147 against 60 MiB in `end_to_end`), at no cost in CPU per event.
+/// used, so peak RSS was 1.3–2.5 × what it is with 4 KiB pages (gateway 181–192 against
+/// 140–143 MiB, balances 127–147 against 60 MiB in `end_to_end`), with CPU per event the same
+/// within the machine's noise.
 /// On a host whose THP setting is `always` (not `madvise`) the kernel gives them anyway:
 /// `MIMALLOC_ALLOW_THP=0` turns them off for the process there.
 #[global_allocator]

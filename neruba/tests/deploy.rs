@@ -176,5 +176,21 @@ fn a_stage_manifest_sets_only_what_it_reads_and_the_config_map_no_stage_setting(
         "k8s/config.yaml is loaded by every stage but sets a stage's own {owned:?}: \
          it goes in that stage's manifest"
     );
+    // 3. Its other keys are the allocator's, spelt as mimalloc reads them (a misspelt one would
+    //    be ignored silently).
+    let text = std::fs::read_to_string(k8s_dir().join("config.yaml"))?;
+    let others: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("  ")?.split_once(':'))
+        .map(|(key, _)| key)
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                && !key.starts_with("NERUBA_")
+        })
+        .collect();
+    assert_eq!(others, ["MIMALLOC_ALLOW_THP"], "k8s/config.yaml");
     Ok(())
 }

@@ -61,8 +61,8 @@ impl BatchTimes {
             HistogramOpts::new(
                 "neruba_stage_batch_messages",
                 "Input messages each write of a stage made durable (0 for idle work; a batch at \
-                 the stage's batch bound, --max-batch or --balances-max-batch, means it is \
-                 behind).",
+                 the stage's batch bound, as --max-batch or --balances-max-batch sets it, means \
+                 it is behind).",
             )
             .buckets(vec![
                 1.0, 10.0, 100.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0,

@@ -18,7 +18,7 @@ use crate::{
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long an output waits before it is offered again to a producer whose queue was full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
+
+/// How long an output waits for a full producer queue while nothing leaves it.
+const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Which of a process's workers this is: with static assignment, worker `index` of `count`
 /// takes the `index`-th of `count` contiguous ranges of the assignment, as the group's range
@@ -180,9 +183,12 @@ impl<S: Stage> Shared<S> {
     }
 
     /// Enqueues every output; the caller awaits the acknowledgements. An output the producer's
-    /// queue has no room for waits until acknowledgements free some (a batch's outputs are not
-    /// bounded by its messages, so none may fail for it: a failed one sends the batch again,
-    /// which would overflow the same way), unless the stage is stopping.
+    /// queue has no room for waits until acknowledgements free some, stopping or not (a
+    /// batch's outputs are not bounded by its messages, so none may fail for it: a failed one
+    /// sends the batch again, which would overflow the same way, and a stage stopping delivers
+    /// and writes its batch). It fails only if the queue holds nothing to free (the output is
+    /// larger than the queue's byte bound) or nothing left it for [`QUEUE_FULL_PATIENCE`] (the
+    /// broker is away; the batch is then sent again after a backoff, as for any failure).
     fn send(
         &self,
         producer: &FutureProducer,
@@ -191,6 +197,7 @@ impl<S: Stage> Shared<S> {
         outputs
             .iter()
             .map(|output| {
+                let mut waiting: Option<(Instant, i32)> = None;
                 loop {
                     let sent = match output.dead_letter() {
                         Some(letter) => self.send_dead_letter(producer, letter),
@@ -203,15 +210,24 @@ impl<S: Stage> Shared<S> {
                             output,
                         ),
                     };
-                    match sent {
+                    let full = matches!(
+                        sent,
                         Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
-                            if !self.stop.is_cancelled() =>
-                        {
-                            // The producer's own thread serves the acknowledgements that free it.
-                            std::thread::sleep(QUEUE_FULL_WAIT);
-                        }
-                        sent => break sent,
+                    );
+                    let queued = producer.in_flight_count();
+                    if !full || queued == 0 {
+                        break sent;
                     }
+                    // The producer's own thread serves the acknowledgements that free it.
+                    match waiting {
+                        Some((since, before)) if queued >= before => {
+                            if since.elapsed() >= QUEUE_FULL_PATIENCE {
+                                break sent;
+                            }
+                        }
+                        _ => waiting = Some((Instant::now(), queued)),
+                    }
+                    std::thread::sleep(QUEUE_FULL_WAIT);
                 }
             })
             .collect()
