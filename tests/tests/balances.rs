@@ -99,6 +99,18 @@ enum Record {
     Rule(RuleRecord),
 }
 
+/// An embedded broker with `topics` (each of [`PARTITIONS`]) and the dead-letter topic, and a
+/// producer to write ledger records with.
+fn broker(topics: &[&str]) -> Result<(EmbeddedKafka, FutureProducer)> {
+    let mut all: Vec<(&str, i32)> = topics.iter().map(|t| (*t, PARTITIONS)).collect();
+    all.push((neruba_schemas::topics::DEAD_LETTER, 1));
+    let kafka = EmbeddedKafka::start(&all)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .create()?;
+    Ok((kafka, producer))
+}
+
 async fn write(producer: &FutureProducer, topic: &str, record: &Record) -> Result<()> {
     let (customer, payload, header) = match record {
         Record::Item(i) => (&i.customer, credit::encode(i), None),
@@ -195,15 +207,7 @@ async fn entries(kafka: &EmbeddedKafka, topic: &str, expected: usize) -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -> Result<()> {
-    let kafka = EmbeddedKafka::start(&[
-        ("ledger", PARTITIONS),
-        ("entries", PARTITIONS),
-        ("entries-replay", PARTITIONS),
-        (neruba_schemas::topics::DEAD_LETTER, 1),
-    ])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
-        .create()?;
+    let (kafka, producer) = broker(&["ledger", "entries", "entries-replay"])?;
     let now = neruba_schemas::event::now_ms();
     let window = now - 2 * HOUR;
     // c1: a promotional grant (priority 1) and a purchased one; usage of 12.50 draws 5 from
@@ -324,14 +328,7 @@ async fn a_batch_of_more_entries_than_the_producer_queue_holds_is_delivered_whol
     // was sent again whole, failing the same way: the stage stalled, writing the same entries
     // again every few seconds. A batch's entries are not bounded by its records (an item draws
     // on every grant it needs), so no queue size rules this out.
-    let kafka = EmbeddedKafka::start(&[
-        ("ledger", PARTITIONS),
-        ("entries", PARTITIONS),
-        (neruba_schemas::topics::DEAD_LETTER, 1),
-    ])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
-        .create()?;
+    let (kafka, producer) = broker(&["ledger", "entries"])?;
     let now = neruba_schemas::event::now_ms();
     // 40 grants of 0.25 and one item of 10 drawing on every one of them: 80 entries from 41
     // records, which the stage applies as one batch.
@@ -375,15 +372,7 @@ fn brief(entries: &[BalanceEntry]) -> Vec<(EntryKind, Decimal, Decimal)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Result<()> {
-    let kafka = EmbeddedKafka::start(&[
-        ("ledger-s", PARTITIONS),
-        ("entries-s", PARTITIONS),
-        ("entries-s-replay", PARTITIONS),
-        (neruba_schemas::topics::DEAD_LETTER, 1),
-    ])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
-        .create()?;
+    let (kafka, producer) = broker(&["ledger-s", "entries-s", "entries-s-replay"])?;
     let now = neruba_schemas::event::now_ms();
     // Three 30-day periods: one that ended 40 days ago (final by now, with a 10-day delay),
     // one that ended 5 days ago (draft), the current one (open).
