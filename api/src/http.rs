@@ -801,23 +801,9 @@ struct Grants {
 /// record version before the bound, is taken past it).
 pub const MAX_GRANTS_PAGE: usize = neruba_balances::book::MAX_CREDIT_GRANTS;
 
-/// A grant's place in the grants read: its customer (a cursor resumes only its own read) and
-/// its burn-down order ([`neruba_balances::book::burn_order`]), which its terms fix for good.
-type GrantPlace = (String, (u16, i64, i64, String));
-
-fn grant_place(customer: &str, grant: &GrantState) -> GrantPlace {
-    (
-        customer.to_owned(),
-        neruba_balances::book::burn_order(&grant.grant),
-    )
-}
-
-/// The grants read's cursor: the place of a page's last grant as JSON, hex-encoded.
-fn encode_grant_cursor(place: &GrantPlace) -> Option<String> {
-    serde_json::to_string(place)
-        .ok()
-        .map(|text| encode_cursor(&text))
-}
+/// A grant's place in the grants read: its burn-down order
+/// ([`neruba_balances::book::burn_order`]), which its terms fix for good.
+type GrantPlace = (u16, i64, i64, String);
 
 /// A page of `customer`'s grants: at most `limit` after the place `after`, in burn-down order
 /// (the order usage draws on them), and the cursor of the next page if there are more. The
@@ -832,15 +818,17 @@ fn grants_page<'a>(
     let mut grants: Vec<(GrantPlace, &GrantState)> = book
         .grants
         .values()
-        .map(|g| (grant_place(customer, g), g))
+        .map(|g| (neruba_balances::book::burn_order(&g.grant), g))
         .filter(|(place, _)| after.is_none_or(|after| place > after))
         .collect();
     grants.sort_by(|a, b| a.0.cmp(&b.0));
     let next_cursor = if grants.len() > limit {
         grants.truncate(limit);
+        // The customer too: a cursor resumes only its own read.
         grants
             .last()
-            .and_then(|(place, _)| encode_grant_cursor(place))
+            .and_then(|(place, _)| serde_json::to_string(&(customer, place)).ok())
+            .map(|text| encode_cursor(&text))
     } else {
         None
     };
@@ -849,9 +837,9 @@ fn grants_page<'a>(
 
 /// The place a grants cursor names, if it is one of `customer`'s read.
 fn decode_grant_cursor(text: &str, customer: &str) -> Result<GrantPlace, Refused> {
-    let place: GrantPlace =
+    let (named, place): (String, GrantPlace) =
         serde_json::from_str(&decode_cursor(text)?).map_err(|_| invalid_cursor())?;
-    if place.0 != customer {
+    if named != customer {
         return Err(invalid_cursor());
     }
     Ok(place)

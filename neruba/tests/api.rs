@@ -30,6 +30,27 @@ async fn get(client: &reqwest::Client, url: &str, key: &str) -> Result<(u16, Val
     Ok((status, body))
 }
 
+/// The `field` list of every page of `url` read one entry a page (`limit=1`), following
+/// `next_cursor`; each page must answer 200.
+async fn pages_of_one(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    field: &str,
+) -> Result<Vec<Vec<Value>>> {
+    let join = if url.contains('?') { '&' } else { '?' };
+    let (mut pages, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let (status, page) = get(client, &format!("{url}{join}limit=1{cursor}"), key).await?;
+        assert_eq!(status, 200, "{page}");
+        pages.push(page[field].as_array().context("a list")?.clone());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return Ok(pages),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     let work = tempfile::tempdir()?;
@@ -118,17 +139,9 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
         assert_eq!(item["superseded"], false);
     }
     // One item a page: the same items, in the same order.
-    let mut paged = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let (status, page) = get(&client, &format!("{items_url}&limit=1{cursor}"), read).await?;
-        assert_eq!(status, 200, "{page}");
-        paged.extend(page["items"].as_array().context("items")?.iter().cloned());
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => break,
-        }
-    }
+    let paged = pages_of_one(&client, &items_url, read, "items")
+        .await?
+        .concat();
     assert_eq!(Some(&paged), items["items"].as_array());
 
     // Usage from the rollups: the month's tokens equal the line items' period quantity,
@@ -570,18 +583,9 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
         keys(&whole),
         ["api-test-first", "api-test-pack", "api-test-last"]
     );
-    let (mut paged, mut cursor) = (Vec::new(), String::new());
-    loop {
-        let (status, page) = get(&client, &format!("{grants_url}?limit=1{cursor}"), read).await?;
-        assert_eq!(status, 200, "{page}");
-        assert_eq!(keys(&page).len(), 1, "{page}");
-        paged.extend(page["grants"].as_array().context("grants")?.iter().cloned());
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => break,
-        }
-    }
-    assert_eq!(Value::Array(paged), whole["grants"]);
+    let pages = pages_of_one(&client, &grants_url, read, "grants").await?;
+    assert!(pages.iter().all(|page| page.len() == 1), "{pages:?}");
+    assert_eq!(Value::Array(pages.concat()), whole["grants"]);
     // A grants cursor is its customer's: another's is refused.
     let (_, first) = get(&client, &format!("{grants_url}?limit=1"), read).await?;
     let theirs = first["next_cursor"].as_str().context("a cursor")?;

@@ -210,12 +210,15 @@ impl<S: Stage> Shared<S> {
                             output,
                         ),
                     };
-                    let full = matches!(
+                    if !matches!(
                         sent,
                         Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
-                    );
+                    ) {
+                        break sent;
+                    }
+                    // Asked only of a full queue: the call takes librdkafka's locks.
                     let queued = producer.in_flight_count();
-                    if !full || queued == 0 {
+                    if queued == 0 {
                         break sent;
                     }
                     // The producer's own thread serves the acknowledgements that free it.
