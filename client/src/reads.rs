@@ -1065,84 +1065,54 @@ impl Reader {
     }
 
     /// `customer`'s line items of the billing period starting in `period` (`YYYY-MM`),
-    /// optionally of one meter: every page, read 1,000 items at a time.
+    /// optionally of one meter: every page, read 1,000 items at a time, the later ones from a
+    /// read model at least as new as the first's (`as_of` is the first page's).
     pub async fn line_items(
         &self,
         customer: &str,
         period: &str,
         meter: Option<&str>,
     ) -> Result<LineItems> {
-        let mut all: Option<LineItems> = None;
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut query = vec![
-                ("period".to_owned(), period.to_owned()),
-                ("limit".to_owned(), "1000".to_owned()),
-            ];
-            if let Some(meter) = meter {
-                query.push(("meter".to_owned(), meter.to_owned()));
-            }
-            if let Some(cursor) = &cursor {
-                query.push(("cursor".to_owned(), cursor.clone()));
-            }
-            let page: LineItems = self
-                .get(
-                    &["v1", "customers", customer, "line-items"],
-                    query,
-                    "line items",
-                )
-                .await?;
-            cursor = page.next_cursor.clone();
-            match &mut all {
-                None => all = Some(page),
-                Some(all) => all.items.extend(page.items),
-            }
-            if cursor.is_none() {
-                break;
-            }
+        let path = ["v1", "customers", customer, "line-items"];
+        let mut query = vec![
+            ("period".to_owned(), period.to_owned()),
+            ("limit".to_owned(), "1000".to_owned()),
+        ];
+        if let Some(meter) = meter {
+            query.push(("meter".to_owned(), meter.to_owned()));
         }
-        let mut all = all.ok_or_else(|| Error::Protocol {
-            status: 200,
-            message: "no line-items page".into(),
-        })?;
-        all.next_cursor = None;
+        let mut all: LineItems = self.get(&path, query.clone(), "line items").await?;
+        let later = self.after_page(&all.as_of);
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(at) = all.next_cursor.take() {
+            first_visit(&mut seen, &at, "line-items")?;
+            let mut query = query.clone();
+            query.push(("cursor".to_owned(), at));
+            let page: LineItems = later.get(&path, query, "line items").await?;
+            all.items.extend(page.items);
+            all.next_cursor = page.next_cursor;
+        }
         Ok(all)
     }
 
     /// Usage as `query` asks, from the closed windows' rollups: every page (the api answers
-    /// at most 100,000 rows at a time by default), its `as_of` the first page's. A customer
-    /// with no usage at all is `404 customer_not_found`; a combination the meter's aggregation
-    /// cannot answer exactly is `422 not_combinable`.
+    /// at most 100,000 rows at a time by default), the later ones from a read model at least
+    /// as new as the first's (`as_of` is the first page's). A customer with no usage at all is
+    /// `404 customer_not_found`; a combination the meter's aggregation cannot answer exactly
+    /// is `422 not_combinable`.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
         let pairs = query.pairs()?;
-        let mut all: Option<Usage> = None;
-        let mut cursor: Option<String> = None;
-        loop {
+        let mut all: Usage = self.get(&["v1", "usage"], pairs.clone(), "usage").await?;
+        let later = self.after_page(&all.as_of);
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(at) = all.next_cursor.take() {
+            first_visit(&mut seen, &at, "usage")?;
             let mut pairs = pairs.clone();
-            if let Some(cursor) = &cursor {
-                pairs.push(("cursor".to_owned(), cursor.clone()));
-            }
-            let page: Usage = self.get(&["v1", "usage"], pairs, "usage").await?;
-            if page.next_cursor.is_some() && page.next_cursor == cursor {
-                return Err(Error::Protocol {
-                    status: 200,
-                    message: "a usage page named itself as the next".into(),
-                });
-            }
-            cursor = page.next_cursor.clone();
-            match &mut all {
-                None => all = Some(page),
-                Some(all) => all.data.extend(page.data),
-            }
-            if cursor.is_none() {
-                break;
-            }
+            pairs.push(("cursor".to_owned(), at));
+            let page: Usage = later.get(&["v1", "usage"], pairs, "usage").await?;
+            all.data.extend(page.data);
+            all.next_cursor = page.next_cursor;
         }
-        let mut all = all.ok_or_else(|| Error::Protocol {
-            status: 200,
-            message: "no usage page".into(),
-        })?;
-        all.next_cursor = None;
         Ok(all)
     }
 }

@@ -310,6 +310,164 @@ async fn the_grants_read_reads_every_page_and_refuses_one_that_names_an_earlier_
     Ok(())
 }
 
+/// A line item as the api answers it, with `id` and `amount`.
+fn line_item_answer(id: &str, amount: &str) -> Value {
+    json!({
+        "v": 1, "id": id, "kind": "usage", "tenant": "acme", "customer": "c", "meter": "m",
+        "group": {}, "period_start": "2026-11-01T00:00:00Z", "period_end": "2026-12-01T00:00:00Z",
+        "window_start": "2026-11-01T10:00:00Z", "window_end": "2026-11-01T10:01:00Z",
+        "window_quantity": "1", "window_events": 1, "period_quantity": "1", "amount": amount,
+        "period_amount": amount, "currency": "USD", "price_plan": "p", "price_version": 1,
+        "revision": 1, "supersedes": null, "superseded": false
+    })
+}
+
+/// A usage row as the api answers it, for the bucket starting at `minute`.
+fn usage_row(minute: usize, quantity: &str) -> Value {
+    json!({
+        "window_start": format!("2026-11-01T10:{minute:02}:00Z"),
+        "window_end": format!("2026-11-01T10:{:02}:00Z", minute + 1),
+        "group": {}, "quantity": quantity, "events": 1
+    })
+}
+
+/// What a stub saw: each request's path.
+fn paths(stub: &Stub) -> Vec<String> {
+    stub.seen().into_iter().map(|s| s.path).collect()
+}
+
+#[tokio::test]
+async fn line_items_and_usage_read_later_pages_from_a_model_as_new_as_the_first_page() -> Result<()>
+{
+    // Was: every page read with the reader's own positions only, so another api replica,
+    // further behind than the one that answered the first page, could answer a later one
+    // without items the first page's model had (and read a page named before again).
+    let items = Stub::start(|n, _| async move {
+        let next = match n {
+            0 => json!("c1"),
+            1 => json!("c2"),
+            _ => Value::Null,
+        };
+        let as_of = json!([{"topic": "neruba.ledger", "partition": 1, "next_offset": 10 + n}]);
+        let item = line_item_answer(&format!("li_{n}"), &format!("0.0{n}"));
+        Reply {
+            status: 200,
+            retry_after: None,
+            body: json!({"customer": "c", "as_of": as_of, "period": "2026-11", "items": [item],
+                         "next_cursor": next})
+            .to_string(),
+        }
+    })
+    .await?;
+    let read = Client::new(&items.base, "k")?
+        .reader()
+        .line_items("c", "2026-11", None)
+        .await?;
+    let amounts: Vec<(&str, Decimal)> = read
+        .items
+        .iter()
+        .map(|i| (i.id.as_str(), i.amount))
+        .collect();
+    assert_eq!(
+        amounts,
+        [
+            ("li_0", Decimal::new(0, 2)),
+            ("li_1", Decimal::new(1, 2)),
+            ("li_2", Decimal::new(2, 2)),
+        ]
+    );
+    assert_eq!((read.next_cursor, read.as_of[0].next_offset), (None, 10));
+    assert_eq!(
+        paths(&items),
+        [
+            "/v1/customers/c/line-items?period=2026-11&limit=1000",
+            "/v1/customers/c/line-items?period=2026-11&limit=1000&cursor=c1\
+             &min_position=neruba.ledger%3A1%3A9",
+            "/v1/customers/c/line-items?period=2026-11&limit=1000&cursor=c2\
+             &min_position=neruba.ledger%3A1%3A9",
+        ]
+    );
+
+    let usage = Stub::start(|n, _| async move {
+        let next = if n < 2 {
+            json!(format!("u{n}"))
+        } else {
+            Value::Null
+        };
+        let as_of = json!([{"topic": "neruba.rollups", "partition": 3, "next_offset": 40 + n}]);
+        Reply {
+            status: 200,
+            retry_after: None,
+            body: json!({"customer": "c", "meter": "m", "aggregation": "sum", "window": "1m",
+                         "from": "2026-11-01T10:00:00Z", "to": "2026-11-01T11:00:00Z",
+                         "as_of": as_of, "data": [usage_row(n, &format!("{n}.5"))],
+                         "next_cursor": next})
+            .to_string(),
+        }
+    })
+    .await?;
+    let query = UsageQuery::new("c", "m", "2026-11-01T10:00:00Z", "2026-11-01T11:00:00Z");
+    let read = Client::new(&usage.base, "k")?
+        .reader()
+        .usage(&query)
+        .await?;
+    let rows: Vec<(&str, Decimal)> = read
+        .data
+        .iter()
+        .map(|r| (r.window_start.as_str(), r.quantity))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("2026-11-01T10:00:00Z", Decimal::new(5, 1)),
+            ("2026-11-01T10:01:00Z", Decimal::new(15, 1)),
+            ("2026-11-01T10:02:00Z", Decimal::new(25, 1)),
+        ]
+    );
+    assert_eq!((read.next_cursor, read.as_of[0].next_offset), (None, 40));
+    let first = "/v1/usage?customer=c&meter=m&from=2026-11-01T10%3A00%3A00Z\
+                 &to=2026-11-01T11%3A00%3A00Z";
+    assert_eq!(
+        paths(&usage),
+        [
+            first.to_owned(),
+            format!("{first}&cursor=u0&min_position=neruba.rollups%3A3%3A39"),
+            format!("{first}&cursor=u1&min_position=neruba.rollups%3A3%3A39"),
+        ]
+    );
+
+    // A page naming one read before would be read again for good: refused, for both.
+    let looping = Stub::start(|_, seen| async move {
+        let body = if seen.path.contains("line-items") {
+            json!({"customer": "c", "as_of": [], "period": "2026-11",
+                   "items": [line_item_answer("li", "1")], "next_cursor": "again"})
+        } else {
+            json!({"customer": "c", "meter": "m", "aggregation": "sum", "window": "1m",
+                   "from": "2026-11-01T10:00:00Z", "to": "2026-11-01T11:00:00Z", "as_of": [],
+                   "data": [usage_row(0, "1")], "next_cursor": "again"})
+        };
+        Reply {
+            status: 200,
+            retry_after: None,
+            body: body.to_string(),
+        }
+    })
+    .await?;
+    let reader = Client::new(&looping.base, "k")?.reader();
+    let refused = [
+        reader.line_items("c", "2026-11", None).await.err(),
+        reader.usage(&query).await.err(),
+    ];
+    assert!(
+        refused.iter().all(
+            |r| matches!(r, Some(Error::Protocol { message, .. }) if message.contains("earlier page"))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(looping.seen().len(), 4);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_rejected_events_code_reaches_its_receipt_and_its_batch_mates_are_accepted() -> Result<()>
 {
