@@ -1294,7 +1294,106 @@ async fn drive(
     );
     balance_shown(browser, client, api, read, "customer-9", filled).await?;
 
-    // 16. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
+    // 16. A customer with more grants than the grants read's first page holds (1,000): the
+    //     page shows the first 1,000, in burn-down order, and says there are more; the api's
+    //     second page has the last one. One grant voided first, so the other 1,000 are within
+    //     the bound of grants holding credit.
+    grant_through_gateway(
+        client,
+        gateway,
+        credits,
+        "customer-10",
+        json!({"key": "many-void", "amount": "1.00", "currency": "USD"}),
+    )
+    .await?;
+    let voided = neruba_schemas::credit::grant_id("acme", "customer-10", "many-void");
+    let answer = client
+        .post(format!(
+            "{gateway}/v1/customers/customer-10/grants/{voided}/void"
+        ))
+        .bearer_auth(credits)
+        .send()
+        .await?;
+    ensure!(answer.status().as_u16() == 202, "void: {}", answer.status());
+    let mut sends = tokio::task::JoinSet::new();
+    for n in 0..1_000 {
+        let (client, gateway, credits) = (client.clone(), gateway.to_owned(), credits.to_owned());
+        sends.spawn(async move {
+            let body = json!({"key": format!("many-{n:04}"), "amount": "0.01", "currency": "USD"});
+            grant_through_gateway(&client, &gateway, &credits, "customer-10", body).await
+        });
+        if sends.len() >= 16 {
+            sends.join_next().await.context("a grant send")???;
+        }
+    }
+    while let Some(sent) = sends.join_next().await {
+        sent??;
+    }
+    read_until(
+        client,
+        &format!("{api}/v1/customers/customer-10/balances"),
+        read,
+        "customer-10's 1,000 grants applied",
+        |body| {
+            body["balances"][0]["balance"]
+                .as_str()
+                .and_then(|b| b.parse::<Decimal>().ok())
+                == Some(d("10.00"))
+        },
+    )
+    .await?;
+    let (_, first) = get(
+        client,
+        &format!("{api}/v1/customers/customer-10/grants"),
+        read,
+    )
+    .await?;
+    let cursor = text(&first["next_cursor"])?;
+    let (_, second) = get(
+        client,
+        &format!("{api}/v1/customers/customer-10/grants?cursor={cursor}"),
+        read,
+    )
+    .await?;
+    let page_ids = |page: &Value| -> Vec<String> {
+        page["grants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| g["id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let (first_ids, second_ids) = (page_ids(&first), page_ids(&second));
+    assert_eq!(
+        (first_ids.len(), second_ids.len(), &second["next_cursor"]),
+        (1_000, 1, &Value::Null),
+        "{second}"
+    );
+    js(
+        browser,
+        "location.hash = '#/customers/customer-10'; return true;",
+    )
+    .await?;
+    until(
+        browser,
+        "customer-10 loaded",
+        "return document.getElementById('customer-id').textContent + ' ' + \
+         document.getElementById('customer').getAttribute('data-loaded');",
+        json!("customer-10 true"),
+    )
+    .await?;
+    assert_eq!(
+        attrs(browser, "[data-testid=grant-row]", "data-grant-id").await?,
+        first_ids
+    );
+    let more = texts(browser, &one("grants-more")).await?;
+    ensure!(
+        more.len() == 1 && more[0].contains("the first 1000"),
+        "{more:?}"
+    );
+    balance_shown(browser, client, api, read, "customer-10", d("10.00")).await?;
+
+    // 17. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
     //     such customer" (the api's 404).
     click(browser, "#sign-out").await?;
     sign_in(browser, globex, None).await?;
