@@ -818,7 +818,7 @@ fn grants_page<'a>(
     let mut grants: Vec<(GrantPlace, &GrantState)> = book
         .grants
         .values()
-        .map(|g| (neruba_balances::book::burn_order(&g.grant), g))
+        .map(|g| (neruba_balances::book::burn_order(&g.grant), &**g))
         .filter(|(place, _)| after.is_none_or(|after| place > after))
         .collect();
     grants.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1704,7 +1704,7 @@ mod tests {
         else {
             panic!("the first top-up is not found");
         };
-        assert_eq!(Some(grant.as_ref()), every.grants.get(&first));
+        assert_eq!(Some(grant.as_ref()), every.grants.get(&first).map(|g| &**g));
         assert_eq!(
             (grant.remaining, grant.consumed),
             (Decimal::ZERO, Decimal::ONE)

@@ -51,6 +51,11 @@ pub struct Config {
     pub window_floor_ms: i64,
     /// A statement is final this long after its period ends (written into the ticks).
     pub finalize_after_ms: i64,
+    /// Bytes of books a worker holds before its batch ends, and keeps between batches
+    /// ([`state::BOOKS_HELD_BYTES`], [`state::BOOKS_KEPT_BYTES`]; estimated by
+    /// [`state::held_estimate`]).
+    pub books_held_bytes: usize,
+    pub books_kept_bytes: usize,
 }
 
 impl Config {
@@ -64,6 +69,8 @@ impl Config {
             expiry_grace_ms: DEFAULT_EXPIRY_GRACE_MS,
             window_floor_ms: 0,
             finalize_after_ms: neruba_schemas::credit::DEFAULT_FINALIZE_AFTER_MS,
+            books_held_bytes: state::BOOKS_HELD_BYTES,
+            books_kept_bytes: state::BOOKS_KEPT_BYTES,
         }
     }
 }
@@ -83,6 +90,9 @@ pub fn start(
             finalize_after_ms: config.finalize_after_ms,
             ledger_topic: config.stage.input_topic.clone(),
             entries_topic: config.entries_topic.clone(),
+            books_held: state::BooksHeld::default(),
+            books_held_bytes: config.books_held_bytes,
+            books_kept_bytes: config.books_kept_bytes,
         })
     })
 }

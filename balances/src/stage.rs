@@ -24,6 +24,10 @@ pub(crate) struct Balances {
     pub(crate) finalize_after_ms: i64,
     pub(crate) ledger_topic: String,
     pub(crate) entries_topic: String,
+    /// What the worker's partitions hold in books, and its bounds.
+    pub(crate) books_held: crate::state::BooksHeld,
+    pub(crate) books_held_bytes: usize,
+    pub(crate) books_kept_bytes: usize,
 }
 
 impl neruba_stage::Stage for Balances {
@@ -47,7 +51,12 @@ impl neruba_stage::Stage for Balances {
     fn open(&mut self, store: Store) -> Result<PartitionState> {
         Ok(
             PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)?
-                .with_window_floor(self.window_floor_ms),
+                .with_window_floor(self.window_floor_ms)
+                .with_books_held(
+                    self.books_held.clone(),
+                    self.books_held_bytes,
+                    self.books_kept_bytes,
+                ),
         )
     }
 

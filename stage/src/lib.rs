@@ -106,6 +106,13 @@ pub trait Partition: Send + 'static {
 
     /// Writes what the batch changed, with the next offset, in one [`Store::write`].
     fn commit(&mut self) -> Result<()>;
+
+    /// Whether the batch holds as much of this partition's state in memory as it should
+    /// before its write: the runtime then ends the batch after the message just applied,
+    /// whatever its count. By default never (`max_batch` bounds it).
+    fn batch_full(&self) -> bool {
+        false
+    }
 }
 
 /// One message of the input topic, as a stage's domain logic sees it.

@@ -447,10 +447,12 @@ impl<S: Stage> Worker<S> {
                 }
                 let mut guard = self.lock()?;
                 let shared = &mut *guard;
+                let mut full = false;
                 if let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
                     shared.stage.apply(&batch, state, &message)?;
                     shared.unwritten += 1;
+                    full = state.batch_full();
                 }
                 drop(guard);
                 applied += 1;
@@ -458,6 +460,9 @@ impl<S: Stage> Worker<S> {
                 if self.crash == Some(CrashPoint::AfterMessages(applied_total)) {
                     self.kill.store(true, Ordering::SeqCst);
                     return Ok(());
+                }
+                if full {
+                    break;
                 }
             }
             let mut guard = self.lock()?;

@@ -362,6 +362,89 @@ async fn a_batch_of_more_entries_than_the_producer_queue_holds_is_delivered_whol
     Ok(())
 }
 
+/// The stage's batches so far in `registry`: how many, and the ledger records they held (the
+/// histogram's sum, a count of messages: a whole number, exact as a float at this size).
+#[allow(clippy::float_arithmetic)]
+fn batches(registry: &prometheus::Registry) -> (u64, f64) {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "neruba_stage_batch_messages")
+        .flat_map(|f| f.get_metric().iter())
+        .fold((0, 0.0), |(count, sum), m| {
+            let h = m.get_histogram();
+            (count + h.get_sample_count(), sum + h.get_sample_sum())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same() -> Result<()> {
+    // Was: a batch held every book it touched until its write, up to 50,000 records of as
+    // many customers, whatever they weighed.
+    let (kafka, producer) = broker(&["ledger-m", "entries-m-one", "entries-m-all"])?;
+    let now = neruba_schemas::event::now_ms();
+    let customers = 10;
+    let mut records = 0_u32;
+    for n in 0..customers {
+        let customer = format!("m{n}");
+        write(
+            &producer,
+            "ledger-m",
+            &Record::Grant(grant(&customer, "pack", "10", 1, None)),
+        )
+        .await?;
+        for (i, amount) in ["1.25", "2"].into_iter().enumerate() {
+            let item = item_in(
+                &customer,
+                &format!("li_{n}_{i}"),
+                now - DAY,
+                now - HOUR,
+                amount,
+            );
+            write(&producer, "ledger-m", &Record::Item(item)).await?;
+        }
+        records += 3;
+    }
+    let mut runs = Vec::new();
+    for (entries_topic, held_bytes) in [("entries-m-one", 1), ("entries-m-all", usize::MAX)] {
+        let state = tempfile::tempdir()?;
+        let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state.path());
+        config.stage.group_id = format!("group-{entries_topic}");
+        config.stage.input_topic = "ledger-m".into();
+        config.entries_topic = entries_topic.into();
+        config.books_held_bytes = held_bytes;
+        let registry = prometheus::Registry::new();
+        let shutdown = CancellationToken::new();
+        let running = neruba_balances::start(config, &registry, shutdown.clone())?;
+        let got = entries(&kafka, entries_topic, 3 * customers).await;
+        shutdown.cancel();
+        running.wait().await?;
+        runs.push((got.context("read entries")?, batches(&registry)));
+    }
+    let [
+        (one, (one_batches, one_records)),
+        (all, (all_batches, all_records)),
+    ] = <[_; 2]>::try_from(runs).map_err(|_| anyhow::anyhow!("two runs"))?;
+    // A bound of one byte: every batch one ledger record (a tick the stage wrote is one too).
+    assert!(one_records >= f64::from(records), "{one_records}");
+    assert_eq!(f64::from(u32::try_from(one_batches)?), one_records);
+    // Unbounded, the records written before the stage started come in fewer batches.
+    assert!(
+        (all_batches as f64) < all_records,
+        "{all_batches} batches of {all_records} records"
+    );
+    // The same entries, ids and sequence numbers included, however the batches fell.
+    assert_eq!(one.len(), 3 * customers);
+    assert_eq!(one, all);
+    let balances: Vec<Decimal> = all
+        .iter()
+        .filter(|e| e.seq == 3)
+        .map(|e| e.balance_after)
+        .collect();
+    assert_eq!(balances, vec![d("6.75"); customers]);
+    Ok(())
+}
+
 /// Customer, kind, amount, balance after: how the statements-and-rules test compares entries.
 fn brief(entries: &[BalanceEntry]) -> Vec<(EntryKind, Decimal, Decimal)> {
     entries

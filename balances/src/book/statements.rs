@@ -388,12 +388,12 @@ impl Book {
         };
         self.statements.insert(
             own,
-            StatementState {
+            Box::new(StatementState {
                 statement,
                 period_start_ms: start_ms,
                 period_end_ms: end_ms,
                 final_at_ms: None,
-            },
+            }),
         );
     }
 }

@@ -411,6 +411,7 @@ fn reference_consumption(book: &Book, li: &LineItem) -> Vec<(Option<String>, Dec
             Some(end) => start < end,
             None => true,
         })
+        .map(|g| &**g)
         .collect();
     eligible.sort_by(|a, b| {
         let (a, b) = (&a.grant, &b.grant);
