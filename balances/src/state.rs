@@ -203,9 +203,11 @@ pub fn store_options() -> StoreOptions {
 /// books (some hundreds of MiB; more with customers of many grants).
 pub const BOOKS_HELD_BYTES: usize = 256 << 20;
 
-/// Bytes of books (as [`held_estimate`] counts them) a worker's partitions keep in memory
-/// between batches (each written, so equal to what is stored); past it, a partition empties
-/// its cache after its write, and books are read again as they are needed.
+/// Bytes of books in their stored form a worker's partitions keep in memory between batches
+/// (each as written, so what the store holds), to decode instead of reading the store; past
+/// it, a partition drops its own after its write, and they are read from the store again.
+/// A book stored takes a fifth of what it takes decoded (see [`held_estimate`]), so a customer
+/// of two grants, a series and a statement takes 660 bytes here: about 100,000 of them.
 pub const BOOKS_KEPT_BYTES: usize = 64 << 20;
 
 /// What a book costs in memory, from its stored size: 5 bytes for each stored one, and 1 KiB.
@@ -223,22 +225,39 @@ fn growth_estimate(record: usize) -> usize {
     record.saturating_mul(2)
 }
 
-/// The bytes of books a worker's partitions hold ([`held_estimate`]), shared by them.
+/// The bytes of books a worker's partitions hold, shared by them: decoded by the batch
+/// ([`held_estimate`]), and kept in their stored form between batches.
 #[derive(Debug, Clone, Default)]
-pub struct BooksHeld(Arc<AtomicUsize>);
+pub struct BooksHeld {
+    decoded: Arc<AtomicUsize>,
+    stored: Arc<AtomicUsize>,
+}
 
 impl BooksHeld {
-    /// Bytes held now.
+    /// Bytes of books the batch holds decoded, estimated.
     pub fn bytes(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.decoded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of books kept in their stored form.
+    pub fn kept_bytes(&self) -> usize {
+        self.stored.load(Ordering::Relaxed)
     }
 
     fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
+        self.decoded.fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn sub(&self, bytes: usize) {
-        self.0.fetch_sub(bytes, Ordering::Relaxed);
+        self.decoded.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn keep(&self, bytes: usize) {
+        self.stored.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn unkeep(&self, bytes: usize) {
+        self.stored.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -345,8 +364,14 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
 pub struct PartitionState {
     pub partition: i32,
     store: Store,
-    /// Books read or changed by the batch; the changed ones are written at commit.
+    /// Books read or changed by the batch; the changed ones are written at commit, then every
+    /// one is dropped (`stored` keeps them between batches).
     books: HashMap<CustomerKey, Book>,
+    /// Books as written by earlier batches (so as stored), decoded when a record needs one
+    /// again instead of read from the store, up to [`BOOKS_KEPT_BYTES`] a worker.
+    stored: HashMap<CustomerKey, Vec<u8>>,
+    /// The bytes of `stored`.
+    stored_bytes: usize,
     /// What each book of `books` costs, by [`held_estimate`] of its size when read or last
     /// written.
     book_bytes: HashMap<CustomerKey, usize>,
@@ -402,6 +427,7 @@ impl Drop for PartitionState {
     /// A partition given up no longer holds its books.
     fn drop(&mut self) {
         self.held.sub(self.counted + self.grown);
+        self.held.unkeep(self.stored_bytes);
     }
 }
 
@@ -457,6 +483,8 @@ impl PartitionState {
             partition: store.partition(),
             store,
             books: HashMap::default(),
+            stored: HashMap::default(),
+            stored_bytes: 0,
             book_bytes: HashMap::default(),
             counted: 0,
             grown: 0,
@@ -535,7 +563,9 @@ impl PartitionState {
     ) -> Self {
         let own = self.counted + self.grown;
         self.held.sub(own);
+        self.held.unkeep(self.stored_bytes);
         held.add(own);
+        held.keep(self.stored_bytes);
         self.held = held;
         self.held_bound = held_bound;
         self.kept_bound = kept_bound;
@@ -569,12 +599,30 @@ impl PartitionState {
         self.held.add(grown);
     }
 
-    /// Drops every book held (each written), and what they were counted at.
-    fn forget_books(&mut self) {
+    /// Keeps `bytes`, the stored form of the book at `key` as just written.
+    fn keep_stored(&mut self, key: CustomerKey, bytes: Vec<u8>) {
+        let added = bytes.len();
+        let dropped = self.stored.insert(key, bytes).map_or(0, |b| b.len());
+        self.stored_bytes = self
+            .stored_bytes
+            .saturating_sub(dropped)
+            .saturating_add(added);
+        self.held.unkeep(dropped);
+        self.held.keep(added);
+    }
+
+    /// Drops every book decoded (each written), and what they were counted at; and the books
+    /// kept in their stored form too if the worker's pass its bound.
+    fn drop_books(&mut self) {
         self.books.clear();
         self.book_bytes.clear();
         self.held.sub(self.counted);
         self.counted = 0;
+        if self.held.kept_bytes() > self.kept_bound {
+            self.stored.clear();
+            self.held.unkeep(self.stored_bytes);
+            self.stored_bytes = 0;
+        }
     }
 
     /// A customer's book as of the batch so far.
@@ -585,13 +633,16 @@ impl PartitionState {
     /// [`PartitionState::book`] by its key, built once per record.
     fn book_at(&mut self, key: &[u8], tenant: &str, customer: &str) -> Result<&mut Book> {
         if !self.books.contains_key(key) {
-            let (book, stored) = match self.store.db().get(key)? {
-                None => (Book::default(), 0),
-                Some(bytes) => (
-                    Book::decode(&bytes)
-                        .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?,
-                    bytes.len(),
-                ),
+            let decode = |bytes: &[u8]| {
+                Book::decode(bytes)
+                    .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))
+            };
+            let (book, stored) = match self.stored.get(key) {
+                Some(bytes) => (decode(bytes)?, bytes.len()),
+                None => match self.store.db().get(key)? {
+                    None => (Book::default(), 0),
+                    Some(bytes) => (decode(&bytes)?, bytes.len()),
+                },
             };
             self.books.insert(key.to_vec(), book);
             self.count_book(key, held_estimate(stored));
@@ -1349,8 +1400,8 @@ impl PartitionState {
             let bytes = book
                 .encode()
                 .map_err(|e| Error::Bug(format!("book encoding: {e}")))?;
-            written.push((key.clone(), held_estimate(bytes.len())));
-            batch.put(key, bytes);
+            batch.put(&key, &bytes);
+            written.push((key, bytes));
         }
         for (key, (tenant, customer, stored)) in std::mem::take(&mut self.index_stored) {
             let now = self.expiry_of.get(&key).copied();
@@ -1375,11 +1426,9 @@ impl PartitionState {
         // stay, within a bound.
         self.held.sub(std::mem::take(&mut self.grown));
         for (key, bytes) in written {
-            self.count_book(&key, bytes);
+            self.keep_stored(key, bytes);
         }
-        if self.held.bytes() > self.kept_bound {
-            self.forget_books();
-        }
+        self.drop_books();
         Ok(())
     }
 }
@@ -1617,7 +1666,8 @@ mod tests {
         // Full from the third customer's book on: the count reaches the bound exactly there.
         assert_eq!(full_after, [false, false, true, true]);
         assert_eq!(held.bytes(), costs[..4].iter().sum::<usize>());
-        // Written: each book counted again at its stored size, the records' growth dropped.
+        // Written: the decoded books and the records' growth dropped, each book kept in the
+        // form it was written in.
         neruba_stage::Partition::commit(&mut first).expect("commit");
         let stored: Vec<usize> = (0..4)
             .map(|n| {
@@ -1630,11 +1680,19 @@ mod tests {
                     .map_or(0, |b| b.len())
             })
             .collect();
-        let kept: usize = stored.iter().map(|len| held_estimate(*len)).sum();
+        let kept: usize = stored.iter().sum();
         assert!(stored.iter().all(|len| *len > 0), "{stored:?}");
-        assert_eq!(held.bytes(), kept);
-        // A second partition of the worker counts into the same total; past the bound it keeps
-        // between batches, it forgets its books at its write, and so does a dropped partition.
+        assert_eq!((held.bytes(), held.kept_bytes()), (0, kept));
+        assert_eq!((first.books.len(), first.stored.len()), (0, 4));
+        // A book needed again is decoded from what was kept, and counted at its size.
+        let book = first.book("acme", "c0").expect("book");
+        assert_eq!(book.balance("USD"), rust_decimal::Decimal::TEN);
+        assert_eq!(held.bytes(), held_estimate(stored[0]));
+        neruba_stage::Partition::commit(&mut first).expect("commit");
+        assert_eq!((held.bytes(), held.kept_bytes()), (0, kept));
+        // A second partition of the worker counts into the same totals; past the bound of
+        // what they keep, it drops what it kept at its write; a dropped partition gives back
+        // what it kept.
         let mut second = open(1, usize::MAX, kept);
         for (offset, grant) in (0_i64..).zip(&grants[4..]) {
             let input = Input {
@@ -1644,12 +1702,13 @@ mod tests {
             };
             second.apply(input, Record::Grant).expect("apply");
         }
-        assert_eq!(held.bytes(), kept + costs[4] + costs[5]);
+        assert_eq!(held.bytes(), costs[4] + costs[5]);
         neruba_stage::Partition::commit(&mut second).expect("commit");
-        assert_eq!((held.bytes(), second.books.len()), (kept, 0));
+        assert_eq!((held.bytes(), held.kept_bytes()), (0, kept));
+        assert_eq!((second.books.len(), second.stored.len()), (0, 0));
         drop(first);
-        assert_eq!(held.bytes(), 0);
-        // What was forgotten is read again, with the same balance.
+        assert_eq!((held.bytes(), held.kept_bytes()), (0, 0));
+        // What was dropped is read from the store again, with the same balance.
         let book = second.book("acme", "c4").expect("book");
         assert_eq!(book.balance("USD"), rust_decimal::Decimal::TEN);
     }
