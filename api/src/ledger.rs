@@ -92,11 +92,18 @@ impl neruba_stage::Partition for LedgerPartition {
         }
         Ok(())
     }
+
+    /// As the balances stage's: once the books the model's partitions hold pass its bound.
+    fn batch_full(&self) -> bool {
+        neruba_stage::Partition::batch_full(&self.fold)
+    }
 }
 
 /// The stage: what the runtime calls.
 pub(crate) struct LedgerModel {
     pub(crate) model: Arc<Model>,
+    /// The books its partitions hold, bounded together as a balances worker's are.
+    pub(crate) books_held: neruba_balances::state::BooksHeld,
 }
 
 impl neruba_stage::Stage for LedgerModel {
@@ -120,7 +127,12 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn open(&mut self, store: Store) -> Result<LedgerPartition> {
         let db = store.shared_db();
-        let fold = PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS)?;
+        let fold = PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS)?
+            .with_books_held(
+                self.books_held.clone(),
+                neruba_balances::state::BOOKS_HELD_BYTES,
+                neruba_balances::state::BOOKS_KEPT_BYTES,
+            );
         self.model.opened(fold.partition, db, fold.next_offset());
         Ok(LedgerPartition {
             fold,

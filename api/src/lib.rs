@@ -230,6 +230,7 @@ pub async fn start(
             let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |_| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),
+                    books_held: neruba_balances::state::BooksHeld::default(),
                 })
             })?;
             let usage = neruba_stage::start(usage_config, &usage_registry, shutdown, |_| {

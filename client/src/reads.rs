@@ -886,11 +886,16 @@ impl Reader {
     /// (`as_of`): the later pages of one read then come from a read model at least as new as
     /// that page's, though another replica of the api answer them. A customer's read has the
     /// position of its ledger partition, at least as new as any this reader waited for there.
+    /// Its positions replace the reader's (the first page was answered once those were caught
+    /// up, at a position at least as new); a page that names none keeps the reader's.
     fn after_page(&self, as_of: &[ReadPosition]) -> Self {
         let applied: Vec<Position> = as_of
             .iter()
             .filter_map(ReadPosition::last_applied)
             .collect();
+        if applied.is_empty() {
+            return self.clone();
+        }
         self.at_all(&applied)
     }
 
@@ -1076,7 +1081,7 @@ impl Reader {
         let path = ["v1", "customers", customer, "line-items"];
         let mut query = vec![
             ("period".to_owned(), period.to_owned()),
-            ("limit".to_owned(), "1000".to_owned()),
+            ("limit".to_owned(), MAX_PAGE.to_string()),
         ];
         if let Some(meter) = meter {
             query.push(("meter".to_owned(), meter.to_owned()));
