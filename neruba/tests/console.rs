@@ -474,6 +474,23 @@ async fn grant_on_page(
     .await
 }
 
+/// Opens `customer`'s page and waits until it has loaded.
+async fn show_customer(browser: &Browser, customer: &str) -> Result<()> {
+    js(
+        browser,
+        &format!("location.hash = '#/customers/{customer}'; return true;"),
+    )
+    .await?;
+    until(
+        browser,
+        &format!("{customer} loaded"),
+        "return document.getElementById('customer-id').textContent + ' ' + \
+         document.getElementById('customer').getAttribute('data-loaded');",
+        json!(format!("{customer} true")),
+    )
+    .await
+}
+
 /// Signs in on the page with a read key and, optionally, a credits key.
 async fn sign_in(browser: &Browser, read: &str, credits: Option<&str>) -> Result<()> {
     until(
@@ -1224,19 +1241,7 @@ async fn drive(
         },
     )
     .await?;
-    js(
-        browser,
-        "location.hash = '#/customers/customer-9'; return true;",
-    )
-    .await?;
-    until(
-        browser,
-        "customer-9 loaded",
-        "return document.getElementById('customer-id').textContent + ' ' + \
-         document.getElementById('customer').getAttribute('data-loaded');",
-        json!("customer-9 true"),
-    )
-    .await?;
+    show_customer(browser, "customer-9").await?;
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
     ensure!(
@@ -1369,19 +1374,7 @@ async fn drive(
         (1_000, 1, &Value::Null),
         "{second}"
     );
-    js(
-        browser,
-        "location.hash = '#/customers/customer-10'; return true;",
-    )
-    .await?;
-    until(
-        browser,
-        "customer-10 loaded",
-        "return document.getElementById('customer-id').textContent + ' ' + \
-         document.getElementById('customer').getAttribute('data-loaded');",
-        json!("customer-10 true"),
-    )
-    .await?;
+    show_customer(browser, "customer-10").await?;
     assert_eq!(
         attrs(browser, "[data-testid=grant-row]", "data-grant-id").await?,
         first_ids
