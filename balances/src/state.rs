@@ -208,8 +208,8 @@ pub const BOOKS_HELD_BYTES: usize = 256 << 20;
 /// it, a partition drops some of its own after its write (until the worker's are back to half),
 /// and those are read from the store again.
 /// A book stored takes a fifth of what it takes decoded (see [`held_estimate`]), so a customer
-/// of two grants, a series and a statement takes 660 bytes here, 750 with its key and entry
-/// ([`kept_cost`]): about 90,000 of them.
+/// of two grants, a series and a statement takes 660 bytes here, 750 with its key and entry:
+/// about 90,000 of them.
 pub const BOOKS_KEPT_BYTES: usize = 64 << 20;
 
 /// What a book costs in memory, from its stored size: 5 bytes for each stored one, and 1 KiB.
@@ -221,45 +221,43 @@ pub fn held_estimate(stored: usize) -> usize {
     stored.saturating_mul(5).saturating_add(1024)
 }
 
-/// Decoded books a write is done with, and what they were counted at in `held`.
-type Retired = (HashMap<CustomerKey, Book>, BooksHeld, usize);
+/// Decoded books a write is done with, counted in `held` as being freed until they are gone
+/// (whoever drops them).
+struct Retired {
+    books: HashMap<CustomerKey, Book>,
+    held: BooksHeld,
+    bytes: usize,
+}
 
-/// Drops `books` (counted at `counted` in `held`, until they are gone) on a thread of its own
-/// if that thread is idle, else here: freeing a batch's books one allocation at a time was a
-/// third of the write of a batch of 43,000 customers' (`balances_throughput`, 100,000
-/// customers), and the stage's thread goes on to its next batch meanwhile. At most one batch's
-/// books wait there, and they count against the bound until freed.
-fn drop_aside(books: HashMap<CustomerKey, Book>, held: BooksHeld, counted: usize) {
+impl Drop for Retired {
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.books));
+        self.held.freed(self.bytes);
+    }
+}
+
+/// Drops `books` (`bytes` of them, by the count) on a thread of its own if that thread is
+/// idle, else here: freeing a batch's books one allocation at a time was a third of the write
+/// of a batch of 43,000 customers' (`balances_throughput`, 100,000 customers), and the stage's
+/// thread goes on to its next batch meanwhile. At most one batch's books (the process's) wait
+/// there; they are counted apart (`BooksHeld::freeing_bytes`), not against the next batch.
+fn drop_aside(books: HashMap<CustomerKey, Book>, held: BooksHeld, bytes: usize) {
     static DROPPER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Retired>>> =
         std::sync::OnceLock::new();
+    held.freeing(bytes);
+    let retired = Retired { books, held, bytes };
     let dropper = DROPPER.get_or_init(|| {
         // A rendezvous: a send succeeds only while the thread waits for one.
         let (sender, retired) = std::sync::mpsc::sync_channel::<Retired>(0);
         std::thread::Builder::new()
             .name("neruba-books-drop".into())
-            .spawn(move || {
-                for (books, held, counted) in retired {
-                    drop(books);
-                    held.sub(counted);
-                }
-            })
+            .spawn(move || retired.into_iter().for_each(drop))
             .ok()
             .map(|_| sender)
     });
-    let retired = (books, held, counted);
-    let here = match dropper {
-        Some(sender) => match sender.try_send(retired) {
-            Ok(()) => None,
-            Err(
-                std::sync::mpsc::TrySendError::Full(retired)
-                | std::sync::mpsc::TrySendError::Disconnected(retired),
-            ) => Some(retired),
-        },
-        None => Some(retired),
-    };
-    if let Some((books, held, counted)) = here {
-        drop(books);
-        held.sub(counted);
+    if let Some(sender) = dropper {
+        // Given back when the thread is busy (or gone): dropped here, at the end.
+        let _ = sender.try_send(retired);
     }
 }
 
@@ -281,6 +279,7 @@ fn growth_estimate(record: usize) -> usize {
 pub struct BooksHeld {
     decoded: Arc<AtomicUsize>,
     stored: Arc<AtomicUsize>,
+    freeing: Arc<AtomicUsize>,
 }
 
 impl BooksHeld {
@@ -292,6 +291,21 @@ impl BooksHeld {
     /// Bytes of books kept in their stored form.
     pub fn kept_bytes(&self) -> usize {
         self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of decoded books a write was done with that are not freed yet.
+    pub fn freeing_bytes(&self) -> usize {
+        self.freeing.load(Ordering::Relaxed)
+    }
+
+    /// `bytes` of the decoded count are being freed.
+    fn freeing(&self, bytes: usize) {
+        self.sub(bytes);
+        self.freeing.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn freed(&self, bytes: usize) {
+        self.freeing.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     fn add(&self, bytes: usize) {
@@ -661,7 +675,8 @@ impl PartitionState {
     /// so a customer's is as likely kept as another's, however they are ordered.
     fn drop_books(&mut self) {
         let books = std::mem::take(&mut self.books);
-        drop_aside(books, self.held.clone(), std::mem::take(&mut self.counted));
+        let bytes = std::mem::take(&mut self.counted) + std::mem::take(&mut self.grown);
+        drop_aside(books, self.held.clone(), bytes);
         if self.held.kept_bytes() > self.kept_bound {
             let target = self.kept_bound / 2;
             let (held, mut own) = (&self.held, self.stored_bytes);
@@ -1476,7 +1491,6 @@ impl PartitionState {
         self.store.write(batch)?;
         // Written: the records' growth is in the books' stored forms now, which are kept (a
         // customer's next records usually follow soon), within a bound; the decoded books go.
-        self.held.sub(std::mem::take(&mut self.grown));
         for (key, bytes) in written {
             self.keep_stored(key, bytes);
         }
@@ -1679,14 +1693,19 @@ mod tests {
         (entries, state, dir)
     }
 
-    /// Waits (5 s at most) until the decoded books a write was done with are freed: they count
-    /// in `held` until then, on the thread that drops them.
+    /// That no decoded book counts against the next batch once written, and waits (5 s at
+    /// most) until they are freed, which may happen on the thread that drops them.
     fn freed(held: &BooksHeld) {
+        assert_eq!(held.bytes(), 0, "decoded books counted after their write");
         let started = std::time::Instant::now();
-        while held.bytes() > 0 && started.elapsed() < std::time::Duration::from_secs(5) {
+        while held.freeing_bytes() > 0 && started.elapsed() < std::time::Duration::from_secs(5) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert_eq!(held.bytes(), 0, "books still held 5 s after their write");
+        assert_eq!(
+            held.freeing_bytes(),
+            0,
+            "books not freed 5 s after their write"
+        );
     }
 
     #[test]
