@@ -632,12 +632,6 @@ impl PartitionState {
         self
     }
 
-    /// Whether the worker's partitions hold as many bytes of books as a batch may: the batch
-    /// then ends (see [`BOOKS_HELD_BYTES`]).
-    pub fn holds_enough(&self) -> bool {
-        self.held.bytes() >= self.held_bound
-    }
-
     /// Counts a book just decoded, at `bytes`.
     fn count_book(&mut self, bytes: usize) {
         self.counted = self.counted.saturating_add(bytes);
@@ -1442,9 +1436,10 @@ impl neruba_stage::Partition for PartitionState {
         self.commit_with(WriteBatch::default())
     }
 
-    /// Once the worker's partitions hold [`BOOKS_HELD_BYTES`] of books.
+    /// Once the worker's partitions hold as many bytes of decoded books as a batch may
+    /// ([`BOOKS_HELD_BYTES`]).
     fn batch_full(&self) -> bool {
-        self.holds_enough()
+        self.held.bytes() >= self.held_bound
     }
 }
 

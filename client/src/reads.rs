@@ -967,19 +967,8 @@ impl Reader {
     /// in the answer if its place in the order is after the last grant of the page read
     /// before it was made.
     pub async fn grants(&self, customer: &str) -> Result<Grants> {
-        let path = ["v1", "customers", customer, "grants"];
-        let mut all: Grants = self.get(&path, Vec::new(), "grants").await?;
-        let later = self.after_page(&all.as_of);
-        let mut seen = std::collections::BTreeSet::new();
-        while let Some(at) = all.next_cursor.take() {
-            first_visit(&mut seen, &at, "grants")?;
-            let page: Grants = later
-                .get(&path, vec![("cursor".to_owned(), at)], "grants")
-                .await?;
-            all.grants.extend(page.grants);
-            all.next_cursor = page.next_cursor;
-        }
-        Ok(all)
+        self.every_page(&["v1", "customers", customer, "grants"], Vec::new())
+            .await
     }
 
     /// `customer`'s grant `id` (`gr_…`); `404 grant_not_found` if it has none such, `404
@@ -1078,7 +1067,6 @@ impl Reader {
         period: &str,
         meter: Option<&str>,
     ) -> Result<LineItems> {
-        let path = ["v1", "customers", customer, "line-items"];
         let mut query = vec![
             ("period".to_owned(), period.to_owned()),
             ("limit".to_owned(), MAX_PAGE.to_string()),
@@ -1086,18 +1074,8 @@ impl Reader {
         if let Some(meter) = meter {
             query.push(("meter".to_owned(), meter.to_owned()));
         }
-        let mut all: LineItems = self.get(&path, query.clone(), "line items").await?;
-        let later = self.after_page(&all.as_of);
-        let mut seen = std::collections::BTreeSet::new();
-        while let Some(at) = all.next_cursor.take() {
-            first_visit(&mut seen, &at, "line-items")?;
-            let mut query = query.clone();
-            query.push(("cursor".to_owned(), at));
-            let page: LineItems = later.get(&path, query, "line items").await?;
-            all.items.extend(page.items);
-            all.next_cursor = page.next_cursor;
-        }
-        Ok(all)
+        self.every_page(&["v1", "customers", customer, "line-items"], query)
+            .await
     }
 
     /// Usage as `query` asks, from the closed windows' rollups: every page (the api answers
@@ -1106,19 +1084,74 @@ impl Reader {
     /// `404 customer_not_found`; a combination the meter's aggregation cannot answer exactly
     /// is `422 not_combinable`.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
-        let pairs = query.pairs()?;
-        let mut all: Usage = self.get(&["v1", "usage"], pairs.clone(), "usage").await?;
-        let later = self.after_page(&all.as_of);
+        self.every_page(&["v1", "usage"], query.pairs()?).await
+    }
+
+    /// Every page of the read at `path` with `query`: the first, then each `next_cursor` in
+    /// turn (one named before is refused), the later ones from a read model at least as new as
+    /// the first's; `as_of` is the first page's.
+    async fn every_page<T: Paged>(&self, path: &[&str], query: Vec<(String, String)>) -> Result<T> {
+        let mut all: T = self.get(path, query.clone(), T::WHAT).await?;
+        let later = self.after_page(all.as_of());
         let mut seen = std::collections::BTreeSet::new();
-        while let Some(at) = all.next_cursor.take() {
-            first_visit(&mut seen, &at, "usage")?;
-            let mut pairs = pairs.clone();
-            pairs.push(("cursor".to_owned(), at));
-            let page: Usage = later.get(&["v1", "usage"], pairs, "usage").await?;
-            all.data.extend(page.data);
-            all.next_cursor = page.next_cursor;
+        while let Some(at) = all.next_cursor().take() {
+            first_visit(&mut seen, &at, T::WHAT)?;
+            let mut query = query.clone();
+            query.push(("cursor".to_owned(), at));
+            let mut page: T = later.get(path, query, T::WHAT).await?;
+            let next = page.next_cursor().take();
+            all.append(page);
+            *all.next_cursor() = next;
         }
         Ok(all)
+    }
+}
+
+/// An answer read in pages whose later pages add their rows to the first's.
+trait Paged: serde::de::DeserializeOwned {
+    /// What the read is called in errors.
+    const WHAT: &'static str;
+    fn as_of(&self) -> &[ReadPosition];
+    fn next_cursor(&mut self) -> &mut Option<String>;
+    fn append(&mut self, page: Self);
+}
+
+impl Paged for Grants {
+    const WHAT: &'static str = "grants";
+    fn as_of(&self) -> &[ReadPosition] {
+        &self.as_of
+    }
+    fn next_cursor(&mut self) -> &mut Option<String> {
+        &mut self.next_cursor
+    }
+    fn append(&mut self, page: Self) {
+        self.grants.extend(page.grants);
+    }
+}
+
+impl Paged for LineItems {
+    const WHAT: &'static str = "line items";
+    fn as_of(&self) -> &[ReadPosition] {
+        &self.as_of
+    }
+    fn next_cursor(&mut self) -> &mut Option<String> {
+        &mut self.next_cursor
+    }
+    fn append(&mut self, page: Self) {
+        self.items.extend(page.items);
+    }
+}
+
+impl Paged for Usage {
+    const WHAT: &'static str = "usage";
+    fn as_of(&self) -> &[ReadPosition] {
+        &self.as_of
+    }
+    fn next_cursor(&mut self) -> &mut Option<String> {
+        &mut self.next_cursor
+    }
+    fn append(&mut self, page: Self) {
+        self.data.extend(page.data);
     }
 }
 

@@ -1347,14 +1347,14 @@ async fn drive(
         },
     )
     .await?;
-    let (_, first) = get(
+    let (first_status, first) = get(
         client,
         &format!("{api}/v1/customers/customer-10/grants"),
         read,
     )
     .await?;
     let cursor = text(&first["next_cursor"])?;
-    let (_, second) = get(
+    let (second_status, second) = get(
         client,
         &format!("{api}/v1/customers/customer-10/grants?cursor={cursor}"),
         read,
@@ -1369,6 +1369,11 @@ async fn drive(
             .collect()
     };
     let (first_ids, second_ids) = (page_ids(&first), page_ids(&second));
+    assert_eq!(
+        (first_status, second_status),
+        (200, 200),
+        "{first} {second}"
+    );
     assert_eq!(
         (first_ids.len(), second_ids.len(), &second["next_cursor"]),
         (1_000, 1, &Value::Null),
