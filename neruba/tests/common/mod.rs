@@ -243,20 +243,20 @@ impl Broker {
     }
 }
 
-/// `neruba dev` (the whole pipeline on its embedded broker) as a process on free loopback
-/// ports, closing windows quickly (no grace, 1 s idle timeout), with `extra` flags; returned once
-/// its HTTP listener answers, with the gateway's base URL and the api's. Its state is under
+/// `neruba dev` (the whole pipeline on its embedded broker) as a process on loopback ports it
+/// binds itself (port 0, read back from its banner: a port picked here and released could be
+/// taken by another test before the child bound it), closing windows quickly (no grace, 1 s idle
+/// timeout), with `extra` flags; returned once its HTTP listener answers, with the gateway's base
+/// URL and the api's. Its state is under
 /// `work` unless `extra` names a `--state-dir`: a killed process cannot remove a temporary
 /// directory of its own, and each left behind about 300 MB.
 pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, String, String)> {
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let api_listen = format!("127.0.0.1:{}", free_port()?);
     let mut args: Vec<String> = [
         "dev",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--api-listen",
-        &api_listen,
+        "127.0.0.1:0",
         "--grace",
         "0s",
         "--idle-timeout",
@@ -280,7 +280,8 @@ pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, Stri
         work,
     );
     pipeline.start()?;
-    let base = format!("http://{listen}");
+    let base = dev_banner(&pipeline, "HTTP API:")?;
+    let api = dev_banner(&pipeline, "Reads API:")?;
     let client = reqwest::Client::new();
     let started = Instant::now();
     while client.get(format!("{base}/readyz")).send().await.is_err() {
@@ -289,7 +290,7 @@ pub(crate) async fn start_dev(work: &Path, extra: &[&str]) -> Result<(Proc, Stri
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok((pipeline, base, format!("http://{api_listen}")))
+    Ok((pipeline, base, api))
 }
 
 /// The text of `{base}/metrics`.
@@ -303,22 +304,27 @@ pub(crate) async fn scrape(client: &reqwest::Client, base: &str) -> Result<Strin
 }
 
 /// The Kafka bootstrap address a `neruba dev` process printed in its banner
-/// (`  Kafka:      127.0.0.1:39145  (bootstrap.servers)`); the banner may follow the HTTP
-/// listener's readiness by a moment, so this waits up to 30 s for it.
+/// (`  Kafka:      127.0.0.1:39145  (bootstrap.servers)`).
 pub(crate) fn dev_bootstrap(pipeline: &Proc) -> Result<String> {
+    dev_banner(pipeline, "Kafka:")
+}
+
+/// The first word after `label` on a line of a `neruba dev` process's banner; the banner may
+/// follow the HTTP listener's readiness by a moment, so this waits up to 30 s for it.
+fn dev_banner(pipeline: &Proc, label: &str) -> Result<String> {
     let started = Instant::now();
     loop {
         let log = std::fs::read_to_string(&pipeline.log)?;
         let found = log
             .lines()
-            .find_map(|line| line.trim().strip_prefix("Kafka:"))
+            .find_map(|line| line.trim().strip_prefix(label))
             .and_then(|rest| rest.split_whitespace().next())
             .map(str::to_owned);
-        if let Some(bootstrap) = found {
-            return Ok(bootstrap);
+        if let Some(word) = found {
+            return Ok(word);
         }
         if started.elapsed() > Duration::from_secs(30) {
-            bail!("no Kafka address in the banner:\n{}", pipeline.log_tail(30));
+            bail!("no {label} in the banner:\n{}", pipeline.log_tail(30));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
