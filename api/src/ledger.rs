@@ -97,6 +97,11 @@ impl neruba_stage::Partition for LedgerPartition {
     fn batch_full(&self) -> bool {
         neruba_stage::Partition::batch_full(&self.fold)
     }
+
+    /// As the balances stage's: after a tick that stopped partway at that bound.
+    fn apply_again(&self) -> bool {
+        neruba_stage::Partition::apply_again(&self.fold)
+    }
 }
 
 /// The stage: what the runtime calls.
@@ -104,6 +109,9 @@ pub(crate) struct LedgerModel {
     pub(crate) model: Arc<Model>,
     /// The books its partitions hold, bounded together as a balances worker's are.
     pub(crate) books_held: neruba_balances::state::BooksHeld,
+    /// Their gauge, and the worker's index in it.
+    pub(crate) books: neruba_balances::metrics::BooksMemory,
+    pub(crate) worker: usize,
 }
 
 impl neruba_stage::Stage for LedgerModel {
@@ -174,6 +182,10 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn send(&self, _sink: &Sink<'_>, output: &Nothing) -> Result<DeliveryFuture, KafkaError> {
         match *output {}
+    }
+
+    fn worker_gauges(&self, _now_ms: i64) {
+        self.books.publish(self.worker, &self.books_held);
     }
 }
 

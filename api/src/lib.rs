@@ -227,10 +227,13 @@ pub async fn start(
                 &usage_config.input_topic,
                 ends_of(&usage_config)?,
             ));
-            let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |_| {
+            let books = neruba_balances::metrics::BooksMemory::register("api", &registry)?;
+            let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |slice| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),
                     books_held: neruba_balances::state::BooksHeld::default(),
+                    books: books.clone(),
+                    worker: slice.index,
                 })
             })?;
             let usage = neruba_stage::start(usage_config, &usage_registry, shutdown, |_| {

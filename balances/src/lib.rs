@@ -82,9 +82,10 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<Running> {
     let metrics = metrics::Metrics::register(registry)?;
-    neruba_stage::start(config.stage.clone(), registry, shutdown, |_slice| {
+    neruba_stage::start(config.stage.clone(), registry, shutdown, |slice| {
         Ok(stage::Balances {
             metrics: metrics.clone(),
+            worker: slice.index,
             grace_ms: config.expiry_grace_ms,
             window_floor_ms: config.window_floor_ms,
             finalize_after_ms: config.finalize_after_ms,

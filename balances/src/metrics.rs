@@ -1,5 +1,6 @@
 //! The balances stage's Prometheus series.
 
+use crate::state::BooksHeld;
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// What the balances stage counts.
@@ -15,6 +16,8 @@ pub struct Metrics {
     pub repeated_items: IntCounter,
     /// `neruba_balances_clock_lag_seconds{partition}`: wall clock minus the partition's clock.
     pub clock_lag: IntGaugeVec,
+    /// `neruba_books_memory_bytes{consumer="balances", worker, kind}`.
+    pub books: BooksMemory,
 }
 
 impl Metrics {
@@ -52,6 +55,7 @@ impl Metrics {
                 ),
                 &["partition"],
             )?,
+            books: BooksMemory::register("balances", registry)?,
         };
         registry.register(Box::new(m.entries.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
@@ -69,5 +73,47 @@ impl Metrics {
             m.refused.with_label_values(&[code]);
         }
         Ok(m)
+    }
+}
+
+/// `neruba_books_memory_bytes{consumer, worker, kind}`: the customers' books a worker of a
+/// stage folding the ledger (the balances stage, the api's read model) holds in memory, by
+/// [`BooksHeld`]'s estimates: `decoded` the most a batch held since the last reading (against
+/// the worker's bound, 256 MiB by default), `kept` in their stored form between batches
+/// (64 MiB), `freeing` a written batch's not yet freed.
+#[derive(Debug, Clone)]
+pub struct BooksMemory {
+    gauge: IntGaugeVec,
+    consumer: &'static str,
+}
+
+impl BooksMemory {
+    /// Registers the gauge in `registry`, for the stage named `consumer`.
+    pub fn register(consumer: &'static str, registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = IntGaugeVec::new(
+            Opts::new(
+                "neruba_books_memory_bytes",
+                "Customers' books a worker holds in memory, estimated: `decoded` (the most a \
+                 batch held since the last reading; a batch ends at the worker's bound), `kept` \
+                 (in their stored form between batches), `freeing` (written, not yet freed).",
+            ),
+            &["consumer", "worker", "kind"],
+        )?;
+        registry.register(Box::new(gauge.clone()))?;
+        Ok(Self { gauge, consumer })
+    }
+
+    /// Sets worker `worker`'s readings from `held`.
+    pub fn publish(&self, worker: usize, held: &BooksHeld) {
+        let worker = worker.to_string();
+        for (kind, bytes) in [
+            ("decoded", held.take_peak()),
+            ("kept", held.kept_bytes()),
+            ("freeing", held.freeing_bytes()),
+        ] {
+            self.gauge
+                .with_label_values(&[self.consumer, worker.as_str(), kind])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 }

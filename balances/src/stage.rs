@@ -24,6 +24,8 @@ pub(crate) struct Balances {
     pub(crate) finalize_after_ms: i64,
     pub(crate) ledger_topic: String,
     pub(crate) entries_topic: String,
+    /// The worker's index in the process (a label of its gauges).
+    pub(crate) worker: usize,
     /// What the worker's partitions hold in books, and its bounds.
     pub(crate) books_held: crate::state::BooksHeld,
     pub(crate) books_held_bytes: usize,
@@ -131,6 +133,10 @@ impl neruba_stage::Stage for Balances {
             // The runtime writes dead letters.
             Output::DeadLetter(_) => Err(KafkaError::Canceled),
         }
+    }
+
+    fn worker_gauges(&self, _now_ms: i64) {
+        self.metrics.books.publish(self.worker, &self.books_held);
     }
 
     fn gauges(&self, state: &PartitionState, now_ms: i64) {

@@ -41,6 +41,7 @@ use neruba_schemas::ledger::LineItem;
 use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -278,6 +279,8 @@ fn growth_estimate(record: usize) -> usize {
 #[derive(Debug, Clone, Default)]
 pub struct BooksHeld {
     decoded: Arc<AtomicUsize>,
+    /// The most `decoded` reached since [`BooksHeld::take_peak`] last read it.
+    peak: Arc<AtomicUsize>,
     stored: Arc<AtomicUsize>,
     freeing: Arc<AtomicUsize>,
 }
@@ -286,6 +289,13 @@ impl BooksHeld {
     /// Bytes of books the batch holds decoded, estimated.
     pub fn bytes(&self) -> usize {
         self.decoded.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes of books held decoded since the last call (a gauge read between
+    /// batches, when the decoded books are gone, would read 0), starting again from what is
+    /// held now.
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.bytes(), Ordering::Relaxed)
     }
 
     /// Bytes of books kept in their stored form.
@@ -309,7 +319,11 @@ impl BooksHeld {
     }
 
     fn add(&self, bytes: usize) {
-        self.decoded.fetch_add(bytes, Ordering::Relaxed);
+        let now = self
+            .decoded
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        self.peak.fetch_max(now, Ordering::Relaxed);
     }
 
     fn sub(&self, bytes: usize) {
@@ -455,6 +469,10 @@ pub struct PartitionState {
     spilled_lines: Apart<StatementLine>,
     clock_ms: i64,
     clock_dirty: bool,
+    /// The last customer a tick stopped partway has done ([`PartitionState::apply_tick`]).
+    tick_cursor: Option<(i64, String, String)>,
+    /// The record just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
+    again: bool,
     /// The longest window of a first-priced (`usage`) line item applied so far, at most
     /// [`MAX_WINDOW_MS`]: a tick is stamped that much earlier, so the items of a window that
     /// began before a grant's expiry arrive before the grant expires (each ends up to this
@@ -558,6 +576,8 @@ impl PartitionState {
             spilled_lines: Apart::default(),
             clock_ms,
             clock_dirty: false,
+            tick_cursor: None,
+            again: false,
             longest_window_ms,
             longest_window_dirty: false,
             expiry_of,
@@ -787,12 +807,16 @@ impl PartitionState {
     /// Applies one ledger-topic record. Records it cannot read are dead-lettered; only
     /// storage problems are errors.
     pub fn apply(&mut self, input: Input<'_>, record: Record) -> Result<()> {
+        self.again = false;
         self.count_growth(input.payload.len());
         if record == Record::LineItem {
             let decoded = credit::decode::<LineItem>(input.payload);
             return self.apply_line_item(input, decoded).map(|_| ());
         }
-        self.store.consumed(input.offset);
+        // A tick is consumed once done (it may stop partway).
+        if record != Record::Tick {
+            self.store.consumed(input.offset);
+        }
         match record {
             // Handled above.
             Record::LineItem => Ok(()),
@@ -838,25 +862,31 @@ impl PartitionState {
                     Ok(())
                 }
             },
-            Record::Tick => match credit::decode::<Tick>(input.payload) {
-                Ok(tick) if tick.finalize_after_ms.is_some_and(|d| d < 0) => {
-                    self.refuse(
-                        input,
-                        "invalid_tick",
-                        "a negative finalisation delay".into(),
-                    );
-                    Ok(())
+            Record::Tick => {
+                let done = match credit::decode::<Tick>(input.payload) {
+                    Ok(tick) if tick.finalize_after_ms.is_some_and(|d| d < 0) => {
+                        self.refuse(
+                            input,
+                            "invalid_tick",
+                            "a negative finalisation delay".into(),
+                        );
+                        true
+                    }
+                    Ok(tick) => self.apply_tick(
+                        tick.at_ms,
+                        tick.finalize_after_ms
+                            .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS),
+                    )?,
+                    Err(e) => {
+                        self.refuse(input, "invalid_tick", e.to_string());
+                        true
+                    }
+                };
+                if done {
+                    self.store.consumed(input.offset);
                 }
-                Ok(tick) => self.apply_tick(
-                    tick.at_ms,
-                    tick.finalize_after_ms
-                        .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS),
-                ),
-                Err(e) => {
-                    self.refuse(input, "invalid_tick", e.to_string());
-                    Ok(())
-                }
-            },
+                Ok(())
+            }
             Record::Rule => match credit::decode::<RuleRecord>(input.payload) {
                 Ok(record)
                     if record.tenant.is_empty()
@@ -1076,43 +1106,67 @@ impl PartitionState {
     }
 
     /// Moves the clock to `at_ms` (never back), expires what it passed and moves statements on.
-    fn apply_tick(&mut self, at_ms: i64, finalize_after_ms: i64) -> Result<()> {
+    /// Applies a tick at `at_ms` to every customer with a deadline by then, in the deadline
+    /// index's order. Returns whether it is done: once the worker's books reach their bound it
+    /// stops after a customer (one at least) with [`neruba_stage::Partition::apply_again`],
+    /// for the runtime to write that part and apply the tick again, which goes on after the
+    /// last customer done. The customers done are past the tick in the index (a book's next
+    /// deadline is after any tick applied to it), so after a restart the tick goes on from
+    /// the index's first due customer: the same customers in the same order, whatever the
+    /// parts. The clock moves, and is written, once the last one is done.
+    fn apply_tick(&mut self, at_ms: i64, finalize_after_ms: i64) -> Result<bool> {
         if at_ms <= self.clock_ms {
-            return Ok(());
+            return Ok(true);
         }
-        self.clock_ms = at_ms;
-        self.clock_dirty = true;
-        let due: Vec<(String, String)> = self
-            .expiries
-            .iter()
-            .take_while(|(at, _, _)| *at <= at_ms)
-            .map(|(_, tenant, customer)| (tenant.clone(), customer.clone()))
-            .collect();
-        for (tenant, customer) in due {
+        let mut done = 0_usize;
+        loop {
+            let after = match &self.tick_cursor {
+                Some(cursor) => Bound::Excluded(cursor),
+                None => Bound::Unbounded,
+            };
+            let Some(next) = self
+                .expiries
+                .range((after, Bound::Unbounded))
+                .next()
+                .filter(|(at, _, _)| *at <= at_ms)
+                .cloned()
+            else {
+                break;
+            };
+            if done > 0 && self.held.bytes() >= self.held_bound {
+                self.again = true;
+                return Ok(false);
+            }
+            let (_, tenant, customer) = &next;
             // The statements the tick turns draft or final carry their lines whole.
-            let book_key = customer_key(b'B', &tenant, &customer);
+            let book_key = customer_key(b'B', tenant, customer);
             let statements = self
-                .book_at(&book_key, &tenant, &customer)?
+                .book_at(&book_key, tenant, customer)?
                 .statement_keys_due(at_ms);
             for statement in statements {
                 for list in [
                     LineList::Lines(statement.clone()),
                     LineList::Prior(statement),
                 ] {
-                    self.unspill_lines(&book_key, &tenant, &customer, &list)?;
+                    self.unspill_lines(&book_key, tenant, customer, &list)?;
                 }
             }
             let grace = 0;
-            let entries = self.book(&tenant, &customer)?.apply_tick(
-                &tenant,
-                &customer,
+            let entries = self.book(tenant, customer)?.apply_tick(
+                tenant,
+                customer,
                 at_ms,
                 grace,
                 finalize_after_ms,
             );
-            self.emit(&tenant, &customer, entries);
+            self.emit(tenant, customer, entries);
+            self.tick_cursor = Some(next);
+            done += 1;
         }
-        Ok(())
+        self.tick_cursor = None;
+        self.clock_ms = at_ms;
+        self.clock_dirty = true;
+        Ok(true)
     }
 
     /// Whether a tick should be written now (wall clock `now_ms`): a deadline plus grace plus
@@ -1441,6 +1495,11 @@ impl neruba_stage::Partition for PartitionState {
     fn batch_full(&self) -> bool {
         self.held.bytes() >= self.held_bound
     }
+
+    /// After a tick that stopped partway at that bound ([`PartitionState::apply_tick`]).
+    fn apply_again(&self) -> bool {
+        self.again
+    }
 }
 
 impl PartitionState {
@@ -1703,6 +1762,117 @@ mod tests {
         );
     }
 
+    /// Applies `records` (offsets from 0) to the partition state in `dir`, writing after each
+    /// record and after each part of one that stops partway; with `stop_after_parts`, stops
+    /// (as a crash would, nothing more written) once that many parts of a record were written.
+    /// The entries delivered, and for each record the parts it took.
+    fn apply_in_parts(
+        dir: &Path,
+        held_bound: usize,
+        records: &[(Vec<u8>, Record)],
+        stop_after_parts: Option<usize>,
+    ) -> (Vec<credit::BalanceEntry>, Vec<usize>) {
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir, 0, &cache, 0)
+            .expect("open")
+            .with_books_held(BooksHeld::default(), held_bound, usize::MAX);
+        let from = state.next_offset().unwrap_or(0);
+        let (mut entries, mut parts) = (Vec::new(), Vec::new());
+        for (offset, (bytes, record)) in (0_i64..)
+            .zip(records)
+            .skip(usize::try_from(from).expect("offset"))
+        {
+            let input = Input {
+                offset,
+                key: None,
+                payload: bytes,
+            };
+            let mut part = 0;
+            loop {
+                state.apply(input, *record).expect("apply");
+                part += 1;
+                let again = neruba_stage::Partition::apply_again(&state);
+                entries.extend(state.take_outputs().into_iter().filter_map(|o| match o {
+                    Output::Entry(e) => Some(*e),
+                    _ => None,
+                }));
+                state.commit().expect("commit");
+                if again {
+                    // Written with the offset still at the record, and the clock where it was.
+                    assert_eq!(state.store.next_offset(), Some(offset));
+                    let clock = stored_clock(&state.store.db().get(CLOCK_KEY).expect("clock"));
+                    assert!(clock < 1_000, "{clock}");
+                }
+                if stop_after_parts == Some(part) && again {
+                    return (entries, parts);
+                }
+                if !again {
+                    break;
+                }
+            }
+            parts.push(part);
+        }
+        (entries, parts)
+    }
+
+    #[test]
+    fn a_tick_due_for_more_books_than_a_batch_holds_is_applied_in_parts_with_the_same_entries() {
+        // Was: a tick applied to every customer due by it at once, decoding each one's book
+        // (and the statement lines kept apart from it) in a single batch, however many: at a
+        // period's end, every customer of the partition, past any bound on a batch's memory.
+        let mut records: Vec<(Vec<u8>, Record)> = (0..5)
+            .map(|n| {
+                let mut grant = usd_grant(&format!("c{n}"), "pack", &format!("{}", n + 1), 1);
+                grant.terms.expires_at = Some(neruba_schemas::event::format_time_ms(1_000 + n));
+                (credit::encode(&grant), Record::Grant)
+            })
+            .collect();
+        records.push(Op::Tick(10_000).record());
+        records.push((
+            credit::encode(&usd_grant("c2", "later", "7", 1)),
+            Record::Grant,
+        ));
+        let whole_dir = tempfile::tempdir().expect("tempdir");
+        let (whole, whole_parts) = apply_in_parts(whole_dir.path(), usize::MAX, &records, None);
+        assert_eq!(whole_parts, [1; 7]);
+        let expired: Vec<(String, rust_decimal::Decimal)> = whole
+            .iter()
+            .filter(|e| e.kind == credit::EntryKind::Expire)
+            .map(|e| (e.customer.clone(), e.amount))
+            .collect();
+        let want: Vec<(String, rust_decimal::Decimal)> = (1..=5)
+            .map(|n| (format!("c{}", n - 1), -rust_decimal::Decimal::from(n)))
+            .collect();
+        assert_eq!(expired, want);
+        // Bounded to one byte: a part per customer due, the same entries in the same order.
+        let parts_dir = tempfile::tempdir().expect("tempdir");
+        let (in_parts, parts) = apply_in_parts(parts_dir.path(), 1, &records, None);
+        assert_eq!(parts, [1, 1, 1, 1, 1, 5, 1]);
+        assert_eq!(in_parts, whole);
+        // Stopped after two parts and started again from the store: the tick goes on with the
+        // third customer, and every entry is delivered once, the same.
+        let crash_dir = tempfile::tempdir().expect("tempdir");
+        let (before, _) = apply_in_parts(crash_dir.path(), 1, &records, Some(2));
+        assert_eq!(before.len(), 5 + 2);
+        let (after, after_parts) = apply_in_parts(crash_dir.path(), 1, &records, None);
+        assert_eq!(after_parts, [3, 1]);
+        assert_eq!([before, after].concat(), whole);
+        for dir in [parts_dir.path(), crash_dir.path()] {
+            let cache = Cache::new_lru_cache(1 << 20);
+            let state = PartitionState::open(dir, 0, &cache, 0).expect("open");
+            let whole_state = PartitionState::open(whole_dir.path(), 0, &cache, 0).expect("open");
+            assert_eq!(state.clock_ms, 10_000);
+            assert_eq!(state.next_offset(), Some(7));
+            for n in 0..5 {
+                let customer = format!("c{n}");
+                assert_eq!(
+                    stored_book(&state, &customer),
+                    stored_book(&whole_state, &customer)
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_worker_s_partitions_count_the_books_they_hold_and_a_batch_is_full_at_its_bound() {
         // Was: a batch held the book of every customer it touched, up to 50,000 records of as
@@ -1756,6 +1926,34 @@ mod tests {
         let kept: usize = stored.iter().map(|(k, b)| kept_cost(k, b)).sum();
         assert_eq!((held.bytes(), held.kept_bytes()), (0, kept));
         assert_eq!((first.books.len(), first.stored.len()), (0, 4));
+        // The gauge reads the most the batch held, though its books are gone by then, and
+        // what is kept; the next reading starts again from what is held.
+        let registry = prometheus::Registry::new();
+        let gauge = crate::metrics::BooksMemory::register("balances", &registry).expect("gauge");
+        let reading = |registry: &prometheus::Registry| -> Vec<(String, i64)> {
+            registry
+                .gather()
+                .iter()
+                .flat_map(|family| family.get_metric().iter())
+                .map(|m| {
+                    let labels: Vec<&str> = m.get_label().iter().map(|l| l.value()).collect();
+                    (labels.join(" "), m.get_gauge().get_value() as i64)
+                })
+                .collect()
+        };
+        gauge.publish(3, &held);
+        let peak = i64::try_from(costs[..4].iter().sum::<usize>()).expect("bytes");
+        let kept_i64 = i64::try_from(kept).expect("bytes");
+        assert_eq!(
+            reading(&registry),
+            [
+                ("balances decoded 3".to_owned(), peak),
+                ("balances freeing 3".to_owned(), 0),
+                ("balances kept 3".to_owned(), kept_i64),
+            ]
+        );
+        gauge.publish(3, &held);
+        assert_eq!(reading(&registry)[0], ("balances decoded 3".to_owned(), 0));
         // A book needed again is decoded from what was kept, not read (the store's copy is
         // gone here), and counted at its size.
         first.store.db().delete(&stored[0].0).expect("delete");

@@ -97,6 +97,9 @@ pub trait Stage: Send + 'static {
 
     /// Publishes per-partition gauges, about once a second.
     fn gauges(&self, _partition: &Self::Partition, _now_ms: i64) {}
+
+    /// Publishes the worker's own gauges (what its partitions share), about once a second.
+    fn worker_gauges(&self, _now_ms: i64) {}
 }
 
 /// What the runtime needs of a partition's state.
@@ -111,6 +114,17 @@ pub trait Partition: Send + 'static {
     /// before its write: the runtime then ends the batch after the message just applied,
     /// whatever its count. By default never (`max_batch` bounds it).
     fn batch_full(&self) -> bool {
+        false
+    }
+
+    /// Whether the message just applied stopped partway, its part so far to be written first
+    /// (a clock tick due for more customers than a batch may hold): the runtime then ends the
+    /// batch there, delivering and writing it with the partition's next offset still that
+    /// message's, and applies the same message again in a batch of its own, until this is
+    /// false. Nothing else is applied in between, so the outcome is the same however the
+    /// message was split, and a crash in between applies it again from where its last part
+    /// was written. By default never.
+    fn apply_again(&self) -> bool {
         false
     }
 }

@@ -272,6 +272,7 @@ impl<S: Stage> Shared<S> {
                 .observe_store_memory(*partition, memtables, table_readers);
             self.stage.gauges(state, now);
         }
+        self.stage.worker_gauges(now);
         self.health
             .observe_block_cache(self.cache.get_usage(), self.cache.get_pinned_usage());
     }
@@ -407,7 +408,7 @@ impl<S: Stage> Worker<S> {
                 tracing::info!(stage = S::NAME, "Stopped; state written.");
                 return Ok(());
             }
-            let batch = self.lock()?.stage.begin_batch();
+            let mut batch = self.lock()?.stage.begin_batch();
             let mut applied = 0;
             // From the batch's first message (the wait for one is idle time), with the time
             // spent finishing batches by then, to leave out a rebalance's.
@@ -448,11 +449,26 @@ impl<S: Stage> Worker<S> {
                 let mut guard = self.lock()?;
                 let shared = &mut *guard;
                 let mut full = false;
-                if let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                if shared.partitions.contains_key(&message.partition()) {
                     first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
+                }
+                while let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;
                     shared.unwritten += 1;
                     full = state.batch_full();
+                    if !state.apply_again() || self.killed() {
+                        break;
+                    }
+                    // The message stopped partway: its part so far is delivered and written
+                    // (with the partition's offset still at it), then it is applied again, in
+                    // a batch of its own. A stop in between resumes it at the next start; the
+                    // batch ends here, since nothing after it may be applied before the rest.
+                    shared.finish_batch(&self.consumer, false)?;
+                    if self.shutdown.is_cancelled() {
+                        full = true;
+                        break;
+                    }
+                    batch = shared.stage.begin_batch();
                 }
                 drop(guard);
                 applied += 1;

@@ -136,6 +136,33 @@ async fn write(producer: &FutureProducer, topic: &str, record: &Record) -> Resul
     Ok(())
 }
 
+/// A clock tick at `at_ms` into partition `partition` of `topic`, as the stage writes one.
+async fn write_tick(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    at_ms: i64,
+) -> Result<()> {
+    let payload = credit::encode(&credit::Tick {
+        v: 1,
+        at_ms,
+        finalize_after_ms: None,
+    });
+    let message = FutureRecord::to(topic)
+        .key("neruba-tick".as_bytes())
+        .payload(payload.as_slice())
+        .partition(partition)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: RECORD_HEADER,
+            value: Some("tick"),
+        }));
+    producer
+        .send(message, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 fn start(
     kafka: &EmbeddedKafka,
     state: &Path,
@@ -380,7 +407,8 @@ fn batches(registry: &prometheus::Registry) -> (u64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same() -> Result<()> {
     // Was: a batch held every book it touched until its write, up to 50,000 records of as
-    // many customers, whatever they weighed.
+    // many customers, whatever they weighed; and a tick took every customer due by it into
+    // one batch, however many.
     let (kafka, producer) = broker(&["ledger-m", "entries-m-one", "entries-m-all"])?;
     let now = neruba_schemas::event::now_ms();
     let customers = 10;
@@ -405,6 +433,16 @@ async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same
         }
         records += 3;
     }
+    // A tick 40 days on in each partition: every customer's statement turns draft and final
+    // (the stage writes none of its own: the period ends in 29 days).
+    let mut due = [0_u32; PARTITIONS as usize];
+    for n in 0..customers {
+        let partition = stable_partition(&format!("acme/m{n}"), PARTITIONS);
+        due[usize::try_from(partition)?] += 1;
+    }
+    for partition in 0..PARTITIONS {
+        write_tick(&producer, "ledger-m", partition, now + 40 * DAY).await?;
+    }
     let mut runs = Vec::new();
     for (entries_topic, held_bytes) in [("entries-m-one", 1), ("entries-m-all", usize::MAX)] {
         let state = tempfile::tempdir()?;
@@ -416,7 +454,7 @@ async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same
         let registry = prometheus::Registry::new();
         let shutdown = CancellationToken::new();
         let running = neruba_balances::start(config, &registry, shutdown.clone())?;
-        let got = entries(&kafka, entries_topic, 3 * customers).await;
+        let got = entries(&kafka, entries_topic, 5 * customers).await;
         shutdown.cancel();
         running.wait().await?;
         runs.push((got.context("read entries")?, batches(&registry)));
@@ -425,8 +463,10 @@ async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same
         (one, (one_batches, one_records)),
         (all, (all_batches, all_records)),
     ] = <[_; 2]>::try_from(runs).map_err(|_| anyhow::anyhow!("two runs"))?;
-    // A bound of one byte: every batch one ledger record (a tick the stage wrote is one too).
-    assert!(one_records >= f64::from(records), "{one_records}");
+    // A bound of one byte: every batch one ledger record, or one customer of a tick (a
+    // partition's tick takes as many batches as it has customers due, one at least).
+    let tick_parts: u32 = due.iter().map(|d| (*d).max(1)).sum();
+    assert_eq!(one_records, f64::from(records + tick_parts));
     assert_eq!(f64::from(u32::try_from(one_batches)?), one_records);
     // Unbounded, the records written before the stage started come in fewer batches.
     assert!(
@@ -434,8 +474,25 @@ async fn a_batch_ends_once_its_books_pass_the_bound_and_the_entries_are_the_same
         "{all_batches} batches of {all_records} records"
     );
     // The same entries, ids and sequence numbers included, however the batches fell.
-    assert_eq!(one.len(), 3 * customers);
+    assert_eq!(one.len(), 5 * customers);
     assert_eq!(one, all);
+    for n in 0..customers {
+        let kinds: Vec<EntryKind> = all
+            .iter()
+            .filter(|e| e.customer == format!("m{n}"))
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                EntryKind::Grant,
+                EntryKind::Consume,
+                EntryKind::Consume,
+                EntryKind::StatementDraft,
+                EntryKind::StatementFinal
+            ]
+        );
+    }
     let balances: Vec<Decimal> = all
         .iter()
         .filter(|e| e.seq == 3)

@@ -81,6 +81,16 @@ pub(crate) struct BalancesArgs {
     /// written (a batch ends sooner when nothing more is queued).
     #[arg(long, env = "NERUBA_BALANCES_MAX_BATCH", default_value_t = neruba_balances::DEFAULT_MAX_BATCH)]
     pub(crate) balances_max_batch: usize,
+    /// Bytes of customers' books a worker holds decoded before its batch ends, estimated (5
+    /// bytes for each byte stored, and 1 KiB a book); a tick due for more customers than fit
+    /// is applied in parts within it. The worker may hold twice this for a moment, while a
+    /// full batch's books are freed.
+    #[arg(long, env = "NERUBA_BALANCES_BOOKS_HELD_BYTES", default_value_t = neruba_balances::state::BOOKS_HELD_BYTES)]
+    pub(crate) balances_books_held_bytes: usize,
+    /// Bytes of books a worker keeps in their stored form between batches, to decode instead
+    /// of reading them again (0: none).
+    #[arg(long, env = "NERUBA_BALANCES_BOOKS_KEPT_BYTES", default_value_t = neruba_balances::state::BOOKS_KEPT_BYTES)]
+    pub(crate) balances_books_kept_bytes: usize,
     /// `/readyz` turns false when a ledger partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_BALANCES_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) balances_stuck_after: Duration,
@@ -108,6 +118,9 @@ impl BalancesArgs {
         if self.balances_max_batch == 0 {
             anyhow::bail!("--balances-max-batch must be positive");
         }
+        if self.balances_books_held_bytes == 0 {
+            anyhow::bail!("--balances-books-held-bytes must be positive");
+        }
         let mut config = neruba_balances::Config::new(brokers, state_dir);
         config.stage.max_batch = self.balances_max_batch;
         config.stage.group_id = self.balances_group_id.clone();
@@ -119,6 +132,8 @@ impl BalancesArgs {
         config.entries_topic = self.balance_entries_topic.clone();
         config.expiry_grace_ms = millis(self.balances_expiry_grace)?;
         config.finalize_after_ms = millis(self.finalize_after)?;
+        config.books_held_bytes = self.balances_books_held_bytes;
+        config.books_kept_bytes = self.balances_books_kept_bytes;
         Ok(config)
     }
 }
