@@ -23,6 +23,12 @@
 //! used up, against a book that keeps every grant, and a read of it as a balance read and as
 //! the grants list take it; and a customer with a new group value in
 //! every item, for each count of groups in `NERUBA_BENCH_GROUPS` (default `1000,10000`).
+//!
+//! Last, the period's end: after the workload, one tick turns every customer's statement draft
+//! and final, applied within the books' default bound (in parts, as the stage does) and with
+//! no bound (every customer's book at once, as the stage did before December 1), each on
+//! fresh state: its time, its parts, the books held at most, and how far the process's RSS
+//! rose over its RSS before the tick.
 
 // Rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -30,9 +36,12 @@
 use anyhow::Result;
 // The allocator the `neruba` binary runs with.
 use neruba as _;
-use neruba_balances::state::{Output, PartitionState, Parts, Record as Kind, store_options};
+use neruba_balances::state::{
+    BOOKS_HELD_BYTES, BOOKS_KEPT_BYTES, BooksHeld, Output, PartitionState, Parts, Record as Kind,
+    store_options,
+};
 use neruba_benches::balances::{Floor, Record, first_book, workload};
-use neruba_benches::{peak_rss_kib, rate};
+use neruba_benches::{peak_rss_kib, rate, reset_peak_rss, rss_kib};
 use neruba_schemas::credit::{self, Grant};
 use neruba_schemas::ledger::LineItem;
 use neruba_stage::Partition as _;
@@ -90,6 +99,86 @@ fn round(records: &[&Record]) -> Result<Phases> {
         phases.write += encoded.elapsed();
     }
     Ok(phases)
+}
+
+/// What a tick at a period's end cost ([`period_end_tick`]).
+struct TickRun {
+    took: Duration,
+    parts: usize,
+    entries: usize,
+    /// The most bytes of books held decoded during the tick, by the stage's estimate.
+    held: usize,
+    /// How far the process's RSS rose during the tick over its RSS before it, KiB.
+    rss_rise_kib: u64,
+}
+
+/// `records` applied to fresh state in batches of [`BATCH`] with the books bounded by
+/// `held_bound`, then a tick at `at_ms`, applied again and written after each part until done
+/// (as the stage's runtime does).
+fn period_end_tick(records: &[&Record], held_bound: usize, at_ms: i64) -> Result<TickRun> {
+    let dir = tempfile::tempdir()?;
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let store = Store::open(dir.path(), 0, &store_options(), &cache)?;
+    let held = BooksHeld::default();
+    let mut state = PartitionState::from_store(store, 0, 3 * 86_400_000)?.with_books_held(
+        held.clone(),
+        held_bound,
+        BOOKS_KEPT_BYTES,
+    );
+    let mut offset = 0_i64;
+    for batch in records.chunks(BATCH) {
+        for record in batch {
+            let input = Input {
+                offset,
+                key: Some(record.key.as_bytes()),
+                payload: &record.payload,
+            };
+            state.apply(input, Kind::of(record.header.map(str::as_bytes)))?;
+            offset += 1;
+        }
+        drop(state.take_outputs());
+        state.commit()?;
+    }
+    let tick = credit::encode(&credit::Tick {
+        v: 1,
+        at_ms,
+        finalize_after_ms: None,
+    });
+    let started = Instant::now();
+    while held.freeing_bytes() > 0 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let before = rss_kib();
+    reset_peak_rss()?;
+    held.take_peak();
+    let started = Instant::now();
+    let (mut parts, mut entries) = (0, 0);
+    loop {
+        let input = Input {
+            offset,
+            key: None,
+            payload: &tick,
+        };
+        state.apply(input, Kind::Tick)?;
+        parts += 1;
+        let again = state.apply_again();
+        entries += state
+            .take_outputs()
+            .iter()
+            .filter(|o| matches!(o, Output::Entry(_)))
+            .count();
+        state.commit()?;
+        if !again {
+            break;
+        }
+    }
+    Ok(TickRun {
+        took: started.elapsed(),
+        parts,
+        entries,
+        held: held.take_peak(),
+        rss_rise_kib: peak_rss_kib().saturating_sub(before),
+    })
 }
 
 /// A grant of `customer` in the form the gateway writes (record version 2, bounded), with a
@@ -552,6 +641,29 @@ fn main() -> Result<()> {
             m.tick,
         );
     }
-    println!("peak RSS of the process: {} MiB", peak_rss_kib() / 1024);
+    println!(
+        "peak RSS of the process before the period's end: {} MiB",
+        peak_rss_kib() / 1024
+    );
+    // A period's end: a tick 34 days on is past the workload's period (30 days from a
+    // multiple of 30 days before now) and its 3 days as draft.
+    let at_ms = neruba_schemas::event::now_ms() + 34 * 86_400_000;
+    for (bound, name) in [
+        (
+            BOOKS_HELD_BYTES,
+            format!("within {} MiB", BOOKS_HELD_BYTES >> 20),
+        ),
+        (usize::MAX, "unbounded (as before December 1)".to_owned()),
+    ] {
+        let t = period_end_tick(&records, bound, at_ms)?;
+        println!(
+            "the period's end, {customers} customers' statements turned draft and final by one tick {name}: {:.2?} in {} parts, {} entries; books held at most {} MiB; the process's RSS rose {} MiB over its RSS before the tick",
+            t.took,
+            t.parts,
+            t.entries,
+            t.held >> 20,
+            t.rss_rise_kib / 1024
+        );
+    }
     Ok(())
 }

@@ -102,6 +102,12 @@ pub fn peak_rss_kib() -> u64 {
     status_kib("VmHWM:")
 }
 
+/// Starts the process's peak resident set size (`VmHWM`) again from its size now (Linux
+/// `/proc/self/clear_refs`), so that a later [`peak_rss_kib`] measures one phase.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
 /// The process's resident set size now, KiB (Linux `VmRSS`).
 pub fn rss_kib() -> u64 {
     status_kib("VmRSS:")
