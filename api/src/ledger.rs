@@ -112,6 +112,9 @@ pub(crate) struct LedgerModel {
     /// Their gauge, and the worker's index in it.
     pub(crate) books: neruba_balances::metrics::BooksMemory,
     pub(crate) worker: usize,
+    /// Its bounds ([`crate::Config::books_held_bytes`]).
+    pub(crate) books_held_bytes: usize,
+    pub(crate) books_kept_bytes: usize,
 }
 
 impl neruba_stage::Stage for LedgerModel {
@@ -138,8 +141,8 @@ impl neruba_stage::Stage for LedgerModel {
         let fold = PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS)?
             .with_books_held(
                 self.books_held.clone(),
-                neruba_balances::state::BOOKS_HELD_BYTES,
-                neruba_balances::state::BOOKS_KEPT_BYTES,
+                self.books_held_bytes,
+                self.books_kept_bytes,
             );
         self.model.opened(fold.partition, db, fold.next_offset());
         Ok(LedgerPartition {

@@ -68,6 +68,11 @@ pub struct Config {
     /// Most rows a usage page holds, and its `limit` when none is asked for
     /// ([`usage::MAX_USAGE_ROWS`]).
     pub max_usage_rows: usize,
+    /// Bytes of customers' books a worker of the ledger read model holds decoded before its
+    /// batch ends, and keeps in their stored form between batches, as the balances stage's
+    /// ([`neruba_balances::state::BOOKS_HELD_BYTES`], [`neruba_balances::state::BOOKS_KEPT_BYTES`]).
+    pub books_held_bytes: usize,
+    pub books_kept_bytes: usize,
 }
 
 impl Config {
@@ -97,6 +102,8 @@ impl Config {
             console_gateway: None,
             connections: neruba_stage::server::ConnectionLimits::default(),
             max_usage_rows: usage::MAX_USAGE_ROWS,
+            books_held_bytes: neruba_balances::state::BOOKS_HELD_BYTES,
+            books_kept_bytes: neruba_balances::state::BOOKS_KEPT_BYTES,
         }
     }
 }
@@ -212,6 +219,7 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let stage_config = config.stage.clone();
+    let (books_held_bytes, books_kept_bytes) = (config.books_held_bytes, config.books_kept_bytes);
     let mut usage_config = config.stage.clone();
     usage_config.input_topic.clone_from(&config.rollups_topic);
     let usage_registry = prometheus::Registry::new();
@@ -234,6 +242,8 @@ pub async fn start(
                     books_held: neruba_balances::state::BooksHeld::default(),
                     books: books.clone(),
                     worker: slice.index,
+                    books_held_bytes,
+                    books_kept_bytes,
                 })
             })?;
             let usage = neruba_stage::start(usage_config, &usage_registry, shutdown, |_| {

@@ -72,6 +72,15 @@ pub(crate) struct ApiArgs {
     /// read's memory stays bounded.
     #[arg(long, env = "NERUBA_API_MAX_USAGE_ROWS", default_value_t = neruba_api::usage::MAX_USAGE_ROWS)]
     pub(crate) api_max_usage_rows: usize,
+    /// Bytes of customers' books a worker of the ledger read model holds decoded before its
+    /// batch ends (a tick due for more customers is applied in parts within it), as the
+    /// balances stage's `--balances-books-held-bytes` (0: every record in a batch of its own).
+    #[arg(long, env = "NERUBA_API_BOOKS_HELD_BYTES", default_value_t = neruba_balances::state::BOOKS_HELD_BYTES)]
+    pub(crate) api_books_held_bytes: usize,
+    /// Bytes of books a worker of the read model keeps in their stored form between batches
+    /// (0: none).
+    #[arg(long, env = "NERUBA_API_BOOKS_KEPT_BYTES", default_value_t = neruba_balances::state::BOOKS_KEPT_BYTES)]
+    pub(crate) api_books_kept_bytes: usize,
 }
 
 /// The topics the api reads (ledger, rollups) or waits on (events).
@@ -100,6 +109,8 @@ impl ApiArgs {
         config.aggregator_group_id = aggregator_group_id.to_owned();
         config.read_wait = self.api_read_wait;
         config.max_usage_rows = self.api_max_usage_rows;
+        config.books_held_bytes = self.api_books_held_bytes;
+        config.books_kept_bytes = self.api_books_kept_bytes;
         config.console_gateway.clone_from(&self.console_gateway_url);
         config
     }

@@ -83,8 +83,9 @@ pub(crate) struct BalancesArgs {
     pub(crate) balances_max_batch: usize,
     /// Bytes of customers' books a worker holds decoded before its batch ends, estimated (5
     /// bytes for each byte stored, and 1 KiB a book); a tick due for more customers than fit
-    /// is applied in parts within it. The worker may hold twice this for a moment, while a
-    /// full batch's books are freed.
+    /// is applied in parts within it (0: every record in a batch of its own, and a tick a
+    /// customer at a time). The worker may hold twice this for a moment, while a full batch's
+    /// books are freed.
     #[arg(long, env = "NERUBA_BALANCES_BOOKS_HELD_BYTES", default_value_t = neruba_balances::state::BOOKS_HELD_BYTES)]
     pub(crate) balances_books_held_bytes: usize,
     /// Bytes of books a worker keeps in their stored form between batches, to decode instead
@@ -117,9 +118,6 @@ impl BalancesArgs {
         }
         if self.balances_max_batch == 0 {
             anyhow::bail!("--balances-max-batch must be positive");
-        }
-        if self.balances_books_held_bytes == 0 {
-            anyhow::bail!("--balances-books-held-bytes must be positive");
         }
         let mut config = neruba_balances::Config::new(brokers, state_dir);
         config.stage.max_batch = self.balances_max_batch;
