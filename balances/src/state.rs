@@ -274,6 +274,13 @@ fn growth_estimate(record: usize) -> usize {
     record.saturating_mul(2)
 }
 
+/// What a statement line decoded in memory is counted at: 1 KiB for its fields and the node
+/// its group's map allocates (room for 11 names and values), and its text.
+fn line_estimate(line: &StatementLine) -> usize {
+    let text: usize = line.group.iter().map(|(k, v)| k.len() + v.len()).sum();
+    1024 + line.meter.len() + line.period_start.len() + text
+}
+
 /// The bytes of books a worker's partitions hold, shared by them: decoded by the batch
 /// ([`held_estimate`]), and kept in their stored form between batches.
 #[derive(Debug, Clone, Default)]
@@ -452,8 +459,9 @@ pub struct PartitionState {
     stored_bytes: usize,
     /// What the books of `books` cost, each by [`held_estimate`] of its size when read.
     counted: usize,
-    /// What the batch's records may have added to their books ([`growth_estimate`]), until
-    /// the write measures the books again.
+    /// What the batch's records may have added to their books ([`growth_estimate`]), the
+    /// statement lines put back into them, and the statements their entries carry
+    /// ([`line_estimate`]), until the write.
     grown: usize,
     /// What the worker's partitions hold together.
     held: BooksHeld,
@@ -469,8 +477,9 @@ pub struct PartitionState {
     spilled_lines: Apart<StatementLine>,
     clock_ms: i64,
     clock_dirty: bool,
-    /// The last customer a tick stopped partway has done ([`PartitionState::apply_tick`]).
-    tick_cursor: Option<(i64, String, String)>,
+    /// The tick stopped partway (its offset) and the last customer it has done
+    /// ([`PartitionState::apply_tick`]).
+    tick_cursor: Option<(i64, (i64, String, String))>,
     /// The record just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
     again: bool,
     /// The longest window of a first-priced (`usage`) line item applied so far, at most
@@ -660,9 +669,13 @@ impl PartitionState {
 
     /// Counts what a record of `len` bytes may add to its book.
     fn count_growth(&mut self, len: usize) {
-        let grown = growth_estimate(len);
-        self.grown = self.grown.saturating_add(grown);
-        self.held.add(grown);
+        self.count_grown(growth_estimate(len));
+    }
+
+    /// Counts `bytes` more held until the write.
+    fn count_grown(&mut self, bytes: usize) {
+        self.grown = self.grown.saturating_add(bytes);
+        self.held.add(bytes);
     }
 
     /// Keeps `bytes`, the stored form of the book at `key` as just written.
@@ -787,6 +800,15 @@ impl PartitionState {
             }
         }
         self.dirty.insert(key);
+        // A statement's entry carries its lines (a tick turning thousands of customers'
+        // statements holds them all until delivered).
+        let carried: usize = entries
+            .iter()
+            .filter_map(|e| e.statement.as_deref())
+            .flat_map(|s| s.lines.iter().chain(&s.prior_period))
+            .map(line_estimate)
+            .sum();
+        self.count_grown(carried);
         self.outputs.reserve(entries.len());
         for entry in entries {
             *self.counts.entries.entry(entry.kind.as_str()).or_default() += 1;
@@ -873,6 +895,7 @@ impl PartitionState {
                         true
                     }
                     Ok(tick) => self.apply_tick(
+                        input.offset,
                         tick.at_ms,
                         tick.finalize_after_ms
                             .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS),
@@ -938,6 +961,7 @@ impl PartitionState {
         input: Input<'_>,
         decoded: neruba_schemas::Result<LineItem>,
     ) -> Result<Option<LineItem>> {
+        self.again = false;
         self.store.consumed(input.offset);
         match decoded {
             Ok(item)
@@ -1082,6 +1106,7 @@ impl PartitionState {
         let lines = self.spilled_lines.take_all(self.store.db(), &prefix, || {
             format!("statement line of {tenant}/{customer}")
         })?;
+        self.count_grown(lines.iter().map(line_estimate).sum());
         self.book_at(book_key, tenant, customer)?
             .put_lines(list, lines);
         Ok(())
@@ -1114,14 +1139,22 @@ impl PartitionState {
     /// deadline is after any tick applied to it), so after a restart the tick goes on from
     /// the index's first due customer: the same customers in the same order, whatever the
     /// parts. The clock moves, and is written, once the last one is done.
-    fn apply_tick(&mut self, at_ms: i64, finalize_after_ms: i64) -> Result<bool> {
+    fn apply_tick(&mut self, offset: i64, at_ms: i64, finalize_after_ms: i64) -> Result<bool> {
+        // Where this tick stopped, if it did (a cursor of another record is stale).
+        if self
+            .tick_cursor
+            .as_ref()
+            .is_some_and(|(at, _)| *at != offset)
+        {
+            self.tick_cursor = None;
+        }
         if at_ms <= self.clock_ms {
             return Ok(true);
         }
         let mut done = 0_usize;
         loop {
             let after = match &self.tick_cursor {
-                Some(cursor) => Bound::Excluded(cursor),
+                Some((_, cursor)) => Bound::Excluded(cursor),
                 None => Bound::Unbounded,
             };
             let Some(next) = self
@@ -1160,7 +1193,7 @@ impl PartitionState {
                 finalize_after_ms,
             );
             self.emit(tenant, customer, entries);
-            self.tick_cursor = Some(next);
+            self.tick_cursor = Some((offset, next));
             done += 1;
         }
         self.tick_cursor = None;
@@ -1801,7 +1834,7 @@ mod tests {
                     // Written with the offset still at the record, and the clock where it was.
                     assert_eq!(state.store.next_offset(), Some(offset));
                     let clock = stored_clock(&state.store.db().get(CLOCK_KEY).expect("clock"));
-                    assert!(clock < 1_000, "{clock}");
+                    assert_eq!(clock, i64::MIN);
                 }
                 if stop_after_parts == Some(part) && again {
                     return (entries, parts);
@@ -1871,6 +1904,28 @@ mod tests {
                 );
             }
         }
+        // A tick done earlier in the batch of one that stops partway is written with its own
+        // time: the clock stored is the last tick done.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0)
+            .expect("open")
+            .with_books_held(BooksHeld::default(), 1, usize::MAX);
+        let mut batch: Vec<(Vec<u8>, Record)> = records[..5].to_vec();
+        batch.push(Op::Tick(500).record());
+        batch.push(Op::Tick(10_000).record());
+        for (offset, (bytes, record)) in (0_i64..).zip(&batch) {
+            let input = Input {
+                offset,
+                key: None,
+                payload: bytes,
+            };
+            state.apply(input, *record).expect("apply");
+        }
+        assert!(neruba_stage::Partition::apply_again(&state));
+        state.commit().expect("commit");
+        let clock = stored_clock(&state.store.db().get(CLOCK_KEY).expect("clock"));
+        assert_eq!((clock, state.store.next_offset()), (500, Some(6)));
     }
 
     #[test]
@@ -2345,7 +2400,28 @@ mod tests {
             payload: &payload,
         };
         state.apply(input, record).expect("apply");
+        let held = state.held.bytes();
         let outputs = state.take_outputs();
+        // Counted until the write: the book decoded, the tick, and every line twice, put back
+        // into the book and carried by the final statement's entry.
+        let book_len = state
+            .stored
+            .get(&customer_key(b'B', "acme", "c1"))
+            .map(|b| b.len())
+            .expect("the book kept as written");
+        let carried: usize = outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Entry(e) => e.statement.as_deref(),
+                _ => None,
+            })
+            .flat_map(|s| s.lines.iter().chain(&s.prior_period))
+            .map(line_estimate)
+            .sum();
+        assert_eq!(
+            held,
+            held_estimate(book_len) + growth_estimate(payload.len()) + 2 * carried
+        );
         state.commit().expect("commit");
         let finals: Vec<credit::BalanceEntry> = outputs
             .into_iter()

@@ -73,7 +73,8 @@ pub trait Stage: Send + 'static {
     fn begin_batch(&mut self) -> Self::Batch;
 
     /// Applies one message of the partition. Bad input becomes a dead letter; only failures
-    /// of what the stage runs on are errors. Must record the offset ([`Store::consumed`]).
+    /// of what the stage runs on are errors. Must record the offset ([`Store::consumed`]),
+    /// unless the message stopped partway ([`Partition::apply_again`]).
     fn apply(
         &mut self,
         batch: &Self::Batch,
@@ -120,10 +121,10 @@ pub trait Partition: Send + 'static {
     /// Whether the message just applied stopped partway, its part so far to be written first
     /// (a clock tick due for more customers than a batch may hold): the runtime then ends the
     /// batch there, delivering and writing it with the partition's next offset still that
-    /// message's, and applies the same message again in a batch of its own, until this is
-    /// false. Nothing else is applied in between, so the outcome is the same however the
-    /// message was split, and a crash in between applies it again from where its last part
-    /// was written. By default never.
+    /// message's, and applies the same message again under the same batch context, in a new
+    /// batch, until this is false. Nothing else is applied in between, so the outcome is the
+    /// same however the message was split, and a crash in between applies it again from where
+    /// its last part was written. By default never.
     fn apply_again(&self) -> bool {
         false
     }

@@ -408,7 +408,7 @@ impl<S: Stage> Worker<S> {
                 tracing::info!(stage = S::NAME, "Stopped; state written.");
                 return Ok(());
             }
-            let mut batch = self.lock()?.stage.begin_batch();
+            let batch = self.lock()?.stage.begin_batch();
             let mut applied = 0;
             // From the batch's first message (the wait for one is idle time), with the time
             // spent finishing batches by then, to leave out a rebalance's.
@@ -454,21 +454,25 @@ impl<S: Stage> Worker<S> {
                 }
                 while let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;
-                    shared.unwritten += 1;
                     full = state.batch_full();
-                    if !state.apply_again() || self.killed() {
+                    if !state.apply_again() {
+                        shared.unwritten += 1;
+                        break;
+                    }
+                    if self.killed() {
                         break;
                     }
                     // The message stopped partway: its part so far is delivered and written
-                    // (with the partition's offset still at it), then it is applied again, in
-                    // a batch of its own. A stop in between resumes it at the next start; the
-                    // batch ends here, since nothing after it may be applied before the rest.
+                    // (with the partition's offset still at it), then it is applied again
+                    // under the same batch context. A stop in between resumes it at the next
+                    // start; the batch ends there, since nothing after the message may be
+                    // applied before the rest of it. So does a batch that can no longer be
+                    // written (a failed rebalance callback), which ends the worker.
                     shared.finish_batch(&self.consumer, false)?;
-                    if self.shutdown.is_cancelled() {
+                    if self.shutdown.is_cancelled() || shared.abandoned || shared.fatal.is_some() {
                         full = true;
                         break;
                     }
-                    batch = shared.stage.begin_batch();
                 }
                 drop(guard);
                 applied += 1;

@@ -309,14 +309,16 @@ pub(crate) fn dev_bootstrap(pipeline: &Proc) -> Result<String> {
     dev_banner(pipeline, "Kafka:")
 }
 
-/// The first word after `label` on a line of a `neruba dev` process's banner; the banner may
-/// follow the HTTP listener's readiness by a moment, so this waits up to 30 s for it.
+/// The first word after `label` on a line of a `neruba dev` process's last banner (its log
+/// keeps those of earlier starts); the banner may follow the HTTP listener's readiness by a
+/// moment, so this waits up to 30 s for it.
 fn dev_banner(pipeline: &Proc, label: &str) -> Result<String> {
     let started = Instant::now();
     loop {
         let log = std::fs::read_to_string(&pipeline.log)?;
         let found = log
             .lines()
+            .rev()
             .find_map(|line| line.trim().strip_prefix(label))
             .and_then(|rest| rest.split_whitespace().next())
             .map(str::to_owned);
