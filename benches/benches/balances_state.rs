@@ -64,6 +64,21 @@ impl Phases {
     }
 }
 
+/// Applies `batch` to `state`, its records at `offset` on (which it advances), as the stage
+/// does.
+fn apply_batch(state: &mut PartitionState, batch: &[&Record], offset: &mut i64) -> Result<()> {
+    for record in batch {
+        let input = Input {
+            offset: *offset,
+            key: Some(record.key.as_bytes()),
+            payload: &record.payload,
+        };
+        state.apply(input, Kind::of(record.header.map(str::as_bytes)))?;
+        *offset += 1;
+    }
+    Ok(())
+}
+
 /// One round on fresh state: every record applied, batch by batch.
 fn round(records: &[&Record]) -> Result<Phases> {
     let dir = tempfile::tempdir()?;
@@ -74,15 +89,7 @@ fn round(records: &[&Record]) -> Result<Phases> {
     let mut offset = 0_i64;
     for batch in records.chunks(BATCH) {
         let started = Instant::now();
-        for record in batch {
-            let input = Input {
-                offset,
-                key: Some(record.key.as_bytes()),
-                payload: &record.payload,
-            };
-            state.apply(input, Kind::of(record.header.map(str::as_bytes)))?;
-            offset += 1;
-        }
+        apply_batch(&mut state, batch, &mut offset)?;
         let applied = Instant::now();
         let mut bytes = 0_usize;
         for output in state.take_outputs() {
@@ -127,15 +134,7 @@ fn period_end_tick(records: &[&Record], held_bound: usize, at_ms: i64) -> Result
     );
     let mut offset = 0_i64;
     for batch in records.chunks(BATCH) {
-        for record in batch {
-            let input = Input {
-                offset,
-                key: Some(record.key.as_bytes()),
-                payload: &record.payload,
-            };
-            state.apply(input, Kind::of(record.header.map(str::as_bytes)))?;
-            offset += 1;
-        }
+        apply_batch(&mut state, batch, &mut offset)?;
         drop(state.take_outputs());
         state.commit()?;
     }
