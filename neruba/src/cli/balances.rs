@@ -81,8 +81,9 @@ pub(crate) struct BalancesArgs {
     /// written (a batch ends sooner when nothing more is queued).
     #[arg(long, env = "NERUBA_BALANCES_MAX_BATCH", default_value_t = neruba_balances::DEFAULT_MAX_BATCH)]
     pub(crate) balances_max_batch: usize,
-    /// Bytes of customers' books a worker holds decoded before its batch ends, estimated (5
-    /// bytes for each byte stored, and 1 KiB a book); a tick due for more customers than fit
+    /// Bytes of customers' books a worker holds decoded before its batch ends, estimated (a
+    /// book at 5 bytes for each byte stored and 1 KiB, a statement line put back into one or
+    /// carried by an entry at 1 KiB and its text); a tick due for more customers than fit
     /// is applied in parts within it (0: every record in a batch of its own, and a tick a
     /// customer at a time). The worker may hold twice this for a moment, while a full batch's
     /// books are freed.
