@@ -181,26 +181,45 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
+    /// Starts tansu on a free loopback port. It cannot be given port 0 (it advertises the
+    /// address it is given), so the port is picked here, and another process may take it
+    /// before tansu binds it: tansu then exits at once (within 0.1 s), and is started again
+    /// on another port, three times at most.
     pub(crate) fn start(log_dir: &Path) -> Result<Self> {
-        let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let args = vec![
-            "broker".to_owned(),
-            "--listener-url".to_owned(),
-            url.clone(),
-            "--advertised-listener-url".to_owned(),
-            url,
-            "--storage-engine".to_owned(),
-            "memory://tansu/".to_owned(),
-        ];
-        let mut process = Proc::new("tansu", &tansu_binary()?, &args, log_dir);
-        process.start()?;
-        let broker = Self {
-            bootstrap: format!("127.0.0.1:{port}"),
-            process,
-        };
-        broker.wait_ready(Duration::from_secs(20))?;
-        Ok(broker)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port()?;
+            let url = format!("tcp://127.0.0.1:{port}");
+            let args = vec![
+                "broker".to_owned(),
+                "--listener-url".to_owned(),
+                url.clone(),
+                "--advertised-listener-url".to_owned(),
+                url,
+                "--storage-engine".to_owned(),
+                "memory://tansu/".to_owned(),
+            ];
+            let mut process = Proc::new("tansu", &tansu_binary()?, &args, log_dir);
+            process.start()?;
+            let mut broker = Self {
+                bootstrap: format!("127.0.0.1:{port}"),
+                process,
+            };
+            let ready = broker.wait_ready(Duration::from_secs(20));
+            // Whatever answered, this tansu has had its moment to exit if it could not bind.
+            std::thread::sleep(Duration::from_millis(200));
+            if broker.process.running() {
+                ready?;
+                return Ok(broker);
+            }
+            if attempt == 3 {
+                bail!(
+                    "tansu exited three times: {}",
+                    broker.process.exit_report(20)
+                );
+            }
+        }
     }
 
     fn wait_ready(&self, patience: Duration) -> Result<()> {
