@@ -701,15 +701,17 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
         folded.len()
     );
     if entries != folded {
+        let bootstrap = broker.bootstrap.clone();
+        let (got, want) = (entries.clone(), folded.clone());
+        let detail =
+            tokio::task::spawn_blocking(move || divergence(&bootstrap, &got, &want)).await??;
         let kept = work.keep();
         for process in pipeline.procs() {
             process.kill()?;
         }
         bail!(
-            "balance entries differ from the fold of the ledger (logs kept in {}):\n got {:#?}\n want {:#?}",
+            "balance entries differ from the fold of the ledger (logs kept in {}):\n{detail}",
             kept.display(),
-            entries,
-            folded
         );
     }
     assert!(
@@ -717,6 +719,88 @@ async fn ledger_equals_ground_truth_after_random_kills_of_every_component() -> R
         "no credit was consumed: the check saw no grant used"
     );
     Ok(())
+}
+
+/// Where the stage's entries (`got`) first part from the fold's (`want`), customer by
+/// customer: the entries around it, and where the line items they name are on the ledger and
+/// their entries on the entries topic (partition and offset, every copy), in the order read.
+fn divergence(bootstrap: &str, got: &Entries, want: &Entries) -> Result<String> {
+    let read = |topic: &str| {
+        neruba::embedded::read_topic(
+            bootstrap,
+            topic,
+            0,
+            Duration::from_secs(2),
+            Duration::from_secs(120),
+        )
+    };
+    let (mut ledger, mut topic) = (read("neruba.ledger")?, read("neruba.balance-entries")?);
+    ledger.sort_by_key(|m| (m.partition(), m.offset()));
+    topic.sort_by_key(|m| (m.partition(), m.offset()));
+    let brief = |e: &BalanceEntry| format!("#{} {:?} {} {}", e.seq, e.kind, e.amount, e.cause);
+    let mut out = String::new();
+    let customers = got
+        .keys()
+        .chain(want.keys())
+        .collect::<std::collections::BTreeSet<_>>();
+    for who in customers {
+        let (a, b) = (
+            got.get(who).map_or(&[][..], Vec::as_slice),
+            want.get(who).map_or(&[][..], Vec::as_slice),
+        );
+        if a == b {
+            continue;
+        }
+        let at = (0..a.len().min(b.len()))
+            .find(|i| a[*i] != b[*i])
+            .unwrap_or(a.len().min(b.len()));
+        out.push_str(&format!(
+            "{who:?}: {} entries, the fold {}; first difference at {at}\n",
+            a.len(),
+            b.len()
+        ));
+        let around = at.saturating_sub(2)..(at + 3);
+        let mut causes = std::collections::BTreeSet::new();
+        for i in around {
+            let (x, y) = (a.get(i), b.get(i));
+            out.push_str(&format!(
+                "  got  {}\n  want {}\n",
+                x.map_or_else(String::new, brief),
+                y.map_or_else(String::new, brief)
+            ));
+            causes.extend(x.iter().chain(y.iter()).map(|e| e.cause.clone()));
+        }
+        for message in &ledger {
+            let payload = message.payload().unwrap_or_default();
+            if record_header(message).is_none()
+                && let Ok(item) = LineItem::decode(payload)
+                && causes.contains(&item.id)
+            {
+                out.push_str(&format!(
+                    "  ledger {}:{} {} (time {:?})\n",
+                    message.partition(),
+                    message.offset(),
+                    item.id,
+                    message.timestamp().to_millis()
+                ));
+            }
+        }
+        for message in &topic {
+            if let Ok(entry) = credit::decode::<BalanceEntry>(message.payload().unwrap_or_default())
+                && (entry.tenant.as_str(), entry.customer.as_str())
+                    == (who.0.as_str(), who.1.as_str())
+                && causes.contains(&entry.cause)
+            {
+                out.push_str(&format!(
+                    "  entries {}:{} {}\n",
+                    message.partition(),
+                    message.offset(),
+                    brief(&entry)
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Waits until the ledger equals `expected` (or two minutes passed); returns what it holds.
