@@ -1529,7 +1529,7 @@ impl neruba_stage::Partition for PartitionState {
         self.held.bytes() >= self.held_bound
     }
 
-    /// After a tick that stopped partway at that bound ([`PartitionState::apply_tick`]).
+    /// After a tick that stopped partway at that bound (see `apply_tick`).
     fn apply_again(&self) -> bool {
         self.again
     }

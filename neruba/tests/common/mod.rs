@@ -190,16 +190,20 @@ pub(crate) struct Broker {
 impl Broker {
     /// Starts tansu on a free loopback port. It cannot be given port 0 (it advertises the
     /// address it is given), so the port is picked here, and another process may take it
-    /// before tansu binds it: tansu then exits at once (within 0.1 s), and is started again
-    /// on another port, three times at most.
+    /// before tansu binds it: tansu then exits at once, and is started again on another port,
+    /// three times at most. Each start names its own cluster id, and the broker is ready once
+    /// the port answers with that id, so another test's broker on the port is never taken for
+    /// this one.
     pub(crate) fn start(log_dir: &Path) -> Result<Self> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let mut exits = Vec::new();
+        for attempt in 1..=3 {
             let port = free_port()?;
             let url = format!("tcp://127.0.0.1:{port}");
+            let cluster = format!("neruba-test-{}-{port}-{attempt}", std::process::id());
             let args = vec![
                 "broker".to_owned(),
+                "--cluster-id".to_owned(),
+                cluster.clone(),
                 "--listener-url".to_owned(),
                 url.clone(),
                 "--advertised-listener-url".to_owned(),
@@ -213,33 +217,32 @@ impl Broker {
                 bootstrap: format!("127.0.0.1:{port}"),
                 process,
             };
-            let ready = broker.wait_ready(Duration::from_secs(20));
-            // Whatever answered, this tansu has had its moment to exit if it could not bind.
-            std::thread::sleep(Duration::from_millis(200));
-            if broker.process.running() {
-                ready?;
+            if broker.wait_ready(&cluster, Duration::from_secs(20))? {
                 return Ok(broker);
             }
-            if attempt == 3 {
-                bail!(
-                    "tansu exited three times: {}",
-                    broker.process.exit_report(20)
-                );
-            }
+            exits.push(broker.process.exit_report(5));
         }
+        bail!("tansu exited three times:\n{}", exits.join("\n"))
     }
 
-    fn wait_ready(&self, patience: Duration) -> Result<()> {
+    /// Waits until the broker answers with cluster id `cluster`: `true`, or `false` at once if
+    /// the process exited (its port was taken).
+    fn wait_ready(&mut self, cluster: &str, patience: Duration) -> Result<bool> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()?;
         let started = Instant::now();
         loop {
+            if !self.process.running() {
+                return Ok(false);
+            }
             if consumer
-                .fetch_metadata(None, Duration::from_secs(1))
-                .is_ok()
+                .client()
+                .fetch_cluster_id(Duration::from_secs(1))
+                .as_deref()
+                == Some(cluster)
             {
-                return Ok(());
+                return Ok(true);
             }
             if started.elapsed() > patience {
                 bail!(
