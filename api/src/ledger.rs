@@ -107,14 +107,9 @@ impl neruba_stage::Partition for LedgerPartition {
 /// The stage: what the runtime calls.
 pub(crate) struct LedgerModel {
     pub(crate) model: Arc<Model>,
-    /// The books its partitions hold, bounded together as a balances worker's are.
-    pub(crate) books_held: neruba_balances::state::BooksHeld,
-    /// Their gauge, and the worker's index in it.
-    pub(crate) books: neruba_balances::metrics::BooksMemory,
-    pub(crate) worker: usize,
-    /// Its bounds ([`crate::Config::books_held_bytes`]).
-    pub(crate) books_held_bytes: usize,
-    pub(crate) books_kept_bytes: usize,
+    /// The books its partitions hold, bounded together as a balances worker's are
+    /// ([`crate::Config::books_held_bytes`]), and their gauge.
+    pub(crate) books: neruba_balances::state::WorkerBooks,
 }
 
 impl neruba_stage::Stage for LedgerModel {
@@ -138,12 +133,11 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn open(&mut self, store: Store) -> Result<LedgerPartition> {
         let db = store.shared_db();
-        let fold = PartitionState::from_store(store, 0, credit::DEFAULT_FINALIZE_AFTER_MS)?
-            .with_books_held(
-                self.books_held.clone(),
-                self.books_held_bytes,
-                self.books_kept_bytes,
-            );
+        let fold = self.books.share(PartitionState::from_store(
+            store,
+            0,
+            credit::DEFAULT_FINALIZE_AFTER_MS,
+        )?);
         self.model.opened(fold.partition, db, fold.next_offset());
         Ok(LedgerPartition {
             fold,
@@ -188,7 +182,7 @@ impl neruba_stage::Stage for LedgerModel {
     }
 
     fn worker_gauges(&self, _now_ms: i64) {
-        self.books.publish(self.worker, &self.books_held);
+        self.books.publish();
     }
 }
 

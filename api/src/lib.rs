@@ -239,11 +239,12 @@ pub async fn start(
             let stage = neruba_stage::start(stage_config, &registry, shutdown.clone(), |slice| {
                 Ok(ledger::LedgerModel {
                     model: model.clone(),
-                    books_held: neruba_balances::state::BooksHeld::default(),
-                    books: books.clone(),
-                    worker: slice.index,
-                    books_held_bytes,
-                    books_kept_bytes,
+                    books: neruba_balances::state::WorkerBooks::new(
+                        books.clone(),
+                        slice.index,
+                        books_held_bytes,
+                        books_kept_bytes,
+                    ),
                 })
             })?;
             let usage = neruba_stage::start(usage_config, &usage_registry, shutdown, |_| {

@@ -85,15 +85,17 @@ pub fn start(
     neruba_stage::start(config.stage.clone(), registry, shutdown, |slice| {
         Ok(stage::Balances {
             metrics: metrics.clone(),
-            worker: slice.index,
             grace_ms: config.expiry_grace_ms,
             window_floor_ms: config.window_floor_ms,
             finalize_after_ms: config.finalize_after_ms,
             ledger_topic: config.stage.input_topic.clone(),
             entries_topic: config.entries_topic.clone(),
-            books_held: state::BooksHeld::default(),
-            books_held_bytes: config.books_held_bytes,
-            books_kept_bytes: config.books_kept_bytes,
+            books: state::WorkerBooks::new(
+                metrics.books.clone(),
+                slice.index,
+                config.books_held_bytes,
+                config.books_kept_bytes,
+            ),
         })
     })
 }

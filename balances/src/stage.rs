@@ -24,12 +24,8 @@ pub(crate) struct Balances {
     pub(crate) finalize_after_ms: i64,
     pub(crate) ledger_topic: String,
     pub(crate) entries_topic: String,
-    /// The worker's index in the process (a label of its gauges).
-    pub(crate) worker: usize,
-    /// What the worker's partitions hold in books, and its bounds.
-    pub(crate) books_held: crate::state::BooksHeld,
-    pub(crate) books_held_bytes: usize,
-    pub(crate) books_kept_bytes: usize,
+    /// What the worker's partitions hold in books, its bounds and its gauge.
+    pub(crate) books: crate::state::WorkerBooks,
 }
 
 impl neruba_stage::Stage for Balances {
@@ -51,15 +47,9 @@ impl neruba_stage::Stage for Balances {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        Ok(
-            PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)?
-                .with_window_floor(self.window_floor_ms)
-                .with_books_held(
-                    self.books_held.clone(),
-                    self.books_held_bytes,
-                    self.books_kept_bytes,
-                ),
-        )
+        let state = PartitionState::from_store(store, self.grace_ms, self.finalize_after_ms)?
+            .with_window_floor(self.window_floor_ms);
+        Ok(self.books.share(state))
     }
 
     fn begin_batch(&mut self) {}
@@ -136,7 +126,7 @@ impl neruba_stage::Stage for Balances {
     }
 
     fn worker_gauges(&self, _now_ms: i64) {
-        self.metrics.books.publish(self.worker, &self.books_held);
+        self.books.publish();
     }
 
     fn gauges(&self, state: &PartitionState, now_ms: i64) {

@@ -346,6 +346,47 @@ impl BooksHeld {
     }
 }
 
+/// A worker's books: the count its partitions share, the bounds they are held to, and the
+/// gauge they are published on (one per worker, for the balances stage and the api's read
+/// model alike).
+#[derive(Debug, Clone)]
+pub struct WorkerBooks {
+    held: BooksHeld,
+    held_bound: usize,
+    kept_bound: usize,
+    gauge: crate::metrics::BooksMemory,
+    worker: usize,
+}
+
+impl WorkerBooks {
+    /// Worker `worker`'s, bounded by `held_bound` and `kept_bound` bytes
+    /// ([`BOOKS_HELD_BYTES`], [`BOOKS_KEPT_BYTES`]), published on `gauge`.
+    pub fn new(
+        gauge: crate::metrics::BooksMemory,
+        worker: usize,
+        held_bound: usize,
+        kept_bound: usize,
+    ) -> Self {
+        Self {
+            held: BooksHeld::default(),
+            held_bound,
+            kept_bound,
+            gauge,
+            worker,
+        }
+    }
+
+    /// `state`, counting its books with the worker's other partitions, within the bounds.
+    pub fn share(&self, state: PartitionState) -> PartitionState {
+        state.with_books_held(self.held.clone(), self.held_bound, self.kept_bound)
+    }
+
+    /// Sets the worker's gauge readings.
+    pub fn publish(&self) {
+        self.gauge.publish(self.worker, &self.held);
+    }
+}
+
 /// Series a stored book holds at most; older ones are kept under their own keys, so writing a
 /// customer's book after each line item costs the same in its first month and its fifth year.
 pub const BOOK_SERIES: usize = 24;

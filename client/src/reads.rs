@@ -1116,44 +1116,27 @@ trait Paged: serde::de::DeserializeOwned {
     fn append(&mut self, page: Self);
 }
 
-impl Paged for Grants {
-    const WHAT: &'static str = "grants";
-    fn as_of(&self) -> &[ReadPosition] {
-        &self.as_of
-    }
-    fn next_cursor(&mut self) -> &mut Option<String> {
-        &mut self.next_cursor
-    }
-    fn append(&mut self, page: Self) {
-        self.grants.extend(page.grants);
-    }
+/// [`Paged`] for an answer whose rows are `$rows`, called `$what` in errors.
+macro_rules! paged {
+    ($answer:ty, $what:literal, $rows:ident) => {
+        impl Paged for $answer {
+            const WHAT: &'static str = $what;
+            fn as_of(&self) -> &[ReadPosition] {
+                &self.as_of
+            }
+            fn next_cursor(&mut self) -> &mut Option<String> {
+                &mut self.next_cursor
+            }
+            fn append(&mut self, page: Self) {
+                self.$rows.extend(page.$rows);
+            }
+        }
+    };
 }
 
-impl Paged for LineItems {
-    const WHAT: &'static str = "line items";
-    fn as_of(&self) -> &[ReadPosition] {
-        &self.as_of
-    }
-    fn next_cursor(&mut self) -> &mut Option<String> {
-        &mut self.next_cursor
-    }
-    fn append(&mut self, page: Self) {
-        self.items.extend(page.items);
-    }
-}
-
-impl Paged for Usage {
-    const WHAT: &'static str = "usage";
-    fn as_of(&self) -> &[ReadPosition] {
-        &self.as_of
-    }
-    fn next_cursor(&mut self) -> &mut Option<String> {
-        &mut self.next_cursor
-    }
-    fn append(&mut self, page: Self) {
-        self.data.extend(page.data);
-    }
-}
+paged!(Grants, "grants", grants);
+paged!(LineItems, "line items", items);
+paged!(Usage, "usage", data);
 
 /// Refuses a cursor a read was given before: a page naming an earlier page as the next would
 /// be read again for good.
