@@ -361,6 +361,7 @@ pub fn start<S: Stage>(
     health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
     let assigned = metrics::assigned_partitions(S::ASSIGNED_PARTITIONS_METRIC, registry)?;
     let times = metrics::BatchTimes::register(S::NAME, registry)?;
+    let gaps = metrics::OffsetGaps::register(S::NAME, registry)?;
     let kill = Arc::new(AtomicBool::new(false));
     let count = config.workers.max(1);
     // One cache for the process: workers whose partitions are busier use more of it.
@@ -385,6 +386,7 @@ pub fn start<S: Stage>(
                     health: health.clone(),
                     assigned: assigned.clone(),
                     times: times.clone(),
+                    gaps: gaps.clone(),
                     shutdown: shutdown.clone(),
                     kill: kill.clone(),
                 },

@@ -664,3 +664,125 @@ async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Res
     assert_eq!(bytes(&replayed), bytes(&got));
     Ok(())
 }
+
+/// The stage runtime's count of input offsets skipped, per partition of `registry`'s stage.
+fn skipped_offsets(registry: &prometheus::Registry) -> BTreeMap<String, u64> {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "neruba_stage_skipped_offsets_total")
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| {
+            let partition = m
+                .get_label()
+                .iter()
+                .find(|l| l.name() == "partition")
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            (partition, m.get_counter().get_value() as u64)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_records_deleted_before_the_stage_read_them_are_counted() -> Result<()> {
+    // Was: a stage resumed at its stored offset and took whatever came first as the next
+    // record. When retention has deleted records the stage had not read (the consumer then
+    // starts at the oldest one left), or the broker skips some (the test broker, tansu's
+    // in-memory engine, answers a fetch that starts inside a record batch with the next
+    // batch), they were lost without a word. The embedded broker keeps at most 5 MiB of a
+    // partition: records written while the stage is stopped push out the ones it has not read.
+    let (kafka, producer) = broker(&["ledger-gap", "entries-gap"])?;
+    let now = neruba_schemas::event::now_ms();
+    let customer = "g1";
+    let partition = stable_partition(&format!("acme/{customer}"), PARTITIONS);
+    let item =
+        |id: &str, amount: &str| Record::Item(item_in(customer, id, now - DAY, now - HOUR, amount));
+    let state = tempfile::tempdir()?;
+    let run = |registry: &prometheus::Registry| {
+        let mut config = neruba_balances::Config::new(kafka.bootstrap_servers(), state.path());
+        config.stage.group_id = "balances-gap".into();
+        config.stage.input_topic = "ledger-gap".into();
+        config.entries_topic = "entries-gap".into();
+        let shutdown = CancellationToken::new();
+        neruba_balances::start(config, registry, shutdown.clone()).map(|r| (r, shutdown))
+    };
+    let brief_of = |entries: &[BalanceEntry]| -> Vec<(EntryKind, Decimal, Decimal)> {
+        entries
+            .iter()
+            .map(|e| (e.kind, e.amount, e.balance_after))
+            .collect()
+    };
+    let counts = |skipped: u64| -> BTreeMap<String, u64> {
+        (0..PARTITIONS)
+            .map(|p| (p.to_string(), if p == partition { skipped } else { 0 }))
+            .collect()
+    };
+
+    // Offsets 0 to 2, read and written by the first run: nothing skipped.
+    let grant = grant(customer, "pack", "10", 1, None);
+    write(&producer, "ledger-gap", &Record::Grant(grant)).await?;
+    write(&producer, "ledger-gap", &item("li_1", "1.25")).await?;
+    write(&producer, "ledger-gap", &item("li_2", "0.25")).await?;
+    let first = prometheus::Registry::new();
+    let (running, shutdown) = run(&first)?;
+    let got = entries(&kafka, "entries-gap", 3).await;
+    shutdown.cancel();
+    running.wait().await?;
+    assert_eq!(
+        brief_of(&got.context("read entries")?),
+        [
+            (EntryKind::Grant, d("10"), d("10")),
+            (EntryKind::Consume, d("-1.25"), d("8.75")),
+            (EntryKind::Consume, d("-0.25"), d("8.50")),
+        ]
+    );
+    assert_eq!(skipped_offsets(&first), counts(0));
+
+    // While it is stopped, 6 MiB in records of 600 KiB (each its own batch; not ledger
+    // records: the stage sets them aside as dead letters), then an item.
+    let key = format!("acme/{customer}");
+    let blob = vec![b'x'; 600 * 1024];
+    for _ in 0..10 {
+        let record = FutureRecord::to("ledger-gap")
+            .key(key.as_bytes())
+            .payload(blob.as_slice())
+            .partition(partition);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    write(&producer, "ledger-gap", &item("li_3", "2")).await?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let (oldest, end) = tokio::task::spawn_blocking(move || -> Result<(i64, i64)> {
+        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        Ok(rdkafka::consumer::Consumer::fetch_watermarks(
+            &consumer,
+            "ledger-gap",
+            partition,
+            Duration::from_secs(10),
+        )?)
+    })
+    .await??;
+    assert_eq!(end, 14);
+    assert!(
+        oldest > 3,
+        "the broker deleted nothing: its oldest offset is {oldest}"
+    );
+
+    let second = prometheus::Registry::new();
+    let (running, shutdown) = run(&second)?;
+    let got = entries(&kafka, "entries-gap", 4).await;
+    shutdown.cancel();
+    running.wait().await?;
+    assert_eq!(
+        brief_of(&got.context("read entries")?)[3..],
+        [(EntryKind::Consume, d("-2"), d("6.50"))]
+    );
+    // Stored at 3, the oldest left is later: every offset between was deleted unread.
+    assert_eq!(skipped_offsets(&second), counts(u64::try_from(oldest - 3)?));
+    Ok(())
+}

@@ -161,6 +161,15 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The lines of its log (every start's) that contain `needle`.
+    pub(crate) fn log_lines_with(&self, needle: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|line| line.contains(needle))
+            .map(|line| format!("{}: {line}", self.name))
+            .collect()
+    }
+
     pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
@@ -179,9 +188,10 @@ impl Drop for Proc {
 /// Known broker defect: tansu 0.6.0's `memory://` engine answers a fetch from an offset inside
 /// a stored record batch with the batch after it (a librdkafka consumer fetching from offset 5
 /// of a batch holding 0–9 gets 10 onwards; its `sqlite://` engine returns 5, as Kafka does). A
-/// stage resuming mid-batch after a kill then skips the rest of that batch. The crash soak's
-/// stages mostly resume at batch boundaries (each drains what it fetched); with
-/// `NERUBA_BALANCES_MAX_BATCH=1` they do not, and the soak fails on the balance entries.
+/// stage resuming mid-batch after a kill then skips the rest of that batch (the stage runtime
+/// reports it: `neruba_stage_skipped_offsets_total` and an error logged). So the crash soak's
+/// producers write one record per batch (`batch.num.messages=1`); with their default batching
+/// and `NERUBA_BALANCES_MAX_BATCH=1` it failed on the balance entries.
 pub(crate) struct Broker {
     pub bootstrap: String,
     pub process: Proc,
