@@ -152,6 +152,8 @@ pub(crate) struct UsageModel {
 
 impl neruba_stage::Stage for UsageModel {
     const NAME: &'static str = "api-usage";
+    /// Rollups are compacted on their keys: a revision replaces the one before.
+    const INPUT_COMPACTED: bool = true;
     const ASSIGNED_PARTITIONS_METRIC: &'static str = "neruba_api_usage_assigned_partitions";
     const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[("fetch.wait.max.ms", "20")];
     const LINGER_MS: u32 = 0;

@@ -36,8 +36,12 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter)?)
         .with_writer(std::io::stderr)
-        // Colour for a person at a terminal; none for a file or a log collector.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Colour for a person at a terminal who did not opt out; none for a file or a log
+        // collector.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let (drain, command) = (cli.drain_timeout, cli.command);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -31,6 +31,8 @@ impl neruba_stage::Stage for Rater {
     const ASSIGNED_PARTITIONS_METRIC: &'static str = "neruba_rater_assigned_partitions";
     const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[("fetch.wait.max.ms", "20")];
     const LINGER_MS: u32 = 2;
+    /// Rollups are compacted on their keys: a revision replaces the one before.
+    const INPUT_COMPACTED: bool = true;
 
     type Partition = PartitionState;
     type Output = Output;

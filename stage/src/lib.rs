@@ -17,6 +17,7 @@
 //!   time of each batch's phases (`metrics`), and crash points for tests ([`CrashPoint`]).
 
 pub mod error;
+mod gaps;
 pub mod keys;
 mod metrics;
 mod rebalance;
@@ -25,6 +26,7 @@ pub mod store;
 mod worker;
 
 pub use error::{Error, Result};
+pub use gaps::SKIPPED_RECORDS_LOG;
 pub use neruba_kafka::health::ConsumerHealth;
 pub use store::{Store, StoreOptions, partition_dir, stored_offset};
 pub use worker::WorkerSlice;
@@ -51,6 +53,10 @@ pub trait Stage: Send + 'static {
     /// How long the output producer waits to fill a batch. 0 suits a stage that awaits every
     /// batch's acknowledgements before going on.
     const LINGER_MS: u32 = 0;
+    /// Whether the stage's input topic is compacted (a record is removed once a later one has
+    /// its key): gaps between its offsets are then normal, and the runtime does not count
+    /// them as records skipped (`neruba_stage_skipped_offsets_total` has no series for it).
+    const INPUT_COMPACTED: bool = false;
 
     /// One input partition's state; it owns the partition's [`Store`].
     type Partition: Partition;
@@ -361,7 +367,7 @@ pub fn start<S: Stage>(
     health.spawn_broker_probe(&config.brokers, &config.kafka_options, shutdown.clone())?;
     let assigned = metrics::assigned_partitions(S::ASSIGNED_PARTITIONS_METRIC, registry)?;
     let times = metrics::BatchTimes::register(S::NAME, registry)?;
-    let gaps = metrics::OffsetGaps::register(S::NAME, registry)?;
+    let skipped = gaps::SkippedOffsets::register(S::NAME, registry)?;
     let kill = Arc::new(AtomicBool::new(false));
     let count = config.workers.max(1);
     // One cache for the process: workers whose partitions are busier use more of it.
@@ -386,7 +392,7 @@ pub fn start<S: Stage>(
                     health: health.clone(),
                     assigned: assigned.clone(),
                     times: times.clone(),
-                    gaps: gaps.clone(),
+                    gaps: gaps::InputGaps::new(skipped.clone(), !S::INPUT_COMPACTED),
                     shutdown: shutdown.clone(),
                     kill: kill.clone(),
                 },

@@ -18,10 +18,9 @@
 //! with the input messages it made durable (0 for idle work); a rebalance in the middle of a
 //! batch writes it in two.
 //!
-//! And the offsets a stage found missing from its input, `neruba_stage_skipped_offsets_total`
-//! ([`OffsetGaps`]).
+//! The offsets a stage found missing from its input are [`crate::gaps`]'s.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use std::time::Duration;
 
 /// The gauge of partitions this instance owns, named by the stage.
@@ -95,63 +94,5 @@ impl BatchTimes {
     pub(crate) fn written(&self, took: Duration, messages: usize) {
         self.write.observe(took.as_secs_f64());
         self.messages.observe(messages as f64);
-    }
-}
-
-/// Offsets of its input a stage never saw: a message arrived past the offset that follows the
-/// last one the partition applied (or the offset stored with its state, after a resume).
-/// Neruba's topics are written without transactions and never compacted, so on them each such
-/// offset is a record lost before the stage read it: retention deleted it first (the consumer
-/// then starts again at the oldest record left), or the broker skipped it. A topic written
-/// with transactions leaves one at each transaction's marker. The stage goes on: nothing it
-/// could do brings the records back, and stopping would hold up every record after them.
-#[derive(Debug, Clone)]
-pub(crate) struct OffsetGaps {
-    stage: &'static str,
-    skipped: IntCounterVec,
-}
-
-impl OffsetGaps {
-    /// Registers `neruba_stage_skipped_offsets_total{consumer,partition}`.
-    pub(crate) fn register(stage: &'static str, registry: &Registry) -> prometheus::Result<Self> {
-        let skipped = IntCounterVec::new(
-            Opts::new(
-                "neruba_stage_skipped_offsets_total",
-                "Input offsets a stage never received: a message arrived past the one after the \
-                 last it applied (or after its stored offset). On Neruba's topics each is a \
-                 record lost before the stage read it (retention, or a broker defect).",
-            ),
-            &["consumer", "partition"],
-        )?;
-        registry.register(Box::new(skipped.clone()))?;
-        Ok(Self { stage, skipped })
-    }
-
-    /// Shows the partition's count (0 until a gap) once the stage owns it.
-    pub(crate) fn owned(&self, partition: i32) {
-        self.skipped
-            .with_label_values(&[self.stage, &partition.to_string()]);
-    }
-
-    /// Checks a message's offset against the one expected next in its partition; counts and
-    /// reports the offsets between them if it lies past it.
-    pub(crate) fn check(&self, partition: i32, expected: Option<i64>, offset: i64) {
-        let Some(expected) = expected else { return };
-        if offset <= expected {
-            return;
-        }
-        let missing = offset - expected;
-        tracing::error!(
-            stage = self.stage,
-            partition,
-            expected,
-            received = offset,
-            missing,
-            "Input records skipped: the broker delivered past the next offset; what they held is \
-             not in this stage's state."
-        );
-        self.skipped
-            .with_label_values(&[self.stage, &partition.to_string()])
-            .inc_by(missing.unsigned_abs());
     }
 }

@@ -10,7 +10,8 @@
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
 
-use crate::metrics::{BatchTimes, OffsetGaps};
+use crate::gaps::InputGaps;
+use crate::metrics::BatchTimes;
 use crate::rebalance::{PartitionStates, Rebalance};
 use crate::{
     AsDeadLetter, Config, ConsumerHealth, CrashPoint, DeadLetter, Error, Partition, Result, Stage,
@@ -61,7 +62,7 @@ pub(crate) struct Parts {
     pub(crate) health: Arc<ConsumerHealth>,
     pub(crate) assigned: prometheus::IntGauge,
     pub(crate) times: BatchTimes,
-    pub(crate) gaps: OffsetGaps,
+    pub(crate) gaps: InputGaps,
     pub(crate) shutdown: CancellationToken,
     pub(crate) kill: Arc<AtomicBool>,
 }
@@ -90,11 +91,8 @@ struct Shared<S: Stage> {
     /// This worker's share of the assigned gauge (workers of a process add up).
     published_assigned: i64,
     times: BatchTimes,
-    /// The offset each owned partition should deliver next: the one stored with its state on
-    /// opening it, then the one after each message applied. None for a partition read from
-    /// the beginning, whose first offset is the topic's oldest, whatever it is.
-    expected: HashMap<i32, i64>,
-    gaps: OffsetGaps,
+    /// Offsets the input skipped, checked against the offset after each message applied.
+    gaps: InputGaps,
     /// Input messages applied since the last write.
     unwritten: usize,
     /// Time spent finishing batches since the worker started: the part of a loop pass a
@@ -117,10 +115,7 @@ impl<S: Stage> Shared<S> {
         let next = state.store().next_offset();
         tracing::info!(stage = S::NAME, partition, next_offset = ?next, "Partition state opened.");
         self.partitions.insert(partition, state);
-        if let Some(next) = next {
-            self.expected.insert(partition, next);
-        }
-        self.gaps.owned(partition);
+        self.gaps.opened(partition, next);
         Ok(next)
     }
 
@@ -302,7 +297,7 @@ impl<S: Stage> PartitionStates for Shared<S> {
     fn release(&mut self, partition: i32) {
         self.partitions.remove(&partition);
         self.last_timestamp_ms.remove(&partition);
-        self.expected.remove(&partition);
+        self.gaps.released(partition);
     }
 
     fn owned_changed(&mut self) {
@@ -365,7 +360,6 @@ impl<S: Stage> Worker<S> {
             assigned,
             published_assigned: 0,
             times,
-            expected: HashMap::new(),
             gaps,
             unwritten: 0,
             finishing: Duration::ZERO,
@@ -465,9 +459,7 @@ impl<S: Stage> Worker<S> {
                 let mut full = false;
                 if shared.partitions.contains_key(&message.partition()) {
                     first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
-                    let (partition, offset) = (message.partition(), message.offset());
-                    let expected = shared.expected.insert(partition, offset.saturating_add(1));
-                    shared.gaps.check(partition, expected, offset);
+                    shared.gaps.received(message.partition(), message.offset());
                 }
                 while let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;

@@ -688,9 +688,9 @@ fn skipped_offsets(registry: &prometheus::Registry) -> BTreeMap<String, u64> {
 async fn input_records_deleted_before_the_stage_read_them_are_counted() -> Result<()> {
     // Was: a stage resumed at its stored offset and took whatever came first as the next
     // record. When retention has deleted records the stage had not read (the consumer then
-    // starts at the oldest one left), or the broker skips some (the test broker, tansu's
-    // in-memory engine, answers a fetch that starts inside a record batch with the next
-    // batch), they were lost without a word. The embedded broker keeps at most 5 MiB of a
+    // starts at the oldest one left), or the broker skips some (the crash soak's broker,
+    // tansu's in-memory engine, answers a fetch that starts inside a record batch with the
+    // next batch), they were lost without a word. The embedded broker keeps at most 5 MiB of a
     // partition: records written while the stage is stopped push out the ones it has not read.
     let (kafka, producer) = broker(&["ledger-gap", "entries-gap"])?;
     let now = neruba_schemas::event::now_ms();
@@ -784,5 +784,18 @@ async fn input_records_deleted_before_the_stage_read_them_are_counted() -> Resul
     );
     // Stored at 3, the oldest left is later: every offset between was deleted unread.
     assert_eq!(skipped_offsets(&second), counts(u64::try_from(oldest - 3)?));
+
+    // Resumed where it stopped, with nothing deleted since: nothing skipped.
+    write(&producer, "ledger-gap", &item("li_4", "0.5")).await?;
+    let third = prometheus::Registry::new();
+    let (running, shutdown) = run(&third)?;
+    let got = entries(&kafka, "entries-gap", 5).await;
+    shutdown.cancel();
+    running.wait().await?;
+    assert_eq!(
+        brief_of(&got.context("read entries")?)[4..],
+        [(EntryKind::Consume, d("-0.5"), d("6.00"))]
+    );
+    assert_eq!(skipped_offsets(&third), counts(0));
     Ok(())
 }
