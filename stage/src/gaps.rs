@@ -5,7 +5,7 @@
 //! Checked on inputs that are not compacted (the events and ledger topics; not the rollups:
 //! [`crate::Stage::INPUT_COMPACTED`]). Neruba writes those without transactions, so each such
 //! offset is a record lost before the stage read it: retention deleted it first (the consumer
-//! then starts again at the oldest record left, by `auto.offset.reset=earliest`), or the
+//! then starts again at the oldest record left, by the stages' `auto.offset.reset=earliest`), or the
 //! broker skipped it. The stage goes on: nothing it could do brings the records back, and
 //! stopping would hold up every record after them.
 
@@ -47,8 +47,9 @@ pub(crate) struct InputGaps {
     skipped: SkippedOffsets,
     /// Off for a compacted input, whose offsets have gaps by design.
     checked: bool,
-    /// The offset each owned partition should deliver next. None for a partition read from
-    /// the beginning, whose first offset is the topic's oldest, whatever it is.
+    /// The offset each owned partition should deliver next. A partition read from
+    /// the beginning has no entry until its first message: its first offset is the topic's
+    /// oldest, whatever it is.
     expected: HashMap<i32, i64>,
 }
 
@@ -80,7 +81,8 @@ impl InputGaps {
     }
 
     /// A message received at `offset`: counts and reports the offsets skipped before it, and
-    /// returns how many. One below the offset expected (already received) moves nothing back.
+    /// returns how many. An offset below the one expected (already received) moves nothing
+    /// back.
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> i64 {
         if !self.checked {
             return 0;

@@ -1,4 +1,5 @@
-//! The runtime every stateful stage (the aggregator, the rater) runs on, so that a stage is
+//! The runtime every stateful stage (the aggregator, the rater, the balances stage, the api's
+//! read models) runs on, so that a stage is
 //! only its domain logic: what one message does to one partition's state ([`Stage`]).
 //!
 //! The runtime owns the rest:
@@ -14,7 +15,8 @@
 //! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
 //!   headers for every stage;
 //! - lag, store size and readiness ([`ConsumerHealth`]), the assigned-partitions gauge and the
-//!   time of each batch's phases (`metrics`), and crash points for tests ([`CrashPoint`]).
+//!   time of each batch's phases (`metrics`), input offsets skipped (`gaps`), and crash points
+//!   for tests ([`CrashPoint`]).
 
 pub mod error;
 mod gaps;

@@ -188,8 +188,9 @@ impl Drop for Proc {
 /// Known broker defect: tansu 0.6.0's `memory://` engine answers a fetch from an offset inside
 /// a stored record batch with the batch after it (a librdkafka consumer fetching from offset 5
 /// of a batch holding 0–9 gets 10 onwards; its `sqlite://` engine returns 5, as Kafka does). A
-/// stage resuming mid-batch after a kill then skips the rest of that batch (the stage runtime
-/// reports it: `neruba_stage_skipped_offsets_total` and an error logged). So the crash soak's
+/// stage resuming mid-batch after a kill then skips the rest of that batch (the aggregator and
+/// the balances stage report it: `neruba_stage_skipped_offsets_total` and an error logged; the
+/// rater, reading the compacted rollups topic, is not checked). So the crash soak's
 /// producers write one record per batch (`batch.num.messages=1`); with their default batching
 /// and `NERUBA_BALANCES_MAX_BATCH=1` it failed on the balance entries.
 pub(crate) struct Broker {
