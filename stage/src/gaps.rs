@@ -10,7 +10,7 @@
 //! stopping would hold up every record after them.
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// What a stage logs, as an error, when its input skipped records.
 pub const SKIPPED_RECORDS_LOG: &str = "Input records skipped: the broker delivered past the next \
@@ -51,6 +51,8 @@ pub(crate) struct InputGaps {
     /// the beginning has no entry until its first message: its first offset is the topic's
     /// oldest, whatever it is.
     expected: HashMap<i32, i64>,
+    /// Partitions opened whose first message has not come yet: where it lies is logged.
+    first: HashSet<i32>,
 }
 
 impl InputGaps {
@@ -59,6 +61,7 @@ impl InputGaps {
             skipped,
             checked,
             expected: HashMap::new(),
+            first: HashSet::new(),
         }
     }
 
@@ -71,6 +74,7 @@ impl InputGaps {
         if let Some(next) = stored {
             self.expected.insert(partition, next);
         }
+        self.first.insert(partition);
         self.skipped
             .counter
             .with_label_values(&[self.skipped.stage, &partition.to_string()]);
@@ -78,21 +82,47 @@ impl InputGaps {
 
     pub(crate) fn released(&mut self, partition: i32) {
         self.expected.remove(&partition);
+        self.first.remove(&partition);
     }
 
     /// A message received at `offset`: counts and reports the offsets skipped before it, and
-    /// returns how many. An offset below the one expected (already received) moves nothing
-    /// back.
+    /// returns how many. An offset below the one expected moves nothing back (it was
+    /// received already), unless it is the first after opening: the partition's log then
+    /// starts again below the stored offset, which is reported, and is checked from there.
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> i64 {
         if !self.checked {
             return 0;
         }
+        let first = self.first.remove(&partition);
         let after = offset.saturating_add(1);
         let Some(expected) = self.expected.insert(partition, after) else {
+            if first {
+                // Whether retention had deleted the start before this stage first read it.
+                tracing::info!(
+                    stage = self.skipped.stage,
+                    partition,
+                    offset,
+                    "Read from the beginning: the oldest record left is at this offset."
+                );
+            }
             return 0;
         };
+        if first && offset < expected {
+            tracing::warn!(
+                stage = self.skipped.stage,
+                partition,
+                stored = expected,
+                received = offset,
+                "The partition starts again below the offset stored with the state: the topic \
+                 was recreated or the broker lost records. What it holds up to the stored offset \
+                 is applied like any other record."
+            );
+        }
         if offset <= expected {
-            self.expected.insert(partition, after.max(expected));
+            // After a restart below the stored offset the log goes on from where it restarted;
+            // otherwise it was received already.
+            let next = if first { after } else { after.max(expected) };
+            self.expected.insert(partition, next);
             return 0;
         }
         let missing = offset - expected;
@@ -172,6 +202,19 @@ mod tests {
         gaps.opened(2, Some(4));
         assert_eq!(gaps.received(2, 4), 0);
         assert_eq!(counts(&registry), [("2".into(), 1)]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_log_that_starts_again_below_the_stored_offset_is_checked_from_there()
+    -> prometheus::Result<()> {
+        let (mut gaps, registry) = gaps(true)?;
+        gaps.opened(3, Some(100));
+        assert_eq!(gaps.received(3, 5), 0);
+        assert_eq!(gaps.received(3, 6), 0);
+        // 7 never came.
+        assert_eq!(gaps.received(3, 8), 1);
+        assert_eq!(counts(&registry), [("3".into(), 1)]);
         Ok(())
     }
 
