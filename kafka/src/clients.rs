@@ -143,13 +143,23 @@ pub struct StageMember<'a> {
 
 /// Creates the consumer of a stage that keeps its state per partition. Every librdkafka
 /// setting such a stage relies on is here; `tuning` adds the stage's own, and the operator's
-/// pass-through `kafka_options` come last.
+/// pass-through `kafka_options` come last; an `auto.offset.reset` other than `earliest` is
+/// refused among them.
 pub fn stage_consumer<C: ConsumerContext>(
     member: StageMember<'_>,
     tuning: &[(&str, &str)],
     kafka_options: &[(String, String)],
     context: C,
 ) -> Result<BaseConsumer<C>, KafkaError> {
+    stage_consumer_config(member, tuning, kafka_options)?.create_with_context(context)
+}
+
+/// [`stage_consumer`]'s settings.
+fn stage_consumer_config(
+    member: StageMember<'_>,
+    tuning: &[(&str, &str)],
+    kafka_options: &[(String, String)],
+) -> Result<ClientConfig, KafkaError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", member.brokers)
@@ -158,6 +168,9 @@ pub fn stage_consumer<C: ConsumerContext>(
         // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // A partition without stored state is read from its oldest record, and one whose
+        // stored offset retention deleted resumes at the oldest left (the runtime counts what
+        // was deleted unread): never past records it has not read.
         .set("auto.offset.reset", "earliest")
         // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
         .set("partition.assignment.strategy", "range")
@@ -180,9 +193,15 @@ pub fn stage_consumer<C: ConsumerContext>(
         client.set(*key, *value);
     }
     for (key, value) in kafka_options {
+        if key == "auto.offset.reset" && value != "earliest" {
+            return Err(KafkaError::ClientCreation(format!(
+                "kafka option `{key}={value}` is refused: a stage reads every record of its \
+                 input, from the oldest one left when it has no stored offset"
+            )));
+        }
         client.set(key, value);
     }
-    client.create_with_context(context)
+    Ok(client)
 }
 
 /// The consumer of the gateway's raw-topic ingest: a consumer group that commits each batch
@@ -444,6 +463,50 @@ mod tests {
     use super::*;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    #[test]
+    fn a_stage_consumer_takes_the_operators_options_but_never_starts_past_the_oldest_record()
+    -> Result<(), KafkaError> {
+        // Was: `--kafka-opt auto.offset.reset=latest` made a stage without stored state skip
+        // every record already written, unchecked.
+        let member = StageMember {
+            brokers: "127.0.0.1:9092",
+            group_id: "g",
+            client_id: "c",
+            instance_id: None,
+        };
+        let options = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let tuning = [("fetch.wait.max.ms", "20")];
+        let refused = stage_consumer_config(
+            member,
+            &tuning,
+            &options(&[("fetch.wait.max.ms", "7"), ("auto.offset.reset", "latest")]),
+        );
+        assert!(
+            matches!(&refused, Err(KafkaError::ClientCreation(m))
+                if m.contains("kafka option `auto.offset.reset=latest` is refused")),
+            "{refused:?}"
+        );
+        let config = stage_consumer_config(
+            member,
+            &tuning,
+            &options(&[
+                ("fetch.wait.max.ms", "7"),
+                ("auto.offset.reset", "earliest"),
+            ]),
+        )?;
+        assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("7"));
+        let config = stage_consumer_config(member, &tuning, &[])?;
+        assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("20"));
+        Ok(())
+    }
 
     #[test]
     fn a_reader_is_done_once_it_read_what_was_there_and_fails_on_what_it_cannot_read()

@@ -5,9 +5,9 @@
 //! Checked on inputs that are not compacted (the events and ledger topics; not the rollups:
 //! [`crate::Stage::INPUT_COMPACTED`]). Neruba writes those without transactions, so each such
 //! offset is a record lost before the stage read it: retention deleted it first (the consumer
-//! then starts again at the oldest record left, by the stages' `auto.offset.reset=earliest`), or the
-//! broker skipped it. The stage goes on: nothing it could do brings the records back, and
-//! stopping would hold up every record after them.
+//! then starts again at the oldest record left, by the stages' `auto.offset.reset=earliest`,
+//! which they allow no pass-through option to change), or the broker skipped it. The stage goes on: nothing
+//! it could do brings the records back, and stopping would hold up every record after them.
 
 use prometheus::{IntCounterVec, Opts, Registry};
 use std::collections::{HashMap, HashSet};
