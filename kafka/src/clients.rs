@@ -143,7 +143,7 @@ pub struct StageMember<'a> {
 
 /// Creates the consumer of a stage that keeps its state per partition. Every librdkafka
 /// setting such a stage relies on is here; `tuning` adds the stage's own, and the operator's
-/// pass-through `kafka_options` come last; an `auto.offset.reset` other than `earliest` is
+/// pass-through `kafka_options` come last; an `auto.offset.reset` other than earliest is
 /// refused among them.
 pub fn stage_consumer<C: ConsumerContext>(
     member: StageMember<'_>,
@@ -168,9 +168,10 @@ fn stage_consumer_config(
         // Offsets live in RocksDB with the state; the group's offsets are only for lag graphs.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        // A partition without stored state is read from its oldest record, and one whose
-        // stored offset retention deleted resumes at the oldest left (the runtime counts what
-        // was deleted unread): never past records it has not read.
+        // A partition whose stored offset is out of range (retention deleted it, or the topic
+        // was recreated) resumes at the oldest record left (the runtime counts what was
+        // deleted unread, and reports a log that went back): never past records it has not
+        // read. (One without stored state is assigned at its beginning explicitly.)
         .set("auto.offset.reset", "earliest")
         // Eager rebalancing: a revoked partition's batch is written before anyone else reads it.
         .set("partition.assignment.strategy", "range")
@@ -193,10 +194,12 @@ fn stage_consumer_config(
         client.set(*key, *value);
     }
     for (key, value) in kafka_options {
-        if key == "auto.offset.reset" && value != "earliest" {
+        // librdkafka's other names for earliest are taken too.
+        let earliest = ["earliest", "smallest", "beginning"];
+        if key == "auto.offset.reset" && !earliest.contains(&value.to_ascii_lowercase().as_str()) {
             return Err(KafkaError::ClientCreation(format!(
-                "kafka option `{key}={value}` is refused: a stage reads every record of its \
-                 input, from the oldest one left when it has no stored offset"
+                "kafka option `{key}={value}` is refused: a stage whose stored offset is out of \
+                 range resumes at the oldest record left, never past records it has not read"
             )));
         }
         client.set(key, value);
@@ -467,8 +470,9 @@ mod tests {
     #[test]
     fn a_stage_consumer_takes_the_operators_options_but_never_starts_past_the_oldest_record()
     -> Result<(), KafkaError> {
-        // Was: `--kafka-opt auto.offset.reset=latest` made a stage without stored state skip
-        // every record already written, unchecked.
+        // Was: with `--kafka-opt auto.offset.reset=latest`, a stage whose stored offset was
+        // out of range (deleted by retention, or a recreated topic) resumed at the end of the
+        // log, past every record left.
         let member = StageMember {
             brokers: "127.0.0.1:9092",
             group_id: "g",
@@ -502,6 +506,13 @@ mod tests {
         )?;
         assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(config.get("fetch.wait.max.ms"), Some("7"));
+        // librdkafka's other name for it.
+        let config = stage_consumer_config(
+            member,
+            &tuning,
+            &options(&[("auto.offset.reset", "smallest")]),
+        )?;
+        assert_eq!(config.get("auto.offset.reset"), Some("smallest"));
         let config = stage_consumer_config(member, &tuning, &[])?;
         assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(config.get("fetch.wait.max.ms"), Some("20"));

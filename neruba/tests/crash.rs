@@ -503,6 +503,26 @@ impl Pipeline {
         ))
     }
 
+    /// The ledger settled equal to the ground truth, and no stage logged records skipped.
+    fn settled(
+        &self,
+        got: &Ledger,
+        expected: &Ledger,
+        distinct: usize,
+        messages: usize,
+    ) -> Result<()> {
+        assert_eq!(
+            got,
+            expected,
+            "{distinct} items in {messages} messages; {}",
+            self.skipped_report()
+        );
+        if let Some(skipped) = self.skipped_records() {
+            bail!("{skipped}");
+        }
+        Ok(())
+    }
+
     /// [`Self::skipped_records`] for a failure's message.
     fn skipped_report(&self) -> String {
         self.skipped_records()
@@ -904,16 +924,7 @@ async fn sigterm_lets_each_component_finish_its_work_and_exit_cleanly() -> Resul
     );
     let expected = truth(&accepted, &neruba::sample::catalog()?)?;
     let (got, distinct, messages) = settle_ledger(&broker.bootstrap, &expected).await?;
-    assert_eq!(
-        got,
-        expected,
-        "{distinct} items in {messages} messages; {}",
-        pipeline.skipped_report()
-    );
-    if let Some(skipped) = pipeline.skipped_records() {
-        bail!("{skipped}");
-    }
-    Ok(())
+    pipeline.settled(&got, &expected, distinct, messages)
 }
 
 /// One attempt at posting `batch` as `tenant`: the HTTP status and the body.
@@ -1043,14 +1054,5 @@ async fn broker_outage_answers_503_and_the_ledger_recovers_exactly() -> Result<(
          {} distinct accepted, {distinct} items in {messages} messages",
         accepted.len()
     );
-    assert_eq!(
-        got,
-        expected,
-        "{distinct} items in {messages} messages; {}",
-        pipeline.skipped_report()
-    );
-    if let Some(skipped) = pipeline.skipped_records() {
-        bail!("{skipped}");
-    }
-    Ok(())
+    pipeline.settled(&got, &expected, distinct, messages)
 }

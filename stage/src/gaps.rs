@@ -45,13 +45,15 @@ impl SkippedOffsets {
 #[derive(Debug)]
 pub(crate) struct InputGaps {
     skipped: SkippedOffsets,
-    /// Off for a compacted input, whose offsets have gaps by design.
+    /// Off for a compacted input, whose offsets have gaps by design (a log that goes back is
+    /// still reported).
     checked: bool,
     /// The offset each owned partition should deliver next. A partition read from
     /// the beginning has no entry until its first message: its first offset is the topic's
     /// oldest, whatever it is.
     expected: HashMap<i32, i64>,
-    /// Partitions opened whose first message has not come yet: where it lies is logged.
+    /// Partitions opened whose first message has not come yet: one read from the beginning
+    /// logs where its oldest record is.
     first: HashSet<i32>,
 }
 
@@ -66,18 +68,17 @@ impl InputGaps {
     }
 
     /// A partition opened at the offset stored with its state (None: from the beginning).
-    /// Its count shows 0 from now on, until a gap.
+    /// Its count shows 0 from now on, until a gap (on a checked input).
     pub(crate) fn opened(&mut self, partition: i32, stored: Option<i64>) {
-        if !self.checked {
-            return;
-        }
         if let Some(next) = stored {
             self.expected.insert(partition, next);
         }
         self.first.insert(partition);
-        self.skipped
-            .counter
-            .with_label_values(&[self.skipped.stage, &partition.to_string()]);
+        if self.checked {
+            self.skipped
+                .counter
+                .with_label_values(&[self.skipped.stage, &partition.to_string()]);
+        }
     }
 
     pub(crate) fn released(&mut self, partition: i32) {
@@ -85,14 +86,12 @@ impl InputGaps {
         self.first.remove(&partition);
     }
 
-    /// A message received at `offset`: counts and reports the offsets skipped before it, and
-    /// returns how many. An offset below the one expected moves nothing back (it was
-    /// received already), unless it is the first after opening: the partition's log then
-    /// starts again below the stored offset, which is reported, and is checked from there.
+    /// A message received at `offset`: counts and reports the offsets skipped before it (on a
+    /// checked input), and returns how many. An offset below the one expected means the
+    /// partition's log went back (a stage never seeks, and the client delivers nothing
+    /// twice): the topic was recreated or the broker lost records, and the consumer was reset
+    /// to the oldest record. That is reported, on every input, and the log followed from there.
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> i64 {
-        if !self.checked {
-            return 0;
-        }
         let first = self.first.remove(&partition);
         let after = offset.saturating_add(1);
         let Some(expected) = self.expected.insert(partition, after) else {
@@ -107,22 +106,19 @@ impl InputGaps {
             }
             return 0;
         };
-        if first && offset < expected {
+        if offset < expected {
             tracing::warn!(
                 stage = self.skipped.stage,
                 partition,
-                stored = expected,
+                expected,
                 received = offset,
-                "The partition starts again below the offset stored with the state: the topic \
-                 was recreated or the broker lost records. What it holds up to the stored offset \
-                 is applied like any other record."
+                "The partition's log went back below the offset expected next: the topic was \
+                 recreated or the broker lost records. What it holds from here is applied like \
+                 any other record."
             );
+            return 0;
         }
-        if offset <= expected {
-            // After a restart below the stored offset the log goes on from where it restarted;
-            // otherwise it was received already.
-            let next = if first { after } else { after.max(expected) };
-            self.expected.insert(partition, next);
+        if offset == expected || !self.checked {
             return 0;
         }
         let missing = offset - expected;
@@ -188,19 +184,24 @@ mod tests {
     }
 
     #[test]
-    fn an_offset_received_again_moves_nothing_back_and_counts_nothing() -> prometheus::Result<()> {
+    fn an_offset_below_the_next_is_reported_and_the_log_followed_from_there()
+    -> prometheus::Result<()> {
+        // Was (before this check was widened): an offset received again moved nothing back,
+        // so after a reset while running no gap was seen until the log passed the old offset.
         let (mut gaps, registry) = gaps(true)?;
         gaps.opened(2, Some(0));
         for offset in 0..5 {
             assert_eq!(gaps.received(2, offset), 0);
         }
+        // The log went back to 3: 4 comes next, then 5 never comes.
         assert_eq!(gaps.received(2, 3), 0);
-        // Expected is still 5, not 4.
+        assert_eq!(gaps.received(2, 4), 0);
         assert_eq!(gaps.received(2, 6), 1);
         // Released and opened again at its stored offset: checked from there.
         gaps.released(2);
         gaps.opened(2, Some(4));
         assert_eq!(gaps.received(2, 4), 0);
+        assert_eq!(gaps.received(2, 5), 0);
         assert_eq!(counts(&registry), [("2".into(), 1)]);
         Ok(())
     }
@@ -223,6 +224,8 @@ mod tests {
         let (mut gaps, registry) = gaps(false)?;
         gaps.opened(0, Some(10));
         assert_eq!(gaps.received(0, 40), 0);
+        assert_eq!(gaps.received(0, 45), 0);
+        assert_eq!(gaps.received(0, 3), 0);
         assert_eq!(counts(&registry), Vec::<(String, u64)>::new());
         Ok(())
     }
