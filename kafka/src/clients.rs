@@ -193,44 +193,76 @@ fn stage_consumer_config(
     for (key, value) in tuning {
         client.set(*key, *value);
     }
+    apply_consumer_options(
+        &mut client,
+        kafka_options,
+        "a stage whose stored offset is out of range resumes at the oldest record left, never \
+         past records it has not read",
+    )?;
+    Ok(client)
+}
+
+/// Adds the operator's pass-through options to a consumer's `client`, last; refuses an
+/// `auto.offset.reset` other than earliest (librdkafka's other names for it are taken too),
+/// saying `why` the consumer relies on it.
+fn apply_consumer_options(
+    client: &mut ClientConfig,
+    kafka_options: &[(String, String)],
+    why: &str,
+) -> Result<(), KafkaError> {
+    let earliest = ["earliest", "smallest", "beginning"];
     for (key, value) in kafka_options {
-        // librdkafka's other names for earliest are taken too.
-        let earliest = ["earliest", "smallest", "beginning"];
         if key == "auto.offset.reset" && !earliest.contains(&value.to_ascii_lowercase().as_str()) {
             return Err(KafkaError::ClientCreation(format!(
-                "kafka option `{key}={value}` is refused: a stage whose stored offset is out of \
-                 range resumes at the oldest record left, never past records it has not read"
+                "kafka option `{key}={value}` is refused: {why}"
             )));
         }
         client.set(key, value);
     }
-    Ok(client)
+    Ok(())
 }
 
 /// The consumer of the gateway's raw-topic ingest: a consumer group that commits each batch
 /// only once its events were acknowledged on the events topic (no auto-commit).
+/// The pass-through `kafka_options` come last; an `auto.offset.reset` other than earliest is
+/// refused among them, as the stages refuse it.
 pub fn raw_consumer<C: ConsumerContext + 'static>(
     brokers: &str,
     group_id: &str,
     kafka_options: &[(String, String)],
     context: C,
 ) -> Result<StreamConsumer<C>, KafkaError> {
+    raw_consumer_config(brokers, group_id, kafka_options)?.create_with_context(context)
+}
+
+/// [`raw_consumer`]'s settings.
+fn raw_consumer_config(
+    brokers: &str,
+    group_id: &str,
+    kafka_options: &[(String, String)],
+) -> Result<ClientConfig, KafkaError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", brokers)
         .set("group.id", group_id)
         .set("client.id", "neruba-ingest-gateway-raw")
         .set("enable.auto.commit", "false")
+        // A group without a committed offset (new, or its offset deleted by retention) starts
+        // at the oldest record left: usage written before the gateway first read the topic is
+        // ingested, never skipped.
         .set("auto.offset.reset", "earliest")
         // A full local queue postpones the next fetch by this much (librdkafka's default of
         // 1 s lets the queue run dry under load).
         .set("fetch.queue.backoff.ms", "10")
         // Statistics feed the lag gauges (partition high watermarks).
         .set("statistics.interval.ms", "1000");
-    for (key, value) in kafka_options {
-        client.set(key, value);
-    }
-    client.create_with_context(context)
+    apply_consumer_options(
+        &mut client,
+        kafka_options,
+        "the raw-topic consumer's group, without a committed offset or with one out of range, \
+         starts at the oldest record left, never past usage it has not ingested",
+    )?;
+    Ok(client)
 }
 
 /// A client that only asks the broker for metadata (readiness probes).
@@ -516,6 +548,44 @@ mod tests {
         let config = stage_consumer_config(member, &tuning, &[])?;
         assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(config.get("fetch.wait.max.ms"), Some("20"));
+        Ok(())
+    }
+
+    #[test]
+    fn the_raw_topic_consumer_never_starts_past_usage_it_has_not_ingested() -> Result<(), KafkaError>
+    {
+        // Was: `--kafka-opt auto.offset.reset=latest` passed through, so a gateway whose raw
+        // group had no committed offset yet (or one deleted by retention) started at the end
+        // of the topic, and the usage producers had written before it was never ingested.
+        let options = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let refused = raw_consumer_config(
+            "127.0.0.1:9092",
+            "g",
+            &options(&[("auto.offset.reset", "latest")]),
+        );
+        assert!(
+            matches!(&refused, Err(KafkaError::ClientCreation(m))
+                if m.contains("kafka option `auto.offset.reset=latest` is refused: the raw-topic")),
+            "{refused:?}"
+        );
+        let config = raw_consumer_config(
+            "127.0.0.1:9092",
+            "g",
+            &options(&[
+                ("fetch.wait.max.ms", "7"),
+                ("auto.offset.reset", "beginning"),
+            ]),
+        )?;
+        assert_eq!(config.get("auto.offset.reset"), Some("beginning"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("7"));
+        let config = raw_consumer_config("127.0.0.1:9092", "g", &[])?;
+        assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
         Ok(())
     }
 

@@ -10,7 +10,6 @@
 //! it could do brings the records back, and stopping would hold up every record after them.
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use std::collections::{HashMap, HashSet};
 
 /// What a stage logs, as an error, when its input skipped records.
 pub const SKIPPED_RECORDS_LOG: &str = "Input records skipped: the broker delivered past the next \
@@ -50,11 +49,12 @@ pub(crate) struct InputGaps {
     checked: bool,
     /// The offset each owned partition should deliver next. A partition read from
     /// the beginning has no entry until its first message: its first offset is the topic's
-    /// oldest, whatever it is.
-    expected: HashMap<i32, i64>,
+    /// oldest, whatever it is. A worker owns a handful of partitions and this is looked at
+    /// for every message, so a scan of a vector, not a hash (no hashing per message).
+    expected: Vec<(i32, i64)>,
     /// Partitions opened whose first message has not come yet: one read from the beginning
     /// logs where its oldest record is.
-    first: HashSet<i32>,
+    first: Vec<i32>,
 }
 
 impl InputGaps {
@@ -62,18 +62,19 @@ impl InputGaps {
         Self {
             skipped,
             checked,
-            expected: HashMap::new(),
-            first: HashSet::new(),
+            expected: Vec::new(),
+            first: Vec::new(),
         }
     }
 
     /// A partition opened at the offset stored with its state (None: from the beginning).
     /// Its count shows 0 from now on, until a gap (on a checked input).
     pub(crate) fn opened(&mut self, partition: i32, stored: Option<i64>) {
+        self.released(partition);
         if let Some(next) = stored {
-            self.expected.insert(partition, next);
+            self.expected.push((partition, next));
         }
-        self.first.insert(partition);
+        self.first.push(partition);
         if self.checked {
             self.skipped
                 .counter
@@ -82,8 +83,8 @@ impl InputGaps {
     }
 
     pub(crate) fn released(&mut self, partition: i32) {
-        self.expected.remove(&partition);
-        self.first.remove(&partition);
+        self.expected.retain(|&(p, _)| p != partition);
+        self.first.retain(|&p| p != partition);
     }
 
     /// A message received at `offset`: counts and reports the offsets skipped before it (on a
@@ -92,9 +93,17 @@ impl InputGaps {
     /// twice): the topic was recreated or the broker lost records, and the consumer was reset
     /// to the oldest record. That is reported, on every input, and the log followed from there.
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> i64 {
-        let first = self.first.remove(&partition);
+        let first = match self.first.iter().position(|&p| p == partition) {
+            Some(at) => {
+                self.first.swap_remove(at);
+                true
+            }
+            None => false,
+        };
         let after = offset.saturating_add(1);
-        let Some(expected) = self.expected.insert(partition, after) else {
+        let next = self.expected.iter_mut().find(|(p, _)| *p == partition);
+        let Some(expected) = next.map(|(_, next)| std::mem::replace(next, after)) else {
+            self.expected.push((partition, after));
             if first {
                 // Whether retention had deleted the start before this stage first read it.
                 tracing::info!(
@@ -202,7 +211,12 @@ mod tests {
         gaps.opened(2, Some(4));
         assert_eq!(gaps.received(2, 4), 0);
         assert_eq!(gaps.received(2, 5), 0);
-        assert_eq!(counts(&registry), [("2".into(), 1)]);
+        // Opened again from the beginning (its state lost) without a release between: the
+        // old expectation is gone, and its first offset is whatever is oldest.
+        gaps.opened(2, None);
+        assert_eq!(gaps.received(2, 50), 0);
+        assert_eq!(gaps.received(2, 52), 1);
+        assert_eq!(counts(&registry), [("2".into(), 2)]);
         Ok(())
     }
 
