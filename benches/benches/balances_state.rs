@@ -4,7 +4,7 @@
 //! The workload of `balances_throughput` (`NERUBA_BENCH_CUSTOMERS`, default 10,000 customers:
 //! two grants, 10 usage items and an adjustment each), in ledger order (every customer's
 //! grants, then every customer's first window's item, and so on), applied to one partition's
-//! state in batches of 5,000 records, as the stage does:
+//! state in batches of 5,000 records (`NERUBA_BENCH_MAX_BATCH`), as the stage does:
 //! - `apply`: decode, the applied-item check, the book read, the fold, entry ids;
 //! - `encode`: the entries as the stage sends them (JSON);
 //! - `write`: the batch's atomic RocksDB write (books, applied-item marks, offsets).
@@ -48,7 +48,18 @@ use neruba_stage::Partition as _;
 use neruba_stage::{Input, Store};
 use std::time::{Duration, Instant};
 
-const BATCH: usize = 5_000;
+/// Records per batch: `NERUBA_BENCH_MAX_BATCH`, default 5,000 (the stage's batches reach its
+/// bound, 50,000, only when that much is queued; its end-to-end bench saw about 26,000).
+fn batch_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::env::var("NERUBA_BENCH_MAX_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(5_000)
+    })
+}
 
 #[derive(Default, Clone, Copy)]
 struct Phases {
@@ -87,7 +98,7 @@ fn round(records: &[&Record]) -> Result<Phases> {
     let mut state = PartitionState::from_store(store, 0, 3 * 86_400_000)?;
     let mut phases = Phases::default();
     let mut offset = 0_i64;
-    for batch in records.chunks(BATCH) {
+    for batch in records.chunks(batch_size()) {
         let started = Instant::now();
         apply_batch(&mut state, batch, &mut offset)?;
         let applied = Instant::now();
@@ -119,7 +130,7 @@ struct TickRun {
     rss_rise_kib: u64,
 }
 
-/// `records` applied to fresh state in batches of [`BATCH`] with the books bounded by
+/// `records` applied to fresh state in batches of [`batch_size`] with the books bounded by
 /// `held_bound`, then a tick at `at_ms`, applied again and written after each part until done
 /// (as the stage's runtime does).
 fn period_end_tick(records: &[&Record], held_bound: usize, at_ms: i64) -> Result<TickRun> {
@@ -133,7 +144,7 @@ fn period_end_tick(records: &[&Record], held_bound: usize, at_ms: i64) -> Result
         BOOKS_KEPT_BYTES,
     );
     let mut offset = 0_i64;
-    for batch in records.chunks(BATCH) {
+    for batch in records.chunks(batch_size()) {
         apply_batch(&mut state, batch, &mut offset)?;
         drop(state.take_outputs());
         state.commit()?;
@@ -505,10 +516,10 @@ fn decode_only(records: &[&Record]) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Every record through `floor`, a write per `BATCH`.
+/// Every record through `floor`, a write per [`batch_size`] records.
 fn through(records: &[&Record], mut floor: Floor) -> Result<Duration> {
     let started = Instant::now();
-    for batch in records.chunks(BATCH) {
+    for batch in records.chunks(batch_size()) {
         for record in batch {
             floor.record(&record.payload, record.header.is_some())?;
         }
@@ -542,7 +553,10 @@ fn main() -> Result<()> {
     if std::env::var_os("NERUBA_BENCH_SHOW_BOOK").is_some() {
         println!("{}", serde_json::to_string_pretty(&book)?);
     }
-    println!("{n} ledger records ({customers} customers), batches of {BATCH}, best of {rounds}");
+    println!(
+        "{n} ledger records ({customers} customers), batches of {}, best of {rounds}",
+        batch_size()
+    );
 
     let mut best: Option<Phases> = None;
     let state_bytes = book.encode()?.len();
