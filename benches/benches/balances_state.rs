@@ -4,13 +4,14 @@
 //! The workload of `balances_throughput` (`NERUBA_BENCH_CUSTOMERS`, default 10,000 customers:
 //! two grants, 10 usage items and an adjustment each), in ledger order (every customer's
 //! grants, then every customer's first window's item, and so on), applied to one partition's
-//! state in batches of 5,000 records (`NERUBA_BENCH_MAX_BATCH`), as the stage does:
+//! state in batches (`NERUBA_BENCH_MAX_BATCH` records, default 5,000; the stage's bound is
+//! 50,000), as the stage does:
 //! - `apply`: decode, the applied-item check, the book read, the fold, entry ids;
 //! - `encode`: the entries as the stage sends them (JSON);
 //! - `write`: the batch's atomic RocksDB write (books, applied-item marks, offsets).
 //!
 //! Raw components on the same payloads in the same run: decoding each record alone (what any
-//! consumer of the ledger must do) and one RocksDB put per record id in a write batch per 5,000
+//! consumer of the ledger must do) and one RocksDB put per record id in a write batch per batch
 //! (the least a durable dedup of line items costs), and that plus reading and rewriting a
 //! per-customer value as large as the workload's stored book (the least any stage that keeps
 //! per-customer state durably costs). Best of `NERUBA_BENCH_ROUNDS` (default 3) rounds, each on
@@ -52,13 +53,15 @@ use std::time::{Duration, Instant};
 /// bound, 50,000, only when that much is queued; its end-to-end bench saw about 26,000).
 fn batch_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| {
-        std::env::var("NERUBA_BENCH_MAX_BATCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(5_000)
-    })
+    *SIZE.get_or_init(|| env("NERUBA_BENCH_MAX_BATCH", 5_000).max(1))
+}
+
+/// The number in the environment variable `name`, or `default`.
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Default, Clone, Copy)]
@@ -533,12 +536,6 @@ fn per_record(d: Duration, n: usize) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let env = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let customers = env("NERUBA_BENCH_CUSTOMERS", 10_000);
     let rounds = env("NERUBA_BENCH_ROUNDS", 3).max(1);
     let (ledger, _) = workload(customers);

@@ -186,6 +186,17 @@ pub async fn start_on(
 ) -> Result<Running> {
     let metrics = metrics::Metrics::register(&registry)?;
     let producer = recoverable_producer(&config)?;
+    if let Some(raw) = &config.raw {
+        // The raw-topic consumer's settings checked now, before anything is started, so a
+        // refused option stops the start as a producer's does (the consumer itself is made,
+        // and made again after a failure, by its task, which would retry a refused one every
+        // second and ingest nothing).
+        neruba_kafka::clients::raw_consumer_config(
+            &config.brokers,
+            &raw.group_id,
+            &config.kafka_options,
+        )?;
+    }
     // One producer for events and credit records: one set of broker connections, and the
     // flush at shutdown covers both.
     let ledger = credits::LedgerWriter::new(producer.clone(), &config.ledger_topic);
@@ -314,5 +325,47 @@ async fn probe_broker(state: Arc<http::AppState>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_raw_consumer_option_that_would_skip_unread_usage_stops_the_start()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        // Was: the gateway started and reported ready while its raw-topic task, refused the
+        // consumer, logged a failure every second and ingested nothing.
+        let catalog = neruba_schemas::Catalog::from_toml_str(
+            include_str!("../../catalog/sample.toml"),
+            "sample.toml",
+        )?;
+        let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut config = Config::new(listen, "127.0.0.1:1");
+        config.raw = Some(raw::RawConfig {
+            topic: "raw".into(),
+            group_id: "neruba-gateway-raw".into(),
+            dead_letter_topic: "dead".into(),
+            max_batch: 10,
+        });
+        config.kafka_options = vec![("auto.offset.reset".into(), "latest".into())];
+        let refused = start_on(
+            bind(listen).await?,
+            config,
+            catalog,
+            prometheus::Registry::new(),
+            CancellationToken::new(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        assert!(
+            refused.as_ref().is_err_and(|m| m.contains(
+                "kafka option `auto.offset.reset=latest` is refused: the raw-topic consumer's group"
+            )),
+            "{refused:?}"
+        );
+        Ok(())
     }
 }

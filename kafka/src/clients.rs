@@ -235,8 +235,9 @@ pub fn raw_consumer<C: ConsumerContext + 'static>(
     raw_consumer_config(brokers, group_id, kafka_options)?.create_with_context(context)
 }
 
-/// [`raw_consumer`]'s settings.
-fn raw_consumer_config(
+/// [`raw_consumer`]'s settings, or its refusal of an option (the gateway asks before it
+/// starts its raw-topic task).
+pub fn raw_consumer_config(
     brokers: &str,
     group_id: &str,
     kafka_options: &[(String, String)],
@@ -499,6 +500,14 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
+    /// Pass-through options as the command line gives them.
+    fn options(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
     #[test]
     fn a_stage_consumer_takes_the_operators_options_but_never_starts_past_the_oldest_record()
     -> Result<(), KafkaError> {
@@ -510,12 +519,6 @@ mod tests {
             group_id: "g",
             client_id: "c",
             instance_id: None,
-        };
-        let options = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
         };
         let tuning = [("fetch.wait.max.ms", "20")];
         let refused = stage_consumer_config(
@@ -557,12 +560,6 @@ mod tests {
         // Was: `--kafka-opt auto.offset.reset=latest` passed through, so a gateway whose raw
         // group had no committed offset yet (or one deleted by retention) started at the end
         // of the topic, and the usage producers had written before it was never ingested.
-        let options = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect()
-        };
         let refused = raw_consumer_config(
             "127.0.0.1:9092",
             "g",
@@ -586,6 +583,15 @@ mod tests {
         let config = raw_consumer_config("127.0.0.1:9092", "g", &[])?;
         assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        // librdkafka reads the value in any case; every name of the end, and `error` (stop
+        // rather than reset), is refused.
+        assert!(
+            raw_consumer_config("b", "g", &options(&[("auto.offset.reset", "EARLIEST")])).is_ok()
+        );
+        for value in ["End", "largest", "LATEST", "error"] {
+            let refused = raw_consumer_config("b", "g", &options(&[("auto.offset.reset", value)]));
+            assert!(refused.is_err(), "{value}: {refused:?}");
+        }
         Ok(())
     }
 

@@ -68,7 +68,9 @@ impl InputGaps {
     }
 
     /// A partition opened at the offset stored with its state (None: from the beginning).
-    /// Its count shows 0 from now on, until a gap (on a checked input).
+    /// Its count shows 0 from now on, until a gap (on a checked input). Whatever was expected
+    /// of it before goes, so each partition has one entry at most (the worker releases a
+    /// partition before it opens it again).
     pub(crate) fn opened(&mut self, partition: i32, stored: Option<i64>) {
         self.released(partition);
         if let Some(next) = stored {
@@ -211,8 +213,8 @@ mod tests {
         gaps.opened(2, Some(4));
         assert_eq!(gaps.received(2, 4), 0);
         assert_eq!(gaps.received(2, 5), 0);
-        // Opened again from the beginning (its state lost) without a release between: the
-        // old expectation is gone, and its first offset is whatever is oldest.
+        // Opened again from the beginning without a release between (the worker never does
+        // this): one entry for it, the old expectation gone, its first offset the oldest.
         gaps.opened(2, None);
         assert_eq!(gaps.received(2, 50), 0);
         assert_eq!(gaps.received(2, 52), 1);
