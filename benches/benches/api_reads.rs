@@ -23,7 +23,7 @@
 
 use anyhow::{Context, Result, bail};
 use neruba::embedded::EmbeddedKafka;
-use neruba_benches::{peak_rss_kib, rate};
+use neruba_benches::{env_usize, peak_rss_kib, rate};
 use neruba_schemas::credit::{self, Grant, GrantTerms, Tick};
 use neruba_schemas::event::format_time_ms;
 use neruba_schemas::ledger::{Kind, LineItem};
@@ -197,13 +197,6 @@ fn usage_item(
         revision: 1,
         supersedes: None,
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// High watermarks of both topics, per (topic, partition).

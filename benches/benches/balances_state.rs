@@ -42,7 +42,7 @@ use neruba_balances::state::{
     store_options,
 };
 use neruba_benches::balances::{Floor, Record, first_book, workload};
-use neruba_benches::{peak_rss_kib, rate, reset_peak_rss, rss_kib};
+use neruba_benches::{env_usize, peak_rss_kib, rate, reset_peak_rss, rss_kib};
 use neruba_schemas::credit::{self, Grant};
 use neruba_schemas::ledger::LineItem;
 use neruba_stage::Partition as _;
@@ -53,15 +53,7 @@ use std::time::{Duration, Instant};
 /// bound, 50,000, only when that much is queued; its end-to-end bench saw about 26,000).
 fn batch_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| env("NERUBA_BENCH_MAX_BATCH", 5_000).max(1))
-}
-
-/// The number in the environment variable `name`, or `default`.
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    *SIZE.get_or_init(|| env_usize("NERUBA_BENCH_MAX_BATCH", 5_000).max(1))
 }
 
 #[derive(Default, Clone, Copy)]
@@ -536,8 +528,8 @@ fn per_record(d: Duration, n: usize) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let customers = env("NERUBA_BENCH_CUSTOMERS", 10_000);
-    let rounds = env("NERUBA_BENCH_ROUNDS", 3).max(1);
+    let customers = env_usize("NERUBA_BENCH_CUSTOMERS", 10_000);
+    let rounds = env_usize("NERUBA_BENCH_ROUNDS", 3).max(1);
     let (ledger, _) = workload(customers);
     let records: Vec<&Record> = ledger.iter().collect();
     let n = records.len();
@@ -610,7 +602,7 @@ fn main() -> Result<()> {
         .map(|r| credit::decode::<LineItem>(&r.payload))
         .transpose()?
         .ok_or_else(|| anyhow::anyhow!("no line item in the workload"))?;
-    let items = env("NERUBA_BENCH_BOUND_ITEMS", 2_000);
+    let items = env_usize("NERUBA_BENCH_BOUND_ITEMS", 2_000);
     for (holding, name) in [
         (Holding::Grants(2), "2 grants with credit".to_owned()),
         (
@@ -633,7 +625,7 @@ fn main() -> Result<()> {
             per_record(phases.write, items),
         );
     }
-    let topups = env("NERUBA_BENCH_TOPUPS", 1_000);
+    let topups = env_usize("NERUBA_BENCH_TOPUPS", 1_000);
     let t = topped_up(&template, topups)?;
     println!(
         "a customer after {topups} top-ups each used up: stored book {} bytes; a book keeping every grant {} bytes; a read of the book alone (a balance read) {:.2?}, with every grant put back (the grants list) {:.2?}",

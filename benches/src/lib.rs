@@ -213,3 +213,11 @@ impl Drop for TansuProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The number in the environment variable `name`, or `default` (unset or not a number).
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -6,8 +6,9 @@
 //! [`crate::Stage::INPUT_COMPACTED`]). Neruba writes those without transactions, so each such
 //! offset is a record lost before the stage read it: retention deleted it first (the consumer
 //! then starts again at the oldest record left, by the stages' `auto.offset.reset=earliest`,
-//! which they allow no pass-through option to change), or the broker skipped it. The stage goes on: nothing
-//! it could do brings the records back, and stopping would hold up every record after them.
+//! which they allow no pass-through option to change), or the broker skipped it. The stage
+//! goes on: nothing it could do brings the records back, and stopping would hold up every
+//! record after them.
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -49,12 +50,9 @@ pub(crate) struct InputGaps {
     checked: bool,
     /// The offset each owned partition should deliver next. A partition read from
     /// the beginning has no entry until its first message: its first offset is the topic's
-    /// oldest, whatever it is. A worker owns a handful of partitions and this is looked at
-    /// for every message, so a scan of a vector, not a hash (no hashing per message).
+    /// oldest, whatever it is (logged). A worker owns a handful of partitions and this is
+    /// looked at for every message, so a scan of a vector, not a hash (no hashing per message).
     expected: Vec<(i32, i64)>,
-    /// Partitions opened whose first message has not come yet: one read from the beginning
-    /// logs where its oldest record is.
-    first: Vec<i32>,
 }
 
 impl InputGaps {
@@ -63,7 +61,6 @@ impl InputGaps {
             skipped,
             checked,
             expected: Vec::new(),
-            first: Vec::new(),
         }
     }
 
@@ -76,7 +73,6 @@ impl InputGaps {
         if let Some(next) = stored {
             self.expected.push((partition, next));
         }
-        self.first.push(partition);
         if self.checked {
             self.skipped
                 .counter
@@ -86,7 +82,6 @@ impl InputGaps {
 
     pub(crate) fn released(&mut self, partition: i32) {
         self.expected.retain(|&(p, _)| p != partition);
-        self.first.retain(|&p| p != partition);
     }
 
     /// A message received at `offset`: counts and reports the offsets skipped before it (on a
@@ -95,26 +90,18 @@ impl InputGaps {
     /// twice): the topic was recreated or the broker lost records, and the consumer was reset
     /// to the oldest record. That is reported, on every input, and the log followed from there.
     pub(crate) fn received(&mut self, partition: i32, offset: i64) -> i64 {
-        let first = match self.first.iter().position(|&p| p == partition) {
-            Some(at) => {
-                self.first.swap_remove(at);
-                true
-            }
-            None => false,
-        };
         let after = offset.saturating_add(1);
         let next = self.expected.iter_mut().find(|(p, _)| *p == partition);
         let Some(expected) = next.map(|(_, next)| std::mem::replace(next, after)) else {
+            // The first message of a partition read from the beginning: whether retention had
+            // deleted the start before this stage first read it.
             self.expected.push((partition, after));
-            if first {
-                // Whether retention had deleted the start before this stage first read it.
-                tracing::info!(
-                    stage = self.skipped.stage,
-                    partition,
-                    offset,
-                    "Read from the beginning: the oldest record left is at this offset."
-                );
-            }
+            tracing::info!(
+                stage = self.skipped.stage,
+                partition,
+                offset,
+                "Read from the beginning: the oldest record left is at this offset."
+            );
             return 0;
         };
         if offset < expected {
