@@ -44,9 +44,10 @@
 //! `NERUBA_E2E_UNTIL=gateway`: stop after (3). `NERUBA_E2E_BIN=<path>`: run that `neruba`
 //! binary's processes (loadgen included) instead of this build's, to compare two builds A B A B
 //! (the raw baselines and the floor are this build's code either way).
-//! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record -g` into `<file>`
-//! and stop after (3) (perf slows what it samples, so that run's gateway figures are not the
-//! gateway's; read the profile with `perf report -i <file>`).
+//! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record --call-graph dwarf`
+//! (the build keeps no frame pointers, so `-g` gave broken stacks) into `<file>` and stop after
+//! (3) (perf slows what it samples, so that run's gateway figures are not the gateway's; read
+//! the profile with `perf report -i <file>`).
 
 // Rates, ratios and percentiles in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -949,7 +950,16 @@ async fn main() -> Result<()> {
     let mut perf = match &profile {
         Some(file) => Some(
             Command::new("perf")
-                .args(["record", "-g", "-F", "999", "-p", &gateway_pid, "-o"])
+                .args([
+                    "record",
+                    "--call-graph",
+                    "dwarf",
+                    "-F",
+                    "499",
+                    "-p",
+                    &gateway_pid,
+                    "-o",
+                ])
                 .arg(file)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

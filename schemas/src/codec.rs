@@ -32,11 +32,6 @@ pub const VERSION: u8 = binary::VERSION;
 /// Version written by [`encode_json`].
 pub const JSON_VERSION: u8 = 1;
 
-/// Content type set as a Kafka header on every version 2 events-topic message.
-pub const CONTENT_TYPE: &str = "application/vnd.neruba.event.v2";
-/// Content type of a version 1 message.
-pub const JSON_CONTENT_TYPE: &str = "application/vnd.neruba.event.v1+json";
-
 /// Which encoding a writer of the events topic uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Encoding {
@@ -56,11 +51,11 @@ impl Encoding {
         }
     }
 
-    /// The content-type header of a message in this encoding.
-    pub fn content_type(self) -> &'static str {
+    /// The version a message in this encoding starts with ([`version_of`]).
+    pub fn version(self) -> u8 {
         match self {
-            Self::Binary => CONTENT_TYPE,
-            Self::Json => JSON_CONTENT_TYPE,
+            Self::Binary => VERSION,
+            Self::Json => JSON_VERSION,
         }
     }
 }
@@ -418,7 +413,9 @@ mod tests {
         assert_eq!("json".parse(), Ok(Encoding::Json));
         assert!("avro".parse::<Encoding>().is_err());
         assert_eq!(Encoding::default(), Encoding::Binary);
-        assert_eq!(Encoding::Json.content_type(), JSON_CONTENT_TYPE);
+        assert_eq!(Encoding::Json.version(), JSON_VERSION);
+        assert_eq!(version_of(&Encoding::Json.encode(&sample())), JSON_VERSION);
+        assert_eq!(version_of(&Encoding::Binary.encode(&sample())), VERSION);
         assert_eq!(Encoding::Binary.encode(&sample()), encode(&sample()));
     }
 

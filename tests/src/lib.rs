@@ -205,27 +205,20 @@ impl Answer {
 #[derive(Debug)]
 pub struct Landed {
     pub key: String,
-    pub tenant_header: String,
+    /// How many Kafka headers the message has.
+    pub headers: usize,
     pub event: Event,
 }
 
 impl Landed {
     fn from_message(m: OwnedMessage) -> Result<Self> {
         let key = String::from_utf8(m.key().unwrap_or_default().to_vec())?;
-        let tenant_header = m
-            .headers()
-            .and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == gateway::kafka::TENANT_HEADER)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-            .unwrap_or_default();
+        let headers = m.headers().map_or(0, |h| h.count());
         let mut payload = m.payload().unwrap_or_default().to_vec();
         let event = codec::decode(&mut payload)?;
         Ok(Self {
             key,
-            tenant_header,
+            headers,
             event,
         })
     }
