@@ -281,6 +281,36 @@ impl EventWriter {
         Ok(Self { producer })
     }
 
+    /// Writes a watermark tick to `partition` as an aggregator writes one: key and headers
+    /// `neruba-watermark`, `neruba-watermark-tenant`, and a JSON payload (which starts with `{`,
+    /// as a version 1 event does: only the header tells it apart).
+    pub async fn tick(&self, partition: i32, tenant: &str, watermark_ms: i64) -> Result<()> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let text = watermark_ms.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: topics::WATERMARK_HEADER,
+                value: Some(text.as_str()),
+            })
+            .insert(Header {
+                key: topics::WATERMARK_TENANT_HEADER,
+                value: Some(tenant),
+            });
+        let payload = serde_json::json!({"watermark_ms": watermark_ms, "tenant": tenant});
+        let payload = payload.to_string();
+        let record = rdkafka::producer::FutureRecord::to(topics::EVENTS)
+            .key(topics::WATERMARK_HEADER.as_bytes())
+            .payload(payload.as_bytes())
+            .partition(partition)
+            .headers(headers);
+        self.producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        Ok(())
+    }
+
     /// Sends events in order to `partition` and waits for every acknowledgement.
     pub async fn send(&self, partition: i32, events: &[Event]) -> Result<()> {
         let mut pending = Vec::with_capacity(events.len());
