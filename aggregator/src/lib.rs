@@ -21,6 +21,7 @@ pub mod state;
 
 use neruba_schemas::LiveCatalog;
 pub use neruba_stage::{CrashPoint, Error, Result, Running};
+pub use stage::tick_message;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -106,18 +106,7 @@ impl neruba_stage::Stage for Aggregator {
                 tenant,
                 watermark,
             } => {
-                let text = watermark.to_string();
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: WATERMARK_HEADER,
-                        value: Some(text.as_str()),
-                    })
-                    .insert(Header {
-                        key: WATERMARK_TENANT_HEADER,
-                        value: Some(tenant.as_str()),
-                    });
-                let payload =
-                    serde_json::json!({"watermark_ms": watermark, "tenant": tenant}).to_string();
+                let (headers, payload) = tick_message(tenant, *watermark);
                 sink.producer()
                     .send_result(
                         FutureRecord::to(&self.events_topic)
@@ -189,6 +178,24 @@ impl Aggregator {
                 .inc_by(n);
         }
     }
+}
+
+/// A watermark tick as it is written to the events topic, keyed [`WATERMARK_HEADER`]: its
+/// headers (which alone tell it from an event: its JSON payload starts as a version 1 event
+/// does) and its payload.
+pub fn tick_message(tenant: &str, watermark: i64) -> (OwnedHeaders, String) {
+    let text = watermark.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: WATERMARK_HEADER,
+            value: Some(text.as_str()),
+        })
+        .insert(Header {
+            key: WATERMARK_TENANT_HEADER,
+            value: Some(tenant),
+        });
+    let payload = serde_json::json!({"watermark_ms": watermark, "tenant": tenant}).to_string();
+    (headers, payload)
 }
 
 /// The tenant and watermark a tick message carries, if it is one. A tick whose value does not

@@ -281,23 +281,10 @@ impl EventWriter {
         Ok(Self { producer })
     }
 
-    /// Writes a watermark tick to `partition` as an aggregator writes one: key and headers
-    /// `neruba-watermark`, `neruba-watermark-tenant`, and a JSON payload (which starts with `{`,
-    /// as a version 1 event does: only the header tells it apart).
+    /// Writes a watermark tick to `partition` as an aggregator writes one
+    /// ([`neruba_aggregator::tick_message`]).
     pub async fn tick(&self, partition: i32, tenant: &str, watermark_ms: i64) -> Result<()> {
-        use rdkafka::message::{Header, OwnedHeaders};
-        let text = watermark_ms.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: topics::WATERMARK_HEADER,
-                value: Some(text.as_str()),
-            })
-            .insert(Header {
-                key: topics::WATERMARK_TENANT_HEADER,
-                value: Some(tenant),
-            });
-        let payload = serde_json::json!({"watermark_ms": watermark_ms, "tenant": tenant});
-        let payload = payload.to_string();
+        let (headers, payload) = neruba_aggregator::tick_message(tenant, watermark_ms);
         let record = rdkafka::producer::FutureRecord::to(topics::EVENTS)
             .key(topics::WATERMARK_HEADER.as_bytes())
             .payload(payload.as_bytes())
