@@ -131,7 +131,8 @@ pub struct GrantRequest {
     pub key: Option<String>,
     pub amount: Option<serde_json::Value>,
     pub currency: Option<String>,
-    pub priority: Option<i64>,
+    /// An integer 0–1000 in any JSON notation (`1e3` is 1000).
+    pub priority: Option<serde_json::Value>,
     pub effective_at: Option<String>,
     pub expires_at: Option<String>,
     pub paid: Option<PaidRequest>,
@@ -256,9 +257,12 @@ fn exact_non_negative(value: &serde_json::Value, precision: u32) -> Option<Decim
         serde_json::Value::Number(n) => n.to_string(),
         _ => return None,
     };
-    decimal::parse_exact(&text).filter(|d| {
-        !d.is_sign_negative() && *d < decimal::max_abs_value() && d.scale() <= precision
-    })
+    // `-0` is zero, as `0` and `-0e0` are: kept without its sign.
+    decimal::parse_exact(&text)
+        .map(|d| if d.is_zero() { d.abs() } else { d })
+        .filter(|d| {
+            !d.is_sign_negative() && *d < decimal::max_abs_value() && d.scale() <= precision
+        })
 }
 
 impl RuleRequest {
@@ -420,12 +424,17 @@ pub fn is_grant_id(text: &str) -> bool {
     })
 }
 
-/// A customer id as the path carries it: 1–256 bytes, no control characters.
+/// A customer id as the path carries it: what an event's `subject` may be (1–1024
+/// characters, no control characters), so every customer billed may be granted credit.
 pub fn check_customer(customer: &str) -> Result<(), GrantRejection> {
-    if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
+    let max = crate::event::MAX_ATTRIBUTE_CHARS;
+    if customer.is_empty()
+        || customer.chars().nth(max).is_some()
+        || customer.chars().any(char::is_control)
+    {
         return Err(reject(
             GrantRejectCode::InvalidCustomer,
-            "the customer id must be 1–256 bytes without control characters",
+            format!("the customer id must be 1–{max} characters without control characters"),
         ));
     }
     Ok(())
@@ -443,13 +452,20 @@ fn exact_amount(value: &serde_json::Value) -> Option<Decimal> {
 
 fn time(field: &str, text: Option<&str>) -> Result<Option<(i64, String)>, GrantRejection> {
     let Some(text) = text else { return Ok(None) };
-    let ms = crate::event::parse_time_ms(text).map_err(|_| {
+    let refused = || {
         reject(
             GrantRejectCode::InvalidTime,
-            format!("`{field}` must be an RFC 3339 time"),
+            format!("`{field}` must be an RFC 3339 time within the years 0000–9999 in UTC"),
         )
-    })?;
-    Ok(Some((ms, crate::event::format_time_ms(ms))))
+    };
+    let ms = crate::event::parse_time_ms(text).map_err(|_| refused())?;
+    // Stored as RFC 3339 UTC, which spells only the years 0000–9999: a time that its offset
+    // moves outside them would be stored as text no reader parses.
+    let stored = crate::event::format_time_ms(ms);
+    if crate::event::parse_time_ms(&stored).ok() != Some(ms) {
+        return Err(refused());
+    }
+    Ok(Some((ms, stored)))
 }
 
 impl GrantRequest {
@@ -495,17 +511,27 @@ impl GrantRequest {
                 format!("`amount` has more decimal places than {currency} has ({precision})"),
             ));
         }
-        let priority = match self.priority {
-            None => DEFAULT_PRIORITY,
-            Some(p) => u16::try_from(p)
-                .ok()
+        let priority = match &self.priority {
+            None | Some(serde_json::Value::Null) => DEFAULT_PRIORITY,
+            Some(serde_json::Value::Number(n)) => decimal::parse_exact(&n.to_string())
+                .map(|p| p.normalize())
+                .filter(|p| p.scale() == 0)
+                .and_then(|p| u16::try_from(p).ok())
                 .filter(|p| *p <= MAX_PRIORITY)
                 .ok_or_else(|| {
                     reject(
                         GrantRejectCode::PriorityOutOfRange,
-                        format!("`priority` must be 0–{MAX_PRIORITY} (lower burns first)"),
+                        format!(
+                            "`priority` must be an integer 0–{MAX_PRIORITY} (lower burns first)"
+                        ),
                     )
                 })?,
+            Some(_) => {
+                return Err(reject(
+                    GrantRejectCode::InvalidBody,
+                    "`priority` must be a JSON number",
+                ));
+            }
         };
         let effective = time("effective_at", self.effective_at.as_deref())?;
         let expires = time("expires_at", self.expires_at.as_deref())?;
@@ -864,6 +890,81 @@ mod tests {
     }
 
     #[test]
+    fn a_priority_is_an_integer_of_0_to_1000_in_any_notation_else_out_of_range() {
+        // Was: a priority beyond i64 (`99999999999999999999`) or in exponent notation (`1e3`)
+        // failed the body's type and answered `400 invalid_body`, where the README promises
+        // `422 priority_out_of_range` for a priority outside 0–1000.
+        use serde_json::json;
+        let priority = |p: serde_json::Value| {
+            request(json!({"key": "k", "amount": 5, "currency": "USD", "priority": p}))
+                .map(|g| g.terms.priority)
+        };
+        let number = |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("JSON");
+        assert_eq!(priority(number("1e3")), Ok(1000));
+        assert_eq!(priority(number("7.0")), Ok(7));
+        assert_eq!(priority(number("0")), Ok(0));
+        assert_eq!(priority(json!(null)), Ok(DEFAULT_PRIORITY));
+        for out in ["99999999999999999999", "1001", "-1", "1.5", "1e4", "-0.5"] {
+            assert_eq!(
+                priority(number(out)),
+                Err(GrantRejectCode::PriorityOutOfRange),
+                "{out}"
+            );
+        }
+        assert_eq!(priority(json!("5")), Err(GrantRejectCode::InvalidBody));
+    }
+
+    #[test]
+    fn every_customer_an_event_may_name_may_be_granted_credit() {
+        // Was: an event's subject may be 1–1024 characters, the credit routes took 1–256
+        // bytes, so a customer billed under a 300-character id could never get credit.
+        let granted = |customer: &str| {
+            serde_json::from_value::<GrantRequest>(
+                serde_json::json!({"key": "k", "amount": 5, "currency": "USD"}),
+            )
+            .map_err(|_| GrantRejectCode::InvalidBody)?
+            .validate(&catalog(), "acme", customer, 1_795_000_000_000)
+            .map(|grant| grant.customer)
+            .map_err(|e| e.code)
+        };
+        for customer in [
+            "x".repeat(300),
+            "é".repeat(crate::event::MAX_ATTRIBUTE_CHARS),
+        ] {
+            assert_eq!(granted(&customer), Ok(customer.clone()));
+        }
+        let too_long = "x".repeat(crate::event::MAX_ATTRIBUTE_CHARS + 1);
+        assert_eq!(granted(&too_long), Err(GrantRejectCode::InvalidCustomer));
+        assert_eq!(granted(""), Err(GrantRejectCode::InvalidCustomer));
+        assert_eq!(granted("a\tb"), Err(GrantRejectCode::InvalidCustomer));
+    }
+
+    #[test]
+    fn a_time_outside_the_years_0000_to_9999_in_utc_is_refused() {
+        // Was: accepted and stored as text no reader parses (`-001-12-31T23:30:00.000Z`), so
+        // an expiry read as none and an effective time as always.
+        use serde_json::json;
+        for (field, time) in [
+            ("expires_at", "0000-01-01T00:30:00+01:00"),
+            ("effective_at", "9999-12-31T23:00:00-05:00"),
+        ] {
+            let mut body = json!({"key": "k", "amount": 5, "currency": "USD"});
+            body[field] = json!(time);
+            assert_eq!(
+                request(body).err(),
+                Some(GrantRejectCode::InvalidTime),
+                "{time}"
+            );
+        }
+        let edge = request(json!({"key": "k", "amount": 5, "currency": "USD",
+            "expires_at": "9999-12-31T23:00:00+01:00"}));
+        assert_eq!(
+            edge.map(|g| g.terms.expires_at),
+            Ok(Some("9999-12-31T22:00:00.000Z".to_owned()))
+        );
+    }
+
+    #[test]
     fn ids_are_injective_over_their_parts() {
         assert_ne!(grant_id("a", "b/c", "d"), grant_id("a", "b", "c/d"));
         assert_ne!(
@@ -912,6 +1013,13 @@ mod tests {
             no_recharge(json!({"low_balance_threshold": "0.0001", "recharge_to": null})),
             Ok(Some((Decimal::new(1, 4), None)))
         );
+        // `-0` is zero, as `0` and `-0e0` are (was: refused `invalid_threshold`), and kept
+        // without its sign.
+        for zero in ["-0", "-0e0", "-0.00"] {
+            let threshold = no_recharge(json!({ "low_balance_threshold": zero }))
+                .map(|r| r.map(|(t, _)| (t, t.is_sign_negative())));
+            assert_eq!(threshold, Ok(Some((Decimal::ZERO, false))), "{zero}");
+        }
         let refused = |customer: &str, currency: &str, body: serde_json::Value| {
             rule(customer, currency, body).map(|_| ())
         };

@@ -23,6 +23,11 @@ const MAX_EXPANDED_CHARS: i64 = 64;
 /// and a value whose digits do not fit is refused rather than rounded.
 pub fn parse_exact(text: &str) -> Option<Decimal> {
     let text = text.trim();
+    // Only `[+-]digits[.digits][e[+-]digits]` (a point may open or close the digits):
+    // `rust_decimal` alone would also read `1_000` as 1000.
+    if !text.split(['e', 'E']).next().is_some_and(is_plain) {
+        return None;
+    }
     let plain = match text.find(['e', 'E']) {
         None => std::borrow::Cow::Borrowed(text),
         Some(at) => {
@@ -35,6 +40,14 @@ pub fn parse_exact(text: &str) -> Option<Decimal> {
     Decimal::from_str_exact(&plain)
         .or_else(|_| Decimal::from_str_exact(without_trailing_zeros(&plain)))
         .ok()
+}
+
+/// Whether `text` is `[+-]` digits with at most one point among them, and at least one digit.
+fn is_plain(text: &str) -> bool {
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
+    unsigned.bytes().any(|b| b.is_ascii_digit())
+        && unsigned.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && unsigned.bytes().filter(|b| *b == b'.').count() <= 1
 }
 
 /// `text` without the trailing zeros of its fractional part (and the point, if none remain).
@@ -68,14 +81,18 @@ fn expand_exponent(mantissa: &str, exponent: i64) -> Option<String> {
     let frac_len = i64::try_from(frac.len()).ok()?;
     let len = i64::try_from(digits.len()).ok()?;
     let point = len.checked_add(exponent)?.checked_sub(frac_len)?;
-    let expanded_len = point.abs().max(len).checked_add(3)?;
-    if expanded_len > MAX_EXPANDED_CHARS {
+    // `unsigned_abs`: the point may lie i64::MIN places away, whose `abs` wraps.
+    let expanded_len = point
+        .unsigned_abs()
+        .max(len.unsigned_abs())
+        .checked_add(3)?;
+    if expanded_len > MAX_EXPANDED_CHARS.unsigned_abs() {
         return None;
     }
     let sign = if negative { "-" } else { "" };
     let zeros = |n: i64| "0".repeat(usize::try_from(n).unwrap_or(0));
     Some(if point <= 0 {
-        format!("{sign}0.{}{digits}", zeros(-point))
+        format!("{sign}0.{}{digits}", zeros(point.checked_neg()?))
     } else if point >= len {
         format!("{sign}{digits}{}", zeros(point - len))
     } else {
@@ -383,6 +400,37 @@ mod tests {
             parse_exact("-1.50E+1").map(|d| d.to_string()),
             Some("-15.0".into())
         );
+    }
+
+    #[test]
+    fn only_digits_a_point_and_a_sign_spell_a_decimal_and_every_exponent_is_checked() {
+        // Found in review: `rust_decimal` skips underscores, so `1_000` read as 1000 (a grant
+        // of 1000 USD, an event value of 12 for `1_2`); and an exponent of i64::MIN wrapped
+        // the point's distance to the digits in a release build, so `0.1e-9223372036854775808`
+        // read as 0.1 (a debug build panicked).
+        for text in [
+            "1_000", "1_", "_1", "1_2", "1._5", "-_1", "+-1", "1-", "1 2", "0x10", "1.5_e2",
+            "1_0e2",
+        ] {
+            assert_eq!(parse_exact(text), None, "{text}");
+        }
+        for text in [
+            "0.1e-9223372036854775808",
+            "1e-9223372036854775808",
+            "1E-9223372036854775808",
+            "10e-9223372036854775808",
+            "1e9223372036854775807",
+            "0.1e9223372036854775807",
+        ] {
+            assert_eq!(parse_exact(text), None, "{text}");
+        }
+        // What stays accepted: a sign, a point on either side, surrounding whitespace.
+        let d = |s: &str| s.parse::<Decimal>().expect("decimal");
+        assert_eq!(parse_exact("+1.5"), Some(d("1.5")));
+        assert_eq!(parse_exact("-0.5e1"), Some(d("-5")));
+        assert_eq!(parse_exact(" 12 "), Some(d("12")));
+        assert_eq!(parse_exact("1."), Some(d("1")));
+        assert_eq!(parse_exact(".5"), Some(d("0.5")));
     }
 
     #[test]

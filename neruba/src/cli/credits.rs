@@ -194,7 +194,7 @@ async fn grant(args: GrantArgs) -> Result<()> {
         key: Some(args.key),
         amount: Some(serde_json::Value::String(args.amount)),
         currency: Some(args.currency),
-        priority: args.priority,
+        priority: args.priority.map(serde_json::Value::from),
         effective_at: args.effective_at,
         expires_at: args.expires_at,
         paid: None,
