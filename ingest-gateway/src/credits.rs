@@ -572,13 +572,22 @@ async fn json_body<T: serde::de::DeserializeOwned>(
         )));
     }
     let bytes = read_credit_body(state, tenant, headers, body).await?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    object(&bytes).map_err(|e| {
         Box::new(error_response(
             StatusCode::BAD_REQUEST,
             GrantRejectCode::InvalidBody.as_str(),
             format!("the body is not {what}: {e}"),
         ))
     })
+}
+
+/// `bytes` as a `T` written as one JSON object. `serde_json` alone also reads a struct from an
+/// array of its fields in order (`["k", "5", "USD"]` as a grant), which no client means.
+fn object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err("expected one JSON object".to_owned());
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// The body of a request that has no fields: empty, or `{}` (`400 invalid_body` otherwise).
@@ -597,15 +606,13 @@ async fn empty_body(
     if bytes.trim_ascii().is_empty() {
         return Ok(());
     }
-    serde_json::from_slice::<Nothing>(&bytes)
-        .map(|_| ())
-        .map_err(|e| {
-            Box::new(error_response(
-                StatusCode::BAD_REQUEST,
-                GrantRejectCode::InvalidBody.as_str(),
-                format!("{what} takes a body that is empty or `{{}}`: {e}"),
-            ))
-        })
+    object::<Nothing>(&bytes).map(|_| ()).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            GrantRejectCode::InvalidBody.as_str(),
+            format!("{what} takes a body that is empty or `{{}}`: {e}"),
+        ))
+    })
 }
 
 /// Takes one token from the tenant's bucket (the events' limit: a grant costs what one event
@@ -656,4 +663,27 @@ fn broker_unavailable(state: &AppState, e: &DeliveryError) -> Response {
         ),
         Duration::from_secs(5),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use neruba_schemas::credit::{GrantRequest, RuleRequest};
+
+    #[test]
+    fn a_credit_body_is_one_json_object_never_an_array_of_its_fields() {
+        // Was: `serde_json` read a struct from an array of its fields in order, so
+        // `["k1","5","USD",…]` made a grant of 5 USD and `[]` voided one.
+        assert!(object::<GrantRequest>(br#"["k1","5","USD",null,null,null,null,null]"#).is_err());
+        assert!(object::<RuleRequest>(br#"["10","50"]"#).is_err());
+        assert!(object::<RuleRequest>(b" []").is_err());
+        assert!(object::<RuleRequest>(b"5").is_err());
+        let grant =
+            object::<GrantRequest>(b" \n{\"key\":\"k1\",\"amount\":\"5\",\"currency\":\"USD\"}")
+                .map(|g| (g.key, g.currency));
+        assert_eq!(grant, Ok((Some("k1".to_owned()), Some("USD".to_owned()))));
+        let rule = object::<RuleRequest>(br#"{"low_balance_threshold":"10"}"#)
+            .map(|r| r.low_balance_threshold);
+        assert_eq!(rule, Ok(Some(serde_json::json!("10"))));
+    }
 }

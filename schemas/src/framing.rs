@@ -89,11 +89,7 @@ pub fn split(
             }])
         }
         Framing::Batch => {
-            let raws: Vec<&RawValue> = serde_json::from_slice(body)
-                .map_err(|e| FrameError::Unparseable(format!("body is not a JSON array: {e}")))?;
-            if raws.len() > max_events {
-                return Err(FrameError::TooManyEvents { limit: max_events });
-            }
+            let raws = array_of_at_most(body, max_events)?;
             Ok(raws
                 .into_iter()
                 .map(|raw| Framed {
@@ -110,12 +106,15 @@ pub fn split(
                 .collect())
         }
         Framing::Ndjson => {
-            let lines: Vec<&[u8]> = body
+            let mut lines: Vec<&[u8]> = Vec::new();
+            for line in body
                 .split(|b| *b == b'\n')
                 .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
-                .collect();
-            if lines.len() > max_events {
-                return Err(FrameError::TooManyEvents { limit: max_events });
+            {
+                if lines.len() == max_events {
+                    return Err(FrameError::TooManyEvents { limit: max_events });
+                }
+                lines.push(line);
             }
             if lines.is_empty() {
                 return Err(FrameError::Unparseable("body holds no events".into()));
@@ -130,6 +129,58 @@ pub fn split(
                 })
                 .collect())
         }
+    }
+}
+
+/// The elements of the JSON array `body`, refused as soon as there are more than
+/// `max_events`: what is held grows with the events let in, not with the body (a body of
+/// `[0,0,…]` is millions of elements in a few megabytes), and nothing past the bound is read.
+fn array_of_at_most(body: &[u8], max_events: usize) -> Result<Vec<&RawValue>, FrameError> {
+    use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
+
+    /// Collects at most `max` elements; `over` says the array had more.
+    struct AtMost<'o> {
+        max: usize,
+        over: &'o mut bool,
+    }
+    impl<'de> Visitor<'de> for AtMost<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut raws = Vec::new();
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                if raws.len() == self.max {
+                    *self.over = true;
+                    return Err(A::Error::custom("too many events"));
+                }
+                raws.push(raw);
+            }
+            Ok(raws)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for AtMost<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    let mut over = false;
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let raws = AtMost {
+        max: max_events,
+        over: &mut over,
+    }
+    .deserialize(&mut reader)
+    .and_then(|raws| reader.end().map(|()| raws));
+    match raws {
+        Ok(raws) => Ok(raws),
+        Err(_) if over => Err(FrameError::TooManyEvents { limit: max_events }),
+        Err(e) => Err(FrameError::Unparseable(format!(
+            "body is not a JSON array: {e}"
+        ))),
     }
 }
 
@@ -194,6 +245,40 @@ mod tests {
             framed[1].value.is_ok(),
             "a non-object is framed; validation rejects it"
         );
+    }
+
+    #[test]
+    fn nothing_past_the_event_bound_is_read_or_held() {
+        // Was: every element of a batch (every line of NDJSON) was collected before they were
+        // counted, so a 5 MiB body of `[0,0,…]` held 2.6 M of them (64 MiB) to answer 413, and
+        // a body past the bound was parsed to its end: here its broken tail made it a 400.
+        let zeros = format!("[{}0", "0,".repeat(100_000));
+        assert_eq!(
+            split(Framing::Batch, zeros.as_bytes(), 3, 1 << 16).err(),
+            Some(FrameError::TooManyEvents { limit: 3 })
+        );
+        let lines = format!("{}not json", "{}\n".repeat(100_000));
+        assert_eq!(
+            split(Framing::Ndjson, lines.as_bytes(), 3, 1 << 16).err(),
+            Some(FrameError::TooManyEvents { limit: 3 })
+        );
+        // At the bound, the whole body is read and framed as before.
+        assert_eq!(
+            split(Framing::Batch, b"[{},{},{}] ", 3, 1 << 16).map(|f| f.len()),
+            Ok(3)
+        );
+        assert!(matches!(
+            split(Framing::Batch, b"[{},{},{}] x", 3, 1 << 16),
+            Err(FrameError::Unparseable(_))
+        ));
+        assert!(matches!(
+            split(Framing::Batch, b"[{},{},{}", 3, 1 << 16),
+            Err(FrameError::Unparseable(_))
+        ));
+        assert!(matches!(
+            split(Framing::Batch, b"{}", 3, 1 << 16),
+            Err(FrameError::Unparseable(_))
+        ));
     }
 
     #[test]
