@@ -21,9 +21,10 @@
 //! These routes are the console's own (HTML, assets, and a forwarder to documented gateway
 //! routes), not part of the documented API, so they live outside the documented router.
 
+use crate::http::PathParams;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -177,14 +178,14 @@ fn unforwardable_customer(customer: &str) -> Option<Response> {
         error(
             StatusCode::BAD_REQUEST,
             "invalid_customer",
-            "the customer id must be 1–256 bytes without control characters, and not `.` or `..`",
+            "the customer id must be 1–1024 characters without control characters, and not `.` or `..`",
         )
     })
 }
 
 async fn forward_grant(
     State(state): State<ConsoleState>,
-    Path(customer): Path<String>,
+    PathParams(customer): PathParams<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -206,7 +207,7 @@ async fn forward_grant(
 
 async fn forward_void(
     State(state): State<ConsoleState>,
-    Path((customer, id)): Path<(String, String)>,
+    PathParams((customer, id)): PathParams<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -361,6 +362,40 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path segment that is not UTF-8 once decoded gets the api's JSON refusal, as every
+    /// read route gives it. Was: axum's plain-text 400, which the page could not show.
+    #[tokio::test]
+    async fn a_customer_that_is_not_utf8_is_refused_in_json() -> anyhow::Result<()> {
+        use tower_service::Service;
+        let catalog =
+            neruba_schemas::Catalog::from_toml_str("[[tenants]]\nid = \"acme\"\n", "test.toml")?;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let state =
+            ConsoleState::new(LiveCatalog::new(catalog), Some(&format!("http://{closed}")))?;
+        let mut console = router(state);
+        for path in [
+            "/console/gateway/v1/customers/%FF/grants",
+            "/console/gateway/v1/customers/%FF/grants/gr_00000000000000000000000000000000/void",
+        ] {
+            let request = axum::http::Request::post(path)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))?;
+            let response = console.call(request).await?;
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20).await?;
+            let code = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+            assert_eq!(
+                (status, code.as_deref()),
+                (StatusCode::BAD_REQUEST, Some("invalid_path")),
+                "{path}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(())
+    }
 
     /// A credit request's body that trickles gets `408 body_timeout` at the deadline and one
     /// over the limit `413 body_too_large`; a whole body within both is forwarded (here to a

@@ -126,7 +126,7 @@ impl IntoResponse for Refused {
 
 /// A route's path parameters, or `400 invalid_path` in the api's JSON when a segment is not
 /// UTF-8 once percent-decoded (`%FF`): axum's own refusal is plain text.
-pub(crate) struct PathParams<T>(T);
+pub(crate) struct PathParams<T>(pub(crate) T);
 
 impl<S, T> FromRequestParts<S> for PathParams<T>
 where
@@ -164,6 +164,11 @@ impl From<ReadError> for Refused {
             ReadError::InvalidCursor(message) => {
                 refused(StatusCode::BAD_REQUEST, "invalid_cursor", message)
             }
+            ReadError::QuantityOutOfRange(message) => refused(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "quantity_out_of_range",
+                message,
+            ),
             ReadError::Storage(_) => {
                 tracing::error!(error = %e, "Read model storage failed.");
                 refused(
@@ -1420,10 +1425,13 @@ async fn usage(
         )
     })?;
     // Each key once, in the order first asked (a CSV's columns).
+    // (A set beside the list: compared with each key kept, 16,000 keys in one URI cost
+    // 10^8 comparisons before the meter was even looked up.)
     let group_by = params.get("group_by").map(|text| {
         let mut keys: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for key in text.split(',').filter(|k| !k.is_empty()) {
-            if !keys.iter().any(|k| k == key) {
+            if seen.insert(key) {
                 keys.push(key.to_owned());
             }
         }

@@ -59,6 +59,10 @@ pub enum ReadError {
     /// A usage cursor whose row is not in the answer it claims to resume.
     #[error("{0}")]
     InvalidCursor(String),
+    /// A row's quantities sum past what an exact decimal holds (its range, or its 28 to 29
+    /// significant digits): refused, never rounded.
+    #[error("{0}")]
+    QuantityOutOfRange(String),
 }
 
 impl From<rocksdb::Error> for ReadError {

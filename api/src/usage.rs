@@ -22,6 +22,7 @@
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
+use neruba_schemas::decimal::exact_add;
 use neruba_schemas::rollup::Rollup;
 use neruba_stage::keys::{push_part as push, time_bytes, time_from};
 use neruba_stage::{Input, Result, Sink, Store, StoreOptions};
@@ -715,7 +716,7 @@ impl Query<'_> {
                 (stored.window_quantity, at)
             };
             if let Some(acc) = gathering.rows.get_mut(group) {
-                self.combine(acc, value, rank, stored.events);
+                self.combine(acc, value, rank, stored.events)?;
                 continue;
             }
             gathering.bytes += group_bytes(group);
@@ -777,11 +778,27 @@ impl Query<'_> {
         Ok(Some(Arc::new(kept)))
     }
 
-    /// One more window of a row, under the meter's aggregation.
-    fn combine(&self, acc: &mut Acc, value: Decimal, rank: i64, events: u64) {
-        acc.events += events;
+    /// One more window of a row, under the meter's aggregation. A sum is exact or refused
+    /// ([`ReadError::QuantityOutOfRange`]): the aggregator keeps each group's sums exact, but
+    /// rows across groups or billing periods are summed here.
+    fn combine(
+        &self,
+        acc: &mut Acc,
+        value: Decimal,
+        rank: i64,
+        events: u64,
+    ) -> std::result::Result<(), ReadError> {
+        acc.events = acc.events.saturating_add(events);
         acc.quantity = match self.meter.aggregation {
-            Aggregation::Sum | Aggregation::Count => acc.quantity + value,
+            Aggregation::Sum | Aggregation::Count => {
+                exact_add(acc.quantity, value).ok_or_else(|| {
+                    ReadError::QuantityOutOfRange(format!(
+                        "a row of meter `{}` sums to more digits than an exact decimal holds \
+                         (28 significant); ask for it by more group keys or smaller buckets",
+                        self.meter.key
+                    ))
+                })?
+            }
             Aggregation::Min => acc.quantity.min(value),
             Aggregation::Max => acc.quantity.max(value),
             // Latest, and avg / distinct count over a whole period: the latest window's (its
@@ -795,6 +812,7 @@ impl Query<'_> {
                 }
             }
         };
+        Ok(())
     }
 
     /// The page's rows as answered. What a row holds: the meter's windows starting in
@@ -870,12 +888,21 @@ impl Query<'_> {
     }
 }
 
-/// A CSV field, quoted if it holds a separator or a quote.
+/// A CSV field, quoted if it holds a separator or a quote. A field that a spreadsheet would
+/// read as a formula (its first character `=`, `+`, `-`, `@`, a tab or a carriage return) is
+/// written after a `'`, so it opens as text: group values come from the events' data, which
+/// any client with an ingest key writes, and a CSV is opened by finance people.
 fn csv_field(text: &str) -> String {
+    let formula = text.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let text = if formula {
+        std::borrow::Cow::Owned(format!("'{text}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
     if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
-        text.to_owned()
+        text.into_owned()
     }
 }
 
@@ -1106,6 +1133,57 @@ window = "1d"
         assert_eq!(
             quantities(&only_us.run(&m).expect("run").rows),
             vec![("us".into(), d("4.25"))]
+        );
+    }
+
+    #[test]
+    fn a_sum_that_would_lose_digits_or_leave_the_range_is_refused_never_rounded() {
+        // Was: rows were summed with `+`, which panics past the decimal's range (the request
+        // dropped, on every try) and rounds a sum with more digits than its mantissa holds:
+        // 1e28 and 0.5 answered 1e28. The aggregator keeps each group's sums exact; summing
+        // across groups or windows here must be exact too, or refused.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let total = meter_of(&catalog, "total");
+        let huge = "50000000000000000000000000000";
+        let (_dir, m) = model("total", &[(0, "eu", huge), (1, "us", huge)]);
+        let refused = query(total, Bucket::None, Some(vec![])).run(&m).err();
+        assert!(
+            matches!(&refused, Some(ReadError::QuantityOutOfRange(_))),
+            "{refused:?}"
+        );
+        let (_dir, m) = model(
+            "total",
+            &[(0, "eu", "10000000000000000000000000000"), (0, "us", "0.5")],
+        );
+        let refused = query(total, Bucket::Day, Some(vec![])).run(&m).err();
+        assert!(
+            matches!(&refused, Some(ReadError::QuantityOutOfRange(_))),
+            "{refused:?}"
+        );
+        // Each group alone, and sums that keep their digits, are answered exactly.
+        let rows = query(total, Bucket::Day, None).run(&m).expect("run").rows;
+        assert_eq!(
+            quantities(&rows),
+            vec![
+                ("eu".into(), d("10000000000000000000000000000")),
+                ("us".into(), d("0.5"))
+            ]
+        );
+        let (_dir, m) = model(
+            "total",
+            &[
+                (0, "eu", "100000000000000000000000.5"),
+                (1, "us", "0.25"),
+                (2, "eu", "-0.75"),
+            ],
+        );
+        let rows = query(total, Bucket::None, Some(vec![]))
+            .run(&m)
+            .expect("run")
+            .rows;
+        assert_eq!(
+            quantities(&rows),
+            vec![(String::new(), d("100000000000000000000000.00"))]
         );
     }
 
@@ -1401,6 +1479,28 @@ window = "1d"
         assert_eq!(written, serde_json::json!([want(0), want(1)]));
         assert!(Arc::ptr_eq(&rows[0].group.json, &rows[1].group.json));
         assert_eq!(*rows[1].group, *group);
+    }
+
+    #[test]
+    fn a_csv_field_never_opens_as_a_formula() {
+        // Was: a group value such as `=HYPERLINK(…)`, from an event's data, reached a
+        // finance user's spreadsheet as a live formula.
+        for (value, written) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            ),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("-5", "'-5"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "\"'\rx\""),
+            ("eu-west", "eu-west"),
+            ("a,b", "\"a,b\""),
+            ("", ""),
+        ] {
+            assert_eq!(csv_field(value), written, "{value:?}");
+        }
     }
 
     #[test]
