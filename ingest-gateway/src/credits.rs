@@ -29,6 +29,7 @@ use crate::http::{
 };
 use crate::kafka::DeliveryError;
 use axum::body::Body;
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -524,13 +525,32 @@ async fn write_rule(state: &AppState, rule: RuleRecord) -> Response {
 /// The path's customer (percent-decoded by the router), or the 422 `invalid_customer` answer.
 fn path_customer(customer: Result<String, PathRejection>) -> Result<String, Refusal> {
     let customer = customer.map_err(|e| {
+        // Named by the segment that could not be read: a void's grant id or a rule's
+        // currency is not the customer's fault.
+        let (code, what) = match undecodable(&e) {
+            Some("id") => (GrantRejectCode::InvalidGrantId, "grant id"),
+            Some("currency") => (GrantRejectCode::UnknownCurrency, "currency"),
+            _ => (GrantRejectCode::InvalidCustomer, "customer"),
+        };
         Box::new(grant_refusal(GrantRejection {
-            code: GrantRejectCode::InvalidCustomer,
-            message: format!("the customer in the path is not readable: {e}"),
+            code,
+            message: format!("the {what} in the path is not readable: {e}"),
         }))
     })?;
     credit::check_customer(&customer).map_err(|refused| Box::new(grant_refusal(refused)))?;
     Ok(customer)
+}
+
+/// The path parameter whose segment is not UTF-8 once percent-decoded, if that is why the
+/// path was refused.
+fn undecodable(rejection: &PathRejection) -> Option<&str> {
+    match rejection {
+        PathRejection::FailedToDeserializePathParams(failed) => match failed.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => Some(key),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The body of a grant, void or rule, at most [`MAX_CREDIT_BODY_BYTES`] (or the gateway's body limit,

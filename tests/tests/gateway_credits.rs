@@ -322,6 +322,12 @@ async fn every_refusal_answers_its_status_and_code_and_writes_nothing() -> Resul
             path: void_of(&upper),
             ..refused(no_body.clone(), 422, "invalid_grant_id")
         },
+        // Not UTF-8 once decoded: the grant id is named, not the customer (was
+        // `invalid_customer` for whichever segment it was).
+        Refused {
+            path: void_of("%FF"),
+            ..refused(no_body.clone(), 422, "invalid_grant_id")
+        },
         // 5. A void's body says nothing.
         Refused {
             path: void_path.clone(),
@@ -748,6 +754,10 @@ async fn every_rule_refusal_answers_its_status_and_code_and_writes_nothing() -> 
         Refused {
             path: rules("c%01", "USD"),
             ..removal_refused("USD", 422, "invalid_customer")
+        },
+        Refused {
+            path: rules("c1", "%FF"),
+            ..rule_refused(good.clone(), 422, "unknown_currency")
         },
     ];
     let seen = expect_refusals(&h, cases).await?;
