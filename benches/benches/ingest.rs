@@ -16,7 +16,11 @@ use std::time::Duration;
 const BATCH: usize = 1000;
 /// A batch body's events, as the gateway frames them (its default limits).
 fn frames(body: &[u8]) -> Vec<body::Framed<'_>> {
-    body::split(Framing::Batch, body, 10_000, 64 * 1024).expect("frames")
+    body::split(Framing::Batch, body, 10_000, 64 * 1024)
+        .expect("frames")
+        .into_iter()
+        .map(body::Frame::framed)
+        .collect()
 }
 
 fn catalog() -> Catalog {

@@ -58,9 +58,11 @@ pub fn body_framing(bytes: &[u8]) {
             panic!("{content_type} has no framing");
         };
         // Events over eight bytes a unit of the limit are read as oversized: both reads run.
-        let Ok(framed) = framing::split(framing, body, limit, limit * 8) else {
+        let Ok(frames) = framing::split(framing, body, limit, limit * 8) else {
             continue;
         };
+        // Each frame read, as the gateway admits them.
+        let framed: Vec<framing::Framed> = frames.into_iter().map(framing::Frame::framed).collect();
         if framing != Framing::Single {
             assert!(
                 framed.len() <= limit,

@@ -461,7 +461,8 @@ window = "1m"
         for case in &cases {
             let framed = body::split(Framing::Single, case.as_bytes(), 1, limits.max_event_bytes)
                 .expect("one JSON value")
-                .remove(0);
+                .remove(0)
+                .framed();
             let sent = event(tenant, framed, NOW, &limits, Encoding::Binary);
             let sent = sent.map(|out| out.payload).map_err(|r| r.message);
             assert_eq!(

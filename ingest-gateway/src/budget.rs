@@ -19,9 +19,11 @@
 //!
 //! A share is the body's declared `Content-Length` (the size limit when it declares none), and
 //! when the body is compressed the limit again, for its decoded copy (and zstd's window).
-//! Parsing a body takes more memory than its bytes (its events' values); those live only while
-//! its handler runs without awaiting (see `http::handle_ingest`), so they are bounded by the
-//! runtime's worker threads rather than here.
+//! Parsing a body takes more memory than its bytes (its events' values); each event is read
+//! as it is admitted, and what it built dropped before the next is read (`framing::Frame`),
+//! within a handler that runs without awaiting (see `http::handle_ingest`): so beyond its body
+//! a request holds one event's values and the encoded messages, bounded by the runtime's worker
+//! threads rather than here.
 
 use crate::encoding::{Encoding, MAX_ZSTD_WINDOW};
 use dashmap::DashMap;

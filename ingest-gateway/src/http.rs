@@ -44,7 +44,7 @@ use axum::routing::{get, post, put};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{RateLimit, Scope, Tenant};
 use neruba_schemas::event::{self, Envelope, Limits};
-use neruba_schemas::framing::{self as body, FrameError, Framed, Framing};
+use neruba_schemas::framing::{self as body, Frame, FrameError, Framing};
 use neruba_schemas::{Catalog, LiveCatalog, RejectCode, Rejection, codec};
 use serde::Serialize;
 use std::borrow::Cow;
@@ -234,7 +234,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             &bytes,
             state.limits.max_event_bytes,
         ) {
-            Ok(framed) => (Framing::Single, vec![framed]),
+            Ok(framed) => (Framing::Single, vec![Frame::from(framed)]),
             Err(message) => {
                 return error_response(StatusCode::BAD_REQUEST, "invalid_body", message);
             }
@@ -562,7 +562,7 @@ pub(crate) struct Admitted<'a> {
 /// recently accepted ones), keeping where the remembered ones landed.
 pub(crate) fn admit_all<'a>(
     tenant: &'a Tenant,
-    framed: Vec<Framed<'a>>,
+    framed: Vec<Frame<'a>>,
     now_ms: i64,
     limits: &Limits,
     dedup: &DedupCache,
@@ -574,6 +574,8 @@ pub(crate) fn admit_all<'a>(
     let mut remembered = Vec::new();
     let mut repeats = Repeats::new(dedup, framed.len());
     for item in framed {
+        // Read here, one at a time: what an event read whole builds is dropped before the next.
+        let item = item.framed();
         let id_hint = item.value.as_ref().ok().and_then(Envelope::id);
         match admit::event(tenant, item, now_ms, limits, encoding) {
             Err(rejection) => {

@@ -117,7 +117,7 @@ pub(crate) fn admit_message<'a>(
     let framed = match binary_attributes(headers) {
         Some(attributes) => binary_event(&attributes, payload, limits.max_event_bytes)?,
         None => match body::split(Framing::Single, payload, 1, limits.max_event_bytes) {
-            Ok(mut framed) if framed.len() == 1 => framed.remove(0),
+            Ok(mut framed) if framed.len() == 1 => framed.remove(0).framed(),
             _ => {
                 return Err(Rejection::new(
                     RejectCode::InvalidJson,

@@ -237,7 +237,7 @@ async fn produce_from_bodies(
             {
                 let event = neruba_ingest_gateway::admit::event(
                     tenant,
-                    framed,
+                    framed.framed(),
                     now,
                     &limits,
                     codec::Encoding::Binary,

@@ -62,6 +62,76 @@ pub struct Framed<'a> {
     pub len: usize,
 }
 
+/// One event of a body as split: its bytes, read into a [`Framed`] only when it is admitted
+/// ([`Frame::framed`]). An event read whole (one nested deeper than the one-pass read goes, or
+/// with escapes it must read as a whole parse does) takes many times its bytes once built (an
+/// array of small numbers, say): built one at a time, a request holds one such
+/// event's values, not every event's of its body at once; and none is built before the body
+/// passed the rate limit.
+#[derive(Debug)]
+pub struct Frame<'a>(Pending<'a>);
+
+#[derive(Debug)]
+enum Pending<'a> {
+    /// Read already (a single event: whether it is JSON decides the whole request).
+    Read(Framed<'a>),
+    /// An element of a batch (UTF-8, checked while framing).
+    Element { text: &'a str, oversized: bool },
+    /// A line of NDJSON.
+    Line { bytes: &'a [u8], oversized: bool },
+}
+
+impl<'a> Frame<'a> {
+    /// The size of its bytes.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Pending::Read(framed) => framed.len,
+            Pending::Element { text, .. } => text.len(),
+            Pending::Line { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// Whether it has no bytes (never, for a frame of a body).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The event read: its envelope, or why it is not JSON.
+    pub fn framed(self) -> Framed<'a> {
+        let len = self.len();
+        let not_json = |what: &str, e: serde_json::Error| {
+            Rejection::new(RejectCode::InvalidJson, format!("{what} is not JSON: {e}"))
+        };
+        match self.0 {
+            Pending::Read(framed) => framed,
+            Pending::Element { text, oversized } => Framed {
+                len,
+                value: if oversized {
+                    Envelope::oversized(text.as_bytes())
+                } else {
+                    Envelope::parse_text(text)
+                }
+                .map_err(|e| not_json("event", e)),
+            },
+            Pending::Line { bytes, oversized } => Framed {
+                len,
+                value: if oversized {
+                    Envelope::oversized(bytes)
+                } else {
+                    Envelope::parse(bytes)
+                }
+                .map_err(|e| not_json("line", e)),
+            },
+        }
+    }
+}
+
+impl<'a> From<Framed<'a>> for Frame<'a> {
+    fn from(framed: Framed<'a>) -> Self {
+        Self(Pending::Read(framed))
+    }
+}
+
 /// Why a whole body was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameError {
@@ -78,30 +148,26 @@ pub fn split(
     body: &[u8],
     max_events: usize,
     max_event_bytes: usize,
-) -> Result<Vec<Framed<'_>>, FrameError> {
+) -> Result<Vec<Frame<'_>>, FrameError> {
     match framing {
         Framing::Single => {
             let value = envelope(body, max_event_bytes)
                 .map_err(|e| FrameError::Unparseable(format!("body is not JSON: {e}")))?;
-            Ok(vec![Framed {
+            Ok(vec![Frame::from(Framed {
                 value: Ok(value),
                 len: body.len(),
-            }])
+            })])
         }
         Framing::Batch => {
             let raws = array_of_at_most(body, max_events)?;
             Ok(raws
                 .into_iter()
-                .map(|raw| Framed {
-                    len: raw.get().len(),
-                    value: if raw.get().len() > max_event_bytes {
-                        Envelope::oversized(raw.get().as_bytes())
-                    } else {
-                        Envelope::parse_text(raw.get())
-                    }
-                    .map_err(|e| {
-                        Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
-                    }),
+                .map(|raw| {
+                    let text = raw.get();
+                    Frame(Pending::Element {
+                        text,
+                        oversized: text.len() > max_event_bytes,
+                    })
                 })
                 .collect())
         }
@@ -121,11 +187,11 @@ pub fn split(
             }
             Ok(lines
                 .into_iter()
-                .map(|line| Framed {
-                    len: line.len(),
-                    value: envelope(line, max_event_bytes).map_err(|e| {
-                        Rejection::new(RejectCode::InvalidJson, format!("line is not JSON: {e}"))
-                    }),
+                .map(|bytes| {
+                    Frame(Pending::Line {
+                        bytes,
+                        oversized: bytes.len() > max_event_bytes,
+                    })
                 })
                 .collect())
         }
@@ -197,6 +263,11 @@ fn envelope(json: &[u8], max_event_bytes: usize) -> serde_json::Result<Envelope<
 mod tests {
     use super::*;
 
+    /// Every frame read, as the gateway admits them.
+    fn read(frames: Vec<Frame<'_>>) -> Vec<Framed<'_>> {
+        frames.into_iter().map(Frame::framed).collect()
+    }
+
     #[test]
     fn content_types_choose_framing() {
         assert_eq!(
@@ -218,7 +289,7 @@ mod tests {
     #[test]
     fn ndjson_bad_line_is_one_rejection() {
         let body = b"{\"id\":\"a\"}\n\nnot json\n{\"id\":\"b\"}\n";
-        let framed = split(Framing::Ndjson, body, 10, 1 << 16).expect("frames");
+        let framed = read(split(Framing::Ndjson, body, 10, 1 << 16).expect("frames"));
         assert_eq!(framed.len(), 3);
         assert!(framed[0].value.is_ok());
         assert_eq!(
@@ -239,7 +310,8 @@ mod tests {
             split(Framing::Batch, b"[{},", 10, 1 << 16),
             Err(FrameError::Unparseable(_))
         ));
-        let framed = split(Framing::Batch, br#"[{"id":"x"}, 5]"#, 10, 1 << 16).expect("frames");
+        let framed =
+            read(split(Framing::Batch, br#"[{"id":"x"}, 5]"#, 10, 1 << 16).expect("frames"));
         assert_eq!(framed[0].len, 10);
         assert!(
             framed[1].value.is_ok(),
@@ -296,7 +368,7 @@ mod tests {
             (Framing::Ndjson, ndjson.as_bytes()),
             (Framing::Single, big.as_bytes()),
         ] {
-            let framed = split(framing, body, 10, limit).expect("frames");
+            let framed = read(split(framing, body, 10, limit).expect("frames"));
             let last = framed.last().expect("an event");
             assert_eq!(last.len, big.len());
             let envelope = last.value.as_ref().expect("JSON");
