@@ -794,7 +794,7 @@ impl Query<'_> {
                 exact_add(acc.quantity, value).ok_or_else(|| {
                     ReadError::QuantityOutOfRange(format!(
                         "a row of meter `{}` sums to more digits than an exact decimal holds \
-                         (28 significant); ask for it by more group keys or smaller buckets",
+                         (28 to 29 significant); ask for it by more group keys or smaller buckets",
                         self.meter.key
                     ))
                 })?

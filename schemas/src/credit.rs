@@ -16,7 +16,7 @@ use crate::catalog::Catalog;
 use crate::decimal;
 use crate::ledger::digest_id;
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 /// Lowest priority a grant may have (burns last).
@@ -131,7 +131,10 @@ pub struct GrantRequest {
     pub key: Option<String>,
     pub amount: Option<serde_json::Value>,
     pub currency: Option<String>,
-    /// An integer 0–1000 in any JSON notation (`1e3` is 1000).
+    /// An integer 0–1000 in any JSON notation (`1e3` is 1000); anything but a number or
+    /// `null` fails the body's parse (`invalid_body`, before the rate limit), as a field of
+    /// the wrong type does.
+    #[serde(default, deserialize_with = "number_or_null")]
     pub priority: Option<serde_json::Value>,
     pub effective_at: Option<String>,
     pub expires_at: Option<String>,
@@ -248,6 +251,17 @@ pub struct RuleRecord {
 pub struct RuleRequest {
     pub low_balance_threshold: Option<serde_json::Value>,
     pub recharge_to: Option<serde_json::Value>,
+}
+
+/// A JSON number (kept as written) or `null` (`None`); anything else is the body's error.
+fn number_or_null<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(number @ serde_json::Value::Number(_)) => Ok(Some(number)),
+        Some(_) => Err(serde::de::Error::custom("`priority` must be a JSON number")),
+    }
 }
 
 /// An exact decimal ≥ 0 below 10^18 in `precision` decimal places at most.
