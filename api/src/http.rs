@@ -270,7 +270,14 @@ impl Params {
                 "the period must be `YYYY-MM` (the month its billing period starts in)",
             )
         };
-        let text = text.ok_or_else(bad)?;
+        // Absent is a missing parameter, as for usage (was: `invalid_period`).
+        let text = text.filter(|t| !t.is_empty()).ok_or_else(|| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "missing_parameter",
+                "`period` is required (`YYYY-MM`, the month its billing period starts in)",
+            )
+        })?;
         let bytes = text.as_bytes();
         let digits = |r: std::ops::Range<usize>| {
             bytes
@@ -1348,6 +1355,15 @@ const MAX_USAGE_RANGE_MS: i64 = 400 * 86_400_000;
 /// Most buckets a usage query may ask for (per group).
 const MAX_USAGE_BUCKETS: i64 = 50_000;
 
+/// How many windows of `size_ms` (aligned to the epoch) start in `[from_ms, to_ms)`: the rows
+/// a usage query at the meter's own window may answer per group. (Was the range's length over
+/// the size, floored: a range not aligned to windows could start one more than it counted.)
+fn windows_starting_in(from_ms: i64, to_ms: i64, size_ms: i64) -> i64 {
+    let size = size_ms.max(1);
+    let first_at_or_after = |t: i64| -(-t).div_euclid(size);
+    first_at_or_after(to_ms) - first_at_or_after(from_ms)
+}
+
 async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -1448,7 +1464,9 @@ async fn usage(
                 format!("no meter `{meter_key}`"),
             )
         })?;
-    if bucket == Bucket::Meter && (to_ms - from_ms) / meter.window_ms().max(1) > MAX_USAGE_BUCKETS {
+    if bucket == Bucket::Meter
+        && windows_starting_in(from_ms, to_ms, meter.window_ms()) > MAX_USAGE_BUCKETS
+    {
         return Err(refused(
             StatusCode::BAD_REQUEST,
             "invalid_range",
@@ -1564,6 +1582,24 @@ mod tests {
     use std::collections::BTreeMap;
 
     const T0: i64 = 1_798_761_600_000;
+
+    #[test]
+    fn the_window_bound_counts_the_windows_a_range_starts() {
+        let minute = 60_000;
+        // Aligned: [0, 50,000 minutes) starts 50,000 windows.
+        assert_eq!(
+            windows_starting_in(T0, T0 + 50_000 * minute, minute),
+            50_000
+        );
+        // Was 50,000 (the length floored) for a range that starts 50,001: it opens 1 ms
+        // before a window edge and ends 1 ms after one.
+        let unaligned = windows_starting_in(T0 - 1, T0 + 50_000 * minute + 1, minute);
+        assert_eq!(unaligned, 50_001);
+        assert_eq!(windows_starting_in(T0 + 1, T0 + minute, minute), 0);
+        assert_eq!(windows_starting_in(T0 + 1, T0 + minute + 1, minute), 1);
+        // Before the epoch too (windows align to it either side).
+        assert_eq!(windows_starting_in(-minute - 1, 1, minute), 2);
+    }
 
     #[test]
     fn a_refused_grant_reads_as_not_found_saying_why() {

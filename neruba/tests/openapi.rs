@@ -235,6 +235,43 @@ fn spec_validator() -> Result<Command> {
     Ok(command)
 }
 
+/// The document's spelling of a decimal a client sends (`DecimalInput`) is the parser's: was
+/// stricter (`"1."`, `".5"` and `" 12 "` are read, the pattern refused them).
+#[test]
+fn the_documented_decimal_spelling_is_what_the_parser_reads() -> Result<()> {
+    let doc = document();
+    let root = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "components": {"schemas": doc["components"]["schemas"]},
+        "$ref": "#/components/schemas/DecimalInput",
+    });
+    let validator = jsonschema::draft202012::new(&root)
+        .map_err(|e| anyhow!("DecimalInput does not compile: {e}"))?;
+    let read = [
+        "1", "1.", ".5", " 12 ", "-1.5E-3", "+2e+3", "1.e2", "0.10", "007",
+    ];
+    let refused = [
+        "1_000", ".", "+", "e5", "1e", "1..2", "0x10", "1,5", "", "1 2", "--1", "1e+",
+    ];
+    for text in read {
+        let parsed = neruba_schemas::decimal::parse_exact(text);
+        ensure!(parsed.is_some(), "the parser refuses {text:?}");
+        ensure!(
+            validator.is_valid(&json!(text)),
+            "the document refuses {text:?}"
+        );
+    }
+    for text in refused {
+        let parsed = neruba_schemas::decimal::parse_exact(text);
+        ensure!(parsed.is_none(), "the parser reads {text:?} as {parsed:?}");
+        ensure!(
+            !validator.is_valid(&json!(text)),
+            "the document reads {text:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn the_document_is_valid_openapi_3_1() -> Result<()> {
     let file = Path::new(concat!(
@@ -1235,7 +1272,24 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             400,
             "invalid_limit",
         ),
-        (LINE_ITEMS, customer("/line-items"), 400, "invalid_period"),
+        (
+            LINE_ITEMS,
+            customer("/line-items"),
+            400,
+            "missing_parameter",
+        ),
+        (
+            LINE_ITEMS,
+            customer("/line-items?period="),
+            400,
+            "missing_parameter",
+        ),
+        (
+            LINE_ITEMS,
+            customer("/line-items?period=last"),
+            400,
+            "invalid_period",
+        ),
         (
             EXPLANATION,
             customer(&format!(
@@ -1247,6 +1301,12 @@ async fn every_operation_answers_as_documented() -> Result<()> {
         (
             EXPLANATION,
             customer(&format!("/line-items/{item_id}/explanation")),
+            400,
+            "missing_parameter",
+        ),
+        (
+            EXPLANATION,
+            customer(&format!("/line-items/{item_id}/explanation?period=2026-00")),
             400,
             "invalid_period",
         ),

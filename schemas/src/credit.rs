@@ -274,9 +274,17 @@ fn exact_non_negative(value: &serde_json::Value, precision: u32) -> Option<Decim
     // `-0` is zero, as `0` and `-0e0` are: kept without its sign.
     decimal::parse_exact(&text)
         .map(|d| if d.is_zero() { d.abs() } else { d })
-        .filter(|d| {
-            !d.is_sign_negative() && *d < decimal::max_abs_value() && d.scale() <= precision
-        })
+        .filter(|d| !d.is_sign_negative() && *d < decimal::max_abs_value())
+        .and_then(|d| in_places(d, precision))
+}
+
+/// `amount` in at most `places` decimal places: as spelled when it fits, else without its
+/// trailing zeros when they are all it has beyond them (`25.000` USD is 25, as `2.50e1` is).
+fn in_places(amount: Decimal, places: u32) -> Option<Decimal> {
+    if amount.scale() <= places {
+        return Some(amount);
+    }
+    Some(amount.normalize()).filter(|exact| exact.scale() <= places)
 }
 
 impl RuleRequest {
@@ -519,12 +527,12 @@ impl GrantRequest {
             ));
         };
         // Finer than the currency's minor unit, a grant would draw fractions of a cent.
-        if amount.scale() > precision {
+        let Some(amount) = in_places(amount, precision) else {
             return Err(reject(
                 GrantRejectCode::InvalidAmount,
                 format!("`amount` has more decimal places than {currency} has ({precision})"),
             ));
-        }
+        };
         let priority = match &self.priority {
             None | Some(serde_json::Value::Null) => DEFAULT_PRIORITY,
             Some(serde_json::Value::Number(n)) => decimal::parse_exact(&n.to_string())
@@ -560,10 +568,12 @@ impl GrantRequest {
         let paid = match self.paid {
             None => None,
             Some(paid) => {
-                let amount = exact_amount(&paid.amount);
                 let precision = catalog.precision(&paid.currency);
+                let amount = exact_amount(&paid.amount)
+                    .zip(precision)
+                    .and_then(|(amount, places)| in_places(amount, places));
                 match amount {
-                    Some(amount) if precision.is_some_and(|p| amount.scale() <= p) => Some(Money {
+                    Some(amount) => Some(Money {
                         amount,
                         currency: paid.currency,
                     }),
@@ -892,6 +902,33 @@ mod tests {
     }
 
     #[test]
+    fn trailing_zeros_past_the_currency_places_are_not_finer_than_it() {
+        // Was: `25.000` USD refused `invalid_amount` (three places, USD has two) while
+        // `2.50e1`, the same amount, was accepted; `paid` and rules did the same.
+        use serde_json::json;
+        let amount =
+            |a: serde_json::Value| request(json!({"key": "k", "amount": a, "currency": "USD"}));
+        let grant = amount(json!("25.000")).expect("valid");
+        assert_eq!(grant.terms.amount, Decimal::new(25, 0));
+        assert_eq!(grant.terms.amount.to_string(), "25");
+        let as_spelled = amount(json!("25.50")).map(|g| g.terms.amount.to_string());
+        assert_eq!(as_spelled, Ok("25.50".to_owned()));
+        let trimmed = amount(json!("25.5000")).map(|g| g.terms.amount.to_string());
+        assert_eq!(trimmed, Ok("25.5".to_owned()));
+        assert_eq!(
+            amount(json!("25.001")).map(|_| ()),
+            Err(GrantRejectCode::InvalidAmount)
+        );
+        let paid = |a: &str| {
+            request(json!({"key": "k", "amount": 5, "currency": "USD",
+                "paid": {"amount": a, "currency": "JPY"}}))
+            .map(|g| g.terms.paid.map(|p| p.amount.to_string()))
+        };
+        assert_eq!(paid("700.00"), Ok(Some("700".to_owned())));
+        assert_eq!(paid("700.5"), Err(GrantRejectCode::InvalidPaid));
+    }
+
+    #[test]
     fn two_spellings_of_one_instant_are_the_same_terms() {
         use serde_json::json;
         let a = request(
@@ -1034,6 +1071,10 @@ mod tests {
                 .map(|r| r.map(|(t, _)| (t, t.is_sign_negative())));
             assert_eq!(threshold, Ok(Some((Decimal::ZERO, false))), "{zero}");
         }
+        // Trailing zeros past the currency's places are not finer than it (was: refused).
+        let usd = rule("c", "USD", json!({"low_balance_threshold": "10.000"}));
+        let usd = usd.map(|r| r.rule.map(|r| r.low_balance_threshold.to_string()));
+        assert_eq!(usd, Ok(Some("10".to_owned())));
         let refused = |customer: &str, currency: &str, body: serde_json::Value| {
             rule(customer, currency, body).map(|_| ())
         };

@@ -115,12 +115,7 @@ impl<'a> Frame<'a> {
             },
             Pending::Line { bytes, oversized } => Framed {
                 len,
-                value: if oversized {
-                    Envelope::oversized(bytes)
-                } else {
-                    Envelope::parse(bytes)
-                }
-                .map_err(|e| not_json("line", e)),
+                value: envelope(bytes, oversized).map_err(|e| not_json("line", e)),
             },
         }
     }
@@ -151,7 +146,7 @@ pub fn split(
 ) -> Result<Vec<Frame<'_>>, FrameError> {
     match framing {
         Framing::Single => {
-            let value = envelope(body, max_event_bytes)
+            let value = envelope(body, body.len() > max_event_bytes)
                 .map_err(|e| FrameError::Unparseable(format!("body is not JSON: {e}")))?;
             Ok(vec![Frame::from(Framed {
                 value: Ok(value),
@@ -250,9 +245,9 @@ fn array_of_at_most(body: &[u8], max_events: usize) -> Result<Vec<&RawValue>, Fr
     }
 }
 
-/// The envelope of one event's bytes: read for its `id` alone when over `max_event_bytes`.
-fn envelope(json: &[u8], max_event_bytes: usize) -> serde_json::Result<Envelope<'_>> {
-    if json.len() > max_event_bytes {
+/// The envelope of one event's bytes: read for its `id` alone when `oversized`.
+fn envelope(json: &[u8], oversized: bool) -> serde_json::Result<Envelope<'_>> {
+    if oversized {
         Envelope::oversized(json)
     } else {
         Envelope::parse(json)
