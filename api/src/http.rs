@@ -22,7 +22,7 @@
 //!   `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
-use crate::model::{GrantStanding, Model, Position, ReadError};
+use crate::model::{GrantStanding, ItemRead, Model, Position, ReadError, item_place};
 use crate::statement_pages;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -1134,21 +1134,21 @@ struct LineItems {
 }
 
 /// A line item's place in the list (its key's order): period, window, id.
-fn item_place(item: &LineItem) -> String {
-    format!(
-        "{}\n{}\n{}",
-        crate::model::key_time(&item.period_start),
-        crate::model::key_time(&item.window_start),
-        item.id
-    )
-}
-
 #[derive(Serialize)]
 struct ItemView {
     #[serde(flatten)]
     item: LineItem,
-    /// A later item of the page names this one in `supersedes`.
+    /// A later item of the period names this one in `supersedes`.
     superseded: bool,
+}
+
+impl From<ItemRead> for ItemView {
+    fn from(read: ItemRead) -> Self {
+        Self {
+            item: read.item,
+            superseded: read.superseded,
+        }
+    }
 }
 
 async fn line_items(
@@ -1175,19 +1175,18 @@ async fn line_items(
         },
     )
     .await?;
-    let items = state
+    let page: Vec<ItemView> = state
         .model
-        .line_items(&tenant, &customer, &period, meter.as_deref())?;
-    // Superseded by any item of the period, not only of this page.
-    let superseded: BTreeSet<String> = items.iter().filter_map(|i| i.supersedes.clone()).collect();
-    let page: Vec<ItemView> = items
+        .line_items_page(
+            &tenant,
+            &customer,
+            &period,
+            meter.as_deref(),
+            after.as_deref(),
+            limit,
+        )?
         .into_iter()
-        .filter(|item| after.as_ref().is_none_or(|after| item_place(item) > *after))
-        .take(limit)
-        .map(|item| ItemView {
-            superseded: superseded.contains(&item.id),
-            item,
-        })
+        .map(ItemView::from)
         .collect();
     let next_cursor = (page.len() == limit)
         .then(|| page.last().map(|v| encode_cursor(&item_place(&v.item))))
@@ -1251,17 +1250,16 @@ async fn explanation(
         |params| params.period(params.get("period")),
     )
     .await?;
-    let items = state.model.line_items(&tenant, &customer, &period, None)?;
-    let superseded = items
-        .iter()
-        .any(|i| i.supersedes.as_deref() == Some(&item_id));
-    let item = items.into_iter().find(|i| i.id == item_id).ok_or_else(|| {
-        refused(
-            StatusCode::NOT_FOUND,
-            "line_item_not_found",
-            format!("customer `{customer}` has no line item `{item_id}` in {period}"),
-        )
-    })?;
+    let ItemRead { item, superseded } = state
+        .model
+        .line_item(&tenant, &customer, &period, &item_id)?
+        .ok_or_else(|| {
+            refused(
+                StatusCode::NOT_FOUND,
+                "line_item_not_found",
+                format!("customer `{customer}` has no line item `{item_id}` in {period}"),
+            )
+        })?;
     let catalog = state.catalog.current();
     let choice = PlanChoice::Named {
         id: &item.price_plan,

@@ -36,11 +36,30 @@ impl AsDeadLetter for Nothing {
     }
 }
 
-/// One ledger partition of the read model: the balances fold, and the batch's line items.
+/// One ledger partition of the read model: the balances fold, and the batch's line items
+/// (with the mark of each item they supersede).
 pub(crate) struct LedgerPartition {
     fold: PartitionState,
     items: Vec<(Vec<u8>, Vec<u8>)>,
     model: Arc<Model>,
+}
+
+impl LedgerPartition {
+    /// Folds a line item and, if the fold took it, keeps it for the batch's write with the
+    /// mark of the item it supersedes.
+    fn apply_line_item(&mut self, input: Input<'_>) -> Result<()> {
+        // Decoded once, for the fold and the index.
+        let decoded = credit::decode::<LineItem>(input.payload);
+        if let Some(item) = self.fold.apply_line_item(input, decoded)? {
+            if let Some(earlier) = &item.supersedes {
+                let key = model::superseded_key(&item.tenant, &item.customer, earlier);
+                self.items.push((key, item.id.as_bytes().to_vec()));
+            }
+            self.items
+                .push((model::item_key(&item), input.payload.to_vec()));
+        }
+        Ok(())
+    }
 }
 
 impl neruba_stage::Partition for LedgerPartition {
@@ -133,6 +152,11 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn open(&mut self, store: Store) -> Result<LedgerPartition> {
         let db = store.shared_db();
+        // A model kept from before items carried their `superseded` mark gets them now.
+        let marked = model::index_superseded(&db)?;
+        if marked > 0 {
+            tracing::info!(marked, "indexed the line items later ones supersede");
+        }
         let fold = self.books.share(PartitionState::from_store(
             store,
             0,
@@ -163,14 +187,7 @@ impl neruba_stage::Stage for LedgerModel {
         if record != Record::LineItem {
             return state.fold.apply(input, record);
         }
-        // Decoded once, for the fold and the index; indexed only if the fold took it.
-        let decoded = credit::decode::<LineItem>(input.payload);
-        if let Some(item) = state.fold.apply_line_item(input, decoded)? {
-            state
-                .items
-                .push((model::item_key(&item), input.payload.to_vec()));
-        }
-        Ok(())
+        state.apply_line_item(input)
     }
 
     fn take_outputs(&mut self, _state: &mut LedgerPartition) -> Vec<Nothing> {
@@ -256,6 +273,151 @@ mod tests {
             model: model.clone(),
         };
         (part, model)
+    }
+
+    /// Items of customer `c` in November 2026 through the ledger stage: windows 0–5 of a
+    /// minute each, window 2 revised by a late event, and a rerun of the period superseding
+    /// its latest item (window 5). Returns the ids in key order and those superseded.
+    fn superseding_items(part: &mut LedgerPartition) -> (Vec<String>, Vec<String>) {
+        let minute = |n: i64| format_time_ms(1_793_577_600_000 + n * 60_000);
+        let at = |id: &str, window: i64, supersedes: Option<&str>| {
+            let mut item = usage_item(id, std::collections::BTreeMap::new());
+            item.window_start = minute(window);
+            item.window_end = minute(window + 1);
+            item.supersedes = supersedes.map(str::to_owned);
+            item
+        };
+        let items = [
+            at("li_w0", 0, None),
+            at("li_w1", 1, None),
+            at("li_w2", 2, None),
+            at("li_w3", 3, None),
+            at("li_w2r", 2, Some("li_w2")),
+            at("li_w4", 4, None),
+            at("li_w5", 5, None),
+            // A rerun's window is its period, so its key sorts first.
+            LineItem {
+                window_start: "2026-11-01T00:00:00.000Z".into(),
+                window_end: "2026-12-01T00:00:00.000Z".into(),
+                ..at("li_rerun", 0, Some("li_w5"))
+            },
+        ];
+        for (offset, item) in (0..).zip(&items) {
+            let payload = item.encode();
+            let input = neruba_stage::Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            part.apply_line_item(input).expect("apply");
+        }
+        neruba_stage::Partition::commit(part).expect("commit");
+        let order = [
+            "li_rerun", "li_w0", "li_w1", "li_w2", "li_w2r", "li_w3", "li_w4", "li_w5",
+        ];
+        let superseded = ["li_w2", "li_w5"];
+        (
+            order.map(str::to_owned).to_vec(),
+            superseded.map(str::to_owned).to_vec(),
+        )
+    }
+
+    /// Every page of the period, `limit` at a time, following the cursor.
+    fn walk(model: &Model, limit: usize) -> Vec<crate::model::ItemRead> {
+        let mut all: Vec<crate::model::ItemRead> = Vec::new();
+        loop {
+            let after = all.last().map(|r| crate::model::item_place(&r.item));
+            let page = model
+                .line_items_page("t", "c", "2026-11", None, after.as_deref(), limit)
+                .expect("page");
+            let done = page.len() < limit;
+            all.extend(page);
+            if done {
+                return all;
+            }
+        }
+    }
+
+    #[test]
+    fn line_item_pages_seek_to_their_cursor_and_mark_items_superseded_anywhere_in_the_period() {
+        // Was: each page (and each explanation) decoded every item of the period, then
+        // skipped to its cursor: walking a long period was quadratic. Shown by a broken value
+        // stored before the cursor, which a page after it no longer reads.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut part, model) = partition(dir.path());
+        let (order, superseded) = superseding_items(&mut part);
+        for limit in [1, 2, 3, 8, 100] {
+            let read = walk(&model, limit);
+            let ids: Vec<&str> = read.iter().map(|r| r.item.id.as_str()).collect();
+            assert_eq!(ids, order, "limit {limit}");
+            let marked: Vec<&str> = read
+                .iter()
+                .filter(|r| r.superseded)
+                .map(|r| r.item.id.as_str())
+                .collect();
+            assert_eq!(marked, superseded, "limit {limit}");
+        }
+        let explained = |id: &str| {
+            model
+                .line_item("t", "c", "2026-11", id)
+                .expect("read")
+                .map(|r| (r.item.id, r.superseded))
+        };
+        assert_eq!(explained("li_w5"), Some(("li_w5".to_owned(), true)));
+        assert_eq!(explained("li_w4"), Some(("li_w4".to_owned(), false)));
+        assert_eq!(explained("li_w9"), None);
+        assert_eq!(
+            model.line_item("t", "c", "2026-12", "li_w4").expect("read"),
+            None
+        );
+
+        // Break the stored value of the period's first item (the rerun's): a page after the
+        // next window's item and an item explained elsewhere in the period never read it.
+        let db = model.db_of("t", "c").expect("db");
+        let read = walk(&model, 100);
+        let item = |id: &str| {
+            read.iter()
+                .find(|r| r.item.id == id)
+                .map(|r| r.item.clone())
+                .expect("an item")
+        };
+        db.put(crate::model::item_key(&item("li_rerun")), b"not JSON")
+            .expect("put");
+        let after = crate::model::item_place(&item("li_w0"));
+        let page = model
+            .line_items_page("t", "c", "2026-11", None, Some(&after), 2)
+            .expect("a page after the broken item");
+        let ids: Vec<&str> = page.iter().map(|r| r.item.id.as_str()).collect();
+        assert_eq!(ids, ["li_w1", "li_w2"]);
+        assert_eq!(explained("li_w5"), Some(("li_w5".to_owned(), true)));
+    }
+
+    #[test]
+    fn a_model_kept_from_before_the_superseded_marks_gets_them_when_it_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut part, model) = partition(dir.path());
+        let (order, superseded) = superseding_items(&mut part);
+        // As a model written before the marks: no `P` keys, no sign they were written.
+        let db = model.db_of("t", "c").expect("db");
+        for id in &superseded {
+            db.delete(crate::model::superseded_key("t", "c", id))
+                .expect("delete");
+        }
+        db.delete(crate::model::SUPERSEDED_INDEXED_KEY)
+            .expect("delete");
+        assert!(walk(&model, 100).iter().all(|r| !r.superseded));
+        assert_eq!(crate::model::index_superseded(&db).expect("index"), 2);
+        let read = walk(&model, 3);
+        let ids: Vec<&str> = read.iter().map(|r| r.item.id.as_str()).collect();
+        assert_eq!(ids, order);
+        let marked: Vec<&str> = read
+            .iter()
+            .filter(|r| r.superseded)
+            .map(|r| r.item.id.as_str())
+            .collect();
+        assert_eq!(marked, superseded);
+        // Once indexed, an open reads nothing again.
+        assert_eq!(crate::model::index_superseded(&db).expect("index"), 0);
     }
 
     #[test]

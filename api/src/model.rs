@@ -20,6 +20,8 @@
 //! | tenant, `S`, customer, period start, currency | a final statement (JSON) |
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
+//! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |
+//! | [`SUPERSEDED_INDEXED_KEY`] | present once the `P` keys cover every stored item |
 
 use neruba_balances::book::Book;
 use neruba_schemas::credit::{BalanceEntry, Statement};
@@ -146,6 +148,69 @@ pub(crate) fn item_key(item: &LineItem) -> Vec<u8> {
     )
 }
 
+/// The key saying which item supersedes the line item `id` (written with the later item).
+pub(crate) fn superseded_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
+    key(b'P', tenant, customer, &[id.as_bytes()])
+}
+
+/// Present once the `P` keys cover every line item the database holds: a read model kept from
+/// before they were written gets them when its partition opens ([`index_superseded`]).
+/// (The empty tenant and kind `M` are the stage runtime's own keys, which no tenant reaches.)
+pub(crate) const SUPERSEDED_INDEXED_KEY: &[u8] = b"\0\0\0\0Msuperseded_indexed";
+
+/// Writes the `P` key of every stored line item another supersedes, unless they are written
+/// already; returns how many it wrote. The keys are a function of the stored items alone, so
+/// a run cut short is simply run again at the next open. Reads the whole database once. (A
+/// stored item that does not decode cannot be read either way, so it is passed over.)
+pub(crate) fn index_superseded(db: &DB) -> Result<u64, rocksdb::Error> {
+    if db.get_pinned(SUPERSEDED_INDEXED_KEY)?.is_some() {
+        return Ok(0);
+    }
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut written = 0;
+    for entry in db.iterator(IteratorMode::Start) {
+        let (key, value) = entry?;
+        let is_item = neruba_stage::keys::read_part(&key)
+            .is_some_and(|(tenant, rest)| !tenant.is_empty() && rest.first() == Some(&b'L'));
+        if !is_item {
+            continue;
+        }
+        let Ok(item) = serde_json::from_slice::<LineItem>(&value) else {
+            continue;
+        };
+        if let Some(earlier) = &item.supersedes {
+            batch.put(
+                superseded_key(&item.tenant, &item.customer, earlier),
+                item.id.as_bytes(),
+            );
+            written += 1;
+        }
+        if batch.len() >= 10_000 {
+            db.write(std::mem::take(&mut batch))?;
+        }
+    }
+    batch.put(SUPERSEDED_INDEXED_KEY, b"");
+    db.write(batch)?;
+    Ok(written)
+}
+
+/// One line item as a read lists it: whether a later item supersedes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRead {
+    pub item: LineItem,
+    pub superseded: bool,
+}
+
+/// Where a page of line items starts: after the item at `place` ([`item_place`]).
+pub fn item_place(item: &LineItem) -> String {
+    format!(
+        "{}\n{}\n{}",
+        key_time(&item.period_start),
+        key_time(&item.window_start),
+        item.id
+    )
+}
+
 /// The key of a final statement.
 pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement) -> Vec<u8> {
     key(
@@ -188,6 +253,28 @@ pub fn period_label(period_start: &str, period_end: &str) -> String {
     } else {
         format!("{year}-{month}")
     }
+}
+
+/// Where a customer's line items (`prefix`) of the period labelled `month` start. A period
+/// labelled `month` starts, in UTC, on the previous month's last day at the earliest (a zone
+/// east of UTC). Every period start is 24 bytes of RFC 3339, so the seek key is its length
+/// prefix and that date.
+fn period_seek(prefix: &[u8], month: &str) -> Vec<u8> {
+    let mut start = prefix.to_vec();
+    if let Some(earliest) = earliest_start(month) {
+        start.extend_from_slice(&24u32.to_be_bytes());
+        start.extend_from_slice(earliest.as_bytes());
+    }
+    start
+}
+
+/// The period and window start a line-items cursor ([`item_place`]) names, when both are in
+/// the keys' 24-byte form.
+fn cursor_window(after: &str) -> Option<(&str, &str)> {
+    let mut parts = after.splitn(3, '\n');
+    let (period_start, window_start) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    (period_start.len() == 24 && window_start.len() == 24).then_some((period_start, window_start))
 }
 
 /// A UTC date (`YYYY-MM-DD`) no period labelled `month` starts on or after: the 2nd of the
@@ -396,52 +483,117 @@ impl Model {
         Ok(out)
     }
 
-    /// A customer's line items of the billing period labelled `month` ([`period_label`]), in
-    /// period, window and id order, optionally of one meter. Reads from that period's keys
-    /// on, not the customer's whole history.
-    pub fn line_items(
+    /// A page of a customer's line items of the billing period labelled `month` (of `meter`
+    /// alone, if given): at most `limit`, in key order (period start, window start, id), those
+    /// after `after` ([`item_place`]), each with whether a later item supersedes it. Read from
+    /// one snapshot, from the cursor's window on: a page reads what it answers, the rest of
+    /// the cursor's window and what `meter` leaves out, never the period before it.
+    pub fn line_items_page(
         &self,
         tenant: &str,
         customer: &str,
         month: &str,
         meter: Option<&str>,
-    ) -> Result<Vec<LineItem>, ReadError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ItemRead>, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
+        let snapshot = view.db.snapshot();
         let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
-        // A period labelled `month` starts, in UTC, on the previous month's last day at the
-        // earliest (a zone east of UTC). Every period start is 24 bytes of RFC 3339, so the
-        // seek key is its length prefix and that date.
-        let mut start = prefix.clone();
-        if let Some(earliest) = earliest_start(month) {
-            start.extend_from_slice(&24u32.to_be_bytes());
-            start.extend_from_slice(earliest.as_bytes());
+        let mut start = period_seek(&prefix, month);
+        // Seek to the cursor's window (its period and window start, in the keys' 24-byte
+        // form), then skip what is not after it: a cursor of any other shape reads from the
+        // period's start, skipping what is not after it.
+        if let Some((period_start, window_start)) = after.and_then(cursor_window) {
+            let mut at = prefix.clone();
+            push(&mut at, period_start.as_bytes());
+            push(&mut at, window_start.as_bytes());
+            start = start.max(at);
         }
         let latest = start_bound(month);
-        let mut out = Vec::new();
-        for item in view
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
-            let (key, value) = item?;
+        let mut page = Vec::new();
+        for entry in snapshot.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            if page.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
             if !key.starts_with(&prefix) {
                 break;
             }
             let item: LineItem = decode("line item", &value)?;
-            // Labels do not rise with the start everywhere (a February period anchored on the
-            // 28th far west of UTC starts after a March one far east), so the read ends only
-            // where no period labelled `month` can start: the 2nd of the month after.
             if latest
                 .as_deref()
                 .is_some_and(|bound| item.period_start.as_str() >= bound)
             {
                 break;
             }
-            let label = period_label(&item.period_start, &item.period_end);
-            if label == month && meter.is_none_or(|m| item.meter == m) {
-                out.push(item);
+            if period_label(&item.period_start, &item.period_end) == month
+                && meter.is_none_or(|m| item.meter == m)
+                && after.is_none_or(|after| item_place(&item).as_str() > after)
+            {
+                page.push(item);
             }
         }
-        Ok(out)
+        let marks = snapshot.multi_get(
+            page.iter()
+                .map(|item| superseded_key(tenant, customer, &item.id)),
+        );
+        page.into_iter()
+            .zip(marks)
+            .map(|(item, mark)| {
+                Ok(ItemRead {
+                    superseded: mark?.is_some(),
+                    item,
+                })
+            })
+            .collect()
+    }
+
+    /// The line item `id` of a customer's billing period labelled `month`, with whether a
+    /// later item supersedes it; `None` when the period has no such item. Decodes that item
+    /// alone: the others are passed by their keys.
+    pub fn line_item(
+        &self,
+        tenant: &str,
+        customer: &str,
+        month: &str,
+        id: &str,
+    ) -> Result<Option<ItemRead>, ReadError> {
+        let view = self.loaded(self.partition_of(tenant, customer))?;
+        let snapshot = view.db.snapshot();
+        let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
+        let start = period_seek(&prefix, month);
+        let latest = start_bound(month);
+        for entry in snapshot.iterator(IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = entry?;
+            let Some(parts) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let Some((period_start, rest)) = neruba_stage::keys::read_part(parts) else {
+                continue;
+            };
+            if latest
+                .as_deref()
+                .is_some_and(|bound| period_start >= bound.as_bytes())
+            {
+                break;
+            }
+            let id_part = neruba_stage::keys::read_part(rest)
+                .and_then(|(_, rest)| neruba_stage::keys::read_part(rest))
+                .map(|(id_part, _)| id_part);
+            if id_part != Some(id.as_bytes()) {
+                continue;
+            }
+            let item: LineItem = decode("line item", &value)?;
+            if period_label(&item.period_start, &item.period_end) != month {
+                continue;
+            }
+            let superseded = snapshot
+                .get(superseded_key(tenant, customer, id))?
+                .is_some();
+            return Ok(Some(ItemRead { item, superseded }));
+        }
+        Ok(None)
     }
 
     /// A customer's statements of the billing period labelled `month`, one per currency:
@@ -707,10 +859,10 @@ mod tests {
         model.opened(0, db, Some(4));
         let ids = |month: &str| -> Vec<String> {
             model
-                .line_items("t", "c", month, None)
+                .line_items_page("t", "c", month, None, None, usize::MAX)
                 .expect("read")
                 .into_iter()
-                .map(|i| i.id)
+                .map(|r| r.item.id)
                 .collect()
         };
         assert_eq!(ids("2026-11"), vec!["li_nov_a", "li_nov_b"]);
