@@ -393,6 +393,31 @@ mod tests {
     }
 
     #[test]
+    fn pages_follow_the_order_items_are_stored_in_whatever_the_lengths_of_their_ids() {
+        // Was: a page started past its cursor's place as text, where items are stored by
+        // key, which sorts a shorter id first: after `li_9`, `li_10` was never read.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut part, model) = partition(dir.path());
+        for (offset, id) in (0..).zip(["li_9", "li_10", "li_100"]) {
+            let payload = usage_item(id, std::collections::BTreeMap::new()).encode();
+            let input = neruba_stage::Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            part.apply_line_item(input).expect("apply");
+        }
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+        let ids: Vec<String> = walk(&model, 1).into_iter().map(|r| r.item.id).collect();
+        assert_eq!(ids, ["li_9", "li_10", "li_100"]);
+        let forged = model.line_items_page("t", "c", "2026-11", None, Some("li_9"), 1);
+        assert!(
+            matches!(forged, Err(crate::model::ReadError::InvalidCursor(_))),
+            "{forged:?}"
+        );
+    }
+
+    #[test]
     fn a_model_kept_from_before_the_superseded_marks_gets_them_when_it_opens() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut part, model) = partition(dir.path());

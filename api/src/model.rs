@@ -268,15 +268,6 @@ fn period_seek(prefix: &[u8], month: &str) -> Vec<u8> {
     start
 }
 
-/// The period and window start a line-items cursor ([`item_place`]) names, when both are in
-/// the keys' 24-byte form.
-fn cursor_window(after: &str) -> Option<(&str, &str)> {
-    let mut parts = after.splitn(3, '\n');
-    let (period_start, window_start) = (parts.next()?, parts.next()?);
-    parts.next()?;
-    (period_start.len() == 24 && window_start.len() == 24).then_some((period_start, window_start))
-}
-
 /// A UTC date (`YYYY-MM-DD`) no period labelled `month` starts on or after: the 2nd of the
 /// month after (one starts at most 15 h after local midnight of its day 1–28, or, for
 /// February's 28th, on March 1).
@@ -485,9 +476,9 @@ impl Model {
 
     /// A page of a customer's line items of the billing period labelled `month` (of `meter`
     /// alone, if given): at most `limit`, in key order (period start, window start, id), those
-    /// after `after` ([`item_place`]), each with whether a later item supersedes it. Read from
-    /// one snapshot, from the cursor's window on: a page reads what it answers, the rest of
-    /// the cursor's window and what `meter` leaves out, never the period before it.
+    /// after the item at `after` ([`item_place`]), each with whether a later item supersedes
+    /// it. Read from one snapshot, from the cursor on: a page reads what it answers and what
+    /// `meter` leaves out, never the period before its cursor.
     pub fn line_items_page(
         &self,
         tenant: &str,
@@ -501,15 +492,28 @@ impl Model {
         let snapshot = view.db.snapshot();
         let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
         let mut start = period_seek(&prefix, month);
-        // Seek to the cursor's window (its period and window start, in the keys' 24-byte
-        // form), then skip what is not after it: a cursor of any other shape reads from the
-        // period's start, skipping what is not after it.
-        if let Some((period_start, window_start)) = after.and_then(cursor_window) {
-            let mut at = prefix.clone();
-            push(&mut at, period_start.as_bytes());
-            push(&mut at, window_start.as_bytes());
-            start = start.max(at);
-        }
+        // The cursor's item's key: the page starts past it, in the order keys sort. (Was:
+        // past its place as text, which sorts ids of unequal lengths otherwise, so a page could
+        // skip items; every id the rater writes has one length.)
+        let after = match after {
+            None => None,
+            Some(after) => {
+                let mut parts = after.splitn(3, '\n');
+                let (Some(period_start), Some(window_start), Some(id)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(ReadError::InvalidCursor(
+                        "the cursor names no line item's place".into(),
+                    ));
+                };
+                let mut at = prefix.clone();
+                for part in [period_start, window_start, id] {
+                    push(&mut at, part.as_bytes());
+                }
+                start = start.max(at.clone());
+                Some(at)
+            }
+        };
         let latest = start_bound(month);
         let mut page = Vec::new();
         for entry in snapshot.iterator(IteratorMode::From(&start, Direction::Forward)) {
@@ -520,6 +524,9 @@ impl Model {
             if !key.starts_with(&prefix) {
                 break;
             }
+            if after.as_deref().is_some_and(|after| *key <= *after) {
+                continue;
+            }
             let item: LineItem = decode("line item", &value)?;
             if latest
                 .as_deref()
@@ -529,7 +536,6 @@ impl Model {
             }
             if period_label(&item.period_start, &item.period_end) == month
                 && meter.is_none_or(|m| item.meter == m)
-                && after.is_none_or(|after| item_place(&item).as_str() > after)
             {
                 page.push(item);
             }

@@ -16,7 +16,9 @@
 //! 6. reads over HTTP on one keep-alive connection: statements and balances of random
 //!    customers (SPEC target p99 ≤ 10 ms), the statement of one month of the customer with a
 //!    history (the same target), and the usage customer's month at its 1-minute windows, by
-//!    hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS` (default 50) times each.
+//!    hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS` (default 50) times each;
+//!    and the history customer's line items of that month, walked page by page (no target:
+//!    the whole walk's time says whether a page costs what it answers or the whole period).
 
 // Latencies and rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -381,7 +383,8 @@ async fn main() -> Result<()> {
                 key: format!("acme/{history}"),
                 payload: usage_item(
                     history,
-                    format!("li_h{m}_{g}"),
+                    // One length, as the rater's ids have.
+                    format!("li_h{m:03}_{g:08}"),
                     ("project", format!("project-{g}")),
                     *month_period,
                     Decimal::new(1, 2),
@@ -471,6 +474,38 @@ async fn main() -> Result<()> {
             samples,
             "target p99 <= 10 ms",
         );
+        // The same month's line items, every page in turn as a client walks them.
+        let pages = "line items, one month, each page of 100 in turn";
+        let mut samples = Vec::new();
+        let (mut read, mut cursor) = (0, None::<String>);
+        let walk = Instant::now();
+        loop {
+            let mut url = format!("{base}/v1/customers/{history}/line-items?period={month}");
+            if let Some(cursor) = &cursor {
+                url.push_str(&format!("&cursor={cursor}"));
+            }
+            let started = Instant::now();
+            let answer: serde_json::Value = client
+                .get(&url)
+                .bearer_auth(key)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            samples.push(started.elapsed());
+            read += answer["items"].as_array().map_or(0, Vec::len);
+            match answer["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let walked = walk.elapsed();
+        if read != lines {
+            bail!("{history}'s line items of {month}: {read} read over the pages, not {lines}");
+        }
+        report(pages, samples, "no target");
+        println!("  all {read} items in {:.1} ms", walked.as_secs_f64() * 1e3);
     }
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     let usage_reads = env_usize("NERUBA_BENCH_USAGE_READS", 50);
