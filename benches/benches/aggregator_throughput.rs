@@ -228,6 +228,8 @@ async fn aggregate(
     config.idle_timeout = Duration::from_secs(3600);
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
+    // A run that fails stops the stage too, else the runtime waits on its workers for ever.
+    let _stop_on_failure = shutdown.clone().drop_guard();
     // Timed from its start (stores opened) until it wrote every event, its last batch's
     // delivery and write included (see the balances throughput bench).
     let begun = Instant::now();

@@ -312,6 +312,8 @@ async fn main() -> Result<()> {
 
     let state = tempfile::tempdir()?;
     let shutdown = CancellationToken::new();
+    // A run that fails stops the stage too, else the runtime waits on its workers for ever.
+    let _stop_on_failure = shutdown.clone().drop_guard();
     let registry = prometheus::Registry::new();
     let api = neruba_api::start(
         neruba_api::Config::new(

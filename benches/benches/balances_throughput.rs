@@ -202,6 +202,8 @@ async fn main() -> Result<()> {
     config.stage.max_batch = max_batch;
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
+    // A run that fails stops the stage too, else the runtime waits on its workers for ever.
+    let _stop_on_failure = shutdown.clone().drop_guard();
     // Timed from the stage's start (its stores opened, nothing before it left out) until it
     // wrote every record, so the last batch's delivery and write are in: timed from its first
     // entries instead, a stage of few large batches (or two workers, each with a first batch)

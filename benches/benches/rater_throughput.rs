@@ -106,6 +106,8 @@ async fn main() -> Result<()> {
     config.stage.group_id = "bench-rater".into();
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
+    // A run that fails stops the stage too, else the runtime waits on its workers for ever.
+    let _stop_on_failure = shutdown.clone().drop_guard();
     let running = neruba_rater::start(config, Arc::new(catalog), &registry, shutdown.clone())?;
     let mut first = None;
     let mut last_report = Instant::now();
