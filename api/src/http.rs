@@ -18,8 +18,8 @@
 //!   produced from it (`events.rs`): usage answers closed windows, so an event whose window is
 //!   still open is not in it yet, though the wait is over;
 //! - every parameter is checked before anything is read, with a stable code: `400` for a
-//!   malformed one (`invalid_period`, `invalid_limit`, `invalid_cursor`, `invalid_after`,
-//!   `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
+//!   missing or malformed one (`missing_parameter`, `invalid_period`, `invalid_limit`,
+//!   `invalid_cursor`, `invalid_after`, `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
 use crate::model::{GrantStanding, ItemRead, Model, Position, ReadError, item_place};
@@ -1133,7 +1133,7 @@ struct LineItems {
     next_cursor: Option<String>,
 }
 
-/// A line item's place in the list (its key's order): period, window, id.
+/// A line item as the reads answer it.
 #[derive(Serialize)]
 struct ItemView {
     #[serde(flatten)]
@@ -1166,12 +1166,17 @@ async fn line_items(
         raw,
         &["period", "meter", "limit", "cursor"],
         |params| {
-            Ok((
-                params.period(params.get("period"))?,
-                params.limit()?,
-                params.get("cursor").map(decode_cursor).transpose()?,
-                params.get("meter").map(str::to_owned),
-            ))
+            let period = params.period(params.get("period"))?;
+            let limit = params.limit()?;
+            let after = params.get("cursor").map(decode_cursor).transpose()?;
+            // A place no item of the period can have (another period's, or not one at all).
+            if after
+                .as_deref()
+                .is_some_and(|after| crate::model::item_cursor(after, &period).is_none())
+            {
+                return Err(invalid_cursor());
+            }
+            Ok((period, limit, after, params.get("meter").map(str::to_owned)))
         },
     )
     .await?;

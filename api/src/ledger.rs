@@ -104,6 +104,11 @@ impl neruba_stage::Partition for LedgerPartition {
                 );
             }
         }
+        // The marks cover every record up to the offset this batch stores.
+        batch.put(
+            model::SUPERSEDED_INDEXED_KEY,
+            model::indexed_through(self.fold.next_offset()),
+        );
         self.fold.take_counts();
         self.fold.commit_with(batch)?;
         if let Some(next) = self.fold.next_offset() {
@@ -152,8 +157,9 @@ impl neruba_stage::Stage for LedgerModel {
 
     fn open(&mut self, store: Store) -> Result<LedgerPartition> {
         let db = store.shared_db();
-        // A model kept from before items carried their `superseded` mark gets them now.
-        let marked = model::index_superseded(&db)?;
+        // A model some of whose items were applied without their `superseded` marks (kept from
+        // before them, or by an older build since) gets them now.
+        let marked = model::index_superseded(&db, store.next_offset())?;
         if marked > 0 {
             tracing::info!(marked, "indexed the line items later ones supersede");
         }
@@ -275,9 +281,10 @@ mod tests {
         (part, model)
     }
 
-    /// Items of customer `c` in November 2026 through the ledger stage: windows 0–5 of a
-    /// minute each, window 2 revised by a late event, and a rerun of the period superseding
-    /// its latest item (window 5). Returns the ids in key order and those superseded.
+    /// Items of customer `c` in November 2026 through the ledger stage, in two batches: windows
+    /// 0–5 of a minute each (window 3's of meter `m2`), window 2 revised by a late event in
+    /// the second batch, and a rerun of the period superseding its latest item (window 5).
+    /// Returns the ids in key order and those superseded.
     fn superseding_items(part: &mut LedgerPartition) -> (Vec<String>, Vec<String>) {
         let minute = |n: i64| format_time_ms(1_793_577_600_000 + n * 60_000);
         let at = |id: &str, window: i64, supersedes: Option<&str>| {
@@ -291,7 +298,10 @@ mod tests {
             at("li_w0", 0, None),
             at("li_w1", 1, None),
             at("li_w2", 2, None),
-            at("li_w3", 3, None),
+            LineItem {
+                meter: "m2".into(),
+                ..at("li_w3", 3, None)
+            },
             at("li_w2r", 2, Some("li_w2")),
             at("li_w4", 4, None),
             at("li_w5", 5, None),
@@ -310,6 +320,10 @@ mod tests {
                 payload: &payload,
             };
             part.apply_line_item(input).expect("apply");
+            // The revision's mark in a later batch than the item it marks.
+            if item.id == "li_w3" {
+                neruba_stage::Partition::commit(part).expect("commit");
+            }
         }
         neruba_stage::Partition::commit(part).expect("commit");
         let order = [
@@ -356,6 +370,35 @@ mod tests {
                 .map(|r| r.item.id.as_str())
                 .collect();
             assert_eq!(marked, superseded, "limit {limit}");
+        }
+        // Of one meter, a page at a time: the other meter's item is passed over.
+        let mut of_m = Vec::new();
+        loop {
+            let after = of_m.last().map(crate::model::item_place);
+            let page = model
+                .line_items_page("t", "c", "2026-11", Some("m"), after.as_deref(), 2)
+                .expect("page");
+            let done = page.len() < 2;
+            of_m.extend(page.into_iter().map(|r| r.item));
+            if done {
+                break;
+            }
+        }
+        let ids: Vec<&str> = of_m.iter().map(|i| i.id.as_str()).collect();
+        let want: Vec<&str> = order
+            .iter()
+            .map(String::as_str)
+            .filter(|id| *id != "li_w3")
+            .collect();
+        assert_eq!(ids, want);
+        // A place no item of the period can have is refused, not answered from elsewhere.
+        let december = "2026-12-05T00:00:00.000Z\n2026-12-05T00:00:00.000Z\nli_x";
+        for forged in [december, "2026-11-02\n2026-11-02\nli_x", "li_w0"] {
+            let page = model.line_items_page("t", "c", "2026-11", None, Some(forged), 2);
+            assert!(
+                matches!(page, Err(crate::model::ReadError::InvalidCursor(_))),
+                "{forged:?}: {page:?}"
+            );
         }
         let explained = |id: &str| {
             model
@@ -422,16 +465,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut part, model) = partition(dir.path());
         let (order, superseded) = superseding_items(&mut part);
-        // As a model written before the marks: no `P` keys, no sign they were written.
         let db = model.db_of("t", "c").expect("db");
-        for id in &superseded {
-            db.delete(crate::model::superseded_key("t", "c", id))
-                .expect("delete");
-        }
+        let unmark = || {
+            for id in &superseded {
+                db.delete(crate::model::superseded_key("t", "c", id))
+                    .expect("delete");
+            }
+        };
+        let next = part.fold.next_offset();
+        assert_eq!(next, Some(8));
+        // Written by this build: the marks cover the store's records, nothing is read again.
+        assert_eq!(crate::model::index_superseded(&db, next).expect("index"), 0);
+        // As a model written before the marks: no `P` keys, no sign they were written.
+        unmark();
         db.delete(crate::model::SUPERSEDED_INDEXED_KEY)
             .expect("delete");
         assert!(walk(&model, 100).iter().all(|r| !r.superseded));
-        assert_eq!(crate::model::index_superseded(&db).expect("index"), 2);
+        assert_eq!(crate::model::index_superseded(&db, next).expect("index"), 2);
         let read = walk(&model, 3);
         let ids: Vec<&str> = read.iter().map(|r| r.item.id.as_str()).collect();
         assert_eq!(ids, order);
@@ -442,7 +492,18 @@ mod tests {
             .collect();
         assert_eq!(marked, superseded);
         // Once indexed, an open reads nothing again.
-        assert_eq!(crate::model::index_superseded(&db).expect("index"), 0);
+        assert_eq!(crate::model::index_superseded(&db, next).expect("index"), 0);
+        // An older build ran in between (rolled back, then forward): it applied a record past
+        // the marks, so they are built again (was: never, once written).
+        unmark();
+        assert_eq!(
+            crate::model::index_superseded(&db, Some(9)).expect("index"),
+            2
+        );
+        assert_eq!(
+            crate::model::index_superseded(&db, Some(9)).expect("index"),
+            0
+        );
     }
 
     #[test]

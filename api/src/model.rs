@@ -153,17 +153,32 @@ pub(crate) fn superseded_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> 
     key(b'P', tenant, customer, &[id.as_bytes()])
 }
 
-/// Present once the `P` keys cover every line item the database holds: a read model kept from
-/// before they were written gets them when its partition opens ([`index_superseded`]).
-/// (The empty tenant and kind `M` are the stage runtime's own keys, which no tenant reaches.)
+/// The ledger offset up to which the `P` keys cover every line item the database holds
+/// ([`indexed_through`]): written with every batch, so a build that did not write them (a model
+/// kept from before them, or an api rolled back and forward again) leaves it behind the
+/// store's offset, and the keys are built again when the partition opens
+/// ([`index_superseded`]). (The empty tenant and kind `M` are the stage runtime's own keys,
+/// which no tenant reaches.)
 pub(crate) const SUPERSEDED_INDEXED_KEY: &[u8] = b"\0\0\0\0Msuperseded_indexed";
 
-/// Writes the `P` key of every stored line item another supersedes, unless they are written
-/// already; returns how many it wrote. The keys are a function of the stored items alone, so
-/// a run cut short is simply run again at the next open. Reads the whole database once. (A
-/// stored item that does not decode cannot be read either way, so it is passed over.)
-pub(crate) fn index_superseded(db: &DB) -> Result<u64, rocksdb::Error> {
-    if db.get_pinned(SUPERSEDED_INDEXED_KEY)?.is_some() {
+/// The value of [`SUPERSEDED_INDEXED_KEY`] for a store at `next_offset` (empty: no record).
+pub(crate) fn indexed_through(next_offset: Option<i64>) -> Vec<u8> {
+    next_offset
+        .map(|n| n.to_be_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// Writes the `P` key of every stored line item another supersedes, unless they cover the
+/// store's records already (up to `next_offset`, the store's); returns how many it wrote. The
+/// keys are a function of the stored items alone, so a run cut short is simply run again at
+/// the next open. Reads the whole database once. (A stored item that does not decode cannot
+/// be read either way, so it is passed over.)
+pub(crate) fn index_superseded(db: &DB, next_offset: Option<i64>) -> Result<u64, rocksdb::Error> {
+    let through = indexed_through(next_offset);
+    if db
+        .get_pinned(SUPERSEDED_INDEXED_KEY)?
+        .is_some_and(|stored| *stored == *through)
+    {
         return Ok(0);
     }
     let mut batch = rocksdb::WriteBatch::default();
@@ -189,7 +204,7 @@ pub(crate) fn index_superseded(db: &DB) -> Result<u64, rocksdb::Error> {
             db.write(std::mem::take(&mut batch))?;
         }
     }
-    batch.put(SUPERSEDED_INDEXED_KEY, b"");
+    batch.put(SUPERSEDED_INDEXED_KEY, through);
     db.write(batch)?;
     Ok(written)
 }
@@ -201,7 +216,8 @@ pub struct ItemRead {
     pub superseded: bool,
 }
 
-/// Where a page of line items starts: after the item at `place` ([`item_place`]).
+/// A line item's place in a period's list, its key's order (period start, window start, id):
+/// a page's cursor names its last item's.
 pub fn item_place(item: &LineItem) -> String {
     format!(
         "{}\n{}\n{}",
@@ -266,6 +282,22 @@ fn period_seek(prefix: &[u8], month: &str) -> Vec<u8> {
         start.extend_from_slice(earliest.as_bytes());
     }
     start
+}
+
+/// The period start, window start and id a line-items cursor ([`item_place`]) names, if it
+/// names a place a line item of the period labelled `month` can have: both times in the keys'
+/// form, the period starting when one labelled `month` can.
+pub fn item_cursor<'a>(after: &'a str, month: &str) -> Option<[&'a str; 3]> {
+    let mut parts = after.splitn(3, '\n');
+    let parts = [parts.next()?, parts.next()?, parts.next()?];
+    let [period_start, window_start, _] = parts;
+    let in_key_form = |time: &str| key_time(time) == time && time.len() == 24;
+    let (earliest, latest) = (earliest_start(month)?, start_bound(month)?);
+    (in_key_form(period_start)
+        && in_key_form(window_start)
+        && period_start >= earliest.as_str()
+        && period_start < latest.as_str())
+    .then_some(parts)
 }
 
 /// A UTC date (`YYYY-MM-DD`) no period labelled `month` starts on or after: the 2nd of the
@@ -498,16 +530,13 @@ impl Model {
         let after = match after {
             None => None,
             Some(after) => {
-                let mut parts = after.splitn(3, '\n');
-                let (Some(period_start), Some(window_start), Some(id)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    return Err(ReadError::InvalidCursor(
-                        "the cursor names no line item's place".into(),
-                    ));
-                };
+                let parts = item_cursor(after, month).ok_or_else(|| {
+                    ReadError::InvalidCursor(format!(
+                        "the cursor names no place of a line item of {month}"
+                    ))
+                })?;
                 let mut at = prefix.clone();
-                for part in [period_start, window_start, id] {
+                for part in parts {
                     push(&mut at, part.as_bytes());
                 }
                 start = start.max(at.clone());

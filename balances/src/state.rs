@@ -29,8 +29,9 @@
 //! | statement key or currency, meter, group (JSON), period start | statement line the book |
 //! | | no longer holds ([`Book::take_statement_lines`]; postcard) |
 //!
-//! Kinds `E`, `L`, `S` and `R` are the api read model's, which keeps this state too (see
-//! `neruba-api`): entries, line items, final statements and grants refused for the bound.
+//! Kinds `E`, `L`, `S`, `R` and `P` are the api read model's, which keeps this state too (see
+//! `neruba-api`): entries, line items, final statements, grants refused for the bound and
+//! which items a later one supersedes.
 
 use crate::book::statements::{LineList, Route};
 use crate::book::{Allocation, Book, GrantState};

@@ -259,7 +259,8 @@ impl Client {
 
     /// Sets `customer`'s low-balance rule in `currency`, replacing any earlier one: crossing
     /// below `threshold` is flagged, and with `recharge_to` a top-up up to it is requested.
-    /// Neither may have more decimal places than the currency.
+    /// Neither may have more decimal places than the currency, trailing zeros aside (`10.000`
+    /// USD is kept as `10.00`).
     pub async fn set_balance_rule(
         &self,
         customer: &str,

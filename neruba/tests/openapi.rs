@@ -675,8 +675,8 @@ fn sample_value(name: &str, context: &BTreeMap<&str, String>) -> Option<String> 
     }
     let fixed = match name {
         "limit" => "10",
-        // `0/g{}`: after the customer id or line item place `0/g{}`, or (usage) after the
-        // group `{}` of the bucket starting at 0 ms: from the first of each.
+        // `0/g{}`: after the customer id `0/g{}`, or (usage) after the group `{}` of the
+        // bucket starting at 0 ms: from the first of each.
         "cursor" => "302f677b7d",
         "after" => "0",
         "meter" => "llm_tokens",
@@ -1291,6 +1291,13 @@ async fn every_operation_answers_as_documented() -> Result<()> {
             "invalid_period",
         ),
         (
+            LINE_ITEMS,
+            // `0/g{}`: no line item's place (until December 2026 a page after it, empty).
+            customer(&format!("/line-items?period={period}&cursor=302f677b7d")),
+            400,
+            "invalid_cursor",
+        ),
+        (
             EXPLANATION,
             customer(&format!(
                 "/line-items/li_00000000000000000000000000000000/explanation?period={period}"
@@ -1404,26 +1411,33 @@ async fn every_operation_answers_as_documented() -> Result<()> {
         .await?;
         let mut values = values.clone();
         // A cursor names a place in its read: here, before every line of the USD statements,
-        // or before every grant.
+        // before every grant, or before every line item of periods starting on the month's
+        // first at midnight UTC (period start, window start, id).
+        let period = values.get("period").context("the period")?.clone();
         let place = match template.as_str() {
-            STATEMENTS => Some(json!({
-                "c": values.get("customer").context("the customer")?,
-                "y": values.get("period").context("the period")?,
-                "s": {"pending": false, "currency": "USD", "period_start": "", "prior": false},
-                "m": "", "p": "", "g": {},
-            })),
-            GRANTS => Some(json!([
-                values.get("customer").context("the customer")?,
-                [0, i64::MIN, i64::MIN, ""],
-            ])),
+            STATEMENTS => Some(
+                json!({
+                    "c": values.get("customer").context("the customer")?,
+                    "y": period,
+                    "s": {"pending": false, "currency": "USD", "period_start": "", "prior": false},
+                    "m": "", "p": "", "g": {},
+                })
+                .to_string(),
+            ),
+            GRANTS => Some(
+                json!([
+                    values.get("customer").context("the customer")?,
+                    [0, i64::MIN, i64::MIN, ""],
+                ])
+                .to_string(),
+            ),
+            LINE_ITEMS => Some(format!(
+                "{period}-01T00:00:00.000Z\n{period}-01T00:00:00.000Z\n"
+            )),
             _ => None,
         };
         if let Some(place) = place {
-            let hex = place
-                .to_string()
-                .bytes()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let hex = place.bytes().map(|b| format!("{b:02x}")).collect();
             values.insert("cursor", hex);
         }
         let pairs = documented_query(&h, &op, &values)

@@ -278,13 +278,19 @@ fn exact_non_negative(value: &serde_json::Value, precision: u32) -> Option<Decim
         .and_then(|d| in_places(d, precision))
 }
 
-/// `amount` in at most `places` decimal places: as spelled when it fits, else without its
-/// trailing zeros when they are all it has beyond them (`25.000` USD is 25, as `2.50e1` is).
+/// `amount` in at most `places` decimal places: as spelled when it fits, else in exactly
+/// `places` when all it has beyond them is trailing zeros (`25.000` USD is `25.00`).
 fn in_places(amount: Decimal, places: u32) -> Option<Decimal> {
     if amount.scale() <= places {
         return Some(amount);
     }
-    Some(amount.normalize()).filter(|exact| exact.scale() <= places)
+    if amount.normalize().scale() > places {
+        return None;
+    }
+    // Exact, and within the mantissa: only trailing zeros are dropped.
+    let mut exact = amount;
+    exact.rescale(places);
+    Some(exact)
 }
 
 impl RuleRequest {
@@ -910,11 +916,14 @@ mod tests {
             |a: serde_json::Value| request(json!({"key": "k", "amount": a, "currency": "USD"}));
         let grant = amount(json!("25.000")).expect("valid");
         assert_eq!(grant.terms.amount, Decimal::new(25, 0));
-        assert_eq!(grant.terms.amount.to_string(), "25");
+        assert_eq!(grant.terms.amount.to_string(), "25.00");
         let as_spelled = amount(json!("25.50")).map(|g| g.terms.amount.to_string());
         assert_eq!(as_spelled, Ok("25.50".to_owned()));
         let trimmed = amount(json!("25.5000")).map(|g| g.terms.amount.to_string());
-        assert_eq!(trimmed, Ok("25.5".to_owned()));
+        assert_eq!(trimmed, Ok("25.50".to_owned()));
+        let wide =
+            amount(json!("999999999999999999.9900000000")).map(|g| g.terms.amount.to_string());
+        assert_eq!(wide, Ok("999999999999999999.99".to_owned()));
         assert_eq!(
             amount(json!("25.001")).map(|_| ()),
             Err(GrantRejectCode::InvalidAmount)
@@ -1074,7 +1083,7 @@ mod tests {
         // Trailing zeros past the currency's places are not finer than it (was: refused).
         let usd = rule("c", "USD", json!({"low_balance_threshold": "10.000"}));
         let usd = usd.map(|r| r.rule.map(|r| r.low_balance_threshold.to_string()));
-        assert_eq!(usd, Ok(Some("10".to_owned())));
+        assert_eq!(usd, Ok(Some("10.00".to_owned())));
         let refused = |customer: &str, currency: &str, body: serde_json::Value| {
             rule(customer, currency, body).map(|_| ())
         };
