@@ -42,6 +42,9 @@ pub(crate) struct LedgerPartition {
     fold: PartitionState,
     items: Vec<(Vec<u8>, Vec<u8>)>,
     model: Arc<Model>,
+    /// The ledger offset the stored `superseded` marks cover (as
+    /// [`model::SUPERSEDED_INDEXED_KEY`] holds it).
+    indexed: Option<i64>,
 }
 
 impl LedgerPartition {
@@ -104,13 +107,16 @@ impl neruba_stage::Partition for LedgerPartition {
                 );
             }
         }
-        // The marks cover every record up to the offset this batch stores.
-        batch.put(
-            model::SUPERSEDED_INDEXED_KEY,
-            model::indexed_through(self.fold.next_offset()),
-        );
+        // The marks cover every record up to the offset this batch stores. Written only when
+        // that moved: a batch with nothing in it writes nothing (an idle replica commits
+        // every poll).
+        let next = self.fold.next_offset();
+        if next != self.indexed {
+            batch.put(model::SUPERSEDED_INDEXED_KEY, model::indexed_through(next));
+        }
         self.fold.take_counts();
         self.fold.commit_with(batch)?;
+        self.indexed = next;
         if let Some(next) = self.fold.next_offset() {
             self.model.advanced(self.fold.partition, next);
         }
@@ -159,7 +165,8 @@ impl neruba_stage::Stage for LedgerModel {
         let db = store.shared_db();
         // A model some of whose items were applied without their `superseded` marks (kept from
         // before them, or by an older build since) gets them now.
-        let marked = model::index_superseded(&db, store.next_offset())?;
+        let indexed = store.next_offset();
+        let marked = model::index_superseded(&db, indexed)?;
         if marked > 0 {
             tracing::info!(marked, "indexed the line items later ones supersede");
         }
@@ -173,6 +180,7 @@ impl neruba_stage::Stage for LedgerModel {
             fold,
             items: Vec::new(),
             model: self.model.clone(),
+            indexed,
         })
     }
 
@@ -277,6 +285,7 @@ mod tests {
             fold,
             items: Vec::new(),
             model: model.clone(),
+            indexed: None,
         };
         (part, model)
     }
@@ -461,6 +470,20 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_with_nothing_applied_writes_nothing() {
+        // Was (for one commit's time): the marks' offset was written with every commit, so an
+        // idle replica wrote to every ledger partition's store at each poll.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut part, model) = partition(dir.path());
+        superseding_items(&mut part);
+        let db = model.db_of("t", "c").expect("db");
+        let written = db.latest_sequence_number();
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+        neruba_stage::Partition::commit(&mut part).expect("commit");
+        assert_eq!(db.latest_sequence_number(), written);
+    }
+
+    #[test]
     fn a_model_kept_from_before_the_superseded_marks_gets_them_when_it_opens() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut part, model) = partition(dir.path());
@@ -496,10 +519,17 @@ mod tests {
         // An older build ran in between (rolled back, then forward): it applied a record past
         // the marks, so they are built again (was: never, once written).
         unmark();
+        assert!(walk(&model, 100).iter().all(|r| !r.superseded));
         assert_eq!(
             crate::model::index_superseded(&db, Some(9)).expect("index"),
             2
         );
+        let marked: Vec<String> = walk(&model, 100)
+            .into_iter()
+            .filter(|r| r.superseded)
+            .map(|r| r.item.id)
+            .collect();
+        assert_eq!(marked, superseded);
         assert_eq!(
             crate::model::index_superseded(&db, Some(9)).expect("index"),
             0

@@ -21,7 +21,8 @@
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
 //! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |
-//! | [`SUPERSEDED_INDEXED_KEY`] | present once the `P` keys cover every stored item |
+//! | the empty tenant, `M`, `superseded_indexed` | the ledger offset up to which the `P` keys |
+//! | | cover every stored item (8 bytes BE; empty: no record yet) |
 
 use neruba_balances::book::Book;
 use neruba_schemas::credit::{BalanceEntry, Statement};
@@ -171,8 +172,9 @@ pub(crate) fn indexed_through(next_offset: Option<i64>) -> Vec<u8> {
 /// Writes the `P` key of every stored line item another supersedes, unless they cover the
 /// store's records already (up to `next_offset`, the store's); returns how many it wrote. The
 /// keys are a function of the stored items alone, so a run cut short is simply run again at
-/// the next open. Reads the whole database once. (A stored item that does not decode cannot
-/// be read either way, so it is passed over.)
+/// the next open. Reads the whole database once; the count is of the items another
+/// supersedes, each marked again whether or not its mark was there. (A stored item that does
+/// not decode cannot be read either way, so it is passed over.)
 pub(crate) fn index_superseded(db: &DB, next_offset: Option<i64>) -> Result<u64, rocksdb::Error> {
     let through = indexed_through(next_offset);
     if db

@@ -283,6 +283,18 @@ async fn timed_get(client: &reqwest::Client, url: &str, key: &str) -> Result<(Du
     Ok((elapsed, body.len()))
 }
 
+/// A read's JSON answer, refused unless it succeeded.
+async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Result<serde_json::Value> {
+    Ok(client
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let customers = env_usize("NERUBA_BENCH_CUSTOMERS", 100_000);
@@ -453,14 +465,7 @@ async fn main() -> Result<()> {
             .context("month")?
             .to_owned();
         let url = format!("{base}/v1/customers/{history}/statements/{month}");
-        let answer: serde_json::Value = client
-            .get(&url)
-            .bearer_auth(key)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let answer = get_json(&client, &url, key).await?;
         let shown = answer["statements"][0]["lines"]
             .as_array()
             .map_or(0, Vec::len);
@@ -487,14 +492,7 @@ async fn main() -> Result<()> {
                 url.push_str(&format!("&cursor={cursor}"));
             }
             let started = Instant::now();
-            let answer: serde_json::Value = client
-                .get(&url)
-                .bearer_auth(key)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+            let answer = get_json(&client, &url, key).await?;
             samples.push(started.elapsed());
             read += answer["items"].as_array().map_or(0, Vec::len);
             match answer["next_cursor"].as_str() {
