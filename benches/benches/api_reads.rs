@@ -487,7 +487,8 @@ async fn main() -> Result<()> {
         let (mut read, mut cursor) = (0, None::<String>);
         let walk = Instant::now();
         loop {
-            let mut url = format!("{base}/v1/customers/{history}/line-items?period={month}");
+            let mut url =
+                format!("{base}/v1/customers/{history}/line-items?period={month}&limit=100");
             if let Some(cursor) = &cursor {
                 url.push_str(&format!("&cursor={cursor}"));
             }
@@ -496,6 +497,10 @@ async fn main() -> Result<()> {
             samples.push(started.elapsed());
             read += answer["items"].as_array().map_or(0, Vec::len);
             match answer["next_cursor"].as_str() {
+                // A walk that does not move on, or reads more than there is, is a failure.
+                Some(next) if read > lines || cursor.as_deref() == Some(next) => {
+                    bail!("{history}'s line items of {month}: the walk does not end ({read} read)")
+                }
                 Some(next) => cursor = Some(next.to_owned()),
                 None => break,
             }

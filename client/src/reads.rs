@@ -618,7 +618,7 @@ pub struct LineItem {
     pub revision: u32,
     /// The item this one replaces for the same window.
     pub supersedes: Option<String>,
-    /// A later item of the answer names this one in `supersedes`.
+    /// A later item of the period (on this page or another) names this one in `supersedes`.
     pub superseded: bool,
 }
 

@@ -265,6 +265,16 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
             "invalid_time",
         ),
         (
+            // 50,001 one-minute windows start in it, though it lasts 50,000 minutes and 2 ms
+            // (was: answered, the length floored to 50,000 windows).
+            format!(
+                "{api}/v1/usage?customer=customer-7&meter=llm_tokens\
+                 &from=2026-02-28T23:59:59.999Z&to=2026-04-04T17:20:00.001Z"
+            ),
+            400,
+            "invalid_range",
+        ),
+        (
             format!("{api}/v1/usage?meter=llm_tokens&from={from}&to={to}"),
             400,
             "missing_parameter",

@@ -586,7 +586,7 @@ impl GrantRequest {
                     _ => {
                         return Err(reject(
                             GrantRejectCode::InvalidPaid,
-                            "`paid` must be a positive amount in a known currency",
+                            "`paid` must be a positive amount in a known currency, in at most its decimal places",
                         ));
                     }
                 }
