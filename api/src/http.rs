@@ -19,7 +19,8 @@
 //!   still open is not in it yet, though the wait is over;
 //! - every parameter is checked before anything is read, with a stable code: `400` for a
 //!   missing or malformed one (`missing_parameter`, `invalid_period`, `invalid_limit`,
-//!   `invalid_cursor`, `invalid_after`, `invalid_position`, `unknown_parameter`), `422` for a position of a topic the read does
+//!   `invalid_cursor`, `invalid_after`, `invalid_position`, `unknown_parameter`), `422` for a
+//!   position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
 use crate::model::{GrantStanding, ItemRead, Model, Position, ReadError, item_place};
@@ -34,7 +35,6 @@ use neruba_balances::state::Parts;
 use neruba_schemas::LiveCatalog;
 use neruba_schemas::catalog::Scope;
 use neruba_schemas::credit::{BalanceEntry, BalanceRule, Statement};
-use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1128,27 +1128,9 @@ struct LineItems {
     customer: String,
     as_of: Vec<Position>,
     period: String,
-    items: Vec<ItemView>,
+    items: Vec<ItemRead>,
     /// The `cursor` of the next page (`null`: this is the last).
     next_cursor: Option<String>,
-}
-
-/// A line item as the reads answer it.
-#[derive(Serialize)]
-struct ItemView {
-    #[serde(flatten)]
-    item: LineItem,
-    /// A later item of the period names this one in `supersedes`.
-    superseded: bool,
-}
-
-impl From<ItemRead> for ItemView {
-    fn from(read: ItemRead) -> Self {
-        Self {
-            item: read.item,
-            superseded: read.superseded,
-        }
-    }
 }
 
 async fn line_items(
@@ -1180,19 +1162,14 @@ async fn line_items(
         },
     )
     .await?;
-    let page: Vec<ItemView> = state
-        .model
-        .line_items_page(
-            &tenant,
-            &customer,
-            &period,
-            meter.as_deref(),
-            after.as_deref(),
-            limit,
-        )?
-        .into_iter()
-        .map(ItemView::from)
-        .collect();
+    let page = state.model.line_items_page(
+        &tenant,
+        &customer,
+        &period,
+        meter.as_deref(),
+        after.as_deref(),
+        limit,
+    )?;
     let next_cursor = (page.len() == limit)
         .then(|| page.last().map(|v| encode_cursor(&item_place(&v.item))))
         .flatten();
@@ -1212,7 +1189,7 @@ struct Explanation {
     as_of: Vec<Position>,
     period: String,
     /// The item explained, as the line-items read lists it.
-    item: ItemView,
+    item: ItemRead,
     plan: PlanView,
     /// The item's period quantity priced under the plan the item names, step by step.
     price: neruba_rater::price::Priced,
@@ -1309,7 +1286,7 @@ async fn explanation(
         customer,
         as_of: vec![position],
         period,
-        item: ItemView { item, superseded },
+        item: ItemRead { item, superseded },
         plan,
         price: quoted.priced,
         previously_charged,

@@ -117,7 +117,7 @@ impl neruba_stage::Partition for LedgerPartition {
         self.fold.take_counts();
         self.fold.commit_with(batch)?;
         self.indexed = next;
-        if let Some(next) = self.fold.next_offset() {
+        if let Some(next) = next {
             self.model.advanced(self.fold.partition, next);
         }
         Ok(())

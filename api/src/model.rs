@@ -155,9 +155,9 @@ pub(crate) fn superseded_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> 
 }
 
 /// The ledger offset up to which the `P` keys cover every line item the database holds
-/// ([`indexed_through`]): written with every batch, so a build that did not write them (a model
-/// kept from before them, or an api rolled back and forward again) leaves it behind the
-/// store's offset, and the keys are built again when the partition opens
+/// ([`indexed_through`]): written with each batch that moves it, so a build that did not
+/// write them (a model kept from before them, or an api rolled back and forward again) leaves
+/// it behind the store's offset, and the keys are built again when the partition opens
 /// ([`index_superseded`]). (The empty tenant and kind `M` are the stage runtime's own keys,
 /// which no tenant reaches.)
 pub(crate) const SUPERSEDED_INDEXED_KEY: &[u8] = b"\0\0\0\0Msuperseded_indexed";
@@ -211,9 +211,11 @@ pub(crate) fn index_superseded(db: &DB, next_offset: Option<i64>) -> Result<u64,
     Ok(written)
 }
 
-/// One line item as a read lists it: whether a later item supersedes it.
-#[derive(Debug, Clone, PartialEq)]
+/// One line item as a read lists and answers it: with whether a later item of the period
+/// (on this page or another) names it in `supersedes`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ItemRead {
+    #[serde(flatten)]
     pub item: LineItem,
     pub superseded: bool,
 }
@@ -537,10 +539,7 @@ impl Model {
                         "the cursor names no place of a line item of {month}"
                     ))
                 })?;
-                let mut at = prefix.clone();
-                for part in parts {
-                    push(&mut at, part.as_bytes());
-                }
+                let at = key(b'L', tenant, customer, &parts.map(str::as_bytes));
                 start = start.max(at.clone());
                 Some(at)
             }
@@ -559,6 +558,9 @@ impl Model {
                 continue;
             }
             let item: LineItem = decode("line item", &value)?;
+            // Labels do not rise with the start everywhere (a February period anchored on the
+            // 28th far west of UTC starts after a March one far east), so the read ends only
+            // where no period labelled `month` can start: the 2nd of the month after.
             if latest
                 .as_deref()
                 .is_some_and(|bound| item.period_start.as_str() >= bound)
