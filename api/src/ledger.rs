@@ -101,9 +101,12 @@ impl neruba_stage::Partition for LedgerPartition {
             if entry.kind == EntryKind::StatementFinal
                 && let Some(statement) = &entry.statement
             {
+                let stored = model::encode_statement(statement).map_err(|e| {
+                    neruba_stage::Error::Bug(format!("final statement encoding: {e}"))
+                })?;
                 batch.put(
                     model::statement_key(&entry.tenant, &entry.customer, statement),
-                    credit::encode(statement.as_ref()),
+                    stored,
                 );
             }
         }

@@ -17,7 +17,7 @@
 //! |---|---|
 //! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
 //! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
-//! | tenant, `S`, customer, period start, currency | a final statement (JSON) |
+//! | tenant, `S`, customer, period start, currency | a final statement ([`encode_statement`]) |
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
 //! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |
@@ -242,6 +242,29 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
             statement.currency.as_bytes(),
         ],
     )
+}
+
+/// A final statement's stored form's first byte: [`postcard`] (compact binary serde)
+/// follows. Final statements written before December 2026 are JSON, whose first byte is `{`;
+/// both read back ([`decode_statement`]).
+const STATEMENT_POSTCARD: u8 = 0xB1;
+
+/// A final statement as stored: a tag byte and the statement in postcard. A statement of
+/// 10,000 lines is read whole by each page of it; from JSON, decoding it was half of such a
+/// read.
+pub(crate) fn encode_statement(statement: &Statement) -> Result<Vec<u8>, postcard::Error> {
+    let out = vec![STATEMENT_POSTCARD];
+    postcard::to_io(statement, out)
+}
+
+/// A final statement from its stored form ([`encode_statement`], or JSON as written before).
+fn decode_statement(bytes: &[u8]) -> Result<Statement, ReadError> {
+    match bytes.split_first() {
+        Some((&STATEMENT_POSTCARD, body)) => {
+            postcard::from_bytes(body).map_err(|e| ReadError::Storage(format!("statement: {e}")))
+        }
+        _ => decode("statement", bytes),
+    }
 }
 
 /// A customer's statements of one period, and the book they were read with.
@@ -662,8 +685,11 @@ impl Model {
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let (earliest, latest) = (earliest_start(month), start_bound(month));
         let mut out = Vec::new();
-        for item in snapshot.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
-            let (key, value) = item?;
+        // In place: a month's value is read only if the key says it may be the month's (a
+        // final statement of 10,000 lines is megabytes).
+        let mut iter = snapshot.raw_iterator();
+        iter.seek(&prefix);
+        while let Some(key) = iter.key() {
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;
             };
@@ -674,16 +700,20 @@ impl Model {
                 .and_then(|(start, _)| std::str::from_utf8(start).ok())
                 .and_then(|start| neruba_schemas::event::parse_time_ms(start).ok())
                 .map(neruba_schemas::event::format_time_ms);
-            if let (Some(start), Some(earliest), Some(latest)) = (&start, &earliest, &latest)
-                && (start.as_str() < earliest.as_str() || start.as_str() >= latest.as_str())
-            {
-                continue;
+            let ruled_out = matches!(
+                (&start, &earliest, &latest),
+                (Some(start), Some(earliest), Some(latest))
+                    if start.as_str() < earliest.as_str() || start.as_str() >= latest.as_str()
+            );
+            if !ruled_out {
+                let statement = decode_statement(iter.value().unwrap_or_default())?;
+                if period_label(&statement.period_start, &statement.period_end) == month {
+                    out.push(statement);
+                }
             }
-            let statement: Statement = decode("statement", &value)?;
-            if period_label(&statement.period_start, &statement.period_end) == month {
-                out.push(statement);
-            }
+            iter.next();
         }
+        iter.status()?;
         out.extend(
             book.statements
                 .values()
@@ -974,13 +1004,17 @@ mod tests {
                 "2027-03-28T12:00:00.000Z",
             ),
         ];
-        for s in &finals {
+        // Stored as the ledger stage stores them, and every other one as JSON, as final
+        // statements were stored before December 2026: both read back.
+        for (n, s) in finals.iter().enumerate() {
+            let stored = if n % 2 == 0 {
+                encode_statement(s).expect("encode")
+            } else {
+                neruba_schemas::credit::encode(s)
+            };
             ledger
                 .db
-                .put(
-                    statement_key("t", "c", s),
-                    neruba_schemas::credit::encode(s),
-                )
+                .put(statement_key("t", "c", s), stored)
                 .expect("put");
         }
         // A month the key rules out is never decoded: a stored value that is not a statement

@@ -402,17 +402,35 @@ pub const BOOK_SPENT_GRANTS: usize = 8;
 /// the same size after each.
 pub const BOOK_LINES: usize = 64;
 
+/// Values stored under one prefix from which [`Apart::take_all`] deletes them by one range
+/// deletion rather than one by one. Fewer are deleted one by one: every range deletion in a
+/// memtable is weighed by each read of it until it is flushed, and a period's end hands back
+/// the lines of every customer's statements.
+const RANGE_DELETION_FROM: usize = 64;
+
 /// Values a batch took out of books to keep under their own keys (`Some`: written at commit)
 /// or put back into one (`None`: deleted at commit); read before the store.
 struct Apart<T> {
     /// In key order, so that the values under a prefix are found without looking at all.
     pending: BTreeMap<Vec<u8>, Option<T>>,
+    /// Prefixes under which every stored value was put back ([`Apart::take_all`]), at least
+    /// [`RANGE_DELETION_FROM`] of them, each with its range's end: deleted at commit by one
+    /// range deletion, before the batch's own values
+    /// are written. (Deleted one by one, each left a tombstone that every later read of the
+    /// prefix stepped over until a compaction dropped it: a statement of 10,000 lines made
+    /// each later read of its customer's statements step over 10,000.) Prefixes never nest:
+    /// their parts are length-prefixed.
+    taken: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// [`RANGE_DELETION_FROM`], but in tests.
+    range_from: usize,
 }
 
 impl<T> Default for Apart<T> {
     fn default() -> Self {
         Self {
             pending: BTreeMap::new(),
+            taken: BTreeMap::new(),
+            range_from: RANGE_DELETION_FROM,
         }
     }
 }
@@ -420,6 +438,14 @@ impl<T> Default for Apart<T> {
 impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
     fn keep(&mut self, key: Vec<u8>, value: T) {
         self.pending.insert(key, Some(value));
+    }
+
+    /// Whether what is stored under `key` was put back whole with its prefix this batch.
+    fn under_taken(&self, key: &[u8]) -> bool {
+        self.taken
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+            .is_some_and(|(prefix, _)| key.starts_with(prefix))
     }
 
     /// The value kept apart under `key`, if any, handed back to its book (`what` names it in
@@ -432,6 +458,9 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
     ) -> Result<Option<T>> {
         if let Some(slot) = self.pending.get_mut(&key) {
             return Ok(slot.take());
+        }
+        if self.under_taken(&key) {
+            return Ok(None);
         }
         let Some(bytes) = db.get(&key)? else {
             return Ok(None);
@@ -449,30 +478,55 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         what: impl Fn() -> String,
     ) -> Result<Vec<T>> {
         let mut out = Vec::new();
+        // Handed back already this batch, or kept this batch (handed back now).
+        let mut known = Vec::new();
         for (key, slot) in self.pending.range_mut(prefix.to_vec()..) {
             if !key.starts_with(prefix) {
                 break;
             }
             out.extend(slot.take());
+            known.push(key.clone());
         }
-        let from = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
-        for item in db.iterator(from) {
-            let (key, bytes) = item?;
+        if self.under_taken(prefix) {
+            // Every stored value under it was handed back already this batch.
+            return Ok(out);
+        }
+        let mut stored = Vec::new();
+        let mut iter = db.raw_iterator();
+        iter.seek(prefix);
+        while let (Some(key), Some(bytes)) = (iter.key(), iter.value()) {
             if !key.starts_with(prefix) {
                 break;
             }
-            if self.pending.contains_key(key.as_ref()) {
-                continue;
+            if !self.pending.contains_key(key) {
+                out.push(postcard::from_bytes(bytes).map_err(|e| Error::corrupt(what(), e))?);
+                stored.push(key.to_vec());
             }
-            let value = postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(what(), e))?;
-            self.pending.insert(key.to_vec(), None);
-            out.push(value);
+            iter.next();
+        }
+        iter.status()?;
+        match neruba_stage::keys::prefix_end(prefix) {
+            Some(end) if stored.len() >= self.range_from => {
+                // The range deletion covers what this batch handed back under it too.
+                for key in known {
+                    self.pending.remove(&key);
+                }
+                self.taken.insert(prefix.to_vec(), end);
+            }
+            _ => {
+                for key in stored {
+                    self.pending.insert(key, None);
+                }
+            }
         }
         Ok(out)
     }
 
-    /// The batch's changes into `batch`.
+    /// The batch's changes into `batch`: the prefixes put back whole, then each value.
     fn write(&mut self, batch: &mut WriteBatch) -> Result<()> {
+        for (prefix, end) in std::mem::take(&mut self.taken) {
+            batch.delete_range(prefix, end);
+        }
         for (key, value) in std::mem::take(&mut self.pending) {
             match value {
                 Some(value) => batch.put(
@@ -653,6 +707,14 @@ impl PartitionState {
         self.book_series = series;
         self.book_spent_grants = spent_grants;
         self.book_lines = lines;
+        self
+    }
+
+    /// Deletes the statement lines kept apart under one list by a range deletion from `lines`
+    /// of them on, rather than from [`RANGE_DELETION_FROM`].
+    #[cfg(test)]
+    pub(crate) fn deleting_ranges_from(mut self, lines: usize) -> Self {
+        self.spilled_lines.range_from = lines;
         self
     }
 
@@ -2481,6 +2543,13 @@ mod tests {
                 .map(|s| s.lines.len()),
             Some(groups)
         );
+        // None is left kept apart, and a read of the customer's lines steps over no deleted
+        // one (was: each was deleted alone, and its tombstone stepped over by every read
+        // until a compaction dropped it).
+        use rocksdb::perf::{PerfContext, PerfMetric, PerfStatsLevel, set_perf_stats};
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut perf = PerfContext::default();
+        perf.reset();
         let prefix = customer_key(b'T', "acme", "c1");
         let left = state
             .store
@@ -2489,7 +2558,12 @@ mod tests {
             .filter_map(std::result::Result::ok)
             .take_while(|(key, _)| key.starts_with(&prefix))
             .count();
+        let read = read_book(state.store.db(), "acme", "c1").expect("read");
+        let stepped_over = perf.metric(PerfMetric::InternalDeleteSkippedCount);
+        set_perf_stats(PerfStatsLevel::Disable);
         assert_eq!(left, 0);
+        assert!(read.is_some_and(|book| book.statements.is_empty()));
+        assert_eq!(stepped_over, 0);
     }
 
     #[test]

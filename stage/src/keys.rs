@@ -27,6 +27,15 @@ pub fn time_from(bytes: &[u8]) -> Option<i64> {
     Some((u64::from_be_bytes(array) ^ (1 << 63)).cast_signed())
 }
 
+/// The least key greater than every key starting with `prefix` (the end of a range
+/// deletion or a scan of it); `None` if there is none (`prefix` is empty or all `0xFF`).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|&b| b != u8::MAX)?;
+    let mut end = prefix.get(..=last)?.to_vec();
+    *end.last_mut()? += 1;
+    Some(end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +49,18 @@ mod tests {
         let (second, rest) = read_part(rest).expect("second");
         assert_eq!((first, second, rest), (&b"a/b"[..], &b""[..], &b""[..]));
         assert_eq!(read_part(&[0, 0, 0, 9, 1]), None);
+    }
+
+    #[test]
+    fn a_prefix_end_is_past_every_key_under_the_prefix_and_before_the_next() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xFF, 0xFF]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xFF]), None);
+        assert_eq!(prefix_end(b""), None);
+        let end = prefix_end(&[7, 0xFE]).expect("end");
+        for under in [&[7, 0xFE][..], &[7, 0xFE, 0xFF, 0xFF], &[7, 0xFE, 0]] {
+            assert!(under < end.as_slice());
+        }
+        assert!(end.as_slice() <= &[7, 0xFF][..]);
     }
 }
