@@ -246,7 +246,10 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
 
 /// A final statement's stored form's first byte: [`postcard`] (compact binary serde)
 /// follows. Final statements written before December 2026 are JSON, whose first byte is `{`;
-/// both read back ([`decode_statement`]).
+/// both read back ([`decode_statement`]). A stored final statement never changes, and
+/// postcard's layout is the fields' order: a field added to `Statement` or `StatementLine`
+/// (even one with a default), or a status variant moved, needs a new tag byte and a decoder
+/// for this layout (`the_stored_form_of_a_final_statement_is_fixed` pins its bytes).
 const STATEMENT_POSTCARD: u8 = 0xB1;
 
 /// A final statement as stored: a tag byte and the statement in postcard. A statement of
@@ -263,7 +266,11 @@ fn decode_statement(bytes: &[u8]) -> Result<Statement, ReadError> {
         Some((&STATEMENT_POSTCARD, body)) => {
             postcard::from_bytes(body).map_err(|e| ReadError::Storage(format!("statement: {e}")))
         }
-        _ => decode("statement", bytes),
+        Some((b'{', _)) => decode("statement", bytes),
+        other => Err(ReadError::Storage(format!(
+            "statement: an unknown stored form (first byte {:?})",
+            other.map(|(first, _)| first)
+        ))),
     }
 }
 
@@ -685,9 +692,14 @@ impl Model {
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let (earliest, latest) = (earliest_start(month), start_bound(month));
         let mut out = Vec::new();
-        // In place: a month's value is read only if the key says it may be the month's (a
-        // final statement of 10,000 lines is megabytes).
-        let mut iter = snapshot.raw_iterator();
+        // In place: a month's value is copied and decoded only if the key says it may be the
+        // month's (a final statement of 10,000 lines is megabytes); nothing past the
+        // customer's final statements is read.
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(end) = neruba_stage::keys::prefix_end(&prefix) {
+            options.set_iterate_upper_bound(end);
+        }
+        let mut iter = snapshot.raw_iterator_opt(options);
         iter.seek(&prefix);
         while let Some(key) = iter.key() {
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
@@ -940,6 +952,58 @@ mod tests {
         assert!(ids("2026-08").is_empty());
         assert_eq!(ids("2027-02"), vec!["li_feb_west"]);
         assert_eq!(ids("2027-03"), vec!["li_mar_east"]);
+    }
+
+    /// [`encode_statement`]'s bytes of the statement in
+    /// `the_stored_form_of_a_final_statement_is_fixed`.
+    const GOLDEN_STATEMENT_HEX: &str = concat!(
+        "b10473745f310355534418323032362d31312d30315430303a30303a30302e3030305a1832303236",
+        "2d31322d30315430303a30303a30302e3030305a020106746f6b656e7301056d6f64656c05736d61",
+        "6c6c18323032362d31312d30315430303a30303a30302e3030305a0380dc0b0382e1010282320382",
+        "af010108726571756573747301056d6f64656c05736d616c6c18323032362d31312d30315430303a",
+        "30303a30302e3030305a0380dc0b02a26402823203a296010382e10102a264028264028219",
+    );
+
+    #[test]
+    fn the_stored_form_of_a_final_statement_is_fixed() {
+        // postcard writes fields by position, without names or defaults: a field added to a
+        // statement or a line changes these bytes, and final statements stored before could
+        // no longer be read. Such a change needs a new tag byte and a decoder for this layout.
+        use neruba_schemas::credit::{Statement, StatementLine, StatementStatus};
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let line = |meter: &str, amount: &str| StatementLine {
+            meter: meter.into(),
+            group: BTreeMap::from([("model".to_owned(), "small".to_owned())]),
+            period_start: "2026-11-01T00:00:00.000Z".into(),
+            quantity: d("1500"),
+            amount: d(amount),
+            credit_applied: d("0.50"),
+            amount_due: d(amount) - d("0.50"),
+        };
+        let statement = Statement {
+            id: "st_1".into(),
+            currency: "USD".into(),
+            period_start: "2026-11-01T00:00:00.000Z".into(),
+            period_end: "2026-12-01T00:00:00.000Z".into(),
+            status: StatementStatus::Final,
+            lines: vec![line("tokens", "2.25")],
+            prior_period: vec![line("requests", "-1.00")],
+            usage: d("2.25"),
+            prior_period_amount: d("-1.00"),
+            credit_applied: d("1.00"),
+            amount_due: d("0.25"),
+        };
+        let stored = encode_statement(&statement).expect("encode");
+        let hex: String = stored.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN_STATEMENT_HEX);
+        assert_eq!(decode_statement(&stored).expect("decode"), statement);
+        // As stored before December 2026, and a form neither writer leaves.
+        let json = neruba_schemas::credit::encode(&statement);
+        assert_eq!(decode_statement(&json).expect("decode JSON"), statement);
+        assert!(matches!(
+            decode_statement(b"[1]"),
+            Err(ReadError::Storage(message)) if message.contains("unknown stored form")
+        ));
     }
 
     #[test]

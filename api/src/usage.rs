@@ -518,7 +518,12 @@ type Window<'w> = (i64, &'w [u8], &'w [u8]);
 
 impl<'a> Scan<'a> {
     fn new(db: &'a rocksdb::DB, prefix: &'a [u8], from_ms: i64, to_ms: i64) -> Self {
-        let mut iter = db.raw_iterator();
+        // Bounded at `to_ms`: past it nothing is read (nor deleted keys after it stepped over).
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&time_bytes(to_ms));
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        let mut iter = db.raw_iterator_opt(options);
         let mut start = prefix.to_vec();
         start.extend_from_slice(&time_bytes(from_ms));
         iter.seek(&start);

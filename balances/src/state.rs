@@ -403,13 +403,16 @@ pub const BOOK_SPENT_GRANTS: usize = 8;
 pub const BOOK_LINES: usize = 64;
 
 /// Values stored under one prefix from which [`Apart::take_all`] deletes them by one range
-/// deletion rather than one by one. Fewer are deleted one by one: every range deletion in a
-/// memtable is weighed by each read of it until it is flushed, and a period's end hands back
-/// the lines of every customer's statements.
-const RANGE_DELETION_FROM: usize = 64;
+/// deletion rather than one by one. A statement list is kept apart only once it holds more
+/// than [`BOOK_LINES`], and then whole, so nearly every list handed back whole with any line
+/// stored takes a range deletion; a list put back mostly line by line since takes point
+/// deletions for the few left. (Every range deletion in a memtable is weighed by the reads of
+/// it until it is flushed; only customers with lists that long leave one, once a transition.)
+const RANGE_DELETION_FROM: usize = BOOK_LINES;
 
 /// Values a batch took out of books to keep under their own keys (`Some`: written at commit)
-/// or put back into one (`None`: deleted at commit); read before the store.
+/// or put back into one (`None`: deleted at commit, or, under a prefix in `taken`, by its
+/// range deletion); read before the store.
 struct Apart<T> {
     /// In key order, so that the values under a prefix are found without looking at all.
     pending: BTreeMap<Vec<u8>, Option<T>>,
@@ -456,11 +459,13 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         key: Vec<u8>,
         what: impl FnOnce() -> String,
     ) -> Result<Option<T>> {
+        if self.under_taken(&key) {
+            // Its stored value was handed back with the prefix and is deleted with it; only
+            // a value kept since is left to hand back.
+            return Ok(self.pending.remove(&key).flatten());
+        }
         if let Some(slot) = self.pending.get_mut(&key) {
             return Ok(slot.take());
-        }
-        if self.under_taken(&key) {
-            return Ok(None);
         }
         let Some(bytes) = db.get(&key)? else {
             return Ok(None);
@@ -488,24 +493,36 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
             known.push(key.clone());
         }
         if self.under_taken(prefix) {
-            // Every stored value under it was handed back already this batch.
+            // Every stored value under it was handed back already this batch, and is deleted
+            // with it.
+            for key in known {
+                self.pending.remove(&key);
+            }
             return Ok(out);
         }
+        let end = neruba_stage::keys::prefix_end(prefix);
         let mut stored = Vec::new();
-        let mut iter = db.raw_iterator();
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(end) = &end {
+            // Past the prefix nothing is read (nor the deleted keys after it stepped over).
+            options.set_iterate_upper_bound(end.clone());
+        }
+        let mut iter = db.raw_iterator_opt(options);
         iter.seek(prefix);
         while let (Some(key), Some(bytes)) = (iter.key(), iter.value()) {
             if !key.starts_with(prefix) {
                 break;
             }
-            if !self.pending.contains_key(key) {
+            // Handed back this batch already: kept or put back since, or under a list taken
+            // whole (prefixes never nest, but a coarser one would find them here).
+            if !self.pending.contains_key(key) && !self.under_taken(key) {
                 out.push(postcard::from_bytes(bytes).map_err(|e| Error::corrupt(what(), e))?);
                 stored.push(key.to_vec());
             }
             iter.next();
         }
         iter.status()?;
-        match neruba_stage::keys::prefix_end(prefix) {
+        match end {
             Some(end) if stored.len() >= self.range_from => {
                 // The range deletion covers what this batch handed back under it too.
                 for key in known {
@@ -2441,6 +2458,75 @@ mod tests {
                 crate::book::Status::Active
             ]
         );
+    }
+
+    #[test]
+    fn values_handed_back_whole_are_deleted_by_one_range_and_what_is_kept_since_survives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = rocksdb::DB::open_default(dir.path()).expect("open");
+        let key = |prefix: u8, n: u32| {
+            let mut key = vec![prefix];
+            key.extend_from_slice(&n.to_be_bytes());
+            key
+        };
+        let write = |apart: &mut Apart<u32>| {
+            let mut batch = WriteBatch::default();
+            apart.write(&mut batch).expect("write");
+            db.write(batch).expect("db write");
+        };
+        let stored = |prefix: u8| -> Vec<(Vec<u8>, u32)> {
+            db.prefix_iterator([prefix])
+                .map(|item| item.expect("read"))
+                .take_while(|(k, _)| k.first() == Some(&prefix))
+                .map(|(k, v)| (k.to_vec(), postcard::from_bytes(&v).expect("value")))
+                .collect()
+        };
+        let point_deletions = || {
+            db.property_int_value("rocksdb.num-deletes-active-mem-table")
+                .expect("property")
+                .expect("known")
+        };
+        let mut apart: Apart<u32> = Apart::default();
+        let many = u32::try_from(RANGE_DELETION_FROM).expect("small");
+        for n in 0..many {
+            apart.keep(key(1, n), n);
+        }
+        // Under another prefix, fewer than a range's worth.
+        apart.keep(key(2, 0), 20);
+        apart.keep(key(2, 1), 21);
+        write(&mut apart);
+
+        let mut all = apart.take_all(&db, &[1], String::new).expect("take all");
+        all.sort_unstable();
+        assert_eq!(all, (0..many).collect::<Vec<_>>());
+        // Taken with the prefix: not read again from the store.
+        assert_eq!(
+            apart.take_back(&db, key(1, 5), String::new).expect("back"),
+            None
+        );
+        // Kept again, then handed back, then kept again: the last one survives the range.
+        apart.keep(key(1, 5), 500);
+        assert_eq!(
+            apart.take_back(&db, key(1, 5), String::new).expect("back"),
+            Some(500)
+        );
+        apart.keep(key(1, 7), 700);
+        assert_eq!(
+            apart.take_all(&db, &[1], String::new).expect("again"),
+            vec![700]
+        );
+        apart.keep(key(1, 8), 800);
+        let (back, rest) = (
+            apart.take_back(&db, key(2, 0), String::new).expect("back"),
+            apart.take_all(&db, &[2], String::new).expect("take all"),
+        );
+        assert_eq!((back, rest), (Some(20), vec![21]));
+        let before = point_deletions();
+        write(&mut apart);
+        assert_eq!(stored(1), vec![(key(1, 8), 800)]);
+        assert_eq!(stored(2), vec![]);
+        // One range deletion for the first prefix; the second's two values one by one.
+        assert_eq!(point_deletions() - before, 2);
     }
 
     #[test]
