@@ -1120,8 +1120,28 @@ async fn statements(
         pending_prior_period,
         next_cursor: next.map(|after| encode_cursor(&after.encode())),
     };
-    Ok(json(&state.metrics, "statement", started, &body))
+    // Up to 10,000 lines: written into a buffer about the answer's size.
+    let lines: usize = body
+        .statements
+        .iter()
+        .map(|s| s.lines.len() + s.prior_period.len())
+        .chain(body.pending_prior_period.iter().map(|p| p.lines.len()))
+        .sum();
+    let hint = STATEMENT_JSON_BYTES + lines * LINE_JSON_BYTES;
+    Ok(json_sized(
+        &state.metrics,
+        "statement",
+        started,
+        &body,
+        hint,
+    ))
 }
+
+/// About what a statements answer takes in JSON besides its lines, and what a line takes
+/// (its meter, a short group, its period start and four amounts): the size [`json_sized`]
+/// sets aside for it.
+const STATEMENT_JSON_BYTES: usize = 2048;
+const LINE_JSON_BYTES: usize = 256;
 
 #[derive(Serialize)]
 struct LineItems {
