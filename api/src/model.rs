@@ -17,7 +17,7 @@
 //! |---|---|
 //! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
 //! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
-//! | tenant, `S`, customer, period start, currency | a final statement ([`encode_statement`]) |
+//! | tenant, `S`, customer, period start, currency | a final statement (postcard behind a tag byte; JSON before December 2026) |
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
 //! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |

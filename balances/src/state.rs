@@ -1410,7 +1410,13 @@ pub fn read_book_in(
     let under = |kind: u8, each: &mut ApartValue<'_>| -> Result<()> {
         let prefix = customer_key(kind, tenant, customer);
         let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for item in snapshot.iterator(from) {
+        // Nothing past the customer's keys of `kind` is read (nor deleted keys after them
+        // stepped over).
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(end) = neruba_stage::keys::prefix_end(&prefix) {
+            options.set_iterate_upper_bound(end);
+        }
+        for item in snapshot.iterator_opt(from, options) {
             let (key, value) = item?;
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;
