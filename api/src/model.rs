@@ -693,13 +693,8 @@ impl Model {
         let (earliest, latest) = (earliest_start(month), start_bound(month));
         let mut out = Vec::new();
         // In place: a month's value is copied and decoded only if the key says it may be the
-        // month's (a final statement of 10,000 lines is megabytes); nothing past the
-        // customer's final statements is read.
-        let mut options = rocksdb::ReadOptions::default();
-        if let Some(end) = neruba_stage::keys::prefix_end(&prefix) {
-            options.set_iterate_upper_bound(end);
-        }
-        let mut iter = snapshot.raw_iterator_opt(options);
+        // month's (a final statement of 10,000 lines is megabytes).
+        let mut iter = snapshot.raw_iterator_opt(neruba_stage::keys::reading_under(&prefix));
         iter.seek(&prefix);
         while let Some(key) = iter.key() {
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {

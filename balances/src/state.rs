@@ -502,12 +502,7 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         }
         let end = neruba_stage::keys::prefix_end(prefix);
         let mut stored = Vec::new();
-        let mut options = rocksdb::ReadOptions::default();
-        if let Some(end) = &end {
-            // Past the prefix nothing is read (nor the deleted keys after it stepped over).
-            options.set_iterate_upper_bound(end.clone());
-        }
-        let mut iter = db.raw_iterator_opt(options);
+        let mut iter = db.raw_iterator_opt(neruba_stage::keys::reading_under(prefix));
         iter.seek(prefix);
         while let (Some(key), Some(bytes)) = (iter.key(), iter.value()) {
             if !key.starts_with(prefix) {
@@ -1410,13 +1405,7 @@ pub fn read_book_in(
     let under = |kind: u8, each: &mut ApartValue<'_>| -> Result<()> {
         let prefix = customer_key(kind, tenant, customer);
         let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        // Nothing past the customer's keys of `kind` is read (nor deleted keys after them
-        // stepped over).
-        let mut options = rocksdb::ReadOptions::default();
-        if let Some(end) = neruba_stage::keys::prefix_end(&prefix) {
-            options.set_iterate_upper_bound(end);
-        }
-        for item in snapshot.iterator_opt(from, options) {
+        for item in snapshot.iterator_opt(from, neruba_stage::keys::reading_under(&prefix)) {
             let (key, value) = item?;
             let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
                 break;

@@ -36,6 +36,16 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     Some(end)
 }
 
+/// Read options whose iterators stop at the end of the keys starting with `prefix`
+/// ([`prefix_end`]): past it nothing is read, nor deleted keys after it stepped over.
+pub fn reading_under(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    if let Some(end) = prefix_end(prefix) {
+        options.set_iterate_upper_bound(end);
+    }
+    options
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
