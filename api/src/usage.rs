@@ -15,10 +15,15 @@
 //!   group values): a page holds the least groups of a bucket that fit, so what it keeps in
 //!   memory is the page, and the next page starts after its last row (`next_cursor`).
 //!
-//! Key (beside the ledger model's, in the rollups partitions' own databases):
-//! tenant, `U`, customer, meter, window start (sortable 8 bytes), group (JSON) → `Stored`:
-//! revision, events, window and period quantities and the rollup's offset in 52 fixed bytes,
-//! so a month of 1-minute windows reads without parsing JSON.
+//! Key (beside the ledger model's, in the rollups partitions' own databases): tenant, `U`,
+//! customer, meter, the hour the windows start in (sortable 8 bytes), group (JSON) → a block
+//! of that hour's windows of the group, by start: a tag byte (`0xB2`), then per window its
+//! start's milliseconds into the hour (4 bytes) and `Stored` (revision, events, window and
+//! period quantities and the rollup's offset, 52 fixed bytes). A month of 1-minute windows is
+//! 720 keys per group, where it was 43,200 (a key per window): stepping from key to key was
+//! half of such a read. A window stored alone, as before December 2, is keyed by its own start
+//! and holds `Stored` (52 bytes); reads take both forms, and the stage moves such a window into
+//! its block when a rollup of it comes again.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -68,14 +73,19 @@ impl Stored {
         }
     }
 
+    #[cfg(test)]
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN);
+        self.encode_into(&mut out);
+        out
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.revision.to_be_bytes());
         out.extend_from_slice(&self.events.to_be_bytes());
         out.extend_from_slice(&self.window_quantity.serialize());
         out.extend_from_slice(&self.period_quantity.serialize());
         out.extend_from_slice(&self.offset.to_be_bytes());
-        out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
@@ -94,22 +104,78 @@ impl Stored {
     }
 }
 
-fn rollup_key(rollup: &Rollup) -> Vec<u8> {
-    let mut key = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
-    key.extend_from_slice(&time_bytes(rollup.window_start_ms));
-    key.extend_from_slice(
-        serde_json::to_string(&rollup.group)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
+/// How long the span of one block's window starts is: an hour (60 windows of a minute).
+const BLOCK_MS: i64 = 3_600_000;
+
+/// The first byte of a block as stored (a window stored alone is [`Stored::LEN`] bytes, and a
+/// block 1 + 56 × its windows: never as many).
+const BLOCK_FORM: u8 = 0xB2;
+
+/// Bytes of one window in a block: its start's milliseconds into the block, then [`Stored`].
+const BLOCK_ENTRY: usize = 4 + Stored::LEN;
+
+/// Bytes of blocks one batch of a partition holds before it ends (a block of 1-second windows
+/// holds up to 3,600 of them, about 200 KB).
+const PENDING_BLOCK_BYTES: usize = 32 << 20;
+
+/// The start of the block holding windows that start at `at`: the hour it is in.
+fn block_start(at: i64) -> i64 {
+    at.checked_sub(at.rem_euclid(BLOCK_MS)).unwrap_or(at)
+}
+
+/// A block's windows by start, each as its milliseconds into the block.
+type Block = Vec<(u32, Stored)>;
+
+/// The key of a series' block, or of a window stored alone, starting at `start`.
+fn window_key(prefix: &[u8], start: i64, group: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 8 + group.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&time_bytes(start));
+    key.extend_from_slice(group);
     key
+}
+
+/// Each window a stored value holds, with its start, given the start in its key: a block's,
+/// or the one window stored alone. `None` if the value is neither.
+fn stored_windows(start: i64, bytes: &[u8], mut each: impl FnMut(i64, Stored)) -> Option<()> {
+    if bytes.len() == Stored::LEN {
+        each(start, Stored::decode(bytes)?);
+        return Some(());
+    }
+    let (&BLOCK_FORM, mut rest) = bytes.split_first()? else {
+        return None;
+    };
+    while !rest.is_empty() {
+        let (entry, tail) = rest.split_at_checked(BLOCK_ENTRY)?;
+        let into = u32::from_be_bytes(entry.get(..4)?.try_into().ok()?);
+        each(
+            start.checked_add(i64::from(into))?,
+            Stored::decode(entry.get(4..)?)?,
+        );
+        rest = tail;
+    }
+    Some(())
+}
+
+fn encode_block(block: &Block) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + block.len() * BLOCK_ENTRY);
+    out.push(BLOCK_FORM);
+    for (into, stored) in block {
+        out.extend_from_slice(&into.to_be_bytes());
+        stored.encode_into(&mut out);
+    }
+    out
 }
 
 /// One rollups partition of the read model.
 pub(crate) struct RollupPartition {
     store: Store,
-    /// The batch's rollups by key (the latest revision of each).
-    pending: HashMap<Vec<u8>, Stored>,
+    /// The batch's blocks by key, each with the latest revision of its windows.
+    pending: HashMap<Vec<u8>, Block>,
+    /// Bytes of `pending`, about.
+    pending_bytes: usize,
+    /// Keys of windows stored alone that the batch moved into their blocks.
+    moved: Vec<Vec<u8>>,
     model: Arc<Model>,
 }
 
@@ -120,29 +186,97 @@ impl neruba_stage::Partition for RollupPartition {
 
     fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for (key, stored) in self.pending.drain() {
-            batch.put(key, stored.encode());
+        for key in self.moved.drain(..) {
+            batch.delete(key);
         }
+        for (key, block) in self.pending.drain() {
+            batch.put(key, encode_block(&block));
+        }
+        self.pending_bytes = 0;
         self.store.write(batch)?;
         if let Some(next) = self.store.next_offset() {
             self.model.advanced(self.store.partition(), next);
         }
         Ok(())
     }
+
+    fn batch_full(&self) -> bool {
+        self.pending_bytes >= PENDING_BLOCK_BYTES
+    }
 }
 
 impl RollupPartition {
-    /// The revision stored (or pending) under `key`.
-    fn revision(&self, key: &[u8]) -> Result<Option<u32>> {
-        if let Some(stored) = self.pending.get(key) {
-            return Ok(Some(stored.revision));
+    fn new(store: Store, model: Arc<Model>) -> Self {
+        Self {
+            store,
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            moved: Vec::new(),
+            model,
         }
-        Ok(self
-            .store
-            .db()
-            .get(key)?
-            .and_then(|bytes| Stored::decode(&bytes))
-            .map(|s| s.revision))
+    }
+
+    /// Keeps `rollup` (at `offset`) in its block, unless a later revision of its window is
+    /// kept already.
+    fn keep(&mut self, rollup: &Rollup, offset: i64) -> Result<()> {
+        let prefix = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
+        let group = serde_json::to_string(&rollup.group).unwrap_or_default();
+        let at = rollup.window_start_ms;
+        let start = block_start(at);
+        let into = u32::try_from(at.abs_diff(start)).unwrap_or(0);
+        let key = window_key(&prefix, start, group.as_bytes());
+        let block = match self.pending.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let mut block = Block::new();
+                if let Some(bytes) = self.store.get(entry.key())? {
+                    stored_windows(start, &bytes, |at, stored| {
+                        block.push((u32::try_from(at.abs_diff(start)).unwrap_or(0), stored));
+                    })
+                    .ok_or_else(|| neruba_stage::Error::corrupt("usage block", "unreadable"))?;
+                }
+                self.pending_bytes += entry.key().len() + block.len() * BLOCK_ENTRY;
+                entry.insert(block)
+            }
+        };
+        let new = Stored::of(rollup, offset);
+        match block.binary_search_by_key(&into, |(into, _)| *into) {
+            Ok(i) => {
+                if let Some((_, kept)) = block.get_mut(i)
+                    && kept.revision <= new.revision
+                {
+                    *kept = new;
+                }
+            }
+            Err(i) => {
+                // Its window may be stored alone (written before blocks): it moves in.
+                let alone = if at == start {
+                    None
+                } else {
+                    let key = window_key(&prefix, at, group.as_bytes());
+                    let stored = self.store.get(&key)?.map(|bytes| {
+                        Stored::decode(&bytes).ok_or_else(|| {
+                            neruba_stage::Error::corrupt("usage window", "unreadable")
+                        })
+                    });
+                    stored.transpose()?.map(|stored| (key, stored))
+                };
+                let kept = match alone {
+                    Some((key, stored)) => {
+                        self.moved.push(key);
+                        if stored.revision > new.revision {
+                            stored
+                        } else {
+                            new
+                        }
+                    }
+                    None => new,
+                };
+                block.insert(i, (into, kept));
+                self.pending_bytes += BLOCK_ENTRY;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -174,11 +308,7 @@ impl neruba_stage::Stage for UsageModel {
     fn open(&mut self, store: Store) -> Result<RollupPartition> {
         self.model
             .opened(store.partition(), store.shared_db(), store.next_offset());
-        Ok(RollupPartition {
-            store,
-            pending: HashMap::new(),
-            model: self.model.clone(),
-        })
+        Ok(RollupPartition::new(store, self.model.clone()))
     }
 
     fn begin_batch(&mut self) {}
@@ -195,12 +325,7 @@ impl neruba_stage::Stage for UsageModel {
         let Ok(rollup) = Rollup::decode(input.payload) else {
             return Ok(());
         };
-        let key = rollup_key(&rollup);
-        if state.revision(&key)?.is_some_and(|r| r > rollup.revision) {
-            return Ok(());
-        }
-        state.pending.insert(key, Stored::of(&rollup, input.offset));
-        Ok(())
+        state.keep(&rollup, input.offset)
     }
 
     fn take_outputs(&mut self, _state: &mut RollupPartition) -> Vec<crate::ledger::Nothing> {
@@ -502,59 +627,110 @@ impl Gathering {
     }
 }
 
-/// A series' stored windows from a window start on, before `to_ms`, read in place: a month of
-/// 1-minute windows is over 100,000 of them, and copying each key and value out of RocksDB
-/// (as its owning iterator does) was a tenth of such a read.
+/// A series' stored windows from a window start on, before `to_ms`, by start then group, read
+/// in place a run of keys at a time: the keys whose windows may interleave (a block's with its
+/// hour's other groups', and a window stored alone with those of its start).
 struct Scan<'a> {
     iter: rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB>,
     prefix: &'a [u8],
+    from_ms: i64,
     to_ms: i64,
-    /// Whether the iterator stands on a window already returned.
-    returned: bool,
+    /// The run's windows in the range: start, its key's group (an index into `groups`), value;
+    /// by start, then group.
+    run: Vec<(i64, usize, Stored)>,
+    /// The run's groups as stored, the first `groups_used` of them (the rest kept for reuse).
+    groups: Vec<Vec<u8>>,
+    groups_used: usize,
+    /// The next window of `run` to return.
+    next: usize,
 }
 
 /// A stored window: its start, its group as stored, and its value.
-type Window<'w> = (i64, &'w [u8], &'w [u8]);
+type Window<'w> = (i64, &'w [u8], Stored);
 
 impl<'a> Scan<'a> {
     fn new(db: &'a rocksdb::DB, prefix: &'a [u8], from_ms: i64, to_ms: i64) -> Self {
         // Bounded at `to_ms`: past it nothing is read (nor deleted keys after it stepped over).
-        let mut end = prefix.to_vec();
-        end.extend_from_slice(&time_bytes(to_ms));
+        // A key's start is at most that of its windows.
         let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(end);
+        options.set_iterate_upper_bound(window_key(prefix, to_ms, &[]));
         let mut iter = db.raw_iterator_opt(options);
-        let mut start = prefix.to_vec();
-        start.extend_from_slice(&time_bytes(from_ms));
-        iter.seek(&start);
+        iter.seek(window_key(prefix, block_start(from_ms), &[]));
         Self {
             iter,
             prefix,
+            from_ms,
             to_ms,
-            returned: false,
+            run: Vec::new(),
+            groups: Vec::new(),
+            groups_used: 0,
+            next: 0,
         }
     }
 
-    /// The next window: its start, its group as stored (the key after the window start) and
-    /// its value; `None` past the series or the range.
+    /// The next window: its start, its group as stored (the key after its start) and its
+    /// value; `None` past the series or the range.
     fn next(&mut self) -> std::result::Result<Option<Window<'_>>, ReadError> {
-        if self.returned {
+        while self.next >= self.run.len() {
+            if !self.read_run()? {
+                return Ok(None);
+            }
+        }
+        let Some(&(at, group, stored)) = self.run.get(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        let group = self.groups.get(group).map_or(&[][..], Vec::as_slice);
+        Ok(Some((at, group, stored)))
+    }
+
+    /// Reads the next run of keys: each key whose start is at most the latest window start
+    /// read before it in the run (keys come by start, and a key's windows start at or after
+    /// its own). `false` when no key is left.
+    fn read_run(&mut self) -> std::result::Result<bool, ReadError> {
+        self.run.clear();
+        self.groups_used = 0;
+        self.next = 0;
+        let (from_ms, to_ms) = (self.from_ms, self.to_ms);
+        let mut latest: Option<i64> = None;
+        while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
+            let Some(rest) = key.strip_prefix(self.prefix) else {
+                break;
+            };
+            let (Some(start), Some(group)) = (time_from(rest), rest.get(8..)) else {
+                return Err(ReadError::Storage("malformed usage key".into()));
+            };
+            if start >= to_ms || latest.is_some_and(|latest| start > latest) {
+                break;
+            }
+            let index = self.groups_used;
+            match self.groups.get_mut(index) {
+                Some(kept) => {
+                    kept.clear();
+                    kept.extend_from_slice(group);
+                }
+                None => self.groups.push(group.to_vec()),
+            }
+            self.groups_used += 1;
+            let mut last = start;
+            let run = &mut self.run;
+            stored_windows(start, value, |at, stored| {
+                last = last.max(at);
+                if from_ms <= at && at < to_ms {
+                    run.push((at, index, stored));
+                }
+            })
+            .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
+            latest = Some(latest.map_or(last, |latest| latest.max(last)));
             self.iter.next();
         }
-        self.returned = true;
-        let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) else {
-            // Ended, or stopped by an error.
-            self.iter.status()?;
-            return Ok(None);
-        };
-        let Some(rest) = key.strip_prefix(self.prefix) else {
-            return Ok(None);
-        };
-        match (time_from(rest), rest.get(8..)) {
-            (Some(at), Some(group)) if at < self.to_ms => Ok(Some((at, group, value))),
-            (Some(_), Some(_)) => Ok(None),
-            _ => Err(ReadError::Storage("malformed usage key".into())),
-        }
+        self.iter.status()?;
+        let groups = &self.groups;
+        let group = |index: usize| groups.get(index).map_or(&[][..], Vec::as_slice);
+        // Stable, so a run of one key (or of keys of one start) is merged, not sorted anew.
+        self.run
+            .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| group(a.1).cmp(group(b.1))));
+        Ok(self.groups_used > 0)
     }
 }
 
@@ -734,7 +910,7 @@ impl Query<'_> {
             .as_ref()
             .map_or(self.from_ms, |(start, _)| self.from_ms.max(*start));
         let mut scan = Scan::new(&db, &prefix, resume, self.to_ms);
-        while let Some((at, stored_group, value)) = scan.next()? {
+        while let Some((at, stored_group, stored)) = scan.next()? {
             // Borrowed from what is remembered: a group is cloned only for a new row.
             let projected;
             let group: &Group = match seen.get(stored_group) {
@@ -779,8 +955,6 @@ impl Query<'_> {
             if gathering.ceiling.as_ref().is_some_and(|c| group >= c) {
                 continue;
             }
-            let stored = Stored::decode(value)
-                .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
             // Over a whole period, the quantity of the rollup written last (the period's
             // current one); otherwise each window's own, `latest` by window start.
             let (value, rank) = if period_mode {
@@ -1062,12 +1236,11 @@ window = "1d"
         text.parse().expect("decimal")
     }
 
-    /// A model with one partition holding `windows` of `meter`: (minute, region, quantity).
-    fn model(meter: &str, windows: &[(i64, &str, &str)]) -> (tempfile::TempDir, Model) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(rocksdb::DB::open_default(dir.path()).expect("db"));
-        for (offset, (minute, region, quantity)) in (0_i64..).zip(windows) {
-            let rollup = Rollup {
+    /// The rollups of `windows` of `meter`: (minute, region, quantity), revision 1.
+    fn rollups(meter: &str, windows: &[(i64, &str, &str)]) -> Vec<Rollup> {
+        windows
+            .iter()
+            .map(|(minute, region, quantity)| Rollup {
                 v: 1,
                 tenant: "t".into(),
                 meter: meter.into(),
@@ -1083,13 +1256,51 @@ window = "1d"
                 period_quantity: d(quantity),
                 period_events: 1,
                 revision: 1,
-            };
-            db.put(rollup_key(&rollup), Stored::of(&rollup, offset).encode())
+            })
+            .collect()
+    }
+
+    /// A model with one partition holding `windows` of `meter`: (minute, region, quantity).
+    fn model(meter: &str, windows: &[(i64, &str, &str)]) -> (tempfile::TempDir, Model) {
+        stored(&rollups(meter, windows), |_| false)
+    }
+
+    /// A model with one partition holding `rollups` (at offsets 0, 1, …): those `alone`
+    /// names stored alone first (as before blocks), then the others kept by the stage in one
+    /// batch.
+    fn stored(rollups: &[Rollup], alone: impl Fn(usize) -> bool) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
+        let db = store.shared_db();
+        let mut partition = RollupPartition::new(store, Arc::new(Model::new("rollups", 1)));
+        let numbered = || (0_i64..).zip(rollups.iter().enumerate());
+        for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| alone(*i)) {
+            let prefix = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
+            let group = serde_json::to_string(&rollup.group).expect("group");
+            let key = window_key(&prefix, rollup.window_start_ms, group.as_bytes());
+            db.put(key, Stored::of(rollup, offset).encode())
                 .expect("put");
         }
+        for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| !alone(*i)) {
+            partition.store.consumed(offset);
+            partition.keep(rollup, offset).expect("keep");
+        }
+        neruba_stage::Partition::commit(&mut partition).expect("commit");
+        drop(partition);
         let model = Model::new("rollups", 1);
         model.opened(0, db, Some(0));
         (dir, model)
+    }
+
+    /// The usage keys `model` holds.
+    fn usage_keys(model: &Model) -> usize {
+        let db = model.db_of("t", "c").expect("db");
+        let prefix = neruba_balances::state::customer_key(b'U', "t", "c");
+        db.prefix_iterator(&prefix)
+            .map_while(Result::ok)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .count()
     }
 
     fn query<'a>(meter: &'a Meter, bucket: Bucket, group_by: Option<Vec<String>>) -> Query<'a> {
@@ -1521,6 +1732,102 @@ window = "1d"
         hourly.after = hourly.after_of(&format!("{T0}/h{}", "00".repeat(32)));
         assert!(hourly.after.is_some());
         assert!(matches!(hourly.run(&m), Err(ReadError::InvalidCursor(_))));
+    }
+
+    #[test]
+    fn windows_stored_alone_read_as_in_blocks_and_move_into_them_when_they_come_again() {
+        // Windows over three hours of three groups, some at an hour's start, some the same
+        // window again (the later kept); stored in blocks, alone (as before blocks), or a
+        // mix: every query answers the same, page by page.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let peak = meter_of(&catalog, "peak");
+        let mut windows = Vec::new();
+        for minute in (0..180).step_by(7).chain([60, 120, 179]) {
+            for (r, region) in (0..).zip(["eu", "us", "ap"]) {
+                if (minute + r) % 3 != 0 {
+                    windows.push((minute, region, "1.5"));
+                }
+            }
+        }
+        windows.push((64, "eu", "4"));
+        let all = rollups("peak", &windows);
+        let (_a, blocks) = stored(&all, |_| false);
+        let (_b, alone) = stored(&all, |_| true);
+        let (_c, mixed) = stored(&all, |i| i % 2 == 0);
+        // A key per hour and group in blocks, one per window alone.
+        assert_eq!(usage_keys(&blocks), 9);
+        let distinct: std::collections::BTreeSet<_> =
+            windows.iter().map(|(m, r, _)| (m, r)).collect();
+        assert_eq!(usage_keys(&alone), distinct.len());
+        for bucket in [Bucket::Meter, Bucket::Hour, Bucket::Day, Bucket::None] {
+            for group_by in [None, Some(vec![])] {
+                let mut q = query(peak, bucket, group_by);
+                q.from_ms = T0 + 5 * MIN;
+                q.to_ms = T0 + 150 * MIN;
+                for limit in [MAX_USAGE_ROWS, 1, 2, 5] {
+                    let expected = pages(&q, &blocks, limit);
+                    assert!(!expected.concat().is_empty());
+                    assert_eq!(pages(&q, &alone, limit), expected, "{bucket:?} {limit}");
+                    assert_eq!(pages(&q, &mixed, limit), expected, "{bucket:?} {limit}");
+                }
+            }
+        }
+        // Windows stored alone come again: a later revision replaces one, an earlier one does
+        // not (one inside its hour, one at its start, whose key is its block's), and each
+        // moves into its block, leaving no key alone behind.
+        let revised = |i: usize, revision: u32, quantity: &str| {
+            let mut rollup = all[i].clone();
+            rollup.revision = revision;
+            rollup.window_quantity = d(quantity);
+            rollup
+        };
+        let inside = all
+            .iter()
+            .position(|r| r.window_start_ms % BLOCK_MS != 0)
+            .expect("one");
+        let at_start = all
+            .iter()
+            .rposition(|r| r.window_start_ms == T0 + 60 * MIN)
+            .expect("one");
+        let mut again = all.clone();
+        again.extend([
+            revised(all.len() - 1, 2, "8"),
+            revised(inside, 0, "99"),
+            revised(at_start, 0, "98"),
+            revised(at_start, 2, "6"),
+        ]);
+        let (_d, moved) = stored(&again, |i| i < all.len());
+        let (_e, kept) = stored(&again, |_| false);
+        let mut q = query(peak, Bucket::Meter, None);
+        q.to_ms = T0 + 180 * MIN;
+        let expected = pages(&q, &kept, MAX_USAGE_ROWS).concat();
+        assert_eq!(pages(&q, &moved, MAX_USAGE_ROWS).concat(), expected);
+        let quantity = |at: i64, region: &str| {
+            expected
+                .iter()
+                .find(|r| {
+                    r.window_start == neruba_schemas::event::format_time_ms(at)
+                        && r.group.get("region").map(String::as_str) == Some(region)
+                })
+                .map(|r| r.quantity)
+        };
+        let region = |i: usize| all[i].group["region"].clone();
+        assert_eq!(quantity(T0 + 64 * MIN, "eu"), Some(d("8")));
+        assert_eq!(
+            quantity(all[inside].window_start_ms, &region(inside)),
+            Some(d("1.5"))
+        );
+        assert_eq!(
+            quantity(all[at_start].window_start_ms, &region(at_start)),
+            Some(d("6"))
+        );
+        let db = moved.db_of("t", "c").expect("db");
+        let prefix = series_prefix("t", "c", "peak");
+        for i in [all.len() - 1, inside] {
+            let group = serde_json::to_string(&all[i].group).expect("group");
+            let key = window_key(&prefix, all[i].window_start_ms, group.as_bytes());
+            assert_eq!(db.get(key).expect("get"), None, "window {i} left alone");
+        }
     }
 
     #[test]

@@ -356,6 +356,7 @@ async fn main() -> Result<()> {
     let windows = (period.1 - period.0) / MINUTE;
     let mut chunk = Vec::new();
     let mut sent = 0usize;
+    let loading = Instant::now();
     for w in 0..windows {
         for group in ["large", "small", "api"] {
             chunk.push(Record {
@@ -372,7 +373,11 @@ async fn main() -> Result<()> {
             caught_up(&api, &highs(&probe)?).await?;
         }
     }
-    println!("{heavy}: {sent} rollups ({windows} one-minute windows x 3 series) in the read model");
+    let loaded = loading.elapsed();
+    println!(
+        "{heavy}: {sent} rollups ({windows} one-minute windows x 3 series) in the read model in {loaded:.2?} = {:.0} rollups/s (sent in chunks of 30,000, each awaited)",
+        rate(sent, loaded)
+    );
 
     // One customer billed for months before this one, each month's items followed by ticks at
     // its period's end and the default finalisation delay on (its statement draft, then
