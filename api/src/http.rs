@@ -586,23 +586,31 @@ fn json_sized(
     // As [`json`] does: the time to the answer, not to its encoding.
     metrics.observe(route, started);
     let mut bytes = Vec::with_capacity(size_hint.min(MAX_SIZE_HINT));
-    if let Err(e) = serde_json::to_writer(&mut bytes, body) {
-        tracing::error!(error = %e, route, "An answer could not be encoded.");
-        return refused(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the answer could not be encoded",
+    let written = serde_json::to_writer(&mut bytes, body).map(|()| bytes);
+    json_written(route, written)
+}
+
+/// An answer of JSON already written, or the `500` its writing failed with.
+fn json_written(route: &'static str, written: serde_json::Result<Vec<u8>>) -> Response {
+    match written {
+        Ok(bytes) => (
+            [(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            )],
+            bytes,
         )
-        .into_response();
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, route, "An answer could not be encoded.");
+            refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the answer could not be encoded",
+            )
+            .into_response()
+        }
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        )],
-        bytes,
-    )
-        .into_response()
 }
 
 /// Most bytes [`json_sized`] sets aside before writing.
@@ -1330,6 +1338,48 @@ struct Usage {
     next_cursor: Option<String>,
 }
 
+/// A usage answer's fields before its rows.
+#[derive(Serialize)]
+struct UsageHead<'a> {
+    customer: &'a str,
+    meter: &'a str,
+    aggregation: neruba_schemas::catalog::Aggregation,
+    window: &'a str,
+    from: &'a str,
+    to: &'a str,
+    as_of: &'a [Position],
+}
+
+impl Usage {
+    /// The answer's JSON, as serde writes it, its rows written directly
+    /// ([`crate::usage::write_rows_json`]) into a buffer of `size_hint` bytes.
+    fn to_json(&self, size_hint: usize) -> serde_json::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(size_hint.min(MAX_SIZE_HINT));
+        let head = UsageHead {
+            customer: &self.customer,
+            meter: &self.meter,
+            aggregation: self.aggregation,
+            window: &self.window,
+            from: &self.from,
+            to: &self.to,
+            as_of: &self.as_of,
+        };
+        serde_json::to_writer(&mut out, &head)?;
+        // The head's closing brace: the rows and the cursor follow.
+        if out.pop() != Some(b'}') {
+            return Err(serde_json::Error::io(std::io::Error::other(
+                "a usage answer's head is not an object",
+            )));
+        }
+        out.extend_from_slice(b",\"data\":");
+        crate::usage::write_rows_json(&self.data, &mut out)?;
+        out.extend_from_slice(b",\"next_cursor\":");
+        serde_json::to_writer(&mut out, &self.next_cursor)?;
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
 /// A usage page's `limit`: a positive number, lowered to `most` (`--api-max-usage-rows`), or
 /// `most` when not given (a page may hold fewer rows than its limit anyway).
 fn usage_limit(params: &Params, most: usize) -> Result<usize, Refused> {
@@ -1564,13 +1614,9 @@ async fn usage(
                 .sum::<usize>()
         })
         .fold(0_usize, usize::saturating_add);
-    Ok(json_sized(
-        &state.metrics,
-        "usage",
-        started,
-        &body,
-        size_hint,
-    ))
+    // As [`json`] does: the time to the answer, not to its encoding.
+    state.metrics.observe("usage", started);
+    Ok(json_written("usage", body.to_json(size_hint)))
 }
 
 #[cfg(test)]
@@ -1580,6 +1626,29 @@ mod tests {
     use neruba_schemas::event::format_time_ms;
     use neruba_schemas::ledger::{Kind, LineItem};
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_usage_answer_written_with_its_rows_directly_is_the_json_serde_writes() {
+        for next_cursor in [None, Some("6162\"63".to_owned())] {
+            let usage = Usage {
+                customer: "c \"1\"".into(),
+                meter: "tokens".into(),
+                aggregation: neruba_schemas::catalog::Aggregation::Sum,
+                window: "1m".into(),
+                from: format_time_ms(0),
+                to: format_time_ms(60_000),
+                as_of: vec![Position {
+                    topic: "neruba.rollups".into(),
+                    partition: 3,
+                    next_offset: 42,
+                }],
+                data: Vec::new(),
+                next_cursor,
+            };
+            let written = usage.to_json(0).expect("written");
+            assert_eq!(written, serde_json::to_vec(&usage).expect("serde"));
+        }
+    }
 
     const T0: i64 = 1_798_761_600_000;
 

@@ -527,6 +527,45 @@ pub struct Row {
     pub events: u64,
 }
 
+/// Writes `rows` as a JSON array, as serde writes them, directly: a month of 1-minute rows is
+/// 86,400, and serde's escaping of their times and quantities, which need none, was a third
+/// of writing them. A time that would need escaping is written through serde.
+pub fn write_rows_json(rows: &[Row], out: &mut Vec<u8>) -> serde_json::Result<()> {
+    use std::io::Write as _;
+    /// `text` as a JSON string: as it is when it needs no escaping.
+    fn string(out: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+        if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'"');
+            Ok(())
+        } else {
+            serde_json::to_writer(&mut *out, text)
+        }
+    }
+    out.push(b'[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"window_start\":");
+        string(out, &row.window_start)?;
+        out.extend_from_slice(b",\"window_end\":");
+        string(out, &row.window_end)?;
+        out.extend_from_slice(b",\"group\":");
+        out.extend_from_slice(row.group.json.get().as_bytes());
+        // A decimal's text is digits, a sign and a point.
+        write!(
+            out,
+            ",\"quantity\":\"{}\",\"events\":{}}}",
+            row.quantity, row.events
+        )
+        .map_err(serde_json::Error::io)?;
+    }
+    out.push(b']');
+    Ok(())
+}
+
 /// Longest group JSON a cursor carries as it is; a longer one (a group value may be as long
 /// as an event) is named by its SHA-256, so that a cursor always fits in a request line.
 pub(crate) const CURSOR_GROUP_BYTES: usize = 1024;
@@ -2098,6 +2137,54 @@ window = "1d"
             let group = serde_json::to_string(&all[i].group).expect("group");
             let key = window_key(&prefix, all[i].window_start_ms, group.as_bytes());
             assert_eq!(db.get(key).expect("get"), None, "window {i} left alone");
+        }
+    }
+
+    #[test]
+    fn rows_written_directly_are_the_json_serde_writes() {
+        let group = |pairs: &[(&str, &str)]| {
+            let map = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            RowGroup::of(Group::new(map)).expect("group")
+        };
+        let row = |start: &str, group: RowGroup, quantity: &str, events: u64| Row {
+            window_start: start.to_owned(),
+            window_end: neruba_schemas::event::format_time_ms(T0),
+            group,
+            quantity: d(quantity),
+            events,
+        };
+        let rows = [
+            row(
+                "2026-12-01T00:00:00.000Z",
+                group(&[("region", "eu")]),
+                "1.50",
+                1,
+            ),
+            row(
+                "-001-12-31T23:59:59.999Z",
+                group(&[]),
+                "-79228162514264337593543950335",
+                0,
+            ),
+            row(
+                "253402300800000",
+                group(&[("a \"b\"", "\u{fc}\n\t\\")]),
+                "0.0000000001",
+                u64::MAX,
+            ),
+            // Times are never so, but if one were, it is escaped as serde escapes it.
+            row("a \"quoted\"\u{1} time\\", group(&[("k", "v")]), "0", 7),
+        ];
+        for rows in [&rows[..], &rows[..1], &[]] {
+            let mut written = Vec::new();
+            write_rows_json(rows, &mut written).expect("written");
+            assert_eq!(
+                String::from_utf8(written).expect("utf-8"),
+                serde_json::to_string(rows).expect("serde")
+            );
         }
     }
 
