@@ -25,8 +25,8 @@
 //! window stored alone, as before December 2, is keyed by its own start and holds `Stored`
 //! (52 bytes); reads take both forms, and the stage moves such a window into its block when a
 //! rollup of it comes again. A read holds the windows of a run of keys (a span's groups) to
-//! give them by start; past 262,144 windows or 16 MiB of their groups it reads the run a
-//! start at a time, holding that start's windows.
+//! give them by start; past about 262,144 windows or 16 MiB of their groups it reads the run
+//! a range of starts at a time, halving the range while it would hold more.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -342,15 +342,21 @@ impl RollupPartition {
                     None
                 } else {
                     let key = window_key(&prefix, at, group.as_bytes());
-                    let stored = self.store.get(&key)?.map(|bytes| Stored::decode(&bytes));
+                    // Only a window's own form: a block starting here is another's.
+                    let stored = self
+                        .store
+                        .get(&key)?
+                        .filter(|bytes| bytes.len() == Stored::LEN)
+                        .and_then(|bytes| Stored::decode(&bytes));
                     stored.map(|stored| (key, stored))
                 };
                 let kept = match alone {
                     Some((key, stored)) => {
                         self.moved.push(key);
-                        match stored {
-                            Some(stored) if stored.revision > new.revision => stored,
-                            _ => new,
+                        if stored.revision > new.revision {
+                            stored
+                        } else {
+                            new
                         }
                     }
                     None => new,
@@ -750,7 +756,7 @@ impl Gathering {
 }
 
 /// Most windows, and bytes of their groups, a scan holds of one run of keys; past either it
-/// reads the run again one window start at a time, holding that start's windows alone.
+/// reads the run again a range of starts at a time (one start's windows are held whole).
 const RUN_WINDOWS: usize = 1 << 18;
 const RUN_GROUP_BYTES: usize = 16 << 20;
 
@@ -787,8 +793,17 @@ struct Scan<'a> {
     group_bytes: usize,
     /// The next window of `run` to return.
     next: usize,
-    /// A run too large to hold, read a start at a time: its first key and the next start.
-    by_start: Option<(Vec<u8>, i64)>,
+    /// A run too large to hold, read a range of starts at a time.
+    by_range: Option<Ranged>,
+}
+
+/// Where a run read a range of starts at a time goes on: its first key, the next range's
+/// first start and its width (halved while a range is too large to hold, doubled after one
+/// that held a quarter of it or less).
+struct Ranged {
+    first: Vec<u8>,
+    from: i64,
+    width: i64,
 }
 
 /// A stored window: its start, its group as stored, and its value.
@@ -797,7 +812,7 @@ type Window<'w> = (i64, &'w [u8], Stored);
 /// What one reading of a run found.
 struct Pass {
     keys: usize,
-    /// The first start after the one read (reading one start).
+    /// The first start after the range read (reading a range).
     next: Option<i64>,
     /// It held more than a scan holds (reading every start), and stopped.
     too_large: bool,
@@ -806,11 +821,15 @@ struct Pass {
 impl<'a> Scan<'a> {
     fn new(db: &'a rocksdb::DB, prefix: &'a [u8], from_ms: i64, to_ms: i64) -> Self {
         // Bounded at `to_ms`: past it nothing is read (nor deleted keys after it stepped over).
-        // A key's start is at most that of its windows, and at most a block's span before.
+        // A key's start is at most that of its windows, and less than a block's span before.
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(window_key(prefix, to_ms, &[]));
         let mut iter = db.raw_iterator_opt(options);
-        iter.seek(window_key(prefix, from_ms.saturating_sub(BLOCK_MS), &[]));
+        iter.seek(window_key(
+            prefix,
+            from_ms.saturating_sub(BLOCK_MS - 1),
+            &[],
+        ));
         Self {
             iter,
             prefix,
@@ -821,7 +840,7 @@ impl<'a> Scan<'a> {
             groups_used: 0,
             group_bytes: 0,
             next: 0,
-            by_start: None,
+            by_range: None,
         }
     }
 
@@ -841,30 +860,55 @@ impl<'a> Scan<'a> {
         Ok(Some((at, group, stored)))
     }
 
-    /// Reads the next run, or the next start of a run too large to hold; `false` when no key
+    /// Reads the next run, or the next range of a run too large to hold; `false` when no key
     /// is left.
     fn read(&mut self) -> std::result::Result<bool, ReadError> {
         self.clear();
-        if let Some((first, at)) = self.by_start.take() {
-            self.iter.seek(&first);
-            let pass = self.pass(Some(at))?;
-            // Else the iterator stands past the run.
-            self.by_start = pass.next.map(|next| (first, next));
-            return Ok(true);
-        }
-        let Some(first) = self.iter.key().map(<[u8]>::to_vec) else {
-            self.iter.status()?;
-            return Ok(false);
+        let ranged = match self.by_range.take() {
+            Some(ranged) => ranged,
+            None => {
+                let Some(first) = self.iter.key().map(<[u8]>::to_vec) else {
+                    self.iter.status()?;
+                    return Ok(false);
+                };
+                let pass = self.pass(None)?;
+                if !pass.too_large {
+                    return Ok(pass.keys > 0);
+                }
+                // No window of the run starts before its first key.
+                let first_start = first
+                    .strip_prefix(self.prefix)
+                    .and_then(time_from)
+                    .unwrap_or(self.from_ms);
+                Ranged {
+                    from: self.from_ms.max(first_start),
+                    first,
+                    width: BLOCK_MS / 2,
+                }
+            }
         };
-        let pass = self.pass(None)?;
-        if pass.too_large {
+        let Ranged {
+            first,
+            from,
+            mut width,
+        } = ranged;
+        let (most_windows, most_bytes) = run_bounds();
+        loop {
             self.clear();
             self.iter.seek(&first);
-            let pass = self.pass(Some(self.from_ms))?;
-            self.by_start = pass.next.map(|next| (first, next));
+            let high = from.saturating_add(width).min(self.to_ms);
+            let pass = self.pass(Some((from, high)))?;
+            if pass.too_large {
+                width = (width / 2).max(1);
+                continue;
+            }
+            if self.run.len() <= most_windows / 4 && self.group_bytes <= most_bytes / 4 {
+                width = width.saturating_mul(2).min(BLOCK_MS);
+            }
+            // Else the iterator stands past the run.
+            self.by_range = pass.next.map(|from| Ranged { first, from, width });
             return Ok(true);
         }
-        Ok(pass.keys > 0)
     }
 
     fn clear(&mut self) {
@@ -876,13 +920,13 @@ impl<'a> Scan<'a> {
 
     /// Reads the run of keys the iterator stands on: each key whose start is at most the
     /// latest window start of the keys before it in the run (keys come by start, and a key's
-    /// windows start at or after its own). Takes its windows in the range, or those starting
-    /// at `only`, and leaves the iterator on the first key after the run (or where it stopped).
-    fn pass(&mut self, only: Option<i64>) -> std::result::Result<Pass, ReadError> {
-        let (low, high) = match only {
-            None => (self.from_ms, self.to_ms),
-            Some(at) => (at, at.saturating_add(1).min(self.to_ms)),
-        };
+    /// windows start at or after its own). Takes its windows in the scan's range, or in
+    /// `range` (then finding the next start after it), and leaves the iterator on the first
+    /// key after the run. Stops, too large, past the bounds on what it holds, unless `range`
+    /// is one start.
+    fn pass(&mut self, range: Option<(i64, i64)>) -> std::result::Result<Pass, ReadError> {
+        let (low, high) = range.unwrap_or((self.from_ms, self.to_ms));
+        let bounded = range.is_none_or(|(low, high)| high.saturating_sub(low) > 1);
         let mut pass = Pass {
             keys: 0,
             next: None,
@@ -911,7 +955,7 @@ impl<'a> Scan<'a> {
                     .get(i)
                     .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
                 if at >= high {
-                    if only.is_some() && at < self.to_ms {
+                    if range.is_some() && at < self.to_ms {
                         pass.next = Some(pass.next.map_or(at, |next| next.min(at)));
                     }
                     break;
@@ -931,7 +975,7 @@ impl<'a> Scan<'a> {
                 });
                 self.run.push((at, index, stored));
             }
-            if only.is_none() && (self.run.len() > most_windows || self.group_bytes > most_bytes) {
+            if bounded && (self.run.len() > most_windows || self.group_bytes > most_bytes) {
                 pass.too_large = true;
                 return Ok(pass);
             }
@@ -943,6 +987,15 @@ impl<'a> Scan<'a> {
         // The runs of each key's windows, already by start, are merged (the sort finds them).
         self.run
             .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| group(a.1).cmp(group(b.1))));
+        // A window both alone and in its block (an older api wrote it alone again after this
+        // one had moved it) is read once: its later revision, or the rollup written later.
+        self.run.dedup_by(|later, kept| {
+            let same = later.0 == kept.0 && group(later.1) == group(kept.1);
+            if same && (later.2.revision, later.2.offset) > (kept.2.revision, kept.2.offset) {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
         Ok(pass)
     }
 }
@@ -1455,6 +1508,14 @@ event_type = "e"
 aggregation = "sum"
 value = "$.v"
 window = "1d"
+
+[[tenants.meters]]
+key = "seconds"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1s"
 "#;
 
     const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
@@ -2023,9 +2084,37 @@ window = "1d"
         let eu = |q: &str| ("eu".to_owned(), d(q));
         assert_eq!(read(&model), vec![eu("1"), eu("20"), eu("3")]);
         assert_eq!(usage_keys(&model), 1 + 2);
-        // A stored value that reads as neither form is replaced, as a window alone was.
+        let seconds = query(meter_of(&catalog, "seconds"), Bucket::Meter, None)
+            .run(&model)
+            .expect("run")
+            .rows;
+        let starts: Vec<&str> = seconds.iter().map(|r| r.window_start.as_str()).collect();
+        assert_eq!(
+            starts,
+            [
+                "2026-12-01T00:00:05.000Z",
+                "2026-12-01T00:00:59.000Z",
+                "2026-12-01T00:01:00.000Z"
+            ]
+        );
+        // A window written alone again after it moved (by an older api) is read once: the
+        // later revision of the two.
         let prefix = series_prefix("t", "c", "peak");
-        let key = window_key(&prefix, T0, br#"{"region":"eu"}"#);
+        let group = br#"{"region":"eu"}"#;
+        let alone = |revision: u32, quantity: &str| {
+            let mut rollup = all[1].clone();
+            rollup.revision = revision;
+            rollup.window_quantity = d(quantity);
+            Stored::of(&rollup, 9).encode()
+        };
+        let key = window_key(&prefix, T0 + MIN, group);
+        db.put(&key, alone(5, "30")).expect("put");
+        assert_eq!(read(&model), vec![eu("1"), eu("30"), eu("3")]);
+        db.put(&key, alone(0, "40")).expect("put");
+        assert_eq!(read(&model), vec![eu("1"), eu("20"), eu("3")]);
+        db.delete(&key).expect("delete");
+        // A stored value that reads as neither form is replaced, as a window alone was.
+        let key = window_key(&prefix, T0, group);
         db.put(&key, [BLOCK_FORM, 0]).expect("put");
         assert!(matches!(
             query(peak, Bucket::Meter, None).run(&model),
@@ -2033,6 +2122,19 @@ window = "1d"
         ));
         batch(vec![with(2, 2, "7")]);
         assert_eq!(read(&model), vec![eu("7")]);
+        // A value at a new window's start that is not a window stored alone (here a block of
+        // a window of another length) is neither taken for one nor deleted.
+        let mut shorter = rollups("peak", &[(3, "eu", "5")]).remove(0);
+        shorter.window_end_ms = shorter.window_start_ms + 1000;
+        batch(vec![shorter]);
+        let other = window_key(&prefix, T0 + 3 * MIN, group);
+        let before = db
+            .get(&other)
+            .expect("get")
+            .expect("a block of a 1-second window");
+        assert_ne!(before.len(), Stored::LEN);
+        batch(rollups("peak", &[(3, "eu", "6")]));
+        assert_eq!(db.get(&other).expect("get"), Some(before));
     }
 
     #[test]
