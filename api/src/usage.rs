@@ -814,7 +814,7 @@ struct Pass {
     keys: usize,
     /// The first start after the range read (reading a range).
     next: Option<i64>,
-    /// It held more than a scan holds (reading every start), and stopped.
+    /// It held more than a scan holds (reading more than one start), and stopped.
     too_large: bool,
 }
 
@@ -2141,7 +2141,7 @@ window = "1s"
     fn windows_stored_alone_read_as_in_blocks_and_move_into_them_when_they_come_again() {
         // Windows over three hours of three groups, some at an hour's start; stored in blocks,
         // alone (as before blocks), or a mix: every query answers the same, page by page,
-        // with runs held whole or read a start at a time.
+        // with runs held whole or read a range of starts at a time.
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
         let peak = meter_of(&catalog, "peak");
         let mut windows = Vec::new();
