@@ -25,8 +25,8 @@
 //! window stored alone, as before December 2, is keyed by its own start and holds `Stored`
 //! (52 bytes); reads take both forms, and the stage moves such a window into its block when a
 //! rollup of it comes again. A read holds the windows of a run of keys (a span's groups) to
-//! give them by start; past about 262,144 windows or 16 MiB of their groups it reads the run
-//! a range of starts at a time, halving the range while it would hold more.
+//! give them by start; past about 16,384 windows or 4 MiB of their groups it reads the run a
+//! range of starts at a time, halving the range while it would hold more.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -757,8 +757,8 @@ impl Gathering {
 
 /// Most windows, and bytes of their groups, a scan holds of one run of keys; past either it
 /// reads the run again a range of starts at a time (one start's windows are held whole).
-const RUN_WINDOWS: usize = 1 << 18;
-const RUN_GROUP_BYTES: usize = 16 << 20;
+const RUN_WINDOWS: usize = 1 << 14;
+const RUN_GROUP_BYTES: usize = 4 << 20;
 
 #[cfg(test)]
 thread_local! {
@@ -933,6 +933,10 @@ impl<'a> Scan<'a> {
             too_large: false,
         };
         let mut latest: Option<i64> = None;
+        // Whether every key of the run has one start: then keys come by group, and windows of
+        // one start are in group order as read.
+        let mut first_start: Option<i64> = None;
+        let mut one_start = true;
         let (most_windows, most_bytes) = run_bounds();
         while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
             let Some(rest) = key.strip_prefix(self.prefix) else {
@@ -949,6 +953,7 @@ impl<'a> Scan<'a> {
             let last = windows.last_start();
             latest = Some(latest.map_or(last, |latest| latest.max(last)));
             pass.keys += 1;
+            one_start &= *first_start.get_or_insert(start) == start;
             let mut index = None;
             for i in windows.first_from(low)..windows.len() {
                 let (at, stored) = windows
@@ -984,9 +989,14 @@ impl<'a> Scan<'a> {
         self.iter.status()?;
         let groups = &self.groups;
         let group = |index: usize| groups.get(index).map_or(&[][..], Vec::as_slice);
-        // The runs of each key's windows, already by start, are merged (the sort finds them).
-        self.run
-            .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| group(a.1).cmp(group(b.1))));
+        // The runs of each key's windows, already by start, are merged (the sort finds them);
+        // by start alone when the keys already come by group (stable: their order is kept).
+        if one_start {
+            self.run.sort_by_key(|window| window.0);
+        } else {
+            self.run
+                .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| group(a.1).cmp(group(b.1))));
+        }
         // A window both alone and in its block (an older api wrote it alone again after this
         // one had moved it) is read once: its later revision, or the rollup written later.
         self.run.dedup_by(|later, kept| {

@@ -18,7 +18,9 @@
 //!    history (the same target), and the usage customer's month at its 1-minute windows, by
 //!    hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS` (default 50) times each;
 //!    and the history customer's line items of that month, walked page by page (no target:
-//!    the whole walk's time says whether a page costs what it answers or the whole period).
+//!    the whole walk's time says whether a page costs what it answers or the whole period);
+//! 7. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
+//!    1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (see [`wide`]).
 
 // Latencies and rates in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -295,6 +297,86 @@ async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Result<serd
         .await?)
 }
 
+/// One line of latencies: p50, p99 and the slowest of `samples`.
+fn report(name: &str, samples: Vec<Duration>, target: &str) {
+    let count = samples.len();
+    let (p50, p99, max) = percentiles(samples);
+    println!(
+        "{name:<44} {count:>5} reads  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms  ({target})"
+    );
+}
+
+/// A customer with many groups (`NERUBA_BENCH_WIDE_GROUPS`, default 0: not run) active in
+/// every 1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (default 6), read by hour over
+/// them, and the first page of 10,000 rows at its 1-minute windows, `NERUBA_BENCH_WIDE_READS`
+/// times each (default 10): reads whose windows of an hour are more than a read holds at once.
+async fn wide(
+    setup: &FutureProducer,
+    api: &neruba_api::Running,
+    probe: &BaseConsumer,
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    period: (i64, i64),
+) -> Result<()> {
+    let groups = env_usize("NERUBA_BENCH_WIDE_GROUPS", 0);
+    if groups == 0 {
+        return Ok(());
+    }
+    let hours = i64::try_from(env_usize("NERUBA_BENCH_WIDE_HOURS", 6))?;
+    let customer = "customer-wide";
+    let mut chunk = Vec::new();
+    let mut sent = 0usize;
+    let loading = Instant::now();
+    for w in 0..hours * 60 {
+        for g in 0..groups {
+            chunk.push(Record {
+                topic: topics::ROLLUPS,
+                key: format!("acme/{customer}"),
+                payload: rollup(customer, &format!("m{g}"), period.0 + w * MINUTE, period).encode(),
+                header: None,
+            });
+        }
+        if chunk.len() >= 30_000 || w + 1 == hours * 60 {
+            send_all(setup, &chunk).await?;
+            sent += chunk.len();
+            chunk.clear();
+            caught_up(api, &highs(probe)?).await?;
+        }
+    }
+    let loaded = loading.elapsed();
+    println!(
+        "{customer}: {sent} rollups ({groups} groups x {} one-minute windows) in {loaded:.2?}",
+        hours * 60
+    );
+    let (from, to) = (
+        format_time_ms(period.0),
+        format_time_ms(period.0 + hours * 60 * MINUTE),
+    );
+    let reads = env_usize("NERUBA_BENCH_WIDE_READS", 10);
+    for (name, window) in [
+        ("by hour", "&window=hour"),
+        ("first 10,000 rows at 1-minute windows", "&limit=10000"),
+    ] {
+        let url = format!(
+            "{base}/v1/usage?customer={customer}&meter=llm_tokens&from={from}&to={to}&group_by=model{window}"
+        );
+        let mut samples = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..reads {
+            let (elapsed, size) = timed_get(client, &url, key).await?;
+            samples.push(elapsed);
+            bytes = size;
+        }
+        report(
+            &format!("{customer}, {hours} hours {name} ({} KiB)", bytes / 1024),
+            samples,
+            "no target",
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let customers = env_usize("NERUBA_BENCH_CUSTOMERS", 100_000);
@@ -451,13 +533,6 @@ async fn main() -> Result<()> {
         let url = format!("{base}/v1/customers/customer-{c}/balances");
         balances.push(timed_get(&client, &url, key).await?.0);
     }
-    let report = |name: &str, samples: Vec<Duration>, target: &str| {
-        let count = samples.len();
-        let (p50, p99, max) = percentiles(samples);
-        println!(
-            "{name:<44} {count:>5} reads  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms  ({target})"
-        );
-    };
     report(
         "statement (GET …/statements/{month})",
         statements,
@@ -540,6 +615,7 @@ async fn main() -> Result<()> {
             "target <= 50 ms",
         );
     }
+    wide(&setup, &api, &probe, &client, &base, key, period).await?;
     println!(
         "peak RSS of the process:       {} MiB",
         peak_rss_kib() / 1024
