@@ -26,7 +26,11 @@
 //! (52 bytes); reads take both forms, and the stage moves such a window into its block when a
 //! rollup of it comes again. A read holds the windows of a run of keys (a span's groups) to
 //! give them by start; past about 16,384 windows or 4 MiB of their groups it reads the run a
-//! range of starts at a time, halving the range while it would hold more.
+//! range of starts at a time, halving the range while it would hold more, unless its keys
+//! share one start and its windows in the range fall in one bucket of the query (by hour, day
+//! or month in a zone a whole number of hours from UTC, or the whole range): then it is read
+//! key by key as stored, holding nothing, as a bucket gathers its windows by group in any
+//! order.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -124,6 +128,11 @@ const BLOCK_ENTRY: usize = 4 + Stored::LEN;
 
 /// Bytes of blocks one batch of a partition holds before it ends.
 const PENDING_BLOCK_BYTES: usize = 32 << 20;
+
+/// Present in a rollups partition the stage began (no offset stored when it first opened):
+/// no release before blocks wrote a window alone there, so a new window's own key is not
+/// looked up. A key of the runtime's own form (as its offset's), outside every series.
+const BLOCKS_ONLY_KEY: &[u8] = b"\0\0\0\0Musage_blocks_only";
 
 /// The start of the block holding a window that starts at `at` and lasts `window_ms`: blocks
 /// span [`BLOCK_WINDOWS`] windows, at most [`BLOCK_MS`], from the epoch on (a window's length
@@ -250,6 +259,10 @@ pub(crate) struct RollupPartition {
     pending_bytes: usize,
     /// Keys of windows stored alone that the batch moved into their blocks.
     moved: Vec<Vec<u8>>,
+    /// Whether windows stored alone (by a release before blocks) may be here.
+    windows_alone: bool,
+    /// Whether the next commit writes [`BLOCKS_ONLY_KEY`] (the partition is begun here).
+    mark_blocks_only: bool,
     model: Arc<Model>,
 }
 
@@ -266,8 +279,12 @@ impl neruba_stage::Partition for RollupPartition {
         for (key, block) in self.pending.drain() {
             batch.put(key, encode_block(&block));
         }
+        if self.mark_blocks_only {
+            batch.put(BLOCKS_ONLY_KEY, []);
+        }
         self.pending_bytes = 0;
         self.store.write(batch)?;
+        self.mark_blocks_only = false;
         if let Some(next) = self.store.next_offset() {
             self.model.advanced(self.store.partition(), next);
         }
@@ -280,14 +297,20 @@ impl neruba_stage::Partition for RollupPartition {
 }
 
 impl RollupPartition {
-    fn new(store: Store, model: Arc<Model>) -> Self {
-        Self {
+    fn new(store: Store, model: Arc<Model>) -> Result<Self> {
+        let blocks_only = store.get(BLOCKS_ONLY_KEY)?.is_some();
+        // Every release writes its offset with its first batch: a store without one was
+        // never written.
+        let begun_here = !blocks_only && store.next_offset().is_none();
+        Ok(Self {
             store,
             pending: HashMap::new(),
             pending_bytes: 0,
             moved: Vec::new(),
+            windows_alone: !blocks_only && !begun_here,
+            mark_blocks_only: begun_here,
             model,
-        }
+        })
     }
 
     /// Keeps `rollup` (at `offset`) in its block, unless a later revision of its window is
@@ -338,7 +361,7 @@ impl RollupPartition {
             }
             Err(i) => {
                 // Its window may be stored alone (written before blocks): it moves in.
-                let alone = if at == start {
+                let alone = if at == start || !self.windows_alone {
                     None
                 } else {
                     let key = window_key(&prefix, at, group.as_bytes());
@@ -397,7 +420,7 @@ impl neruba_stage::Stage for UsageModel {
     fn open(&mut self, store: Store) -> Result<RollupPartition> {
         self.model
             .opened(store.partition(), store.shared_db(), store.next_offset());
-        Ok(RollupPartition::new(store, self.model.clone()))
+        RollupPartition::new(store, self.model.clone())
     }
 
     fn begin_batch(&mut self) {}
@@ -764,6 +787,21 @@ const RUN_GROUP_BYTES: usize = 4 << 20;
 thread_local! {
     /// Other bounds than [`RUN_WINDOWS`] and [`RUN_GROUP_BYTES`], for a test's scans.
     static RUN_BOUNDS: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+    /// Whether a test's scans read every run too large to hold a range at a time, as they do
+    /// for the meter's own windows.
+    static HOLD_RUNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Runs a test's scans gave key by key.
+    static STREAMED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether scans read every run too large to hold a range at a time (a test's, to compare
+/// with runs given key by key).
+fn hold_every_run() -> bool {
+    #[cfg(test)]
+    if HOLD_RUNS.with(std::cell::Cell::get) {
+        return true;
+    }
+    false
 }
 
 /// The most windows, and bytes of their groups, a scan holds of one run.
@@ -795,6 +833,15 @@ struct Scan<'a> {
     next: usize,
     /// A run too large to hold, read a range of starts at a time.
     by_range: Option<Ranged>,
+    /// Whether two window starts fall in one bucket of the query, when windows of a bucket
+    /// may come in any order: then a run too large to hold whose keys have one start (blocks
+    /// of one span, or windows alone of one start) and whose windows in the range fall in one
+    /// bucket is given key by key, as stored, holding nothing (`None`: every window comes by
+    /// start, then group).
+    one_bucket: Option<&'a dyn Fn(i64, i64) -> bool>,
+    /// Giving such a run: its keys' start, and the next window of the key the iterator
+    /// stands on (`None`: the key's first in the range).
+    streaming: Option<(i64, Option<usize>)>,
 }
 
 /// Where a run read a range of starts at a time goes on: its first key, the next range's
@@ -819,7 +866,13 @@ struct Pass {
 }
 
 impl<'a> Scan<'a> {
-    fn new(db: &'a rocksdb::DB, prefix: &'a [u8], from_ms: i64, to_ms: i64) -> Self {
+    fn new(
+        db: &'a rocksdb::DB,
+        prefix: &'a [u8],
+        from_ms: i64,
+        to_ms: i64,
+        one_bucket: Option<&'a dyn Fn(i64, i64) -> bool>,
+    ) -> Self {
         // Bounded at `to_ms`: past it nothing is read (nor deleted keys after it stepped over).
         // A key's start is at most that of its windows, and less than a block's span before.
         let mut options = rocksdb::ReadOptions::default();
@@ -841,13 +894,27 @@ impl<'a> Scan<'a> {
             group_bytes: 0,
             next: 0,
             by_range: None,
+            one_bucket,
+            streaming: None,
         }
     }
 
     /// The next window: its start, its group as stored (the key after its start) and its
     /// value; `None` past the series or the range.
     fn next(&mut self) -> std::result::Result<Option<Window<'_>>, ReadError> {
-        while self.next >= self.run.len() {
+        loop {
+            if let Some((start, window)) = self.streaming {
+                if let Some((at, stored)) = self.streamed(start, window)? {
+                    // The key the iterator stands on: its group follows its start.
+                    let key = self.iter.key().unwrap_or_default();
+                    let group = key.get(self.prefix.len() + 8..).unwrap_or_default();
+                    return Ok(Some((at, group, stored)));
+                }
+                continue;
+            }
+            if self.next < self.run.len() {
+                break;
+            }
             if !self.read()? {
                 return Ok(None);
             }
@@ -858,6 +925,87 @@ impl<'a> Scan<'a> {
         self.next += 1;
         let group = self.groups.get(group).map_or(&[][..], Vec::as_slice);
         Ok(Some((at, group, stored)))
+    }
+
+    /// The next window of the run being given key by key, the iterator left on its key;
+    /// `None` when the key is done (the iterator moved on) or the run is (no longer giving).
+    fn streamed(
+        &mut self,
+        start: i64,
+        window: Option<usize>,
+    ) -> std::result::Result<Option<(i64, Stored)>, ReadError> {
+        let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) else {
+            self.iter.status()?;
+            self.streaming = None;
+            return Ok(None);
+        };
+        let in_run = key
+            .strip_prefix(self.prefix)
+            .and_then(time_from)
+            .is_some_and(|at| at == start);
+        if !in_run {
+            self.streaming = None;
+            return Ok(None);
+        }
+        let windows = StoredWindows::of(start, value)
+            .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
+        let i = window.unwrap_or_else(|| windows.first_from(self.from_ms));
+        match windows.get(i) {
+            Some((at, stored)) if at < self.to_ms => {
+                self.streaming = Some((start, Some(i + 1)));
+                Ok(Some((at, stored)))
+            }
+            _ => {
+                self.iter.next();
+                self.streaming = Some((start, None));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether the run of keys the iterator stands on may be given key by key: its keys have
+    /// one start, and its windows in the range fall in one bucket. Returns that start; the
+    /// iterator is left anywhere.
+    fn run_of_one_start(
+        &mut self,
+        one_bucket: &dyn Fn(i64, i64) -> bool,
+    ) -> std::result::Result<Option<i64>, ReadError> {
+        let (mut start, mut latest) = (None::<i64>, None::<i64>);
+        // The least and the greatest window start in the range.
+        let mut starts: Option<(i64, i64)> = None;
+        while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
+            let Some(at) = key.strip_prefix(self.prefix).and_then(time_from) else {
+                break;
+            };
+            if at >= self.to_ms || latest.is_some_and(|latest| at > latest) {
+                break;
+            }
+            if start.is_some_and(|start| start != at) {
+                return Ok(None);
+            }
+            start = Some(at);
+            let windows = StoredWindows::of(at, value)
+                .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
+            let last = windows.last_start();
+            latest = Some(latest.map_or(last, |latest| latest.max(last)));
+            let (first, end) = (
+                windows.first_from(self.from_ms),
+                windows.first_from(self.to_ms),
+            );
+            if let (Some(low), Some(high)) = (
+                windows.start_of(first).filter(|_| first < end),
+                end.checked_sub(1).and_then(|i| windows.start_of(i)),
+            ) {
+                let (least, most) = starts.map_or((low, high), |(l, h)| (l.min(low), h.max(high)));
+                if !one_bucket(least, most) {
+                    return Ok(None);
+                }
+                starts = Some((least, most));
+            }
+            self.iter.next();
+        }
+        self.iter.status()?;
+        Ok(start)
     }
 
     /// Reads the next run, or the next range of a run too large to hold; `false` when no key
@@ -874,6 +1022,19 @@ impl<'a> Scan<'a> {
                 let pass = self.pass(None)?;
                 if !pass.too_large {
                     return Ok(pass.keys > 0);
+                }
+                // Too large to hold: given key by key if it can be, else a range at a time.
+                if let Some(one_bucket) = self.one_bucket.filter(|_| !hold_every_run()) {
+                    self.clear();
+                    self.iter.seek(&first);
+                    let start = self.run_of_one_start(one_bucket)?;
+                    self.iter.seek(&first);
+                    if let Some(start) = start {
+                        #[cfg(test)]
+                        STREAMED_RUNS.with(|runs| runs.set(runs.get() + 1));
+                        self.streaming = Some((start, None));
+                        return Ok(true);
+                    }
                 }
                 // No window of the run starts before its first key.
                 let first_start = first
@@ -1151,7 +1312,7 @@ impl Query<'_> {
             }) => {
                 let start = *bucket_start_ms;
                 let mut found = None;
-                let mut scan = Scan::new(&db, &prefix, self.from_ms.max(start), self.to_ms);
+                let mut scan = Scan::new(&db, &prefix, self.from_ms.max(start), self.to_ms, None);
                 while let Some((at, stored_group, _)) = scan.next()? {
                     if self.bucket_of(at).0 != start {
                         break;
@@ -1185,7 +1346,12 @@ impl Query<'_> {
         let resume = after
             .as_ref()
             .map_or(self.from_ms, |(start, _)| self.from_ms.max(*start));
-        let mut scan = Scan::new(&db, &prefix, resume, self.to_ms);
+        // A bucket's windows are gathered by group whatever their order (sums, least and
+        // greatest, the latest by its rank): runs within one bucket need no reordering.
+        let same_bucket = |a: i64, b: i64| self.bucket_of(a).0 == self.bucket_of(b).0;
+        let one_bucket: Option<&dyn Fn(i64, i64) -> bool> =
+            (self.bucket != Bucket::Meter).then_some(&same_bucket);
+        let mut scan = Scan::new(&db, &prefix, resume, self.to_ms, one_bucket);
         while let Some((at, stored_group, stored)) = scan.next()? {
             // Borrowed from what is remembered: a group is cloned only for a new row.
             let projected;
@@ -1520,6 +1686,15 @@ value = "$.v"
 window = "1d"
 
 [[tenants.meters]]
+key = "kolkata"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+group_by = { region = "$.region" }
+window = "1m"
+billing_period = { time_zone = "+05:30" }
+
+[[tenants.meters]]
 key = "seconds"
 event_type = "e"
 aggregation = "sum"
@@ -1565,22 +1740,26 @@ window = "1s"
     }
 
     /// A model with one partition holding `rollups` (at offsets 0, 1, …): those `alone`
-    /// names stored alone first (as before blocks), then the others kept by the stage in one
-    /// batch.
+    /// names stored alone first (as a release before blocks wrote them, with its offset),
+    /// then the others kept by the stage in one batch.
     fn stored(rollups: &[Rollup], alone: impl Fn(usize) -> bool) -> (tempfile::TempDir, Model) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
+        let mut store =
+            Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
         let db = store.shared_db();
-        let mut partition = RollupPartition::new(store, Arc::new(Model::new("rollups", 1)));
         let numbered = || (0_i64..).zip(rollups.iter().enumerate());
+        let mut before = WriteBatch::default();
         for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| alone(*i)) {
             let prefix = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
             let group = serde_json::to_string(&rollup.group).expect("group");
             let key = window_key(&prefix, rollup.window_start_ms, group.as_bytes());
-            db.put(key, Stored::of(rollup, offset).encode())
-                .expect("put");
+            before.put(key, Stored::of(rollup, offset).encode());
+            store.consumed(offset);
         }
+        store.write(before).expect("write");
+        let mut partition =
+            RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open");
         for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| !alone(*i)) {
             partition.store.consumed(offset);
             partition.keep(rollup, offset).expect("keep");
@@ -2054,9 +2233,15 @@ window = "1s"
         let peak = meter_of(&catalog, "peak");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let store = Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
+        let mut store =
+            Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
         let db = store.shared_db();
-        let mut partition = RollupPartition::new(store, Arc::new(Model::new("rollups", 1)));
+        // A partition a release before blocks wrote (its offset stored): windows stored alone
+        // are looked for.
+        store.consumed(0);
+        store.write(WriteBatch::default()).expect("write");
+        let mut partition =
+            RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open");
         let mut batch = |rollups: Vec<Rollup>| {
             for rollup in rollups {
                 let offset = partition.store.next_offset().unwrap_or(0);
@@ -2118,10 +2303,18 @@ window = "1s"
             Stored::of(&rollup, 9).encode()
         };
         let key = window_key(&prefix, T0 + MIN, group);
+        // Over the whole range too, where a run of one start would be given as stored: this
+        // one has two (the block's and the window's), so it is held.
+        let peak_of_all = |model: &Model| {
+            let q = query(peak, Bucket::None, None);
+            quantities(&q.run(model).expect("run").rows)
+        };
         db.put(&key, alone(5, "30")).expect("put");
         assert_eq!(read(&model), vec![eu("1"), eu("30"), eu("3")]);
+        assert_eq!(peak_of_all(&model), vec![eu("30")]);
         db.put(&key, alone(0, "40")).expect("put");
         assert_eq!(read(&model), vec![eu("1"), eu("20"), eu("3")]);
+        assert_eq!(peak_of_all(&model), vec![eu("20")]);
         db.delete(&key).expect("delete");
         // A stored value that reads as neither form is replaced, as a window alone was.
         let key = window_key(&prefix, T0, group);
@@ -2145,6 +2338,128 @@ window = "1s"
         assert_ne!(before.len(), Stored::LEN);
         batch(rollups("peak", &[(3, "eu", "6")]));
         assert_eq!(db.get(&other).expect("get"), Some(before));
+    }
+
+    #[test]
+    fn a_partition_begun_with_blocks_never_looks_for_windows_stored_alone() {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let peak = meter_of(&catalog, "peak");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let open = || {
+            let store =
+                Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
+            RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open")
+        };
+        let batch = |partition: &mut RollupPartition, rollups: Vec<Rollup>| {
+            for rollup in rollups {
+                let offset = partition.store.next_offset().unwrap_or(0);
+                partition.store.consumed(offset);
+                partition.keep(&rollup, offset).expect("keep");
+            }
+            neruba_stage::Partition::commit(partition).expect("commit");
+        };
+        let all = rollups("peak", &[(0, "eu", "1"), (1, "eu", "2")]);
+        let mut partition = open();
+        assert!(partition.mark_blocks_only && !partition.windows_alone);
+        batch(&mut partition, vec![all[0].clone()]);
+        let marked = partition.store.get(BLOCKS_ONLY_KEY).expect("get");
+        assert_eq!(marked.as_deref(), Some(&[][..]));
+        drop(marked);
+        drop(partition);
+        let mut partition = open();
+        assert!(!partition.mark_blocks_only && !partition.windows_alone);
+        // An older release (rolled back to) wrote minute 1 alone, revision 5; the stage keeps
+        // revision 6 of it in its block and leaves that key as it is. It is read once: the
+        // later revision.
+        let key = window_key(
+            &series_prefix("t", "c", "peak"),
+            T0 + MIN,
+            br#"{"region":"eu"}"#,
+        );
+        let mut older = all[1].clone();
+        older.revision = 5;
+        older.window_quantity = d("30");
+        let alone = Stored::of(&older, 7).encode();
+        partition.store.db().put(&key, &alone).expect("put");
+        let mut later = all[1].clone();
+        later.revision = 6;
+        later.window_quantity = d("40");
+        batch(&mut partition, vec![later]);
+        let kept = partition.store.get(&key).expect("get");
+        assert_eq!(kept.as_deref(), Some(&alone[..]));
+        drop(kept);
+        let model = Model::new("rollups", 1);
+        model.opened(0, partition.store.shared_db(), Some(0));
+        let eu = |q: &str| ("eu".to_owned(), d(q));
+        let read = |bucket: Bucket| {
+            let q = query(peak, bucket, None);
+            quantities(&q.run(&model).expect("run").rows)
+        };
+        assert_eq!(read(Bucket::Meter), vec![eu("1"), eu("40")]);
+        assert_eq!(read(Bucket::None), vec![eu("40")]);
+    }
+
+    #[test]
+    fn blocks_across_two_buckets_are_read_in_order_and_those_in_one_as_stored() {
+        // Runs too large to hold (here more than 2 windows): in +05:30 billing hours start at
+        // :30, so an hour's block holds windows of two of them, and such runs are read a range
+        // of starts at a time; in UTC each block is in one bucket and its windows are given
+        // as stored. Every way, the answers are those of windows alone held whole.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        // Runs given as stored in one read of the four hours' blocks (minutes 3 to 190): by
+        // hour in +05:30 only the last (minutes 182 and 189, both after 02:30) is.
+        let streamed = [
+            ("kolkata", Bucket::Hour, 1),
+            ("kolkata", Bucket::Day, 4),
+            ("kolkata", Bucket::None, 4),
+            ("total", Bucket::Hour, 4),
+            ("total", Bucket::Day, 4),
+            ("total", Bucket::None, 4),
+        ];
+        let streamed_runs = || STREAMED_RUNS.with(|runs| runs.replace(0));
+        for meter_key in ["kolkata", "total"] {
+            let meter = meter_of(&catalog, meter_key);
+            let mut windows = Vec::new();
+            for minute in (0..200).step_by(7) {
+                for (r, region) in (0..).zip(["us", "eu", "ap"]) {
+                    if (minute + r) % 4 != 0 {
+                        windows.push((minute, region, "2.5"));
+                    }
+                }
+            }
+            let all = rollups(meter_key, &windows);
+            let (_a, blocks) = stored(&all, |_| false);
+            let (_b, alone) = stored(&all, |_| true);
+            for bucket in [Bucket::Hour, Bucket::Day, Bucket::None] {
+                for group_by in [None, Some(vec![])] {
+                    let mut q = query(meter, bucket, group_by);
+                    q.from_ms = T0 + 3 * MIN;
+                    q.to_ms = T0 + 190 * MIN;
+                    for limit in [1, 2, 4, MAX_USAGE_ROWS] {
+                        let expected = pages(&q, &alone, limit);
+                        assert!(!expected.concat().is_empty());
+                        assert_eq!(pages(&q, &blocks, limit), expected, "{meter_key} held");
+                        assert_eq!(streamed_runs(), 0, "{meter_key} {bucket:?} held");
+                        HOLD_RUNS.with(|hold| hold.set(true));
+                        let ranged = bounded(2, 1 << 20, || pages(&q, &blocks, limit));
+                        HOLD_RUNS.with(|hold| hold.set(false));
+                        assert_eq!(ranged, expected, "{meter_key} {bucket:?} ranged");
+                        assert_eq!(streamed_runs(), 0, "{meter_key} {bucket:?} ranged");
+                        let given = bounded(2, 1 << 20, || pages(&q, &blocks, limit));
+                        assert_eq!(given, expected, "{meter_key} {bucket:?}");
+                        let runs = streamed_runs();
+                        if limit == MAX_USAGE_ROWS {
+                            let expected_runs = streamed
+                                .iter()
+                                .find(|(m, b, _)| *m == meter_key && *b == bucket)
+                                .map(|(_, _, runs)| *runs);
+                            assert_eq!(Some(runs), expected_runs, "{meter_key} {bucket:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
