@@ -285,6 +285,23 @@ async fn timed_get(client: &reqwest::Client, url: &str, key: &str) -> Result<(Du
     Ok((elapsed, body.len()))
 }
 
+/// `reads` reads of `url`: their times, and the size of the last answer.
+async fn timed_gets(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    reads: usize,
+) -> Result<(Vec<Duration>, usize)> {
+    let mut samples = Vec::with_capacity(reads);
+    let mut bytes = 0;
+    for _ in 0..reads {
+        let (elapsed, size) = timed_get(client, url, key).await?;
+        samples.push(elapsed);
+        bytes = size;
+    }
+    Ok((samples, bytes))
+}
+
 /// A read's JSON answer, refused unless it succeeded.
 async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Result<serde_json::Value> {
     Ok(client
@@ -361,13 +378,7 @@ async fn wide(
         let url = format!(
             "{base}/v1/usage?customer={customer}&meter=llm_tokens&from={from}&to={to}&group_by=model{window}"
         );
-        let mut samples = Vec::new();
-        let mut bytes = 0;
-        for _ in 0..reads {
-            let (elapsed, size) = timed_get(client, &url, key).await?;
-            samples.push(elapsed);
-            bytes = size;
-        }
+        let (samples, bytes) = timed_gets(client, &url, key, reads).await?;
         report(
             &format!("{customer}, {hours} hours {name} ({} KiB)", bytes / 1024),
             samples,
@@ -602,13 +613,7 @@ async fn main() -> Result<()> {
         let url = format!(
             "{base}/v1/usage?customer={heavy}&meter=llm_tokens&from={from}&to={to}&group_by=model{window}"
         );
-        let mut samples = Vec::new();
-        let mut bytes = 0;
-        for _ in 0..usage_reads {
-            let (elapsed, size) = timed_get(&client, &url, key).await?;
-            samples.push(elapsed);
-            bytes = size;
-        }
+        let (samples, bytes) = timed_gets(&client, &url, key, usage_reads).await?;
         report(
             &format!("{name} ({} KiB)", bytes / 1024),
             samples,
