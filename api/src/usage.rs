@@ -27,10 +27,10 @@
 //! rollup of it comes again. A read holds the windows of a run of keys (a span's groups) to
 //! give them by start; past about 16,384 windows or 4 MiB of their groups it reads the run a
 //! range of starts at a time, halving the range while it would hold more, unless its keys
-//! share one start and its windows in the range fall in one bucket of the query (by hour, day
-//! or month in a zone a whole number of hours from UTC, or the whole range): then it is read
-//! key by key as stored, holding nothing, as a bucket gathers its windows by group in any
-//! order.
+//! share one start (no window stored alone among them) and its windows in the range fall in
+//! one bucket of the query's (never its meter's own windows; by hour, day or month in a zone a
+//! whole number of hours from UTC every block's windows do): then it is read key by key as
+//! stored, holding nothing, as a bucket gathers its windows by group in any order.
 
 use crate::model::{Model, ReadError};
 use neruba_schemas::catalog::{Aggregation, Meter};
@@ -418,9 +418,11 @@ impl neruba_stage::Stage for UsageModel {
     }
 
     fn open(&mut self, store: Store) -> Result<RollupPartition> {
-        self.model
-            .opened(store.partition(), store.shared_db(), store.next_offset());
-        RollupPartition::new(store, self.model.clone())
+        // Shared with readers only once it opened: a failed open keeps no handle to it.
+        let (partition, db, next) = (store.partition(), store.shared_db(), store.next_offset());
+        let opened = RollupPartition::new(store, self.model.clone())?;
+        self.model.opened(partition, db, next);
+        Ok(opened)
     }
 
     fn begin_batch(&mut self) {}
@@ -779,7 +781,8 @@ impl Gathering {
 }
 
 /// Most windows, and bytes of their groups, a scan holds of one run of keys; past either it
-/// reads the run again a range of starts at a time (one start's windows are held whole).
+/// gives the run key by key as stored if it can (see [`Scan::one_bucket`]), else reads it
+/// again a range of starts at a time (one start's windows are held whole).
 const RUN_WINDOWS: usize = 1 << 14;
 const RUN_GROUP_BYTES: usize = 4 << 20;
 
@@ -787,18 +790,17 @@ const RUN_GROUP_BYTES: usize = 4 << 20;
 thread_local! {
     /// Other bounds than [`RUN_WINDOWS`] and [`RUN_GROUP_BYTES`], for a test's scans.
     static RUN_BOUNDS: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
-    /// Whether a test's scans read every run too large to hold a range at a time, as they do
-    /// for the meter's own windows.
-    static HOLD_RUNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether a test's scans never give a run key by key (a run too large to hold is read a
+    /// range of starts at a time, as for the meter's own windows).
+    static NEVER_STREAM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Runs a test's scans gave key by key.
     static STREAMED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Whether scans read every run too large to hold a range at a time (a test's, to compare
-/// with runs given key by key).
-fn hold_every_run() -> bool {
+/// Whether scans never give a run key by key (a test's, to compare with runs given so).
+fn never_stream() -> bool {
     #[cfg(test)]
-    if HOLD_RUNS.with(std::cell::Cell::get) {
+    if NEVER_STREAM.with(std::cell::Cell::get) {
         return true;
     }
     false
@@ -813,9 +815,10 @@ fn run_bounds() -> (usize, usize) {
     (RUN_WINDOWS, RUN_GROUP_BYTES)
 }
 
-/// A series' stored windows from a window start on, before `to_ms`, by start then group, read
-/// in place a run of keys at a time: the keys whose windows may interleave (a block's with
-/// those of its span's other groups, a window stored alone with those of its start).
+/// A series' stored windows from a window start on, before `to_ms`, by start then group (or,
+/// for a run given key by key, by group within its one bucket), read in place a run of keys
+/// at a time: the keys whose windows may interleave (a block's with those of its span's other
+/// groups, a window stored alone with those of its start).
 struct Scan<'a> {
     iter: rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB>,
     prefix: &'a [u8],
@@ -1008,8 +1011,9 @@ impl<'a> Scan<'a> {
         Ok(start)
     }
 
-    /// Reads the next run, or the next range of a run too large to hold; `false` when no key
-    /// is left.
+    /// Reads the next run, or the next range of a run too large to hold, or starts giving a
+    /// run too large to hold key by key (then nothing is read into `run`); `false` when no
+    /// key is left.
     fn read(&mut self) -> std::result::Result<bool, ReadError> {
         self.clear();
         let ranged = match self.by_range.take() {
@@ -1024,7 +1028,7 @@ impl<'a> Scan<'a> {
                     return Ok(pass.keys > 0);
                 }
                 // Too large to hold: given key by key if it can be, else a range at a time.
-                if let Some(one_bucket) = self.one_bucket.filter(|_| !hold_every_run()) {
+                if let Some(one_bucket) = self.one_bucket.filter(|_| !never_stream()) {
                     self.clear();
                     self.iter.seek(&first);
                     let start = self.run_of_one_start(one_bucket)?;
@@ -2303,11 +2307,12 @@ window = "1s"
             Stored::of(&rollup, 9).encode()
         };
         let key = window_key(&prefix, T0 + MIN, group);
-        // Over the whole range too, where a run of one start would be given as stored: this
-        // one has two (the block's and the window's), so it is held.
+        // Over the whole range too, with the run too large to hold, where a run of one start
+        // would be given as stored: this one has two (the block's and the window's), so it is
+        // read a range at a time, each window once.
         let peak_of_all = |model: &Model| {
             let q = query(peak, Bucket::None, None);
-            quantities(&q.run(model).expect("run").rows)
+            bounded(1, 1 << 20, || quantities(&q.run(model).expect("run").rows))
         };
         db.put(&key, alone(5, "30")).expect("put");
         assert_eq!(read(&model), vec![eu("1"), eu("30"), eu("3")]);
@@ -2441,9 +2446,9 @@ window = "1s"
                         assert!(!expected.concat().is_empty());
                         assert_eq!(pages(&q, &blocks, limit), expected, "{meter_key} held");
                         assert_eq!(streamed_runs(), 0, "{meter_key} {bucket:?} held");
-                        HOLD_RUNS.with(|hold| hold.set(true));
+                        NEVER_STREAM.with(|never| never.set(true));
                         let ranged = bounded(2, 1 << 20, || pages(&q, &blocks, limit));
-                        HOLD_RUNS.with(|hold| hold.set(false));
+                        NEVER_STREAM.with(|never| never.set(false));
                         assert_eq!(ranged, expected, "{meter_key} {bucket:?} ranged");
                         assert_eq!(streamed_runs(), 0, "{meter_key} {bucket:?} ranged");
                         let given = bounded(2, 1 << 20, || pages(&q, &blocks, limit));
