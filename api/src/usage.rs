@@ -859,6 +859,38 @@ struct Ranged {
 /// A stored window: its start, its group as stored, and its value.
 type Window<'w> = (i64, &'w [u8], Stored);
 
+/// A key of a run: its start, its group as stored and its windows.
+type RunKey<'i> = (i64, &'i [u8], StoredWindows<'i>);
+
+/// The key the iterator stands on if it is in the run being read (its start before `to_ms`,
+/// and at most `latest`, the latest window start of the run's keys before it, which it
+/// raises). `None` past the run.
+fn key_in_run<'i>(
+    iter: &'i rocksdb::DBRawIteratorWithThreadMode<'_, rocksdb::DB>,
+    prefix: &[u8],
+    to_ms: i64,
+    latest: &mut Option<i64>,
+) -> std::result::Result<Option<RunKey<'i>>, ReadError> {
+    let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+        iter.status()?;
+        return Ok(None);
+    };
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return Ok(None);
+    };
+    let (Some(start), Some(group)) = (time_from(rest), rest.get(8..)) else {
+        return Err(ReadError::Storage("malformed usage key".into()));
+    };
+    if start >= to_ms || latest.is_some_and(|latest| start > latest) {
+        return Ok(None);
+    }
+    let windows = StoredWindows::of(start, value)
+        .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
+    let last = windows.last_start();
+    *latest = Some(latest.map_or(last, |latest| latest.max(last)));
+    Ok(Some((start, group, windows)))
+}
+
 /// What one reading of a run found.
 struct Pass {
     keys: usize,
@@ -976,21 +1008,13 @@ impl<'a> Scan<'a> {
         let (mut start, mut latest) = (None::<i64>, None::<i64>);
         // The least and the greatest window start in the range.
         let mut starts: Option<(i64, i64)> = None;
-        while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
-            let Some(at) = key.strip_prefix(self.prefix).and_then(time_from) else {
-                break;
-            };
-            if at >= self.to_ms || latest.is_some_and(|latest| at > latest) {
-                break;
-            }
+        while let Some((at, _, windows)) =
+            key_in_run(&self.iter, self.prefix, self.to_ms, &mut latest)?
+        {
             if start.is_some_and(|start| start != at) {
                 return Ok(None);
             }
             start = Some(at);
-            let windows = StoredWindows::of(at, value)
-                .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
-            let last = windows.last_start();
-            latest = Some(latest.map_or(last, |latest| latest.max(last)));
             let (first, end) = (
                 windows.first_from(self.from_ms),
                 windows.first_from(self.to_ms),
@@ -1007,7 +1031,6 @@ impl<'a> Scan<'a> {
             }
             self.iter.next();
         }
-        self.iter.status()?;
         Ok(start)
     }
 
@@ -1029,13 +1052,13 @@ impl<'a> Scan<'a> {
                 }
                 // Too large to hold: given key by key if it can be, else a range at a time.
                 if let Some(one_bucket) = self.one_bucket.filter(|_| !never_stream()) {
-                    self.clear();
                     self.iter.seek(&first);
-                    let start = self.run_of_one_start(one_bucket)?;
-                    self.iter.seek(&first);
-                    if let Some(start) = start {
+                    if let Some(start) = self.run_of_one_start(one_bucket)? {
                         #[cfg(test)]
                         STREAMED_RUNS.with(|runs| runs.set(runs.get() + 1));
+                        // What the pass held is dropped; the ranges' reading seeks on its own.
+                        self.clear();
+                        self.iter.seek(&first);
                         self.streaming = Some((start, None));
                         return Ok(true);
                     }
@@ -1103,20 +1126,9 @@ impl<'a> Scan<'a> {
         let mut first_start: Option<i64> = None;
         let mut one_start = true;
         let (most_windows, most_bytes) = run_bounds();
-        while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
-            let Some(rest) = key.strip_prefix(self.prefix) else {
-                break;
-            };
-            let (Some(start), Some(group)) = (time_from(rest), rest.get(8..)) else {
-                return Err(ReadError::Storage("malformed usage key".into()));
-            };
-            if start >= self.to_ms || latest.is_some_and(|latest| start > latest) {
-                break;
-            }
-            let windows = StoredWindows::of(start, value)
-                .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
-            let last = windows.last_start();
-            latest = Some(latest.map_or(last, |latest| latest.max(last)));
+        while let Some((start, group, windows)) =
+            key_in_run(&self.iter, self.prefix, self.to_ms, &mut latest)?
+        {
             pass.keys += 1;
             one_start &= *first_start.get_or_insert(start) == start;
             let mut index = None;
@@ -1151,7 +1163,6 @@ impl<'a> Scan<'a> {
             }
             self.iter.next();
         }
-        self.iter.status()?;
         let groups = &self.groups;
         let group = |index: usize| groups.get(index).map_or(&[][..], Vec::as_slice);
         // The runs of each key's windows, already by start, are merged (the sort finds them);
@@ -1775,6 +1786,16 @@ window = "1s"
         (dir, model)
     }
 
+    /// Keeps `rollups` in `partition` at its next offsets, in one batch.
+    fn keep_batch(partition: &mut RollupPartition, rollups: Vec<Rollup>) {
+        for rollup in rollups {
+            let offset = partition.store.next_offset().unwrap_or(0);
+            partition.store.consumed(offset);
+            partition.keep(&rollup, offset).expect("keep");
+        }
+        neruba_stage::Partition::commit(partition).expect("commit");
+    }
+
     /// `read` with scans holding at most `windows` windows and `bytes` of groups of a run.
     fn bounded<T>(windows: usize, bytes: usize, read: impl FnOnce() -> T) -> T {
         RUN_BOUNDS.with(|b| b.set(Some((windows, bytes))));
@@ -2246,14 +2267,7 @@ window = "1s"
         store.write(WriteBatch::default()).expect("write");
         let mut partition =
             RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open");
-        let mut batch = |rollups: Vec<Rollup>| {
-            for rollup in rollups {
-                let offset = partition.store.next_offset().unwrap_or(0);
-                partition.store.consumed(offset);
-                partition.keep(&rollup, offset).expect("keep");
-            }
-            neruba_stage::Partition::commit(&mut partition).expect("commit");
-        };
+        let mut batch = |rollups: Vec<Rollup>| keep_batch(&mut partition, rollups);
         let all = rollups("peak", &[(0, "eu", "1"), (1, "eu", "2"), (2, "eu", "3")]);
         let with = |i: usize, revision: u32, quantity: &str| {
             let mut rollup = all[i].clone();
@@ -2356,18 +2370,10 @@ window = "1s"
                 Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
             RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open")
         };
-        let batch = |partition: &mut RollupPartition, rollups: Vec<Rollup>| {
-            for rollup in rollups {
-                let offset = partition.store.next_offset().unwrap_or(0);
-                partition.store.consumed(offset);
-                partition.keep(&rollup, offset).expect("keep");
-            }
-            neruba_stage::Partition::commit(partition).expect("commit");
-        };
         let all = rollups("peak", &[(0, "eu", "1"), (1, "eu", "2")]);
         let mut partition = open();
         assert!(partition.mark_blocks_only && !partition.windows_alone);
-        batch(&mut partition, vec![all[0].clone()]);
+        keep_batch(&mut partition, vec![all[0].clone()]);
         let marked = partition.store.get(BLOCKS_ONLY_KEY).expect("get");
         assert_eq!(marked.as_deref(), Some(&[][..]));
         drop(marked);
@@ -2390,7 +2396,7 @@ window = "1s"
         let mut later = all[1].clone();
         later.revision = 6;
         later.window_quantity = d("40");
-        batch(&mut partition, vec![later]);
+        keep_batch(&mut partition, vec![later]);
         let kept = partition.store.get(&key).expect("get");
         assert_eq!(kept.as_deref(), Some(&alone[..]));
         drop(kept);
