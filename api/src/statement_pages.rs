@@ -331,4 +331,93 @@ mod tests {
             assert_eq!(After::decode(&text, read), None, "{read:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Lists of lines drawn in any order (meters, groups, one too long for a cursor to
+        /// carry, period starts; statements of two currencies and two periods, their prior
+        /// lines, pending corrections), read page by page at any limit through cursors as
+        /// a client sends them back: every line once, in the answer's order (section, then
+        /// meter, group and period start), each page full but the last.
+        #[test]
+        fn pages_of_drawn_lists_hold_every_line_once_in_the_answers_order(
+            lists in proptest::collection::vec(
+                (0_usize..6, proptest::collection::vec((0_usize..3, 0_usize..4, 0_usize..2), 0..12)),
+                0..6,
+            ),
+            limit in 1_usize..10,
+        ) {
+            let long = "y".repeat(2000);
+            let projects = ["", "p1", "p2", long.as_str()];
+            let sections = [
+                Section::lines("USD", P),
+                Section::prior_period("USD", P),
+                Section::lines("EUR", P),
+                Section::lines("USD", "2026-10-15T00:00:00.000Z"),
+                Section::pending("USD"),
+                Section::pending("EUR"),
+            ];
+            // One list a section, one line a meter, group and period start in it, as stored.
+            let mut drawn: BTreeMap<usize, Vec<StatementLine>> = BTreeMap::new();
+            for (section, lines) in &lists {
+                let list = drawn.entry(*section).or_default();
+                for &(meter, project, start) in lines {
+                    let mut line = line(["a", "b", "c"][meter], projects[project]);
+                    if project == 0 {
+                        line.group.clear();
+                    }
+                    line.period_start = [P, "2026-10-01T00:00:00.000Z"][start].into();
+                    if !list.iter().any(|l| {
+                        line_order(l, &line.meter, &line.group, &line.period_start).is_eq()
+                    }) {
+                        list.push(line);
+                    }
+                }
+            }
+            // The answer's order, written here again: by section, then meter, group and period
+            // start.
+            let mut want: Vec<(Section, String, BTreeMap<String, String>, String)> = drawn
+                .iter()
+                .flat_map(|(&s, lines)| {
+                    let section = &sections[s];
+                    lines.iter().map(move |l| {
+                        (section.clone(), l.meter.clone(), l.group.clone(), l.period_start.clone())
+                    })
+                })
+                .collect();
+            want.sort();
+            let mut read = Vec::new();
+            let mut after: Option<After> = None;
+            loop {
+                let mut lists: Vec<(Section, Vec<StatementLine>)> = drawn
+                    .iter()
+                    .map(|(&s, lines)| (sections[s].clone(), lines.clone()))
+                    .collect();
+                let sent = after.as_ref().map(|a| After::decode(&a.encode(), READ).expect("decodes"));
+                let next = page(
+                    READ,
+                    lists.iter_mut().map(|(s, l)| (s.clone(), l)).collect(),
+                    limit,
+                    sent.as_ref(),
+                )
+                .expect("a place");
+                lists.sort_by(|a, b| a.0.cmp(&b.0));
+                let this: Vec<_> = lists
+                    .into_iter()
+                    .flat_map(|(s, lines)| {
+                        lines.into_iter().map(move |l| (s.clone(), l.meter, l.group, l.period_start))
+                    })
+                    .collect();
+                proptest::prop_assert!(this.len() <= limit);
+                // A cursor that does not move would read for ever.
+                proptest::prop_assert!(read.len() + this.len() <= want.len(), "read again");
+                proptest::prop_assert!(next.is_none() || this.len() == limit, "{}", this.len());
+                read.extend(this);
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            proptest::prop_assert_eq!(read, want);
+        }
+    }
 }
