@@ -1758,26 +1758,50 @@ window = "1s"
     /// names stored alone first (as a release before blocks wrote them, with its offset),
     /// then the others kept by the stage in one batch.
     fn stored(rollups: &[Rollup], alone: impl Fn(usize) -> bool) -> (tempfile::TempDir, Model) {
+        stored_in_batches(rollups, alone, &std::collections::BTreeSet::new())
+    }
+
+    /// [`stored`], the stage's batches ending after each index in `cuts`. Of two rollups of
+    /// one window stored alone, the older release kept the higher revision (of two, the
+    /// later). A partition with none stored alone begins empty, so it never looks for them.
+    fn stored_in_batches(
+        rollups: &[Rollup],
+        alone: impl Fn(usize) -> bool,
+        cuts: &std::collections::BTreeSet<usize>,
+    ) -> (tempfile::TempDir, Model) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = rocksdb::Cache::new_lru_cache(1 << 20);
         let mut store =
             Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
         let db = store.shared_db();
         let numbered = || (0_i64..).zip(rollups.iter().enumerate());
-        let mut before = WriteBatch::default();
+        let mut before: BTreeMap<Vec<u8>, Stored> = BTreeMap::new();
         for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| alone(*i)) {
             let prefix = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
             let group = serde_json::to_string(&rollup.group).expect("group");
             let key = window_key(&prefix, rollup.window_start_ms, group.as_bytes());
-            before.put(key, Stored::of(rollup, offset).encode());
+            let new = Stored::of(rollup, offset);
+            let kept = before.entry(key).or_insert(new);
+            if kept.revision <= new.revision {
+                *kept = new;
+            }
             store.consumed(offset);
         }
-        store.write(before).expect("write");
+        let mut batch = WriteBatch::default();
+        for (key, stored) in before {
+            batch.put(key, stored.encode());
+        }
+        store.write(batch).expect("write");
         let mut partition =
             RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open");
-        for (offset, (_, rollup)) in numbered().filter(|(_, (i, _))| !alone(*i)) {
-            partition.store.consumed(offset);
-            partition.keep(rollup, offset).expect("keep");
+        for (offset, (i, rollup)) in numbered() {
+            if !alone(i) {
+                partition.store.consumed(offset);
+                partition.keep(rollup, offset).expect("keep");
+            }
+            if cuts.contains(&i) {
+                neruba_stage::Partition::commit(&mut partition).expect("commit");
+            }
         }
         neruba_stage::Partition::commit(&mut partition).expect("commit");
         drop(partition);
@@ -2709,13 +2733,6 @@ window = "1s"
         );
     }
 
-    /// The property test's kept windows: start and region → revision, offset, quantity and
-    /// events.
-    type Windows = BTreeMap<(i64, String), (u32, usize, Decimal, u64)>;
-
-    /// What a row says, to compare answers with the fold.
-    type Said = (String, String, BTreeMap<String, String>, Decimal, u64);
-
     /// The property test's regions: the last too long for a cursor to carry its group as it
     /// is (so a page after it is found by its digest).
     fn region_named(i: usize) -> String {
@@ -2727,57 +2744,137 @@ window = "1s"
         }
     }
 
+    /// A rollup the property test draws.
+    #[derive(Debug, Clone)]
+    struct DrawnRollup {
+        /// Of the meter read (0) or of the other, whose windows share the customer.
+        other_meter: bool,
+        /// Minutes after `T0`: around an hour's start, 18:30 (a day's start at +05:30) and
+        /// midnight, where buckets meet.
+        minute: i64,
+        region: usize,
+        hundredths: i64,
+        revision: u32,
+        events: u64,
+    }
+
+    proptest::prop_compose! {
+        fn drawn_rollup()(
+            other_meter in proptest::bool::weighted(0.3),
+            near in proptest::sample::select(vec![0_i64, 1_080, 1_380]),
+            minute in 0_i64..120,
+            region in 0_usize..4,
+            hundredths in -500_i64..5_000,
+            revision in 0_u32..3,
+            events in 1_u64..4,
+        ) -> DrawnRollup {
+            DrawnRollup {
+                other_meter,
+                minute: near + minute,
+                region,
+                hundredths,
+                revision,
+                events,
+            }
+        }
+    }
+
+    /// A read the property test draws.
+    #[derive(Debug, Clone)]
+    struct DrawnRead {
+        bucket: Bucket,
+        group_by: Option<Vec<String>>,
+        /// Only the windows of region `eu`.
+        filtered: bool,
+        /// Its range: from this many milliseconds after `T0`, for this many minutes.
+        from_ms: i64,
+        minutes: i64,
+        limit: usize,
+        group_bytes: usize,
+        /// The most windows and bytes of groups a run is held with, and whether a run too
+        /// large is never given as stored (read a range at a time instead).
+        run_windows: usize,
+        run_bytes: usize,
+        never_stream: bool,
+    }
+
+    proptest::prop_compose! {
+        fn drawn_read()(
+            bucket in proptest::sample::select(
+                vec![Bucket::Meter, Bucket::Hour, Bucket::Day, Bucket::Month, Bucket::None],
+            ),
+            group_by in proptest::sample::select(
+                vec![None, Some(vec![]), Some(vec!["region".to_owned()])],
+            ),
+            filtered in proptest::bool::ANY,
+            from_ms in -60_000_i64..1_500 * MIN,
+            minutes in 1_i64..1_500,
+            limit in proptest::sample::select(vec![1, 2, 3, 7, MAX_USAGE_ROWS]),
+            group_bytes in proptest::sample::select(
+                vec![MAX_USAGE_GROUP_BYTES, 40, 3 * CURSOR_GROUP_BYTES],
+            ),
+            (run_windows, run_bytes, never_stream) in proptest::sample::select(vec![
+                (RUN_WINDOWS, RUN_GROUP_BYTES, false),
+                (1, 1, false),
+                (3, 1 << 20, false),
+                (2, 1 << 20, true),
+            ]),
+        ) -> DrawnRead {
+            DrawnRead {
+                bucket,
+                group_by,
+                filtered,
+                from_ms,
+                minutes,
+                limit,
+                group_bytes,
+                run_windows,
+                run_bytes,
+                never_stream,
+            }
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(40))]
 
-        /// Rollups of two meters in any order, with revisions again and again, the first
-        /// ones stored alone as a release before blocks wrote them and the rest kept in
-        /// batches cut anywhere: every read (bucket, group keys, filter, a range off the
-        /// minute, page limits of rows and of bytes, runs held whole, read a range at a time
-        /// or given as stored) answers what a fold written here from the rollups alone
-        /// gives: per window the rollup of the highest revision (of two, the later), the
-        /// windows starting in the range combined by bucket and group under the meter's
-        /// aggregation. Each of these fails it: a block keeping the earlier of two rollups of
-        /// one revision, a run given as stored across two buckets, a digest cursor naming
-        /// another group.
+        /// Rollups of two meters in any order, windows issued again at other revisions, the
+        /// first tenths of them stored alone as a release before blocks wrote them and the
+        /// rest kept in batches cut anywhere: every read (bucket, group keys, filter, a
+        /// range off the minute, page limits of rows and of bytes, runs held whole, read a
+        /// range at a time or given as stored) answers what a fold written here from the
+        /// rollups alone gives: per window the rollup of the highest revision (of two, the
+        /// later), the windows starting in the range combined by bucket and group under
+        /// the meter's aggregation. Each of these fails it: a block keeping the earlier of
+        /// two rollups of one revision, a run given as stored across two buckets, a digest
+        /// cursor naming another group, days cut in UTC, a window read at its period's
+        /// quantity. (`avg` and `unique_count`, answered from period quantities, have tests
+        /// of their own.)
         #[test]
         fn every_read_of_kept_windows_is_the_fold_of_their_latest_revisions(
-            // Which of the two meters, minute, region, quantity (in hundredths), revision and
-            // events.
-            drawn in proptest::collection::vec(
-                (0_usize..2, 0_i64..400, 0_usize..4, -500_i64..5_000, 0_u32..3, 1_u64..4),
-                1..150,
-            ),
-            // Tenths of them stored alone first.
+            drawn in proptest::collection::vec(drawn_rollup(), 1..120),
+            // Rollups drawn before issued again: which, at what revision, with what quantity.
+            again in proptest::collection::vec((0_usize..120, 0_u32..3, -500_i64..5_000), 0..40),
             alone_tenths in 0_usize..5,
-            cuts in proptest::collection::btree_set(0_usize..150, 0..4),
+            cuts in proptest::collection::btree_set(0_usize..160, 0..4),
             meter_pick in 0_usize..5,
-            // Bucket, group keys, whether it filters on a region, first minute, length in
-            // minutes, milliseconds off the minute, page limit, bytes of groups a page holds
-            // and the bounds a run is read within.
-            reads in proptest::collection::vec(
-                (0_usize..4, 0_usize..3, proptest::bool::ANY, 0_i64..420, 1_i64..420,
-                 -59_999_i64..60_000, 0_usize..5, 0_usize..3, 0_usize..4),
-                1..6,
-            ),
+            reads in proptest::collection::vec(drawn_read(), 1..6),
         ) {
+            let mut drawn = drawn;
+            for (which, revision, hundredths) in again {
+                if let Some(first) = drawn.get(which % drawn.len()) {
+                    drawn.push(DrawnRollup { revision, hundredths, ..first.clone() });
+                }
+            }
             let alone = drawn.len() * alone_tenths / 10;
             reads_answer_the_fold(&drawn, alone, &cuts, meter_pick, &reads)?;
         }
     }
 
-    /// Rollups drawn: which of the two meters, minute, region, quantity (in hundredths),
-    /// revision and events.
-    type Drawn = (usize, i64, usize, i64, u32, u64);
-
-    /// A read drawn: bucket, group keys, whether it filters on a region, first minute, length
-    /// in minutes, milliseconds off the minute, page limit, bytes of groups a page holds and
-    /// the bounds a run is read within.
-    type DrawnRead = (usize, usize, bool, i64, i64, i64, usize, usize, usize);
-
-    /// The property test's case (see it).
+    /// The property test's case: `drawn` kept (the first `alone` stored alone, batches cut
+    /// after `cuts`) in a model, each of `reads` of meter `meter_pick` compared with the fold.
     fn reads_answer_the_fold(
-        drawn: &[Drawn],
+        drawn: &[DrawnRollup],
         alone: usize,
         cuts: &std::collections::BTreeSet<usize>,
         meter_pick: usize,
@@ -2798,44 +2895,41 @@ window = "1s"
         let meter = meter_of(&catalog, key);
         let all: Vec<Rollup> = drawn
             .iter()
-            .map(|&(which, minute, region, hundredths, revision, events)| {
-                let mut rollup =
-                    rollups([key, other][which], &[(minute, &region_named(region), "0")]).remove(0);
-                rollup.window_quantity = Decimal::new(hundredths, 2);
-                rollup.period_quantity = rollup.window_quantity;
-                rollup.revision = revision;
-                rollup.window_events = events;
+            .map(|d| {
+                let region = region_named(d.region);
+                let meter = if d.other_meter { other } else { key };
+                let mut rollup = rollups(meter, &[(d.minute, &region, "0")]).remove(0);
+                rollup.window_quantity = Decimal::new(d.hundredths, 2);
+                // Unlike the window's: a read taking one for the other is told apart.
+                rollup.period_quantity = Decimal::new(d.hundredths + 100_000, 2);
+                rollup.revision = d.revision;
+                rollup.window_events = d.events;
                 rollup
             })
             .collect();
-        let (_dir, model) = kept_in_batches(&all, alone, cuts);
+        let (_dir, model) = stored_in_batches(&all, |i| i < alone, cuts);
 
         // The fold: per window, the rollup of the highest revision, of two the later.
         let mut windows = Windows::new();
-        for (i, &(which, minute, region, _, revision, events)) in drawn.iter().enumerate() {
-            if which != 0 {
-                continue;
-            }
+        for (i, d) in drawn.iter().enumerate().filter(|(_, d)| !d.other_meter) {
             let quantity = all[i].window_quantity;
             let window = windows
-                .entry((T0 + minute * MIN, region_named(region)))
-                .or_insert((revision, i, quantity, events));
-            if (revision, i) > (window.0, window.1) {
-                *window = (revision, i, quantity, events);
+                .entry((T0 + d.minute * MIN, region_named(d.region)))
+                .or_insert((d.revision, i, quantity, d.events));
+            if (d.revision, i) > (window.0, window.1) {
+                *window = (d.revision, i, quantity, d.events);
             }
         }
 
-        for &(bucket, keys, filtered, first, minutes, off, limit, group_bytes, bounds) in reads {
-            let bucket = [Bucket::Meter, Bucket::Hour, Bucket::Day, Bucket::None][bucket];
-            let group_by = [None, Some(vec![]), Some(vec!["region".to_owned()])][keys].clone();
-            let mut q = query(meter, bucket, group_by.clone());
-            q.from_ms = T0 + first * MIN + off;
-            q.to_ms = q.from_ms + minutes * MIN;
-            if filtered {
+        for read in reads {
+            let mut q = query(meter, read.bucket, read.group_by.clone());
+            q.from_ms = T0 + read.from_ms;
+            q.to_ms = q.from_ms + read.minutes * MIN;
+            if read.filtered {
                 q.filters.insert("region".into(), "eu".into());
             }
-            q.group_bytes = [MAX_USAGE_GROUP_BYTES, 40, 3 * CURSOR_GROUP_BYTES][group_bytes];
-            let merges = group_by.as_ref().is_some_and(Vec::is_empty);
+            q.group_bytes = read.group_bytes;
+            let merges = read.group_by.as_ref().is_some_and(Vec::is_empty);
             proptest::prop_assert_eq!(
                 q.check().is_err(),
                 aggregation == Aggregation::Latest && merges
@@ -2844,15 +2938,10 @@ window = "1s"
                 continue;
             }
             let expected = fold(&windows, &q, aggregation, zone_ms);
-            let limit = [1, 2, 3, 7, MAX_USAGE_ROWS][limit];
-            let (run_windows, run_bytes, never_stream) = [
-                (RUN_WINDOWS, RUN_GROUP_BYTES, false),
-                (1, 1, false),
-                (3, 1 << 20, false),
-                (2, 1 << 20, true),
-            ][bounds];
-            NEVER_STREAM.with(|never| never.set(never_stream));
-            let answered = bounded(run_windows, run_bytes, || pages(&q, &model, limit));
+            NEVER_STREAM.with(|never| never.set(read.never_stream));
+            let answered = bounded(read.run_windows, read.run_bytes, || {
+                pages(&q, &model, read.limit)
+            });
             NEVER_STREAM.with(|never| never.set(false));
             let said: Vec<Said> = answered
                 .concat()
@@ -2867,76 +2956,34 @@ window = "1s"
                     )
                 })
                 .collect();
-            proptest::prop_assert_eq!(said, expected, "{:?} limit {}", q, limit);
+            proptest::prop_assert_eq!(said, expected, "{:?}", read);
         }
         Ok(())
     }
 
-    /// A model of one partition holding `rollups` at offsets 0, 1, …: the first `alone`
-    /// stored as a release before blocks stored them, a window alone under its own key holding
-    /// the highest revision (of two, the later; a partition with none begins empty, so it
-    /// never looks for them), then the others kept by the stage in batches, one ending after
-    /// each index in `cuts`.
-    fn kept_in_batches(
-        rollups: &[Rollup],
-        alone: usize,
-        cuts: &std::collections::BTreeSet<usize>,
-    ) -> (tempfile::TempDir, Model) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
-        let mut store =
-            Store::open(dir.path(), 0, &StoreOptions::default(), &cache).expect("store");
-        let db = store.shared_db();
-        let mut before: BTreeMap<Vec<u8>, Stored> = BTreeMap::new();
-        for (offset, rollup) in (0_i64..).zip(rollups).take(alone) {
-            let prefix = series_prefix(&rollup.tenant, &rollup.customer, &rollup.meter);
-            let group = serde_json::to_string(&rollup.group).expect("group");
-            let key = window_key(&prefix, rollup.window_start_ms, group.as_bytes());
-            let new = Stored::of(rollup, offset);
-            let kept = before.entry(key).or_insert(new);
-            if kept.revision <= new.revision {
-                *kept = new;
-            }
-            store.consumed(offset);
-        }
-        if !before.is_empty() {
-            let mut batch = WriteBatch::default();
-            for (key, stored) in before {
-                batch.put(key, stored.encode());
-            }
-            store.write(batch).expect("write");
-        }
-        let mut partition =
-            RollupPartition::new(store, Arc::new(Model::new("rollups", 1))).expect("open");
-        for (i, rollup) in rollups.iter().enumerate() {
-            if i >= alone {
-                let offset = i64::try_from(i).expect("offset");
-                partition.store.consumed(offset);
-                partition.keep(rollup, offset).expect("keep");
-            }
-            if cuts.contains(&i) {
-                neruba_stage::Partition::commit(&mut partition).expect("commit");
-            }
-        }
-        neruba_stage::Partition::commit(&mut partition).expect("commit");
-        drop(partition);
-        let model = Model::new("rollups", 1);
-        model.opened(0, db, Some(0));
-        (dir, model)
-    }
+    /// The property test's kept windows: start and region → revision, offset, quantity and
+    /// events.
+    type Windows = BTreeMap<(i64, String), (u32, usize, Decimal, u64)>;
 
-    /// What `q` answers from `windows`, folded here from its rules alone: the windows starting in `[from, to)`, their
-    /// groups filtered and projected, combined by bucket (hours and days `zone_ms` from UTC)
-    /// and group under `aggregation`, each row's bounds within the range rounded up to
-    /// minutes.
+    /// What a row says, to compare answers with the fold.
+    type Said = (String, String, BTreeMap<String, String>, Decimal, u64);
+
+    /// What `q` answers from `windows`, folded here from its rules alone: the windows
+    /// starting in `[from, to)`, their groups filtered and projected, combined by bucket
+    /// (hours, days and months `zone_ms` from UTC; every window drawn is in December 2026
+    /// there) and group under `aggregation`, each row's bounds within the range rounded up
+    /// to minutes.
     fn fold(windows: &Windows, q: &Query<'_>, aggregation: Aggregation, zone_ms: i64) -> Vec<Said> {
+        const HOUR: i64 = 3_600_000;
+        const DAY: i64 = 86_400_000;
         let floor = |at: i64, size: i64| (at + zone_ms).div_euclid(size) * size - zone_ms;
         let round_up = |at: i64| (at + MIN - 1).div_euclid(MIN) * MIN;
         let (first, last) = (round_up(q.from_ms), round_up(q.to_ms));
-        // Bucket start and group → quantity, the start of the window it was last taken
-        // from, events.
-        type Rows = BTreeMap<(i64, BTreeMap<String, String>), (Decimal, i64, u64)>;
+        let december = (T0 - zone_ms, T0 + 31 * DAY - zone_ms);
+        // Bucket bounds and group → quantity and events.
+        type Rows = BTreeMap<((i64, i64), BTreeMap<String, String>), (Decimal, u64)>;
         let mut rows = Rows::new();
+        // By start: the last window of a row is its latest.
         for ((start, region), &(_, _, quantity, events)) in windows {
             let start = *start;
             if start < q.from_ms || start >= q.to_ms {
@@ -2952,40 +2999,33 @@ window = "1s"
                 BTreeMap::new()
             };
             let bucket = match q.bucket {
-                Bucket::Meter => start,
-                Bucket::Hour => floor(start, 3_600_000),
-                Bucket::Day => floor(start, 86_400_000),
-                Bucket::None => q.from_ms,
-                Bucket::Month => unreachable!("not drawn"),
+                Bucket::Meter => (start, start + MIN),
+                Bucket::Hour => (floor(start, HOUR), floor(start, HOUR) + HOUR),
+                Bucket::Day => (floor(start, DAY), floor(start, DAY) + DAY),
+                Bucket::Month => {
+                    assert!(december.0 <= start && start < december.1, "{start}");
+                    december
+                }
+                Bucket::None => (first, last),
             };
             let row = match rows.entry((bucket, group)) {
                 std::collections::btree_map::Entry::Vacant(new) => {
-                    new.insert((quantity, start, events));
+                    new.insert((quantity, events));
                     continue;
                 }
                 std::collections::btree_map::Entry::Occupied(row) => row.into_mut(),
             };
-            row.2 += events;
+            row.1 += events;
             row.0 = match aggregation {
                 Aggregation::Sum => row.0 + quantity,
                 Aggregation::Max => row.0.max(quantity),
                 Aggregation::Min => row.0.min(quantity),
-                _ if start > row.1 => {
-                    row.1 = start;
-                    quantity
-                }
-                _ => row.0,
+                _ => quantity,
             };
         }
         let time = neruba_schemas::event::format_time_ms;
         rows.into_iter()
-            .map(|((bucket, group), (quantity, _, events))| {
-                let (start, end) = match q.bucket {
-                    Bucket::Meter => (bucket, bucket + MIN),
-                    Bucket::Hour => (bucket, bucket + 3_600_000),
-                    Bucket::Day => (bucket, bucket + 86_400_000),
-                    _ => (first, last),
-                };
+            .map(|(((start, end), group), (quantity, events))| {
                 (
                     time(start.max(first)),
                     time(end.min(last)),
