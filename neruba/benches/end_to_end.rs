@@ -29,7 +29,9 @@
 //!    the aggregator's grace, i.e. from the earliest moment the window may close; first
 //!    revisions of windows that end after the first minute), and each process's RSS every
 //!    5 s (SPEC: flat within ±10 %, compared after the first minute; each minute's reading is
-//!    printed too, so warm-up can be told from growth), each stage's consumer lag at its worst
+//!    printed too, so warm-up can be told from growth, with each stage's memory by kind:
+//!    RocksDB's memtables and block cache and the consumer's prefetch, which grow to their
+//!    bounds), each stage's consumer lag at its worst
 //!    in each minute, and, for each minute, where each stage's batches spent the time (its
 //!    `neruba_stage_batch_*` histograms: apply, deliver, write) and each process's CPU, so a
 //!    wait can be placed in a stage, a phase, or the broker.
@@ -1148,8 +1150,9 @@ async fn main() -> Result<()> {
         tokio::task::spawn_blocking(move || loadgen(&args))
     };
     let mut samples: Vec<(Duration, Vec<Option<u64>>)> = Vec::new();
-    // The aggregator's memory by kind, once a minute: what its RSS is made of.
-    let mut memory: Vec<(u64, Vec<(String, u64)>)> = Vec::new();
+    // Each stage's memory by kind, once a minute: what its RSS is made of.
+    type Kinds = Vec<(String, u64)>;
+    let mut memory: Vec<(u64, Vec<Kinds>)> = Vec::new();
     // Each stage's consumer lag at its worst in each minute (by the minute a reading fell
     // in): which stage windows wait in, when they wait.
     let mut lag: BTreeMap<u64, Vec<Option<(i64, i64)>>> = BTreeMap::new();
@@ -1172,8 +1175,11 @@ async fn main() -> Result<()> {
         // The last reading before each minute's end (readings are 5 s apart), as for RSS.
         let minute = (at + Duration::from_secs(5)).as_secs() / 60;
         if minute > memory.last().map_or(0, |(m, _)| *m) {
-            let aggregator = pages.first().cloned().flatten().unwrap_or_default();
-            memory.push((minute, rocksdb_memory(&aggregator)));
+            let kinds = pages
+                .iter()
+                .map(|page| rocksdb_memory(page.as_deref().unwrap_or_default()))
+                .collect();
+            memory.push((minute, kinds));
         }
         if marks.last().is_none_or(|(m, ..)| minute > *m) {
             let (at, read, used) = mark(&pages, &pids, steady_started);
@@ -1407,15 +1413,19 @@ async fn main() -> Result<()> {
             .collect();
         println!("  {name:<10} {}", row.join(" "));
     }
-    println!(
-        "aggregator memory by kind at the end of each minute (MiB; RocksDB's, all partitions summed, and the consumer's prefetch)"
-    );
-    for (minute, kinds) in &memory {
-        let kinds: Vec<String> = kinds
-            .iter()
-            .map(|(kind, bytes)| format!("{kind} {:.0}", mib(bytes / 1024)))
-            .collect();
-        println!("  minute {minute:>3}: {}", kinds.join(", "));
+    for (stage, name) in STAGES.iter().enumerate() {
+        println!(
+            "{name} memory by kind at the end of each minute (MiB; RocksDB's, all partitions summed, and the consumer's prefetch)"
+        );
+        for (minute, stages) in &memory {
+            let kinds: Vec<String> = stages
+                .get(stage)
+                .into_iter()
+                .flatten()
+                .map(|(kind, bytes)| format!("{kind} {:.1}", mib(bytes / 1024)))
+                .collect();
+            println!("  minute {minute:>3}: {}", kinds.join(", "));
+        }
     }
     println!(
         "ledger: {} line items; usage of the full-speed run {have_e2e} tokens (accepted: {expected_e2e}), of the steady run {have_steady} (accepted: {expected_steady})",
