@@ -31,10 +31,10 @@
 //!    5 s (SPEC: flat within ±10 %, compared after the first minute; each minute's reading is
 //!    printed too, so warm-up can be told from growth, with each stage's memory by kind:
 //!    RocksDB's memtables and block cache and the consumer's prefetch, which grow to their
-//!    bounds), each stage's consumer lag at its worst
-//!    in each minute, and, for each minute, where each stage's batches spent the time (its
-//!    `neruba_stage_batch_*` histograms: apply, deliver, write) and each process's CPU, so a
-//!    wait can be placed in a stage, a phase, or the broker.
+//!    bounds), each stage's consumer lag at its worst in each minute, and, for each minute,
+//!    where each stage's batches spent the time (its `neruba_stage_batch_*` histograms:
+//!    apply, deliver, write) and each process's CPU, so a wait can be placed in a stage, a
+//!    phase, or the broker.
 //!
 //! At the end the ledger must hold, to the token, the usage of the distinct events each
 //! loadgen run had accepted, or the benchmark fails.
