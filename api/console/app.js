@@ -423,7 +423,7 @@
     }
     if (data.next_cursor) {
       parts.push(el('p', { class: 'help', 'data-testid': 'statement-more-lines' },
-        'The statements have more lines than one page holds (10,000): the lines shown are the first; the totals are every line\'s.'));
+        'The statements have more lines than one page holds (1,000): the lines shown are the first; the totals are every line\'s.'));
     }
     box.replaceChildren(...parts);
   }

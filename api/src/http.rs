@@ -23,7 +23,9 @@
 //!   position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
-use crate::model::{GrantStanding, ItemRead, Model, Position, ReadError, item_place};
+use crate::model::{
+    GrantStanding, ItemRead, Model, Position, ReadError, StatementsRead, item_place,
+};
 use crate::statement_pages;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -1047,9 +1049,14 @@ struct Statements {
     next_cursor: Option<String>,
 }
 
-/// Most lines a statements page holds: its `limit`'s bound and default, so a statement of
-/// fewer lines reads whole in one page.
+/// Most lines a statements page holds: its `limit`'s bound, so a client that wants a whole
+/// statement of up to that many lines reads it in one page.
 const MAX_STATEMENT_LINES: usize = 10_000;
+
+/// The lines a statements page holds without a `limit`: nearly every statement reads whole
+/// in one page, and a page of a longer one costs what it holds (a final statement's lines are
+/// read from the page's place on), well within the reads' p99 of 10 ms.
+const DEFAULT_STATEMENT_LINES: usize = 1_000;
 
 #[derive(Serialize)]
 struct Pending {
@@ -1073,7 +1080,7 @@ async fn statements(
     let tenant = tenant(&state, &headers)?;
     let params = Params::of(raw, &["limit", "cursor"])?;
     let period = params.period(Some(&period))?;
-    let limit = params.limit_within(MAX_STATEMENT_LINES, MAX_STATEMENT_LINES)?;
+    let limit = params.limit_within(DEFAULT_STATEMENT_LINES, MAX_STATEMENT_LINES)?;
     let pages_of = statement_pages::Read {
         customer: &customer,
         period: &period,
@@ -1087,39 +1094,59 @@ async fn statements(
         })
         .transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
-    let (read, position) = state.model.statements(&tenant, &customer, &period)?;
-    let (mut statements, book) = read.ok_or_else(|| not_found(&customer))?;
-    let mut pending_prior_period: Vec<Pending> = book
-        .carried
-        .into_iter()
-        .map(|(currency, carried)| Pending {
-            currency,
-            lines: carried.lines,
-            amount: carried.amount,
-            credit_applied: carried.credit_applied,
-            amount_due: carried.amount_due,
-        })
-        .collect();
-    let mut sections = Vec::new();
-    for statement in &mut statements {
-        let (currency, start) = (&statement.currency, &statement.period_start);
-        sections.push((
-            statement_pages::Section::lines(currency, start),
-            &mut statement.lines,
-        ));
-        sections.push((
-            statement_pages::Section::prior_period(currency, start),
-            &mut statement.prior_period,
-        ));
-    }
-    for pending in &mut pending_prior_period {
-        sections.push((
-            statement_pages::Section::pending(&pending.currency),
-            &mut pending.lines,
-        ));
-    }
-    let next = statement_pages::page(pages_of, sections, limit, after.as_ref())
-        .map_err(|statement_pages::NotAPlace| invalid_cursor())?;
+    let (read, position) = state
+        .model
+        .statements(&tenant, &customer, &period, |read| {
+            let StatementsRead {
+                mut statements,
+                apart,
+                book,
+            } = read;
+            let mut pending_prior_period: Vec<Pending> = book
+                .carried
+                .into_iter()
+                .map(|(currency, carried)| Pending {
+                    currency,
+                    lines: carried.lines,
+                    amount: carried.amount,
+                    credit_applied: carried.credit_applied,
+                    amount_due: carried.amount_due,
+                })
+                .collect();
+            let mut sections = Vec::new();
+            for (statement, apart) in statements.iter_mut().zip(&apart) {
+                let (currency, start) = (&statement.currency, &statement.period_start);
+                let [lines, prior] = match apart {
+                    Some([lines, prior]) => [Some(lines), Some(prior)],
+                    None => [None, None],
+                };
+                sections.push((
+                    statement_pages::Section::lines(currency, start),
+                    &mut statement.lines,
+                    lines,
+                ));
+                sections.push((
+                    statement_pages::Section::prior_period(currency, start),
+                    &mut statement.prior_period,
+                    prior,
+                ));
+            }
+            for pending in &mut pending_prior_period {
+                sections.push((
+                    statement_pages::Section::pending(&pending.currency),
+                    &mut pending.lines,
+                    None,
+                ));
+            }
+            let next = statement_pages::page(pages_of, sections, limit, after.as_ref());
+            next.map(|next| (statements, pending_prior_period, next))
+        })?;
+    let (statements, pending_prior_period, next) = read
+        .ok_or_else(|| not_found(&customer))?
+        .map_err(|unreadable| match unreadable {
+            statement_pages::Unreadable::NotAPlace => invalid_cursor(),
+            statement_pages::Unreadable::Store(e) => Refused::from(e),
+        })?;
     let body = Statements {
         customer,
         as_of: vec![position],

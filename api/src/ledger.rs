@@ -101,13 +101,14 @@ impl neruba_stage::Partition for LedgerPartition {
             if entry.kind == EntryKind::StatementFinal
                 && let Some(statement) = &entry.statement
             {
-                let stored = model::encode_statement(statement).map_err(|e| {
-                    neruba_stage::Error::Bug(format!("final statement encoding: {e}"))
-                })?;
-                batch.put(
-                    model::statement_key(&entry.tenant, &entry.customer, statement),
-                    stored,
-                );
+                // Written once: a final statement never changes.
+                let stored = model::stored_statement(&entry.tenant, &entry.customer, statement)
+                    .map_err(|e| {
+                        neruba_stage::Error::Bug(format!("final statement encoding: {e}"))
+                    })?;
+                for (key, value) in stored {
+                    batch.put(key, value);
+                }
             }
         }
         // The marks cover every record up to the offset this batch stores. Written only when
@@ -649,18 +650,22 @@ mod tests {
         for entry in &entries {
             assert!(credit::encode(entry).len() <= STATEMENT_ENTRY_MAX + 4096);
         }
-        // The final statement keeps every line.
-        let (read, _) = model.statements("t", "c", "2026-11").expect("read");
-        let (statements, _) = read.expect("the customer");
-        let [statement] = statements.as_slice() else {
-            panic!("one statement: {statements:?}");
-        };
-        assert_eq!(statement.status, StatementStatus::Final);
-        let lines: Vec<&str> = statement
-            .lines
-            .iter()
-            .map(|l| l.group["project"].as_str())
-            .collect();
+        // The final statement keeps every line, one a key.
+        let (read, _) = model
+            .statements("t", "c", "2026-11", |read| {
+                let [statement] = read.statements.as_slice() else {
+                    panic!("one statement: {:?}", read.statements);
+                };
+                assert_eq!(statement.status, StatementStatus::Final);
+                assert!(statement.lines.is_empty());
+                let Some([lines, _]) = &read.apart[0] else {
+                    panic!("its lines kept apart");
+                };
+                lines.read(None, usize::MAX).expect("lines")
+            })
+            .expect("read");
+        let lines = read.expect("the customer");
+        let lines: Vec<&str> = lines.iter().map(|l| l.group["project"].as_str()).collect();
         let want: Vec<String> = (0..groups).map(value).collect();
         assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>());
     }

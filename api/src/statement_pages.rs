@@ -11,6 +11,7 @@
 //! change between its pages (a statement opened, taking the pending corrections) starts
 //! again.
 
+use crate::model::{Place, ReadError, StoredLines};
 use crate::usage::{CURSOR_GROUP_BYTES, digest_of};
 use neruba_balances::book::statements::line_order;
 use neruba_schemas::credit::StatementLine;
@@ -111,6 +112,16 @@ impl After {
             .then_some(after)
     }
 
+    /// The place of the page's last line in its list, if the cursor names its group (not only
+    /// its digest).
+    fn place(&self) -> Option<Place<'_>> {
+        Some(Place {
+            meter: &self.meter,
+            group: self.group.as_ref()?,
+            period_start: &self.period_start,
+        })
+    }
+
     /// How many of `lines` (of its section, in line order) are at or before this place;
     /// `None` for a digest no line of theirs has.
     fn taken_of(&self, lines: &[StatementLine]) -> Option<usize> {
@@ -132,9 +143,14 @@ impl After {
     }
 }
 
-/// A cursor that names no place of this answer.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct NotAPlace;
+/// Why a page could not be read.
+#[derive(Debug)]
+pub(crate) enum Unreadable {
+    /// The cursor names no place of this answer.
+    NotAPlace,
+    /// A final statement's lines kept apart could not be read.
+    Store(ReadError),
+}
 
 /// The read a cursor belongs to: a customer's statements of one period.
 #[derive(Debug, Clone, Copy)]
@@ -143,28 +159,55 @@ pub(crate) struct Read<'a> {
     pub(crate) period: &'a str,
 }
 
+/// A section of the answer: its lines as held, or, for a final statement's kept apart in
+/// runs, where they are (read here, those of the page alone, into the empty list).
+pub(crate) type Listed<'a, 's> = (
+    Section,
+    &'a mut Vec<StatementLine>,
+    Option<&'a StoredLines<'s>>,
+);
+
 /// Keeps in `sections` (the answer's, in its order) the lines of the page of up to `limit`
 /// (at least one) lines after `after`; where the next page starts, if lines are left.
 pub(crate) fn page(
     read: Read<'_>,
-    mut sections: Vec<(Section, &mut Vec<StatementLine>)>,
+    mut sections: Vec<Listed<'_, '_>>,
     limit: usize,
     after: Option<&After>,
-) -> Result<Option<After>, NotAPlace> {
+) -> Result<Option<After>, Unreadable> {
     sections.sort_by(|a, b| a.0.cmp(&b.0));
     let mut left = limit.max(1);
     let (mut last, mut more) = (None, false);
-    for (section, lines) in sections {
+    for (section, lines, stored) in sections {
+        let order = after.map(|after| section.cmp(&after.section));
+        if let Some(stored) = stored {
+            // The lines of the page and one more (to tell whether any are left): after the
+            // cursor's place in its section, from the start in a later one; none in an
+            // earlier one, nor once the page is full and known not to be the last.
+            let (from, count) = match (order, after) {
+                (Some(Ordering::Less), _) => (None, 0),
+                _ if more => (None, 0),
+                (Some(Ordering::Equal), Some(after)) => match after.place() {
+                    Some(place) => (Some(place), left + 1),
+                    // Named by its group's digest: found among every line of the section.
+                    None => (None, usize::MAX),
+                },
+                _ => (None, left + 1),
+            };
+            if count > 0 {
+                *lines = stored.read(from, count).map_err(Unreadable::Store)?;
+            }
+        }
         // In line order, whatever order older stored statements kept them in.
         lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
         if let Some(after) = after {
-            match section.cmp(&after.section) {
+            match order.unwrap_or(Ordering::Greater) {
                 Ordering::Less => {
                     lines.clear();
                     continue;
                 }
                 Ordering::Equal => {
-                    let taken = after.taken_of(lines).ok_or(NotAPlace)?;
+                    let taken = after.taken_of(lines).ok_or(Unreadable::NotAPlace)?;
                     lines.drain(..taken);
                 }
                 Ordering::Greater => {}
@@ -185,6 +228,7 @@ pub(crate) fn page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neruba_schemas::credit::{Statement, StatementStatus};
     use rust_decimal::Decimal;
 
     const P: &str = "2026-11-01T00:00:00.000Z";
@@ -224,15 +268,81 @@ mod tests {
     /// A line as a page has it: its list's section, meter, group and period start.
     type Placed = (Section, String, BTreeMap<String, String>, String);
 
+    /// A statement of `section`'s currency and period start holding `lines` in the list
+    /// `section` names.
+    fn statement_of(section: &Section, lines: &[StatementLine]) -> Statement {
+        let (mut held, mut prior) = (Vec::new(), Vec::new());
+        if section.prior { &mut prior } else { &mut held }.extend_from_slice(lines);
+        Statement {
+            id: "st_1".into(),
+            currency: section.currency.clone(),
+            period_start: section.period_start.clone(),
+            period_end: "2026-12-01T00:00:00.000Z".into(),
+            status: StatementStatus::Final,
+            lines: held,
+            prior_period: prior,
+            usage: Decimal::ZERO,
+            prior_period_amount: Decimal::ZERO,
+            credit_applied: Decimal::ZERO,
+            amount_due: Decimal::ZERO,
+        }
+    }
+
     /// Every page of `lists` at `limit`, read through cursors sent back as a client sends
-    /// them.
-    fn read_in_pages(lists: &[(Section, Vec<StatementLine>)], limit: usize) -> Vec<Vec<Placed>> {
+    /// them; the lists of sections in `apart` are those of final statements, stored as the
+    /// ledger stage stores them (in RocksDB, in runs of up to `run` lines) and read from
+    /// there.
+    fn read_in_pages(
+        lists: &[(Section, Vec<StatementLine>)],
+        apart: &[Section],
+        run: usize,
+        limit: usize,
+    ) -> Vec<Vec<Placed>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = rocksdb::DB::open_default(dir.path()).expect("open");
+        for (section, lines) in lists.iter().filter(|(s, _)| apart.contains(s)) {
+            let statement = statement_of(section, lines);
+            let stored = crate::model::stored_in_runs("t", "c", &statement, run).expect("encode");
+            for (key, value) in stored {
+                db.put(key, value).expect("put");
+            }
+        }
         let total: usize = lists.iter().map(|(_, lines)| lines.len()).sum();
         let mut pages = Vec::new();
         let mut after: Option<After> = None;
         loop {
-            let mut lists = lists.to_vec();
-            let sections = lists.iter_mut().map(|(s, l)| (s.clone(), l)).collect();
+            let snapshot = db.snapshot();
+            let stored: Vec<Option<StoredLines<'_>>> = lists
+                .iter()
+                .map(|(section, _)| {
+                    apart.contains(section).then(|| {
+                        let prefix = crate::model::final_lines_key(
+                            "t",
+                            "c",
+                            &statement_of(section, &[]),
+                            section.prior,
+                        );
+                        StoredLines::new(&snapshot, prefix)
+                    })
+                })
+                .collect();
+            // As the read hands them over: lists kept apart empty.
+            let mut lists: Vec<(Section, Vec<StatementLine>)> = lists
+                .iter()
+                .map(|(s, lines)| {
+                    let held = if apart.contains(s) {
+                        Vec::new()
+                    } else {
+                        lines.clone()
+                    };
+                    (s.clone(), held)
+                })
+                .collect();
+            let sections = lists
+                .iter_mut()
+                .zip(&stored)
+                .map(|((s, l), stored)| (s.clone(), l, stored.as_ref()))
+                .collect();
             let cursor = after
                 .as_ref()
                 .map(|a| After::decode(&a.encode(), READ).expect("decodes"));
@@ -267,7 +377,7 @@ mod tests {
                 .map(|(s, m, g, _)| (s, m, g["project"].clone()))
                 .collect()
         };
-        let whole = project(read_in_pages(&lists(), 100));
+        let whole = project(read_in_pages(&lists(), &[], 1, 100));
         let long = "y".repeat(2000);
         let want: Vec<(Section, String, String)> = [
             (Section::lines("EUR", P), "a", long.as_str()),
@@ -283,47 +393,60 @@ mod tests {
         .collect();
         // Each list in line order, though `lists` has some out of it.
         assert_eq!(whole, want);
-        for limit in 1..=8 {
-            let pages = read_in_pages(&lists(), limit);
-            assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= limit));
-            assert_eq!(pages.len(), want.len().div_ceil(limit), "limit {limit}");
-            assert_eq!(project(pages), want, "limit {limit}");
+        // Held, and with the statements' lists final, kept apart.
+        let apart = [
+            Section::lines("EUR", P),
+            Section::lines("USD", P),
+            Section::prior_period("USD", P),
+        ];
+        for (apart, run) in [(&[][..], 1), (&apart, 1), (&apart, 2), (&apart, 128)] {
+            for limit in 1..=8 {
+                let pages = read_in_pages(&lists(), apart, run, limit);
+                assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= limit));
+                assert_eq!(pages.len(), want.len().div_ceil(limit), "limit {limit}");
+                assert_eq!(project(pages), want, "limit {limit} {apart:?} {run}");
+            }
         }
     }
 
     #[test]
     fn a_cursor_names_a_long_group_by_its_digest_and_nothing_else_reads_as_one() {
         let mut eur = vec![line("b", "x"), line("a", &"y".repeat(2000))];
-        let next = page(READ, vec![(Section::lines("EUR", P), &mut eur)], 1, None)
-            .expect("a place")
-            .expect("more");
+        let next = page(
+            READ,
+            vec![(Section::lines("EUR", P), &mut eur, None)],
+            1,
+            None,
+        )
+        .expect("a place")
+        .expect("more");
         let text = next.encode();
         assert!(text.len() < 300, "{text}");
         assert!(next.digest.is_some());
         // A line added before the place between two pages is not read again.
         let mut eur = vec![line("a", "a"), line("b", "x"), line("a", &"y".repeat(2000))];
         let after = After::decode(&text, READ).expect("decodes");
-        assert_eq!(
+        assert!(matches!(
             page(
                 READ,
-                vec![(Section::lines("EUR", P), &mut eur)],
+                vec![(Section::lines("EUR", P), &mut eur, None)],
                 5,
                 Some(&after)
             ),
             Ok(None)
-        );
+        ));
         assert_eq!(eur, vec![line("b", "x")]);
         // A digest no line has, and text that is not a cursor.
         let mut other = vec![line("b", "x")];
-        assert_eq!(
+        assert!(matches!(
             page(
                 READ,
-                vec![(Section::lines("EUR", P), &mut other)],
+                vec![(Section::lines("EUR", P), &mut other, None)],
                 5,
                 Some(&after)
             ),
-            Err(NotAPlace)
-        );
+            Err(Unreadable::NotAPlace)
+        ));
         for text in [
             "",
             "{}",
@@ -364,6 +487,11 @@ mod tests {
                 0..6,
             ),
             limit in 1_usize..10,
+            // Per statement (the first three sections': the third's prior-period lines are
+            // the fourth section), whether it is final, its lists kept apart.
+            apart in proptest::collection::vec(proptest::bool::ANY, 3),
+            // Lines a run of a final statement's stored lines holds.
+            run in 1_usize..5,
         ) {
             let long = "y".repeat(2000);
             let projects = ["", "p1", "p2", long.as_str()];
@@ -413,7 +541,13 @@ mod tests {
                 .into_iter()
                 .map(|(s, lines)| (in_order[s].clone(), lines))
                 .collect();
-            let pages = read_in_pages(&lists, limit);
+            let apart: Vec<Section> = [0, 1, 2, 2]
+                .iter()
+                .zip(&in_order)
+                .filter(|&(&statement, _)| apart[statement])
+                .map(|(_, section)| section.clone())
+                .collect();
+            let pages = read_in_pages(&lists, &apart, run, limit);
             proptest::prop_assert_eq!(pages.len(), want.len().div_ceil(limit).max(1));
             proptest::prop_assert!(pages.iter().all(|p| p.len() <= limit));
             let full = pages.split_last().is_none_or(|(_, before)| {

@@ -15,10 +15,12 @@
 //!    statement final (ticks written into its partition, as the balances stage writes them);
 //! 6. reads over HTTP on one keep-alive connection: statements and balances of random
 //!    customers (SPEC target p99 ≤ 10 ms), the statement of one month of the customer with a
-//!    history (the same target), and the usage customer's month at its 1-minute windows, by
+//!    history, whole in one page (the same target), and the usage customer's month at its 1-minute windows, by
 //!    hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS` (default 50) times each;
-//!    and the history customer's line items of that month, walked page by page (no target:
-//!    the whole walk's time says whether a page costs what it answers or the whole period);
+//!    that statement walked 20 times a page of 1,000 lines at a time (the same target a
+//!    page); and the history customer's line items of that month, walked page by page (no
+//!    target: the whole walk's time says whether a page costs what it answers or the whole
+//!    period);
 //! 7. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
 //!    1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (see [`wide`]).
 
@@ -314,6 +316,41 @@ async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Result<serd
         .await?)
 }
 
+/// Every page of `url` in turn, through the cursors it answers, as a client walks them: each
+/// page's time and the whole walk's. A walk that does not move on, or does not read exactly
+/// `total` of what `count` counts in a page, fails.
+async fn walk(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    total: usize,
+    count: impl Fn(&serde_json::Value) -> usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let (mut samples, mut read, mut cursor) = (Vec::new(), 0, None::<String>);
+    let walk = Instant::now();
+    loop {
+        let mut page = url.to_owned();
+        if let Some(cursor) = &cursor {
+            page.push_str(&format!("&cursor={cursor}"));
+        }
+        let started = Instant::now();
+        let answer = get_json(client, &page, key).await?;
+        samples.push(started.elapsed());
+        read += count(&answer);
+        match answer["next_cursor"].as_str() {
+            Some(next) if read > total || cursor.as_deref() == Some(next) => {
+                bail!("{url}: the walk does not end ({read} read)")
+            }
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    if read != total {
+        bail!("{url}: {read} read over the pages, not {total}");
+    }
+    Ok((samples, walk.elapsed()))
+}
+
 /// One line of latencies: p50, p99 and the slowest of `samples`.
 fn report(name: &str, samples: Vec<Duration>, target: &str) {
     let count = samples.len();
@@ -555,7 +592,8 @@ async fn main() -> Result<()> {
             .get(..7)
             .context("month")?
             .to_owned();
-        let url = format!("{base}/v1/customers/{history}/statements/{month}");
+        // Whole, in one page (the most a page holds).
+        let url = format!("{base}/v1/customers/{history}/statements/{month}?limit=10000");
         let answer = get_json(&client, &url, key).await?;
         let shown = answer["statements"][0]["lines"]
             .as_array()
@@ -568,40 +606,47 @@ async fn main() -> Result<()> {
             samples.push(timed_get(&client, &url, key).await?.0);
         }
         report(
-            &format!("statement of one month of {months} final"),
+            &format!("statement of one month of {months} final, whole"),
             samples,
             "target p99 <= 10 ms",
         );
+        // The same statement a page of 1,000 lines (the default) at a time, as a client walks
+        // it (and the console reads its first page): a page costs what it holds.
+        let url = format!("{base}/v1/customers/{history}/statements/{month}?limit=1000");
+        let lines_of = |answer: &serde_json::Value| {
+            answer["statements"][0]["lines"]
+                .as_array()
+                .map_or(0, Vec::len)
+        };
+        let (mut samples, mut walks) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let (pages, walked) = walk(&client, &url, key, lines, lines_of).await?;
+            samples.extend(pages);
+            walks.push(walked);
+        }
+        report(
+            "statement, one month, each page of 1,000 lines in turn",
+            samples,
+            "target p99 <= 10 ms",
+        );
+        report(
+            &format!("  the whole walk of {lines} lines"),
+            walks,
+            "no target",
+        );
         // The same month's line items, every page in turn as a client walks them.
-        let pages = "line items, one month, each page of 100 in turn";
-        let mut samples = Vec::new();
-        let (mut read, mut cursor) = (0, None::<String>);
-        let walk = Instant::now();
-        loop {
-            let mut url =
-                format!("{base}/v1/customers/{history}/line-items?period={month}&limit=100");
-            if let Some(cursor) = &cursor {
-                url.push_str(&format!("&cursor={cursor}"));
-            }
-            let started = Instant::now();
-            let answer = get_json(&client, &url, key).await?;
-            samples.push(started.elapsed());
-            read += answer["items"].as_array().map_or(0, Vec::len);
-            match answer["next_cursor"].as_str() {
-                // A walk that does not move on, or reads more than there is, is a failure.
-                Some(next) if read > lines || cursor.as_deref() == Some(next) => {
-                    bail!("{history}'s line items of {month}: the walk does not end ({read} read)")
-                }
-                Some(next) => cursor = Some(next.to_owned()),
-                None => break,
-            }
-        }
-        let walked = walk.elapsed();
-        if read != lines {
-            bail!("{history}'s line items of {month}: {read} read over the pages, not {lines}");
-        }
-        report(pages, samples, "no target");
-        println!("  all {read} items in {:.1} ms", walked.as_secs_f64() * 1e3);
+        let url = format!("{base}/v1/customers/{history}/line-items?period={month}&limit=100");
+        let items_of = |answer: &serde_json::Value| answer["items"].as_array().map_or(0, Vec::len);
+        let (samples, walked) = walk(&client, &url, key, lines, items_of).await?;
+        report(
+            "line items, one month, each page of 100 in turn",
+            samples,
+            "no target",
+        );
+        println!(
+            "  all {lines} items in {:.1} ms",
+            walked.as_secs_f64() * 1e3
+        );
     }
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     let usage_reads = env_usize("NERUBA_BENCH_USAGE_READS", 50);

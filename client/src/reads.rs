@@ -24,6 +24,9 @@ use std::sync::Arc;
 /// Most items the api puts on one page (`limit`).
 pub const MAX_PAGE: usize = 1000;
 
+/// Most lines the api puts on one page of statements (`limit`).
+const MAX_STATEMENT_PAGE: usize = 10_000;
+
 /// Most positions one read may wait for (the api's limit on `min_position`): one per
 /// partition of topics of up to 1,024 partitions in all. A [`Reader::at_all`] of more is
 /// refused by every read with [`Error::InvalidArgument`], before anything is sent: splitting
@@ -1026,20 +1029,25 @@ impl Reader {
     }
 
     /// `customer`'s statements of the billing period starting in `period` (`YYYY-MM`), one
-    /// per currency, with every line: every page (the api answers at most 10,000 lines at a
-    /// time), its `as_of` and totals the first page's. If the statements change between two
+    /// per currency, with every line: every page, read 10,000 lines (the most the api answers)
+    /// at a time, its `as_of` and totals the first page's. If the statements change between two
     /// pages (a statement opened), it reads them again from the first, at most three times.
     pub async fn statements(&self, customer: &str, period: &str) -> Result<Statements> {
         let path = ["v1", "customers", customer, "statements", period];
         let mut first = self.clone();
         'read: for _ in 0..3 {
-            let mut all: Statements = first.get(&path, Vec::new(), "statements").await?;
+            let limit = || ("limit".to_owned(), MAX_STATEMENT_PAGE.to_string());
+            let mut all: Statements = first.get(&path, vec![limit()], "statements").await?;
             let later = self.after_page(&all.as_of);
             let mut seen = std::collections::BTreeSet::new();
             while let Some(at) = all.next_cursor.take() {
                 first_visit(&mut seen, &at, "statements")?;
                 let mut page: Statements = later
-                    .get(&path, vec![("cursor".to_owned(), at)], "statements")
+                    .get(
+                        &path,
+                        vec![limit(), ("cursor".to_owned(), at)],
+                        "statements",
+                    )
                     .await?;
                 let next = page.next_cursor.take();
                 // Read again from a read model at least as new as the page that differed.

@@ -1772,6 +1772,142 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
     p.stop().await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_the_client()
+-> Result<()> {
+    // Its lines are kept in runs (of 128); a page reads those it needs from its cursor's
+    // place on. The api's default page is 1,000 lines, at most 10,000.
+    const LINES: usize = 2_345;
+    let p = Pipeline::start().await?;
+    let customer = "long-1";
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", p.kafka.bootstrap_servers())
+        .set("linger.ms", "5")
+        .create()?;
+    let partition = stable_partition(&format!("acme/{customer}"), LEDGER_PARTITIONS);
+    // One cent in each of LINES groups of November 2026, then ticks at the period's end and
+    // after the finalisation delay: the statement draft, then final.
+    let mut records = Vec::new();
+    for n in 0..LINES {
+        let mut item = line_item(
+            customer,
+            &format!("li_{n:05}"),
+            "large",
+            "2026-11-02T10:00:00Z",
+            1,
+            None,
+            ("1", "1"),
+            ("0.01", "0.01"),
+        )?;
+        item.group = BTreeMap::from([("project".to_owned(), format!("p-{n}"))]);
+        records.push((credit::encode(&item), None));
+    }
+    for at in ["2026-12-01T00:00:00Z", "2026-12-04T00:00:00Z"] {
+        let tick = credit::Tick {
+            v: 1,
+            at_ms: ms(at)?,
+            finalize_after_ms: None,
+        };
+        records.push((credit::encode(&tick), Some("tick")));
+    }
+    let record_key = format!("acme/{customer}");
+    let sends = records.iter().map(|(payload, header)| {
+        let mut record = FutureRecord::to(topics::LEDGER)
+            .key(&record_key)
+            .payload(payload)
+            .partition(partition);
+        if let Some(value) = header {
+            let header = rdkafka::message::Header {
+                key: topics::RECORD_HEADER,
+                value: Some(*value),
+            };
+            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(header));
+        }
+        producer.send(record, Duration::from_secs(30))
+    });
+    let mut last = None;
+    for delivered in futures::future::join_all(sends).await {
+        let delivered = delivered.map_err(|(e, _)| e)?;
+        last = Some(Position::new(
+            topics::LEDGER,
+            delivered.partition,
+            delivered.offset,
+        ));
+    }
+    let last = last.context("a record")?;
+    let mut want: Vec<String> = (0..LINES).map(|n| format!("p-{n}")).collect();
+    want.sort();
+
+    // Through the client, which reads every page: every line once, in line order.
+    let reader = p.reader("acme")?.at(&last);
+    let whole = reader.statements(customer, "2026-11").await?;
+    let [statement] = whole.statements.as_slice() else {
+        bail!("one statement: {whole:?}");
+    };
+    assert_eq!(statement.status, StatementStatus::Final);
+    assert_eq!(statement.usage, d("23.45"));
+    let projects = |lines: &[neruba_client::StatementLine]| -> Vec<String> {
+        lines.iter().map(|l| l.group["project"].clone()).collect()
+    };
+    assert_eq!(projects(&statement.lines), want);
+    assert_eq!(
+        statement.lines.iter().map(|l| l.amount).sum::<Decimal>(),
+        d("23.45")
+    );
+
+    // Over HTTP as a person's tool reads it: pages of the default 1,000, each with the whole
+    // statement's totals, then the rest; and all of it in one page when asked.
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/v1/customers/{customer}/statements/2026-11?min_position={}:{}:{}",
+        p.api, last.topic, last.partition, last.offset
+    );
+    let (mut read, mut sizes, mut cursor) = (Vec::new(), Vec::new(), String::new());
+    loop {
+        let page: Value = http
+            .get(format!("{url}{cursor}"))
+            .bearer_auth(key("read")?)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let statement = &page["statements"][0];
+        assert_eq!(
+            (&statement["status"], &statement["usage"]),
+            (&json!("final"), &json!("23.45")),
+            "{page}"
+        );
+        let lines = statement["lines"].as_array().context("lines")?;
+        sizes.push(lines.len());
+        read.extend(lines.iter().map(|l| l["group"]["project"].to_string()));
+        match page["next_cursor"].as_str() {
+            Some(next) if sizes.len() < 5 => cursor = format!("&cursor={next}"),
+            next => {
+                ensure!(next.is_none(), "pages never end");
+                break;
+            }
+        }
+    }
+    assert_eq!(sizes, [1_000, 1_000, 345]);
+    let quoted: Vec<String> = want.iter().map(|p| format!("\"{p}\"")).collect();
+    assert_eq!(read, quoted);
+    let one: Value = http
+        .get(format!("{url}&limit=10000"))
+        .bearer_auth(key("read")?)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(one["next_cursor"], Value::Null);
+    assert_eq!(
+        one["statements"][0]["lines"].as_array().map(Vec::len),
+        Some(LINES)
+    );
+    p.stop().await
+}
+
 #[tokio::test]
 async fn a_read_the_api_has_not_caught_up_with_is_retried_after_retry_after_at_its_position()
 -> Result<()> {
@@ -1875,7 +2011,7 @@ async fn read_parameters_are_encoded_and_an_answer_of_another_shape_is_a_protoco
         [
             "/api/v1/usage?customer=c+1%26x&meter=llm_tokens&from=2026-11-01T10%3A00%3A00Z\
              &to=2026-11-01T11%3A00%3A00%2B01%3A00&window=day&group_by=&filter%5Bmodel%5D=a%2Fb%3Dc",
-            "/api/v1/customers/c%2F1/statements/2026-11",
+            "/api/v1/customers/c%2F1/statements/2026-11?limit=10000",
             "/api/v1/customers/c/line-items?period=2026-11&limit=1000&meter=m%26x",
             "/api/v1/customers/c/balance-entries?after=7&limit=50",
             "/api/v1/customers?limit=10&cursor=6331",
