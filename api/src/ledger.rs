@@ -650,7 +650,7 @@ mod tests {
         for entry in &entries {
             assert!(credit::encode(entry).len() <= STATEMENT_ENTRY_MAX + 4096);
         }
-        // The final statement keeps every line, one a key.
+        // The final statement keeps every line, in runs apart from it.
         let (read, _) = model
             .statements("t", "c", "2026-11", |read| {
                 let [statement] = read.statements.as_slice() else {

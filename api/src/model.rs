@@ -11,14 +11,15 @@
 //! - keys are the tenant's first: a read builds its keys from the tenant its API key proves,
 //!   so no parameter or cursor can reach another tenant's records.
 //!
-//! Read-model keys (beside [`neruba_balances::state`]'s; components length-prefixed):
+//! Read-model keys (beside [`neruba_balances::state`]'s; components length-prefixed, but for
+//! a line's place, whose parts are escaped so that keys sort as places do):
 //!
 //! | key | value |
 //! |---|---|
 //! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
 //! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
 //! | tenant, `S`, customer, period start, currency | a final statement: without its lines (a tag byte, then postcard), or whole, as releases before stored it (postcard behind another tag byte, or JSON) |
-//! | tenant, `F`, customer, period start, currency, `l` or `p`, a line's place | a run of lines of a final statement (postcard), of its `lines` or its `prior_period`, from that line on in [`line_order`]; the place ([`push_line_place`]) sorts in that order |
+//! | tenant, `F`, customer, period start, currency, `l` or `p`, a line's place | a run of lines of a final statement (postcard), of its `lines` or its `prior_period`, from that line on in [`line_order`]; the place (`push_line_place`) sorts in that order |
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
 //! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |
@@ -26,7 +27,7 @@
 //! | | cover every stored item (8 bytes BE; empty: no record yet) |
 
 use neruba_balances::book::Book;
-use neruba_balances::book::statements::line_order;
+use neruba_balances::book::statements::{LineList, line_order};
 use neruba_schemas::credit::{BalanceEntry, Statement, StatementLine};
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::stable_partition;
@@ -247,9 +248,9 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
     )
 }
 
-/// The first byte of a final statement stored whole in [`postcard`] (compact binary serde),
-/// as releases of earlier on December 2, 2026 stored them; releases before, in JSON, whose
-/// first byte is `{`. Both still read ([`decode_statement`]). postcard's layout is the fields'
+/// The first byte of a final statement stored whole in [`postcard`] (compact binary serde).
+/// Releases from the morning of December 2, 2026 stored final statements so, and releases
+/// before them in JSON, whose first byte is `{`. Both still read ([`decode_statement`]). postcard's layout is the fields'
 /// order: a field added to `Statement` or `StatementLine` (even one with a default), or a
 /// status variant moved, needs a new tag byte and a decoder for this layout
 /// (`the_stored_forms_of_a_final_statement_are_fixed` pins its bytes).
@@ -261,8 +262,9 @@ const STATEMENT_POSTCARD: u8 = 0xB1;
 const STATEMENT_APART: u8 = 0xB2;
 
 /// Lines a run of a final statement's lines kept apart holds (the last of a list fewer): a
-/// whole statement is read in a run's reads, about as fast as one value; a page of lines
-/// reads at most one run more than its own lines.
+/// whole statement is read a run at a time, about as fast as one value; a page reads its own
+/// lines and at most two runs more (the start of the run that holds its cursor's place, and
+/// the run after its last line, to tell whether more follow).
 const FINAL_LINES_RUN: usize = 128;
 
 /// The key prefix of a final statement's `lines` (`prior`: its `prior_period`) kept apart, in
@@ -322,6 +324,11 @@ impl<'a> Place<'a> {
             period_start: &line.period_start,
         }
     }
+
+    /// Whether `line` comes after this place in its list.
+    pub(crate) fn precedes(&self, line: &StatementLine) -> bool {
+        line_order(line, self.meter, self.group, self.period_start) == std::cmp::Ordering::Greater
+    }
 }
 
 /// A key and its value, to write.
@@ -356,7 +363,8 @@ pub(crate) fn stored_in_runs(
     ));
     for (prior, lines) in [(false, &statement.lines), (true, &statement.prior_period)] {
         let prefix = final_lines_key(tenant, customer, statement, prior);
-        let mut lines = lines.clone();
+        // In line order, as the book keeps them (sorted here so the keys never disagree).
+        let mut lines: Vec<&StatementLine> = lines.iter().collect();
         lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
         for run in lines.chunks(run.max(1)) {
             let Some(first) = run.first() else { continue };
@@ -418,20 +426,17 @@ impl<'a> StoredLines<'a> {
         }
         // Room for a page's lines at once (a page holds at most 10,000), not grown run by run.
         let mut lines = Vec::with_capacity(count.min(1 << 14));
+        // Only the first run read can hold lines at or before the place.
+        let mut place = after;
         while lines.len() < count
             && let Some(value) = iter.value()
         {
             let run: Vec<StatementLine> = postcard::from_bytes(value)
                 .map_err(|e| ReadError::Storage(format!("a final statement's lines: {e}")))?;
-            let later = |line: &StatementLine| match after {
-                Some(place) => {
-                    line_order(line, place.meter, place.group, place.period_start)
-                        == std::cmp::Ordering::Greater
-                }
-                None => true,
-            };
             let left = count - lines.len();
+            let later = |line: &StatementLine| place.is_none_or(|place| place.precedes(line));
             lines.extend(run.into_iter().filter(later).take(left));
+            place = None;
             iter.next();
         }
         iter.status()?;
@@ -854,13 +859,21 @@ impl Model {
         let view = self.loaded(partition)?;
         let position = self.position_of(partition, &view);
         let snapshot = view.db.snapshot();
-        // With the statements' lines kept apart from the book (and none of its grants).
-        let Some(book) = neruba_balances::state::read_book_in(
-            &snapshot,
-            tenant,
-            customer,
-            neruba_balances::state::Parts::LINES,
-        )?
+        // With the lines kept apart from the book of its statements of `month` and of those
+        // carried (none of other months' statements, nor of its grants).
+        let lists = |book: &Book| {
+            let mut lists = Vec::new();
+            for (key, s) in &book.statements {
+                if period_label(&s.statement.period_start, &s.statement.period_end) == month {
+                    lists.push(LineList::Lines(key.clone()));
+                    lists.push(LineList::Prior(key.clone()));
+                }
+            }
+            lists.extend(book.carried.keys().cloned().map(LineList::Carried));
+            lists
+        };
+        let Some(book) =
+            neruba_balances::state::read_book_with_lines_of(&snapshot, tenant, customer, lists)?
         else {
             return Ok((None, position));
         };
@@ -1172,6 +1185,24 @@ mod tests {
         ),
     ];
 
+    /// [`stored_statement`]'s keys of that statement's two runs, and the prior-period run.
+    const GOLDEN_RUNS_HEX: [&str; 3] = [
+        concat!(
+            "000000017446000000016300000018323032362d31312d30315430303a30303a30302e3030305a00",
+            "000003555344000000016c746f6b656e730000016d6f64656c0000736d616c6c000000323032362d",
+            "31312d30315430303a30303a30302e3030305a",
+        ),
+        concat!(
+            "000000017446000000016300000018323032362d31312d30315430303a30303a30302e3030305a00",
+            "000003555344000000017072657175657374730000016d6f64656c0000736d616c6c000000323032",
+            "362d31312d30315430303a30303a30302e3030305a",
+        ),
+        concat!(
+            "0108726571756573747301056d6f64656c05736d616c6c18323032362d31312d30315430303a3030",
+            "3a30302e3030305a0380dc0b02a26402823203a29601",
+        ),
+    ];
+
     #[test]
     fn the_stored_forms_of_a_final_statement_are_fixed() {
         // postcard writes fields by position, without names or defaults: a field added to a
@@ -1205,13 +1236,22 @@ mod tests {
         // As the ledger stage stores it: the statement without its lines, then each line
         // under its list's key.
         let stored = stored_statement("t", "c", &statement).expect("encode");
-        let [(key, header), (lines_key, line_value), (prior_key, _)] = stored.as_slice() else {
+        let [
+            (key, header),
+            (lines_key, line_value),
+            (prior_key, prior_value),
+        ] = stored.as_slice()
+        else {
             panic!("the statement and its two lines: {stored:?}");
         };
         assert_eq!(key, &statement_key("t", "c", &statement));
         assert_eq!([hex(header), hex(line_value)], GOLDEN_APART_HEX);
-        assert!(lines_key.starts_with(&final_lines_key("t", "c", &statement, false)));
-        assert!(prior_key.starts_with(&final_lines_key("t", "c", &statement, true)));
+        // The runs' keys too: reads seek by them, so keys written otherwise would sort apart
+        // from those stored before, and a seek could skip lines.
+        assert_eq!(
+            [hex(lines_key), hex(prior_key), hex(prior_value)],
+            GOLDEN_RUNS_HEX
+        );
         let without = Statement {
             lines: Vec::new(),
             prior_period: Vec::new(),
@@ -1238,21 +1278,21 @@ mod tests {
 
     proptest::proptest! {
         /// Lines of drawn places (meters and group members that begin one another, hold
-        /// `0x00` or `0xFF`-like text, groups of several members): their keys sort as
+        /// `0x00` or the highest code point, groups of several members): their keys sort as
         /// `line_order` sorts the lines, so the runs of a list kept apart are read in line order
         /// and a cursor's place is found by a seek.
         #[test]
         fn line_keys_sort_in_line_order(
             places in proptest::collection::vec(
                 (
-                    0_usize..4,
-                    proptest::collection::btree_map(0_usize..4, 0_usize..4, 0..3),
+                    0_usize..6,
+                    proptest::collection::btree_map(0_usize..6, 0_usize..6, 0..3),
                     0_usize..2,
                 ),
                 1..12,
             ),
         ) {
-            let texts = ["", "a", "a\0", "ab"];
+            let texts = ["", "a", "a\0", "ab", "é", "\u{10FFFF}"];
             let starts = ["2026-10-01T00:00:00.000Z", "2026-11-01T00:00:00.000Z"];
             let lines: Vec<StatementLine> = places
                 .iter()
@@ -1303,7 +1343,15 @@ mod tests {
             period_start: start.into(),
             period_end: end.into(),
             status: StatementStatus::Final,
-            lines: Vec::new(),
+            lines: vec![StatementLine {
+                meter: "tokens".into(),
+                group: BTreeMap::new(),
+                period_start: start.into(),
+                quantity: rust_decimal::Decimal::ONE,
+                amount: rust_decimal::Decimal::ONE,
+                credit_applied: rust_decimal::Decimal::ZERO,
+                amount_due: rust_decimal::Decimal::ONE,
+            }],
             prior_period: Vec::new(),
             usage: rust_decimal::Decimal::ONE,
             prior_period_amount: rust_decimal::Decimal::ZERO,
@@ -1379,23 +1427,93 @@ mod tests {
             .expect("put");
         let model = ledger.commit_into_model();
         let read = |month: &str| -> Result<Vec<String>, ReadError> {
+            // Each statement's currency, status, and where its lines are, with their count.
             let (read, _) = model.statements("t", "c", month, |read| {
                 read.statements
                     .iter()
-                    .map(|s| format!("{} {:?}", s.currency, s.status))
+                    .zip(&read.apart)
+                    .map(|(s, apart)| match apart {
+                        Some([lines, prior]) => {
+                            let count = |list: &StoredLines<'_>| {
+                                list.read(None, usize::MAX).expect("lines").len()
+                            };
+                            assert!(s.lines.is_empty());
+                            format!(
+                                "{} {:?} apart {}+{}",
+                                s.currency,
+                                s.status,
+                                count(lines),
+                                count(prior)
+                            )
+                        }
+                        None => format!("{} {:?} held {}", s.currency, s.status, s.lines.len()),
+                    })
                     .collect()
             })?;
             Ok(read.expect("the customer"))
         };
-        assert_eq!(read("2026-09").expect("read"), vec!["USD Final"]);
+        assert_eq!(read("2026-09").expect("read"), vec!["USD Final apart 1+0"]);
         assert_eq!(
             read("2026-10").expect("read"),
-            vec!["CHF Final", "EUR Final", "GBP Final", "USD Final"]
+            vec![
+                "CHF Final held 1",
+                "EUR Final held 1",
+                "GBP Final apart 1+0",
+                "USD Final held 1"
+            ]
         );
-        assert_eq!(read("2026-11").expect("read"), vec!["USD Open"]);
-        assert_eq!(read("2027-02").expect("read"), vec!["EUR Final"]);
-        assert_eq!(read("2027-03").expect("read"), vec!["USD Final"]);
+        assert_eq!(read("2026-11").expect("read"), vec!["USD Open held 1"]);
+        assert_eq!(read("2027-02").expect("read"), vec!["EUR Final apart 1+0"]);
+        assert_eq!(read("2027-03").expect("read"), vec!["USD Final held 1"]);
         assert!(matches!(read("2026-08"), Err(ReadError::Storage(_))));
+    }
+
+    #[test]
+    fn a_statement_read_reads_the_lines_kept_apart_of_its_own_months_statements_alone() {
+        // Was: every list's lines kept apart were read, so the statement of a month read the
+        // lines of every other open or draft statement of the customer too.
+        use neruba_balances::state::{BOOK_LINES, Record};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ledger = TestFold::open(dir.path());
+        let months = [
+            ("2026-10-01T00:00:00.000Z", "2026-11-01T00:00:00.000Z"),
+            ("2026-11-01T00:00:00.000Z", "2026-12-01T00:00:00.000Z"),
+        ];
+        // More lines than a book keeps in each month's statement, both open.
+        let groups = BOOK_LINES + 3;
+        for (m, (start, end)) in months.iter().enumerate() {
+            for n in 0..groups {
+                let mut item = item(&format!("li_{m}_{n}"), start);
+                item.period_end = (*end).into();
+                item.group = [("project".to_owned(), format!("p{n}"))].into();
+                ledger.apply(&item.encode(), Record::LineItem);
+            }
+        }
+        // A value no writer leaves among October's lines kept apart: read, it fails the read.
+        let mut october = neruba_balances::state::customer_key(b'T', "t", "c");
+        push(&mut october, b"l");
+        push(
+            &mut october,
+            neruba_balances::book::statements::key("USD", months[0].0).as_bytes(),
+        );
+        push(&mut october, b"zz");
+        ledger.db.put(october, b"not a line").expect("put");
+        let model = ledger.commit_into_model();
+        let read = |month: &str| {
+            model
+                .statements("t", "c", month, |read| {
+                    read.statements
+                        .iter()
+                        .map(|s| (s.period_start.clone(), s.lines.len()))
+                        .collect::<Vec<_>>()
+                })
+                .map(|(read, _)| read.expect("the customer"))
+        };
+        assert_eq!(
+            read("2026-11").expect("November's read"),
+            vec![(months[1].0.to_owned(), groups)]
+        );
+        assert!(matches!(read("2026-10"), Err(ReadError::Storage(_))));
     }
 
     #[test]

@@ -125,10 +125,8 @@ impl After {
     /// How many of `lines` (of its section, in line order) are at or before this place;
     /// `None` for a digest no line of theirs has.
     fn taken_of(&self, lines: &[StatementLine]) -> Option<usize> {
-        match (&self.group, &self.digest) {
-            (Some(group), _) => Some(lines.partition_point(|line| {
-                line_order(line, &self.meter, group, &self.period_start) != Ordering::Greater
-            })),
+        match (self.place(), &self.digest) {
+            (Some(place), _) => Some(lines.partition_point(|line| !place.precedes(line))),
             (None, Some(digest)) => lines
                 .iter()
                 .rposition(|line| {
@@ -198,7 +196,8 @@ pub(crate) fn page(
                 *lines = stored.read(from, count).map_err(Unreadable::Store)?;
             }
         }
-        // In line order, whatever order older stored statements kept them in.
+        // In line order, whatever order older stored statements kept them in (lists read
+        // from runs come in it).
         lines.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
         if let Some(after) = after {
             match order.unwrap_or(Ordering::Greater) {
@@ -289,12 +288,13 @@ mod tests {
     }
 
     /// Every page of `lists` at `limit`, read through cursors sent back as a client sends
-    /// them; the lists of sections in `apart` are those of final statements, stored as the
-    /// ledger stage stores them (in RocksDB, in runs of up to `run` lines) and read from
-    /// there.
+    /// them; from page `final_from` on (counted from 0), the lists of sections in `apart` are
+    /// those of final statements, stored as the ledger stage stores them (in RocksDB, in runs
+    /// of up to `run` lines) and read from there, and before it held, as an open or draft
+    /// statement's are: a statement turns final between two pages.
     fn read_in_pages(
         lists: &[(Section, Vec<StatementLine>)],
-        apart: &[Section],
+        (apart, final_from): (&[Section], usize),
         run: usize,
         limit: usize,
     ) -> Vec<Vec<Placed>> {
@@ -311,6 +311,11 @@ mod tests {
         let mut pages = Vec::new();
         let mut after: Option<After> = None;
         loop {
+            let apart = if pages.len() >= final_from {
+                apart
+            } else {
+                &[]
+            };
             let snapshot = db.snapshot();
             let stored: Vec<Option<StoredLines<'_>>> = lists
                 .iter()
@@ -377,7 +382,7 @@ mod tests {
                 .map(|(s, m, g, _)| (s, m, g["project"].clone()))
                 .collect()
         };
-        let whole = project(read_in_pages(&lists(), &[], 1, 100));
+        let whole = project(read_in_pages(&lists(), (&[], 0), 1, 100));
         let long = "y".repeat(2000);
         let want: Vec<(Section, String, String)> = [
             (Section::lines("EUR", P), "a", long.as_str()),
@@ -399,9 +404,10 @@ mod tests {
             Section::lines("USD", P),
             Section::prior_period("USD", P),
         ];
-        for (apart, run) in [(&[][..], 1), (&apart, 1), (&apart, 2), (&apart, 128)] {
+        let cases = [(&[][..], 1), (&apart, 1), (&apart, 2), (&apart, 128)];
+        for ((apart, run), final_from) in cases.into_iter().zip([0, 0, 1, 2]) {
             for limit in 1..=8 {
-                let pages = read_in_pages(&lists(), apart, run, limit);
+                let pages = read_in_pages(&lists(), (apart, final_from), run, limit);
                 assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= limit));
                 assert_eq!(pages.len(), want.len().div_ceil(limit), "limit {limit}");
                 assert_eq!(project(pages), want, "limit {limit} {apart:?} {run}");
@@ -490,8 +496,10 @@ mod tests {
             // Per statement (the first three sections': the third's prior-period lines are
             // the fourth section), whether it is final, its lists kept apart.
             apart in proptest::collection::vec(proptest::bool::ANY, 3),
-            // Lines a run of a final statement's stored lines holds.
+            // Lines a run of a final statement's stored lines holds, and the page from
+            // which those statements are final (before it, open).
             run in 1_usize..5,
+            final_from in 0_usize..4,
         ) {
             let long = "y".repeat(2000);
             let projects = ["", "p1", "p2", long.as_str()];
@@ -547,7 +555,7 @@ mod tests {
                 .filter(|&(&statement, _)| apart[statement])
                 .map(|(_, section)| section.clone())
                 .collect();
-            let pages = read_in_pages(&lists, &apart, run, limit);
+            let pages = read_in_pages(&lists, (&apart, final_from), run, limit);
             proptest::prop_assert_eq!(pages.len(), want.len().div_ceil(limit).max(1));
             proptest::prop_assert!(pages.iter().all(|p| p.len() <= limit));
             let full = pages.split_last().is_none_or(|(_, before)| {

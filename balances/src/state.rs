@@ -1367,11 +1367,6 @@ impl Parts {
         grants: true,
         lines: false,
     };
-    /// The statement lines only (statement reads).
-    pub const LINES: Self = Self {
-        grants: false,
-        lines: true,
-    };
     /// The book alone: its balances, rules, the grants holding credit (none of those is ever
     /// kept apart) and the newest spent ones (balance reads, and reads that only ask whether
     /// the customer is known).
@@ -1427,6 +1422,39 @@ pub fn read_book_in(
         under(b'T', &mut |rest, value| lines.add(rest, value))?;
         lines.put_into(&mut book);
     }
+    Ok(Some(book))
+}
+
+/// A customer's book as of `snapshot` with, of what is kept apart from it, the lines of the
+/// lists `lists` names from the book alone (`None`: no record of the customer was applied).
+/// A read of one period's statements reads their lines and those carried, not the lines of
+/// every other statement the book holds.
+pub fn read_book_with_lines_of(
+    snapshot: &rocksdb::Snapshot<'_>,
+    tenant: &str,
+    customer: &str,
+    lists: impl FnOnce(&Book) -> Vec<LineList>,
+) -> Result<Option<Book>> {
+    let Some(mut book) = read_book_in(snapshot, tenant, customer, Parts::BOOK)? else {
+        return Ok(None);
+    };
+    let mut lines = SpilledLines::default();
+    let after_customer = customer_key(b'T', tenant, customer).len();
+    for list in lists(&book) {
+        let prefix = line_list_key(tenant, customer, &list);
+        let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in snapshot.iterator_opt(from, neruba_stage::keys::reading_under(&prefix)) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let rest = key.get(after_customer..).unwrap_or_default();
+            lines
+                .add(rest, &value)
+                .map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
+        }
+    }
+    lines.put_into(&mut book);
     Ok(Some(book))
 }
 

@@ -21,7 +21,10 @@
 //!    page); and the history customer's line items of that month, walked page by page (no
 //!    target: the whole walk's time says whether a page costs what it answers or the whole
 //!    period);
-//! 7. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
+//! 7. with `NERUBA_BENCH_OPEN_LINES` set, the history customer's statement of this month
+//!    with that many lines, open (its lines in the book, not kept as a final statement's),
+//!    read whole and walked as the final one is;
+//! 8. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
 //!    1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (see [`wide`]).
 
 // Latencies and rates in the report are floating point; no quantity or amount is.
@@ -316,6 +319,52 @@ async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Result<serd
         .await?)
 }
 
+/// The statement at `url` (one, `status`, of `lines` lines) read 200 times whole in one page
+/// (the most a page holds), then walked 20 times a page of 1,000 lines (the default) at a
+/// time, as a client walks it (and the console reads its first page).
+async fn statement_reads(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    status: &str,
+    lines: usize,
+    label: &str,
+) -> Result<()> {
+    let whole = format!("{url}?limit=10000");
+    let answer = get_json(client, &whole, key).await?;
+    let lines_of = |answer: &serde_json::Value| {
+        answer["statements"][0]["lines"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    if answer["statements"][0]["status"] != status || lines_of(&answer) != lines {
+        bail!("{url}: not one {status} statement of {lines} lines: {answer}");
+    }
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        samples.push(timed_get(client, &whole, key).await?.0);
+    }
+    report(&format!("{label}, whole"), samples, "target p99 <= 10 ms");
+    let (mut samples, mut walks) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let paged = format!("{url}?limit=1000");
+        let (pages, walked) = walk(client, &paged, key, lines, lines_of).await?;
+        samples.extend(pages);
+        walks.push(walked);
+    }
+    report(
+        &format!("{label}, each page of 1,000 lines in turn"),
+        samples,
+        "target p99 <= 10 ms",
+    );
+    report(
+        &format!("  the whole walk of {lines} lines"),
+        walks,
+        "no target",
+    );
+    Ok(())
+}
+
 /// Every page of `url` in turn, through the cursors it answers, as a client walks them: each
 /// page's time and the whole walk's. A walk that does not move on, or does not read exactly
 /// `total` of what `count` counts in a page, fails.
@@ -563,6 +612,29 @@ async fn main() -> Result<()> {
     println!(
         "{history}: {months} months of {lines} line items each, every month's statement final"
     );
+    // With `NERUBA_BENCH_OPEN_LINES`, this month's items too: its statement open, its lines
+    // in the book.
+    let open_lines = env_usize("NERUBA_BENCH_OPEN_LINES", 0);
+    if open_lines > 0 {
+        let chunk: Vec<Record> = (0..open_lines)
+            .map(|g| Record {
+                topic: topics::LEDGER,
+                key: format!("acme/{history}"),
+                payload: usage_item(
+                    history,
+                    format!("li_hopn_{g:08}"),
+                    ("project", format!("project-{g}")),
+                    period,
+                    Decimal::new(1, 2),
+                )
+                .encode(),
+                header: None,
+            })
+            .collect();
+        send_all(&setup, &chunk).await?;
+        caught_up(&api, &highs(&probe)?).await?;
+        println!("{history}: this month's statement open with {open_lines} lines");
+    }
 
     let client = reqwest::Client::new();
     let base = format!("http://{}", api.local_addr);
@@ -592,48 +664,9 @@ async fn main() -> Result<()> {
             .get(..7)
             .context("month")?
             .to_owned();
-        // Whole, in one page (the most a page holds).
-        let url = format!("{base}/v1/customers/{history}/statements/{month}?limit=10000");
-        let answer = get_json(&client, &url, key).await?;
-        let shown = answer["statements"][0]["lines"]
-            .as_array()
-            .map_or(0, Vec::len);
-        if answer["statements"][0]["status"] != "final" || shown != lines {
-            bail!("{history}'s statement of {month} is not final with {lines} lines: {answer}");
-        }
-        let mut samples = Vec::new();
-        for _ in 0..200 {
-            samples.push(timed_get(&client, &url, key).await?.0);
-        }
-        report(
-            &format!("statement of one month of {months} final, whole"),
-            samples,
-            "target p99 <= 10 ms",
-        );
-        // The same statement a page of 1,000 lines (the default) at a time, as a client walks
-        // it (and the console reads its first page): a page costs what it holds.
-        let url = format!("{base}/v1/customers/{history}/statements/{month}?limit=1000");
-        let lines_of = |answer: &serde_json::Value| {
-            answer["statements"][0]["lines"]
-                .as_array()
-                .map_or(0, Vec::len)
-        };
-        let (mut samples, mut walks) = (Vec::new(), Vec::new());
-        for _ in 0..20 {
-            let (pages, walked) = walk(&client, &url, key, lines, lines_of).await?;
-            samples.extend(pages);
-            walks.push(walked);
-        }
-        report(
-            "statement, one month, each page of 1,000 lines in turn",
-            samples,
-            "target p99 <= 10 ms",
-        );
-        report(
-            &format!("  the whole walk of {lines} lines"),
-            walks,
-            "no target",
-        );
+        let url = format!("{base}/v1/customers/{history}/statements/{month}");
+        let label = format!("statement of one month of {months} final");
+        statement_reads(&client, &url, key, "final", lines, &label).await?;
         // The same month's line items, every page in turn as a client walks them.
         let url = format!("{base}/v1/customers/{history}/line-items?period={month}&limit=100");
         let items_of = |answer: &serde_json::Value| answer["items"].as_array().map_or(0, Vec::len);
@@ -647,6 +680,11 @@ async fn main() -> Result<()> {
             "  all {lines} items in {:.1} ms",
             walked.as_secs_f64() * 1e3
         );
+    }
+    if open_lines > 0 {
+        let url = format!("{base}/v1/customers/{history}/statements/{month}");
+        let label = "statement of this month, open";
+        statement_reads(&client, &url, key, "open", open_lines, label).await?;
     }
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     let usage_reads = env_usize("NERUBA_BENCH_USAGE_READS", 50);

@@ -21,7 +21,8 @@ pub fn read_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 /// (the tests read them back): each `0x00` byte is written `0x00 0xFF`, and the part ends with
 /// `0x00 0x00`. Where [`push_part`]'s length prefix sorts a shorter part first whatever its
 /// bytes, this keeps the parts' own order, so a scan of such keys is in that order and a seek
-/// finds a tuple's place.
+/// finds a tuple's place. Keys so written are stored: changing this encoding would sort new
+/// keys apart from stored ones.
 pub fn push_ordered(buf: &mut Vec<u8>, part: &[u8]) {
     for &byte in part {
         buf.push(byte);

@@ -1773,11 +1773,13 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_the_client()
+async fn final_statements_of_many_lines_are_read_a_page_at_a_time_and_whole_by_the_client()
 -> Result<()> {
-    // Its lines are kept in runs (of 128); a page reads those it needs from its cursor's
-    // place on. The api's default page is 1,000 lines, at most 10,000.
+    // Their lines are kept in runs (of 128); a page reads those it needs from its cursor's
+    // place on. The api's default page is 1,000 lines, at most 10,000. Every fifth item is
+    // in EUR: two statements, EUR's first, a page running from one into the other.
     const LINES: usize = 2_345;
+    const EUR_LINES: usize = 469;
     let p = Pipeline::start().await?;
     let customer = "long-1";
     let producer: FutureProducer = ClientConfig::new()
@@ -1785,7 +1787,7 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
         .set("linger.ms", "5")
         .create()?;
     let partition = stable_partition(&format!("acme/{customer}"), LEDGER_PARTITIONS);
-    // One cent in each of LINES groups of November 2026, then ticks at the period's end and
+    // One cent (USD) or euro cent in each of LINES groups of November 2026, then ticks at the period's end and
     // after the finalisation delay: the statement draft, then final.
     let mut records = Vec::new();
     for n in 0..LINES {
@@ -1800,6 +1802,9 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
             ("0.01", "0.01"),
         )?;
         item.group = BTreeMap::from([("project".to_owned(), format!("p-{n}"))]);
+        if n % 5 == 0 {
+            item.currency = "EUR".into();
+        }
         records.push((credit::encode(&item), None));
     }
     for at in ["2026-12-01T00:00:00Z", "2026-12-04T00:00:00Z"] {
@@ -1835,24 +1840,45 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
         ));
     }
     let last = last.context("a record")?;
-    let mut want: Vec<String> = (0..LINES).map(|n| format!("p-{n}")).collect();
-    want.sort();
+    // Each statement's projects in line order.
+    let projects_of = |eur: bool| -> Vec<String> {
+        let mut projects: Vec<String> = (0..LINES)
+            .filter(|n| (n % 5 == 0) == eur)
+            .map(|n| format!("p-{n}"))
+            .collect();
+        projects.sort();
+        projects
+    };
+    let (eur, usd) = (projects_of(true), projects_of(false));
+    assert_eq!((eur.len(), usd.len()), (EUR_LINES, LINES - EUR_LINES));
 
     // Through the client, which reads every page: every line once, in line order.
     let reader = p.reader("acme")?.at(&last);
     let whole = reader.statements(customer, "2026-11").await?;
-    let [statement] = whole.statements.as_slice() else {
-        bail!("one statement: {whole:?}");
-    };
-    assert_eq!(statement.status, StatementStatus::Final);
-    assert_eq!(statement.usage, d("23.45"));
     let projects = |lines: &[neruba_client::StatementLine]| -> Vec<String> {
         lines.iter().map(|l| l.group["project"].clone()).collect()
     };
-    assert_eq!(projects(&statement.lines), want);
+    let read: Vec<_> = whole
+        .statements
+        .iter()
+        .map(|s| {
+            let sum: Decimal = s.lines.iter().map(|l| l.amount).sum();
+            (
+                s.currency.as_str(),
+                &s.status,
+                s.usage,
+                sum,
+                projects(&s.lines),
+            )
+        })
+        .collect();
+    let final_ = StatementStatus::Final;
     assert_eq!(
-        statement.lines.iter().map(|l| l.amount).sum::<Decimal>(),
-        d("23.45")
+        read,
+        [
+            ("EUR", &final_, d("4.69"), d("4.69"), eur.clone()),
+            ("USD", &final_, d("18.76"), d("18.76"), usd.clone()),
+        ]
     );
 
     // Over HTTP as a person's tool reads it: pages of the default 1,000, each with the whole
@@ -1872,15 +1898,33 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
             .error_for_status()?
             .json()
             .await?;
-        let statement = &page["statements"][0];
-        assert_eq!(
-            (&statement["status"], &statement["usage"]),
-            (&json!("final"), &json!("23.45")),
-            "{page}"
-        );
-        let lines = statement["lines"].as_array().context("lines")?;
-        sizes.push(lines.len());
-        read.extend(lines.iter().map(|l| l["group"]["project"].to_string()));
+        // Both statements on every page, with their totals.
+        let mut size = 0;
+        for (statement, (currency, usage)) in page["statements"]
+            .as_array()
+            .context("statements")?
+            .iter()
+            .zip([("EUR", "4.69"), ("USD", "18.76")])
+        {
+            assert_eq!(
+                (
+                    &statement["currency"],
+                    &statement["status"],
+                    &statement["usage"]
+                ),
+                (&json!(currency), &json!("final"), &json!(usage)),
+                "{page}"
+            );
+            let lines = statement["lines"].as_array().context("lines")?;
+            size += lines.len();
+            read.extend(
+                lines
+                    .iter()
+                    .map(|l| format!("{currency} {}", l["group"]["project"])),
+            );
+        }
+        assert_eq!(page["statements"].as_array().map(Vec::len), Some(2));
+        sizes.push(size);
         match page["next_cursor"].as_str() {
             Some(next) if sizes.len() < 5 => cursor = format!("&cursor={next}"),
             next => {
@@ -1890,8 +1934,10 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
         }
     }
     assert_eq!(sizes, [1_000, 1_000, 345]);
-    let quoted: Vec<String> = want.iter().map(|p| format!("\"{p}\"")).collect();
-    assert_eq!(read, quoted);
+    let want: Vec<String> = (eur.iter().map(|p| format!("EUR \"{p}\"")))
+        .chain(usd.iter().map(|p| format!("USD \"{p}\"")))
+        .collect();
+    assert_eq!(read, want);
     let one: Value = http
         .get(format!("{url}&limit=10000"))
         .bearer_auth(key("read")?)
@@ -1901,10 +1947,13 @@ async fn a_final_statement_of_many_lines_is_read_a_page_at_a_time_and_whole_by_t
         .json()
         .await?;
     assert_eq!(one["next_cursor"], Value::Null);
-    assert_eq!(
-        one["statements"][0]["lines"].as_array().map(Vec::len),
-        Some(LINES)
-    );
+    let counts: Vec<_> = one["statements"]
+        .as_array()
+        .context("statements")?
+        .iter()
+        .map(|s| s["lines"].as_array().map(Vec::len))
+        .collect();
+    assert_eq!(counts, [Some(EUR_LINES), Some(LINES - EUR_LINES)]);
     p.stop().await
 }
 
