@@ -1100,10 +1100,9 @@ async fn statements(
             let StatementsRead {
                 mut statements,
                 apart,
-                book,
+                carried,
             } = read;
-            let mut pending_prior_period: Vec<Pending> = book
-                .carried
+            let mut pending_prior_period: Vec<Pending> = carried
                 .into_iter()
                 .map(|(currency, carried)| Pending {
                     currency,

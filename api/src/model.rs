@@ -444,15 +444,16 @@ impl<'a> StoredLines<'a> {
     }
 }
 
-/// A customer's statements of one period with the book they were read with, as handed to a
-/// read's answer ([`Model::statements`]).
+/// A customer's statements of one period with what the book they were read with carries, as
+/// handed to a read's answer ([`Model::statements`]).
 pub(crate) struct StatementsRead<'a> {
     /// By currency, then period; final ones kept apart without their lines.
     pub(crate) statements: Vec<Statement>,
     /// Per statement: its `lines` and `prior_period` as kept apart, to read from a place on
     /// (`None`: the statement holds them).
     pub(crate) apart: Vec<Option<[StoredLines<'a>; 2]>>,
-    pub(crate) book: Book,
+    /// The book's corrections of final periods waiting for a later statement, by currency.
+    pub(crate) carried: BTreeMap<String, neruba_balances::book::statements::Carried>,
 }
 
 /// The month a billing period is labelled by (`YYYY-MM`): the month it starts in, in its own
@@ -910,13 +911,14 @@ impl Model {
             iter.next();
         }
         iter.status()?;
+        // Taken out of the book, not copied (an open statement can hold 10,000 lines).
         out.extend(
             book.statements
-                .values()
+                .into_values()
                 .filter(|s| {
                     period_label(&s.statement.period_start, &s.statement.period_end) == month
                 })
-                .map(|s| (s.statement.clone(), false)),
+                .map(|s| (s.statement, false)),
         );
         // By currency, then period (two periods of one currency can share a label when a
         // meter's anchor or time zone changed): the order a statements page walks them in.
@@ -937,7 +939,7 @@ impl Model {
         let read = StatementsRead {
             statements,
             apart,
-            book,
+            carried: book.carried,
         };
         Ok((Some(answer(read)), position))
     }
