@@ -250,10 +250,10 @@ pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement)
 
 /// The first byte of a final statement stored whole in [`postcard`] (compact binary serde).
 /// Releases from the morning of December 2, 2026 stored final statements so, and releases
-/// before them in JSON, whose first byte is `{`. Both still read ([`decode_statement`]). postcard's layout is the fields'
-/// order: a field added to `Statement` or `StatementLine` (even one with a default), or a
-/// status variant moved, needs a new tag byte and a decoder for this layout
-/// (`the_stored_forms_of_a_final_statement_are_fixed` pins its bytes).
+/// before them in JSON, whose first byte is `{`. Both still read ([`decode_statement`]).
+/// postcard's layout is the fields' order: a field added to `Statement` or `StatementLine`
+/// (even one with a default), or a status variant moved, needs a new tag byte and a decoder
+/// for this layout (`the_stored_forms_of_a_final_statement_are_fixed` pins its bytes).
 const STATEMENT_POSTCARD: u8 = 0xB1;
 
 /// The first byte of a final statement stored without its lines: postcard follows, of the

@@ -15,8 +15,9 @@
 //!    statement final (ticks written into its partition, as the balances stage writes them);
 //! 6. reads over HTTP on one keep-alive connection: statements and balances of random
 //!    customers (SPEC target p99 ≤ 10 ms), the statement of one month of the customer with a
-//!    history, whole in one page (the same target), and the usage customer's month at its 1-minute windows, by
-//!    hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS` (default 50) times each;
+//!    history, whole in one page (the same target), and the usage customer's month at its
+//!    1-minute windows, by hour and by day (target ≤ 50 ms), `NERUBA_BENCH_USAGE_READS`
+//!    (default 50) times each;
 //!    that statement walked 20 times a page of 1,000 lines at a time (the same target a
 //!    page); and the history customer's line items of that month, walked page by page (no
 //!    target: the whole walk's time says whether a page costs what it answers or the whole
@@ -206,6 +207,26 @@ fn usage_item(
         revision: 1,
         supersedes: None,
     }
+}
+
+/// `lines` line items of one cent, one per group (`project-<n>`), of `customer` in `period`,
+/// their ids `li_h<month>_<n>` (of one length, as the rater's are).
+fn cents(customer: &str, month: &str, period: (i64, i64), lines: usize) -> Vec<Record> {
+    (0..lines)
+        .map(|g| Record {
+            topic: topics::LEDGER,
+            key: format!("acme/{customer}"),
+            payload: usage_item(
+                customer,
+                format!("li_h{month}_{g:08}"),
+                ("project", format!("project-{g}")),
+                period,
+                Decimal::new(1, 2),
+            )
+            .encode(),
+            header: None,
+        })
+        .collect()
 }
 
 /// High watermarks of both topics, per (topic, partition).
@@ -575,22 +596,7 @@ async fn main() -> Result<()> {
     }
     periods.reverse();
     for (m, month_period) in periods.iter().enumerate() {
-        let mut chunk: Vec<Record> = (0..lines)
-            .map(|g| Record {
-                topic: topics::LEDGER,
-                key: format!("acme/{history}"),
-                payload: usage_item(
-                    history,
-                    // One length, as the rater's ids have.
-                    format!("li_h{m:03}_{g:08}"),
-                    ("project", format!("project-{g}")),
-                    *month_period,
-                    Decimal::new(1, 2),
-                )
-                .encode(),
-                header: None,
-            })
-            .collect();
+        let mut chunk = cents(history, &format!("{m:03}"), *month_period, lines);
         for at_ms in [
             month_period.1,
             month_period.1 + credit::DEFAULT_FINALIZE_AFTER_MS,
@@ -616,21 +622,7 @@ async fn main() -> Result<()> {
     // in the book.
     let open_lines = env_usize("NERUBA_BENCH_OPEN_LINES", 0);
     if open_lines > 0 {
-        let chunk: Vec<Record> = (0..open_lines)
-            .map(|g| Record {
-                topic: topics::LEDGER,
-                key: format!("acme/{history}"),
-                payload: usage_item(
-                    history,
-                    format!("li_hopn_{g:08}"),
-                    ("project", format!("project-{g}")),
-                    period,
-                    Decimal::new(1, 2),
-                )
-                .encode(),
-                header: None,
-            })
-            .collect();
+        let chunk = cents(history, "opn", period, open_lines);
         send_all(&setup, &chunk).await?;
         caught_up(&api, &highs(&probe)?).await?;
         println!("{history}: this month's statement open with {open_lines} lines");

@@ -1888,16 +1888,13 @@ async fn final_statements_of_many_lines_are_read_a_page_at_a_time_and_whole_by_t
         "{}/v1/customers/{customer}/statements/2026-11?min_position={}:{}:{}",
         p.api, last.topic, last.partition, last.offset
     );
+    let get = |url: String| async {
+        let answer = http.get(url).bearer_auth(key("read")?).send().await?;
+        anyhow::Ok(answer.error_for_status()?.json::<Value>().await?)
+    };
     let (mut read, mut sizes, mut cursor) = (Vec::new(), Vec::new(), String::new());
     loop {
-        let page: Value = http
-            .get(format!("{url}{cursor}"))
-            .bearer_auth(key("read")?)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let page = get(format!("{url}{cursor}")).await?;
         // Both statements on every page, with their totals.
         let mut size = 0;
         for (statement, (currency, usage)) in page["statements"]
@@ -1938,14 +1935,7 @@ async fn final_statements_of_many_lines_are_read_a_page_at_a_time_and_whole_by_t
         .chain(usd.iter().map(|p| format!("USD \"{p}\"")))
         .collect();
     assert_eq!(read, want);
-    let one: Value = http
-        .get(format!("{url}&limit=10000"))
-        .bearer_auth(key("read")?)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let one = get(format!("{url}&limit=10000")).await?;
     assert_eq!(one["next_cursor"], Value::Null);
     let counts: Vec<_> = one["statements"]
         .as_array()
