@@ -13,6 +13,8 @@
   const READ_KEY = 'neruba.console.read-key';
   const CREDITS_KEY = 'neruba.console.credits-key';
   const MAX_PAGE = 1000;
+  // Most lines a statements page holds: the console shows a statement whole up to it.
+  const MAX_STATEMENT_LINES = 10000;
   // Most rows of usage one chart draws (a page of the usage read).
   const USAGE_CHART_ROWS = 10000;
   // An RFC 3339 time with a `T` and seconds, which `Date.parse` reads as the gateway does once
@@ -317,7 +319,7 @@
     say(`Reading ${customer} for ${period}…`);
     const at = [['min_position', minPosition]];
     const [statements, items, balances, grants, entries] = await Promise.all([
-      read(customerPath(customer, `/statements/${enc(period)}${query(at)}`)),
+      read(customerPath(customer, `/statements/${enc(period)}${query([['limit', MAX_STATEMENT_LINES]].concat(at))}`)),
       read(customerPath(customer, `/line-items${query([['period', period], ['limit', MAX_PAGE]])}`)),
       read(customerPath(customer, `/balances${query(at)}`)),
       read(customerPath(customer, `/grants${query(at)}`)),
@@ -363,7 +365,7 @@
       read(customerPath(customer, `/balances${query(at)}`)),
       read(customerPath(customer, `/grants${query(at)}`)),
       read(customerPath(customer, `/balance-entries${query([['limit', 100]].concat(at))}`)),
-      read(customerPath(customer, `/statements/${enc(view.period)}${query(at)}`)),
+      read(customerPath(customer, `/statements/${enc(view.period)}${query([['limit', MAX_STATEMENT_LINES]].concat(at))}`)),
     ]);
     const failed = [balances, grants, entries, statements].find((a) => !a.ok);
     if (failed) {
@@ -423,7 +425,7 @@
     }
     if (data.next_cursor) {
       parts.push(el('p', { class: 'help', 'data-testid': 'statement-more-lines' },
-        'The statements have more lines than one page holds (1,000): the lines shown are the first; the totals are every line\'s.'));
+        'The statements have more lines than one page holds (10,000): the lines shown are the first; the totals are every line\'s.'));
     }
     box.replaceChildren(...parts);
   }
