@@ -1099,7 +1099,6 @@ async fn statements(
         .statements(&tenant, &customer, &period, |read| {
             let StatementsRead {
                 mut statements,
-                apart,
                 carried,
             } = read;
             let mut pending_prior_period: Vec<Pending> = carried
@@ -1113,9 +1112,9 @@ async fn statements(
                 })
                 .collect();
             let mut sections = Vec::new();
-            for (statement, apart) in statements.iter_mut().zip(&apart) {
+            for (statement, apart) in &mut statements {
                 let (currency, start) = (&statement.currency, &statement.period_start);
-                let [lines, prior] = match apart {
+                let [lines, prior] = match &*apart {
                     Some([lines, prior]) => [Some(lines), Some(prior)],
                     None => [None, None],
                 };
@@ -1138,6 +1137,7 @@ async fn statements(
                 ));
             }
             let next = statement_pages::page(pages_of, sections, limit, after.as_ref());
+            let statements: Vec<Statement> = statements.into_iter().map(|(s, _)| s).collect();
             next.map(|next| (statements, pending_prior_period, next))
         })?;
     let (statements, pending_prior_period, next) = read

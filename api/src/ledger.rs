@@ -653,14 +653,11 @@ mod tests {
         // The final statement keeps every line, in runs apart from it.
         let (read, _) = model
             .statements("t", "c", "2026-11", |read| {
-                let [statement] = read.statements.as_slice() else {
-                    panic!("one statement: {:?}", read.statements);
+                let [(statement, Some([lines, _]))] = read.statements.as_slice() else {
+                    panic!("one statement, its lines kept apart");
                 };
                 assert_eq!(statement.status, StatementStatus::Final);
                 assert!(statement.lines.is_empty());
-                let Some([lines, _]) = &read.apart[0] else {
-                    panic!("its lines kept apart");
-                };
                 lines.read(None, usize::MAX).expect("lines")
             })
             .expect("read");

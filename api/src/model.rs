@@ -237,8 +237,13 @@ pub fn item_place(item: &LineItem) -> String {
 
 /// The key of a final statement.
 pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement) -> Vec<u8> {
+    of_statement(b'S', tenant, customer, statement)
+}
+
+/// A key of `kind` of a customer's `statement`: its period start and currency.
+fn of_statement(kind: u8, tenant: &str, customer: &str, statement: &Statement) -> Vec<u8> {
     key(
-        b'S',
+        kind,
         tenant,
         customer,
         &[
@@ -276,17 +281,9 @@ pub(crate) fn final_lines_key(
     statement: &Statement,
     prior: bool,
 ) -> Vec<u8> {
-    let list: &[u8] = if prior { b"p" } else { b"l" };
-    key(
-        b'F',
-        tenant,
-        customer,
-        &[
-            statement.period_start.as_bytes(),
-            statement.currency.as_bytes(),
-            list,
-        ],
-    )
+    let mut key = of_statement(b'F', tenant, customer, statement);
+    push(&mut key, if prior { b"p" } else { b"l" });
+    key
 }
 
 /// Appends a line's place in its list so that keys sort in [`line_order`]: its meter, each
@@ -447,11 +444,10 @@ impl<'a> StoredLines<'a> {
 /// A customer's statements of one period with what the book they were read with carries, as
 /// handed to a read's answer ([`Model::statements`]).
 pub(crate) struct StatementsRead<'a> {
-    /// By currency, then period; final ones kept apart without their lines.
-    pub(crate) statements: Vec<Statement>,
-    /// Per statement: its `lines` and `prior_period` as kept apart, to read from a place on
-    /// (`None`: the statement holds them).
-    pub(crate) apart: Vec<Option<[StoredLines<'a>; 2]>>,
+    /// By currency, then period; each with its `lines` and `prior_period` as kept apart, to
+    /// read from a place on (`None`: the statement holds them; final ones kept apart hold
+    /// none).
+    pub(crate) statements: Vec<(Statement, Option<[StoredLines<'a>; 2]>)>,
     /// The book's corrections of final periods waiting for a later statement, by currency.
     pub(crate) carried: BTreeMap<String, neruba_balances::book::statements::Carried>,
 }
@@ -923,7 +919,7 @@ impl Model {
         // By currency, then period (two periods of one currency can share a label when a
         // meter's anchor or time zone changed): the order a statements page walks them in.
         out.sort_by_cached_key(|(s, _)| (s.currency.clone(), key_time(&s.period_start)));
-        let lists = |statement: &Statement| {
+        let stored = |statement: &Statement| {
             [false, true].map(|prior| {
                 StoredLines::new(
                     &snapshot,
@@ -931,14 +927,15 @@ impl Model {
                 )
             })
         };
-        let apart = out
-            .iter()
-            .map(|(statement, apart)| apart.then(|| lists(statement)))
+        let statements = out
+            .into_iter()
+            .map(|(statement, apart)| {
+                let lines = apart.then(|| stored(&statement));
+                (statement, lines)
+            })
             .collect();
-        let statements = out.into_iter().map(|(statement, _)| statement).collect();
         let read = StatementsRead {
             statements,
-            apart,
             carried: book.carried,
         };
         Ok((Some(answer(read)), position))
@@ -1433,7 +1430,6 @@ mod tests {
             let (read, _) = model.statements("t", "c", month, |read| {
                 read.statements
                     .iter()
-                    .zip(&read.apart)
                     .map(|(s, apart)| match apart {
                         Some([lines, prior]) => {
                             let count = |list: &StoredLines<'_>| {
@@ -1506,7 +1502,7 @@ mod tests {
                 .statements("t", "c", month, |read| {
                     read.statements
                         .iter()
-                        .map(|s| (s.period_start.clone(), s.lines.len()))
+                        .map(|(s, _)| (s.period_start.clone(), s.lines.len()))
                         .collect::<Vec<_>>()
                 })
                 .map(|(read, _)| read.expect("the customer"))
@@ -1535,7 +1531,10 @@ mod tests {
         }
         let model = ledger.commit_into_model();
         let (read, _) = model
-            .statements("t", "c", "2026-11", |read| read.statements)
+            .statements("t", "c", "2026-11", |read| {
+                let statements = read.statements.into_iter();
+                statements.map(|(s, _)| s).collect::<Vec<_>>()
+            })
             .expect("read");
         let statements = read.expect("the customer");
         let [statement] = statements.as_slice() else {

@@ -1396,18 +1396,10 @@ pub fn read_book_in(
     };
     let mut book = Book::decode(&bytes)
         .map_err(|e| Error::corrupt(format!("book of {tenant}/{customer}"), e))?;
-    // Every value under the customer's keys of `kind`: the rest of its key, and the value.
-    let under = |kind: u8, each: &mut ApartValue<'_>| -> Result<()> {
+    // Every value under the customer's keys of `kind`.
+    let under = |kind: u8, each: &mut ApartValue<'_>| {
         let prefix = customer_key(kind, tenant, customer);
-        let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for item in snapshot.iterator_opt(from, neruba_stage::keys::reading_under(&prefix)) {
-            let (key, value) = item?;
-            let Some(rest) = key.strip_prefix(prefix.as_slice()) else {
-                break;
-            };
-            each(rest, &value).map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
-        }
-        Ok(())
+        each_under(snapshot, (&prefix, prefix.len()), (tenant, customer), each)
     };
     if parts.grants {
         let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
@@ -1439,23 +1431,40 @@ pub fn read_book_with_lines_of(
         return Ok(None);
     };
     let mut lines = SpilledLines::default();
+    // A line's value is read with the rest of its key after the customer, its list's in it.
     let after_customer = customer_key(b'T', tenant, customer).len();
     for list in lists(&book) {
         let prefix = line_list_key(tenant, customer, &list);
-        let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for item in snapshot.iterator_opt(from, neruba_stage::keys::reading_under(&prefix)) {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let rest = key.get(after_customer..).unwrap_or_default();
-            lines
-                .add(rest, &value)
-                .map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
-        }
+        each_under(
+            snapshot,
+            (&prefix, after_customer),
+            (tenant, customer),
+            &mut |rest, value| lines.add(rest, value),
+        )?;
     }
     lines.put_into(&mut book);
     Ok(Some(book))
+}
+
+/// Every value under `prefix` as of `snapshot`, handed to `each` with the rest of its key
+/// after its first `skip` bytes (at most the prefix's); a value `each` refuses is a corrupt
+/// record of the customer.
+fn each_under(
+    snapshot: &rocksdb::Snapshot<'_>,
+    (prefix, skip): (&[u8], usize),
+    (tenant, customer): (&str, &str),
+    each: &mut ApartValue<'_>,
+) -> Result<()> {
+    let from = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+    for item in snapshot.iterator_opt(from, neruba_stage::keys::reading_under(prefix)) {
+        let (key, value) = item?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        let rest = key.get(skip..).unwrap_or_default();
+        each(rest, &value).map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
+    }
+    Ok(())
 }
 
 /// Grant `id` of a customer as of `snapshot`, from its book or kept apart (settled as a read
