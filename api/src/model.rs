@@ -19,7 +19,7 @@
 //! | tenant, `E`, customer, sequence (8 bytes BE) | a balance entry (JSON) |
 //! | tenant, `L`, customer, period start, window start, line-item id | the line item (JSON) |
 //! | tenant, `S`, customer, period start, currency | a final statement: without its lines (a tag byte, then postcard), or whole, as releases before stored it (postcard behind another tag byte, or JSON) |
-//! | tenant, `F`, customer, period start, currency, `l` or `p`, a line's place | a run of lines of a final statement (postcard), of its `lines` or its `prior_period`, from that line on in [`line_order`]; the place (`push_line_place`) sorts in that order |
+//! | tenant, `F`, customer, period start, currency, `l` or `p`, a line's place | a run of lines of a final statement (postcard), of its `lines` or its `prior_period`, from that line on in [`line_order`]; the place ([`push_line_place`]) sorts in that order |
 //! | tenant, `R`, customer, grant id | the `grant_refused` entry (JSON) of a grant refused for |
 //! | | the customer's bound of grants holding credit, until that grant is applied |
 //! | tenant, `P`, customer, line-item id | the id of a later item that supersedes it |
@@ -28,10 +28,11 @@
 
 use neruba_balances::book::Book;
 use neruba_balances::book::statements::{LineList, line_order};
+pub(crate) use neruba_balances::state::Place;
+use neruba_balances::state::push_line_place;
 use neruba_schemas::credit::{BalanceEntry, Statement, StatementLine};
 use neruba_schemas::ledger::LineItem;
 use neruba_schemas::topics::stable_partition;
-use neruba_stage::keys::push_ordered as ordered;
 use neruba_stage::keys::push_part as push;
 use rocksdb::{DB, Direction, IteratorMode};
 use serde::Serialize;
@@ -286,48 +287,6 @@ pub(crate) fn final_lines_key(
     key
 }
 
-/// Appends a line's place in its list so that keys sort in [`line_order`]: its meter, each
-/// member of its group (name, value; a byte `1` before each and `0` after the last, so a group
-/// sorts before those it begins), then its period start as it is (the key's last part).
-pub(crate) fn push_line_place(key: &mut Vec<u8>, place: Place<'_>) {
-    let Place {
-        meter,
-        group,
-        period_start,
-    } = place;
-    ordered(key, meter.as_bytes());
-    for (name, value) in group {
-        key.push(1);
-        ordered(key, name.as_bytes());
-        ordered(key, value.as_bytes());
-    }
-    key.push(0);
-    key.extend_from_slice(period_start.as_bytes());
-}
-
-/// A line's place in its list: what [`line_order`] compares.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Place<'a> {
-    pub(crate) meter: &'a str,
-    pub(crate) group: &'a BTreeMap<String, String>,
-    pub(crate) period_start: &'a str,
-}
-
-impl<'a> Place<'a> {
-    pub(crate) fn of(line: &'a StatementLine) -> Self {
-        Self {
-            meter: &line.meter,
-            group: &line.group,
-            period_start: &line.period_start,
-        }
-    }
-
-    /// Whether `line` comes after this place in its list.
-    pub(crate) fn precedes(&self, line: &StatementLine) -> bool {
-        line_order(line, self.meter, self.group, self.period_start) == std::cmp::Ordering::Greater
-    }
-}
-
 /// A key and its value, to write.
 pub(crate) type KeyValue = (Vec<u8>, Vec<u8>);
 
@@ -390,21 +349,62 @@ fn decode_statement(bytes: &[u8]) -> Result<(Statement, bool), ReadError> {
     }
 }
 
-/// The lines of one list of a final statement kept apart, read as of the snapshot of the read
-/// that found the statement.
+/// The lines of one list of a statement kept apart from what holds the statement, read as of
+/// the snapshot of the read that found it: a final statement's in runs ([`final_lines_key`]),
+/// an open or draft one's a line a key beside those its book holds
+/// ([`neruba_balances::state::line_list_key`]). Either way a page seeks to its cursor's place
+/// and reads its own lines, not the list's.
 pub(crate) struct StoredLines<'a> {
     snapshot: &'a rocksdb::Snapshot<'a>,
     prefix: Vec<u8>,
+    form: Form,
+}
+
+enum Form {
+    /// Runs of [`FINAL_LINES_RUN`], each under its first line's place.
+    Runs,
+    /// A line under its place, and the list's lines the book holds (in line order; a line the
+    /// balances fold put back into the book is no longer under its key).
+    Apart { held: Vec<StatementLine> },
 }
 
 impl<'a> StoredLines<'a> {
-    /// The lines under `prefix` ([`final_lines_key`]) as of `snapshot`.
-    pub(crate) fn new(snapshot: &'a rocksdb::Snapshot<'a>, prefix: Vec<u8>) -> Self {
-        Self { snapshot, prefix }
+    /// A final statement's lines under `prefix` ([`final_lines_key`]) as of `snapshot`.
+    pub(crate) fn runs(snapshot: &'a rocksdb::Snapshot<'a>, prefix: Vec<u8>) -> Self {
+        Self {
+            snapshot,
+            prefix,
+            form: Form::Runs,
+        }
+    }
+
+    /// A list of a statement in a book: `held`, the lines the book holds, and those kept apart
+    /// under `prefix` ([`neruba_balances::state::line_list_key`]) as of `snapshot`.
+    pub(crate) fn apart(
+        snapshot: &'a rocksdb::Snapshot<'a>,
+        prefix: Vec<u8>,
+        held: Vec<StatementLine>,
+    ) -> Self {
+        Self {
+            snapshot,
+            prefix,
+            form: Form::Apart { held },
+        }
     }
 
     /// Up to `count` lines in [`line_order`], those after `after` (all, without it).
     pub(crate) fn read(
+        &self,
+        after: Option<Place<'_>>,
+        count: usize,
+    ) -> Result<Vec<StatementLine>, ReadError> {
+        match &self.form {
+            Form::Runs => self.read_runs(after, count),
+            Form::Apart { held } => self.read_apart(held, after, count),
+        }
+    }
+
+    fn read_runs(
         &self,
         after: Option<Place<'_>>,
         count: usize,
@@ -439,14 +439,68 @@ impl<'a> StoredLines<'a> {
         iter.status()?;
         Ok(lines)
     }
+
+    fn read_apart(
+        &self,
+        held: &[StatementLine],
+        after: Option<Place<'_>>,
+        count: usize,
+    ) -> Result<Vec<StatementLine>, ReadError> {
+        let mut iter = self
+            .snapshot
+            .raw_iterator_opt(neruba_stage::keys::reading_under(&self.prefix));
+        let mut at = self.prefix.clone();
+        if let Some(after) = after {
+            push_line_place(&mut at, after);
+        }
+        iter.seek(&at);
+        if after.is_some() && iter.key() == Some(at.as_slice()) {
+            iter.next();
+        }
+        // The page's lines kept apart (at most `count`: the book's can only take places).
+        let mut stored = Vec::with_capacity(count.min(1 << 14));
+        while stored.len() < count
+            && let Some(value) = iter.value()
+        {
+            let line: StatementLine = postcard::from_bytes(value)
+                .map_err(|e| ReadError::Storage(format!("a statement line kept apart: {e}")))?;
+            stored.push(line);
+            iter.next();
+        }
+        iter.status()?;
+        let later = |line: &&StatementLine| after.is_none_or(|place| place.precedes(line));
+        let mut held = held.iter().filter(later).peekable();
+        let mut stored = stored.into_iter().peekable();
+        let mut lines = Vec::with_capacity(count.min(1 << 14));
+        while lines.len() < count {
+            let next = match (stored.peek(), held.peek()) {
+                (Some(kept), Some(book)) => {
+                    match line_order(kept, &book.meter, &book.group, &book.period_start) {
+                        std::cmp::Ordering::Less => stored.next(),
+                        std::cmp::Ordering::Greater => held.next().cloned(),
+                        // Never both in one snapshot; the book's would be the line as it is.
+                        std::cmp::Ordering::Equal => {
+                            stored.next();
+                            held.next().cloned()
+                        }
+                    }
+                }
+                (Some(_), None) => stored.next(),
+                (None, Some(_)) => held.next().cloned(),
+                (None, None) => break,
+            };
+            lines.extend(next);
+        }
+        Ok(lines)
+    }
 }
 
 /// A customer's statements of one period with what the book they were read with carries, as
 /// handed to a read's answer ([`Model::statements`]).
 pub(crate) struct StatementsRead<'a> {
     /// By currency, then period; each with its `lines` and `prior_period` as kept apart, to
-    /// read from a place on (`None`: the statement holds them; final ones kept apart hold
-    /// none).
+    /// read from a place on, the statement holding none (`None`: a final statement stored
+    /// whole by a release before, which holds them).
     pub(crate) statements: Vec<(Statement, Option<[StoredLines<'a>; 2]>)>,
     /// The book's corrections of final periods waiting for a later statement, by currency.
     pub(crate) carried: BTreeMap<String, neruba_balances::book::statements::Carried>,
@@ -843,8 +897,8 @@ impl Model {
     /// A customer's statements of the billing period labelled `month`, one per currency:
     /// open and draft ones from the book, final ones as finalised, read from one snapshot
     /// (a statement finalised between two reads would otherwise appear twice), with the book
-    /// they were read with, handed to `answer`, which reads the lines of final statements
-    /// that it needs from the same snapshot; `None` when the customer has no record.
+    /// they were read with, handed to `answer`, which reads the lines that it needs from the
+    /// same snapshot; `None` when the customer has no record.
     pub(crate) fn statements<R>(
         &self,
         tenant: &str,
@@ -856,27 +910,24 @@ impl Model {
         let view = self.loaded(partition)?;
         let position = self.position_of(partition, &view);
         let snapshot = view.db.snapshot();
-        // With the lines kept apart from the book of its statements of `month` and of those
-        // carried (none of other months' statements, nor of its grants).
-        let lists = |book: &Book| {
-            let mut lists = Vec::new();
-            for (key, s) in &book.statements {
-                if period_label(&s.statement.period_start, &s.statement.period_end) == month {
-                    lists.push(LineList::Lines(key.clone()));
-                    lists.push(LineList::Prior(key.clone()));
-                }
-            }
-            lists.extend(book.carried.keys().cloned().map(LineList::Carried));
-            lists
+        // With the lines kept apart from the book of the corrections carried alone: a page of
+        // an open statement reads its own lines ([`StoredLines::apart`]), not every line of
+        // the statement nor of the customer's other statements.
+        let carried = |book: &Book| {
+            book.carried
+                .keys()
+                .cloned()
+                .map(LineList::Carried)
+                .collect()
         };
         let Some(book) =
-            neruba_balances::state::read_book_with_lines_of(&snapshot, tenant, customer, lists)?
+            neruba_balances::state::read_book_with_lines_of(&snapshot, tenant, customer, carried)?
         else {
             return Ok((None, position));
         };
         let prefix = neruba_balances::state::customer_key(b'S', tenant, customer);
         let (earliest, latest) = (earliest_start(month), start_bound(month));
-        let mut out = Vec::new();
+        let mut out: Vec<(Statement, Option<[StoredLines<'_>; 2]>)> = Vec::new();
         // In place: a month's value is copied and decoded only if the key says it may be the
         // month's (a final statement stored whole, as releases before stored them, is
         // megabytes at 10,000 lines).
@@ -901,39 +952,45 @@ impl Model {
             if !ruled_out {
                 let (statement, apart) = decode_statement(iter.value().unwrap_or_default())?;
                 if period_label(&statement.period_start, &statement.period_end) == month {
-                    out.push((statement, apart));
+                    let runs = apart.then(|| {
+                        [false, true].map(|prior| {
+                            let key = final_lines_key(tenant, customer, &statement, prior);
+                            StoredLines::runs(&snapshot, key)
+                        })
+                    });
+                    out.push((statement, runs));
                 }
             }
             iter.next();
         }
         iter.status()?;
-        // Taken out of the book, not copied (an open statement can hold 10,000 lines).
-        out.extend(
-            book.statements
-                .into_values()
-                .filter(|s| {
-                    period_label(&s.statement.period_start, &s.statement.period_end) == month
-                })
-                .map(|s| (s.statement, false)),
-        );
+        // Taken out of the book, not copied, each list's lines with them (an open statement
+        // can hold 10,000 lines, nearly all kept apart).
+        for (key, state) in book.statements {
+            let mut statement = state.statement;
+            if period_label(&statement.period_start, &statement.period_end) != month {
+                continue;
+            }
+            let lists = [
+                (
+                    LineList::Lines(key.clone()),
+                    std::mem::take(&mut statement.lines),
+                ),
+                (
+                    LineList::Prior(key),
+                    std::mem::take(&mut statement.prior_period),
+                ),
+            ];
+            let lines = lists.map(|(list, held)| {
+                let prefix = neruba_balances::state::line_list_key(tenant, customer, &list);
+                StoredLines::apart(&snapshot, prefix, held)
+            });
+            out.push((statement, Some(lines)));
+        }
         // By currency, then period (two periods of one currency can share a label when a
         // meter's anchor or time zone changed): the order a statements page walks them in.
         out.sort_by_cached_key(|(s, _)| (s.currency.clone(), key_time(&s.period_start)));
-        let stored = |statement: &Statement| {
-            [false, true].map(|prior| {
-                StoredLines::new(
-                    &snapshot,
-                    final_lines_key(tenant, customer, statement, prior),
-                )
-            })
-        };
-        let statements = out
-            .into_iter()
-            .map(|(statement, apart)| {
-                let lines = apart.then(|| stored(&statement));
-                (statement, lines)
-            })
-            .collect();
+        let statements = out;
         let read = StatementsRead {
             statements,
             carried: book.carried,
@@ -1016,12 +1073,17 @@ impl TestFold {
         fold.apply(input, record).expect("apply");
     }
 
-    /// Commits what was applied (its outputs dropped) and opens a model of it.
-    pub(crate) fn commit_into_model(mut self) -> Model {
+    /// Commits what was applied (its outputs dropped), as the stage does after a batch.
+    pub(crate) fn commit(&mut self) {
         self.fold.take_outputs();
         self.fold
             .commit_with(rocksdb::WriteBatch::default())
             .expect("commit");
+    }
+
+    /// Commits what was applied and opens a model of it.
+    pub(crate) fn commit_into_model(mut self) -> Model {
+        self.commit();
         let model = Model::new("ledger", 1);
         model.opened(0, self.db, self.fold.next_offset());
         model
@@ -1275,58 +1337,6 @@ mod tests {
         ));
     }
 
-    proptest::proptest! {
-        /// Lines of drawn places (meters and group members that begin one another, hold
-        /// `0x00` or the highest code point, groups of several members): their keys sort as
-        /// `line_order` sorts the lines, so the runs of a list kept apart are read in line order
-        /// and a cursor's place is found by a seek.
-        #[test]
-        fn line_keys_sort_in_line_order(
-            places in proptest::collection::vec(
-                (
-                    0_usize..6,
-                    proptest::collection::btree_map(0_usize..6, 0_usize..6, 0..3),
-                    0_usize..2,
-                ),
-                1..12,
-            ),
-        ) {
-            let texts = ["", "a", "a\0", "ab", "é", "\u{10FFFF}"];
-            let starts = ["2026-10-01T00:00:00.000Z", "2026-11-01T00:00:00.000Z"];
-            let lines: Vec<StatementLine> = places
-                .iter()
-                .map(|(meter, group, start)| StatementLine {
-                    meter: texts[*meter].to_owned(),
-                    group: group
-                        .iter()
-                        .map(|(k, v)| (texts[*k].to_owned(), texts[*v].to_owned()))
-                        .collect(),
-                    period_start: starts[*start].to_owned(),
-                    quantity: rust_decimal::Decimal::ONE,
-                    amount: rust_decimal::Decimal::ONE,
-                    credit_applied: rust_decimal::Decimal::ZERO,
-                    amount_due: rust_decimal::Decimal::ONE,
-                })
-                .collect();
-            let key = |line: &StatementLine| {
-                let mut key = vec![7];
-                push_line_place(&mut key, Place::of(line));
-                key
-            };
-            for a in &lines {
-                for b in &lines {
-                    let by_order = neruba_balances::book::statements::line_order(
-                        a,
-                        &b.meter,
-                        &b.group,
-                        &b.period_start,
-                    );
-                    proptest::prop_assert_eq!(key(a).cmp(&key(b)), by_order, "{:?} {:?}", a, b);
-                }
-            }
-        }
-    }
-
     #[test]
     fn a_statement_read_decodes_the_final_statements_of_its_month_alone() {
         use neruba_balances::state::Record;
@@ -1460,7 +1470,7 @@ mod tests {
                 "USD Final held 1"
             ]
         );
-        assert_eq!(read("2026-11").expect("read"), vec!["USD Open held 1"]);
+        assert_eq!(read("2026-11").expect("read"), vec!["USD Open apart 1+0"]);
         assert_eq!(read("2027-02").expect("read"), vec!["EUR Final apart 1+0"]);
         assert_eq!(read("2027-03").expect("read"), vec!["USD Final held 1"]);
         assert!(matches!(read("2026-08"), Err(ReadError::Storage(_))));
@@ -1502,16 +1512,92 @@ mod tests {
                 .statements("t", "c", month, |read| {
                     read.statements
                         .iter()
-                        .map(|(s, _)| (s.period_start.clone(), s.lines.len()))
-                        .collect::<Vec<_>>()
+                        .map(|(s, lines)| Ok((s.period_start.clone(), whole(s, lines)?.len())))
+                        .collect::<Result<Vec<_>, ReadError>>()
                 })
-                .map(|(read, _)| read.expect("the customer"))
+                .and_then(|(read, _)| read.expect("the customer"))
         };
         assert_eq!(
             read("2026-11").expect("November's read"),
             vec![(months[1].0.to_owned(), groups)]
         );
         assert!(matches!(read("2026-10"), Err(ReadError::Storage(_))));
+    }
+
+    /// A statement's `lines` as a read hands them over: held, or read whole from where they
+    /// are kept.
+    fn whole(
+        statement: &Statement,
+        lines: &Option<[StoredLines<'_>; 2]>,
+    ) -> Result<Vec<StatementLine>, ReadError> {
+        match lines {
+            Some([lines, _]) => lines.read(None, usize::MAX),
+            None => Ok(statement.lines.clone()),
+        }
+    }
+
+    #[test]
+    fn a_page_of_an_open_statement_reads_on_from_its_place_across_the_book_and_what_is_kept_apart()
+    {
+        // An open statement's list kept apart, then some of its lines put back into the book
+        // (a later item of their group) and lines the book alone holds (new groups): a read
+        // from any place is the list's lines after it, in line order, each once.
+        use neruba_balances::state::{BOOK_LINES, Record};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ledger = TestFold::open(dir.path());
+        let project = |n: usize| format!("p{}", n * 37);
+        let apply = |ledger: &mut TestFold, id: String, n: usize| {
+            let mut item = item(&id, "2026-11-01T00:00:00.000Z");
+            item.period_end = "2026-12-01T00:00:00.000Z".into();
+            item.group = [("project".to_owned(), project(n))].into();
+            ledger.apply(&item.encode(), Record::LineItem);
+        };
+        let kept = BOOK_LINES + 20;
+        for n in 0..kept {
+            apply(&mut ledger, format!("li_{n}"), n);
+        }
+        ledger.commit();
+        // Every third line again (back in the book), and five new groups.
+        for n in (0..kept).step_by(3).chain(kept..kept + 5) {
+            apply(&mut ledger, format!("li_again_{n}"), n);
+        }
+        let model = ledger.commit_into_model();
+        let mut want: Vec<String> = (0..kept + 5).map(project).collect();
+        want.sort();
+        let (read, _) = model
+            .statements("t", "c", "2026-11", |read| {
+                let [(statement, Some([lines, prior]))] = read.statements.as_slice() else {
+                    panic!("one open statement, its lines where they are kept");
+                };
+                assert!(statement.lines.is_empty());
+                assert_eq!(prior.read(None, usize::MAX).expect("prior").len(), 0);
+                let groups = |read: Vec<StatementLine>| -> Vec<String> {
+                    read.iter().map(|l| l.group["project"].clone()).collect()
+                };
+                let all = lines.read(None, usize::MAX).expect("whole");
+                assert_eq!(groups(all.clone()), want);
+                // Amounts as applied: two items on every line taken back, one on the others.
+                let twice = (0..kept).step_by(3).map(project).collect::<Vec<_>>();
+                for line in &all {
+                    let items = if twice.contains(&line.group["project"]) {
+                        2
+                    } else {
+                        1
+                    };
+                    assert_eq!(line.amount, rust_decimal::Decimal::from(items), "{line:?}");
+                }
+                // From every place, pages of 1, 7 and all that is left.
+                for (at, line) in all.iter().enumerate() {
+                    for count in [1, 7, usize::MAX] {
+                        let page = lines.read(Some(Place::of(line)), count).expect("page");
+                        let rest = &want[at + 1..];
+                        assert_eq!(groups(page), rest[..count.min(rest.len())], "{at} {count}");
+                    }
+                }
+                all.len()
+            })
+            .expect("read");
+        assert_eq!(read, Some(kept + 5));
     }
 
     #[test]
@@ -1532,21 +1618,19 @@ mod tests {
         let model = ledger.commit_into_model();
         let (read, _) = model
             .statements("t", "c", "2026-11", |read| {
-                let statements = read.statements.into_iter();
-                statements.map(|(s, _)| s).collect::<Vec<_>>()
+                let statements = read.statements.iter();
+                statements
+                    .map(|(s, lines)| Ok((s.clone(), whole(s, lines)?)))
+                    .collect::<Result<Vec<_>, ReadError>>()
             })
             .expect("read");
-        let statements = read.expect("the customer");
-        let [statement] = statements.as_slice() else {
+        let statements = read.expect("the customer").expect("lines");
+        let [(statement, lines)] = statements.as_slice() else {
             panic!("one statement: {statements:?}");
         };
         let mut want: Vec<String> = (0..groups).map(|n| format!("p{}", n * 37)).collect();
         want.sort();
-        let lines: Vec<&str> = statement
-            .lines
-            .iter()
-            .map(|l| l.group["project"].as_str())
-            .collect();
+        let lines: Vec<&str> = lines.iter().map(|l| l.group["project"].as_str()).collect();
         assert_eq!(lines, want);
         assert_eq!(statement.usage, rust_decimal::Decimal::from(groups));
         // A balance read does not read them.

@@ -146,7 +146,7 @@ impl After {
 pub(crate) enum Unreadable {
     /// The cursor names no place of this answer.
     NotAPlace,
-    /// A final statement's lines kept apart could not be read.
+    /// A statement's lines kept apart could not be read.
     Store(ReadError),
 }
 
@@ -157,8 +157,9 @@ pub(crate) struct Read<'a> {
     pub(crate) period: &'a str,
 }
 
-/// A section of the answer: its lines as held, or, for a final statement's kept apart in
-/// runs, where they are (read here, those of the page alone, into the empty list).
+/// A section of the answer: its lines as held, or, for a statement's kept apart (a final
+/// one's in runs, an open or draft one's partly in its book), where they are (read here,
+/// those of the page alone, into the empty list).
 pub(crate) type Listed<'a, 's> = (
     Section,
     &'a mut Vec<StatementLine>,
@@ -227,6 +228,7 @@ pub(crate) fn page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neruba_balances::book::statements::LineList;
     use neruba_schemas::credit::{Statement, StatementStatus};
     use rust_decimal::Decimal;
 
@@ -288,10 +290,12 @@ mod tests {
     }
 
     /// Every page of `lists` at `limit`, read through cursors sent back as a client sends
-    /// them; from page `final_from` on (counted from 0), the lists of sections in `apart` are
-    /// those of final statements, stored as the ledger stage stores them (in RocksDB, in runs
-    /// of up to `run` lines) and read from there, and before it held, as an open or draft
-    /// statement's are: a statement turns final between two pages.
+    /// them. The lists of sections in `apart` are read from where the stores keep them: before
+    /// page `final_from` (counted from 0) as an open or draft statement's, every other line
+    /// kept apart by the balances fold (a line a key) and the rest held in its book; from that
+    /// page on as a final statement's, stored as the ledger stage stores them (in runs of up
+    /// to `run` lines). So a statement turns final between two pages, and a cursor made on
+    /// one form is read on the other.
     fn read_in_pages(
         lists: &[(Section, Vec<StatementLine>)],
         (apart, final_from): (&[Section], usize),
@@ -300,34 +304,59 @@ mod tests {
     ) -> Vec<Vec<Placed>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = rocksdb::DB::open_default(dir.path()).expect("open");
+        // The book's list of a section's lines.
+        let list_of = |section: &Section| {
+            let key =
+                neruba_balances::book::statements::key(&section.currency, &section.period_start);
+            if section.prior {
+                LineList::Prior(key)
+            } else {
+                LineList::Lines(key)
+            }
+        };
+        // What an open statement's book holds of a list: the lines not kept apart, in order.
+        let held_of = |lines: &[StatementLine]| {
+            let mut held: Vec<StatementLine> = lines.iter().step_by(2).cloned().collect();
+            held.sort_by(|a, b| line_order(a, &b.meter, &b.group, &b.period_start));
+            held
+        };
         for (section, lines) in lists.iter().filter(|(s, _)| apart.contains(s)) {
             let statement = statement_of(section, lines);
             let stored = crate::model::stored_in_runs("t", "c", &statement, run).expect("encode");
             for (key, value) in stored {
                 db.put(key, value).expect("put");
             }
+            let prefix = neruba_balances::state::line_list_key("t", "c", &list_of(section));
+            for line in lines.iter().skip(1).step_by(2) {
+                let mut key = prefix.clone();
+                neruba_balances::state::push_line_place(&mut key, Place::of(line));
+                db.put(key, postcard::to_stdvec(line).expect("encode"))
+                    .expect("put");
+            }
         }
         let total: usize = lists.iter().map(|(_, lines)| lines.len()).sum();
         let mut pages = Vec::new();
         let mut after: Option<After> = None;
         loop {
-            let apart = if pages.len() >= final_from {
-                apart
-            } else {
-                &[]
-            };
+            let is_final = pages.len() >= final_from;
             let snapshot = db.snapshot();
             let stored: Vec<Option<StoredLines<'_>>> = lists
                 .iter()
-                .map(|(section, _)| {
+                .map(|(section, lines)| {
                     apart.contains(section).then(|| {
-                        let prefix = crate::model::final_lines_key(
-                            "t",
-                            "c",
-                            &statement_of(section, &[]),
-                            section.prior,
-                        );
-                        StoredLines::new(&snapshot, prefix)
+                        if is_final {
+                            let prefix = crate::model::final_lines_key(
+                                "t",
+                                "c",
+                                &statement_of(section, &[]),
+                                section.prior,
+                            );
+                            StoredLines::runs(&snapshot, prefix)
+                        } else {
+                            let prefix =
+                                neruba_balances::state::line_list_key("t", "c", &list_of(section));
+                            StoredLines::apart(&snapshot, prefix, held_of(lines))
+                        }
                     })
                 })
                 .collect();

@@ -11,7 +11,8 @@
 //! - what the partition's records say is all that changes a book: ticks are records of the
 //!   partition, so a replay expires grants at the same points.
 //!
-//! Key layout (components length-prefixed; the tenant first):
+//! Key layout (components length-prefixed, but for a line's place, whose parts are escaped so
+//! that keys sort as places do; the tenant first):
 //!
 //! | key | value |
 //! |---|---|
@@ -25,15 +26,15 @@
 //! | | ([`Book::take_oldest_series`]; postcard) |
 //! | tenant, `G`, customer, grant id | a spent grant (ended, or drawn down to nothing) the |
 //! | | book no longer holds ([`Book::take_spent_grants`]; postcard) |
-//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a |
-//! | statement key or currency, meter, group (JSON), period start | statement line the book |
-//! | | no longer holds ([`Book::take_statement_lines`]; postcard) |
+//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a statement line the book no longer holds ([`Book::take_statement_lines`]; postcard) |
+//! | statement key or currency, then the line's place ([`push_line_place`]) | under them in [`line_order`] |
+//! | `\0\0\0\0Mlines_in_order` | empty: the `T` keys are in this form (releases before wrote the place's parts length-prefixed, the group as JSON: rewritten at open, [`PartitionState::from_store`]) |
 //!
-//! Kinds `E`, `L`, `S`, `R` and `P` are the api read model's, which keeps this state too (see
-//! `neruba-api`): entries, line items, final statements, grants refused for the bound and
-//! which items a later one supersedes.
+//! Kinds `E`, `L`, `S`, `F`, `R` and `P` are the api read model's, which keeps this state too
+//! (see `neruba-api`): entries, line items, final statements and their lines, grants refused
+//! for the bound and which items a later one supersedes.
 
-use crate::book::statements::{LineList, Route};
+use crate::book::statements::{LineList, Route, line_order};
 use crate::book::{Allocation, Book, GrantState};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
@@ -53,6 +54,8 @@ const WINDOW_KEY: &[u8] = b"\0\0\0\0Mwindow";
 /// The longest window [`WINDOW_KEY`] holds: a catalog's meter windows divide a day.
 const MAX_WINDOW_MS: i64 = 86_400_000;
 const EXPIRY_PREFIX: &[u8] = b"\0\0\0\0X";
+/// Present once the statement lines kept apart are keyed in line order ([`line_key`]).
+const LINES_IN_ORDER_KEY: &[u8] = b"\0\0\0\0Mlines_in_order";
 
 /// What a ledger-topic message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +119,9 @@ pub struct Counts {
 /// so a record looks its customer up without building owned names.
 type CustomerKey = Vec<u8>;
 
-use neruba_stage::keys::{push_part as push, read_part, time_bytes, time_from};
+use neruba_stage::keys::{
+    prefix_end, push_ordered, push_part as push, read_part, time_bytes, time_from,
+};
 
 /// The key of one customer's record of `kind`: tenant, kind, customer (parts length-prefixed).
 pub fn customer_key(kind: u8, tenant: &str, customer: &str) -> Vec<u8> {
@@ -145,8 +150,8 @@ fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
     key
 }
 
-/// The key prefix of the lines of `list` kept apart.
-fn line_list_key(tenant: &str, customer: &str, list: &LineList) -> Vec<u8> {
+/// The key prefix of the lines of `list` kept apart (in [`line_order`] under it).
+pub fn line_list_key(tenant: &str, customer: &str, list: &LineList) -> Vec<u8> {
     let (kind, name) = list.parts();
     let mut key = customer_key(b'T', tenant, customer);
     push(&mut key, &[kind]);
@@ -154,23 +159,55 @@ fn line_list_key(tenant: &str, customer: &str, list: &LineList) -> Vec<u8> {
     key
 }
 
-/// The key of statement line `line` of `list` kept apart: the list's, then its meter, group
-/// and period start.
-fn line_key(
-    tenant: &str,
-    customer: &str,
-    list: &LineList,
-    line: (&str, &BTreeMap<String, String>, &str),
-) -> Vec<u8> {
-    let (meter, group, period_start) = line;
+/// The key of the statement line at `place` on `list` kept apart: the list's, then the place,
+/// so that a list's keys sort in [`line_order`] and a read can seek to a place.
+fn line_key(tenant: &str, customer: &str, list: &LineList, place: Place<'_>) -> Vec<u8> {
     let mut key = line_list_key(tenant, customer, list);
-    push(&mut key, meter.as_bytes());
-    push(
-        &mut key,
-        serde_json::to_string(group).unwrap_or_default().as_bytes(),
-    );
-    push(&mut key, period_start.as_bytes());
+    push_line_place(&mut key, place);
     key
+}
+
+/// Appends a line's place in its list so that keys sort in [`line_order`]: its meter, each
+/// member of its group (name, value; a byte `1` before each and `0` after the last, so a group
+/// sorts before those it begins), then its period start as it is (the key's last part). Keys
+/// so written are stored (here and by the api's final statements).
+pub fn push_line_place(key: &mut Vec<u8>, place: Place<'_>) {
+    let Place {
+        meter,
+        group,
+        period_start,
+    } = place;
+    push_ordered(key, meter.as_bytes());
+    for (name, value) in group {
+        key.push(1);
+        push_ordered(key, name.as_bytes());
+        push_ordered(key, value.as_bytes());
+    }
+    key.push(0);
+    key.extend_from_slice(period_start.as_bytes());
+}
+
+/// A line's place in its list: what [`line_order`] compares.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    pub meter: &'a str,
+    pub group: &'a BTreeMap<String, String>,
+    pub period_start: &'a str,
+}
+
+impl<'a> Place<'a> {
+    pub fn of(line: &'a StatementLine) -> Self {
+        Self {
+            meter: &line.meter,
+            group: &line.group,
+            period_start: &line.period_start,
+        }
+    }
+
+    /// Whether `line` comes after this place in its list.
+    pub fn precedes(&self, line: &StatementLine) -> bool {
+        line_order(line, self.meter, self.group, self.period_start) == std::cmp::Ordering::Greater
+    }
 }
 
 /// The list of a statement line kept apart, from the rest of its key after the customer.
@@ -179,6 +216,68 @@ fn line_list_of(rest: &[u8]) -> Option<LineList> {
     let (name, _) = read_part(rest)?;
     let [kind] = kind else { return None };
     LineList::from_parts(*kind, String::from_utf8(name.to_vec()).ok()?)
+}
+
+/// Keys the statement lines kept apart in line order ([`line_key`]) in a store written by a
+/// release before, which wrote a line's meter, group (as JSON) and period start
+/// length-prefixed, so a list's keys sorted by their lengths first; once per store, marked by
+/// [`LINES_IN_ORDER_KEY`] in the same write. Returns how many lines it rewrote (none in a
+/// store begun by this release). Each tenant's keys of other kinds are stepped over by a
+/// seek, not read.
+fn order_lines_kept_apart(db: &rocksdb::DB) -> Result<usize> {
+    if db.get_pinned(LINES_IN_ORDER_KEY)?.is_some() {
+        return Ok(0);
+    }
+    let mut batch = WriteBatch::default();
+    let mut rewritten = Vec::new();
+    let mut iter = db.raw_iterator();
+    iter.seek_to_first();
+    while let Some(key) = iter.key() {
+        let Some((tenant, rest)) = read_part(key) else {
+            iter.next();
+            continue;
+        };
+        let tenant_part = key.get(..key.len() - rest.len()).unwrap_or_default();
+        match rest.first() {
+            Some(b'T') if !tenant.is_empty() => {
+                let value = iter.value().unwrap_or_default();
+                let place =
+                    read_part(rest.get(1..).unwrap_or_default()).and_then(|(customer, rest)| {
+                        let list = line_list_of(rest)?;
+                        let tenant = std::str::from_utf8(tenant).ok()?;
+                        let customer = std::str::from_utf8(customer).ok()?;
+                        let line: StatementLine = postcard::from_bytes(value).ok()?;
+                        Some(line_key(tenant, customer, &list, Place::of(&line)))
+                    });
+                let Some(ordered) = place else {
+                    return Err(Error::corrupt(
+                        "a statement line kept apart",
+                        String::from_utf8_lossy(key),
+                    ));
+                };
+                batch.delete(key);
+                rewritten.push((ordered, value.to_vec()));
+                iter.next();
+            }
+            Some(kind) if *kind < b'T' && !tenant.is_empty() => {
+                let mut lines = tenant_part.to_vec();
+                lines.push(b'T');
+                iter.seek(&lines);
+            }
+            _ => match prefix_end(tenant_part) {
+                Some(next_tenant) => iter.seek(&next_tenant),
+                None => break,
+            },
+        }
+    }
+    iter.status()?;
+    // After every deletion: a new key equal to an old one is kept.
+    for (key, value) in &rewritten {
+        batch.put(key, value);
+    }
+    batch.put(LINES_IN_ORDER_KEY, []);
+    db.write(batch)?;
+    Ok(rewritten.len())
 }
 
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
@@ -648,8 +747,18 @@ impl PartitionState {
     }
 
     /// The state kept in `store`; ticks it writes carry `grace_ms` and `finalize_after_ms`.
+    /// A store written by a release before this one has its statement lines kept apart keyed
+    /// again first, once ([`LINES_IN_ORDER_KEY`]).
     pub fn from_store(store: Store, grace_ms: i64, finalize_after_ms: i64) -> Result<Self> {
         let db = store.db();
+        let rewritten = order_lines_kept_apart(db)?;
+        if rewritten > 0 {
+            tracing::info!(
+                partition = store.partition(),
+                rewritten,
+                "keyed the statement lines kept apart in line order"
+            );
+        }
         let clock_ms = stored_clock(&db.get(CLOCK_KEY)?);
         let longest_window_ms = db.get(WINDOW_KEY)?.and_then(|v| time_from(&v)).unwrap_or(0);
         let mut expiry_of = HashMap::default();
@@ -889,12 +998,7 @@ impl PartitionState {
                     .keep(spilled_grant_key(tenant, customer, &id), state);
             }
             for (list, line) in book.take_statement_lines(self.book_lines) {
-                let key = line_key(
-                    tenant,
-                    customer,
-                    &list,
-                    (&line.meter, &line.group, &line.period_start),
-                );
+                let key = line_key(tenant, customer, &list, Place::of(&line));
                 self.spilled_lines.keep(key, line);
             }
         }
@@ -1190,12 +1294,12 @@ impl PartitionState {
         let what = || format!("statement line of {tenant}/{customer}");
         match book.route_of(item) {
             Some(Route::To(list)) if !book.holds_line_of(&list, item) => {
-                let key = line_key(
-                    tenant,
-                    customer,
-                    &list,
-                    (&item.meter, &item.group, &item.period_start),
-                );
+                let place = Place {
+                    meter: &item.meter,
+                    group: &item.group,
+                    period_start: &item.period_start,
+                };
+                let key = line_key(tenant, customer, &list, place);
                 if let Some(line) = self.spilled_lines.take_back(self.store.db(), key, what)? {
                     self.book_at(book_key, tenant, customer)?
                         .put_line(&list, line);
@@ -2559,6 +2663,161 @@ mod tests {
         assert_eq!(stored(2), vec![]);
         // One range deletion for the first prefix; the second's two values one by one.
         assert_eq!(point_deletions() - before, 2);
+    }
+
+    proptest::proptest! {
+        /// Lines of drawn places (meters and group members that begin one another, hold
+        /// `0x00` or the highest code point, groups of several members): their keys sort as
+        /// `line_order` sorts the lines, so the lines of a list kept apart (and the api's runs of a final statement's)
+        /// are read in line order and a cursor's place is found by a seek.
+        #[test]
+        fn line_keys_sort_in_line_order(
+            places in proptest::collection::vec(
+                (
+                    0_usize..6,
+                    proptest::collection::btree_map(0_usize..6, 0_usize..6, 0..3),
+                    0_usize..2,
+                ),
+                1..12,
+            ),
+        ) {
+            let texts = ["", "a", "a\0", "ab", "é", "\u{10FFFF}"];
+            let starts = ["2026-10-01T00:00:00.000Z", "2026-11-01T00:00:00.000Z"];
+            let lines: Vec<StatementLine> = places
+                .iter()
+                .map(|(meter, group, start)| StatementLine {
+                    meter: texts[*meter].to_owned(),
+                    group: group
+                        .iter()
+                        .map(|(k, v)| (texts[*k].to_owned(), texts[*v].to_owned()))
+                        .collect(),
+                    period_start: starts[*start].to_owned(),
+                    quantity: rust_decimal::Decimal::ONE,
+                    amount: rust_decimal::Decimal::ONE,
+                    credit_applied: rust_decimal::Decimal::ZERO,
+                    amount_due: rust_decimal::Decimal::ONE,
+                })
+                .collect();
+            let key = |line: &StatementLine| {
+                let mut key = vec![7];
+                push_line_place(&mut key, Place::of(line));
+                key
+            };
+            for a in &lines {
+                for b in &lines {
+                    let by_order = line_order(
+                        a,
+                        &b.meter,
+                        &b.group,
+                        &b.period_start,
+                    );
+                    proptest::prop_assert_eq!(key(a).cmp(&key(b)), by_order, "{:?} {:?}", a, b);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lines_kept_apart_under_a_release_befores_keys_are_keyed_in_line_order_once_at_open() {
+        // Releases before wrote a line's meter, group (JSON) and period start length-prefixed,
+        // so a list's keys sorted by length first and a read could not seek to a place.
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        // Tenants on either side of `acme` and one beginning it, each with lines kept apart
+        // (every line: the state keeps none in a book), in groups of different lengths.
+        let tenants = ["a", "acme", "zeta"];
+        let (mut state, books) = {
+            let mut state = PartitionState::open(dir.path(), 0, &cache, 0)
+                .expect("open")
+                .keeping(BOOK_SERIES, BOOK_SPENT_GRANTS, 0);
+            let mut offset = 0;
+            for tenant in tenants {
+                for n in [5, 40, 300, 2, 1000] {
+                    let item = LineItem {
+                        tenant: tenant.into(),
+                        group: [("project".to_owned(), format!("p{n}"))].into(),
+                        ..line_item(&format!("li_{n}"), 0, d("1.5"))
+                    };
+                    let (payload, record) = Op::Item(item).record();
+                    let input = Input {
+                        offset,
+                        key: None,
+                        payload: &payload,
+                    };
+                    state.apply(input, record).expect("apply");
+                    offset += 1;
+                }
+            }
+            state.take_outputs();
+            state.commit().expect("commit");
+            let books: Vec<Option<Book>> = tenants
+                .iter()
+                .map(|t| read_book(state.store.db(), t, "c1").expect("read"))
+                .collect();
+            (state, books)
+        };
+        // Every line kept apart and where it is.
+        let lines_apart = |db: &rocksdb::DB| -> Vec<(Vec<u8>, StatementLine)> {
+            let mut out = Vec::new();
+            for entry in db.iterator(rocksdb::IteratorMode::Start) {
+                let (key, value) = entry.expect("entry");
+                let is_line = read_part(&key)
+                    .is_some_and(|(t, rest)| !t.is_empty() && rest.first() == Some(&b'T'));
+                if is_line {
+                    let line = postcard::from_bytes(&value).expect("a line");
+                    out.push((key.to_vec(), line));
+                }
+            }
+            out
+        };
+        let ordered = lines_apart(state.store.db());
+        assert_eq!(ordered.len(), 15);
+        // As a release before left them: the same lines under its keys, and no mark.
+        let mut batch = WriteBatch::default();
+        for (key, line) in &ordered {
+            let (tenant, rest) = read_part(key).expect("tenant");
+            let (customer, rest) = read_part(rest.get(1..).expect("kind")).expect("customer");
+            let list = line_list_of(rest).expect("list");
+            let (tenant, customer) = (
+                std::str::from_utf8(tenant).expect("utf-8"),
+                std::str::from_utf8(customer).expect("utf-8"),
+            );
+            let mut before = line_list_key(tenant, customer, &list);
+            push(&mut before, line.meter.as_bytes());
+            let group = serde_json::to_string(&line.group).expect("json");
+            push(&mut before, group.as_bytes());
+            push(&mut before, line.period_start.as_bytes());
+            assert_ne!(&before, key);
+            batch.delete(key);
+            batch.put(before, postcard::to_stdvec(line).expect("encode"));
+        }
+        batch.delete(LINES_IN_ORDER_KEY);
+        state.store.write(batch).expect("downgrade");
+        let by_length: Vec<String> = lines_apart(state.store.db())
+            .into_iter()
+            .filter(|(key, _)| read_part(key).is_some_and(|(t, _)| t == b"acme"))
+            .map(|(_, line)| line.group["project"].clone())
+            .collect();
+        assert_eq!(by_length, ["p2", "p5", "p40", "p300", "p1000"]);
+        drop(state);
+
+        let state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
+        let db = state.store.db();
+        // The same lines under this release's keys, which sort in line order, and the mark.
+        assert_eq!(lines_apart(db), ordered);
+        let in_order: Vec<String> = ordered
+            .iter()
+            .filter(|(key, _)| read_part(key).is_some_and(|(t, _)| t == b"acme"))
+            .map(|(_, line)| line.group["project"].clone())
+            .collect();
+        assert_eq!(in_order, ["p1000", "p2", "p300", "p40", "p5"]);
+        assert!(db.get(LINES_IN_ORDER_KEY).expect("get").is_some());
+        for (tenant, book) in tenants.iter().zip(&books) {
+            assert_eq!(&read_book(db, tenant, "c1").expect("read"), book);
+        }
+        // Once: a store so marked is not read again.
+        assert_eq!(order_lines_kept_apart(db).expect("again"), 0);
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //!    target: the whole walk's time says whether a page costs what it answers or the whole
 //!    period);
 //! 7. with `NERUBA_BENCH_OPEN_LINES` set, the history customer's statement of this month
-//!    with that many lines, open (its lines in the book, not kept as a final statement's),
-//!    read whole and walked as the final one is;
+//!    with that many lines, open (past 64 its lines kept apart from the book by the balances
+//!    fold, a line a key, rather than in a final statement's runs), read whole and walked as
+//!    the final one is;
 //! 8. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
 //!    1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (see [`wide`]).
 
