@@ -748,7 +748,7 @@ impl PartitionState {
 
     /// The state kept in `store`; ticks it writes carry `grace_ms` and `finalize_after_ms`.
     /// A store written by a release before this one has its statement lines kept apart keyed
-    /// again first, once ([`LINES_IN_ORDER_KEY`]).
+    /// again first, once (marked by a key of its own).
     pub fn from_store(store: Store, grace_ms: i64, finalize_after_ms: i64) -> Result<Self> {
         let db = store.db();
         let rewritten = order_lines_kept_apart(db)?;
