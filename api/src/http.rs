@@ -827,34 +827,28 @@ pub const MAX_GRANTS_PAGE: usize = neruba_balances::book::MAX_CREDIT_GRANTS;
 /// ([`neruba_balances::book::burn_order`]), which its terms fix for good.
 type GrantPlace = (u16, i64, i64, String);
 
-/// A page of `customer`'s grants: at most `limit` after the place `after`, in burn-down order
-/// (the order usage draws on them), and the cursor of the next page if there are more. The
-/// whole book is read for it (its order is not the stored one), so a page bounds the answer,
-/// not the read.
-fn grants_page<'a>(
+/// A page of `customer`'s grants from `grants`, those after the cursor's place in burn-down
+/// order (the order usage draws on them), up to one more than `limit`: at most `limit` of
+/// them, and the cursor of the next page if there are more. The read
+/// ([`neruba_balances::state::grants_after`]) reads the spent grants kept apart from the
+/// cursor's place on, so a page costs its own grants, not the customer's history.
+fn grants_page(
     customer: &str,
-    book: &'a Book,
+    mut grants: Vec<GrantState>,
     limit: usize,
-    after: Option<&GrantPlace>,
-) -> (Vec<&'a GrantState>, Option<String>) {
-    let mut grants: Vec<(GrantPlace, &GrantState)> = book
-        .grants
-        .values()
-        .map(|g| (neruba_balances::book::burn_order(&g.grant), &**g))
-        .filter(|(place, _)| after.is_none_or(|after| place > after))
-        .collect();
-    grants.sort_by(|a, b| a.0.cmp(&b.0));
+) -> (Vec<GrantState>, Option<String>) {
     let next_cursor = if grants.len() > limit {
         grants.truncate(limit);
         // The customer too: a cursor resumes only its own read.
         grants
             .last()
-            .and_then(|(place, _)| serde_json::to_string(&(customer, place)).ok())
+            .map(|g| neruba_balances::book::burn_order(&g.grant))
+            .and_then(|place| serde_json::to_string(&(customer, place)).ok())
             .map(|text| encode_cursor(&text))
     } else {
         None
     };
-    (grants.into_iter().map(|(_, g)| g).collect(), next_cursor)
+    (grants, next_cursor)
 }
 
 /// The place a grants cursor names, if it is one of `customer`'s read.
@@ -913,29 +907,27 @@ async fn grants(
     Query(raw): Query<Vec<(String, String)>>,
 ) -> Answer {
     let started = Instant::now();
-    let (_, book, position, (limit, after)) = customer_book(
-        &state,
-        &headers,
-        &customer,
-        Parts::GRANTS,
-        raw,
-        &["limit", "cursor"],
-        |params| {
-            Ok((
-                params.limit_within(MAX_GRANTS_PAGE, MAX_GRANTS_PAGE)?,
-                params
-                    .get("cursor")
-                    .map(|text| decode_grant_cursor(text, &customer))
-                    .transpose()?,
-            ))
-        },
-    )
-    .await?;
-    let (page, next_cursor) = grants_page(&customer, &book, limit, after.as_ref());
+    let tenant = tenant(&state, &headers)?;
+    let params = Params::of(raw, &["limit", "cursor"])?;
+    let limit = params.limit_within(MAX_GRANTS_PAGE, MAX_GRANTS_PAGE)?;
+    let after = params
+        .get("cursor")
+        .map(|text| decode_grant_cursor(text, &customer))
+        .transpose()?;
+    caught_up(&state, &params, Reads::Ledger).await?;
+    let place = after
+        .as_ref()
+        .map(|(priority, expires, effective, id)| (*priority, *expires, *effective, id.as_str()));
+    let (grants, position) =
+        state
+            .model
+            .grants(&tenant, &customer, place, limit.saturating_add(1))?;
+    let grants = grants.ok_or_else(|| not_found(&customer))?;
+    let (page, next_cursor) = grants_page(&customer, grants, limit);
     let body = Grants {
         customer,
         as_of: vec![position],
-        grants: page.into_iter().map(grant_view).collect(),
+        grants: page.iter().map(grant_view).collect(),
         next_cursor,
     };
     Ok(json(&state.metrics, "grants", started, &body))
@@ -1818,6 +1810,7 @@ mod tests {
             let pack = grant(key, Decimal::from(amount));
             ledger.apply(&credit::encode(&pack), Record::Grant);
         }
+        let db = ledger.db.clone();
         let model = ledger.commit_into_model();
         let read = |parts| {
             model
@@ -1829,6 +1822,21 @@ mod tests {
         let (every, alone) = (read(Parts::GRANTS), read(Parts::BOOK));
         assert_eq!(every.grants.len(), 22);
         assert_eq!(alone.grants.len(), 2 + BOOK_SPENT_GRANTS);
+        // Read a page at a time: the grants the book holds and those kept apart, merged in
+        // burn-down order (the top-ups' ids interleave them), each as the whole list has it.
+        let mut want: Vec<&GrantState> = every.grants.values().map(|g| &**g).collect();
+        want.sort_by_key(|g| neruba_balances::book::burn_order(&g.grant));
+        let want_ids: Vec<String> = want.iter().map(|g| g.grant.id.clone()).collect();
+        for limit in [1, 3, 7, 21, 22, 23] {
+            let (read, pages) = every_grants_page(&db, limit);
+            assert_eq!(read, want_ids, "limit {limit}");
+            assert_eq!(pages, want.len().div_ceil(limit), "limit {limit}");
+        }
+        let (whole, _) = model.grants("acme", "c1", None, 100).expect("read");
+        assert_eq!(
+            whole.expect("the customer").iter().collect::<Vec<_>>(),
+            want
+        );
         let answer = |book: &Book| serde_json::to_value(currency_balances(book, T0)).expect("json");
         assert_eq!(answer(&alone), answer(&every));
         assert_eq!(
@@ -1850,11 +1858,47 @@ mod tests {
         );
     }
 
+    /// The page of `limit` of customer `acme/c1`'s grants after `after` in `db`, as the
+    /// grants read pages them.
+    fn grants_page_of(
+        db: &rocksdb::DB,
+        limit: usize,
+        after: Option<&GrantPlace>,
+    ) -> (Vec<String>, Option<String>) {
+        let place = after.map(|(priority, expires, effective, id)| {
+            (*priority, *expires, *effective, id.as_str())
+        });
+        let grants =
+            neruba_balances::state::grants_after(&db.snapshot(), "acme", "c1", place, limit + 1)
+                .expect("read")
+                .expect("the customer");
+        let (page, next) = grants_page("c1", grants, limit);
+        (page.into_iter().map(|g| g.grant.id).collect(), next)
+    }
+
+    /// Every page of `acme/c1`'s grants at `limit`, through their cursors: the grants read,
+    /// and how many pages.
+    fn every_grants_page(db: &rocksdb::DB, limit: usize) -> (Vec<String>, usize) {
+        let (mut read, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) = grants_page_of(db, limit, after.as_ref());
+            assert!(!page.is_empty() && page.len() <= limit, "limit {limit}");
+            read.extend(page);
+            pages += 1;
+            let Some(next) = next else {
+                return (read, pages);
+            };
+            after = Some(decode_grant_cursor(&next, "c1").expect("its own cursor"));
+        }
+    }
+
     #[test]
     fn grant_pages_hold_every_grant_once_in_burn_down_order_and_resume_only_their_read() {
         // Was: the grants read answered every grant the customer ever had, used up or not,
         // in one answer, however many top-ups that was.
-        let mut book = Book::default();
+        use neruba_balances::state::Record;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ledger = crate::model::TestFold::open(dir.path());
         let terms = [
             // key, priority, effective, expires (minutes after T0)
             ("late-expiry", 1, None, Some(90)),
@@ -1874,8 +1918,9 @@ mod tests {
             g.terms.priority = priority;
             g.terms.effective_at = effective.map(at);
             g.terms.expires_at = expires.map(at);
-            book.apply_grant(&g, i64::MIN, 0);
+            ledger.apply(&credit::encode(&g), Record::Grant);
         }
+        ledger.commit();
         // The order the page must have, written independently: priority, then the earliest
         // expiry (none last), then the earliest effective time, then the id.
         let mut expected: Vec<(u16, i64, i64, String)> = terms
@@ -1892,42 +1937,32 @@ mod tests {
             .collect();
         expected.sort();
         let expected: Vec<String> = expected.into_iter().map(|(.., id)| id).collect();
-        let (whole, none) = grants_page("c1", &book, MAX_GRANTS_PAGE, None);
+        let db = ledger.db.clone();
+        let (whole, none) = grants_page_of(&db, MAX_GRANTS_PAGE, None);
         assert_eq!(none, None);
-        let ids = |page: &[&GrantState]| -> Vec<String> {
-            page.iter().map(|g| g.grant.id.clone()).collect()
-        };
-        assert_eq!(ids(&whole), expected);
+        assert_eq!(whole, expected);
         for limit in 1..=expected.len() + 1 {
-            let (mut read, mut after, mut pages) = (Vec::new(), None, 0);
-            loop {
-                let (page, next) = grants_page("c1", &book, limit, after.as_ref());
-                assert!(!page.is_empty() && page.len() <= limit, "limit {limit}");
-                read.extend(ids(&page));
-                pages += 1;
-                let Some(next) = next else { break };
-                after = Some(decode_grant_cursor(&next, "c1").expect("its own cursor"));
-            }
+            let (read, pages) = every_grants_page(&db, limit);
             assert_eq!(read, expected, "limit {limit}");
             assert_eq!(pages, expected.len().div_ceil(limit), "limit {limit}");
         }
         // A grant made between two pages is read if its place is after the cursor's.
-        let (first, next) = grants_page("c1", &book, 2, None);
+        let (first, next) = grants_page_of(&db, 2, None);
         let after = decode_grant_cursor(&next.expect("more"), "c1").expect("a cursor");
-        let mut between = book.clone();
         for (key, priority) in [("before-the-cursor", 0), ("after-the-cursor", 9)] {
             let mut g = grant(key, Decimal::ONE);
             g.terms.priority = priority;
-            between.apply_grant(&g, i64::MIN, 0);
+            ledger.apply(&credit::encode(&g), Record::Grant);
         }
-        let (rest, _) = grants_page("c1", &between, MAX_GRANTS_PAGE, Some(&after));
-        let mut read = ids(&first);
-        read.extend(ids(&rest));
+        ledger.commit();
+        let (rest, _) = grants_page_of(&db, MAX_GRANTS_PAGE, Some(&after));
+        let mut read = first;
+        read.extend(rest);
         let mut with_later = expected.clone();
         with_later.push(credit::grant_id("acme", "c1", "after-the-cursor"));
         assert_eq!(read, with_later);
         // Another customer's cursor, and text that names no place, are refused.
-        let next = grants_page("c1", &book, 1, None).1.expect("more");
+        let next = grants_page_of(&db, 1, None).1.expect("more");
         for (cursor, customer) in [
             (next.as_str(), "c2"),
             ("zz", "c1"),

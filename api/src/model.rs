@@ -723,6 +723,30 @@ impl Model {
         Ok((book, position))
     }
 
+    /// Up to `count` of a customer's grants in burn-down order after `after`, read from one
+    /// snapshot ([`neruba_balances::state::grants_after`]); `None` when the customer has no
+    /// record.
+    pub fn grants(
+        &self,
+        tenant: &str,
+        customer: &str,
+        after: Option<neruba_balances::state::BurnPlace<'_>>,
+        count: usize,
+    ) -> Result<(Option<Vec<neruba_balances::book::GrantState>>, Position), ReadError> {
+        let partition = self.partition_of(tenant, customer);
+        let view = self.loaded(partition)?;
+        // The position first: the read after it is at least as new.
+        let position = self.position_of(partition, &view);
+        let grants = neruba_balances::state::grants_after(
+            &view.db.snapshot(),
+            tenant,
+            customer,
+            after,
+            count,
+        )?;
+        Ok((grants, position))
+    }
+
     /// Where grant `id` of a customer stands, its book and the refusals read from one
     /// snapshot (so a grant applied meanwhile is found in one or the other).
     pub fn grant_standing(

@@ -26,9 +26,14 @@
 //! | | ([`Book::take_oldest_series`]; postcard) |
 //! | tenant, `G`, customer, grant id | a spent grant (ended, or drawn down to nothing) the |
 //! | | book no longer holds ([`Book::take_spent_grants`]; postcard) |
-//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a statement line the book no longer holds ([`Book::take_statement_lines`]; postcard) |
-//! | statement key or currency, then the line's place ([`push_line_place`]) | under them in [`line_order`] |
-//! | `\0\0\0\0Mlines_in_order` | empty: the `T` keys are in this form (releases before wrote the place's parts length-prefixed, the group as JSON: rewritten at open, [`PartitionState::from_store`]) |
+//! | tenant, `H`, customer, the grant's place in burn-down order (priority, 2 bytes BE; | the |
+//! | expiry and effective time, 8 bytes each, as [`time_bytes`]; the id) | same grant, the same value |
+//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a |
+//! | statement key or currency, then the line's place ([`push_line_place`]), so that a | statement line the book no |
+//! | list's keys sort in [`line_order`] | longer holds ([`Book::take_statement_lines`]; postcard) |
+//! | `\0\0\0\0Mkept_apart_in_order` | empty: the `T` keys are in this form and every `G` |
+//! | | has its `H` (releases before wrote the place's parts length-prefixed, the group as |
+//! | | JSON, and no `H`: rewritten at open, [`PartitionState::from_store`]) |
 //!
 //! Kinds `E`, `L`, `S`, `F`, `R` and `P` are the api read model's, which keeps this state too
 //! (see `neruba-api`): entries, line items, final statements and their lines, grants refused
@@ -54,8 +59,9 @@ const WINDOW_KEY: &[u8] = b"\0\0\0\0Mwindow";
 /// The longest window [`WINDOW_KEY`] holds: a catalog's meter windows divide a day.
 const MAX_WINDOW_MS: i64 = 86_400_000;
 const EXPIRY_PREFIX: &[u8] = b"\0\0\0\0X";
-/// Present once the statement lines kept apart are keyed in line order ([`line_key`]).
-const LINES_IN_ORDER_KEY: &[u8] = b"\0\0\0\0Mlines_in_order";
+/// Present once the statement lines kept apart are keyed in line order ([`line_key`]) and
+/// the spent grants kept apart are kept in burn-down order too ([`spent_grant_place_key`]).
+const KEPT_APART_IN_ORDER_KEY: &[u8] = b"\0\0\0\0Mkept_apart_in_order";
 
 /// What a ledger-topic message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +156,34 @@ fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
     key
 }
 
+/// A grant's place in burn-down order ([`crate::book::burn_order`]: priority, expiry,
+/// effective time, id), which its terms fix for good.
+pub type BurnPlace<'a> = (u16, i64, i64, &'a str);
+
+/// The place of `state`'s grant in burn-down order.
+pub fn burn_place(state: &GrantState) -> BurnPlace<'_> {
+    let terms = &state.grant.terms;
+    (
+        terms.priority,
+        terms.expires_ms().unwrap_or(i64::MAX),
+        terms.effective_ms(),
+        &state.grant.id,
+    )
+}
+
+/// The key of a spent grant kept apart in burn-down order (beside its key by id, which
+/// records name it by): the customer's, then its place, so that keys sort as places do (the
+/// priority and times as numbers, then the id's bytes, as strings compare).
+fn spent_grant_place_key(tenant: &str, customer: &str, place: BurnPlace<'_>) -> Vec<u8> {
+    let (priority, expires, effective, id) = place;
+    let mut key = customer_key(b'H', tenant, customer);
+    key.extend_from_slice(&priority.to_be_bytes());
+    key.extend_from_slice(&time_bytes(expires));
+    key.extend_from_slice(&time_bytes(effective));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
 /// The key prefix of the lines of `list` kept apart (in [`line_order`] under it).
 pub fn line_list_key(tenant: &str, customer: &str, list: &LineList) -> Vec<u8> {
     let (kind, name) = list.parts();
@@ -218,18 +252,22 @@ fn line_list_of(rest: &[u8]) -> Option<LineList> {
     LineList::from_parts(*kind, String::from_utf8(name.to_vec()).ok()?)
 }
 
-/// Keys the statement lines kept apart in line order ([`line_key`]) in a store written by a
-/// release before, which wrote a line's meter, group (as JSON) and period start
-/// length-prefixed, so a list's keys sorted by their lengths first; once per store, marked by
-/// [`LINES_IN_ORDER_KEY`] in the same write. Returns how many lines it rewrote (none in a
-/// store begun by this release). Each tenant's keys of other kinds are stepped over by a
-/// seek, not read.
-fn order_lines_kept_apart(db: &rocksdb::DB) -> Result<usize> {
-    if db.get_pinned(LINES_IN_ORDER_KEY)?.is_some() {
+/// Keys the statement lines kept apart in line order ([`line_key`]), and keeps the spent
+/// grants kept apart in burn-down order too ([`spent_grant_place_key`]), in a store written by
+/// a release before: it wrote a line's meter, group (as JSON) and period start length-prefixed,
+/// so a list's keys sorted by their lengths first, and kept spent grants by id alone. Once per
+/// store, marked by [`KEPT_APART_IN_ORDER_KEY`] in the last write. Returns how many values it
+/// wrote (none in a store begun by this release). Each tenant's keys of other kinds are
+/// stepped over by a seek, not read; a list at a time is held, and written with others once
+/// [`MOVED_PER_WRITE`] are pending, so a store of many long lists is rewritten in bounded
+/// memory. Stopped between two writes, it starts again at the next open: a value already
+/// written is written again under the same key. A value that cannot be read is left where it
+/// is (and logged): the read of its list or grant reports it, as before.
+fn order_kept_apart(db: &rocksdb::DB) -> Result<usize> {
+    if db.get_pinned(KEPT_APART_IN_ORDER_KEY)?.is_some() {
         return Ok(0);
     }
-    let mut batch = WriteBatch::default();
-    let mut rewritten = Vec::new();
+    let mut moving = MovingLines::default();
     let mut iter = db.raw_iterator();
     iter.seek_to_first();
     while let Some(key) = iter.key() {
@@ -239,6 +277,24 @@ fn order_lines_kept_apart(db: &rocksdb::DB) -> Result<usize> {
         };
         let tenant_part = key.get(..key.len() - rest.len()).unwrap_or_default();
         match rest.first() {
+            Some(b'G') if !tenant.is_empty() => {
+                let value = iter.value().unwrap_or_default();
+                let place =
+                    read_part(rest.get(1..).unwrap_or_default()).and_then(|(customer, _)| {
+                        let tenant = std::str::from_utf8(tenant).ok()?;
+                        let customer = std::str::from_utf8(customer).ok()?;
+                        let state: GrantState = postcard::from_bytes(value).ok()?;
+                        Some(spent_grant_place_key(tenant, customer, burn_place(&state)))
+                    });
+                match place {
+                    Some(in_order) => moving.put(db, in_order, value)?,
+                    None => tracing::warn!(
+                        key = %String::from_utf8_lossy(key),
+                        "a spent grant kept apart cannot be read: left as it is"
+                    ),
+                }
+                iter.next();
+            }
             Some(b'T') if !tenant.is_empty() => {
                 let value = iter.value().unwrap_or_default();
                 let place =
@@ -247,22 +303,34 @@ fn order_lines_kept_apart(db: &rocksdb::DB) -> Result<usize> {
                         let tenant = std::str::from_utf8(tenant).ok()?;
                         let customer = std::str::from_utf8(customer).ok()?;
                         let line: StatementLine = postcard::from_bytes(value).ok()?;
-                        Some(line_key(tenant, customer, &list, Place::of(&line)))
+                        Some((
+                            line_list_key(tenant, customer, &list),
+                            line_key(tenant, customer, &list, Place::of(&line)),
+                        ))
                     });
-                let Some(ordered) = place else {
-                    return Err(Error::corrupt(
-                        "a statement line kept apart",
-                        String::from_utf8_lossy(key),
-                    ));
-                };
-                batch.delete(key);
-                rewritten.push((ordered, value.to_vec()));
+                match place {
+                    Some((list, ordered)) => {
+                        if moving.list != list {
+                            moving.end_list(db)?;
+                            moving.list = list;
+                        }
+                        moving.lines.push((key.to_vec(), ordered, value.to_vec()));
+                    }
+                    None => {
+                        tracing::warn!(
+                            key = %String::from_utf8_lossy(key),
+                            "a statement line kept apart cannot be read: left as it is"
+                        );
+                        moving.unread.push(key.to_vec());
+                    }
+                }
                 iter.next();
             }
-            Some(kind) if *kind < b'T' && !tenant.is_empty() => {
-                let mut lines = tenant_part.to_vec();
-                lines.push(b'T');
-                iter.seek(&lines);
+            // Every other kind but the last read: on to the next of these two.
+            Some(&kind) if kind < b'T' && !tenant.is_empty() => {
+                let mut next = tenant_part.to_vec();
+                next.push(if kind < b'G' { b'G' } else { b'T' });
+                iter.seek(&next);
             }
             _ => match prefix_end(tenant_part) {
                 Some(next_tenant) => iter.seek(&next_tenant),
@@ -271,13 +339,67 @@ fn order_lines_kept_apart(db: &rocksdb::DB) -> Result<usize> {
         }
     }
     iter.status()?;
-    // After every deletion: a new key equal to an old one is kept.
-    for (key, value) in &rewritten {
-        batch.put(key, value);
+    moving.end_list(db)?;
+    moving.batch.put(KEPT_APART_IN_ORDER_KEY, []);
+    db.write(moving.batch)?;
+    Ok(moving.moved)
+}
+
+/// Lines [`order_kept_apart`] moves pending in one write, at least (a list is written
+/// whole; tests write after every list of 8 or more).
+const MOVED_PER_WRITE: usize = if cfg!(test) { 8 } else { 10_000 };
+
+/// [`order_kept_apart`]'s list being read and its pending write.
+#[derive(Default)]
+struct MovingLines {
+    /// The list's key prefix ([`line_list_key`]) and its lines (key as stored, this release's
+    /// key, value).
+    list: Vec<u8>,
+    lines: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    /// The keys of lines that could not be read (left as they are).
+    unread: Vec<Vec<u8>>,
+    batch: WriteBatch,
+    moved: usize,
+}
+
+impl MovingLines {
+    /// A value to put, written with others once enough are pending.
+    fn put(&mut self, db: &rocksdb::DB, key: Vec<u8>, value: &[u8]) -> Result<()> {
+        self.batch.put(key, value);
+        self.moved += 1;
+        if self.batch.len() >= MOVED_PER_WRITE {
+            db.write(std::mem::take(&mut self.batch))?;
+        }
+        Ok(())
     }
-    batch.put(LINES_IN_ORDER_KEY, []);
-    db.write(batch)?;
-    Ok(rewritten.len())
+
+    /// Adds the list read to the pending write, and writes it once it is large enough. Its
+    /// keys as stored are deleted before its lines are put (a key unchanged is kept): a list
+    /// of [`RANGE_DELETION_FROM`] lines or more, with every line read, by one range deletion,
+    /// so its first reads after the move do not step over a deleted key for each line.
+    fn end_list(&mut self, db: &rocksdb::DB) -> Result<()> {
+        let lines = std::mem::take(&mut self.lines);
+        let end = prefix_end(&self.list);
+        let all_read = !self.unread.iter().any(|key| key.starts_with(&self.list));
+        match end {
+            Some(end) if lines.len() >= RANGE_DELETION_FROM && all_read => {
+                self.batch.delete_range(&self.list, &end);
+            }
+            _ => {
+                for (stored, _, _) in &lines {
+                    self.batch.delete(stored);
+                }
+            }
+        }
+        self.moved += lines.len();
+        for (_, key, value) in lines {
+            self.batch.put(key, value);
+        }
+        if self.batch.len() >= MOVED_PER_WRITE {
+            db.write(std::mem::take(&mut self.batch))?;
+        }
+        Ok(())
+    }
 }
 
 fn expiry_key(at: i64, tenant: &str, customer: &str) -> Vec<u8> {
@@ -542,6 +664,11 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Apart<T> {
         self.pending.insert(key, Some(value));
     }
 
+    /// Deletes at commit what is kept under `key` (this batch, or stored), without reading it.
+    fn forget(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+
     /// Whether what is stored under `key` was put back whole with its prefix this batch.
     fn under_taken(&self, key: &[u8]) -> bool {
         self.taken
@@ -681,6 +808,9 @@ pub struct PartitionState {
     /// Old series, spent grants and statement lines kept apart from their books.
     spilled: Apart<Vec<Allocation>>,
     spilled_grants: Apart<GrantState>,
+    /// The same spent grants, by their place in burn-down order (a grants page reads them
+    /// from its cursor on).
+    spent_grants_in_order: Apart<GrantState>,
     spilled_lines: Apart<StatementLine>,
     clock_ms: i64,
     clock_dirty: bool,
@@ -751,12 +881,12 @@ impl PartitionState {
     /// again first, once (marked by a key of its own).
     pub fn from_store(store: Store, grace_ms: i64, finalize_after_ms: i64) -> Result<Self> {
         let db = store.db();
-        let rewritten = order_lines_kept_apart(db)?;
+        let rewritten = order_kept_apart(db)?;
         if rewritten > 0 {
             tracing::info!(
                 partition = store.partition(),
                 rewritten,
-                "keyed the statement lines kept apart in line order"
+                "kept the statement lines and spent grants kept apart in order"
             );
         }
         let clock_ms = stored_clock(&db.get(CLOCK_KEY)?);
@@ -799,6 +929,7 @@ impl PartitionState {
             new_items: HashSet::default(),
             spilled: Apart::default(),
             spilled_grants: Apart::default(),
+            spent_grants_in_order: Apart::default(),
             spilled_lines: Apart::default(),
             clock_ms,
             clock_dirty: false,
@@ -994,6 +1125,8 @@ impl PartitionState {
     ) {
         if let Some(book) = self.books.get_mut(&key) {
             for (id, state) in book.take_spent_grants(self.book_spent_grants) {
+                let in_order = spent_grant_place_key(tenant, customer, burn_place(&state));
+                self.spent_grants_in_order.keep(in_order, state.clone());
                 self.spilled_grants
                     .keep(spilled_grant_key(tenant, customer, &id), state);
             }
@@ -1342,6 +1475,8 @@ impl PartitionState {
             format!("grant {id} of {tenant}/{customer}")
         })?;
         if let Some(mut state) = state {
+            let in_order = spent_grant_place_key(tenant, customer, burn_place(&state));
+            self.spent_grants_in_order.forget(in_order);
             state.settle(self.clock_ms);
             self.book(tenant, customer)?
                 .grants
@@ -1466,7 +1601,8 @@ impl Parts {
         grants: true,
         lines: true,
     };
-    /// The spent grants only (the grants list).
+    /// Every spent grant, no statement line (a read of every grant at once; the grants list
+    /// reads a page of them, [`grants_after`]).
     pub const GRANTS: Self = Self {
         grants: true,
         lines: false,
@@ -1523,8 +1659,9 @@ pub fn read_book_in(
 
 /// A customer's book as of `snapshot` with, of what is kept apart from it, the lines of the
 /// lists `lists` names from the book alone (`None`: no record of the customer was applied).
-/// A read of one period's statements reads their lines and those carried, not the lines of
-/// every other statement the book holds.
+/// A read of statements takes the lines carried this way, and reads a statement's own lines a
+/// page at a time from their keys ([`line_list_key`]), not the lines of every statement the
+/// book holds.
 pub fn read_book_with_lines_of(
     snapshot: &rocksdb::Snapshot<'_>,
     tenant: &str,
@@ -1569,6 +1706,68 @@ fn each_under(
         each(rest, &value).map_err(|e| Error::corrupt(format!("{tenant}/{customer}"), e))?;
     }
     Ok(())
+}
+
+/// Up to `count` of a customer's grants as of `snapshot`, in burn-down order, those after
+/// `after` (from the first without it): the book's and the spent ones kept apart (settled as
+/// a read of the book settles them), read from `after` on, not all of them (`None`: no
+/// record of the customer was applied).
+pub fn grants_after(
+    snapshot: &rocksdb::Snapshot<'_>,
+    tenant: &str,
+    customer: &str,
+    after: Option<BurnPlace<'_>>,
+    count: usize,
+) -> Result<Option<Vec<GrantState>>> {
+    let Some(mut book) = read_book_in(snapshot, tenant, customer, Parts::BOOK)? else {
+        return Ok(None);
+    };
+    let later = |state: &GrantState| after.is_none_or(|after| burn_place(state) > after);
+    let mut held: Vec<GrantState> = std::mem::take(&mut book.grants)
+        .into_values()
+        .map(|state| *state)
+        .filter(|state| later(state))
+        .collect();
+    held.sort_by(|a, b| burn_place(a).cmp(&burn_place(b)));
+    // At most `count` kept apart: the book's can only take places.
+    let prefix = customer_key(b'H', tenant, customer);
+    let mut iter = snapshot.raw_iterator_opt(neruba_stage::keys::reading_under(&prefix));
+    let from = after.map(|after| spent_grant_place_key(tenant, customer, after));
+    iter.seek(from.as_deref().unwrap_or(&prefix));
+    if from.is_some() && iter.key() == from.as_deref() {
+        iter.next();
+    }
+    let clock_ms = stored_clock(&snapshot.get(CLOCK_KEY)?);
+    let mut apart = Vec::new();
+    while apart.len() < count
+        && let Some(value) = iter.value()
+    {
+        let state = settled_grant(value, clock_ms)
+            .map_err(|e| Error::corrupt(format!("a spent grant of {tenant}/{customer}"), e))?;
+        apart.push(state);
+        iter.next();
+    }
+    iter.status()?;
+    // Merged; a grant is never in both (the fold moves it), but the book's would be the one.
+    let mut grants = Vec::with_capacity(count.min(held.len() + apart.len()));
+    let (mut held, mut apart) = (held.into_iter().peekable(), apart.into_iter().peekable());
+    while grants.len() < count {
+        let next = match (held.peek(), apart.peek()) {
+            (Some(book), Some(kept)) => match burn_place(book).cmp(&burn_place(kept)) {
+                std::cmp::Ordering::Less => held.next(),
+                std::cmp::Ordering::Greater => apart.next(),
+                std::cmp::Ordering::Equal => {
+                    apart.next();
+                    held.next()
+                }
+            },
+            (Some(_), None) => held.next(),
+            (None, Some(_)) => apart.next(),
+            (None, None) => break,
+        };
+        grants.extend(next);
+    }
+    Ok(Some(grants))
 }
 
 /// Grant `id` of a customer as of `snapshot`, from its book or kept apart (settled as a read
@@ -1801,6 +2000,7 @@ impl PartitionState {
         }
         self.spilled.write(&mut batch)?;
         self.spilled_grants.write(&mut batch)?;
+        self.spent_grants_in_order.write(&mut batch)?;
         self.spilled_lines.write(&mut batch)?;
         let mut dirty: Vec<CustomerKey> = self.dirty.drain().collect();
         dirty.sort();
@@ -2718,35 +2918,101 @@ mod tests {
     }
 
     #[test]
-    fn lines_kept_apart_under_a_release_befores_keys_are_keyed_in_line_order_once_at_open() {
-        // Releases before wrote a line's meter, group (JSON) and period start length-prefixed,
-        // so a list's keys sorted by length first and a read could not seek to a place.
+    fn a_spent_grant_given_credit_back_leaves_both_of_its_keys() {
+        // A grant used up is kept apart by id and in burn-down order; a correction giving it
+        // credit back puts it back into its book, and neither key may stay behind (a grants
+        // page would read a stale copy of it from the second).
         let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
-        // Tenants on either side of `acme` and one beginning it, each with lines kept apart
-        // (every line: the state keeps none in a book), in groups of different lengths.
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0)
+            .expect("open")
+            .keeping(BOOK_SERIES, 0, BOOK_LINES);
+        let ops = [
+            Op::Grant(usd_grant("c1", "pack", "1", 1)),
+            Op::Item(line_item("li_1", 0, d("1"))),
+            Op::Item(line_item("li_fix", 0, d("-1"))),
+        ];
+        let keys = |state: &PartitionState, kind: u8| -> usize {
+            let prefix = customer_key(kind, "acme", "c1");
+            state
+                .store
+                .db()
+                .prefix_iterator(&prefix)
+                .map(|entry| entry.expect("entry"))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .count()
+        };
+        let mut kept = Vec::new();
+        for (offset, op) in (0_i64..).zip(&ops) {
+            let (payload, record) = op.record();
+            let input = Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            state.apply(input, record).expect("apply");
+            state.take_outputs();
+            state.commit().expect("commit");
+            kept.push((keys(&state, b'G'), keys(&state, b'H')));
+        }
+        // Held, used up (kept apart twice), given credit back (held again).
+        assert_eq!(kept, [(0, 0), (1, 1), (0, 0)]);
+        let grants = grants_after(&state.store.db().snapshot(), "acme", "c1", None, 10)
+            .expect("read")
+            .expect("the customer");
+        let remaining: Vec<String> = grants.iter().map(|g| g.remaining.to_string()).collect();
+        assert_eq!(remaining, ["1"]);
+    }
+
+    #[test]
+    fn what_a_release_before_kept_apart_is_kept_in_order_once_at_open() {
+        // Releases before wrote a line's meter, group (JSON) and period start length-prefixed,
+        // so a list's keys sorted by length first and a read could not seek to a place; and
+        // kept spent grants by id alone, so a grants page read every one.
+        let d = |text: &str| text.parse::<rust_decimal::Decimal>().expect("decimal");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        // Three tenants' customers with lines kept apart (every line: the state keeps none in
+        // a book), in groups of different lengths; `acme`'s and `zeta`'s lists long enough
+        // for a range deletion.
+        let groups = |tenant: &str| -> Vec<usize> {
+            if tenant != "a" {
+                (0..RANGE_DELETION_FROM + 6).map(|n| n * 37).collect()
+            } else {
+                vec![5, 40, 300, 2, 1000]
+            }
+        };
         let tenants = ["a", "acme", "zeta"];
+        let item = |tenant: &str, id: String, n: usize| LineItem {
+            tenant: tenant.into(),
+            group: [("project".to_owned(), format!("p{n}"))].into(),
+            ..line_item(&id, 0, d("1.5"))
+        };
+        let apply_record = |state: &mut PartitionState, offset: &mut i64, op: Op| {
+            let (payload, record) = op.record();
+            let input = Input {
+                offset: *offset,
+                key: None,
+                payload: &payload,
+            };
+            state.apply(input, record).expect("apply");
+            *offset += 1;
+        };
+        let mut offset = 0;
         let (mut state, books) = {
             let mut state = PartitionState::open(dir.path(), 0, &cache, 0)
                 .expect("open")
-                .keeping(BOOK_SERIES, BOOK_SPENT_GRANTS, 0);
-            let mut offset = 0;
+                .keeping(BOOK_SERIES, 0, 0);
+            // `acme`'s first items use up three grants, kept apart once spent.
+            for n in 0..3 {
+                let grant = usd_grant("c1", &format!("pack-{n}"), "1", 1);
+                apply_record(&mut state, &mut offset, Op::Grant(grant));
+            }
             for tenant in tenants {
-                for n in [5, 40, 300, 2, 1000] {
-                    let item = LineItem {
-                        tenant: tenant.into(),
-                        group: [("project".to_owned(), format!("p{n}"))].into(),
-                        ..line_item(&format!("li_{n}"), 0, d("1.5"))
-                    };
-                    let (payload, record) = Op::Item(item).record();
-                    let input = Input {
-                        offset,
-                        key: None,
-                        payload: &payload,
-                    };
-                    state.apply(input, record).expect("apply");
-                    offset += 1;
+                for n in groups(tenant) {
+                    let item = item(tenant, format!("li_{n}"), n);
+                    apply_record(&mut state, &mut offset, Op::Item(item));
                 }
             }
             state.take_outputs();
@@ -2758,31 +3024,57 @@ mod tests {
             (state, books)
         };
         // Every line kept apart and where it is.
-        let lines_apart = |db: &rocksdb::DB| -> Vec<(Vec<u8>, StatementLine)> {
+        let lines_apart = |db: &rocksdb::DB| -> Vec<(Vec<u8>, Vec<u8>)> {
             let mut out = Vec::new();
             for entry in db.iterator(rocksdb::IteratorMode::Start) {
                 let (key, value) = entry.expect("entry");
                 let is_line = read_part(&key)
                     .is_some_and(|(t, rest)| !t.is_empty() && rest.first() == Some(&b'T'));
                 if is_line {
-                    let line = postcard::from_bytes(&value).expect("a line");
-                    out.push((key.to_vec(), line));
+                    out.push((key.to_vec(), value.to_vec()));
                 }
             }
             out
         };
+        let projects = |lines: &[(Vec<u8>, Vec<u8>)], tenant: &[u8]| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|(key, _)| read_part(key).is_some_and(|(t, _)| t == tenant))
+                .map(|(_, value)| {
+                    let line: StatementLine = postcard::from_bytes(value).expect("a line");
+                    line.group["project"].clone()
+                })
+                .collect()
+        };
         let ordered = lines_apart(state.store.db());
-        assert_eq!(ordered.len(), 15);
-        // As a release before left them: the same lines under its keys, and no mark.
+        // The spent grants in burn-down order, as kept apart by this release.
+        let spent_in_order = |db: &rocksdb::DB| -> Vec<(Vec<u8>, Vec<u8>)> {
+            let prefix = customer_key(b'H', "acme", "c1");
+            db.prefix_iterator(&prefix)
+                .map(|entry| entry.expect("entry"))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, value)| (key.to_vec(), value.to_vec()))
+                .collect()
+        };
+        let spent = spent_in_order(state.store.db());
+        assert_eq!(spent.len(), 3);
+        assert_eq!(ordered.len(), 2 * (RANGE_DELETION_FROM + 6) + 5);
+        // As a release before left them: the same lines under its keys, and no mark; but for
+        // tenant `a`'s, the first in key order, as if a rewrite had stopped after writing them.
+        // Beside them, a line no release could read, and the api's keys of other kinds.
         let mut batch = WriteBatch::default();
-        for (key, line) in &ordered {
+        for (key, value) in &ordered {
             let (tenant, rest) = read_part(key).expect("tenant");
+            if tenant == b"a" {
+                continue;
+            }
             let (customer, rest) = read_part(rest.get(1..).expect("kind")).expect("customer");
             let list = line_list_of(rest).expect("list");
             let (tenant, customer) = (
                 std::str::from_utf8(tenant).expect("utf-8"),
                 std::str::from_utf8(customer).expect("utf-8"),
             );
+            let line: StatementLine = postcard::from_bytes(value).expect("a line");
             let mut before = line_list_key(tenant, customer, &list);
             push(&mut before, line.meter.as_bytes());
             let group = serde_json::to_string(&line.group).expect("json");
@@ -2790,34 +3082,94 @@ mod tests {
             push(&mut before, line.period_start.as_bytes());
             assert_ne!(&before, key);
             batch.delete(key);
-            batch.put(before, postcard::to_stdvec(line).expect("encode"));
+            batch.put(before, value);
         }
-        batch.delete(LINES_IN_ORDER_KEY);
+        let list = LineList::Lines(crate::book::statements::key(
+            "USD",
+            &line_item("x", 0, d("1")).period_start,
+        ));
+        let mut unreadable = line_list_key("zeta", "c1", &list);
+        push(&mut unreadable, b"zz");
+        batch.put(&unreadable, b"not a line");
+        let others = [
+            customer_key(b'F', "acme", "c1"),
+            customer_key(b'P', "zeta", "c1"),
+        ];
+        for key in &others {
+            batch.put(key, b"the api's");
+        }
+        for (key, _) in &spent {
+            batch.delete(key);
+        }
+        batch.delete(KEPT_APART_IN_ORDER_KEY);
         state.store.write(batch).expect("downgrade");
-        let by_length: Vec<String> = lines_apart(state.store.db())
-            .into_iter()
-            .filter(|(key, _)| read_part(key).is_some_and(|(t, _)| t == b"acme"))
-            .map(|(_, line)| line.group["project"].clone())
-            .collect();
-        assert_eq!(by_length, ["p2", "p5", "p40", "p300", "p1000"]);
+        assert_eq!(spent_in_order(state.store.db()), []);
+        let groups_by_length = |tenant: &str| {
+            let mut want: Vec<String> = groups(tenant).iter().map(|n| format!("p{n}")).collect();
+            want.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+            want
+        };
+        let stored = lines_apart(state.store.db());
+        assert_eq!(projects(&stored, b"acme"), groups_by_length("acme"));
         drop(state);
 
-        let state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
+        let mut state = PartitionState::open(dir.path(), 0, &cache, 0).expect("reopen");
         let db = state.store.db();
-        // The same lines under this release's keys, which sort in line order, and the mark.
-        assert_eq!(lines_apart(db), ordered);
-        let in_order: Vec<String> = ordered
-            .iter()
-            .filter(|(key, _)| read_part(key).is_some_and(|(t, _)| t == b"acme"))
-            .map(|(_, line)| line.group["project"].clone())
+        // The same lines under this release's keys, which sort in line order, the line that
+        // cannot be read left where it was, the other kinds untouched, and the mark.
+        let mut want = ordered.clone();
+        want.push((unreadable.clone(), b"not a line".to_vec()));
+        want.sort();
+        assert_eq!(lines_apart(db), want);
+        let mut in_order = groups_by_length("acme");
+        in_order.sort();
+        assert_eq!(projects(&want, b"acme"), in_order);
+        for key in &others {
+            assert_eq!(
+                db.get(key).expect("get").as_deref(),
+                Some(&b"the api's"[..])
+            );
+        }
+        assert!(db.get(KEPT_APART_IN_ORDER_KEY).expect("get").is_some());
+        assert_eq!(spent_in_order(db), spent);
+        let grants = |after| {
+            grants_after(&db.snapshot(), "acme", "c1", after, usize::MAX)
+                .expect("read")
+                .expect("the customer")
+        };
+        let mut every: Vec<GrantState> = books[1]
+            .as_ref()
+            .expect("acme's book")
+            .grants
+            .values()
+            .map(|g| (**g).clone())
             .collect();
-        assert_eq!(in_order, ["p1000", "p2", "p300", "p40", "p5"]);
-        assert!(db.get(LINES_IN_ORDER_KEY).expect("get").is_some());
-        for (tenant, book) in tenants.iter().zip(&books) {
+        every.sort_by(|a, b| burn_place(a).cmp(&burn_place(b)));
+        assert_eq!(grants(None), every);
+        assert_eq!(grants(every.first().map(burn_place)), every[1..]);
+        for (tenant, book) in tenants.iter().zip(&books).take(2) {
             assert_eq!(&read_book(db, tenant, "c1").expect("read"), book);
         }
         // Once: a store so marked is not read again.
-        assert_eq!(order_lines_kept_apart(db).expect("again"), 0);
+        assert_eq!(order_kept_apart(db).expect("again"), 0);
+        // An item of a line kept apart finds it, and adds to it: under a release before's
+        // key it would not, and the statement would list the group twice.
+        let again = item("acme", "li_again".into(), 37);
+        apply_record(&mut state, &mut offset, Op::Item(again));
+        state.take_outputs();
+        state.commit().expect("commit");
+        let book = read_book(state.store.db(), "acme", "c1")
+            .expect("read")
+            .expect("the book");
+        let statement = &book.statements.values().next().expect("open").statement;
+        let p37: Vec<String> = statement
+            .lines
+            .iter()
+            .filter(|l| l.group["project"] == "p37")
+            .map(|l| l.amount.to_string())
+            .collect();
+        assert_eq!(p37, ["3.0"]);
+        assert_eq!(statement.lines.len(), RANGE_DELETION_FROM + 6);
     }
 
     #[test]

@@ -26,7 +26,9 @@
 //!    with that many lines, open (past 64 its lines kept apart from the book by the balances
 //!    fold, a line a key, rather than in a final statement's runs), read whole and walked as
 //!    the final one is;
-//! 8. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
+//! 8. with `NERUBA_BENCH_TOPUPS` set, one more customer with that many top-ups of a cent,
+//!    each used up by the next item, its grants walked 20 times in pages of 1,000;
+//! 9. with `NERUBA_BENCH_WIDE_GROUPS` set, one more customer with that many groups in every
 //!    1-minute window of `NERUBA_BENCH_WIDE_HOURS` hours (see [`wide`]).
 
 // Latencies and rates in the report are floating point; no quantity or amount is.
@@ -131,29 +133,7 @@ fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
     for c in 0..customers {
         let customer = format!("customer-{c}");
         let key = format!("acme/{customer}");
-        let grant = Grant {
-            v: 1,
-            id: credit::grant_id("acme", &customer, "pack"),
-            tenant: "acme".into(),
-            customer: customer.clone(),
-            key: "pack".into(),
-            terms: GrantTerms {
-                amount: Decimal::from(20),
-                currency: "USD".into(),
-                priority: 10,
-                effective_at: None,
-                expires_at: None,
-                paid: None,
-                metadata: BTreeMap::new(),
-            },
-            received_at: format_time_ms(period.0),
-        };
-        records.push(Record {
-            topic: topics::LEDGER,
-            key: key.clone(),
-            payload: credit::encode(&grant),
-            header: Some("grant"),
-        });
+        records.push(grant_record(&customer, "pack", Decimal::from(20), period));
         let item = usage_item(
             &customer,
             format!("li_{c}"),
@@ -175,6 +155,34 @@ fn workload(customers: usize, period: (i64, i64)) -> Vec<Record> {
         });
     }
     records
+}
+
+/// A grant to `customer` of `amount` USD keyed `key`, received at `period`'s start, as the
+/// gateway writes it on the ledger.
+fn grant_record(customer: &str, key: &str, amount: Decimal, period: (i64, i64)) -> Record {
+    let grant = Grant {
+        v: 1,
+        id: credit::grant_id("acme", customer, key),
+        tenant: "acme".into(),
+        customer: customer.into(),
+        key: key.into(),
+        terms: GrantTerms {
+            amount,
+            currency: "USD".into(),
+            priority: 10,
+            effective_at: None,
+            expires_at: None,
+            paid: None,
+            metadata: BTreeMap::new(),
+        },
+        received_at: format_time_ms(period.0),
+    };
+    Record {
+        topic: topics::LEDGER,
+        key: format!("acme/{customer}"),
+        payload: credit::encode(&grant),
+        header: Some("grant"),
+    }
 }
 
 /// A usage item of `customer` for the first minute of `period`, 7 tokens in one group.
@@ -628,6 +636,24 @@ async fn main() -> Result<()> {
         caught_up(&api, &highs(&probe)?).await?;
         println!("{history}: this month's statement open with {open_lines} lines");
     }
+    // With `NERUBA_BENCH_TOPUPS`, one more customer who bought that many top-ups of a cent,
+    // each used up by the next item: its grants list, read a page at a time.
+    let topups = env_usize("NERUBA_BENCH_TOPUPS", 0);
+    let topped_up = "customer-topups";
+    if topups > 0 {
+        let mut chunk = Vec::with_capacity(2 * topups);
+        for (n, item) in cents(topped_up, "top", period, topups)
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("topup-{n:06}");
+            chunk.push(grant_record(topped_up, &key, Decimal::new(1, 2), period));
+            chunk.push(item);
+        }
+        send_all(&setup, &chunk).await?;
+        caught_up(&api, &highs(&probe)?).await?;
+        println!("{topped_up}: {topups} top-ups of a cent, each used up by the next item");
+    }
 
     let client = reqwest::Client::new();
     let base = format!("http://{}", api.local_addr);
@@ -678,6 +704,23 @@ async fn main() -> Result<()> {
         let url = format!("{base}/v1/customers/{history}/statements/{month}");
         let label = "statement of this month, open";
         statement_reads(&client, &url, key, "open", open_lines, label).await?;
+    }
+    if topups > 0 {
+        let url = format!("{base}/v1/customers/{topped_up}/grants?limit=1000");
+        let grants_of =
+            |answer: &serde_json::Value| answer["grants"].as_array().map_or(0, Vec::len);
+        let (mut pages, mut walks) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let (samples, walked) = walk(&client, &url, key, topups, grants_of).await?;
+            pages.extend(samples);
+            walks.push(walked);
+        }
+        report(
+            &format!("grants of {topups} used-up top-ups, each page of 1,000 in turn"),
+            pages,
+            "no target",
+        );
+        report("  the whole walk", walks, "no target");
     }
     let (from, to) = (format_time_ms(period.0), format_time_ms(period.1));
     let usage_reads = env_usize("NERUBA_BENCH_USAGE_READS", 50);

@@ -661,8 +661,52 @@ proptest! {
         keep(state.take_outputs());
         neruba_stage::Partition::commit(&mut state).expect("commit");
         prop_assert_eq!(&entries, &expected.entries);
-        let read = crate::state::read_book(neruba_stage::Partition::store(&state).db(), "acme", "c1")
-            .expect("read");
+        let db = neruba_stage::Partition::store(&state).db();
+        let read = crate::state::read_book(db, "acme", "c1").expect("read");
+        // The grants a page at a time, from the book and from the spent ones kept apart in
+        // burn-down order: the book's grants in that order, each once.
+        let mut want: Vec<&GrantState> = expected.book.grants.values().map(|g| &**g).collect();
+        want.sort_by_key(|g| crate::book::burn_order(&g.grant));
+        for limit in [1, 2, 5] {
+            let mut pages: Vec<GrantState> = Vec::new();
+            loop {
+                let after = pages.last().map(crate::state::burn_place);
+                let page = crate::state::grants_after(&db.snapshot(), "acme", "c1", after, limit)
+                    .expect("read")
+                    .unwrap_or_default();
+                let last = page.len() < limit;
+                pages.extend(page);
+                if last {
+                    break;
+                }
+            }
+            prop_assert_eq!(pages.iter().collect::<Vec<_>>(), want.clone(), "limit {}", limit);
+        }
+        // The spent grants kept apart in burn-down order are those kept apart by id: a grant
+        // put back into its book leaves both.
+        let under = |kind: u8| -> Vec<(Vec<u8>, Vec<u8>)> {
+            let prefix = crate::state::customer_key(kind, "acme", "c1");
+            db.prefix_iterator(&prefix)
+                .map(|entry| entry.expect("entry"))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, value)| (key[prefix.len()..].to_vec(), value.to_vec()))
+                .collect()
+        };
+        let mut by_id: Vec<String> = under(b'G')
+            .into_iter()
+            .map(|(rest, _)| {
+                let (id, _) = neruba_stage::keys::read_part(&rest).expect("an id");
+                String::from_utf8(id.to_vec()).expect("utf-8")
+            })
+            .collect();
+        let in_order: Vec<String> = under(b'H')
+            .into_iter()
+            .map(|(_, value)| postcard::from_bytes::<GrantState>(&value).expect("a grant").grant.id)
+            .collect();
+        by_id.sort();
+        let mut sorted = in_order.clone();
+        sorted.sort();
+        prop_assert_eq!(sorted, by_id);
         let mut book = read.unwrap_or_default();
         // What the store reads back is the book but for the old series it keeps apart.
         book.series.clone_from(&expected.book.series);
