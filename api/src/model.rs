@@ -398,20 +398,21 @@ impl<'a> StoredLines<'a> {
         after: Option<Place<'_>>,
         count: usize,
     ) -> Result<Vec<StatementLine>, ReadError> {
+        let iter = self
+            .snapshot
+            .raw_iterator_opt(neruba_stage::keys::reading_under(&self.prefix));
         match &self.form {
-            Form::Runs => self.read_runs(after, count),
-            Form::Apart { held } => self.read_apart(held, after, count),
+            Form::Runs => self.read_runs(iter, after, count),
+            Form::Apart { held } => self.read_apart(iter, held, after, count),
         }
     }
 
     fn read_runs(
         &self,
+        mut iter: rocksdb::DBRawIterator<'_>,
         after: Option<Place<'_>>,
         count: usize,
     ) -> Result<Vec<StatementLine>, ReadError> {
-        let mut iter = self
-            .snapshot
-            .raw_iterator_opt(neruba_stage::keys::reading_under(&self.prefix));
         // From the run that holds the place: the last to begin at or before it.
         if let Some(after) = after {
             let mut at = self.prefix.clone();
@@ -442,13 +443,11 @@ impl<'a> StoredLines<'a> {
 
     fn read_apart(
         &self,
+        mut iter: rocksdb::DBRawIterator<'_>,
         held: &[StatementLine],
         after: Option<Place<'_>>,
         count: usize,
     ) -> Result<Vec<StatementLine>, ReadError> {
-        let mut iter = self
-            .snapshot
-            .raw_iterator_opt(neruba_stage::keys::reading_under(&self.prefix));
         let mut at = self.prefix.clone();
         if let Some(after) = after {
             push_line_place(&mut at, after);
@@ -716,8 +715,8 @@ impl Model {
         let view = self.loaded(partition)?;
         // The position first: the book read after it is at least as new.
         let position = self.position_of(partition, &view);
-        // With what kept apart the read needs: the grants list its spent grants, nothing its
-        // statements' lines (a customer may have thousands; the statements read has them).
+        // With what kept apart the read needs (balance reads and a grant's read: the book
+        // alone; statements and the grants list read what they need a page at a time).
         let book =
             neruba_balances::state::read_book_in(&view.db.snapshot(), tenant, customer, parts)?;
         Ok((book, position))

@@ -12,7 +12,8 @@
 //!   partition, so a replay expires grants at the same points.
 //!
 //! Key layout (components length-prefixed, but for a line's place, whose parts are escaped so
-//! that keys sort as places do; the tenant first):
+//! that keys sort as places do, and a grant's place, of fixed widths but its id last; the
+//! tenant first):
 //!
 //! | key | value |
 //! |---|---|
@@ -26,11 +27,13 @@
 //! | | ([`Book::take_oldest_series`]; postcard) |
 //! | tenant, `G`, customer, grant id | a spent grant (ended, or drawn down to nothing) the |
 //! | | book no longer holds ([`Book::take_spent_grants`]; postcard) |
-//! | tenant, `H`, customer, the grant's place in burn-down order (priority, 2 bytes BE; | the |
-//! | expiry and effective time, 8 bytes each, as [`time_bytes`]; the id) | same grant, the same value |
-//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a |
-//! | statement key or currency, then the line's place ([`push_line_place`]), so that a | statement line the book no |
-//! | list's keys sort in [`line_order`] | longer holds ([`Book::take_statement_lines`]; postcard) |
+//! | tenant, `H`, customer, the grant's place in burn-down order | the same spent grant as |
+//! | | under `G` (a grants page reads them from its cursor on): |
+//! | | its priority (2 bytes BE), expiry and effective time (8 bytes each, as [`time_bytes`]) |
+//! | | and id |
+//! | tenant, `T`, customer, list kind (`l` lines, `p` prior-period lines, `c` carried), | a statement line the book |
+//! | | statement key or currency, then the line's place ([`push_line_place`]), so that |
+//! | | a list's keys sort in [`line_order`]; the value: the line ([`Book::take_statement_lines`]; postcard) |
 //! | `\0\0\0\0Mkept_apart_in_order` | empty: the `T` keys are in this form and every `G` |
 //! | | has its `H` (releases before wrote the place's parts length-prefixed, the group as |
 //! | | JSON, and no `H`: rewritten at open, [`PartitionState::from_store`]) |
@@ -174,7 +177,7 @@ pub fn burn_place(state: &GrantState) -> BurnPlace<'_> {
 /// The key of a spent grant kept apart in burn-down order (beside its key by id, which
 /// records name it by): the customer's, then its place, so that keys sort as places do (the
 /// priority and times as numbers, then the id's bytes, as strings compare).
-fn spent_grant_place_key(tenant: &str, customer: &str, place: BurnPlace<'_>) -> Vec<u8> {
+pub(crate) fn spent_grant_place_key(tenant: &str, customer: &str, place: BurnPlace<'_>) -> Vec<u8> {
     let (priority, expires, effective, id) = place;
     let mut key = customer_key(b'H', tenant, customer);
     key.extend_from_slice(&priority.to_be_bytes());
@@ -257,12 +260,13 @@ fn line_list_of(rest: &[u8]) -> Option<LineList> {
 /// a release before: it wrote a line's meter, group (as JSON) and period start length-prefixed,
 /// so a list's keys sorted by their lengths first, and kept spent grants by id alone. Once per
 /// store, marked by [`KEPT_APART_IN_ORDER_KEY`] in the last write. Returns how many values it
-/// wrote (none in a store begun by this release). Each tenant's keys of other kinds are
+/// wrote under a new key (none in a store begun by this release). Each tenant's keys of other kinds are
 /// stepped over by a seek, not read; a list at a time is held, and written with others once
 /// [`MOVED_PER_WRITE`] are pending, so a store of many long lists is rewritten in bounded
 /// memory. Stopped between two writes, it starts again at the next open: a value already
-/// written is written again under the same key. A value that cannot be read is left where it
-/// is (and logged): the read of its list or grant reports it, as before.
+/// written is written again under the same key. A line that cannot be read is left where it
+/// is, and a spent grant that cannot be read is listed last (both logged): the read of its
+/// list reports it, as before.
 fn order_kept_apart(db: &rocksdb::DB) -> Result<usize> {
     if db.get_pinned(KEPT_APART_IN_ORDER_KEY)?.is_some() {
         return Ok(0);
@@ -279,19 +283,32 @@ fn order_kept_apart(db: &rocksdb::DB) -> Result<usize> {
         match rest.first() {
             Some(b'G') if !tenant.is_empty() => {
                 let value = iter.value().unwrap_or_default();
-                let place =
-                    read_part(rest.get(1..).unwrap_or_default()).and_then(|(customer, _)| {
-                        let tenant = std::str::from_utf8(tenant).ok()?;
-                        let customer = std::str::from_utf8(customer).ok()?;
-                        let state: GrantState = postcard::from_bytes(value).ok()?;
-                        Some(spent_grant_place_key(tenant, customer, burn_place(&state)))
+                let names =
+                    read_part(rest.get(1..).unwrap_or_default()).and_then(|(customer, id)| {
+                        let (id, _) = read_part(id)?;
+                        Some((
+                            std::str::from_utf8(tenant).ok()?,
+                            std::str::from_utf8(customer).ok()?,
+                            std::str::from_utf8(id).ok()?,
+                        ))
                     });
-                match place {
-                    Some(in_order) => moving.put(db, in_order, value)?,
-                    None => tracing::warn!(
-                        key = %String::from_utf8_lossy(key),
-                        "a spent grant kept apart cannot be read: left as it is"
-                    ),
+                if let Some((tenant, customer, id)) = names {
+                    let place = match postcard::from_bytes::<GrantState>(value) {
+                        Ok(state) => spent_grant_place_key(tenant, customer, burn_place(&state)),
+                        // Last in the order, so the grants list reports it when it reaches it,
+                        // as its read of every grant did.
+                        Err(e) => {
+                            tracing::warn!(tenant, customer, id, error = %e, "a spent grant kept apart cannot be read: listed last");
+                            spent_grant_place_key(
+                                tenant,
+                                customer,
+                                (u16::MAX, i64::MAX, i64::MAX, id),
+                            )
+                        }
+                    };
+                    moving.put(db, place, value)?;
+                } else {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), "a malformed key of a spent grant: left as it is");
                 }
                 iter.next();
             }
@@ -345,8 +362,8 @@ fn order_kept_apart(db: &rocksdb::DB) -> Result<usize> {
     Ok(moving.moved)
 }
 
-/// Lines [`order_kept_apart`] moves pending in one write, at least (a list is written
-/// whole; tests write after every list of 8 or more).
+/// Keys [`order_kept_apart`] writes or deletes pending in one write, at least (a list is
+/// written whole; tests write after 8).
 const MOVED_PER_WRITE: usize = if cfg!(test) { 8 } else { 10_000 };
 
 /// [`order_kept_apart`]'s list being read and its pending write.
@@ -391,7 +408,10 @@ impl MovingLines {
                 }
             }
         }
-        self.moved += lines.len();
+        self.moved += lines
+            .iter()
+            .filter(|(stored, key, _)| stored != key)
+            .count();
         for (_, key, value) in lines {
             self.batch.put(key, value);
         }
@@ -1601,8 +1621,8 @@ impl Parts {
         grants: true,
         lines: true,
     };
-    /// Every spent grant, no statement line (a read of every grant at once; the grants list
-    /// reads a page of them, [`grants_after`]).
+    /// Every spent grant, no statement line (a read of every grant at once, as tests and
+    /// benchmarks make it; the grants list reads a page, [`grants_after`]).
     pub const GRANTS: Self = Self {
         grants: true,
         lines: false,
@@ -3091,6 +3111,10 @@ mod tests {
         let mut unreadable = line_list_key("zeta", "c1", &list);
         push(&mut unreadable, b"zz");
         batch.put(&unreadable, b"not a line");
+        // A spent grant no release could read, of `zeta`'s customer.
+        let mut broken_grant = customer_key(b'G', "zeta", "c1");
+        push(&mut broken_grant, b"gr_broken");
+        batch.put(&broken_grant, b"not a grant");
         let others = [
             customer_key(b'F', "acme", "c1"),
             customer_key(b'P', "zeta", "c1"),
@@ -3147,6 +3171,16 @@ mod tests {
         every.sort_by(|a, b| burn_place(a).cmp(&burn_place(b)));
         assert_eq!(grants(None), every);
         assert_eq!(grants(every.first().map(burn_place)), every[1..]);
+        // The grant that cannot be read is listed last, so its customer's list reports it.
+        let last = spent_grant_place_key("zeta", "c1", (u16::MAX, i64::MAX, i64::MAX, "gr_broken"));
+        assert_eq!(
+            db.get(&last).expect("get").as_deref(),
+            Some(&b"not a grant"[..])
+        );
+        assert!(matches!(
+            grants_after(&db.snapshot(), "zeta", "c1", None, usize::MAX),
+            Err(Error::Corrupt { .. })
+        ));
         for (tenant, book) in tenants.iter().zip(&books).take(2) {
             assert_eq!(&read_book(db, tenant, "c1").expect("read"), book);
         }

@@ -21,8 +21,9 @@
 //! grants holding credit (`MAX_CREDIT_GRANTS`), `NERUBA_BENCH_BOUND_ITEMS` (default 2,000) items
 //! each written alone, and one holding as many bytes of keys and metadata as the bound lets
 //! it; the stored book of a customer after `NERUBA_BENCH_TOPUPS` (default 1,000) top-ups each
-//! used up, against a book that keeps every grant, and a read of it as a balance read and as
-//! the grants list take it; and a customer with a new group value in
+//! used up, against a book that keeps every grant, and a read of it as a balance read takes it
+//! and with every grant put back (as the grants list read it before it read a page at a time;
+//! `api_reads` measures its pages); and a customer with a new group value in
 //! every item, for each count of groups in `NERUBA_BENCH_GROUPS` (default `1000,10000`).
 //!
 //! Last, the period's end: after the workload, one tick turns every customer's statement draft
@@ -628,7 +629,7 @@ fn main() -> Result<()> {
     let topups = env_usize("NERUBA_BENCH_TOPUPS", 1_000);
     let t = topped_up(&template, topups)?;
     println!(
-        "a customer after {topups} top-ups each used up: stored book {} bytes; a book keeping every grant {} bytes; a read of the book alone (a balance read) {:.2?}, with every grant put back (the grants list) {:.2?}",
+        "a customer after {topups} top-ups each used up: stored book {} bytes; a book keeping every grant {} bytes; a read of the book alone (a balance read) {:.2?}, with every grant put back (as the grants list read it before its pages) {:.2?}",
         t.stored, t.whole, t.book_alone, t.every_grant
     );
     for groups in std::env::var("NERUBA_BENCH_GROUPS")
