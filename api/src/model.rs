@@ -468,28 +468,10 @@ impl<'a> StoredLines<'a> {
         }
         iter.status()?;
         let later = |line: &&StatementLine| after.is_none_or(|place| place.precedes(line));
-        let mut held = held.iter().filter(later).peekable();
-        let mut stored = stored.into_iter().peekable();
-        let mut lines = Vec::with_capacity(count.min(1 << 14));
-        while lines.len() < count {
-            let next = match (stored.peek(), held.peek()) {
-                (Some(kept), Some(book)) => {
-                    match line_order(kept, &book.meter, &book.group, &book.period_start) {
-                        std::cmp::Ordering::Less => stored.next(),
-                        std::cmp::Ordering::Greater => held.next().cloned(),
-                        // Never both in one snapshot; the book's would be the line as it is.
-                        std::cmp::Ordering::Equal => {
-                            stored.next();
-                            held.next().cloned()
-                        }
-                    }
-                }
-                (Some(_), None) => stored.next(),
-                (None, Some(_)) => held.next().cloned(),
-                (None, None) => break,
-            };
-            lines.extend(next);
-        }
+        let held = held.iter().filter(later).cloned();
+        let lines = neruba_balances::state::merge_in_order(held, stored, count, |a, b| {
+            line_order(a, &b.meter, &b.group, &b.period_start)
+        });
         Ok(lines)
     }
 }
@@ -729,7 +711,7 @@ impl Model {
         &self,
         tenant: &str,
         customer: &str,
-        after: Option<neruba_balances::state::BurnPlace<'_>>,
+        after: Option<neruba_balances::book::BurnPlace<'_>>,
         count: usize,
     ) -> Result<(Option<Vec<neruba_balances::book::GrantState>>, Position), ReadError> {
         let partition = self.partition_of(tenant, customer);

@@ -188,14 +188,24 @@ impl Book {
     }
 }
 
-/// The burn-down order's sort key of a grant.
-pub fn burn_order(grant: &Grant) -> (u16, i64, i64, String) {
+/// A grant's place in burn-down order: priority, expiry (none last), effective time, id;
+/// its terms fix it for good.
+pub type BurnPlace<'a> = (u16, i64, i64, &'a str);
+
+/// The place of `grant` in burn-down order.
+pub fn burn_place(grant: &Grant) -> BurnPlace<'_> {
     (
         grant.terms.priority,
         grant.terms.expires_ms().unwrap_or(i64::MAX),
         grant.terms.effective_ms(),
-        grant.id.clone(),
+        &grant.id,
     )
+}
+
+/// The burn-down order's sort key of a grant: [`burn_place`], owned.
+pub fn burn_order(grant: &Grant) -> (u16, i64, i64, String) {
+    let (priority, expires, effective, id) = burn_place(grant);
+    (priority, expires, effective, id.to_owned())
 }
 
 /// A series' key: currency, meter, group and billing period, unambiguously (a JSON array):

@@ -43,7 +43,7 @@
 //! for the bound and which items a later one supersedes.
 
 use crate::book::statements::{LineList, Route, line_order};
-use crate::book::{Allocation, Book, GrantState};
+use crate::book::{Allocation, Book, BurnPlace, GrantState, burn_order, burn_place};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, StatementLine, Tick, Void};
@@ -157,21 +157,6 @@ fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
     let mut key = customer_key(b'G', tenant, customer);
     push(&mut key, grant.as_bytes());
     key
-}
-
-/// A grant's place in burn-down order ([`crate::book::burn_order`]: priority, expiry,
-/// effective time, id), which its terms fix for good.
-pub type BurnPlace<'a> = (u16, i64, i64, &'a str);
-
-/// The place of `state`'s grant in burn-down order.
-pub fn burn_place(state: &GrantState) -> BurnPlace<'_> {
-    let terms = &state.grant.terms;
-    (
-        terms.priority,
-        terms.expires_ms().unwrap_or(i64::MAX),
-        terms.effective_ms(),
-        &state.grant.id,
-    )
 }
 
 /// The key of a spent grant kept apart in burn-down order (beside its key by id, which
@@ -294,7 +279,9 @@ fn order_kept_apart(db: &rocksdb::DB) -> Result<usize> {
                     });
                 if let Some((tenant, customer, id)) = names {
                     let place = match postcard::from_bytes::<GrantState>(value) {
-                        Ok(state) => spent_grant_place_key(tenant, customer, burn_place(&state)),
+                        Ok(state) => {
+                            spent_grant_place_key(tenant, customer, burn_place(&state.grant))
+                        }
                         // Last in the order, so the grants list reports it when it reaches it,
                         // as its read of every grant did.
                         Err(e) => {
@@ -1145,7 +1132,7 @@ impl PartitionState {
     ) {
         if let Some(book) = self.books.get_mut(&key) {
             for (id, state) in book.take_spent_grants(self.book_spent_grants) {
-                let in_order = spent_grant_place_key(tenant, customer, burn_place(&state));
+                let in_order = spent_grant_place_key(tenant, customer, burn_place(&state.grant));
                 self.spent_grants_in_order.keep(in_order, state.clone());
                 self.spilled_grants
                     .keep(spilled_grant_key(tenant, customer, &id), state);
@@ -1495,7 +1482,7 @@ impl PartitionState {
             format!("grant {id} of {tenant}/{customer}")
         })?;
         if let Some(mut state) = state {
-            let in_order = spent_grant_place_key(tenant, customer, burn_place(&state));
+            let in_order = spent_grant_place_key(tenant, customer, burn_place(&state.grant));
             self.spent_grants_in_order.forget(in_order);
             state.settle(self.clock_ms);
             self.book(tenant, customer)?
@@ -1742,13 +1729,14 @@ pub fn grants_after(
     let Some(mut book) = read_book_in(snapshot, tenant, customer, Parts::BOOK)? else {
         return Ok(None);
     };
-    let later = |state: &GrantState| after.is_none_or(|after| burn_place(state) > after);
-    let mut held: Vec<GrantState> = std::mem::take(&mut book.grants)
+    // Each with its place, worked out once (its times are parsed from their text).
+    let placed = |state: GrantState| (burn_order(&state.grant), state);
+    let mut held: Vec<_> = std::mem::take(&mut book.grants)
         .into_values()
-        .map(|state| *state)
-        .filter(|state| later(state))
+        .map(|state| placed(*state))
+        .filter(|(place, _)| after.is_none_or(|after| place_of(place) > after))
         .collect();
-    held.sort_by(|a, b| burn_place(a).cmp(&burn_place(b)));
+    held.sort_by(|a, b| a.0.cmp(&b.0));
     // At most `count` kept apart: the book's can only take places.
     let prefix = customer_key(b'H', tenant, customer);
     let mut iter = snapshot.raw_iterator_opt(neruba_stage::keys::reading_under(&prefix));
@@ -1764,30 +1752,48 @@ pub fn grants_after(
     {
         let state = settled_grant(value, clock_ms)
             .map_err(|e| Error::corrupt(format!("a spent grant of {tenant}/{customer}"), e))?;
-        apart.push(state);
+        apart.push(placed(state));
         iter.next();
     }
     iter.status()?;
-    // Merged; a grant is never in both (the fold moves it), but the book's would be the one.
-    let mut grants = Vec::with_capacity(count.min(held.len() + apart.len()));
-    let (mut held, mut apart) = (held.into_iter().peekable(), apart.into_iter().peekable());
-    while grants.len() < count {
-        let next = match (held.peek(), apart.peek()) {
-            (Some(book), Some(kept)) => match burn_place(book).cmp(&burn_place(kept)) {
+    let grants = merge_in_order(held, apart, count, |a, b| a.0.cmp(&b.0));
+    Ok(Some(grants.into_iter().map(|(_, state)| state).collect()))
+}
+
+/// A place of [`burn_order`] as a [`BurnPlace`].
+fn place_of(place: &(u16, i64, i64, String)) -> BurnPlace<'_> {
+    (place.0, place.1, place.2, &place.3)
+}
+
+/// Up to `count` of `held` and `kept`, each in `order`, merged in it. A place in both
+/// (never, in one snapshot: the fold moves a value between its book and its keys) is the
+/// book's `held` one, as the value stands. The page reads of what is kept apart (grants,
+/// statement lines) take it so.
+pub fn merge_in_order<T>(
+    held: impl IntoIterator<Item = T>,
+    kept: impl IntoIterator<Item = T>,
+    count: usize,
+    order: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Vec<T> {
+    let (mut held, mut kept) = (held.into_iter().peekable(), kept.into_iter().peekable());
+    let mut merged = Vec::new();
+    while merged.len() < count {
+        let next = match (held.peek(), kept.peek()) {
+            (Some(book), Some(apart)) => match order(book, apart) {
                 std::cmp::Ordering::Less => held.next(),
-                std::cmp::Ordering::Greater => apart.next(),
+                std::cmp::Ordering::Greater => kept.next(),
                 std::cmp::Ordering::Equal => {
-                    apart.next();
+                    kept.next();
                     held.next()
                 }
             },
             (Some(_), None) => held.next(),
-            (None, Some(_)) => apart.next(),
+            (None, Some(_)) => kept.next(),
             (None, None) => break,
         };
-        grants.extend(next);
+        merged.extend(next);
     }
-    Ok(Some(grants))
+    merged
 }
 
 /// Grant `id` of a customer as of `snapshot`, from its book or kept apart (settled as a read
@@ -2888,8 +2894,9 @@ mod tests {
     proptest::proptest! {
         /// Lines of drawn places (meters and group members that begin one another, hold
         /// `0x00` or the highest code point, groups of several members): their keys sort as
-        /// `line_order` sorts the lines, so the lines of a list kept apart (and the api's runs of a final statement's)
-        /// are read in line order and a cursor's place is found by a seek.
+        /// `line_order` sorts the lines, so the lines of a list kept apart (and the api's runs
+        /// of a final statement's) are read in line order and a cursor's place is found by a
+        /// seek.
         #[test]
         fn line_keys_sort_in_line_order(
             places in proptest::collection::vec(
@@ -3168,9 +3175,12 @@ mod tests {
             .values()
             .map(|g| (**g).clone())
             .collect();
-        every.sort_by(|a, b| burn_place(a).cmp(&burn_place(b)));
+        every.sort_by_key(|g| burn_order(&g.grant));
         assert_eq!(grants(None), every);
-        assert_eq!(grants(every.first().map(burn_place)), every[1..]);
+        assert_eq!(
+            grants(every.first().map(|g| burn_place(&g.grant))),
+            every[1..]
+        );
         // The grant that cannot be read is listed last, so its customer's list reports it.
         let last = spent_grant_place_key("zeta", "c1", (u16::MAX, i64::MAX, i64::MAX, "gr_broken"));
         assert_eq!(
