@@ -26,8 +26,7 @@
 //! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
 //! `429` to, only a consumer that could slow down.
 
-use crate::dedup::{DedupCache, Key, Reader};
-use hashbrown::hash_table::{Entry, HashTable};
+use crate::dedup::{DedupCache, Key, KeyTable, Reader, hash_key};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
 use neruba_schemas::codec::{self, Encoding, binary};
@@ -35,7 +34,6 @@ use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::Framed;
 use neruba_schemas::{Catalog, RejectCode, Rejection};
 use std::borrow::Cow;
-use std::ops::Range;
 
 /// The tenant a plaintext API key proves, if the key may ingest.
 pub fn authenticate<'c>(catalog: &'c Catalog, key: &str) -> Result<&'c Tenant, Rejection> {
@@ -181,16 +179,15 @@ impl<'d> Repeats<'d> {
     }
 }
 
-/// A set of keys, in the cache's encoding, held in one buffer: a request's
+/// A set of keys, in the cache's encoding, held in one buffer ([`KeyTable`]): a request's
 /// hundreds of keys cost a few allocations rather than one each.
 #[derive(Debug, Default)]
 struct Seen {
-    /// Every key inserted, one after another.
-    keys: String,
-    /// Where each key lies in `keys`.
-    spans: HashTable<Range<usize>>,
-    /// Hashes a key's bytes: `spans` stores no hashes, so growing it hashes its keys again.
+    keys: KeyTable<()>,
+    /// Hashes every key of `keys`.
     hasher: ahash::RandomState,
+    /// The key being asked about, written into a reused buffer.
+    key: String,
 }
 
 impl Seen {
@@ -199,37 +196,16 @@ impl Seen {
         /// A tenant, a customer, their separators and a 36-character UUID.
         const TYPICAL_KEY_BYTES: usize = 64;
         Self {
-            keys: String::with_capacity(keys.saturating_mul(TYPICAL_KEY_BYTES)),
-            spans: HashTable::with_capacity(keys),
-            hasher: ahash::RandomState::default(),
+            keys: KeyTable::with_capacity(keys, keys.saturating_mul(TYPICAL_KEY_BYTES)),
+            ..Self::default()
         }
     }
 
     /// Inserts `key`; `false` if it was already here.
     fn insert(&mut self, key: Key<'_>) -> bool {
-        let start = self.keys.len();
-        DedupCache::push_key(&mut self.keys, key);
-        let Self {
-            keys,
-            spans,
-            hasher,
-        } = self;
-        let key = &keys[start..];
-        let hash = hasher.hash_one(key);
-        match spans.entry(
-            hash,
-            |span| &keys[span.clone()] == key,
-            |span| hasher.hash_one(&keys[span.clone()]),
-        ) {
-            Entry::Occupied(_) => {
-                keys.truncate(start);
-                false
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(start..keys.len());
-                true
-            }
-        }
+        DedupCache::write_key(&mut self.key, key);
+        let hash = hash_key(&self.hasher, &self.key);
+        self.keys.put(&self.hasher, hash, &self.key, ())
     }
 }
 
@@ -552,12 +528,12 @@ window = "1m"
         }
         assert!(reference.contains(&("ac", "mee-1".to_owned())));
         assert!(reference.contains(&("acme", "e-1".to_owned())));
-        assert_eq!(seen.spans.len(), reference.len());
+        assert_eq!(seen.keys.len(), reference.len());
         // A repeat leaves nothing behind: the buffer holds each distinct key once.
         let distinct: usize = reference
             .iter()
             .map(|(t, id)| t.len() + "\0s\0".len() + id.len())
             .sum();
-        assert_eq!(seen.keys.len(), distinct);
+        assert_eq!(seen.keys.bytes(), distinct);
     }
 }

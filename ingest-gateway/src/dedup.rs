@@ -20,20 +20,22 @@
 //! the aggregator's dedup set in RocksDB is what guarantees "counted once". Here we only spare
 //! the broker and the client obvious repeats.
 //!
-//! Mechanism: two generations of a concurrent map. Inserts go to the current one; when it holds
-//! half the capacity or is half `max_age` old, it becomes the previous one and the old previous
-//! is dropped whole (no per-key expiry scan). A generation that began more than `max_age` ago
-//! is ignored by lookups, so no key is trusted past `max_age`.
+//! Mechanism: two generations of a sharded table. Inserts go to the current one; when it
+//! holds half the capacity or is half `max_age` old, it becomes the previous one and the old
+//! previous is dropped whole (no per-key expiry scan). A generation that began more than
+//! `max_age` ago is ignored by lookups, so no key is trusted past `max_age`. A generation's
+//! keys are laid end to end in a few buffers ([`KeyTable`]), not allocated one by one:
+//! remembering a key costs no allocation of its own, and dropping a generation frees a few
+//! buffers rather than half a million keys. A key is hashed once, for its shard and both
+//! generations' lookups.
 
 use ahash::RandomState;
-use dashmap::DashMap;
+use hashbrown::hash_table::{Entry, HashTable};
 use neruba_kafka::Landed;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
-
-type Generation = DashMap<Box<str>, Packed, RandomState>;
 
 /// Where an accepted event landed, in 8 bytes: the partition in the top 16 bits, the offset
 /// in the low 48; [`Packed::UNKNOWN`] when the door did not say (or it does not fit).
@@ -74,10 +76,192 @@ pub struct Key<'a> {
     pub id: &'a str,
 }
 
+/// Keys in the cache's encoding ([`DedupCache::write_key`]), each with a value, the keys laid
+/// end to end in a few buffers ([`Chunks`]): a table of many keys costs a few allocations
+/// rather than one a key, and is freed whole. Every key of a table is hashed by one hasher;
+/// the table stores no hashes, so growing it hashes its keys again.
+#[derive(Debug)]
+pub(crate) struct KeyTable<V> {
+    keys: Chunks,
+    /// Where each key lies in `keys`, and its value.
+    slots: HashTable<(Span, V)>,
+}
+
+impl<V> Default for KeyTable<V> {
+    fn default() -> Self {
+        Self::with_capacity(0, 0)
+    }
+}
+
+impl<V> KeyTable<V> {
+    /// Room for `keys` keys of `bytes` bytes in all without growing.
+    pub(crate) fn with_capacity(keys: usize, bytes: usize) -> Self {
+        Self {
+            keys: Chunks::with_capacity(bytes),
+            slots: HashTable::with_capacity(keys),
+        }
+    }
+
+    /// Keys held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes of the keys held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.keys.bytes
+    }
+
+    /// The value held for `key`, `hash` being its hash by the table's hasher.
+    pub(crate) fn get(&self, hash: u64, key: &str) -> Option<&V> {
+        self.slots
+            .find(hash, |(span, _)| self.keys.get(*span) == Some(key.as_bytes()))
+            .map(|(_, value)| value)
+    }
+
+    /// Holds `value` for `key`, `hash` being its hash by `hasher`, the table's hasher:
+    /// `true` if the key is new here, `false` if it was held (its value is replaced) or cannot
+    /// be held (past 2^32 buffers).
+    pub(crate) fn put(&mut self, hasher: &RandomState, hash: u64, key: &str, value: V) -> bool {
+        let Self { keys, slots } = self;
+        match slots.entry(
+            hash,
+            |(span, _)| keys.get(*span) == Some(key.as_bytes()),
+            |(span, _)| hasher.hash_one(keys.get(*span).unwrap_or_default()),
+        ) {
+            Entry::Occupied(mut slot) => {
+                slot.get_mut().1 = value;
+                false
+            }
+            Entry::Vacant(slot) => keys.push(key).is_some_and(|span| {
+                slot.insert((span, value));
+                true
+            }),
+        }
+    }
+}
+
+/// Bytes laid end to end in buffers of [`Chunks::CHUNK`] bytes (a longer key gets a buffer of
+/// its own). A buffer is never moved once written: a table grows by one buffer at a time, not
+/// by copying all its keys into one twice as large (which left the first generation's peak
+/// RSS higher than a map of one allocation a key).
+#[derive(Debug, Default)]
+struct Chunks {
+    chunks: Vec<String>,
+    /// Bytes held, over all the buffers.
+    bytes: usize,
+}
+
+/// Where [`Chunks::push`] put a key.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    chunk: u32,
+    start: u32,
+    len: u32,
+}
+
+impl Chunks {
+    const CHUNK: usize = 64 << 10;
+
+    /// Room for `bytes` bytes in the first buffer.
+    fn with_capacity(bytes: usize) -> Self {
+        Self {
+            chunks: (bytes > 0)
+                .then(|| String::with_capacity(bytes))
+                .into_iter()
+                .collect(),
+            bytes: 0,
+        }
+    }
+
+    fn get(&self, span: Span) -> Option<&[u8]> {
+        let chunk = self.chunks.get(usize::try_from(span.chunk).ok()?)?;
+        let start = usize::try_from(span.start).ok()?;
+        let end = start.checked_add(usize::try_from(span.len).ok()?)?;
+        chunk.as_bytes().get(start..end)
+    }
+
+    /// Lays `key` after the last key; `None` past 2^32 buffers (nothing is written then).
+    fn push(&mut self, key: &str) -> Option<Span> {
+        let room = |chunk: &String| chunk.capacity() - chunk.len();
+        if self.chunks.last().is_none_or(|last| room(last) < key.len()) {
+            self.chunks
+                .push(String::with_capacity(key.len().max(Self::CHUNK)));
+        }
+        let index = self.chunks.len() - 1;
+        let chunk = self.chunks.get_mut(index)?;
+        let span = Span {
+            chunk: u32::try_from(index).ok()?,
+            start: u32::try_from(chunk.len()).ok()?,
+            len: u32::try_from(key.len()).ok()?,
+        };
+        chunk.push_str(key);
+        self.bytes += key.len();
+        Some(span)
+    }
+}
+
+/// A key's hash by `hasher`, as [`KeyTable`] hashes its keys.
+pub(crate) fn hash_key(hasher: &RandomState, key: &str) -> u64 {
+    hasher.hash_one(key.as_bytes())
+}
+
+/// One generation of the cache: its keys spread over [`SHARDS`] tables by their hash, so
+/// requests on different threads rarely wait for one another.
+#[derive(Debug)]
+struct Generation {
+    shards: Box<[RwLock<KeyTable<Packed>>]>,
+}
+
+/// Shards of a generation: a power of two.
+const SHARDS: usize = 16;
+
+impl Generation {
+    /// Room for `keys` keys of `bytes` bytes in all, spread evenly.
+    fn with_capacity(keys: usize, bytes: usize) -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(KeyTable::with_capacity(keys / SHARDS, bytes / SHARDS)))
+                .collect(),
+        }
+    }
+
+    /// The shard of a key hashed `hash`: bits below the 7 the table's tags take from the top,
+    /// and above the ones its buckets are chosen by, so neither loses spread within a shard.
+    fn shard(&self, hash: u64) -> Option<&RwLock<KeyTable<Packed>>> {
+        let index = (hash << 7) >> (u64::BITS - SHARDS.trailing_zeros());
+        self.shards.get(usize::try_from(index).ok()?)
+    }
+
+    fn get(&self, hash: u64, key: &str) -> Option<Packed> {
+        let shard = self.shard(hash)?.read().ok()?;
+        shard.get(hash, key).copied()
+    }
+
+    /// Remembers `key`; `true` if it was not held. A shard whose writer panicked remembers
+    /// nothing (forgetting is always safe here).
+    fn put(&self, hasher: &RandomState, hash: u64, key: &str, packed: Packed) -> bool {
+        self.shard(hash)
+            .and_then(|shard| shard.write().ok())
+            .is_some_and(|mut shard| shard.put(hasher, hash, key, packed))
+    }
+
+    /// Bytes of the keys held.
+    fn bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.read().ok().map(|shard| shard.bytes()))
+            .sum()
+    }
+}
+
 /// Bounded, generational map of recently accepted keys to where their events landed.
 #[derive(Debug)]
 pub struct DedupCache {
     generations: RwLock<Generations>,
+    /// Hashes every key, of both generations.
+    hasher: RandomState,
     half_capacity: usize,
     max_age: Duration,
 }
@@ -86,6 +270,7 @@ pub struct DedupCache {
 #[derive(Debug)]
 pub struct Reader<'c> {
     generations: RwLockReadGuard<'c, Generations>,
+    hasher: &'c RandomState,
     current_fresh: bool,
     previous_fresh: bool,
 }
@@ -101,13 +286,14 @@ impl Reader<'_> {
         KEY.with_borrow_mut(|buffer| {
             DedupCache::write_key(buffer, key);
             let key = buffer.as_str();
+            let hash = hash_key(self.hasher, key);
             let packed = self
                 .current_fresh
-                .then(|| g.current.get(key).map(|v| *v))
+                .then(|| g.current.get(hash, key))
                 .flatten()
                 .or_else(|| {
                     self.previous_fresh
-                        .then(|| g.previous.get(key).map(|v| *v))
+                        .then(|| g.previous.get(hash, key))
                         .flatten()
                 })?;
             Some(packed.landed())
@@ -119,8 +305,8 @@ impl Reader<'_> {
 struct Generations {
     current: Generation,
     previous: Generation,
-    /// Keys in `current` (counted on insert: `DashMap::len` locks every shard, and the cache
-    /// is asked on every insert whether it is due to rotate).
+    /// Keys in `current` (counted on insert, so that asking whether the cache is due to rotate
+    /// takes no shard's lock).
     current_len: AtomicUsize,
     /// Keys in `previous`.
     previous_len: usize,
@@ -135,13 +321,14 @@ impl DedupCache {
     pub fn new(capacity: usize, max_age: Duration) -> Self {
         Self {
             generations: RwLock::new(Generations {
-                current: Generation::default(),
-                previous: Generation::default(),
+                current: Generation::with_capacity(0, 0),
+                previous: Generation::with_capacity(0, 0),
                 current_len: AtomicUsize::new(0),
                 previous_len: 0,
                 started: Instant::now(),
                 previous_started: Instant::now(),
             }),
+            hasher: RandomState::default(),
             half_capacity: (capacity / 2).max(1),
             max_age,
         }
@@ -152,23 +339,12 @@ impl DedupCache {
     /// this is injective.
     pub(crate) fn write_key(buffer: &mut String, key: Key<'_>) {
         buffer.clear();
-        Self::push_key(buffer, key);
-    }
-
-    /// [`DedupCache::write_key`], appended to what `buffer` holds.
-    pub(crate) fn push_key(buffer: &mut String, key: Key<'_>) {
         buffer.reserve(key.tenant.len() + 1 + key.subject.len() + 1 + key.id.len());
         buffer.push_str(key.tenant);
         buffer.push('\0');
         buffer.push_str(key.subject);
         buffer.push('\0');
         buffer.push_str(key.id);
-    }
-
-    fn owned_key(key: Key<'_>) -> Box<str> {
-        let mut buffer = String::new();
-        Self::write_key(&mut buffer, key);
-        buffer.into_boxed_str()
     }
 
     /// Whether `key` was accepted recently.
@@ -198,6 +374,7 @@ impl DedupCache {
             current_fresh: fresh(generations.started),
             previous_fresh: fresh(generations.previous_started),
             generations,
+            hasher: &self.hasher,
         })
     }
 
@@ -218,6 +395,7 @@ impl DedupCache {
     /// insert at a time, whatever the batch's size).
     pub fn remember_all<'k>(&self, accepted: impl IntoIterator<Item = (Key<'k>, Option<Landed>)>) {
         let mut accepted = accepted.into_iter();
+        let mut buffer = String::new();
         loop {
             self.rotate_if_due();
             let Ok(g) = self.generations.read() else {
@@ -230,9 +408,10 @@ impl DedupCache {
                 let Some((key, landed)) = accepted.next() else {
                     return;
                 };
+                Self::write_key(&mut buffer, key);
+                let hash = hash_key(&self.hasher, &buffer);
                 if g.current
-                    .insert(Self::owned_key(key), Packed::new(landed))
-                    .is_none()
+                    .put(&self.hasher, hash, &buffer, Packed::new(landed))
                 {
                     g.current_len.fetch_add(1, Ordering::Relaxed);
                 }
@@ -259,21 +438,20 @@ impl DedupCache {
             g.current_len.load(Ordering::Relaxed) >= self.half_capacity
                 || g.started.elapsed() >= self.max_age / 2
         };
-        let Some(len) = self
+        let Some((keys, bytes)) = self
             .generations
             .read()
             .ok()
             .filter(|g| due(g))
-            .map(|g| g.current_len.load(Ordering::Relaxed))
+            .map(|g| (g.current_len.load(Ordering::Relaxed), g.current.bytes()))
         else {
             return;
         };
         // The next generation is sized like the one it follows, so it mostly fills without
-        // growing: a map grown from empty moves its keys again at each doubling, which was half
-        // of the cache's insert time in the gateway's profile (of the first generation, which
-        // still grows from empty). Made before the lock, which every request waits for; a
-        // thread that loses a race to rotate drops its map unused.
-        let next = Generation::with_capacity_and_hasher(len, RandomState::default());
+        // growing: a table grown from empty moves its keys again at each doubling (of the
+        // first generation, which still grows from empty). Made before the lock, which every
+        // request waits for; a thread that loses a race to rotate drops its tables unused.
+        let next = Generation::with_capacity(keys, bytes);
         let forgotten = match self.generations.write() {
             // Checked again: another thread may have rotated while we waited for the lock.
             Ok(mut g) if due(&g) => {
@@ -285,8 +463,7 @@ impl DedupCache {
             }
             _ => None,
         };
-        // Freed once the lock is released: dropping half the cache's keys takes milliseconds,
-        // and every request waits for the lock.
+        // Freed once the lock is released: every request waits for the lock.
         drop(forgotten);
     }
 }
@@ -373,6 +550,92 @@ mod tests {
         assert_eq!(cache.get(key("acme", "big-offset")), Some(None));
         assert_eq!(cache.get(key("acme", "never")), None);
         assert_eq!(std::mem::size_of::<Packed>(), 8);
+    }
+
+    #[test]
+    fn keys_of_both_generations_are_found_with_their_positions() {
+        // Half the capacity is 100: the first 100 keys go to the previous generation at the
+        // 101st insert, the other 50 stay in the current one.
+        let cache = DedupCache::new(200, Duration::from_secs(3600));
+        let at = |i: i64| Landed {
+            partition: i32::try_from(i % 7).unwrap_or_default(),
+            offset: i,
+        };
+        let ids: Vec<String> = (0..150).map(|i| format!("e-{i}")).collect();
+        for (i, id) in (0_i64..).zip(&ids) {
+            cache.insert_landed(key("acme", id), at(i));
+        }
+        assert_eq!(cache.len(), 150);
+        for (i, id) in (0_i64..).zip(&ids) {
+            assert_eq!(cache.get(key("acme", id)), Some(Some(at(i))), "{id}");
+        }
+        // A key remembered again in the current generation takes its new position.
+        cache.insert_landed(key("acme", "e-149"), at(1_000));
+        assert_eq!(cache.len(), 150);
+        assert_eq!(cache.get(key("acme", "e-149")), Some(Some(at(1_000))));
+        assert_eq!(cache.get(key("acme", "e-150")), None);
+    }
+
+    #[test]
+    fn a_key_table_holds_what_a_map_holds_and_spreads_over_every_shard() {
+        // Against a map of owned keys: keys that begin one another, the same key put again
+        // with another value, keys told apart only by a separator's place.
+        let hasher = RandomState::default();
+        let mut table = KeyTable::default();
+        let mut reference = std::collections::HashMap::new();
+        let generation = Generation::with_capacity(0, 0);
+        for i in 0..5_000_u32 {
+            let key = match i % 4 {
+                0 => format!("a\0b\0{}", i % 1_000),
+                1 => format!("a\0b{}\0", i % 1_000),
+                2 => format!("a\0b\0{}", i % 100),
+                _ => format!("ab\0\0{}", i % 10),
+            };
+            let hash = hash_key(&hasher, &key);
+            assert_eq!(
+                table.put(&hasher, hash, &key, i),
+                reference.insert(key.clone(), i).is_none(),
+                "{key:?}"
+            );
+            generation.put(&hasher, hash, &key, Packed(u64::from(i)));
+        }
+        assert_eq!(table.len(), reference.len());
+        for (key, value) in &reference {
+            let hash = hash_key(&hasher, key);
+            assert_eq!(table.get(hash, key), Some(value), "{key:?}");
+            assert_eq!(generation.get(hash, key), Some(Packed(u64::from(*value))));
+        }
+        assert_eq!(table.get(hash_key(&hasher, "a\0b"), "a\0b"), None);
+        // The buffer holds each distinct key once.
+        assert_eq!(
+            table.bytes(),
+            reference.keys().map(String::len).sum::<usize>()
+        );
+        let held: Vec<usize> = generation
+            .shards
+            .iter()
+            .filter_map(|shard| shard.read().ok().map(|shard| shard.len()))
+            .collect();
+        assert_eq!(held.iter().sum::<usize>(), reference.len());
+        assert!(held.iter().all(|keys| *keys > 0), "{held:?}");
+
+        // Keys that fill a buffer, and one longer than a buffer, which gets its own: each
+        // reads back whole, and none moved the keys laid before it.
+        let long: Vec<String> = [40_000, 40_000, Chunks::CHUNK + 1, 40_000, 1]
+            .iter()
+            .zip(['x', 'y', 'z', 'w', 'v'])
+            .map(|(len, c)| std::iter::repeat_n(c, *len).collect())
+            .collect();
+        for (i, key) in (0_u32..).zip(&long) {
+            assert!(table.put(&hasher, hash_key(&hasher, key), key, 10_000 + i));
+        }
+        for (i, key) in (0_u32..).zip(&long) {
+            assert_eq!(table.get(hash_key(&hasher, key), key), Some(&(10_000 + i)));
+        }
+        for (key, value) in &reference {
+            assert_eq!(table.get(hash_key(&hasher, key), key), Some(value), "{key:?}");
+        }
+        assert_eq!(table.keys.chunks.len(), 4);
     }
 
     #[test]
