@@ -26,7 +26,7 @@
 //! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
 //! `429` to, only a consumer that could slow down.
 
-use crate::dedup::{DedupCache, Key, KeyTable, Reader, hash_key};
+use crate::dedup::{DedupCache, Key, KeyTable, Put, Reader, hash_key};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
 use neruba_schemas::codec::{self, Encoding, binary};
@@ -179,7 +179,7 @@ impl<'d> Repeats<'d> {
     }
 }
 
-/// A set of keys, in the cache's encoding, held in one buffer ([`KeyTable`]): a request's
+/// A set of keys, in the cache's encoding, laid end to end in buffers ([`KeyTable`]): a request's
 /// hundreds of keys cost a few allocations rather than one each.
 #[derive(Debug, Default)]
 struct Seen {
@@ -205,7 +205,8 @@ impl Seen {
     fn insert(&mut self, key: Key<'_>) -> bool {
         DedupCache::write_key(&mut self.key, key);
         let hash = hash_key(&self.hasher, &self.key);
-        self.keys.put(&self.hasher, hash, &self.key, ())
+        // A key the table cannot hold is no repeat: only one it held already is.
+        self.keys.put(&self.hasher, hash, &self.key, ()) != Put::Replaced
     }
 }
 

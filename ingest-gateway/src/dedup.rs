@@ -24,7 +24,7 @@
 //! holds half the capacity or is half `max_age` old, it becomes the previous one and the old
 //! previous is dropped whole (no per-key expiry scan). A generation that began more than
 //! `max_age` ago is ignored by lookups, so no key is trusted past `max_age`. A generation's
-//! keys are laid end to end in a few buffers ([`KeyTable`]), not allocated one by one:
+//! keys are laid end to end in a few buffers (`KeyTable`), not allocated one by one:
 //! remembering a key costs no allocation of its own, and dropping a generation frees a few
 //! buffers rather than half a million keys. A key is hashed once, for its shard and both
 //! generations' lookups.
@@ -116,14 +116,14 @@ impl<V> KeyTable<V> {
     /// The value held for `key`, `hash` being its hash by the table's hasher.
     pub(crate) fn get(&self, hash: u64, key: &str) -> Option<&V> {
         self.slots
-            .find(hash, |(span, _)| self.keys.get(*span) == Some(key.as_bytes()))
+            .find(hash, |(span, _)| {
+                self.keys.get(*span) == Some(key.as_bytes())
+            })
             .map(|(_, value)| value)
     }
 
-    /// Holds `value` for `key`, `hash` being its hash by `hasher`, the table's hasher:
-    /// `true` if the key is new here, `false` if it was held (its value is replaced) or cannot
-    /// be held (past 2^32 buffers).
-    pub(crate) fn put(&mut self, hasher: &RandomState, hash: u64, key: &str, value: V) -> bool {
+    /// Holds `value` for `key`, `hash` being its hash by `hasher`, the table's hasher.
+    pub(crate) fn put(&mut self, hasher: &RandomState, hash: u64, key: &str, value: V) -> Put {
         let Self { keys, slots } = self;
         match slots.entry(
             hash,
@@ -132,18 +132,35 @@ impl<V> KeyTable<V> {
         ) {
             Entry::Occupied(mut slot) => {
                 slot.get_mut().1 = value;
-                false
+                Put::Replaced
             }
-            Entry::Vacant(slot) => keys.push(key).is_some_and(|span| {
-                slot.insert((span, value));
-                true
-            }),
+            Entry::Vacant(slot) => match keys.push(key) {
+                Some(span) => {
+                    slot.insert((span, value));
+                    Put::New
+                }
+                None => Put::NotHeld,
+            },
         }
     }
 }
 
+/// What [`KeyTable::put`] did with a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// It was not held; now it is.
+    New,
+    /// It was held; its value is replaced.
+    Replaced,
+    /// It was not held and still is not: its table could not take it (past 2^32 buffers, or
+    /// a key of 4 GiB; or, in the cache, a shard whose writer panicked). Not a repeat.
+    NotHeld,
+}
+
 /// Bytes laid end to end in buffers of [`Chunks::CHUNK`] bytes (a longer key gets a buffer of
-/// its own). A buffer is never moved once written: a table grows by one buffer at a time, not
+/// its own; a table made with room for some bytes has a first buffer of that size, so a
+/// generation sized like the one before it mostly fills one buffer). A buffer holds at most
+/// 4 GiB, and is never moved once written: a table grows by one buffer at a time, not
 /// by copying all its keys into one twice as large (which left the first generation's peak
 /// RSS higher than a map of one allocation a key).
 #[derive(Debug, Default)]
@@ -182,19 +199,25 @@ impl Chunks {
         chunk.as_bytes().get(start..end)
     }
 
-    /// Lays `key` after the last key; `None` past 2^32 buffers (nothing is written then).
+    /// Lays `key` after the last key; `None` for a key of 4 GiB or past 2^32 buffers, when
+    /// nothing is written.
     fn push(&mut self, key: &str) -> Option<Span> {
-        let room = |chunk: &String| chunk.capacity() - chunk.len();
-        if self.chunks.last().is_none_or(|last| room(last) < key.len()) {
+        let len = u32::try_from(key.len()).ok()?;
+        let takes = |chunk: &&String| {
+            chunk.capacity() - chunk.len() >= key.len()
+                && u32::try_from(chunk.len() + key.len()).is_ok()
+        };
+        if self.chunks.last().filter(takes).is_none() {
+            u32::try_from(self.chunks.len()).ok()?;
             self.chunks
                 .push(String::with_capacity(key.len().max(Self::CHUNK)));
         }
-        let index = self.chunks.len() - 1;
+        let index = self.chunks.len().checked_sub(1)?;
         let chunk = self.chunks.get_mut(index)?;
         let span = Span {
             chunk: u32::try_from(index).ok()?,
             start: u32::try_from(chunk.len()).ok()?,
-            len: u32::try_from(key.len()).ok()?,
+            len,
         };
         chunk.push_str(key);
         self.bytes += key.len();
@@ -218,11 +241,13 @@ struct Generation {
 const SHARDS: usize = 16;
 
 impl Generation {
-    /// Room for `keys` keys of `bytes` bytes in all, spread evenly.
+    /// Room for `keys` keys of `bytes` bytes in all, spread over the shards, with an eighth
+    /// more keys a shard, since the hash does not spread them exactly evenly.
     fn with_capacity(keys: usize, bytes: usize) -> Self {
+        let keys = keys / SHARDS + keys / SHARDS / 8;
         Self {
             shards: (0..SHARDS)
-                .map(|_| RwLock::new(KeyTable::with_capacity(keys / SHARDS, bytes / SHARDS)))
+                .map(|_| RwLock::new(KeyTable::with_capacity(keys, bytes / SHARDS)))
                 .collect(),
         }
     }
@@ -239,12 +264,14 @@ impl Generation {
         shard.get(hash, key).copied()
     }
 
-    /// Remembers `key`; `true` if it was not held. A shard whose writer panicked remembers
-    /// nothing (forgetting is always safe here).
-    fn put(&self, hasher: &RandomState, hash: u64, key: &str, packed: Packed) -> bool {
+    /// Remembers `key`. A shard whose writer panicked remembers nothing (forgetting is always
+    /// safe here).
+    fn put(&self, hasher: &RandomState, hash: u64, key: &str, packed: Packed) -> Put {
         self.shard(hash)
             .and_then(|shard| shard.write().ok())
-            .is_some_and(|mut shard| shard.put(hasher, hash, key, packed))
+            .map_or(Put::NotHeld, |mut shard| {
+                shard.put(hasher, hash, key, packed)
+            })
     }
 
     /// Bytes of the keys held.
@@ -412,6 +439,7 @@ impl DedupCache {
                 let hash = hash_key(&self.hasher, &buffer);
                 if g.current
                     .put(&self.hasher, hash, &buffer, Packed::new(landed))
+                    == Put::New
                 {
                     g.current_len.fetch_add(1, Ordering::Relaxed);
                 }
@@ -566,6 +594,11 @@ mod tests {
             cache.insert_landed(key("acme", id), at(i));
         }
         assert_eq!(cache.len(), 150);
+        let held = cache
+            .generations
+            .read()
+            .map(|g| (g.previous_len, g.current_len.load(Ordering::Relaxed)));
+        assert_eq!(held.ok(), Some((100, 50)));
         for (i, id) in (0_i64..).zip(&ids) {
             assert_eq!(cache.get(key("acme", id)), Some(Some(at(i))), "{id}");
         }
@@ -574,6 +607,10 @@ mod tests {
         assert_eq!(cache.len(), 150);
         assert_eq!(cache.get(key("acme", "e-149")), Some(Some(at(1_000))));
         assert_eq!(cache.get(key("acme", "e-150")), None);
+        // One of the previous generation remembered again: the current one answers.
+        cache.insert_landed(key("acme", "e-0"), at(2_000));
+        assert_eq!(cache.get(key("acme", "e-0")), Some(Some(at(2_000))));
+        assert_eq!(cache.get(key("acme", "e-1")), Some(Some(at(1))));
     }
 
     #[test]
@@ -592,12 +629,16 @@ mod tests {
                 _ => format!("ab\0\0{}", i % 10),
             };
             let hash = hash_key(&hasher, &key);
+            let new = if reference.insert(key.clone(), i).is_none() {
+                Put::New
+            } else {
+                Put::Replaced
+            };
+            assert_eq!(table.put(&hasher, hash, &key, i), new, "{key:?}");
             assert_eq!(
-                table.put(&hasher, hash, &key, i),
-                reference.insert(key.clone(), i).is_none(),
-                "{key:?}"
+                generation.put(&hasher, hash, &key, Packed(u64::from(i))),
+                new
             );
-            generation.put(&hasher, hash, &key, Packed(u64::from(i)));
         }
         assert_eq!(table.len(), reference.len());
         for (key, value) in &reference {
@@ -606,6 +647,7 @@ mod tests {
             assert_eq!(generation.get(hash, key), Some(Packed(u64::from(*value))));
         }
         assert_eq!(table.get(hash_key(&hasher, "a\0b"), "a\0b"), None);
+        assert_eq!(generation.get(hash_key(&hasher, "a\0b"), "a\0b"), None);
         // The buffer holds each distinct key once.
         assert_eq!(
             table.bytes(),
@@ -626,14 +668,23 @@ mod tests {
             .zip(['x', 'y', 'z', 'w', 'v'])
             .map(|(len, c)| std::iter::repeat_n(c, *len).collect())
             .collect();
+        let first = table.keys.chunks.first().map(|chunk| chunk.as_ptr());
         for (i, key) in (0_u32..).zip(&long) {
-            assert!(table.put(&hasher, hash_key(&hasher, key), key, 10_000 + i));
+            assert_eq!(
+                table.put(&hasher, hash_key(&hasher, key), key, 10_000 + i),
+                Put::New
+            );
         }
+        assert_eq!(table.keys.chunks.first().map(|chunk| chunk.as_ptr()), first);
         for (i, key) in (0_u32..).zip(&long) {
             assert_eq!(table.get(hash_key(&hasher, key), key), Some(&(10_000 + i)));
         }
         for (key, value) in &reference {
-            assert_eq!(table.get(hash_key(&hasher, key), key), Some(value), "{key:?}");
+            assert_eq!(
+                table.get(hash_key(&hasher, key), key),
+                Some(value),
+                "{key:?}"
+            );
         }
         assert_eq!(table.keys.chunks.len(), 4);
     }
