@@ -915,9 +915,7 @@ async fn grants(
         .map(|text| decode_grant_cursor(text, &customer))
         .transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
-    let place = after
-        .as_ref()
-        .map(|(priority, expires, effective, id)| (*priority, *expires, *effective, id.as_str()));
+    let place = after.as_ref().map(neruba_balances::book::borrowed_place);
     let (grants, position) =
         state
             .model
@@ -1865,9 +1863,7 @@ mod tests {
         limit: usize,
         after: Option<&GrantPlace>,
     ) -> (Vec<String>, Option<String>) {
-        let place = after.map(|(priority, expires, effective, id)| {
-            (*priority, *expires, *effective, id.as_str())
-        });
+        let place = after.map(neruba_balances::book::borrowed_place);
         let grants =
             neruba_balances::state::grants_after(&db.snapshot(), "acme", "c1", place, limit + 1)
                 .expect("read")

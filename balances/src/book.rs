@@ -208,6 +208,12 @@ pub fn burn_order(grant: &Grant) -> (u16, i64, i64, String) {
     (priority, expires, effective, id.to_owned())
 }
 
+/// A place of [`burn_order`], borrowed as a [`BurnPlace`].
+pub fn borrowed_place(place: &(u16, i64, i64, String)) -> BurnPlace<'_> {
+    let (priority, expires, effective, id) = place;
+    (*priority, *expires, *effective, id)
+}
+
 /// A series' key: currency, meter, group and billing period, unambiguously (a JSON array):
 /// the key [`Book::series_key_of`] gives the series' items.
 #[cfg(test)]

@@ -43,7 +43,9 @@
 //! for the bound and which items a later one supersedes.
 
 use crate::book::statements::{LineList, Route, line_order};
-use crate::book::{Allocation, Book, BurnPlace, GrantState, burn_order, burn_place};
+use crate::book::{
+    Allocation, Book, BurnPlace, GrantState, borrowed_place, burn_order, burn_place,
+};
 use crate::{Error, Result};
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use neruba_schemas::credit::{self, BalanceEntry, Grant, RuleRecord, StatementLine, Tick, Void};
@@ -1734,7 +1736,7 @@ pub fn grants_after(
     let mut held: Vec<_> = std::mem::take(&mut book.grants)
         .into_values()
         .map(|state| placed(*state))
-        .filter(|(place, _)| after.is_none_or(|after| place_of(place) > after))
+        .filter(|(place, _)| after.is_none_or(|after| borrowed_place(place) > after))
         .collect();
     held.sort_by(|a, b| a.0.cmp(&b.0));
     // At most `count` kept apart: the book's can only take places.
@@ -1758,11 +1760,6 @@ pub fn grants_after(
     iter.status()?;
     let grants = merge_in_order(held, apart, count, |a, b| a.0.cmp(&b.0));
     Ok(Some(grants.into_iter().map(|(_, state)| state).collect()))
-}
-
-/// A place of [`burn_order`] as a [`BurnPlace`].
-fn place_of(place: &(u16, i64, i64, String)) -> BurnPlace<'_> {
-    (place.0, place.1, place.2, &place.3)
 }
 
 /// Up to `count` of `held` and `kept`, each in `order`, merged in it. A place in both
