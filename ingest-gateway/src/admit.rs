@@ -71,9 +71,10 @@ pub fn authorize<'c>(
 /// One framed event of `tenant`, received at `now_ms`, as the message to send in `encoding`,
 /// or why not.
 ///
-/// In version 2 the event's `data` is written straight from its JSON text, only the members
-/// the tenant's meters check being built ([`binary::encode_valid`]): the message and the
-/// outcome are those of the [`neruba_schemas::Event`] a whole parse makes ([`event::validate_envelope`], then
+/// In version 2 the event's `data` is written straight from its JSON text
+/// ([`binary::encode_valid`]) and its values checked where they lie in the message
+/// ([`Tenant::check_encoded`]): the message and the outcome are those of the
+/// [`neruba_schemas::Event`] a whole parse makes ([`event::validate_envelope`], then
 /// [`Tenant::check_values`]), without building its values.
 pub fn event<'a>(
     tenant: &'a Tenant,
@@ -85,12 +86,11 @@ pub fn event<'a>(
     let valid = event::validate_borrowed(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
     let payload = match encoding {
         Encoding::Binary => {
-            let (payload, fields) = binary::encode_valid(&valid, |key| tenant.checks_member(key))
-                .map_err(|e| {
+            let message = binary::encode_valid(&valid).map_err(|e| {
                 Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
             })?;
-            tenant.check_fields(&valid.event_type, &fields)?;
-            payload
+            tenant.check_encoded(&valid.event_type, message.data())?;
+            message.bytes
         }
         Encoding::Json => {
             let event = valid.clone().into_event()?;

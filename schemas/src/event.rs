@@ -1209,10 +1209,48 @@ mod tests {
         })
     }
 
-    /// What [`crate::codec::binary::encode_valid`] makes of `bytes` (keeping `tokens` and
-    /// `model` built), against what the event parsed whole makes: its message and its members.
-    /// `false` if the event is not valid (nothing compared).
-    fn encoded_both_ways(bytes: &[u8]) -> Result<bool, TestCaseError> {
+    /// Meters whose paths reach into the members [`data_object`] writes: through objects and
+    /// arrays, at scalars, at keys with escapes and not ASCII, filtered and not. Each is the
+    /// only meter of its own tenant, so each judges every event (a tenant's first refusing
+    /// meter would hide the others).
+    fn meters_into_data() -> crate::Catalog {
+        let tenant = |(n, (aggregation, value, filter)): (usize, (&str, &str, &str))| {
+            let filter = if filter.is_empty() {
+                String::new()
+            } else {
+                format!("filters = {{ {filter} }}\n")
+            };
+            format!(
+                "[[tenants]]\nid = \"t{n}\"\n[[tenants.meters]]\nkey = \"m\"\nevent_type = \"t\"\naggregation = \"{aggregation}\"\nvalue = {value:?}\nallow_negative = {}\n{filter}window = \"1m\"\n",
+                n % 2 == 0
+            )
+        };
+        let tenants: String = [
+            ("sum", "$.tokens", ""),
+            ("max", "$.tokens", r#""$.status" = "ok""#),
+            ("unique_count", "$.model", r#""$.tokens" = "3.50""#),
+            ("unique_count", "$.status.model", ""),
+            ("latest", "$.model[1]", r#""$.model[0]" = "true""#),
+            ("min", "$.tokens.tokens[0]", r#""$.status.status" = "-0""#),
+            ("sum", "$.k\u{e9}y", ""),
+            (
+                "unique_count",
+                "$.\u{e9}t\u{e9}[2].model",
+                r#""$.tokens " = "ok""#,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(tenant)
+        .collect();
+        crate::Catalog::from_toml_str(&tenants, "t.toml").unwrap_or_else(|e| panic!("catalog: {e}"))
+    }
+
+    /// What [`crate::codec::binary::encode_valid`] makes of `bytes`, against what the event
+    /// parsed whole makes: its message, what each of [`meters_into_data`]'s paths finds in
+    /// it, and the judgement of its values. `false` if the event is not valid (nothing
+    /// compared).
+    fn encoded_both_ways(bytes: &[u8], catalog: &crate::Catalog) -> Result<bool, TestCaseError> {
         let limits = Limits::default();
         let Ok(envelope) = Envelope::parse(bytes) else {
             return Ok(false);
@@ -1220,21 +1258,46 @@ mod tests {
         let Ok(valid) = validate_borrowed(envelope, bytes.len(), "acme", NOW, &limits) else {
             return Ok(false);
         };
-        let keep = |key: &str| key == "tokens" || key == "model";
-        let (encoded, kept) = crate::codec::binary::encode_valid(&valid, keep)
+        let message = crate::codec::binary::encode_valid(&valid)
             .map_err(|e| TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(bytes))))?;
         let whole = serde_json::from_slice(bytes)
             .map_err(|e| TestCaseError::fail(format!("valid in one pass, not whole: {e}")))?;
         let event = validate(whole, bytes.len(), "acme", NOW, &limits)
             .map_err(|r| TestCaseError::fail(r.message))?;
+        let text = String::from_utf8_lossy(bytes);
         prop_assert_eq!(
-            &encoded,
+            &message.bytes,
             &crate::codec::binary::encode(&event),
             "{}",
-            String::from_utf8_lossy(bytes)
+            text
         );
-        for key in ["tokens", "model"] {
-            prop_assert_eq!(kept.get(key), event.data.get(key));
+        for tenant in catalog.tenants() {
+            for meter in &tenant.meters {
+                for path in meter
+                    .value
+                    .iter()
+                    .chain(meter.filters.iter().map(|f| &f.path))
+                {
+                    let found = path
+                        .lookup_encoded(message.data())
+                        .and_then(|found| found.map(|f| f.to_value()).transpose())
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(
+                        found.as_ref(),
+                        path.lookup_in(&event.data),
+                        "{} in {}",
+                        path,
+                        text
+                    );
+                }
+            }
+            prop_assert_eq!(
+                tenant.check_encoded(&event.event_type, message.data()),
+                tenant.check_values(&event),
+                "{}: {}",
+                &tenant.id,
+                text
+            );
         }
         Ok(true)
     }
@@ -1250,7 +1313,8 @@ mod tests {
         }
 
         /// A valid event's message written from its JSON text is the one its whole parse
-        /// makes, byte for byte, and the members kept built are that parse's.
+        /// makes, byte for byte; its meters' paths find in it what they find in that parse,
+        /// and its values are judged alike, message included.
         #[test]
         fn an_event_encoded_from_its_text_is_the_whole_events_message(
             data in data_object(),
@@ -1260,8 +1324,9 @@ mod tests {
                 r#"{{"id":"e-1","data":{data},"type":"t","subject":"c","time":"2026-09-21T14:13:20.007Z"}}"#
             );
             // Always a valid event: compared every time.
-            prop_assert!(encoded_both_ways(event.as_bytes())?, "{}", event);
-            encoded_both_ways(&other)?;
+            let catalog = meters_into_data();
+            prop_assert!(encoded_both_ways(event.as_bytes(), &catalog)?, "{}", event);
+            encoded_both_ways(&other, &catalog)?;
         }
 
         /// An event over the size limit is read for its `id` only. It takes as JSON exactly

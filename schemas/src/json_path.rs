@@ -3,6 +3,7 @@
 //! Syntax: `$.field`, `$.nested.field`, `$.list[0]`. A path names one value; wildcards and
 //! filters are deliberately absent so a meter reads exactly one number per event.
 
+use crate::codec::binary::Encoded;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
@@ -86,6 +87,28 @@ impl JsonPath {
             };
         }
         Some(current)
+    }
+
+    /// What [`JsonPath::lookup_in`] finds in the event a version 2 message's `data` stands
+    /// for, read where it lies ([`Encoded`]); `Err` only for bytes no encoder wrote.
+    pub fn lookup_encoded<'a>(&self, data: Encoded<'a>) -> crate::Result<Option<Encoded<'a>>> {
+        let Some((Step::Key(first), rest)) = self.steps.split_first() else {
+            return Ok(None);
+        };
+        let Some(mut current) = data.member(first)? else {
+            return Ok(None);
+        };
+        for step in rest {
+            let next = match step {
+                Step::Key(k) => current.member(k)?,
+                Step::Index(i) => current.item(*i)?,
+            };
+            let Some(next) = next else {
+                return Ok(None);
+            };
+            current = next;
+        }
+        Ok(Some(current))
     }
 
     /// The member of `data` the path starts at (`None` for a path starting at an index, which

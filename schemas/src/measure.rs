@@ -11,6 +11,8 @@
 //! `allow_negative`, at least zero.
 
 use crate::catalog::{Aggregation, Meter, Tenant, scalar_text};
+use crate::codec::binary::Encoded;
+use crate::json_path::JsonPath;
 use crate::{Event, RejectCode, Rejection, decimal};
 use rust_decimal::Decimal;
 use std::borrow::Cow;
@@ -79,20 +81,68 @@ pub fn read_value<'d>(
     meter: &Meter,
     data: &'d serde_json::Map<String, serde_json::Value>,
 ) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
-    let raw = meter
-        .value
-        .as_ref()
-        .map(|path| (path, path.lookup_in(data)));
+    judge(
+        meter,
+        meter
+            .value
+            .as_ref()
+            .map(|path| (path, path.lookup_in(data))),
+    )
+}
+
+/// A value a meter's path found in an event's `data`, however the event is held: built
+/// ([`serde_json::Value`]) or in a version 2 message ([`Encoded`]).
+pub trait Found<'d>: Copy {
+    /// Its text as filters and `unique_count` compare it, if it is a scalar.
+    fn scalar_text(self) -> Option<Cow<'d, str>>;
+    /// Its exact decimal, if it is a number or a string holding one.
+    fn decimal(self) -> Option<Decimal>;
+    /// It as JSON, for a refusal's message.
+    fn describe(self) -> String;
+}
+
+impl<'d> Found<'d> for &'d serde_json::Value {
+    fn scalar_text(self) -> Option<Cow<'d, str>> {
+        scalar_text(self)
+    }
+    fn decimal(self) -> Option<Decimal> {
+        decimal::from_json(self)
+    }
+    fn describe(self) -> String {
+        self.to_string()
+    }
+}
+
+// A value no encoder wrote (malformed) is neither a scalar nor a decimal: the meter reading
+// it refuses the event.
+impl<'d> Found<'d> for Encoded<'d> {
+    fn scalar_text(self) -> Option<Cow<'d, str>> {
+        self.scalar_text().ok().flatten().map(Cow::Borrowed)
+    }
+    fn decimal(self) -> Option<Decimal> {
+        self.text().ok().flatten().and_then(decimal::parse_exact)
+    }
+    fn describe(self) -> String {
+        self.to_value()
+            .map_or_else(|e| e.to_string(), |value| value.to_string())
+    }
+}
+
+/// [`read_value`] of what `meter`'s value path found (`None` for a meter without one).
+pub fn judge<'d, F: Found<'d>>(
+    meter: &Meter,
+    raw: Option<(&JsonPath, Option<F>)>,
+) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
     Ok(match (meter.aggregation, raw) {
         (Aggregation::Count, _) | (_, None) => (None, None),
         (Aggregation::UniqueCount, Some((path, found))) => {
             let text = found
-                .and_then(scalar_text)
+                .and_then(Found::scalar_text)
                 .ok_or_else(|| unreadable(meter, path.as_str(), "a scalar", found))?;
             (None, Some(text))
         }
         (_, Some((path, found))) => {
-            let value = found.and_then(decimal::from_json).ok_or_else(|| {
+            let value = found.and_then(Found::decimal).ok_or_else(|| {
                 unreadable(meter, path.as_str(), "an exact decimal number", found)
             })?;
             if value.abs() >= decimal::max_abs_value() {
@@ -116,13 +166,13 @@ pub fn read_value<'d>(
     })
 }
 
-fn unreadable(
+fn unreadable<'d>(
     meter: &Meter,
     path: &str,
     what: &str,
-    found: Option<&serde_json::Value>,
+    found: Option<impl Found<'d>>,
 ) -> Rejection {
-    let is = found.map_or_else(|| "absent".to_owned(), |v| format!("`{v}`"));
+    let is = found.map_or_else(|| "absent".to_owned(), |v| format!("`{}`", v.describe()));
     Rejection::new(
         RejectCode::InvalidValue,
         format!("meter `{}` reads {path} as {what}; it is {is}", meter.key),

@@ -21,10 +21,13 @@ mod parse;
 
 pub use live::LiveCatalog;
 
+use crate::codec::binary::Encoded;
 use crate::currency;
 use crate::decimal::{deserialize_exact, deserialize_exact_opt};
 use crate::event::Event;
 use crate::json_path::JsonPath;
+use crate::measure::Found;
+use crate::reject::RejectCode;
 use crate::reject::Rejection;
 use ahash::AHashMap;
 use rust_decimal::Decimal;
@@ -67,10 +70,6 @@ pub struct Tenant {
     pub meters: Vec<Meter>,
     #[serde(default)]
     pub price_plans: Vec<PricePlan>,
-    /// The members of an event's `data` the meters' value and filter paths start at, each
-    /// once ([`Tenant::checks_member`]): found when the catalog is read, not per event.
-    #[serde(skip)]
-    checked_members: Vec<String>,
 }
 
 /// Token-bucket limit on accepted-or-checked events per second.
@@ -327,45 +326,44 @@ impl Tenant {
     /// event no meter reads is fine here: the gateway accepts it and the aggregator keeps it on
     /// the dead-letter topic for replay.
     pub fn check_values(&self, event: &Event) -> Result<(), Rejection> {
-        self.check_fields(&event.event_type, &event.data)
-    }
-
-    /// [`Tenant::check_values`] of an event of `event_type` by the members of its `data` that
-    /// the meters reading that type look at ([`Tenant::checks_member`]): the others cannot
-    /// change the outcome.
-    pub fn check_fields(
-        &self,
-        event_type: &str,
-        data: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), Rejection> {
-        for meter in self.meters_for(event_type) {
-            if meter.passes(data) {
-                crate::measure::read_value(meter, data)?;
+        for meter in self.meters_for(&event.event_type) {
+            if meter.passes(&event.data) {
+                crate::measure::read_value(meter, &event.data)?;
             }
         }
         Ok(())
     }
 
-    /// Whether [`Tenant::check_fields`] may look at the member `key` of an event's `data`
-    /// (some meter's value or filter path starts at it).
-    pub fn checks_member(&self, key: &str) -> bool {
-        self.checked_members.iter().any(|member| member == key)
-    }
-
-    /// Finds [`Tenant::checks_member`]'s members in the meters (when the catalog is read).
-    pub(crate) fn find_checked_members(&mut self) {
-        let members: std::collections::BTreeSet<&str> = self
-            .meters
-            .iter()
-            .flat_map(|meter| {
-                meter
-                    .value
-                    .iter()
-                    .chain(meter.filters.iter().map(|f| &f.path))
+    /// [`Tenant::check_values`] of the event a version 2 message stands for, of `event_type`,
+    /// its `data` read where it lies in the message ([`Encoded`]): the same outcome, message
+    /// included, with no value built.
+    pub fn check_encoded(&self, event_type: &str, data: Encoded<'_>) -> Result<(), Rejection> {
+        let lookup = |path: &JsonPath| {
+            path.lookup_encoded(data).map_err(|e| {
+                Rejection::new(
+                    RejectCode::InvalidJson,
+                    format!("the event's data cannot be read back: {e}"),
+                )
             })
-            .filter_map(JsonPath::first_key)
-            .collect();
-        self.checked_members = members.into_iter().map(str::to_owned).collect();
+        };
+        for meter in self.meters_for(event_type) {
+            let mut passes = true;
+            for filter in &meter.filters {
+                let found = lookup(&filter.path)?;
+                if found.and_then(Found::scalar_text).as_deref() != Some(&filter.equals) {
+                    passes = false;
+                    break;
+                }
+            }
+            if passes {
+                let value = match &meter.value {
+                    Some(path) => Some((path, lookup(path)?)),
+                    None => None,
+                };
+                crate::measure::judge(meter, value)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -139,13 +139,9 @@ impl Catalog {
                 validate_plan(plan).map_err(|m| invalid(format!("{here}: {m}")))?;
             }
         }
-        let mut tenants = file.tenants;
-        for tenant in &mut tenants {
-            tenant.find_checked_members();
-        }
         Ok(Self {
             units: file.units,
-            tenants,
+            tenants: file.tenants,
             by_key_digest,
         })
     }

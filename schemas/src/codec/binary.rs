@@ -69,15 +69,10 @@ pub fn encode(event: &Event) -> Vec<u8> {
 
 /// Encodes a [`Valid`] event in version 2: the bytes [`encode`] writes for the event it stands
 /// for ([`Valid::into_event`]), with its `data` written straight from its JSON text when it
-/// has it, nothing built but the top-level members `keep` names (JSON paths into `data` start
-/// at one, so a caller that keeps every member its meters' paths start at can read them all).
-/// Also returns those members (all of them when `data` was built), to check as that event's
-/// `data` would be checked.
-pub fn encode_valid<'v>(
-    valid: &'v Valid<'_>,
-    keep: impl Fn(&str) -> bool,
-) -> serde_json::Result<(Vec<u8>, Members<'v>)> {
-    let mut out = head(&Head {
+/// has it, no value built. The message's `data` can then be read where it lies
+/// ([`Message::data`]), as a meter's paths read the built event's.
+pub fn encode_valid(valid: &Valid<'_>) -> serde_json::Result<Message> {
+    let mut bytes = head(&Head {
         tenant: valid.tenant,
         id: &valid.id,
         event_type: &valid.event_type,
@@ -86,29 +81,110 @@ pub fn encode_valid<'v>(
         received_ms: valid.received_ms,
         source: valid.source.as_deref(),
     });
+    let data_at = bytes.len();
     match &valid.data {
-        ValidData::Built(map) => {
-            put_object(&mut out, map);
-            Ok((out, Cow::Borrowed(map)))
-        }
+        ValidData::Built(map) => put_object(&mut bytes, map),
         ValidData::Text(text) => {
-            let mut kept = Map::new();
             let mut json = serde_json::Deserializer::from_str(text);
-            Deserializer::deserialize_map(
-                &mut json,
-                ObjectVisitor {
-                    out: &mut out,
-                    keep: Some((&keep, &mut kept)),
-                },
-            )?;
+            Deserializer::deserialize_map(&mut json, ObjectVisitor(&mut bytes))?;
             json.end()?;
-            Ok((out, Cow::Owned(kept)))
+        }
+    }
+    Ok(Message { bytes, data_at })
+}
+
+/// A version 2 message [`encode_valid`] wrote, and where its `data` starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub bytes: Vec<u8>,
+    data_at: usize,
+}
+
+impl Message {
+    /// The message's `data`, an object, read where it lies.
+    pub fn data(&self) -> Encoded<'_> {
+        Encoded {
+            bytes: self.bytes.get(self.data_at..).unwrap_or_default(),
         }
     }
 }
 
-/// The members of an event's `data` [`encode_valid`] kept built.
-pub type Members<'v> = Cow<'v, Map<String, Value>>;
+/// A value of a version 2 message, read where it lies, its parts found by walking its bytes
+/// rather than building them: what a meter's path finds in an event's `data`
+/// ([`crate::json_path::JsonPath::lookup_encoded`]). It reads as the [`Value`] a whole parse
+/// of the event's JSON makes: a number is its exact text, an object's members are each key's
+/// last value.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoded<'a> {
+    /// From the value's tag on (bytes after the value may follow).
+    bytes: &'a [u8],
+}
+
+impl<'a> Encoded<'a> {
+    fn reader(self) -> Reader<'a> {
+        Reader {
+            bytes: self.bytes,
+            at: 0,
+            numbers: Numbers::AsJson,
+        }
+    }
+
+    /// The member `key` of an object (`None` if absent, or if this is no object).
+    pub fn member(self, key: &str) -> Result<Option<Encoded<'a>>> {
+        let mut reader = self.reader();
+        if reader.byte()? != OBJECT {
+            return Ok(None);
+        }
+        let count = reader.len()?;
+        for _ in 0..count {
+            if reader.text()? == key {
+                return Ok(Some(reader.rest()));
+            }
+            reader.skip(1)?;
+        }
+        Ok(None)
+    }
+
+    /// The item `index` of an array (`None` if there is none, or if this is no array).
+    pub fn item(self, index: usize) -> Result<Option<Encoded<'a>>> {
+        let mut reader = self.reader();
+        if reader.byte()? != ARRAY {
+            return Ok(None);
+        }
+        if index >= reader.len()? {
+            return Ok(None);
+        }
+        for _ in 0..index {
+            reader.skip(1)?;
+        }
+        Ok(Some(reader.rest()))
+    }
+
+    /// A string's or a number's text, or a boolean's (`None` for anything else).
+    pub fn scalar_text(self) -> Result<Option<&'a str>> {
+        let mut reader = self.reader();
+        Ok(match reader.byte()? {
+            TEXT | NUMBER => Some(reader.text()?),
+            FALSE => Some("false"),
+            TRUE => Some("true"),
+            _ => None,
+        })
+    }
+
+    /// A string's or a number's text (`None` for anything else): what a quantity is read from.
+    pub fn text(self) -> Result<Option<&'a str>> {
+        let mut reader = self.reader();
+        Ok(match reader.byte()? {
+            TEXT | NUMBER => Some(reader.text()?),
+            _ => None,
+        })
+    }
+
+    /// The value built, its numbers JSON numbers (to show it in a message).
+    pub fn to_value(self) -> Result<Value> {
+        self.reader().value(0)
+    }
+}
 
 /// What comes before `data`.
 struct Head<'a> {
@@ -149,9 +225,6 @@ fn head(head: &Head<'_>) -> Vec<u8> {
 /// serde_json's name for a number it hands over as text (`arbitrary_precision`): a map of one
 /// member under this key, whose value is the number's text.
 const NUMBER_TOKEN: &str = "$serde_json::private::Number";
-
-/// The members of a top-level object to keep built, and where to put them.
-type Keep<'k, K> = Option<(&'k K, &'k mut Map<String, Value>)>;
 
 /// Writes one JSON value as a version 2 value, as [`put_value`] writes the [`Value`] a whole
 /// parse makes of it.
@@ -215,49 +288,44 @@ impl<'de> Visitor<'de> for ValueVisitor<'_> {
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        ObjectVisitor::<fn(&str) -> bool> {
-            out: self.0,
-            keep: None,
-        }
-        .visit_map(map)
+        ObjectVisitor(self.0).visit_map(map)
     }
 }
 
 /// Writes an object as [`put_object`] writes the map a whole parse makes of it: keys sorted,
 /// of a key given twice the last value. A number (a map of one [`NUMBER_TOKEN`] member) is
 /// written as one.
-struct ObjectVisitor<'o, 'k, K> {
-    out: &'o mut Vec<u8>,
-    keep: Keep<'k, K>,
-}
+struct ObjectVisitor<'o>(&'o mut Vec<u8>);
 
-impl<'de, K: Fn(&str) -> bool> Visitor<'de> for ObjectVisitor<'_, '_, K> {
+impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Self { out, mut keep } = self;
+        /// Members of a typical event's `data`, and the bytes of their values.
+        const TYPICAL_MEMBERS: usize = 8;
+        const TYPICAL_VALUE_BYTES: usize = 16;
+        let out = self.0;
+        let Some(KeyText(first)) = map.next_key()? else {
+            out.extend_from_slice(&[OBJECT, 0]);
+            return Ok(());
+        };
+        if first == NUMBER_TOKEN {
+            let KeyText(number) = map.next_value()?;
+            out.push(NUMBER);
+            put_text(out, &number);
+            return Ok(());
+        }
         // Each member's value is written aside, then the members in key order.
-        let mut values = Vec::new();
-        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::new();
-        while let Some(KeyText(key)) = map.next_key()? {
-            if members.is_empty() && key == NUMBER_TOKEN {
-                let KeyText(number) = map.next_value()?;
-                out.push(NUMBER);
-                put_text(out, &number);
-                return Ok(());
-            }
+        let mut values = Vec::with_capacity(TYPICAL_MEMBERS * TYPICAL_VALUE_BYTES);
+        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::with_capacity(TYPICAL_MEMBERS);
+        let mut next = Some(first);
+        while let Some(key) = next {
             let start = values.len();
-            match &mut keep {
-                Some((keep, kept)) if keep(&key) => {
-                    let value: Value = map.next_value()?;
-                    put_value(&mut values, &value);
-                    kept.insert(key.clone().into_owned(), value);
-                }
-                _ => map.next_value_seed(ValueSeed(&mut values))?,
-            }
+            map.next_value_seed(ValueSeed(&mut values))?;
             members.push((key, start..values.len()));
+            next = map.next_key()?.map(|KeyText(key)| key);
         }
         // Stable: of equal keys, the last given stays last.
         members.sort_by(|a, b| a.0.cmp(&b.0));
@@ -591,6 +659,40 @@ impl<'a> Reader<'a> {
         }
         debug_assert_eq!(map.len(), count);
         Ok(true)
+    }
+
+    /// The value at the reader's place, and whatever follows it.
+    fn rest(&self) -> Encoded<'a> {
+        Encoded {
+            bytes: self.bytes.get(self.at..).unwrap_or_default(),
+        }
+    }
+
+    /// Steps over one value, nested `depth` deep, building nothing.
+    fn skip(&mut self, depth: usize) -> Result<()> {
+        match self.byte()? {
+            NULL | FALSE | TRUE => {}
+            TEXT | NUMBER => {
+                let len = self.len()?;
+                self.at += len;
+            }
+            ARRAY => {
+                let depth = Self::deeper(depth)?;
+                for _ in 0..self.len()? {
+                    self.skip(depth)?;
+                }
+            }
+            OBJECT => {
+                let depth = Self::deeper(depth)?;
+                for _ in 0..self.len()? {
+                    let len = self.len()?;
+                    self.at += len;
+                    self.skip(depth)?;
+                }
+            }
+            tag => return Err(malformed(format!("value tag {tag}"))),
+        }
+        Ok(())
     }
 
     fn deeper(depth: usize) -> Result<usize> {
