@@ -43,7 +43,7 @@ use neruba_schemas::event;
 use neruba_schemas::topics::{RECORD_HEADER, stable_partition};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -177,7 +177,7 @@ pub fn rule_removal(
 /// Writes grants, voids and rules to the ledger topic, each acknowledged before it returns.
 #[derive(Clone)]
 pub struct LedgerWriter {
-    producer: neruba_kafka::Recoverable,
+    producer: neruba_kafka::Recoverable<neruba_kafka::AckedProducer>,
     topic: Arc<str>,
     /// The topic's partition count, once the broker named it.
     partitions: Arc<OnceLock<i32>>,
@@ -195,7 +195,10 @@ impl std::fmt::Debug for LedgerWriter {
 impl LedgerWriter {
     /// A writer to `topic` through `producer` (an idempotent `acks=all` producer: the
     /// gateway's, [`crate::kafka::build_producer`]).
-    pub fn new(producer: neruba_kafka::Recoverable, topic: &str) -> Self {
+    pub fn new(
+        producer: neruba_kafka::Recoverable<neruba_kafka::AckedProducer>,
+        topic: &str,
+    ) -> Self {
         Self {
             producer,
             topic: topic.into(),
@@ -220,23 +223,20 @@ impl LedgerWriter {
             value: Some(record.kind()),
         });
         let producer = self.producer.get();
-        let enqueued = producer
-            .send_result(
-                FutureRecord::to(&self.topic)
-                    .key(&key)
-                    .payload(&payload)
-                    .headers(headers)
-                    .partition(partition),
-            )
-            .map_err(|(e, _)| e);
-        let delivered = match enqueued {
-            Err(e) => Err(e),
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(delivery)) => Ok(delivery),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(KafkaError::Canceled),
-            },
-        };
+        let mut sends = producer.sends(1);
+        sends.send(
+            BaseRecord::to(&self.topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers)
+                .partition(partition),
+        );
+        let acks = sends.acks();
+        let delivered = acks
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or(Err(KafkaError::Canceled));
         match delivered {
             Ok(delivery) => Ok(Position {
                 topic: self.topic.to_string(),
@@ -260,7 +260,6 @@ impl LedgerWriter {
         let producer = self.producer.get();
         let topic = self.topic.clone();
         let fetched = tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer;
             let metadata = producer
                 .client()
                 .fetch_metadata(Some(&topic), METADATA_TIMEOUT)

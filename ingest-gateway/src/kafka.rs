@@ -5,9 +5,9 @@
 //!   (librdkafka's delivery report), never when it was merely queued;
 //! - the idempotent producer keeps retries from writing an event twice within a session, and
 //!   keeps one partition's messages in order;
-//! - a request's events are all enqueued before any delivery report is awaited
-//!   ([`neruba_kafka::await_each`]), so a request waits for its slowest acknowledgement, never
-//!   for the sum of them;
+//! - a request's events are all enqueued before its acknowledgements are awaited, together
+//!   ([`neruba_kafka::Acks`]), so a request waits for its slowest acknowledgement, never for the
+//!   sum of them, and wakes once;
 //! - an event carries no Kafka headers: its key (`tenant/customer`, a tenant id never holding
 //!   `/`) names the tenant and its first byte the encoding ([`codec::version_of`]), so headers
 //!   would say nothing new; without them the gateway takes about a fifth less CPU per event
@@ -16,10 +16,10 @@
 
 use crate::admit::Outgoing;
 use crate::metrics::Metrics;
-use neruba_kafka::Landed;
+use neruba_kafka::{AckedProducer, Acks, Landed};
 use neruba_schemas::codec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ pub fn build_producer(
     brokers: &str,
     delivery_timeout: Duration,
     extra: &[(String, String)],
-) -> Result<FutureProducer, KafkaError> {
+) -> Result<AckedProducer, KafkaError> {
     neruba_kafka::clients::gateway_producer(brokers, delivery_timeout, extra)
 }
 
@@ -58,7 +58,7 @@ impl From<KafkaError> for DeliveryError {
 /// Sends events to the events topic and reports each one's delivery.
 #[derive(Clone)]
 pub struct EventSink {
-    producer: neruba_kafka::Recoverable,
+    producer: neruba_kafka::Recoverable<AckedProducer>,
     topic: Arc<str>,
     encoding: codec::Encoding,
     metrics: Metrics,
@@ -76,22 +76,20 @@ impl std::fmt::Debug for EventSink {
 /// Events in the producer's queue, their delivery reports to come ([`EventSink::delivered`]).
 #[must_use = "the delivery reports say whether the events landed"]
 pub struct Enqueued {
-    pending: Vec<Result<rdkafka::producer::DeliveryFuture, KafkaError>>,
-    producer: rdkafka::producer::FutureProducer,
+    acks: Acks,
+    producer: AckedProducer,
     started: Instant,
 }
 
 impl std::fmt::Debug for Enqueued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Enqueued")
-            .field("events", &self.pending.len())
-            .finish()
+        f.debug_struct("Enqueued").finish_non_exhaustive()
     }
 }
 
 impl EventSink {
     pub fn new(
-        producer: neruba_kafka::Recoverable,
+        producer: neruba_kafka::Recoverable<AckedProducer>,
         topic: &str,
         encoding: codec::Encoding,
         metrics: Metrics,
@@ -124,22 +122,24 @@ impl EventSink {
     ) -> Enqueued {
         let started = Instant::now();
         let producer = self.producer.get();
-        let mut pending = Vec::with_capacity(events.len());
+        let mut sends = producer.sends(events.len());
         let mut key = String::new();
         for event in events {
             event.write_partition_key(&mut key);
-            let record = FutureRecord::to(&self.topic)
-                .key(&key)
-                .payload(&event.payload)
-                .timestamp(event.time_ms);
-            pending.push(producer.send_result(record).map_err(|(e, _)| e));
+            sends.send(
+                BaseRecord::to(&self.topic)
+                    .key(&key)
+                    .payload(&event.payload)
+                    .timestamp(event.time_ms),
+            );
             event.payload = Vec::new();
         }
+        let acks = sends.acks();
         self.metrics
             .produce_queue_depth
             .set(i64::from(producer.in_flight_count()));
         Enqueued {
-            pending,
+            acks,
             producer,
             started,
         }
@@ -149,11 +149,11 @@ impl EventSink {
     /// event landed or why it did not.
     pub async fn delivered(&self, enqueued: Enqueued) -> Vec<Result<Landed, DeliveryError>> {
         let Enqueued {
-            pending,
+            acks,
             producer,
             started,
         } = enqueued;
-        let deliveries = neruba_kafka::await_each(pending).await;
+        let deliveries = acks.await;
         self.metrics
             .produce_duration
             .observe(started.elapsed().as_secs_f64());

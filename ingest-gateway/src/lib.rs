@@ -298,7 +298,9 @@ pub async fn run(
 }
 
 /// The gateway's producer, replaced if librdkafka declares it fatally failed.
-fn recoverable_producer(config: &Config) -> Result<neruba_kafka::Recoverable> {
+fn recoverable_producer(
+    config: &Config,
+) -> Result<neruba_kafka::Recoverable<neruba_kafka::AckedProducer>> {
     let (brokers, timeout, options) = (
         config.brokers.clone(),
         config.delivery_timeout,

@@ -25,7 +25,6 @@ use crate::admit::{self, Outgoing, Repeats};
 use crate::binary::{self, Binding};
 use crate::http::AppState;
 use crate::metrics::Tally;
-use futures::future::join_all;
 use neruba_kafka::health::ConsumerHealth;
 use neruba_schemas::event::{self, Limits};
 use neruba_schemas::framing::{self as body, Framed, Framing};
@@ -34,7 +33,7 @@ use neruba_schemas::{Catalog, RejectCode, Rejection, codec};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -178,7 +177,7 @@ pub async fn run(
     config: RawConfig,
     brokers: String,
     kafka_options: Vec<(String, String)>,
-    dead_letters: neruba_kafka::Recoverable,
+    dead_letters: neruba_kafka::Recoverable<neruba_kafka::AckedProducer>,
     health: Arc<ConsumerHealth>,
     shutdown: CancellationToken,
 ) {
@@ -208,7 +207,7 @@ async fn consume(
     config: &RawConfig,
     brokers: &str,
     kafka_options: &[(String, String)],
-    dead_letters: &neruba_kafka::Recoverable,
+    dead_letters: &neruba_kafka::Recoverable<neruba_kafka::AckedProducer>,
     health: &Arc<ConsumerHealth>,
     shutdown: &CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
@@ -279,7 +278,8 @@ async fn consume(
         let delivered = state.sink.delivered(enqueued).await;
         let dead_letter_producer = dead_letters.get();
         // Each with the headers read above (none when they could not be read).
-        let dead = join_all(refused.iter().map(|(message, rejection, attributes)| {
+        let mut dead = dead_letter_producer.sends(refused.len());
+        for (message, rejection, attributes) in &refused {
             let mut headers = neruba_kafka::dead_letter_headers(
                 rejection.code.as_str(),
                 &rejection.message,
@@ -312,15 +312,15 @@ async fn consume(
                     value: Some(payload.len().to_string().as_bytes()),
                 });
             }
-            let mut record = FutureRecord::to(&config.dead_letter_topic)
+            let mut record = BaseRecord::to(&config.dead_letter_topic)
                 .payload(kept)
                 .headers(headers);
             if let Some(key) = message.key() {
                 record = record.key(key.get(..DEAD_LETTER_KEY_MAX).unwrap_or(key));
             }
-            dead_letter_producer.send(record, Duration::from_secs(30))
-        }))
-        .await;
+            dead.send(record);
+        }
+        let dead = dead.acks().await;
         // Nothing of the batch is committed unless every message landed somewhere.
         // The events delivered before the first that was not are remembered either way.
         let landed = delivered.iter().take_while(|result| result.is_ok()).count();
@@ -333,7 +333,7 @@ async fn consume(
         }
         tally.accepted += u64::try_from(landed).unwrap_or(u64::MAX);
         for result in dead {
-            if let Err((e, _)) = result {
+            if let Err(e) = result {
                 if let Err(rebuild) = dead_letters.recover(&dead_letter_producer, &e) {
                     tracing::error!(error = %rebuild, "Could not replace the dead-letter producer.");
                 }

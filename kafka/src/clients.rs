@@ -5,7 +5,7 @@
 //! except `acks` and `enable.idempotence`, which every producer refuses with the same message
 //! ([`apply_producer_options`]).
 
-use crate::Recoverable;
+use crate::{AckedProducer, Recoverable};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -44,6 +44,16 @@ fn durable_producer(
     tuning: &[(&str, String)],
     kafka_options: &[(String, String)],
 ) -> Result<FutureProducer, KafkaError> {
+    durable_config(brokers, client_id, tuning, kafka_options)?.create()
+}
+
+/// [`durable_producer`]'s settings.
+fn durable_config(
+    brokers: &str,
+    client_id: &str,
+    tuning: &[(&str, String)],
+    kafka_options: &[(String, String)],
+) -> Result<ClientConfig, KafkaError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", brokers)
@@ -56,7 +66,7 @@ fn durable_producer(
         client.set(*key, value);
     }
     apply_producer_options(&mut client, kafka_options)?;
-    client.create()
+    Ok(client)
 }
 
 /// The producer a stage writes its outputs (rollups, line items, dead letters) with.
@@ -95,8 +105,8 @@ pub fn gateway_producer(
     brokers: &str,
     delivery_timeout: std::time::Duration,
     kafka_options: &[(String, String)],
-) -> Result<FutureProducer, KafkaError> {
-    durable_producer(
+) -> Result<AckedProducer, KafkaError> {
+    let config = durable_config(
         brokers,
         "neruba-ingest-gateway",
         &[
@@ -113,7 +123,8 @@ pub fn gateway_producer(
             ("partitioner", "murmur2_random".into()),
         ],
         kafka_options,
-    )
+    )?;
+    AckedProducer::create(&config)
 }
 
 /// The output producer of [`output_producer`], replaceable.

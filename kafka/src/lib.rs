@@ -9,9 +9,11 @@
 //! - a producer librdkafka declared fatally failed (fenced by the broker after an outage, for
 //!   one) is replaced rather than left failing every later send: see [`Recoverable`].
 
+pub mod acks;
 pub mod clients;
 pub mod health;
 
+pub use acks::{AckedProducer, Acks, Sends};
 pub use clients::{apply_producer_options, output_producer, recoverable_output_producer};
 
 use neruba_schemas::topics::{
@@ -157,7 +159,36 @@ pub fn topic_answers<C: rdkafka::client::ClientContext>(
     })
 }
 
-type Build = dyn Fn() -> Result<FutureProducer, KafkaError> + Send + Sync;
+/// A producer [`Recoverable`] can replace: it tells whether two handles are one client, and
+/// whether librdkafka declared the client fatally failed.
+pub trait Replaceable: Clone + Send + Sync + 'static {
+    /// Whether `self` and `other` are handles of one client.
+    fn same_client(&self, other: &Self) -> bool;
+    /// The fatal error librdkafka declared, if it did.
+    fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)>;
+}
+
+impl Replaceable for FutureProducer {
+    fn same_client(&self, other: &Self) -> bool {
+        self.client().native_ptr() == other.client().native_ptr()
+    }
+
+    fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.client().fatal_error()
+    }
+}
+
+impl Replaceable for AckedProducer {
+    fn same_client(&self, other: &Self) -> bool {
+        self.client().native_ptr() == other.client().native_ptr()
+    }
+
+    fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.client().fatal_error()
+    }
+}
+
+type Build<P> = dyn Fn() -> Result<P, KafkaError> + Send + Sync;
 
 /// A producer that can be replaced when librdkafka reports it fatally failed.
 ///
@@ -165,21 +196,21 @@ type Build = dyn Fn() -> Result<FutureProducer, KafkaError> + Send + Sync;
 /// the broker comes back; from then on librdkafka fails every send. A new producer (new
 /// producer id) works again, so a stage asks for [`Recoverable::recover`] after a failure.
 #[derive(Clone)]
-pub struct Recoverable {
-    current: Arc<RwLock<FutureProducer>>,
-    build: Arc<Build>,
+pub struct Recoverable<P: Replaceable = FutureProducer> {
+    current: Arc<RwLock<P>>,
+    build: Arc<Build<P>>,
 }
 
-impl std::fmt::Debug for Recoverable {
+impl<P: Replaceable> std::fmt::Debug for Recoverable<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recoverable").finish_non_exhaustive()
     }
 }
 
-impl Recoverable {
+impl<P: Replaceable> Recoverable<P> {
     /// Builds the first producer with `build`, which also builds its replacements.
     pub fn new(
-        build: impl Fn() -> Result<FutureProducer, KafkaError> + Send + Sync + 'static,
+        build: impl Fn() -> Result<P, KafkaError> + Send + Sync + 'static,
     ) -> Result<Self, KafkaError> {
         let first = build()?;
         Ok(Self {
@@ -189,7 +220,7 @@ impl Recoverable {
     }
 
     /// The producer to send with now (a cheap handle).
-    pub fn get(&self) -> FutureProducer {
+    pub fn get(&self) -> P {
         match self.current.read() {
             Ok(producer) => producer.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -199,15 +230,15 @@ impl Recoverable {
     /// After `used` failed with `error`: replaces the current producer if it is `used` and
     /// either librdkafka declared it fatally failed or the broker no longer accepts its
     /// producer identity; whether it did. Concurrent callers replace it once.
-    pub fn recover(&self, used: &FutureProducer, error: &KafkaError) -> Result<bool, KafkaError> {
+    pub fn recover(&self, used: &P, error: &KafkaError) -> Result<bool, KafkaError> {
         let mut current = match self.current.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if current.client().native_ptr() != used.client().native_ptr() {
+        if !current.same_client(used) {
             return Ok(false);
         }
-        let fatal = current.client().fatal_error();
+        let fatal = current.fatal_error();
         let identity_refused = matches!(
             error.rdkafka_error_code(),
             Some(

@@ -63,8 +63,9 @@ use neruba::process::cpu;
 use neruba_schemas::ledger::{Kind, LineItem};
 use neruba_schemas::{Event, codec, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -171,22 +172,13 @@ async fn produce(bootstrap: &str, topic: &str, events: &[Event]) -> Result<()> {
     let producer =
         neruba_kafka::clients::gateway_producer(bootstrap, Duration::from_secs(60), &[])?;
     for chunk in events.chunks(20_000) {
-        let mut pending = Vec::with_capacity(chunk.len());
+        let mut sends = producer.sends(chunk.len());
         for event in chunk {
             let payload = codec::encode(event);
             let key = event.partition_key();
-            let record = FutureRecord::to(topic).key(&key).payload(&payload);
-            pending.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
-            );
+            sends.send(BaseRecord::to(topic).key(&key).payload(&payload));
         }
-        for delivery in pending {
-            delivery
-                .await?
-                .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-        }
+        all_landed(sends.acks().await)?;
     }
     Ok(())
 }
@@ -231,7 +223,7 @@ async fn produce_from_bodies(
         neruba_kafka::clients::gateway_producer(bootstrap, Duration::from_secs(60), &[])?;
     let mut sent = 0u64;
     for group in bodies.chunks(40) {
-        let mut pending = Vec::new();
+        let mut sends = producer.sends(group.len() * 500);
         for body in group {
             let now = now_ms();
             for framed in framing::split(Framing::Batch, body, 10_000, limits.max_event_bytes)
@@ -247,22 +239,21 @@ async fn produce_from_bodies(
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
                 let mut key = String::new();
                 event.write_partition_key(&mut key);
-                let record = FutureRecord::to(topic).key(&key).payload(&event.payload);
-                pending.push(
-                    producer
-                        .send_result(record)
-                        .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?,
-                );
+                sends.send(BaseRecord::to(topic).key(&key).payload(&event.payload));
                 sent += 1;
             }
         }
-        for delivery in pending {
-            delivery
-                .await?
-                .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-        }
+        all_landed(sends.acks().await)?;
     }
     Ok(sent)
+}
+
+/// Whether every record of a batch landed; the first that did not, with why.
+fn all_landed(outcomes: Vec<Result<neruba_kafka::Landed, KafkaError>>) -> Result<()> {
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        outcome.map_err(|e| anyhow::anyhow!("record {index} of the batch: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A consumer of all of `topic`'s partitions from `offset`, outside any group.
