@@ -82,9 +82,9 @@ fn decode_validate(c: &mut Criterion) {
             assert_eq!(accepted, BATCH);
         })
     });
-    // What the gateway does to each event (validate, check the values its meters read, encode
-    // in version 2): since November 30, 2026 with `data` written from its JSON text, only the
-    // members the meters check built.
+    // What the gateway does to each event (validate, encode in version 2, check the values its
+    // meters read): since November 30, 2026 with `data` written from its JSON text; since
+    // December 3 its values checked where they lie in the message, none built.
     group.bench_function("split_admit_encode_v2_from_text", |b| {
         b.iter(|| {
             let framed = frames(black_box(body.as_bytes()));

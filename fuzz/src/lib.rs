@@ -33,6 +33,13 @@ aggregation = "unique_count"
 value = "$.user"
 window = "1m"
 [[tenants.meters]]
+key = "cached"
+event_type = "llm"
+aggregation = "sum"
+value = "$.usage.cached[1]"
+filters = { "$.model" = "small", "$.usage.ok" = "true" }
+window = "1m"
+[[tenants.meters]]
 key = "refunds"
 event_type = "refund"
 aggregation = "sum"

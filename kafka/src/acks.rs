@@ -11,9 +11,11 @@
 //! - every record sent through [`Sends::send`] has exactly one outcome in [`Acks`]' answer, in
 //!   the order of sending: where it landed, the error librdkafka reported, or the error the
 //!   send was refused with;
-//! - a record whose report never comes (the producer destroyed before it could report)
-//!   counts as [`KafkaError::Canceled`] rather than leaving its batch waiting: the outcome is
-//!   written when its boxed place is dropped, reported or not;
+//! - a record whose report never comes counts as [`KafkaError::Canceled`] rather than leaving
+//!   its batch waiting: the outcome is written when its boxed place is dropped, reported or
+//!   not; the batch keeps its producer alive until [`Acks`] is ready, so the producer is not
+//!   destroyed (which serves outstanding reports only for up to 500 ms, then frees the rest
+//!   unreported) while its records are awaited;
 //! - [`Acks`] is ready only once every record sent has its outcome and no more can be sent.
 
 use crate::Landed;
@@ -29,8 +31,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-/// An idempotent producer's handle (cheap to clone) whose sends are acknowledged per batch:
-/// [`AckedProducer::sends`].
+/// A producer's handle (cheap to clone) whose sends are acknowledged per batch:
+/// [`AckedProducer::sends`]. Its settings are the caller's: Neruba builds it through
+/// [`crate::clients::gateway_producer`], idempotent with `acks=all`.
 #[derive(Clone)]
 pub struct AckedProducer {
     inner: Arc<ThreadedProducer<Reporter>>,
@@ -51,9 +54,9 @@ impl AckedProducer {
     }
 
     /// A batch of sends, about `expected` of them, whose outcomes [`Sends::acks`] awaits.
-    pub fn sends(&self, expected: usize) -> Sends<'_> {
+    pub fn sends(&self, expected: usize) -> Sends {
         Sends {
-            producer: &self.inner,
+            producer: self.clone(),
             batch: Arc::new(Batch {
                 // The batch itself holds one until no more can be sent.
                 unreported: AtomicUsize::new(1),
@@ -159,8 +162,8 @@ impl Drop for Place {
 
 /// A batch being sent ([`AckedProducer::sends`]).
 #[must_use = "the acknowledgements say whether the records landed"]
-pub struct Sends<'p> {
-    producer: &'p ThreadedProducer<Reporter>,
+pub struct Sends {
+    producer: AckedProducer,
     batch: Arc<Batch>,
     /// The size of the first chunk.
     expected: usize,
@@ -170,7 +173,7 @@ pub struct Sends<'p> {
     in_last: usize,
 }
 
-impl Sends<'_> {
+impl Sends {
     /// Enqueues `record` (its delivery opaque is its place in the batch); a record librdkafka
     /// refuses (queue full, too large) has that error as its outcome.
     pub fn send<K, P>(&mut self, record: BaseRecord<'_, K, P>)
@@ -210,7 +213,7 @@ impl Sends<'_> {
             headers: record.headers,
             delivery_opaque: place,
         };
-        if let Err((error, refused)) = self.producer.send(record) {
+        if let Err((error, refused)) = self.producer.inner.send(record) {
             (*refused.delivery_opaque).report(Err(error));
         }
     }
@@ -221,17 +224,18 @@ impl Sends<'_> {
             batch: Arc::clone(&self.batch),
             chunks: std::mem::take(&mut self.chunks),
             in_last: self.in_last,
+            _producer: self.producer.clone(),
         }
     }
 }
 
-impl std::fmt::Debug for Sends<'_> {
+impl std::fmt::Debug for Sends {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sends").finish_non_exhaustive()
     }
 }
 
-impl Drop for Sends<'_> {
+impl Drop for Sends {
     fn drop(&mut self) {
         self.batch.settle_one();
     }
@@ -243,6 +247,8 @@ pub struct Acks {
     batch: Arc<Batch>,
     chunks: Vec<Arc<Chunk>>,
     in_last: usize,
+    /// Kept alive until the outcomes are read (see the module's invariants).
+    _producer: AckedProducer,
 }
 
 impl std::fmt::Debug for Acks {
@@ -447,7 +453,11 @@ mod tests {
     }
 
     #[test]
-    fn a_place_dropped_unreported_is_canceled_and_the_batch_waits_for_every_place() {
+    fn a_place_dropped_unreported_is_canceled_and_the_batch_waits_for_every_place()
+    -> Result<(), KafkaError> {
+        // Never asked to send: no broker needed.
+        let producer =
+            AckedProducer::create(ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1"))?;
         let batch = Arc::new(Batch {
             unreported: AtomicUsize::new(1),
             waiter: AtomicWaker::new(),
@@ -472,6 +482,7 @@ mod tests {
             batch: Arc::clone(&batch),
             chunks: vec![first, second],
             in_last: 1,
+            _producer: producer,
         };
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -499,5 +510,6 @@ mod tests {
             }
             Poll::Pending => panic!("every place settled, the batch still waits"),
         }
+        Ok(())
     }
 }

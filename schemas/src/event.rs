@@ -1246,6 +1246,31 @@ mod tests {
         crate::Catalog::from_toml_str(&tenants, "t.toml").unwrap_or_else(|e| panic!("catalog: {e}"))
     }
 
+    #[test]
+    fn a_message_cut_short_is_refused_by_the_meter_check_as_unreadable() -> Result<(), String> {
+        let catalog = crate::Catalog::from_toml_str(
+            "[[tenants]]\nid = \"acme\"\n[[tenants.meters]]\nkey = \"m\"\nevent_type = \"t\"\naggregation = \"sum\"\nvalue = \"$.z\"\nwindow = \"1m\"\n",
+            "t.toml",
+        )
+        .map_err(|e| e.to_string())?;
+        let tenant = catalog.tenant("acme").ok_or("acme")?;
+        // `z`, the metered member, is the last of `data`, which ends the message.
+        let bytes = br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c","data":{"tokens":5,"z":12345}}"#;
+        let envelope = Envelope::parse(bytes).map_err(|e| e.to_string())?;
+        let valid = validate_borrowed(envelope, bytes.len(), "acme", NOW, &Limits::default())
+            .map_err(|e| e.message)?;
+        let mut message = crate::codec::binary::encode_valid(&valid).map_err(|e| e.to_string())?;
+        assert_eq!(tenant.check_encoded("t", message.data()), Ok(()));
+        message.bytes.pop();
+        let refused = tenant.check_encoded("t", message.data());
+        assert!(
+            matches!(&refused, Err(r) if r.code == RejectCode::InvalidJson
+                && r.message.starts_with("the event's data cannot be read back")),
+            "{refused:?}"
+        );
+        Ok(())
+    }
+
     /// What [`crate::codec::binary::encode_valid`] makes of `bytes`, against what the event
     /// parsed whole makes: its message, what each of [`meters_into_data`]'s paths finds in
     /// it, and the judgement of its values. `false` if the event is not valid (nothing

@@ -339,12 +339,15 @@ impl Tenant {
     /// included, with no value built.
     pub fn check_encoded(&self, event_type: &str, data: Encoded<'_>) -> Result<(), Rejection> {
         let lookup = |path: &JsonPath| {
-            path.lookup_encoded(data).map_err(|e| {
-                Rejection::new(
-                    RejectCode::InvalidJson,
-                    format!("the event's data cannot be read back: {e}"),
-                )
-            })
+            // Found and held whole: a value cut short is unreadable, not a wrong value.
+            path.lookup_encoded(data)
+                .and_then(|found| found.map(Encoded::whole).transpose())
+                .map_err(|e| {
+                    Rejection::new(
+                        RejectCode::InvalidJson,
+                        format!("the event's data cannot be read back: {e}"),
+                    )
+                })
         };
         for meter in self.meters_for(event_type) {
             let mut passes = true;

@@ -180,6 +180,14 @@ impl<'a> Encoded<'a> {
         })
     }
 
+    /// This value, once its bytes are found to hold it whole, or why they do not: what to
+    /// check before reading it through [`crate::measure::Found`], which cannot say why it
+    /// read nothing. Builds nothing.
+    pub fn whole(self) -> Result<Encoded<'a>> {
+        self.reader().skip(0)?;
+        Ok(self)
+    }
+
     /// The value built, its numbers JSON numbers (to show it in a message).
     pub fn to_value(self) -> Result<Value> {
         self.reader().value(0)
