@@ -111,15 +111,6 @@ impl JsonPath {
         Ok(Some(current))
     }
 
-    /// The member of `data` the path starts at (`None` for a path starting at an index, which
-    /// names nothing in an object).
-    pub fn first_key(&self) -> Option<&str> {
-        match self.steps.first()? {
-            Step::Key(key) => Some(key),
-            Step::Index(_) => None,
-        }
-    }
-
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -160,9 +151,6 @@ mod tests {
         assert_eq!(region.lookup_in(&data), Some(&json!("eu")));
         let missing = JsonPath::parse("$.usage.bytes").expect("path");
         assert_eq!(missing.lookup_in(&data), None);
-        assert_eq!(path.first_key(), Some("usage"));
-        assert_eq!(region.first_key(), Some("region"));
-        assert_eq!(JsonPath::parse("$[0].a").expect("path").first_key(), None);
     }
 
     #[test]

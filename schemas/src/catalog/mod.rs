@@ -350,15 +350,7 @@ impl Tenant {
                 })
         };
         for meter in self.meters_for(event_type) {
-            let mut passes = true;
-            for filter in &meter.filters {
-                let found = lookup(&filter.path)?;
-                if found.and_then(Found::scalar_text).as_deref() != Some(&filter.equals) {
-                    passes = false;
-                    break;
-                }
-            }
-            if passes {
+            if meter.passes_by(lookup)? {
                 let value = match &meter.value {
                     Some(path) => Some((path, lookup(path)?)),
                     None => None,
@@ -383,12 +375,26 @@ impl Meter {
 
     /// Whether an event's `data` passes every filter of this meter.
     pub fn passes(&self, data: &serde_json::Map<String, serde_json::Value>) -> bool {
-        self.filters.iter().all(|f| {
-            f.path
-                .lookup_in(data)
-                .and_then(scalar_text)
-                .is_some_and(|text| text == f.equals)
-        })
+        let found = self.passes_by(|path| Ok::<_, std::convert::Infallible>(path.lookup_in(data)));
+        found.unwrap_or_else(|never| match never {})
+    }
+
+    /// [`Meter::passes`] of the `data` in which `lookup` finds each filter's path, however it
+    /// is held; `lookup`'s first error.
+    pub fn passes_by<'d, F: Found<'d>, E>(
+        &self,
+        mut lookup: impl FnMut(&JsonPath) -> Result<Option<F>, E>,
+    ) -> Result<bool, E> {
+        for filter in &self.filters {
+            if lookup(&filter.path)?
+                .and_then(Found::scalar_text)
+                .as_deref()
+                != Some(&filter.equals)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
