@@ -186,6 +186,32 @@ fn dedup(c: &mut Criterion) {
                 .count()
         })
     });
+    // As the gateway takes them: a request's keys together (the end-to-end benchmark's
+    // requests are of 500 events), each hashed once and each shard locked once a request.
+    group.bench_function("remember_requests_of_500", |b| {
+        b.iter(|| {
+            let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
+            for request in ids.chunks(500) {
+                cache.remember_all(request.iter().map(|id| (key("acme", id), None)));
+            }
+            black_box(cache.len())
+        })
+    });
+    for (name, tenant) in [("hit", "acme"), ("miss", "beta")] {
+        group.bench_function(format!("sightings_requests_of_500_{name}"), |b| {
+            b.iter(|| {
+                ids.chunks(500)
+                    .map(|request| {
+                        let keys = request.iter().map(|id| key(tenant, id));
+                        admit::sightings(&cache, keys)
+                            .into_iter()
+                            .filter(|s| *s == admit::Sighting::First)
+                            .count()
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
     group.finish();
 }
 

@@ -26,7 +26,7 @@
 //! letter). The per-tenant rate limit is HTTP's alone: the raw topic has no caller to answer
 //! `429` to, only a consumer that could slow down.
 
-use crate::dedup::{DedupCache, Key, KeyTable, Put, Reader, hash_key};
+use crate::dedup::{DedupCache, Key, KeyBatch, KeyTable, Put};
 use neruba_kafka::Landed;
 use neruba_schemas::catalog::{Scope, Tenant};
 use neruba_schemas::codec::{self, Encoding, binary};
@@ -135,82 +135,38 @@ impl Outgoing<'_> {
     }
 }
 
-/// The repeats of one request or batch: against the recent-repeat cache, and among its own
-/// events (the cache only learns an id once the broker acknowledged it, so two copies in one
-/// request would otherwise both be sent).
+/// What each event of a request or batch is, by its repeat key, in order: a repeat of one the
+/// recent-repeat cache holds, or of an earlier event of the same request or batch (the cache
+/// only learns an id once the broker acknowledged it, so two copies in one request would
+/// otherwise both be sent), or the first sighting.
 ///
-/// It reads the cache under one lock ([`DedupCache::reader`]): drop it before anything is
-/// remembered in the cache or awaited.
-#[derive(Debug)]
-pub struct Repeats<'d> {
-    cache: Option<Reader<'d>>,
-    /// The keys seen here.
-    seen: Seen,
+/// Each key is written and hashed once (`KeyBatch`), for the cache's lookups and the
+/// request's own set alike, and the cache is read under its lock for the lookups only, each of
+/// its shards locked once.
+pub fn sightings<'k>(cache: &DedupCache, keys: impl IntoIterator<Item = Key<'k>>) -> Vec<Sighting> {
+    let batch = KeyBatch::new(cache.hasher(), keys);
+    let known = match cache.reader() {
+        Some(reader) => reader.get_all(&batch),
+        None => vec![None; batch.len()],
+    };
+    // The keys seen here, by the cache's hasher: each key's hash serves both.
+    let mut seen = KeyTable::with_capacity(batch.len(), batch.bytes());
+    (0..batch.len())
+        .zip(known)
+        .map(|(i, known)| match (known, batch.get(i)) {
+            (Some(landed), _) => Sighting::Repeat(landed),
+            // A key the table cannot hold is no repeat: only one it held already is.
+            (None, Some((key, hash)))
+                if seen.put(cache.hasher(), hash, key, ()) == Put::Replaced =>
+            {
+                Sighting::Repeat(None)
+            }
+            (None, _) => Sighting::First,
+        })
+        .collect()
 }
 
-impl<'d> Repeats<'d> {
-    /// The repeats of a request or batch of `events` events (room is made for that many).
-    pub fn new(cache: &'d DedupCache, events: usize) -> Self {
-        // Allocated before the cache's lock is taken.
-        let seen = Seen::with_capacity(events);
-        Self {
-            cache: cache.reader(),
-            seen,
-        }
-    }
-
-    /// Whether the event of `key` (tenant, customer, id) is the first of it here and not
-    /// recently accepted; a `false` is a `duplicate`.
-    pub fn first_sighting(&mut self, key: Key<'_>) -> bool {
-        self.sighting(key) == Sighting::First
-    }
-
-    /// Whether the event of `key` is the first of it here and not recently accepted, or a
-    /// repeat, with where its first write landed if the cache knows.
-    pub fn sighting(&mut self, key: Key<'_>) -> Sighting {
-        if let Some(landed) = self.cache.as_ref().and_then(|cache| cache.get(key)) {
-            return Sighting::Repeat(landed);
-        }
-        if self.seen.insert(key) {
-            Sighting::First
-        } else {
-            Sighting::Repeat(None)
-        }
-    }
-}
-
-/// A set of keys, in the cache's encoding, laid end to end in buffers ([`KeyTable`]): a request's
-/// hundreds of keys cost a few allocations rather than one each.
-#[derive(Debug, Default)]
-struct Seen {
-    keys: KeyTable<()>,
-    /// Hashes every key of `keys`.
-    hasher: ahash::RandomState,
-    /// The key being asked about, written into a reused buffer.
-    key: String,
-}
-
-impl Seen {
-    /// Room for `keys` keys of a typical length without growing.
-    fn with_capacity(keys: usize) -> Self {
-        /// A tenant, a customer, their separators and a 36-character UUID.
-        const TYPICAL_KEY_BYTES: usize = 64;
-        Self {
-            keys: KeyTable::with_capacity(keys, keys.saturating_mul(TYPICAL_KEY_BYTES)),
-            ..Self::default()
-        }
-    }
-
-    /// Inserts `key`; `false` if it was already here.
-    fn insert(&mut self, key: Key<'_>) -> bool {
-        DedupCache::write_key(&mut self.key, key);
-        let hash = hash_key(&self.hasher, &self.key);
-        // A key the table cannot hold is no repeat: only one it held already is.
-        self.keys.put(&self.hasher, hash, &self.key, ()) != Put::Replaced
-    }
-}
-
-/// What [`Repeats::sighting`] made of an event.
+/// What [`sightings`] made of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sighting {
     /// Send it.
@@ -467,43 +423,50 @@ window = "1m"
             offset: 57,
         };
         cache.insert_landed(key("acme", "written-before"), landed);
-        let event = |tenant, id| key(tenant, id);
-        let mut repeats = Repeats::new(&cache, 8);
-        assert!(!repeats.first_sighting(event("acme", "sent-before")));
-        assert!(repeats.first_sighting(event("acme", "e-1")));
-        assert!(!repeats.first_sighting(event("acme", "e-1")));
-        assert!(repeats.first_sighting(event("beta", "e-1")));
+        let other_customer = Key {
+            subject: "t",
+            ..key("acme", "written-before")
+        };
+        let asked = [
+            key("acme", "sent-before"),
+            key("acme", "e-1"),
+            key("acme", "e-1"),
+            key("beta", "e-1"),
+            key("acme", "written-before"),
+            key("acme", "sent-before"),
+            key("beta", "e-1"),
+            key("beta", "e-2"),
+            // The same id for another customer is another event, here as in the aggregator.
+            other_customer,
+        ];
         // A repeat the cache knows names its first write's position; one within the request,
         // or one the cache holds without a position, names none.
         assert_eq!(
-            repeats.sighting(event("acme", "written-before")),
-            Sighting::Repeat(Some(landed))
+            sightings(&cache, asked),
+            [
+                Sighting::Repeat(None),
+                Sighting::First,
+                Sighting::Repeat(None),
+                Sighting::First,
+                Sighting::Repeat(Some(landed)),
+                Sighting::Repeat(None),
+                Sighting::Repeat(None),
+                Sighting::First,
+                Sighting::First,
+            ]
         );
-        assert_eq!(
-            repeats.sighting(event("acme", "sent-before")),
-            Sighting::Repeat(None)
-        );
-        assert_eq!(
-            repeats.sighting(event("beta", "e-1")),
-            Sighting::Repeat(None)
-        );
-        assert_eq!(repeats.sighting(event("beta", "e-2")), Sighting::First);
-        // The same id for another customer is another event, here as in the aggregator.
-        let other_customer = Key {
-            subject: "t",
-            ..event("acme", "written-before")
-        };
-        assert_eq!(repeats.sighting(other_customer), Sighting::First);
     }
 
     #[test]
     fn the_keys_seen_in_a_request_are_a_set_of_tenant_and_id() {
-        // Against a set of owned pairs, each key inserted several times in a scattered order:
+        // Against a set of owned pairs, each key given several times in a scattered order:
         // ids that are prefixes of one another, the same id under several tenants, an empty id,
         // one with a NUL, and tenants one of which is a prefix of another, whose keys would run
         // together without the separator ("ac" + "mee-1" and "acme" + "e-1").
-        let mut seen = Seen::default();
+        let cache = DedupCache::new(10, Duration::from_secs(60));
         let mut reference = std::collections::HashSet::new();
+        let mut asked = Vec::new();
+        let mut expected = Vec::new();
         for i in 0..3_000u32 {
             let tenant = match i % 3 {
                 0 => "acme",
@@ -516,25 +479,20 @@ window = "1m"
                 1_002 => "mee-1".to_owned(),
                 n => format!("e-{}", n / 2),
             };
-            let key = Key {
-                tenant,
-                subject: "s",
-                id: &id,
-            };
-            assert_eq!(
-                seen.insert(key),
-                reference.insert((tenant, id.clone())),
-                "{tenant} {id:?}"
-            );
+            expected.push(if reference.insert((tenant, id.clone())) {
+                Sighting::First
+            } else {
+                Sighting::Repeat(None)
+            });
+            asked.push((tenant, id));
         }
         assert!(reference.contains(&("ac", "mee-1".to_owned())));
         assert!(reference.contains(&("acme", "e-1".to_owned())));
-        assert_eq!(seen.keys.len(), reference.len());
-        // A repeat leaves nothing behind: the buffer holds each distinct key once.
-        let distinct: usize = reference
-            .iter()
-            .map(|(t, id)| t.len() + "\0s\0".len() + id.len())
-            .sum();
-        assert_eq!(seen.keys.bytes(), distinct);
+        let keys = asked.iter().map(|(tenant, id)| Key {
+            tenant,
+            subject: "s",
+            id,
+        });
+        assert_eq!(sightings(&cache, keys), expected);
     }
 }

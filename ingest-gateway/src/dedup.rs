@@ -26,8 +26,9 @@
 //! `max_age` ago is ignored by lookups, so no key is trusted past `max_age`. A generation's
 //! keys are laid end to end in a few buffers (`KeyTable`), not allocated one by one:
 //! remembering a key costs no allocation of its own, and dropping a generation frees a few
-//! buffers rather than half a million keys. A key is hashed once, for its shard and both
-//! generations' lookups.
+//! buffers rather than half a million keys. A request's or batch's keys are taken together
+//! (`KeyBatch`): each written and hashed once, for its shard, both generations' lookups and the
+//! request's own set of keys, and each shard locked once a request rather than once a key.
 
 use ahash::RandomState;
 use hashbrown::hash_table::{Entry, HashTable};
@@ -230,6 +231,81 @@ pub(crate) fn hash_key(hasher: &RandomState, key: &str) -> u64 {
     hasher.hash_one(key.as_bytes())
 }
 
+/// The shard of a key hashed `hash`: bits below the 7 the table's tags take from the top,
+/// and above the ones its buckets are chosen by, so neither loses spread within a shard.
+fn shard_of(hash: u64) -> usize {
+    let index = (hash << 7) >> (u64::BITS - SHARDS.trailing_zeros());
+    usize::try_from(index).unwrap_or_default()
+}
+
+/// A request's or batch's keys in the cache's encoding ([`DedupCache::write_key`]), laid end
+/// to end in one buffer, each hashed once by the cache's hasher: the hash serves the cache's
+/// lookups, the request's own set of keys and the cache's inserts alike, and the keys can be
+/// taken shard by shard, so a shard is locked once a request rather than once a key.
+#[derive(Debug, Default)]
+pub(crate) struct KeyBatch {
+    text: String,
+    /// Each key, in the order given: where it ends in `text` (it starts where the one before
+    /// ends) and its hash.
+    keys: Vec<(usize, u64)>,
+}
+
+impl KeyBatch {
+    /// `keys`, each hashed by `hasher` (the cache's).
+    pub(crate) fn new<'k>(hasher: &RandomState, keys: impl IntoIterator<Item = Key<'k>>) -> Self {
+        let keys = keys.into_iter();
+        let mut batch = Self {
+            text: String::new(),
+            keys: Vec::with_capacity(keys.size_hint().0),
+        };
+        let mut key_text = String::new();
+        for key in keys {
+            DedupCache::write_key(&mut key_text, key);
+            batch.text.push_str(&key_text);
+            batch
+                .keys
+                .push((batch.text.len(), hash_key(hasher, &key_text)));
+        }
+        batch
+    }
+
+    /// Keys held.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Bytes of the keys held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.text.len()
+    }
+
+    /// The `i`th key and its hash.
+    pub(crate) fn get(&self, i: usize) -> Option<(&str, u64)> {
+        let (end, hash) = *self.keys.get(i)?;
+        let start = i
+            .checked_sub(1)
+            .and_then(|before| self.keys.get(before))
+            .map_or(0, |(end, _)| *end);
+        Some((self.text.get(start..end)?, hash))
+    }
+
+    fn hash(&self, i: usize) -> u64 {
+        self.keys.get(i).map_or(0, |(_, hash)| *hash)
+    }
+
+    fn shard(&self, i: usize) -> usize {
+        shard_of(self.hash(i))
+    }
+
+    /// The places of the keys in `range`, grouped by shard, in the order given within one.
+    fn by_shard(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        let mut order: Vec<usize> = range.collect();
+        // Stable: a key given twice is put in the order given, the later value kept.
+        order.sort_by_key(|i| self.shard(*i));
+        order
+    }
+}
+
 /// One generation of the cache: its keys spread over [`SHARDS`] tables by their hash, so
 /// requests on different threads rarely wait for one another.
 #[derive(Debug)]
@@ -252,11 +328,8 @@ impl Generation {
         }
     }
 
-    /// The shard of a key hashed `hash`: bits below the 7 the table's tags take from the top,
-    /// and above the ones its buckets are chosen by, so neither loses spread within a shard.
     fn shard(&self, hash: u64) -> Option<&RwLock<KeyTable<Packed>>> {
-        let index = (hash << 7) >> (u64::BITS - SHARDS.trailing_zeros());
-        self.shards.get(usize::try_from(index).ok()?)
+        self.shards.get(shard_of(hash))
     }
 
     fn get(&self, hash: u64, key: &str) -> Option<Packed> {
@@ -264,14 +337,47 @@ impl Generation {
         shard.get(hash, key).copied()
     }
 
-    /// Remembers `key`. A shard whose writer panicked remembers nothing (forgetting is always
-    /// safe here).
-    fn put(&self, hasher: &RandomState, hash: u64, key: &str, packed: Packed) -> Put {
-        self.shard(hash)
-            .and_then(|shard| shard.write().ok())
-            .map_or(Put::NotHeld, |mut shard| {
-                shard.put(hasher, hash, key, packed)
-            })
+    /// For each key of `batch` at the places `order` lists (grouped by shard,
+    /// [`KeyBatch::by_shard`]) that `found` has none for yet, what this generation holds:
+    /// each shard read-locked once.
+    fn get_all(&self, batch: &KeyBatch, order: &[usize], found: &mut [Option<Packed>]) {
+        for run in order.chunk_by(|a, b| batch.shard(*a) == batch.shard(*b)) {
+            let Some(first) = run.first() else { continue };
+            let Some(shard) = self.shard(batch.hash(*first)).and_then(|s| s.read().ok()) else {
+                continue;
+            };
+            for &i in run {
+                if let (Some(slot @ None), Some((key, hash))) = (found.get_mut(i), batch.get(i)) {
+                    *slot = shard.get(hash, key).copied();
+                }
+            }
+        }
+    }
+
+    /// Remembers the keys of `batch` at the places `order` lists (grouped by shard), each
+    /// with its value in `values`: each shard write-locked once. How many were new.
+    fn put_all(
+        &self,
+        hasher: &RandomState,
+        batch: &KeyBatch,
+        order: &[usize],
+        values: &[Packed],
+    ) -> usize {
+        let mut new = 0;
+        for run in order.chunk_by(|a, b| batch.shard(*a) == batch.shard(*b)) {
+            let Some(first) = run.first() else { continue };
+            // A shard whose writer panicked remembers nothing (forgetting is always safe here).
+            let Some(mut shard) = self.shard(batch.hash(*first)).and_then(|s| s.write().ok())
+            else {
+                continue;
+            };
+            for &i in run {
+                if let (Some((key, hash)), Some(value)) = (batch.get(i), values.get(i)) {
+                    new += usize::from(shard.put(hasher, hash, key, *value) == Put::New);
+                }
+            }
+        }
+        new
     }
 
     /// Bytes of the keys held.
@@ -303,6 +409,25 @@ pub struct Reader<'c> {
 }
 
 impl Reader<'_> {
+    /// [`DedupCache::get`] of each key of `batch` (made with [`DedupCache::hasher`]), in its
+    /// order: each shard of a generation read-locked once.
+    pub(crate) fn get_all(&self, batch: &KeyBatch) -> Vec<Option<Option<Landed>>> {
+        let order = batch.by_shard(0..batch.len());
+        let mut found = vec![None; batch.len()];
+        let g = &self.generations;
+        if self.current_fresh {
+            g.current.get_all(batch, &order, &mut found);
+        }
+        // What the current generation holds is newer than the previous one's.
+        if self.previous_fresh && found.iter().any(Option::is_none) {
+            g.previous.get_all(batch, &order, &mut found);
+        }
+        found
+            .into_iter()
+            .map(|packed| packed.map(Packed::landed))
+            .collect()
+    }
+
     /// [`DedupCache::get`], under this reader's lock.
     pub fn get(&self, key: Key<'_>) -> Option<Option<Landed>> {
         thread_local! {
@@ -416,36 +541,52 @@ impl DedupCache {
         self.remember_all([(key, Some(landed))]);
     }
 
-    /// Remembers each key as accepted, with where it landed when known: a request's
-    /// or batch's keys under one lock, after one check whether the cache is due to rotate, and
-    /// again each time the current generation fills (so the capacity bound holds as with one
-    /// insert at a time, whatever the batch's size).
+    /// Remembers each key as accepted, with where it landed when known: a request's or
+    /// batch's keys each hashed once and put shard by shard, each shard locked
+    /// once. The current generation's room is taken before its keys are put, and the cache
+    /// rotates each time it fills, so the capacity bound holds as with one insert at a time,
+    /// whatever the batch's size, and with other requests remembering at once.
     pub fn remember_all<'k>(&self, accepted: impl IntoIterator<Item = (Key<'k>, Option<Landed>)>) {
-        let mut accepted = accepted.into_iter();
-        let mut buffer = String::new();
-        loop {
+        let (keys, landed): (Vec<Key<'k>>, Vec<Packed>) = accepted
+            .into_iter()
+            .map(|(key, landed)| (key, Packed::new(landed)))
+            .unzip();
+        let batch = KeyBatch::new(&self.hasher, keys);
+        let mut start = 0;
+        while start < batch.len() {
             self.rotate_if_due();
             let Ok(g) = self.generations.read() else {
                 return;
             };
-            // At least one key per pass: another request may fill the generation between the
-            // rotation and this lock, and the loop must still move on.
-            let mut inserted = false;
-            while !inserted || g.current_len.load(Ordering::Relaxed) < self.half_capacity {
-                let Some((key, landed)) = accepted.next() else {
-                    return;
-                };
-                Self::write_key(&mut buffer, key);
-                let hash = hash_key(&self.hasher, &buffer);
-                if g.current
-                    .put(&self.hasher, hash, &buffer, Packed::new(landed))
-                    == Put::New
-                {
-                    g.current_len.fetch_add(1, Ordering::Relaxed);
-                }
-                inserted = true;
-            }
+            let take = self.take_room(&g.current_len, batch.len() - start);
+            let end = start + take;
+            let order = batch.by_shard(start..end);
+            let new = g.current.put_all(&self.hasher, &batch, &order, &landed);
+            // Room taken for a key that was held already (or could not be) is given back.
+            g.current_len.fetch_sub(take - new, Ordering::Relaxed);
+            start = end;
         }
+    }
+
+    /// Takes room in the current generation (whose keys `len` counts) for up to `wanted`
+    /// keys, at least one: how many. At least one, as another request may fill the generation
+    /// between a rotation and this, and a batch must still move on (the bound is then passed
+    /// by one key a request at most, as with one insert at a time).
+    fn take_room(&self, len: &AtomicUsize, wanted: usize) -> usize {
+        let mut take = 1;
+        let _ = len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            take = self
+                .half_capacity
+                .saturating_sub(held)
+                .clamp(1, wanted.max(1));
+            Some(held + take)
+        });
+        take
+    }
+
+    /// The hasher of every key the cache holds: a [`KeyBatch`] made with it is the cache's.
+    pub(crate) fn hasher(&self) -> &RandomState {
+        &self.hasher
     }
 
     /// Keys currently held (both generations).
@@ -602,6 +743,17 @@ mod tests {
         for (i, id) in (0_i64..).zip(&ids) {
             assert_eq!(cache.get(key("acme", id)), Some(Some(at(i))), "{id}");
         }
+        // Asked together, shard by shard, with keys of neither: the same answers, in order.
+        let asked = ids
+            .iter()
+            .map(|id| key("acme", id))
+            .chain([key("beta", "e-1")]);
+        let batch = KeyBatch::new(cache.hasher(), asked);
+        let expected: Vec<_> = (0_i64..150)
+            .map(|i| Some(Some(at(i))))
+            .chain([None])
+            .collect();
+        assert_eq!(cache.reader().map(|r| r.get_all(&batch)), Some(expected));
         // A key remembered again in the current generation takes its new position.
         cache.insert_landed(key("acme", "e-149"), at(1_000));
         assert_eq!(cache.len(), 150);
@@ -613,21 +765,37 @@ mod tests {
         assert_eq!(cache.get(key("acme", "e-1")), Some(Some(at(1))));
     }
 
+    /// 5,000 keys, in parts and as the cache writes them, each with a value: keys that begin
+    /// one another, the same key again with another value, keys told apart only by a
+    /// separator's place.
+    fn awkward_keys() -> Vec<((&'static str, String, String), String, u32)> {
+        (0..5_000_u32)
+            .map(|i| {
+                let (tenant, subject, id) = match i % 4 {
+                    0 => ("a", "b".to_owned(), (i % 1_000).to_string()),
+                    1 => ("a", format!("b{}", i % 1_000), String::new()),
+                    2 => ("a", "b".to_owned(), (i % 100).to_string()),
+                    _ => ("ab", String::new(), (i % 10).to_string()),
+                };
+                let mut text = String::new();
+                let key = Key {
+                    tenant,
+                    subject: &subject,
+                    id: &id,
+                };
+                DedupCache::write_key(&mut text, key);
+                ((tenant, subject, id), text, i)
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_key_table_holds_what_a_map_holds_and_spreads_over_every_shard() {
-        // Against a map of owned keys: keys that begin one another, the same key put again
-        // with another value, keys told apart only by a separator's place.
+    fn a_key_table_holds_what_a_map_holds() {
+        // Against a map of owned keys.
         let hasher = RandomState::default();
         let mut table = KeyTable::default();
         let mut reference = std::collections::HashMap::new();
-        let generation = Generation::with_capacity(0, 0);
-        for i in 0..5_000_u32 {
-            let key = match i % 4 {
-                0 => format!("a\0b\0{}", i % 1_000),
-                1 => format!("a\0b{}\0", i % 1_000),
-                2 => format!("a\0b\0{}", i % 100),
-                _ => format!("ab\0\0{}", i % 10),
-            };
+        for (_, key, i) in awkward_keys() {
             let hash = hash_key(&hasher, &key);
             let new = if reference.insert(key.clone(), i).is_none() {
                 Put::New
@@ -635,31 +803,18 @@ mod tests {
                 Put::Replaced
             };
             assert_eq!(table.put(&hasher, hash, &key, i), new, "{key:?}");
-            assert_eq!(
-                generation.put(&hasher, hash, &key, Packed(u64::from(i))),
-                new
-            );
         }
         assert_eq!(table.len(), reference.len());
         for (key, value) in &reference {
             let hash = hash_key(&hasher, key);
             assert_eq!(table.get(hash, key), Some(value), "{key:?}");
-            assert_eq!(generation.get(hash, key), Some(Packed(u64::from(*value))));
         }
         assert_eq!(table.get(hash_key(&hasher, "a\0b"), "a\0b"), None);
-        assert_eq!(generation.get(hash_key(&hasher, "a\0b"), "a\0b"), None);
         // The buffer holds each distinct key once.
         assert_eq!(
             table.bytes(),
             reference.keys().map(String::len).sum::<usize>()
         );
-        let held: Vec<usize> = generation
-            .shards
-            .iter()
-            .filter_map(|shard| shard.read().ok().map(|shard| shard.len()))
-            .collect();
-        assert_eq!(held.iter().sum::<usize>(), reference.len());
-        assert!(held.iter().all(|keys| *keys > 0), "{held:?}");
 
         // Keys that fill a buffer, and one longer than a buffer, which gets its own: each
         // reads back whole, and none moved the keys laid before it.
@@ -687,6 +842,112 @@ mod tests {
             );
         }
         assert_eq!(table.keys.chunks.len(), 4);
+    }
+
+    #[test]
+    fn a_generation_taken_shard_by_shard_holds_what_a_map_holds_in_every_shard() {
+        let hasher = RandomState::default();
+        let keys = awkward_keys();
+        let mut reference = std::collections::HashMap::new();
+        for (parts, _, i) in &keys {
+            reference.insert(parts.clone(), *i);
+        }
+        fn key<'a>((tenant, subject, id): &'a (&'static str, String, String)) -> Key<'a> {
+            Key {
+                tenant,
+                subject,
+                id,
+            }
+        }
+        let batch = KeyBatch::new(&hasher, keys.iter().map(|(parts, _, _)| key(parts)));
+        assert_eq!(batch.len(), keys.len());
+        assert_eq!(
+            batch.bytes(),
+            keys.iter().map(|(_, text, _)| text.len()).sum::<usize>()
+        );
+        for (i, (_, text, _)) in keys.iter().enumerate() {
+            assert_eq!(batch.get(i), Some((text.as_str(), hash_key(&hasher, text))));
+        }
+        let values: Vec<Packed> = keys.iter().map(|(_, _, i)| Packed(u64::from(*i))).collect();
+        let generation = Generation::with_capacity(0, 0);
+        let order = batch.by_shard(0..batch.len());
+        let new = generation.put_all(&hasher, &batch, &order, &values);
+        assert_eq!(new, reference.len());
+
+        // Read back, with a key never put: the last value of each key, in the order asked.
+        let (asked, expected): (Vec<_>, Vec<_>) = reference
+            .iter()
+            .map(|(parts, i)| (parts.clone(), Some(Packed(u64::from(*i)))))
+            .chain([(("a", "b".to_owned(), String::new()), None)])
+            .unzip();
+        let lookup = KeyBatch::new(&hasher, asked.iter().map(key));
+        let mut found = vec![None; lookup.len()];
+        generation.get_all(&lookup, &lookup.by_shard(0..lookup.len()), &mut found);
+        assert_eq!(found, expected);
+
+        let held: Vec<usize> = generation
+            .shards
+            .iter()
+            .filter_map(|shard| shard.read().ok().map(|shard| shard.len()))
+            .collect();
+        assert_eq!(held.iter().sum::<usize>(), reference.len());
+        assert!(held.iter().all(|keys| *keys > 0), "{held:?}");
+    }
+
+    #[test]
+    fn a_key_given_twice_in_a_batch_keeps_its_last_position() {
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        let at = |offset| {
+            Some(Landed {
+                partition: 0,
+                offset,
+            })
+        };
+        let ids: Vec<String> = (0..40).map(|i| format!("e-{i}")).collect();
+        cache.remember_all(
+            ids.iter()
+                .zip(0..)
+                .map(|(id, offset)| (key("acme", id), at(offset)))
+                .chain([(key("acme", "e-7"), at(1_000))]),
+        );
+        assert_eq!(cache.len(), 40);
+        assert_eq!(cache.get(key("acme", "e-7")), Some(at(1_000)));
+        assert_eq!(cache.get(key("acme", "e-8")), Some(at(8)));
+    }
+
+    #[test]
+    fn batches_remembered_at_once_stay_within_the_capacity() {
+        // Four threads, each remembering batches of 37 keys into a cache of 100: each batch
+        // takes its room before putting, so the cache passes its bound by at most one key a
+        // batch in flight, as with one insert at a time.
+        const THREADS: usize = 4;
+        let cache = DedupCache::new(100, Duration::from_secs(3600));
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let cache = &cache;
+                scope.spawn(move || {
+                    for batch in 0..50 {
+                        let ids: Vec<String> =
+                            (0..37).map(|i| format!("t{thread}-b{batch}-{i}")).collect();
+                        cache.remember_all(ids.iter().map(|id| (key("acme", id), None)));
+                        let held = cache.len();
+                        assert!(held <= 100 + 2 * THREADS, "held {held} keys");
+                    }
+                });
+            }
+        });
+        assert!(
+            cache.len() <= 100 + 2 * THREADS,
+            "held {} keys",
+            cache.len()
+        );
+        // A batch under half the capacity, remembered last, is held whole (across at most one
+        // rotation: in the current generation and the one before).
+        let last: Vec<String> = (0..37).map(|i| format!("last-{i}")).collect();
+        cache.remember_all(last.iter().map(|id| (key("acme", id), None)));
+        for id in &last {
+            assert!(cache.contains(key("acme", id)), "{id}");
+        }
     }
 
     #[test]

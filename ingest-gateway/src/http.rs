@@ -26,7 +26,7 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which the raw-topic
 //! path shares; this module is the HTTP around it.
 
-use crate::admit::{self, Outgoing, Repeats, Sighting};
+use crate::admit::{self, Outgoing, Sighting};
 use crate::binary::{self, Binding};
 use crate::budget::{BodyBudget, Share};
 use crate::credits::{self, LedgerWriter};
@@ -570,9 +570,9 @@ pub(crate) fn admit_all<'a>(
 ) -> Admitted<'a> {
     let mut tally = Tally::default();
     let mut results = Vec::with_capacity(framed.len());
-    let mut to_send: Vec<(usize, Outgoing<'a>)> = Vec::with_capacity(framed.len());
-    let mut remembered = Vec::new();
-    let mut repeats = Repeats::new(dedup, framed.len());
+    // The valid events, each with the index of its result; the repeats among them are
+    // found together, after.
+    let mut valid: Vec<(usize, Outgoing<'a>)> = Vec::with_capacity(framed.len());
     for item in framed {
         // Read here, one at a time: what an event read whole builds is dropped before the next.
         let item = item.framed();
@@ -587,28 +587,31 @@ pub(crate) fn admit_all<'a>(
                     message: Some(rejection.message),
                 });
             }
-            Ok(event) => match repeats.sighting(event.key()) {
-                Sighting::Repeat(landed) => {
-                    tally.duplicate += 1;
-                    remembered.extend(landed);
-                    results.push(EventResult {
-                        id: id_hint,
-                        status: Status::Duplicate,
-                        code: None,
-                        message: None,
-                    });
+            Ok(event) => {
+                results.push(EventResult {
+                    // The id as the body had it: a valid id is the id itself.
+                    id: id_hint,
+                    status: Status::Accepted,
+                    code: None,
+                    message: None,
+                });
+                valid.push((results.len() - 1, event));
+            }
+        }
+    }
+    let sightings = admit::sightings(dedup, valid.iter().map(|(_, event)| event.key()));
+    let mut remembered = Vec::new();
+    let mut to_send = Vec::with_capacity(valid.len());
+    for ((index, event), sighting) in valid.into_iter().zip(sightings) {
+        match sighting {
+            Sighting::First => to_send.push((index, event)),
+            Sighting::Repeat(landed) => {
+                tally.duplicate += 1;
+                remembered.extend(landed);
+                if let Some(result) = results.get_mut(index) {
+                    result.status = Status::Duplicate;
                 }
-                Sighting::First => {
-                    results.push(EventResult {
-                        // The id as the body had it: a valid id is the id itself.
-                        id: id_hint,
-                        status: Status::Accepted,
-                        code: None,
-                        message: None,
-                    });
-                    to_send.push((results.len() - 1, event));
-                }
-            },
+            }
         }
     }
     Admitted {

@@ -21,7 +21,7 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which HTTP shares;
 //! this module finds the key and the event in a message and routes what admission decided.
 
-use crate::admit::{self, Outgoing, Repeats};
+use crate::admit::{self, Outgoing, Sighting};
 use crate::binary::{self, Binding};
 use crate::http::AppState;
 use crate::metrics::Tally;
@@ -250,30 +250,30 @@ async fn consume(
         let mut events = Vec::new();
         let mut refused = Vec::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
-        // Repeats within the batch too, as an HTTP request drops repeats within itself.
-        {
-            // Read under the cache's lock, released before the send is awaited.
-            let mut repeats = Repeats::new(&state.dedup, batch.len());
-            for message in &batch {
-                next.insert(message.partition(), message.offset() + 1);
-                let Some(headers) = headers_of(message) else {
-                    tally.reject(RejectCode::InvalidField);
-                    let why = "a header's name is not UTF-8";
-                    let rejection = Rejection::new(RejectCode::InvalidField, why);
-                    refused.push((message, rejection, Vec::new()));
-                    continue;
-                };
-                let payload = message.payload().unwrap_or_default();
-                match admit_message(&catalog, &state.limits, &headers, payload, now, encoding) {
-                    Ok(event) if repeats.first_sighting(event.key()) => events.push(event),
-                    Ok(_) => tally.duplicate += 1,
-                    Err(rejection) => {
-                        tally.reject(rejection.code);
-                        refused.push((message, rejection, headers));
-                    }
+        for message in &batch {
+            next.insert(message.partition(), message.offset() + 1);
+            let Some(headers) = headers_of(message) else {
+                tally.reject(RejectCode::InvalidField);
+                let why = "a header's name is not UTF-8";
+                let rejection = Rejection::new(RejectCode::InvalidField, why);
+                refused.push((message, rejection, Vec::new()));
+                continue;
+            };
+            let payload = message.payload().unwrap_or_default();
+            match admit_message(&catalog, &state.limits, &headers, payload, now, encoding) {
+                Ok(event) => events.push(event),
+                Err(rejection) => {
+                    tally.reject(rejection.code);
+                    refused.push((message, rejection, headers));
                 }
             }
         }
+        // Repeats within the batch too, as an HTTP request drops repeats within itself.
+        let sightings = admit::sightings(&state.dedup, events.iter().map(Outgoing::key));
+        let before = events.len();
+        let mut sightings = sightings.into_iter();
+        events.retain(|_| sightings.next() == Some(Sighting::First));
+        tally.duplicate += u64::try_from(before - events.len()).unwrap_or(u64::MAX);
         let enqueued = state.sink.enqueue(events.iter_mut());
         let delivered = state.sink.delivered(enqueued).await;
         let dead_letter_producer = dead_letters.get();
