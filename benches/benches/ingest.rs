@@ -203,15 +203,35 @@ fn dedup(c: &mut Criterion) {
                 ids.chunks(500)
                     .map(|request| {
                         let keys = request.iter().map(|id| key(tenant, id));
-                        admit::sightings(&cache, keys)
-                            .into_iter()
-                            .filter(|s| *s == admit::Sighting::First)
-                            .count()
+                        admit::sightings(&cache, keys).firsts().count()
                     })
                     .sum::<usize>()
             })
         });
     }
+    // A request's whole way through the cache, every key new: looked up, then its first
+    // sightings remembered once the broker has them; from the sightings' own keys, or written
+    // and hashed again (as the gateway did before December 4, later).
+    let admit_and_remember = |again: bool| {
+        let cache = DedupCache::new(1_000_000, Duration::from_secs(3600));
+        for request in ids.chunks(500) {
+            let keys = request.iter().map(|id| key("acme", id));
+            let seen = admit::sightings(&cache, keys);
+            if again {
+                let firsts = seen.firsts().filter_map(|i| request.get(i));
+                cache.remember_all(firsts.map(|id| (key("acme", id), None)));
+            } else {
+                seen.remember(&cache, seen.firsts().map(|i| (i, None)));
+            }
+        }
+        cache.len()
+    };
+    group.bench_function("admit_and_remember_requests_of_500", |b| {
+        b.iter(|| black_box(admit_and_remember(false)))
+    });
+    group.bench_function("admit_and_remember_requests_of_500_keys_again", |b| {
+        b.iter(|| black_box(admit_and_remember(true)))
+    });
     group.finish();
 }
 

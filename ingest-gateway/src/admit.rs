@@ -140,20 +140,21 @@ impl Outgoing<'_> {
 /// only learns an id once the broker acknowledged it, so two copies in one request would
 /// otherwise both be sent), or the first sighting.
 ///
-/// Each key is written and hashed once (`KeyBatch`), for the cache's lookups and the
-/// request's own set alike, and the cache is read under its lock for the lookups only, each of
+/// Each key is written and hashed once (`KeyBatch`), for the cache's lookups, the request's own
+/// set and, once the broker has the events sent, the cache's inserts alike
+/// ([`Sightings::remember`]); the cache is read under its lock for the lookups only, each of
 /// its shards locked once.
-pub fn sightings<'k>(cache: &DedupCache, keys: impl IntoIterator<Item = Key<'k>>) -> Vec<Sighting> {
-    let batch = KeyBatch::new(cache.hasher(), keys);
+pub fn sightings<'k>(cache: &DedupCache, keys: impl IntoIterator<Item = Key<'k>>) -> Sightings {
+    let keys = KeyBatch::new(cache.hasher(), keys);
     let known = match cache.reader() {
-        Some(reader) => reader.get_all(&batch),
-        None => vec![None; batch.len()],
+        Some(reader) => reader.get_all(&keys),
+        None => vec![None; keys.len()],
     };
     // The keys seen here, by the cache's hasher: each key's hash serves both.
-    let mut seen = KeyTable::with_capacity(batch.len(), batch.bytes());
-    (0..batch.len())
+    let mut seen = KeyTable::with_capacity(keys.len(), keys.bytes());
+    let each = (0..keys.len())
         .zip(known)
-        .map(|(i, known)| match (known, batch.get(i)) {
+        .map(|(i, known)| match (known, keys.get(i)) {
             (Some(landed), _) => Sighting::Repeat(landed),
             // A key the table cannot hold is no repeat: only one it held already is.
             (None, Some((key, hash)))
@@ -163,7 +164,42 @@ pub fn sightings<'k>(cache: &DedupCache, keys: impl IntoIterator<Item = Key<'k>>
             }
             (None, _) => Sighting::First,
         })
-        .collect()
+        .collect();
+    Sightings { keys, each }
+}
+
+/// What [`sightings`] made of each event of a request or batch, and their keys as it wrote and
+/// hashed them.
+#[derive(Debug)]
+pub struct Sightings {
+    keys: KeyBatch,
+    each: Vec<Sighting>,
+}
+
+impl Sightings {
+    /// What each event is, in the order given.
+    pub fn each(&self) -> &[Sighting] {
+        &self.each
+    }
+
+    /// The places of the first sightings, in order: of the events to send.
+    pub fn firsts(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.each.iter().enumerate())
+            .filter(|(_, sighting)| **sighting == Sighting::First)
+            .map(|(i, _)| i)
+    }
+
+    /// Remembers in `cache` (the one [`sightings`] read) the events at the places given (their
+    /// places in the keys given to [`sightings`]) as accepted, each with where it landed when
+    /// known: from the keys as written and hashed for the lookups. A place past them is passed
+    /// over.
+    pub fn remember(
+        &self,
+        cache: &DedupCache,
+        landed: impl IntoIterator<Item = (usize, Option<Landed>)>,
+    ) {
+        cache.remember(&self.keys, landed);
+    }
 }
 
 /// What [`sightings`] made of an event.
@@ -442,7 +478,7 @@ window = "1m"
         // A repeat the cache knows names its first write's position; one within the request,
         // or one the cache holds without a position, names none.
         assert_eq!(
-            sightings(&cache, asked),
+            sightings(&cache, asked).each(),
             [
                 Sighting::Repeat(None),
                 Sighting::First,
@@ -453,6 +489,49 @@ window = "1m"
                 Sighting::Repeat(None),
                 Sighting::First,
                 Sighting::First,
+            ]
+        );
+    }
+
+    #[test]
+    fn the_events_remembered_from_their_sightings_are_those_at_the_places_given() {
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        let key = |tenant, id| Key {
+            tenant,
+            subject: "s",
+            id,
+        };
+        let landed = Landed {
+            partition: 2,
+            offset: 41,
+        };
+        let asked = [
+            key("acme", "e-0"),
+            key("acme", "e-1"),
+            key("acme", "e-1"),
+            key("beta", "e-1"),
+            key("acme", "e-2"),
+        ];
+        let seen = sightings(&cache, asked);
+        use Sighting::{First, Repeat};
+        assert_eq!(seen.each(), [First, First, Repeat(None), First, First]);
+        assert_eq!(seen.firsts().collect::<Vec<_>>(), [0, 1, 3, 4]);
+        // The broker has the first and the fourth; the second and the fifth were not
+        // delivered; a place past the keys names none.
+        seen.remember(&cache, [(0, Some(landed)), (3, None), (9, None)]);
+        assert_eq!(cache.get(key("acme", "e-0")), Some(Some(landed)));
+        assert_eq!(cache.get(key("beta", "e-1")), Some(None));
+        assert_eq!(cache.get(key("acme", "e-1")), None);
+        assert_eq!(cache.get(key("acme", "e-2")), None);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            sightings(&cache, asked).each(),
+            [
+                Repeat(Some(landed)),
+                First,
+                Repeat(None),
+                Repeat(None),
+                First
             ]
         );
     }
@@ -493,6 +572,6 @@ window = "1m"
             subject: "s",
             id,
         });
-        assert_eq!(sightings(&cache, keys), expected);
+        assert_eq!(sightings(&cache, keys).each(), expected);
     }
 }

@@ -297,12 +297,22 @@ impl KeyBatch {
         shard_of(self.hash(i))
     }
 
-    /// The places of the keys in `range`, grouped by shard, in the order given within one.
-    fn by_shard(&self, range: std::ops::Range<usize>) -> Vec<usize> {
-        let mut order: Vec<usize> = range.collect();
-        // Stable: a key given twice is put in the order given, the later value kept.
-        order.sort_by_key(|i| self.shard(*i));
-        order
+    /// Sorts `places`, each naming a key by its index here (`at`), by the key's shard.
+    /// Stable: a key given twice is put in the order given, the later value kept.
+    fn by_shard<T>(&self, places: &mut [T], at: impl Fn(&T) -> usize) {
+        places.sort_by_key(|place| self.shard(at(place)));
+    }
+
+    /// The runs of one shard in `places` (sorted by [`KeyBatch::by_shard`]), each with its
+    /// shard's index.
+    fn shard_runs<'p, T>(
+        &'p self,
+        places: &'p [T],
+        at: impl Fn(&T) -> usize + Copy + 'p,
+    ) -> impl Iterator<Item = (usize, &'p [T])> + 'p {
+        places
+            .chunk_by(move |a, b| self.shard(at(a)) == self.shard(at(b)))
+            .filter_map(move |run| Some((self.shard(at(run.first()?)), run)))
     }
 }
 
@@ -337,13 +347,12 @@ impl Generation {
         shard.get(hash, key).copied()
     }
 
-    /// For each key of `batch` at the places `order` lists (grouped by shard,
+    /// For each key of `batch` at the places `order` lists (sorted by
     /// [`KeyBatch::by_shard`]) that `found` has none for yet, what this generation holds:
     /// each shard read-locked once.
     fn get_all(&self, batch: &KeyBatch, order: &[usize], found: &mut [Option<Packed>]) {
-        for run in order.chunk_by(|a, b| batch.shard(*a) == batch.shard(*b)) {
-            let Some(first) = run.first() else { continue };
-            let Some(shard) = self.shard(batch.hash(*first)).and_then(|s| s.read().ok()) else {
+        for (shard, run) in batch.shard_runs(order, |i| *i) {
+            let Some(shard) = self.shards.get(shard).and_then(|s| s.read().ok()) else {
                 continue;
             };
             for &i in run {
@@ -354,26 +363,18 @@ impl Generation {
         }
     }
 
-    /// Remembers the keys of `batch` at the places `order` lists (grouped by shard), each
-    /// with its value in `values`: each shard write-locked once. How many were new.
-    fn put_all(
-        &self,
-        hasher: &RandomState,
-        batch: &KeyBatch,
-        order: &[usize],
-        values: &[Packed],
-    ) -> usize {
+    /// Remembers the keys of `batch` at the places `order` lists, each with its value
+    /// (sorted by [`KeyBatch::by_shard`]): each shard write-locked once. How many were new.
+    fn put_all(&self, hasher: &RandomState, batch: &KeyBatch, order: &[(usize, Packed)]) -> usize {
         let mut new = 0;
-        for run in order.chunk_by(|a, b| batch.shard(*a) == batch.shard(*b)) {
-            let Some(first) = run.first() else { continue };
+        for (shard, run) in batch.shard_runs(order, |(i, _)| *i) {
             // A shard whose writer panicked remembers nothing (forgetting is always safe here).
-            let Some(mut shard) = self.shard(batch.hash(*first)).and_then(|s| s.write().ok())
-            else {
+            let Some(mut shard) = self.shards.get(shard).and_then(|s| s.write().ok()) else {
                 continue;
             };
-            for &i in run {
-                if let (Some((key, hash)), Some(value)) = (batch.get(i), values.get(i)) {
-                    new += usize::from(shard.put(hasher, hash, key, *value) == Put::New);
+            for &(i, value) in run {
+                if let Some((key, hash)) = batch.get(i) {
+                    new += usize::from(shard.put(hasher, hash, key, value) == Put::New);
                 }
             }
         }
@@ -412,7 +413,8 @@ impl Reader<'_> {
     /// [`DedupCache::get`] of each key of `batch` (made with [`DedupCache::hasher`]), in its
     /// order: each shard of a generation read-locked once.
     pub(crate) fn get_all(&self, batch: &KeyBatch) -> Vec<Option<Option<Landed>>> {
-        let order = batch.by_shard(0..batch.len());
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        batch.by_shard(&mut order, |i| *i);
         let mut found = vec![None; batch.len()];
         let g = &self.generations;
         if self.current_fresh {
@@ -541,30 +543,42 @@ impl DedupCache {
         self.remember_all([(key, Some(landed))]);
     }
 
-    /// Remembers each key as accepted, with where it landed when known: a request's or
-    /// batch's keys each hashed once and put shard by shard, each shard locked
+    /// Remembers each key as accepted, with where it landed when known: the keys written and
+    /// hashed into one batch, then put as `remember` puts a request's.
+    pub fn remember_all<'k>(&self, accepted: impl IntoIterator<Item = (Key<'k>, Option<Landed>)>) {
+        let (keys, landed): (Vec<Key<'k>>, Vec<Option<Landed>>) = accepted.into_iter().unzip();
+        let batch = KeyBatch::new(&self.hasher, keys);
+        self.remember(&batch, landed.into_iter().enumerate());
+    }
+
+    /// Remembers the keys of `batch` (made with [`DedupCache::hasher`]) at the places given as
+    /// accepted, each with where it landed when known: put shard by shard, each shard locked
     /// once. The current generation's room is taken before its keys are put, and the cache
     /// rotates each time it fills, so the capacity bound holds as with one insert at a time,
     /// whatever the batch's size, and with other requests remembering at once.
-    pub fn remember_all<'k>(&self, accepted: impl IntoIterator<Item = (Key<'k>, Option<Landed>)>) {
-        let (keys, landed): (Vec<Key<'k>>, Vec<Packed>) = accepted
+    pub(crate) fn remember(
+        &self,
+        batch: &KeyBatch,
+        accepted: impl IntoIterator<Item = (usize, Option<Landed>)>,
+    ) {
+        let accepted: Vec<(usize, Packed)> = accepted
             .into_iter()
-            .map(|(key, landed)| (key, Packed::new(landed)))
-            .unzip();
-        let batch = KeyBatch::new(&self.hasher, keys);
-        let mut start = 0;
-        while start < batch.len() {
+            .map(|(i, landed)| (i, Packed::new(landed)))
+            .collect();
+        let mut rest = accepted.as_slice();
+        while !rest.is_empty() {
             self.rotate_if_due();
             let Ok(g) = self.generations.read() else {
                 return;
             };
-            let take = self.take_room(&g.current_len, batch.len() - start);
-            let end = start + take;
-            let order = batch.by_shard(start..end);
-            let new = g.current.put_all(&self.hasher, &batch, &order, &landed);
+            let take = self.take_room(&g.current_len, rest.len());
+            let (chunk, after) = rest.split_at(take.min(rest.len()));
+            let mut order = chunk.to_vec();
+            batch.by_shard(&mut order, |(i, _)| *i);
+            let new = g.current.put_all(&self.hasher, batch, &order);
             // Room taken for a key that was held already (or could not be) is given back.
             g.current_len.fetch_sub(take - new, Ordering::Relaxed);
-            start = end;
+            rest = after;
         }
     }
 
@@ -763,6 +777,12 @@ mod tests {
         cache.insert_landed(key("acme", "e-0"), at(2_000));
         assert_eq!(cache.get(key("acme", "e-0")), Some(Some(at(2_000))));
         assert_eq!(cache.get(key("acme", "e-1")), Some(Some(at(1))));
+        // Asked together now, with keys in both generations: the current one answers first.
+        let mut expected: Vec<_> = (0_i64..150).map(|i| Some(Some(at(i)))).collect();
+        expected[0] = Some(Some(at(2_000)));
+        expected[149] = Some(Some(at(1_000)));
+        expected.push(None);
+        assert_eq!(cache.reader().map(|r| r.get_all(&batch)), Some(expected));
     }
 
     /// 5,000 keys, in parts and as the cache writes them, each with a value: keys that begin
@@ -868,10 +888,14 @@ mod tests {
         for (i, (_, text, _)) in keys.iter().enumerate() {
             assert_eq!(batch.get(i), Some((text.as_str(), hash_key(&hasher, text))));
         }
-        let values: Vec<Packed> = keys.iter().map(|(_, _, i)| Packed(u64::from(*i))).collect();
+        let mut order: Vec<(usize, Packed)> = keys
+            .iter()
+            .enumerate()
+            .map(|(at, (_, _, i))| (at, Packed(u64::from(*i))))
+            .collect();
+        batch.by_shard(&mut order, |(at, _)| *at);
         let generation = Generation::with_capacity(0, 0);
-        let order = batch.by_shard(0..batch.len());
-        let new = generation.put_all(&hasher, &batch, &order, &values);
+        let new = generation.put_all(&hasher, &batch, &order);
         assert_eq!(new, reference.len());
 
         // Read back, with a key never put: the last value of each key, in the order asked.
@@ -882,7 +906,9 @@ mod tests {
             .unzip();
         let lookup = KeyBatch::new(&hasher, asked.iter().map(key));
         let mut found = vec![None; lookup.len()];
-        generation.get_all(&lookup, &lookup.by_shard(0..lookup.len()), &mut found);
+        let mut order: Vec<usize> = (0..lookup.len()).collect();
+        lookup.by_shard(&mut order, |i| *i);
+        generation.get_all(&lookup, &order, &mut found);
         assert_eq!(found, expected);
 
         let held: Vec<usize> = generation
@@ -911,8 +937,52 @@ mod tests {
                 .chain([(key("acme", "e-7"), at(1_000))]),
         );
         assert_eq!(cache.len(), 40);
-        assert_eq!(cache.get(key("acme", "e-7")), Some(at(1_000)));
-        assert_eq!(cache.get(key("acme", "e-8")), Some(at(8)));
+        for (id, offset) in ids.iter().zip(0..) {
+            let expected = if id == "e-7" { at(1_000) } else { at(offset) };
+            assert_eq!(cache.get(key("acme", id)), Some(expected), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_batch_fills_the_current_generation_then_rotates_into_the_next() {
+        // Half the capacity is 50 and 40 keys are held: of 37 more, 10 fill the current
+        // generation, which then becomes the previous one, and 27 begin the next; each key
+        // keeps its own position across the cut.
+        let cache = DedupCache::new(100, Duration::from_secs(3600));
+        let at = |offset| {
+            Some(Landed {
+                partition: 3,
+                offset,
+            })
+        };
+        let held: Vec<String> = (0..40).map(|i| format!("held-{i}")).collect();
+        cache.remember_all(held.iter().zip(0..).map(|(id, i)| (key("acme", id), at(i))));
+        let more: Vec<String> = (0..37).map(|i| format!("more-{i}")).collect();
+        cache.remember_all(
+            more.iter()
+                .zip(100..)
+                .map(|(id, i)| (key("acme", id), at(i))),
+        );
+        let lens = || {
+            cache
+                .generations
+                .read()
+                .map(|g| (g.previous_len, g.current_len.load(Ordering::Relaxed)))
+                .ok()
+        };
+        assert_eq!(lens(), Some((50, 27)));
+        for (id, offset) in held.iter().zip(0..).chain(more.iter().zip(100..)) {
+            assert_eq!(cache.get(key("acme", id)), Some(at(offset)), "{id}");
+        }
+        // A key the generation now previous holds is put in the current one with its new
+        // position, and counts there; one the current one holds already takes no more room.
+        cache.remember_all([
+            (key("acme", "held-0"), at(500)),
+            (key("acme", "more-20"), at(501)),
+        ]);
+        assert_eq!(lens(), Some((50, 28)));
+        assert_eq!(cache.get(key("acme", "held-0")), Some(at(500)));
+        assert_eq!(cache.get(key("acme", "more-20")), Some(at(501)));
     }
 
     #[test]
@@ -960,5 +1030,11 @@ mod tests {
         cache.insert(key("acme", "new"));
         assert!(cache.contains(key("acme", "new")));
         assert!(!cache.contains(key("acme", "old")));
+        // Asked together too.
+        let batch = KeyBatch::new(cache.hasher(), [key("acme", "old"), key("acme", "new")]);
+        assert_eq!(
+            cache.reader().map(|r| r.get_all(&batch)),
+            Some(vec![None, Some(None)])
+        );
     }
 }

@@ -26,7 +26,7 @@
 //! Who may send and which events are let in is decided in [`crate::admit`], which the raw-topic
 //! path shares; this module is the HTTP around it.
 
-use crate::admit::{self, Outgoing, Sighting};
+use crate::admit::{self, Outgoing, Sighting, Sightings};
 use crate::binary::{self, Binding};
 use crate::budget::{BodyBudget, Share};
 use crate::credits::{self, LedgerWriter};
@@ -294,6 +294,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     let Admitted {
         mut results,
         mut to_send,
+        sightings,
         mut tally,
         remembered,
     } = admit_all(
@@ -310,7 +311,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     //    worker thread at most, and dropped as they are enqueued.
     let enqueued = state
         .sink
-        .enqueue(to_send.iter_mut().map(|(_, event)| event));
+        .enqueue(to_send.iter_mut().map(|sent| &mut sent.event));
     let deliveries = state.sink.delivered(enqueued).await;
     let mut undelivered = None;
     let mut highest = Highest::default();
@@ -318,15 +319,15 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         highest.note(landed);
     }
     let mut landed_now = Vec::with_capacity(to_send.len());
-    for ((index, event), delivery) in to_send.iter().zip(deliveries) {
+    for (sent, delivery) in to_send.iter().zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                landed_now.push((event.key(), Some(landed)));
+                landed_now.push((sent.sighted, Some(landed)));
                 highest.note(landed);
                 tally.accepted += 1;
             }
             Err(e) => {
-                if let Some(result) = results.get_mut(*index) {
+                if let Some(result) = results.get_mut(sent.result) {
                     result.status = Status::NotDelivered;
                     result.code = Some("broker_unavailable");
                 }
@@ -334,7 +335,7 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             }
         }
     }
-    state.dedup.remember_all(landed_now);
+    sightings.remember(&state.dedup, landed_now);
     state
         .metrics
         .dedup_entries
@@ -551,11 +552,22 @@ pub(crate) async fn read_body(
 pub(crate) struct Admitted<'a> {
     /// One per event, in request order.
     pub(crate) results: Vec<EventResult<'a>>,
-    /// The events to produce, each with the index of its result.
-    pub(crate) to_send: Vec<(usize, Outgoing<'a>)>,
+    /// The events to produce.
+    pub(crate) to_send: Vec<ToSend<'a>>,
+    /// What each valid event is, with their keys: the sent ones' to remember once they land.
+    pub(crate) sightings: Sightings,
     pub(crate) tally: Tally,
     /// Where the repeats' first writes landed, for those the recent-repeat cache knows.
     pub(crate) remembered: Vec<Landed>,
+}
+
+/// An event to produce, with the index of its result and its place among the request's
+/// [`Sightings`].
+#[derive(Debug)]
+pub(crate) struct ToSend<'a> {
+    pub(crate) result: usize,
+    pub(crate) sighted: usize,
+    pub(crate) event: Outgoing<'a>,
 }
 
 /// Judges each event of a request by [`admit::event`] and drops repeats (in the request, then
@@ -602,9 +614,14 @@ pub(crate) fn admit_all<'a>(
     let sightings = admit::sightings(dedup, valid.iter().map(|(_, event)| event.key()));
     let mut remembered = Vec::new();
     let mut to_send = Vec::with_capacity(valid.len());
-    for ((index, event), sighting) in valid.into_iter().zip(sightings) {
-        match sighting {
-            Sighting::First => to_send.push((index, event)),
+    for (sighted, ((index, event), sighting)) in valid.into_iter().zip(sightings.each()).enumerate()
+    {
+        match *sighting {
+            Sighting::First => to_send.push(ToSend {
+                result: index,
+                sighted,
+                event,
+            }),
             Sighting::Repeat(landed) => {
                 tally.duplicate += 1;
                 remembered.extend(landed);
@@ -617,6 +634,7 @@ pub(crate) fn admit_all<'a>(
     Admitted {
         results,
         to_send,
+        sightings,
         tally,
         remembered,
     }

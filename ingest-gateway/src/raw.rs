@@ -271,8 +271,8 @@ async fn consume(
         // Repeats within the batch too, as an HTTP request drops repeats within itself.
         let sightings = admit::sightings(&state.dedup, events.iter().map(Outgoing::key));
         let before = events.len();
-        let mut sightings = sightings.into_iter();
-        events.retain(|_| sightings.next() == Some(Sighting::First));
+        let mut each = sightings.each().iter();
+        events.retain(|_| each.next() == Some(&Sighting::First));
         tally.duplicate += u64::try_from(before - events.len()).unwrap_or(u64::MAX);
         let enqueued = state.sink.enqueue(events.iter_mut());
         let delivered = state.sink.delivered(enqueued).await;
@@ -324,9 +324,9 @@ async fn consume(
         // Nothing of the batch is committed unless every message landed somewhere.
         // The events delivered before the first that was not are remembered either way.
         let landed = delivered.iter().take_while(|result| result.is_ok()).count();
-        state
-            .dedup
-            .remember_all(events.iter().take(landed).map(|event| (event.key(), None)));
+        // The events kept are the first sightings, in order.
+        let sent = sightings.firsts().take(landed).map(|i| (i, None));
+        sightings.remember(&state.dedup, sent);
         if let (Some(event), Some(Err(e))) = (events.get(landed), delivered.get(landed)) {
             tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
             return Err(rdkafka::error::KafkaError::Canceled);

@@ -350,21 +350,30 @@ async fn the_events_answer_names_the_highest_offset_its_events_landed_at_per_par
 async fn a_batch_sent_again_after_its_answer_was_lost_is_all_duplicate_with_the_same_positions()
 -> Result<()> {
     let h = GatewayHarness::start().await?;
-    // 1. Nine events for nine customers (over the topic's 3 partitions) and a repeat of the
-    //    first within the batch: nine written, the repeat answered `duplicate`.
+    // 1. Nine events for nine customers (over the topic's 3 partitions), a repeat of the
+    //    first within the batch, and three rejected among them (so an event's place among the
+    //    results is not its place among the valid ones): nine written, the repeat answered
+    //    `duplicate`.
     let mut batch: Vec<Value> = (0..9)
         .map(|n| call(&format!("lost-{n}"), &format!("lost-customer-{n}")))
         .collect();
     batch.push(call("lost-0", "lost-customer-0"));
+    for at in [0, 4, 8] {
+        batch.insert(
+            at,
+            json!({"id": format!("lost-bad-{at}"), "type": "api.request"}),
+        );
+    }
     let body = Value::Array(batch).to_string();
     let first = h.post(acme(), BATCH, body.clone()).await?;
     assert_eq!(first.status, 200, "{}", first.json);
     assert_eq!(
         (
             first.json["accepted"].as_u64(),
-            first.json["duplicate"].as_u64()
+            first.json["duplicate"].as_u64(),
+            first.json["rejected"].as_u64()
         ),
-        (Some(9), Some(1)),
+        (Some(9), Some(1), Some(3)),
         "{}",
         first.json
     );
@@ -375,8 +384,8 @@ async fn a_batch_sent_again_after_its_answer_was_lost_is_all_duplicate_with_the_
     assert_eq!(positions(&first), expected);
     assert!(expected.len() > 1, "{expected:?}");
 
-    // 2. The client never read that answer and sends the identical batch again: every event a
-    //    duplicate, nothing written, and the same positions, to the string.
+    // 2. The client never read that answer and sends the identical batch again: every valid
+    //    event a duplicate, nothing written, and the same positions, to the string.
     let again = h.post(acme(), BATCH, body).await?;
     assert_eq!(again.status, 200, "{}", again.json);
     assert_eq!(
@@ -385,7 +394,7 @@ async fn a_batch_sent_again_after_its_answer_was_lost_is_all_duplicate_with_the_
             again.json["duplicate"].as_u64(),
             again.json["rejected"].as_u64()
         ),
-        (Some(0), Some(10), Some(0)),
+        (Some(0), Some(10), Some(3)),
         "{}",
         again.json
     );
@@ -395,7 +404,11 @@ async fn a_batch_sent_again_after_its_answer_was_lost_is_all_duplicate_with_the_
         .flatten()
         .map(|r| r["status"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(statuses, vec!["duplicate"; 10]);
+    let mut expected_statuses = vec!["duplicate"; 10];
+    for at in [0, 4, 8] {
+        expected_statuses.insert(at, "rejected");
+    }
+    assert_eq!(statuses, expected_statuses);
     assert_eq!(again.json["positions"], first.json["positions"]);
     assert_eq!(positions(&again), expected);
     assert_eq!(landed_at(&h, 9).await?.len(), 9);
