@@ -189,6 +189,13 @@ impl Sightings {
             .map(|(i, _)| i)
     }
 
+    /// Remembers in `cache` (the one [`sightings`] read) the first `landed` of the events sent
+    /// (the first sightings, in order) as accepted, without saying where they landed: the
+    /// raw-topic door's, whose events land in order until one does not.
+    pub fn remember_sent(&self, cache: &DedupCache, landed: usize) {
+        self.remember(cache, self.firsts().take(landed).map(|i| (i, None)));
+    }
+
     /// Remembers in `cache` (the one [`sightings`] read) the events at the places given (their
     /// places in the keys given to [`sightings`]) as accepted, each with where it landed when
     /// known: from the keys as written and hashed for the lookups. A place past them is passed
@@ -534,6 +541,16 @@ window = "1m"
                 First
             ]
         );
+
+        // The raw-topic door's: of the events sent (the first sightings), those that landed,
+        // in order.
+        let cache = DedupCache::new(100, Duration::from_secs(60));
+        let seen = sightings(&cache, asked);
+        seen.remember_sent(&cache, 3);
+        let held: Vec<bool> = asked.iter().map(|key| cache.contains(*key)).collect();
+        assert_eq!(held, [true, true, true, true, false]);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.get(key("beta", "e-1")), Some(None));
     }
 
     #[test]

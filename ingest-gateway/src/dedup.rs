@@ -27,8 +27,9 @@
 //! keys are laid end to end in a few buffers (`KeyTable`), not allocated one by one:
 //! remembering a key costs no allocation of its own, and dropping a generation frees a few
 //! buffers rather than half a million keys. A request's or batch's keys are taken together
-//! (`KeyBatch`): each written and hashed once, for its shard, both generations' lookups and the
-//! request's own set of keys, and each shard locked once a request rather than once a key.
+//! (`KeyBatch`): each written and hashed once, for its shard, both generations' lookups, the
+//! request's own set of keys and, once the broker has its events, the inserts; each shard
+//! locked once a request rather than once a key.
 
 use ahash::RandomState;
 use hashbrown::hash_table::{Entry, HashTable};
@@ -561,21 +562,21 @@ impl DedupCache {
         batch: &KeyBatch,
         accepted: impl IntoIterator<Item = (usize, Option<Landed>)>,
     ) {
-        let accepted: Vec<(usize, Packed)> = accepted
+        let mut accepted: Vec<(usize, Packed)> = accepted
             .into_iter()
             .map(|(i, landed)| (i, Packed::new(landed)))
             .collect();
-        let mut rest = accepted.as_slice();
+        let mut rest = accepted.as_mut_slice();
         while !rest.is_empty() {
             self.rotate_if_due();
             let Ok(g) = self.generations.read() else {
                 return;
             };
             let take = self.take_room(&g.current_len, rest.len());
-            let (chunk, after) = rest.split_at(take.min(rest.len()));
-            let mut order = chunk.to_vec();
-            batch.by_shard(&mut order, |(i, _)| *i);
-            let new = g.current.put_all(&self.hasher, batch, &order);
+            let (chunk, after) = std::mem::take(&mut rest).split_at_mut(take);
+            batch.by_shard(chunk, |(i, _)| *i);
+            let new = g.current.put_all(&self.hasher, batch, chunk);
+            debug_assert!(new <= take, "{new} new keys in room for {take}");
             // Room taken for a key that was held already (or could not be) is given back.
             g.current_len.fetch_sub(take - new, Ordering::Relaxed);
             rest = after;
@@ -930,15 +931,19 @@ mod tests {
             })
         };
         let ids: Vec<String> = (0..40).map(|i| format!("e-{i}")).collect();
-        cache.remember_all(
-            ids.iter()
-                .zip(0..)
-                .map(|(id, offset)| (key("acme", id), at(offset)))
-                .chain([(key("acme", "e-7"), at(1_000))]),
-        );
+        // e-7 again, 60 times spread among the others (before its first copy too), each time
+        // with a later position.
+        let mut again = (1_000..1_060).map(|offset| (key("acme", "e-7"), at(offset)));
+        let mut batch = Vec::new();
+        for (id, offset) in ids.iter().zip(0..) {
+            batch.push((key("acme", id), at(offset)));
+            batch.extend(again.by_ref().take(if offset % 2 == 0 { 2 } else { 1 }));
+        }
+        assert_eq!(batch.len(), 100);
+        cache.remember_all(batch);
         assert_eq!(cache.len(), 40);
         for (id, offset) in ids.iter().zip(0..) {
-            let expected = if id == "e-7" { at(1_000) } else { at(offset) };
+            let expected = if id == "e-7" { at(1_059) } else { at(offset) };
             assert_eq!(cache.get(key("acme", id)), Some(expected), "{id}");
         }
     }

@@ -324,9 +324,7 @@ async fn consume(
         // Nothing of the batch is committed unless every message landed somewhere.
         // The events delivered before the first that was not are remembered either way.
         let landed = delivered.iter().take_while(|result| result.is_ok()).count();
-        // The events kept are the first sightings, in order.
-        let sent = sightings.firsts().take(landed).map(|i| (i, None));
-        sightings.remember(&state.dedup, sent);
+        sightings.remember_sent(&state.dedup, landed);
         if let (Some(event), Some(Err(e))) = (events.get(landed), delivered.get(landed)) {
             tracing::warn!(error = %e, id = %event.id, "Raw event not delivered.");
             return Err(rdkafka::error::KafkaError::Canceled);

@@ -694,8 +694,10 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     assert_eq!(ready.0, 200, "gateway never became ready: {}", ready.1);
 
     // 2. Outage: the events are not acknowledged, so nothing may be called accepted.
-    //    The client keeps this exact request and retries it as is.
-    let request = json!([call("o-1", "c"), call("o-2", "d")]).to_string();
+    //    The client keeps this exact request and retries it as is. Its first event is
+    //    rejected, so an event's place among the results is not its place among those sent.
+    let bad = json!({"id": "o-bad", "type": "api.request"});
+    let request = json!([bad, call("o-1", "c"), call("o-2", "d")]).to_string();
     h.kafka.set_broker_up(false)?;
     let answer = h.post(acme(), BATCH, request.clone()).await?;
     assert_eq!(answer.status, 503, "{}", answer.json);
@@ -704,6 +706,7 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     assert_eq!(
         answer.outcomes(),
         triples(&[
+            ("o-bad", "rejected", "missing_field"),
             ("o-1", "not_delivered", "broker_unavailable"),
             ("o-2", "not_delivered", "broker_unavailable")
         ])
@@ -726,6 +729,7 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
                 "accepted" => accepted.push(id),
                 "duplicate" => assert!(accepted.contains(&id), "{id} duplicate before accepted"),
                 "not_delivered" => assert_eq!(retry.status, 503),
+                "rejected" => assert_eq!(id, "o-bad"),
                 other => panic!("unexpected outcome {other}"),
             }
         }
