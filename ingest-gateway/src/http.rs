@@ -319,10 +319,11 @@ async fn handle_ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Res
         highest.note(landed);
     }
     let mut landed_now = Vec::with_capacity(to_send.len());
-    for (sent, delivery) in to_send.iter().zip(deliveries) {
+    // The k-th event sent is the k-th first sighting.
+    for ((sighted, sent), delivery) in sightings.firsts().zip(&to_send).zip(deliveries) {
         match delivery {
             Ok(landed) => {
-                landed_now.push((sent.sighted, Some(landed)));
+                landed_now.push((sighted, Some(landed)));
                 highest.note(landed);
                 tally.accepted += 1;
             }
@@ -552,7 +553,7 @@ pub(crate) async fn read_body(
 pub(crate) struct Admitted<'a> {
     /// One per event, in request order.
     pub(crate) results: Vec<EventResult<'a>>,
-    /// The events to produce.
+    /// The events to produce, in the order of their first sightings.
     pub(crate) to_send: Vec<ToSend<'a>>,
     /// What each valid event is, with their keys: the sent ones' to remember once they land.
     pub(crate) sightings: Sightings,
@@ -561,12 +562,11 @@ pub(crate) struct Admitted<'a> {
     pub(crate) remembered: Vec<Landed>,
 }
 
-/// An event to produce, with the index of its result and its place among the request's
-/// [`Sightings`].
+/// An event to produce, with the index of its result. The k-th is the k-th first sighting of
+/// the request's [`Sightings`].
 #[derive(Debug)]
 pub(crate) struct ToSend<'a> {
     pub(crate) result: usize,
-    pub(crate) sighted: usize,
     pub(crate) event: Outgoing<'a>,
 }
 
@@ -614,12 +614,10 @@ pub(crate) fn admit_all<'a>(
     let sightings = admit::sightings(dedup, valid.iter().map(|(_, event)| event.key()));
     let mut remembered = Vec::new();
     let mut to_send = Vec::with_capacity(valid.len());
-    for (sighted, ((index, event), sighting)) in valid.into_iter().zip(sightings.each()).enumerate()
-    {
+    for ((index, event), sighting) in valid.into_iter().zip(sightings.each()) {
         match *sighting {
             Sighting::First => to_send.push(ToSend {
                 result: index,
-                sighted,
                 event,
             }),
             Sighting::Repeat(landed) => {

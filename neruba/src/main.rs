@@ -44,9 +44,11 @@ fn main() -> Result<()> {
         )
         .init();
     let (drain, command) = (cli.drain_timeout, cli.command);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = cli.worker_threads {
+        runtime.worker_threads(workers.get());
+    }
+    let runtime = runtime.enable_all().build()?;
     let shutdown = CancellationToken::new();
     let watchdog = shutdown.clone();
     runtime.spawn(async move {

@@ -137,6 +137,11 @@ pub(crate) struct Cli {
     /// `terminationGracePeriodSeconds`, so the exit is ours and not a SIGKILL.
     #[arg(long, env = "NERUBA_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration, global = true)]
     pub(crate) drain_timeout: Duration,
+    /// Threads running the component's own work (its async runtime's workers); the default is
+    /// one a core. The Kafka client runs threads of its own besides, so on a machine of few
+    /// cores one fewer than the cores can leave them room (see README, Performance).
+    #[arg(long, env = "NERUBA_WORKER_THREADS", global = true)]
+    pub(crate) worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -538,6 +543,28 @@ mod tests {
             .config(&args.brokers, &args.events_topic, &args.state_dir)
             .map(|c| c.stage.input_topic);
         assert_eq!(config.ok().as_deref(), Some("acme.events"));
+    }
+
+    #[test]
+    fn worker_threads_are_a_positive_count_before_or_after_the_command() {
+        let threads = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|cli| cli.worker_threads.map(std::num::NonZeroUsize::get))
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(threads(&["neruba", "demo"]), Ok(None));
+        assert_eq!(
+            threads(&["neruba", "--worker-threads", "1", "demo"]),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            threads(&["neruba", "demo", "--worker-threads", "3"]),
+            Ok(Some(3))
+        );
+        assert_eq!(
+            threads(&["neruba", "demo", "--worker-threads", "0"]),
+            Err(clap::error::ErrorKind::ValueValidation)
+        );
     }
 
     #[test]
