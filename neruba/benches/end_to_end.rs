@@ -46,8 +46,9 @@
 //! `NERUBA_E2E_UNTIL=gateway`: stop after (3). `NERUBA_E2E_BIN=<path>`: run that `neruba`
 //! binary's processes (loadgen included) instead of this build's, to compare two builds A B A B
 //! (the raw baselines and the floor are this build's code either way).
-//! `NERUBA_E2E_GATEWAY_WORKERS=<n>`: the gateway runs with `--worker-threads <n>` (nothing
-//! else does: the floor, the raw baselines and loadgen keep their threads).
+//! `NERUBA_E2E_WORKERS=<n>`: the gateway and the stages run with `--worker-threads <n>`
+//! (loadgen, the floor and the raw baselines keep their threads; in (3) the gateway runs
+//! alone, so there it is the gateway's only).
 //! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record --call-graph dwarf`
 //! (the build keeps no frame pointers, so `-g` gave broken stacks) into `<file>` and stop after
 //! (3) (perf slows what it samples, so that run's gateway figures are not the gateway's; read
@@ -503,8 +504,15 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     let catalog = catalog.display().to_string();
     let port = free_port()?;
     let state = work.join("state");
-    let args = |list: &[&str]| -> Vec<String> { list.iter().map(|s| (*s).to_owned()).collect() };
-    let mut gateway_args = args(&[
+    // `NERUBA_E2E_WORKERS`: each pipeline process's `--worker-threads`.
+    let workers = std::env::var("NERUBA_E2E_WORKERS").ok();
+    let args = |list: &[&str]| -> Vec<String> {
+        let workers = workers.as_deref().map(|n| ["--worker-threads", n]);
+        (list.iter().chain(workers.iter().flatten()))
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let gateway_args = args(&[
         "gateway",
         "--brokers",
         bootstrap,
@@ -515,9 +523,6 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         "--events-topic",
         gateway_topic,
     ]);
-    if let Ok(workers) = std::env::var("NERUBA_E2E_GATEWAY_WORKERS") {
-        gateway_args.extend(["--worker-threads".to_owned(), workers]);
-    }
     let gateway = Proc::new("gateway", &binary(), &gateway_args, work);
     let ops: Vec<String> = (0..STAGES.len())
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
