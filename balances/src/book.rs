@@ -28,6 +28,8 @@ use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, S
 use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use statements::Route;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// What became of a grant.
@@ -234,7 +236,7 @@ struct Entries<'a> {
     book: &'a mut Book,
     tenant: &'a str,
     customer: &'a str,
-    cause: String,
+    cause: Cow<'a, str>,
     out: Vec<BalanceEntry>,
 }
 
@@ -259,7 +261,12 @@ impl Entries<'_> {
         // A refused grant or void neither moves the balance nor opens one in its currency.
         let after = if kind.moves_balance() {
             let after = before + amount;
-            self.book.balances.insert(currency.to_owned(), after);
+            match self.book.balances.get_mut(currency) {
+                Some(balance) => *balance = after,
+                None => {
+                    self.book.balances.insert(currency.to_owned(), after);
+                }
+            }
             after
         } else {
             before
@@ -281,7 +288,7 @@ impl Entries<'_> {
             seq: self.book.seq,
             kind,
             currency: currency.to_owned(),
-            cause: self.cause.clone(),
+            cause: self.cause.as_ref().to_owned(),
             grant: grant.map(str::to_owned),
             series: series.cloned(),
             amount,
@@ -305,12 +312,17 @@ fn allocate(stack: &mut Vec<Allocation>, grant: Option<&str>, amount: Decimal) {
 }
 
 impl Book {
-    fn entries<'a>(&'a mut self, tenant: &'a str, customer: &'a str, cause: String) -> Entries<'a> {
+    fn entries<'a>(
+        &'a mut self,
+        tenant: &'a str,
+        customer: &'a str,
+        cause: impl Into<Cow<'a, str>>,
+    ) -> Entries<'a> {
         Entries {
             book: self,
             tenant,
             customer,
-            cause,
+            cause: cause.into(),
             out: Vec::new(),
         }
     }
@@ -410,12 +422,19 @@ impl Book {
 
     /// Applies a line item (the caller has checked it was not applied before).
     pub fn apply_item(&mut self, item: &LineItem) -> Vec<BalanceEntry> {
-        self.apply_item_of(item, Self::series_key_of(item))
+        let route = self.route_of(item);
+        self.apply_item_of(item, Self::series_key_of(item), route)
     }
 
-    /// [`Book::apply_item`] with the item's series key ([`Book::series_key_of`]), which the
-    /// caller has built already.
-    pub(crate) fn apply_item_of(&mut self, item: &LineItem, key: String) -> Vec<BalanceEntry> {
+    /// [`Book::apply_item`] with the item's series key ([`Book::series_key_of`]) and its
+    /// route ([`Book::route_of`], which applying the item does not change until it is put on
+    /// its statement), which the caller has found already.
+    pub(crate) fn apply_item_of(
+        &mut self,
+        item: &LineItem,
+        key: String,
+        route: Option<Route>,
+    ) -> Vec<BalanceEntry> {
         let series = Series {
             meter: item.meter.clone(),
             group: item.group.clone(),
@@ -423,9 +442,9 @@ impl Book {
         };
         let window_start =
             neruba_schemas::event::parse_time_ms(&item.window_start).unwrap_or(i64::MIN);
-        let currency = item.currency.clone();
+        let currency = item.currency.as_str();
         let mut stack = self.series.remove(&key).unwrap_or_default();
-        let mut e = self.entries(&item.tenant, &item.customer, item.id.clone());
+        let mut e = self.entries(&item.tenant, &item.customer, item.id.as_str());
         if item.amount.is_sign_positive() {
             let mut left = item.amount;
             let mut eligible: Vec<(u16, i64, i64, String)> = e
@@ -459,7 +478,7 @@ impl Book {
                 allocate(&mut stack, Some(&id), take);
                 e.push(
                     EntryKind::Consume,
-                    &currency,
+                    currency,
                     Some(&id),
                     Some(&series),
                     -take,
@@ -470,7 +489,7 @@ impl Book {
                 allocate(&mut stack, None, left);
                 e.push(
                     EntryKind::Uncovered,
-                    &currency,
+                    currency,
                     None,
                     Some(&series),
                     left,
@@ -499,13 +518,13 @@ impl Book {
                     match grant {
                         None => e.push(
                             EntryKind::Uncovered,
-                            &currency,
+                            currency,
                             None,
                             Some(&series),
                             -give,
                             None,
                         ),
-                        Some(id) => restore(&mut e, &id, &currency, &series, give),
+                        Some(id) => restore(&mut e, &id, currency, &series, give),
                     }
                 }
             }
@@ -514,7 +533,7 @@ impl Book {
                 allocate(&mut stack, None, -left);
                 e.push(
                     EntryKind::Uncovered,
-                    &currency,
+                    currency,
                     None,
                     Some(&series),
                     -left,
@@ -526,8 +545,8 @@ impl Book {
         if !stack.is_empty() {
             self.series.insert(key, stack);
         }
-        self.note_on_statement(item, &out);
-        let mut e = self.entries(&item.tenant, &item.customer, item.id.clone());
+        self.note_on_statement(item, &out, route);
+        let mut e = self.entries(&item.tenant, &item.customer, item.id.as_str());
         rules::check_all(&mut e);
         out.append(&mut e.out);
         out
@@ -577,7 +596,7 @@ impl Book {
         grace_ms: i64,
     ) -> Vec<BalanceEntry> {
         let currency = grant.terms.currency.clone();
-        let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.clone());
+        let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.as_str());
         let refused = |mut e: Entries<'_>, code: &str| {
             e.push(
                 EntryKind::GrantRefused,

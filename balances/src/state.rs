@@ -136,29 +136,32 @@ use neruba_stage::keys::{
 
 /// The key of one customer's record of `kind`: tenant, kind, customer (parts length-prefixed).
 pub fn customer_key(kind: u8, tenant: &str, customer: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(tenant.len() + customer.len() + 9);
+    customer_key_and(kind, tenant, customer, None)
+}
+
+/// [`customer_key`], then `part` if any (length-prefixed), in one allocation.
+fn customer_key_and(kind: u8, tenant: &str, customer: &str, part: Option<&[u8]>) -> Vec<u8> {
+    let room = tenant.len() + customer.len() + 9 + part.map_or(0, |p| 4 + p.len());
+    let mut key = Vec::with_capacity(room);
     push(&mut key, tenant.as_bytes());
     key.push(kind);
     push(&mut key, customer.as_bytes());
+    if let Some(part) = part {
+        push(&mut key, part);
+    }
     key
 }
 
 fn item_key(tenant: &str, customer: &str, id: &str) -> Vec<u8> {
-    let mut key = customer_key(b'I', tenant, customer);
-    push(&mut key, id.as_bytes());
-    key
+    customer_key_and(b'I', tenant, customer, Some(id.as_bytes()))
 }
 
 fn spilled_key(tenant: &str, customer: &str, series: &str) -> Vec<u8> {
-    let mut key = customer_key(b'A', tenant, customer);
-    push(&mut key, series.as_bytes());
-    key
+    customer_key_and(b'A', tenant, customer, Some(series.as_bytes()))
 }
 
 fn spilled_grant_key(tenant: &str, customer: &str, grant: &str) -> Vec<u8> {
-    let mut key = customer_key(b'G', tenant, customer);
-    push(&mut key, grant.as_bytes());
-    key
+    customer_key_and(b'G', tenant, customer, Some(grant.as_bytes()))
 }
 
 /// The key of a spent grant kept apart in burn-down order (beside its key by id, which
@@ -1099,7 +1102,7 @@ impl PartitionState {
             };
             let (book, stored) = match self.stored.get(key) {
                 Some(bytes) => (decode(bytes)?, bytes.len()),
-                None => match self.store.db().get(key)? {
+                None => match self.store.get(key)? {
                     None => (Book::default(), 0),
                     Some(bytes) => (decode(&bytes)?, bytes.len()),
                 },
@@ -1170,7 +1173,9 @@ impl PartitionState {
             .flat_map(|s| s.lines.iter().chain(&s.prior_period))
             .map(line_estimate)
             .sum();
-        self.count_grown(carried);
+        if carried > 0 {
+            self.count_grown(carried);
+        }
         self.outputs.reserve(entries.len());
         for entry in entries {
             *self.counts.entries.entry(entry.kind.as_str()).or_default() += 1;
@@ -1352,7 +1357,7 @@ impl PartitionState {
 
     fn apply_item(&mut self, item: &LineItem) -> Result<()> {
         let key = item_key(&item.tenant, &item.customer, &item.id);
-        if self.new_items.contains(&key) || self.store.db().get(&key)?.is_some() {
+        if self.new_items.contains(&key) || self.store.get(&key)?.is_some() {
             self.counts.repeated_items += 1;
             return Ok(());
         }
@@ -1373,10 +1378,10 @@ impl PartitionState {
                 self.unspill_grant(&item.tenant, &item.customer, &id)?;
             }
         }
-        self.unspill_line(&book_key, item)?;
+        let route = self.unspill_line(&book_key, item)?;
         let keep = self.book_series;
         let book = self.book_at(&book_key, &item.tenant, &item.customer)?;
-        let entries = book.apply_item_of(item, series);
+        let entries = book.apply_item_of(item, series, route);
         let spilled = book.take_oldest_series(keep);
         for (series, stack) in spilled {
             self.spilled
@@ -1430,21 +1435,24 @@ impl PartitionState {
     /// Puts back, before `item` is applied, the statement line it adds to if that was taken
     /// out of its customer's book (at `book_key`), or, if it opens a statement, the lines
     /// carried in its currency that the statement takes.
-    fn unspill_line(&mut self, book_key: &[u8], item: &LineItem) -> Result<()> {
+    ///
+    /// Returns the item's route ([`Book::route_of`]), which putting lines back does not change.
+    fn unspill_line(&mut self, book_key: &[u8], item: &LineItem) -> Result<Option<Route>> {
         let (tenant, customer) = (&item.tenant, &item.customer);
         let book = self.book_at(book_key, tenant, customer)?;
         let what = || format!("statement line of {tenant}/{customer}");
-        match book.route_of(item) {
-            Some(Route::To(list)) if !book.holds_line_of(&list, item) => {
+        let route = book.route_of(item);
+        match &route {
+            Some(Route::To(list)) if !book.holds_line_of(list, item) => {
                 let place = Place {
                     meter: &item.meter,
                     group: &item.group,
                     period_start: &item.period_start,
                 };
-                let key = line_key(tenant, customer, &list, place);
+                let key = line_key(tenant, customer, list, place);
                 if let Some(line) = self.spilled_lines.take_back(self.store.db(), key, what)? {
                     self.book_at(book_key, tenant, customer)?
-                        .put_line(&list, line);
+                        .put_line(list, line);
                 }
             }
             Some(Route::Opens) if book.carried.contains_key(&item.currency) => {
@@ -1453,7 +1461,7 @@ impl PartitionState {
             }
             Some(Route::To(_) | Route::Opens) | None => {}
         }
-        Ok(())
+        Ok(route)
     }
 
     /// Puts every line of `list` taken out of the customer's book (at `book_key`) back.
@@ -2018,7 +2026,8 @@ impl PartitionState {
     /// Writes the batch, as [`neruba_stage::Partition::commit`] does, with `batch`'s writes in
     /// the same atomic write (a read model's own keys).
     pub fn commit_with(&mut self, mut batch: WriteBatch) -> Result<()> {
-        for key in std::mem::take(&mut self.new_items) {
+        // Drained, so the set keeps its room for the next batch.
+        for key in self.new_items.drain() {
             batch.put(key, []);
         }
         self.spilled.write(&mut batch)?;

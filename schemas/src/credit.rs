@@ -644,7 +644,13 @@ impl GrantTerms {
 
 /// Encodes any ledger-topic record as JSON.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    serde_json::to_vec(record).unwrap_or_default()
+    // A balance entry is about 360 bytes: one allocation, where serde's own buffer starts at
+    // 128 and grows twice.
+    let mut out = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut out, record) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Decodes a ledger-topic record.

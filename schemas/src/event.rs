@@ -752,9 +752,13 @@ pub fn parse_time_ms(text: &str) -> Result<i64, Rejection> {
             format!("`time` is not RFC 3339 with an offset: {e}"),
         )
     })?;
-    let millis = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
-    i64::try_from(millis)
-        .map_err(|_| Rejection::new(RejectCode::InvalidField, "`time` is out of range"))
+    // Whole seconds (toward the past) and the millisecond within the second, which is never
+    // negative: the floor of the nanoseconds / 10^6, without 128-bit division.
+    parsed
+        .unix_timestamp()
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(parsed.millisecond())))
+        .ok_or_else(|| Rejection::new(RejectCode::InvalidField, "`time` is out of range"))
 }
 
 /// The wall clock in Unix milliseconds: the one clock read every component uses (receive
@@ -1497,6 +1501,21 @@ mod tests {
         assert_eq!(event.data.get("n"), Some(&json!(1)));
         let escaped = Envelope::parse(br#"{"id":"\u0062"}"#).expect("JSON");
         assert!(matches!(escaped.id, Attribute::Text(Cow::Owned(ref id)) if id == "b"));
+    }
+
+    #[test]
+    fn sub_milliseconds_are_truncated_toward_the_past_before_and_after_1970() {
+        for (text, ms) in [
+            ("1970-01-01T00:00:00.000999Z", 0),
+            ("1969-12-31T23:59:59.999999Z", -1),
+            ("1969-12-31T23:59:59.5Z", -500),
+            ("1969-12-31T23:59:59.0005Z", -1000),
+            ("0001-01-01T00:00:00.0001+00:00", -62_135_596_800_000),
+            ("9999-12-31T23:59:59.999999999+01:00", 253_402_297_199_999),
+            ("2026-09-21T16:13:20.007999+02:00", NOW + 7),
+        ] {
+            assert_eq!(parse_time_ms(text).ok(), Some(ms), "{text}");
+        }
     }
 
     #[test]

@@ -275,20 +275,21 @@ impl Book {
     /// does not make each of its items dearer, nor its book larger, than the last.
     pub fn take_statement_lines(&mut self, keep: usize) -> Vec<(LineList, StatementLine)> {
         let mut out = Vec::new();
-        let mut take = |list: LineList, lines: &mut Vec<StatementLine>| {
+        // Called for every record: a list's name is built only when its lines are taken.
+        let mut take = |list: &dyn Fn() -> LineList, lines: &mut Vec<StatementLine>| {
             if lines.len() > keep {
-                out.extend(lines.drain(..).map(|line| (list.clone(), line)));
+                out.extend(lines.drain(..).map(|line| (list(), line)));
             }
         };
         for (k, state) in &mut self.statements {
-            take(LineList::Lines(k.clone()), &mut state.statement.lines);
+            take(&|| LineList::Lines(k.clone()), &mut state.statement.lines);
             take(
-                LineList::Prior(k.clone()),
+                &|| LineList::Prior(k.clone()),
                 &mut state.statement.prior_period,
             );
         }
         for (currency, carried) in &mut self.carried {
-            take(LineList::Carried(currency.clone()), &mut carried.lines);
+            take(&|| LineList::Carried(currency.clone()), &mut carried.lines);
         }
         out
     }
@@ -302,8 +303,14 @@ impl Book {
             .collect()
     }
 
-    /// Puts a line item, and what its entries did, on its statement.
-    pub(super) fn note_on_statement(&mut self, item: &LineItem, entries: &[BalanceEntry]) {
+    /// Puts a line item, and what its entries did, on its statement, by its `route`
+    /// ([`Book::route_of`]).
+    pub(super) fn note_on_statement(
+        &mut self,
+        item: &LineItem,
+        entries: &[BalanceEntry],
+        route: Option<Route>,
+    ) {
         // Zero is written `0`, never `-0` (the negation of no credit): `-0` reads back as `0`,
         // so a statement would print differently after a restart than in one run.
         let credit: Decimal = unsigned_zero(
@@ -320,7 +327,7 @@ impl Book {
                 .map(|e| e.amount)
                 .sum(),
         );
-        let Some(route) = self.route_of(item) else {
+        let Some(route) = route else {
             return;
         };
         let list = match route {
