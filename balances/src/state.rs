@@ -1436,7 +1436,10 @@ impl PartitionState {
     /// out of its customer's book (at `book_key`), or, if it opens a statement, the lines
     /// carried in its currency that the statement takes.
     ///
-    /// Returns the item's route ([`Book::route_of`]), which putting lines back does not change.
+    /// Returns the item's route ([`Book::route_of`]), which putting lines back does not change:
+    /// the route reads only which statements the book has (their currencies and periods) and
+    /// `final_through`, never their lines nor the lines carried. Nor does the fold of the item
+    /// change them before its route is used ([`Book::apply_item_of`]).
     fn unspill_line(&mut self, book_key: &[u8], item: &LineItem) -> Result<Option<Route>> {
         let (tenant, customer) = (&item.tenant, &item.customer);
         let book = self.book_at(book_key, tenant, customer)?;

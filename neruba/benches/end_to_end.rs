@@ -48,7 +48,8 @@
 //! (the raw baselines and the floor are this build's code either way).
 //! `NERUBA_E2E_WORKERS=<n>`: the gateway and the stages run with `--worker-threads <n>`
 //! (loadgen, the floor and the raw baselines keep their threads; in (3) the gateway runs
-//! alone, so there it is the gateway's only).
+//! alone, so there it is the gateway's only). A `NERUBA_E2E_BIN` built before the flag
+//! (December 4) refuses it.
 //! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record --call-graph dwarf`
 //! (the build keeps no frame pointers, so `-g` gave broken stacks) into `<file>` and stop after
 //! (3) (perf slows what it samples, so that run's gateway figures are not the gateway's; read

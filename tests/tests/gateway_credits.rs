@@ -486,6 +486,7 @@ async fn a_tenant_over_its_rate_limit_is_refused_429_and_nothing_is_written() ->
     let catalog = neruba_schemas::Catalog::from_toml_str(&text, "test")?;
     let h = GatewayHarness::start_with(catalog, |_| {}).await?;
     let body = |key: &str| json!({"key": key, "amount": "1", "currency": "USD"}).to_string();
+    let started = std::time::Instant::now();
     let first = h.post_to(&grants("c1"), credits(), JSON, body("a")).await?;
     assert_eq!(first.status, 202, "{}", first.json);
     // The bucket refills a record a second; a request that took that long under a loaded
@@ -526,6 +527,10 @@ async fn a_tenant_over_its_rate_limit_is_refused_429_and_nothing_is_written() ->
         grant_refused && rule_refused,
         "no request was refused in 10 tries"
     );
+    // A burst of 1, then a record a second: no more than that was let through.
+    let refills = usize::try_from(started.elapsed().as_secs())?;
+    let through = accepted_grants.len() + accepted_rules;
+    assert!(through <= 2 + refills, "{through} accepted in {refills} s");
     let records = h
         .ledger_records(accepted_grants.len() + accepted_rules)
         .await?;
