@@ -1042,6 +1042,10 @@ impl PartitionState {
 
     /// Counts `bytes` more held until the write.
     fn count_grown(&mut self, bytes: usize) {
+        // Most records carry nothing to count: no shared counter is touched for them.
+        if bytes == 0 {
+            return;
+        }
         self.grown = self.grown.saturating_add(bytes);
         self.held.add(bytes);
     }
@@ -1173,9 +1177,7 @@ impl PartitionState {
             .flat_map(|s| s.lines.iter().chain(&s.prior_period))
             .map(line_estimate)
             .sum();
-        if carried > 0 {
-            self.count_grown(carried);
-        }
+        self.count_grown(carried);
         self.outputs.reserve(entries.len());
         for entry in entries {
             *self.counts.entries.entry(entry.kind.as_str()).or_default() += 1;
