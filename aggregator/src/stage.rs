@@ -40,6 +40,7 @@ impl neruba_stage::Stage for Aggregator {
     // A batch's outputs are sent together and then awaited: lingering would only delay the
     // acknowledgements the batch's write waits for.
     const LINGER_MS: u32 = 0;
+    const READ_AHEAD: usize = crate::state::READ_AHEAD;
 
     type Partition = PartitionState;
     type Output = Output;
@@ -77,6 +78,20 @@ impl neruba_stage::Stage for Aggregator {
             Some((tenant, watermark)) => state.apply_tick(message.offset(), tenant, watermark),
             None => state.apply(Input::of(message), catalog),
         }
+    }
+
+    fn read_ahead(
+        &mut self,
+        _catalog: &Arc<Catalog>,
+        state: &mut PartitionState,
+        messages: &[&BorrowedMessage<'_>],
+    ) -> Result<()> {
+        let inputs: Vec<Input<'_>> = messages
+            .iter()
+            .filter(|m| watermark_tick(m).is_none())
+            .map(|m| Input::of(m))
+            .collect();
+        state.read_ahead(&inputs)
     }
 
     fn after_poll(&mut self, state: &mut PartitionState, _now_ms: i64) {

@@ -50,7 +50,7 @@ use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use watermark::Clock;
 
@@ -181,6 +181,21 @@ struct CachedWindow {
     dirty: bool,
 }
 
+/// How many messages the stage reads ahead ([`PartitionState::read_ahead`]): enough that
+/// RocksDB's batched lookup pays off, few enough that the events decoded ahead stay small.
+pub const READ_AHEAD: usize = 250;
+
+/// An event decoded ahead of its turn ([`PartitionState::read_ahead`]).
+struct Ahead {
+    offset: i64,
+    event: Event,
+    /// [`keys::dedup`] of the event.
+    dedup_key: Vec<u8>,
+    /// What the store held under `dedup_key` when it was read ahead: the first copy's
+    /// anchor time, `None` if no copy was stored.
+    stored: Option<i64>,
+}
+
 /// The state of one partition.
 pub struct PartitionState {
     pub partition: i32,
@@ -212,6 +227,11 @@ pub struct PartitionState {
     decoder: codec::Decoder,
     /// The event being applied, its allocations reused by the next.
     event: Event,
+    /// The next events, decoded ahead with what the store holds under their dedup keys
+    /// ([`Self::read_ahead`]), in offset order; until the next write.
+    ahead: VecDeque<Ahead>,
+    /// Events applied from `ahead`, their allocations reused by the next read ahead.
+    spare: Vec<Event>,
     /// [`PERIOD_BYTES_KEPT`], lowered by tests.
     period_bytes_kept: usize,
     /// The billing period found last (see [`window::LastPeriod`]).
@@ -363,6 +383,8 @@ impl PartitionState {
             counts: Counts::default(),
             decoder: codec::Decoder::default(),
             event: Event::default(),
+            ahead: VecDeque::new(),
+            spare: Vec::new(),
             period_bytes_kept: PERIOD_BYTES_KEPT,
             last_period: None,
         })
@@ -551,10 +573,21 @@ impl PartitionState {
     /// the worker stops and writes nothing more), since the batch may be half applied.
     pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
         self.store.consumed(input.offset);
+        while self.ahead.front().is_some_and(|a| a.offset < input.offset) {
+            self.drop_ahead();
+        }
+        if self.ahead.front().is_some_and(|a| a.offset == input.offset)
+            && let Some(ahead) = self.ahead.pop_front()
+        {
+            let known = (ahead.dedup_key, ahead.stored);
+            let applied = self.apply_event(input, &ahead.event, catalog, Some(known));
+            self.spare.push(ahead.event);
+            return applied;
+        }
         // Decoded into the last event's allocations, lent out while it is applied.
         let mut event = std::mem::take(&mut self.event);
         let applied = match self.decoder.decode_into(input.payload, &mut event) {
-            Ok(()) => self.apply_event(input, &event, catalog),
+            Ok(()) => self.apply_event(input, &event, catalog, None),
             Err(e) => {
                 let rejection = Rejection::new(RejectCode::InvalidJson, e.to_string());
                 self.refuse(input, rejection);
@@ -565,8 +598,63 @@ impl PartitionState {
         applied
     }
 
-    /// Applies a decoded event: the too-old rule, dedup, metering, then the fold.
-    fn apply_event(&mut self, input: Input<'_>, event: &Event, catalog: &Catalog) -> Result<()> {
+    /// Decodes the events among `inputs` (the partition's next messages, in offset order,
+    /// watermark ticks left out) and reads what the store holds under their dedup keys, all
+    /// in one batched lookup, so that [`Self::apply`] finds both ready. What it reads holds
+    /// until the next write ([`neruba_stage::Partition::commit`] drops what is left), which is
+    /// what makes it the same as reading at apply time: within a batch the store does not
+    /// change, and the batch's own writes are looked up first. A message that does not decode
+    /// is left to `apply`, which refuses it.
+    pub fn read_ahead(&mut self, inputs: &[Input<'_>]) -> Result<()> {
+        while !self.ahead.is_empty() {
+            self.drop_ahead();
+        }
+        for input in inputs {
+            let mut event = self.spare.pop().unwrap_or_default();
+            if self.decoder.decode_into(input.payload, &mut event).is_err() {
+                self.spare.push(event);
+                continue;
+            }
+            let dedup_key = keys::dedup(&event.tenant, &event.subject, &event.id);
+            self.ahead.push_back(Ahead {
+                offset: input.offset,
+                event,
+                dedup_key,
+                stored: None,
+            });
+        }
+        let mut order: Vec<usize> = (0..self.ahead.len()).collect();
+        order.sort_unstable_by(|&a, &b| self.ahead[a].dedup_key.cmp(&self.ahead[b].dedup_key));
+        let found = self
+            .store
+            .multi_get_sorted(order.iter().map(|&i| self.ahead[i].dedup_key.as_slice()))?;
+        let stored: Vec<(usize, i64)> = order
+            .iter()
+            .zip(found)
+            .filter_map(|(&i, value)| Some((i, seen_time(&value?))))
+            .collect();
+        for (i, time) in stored {
+            self.ahead[i].stored = Some(time);
+        }
+        Ok(())
+    }
+
+    /// Drops the first event read ahead, keeping its allocations.
+    fn drop_ahead(&mut self) {
+        if let Some(ahead) = self.ahead.pop_front() {
+            self.spare.push(ahead.event);
+        }
+    }
+
+    /// Applies a decoded event: the too-old rule, dedup, metering, then the fold. `known` is
+    /// its dedup key and what the store held under it, when read ahead.
+    fn apply_event(
+        &mut self,
+        input: Input<'_>,
+        event: &Event,
+        catalog: &Catalog,
+        known: Option<(Vec<u8>, Option<i64>)>,
+    ) -> Result<()> {
         let Some(tenant) = catalog.tenant(&event.tenant) else {
             let rejection = Rejection::new(
                 RejectCode::UnknownTenant,
@@ -588,13 +676,18 @@ impl PartitionState {
             self.refuse(input, rejection);
             return Ok(());
         }
-        let dedup_key = keys::dedup(&event.tenant, &event.subject, &event.id);
-        let seen_at = |state: &Self, key: &[u8]| {
-            state.read(key, |seen| keys::time_from(seen).unwrap_or(i64::MIN))
+        let (dedup_key, read_ahead) = match known {
+            Some((key, stored)) => (key, Some(stored)),
+            None => (keys::dedup(&event.tenant, &event.subject, &event.id), None),
         };
-        let mut first_seen = seen_at(self, &dedup_key)?;
+        // The batch's own writes first, as `read` looks; then the store, as read ahead.
+        let mut first_seen = match (self.overlay.get(&dedup_key), read_ahead) {
+            (Some(pending), _) => pending.as_deref().map(seen_time),
+            (None, Some(stored)) => stored,
+            (None, None) => self.read(&dedup_key, seen_time)?,
+        };
         if first_seen.is_none() && event.received_ms <= self.legacy_dedup_until {
-            first_seen = seen_at(self, &keys::legacy_dedup(&event.tenant, &event.id))?;
+            first_seen = self.read(&keys::legacy_dedup(&event.tenant, &event.id), seen_time)?;
         }
         if first_seen.is_some_and(|seen_at| {
             event.received_ms.saturating_sub(seen_at) <= self.timing.dedup_horizon_ms
@@ -724,6 +817,10 @@ impl neruba_stage::Partition for PartitionState {
             self.periods = HashMap::default();
         }
         self.overlay.clear();
+        // What was read ahead is stale once written.
+        while !self.ahead.is_empty() {
+            self.drop_ahead();
+        }
         // Closed windows leave their cache (only a late event reads one again).
         self.windows.retain(|_, cached| {
             cached.dirty = false;
@@ -734,6 +831,11 @@ impl neruba_stage::Partition for PartitionState {
 }
 
 pub use neruba_stage::{partition_dir, stored_offset};
+
+/// The anchor time a dedup entry holds (the far past if unreadable: still a copy seen).
+fn seen_time(value: &[u8]) -> i64 {
+    keys::time_from(value).unwrap_or(i64::MIN)
+}
 
 fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(record).map_err(|e| Error::Bug(format!("record encoding: {e}")))
@@ -1323,6 +1425,114 @@ window = "1m"
                     expected
                 );
             }
+        }
+    }
+
+    /// A key and value as stored.
+    type StoredEntry = (Box<[u8]>, Box<[u8]>);
+
+    /// Applies `payloads` at offsets 0.., writing after each of `batches` messages (the rest
+    /// in a last batch), and with `ahead` reading ahead that many messages whenever the last
+    /// read ahead is used up (cycling through it; a read may run past a write, and every
+    /// `skip`-th message is left out of it, as the stage leaves out ticks). The batches'
+    /// outputs, in order, and every stored entry after the last write.
+    fn run_read_ahead(
+        payloads: &[Vec<u8>],
+        batches: &[usize],
+        ahead: &[usize],
+        skip: usize,
+    ) -> (Vec<Output>, Vec<StoredEntry>) {
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        let mut outputs = Vec::new();
+        let mut write_at = batches.iter().scan(0, |at, n| {
+            *at += n;
+            Some(*at)
+        });
+        let mut next_write = write_at.next();
+        let mut sizes = ahead.iter().cycle();
+        let mut read_until = 0;
+        for (offset, payload) in (0_i64..).zip(payloads) {
+            let at = usize::try_from(offset).expect("small");
+            if at >= read_until
+                && let Some(&size) = sizes.next()
+            {
+                read_until = (at + size).min(payloads.len());
+                let inputs: Vec<Input<'_>> = (at..read_until)
+                    .filter(|i| skip == 0 || i % skip != skip - 1)
+                    .map(|i| Input {
+                        offset: i64::try_from(i).expect("small"),
+                        key: None,
+                        payload: &payloads[i],
+                    })
+                    .collect();
+                state.read_ahead(&inputs).expect("read ahead");
+            }
+            let input = Input {
+                offset,
+                key: None,
+                payload,
+            };
+            state.apply(input, &catalog).expect("apply");
+            if next_write == Some(at + 1) {
+                outputs.extend(state.take_outputs());
+                state.commit().expect("commit");
+                next_write = write_at.next();
+            }
+        }
+        outputs.extend(state.take_outputs());
+        state.commit().expect("commit");
+        let stored = state
+            .store
+            .db()
+            .iterator(rocksdb::IteratorMode::Start)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .expect("read the store");
+        (outputs, stored)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reading_ahead_changes_nothing_applied_or_stored(
+            events in proptest::collection::vec(
+                (0..12usize, 0..3usize, 0..8i64, 1..5u32, 0..8u8),
+                1..120,
+            ),
+            batches in proptest::collection::vec(1..40usize, 1..8),
+            ahead in proptest::collection::vec(2..50usize, 1..4),
+            skip in 0..6usize,
+        ) {
+            // Ids from a small pool, so copies repeat within a read ahead, across reads and
+            // across writes; some received past the correction horizon, some not events.
+            let start = 10 * DAY_MS;
+            let payloads: Vec<Vec<u8>> = events
+                .iter()
+                .map(|&(id, customer, minute, tokens, kind)| {
+                    let time = start + minute * 60_000 + 1_000;
+                    match kind {
+                        0 => b"not an event".to_vec(),
+                        1 => tokens_received(
+                            &format!("c{customer}"),
+                            &format!("e-{id}"),
+                            time,
+                            time + 40 * DAY_MS,
+                            &tokens.to_string(),
+                        ),
+                        _ => tokens_of(
+                            &format!("c{customer}"),
+                            &format!("e-{id}"),
+                            time,
+                            &tokens.to_string(),
+                        ),
+                    }
+                })
+                .collect();
+            let expected = run_read_ahead(&payloads, &batches, &[], 0);
+            let read = run_read_ahead(&payloads, &batches, &ahead, skip);
+            proptest::prop_assert_eq!(&read.0, &expected.0);
+            proptest::prop_assert_eq!(&read.1, &expected.1);
         }
     }
 

@@ -9,7 +9,12 @@
 //!   event into one reused event, as the aggregator does: what any consumer must do),
 //!   `raw/put_ids` (one RocksDB put per event id in one
 //!   write batch) and `raw/decode_get_put_ids` (decoding each event, looking its id up and
-//!   putting it: the dedup floor, the least any aggregator with a durable dedup set pays).
+//!   putting it: the dedup floor, the least any aggregator with a durable dedup set pays),
+//!   and `raw/decode_multiget_put_ids` (the same with a batch's lookups made together, as
+//!   the aggregator reads ahead: the floor for an aggregator that batches its lookups).
+//!
+//! `NERUBA_BENCH_READ_AHEAD=n` sets how many events the state machine reads ahead (1: none;
+//! by default as many as the stage does).
 //!
 //! The stream runs on across iterations (ids and event times keep increasing), so the state
 //! grows and windows close as in a long run. `NERUBA_BENCH_IDS=random` gives each event id
@@ -33,6 +38,19 @@ const DAY_MS: i64 = 86_400_000;
 fn random_ids() -> bool {
     static RANDOM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *RANDOM.get_or_init(|| std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random"))
+}
+
+/// How many events the state machine reads ahead (`NERUBA_BENCH_READ_AHEAD`; 1: none),
+/// by default as many as the stage does.
+fn read_ahead() -> usize {
+    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AHEAD.get_or_init(|| {
+        std::env::var("NERUBA_BENCH_READ_AHEAD")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(neruba_aggregator::state::READ_AHEAD)
+            .max(1)
+    })
 }
 
 /// `id` as 32 hex digits of two 64-bit FNV-1a hashes of it: the same id (a repeat) gives the
@@ -94,18 +112,33 @@ fn bench(c: &mut Criterion) {
             b.iter_batched(
                 || next_batch(&mut next, encoding),
                 |payloads| {
-                    for payload in &payloads {
-                        state
-                            .apply(
-                                neruba_stage::Input {
+                    for payloads in payloads.chunks(read_ahead()) {
+                        if read_ahead() > 1 {
+                            let first = offset;
+                            let inputs: Vec<neruba_stage::Input<'_>> = payloads
+                                .iter()
+                                .zip(first..)
+                                .map(|(payload, offset)| neruba_stage::Input {
                                     offset,
                                     key: None,
                                     payload,
-                                },
-                                &catalog,
-                            )
-                            .expect("apply");
-                        offset += 1;
+                                })
+                                .collect();
+                            state.read_ahead(&inputs).expect("read ahead");
+                        }
+                        for payload in payloads {
+                            state
+                                .apply(
+                                    neruba_stage::Input {
+                                        offset,
+                                        key: None,
+                                        payload,
+                                    },
+                                    &catalog,
+                                )
+                                .expect("apply");
+                            offset += 1;
+                        }
                     }
                     black_box(state.take_outputs());
                     black_box(state.take_counts());
@@ -183,6 +216,53 @@ fn bench(c: &mut Criterion) {
                     }
                 }
                 floor.db().write(batch).expect("write");
+            },
+            BatchSize::PerIteration,
+        );
+    });
+
+    // The dedup floor with the batch's lookups made together (RocksDB's batched lookup, keys
+    // sorted), as the aggregator reads ahead: the least an aggregator that batches its
+    // lookups pays per event.
+    let multi_dir = tempfile::tempdir().expect("temp dir");
+    let multi_cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let multi = neruba_stage::Store::open(
+        multi_dir.path(),
+        0,
+        &neruba_aggregator::state::store_options(timing),
+        &multi_cache,
+    )
+    .expect("open multi store");
+    let mut next = 0usize;
+    let mut decoder = codec::Decoder::default();
+    let mut event = neruba_schemas::Event::default();
+    group.bench_function("raw/decode_multiget_put_ids", |b| {
+        b.iter_batched(
+            || next_batch(&mut next, codec::Encoding::Binary),
+            |payloads| {
+                let mut keys = Vec::with_capacity(payloads.len());
+                let mut anchors = Vec::with_capacity(payloads.len());
+                for payload in &payloads {
+                    decoder.decode_into(payload, &mut event).expect("decode");
+                    keys.push(neruba_aggregator::keys::dedup(
+                        &event.tenant,
+                        &event.subject,
+                        &event.id,
+                    ));
+                    anchors.push(event.received_ms.max(event.time_ms));
+                }
+                let mut order: Vec<usize> = (0..keys.len()).collect();
+                order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
+                let found = multi
+                    .multi_get_sorted(order.iter().map(|&i| keys[i].as_slice()))
+                    .expect("batched lookup");
+                let mut batch = rocksdb::WriteBatch::default();
+                for (&i, found) in order.iter().zip(found) {
+                    if found.is_none() {
+                        batch.put(&keys[i], anchors[i].to_be_bytes());
+                    }
+                }
+                multi.db().write(batch).expect("write");
             },
             BatchSize::PerIteration,
         );

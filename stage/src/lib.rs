@@ -55,6 +55,12 @@ pub trait Stage: Send + 'static {
     /// How long the output producer waits to fill a batch. 0 suits a stage that awaits every
     /// batch's acknowledgements before going on.
     const LINGER_MS: u32 = 0;
+    /// How many messages the runtime polls before applying any of them, so that
+    /// [`Stage::read_ahead`] sees them together (reads they will need are cheaper made as
+    /// one: RocksDB's batched lookups). 1, the default: each is applied as it is polled.
+    /// The batch still ends where it would ([`Partition::batch_full`] after the message just
+    /// applied); what was read ahead past that end is applied first in the next batch.
+    const READ_AHEAD: usize = 1;
     /// Whether the stage's input topic is compacted (a record is removed once a later one has
     /// its key): gaps between its offsets are then normal, and the runtime does not count
     /// them as records skipped (`neruba_stage_skipped_offsets_total` has no series for it).
@@ -89,6 +95,19 @@ pub trait Stage: Send + 'static {
         partition: &mut Self::Partition,
         message: &BorrowedMessage<'_>,
     ) -> Result<()>;
+
+    /// Shows the stage the next messages of the partition, in order, before any of them is
+    /// applied ([`Stage::READ_AHEAD`]): it may read what applying them will need. Whatever
+    /// it keeps must not change what applying them does, and is stale once the partition's
+    /// store is written ([`Partition::commit`]).
+    fn read_ahead(
+        &mut self,
+        _batch: &Self::Batch,
+        _partition: &mut Self::Partition,
+        _messages: &[&BorrowedMessage<'_>],
+    ) -> Result<()> {
+        Ok(())
+    }
 
     /// Called for every owned partition after each poll, before delivery (idle work such as
     /// watermark ticks).

@@ -19,11 +19,12 @@ use crate::{
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -98,6 +99,11 @@ struct Shared<S: Stage> {
     /// Time spent finishing batches since the worker started: the part of a loop pass a
     /// rebalance callback took, which is not the batch's apply.
     finishing: Duration,
+    /// When each owned partition's state was opened (a count of openings): a message read
+    /// ahead is applied only to the state that owned its partition when it was polled, since
+    /// a partition let go and taken again resumes at its stored offset and is read again.
+    opened: HashMap<i32, u64>,
+    openings: u64,
 }
 
 type Context<S> = Rebalance<Shared<S>>;
@@ -115,6 +121,8 @@ impl<S: Stage> Shared<S> {
         let next = state.store().next_offset();
         tracing::info!(stage = S::NAME, partition, next_offset = ?next, "Partition state opened.");
         self.partitions.insert(partition, state);
+        self.openings += 1;
+        self.opened.insert(partition, self.openings);
         self.gaps.opened(partition, next);
         Ok(next)
     }
@@ -296,6 +304,7 @@ impl<S: Stage> PartitionStates for Shared<S> {
 
     fn release(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+        self.opened.remove(&partition);
         self.last_timestamp_ms.remove(&partition);
         self.gaps.released(partition);
     }
@@ -310,6 +319,18 @@ impl<S: Stage> PartitionStates for Shared<S> {
         self.fatal = Some(error);
         self.abandoned = true;
     }
+}
+
+/// How reading ahead ended.
+enum ReadAhead {
+    /// Messages were read (perhaps none); `dry` when the input had no more for now; `first`,
+    /// when the first of them was polled, with the time spent finishing batches by then.
+    Read {
+        dry: bool,
+        first: Option<(Instant, Duration)>,
+    },
+    /// The worker was killed: nothing more is applied.
+    Killed,
 }
 
 /// The consumer loop and what it owns.
@@ -363,6 +384,8 @@ impl<S: Stage> Worker<S> {
             gaps,
             unwritten: 0,
             finishing: Duration::ZERO,
+            opened: HashMap::new(),
+            openings: 0,
         }));
         let context = Rebalance::new(shared.clone(), &config.input_topic, kill.clone(), health);
         let member = neruba_kafka::clients::StageMember {
@@ -403,10 +426,90 @@ impl<S: Stage> Worker<S> {
         self.kill.load(Ordering::SeqCst)
     }
 
+    /// Polls up to `want` messages into `ahead`, the first waiting a while when `first` (the
+    /// batch is empty), then shows each partition's share to [`Stage::read_ahead`]. Stops
+    /// early, marking the input dry, at the first poll that finds nothing or fails.
+    fn read_ahead<'c>(
+        &'c self,
+        batch: &S::Batch,
+        ahead: &mut VecDeque<(BorrowedMessage<'c>, Option<u64>)>,
+        want: usize,
+        first: bool,
+    ) -> Result<ReadAhead> {
+        let mut dry = false;
+        let mut first_at = None;
+        while ahead.len() < want {
+            let wait = if first && ahead.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            let message = match self.consumer.poll(wait) {
+                None => {
+                    dry = true;
+                    break;
+                }
+                // librdkafka gave this consumer up for good (another member joined the group
+                // under its instance id, and the broker fenced this one): it reads nothing
+                // more, so the stage stops with the error, writing nothing of the batch,
+                // instead of idling while it answers ready. Its supervisor starts it again
+                // from the offsets stored with its state.
+                Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                    tracing::error!(stage = S::NAME, error = %e, "Consumer failed for good.");
+                    return Err(e.into());
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(stage = S::NAME, error = %e, "Consumer error.");
+                    dry = true;
+                    break;
+                }
+                Some(Ok(message)) => message,
+            };
+            if self.killed() {
+                return Ok(ReadAhead::Killed);
+            }
+            // After the poll, whose rebalance callback (if any) ran first: the owner now is
+            // the owner the message was fetched for.
+            let shared = self.lock()?;
+            let opened = shared.opened.get(&message.partition()).copied();
+            first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
+            drop(shared);
+            ahead.push_back((message, opened));
+        }
+        if S::READ_AHEAD > 1 && !ahead.is_empty() {
+            let mut guard = self.lock()?;
+            let shared = &mut *guard;
+            let mut partitions: Vec<i32> = ahead.iter().map(|(m, _)| m.partition()).collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            for partition in partitions {
+                let Some(opened) = shared.opened.get(&partition).copied() else {
+                    continue;
+                };
+                let Some(state) = shared.partitions.get_mut(&partition) else {
+                    continue;
+                };
+                let messages: Vec<&BorrowedMessage<'_>> = ahead
+                    .iter()
+                    .filter(|(m, at)| m.partition() == partition && *at == Some(opened))
+                    .map(|(m, _)| m)
+                    .collect();
+                shared.stage.read_ahead(batch, state, &messages)?;
+            }
+        }
+        Ok(ReadAhead::Read {
+            dry,
+            first: first_at,
+        })
+    }
+
     /// Runs until shutdown (writing everything), kill or a failure (writing nothing more).
     pub(crate) fn run(self) -> Result<()> {
         let mut last_gauges = Instant::now();
         let mut applied_total: u64 = 0;
+        // Messages polled and not yet applied, each with when its partition's state was
+        // opened as it was polled (`None`: not owned then).
+        let mut ahead: VecDeque<(BorrowedMessage<'_>, Option<u64>)> = VecDeque::new();
         loop {
             if self.killed() {
                 return Ok(());
@@ -418,33 +521,40 @@ impl<S: Stage> Worker<S> {
             }
             let batch = self.lock()?.stage.begin_batch();
             let mut applied = 0;
-            // From the batch's first message (the wait for one is idle time), with the time
-            // spent finishing batches by then, to leave out a rebalance's.
+            // From the batch's first message polled (the wait for one is idle time), with the
+            // time spent finishing batches by then, to leave out a rebalance's.
             let mut first_at: Option<(Instant, Duration)> = None;
             // Partitions the batch read, with the Kafka timestamp of the last message of each.
             let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
+            // The input ran dry (or failed) while reading ahead: the batch ends once what was
+            // read is applied, as it ends at once when nothing is read.
+            let mut dry = false;
             while applied < self.max_batch {
-                let wait = if applied == 0 {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::ZERO
-                };
-                let message = match self.consumer.poll(wait) {
-                    None => break,
-                    // librdkafka gave this consumer up for good (another member joined the
-                    // group under its instance id, and the broker fenced this one): it reads
-                    // nothing more, so the stage stops with the error, writing nothing of the
-                    // batch, instead of idling while it answers ready. Its supervisor starts
-                    // it again from the offsets stored with its state.
-                    Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
-                        tracing::error!(stage = S::NAME, error = %e, "Consumer failed for good.");
-                        return Err(e.into());
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(stage = S::NAME, error = %e, "Consumer error.");
+                if ahead.is_empty() {
+                    if dry {
                         break;
                     }
-                    Some(Ok(message)) => message,
+                    let want = S::READ_AHEAD.clamp(1, self.max_batch - applied);
+                    match self.read_ahead(&batch, &mut ahead, want, applied == 0)? {
+                        ReadAhead::Read {
+                            dry: now_dry,
+                            first,
+                        } => {
+                            dry = now_dry;
+                            // The batch's apply time runs from its first message (the wait
+                            // for one is idle time), reading ahead included.
+                            if let Some(first) = first {
+                                first_at.get_or_insert(first);
+                            }
+                        }
+                        ReadAhead::Killed => return Ok(()),
+                    }
+                    if ahead.is_empty() {
+                        break;
+                    }
+                }
+                let Some((message, opened)) = ahead.pop_front() else {
+                    break;
                 };
                 if self.killed() {
                     return Ok(());
@@ -457,11 +567,15 @@ impl<S: Stage> Worker<S> {
                 let mut guard = self.lock()?;
                 let shared = &mut *guard;
                 let mut full = false;
-                if shared.partitions.contains_key(&message.partition()) {
+                // Applied only to the state that owned the partition when it was polled.
+                let owned =
+                    opened.is_some() && shared.opened.get(&message.partition()) == opened.as_ref();
+                if owned {
+                    // Set by reading ahead, unless the message was read by an earlier batch.
                     first_at.get_or_insert_with(|| (Instant::now(), shared.finishing));
                     shared.gaps.received(message.partition(), message.offset());
                 }
-                while let Some(state) = shared.partitions.get_mut(&message.partition()) {
+                while owned && let Some(state) = shared.partitions.get_mut(&message.partition()) {
                     shared.stage.apply(&batch, state, &message)?;
                     full = state.batch_full();
                     if !state.apply_again() {
