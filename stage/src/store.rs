@@ -194,7 +194,7 @@ impl Store {
                 Err(TryLockError::Error(e)) => return Err(state_dir(e)),
             }
         }
-        // Its one column family named, so batched reads can address it ([`Store::multi_get`]);
+        // Its one column family named, so batched reads can address it ([`Store::multi_get_sorted`]);
         // the same database as opened without it.
         let options = options.rocksdb(cache);
         let default = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, options.clone());
