@@ -194,8 +194,8 @@ impl Store {
                 Err(TryLockError::Error(e)) => return Err(state_dir(e)),
             }
         }
-        // Its one column family named, so batched reads can address it ([`Store::multi_get_sorted`]);
-        // the same database as opened without it.
+        // Its one column family named, so batched reads can address it
+        // ([`Store::multi_get_sorted`]); the same database as opened without it.
         let options = options.rocksdb(cache);
         let default = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, options.clone());
         let db = Arc::new(DB::open_cf_descriptors(&options, dir, [default])?);
