@@ -25,7 +25,7 @@
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use neruba as _;
 use neruba_aggregator::state::{PartitionState, Timing};
-use neruba_benches::aggregation::{CATALOG, event};
+use neruba_benches::aggregation::{self, CATALOG};
 use neruba_schemas::{Catalog, codec};
 use neruba_stage::Partition as _;
 use std::hint::black_box;
@@ -33,12 +33,6 @@ use std::hint::black_box;
 const BATCH: usize = 5_000;
 const PER_HOUR: usize = 300_000;
 const DAY_MS: i64 = 86_400_000;
-
-/// Whether ids are unordered (`NERUBA_BENCH_IDS=random`).
-fn random_ids() -> bool {
-    static RANDOM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *RANDOM.get_or_init(|| std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random"))
-}
 
 /// How many events the state machine reads ahead (`NERUBA_BENCH_READ_AHEAD`; 1: none),
 /// by default as many as the stage does.
@@ -53,28 +47,9 @@ fn read_ahead() -> usize {
     })
 }
 
-/// `id` as 32 hex digits of two 64-bit FNV-1a hashes of it: the same id (a repeat) gives the
-/// same digits, and consecutive ids scatter.
-fn scattered(id: &str) -> String {
-    let fnv = |seed: u64| {
-        id.bytes().fold(seed, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    };
-    format!(
-        "{:016x}{:016x}",
-        fnv(0xcbf2_9ce4_8422_2325),
-        fnv(0x8422_2325_cbf2_9ce4)
-    )
-}
-
 /// The event `i` of the stream, its id scattered when ids are random.
 fn stream_event(i: usize) -> neruba_schemas::Event {
-    let mut event = event(i, PER_HOUR);
-    if random_ids() {
-        event.id = scattered(&event.id);
-    }
-    event
+    aggregation::stream_event(i, PER_HOUR)
 }
 
 /// The next `BATCH` events of the stream, from event `*next` on, in `encoding`.

@@ -13,6 +13,9 @@
 //! Reports events/s of each, their ratios (SPEC target: aggregator ≥ 0.8 × the durable floor),
 //! and the process's peak RSS. `NERUBA_BENCH_EVENTS` sets the event count (default 100,000);
 //! `NERUBA_BENCH_BROKER=tansu` runs against a tansu broker process instead of the embedded one.
+//! `NERUBA_BENCH_IDS=random` scatters the event ids as the client library makes them (no
+//! order, so a dedup lookup cannot skip a stored file by its key range); by default they
+//! increase.
 
 // Rates and ratios in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]

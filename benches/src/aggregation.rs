@@ -22,9 +22,42 @@ aggregation = "count"
 window = "1m"
 "#;
 
-/// ~200-byte events: 200 customers, two models, times over one hour, 5 % repeated ids.
+/// ~200-byte events: 200 customers, two models, times over one hour, 5 % repeated ids
+/// (scattered when [`random_ids`]).
 pub fn workload(n: usize) -> Vec<Event> {
-    (0..n).map(|i| event(i, n)).collect()
+    (0..n).map(|i| stream_event(i, n)).collect()
+}
+
+/// Whether ids are unordered (`NERUBA_BENCH_IDS=random`): each id is then 32 hex digits of a
+/// hash of it, as the client library makes ids (no order), so a lookup cannot skip a stored
+/// file by its key range.
+pub fn random_ids() -> bool {
+    static RANDOM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RANDOM.get_or_init(|| std::env::var("NERUBA_BENCH_IDS").is_ok_and(|ids| ids == "random"))
+}
+
+/// `id` as 32 hex digits of two 64-bit FNV-1a hashes of it: the same id (a repeat) gives the
+/// same digits, and consecutive ids scatter.
+pub fn scattered(id: &str) -> String {
+    let fnv = |seed: u64| {
+        id.bytes().fold(seed, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    format!(
+        "{:016x}{:016x}",
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x8422_2325_cbf2_9ce4)
+    )
+}
+
+/// [`event`], its id scattered when [`random_ids`].
+pub fn stream_event(i: usize, per_hour: usize) -> Event {
+    let mut event = event(i, per_hour);
+    if random_ids() {
+        event.id = scattered(&event.id);
+    }
+    event
 }
 
 /// The `i`-th event of a stream of `per_hour` events per hour of event time (ids and times

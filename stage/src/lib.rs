@@ -58,8 +58,11 @@ pub trait Stage: Send + 'static {
     /// How many messages the runtime polls before applying any of them, so that
     /// [`Stage::read_ahead`] sees them together (reads they will need are cheaper made as
     /// one: RocksDB's batched lookups). 1, the default: each is applied as it is polled.
-    /// The batch still ends where it would ([`Partition::batch_full`] after the message just
-    /// applied); what was read ahead past that end is applied first in the next batch.
+    /// A worker reads at most this many across its partitions (and no more than its batch
+    /// has room for); it stops early when a poll finds nothing. The batch ends as it does
+    /// without reading ahead: when a poll after the messages applied finds nothing, or after
+    /// the message that fills it ([`Partition::batch_full`]); what was read ahead past that
+    /// end is applied first in the next batch.
     const READ_AHEAD: usize = 1;
     /// Whether the stage's input topic is compacted (a record is removed once a later one has
     /// its key): gaps between its offsets are then normal, and the runtime does not count

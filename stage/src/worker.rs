@@ -323,10 +323,10 @@ impl<S: Stage> PartitionStates for Shared<S> {
 
 /// How reading ahead ended.
 enum ReadAhead {
-    /// Messages were read (perhaps none); `dry` when the input had no more for now; `first`,
+    /// Messages were read (perhaps none); `failed` when a poll failed; `first`,
     /// when the first of them was polled, with the time spent finishing batches by then.
     Read {
-        dry: bool,
+        failed: bool,
         first: Option<(Instant, Duration)>,
     },
     /// The worker was killed: nothing more is applied.
@@ -428,7 +428,8 @@ impl<S: Stage> Worker<S> {
 
     /// Polls up to `want` messages into `ahead`, the first waiting a while when `first` (the
     /// batch is empty), then shows each partition's share to [`Stage::read_ahead`]. Stops
-    /// early, marking the input dry, at the first poll that finds nothing or fails.
+    /// early at the first poll that finds nothing, and at one that fails, marking the read
+    /// failed: the batch then ends once what was read is applied, as it ended at the error.
     fn read_ahead<'c>(
         &'c self,
         batch: &S::Batch,
@@ -436,7 +437,7 @@ impl<S: Stage> Worker<S> {
         want: usize,
         first: bool,
     ) -> Result<ReadAhead> {
-        let mut dry = false;
+        let mut failed = false;
         let mut first_at = None;
         while ahead.len() < want {
             let wait = if first && ahead.is_empty() {
@@ -445,10 +446,10 @@ impl<S: Stage> Worker<S> {
                 Duration::ZERO
             };
             let message = match self.consumer.poll(wait) {
-                None => {
-                    dry = true;
-                    break;
-                }
+                // Nothing now: what was read is applied, and the next poll after it (as
+                // before reading ahead, one after each message applied) decides whether the
+                // batch goes on.
+                None => break,
                 // librdkafka gave this consumer up for good (another member joined the group
                 // under its instance id, and the broker fenced this one): it reads nothing
                 // more, so the stage stops with the error, writing nothing of the batch,
@@ -460,7 +461,7 @@ impl<S: Stage> Worker<S> {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(stage = S::NAME, error = %e, "Consumer error.");
-                    dry = true;
+                    failed = true;
                     break;
                 }
                 Some(Ok(message)) => message,
@@ -498,7 +499,7 @@ impl<S: Stage> Worker<S> {
             }
         }
         Ok(ReadAhead::Read {
-            dry,
+            failed,
             first: first_at,
         })
     }
@@ -526,21 +527,21 @@ impl<S: Stage> Worker<S> {
             let mut first_at: Option<(Instant, Duration)> = None;
             // Partitions the batch read, with the Kafka timestamp of the last message of each.
             let mut touched: Vec<(i32, Option<i64>)> = Vec::new();
-            // The input ran dry (or failed) while reading ahead: the batch ends once what was
-            // read is applied, as it ends at once when nothing is read.
-            let mut dry = false;
+            // The input failed while reading ahead: the batch ends once what was read is
+            // applied. It ends at once when a poll finds nothing.
+            let mut failed = false;
             while applied < self.max_batch {
                 if ahead.is_empty() {
-                    if dry {
+                    if failed {
                         break;
                     }
                     let want = S::READ_AHEAD.clamp(1, self.max_batch - applied);
                     match self.read_ahead(&batch, &mut ahead, want, applied == 0)? {
                         ReadAhead::Read {
-                            dry: now_dry,
+                            failed: now_failed,
                             first,
                         } => {
-                            dry = now_dry;
+                            failed = now_failed;
                             // The batch's apply time runs from its first message (the wait
                             // for one is idle time), reading ahead included.
                             if let Some(first) = first {
