@@ -61,6 +61,21 @@ fn next_batch(next: &mut usize, encoding: codec::Encoding) -> Vec<Vec<u8>> {
     batch
 }
 
+/// A store of its own in a new temporary directory, tuned as the aggregator's is (its own
+/// 64 MiB block cache): where a floor keeps its ids.
+fn floor_store(timing: Timing) -> (tempfile::TempDir, neruba_stage::Store) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let store = neruba_stage::Store::open(
+        dir.path(),
+        0,
+        &neruba_aggregator::state::store_options(timing),
+        &cache,
+    )
+    .expect("open floor store");
+    (dir, store)
+}
+
 fn bench(c: &mut Criterion) {
     let catalog = Catalog::from_toml_str(CATALOG, "bench").expect("bench catalog");
     let timing = Timing {
@@ -165,15 +180,7 @@ fn bench(c: &mut Criterion) {
     // The dedup floor: decode each event, look its id up in RocksDB (a miss, as for every new
     // event) and put it, in one write batch per 5,000, into a store tuned as the aggregator's
     // is. The least any aggregator that keeps the durable dedup set pays per event.
-    let floor_dir = tempfile::tempdir().expect("temp dir");
-    let floor_cache = rocksdb::Cache::new_lru_cache(64 << 20);
-    let floor = neruba_stage::Store::open(
-        floor_dir.path(),
-        0,
-        &neruba_aggregator::state::store_options(timing),
-        &floor_cache,
-    )
-    .expect("open floor store");
+    let (_floor_dir, floor) = floor_store(timing);
     let mut next = 0usize;
     let mut decoder = codec::Decoder::default();
     let mut event = neruba_schemas::Event::default();
@@ -199,15 +206,7 @@ fn bench(c: &mut Criterion) {
     // The dedup floor with the batch's lookups made together (RocksDB's batched lookup, keys
     // sorted), as the aggregator reads ahead: the least an aggregator that batches its
     // lookups pays per event.
-    let multi_dir = tempfile::tempdir().expect("temp dir");
-    let multi_cache = rocksdb::Cache::new_lru_cache(64 << 20);
-    let multi = neruba_stage::Store::open(
-        multi_dir.path(),
-        0,
-        &neruba_aggregator::state::store_options(timing),
-        &multi_cache,
-    )
-    .expect("open multi store");
+    let (_multi_dir, multi) = floor_store(timing);
     let mut next = 0usize;
     let mut decoder = codec::Decoder::default();
     let mut event = neruba_schemas::Event::default();

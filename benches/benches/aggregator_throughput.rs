@@ -15,7 +15,8 @@
 //! `NERUBA_BENCH_BROKER=tansu` runs against a tansu broker process instead of the embedded one.
 //! `NERUBA_BENCH_IDS=random` scatters the event ids as the client library makes them (no
 //! order, so a dedup lookup cannot skip a stored file by its key range); by default they
-//! increase.
+//! increase. `NERUBA_BENCH_KAFKA=key=value,...` gives the aggregator's clients librdkafka
+//! settings, as its `--kafka-opt` would.
 
 // Rates and ratios in the report are floating point; no quantity or amount is.
 #![allow(clippy::float_arithmetic)]
@@ -211,6 +212,17 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// librdkafka settings given to the aggregator's clients (`NERUBA_BENCH_KAFKA`, as
+/// `key=value` pairs separated by commas), as its `--kafka-opt` would.
+fn kafka_options() -> Vec<(String, String)> {
+    std::env::var("NERUBA_BENCH_KAFKA")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
 /// Runs the aggregator with `workers` threads on fresh state until it handled `n` events;
 /// returns the events handled, the time from its start to its last write, and the rollups it
 /// emitted.
@@ -229,6 +241,7 @@ async fn aggregate(
     config.stage.workers = workers;
     config.stage.max_batch = max_batch;
     config.idle_timeout = Duration::from_secs(3600);
+    config.stage.kafka_options = kafka_options();
     let registry = prometheus::Registry::new();
     let shutdown = CancellationToken::new();
     // A run that fails stops the stage too, else the runtime waits on its workers for ever.

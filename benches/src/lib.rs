@@ -59,7 +59,9 @@ pub fn written(registry: &prometheus::Registry) -> u64 {
 }
 
 /// Where a stage's batches spent their time, from its `neruba_stage_batch_*` histograms in
-/// `registry`: each phase's total seconds and batches, and the mean input messages per batch.
+/// `registry`: each phase's total seconds and batches, the bucket bounds of its median, 90th
+/// percentile and slowest batch (a few slow batches, such as a first delivery waiting for the
+/// producer's id, show there), and the mean input messages per batch.
 #[allow(clippy::float_arithmetic)]
 pub fn batch_phases(registry: &prometheus::Registry) -> String {
     let families = registry.gather();
@@ -79,9 +81,12 @@ pub fn batch_phases(registry: &prometheus::Registry) -> String {
             .map_or("?", |l| l.value());
         let h = metric.get_histogram();
         phases.push(format!(
-            "{phase} {:.2} s ({} batches)",
+            "{phase} {:.2} s ({} batches, p50 ≤ {} ms, p90 ≤ {} ms, slowest ≤ {} ms)",
             h.get_sample_sum(),
-            h.get_sample_count()
+            h.get_sample_count(),
+            bucket_bound_ms(h, 0.5),
+            bucket_bound_ms(h, 0.9),
+            bucket_bound_ms(h, 1.0)
         ));
     }
     let (messages, batches) = histograms("neruba_stage_batch_messages")
@@ -95,6 +100,20 @@ pub fn batch_phases(registry: &prometheus::Registry) -> String {
         phases.join(", "),
         messages / batches.max(1) as f64
     )
+}
+
+/// The upper bound, in milliseconds, of the histogram bucket that holds its `quantile`: the
+/// batches' times are only known to their buckets. `inf` past the last bound.
+#[allow(clippy::float_arithmetic)]
+fn bucket_bound_ms(h: &prometheus::proto::Histogram, quantile: f64) -> String {
+    let wanted = h.get_sample_count() as f64 * quantile;
+    h.get_bucket()
+        .iter()
+        .find(|b| b.cumulative_count() as f64 >= wanted)
+        .map_or_else(
+            || "inf".to_owned(),
+            |b| format!("{}", b.upper_bound() * 1000.0),
+        )
 }
 
 /// The process's peak resident set size, KiB (Linux `VmHWM`).
