@@ -218,8 +218,13 @@ fn kafka_options() -> Vec<(String, String)> {
     std::env::var("NERUBA_BENCH_KAFKA")
         .unwrap_or_default()
         .split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .unwrap_or_else(|| panic!("NERUBA_BENCH_KAFKA: `{pair}` is not key=value"));
+            (key.trim().to_owned(), value.trim().to_owned())
+        })
         .collect()
 }
 

@@ -103,9 +103,13 @@ pub fn batch_phases(registry: &prometheus::Registry) -> String {
 }
 
 /// The upper bound, in milliseconds, of the histogram bucket that holds its `quantile`: the
-/// batches' times are only known to their buckets. `inf` past the last bound.
+/// batches' times are only known to their buckets. `inf` past the last bound, `–` when there
+/// were none.
 #[allow(clippy::float_arithmetic)]
 fn bucket_bound_ms(h: &prometheus::proto::Histogram, quantile: f64) -> String {
+    if h.get_sample_count() == 0 {
+        return "–".to_owned();
+    }
     let wanted = h.get_sample_count() as f64 * quantile;
     h.get_bucket()
         .iter()

@@ -30,13 +30,16 @@ use std::time::{Duration, Instant};
 /// Partitions of `topic`, from the broker's metadata, waiting up to 30 s for a topic the
 /// broker is still creating. Blocking.
 ///
-/// Then asks once more, so that an idempotent producer asks for its producer id now: librdkafka
-/// asks when the producer is created, finds no broker connected yet, and asks again after a
-/// metadata answer from a connected broker it may ask, or else 500 ms later. By the first
-/// answer (through the bootstrap address) there is none; by the second there is. Without it
-/// the producer's first delivery waits for that timer (502 ms measured on the embedded broker,
-/// against 2–3 ms for the next; a once-a-start cost each stage paid in its first batch). If the
-/// second question fails, the timer still asks.
+/// Then asks once more, so that an idempotent producer gets its producer id now. librdkafka
+/// (2.12) starts a 500 ms timer for it when the producer is created, and tries at once after
+/// each metadata answer; but the first answer retires the bootstrap connection it came
+/// through, and the broker it names is not connected yet, so that try finds no broker and
+/// waits for the timer. The second question connects to that broker first, and its answer's
+/// try succeeds. Without it the producer's first delivery waits for the timer (502 ms measured
+/// on the embedded broker, against 2–3 ms for the next): a once-a-start cost for a stage whose
+/// first delivery comes sooner than that. If the second question fails, the timer still asks.
+/// A producer built again after a fatal error ([`Recoverable`]) is not asked twice: it may
+/// wait up to the timer once. Re-check on a librdkafka upgrade (the test below shows it).
 pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, KafkaError> {
     let count = topic_partitions(producer.client(), topic, Duration::from_secs(30))?;
     if let Err(e) = producer
@@ -359,11 +362,10 @@ mod tests {
     fn a_new_output_producer_delivers_its_first_record_without_waiting_for_its_id_timer()
     -> Result<(), Box<dyn std::error::Error>> {
         // Was: its first delivery waited 500 ms (502 ms measured on this broker, against 2 to
-        // 3 ms for the next ones): librdkafka asks for the idempotent producer's id when it is
-        // created, finds no broker connected, and asks again only after a metadata answer
-        // from a connected broker or the 500 ms retry timer. Every stage paid it once a start,
-        // in its first batch's delivery. The timer is a floor: a producer that waits for it
-        // cannot be acknowledged sooner, however loaded the machine.
+        // 3 ms for the next ones): after the first metadata answer librdkafka found no
+        // connected broker to ask for the idempotent producer's id and waited for its 500 ms
+        // retry timer (see `partition_count`). The timer is a floor: a producer that waits for
+        // it cannot be acknowledged sooner, however loaded the machine.
         let (cluster, _client) = ledger_of_three()?;
         let created = Instant::now();
         let producer = clients::output_producer(&cluster.bootstrap_servers(), "test", 0, &[])?;

@@ -59,10 +59,11 @@ pub trait Stage: Send + 'static {
     /// [`Stage::read_ahead`] sees them together (reads they will need are cheaper made as
     /// one: RocksDB's batched lookups). 1, the default: each is applied as it is polled.
     /// A worker reads at most this many across its partitions (and no more than its batch
-    /// has room for); it stops early when a poll finds nothing. The batch ends as it does
-    /// without reading ahead: when a poll after the messages applied finds nothing, or after
-    /// the message that fills it ([`Partition::batch_full`]); what was read ahead past that
-    /// end is applied first in the next batch.
+    /// has room for); it stops early when a poll finds nothing or fails. The batch ends as it
+    /// does without reading ahead: when a poll after the messages applied finds nothing, after
+    /// a failed poll once what was read is applied, or after the message that fills it
+    /// ([`Partition::batch_full`]); what was read ahead past that end is applied first in the
+    /// next batch.
     const READ_AHEAD: usize = 1;
     /// Whether the stage's input topic is compacted (a record is removed once a later one has
     /// its key): gaps between its offsets are then normal, and the runtime does not count
