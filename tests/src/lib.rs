@@ -151,6 +151,23 @@ impl GatewayHarness {
         Ok((response.status().as_u16(), response.text().await?))
     }
 
+    /// Waits until `/readyz` answers 200, asking every 5 ms for up to 10 s; an error with its
+    /// last answer if it never does.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = self.get("/readyz").await?;
+            if status == 200 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the gateway never reported ready: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Every message on the events topic, decoded, once at least `expected` are there and no
     /// more arrived for half a second (so an extra message would be seen).
     pub async fn events_on_topic(&self, expected: usize) -> Result<Vec<Landed>> {

@@ -683,15 +683,7 @@ async fn broker_down_means_503_nothing_acknowledged_and_a_retry_succeeds() -> Re
     })
     .await?;
     // 1. Healthy: ready.
-    let mut ready = (0, String::new());
-    for _ in 0..50 {
-        ready = h.get("/readyz").await?;
-        if ready.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(ready.0, 200, "gateway never became ready: {}", ready.1);
+    h.wait_ready().await?;
 
     // 2. Outage: the events are not acknowledged, so nothing may be called accepted.
     //    The client keeps this exact request and retries it as is. Its first event is
@@ -881,14 +873,7 @@ async fn the_first_request_after_the_gateway_reports_ready_is_not_held_for_its_p
     // start, so a request it held, sent once ready (milliseconds after the start), would take
     // most of 500 ms.
     let h = GatewayHarness::start().await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while h.get("/readyz").await?.0 != 200 {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the gateway never reported ready"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_ready().await?;
     let sent = std::time::Instant::now();
     let answer = h
         .post(acme(), SINGLE, call("first", "c1").to_string())
