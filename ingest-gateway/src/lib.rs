@@ -312,13 +312,23 @@ fn recoverable_producer(
 }
 
 /// Keeps `/readyz` true only while the broker answers metadata requests for the events topic.
+///
+/// Before it turns ready the broker must answer twice in a row: librdkafka asks for the
+/// idempotent producer's id after a metadata answer, but the first answer finds no connected
+/// broker to ask and leaves it to a 500 ms timer (see `neruba_kafka::partition_count`); the
+/// second question connects to the topic's broker first. Was: ready after one answer, and a
+/// request sent then was held for the timer (495 ms, in 3 of 30 runs).
 async fn probe_broker(state: Arc<http::AppState>, shutdown: CancellationToken) {
     loop {
+        let was = state.broker_ready.load(Ordering::Relaxed);
         let sink = state.sink.clone();
-        let up = tokio::task::spawn_blocking(move || sink.probe(Duration::from_secs(2)))
-            .await
-            .unwrap_or(false);
-        let was = state.broker_ready.swap(up, Ordering::Relaxed);
+        let up = tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(2);
+            sink.probe(timeout) && (was || sink.probe(timeout))
+        })
+        .await
+        .unwrap_or(false);
+        state.broker_ready.store(up, Ordering::Relaxed);
         state.metrics.broker_reachable.set(i64::from(up));
         if was != up {
             tracing::info!(reachable = up, "Broker reachability changed.");

@@ -866,12 +866,12 @@ async fn events_are_written_in_version_2_unless_json_is_asked_and_tail_prints_bo
 async fn the_first_request_after_the_gateway_reports_ready_is_not_held_for_its_producer_id()
 -> Result<()> {
     // librdkafka asks for an idempotent producer's id only after a metadata answer from a
-    // connected broker, else on its 500 ms retry timer: a stage's first delivery waited for it
-    // (see `neruba_kafka::partition_count`). A gateway that reports ready does not (why was
-    // not traced): its first request took 5.6 ms when this was written, and 53 ms when sent
-    // before it was ready (one run each). This keeps it so: the timer runs from the producer's
-    // start, so a request it held, sent once ready (milliseconds after the start), would take
-    // most of 500 ms.
+    // connected broker, else on its 500 ms retry timer (see `neruba_kafka::partition_count`).
+    // Was: the gateway reported ready after its probe's first answer, which finds no
+    // connected broker, and this request was held for the timer (495 ms in 3 of 30 runs, and
+    // in a CI run); now it is ready after a second answer (0 in 80 runs). The timer runs from
+    // the producer's start, so a request it held, sent once ready (milliseconds after the
+    // start), takes most of 500 ms.
     let h = GatewayHarness::start().await?;
     h.wait_ready().await?;
     let sent = std::time::Instant::now();
