@@ -868,7 +868,7 @@ async fn the_first_request_after_the_gateway_reports_ready_is_not_held_for_its_p
     // librdkafka asks for an idempotent producer's id only after a metadata answer from a
     // connected broker, else on its 500 ms retry timer (see `neruba_kafka::partition_count`).
     // Was: the gateway reported ready after its probe's first answer, which finds no
-    // connected broker, and this request was held for the timer (495 ms in 3 of 30 runs, and
+    // connected broker, and this request was held for the timer (about 495 ms in 3 of 30 runs, and
     // in a CI run); now it is ready after a second answer (0 in 80 runs). The timer runs from
     // the producer's start, so a request it held, sent once ready (milliseconds after the
     // start), takes most of 500 ms.
