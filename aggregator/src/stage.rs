@@ -109,31 +109,11 @@ impl neruba_stage::Stage for Aggregator {
         state.take_outputs()
     }
 
-    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
-        match output {
-            Output::Rollup(rollup) => sink.keyed(
-                rollup.key().as_bytes(),
-                &rollup.encode(),
-                &rollup.partition_key(),
-            ),
-            Output::Tick {
-                partition,
-                tenant,
-                watermark,
-            } => {
-                let (headers, payload) = tick_message(tenant, *watermark);
-                sink.producer()
-                    .send_result(
-                        FutureRecord::to(&self.events_topic)
-                            .key(WATERMARK_HEADER.as_bytes())
-                            .payload(payload.as_bytes())
-                            .partition(*partition)
-                            .headers(headers),
-                    )
-                    .map_err(|(e, _)| e)
-            }
-            // The runtime writes dead letters.
-            Output::DeadLetter(_) => Err(KafkaError::Canceled),
+    type Sender = RollupSender;
+
+    fn sender(&self) -> RollupSender {
+        RollupSender {
+            events_topic: self.events_topic.clone(),
         }
     }
 
@@ -226,4 +206,39 @@ fn watermark_tick<'a>(message: &'a BorrowedMessage<'_>) -> Option<(Option<&'a st
     };
     let watermark = value(WATERMARK_HEADER)?.parse().unwrap_or(i64::MIN);
     Some((value(WATERMARK_TENANT_HEADER), watermark))
+}
+
+/// Enqueues rollups on the rollups topic, and idle ticks back into the events' partition.
+pub(crate) struct RollupSender {
+    events_topic: String,
+}
+
+impl neruba_stage::Sender<Output> for RollupSender {
+    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
+        match output {
+            Output::Rollup(rollup) => sink.keyed(
+                rollup.key().as_bytes(),
+                &rollup.encode(),
+                &rollup.partition_key(),
+            ),
+            Output::Tick {
+                partition,
+                tenant,
+                watermark,
+            } => {
+                let (headers, payload) = tick_message(tenant, *watermark);
+                sink.producer()
+                    .send_result(
+                        FutureRecord::to(&self.events_topic)
+                            .key(WATERMARK_HEADER.as_bytes())
+                            .payload(payload.as_bytes())
+                            .partition(*partition)
+                            .headers(headers),
+                    )
+                    .map_err(|(e, _)| e)
+            }
+            // The runtime writes dead letters.
+            Output::DeadLetter(_) => Err(KafkaError::Canceled),
+        }
+    }
 }

@@ -30,6 +30,15 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) enum Nothing {}
 
+/// The read models' sender: they have no outputs to send.
+pub(crate) struct SendsNothing;
+
+impl neruba_stage::Sender<Nothing> for SendsNothing {
+    fn send(&self, _sink: &Sink<'_>, output: &Nothing) -> Result<DeliveryFuture, KafkaError> {
+        match *output {}
+    }
+}
+
 impl AsDeadLetter for Nothing {
     fn dead_letter(&self) -> Option<&DeadLetter> {
         match *self {}
@@ -212,8 +221,10 @@ impl neruba_stage::Stage for LedgerModel {
         Vec::new()
     }
 
-    fn send(&self, _sink: &Sink<'_>, output: &Nothing) -> Result<DeliveryFuture, KafkaError> {
-        match *output {}
+    type Sender = SendsNothing;
+
+    fn sender(&self) -> SendsNothing {
+        SendsNothing
     }
 
     fn worker_gauges(&self, _now_ms: i64) {

@@ -37,10 +37,8 @@ use neruba_schemas::catalog::{Aggregation, Meter};
 use neruba_schemas::decimal::exact_add;
 use neruba_schemas::rollup::Rollup;
 use neruba_stage::keys::{push_part as push, time_bytes, time_from};
-use neruba_stage::{Input, Result, Sink, Store, StoreOptions};
-use rdkafka::error::KafkaError;
+use neruba_stage::{Input, Result, Store, StoreOptions};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::DeliveryFuture;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -446,12 +444,10 @@ impl neruba_stage::Stage for UsageModel {
         Vec::new()
     }
 
-    fn send(
-        &self,
-        _sink: &Sink<'_>,
-        output: &crate::ledger::Nothing,
-    ) -> std::result::Result<DeliveryFuture, KafkaError> {
-        match *output {}
+    type Sender = crate::ledger::SendsNothing;
+
+    fn sender(&self) -> crate::ledger::SendsNothing {
+        crate::ledger::SendsNothing
     }
 }
 

@@ -89,6 +89,35 @@ impl neruba_stage::Stage for Balances {
         state.take_outputs()
     }
 
+    type Sender = EntrySender;
+
+    fn sender(&self) -> EntrySender {
+        EntrySender {
+            ledger_topic: self.ledger_topic.clone(),
+        }
+    }
+
+    fn worker_gauges(&self, _now_ms: i64) {
+        self.books.publish();
+    }
+
+    fn gauges(&self, state: &PartitionState, now_ms: i64) {
+        if state.clock_ms() > i64::MIN {
+            let partition = state.partition.to_string();
+            self.metrics
+                .clock_lag
+                .with_label_values(&[partition.as_str()])
+                .set((now_ms - state.clock_ms()) / 1000);
+        }
+    }
+}
+
+/// Enqueues balance entries on the entries topic, and ticks back into the ledger's partition.
+pub(crate) struct EntrySender {
+    ledger_topic: String,
+}
+
+impl neruba_stage::Sender<Output> for EntrySender {
     fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
         match output {
             Output::Entry(entry) => {
@@ -122,20 +151,6 @@ impl neruba_stage::Stage for Balances {
             }
             // The runtime writes dead letters.
             Output::DeadLetter(_) => Err(KafkaError::Canceled),
-        }
-    }
-
-    fn worker_gauges(&self, _now_ms: i64) {
-        self.books.publish();
-    }
-
-    fn gauges(&self, state: &PartitionState, now_ms: i64) {
-        if state.clock_ms() > i64::MIN {
-            let partition = state.partition.to_string();
-            self.metrics
-                .clock_lag
-                .with_label_values(&[partition.as_str()])
-                .set((now_ms - state.clock_ms()) / 1000);
         }
     }
 }

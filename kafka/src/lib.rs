@@ -284,15 +284,22 @@ impl<P: Replaceable> Recoverable<P> {
 ///
 /// Sending the batch again may write some outputs twice; every output of the pipeline is
 /// identified (rollup revision, line item id, dead letter source offset), so readers deduplicate.
+///
+/// `sent`: the batch as already sent once (what sending each gave), if it was (by a thread
+/// that enqueued it as it was made): awaited first.
 pub fn deliver_until_acked(
     producer: &Recoverable,
+    mut sent: Option<Vec<Result<DeliveryFuture, KafkaError>>>,
     mut send: impl FnMut(&FutureProducer) -> Vec<Result<DeliveryFuture, KafkaError>>,
     stop: &dyn Fn() -> bool,
 ) -> Result<u32, KafkaError> {
     let mut failures = 0u32;
     loop {
         let used = producer.get();
-        let pending = send(&used);
+        let pending = match sent.take() {
+            Some(pending) => pending,
+            None => send(&used),
+        };
         let Err(e) = futures::executor::block_on(await_all(pending)) else {
             return Ok(failures);
         };

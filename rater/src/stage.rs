@@ -88,15 +88,10 @@ impl neruba_stage::Stage for Rater {
         state.take_outputs()
     }
 
-    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
-        match output {
-            Output::Item(item) => {
-                let key = item.partition_key();
-                sink.keyed(key.as_bytes(), &item.encode(), &key)
-            }
-            // The runtime writes dead letters.
-            Output::Refused(_) => Err(KafkaError::Canceled),
-        }
+    type Sender = ItemSender;
+
+    fn sender(&self) -> ItemSender {
+        ItemSender
     }
 
     fn delivered(&mut self) {
@@ -106,6 +101,22 @@ impl neruba_stage::Stage for Rater {
             self.metrics
                 .close_to_item
                 .observe(Duration::from_millis(millis).as_secs_f64());
+        }
+    }
+}
+
+/// Enqueues line items on the ledger topic.
+pub(crate) struct ItemSender;
+
+impl neruba_stage::Sender<Output> for ItemSender {
+    fn send(&self, sink: &Sink<'_>, output: &Output) -> Result<DeliveryFuture, KafkaError> {
+        match output {
+            Output::Item(item) => {
+                let key = item.partition_key();
+                sink.keyed(key.as_bytes(), &item.encode(), &key)
+            }
+            // The runtime writes dead letters.
+            Output::Refused(_) => Err(KafkaError::Canceled),
         }
     }
 }

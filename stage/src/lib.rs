@@ -6,10 +6,12 @@
 //! - the consumer (`worker`): static or group assignment, each partition resumed at the
 //!   offset stored with its state, batches of up to `max_batch` messages, one stage-chosen
 //!   context per batch (the catalog version), shutdown and kill;
-//! - the order of a batch's effects: outputs delivered until the broker acknowledged every
-//!   one (`acks=all`), then the state written with the next offset in one atomic write
-//!   ([`Store::write`]), then the group offset committed for lag graphs only. A crash in
-//!   between replays the batch, which re-emits the same outputs, never fewer;
+//! - the order of a batch's effects: outputs enqueued in order as they are made, by a thread
+//!   of the worker's own ([`Sender`], `outbox`), while the worker applies the next messages;
+//!   at the batch's end, delivered until the broker acknowledged every one (`acks=all`), then
+//!   the state written with the next offset in one atomic write ([`Store::write`]), then the
+//!   group offset committed for lag graphs only. A crash in between replays the batch, which
+//!   re-emits the same outputs, never fewer;
 //! - partition stores ([`store`]): directory, RocksDB tuning, owner lock, offset encoding,
 //!   compaction expiry, disk usage;
 //! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
@@ -22,6 +24,7 @@ pub mod error;
 mod gaps;
 pub mod keys;
 mod metrics;
+mod outbox;
 mod rebalance;
 pub mod server;
 pub mod store;
@@ -118,11 +121,15 @@ pub trait Stage: Send + 'static {
     fn after_poll(&mut self, _partition: &mut Self::Partition, _now_ms: i64) {}
 
     /// The partition's outputs since the last call, in order, to be delivered before
-    /// [`Partition::commit`]; the stage publishes the batch's counts here.
+    /// [`Partition::commit`]; the stage publishes their counts here. Called every
+    /// [`HAND_EVERY`] messages applied, and at the batch's end.
     fn take_outputs(&mut self, partition: &mut Self::Partition) -> Vec<Self::Output>;
 
-    /// Enqueues one output that is not a dead letter (the runtime writes those).
-    fn send(&self, sink: &Sink<'_>, output: &Self::Output) -> Result<DeliveryFuture, KafkaError>;
+    /// What enqueues the stage's outputs, on the worker's sending thread.
+    type Sender: Sender<Self::Output>;
+
+    /// The stage's [`Stage::Sender`], made once per worker.
+    fn sender(&self) -> Self::Sender;
 
     /// Called once every output of a batch was acknowledged.
     fn delivered(&mut self) {}
@@ -133,6 +140,18 @@ pub trait Stage: Send + 'static {
     /// Publishes the worker's own gauges (what its partitions share), about once a second.
     fn worker_gauges(&self, _now_ms: i64) {}
 }
+
+/// Enqueues a stage's outputs. It runs on a thread of the worker's own, which takes a
+/// batch's outputs as they are made (every [`HAND_EVERY`] messages applied) while the worker
+/// applies the next ones, and on the worker's thread when a batch is sent again.
+pub trait Sender<O>: Send + Sync + 'static {
+    /// Enqueues one output that is not a dead letter (the runtime writes those).
+    fn send(&self, sink: &Sink<'_>, output: &O) -> Result<DeliveryFuture, KafkaError>;
+}
+
+/// How many messages a worker applies between handing the outputs made so far to its sending
+/// thread (and at a batch's end).
+pub const HAND_EVERY: usize = 512;
 
 /// What the runtime needs of a partition's state.
 pub trait Partition: Send + 'static {
@@ -259,8 +278,9 @@ impl DeadLetter {
 /// Where an injected crash stops a stage (tests only; never set in production).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
-    /// Right after applying this many messages, mid-batch: nothing of the batch is delivered
-    /// or written.
+    /// Right after applying this many messages, mid-batch: nothing of the batch is written
+    /// (outputs already handed to the sending thread may reach the broker, as a crash while
+    /// it sends them would let them).
     AfterMessages(u64),
     /// After the batch that reaches this many messages delivered its outputs, before its
     /// state is written: the restart must re-emit identical outputs, not different ones.

@@ -8,7 +8,9 @@
 //!   first message is idle time, not counted; of a rebalance the polls ran, its delivery and
 //!   write are counted as theirs, the rest here: closing the stores of partitions it took
 //!   away, opening those of partitions it added), and the idle work after the poll;
-//! - `deliver`: its outputs taken from the stage, sent, and acknowledged (`acks=all`);
+//! - `deliver`: from the end of its apply until every output is acknowledged (`acks=all`):
+//!   the sending thread enqueues outputs while the batch is applied, so this is its last ones
+//!   enqueued and the broker's answers awaited;
 //! - `write`: each partition's state and offset in one atomic write, then the group offset
 //!   commit (asynchronous).
 //!
@@ -49,7 +51,7 @@ impl BatchTimes {
             HistogramOpts::new(
                 "neruba_stage_batch_seconds",
                 "Time of a stage's batches by phase, summed over its workers: apply (messages \
-                 polled and applied), deliver (outputs until acknowledged), write (state and \
+                 polled and applied), deliver (from the apply's end until every output is acknowledged), write (state and \
                  offset, atomically per partition). A batch that read nothing is timed \
                  delivering and writing only.",
             )

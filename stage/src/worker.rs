@@ -12,16 +12,12 @@
 
 use crate::gaps::InputGaps;
 use crate::metrics::BatchTimes;
+use crate::outbox::Outbox;
 use crate::rebalance::{PartitionStates, Rebalance};
-use crate::{
-    AsDeadLetter, Config, ConsumerHealth, CrashPoint, DeadLetter, Error, Partition, Result, Stage,
-    Store,
-};
+use crate::{Config, ConsumerHealth, CrashPoint, Error, Partition, Result, Stage, Store};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::Cache;
 use std::collections::{HashMap, VecDeque};
@@ -29,12 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// How long an output waits before it is offered again to a producer whose queue was full.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
-
-/// How long an output waits for a full producer queue while nothing leaves it.
-const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Which of a process's workers this is: with static assignment, worker `index` of `count`
 /// takes the `index`-th of `count` contiguous ranges of the assignment, as the group's range
@@ -75,9 +65,8 @@ struct Shared<S: Stage> {
     config: Config,
     cache: Cache,
     producer: neruba_kafka::Recoverable,
-    /// The output topic (the stage's) and its partition count.
-    output_topic: String,
-    output_partitions: i32,
+    /// The worker's sending thread, and what it sends with.
+    outbox: Outbox<S>,
     /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
     stop: CancellationToken,
     /// A failure inside a rebalance callback, surfaced by the loop.
@@ -150,15 +139,15 @@ impl<S: Stage> Shared<S> {
         crash_before_write: bool,
     ) -> Result<()> {
         let started = Instant::now();
-        let mut outputs = Vec::new();
-        for state in self.partitions.values_mut() {
-            outputs.extend(self.stage.take_outputs(state));
-        }
+        self.hand_outputs()?;
+        let (outputs, sent) = self.outbox.finish()?;
         if !outputs.is_empty() {
             let stop = self.stop.clone();
+            let sending = self.outbox.sending();
             neruba_kafka::deliver_until_acked(
                 &self.producer,
-                |producer| self.send(producer, &outputs),
+                Some(sent),
+                |producer| sending.send(producer, &outputs),
                 &|| stop.is_cancelled(),
             )?;
             self.stage.delivered();
@@ -195,78 +184,16 @@ impl<S: Stage> Shared<S> {
         Ok(())
     }
 
-    /// Enqueues every output; the caller awaits the acknowledgements. An output the producer's
-    /// queue has no room for waits until acknowledgements free some, stopping or not (a
-    /// batch's outputs are not bounded by its messages, so none may fail for it: a failed one
-    /// sends the batch again, which would overflow the same way, and a stage stopping delivers
-    /// and writes its batch). It fails only if the queue holds nothing to free (the output is
-    /// larger than the queue's byte bound) or nothing left it for [`QUEUE_FULL_PATIENCE`] (the
-    /// broker is away; the batch is then sent again after a backoff, as for any failure).
-    fn send(
-        &self,
-        producer: &FutureProducer,
-        outputs: &[S::Output],
-    ) -> Vec<Result<DeliveryFuture, KafkaError>> {
-        outputs
-            .iter()
-            .map(|output| {
-                let mut waiting: Option<(Instant, i32)> = None;
-                loop {
-                    let sent = match output.dead_letter() {
-                        Some(letter) => self.send_dead_letter(producer, letter),
-                        None => self.stage.send(
-                            &crate::Sink {
-                                producer,
-                                topic: &self.output_topic,
-                                partitions: self.output_partitions,
-                            },
-                            output,
-                        ),
-                    };
-                    if !matches!(
-                        sent,
-                        Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
-                    ) {
-                        break sent;
-                    }
-                    // Asked only of a full queue: the call takes librdkafka's locks.
-                    let queued = producer.in_flight_count();
-                    if queued == 0 {
-                        break sent;
-                    }
-                    // The producer's own thread serves the acknowledgements that free it.
-                    match waiting {
-                        Some((since, before)) if queued >= before => {
-                            if since.elapsed() >= QUEUE_FULL_PATIENCE {
-                                break sent;
-                            }
-                        }
-                        _ => waiting = Some((Instant::now(), queued)),
-                    }
-                    std::thread::sleep(QUEUE_FULL_WAIT);
-                }
-            })
-            .collect()
-    }
-
-    fn send_dead_letter(
-        &self,
-        producer: &FutureProducer,
-        letter: &DeadLetter,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        let headers = neruba_kafka::dead_letter_headers(
-            letter.code,
-            &letter.message,
-            &self.config.input_topic,
-            letter.offset,
-        );
-        let mut record = FutureRecord::to(&self.config.dead_letter_topic)
-            .payload(letter.payload.as_slice())
-            .headers(headers);
-        if let Some(key) = &letter.key {
-            record = record.key(key.as_slice());
+    /// Hands the outputs the partitions made since the last call to the sending thread.
+    fn hand_outputs(&mut self) -> Result<()> {
+        let mut outputs = Vec::new();
+        for state in self.partitions.values_mut() {
+            outputs.extend(self.stage.take_outputs(state));
         }
-        producer.send_result(record).map_err(|(e, _)| e)
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        self.outbox.hand(self.producer.get(), outputs)
     }
 
     fn publish_gauges(&self) {
@@ -365,10 +292,16 @@ impl<S: Stage> Worker<S> {
         )?;
         let output_topic = stage.output_topic().to_owned();
         let output_partitions = neruba_kafka::partition_count(&producer.get(), &output_topic)?;
-        let shared = Arc::new(Mutex::new(Shared {
-            stage,
+        let outbox = Outbox::start(
+            stage.sender(),
+            &config,
             output_topic,
             output_partitions,
+            kill.clone(),
+        )?;
+        let shared = Arc::new(Mutex::new(Shared {
+            stage,
+            outbox,
             partitions: HashMap::new(),
             config: config.clone(),
             cache,
@@ -598,8 +531,11 @@ impl<S: Stage> Worker<S> {
                         break;
                     }
                 }
-                drop(guard);
                 applied += 1;
+                if applied % crate::HAND_EVERY == 0 {
+                    shared.hand_outputs()?;
+                }
+                drop(guard);
                 applied_total += 1;
                 if self.crash == Some(CrashPoint::AfterMessages(applied_total)) {
                     self.kill.store(true, Ordering::SeqCst);
