@@ -5,7 +5,7 @@
 //! acknowledgements, and only then writes the batch; sending a batch again (a failed
 //! delivery) happens on the worker's thread, from the outputs taken back.
 
-use crate::{AsDeadLetter, Config, DeadLetter, Error, Result, Sender, Sink, Stage};
+use crate::{AsDeadLetter, Config, DeadLetter, Error, Result, Sender, Sink};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -37,15 +37,16 @@ enum Command<O> {
 
 /// What enqueues a stage's outputs and dead letters: shared by the sending thread and the
 /// worker (which sends a batch again).
-pub(crate) struct Sending<S: Stage> {
-    sender: S::Sender,
+pub(crate) struct Sending<O, X> {
+    sender: X,
     output_topic: String,
     output_partitions: i32,
     dead_letter_topic: String,
     input_topic: String,
+    _outputs: std::marker::PhantomData<fn(&O)>,
 }
 
-impl<S: Stage> Sending<S> {
+impl<O: AsDeadLetter, X: Sender<O>> Sending<O, X> {
     /// Enqueues every output; the caller awaits the acknowledgements. An output the producer's
     /// queue has no room for waits until acknowledgements free some, stopping or not (a
     /// batch's outputs are not bounded by its messages, so none may fail for it: a failed one
@@ -56,7 +57,7 @@ impl<S: Stage> Sending<S> {
     pub(crate) fn send(
         &self,
         producer: &FutureProducer,
-        outputs: &[S::Output],
+        outputs: &[O],
     ) -> Vec<std::result::Result<DeliveryFuture, KafkaError>> {
         outputs
             .iter()
@@ -122,36 +123,38 @@ impl<S: Stage> Sending<S> {
 }
 
 /// The worker's side of its sending thread.
-pub(crate) struct Outbox<S: Stage> {
-    sending: Arc<Sending<S>>,
-    commands: SyncSender<Command<S::Output>>,
-    sent: Receiver<Sent<S::Output>>,
+pub(crate) struct Outbox<O, X> {
+    sending: Arc<Sending<O, X>>,
+    commands: SyncSender<Command<O>>,
+    sent: Receiver<Sent<O>>,
     /// Whether anything was handed since the last [`Outbox::finish`].
     handed: bool,
 }
 
-impl<S: Stage> Outbox<S> {
-    /// Starts the sending thread. Once `kill` is set it enqueues nothing more, as a killed
-    /// process would not.
+impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
+    /// Starts the sending thread of stage `name`'s worker. Once `kill` is set it enqueues
+    /// nothing more, as a killed process would not.
     pub(crate) fn start(
-        sender: S::Sender,
+        name: &str,
+        sender: X,
         config: &Config,
         output_topic: String,
         output_partitions: i32,
         kill: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let sending = Arc::new(Sending::<S> {
+        let sending = Arc::new(Sending {
             sender,
             output_topic,
             output_partitions,
             dead_letter_topic: config.dead_letter_topic.clone(),
             input_topic: config.input_topic.clone(),
+            _outputs: std::marker::PhantomData,
         });
-        let (commands, handed) = mpsc::sync_channel::<Command<S::Output>>(HANDED_BOUND);
-        let (give_back, sent) = mpsc::sync_channel::<Sent<S::Output>>(1);
+        let (commands, handed) = mpsc::sync_channel::<Command<O>>(HANDED_BOUND);
+        let (give_back, sent) = mpsc::sync_channel::<Sent<O>>(1);
         let thread_sending = sending.clone();
         std::thread::Builder::new()
-            .name(format!("neruba-{}-send", S::NAME))
+            .name(format!("neruba-{name}-send"))
             .spawn(move || {
                 let (mut outputs, mut pending) = (Vec::new(), Vec::new());
                 // Ends when the worker is gone (its side of the channel dropped).
@@ -184,13 +187,13 @@ impl<S: Stage> Outbox<S> {
     }
 
     /// What enqueues outputs, to send a batch again.
-    pub(crate) fn sending(&self) -> &Sending<S> {
+    pub(crate) fn sending(&self) -> &Sending<O, X> {
         &self.sending
     }
 
     /// Hands `outputs` to the thread, which enqueues them with `producer` after those handed
     /// before.
-    pub(crate) fn hand(&mut self, producer: FutureProducer, outputs: Vec<S::Output>) -> Result<()> {
+    pub(crate) fn hand(&mut self, producer: FutureProducer, outputs: Vec<O>) -> Result<()> {
         self.commands
             .send(Command::Send(producer, outputs))
             .map_err(|_| Error::Bug("the sending thread ended".into()))?;
@@ -200,12 +203,117 @@ impl<S: Stage> Outbox<S> {
 
     /// Every output handed since the last call, in order, each with what enqueueing it gave
     /// (once the thread has enqueued them all).
-    pub(crate) fn finish(&mut self) -> Result<Sent<S::Output>> {
+    pub(crate) fn finish(&mut self) -> Result<Sent<O>> {
         if !std::mem::take(&mut self.handed) {
             return Ok((Vec::new(), Vec::new()));
         }
         let ended = || Error::Bug("the sending thread ended".into());
         self.commands.send(Command::Finish).map_err(|_| ended())?;
         self.sent.recv().map_err(|_| ended())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// A value for the output topic, or a refused input.
+    enum Out {
+        Value(&'static str),
+        Refused(DeadLetter),
+    }
+
+    impl AsDeadLetter for Out {
+        fn dead_letter(&self) -> Option<&DeadLetter> {
+            match self {
+                Out::Value(_) => None,
+                Out::Refused(letter) => Some(letter),
+            }
+        }
+    }
+
+    /// Sends each value under one key, so they share a partition and its order.
+    struct Values;
+
+    impl Sender<Out> for Values {
+        fn send(
+            &self,
+            sink: &Sink<'_>,
+            output: &Out,
+        ) -> std::result::Result<DeliveryFuture, KafkaError> {
+            match output {
+                Out::Value(value) => sink.keyed(b"k", value.as_bytes(), "k"),
+                Out::Refused(_) => Err(KafkaError::Canceled),
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_handed_in_parts_are_enqueued_in_order_and_given_back_with_their_acknowledgements()
+    -> Result<()> {
+        let cluster = MockCluster::new(1)?;
+        cluster.create_topic("out", 2, 1)?;
+        cluster.create_topic(neruba_schemas::topics::DEAD_LETTER, 1, 1)?;
+        let bootstrap = cluster.bootstrap_servers();
+        let producer = neruba_kafka::clients::recoverable_output_producer(&bootstrap, "t", 0, &[])?;
+        let dir = tempfile::tempdir().map_err(|e| Error::Bug(e.to_string()))?;
+        let config = Config::new(bootstrap, "g", "in", dir.path());
+        let kill = Arc::new(AtomicBool::new(false));
+        let mut outbox = Outbox::start("test", Values, &config, "out".into(), 2, kill.clone())?;
+        let (outputs, sent) = outbox.finish()?;
+        assert!(outputs.is_empty() && sent.is_empty(), "nothing handed");
+
+        let letter = DeadLetter {
+            key: None,
+            payload: b"bad".to_vec(),
+            code: "bad_input",
+            message: "refused".into(),
+            offset: 7,
+        };
+        outbox.hand(producer.get(), vec![Out::Value("a"), Out::Value("b")])?;
+        outbox.hand(producer.get(), vec![Out::Refused(letter), Out::Value("c")])?;
+        let (outputs, sent) = outbox.finish()?;
+        let handed: Vec<&str> = outputs
+            .iter()
+            .map(|o| match o {
+                Out::Value(value) => value,
+                Out::Refused(letter) => letter.code,
+            })
+            .collect();
+        assert_eq!(handed, ["a", "b", "bad_input", "c"]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Bug(e.to_string()))?;
+        let mut acknowledged = Vec::new();
+        for pending in sent {
+            let delivered = runtime
+                .block_on(pending?)
+                .map_err(|_| KafkaError::Canceled)?;
+            let delivery = delivered.map_err(|(e, _)| e)?;
+            acknowledged.push((delivery.partition, delivery.offset));
+        }
+        let value_partition = neruba_schemas::topics::stable_partition("k", 2);
+        assert_eq!(
+            acknowledged,
+            [
+                (value_partition, 0),
+                (value_partition, 1),
+                (0, 0),
+                (value_partition, 2)
+            ],
+            "each value in the order handed, the dead letter on its own topic"
+        );
+
+        // A killed worker's thread enqueues nothing more.
+        kill.store(true, Ordering::SeqCst);
+        outbox.hand(producer.get(), vec![Out::Value("d")])?;
+        let (outputs, sent) = outbox.finish()?;
+        assert!(
+            outputs.is_empty() && sent.is_empty(),
+            "nothing enqueued once killed"
+        );
+        Ok(())
     }
 }

@@ -66,7 +66,7 @@ struct Shared<S: Stage> {
     cache: Cache,
     producer: neruba_kafka::Recoverable,
     /// The worker's sending thread, and what it sends with.
-    outbox: Outbox<S>,
+    outbox: Outbox<S::Output, S::Sender>,
     /// Shutdown: a batch whose outputs are not acknowledged is then given up, unwritten.
     stop: CancellationToken,
     /// A failure inside a rebalance callback, surfaced by the loop.
@@ -293,6 +293,7 @@ impl<S: Stage> Worker<S> {
         let output_topic = stage.output_topic().to_owned();
         let output_partitions = neruba_kafka::partition_count(&producer.get(), &output_topic)?;
         let outbox = Outbox::start(
+            S::NAME,
             stage.sender(),
             &config,
             output_topic,
