@@ -156,7 +156,7 @@ type Write<'a> = (&'a [u8], Option<std::borrow::Cow<'a, [u8]>>);
 /// touches are held until its write, as they always were.
 const PERIOD_BYTES_KEPT: usize = 4 << 20;
 
-/// Most outputs a batch's vector is sized for before it fills (see
+/// Most outputs a vector of them is sized for before it fills (see
 /// [`PartitionState::take_outputs`]).
 const OUTPUTS_RESERVED: usize = 8192;
 
@@ -466,9 +466,9 @@ impl PartitionState {
             || !self.outputs.is_empty()
     }
 
-    /// Outputs of the batch so far, in order; the caller delivers them before [`neruba_stage::Partition::commit`].
+    /// Outputs since the last call, in order; the caller delivers them before [`neruba_stage::Partition::commit`].
     pub fn take_outputs(&mut self) -> Vec<Output> {
-        // The next batch's sized like this one's (up to a bound, so that a catch-up closing
+        // The next vector's sized like this one's (up to a bound, so that a catch-up closing
         // many windows at once leaves no large reservation behind), so it is not grown (and
         // copied) as it fills.
         let capacity = self.outputs.len().min(OUTPUTS_RESERVED);

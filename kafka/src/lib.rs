@@ -277,28 +277,30 @@ impl<P: Replaceable> Recoverable<P> {
     }
 }
 
-/// Sends a batch with `send` and waits for every acknowledgement; if any is missing, recovers
-/// the producer and sends the whole batch again, with backoff (up to 5 s), until all are
-/// acknowledged. Gives up with the last error only when `stop()` says so, in which case the
-/// caller must not record the batch as done. Blocking. Returns how many attempts failed.
+/// Sends a batch with `send` (unless `sent` is given: the batch as already sent once, with
+/// the producer it was sent with, and what sending each output gave) and waits for every
+/// acknowledgement; if any is missing, recovers the producer and sends the whole batch again,
+/// with backoff (up to 5 s), until all are acknowledged. Gives up with the last error only
+/// when `stop()` says so, in which case the caller must not record the batch as done.
+/// Blocking. Returns how many attempts failed.
 ///
 /// Sending the batch again may write some outputs twice; every output of the pipeline is
 /// identified (rollup revision, line item id, dead letter source offset), so readers deduplicate.
-///
-/// `sent`: the batch as already sent once (what sending each gave), if it was (by a thread
-/// that enqueued it as it was made): awaited first.
 pub fn deliver_until_acked(
     producer: &Recoverable,
-    mut sent: Option<Vec<Result<DeliveryFuture, KafkaError>>>,
+    mut sent: Option<(FutureProducer, Vec<Result<DeliveryFuture, KafkaError>>)>,
     mut send: impl FnMut(&FutureProducer) -> Vec<Result<DeliveryFuture, KafkaError>>,
     stop: &dyn Fn() -> bool,
 ) -> Result<u32, KafkaError> {
     let mut failures = 0u32;
     loop {
-        let used = producer.get();
-        let pending = match sent.take() {
-            Some(pending) => pending,
-            None => send(&used),
+        let (used, pending) = match sent.take() {
+            Some(sent) => sent,
+            None => {
+                let used = producer.get();
+                let pending = send(&used);
+                (used, pending)
+            }
         };
         let Err(e) = futures::executor::block_on(await_all(pending)) else {
             return Ok(failures);

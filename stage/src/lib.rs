@@ -10,8 +10,8 @@
 //!   of the worker's own ([`Sender`], `outbox`), while the worker applies the next messages;
 //!   at the batch's end, delivered until the broker acknowledged every one (`acks=all`), then
 //!   the state written with the next offset in one atomic write ([`Store::write`]), then the
-//!   group offset committed for lag graphs only. A crash in between replays the batch, which
-//!   re-emits the same outputs, never fewer;
+//!   group offset committed for lag graphs only. A crash before the write (mid-batch too, once
+//!   some outputs were sent) replays the batch, which re-emits the same outputs, never fewer;
 //! - partition stores ([`store`]): directory, RocksDB tuning, owner lock, offset encoding,
 //!   compaction expiry, disk usage;
 //! - dead letters: a stage hands a [`DeadLetter`] and the runtime writes it with the same
@@ -56,7 +56,7 @@ pub trait Stage: Send + 'static {
     /// librdkafka settings the stage's consumer adds to the runtime's.
     const CONSUMER_TUNING: &'static [(&'static str, &'static str)] = &[];
     /// How long the output producer waits to fill a batch. 0 suits a stage that awaits every
-    /// batch's acknowledgements before going on.
+    /// batch's acknowledgements at its end before writing it: its last outputs are not held.
     const LINGER_MS: u32 = 0;
     /// How many messages the runtime polls before applying any of them, so that
     /// [`Stage::read_ahead`] sees them together (reads they will need are cheaper made as
@@ -122,7 +122,7 @@ pub trait Stage: Send + 'static {
 
     /// The partition's outputs since the last call, in order, to be delivered before
     /// [`Partition::commit`]; the stage publishes their counts here. Called every
-    /// [`HAND_EVERY`] messages applied, and at the batch's end.
+    /// [`Config::hand_every`] messages applied, and at the batch's end.
     fn take_outputs(&mut self, partition: &mut Self::Partition) -> Vec<Self::Output>;
 
     /// What enqueues the stage's outputs, on the worker's sending thread.
@@ -142,15 +142,15 @@ pub trait Stage: Send + 'static {
 }
 
 /// Enqueues a stage's outputs. It runs on a thread of the worker's own, which takes a
-/// batch's outputs as they are made (every [`HAND_EVERY`] messages applied) while the worker
-/// applies the next ones, and on the worker's thread when a batch is sent again.
+/// batch's outputs as they are made (every [`Config::hand_every`] messages applied) while the
+/// worker applies the next ones, and on the worker's thread when a batch is sent again.
 pub trait Sender<O>: Send + Sync + 'static {
     /// Enqueues one output that is not a dead letter (the runtime writes those).
     fn send(&self, sink: &Sink<'_>, output: &O) -> Result<DeliveryFuture, KafkaError>;
 }
 
 /// How many messages a worker applies between handing the outputs made so far to its sending
-/// thread (and at a batch's end).
+/// thread (and at a batch's end), by default ([`Config::hand_every`]).
 pub const HAND_EVERY: usize = 512;
 
 /// What the runtime needs of a partition's state.
@@ -279,8 +279,8 @@ impl DeadLetter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     /// Right after applying this many messages, mid-batch: nothing of the batch is written
-    /// (outputs already handed to the sending thread may reach the broker, as a crash while
-    /// it sends them would let them).
+    /// (outputs already handed to the sending thread may reach the broker, as they may when a
+    /// process crashes mid-batch).
     AfterMessages(u64),
     /// After the batch that reaches this many messages delivered its outputs, before its
     /// state is written: the restart must re-emit identical outputs, not different ones.
@@ -305,6 +305,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Most messages applied before a batch is delivered and written.
     pub max_batch: usize,
+    /// Messages applied between handing their outputs to the sending thread ([`HAND_EVERY`];
+    /// tests lower it, so that their small batches hand outputs before a crash).
+    pub hand_every: usize,
     /// RocksDB block cache of the process, bytes (workers share it out).
     pub block_cache_bytes: usize,
     /// Index and filter blocks of the partition stores in that cache, so the process's memory
@@ -346,6 +349,7 @@ impl Config {
             dead_letter_topic: neruba_schemas::topics::DEAD_LETTER.to_owned(),
             state_dir: state_dir.into(),
             max_batch: 5_000,
+            hand_every: HAND_EVERY,
             block_cache_bytes: 64 * 1024 * 1024,
             index_in_cache: false,
             kafka_options: Vec::new(),

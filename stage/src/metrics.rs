@@ -7,7 +7,8 @@
 //! - `apply`: from its first message applied to its last, polls included (the wait for a
 //!   first message is idle time, not counted; of a rebalance the polls ran, its delivery and
 //!   write are counted as theirs, the rest here: closing the stores of partitions it took
-//!   away, opening those of partitions it added), and the idle work after the poll;
+//!   away, opening those of partitions it added), and the idle work after the poll; a worker
+//!   waiting for its sending thread to take outputs (64 handings behind) waits here;
 //! - `deliver`: from the end of its apply until every output is acknowledged (`acks=all`):
 //!   the sending thread enqueues outputs while the batch is applied, so this is its last ones
 //!   enqueued and the broker's answers awaited;

@@ -1,9 +1,13 @@
 //! A worker's sending thread: the outputs of a batch are handed to it as they are made, and it
 //! encodes and enqueues them in that order while the worker applies the next messages (on 2
 //! cores, the balances stage's enqueueing was a sixth of its batches' time). At the batch's
-//! end the worker takes back every output with its delivery future, awaits the
+//! end the worker takes back every output with its delivery future (a *round*), awaits the
 //! acknowledgements, and only then writes the batch; sending a batch again (a failed
 //! delivery) happens on the worker's thread, from the outputs taken back.
+//!
+//! Once the worker is killed or closed (it failed, or is gone) the thread enqueues nothing
+//! more, and a round it did not enqueue whole is given back as [`Finished::Cut`]: the worker
+//! then writes nothing of that batch, so no state is ever written past an output not sent.
 
 use crate::{AsDeadLetter, Config, DeadLetter, Error, Result, Sender, Sink};
 use rdkafka::error::KafkaError;
@@ -12,6 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long an output waits before it is offered again to a producer whose queue was full.
@@ -24,14 +29,28 @@ const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(10);
 /// messages' worth): past it, the worker waits for the thread.
 const HANDED_BOUND: usize = 64;
 
-/// Every output of a batch, in order, with what enqueueing each gave.
-pub(crate) type Sent<O> = (Vec<O>, Vec<std::result::Result<DeliveryFuture, KafkaError>>);
+/// What enqueueing an output gave.
+pub(crate) type Pending = std::result::Result<DeliveryFuture, KafkaError>;
+
+/// A round (what was handed since the last [`Outbox::finish`]) as the thread gives it back.
+pub(crate) enum Finished<O> {
+    /// Nothing was handed.
+    Nothing,
+    /// Every output handed, in order, enqueued with `producer`, and what enqueueing each gave.
+    Sent {
+        producer: FutureProducer,
+        outputs: Vec<O>,
+        pending: Vec<Pending>,
+    },
+    /// The worker was killed or closed during the round: some of it was not enqueued.
+    Cut,
+}
 
 /// What the worker tells its sending thread.
 enum Command<O> {
-    /// Enqueue these with this producer (the worker's current one).
-    Send(FutureProducer, Vec<O>),
-    /// Give back the batch's outputs and their futures.
+    /// Enqueue these after those handed before.
+    Send(Vec<O>),
+    /// Give back the round.
     Finish,
 }
 
@@ -54,11 +73,7 @@ impl<O: AsDeadLetter, X: Sender<O>> Sending<O, X> {
     /// and writes its batch). It fails only if the queue holds nothing to free (the output is
     /// larger than the queue's byte bound) or nothing left it for [`QUEUE_FULL_PATIENCE`] (the
     /// broker is away; the batch is then sent again after a backoff, as for any failure).
-    pub(crate) fn send(
-        &self,
-        producer: &FutureProducer,
-        outputs: &[O],
-    ) -> Vec<std::result::Result<DeliveryFuture, KafkaError>> {
+    pub(crate) fn send(&self, producer: &FutureProducer, outputs: &[O]) -> Vec<Pending> {
         outputs
             .iter()
             .map(|output| {
@@ -126,17 +141,23 @@ impl<O: AsDeadLetter, X: Sender<O>> Sending<O, X> {
 pub(crate) struct Outbox<O, X> {
     sending: Arc<Sending<O, X>>,
     commands: SyncSender<Command<O>>,
-    sent: Receiver<Sent<O>>,
+    finished: Receiver<Finished<O>>,
     /// Whether anything was handed since the last [`Outbox::finish`].
     handed: bool,
+    /// Set once the worker failed or is gone: the thread enqueues nothing more.
+    closed: Arc<AtomicBool>,
+    /// Joined only to tell why the thread ended, if it did.
+    thread: Option<JoinHandle<()>>,
 }
 
 impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
-    /// Starts the sending thread of stage `name`'s worker. Once `kill` is set it enqueues
-    /// nothing more, as a killed process would not.
+    /// Starts the sending thread of stage `name`'s worker, enqueueing with `producer`'s current
+    /// producer (read once a round). Once `kill` is set it enqueues nothing more, as a killed
+    /// process would not.
     pub(crate) fn start(
         name: &str,
         sender: X,
+        producer: neruba_kafka::Recoverable,
         config: &Config,
         output_topic: String,
         output_partitions: i32,
@@ -151,26 +172,41 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
             _outputs: std::marker::PhantomData,
         });
         let (commands, handed) = mpsc::sync_channel::<Command<O>>(HANDED_BOUND);
-        let (give_back, sent) = mpsc::sync_channel::<Sent<O>>(1);
-        let thread_sending = sending.clone();
-        std::thread::Builder::new()
-            .name(format!("neruba-{name}-send"))
+        let (give_back, finished) = mpsc::sync_channel::<Finished<O>>(1);
+        let closed = Arc::new(AtomicBool::new(false));
+        let (thread_sending, thread_closed) = (sending.clone(), closed.clone());
+        let thread = std::thread::Builder::new()
+            // Linux keeps 15 bytes of a thread's name.
+            .name(format!("{name}-send"))
             .spawn(move || {
-                let (mut outputs, mut pending) = (Vec::new(), Vec::new());
+                let stopped =
+                    || kill.load(Ordering::SeqCst) || thread_closed.load(Ordering::SeqCst);
+                let mut round: Option<(FutureProducer, Vec<O>, Vec<Pending>)> = None;
+                let mut cut = false;
                 // Ends when the worker is gone (its side of the channel dropped).
                 for command in handed {
                     match command {
-                        Command::Send(producer, batch) => {
-                            if kill.load(Ordering::SeqCst) {
+                        Command::Send(batch) => {
+                            if cut || stopped() {
+                                cut = true;
                                 continue;
                             }
-                            pending.extend(thread_sending.send(&producer, &batch));
+                            let (producer, outputs, pending) = round
+                                .get_or_insert_with(|| (producer.get(), Vec::new(), Vec::new()));
+                            pending.extend(thread_sending.send(producer, &batch));
                             outputs.extend(batch);
                         }
                         Command::Finish => {
-                            let batch =
-                                (std::mem::take(&mut outputs), std::mem::take(&mut pending));
-                            if give_back.send(batch).is_err() {
+                            let finished = match (std::mem::take(&mut cut), round.take()) {
+                                (true, _) => Finished::Cut,
+                                (false, None) => Finished::Nothing,
+                                (false, Some((producer, outputs, pending))) => Finished::Sent {
+                                    producer,
+                                    outputs,
+                                    pending,
+                                },
+                            };
+                            if give_back.send(finished).is_err() {
                                 return;
                             }
                         }
@@ -181,8 +217,10 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
         Ok(Self {
             sending,
             commands,
-            sent,
+            finished,
             handed: false,
+            closed,
+            thread: Some(thread),
         })
     }
 
@@ -191,25 +229,50 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
         &self.sending
     }
 
-    /// Hands `outputs` to the thread, which enqueues them with `producer` after those handed
-    /// before.
-    pub(crate) fn hand(&mut self, producer: FutureProducer, outputs: Vec<O>) -> Result<()> {
-        self.commands
-            .send(Command::Send(producer, outputs))
-            .map_err(|_| Error::Bug("the sending thread ended".into()))?;
+    /// Hands `outputs` to the thread, which enqueues them after those handed before.
+    pub(crate) fn hand(&mut self, outputs: Vec<O>) -> Result<()> {
+        if self.commands.send(Command::Send(outputs)).is_err() {
+            return Err(self.ended());
+        }
         self.handed = true;
         Ok(())
     }
 
-    /// Every output handed since the last call, in order, each with what enqueueing it gave
-    /// (once the thread has enqueued them all).
-    pub(crate) fn finish(&mut self) -> Result<Sent<O>> {
+    /// The round: everything handed since the last call (once the thread has enqueued it).
+    pub(crate) fn finish(&mut self) -> Result<Finished<O>> {
         if !std::mem::take(&mut self.handed) {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Finished::Nothing);
         }
-        let ended = || Error::Bug("the sending thread ended".into());
-        self.commands.send(Command::Finish).map_err(|_| ended())?;
-        self.sent.recv().map_err(|_| ended())
+        if self.commands.send(Command::Finish).is_err() {
+            return Err(self.ended());
+        }
+        self.finished.recv().map_err(|_| self.ended())
+    }
+
+    /// The thread enqueues nothing more (the worker failed or is gone).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Why the thread ended (it ends only with the worker, unless it panicked).
+    fn ended(&mut self) -> Error {
+        let panic = self.thread.take().and_then(|thread| thread.join().err());
+        let why = panic.as_ref().and_then(|p| {
+            p.downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+        });
+        Error::Bug(format!(
+            "the sending thread ended: {}",
+            why.as_deref().unwrap_or("no panic message")
+        ))
+    }
+}
+
+impl<O, X> Drop for Outbox<O, X> {
+    /// Outputs still handed are not enqueued once the worker is gone.
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -217,6 +280,7 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
 mod tests {
     use super::*;
     use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
 
     /// A value for the output topic, or a refused input.
     enum Out {
@@ -249,20 +313,40 @@ mod tests {
         }
     }
 
-    #[test]
-    fn outputs_handed_in_parts_are_enqueued_in_order_and_given_back_with_their_acknowledgements()
-    -> Result<()> {
+    /// A broker, an outbox sending to it, and the outbox's kill flag.
+    type Fixture = (
+        MockCluster<'static, DefaultProducerContext>,
+        Outbox<Out, Values>,
+        Arc<AtomicBool>,
+    );
+
+    /// An outbox on a fresh broker (topics `out`, 2 partitions, and the dead letters'), with
+    /// its kill flag.
+    fn outbox() -> Result<Fixture> {
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("out", 2, 1)?;
         cluster.create_topic(neruba_schemas::topics::DEAD_LETTER, 1, 1)?;
         let bootstrap = cluster.bootstrap_servers();
         let producer = neruba_kafka::clients::recoverable_output_producer(&bootstrap, "t", 0, &[])?;
-        let dir = tempfile::tempdir().map_err(|e| Error::Bug(e.to_string()))?;
-        let config = Config::new(bootstrap, "g", "in", dir.path());
+        let config = Config::new(bootstrap, "g", "in", "unused");
         let kill = Arc::new(AtomicBool::new(false));
-        let mut outbox = Outbox::start("test", Values, &config, "out".into(), 2, kill.clone())?;
-        let (outputs, sent) = outbox.finish()?;
-        assert!(outputs.is_empty() && sent.is_empty(), "nothing handed");
+        let outbox = Outbox::start(
+            "test",
+            Values,
+            producer,
+            &config,
+            "out".into(),
+            2,
+            kill.clone(),
+        )?;
+        Ok((cluster, outbox, kill))
+    }
+
+    #[test]
+    fn outputs_handed_in_parts_are_enqueued_in_order_and_given_back_with_their_acknowledgements()
+    -> Result<()> {
+        let (_cluster, mut outbox, _kill) = outbox()?;
+        assert!(matches!(outbox.finish()?, Finished::Nothing));
 
         let letter = DeadLetter {
             key: None,
@@ -271,9 +355,14 @@ mod tests {
             message: "refused".into(),
             offset: 7,
         };
-        outbox.hand(producer.get(), vec![Out::Value("a"), Out::Value("b")])?;
-        outbox.hand(producer.get(), vec![Out::Refused(letter), Out::Value("c")])?;
-        let (outputs, sent) = outbox.finish()?;
+        outbox.hand(vec![Out::Value("a"), Out::Value("b")])?;
+        outbox.hand(vec![Out::Refused(letter), Out::Value("c")])?;
+        let Finished::Sent {
+            outputs, pending, ..
+        } = outbox.finish()?
+        else {
+            panic!("the round was not sent whole");
+        };
         let handed: Vec<&str> = outputs
             .iter()
             .map(|o| match o {
@@ -282,18 +371,11 @@ mod tests {
             })
             .collect();
         assert_eq!(handed, ["a", "b", "bad_input", "c"]);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Bug(e.to_string()))?;
-        let mut acknowledged = Vec::new();
-        for pending in sent {
-            let delivered = runtime
-                .block_on(pending?)
-                .map_err(|_| KafkaError::Canceled)?;
-            let delivery = delivered.map_err(|(e, _)| e)?;
-            acknowledged.push((delivery.partition, delivery.offset));
-        }
+        let landed = futures::executor::block_on(neruba_kafka::await_each(pending));
+        let acknowledged: Vec<(i32, i64)> = landed
+            .into_iter()
+            .map(|l| l.map(|landed| (landed.partition, landed.offset)))
+            .collect::<std::result::Result<_, _>>()?;
         let value_partition = neruba_schemas::topics::stable_partition("k", 2);
         assert_eq!(
             acknowledged,
@@ -305,15 +387,26 @@ mod tests {
             ],
             "each value in the order handed, the dead letter on its own topic"
         );
+        Ok(())
+    }
 
-        // A killed worker's thread enqueues nothing more.
-        kill.store(true, Ordering::SeqCst);
-        outbox.hand(producer.get(), vec![Out::Value("d")])?;
-        let (outputs, sent) = outbox.finish()?;
-        assert!(
-            outputs.is_empty() && sent.is_empty(),
-            "nothing enqueued once killed"
-        );
+    #[test]
+    fn a_round_cut_by_a_kill_or_a_close_is_given_back_as_cut_and_nothing_more_is_enqueued()
+    -> Result<()> {
+        for stop in ["kill", "close"] {
+            let (_cluster, mut outbox, kill) = outbox()?;
+            outbox.hand(vec![Out::Value("a")])?;
+            // The first part may be enqueued or not: the round is cut either way.
+            match stop {
+                "kill" => kill.store(true, Ordering::SeqCst),
+                _ => outbox.close(),
+            }
+            outbox.hand(vec![Out::Value("b")])?;
+            assert!(matches!(outbox.finish()?, Finished::Cut), "{stop}");
+            // Nor is anything of a later round.
+            outbox.hand(vec![Out::Value("c")])?;
+            assert!(matches!(outbox.finish()?, Finished::Cut), "{stop}");
+        }
         Ok(())
     }
 }

@@ -1,18 +1,23 @@
-//! The consumer loop of a stage: poll a batch, apply it to the partitions' state, deliver the
-//! outputs, write the state. Runs on one blocking thread per worker.
+//! The consumer loop of a stage: poll a batch, apply it to the partitions' state (handing the
+//! outputs to the worker's sending thread as they are made, `outbox`), deliver the outputs,
+//! write the state. Runs on one blocking thread per worker, and its sending thread.
 //!
 //! Invariants:
 //! - on assignment each partition resumes at the offset stored with its state;
 //! - on revocation and on shutdown the pending batch is delivered and written before the
 //!   partition is let go, so the next owner resumes exactly there (a worker that failed writes
 //!   nothing more: see below);
-//! - nothing of a batch is written before its outputs were acknowledged (`acks=all`);
+//! - nothing of a batch is written before all its outputs were acknowledged (`acks=all`);
+//!   some may reach the broker before the batch ends, and a batch that is never written is
+//!   applied again after a restart, re-emitting them;
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
+//!   Neither sends anything more, and a batch whose outputs were cut short by a kill is not
+//!   written.
 
 use crate::gaps::InputGaps;
 use crate::metrics::BatchTimes;
-use crate::outbox::Outbox;
+use crate::outbox::{Finished, Outbox};
 use crate::rebalance::{PartitionStates, Rebalance};
 use crate::{Config, ConsumerHealth, CrashPoint, Error, Partition, Result, Stage, Store};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -140,18 +145,29 @@ impl<S: Stage> Shared<S> {
     ) -> Result<()> {
         let started = Instant::now();
         self.hand_outputs()?;
-        let (outputs, sent) = self.outbox.finish()?;
-        if !outputs.is_empty() {
-            let stop = self.stop.clone();
-            let sending = self.outbox.sending();
-            neruba_kafka::deliver_until_acked(
-                &self.producer,
-                Some(sent),
-                |producer| sending.send(producer, &outputs),
-                &|| stop.is_cancelled(),
-            )?;
-            self.stage.delivered();
-            self.times.delivered(started.elapsed());
+        let finished = self.outbox.finish()?;
+        let emitted = !matches!(finished, Finished::Nothing);
+        match finished {
+            Finished::Nothing => {}
+            // Killed (or failed) while the batch's outputs were sent: some were not, so
+            // nothing of it is written, as after a crash then.
+            Finished::Cut => return Ok(()),
+            Finished::Sent {
+                producer,
+                outputs,
+                pending,
+            } => {
+                let stop = self.stop.clone();
+                let sending = self.outbox.sending();
+                neruba_kafka::deliver_until_acked(
+                    &self.producer,
+                    Some((producer, pending)),
+                    |producer| sending.send(producer, &outputs),
+                    &|| stop.is_cancelled(),
+                )?;
+                self.stage.delivered();
+                self.times.delivered(started.elapsed());
+            }
         }
         if crash_before_write {
             return Ok(());
@@ -177,15 +193,19 @@ impl<S: Stage> Shared<S> {
             // For lag graphs only; correctness rests on the offsets in the stores.
             tracing::debug!(error = %e, "Group offset commit failed; lag graphs may lag.");
         }
-        if self.unwritten > 0 || !outputs.is_empty() {
+        if self.unwritten > 0 || emitted {
             self.times
                 .written(started.elapsed(), std::mem::take(&mut self.unwritten));
         }
         Ok(())
     }
 
-    /// Hands the outputs the partitions made since the last call to the sending thread.
+    /// Hands the outputs the partitions made since the last call to the sending thread (none
+    /// once the worker failed: its batch is never written).
     fn hand_outputs(&mut self) -> Result<()> {
+        if self.abandoned || self.fatal.is_some() {
+            return Ok(());
+        }
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
             outputs.extend(self.stage.take_outputs(state));
@@ -193,7 +213,7 @@ impl<S: Stage> Shared<S> {
         if outputs.is_empty() {
             return Ok(());
         }
-        self.outbox.hand(self.producer.get(), outputs)
+        self.outbox.hand(outputs)
     }
 
     fn publish_gauges(&self) {
@@ -245,6 +265,7 @@ impl<S: Stage> PartitionStates for Shared<S> {
     fn fail(&mut self, error: Error) {
         self.fatal = Some(error);
         self.abandoned = true;
+        self.outbox.close();
     }
 }
 
@@ -267,6 +288,7 @@ pub(crate) struct Worker<S: Stage> {
     shutdown: CancellationToken,
     kill: Arc<AtomicBool>,
     max_batch: usize,
+    hand_every: usize,
     crash: Option<CrashPoint>,
 }
 
@@ -295,6 +317,7 @@ impl<S: Stage> Worker<S> {
         let outbox = Outbox::start(
             S::NAME,
             stage.sender(),
+            producer.clone(),
             &config,
             output_topic,
             output_partitions,
@@ -348,6 +371,7 @@ impl<S: Stage> Worker<S> {
             shutdown,
             kill,
             max_batch: config.max_batch,
+            hand_every: config.hand_every.max(1),
             crash: config.crash,
         })
     }
@@ -386,7 +410,8 @@ impl<S: Stage> Worker<S> {
                 None => break,
                 // librdkafka gave this consumer up for good (another member joined the group
                 // under its instance id, and the broker fenced this one): it reads nothing
-                // more, so the stage stops with the error, writing nothing of the batch,
+                // more, so the stage stops with the error, writing nothing of the batch (nor
+                // sending any more of its outputs; some may have been sent already),
                 // instead of idling while it answers ready. Its supervisor starts it again
                 // from the offsets stored with its state.
                 Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
@@ -533,7 +558,7 @@ impl<S: Stage> Worker<S> {
                     }
                 }
                 applied += 1;
-                if applied % crate::HAND_EVERY == 0 {
+                if applied % self.hand_every == 0 {
                     shared.hand_outputs()?;
                 }
                 drop(guard);
@@ -586,13 +611,13 @@ impl<S: Stage> Worker<S> {
 
 impl<S: Stage> Drop for Worker<S> {
     /// Whatever ended the loop (shutdown, which wrote everything; kill; a failure, whose batch
-    /// may be half applied; a panic), nothing more is written: set before the fields drop, the
-    /// consumer first, whose close runs the revocation.
+    /// may be half applied; a panic), nothing more is written, nor sent (outputs still handed
+    /// to the sending thread stay unsent): set before the fields drop, the consumer first,
+    /// whose close runs the revocation.
     fn drop(&mut self) {
-        self.shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .abandoned = true;
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.abandoned = true;
+        shared.outbox.close();
     }
 }
 

@@ -928,9 +928,12 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
         .await?;
     let total = i64::try_from(events.len() + 1)?;
 
-    // 1. Small batches; the injected crash stops the process abruptly part-way.
+    // 1. Small batches, each handing its rollups to the sending thread every 5 events (a
+    //    crash mid-batch comes after some were sent); the injected crash stops the process
+    //    abruptly part-way.
     let (running, _shutdown) = start(&s, s.state.path(), |c| {
         c.stage.max_batch = 25;
+        c.stage.hand_every = 5;
         c.stage.crash = Some(crash);
     })?;
     running.wait().await?;
@@ -942,7 +945,10 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
         "crashed at offset {stored} of {total}"
     );
     // 3. Restart on the same state: it resumes from the offset stored with the state.
-    let (running, shutdown) = start(&s, s.state.path(), |c| c.stage.max_batch = 25)?;
+    let (running, shutdown) = start(&s, s.state.path(), |c| {
+        c.stage.max_batch = 25;
+        c.stage.hand_every = 5;
+    })?;
     wait_applied(&s, 0, events.len() + 1).await?;
     assert_rollups_match_truth(&s, &events).await?;
     drop(shutdown);
@@ -971,8 +977,10 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
 
     // 1. One instance owns both partitions and applies the first half.
     let (registry_a, registry_b) = (prometheus::Registry::new(), prometheus::Registry::new());
-    let (a, stop_a) =
-        start_with_registry(&s, s.state.path(), &registry_a, |c| c.stage.max_batch = 50)?;
+    let (a, stop_a) = start_with_registry(&s, s.state.path(), &registry_a, |c| {
+        c.stage.max_batch = 50;
+        c.stage.hand_every = 5;
+    })?;
     s.writer.send(0, half0).await?;
     s.writer.send(1, half1).await?;
     wait_applied(&s, 0, half0.len()).await?;
@@ -980,8 +988,10 @@ async fn two_instances_with_a_rebalance_mid_stream_keep_totals_exact() -> Result
     assert_eq!(assigned(&registry_a), 2);
     // 2. A second instance joins the group (same state volume): the rebalance hands it one
     //    partition with its state, mid-stream.
-    let (b, stop_b) =
-        start_with_registry(&s, s.state.path(), &registry_b, |c| c.stage.max_batch = 50)?;
+    let (b, stop_b) = start_with_registry(&s, s.state.path(), &registry_b, |c| {
+        c.stage.max_batch = 50;
+        c.stage.hand_every = 5;
+    })?;
     //    The embedded broker's coordinator waits the session timeout less a second (9 s) for
     //    members to rejoin each round, and on a loaded machine one member may miss a round and
     //    get nothing until the next (seen in CI: two rounds took more than 20 s).

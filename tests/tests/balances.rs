@@ -197,6 +197,9 @@ fn start_with(
     // Grants expire as the clock passes `expires_at`: the ledgers here are written whole.
     config.expiry_grace_ms = 0;
     config.stage.max_batch = 3;
+    // Each record's entries handed to the sending thread as it is applied, so a crash
+    // mid-batch comes after some were sent.
+    config.stage.hand_every = 1;
     config.stage.crash = crash;
     config.entries_topic = entries.into();
     let shutdown = CancellationToken::new();
