@@ -6,8 +6,9 @@
 //! - the consumer (`worker`): static or group assignment, each partition resumed at the
 //!   offset stored with its state, batches of up to `max_batch` messages, one stage-chosen
 //!   context per batch (the catalog version), shutdown and kill;
-//! - the order of a batch's effects: outputs enqueued in order as they are made, by a thread
-//!   of the worker's own ([`Sender`], `outbox`), while the worker applies the next messages;
+//! - the order of a batch's effects: outputs enqueued in order, by a thread of the worker's
+//!   own ([`Sender`], `outbox`), every [`Config::hand_every`] messages while the worker
+//!   applies the next ones (a batch's last outputs, and its idle work's, at its end);
 //!   at the batch's end, delivered until the broker acknowledged every one (`acks=all`), then
 //!   the state written with the next offset in one atomic write ([`Store::write`]), then the
 //!   group offset committed for lag graphs only. A crash before the write (mid-batch too, once
@@ -285,6 +286,9 @@ pub enum CrashPoint {
     /// After the batch that reaches this many messages delivered its outputs, before its
     /// state is written: the restart must re-emit identical outputs, not different ones.
     BeforeWrite(u64),
+    /// As the batch that reaches this many messages hands its last outputs to the sending
+    /// thread, which then enqueues none of them: the batch must not be written.
+    WhileSending(u64),
 }
 
 /// What every stateful stage is configured with.

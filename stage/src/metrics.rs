@@ -10,8 +10,10 @@
 //!   away, opening those of partitions it added), and the idle work after the poll; a worker
 //!   waiting for its sending thread to take outputs (64 handings behind) waits here;
 //! - `deliver`: from the end of its apply until every output is acknowledged (`acks=all`):
-//!   the sending thread enqueues outputs while the batch is applied, so this is its last ones
-//!   enqueued and the broker's answers awaited;
+//!   the sending thread enqueues a batch's outputs every `hand_every` messages while it is
+//!   applied, so this is the thread's backlog and the batch's last outputs (of its last
+//!   messages, under `hand_every`, and of its idle work) enqueued, and the broker's answers
+//!   awaited; a batch of fewer messages is all enqueued here;
 //! - `write`: each partition's state and offset in one atomic write, then the group offset
 //!   commit (asynchronous).
 //!

@@ -6,8 +6,10 @@
 //! delivery) happens on the worker's thread, from the outputs taken back.
 //!
 //! Once the worker is killed or closed (it failed, or is gone) the thread enqueues nothing
-//! more, and a round it did not enqueue whole is given back as [`Finished::Cut`]: the worker
-//! then writes nothing of that batch, so no state is ever written past an output not sent.
+//! more (what librdkafka already holds may still go out, as from a crashed process's last
+//! moments), and a round it did not enqueue whole is given back as [`Finished::Cut`]: the
+//! worker then writes nothing of that batch, so no state is ever written past an output not
+//! sent. A worker's outbox, dropped, waits for its thread to end.
 
 use crate::{AsDeadLetter, Config, DeadLetter, Error, Result, Sender, Sink};
 use rdkafka::error::KafkaError;
@@ -25,8 +27,8 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(1);
 /// How long an output waits for a full producer queue while nothing leaves it.
 const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Handed outputs the thread has not taken yet, at most (each a worker's [`crate::HAND_EVERY`]
-/// messages' worth): past it, the worker waits for the thread.
+/// Handings the thread has not taken yet, at most (each up to [`crate::Config::hand_every`]
+/// messages' outputs): past it, the worker waits for the thread.
 const HANDED_BOUND: usize = 64;
 
 /// What enqueueing an output gave.
@@ -67,18 +69,28 @@ pub(crate) struct Sending<O, X> {
 
 impl<O: AsDeadLetter, X: Sender<O>> Sending<O, X> {
     /// Enqueues every output; the caller awaits the acknowledgements. An output the producer's
-    /// queue has no room for waits until acknowledgements free some, stopping or not (a
-    /// batch's outputs are not bounded by its messages, so none may fail for it: a failed one
-    /// sends the batch again, which would overflow the same way, and a stage stopping delivers
-    /// and writes its batch). It fails only if the queue holds nothing to free (the output is
-    /// larger than the queue's byte bound) or nothing left it for [`QUEUE_FULL_PATIENCE`] (the
-    /// broker is away; the batch is then sent again after a backoff, as for any failure).
-    pub(crate) fn send(&self, producer: &FutureProducer, outputs: &[O]) -> Vec<Pending> {
+    /// queue has no room for waits until acknowledgements free some, a stage shutting down or
+    /// not (a batch's outputs are not bounded by its messages, so none may fail for it: a
+    /// failed one sends the batch again, which would overflow the same way, and a stage
+    /// stopping delivers and writes its batch). It fails only if the queue holds nothing to
+    /// free (the output is larger than the queue's byte bound) or nothing left it for
+    /// [`QUEUE_FULL_PATIENCE`] (the broker is away; the batch is then sent again after a
+    /// backoff, as for any failure). Once `stopped()` (the worker was killed or is gone), the
+    /// rest are not enqueued: each fails as [`KafkaError::Canceled`].
+    pub(crate) fn send(
+        &self,
+        producer: &FutureProducer,
+        outputs: &[O],
+        stopped: &dyn Fn() -> bool,
+    ) -> Vec<Pending> {
         outputs
             .iter()
             .map(|output| {
                 let mut waiting: Option<(Instant, i32)> = None;
                 loop {
+                    if stopped() {
+                        break Err(KafkaError::Canceled);
+                    }
                     let sent = match output.dead_letter() {
                         Some(letter) => self.send_dead_letter(producer, letter),
                         None => self.sender.send(
@@ -140,13 +152,14 @@ impl<O: AsDeadLetter, X: Sender<O>> Sending<O, X> {
 /// The worker's side of its sending thread.
 pub(crate) struct Outbox<O, X> {
     sending: Arc<Sending<O, X>>,
-    commands: SyncSender<Command<O>>,
+    /// `None` only as the outbox is dropped (which ends the thread).
+    commands: Option<SyncSender<Command<O>>>,
     finished: Receiver<Finished<O>>,
     /// Whether anything was handed since the last [`Outbox::finish`].
     handed: bool,
     /// Set once the worker failed or is gone: the thread enqueues nothing more.
     closed: Arc<AtomicBool>,
-    /// Joined only to tell why the thread ended, if it did.
+    /// Joined when the outbox is dropped, or to tell why the thread ended early.
     thread: Option<JoinHandle<()>>,
 }
 
@@ -193,8 +206,10 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
                             }
                             let (producer, outputs, pending) = round
                                 .get_or_insert_with(|| (producer.get(), Vec::new(), Vec::new()));
-                            pending.extend(thread_sending.send(producer, &batch));
+                            pending.extend(thread_sending.send(producer, &batch, &stopped));
                             outputs.extend(batch);
+                            // Stopped partway: the rest of the handing was not enqueued.
+                            cut = stopped();
                         }
                         Command::Finish => {
                             let finished = match (std::mem::take(&mut cut), round.take()) {
@@ -216,7 +231,7 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
             .map_err(|e| Error::Bug(format!("the sending thread did not start: {e}")))?;
         Ok(Self {
             sending,
-            commands,
+            commands: Some(commands),
             finished,
             handed: false,
             closed,
@@ -231,7 +246,7 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
 
     /// Hands `outputs` to the thread, which enqueues them after those handed before.
     pub(crate) fn hand(&mut self, outputs: Vec<O>) -> Result<()> {
-        if self.commands.send(Command::Send(outputs)).is_err() {
+        if self.command(Command::Send(outputs)).is_err() {
             return Err(self.ended());
         }
         self.handed = true;
@@ -243,10 +258,17 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
         if !std::mem::take(&mut self.handed) {
             return Ok(Finished::Nothing);
         }
-        if self.commands.send(Command::Finish).is_err() {
+        if self.command(Command::Finish).is_err() {
             return Err(self.ended());
         }
         self.finished.recv().map_err(|_| self.ended())
+    }
+
+    fn command(&self, command: Command<O>) -> std::result::Result<(), ()> {
+        match &self.commands {
+            Some(commands) => commands.send(command).map_err(|_| ()),
+            None => Err(()),
+        }
     }
 
     /// The thread enqueues nothing more (the worker failed or is gone).
@@ -270,15 +292,21 @@ impl<O: AsDeadLetter + Send + 'static, X: Sender<O>> Outbox<O, X> {
 }
 
 impl<O, X> Drop for Outbox<O, X> {
-    /// Outputs still handed are not enqueued once the worker is gone.
+    /// Outputs still handed are not enqueued once the worker is gone; the thread, stopped
+    /// between two outputs at most, is waited for.
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
+        drop(self.commands.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::DefaultProducerContext;
 
@@ -313,16 +341,16 @@ mod tests {
         }
     }
 
-    /// A broker, an outbox sending to it, and the outbox's kill flag.
-    type Fixture = (
-        MockCluster<'static, DefaultProducerContext>,
-        Outbox<Out, Values>,
-        Arc<AtomicBool>,
-    );
+    /// A broker, an outbox sending to it, the outbox's kill flag, and its producer.
+    struct Fixture {
+        cluster: MockCluster<'static, DefaultProducerContext>,
+        outbox: Outbox<Out, Values>,
+        kill: Arc<AtomicBool>,
+        producer: neruba_kafka::Recoverable,
+    }
 
-    /// An outbox on a fresh broker (topics `out`, 2 partitions, and the dead letters'), with
-    /// its kill flag.
-    fn outbox() -> Result<Fixture> {
+    /// An outbox on a fresh broker (topics `out`, 2 partitions, and the dead letters').
+    fn fixture() -> Result<Fixture> {
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("out", 2, 1)?;
         cluster.create_topic(neruba_schemas::topics::DEAD_LETTER, 1, 1)?;
@@ -333,20 +361,36 @@ mod tests {
         let outbox = Outbox::start(
             "test",
             Values,
-            producer,
+            producer.clone(),
             &config,
             "out".into(),
             2,
             kill.clone(),
         )?;
-        Ok((cluster, outbox, kill))
+        Ok(Fixture {
+            cluster,
+            outbox,
+            kill,
+            producer,
+        })
+    }
+
+    /// How many records the partition the values go to holds.
+    fn values_on_the_topic(f: &Fixture) -> Result<i64> {
+        f.producer.get().flush(Duration::from_secs(10))?;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", f.cluster.bootstrap_servers())
+            .create()?;
+        let partition = neruba_schemas::topics::stable_partition("k", 2);
+        let (low, high) = consumer.fetch_watermarks("out", partition, Duration::from_secs(10))?;
+        Ok(high - low)
     }
 
     #[test]
     fn outputs_handed_in_parts_are_enqueued_in_order_and_given_back_with_their_acknowledgements()
     -> Result<()> {
-        let (_cluster, mut outbox, _kill) = outbox()?;
-        assert!(matches!(outbox.finish()?, Finished::Nothing));
+        let mut f = fixture()?;
+        assert!(matches!(f.outbox.finish()?, Finished::Nothing));
 
         let letter = DeadLetter {
             key: None,
@@ -355,14 +399,21 @@ mod tests {
             message: "refused".into(),
             offset: 7,
         };
-        outbox.hand(vec![Out::Value("a"), Out::Value("b")])?;
-        outbox.hand(vec![Out::Refused(letter), Out::Value("c")])?;
+        f.outbox.hand(vec![Out::Value("a"), Out::Value("b")])?;
+        f.outbox.hand(vec![Out::Refused(letter), Out::Value("c")])?;
         let Finished::Sent {
-            outputs, pending, ..
-        } = outbox.finish()?
+            producer,
+            outputs,
+            pending,
+        } = f.outbox.finish()?
         else {
             panic!("the round was not sent whole");
         };
+        // The producer the round went out with, which a retry compares before replacing it.
+        assert_eq!(
+            producer.client().native_ptr(),
+            f.producer.get().client().native_ptr()
+        );
         let handed: Vec<&str> = outputs
             .iter()
             .map(|o| match o {
@@ -394,18 +445,23 @@ mod tests {
     fn a_round_cut_by_a_kill_or_a_close_is_given_back_as_cut_and_nothing_more_is_enqueued()
     -> Result<()> {
         for stop in ["kill", "close"] {
-            let (_cluster, mut outbox, kill) = outbox()?;
-            outbox.hand(vec![Out::Value("a")])?;
+            let mut f = fixture()?;
+            f.outbox.hand(vec![Out::Value("a")])?;
             // The first part may be enqueued or not: the round is cut either way.
             match stop {
-                "kill" => kill.store(true, Ordering::SeqCst),
-                _ => outbox.close(),
+                "kill" => f.kill.store(true, Ordering::SeqCst),
+                _ => f.outbox.close(),
             }
-            outbox.hand(vec![Out::Value("b")])?;
-            assert!(matches!(outbox.finish()?, Finished::Cut), "{stop}");
+            f.outbox.hand(vec![Out::Value("b"), Out::Value("c")])?;
+            assert!(matches!(f.outbox.finish()?, Finished::Cut), "{stop}");
             // Nor is anything of a later round.
-            outbox.hand(vec![Out::Value("c")])?;
-            assert!(matches!(outbox.finish()?, Finished::Cut), "{stop}");
+            f.outbox.hand(vec![Out::Value("d")])?;
+            assert!(matches!(f.outbox.finish()?, Finished::Cut), "{stop}");
+            let on_the_topic = values_on_the_topic(&f)?;
+            assert!(
+                on_the_topic <= 1,
+                "{stop}: {on_the_topic} values enqueued, \"a\" at most"
+            );
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ pub(crate) trait PartitionStates: Send + Sized + 'static {
     fn open(&mut self, partition: i32) -> Result<Option<i64>, Self::Error>;
 
     /// Delivers the pending batch's outputs and writes its state (nothing once the worker
-    /// failed or ended).
+    /// failed or ended, nor when a kill cut its outputs short).
     fn finish(&mut self, consumer: &BaseConsumer<Rebalance<Self>>) -> Result<(), Self::Error>;
 
     /// Drops the state of a revoked partition (written by [`Self::finish`], unless its worker

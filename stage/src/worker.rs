@@ -12,8 +12,8 @@
 //!   applied again after a restart, re-emitting them;
 //! - a killed worker (a crash, in tests) writes nothing more, and neither does one that
 //!   failed: its batch may be half applied, so the next start resumes from the last write.
-//!   Neither sends anything more, and a batch whose outputs were cut short by a kill is not
-//!   written.
+//!   Neither enqueues anything more, and a batch whose outputs were cut short by a kill is
+//!   not written.
 
 use crate::gaps::InputGaps;
 use crate::metrics::BatchTimes;
@@ -162,7 +162,9 @@ impl<S: Stage> Shared<S> {
                 neruba_kafka::deliver_until_acked(
                     &self.producer,
                     Some((producer, pending)),
-                    |producer| sending.send(producer, &outputs),
+                    // Sent again whole, however long a full queue takes to drain (as the
+                    // first time, unless the worker was killed: then it is cut instead).
+                    |producer| sending.send(producer, &outputs, &|| false),
                     &|| stop.is_cancelled(),
                 )?;
                 self.stage.delivered();
@@ -552,7 +554,11 @@ impl<S: Stage> Worker<S> {
                     // applied before the rest of it. So does a batch that can no longer be
                     // written (a failed rebalance callback), which ends the worker.
                     shared.finish_batch(&self.consumer, false)?;
-                    if self.shutdown.is_cancelled() || shared.abandoned || shared.fatal.is_some() {
+                    if self.shutdown.is_cancelled()
+                        || self.killed()
+                        || shared.abandoned
+                        || shared.fatal.is_some()
+                    {
                         full = true;
                         break;
                     }
@@ -596,8 +602,15 @@ impl<S: Stage> Worker<S> {
             }
             let crash_now =
                 matches!(self.crash, Some(CrashPoint::BeforeWrite(n)) if applied_total >= n);
+            let cut_now =
+                matches!(self.crash, Some(CrashPoint::WhileSending(n)) if applied_total >= n);
+            if cut_now {
+                // Killed as the batch's last outputs are handed: the thread enqueues none
+                // of them, and the batch is not written.
+                self.kill.store(true, Ordering::SeqCst);
+            }
             shared.finish_batch(&self.consumer, crash_now)?;
-            if crash_now {
+            if crash_now || cut_now {
                 self.kill.store(true, Ordering::SeqCst);
                 return Ok(());
             }
@@ -611,9 +624,9 @@ impl<S: Stage> Worker<S> {
 
 impl<S: Stage> Drop for Worker<S> {
     /// Whatever ended the loop (shutdown, which wrote everything; kill; a failure, whose batch
-    /// may be half applied; a panic), nothing more is written, nor sent (outputs still handed
-    /// to the sending thread stay unsent): set before the fields drop, the consumer first,
-    /// whose close runs the revocation.
+    /// may be half applied; a panic), nothing more is written, nor enqueued (outputs still
+    /// handed to the sending thread stay unsent): set before the fields drop, the consumer
+    /// first, whose close runs the revocation.
     fn drop(&mut self) {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         shared.abandoned = true;

@@ -919,7 +919,9 @@ async fn assert_rollups_match_truth(s: &Setup, events: &[Event]) -> Result<()> {
     Ok(())
 }
 
-async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
+/// Crashes the aggregator at `crash`, its batches of 25 handing their rollups every `hand_every`
+/// events, then restarts it: the rollups must match the ground truth.
+async fn crash_then_restart(crash: aggregator::CrashPoint, hand_every: usize) -> Result<()> {
     let s = setup(1)?;
     let events = stream(&["c1", "c2", "c3"], 400, 8);
     s.writer.send(0, &events).await?;
@@ -928,12 +930,11 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
         .await?;
     let total = i64::try_from(events.len() + 1)?;
 
-    // 1. Small batches, each handing its rollups to the sending thread every 5 events (a
-    //    crash mid-batch comes after some were sent); the injected crash stops the process
-    //    abruptly part-way.
+    // 1. Small batches, each handing its rollups to the sending thread every `hand_every`
+    //    events; the injected crash stops the process abruptly part-way.
     let (running, _shutdown) = start(&s, s.state.path(), |c| {
         c.stage.max_batch = 25;
-        c.stage.hand_every = 5;
+        c.stage.hand_every = hand_every;
         c.stage.crash = Some(crash);
     })?;
     running.wait().await?;
@@ -958,13 +959,22 @@ async fn crash_then_restart(crash: aggregator::CrashPoint) -> Result<()> {
 
 #[tokio::test]
 async fn crash_mid_batch_then_restart_gives_exact_rollups() -> Result<()> {
-    crash_then_restart(aggregator::CrashPoint::AfterMessages(707)).await
+    // Rollups handed every 5 events: the crash comes after some of the batch's were sent.
+    crash_then_restart(aggregator::CrashPoint::AfterMessages(707), 5).await
 }
 
 #[tokio::test]
 async fn crash_after_emitting_before_writing_reemits_identical_rollups() -> Result<()> {
     // The closer at the end closes every window in one batch; crash after emitting them.
-    crash_then_restart(aggregator::CrashPoint::BeforeWrite(1321)).await
+    crash_then_restart(aggregator::CrashPoint::BeforeWrite(1321), 5).await
+}
+
+#[tokio::test]
+async fn a_kill_that_cuts_a_batchs_rollups_short_writes_nothing_of_it() -> Result<()> {
+    // Every rollup of a batch handed at its end (`hand_every` past the batch): the kill as the
+    // closer's batch hands them leaves them unsent, so that batch must not be written, or its
+    // rollups would never come.
+    crash_then_restart(aggregator::CrashPoint::WhileSending(1321), 1_000).await
 }
 
 #[tokio::test]

@@ -321,11 +321,12 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
     );
 
     // A replay of the same ledger (its ticks included) into fresh state, crashing twice on the
-    // way (mid-batch after 4 of its 10 or more records, then after delivering a batch but
+    // way (mid-batch after 5 of its 10 or more records, the 4th's entries handed to the
+    // sending thread before, then after delivering a batch but
     // before writing it): the same entries, byte for byte. Each start is a group of its own (the
     // offsets are in the state), so none waits on a crashed member's session to expire.
     let fresh = tempfile::tempdir()?;
-    let crashes = [CrashPoint::AfterMessages(4), CrashPoint::BeforeWrite(3)];
+    let crashes = [CrashPoint::AfterMessages(5), CrashPoint::BeforeWrite(3)];
     for (attempt, crash) in crashes.into_iter().enumerate() {
         let (running, _shutdown) = start_with(
             &kafka,
