@@ -50,6 +50,8 @@
 //! (loadgen, the floor and the raw baselines keep their threads; in (3) the gateway runs
 //! alone, so there it is the gateway's only). A `NERUBA_E2E_BIN` built before the flag
 //! (December 4) refuses it.
+//! `NERUBA_E2E_GATEWAY_KAFKA_OPTS=<key=value,...>`: librdkafka settings for the gateway's
+//! producer alone (its `--kafka-opt`), e.g. `linger.ms=25`; the raw producer keeps its 5 ms.
 //! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record --call-graph dwarf`
 //! (the build keeps no frame pointers, so `-g` gave broken stacks) into `<file>` and stop after
 //! (3) (perf slows what it samples, so that run's gateway figures are not the gateway's; read
@@ -513,7 +515,7 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
             .map(|s| (*s).to_owned())
             .collect()
     };
-    let gateway_args = args(&[
+    let mut gateway_args = args(&[
         "gateway",
         "--brokers",
         bootstrap,
@@ -524,6 +526,12 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         "--events-topic",
         gateway_topic,
     ]);
+    // `NERUBA_E2E_GATEWAY_KAFKA_OPTS`: librdkafka settings for the gateway's producer only.
+    if let Ok(options) = std::env::var("NERUBA_E2E_GATEWAY_KAFKA_OPTS")
+        && !options.is_empty()
+    {
+        gateway_args.extend(["--kafka-opt".to_owned(), options]);
+    }
     let gateway = Proc::new("gateway", &binary(), &gateway_args, work);
     let ops: Vec<String> = (0..STAGES.len())
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
