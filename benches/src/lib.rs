@@ -155,6 +155,98 @@ pub fn rate(items: usize, elapsed: std::time::Duration) -> f64 {
     items as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// A stage's progress as a bench watches it, polling a count of what it has done. Raw clients
+/// and floors are timed from their first message; a stage timed from its start also pays for
+/// opening its stores, creating its clients and its first fetch, which those leave out. So a
+/// stage is reported both ways: from its start, and over what it did after it was first seen
+/// at work (the count then, and when), which is the like-for-like rate.
+#[derive(Debug)]
+pub struct Progress {
+    begun: std::time::Instant,
+    first: Option<(std::time::Instant, u64)>,
+}
+
+/// What [`Progress`] saw by the stage's end.
+#[derive(Debug, Clone, Copy)]
+pub struct Timed {
+    /// From the stage's start to its end.
+    pub from_start: std::time::Duration,
+    /// Done after it was first seen at work, and the time that took; `None` if it was first
+    /// seen at work already done.
+    pub after_first: Option<(u64, std::time::Duration)>,
+}
+
+impl Progress {
+    /// Starts the clock: just before the stage is started.
+    pub fn start() -> Self {
+        Self {
+            begun: std::time::Instant::now(),
+            first: None,
+        }
+    }
+
+    /// What the stage has done by now: the first count above zero marks it at work.
+    pub fn observe(&mut self, done: u64) {
+        if done > 0 && self.first.is_none() {
+            self.first = Some((std::time::Instant::now(), done));
+        }
+    }
+
+    /// The stage's end, having done `done` in all.
+    pub fn end(self, done: u64) -> Timed {
+        let from_start = self.begun.elapsed();
+        let after_first = self.first.and_then(|(at, then)| {
+            let later = done.checked_sub(then).filter(|n| *n > 0)?;
+            Some((later, at.elapsed()))
+        });
+        Timed {
+            from_start,
+            after_first,
+        }
+    }
+}
+
+impl Timed {
+    /// Items per second from the start, `done` in all.
+    pub fn rate_from_start(&self, done: usize) -> f64 {
+        rate(done, self.from_start)
+    }
+
+    /// Items per second after it was first seen at work (from the start when it was not seen
+    /// at work before it ended).
+    pub fn rate_at_work(&self, done: usize) -> f64 {
+        match self.after_first {
+            Some((later, took)) => rate(usize::try_from(later).unwrap_or(usize::MAX), took),
+            None => self.rate_from_start(done),
+        }
+    }
+
+    /// Both rates, as a bench's report line says them: `done` `unit` in all.
+    pub fn report(&self, done: usize, unit: &str) -> String {
+        let whole = format!(
+            "{done} {unit} in {:.2?} from its start to its last write = {:.0} {unit}/s",
+            self.from_start,
+            self.rate_from_start(done)
+        );
+        match self.after_first {
+            Some((later, took)) => format!(
+                "{whole}; {later} {unit} in {took:.2?} after it was first seen at work, {:.2?} in = {:.0} {unit}/s",
+                self.before_work(),
+                self.rate_at_work(done)
+            ),
+            None => whole,
+        }
+    }
+
+    /// The time before it was first seen at work: its start, and what it did until then.
+    pub fn before_work(&self) -> std::time::Duration {
+        self.after_first
+            .map_or(std::time::Duration::ZERO, |(_, took)| {
+                self.from_start.saturating_sub(took)
+            })
+    }
+}
+
 /// Awaits futures in order (each is already in flight).
 pub async fn join_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut out = Vec::with_capacity(futures.len());
