@@ -52,6 +52,9 @@
 //! (December 4) refuses it.
 //! `NERUBA_E2E_GATEWAY_KAFKA_OPTS=<key=value,...>`: librdkafka settings for the gateway's
 //! producer alone (its `--kafka-opt`), e.g. `linger.ms=25`; the raw producer keeps its 5 ms.
+//! `NERUBA_E2E_AGGREGATOR_KAFKA_OPTS`, `NERUBA_E2E_RATER_KAFKA_OPTS` and
+//! `NERUBA_E2E_BALANCES_KAFKA_OPTS` do the same for each stage's clients, e.g.
+//! `fetch.wait.max.ms=100`; the raw consumers keep theirs.
 //! `NERUBA_E2E_PROFILE=<file>`: record the gateway of (3) with `perf record --call-graph dwarf`
 //! (the build keeps no frame pointers, so `-g` gave broken stacks) into `<file>` and stop after
 //! (3) (perf slows what it samples, so that run's gateway figures are not the gateway's; read
@@ -509,13 +512,22 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
     let state = work.join("state");
     // `NERUBA_E2E_WORKERS`: each pipeline process's `--worker-threads`.
     let workers = std::env::var("NERUBA_E2E_WORKERS").ok();
+    // `NERUBA_E2E_<PROCESS>_KAFKA_OPTS`: librdkafka settings for that process alone.
     let args = |list: &[&str]| -> Vec<String> {
         let workers = workers.as_deref().map(|n| ["--worker-threads", n]);
-        (list.iter().chain(workers.iter().flatten()))
+        let mut args: Vec<String> = (list.iter().chain(workers.iter().flatten()))
             .map(|s| (*s).to_owned())
-            .collect()
+            .collect();
+        let process = list.first().copied().unwrap_or_default();
+        if let Ok(options) =
+            std::env::var(format!("NERUBA_E2E_{}_KAFKA_OPTS", process.to_uppercase()))
+            && !options.is_empty()
+        {
+            args.extend(["--kafka-opt".to_owned(), options]);
+        }
+        args
     };
-    let mut gateway_args = args(&[
+    let gateway_args = args(&[
         "gateway",
         "--brokers",
         bootstrap,
@@ -526,12 +538,6 @@ fn pipeline(bootstrap: &str, work: &Path, catalog: &Path, gateway_topic: &str) -
         "--events-topic",
         gateway_topic,
     ]);
-    // `NERUBA_E2E_GATEWAY_KAFKA_OPTS`: librdkafka settings for the gateway's producer only.
-    if let Ok(options) = std::env::var("NERUBA_E2E_GATEWAY_KAFKA_OPTS")
-        && !options.is_empty()
-    {
-        gateway_args.extend(["--kafka-opt".to_owned(), options]);
-    }
     let gateway = Proc::new("gateway", &binary(), &gateway_args, work);
     let ops: Vec<String> = (0..STAGES.len())
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
