@@ -21,7 +21,7 @@ pub mod state;
 
 use neruba_schemas::LiveCatalog;
 pub use neruba_stage::{CrashPoint, Error, Result, Running};
-pub use stage::tick_message;
+pub use stage::{is_tick, tick_message};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -193,6 +193,16 @@ pub fn tick_message(tenant: &str, watermark: i64) -> (OwnedHeaders, String) {
     (headers, payload)
 }
 
+/// Whether a message on the events topic is a watermark tick ([`tick_message`]) rather than an
+/// event: not in version 2 of the events encoding, and carrying the watermark header. Every
+/// reader of the topic tells them apart this way.
+pub fn is_tick<M: Message + ?Sized>(message: &M) -> bool {
+    may_be_tick(message.payload())
+        && message
+            .headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == WATERMARK_HEADER))
+}
+
 /// The tenant and watermark a tick message carries, if it is one. A tick whose value does not
 /// parse is read as the far past, which moves nothing; one without a tenant (written before
 /// clocks were per tenant) applies to every tenant of the partition.
@@ -279,5 +289,42 @@ mod tests {
         assert!(may_be_tick(Some(tick.as_bytes())));
         assert!(may_be_tick(Some(&[])));
         assert!(may_be_tick(None));
+    }
+
+    #[test]
+    fn a_tick_is_told_from_an_event_of_either_version() {
+        use rdkafka::Timestamp;
+        use rdkafka::message::OwnedMessage;
+        let message = |payload: Vec<u8>, headers: Option<OwnedHeaders>| {
+            OwnedMessage::new(
+                Some(payload),
+                None,
+                "neruba.events".into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                headers,
+            )
+        };
+        let event = neruba_schemas::Event {
+            tenant: "acme".into(),
+            id: "e1".into(),
+            event_type: "llm".into(),
+            subject: "c1".into(),
+            time_ms: 1_700_000_000_000,
+            received_ms: 1_700_000_000_001,
+            source: None,
+            data: serde_json::Map::new(),
+        };
+        let (headers, tick) = tick_message("acme", 1_700_000_000_000);
+        assert!(is_tick(&message(tick.into_bytes(), Some(headers.clone()))));
+        // A JSON payload is a tick only with the header: version 1 events are JSON too.
+        assert!(!is_tick(&message(codec::encode_json(&event), None)));
+        assert!(!is_tick(&message(
+            codec::encode_json(&event),
+            Some(OwnedHeaders::new())
+        )));
+        // A version 2 payload is an event, whatever headers it has.
+        assert!(!is_tick(&message(codec::encode(&event), Some(headers))));
     }
 }

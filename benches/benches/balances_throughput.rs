@@ -232,29 +232,24 @@ async fn main() -> Result<()> {
 
     let (raw_rate, floor_rate, state_floor_rate) =
         (rate(n, raw), rate(n, floor), rate(n, state_floor));
-    let (stage_rate, stage_rate_from_start) =
-        (balanced.rate_at_work(n), balanced.rate_from_start(n));
     println!(
         "raw pair (drain + acks=all produce): {n} entries in {raw:.2?} = {raw_rate:.0} entries/s"
     );
     println!(
         "balances stage end to end:          {} ({workers} workers, batches of up to {max_batch})",
-        balanced.report(n, "entries")
+        balanced.report("entries")
     );
     println!(
-        "durable floor (decode + id to RocksDB, a write per {max_batch}, then the produce): {n} entries in {floor:.2?} = {floor_rate:.0} entries/s"
+        "durable floor (decode + id to RocksDB, a write per {max_batch}, then the produce): \
+         {n} entries in {floor:.2?} = {floor_rate:.0} entries/s"
     );
     println!(
-        "state floor (decode + a {state_bytes}-byte value per customer and the id to RocksDB, a write per {max_batch}, then the produce): {n} entries in {state_floor:.2?} = {state_floor_rate:.0} entries/s"
+        "state floor (decode + a {state_bytes}-byte value per customer and the id to RocksDB, \
+         a write per {max_batch}, then the produce): \
+         {n} entries in {state_floor:.2?} = {state_floor_rate:.0} entries/s"
     );
     // At work against the others' from their first message: like for like.
-    let ratios = |base: f64| {
-        format!(
-            "{:.2} at work ({:.2} from its start)",
-            stage_rate / base,
-            stage_rate_from_start / base
-        )
-    };
+    let ratios = |base: f64| balanced.ratios(base);
     println!(
         "ratio stage / raw pair:             {} (issue target >= 0.50)",
         ratios(raw_rate)

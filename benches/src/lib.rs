@@ -169,10 +169,12 @@ pub struct Progress {
 /// What [`Progress`] saw by the stage's end.
 #[derive(Debug, Clone, Copy)]
 pub struct Timed {
+    /// What the stage did in all.
+    pub done: u64,
     /// From the stage's start to its end.
     pub from_start: std::time::Duration,
     /// Done after it was first seen at work, and the time that took; `None` if it was first
-    /// seen at work already done.
+    /// seen at work already done (then there is no rate at work to give).
     pub after_first: Option<(u64, std::time::Duration)>,
 }
 
@@ -185,7 +187,9 @@ impl Progress {
         }
     }
 
-    /// What the stage has done by now: the first count above zero marks it at work.
+    /// What the stage has done by now: the first count above zero marks it at work. With
+    /// several workers that is the first count any of them made public, so the others' start
+    /// up to then is still in the time at work.
     pub fn observe(&mut self, done: u64) {
         if done > 0 && self.first.is_none() {
             self.first = Some((std::time::Instant::now(), done));
@@ -200,6 +204,7 @@ impl Progress {
             Some((later, at.elapsed()))
         });
         Timed {
+            done,
             from_start,
             after_first,
         }
@@ -207,35 +212,48 @@ impl Progress {
 }
 
 impl Timed {
-    /// Items per second from the start, `done` in all.
-    pub fn rate_from_start(&self, done: usize) -> f64 {
-        rate(done, self.from_start)
-    }
-
-    /// Items per second after it was first seen at work (from the start when it was not seen
-    /// at work before it ended).
-    pub fn rate_at_work(&self, done: usize) -> f64 {
-        match self.after_first {
-            Some((later, took)) => rate(usize::try_from(later).unwrap_or(usize::MAX), took),
-            None => self.rate_from_start(done),
-        }
-    }
-
-    /// Both rates, as a bench's report line says them: `done` `unit` in all.
-    pub fn report(&self, done: usize, unit: &str) -> String {
-        let whole = format!(
-            "{done} {unit} in {:.2?} from its start to its last write = {:.0} {unit}/s",
+    /// Items per second from the start.
+    pub fn rate_from_start(&self) -> f64 {
+        rate(
+            usize::try_from(self.done).unwrap_or(usize::MAX),
             self.from_start,
-            self.rate_from_start(done)
+        )
+    }
+
+    /// Items per second after it was first seen at work; `None` if it was first seen with all
+    /// of it done.
+    pub fn rate_at_work(&self) -> Option<f64> {
+        self.after_first
+            .map(|(later, took)| rate(usize::try_from(later).unwrap_or(usize::MAX), took))
+    }
+
+    /// Both rates, as a bench's report line says them, in `unit`s.
+    pub fn report(&self, unit: &str) -> String {
+        let whole = format!(
+            "{} {unit} in {:.2?} from its start to its last write = {:.0} {unit}/s",
+            self.done,
+            self.from_start,
+            self.rate_from_start()
         );
-        match self.after_first {
-            Some((later, took)) => format!(
-                "{whole}; {later} {unit} in {took:.2?} after it was first seen at work, {:.2?} in = {:.0} {unit}/s",
+        match (self.after_first, self.rate_at_work()) {
+            (Some((later, took)), Some(at_work)) => format!(
+                "{whole}; {later} {unit} in {took:.2?} after it was first seen at work, {:.2?} in = {at_work:.0} {unit}/s",
                 self.before_work(),
-                self.rate_at_work(done)
             ),
-            None => whole,
+            _ => format!("{whole}; first seen at work with all of it done: no rate at work"),
         }
+    }
+
+    /// `self`'s rates against a baseline's `base`, as the reports say them.
+    #[allow(clippy::float_arithmetic)]
+    pub fn ratios(&self, base: f64) -> String {
+        let at_work = self
+            .rate_at_work()
+            .map_or_else(|| "n/a".to_owned(), |r| format!("{:.2}", r / base));
+        format!(
+            "{at_work} at work ({:.2} from its start)",
+            self.rate_from_start() / base
+        )
     }
 
     /// The time before it was first seen at work: its start, and what it did until then.

@@ -268,10 +268,7 @@ pub async fn run() -> Result<Summary> {
     // The aggregator writes watermark ticks to idle partitions; they are not events.
     let messages: Vec<_> = messages
         .into_iter()
-        .filter(|m| {
-            !m.headers()
-                .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER))
-        })
+        .filter(|m| !neruba_aggregator::is_tick(m))
         .collect();
     println!(
         "On the events topic `{}`: {} messages",

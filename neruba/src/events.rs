@@ -4,13 +4,12 @@
 //! `neruba_schemas::codec`), which no Kafka tool prints readably; this prints each event as one
 //! JSON object with where it is (`partition`, `offset`), its `encoding` version, its envelope and
 //! its `data` with numbers as the client sent them. Version 1 messages (JSON) print the same
-//! way. The aggregator's watermark ticks on the topic (they carry
-//! [`topics::WATERMARK_HEADER`]) are not events: they are counted, not printed. A message that
+//! way. The aggregator's watermark ticks on the topic ([`neruba_aggregator::is_tick`]) are not
+//! events: they are counted, not printed. A message that
 //! is not an event is reported on stderr with its position and the tail goes on.
 
-use neruba_schemas::{Event, codec, topics};
+use neruba_schemas::{Event, codec};
 use rdkafka::Message;
-use rdkafka::message::Headers;
 use serde::Serialize;
 use std::io::Write;
 use std::time::Duration;
@@ -66,10 +65,7 @@ pub fn tail(
         exit_when_idle,
         shutdown,
         |message| {
-            let tick = message
-                .headers()
-                .is_some_and(|h| h.iter().any(|h| h.key == topics::WATERMARK_HEADER));
-            if tick {
+            if neruba_aggregator::is_tick(message) {
                 counts.ticks += 1;
                 return Ok(());
             }
