@@ -557,14 +557,23 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
         Some("1")
     );
 
-    // Two more grants, one burning first and one last: pages of one grant, in burn-down
-    // order, are the whole list.
+    // Three more grants, one burning first, one last, and one effective only in a year (paid
+    // for, so in the balance, but not available to usage now): pages of one grant, in
+    // burn-down order, are the whole list.
     let mut last = String::new();
-    for (key, priority) in [("api-test-last", 99), ("api-test-first", 0)] {
+    let next_year = neruba_schemas::event::format_time_ms(now + 365 * 86_400_000);
+    for (key, amount, priority, effective_at) in [
+        ("api-test-last", "1", 99, None),
+        ("api-test-first", "1", 0, None),
+        ("api-test-next-year", "2", 10, Some(next_year.as_str())),
+    ] {
         let answer: Value = client
             .post(format!("{gateway}/v1/customers/customer-7/grants"))
             .bearer_auth(credits)
-            .json(&json!({"key": key, "amount": "1", "currency": "USD", "priority": priority}))
+            .json(
+                &json!({"key": key, "amount": amount, "currency": "USD", "priority": priority,
+                          "effective_at": effective_at}),
+            )
             .send()
             .await?
             .json()
@@ -591,7 +600,31 @@ async fn every_read_answers_exactly_and_only_for_its_tenant() -> Result<()> {
     };
     assert_eq!(
         keys(&whole),
-        ["api-test-first", "api-test-pack", "api-test-last"]
+        [
+            "api-test-first",
+            "api-test-pack",
+            "api-test-next-year",
+            "api-test-last"
+        ]
+    );
+    // The balance counts every grant holding credit; what usage now could draw on leaves out
+    // the one not yet effective: 4.70 + 1 + 1 + 2, of which 2 from next year.
+    let (status, balances) = get(
+        &client,
+        &format!("{api}/v1/customers/customer-7/balances?min_position={last}"),
+        read,
+    )
+    .await?;
+    assert_eq!(status, 200, "{balances}");
+    let usd = &balances["balances"][0];
+    assert_eq!(
+        (
+            dec(&usd["balance"]),
+            dec(&usd["available"]),
+            usd["active_grants"].as_u64()
+        ),
+        (d("8.70"), d("6.70"), Some(4)),
+        "{balances}"
     );
     let pages = pages_of_one(&client, &grants_url, read, "grants").await?;
     assert!(pages.iter().all(|page| page.len() == 1), "{pages:?}");

@@ -6,7 +6,10 @@
 //!   going from at or above the threshold to below it is a crossing, and emits one
 //!   `low_balance` entry; staying below emits nothing; rising to or above it re-arms the rule;
 //! - with `recharge_to`, a crossing also emits a `topup_requested` entry for
-//!   `recharge_to − balance`, unless a request of the rule is still outstanding (at most one
+//!   `recharge_to − available − pending` (SPEC), which is `recharge_to − balance`: at the
+//!   partition's clock, the only "now" a fold of the log has, every active grant is either
+//!   effective (available) or not yet (pending), since a tick expires each grant whose
+//!   `expires_at` it passes and a grant read past its expiry expires at once; unless a request of the rule is still outstanding (at most one
 //!   outstanding: a runaway of top-ups cannot happen); the entry's id is the request's id;
 //! - a grant whose `key` is an outstanding request's id resolves it (whatever its amount: the
 //!   payment side decides), and is applied like any grant, past the customer's bound of grants

@@ -864,6 +864,17 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
             d("5")
         )]
     );
+    // The same refused request again (a client retrying): refused again, each attempt an
+    // entry of its own (its own sequence number, so its own id), and the balance untouched.
+    let again = book.apply_grant(&other, T0, GRACE);
+    assert_eq!(
+        again
+            .iter()
+            .map(|e| (e.kind, e.code.as_deref(), e.seq, e.balance_after))
+            .collect::<Vec<_>>(),
+        vec![(EntryKind::GrantRefused, Some("key_conflict"), 3, d("5"))]
+    );
+    assert_ne!(again[0].id, refused[0].id);
     let eur = book.apply_item(&item("li_1", "m1", T0, T0, d("2"), "EUR"));
     assert_eq!(consumption(&eur), vec![(None, d("2"))]);
     assert_eq!(book.balance("USD"), d("5"));
@@ -942,6 +953,40 @@ fn a_low_balance_fires_once_per_crossing_and_one_top_up_is_outstanding() {
             (EntryKind::TopupRequested, d("22"), d("3")),
         ]
     );
+}
+
+#[test]
+fn a_top_up_asks_for_recharge_to_less_what_is_available_and_what_is_pending() {
+    // 10 usable now, 30 paid for and effective in a month (pending); the rule at 35, up to 50.
+    let mut book = Book::default();
+    let now = grant("now", d("10"), "USD", 10, None, None);
+    let later = grant("later", d("30"), "USD", 10, Some(T0 + PERIOD), None);
+    book.apply_grant(&now, T0, GRACE);
+    book.apply_grant(&later, T0, GRACE);
+    assert!(book.apply_rule(&rule("35", Some("50"))).is_empty());
+    // Usage now draws on the effective grant only: 40 → 32, below 35.
+    let e = book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
+    // Available (effective at the partition's clock) and pending (not yet effective), summed
+    // here from the grants, not from the book's balance.
+    let part = |pending: bool| -> Decimal {
+        book.grants
+            .values()
+            .filter(|g| g.status == Status::Active)
+            .filter(|g| (g.grant.terms.effective_ms() > T0) == pending)
+            .map(|g| g.remaining)
+            .sum()
+    };
+    assert_eq!((part(false), part(true)), (d("2"), d("30")));
+    // 50 − 2 − 30 = 18.
+    assert_eq!(
+        kinds(&e),
+        vec![
+            (EntryKind::Consume, d("-8"), d("32")),
+            (EntryKind::LowBalance, d("0"), d("32")),
+            (EntryKind::TopupRequested, d("18"), d("32")),
+        ]
+    );
+    assert_eq!(e[0].grant.as_deref(), Some(now.id.as_str()));
 }
 
 #[test]
@@ -1102,6 +1147,60 @@ fn a_statement_turns_draft_then_final_and_a_late_item_is_carried_to_the_next() {
     assert!(
         book.apply_tick("acme", "c1", T0 + 3 * day + 1, GRACE, day)
             .is_empty()
+    );
+}
+
+#[test]
+fn a_correction_for_a_final_period_goes_to_the_next_open_statement_never_a_draft() {
+    let day = 86_400_000;
+    let (before, now, next) = (T0 - PERIOD, T0, T0 + PERIOD);
+    let key = |period: i64| statements::key("USD", &format_time_ms(period));
+    let mut book = Book::default();
+    book.apply_item(&item("li_1", "m1", before, before, d("1"), "USD"));
+    book.apply_item(&item("li_2", "m1", now, now, d("2"), "USD"));
+    // The period before is final, this one's statement draft (its period over, 3 days to go).
+    book.apply_tick("acme", "c1", now, GRACE, 3 * day);
+    book.apply_tick("acme", "c1", now + 3 * day, GRACE, 3 * day);
+    book.apply_tick("acme", "c1", next, GRACE, 3 * day);
+    assert!(!book.statements.contains_key(&key(before)));
+    assert_eq!(
+        book.statements[&key(now)].statement.status,
+        StatementStatus::Draft
+    );
+    // A correction for the final period: no statement is open, so it waits (the draft is not
+    // open, SPEC "Statements"); the draft is as it was.
+    book.apply_item(&item("li_3", "m1", before, before + MIN, d("-0.50"), "USD"));
+    assert_eq!(book.carried["USD"].amount, d("-0.50"));
+    let draft = &book.statements[&key(now)].statement;
+    assert_eq!(
+        (draft.prior_period.len(), draft.prior_period_amount),
+        (0, d("0"))
+    );
+    // The next period's first item opens its statement, which takes what waited; a later
+    // correction goes straight to it, the draft still untouched.
+    book.apply_item(&item("li_4", "m1", next, next, d("3"), "USD"));
+    book.apply_item(&item(
+        "li_5",
+        "m1",
+        before,
+        before + 2 * MIN,
+        d("-0.25"),
+        "USD",
+    ));
+    assert!(book.carried.is_empty());
+    let open = &book.statements[&key(next)].statement;
+    assert_eq!(
+        (
+            open.status,
+            open.usage,
+            open.prior_period_amount,
+            open.amount_due
+        ),
+        (StatementStatus::Open, d("3"), d("-0.75"), d("2.25"))
+    );
+    assert_eq!(
+        book.statements[&key(now)].statement.prior_period_amount,
+        d("0")
     );
 }
 
