@@ -4,7 +4,9 @@
 //! wait and whether the broker answers, readiness stays prompt meanwhile, positions already
 //! folded are answered at once (even with no wait at all), and a partition the events topic
 //! does not have is refused once the topic's metadata was asked again. And a replica just
-//! started answers no read before it has read its topic to the end once.
+//! started answers no read before it has read its topic to the end once; a usage read that
+//! cannot combine exactly (`latest` across groups, `avg` past its window) is refused over HTTP
+//! with `422 not_combinable` before anything is read.
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
@@ -56,6 +58,15 @@ impl Api {
         read_wait: Duration,
         connections: ConnectionLimits,
     ) -> Result<Self> {
+        Self::start_with(kafka, read_wait, connections, sample::catalog()?).await
+    }
+
+    async fn start_with(
+        kafka: EmbeddedKafka,
+        read_wait: Duration,
+        connections: ConnectionLimits,
+        catalog: neruba_schemas::Catalog,
+    ) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let mut config = neruba_api::Config::new(
             kafka.bootstrap_servers(),
@@ -68,7 +79,7 @@ impl Api {
         let shutdown = CancellationToken::new();
         let running = neruba_api::start(
             config,
-            Arc::new(sample::catalog()?),
+            Arc::new(catalog),
             &prometheus::Registry::new(),
             shutdown.clone(),
         )
@@ -441,5 +452,89 @@ async fn a_client_that_does_not_finish_its_request_head_is_cut_off() -> Result<(
         .send()
         .await?;
     assert_eq!(answer.status().as_u16(), 200);
+    api.stop().await
+}
+
+/// The sample catalog with, for acme, a `latest` meter by GPU and an `avg` meter.
+fn catalog_with_gauges() -> Result<neruba_schemas::Catalog> {
+    let gauges = r#"# A GPU's temperature, the latest reading, by GPU.
+[[tenants.meters]]
+key = "gpu_celsius"
+event_type = "gpu.reading"
+aggregation = "latest"
+value = "$.celsius"
+group_by = { gpu = "$.gpu" }
+window = "1m"
+
+# Request latency, averaged.
+[[tenants.meters]]
+key = "latency_avg"
+event_type = "api.request"
+aggregation = "avg"
+value = "$.ms"
+window = "1m"
+
+"#;
+    let anchor = "# API calls, counted.\n";
+    anyhow::ensure!(
+        sample::CATALOG_TOML.contains(anchor),
+        "the sample catalog changed"
+    );
+    let text = sample::CATALOG_TOML.replacen(anchor, &format!("{gauges}{anchor}"), 1);
+    Ok(neruba_schemas::Catalog::from_toml_str(&text, "test")?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_read_that_cannot_combine_exactly_is_refused_before_any_read() -> Result<()> {
+    let api = Api::start_with(
+        broker()?,
+        Duration::from_secs(1),
+        ConnectionLimits::default(),
+        catalog_with_gauges()?,
+    )
+    .await?;
+    let key = sample::dev_key("acme", "read").context("acme read key")?;
+    let range = "from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z";
+    // The customer is unknown: a query that can be answered gets as far as finding that out
+    // (404); one that cannot combine exactly is refused first (422), whoever it is for.
+    for (query, status, code) in [
+        // The latest of two GPUs' readings is not known: only within one GPU.
+        (
+            "meter=gpu_celsius&window=none&group_by=",
+            422,
+            "not_combinable",
+        ),
+        (
+            "meter=gpu_celsius&window=hour&group_by=",
+            422,
+            "not_combinable",
+        ),
+        ("meter=gpu_celsius&window=hour", 404, "customer_not_found"),
+        (
+            "meter=gpu_celsius&window=none&group_by=gpu",
+            404,
+            "customer_not_found",
+        ),
+        // An average of averages is not the average: only at the meter's own window.
+        ("meter=latency_avg&window=hour", 422, "not_combinable"),
+        ("meter=latency_avg&window=day", 422, "not_combinable"),
+        ("meter=latency_avg", 404, "customer_not_found"),
+        // The sum adds up in any bucket.
+        (
+            "meter=llm_tokens&window=day&group_by=",
+            404,
+            "customer_not_found",
+        ),
+    ] {
+        let url = format!("{}/v1/usage?customer=nobody&{range}&{query}", api.base);
+        let response = api.client.get(&url).bearer_auth(key).send().await?;
+        let got = response.status().as_u16();
+        let body: Value = response.json().await.context("a JSON answer")?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{query}: {body}"
+        );
+    }
     api.stop().await
 }
