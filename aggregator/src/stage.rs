@@ -270,9 +270,8 @@ mod tests {
     use super::*;
     use neruba_schemas::codec;
 
-    #[test]
-    fn only_a_message_not_in_version_2_may_be_a_tick() {
-        let event = neruba_schemas::Event {
+    fn event() -> neruba_schemas::Event {
+        neruba_schemas::Event {
             tenant: "acme".into(),
             id: "e1".into(),
             event_type: "llm".into(),
@@ -281,7 +280,12 @@ mod tests {
             received_ms: 1_700_000_000_001,
             source: None,
             data: serde_json::Map::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn only_a_message_not_in_version_2_may_be_a_tick() {
+        let event = event();
         assert!(!may_be_tick(Some(&codec::encode(&event))));
         // Version 1 events are JSON, as ticks are: their headers tell them apart.
         assert!(may_be_tick(Some(&codec::encode_json(&event))));
@@ -306,16 +310,7 @@ mod tests {
                 headers,
             )
         };
-        let event = neruba_schemas::Event {
-            tenant: "acme".into(),
-            id: "e1".into(),
-            event_type: "llm".into(),
-            subject: "c1".into(),
-            time_ms: 1_700_000_000_000,
-            received_ms: 1_700_000_000_001,
-            source: None,
-            data: serde_json::Map::new(),
-        };
+        let event = event();
         let (headers, tick) = tick_message("acme", 1_700_000_000_000);
         assert!(is_tick(&message(tick.into_bytes(), Some(headers.clone()))));
         // A JSON payload is a tick only with the header: version 1 events are JSON too.
