@@ -21,7 +21,7 @@
 //! - after every record, each of the customer's balance rules is checked ([`rules`]): one
 //!   `low_balance` per crossing below the threshold, at most one `topup_requested` outstanding;
 //! - every line item lands on one statement ([`statements`]): its period's while that is not
-//!   final, else the next open one as a prior-period adjustment; ticks turn statements `draft` and
+//!   final, else the next one as a prior-period adjustment; ticks turn statements `draft` and
 //!   then `final`, one entry each.
 
 use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, Series};

@@ -583,8 +583,7 @@ async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Res
     topup.id = credit::grant_id("acme", "c3", &request);
     let second = [
         Record::Grant(topup),
-        // A correction for the final period: it waits for the next open statement (the second
-        // period's is a draft), which the current period's first item opens.
+        // A correction for the final period: carried to the next statement not yet final.
         Record::Item(item_in("c3", "li_p1_fix", p1, p1 + 2 * HOUR, "-1")),
         Record::Item(item_in("c3", "li_p3", p3, p3 + HOUR, "2")),
     ];
@@ -602,8 +601,8 @@ async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Res
             (EntryKind::Consume, d("-2"), d("19")),
         ]
     );
-    // The books as the stage left them: the second period's draft as it was; the current
-    // period's statement, open, holds the correction as a prior-period line.
+    // The books as the stage left them: the second period's draft holds the carried
+    // correction as a prior-period line; the current period is open.
     let mut statements = Vec::new();
     for partition in 0..PARTITIONS {
         let books = neruba_balances::state::read_books(state.path(), "ledger-s", partition)?;
@@ -637,19 +636,19 @@ async fn statements_finalise_once_and_a_low_balance_asks_for_one_top_up() -> Res
                 "c3",
                 StatementStatus::Draft,
                 d("3"),
+                d("-1"),
+                d("2"),
                 d("0"),
-                d("3"),
-                d("0"),
-                vec![]
+                vec![format_time_ms(p1)]
             ),
             (
                 "c3",
                 StatementStatus::Open,
                 d("2"),
-                d("-1"),
-                d("1"),
                 d("0"),
-                vec![format_time_ms(p1)]
+                d("2"),
+                d("0"),
+                vec![]
             ),
         ]
     );

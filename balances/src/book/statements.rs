@@ -9,10 +9,9 @@
 //!   the period's end plus the tick's finalisation delay; a tick at or past that turns it
 //!   `final`. Each transition is one entry carrying the statement; a final statement leaves
 //!   the book and never changes again;
-//! - an item of a period whose statement is final goes to the next open statement of its
-//!   currency (SPEC: "the next open statement"; a draft, its period over, is not open, though
-//!   it still takes its own period's late items), as a prior-period adjustment; if there is
-//!   none yet, it waits in the book and joins the next statement that opens;
+//! - an item of a period whose statement is final goes to the earliest later statement of
+//!   its currency not yet final, as a prior-period adjustment; if there is none yet, it waits
+//!   in the book and joins the next statement that opens;
 //! - every statement keeps `usage + prior_period_amount = credit_applied + amount_due`;
 //! - a statement's lines (and prior-period lines, and lines carried) are in the order of their
 //!   meter, group and period start, whatever order their items came in, so the partition
@@ -185,8 +184,8 @@ fn unsigned_zero(value: Decimal) -> Decimal {
 
 impl Book {
     /// Where `item` goes on the customer's statements: its period's statement while that is
-    /// not final, else the earliest open one of its currency (a prior-period adjustment; a
-    /// draft is not open), else the lines carried in its currency; `None` for an item whose period
+    /// not final, else the earliest later one of its currency not final (a prior-period
+    /// adjustment), else the lines carried in its currency; `None` for an item whose period
     /// cannot be read (it goes on no statement).
     pub fn route_of(&self, item: &LineItem) -> Option<Route> {
         let end_ms = parse_time_ms(&item.period_end).ok()?;
@@ -205,11 +204,7 @@ impl Book {
         let later = self
             .statements
             .iter()
-            .filter(|(_, s)| {
-                s.statement.currency == item.currency
-                    && s.statement.status == StatementStatus::Open
-                    && s.period_start_ms >= end_ms
-            })
+            .filter(|(_, s)| s.statement.currency == item.currency && s.period_start_ms >= end_ms)
             .min_by_key(|(_, s)| s.period_start_ms);
         Some(Route::To(match later {
             Some((later, _)) => LineList::Prior(later.clone()),
