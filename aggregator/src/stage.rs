@@ -88,7 +88,7 @@ impl neruba_stage::Stage for Aggregator {
     ) -> Result<()> {
         let inputs: Vec<Input<'_>> = messages
             .iter()
-            .filter(|m| watermark_tick(m).is_none())
+            .filter(|m| watermark_tick(**m).is_none())
             .map(|m| Input::of(m))
             .collect();
         state.read_ahead(&inputs)
@@ -197,16 +197,13 @@ pub fn tick_message(tenant: &str, watermark: i64) -> (OwnedHeaders, String) {
 /// event: not in version 2 of the events encoding, and carrying the watermark header. Every
 /// reader of the topic tells them apart this way.
 pub fn is_tick<M: Message + ?Sized>(message: &M) -> bool {
-    may_be_tick(message.payload())
-        && message
-            .headers()
-            .is_some_and(|h| h.iter().any(|h| h.key == WATERMARK_HEADER))
+    watermark_tick(message).is_some()
 }
 
 /// The tenant and watermark a tick message carries, if it is one. A tick whose value does not
 /// parse is read as the far past, which moves nothing; one without a tenant (written before
 /// clocks were per tenant) applies to every tenant of the partition.
-fn watermark_tick<'a>(message: &'a BorrowedMessage<'_>) -> Option<(Option<&'a str>, i64)> {
+fn watermark_tick<M: Message + ?Sized>(message: &M) -> Option<(Option<&str>, i64)> {
     if !may_be_tick(message.payload()) {
         return None;
     }

@@ -14,7 +14,8 @@
 //! - a grant repeated with the same terms changes nothing; with other terms it is refused
 //!   (`key_conflict`), and so is a new one past the customer's bound of grants holding credit
 //!   ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]: `too_many_grants`) unless it answers
-//!   an outstanding top-up request; a void voids what is left; a tick expires every grant
+//!   an outstanding top-up request; a refused grant sent again, refused for the same reason,
+//!   adds no entry ([`Book::refused`]); a void voids what is left; a tick expires every grant
 //!   whose `expires_at` + grace it passed;
 //! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
 //!   each entry's `balance_before` is the previous one's `balance_after` in its currency;
@@ -28,9 +29,10 @@ use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, S
 use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use statements::Route;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// What became of a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +129,27 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
+    /// The newest refusals of grants of record version 3 on ([`refusal_of`]), oldest first, at
+    /// most [`REMEMBERED_REFUSALS`]: the same grant refused for the same reason again adds no
+    /// entry. Stored after the rest of the book ([`Book::encode`]), so a book that remembers
+    /// none is stored as before.
+    #[serde(skip)]
+    pub refused: VecDeque<Refusal>,
+}
+
+/// A refused grant as its book remembers it: the first 16 bytes of the SHA-256 of the code,
+/// the key and the terms, postcard-encoded (each part length-prefixed, so unambiguous).
+pub type Refusal = [u8; 16];
+
+/// Refusals a book remembers: past them, the oldest is forgotten, and its grant sent again is
+/// refused again with an entry. Bounded, as the book is written after every record.
+pub const REMEMBERED_REFUSALS: usize = 64;
+
+/// `grant` refused with `code`, as its book remembers it; `None` if it cannot be encoded (it
+/// is then refused with an entry each time, as before).
+fn refusal_of(grant: &Grant, code: &str) -> Option<Refusal> {
+    let bytes = postcard::to_allocvec(&(code, &grant.key, &grant.terms)).ok()?;
+    Sha256::digest(bytes)[..16].try_into().ok()
 }
 
 /// Grants holding credit ([`GrantState::is_spent`] not) a customer may have, all currencies
@@ -134,7 +157,7 @@ pub struct Book {
 /// holds every such grant (spent ones are kept apart), each line item looks through them and
 /// the book is written after every record: without a bound, a client granting without end
 /// would make each of the customer's items dearer until the stage stalled. Grants of record
-/// version [`credit::GRANT_RECORD_V`] on are bounded; a grant answering an outstanding top-up
+/// version [`credit::GRANT_BOUNDED_V`] on are bounded; a grant answering an outstanding top-up
 /// request never is (the customer has paid for it).
 pub const MAX_CREDIT_GRANTS: usize = 1_000;
 
@@ -173,14 +196,24 @@ impl Book {
         // grown from one byte, and encoding books was a fifth of the state machine's time).
         let mut out = Vec::with_capacity(ENCODE_CAPACITY);
         out.push(STORED_POSTCARD);
-        postcard::to_io(self, out)
+        let out = postcard::to_io(self, out)?;
+        // After the book, which a release before this one reads, passing over what follows.
+        if self.refused.is_empty() {
+            return Ok(out);
+        }
+        postcard::to_io(&self.refused, out)
     }
 
     /// A book from its stored form ([`Book::encode`], or JSON as written before).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut book: Self = match bytes.split_first() {
             Some((&STORED_POSTCARD, body)) => {
-                postcard::from_bytes(body).map_err(|e| e.to_string())?
+                let (mut book, rest) =
+                    postcard::take_from_bytes::<Self>(body).map_err(|e| e.to_string())?;
+                if !rest.is_empty() {
+                    book.refused = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+                }
+                book
             }
             _ => serde_json::from_slice(bytes).map_err(|e| e.to_string())?,
         };
@@ -596,8 +629,18 @@ impl Book {
         grace_ms: i64,
     ) -> Vec<BalanceEntry> {
         let currency = grant.terms.currency.clone();
+        let remembers = grant.v >= credit::GRANT_REFUSAL_KEPT_V;
         let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.as_str());
         let refused = |mut e: Entries<'_>, code: &str| {
+            if let Some(refusal) = refusal_of(grant, code).filter(|_| remembers) {
+                if e.book.refused.contains(&refusal) {
+                    return e.out;
+                }
+                if e.book.refused.len() >= REMEMBERED_REFUSALS {
+                    e.book.refused.pop_front();
+                }
+                e.book.refused.push_back(refusal);
+            }
             e.push(
                 EntryKind::GrantRefused,
                 &currency,
@@ -614,12 +657,15 @@ impl Book {
             }
             return e.out;
         }
-        if grant.v >= credit::GRANT_RECORD_V
+        if grant.v >= credit::GRANT_BOUNDED_V
             && !rules::is_outstanding(e.book, &grant.key)
             && e.book.holds_too_many_with(grant)
         {
             // Not kept: the same request applies once a grant of the customer is spent.
             return refused(e, TOO_MANY_GRANTS);
+        }
+        if let Some(refusal) = refusal_of(grant, TOO_MANY_GRANTS).filter(|_| remembers) {
+            e.book.refused.retain(|r| *r != refusal);
         }
         rules::resolve(e.book, &grant.key);
         let amount = grant.terms.amount;

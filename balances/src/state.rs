@@ -2690,10 +2690,19 @@ mod tests {
         // its series and its pack kept apart.
         let months = BOOK_SERIES + 2;
         let mut ops = Vec::new();
+        // A second month's pack under other terms, as version 3: refused once, though sent
+        // again after the restart and after its pack was kept apart.
+        let conflicting = Grant {
+            v: credit::GRANT_RECORD_V,
+            ..pack(1, "12")
+        };
         for p in 0..months {
             ops.push(Op::Grant(pack(p, "10")));
             ops.push(Op::Item(line_item(&format!("li_{p}"), p, d("8"))));
             ops.push(Op::Tick(start(p + 1)));
+            if p == 1 {
+                ops.push(Op::Grant(conflicting.clone()));
+            }
         }
         // A correction of the first month gives credit back to its pack, long expired and
         // out of the book: it expires again at once.
@@ -2702,6 +2711,7 @@ mod tests {
         ops.push(Op::Void(credit::grant_id("acme", "c1", "pack-1")));
         ops.push(Op::Grant(pack(2, "10")));
         ops.push(Op::Grant(pack(3, "11")));
+        ops.push(Op::Grant(conflicting));
 
         let records: Vec<(Vec<u8>, Record)> = ops.iter().map(Op::record).collect();
         let (entries, state, _dir) = fold_through_store(&records, 4, records.len() * 2 / 3);
@@ -2726,7 +2736,7 @@ mod tests {
             .filter(|e| e.kind == credit::EntryKind::GrantRefused)
             .map(|e| e.code.clone())
             .collect();
-        assert_eq!(refused, vec![Some("key_conflict".to_owned())]);
+        assert_eq!(refused, vec![Some("key_conflict".to_owned()); 2]);
         // The stored book holds the newest ended grants only; a read gets them all back.
         let stored = stored_book(&state, "c1");
         assert_eq!(stored.grants.len(), BOOK_SPENT_GRANTS);

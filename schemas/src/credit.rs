@@ -219,13 +219,22 @@ pub struct BalanceRule {
     pub recharge_to: Option<Decimal>,
 }
 
-/// The version the gateway writes grants in. Version 2: a new grant past the customer's bound
-/// of grants holding credit is refused by the balances stage (`too_many_grants`). A version 1
-/// grant, written before the bound, is not bounded: a replay of an old ledger applies what it
-/// applied then. The bound's figures (`neruba_balances::book::MAX_CREDIT_GRANTS` and
+/// The version the gateway writes grants in ([`GRANT_BOUNDED_V`], [`GRANT_REFUSAL_KEPT_V`]).
+pub const GRANT_RECORD_V: u8 = GRANT_REFUSAL_KEPT_V;
+
+/// Grants of this version on are bounded: a new grant past the customer's bound of grants
+/// holding credit is refused by the balances stage (`too_many_grants`). A version 1 grant,
+/// written before the bound, is not: a replay of an old ledger applies what it applied then.
+/// The bound's figures (`neruba_balances::book::MAX_CREDIT_GRANTS` and
 /// `MAX_CREDIT_GRANT_BYTES`) are part of what a replay must reproduce: changing them needs a
 /// new record version.
-pub const GRANT_RECORD_V: u8 = 2;
+pub const GRANT_BOUNDED_V: u8 = 2;
+
+/// Grants of this version on, refused and sent again (the same key and terms, `received_at`
+/// aside) for the same reason, add no second `grant_refused` entry, among the customer's
+/// newest refusals (`neruba_balances::book::REMEMBERED_REFUSALS`, a figure a replay must
+/// reproduce too). Earlier versions are refused with an entry each time, as they were then.
+pub const GRANT_REFUSAL_KEPT_V: u8 = 3;
 
 /// The version the gateway writes balance-rule records in. Version 2: removing a rule keeps
 /// its outstanding top-up request (until a grant resolves it), so a rule set again does not

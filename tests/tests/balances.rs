@@ -248,13 +248,23 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
     let promo = grant("c1", "promo", "5", 1, None);
     let pack = grant("c1", "pack-1", "20", 10, None);
     let expired = grant("c2", "old", "8", 10, Some(now - HOUR));
+    let conflicting = Grant {
+        v: credit::GRANT_RECORD_V,
+        ..grant("c1", "pack-1", "25", 10, None)
+    };
     let records = vec![
         Record::Grant(promo.clone()),
         Record::Grant(pack.clone()),
         Record::Item(item_in("c1", "li_a", now - DAY, window, "12.50")),
         Record::Item(item_in("c1", "li_a", now - DAY, window, "12.50")),
         Record::Item(item_in("c1", "li_b", now - DAY, window + 60_000, "-3")),
-        Record::Grant(grant("c1", "pack-1", "25", 10, None)),
+        // Other terms under a key: refused once, though sent twice (the second a retry the
+        // gateway received later).
+        Record::Grant(conflicting.clone()),
+        Record::Grant(Grant {
+            received_at: format_time_ms(now),
+            ..conflicting
+        }),
         Record::Void(Void {
             v: 1,
             tenant: "acme".into(),

@@ -864,8 +864,9 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
             d("5")
         )]
     );
-    // The same refused request again (a client retrying): refused again, each attempt an
-    // entry of its own (its own sequence number, so its own id), and the balance untouched.
+    // The same refused request again, written as version 1 or 2 (before refusals were
+    // remembered): refused again, each attempt an entry of its own (its own sequence number,
+    // so its own id), and the balance untouched, as a replay of an old ledger must give.
     let again = book.apply_grant(&other, T0, GRACE);
     assert_eq!(
         again
@@ -879,6 +880,118 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
     assert_eq!(consumption(&eur), vec![(None, d("2"))]);
     assert_eq!(book.balance("USD"), d("5"));
     assert_eq!(book.balance("EUR"), d("0"));
+}
+
+#[test]
+fn a_refused_grant_sent_again_changes_nothing() {
+    // Was: each delivery of a refused grant record added another `grant_refused` entry, so a
+    // client retrying a conflicting request grew the customer's entries without end.
+    let v3 = |key: &str, amount: &str| Grant {
+        v: credit::GRANT_RECORD_V,
+        ..grant(key, d(amount), "USD", 1, None, None)
+    };
+    let codes = |e: &[BalanceEntry]| -> Vec<(EntryKind, Option<String>, u64)> {
+        e.iter().map(|e| (e.kind, e.code.clone(), e.seq)).collect()
+    };
+    let conflict = |seq| {
+        vec![(
+            EntryKind::GrantRefused,
+            Some("key_conflict".to_owned()),
+            seq,
+        )]
+    };
+    let mut book = Book::default();
+    assert_eq!(
+        codes(&book.apply_grant(&v3("k", "5"), T0, GRACE)),
+        [(EntryKind::Grant, None, 1)]
+    );
+    let other = v3("k", "6");
+    assert_eq!(codes(&book.apply_grant(&other, T0, GRACE)), conflict(2));
+    // The same request again, received later (`received_at` is not a term): nothing.
+    let retried = Grant {
+        received_at: "2026-12-02T00:00:00Z".into(),
+        ..other.clone()
+    };
+    let before = book.clone();
+    assert_eq!(book.apply_grant(&retried, T0, GRACE), vec![]);
+    assert_eq!(book, before);
+    // Other terms under the same key are refused, once each.
+    assert_eq!(
+        codes(&book.apply_grant(&v3("k", "7"), T0, GRACE)),
+        conflict(3)
+    );
+    assert_eq!(book.apply_grant(&v3("k", "7"), T0, GRACE), vec![]);
+    assert_eq!(book.balance("USD"), d("5"));
+
+    // The book remembers the newest refusals only: the oldest one forgotten, its request sent
+    // again is refused again, and remembered again.
+    for n in 0..REMEMBERED_REFUSALS {
+        let e = book.apply_grant(&v3("k", &format!("{}", 100 + n)), T0, GRACE);
+        assert_eq!(codes(&e), conflict(4 + n as u64), "refusal {n}");
+    }
+    assert_eq!(book.refused.len(), REMEMBERED_REFUSALS);
+    let last = 4 + REMEMBERED_REFUSALS as u64;
+    assert_eq!(codes(&book.apply_grant(&other, T0, GRACE)), conflict(last));
+    assert_eq!(book.apply_grant(&other, T0, GRACE), vec![]);
+
+    // Its stored form keeps what it remembers; a book that remembers nothing is stored as
+    // before, and a release before this one reads the book, passing over what it remembers.
+    let stored = book.encode().expect("encode");
+    let read = Book::decode(&stored).expect("decode");
+    assert_eq!(read, book);
+    let older: Book = postcard::from_bytes(&stored[1..]).expect("read as before");
+    assert_eq!(older.grants, book.grants);
+    assert_eq!(older.seq, book.seq);
+    let mut forgetful = book.clone();
+    forgetful.refused.clear();
+    let plain = forgetful.encode().expect("encode");
+    assert_eq!(plain.len() + REMEMBERED_REFUSALS * 16 + 1, stored.len());
+    let mut body = vec![0xB1];
+    body.extend(postcard::to_allocvec(&forgetful).expect("postcard"));
+    assert_eq!(plain, body);
+}
+
+#[test]
+fn a_grant_refused_for_the_bound_and_sent_again_applies_once_it_fits() {
+    let bounded = |key: &str, amount: &str| Grant {
+        v: credit::GRANT_RECORD_V,
+        ..grant(key, d(amount), "USD", 10, None, None)
+    };
+    let mut book = Book::default();
+    for n in 0..MAX_CREDIT_GRANTS {
+        book.apply_grant(&bounded(&format!("g{n:04}"), "0.01"), T0, GRACE);
+    }
+    let extra = bounded("extra", "7");
+    let e = book.apply_grant(&extra, T0, GRACE);
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.kind, e.code.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(EntryKind::GrantRefused, Some(TOO_MANY_GRANTS))]
+    );
+    // Sent again while the customer is still at the bound: nothing.
+    assert_eq!(book.apply_grant(&extra, T0, GRACE), vec![]);
+    // Once a grant is spent it applies, and is no longer remembered as refused.
+    book.apply_item(&item("li_1", "m1", T0, T0, d("0.01"), "USD"));
+    let e = book.apply_grant(&extra, T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("7"), d("16.99"))]);
+    assert!(book.refused.is_empty());
+    // Refused for the bound and remembered, a request then sent with other terms under its
+    // key applies once there is room; the first request sent again is a key conflict, not
+    // passed over as already refused.
+    let first = bounded("late", "3");
+    let code = |e: &[BalanceEntry]| e.iter().map(|e| e.code.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        code(&book.apply_grant(&first, T0, GRACE)),
+        [Some(TOO_MANY_GRANTS.to_owned())]
+    );
+    book.apply_void("acme", "c1", &grant_id("acme", "c1", "g0001"));
+    let e = book.apply_grant(&bounded("late", "4"), T0, GRACE);
+    assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("4"), d("20.98"))]);
+    assert_eq!(
+        code(&book.apply_grant(&first, T0, GRACE)),
+        [Some("key_conflict".to_owned())]
+    );
 }
 
 fn rule(threshold: &str, recharge_to: Option<&str>) -> RuleRecord {

@@ -74,7 +74,8 @@ pub(crate) struct BalancesArgs {
     #[arg(long, env = "NERUBA_BALANCES_EXPIRY_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub(crate) balances_expiry_grace: Duration,
     /// A statement is `draft` from its period's end until this much later, then `final`
-    /// (items for it after that go to the next statement). At most the correction horizon.
+    /// (items for it after that go to the earliest later statement not yet final). At most the
+    /// correction horizon.
     #[arg(long, env = "NERUBA_BALANCES_FINALIZE_AFTER", default_value = "3days", value_parser = humantime::parse_duration)]
     pub(crate) finalize_after: Duration,
     /// Most ledger records applied before the batch's entries are delivered and its books
