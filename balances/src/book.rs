@@ -9,8 +9,8 @@
 //!   expires_at`. Whatever no grant covers is `uncovered` (the amount due);
 //! - a negative amount unwinds its series' allocations (same meter, group, billing period and
 //!   currency) in reverse: `uncovered` first, then the grants drawn on, last drawn first.
-//!   Credit given back to a grant that has since expired or been voided expires (or is voided)
-//!   again at once. What is left after all allocations is a negative `uncovered` (owed back);
+//!   Credit given back to a grant that has since expired or been voided expires again at once
+//!   (a voided grant of record version 1 or 2: is voided again). What is left after all allocations is a negative `uncovered` (owed back);
 //! - a grant repeated with the same terms changes nothing; with other terms it is refused
 //!   (`key_conflict`), and so is a new one past the customer's bound of grants holding credit
 //!   ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]: `too_many_grants`) unless it answers
@@ -768,22 +768,27 @@ impl Book {
 
 /// Ends a grant: what is left becomes an `expire` or `void` entry.
 fn end_grant(e: &mut Entries<'_>, id: &str, status: Status) {
+    let kind = match status {
+        Status::Voided => EntryKind::Void,
+        Status::Expired | Status::Active => EntryKind::Expire,
+    };
+    end_rest(e, id, status, kind);
+}
+
+/// Ends what is left of grant `id`, which is then `status`, with an entry of `kind` (`void`
+/// or `expire`, and the grant's `voided` or `expired` grows by as much).
+fn end_rest(e: &mut Entries<'_>, id: &str, status: Status, kind: EntryKind) {
     let Some(state) = e.book.grants.get_mut(id) else {
         return;
     };
     let left = state.remaining;
     state.status = status;
     state.remaining = Decimal::ZERO;
-    let kind = match status {
-        Status::Voided => {
-            state.voided += left;
-            EntryKind::Void
-        }
-        Status::Expired | Status::Active => {
-            state.expired += left;
-            EntryKind::Expire
-        }
-    };
+    if kind == EntryKind::Void {
+        state.voided += left;
+    } else {
+        state.expired += left;
+    }
     let currency = state.grant.terms.currency.clone();
     // A grant drawn down to nothing ends without an entry: it changes no balance.
     if !left.is_zero() {
@@ -791,7 +796,9 @@ fn end_grant(e: &mut Entries<'_>, id: &str, status: Status) {
     }
 }
 
-/// Gives `amount` back to grant `id`; if the grant has ended, it ends again at once.
+/// Gives `amount` back to grant `id`; if the grant has ended, the amount expires again at once
+/// (SPEC), the grant staying as it ended. On a voided grant of record version 1 or 2 it is
+/// voided again, as it was then ([`credit::GRANT_RESTORE_EXPIRES_V`]).
 fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amount: Decimal) {
     let Some(state) = e.book.grants.get_mut(id) else {
         // The partition store puts a grant taken out of the book back before a correction
@@ -809,7 +816,7 @@ fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amoun
     };
     state.remaining += amount;
     state.restored += amount;
-    let status = state.status;
+    let (status, v) = (state.status, state.grant.v);
     e.push(
         EntryKind::Restore,
         currency,
@@ -819,7 +826,12 @@ fn restore(e: &mut Entries<'_>, id: &str, currency: &str, series: &Series, amoun
         None,
     );
     if status != Status::Active {
-        end_grant(e, id, status);
+        let kind = if status == Status::Voided && v < credit::GRANT_RESTORE_EXPIRES_V {
+            EntryKind::Void
+        } else {
+            EntryKind::Expire
+        };
+        end_rest(e, id, status, kind);
     }
 }
 

@@ -219,7 +219,8 @@ pub struct BalanceRule {
     pub recharge_to: Option<Decimal>,
 }
 
-/// The version the gateway writes grants in ([`GRANT_BOUNDED_V`], [`GRANT_REFUSAL_KEPT_V`]).
+/// The version the gateway writes grants in ([`GRANT_BOUNDED_V`], [`GRANT_REFUSAL_KEPT_V`],
+/// [`GRANT_RESTORE_EXPIRES_V`]).
 pub const GRANT_RECORD_V: u8 = GRANT_REFUSAL_KEPT_V;
 
 /// Grants of this version on are bounded: a new grant past the customer's bound of grants
@@ -235,6 +236,11 @@ pub const GRANT_BOUNDED_V: u8 = 2;
 /// newest refusals (`neruba_balances::book::REMEMBERED_REFUSALS`, a figure a replay must
 /// reproduce too). Earlier versions are refused with an entry each time, as they were then.
 pub const GRANT_REFUSAL_KEPT_V: u8 = 3;
+
+/// Credit a correction gives back to a voided grant of this version on expires again at once
+/// (an `expire` entry, SPEC "Corrections"), the grant staying voided. On a voided grant of an
+/// earlier version it is voided again (a `void` entry), as it was then.
+pub const GRANT_RESTORE_EXPIRES_V: u8 = 3;
 
 /// The version the gateway writes balance-rule records in. Version 2: removing a rule keeps
 /// its outstanding top-up request (until a grant resolves it), so a rule set again does not

@@ -784,41 +784,74 @@ fn a_correction_unwinds_uncovered_first_then_the_last_grant_drawn() {
 }
 
 #[test]
-fn credit_restored_to_an_expired_or_voided_grant_ends_again_at_once() {
-    let mut book = Book::default();
-    let expiring = grant("x", d("5"), "USD", 1, None, Some(T0 + 10 * MIN));
-    let voided = grant("v", d("5"), "USD", 2, None, None);
-    book.apply_grant(&expiring, T0, GRACE);
-    book.apply_grant(&voided, T0, GRACE);
-    book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
-    // Expiry exactly at the tick's time.
-    let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE, FINAL);
-    assert!(expired.is_empty(), "nothing left to expire: {expired:?}");
-    book.apply_void("acme", "c1", &voided.id);
-    let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-8"), "USD"));
-    let kinds: Vec<(EntryKind, Option<&str>, Decimal, Decimal)> = entries
-        .iter()
-        .map(|e| (e.kind, e.grant.as_deref(), e.amount, e.balance_after))
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![
-            (EntryKind::Restore, Some(voided.id.as_str()), d("3"), d("3")),
-            (EntryKind::Void, Some(voided.id.as_str()), d("-3"), d("0")),
+fn credit_restored_to_an_expired_or_voided_grant_expires_again_at_once() {
+    // SPEC: credit restored to a grant that has since expired or been voided expires again.
+    // Was: on a voided grant it was voided again, as it still is for grants of record version
+    // 1 and 2 (a replay of an old ledger gives what it gave).
+    for (v, again) in [
+        (credit::GRANT_RECORD_V, EntryKind::Expire),
+        (credit::GRANT_BOUNDED_V, EntryKind::Void),
+        (1, EntryKind::Void),
+    ] {
+        let mut book = Book::default();
+        let expiring = Grant {
+            v,
+            ..grant("x", d("5"), "USD", 1, None, Some(T0 + 10 * MIN))
+        };
+        let voided = Grant {
+            v,
+            ..grant("v", d("5"), "USD", 2, None, None)
+        };
+        book.apply_grant(&expiring, T0, GRACE);
+        book.apply_grant(&voided, T0, GRACE);
+        book.apply_item(&item("li_1", "m1", T0, T0, d("8"), "USD"));
+        // Expiry exactly at the tick's time.
+        let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE, FINAL);
+        assert!(expired.is_empty(), "nothing left to expire: {expired:?}");
+        let void = book.apply_void("acme", "c1", &voided.id);
+        assert_eq!(kinds(&void), vec![(EntryKind::Void, d("-2"), d("0"))]);
+        let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-8"), "USD"));
+        let kinds: Vec<(EntryKind, Option<&str>, Decimal, Decimal)> = entries
+            .iter()
+            .map(|e| (e.kind, e.grant.as_deref(), e.amount, e.balance_after))
+            .collect();
+        let (v_id, x_id) = (Some(voided.id.as_str()), Some(expiring.id.as_str()));
+        assert_eq!(
+            kinds,
+            vec![
+                (EntryKind::Restore, v_id, d("3"), d("3")),
+                (again, v_id, d("-3"), d("0")),
+                (EntryKind::Restore, x_id, d("5"), d("5")),
+                (EntryKind::Expire, x_id, d("-5"), d("0")),
+            ],
+            "version {v}"
+        );
+        // The voided grant stays voided; what it expired and voided add up.
+        let state = &book.grants[&voided.id];
+        let (expired, voided_amount) = match again {
+            EntryKind::Expire => (d("3"), d("2")),
+            _ => (d("0"), d("5")),
+        };
+        assert_eq!(
             (
-                EntryKind::Restore,
-                Some(expiring.id.as_str()),
-                d("5"),
-                d("5")
+                state.status,
+                state.remaining,
+                state.consumed,
+                state.restored,
+                state.expired,
+                state.voided
             ),
             (
-                EntryKind::Expire,
-                Some(expiring.id.as_str()),
-                d("-5"),
-                d("0")
+                Status::Voided,
+                d("0"),
+                d("3"),
+                d("3"),
+                expired,
+                voided_amount
             ),
-        ]
-    );
+            "version {v}"
+        );
+    }
 }
 
 #[test]
