@@ -129,7 +129,7 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
-    /// The newest refusals of grants of record version 3 on ([`refusal_of`]), oldest first, at
+    /// The newest refusals of grants of record version 3 on ([`Refusal`]), oldest first, at
     /// most [`REMEMBERED_REFUSALS`]: the same grant refused for the same reason again adds no
     /// entry. Stored after the rest of the book ([`Book::encode`]), so a book that remembers
     /// none is stored as before.
@@ -138,7 +138,10 @@ pub struct Book {
 }
 
 /// A refused grant as its book remembers it: the first 16 bytes of the SHA-256 of the code,
-/// the key and the terms, postcard-encoded (each part length-prefixed, so unambiguous).
+/// the key and the terms, postcard-encoded (each part length-prefixed, so unambiguous), the
+/// amounts without trailing zeros (terms equal as compared, `6` and `6.0`, give one digest).
+/// What a replay must reproduce, so this encoding is fixed: changing it needs a new record
+/// version ([`credit::GRANT_REFUSAL_KEPT_V`]).
 pub type Refusal = [u8; 16];
 
 /// Refusals a book remembers: past them, the oldest is forgotten, and its grant sent again is
@@ -148,7 +151,12 @@ pub const REMEMBERED_REFUSALS: usize = 64;
 /// `grant` refused with `code`, as its book remembers it; `None` if it cannot be encoded (it
 /// is then refused with an entry each time, as before).
 fn refusal_of(grant: &Grant, code: &str) -> Option<Refusal> {
-    let bytes = postcard::to_allocvec(&(code, &grant.key, &grant.terms)).ok()?;
+    let mut terms = grant.terms.clone();
+    terms.amount = terms.amount.normalize();
+    if let Some(paid) = &mut terms.paid {
+        paid.amount = paid.amount.normalize();
+    }
+    let bytes = postcard::to_allocvec(&(code, &grant.key, &terms)).ok()?;
     Sha256::digest(bytes)[..16].try_into().ok()
 }
 
@@ -184,23 +192,31 @@ pub fn held_bytes(grant: &Grant) -> usize {
 /// written before were JSON, whose first byte is `{`; both read back ([`Book::decode`]).
 const STORED_POSTCARD: u8 = 0xB1;
 
+/// In a book's stored form, after the book: the tag of the refusals it remembers
+/// ([`Book::refused`], postcard). Any other tag there is refused as corrupt, so a later
+/// addition is told apart from them.
+const STORED_REFUSALS: u8 = 0x01;
+
 /// Bytes reserved for a book's stored form: a typical book fits without growing the buffer.
 const ENCODE_CAPACITY: usize = 1024;
 
 impl Book {
-    /// The stored form: a tag byte and the book in postcard. Written for every book a batch
-    /// changed, so it is kept small and cheap (JSON was half of the stage's CPU per line item).
+    /// The stored form: a tag byte and the book in postcard, then, if it remembers refusals,
+    /// a tag byte and those in postcard (a book remembering none is stored as before
+    /// they were; a release before reads the book and passes over what follows). Written for
+    /// every book a batch changed, so it is kept small and cheap (JSON was half of the stage's
+    /// CPU per line item).
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
         // Through `io::Write` into a buffer sized for a typical book: each field's bytes are
         // copied at once (postcard's `Extend` flavor copied them a byte at a time into a buffer
         // grown from one byte, and encoding books was a fifth of the state machine's time).
         let mut out = Vec::with_capacity(ENCODE_CAPACITY);
         out.push(STORED_POSTCARD);
-        let out = postcard::to_io(self, out)?;
-        // After the book, which a release before this one reads, passing over what follows.
+        let mut out = postcard::to_io(self, out)?;
         if self.refused.is_empty() {
             return Ok(out);
         }
+        out.push(STORED_REFUSALS);
         postcard::to_io(&self.refused, out)
     }
 
@@ -210,8 +226,12 @@ impl Book {
             Some((&STORED_POSTCARD, body)) => {
                 let (mut book, rest) =
                     postcard::take_from_bytes::<Self>(body).map_err(|e| e.to_string())?;
-                if !rest.is_empty() {
-                    book.refused = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+                match rest.split_first() {
+                    None => {}
+                    Some((&STORED_REFUSALS, refused)) => {
+                        book.refused = postcard::from_bytes(refused).map_err(|e| e.to_string())?;
+                    }
+                    Some((tag, _)) => return Err(format!("an unknown part after the book: {tag}")),
                 }
                 book
             }
@@ -632,7 +652,7 @@ impl Book {
         let remembers = grant.v >= credit::GRANT_REFUSAL_KEPT_V;
         let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.as_str());
         let refused = |mut e: Entries<'_>, code: &str| {
-            if let Some(refusal) = refusal_of(grant, code).filter(|_| remembers) {
+            if let Some(refusal) = remembers.then(|| refusal_of(grant, code)).flatten() {
                 if e.book.refused.contains(&refusal) {
                     return e.out;
                 }
@@ -664,7 +684,10 @@ impl Book {
             // Not kept: the same request applies once a grant of the customer is spent.
             return refused(e, TOO_MANY_GRANTS);
         }
-        if let Some(refusal) = refusal_of(grant, TOO_MANY_GRANTS).filter(|_| remembers) {
+        if remembers
+            && !e.book.refused.is_empty()
+            && let Some(refusal) = refusal_of(grant, TOO_MANY_GRANTS)
+        {
             e.book.refused.retain(|r| *r != refusal);
         }
         rules::resolve(e.book, &grant.key);

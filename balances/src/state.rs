@@ -21,7 +21,7 @@
 //! | `\0\0\0\0Mclock` | the partition's clock: the latest tick, ms (8 bytes) |
 //! | `\0\0\0\0Mwindow` | the longest window of a `usage` line item applied, ms (8 bytes) |
 //! | `\0\0\0\0X`, deadline ms, tenant, customer | empty: the customer's next deadline |
-//! | tenant, `B`, customer | [`Book`] ([`Book::encode`]: a tag byte and postcard) |
+//! | tenant, `B`, customer | [`Book`] ([`Book::encode`]: a tag byte and postcard, then the refusals it remembers) |
 //! | tenant, `I`, customer, line-item id | empty: the item was applied |
 //! | tenant, `A`, customer, series key | the allocations of a series the book no longer holds
 //! | | ([`Book::take_oldest_series`]; postcard) |

@@ -190,7 +190,7 @@ fn period_end_tick(records: &[&Record], held_bound: usize, at_ms: i64) -> Result
     })
 }
 
-/// A grant of `customer` in the form the gateway writes (record version 2, bounded), with a
+/// A grant of `customer` in the form the gateway writes (record version 3, bounded), with a
 /// key and metadata of a typical size.
 fn grant_of(customer: &str, key: &str, amount: &str) -> Result<Grant> {
     grant_with(customer, key, amount, 10, false)

@@ -978,10 +978,63 @@ fn a_refused_grant_sent_again_changes_nothing() {
     let mut forgetful = book.clone();
     forgetful.refused.clear();
     let plain = forgetful.encode().expect("encode");
-    assert_eq!(plain.len() + REMEMBERED_REFUSALS * 16 + 1, stored.len());
+    // The tag, the count, the digests.
+    assert_eq!(plain.len() + 1 + 1 + REMEMBERED_REFUSALS * 16, stored.len());
     let mut body = vec![0xB1];
     body.extend(postcard::to_allocvec(&forgetful).expect("postcard"));
     assert_eq!(plain, body);
+    // Whatever else follows the book is refused, not read as refusals.
+    let mut unknown = stored.clone();
+    unknown[plain.len()] = 0x02;
+    assert!(Book::decode(&unknown).is_err());
+
+    // Terms equal as compared are one refusal, however their amounts are written.
+    let mut book = Book::default();
+    book.apply_grant(&v3("k", "5"), T0, GRACE);
+    assert_eq!(
+        codes(&book.apply_grant(&v3("k", "6"), T0, GRACE)),
+        conflict(2)
+    );
+    assert_eq!(book.apply_grant(&v3("k", "6.00"), T0, GRACE), vec![]);
+}
+
+#[test]
+fn a_refused_grant_of_record_version_2_is_refused_with_an_entry_each_time() {
+    // What the gateway wrote before refusals were remembered: a replay gives what it gave.
+    let v2 = |key: &str, amount: &str| Grant {
+        v: credit::GRANT_BOUNDED_V,
+        ..grant(key, d(amount), "USD", 10, None, None)
+    };
+    let codes = |e: &[BalanceEntry]| -> Vec<(Option<String>, u64)> {
+        e.iter().map(|e| (e.code.clone(), e.seq)).collect()
+    };
+    let mut book = Book::default();
+    for n in 0..MAX_CREDIT_GRANTS {
+        book.apply_grant(&v2(&format!("g{n:04}"), "0.01"), T0, GRACE);
+    }
+    let seq = book.seq;
+    let too_many = |seq| vec![(Some(TOO_MANY_GRANTS.to_owned()), seq)];
+    let extra = v2("extra", "7");
+    assert_eq!(
+        codes(&book.apply_grant(&extra, T0, GRACE)),
+        too_many(seq + 1)
+    );
+    assert_eq!(
+        codes(&book.apply_grant(&extra, T0, GRACE)),
+        too_many(seq + 2)
+    );
+    let conflict = |seq| vec![(Some("key_conflict".to_owned()), seq)];
+    let other = v2("g0001", "0.02");
+    assert_eq!(
+        codes(&book.apply_grant(&other, T0, GRACE)),
+        conflict(seq + 3)
+    );
+    assert_eq!(
+        codes(&book.apply_grant(&other, T0, GRACE)),
+        conflict(seq + 4)
+    );
+    assert!(book.refused.is_empty());
+    assert_eq!(book.balance("USD"), d("10.00"));
 }
 
 #[test]
