@@ -9,8 +9,9 @@
 //!   expires_at`. Whatever no grant covers is `uncovered` (the amount due);
 //! - a negative amount unwinds its series' allocations (same meter, group, billing period and
 //!   currency) in reverse: `uncovered` first, then the grants drawn on, last drawn first.
-//!   Credit given back to a grant that has since expired or been voided expires again at once
-//!   (a voided grant of record version 1 or 2: is voided again). What is left after all allocations is a negative `uncovered` (owed back);
+//!   Credit given back to a grant that has since expired or been voided expires again at
+//!   once (on a voided grant of record version 1 or 2 it is voided again). What is left
+//!   after all allocations is a negative `uncovered` (owed back);
 //! - a grant repeated with the same terms changes nothing; with other terms it is refused
 //!   (`key_conflict`), and so is a new one past the customer's bound of grants holding credit
 //!   ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]: `too_many_grants`) unless it answers
@@ -229,7 +230,12 @@ impl Book {
                 match rest.split_first() {
                     None => {}
                     Some((&STORED_REFUSALS, refused)) => {
-                        book.refused = postcard::from_bytes(refused).map_err(|e| e.to_string())?;
+                        let (refused, rest) =
+                            postcard::take_from_bytes(refused).map_err(|e| e.to_string())?;
+                        if !rest.is_empty() {
+                            return Err(format!("{} bytes after the book's refusals", rest.len()));
+                        }
+                        book.refused = refused;
                     }
                     Some((tag, _)) => return Err(format!("an unknown part after the book: {tag}")),
                 }

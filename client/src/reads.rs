@@ -86,7 +86,8 @@ wire_enum! {
         Active = "active",
         /// It expired; what was left is in `expired`.
         Expired = "expired",
-        /// It was voided; what was left is in `voided`.
+        /// It was voided; what was left is in `voided` (credit given back to it after expires
+        /// again at once, in `expired`).
         Voided = "voided",
     }
 }
@@ -100,7 +101,8 @@ wire_enum! {
         Consume = "consume",
         /// A correction gave usage back to the grant it drew on.
         Restore = "restore",
-        /// What was left of a grant when it expired.
+        /// What was left of a grant when it expired, or credit given back to a grant that had
+        /// ended, which expires again at once.
         Expire = "expire",
         /// What was left of a grant when it was voided.
         Void = "void",
@@ -340,7 +342,7 @@ pub struct Grant {
     /// Given back by corrections.
     #[serde(with = "rust_decimal::serde::str")]
     pub restored: Decimal,
-    /// Left when it expired.
+    /// Left when it expired, and credit given back after it had ended.
     #[serde(with = "rust_decimal::serde::str")]
     pub expired: Decimal,
     /// Left when it was voided.

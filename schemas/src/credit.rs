@@ -683,7 +683,8 @@ pub enum EntryKind {
     Consume,
     /// A correction gave usage back to the grant it drew on.
     Restore,
-    /// What was left of a grant when it expired.
+    /// What was left of a grant when it expired, or credit given back to a grant that had
+    /// ended, which expires again at once.
     Expire,
     /// What was left of a grant when it was voided.
     Void,
