@@ -26,7 +26,7 @@
 //!   final, else the next one as a prior-period adjustment; ticks turn statements `draft` and
 //!   then `final`, one entry each.
 
-use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, Series};
+use neruba_schemas::credit::{self, BalanceEntry, EntryKind, Grant, RuleRecord, Series, Void};
 use neruba_schemas::ledger::LineItem;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -130,9 +130,9 @@ pub struct Book {
     /// Per currency, prior-period adjustments waiting for a later statement to open.
     #[serde(default)]
     pub carried: BTreeMap<String, statements::Carried>,
-    /// The newest refusals of grants of record version 3 on ([`Refusal`]), oldest first, at
-    /// most [`REMEMBERED_REFUSALS`]: the same grant refused for the same reason again adds no
-    /// entry. Stored after the rest of the book ([`Book::encode`]), so a book that remembers
+    /// The newest refusals of grants of record version 3 on and of voids of version 2 on
+    /// ([`Refusal`]), oldest first, at most [`REMEMBERED_REFUSALS`]: the same grant refused
+    /// for the same reason again, or a void of the same unknown grant, adds no entry. Stored after the rest of the book ([`Book::encode`]), so a book that remembers
     /// none is stored as before.
     #[serde(skip)]
     pub refused: VecDeque<Refusal>,
@@ -157,9 +157,22 @@ fn refusal_of(grant: &Grant, code: &str) -> Option<Refusal> {
     if let Some(paid) = &mut terms.paid {
         paid.amount = paid.amount.normalize();
     }
-    let bytes = postcard::to_allocvec(&(code, &grant.key, &terms)).ok()?;
+    digest(&(code, &grant.key, &terms))
+}
+
+/// A void of the unknown grant `grant`, as its book remembers it once refused.
+fn void_refusal_of(grant: &str) -> Option<Refusal> {
+    digest(&(UNKNOWN_GRANT, grant))
+}
+
+/// The first 16 bytes of the SHA-256 of `value` in postcard.
+fn digest(value: &impl Serialize) -> Option<Refusal> {
+    let bytes = postcard::to_allocvec(value).ok()?;
     Sha256::digest(bytes)[..16].try_into().ok()
 }
+
+/// The code of a void of a grant the customer does not have.
+const UNKNOWN_GRANT: &str = "unknown_grant";
 
 /// Grants holding credit ([`GrantState::is_spent`] not) a customer may have, all currencies
 /// together; a new one past it is refused (`too_many_grants`) until one is spent. The book
@@ -202,6 +215,19 @@ const STORED_REFUSALS: u8 = 0x01;
 const ENCODE_CAPACITY: usize = 1024;
 
 impl Book {
+    /// Whether the book remembers `refusal`; if not, it does from now on (forgetting the
+    /// oldest past [`REMEMBERED_REFUSALS`]).
+    fn refused_before(&mut self, refusal: Refusal) -> bool {
+        if self.refused.contains(&refusal) {
+            return true;
+        }
+        if self.refused.len() >= REMEMBERED_REFUSALS {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(refusal);
+        false
+    }
+
     /// The stored form: a tag byte and the book in postcard, then, if it remembers refusals,
     /// a tag byte and those in postcard (a book remembering none is stored as before
     /// they were; a release before reads the book and passes over what follows). Written for
@@ -658,14 +684,9 @@ impl Book {
         let remembers = grant.v >= credit::GRANT_REFUSAL_KEPT_V;
         let mut e = self.entries(&grant.tenant, &grant.customer, grant.id.as_str());
         let refused = |mut e: Entries<'_>, code: &str| {
-            if let Some(refusal) = remembers.then(|| refusal_of(grant, code)).flatten() {
-                if e.book.refused.contains(&refusal) {
-                    return e.out;
-                }
-                if e.book.refused.len() >= REMEMBERED_REFUSALS {
-                    e.book.refused.pop_front();
-                }
-                e.book.refused.push_back(refusal);
+            let refusal = remembers.then(|| refusal_of(grant, code)).flatten();
+            if refusal.is_some_and(|refusal| e.book.refused_before(refusal)) {
+                return e.out;
             }
             e.push(
                 EntryKind::GrantRefused,
@@ -730,17 +751,23 @@ impl Book {
     }
 
     /// Voids what is left of a grant; a void of an unknown grant is refused
-    /// (`unknown_grant`), of an ended one changes nothing.
-    pub fn apply_void(&mut self, tenant: &str, customer: &str, grant: &str) -> Vec<BalanceEntry> {
-        let mut e = self.entries(tenant, customer, format!("void/{grant}"));
+    /// (`unknown_grant`; sent again, of record version [`credit::VOID_RECORD_V`] on, it adds
+    /// no second entry while the book remembers the refusal), of an ended one changes nothing.
+    pub fn apply_void(&mut self, void: &Void) -> Vec<BalanceEntry> {
+        let grant = void.grant.as_str();
+        let remembers = void.v >= credit::VOID_RECORD_V;
+        let mut e = self.entries(&void.tenant, &void.customer, format!("void/{grant}"));
         match e.book.grants.get(grant).map(|g| g.status) {
+            None if remembers
+                && void_refusal_of(grant).is_some_and(|refusal| e.book.refused_before(refusal)) => {
+            }
             None => e.push(
                 EntryKind::GrantRefused,
                 "",
                 Some(grant),
                 None,
                 Decimal::ZERO,
-                Some("unknown_grant"),
+                Some(UNKNOWN_GRANT),
             ),
             Some(Status::Active) => end_grant(&mut e, grant, Status::Voided),
             Some(Status::Expired | Status::Voided) => {}

@@ -1240,11 +1240,7 @@ impl PartitionState {
             Record::Void => match credit::decode::<Void>(input.payload) {
                 Ok(void) => {
                     self.unspill_grant(&void.tenant, &void.customer, &void.grant)?;
-                    let entries = self.book(&void.tenant, &void.customer)?.apply_void(
-                        &void.tenant,
-                        &void.customer,
-                        &void.grant,
-                    );
+                    let entries = self.book(&void.tenant, &void.customer)?.apply_void(&void);
                     self.emit(&void.tenant, &void.customer, entries);
                     Ok(())
                 }
@@ -2174,6 +2170,17 @@ mod tests {
     }
 
     impl Op {
+        /// A void of `grant`, as the gateway writes it.
+        fn void(grant: &str) -> Void {
+            Void {
+                v: credit::VOID_RECORD_V,
+                tenant: "acme".into(),
+                customer: "c1".into(),
+                grant: grant.to_owned(),
+                received_at: neruba_schemas::event::format_time_ms(0),
+            }
+        }
+
         /// The record on the ledger topic.
         fn record(&self) -> (Vec<u8>, Record) {
             match self {
@@ -2187,16 +2194,7 @@ mod tests {
                     }),
                     Record::Tick,
                 ),
-                Self::Void(grant) => (
-                    credit::encode(&Void {
-                        v: 1,
-                        tenant: "acme".into(),
-                        customer: "c1".into(),
-                        grant: grant.clone(),
-                        received_at: neruba_schemas::event::format_time_ms(0),
-                    }),
-                    Record::Void,
-                ),
+                Self::Void(grant) => (credit::encode(&Self::void(grant)), Record::Void),
             }
         }
     }
@@ -2215,7 +2213,7 @@ mod tests {
                     clock = *at_ms;
                     book.apply_tick("acme", "c1", *at_ms, 0, credit::DEFAULT_FINALIZE_AFTER_MS)
                 }
-                Op::Void(id) => book.apply_void("acme", "c1", id),
+                Op::Void(id) => book.apply_void(&Op::void(id)),
             });
         }
         (book, entries)

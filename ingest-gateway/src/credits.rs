@@ -416,7 +416,7 @@ async fn handle_void(
         return *refused;
     }
     let void = Void {
-        v: 1,
+        v: credit::VOID_RECORD_V,
         tenant: tenant.id.clone(),
         customer,
         grant,

@@ -189,6 +189,12 @@ pub struct Void {
     pub received_at: String,
 }
 
+/// The version the gateway and `neruba credits void` write voids in. Version 2: a void of a
+/// grant the customer does not have, refused (`unknown_grant`) and sent again, adds no second
+/// entry among the customer's newest refusals (`neruba_balances::book::REMEMBERED_REFUSALS`).
+/// A version 1 void is refused with an entry each time, as it was then.
+pub const VOID_RECORD_V: u8 = 2;
+
 /// A clock tick on the ledger topic (header `tick`), written by the balances stage into each
 /// partition it owns: grants expire when it passes, in log order, so a replay expires them at
 /// the same point.

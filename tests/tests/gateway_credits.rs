@@ -407,7 +407,7 @@ async fn a_void_writes_a_void_record_after_its_grant_in_the_same_partition() -> 
             void.customer.as_str(),
             void.grant.as_str()
         ),
-        (1, "acme", "customer-9", id.as_str())
+        (credit::VOID_RECORD_V, "acme", "customer-9", id.as_str())
     );
     h.stop().await
 }

@@ -83,6 +83,17 @@ fn item(
     }
 }
 
+/// A void of grant `id` of customer c1, in record version `v`.
+fn void_of(id: &str, v: u8) -> credit::Void {
+    credit::Void {
+        v,
+        tenant: "acme".into(),
+        customer: "c1".into(),
+        grant: id.to_owned(),
+        received_at: format_time_ms(T0),
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Grant {
@@ -98,6 +109,8 @@ enum Op {
     },
     Void {
         key: u8,
+        /// The record version (1 to [`credit::VOID_RECORD_V`]).
+        v: u8,
     },
     Tick {
         at: i64,
@@ -152,7 +165,7 @@ fn op() -> impl Strategy<Value = Op> {
                     v,
                 }
             ),
-        4 => (0_u8..7).prop_map(|key| Op::Void { key }),
+        4 => (0_u8..7, 1_u8..=credit::VOID_RECORD_V).prop_map(|(key, v)| Op::Void { key, v }),
         4 => proptest::option::of((0_i64..5_000, proptest::option::of(1_i64..10_000)))
             .prop_map(|rule| Op::Rule { rule }),
         4 => (1_i64..10_000).prop_map(|cents| Op::Topup { cents }),
@@ -246,17 +259,10 @@ fn run(ops: &[Op], check_burn_order: bool) -> Run {
                 records.push((credit::encode(&g), Record::Grant));
                 book.apply_grant(&g, clock, GRACE)
             }
-            Op::Void { key } => {
-                let id = grant_id("acme", "c1", &format!("k{key}"));
-                let void = credit::Void {
-                    v: 1,
-                    tenant: "acme".into(),
-                    customer: "c1".into(),
-                    grant: id.clone(),
-                    received_at: format_time_ms(T0),
-                };
+            Op::Void { key, v } => {
+                let void = void_of(&grant_id("acme", "c1", &format!("k{key}")), *v);
                 records.push((credit::encode(&void), Record::Void));
-                book.apply_void("acme", "c1", &id)
+                book.apply_void(&void)
             }
             // A tick that does not move the clock on changes nothing (the partition reads
             // ticks that way: its clock never goes back).
@@ -849,7 +855,7 @@ fn credit_restored_to_an_expired_or_voided_grant_expires_again_at_once() {
         // Expiry exactly at the tick's time.
         let expired = book.apply_tick("acme", "c1", T0 + 10 * MIN, GRACE, FINAL);
         assert!(expired.is_empty(), "nothing left to expire: {expired:?}");
-        let void = book.apply_void("acme", "c1", &voided.id);
+        let void = book.apply_void(&void_of(&voided.id, credit::VOID_RECORD_V));
         assert_eq!(kinds(&void), vec![(EntryKind::Void, d("-2"), d("0"))]);
         let entries = book.apply_item(&item("li_2", "m1", T0, T0 + MIN, d("-8"), "USD"));
         let kinds: Vec<(EntryKind, Option<&str>, Decimal, Decimal)> = entries
@@ -1043,6 +1049,44 @@ fn a_refused_grant_sent_again_changes_nothing() {
 }
 
 #[test]
+fn a_void_of_an_unknown_grant_sent_again_changes_nothing() {
+    let unknown = grant_id("acme", "c1", "never-granted");
+    let codes = |e: &[BalanceEntry]| -> Vec<(EntryKind, Option<String>, u64)> {
+        e.iter().map(|e| (e.kind, e.code.clone(), e.seq)).collect()
+    };
+    let refused = |seq| {
+        vec![(
+            EntryKind::GrantRefused,
+            Some("unknown_grant".to_owned()),
+            seq,
+        )]
+    };
+    let mut book = Book::default();
+    let void = void_of(&unknown, credit::VOID_RECORD_V);
+    assert_eq!(codes(&book.apply_void(&void)), refused(1));
+    // Sent again (a client's retry, received later): nothing.
+    let retried = credit::Void {
+        received_at: format_time_ms(T0 + MIN),
+        ..void.clone()
+    };
+    assert_eq!(book.apply_void(&retried), vec![]);
+    // Written as version 1, before voids were remembered: an entry each time, as then.
+    let old = void_of(&unknown, 1);
+    assert_eq!(codes(&book.apply_void(&old)), refused(2));
+    assert_eq!(codes(&book.apply_void(&old)), refused(3));
+    // Once the grant is there, the same void voids it.
+    let g = Grant {
+        v: credit::GRANT_RECORD_V,
+        ..grant("never-granted", d("4"), "USD", 1, None, None)
+    };
+    book.apply_grant(&g, T0, GRACE);
+    assert_eq!(
+        kinds(&book.apply_void(&void)),
+        vec![(EntryKind::Void, d("-4"), d("0"))]
+    );
+}
+
+#[test]
 fn a_refused_grant_of_record_version_2_is_refused_with_an_entry_each_time() {
     // What the gateway wrote before refusals were remembered: a replay gives what it gave.
     let v2 = |key: &str, amount: &str| Grant {
@@ -1115,7 +1159,10 @@ fn a_grant_refused_for_the_bound_and_sent_again_applies_once_it_fits() {
         code(&book.apply_grant(&first, T0, GRACE)),
         [Some(TOO_MANY_GRANTS.to_owned())]
     );
-    book.apply_void("acme", "c1", &grant_id("acme", "c1", "g0001"));
+    book.apply_void(&void_of(
+        &grant_id("acme", "c1", "g0001"),
+        credit::VOID_RECORD_V,
+    ));
     let e = book.apply_grant(&bounded("late", "4"), T0, GRACE);
     assert_eq!(kinds(&e), vec![(EntryKind::Grant, d("4"), d("20.98"))]);
     assert_eq!(

@@ -223,7 +223,7 @@ async fn void(args: VoidArgs) -> Result<()> {
         );
     }
     let void = Void {
-        v: 1,
+        v: credit::VOID_RECORD_V,
         tenant: args.tenant,
         customer: args.customer,
         grant: args.grant,
