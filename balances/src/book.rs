@@ -16,8 +16,9 @@
 //!   (`key_conflict`), and so is a new one past the customer's bound of grants holding credit
 //!   ([`MAX_CREDIT_GRANTS`], [`MAX_CREDIT_GRANT_BYTES`]: `too_many_grants`) unless it answers
 //!   an outstanding top-up request; a refused grant sent again, refused for the same reason,
-//!   adds no entry ([`Book::refused`]); a void voids what is left; a tick expires every grant
-//!   whose `expires_at` + grace it passed;
+//!   adds no entry ([`Book::refused`]); a void voids what is left, and one of a grant the
+//!   customer does not have is refused (`unknown_grant`; sent again, no entry); a tick expires
+//!   every grant whose `expires_at` + grace it passed;
 //! - the balance moves only by `grant`, `consume`, `restore`, `expire` and `void` entries, and
 //!   each entry's `balance_before` is the previous one's `balance_after` in its currency;
 //! - after every record, each of the customer's balance rules is checked ([`rules`]): one
@@ -138,11 +139,13 @@ pub struct Book {
     pub refused: VecDeque<Refusal>,
 }
 
-/// A refused grant as its book remembers it: the first 16 bytes of the SHA-256 of the code,
-/// the key and the terms, postcard-encoded (each part length-prefixed, so unambiguous), the
-/// amounts without trailing zeros (terms equal as compared, `6` and `6.0`, give one digest).
-/// What a replay must reproduce, so this encoding is fixed: changing it needs a new record
-/// version ([`credit::GRANT_REFUSAL_KEPT_V`]).
+/// A refusal as its book remembers it: the first 16 bytes of the SHA-256 of, postcard-encoded
+/// (each part length-prefixed, so unambiguous, and the code first, so the two forms never
+/// meet): for a grant, the code, the key and the terms, the amounts without trailing zeros
+/// (terms equal as compared, `6` and `6.0`, give one digest); for a void of an unknown grant,
+/// `unknown_grant` and the grant id. What a replay must reproduce, so these encodings are
+/// fixed: changing one needs a new record version ([`credit::GRANT_REFUSAL_KEPT_V`],
+/// [`credit::VOID_RECORD_V`]).
 pub type Refusal = [u8; 16];
 
 /// Refusals a book remembers: past them, the oldest is forgotten, and its grant sent again is
@@ -711,11 +714,14 @@ impl Book {
             // Not kept: the same request applies once a grant of the customer is spent.
             return refused(e, TOO_MANY_GRANTS);
         }
-        if remembers
-            && !e.book.refused.is_empty()
-            && let Some(refusal) = refusal_of(grant, TOO_MANY_GRANTS)
-        {
-            e.book.refused.retain(|r| *r != refusal);
+        // Applied, it is no longer refused, nor is a void of it: neither takes a place among
+        // the refusals remembered.
+        if remembers && !e.book.refused.is_empty() {
+            let applied = [
+                refusal_of(grant, TOO_MANY_GRANTS),
+                void_refusal_of(&grant.id),
+            ];
+            e.book.refused.retain(|r| !applied.contains(&Some(*r)));
         }
         rules::resolve(e.book, &grant.key);
         let amount = grant.terms.amount;

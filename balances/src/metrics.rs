@@ -8,7 +8,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 pub struct Metrics {
     /// `neruba_balance_entries_total{kind}`.
     pub entries: IntCounterVec,
-    /// `neruba_grants_refused_total{code}`: grants and voids that changed nothing.
+    /// `neruba_grants_refused_total{code}`: grants and voids refused, one per `grant_refused`
+    /// entry (a refusal the book remembers, sent again, adds no entry and is not counted).
     pub refused: IntCounterVec,
     /// `neruba_balances_dead_letters_total{code}`: ledger records it could not read.
     pub dead_letters: IntCounterVec,

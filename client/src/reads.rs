@@ -87,7 +87,7 @@ wire_enum! {
         /// It expired; what was left is in `expired`.
         Expired = "expired",
         /// It was voided; what was left is in `voided` (credit given back to it after expires
-        /// again at once, in `expired`).
+        /// again at once, in `expired`, for a grant of record version 3 on).
         Voided = "voided",
     }
 }
@@ -102,7 +102,7 @@ wire_enum! {
         /// A correction gave usage back to the grant it drew on.
         Restore = "restore",
         /// What was left of a grant when it expired, or credit given back to a grant that had
-        /// ended, which expires again at once.
+        /// ended, which expires again at once (on a voided grant, of record version 3 on).
         Expire = "expire",
         /// What was left of a grant when it was voided.
         Void = "void",

@@ -690,7 +690,7 @@ pub enum EntryKind {
     /// A correction gave usage back to the grant it drew on.
     Restore,
     /// What was left of a grant when it expired, or credit given back to a grant that had
-    /// ended, which expires again at once.
+    /// ended, which expires again at once (on a voided grant, of record version 3 on).
     Expire,
     /// What was left of a grant when it was voided.
     Void,

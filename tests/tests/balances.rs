@@ -266,7 +266,7 @@ async fn usage_draws_credit_down_exactly_and_a_replay_gives_the_same_entries() -
             ..conflicting
         }),
         Record::Void(Void {
-            v: 1,
+            v: credit::VOID_RECORD_V,
             tenant: "acme".into(),
             customer: "c1".into(),
             grant: pack.id.clone(),

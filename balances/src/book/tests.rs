@@ -1070,7 +1070,15 @@ fn a_void_of_an_unknown_grant_sent_again_changes_nothing() {
         ..void.clone()
     };
     assert_eq!(book.apply_void(&retried), vec![]);
-    // Written as version 1, before voids were remembered: an entry each time, as then.
+    // What the book remembers is stored with it.
+    let stored = Book::decode(&book.encode().expect("encode")).expect("decode");
+    assert_eq!(stored, book);
+    assert_eq!(stored.refused.len(), 1);
+    // Written as version 1, before voids were remembered: an entry each time, as then, and
+    // nothing remembered of it.
+    let mut fresh = Book::default();
+    fresh.apply_void(&void_of(&unknown, 1));
+    assert!(fresh.refused.is_empty());
     let old = void_of(&unknown, 1);
     assert_eq!(codes(&book.apply_void(&old)), refused(2));
     assert_eq!(codes(&book.apply_void(&old)), refused(3));
@@ -1079,7 +1087,13 @@ fn a_void_of_an_unknown_grant_sent_again_changes_nothing() {
         v: credit::GRANT_RECORD_V,
         ..grant("never-granted", d("4"), "USD", 1, None, None)
     };
-    book.apply_grant(&g, T0, GRACE);
+    // Applied, it takes the void's place among the refusals remembered.
+    assert_eq!(book.refused.len(), 1);
+    assert_eq!(
+        kinds(&book.apply_grant(&g, T0, GRACE)),
+        vec![(EntryKind::Grant, d("4"), d("4"))]
+    );
+    assert!(book.refused.is_empty());
     assert_eq!(
         kinds(&book.apply_void(&void)),
         vec![(EntryKind::Void, d("-4"), d("0"))]
