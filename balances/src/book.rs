@@ -133,8 +133,9 @@ pub struct Book {
     pub carried: BTreeMap<String, statements::Carried>,
     /// The newest refusals of grants of record version 3 on and of voids of version 2 on
     /// ([`Refusal`]), oldest first, at most [`REMEMBERED_REFUSALS`]: the same grant refused
-    /// for the same reason again, or a void of the same unknown grant, adds no entry. Stored after the rest of the book ([`Book::encode`]), so a book that remembers
-    /// none is stored as before.
+    /// for the same reason again, or a void of the same unknown grant, adds no entry. Stored
+    /// after the rest of the book ([`Book::encode`]), so a book that remembers none is stored
+    /// as before.
     #[serde(skip)]
     pub refused: VecDeque<Refusal>,
 }

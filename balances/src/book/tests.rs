@@ -962,6 +962,19 @@ fn a_key_reused_with_other_terms_is_refused_and_currencies_never_mix() {
     assert_eq!(book.balance("EUR"), d("0"));
 }
 
+/// Each entry's kind, code and sequence number.
+fn codes(entries: &[BalanceEntry]) -> Vec<(EntryKind, Option<String>, u64)> {
+    entries
+        .iter()
+        .map(|e| (e.kind, e.code.clone(), e.seq))
+        .collect()
+}
+
+/// What [`codes`] gives of one `grant_refused` entry of `code`, numbered `seq`.
+fn refusal(code: &str, seq: u64) -> Vec<(EntryKind, Option<String>, u64)> {
+    vec![(EntryKind::GrantRefused, Some(code.to_owned()), seq)]
+}
+
 #[test]
 fn a_refused_grant_sent_again_changes_nothing() {
     // Was: each delivery of a refused grant record added another `grant_refused` entry, so a
@@ -970,16 +983,7 @@ fn a_refused_grant_sent_again_changes_nothing() {
         v: credit::GRANT_RECORD_V,
         ..grant(key, d(amount), "USD", 1, None, None)
     };
-    let codes = |e: &[BalanceEntry]| -> Vec<(EntryKind, Option<String>, u64)> {
-        e.iter().map(|e| (e.kind, e.code.clone(), e.seq)).collect()
-    };
-    let conflict = |seq| {
-        vec![(
-            EntryKind::GrantRefused,
-            Some("key_conflict".to_owned()),
-            seq,
-        )]
-    };
+    let conflict = |seq| refusal("key_conflict", seq);
     let mut book = Book::default();
     assert_eq!(
         codes(&book.apply_grant(&v3("k", "5"), T0, GRACE)),
@@ -1051,16 +1055,7 @@ fn a_refused_grant_sent_again_changes_nothing() {
 #[test]
 fn a_void_of_an_unknown_grant_sent_again_changes_nothing() {
     let unknown = grant_id("acme", "c1", "never-granted");
-    let codes = |e: &[BalanceEntry]| -> Vec<(EntryKind, Option<String>, u64)> {
-        e.iter().map(|e| (e.kind, e.code.clone(), e.seq)).collect()
-    };
-    let refused = |seq| {
-        vec![(
-            EntryKind::GrantRefused,
-            Some("unknown_grant".to_owned()),
-            seq,
-        )]
-    };
+    let refused = |seq| refusal("unknown_grant", seq);
     let mut book = Book::default();
     let void = void_of(&unknown, credit::VOID_RECORD_V);
     assert_eq!(codes(&book.apply_void(&void)), refused(1));
@@ -1107,34 +1102,25 @@ fn a_refused_grant_of_record_version_2_is_refused_with_an_entry_each_time() {
         v: credit::GRANT_BOUNDED_V,
         ..grant(key, d(amount), "USD", 10, None, None)
     };
-    let codes = |e: &[BalanceEntry]| -> Vec<(Option<String>, u64)> {
-        e.iter().map(|e| (e.code.clone(), e.seq)).collect()
-    };
     let mut book = Book::default();
     for n in 0..MAX_CREDIT_GRANTS {
         book.apply_grant(&v2(&format!("g{n:04}"), "0.01"), T0, GRACE);
     }
     let seq = book.seq;
-    let too_many = |seq| vec![(Some(TOO_MANY_GRANTS.to_owned()), seq)];
+    // Each sent twice: an entry each time.
     let extra = v2("extra", "7");
-    assert_eq!(
-        codes(&book.apply_grant(&extra, T0, GRACE)),
-        too_many(seq + 1)
-    );
-    assert_eq!(
-        codes(&book.apply_grant(&extra, T0, GRACE)),
-        too_many(seq + 2)
-    );
-    let conflict = |seq| vec![(Some("key_conflict".to_owned()), seq)];
     let other = v2("g0001", "0.02");
-    assert_eq!(
-        codes(&book.apply_grant(&other, T0, GRACE)),
-        conflict(seq + 3)
-    );
-    assert_eq!(
-        codes(&book.apply_grant(&other, T0, GRACE)),
-        conflict(seq + 4)
-    );
+    for (n, (g, code)) in [(&extra, TOO_MANY_GRANTS), (&other, "key_conflict")]
+        .into_iter()
+        .flat_map(|sent| [sent, sent])
+        .enumerate()
+    {
+        let n = u64::try_from(n).expect("small");
+        assert_eq!(
+            codes(&book.apply_grant(g, T0, GRACE)),
+            refusal(code, seq + 1 + n)
+        );
+    }
     assert!(book.refused.is_empty());
     assert_eq!(book.balance("USD"), d("10.00"));
 }
