@@ -171,6 +171,9 @@ impl From<ReadError> for Refused {
                 "quantity_out_of_range",
                 message,
             ),
+            ReadError::NotCombinable(message) => {
+                refused(StatusCode::UNPROCESSABLE_ENTITY, "not_combinable", message)
+            }
             ReadError::Storage(_) => {
                 tracing::error!(error = %e, "Read model storage failed.");
                 refused(

@@ -71,6 +71,10 @@ pub enum ReadError {
     /// significant digits): refused, never rounded.
     #[error("{0}")]
     QuantityOutOfRange(String),
+    /// A row that cannot be combined exactly from what is stored (a `latest` meter's
+    /// windows of one start in two groups, stored without their latest events).
+    #[error("{0}")]
+    NotCombinable(String),
 }
 
 impl From<rocksdb::Error> for ReadError {

@@ -123,6 +123,7 @@ fn rollup(customer: &str, group: &str, window: i64, period: (i64, i64)) -> Rollu
         period_quantity: Decimal::from(7),
         period_events: 1,
         revision: 1,
+        latest_event: None,
     }
 }
 

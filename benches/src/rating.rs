@@ -66,6 +66,7 @@ pub fn rollups(customers: usize, windows: usize) -> Vec<Rollup> {
             period_quantity: total,
             period_events: 10,
             revision,
+            latest_event: None,
         }
     };
     for window in 0..windows {

@@ -1092,7 +1092,8 @@ impl Reader {
     /// at most 100,000 rows at a time by default), the later ones from a read model at least
     /// as new as the first's (`as_of` is the first page's). A customer with no usage at all is
     /// `404 customer_not_found`; a combination the meter's aggregation cannot answer exactly
-    /// is `422 not_combinable`.
+    /// (`avg` or `unique_count` past their window; `latest` across groups where windows
+    /// rolled up before rollups named their latest events differ) is `422 not_combinable`.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
         self.every_page(&["v1", "usage"], query.pairs()?).await
     }

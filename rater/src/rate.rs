@@ -350,6 +350,7 @@ model = { type = "flat", fee = "49.00" }
             period_quantity: d(period),
             period_events: 1,
             revision,
+            latest_event: None,
         }
     }
 

@@ -390,6 +390,7 @@ mod tests {
             period_quantity: rust_decimal::Decimal::ONE,
             period_events: 1,
             revision: 1,
+            latest_event: None,
         };
         let retention = Retention::default();
         let window = |start: i64| {
@@ -456,6 +457,7 @@ mod tests {
             period_quantity: rust_decimal::Decimal::ONE,
             period_events: 1,
             revision: 1,
+            latest_event: None,
         };
         let p = period_key(&r);
         let w = window_key(&p, r.tenant.len(), r.window_start_ms);

@@ -178,6 +178,18 @@ pub struct Rollup {
     pub period_events: u64,
     /// 1 at first close; +1 each time a late event changes the window.
     pub revision: u32,
+    /// For a `latest` meter, the time and id of the event whose value is the window's
+    /// quantity: what orders two groups' windows, so `latest` combines exactly across groups.
+    /// Absent for other aggregations, and in rollups written before December 2026.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_event: Option<LatestEvent>,
+}
+
+/// What made a window's `latest` value latest: events are ordered by `(time, id)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LatestEvent {
+    pub time_ms: i64,
+    pub id: String,
 }
 
 impl Rollup {
@@ -309,7 +321,37 @@ mod tests {
             period_quantity: Decimal::ZERO,
             period_events: 0,
             revision: 1,
+            latest_event: None,
         }
+    }
+
+    #[test]
+    fn a_rollup_names_its_latest_event_only_when_it_has_one_and_older_rollups_still_read() {
+        let mut plain = rollup("acme", "c", "m", BTreeMap::new(), 60_000);
+        // Without one, the bytes of every rollup written before it was carried.
+        let before = r#"{"v":1,"tenant":"acme","meter":"m","customer":"c","group":{},"aggregation":"sum","window_start_ms":60000,"window_end_ms":120000,"period_start_ms":0,"period_end_ms":1,"window_quantity":"0","window_events":0,"period_quantity":"0","period_events":0,"revision":1}"#;
+        assert_eq!(String::from_utf8(plain.encode()).expect("utf-8"), before);
+        assert_eq!(Rollup::decode(before.as_bytes()).expect("decodes"), plain);
+        plain.aggregation = Aggregation::Latest;
+        plain.latest_event = Some(LatestEvent {
+            time_ms: 61_500,
+            id: "ev-\"7\"".into(),
+        });
+        let bytes = plain.encode();
+        assert!(
+            String::from_utf8_lossy(&bytes)
+                .ends_with(r#""revision":1,"latest_event":{"time_ms":61500,"id":"ev-\"7\""}}"#),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(Rollup::decode(&bytes).expect("decodes"), plain);
+        // Ordered as the aggregate orders events: by time, then id byte by byte.
+        let event = |time_ms, id: &str| LatestEvent {
+            time_ms,
+            id: id.into(),
+        };
+        assert!(event(2, "A") > event(1, "z"));
+        assert!(event(2, "b") > event(2, "B"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use neruba::embedded::EmbeddedKafka;
 use neruba_aggregator as aggregator;
-use neruba_schemas::rollup::Rollup;
+use neruba_schemas::rollup::{LatestEvent, Rollup};
 use neruba_schemas::{Catalog, Event, event::parse_time_ms, topics};
 use neruba_tests::{EventWriter, dead_letters, event, latest_rollups, rollups_on_topic};
 use rust_decimal::Decimal;
@@ -343,6 +343,19 @@ async fn every_aggregation_with_group_by_and_filters_matches_hand_computed_rollu
     ];
     expected.sort();
     assert_eq!(rows(&got, "c1"), expected);
+    // The `latest` meter's rollup names the event its quantity is the value of (the latest
+    // by time, not the last sent); no other meter's names one.
+    let named: Vec<(&str, Option<&LatestEvent>)> = got
+        .values()
+        .filter(|r| r.customer == "c1")
+        .filter(|r| r.meter == "seats" || r.latest_event.is_some())
+        .map(|r| (r.meter.as_str(), r.latest_event.as_ref()))
+        .collect();
+    let s2 = LatestEvent {
+        time_ms: t0() + 20_000,
+        id: "s2".into(),
+    };
+    assert_eq!(named, vec![("seats", Some(&s2))]);
     // The closer's own windows are still open: nothing emitted for it.
     assert!(rows(&got, "other").is_empty());
     drop(shutdown);

@@ -5,8 +5,9 @@
 //! folded are answered at once (even with no wait at all), and a partition the events topic
 //! does not have is refused once the topic's metadata was asked again. And a replica just
 //! started answers no read before it has read its topic to the end once; a usage read that
-//! cannot combine exactly (`latest` across groups, `avg` past its window) is refused over HTTP
-//! with `422 not_combinable` before anything is read.
+//! cannot combine exactly (`avg` past its window) is refused over HTTP with `422
+//! not_combinable` before anything is read, and `latest` across groups, from an aggregator's
+//! rollups, is the value of the latest event.
 
 use anyhow::{Context, Result};
 use neruba::embedded::EmbeddedKafka;
@@ -498,16 +499,17 @@ async fn a_usage_read_that_cannot_combine_exactly_is_refused_before_any_read() -
     // The customer is unknown: a query that can be answered gets as far as finding that out
     // (404); one that cannot combine exactly is refused first (422), whoever it is for.
     for (query, status, code) in [
-        // The latest of two GPUs' readings is not known: only within one GPU.
+        // The latest of two GPUs' readings combines exactly (their rollups say which
+        // event is the latest).
         (
             "meter=gpu_celsius&window=none&group_by=",
-            422,
-            "not_combinable",
+            404,
+            "customer_not_found",
         ),
         (
             "meter=gpu_celsius&window=hour&group_by=",
-            422,
-            "not_combinable",
+            404,
+            "customer_not_found",
         ),
         ("meter=gpu_celsius&window=hour", 404, "customer_not_found"),
         (
@@ -536,5 +538,147 @@ async fn a_usage_read_that_cannot_combine_exactly_is_refused_before_any_read() -
             "{query}: {body}"
         );
     }
+    api.stop().await
+}
+
+/// `latest` across groups, from events through an aggregator to an HTTP read: each row is
+/// the value of the latest event by time, then id, whichever group it is in and whatever
+/// order the events were sent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_across_groups_is_the_value_of_the_latest_event_from_the_aggregators_rollups()
+-> Result<()> {
+    let kafka = EmbeddedKafka::start(&[
+        (topics::EVENTS, 3),
+        (topics::LEDGER, LEDGER_PARTITIONS),
+        (topics::ROLLUPS, 2),
+        (topics::DEAD_LETTER, 1),
+    ])?;
+    let catalog = Arc::new(catalog_with_gauges()?);
+    let writer = neruba_tests::EventWriter::new(kafka.bootstrap_servers())?;
+    let aggregator_state = tempfile::tempdir()?;
+    let mut config =
+        neruba_aggregator::Config::new(kafka.bootstrap_servers(), aggregator_state.path());
+    config.timing.grace_ms = 1_000;
+    config.idle_timeout = Duration::from_secs(3600);
+    let stop_aggregator = CancellationToken::new();
+    let aggregator = neruba_aggregator::start(
+        config,
+        catalog.clone(),
+        &prometheus::Registry::new(),
+        stop_aggregator.clone(),
+    )?;
+    let _stops = stop_aggregator.clone().drop_guard();
+    let api = Api::start_with(
+        kafka,
+        Duration::from_secs(1),
+        ConnectionLimits::default(),
+        (*catalog).clone(),
+    )
+    .await?;
+
+    let t0 = neruba_schemas::event::parse_time_ms("2026-11-10T12:00:00Z")?;
+    let reading = |id: &str, at_s: i64, gpu: &str, celsius: &str| {
+        neruba_tests::event(
+            "acme",
+            id,
+            "gpu.reading",
+            "gpu-host",
+            t0 + at_s * 1000,
+            serde_json::json!({"gpu": gpu, "celsius": celsius}),
+        )
+    };
+    let closer = neruba_tests::event(
+        "acme",
+        "closer",
+        "gpu.reading",
+        "another-host",
+        t0 + 600_000,
+        serde_json::json!({"gpu": "z", "celsius": "1"}),
+    );
+    writer
+        .send(
+            0,
+            &[
+                // Minute 0: gpu b's reading is 30 s after gpu a's, sent first.
+                reading("r2", 40, "b", "61"),
+                reading("r1", 10, "a", "50"),
+                // Minute 1: one time, and "r4" after "r3"; the earlier id sent last.
+                reading("r4", 90, "b", "57.5"),
+                reading("r3", 90, "a", "55"),
+                // Closes both minutes of gpu-host.
+                closer,
+            ],
+        )
+        .await?;
+
+    let key = sample::dev_key("acme", "read").context("acme read key")?;
+    let usage = |query: &str| {
+        format!(
+            "{}/v1/usage?customer=gpu-host&meter=gpu_celsius&from=2026-11-10T12:00:00Z\
+             &to=2026-11-10T13:00:00Z&{query}",
+            api.base
+        )
+    };
+    let quantities = |body: &Value| -> Vec<(String, Decimal)> {
+        body["data"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r["group"]["gpu"].as_str().unwrap_or_default().to_owned(),
+                            Decimal::from_str(r["quantity"].as_str().unwrap_or_default())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let read = |query: String| {
+        let (client, key) = (api.client.clone(), key.to_owned());
+        async move {
+            let response = client.get(query).bearer_auth(key).send().await?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.context("a JSON answer")?;
+            anyhow::Ok((status, body))
+        }
+    };
+    // Every group's windows once the aggregator closed both minutes.
+    let started = Instant::now();
+    let by_gpu = loop {
+        let (status, body) = read(usage("")).await?;
+        if status == 200 && body["data"].as_array().is_some_and(|rows| rows.len() == 4) {
+            break body;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the windows were never read: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let d = |text: &str| Decimal::from_str(text).unwrap_or_default();
+    assert_eq!(
+        quantities(&by_gpu),
+        vec![
+            ("a".into(), d("50")),
+            ("b".into(), d("61")),
+            ("a".into(), d("55")),
+            ("b".into(), d("57.5"))
+        ]
+    );
+    for (query, expected) in [
+        ("group_by=", vec![d("61"), d("57.5")]),
+        ("group_by=&window=hour", vec![d("57.5")]),
+        ("group_by=&window=none", vec![d("57.5")]),
+    ] {
+        let (status, body) = read(usage(query)).await?;
+        assert_eq!(status, 200, "{query}: {body}");
+        let got: Vec<Decimal> = quantities(&body).into_iter().map(|(_, q)| q).collect();
+        assert_eq!(got, expected, "{query}: {body}");
+    }
+    // The aggregator first: the api holds the broker.
+    stop_aggregator.cancel();
+    aggregator.wait().await?;
     api.stop().await
 }

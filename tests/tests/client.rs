@@ -1167,6 +1167,7 @@ fn rollup(
         period_quantity: d(quantity),
         period_events: events,
         revision,
+        latest_event: None,
     })
 }
 

@@ -422,6 +422,7 @@ fn rollup(customer: &str, minute: i64, revision: u32, window: &str, period: &str
         period_quantity: d(period),
         period_events: 1,
         revision,
+        latest_event: None,
     }
 }
 

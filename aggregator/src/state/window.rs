@@ -10,8 +10,9 @@
 
 use super::{CachedWindow, Output, PartitionState, WindowRecord, open_key};
 use crate::{Error, Result, keys};
+use neruba_schemas::catalog::Aggregation;
 use neruba_schemas::measure::Measure;
-use neruba_schemas::rollup::{Aggregate, Rollup};
+use neruba_schemas::rollup::{Aggregate, LatestEvent, Rollup};
 use neruba_schemas::window::{period_bounds, window_start};
 use neruba_schemas::{Event, RejectCode, Rejection, decimal};
 use neruba_stage::Input;
@@ -359,6 +360,14 @@ pub(super) fn rollup_of(record: &WindowRecord, period: &Aggregate) -> Rollup {
         period_quantity: period.quantity(record.aggregation),
         period_events: period.count,
         revision: record.revision,
+        // Only a `latest` meter's: other rollups stay as they were.
+        latest_event: match record.aggregation {
+            Aggregation::Latest => record.agg.latest.as_ref().map(|l| LatestEvent {
+                time_ms: l.time_ms,
+                id: l.id.clone(),
+            }),
+            _ => None,
+        },
     }
 }
 
