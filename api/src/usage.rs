@@ -106,6 +106,14 @@ impl Stored {
         out.extend_from_slice(&self.offset.to_be_bytes());
     }
 
+    /// Bytes it takes in a block, about.
+    fn bytes(&self) -> usize {
+        match &self.latest_event {
+            Some(event) => LATEST_ENTRY + event.id.len(),
+            None => BLOCK_ENTRY,
+        }
+    }
+
     /// Its fixed part, without a latest event.
     fn decode(bytes: &[u8]) -> Option<Self> {
         let revision = u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?);
@@ -140,7 +148,7 @@ const BLOCK_FORM: u8 = 0xB2;
 const BLOCK_ENTRY: usize = 4 + Stored::LEN;
 
 /// The first byte of a block holding a `latest` meter's windows with their latest events
-/// (written from December 2026; a block none of whose windows has one keeps
+/// (written from December 5, 2026; a block none of whose windows has one keeps
 /// [`BLOCK_FORM`]): then the number of its windows (4 bytes), each window in
 /// [`LATEST_ENTRY`] bytes, then their events' ids one after another. Never [`Stored::LEN`]
 /// bytes long (a block has a window).
@@ -221,13 +229,14 @@ impl<'v> StoredWindows<'v> {
                     .ok()?
                     .checked_mul(LATEST_ENTRY)?;
                 let (entries, ids) = rest.split_at_checked(length)?;
-                Some(Self {
+                let windows = Self {
                     start,
                     bytes: entries,
                     entry: LATEST_ENTRY,
                     ids,
                     alone: false,
-                })
+                };
+                windows.events_consistent().then_some(windows)
             }
             _ => None,
         }
@@ -263,6 +272,33 @@ impl<'v> StoredWindows<'v> {
             stored.latest_event = self.latest_event(i)?;
         }
         Some((start, stored))
+    }
+
+    /// Whether a [`LATEST_FORM`] block's events are as written: each flag 0 or 1, a window
+    /// without an event at time 0 with an empty id, the ids' ends never decreasing, and the
+    /// last at the end of the ids (so a count or an end changed is refused, not misread).
+    fn events_consistent(&self) -> bool {
+        let mut end = 0;
+        for i in 0..self.len() {
+            let at = i * LATEST_ENTRY + BLOCK_ENTRY;
+            let (Some(&has), Some(time), Some(next)) = (
+                self.bytes.get(at),
+                self.bytes.get(at + 1..at + 9),
+                self.id_end(i),
+            ) else {
+                return false;
+            };
+            let consistent = match has {
+                0 => next == end && time.iter().all(|b| *b == 0),
+                1 => next >= end,
+                _ => false,
+            };
+            if !consistent {
+                return false;
+            }
+            end = next;
+        }
+        end == self.ids.len()
     }
 
     /// Where the id of window `i` of a [`LATEST_FORM`] block ends among the ids.
@@ -442,15 +478,18 @@ impl RollupPartition {
             Entry::Vacant(entry) => {
                 let mut block = Block::new();
                 if let Some(bytes) = self.store.get(entry.key())? {
-                    match StoredWindows::of(start, &bytes) {
-                        Some(windows) => {
-                            block = (0..windows.len())
-                                .filter_map(|i| windows.get(i))
-                                .map(|(at, stored)| {
-                                    (u32::try_from(at.abs_diff(start)).unwrap_or(0), stored)
+                    // Every window of it, or none (as a block of no form).
+                    let read: Option<Block> =
+                        StoredWindows::of(start, &bytes).and_then(|windows| {
+                            (0..windows.len())
+                                .map(|i| {
+                                    let (at, stored) = windows.get(i)?;
+                                    Some((u32::try_from(at.abs_diff(start)).unwrap_or(0), stored))
                                 })
-                                .collect();
-                        }
+                                .collect()
+                        });
+                    match read {
+                        Some(read) => block = read,
                         None => tracing::warn!(
                             tenant = %rollup.tenant,
                             customer = %rollup.customer,
@@ -460,7 +499,8 @@ impl RollupPartition {
                         ),
                     }
                 }
-                self.pending_bytes += entry.key().len() + block.len() * BLOCK_ENTRY;
+                self.pending_bytes +=
+                    entry.key().len() + block.iter().map(|(_, s)| s.bytes()).sum::<usize>();
                 entry.insert(block)
             }
         };
@@ -470,6 +510,8 @@ impl RollupPartition {
                 if let Some((_, kept)) = block.get_mut(i)
                     && kept.revision <= new.revision
                 {
+                    self.pending_bytes =
+                        (self.pending_bytes + new.bytes()).saturating_sub(kept.bytes());
                     *kept = new;
                 }
             }
@@ -498,8 +540,8 @@ impl RollupPartition {
                     }
                     None => new,
                 };
+                self.pending_bytes += kept.bytes();
                 block.insert(i, (into, kept));
-                self.pending_bytes += BLOCK_ENTRY;
             }
         }
         Ok(())
@@ -769,6 +811,9 @@ struct Acc {
     /// whether two of them differ.
     unevented: Option<Decimal>,
     unevented_differ: bool,
+    /// `latest`: two of those windows name one event with other quantities (never, as
+    /// events are counted once; then not known either).
+    tie_differs: bool,
     events: u64,
 }
 
@@ -780,6 +825,7 @@ impl Acc {
             latest: None,
             unevented: None,
             unevented_differ: false,
+            tie_differs: false,
             events,
         };
         acc.add_latest(quantity, event);
@@ -790,11 +836,14 @@ impl Acc {
     /// latest event's window. Whatever the order windows come in, the same row.
     fn add_latest(&mut self, quantity: Decimal, event: Option<LatestEvent>) {
         match event {
-            Some(event) => {
-                if self.latest.as_ref().is_none_or(|(kept, _)| event > *kept) {
+            Some(event) => match &self.latest {
+                Some((kept, _)) if event < *kept => {}
+                Some((kept, other)) if event == *kept => self.tie_differs |= *other != quantity,
+                _ => {
                     self.latest = Some((event, quantity));
+                    self.tie_differs = false;
                 }
-            }
+            },
             None => match self.unevented {
                 Some(kept) => self.unevented_differ |= kept != quantity,
                 None => self.unevented = Some(quantity),
@@ -810,6 +859,7 @@ impl Acc {
     /// from the window with the latest event among those that have one.
     fn unordered(&self) -> bool {
         self.unevented_differ
+            || self.tie_differs
             || matches!((&self.latest, self.unevented), (Some((_, q)), Some(v)) if *q != v)
     }
 }
@@ -1154,6 +1204,9 @@ impl<'a> Scan<'a> {
         let windows = StoredWindows::of(start, value)
             .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
         let i = window.unwrap_or_else(|| windows.first_from(self.from_ms));
+        if i < windows.len() && windows.get(i).is_none() {
+            return Err(ReadError::Storage("malformed usage value".into()));
+        }
         match windows.get(i) {
             Some((at, stored)) if at < self.to_ms => {
                 self.streaming = Some((start, Some(i + 1)));
@@ -2162,6 +2215,19 @@ window = "1s"
                 ("us".into(), d("4.25"))
             ]
         );
+        // Two windows naming one event (never: an event is counted once) with other
+        // quantities: not known, unless a later event comes.
+        let tied = gauge_rollups(&[
+            (0, "eu", "1", Some((5, "a"))),
+            (0, "us", "2", Some((5, "a"))),
+        ]);
+        let (_dir, m) = stored(&tied, |_| false);
+        let q = query(gauge, Bucket::Meter, Some(vec![]));
+        assert!(matches!(q.run(&m), Err(ReadError::NotCombinable(_))));
+        let mut settled = tied.clone();
+        settled.extend(gauge_rollups(&[(0, "ap", "3", Some((6, "b")))]));
+        let (_dir, m) = stored(&settled, |_| false);
+        assert_eq!(q.run(&m).expect("run").rows[0].quantity, d("3"));
         // A revision of a window with a later event replaces its event too.
         let mut again = gauge_rollups(&[(1, "us", "6", Some((59, "a")))]);
         again[0].revision = 2;
@@ -2310,16 +2376,24 @@ window = "1s"
         let before = encode_block(&plain);
         assert_eq!(before.first(), Some(&BLOCK_FORM));
         assert_eq!(before.len(), 1 + 4 * BLOCK_ENTRY);
-        // A window whose event flag or id bounds are not as written does not read.
-        let mut flag = bytes.clone();
-        flag[1 + 4 + BLOCK_ENTRY] = 2;
-        let windows = StoredWindows::of(T0, &flag).expect("a form");
-        assert!(windows.get(0).is_none());
-        assert!(windows.get(1).is_some());
-        let short = &bytes[..bytes.len() - 1];
-        let windows = StoredWindows::of(T0, short).expect("a form");
-        assert!(windows.get(3).is_none());
-        assert!(StoredWindows::of(T0, &bytes[..1 + 4 + 3 * LATEST_ENTRY]).is_none());
+        // A block whose count, flags, times or ids' ends are not as written is refused whole,
+        // not misread.
+        let changed = |at: usize, byte: u8| {
+            let mut changed = bytes.clone();
+            changed[at] = byte;
+            StoredWindows::of(T0, &changed).is_none()
+        };
+        let entry = |i: usize| 1 + 4 + i * LATEST_ENTRY;
+        assert!(changed(4, 3), "the count");
+        assert!(changed(entry(0) + BLOCK_ENTRY, 2), "a flag");
+        assert!(
+            changed(entry(1) + BLOCK_ENTRY + 8, 1),
+            "a time without an event"
+        );
+        assert!(changed(entry(0) + LATEST_ENTRY - 1, 9), "an id's end");
+        assert!(StoredWindows::of(T0, &bytes[..bytes.len() - 1]).is_none());
+        assert!(StoredWindows::of(T0, &[&bytes[..], b"x"].concat()).is_none());
+        assert!(StoredWindows::of(T0, &bytes[..entry(3)]).is_none());
     }
 
     #[test]

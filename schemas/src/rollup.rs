@@ -180,12 +180,14 @@ pub struct Rollup {
     pub revision: u32,
     /// For a `latest` meter, the time and id of the event whose value is the window's
     /// quantity: what orders two groups' windows, so `latest` combines exactly across groups.
-    /// Absent for other aggregations, and in rollups written before December 2026.
+    /// Absent for other aggregations, and in rollups of aggregators before December 5, 2026.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_event: Option<LatestEvent>,
 }
 
-/// What made a window's `latest` value latest: events are ordered by `(time, id)`.
+/// What made a window's `latest` value latest: events are ordered by `(time, id)`, the id
+/// byte by byte, as [`Aggregate::add`] orders them (the derived order is by the fields in
+/// this order: keep them so, or a usage read across groups takes another event).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LatestEvent {
     pub time_ms: i64,

@@ -602,9 +602,10 @@ async fn latest_across_groups_is_the_value_of_the_latest_event_from_the_aggregat
                 // Minute 0: gpu b's reading is 30 s after gpu a's, sent first.
                 reading("r2", 40, "b", "61"),
                 reading("r1", 10, "a", "50"),
-                // Minute 1: one time, and "r4" after "r3"; the earlier id sent last.
-                reading("r4", 90, "b", "57.5"),
-                reading("r3", 90, "a", "55"),
+                // Minute 1: one time, and "r4" after "r3": gpu a's, the first group read,
+                // and sent first.
+                reading("r4", 90, "a", "55"),
+                reading("r3", 90, "b", "57.5"),
                 // Closes both minutes of gpu-host.
                 closer,
             ],
@@ -668,9 +669,9 @@ async fn latest_across_groups_is_the_value_of_the_latest_event_from_the_aggregat
         ]
     );
     for (query, expected) in [
-        ("group_by=", vec![d("61"), d("57.5")]),
-        ("group_by=&window=hour", vec![d("57.5")]),
-        ("group_by=&window=none", vec![d("57.5")]),
+        ("group_by=", vec![d("61"), d("55")]),
+        ("group_by=&window=hour", vec![d("55")]),
+        ("group_by=&window=none", vec![d("55")]),
     ] {
         let (status, body) = read(usage(query)).await?;
         assert_eq!(status, 200, "{query}: {body}");
