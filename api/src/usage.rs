@@ -59,8 +59,9 @@ fn series_prefix(tenant: &str, customer: &str, meter: &str) -> Vec<u8> {
     key
 }
 
-/// What a query needs of a rollup, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a query needs of a rollup, as stored (a `latest` meter's latest event is kept
+/// beside it: most windows have none, and a read holds thousands of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stored {
     revision: u32,
     events: u64,
@@ -69,10 +70,6 @@ pub(crate) struct Stored {
     /// Where the rollup was on the topic: the latest one written carries the period's
     /// current quantity (a late event re-issues an earlier window with it).
     offset: i64,
-    /// A `latest` meter's window: the time and id of the event its quantity is the value of
-    /// (`None` for other meters, and for windows whose rollups were written before it was
-    /// carried).
-    latest_event: Option<LatestEvent>,
 }
 
 impl Stored {
@@ -86,7 +83,6 @@ impl Stored {
             window_quantity: rollup.window_quantity,
             period_quantity: rollup.period_quantity,
             offset,
-            latest_event: rollup.latest_event.clone(),
         }
     }
 
@@ -106,14 +102,6 @@ impl Stored {
         out.extend_from_slice(&self.offset.to_be_bytes());
     }
 
-    /// Bytes it takes in a block, about.
-    fn bytes(&self) -> usize {
-        match &self.latest_event {
-            Some(event) => LATEST_ENTRY + event.id.len(),
-            None => BLOCK_ENTRY,
-        }
-    }
-
     /// Its fixed part, without a latest event.
     fn decode(bytes: &[u8]) -> Option<Self> {
         let revision = u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?);
@@ -127,9 +115,13 @@ impl Stored {
             window_quantity,
             period_quantity,
             offset,
-            latest_event: None,
         })
     }
+}
+
+/// Bytes a window with `event` takes in a block, about.
+fn entry_bytes(event: Option<&LatestEvent>) -> usize {
+    event.map_or(BLOCK_ENTRY, |event| LATEST_ENTRY + event.id.len())
 }
 
 /// Most windows a block holds: its span is this many of its series' windows, and at most
@@ -176,8 +168,9 @@ fn block_start(at: i64, window_ms: i64) -> i64 {
     at.checked_sub(at.rem_euclid(span)).unwrap_or(at)
 }
 
-/// A block's windows by start, each as its milliseconds into the block.
-type Block = Vec<(u32, Stored)>;
+/// A block's windows by start, each as its milliseconds into the block, with its latest
+/// event (a `latest` meter's).
+type Block = Vec<(u32, Stored, Option<LatestEvent>)>;
 
 /// The key of a series' block, or of a window stored alone, starting at `start`.
 fn window_key(prefix: &[u8], start: i64, group: &[u8]) -> Vec<u8> {
@@ -267,11 +260,19 @@ impl<'v> StoredWindows<'v> {
             return Some((start, Stored::decode(self.bytes)?));
         }
         let at = i.checked_mul(self.entry)? + 4;
-        let mut stored = Stored::decode(self.bytes.get(at..at + Stored::LEN)?)?;
+        Some((
+            start,
+            Stored::decode(self.bytes.get(at..at + Stored::LEN)?)?,
+        ))
+    }
+
+    /// The latest event of window `i` (`Some(None)`: it has none; `None`: unreadable).
+    fn event(&self, i: usize) -> Option<Option<LatestEvent>> {
         if self.entry == LATEST_ENTRY {
-            stored.latest_event = self.latest_event(i)?;
+            self.latest_event(i)
+        } else {
+            Some(None)
         }
-        Some((start, stored))
     }
 
     /// Whether a [`LATEST_FORM`] block's events are as written: each flag 0 or 1, a window
@@ -355,32 +356,26 @@ impl<'v> StoredWindows<'v> {
 /// A block as stored: [`LATEST_FORM`] if a window of it has a latest event, else
 /// [`BLOCK_FORM`] (so other meters' blocks are as before).
 fn encode_block(block: &Block) -> Vec<u8> {
-    if !block
-        .iter()
-        .any(|(_, stored)| stored.latest_event.is_some())
-    {
+    if !block.iter().any(|(_, _, event)| event.is_some()) {
         let mut out = Vec::with_capacity(1 + block.len() * BLOCK_ENTRY);
         out.push(BLOCK_FORM);
-        for (into, stored) in block {
+        for (into, stored, _) in block {
             out.extend_from_slice(&into.to_be_bytes());
             stored.encode_into(&mut out);
         }
         return out;
     }
-    let ids: usize = block
-        .iter()
-        .filter_map(|(_, stored)| stored.latest_event.as_ref())
-        .map(|event| event.id.len())
-        .sum();
+    let events = || block.iter().filter_map(|(_, _, event)| event.as_ref());
+    let ids: usize = events().map(|event| event.id.len()).sum();
     let mut out = Vec::with_capacity(1 + 4 + block.len() * LATEST_ENTRY + ids);
     out.push(LATEST_FORM);
     // A block holds at most [`BLOCK_WINDOWS`] windows, and an id at most 1,024 bytes.
     out.extend_from_slice(&u32::try_from(block.len()).unwrap_or(u32::MAX).to_be_bytes());
     let mut end = 0_usize;
-    for (into, stored) in block {
+    for (into, stored, event) in block {
         out.extend_from_slice(&into.to_be_bytes());
         stored.encode_into(&mut out);
-        let (has, time_ms) = match &stored.latest_event {
+        let (has, time_ms) = match event {
             Some(event) => {
                 end += event.id.len();
                 (1_u8, event.time_ms)
@@ -391,10 +386,7 @@ fn encode_block(block: &Block) -> Vec<u8> {
         out.extend_from_slice(&time_ms.to_be_bytes());
         out.extend_from_slice(&u32::try_from(end).unwrap_or(u32::MAX).to_be_bytes());
     }
-    for event in block
-        .iter()
-        .filter_map(|(_, stored)| stored.latest_event.as_ref())
-    {
+    for event in events() {
         out.extend_from_slice(event.id.as_bytes());
     }
     out
@@ -484,7 +476,8 @@ impl RollupPartition {
                             (0..windows.len())
                                 .map(|i| {
                                     let (at, stored) = windows.get(i)?;
-                                    Some((u32::try_from(at.abs_diff(start)).unwrap_or(0), stored))
+                                    let into = u32::try_from(at.abs_diff(start)).unwrap_or(0);
+                                    Some((into, stored, windows.event(i)?))
                                 })
                                 .collect()
                         });
@@ -499,20 +492,25 @@ impl RollupPartition {
                         ),
                     }
                 }
-                self.pending_bytes +=
-                    entry.key().len() + block.iter().map(|(_, s)| s.bytes()).sum::<usize>();
+                self.pending_bytes += entry.key().len()
+                    + block
+                        .iter()
+                        .map(|(_, _, event)| entry_bytes(event.as_ref()))
+                        .sum::<usize>();
                 entry.insert(block)
             }
         };
         let new = Stored::of(rollup, offset);
-        match block.binary_search_by_key(&into, |(into, _)| *into) {
+        let event = rollup.latest_event.clone();
+        match block.binary_search_by_key(&into, |(into, _, _)| *into) {
             Ok(i) => {
-                if let Some((_, kept)) = block.get_mut(i)
+                if let Some((_, kept, kept_event)) = block.get_mut(i)
                     && kept.revision <= new.revision
                 {
-                    self.pending_bytes =
-                        (self.pending_bytes + new.bytes()).saturating_sub(kept.bytes());
+                    self.pending_bytes = (self.pending_bytes + entry_bytes(event.as_ref()))
+                        .saturating_sub(entry_bytes(kept_event.as_ref()));
                     *kept = new;
+                    *kept_event = event;
                 }
             }
             Err(i) => {
@@ -529,19 +527,20 @@ impl RollupPartition {
                         .and_then(|bytes| Stored::decode(&bytes));
                     stored.map(|stored| (key, stored))
                 };
-                let kept = match alone {
+                // A window stored alone names no event.
+                let (kept, event) = match alone {
                     Some((key, stored)) => {
                         self.moved.push(key);
                         if stored.revision > new.revision {
-                            stored
+                            (stored, None)
                         } else {
-                            new
+                            (new, event)
                         }
                     }
-                    None => new,
+                    None => (new, event),
                 };
-                self.pending_bytes += kept.bytes();
-                block.insert(i, (into, kept));
+                self.pending_bytes += entry_bytes(event.as_ref());
+                block.insert(i, (into, kept, event));
             }
         }
         Ok(())
@@ -818,7 +817,7 @@ struct Acc {
 }
 
 impl Acc {
-    fn new(quantity: Decimal, rank: i64, event: Option<LatestEvent>, events: u64) -> Self {
+    fn new(quantity: Decimal, rank: i64, event: Option<&LatestEvent>, events: u64) -> Self {
         let mut acc = Self {
             quantity,
             latest_at: rank,
@@ -834,13 +833,13 @@ impl Acc {
 
     /// Adds a window starting at `latest_at` (`latest`): the row takes the quantity of the
     /// latest event's window. Whatever the order windows come in, the same row.
-    fn add_latest(&mut self, quantity: Decimal, event: Option<LatestEvent>) {
+    fn add_latest(&mut self, quantity: Decimal, event: Option<&LatestEvent>) {
         match event {
             Some(event) => match &self.latest {
-                Some((kept, _)) if event < *kept => {}
-                Some((kept, other)) if event == *kept => self.tie_differs |= *other != quantity,
+                Some((kept, _)) if event < kept => {}
+                Some((kept, other)) if event == kept => self.tie_differs |= *other != quantity,
                 _ => {
-                    self.latest = Some((event, quantity));
+                    self.latest = Some((event.clone(), quantity));
                     self.tie_differs = false;
                 }
             },
@@ -1037,9 +1036,13 @@ struct Scan<'a> {
     prefix: &'a [u8],
     from_ms: i64,
     to_ms: i64,
-    /// The windows read and not yet returned: start, group (an index into `groups`), value;
-    /// by start, then group.
-    run: Vec<(i64, usize, Stored)>,
+    /// The windows read and not yet returned: start, group (an index into `groups`), latest
+    /// event (1 + an index into `events`; 0: none), value; by start, then group.
+    run: Vec<(i64, u32, u32, Stored)>,
+    /// The latest events of `run`'s windows that have one.
+    events: Vec<LatestEvent>,
+    /// The latest event of the window a run given key by key gave last.
+    streamed_event: Option<LatestEvent>,
     /// Their groups as stored, the first `groups_used` of them (the rest kept for reuse), and
     /// their bytes.
     groups: Vec<Vec<u8>>,
@@ -1069,8 +1072,8 @@ struct Ranged {
     width: i64,
 }
 
-/// A stored window: its start, its group as stored, and its value.
-type Window<'w> = (i64, &'w [u8], Stored);
+/// A stored window: its start, its group as stored, its value and its latest event.
+type Window<'w> = (i64, &'w [u8], Stored, Option<&'w LatestEvent>);
 
 /// A key of a run: its start, its group as stored and its windows.
 type RunKey<'i> = (i64, &'i [u8], StoredWindows<'i>);
@@ -1137,6 +1140,8 @@ impl<'a> Scan<'a> {
             from_ms,
             to_ms,
             run: Vec::new(),
+            events: Vec::new(),
+            streamed_event: None,
             groups: Vec::new(),
             groups_used: 0,
             group_bytes: 0,
@@ -1156,7 +1161,7 @@ impl<'a> Scan<'a> {
                     // The key the iterator stands on: its group follows its start.
                     let key = self.iter.key().unwrap_or_default();
                     let group = key.get(self.prefix.len() + 8..).unwrap_or_default();
-                    return Ok(Some((at, group, stored)));
+                    return Ok(Some((at, group, stored, self.streamed_event.as_ref())));
                 }
                 continue;
             }
@@ -1167,18 +1172,18 @@ impl<'a> Scan<'a> {
                 return Ok(None);
             }
         }
-        let Some((at, group, stored)) = self.run.get_mut(self.next) else {
+        let Some(&(at, group, event, stored)) = self.run.get(self.next) else {
             return Ok(None);
         };
-        // Given once: its latest event is taken, not copied.
-        let (at, group) = (*at, *group);
-        let stored = Stored {
-            latest_event: stored.latest_event.take(),
-            ..*stored
-        };
         self.next += 1;
-        let group = self.groups.get(group).map_or(&[][..], Vec::as_slice);
-        Ok(Some((at, group, stored)))
+        let group = self
+            .groups
+            .get(group as usize)
+            .map_or(&[][..], Vec::as_slice);
+        let event = (event as usize)
+            .checked_sub(1)
+            .and_then(|i| self.events.get(i));
+        Ok(Some((at, group, stored, event)))
     }
 
     /// The next window of the run being given key by key, the iterator left on its key;
@@ -1209,6 +1214,9 @@ impl<'a> Scan<'a> {
         }
         match windows.get(i) {
             Some((at, stored)) if at < self.to_ms => {
+                self.streamed_event = windows
+                    .event(i)
+                    .ok_or_else(|| ReadError::Storage("malformed usage value".into()))?;
                 self.streaming = Some((start, Some(i + 1)));
                 Ok(Some((at, stored)))
             }
@@ -1323,6 +1331,7 @@ impl<'a> Scan<'a> {
 
     fn clear(&mut self) {
         self.run.clear();
+        self.events.clear();
         self.groups_used = 0;
         self.group_bytes = 0;
         self.next = 0;
@@ -1375,9 +1384,18 @@ impl<'a> Scan<'a> {
                     }
                     self.groups_used += 1;
                     self.group_bytes += group.len();
-                    index
+                    // At most about a run's bound of groups.
+                    u32::try_from(index).unwrap_or(u32::MAX)
                 });
-                self.run.push((at, index, stored));
+                let event = match windows.event(i) {
+                    Some(Some(event)) => {
+                        self.events.push(event);
+                        u32::try_from(self.events.len()).unwrap_or(0)
+                    }
+                    Some(None) => 0,
+                    None => return Err(ReadError::Storage("malformed usage value".into())),
+                };
+                self.run.push((at, index, event, stored));
             }
             if bounded && (self.run.len() > most_windows || self.group_bytes > most_bytes) {
                 pass.too_large = true;
@@ -1386,7 +1404,7 @@ impl<'a> Scan<'a> {
             self.iter.next();
         }
         let groups = &self.groups;
-        let group = |index: usize| groups.get(index).map_or(&[][..], Vec::as_slice);
+        let group = |index: u32| groups.get(index as usize).map_or(&[][..], Vec::as_slice);
         // The runs of each key's windows, already by start, are merged (the sort finds them);
         // by start alone when the keys already come by group (stable: their order is kept).
         if one_start {
@@ -1399,7 +1417,7 @@ impl<'a> Scan<'a> {
         // one had moved it) is read once: its later revision, or the rollup written later.
         self.run.dedup_by(|later, kept| {
             let same = later.0 == kept.0 && group(later.1) == group(kept.1);
-            if same && (later.2.revision, later.2.offset) > (kept.2.revision, kept.2.offset) {
+            if same && (later.3.revision, later.3.offset) > (kept.3.revision, kept.3.offset) {
                 std::mem::swap(later, kept);
             }
             same
@@ -1545,7 +1563,7 @@ impl Query<'_> {
                 let start = *bucket_start_ms;
                 let mut found = None;
                 let mut scan = Scan::new(&db, &prefix, self.from_ms.max(start), self.to_ms, None);
-                while let Some((at, stored_group, _)) = scan.next()? {
+                while let Some((at, stored_group, _, _)) = scan.next()? {
                     if self.bucket_of(at).0 != start {
                         break;
                     }
@@ -1584,7 +1602,7 @@ impl Query<'_> {
         let one_bucket: Option<&dyn Fn(i64, i64) -> bool> =
             (self.bucket != Bucket::Meter).then_some(&same_bucket);
         let mut scan = Scan::new(&db, &prefix, resume, self.to_ms, one_bucket);
-        while let Some((at, stored_group, stored)) = scan.next()? {
+        while let Some((at, stored_group, stored, event)) = scan.next()? {
             // Borrowed from what is remembered: a group is cloned only for a new row.
             let projected;
             let group: &Group = match seen.get(stored_group) {
@@ -1638,14 +1656,13 @@ impl Query<'_> {
                 (stored.window_quantity, at)
             };
             if let Some(acc) = gathering.rows.get_mut(group) {
-                self.combine(acc, value, rank, stored)?;
+                self.combine(acc, value, rank, stored, event)?;
                 continue;
             }
             gathering.bytes += group_bytes(group);
-            gathering.rows.insert(
-                group.clone(),
-                Acc::new(value, rank, stored.latest_event, stored.events),
-            );
+            gathering
+                .rows
+                .insert(group.clone(), Acc::new(value, rank, event, stored.events));
             // The page keeps at least one row, whatever its group's bytes.
             while page.len() + gathering.rows.len() > limit
                 || (page_bytes + gathering.bytes > most_bytes
@@ -1709,6 +1726,7 @@ impl Query<'_> {
         value: Decimal,
         rank: i64,
         stored: Stored,
+        event: Option<&LatestEvent>,
     ) -> std::result::Result<(), ReadError> {
         acc.events = acc.events.saturating_add(stored.events);
         acc.quantity = match self.meter.aggregation {
@@ -1728,9 +1746,9 @@ impl Query<'_> {
             Aggregation::Latest => {
                 match rank.cmp(&acc.latest_at) {
                     std::cmp::Ordering::Greater => {
-                        *acc = Acc::new(value, rank, stored.latest_event, acc.events);
+                        *acc = Acc::new(value, rank, event, acc.events);
                     }
-                    std::cmp::Ordering::Equal => acc.add_latest(value, stored.latest_event),
+                    std::cmp::Ordering::Equal => acc.add_latest(value, event),
                     std::cmp::Ordering::Less => {}
                 }
                 acc.quantity
@@ -2020,7 +2038,7 @@ window = "1s"
             let group = serde_json::to_string(&rollup.group).expect("group");
             let key = window_key(&prefix, rollup.window_start_ms, group.as_bytes());
             let new = Stored::of(rollup, offset);
-            let kept = before.entry(key).or_insert_with(|| new.clone());
+            let kept = before.entry(key).or_insert(new);
             if kept.revision <= new.revision {
                 *kept = new;
             }
@@ -2333,45 +2351,47 @@ window = "1s"
 
     #[test]
     fn a_block_with_latest_events_reads_back_as_written() {
-        let stored = |revision, event: Option<(i64, &str)>| Stored {
-            revision,
-            events: u64::from(revision) * 3,
-            window_quantity: d("1.5"),
-            period_quantity: d("-2"),
-            offset: i64::from(revision) + 7,
-            latest_event: event.map(|(time_ms, id)| LatestEvent {
+        let window = |into: u32, revision: u32, event: Option<(i64, &str)>| {
+            let stored = Stored {
+                revision,
+                events: u64::from(revision) * 3,
+                window_quantity: d("1.5"),
+                period_quantity: d("-2"),
+                offset: i64::from(revision) + 7,
+            };
+            let event = event.map(|(time_ms, id)| LatestEvent {
                 time_ms,
                 id: id.into(),
-            }),
+            });
+            (into, stored, event)
         };
         let long = "x".repeat(1024);
         let block: Block = vec![
-            (0, stored(1, Some((5, "é-1")))),
-            (60_000, stored(2, None)),
-            (120_000, stored(3, Some((-4, "")))),
-            (180_000, stored(4, Some((i64::MAX, &long)))),
+            window(0, 1, Some((5, "é-1"))),
+            window(60_000, 2, None),
+            window(120_000, 3, Some((-4, ""))),
+            window(180_000, 4, Some((i64::MAX, &long))),
         ];
         let bytes = encode_block(&block);
         assert_eq!(bytes.first(), Some(&LATEST_FORM));
         assert_eq!(bytes.len(), 1 + 4 + 4 * LATEST_ENTRY + "é-1".len() + 1024);
         let windows = StoredWindows::of(T0, &bytes).expect("a form");
-        let read: Vec<(i64, Stored)> = (0..windows.len())
-            .map(|i| windows.get(i).expect("a window"))
+        let read: Vec<(i64, Stored, Option<LatestEvent>)> = (0..windows.len())
+            .map(|i| {
+                let (at, stored) = windows.get(i).expect("a window");
+                (at, stored, windows.event(i).expect("an event or none"))
+            })
             .collect();
-        let written: Vec<(i64, Stored)> = block
+        let written: Vec<(i64, Stored, Option<LatestEvent>)> = block
             .iter()
-            .map(|(into, stored)| (T0 + i64::from(*into), stored.clone()))
+            .map(|(into, stored, event)| (T0 + i64::from(*into), *stored, event.clone()))
             .collect();
         assert_eq!(read, written);
         assert_eq!(windows.first_from(T0 + 60_001), 2);
         // Without an event, the form before, byte for byte.
         let plain: Block = block
             .iter()
-            .map(|(into, s)| {
-                let mut s = s.clone();
-                s.latest_event = None;
-                (*into, s)
-            })
+            .map(|(into, stored, _)| (*into, *stored, None))
             .collect();
         let before = encode_block(&plain);
         assert_eq!(before.first(), Some(&BLOCK_FORM));
