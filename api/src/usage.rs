@@ -1152,8 +1152,9 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// The next window: its start, its group as stored (the key after its start) and its
-    /// value; `None` past the series or the range.
+    /// The next window: its start, its group as stored (the key after its start), its value
+    /// and its latest event (both borrowed until the next call); `None` past the series or
+    /// the range.
     fn next(&mut self) -> std::result::Result<Option<Window<'_>>, ReadError> {
         loop {
             if let Some((start, window)) = self.streaming {
@@ -1384,16 +1385,19 @@ impl<'a> Scan<'a> {
                     }
                     self.groups_used += 1;
                     self.group_bytes += group.len();
-                    // At most about a run's bound of groups.
-                    u32::try_from(index).unwrap_or(u32::MAX)
+                    index
                 });
                 let event = match windows.event(i) {
                     Some(Some(event)) => {
                         self.events.push(event);
-                        u32::try_from(self.events.len()).unwrap_or(0)
+                        self.events.len()
                     }
                     Some(None) => 0,
                     None => return Err(ReadError::Storage("malformed usage value".into())),
+                };
+                // A run holds far fewer (its bounds), but none is ever taken for another.
+                let (Ok(index), Ok(event)) = (u32::try_from(index), u32::try_from(event)) else {
+                    return Err(ReadError::Storage("a usage run too large to index".into()));
                 };
                 self.run.push((at, index, event, stored));
             }
