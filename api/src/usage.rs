@@ -703,8 +703,10 @@ const GROUP_BYTES_REMEMBERED: usize = 16 << 20;
 /// One row of a usage answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Row {
-    pub window_start: String,
-    pub window_end: String,
+    /// Shared with the page's other rows of its time (a bucket's rows share its start and
+    /// end, and its end is the next one's start).
+    pub window_start: Arc<str>,
+    pub window_end: Arc<str>,
     pub group: RowGroup,
     #[serde(with = "rust_decimal::serde::str")]
     pub quantity: Decimal,
@@ -713,29 +715,41 @@ pub struct Row {
 
 /// Writes `rows` as a JSON array, as serde writes them, directly: a month of 1-minute rows is
 /// 86,400, and serde's escaping of their times and quantities, which need none, was a third
-/// of writing them. A time that would need escaping is written through serde.
+/// of writing them. A time that would need escaping is written through serde; a time shared
+/// with the row before (a bucket's rows share theirs) is looked at once.
 pub fn write_rows_json(rows: &[Row], out: &mut Vec<u8>) -> serde_json::Result<()> {
     use std::io::Write as _;
-    /// `text` as a JSON string: as it is when it needs no escaping.
-    fn string(out: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
-        if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    /// `text` as a JSON string: as it is when it needs no escaping (known for `clean`, the
+    /// last time found so).
+    fn time<'r>(
+        out: &mut Vec<u8>,
+        text: &'r Arc<str>,
+        clean: &mut [Option<&'r Arc<str>>; 2],
+    ) -> serde_json::Result<()> {
+        let known = clean.iter().flatten().any(|c| Arc::ptr_eq(c, text));
+        if known || text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            if !known {
+                clean.rotate_right(1);
+                clean[0] = Some(text);
+            }
             out.push(b'"');
             out.extend_from_slice(text.as_bytes());
             out.push(b'"');
             Ok(())
         } else {
-            serde_json::to_writer(&mut *out, text)
+            serde_json::to_writer(&mut *out, &**text)
         }
     }
+    let mut clean = [None, None];
     out.push(b'[');
     for (i, row) in rows.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"window_start\":");
-        string(out, &row.window_start)?;
+        time(out, &row.window_start, &mut clean)?;
         out.extend_from_slice(b",\"window_end\":");
-        string(out, &row.window_end)?;
+        time(out, &row.window_end, &mut clean)?;
         out.extend_from_slice(b",\"group\":");
         out.extend_from_slice(row.group.json.get().as_bytes());
         // A decimal's text is digits, a sign and a point.
@@ -803,52 +817,69 @@ struct Acc {
     /// The start of the window whose quantity is taken (`latest`), or its rollup's offset
     /// (over a whole period).
     latest_at: i64,
-    /// `latest`: of the row's windows starting at `latest_at`, the one whose latest event is
-    /// the latest, with its quantity.
-    latest: Option<(LatestEvent, Decimal)>,
-    /// `latest`: the quantity of those stored without their latest events, if any, and
-    /// whether two of them differ.
-    unevented: Option<Decimal>,
-    unevented_differ: bool,
-    /// `latest`: two of those windows name one event with other quantities (never, as
-    /// events are counted once; then not known either).
-    tie_differs: bool,
+    /// `latest` alone: which of the windows starting at `latest_at` the row takes. Boxed, so
+    /// that the rows of other meters (a month at 1-minute windows holds 100,000 of them in a
+    /// page) stay small.
+    latest: Option<Box<LatestOf>>,
     events: u64,
 }
 
+/// Of a `latest` row's windows of one start, the one it takes.
+#[derive(Default)]
+struct LatestOf {
+    /// The window whose latest event is the latest, with its quantity.
+    evented: Option<(LatestEvent, Decimal)>,
+    /// The quantity of those stored without their latest events, if any, and whether two of
+    /// them differ.
+    unevented: Option<Decimal>,
+    unevented_differ: bool,
+    /// Two of those windows name one event with other quantities (never, as events are
+    /// counted once; then not known either).
+    tie_differs: bool,
+}
+
 impl Acc {
-    fn new(quantity: Decimal, rank: i64, event: Option<&LatestEvent>, events: u64) -> Self {
+    /// A row's first window; `latest`: the meter is a `latest` meter, and `event` is the
+    /// window's latest event, if it names one.
+    fn new(
+        quantity: Decimal,
+        rank: i64,
+        latest: bool,
+        event: Option<&LatestEvent>,
+        events: u64,
+    ) -> Self {
         let mut acc = Self {
             quantity,
             latest_at: rank,
-            latest: None,
-            unevented: None,
-            unevented_differ: false,
-            tie_differs: false,
+            latest: latest.then(Box::default),
             events,
         };
         acc.add_latest(quantity, event);
         acc
     }
 
-    /// Adds a window starting at `latest_at` (`latest`): the row takes the quantity of the
-    /// latest event's window. Whatever the order windows come in, the same row.
+    /// Adds a window starting at `latest_at` (`latest`; nothing for other meters): the row
+    /// takes the quantity of the latest event's window. Whatever the order windows come in,
+    /// the same row.
     fn add_latest(&mut self, quantity: Decimal, event: Option<&LatestEvent>) {
+        let Some(of) = self.latest.as_deref_mut() else {
+            return;
+        };
         match event {
-            Some(event) => match &self.latest {
+            Some(event) => match &of.evented {
                 Some((kept, _)) if event < kept => {}
-                Some((kept, other)) if event == kept => self.tie_differs |= *other != quantity,
+                Some((kept, other)) if event == kept => of.tie_differs |= *other != quantity,
                 _ => {
-                    self.latest = Some((event.clone(), quantity));
-                    self.tie_differs = false;
+                    of.evented = Some((event.clone(), quantity));
+                    of.tie_differs = false;
                 }
             },
-            None => match self.unevented {
-                Some(kept) => self.unevented_differ |= kept != quantity,
-                None => self.unevented = Some(quantity),
+            None => match of.unevented {
+                Some(kept) => of.unevented_differ |= kept != quantity,
+                None => of.unevented = Some(quantity),
             },
         }
-        if let Some(quantity) = self.latest.as_ref().map(|(_, q)| *q).or(self.unevented) {
+        if let Some(quantity) = of.evented.as_ref().map(|(_, q)| *q).or(of.unevented) {
             self.quantity = quantity;
         }
     }
@@ -857,9 +888,11 @@ impl Acc {
     /// of its latest start stored without their latest events differ from each other, or
     /// from the window with the latest event among those that have one.
     fn unordered(&self) -> bool {
-        self.unevented_differ
-            || self.tie_differs
-            || matches!((&self.latest, self.unevented), (Some((_, q)), Some(v)) if *q != v)
+        self.latest.as_deref().is_some_and(|of| {
+            of.unevented_differ
+                || of.tie_differs
+                || matches!((&of.evented, of.unevented), (Some((_, q)), Some(v)) if *q != v)
+        })
     }
 }
 
@@ -1433,8 +1466,10 @@ impl<'a> Scan<'a> {
 impl Query<'_> {
     /// The bucket `[start, end)` holding a window starting at `at`.
     fn bucket_of(&self, at: i64) -> (i64, i64) {
-        let offset = i64::from(self.meter.offset_secs()) * 1000;
+        // The time zone's offset is parsed only for the buckets it moves (it was parsed for
+        // every window of a read at the meter's own).
         let fixed = |size: i64| {
+            let offset = i64::from(self.meter.offset_secs()) * 1000;
             let start = (at + offset).div_euclid(size) * size - offset;
             (start, start + size)
         };
@@ -1583,6 +1618,7 @@ impl Query<'_> {
                 })?)
             }
         };
+        let latest = self.meter.aggregation == Aggregation::Latest;
         let period_mode = self.bucket == Bucket::None
             && matches!(
                 self.meter.aggregation,
@@ -1664,9 +1700,10 @@ impl Query<'_> {
                 continue;
             }
             gathering.bytes += group_bytes(group);
-            gathering
-                .rows
-                .insert(group.clone(), Acc::new(value, rank, event, stored.events));
+            gathering.rows.insert(
+                group.clone(),
+                Acc::new(value, rank, latest, event, stored.events),
+            );
             // The page keeps at least one row, whatever its group's bytes.
             while page.len() + gathering.rows.len() > limit
                 || (page_bytes + gathering.bytes > most_bytes
@@ -1750,7 +1787,7 @@ impl Query<'_> {
             Aggregation::Latest => {
                 match rank.cmp(&acc.latest_at) {
                     std::cmp::Ordering::Greater => {
-                        *acc = Acc::new(value, rank, event, acc.events);
+                        *acc = Acc::new(value, rank, true, event, acc.events);
                     }
                     std::cmp::Ordering::Equal => acc.add_latest(value, event),
                     std::cmp::Ordering::Less => {}
@@ -1775,18 +1812,19 @@ impl Query<'_> {
     /// `[from, to)`, which span `[from, to)` rounded up to whole windows. A row says so rather
     /// than claim a whole bucket (or exactly `[from, to)`) that the range covers only in part.
     fn rows(&self, page: Vec<(i64, Group, Acc)>) -> std::result::Result<Vec<Row>, ReadError> {
-        // The last two times written, copied again: the rows of a bucket share its start and
-        // end, and a bucket's end is the next one's start, so a month of 1-minute rows writes
-        // each time once, not four times (writing them was a quarter of such a read).
-        let mut recent: [(i64, String); 2] = Default::default();
+        // The last two times written, shared: the rows of a bucket share its start and end,
+        // and a bucket's end is the next one's start, so a month of 1-minute rows writes each
+        // time once, not four times (writing them was a quarter of such a read), and holds
+        // it once.
+        let mut recent: [Option<(i64, Arc<str>)>; 2] = [None, None];
         let mut older = 0;
         let mut time = |at: i64| {
-            if let Some((_, text)) = recent.iter().find(|(t, text)| *t == at && !text.is_empty()) {
-                return text.clone();
+            if let Some((_, text)) = recent.iter().flatten().find(|(t, _)| *t == at) {
+                return Arc::clone(text);
             }
-            let text = neruba_schemas::event::format_time_ms(at);
+            let text: Arc<str> = neruba_schemas::event::format_time_ms(at).into();
             if let Some(slot) = recent.get_mut(older) {
-                *slot = (at, text.clone());
+                *slot = Some((at, Arc::clone(&text)));
             }
             older ^= 1;
             text
@@ -2563,7 +2601,13 @@ window = "1s"
         let time = neruba_schemas::event::format_time_ms;
         let bounds = |rows: &[Row]| -> Vec<(String, String, Decimal)> {
             rows.iter()
-                .map(|r| (r.window_start.clone(), r.window_end.clone(), r.quantity))
+                .map(|r| {
+                    (
+                        r.window_start.to_string(),
+                        r.window_end.to_string(),
+                        r.quantity,
+                    )
+                })
                 .collect()
         };
         // Was: each row was labelled its whole hour (or, with `window=none`, exactly
@@ -2884,7 +2928,7 @@ window = "1s"
             .run(&model)
             .expect("run")
             .rows;
-        let starts: Vec<&str> = seconds.iter().map(|r| r.window_start.as_str()).collect();
+        let starts: Vec<&str> = seconds.iter().map(|r| &*r.window_start).collect();
         assert_eq!(
             starts,
             [
@@ -3137,7 +3181,7 @@ window = "1s"
             expected
                 .iter()
                 .find(|r| {
-                    r.window_start == neruba_schemas::event::format_time_ms(at)
+                    *r.window_start == *neruba_schemas::event::format_time_ms(at)
                         && r.group.get("region").map(String::as_str) == Some(region)
                 })
                 .map(|r| r.quantity)
@@ -3171,8 +3215,8 @@ window = "1s"
             RowGroup::of(Group::new(map)).expect("group")
         };
         let row = |start: &str, group: RowGroup, quantity: &str, events: u64| Row {
-            window_start: start.to_owned(),
-            window_end: neruba_schemas::event::format_time_ms(T0),
+            window_start: start.into(),
+            window_end: neruba_schemas::event::format_time_ms(T0).into(),
             group,
             quantity: d(quantity),
             events,
@@ -3199,7 +3243,14 @@ window = "1s"
             // Times are never so, but if one were, it is escaped as serde escapes it.
             row("a \"quoted\"\u{1} time\\", group(&[("k", "v")]), "0", 7),
         ];
-        for rows in [&rows[..], &rows[..1], &[]] {
+        // Rows sharing their times (as a bucket's rows do): each time looked at once, the one
+        // that needs escaping escaped each time.
+        let shared = [0, 3, 3, 0, 0, 3].map(|i: usize| rows[i].clone());
+        assert!(Arc::ptr_eq(
+            &shared[1].window_start,
+            &shared[2].window_start
+        ));
+        for rows in [&rows[..], &rows[..1], &[], &shared[..]] {
             let mut written = Vec::new();
             write_rows_json(rows, &mut written).expect("written");
             assert_eq!(
@@ -3218,8 +3269,8 @@ window = "1s"
         let shared = RowGroup::of(group.clone()).expect("group");
         let rows: Vec<Row> = (0..2)
             .map(|n| Row {
-                window_start: format!("s{n}"),
-                window_end: format!("e{n}"),
+                window_start: format!("s{n}").into(),
+                window_end: format!("e{n}").into(),
                 group: shared.clone(),
                 quantity: d("1.50"),
                 events: 2,
@@ -3553,8 +3604,8 @@ window = "1s"
                     .into_iter()
                     .map(|r| {
                         (
-                            r.window_start,
-                            r.window_end,
+                            r.window_start.to_string(),
+                            r.window_end.to_string(),
                             (*r.group).clone(),
                             r.quantity,
                             r.events,
