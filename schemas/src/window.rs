@@ -16,12 +16,15 @@ pub fn window_start(time_ms: i64, size_ms: i64) -> i64 {
 
 /// `[start, end)` of the billing period containing `time_ms`, in Unix milliseconds.
 ///
-/// Returns `None` only for times outside what a calendar can express (year ±9999).
+/// Returns `None` only for times outside what a calendar can express (year ±9999), in UTC or
+/// in the zone (a time late on December 31, 9999 in UTC is in year 10000 east of it).
 pub fn period_bounds(time_ms: i64, anchor_day: u8, offset_secs: i32) -> Option<(i64, i64)> {
     let offset = UtcOffset::from_whole_seconds(offset_secs).ok()?;
+    // Checked: `to_offset` panics where the zone's date leaves the calendar's range, and a
+    // usage read's `from` or cursor reached it.
     let local = OffsetDateTime::from_unix_timestamp_nanos(i128::from(time_ms) * 1_000_000)
         .ok()?
-        .to_offset(offset);
+        .checked_to_offset(offset)?;
     let (mut year, mut month) = (local.year(), local.month());
     if local.day() < anchor_day {
         (year, month) = previous_month(year, month);
@@ -71,6 +74,27 @@ mod tests {
             ms("2026-11-24T10:05:00Z")
         );
         assert_eq!(window_start(-1, 60_000), -60_000);
+    }
+
+    #[test]
+    fn a_time_whose_date_in_the_zone_leaves_the_calendar_has_no_period() {
+        // Was: a panic (`to_offset`), reached by a usage read's `from` or cursor.
+        let last = ms("9999-12-31T20:00:00Z");
+        assert_eq!(period_bounds(last, 1, 9 * 3600), None);
+        assert_eq!(period_bounds(last, 1, 14 * 3600), None);
+        let first = Date::MIN.midnight().assume_utc().unix_timestamp() * 1000 + 2 * 3_600_000;
+        assert_eq!(period_bounds(first, 1, -5 * 3600), None);
+        // The same times in UTC: periods whose end, in year 10000, is past the calendar.
+        assert_eq!(period_bounds(last, 1, 0), None);
+        assert_eq!(
+            period_bounds(ms("9999-11-15T00:00:00Z"), 1, 9 * 3600),
+            Some((ms("9999-10-31T15:00:00Z"), ms("9999-11-30T15:00:00Z")))
+        );
+        for time_ms in [i64::MIN, i64::MAX, -1, 0] {
+            for offset in [-14 * 3600, 0, 14 * 3600] {
+                let _ = period_bounds(time_ms, 28, offset);
+            }
+        }
     }
 
     #[test]

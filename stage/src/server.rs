@@ -21,6 +21,7 @@
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -266,15 +267,43 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let open = open_connections.clone();
         connections.spawn(async move {
-            open.inc();
+            // Counted down however the connection ends (a panic included).
+            let _open = OpenConnection::new(open);
             connection(stream, app, limits, shutdown).await;
-            open.dec();
             drop(slot);
         });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// One open connection, counted on the gauge while it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The answer to a request whose handler panicked: 500, code `internal`, as the servers'
+/// other errors are written.
+fn internal_error() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"error":{"code":"internal","message":"the server failed on this request; it is logged"}}"#,
+    )
+        .into_response()
 }
 
 /// Serves one connection until the client closes it, a limit expires, or shutdown.
@@ -294,7 +323,22 @@ async fn connection(
         let guard = requests.begin_request();
         let mut app = app.clone();
         async move {
-            let response = tower_service::Service::call(&mut app, request).await;
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let call = tower_service::Service::call(&mut app, request);
+            // A handler that panics is a bug, but it must not take the connection down without
+            // an answer (the client saw its connection reset): it is answered 500 `internal`.
+            let response = match futures::FutureExt::catch_unwind(AssertUnwindSafe(call)).await {
+                Ok(response) => response,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(%method, path, panic = what, "A request's handler panicked.");
+                    Ok(internal_error())
+                }
+            };
             drop(guard);
             response
         }
@@ -339,4 +383,69 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once([' ', '\t'])?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One request on a fresh connection, read to its end (the request asks to close).
+    async fn get(at: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(at).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_500_and_its_connection_counted_out() {
+        // Was: the connection was reset without an answer, and the open-connections gauge
+        // stayed one higher for good.
+        let app = Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("a handler's bug");
+                    }
+                    "never"
+                }),
+            )
+            .route("/fine", axum::routing::get(|| async { "fine" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let at = listener.local_addr().expect("address");
+        let open = prometheus::IntGauge::new("open", "open connections").expect("gauge");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            ConnectionLimits::default(),
+            open.clone(),
+            shutdown.clone(),
+        ));
+        let answer = get(at, "/boom").await;
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(
+            answer.ends_with(
+                r#"{"error":{"code":"internal","message":"the server failed on this request; it is logged"}}"#
+            ),
+            "{answer}"
+        );
+        // The server goes on serving.
+        let answer = get(at, "/fine").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("fine"),
+            "{answer}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open.get() != 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(open.get(), 0);
+        shutdown.cancel();
+        server.await.expect("server");
+    }
 }
