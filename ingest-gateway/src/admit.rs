@@ -68,6 +68,40 @@ pub fn authorize<'c>(
     Ok(tenant)
 }
 
+/// An event refused, and the repeat key it would have if it were sent again after it was
+/// accepted: only for refusals such a repeat can meet (its time now past the correction
+/// horizon, or a meter's value rule tightened by a catalog reload since), whose events had a
+/// valid id and subject. SPEC: "A repeat is answered `duplicate` with a 2xx — never an error."
+#[derive(Debug)]
+pub struct Refused<'a> {
+    pub rejection: Rejection,
+    /// Its tenant, subject and id: the key of [`Refused::repeat_in`].
+    again: Option<(&'a str, Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl From<Rejection> for Refused<'_> {
+    fn from(rejection: Rejection) -> Self {
+        Self {
+            rejection,
+            again: None,
+        }
+    }
+}
+
+impl Refused<'_> {
+    /// `Some` if the refused event is a repeat of one `cache` holds as accepted: where that
+    /// one landed, if known. Either door then counts it `duplicate`, as it would have before
+    /// its time or the catalog changed.
+    pub fn repeat_in(&self, cache: &DedupCache) -> Option<Option<Landed>> {
+        let (tenant, subject, id) = self.again.as_ref()?;
+        cache.get(Key {
+            tenant,
+            subject,
+            id,
+        })
+    }
+}
+
 /// One framed event of `tenant`, received at `now_ms`, as the message to send in `encoding`,
 /// or why not.
 ///
@@ -82,19 +116,34 @@ pub fn event<'a>(
     now_ms: i64,
     limits: &Limits,
     encoding: Encoding,
-) -> Result<Outgoing<'a>, Rejection> {
-    let valid = event::validate_borrowed(framed.value?, framed.len, &tenant.id, now_ms, limits)?;
+) -> Result<Outgoing<'a>, Refused<'a>> {
+    let envelope = framed.value?;
+    // Kept for a refusal a repeat can meet (borrowed from the body, as a rule: no copy).
+    let (subject, id) = (envelope.subject(), envelope.id());
+    let again = |rejection: Rejection| Refused {
+        again: matches!(
+            rejection.code,
+            RejectCode::TimestampTooFarInPast | RejectCode::InvalidValue
+        )
+        .then(|| Some((tenant.id.as_str(), subject.clone()?, id.clone()?)))
+        .flatten(),
+        rejection,
+    };
+    let valid = event::validate_borrowed(envelope, framed.len, &tenant.id, now_ms, limits)
+        .map_err(&again)?;
     let payload = match encoding {
         Encoding::Binary => {
             let message = binary::encode_valid(&valid).map_err(|e| {
                 Rejection::new(RejectCode::InvalidJson, format!("event is not JSON: {e}"))
             })?;
-            tenant.check_encoded(&valid.event_type, message.data())?;
+            tenant
+                .check_encoded(&valid.event_type, message.data())
+                .map_err(&again)?;
             message.bytes
         }
         Encoding::Json => {
             let event = valid.clone().into_event()?;
-            tenant.check_values(&event)?;
+            tenant.check_values(&event).map_err(&again)?;
             codec::encode_json(&event)
         }
     };
@@ -275,7 +324,7 @@ window = "1m"
         let headers = [(API_KEY_HEADER, Some(key.as_bytes()))];
         crate::raw::admit_message(catalog, limits, &headers, bytes, NOW, Encoding::Binary)
             .err()
-            .map(|refused| refused.code.to_string())
+            .map(|refused| refused.rejection.code.to_string())
     }
 
     #[test]
@@ -348,6 +397,94 @@ window = "1m"
             let raw = via_raw(&catalog, key, text.as_bytes(), &limits);
             assert_eq!((&http, &raw), (&expected, &expected), "{key}: {text}");
         }
+    }
+
+    #[test]
+    fn a_repeat_refused_now_is_a_duplicate_through_either_door() {
+        // Was: an accepted event sent again once its time had passed the correction horizon
+        // (or after a catalog reload tightened a value rule) was answered `rejected` (a single
+        // event: 422), or dead-lettered from the raw topic, though it was written and counted.
+        let catalog = catalog();
+        let limits = Limits::default();
+        let tenant = authenticate(&catalog, "ingest-key").expect("tenant");
+        let cache = DedupCache::new(10, Duration::from_secs(60));
+        let horizon = limits.correction_horizon_ms;
+        let event = |id: &str, time_ms: i64, tokens: &str| {
+            serde_json::json!({"specversion": "1.0", "id": id, "type": "llm.completion",
+                "subject": "cust-1", "time": event::format_time_ms(time_ms),
+                "data": {"tokens": tokens}})
+            .to_string()
+        };
+        // Accepted at NOW, a second inside the horizon; its value would be refused now.
+        let old = event("e-old", NOW - horizon + 1_000, "5");
+        let odd = event("e-odd", NOW - 1_000, "lots");
+        cache.insert(Key {
+            tenant: "acme",
+            subject: "cust-1",
+            id: "e-old",
+        });
+        cache.insert(Key {
+            tenant: "acme",
+            subject: "cust-1",
+            id: "e-odd",
+        });
+        let later = NOW + 5_000;
+        let outcomes = |bytes: &str| {
+            let framed = body::split(Framing::Single, bytes.as_bytes(), 1, limits.max_event_bytes)
+                .expect("one JSON value");
+            let admitted =
+                crate::http::admit_all(tenant, framed, later, &limits, &cache, Encoding::Binary);
+            let result = &admitted.results[0];
+            (result.status, result.code)
+        };
+        let raw = |bytes: &str| {
+            let headers = [(API_KEY_HEADER, Some("ingest-key".as_bytes()))];
+            match crate::raw::admit_message(
+                &catalog,
+                &limits,
+                &headers,
+                bytes.as_bytes(),
+                later,
+                Encoding::Binary,
+            ) {
+                Ok(_) => "accepted".to_owned(),
+                Err(refused) if refused.repeat_in(&cache).is_some() => "duplicate".to_owned(),
+                Err(refused) => refused.rejection.code.to_string(),
+            }
+        };
+        for repeat in [&old, &odd] {
+            assert_eq!(
+                outcomes(repeat),
+                (crate::http::Status::Duplicate, None),
+                "{repeat}"
+            );
+            assert_eq!(raw(repeat), "duplicate", "{repeat}");
+        }
+        // Another customer's event of the same id, and events never accepted, are refused.
+        let other = old.replace("cust-1", "cust-2");
+        let never = event("e-new", NOW - horizon + 1_000, "5");
+        for (refused, code) in [
+            (&other, "timestamp_too_far_in_past"),
+            (&never, "timestamp_too_far_in_past"),
+            (&event("e-new", NOW, "lots"), "invalid_value"),
+        ] {
+            assert_eq!(
+                outcomes(refused),
+                (crate::http::Status::Rejected, Some(code)),
+                "{refused}"
+            );
+            assert_eq!(raw(refused), code, "{refused}");
+        }
+        // A refusal no accepted event can meet when sent again (here a missing `type`) is
+        // never looked up, whatever the cache holds.
+        let mut untyped: serde_json::Value = serde_json::from_str(&old).expect("json");
+        untyped.as_object_mut().map(|o| o.remove("type"));
+        let untyped = untyped.to_string();
+        assert_eq!(
+            outcomes(&untyped),
+            (crate::http::Status::Rejected, Some("missing_field"))
+        );
+        assert_eq!(raw(&untyped), "missing_field");
     }
 
     /// What the gateway sent before November 30, 2026: the event parsed whole into a
@@ -440,7 +577,7 @@ window = "1m"
                 .remove(0)
                 .framed();
             let sent = event(tenant, framed, NOW, &limits, Encoding::Binary);
-            let sent = sent.map(|out| out.payload).map_err(|r| r.message);
+            let sent = sent.map(|out| out.payload).map_err(|r| r.rejection.message);
             assert_eq!(
                 sent,
                 built_whole(tenant, case.as_bytes(), &limits),

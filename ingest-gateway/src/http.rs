@@ -106,7 +106,7 @@ pub(crate) struct EventResult<'a> {
     /// without escapes).
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<Cow<'a, str>>,
-    status: Status,
+    pub(crate) status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,7 +115,7 @@ pub(crate) struct EventResult<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-enum Status {
+pub(crate) enum Status {
     Accepted,
     Duplicate,
     Rejected,
@@ -581,6 +581,8 @@ pub(crate) fn admit_all<'a>(
     encoding: codec::Encoding,
 ) -> Admitted<'a> {
     let mut tally = Tally::default();
+    // Where the repeats' first writes landed, when the cache knows.
+    let mut remembered = Vec::new();
     let mut results = Vec::with_capacity(framed.len());
     // The valid events, each with the index of its result; the repeats among them are
     // found together, after.
@@ -589,8 +591,25 @@ pub(crate) fn admit_all<'a>(
         // Read here, one at a time: what an event read whole builds is dropped before the next.
         let item = item.framed();
         let id_hint = item.value.as_ref().ok().and_then(Envelope::id);
-        match admit::event(tenant, item, now_ms, limits, encoding) {
-            Err(rejection) => {
+        let judged = admit::event(tenant, item, now_ms, limits, encoding);
+        // A repeat of an event accepted before is `duplicate` even if it would be refused now.
+        let repeat = judged
+            .as_ref()
+            .err()
+            .and_then(|refused| refused.repeat_in(dedup));
+        if let Some(landed) = repeat {
+            tally.duplicate += 1;
+            remembered.extend(landed);
+            results.push(EventResult {
+                id: id_hint,
+                status: Status::Duplicate,
+                code: None,
+                message: None,
+            });
+            continue;
+        }
+        match judged {
+            Err(admit::Refused { rejection, .. }) => {
                 tally.reject(rejection.code);
                 results.push(EventResult {
                     id: id_hint,
@@ -612,7 +631,6 @@ pub(crate) fn admit_all<'a>(
         }
     }
     let sightings = admit::sightings(dedup, valid.iter().map(|(_, event)| event.key()));
-    let mut remembered = Vec::new();
     let mut to_send = Vec::with_capacity(valid.len());
     for ((index, event), sighting) in valid.into_iter().zip(sightings.each()) {
         match *sighting {

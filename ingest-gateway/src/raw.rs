@@ -99,7 +99,7 @@ pub(crate) fn admit_message<'a>(
     payload: &'a [u8],
     now_ms: i64,
     encoding: codec::Encoding,
-) -> Result<Outgoing<'a>, Rejection> {
+) -> Result<Outgoing<'a>, admit::Refused<'a>> {
     let key = headers
         .iter()
         .find(|(name, _)| *name == API_KEY_HEADER)
@@ -110,7 +110,8 @@ pub(crate) fn admit_message<'a>(
         return Err(Rejection::new(
             RejectCode::Unauthenticated,
             format!("the message has no `{API_KEY_HEADER}` header"),
-        ));
+        )
+        .into());
     };
     let tenant = admit::authenticate(catalog, key)?;
     let framed = match binary_attributes(headers) {
@@ -121,7 +122,8 @@ pub(crate) fn admit_message<'a>(
                 return Err(Rejection::new(
                     RejectCode::InvalidJson,
                     "the message is not one JSON object",
-                ));
+                )
+                .into());
             }
         },
     };
@@ -262,9 +264,12 @@ async fn consume(
             let payload = message.payload().unwrap_or_default();
             match admit_message(&catalog, &state.limits, &headers, payload, now, encoding) {
                 Ok(event) => events.push(event),
-                Err(rejection) => {
-                    tally.reject(rejection.code);
-                    refused.push((message, rejection, headers));
+                // A repeat of an event accepted before, refused now (its time past the
+                // horizon, or a value rule tightened since): a duplicate, not a dead letter.
+                Err(denied) if denied.repeat_in(&state.dedup).is_some() => tally.duplicate += 1,
+                Err(denied) => {
+                    tally.reject(denied.rejection.code);
+                    refused.push((message, denied.rejection, headers));
                 }
             }
         }

@@ -245,7 +245,7 @@ async fn produce_from_bodies(
                     &limits,
                     codec::Encoding::Binary,
                 )
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                .map_err(|e| anyhow::anyhow!("{}", e.rejection.message))?;
                 let mut key = String::new();
                 event.write_partition_key(&mut key);
                 sends.send(BaseRecord::to(topic).key(&key).payload(&event.payload));

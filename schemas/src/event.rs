@@ -246,6 +246,15 @@ impl<'a> Envelope<'a> {
             _ => None,
         }
     }
+
+    /// The event's `subject` when it is a string, valid or not, borrowed from the body when
+    /// it was.
+    pub fn subject(&self) -> Option<Cow<'a, str>> {
+        match &self.subject {
+            Attribute::Text(text) => Some(text.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// A visitor's methods for JSON's booleans and numbers (and, named after the value, strings
