@@ -244,6 +244,12 @@ impl Params {
         self.0.get(name).map(String::as_str)
     }
 
+    /// `cursor`, if one is given: an empty one (`cursor=`, which the OpenAPI document's
+    /// pattern allows) is the first page in every read, where some reads refused it.
+    fn cursor(&self) -> Option<&str> {
+        self.get("cursor").filter(|cursor| !cursor.is_empty())
+    }
+
     fn limit(&self) -> Result<usize, Refused> {
         self.limit_within(DEFAULT_LIMIT, MAX_LIMIT)
     }
@@ -692,7 +698,7 @@ async fn customers(
     let tenant = tenant(&state, &headers)?;
     let params = Params::of(raw, &["limit", "cursor"])?;
     let limit = params.limit()?;
-    let after = params.get("cursor").map(decode_cursor).transpose()?;
+    let after = params.cursor().map(decode_cursor).transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
     let as_of = state.model.positions();
     let ids = state.model.customers(&tenant, after.as_deref(), limit)?;
@@ -914,7 +920,7 @@ async fn grants(
     let params = Params::of(raw, &["limit", "cursor"])?;
     let limit = params.limit_within(MAX_GRANTS_PAGE, MAX_GRANTS_PAGE)?;
     let after = params
-        .get("cursor")
+        .cursor()
         .map(|text| decode_grant_cursor(text, &customer))
         .transpose()?;
     caught_up(&state, &params, Reads::Ledger).await?;
@@ -1079,7 +1085,7 @@ async fn statements(
         period: &period,
     };
     let after = params
-        .get("cursor")
+        .cursor()
         .map(|text| {
             decode_cursor(text).and_then(|t| {
                 statement_pages::After::decode(&t, pages_of).ok_or_else(invalid_cursor)
@@ -1197,7 +1203,7 @@ async fn line_items(
         |params| {
             let period = params.period(params.get("period"))?;
             let limit = params.limit()?;
-            let after = params.get("cursor").map(decode_cursor).transpose()?;
+            let after = params.cursor().map(decode_cursor).transpose()?;
             // A place no item of the period can have (another period's, or not one at all).
             if after
                 .as_deref()
@@ -1399,6 +1405,11 @@ impl Usage {
     }
 }
 
+/// 0000-01-01T00:00:00Z and 10000-01-01T00:00:00Z, in Unix milliseconds: the times RFC 3339
+/// can write in UTC.
+const FIRST_TIME_MS: i64 = -62_167_219_200_000;
+const END_OF_TIME_MS: i64 = 253_402_300_800_000;
+
 /// A usage page's `limit`: a positive number, lowered to `most` (`--api-max-usage-rows`), or
 /// `most` when not given (a page may hold fewer rows than its limit anyway).
 fn usage_limit(params: &Params, most: usize) -> Result<usize, Refused> {
@@ -1485,14 +1496,19 @@ async fn usage(
     };
     let customer = required("customer")?.to_owned();
     let meter_key = required("meter")?.to_owned();
+    // Within the years 0000–9999 in UTC, as every time of an answer is written (past them a
+    // `to` given with a western offset was echoed as a bare number of milliseconds).
     let time = |name: &str| -> Result<i64, Refused> {
-        neruba_schemas::event::parse_time_ms(required(name)?).map_err(|_| {
-            refused(
-                StatusCode::BAD_REQUEST,
-                "invalid_time",
-                format!("`{name}` must be an RFC 3339 time"),
-            )
-        })
+        neruba_schemas::event::parse_time_ms(required(name)?)
+            .ok()
+            .filter(|at| (FIRST_TIME_MS..END_OF_TIME_MS).contains(at))
+            .ok_or_else(|| {
+                refused(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_time",
+                    format!("`{name}` must be an RFC 3339 time within the years 0000–9999 in UTC"),
+                )
+            })
     };
     let (from_ms, to_ms) = (time("from")?, time("to")?);
     if to_ms <= from_ms || to_ms - from_ms > MAX_USAGE_RANGE_MS {
@@ -1557,7 +1573,7 @@ async fn usage(
     };
     // A cursor resumes only the query it came from.
     let after = params
-        .get("cursor")
+        .cursor()
         .map(|text| decode_cursor(text).and_then(|t| query.after_of(&t).ok_or_else(invalid_cursor)))
         .transpose()?;
     let query = crate::usage::Query { after, ..query };

@@ -205,6 +205,9 @@ fn ends_of(config: &neruba_stage::Config) -> Result<Vec<(i64, i64)>> {
         .collect()
 }
 
+/// The longest `read_wait` the api starts with: far past any client's patience already.
+pub const MAX_READ_WAIT: Duration = Duration::from_secs(3600);
+
 /// Starts the read model and the HTTP server; returns once both are up. The stage's start
 /// blocks on broker metadata, so it runs on a blocking thread.
 pub async fn start(
@@ -213,6 +216,14 @@ pub async fn start(
     registry: &prometheus::Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    // Each read's deadline is its arrival plus this: a wait past what a clock can add (a
+    // thousand years, say) made every read panic.
+    anyhow::ensure!(
+        config.read_wait <= MAX_READ_WAIT,
+        "--api-read-wait is {:?}; it may be at most {:?}",
+        config.read_wait,
+        MAX_READ_WAIT
+    );
     let catalog = catalog.into();
     let console = console::ConsoleState::new(catalog.clone(), config.console_gateway.as_deref())?;
     let metrics = metrics::Metrics::register(registry)?;
@@ -299,4 +310,29 @@ pub async fn start(
         server,
         events_poller,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_read_wait_past_an_hour_is_refused_at_start() {
+        // Was: accepted, then every read panicked adding it to its arrival (a thousand years).
+        let state = tempfile::tempdir().expect("tempdir");
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let mut config = Config::new("127.0.0.1:1", state.path(), listen, "0");
+        config.read_wait = Duration::from_secs(1000 * 365 * 86_400);
+        let catalog =
+            neruba_schemas::Catalog::from_toml_str("tenants = []", "empty.toml").expect("catalog");
+        let started = start(
+            config,
+            catalog,
+            &prometheus::Registry::new(),
+            CancellationToken::new(),
+        )
+        .await;
+        let error = started.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("--api-read-wait"), "{error}");
+    }
 }

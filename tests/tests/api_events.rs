@@ -475,6 +475,15 @@ aggregation = "avg"
 value = "$.ms"
 window = "1m"
 
+# The same, billed in Tokyo's time.
+[[tenants.meters]]
+key = "latency_avg_tokyo"
+event_type = "api.request"
+aggregation = "avg"
+value = "$.ms"
+window = "1m"
+billing_period = { time_zone = "+09:00" }
+
 "#;
     let anchor = "# API calls, counted.\n";
     anyhow::ensure!(
@@ -529,6 +538,37 @@ async fn a_usage_read_that_cannot_combine_exactly_is_refused_before_any_read() -
         ),
     ] {
         let url = format!("{}/v1/usage?customer=nobody&{range}&{query}", api.base);
+        let response = api.client.get(&url).bearer_auth(key).send().await?;
+        let got = response.status().as_u16();
+        let body: Value = response.json().await.context("a JSON answer")?;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{query}: {body}"
+        );
+    }
+    // At the calendar's end. Was: the whole period of a meter billed east of UTC was looked
+    // for past December 31, 9999 in its zone, a panic that reset the connection; and a `to`
+    // past it in UTC (given with a western offset) was echoed as a bare number.
+    for (query, status, code) in [
+        (
+            "meter=latency_avg_tokyo&window=none\
+             &from=9999-12-31T20:00:00Z&to=9999-12-31T21:00:00Z",
+            422,
+            "not_combinable",
+        ),
+        (
+            "meter=latency_avg_tokyo&from=9999-12-31T20:00:00Z&to=9999-12-31T21:00:00Z",
+            404,
+            "customer_not_found",
+        ),
+        (
+            "meter=llm_tokens&from=9999-12-31T22:00:00Z&to=9999-12-31T23:00:00-05:00",
+            400,
+            "invalid_time",
+        ),
+    ] {
+        let url = format!("{}/v1/usage?customer=nobody&{query}", api.base);
         let response = api.client.get(&url).bearer_auth(key).send().await?;
         let got = response.status().as_u16();
         let body: Value = response.json().await.context("a JSON answer")?;

@@ -1714,6 +1714,19 @@ async fn statements_line_items_and_usage_are_read_with_exact_decimals() -> Resul
             .and_then(|v| v.to_str().ok()),
         Some(cursor.as_str())
     );
+    // An empty cursor is the first page, in this read as in the others (was: 400 here).
+    let empty: serde_json::Value = http
+        .get(format!("{usage_url}&cursor="))
+        .bearer_auth(read_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        (&empty["data"], &empty["next_cursor"]),
+        (&first["data"], &first["next_cursor"]),
+        "{empty}"
+    );
     for (asked, code) in [
         ("&cursor=zz", "invalid_cursor"),
         ("&cursor=3132", "invalid_cursor"),
