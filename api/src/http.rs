@@ -23,9 +23,7 @@
 //!   position of a topic the read does
 //!   not follow or of a partition the topic does not have (`unsupported_position`).
 
-use crate::model::{
-    GrantStanding, ItemRead, Model, Position, ReadError, StatementsRead, item_place,
-};
+use crate::model::{GrantStanding, ItemRead, Model, Position, ReadError, StatementsRead};
 use crate::statement_pages;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -1223,14 +1221,12 @@ async fn line_items(
         after.as_deref(),
         limit,
     )?;
-    let next_cursor = (page.len() == limit)
-        .then(|| page.last().map(|v| encode_cursor(&item_place(&v.item))))
-        .flatten();
+    let next_cursor = page.next.as_deref().map(encode_cursor);
     let body = LineItems {
         customer,
         as_of: vec![position],
         period,
-        items: page,
+        items: page.items,
         next_cursor,
     };
     Ok(json(&state.metrics, "line_items", started, &body))

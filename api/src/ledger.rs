@@ -360,20 +360,32 @@ mod tests {
         )
     }
 
-    /// Every page of the period, `limit` at a time, following the cursor.
-    fn walk(model: &Model, limit: usize) -> Vec<crate::model::ItemRead> {
-        let mut all: Vec<crate::model::ItemRead> = Vec::new();
+    /// Every page of the period (of `meter` alone, if given), `limit` at a time, following
+    /// each page's `next`; and how many pages it took.
+    fn walk_of(
+        model: &Model,
+        meter: Option<&str>,
+        limit: usize,
+    ) -> (Vec<crate::model::ItemRead>, usize) {
+        let (mut all, mut pages) = (Vec::new(), 0);
+        let mut after: Option<String> = None;
         loop {
-            let after = all.last().map(|r| crate::model::item_place(&r.item));
             let page = model
-                .line_items_page("t", "c", "2026-11", None, after.as_deref(), limit)
+                .line_items_page("t", "c", "2026-11", meter, after.as_deref(), limit)
                 .expect("page");
-            let done = page.len() < limit;
-            all.extend(page);
-            if done {
-                return all;
+            pages += 1;
+            assert!(page.items.len() <= limit);
+            all.extend(page.items);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return (all, pages),
             }
         }
+    }
+
+    /// Every page of the period, `limit` at a time, following the cursor.
+    fn walk(model: &Model, limit: usize) -> Vec<crate::model::ItemRead> {
+        walk_of(model, None, limit).0
     }
 
     #[test]
@@ -396,25 +408,44 @@ mod tests {
             assert_eq!(marked, superseded, "limit {limit}");
         }
         // Of one meter, a page at a time: the other meter's item is passed over.
-        let mut of_m = Vec::new();
-        loop {
-            let after = of_m.last().map(crate::model::item_place);
-            let page = model
-                .line_items_page("t", "c", "2026-11", Some("m"), after.as_deref(), 2)
-                .expect("page");
-            let done = page.len() < 2;
-            of_m.extend(page.into_iter().map(|r| r.item));
-            if done {
-                break;
-            }
-        }
-        let ids: Vec<&str> = of_m.iter().map(|i| i.id.as_str()).collect();
         let want: Vec<&str> = order
             .iter()
             .map(String::as_str)
             .filter(|id| *id != "li_w3")
             .collect();
+        let (of_m, _) = walk_of(&model, Some("m"), 2);
+        let ids: Vec<&str> = of_m.iter().map(|r| r.item.id.as_str()).collect();
         assert_eq!(ids, want);
+        // A page looks at a bounded number of items: past it, it ends short with where the
+        // next goes on, and following each page still gives every item once, in order. Was:
+        // a `meter` few items have made one page decode every item of the period after it.
+        for (most, limit) in [(1, 1), (1, 2), (2, 2), (3, 100), (2, 100)] {
+            crate::model::ITEMS_EXAMINED_IN_TESTS.with(|m| m.set(Some(most)));
+            let (of_m, pages) = walk_of(&model, Some("m"), limit);
+            let ids: Vec<&str> = of_m.iter().map(|r| r.item.id.as_str()).collect();
+            assert_eq!(ids, want, "looking at {most}, pages of {limit}");
+            // Eight items, `most` looked at a page (one more page says there is nothing more).
+            assert!(
+                pages >= order.len().div_ceil(most),
+                "{most}, {limit}: {pages} pages"
+            );
+            assert_eq!(walk(&model, limit).len(), order.len());
+        }
+        crate::model::ITEMS_EXAMINED_IN_TESTS.with(|m| m.set(None));
+        // The other meter's one item, the sixth of eight, looking at three a page: the first
+        // page is empty and says where the next goes on, the second holds it.
+        crate::model::ITEMS_EXAMINED_IN_TESTS.with(|m| m.set(Some(3)));
+        let first = model
+            .line_items_page("t", "c", "2026-11", Some("m2"), None, 10)
+            .expect("page");
+        let second = model
+            .line_items_page("t", "c", "2026-11", Some("m2"), first.next.as_deref(), 10)
+            .expect("page");
+        crate::model::ITEMS_EXAMINED_IN_TESTS.with(|m| m.set(None));
+        assert!(first.items.is_empty() && first.next.is_some(), "{first:?}");
+        let ids: Vec<&str> = second.items.iter().map(|r| r.item.id.as_str()).collect();
+        assert_eq!(ids, ["li_w3"]);
+        assert!(second.next.is_some(), "{second:?}");
         // A place no item of the period can have is refused, not answered from elsewhere.
         let december = "2026-12-05T00:00:00.000Z\n2026-12-05T00:00:00.000Z\nli_x";
         for forged in [december, "2026-11-02\n2026-11-02\nli_x", "li_w0"] {
@@ -454,7 +485,7 @@ mod tests {
         let page = model
             .line_items_page("t", "c", "2026-11", None, Some(&after), 2)
             .expect("a page after the broken item");
-        let ids: Vec<&str> = page.iter().map(|r| r.item.id.as_str()).collect();
+        let ids: Vec<&str> = page.items.iter().map(|r| r.item.id.as_str()).collect();
         assert_eq!(ids, ["li_w1", "li_w2"]);
         assert_eq!(explained("li_w5"), Some(("li_w5".to_owned(), true)));
     }

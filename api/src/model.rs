@@ -240,6 +240,35 @@ pub fn item_place(item: &LineItem) -> String {
     )
 }
 
+/// Most line items one page of the line-items read looks at: a `meter` few of the period's
+/// items have made a page decode every item of the period after its cursor (a customer with
+/// many groups bills hundreds of thousands a month), on a thread that serves other reads too.
+pub const ITEMS_EXAMINED: usize = 10_000;
+
+#[cfg(test)]
+thread_local! {
+    /// [`ITEMS_EXAMINED`] for the tests of this thread, if set.
+    pub(crate) static ITEMS_EXAMINED_IN_TESTS: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+fn items_examined() -> usize {
+    #[cfg(test)]
+    if let Some(most) = ITEMS_EXAMINED_IN_TESTS.with(std::cell::Cell::get) {
+        return most;
+    }
+    ITEMS_EXAMINED
+}
+
+/// A page of line items, and where the next one starts ([`item_place`]) when the read may go
+/// on: after a full page, or after the last item the page looked at when it looked at as
+/// many as it may ([`ITEMS_EXAMINED`]; then it may hold fewer than its limit, even none).
+#[derive(Debug)]
+pub struct ItemsPage {
+    pub items: Vec<ItemRead>,
+    pub next: Option<String>,
+}
+
 /// The key of a final statement.
 pub(crate) fn statement_key(tenant: &str, customer: &str, statement: &Statement) -> Vec<u8> {
     of_statement(b'S', tenant, customer, statement)
@@ -782,7 +811,9 @@ impl Model {
     /// alone, if given): at most `limit`, in key order (period start, window start, id), those
     /// after the item at `after` ([`item_place`]), each with whether a later item supersedes
     /// it. Read from one snapshot, from the cursor on: a page reads what it answers and what
-    /// `meter` leaves out, never the period before its cursor.
+    /// `meter` leaves out, never the period before its cursor, and looks at most at
+    /// [`ITEMS_EXAMINED`] items: past that it ends short, even empty, with where the next
+    /// page goes on ([`ItemsPage::next`]).
     pub fn line_items_page(
         &self,
         tenant: &str,
@@ -791,7 +822,7 @@ impl Model {
         meter: Option<&str>,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<ItemRead>, ReadError> {
+    ) -> Result<ItemsPage, ReadError> {
         let view = self.loaded(self.partition_of(tenant, customer))?;
         let snapshot = view.db.snapshot();
         let prefix = neruba_balances::state::customer_key(b'L', tenant, customer);
@@ -814,6 +845,9 @@ impl Model {
         };
         let latest = start_bound(month);
         let mut page = Vec::new();
+        // The place of the last item looked at, once the page may look at no more.
+        let mut stopped_at = None;
+        let (mut examined, most) = (0_usize, items_examined());
         for entry in snapshot.iterator(IteratorMode::From(&start, Direction::Forward)) {
             if page.len() >= limit {
                 break;
@@ -835,17 +869,26 @@ impl Model {
             {
                 break;
             }
-            if period_label(&item.period_start, &item.period_end) == month
-                && meter.is_none_or(|m| item.meter == m)
-            {
+            examined += 1;
+            let wanted = period_label(&item.period_start, &item.period_end) == month
+                && meter.is_none_or(|m| item.meter == m);
+            if examined >= most && page.len() + usize::from(wanted) < limit {
+                // Its place is within the period's bounds, so a cursor of it is taken.
+                stopped_at = Some(item_place(&item));
+            }
+            if wanted {
                 page.push(item);
+            }
+            if stopped_at.is_some() {
+                break;
             }
         }
         let marks = snapshot.multi_get(
             page.iter()
                 .map(|item| superseded_key(tenant, customer, &item.id)),
         );
-        page.into_iter()
+        let items = page
+            .into_iter()
             .zip(marks)
             .map(|(item, mark)| {
                 Ok(ItemRead {
@@ -853,7 +896,12 @@ impl Model {
                     item,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, ReadError>>()?;
+        let next = match items.last() {
+            Some(last) if items.len() >= limit => Some(item_place(&last.item)),
+            _ => stopped_at,
+        };
+        Ok(ItemsPage { items, next })
     }
 
     /// The line item `id` of a customer's billing period labelled `month`, with whether a
@@ -1214,6 +1262,7 @@ mod tests {
             model
                 .line_items_page("t", "c", month, None, None, usize::MAX)
                 .expect("read")
+                .items
                 .into_iter()
                 .map(|r| r.item.id)
                 .collect()

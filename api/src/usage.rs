@@ -1787,7 +1787,12 @@ impl Query<'_> {
             Aggregation::Latest => {
                 match rank.cmp(&acc.latest_at) {
                     std::cmp::Ordering::Greater => {
-                        *acc = Acc::new(value, rank, true, event, acc.events);
+                        // A later start: the row starts over from this window (its box kept).
+                        acc.latest_at = rank;
+                        if let Some(of) = acc.latest.as_deref_mut() {
+                            *of = LatestOf::default();
+                        }
+                        acc.add_latest(value, event);
                     }
                     std::cmp::Ordering::Equal => acc.add_latest(value, event),
                     std::cmp::Ordering::Less => {}

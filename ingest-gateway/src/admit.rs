@@ -17,7 +17,10 @@
 //!   sends it once.
 //!   A repeat the cache knows comes with where its first write landed, if the cache was told
 //!   ([`Sighting::Repeat`]); one of an earlier event of the same request comes with none (that
-//!   event's own write, or its own repeat, names the position).
+//!   event's own write, or its own repeat, names the position);
+//! - a repeat the cache knows is `duplicate` even when, sent new, it would be refused for a
+//!   reason time or a catalog reload brings (its `time` past the correction horizon, a value
+//!   rule tightened): SPEC's "a repeat is answered `duplicate` … never an error" ([`Refused`]).
 //!
 //! What stays with each door is transport: where the key travels (`Authorization: Bearer` or
 //! the `neruba-api-key` header) and what its absence is called, how bytes become framed events

@@ -161,8 +161,10 @@ pub(crate) fn error_response(
     (status, axum::Json(body)).into_response()
 }
 
+/// `response` with `Retry-After: <wait in whole seconds, rounded up, at least 1>` (rounded
+/// down, a client that waited as told came back before the wait had passed).
 pub(crate) fn with_retry_after(mut response: Response, wait: Duration) -> Response {
-    let secs = wait.as_secs().max(1).to_string();
+    let secs = wait.as_millis().div_ceil(1000).max(1).to_string();
     if let Ok(value) = HeaderValue::from_str(&secs) {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }

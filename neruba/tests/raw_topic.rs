@@ -134,6 +134,24 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
         .json()
         .await?;
     assert_eq!(answer["accepted"], 1);
+    // h-2, an LLM call, over HTTP too: sent again on the raw topic with a value its meter
+    // refuses (as after a catalog reload that tightened it), it is a repeat, not a dead
+    // letter. Was: dead-lettered `invalid_value`, though the event had been counted.
+    let tokens = |id: &str, tokens: &str| {
+        json!({"specversion": "1.0", "id": id, "type": "llm.completion", "subject": "c-1",
+            "time": time, "data": {"model": "large", "tokens": tokens, "status": "ok"}})
+        .to_string()
+    };
+    let answer: serde_json::Value = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(neruba::sample::ingest_key("acme").context("key")?)
+        .header("content-type", "application/cloudevents+json")
+        .body(tokens("h-2", "5"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(answer["accepted"], 1);
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", b)
@@ -154,6 +172,7 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
     let messages: Vec<(Option<&str>, Vec<u8>)> = vec![
         (Some(ingest), big.into_bytes()),
         (Some(ingest), call("h-1").into_bytes()), // the HTTP event again
+        (Some(ingest), tokens("h-2", "lots").into_bytes()), // the other, its value refused now
         (Some(ingest), call("r-1").into_bytes()),
         (Some(ingest), call("r-2").into_bytes()),
         (Some(ingest), b"\x00\x9f not json".to_vec()),
@@ -243,6 +262,7 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
 
     // h-1, r-1 and r-2 are three calls, h-1 counted once: the period's quantity reaches 3 (and
     // stays there), billed 1.00 (one package of 1,000 at 0.50, raised to the 1.00 minimum).
+    // (h-2's tokens are another meter's items.)
     let started = Instant::now();
     let (quantity, total) = loop {
         let ledger = tokio::task::spawn_blocking({
@@ -250,10 +270,11 @@ async fn raw_topic_events_are_validated_routed_and_deduplicated_with_http() -> R
             move || read_all(&b, "neruba.ledger", 1)
         })
         .await??;
-        let items: Vec<LineItem> = ledger
+        let mut items: Vec<LineItem> = ledger
             .iter()
             .map(|m| LineItem::decode(m.payload().unwrap_or_default()))
             .collect::<Result<_, _>>()?;
+        items.retain(|item| item.meter == "api_calls");
         let quantity = items
             .iter()
             .map(|i| i.period_quantity)

@@ -324,7 +324,8 @@ async fn connection(
         let mut app = app.clone();
         async move {
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-            let call = tower_service::Service::call(&mut app, request);
+            // The call made inside too: what it does before its future is polled included.
+            let call = async move { tower_service::Service::call(&mut app, request).await };
             // A handler that panics is a bug, but it must not take the connection down without
             // an answer (the client saw its connection reset): it is answered 500 `internal`.
             let response = match futures::FutureExt::catch_unwind(AssertUnwindSafe(call)).await {
@@ -434,7 +435,8 @@ mod tests {
             ),
             "{answer}"
         );
-        // The server goes on serving.
+        // The server goes on serving, and the connection was counted out (its task no longer
+        // unwinds; the count is a guard all the same, should one).
         let answer = get(at, "/fine").await;
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("fine"),

@@ -61,6 +61,7 @@ pub(crate) struct ApiArgs {
     pub(crate) api_replica: String,
     /// Longest a read waits: for the read model to apply the records of its `min_position`,
     /// and, on a replica just started, to read its topics to where they ended at its start.
+    /// At most an hour.
     #[arg(long, env = "NERUBA_API_READ_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) api_read_wait: Duration,
     /// Gateway the console's grant and void forms are forwarded to, `http://host:port`;
