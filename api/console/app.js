@@ -800,8 +800,11 @@
   function renderItems() {
     const items = view.items;
     if (!items.length) {
-      $('items').replaceChildren(el('p', { 'data-testid': 'items-none', text: 'No line items in this period.' }));
-      $('items-more').hidden = true;
+      // A page looks at a bounded number of items: an empty one with a cursor is not the end.
+      const more = Boolean(view.itemsCursor);
+      const text = more ? 'No line items among those read so far: load more.' : 'No line items in this period.';
+      $('items').replaceChildren(el('p', { 'data-testid': 'items-none', text }));
+      $('items-more').hidden = !more;
       return;
     }
     const replacedBy = new Map();
