@@ -278,7 +278,10 @@ pub async fn start(
         },
         shutdown.clone(),
     );
-    let open_connections = metrics.connections.clone();
+    let server_metrics = neruba_stage::server::ServerMetrics {
+        open_connections: metrics.connections.clone(),
+        handler_panics: metrics.handler_panics.clone(),
+    };
     let state = http::AppState {
         catalog,
         model: model.clone(),
@@ -296,7 +299,7 @@ pub async fn start(
     // RocksDB needs too.
     let limits = config.connections;
     let server = tokio::spawn(async move {
-        neruba_stage::server::serve(listener, app, limits, open_connections, shutdown).await;
+        neruba_stage::server::serve(listener, app, limits, server_metrics, shutdown).await;
         Ok(())
     });
     tracing::info!(%local_addr, "Billing reads listening.");

@@ -1,6 +1,6 @@
 //! The api's metrics (the read model's lag is the shared consumer gauges, `consumer="api"`).
 
-use prometheus::{HistogramOpts, HistogramVec, IntGauge, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Registry};
 use std::time::Instant;
 
 /// Read latency by route.
@@ -10,6 +10,8 @@ pub(crate) struct Metrics {
     read_seconds: HistogramVec,
     /// `neruba_api_http_connections`: open HTTP connections (at the cap, new ones wait).
     pub(crate) connections: IntGauge,
+    /// `neruba_api_http_handler_panics_total`: reads whose handler panicked (answered 500).
+    pub(crate) handler_panics: IntCounter,
 }
 
 /// Every route label, so each series exists from the start.
@@ -46,9 +48,15 @@ impl Metrics {
             "HTTP connections open on the api.",
         )?;
         registry.register(Box::new(connections.clone()))?;
+        let handler_panics = IntCounter::new(
+            "neruba_api_http_handler_panics_total",
+            "Requests to the api whose handler panicked, each answered 500 `internal` (a bug).",
+        )?;
+        registry.register(Box::new(handler_panics.clone()))?;
         Ok(Self {
             read_seconds,
             connections,
+            handler_panics,
         })
     }
 

@@ -255,16 +255,12 @@ pub async fn start_on(
     };
     let app = http::router(state.clone());
     let connections = config.connections;
-    let open_connections = state.metrics.http_connections.clone();
+    let server_metrics = server::ServerMetrics {
+        open_connections: state.metrics.http_connections.clone(),
+        handler_panics: state.metrics.http_handler_panics.clone(),
+    };
     let task = tokio::spawn(async move {
-        server::serve(
-            listener,
-            app,
-            connections,
-            open_connections,
-            shutdown.clone(),
-        )
-        .await;
+        server::serve(listener, app, connections, server_metrics, shutdown.clone()).await;
         shutdown.cancel();
         let _ = probe.await;
         if let Some(raw_ingest) = raw_ingest {

@@ -5,7 +5,8 @@
 
 use neruba_schemas::RejectCode;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    exponential_buckets,
 };
 
 /// Handles to every gateway metric; cheap to clone.
@@ -29,6 +30,8 @@ pub struct Metrics {
     pub broker_reachable: IntGauge,
     /// `neruba_http_connections`: open HTTP connections (at the cap, new ones wait).
     pub http_connections: IntGauge,
+    /// `neruba_http_handler_panics_total`: requests whose handler panicked (answered 500).
+    pub http_handler_panics: IntCounter,
     /// `neruba_ingest_body_bytes_in_flight`: bytes of request bodies reserved (see
     /// [`crate::budget`]).
     pub body_bytes_in_flight: IntGauge,
@@ -84,6 +87,10 @@ impl Metrics {
                 "neruba_http_connections",
                 "HTTP connections open on the gateway.",
             )?,
+            http_handler_panics: IntCounter::new(
+                "neruba_http_handler_panics_total",
+                "Requests to the gateway whose handler panicked, each answered 500 `internal` (a bug).",
+            )?,
             body_bytes_in_flight: IntGauge::new(
                 "neruba_ingest_body_bytes_in_flight",
                 "Bytes of request bodies held (reserved from the gateway's body budget).",
@@ -102,6 +109,7 @@ impl Metrics {
         registry.register(Box::new(metrics.produce_duration.clone()))?;
         registry.register(Box::new(metrics.produce_queue_depth.clone()))?;
         registry.register(Box::new(metrics.http_connections.clone()))?;
+        registry.register(Box::new(metrics.http_handler_panics.clone()))?;
         registry.register(Box::new(metrics.body_bytes_in_flight.clone()))?;
         registry.register(Box::new(metrics.dedup_hits.clone()))?;
         registry.register(Box::new(metrics.dedup_entries.clone()))?;

@@ -215,13 +215,22 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// What a server counts, registered by the server's owner under its own names.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    /// Connections open now.
+    pub open_connections: prometheus::IntGauge,
+    /// Requests whose handler panicked (each answered 500 `internal`): a bug, for an alert.
+    pub handler_panics: prometheus::IntCounter,
+}
+
 /// Accepts and serves connections on `listener` until `shutdown`, then waits until every
 /// connection has closed (each within its limits).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
-    open_connections: prometheus::IntGauge,
+    metrics: ServerMetrics,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -265,11 +274,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let shutdown = shutdown.clone();
-        let open = open_connections.clone();
+        let open = metrics.open_connections.clone();
+        let panics = metrics.handler_panics.clone();
         connections.spawn(async move {
             // Counted down however the connection ends (a panic included).
             let _open = OpenConnection::new(open);
-            connection(stream, app, limits, shutdown).await;
+            connection(stream, app, limits, panics, shutdown).await;
             drop(slot);
         });
     }
@@ -311,6 +321,7 @@ async fn connection(
     stream: TcpStream,
     app: Router,
     limits: ConnectionLimits,
+    panics: prometheus::IntCounter,
     shutdown: CancellationToken,
 ) {
     let clock = Arc::new(Clock::new());
@@ -322,6 +333,7 @@ async fn connection(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let guard = requests.begin_request();
         let mut app = app.clone();
+        let panics = panics.clone();
         async move {
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
             // The call made inside too: what it does before its future is polled included.
@@ -337,6 +349,7 @@ async fn connection(
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
                     tracing::error!(%method, path, panic = what, "A request's handler panicked.");
+                    panics.inc();
                     Ok(internal_error())
                 }
             };
@@ -418,13 +431,17 @@ mod tests {
             .route("/fine", axum::routing::get(|| async { "fine" }));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let at = listener.local_addr().expect("address");
-        let open = prometheus::IntGauge::new("open", "open connections").expect("gauge");
+        let metrics = ServerMetrics {
+            open_connections: prometheus::IntGauge::new("open", "open connections").expect("gauge"),
+            handler_panics: prometheus::IntCounter::new("panics", "handler panics")
+                .expect("counter"),
+        };
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve(
             listener,
             app,
             ConnectionLimits::default(),
-            open.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
         let answer = get(at, "/boom").await;
@@ -443,10 +460,12 @@ mod tests {
             "{answer}"
         );
         let deadline = Instant::now() + Duration::from_secs(5);
-        while open.get() != 0 && Instant::now() < deadline {
+        while metrics.open_connections.get() != 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(open.get(), 0);
+        assert_eq!(metrics.open_connections.get(), 0);
+        // Counted once, for the one request that panicked.
+        assert_eq!(metrics.handler_panics.get(), 1);
         shutdown.cancel();
         server.await.expect("server");
     }
