@@ -18,9 +18,14 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
-/// The largest answer read. An ingest answer for the gateway's largest batch (10,000 events,
-/// each rejected with a message) stays well below it.
-pub(crate) const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
+/// The largest answer read: above every answer the gateway and the api give the client's
+/// requests. The largest is a usage page: at most 100,000 rows (the `limit` the client asks
+/// for), each under 400 bytes of times and numbers, and at most 32 MiB of group names and
+/// values, which JSON escaping at most sextuples (a control character is written `\u00XX`):
+/// under 232 MiB. An ingest answer for the gateway's largest batch (10,000 events, each
+/// rejected with a message) stays far below it. (Was 32 MiB, which a usage page grouped by
+/// values of a few hundred bytes passed, so such a read failed for good.)
+pub(crate) const MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
 
 /// What every request shares: the HTTP client (connection pool, timeouts), where the server
 /// is, who is calling, and how failures are retried.
@@ -195,7 +200,7 @@ impl Transport {
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
                 // Cut off: whatever it is, it is not a Neruba answer; the decode fails.
                 body.truncate(0);
-                body.extend_from_slice(b"(answer over the size limit)");
+                body.extend_from_slice(b"(answer over the client's size limit of 256 MiB)");
                 break;
             }
             body.extend_from_slice(&chunk);

@@ -27,6 +27,11 @@ pub const MAX_PAGE: usize = 1000;
 /// Most lines the api puts on one page of statements (`limit`).
 const MAX_STATEMENT_PAGE: usize = 10_000;
 
+/// Most rows the client asks for on one usage page (`limit`): the api's default bound, asked
+/// for whatever the api's `--api-max-usage-rows`, so that no usage page can pass
+/// [`crate::http::MAX_ANSWER_BYTES`].
+const USAGE_PAGE_ROWS: usize = 100_000;
+
 /// Most positions one read may wait for (the api's limit on `min_position`): one per
 /// partition of topics of up to 1,024 partitions in all. A [`Reader::at_all`] of more is
 /// refused by every read with [`Error::InvalidArgument`], before anything is sent: splitting
@@ -1088,14 +1093,16 @@ impl Reader {
             .await
     }
 
-    /// Usage as `query` asks, from the closed windows' rollups: every page (the api answers
-    /// at most 100,000 rows at a time by default), the later ones from a read model at least
+    /// Usage as `query` asks, from the closed windows' rollups: every page (of at most 100,000
+    /// rows, asked for as `limit`), the later ones from a read model at least
     /// as new as the first's (`as_of` is the first page's). A customer with no usage at all is
     /// `404 customer_not_found`; a combination the meter's aggregation cannot answer exactly
     /// (`avg` or `unique_count` past their window; `latest` across groups where windows
     /// rolled up before rollups named their latest events differ) is `422 not_combinable`.
     pub async fn usage(&self, query: &UsageQuery) -> Result<Usage> {
-        self.every_page(&["v1", "usage"], query.pairs()?).await
+        let mut pairs = query.pairs()?;
+        pairs.push(("limit".to_owned(), USAGE_PAGE_ROWS.to_string()));
+        self.every_page(&["v1", "usage"], pairs).await
     }
 
     /// Every page of the read at `path` with `query`: the first, then each `next_cursor` in

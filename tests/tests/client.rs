@@ -430,7 +430,7 @@ async fn line_items_and_usage_read_later_pages_from_a_model_as_new_as_the_first_
     );
     assert_eq!((read.next_cursor, read.as_of[0].next_offset), (None, 40));
     let first = "/v1/usage?customer=c&meter=m&from=2026-11-01T10%3A00%3A00Z\
-                 &to=2026-11-01T11%3A00%3A00Z";
+                 &to=2026-11-01T11%3A00%3A00Z&limit=100000";
     assert_eq!(
         paths(&usage),
         [
@@ -469,6 +469,59 @@ async fn line_items_and_usage_read_later_pages_from_a_model_as_new_as_the_first_
         "{refused:?}"
     );
     assert_eq!(looping.seen().len(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_usage_page_as_large_as_the_api_answers_is_read_whole() -> Result<()> {
+    // Was: an answer past 32 MiB was cut off and failed to decode, for good (a protocol
+    // error, not retried); the api answers usage pages of up to 100,000 rows and 32 MiB of
+    // group text besides, so a meter grouped by values of a few hundred bytes (a URL path)
+    // made such pages. A page of 100,000 rows with a 400-byte group value each: 47 MB.
+    const ROWS: usize = 100_000;
+    let value = "/a/path".repeat(57);
+    let data: Vec<Value> = (0..ROWS)
+        .map(|n| {
+            json!({
+                "window_start": "2026-11-01T10:00:00Z", "window_end": "2026-11-01T10:01:00Z",
+                "group": {"path": format!("{value}{n:07}")}, "quantity": "1.5", "events": 1
+            })
+        })
+        .collect();
+    let body = json!({"customer": "c", "meter": "m", "aggregation": "sum", "window": "1m",
+                      "from": "2026-11-01T10:00:00Z", "to": "2026-11-01T11:00:00Z",
+                      "as_of": [], "data": data, "next_cursor": null})
+    .to_string();
+    ensure!(body.len() > 40 << 20, "the page is {} bytes", body.len());
+    let body = Arc::new(body);
+    let stub = Stub::start(move |_, _| {
+        let body = body.clone();
+        async move {
+            Reply {
+                status: 200,
+                retry_after: None,
+                body: body.to_string(),
+            }
+        }
+    })
+    .await?;
+    let query = UsageQuery::new("c", "m", "2026-11-01T10:00:00Z", "2026-11-01T11:00:00Z");
+    let read = Client::new(&stub.base, "k")?.reader().usage(&query).await?;
+    assert_eq!(read.data.len(), ROWS);
+    let last = read.data.last().context("no rows")?;
+    assert_eq!(
+        (last.group.get("path"), last.quantity),
+        (
+            Some(&format!("{value}{:07}", ROWS - 1)),
+            Decimal::new(15, 1)
+        )
+    );
+    // The client asks for pages of the api's default bound, whatever the api's own.
+    assert_eq!(
+        paths(&stub),
+        ["/v1/usage?customer=c&meter=m&from=2026-11-01T10%3A00%3A00Z\
+          &to=2026-11-01T11%3A00%3A00Z&limit=100000"]
+    );
     Ok(())
 }
 
@@ -2063,7 +2116,8 @@ async fn read_parameters_are_encoded_and_an_answer_of_another_shape_is_a_protoco
         paths,
         [
             "/api/v1/usage?customer=c+1%26x&meter=llm_tokens&from=2026-11-01T10%3A00%3A00Z\
-             &to=2026-11-01T11%3A00%3A00%2B01%3A00&window=day&group_by=&filter%5Bmodel%5D=a%2Fb%3Dc",
+             &to=2026-11-01T11%3A00%3A00%2B01%3A00&window=day&group_by=&filter%5Bmodel%5D=a%2Fb%3Dc\
+             &limit=100000",
             "/api/v1/customers/c%2F1/statements/2026-11?limit=10000",
             "/api/v1/customers/c/line-items?period=2026-11&limit=1000&meter=m%26x",
             "/api/v1/customers/c/balance-entries?after=7&limit=50",
