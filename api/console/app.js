@@ -13,6 +13,8 @@
   const READ_KEY = 'neruba.console.read-key';
   const CREDITS_KEY = 'neruba.console.credits-key';
   const MAX_PAGE = 1000;
+  // A grant's priority when none is sent (SPEC: 0–1000, default 10, lower burns first).
+  const DEFAULT_PRIORITY = 10;
   // Most lines a statements page holds: the console shows a statement whole up to it.
   const MAX_STATEMENT_LINES = 10000;
   // Most rows of usage one chart draws (a page of the usage read).
@@ -131,6 +133,18 @@
   }
 
   const shortId = (id) => (id && id.length > 14 ? `${id.slice(0, 11)}…` : id || '');
+
+  /**
+   * A first page's `as_of` as a `min_position`: each partition's last record applied. Later
+   * pages of the same read carry it, so another api replica, further behind, waits until it
+   * is as new as the first page's instead of answering a page short (and ending the list).
+   */
+  function pinOf(asOf) {
+    const applied = (asOf || [])
+      .filter((p) => p.next_offset > 0)
+      .map((p) => `${p.topic}:${p.partition}:${p.next_offset - 1}`);
+    return applied.length ? applied.join(',') : null;
+  }
 
   function asOfText(asOf) {
     return (asOf || []).map((p) => `${p.topic}:${p.partition}:${p.next_offset}`).join(', ');
@@ -270,19 +284,21 @@
 
   // ---- customers -----------------------------------------------------------------------
 
-  const list = { cursor: null, ids: [] };
+  const list = { cursor: null, ids: [], at: null };
 
   async function loadCustomers(fresh) {
     if (fresh) {
       list.cursor = null;
       list.ids = [];
+      list.at = null;
     }
     say('Reading customers…');
-    const answer = await read(`/v1/customers${query([['limit', 100], ['cursor', list.cursor]])}`);
+    const answer = await read(`/v1/customers${query([['limit', 100], ['cursor', list.cursor], ['min_position', list.at]])}`);
     if (!answer.ok) {
       alarm(`Customers could not be read (${errorText(answer)}).`);
       return;
     }
+    if (fresh) list.at = pinOf(answer.data.as_of);
     list.ids.push(...answer.data.customers.map((c) => c.id));
     list.cursor = answer.data.next_cursor;
     renderCustomers();
@@ -300,7 +316,7 @@
 
   // ---- one customer --------------------------------------------------------------------
 
-  const view = { customer: null, period: null, items: [], itemsCursor: null, entriesAfter: null, grantKey: null };
+  const view = { customer: null, period: null, items: [], itemsCursor: null, itemsAt: null, entriesAfter: null, entriesAt: null, grantKey: null };
 
   async function openCustomer(customer, period) {
     view.customer = customer;
@@ -344,12 +360,14 @@
     if (items.ok) {
       view.items = items.data.items;
       view.itemsCursor = items.data.next_cursor;
+      view.itemsAt = pinOf(items.data.as_of);
       renderItems();
     }
     if (balances.ok) renderBalances(balances.data);
     if (grants.ok) renderGrants(grants.data);
     if (entries.ok) {
       $('entries').replaceChildren();
+      view.entriesAt = pinOf(entries.data.as_of);
       appendEntries(entries.data);
     }
     renderGrantForm();
@@ -375,6 +393,7 @@
     renderBalances(balances.data);
     renderGrants(grants.data);
     $('entries').replaceChildren();
+    view.entriesAt = pinOf(entries.data.as_of);
     appendEntries(entries.data);
     renderStatements(statements.data);
     $('as-of').textContent = asOfText(statements.data.as_of);
@@ -638,8 +657,10 @@
       key: view.grantKey,
       amount,
       currency: $('grant-currency').value.trim(),
-      priority: Number.parseInt($('grant-priority').value || '0', 10),
     };
+    // Left blank, the gateway's default (10) applies, as for a grant sent without one.
+    const priority = $('grant-priority').value.trim();
+    if (priority) body.priority = Number(priority);
     const expires = $('grant-expires').value.trim();
     if (expires) {
       // Sent as the gateway keeps it (UTC with milliseconds), so the grant read back compares
@@ -738,7 +759,7 @@
     return held.key === sent.key
       && decimal(held.amount) === decimal(sent.amount)
       && held.currency === sent.currency
-      && held.priority === sent.priority
+      && held.priority === (sent.priority ?? DEFAULT_PRIORITY)
       && !held.effective_at
       && !held.paid
       && (held.expires_at || null) === (sent.expires_at || null)
@@ -790,7 +811,7 @@
   }
 
   async function moreEntries() {
-    const answer = await read(customerPath(view.customer, `/balance-entries${query([['limit', 100], ['after', view.entriesAfter]])}`));
+    const answer = await read(customerPath(view.customer, `/balance-entries${query([['limit', 100], ['after', view.entriesAfter], ['min_position', view.entriesAt]])}`));
     if (answer.ok) appendEntries(answer.data);
     else alarm(`Entries could not be read (${errorText(answer)}).`);
   }
@@ -840,7 +861,7 @@
   }
 
   async function moreItems() {
-    const answer = await read(customerPath(view.customer, `/line-items${query([['period', view.period], ['limit', MAX_PAGE], ['cursor', view.itemsCursor]])}`));
+    const answer = await read(customerPath(view.customer, `/line-items${query([['period', view.period], ['limit', MAX_PAGE], ['cursor', view.itemsCursor], ['min_position', view.itemsAt]])}`));
     if (!answer.ok) {
       alarm(`Line items could not be read (${errorText(answer)}).`);
       return;

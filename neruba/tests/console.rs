@@ -17,6 +17,7 @@ use common::{Proc, free_port, start_dev};
 use neruba::sample;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -1107,7 +1108,9 @@ async fn drive(
 
     // 13. The same grant sent again at another scale: the test grants 2.5 USD under the key
     //     the page shows, then the page sends 2.50 under it. The balances stage applies it
-    //     once, and the page, reading the grant back with equal terms, says applied.
+    //     once, and the page, reading the grant back with equal terms, says applied. Neither
+    //     names a priority: the page's form, left as it opens, means the gateway's default
+    //     (it sent 0 until December 6, 2026, so this was a `key_conflict`).
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
     grant_through_gateway(
@@ -1115,7 +1118,7 @@ async fn drive(
         gateway,
         credits,
         "customer-7",
-        json!({"key": key, "amount": "2.5", "currency": "USD", "priority": 0}),
+        json!({"key": key, "amount": "2.5", "currency": "USD"}),
     )
     .await?;
     grant_on_page(
@@ -1390,6 +1393,76 @@ async fn drive(
         "{more:?}"
     );
     balance_shown(browser, client, api, read, "customer-10", d("10.00")).await?;
+    //     Its 1,002 balance entries come 100 a page: "load more" reads the next 100, from a
+    //     read model at least as new as the first page's (its `as_of` as `min_position`; was:
+    //     none, so another api replica further behind could answer a short page, ending the
+    //     list).
+    let seqs = |values: Vec<String>| -> Vec<u64> {
+        values.iter().filter_map(|s| s.parse().ok()).collect()
+    };
+    let shown = seqs(attrs(browser, &one("entry"), "data-seq").await?);
+    assert_eq!(shown, (1..=100).collect::<Vec<u64>>());
+    click(browser, "#entries-more").await?;
+    until(
+        browser,
+        "the second page of entries",
+        "return document.querySelectorAll('[data-testid=entry]').length;",
+        json!(200),
+    )
+    .await?;
+    let shown = seqs(attrs(browser, &one("entry"), "data-seq").await?);
+    assert_eq!(shown, (1..=200).collect::<Vec<u64>>());
+    let asked = js(
+        browser,
+        "return performance.getEntriesByType('resource').map((e) => e.name)\
+         .filter((n) => n.includes('/customer-10/balance-entries') && n.includes('after='));",
+    )
+    .await?;
+    let asked: Vec<&str> = asked
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let prefix =
+        format!("{api}/v1/customers/customer-10/balance-entries?limit=100&after=100&min_position=");
+    let [pin] = asked[..] else {
+        bail!("one second page asked for: {asked:?}");
+    };
+    let pin = pin
+        .strip_prefix(prefix.as_str())
+        .with_context(|| format!("{pin} is not pinned"))?
+        .replace("%3A", ":")
+        .replace("%2C", ",");
+    // The positions pinned are the model's, partition by partition, up to what it has now.
+    let (_, now) = get(
+        client,
+        &format!("{api}/v1/customers/customer-10/balance-entries?limit=1"),
+        read,
+    )
+    .await?;
+    // (A partition with nothing applied, `next_offset` 0, has no position to wait for.)
+    let mut now_at = BTreeMap::new();
+    for p in now["as_of"].as_array().into_iter().flatten() {
+        if p["next_offset"] == 0 {
+            continue;
+        }
+        now_at.insert(
+            format!("{}:{}", text(&p["topic"])?, p["partition"]),
+            p["next_offset"].as_i64().context("next_offset")?,
+        );
+    }
+    let mut pinned = BTreeMap::new();
+    for item in pin.split(',') {
+        let (at, offset) = item.rsplit_once(':').context("a position")?;
+        pinned.insert(at.to_owned(), offset.parse::<i64>()?);
+    }
+    ensure!(
+        !pinned.is_empty()
+            && pinned.keys().eq(now_at.keys())
+            && pinned.iter().all(|(at, offset)| *offset < now_at[at]),
+        "pinned {pinned:?}, the model now {now_at:?}"
+    );
 
     // 17. Another tenant's key sees nothing of acme: no customers, and customer-7 is "no
     //     such customer" (the api's 404).
