@@ -705,7 +705,20 @@ impl PartitionState {
         // Every meter's fold is checked before any is made: an event counts whole or not at all.
         let mut targets = Vec::with_capacity(measures.len());
         for m in &measures {
-            let target = self.target(event, m)?;
+            let Some(target) = self.target(event, m)? else {
+                // Only a record no gateway wrote (the gateway takes times within the
+                // correction horizon of now): dead-lettered, where it stopped the partition.
+                let rejection = Rejection::new(
+                    RejectCode::InvalidField,
+                    format!(
+                        "meter `{}`: the event's time has no billing period in the calendar \
+                         (years 0000 to 9999 in the meter's billing time zone)",
+                        m.meter.key
+                    ),
+                );
+                self.refuse(input, rejection);
+                return Ok(());
+            };
             if !self.fits(&event.tenant, m, &target)? {
                 let rejection = Rejection::new(
                     RejectCode::ValueOutOfRange,
@@ -1056,6 +1069,36 @@ window = "1m"
     }
 
     #[test]
+    fn an_event_whose_time_has_no_period_in_the_calendar_is_dead_lettered_and_the_partition_goes_on()
+     {
+        // Was: `Error::Bug`, fatal, so the stage stopped and read the same record again at each
+        // restart. Only a record written to the events topic by something other than the
+        // gateway can carry such a time (December 9999: its period ends in year 10000).
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        let mut offset = 0;
+        let december_9999 = 253_402_300_800_000 - 17 * DAY_MS;
+        let now = 100 * DAY_MS;
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens("far", december_9999, "5"),
+        );
+        feed(&mut state, &catalog, &mut offset, &tokens("e1", now, "7"));
+        assert_eq!(
+            refusals(&mut state),
+            (vec![(0, "invalid_field".to_owned())], vec![])
+        );
+        let counts = state.take_counts();
+        assert_eq!(counts.applied, 1);
+        assert_eq!(counts.dead_letters.get("invalid_field"), Some(&1));
+        state.commit().expect("commit");
+    }
+
+    #[test]
     fn a_tenant_opens_windows_up_to_its_bound_and_again_as_time_closes_them() {
         let catalog = Catalog::from_toml_str(
             &format!("{TOKENS}{}", TOKENS.replace("\"acme\"", "\"beta\"")),
@@ -1388,7 +1431,10 @@ window = "1m"
                 ..Event::default()
             };
             let measures = measure(tenant, &event).expect("measures");
-            let target = state.target(&event, &measures[0]).expect("target");
+            let target = state
+                .target(&event, &measures[0])
+                .expect("target")
+                .expect("a period");
             let text = serde_json::to_string(&measures[0].group).expect("group text");
             assert_eq!(target.series(), keys::series("tokens", "c1", &text));
             assert_eq!(

@@ -48,16 +48,20 @@ pub(super) struct LastPeriod {
 }
 
 impl PartitionState {
-    /// The window, series and period one measure of `event` folds into.
-    pub(super) fn target(&mut self, event: &Event, m: &Measure<'_>) -> Result<Target> {
+    /// The window, series and period one measure of `event` folds into; `None` when the
+    /// event's time has no billing period in the calendar (years 0000–9999 in the meter's
+    /// zone), which no gateway writes.
+    pub(super) fn target(&mut self, event: &Event, m: &Measure<'_>) -> Result<Option<Target>> {
         let meter = m.meter;
         let size = meter.window_ms();
         let start = window_start(event.time_ms, size);
-        let (period_start, period_end) = self.period_of(
+        let Some((period_start, period_end)) = self.period_of(
             event.time_ms,
             meter.billing_period.anchor_day,
             meter.offset_secs(),
-        )?;
+        ) else {
+            return Ok(None);
+        };
         // Canonical JSON of the group (a sorted map), written into the key with the series;
         // most meters have none, and their `{}` is written without the serializer.
         let room = m
@@ -85,39 +89,39 @@ impl PartitionState {
             write_group,
             start,
         );
-        Ok(Target {
+        Ok(Some(Target {
             window_key,
             series_at,
             start,
             size,
             period_start,
             period_end,
-        })
+        }))
     }
 
-    /// The billing period (start, end) of `time_ms` for a meter's anchor day and offset.
+    /// The billing period (start, end) of `time_ms` for a meter's anchor day and offset, if
+    /// the calendar has it.
     pub(super) fn period_of(
         &mut self,
         time_ms: i64,
         anchor_day: u8,
         offset_secs: i32,
-    ) -> Result<(i64, i64)> {
+    ) -> Option<(i64, i64)> {
         if let Some(last) = self.last_period
             && last.anchor_day == anchor_day
             && last.offset_secs == offset_secs
             && (last.start..last.end).contains(&time_ms)
         {
-            return Ok((last.start, last.end));
+            return Some((last.start, last.end));
         }
-        let (start, end) = period_bounds(time_ms, anchor_day, offset_secs)
-            .ok_or_else(|| Error::Bug(format!("event time {time_ms} has no period")))?;
+        let (start, end) = period_bounds(time_ms, anchor_day, offset_secs)?;
         self.last_period = Some(LastPeriod {
             anchor_day,
             offset_secs,
             start,
             end,
         });
-        Ok((start, end))
+        Some((start, end))
     }
 
     /// Whether folding `m` into `target` keeps every sum exact: the window's, and the
