@@ -297,10 +297,10 @@ fn model_lines(model: &PriceModel, billable: Decimal) -> Result<Vec<Line>> {
             price,
             rounding,
         } => {
-            let exact = billable.checked_div(*size).ok_or(Error::Overflow)?;
+            let whole = whole_packages(billable, *size)?;
             let packages = match rounding {
-                PackageRounding::Up => exact.ceil(),
-                PackageRounding::Down => exact.floor(),
+                PackageRounding::Up if whole.1 => add(whole.0, Decimal::ONE)?,
+                PackageRounding::Up | PackageRounding::Down => whole.0,
             };
             vec![Line::Packages {
                 units: billable,
@@ -311,6 +311,32 @@ fn model_lines(model: &PriceModel, billable: Decimal) -> Result<Vec<Line>> {
             }]
         }
     })
+}
+
+/// How many whole packages of `size` `billable` holds, and whether any is left over, exactly.
+///
+/// `billable / size` is rounded to rust_decimal's 28 places, so a quotient just above or below
+/// a whole number could read as that number (6.0000000000000000000000000001 / 3 gave 2, whose
+/// `ceil` billed 2 packages for what needs 3; 5.9999999999999999999999999999 / 3 gave 2
+/// under `floor`, for what holds 1). The quotient's floor is only a guess here, corrected by
+/// the remainder, which is exact: a product of a whole number and `size` not past `billable`,
+/// and a difference of two values no finer than theirs.
+fn whole_packages(billable: Decimal, size: Decimal) -> Result<(Decimal, bool)> {
+    let mut whole = billable.checked_div(size).ok_or(Error::Overflow)?.floor();
+    // At most one step either way: the rounded quotient is within 10^-28 of the exact one.
+    for _ in 0..3 {
+        let rest = billable
+            .checked_sub(mul(whole, size)?)
+            .ok_or(Error::Overflow)?;
+        if rest < Decimal::ZERO {
+            whole = whole.checked_sub(Decimal::ONE).ok_or(Error::Overflow)?;
+        } else if rest >= size {
+            whole = add(whole, Decimal::ONE)?;
+        } else {
+            return Ok((whole, !rest.is_zero()));
+        }
+    }
+    Err(Error::Overflow)
 }
 
 fn graduated(tiers: &[Tier], billable: Decimal) -> Result<Vec<Line>> {
@@ -475,6 +501,40 @@ model = {model}
         );
         assert_eq!(amount(&down, "999", 2), d("0"));
         assert_eq!(amount(&down, "1999", 2), d("0.50"));
+    }
+
+    #[test]
+    fn a_quantity_a_hair_past_or_short_of_whole_packages_counts_them_exactly() {
+        // Was: the quotient, rounded to 28 places, read as a whole number: 2 packages up for
+        // what needs 3, and 2 down for what holds 1.
+        let up = plan(
+            r#"{ type = "package", size = "3", price = "1" }"#,
+            "",
+            "USD",
+        );
+        assert_eq!(amount(&up, "6.0000000000000000000000000001", 2), d("3"));
+        assert_eq!(amount(&up, "6", 2), d("2"));
+        assert_eq!(amount(&up, "5.9999999999999999999999999999", 2), d("2"));
+        let down = plan(
+            r#"{ type = "package", size = "3", price = "1", rounding = "down" }"#,
+            "",
+            "USD",
+        );
+        assert_eq!(amount(&down, "5.9999999999999999999999999999", 2), d("1"));
+        assert_eq!(amount(&down, "6", 2), d("2"));
+        assert_eq!(amount(&down, "6.0000000000000000000000000001", 2), d("2"));
+        // Sizes that are not whole numbers, and large counts.
+        let fractional = plan(
+            r#"{ type = "package", size = "0.3", price = "1" }"#,
+            "",
+            "USD",
+        );
+        assert_eq!(amount(&fractional, "0.9", 2), d("3"));
+        assert_eq!(amount(&fractional, "0.9000000000001", 2), d("4"));
+        assert_eq!(
+            amount(&fractional, "300000000000000000.1", 2),
+            d("1000000000000000001")
+        );
     }
 
     #[test]
