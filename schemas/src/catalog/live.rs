@@ -55,8 +55,11 @@ impl From<Arc<Catalog>> for LiveCatalog {
 impl Catalog {
     /// Whether `next` may replace this catalog in a running pipeline: a meter that stays may
     /// not change how it is aggregated, its window or its billing period, since the stored
-    /// windows and period totals were built that way (add a meter with a new key instead).
-    /// Tenants, keys, meters and price plans may be added, and removed.
+    /// windows and period totals were built that way, nor which events it counts (type,
+    /// filters), what it reads of them (value path) or how it splits them (`group_by`), since
+    /// a period would count differently before and after (add a meter with a new key
+    /// instead). Tenants, keys, meters and price plans may be added, and removed; a meter may
+    /// change `allow_negative`, which only the doors read.
     pub fn compatible_successor(&self, next: &Catalog) -> Result<(), String> {
         for tenant in &self.tenants {
             let Some(successor) = next.tenant(&tenant.id) else {
@@ -82,6 +85,24 @@ impl Catalog {
                 }
                 if after.billing_period != meter.billing_period {
                     return Err(format!("meter `{name}` changes its billing period"));
+                }
+                // Which events it counts, what it reads of them and how it splits them: a
+                // period's windows before the reload and after it would count differently
+                // (a new `group_by` starts every series again at zero, so tiers start over).
+                if after.event_type != meter.event_type {
+                    return Err(format!(
+                        "meter `{name}` changes the event type it reads from `{}` to `{}`",
+                        meter.event_type, after.event_type
+                    ));
+                }
+                if after.value != meter.value {
+                    return Err(format!("meter `{name}` changes its value path"));
+                }
+                if after.group_by != meter.group_by {
+                    return Err(format!("meter `{name}` changes its group_by"));
+                }
+                if after.filters != meter.filters {
+                    return Err(format!("meter `{name}` changes its filters"));
                 }
             }
         }
@@ -126,5 +147,59 @@ mod tests {
                 .to_string(),
             "2026-02-01"
         );
+    }
+
+    #[test]
+    fn a_reload_may_not_change_which_events_a_meter_counts_what_it_reads_or_how_it_splits_them() {
+        // Was: only aggregation, window and billing period were compared, so a new `group_by`
+        // loaded mid-period and every series started again at zero (its tiers with it).
+        let parse = |text: &str| Catalog::from_toml_str(text, "test.toml").expect("catalog");
+        let current = parse(&valid_text());
+        let meter = &current.tenants()[0].meters[0];
+        assert!(
+            !meter.group_by.is_empty() && !meter.filters.is_empty(),
+            "the test catalog's meter has groups and filters: {meter:?}"
+        );
+        let reshaped = |field: &'static str, edit: &dyn Fn(&mut toml::Table)| {
+            let mut doc: toml::Table = valid_text().parse().expect("toml");
+            let meter = doc
+                .get_mut("tenants")
+                .and_then(|t| t.as_array_mut())
+                .and_then(|t| t.first_mut())
+                .and_then(|t| t.get_mut("meters"))
+                .and_then(|m| m.as_array_mut())
+                .and_then(|m| m.first_mut())
+                .and_then(|m| m.as_table_mut())
+                .expect("the first meter");
+            edit(meter);
+            let next = parse(&doc.to_string());
+            (field, current.compatible_successor(&next))
+        };
+        let refused = [
+            reshaped("type", &|m| {
+                m.insert("event_type".into(), "other".into());
+            }),
+            reshaped("value", &|m| {
+                m.insert("value".into(), "$.other".into());
+            }),
+            reshaped("group_by", &|m| {
+                m.remove("group_by");
+            }),
+            reshaped("filters", &|m| {
+                m.remove("filters");
+            }),
+        ];
+        for (field, answer) in refused {
+            assert!(
+                answer
+                    .as_ref()
+                    .is_err_and(|e| e.starts_with("meter `acme/tokens` changes")),
+                "{field}: {answer:?}"
+            );
+        }
+        let (_, negative) = reshaped("allow_negative", &|m| {
+            m.insert("allow_negative".into(), true.into());
+        });
+        assert_eq!(negative, Ok(()));
     }
 }
