@@ -101,6 +101,10 @@ fn expand_exponent(mantissa: &str, exponent: i64) -> Option<String> {
     })
 }
 
+/// Most decimal places an event's value may have at the doors, trailing zeros aside
+/// ([`crate::measure::judge_at_door`]).
+pub const MAX_VALUE_PLACES: u32 = 12;
+
 /// The bound on one event's value: `|value| < 10^18`. Checked at the door and by the
 /// aggregator alike ([`crate::measure`]).
 pub fn max_abs_value() -> Decimal {

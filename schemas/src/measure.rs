@@ -90,6 +90,49 @@ pub fn read_value<'d>(
     )
 }
 
+/// [`read_value`] as the doors judge it ([`judge_at_door`]).
+pub fn read_value_at_door<'d>(
+    meter: &Meter,
+    data: &'d serde_json::Map<String, serde_json::Value>,
+) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
+    judge_at_door(
+        meter,
+        meter
+            .value
+            .as_ref()
+            .map(|path| (path, path.lookup_in(data))),
+    )
+}
+
+/// [`judge`], and at the doors (the gateway's HTTP and raw-topic ingest) one bound more: a
+/// value has at most [`decimal::MAX_VALUE_PLACES`] decimal places, trailing zeros aside.
+///
+/// Why: a window's and a period's sums keep 29 significant digits counted from their finest
+/// place, so one value of 28 places (`"0.3333333333333333333333333333"`, as a language's
+/// decimal division prints a third) left its window room for sums below 7.9, and the rest of
+/// the window's events were refused `value_out_of_range`, or its windows' rollups did not fit
+/// the period. With at most 12 places sums reach 7.9 × 10^16 whatever the values.
+///
+/// The aggregator judges with [`judge`] alone, so an event accepted before the bound (still
+/// on the events topic) is metered as it was, and a replay stays what it was.
+pub fn judge_at_door<'d, F: Found<'d>>(
+    meter: &Meter,
+    raw: Option<(&JsonPath, Option<F>)>,
+) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
+    let judged = judge(meter, raw)?;
+    if let (Some(value), Some((path, found))) = (judged.0, raw)
+        && value.normalize().scale() > decimal::MAX_VALUE_PLACES
+    {
+        return Err(unreadable(
+            meter,
+            path.as_str(),
+            "a number of at most 12 decimal places (trailing zeros aside)",
+            found,
+        ));
+    }
+    Ok(judged)
+}
+
 /// A value a meter's path found in an event's `data`, however the event is held: built
 /// ([`serde_json::Value`]) or in a version 2 message ([`Encoded`]).
 pub trait Found<'d>: Copy {
@@ -243,6 +286,57 @@ allow_negative = true
         assert_eq!(
             outcome("llm", json!("12345.555555555555555555555555555555e0")),
             Err(RejectCode::InvalidValue)
+        );
+    }
+
+    /// What the doors answer for `tokens` on an `llm` event.
+    fn at_door(tokens: serde_json::Value) -> Result<(), RejectCode> {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let event = Event {
+            tenant: "acme".into(),
+            id: "e".into(),
+            event_type: "llm".into(),
+            subject: "c".into(),
+            time_ms: 0,
+            received_ms: 0,
+            source: None,
+            data: json!({ "tokens": tokens })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        tenant.check_values(&event).map_err(|r| r.code)
+    }
+
+    #[test]
+    fn the_doors_refuse_a_value_finer_than_12_decimal_places_that_the_aggregator_still_meters() {
+        // Was accepted: one such value left its window room for sums below 7.9, so the
+        // window's other events were refused and its later windows did not fit the period.
+        let third = "0.3333333333333333333333333333";
+        assert_eq!(at_door(json!(third)), Err(RejectCode::InvalidValue));
+        assert_eq!(at_door(json!("1e-13")), Err(RejectCode::InvalidValue));
+        assert_eq!(
+            at_door(json!(0.0000000000001)),
+            Err(RejectCode::InvalidValue)
+        );
+        // 12 places, and trailing zeros past them, are fine.
+        assert_eq!(at_door(json!("0.000000000001")), Ok(()));
+        assert_eq!(at_door(json!("1.500000000000000000")), Ok(()));
+        assert_eq!(at_door(json!("999999999999999999.000000000000")), Ok(()));
+        // An event accepted before the bound is metered as it was.
+        assert_eq!(outcome("llm", json!(third)), Ok(d(third)));
+        // The door's message names the bound.
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        let meter = tenant.meters_for("llm").next().expect("a meter");
+        let data = json!({ "tokens": "1e-13" });
+        let refused =
+            read_value_at_door(meter, data.as_object().expect("an object")).expect_err("refused");
+        assert!(
+            refused.message.contains("at most 12 decimal places"),
+            "{}",
+            refused.message
         );
     }
 

@@ -322,13 +322,14 @@ impl Tenant {
     }
 
     /// Checks that every meter that would count `event` can read the value it needs, so a bad
-    /// value is refused at the door (`invalid_value`) rather than discovered downstream. An
+    /// value is refused at the door (`invalid_value`) rather than discovered downstream (with
+    /// the doors' bound on decimal places, [`crate::measure::judge_at_door`]). An
     /// event no meter reads is fine here: the gateway accepts it and the aggregator keeps it on
     /// the dead-letter topic for replay.
     pub fn check_values(&self, event: &Event) -> Result<(), Rejection> {
         for meter in self.meters_for(&event.event_type) {
             if meter.passes(&event.data) {
-                crate::measure::read_value(meter, &event.data)?;
+                crate::measure::read_value_at_door(meter, &event.data)?;
             }
         }
         Ok(())
@@ -355,7 +356,7 @@ impl Tenant {
                     Some(path) => Some((path, lookup(path)?)),
                     None => None,
                 };
-                crate::measure::judge(meter, value)?;
+                crate::measure::judge_at_door(meter, value)?;
             }
         }
         Ok(())
