@@ -1108,9 +1108,9 @@ async fn drive(
 
     // 13. The same grant sent again at another scale: the test grants 2.5 USD under the key
     //     the page shows, then the page sends 2.50 under it. The balances stage applies it
-    //     once, and the page, reading the grant back with equal terms, says applied. Neither
-    //     names a priority: the page's form, left as it opens, means the gateway's default
-    //     (it sent 0 until December 6, 2026, so this was a `key_conflict`).
+    //     once, and the page, reading the grant back with equal terms, says applied. The test
+    //     sends no priority (the gateway's default, 10), the page its form's as it opens, 10
+    //     (it opened at 0 until December 6, 2026, so this was a `key_conflict`).
     let key = texts(browser, &one("grant-key")).await?;
     let key = key.first().context("the page's grant key")?.clone();
     grant_through_gateway(
@@ -1288,6 +1288,9 @@ async fn drive(
         json!(true),
     )
     .await?;
+    // Sent again with the priority field cleared: no priority is sent, which the gateway
+    // reads as its default, 10, the form's as it was sent the first time, so the same terms.
+    type_into(browser, "#grant-priority", "").await?;
     grant_on_page(browser, None, "the same grant sent again", "applied ").await?;
     let (status, applied) = get(
         client,

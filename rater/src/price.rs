@@ -319,15 +319,20 @@ fn model_lines(model: &PriceModel, billable: Decimal) -> Result<Vec<Line>> {
 /// a whole number could read as that number (6.0000000000000000000000000001 / 3 gave 2, whose
 /// `ceil` billed 2 packages for what needs 3; 5.9999999999999999999999999999 / 3 gave 2
 /// under `floor`, for what holds 1). The quotient's floor is only a guess here, corrected by
-/// the remainder, which is exact: a product of a whole number and `size` not past `billable`,
-/// and a difference of two values no finer than theirs.
+/// the remainder, computed exactly or refused (`Overflow`, as a quotient too large is): a
+/// product of a whole number and `size` that kept every place of `size`, and a difference
+/// that kept every digit.
 fn whole_packages(billable: Decimal, size: Decimal) -> Result<(Decimal, bool)> {
     let mut whole = billable.checked_div(size).ok_or(Error::Overflow)?.floor();
-    // At most one step either way: the rounded quotient is within 10^-28 of the exact one.
+    // The rounded quotient keeps 29 significant digits, so it is within 1 of the exact one:
+    // one step either way, then the check that ends the loop.
     for _ in 0..3 {
-        let rest = billable
-            .checked_sub(mul(whole, size)?)
-            .ok_or(Error::Overflow)?;
+        let product = mul(whole, size)?;
+        if product.scale() < size.scale() {
+            // Past 96 bits the product was rounded.
+            return Err(Error::Overflow);
+        }
+        let rest = neruba_schemas::decimal::exact_add(billable, -product).ok_or(Error::Overflow)?;
         if rest < Decimal::ZERO {
             whole = whole.checked_sub(Decimal::ONE).ok_or(Error::Overflow)?;
         } else if rest >= size {

@@ -2,13 +2,16 @@
 //!
 //! Invariant: an event is measured all-or-nothing. If any meter that should count it cannot
 //! read its value, the whole event is refused (`invalid_value`), so a partly counted event never
-//! exists. The gateway refuses such events at the door with this same function
-//! ([`crate::catalog::Tenant::check_values`]) and the aggregator meters with it.
+//! exists. The gateway refuses such events at the door with this same judgement
+//! ([`crate::catalog::Tenant::check_values`], through [`judge_at_door`]) and the aggregator
+//! meters with it ([`judge`]); the doors add one bound, so whatever they accept the aggregator
+//! counts.
 //!
 //! A value is refused (`invalid_value`) unless it is an exact decimal with at most 18 integer
 //! digits ([`decimal::max_abs_value`]: what no single usage event needs more than, and what
 //! keeps sums of many events far inside the exact range) and, unless the meter sets
-//! `allow_negative`, at least zero.
+//! `allow_negative`, at least zero; at the doors also unless it has at most 12 decimal places
+//! ([`decimal::MAX_VALUE_PLACES`]), trailing zeros aside.
 
 use crate::catalog::{Aggregation, Meter, Tenant, scalar_text};
 use crate::codec::binary::Encoded;
@@ -81,13 +84,7 @@ pub fn read_value<'d>(
     meter: &Meter,
     data: &'d serde_json::Map<String, serde_json::Value>,
 ) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
-    judge(
-        meter,
-        meter
-            .value
-            .as_ref()
-            .map(|path| (path, path.lookup_in(data))),
-    )
+    judge(meter, found_in(meter, data))
 }
 
 /// [`read_value`] as the doors judge it ([`judge_at_door`]).
@@ -95,13 +92,18 @@ pub fn read_value_at_door<'d>(
     meter: &Meter,
     data: &'d serde_json::Map<String, serde_json::Value>,
 ) -> Result<(Option<Decimal>, Option<Cow<'d, str>>), Rejection> {
-    judge_at_door(
-        meter,
-        meter
-            .value
-            .as_ref()
-            .map(|path| (path, path.lookup_in(data))),
-    )
+    judge_at_door(meter, found_in(meter, data))
+}
+
+/// What `meter`'s value path finds in `data` (`None` for a meter without one).
+fn found_in<'m, 'd>(
+    meter: &'m Meter,
+    data: &'d serde_json::Map<String, serde_json::Value>,
+) -> Option<(&'m JsonPath, Option<&'d serde_json::Value>)> {
+    meter
+        .value
+        .as_ref()
+        .map(|path| (path, path.lookup_in(data)))
 }
 
 /// [`judge`], and at the doors (the gateway's HTTP and raw-topic ingest) one bound more: a

@@ -59,7 +59,9 @@ impl Catalog {
     /// filters), what it reads of them (value path) or how it splits them (`group_by`), since
     /// a period would count differently before and after (add a meter with a new key
     /// instead). Tenants, keys, meters and price plans may be added, and removed; a meter may
-    /// change `allow_negative`, which only the doors read.
+    /// start allowing negative values, not stop (the aggregator refuses a negative value on a
+    /// meter without `allow_negative`, so the events the gateway accepted with it would be
+    /// dead-lettered when consumed, or replayed, under the new catalog).
     pub fn compatible_successor(&self, next: &Catalog) -> Result<(), String> {
         for tenant in &self.tenants {
             let Some(successor) = next.tenant(&tenant.id) else {
@@ -103,6 +105,11 @@ impl Catalog {
                 }
                 if after.filters != meter.filters {
                     return Err(format!("meter `{name}` changes its filters"));
+                }
+                if meter.allow_negative && !after.allow_negative {
+                    return Err(format!(
+                        "meter `{name}` stops allowing negative values (`allow_negative`)"
+                    ));
                 }
             }
         }
@@ -149,6 +156,22 @@ mod tests {
         );
     }
 
+    /// The test catalog with its first meter's table edited by `edit`.
+    fn with_first_meter(edit: &dyn Fn(&mut toml::Table)) -> String {
+        let mut doc: toml::Table = valid_text().parse().expect("toml");
+        let meter = doc
+            .get_mut("tenants")
+            .and_then(|t| t.as_array_mut())
+            .and_then(|t| t.first_mut())
+            .and_then(|t| t.get_mut("meters"))
+            .and_then(|m| m.as_array_mut())
+            .and_then(|m| m.first_mut())
+            .and_then(|m| m.as_table_mut())
+            .expect("the first meter");
+        edit(meter);
+        doc.to_string()
+    }
+
     #[test]
     fn a_reload_may_not_change_which_events_a_meter_counts_what_it_reads_or_how_it_splits_them() {
         // Was: only aggregation, window and billing period were compared, so a new `group_by`
@@ -161,18 +184,7 @@ mod tests {
             "the test catalog's meter has groups and filters: {meter:?}"
         );
         let reshaped = |field: &'static str, edit: &dyn Fn(&mut toml::Table)| {
-            let mut doc: toml::Table = valid_text().parse().expect("toml");
-            let meter = doc
-                .get_mut("tenants")
-                .and_then(|t| t.as_array_mut())
-                .and_then(|t| t.first_mut())
-                .and_then(|t| t.get_mut("meters"))
-                .and_then(|m| m.as_array_mut())
-                .and_then(|m| m.first_mut())
-                .and_then(|m| m.as_table_mut())
-                .expect("the first meter");
-            edit(meter);
-            let next = parse(&doc.to_string());
+            let next = parse(&with_first_meter(edit));
             (field, current.compatible_successor(&next))
         };
         let refused = [
@@ -197,9 +209,18 @@ mod tests {
                 "{field}: {answer:?}"
             );
         }
+        // Negative values allowed from now on: the aggregator counts what the doors now let
+        // through, and nothing accepted before is refused. Not the other way.
         let (_, negative) = reshaped("allow_negative", &|m| {
             m.insert("allow_negative".into(), true.into());
         });
         assert_eq!(negative, Ok(()));
+        let allowing = parse(&with_first_meter(&|m| {
+            m.insert("allow_negative".into(), true.into());
+        }));
+        assert_eq!(
+            allowing.compatible_successor(&current),
+            Err("meter `acme/tokens` stops allowing negative values (`allow_negative`)".to_owned())
+        );
     }
 }
