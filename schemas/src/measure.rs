@@ -248,10 +248,9 @@ window = "1m"
 allow_negative = true
 "#;
 
-    fn outcome(event_type: &str, tokens: serde_json::Value) -> Result<Option<Decimal>, RejectCode> {
-        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
-        let tenant = catalog.tenant("acme").expect("tenant");
-        let event = Event {
+    /// An acme event of `event_type` with `tokens`.
+    fn event(event_type: &str, tokens: serde_json::Value) -> Event {
+        Event {
             tenant: "acme".into(),
             id: "e".into(),
             event_type: event_type.into(),
@@ -263,8 +262,13 @@ allow_negative = true
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
-        };
-        measure(tenant, &event)
+        }
+    }
+
+    fn outcome(event_type: &str, tokens: serde_json::Value) -> Result<Option<Decimal>, RejectCode> {
+        let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
+        let tenant = catalog.tenant("acme").expect("tenant");
+        measure(tenant, &event(event_type, tokens))
             .map(|m| m.first().and_then(|m| m.value))
             .map_err(|r| r.code)
     }
@@ -295,20 +299,9 @@ allow_negative = true
     fn at_door(tokens: serde_json::Value) -> Result<(), RejectCode> {
         let catalog = Catalog::from_toml_str(CATALOG, "test").expect("catalog");
         let tenant = catalog.tenant("acme").expect("tenant");
-        let event = Event {
-            tenant: "acme".into(),
-            id: "e".into(),
-            event_type: "llm".into(),
-            subject: "c".into(),
-            time_ms: 0,
-            received_ms: 0,
-            source: None,
-            data: json!({ "tokens": tokens })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-        };
-        tenant.check_values(&event).map_err(|r| r.code)
+        tenant
+            .check_values(&event("llm", tokens))
+            .map_err(|r| r.code)
     }
 
     #[test]
