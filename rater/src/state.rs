@@ -29,6 +29,12 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Most periods one part of a rerun request looks at: past it, the part so far is delivered
+/// and written and the request is applied again from where it stopped
+/// ([`neruba_stage::Partition::apply_again`]), so a tenant's rerun holds at most this many
+/// re-priced items and keys in memory, however many series it has.
+pub const RERUN_PART_PERIODS: usize = 10_000;
+
 /// What a batch produced, to be delivered before the batch is written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -64,6 +70,13 @@ pub struct PartitionState {
     overlay: HashMap<Vec<u8>, Vec<u8>>,
     outputs: Vec<Output>,
     counts: Counts,
+    /// A rerun request that stopped partway (its offset) and the last period key it looked
+    /// at ([`PartitionState::apply_rerun`]).
+    rerun_cursor: Option<(i64, Vec<u8>)>,
+    /// Periods a part of a rerun looks at ([`RERUN_PART_PERIODS`]; smaller in tests).
+    rerun_part_periods: usize,
+    /// The message just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
+    again: bool,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -190,6 +203,9 @@ impl PartitionState {
             overlay: HashMap::default(),
             outputs: Vec::new(),
             counts: Counts::default(),
+            rerun_cursor: None,
+            rerun_part_periods: RERUN_PART_PERIODS,
+            again: false,
         }
     }
 
@@ -225,6 +241,7 @@ impl PartitionState {
 
     /// Rates one rollups-topic message at `offset`.
     pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
+        self.again = false;
         self.store.consumed(input.offset);
         self.counts.rollups += 1;
         let refused = |refusal: Refusal| {
@@ -269,40 +286,67 @@ impl PartitionState {
     /// Handles a rerun request read at `offset`: every period of the tenant that overlaps the
     /// requested range is re-priced under the plan now in force, and an adjustment is emitted
     /// where the amount changed.
+    ///
+    /// In parts of at most [`RERUN_PART_PERIODS`] periods, in key order: a part that leaves
+    /// periods over stops with [`neruba_stage::Partition::apply_again`], for the runtime to
+    /// deliver and write it and apply the request again, which goes on after the last period
+    /// looked at. The request is consumed once its last part is done. (Until December 6, 2026
+    /// the whole tenant was re-priced in one batch: a tenant of some hundreds of thousands of
+    /// series held them all in memory, past the rater's limit, and a rater killed there read
+    /// the same request again at each start.) After a restart the request starts again from
+    /// the tenant's first period: the periods done are re-priced to what they already say, so
+    /// they emit nothing again, and the items are the same however the request was split.
     pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
-        self.store.consumed(offset);
-        self.counts.reruns += 1;
+        self.again = false;
+        // Where this request stopped, if it did (a cursor of another message is stale).
+        if self
+            .rerun_cursor
+            .as_ref()
+            .is_some_and(|(at, _)| *at != offset)
+        {
+            self.rerun_cursor = None;
+        }
         let request = match Rerun::decode(payload) {
             Ok(request) => request,
             Err(e) => {
                 tracing::warn!(partition = self.partition, offset, error = %e, "Unreadable rerun request skipped.");
+                self.store.consumed(offset);
+                self.counts.reruns += 1;
                 return Ok(());
             }
         };
+        if !self.overlay.is_empty() {
+            // The batch's writes so far are written first, so each part reads the store alone.
+            self.again = true;
+            return Ok(());
+        }
         let mut prefix = Vec::with_capacity(request.tenant.len() + 5);
         push(&mut prefix, request.tenant.as_bytes());
         prefix.push(b'P');
-        let mut keys: Vec<Vec<u8>> = self
-            .overlay
-            .keys()
-            .filter(|k| k.starts_with(&prefix))
-            .cloned()
-            .collect();
+        let after = self.rerun_cursor.take().map(|(_, key)| key);
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut more = false;
+        let from = after.as_deref().unwrap_or(&prefix);
         for entry in self.store.db().iterator(rocksdb::IteratorMode::From(
-            &prefix,
+            from,
             rocksdb::Direction::Forward,
         )) {
             let (key, _) = entry?;
             if !key.starts_with(&prefix) {
                 break;
             }
+            if after.as_deref() == Some(&*key) {
+                continue;
+            }
+            if keys.len() == self.rerun_part_periods.max(1) {
+                more = true;
+                break;
+            }
             keys.push(key.to_vec());
         }
-        keys.sort();
-        keys.dedup();
         let rerun_key = request.key();
-        for key in keys {
-            let Some(record) = self.get::<PeriodRecord>(&key)? else {
+        for key in &keys {
+            let Some(record) = self.get::<PeriodRecord>(key)? else {
                 continue;
             };
             let start = neruba_schemas::event::parse_time_ms(&record.last.period_start);
@@ -315,7 +359,7 @@ impl PartitionState {
             match reprice(&record.last, catalog, &rerun_key) {
                 Ok(None) => {}
                 Ok(Some(item)) => {
-                    self.put(key, &PeriodRecord { last: item.clone() })?;
+                    self.put(key.clone(), &PeriodRecord { last: item.clone() })?;
                     *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
                     self.outputs.push(Output::Item(Box::new(item)));
                 }
@@ -327,6 +371,16 @@ impl PartitionState {
                         .or_default() += 1;
                     tracing::warn!(partition = self.partition, code = refusal.code.as_str(), message = %refusal.message, customer = %record.last.customer, "Period not re-priced.");
                 }
+            }
+        }
+        match keys.pop() {
+            Some(last) if more => {
+                self.rerun_cursor = Some((offset, last));
+                self.again = true;
+            }
+            _ => {
+                self.store.consumed(offset);
+                self.counts.reruns += 1;
             }
         }
         Ok(())
@@ -344,6 +398,12 @@ impl PartitionState {
 impl neruba_stage::Partition for PartitionState {
     fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// After a rerun request's part that left periods over (see `apply_rerun`), or a request
+    /// that waits for the batch's writes before its first part.
+    fn apply_again(&self) -> bool {
+        self.again
     }
 
     /// Writes the batch: records and the next offset, atomically.
@@ -437,6 +497,169 @@ mod tests {
             ],
             [false, true, false, true]
         );
+    }
+
+    const RERUN_CATALOG: &str = r#"
+[[tenants]]
+id = "acme"
+
+[[tenants.meters]]
+key = "m"
+event_type = "e"
+aggregation = "sum"
+value = "$.v"
+window = "1m"
+
+[[tenants.price_plans]]
+id = "p"
+meter = "m"
+version = 1
+effective_from = "2026-01-01"
+currency = "USD"
+model = { type = "unit", unit_price = "0.01" }
+"#;
+
+    /// The rerun catalog with a version 2 of the plan in force from November 2026 on.
+    const RERUN_CORRECTION: &str = r#"
+[[tenants.price_plans]]
+id = "p"
+meter = "m"
+version = 2
+effective_from = "2026-11-01"
+currency = "USD"
+model = { type = "unit", unit_price = "0.03" }
+"#;
+
+    /// A state that rated one November window of each of `customers` customers under version
+    /// 1, written.
+    fn rated(dir: &Path, customers: usize) -> PartitionState {
+        let catalog = Catalog::from_toml_str(RERUN_CATALOG, "test").expect("catalog");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut state =
+            PartitionState::open(dir, 0, &cache, Retention::default()).expect("open state");
+        let period_start_ms = 1_793_491_200_000; // 2026-11-01T00:00:00Z
+        for n in 0..customers {
+            let rollup = Rollup {
+                v: 1,
+                tenant: "acme".into(),
+                meter: "m".into(),
+                customer: format!("c{n}"),
+                group: BTreeMap::new(),
+                aggregation: neruba_schemas::catalog::Aggregation::Sum,
+                window_start_ms: period_start_ms,
+                window_end_ms: period_start_ms + 60_000,
+                period_start_ms,
+                period_end_ms: 1_796_083_200_000,
+                window_quantity: rust_decimal::Decimal::from(n + 1),
+                window_events: 1,
+                period_quantity: rust_decimal::Decimal::from(n + 1),
+                period_events: 1,
+                revision: 1,
+                latest_event: None,
+            };
+            let payload = rollup.encode();
+            let input = Input {
+                offset: i64::try_from(n).expect("offset"),
+                key: None,
+                payload: &payload,
+            };
+            state.apply(input, &catalog).expect("apply");
+        }
+        assert_eq!(state.take_outputs().len(), customers);
+        state.commit().expect("commit");
+        state
+    }
+
+    /// Applies the rerun request at `offset` as the runtime does, part after part (each
+    /// part's outputs taken and the part written), at most `parts` parts; returns the items'
+    /// (id, amount) and the parts applied.
+    fn rerun(
+        state: &mut PartitionState,
+        offset: i64,
+        parts: usize,
+    ) -> (Vec<(String, rust_decimal::Decimal)>, usize) {
+        let catalog = Catalog::from_toml_str(&format!("{RERUN_CATALOG}{RERUN_CORRECTION}"), "test")
+            .expect("catalog");
+        let request = Rerun {
+            v: 1,
+            tenant: "acme".into(),
+            from_ms: 1_793_491_200_000,
+            to_ms: 1_796_083_200_000,
+            requested_ms: 1_796_000_000_000,
+        };
+        let payload = request.encode();
+        let mut items = Vec::new();
+        for part in 1..=parts {
+            state
+                .apply_rerun(offset, &payload, &catalog)
+                .expect("rerun");
+            for output in state.take_outputs() {
+                if let Output::Item(item) = output {
+                    items.push((item.id.clone(), item.amount));
+                }
+            }
+            state.commit().expect("commit");
+            if !state.apply_again() {
+                return (items, part);
+            }
+        }
+        (items, parts)
+    }
+
+    #[test]
+    fn a_rerun_goes_in_parts_of_bounded_periods_with_the_items_of_one_go() {
+        // Was: one batch re-priced every period of the tenant, all held in memory at once.
+        let customers = 25;
+        let whole_dir = tempfile::tempdir().expect("temp dir");
+        let mut whole = rated(whole_dir.path(), customers);
+        let (expected, parts) = rerun(&mut whole, 25, usize::MAX);
+        assert_eq!(parts, 1);
+        // Each customer's November at 0.03 instead of 0.01: (n + 1) × 0.02 more.
+        let mut amounts: Vec<rust_decimal::Decimal> = expected.iter().map(|(_, a)| *a).collect();
+        amounts.sort();
+        let want: Vec<rust_decimal::Decimal> = (1..=customers)
+            .map(|n| rust_decimal::Decimal::from(n) * rust_decimal::Decimal::new(2, 2))
+            .collect();
+        assert_eq!(amounts, want);
+        assert_eq!(whole.next_offset(), Some(26));
+
+        // In parts of 7: 4 parts, the same items in the same order; the request consumed
+        // only after the last.
+        let parted_dir = tempfile::tempdir().expect("temp dir");
+        let mut parted = rated(parted_dir.path(), customers);
+        parted.rerun_part_periods = 7;
+        let (first, one) = rerun(&mut parted, 25, 1);
+        assert_eq!((first.len(), one, parted.next_offset()), (7, 1, Some(25)));
+        let (rest, parts) = rerun(&mut parted, 25, usize::MAX);
+        assert_eq!(parts, 3);
+        assert_eq!([first, rest].concat(), expected);
+        assert_eq!(parted.next_offset(), Some(26));
+        assert_eq!(parted.take_counts().reruns, 1);
+
+        // Stopped after two parts (a kill: the cursor is lost with the process), the request
+        // starts again at the next start: the periods done emit nothing again.
+        let killed_dir = tempfile::tempdir().expect("temp dir");
+        let mut killed = rated(killed_dir.path(), customers);
+        killed.rerun_part_periods = 7;
+        let (before, _) = rerun(&mut killed, 25, 2);
+        assert_eq!(killed.next_offset(), Some(25));
+        drop(killed);
+        let cache = Cache::new_lru_cache(1 << 20);
+        let mut restarted =
+            PartitionState::open(killed_dir.path(), 0, &cache, Retention::default())
+                .expect("reopen");
+        restarted.rerun_part_periods = 7;
+        let (after, parts) = rerun(&mut restarted, 25, usize::MAX);
+        assert_eq!(parts, 4);
+        assert_eq!([before, after].concat(), expected);
+
+        // A request read after other messages in its batch waits for their writes: one part
+        // that does nothing, then the request.
+        let pending_dir = tempfile::tempdir().expect("temp dir");
+        let mut pending = rated(pending_dir.path(), customers);
+        pending.put(b"pending".to_vec(), &1u32).expect("put");
+        let (items, parts) = rerun(&mut pending, 25, usize::MAX);
+        assert_eq!((items, parts), (expected, 2));
     }
 
     #[test]
