@@ -254,7 +254,11 @@ impl std::fmt::Debug for ClientBuilder {
 
 impl ClientBuilder {
     /// The whole of one attempt (connect, send, answer). Default 30 s. An ingest attempt waits
-    /// for the broker's acknowledgement, so keep it above the gateway's produce timeout.
+    /// for the broker's acknowledgement, so keep it above the gateway's produce timeout; a read
+    /// at a position ([`Reader::at`]) waits up to the api's `--api-read-wait` (default 5 s) for
+    /// the model to catch up, so keep it above that too: an attempt cut off first is retried
+    /// as a transport failure, and once out of attempts reported [`Error::Unavailable`] with
+    /// no code, where the api would have answered `503 not_caught_up`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
