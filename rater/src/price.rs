@@ -323,6 +323,9 @@ fn model_lines(model: &PriceModel, billable: Decimal) -> Result<Vec<Line>> {
 /// product of a whole number and `size` that kept every place of `size`, and a difference
 /// that kept every digit.
 fn whole_packages(billable: Decimal, size: Decimal) -> Result<(Decimal, bool)> {
+    // Trailing zeros dropped: a product past 96 bits drops them too, exactly, which the scale
+    // check below would take for rounding.
+    let size = size.normalize();
     let mut whole = billable.checked_div(size).ok_or(Error::Overflow)?.floor();
     // The rounded quotient keeps 29 significant digits, so it is within 1 of the exact one:
     // one step either way, then the check that ends the loop.

@@ -61,12 +61,15 @@ impl neruba_stage::Stage for Rater {
         state: &mut PartitionState,
         message: &BorrowedMessage<'_>,
     ) -> Result<()> {
-        self.produced_at
-            .push(message.timestamp().to_millis().unwrap_or_default());
         let payload = message.payload().unwrap_or_default();
         let rerun = message
             .headers()
             .is_some_and(|h| h.iter().any(|h| h.key == RERUN_HEADER));
+        // A rerun request closes no window (and is applied once per part).
+        if !rerun {
+            self.produced_at
+                .push(message.timestamp().to_millis().unwrap_or_default());
+        }
         if rerun {
             state.apply_rerun(message.offset(), payload, catalog)
         } else {

@@ -13,6 +13,7 @@
 //! | key | value |
 //! |---|---|
 //! | `\0\0\0\0Moffset` | next offset (the stage runtime's, see [`neruba_stage::store`]) |
+//! | `\0\0\0\0R` | where a rerun request stopped: its offset and the last period key it looked at ([`RERUN_CURSOR_KEY`]; an empty tenant, which no rollup has) |
 //! | tenant, `P`, customer, meter, group, period start | [`PeriodRecord`] (postcard) |
 //! | tenant, `W`, customer, meter, group, period start, window start | [`WindowRecord`] (postcard) |
 
@@ -34,6 +35,10 @@ use std::path::Path;
 /// ([`neruba_stage::Partition::apply_again`]), so a tenant's rerun holds at most this many
 /// re-priced items and keys in memory, however many series it has.
 pub const RERUN_PART_PERIODS: usize = 10_000;
+
+/// Where a rerun request that stopped partway stopped, written with each part
+/// ([`PartitionState::apply_rerun`]).
+pub const RERUN_CURSOR_KEY: &[u8] = b"\0\0\0\0R";
 
 /// What a batch produced, to be delivered before the batch is written.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,9 +75,6 @@ pub struct PartitionState {
     overlay: HashMap<Vec<u8>, Vec<u8>>,
     outputs: Vec<Output>,
     counts: Counts,
-    /// A rerun request that stopped partway (its offset) and the last period key it looked
-    /// at ([`PartitionState::apply_rerun`]).
-    rerun_cursor: Option<(i64, Vec<u8>)>,
     /// Periods a part of a rerun looks at ([`RERUN_PART_PERIODS`]; smaller in tests).
     rerun_part_periods: usize,
     /// The message just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
@@ -203,7 +205,6 @@ impl PartitionState {
             overlay: HashMap::default(),
             outputs: Vec::new(),
             counts: Counts::default(),
-            rerun_cursor: None,
             rerun_part_periods: RERUN_PART_PERIODS,
             again: false,
         }
@@ -290,22 +291,15 @@ impl PartitionState {
     /// In parts of at most [`RERUN_PART_PERIODS`] periods, in key order: a part that leaves
     /// periods over stops with [`neruba_stage::Partition::apply_again`], for the runtime to
     /// deliver and write it and apply the request again, which goes on after the last period
-    /// looked at. The request is consumed once its last part is done. (Until December 6, 2026
-    /// the whole tenant was re-priced in one batch: a tenant of some hundreds of thousands of
-    /// series held them all in memory, past the rater's limit, and a rater killed there read
-    /// the same request again at each start.) After a restart the request starts again from
-    /// the tenant's first period: the periods done are re-priced to what they already say, so
-    /// they emit nothing again, and the items are the same however the request was split.
+    /// looked at, kept in the same write as the part ([`RERUN_CURSOR_KEY`]): a rater stopped
+    /// between parts goes on after the last part written, so no period is re-priced twice
+    /// (under a catalog changed by the restart, a second time would emit a second
+    /// adjustment). The request is consumed once its last part is done. (Until December 6,
+    /// 2026 the whole tenant was re-priced in one batch: a tenant of some hundreds of
+    /// thousands of series held them all in memory, past the rater's limit, and a rater
+    /// killed there read the same request again at each start.)
     pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
         self.again = false;
-        // Where this request stopped, if it did (a cursor of another message is stale).
-        if self
-            .rerun_cursor
-            .as_ref()
-            .is_some_and(|(at, _)| *at != offset)
-        {
-            self.rerun_cursor = None;
-        }
         let request = match Rerun::decode(payload) {
             Ok(request) => request,
             Err(e) => {
@@ -323,7 +317,12 @@ impl PartitionState {
         let mut prefix = Vec::with_capacity(request.tenant.len() + 5);
         push(&mut prefix, request.tenant.as_bytes());
         prefix.push(b'P');
-        let after = self.rerun_cursor.take().map(|(_, key)| key);
+        // Where this request stopped, if it did (a cursor of another request is stale: it
+        // ended, or its last part was being applied when the rater stopped).
+        let after = self
+            .get::<(i64, Vec<u8>)>(RERUN_CURSOR_KEY)?
+            .filter(|(at, _)| *at == offset)
+            .map(|(_, key)| key);
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut more = false;
         let from = after.as_deref().unwrap_or(&prefix);
@@ -375,7 +374,7 @@ impl PartitionState {
         }
         match keys.pop() {
             Some(last) if more => {
-                self.rerun_cursor = Some((offset, last));
+                self.put(RERUN_CURSOR_KEY.to_vec(), &(offset, last))?;
                 self.again = true;
             }
             _ => {
@@ -636,8 +635,8 @@ model = { type = "unit", unit_price = "0.03" }
         assert_eq!(parted.next_offset(), Some(26));
         assert_eq!(parted.take_counts().reruns, 1);
 
-        // Stopped after two parts (a kill: the cursor is lost with the process), the request
-        // starts again at the next start: the periods done emit nothing again.
+        // Stopped after two parts, the request goes on at the next start after the last part
+        // written: two parts more, the rest of the items, none twice.
         let killed_dir = tempfile::tempdir().expect("temp dir");
         let mut killed = rated(killed_dir.path(), customers);
         killed.rerun_part_periods = 7;
@@ -650,8 +649,15 @@ model = { type = "unit", unit_price = "0.03" }
                 .expect("reopen");
         restarted.rerun_part_periods = 7;
         let (after, parts) = rerun(&mut restarted, 25, usize::MAX);
-        assert_eq!(parts, 4);
+        assert_eq!(parts, 2);
         assert_eq!([before, after].concat(), expected);
+
+        // Periods that fill the last part exactly: no empty part after it.
+        let exact_dir = tempfile::tempdir().expect("temp dir");
+        let mut exact = rated(exact_dir.path(), 21);
+        exact.rerun_part_periods = 7;
+        let (items, parts) = rerun(&mut exact, 21, usize::MAX);
+        assert_eq!((items.len(), parts, exact.next_offset()), (21, 3, Some(22)));
 
         // A request read after other messages in its batch waits for their writes: one part
         // that does nothing, then the request.

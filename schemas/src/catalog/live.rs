@@ -209,8 +209,9 @@ mod tests {
                 "{field}: {answer:?}"
             );
         }
-        // Negative values allowed from now on: the aggregator counts what the doors now let
-        // through, and nothing accepted before is refused. Not the other way.
+        // Negative values allowed from now on: nothing accepted before is refused (what the
+        // doors let through is counted once the aggregators have reloaded first). Not the
+        // other way.
         let (_, negative) = reshaped("allow_negative", &|m| {
             m.insert("allow_negative".into(), true.into());
         });
