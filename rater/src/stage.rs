@@ -47,7 +47,7 @@ impl neruba_stage::Stage for Rater {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        Ok(PartitionState::from_store(store))
+        PartitionState::from_store(store)
     }
 
     fn begin_batch(&mut self) -> Arc<Catalog> {
@@ -57,10 +57,12 @@ impl neruba_stage::Stage for Rater {
 
     fn apply(
         &mut self,
-        catalog: &Arc<Catalog>,
+        live: &Arc<Catalog>,
         state: &mut PartitionState,
         message: &BorrowedMessage<'_>,
     ) -> Result<()> {
+        // The catalog this message was priced under if it was sent before, else the live one.
+        let catalog = &state.catalog_for(live, message.offset())?;
         let payload = message.payload().unwrap_or_default();
         let rerun = message
             .headers()
@@ -75,6 +77,10 @@ impl neruba_stage::Stage for Rater {
         } else {
             state.apply(Input::of(message), catalog)
         }
+    }
+
+    fn before_handing(&mut self, state: &mut PartitionState) -> Result<()> {
+        state.before_handing()
     }
 
     fn take_outputs(&mut self, state: &mut PartitionState) -> Vec<Output> {

@@ -5,7 +5,13 @@
 //!   and the next offset to consume change in one `WriteBatch`;
 //! - a batch's line items are handed to the caller before the batch is written and the caller
 //!   writes only once the broker acknowledged them, so a crash re-emits identical items (same
-//!   ids, same content: rating is deterministic), never fewer.
+//!   ids, same content: rating is deterministic), never fewer;
+//! - a message is priced again under the catalog it was first priced under, whatever catalog
+//!   the rater runs with now: each catalog the partition priced under is kept with the offset
+//!   it was first used at, written before anything priced under it is handed for delivery,
+//!   and so is the last offset handed ([`PartitionState::catalog_for`]). A reload, or a
+//!   restart with a changed file, between a batch's delivery and its write cannot make the
+//!   replay send the same window again with another amount or under another plan version.
 //!
 //! Key layout (components length-prefixed, so the encoding is injective; the tenant first, so
 //! a tenant's records are one contiguous range):
@@ -14,6 +20,8 @@
 //! |---|---|
 //! | `\0\0\0\0Moffset` | next offset (the stage runtime's, see [`neruba_stage::store`]) |
 //! | `\0\0\0\0R` | where a rerun request stopped: its offset and the last period key it looked at ([`RERUN_CURSOR_KEY`]; an empty tenant, which no rollup has) |
+//! | `\0\0\0\0C` | the catalogs the partition priced under, each with the offset it was first used at ([`CATALOGS_KEY`]) |
+//! | `\0\0\0\0H` | the last offset whose outputs were handed for delivery, 8 bytes big-endian ([`HANDED_KEY`]) |
 //! | tenant, `P`, customer, meter, group, period start | [`PeriodRecord`] (postcard) |
 //! | tenant, `W`, customer, meter, group, period start, window start | [`WindowRecord`] (postcard) |
 
@@ -25,10 +33,11 @@ use neruba_schemas::ledger::{LineItem, Rerun};
 use neruba_schemas::rollup::Rollup;
 use neruba_stage::{DeadLetter, Input, Store, StoreOptions};
 use rocksdb::{Cache, WriteBatch};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Most periods one part of a rerun request looks at: past it, the part so far is delivered
 /// and written and the request is applied again from where it stopped
@@ -39,6 +48,22 @@ pub const RERUN_PART_PERIODS: usize = 10_000;
 /// Where a rerun request that stopped partway stopped, written with each part
 /// ([`PartitionState::apply_rerun`]).
 pub const RERUN_CURSOR_KEY: &[u8] = b"\0\0\0\0R";
+
+/// The catalogs the partition priced under, each with the offset it was first used at
+/// ([`PartitionState::catalog_for`]).
+pub const CATALOGS_KEY: &[u8] = b"\0\0\0\0C";
+
+/// The last offset whose outputs were handed for delivery
+/// ([`PartitionState::before_handing`]).
+pub const HANDED_KEY: &[u8] = b"\0\0\0\0H";
+
+/// The stored form of the catalogs kept: each one's first offset and its source
+/// ([`Catalog::encode_source`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptCatalogs {
+    v: u8,
+    catalogs: Vec<(i64, Vec<u8>)>,
+}
 
 /// What a batch produced, to be delivered before the batch is written.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +104,15 @@ pub struct PartitionState {
     rerun_part_periods: usize,
     /// The message just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
     again: bool,
+    /// The catalogs the partition priced under, in order of the offset each was first used
+    /// at: the last is in force, the earlier ones price a replay of the offsets before it.
+    catalogs: Vec<(i64, Arc<Catalog>)>,
+    /// The last offset whose outputs were handed for delivery, as written ([`HANDED_KEY`]).
+    handed: Option<i64>,
+    /// The last offset applied (or partly applied: a rerun request's part).
+    applied: Option<i64>,
+    /// Whether the partition logged that it prices a replay under a catalog it kept.
+    replay_logged: bool,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -189,25 +223,133 @@ pub fn store_options(retention: Retention) -> StoreOptions {
 impl PartitionState {
     /// Opens (or creates) the partition's database.
     pub fn open(dir: &Path, partition: i32, cache: &Cache, retention: Retention) -> Result<Self> {
-        Ok(Self::from_store(Store::open(
+        Self::from_store(Store::open(
             dir,
             partition,
             &store_options(retention),
             cache,
-        )?))
+        )?)
     }
 
     /// The state kept in `store` (opened with [`store_options`]).
-    pub fn from_store(store: Store) -> Self {
-        Self {
-            partition: store.partition(),
+    pub fn from_store(store: Store) -> Result<Self> {
+        let partition = store.partition();
+        let handed = match store.get(HANDED_KEY)? {
+            None => None,
+            Some(bytes) => Some(
+                <[u8; 8]>::try_from(&*bytes)
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| Error::corrupt("rater handed offset", "not 8 bytes"))?,
+            ),
+        };
+        let mut catalogs = Vec::new();
+        if let Some(bytes) = store.get(CATALOGS_KEY)? {
+            let kept: KeptCatalogs = postcard::from_bytes(&bytes)
+                .map_err(|e| Error::corrupt("rater kept catalogs", e))?;
+            for (from, source) in kept.catalogs {
+                // One that no longer loads (a rule this build added) cannot price anything:
+                // the offsets it priced are priced again under the next one, or the live one.
+                match Catalog::from_encoded_source(&source, "the catalog kept in the state") {
+                    Ok(catalog) => catalogs.push((from, Arc::new(catalog))),
+                    Err(e) => {
+                        tracing::warn!(partition, from, error = %e, "A catalog kept in the state no longer loads; the offsets it priced are priced under the next one.");
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            partition,
             store,
             overlay: HashMap::default(),
             outputs: Vec::new(),
             counts: Counts::default(),
             rerun_part_periods: RERUN_PART_PERIODS,
             again: false,
+            catalogs,
+            handed,
+            applied: None,
+            replay_logged: false,
+        })
+    }
+
+    /// The catalog to price the message at `offset` under, `live` being the one in force.
+    ///
+    /// Each catalog the partition priced under is kept with the offset it was first used at.
+    /// A message at or before the last offset handed for delivery is priced again under the
+    /// catalog it was priced under the first time: a batch delivered but not written before a
+    /// crash is replayed as it was sent, whatever catalog the rater runs with now (a reload,
+    /// or a restart with a changed file, would otherwise re-send a window's item with another
+    /// amount under the same id, or under a new plan version's id beside the first). A message
+    /// past it takes `live`, which is written as kept from that offset on, before anything
+    /// priced under it is handed. So a reload takes effect at the next message not yet sent,
+    /// and a restart at the first message past what was sent before it.
+    pub fn catalog_for(&mut self, live: &Arc<Catalog>, offset: i64) -> Result<Arc<Catalog>> {
+        // The one kept for `offset`: the last first used at or before it (or the first, for
+        // an offset before any).
+        let at = self
+            .catalogs
+            .iter()
+            .rposition(|(from, _)| *from <= offset)
+            .unwrap_or(0);
+        if let Some((_, kept)) = self.catalogs.get_mut(at) {
+            if Arc::ptr_eq(kept, live) {
+                return Ok(live.clone());
+            }
+            if kept.digest() == live.digest() {
+                // Read back from the store: share the live one.
+                *kept = live.clone();
+                return Ok(live.clone());
+            }
+            if self.handed.is_some_and(|handed| offset <= handed) {
+                if !self.replay_logged {
+                    self.replay_logged = true;
+                    tracing::info!(
+                        partition = self.partition,
+                        offset,
+                        handed = self.handed,
+                        "Messages sent before the rater stopped are priced again under the catalog they were priced under; the catalog in force applies after them."
+                    );
+                }
+                return Ok(kept.clone());
+            }
         }
+        // Nothing at or past `offset` was handed, so no catalog kept from there on priced
+        // anything delivered.
+        self.catalogs.retain(|(from, _)| *from < offset);
+        self.catalogs.push((offset, live.clone()));
+        self.store.put_now(CATALOGS_KEY, &self.encode_catalogs()?)?;
+        tracing::info!(
+            partition = self.partition,
+            offset,
+            catalog = %hex_prefix(&live.digest()),
+            "Partition prices under the catalog in force from this offset on."
+        );
+        Ok(live.clone())
+    }
+
+    fn encode_catalogs(&self) -> Result<Vec<u8>> {
+        let kept = KeptCatalogs {
+            v: 1,
+            catalogs: self
+                .catalogs
+                .iter()
+                .map(|(from, catalog)| (*from, catalog.encode_source()))
+                .collect(),
+        };
+        postcard::to_stdvec(&kept).map_err(|e| Error::Bug(format!("kept catalogs encoding: {e}")))
+    }
+
+    /// Writes the last offset applied as handed, if outputs are about to be handed for
+    /// delivery: before they can reach the broker (see [`Self::catalog_for`]).
+    pub fn before_handing(&mut self) -> Result<()> {
+        if self.outputs.is_empty() || self.applied <= self.handed {
+            return Ok(());
+        }
+        if let Some(applied) = self.applied {
+            self.store.put_now(HANDED_KEY, &applied.to_be_bytes())?;
+            self.handed = Some(applied);
+        }
+        Ok(())
     }
 
     /// The next offset to consume, if any message was ever applied.
@@ -243,6 +385,7 @@ impl PartitionState {
     /// Rates one rollups-topic message at `offset`.
     pub fn apply(&mut self, input: Input<'_>, catalog: &Catalog) -> Result<()> {
         self.again = false;
+        self.applied = Some(input.offset);
         self.store.consumed(input.offset);
         self.counts.rollups += 1;
         let refused = |refusal: Refusal| {
@@ -300,6 +443,7 @@ impl PartitionState {
     /// killed there read the same request again at each start.)
     pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
         self.again = false;
+        self.applied = Some(offset);
         let request = match Rerun::decode(payload) {
             Ok(request) => request,
             Err(e) => {
@@ -405,14 +549,27 @@ impl neruba_stage::Partition for PartitionState {
         self.again
     }
 
-    /// Writes the batch: records and the next offset, atomically.
+    /// Writes the batch: records and the next offset, atomically; with them, the catalogs
+    /// kept less those no replay from the next offset can need.
     fn commit(&mut self) -> Result<()> {
         let mut batch = WriteBatch::default();
         for (key, value) in self.overlay.drain() {
             batch.put(key, value);
         }
+        if let Some(next) = self.store.next_offset() {
+            let in_force = self.catalogs.iter().rposition(|(from, _)| *from <= next);
+            if let Some(first_needed) = in_force.filter(|at| *at > 0) {
+                self.catalogs.drain(..first_needed);
+                batch.put(CATALOGS_KEY, self.encode_catalogs()?);
+            }
+        }
         self.store.write(batch)
     }
+}
+
+/// The first bytes of a digest in hex, for logs.
+fn hex_prefix(digest: &[u8; 32]) -> String {
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The bounded label of an item kind.
@@ -529,6 +686,32 @@ currency = "USD"
 model = { type = "unit", unit_price = "0.03" }
 "#;
 
+    /// The encoded rollup of `customer`'s window at `minute` of November 2026 (revision 1),
+    /// for meter `m` of `acme`.
+    fn november_window(customer: &str, minute: i64, quantity: usize, period: usize) -> Vec<u8> {
+        let period_start_ms = 1_793_491_200_000; // 2026-11-01T00:00:00Z
+        let window_start_ms = period_start_ms + minute * 60_000;
+        Rollup {
+            v: 1,
+            tenant: "acme".into(),
+            meter: "m".into(),
+            customer: customer.into(),
+            group: BTreeMap::new(),
+            aggregation: neruba_schemas::catalog::Aggregation::Sum,
+            window_start_ms,
+            window_end_ms: window_start_ms + 60_000,
+            period_start_ms,
+            period_end_ms: 1_796_083_200_000,
+            window_quantity: rust_decimal::Decimal::from(quantity),
+            window_events: 1,
+            period_quantity: rust_decimal::Decimal::from(period),
+            period_events: 1,
+            revision: 1,
+            latest_event: None,
+        }
+        .encode()
+    }
+
     /// A state that rated one November window of each of `customers` customers under version
     /// 1, written.
     fn rated(dir: &Path, customers: usize) -> PartitionState {
@@ -536,27 +719,8 @@ model = { type = "unit", unit_price = "0.03" }
         let cache = Cache::new_lru_cache(1 << 20);
         let mut state =
             PartitionState::open(dir, 0, &cache, Retention::default()).expect("open state");
-        let period_start_ms = 1_793_491_200_000; // 2026-11-01T00:00:00Z
         for n in 0..customers {
-            let rollup = Rollup {
-                v: 1,
-                tenant: "acme".into(),
-                meter: "m".into(),
-                customer: format!("c{n}"),
-                group: BTreeMap::new(),
-                aggregation: neruba_schemas::catalog::Aggregation::Sum,
-                window_start_ms: period_start_ms,
-                window_end_ms: period_start_ms + 60_000,
-                period_start_ms,
-                period_end_ms: 1_796_083_200_000,
-                window_quantity: rust_decimal::Decimal::from(n + 1),
-                window_events: 1,
-                period_quantity: rust_decimal::Decimal::from(n + 1),
-                period_events: 1,
-                revision: 1,
-                latest_event: None,
-            };
-            let payload = rollup.encode();
+            let payload = november_window(&format!("c{n}"), 0, n + 1, n + 1);
             let input = Input {
                 offset: i64::try_from(n).expect("offset"),
                 key: None,
@@ -666,6 +830,152 @@ model = { type = "unit", unit_price = "0.03" }
         pending.put(b"pending".to_vec(), &1u32).expect("put");
         let (items, parts) = rerun(&mut pending, 25, usize::MAX);
         assert_eq!((items, parts), (expected, 2));
+    }
+
+    /// Prices the message at `offset` as the rater does with `live` in force, and returns
+    /// what it hands for delivery.
+    fn price(
+        state: &mut PartitionState,
+        live: &Arc<Catalog>,
+        offset: i64,
+        payload: &[u8],
+    ) -> Vec<Output> {
+        let catalog = state.catalog_for(live, offset).expect("catalog");
+        let input = Input {
+            offset,
+            key: None,
+            payload,
+        };
+        state.apply(input, &catalog).expect("apply");
+        state.before_handing().expect("handed");
+        state.take_outputs()
+    }
+
+    /// The plan version an output was priced under.
+    fn version(outputs: &[Output]) -> Vec<u32> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Item(item) => Some(item.price_version),
+                Output::Refused(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_sent_but_not_written_is_priced_again_under_the_catalog_it_was_sent_under() {
+        // Was: a restart with a changed catalog (here the rerun recipe's version 2 of the
+        // plan, in force from the period's first day) priced the replay under the new one: the
+        // window sent under version 1 was sent again under version 2, another id, and both
+        // counted.
+        let dir = tempfile::tempdir().expect("dir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
+        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
+        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
+        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
+
+        let mut state = open().expect("open");
+        assert_eq!(
+            version(&price(&mut state, &v1, 0, &november_window("c", 0, 10, 10))),
+            [1]
+        );
+        state.commit().expect("commit");
+        // A batch sent, then the rater stops before writing it.
+        let sent = price(&mut state, &v1, 1, &november_window("c", 1, 5, 15));
+        assert_eq!(version(&sent), [1]);
+        drop(state);
+
+        // Started again with the corrected catalog: the replay sends the same item.
+        let mut state = open().expect("reopen");
+        assert_eq!(
+            price(&mut state, &v2, 1, &november_window("c", 1, 5, 15)),
+            sent
+        );
+        // The next message was never sent: the catalog in force prices it, in the same
+        // batch. Version 2 prices the period's 22 at 0.03 = 0.66 against the 0.15 sent.
+        let next = price(&mut state, &v2, 2, &november_window("c", 2, 7, 22));
+        assert_eq!(version(&next), [2]);
+        let Some(Output::Item(item)) = next.first() else {
+            panic!("an item: {next:?}");
+        };
+        assert_eq!(
+            (item.amount, item.period_amount),
+            (
+                rust_decimal::Decimal::new(51, 2),
+                rust_decimal::Decimal::new(66, 2)
+            )
+        );
+        state.commit().expect("commit");
+        drop(state);
+
+        // Once written, only the catalog in force is kept: a restart with version 1's file
+        // prices the next message under it, nothing being sent past what was written.
+        let mut state = open().expect("reopen");
+        assert_eq!(state.catalogs.len(), 1);
+        assert_eq!(
+            version(&price(&mut state, &v1, 3, &november_window("c", 3, 1, 23))),
+            [1]
+        );
+    }
+
+    #[test]
+    fn a_reload_is_kept_from_its_first_message_before_anything_priced_under_it_is_sent() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
+        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
+        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
+        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
+
+        let mut state = open().expect("open");
+        assert_eq!(
+            version(&price(&mut state, &v1, 0, &november_window("c", 0, 10, 10))),
+            [1]
+        );
+        state.commit().expect("commit");
+        // Reloaded while running: the next batch is priced under version 2 and sent, and the
+        // rater stops before writing it.
+        let sent = price(&mut state, &v2, 1, &november_window("c", 1, 5, 15));
+        assert_eq!(version(&sent), [2]);
+        drop(state);
+
+        // Started again from a file put back to version 1: the replay is sent as it was.
+        let mut state = open().expect("reopen");
+        assert_eq!(
+            price(&mut state, &v1, 1, &november_window("c", 1, 5, 15)),
+            sent
+        );
+        assert_eq!(
+            version(&price(&mut state, &v1, 2, &november_window("c", 2, 7, 22))),
+            [1]
+        );
+        // A message applied but not handed when the rater stopped is no reason to keep a
+        // catalog: nothing priced under it was sent.
+        let catalog = state.catalog_for(&v2, 3).expect("catalog");
+        assert_eq!(catalog.digest(), v2.digest());
+        state
+            .apply(
+                Input {
+                    offset: 3,
+                    key: None,
+                    payload: &november_window("c", 3, 1, 23),
+                },
+                &catalog,
+            )
+            .expect("apply");
+        drop(state);
+        let mut state = open().expect("reopen");
+        assert_eq!(
+            version(&price(&mut state, &v1, 2, &november_window("c", 2, 7, 22))),
+            [1]
+        );
+        assert_eq!(
+            version(&price(&mut state, &v1, 3, &november_window("c", 3, 1, 23))),
+            [1]
+        );
+        state.commit().expect("commit");
+        assert_eq!(state.catalogs.len(), 1, "only the catalog in force is kept");
     }
 
     #[test]

@@ -121,6 +121,13 @@ pub trait Stage: Send + 'static {
     /// watermark ticks).
     fn after_poll(&mut self, _partition: &mut Self::Partition, _now_ms: i64) {}
 
+    /// Called just before the partition's outputs are taken ([`Stage::take_outputs`]) and
+    /// handed to the sending thread: what the stage writes here ([`Store::put_now`]) is
+    /// durable before any of them can reach the broker. By default nothing.
+    fn before_handing(&mut self, _partition: &mut Self::Partition) -> Result<()> {
+        Ok(())
+    }
+
     /// The partition's outputs since the last call, in order, to be delivered before
     /// [`Partition::commit`]; the stage publishes their counts here. Called every
     /// [`Config::hand_every`] messages applied, and at the batch's end.

@@ -280,6 +280,13 @@ impl Store {
         Ok(())
     }
 
+    /// Writes one record at once, apart from the next write and without the next offset: for
+    /// what must be durable before a batch's outputs are delivered, which [`Self::write`]
+    /// follows (the rater's record of the catalog it priced under).
+    pub fn put_now(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        Ok(self.db.put_opt(key, value, &WriteOptions::default())?)
+    }
+
     /// Memory outside the block cache, bytes: the memtables, and the table readers (index and
     /// filter blocks held beside the cache), for metrics.
     pub fn memory_usage(&self) -> (u64, u64) {

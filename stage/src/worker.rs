@@ -210,6 +210,7 @@ impl<S: Stage> Shared<S> {
         }
         let mut outputs = Vec::new();
         for state in self.partitions.values_mut() {
+            self.stage.before_handing(state)?;
             outputs.extend(self.stage.take_outputs(state));
         }
         if outputs.is_empty() {

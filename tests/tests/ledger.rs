@@ -468,6 +468,37 @@ async fn send_rollups(bootstrap: &str, rollups: &[Rollup]) -> Result<()> {
     Ok(())
 }
 
+/// The sample catalog with a price correction for November: version 2 of the storage plan,
+/// in force from the period's first day, tier 1 at 0.025 (0.023 in version 1).
+fn corrected_catalog() -> Result<neruba_schemas::Catalog> {
+    let text = sample::CATALOG_TOML.replace(
+        r#"[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 1"#,
+        r#"[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 2
+effective_from = "2026-11-01"
+currency = "EUR"
+model = { type = "volume", tiers = [
+  { up_to = "1000", unit_price = "0.025" },
+  { up_to = "50000", unit_price = "0.021", flat_fee = "5.00" },
+  { unit_price = "0.019", flat_fee = "25.00" },
+] }
+
+[[tenants.price_plans]]
+id = "storage-volume"
+meter = "storage_gb_hours"
+version = 1"#,
+    );
+    Ok(neruba_schemas::Catalog::from_toml_str(
+        &text,
+        "corrected.toml",
+    )?)
+}
+
 #[tokio::test]
 async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_rollup_adds_nothing()
 -> Result<()> {
@@ -478,9 +509,12 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     ])?;
     let state = tempfile::tempdir()?;
     let catalog = Arc::new(sample::catalog()?);
+    let corrected = Arc::new(corrected_catalog()?);
     let stop_all = CancellationToken::new();
     let _stop_on_drop = stop_all.clone().drop_guard();
-    let start = |crash: Option<u64>, registry: &prometheus::Registry| {
+    let start = |crash: Option<u64>,
+                 catalog: &Arc<neruba_schemas::Catalog>,
+                 registry: &prometheus::Registry| {
         let mut config = neruba_rater::Config::new(kafka.bootstrap_servers(), state.path());
         config.stage.crash = crash.map(neruba_rater::CrashPoint::BeforeWrite);
         let stop = stop_all.child_token();
@@ -496,19 +530,22 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     ];
     // 1. Three windows rated and written.
     send_rollups(kafka.bootstrap_servers(), &stream[..3]).await?;
-    let (first, stop) = start(None, &prometheus::Registry::new())?;
+    let (first, stop) = start(None, &catalog, &prometheus::Registry::new())?;
     assert_eq!(raw_ledger(&kafka, topics::LEDGER, 3).await?.len(), 3);
     stop.cancel();
     first.wait().await?;
     // 2. A revision: its adjustment goes out, then the rater dies before writing its state.
     send_rollups(kafka.bootstrap_servers(), &stream[3..]).await?;
-    let (crashed, _) = start(Some(1), &prometheus::Registry::new())?;
+    let (crashed, _) = start(Some(1), &catalog, &prometheus::Registry::new())?;
     crashed.wait().await?;
     // 3. The aggregator re-delivers an already rated revision (as after its own crash), and
-    //    the rater restarts: it rates the revision again and re-sends the identical item.
+    //    the rater restarts, with a price correction in its catalog: it rates the revision
+    //    again under the catalog it sent it under and re-sends the identical item (until
+    //    December 6, 2026 it priced it under the correction: another plan version, another
+    //    id, both counted).
     send_rollups(kafka.bootstrap_servers(), &stream[1..2]).await?;
     let registry = prometheus::Registry::new();
-    let (restarted, _) = start(None, &registry)?;
+    let (restarted, _) = start(None, &corrected, &registry)?;
     let raw = raw_ledger(&kafka, topics::LEDGER, 5).await?;
     assert_eq!(
         raw.len(),
@@ -534,6 +571,23 @@ async fn rater_crash_after_producing_resends_identical_items_and_a_redelivered_r
     );
     assert_eq!(raw[3].supersedes.as_deref(), Some(raw[0].id.as_str()));
     assert_eq!(counter(&registry, "neruba_rater_repeated_rollups_total"), 1);
+    // 4. What was not sent before the restart is priced under the correction: c-2's period
+    //    at 1,000 is 25.00 (23.00 under version 1), 0.23 of it already billed.
+    send_rollups(
+        kafka.bootstrap_servers(),
+        &[rollup("c-2", 5, 1, "990", "1000")],
+    )
+    .await?;
+    let raw = raw_ledger(&kafka, topics::LEDGER, 6).await?;
+    assert_eq!(
+        raw.get(5).map(|i| (
+            i.customer.as_str(),
+            i.price_version,
+            i.amount,
+            i.period_amount
+        )),
+        Some(("c-2", 2, d("24.77"), d("25.00")))
+    );
     restarted.kill().await?;
     Ok(())
 }
@@ -598,31 +652,7 @@ async fn rerun_emits_only_the_differences_and_nothing_when_nothing_changed() -> 
     stop.cancel();
     first.wait().await?;
 
-    // A price correction for November: version 2 of the plan, in force from the period's
-    // first day, tier 1 at 0.025.
-    let corrected = sample::CATALOG_TOML.replace(
-        r#"[[tenants.price_plans]]
-id = "storage-volume"
-meter = "storage_gb_hours"
-version = 1"#,
-        r#"[[tenants.price_plans]]
-id = "storage-volume"
-meter = "storage_gb_hours"
-version = 2
-effective_from = "2026-11-01"
-currency = "EUR"
-model = { type = "volume", tiers = [
-  { up_to = "1000", unit_price = "0.025" },
-  { up_to = "50000", unit_price = "0.021", flat_fee = "5.00" },
-  { unit_price = "0.019", flat_fee = "25.00" },
-] }
-
-[[tenants.price_plans]]
-id = "storage-volume"
-meter = "storage_gb_hours"
-version = 1"#,
-    );
-    let corrected = neruba_schemas::Catalog::from_toml_str(&corrected, "corrected.toml")?;
+    let corrected = corrected_catalog()?;
     let registry = prometheus::Registry::new();
     let (second, stop) = start(corrected, &registry)?;
     neruba_rater::request_rerun(kafka.bootstrap_servers(), topics::ROLLUPS, &[], &rerun(2)).await?;

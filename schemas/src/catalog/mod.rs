@@ -42,6 +42,55 @@ pub struct Catalog {
     units: BTreeMap<String, CustomUnit>,
     tenants: Vec<Tenant>,
     by_key_digest: AHashMap<[u8; 32], (usize, usize)>,
+    /// The text it was read from, so a stage can keep the catalog it applied with its state
+    /// ([`Catalog::encode_source`]).
+    source: std::sync::Arc<Source>,
+}
+
+/// A catalog's format and text, and their SHA-256.
+#[derive(Debug)]
+struct Source {
+    format: Format,
+    text: String,
+    digest: [u8; 32],
+}
+
+impl Source {
+    fn new(format: Format, text: &str) -> Self {
+        let mut hash = Sha256::new();
+        hash.update([format.tag()]);
+        hash.update(text.as_bytes());
+        Self {
+            format,
+            text: text.to_owned(),
+            digest: hash.finalize().into(),
+        }
+    }
+}
+
+/// The formats a catalog is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    /// The byte that names the format in an encoded source.
+    fn tag(self) -> u8 {
+        match self {
+            Self::Toml => b't',
+            Self::Yaml => b'y',
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            b't' => Some(Self::Toml),
+            b'y' => Some(Self::Yaml),
+            _ => None,
+        }
+    }
 }
 
 /// A unit of account that is not an ISO 4217 currency, e.g. prepaid `credits`.
@@ -275,6 +324,21 @@ pub fn hash_key(key: &str) -> String {
 }
 
 impl Catalog {
+    /// SHA-256 of the catalog's format and text: two catalogs with the same digest were read
+    /// from the same text (a change of layout or comments alone changes it too).
+    pub fn digest(&self) -> [u8; 32] {
+        self.source.digest
+    }
+
+    /// The catalog's format (one byte) and text, read back by
+    /// [`Catalog::from_encoded_source`]. API keys are in it only as their digests.
+    pub fn encode_source(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(1 + self.source.text.len());
+        bytes.push(self.source.format.tag());
+        bytes.extend_from_slice(self.source.text.as_bytes());
+        bytes
+    }
+
     /// The tenant and key a plaintext API key belongs to.
     pub fn authenticate(&self, key: &str) -> Option<(&Tenant, &ApiKey)> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -479,6 +543,36 @@ model = { type = "graduated", tiers = [ { up_to = "10000", unit_price = "0.002" 
         assert!(catalog.authenticate("secret-2").is_none());
         assert_eq!(catalog.precision("credits"), Some(4));
         assert_eq!(catalog.precision("JPY"), Some(0));
+    }
+
+    #[test]
+    fn an_encoded_source_reads_back_as_the_same_catalog_and_digest() {
+        let text = valid_text();
+        let catalog = Catalog::from_toml_str(&text, "test.toml").expect("catalog");
+        let encoded = catalog.encode_source();
+        assert_eq!(encoded.first(), Some(&b't'));
+        let back = Catalog::from_encoded_source(&encoded, "kept").expect("reads back");
+        assert_eq!(back.digest(), catalog.digest());
+        assert_eq!(back.encode_source(), encoded);
+        assert_eq!(back.tenant("acme").map(|t| t.meters.len()), Some(1));
+        // The same text as YAML is another source: the format is part of the digest.
+        let yaml = "units: {credits: {precision: 4}}\ntenants: []\n";
+        let from_yaml = Catalog::from_yaml_str(yaml, "test.yaml").expect("yaml");
+        let back = Catalog::from_encoded_source(&from_yaml.encode_source(), "kept").expect("yaml");
+        assert_eq!(back.digest(), from_yaml.digest());
+        assert_ne!(back.digest(), catalog.digest());
+        // A comment alone changes the digest: it is of the text.
+        let commented = Catalog::from_toml_str(&format!("# edited\n{text}"), "t").expect("toml");
+        assert_ne!(commented.digest(), catalog.digest());
+        for bad in [&b""[..], b"xtenants = []", b"t\xff"] {
+            assert!(
+                matches!(
+                    Catalog::from_encoded_source(bad, "kept"),
+                    Err(crate::Error::CatalogSyntax { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

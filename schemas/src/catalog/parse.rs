@@ -10,7 +10,7 @@
 //!   the tenant, the meter or plan, and the field.
 
 use super::{
-    Aggregation, Catalog, CustomUnit, Filter, Meter, PriceModel, PricePlan, Tenant,
+    Aggregation, Catalog, CustomUnit, Filter, Format, Meter, PriceModel, PricePlan, Source, Tenant,
     parse_fixed_offset,
 };
 use crate::currency;
@@ -42,7 +42,7 @@ impl Catalog {
                 path: origin.to_owned(),
                 message: format!("{}: {}", e.path(), e.inner().message()),
             })?;
-        Self::build(file, origin)
+        Self::build(file, origin, Source::new(Format::Toml, text))
     }
 
     /// Parses YAML; `origin` names the source in errors.
@@ -53,10 +53,29 @@ impl Catalog {
                 path: origin.to_owned(),
                 message: format!("{}: {}", e.path(), e.inner()),
             })?;
-        Self::build(file, origin)
+        Self::build(file, origin, Source::new(Format::Yaml, text))
     }
 
-    fn build(file: CatalogFile, origin: &str) -> Result<Self> {
+    /// Reads back a catalog kept by [`Catalog::encode_source`] (its format and text); `origin`
+    /// names it in errors. It loads only if its text still satisfies every rule.
+    pub fn from_encoded_source(bytes: &[u8], origin: &str) -> Result<Self> {
+        let syntax = |message: String| Error::CatalogSyntax {
+            path: origin.to_owned(),
+            message,
+        };
+        let (format, text) = bytes
+            .split_first()
+            .ok_or_else(|| syntax("empty catalog source".into()))?;
+        let text = std::str::from_utf8(text)
+            .map_err(|e| syntax(format!("catalog source is not UTF-8: {e}")))?;
+        match Format::from_tag(*format) {
+            Some(Format::Toml) => Self::from_toml_str(text, origin),
+            Some(Format::Yaml) => Self::from_yaml_str(text, origin),
+            None => Err(syntax(format!("unknown catalog source format {format}"))),
+        }
+    }
+
+    fn build(file: CatalogFile, origin: &str, source: Source) -> Result<Self> {
         let invalid = |message: String| Error::CatalogInvalid {
             path: origin.to_owned(),
             message,
@@ -143,6 +162,7 @@ impl Catalog {
             units: file.units,
             tenants: file.tenants,
             by_key_digest,
+            source: std::sync::Arc::new(source),
         })
     }
 }
