@@ -57,6 +57,15 @@ pub const CATALOGS_KEY: &[u8] = b"\0\0\0\0C";
 /// ([`PartitionState::before_handing`]).
 pub const HANDED_KEY: &[u8] = b"\0\0\0\0H";
 
+/// A catalog kept in the state.
+#[derive(Debug, Clone)]
+enum Kept {
+    Loaded(Arc<Catalog>),
+    /// Its stored source no longer loads (a rule a newer build added): the rollups it priced
+    /// are priced under the catalog in force. Kept as stored.
+    Unloadable(Vec<u8>),
+}
+
 /// The stored form of the catalogs kept: each one's first offset and its source
 /// ([`Catalog::encode_source`]).
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +115,7 @@ pub struct PartitionState {
     again: bool,
     /// The catalogs the partition priced under, in order of the offset each was first used
     /// at: the last is in force, the earlier ones price a replay of the offsets before it.
-    catalogs: Vec<(i64, Arc<Catalog>)>,
+    catalogs: Vec<(i64, Kept)>,
     /// The last offset whose outputs were handed for delivery, as written ([`HANDED_KEY`]).
     handed: Option<i64>,
     /// The last offset applied (or partly applied: a rerun request's part).
@@ -247,12 +256,11 @@ impl PartitionState {
             let kept: KeptCatalogs = postcard::from_bytes(&bytes)
                 .map_err(|e| Error::corrupt("rater kept catalogs", e))?;
             for (from, source) in kept.catalogs {
-                // One that no longer loads (a rule this build added) cannot price anything:
-                // the offsets it priced are priced again under the next one, or the live one.
                 match Catalog::from_encoded_source(&source, "the catalog kept in the state") {
-                    Ok(catalog) => catalogs.push((from, Arc::new(catalog))),
+                    Ok(catalog) => catalogs.push((from, Kept::Loaded(Arc::new(catalog)))),
                     Err(e) => {
-                        tracing::warn!(partition, from, error = %e, "A catalog kept in the state no longer loads; the offsets it priced are priced under the next one.");
+                        tracing::warn!(partition, from, error = %e, "A catalog kept in the state no longer loads; a replay of the rollups it priced is priced under the catalog in force.");
+                        catalogs.push((from, Kept::Unloadable(source)));
                     }
                 }
             }
@@ -284,6 +292,20 @@ impl PartitionState {
     /// priced under it is handed. So a reload takes effect at the next message not yet sent,
     /// and a restart at the first message past what was sent before it.
     pub fn catalog_for(&mut self, live: &Arc<Catalog>, offset: i64) -> Result<Arc<Catalog>> {
+        if self.store.next_offset().is_some_and(|next| offset < next) {
+            // A message before the next offset: the log went back (the topic recreated, or
+            // records lost), and what was handed before belongs to another log.
+            tracing::warn!(
+                partition = self.partition,
+                offset,
+                next = self.store.next_offset(),
+                "The rollups topic went back; the catalogs kept for the old log are dropped."
+            );
+            self.catalogs.clear();
+            let handed = offset.saturating_sub(1);
+            self.store.put_now(HANDED_KEY, &handed.to_be_bytes())?;
+            self.handed = Some(handed);
+        }
         // The one kept for `offset`: the last first used at or before it (or the first, for
         // an offset before any).
         let at = self
@@ -291,32 +313,35 @@ impl PartitionState {
             .iter()
             .rposition(|(from, _)| *from <= offset)
             .unwrap_or(0);
-        if let Some((_, kept)) = self.catalogs.get_mut(at) {
-            if Arc::ptr_eq(kept, live) {
-                return Ok(live.clone());
-            }
-            if kept.digest() == live.digest() {
+        let replay = self.handed.is_some_and(|handed| offset <= handed);
+        match self.catalogs.get_mut(at) {
+            Some((_, Kept::Loaded(kept))) if Arc::ptr_eq(kept, live) => return Ok(live.clone()),
+            Some((_, Kept::Loaded(kept))) if kept.digest() == live.digest() => {
                 // Read back from the store: share the live one.
                 *kept = live.clone();
                 return Ok(live.clone());
             }
-            if self.handed.is_some_and(|handed| offset <= handed) {
-                if !self.replay_logged {
-                    self.replay_logged = true;
-                    tracing::info!(
-                        partition = self.partition,
-                        offset,
-                        handed = self.handed,
-                        "Messages sent before the rater stopped are priced again under the catalog they were priced under; the catalog in force applies after them."
-                    );
-                }
-                return Ok(kept.clone());
+            Some((_, Kept::Unloadable(_))) if replay => return Ok(live.clone()),
+            _ => {}
+        }
+        if let Some((_, Kept::Loaded(kept))) = self.catalogs.get(at)
+            && replay
+        {
+            if !self.replay_logged {
+                self.replay_logged = true;
+                tracing::info!(
+                    partition = self.partition,
+                    offset,
+                    handed = self.handed,
+                    "Messages sent before the rater stopped are priced again under the catalog they were priced under; the catalog in force applies after them."
+                );
             }
+            return Ok(kept.clone());
         }
         // Nothing at or past `offset` was handed, so no catalog kept from there on priced
         // anything delivered.
         self.catalogs.retain(|(from, _)| *from < offset);
-        self.catalogs.push((offset, live.clone()));
+        self.catalogs.push((offset, Kept::Loaded(live.clone())));
         self.store.put_now(CATALOGS_KEY, &self.encode_catalogs()?)?;
         tracing::info!(
             partition = self.partition,
@@ -333,7 +358,10 @@ impl PartitionState {
             catalogs: self
                 .catalogs
                 .iter()
-                .map(|(from, catalog)| (*from, catalog.encode_source()))
+                .map(|(from, kept)| match kept {
+                    Kept::Loaded(catalog) => (*from, catalog.encode_source()),
+                    Kept::Unloadable(source) => (*from, source.clone()),
+                })
                 .collect(),
         };
         postcard::to_stdvec(&kept).map_err(|e| Error::Bug(format!("kept catalogs encoding: {e}")))
@@ -443,7 +471,6 @@ impl PartitionState {
     /// killed there read the same request again at each start.)
     pub fn apply_rerun(&mut self, offset: i64, payload: &[u8], catalog: &Catalog) -> Result<()> {
         self.again = false;
-        self.applied = Some(offset);
         let request = match Rerun::decode(payload) {
             Ok(request) => request,
             Err(e) => {
@@ -455,9 +482,11 @@ impl PartitionState {
         };
         if !self.overlay.is_empty() {
             // The batch's writes so far are written first, so each part reads the store alone.
+            // Nothing of the request is sent with them: it is not applied yet.
             self.again = true;
             return Ok(());
         }
+        self.applied = Some(offset);
         let mut prefix = Vec::with_capacity(request.tenant.len() + 5);
         push(&mut prefix, request.tenant.as_bytes());
         prefix.push(b'P');
@@ -976,6 +1005,61 @@ model = { type = "unit", unit_price = "0.03" }
         );
         state.commit().expect("commit");
         assert_eq!(state.catalogs.len(), 1, "only the catalog in force is kept");
+    }
+
+    #[test]
+    fn a_log_gone_back_or_a_kept_catalog_that_no_longer_loads_takes_the_live_catalog() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
+        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
+        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
+        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
+        let mut state = open().expect("open");
+        for offset in 0..3 {
+            let minute = offset;
+            let sent = price(&mut state, &v1, offset, &november_window("c", minute, 1, 1));
+            assert_eq!(version(&sent), [1]);
+        }
+        // Sent, not written; then the topic is recreated and starts again at 0 while this
+        // partition holds offset 3 as its next: the new log's rollups take the catalog
+        // in force (was, in review: the kept one, until the offsets passed the old log's).
+        state.commit().expect("commit");
+        let _ = price(&mut state, &v1, 3, &november_window("c", 3, 1, 1));
+        drop(state);
+        let mut state = open().expect("reopen");
+        assert_eq!(
+            version(&price(&mut state, &v2, 0, &november_window("d", 0, 1, 1))),
+            [2]
+        );
+        assert_eq!(state.handed, Some(0));
+        drop(state);
+
+        // A kept catalog that no longer loads between two that do (as a newer build's rule
+        // would make it): its rollups take the catalog in force, not the one before it.
+        let state = open().expect("reopen");
+        let kept = KeptCatalogs {
+            v: 1,
+            catalogs: vec![
+                (0, v1.encode_source()),
+                (10, b"tnot a catalog".to_vec()),
+                (20, v1.encode_source()),
+            ],
+        };
+        let bytes = postcard::to_stdvec(&kept).expect("encode");
+        state.store.put_now(CATALOGS_KEY, &bytes).expect("put");
+        state
+            .store
+            .put_now(HANDED_KEY, &25_i64.to_be_bytes())
+            .expect("put");
+        drop(state);
+        let mut state = open().expect("reopen");
+        let at = |state: &mut PartitionState, offset| {
+            state.catalog_for(&v2, offset).expect("catalog").digest()
+        };
+        assert_eq!(at(&mut state, 12), v2.digest());
+        assert_eq!(at(&mut state, 22), v1.digest());
+        assert_eq!(at(&mut state, 5), v1.digest());
     }
 
     #[test]
