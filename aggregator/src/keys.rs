@@ -16,7 +16,8 @@
 //!
 //! A series is (meter, customer, group).
 //!
-//! Metadata (empty tenant): `Moffset` the stored offset (the runtime's encoding), `O` + end + window key the open-window
+//! Metadata (empty tenant): `Moffset` the stored offset (the runtime's encoding), `Mmeters` the
+//! meter shapes the state was built under, `O` + end + window key the open-window
 //! index, `C` + tenant the tenant's clock (highest event time, watermark).
 
 /// Metadata keys: an empty tenant (catalog tenant ids are never empty). The stored offset is
@@ -27,6 +28,9 @@ pub const META_OFFSET: &[u8] = neruba_stage::store::OFFSET_KEY;
 /// plus the horizon and a day (its legacy entries are then all past the horizon); fresh state
 /// gets the far past (it has none).
 pub const META_LEGACY_DEDUP_UNTIL: &[u8] = b"\0\0\0\0Mlegacy_dedup_until";
+/// The shape of every meter key the partition ran under, removed ones included
+/// ([`crate::meters`]; postcard).
+pub const META_METERS: &[u8] = b"\0\0\0\0Mmeters";
 /// The partition-wide watermark of state written before clocks were per tenant: read once,
 /// as every tenant's starting clock (no longer written).
 pub const META_WATERMARK: &[u8] = b"\0\0\0\0Mwatermark";

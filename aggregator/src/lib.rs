@@ -15,6 +15,7 @@
 //! shared stage runtime ([`neruba_stage`]), which polls, delivers, writes and commits.
 
 pub mod keys;
+pub mod meters;
 pub mod metrics;
 mod stage;
 pub mod state;
@@ -35,6 +36,9 @@ pub struct Config {
     pub timing: state::Timing,
     /// A tenant with no event for this long advances its watermark by processing time.
     pub idle_timeout: Duration,
+    /// Open a partition whose state was built under meters the catalog reshapes, taking the
+    /// change as it is ([`meters`]), instead of refusing to.
+    pub accept_meter_changes: bool,
 }
 
 impl Config {
@@ -52,6 +56,7 @@ impl Config {
                 max_open_window_bytes: state::MAX_OPEN_WINDOW_BYTES,
             },
             idle_timeout: Duration::from_secs(30),
+            accept_meter_changes: false,
         }
     }
 }

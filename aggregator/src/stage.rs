@@ -8,7 +8,7 @@ use crate::state::{Output, PartitionState, Timing};
 use crate::{Config, Result};
 use neruba_schemas::topics::{WATERMARK_HEADER, WATERMARK_TENANT_HEADER};
 use neruba_schemas::{Catalog, LiveCatalog};
-use neruba_stage::{Input, Sink, Store, StoreOptions};
+use neruba_stage::{Input, Partition as _, Sink, Store, StoreOptions};
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -27,6 +27,7 @@ pub(crate) struct Aggregator {
     pub(crate) idle_timeout: Duration,
     pub(crate) events_topic: String,
     pub(crate) rollups_topic: String,
+    pub(crate) accept_meter_changes: bool,
 }
 
 impl neruba_stage::Stage for Aggregator {
@@ -55,7 +56,8 @@ impl neruba_stage::Stage for Aggregator {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        let state = PartitionState::from_store(store, self.timing)?;
+        let mut state = PartitionState::from_store(store, self.timing)?;
+        self.check_meters(&mut state)?;
         tracing::info!(
             partition = state.partition,
             open_windows = state.open_windows(),
@@ -74,6 +76,17 @@ impl neruba_stage::Stage for Aggregator {
         state: &mut PartitionState,
         message: &BorrowedMessage<'_>,
     ) -> Result<()> {
+        if !state
+            .meters_kept_for
+            .as_ref()
+            .is_some_and(|kept| Arc::ptr_eq(kept, catalog))
+        {
+            // A reload: its meters were checked by the live catalog, which knows the shapes
+            // kept here ([`neruba_schemas::LiveCatalog::remember`]).
+            let mut kept = crate::meters::kept(state.store())?;
+            crate::meters::keep(state.store(), &mut kept, catalog)?;
+            state.meters_kept_for = Some(catalog.clone());
+        }
         match watermark_tick(message) {
             Some((tenant, watermark)) => state.apply_tick(message.offset(), tenant, watermark),
             None => state.apply(Input::of(message), catalog),
@@ -146,7 +159,32 @@ impl Aggregator {
             idle_timeout: config.idle_timeout,
             events_topic: config.stage.input_topic.clone(),
             rollups_topic: config.rollups_topic.clone(),
+            accept_meter_changes: config.accept_meter_changes,
         }
+    }
+
+    /// Refuses a partition whose state was built under a meter the catalog in force reshapes
+    /// (unless told to accept it), as a reload doing so is refused; then keeps the catalog's
+    /// shapes with the state, and has the live catalog remember those kept, so a reload is
+    /// checked against them too ([`crate::meters`]).
+    fn check_meters(&self, state: &mut PartitionState) -> Result<()> {
+        let catalog = self.catalog.current();
+        let mut kept = crate::meters::kept(state.store())?;
+        if let Err(change) = catalog.keeps_shapes(&kept) {
+            if !self.accept_meter_changes {
+                return Err(crate::Error::Catalog(format!(
+                    "partition {}: {change}, and its stored windows and period totals were \
+                     built under the meter as it was. Put the meter back as it was, or add the \
+                     new one under a new key; `--accept-meter-changes` takes the change as it is",
+                    state.partition
+                )));
+            }
+            tracing::warn!(partition = state.partition, %change, "Meter change accepted (--accept-meter-changes): the meter's periods count differently before and after it.");
+        }
+        self.catalog.remember(&kept);
+        crate::meters::keep(state.store(), &mut kept, &catalog)?;
+        state.meters_kept_for = Some(catalog);
+        Ok(())
     }
 
     /// Publishes what the partition counted since the last call.
@@ -266,6 +304,74 @@ impl neruba_stage::Sender<Output> for RollupSender {
 mod tests {
     use super::*;
     use neruba_schemas::codec;
+    use neruba_stage::Stage as _;
+
+    const METERED: &str = r#"
+[[tenants]]
+id = "acme"
+
+[[tenants.meters]]
+key = "tokens"
+event_type = "llm"
+aggregation = "sum"
+value = "$.tokens"
+group_by = { model = "$.model" }
+window = "1m"
+"#;
+
+    /// An aggregator under `catalog` opening partition 0 of `dir`.
+    fn open(
+        dir: &std::path::Path,
+        catalog: &str,
+        accept: bool,
+    ) -> (Aggregator, Result<PartitionState>) {
+        let mut config = Config::new("127.0.0.1:9", dir);
+        config.accept_meter_changes = accept;
+        let catalog = Catalog::from_toml_str(catalog, "test").expect("catalog");
+        let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+        let mut aggregator = Aggregator::new(&config, LiveCatalog::new(catalog), metrics);
+        let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+        let store = Store::open(dir, 0, &aggregator.store_options(), &cache).expect("store");
+        let state = aggregator.open(store);
+        (aggregator, state)
+    }
+
+    #[test]
+    fn a_restart_may_not_reshape_a_meter_its_state_was_built_under_as_a_reload_may_not() {
+        // Was: a restart took whatever catalog it was given (on Kubernetes every catalog change
+        // is one), so a new `group_by` started every series of the period again at zero.
+        let dir = tempfile::tempdir().expect("dir");
+        let regrouped = METERED.replace("group_by = { model = \"$.model\" }", "");
+        let removed = METERED.replace("key = \"tokens\"", "key = \"other\"");
+        let refusal = |state: Result<PartitionState>| match state {
+            Err(crate::Error::Catalog(message)) => message,
+            other => panic!("refused: {other:?}"),
+        };
+        assert!(open(dir.path(), METERED, false).1.is_ok());
+        let message = refusal(open(dir.path(), &regrouped, false).1);
+        assert!(
+            message.starts_with("partition 0: meter `acme/tokens` changes its group_by"),
+            "{message}"
+        );
+        // Removed, the meter's shape is still kept: it comes back only as it was.
+        assert!(open(dir.path(), &removed, false).1.is_ok());
+        let message = refusal(open(dir.path(), &regrouped, false).1);
+        assert!(message.contains("changes its group_by"), "{message}");
+        // A reload is checked against the kept shapes too, though the catalog the aggregator
+        // started with does not have the meter.
+        let (aggregator, state) = open(dir.path(), &removed, false);
+        assert!(state.is_ok());
+        let next = Catalog::from_toml_str(&regrouped, "test").expect("catalog");
+        assert_eq!(
+            aggregator.catalog.replace(next),
+            Err("meter `acme/tokens` changes its group_by".to_owned())
+        );
+        drop(state);
+        // Told to, the aggregator takes the change, and keeps the new shape from then on.
+        assert!(open(dir.path(), &regrouped, true).1.is_ok());
+        assert!(open(dir.path(), &regrouped, false).1.is_ok());
+        assert!(refusal(open(dir.path(), METERED, false).1).contains("changes its group_by"));
+    }
 
     fn event() -> neruba_schemas::Event {
         neruba_schemas::Event {

@@ -236,6 +236,8 @@ pub struct PartitionState {
     period_bytes_kept: usize,
     /// The billing period found last (see [`window::LastPeriod`]).
     last_period: Option<window::LastPeriod>,
+    /// The catalog whose meter shapes were last kept ([`crate::meters`]).
+    pub(crate) meters_kept_for: Option<std::sync::Arc<neruba_schemas::Catalog>>,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -387,6 +389,7 @@ impl PartitionState {
             spare: Vec::new(),
             period_bytes_kept: PERIOD_BYTES_KEPT,
             last_period: None,
+            meters_kept_for: None,
         })
     }
 

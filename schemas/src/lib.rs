@@ -33,7 +33,7 @@ pub mod window;
 /// `neruba/tests/openapi.rs`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-pub use catalog::{Catalog, LiveCatalog};
+pub use catalog::{Catalog, LiveCatalog, MeterShape, MeterShapes};
 pub use event::Event;
 pub use reject::{RefusalCode, RejectCode, Rejection};
 

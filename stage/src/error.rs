@@ -41,6 +41,10 @@ pub enum Error {
     },
     #[error("stage task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The catalog the stage was started with cannot run on its stored state (a meter shaped
+    /// otherwise than the state was built under): an operator must change one of them.
+    #[error("catalog: {0}")]
+    Catalog(String),
 }
 
 impl Error {
@@ -63,7 +67,8 @@ impl Error {
             | Self::Bug(_)
             | Self::Poisoned(_)
             | Self::Metrics(_)
-            | Self::StateDir { .. } => false,
+            | Self::StateDir { .. }
+            | Self::Catalog(_) => false,
         }
     }
 }

@@ -103,6 +103,13 @@ pub(crate) struct AggregatorArgs {
     /// `/readyz` turns false when an events partition is behind and has not moved for this long.
     #[arg(long, env = "NERUBA_AGGREGATOR_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) stuck_after: Duration,
+    /// Open partitions whose state was built under a meter the catalog reshapes (its
+    /// aggregation, window, billing period, event type, value, group_by or filters, or
+    /// `allow_negative` turned off), taking the change as it is: the meter's current periods
+    /// then count differently before and after it. Without it the aggregator refuses to start,
+    /// as a reload doing so is refused.
+    #[arg(long, env = "NERUBA_AGGREGATOR_ACCEPT_METER_CHANGES")]
+    pub(crate) accept_meter_changes: bool,
 }
 
 impl AggregatorArgs {
@@ -138,6 +145,7 @@ impl AggregatorArgs {
         config.stage.block_cache_bytes = self.block_cache_bytes;
         config.stage.index_in_cache = self.index_in_cache;
         config.stage.stuck_after = self.stuck_after;
+        config.accept_meter_changes = self.accept_meter_changes;
         if self.aggregator_workers == 0 {
             bail!("--aggregator-workers must be at least 1");
         }

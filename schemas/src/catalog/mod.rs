@@ -19,7 +19,7 @@ mod file;
 mod live;
 mod parse;
 
-pub use live::LiveCatalog;
+pub use live::{LiveCatalog, MeterShape, MeterShapes};
 
 use crate::codec::binary::Encoded;
 use crate::currency;
@@ -205,7 +205,7 @@ pub struct Meter {
 }
 
 /// One equality filter of a meter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filter {
     pub path: JsonPath,
     /// The scalar's text: strings as written, numbers by their exact text, `true`/`false`.
