@@ -11,13 +11,36 @@ use crate::keys;
 use crate::{Error, Result};
 use neruba_schemas::{Catalog, MeterShapes};
 use neruba_stage::Store;
+use serde::{Deserialize, Serialize};
 
-/// The shapes kept in `store` (none in state written before they were kept).
+/// The stored form: a version, then the shapes (postcard, whose fields are positional: a
+/// field or enum variant of [`neruba_schemas::MeterShape`] may only be appended).
+#[derive(Debug, Serialize, Deserialize)]
+struct Kept {
+    v: u8,
+    shapes: MeterShapes,
+}
+
+/// The shapes kept in `store`: none in state written before they were kept, nor in a record
+/// this build cannot read (logged: the check cannot be made, and a record nobody can read
+/// must not keep a partition from opening).
 pub fn kept(store: &Store) -> Result<MeterShapes> {
-    match store.get(keys::META_METERS)? {
-        None => Ok(MeterShapes::new()),
-        Some(bytes) => {
-            postcard::from_bytes(&bytes).map_err(|e| Error::corrupt("kept meter shapes", e))
+    let Some(bytes) = store.get(keys::META_METERS)? else {
+        return Ok(MeterShapes::new());
+    };
+    match postcard::from_bytes::<Kept>(&bytes) {
+        Ok(kept) if kept.v == 1 => Ok(kept.shapes),
+        Ok(kept) => {
+            tracing::warn!(
+                partition = store.partition(),
+                v = kept.v,
+                "Kept meter shapes of a version this build does not know; not checked, and written again as this catalog's."
+            );
+            Ok(MeterShapes::new())
+        }
+        Err(e) => {
+            tracing::warn!(partition = store.partition(), error = %e, "Kept meter shapes unreadable; not checked, and written again as this catalog's.");
+            Ok(MeterShapes::new())
         }
     }
 }
@@ -33,8 +56,13 @@ pub fn keep(store: &Store, kept: &mut MeterShapes, catalog: &Catalog) -> Result<
         }
     }
     if changed {
-        let bytes = postcard::to_stdvec(&*kept)
+        let record = Kept {
+            v: 1,
+            shapes: std::mem::take(kept),
+        };
+        let bytes = postcard::to_stdvec(&record)
             .map_err(|e| Error::Bug(format!("meter shapes encoding: {e}")))?;
+        *kept = record.shapes;
         store.put_now(keys::META_METERS, &bytes)?;
     }
     Ok(())

@@ -81,11 +81,10 @@ impl neruba_stage::Stage for Aggregator {
             .as_ref()
             .is_some_and(|kept| Arc::ptr_eq(kept, catalog))
         {
-            // A reload: its meters were checked by the live catalog, which knows the shapes
-            // kept here ([`neruba_schemas::LiveCatalog::remember`]).
-            let mut kept = crate::meters::kept(state.store())?;
-            crate::meters::keep(state.store(), &mut kept, catalog)?;
-            state.meters_kept_for = Some(catalog.clone());
+            // The partition's first message, or the first after a reload: the live catalog
+            // checked the reload against the shapes it knows, but a partition opened while it
+            // reloaded, or one kept otherwise than another, is checked here.
+            self.keep_meters(state, catalog)?;
         }
         match watermark_tick(message) {
             Some((tenant, watermark)) => state.apply_tick(message.offset(), tenant, watermark),
@@ -164,26 +163,45 @@ impl Aggregator {
     }
 
     /// Refuses a partition whose state was built under a meter the catalog in force reshapes
-    /// (unless told to accept it), as a reload doing so is refused; then keeps the catalog's
-    /// shapes with the state, and has the live catalog remember those kept, so a reload is
-    /// checked against them too ([`crate::meters`]).
+    /// (unless told to accept it), as a reload doing so is refused, and has the live catalog
+    /// remember the shapes kept with the state first, so a reload from then on is checked
+    /// against them too ([`crate::meters`]). The catalog's shapes are kept with the state at
+    /// the partition's first message ([`Self::keep_meters`]).
     fn check_meters(&self, state: &mut PartitionState) -> Result<()> {
-        let catalog = self.catalog.current();
-        let mut kept = crate::meters::kept(state.store())?;
-        if let Err(change) = catalog.keeps_shapes(&kept) {
-            if !self.accept_meter_changes {
-                return Err(crate::Error::Catalog(format!(
-                    "partition {}: {change}, and its stored windows and period totals were \
-                     built under the meter as it was. Put the meter back as it was, or add the \
-                     new one under a new key; `--accept-meter-changes` takes the change as it is",
-                    state.partition
-                )));
-            }
-            tracing::warn!(partition = state.partition, %change, "Meter change accepted (--accept-meter-changes): the meter's periods count differently before and after it.");
-        }
+        let kept = crate::meters::kept(state.store())?;
         self.catalog.remember(&kept);
-        crate::meters::keep(state.store(), &mut kept, &catalog)?;
-        state.meters_kept_for = Some(catalog);
+        self.accept_shapes(state.partition, &kept, &self.catalog.current())
+    }
+
+    /// Checks `catalog` against the shapes kept with the partition, then keeps its shapes too.
+    fn keep_meters(&self, state: &mut PartitionState, catalog: &Arc<Catalog>) -> Result<()> {
+        let mut kept = crate::meters::kept(state.store())?;
+        self.accept_shapes(state.partition, &kept, catalog)?;
+        crate::meters::keep(state.store(), &mut kept, catalog)?;
+        state.meters_kept_for = Some(catalog.clone());
+        Ok(())
+    }
+
+    /// Whether `catalog` may meter a partition whose state was built under `kept`: an error
+    /// saying which meter it reshapes, unless `--accept-meter-changes` (then a warning).
+    fn accept_shapes(
+        &self,
+        partition: i32,
+        kept: &neruba_schemas::MeterShapes,
+        catalog: &Catalog,
+    ) -> Result<()> {
+        let Err(change) = catalog.keeps_shapes(kept) else {
+            return Ok(());
+        };
+        if !self.accept_meter_changes {
+            return Err(crate::Error::Catalog(format!(
+                "partition {partition}: {change}, and its stored windows and period totals were \
+                 built under the meter as it was (it may have been removed since). Put the meter \
+                 back as it was, or add the new one under a new key; `--accept-meter-changes` \
+                 takes the change as it is"
+            )));
+        }
+        tracing::warn!(partition, %change, "Meter change accepted (--accept-meter-changes): the meter's periods count differently before and after it.");
         Ok(())
     }
 
@@ -332,7 +350,11 @@ window = "1m"
         let mut aggregator = Aggregator::new(&config, LiveCatalog::new(catalog), metrics);
         let cache = rocksdb::Cache::new_lru_cache(1 << 20);
         let store = Store::open(dir, 0, &aggregator.store_options(), &cache).expect("store");
-        let state = aggregator.open(store);
+        // Opened, then its first message (whose apply keeps the catalog's meter shapes).
+        let state = aggregator.open(store).and_then(|mut state| {
+            aggregator.keep_meters(&mut state, &aggregator.catalog.current())?;
+            Ok(state)
+        });
         (aggregator, state)
     }
 
@@ -360,17 +382,35 @@ window = "1m"
         // A reload is checked against the kept shapes too, though the catalog the aggregator
         // started with does not have the meter.
         let (aggregator, state) = open(dir.path(), &removed, false);
-        assert!(state.is_ok());
+        let mut state = state.expect("opened");
         let next = Catalog::from_toml_str(&regrouped, "test").expect("catalog");
         assert_eq!(
-            aggregator.catalog.replace(next),
+            aggregator.catalog.replace(next.clone()),
             Err("meter `acme/tokens` changes its group_by".to_owned())
         );
+        // And a catalog that reached a batch without that check (a reload while the
+        // partition opened) is checked at the partition's first message under it.
+        let message = match aggregator.keep_meters(&mut state, &Arc::new(next)) {
+            Err(crate::Error::Catalog(message)) => message,
+            other => panic!("refused: {other:?}"),
+        };
+        assert!(message.contains("changes its group_by"), "{message}");
         drop(state);
         // Told to, the aggregator takes the change, and keeps the new shape from then on.
         assert!(open(dir.path(), &regrouped, true).1.is_ok());
         assert!(open(dir.path(), &regrouped, false).1.is_ok());
         assert!(refusal(open(dir.path(), METERED, false).1).contains("changes its group_by"));
+        // A record this build cannot read keeps no partition from opening: its shapes are
+        // kept again from the catalog it opens with.
+        let (_, state) = open(dir.path(), &regrouped, false);
+        let state = state.expect("opened");
+        state
+            .store()
+            .put_now(crate::keys::META_METERS, b"\x07unknown")
+            .expect("put");
+        drop(state);
+        assert!(open(dir.path(), METERED, false).1.is_ok());
+        assert!(refusal(open(dir.path(), &regrouped, false).1).contains("changes its group_by"));
     }
 
     fn event() -> neruba_schemas::Event {

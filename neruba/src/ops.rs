@@ -64,8 +64,8 @@ pub fn serve(
 }
 
 /// Reloads the catalog from `path` on every SIGHUP until `shutdown`. A file that does not load,
-/// or that is not a compatible successor of the catalog in force (see
-/// [`neruba_schemas::Catalog::compatible_successor`]), is refused and the current catalog kept.
+/// or that reshapes a meter the component knows (see [`neruba_schemas::LiveCatalog::replace`]),
+/// is refused and the current catalog kept.
 /// Counts `neruba_catalog_reloads_total{result="applied"|"refused"}` in `registry`.
 pub fn reload_catalog_on_sighup(
     path: std::path::PathBuf,

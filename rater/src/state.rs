@@ -368,9 +368,11 @@ impl PartitionState {
     }
 
     /// Writes the last offset applied as handed, if outputs are about to be handed for
-    /// delivery: before they can reach the broker (see [`Self::catalog_for`]).
+    /// delivery, before they can reach the broker (see [`Self::catalog_for`]); or if a rerun
+    /// request's part is about to be written, so the request finishes under the catalog its
+    /// first parts were compared under, whether they emitted anything or not.
     pub fn before_handing(&mut self) -> Result<()> {
-        if self.outputs.is_empty() || self.applied <= self.handed {
+        if (self.outputs.is_empty() && !self.again) || self.applied <= self.handed {
             return Ok(());
         }
         if let Some(applied) = self.applied {

@@ -48,9 +48,9 @@ impl LiveCatalog {
         self.current.load_full()
     }
 
-    /// Replaces the catalog if `next` is compatible with the current one, with the meters
-    /// earlier reloads removed and with those remembered (see
-    /// [`Catalog::compatible_successor`]); otherwise keeps the current one and says why.
+    /// Replaces the catalog if `next` keeps the shape of every meter known (the current one's,
+    /// those earlier reloads removed, and those remembered: [`Catalog::keeps_shapes`]);
+    /// otherwise keeps the current one and says why.
     pub fn replace(&self, next: Catalog) -> Result<(), String> {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         next.keeps_shapes(&known)?;
@@ -87,6 +87,9 @@ impl From<Arc<Catalog>> for LiveCatalog {
 
 /// How a meter counts: what its stored windows and period totals were built under. A meter
 /// key that stays in a running pipeline keeps its shape ([`MeterShape::may_become`]).
+///
+/// The aggregator stores it with postcard, whose fields are positional: add fields, and
+/// variants to its enums, only at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterShape {
     pub aggregation: Aggregation,

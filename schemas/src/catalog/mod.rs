@@ -13,7 +13,8 @@
 //!   catalog must satisfy to load;
 //! - `file.rs`: [`Catalog::load`], reading a catalog file: the only IO in this crate;
 //! - `live.rs`: [`LiveCatalog`], the catalog a running component swaps on reload, and the rule
-//!   for which successor it accepts ([`Catalog::compatible_successor`]).
+//!   for which successor it accepts: every meter known keeps its shape ([`MeterShape`],
+//!   [`Catalog::keeps_shapes`]).
 
 mod file;
 mod live;
