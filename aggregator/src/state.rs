@@ -236,6 +236,8 @@ pub struct PartitionState {
     period_bytes_kept: usize,
     /// The billing period found last (see [`window::LastPeriod`]).
     last_period: Option<window::LastPeriod>,
+    /// The latest receive time of an event applied: how far the input has come, for expiry.
+    received_max: i64,
     /// The catalog whose meter shapes were last kept ([`crate::meters`]).
     pub(crate) meters_kept_for: Option<std::sync::Arc<neruba_schemas::Catalog>>,
 }
@@ -264,12 +266,21 @@ pub fn store_options(timing: Timing) -> StoreOptions {
         expiry: Some(std::sync::Arc::new(
             move |key: &[u8], value: &[u8], now_ms: i64| expired(key, value, now_ms, timing),
         )),
+        // The receive times the partition has come to, not the wall clock: an aggregator days
+        // behind would otherwise drop the dedup entries and windows of the events it has yet
+        // to read (until December 6, 2026: a repeat 35 days after its first copy counted
+        // again, and a window 35 days old started again at revision 1, after 1 and 2 days
+        // behind).
+        expiry_clock: neruba_stage::ExpiryClock::Progress,
     }
 }
 
-/// Whether compaction may drop this entry at wall time `now_ms`: a dedup entry a day past the
-/// dedup horizon, or a window record two days past the correction horizon (no event can reach
-/// it any more: it would be dead-lettered as too old). Everything else is kept.
+/// Whether compaction may drop this entry at `now_ms`, the earlier of the wall clock and the
+/// latest receive time the partition applied (an event read later was received at most a
+/// day or two before that, as the gateways' clocks and batching spread them): a dedup entry
+/// a day past the dedup horizon, or a window record two days past the correction horizon (no
+/// event can reach it any more: it would be dead-lettered as too old). Everything else is
+/// kept.
 pub fn expired(key: &[u8], value: &[u8], now_ms: i64, timing: Timing) -> bool {
     match keys::kind_of(key) {
         Some(b'D' | b'E') => keys::time_from(value)
@@ -389,6 +400,7 @@ impl PartitionState {
             spare: Vec::new(),
             period_bytes_kept: PERIOD_BYTES_KEPT,
             last_period: None,
+            received_max: i64::MIN,
             meters_kept_for: None,
         })
     }
@@ -658,6 +670,7 @@ impl PartitionState {
         catalog: &Catalog,
         known: Option<(Vec<u8>, Option<i64>)>,
     ) -> Result<()> {
+        self.received_max = self.received_max.max(event.received_ms);
         let Some(tenant) = catalog.tenant(&event.tenant) else {
             let rejection = Rejection::new(
                 RejectCode::UnknownTenant,
@@ -823,6 +836,7 @@ impl neruba_stage::Partition for PartitionState {
             }
         }
         self.store.write(batch)?;
+        self.store.advance_expiry_clock(self.received_max);
         // Written: the caches now equal the store.
         let mut kept = 0;
         for (key, cached) in &mut self.periods {
@@ -1242,6 +1256,52 @@ window = "1m"
         feed(&mut state, &catalog, &mut offset, &repeat);
         let counts = state.take_counts();
         assert_eq!((counts.applied, counts.duplicates), (1, 1));
+    }
+
+    #[test]
+    fn an_aggregator_days_behind_keeps_the_repeats_and_windows_its_input_still_needs() {
+        // Was: compaction expired by the wall clock, so an aggregator 3 days behind dropped
+        // the dedup entry and the window of events its input still held a repeat and a late
+        // event of: the repeat counted again, and the late event started its window again at
+        // revision 1 (which the rater takes for a repeat: its usage lost).
+        let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        let now = neruba_schemas::event::now_ms();
+        let first = (now - 37 * DAY_MS - 3_600_000) / 60_000 * 60_000;
+        let mut offset = 0;
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
+        feed(&mut state, &catalog, &mut offset, &tokens("e1", first, "5"));
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens("e2", first + 120_000, "1"),
+        );
+        assert_eq!(emitted(&mut state), [(first, Decimal::from(5), 1, 1)]);
+        state.commit().expect("commit");
+        state.store.db().flush().expect("flush");
+        state.store.db().compact_range::<&[u8], &[u8]>(None, None);
+        drop(state);
+
+        // Restarted 34 days of input later, 3 days behind the wall clock.
+        let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("reopen");
+        let later = first + 34 * DAY_MS;
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens_received("c1", "e1", first, later, "5"),
+        );
+        feed(
+            &mut state,
+            &catalog,
+            &mut offset,
+            &tokens_received("c1", "e5", first, later, "7"),
+        );
+        let counts = state.take_counts();
+        assert_eq!((counts.applied, counts.duplicates), (1, 1));
+        assert_eq!(emitted(&mut state), [(first, Decimal::from(12), 2, 2)]);
     }
 
     #[test]

@@ -226,6 +226,7 @@ pub fn store_options(retention: Retention) -> StoreOptions {
         expiry: Some(std::sync::Arc::new(
             move |key: &[u8], _value: &[u8], now_ms: i64| expired(key, now_ms, retention),
         )),
+        expiry_clock: neruba_stage::ExpiryClock::Wall,
     }
 }
 

@@ -34,7 +34,7 @@ mod worker;
 pub use error::{Error, Result};
 pub use gaps::SKIPPED_RECORDS_LOG;
 pub use neruba_kafka::health::ConsumerHealth;
-pub use store::{Store, StoreOptions, partition_dir, stored_offset};
+pub use store::{ExpiryClock, Store, StoreOptions, partition_dir, stored_offset};
 pub use worker::WorkerSlice;
 
 use rdkafka::error::KafkaError;

@@ -15,6 +15,11 @@
 //!   and the next write stores the plain form (a one-time migration, see
 //!   [`decode_offset`]).
 //!
+//! - expiry ([`StoreOptions::expiry`]) runs on the wall clock, or, for a stage that says how
+//!   far its input has come ([`ExpiryClock::Progress`], [`Store::advance_expiry_clock`]), on the
+//!   earlier of the wall clock and that: a stage days behind does not drop what the input it
+//!   has yet to read still needs.
+//!
 //! The WAL is written on every batch and not fsynced: a killed process loses nothing (the OS
 //! holds the pages); only a power loss can lose a tail, which is then replayed from Kafka.
 
@@ -26,6 +31,7 @@ use rocksdb::{
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 /// The key of the next offset to consume. Its first four bytes are a zero length, an empty
@@ -39,8 +45,20 @@ pub const OWNER_WAIT: Duration = Duration::from_secs(5);
 /// The file whose advisory lock marks the owner of a partition's state.
 const OWNER_FILE: &str = "NERUBA-OWNER";
 
-/// Whether compaction may drop the entry `(key, value)` at wall time `now_ms`.
+/// Whether compaction may drop the entry `(key, value)` at time `now_ms` (see
+/// [`ExpiryClock`]).
 pub type Expiry = dyn Fn(&[u8], &[u8], i64) -> bool + Send + Sync;
+
+/// The time [`Expiry`] is asked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpiryClock {
+    /// The wall clock.
+    #[default]
+    Wall,
+    /// The earlier of the wall clock and how far the stage says its input has come
+    /// ([`Store::advance_expiry_clock`]); nothing expires before it first says so.
+    Progress,
+}
 
 /// How a stage's partition stores are tuned.
 #[derive(Clone)]
@@ -60,6 +78,8 @@ pub struct StoreOptions {
     /// Expiry without a scan: compaction drops what this says is past retention. The stored
     /// offset is never offered to it.
     pub expiry: Option<Arc<Expiry>>,
+    /// The time `expiry` is asked at.
+    pub expiry_clock: ExpiryClock,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -70,6 +90,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("memtable_bloom", &self.memtable_bloom)
             .field("index_in_cache", &self.index_in_cache)
             .field("expiry", &self.expiry.is_some())
+            .field("expiry_clock", &self.expiry_clock)
             .finish()
     }
 }
@@ -82,12 +103,14 @@ impl Default for StoreOptions {
             memtable_bloom: false,
             index_in_cache: false,
             expiry: None,
+            expiry_clock: ExpiryClock::Wall,
         }
     }
 }
 
 impl StoreOptions {
-    fn rocksdb(&self, cache: &Cache) -> Options {
+    /// RocksDB's options; `progress` is the store's [`Store::advance_expiry_clock`].
+    fn rocksdb(&self, cache: &Cache, progress: &Arc<AtomicI64>) -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -113,8 +136,17 @@ impl StoreOptions {
         }
         opts.set_block_based_table_factory(&table);
         if let Some(expiry) = self.expiry.clone() {
+            let progress = (self.expiry_clock == ExpiryClock::Progress).then(|| progress.clone());
             opts.set_compaction_filter("neruba-expiry", move |_level, key: &[u8], value: &[u8]| {
-                if key != OFFSET_KEY && expiry(key, value, neruba_schemas::event::now_ms()) {
+                let wall = neruba_schemas::event::now_ms();
+                let now = match &progress {
+                    None => Some(wall),
+                    Some(progress) => match progress.load(Ordering::Relaxed) {
+                        i64::MIN => None,
+                        at => Some(at.min(wall)),
+                    },
+                };
+                if key != OFFSET_KEY && now.is_some_and(|now| expiry(key, value, now)) {
                     rocksdb::compaction_filter::Decision::Remove
                 } else {
                     rocksdb::compaction_filter::Decision::Keep
@@ -151,6 +183,9 @@ pub struct Store {
     next_offset: Option<i64>,
     /// The next offset changed since the last write.
     advanced: bool,
+    /// How far the stage's input has come, for [`ExpiryClock::Progress`] (`i64::MIN`: not
+    /// said yet); read by compaction's threads.
+    progress: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -196,7 +231,8 @@ impl Store {
         }
         // Its one column family named, so batched reads can address it
         // ([`Store::multi_get_sorted`]); the same database as opened without it.
-        let options = options.rocksdb(cache);
+        let progress = Arc::new(AtomicI64::new(i64::MIN));
+        let options = options.rocksdb(cache, &progress);
         let default = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, options.clone());
         let db = Arc::new(DB::open_cf_descriptors(&options, dir, [default])?);
         let next_offset = match db.get(OFFSET_KEY)? {
@@ -213,7 +249,14 @@ impl Store {
             _owner: owner,
             next_offset,
             advanced: false,
+            progress,
         })
+    }
+
+    /// Says the stage's input has come as far as `at_ms`, for [`ExpiryClock::Progress`]
+    /// (it never goes back).
+    pub fn advance_expiry_clock(&self, at_ms: i64) {
+        self.progress.fetch_max(at_ms, Ordering::Relaxed);
     }
 
     /// The input partition this state belongs to.
@@ -528,6 +571,42 @@ mod tests {
             "{seen:?}"
         );
         assert_eq!(stored_offset(dir.path()).expect("read"), Some(200));
+    }
+
+    #[test]
+    fn a_store_on_its_progress_clock_expires_nothing_past_it_or_before_it_is_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = neruba_schemas::event::now_ms();
+        let day = 86_400_000;
+        // A record expires once the clock is 10 days past the time it holds.
+        let options = StoreOptions {
+            expiry: Some(Arc::new(move |_key: &[u8], value: &[u8], now: i64| {
+                <[u8; 8]>::try_from(value).is_ok_and(|b| i64::from_be_bytes(b) < now - 10 * day)
+            })),
+            expiry_clock: ExpiryClock::Progress,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), 0, &options, &cache()).expect("open");
+        let old = now - 20 * day;
+        let compacted = |store: &Store| {
+            store
+                .put_now(b"\0\0\0\x01k", &old.to_be_bytes())
+                .expect("put");
+            store.db().flush().expect("flush");
+            store.db().compact_range::<&[u8], &[u8]>(None, None);
+            store.get(b"\0\0\0\x01k").expect("get").is_some()
+        };
+        // Not said yet: kept, though the wall clock is 20 days past it.
+        assert!(compacted(&store));
+        // The input has come to 15 days ago: 5 days past it, kept.
+        store.advance_expiry_clock(now - 15 * day);
+        assert!(compacted(&store));
+        // The clock never goes back.
+        store.advance_expiry_clock(now - 30 * day);
+        assert!(compacted(&store));
+        // Up to now: dropped. And no further than the wall clock, however far it is said to be.
+        store.advance_expiry_clock(i64::MAX);
+        assert!(!compacted(&store));
     }
 
     #[test]
