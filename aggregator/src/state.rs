@@ -238,6 +238,9 @@ pub struct PartitionState {
     last_period: Option<window::LastPeriod>,
     /// The latest receive time of an event applied: how far the input has come, for expiry.
     received_max: i64,
+    /// A day past the wall clock at the last write: an event received later than that (a
+    /// gateway's clock far ahead) does not move `received_max`, which never goes back.
+    received_cap: i64,
     /// The catalog whose meter shapes were last kept ([`crate::meters`]).
     pub(crate) meters_kept_for: Option<std::sync::Arc<neruba_schemas::Catalog>>,
 }
@@ -276,21 +279,23 @@ pub fn store_options(timing: Timing) -> StoreOptions {
 }
 
 /// Whether compaction may drop this entry at `now_ms`, the earlier of the wall clock and the
-/// latest receive time the partition applied (an event read later was received at most a
-/// day or two before that, as the gateways' clocks and batching spread them): a dedup entry
+/// latest receive time the partition applied (an event read later may have been received up
+/// to about a day before that, as the gateways' clocks and batching spread them): a dedup entry
 /// a day past the dedup horizon, or a window record two days past the correction horizon (no
 /// event can reach it any more: it would be dead-lettered as too old). Everything else is
 /// kept.
 pub fn expired(key: &[u8], value: &[u8], now_ms: i64, timing: Timing) -> bool {
     match keys::kind_of(key) {
-        Some(b'D' | b'E') => keys::time_from(value)
-            .is_some_and(|t| t < now_ms - timing.dedup_horizon_ms.saturating_add(DAY_MS)),
+        Some(b'D' | b'E') => keys::time_from(value).is_some_and(|t| {
+            t < now_ms.saturating_sub(timing.dedup_horizon_ms.saturating_add(DAY_MS))
+        }),
         Some(b'W') => key
             .len()
             .checked_sub(8)
             .and_then(|at| keys::time_from(&key[at..]))
             .is_some_and(|start| {
-                start < now_ms - timing.correction_horizon_ms.saturating_add(2 * DAY_MS)
+                start
+                    < now_ms.saturating_sub(timing.correction_horizon_ms.saturating_add(2 * DAY_MS))
             }),
         _ => false,
     }
@@ -401,6 +406,7 @@ impl PartitionState {
             period_bytes_kept: PERIOD_BYTES_KEPT,
             last_period: None,
             received_max: i64::MIN,
+            received_cap: neruba_schemas::event::now_ms().saturating_add(DAY_MS),
             meters_kept_for: None,
         })
     }
@@ -670,7 +676,9 @@ impl PartitionState {
         catalog: &Catalog,
         known: Option<(Vec<u8>, Option<i64>)>,
     ) -> Result<()> {
-        self.received_max = self.received_max.max(event.received_ms);
+        if event.received_ms <= self.received_cap {
+            self.received_max = self.received_max.max(event.received_ms);
+        }
         let Some(tenant) = catalog.tenant(&event.tenant) else {
             let rejection = Rejection::new(
                 RejectCode::UnknownTenant,
@@ -837,6 +845,7 @@ impl neruba_stage::Partition for PartitionState {
         }
         self.store.write(batch)?;
         self.store.advance_expiry_clock(self.received_max);
+        self.received_cap = neruba_schemas::event::now_ms().saturating_add(DAY_MS);
         // Written: the caches now equal the store.
         let mut kept = 0;
         for (key, cached) in &mut self.periods {
@@ -1263,12 +1272,20 @@ window = "1m"
         // Was: compaction expired by the wall clock, so an aggregator 3 days behind dropped
         // the dedup entry and the window of events its input still held a repeat and a late
         // event of: the repeat counted again, and the late event started its window again at
-        // revision 1 (which the rater takes for a repeat: its usage lost).
+        // revision 1 (which the rater may take for a repeat).
         let catalog = Catalog::from_toml_str(TOKENS, "test").expect("catalog");
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::new_lru_cache(1 << 20);
         let now = neruba_schemas::event::now_ms();
         let first = (now - 37 * DAY_MS - 3_600_000) / 60_000 * 60_000;
+        let dedup = keys::dedup("acme", "c1", "e1");
+        let window = keys::window("acme", &keys::series("tokens", "c1", "{}"), first);
+        let compacted = |state: &PartitionState| {
+            state.store.db().flush().expect("flush");
+            state.store.db().compact_range::<&[u8], &[u8]>(None, None);
+            let held = |key: &[u8]| state.store.db().get(key).expect("get").is_some();
+            (held(&dedup), held(&window))
+        };
         let mut offset = 0;
         let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("open");
         feed(&mut state, &catalog, &mut offset, &tokens("e1", first, "5"));
@@ -1280,13 +1297,24 @@ window = "1m"
         );
         assert_eq!(emitted(&mut state), [(first, Decimal::from(5), 1, 1)]);
         state.commit().expect("commit");
-        state.store.db().flush().expect("flush");
-        state.store.db().compact_range::<&[u8], &[u8]>(None, None);
+        assert_eq!(compacted(&state), (true, true));
         drop(state);
 
-        // Restarted 34 days of input later, 3 days behind the wall clock.
+        // Restarted; 34 days of input later (3 days behind the wall clock), compacted again
+        // at that point: the repeat and the late event still find what they need.
         let mut state = PartitionState::open(dir.path(), 0, TIMING, &cache).expect("reopen");
+        assert_eq!(
+            compacted(&state),
+            (true, true),
+            "nothing expires before a write"
+        );
         let later = first + 34 * DAY_MS;
+        let other = tokens_received("c2", "e3", later, later, "1");
+        feed(&mut state, &catalog, &mut offset, &other);
+        state.commit().expect("commit");
+        let _ = emitted(&mut state);
+        let _ = state.take_counts();
+        assert_eq!(compacted(&state), (true, true));
         feed(
             &mut state,
             &catalog,
@@ -1302,6 +1330,22 @@ window = "1m"
         let counts = state.take_counts();
         assert_eq!((counts.applied, counts.duplicates), (1, 1));
         assert_eq!(emitted(&mut state), [(first, Decimal::from(12), 2, 2)]);
+        state.commit().expect("commit");
+
+        // A gateway's clock far ahead does not move the input's clock (which the wall clock
+        // would then bound: both would go).
+        let ahead = tokens_received("c3", "e7", later, now + 10 * DAY_MS, "1");
+        feed(&mut state, &catalog, &mut offset, &ahead);
+        state.commit().expect("commit");
+        let _ = emitted(&mut state);
+        assert_eq!(compacted(&state), (true, true));
+
+        // Past both horizons by the input (and the wall clock), both go.
+        let past = first + 37 * DAY_MS + 60_000;
+        let gone = tokens_received("c2", "e6", past, past, "1");
+        feed(&mut state, &catalog, &mut offset, &gone);
+        state.commit().expect("commit");
+        assert_eq!(compacted(&state), (false, false));
     }
 
     #[test]

@@ -587,26 +587,31 @@ mod tests {
             ..StoreOptions::default()
         };
         let store = Store::open(dir.path(), 0, &options, &cache()).expect("open");
-        let old = now - 20 * day;
-        let compacted = |store: &Store| {
+        let kept = |store: &Store, at: i64| {
             store
-                .put_now(b"\0\0\0\x01k", &old.to_be_bytes())
+                .put_now(b"\0\0\0\x01k", &at.to_be_bytes())
                 .expect("put");
             store.db().flush().expect("flush");
             store.db().compact_range::<&[u8], &[u8]>(None, None);
             store.get(b"\0\0\0\x01k").expect("get").is_some()
         };
+        let old = now - 20 * day;
         // Not said yet: kept, though the wall clock is 20 days past it.
-        assert!(compacted(&store));
+        assert!(kept(&store, old));
         // The input has come to 15 days ago: 5 days past it, kept.
         store.advance_expiry_clock(now - 15 * day);
-        assert!(compacted(&store));
-        // The clock never goes back.
+        assert!(kept(&store, old));
+        // To 5 days ago: 15 days past it, dropped; and still so once told an earlier time,
+        // since the clock never goes back.
+        store.advance_expiry_clock(now - 5 * day);
+        assert!(!kept(&store, old));
         store.advance_expiry_clock(now - 30 * day);
-        assert!(compacted(&store));
-        // Up to now: dropped. And no further than the wall clock, however far it is said to be.
+        assert!(!kept(&store, old));
+        // No further than the wall clock, however far it is said to be: a record 9 days old
+        // by the wall clock is kept.
         store.advance_expiry_clock(i64::MAX);
-        assert!(!compacted(&store));
+        assert!(kept(&store, now - 9 * day));
+        assert!(!kept(&store, old));
     }
 
     #[test]
