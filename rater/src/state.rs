@@ -894,25 +894,50 @@ model = { type = "unit", unit_price = "0.03" }
             .collect()
     }
 
+    /// A partition's directory and the rerun catalog's two versions (version 2 in force from
+    /// November 2026).
+    struct Versions {
+        dir: tempfile::TempDir,
+        cache: Cache,
+        v1: Arc<Catalog>,
+        v2: Arc<Catalog>,
+    }
+
+    impl Versions {
+        fn new() -> Self {
+            let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
+            Self {
+                dir: tempfile::tempdir().expect("dir"),
+                cache: Cache::new_lru_cache(1 << 20),
+                v1: Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1")),
+                v2: Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2")),
+            }
+        }
+
+        fn open(&self) -> Result<PartitionState> {
+            PartitionState::open(self.dir.path(), 0, &self.cache, Retention::default())
+        }
+
+        /// The partition with one window priced under version 1, and written.
+        fn rated_once(&self) -> PartitionState {
+            let mut state = self.open().expect("open");
+            let items = price(&mut state, &self.v1, 0, &november_window("c", 0, 10, 10));
+            assert_eq!(version(&items), [1]);
+            state.commit().expect("commit");
+            state
+        }
+    }
+
     #[test]
     fn a_batch_sent_but_not_written_is_priced_again_under_the_catalog_it_was_sent_under() {
         // Was: a restart with a changed catalog (here the rerun recipe's version 2 of the
         // plan, in force from the period's first day) priced the replay under the new one: the
         // window sent under version 1 was sent again under version 2, another id, and both
         // counted.
-        let dir = tempfile::tempdir().expect("dir");
-        let cache = Cache::new_lru_cache(1 << 20);
-        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
-        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
-        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
-        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
-
-        let mut state = open().expect("open");
-        assert_eq!(
-            version(&price(&mut state, &v1, 0, &november_window("c", 0, 10, 10))),
-            [1]
-        );
-        state.commit().expect("commit");
+        let versions = Versions::new();
+        let (v1, v2) = (versions.v1.clone(), versions.v2.clone());
+        let open = || versions.open();
+        let mut state = versions.rated_once();
         // A batch sent, then the rater stops before writing it.
         let sent = price(&mut state, &v1, 1, &november_window("c", 1, 5, 15));
         assert_eq!(version(&sent), [1]);
@@ -953,19 +978,10 @@ model = { type = "unit", unit_price = "0.03" }
 
     #[test]
     fn a_reload_is_kept_from_its_first_message_before_anything_priced_under_it_is_sent() {
-        let dir = tempfile::tempdir().expect("dir");
-        let cache = Cache::new_lru_cache(1 << 20);
-        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
-        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
-        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
-        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
-
-        let mut state = open().expect("open");
-        assert_eq!(
-            version(&price(&mut state, &v1, 0, &november_window("c", 0, 10, 10))),
-            [1]
-        );
-        state.commit().expect("commit");
+        let versions = Versions::new();
+        let (v1, v2) = (versions.v1.clone(), versions.v2.clone());
+        let open = || versions.open();
+        let mut state = versions.rated_once();
         // Reloaded while running: the next batch is priced under version 2 and sent, and the
         // rater stops before writing it.
         let sent = price(&mut state, &v2, 1, &november_window("c", 1, 5, 15));
@@ -1012,12 +1028,9 @@ model = { type = "unit", unit_price = "0.03" }
 
     #[test]
     fn a_log_gone_back_or_a_kept_catalog_that_no_longer_loads_takes_the_live_catalog() {
-        let dir = tempfile::tempdir().expect("dir");
-        let cache = Cache::new_lru_cache(1 << 20);
-        let open = || PartitionState::open(dir.path(), 0, &cache, Retention::default());
-        let v1 = Arc::new(Catalog::from_toml_str(RERUN_CATALOG, "v1").expect("v1"));
-        let corrected = format!("{RERUN_CATALOG}{RERUN_CORRECTION}");
-        let v2 = Arc::new(Catalog::from_toml_str(&corrected, "v2").expect("v2"));
+        let versions = Versions::new();
+        let (v1, v2) = (versions.v1.clone(), versions.v2.clone());
+        let open = || versions.open();
         let mut state = open().expect("open");
         for offset in 0..3 {
             let minute = offset;
