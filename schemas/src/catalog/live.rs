@@ -143,7 +143,11 @@ impl MeterShape {
                 humantime::format_duration(next.window)
             ));
         }
-        if (next.anchor_day, &next.time_zone) != (self.anchor_day, &self.time_zone) {
+        // The same offset written another way (`UTC`, `Z`, `+00:00`) bounds the same periods.
+        let zone = |shape: &MeterShape| {
+            super::parse_fixed_offset(&shape.time_zone).ok_or_else(|| shape.time_zone.clone())
+        };
+        if (next.anchor_day, zone(next)) != (self.anchor_day, zone(self)) {
             return Err(format!("meter `{name}` changes its billing period"));
         }
         // Which events it counts, what it reads of them and how it splits them: a period's
@@ -316,6 +320,37 @@ mod tests {
             allowing.compatible_successor(&current),
             Err("meter `acme/tokens` stops allowing negative values (`allow_negative`)".to_owned())
         );
+    }
+
+    #[test]
+    fn a_billing_period_written_another_way_is_the_same_period() {
+        // Was: the time zones were compared as text, so `UTC` rewritten as `+00:00` was refused
+        // as a change of billing period, and a restart under it refused to open.
+        let parse = |text: &str| Catalog::from_toml_str(text, "test.toml").expect("catalog");
+        let period = |anchor_day: i64, time_zone: &'static str| {
+            parse(&with_first_meter(&|m| {
+                let mut table = toml::Table::new();
+                table.insert("anchor_day".into(), anchor_day.into());
+                table.insert("time_zone".into(), time_zone.into());
+                m.insert("billing_period".into(), table.into());
+            }))
+        };
+        let utc = period(1, "UTC");
+        for same in ["+00:00", "-00:00", "Z"] {
+            assert_eq!(utc.compatible_successor(&period(1, same)), Ok(()), "{same}");
+            assert_eq!(period(1, same).compatible_successor(&utc), Ok(()), "{same}");
+        }
+        for (anchor_day, time_zone) in [(1, "+01:00"), (1, "-00:30"), (2, "UTC")] {
+            assert_eq!(
+                utc.compatible_successor(&period(anchor_day, time_zone)),
+                Err("meter `acme/tokens` changes its billing period".to_owned()),
+                "{anchor_day} {time_zone}"
+            );
+        }
+        // A kept shape, as an aggregator's state holds it, is compared the same way.
+        let mut kept = utc.tenants()[0].meters[0].shape();
+        kept.time_zone = "+00:00".to_owned();
+        assert_eq!(kept.may_become(&utc.tenants()[0].meters[0].shape(), "m"), Ok(()));
     }
 
     #[test]
