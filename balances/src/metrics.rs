@@ -73,6 +73,9 @@ impl Metrics {
         ] {
             m.refused.with_label_values(&[code]);
         }
+        for code in crate::state::DeadLetterCode::ALL {
+            m.dead_letters.with_label_values(&[code.as_str()]);
+        }
         Ok(m)
     }
 }

@@ -117,6 +117,42 @@ impl neruba_stage::AsDeadLetter for Output {
     }
 }
 
+/// Why the stage dead-letters a ledger record it cannot read: the `neruba-reject-code` header
+/// and the metric's `code` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeadLetterCode {
+    InvalidGrant,
+    InvalidVoid,
+    InvalidTick,
+    InvalidRule,
+    InvalidLineItem,
+    UnknownRecord,
+}
+
+impl DeadLetterCode {
+    /// Every code: the metric's series start at 0 with them, so an alert on their increase
+    /// sees the first one.
+    pub const ALL: [Self; 6] = [
+        Self::InvalidGrant,
+        Self::InvalidVoid,
+        Self::InvalidTick,
+        Self::InvalidRule,
+        Self::InvalidLineItem,
+        Self::UnknownRecord,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidGrant => "invalid_grant",
+            Self::InvalidVoid => "invalid_void",
+            Self::InvalidTick => "invalid_tick",
+            Self::InvalidRule => "invalid_rule",
+            Self::InvalidLineItem => "invalid_line_item",
+            Self::UnknownRecord => "unknown_record",
+        }
+    }
+}
+
 /// Per-batch counts, published by the stage.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counts {
@@ -1188,7 +1224,8 @@ impl PartitionState {
         }
     }
 
-    fn refuse(&mut self, input: Input<'_>, code: &'static str, message: String) {
+    fn refuse(&mut self, input: Input<'_>, code: DeadLetterCode, message: String) {
+        let code = code.as_str();
         *self.counts.dead_letters.entry(code).or_default() += 1;
         self.outputs.push(Output::DeadLetter(DeadLetter::refusing(
             input, code, message,
@@ -1227,13 +1264,13 @@ impl PartitionState {
                 Ok(_) => {
                     self.refuse(
                         input,
-                        "invalid_grant",
+                        DeadLetterCode::InvalidGrant,
                         "the grant's id is not its key's".into(),
                     );
                     Ok(())
                 }
                 Err(e) => {
-                    self.refuse(input, "invalid_grant", e.to_string());
+                    self.refuse(input, DeadLetterCode::InvalidGrant, e.to_string());
                     Ok(())
                 }
             },
@@ -1245,7 +1282,7 @@ impl PartitionState {
                     Ok(())
                 }
                 Err(e) => {
-                    self.refuse(input, "invalid_void", e.to_string());
+                    self.refuse(input, DeadLetterCode::InvalidVoid, e.to_string());
                     Ok(())
                 }
             },
@@ -1254,7 +1291,7 @@ impl PartitionState {
                     Ok(tick) if tick.finalize_after_ms.is_some_and(|d| d < 0) => {
                         self.refuse(
                             input,
-                            "invalid_tick",
+                            DeadLetterCode::InvalidTick,
                             "a negative finalisation delay".into(),
                         );
                         true
@@ -1266,7 +1303,7 @@ impl PartitionState {
                             .unwrap_or(credit::DEFAULT_FINALIZE_AFTER_MS),
                     )?,
                     Err(e) => {
-                        self.refuse(input, "invalid_tick", e.to_string());
+                        self.refuse(input, DeadLetterCode::InvalidTick, e.to_string());
                         true
                     }
                 };
@@ -1288,7 +1325,7 @@ impl PartitionState {
                 {
                     self.refuse(
                         input,
-                        "invalid_rule",
+                        DeadLetterCode::InvalidRule,
                         "no tenant, customer or currency, a negative threshold, or a recharge \
                          target not above it"
                             .into(),
@@ -1303,14 +1340,14 @@ impl PartitionState {
                     Ok(())
                 }
                 Err(e) => {
-                    self.refuse(input, "invalid_rule", e.to_string());
+                    self.refuse(input, DeadLetterCode::InvalidRule, e.to_string());
                     Ok(())
                 }
             },
             Record::Unknown => {
                 self.refuse(
                     input,
-                    "unknown_record",
+                    DeadLetterCode::UnknownRecord,
                     "unknown `neruba-record` header".into(),
                 );
                 Ok(())
@@ -1337,7 +1374,7 @@ impl PartitionState {
             {
                 self.refuse(
                     input,
-                    "invalid_line_item",
+                    DeadLetterCode::InvalidLineItem,
                     "an amount outside ±10^18, or no currency, tenant or customer".into(),
                 );
                 Ok(None)
@@ -1347,7 +1384,7 @@ impl PartitionState {
                 Ok(Some(item))
             }
             Err(e) => {
-                self.refuse(input, "invalid_line_item", e.to_string());
+                self.refuse(input, DeadLetterCode::InvalidLineItem, e.to_string());
                 Ok(None)
             }
         }

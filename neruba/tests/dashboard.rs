@@ -2,7 +2,9 @@
 //! running pipeline, and every query of every panel in `k8s/dashboards/neruba.json` must
 //! return data: at least one sample that is a number (a quantile of histograms that observed
 //! nothing is NaN, which Grafana draws as nothing). The traffic is events through the gateway and
-//! reads from the api.
+//! reads from the api. The same Prometheus loads the alerting rules of `k8s/alerts.yaml`: each
+//! must evaluate without error, and every metric of the pipeline's they read must have a series
+//! (a rule reading a metric that is not exported, or not yet at 0, would never fire).
 //!
 //! Prometheus is Debian's `prometheus` package (`./scripts/prereqs.sh` installs it), or the
 //! binary `NERUBA_PROMETHEUS` names. Everything listens on 127.0.0.1 ports chosen here.
@@ -10,7 +12,7 @@
 mod common;
 
 use anyhow::{Context, Result, bail};
-use common::{Proc, free_port, start_dev};
+use common::{Proc, alert_rules, free_port, start_dev};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,6 +45,27 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
         for target in panel["targets"].as_array().context("targets")? {
             let expr = target["expr"].as_str().context("expr")?;
             queries.push((title.to_owned(), expr.to_owned()));
+        }
+    }
+    Ok(queries)
+}
+
+/// For each metric of the pipeline's an alert reads, `(alert, a query with data while the
+/// metric has a series)`.
+fn alert_metric_queries() -> Result<Vec<(String, String)>> {
+    let spec: serde_yaml::Value = serde_yaml::from_str(&alert_rules()?)?;
+    let mut queries = Vec::new();
+    for group in spec["groups"].as_sequence().context("groups")? {
+        for rule in group["rules"].as_sequence().context("rules")? {
+            let alert = rule["alert"].as_str().context("alert")?;
+            let expr = rule["expr"].as_str().context("expr")?;
+            for metric in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("neruba_"))
+            {
+                let query = format!("count({{__name__=\"{metric}\"}})");
+                queries.push((format!("alert {alert}"), query));
+            }
         }
     }
     Ok(queries)
@@ -97,11 +120,15 @@ async fn query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result
 fn start_prometheus(work: &Path, target: &str) -> Result<(Proc, String)> {
     let port = free_port()?;
     let config = work.join("prometheus.yml");
+    let rules = work.join("rules.yaml");
+    std::fs::write(&rules, alert_rules()?)?;
     std::fs::write(
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: neruba\n    static_configs:\n      - targets: ['{target}']\n"
+             rule_files: ['{}']\n\
+             scrape_configs:\n  - job_name: neruba\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.display()
         ),
     )?;
     let args = vec![
@@ -115,7 +142,7 @@ fn start_prometheus(work: &Path, target: &str) -> Result<(Proc, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<()> {
+async fn every_dashboard_query_and_alerting_rule_works_in_a_real_prometheus() -> Result<()> {
     let queries = dashboard_queries()?;
     assert!(
         queries.len() >= 14,
@@ -129,7 +156,12 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
     }
     let work = tempfile::tempdir()?;
     let state = work.path().join("state").display().to_string();
-    let (mut pipeline, base, api) = start_dev(work.path(), &["--state-dir", &state]).await?;
+    // From a file, as every deployed component reads it: what reloads it is then running too.
+    let catalog = work.path().join("catalog.toml");
+    std::fs::write(&catalog, neruba::sample::CATALOG_TOML)?;
+    let catalog = catalog.display().to_string();
+    let (mut pipeline, base, api) =
+        start_dev(work.path(), &["--state-dir", &state, "--catalog", &catalog]).await?;
     let listen = base.trim_start_matches("http://").to_owned();
     let client = reqwest::Client::new();
     let (mut prometheus, prometheus_url) = start_prometheus(work.path(), &listen)?;
@@ -153,7 +185,13 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
     }
 
     // Traffic keeps flowing while Prometheus scrapes, so rates and quantiles have samples.
-    let mut missing: Vec<(String, String)> = queries.clone();
+    let alert_metrics = alert_metric_queries()?;
+    assert!(
+        alert_metrics.len() >= 15,
+        "the alerts read fewer metrics: {alert_metrics:?}"
+    );
+    let mut missing: Vec<(String, String)> =
+        queries.iter().chain(&alert_metrics).cloned().collect();
     let mut round = 0;
     let started = Instant::now();
     while !missing.is_empty() && started.elapsed() < Duration::from_secs(90) {
@@ -202,13 +240,40 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() -> Result<(
         .iter()
         .map(|(title, expr)| format!("{title}: {expr}"))
         .collect();
+    let rules: Value = client
+        .get(format!("{prometheus_url}/api/v1/rules"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let evaluated: Vec<(String, String)> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+        .map(|rule| {
+            let error = rule["lastError"].as_str().unwrap_or_default();
+            (
+                rule["name"].as_str().unwrap_or_default().to_owned(),
+                format!("{} {error}", rule["health"].as_str().unwrap_or_default()),
+            )
+        })
+        .collect();
     let prometheus_log = prometheus.log_tail(10);
     prometheus.kill()?;
     pipeline.kill()?;
     assert!(
         missing.is_empty(),
-        "dashboard queries without data after {round} rounds:\n{}\nprometheus:\n{prometheus_log}",
+        "dashboard and alert queries without data after {round} rounds:\n{}\nprometheus:\n{prometheus_log}",
         lines.join("\n")
+    );
+    let unhealthy: Vec<&(String, String)> = evaluated
+        .iter()
+        .filter(|(_, health)| health.trim() != "ok")
+        .collect();
+    assert!(
+        evaluated.len() >= 15 && unhealthy.is_empty(),
+        "alerting rules loaded and evaluated: {evaluated:?}\nprometheus:\n{prometheus_log}"
     );
     Ok(())
 }

@@ -371,3 +371,13 @@ fn dev_banner(pipeline: &Proc, label: &str) -> Result<String> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The alerting rules of `k8s/alerts.yaml` (a PrometheusRule's `spec`) as a Prometheus rules
+/// file.
+pub(crate) fn alert_rules() -> Result<String> {
+    let rule: serde_yaml::Value = serde_yaml::from_str(include_str!("../../../k8s/alerts.yaml"))?;
+    if rule["kind"] != "PrometheusRule" {
+        bail!("k8s/alerts.yaml is not a PrometheusRule");
+    }
+    Ok(serde_yaml::to_string(&rule["spec"])?)
+}

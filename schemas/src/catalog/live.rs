@@ -350,7 +350,10 @@ mod tests {
         // A kept shape, as an aggregator's state holds it, is compared the same way.
         let mut kept = utc.tenants()[0].meters[0].shape();
         kept.time_zone = "+00:00".to_owned();
-        assert_eq!(kept.may_become(&utc.tenants()[0].meters[0].shape(), "m"), Ok(()));
+        assert_eq!(
+            kept.may_become(&utc.tenants()[0].meters[0].shape(), "m"),
+            Ok(())
+        );
     }
 
     #[test]
