@@ -125,6 +125,11 @@ impl Metrics {
                 .with_label_values(&["rejected", code.as_str()]);
         }
         metrics.dedup_hits.with_label_values(&["gateway"]);
+        // The statuses the failing-ingest alert counts, at 0 before the first (it reads their
+        // rate, which needs a sample before the increase).
+        for status in ["200", "500", "503"] {
+            metrics.requests.with_label_values(&[status]);
+        }
         for route in ["grant", "void", "rule_put", "rule_delete"] {
             metrics.credit_requests.with_label_values(&[route, "202"]);
         }

@@ -44,6 +44,7 @@ pub struct ConsumerHealth {
     store_memory: IntGaugeVec,
     block_cache: IntGaugeVec,
     fetch_queue: IntGaugeVec,
+    reachable: IntGaugeVec,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,7 +123,17 @@ impl ConsumerHealth {
         registry.register(Box::new(store_pending_compaction.clone()))?;
         registry.register(Box::new(store_memory.clone()))?;
         registry.register(Box::new(block_cache.clone()))?;
+        let reachable = IntGaugeVec::new(
+            Opts::new(
+                "neruba_consumer_broker_reachable",
+                "1 while the stage's broker answers its metadata probe (every second), 0 while \
+                 it does not (the stage is then not ready and reads nothing).",
+            ),
+            &["consumer"],
+        )?;
         registry.register(Box::new(fetch_queue.clone()))?;
+        registry.register(Box::new(reachable.clone()))?;
+        reachable.with_label_values(&[consumer]).set(1);
         Ok(Arc::new(Self {
             consumer,
             topic: topic.to_owned(),
@@ -140,6 +151,7 @@ impl ConsumerHealth {
             store_memory,
             block_cache,
             fetch_queue,
+            reachable,
         }))
     }
 
@@ -279,6 +291,9 @@ impl ConsumerHealth {
 
     pub fn set_broker_reachable(&self, reachable: bool) {
         let was = self.broker_reachable.swap(reachable, Ordering::Relaxed);
+        self.reachable
+            .with_label_values(&[self.consumer])
+            .set(i64::from(reachable));
         if was != reachable {
             tracing::info!(
                 consumer = self.consumer,
@@ -465,12 +480,24 @@ mod tests {
 
     #[test]
     fn an_unreachable_broker_or_a_failed_store_makes_it_unready() {
-        let health = ConsumerHealth::new("rater", "t", Duration::from_secs(60), &Registry::new())
+        let registry = Registry::new();
+        let health = ConsumerHealth::new("rater", "t", Duration::from_secs(60), &registry)
             .expect("register");
-        assert_eq!(health.check(), Ok(()));
+        let reachable = || {
+            labelled(
+                &registry,
+                "neruba_consumer_broker_reachable",
+                &[("consumer", "rater")],
+            )
+        };
+        assert_eq!((health.check(), reachable()), (Ok(()), Some(1)));
         health.set_broker_reachable(false);
-        assert_eq!(health.check(), Err("broker unreachable".to_owned()));
+        assert_eq!(
+            (health.check(), reachable()),
+            (Err("broker unreachable".to_owned()), Some(0))
+        );
         health.set_broker_reachable(true);
+        assert_eq!(reachable(), Some(1));
         health.store_failed("IO error: No space left on device");
         assert_eq!(
             health.check(),

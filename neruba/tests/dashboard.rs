@@ -50,25 +50,32 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
     Ok(queries)
 }
 
-/// For each metric of the pipeline's an alert reads, `(alert, a query with data while the
-/// metric has a series)`.
+/// For each selector of a pipeline's metric an alert reads (its name and label matchers),
+/// `(alert, a query with data while the selector has a series)`.
 fn alert_metric_queries() -> Result<Vec<(String, String)>> {
     let spec: serde_yaml::Value = serde_yaml::from_str(&alert_rules()?)?;
-    let mut queries = Vec::new();
+    let mut queries = std::collections::BTreeSet::new();
     for group in spec["groups"].as_sequence().context("groups")? {
         for rule in group["rules"].as_sequence().context("rules")? {
             let alert = rule["alert"].as_str().context("alert")?;
             let expr = rule["expr"].as_str().context("expr")?;
-            for metric in expr
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|word| word.starts_with("neruba_"))
-            {
-                let query = format!("count({{__name__=\"{metric}\"}})");
-                queries.push((format!("alert {alert}"), query));
+            let mut rest = expr;
+            while let Some(at) = rest.find("neruba_") {
+                let tail = &rest[at..];
+                let name_end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let end = if tail[name_end..].starts_with('{') {
+                    tail.find('}').map_or(tail.len(), |close| close + 1)
+                } else {
+                    name_end
+                };
+                queries.insert((format!("alert {alert}"), format!("count({})", &tail[..end])));
+                rest = &tail[end..];
             }
         }
     }
-    Ok(queries)
+    Ok(queries.into_iter().collect())
 }
 
 /// A batch of acme events around `time_ms`: valid ones, a repeat and an invalid one, so every

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub reruns: IntCounter,
     /// `neruba_window_close_to_line_item_seconds`: rollup produced → its item acknowledged.
     pub close_to_item: Histogram,
+    /// `neruba_rater_rated_past_retention_total`: items rated for windows that started longer
+    /// ago than `--rater-window-retention` (their records may go at the next compaction).
+    pub past_retention: IntCounter,
 }
 
 impl Metrics {
@@ -53,8 +56,15 @@ impl Metrics {
                 )
                 .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             )?,
+            past_retention: IntCounter::new(
+                "neruba_rater_rated_past_retention_total",
+                "Line items rated for windows that started longer ago than the window \
+                 retention: a re-delivery of the same revision after their records' next \
+                 compaction would be rated again (raise --rater-window-retention).",
+            )?,
         };
         registry.register(Box::new(m.rollups.clone()))?;
+        registry.register(Box::new(m.past_retention.clone()))?;
         registry.register(Box::new(m.items.clone()))?;
         registry.register(Box::new(m.repeats.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;

@@ -47,7 +47,7 @@ impl neruba_stage::Stage for Rater {
     }
 
     fn open(&mut self, store: Store) -> Result<PartitionState> {
-        PartitionState::from_store(store)
+        PartitionState::from_store(store, self.retention)
     }
 
     fn begin_batch(&mut self) -> Arc<Catalog> {
@@ -88,6 +88,7 @@ impl neruba_stage::Stage for Rater {
         self.metrics.rollups.inc_by(counts.rollups);
         self.metrics.repeats.inc_by(counts.repeats);
         self.metrics.reruns.inc_by(counts.reruns);
+        self.metrics.past_retention.inc_by(counts.past_retention);
         for (kind, n) in counts.items {
             self.metrics.items.with_label_values(&[kind]).inc_by(n);
         }

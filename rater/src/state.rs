@@ -99,6 +99,10 @@ pub struct Counts {
     pub repeats: u64,
     pub reruns: u64,
     pub refused: BTreeMap<&'static str, u64>,
+    /// Items rated for windows that started longer ago than the window retention, by the wall
+    /// clock: their window records may go at the next compaction, and a re-delivery of the
+    /// same revision after that would be rated again.
+    pub past_retention: u64,
 }
 
 /// The rating state of one rollups partition.
@@ -109,6 +113,8 @@ pub struct PartitionState {
     overlay: HashMap<Vec<u8>, Vec<u8>>,
     outputs: Vec<Output>,
     counts: Counts,
+    /// How long a window record is kept ([`Retention::window_ms`]), for [`Counts::past_retention`].
+    window_retention_ms: i64,
     /// Periods a part of a rerun looks at ([`RERUN_PART_PERIODS`]; smaller in tests).
     rerun_part_periods: usize,
     /// The message just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
@@ -233,16 +239,14 @@ pub fn store_options(retention: Retention) -> StoreOptions {
 impl PartitionState {
     /// Opens (or creates) the partition's database.
     pub fn open(dir: &Path, partition: i32, cache: &Cache, retention: Retention) -> Result<Self> {
-        Self::from_store(Store::open(
-            dir,
-            partition,
-            &store_options(retention),
-            cache,
-        )?)
+        Self::from_store(
+            Store::open(dir, partition, &store_options(retention), cache)?,
+            retention,
+        )
     }
 
-    /// The state kept in `store` (opened with [`store_options`]).
-    pub fn from_store(store: Store) -> Result<Self> {
+    /// The state kept in `store` (opened with [`store_options`] of `retention`).
+    pub fn from_store(store: Store, retention: Retention) -> Result<Self> {
         let partition = store.partition();
         let handed = match store.get(HANDED_KEY)? {
             None => None,
@@ -272,6 +276,7 @@ impl PartitionState {
             overlay: HashMap::default(),
             outputs: Vec::new(),
             counts: Counts::default(),
+            window_retention_ms: retention.window_ms,
             rerun_part_periods: RERUN_PART_PERIODS,
             again: false,
             catalogs,
@@ -451,6 +456,11 @@ impl PartitionState {
                 )?;
                 self.put(window_key, &window)?;
                 *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
+                // A count for operators only: what is rated never depends on the clock.
+                let now_ms = neruba_schemas::event::now_ms();
+                if rollup.window_start_ms < now_ms.saturating_sub(self.window_retention_ms) {
+                    self.counts.past_retention += 1;
+                }
                 self.outputs.push(Output::Item(item));
             }
             Err(refusal) => self.refuse(refused(refusal)),
@@ -742,6 +752,40 @@ model = { type = "unit", unit_price = "0.03" }
             latest_event: None,
         }
         .encode()
+    }
+
+    #[test]
+    fn items_rated_for_windows_past_the_window_retention_are_counted() {
+        let catalog = Catalog::from_toml_str(RERUN_CATALOG, "test").expect("catalog");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new_lru_cache(1 << 20);
+        // A retention ending five minutes into November: the window at minute 0 started before
+        // it, the one at minute 10 after.
+        let november_ms: i64 = 1_793_491_200_000;
+        let retention = Retention {
+            window_ms: neruba_schemas::event::now_ms() - (november_ms + 5 * 60_000),
+            ..Retention::default()
+        };
+        let mut state = PartitionState::open(dir.path(), 0, &cache, retention).expect("open");
+        for (offset, minute, period) in [(0, 10, 1), (1, 0, 2), (2, 0, 2)] {
+            let payload = november_window("c1", minute, 1, period);
+            let input = Input {
+                offset,
+                key: None,
+                payload: &payload,
+            };
+            state.apply(input, &catalog).expect("apply");
+        }
+        let counts = state.take_counts();
+        // The third is the second again: a repeat, no item, not counted.
+        assert_eq!(
+            (
+                counts.past_retention,
+                counts.repeats,
+                state.take_outputs().len()
+            ),
+            (1, 1, 2)
+        );
     }
 
     /// A state that rated one November window of each of `customers` customers under version
