@@ -127,13 +127,15 @@ impl ConsumerHealth {
             Opts::new(
                 "neruba_consumer_broker_reachable",
                 "1 while the stage's broker answers its metadata probe (every second), 0 while \
-                 it does not (the stage is then not ready and reads nothing).",
+                 it does not (the stage is then not ready and reads nothing); no series before \
+                 the first probe.",
             ),
             &["consumer"],
         )?;
         registry.register(Box::new(fetch_queue.clone()))?;
+        // Its series starts at the broker probe's first answer: a consumer without the probe
+        // (the gateway's raw-topic ingest, whose process has its own gauge) has none.
         registry.register(Box::new(reachable.clone()))?;
-        reachable.with_label_values(&[consumer]).set(1);
         Ok(Arc::new(Self {
             consumer,
             topic: topic.to_owned(),
@@ -490,7 +492,9 @@ mod tests {
                 &[("consumer", "rater")],
             )
         };
-        assert_eq!((health.check(), reachable()), (Ok(()), Some(1)));
+        assert_eq!((health.check(), reachable()), (Ok(()), None));
+        health.set_broker_reachable(true);
+        assert_eq!(reachable(), Some(1));
         health.set_broker_reachable(false);
         assert_eq!(
             (health.check(), reachable()),

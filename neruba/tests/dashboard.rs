@@ -70,12 +70,41 @@ fn alert_metric_queries() -> Result<Vec<(String, String)>> {
                 } else {
                     name_end
                 };
-                queries.insert((format!("alert {alert}"), format!("count({})", &tail[..end])));
+                for selector in alternatives(&tail[..end]) {
+                    queries.insert((format!("alert {alert}"), format!("count({selector})")));
+                }
                 rest = &tail[end..];
             }
         }
     }
     Ok(queries.into_iter().collect())
+}
+
+/// `selector` with a matcher of alternatives (`consumer=~"aggregator|rater"`) made one selector
+/// per alternative, so each must have a series; other selectors as they are.
+fn alternatives(selector: &str) -> Vec<String> {
+    let Some(at) = selector.find("=~\"") else {
+        return vec![selector.to_owned()];
+    };
+    let values = &selector[at + 3..];
+    let Some(close) = values.find('"') else {
+        return vec![selector.to_owned()];
+    };
+    let plain = |value: &str| {
+        !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    let options: Vec<&str> = values[..close].split('|').collect();
+    if options.len() < 2 || !options.iter().all(|option| plain(option)) {
+        return vec![selector.to_owned()];
+    }
+    let (before, after) = (&selector[..at], &values[close + 1..]);
+    options
+        .into_iter()
+        .map(|option| format!("{before}=\"{option}\"{after}"))
+        .collect()
 }
 
 /// A batch of acme events around `time_ms`: valid ones, a repeat and an invalid one, so every
