@@ -113,8 +113,8 @@ pub struct PartitionState {
     overlay: HashMap<Vec<u8>, Vec<u8>>,
     outputs: Vec<Output>,
     counts: Counts,
-    /// How long a window record is kept ([`Retention::window_ms`]), for [`Counts::past_retention`].
-    window_retention_ms: i64,
+    /// How long records are kept, for [`Counts::past_retention`].
+    retention: Retention,
     /// Periods a part of a rerun looks at ([`RERUN_PART_PERIODS`]; smaller in tests).
     rerun_part_periods: usize,
     /// The message just applied stopped partway ([`neruba_stage::Partition::apply_again`]).
@@ -276,7 +276,7 @@ impl PartitionState {
             overlay: HashMap::default(),
             outputs: Vec::new(),
             counts: Counts::default(),
-            window_retention_ms: retention.window_ms,
+            retention,
             rerun_part_periods: RERUN_PART_PERIODS,
             again: false,
             catalogs,
@@ -454,13 +454,13 @@ impl PartitionState {
                         last: (*item).clone(),
                     },
                 )?;
-                self.put(window_key, &window)?;
-                *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
                 // A count for operators only: what is rated never depends on the clock.
                 let now_ms = neruba_schemas::event::now_ms();
-                if rollup.window_start_ms < now_ms.saturating_sub(self.window_retention_ms) {
+                if expired(&window_key, now_ms, self.retention) {
                     self.counts.past_retention += 1;
                 }
+                self.put(window_key, &window)?;
+                *self.counts.items.entry(kind_label(item.kind)).or_default() += 1;
                 self.outputs.push(Output::Item(item));
             }
             Err(refusal) => self.refuse(refused(refusal)),
